@@ -1,0 +1,517 @@
+//! `config.json` of a Hugging Face causal-LM folder, in both spellings found in the wild:
+//! transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype`) and 5.x (`rope_parameters`, `dtype`).
+
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Qwen2,
+    Qwen3,
+    Llama,
+}
+
+impl Arch {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Llama => "llama",
+        }
+    }
+
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Llama => "LlamaForCausalLM",
+        }
+    }
+
+    fn from_model_type(name: &str) -> Option<Arch> {
+        match name {
+            "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            "llama" => Some(Arch::Llama),
+            _ => None,
+        }
+    }
+
+    fn from_class_name(name: &str) -> Option<Arch> {
+        [Arch::Qwen2, Arch::Qwen3, Arch::Llama]
+            .into_iter()
+            .find(|a| a.class_name() == name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent scaling (transformers `_compute_llama3_parameters`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Qwen2 always has q/k/v biases; Llama and Qwen3 have them when `attention_bias` is set.
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3 normalises each head of q and k before RoPE.
+    pub qk_norm: bool,
+    /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
+    pub dtype: Option<String>,
+    /// The parsed JSON as read, kept so that a merged model or a quantized file can carry it unchanged.
+    pub raw: Value,
+}
+
+/// The decoder's seven linear layers, in the order PEFT and nibble list them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// The module name PEFT uses in `target_modules`.
+    pub fn module_name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "q_proj",
+            LinearKind::K => "k_proj",
+            LinearKind::V => "v_proj",
+            LinearKind::O => "o_proj",
+            LinearKind::Gate => "gate_proj",
+            LinearKind::Up => "up_proj",
+            LinearKind::Down => "down_proj",
+        }
+    }
+
+    pub fn from_module_name(name: &str) -> Option<LinearKind> {
+        LinearKind::ALL
+            .into_iter()
+            .find(|k| k.module_name() == name)
+    }
+
+    /// The parent module inside a decoder layer.
+    pub fn block(self) -> &'static str {
+        match self {
+            LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::O => "self_attn",
+            LinearKind::Gate | LinearKind::Up | LinearKind::Down => "mlp",
+        }
+    }
+
+    /// The tensor-name prefix of this linear in layer `layer` (append `.weight` or `.bias`).
+    pub fn path(self, layer: usize) -> String {
+        format!(
+            "model.layers.{layer}.{}.{}",
+            self.block(),
+            self.module_name()
+        )
+    }
+}
+
+/// What a tensor is for; the loader decides from it how to store the tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    Embedding,
+    LmHead,
+    /// A norm's scale vector.
+    Norm,
+    LinearWeight(LinearKind),
+    LinearBias(LinearKind),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: TensorRole,
+    /// Decoder layer index, if the tensor belongs to one.
+    pub layer: Option<usize>,
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// `origin` only names the file in error messages.
+    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self> {
+        let err = |msg: String| Error::Config {
+            path: origin.to_path_buf(),
+            msg,
+        };
+        let raw: Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| err("expected a JSON object".into()))?;
+        let fields = Fields { obj, err: &err };
+
+        let model_type = obj.get("model_type").and_then(Value::as_str);
+        let class = obj
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str);
+        let arch = match (model_type, class) {
+            (Some(t), _) => Arch::from_model_type(t).ok_or_else(|| {
+                Error::UnsupportedArchitecture(format!("{t} (in {})", origin.display()))
+            })?,
+            (None, Some(c)) => Arch::from_class_name(c).ok_or_else(|| {
+                Error::UnsupportedArchitecture(format!("{c} (in {})", origin.display()))
+            })?,
+            (None, None) => {
+                return Err(err("neither `model_type` nor `architectures` is set".into()));
+            }
+        };
+
+        let hidden_act = fields.opt_str("hidden_act")?.unwrap_or("silu");
+        if hidden_act != "silu" {
+            return Err(err(format!(
+                "hidden_act `{hidden_act}` is not supported (nibble implements the SwiGLU MLP with silu)"
+            )));
+        }
+        if fields.opt_bool("use_sliding_window")?.unwrap_or(false) {
+            return Err(err(
+                "use_sliding_window = true is not supported (nibble implements full causal attention)".into(),
+            ));
+        }
+
+        let hidden_size = fields.usize("hidden_size")?;
+        let num_heads = fields.usize("num_attention_heads")?;
+        let num_kv_heads = fields
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_heads);
+        let head_dim = match fields.opt_usize("head_dim")? {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(err(format!(
+                        "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and no head_dim is given"
+                    )));
+                }
+                hidden_size / num_heads
+            }
+        };
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(err(format!(
+                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            )));
+        }
+        if head_dim % 2 != 0 {
+            return Err(err(format!(
+                "head_dim {head_dim} must be even for rotary embeddings"
+            )));
+        }
+
+        let attention_bias = fields.opt_bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            // transformers' Qwen2Attention hard-codes bias=True for q/k/v and False for o.
+            Arch::Qwen2 => (true, false),
+            Arch::Qwen3 | Arch::Llama => (attention_bias, attention_bias),
+        };
+        let mlp_bias = fields.opt_bool("mlp_bias")?.unwrap_or(false);
+
+        let (rope_theta, rope_scaling) = parse_rope(&fields)?;
+        let dtype = match fields.opt_str("dtype")? {
+            Some(d) => Some(d.to_string()),
+            None => fields.opt_str("torch_dtype")?.map(str::to_string),
+        };
+
+        let config = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: fields.usize("intermediate_size")?,
+            num_layers: fields.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: fields.usize("vocab_size")?,
+            rms_norm_eps: fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: fields
+                .opt_usize("max_position_embeddings")?
+                .unwrap_or(32768),
+            // transformers' Qwen2/Qwen3/Llama configs all default to untied embeddings.
+            tie_word_embeddings: fields.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            qk_norm: arch == Arch::Qwen3,
+            dtype,
+            raw: raw.clone(),
+        };
+        for (name, value) in [
+            ("hidden_size", config.hidden_size),
+            ("intermediate_size", config.intermediate_size),
+            ("num_hidden_layers", config.num_layers),
+            ("vocab_size", config.vocab_size),
+            ("num_attention_heads", config.num_heads),
+        ] {
+            if value == 0 {
+                return Err(err(format!("`{name}` must be positive")));
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// (out_features, in_features) of one decoder linear.
+    pub fn linear_shape(&self, kind: LinearKind) -> (usize, usize) {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        match kind {
+            LinearKind::Q => (self.q_dim(), h),
+            LinearKind::K | LinearKind::V => (self.kv_dim(), h),
+            LinearKind::O => (h, self.q_dim()),
+            LinearKind::Gate | LinearKind::Up => (i, h),
+            LinearKind::Down => (h, i),
+        }
+    }
+
+    pub fn linear_has_bias(&self, kind: LinearKind) -> bool {
+        match kind {
+            LinearKind::Q | LinearKind::K | LinearKind::V => self.qkv_bias,
+            LinearKind::O => self.o_bias,
+            LinearKind::Gate | LinearKind::Up | LinearKind::Down => self.mlp_bias,
+        }
+    }
+
+    /// Every tensor a checkpoint of this config must hold, with its shape: the single source of truth
+    /// for loading, validation and parameter counts.
+    pub fn expected_tensors(&self) -> Vec<ExpectedTensor> {
+        let h = self.hidden_size;
+        let mut out = vec![ExpectedTensor {
+            name: "model.embed_tokens.weight".into(),
+            shape: vec![self.vocab_size, h],
+            role: TensorRole::Embedding,
+            layer: None,
+        }];
+        for l in 0..self.num_layers {
+            let norm = |name: String, size: usize| ExpectedTensor {
+                name,
+                shape: vec![size],
+                role: TensorRole::Norm,
+                layer: Some(l),
+            };
+            out.push(norm(format!("model.layers.{l}.input_layernorm.weight"), h));
+            out.push(norm(
+                format!("model.layers.{l}.post_attention_layernorm.weight"),
+                h,
+            ));
+            if self.qk_norm {
+                out.push(norm(
+                    format!("model.layers.{l}.self_attn.q_norm.weight"),
+                    self.head_dim,
+                ));
+                out.push(norm(
+                    format!("model.layers.{l}.self_attn.k_norm.weight"),
+                    self.head_dim,
+                ));
+            }
+            for kind in LinearKind::ALL {
+                let (o, i) = self.linear_shape(kind);
+                out.push(ExpectedTensor {
+                    name: format!("{}.weight", kind.path(l)),
+                    shape: vec![o, i],
+                    role: TensorRole::LinearWeight(kind),
+                    layer: Some(l),
+                });
+                if self.linear_has_bias(kind) {
+                    out.push(ExpectedTensor {
+                        name: format!("{}.bias", kind.path(l)),
+                        shape: vec![o],
+                        role: TensorRole::LinearBias(kind),
+                        layer: Some(l),
+                    });
+                }
+            }
+        }
+        out.push(ExpectedTensor {
+            name: "model.norm.weight".into(),
+            shape: vec![h],
+            role: TensorRole::Norm,
+            layer: None,
+        });
+        if !self.tie_word_embeddings {
+            out.push(ExpectedTensor {
+                name: "lm_head.weight".into(),
+                shape: vec![self.vocab_size, h],
+                role: TensorRole::LmHead,
+                layer: None,
+            });
+        }
+        out
+    }
+
+    /// Exact parameter count (tied embeddings counted once, as transformers' `num_parameters()` does).
+    pub fn parameter_count(&self) -> u64 {
+        self.expected_tensors()
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+}
+
+fn parse_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
+    // transformers 5.x folds rope_theta into rope_parameters; 4.x keeps rope_theta at the top level
+    // and puts the scaling (if any) in rope_scaling.
+    let (params, theta) = match fields.obj.get("rope_parameters") {
+        Some(Value::Object(p)) => {
+            let theta = match p.get("rope_theta") {
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    (fields.err)("`rope_parameters.rope_theta` must be a number".into())
+                })?,
+                None => fields.opt_f64("rope_theta")?.unwrap_or(10000.0),
+            };
+            (Some(p), theta)
+        }
+        Some(Value::Null) | None => {
+            let theta = fields.opt_f64("rope_theta")?.unwrap_or(10000.0);
+            match fields.obj.get("rope_scaling") {
+                Some(Value::Object(p)) => (Some(p), theta),
+                Some(Value::Null) | None => (None, theta),
+                Some(_) => {
+                    return Err((fields.err)(
+                        "`rope_scaling` must be an object or null".into(),
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err((fields.err)("`rope_parameters` must be an object".into())),
+    };
+    let Some(p) = params else {
+        return Ok((theta, RopeScaling::None));
+    };
+    let sub = Fields {
+        obj: p,
+        err: fields.err,
+    };
+    let kind = match sub.opt_str("rope_type")? {
+        Some(t) => t,
+        None => sub.opt_str("type")?.unwrap_or("default"),
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear {
+            factor: sub.f64("factor")?,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: sub.f64("factor")?,
+            low_freq_factor: sub.f64("low_freq_factor")?,
+            high_freq_factor: sub.f64("high_freq_factor")?,
+            original_max_position_embeddings: sub.f64("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err((fields.err)(format!(
+                "rope type `{other}` is not supported (nibble implements default, linear and llama3)"
+            )));
+        }
+    };
+    Ok((theta, scaling))
+}
+
+/// Typed field access whose errors name the field and the file.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    err: &'a dyn Fn(String) -> Error,
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        self.get(key)
+            .map(|v| {
+                v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                    (self.err)(format!("`{key}` must be a non-negative integer, got {v}"))
+                })
+            })
+            .transpose()
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| (self.err)(format!("missing required field `{key}`")))
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.get(key)
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| (self.err)(format!("`{key}` must be a number, got {v}")))
+            })
+            .transpose()
+    }
+
+    fn f64(&self, key: &str) -> Result<f64> {
+        self.opt_f64(key)?
+            .ok_or_else(|| (self.err)(format!("missing required field `{key}`")))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.get(key)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| (self.err)(format!("`{key}` must be true or false, got {v}")))
+            })
+            .transpose()
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        self.get(key)
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| (self.err)(format!("`{key}` must be a string, got {v}")))
+            })
+            .transpose()
+    }
+}

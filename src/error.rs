@@ -1,0 +1,57 @@
+//! One error type for the library. Every variant carries the file (and tensor, or line) it is about, so
+//! that a user who feeds nibble a broken model folder learns which file to look at.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("{path}: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+    #[error("{path}: tensor `{tensor}`: {msg}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+    #[error(
+        "unsupported architecture `{0}`: nibble supports Qwen2/Qwen2.5 (qwen2), Qwen3 (qwen3) and Llama 3.x (llama)"
+    )]
+    UnsupportedArchitecture(String),
+    #[error("{path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.into(),
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Output files appear whole or not at all: written next to their destination, synced, then renamed.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Runs `write` on a temporary path beside `path`, then renames it into place. On failure the
+/// temporary file is removed and `path` is left as it was.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = temporary_sibling(path);
+    let result = write(&tmp)
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+fn temporary_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    // The browser build has no process ids; it never writes files either, so a fixed suffix is enough.
+    #[cfg(not(target_arch = "wasm32"))]
+    let id = std::process::id();
+    #[cfg(target_arch = "wasm32")]
+    let id = 0;
+    path.with_file_name(format!(".{name}.tmp-{id}"))
+}

@@ -1,0 +1,16 @@
+//! nibble: QLoRA fine-tuning of decoder-only language models with the frozen base in packed 4-bit form.
+//!
+//! The library compiles for `wasm32-unknown-unknown` too: nothing in it assumes memory maps, threads or
+//! blocking I/O on that target (folders are read through memory maps only on native targets).
+
+pub mod config;
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod quant;
+pub mod rng;
+pub mod source;
+pub mod synth;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,348 @@
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use nibble::config::{LinearKind, RopeScaling};
+use nibble::model::{self, QuantRequest};
+use nibble::quant::{QuantFormat, QuantSpec};
+use nibble::synth::{self, SynthSpec};
+use nibble::tokenizer::{ChatTokenizer, Message};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "nibble",
+    version,
+    about = "QLoRA fine-tuning with a packed 4-bit base model, on any GPU or CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct QuantArgs {
+    /// Storage of the decoder's linear weights: nf4, int4, or none (keep them 16-bit).
+    #[arg(long, value_enum)]
+    quant: Option<QuantChoice>,
+    /// Weights per scale, along the input dimension: 32, 64 or 128.
+    #[arg(long)]
+    group_size: Option<usize>,
+}
+
+impl QuantArgs {
+    /// None leaves the choice to the source: a quantized file stays as stored, a folder becomes NF4 g64.
+    fn request(self) -> Result<Option<QuantRequest>> {
+        Ok(match (self.quant, self.group_size) {
+            (None, None) => None,
+            (Some(QuantChoice::None), _) => Some(QuantRequest::Dense),
+            (choice, group) => {
+                let format = match choice {
+                    Some(QuantChoice::Int4) => QuantFormat::Int4,
+                    _ => QuantFormat::Nf4,
+                };
+                Some(QuantRequest::Quantize(QuantSpec::new(
+                    format,
+                    group.unwrap_or(64),
+                )?))
+            }
+        })
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum QuantChoice {
+    Nf4,
+    Int4,
+    None,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture, shapes, exact parameter count and the memory the weights take.
+    Info {
+        /// A Hugging Face model folder or a file written by `nibble quantize`.
+        model: PathBuf,
+        #[command(flatten)]
+        quant: QuantArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Quantize a model folder's decoder weights to packed 4-bit and save them as one safetensors file.
+    Quantize {
+        model: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[command(flatten)]
+        quant: QuantArgs,
+    },
+    /// Build a small random model with the bundled Qwen2.5 tokenizer and run it through nibble (no download).
+    Demo {
+        /// Keep the generated model in this folder instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info { model, quant, json } => info(&model, quant, json),
+        Command::Quantize {
+            model,
+            output,
+            quant,
+        } => quantize(&model, &output, quant),
+        Command::Demo { keep } => demo(keep),
+    };
+    if let Err(e) = result {
+        eprintln!("nibble: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn info(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
+    let source = model::open(path)?;
+    let c = &source.config;
+    let spec = match quant.request()? {
+        Some(QuantRequest::Quantize(s)) => Some(s),
+        Some(QuantRequest::Dense) => None,
+        None => Some(
+            source
+                .stored_quant()
+                .unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?),
+        ),
+    };
+    let params = c.parameter_count();
+    let bytes16 = model::planned_weight_bytes(c, None);
+    let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));
+    let tokenizer = &source.tokenizer;
+    let rope = match c.rope_scaling {
+        RopeScaling::None => "none".to_string(),
+        RopeScaling::Linear { factor } => format!("linear x{factor}"),
+        RopeScaling::Llama3 { factor, .. } => format!("llama3 x{factor}"),
+    };
+    if as_json {
+        let v = json!({
+            "model": path,
+            "architecture": c.arch.model_type(),
+            "class": c.arch.class_name(),
+            "layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_heads": c.num_heads,
+            "num_kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "qkv_bias": c.qkv_bias,
+            "qk_norm": c.qk_norm,
+            "rope_theta": c.rope_theta,
+            "rope_scaling": rope,
+            "parameters": params,
+            "weight_bytes_16bit": bytes16,
+            "quant": spec.map(|s| json!({"format": s.format.name(), "group_size": s.group_size})),
+            "weight_bytes_quantized": bytes4,
+            "stored_quant": source.stored_quant().map(|s| s.to_string()),
+            "tokenizer": tokenizer.tokenizer_json.is_some(),
+            "chat_template": tokenizer.chat_template_jinja.is_some()
+                || tokenizer.tokenizer_config_json.as_deref().is_some_and(|t| t.contains("\"chat_template\"")),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model         {}", path.display());
+    if let Some(s) = source.stored_quant() {
+        println!("stored as     {s}, quantized from {}", source.label());
+    }
+    println!(
+        "architecture  {} ({})",
+        c.arch.model_type(),
+        c.arch.class_name()
+    );
+    println!(
+        "shape         {} layers, hidden {}, intermediate {}, vocab {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    );
+    println!(
+        "attention     {} heads, {} kv heads (GQA x{}), head_dim {}{}{}",
+        c.num_heads,
+        c.num_kv_heads,
+        c.num_heads / c.num_kv_heads,
+        c.head_dim,
+        if c.qkv_bias { ", q/k/v bias" } else { "" },
+        if c.qk_norm { ", q/k norm" } else { "" }
+    );
+    println!("rope          theta {}, scaling {rope}", c.rope_theta);
+    println!(
+        "embeddings    {}",
+        if c.tie_word_embeddings {
+            "tied to lm_head"
+        } else {
+            "untied"
+        }
+    );
+    println!(
+        "parameters    {} ({})",
+        group_digits(params),
+        human_count(params)
+    );
+    println!("weights       {} at 16-bit", human_bytes(bytes16));
+    if let (Some(s), Some(b)) = (spec, bytes4) {
+        println!(
+            "              {} with decoder linears in {s} ({:.1}x smaller; embeddings stay 16-bit)",
+            human_bytes(b),
+            bytes16 as f64 / b as f64
+        );
+    }
+    println!(
+        "tokenizer     {}",
+        if tokenizer.tokenizer_json.is_some() {
+            "tokenizer.json present"
+        } else {
+            "none found"
+        }
+    );
+    Ok(())
+}
+
+fn quantize(path: &Path, output: &Path, quant: QuantArgs) -> Result<()> {
+    let source = model::open(path)?;
+    if source.stored_quant().is_some() {
+        bail!(
+            "{} is already a quantized file; quantize the original model folder",
+            path.display()
+        );
+    }
+    let spec = match quant.request()? {
+        None => QuantSpec::new(QuantFormat::Nf4, 64)?,
+        Some(QuantRequest::Quantize(s)) => s,
+        Some(QuantRequest::Dense) => {
+            bail!("--quant none makes no quantized file; choose nf4 or int4")
+        }
+    };
+    let start = Instant::now();
+    let model = source.load(Some(QuantRequest::Quantize(spec)))?;
+    let loaded = start.elapsed();
+    model
+        .save_quantized(output, &source.tokenizer)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "quantized {} decoder linears of {} to {spec} in {:.1}s, wrote {} ({}) in {:.1}s",
+        model.config.num_layers * LinearKind::ALL.len(),
+        path.display(),
+        loaded.as_secs_f64(),
+        output.display(),
+        human_bytes(size),
+        (start.elapsed() - loaded).as_secs_f64()
+    );
+    Ok(())
+}
+
+fn demo(keep: Option<PathBuf>) -> Result<()> {
+    let dir = match &keep {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("nibble-demo-{}", std::process::id())),
+    };
+    let result = run_demo(&dir);
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn run_demo(dir: &Path) -> Result<()> {
+    let mut spec = SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936);
+    spec.hidden_size = 128;
+    spec.intermediate_size = 384;
+    println!(
+        "== a random Qwen2.5-architecture model with the bundled Qwen2.5 tokenizer, in {}",
+        dir.display()
+    );
+    synth::write_model_folder(dir, &spec, Some(&synth::qwen25_tokenizer()))?;
+    info(
+        dir,
+        QuantArgs {
+            quant: None,
+            group_size: None,
+        },
+        false,
+    )?;
+
+    println!(
+        "\n== quantization error of its decoder weights (relative RMS, ||w - dequant(quant(w))|| / ||w||)"
+    );
+    let source = model::open(dir)?;
+    let dense = source.load(Some(QuantRequest::Dense))?;
+    for format in [QuantFormat::Nf4, QuantFormat::Int4] {
+        for group in [32, 64, 128] {
+            let qspec = QuantSpec::new(format, group)?;
+            let q = source.load(Some(QuantRequest::Quantize(qspec)))?;
+            let (mut err, mut norm) = (0f64, 0f64);
+            for (ld, lq) in dense.layers.iter().zip(&q.layers) {
+                for (a, b) in ld.linears.iter().zip(&lq.linears) {
+                    for (x, y) in a.weight.to_f32().iter().zip(b.weight.to_f32()) {
+                        err += f64::from(x - y).powi(2);
+                        norm += f64::from(*x).powi(2);
+                    }
+                }
+            }
+            println!(
+                "  {:<16} {:.4}   weights {}",
+                qspec.to_string(),
+                (err / norm).sqrt(),
+                human_bytes(q.weight_bytes())
+            );
+        }
+    }
+
+    println!("\n== the chat template, rendered as transformers' apply_chat_template does");
+    let tok = ChatTokenizer::from_files(&source.tokenizer, dir)?;
+    let messages = [
+        Message::new("user", "What does QLoRA keep in 4 bits?"),
+        Message::new(
+            "assistant",
+            "The frozen base weights; the LoRA adapters train in full precision.",
+        ),
+    ];
+    let text = tok.apply_chat_template(&messages, false)?;
+    let ids = tok.encode(&text)?;
+    println!("{text}");
+    println!("{} tokens: {:?} ...", ids.len(), &ids[..ids.len().min(12)]);
+    println!(
+        "\nTraining (`nibble train`) arrives with the trainer; this demo shows the pieces that exist so far."
+    );
+    Ok(())
+}
+
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n => format!("{:.1}K", n as f64 / 1e3),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if b as f64 >= 1024.0 * MIB {
+        format!("{:.2} GiB", b as f64 / (1024.0 * MIB))
+    } else {
+        format!("{:.1} MiB", b as f64 / MIB)
+    }
+}

@@ -1,0 +1,785 @@
+//! A decoder-only model's weights as nibble holds them: the decoder's linear weights packed to 4 bits (or
+//! dense with `--quant none`), embeddings and lm_head in their 16-bit checkpoint dtype, norms and biases
+//! in f32. Loading streams one tensor at a time so that peak memory stays near the packed size.
+
+use crate::config::{ExpectedTensor, LinearKind, ModelConfig, TensorRole};
+use crate::error::{Error, Result};
+use crate::quant::{QuantFormat, QuantSpec, QuantTensor};
+use crate::source::{FloatDtype, ModelFiles, SafetensorsFile, unsupported_dtype};
+use half::{bf16, f16};
+use safetensors::Dtype;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The `format` metadata value that marks a safetensors file written by `nibble quantize`.
+pub const QUANTIZED_FORMAT_TAG: &str = "nibble-quantized";
+const META_FORMAT: &str = "format";
+const META_QUANT: &str = "quant_format";
+const META_GROUP: &str = "group_size";
+const META_SOURCE: &str = "source";
+const META_CONFIG: &str = "config";
+const META_VERSION: &str = "nibble_version";
+
+/// Tokenizer files travel with the model (in a folder, or inside a quantized file's metadata).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenizerFiles {
+    pub tokenizer_json: Option<String>,
+    pub tokenizer_config_json: Option<String>,
+    pub chat_template_jinja: Option<String>,
+}
+
+impl TokenizerFiles {
+    const NAMES: [&'static str; 3] = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ];
+
+    fn fields_mut(&mut self) -> [&mut Option<String>; 3] {
+        [
+            &mut self.tokenizer_json,
+            &mut self.tokenizer_config_json,
+            &mut self.chat_template_jinja,
+        ]
+    }
+
+    fn fields(&self) -> [&Option<String>; 3] {
+        [
+            &self.tokenizer_json,
+            &self.tokenizer_config_json,
+            &self.chat_template_jinja,
+        ]
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum DenseData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+/// A rows x cols matrix kept in its checkpoint dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenseTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: DenseData,
+}
+
+impl DenseTensor {
+    fn from_raw(dtype: FloatDtype, rows: usize, cols: usize, raw: &[u8]) -> Self {
+        let halves = || {
+            raw.chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        };
+        let data = match dtype {
+            FloatDtype::F32 => {
+                let mut v = vec![0f32; rows * cols];
+                dtype.convert(raw, &mut v);
+                DenseData::F32(v)
+            }
+            FloatDtype::F16 => DenseData::F16(halves().map(f16::from_bits).collect()),
+            FloatDtype::BF16 => DenseData::BF16(halves().map(bf16::from_bits).collect()),
+        };
+        DenseTensor { rows, cols, data }
+    }
+
+    pub fn dtype(&self) -> FloatDtype {
+        match self.data {
+            DenseData::F32(_) => FloatDtype::F32,
+            DenseData::F16(_) => FloatDtype::F16,
+            DenseData::BF16(_) => FloatDtype::BF16,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.data {
+            DenseData::F32(v) => bytemuck::cast_slice(v),
+            DenseData::F16(v) => bytemuck::cast_slice(v),
+            DenseData::BF16(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            DenseData::F32(v) => out.copy_from_slice(&v[range]),
+            DenseData::F16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            DenseData::BF16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, x)| *o = x.to_f32()),
+        }
+    }
+
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row_f32(r, row);
+        }
+        out
+    }
+}
+
+/// The frozen weight of a linear layer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LinearWeight {
+    Dense(DenseTensor),
+    Quant(QuantTensor),
+}
+
+impl LinearWeight {
+    pub fn bytes(&self) -> u64 {
+        match self {
+            LinearWeight::Dense(d) => d.as_bytes().len() as u64,
+            LinearWeight::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// The weight as f32 (dequantized when packed), row-major [out, in].
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            LinearWeight::Dense(d) => d.to_f32(),
+            LinearWeight::Quant(q) => q.dequantize(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear {
+    pub kind: LinearKind,
+    pub weight: LinearWeight,
+    pub bias: Option<Vec<f32>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layer {
+    pub input_norm: Vec<f32>,
+    pub post_attention_norm: Vec<f32>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    /// Indexed by `LinearKind as usize`, in `LinearKind::ALL` order.
+    pub linears: Vec<Linear>,
+}
+
+impl Layer {
+    pub fn linear(&self, kind: LinearKind) -> &Linear {
+        &self.linears[kind as usize]
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed: DenseTensor,
+    pub layers: Vec<Layer>,
+    pub final_norm: Vec<f32>,
+    /// None when the embeddings are tied.
+    pub lm_head: Option<DenseTensor>,
+    /// How the decoder linears are stored; None means dense.
+    pub quant: Option<QuantSpec>,
+    pub source: String,
+}
+
+impl Model {
+    /// Bytes the weights occupy in memory.
+    pub fn weight_bytes(&self) -> u64 {
+        let vec_bytes = |v: &Vec<f32>| 4 * v.len() as u64;
+        let mut total = self.embed.as_bytes().len() as u64 + vec_bytes(&self.final_norm);
+        total += self
+            .lm_head
+            .as_ref()
+            .map_or(0, |h| h.as_bytes().len() as u64);
+        for layer in &self.layers {
+            total += vec_bytes(&layer.input_norm) + vec_bytes(&layer.post_attention_norm);
+            total += layer.q_norm.as_ref().map_or(0, vec_bytes)
+                + layer.k_norm.as_ref().map_or(0, vec_bytes);
+            for lin in &layer.linears {
+                total += lin.weight.bytes() + lin.bias.as_ref().map_or(0, vec_bytes);
+            }
+        }
+        total
+    }
+
+    /// Writes the model as a nibble quantized safetensors file (packed words, scales, minimums, the
+    /// other tensors as loaded, config and tokenizer in the metadata). The file appears atomically.
+    pub fn save_quantized<'a>(&'a self, path: &Path, tokenizer: &TokenizerFiles) -> Result<()> {
+        let spec = self.quant.ok_or_else(|| {
+            Error::Invalid("only a 4-bit quantized model can be saved as a quantized file".into())
+        })?;
+        let mut views = Vec::new();
+        let mut add =
+            |name: String, dtype: Dtype, shape: Vec<usize>, bytes: &'a [u8]| -> Result<()> {
+                let view = safetensors::tensor::TensorView::new(dtype, shape, bytes)
+                    .map_err(|e| Error::tensor(path, &name, e.to_string()))?;
+                views.push((name, view));
+                Ok(())
+            };
+        let dense =
+            |t: &'a DenseTensor| (t.dtype().safetensors(), vec![t.rows, t.cols], t.as_bytes());
+        let vector = |v: &'a Vec<f32>| {
+            (
+                Dtype::F32,
+                vec![v.len()],
+                bytemuck::cast_slice::<f32, u8>(v),
+            )
+        };
+
+        let (d, s, b) = dense(&self.embed);
+        add("model.embed_tokens.weight".into(), d, s, b)?;
+        if let Some(head) = &self.lm_head {
+            let (d, s, b) = dense(head);
+            add("lm_head.weight".into(), d, s, b)?;
+        }
+        let (d, s, b) = vector(&self.final_norm);
+        add("model.norm.weight".into(), d, s, b)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut norms = vec![
+                (
+                    format!("model.layers.{l}.input_layernorm.weight"),
+                    &layer.input_norm,
+                ),
+                (
+                    format!("model.layers.{l}.post_attention_layernorm.weight"),
+                    &layer.post_attention_norm,
+                ),
+            ];
+            if let (Some(q), Some(k)) = (&layer.q_norm, &layer.k_norm) {
+                norms.push((format!("model.layers.{l}.self_attn.q_norm.weight"), q));
+                norms.push((format!("model.layers.{l}.self_attn.k_norm.weight"), k));
+            }
+            for (name, v) in norms {
+                let (d, s, b) = vector(v);
+                add(name, d, s, b)?;
+            }
+            for lin in &layer.linears {
+                let base = lin.kind.path(l);
+                let LinearWeight::Quant(q) = &lin.weight else {
+                    return Err(Error::Invalid(format!("{base}.weight is not quantized")));
+                };
+                let groups = q.cols / q.spec.group_size;
+                add(
+                    format!("{base}.weight.qweight"),
+                    Dtype::U32,
+                    vec![q.rows, q.cols / 8],
+                    bytemuck::cast_slice(&q.packed),
+                )?;
+                add(
+                    format!("{base}.weight.scales"),
+                    Dtype::F32,
+                    vec![q.rows, groups],
+                    bytemuck::cast_slice(&q.scales),
+                )?;
+                if q.spec.format == QuantFormat::Int4 {
+                    add(
+                        format!("{base}.weight.mins"),
+                        Dtype::F32,
+                        vec![q.rows, groups],
+                        bytemuck::cast_slice(&q.mins),
+                    )?;
+                }
+                if let Some(bias) = &lin.bias {
+                    let (d, s, b) = vector(bias);
+                    add(format!("{base}.bias"), d, s, b)?;
+                }
+            }
+        }
+
+        let mut metadata = HashMap::from([
+            (META_FORMAT.to_string(), QUANTIZED_FORMAT_TAG.to_string()),
+            (
+                META_VERSION.to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
+            (META_QUANT.to_string(), spec.format.name().to_string()),
+            (META_GROUP.to_string(), spec.group_size.to_string()),
+            (META_SOURCE.to_string(), self.source.clone()),
+            (META_CONFIG.to_string(), self.config.raw.to_string()),
+        ]);
+        for (name, field) in TokenizerFiles::NAMES.iter().zip(tokenizer.fields()) {
+            if let Some(text) = field {
+                metadata.insert(name.to_string(), text.clone());
+            }
+        }
+        crate::fsutil::write_atomically(path, |tmp| {
+            safetensors::serialize_to_file(views, Some(metadata), tmp)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+    }
+}
+
+/// What to do with the decoder's linear weights when loading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantRequest {
+    /// Keep them dense in their checkpoint dtype.
+    Dense,
+    Quantize(QuantSpec),
+}
+
+enum SourceKind {
+    /// A Hugging Face folder: its shards and which shard holds each tensor.
+    Folder {
+        shards: Vec<SafetensorsFile>,
+        shard_of: HashMap<String, usize>,
+    },
+    /// A file written by `nibble quantize`.
+    Quantized {
+        file: SafetensorsFile,
+        spec: QuantSpec,
+    },
+}
+
+/// An opened model: config parsed and every safetensors header read and checked; no weights read yet.
+pub struct ModelSource {
+    pub config: ModelConfig,
+    pub tokenizer: TokenizerFiles,
+    label: String,
+    kind: SourceKind,
+}
+
+impl ModelSource {
+    /// Opens a model folder or a nibble quantized file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_folder(ModelFiles::Dir(path.to_path_buf()))
+        } else if path.is_file() {
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                Self::open_quantized(SafetensorsFile::open(path)?)
+            }
+            #[cfg(target_arch = "wasm32")]
+            {
+                Err(Error::Invalid(format!(
+                    "{}: files cannot be opened by path in the browser",
+                    path.display()
+                )))
+            }
+        } else {
+            Err(Error::io(
+                path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ))
+        }
+    }
+
+    /// Opens a Hugging Face model folder (on disk, or as in-memory files).
+    pub fn open_folder(files: ModelFiles) -> Result<Self> {
+        let config_text = files
+            .read_string("config.json")?
+            .ok_or_else(|| Error::Config {
+                path: files.display_path("config.json"),
+                msg: "missing: a model folder needs config.json".into(),
+            })?;
+        let config = ModelConfig::from_json_str(&config_text, &files.display_path("config.json"))?;
+
+        let mut tokenizer = TokenizerFiles::default();
+        for (name, field) in TokenizerFiles::NAMES.iter().zip(tokenizer.fields_mut()) {
+            *field = files.read_string(name)?;
+        }
+
+        let index_name = "model.safetensors.index.json";
+        let shard_names: Vec<String>;
+        let mut weight_map: Option<HashMap<String, String>> = None;
+        if let Some(index_text) = files.read_string(index_name)? {
+            let index_path = files.display_path(index_name);
+            let index: serde_json::Value =
+                serde_json::from_str(&index_text).map_err(|e| Error::Config {
+                    path: index_path.clone(),
+                    msg: format!("not valid JSON: {e}"),
+                })?;
+            let map = index
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Config {
+                    path: index_path.clone(),
+                    msg: "missing `weight_map` object".into(),
+                })?;
+            let mut names: Vec<String> = Vec::new();
+            let mut wm = HashMap::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| Error::Config {
+                    path: index_path.clone(),
+                    msg: format!("weight_map entry for `{tensor}` is not a file name"),
+                })?;
+                if !names.iter().any(|n| n == file) {
+                    names.push(file.to_string());
+                }
+                wm.insert(tensor.clone(), file.to_string());
+            }
+            names.sort();
+            shard_names = names;
+            weight_map = Some(wm);
+        } else if files.exists("model.safetensors") {
+            shard_names = vec!["model.safetensors".into()];
+        } else {
+            return Err(Error::Config {
+                path: files.display_path("model.safetensors"),
+                msg: "missing: a model folder needs model.safetensors or model.safetensors.index.json".into(),
+            });
+        }
+
+        let shards = shard_names
+            .iter()
+            .map(|n| files.open_safetensors(n))
+            .collect::<Result<Vec<_>>>()?;
+        let mut shard_of = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.tensor_names() {
+                shard_of.insert(name.clone(), i);
+            }
+        }
+        if let Some(wm) = weight_map {
+            // The index must agree with the shards, or we would silently read a different tensor.
+            for (tensor, file) in wm {
+                let listed = shard_names
+                    .iter()
+                    .position(|n| *n == file)
+                    .expect("collected above");
+                if shard_of.get(&tensor) != Some(&listed) {
+                    return Err(Error::tensor(
+                        files.display_path(index_name),
+                        tensor,
+                        format!("listed in {file} but not found there"),
+                    ));
+                }
+            }
+        }
+        let source = ModelSource {
+            config,
+            tokenizer,
+            label: files.display_path("").display().to_string(),
+            kind: SourceKind::Folder { shards, shard_of },
+        };
+        source.check()?;
+        Ok(source)
+    }
+
+    /// Opens a file written by `nibble quantize`.
+    pub fn open_quantized(file: SafetensorsFile) -> Result<Self> {
+        let path = file.path().to_path_buf();
+        let meta = file.metadata();
+        let bad = |msg: String| Error::Safetensors {
+            path: path.clone(),
+            msg,
+        };
+        if meta.get(META_FORMAT).map(String::as_str) != Some(QUANTIZED_FORMAT_TAG) {
+            return Err(bad(
+                "not a nibble quantized model (expected a model folder, or a file written by `nibble quantize`)".into(),
+            ));
+        }
+        let field = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| bad(format!("metadata field `{k}` is missing")))
+        };
+        let format = QuantFormat::parse(field(META_QUANT)?)
+            .ok_or_else(|| bad(format!("unknown quant_format `{}`", meta[META_QUANT])))?;
+        let group: usize = field(META_GROUP)?
+            .parse()
+            .map_err(|_| bad(format!("group_size `{}` is not a number", meta[META_GROUP])))?;
+        let spec = QuantSpec::new(format, group).map_err(|e| bad(e.to_string()))?;
+        let config =
+            ModelConfig::from_json_str(field(META_CONFIG)?, &path.join("[metadata config]"))?;
+        let mut tokenizer = TokenizerFiles::default();
+        for (name, f) in TokenizerFiles::NAMES.iter().zip(tokenizer.fields_mut()) {
+            *f = meta.get(*name).cloned();
+        }
+        let source = ModelSource {
+            config,
+            tokenizer,
+            label: meta
+                .get(META_SOURCE)
+                .cloned()
+                .unwrap_or_else(|| path.display().to_string()),
+            kind: SourceKind::Quantized { file, spec },
+        };
+        source.check()?;
+        Ok(source)
+    }
+
+    /// The packed format a quantized file already has, if this source is one.
+    pub fn stored_quant(&self) -> Option<QuantSpec> {
+        match &self.kind {
+            SourceKind::Quantized { spec, .. } => Some(*spec),
+            SourceKind::Folder { .. } => None,
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The parts a tensor is stored as: (name in file, expected shape, allowed dtypes).
+    fn stored_parts(&self, t: &ExpectedTensor) -> Vec<(String, Vec<usize>, &'static [Dtype])> {
+        const FLOATS: &[Dtype] = &[Dtype::F32, Dtype::F16, Dtype::BF16];
+        match (&self.kind, t.role) {
+            (SourceKind::Quantized { spec, .. }, TensorRole::LinearWeight(_)) => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let groups = cols / spec.group_size;
+                let mut parts = vec![
+                    (
+                        format!("{}.qweight", t.name),
+                        vec![rows, cols / 8],
+                        &[Dtype::U32][..],
+                    ),
+                    (
+                        format!("{}.scales", t.name),
+                        vec![rows, groups],
+                        &[Dtype::F32][..],
+                    ),
+                ];
+                if spec.format == QuantFormat::Int4 {
+                    parts.push((
+                        format!("{}.mins", t.name),
+                        vec![rows, groups],
+                        &[Dtype::F32][..],
+                    ));
+                }
+                parts
+            }
+            _ => vec![(t.name.clone(), t.shape.clone(), FLOATS)],
+        }
+    }
+
+    fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
+        match &self.kind {
+            SourceKind::Folder { shards, shard_of } => {
+                shard_of.get(name).map(|&i| &shards[i]).ok_or_else(|| {
+                    let where_ = if shards.len() == 1 {
+                        shards[0].path().display().to_string()
+                    } else {
+                        format!("{} shards in {}", shards.len(), self.label)
+                    };
+                    Error::Invalid(format!("tensor `{name}` is missing from {where_}"))
+                })
+            }
+            SourceKind::Quantized { file, .. } => {
+                if file.info(name).is_some() {
+                    Ok(file)
+                } else {
+                    Err(Error::tensor(file.path(), name, "missing"))
+                }
+            }
+        }
+    }
+
+    /// Checks that every tensor the config implies is present with the right shape and a readable
+    /// dtype, reading headers only.
+    pub fn check(&self) -> Result<()> {
+        for t in self.config.expected_tensors() {
+            for (name, shape, dtypes) in self.stored_parts(&t) {
+                let file = self.file_of(&name)?;
+                let info = file.info(&name).expect("file_of found it");
+                if info.shape != shape {
+                    return Err(Error::tensor(
+                        file.path(),
+                        &name,
+                        format!(
+                            "shape {:?} does not match the config, which implies {:?}",
+                            info.shape, shape
+                        ),
+                    ));
+                }
+                if !dtypes.contains(&info.dtype) {
+                    return Err(Error::tensor(
+                        file.path(),
+                        &name,
+                        unsupported_dtype(info.dtype),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the weights. `None` keeps a quantized file as stored and quantizes a folder to NF4, group 64.
+    pub fn load(&self, request: Option<QuantRequest>) -> Result<Model> {
+        let quant = match (&self.kind, request) {
+            (SourceKind::Quantized { spec, .. }, None) => Some(*spec),
+            (SourceKind::Quantized { spec, .. }, Some(QuantRequest::Quantize(want)))
+                if *spec == want =>
+            {
+                Some(want)
+            }
+            (SourceKind::Quantized { spec, file }, Some(other)) => {
+                let wanted = match other {
+                    QuantRequest::Dense => "no quantization".to_string(),
+                    QuantRequest::Quantize(s) => s.to_string(),
+                };
+                return Err(Error::Invalid(format!(
+                    "{} is already quantized as {spec}; {wanted} needs the original model folder",
+                    file.path().display()
+                )));
+            }
+            (SourceKind::Folder { .. }, None) => Some(QuantSpec::new(QuantFormat::Nf4, 64)?),
+            (SourceKind::Folder { .. }, Some(QuantRequest::Dense)) => None,
+            (SourceKind::Folder { .. }, Some(QuantRequest::Quantize(s))) => Some(s),
+        };
+        if let Some(spec) = quant {
+            for kind in LinearKind::ALL {
+                let (_, cols) = self.config.linear_shape(kind);
+                if cols % spec.group_size != 0 {
+                    return Err(Error::Invalid(format!(
+                        "{}: group size {} does not divide the input dimension {cols} of `{}.weight`",
+                        self.label,
+                        spec.group_size,
+                        kind.path(0)
+                    )));
+                }
+            }
+        }
+
+        let mut embed = None;
+        let mut lm_head = None;
+        let mut final_norm = None;
+        let mut norms: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut weights: HashMap<(usize, LinearKind), LinearWeight> = HashMap::new();
+        let mut biases: HashMap<(usize, LinearKind), Vec<f32>> = HashMap::new();
+        for t in self.config.expected_tensors() {
+            let file = self.file_of(&self.stored_parts(&t)[0].0)?;
+            match t.role {
+                TensorRole::Embedding | TensorRole::LmHead => {
+                    let dense = self.read_dense(file, &t)?;
+                    if t.role == TensorRole::Embedding {
+                        embed = Some(dense);
+                    } else {
+                        lm_head = Some(dense);
+                    }
+                }
+                TensorRole::Norm => {
+                    let v = file.read_f32(&t.name)?;
+                    if t.layer.is_none() {
+                        final_norm = Some(v);
+                    } else {
+                        norms.insert(t.name.clone(), v);
+                    }
+                }
+                TensorRole::LinearBias(kind) => {
+                    biases.insert(
+                        (t.layer.expect("bias in a layer"), kind),
+                        file.read_f32(&t.name)?,
+                    );
+                }
+                TensorRole::LinearWeight(kind) => {
+                    let weight = self.read_linear(file, &t, quant)?;
+                    weights.insert((t.layer.expect("linear in a layer"), kind), weight);
+                }
+            }
+            for (name, _, _) in self.stored_parts(&t) {
+                file.release(&name);
+            }
+        }
+
+        let mut take_norm = |name: String| norms.remove(&name).expect("listed in expected_tensors");
+        let layers = (0..self.config.num_layers)
+            .map(|l| {
+                let qk = self.config.qk_norm;
+                Layer {
+                    input_norm: take_norm(format!("model.layers.{l}.input_layernorm.weight")),
+                    post_attention_norm: take_norm(format!(
+                        "model.layers.{l}.post_attention_layernorm.weight"
+                    )),
+                    q_norm: qk
+                        .then(|| take_norm(format!("model.layers.{l}.self_attn.q_norm.weight"))),
+                    k_norm: qk
+                        .then(|| take_norm(format!("model.layers.{l}.self_attn.k_norm.weight"))),
+                    linears: LinearKind::ALL
+                        .into_iter()
+                        .map(|kind| Linear {
+                            kind,
+                            weight: weights
+                                .remove(&(l, kind))
+                                .expect("listed in expected_tensors"),
+                            bias: biases.remove(&(l, kind)),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Model {
+            config: self.config.clone(),
+            embed: embed.expect("listed in expected_tensors"),
+            layers,
+            final_norm: final_norm.expect("listed in expected_tensors"),
+            lm_head,
+            quant,
+            source: self.label.clone(),
+        })
+    }
+
+    fn read_dense(&self, file: &SafetensorsFile, t: &ExpectedTensor) -> Result<DenseTensor> {
+        let info = file.info(&t.name).expect("checked");
+        let dtype = FloatDtype::of(info.dtype)
+            .ok_or_else(|| Error::tensor(file.path(), &t.name, unsupported_dtype(info.dtype)))?;
+        Ok(DenseTensor::from_raw(
+            dtype,
+            t.shape[0],
+            t.shape[1],
+            file.raw(&t.name)?,
+        ))
+    }
+
+    fn read_linear(
+        &self,
+        file: &SafetensorsFile,
+        t: &ExpectedTensor,
+        quant: Option<QuantSpec>,
+    ) -> Result<LinearWeight> {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        if let SourceKind::Quantized { spec, .. } = &self.kind {
+            let parts = self.stored_parts(t);
+            let q = QuantTensor {
+                spec: *spec,
+                rows,
+                cols,
+                packed: file.read_u32(&parts[0].0)?,
+                scales: file.read_f32(&parts[1].0)?,
+                mins: match parts.get(2) {
+                    Some((name, _, _)) => file.read_f32(name)?,
+                    None => Vec::new(),
+                },
+            };
+            return Ok(LinearWeight::Quant(q));
+        }
+        let Some(spec) = quant else {
+            return Ok(LinearWeight::Dense(self.read_dense(file, t)?));
+        };
+        let info = file.info(&t.name).expect("checked");
+        let dtype = FloatDtype::of(info.dtype)
+            .ok_or_else(|| Error::tensor(file.path(), &t.name, unsupported_dtype(info.dtype)))?;
+        let raw = file.raw(&t.name)?;
+        let row_bytes = cols * dtype.size();
+        let q = QuantTensor::quantize_rows(spec, rows, cols, |r, row| {
+            dtype.convert(&raw[r * row_bytes..(r + 1) * row_bytes], row)
+        })
+        .map_err(|e| Error::tensor(file.path(), &t.name, e.to_string()))?;
+        Ok(LinearWeight::Quant(q))
+    }
+}
+
+/// Bytes the weights of `config` take when stored as nibble stores them: decoder linears packed per
+/// `quant` (or 16-bit when None), embeddings and lm_head 16-bit, norms and biases f32.
+pub fn planned_weight_bytes(config: &ModelConfig, quant: Option<QuantSpec>) -> u64 {
+    config
+        .expected_tensors()
+        .iter()
+        .map(|t| {
+            let n: u64 = t.shape.iter().product::<usize>() as u64;
+            match (t.role, quant) {
+                (TensorRole::LinearWeight(_), Some(spec)) => {
+                    spec.packed_bytes(t.shape[0], t.shape[1])
+                }
+                (TensorRole::Norm | TensorRole::LinearBias(_), _) => 4 * n,
+                _ => 2 * n,
+            }
+        })
+        .sum()
+}
+
+/// Convenience for the command line: a path to a folder or a quantized file.
+pub fn open(path: impl AsRef<Path>) -> Result<ModelSource> {
+    ModelSource::open(path.as_ref())
+}

@@ -1,0 +1,293 @@
+//! Packed 4-bit weights: NF4 (bitsandbytes' code table) and affine INT4, eight nibbles per `u32`,
+//! one scale (and for INT4 one minimum) per group of `group_size` consecutive weights along a row,
+//! i.e. along the input dimension of a linear layer.
+
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::fmt;
+
+/// bitsandbytes' NF4 code values, in code order (code 7 is exactly 0).
+pub const NF4_CODES: [f32; 16] = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+];
+
+/// Decision thresholds between neighbouring NF4 codes: the midpoints, computed in f64 and rounded to
+/// f32 — exactly the float literals of bitsandbytes' `dQuantizeNF4`.
+const NF4_THRESHOLDS: [f32; 15] = {
+    let mut t = [0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        t[i] = ((NF4_CODES[i] as f64 + NF4_CODES[i + 1] as f64) / 2.0) as f32;
+        i += 1;
+    }
+    t
+};
+
+pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    Nf4,
+    Int4,
+}
+
+impl QuantFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Nf4 => "nf4",
+            QuantFormat::Int4 => "int4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<QuantFormat> {
+        match s.to_ascii_lowercase().as_str() {
+            "nf4" => Some(QuantFormat::Nf4),
+            "int4" => Some(QuantFormat::Int4),
+            _ => None,
+        }
+    }
+
+    /// Bytes of group metadata (scale, and minimum for INT4) per group.
+    pub fn group_meta_bytes(self) -> usize {
+        match self {
+            QuantFormat::Nf4 => 4,
+            QuantFormat::Int4 => 8,
+        }
+    }
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How the decoder's linear weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantSpec {
+    pub format: QuantFormat,
+    pub group_size: usize,
+}
+
+impl QuantSpec {
+    pub fn new(format: QuantFormat, group_size: usize) -> Result<Self> {
+        if !GROUP_SIZES.contains(&group_size) {
+            return Err(Error::Invalid(format!(
+                "group size {group_size} is not supported (choose 32, 64 or 128)"
+            )));
+        }
+        Ok(QuantSpec { format, group_size })
+    }
+
+    /// Bytes the packed form of a rows x cols matrix takes.
+    pub fn packed_bytes(&self, rows: usize, cols: usize) -> u64 {
+        let n = (rows * cols) as u64;
+        n / 2 + (n / self.group_size as u64) * self.format.group_meta_bytes() as u64
+    }
+}
+
+impl fmt::Display for QuantSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (group {})", self.format, self.group_size)
+    }
+}
+
+/// A rows x cols matrix (rows = output features) in packed 4-bit form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantTensor {
+    pub spec: QuantSpec,
+    pub rows: usize,
+    pub cols: usize,
+    /// Element (r, c) is nibble `c % 8` (bits 4*(c%8)..) of word `r * cols/8 + c/8`.
+    pub packed: Vec<u32>,
+    /// One per group, row-major: `scales[r * cols/G + c/G]`.
+    pub scales: Vec<f32>,
+    /// INT4 only (empty for NF4): the group minimum, so that w = min + code * scale.
+    pub mins: Vec<f32>,
+}
+
+impl QuantTensor {
+    /// Quantizes a matrix whose rows are produced on demand by `fill_row(r, row)`, so that the caller
+    /// never needs the whole matrix in f32. Rows are processed in parallel.
+    pub fn quantize_rows<F>(spec: QuantSpec, rows: usize, cols: usize, fill_row: F) -> Result<Self>
+    where
+        F: Fn(usize, &mut [f32]) + Sync,
+    {
+        let g = spec.group_size;
+        if cols % g != 0 {
+            return Err(Error::Invalid(format!(
+                "group size {g} does not divide the input dimension {cols}"
+            )));
+        }
+        let words_per_row = cols / 8;
+        let groups_per_row = cols / g;
+        let mut packed = vec![0u32; rows * words_per_row];
+        let mut scales = vec![0f32; rows * groups_per_row];
+        let mut mins = vec![0f32; rows * groups_per_row];
+        packed
+            .par_chunks_mut(words_per_row)
+            .zip(scales.par_chunks_mut(groups_per_row))
+            .zip(mins.par_chunks_mut(groups_per_row))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; cols],
+                |row, (r, ((words, row_scales), row_mins))| {
+                    fill_row(r, row);
+                    for (gi, group) in row.chunks_exact(g).enumerate() {
+                        let group_words = &mut words[gi * g / 8..(gi + 1) * g / 8];
+                        match spec.format {
+                            QuantFormat::Nf4 => {
+                                row_scales[gi] = quantize_group_nf4(group, group_words)
+                            }
+                            QuantFormat::Int4 => {
+                                let (scale, min) = quantize_group_int4(group, group_words);
+                                row_scales[gi] = scale;
+                                row_mins[gi] = min;
+                            }
+                        }
+                    }
+                },
+            );
+        if spec.format == QuantFormat::Nf4 {
+            mins = Vec::new();
+        }
+        Ok(QuantTensor {
+            spec,
+            rows,
+            cols,
+            packed,
+            scales,
+            mins,
+        })
+    }
+
+    pub fn quantize(spec: QuantSpec, rows: usize, cols: usize, data: &[f32]) -> Result<Self> {
+        assert_eq!(data.len(), rows * cols, "data length must be rows * cols");
+        Self::quantize_rows(spec, rows, cols, |r, row| {
+            row.copy_from_slice(&data[r * cols..(r + 1) * cols])
+        })
+    }
+
+    /// The 4-bit code of element (r, c).
+    pub fn code(&self, r: usize, c: usize) -> u8 {
+        let word = self.packed[r * self.cols / 8 + c / 8];
+        ((word >> (4 * (c % 8))) & 0xF) as u8
+    }
+
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let g = self.spec.group_size;
+        let groups = self.cols / g;
+        let words = &self.packed[r * self.cols / 8..(r + 1) * self.cols / 8];
+        for (c, value) in out.iter_mut().enumerate().take(self.cols) {
+            let code = (words[c / 8] >> (4 * (c % 8))) & 0xF;
+            let gi = r * groups + c / g;
+            *value = match self.spec.format {
+                QuantFormat::Nf4 => NF4_CODES[code as usize] * self.scales[gi],
+                QuantFormat::Int4 => self.mins[gi] + code as f32 * self.scales[gi],
+            };
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, row)| self.dequantize_row(r, row));
+        out
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.spec.packed_bytes(self.rows, self.cols)
+    }
+}
+
+/// The NF4 code nearest to `normalized` (a value in [-1, 1]); a value exactly on a midpoint takes the
+/// lower code, as bitsandbytes' `x > threshold` comparisons do.
+pub fn nf4_code(normalized: f32) -> u8 {
+    NF4_THRESHOLDS.iter().filter(|&&t| normalized > t).count() as u8
+}
+
+/// Quantizes one group to NF4 codes in `words`; returns its scale (the group's absolute maximum).
+fn quantize_group_nf4(group: &[f32], words: &mut [u32]) -> f32 {
+    let absmax = group.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    // bitsandbytes multiplies by the reciprocal of absmax rather than dividing; doing the same keeps
+    // codes identical for values that land next to a threshold.
+    let inv = if absmax > 0.0 { 1.0 / absmax } else { 0.0 };
+    pack_codes(group, words, |x| nf4_code(x * inv));
+    absmax
+}
+
+/// Quantizes one group to affine INT4 codes; returns (scale, minimum) with w ≈ min + code * scale.
+fn quantize_group_int4(group: &[f32], words: &mut [u32]) -> (f32, f32) {
+    let (min, max) = group
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    let scale = (max - min) / 15.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    pack_codes(group, words, |x| {
+        ((x - min) * inv).round().clamp(0.0, 15.0) as u8
+    });
+    (scale, min)
+}
+
+fn pack_codes(group: &[f32], words: &mut [u32], code_of: impl Fn(f32) -> u8) {
+    for (word, eight) in words.iter_mut().zip(group.chunks_exact(8)) {
+        *word = eight
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (j, &x)| w | (u32::from(code_of(x)) << (4 * j)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_match_bitsandbytes_literals() {
+        // Literals copied from bitsandbytes' dQuantizeNF4 decision tree (csrc/kernels.cu).
+        let bnb: [f32; 15] = [
+            -0.8480964004993439,
+            -0.6106329262256622,
+            -0.4599952697753906,
+            -0.33967943489551544,
+            -0.23460740596055984,
+            -0.13791173323988914,
+            -0.045525018125772476,
+            0.03979014977812767,
+            0.1202552504837513,
+            0.2035212516784668,
+            0.2920137718319893,
+            0.3893125355243683,
+            0.5016634166240692,
+            0.6427869200706482,
+            0.8614784181118011,
+        ];
+        assert_eq!(NF4_THRESHOLDS, bnb);
+    }
+
+    #[test]
+    fn midpoint_goes_to_lower_code() {
+        for (i, &t) in NF4_THRESHOLDS.iter().enumerate() {
+            assert_eq!(nf4_code(t), i as u8);
+            assert_eq!(nf4_code(t.next_up()), i as u8 + 1);
+        }
+    }
+}

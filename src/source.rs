@@ -1,0 +1,314 @@
+//! Where model bytes come from: a folder on disk (memory-mapped, read one tensor at a time) or, on
+//! wasm, files handed over as bytes. Everything above this module sees named tensors only.
+
+use crate::error::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The files of a model: a folder, or an in-memory set (the browser has no file system).
+#[derive(Clone, Debug)]
+pub enum ModelFiles {
+    Dir(PathBuf),
+    Memory {
+        label: String,
+        files: BTreeMap<String, Arc<[u8]>>,
+    },
+}
+
+impl ModelFiles {
+    /// The path shown in error messages for file `name`.
+    pub fn display_path(&self, name: &str) -> PathBuf {
+        match self {
+            ModelFiles::Dir(dir) => dir.join(name),
+            ModelFiles::Memory { label, .. } => Path::new(label).join(name),
+        }
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        match self {
+            ModelFiles::Dir(dir) => dir.join(name).is_file(),
+            ModelFiles::Memory { files, .. } => files.contains_key(name),
+        }
+    }
+
+    pub fn read_string(&self, name: &str) -> Result<Option<String>> {
+        match self {
+            ModelFiles::Dir(dir) => {
+                let path = dir.join(name);
+                match std::fs::read_to_string(&path) {
+                    Ok(s) => Ok(Some(s)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(Error::io(path, e)),
+                }
+            }
+            ModelFiles::Memory { files, .. } => files
+                .get(name)
+                .map(|b| {
+                    String::from_utf8(b.to_vec()).map_err(|_| {
+                        Error::Invalid(format!(
+                            "{}: not valid UTF-8",
+                            self.display_path(name).display()
+                        ))
+                    })
+                })
+                .transpose(),
+        }
+    }
+
+    pub fn open_safetensors(&self, name: &str) -> Result<SafetensorsFile> {
+        match self {
+            #[cfg(not(target_arch = "wasm32"))]
+            ModelFiles::Dir(dir) => SafetensorsFile::open(&dir.join(name)),
+            #[cfg(target_arch = "wasm32")]
+            ModelFiles::Dir(dir) => Err(Error::Invalid(format!(
+                "{}: reading from a folder is not available in the browser",
+                dir.display()
+            ))),
+            ModelFiles::Memory { files, .. } => {
+                let path = self.display_path(name);
+                let bytes = files.get(name).ok_or_else(|| {
+                    Error::io(&path, std::io::Error::from(std::io::ErrorKind::NotFound))
+                })?;
+                SafetensorsFile::from_storage(path, Storage::Shared(bytes.clone()))
+            }
+        }
+    }
+}
+
+enum Storage {
+    #[cfg(not(target_arch = "wasm32"))]
+    Mmap(memmap2::Mmap),
+    Shared(Arc<[u8]>),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            #[cfg(not(target_arch = "wasm32"))]
+            Storage::Mmap(m) => m,
+            Storage::Shared(b) => b,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// One parsed safetensors file: the header is validated on open; tensor data is read on demand.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    storage: Storage,
+    tensors: HashMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only and private. It stays valid while another process modifies the
+        // file only in the sense that we may read changed bytes, which the header validation and the
+        // per-tensor checks turn into errors rather than undefined behaviour in safe code above us:
+        // all access goes through `&[u8]` copies into owned buffers.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_storage(path.to_path_buf(), Storage::Mmap(map))
+    }
+
+    /// Parses a safetensors file already held in memory (the wasm path, and tests).
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Arc<[u8]>) -> Result<Self> {
+        Self::from_storage(path.into(), Storage::Shared(bytes))
+    }
+
+    fn from_storage(path: PathBuf, storage: Storage) -> Result<Self> {
+        let bytes = storage.bytes();
+        let bad = |msg: String| Error::Safetensors {
+            path: path.clone(),
+            msg,
+        };
+        let (header_len, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut tensors = HashMap::new();
+        let mut data_end = 0usize;
+        for (name, info) in meta.tensors() {
+            let (s, e) = info.data_offsets;
+            data_end = data_end.max(e);
+            tensors.insert(
+                name.clone(),
+                TensorInfo {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + s,
+                    end: data_start + e,
+                },
+            );
+        }
+        if data_start + data_end != bytes.len() {
+            return Err(bad(format!(
+                "file is {} bytes but its header describes {} bytes (truncated or corrupt)",
+                bytes.len(),
+                data_start + data_end
+            )));
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(SafetensorsFile {
+            path,
+            storage,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    fn require(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.path, name, "not found in this file"))
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn raw(&self, name: &str) -> Result<&[u8]> {
+        let info = self.require(name)?;
+        Ok(&self.storage.bytes()[info.start..info.end])
+    }
+
+    /// Reads a floating-point tensor (f32, f16 or bf16) converted to f32.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self.require(name)?;
+        let float = FloatDtype::of(info.dtype)
+            .ok_or_else(|| Error::tensor(&self.path, name, unsupported_dtype(info.dtype)))?;
+        let raw = self.raw(name)?;
+        let mut out = vec![0f32; raw.len() / float.size()];
+        float.convert(raw, &mut out);
+        Ok(out)
+    }
+
+    /// Reads a u32 tensor (the packed 4-bit words of a quantized file).
+    pub fn read_u32(&self, name: &str) -> Result<Vec<u32>> {
+        let info = self.require(name)?;
+        if info.dtype != Dtype::U32 {
+            return Err(Error::tensor(
+                &self.path,
+                name,
+                format!("expected dtype U32, found {:?}", info.dtype),
+            ));
+        }
+        Ok(self
+            .raw(name)?
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    /// Tells the OS that a tensor's pages will not be read again, so that streaming through a large
+    /// checkpoint does not leave it all resident. A no-op for in-memory files.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let (Storage::Mmap(map), Some(info)) = (&self.storage, self.tensors.get(name)) {
+            // SAFETY: the map is a read-only private file mapping that nothing writes to; MADV_DONTNEED on
+            // such pages only drops them from memory, and a later read faults them in again from the file
+            // with the same contents. No reference into the range is held across this call by us
+            // (callers copy tensor data into owned buffers before releasing).
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    info.start,
+                    info.end - info.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+}
+
+pub(crate) fn unsupported_dtype(dtype: Dtype) -> String {
+    format!("dtype {dtype:?} is not supported (nibble reads F32, F16 and BF16 weights)")
+}
+
+/// The floating-point dtypes a checkpoint's weights may come in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatDtype {
+    pub fn of(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(FloatDtype::F32),
+            Dtype::F16 => Some(FloatDtype::F16),
+            Dtype::BF16 => Some(FloatDtype::BF16),
+            _ => None,
+        }
+    }
+
+    pub fn safetensors(self) -> Dtype {
+        match self {
+            FloatDtype::F32 => Dtype::F32,
+            FloatDtype::F16 => Dtype::F16,
+            FloatDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            FloatDtype::F32 => 4,
+            FloatDtype::F16 | FloatDtype::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "float32",
+            FloatDtype::F16 => "float16",
+            FloatDtype::BF16 => "bfloat16",
+        }
+    }
+
+    /// Converts little-endian bytes of this dtype into f32 values (`out.len() * size() == raw.len()`).
+    pub fn convert(self, raw: &[u8], out: &mut [f32]) {
+        debug_assert_eq!(raw.len(), out.len() * self.size());
+        match self {
+            FloatDtype::F32 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            FloatDtype::F16 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+            FloatDtype::BF16 => {
+                for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                    *o = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+        }
+    }
+}
