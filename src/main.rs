@@ -77,6 +77,23 @@ enum Command {
         #[command(flatten)]
         quant: QuantArgs,
     },
+    /// Write a model folder with random weights in a real architecture (config.json, safetensors and the
+    /// bundled Qwen2.5 tokenizer), for tests and benchmarks without a download.
+    Synth {
+        /// tiny-qwen2, tiny-qwen3, tiny-llama, or qwen2.5-0.5b (the exact Qwen2.5-0.5B shapes).
+        #[arg(long, default_value = "tiny-qwen2")]
+        preset: String,
+        #[arg(long, short)]
+        output: PathBuf,
+        /// config.json as transformers 4.x (v4) or 5.x (v5) writes it.
+        #[arg(long, default_value = "v4")]
+        spelling: String,
+        /// Split the weights over this many safetensors shards (with an index file).
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Build a small random model with the bundled Qwen2.5 tokenizer and run it through nibble (no download).
     Demo {
         /// Keep the generated model in this folder instead of a temporary one.
@@ -96,6 +113,13 @@ fn main() {
             quant,
         } => quantize(&model, &output, quant),
         Command::Demo { keep } => demo(keep),
+        Command::Synth {
+            preset,
+            output,
+            spelling,
+            shards,
+            seed,
+        } => synth_model(&preset, &output, &spelling, shards, seed),
     };
     if let Err(e) = result {
         eprintln!("nibble: error: {e:#}");
@@ -238,6 +262,43 @@ fn quantize(path: &Path, output: &Path, quant: QuantArgs) -> Result<()> {
         output.display(),
         human_bytes(size),
         (start.elapsed() - loaded).as_secs_f64()
+    );
+    Ok(())
+}
+
+fn synth_model(
+    preset: &str,
+    output: &Path,
+    spelling: &str,
+    shards: usize,
+    seed: u64,
+) -> Result<()> {
+    use nibble::config::Arch;
+    let vocab = 151936;
+    let mut spec = match preset {
+        "tiny-qwen2" => SynthSpec::tiny(Arch::Qwen2, vocab),
+        "tiny-qwen3" => SynthSpec::tiny(Arch::Qwen3, vocab),
+        "tiny-llama" => SynthSpec::tiny(Arch::Llama, vocab),
+        "qwen2.5-0.5b" => SynthSpec::qwen25_05b(),
+        other => {
+            bail!("unknown preset `{other}` (tiny-qwen2, tiny-qwen3, tiny-llama, qwen2.5-0.5b)")
+        }
+    };
+    spec.spelling = match spelling {
+        "v4" => synth::ConfigSpelling::V4,
+        "v5" => synth::ConfigSpelling::V5,
+        other => bail!("unknown config spelling `{other}` (v4 or v5)"),
+    };
+    spec.shards = shards;
+    spec.seed = seed;
+    if output.exists() && std::fs::read_dir(output)?.next().is_some() {
+        bail!("{} exists and is not empty", output.display());
+    }
+    synth::write_model_folder(output, &spec, Some(&synth::qwen25_tokenizer()))?;
+    eprintln!(
+        "wrote a random {preset} model ({} parameters) to {}",
+        group_digits(spec.config().parameter_count()),
+        output.display()
     );
     Ok(())
 }

@@ -26,8 +26,10 @@ pub const NF4_CODES: [f32; 16] = [
     1.0,
 ];
 
-/// Decision thresholds between neighbouring NF4 codes: the midpoints, computed in f64 and rounded to
-/// f32 — exactly the float literals of bitsandbytes' `dQuantizeNF4`.
+/// Decision thresholds between neighbouring NF4 codes: the midpoints rounded to f32, as bitsandbytes'
+/// default (CPU) backend computes them with `(code[:-1] + code[1:]) / 2` in float32. Its CUDA kernel
+/// hard-codes decimal literals that differ from these by one ulp at four thresholds; only an input whose
+/// normalised value is exactly such a float could be coded differently there.
 const NF4_THRESHOLDS: [f32; 15] = {
     let mut t = [0f32; 15];
     let mut i = 0;
@@ -261,9 +263,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn thresholds_match_bitsandbytes_literals() {
-        // Literals copied from bitsandbytes' dQuantizeNF4 decision tree (csrc/kernels.cu).
-        let bnb: [f32; 15] = [
+    fn thresholds_are_float32_midpoints_within_an_ulp_of_the_cuda_literals() {
+        // Literals of bitsandbytes' dQuantizeNF4 decision tree (csrc/kernels.cu).
+        let cuda: [f32; 15] = [
             -0.8480964004993439,
             -0.6106329262256622,
             -0.4599952697753906,
@@ -280,7 +282,16 @@ mod tests {
             0.6427869200706482,
             0.8614784181118011,
         ];
-        assert_eq!(NF4_THRESHOLDS, bnb);
+        for i in 0..15 {
+            assert_eq!(NF4_THRESHOLDS[i], (NF4_CODES[i] + NF4_CODES[i + 1]) / 2.0);
+            let ulps = (NF4_THRESHOLDS[i].to_bits() as i64 - cuda[i].to_bits() as i64).abs();
+            assert!(
+                ulps <= 1,
+                "threshold {i}: {} vs {}",
+                NF4_THRESHOLDS[i],
+                cuda[i]
+            );
+        }
     }
 
     #[test]

@@ -133,8 +133,11 @@ impl SafetensorsFile {
             path: path.clone(),
             msg,
         };
-        let (header_len, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
+        let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+            bad(format!(
+                "invalid safetensors header, the file is truncated or corrupt: {e}"
+            ))
+        })?;
         let data_start = 8 + header_len;
         let mut tensors = HashMap::new();
         let mut data_end = 0usize;

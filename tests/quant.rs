@@ -28,7 +28,13 @@ fn nf4_codes_scales_and_dequantization_equal_bitsandbytes() {
         let codes = f.raw(&format!("g{g}.codes")).unwrap();
         let absmax = f.read_f32(&format!("g{g}.absmax")).unwrap();
         let deq = f.read_f32(&format!("g{g}.dequantized")).unwrap();
-        let q = QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, g).unwrap(), rows, cols, &input).unwrap();
+        let q = QuantTensor::quantize(
+            QuantSpec::new(QuantFormat::Nf4, g).unwrap(),
+            rows,
+            cols,
+            &input,
+        )
+        .unwrap();
         let mut mismatches = 0;
         for r in 0..rows {
             for c in 0..cols {
@@ -38,7 +44,10 @@ fn nf4_codes_scales_and_dequantization_equal_bitsandbytes() {
             }
         }
         assert_eq!(mismatches, 0, "group {g}: codes differ from bitsandbytes");
-        assert_eq!(q.scales, absmax, "group {g}: scales differ from bitsandbytes' absmax");
+        assert_eq!(
+            q.scales, absmax,
+            "group {g}: scales differ from bitsandbytes' absmax"
+        );
         assert_eq!(q.dequantize(), deq, "group {g}: dequantized values differ");
     }
 }
@@ -63,8 +72,13 @@ fn nf4_code_is_the_nearest_code() {
         let reference = nf4_reference(x as f64);
         if ours != reference {
             // Only a value within float rounding of a midpoint may disagree with the f64 search.
-            let mid = (NF4_CODES[ours.min(reference) as usize] as f64 + NF4_CODES[ours.max(reference) as usize] as f64) / 2.0;
-            assert!((x as f64 - mid).abs() < 1e-7, "x={x}: ours {ours}, reference {reference}");
+            let mid = (NF4_CODES[ours.min(reference) as usize] as f64
+                + NF4_CODES[ours.max(reference) as usize] as f64)
+                / 2.0;
+            assert!(
+                (x as f64 - mid).abs() < 1e-7,
+                "x={x}: ours {ours}, reference {reference}"
+            );
         }
     }
 }
@@ -75,13 +89,20 @@ fn every_element_is_within_half_a_step_of_its_dequantized_value() {
     let w = gaussian(rows, cols, 11);
     for g in [32, 64, 128] {
         for format in [QuantFormat::Nf4, QuantFormat::Int4] {
-            let q = QuantTensor::quantize(QuantSpec::new(format, g).unwrap(), rows, cols, &w).unwrap();
+            let q =
+                QuantTensor::quantize(QuantSpec::new(format, g).unwrap(), rows, cols, &w).unwrap();
             let d = q.dequantize();
             for r in 0..rows {
                 for gi in 0..cols / g {
                     let group = &w[r * cols + gi * g..r * cols + (gi + 1) * g];
-                    let lo = group.iter().cloned().fold(f64::INFINITY, |a, b| a.min(b as f64));
-                    let hi = group.iter().cloned().fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
+                    let lo = group
+                        .iter()
+                        .cloned()
+                        .fold(f64::INFINITY, |a, b| a.min(b as f64));
+                    let hi = group
+                        .iter()
+                        .cloned()
+                        .fold(f64::NEG_INFINITY, |a, b| a.max(b as f64));
                     let absmax = lo.abs().max(hi.abs());
                     for (j, &x) in group.iter().enumerate() {
                         let c = r * cols + gi * g + j;
@@ -91,12 +112,29 @@ fn every_element_is_within_half_a_step_of_its_dequantized_value() {
                             QuantFormat::Nf4 => absmax * 0.152,
                             QuantFormat::Int4 => (hi - lo) / 15.0 / 2.0,
                         };
-                        assert!(err <= bound * (1.0 + 1e-5) + 1e-7, "{format} g{g}: |{x} - {}| > {bound}", d[c]);
+                        assert!(
+                            err <= bound * (1.0 + 1e-5) + 1e-7,
+                            "{format} g{g}: |{x} - {}| > {bound}",
+                            d[c]
+                        );
                     }
                     // Group extremes are represented exactly (up to f32 rounding).
-                    let i_max = group.iter().position(|&x| x as f64 == if format == QuantFormat::Nf4 && lo.abs() > hi.abs() { lo } else { hi }).unwrap();
+                    let i_max = group
+                        .iter()
+                        .position(|&x| {
+                            x as f64
+                                == if format == QuantFormat::Nf4 && lo.abs() > hi.abs() {
+                                    lo
+                                } else {
+                                    hi
+                                }
+                        })
+                        .unwrap();
                     let c = r * cols + gi * g + i_max;
-                    assert!((w[c] - d[c]).abs() <= 1e-6 * w[c].abs(), "{format} g{g}: extreme not exact");
+                    assert!(
+                        (w[c] - d[c]).abs() <= 1e-6 * w[c].abs(),
+                        "{format} g{g}: extreme not exact"
+                    );
                 }
             }
         }
@@ -107,7 +145,13 @@ fn every_element_is_within_half_a_step_of_its_dequantized_value() {
 fn packing_puts_eight_codes_per_word_low_nibble_first() {
     let (rows, cols) = (3, 64);
     let w = gaussian(rows, cols, 5);
-    let q = QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, 32).unwrap(), rows, cols, &w).unwrap();
+    let q = QuantTensor::quantize(
+        QuantSpec::new(QuantFormat::Nf4, 32).unwrap(),
+        rows,
+        cols,
+        &w,
+    )
+    .unwrap();
     assert_eq!(q.packed.len(), rows * cols / 8);
     assert_eq!(q.scales.len(), rows * cols / 32);
     for r in 0..rows {
@@ -124,15 +168,21 @@ fn packing_puts_eight_codes_per_word_low_nibble_first() {
 
 /// Relative RMS error ‖w − deq(q(w))‖ / ‖w‖ on N(0, 1) weights, computed in f64.
 fn relative_rms_error(spec: QuantSpec, w: &[f32], rows: usize, cols: usize) -> f64 {
-    let d = QuantTensor::quantize(spec, rows, cols, w).unwrap().dequantize();
-    let err: f64 = w.iter().zip(&d).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let d = QuantTensor::quantize(spec, rows, cols, w)
+        .unwrap()
+        .dequantize();
+    let err: f64 = w
+        .iter()
+        .zip(&d)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
     let norm: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
     (err / norm).sqrt()
 }
 
 #[test]
 fn dequantization_error_on_gaussian_weights_is_as_documented() {
-    // README's table lists these figures; each bound sits about 3% above the measured value, so a
+    // README's table lists these figures; each bound sits 1-3% above the value measured with this seed, so a
     // regression in code selection or scaling fails here.
     let (rows, cols) = (256, 1024);
     let w = gaussian(rows, cols, 2024);
@@ -148,8 +198,14 @@ fn dequantization_error_on_gaussian_weights_is_as_documented() {
     for (format, g, bound) in cases {
         let e = relative_rms_error(QuantSpec::new(format, g).unwrap(), &w, rows, cols);
         println!("{format} group {g}: relative RMS error {e:.4}");
-        assert!(e < bound, "{format} g{g}: error {e:.4} above documented {bound}");
-        assert!(e > bound * 0.9, "{format} g{g}: error {e:.4} far below documented {bound}: update the docs");
+        assert!(
+            e < bound,
+            "{format} g{g}: error {e:.4} above documented {bound}"
+        );
+        assert!(
+            e > bound * 0.9,
+            "{format} g{g}: error {e:.4} far below documented {bound}: update the docs"
+        );
         if let Some((pf, pe)) = previous {
             if pf == format {
                 assert!(e > pe, "{format}: larger groups must not reduce the error");
@@ -162,8 +218,13 @@ fn dequantization_error_on_gaussian_weights_is_as_documented() {
 #[test]
 fn group_size_must_divide_the_input_dimension_and_be_supported() {
     let w = gaussian(2, 96, 1);
-    let err = QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap(), 2, 96, &w).unwrap_err();
-    assert!(err.to_string().contains("does not divide the input dimension 96"), "{err}");
+    let err = QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap(), 2, 96, &w)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not divide the input dimension 96"),
+        "{err}"
+    );
     assert!(QuantSpec::new(QuantFormat::Int4, 48).is_err());
 }
 
@@ -173,7 +234,9 @@ fn constant_groups_dequantize_exactly() {
     w[..32].fill(0.0);
     w[32..].fill(-0.25);
     for format in [QuantFormat::Nf4, QuantFormat::Int4] {
-        let d = QuantTensor::quantize(QuantSpec::new(format, 32).unwrap(), 1, 64, &w).unwrap().dequantize();
+        let d = QuantTensor::quantize(QuantSpec::new(format, 32).unwrap(), 1, 64, &w)
+            .unwrap()
+            .dequantize();
         assert_eq!(d, w, "{format}");
     }
 }

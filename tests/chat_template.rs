@@ -1,0 +1,82 @@
+//! The chat template renders to the same string, and the tokenizer to the same ids, as transformers'
+//! `apply_chat_template` with the real Qwen2.5 tokenizer (fixture made by scripts/make_chat_fixture.py).
+
+use nibble::synth::qwen25_tokenizer;
+use nibble::tokenizer::{ChatTokenizer, Message};
+use std::path::Path;
+
+#[derive(serde::Deserialize)]
+struct Case {
+    messages: Vec<Message>,
+    add_generation_prompt: bool,
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    cases: Vec<Case>,
+}
+
+#[test]
+fn qwen25_template_and_ids_equal_transformers() {
+    let path = format!(
+        "{}/tests/fixtures/chat_template_qwen2.5.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(fixture.cases.len() >= 10);
+    let tok = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("assets/qwen2.5-tokenizer"))
+        .unwrap();
+    assert_eq!(tok.eos_token.as_deref(), Some("<|im_end|>"));
+    assert_eq!(tok.pad_token.as_deref(), Some("<|endoftext|>"));
+    for (i, case) in fixture.cases.iter().enumerate() {
+        let text = tok
+            .apply_chat_template(&case.messages, case.add_generation_prompt)
+            .unwrap();
+        assert_eq!(text, case.text, "case {i}: rendered text differs");
+        assert_eq!(
+            tok.encode(&text).unwrap(),
+            case.ids,
+            "case {i}: token ids differ"
+        );
+        assert_eq!(
+            tok.decode(&case.ids).unwrap(),
+            case.text,
+            "case {i}: decode does not round-trip"
+        );
+    }
+}
+
+#[test]
+fn template_errors_are_reported_not_panicked() {
+    let mut files = qwen25_tokenizer();
+    files.chat_template_jinja =
+        Some("{{ raise_exception('only user and assistant roles') }}".into());
+    let tok = ChatTokenizer::from_files(&files, Path::new("model")).unwrap();
+    let err = tok
+        .apply_chat_template(&[Message::new("user", "hi")], false)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("only user and assistant roles"),
+        "{err}"
+    );
+
+    files.chat_template_jinja = Some("{% for m in messages %}".into());
+    let err = ChatTokenizer::from_files(&files, Path::new("model"))
+        .err()
+        .expect("unclosed for must fail");
+    assert!(err.to_string().contains("does not parse"), "{err}");
+}
+
+#[test]
+fn tojson_uses_python_spacing_without_html_escaping() {
+    let mut files = qwen25_tokenizer();
+    files.chat_template_jinja = Some(
+        "{{ {'a': 1, 'b': [true, none, 'x<y>'], 'c': 0.5} | tojson }}|{{ 'é' | tojson }}".into(),
+    );
+    let tok = ChatTokenizer::from_files(&files, Path::new("model")).unwrap();
+    let out = tok.apply_chat_template(&[], false).unwrap();
+    // Python: json.dumps({"a": 1, "b": [True, None, "x<y>"], "c": 0.5}, ensure_ascii=False)
+    assert_eq!(out, r#"{"a": 1, "b": [true, null, "x<y>"], "c": 0.5}|"é""#);
+}
