@@ -760,8 +760,9 @@ impl ModelSource {
     }
 }
 
-/// Bytes the weights of `config` take when stored as nibble stores them: decoder linears packed per
-/// `quant` (or 16-bit when None), embeddings and lm_head 16-bit, norms and biases f32.
+/// Bytes the weights of `config` take: with `quant`, as nibble stores them (decoder linears packed,
+/// embeddings and lm_head 16-bit, norms and biases f32); without, every parameter at 16 bits, the figure
+/// a 16-bit checkpoint has.
 pub fn planned_weight_bytes(config: &ModelConfig, quant: Option<QuantSpec>) -> u64 {
     config
         .expected_tensors()
@@ -769,11 +770,10 @@ pub fn planned_weight_bytes(config: &ModelConfig, quant: Option<QuantSpec>) -> u
         .map(|t| {
             let n: u64 = t.shape.iter().product::<usize>() as u64;
             match (t.role, quant) {
-                (TensorRole::LinearWeight(_), Some(spec)) => {
-                    spec.packed_bytes(t.shape[0], t.shape[1])
-                }
-                (TensorRole::Norm | TensorRole::LinearBias(_), _) => 4 * n,
-                _ => 2 * n,
+                (_, None) => 2 * n,
+                (TensorRole::LinearWeight(_), Some(spec)) => spec.packed_bytes(t.shape[0], t.shape[1]),
+                (TensorRole::Norm | TensorRole::LinearBias(_), Some(_)) => 4 * n,
+                (TensorRole::Embedding | TensorRole::LmHead, Some(_)) => 2 * n,
             }
         })
         .sum()

@@ -138,6 +138,8 @@ fn loaded_weights_equal_the_file_and_quantize_as_the_quantizer_does() {
         let direct = QuantTensor::quantize(qspec, q.rows, q.cols, &w).unwrap();
         assert_eq!(q, &direct, "{format}");
         assert!(m.weight_bytes() < dense.weight_bytes());
+        // The figure `nibble info` plans before loading is what loading then takes.
+        assert_eq!(model::planned_weight_bytes(&m.config, Some(qspec)), m.weight_bytes(), "{format}");
     }
 }
 

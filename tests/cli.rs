@@ -1,0 +1,118 @@
+//! The `nibble` binary end to end: info and quantize on random Qwen2, Qwen3 and Llama folders in both
+//! config spellings, and the exit status and message of bad input.
+
+use nibble::config::Arch;
+use nibble::synth::{self, ConfigSpelling, SynthSpec};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn nibble(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run nibble")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = nibble(args);
+    assert!(
+        out.status.success(),
+        "nibble {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail cleanly: non-zero exit, a message, no panic.
+fn fails(args: &[&str]) -> String {
+    let out = nibble(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "nibble {args:?} should exit 1: {stderr}");
+    assert!(!stderr.contains("panicked"), "nibble {args:?} panicked: {stderr}");
+    assert!(stderr.starts_with("nibble: error: "), "{stderr}");
+    stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn info_and_quantize_work_for_every_family_and_spelling() {
+    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
+        for spelling in [ConfigSpelling::V4, ConfigSpelling::V5] {
+            let dir = tempfile::tempdir().unwrap();
+            let model = dir.path().join("model");
+            let mut spec = SynthSpec::tiny(arch, 1024);
+            spec.spelling = spelling;
+            synth::write_model_folder(&model, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
+
+            let info: serde_json::Value = serde_json::from_str(&ok(&["info", s(&model), "--json"])).unwrap();
+            assert_eq!(info["architecture"], arch.model_type());
+            assert_eq!(info["parameters"], spec.config().parameter_count());
+            assert_eq!(info["weight_bytes_16bit"], 2 * spec.config().parameter_count());
+            assert!(info["weight_bytes_quantized"].as_u64().unwrap() < info["weight_bytes_16bit"].as_u64().unwrap());
+            assert_eq!(info["tokenizer"], true);
+
+            let text = ok(&["info", s(&model)]);
+            assert!(text.contains(arch.class_name()) && text.contains("parameters"), "{text}");
+
+            let out = dir.path().join("q.safetensors");
+            ok(&["quantize", s(&model), "--output", s(&out), "--quant", "int4", "--group-size", "32"]);
+            let qinfo: serde_json::Value = serde_json::from_str(&ok(&["info", s(&out), "--json"])).unwrap();
+            assert_eq!(qinfo["stored_quant"], "int4 (group 32)");
+            assert_eq!(qinfo["parameters"], info["parameters"]);
+            assert_eq!(qinfo["tokenizer"], true);
+        }
+    }
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    synth::write_model_folder(&model, &SynthSpec::tiny(Arch::Qwen2, 1024), None).unwrap();
+    let out = dir.path().join("q.safetensors");
+
+    let err = fails(&["info", s(&dir.path().join("nowhere"))]);
+    assert!(err.contains("nowhere"), "{err}");
+
+    let err = fails(&["quantize", s(&model), "--output", s(&out), "--group-size", "48"]);
+    assert!(err.contains("group size 48"), "{err}");
+    assert!(!out.exists(), "no output may be written on error");
+
+    // A group size that does not divide the input dimension (64) of the model.
+    let err = fails(&["quantize", s(&model), "--output", s(&out), "--group-size", "128"]);
+    assert!(err.contains("group size 128 does not divide the input dimension 64"), "{err}");
+    assert!(!out.exists(), "no output may be written on error");
+
+    // A truncated shard.
+    let st = model.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&["quantize", s(&model), "--output", s(&out)]);
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    std::fs::write(&st, &bytes).unwrap();
+
+    // An output folder that does not exist: the error names the output, nothing is left behind.
+    let missing = dir.path().join("no/such/dir/q.safetensors");
+    let err = fails(&["quantize", s(&model), "--output", s(&missing)]);
+    assert!(err.contains("no/such/dir"), "{err}");
+
+    // A random file that is not a quantized model.
+    std::fs::write(&out, b"not a model at all").unwrap();
+    let err = fails(&["info", s(&out)]);
+    assert!(err.contains("q.safetensors"), "{err}");
+
+    // Re-quantizing a quantized file is refused.
+    ok(&["quantize", s(&model), "--output", s(&out)]);
+    let err = fails(&["quantize", s(&out), "--output", s(&dir.path().join("again.safetensors"))]);
+    assert!(err.contains("already a quantized file"), "{err}");
+}
+
+#[test]
+fn demo_runs_without_a_download() {
+    let text = ok(&["demo"]);
+    assert!(text.contains("Qwen2ForCausalLM") && text.contains("<|im_start|>assistant"), "{text}");
+}
