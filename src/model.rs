@@ -451,7 +451,10 @@ impl ModelSource {
         let source = ModelSource {
             config,
             tokenizer,
-            label: files.display_path("").display().to_string(),
+            label: match &files {
+                ModelFiles::Dir(dir) => dir.display().to_string(),
+                ModelFiles::Memory { label, .. } => label.clone(),
+            },
             kind: SourceKind::Folder { shards, shard_of },
         };
         source.check()?;
