@@ -43,3 +43,30 @@ for messages in conversations:
 with open("tests/fixtures/chat_template_qwen2.5.json", "w") as f:
     json.dump({"transformers": transformers.__version__, "cases": cases}, f, ensure_ascii=False, indent=1)
 print("wrote", len(cases), "cases")
+
+# A template of our own that exercises the Jinja features current chat templates use (reverse slicing,
+# namespace, Python string methods, tests, filters); rendered by transformers for comparison.
+template = open("tests/fixtures/features_template.jinja").read()
+feature_conversations = [
+    [
+        {"role": "system", "content": "  Be brief.  "},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+        {"role": "user", "content": "<tool_response>ok</tool_response>"},
+    ],
+    [
+        {"role": "user", "content": "First?"},
+        {"role": "assistant", "content": "<think>old thought</think>Answer one"},
+        {"role": "user", "content": "Second"},
+        {"role": "assistant", "content": "<think>\nnew thought\n</think>Answer two"},
+    ],
+]
+feature_cases = []
+for messages in feature_conversations:
+    for add_generation_prompt in (False, True):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       chat_template=template)
+        feature_cases.append({"messages": messages, "add_generation_prompt": add_generation_prompt, "text": text})
+with open("tests/fixtures/features_template.json", "w") as f:
+    json.dump({"transformers": transformers.__version__, "cases": feature_cases}, f, ensure_ascii=False, indent=1)
+print("wrote", len(feature_cases), "feature cases")

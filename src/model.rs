@@ -774,7 +774,9 @@ pub fn planned_weight_bytes(config: &ModelConfig, quant: Option<QuantSpec>) -> u
             let n: u64 = t.shape.iter().product::<usize>() as u64;
             match (t.role, quant) {
                 (_, None) => 2 * n,
-                (TensorRole::LinearWeight(_), Some(spec)) => spec.packed_bytes(t.shape[0], t.shape[1]),
+                (TensorRole::LinearWeight(_), Some(spec)) => {
+                    spec.packed_bytes(t.shape[0], t.shape[1])
+                }
                 (TensorRole::Norm | TensorRole::LinearBias(_), Some(_)) => 4 * n,
                 (TensorRole::Embedding | TensorRole::LmHead, Some(_)) => 2 * n,
             }

@@ -80,3 +80,37 @@ fn tojson_uses_python_spacing_without_html_escaping() {
     // Python: json.dumps({"a": 1, "b": [True, None, "x<y>"], "c": 0.5}, ensure_ascii=False)
     assert_eq!(out, r#"{"a": 1, "b": [true, null, "x<y>"], "c": 0.5}|"é""#);
 }
+
+#[derive(serde::Deserialize)]
+struct TextCase {
+    messages: Vec<Message>,
+    add_generation_prompt: bool,
+    text: String,
+}
+
+#[derive(serde::Deserialize)]
+struct TextFixture {
+    cases: Vec<TextCase>,
+}
+
+#[test]
+fn jinja_features_of_current_templates_render_as_transformers_does() {
+    // tests/fixtures/features_template.jinja uses reverse slicing, namespace(), str.split/strip/lstrip/
+    // rstrip/startswith/endswith, `is string`, `is defined`, `in`, map/join/upper/trim filters, loop.index0.
+    let dir = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let fixture: TextFixture = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/features_template.json")).unwrap(),
+    )
+    .unwrap();
+    let mut files = qwen25_tokenizer();
+    files.chat_template_jinja =
+        Some(std::fs::read_to_string(format!("{dir}/features_template.jinja")).unwrap());
+    let tok = ChatTokenizer::from_files(&files, Path::new(&dir)).unwrap();
+    assert_eq!(fixture.cases.len(), 4);
+    for (i, case) in fixture.cases.iter().enumerate() {
+        let text = tok
+            .apply_chat_template(&case.messages, case.add_generation_prompt)
+            .unwrap();
+        assert_eq!(text, case.text, "case {i}");
+    }
+}

@@ -28,8 +28,15 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str]) -> String {
     let out = nibble(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "nibble {args:?} should exit 1: {stderr}");
-    assert!(!stderr.contains("panicked"), "nibble {args:?} panicked: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "nibble {args:?} should exit 1: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "nibble {args:?} panicked: {stderr}"
+    );
     assert!(stderr.starts_with("nibble: error: "), "{stderr}");
     stderr
 }
@@ -48,19 +55,39 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
             spec.spelling = spelling;
             synth::write_model_folder(&model, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
 
-            let info: serde_json::Value = serde_json::from_str(&ok(&["info", s(&model), "--json"])).unwrap();
+            let info: serde_json::Value =
+                serde_json::from_str(&ok(&["info", s(&model), "--json"])).unwrap();
             assert_eq!(info["architecture"], arch.model_type());
             assert_eq!(info["parameters"], spec.config().parameter_count());
-            assert_eq!(info["weight_bytes_16bit"], 2 * spec.config().parameter_count());
-            assert!(info["weight_bytes_quantized"].as_u64().unwrap() < info["weight_bytes_16bit"].as_u64().unwrap());
+            assert_eq!(
+                info["weight_bytes_16bit"],
+                2 * spec.config().parameter_count()
+            );
+            assert!(
+                info["weight_bytes_quantized"].as_u64().unwrap()
+                    < info["weight_bytes_16bit"].as_u64().unwrap()
+            );
             assert_eq!(info["tokenizer"], true);
 
             let text = ok(&["info", s(&model)]);
-            assert!(text.contains(arch.class_name()) && text.contains("parameters"), "{text}");
+            assert!(
+                text.contains(arch.class_name()) && text.contains("parameters"),
+                "{text}"
+            );
 
             let out = dir.path().join("q.safetensors");
-            ok(&["quantize", s(&model), "--output", s(&out), "--quant", "int4", "--group-size", "32"]);
-            let qinfo: serde_json::Value = serde_json::from_str(&ok(&["info", s(&out), "--json"])).unwrap();
+            ok(&[
+                "quantize",
+                s(&model),
+                "--output",
+                s(&out),
+                "--quant",
+                "int4",
+                "--group-size",
+                "32",
+            ]);
+            let qinfo: serde_json::Value =
+                serde_json::from_str(&ok(&["info", s(&out), "--json"])).unwrap();
             assert_eq!(qinfo["stored_quant"], "int4 (group 32)");
             assert_eq!(qinfo["parameters"], info["parameters"]);
             assert_eq!(qinfo["tokenizer"], true);
@@ -78,13 +105,30 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
     let err = fails(&["info", s(&dir.path().join("nowhere"))]);
     assert!(err.contains("nowhere"), "{err}");
 
-    let err = fails(&["quantize", s(&model), "--output", s(&out), "--group-size", "48"]);
+    let err = fails(&[
+        "quantize",
+        s(&model),
+        "--output",
+        s(&out),
+        "--group-size",
+        "48",
+    ]);
     assert!(err.contains("group size 48"), "{err}");
     assert!(!out.exists(), "no output may be written on error");
 
     // A group size that does not divide the input dimension (64) of the model.
-    let err = fails(&["quantize", s(&model), "--output", s(&out), "--group-size", "128"]);
-    assert!(err.contains("group size 128 does not divide the input dimension 64"), "{err}");
+    let err = fails(&[
+        "quantize",
+        s(&model),
+        "--output",
+        s(&out),
+        "--group-size",
+        "128",
+    ]);
+    assert!(
+        err.contains("group size 128 does not divide the input dimension 64"),
+        "{err}"
+    );
     assert!(!out.exists(), "no output may be written on error");
 
     // A truncated shard.
@@ -92,7 +136,10 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
     let err = fails(&["quantize", s(&model), "--output", s(&out)]);
-    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
     std::fs::write(&st, &bytes).unwrap();
 
     // An output folder that does not exist: the error names the output, nothing is left behind.
@@ -107,12 +154,20 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
 
     // Re-quantizing a quantized file is refused.
     ok(&["quantize", s(&model), "--output", s(&out)]);
-    let err = fails(&["quantize", s(&out), "--output", s(&dir.path().join("again.safetensors"))]);
+    let err = fails(&[
+        "quantize",
+        s(&out),
+        "--output",
+        s(&dir.path().join("again.safetensors")),
+    ]);
     assert!(err.contains("already a quantized file"), "{err}");
 }
 
 #[test]
 fn demo_runs_without_a_download() {
     let text = ok(&["demo"]);
-    assert!(text.contains("Qwen2ForCausalLM") && text.contains("<|im_start|>assistant"), "{text}");
+    assert!(
+        text.contains("Qwen2ForCausalLM") && text.contains("<|im_start|>assistant"),
+        "{text}"
+    );
 }

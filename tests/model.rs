@@ -139,7 +139,11 @@ fn loaded_weights_equal_the_file_and_quantize_as_the_quantizer_does() {
         assert_eq!(q, &direct, "{format}");
         assert!(m.weight_bytes() < dense.weight_bytes());
         // The figure `nibble info` plans before loading is what loading then takes.
-        assert_eq!(model::planned_weight_bytes(&m.config, Some(qspec)), m.weight_bytes(), "{format}");
+        assert_eq!(
+            model::planned_weight_bytes(&m.config, Some(qspec)),
+            m.weight_bytes(),
+            "{format}"
+        );
     }
 }
 
@@ -444,4 +448,33 @@ fn bad_config_values_are_named() {
             "{from} -> {to}: {err}"
         );
     }
+}
+
+#[test]
+fn in_memory_files_load_like_the_folder() {
+    // The browser build has no file system: it hands over the folder's files as bytes.
+    let mut spec = SynthSpec::tiny(Arch::Qwen3, VOCAB);
+    spec.shards = 2;
+    let dir = folder(&spec);
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        let bytes: std::sync::Arc<[u8]> = std::fs::read(entry.path()).unwrap().into();
+        files.insert(entry.file_name().to_string_lossy().into_owned(), bytes);
+    }
+    let memory = nibble::source::ModelFiles::Memory {
+        label: "picked files".into(),
+        files,
+    };
+    let a = ModelSource::open_folder(memory)
+        .unwrap()
+        .load(Some(nf4(32)))
+        .unwrap();
+    let b = ModelSource::open(dir.path())
+        .unwrap()
+        .load(Some(nf4(32)))
+        .unwrap();
+    assert_eq!(a.layers, b.layers);
+    assert_eq!(a.embed, b.embed);
+    assert_eq!(a.source, "picked files");
 }
