@@ -11,6 +11,7 @@ pub fn write_atomically(
 ) -> Result<()> {
     let tmp = temporary_sibling(path);
     let result = write(&tmp)
+        .and_then(|()| make_shareable(&tmp))
         .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
         .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = result {
@@ -31,4 +32,17 @@ fn temporary_sibling(path: &Path) -> PathBuf {
     #[cfg(target_arch = "wasm32")]
     let id = 0;
     path.with_file_name(format!(".{name}.tmp-{id}"))
+}
+
+/// Writers built on temporary-file crates create files readable by the owner only; a model or adapter
+/// is meant to be shared like any other output, so give it the usual rw-r--r--.
+fn make_shareable(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }

@@ -114,3 +114,32 @@ fn jinja_features_of_current_templates_render_as_transformers_does() {
         assert_eq!(text, case.text, "case {i}");
     }
 }
+
+#[test]
+fn broken_tokenizer_files_name_the_file() {
+    let mut files = qwen25_tokenizer();
+    files.tokenizer_json = Some("{\"version\": \"1.0\", \"model\": 42}".into());
+    let err = ChatTokenizer::from_files(&files, Path::new("some/model"))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("some/model/tokenizer.json"), "{err}");
+
+    let mut files = qwen25_tokenizer();
+    files.tokenizer_config_json = Some("{not json".into());
+    let err = ChatTokenizer::from_files(&files, Path::new("some/model"))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("some/model/tokenizer_config.json"), "{err}");
+
+    let files = nibble::model::TokenizerFiles::default();
+    let err = ChatTokenizer::from_files(&files, Path::new("some/model"))
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(
+        err.contains("tokenizer.json") && err.contains("missing"),
+        "{err}"
+    );
+}
