@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod model;
+pub mod ops;
 pub mod quant;
 pub mod rng;
 pub mod source;

@@ -1,0 +1,83 @@
+//! RMSNorm as Llama and Qwen define it: y = w ⊙ x / sqrt(mean(x²) + eps), over the last dimension.
+//! The norm weights are frozen in LoRA training, so the backward produces dx only.
+
+use bytemuck::{Pod, Zeroable};
+use rayon::prelude::*;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct RmsNormParams {
+    pub rows: u32,
+    pub dim: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+impl RmsNormParams {
+    pub fn new(rows: usize, dim: usize, eps: f64) -> Self {
+        RmsNormParams {
+            rows: rows as u32,
+            dim: dim as u32,
+            eps: eps as f32,
+            _pad: 0,
+        }
+    }
+
+    fn check(&self, x: &[f32], weight: &[f32]) {
+        assert_eq!(
+            x.len(),
+            self.rows as usize * self.dim as usize,
+            "rmsnorm: x is rows x dim"
+        );
+        assert_eq!(
+            weight.len(),
+            self.dim as usize,
+            "rmsnorm: weight has dim entries"
+        );
+    }
+}
+
+/// y = w ⊙ x · r per row, with r = 1/sqrt(mean(x²) + eps) saved in `inv_rms` for the backward.
+pub fn forward(p: &RmsNormParams, x: &[f32], weight: &[f32], y: &mut [f32], inv_rms: &mut [f32]) {
+    p.check(x, weight);
+    let d = p.dim as usize;
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(inv_rms.par_iter_mut())
+        .for_each(|((y, x), r)| {
+            let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            *r = 1.0 / (mean_sq + p.eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
+                *y = w * (x * *r);
+            }
+        });
+}
+
+/// dx_i = r·w_i·dy_i − (r³/n)·x_i·Σ_j w_j·dy_j·x_j.
+pub fn backward(
+    p: &RmsNormParams,
+    x: &[f32],
+    weight: &[f32],
+    inv_rms: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+) {
+    p.check(x, weight);
+    let d = p.dim as usize;
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(dy.par_chunks(d))
+        .zip(inv_rms.par_iter())
+        .for_each(|(((dx, x), dy), &r)| {
+            let dot: f32 = x
+                .iter()
+                .zip(dy)
+                .zip(weight)
+                .map(|((x, g), w)| w * g * x)
+                .sum();
+            let coef = r * r * r * dot / d as f32;
+            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(dy).zip(weight) {
+                *dx = r * w * g - coef * x;
+            }
+        });
+}
