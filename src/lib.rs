@@ -4,8 +4,10 @@
 //! blocking I/O on that target (folders are read through memory maps only on native targets).
 
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod fsutil;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod quant;

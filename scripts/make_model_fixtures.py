@@ -1,0 +1,78 @@
+"""Writes tests/fixtures/hf/: small random Qwen2 (tied, q/k/v bias), Qwen3 (q/k norm) and Llama (untied,
+llama3 rope) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
+logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
+weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
+
+Run from the repository root with a virtualenv holding torch, transformers, peft and bitsandbytes:
+    python scripts/make_model_fixtures.py
+"""
+import json
+import os
+
+import torch
+import transformers
+import peft
+from bitsandbytes.functional import quantize_4bit, dequantize_4bit
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+OUT = "tests/fixtures/hf"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+models = {
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**common, head_dim=32, tie_word_embeddings=False,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "llama": (LlamaForCausalLM, LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+}
+
+torch.manual_seed(0)
+for name, (cls, config) in models.items():
+    config._attn_implementation = "eager"
+    model = cls(config).float().eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            # std 0.1: with the usual 0.02 every loss is ln(vocab) whatever the bug.
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
+    folder = os.path.join(OUT, name)
+    model.save_pretrained(folder)
+
+    ids = torch.randint(0, config.vocab_size, (1, 14))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that carries no loss
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    for quant in ("none", "nf4"):
+        base = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        if quant == "nf4":
+            with torch.no_grad():
+                for mname, module in base.named_modules():
+                    if mname.split(".")[-1] in TARGETS:
+                        w = module.weight.data
+                        packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+                        module.weight.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape))
+        pm = get_peft_model(base, lora)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for pname, p in pm.named_parameters():
+                if "lora_" in pname:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        if quant == "none":
+            pm.save_pretrained(os.path.join(folder, "adapter"))
+        out = pm(input_ids=ids, labels=labels)
+        out.loss.backward()
+        tensors = {"logits": out.logits[0].detach().contiguous()}
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                key = pname.replace(".default", "")
+                tensors[key] = p.grad.detach().contiguous()
+        save_file(tensors, os.path.join(folder, f"expected_{quant}.safetensors"))
+        with open(os.path.join(folder, f"expected_{quant}.json"), "w") as f:
+            json.dump({"input_ids": ids[0].tolist(), "labels": labels[0].tolist(), "loss": out.loss.item(),
+                       "transformers": transformers.__version__, "peft": peft.__version__}, f, indent=1)
+    print(name, "loss", out.loss.item())

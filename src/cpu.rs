@@ -1,0 +1,580 @@
+//! The CPU executor: one decoder-only transformer step (forward, and backward into the LoRA gradients)
+//! over the shared op kernels in `ops`. Frozen weights get no gradient; activations are kept per layer
+//! for the backward.
+
+use crate::config::{LinearKind, ModelConfig};
+use crate::error::{Error, Result};
+use crate::lora::{LoraAdapter, LoraPair};
+use crate::model::{DenseTensor, Layer, Linear, Model};
+use crate::ops::attention::{self, AttentionShape};
+use crate::ops::matmul::{View, matmul_into};
+use crate::ops::rmsnorm::{self, RmsNormParams};
+use crate::ops::{cross_entropy, linear, rope, swiglu};
+use crate::rng::Rng;
+
+/// One training sequence: token ids and, for each position, the token it must predict (None: no loss).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    pub targets: Vec<Option<u32>>,
+}
+
+impl Sequence {
+    /// Causal-LM targets as transformers derives them from `labels` (shifted by one; -100 ignored):
+    /// every next token is a target.
+    pub fn all_tokens(ids: Vec<u32>) -> Self {
+        let targets = (0..ids.len()).map(|t| ids.get(t + 1).copied()).collect();
+        Sequence { ids, targets }
+    }
+
+    pub fn target_count(&self) -> usize {
+        self.targets.iter().filter(|t| t.is_some()).count()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepLoss {
+    /// Σ cross-entropy over the sequence's targets.
+    pub loss_sum: f64,
+    pub targets: usize,
+}
+
+struct LinearSaved {
+    /// The LoRA branch's input after dropout and the dropout mask (None: no dropout, the branch reads
+    /// the linear's input).
+    dropped: Option<(Vec<f32>, Vec<bool>)>,
+    /// dropout(x)·Aᵀ, [tokens, r].
+    xa: Vec<f32>,
+}
+
+struct LayerSaved {
+    x: Vec<f32>,
+    xn1: Vec<f32>,
+    inv1: Vec<f32>,
+    q_pre_norm: Option<Vec<f32>>,
+    k_pre_norm: Option<Vec<f32>>,
+    inv_q: Vec<f32>,
+    inv_k: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    lse: Vec<f32>,
+    x_mid: Vec<f32>,
+    xn2: Vec<f32>,
+    inv2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    h: Vec<f32>,
+    linears: Vec<Option<LinearSaved>>,
+}
+
+/// What a forward pass needs besides the model: adapters, dropout randomness, rope tables.
+struct Context<'a> {
+    model: &'a Model,
+    adapter: Option<&'a LoraAdapter>,
+    dropout_rng: Option<&'a mut Rng>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    tokens: usize,
+}
+
+fn config_of(model: &Model) -> &ModelConfig {
+    &model.config
+}
+
+fn rms(x: &[f32], weight: &[f32], dim: usize, eps: f64) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / dim;
+    let mut y = vec![0f32; x.len()];
+    let mut inv = vec![0f32; rows];
+    rmsnorm::forward(
+        &RmsNormParams::new(rows, dim, eps),
+        x,
+        weight,
+        &mut y,
+        &mut inv,
+    );
+    (y, inv)
+}
+
+fn rms_backward(
+    x: &[f32],
+    weight: &[f32],
+    inv: &[f32],
+    dy: &[f32],
+    dim: usize,
+    eps: f64,
+) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    rmsnorm::backward(
+        &RmsNormParams::new(x.len() / dim, dim, eps),
+        x,
+        weight,
+        inv,
+        dy,
+        &mut dx,
+    );
+    dx
+}
+
+impl<'a> Context<'a> {
+    fn lora(&self, layer: usize, kind: LinearKind) -> Option<(&'a LoraPair, f32, f32)> {
+        let adapter = self.adapter?;
+        adapter
+            .pair(layer, kind)
+            .map(|p| (p, adapter.config.scale(), adapter.config.dropout))
+    }
+
+    fn linear_forward(
+        &mut self,
+        layer: usize,
+        lin: &Linear,
+        x: &[f32],
+    ) -> (Vec<f32>, Option<LinearSaved>) {
+        let (out, inp) = lin.weight.shape();
+        let mut y = vec![0f32; self.tokens * out];
+        linear::forward(x, &lin.weight, lin.bias.as_deref(), &mut y);
+        let Some((pair, scale, p)) = self.lora(layer, lin.kind) else {
+            return (y, None);
+        };
+        let dropped = match self.dropout_rng.as_deref_mut() {
+            Some(rng) if p > 0.0 => {
+                let keep = 1.0 / (1.0 - p);
+                let mask: Vec<bool> = x.iter().map(|_| rng.uniform() >= p as f64).collect();
+                let values: Vec<f32> = x
+                    .iter()
+                    .zip(&mask)
+                    .map(|(&v, &m)| if m { v * keep } else { 0.0 })
+                    .collect();
+                Some((values, mask))
+            }
+            _ => None,
+        };
+        let lora_in = dropped.as_ref().map_or(x, |(v, _)| v.as_slice());
+        let r = pair.rank;
+        let mut xa = vec![0f32; self.tokens * r];
+        matmul_into(
+            View::new(lora_in, self.tokens, inp),
+            View::transposed(&pair.a, r, inp),
+            1.0,
+            &mut xa,
+            r,
+            0,
+            false,
+        );
+        matmul_into(
+            View::new(&xa, self.tokens, r),
+            View::transposed(&pair.b, out, r),
+            scale,
+            &mut y,
+            out,
+            0,
+            true,
+        );
+        (y, Some(LinearSaved { dropped, xa }))
+    }
+
+    /// dx += dy·W (+ the LoRA branch's input gradient); LoRA gradients accumulate into `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        layer: usize,
+        lin: &Linear,
+        x: &[f32],
+        saved: Option<&LinearSaved>,
+        dy: &[f32],
+        dx: &mut [f32],
+        grads: &mut Option<&mut LoraAdapter>,
+    ) {
+        linear::backward_input(dy, &lin.weight, dx, true);
+        let (Some((pair, scale, p)), Some(saved)) = (self.lora(layer, lin.kind), saved) else {
+            return;
+        };
+        let (out, inp, r, t) = (pair.out_features, pair.in_features, pair.rank, self.tokens);
+        // d(xa) = scale · dy·B, [tokens, r]
+        let mut dxa = vec![0f32; t * r];
+        matmul_into(
+            View::new(dy, t, out),
+            View::new(&pair.b, out, r),
+            scale,
+            &mut dxa,
+            r,
+            0,
+            false,
+        );
+        if let Some(g) = grads
+            .as_deref_mut()
+            .and_then(|g| g.layers[layer][lin.kind as usize].as_mut())
+        {
+            let lora_in = saved.dropped.as_ref().map_or(x, |(v, _)| v.as_slice());
+            // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
+            matmul_into(
+                View::transposed(dy, t, out),
+                View::new(&saved.xa, t, r),
+                scale,
+                &mut g.b,
+                r,
+                0,
+                true,
+            );
+            matmul_into(
+                View::transposed(&dxa, t, r),
+                View::new(lora_in, t, inp),
+                1.0,
+                &mut g.a,
+                inp,
+                0,
+                true,
+            );
+        }
+        let mut d_lora_in = vec![0f32; t * inp];
+        matmul_into(
+            View::new(&dxa, t, r),
+            View::new(&pair.a, r, inp),
+            1.0,
+            &mut d_lora_in,
+            inp,
+            0,
+            false,
+        );
+        if let Some((_, mask)) = &saved.dropped {
+            // dropout(x) = x·mask/(1−p): the gradient passes where the mask kept the element.
+            let keep = 1.0 / (1.0 - p);
+            for ((d, l), &kept) in dx.iter_mut().zip(&d_lora_in).zip(mask) {
+                if kept {
+                    *d += l * keep;
+                }
+            }
+        } else {
+            dx.iter_mut().zip(&d_lora_in).for_each(|(d, l)| *d += l);
+        }
+    }
+
+    fn layer_forward(&mut self, l: usize, layer: &Layer, x: Vec<f32>) -> (Vec<f32>, LayerSaved) {
+        let c = config_of(self.model).clone();
+        let (t, hd) = (self.tokens, c.head_dim);
+        let (xn1, inv1) = rms(&x, &layer.input_norm, c.hidden_size, c.rms_norm_eps);
+        let mut linears: Vec<Option<LinearSaved>> = (0..7).map(|_| None).collect();
+        let run = |ctx: &mut Self,
+                   kind: LinearKind,
+                   input: &[f32],
+                   linears: &mut Vec<Option<LinearSaved>>| {
+            let (y, saved) = ctx.linear_forward(l, layer.linear(kind), input);
+            linears[kind as usize] = saved;
+            y
+        };
+        let mut q = run(self, LinearKind::Q, &xn1, &mut linears);
+        let mut k = run(self, LinearKind::K, &xn1, &mut linears);
+        let v = run(self, LinearKind::V, &xn1, &mut linears);
+        let (mut q_pre_norm, mut k_pre_norm, mut inv_q, mut inv_k) =
+            (None, None, Vec::new(), Vec::new());
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let (qq, iq) = rms(&q, qn, hd, c.rms_norm_eps);
+            let (kk, ik) = rms(&k, kn, hd, c.rms_norm_eps);
+            q_pre_norm = Some(std::mem::replace(&mut q, qq));
+            k_pre_norm = Some(std::mem::replace(&mut k, kk));
+            (inv_q, inv_k) = (iq, ik);
+        }
+        rope::apply(&mut q, c.num_heads, hd, &self.cos, &self.sin, false);
+        rope::apply(&mut k, c.num_kv_heads, hd, &self.cos, &self.sin, false);
+        let shape = AttentionShape {
+            tokens: t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: hd,
+        };
+        let mut attn = vec![0f32; t * c.q_dim()];
+        let mut lse = vec![0f32; c.num_heads * t];
+        attention::forward(shape, &q, &k, &v, None, &mut attn, &mut lse);
+        let o = run(self, LinearKind::O, &attn, &mut linears);
+        let x_mid: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let (xn2, inv2) = rms(
+            &x_mid,
+            &layer.post_attention_norm,
+            c.hidden_size,
+            c.rms_norm_eps,
+        );
+        let gate = run(self, LinearKind::Gate, &xn2, &mut linears);
+        let up = run(self, LinearKind::Up, &xn2, &mut linears);
+        let mut h = vec![0f32; gate.len()];
+        swiglu::forward(&gate, &up, &mut h);
+        let down = run(self, LinearKind::Down, &h, &mut linears);
+        let x_out: Vec<f32> = x_mid.iter().zip(&down).map(|(a, b)| a + b).collect();
+        let saved = LayerSaved {
+            x,
+            xn1,
+            inv1,
+            q_pre_norm,
+            k_pre_norm,
+            inv_q,
+            inv_k,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x_mid,
+            xn2,
+            inv2,
+            gate,
+            up,
+            h,
+            linears,
+        };
+        (x_out, saved)
+    }
+
+    fn layer_backward(
+        &self,
+        l: usize,
+        layer: &Layer,
+        s: &LayerSaved,
+        dx_out: Vec<f32>,
+        grads: &mut Option<&mut LoraAdapter>,
+    ) -> Vec<f32> {
+        let c = config_of(self.model);
+        let (t, hd, h_size) = (self.tokens, c.head_dim, c.hidden_size);
+        let saved = |k: LinearKind| s.linears[k as usize].as_ref();
+
+        let mut dh = vec![0f32; s.h.len()];
+        self.linear_backward(
+            l,
+            layer.linear(LinearKind::Down),
+            &s.h,
+            saved(LinearKind::Down),
+            &dx_out,
+            &mut dh,
+            grads,
+        );
+        let (mut dgate, mut dup) = (vec![0f32; dh.len()], vec![0f32; dh.len()]);
+        swiglu::backward(&s.gate, &s.up, &dh, &mut dgate, &mut dup);
+        let mut dxn2 = vec![0f32; t * h_size];
+        self.linear_backward(
+            l,
+            layer.linear(LinearKind::Gate),
+            &s.xn2,
+            saved(LinearKind::Gate),
+            &dgate,
+            &mut dxn2,
+            grads,
+        );
+        self.linear_backward(
+            l,
+            layer.linear(LinearKind::Up),
+            &s.xn2,
+            saved(LinearKind::Up),
+            &dup,
+            &mut dxn2,
+            grads,
+        );
+        let mut dx_mid = rms_backward(
+            &s.x_mid,
+            &layer.post_attention_norm,
+            &s.inv2,
+            &dxn2,
+            h_size,
+            c.rms_norm_eps,
+        );
+        dx_mid.iter_mut().zip(&dx_out).for_each(|(a, b)| *a += b);
+
+        let mut d_attn = vec![0f32; t * c.q_dim()];
+        self.linear_backward(
+            l,
+            layer.linear(LinearKind::O),
+            &s.attn,
+            saved(LinearKind::O),
+            &dx_mid,
+            &mut d_attn,
+            grads,
+        );
+        let shape = AttentionShape {
+            tokens: t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: hd,
+        };
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; s.q.len()],
+            vec![0f32; s.k.len()],
+            vec![0f32; s.v.len()],
+        );
+        attention::backward(
+            shape, &s.q, &s.k, &s.v, &s.attn, &s.lse, &d_attn, None, &mut dq, &mut dk, &mut dv,
+        );
+        rope::apply(&mut dq, c.num_heads, hd, &self.cos, &self.sin, true);
+        rope::apply(&mut dk, c.num_kv_heads, hd, &self.cos, &self.sin, true);
+        if let (Some(qn), Some(kn), Some(qp), Some(kp)) =
+            (&layer.q_norm, &layer.k_norm, &s.q_pre_norm, &s.k_pre_norm)
+        {
+            dq = rms_backward(qp, qn, &s.inv_q, &dq, hd, c.rms_norm_eps);
+            dk = rms_backward(kp, kn, &s.inv_k, &dk, hd, c.rms_norm_eps);
+        }
+        let mut dxn1 = vec![0f32; t * h_size];
+        for (kind, d) in [
+            (LinearKind::Q, &dq),
+            (LinearKind::K, &dk),
+            (LinearKind::V, &dv),
+        ] {
+            self.linear_backward(
+                l,
+                layer.linear(kind),
+                &s.xn1,
+                saved(kind),
+                d,
+                &mut dxn1,
+                grads,
+            );
+        }
+        let mut dx = rms_backward(
+            &s.x,
+            &layer.input_norm,
+            &s.inv1,
+            &dxn1,
+            h_size,
+            c.rms_norm_eps,
+        );
+        dx.iter_mut().zip(&dx_mid).for_each(|(a, b)| *a += b);
+        dx
+    }
+}
+
+fn lm_head(model: &Model) -> &DenseTensor {
+    model.lm_head.as_ref().unwrap_or(&model.embed)
+}
+
+fn embed(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
+    let (v, h) = (model.config.vocab_size, model.config.hidden_size);
+    let mut x = vec![0f32; ids.len() * h];
+    for (row, &id) in x.chunks_mut(h).zip(ids) {
+        if id as usize >= v {
+            return Err(Error::Invalid(format!(
+                "token id {id} is outside the model's vocabulary of {v}"
+            )));
+        }
+        model.embed.row_f32(id as usize, row);
+    }
+    Ok(x)
+}
+
+fn context<'a>(
+    model: &'a Model,
+    adapter: Option<&'a LoraAdapter>,
+    dropout_rng: Option<&'a mut Rng>,
+    tokens: usize,
+) -> Context<'a> {
+    let c = &model.config;
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let (cos, sin) = rope::tables(
+        &positions,
+        &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+    );
+    Context {
+        model,
+        adapter,
+        dropout_rng,
+        cos,
+        sin,
+        tokens,
+    }
+}
+
+/// Runs the decoder and returns the final normalised hidden states [tokens, hidden] with what the
+/// backward needs.
+fn decoder_forward(
+    ctx: &mut Context,
+    ids: &[u32],
+) -> Result<(Vec<f32>, Vec<LayerSaved>, Vec<f32>, Vec<f32>)> {
+    let model = ctx.model;
+    let mut x = embed(model, ids)?;
+    let mut saved = Vec::with_capacity(model.layers.len());
+    for (l, layer) in model.layers.iter().enumerate() {
+        let (next, s) = ctx.layer_forward(l, layer, x);
+        saved.push(s);
+        x = next;
+    }
+    let (xf, inv_f) = rms(
+        &x,
+        &model.final_norm,
+        model.config.hidden_size,
+        model.config.rms_norm_eps,
+    );
+    Ok((xf, saved, x, inv_f))
+}
+
+/// Logits [tokens, vocab] of a sequence (for evaluation of small models and parity tests).
+pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Result<Vec<f32>> {
+    let mut ctx = context(model, adapter, None, ids.len());
+    let (xf, _, _, _) = decoder_forward(&mut ctx, ids)?;
+    Ok(cross_entropy::logits(&xf, lm_head(model)))
+}
+
+/// Forward over one sequence; with `grads`, also the backward, adding ∂(grad_scale · loss_sum)/∂θ into
+/// `grads` for every LoRA matrix. `dropout_rng` enables LoRA dropout (training); None disables it.
+pub fn forward_backward(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    mut grads: Option<&mut LoraAdapter>,
+    seq: &Sequence,
+    grad_scale: f32,
+    dropout_rng: Option<&mut Rng>,
+) -> Result<StepLoss> {
+    if seq.ids.len() != seq.targets.len() {
+        return Err(Error::Invalid(
+            "a sequence needs one target slot per token".into(),
+        ));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = seq.targets.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Invalid(format!(
+            "target token {bad} is outside the model's vocabulary of {vocab}"
+        )));
+    }
+    let h = model.config.hidden_size;
+    let mut ctx = context(model, adapter, dropout_rng, seq.ids.len());
+    let (xf, saved, x_last, inv_f) = decoder_forward(&mut ctx, &seq.ids)?;
+    let positions: Vec<usize> = (0..seq.ids.len())
+        .filter(|&t| seq.targets[t].is_some())
+        .collect();
+    let labels: Vec<u32> = positions
+        .iter()
+        .map(|&t| seq.targets[t].expect("filtered"))
+        .collect();
+    let hidden: Vec<f32> = positions
+        .iter()
+        .flat_map(|&t| xf[t * h..(t + 1) * h].iter().copied())
+        .collect();
+    let (losses, lse) = cross_entropy::forward(&hidden, lm_head(model), &labels);
+    let loss = StepLoss {
+        loss_sum: losses.iter().map(|&l| l as f64).sum(),
+        targets: positions.len(),
+    };
+    if grads.is_none() || positions.is_empty() {
+        return Ok(loss);
+    }
+
+    let mut d_hidden = vec![0f32; hidden.len()];
+    cross_entropy::backward(
+        &hidden,
+        lm_head(model),
+        &labels,
+        &lse,
+        grad_scale,
+        &mut d_hidden,
+    );
+    let mut dxf = vec![0f32; xf.len()];
+    for (i, &t) in positions.iter().enumerate() {
+        dxf[t * h..(t + 1) * h].copy_from_slice(&d_hidden[i * h..(i + 1) * h]);
+    }
+    let mut dx = rms_backward(
+        &x_last,
+        &model.final_norm,
+        &inv_f,
+        &dxf,
+        h,
+        model.config.rms_norm_eps,
+    );
+    for (l, layer) in model.layers.iter().enumerate().rev() {
+        dx = ctx.layer_backward(l, layer, &saved[l], dx, &mut grads);
+    }
+    Ok(loss)
+}

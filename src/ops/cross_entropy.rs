@@ -1,0 +1,132 @@
+//! Token cross-entropy through the output projection, computed a chunk of the vocabulary at a time so that
+//! the [positions, vocab] logits never exist at once (151,936 columns for Qwen), and only at positions
+//! that carry a label.
+
+use crate::model::DenseTensor;
+use crate::ops::matmul::{View, matmul_into};
+use rayon::prelude::*;
+
+/// Vocabulary rows converted to f32 per chunk.
+pub const VOCAB_CHUNK: usize = 4096;
+
+fn head_rows_f32(head: &DenseTensor, start: usize, count: usize) -> Vec<f32> {
+    let mut w = vec![0f32; count * head.cols];
+    w.par_chunks_mut(head.cols)
+        .enumerate()
+        .for_each(|(i, row)| head.row_f32(start + i, row));
+    w
+}
+
+/// Calls `f(chunk_start, chunk_len, logits [positions, chunk_len])` for each vocabulary chunk.
+fn for_each_chunk(hidden: &[f32], head: &DenseTensor, mut f: impl FnMut(usize, usize, &[f32])) {
+    let dim = head.cols;
+    let positions = hidden.len() / dim;
+    let mut logits = Vec::new();
+    for start in (0..head.rows).step_by(VOCAB_CHUNK) {
+        let n = VOCAB_CHUNK.min(head.rows - start);
+        let w = head_rows_f32(head, start, n);
+        logits.resize(positions * n, 0.0);
+        matmul_into(
+            View::new(hidden, positions, dim),
+            View::transposed(&w, n, dim),
+            1.0,
+            &mut logits,
+            n,
+            0,
+            false,
+        );
+        f(start, n, &logits);
+    }
+}
+
+/// Per-position loss −log softmax(h·Wᵀ)[label] and the log-sum-exp the backward needs.
+pub fn forward(hidden: &[f32], head: &DenseTensor, labels: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let positions = labels.len();
+    assert_eq!(
+        hidden.len(),
+        positions * head.cols,
+        "cross_entropy: hidden is positions x dim"
+    );
+    let mut max = vec![f32::NEG_INFINITY; positions];
+    let mut sum = vec![0f32; positions];
+    let mut label_logit = vec![0f32; positions];
+    for_each_chunk(hidden, head, |start, n, logits| {
+        for p in 0..positions {
+            let row = &logits[p * n..(p + 1) * n];
+            let chunk_max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = max[p].max(chunk_max);
+            // Online log-sum-exp: rescale what was summed so far to the new maximum.
+            sum[p] = sum[p] * (max[p] - new_max).exp()
+                + row.iter().map(|x| (x - new_max).exp()).sum::<f32>();
+            max[p] = new_max;
+            let label = labels[p] as usize;
+            if (start..start + n).contains(&label) {
+                label_logit[p] = row[label - start];
+            }
+        }
+    });
+    let lse: Vec<f32> = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
+    let losses = lse.iter().zip(&label_logit).map(|(l, x)| l - x).collect();
+    (losses, lse)
+}
+
+/// d hidden = Σ_chunks (softmax − onehot(label)) · W · grad_scale, written into `d_hidden`.
+pub fn backward(
+    hidden: &[f32],
+    head: &DenseTensor,
+    labels: &[u32],
+    lse: &[f32],
+    grad_scale: f32,
+    d_hidden: &mut [f32],
+) {
+    let positions = labels.len();
+    let dim = head.cols;
+    d_hidden.fill(0.0);
+    let mut dlogits = Vec::new();
+    for start in (0..head.rows).step_by(VOCAB_CHUNK) {
+        let n = VOCAB_CHUNK.min(head.rows - start);
+        let w = head_rows_f32(head, start, n);
+        dlogits.resize(positions * n, 0.0);
+        matmul_into(
+            View::new(hidden, positions, dim),
+            View::transposed(&w, n, dim),
+            1.0,
+            &mut dlogits,
+            n,
+            0,
+            false,
+        );
+        dlogits.par_chunks_mut(n).enumerate().for_each(|(p, row)| {
+            for x in row.iter_mut() {
+                *x = (*x - lse[p]).exp() * grad_scale;
+            }
+            let label = labels[p] as usize;
+            if (start..start + n).contains(&label) {
+                row[label - start] -= grad_scale;
+            }
+        });
+        matmul_into(
+            View::new(&dlogits, positions, n),
+            View::new(&w, n, dim),
+            1.0,
+            d_hidden,
+            dim,
+            0,
+            true,
+        );
+    }
+}
+
+/// Full logits [positions, vocab] (for evaluation of small models and tests).
+pub fn logits(hidden: &[f32], head: &DenseTensor) -> Vec<f32> {
+    let positions = hidden.len() / head.cols;
+    let mut out = vec![0f32; positions * head.rows];
+    let vocab = head.rows;
+    for_each_chunk(hidden, head, |start, n, chunk| {
+        for p in 0..positions {
+            out[p * vocab + start..p * vocab + start + n]
+                .copy_from_slice(&chunk[p * n..(p + 1) * n]);
+        }
+    });
+    out
+}

@@ -1,0 +1,80 @@
+//! y = x·Wᵀ (+ bias) with W frozen, packed 4-bit or dense, and its input gradient dx = dy·W. W is
+//! unpacked a block of output rows at a time into an f32 tile that every row of x reuses.
+
+use crate::model::LinearWeight;
+use crate::ops::matmul::{View, matmul_into};
+use rayon::prelude::*;
+
+/// Output rows of W unpacked per block (a 256 x 4864 f32 tile is 5 MB).
+const BLOCK_ROWS: usize = 256;
+
+impl LinearWeight {
+    /// (out_features, in_features).
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Dense(d) => (d.rows, d.cols),
+            LinearWeight::Quant(q) => (q.rows, q.cols),
+        }
+    }
+
+    /// Rows `start..start + count` as f32, row-major.
+    pub fn rows_f32(&self, start: usize, count: usize, out: &mut [f32]) {
+        let cols = self.shape().1;
+        out[..count * cols]
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(i, row)| match self {
+                LinearWeight::Dense(d) => d.row_f32(start + i, row),
+                LinearWeight::Quant(q) => q.dequantize_row(start + i, row),
+            });
+    }
+}
+
+pub fn forward(x: &[f32], w: &LinearWeight, bias: Option<&[f32]>, y: &mut [f32]) {
+    let (out, inp) = w.shape();
+    let tokens = x.len() / inp;
+    assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
+    assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
+    let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
+    for start in (0..out).step_by(BLOCK_ROWS) {
+        let n = BLOCK_ROWS.min(out - start);
+        w.rows_f32(start, n, &mut tile);
+        matmul_into(
+            View::new(x, tokens, inp),
+            View::transposed(&tile[..n * inp], n, inp),
+            1.0,
+            y,
+            out,
+            start,
+            false,
+        );
+    }
+    if let Some(b) = bias {
+        y.par_chunks_mut(out)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+    }
+}
+
+/// dx (+)= dy·W.
+pub fn backward_input(dy: &[f32], w: &LinearWeight, dx: &mut [f32], accumulate: bool) {
+    let (out, inp) = w.shape();
+    let tokens = dy.len() / out;
+    assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
+    if !accumulate {
+        dx.fill(0.0);
+    }
+    let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
+    for start in (0..out).step_by(BLOCK_ROWS) {
+        let n = BLOCK_ROWS.min(out - start);
+        w.rows_f32(start, n, &mut tile);
+        matmul_into(
+            View::columns(dy, tokens, out, start, n),
+            View::new(&tile[..n * inp], n, inp),
+            1.0,
+            dx,
+            inp,
+            0,
+            true,
+        );
+    }
+}

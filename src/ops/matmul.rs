@@ -1,0 +1,126 @@
+//! Dense f32 matrix products through the `gemm` crate, with explicit strides so that a product can read
+//! or write a column block of a larger row-major matrix without copying.
+
+/// A row-major-or-transposed view: element (i, j) lives at `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major rows x cols matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major `rows x cols` matrix, seen as cols x rows.
+    pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        View {
+            data,
+            rows: cols,
+            cols: rows,
+            row_stride: 1,
+            col_stride: cols,
+        }
+    }
+
+    /// Columns `start..start + count` of a row-major matrix whose rows are `ld` long.
+    pub fn columns(data: &'a [f32], rows: usize, ld: usize, start: usize, count: usize) -> Self {
+        View {
+            data: &data[start..],
+            rows,
+            cols: count,
+            row_stride: ld,
+            col_stride: 1,
+        }
+    }
+
+    fn assert_in_bounds(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
+            assert!(
+                last < self.data.len(),
+                "matrix view reaches past its buffer"
+            );
+        }
+    }
+}
+
+/// C = (accumulate ? C : 0) + alpha · A·B, with C a rows x cols block of a row-major buffer whose rows
+/// are `ldc` long, starting at column `c_col`.
+pub fn matmul_into(
+    a: View,
+    b: View,
+    alpha: f32,
+    c: &mut [f32],
+    ldc: usize,
+    c_col: usize,
+    accumulate: bool,
+) {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    a.assert_in_bounds();
+    b.assert_in_bounds();
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        c_col + n <= ldc && (m - 1) * ldc + c_col + n <= c.len(),
+        "matmul: C too small"
+    );
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[c_col..c_col + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let parallelism = if m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above check that every element gemm reads from A and B, and writes in C, lies
+    // inside the slices passed in; C is borrowed mutably so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr().add(c_col),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Row-major C[m, n] = A·B, a fresh buffer.
+pub fn matmul(a: View, b: View) -> Vec<f32> {
+    let mut c = vec![0f32; a.rows * b.cols];
+    matmul_into(a, b, 1.0, &mut c, b.cols, 0, false);
+    c
+}
