@@ -102,3 +102,261 @@ fn swiglu_forward_and_backward_match_references() {
         "swiglu backward: d gate {eg:e}, d up {eu:e}"
     );
 }
+
+use nibble::config::RopeScaling;
+use nibble::model::{DenseData, DenseTensor, LinearWeight};
+use nibble::ops::attention::{self, AttentionShape};
+use nibble::ops::{cross_entropy, linear, rope};
+use nibble::quant::{QuantFormat, QuantSpec, QuantTensor};
+
+fn attention_reference(s: AttentionShape, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    let (d, qw, kw) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let mut out = vec![0.0; s.tokens * qw];
+    for h in 0..s.heads {
+        let kvh = h / (s.heads / s.kv_heads);
+        for t in 0..s.tokens {
+            let scores: Vec<f64> = (0..=t)
+                .map(|j| {
+                    (0..d)
+                        .map(|x| q[t * qw + h * d + x] * k[j * kw + kvh * d + x])
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for (j, sc) in scores.iter().enumerate() {
+                for x in 0..d {
+                    out[t * qw + h * d + x] += (sc - max).exp() / z * v[j * kw + kvh * d + x];
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_forward_and_backward_match_references() {
+    let mut rng = Rng::new(12);
+    let s = AttentionShape {
+        tokens: 7,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let (qn, kn) = (
+        s.tokens * s.heads * s.head_dim,
+        s.tokens * s.kv_heads * s.head_dim,
+    );
+    let (q, k, v) = (
+        random(qn, 1.0, &mut rng),
+        random(kn, 1.0, &mut rng),
+        random(kn, 1.0, &mut rng),
+    );
+    let mut out = vec![0f32; qn];
+    let mut lse = vec![0f32; s.heads * s.tokens];
+    attention::forward(s, &q, &k, &v, None, &mut out, &mut lse);
+    let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let e = rel_err(
+        &out,
+        &attention_reference(s, &f64s(&q), &f64s(&k), &f64s(&v)),
+    );
+    assert!(e < 1e-6, "attention forward: {e:e}");
+
+    let d_out = random(qn, 1.0, &mut rng);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; qn], vec![0f32; kn], vec![0f32; kn]);
+    attention::backward(
+        s, &q, &k, &v, &out, &lse, &d_out, None, &mut dq, &mut dk, &mut dv,
+    );
+    let fd_q = finite_diff(&q, &d_out, |x| {
+        attention_reference(s, x, &f64s(&k), &f64s(&v))
+    });
+    let fd_k = finite_diff(&k, &d_out, |x| {
+        attention_reference(s, &f64s(&q), x, &f64s(&v))
+    });
+    let fd_v = finite_diff(&v, &d_out, |x| {
+        attention_reference(s, &f64s(&q), &f64s(&k), x)
+    });
+    for (name, ours, fd) in [("q", &dq, &fd_q), ("k", &dk, &fd_k), ("v", &dv, &fd_v)] {
+        let e = rel_err(ours, fd);
+        assert!(e < 1e-5, "attention backward d{name}: {e:e}");
+    }
+}
+
+#[test]
+fn rope_rotates_pairs_half_a_head_apart_and_its_inverse_is_the_transpose() {
+    let mut rng = Rng::new(13);
+    let (tokens, heads, d) = (9, 3, 16);
+    let inv = rope::inv_freq(d, 10000.0, RopeScaling::None);
+    for (i, f) in inv.iter().enumerate() {
+        let expected = 1.0 / 10000f64.powf(2.0 * i as f64 / d as f64);
+        assert!(
+            (*f as f64 - expected).abs() / expected < 1e-6,
+            "inv_freq {i}"
+        );
+    }
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let (cos, sin) = rope::tables(&positions, &inv);
+    let x = random(tokens * heads * d, 1.0, &mut rng);
+    let mut y = x.clone();
+    rope::apply(&mut y, heads, d, &cos, &sin, false);
+    let mut reference = vec![0f64; x.len()];
+    for t in 0..tokens {
+        for h in 0..heads {
+            for i in 0..d / 2 {
+                let angle = t as f64 * inv[i] as f64;
+                let (a, b) = (
+                    x[(t * heads + h) * d + i] as f64,
+                    x[(t * heads + h) * d + i + d / 2] as f64,
+                );
+                reference[(t * heads + h) * d + i] = a * angle.cos() - b * angle.sin();
+                reference[(t * heads + h) * d + i + d / 2] = b * angle.cos() + a * angle.sin();
+            }
+        }
+    }
+    let e = rel_err(&y, &reference);
+    assert!(e < 1e-6, "rope forward: {e:e}");
+    // The backward of a rotation is the inverse rotation: <R x, g> = <x, Rᵀ g>.
+    let g = random(x.len(), 1.0, &mut rng);
+    let mut rt_g = g.clone();
+    rope::apply(&mut rt_g, heads, d, &cos, &sin, true);
+    let lhs: f64 = y.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let rhs: f64 = x
+        .iter()
+        .zip(&rt_g)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    assert!(
+        (lhs - rhs).abs() < 1e-5 * lhs.abs().max(1.0),
+        "rope adjoint: {lhs} vs {rhs}"
+    );
+}
+
+#[test]
+fn llama3_frequencies_follow_the_three_bands() {
+    let scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 32.0,
+    };
+    let plain = rope::inv_freq(16, 10000.0, RopeScaling::None);
+    let scaled = rope::inv_freq(16, 10000.0, scaling);
+    for (p, s) in plain.iter().zip(&scaled) {
+        let (p, s) = (*p as f64, *s as f64);
+        let wavelen = 2.0 * std::f64::consts::PI / p;
+        let expected = if wavelen < 32.0 / 4.0 {
+            p
+        } else if wavelen > 32.0 {
+            p / 8.0
+        } else {
+            let smooth = (32.0 / wavelen - 1.0) / 3.0;
+            (1.0 - smooth) * p / 8.0 + smooth * p
+        };
+        assert!((s - expected).abs() / expected < 1e-5, "{s} vs {expected}");
+    }
+    assert!(
+        scaled.iter().zip(&plain).any(|(s, p)| s == p)
+            && scaled.iter().zip(&plain).any(|(s, p)| s < p)
+    );
+}
+
+fn cross_entropy_reference(
+    hidden: &[f64],
+    w: &[f32],
+    vocab: usize,
+    dim: usize,
+    labels: &[u32],
+) -> Vec<f64> {
+    labels
+        .iter()
+        .enumerate()
+        .map(|(p, &label)| {
+            let logits: Vec<f64> = (0..vocab)
+                .map(|v| {
+                    (0..dim)
+                        .map(|x| hidden[p * dim + x] * w[v * dim + x] as f64)
+                        .sum()
+                })
+                .collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+            lse - logits[label as usize]
+        })
+        .collect()
+}
+
+#[test]
+fn chunked_cross_entropy_matches_reference_across_chunks() {
+    let mut rng = Rng::new(14);
+    // More rows than one vocabulary chunk, so the online log-sum-exp crosses chunk boundaries.
+    let (vocab, dim, positions) = (cross_entropy::VOCAB_CHUNK + 905, 24, 5);
+    let w = random(vocab * dim, 0.5, &mut rng);
+    let head = DenseTensor {
+        rows: vocab,
+        cols: dim,
+        data: DenseData::F32(w.clone()),
+    };
+    let hidden = random(positions * dim, 1.0, &mut rng);
+    let labels: Vec<u32> = (0..positions)
+        .map(|_| rng.below(vocab as u64) as u32)
+        .collect();
+    let (losses, lse) = cross_entropy::forward(&hidden, &head, &labels);
+    let h64: Vec<f64> = hidden.iter().map(|&v| v as f64).collect();
+    let e = rel_err(
+        &losses,
+        &cross_entropy_reference(&h64, &w, vocab, dim, &labels),
+    );
+    assert!(e < 1e-6, "cross-entropy forward: {e:e}");
+
+    let mut d_hidden = vec![0f32; hidden.len()];
+    cross_entropy::backward(&hidden, &head, &labels, &lse, 0.5, &mut d_hidden);
+    let weights = vec![0.5f32; positions];
+    let fd = finite_diff(&hidden, &weights, |x| {
+        cross_entropy_reference(x, &w, vocab, dim, &labels)
+    });
+    let e = rel_err(&d_hidden, &fd);
+    assert!(e < 1e-5, "cross-entropy backward: {e:e}");
+}
+
+#[test]
+fn linear_on_packed_weights_matches_dequantized_f64_products() {
+    let mut rng = Rng::new(15);
+    // More output rows than one unpacked block, so the blocked loop is exercised.
+    let (tokens, inp, out) = (6, 128, 300);
+    let w = random(out * inp, 0.1, &mut rng);
+    let x = random(tokens * inp, 1.0, &mut rng);
+    let bias = random(out, 0.1, &mut rng);
+    for format in [QuantFormat::Nf4, QuantFormat::Int4] {
+        let q = QuantTensor::quantize(QuantSpec::new(format, 64).unwrap(), out, inp, &w).unwrap();
+        let deq = q.dequantize();
+        let weight = LinearWeight::Quant(q);
+        let mut y = vec![0f32; tokens * out];
+        linear::forward(&x, &weight, Some(&bias), &mut y);
+        let reference: Vec<f64> = (0..tokens * out)
+            .map(|i| {
+                let (t, o) = (i / out, i % out);
+                bias[o] as f64
+                    + (0..inp)
+                        .map(|c| x[t * inp + c] as f64 * deq[o * inp + c] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        let e = rel_err(&y, &reference);
+        assert!(e < 1e-6, "{format} linear forward: {e:e}");
+
+        let dy = random(tokens * out, 1.0, &mut rng);
+        let mut dx = vec![0f32; tokens * inp];
+        linear::backward_input(&dy, &weight, &mut dx, false);
+        let reference: Vec<f64> = (0..tokens * inp)
+            .map(|i| {
+                let (t, c) = (i / inp, i % inp);
+                (0..out)
+                    .map(|o| dy[t * out + o] as f64 * deq[o * inp + c] as f64)
+                    .sum::<f64>()
+            })
+            .collect();
+        let e = rel_err(&dx, &reference);
+        assert!(e < 1e-6, "{format} linear backward: {e:e}");
+    }
+}
