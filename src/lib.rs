@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod lora;

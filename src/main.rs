@@ -50,6 +50,42 @@ impl QuantArgs {
     }
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceChoice {
+    /// A real GPU if one is present, otherwise the CPU.
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Precision {
+    /// The executor's fastest mode that stays within 1e-3 of float32.
+    Default,
+    /// Exact float32 everywhere, for parity checks.
+    F32,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct ExecArgs {
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    #[arg(long, value_enum, default_value = "default")]
+    precision: Precision,
+}
+
+impl ExecArgs {
+    /// The executor that will run. Only the CPU executor exists so far; `auto` picks it.
+    fn resolve(self) -> Result<&'static str> {
+        match self.device {
+            DeviceChoice::Auto | DeviceChoice::Cpu => Ok("cpu"),
+            DeviceChoice::Gpu => {
+                bail!("the GPU executor is not available in this build yet; use --device cpu")
+            }
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum QuantChoice {
     Nf4,
@@ -76,6 +112,25 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         quant: QuantArgs,
+    },
+    /// Mean token cross-entropy and perplexity of a model (and optional LoRA adapter) over a JSONL file,
+    /// printed as one JSON line.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL rows: {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.
+        #[arg(long)]
+        data: PathBuf,
+        /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        quant: QuantArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+        /// Longer examples are cut to this many tokens (the start is kept).
+        #[arg(long, default_value_t = 2048)]
+        max_length: usize,
     },
     /// Write a model folder with random weights in a real architecture (config.json, safetensors and the
     /// bundled Qwen2.5 tokenizer), for tests and benchmarks without a download.
@@ -113,6 +168,14 @@ fn main() {
             quant,
         } => quantize(&model, &output, quant),
         Command::Demo { keep } => demo(keep),
+        Command::Eval {
+            model,
+            data,
+            adapter,
+            quant,
+            exec,
+            max_length,
+        } => eval(&model, &data, adapter.as_deref(), quant, exec, max_length),
         Command::Synth {
             preset,
             output,
@@ -262,6 +325,53 @@ fn quantize(path: &Path, output: &Path, quant: QuantArgs) -> Result<()> {
         output.display(),
         human_bytes(size),
         (start.elapsed() - loaded).as_secs_f64()
+    );
+    Ok(())
+}
+
+fn eval(
+    path: &Path,
+    data: &Path,
+    adapter: Option<&Path>,
+    quant: QuantArgs,
+    exec: ExecArgs,
+    max_length: usize,
+) -> Result<()> {
+    let device = exec.resolve()?;
+    let examples = nibble::data::read_jsonl(data)?;
+    let source = model::open(path)?;
+    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+    let model = source.load(quant.request()?)?;
+    let adapter = adapter
+        .map(|dir| {
+            nibble::lora::LoraAdapter::load_peft(
+                &nibble::source::ModelFiles::Dir(dir.to_path_buf()),
+                &model.config,
+            )
+        })
+        .transpose()?;
+    log::info!("evaluating {} examples on {device}", examples.len());
+    let (mut loss_sum, mut tokens, mut cut_examples) = (0f64, 0usize, 0usize);
+    for (i, example) in examples.iter().enumerate() {
+        let (seq, cut) = nibble::data::eval_sequence(&tok, example, max_length)
+            .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
+        cut_examples += usize::from(cut > 0);
+        let loss = nibble::cpu::forward_backward(&model, adapter.as_ref(), None, &seq, 0.0, None)?;
+        loss_sum += loss.loss_sum;
+        tokens += loss.targets;
+    }
+    if cut_examples > 0 {
+        log::warn!(
+            "{cut_examples} examples were longer than --max-length {max_length} and were cut"
+        );
+    }
+    if tokens == 0 {
+        bail!("{}: no example has a token to predict", data.display());
+    }
+    let mean = loss_sum / tokens as f64;
+    println!(
+        "{}",
+        json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens})
     );
     Ok(())
 }

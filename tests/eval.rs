@@ -1,0 +1,156 @@
+//! `nibble eval` and the JSONL reader: loss on every predicted token of chat-formatted rows, and
+//! errors that name the file and line.
+
+use nibble::config::Arch;
+use nibble::cpu;
+use nibble::data::{self, Example};
+use nibble::model::{ModelSource, QuantRequest};
+use nibble::synth::{self, SynthSpec};
+use nibble::tokenizer::ChatTokenizer;
+use std::path::Path;
+use std::process::Command;
+
+const CHAT: &str = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}
+{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]}
+
+{"prompt": "Say hi: ", "completion": "hi"}
+{"text": "plain text row"}
+"#;
+
+fn nibble(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Mean next-token loss from full logits, in f64: an independent path to the number eval prints.
+fn reference_loss(
+    model: &nibble::model::Model,
+    tok: &ChatTokenizer,
+    examples: &[Example],
+) -> (f64, usize) {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for ex in examples {
+        let ids = tok.encode(&data::render(tok, ex).unwrap()).unwrap();
+        let logits = cpu::logits(model, None, &ids).unwrap();
+        let v = model.config.vocab_size;
+        for t in 0..ids.len() - 1 {
+            let row: Vec<f64> = logits[t * v..(t + 1) * v]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            sum += lse - row[ids[t + 1] as usize];
+            n += 1;
+        }
+    }
+    (sum / n as f64, n)
+}
+
+#[test]
+fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("m");
+    let mut spec = SynthSpec::tiny(Arch::Qwen2, 151936);
+    spec.std = 0.05;
+    synth::write_model_folder(&model_dir, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
+    let data_path = dir.path().join("chat.jsonl");
+    std::fs::write(&data_path, CHAT).unwrap();
+
+    let out = nibble(&[
+        "eval",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data_path.to_str().unwrap(),
+        "--quant",
+        "nf4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let source = ModelSource::open(&model_dir).unwrap();
+    let tok = ChatTokenizer::from_files(&source.tokenizer, &model_dir).unwrap();
+    let model = source
+        .load(Some(QuantRequest::Quantize(
+            nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap(),
+        )))
+        .unwrap();
+    let examples = data::read_jsonl(&data_path).unwrap();
+    assert_eq!(examples.len(), 4);
+    let (loss, tokens) = reference_loss(&model, &tok, &examples);
+    assert_eq!(v["tokens"].as_u64().unwrap() as usize, tokens);
+    let got = v["loss"].as_f64().unwrap();
+    assert!(
+        (got - loss).abs() / loss < 1e-5,
+        "eval loss {got} vs reference {loss}"
+    );
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() / loss.exp() < 1e-5);
+}
+
+#[test]
+fn jsonl_errors_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.jsonl");
+    for (content, expect) in [
+        (
+            "{\"text\": \"ok\"}\n{not json}\n",
+            "bad.jsonl:2: not valid JSON",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"wizard\", \"content\": \"x\"}]}\n",
+            "bad.jsonl:1: messages[0] has unknown role `wizard`",
+        ),
+        ("{\"foo\": 1}\n", "bad.jsonl:1: expected a `messages` list"),
+        ("\n\n", "bad.jsonl: the dataset is empty"),
+        (
+            "{\"prompt\": \"a\", \"completion\": [{\"role\": \"assistant\", \"content\": \"b\"}]}\n",
+            "bad.jsonl:1: `prompt` and `completion` must both",
+        ),
+    ] {
+        std::fs::write(&p, content).unwrap();
+        let err = data::read_jsonl(&p).unwrap_err().to_string();
+        assert!(err.contains(expect), "{content:?}: {err}");
+    }
+    let err = data::read_jsonl(Path::new("/no/such.jsonl"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/no/such.jsonl"), "{err}");
+}
+
+#[test]
+fn eval_with_bad_data_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("m");
+    synth::write_model_folder(
+        &model_dir,
+        &SynthSpec::tiny(Arch::Llama, 151936),
+        Some(&synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    let p = dir.path().join("d.jsonl");
+    std::fs::write(&p, "{\"text\": \"fine\"}\n{\"messages\": 3}\n").unwrap();
+    let out = nibble(&[
+        "eval",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        p.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("d.jsonl:2") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
