@@ -360,3 +360,42 @@ fn linear_on_packed_weights_matches_dequantized_f64_products() {
         assert!(e < 1e-6, "{format} linear backward: {e:e}");
     }
 }
+
+#[test]
+fn adamw_follows_torch_algorithm_over_several_steps() {
+    use nibble::ops::adamw::{self, AdamWParams};
+    let mut rng = Rng::new(16);
+    let n = 257;
+    let mut w = random(n, 0.1, &mut rng);
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    let mut w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+    let (mut m64, mut v64) = (vec![0f64; n], vec![0f64; n]);
+    let (lr, b1, b2, eps, wd) = (2e-4, 0.9, 0.999, 1e-8, 0.01);
+    for t in 1..=5u64 {
+        let g = random(n, 0.5, &mut rng);
+        let norm = adamw::sum_of_squares(&g).sqrt();
+        let coef = adamw::clip_coefficient(norm, 1.0);
+        adamw::step(
+            &AdamWParams::new(lr, b1, b2, eps, wd, t, coef),
+            &mut w,
+            &g,
+            &mut m,
+            &mut v,
+        );
+        // torch.optim.AdamW, written out in f64.
+        for i in 0..n {
+            let gi = g[i] as f64 * coef;
+            w64[i] *= 1.0 - lr * wd;
+            m64[i] = b1 * m64[i] + (1.0 - b1) * gi;
+            v64[i] = b2 * v64[i] + (1.0 - b2) * gi * gi;
+            let denom = v64[i].sqrt() / (1.0 - b2.powi(t as i32)).sqrt() + eps;
+            w64[i] -= lr / (1.0 - b1.powi(t as i32)) * m64[i] / denom;
+        }
+    }
+    let e = rel_err(&w, &w64);
+    assert!(e < 1e-6, "adamw: {e:e}");
+    assert!(
+        adamw::clip_coefficient(0.5, 1.0) == 1.0
+            && (adamw::clip_coefficient(4.0, 1.0) - 0.25).abs() < 1e-6
+    );
+}

@@ -1,0 +1,75 @@
+//! AdamW as torch.optim.AdamW computes it (decoupled weight decay, bias correction, eps added to the
+//! corrected √v), and global-norm gradient clipping as torch.nn.utils.clip_grad_norm_.
+
+use bytemuck::{Pod, Zeroable};
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct AdamWParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1 − β1^t
+    pub bias_correction1: f32,
+    /// √(1 − β2^t)
+    pub bias_correction2_sqrt: f32,
+    /// Multiplies every gradient before use (the clipping coefficient).
+    pub grad_scale: f32,
+}
+
+impl AdamWParams {
+    /// Parameters for optimizer step `t` (1-based).
+    pub fn new(
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        t: u64,
+        grad_scale: f64,
+    ) -> Self {
+        AdamWParams {
+            lr: lr as f32,
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            eps: eps as f32,
+            weight_decay: weight_decay as f32,
+            bias_correction1: (1.0 - beta1.powf(t as f64)) as f32,
+            bias_correction2_sqrt: (1.0 - beta2.powf(t as f64)).sqrt() as f32,
+            grad_scale: grad_scale as f32,
+        }
+    }
+}
+
+pub fn step(p: &AdamWParams, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    assert!(
+        param.len() == grad.len() && grad.len() == m.len() && m.len() == v.len(),
+        "adamw: lengths differ"
+    );
+    let step_size = p.lr / p.bias_correction1;
+    for (((w, &g), m), v) in param
+        .iter_mut()
+        .zip(grad)
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+    {
+        let g = g * p.grad_scale;
+        *w *= 1.0 - p.lr * p.weight_decay;
+        *m = p.beta1 * *m + (1.0 - p.beta1) * g;
+        *v = p.beta2 * *v + (1.0 - p.beta2) * g * g;
+        let denom = v.sqrt() / p.bias_correction2_sqrt + p.eps;
+        *w -= step_size * *m / denom;
+    }
+}
+
+/// torch's clip coefficient for a total gradient norm: min(1, max_norm / (norm + 1e-6)).
+pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (total_norm + 1e-6)).min(1.0)
+}
+
+/// Σ g² in f64 (the global norm is its square root over all parameter tensors).
+pub fn sum_of_squares(grad: &[f32]) -> f64 {
+    grad.iter().map(|&g| g as f64 * g as f64).sum()
+}
