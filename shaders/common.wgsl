@@ -1,0 +1,54 @@
+// Prepended to every nibble shader: weight storage formats and their decoding. Frozen weights are bound
+// as array<u32> words whatever their format, so one kernel serves every format.
+
+const FMT_F32: u32 = 0u;
+const FMT_BF16: u32 = 1u;
+const FMT_F16: u32 = 2u;
+const FMT_NF4: u32 = 3u;
+const FMT_INT4: u32 = 4u;
+
+// bitsandbytes' NF4 code values.
+var<private> NF4_TABLE: array<f32, 16> = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0);
+
+// Element `index` of a dense tensor stored as f32 words or as two 16-bit values per word (low half first).
+fn dense_word_value(word: u32, fmt: u32, index: u32) -> f32 {
+    if (fmt == FMT_F32) {
+        return bitcast<f32>(word);
+    }
+    let high = (index & 1u) == 1u;
+    if (fmt == FMT_BF16) {
+        if (high) {
+            return bitcast<f32>(word & 0xffff0000u);
+        }
+        return bitcast<f32>(word << 16u);
+    }
+    let pair = unpack2x16float(word);
+    if (high) {
+        return pair.y;
+    }
+    return pair.x;
+}
+
+// Which word holds element `index` of a dense tensor.
+fn dense_word_index(fmt: u32, index: u32) -> u32 {
+    if (fmt == FMT_F32) {
+        return index;
+    }
+    return index >> 1u;
+}
+
+// The 4-bit code of element `col` within its packed word.
+fn nibble(word: u32, col: u32) -> u32 {
+    return (word >> (4u * (col & 7u))) & 0xfu;
+}
+
+fn dequant(code: u32, fmt: u32, scale: f32, minimum: f32) -> f32 {
+    if (fmt == FMT_NF4) {
+        return NF4_TABLE[code] * scale;
+    }
+    return minimum + f32(code) * scale;
+}

@@ -1,0 +1,72 @@
+// RMSNorm over rows: y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps); backward dx only (norm weights frozen).
+
+struct RmsNormParams {
+    rows: u32,
+    dim: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: RmsNormParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> inv_rms: array<f32>;
+@group(0) @binding(5) var<storage, read> dy: array<f32>;
+
+const WG: u32 = 128u;
+var<workgroup> partial: array<f32, 128>;
+
+fn reduce_sum(lid: u32, value: f32) -> f32 {
+    partial[lid] = value;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            partial[lid] += partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = partial[0];
+    workgroupBarrier();
+    return total;
+}
+
+// One workgroup per row.
+@compute @workgroup_size(128)
+fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = wg.x + wg.y * 65535u;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.dim;
+    var sq = 0.0;
+    for (var i = lid.x; i < p.dim; i += WG) {
+        sq += x[base + i] * x[base + i];
+    }
+    let r = 1.0 / sqrt(reduce_sum(lid.x, sq) / f32(p.dim) + p.eps);
+    for (var i = lid.x; i < p.dim; i += WG) {
+        y[base + i] = weight[i] * (x[base + i] * r);
+    }
+    if (lid.x == 0u) {
+        inv_rms[row] = r;
+    }
+}
+
+// dx_i = r·w_i·dy_i − (r³/n)·x_i·Σ_j w_j·dy_j·x_j, written to `y`.
+@compute @workgroup_size(128)
+fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = wg.x + wg.y * 65535u;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.dim;
+    let r = inv_rms[row];
+    var d = 0.0;
+    for (var i = lid.x; i < p.dim; i += WG) {
+        d += weight[i] * dy[base + i] * x[base + i];
+    }
+    let coef = r * r * r * reduce_sum(lid.x, d) / f32(p.dim);
+    for (var i = lid.x; i < p.dim; i += WG) {
+        y[base + i] = r * weight[i] * dy[base + i] - coef * x[base + i];
+    }
+}

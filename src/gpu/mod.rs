@@ -1,0 +1,304 @@
+//! The GPU executor on wgpu (Vulkan, DX12, Metal natively; WebGPU in the browser). Kernels are the WGSL
+//! files in shaders/, each prefixed with shaders/common.wgsl; pipelines are created once and cached. All
+//! dispatches of a step are recorded into one command encoder and submitted once.
+
+pub mod step;
+
+use crate::error::{Error, Result};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use wgpu::util::DeviceExt;
+
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+/// Every shader file, by name.
+pub const SHADERS: &[(&str, &str)] = &[
+    ("linear", include_str!("../../shaders/linear.wgsl")),
+    ("matmul", include_str!("../../shaders/matmul.wgsl")),
+    ("rmsnorm", include_str!("../../shaders/rmsnorm.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
+    ("rope", include_str!("../../shaders/rope.wgsl")),
+    ("attention", include_str!("../../shaders/attention.wgsl")),
+    ("embed", include_str!("../../shaders/embed.wgsl")),
+    (
+        "cross_entropy",
+        include_str!("../../shaders/cross_entropy.wgsl"),
+    ),
+    ("adamw", include_str!("../../shaders/adamw.wgsl")),
+    ("rows", include_str!("../../shaders/rows.wgsl")),
+];
+
+/// Which shader file defines each entry point.
+const ENTRY_POINTS: &[(&str, &str)] = &[
+    ("linear_forward", "linear"),
+    ("linear_backward_input", "linear"),
+    ("matmul", "matmul"),
+    ("rmsnorm_forward", "rmsnorm"),
+    ("rmsnorm_backward", "rmsnorm"),
+    ("add", "elementwise"),
+    ("swiglu_forward", "elementwise"),
+    ("swiglu_backward", "elementwise"),
+    ("rope_apply", "rope"),
+    ("attention_forward", "attention"),
+    ("attention_delta", "attention"),
+    ("attention_backward_dq", "attention"),
+    ("attention_backward_dkdv", "attention"),
+    ("embed", "embed"),
+    ("ce_logits", "cross_entropy"),
+    ("ce_reduce", "cross_entropy"),
+    ("ce_finalize", "cross_entropy"),
+    ("ce_grad_logits", "cross_entropy"),
+    ("ce_grad_hidden", "cross_entropy"),
+    ("adamw_step", "adamw"),
+    ("sum_squares", "adamw"),
+    ("gather_rows", "rows"),
+    ("scatter_rows", "rows"),
+];
+
+/// The full WGSL source of a shader file (the common prelude included), as the GPU compiles it.
+pub fn shader_source(name: &str) -> Option<String> {
+    SHADERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, src)| format!("{COMMON}\n{src}"))
+}
+
+/// A storage buffer of `len` 32-bit elements.
+pub struct GpuBuffer {
+    pub buffer: wgpu::Buffer,
+    pub len: usize,
+}
+
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub max_binding: u64,
+    modules: RefCell<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: RefCell<HashMap<&'static str, wgpu::ComputePipeline>>,
+}
+
+impl Gpu {
+    /// Opens a GPU. With `allow_software`, a CPU implementation of Vulkan (Mesa lavapipe) is acceptable,
+    /// which is how tests run on machines without a GPU; otherwise only real GPUs are.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(allow_software: bool) -> Result<Self> {
+        pollster::block_on(Self::new_async(allow_software))
+    }
+
+    pub async fn new_async(allow_software: bool) -> Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                apply_limit_buckets: false,
+            })
+            .await
+            .map_err(|e| Error::Invalid(format!("no GPU adapter: {e}")))?;
+        let info = adapter.get_info();
+        if info.device_type == wgpu::DeviceType::Cpu && !allow_software {
+            return Err(Error::Invalid(format!(
+                "no GPU found (only the software adapter {})",
+                info.name
+            )));
+        }
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("nibble"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| {
+                Error::Invalid(format!("GPU {}: cannot open the device: {e}", info.name))
+            })?;
+        let max_binding = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            max_binding,
+            modules: RefCell::new(HashMap::new()),
+            pipelines: RefCell::new(HashMap::new()),
+        })
+    }
+
+    fn pipeline(&self, entry: &'static str) -> wgpu::ComputePipeline {
+        if let Some(p) = self.pipelines.borrow().get(entry) {
+            return p.clone();
+        }
+        let file = ENTRY_POINTS
+            .iter()
+            .find(|(e, _)| *e == entry)
+            .map(|(_, f)| *f)
+            .unwrap_or_else(|| panic!("unknown entry point {entry}"));
+        let module = self
+            .modules
+            .borrow_mut()
+            .entry(file)
+            .or_insert_with(|| {
+                let source = shader_source(file).expect("listed in SHADERS");
+                self.device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(file),
+                        source: wgpu::ShaderSource::Wgsl(source.into()),
+                    })
+            })
+            .clone();
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        self.pipelines.borrow_mut().insert(entry, pipeline.clone());
+        pipeline
+    }
+
+    fn storage(&self, bytes: &[u8], len: usize) -> GpuBuffer {
+        // wgpu rejects zero-sized bindings; an empty tensor gets one unused word.
+        let contents: &[u8] = if bytes.is_empty() { &[0u8; 4] } else { bytes };
+        let buffer = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            });
+        GpuBuffer { buffer, len }
+    }
+
+    pub fn upload_f32(&self, data: &[f32]) -> GpuBuffer {
+        self.storage(bytemuck::cast_slice(data), data.len())
+    }
+
+    pub fn upload_u32(&self, data: &[u32]) -> GpuBuffer {
+        self.storage(bytemuck::cast_slice(data), data.len())
+    }
+
+    pub fn zeros(&self, len: usize) -> GpuBuffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: (len.max(1) * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        GpuBuffer { buffer, len }
+    }
+
+    /// Records one dispatch: binding 0 is the uniform `params`, the others are the given buffers.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        entry: &'static str,
+        params: &P,
+        buffers: &[(u32, &GpuBuffer)],
+        groups: [u32; 3],
+    ) {
+        let pipeline = self.pipeline(entry);
+        let uniform = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::bytes_of(params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        entries.extend(buffers.iter().map(|(binding, b)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: b.buffer.as_entire_binding(),
+        }));
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(entry),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+
+    pub fn encoder(&self) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+    }
+
+    /// Submits the encoder with copies of `reads` appended, waits, and returns their contents as f32.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn submit_and_read(
+        &self,
+        mut encoder: wgpu::CommandEncoder,
+        reads: &[&GpuBuffer],
+    ) -> Result<Vec<Vec<f32>>> {
+        let staging: Vec<wgpu::Buffer> = reads
+            .iter()
+            .map(|b| {
+                let s = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: (b.len.max(1) * 4) as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                encoder.copy_buffer_to_buffer(&b.buffer, 0, &s, 0, (b.len.max(1) * 4) as u64);
+                s
+            })
+            .collect();
+        self.queue.submit(Some(encoder.finish()));
+        for s in &staging {
+            s.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+        }
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Invalid(format!("GPU: waiting for the step failed: {e}")))?;
+        staging
+            .iter()
+            .zip(reads)
+            .map(|(s, b)| {
+                let view = s.slice(..).get_mapped_range().map_err(|e| {
+                    Error::Invalid(format!("GPU: reading back a result failed: {e}"))
+                })?;
+                let values: Vec<f32> = bytemuck::cast_slice::<u8, f32>(&view)[..b.len].to_vec();
+                drop(view);
+                s.unmap();
+                Ok(values)
+            })
+            .collect()
+    }
+}
+
+/// Workgroup counts for `n` threads in groups of `size`, spread over y when x would pass 65,535.
+pub fn groups_1d(n: usize, size: usize) -> [u32; 3] {
+    let total = n.div_ceil(size).max(1);
+    if total <= 65535 {
+        [total as u32, 1, 1]
+    } else {
+        [65535, total.div_ceil(65535) as u32, 1]
+    }
+}

@@ -1,0 +1,1139 @@
+//! A decoder-only transformer step on the GPU: the same sequence of ops as the CPU executor (`cpu.rs`),
+//! recorded into one command encoder; only per-position losses (and requested results) are read back.
+//! Read-back is blocking for now, so the entry points exist on native targets only; the browser build
+//! (issue: wasm + WebGPU demo) needs an async read-back first.
+#![cfg_attr(target_arch = "wasm32", allow(dead_code, unused_imports))]
+
+use super::{Gpu, GpuBuffer, groups_1d};
+use crate::config::{LinearKind, ModelConfig};
+use crate::cpu::{Sequence, StepLoss};
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+use crate::model::{DenseData, DenseTensor, LinearWeight, Model};
+use crate::ops::cross_entropy::VOCAB_CHUNK;
+use crate::ops::rope;
+use crate::quant::QuantFormat;
+use bytemuck::{Pod, Zeroable};
+
+const FMT_F32: u32 = 0;
+const FMT_BF16: u32 = 1;
+const FMT_F16: u32 = 2;
+const FMT_NF4: u32 = 3;
+const FMT_INT4: u32 = 4;
+
+/// A dense matrix as 32-bit words (f32, or two 16-bit values per word), split into row blocks that each
+/// fit one storage binding.
+pub struct GpuDense {
+    fmt: u32,
+    cols: usize,
+    blocks: Vec<(usize, usize, GpuBuffer)>,
+}
+
+fn dense_words(t: &DenseTensor, start: usize, rows: usize) -> (u32, Vec<u32>) {
+    let range = start * t.cols..(start + rows) * t.cols;
+    let pack = |bits: &mut dyn Iterator<Item = u16>| -> Vec<u32> {
+        let v: Vec<u16> = bits.collect();
+        v.chunks(2)
+            .map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16)
+            .collect()
+    };
+    match &t.data {
+        DenseData::F32(v) => (FMT_F32, v[range].iter().map(|x| x.to_bits()).collect()),
+        DenseData::BF16(v) => (FMT_BF16, pack(&mut v[range].iter().map(|x| x.to_bits()))),
+        DenseData::F16(v) => (FMT_F16, pack(&mut v[range].iter().map(|x| x.to_bits()))),
+    }
+}
+
+impl GpuDense {
+    fn upload(gpu: &Gpu, t: &DenseTensor, name: &str) -> Result<Self> {
+        let row_bytes = (t.cols * t.dtype().size()) as u64;
+        // Even row counts keep 16-bit pairs inside one block.
+        let rows_per_block =
+            ((gpu.max_binding / row_bytes) as usize & !1).min(t.rows.next_multiple_of(2));
+        if rows_per_block == 0 {
+            return Err(Error::Invalid(format!(
+                "{name}: one row does not fit a GPU storage binding"
+            )));
+        }
+        let mut blocks = Vec::new();
+        let mut fmt = FMT_F32;
+        for start in (0..t.rows).step_by(rows_per_block) {
+            let rows = rows_per_block.min(t.rows - start);
+            let (f, words) = dense_words(t, start, rows);
+            fmt = f;
+            blocks.push((start, rows, gpu.upload_u32(&words)));
+        }
+        Ok(GpuDense {
+            fmt,
+            cols: t.cols,
+            blocks,
+        })
+    }
+}
+
+pub struct GpuLinear {
+    fmt: u32,
+    rows: usize,
+    cols: usize,
+    group: usize,
+    words: GpuBuffer,
+    scales: Option<GpuBuffer>,
+    mins: Option<GpuBuffer>,
+    bias: Option<GpuBuffer>,
+}
+
+struct GpuLayer {
+    input_norm: GpuBuffer,
+    post_norm: GpuBuffer,
+    q_norm: Option<GpuBuffer>,
+    k_norm: Option<GpuBuffer>,
+    linears: Vec<GpuLinear>,
+}
+
+/// A model's frozen weights in GPU memory.
+pub struct GpuModel {
+    pub config: ModelConfig,
+    embed: GpuDense,
+    lm_head: Option<GpuDense>,
+    layers: Vec<GpuLayer>,
+    final_norm: GpuBuffer,
+    dummy: GpuBuffer,
+}
+
+impl GpuModel {
+    pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
+        let layers = model
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| {
+                let linears = layer
+                    .linears
+                    .iter()
+                    .map(|lin| {
+                        let (rows, cols) = lin.weight.shape();
+                        let bias = lin.bias.as_ref().map(|b| gpu.upload_f32(b));
+                        let linear = match &lin.weight {
+                            LinearWeight::Quant(q) => GpuLinear {
+                                fmt: if q.spec.format == QuantFormat::Nf4 { FMT_NF4 } else { FMT_INT4 },
+                                rows,
+                                cols,
+                                group: q.spec.group_size,
+                                words: gpu.upload_u32(&q.packed),
+                                scales: Some(gpu.upload_f32(&q.scales)),
+                                mins: (!q.mins.is_empty()).then(|| gpu.upload_f32(&q.mins)),
+                                bias,
+                            },
+                            LinearWeight::Dense(d) => {
+                                let bytes = (d.rows * d.cols * d.dtype().size()) as u64;
+                                if bytes > gpu.max_binding {
+                                    return Err(Error::Invalid(format!(
+                                        "{}.weight: {bytes} bytes exceed the GPU's storage binding limit of {}; quantize it",
+                                        lin.kind.path(l),
+                                        gpu.max_binding
+                                    )));
+                                }
+                                let (fmt, words) = dense_words(d, 0, d.rows);
+                                GpuLinear { fmt, rows, cols, group: 1, words: gpu.upload_u32(&words), scales: None, mins: None, bias }
+                            }
+                        };
+                        Ok(linear)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(GpuLayer {
+                    input_norm: gpu.upload_f32(&layer.input_norm),
+                    post_norm: gpu.upload_f32(&layer.post_attention_norm),
+                    q_norm: layer.q_norm.as_ref().map(|v| gpu.upload_f32(v)),
+                    k_norm: layer.k_norm.as_ref().map(|v| gpu.upload_f32(v)),
+                    linears,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuModel {
+            config: model.config.clone(),
+            embed: GpuDense::upload(gpu, &model.embed, "model.embed_tokens.weight")?,
+            lm_head: model
+                .lm_head
+                .as_ref()
+                .map(|h| GpuDense::upload(gpu, h, "lm_head.weight"))
+                .transpose()?,
+            layers,
+            final_norm: gpu.upload_f32(&model.final_norm),
+            dummy: gpu.zeros(1),
+        })
+    }
+
+    fn head(&self) -> &GpuDense {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// LoRA matrices in GPU memory, `pairs[layer][kind]` = (A [r, in], B [out, r]).
+pub struct GpuLora {
+    pub scale: f32,
+    pub rank: usize,
+    pairs: Vec<Vec<Option<(GpuBuffer, GpuBuffer)>>>,
+}
+
+impl GpuLora {
+    pub fn upload(gpu: &Gpu, adapter: &LoraAdapter) -> Self {
+        GpuLora {
+            scale: adapter.config.scale(),
+            rank: adapter.config.r,
+            pairs: adapter
+                .layers
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|p| {
+                            p.as_ref()
+                                .map(|p| (gpu.upload_f32(&p.a), gpu.upload_f32(&p.b)))
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads the matrices back into `into` (which gives the shapes).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn download(&self, gpu: &Gpu, into: &mut LoraAdapter) -> Result<()> {
+        let buffers: Vec<&GpuBuffer> = self
+            .pairs
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        let mut values = gpu.submit_and_read(gpu.encoder(), &buffers)?.into_iter();
+        for (_, _, pair) in into.pairs_mut() {
+            pair.a = values.next().expect("same pairs");
+            pair.b = values.next().expect("same pairs");
+        }
+        Ok(())
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct LinearParams {
+    tokens: u32,
+    rows: u32,
+    cols: u32,
+    fmt: u32,
+    group_size: u32,
+    has_bias: u32,
+    accumulate: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    a_row_stride: u32,
+    a_col_stride: u32,
+    b_row_stride: u32,
+    b_col_stride: u32,
+    ldc: u32,
+    c_col: u32,
+    accumulate: u32,
+    alpha: f32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Dims4 {
+    a: u32,
+    b: u32,
+    c: u32,
+    d: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct RmsParams {
+    rows: u32,
+    dim: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct RopeParams {
+    tokens: u32,
+    heads: u32,
+    head_dim: u32,
+    sign: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AttentionParams {
+    tokens: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    scale: f32,
+    _pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct EmbedParams {
+    tokens: u32,
+    dim: u32,
+    fmt: u32,
+    row_start: u32,
+    row_count: u32,
+    _pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct CeParams {
+    positions: u32,
+    dim: u32,
+    fmt: u32,
+    chunk_start: u32,
+    chunk_len: u32,
+    block_start: u32,
+    grad_scale: f32,
+    _pad: u32,
+}
+
+/// A strided view of a GPU matrix, as `ops::matmul::View` is of a CPU one.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    buf: &'a GpuBuffer,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+fn view(buf: &GpuBuffer, rows: usize, cols: usize) -> View<'_> {
+    View {
+        buf,
+        rows,
+        cols,
+        rs: cols,
+        cs: 1,
+    }
+}
+
+fn transposed(buf: &GpuBuffer, rows: usize, cols: usize) -> View<'_> {
+    View {
+        buf,
+        rows: cols,
+        cols: rows,
+        rs: 1,
+        cs: cols,
+    }
+}
+
+struct LinearSaved {
+    xa: GpuBuffer,
+}
+
+struct LayerSaved {
+    x: GpuBuffer,
+    xn1: GpuBuffer,
+    inv1: GpuBuffer,
+    q_pre: Option<(GpuBuffer, GpuBuffer)>,
+    k_pre: Option<(GpuBuffer, GpuBuffer)>,
+    q: GpuBuffer,
+    k: GpuBuffer,
+    v: GpuBuffer,
+    attn: GpuBuffer,
+    lse: GpuBuffer,
+    x_mid: GpuBuffer,
+    xn2: GpuBuffer,
+    inv2: GpuBuffer,
+    gate: GpuBuffer,
+    up: GpuBuffer,
+    h: GpuBuffer,
+    linears: Vec<Option<LinearSaved>>,
+}
+
+struct Recorder<'a> {
+    gpu: &'a Gpu,
+    model: &'a GpuModel,
+    lora: Option<&'a GpuLora>,
+    enc: wgpu::CommandEncoder,
+    tokens: usize,
+    cos: GpuBuffer,
+    sin: GpuBuffer,
+}
+
+impl<'a> Recorder<'a> {
+    fn c(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    fn matmul(
+        &mut self,
+        a: View,
+        b: View,
+        alpha: f32,
+        c: &GpuBuffer,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        assert_eq!(a.cols, b.rows);
+        let p = MatmulParams {
+            m: a.rows as u32,
+            n: b.cols as u32,
+            k: a.cols as u32,
+            a_row_stride: a.rs as u32,
+            a_col_stride: a.cs as u32,
+            b_row_stride: b.rs as u32,
+            b_col_stride: b.cs as u32,
+            ldc: ldc as u32,
+            c_col: 0,
+            accumulate: accumulate as u32,
+            alpha,
+            _pad: 0,
+        };
+        let groups = [b.cols.div_ceil(64) as u32, a.rows as u32, 1];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "matmul",
+            &p,
+            &[(1, a.buf), (2, b.buf), (3, c)],
+            groups,
+        );
+    }
+
+    fn linear_params(&self, lin: &GpuLinear, accumulate: bool, with_bias: bool) -> LinearParams {
+        LinearParams {
+            tokens: self.tokens as u32,
+            rows: lin.rows as u32,
+            cols: lin.cols as u32,
+            fmt: lin.fmt,
+            group_size: lin.group as u32,
+            has_bias: (with_bias && lin.bias.is_some()) as u32,
+            accumulate: accumulate as u32,
+            _pad: 0,
+        }
+    }
+
+    fn linear_bindings(&self, lin: &'a GpuLinear) -> [(u32, &'a GpuBuffer); 4] {
+        let model: &'a GpuModel = self.model;
+        let d = &model.dummy;
+        [
+            (1, &lin.words),
+            (2, lin.scales.as_ref().unwrap_or(d)),
+            (3, lin.mins.as_ref().unwrap_or(d)),
+            (4, lin.bias.as_ref().unwrap_or(d)),
+        ]
+    }
+
+    fn linear_forward(
+        &mut self,
+        l: usize,
+        kind: LinearKind,
+        x: &GpuBuffer,
+    ) -> (GpuBuffer, Option<LinearSaved>) {
+        let model: &'a GpuModel = self.model;
+        let lin = &model.layers[l].linears[kind as usize];
+        let t = self.tokens;
+        let y = self.gpu.zeros(t * lin.rows);
+        let p = self.linear_params(lin, false, true);
+        let mut bindings = self.linear_bindings(lin).to_vec();
+        bindings.extend([(5, x), (6, &y)]);
+        let groups = [lin.rows.div_ceil(64) as u32, t as u32, 1];
+        self.gpu
+            .dispatch(&mut self.enc, "linear_forward", &p, &bindings, groups);
+        let Some((a, b)) = self.lora.and_then(|lo| lo.pairs[l][kind as usize].as_ref()) else {
+            return (y, None);
+        };
+        let (r, scale) = (
+            self.lora.expect("checked").rank,
+            self.lora.expect("checked").scale,
+        );
+        let xa = self.gpu.zeros(t * r);
+        self.matmul(
+            view(x, t, lin.cols),
+            transposed(a, r, lin.cols),
+            1.0,
+            &xa,
+            r,
+            false,
+        );
+        self.matmul(
+            view(&xa, t, r),
+            transposed(b, lin.rows, r),
+            scale,
+            &y,
+            lin.rows,
+            true,
+        );
+        (y, Some(LinearSaved { xa }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &mut self,
+        l: usize,
+        kind: LinearKind,
+        x: &GpuBuffer,
+        saved: Option<&LinearSaved>,
+        dy: &GpuBuffer,
+        dx: &GpuBuffer,
+        grads: Option<&GpuLora>,
+    ) {
+        let model: &'a GpuModel = self.model;
+        let lin = &model.layers[l].linears[kind as usize];
+        let t = self.tokens;
+        let p = self.linear_params(lin, true, false);
+        // The backward reads no bias, so its layout has no binding 4.
+        let mut bindings: Vec<(u32, &GpuBuffer)> = self
+            .linear_bindings(lin)
+            .into_iter()
+            .filter(|(b, _)| *b != 4)
+            .collect();
+        bindings.extend([(5, dy), (6, dx)]);
+        let groups = [lin.cols.div_ceil(64) as u32, t as u32, 1];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "linear_backward_input",
+            &p,
+            &bindings,
+            groups,
+        );
+        let (Some(lora), Some(saved)) = (self.lora, saved) else {
+            return;
+        };
+        let Some((a, b)) = lora.pairs[l][kind as usize].as_ref() else {
+            return;
+        };
+        let (r, out, inp) = (lora.rank, lin.rows, lin.cols);
+        let dxa = self.gpu.zeros(t * r);
+        self.matmul(
+            view(dy, t, out),
+            view(b, out, r),
+            lora.scale,
+            &dxa,
+            r,
+            false,
+        );
+        if let Some((ga, gb)) = grads.and_then(|g| g.pairs[l][kind as usize].as_ref()) {
+            self.matmul(
+                transposed(dy, t, out),
+                view(&saved.xa, t, r),
+                lora.scale,
+                gb,
+                r,
+                true,
+            );
+            self.matmul(transposed(&dxa, t, r), view(x, t, inp), 1.0, ga, inp, true);
+        }
+        self.matmul(view(&dxa, t, r), view(a, r, inp), 1.0, dx, inp, true);
+    }
+
+    fn rmsnorm(&mut self, x: &GpuBuffer, w: &GpuBuffer, dim: usize) -> (GpuBuffer, GpuBuffer) {
+        let rows = x.len / dim;
+        let (y, inv) = (self.gpu.zeros(x.len), self.gpu.zeros(rows));
+        let p = RmsParams {
+            rows: rows as u32,
+            dim: dim as u32,
+            eps: self.c().rms_norm_eps as f32,
+            _pad: 0,
+        };
+        let groups = groups_1d(rows, 1);
+        self.gpu.dispatch(
+            &mut self.enc,
+            "rmsnorm_forward",
+            &p,
+            &[(1, x), (2, w), (3, &y), (4, &inv)],
+            groups,
+        );
+        (y, inv)
+    }
+
+    fn rmsnorm_backward(
+        &mut self,
+        x: &GpuBuffer,
+        w: &GpuBuffer,
+        inv: &GpuBuffer,
+        dy: &GpuBuffer,
+        dim: usize,
+    ) -> GpuBuffer {
+        let rows = x.len / dim;
+        let dx = self.gpu.zeros(x.len);
+        let p = RmsParams {
+            rows: rows as u32,
+            dim: dim as u32,
+            eps: self.c().rms_norm_eps as f32,
+            _pad: 0,
+        };
+        let groups = groups_1d(rows, 1);
+        self.gpu.dispatch(
+            &mut self.enc,
+            "rmsnorm_backward",
+            &p,
+            &[(1, x), (2, w), (3, &dx), (4, inv), (5, dy)],
+            groups,
+        );
+        dx
+    }
+
+    fn add(&mut self, a: &GpuBuffer, b: &GpuBuffer) -> GpuBuffer {
+        let out = self.gpu.zeros(a.len);
+        let p = Dims4 {
+            a: a.len as u32,
+            b: 0,
+            c: 0,
+            d: 0,
+        };
+        self.gpu.dispatch(
+            &mut self.enc,
+            "add",
+            &p,
+            &[(1, a), (2, b), (3, &out)],
+            groups_1d(a.len, 256),
+        );
+        out
+    }
+
+    fn rope(&mut self, x: &GpuBuffer, heads: usize, sign: f32) {
+        let hd = self.c().head_dim;
+        let p = RopeParams {
+            tokens: self.tokens as u32,
+            heads: heads as u32,
+            head_dim: hd as u32,
+            sign,
+        };
+        let groups = [
+            (hd / 2).div_ceil(64) as u32,
+            heads as u32,
+            self.tokens as u32,
+        ];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "rope_apply",
+            &p,
+            &[(1, &self.cos), (2, &self.sin), (3, x)],
+            groups,
+        );
+    }
+
+    fn attention_params(&self) -> AttentionParams {
+        let c = self.c();
+        AttentionParams {
+            tokens: self.tokens as u32,
+            heads: c.num_heads as u32,
+            kv_heads: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            _pad: [0; 3],
+        }
+    }
+
+    fn layer_forward(&mut self, l: usize, x: GpuBuffer) -> (GpuBuffer, LayerSaved) {
+        let c = self.c().clone();
+        let t = self.tokens;
+        let model: &'a GpuModel = self.model;
+        let layer = &model.layers[l];
+        let (xn1, inv1) = self.rmsnorm(&x, &layer.input_norm, c.hidden_size);
+        let mut linears: Vec<Option<LinearSaved>> = (0..7).map(|_| None).collect();
+        let (mut q, sq) = self.linear_forward(l, LinearKind::Q, &xn1);
+        let (mut k, sk) = self.linear_forward(l, LinearKind::K, &xn1);
+        let (v, sv) = self.linear_forward(l, LinearKind::V, &xn1);
+        linears[LinearKind::Q as usize] = sq;
+        linears[LinearKind::K as usize] = sk;
+        linears[LinearKind::V as usize] = sv;
+        let (mut q_pre, mut k_pre) = (None, None);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            let (qq, iq) = self.rmsnorm(&q, qn, c.head_dim);
+            let (kk, ik) = self.rmsnorm(&k, kn, c.head_dim);
+            q_pre = Some((std::mem::replace(&mut q, qq), iq));
+            k_pre = Some((std::mem::replace(&mut k, kk), ik));
+        }
+        self.rope(&q, c.num_heads, 1.0);
+        self.rope(&k, c.num_kv_heads, 1.0);
+        let attn = self.gpu.zeros(t * c.q_dim());
+        let lse = self.gpu.zeros(c.num_heads * t);
+        let p = self.attention_params();
+        let groups = [t.div_ceil(64) as u32, c.num_heads as u32, 1];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "attention_forward",
+            &p,
+            &[(1, &q), (2, &k), (3, &v), (4, &attn), (5, &lse)],
+            groups,
+        );
+        let (o, so) = self.linear_forward(l, LinearKind::O, &attn);
+        linears[LinearKind::O as usize] = so;
+        let x_mid = self.add(&x, &o);
+        let (xn2, inv2) = self.rmsnorm(&x_mid, &layer.post_norm, c.hidden_size);
+        let (gate, sg) = self.linear_forward(l, LinearKind::Gate, &xn2);
+        let (up, su) = self.linear_forward(l, LinearKind::Up, &xn2);
+        linears[LinearKind::Gate as usize] = sg;
+        linears[LinearKind::Up as usize] = su;
+        let h = self.gpu.zeros(gate.len);
+        let n = Dims4 {
+            a: gate.len as u32,
+            b: 0,
+            c: 0,
+            d: 0,
+        };
+        self.gpu.dispatch(
+            &mut self.enc,
+            "swiglu_forward",
+            &n,
+            &[(1, &gate), (2, &up), (3, &h)],
+            groups_1d(gate.len, 256),
+        );
+        let (down, sd) = self.linear_forward(l, LinearKind::Down, &h);
+        linears[LinearKind::Down as usize] = sd;
+        let x_out = self.add(&x_mid, &down);
+        let saved = LayerSaved {
+            x,
+            xn1,
+            inv1,
+            q_pre,
+            k_pre,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x_mid,
+            xn2,
+            inv2,
+            gate,
+            up,
+            h,
+            linears,
+        };
+        (x_out, saved)
+    }
+
+    fn layer_backward(
+        &mut self,
+        l: usize,
+        s: &LayerSaved,
+        dx_out: &GpuBuffer,
+        grads: Option<&GpuLora>,
+    ) -> GpuBuffer {
+        let c = self.c().clone();
+        let t = self.tokens;
+        let model: &'a GpuModel = self.model;
+        let layer = &model.layers[l];
+        let saved = |k: LinearKind| s.linears[k as usize].as_ref();
+        let dh = self.gpu.zeros(s.h.len);
+        self.linear_backward(
+            l,
+            LinearKind::Down,
+            &s.h,
+            saved(LinearKind::Down),
+            dx_out,
+            &dh,
+            grads,
+        );
+        let (dgate, dup) = (self.gpu.zeros(dh.len), self.gpu.zeros(dh.len));
+        let n = Dims4 {
+            a: dh.len as u32,
+            b: 0,
+            c: 0,
+            d: 0,
+        };
+        let bindings = [(1, &s.gate), (2, &s.up), (3, &dgate), (4, &dup), (5, &dh)];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "swiglu_backward",
+            &n,
+            &bindings,
+            groups_1d(dh.len, 256),
+        );
+        let dxn2 = self.gpu.zeros(t * c.hidden_size);
+        self.linear_backward(
+            l,
+            LinearKind::Gate,
+            &s.xn2,
+            saved(LinearKind::Gate),
+            &dgate,
+            &dxn2,
+            grads,
+        );
+        self.linear_backward(
+            l,
+            LinearKind::Up,
+            &s.xn2,
+            saved(LinearKind::Up),
+            &dup,
+            &dxn2,
+            grads,
+        );
+        let d_norm2 =
+            self.rmsnorm_backward(&s.x_mid, &layer.post_norm, &s.inv2, &dxn2, c.hidden_size);
+        let dx_mid = self.add(&d_norm2, dx_out);
+
+        let d_attn = self.gpu.zeros(t * c.q_dim());
+        self.linear_backward(
+            l,
+            LinearKind::O,
+            &s.attn,
+            saved(LinearKind::O),
+            &dx_mid,
+            &d_attn,
+            grads,
+        );
+        let p = self.attention_params();
+        let delta = self.gpu.zeros(c.num_heads * t);
+        let (mut dq, mut dk, dv) = (
+            self.gpu.zeros(s.q.len),
+            self.gpu.zeros(s.k.len),
+            self.gpu.zeros(s.v.len),
+        );
+        let heads_groups = [t.div_ceil(64) as u32, c.num_heads as u32, 1];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "attention_delta",
+            &p,
+            &[(4, &s.attn), (6, &d_attn), (7, &delta)],
+            heads_groups,
+        );
+        let common = [
+            (1, &s.q),
+            (2, &s.k),
+            (3, &s.v),
+            (5, &s.lse),
+            (6, &d_attn),
+            (7, &delta),
+        ];
+        let mut b = common.to_vec();
+        b.push((8, &dq));
+        self.gpu
+            .dispatch(&mut self.enc, "attention_backward_dq", &p, &b, heads_groups);
+        let mut b = common.to_vec();
+        b.extend([(8, &dk), (9, &dv)]);
+        let kv_groups = [t.div_ceil(64) as u32, c.num_kv_heads as u32, 1];
+        self.gpu
+            .dispatch(&mut self.enc, "attention_backward_dkdv", &p, &b, kv_groups);
+        self.rope(&dq, c.num_heads, -1.0);
+        self.rope(&dk, c.num_kv_heads, -1.0);
+        if let (Some(qn), Some(kn), Some((qp, iq)), Some((kp, ik))) =
+            (&layer.q_norm, &layer.k_norm, &s.q_pre, &s.k_pre)
+        {
+            dq = self.rmsnorm_backward(qp, qn, iq, &dq, c.head_dim);
+            dk = self.rmsnorm_backward(kp, kn, ik, &dk, c.head_dim);
+        }
+        let dxn1 = self.gpu.zeros(t * c.hidden_size);
+        for (kind, d) in [
+            (LinearKind::Q, &dq),
+            (LinearKind::K, &dk),
+            (LinearKind::V, &dv),
+        ] {
+            self.linear_backward(l, kind, &s.xn1, saved(kind), d, &dxn1, grads);
+        }
+        let d_norm1 = self.rmsnorm_backward(&s.x, &layer.input_norm, &s.inv1, &dxn1, c.hidden_size);
+        self.add(&d_norm1, &dx_mid)
+    }
+
+    fn embed(&mut self, ids: &GpuBuffer) -> GpuBuffer {
+        let (t, h) = (self.tokens, self.c().hidden_size);
+        let x = self.gpu.zeros(t * h);
+        let model: &'a GpuModel = self.model;
+        let table = &model.embed;
+        for (start, rows, block) in &table.blocks {
+            let p = EmbedParams {
+                tokens: t as u32,
+                dim: h as u32,
+                fmt: table.fmt,
+                row_start: *start as u32,
+                row_count: *rows as u32,
+                _pad: [0; 3],
+            };
+            self.gpu.dispatch(
+                &mut self.enc,
+                "embed",
+                &p,
+                &[(1, block), (2, ids), (3, &x)],
+                [h.div_ceil(64) as u32, t as u32, 1],
+            );
+        }
+        x
+    }
+
+    fn rows(
+        &mut self,
+        entry: &'static str,
+        src: &GpuBuffer,
+        index: &GpuBuffer,
+        dst: &GpuBuffer,
+        rows: usize,
+    ) {
+        let dim = self.c().hidden_size;
+        let p = Dims4 {
+            a: rows as u32,
+            b: dim as u32,
+            c: 0,
+            d: 0,
+        };
+        self.gpu.dispatch(
+            &mut self.enc,
+            entry,
+            &p,
+            &[(1, src), (2, index), (3, dst)],
+            [dim.div_ceil(64) as u32, rows as u32, 1],
+        );
+    }
+
+    /// Calls `f` for each vocabulary chunk with its block buffer and parameters.
+    fn for_each_chunk(
+        &mut self,
+        positions: usize,
+        grad_scale: f32,
+        mut f: impl FnMut(&mut Self, &GpuBuffer, CeParams),
+    ) {
+        // The model outlives the recorder ('a), so its blocks can be borrowed while `self` is mutated.
+        let model: &'a GpuModel = self.model;
+        let head = model.head();
+        let (fmt, dim) = (head.fmt, head.cols);
+        for (block_start, rows, block) in &head.blocks {
+            let (block_start, rows) = (*block_start, *rows);
+            for chunk_start in (0..rows).step_by(VOCAB_CHUNK) {
+                let p = CeParams {
+                    positions: positions as u32,
+                    dim: dim as u32,
+                    fmt,
+                    chunk_start: chunk_start as u32,
+                    chunk_len: VOCAB_CHUNK.min(rows - chunk_start) as u32,
+                    block_start: block_start as u32,
+                    grad_scale,
+                    _pad: 0,
+                };
+                f(self, block, p);
+            }
+        }
+    }
+}
+
+fn rope_tables(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> (GpuBuffer, GpuBuffer) {
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let (cos, sin) = rope::tables(
+        &positions,
+        &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+    );
+    (gpu.upload_f32(&cos), gpu.upload_f32(&sin))
+}
+
+fn recorder<'a>(
+    gpu: &'a Gpu,
+    model: &'a GpuModel,
+    lora: Option<&'a GpuLora>,
+    tokens: usize,
+) -> Recorder<'a> {
+    let (cos, sin) = rope_tables(gpu, &model.config, tokens);
+    Recorder {
+        gpu,
+        model,
+        lora,
+        enc: gpu.encoder(),
+        tokens,
+        cos,
+        sin,
+    }
+}
+
+fn check_ids(model: &GpuModel, ids: &[u32]) -> Result<()> {
+    let v = model.config.vocab_size;
+    match ids.iter().find(|&&id| id as usize >= v) {
+        Some(id) => Err(Error::Invalid(format!(
+            "token id {id} is outside the model's vocabulary of {v}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Runs the decoder; returns the final normalised hidden states and what the backward needs.
+fn decoder(r: &mut Recorder, ids: &[u32]) -> (GpuBuffer, Vec<LayerSaved>, GpuBuffer, GpuBuffer) {
+    let ids = r.gpu.upload_u32(ids);
+    let mut x = r.embed(&ids);
+    let mut saved = Vec::new();
+    for l in 0..r.model.layers.len() {
+        let (next, s) = r.layer_forward(l, x);
+        saved.push(s);
+        x = next;
+    }
+    let h = r.c().hidden_size;
+    let (xf, inv) = r.rmsnorm(&x, &r.model.final_norm, h);
+    (xf, saved, x, inv)
+}
+
+/// Logits [tokens, vocab] (small models and parity tests).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn logits(
+    gpu: &Gpu,
+    model: &GpuModel,
+    lora: Option<&GpuLora>,
+    ids: &[u32],
+) -> Result<Vec<f32>> {
+    check_ids(model, ids)?;
+    let mut r = recorder(gpu, model, lora, ids.len());
+    let (xf, _, _, _) = decoder(&mut r, ids);
+    let t = ids.len();
+    let vocab = model.config.vocab_size;
+    let mut chunks = Vec::new();
+    r.for_each_chunk(t, 0.0, |r, block, p| {
+        let logits = r.gpu.zeros(t * p.chunk_len as usize);
+        let groups = [p.chunk_len.div_ceil(64), t as u32, 1];
+        r.gpu.dispatch(
+            &mut r.enc,
+            "ce_logits",
+            &p,
+            &[(1, block), (2, &xf), (3, &logits)],
+            groups,
+        );
+        chunks.push((
+            (p.block_start + p.chunk_start) as usize,
+            p.chunk_len as usize,
+            logits,
+        ));
+    });
+    let reads: Vec<&GpuBuffer> = chunks.iter().map(|(_, _, b)| b).collect();
+    let values = gpu.submit_and_read(r.enc, &reads)?;
+    let mut out = vec![0f32; t * vocab];
+    for ((start, n, _), chunk) in chunks.iter().zip(values) {
+        for pos in 0..t {
+            out[pos * vocab + start..pos * vocab + start + n]
+                .copy_from_slice(&chunk[pos * n..(pos + 1) * n]);
+        }
+    }
+    Ok(out)
+}
+
+/// Forward over one sequence and, with `grads`, the backward adding ∂(grad_scale · loss_sum)/∂θ into
+/// the GPU gradient buffers. One submission; only the per-position losses are read back.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn forward_backward(
+    gpu: &Gpu,
+    model: &GpuModel,
+    lora: Option<&GpuLora>,
+    grads: Option<&GpuLora>,
+    seq: &Sequence,
+    grad_scale: f32,
+) -> Result<StepLoss> {
+    check_ids(model, &seq.ids)?;
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = seq.targets.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Invalid(format!(
+            "target token {bad} is outside the model's vocabulary of {vocab}"
+        )));
+    }
+    let positions: Vec<u32> = (0..seq.ids.len() as u32)
+        .filter(|&t| seq.targets[t as usize].is_some())
+        .collect();
+    if positions.is_empty() {
+        return Ok(StepLoss {
+            loss_sum: 0.0,
+            targets: 0,
+        });
+    }
+    let labels: Vec<u32> = positions
+        .iter()
+        .map(|&t| seq.targets[t as usize].expect("filtered"))
+        .collect();
+    let (t, h, np) = (seq.ids.len(), model.config.hidden_size, positions.len());
+    let mut r = recorder(gpu, model, lora, t);
+    let (xf, saved, x_last, inv_f) = decoder(&mut r, &seq.ids);
+    let index = gpu.upload_u32(&positions);
+    let labels_buf = gpu.upload_u32(&labels);
+    let hidden = gpu.zeros(np * h);
+    r.rows("gather_rows", &xf, &index, &hidden, np);
+    let state = gpu.upload_f32(
+        &positions
+            .iter()
+            .flat_map(|_| [-3.0e38f32, 0.0, 0.0])
+            .collect::<Vec<_>>(),
+    );
+    let result = gpu.zeros(2 * np);
+    let logits = gpu.zeros(np * VOCAB_CHUNK);
+    r.for_each_chunk(np, grad_scale, |r, block, p| {
+        let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
+        r.gpu.dispatch(
+            &mut r.enc,
+            "ce_logits",
+            &p,
+            &[(1, block), (2, &hidden), (3, &logits)],
+            groups,
+        );
+        r.gpu.dispatch(
+            &mut r.enc,
+            "ce_reduce",
+            &p,
+            &[(3, &logits), (4, &state), (5, &labels_buf)],
+            [np as u32, 1, 1],
+        );
+    });
+    let p = CeParams {
+        positions: np as u32,
+        dim: h as u32,
+        fmt: 0,
+        chunk_start: 0,
+        chunk_len: 0,
+        block_start: 0,
+        grad_scale,
+        _pad: 0,
+    };
+    r.gpu.dispatch(
+        &mut r.enc,
+        "ce_finalize",
+        &p,
+        &[(4, &state), (7, &result)],
+        groups_1d(np, 64),
+    );
+
+    if let Some(grads) = grads {
+        let d_hidden = gpu.zeros(np * h);
+        r.for_each_chunk(np, grad_scale, |r, block, p| {
+            let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
+            r.gpu.dispatch(
+                &mut r.enc,
+                "ce_logits",
+                &p,
+                &[(1, block), (2, &hidden), (3, &logits)],
+                groups,
+            );
+            r.gpu.dispatch(
+                &mut r.enc,
+                "ce_grad_logits",
+                &p,
+                &[(3, &logits), (5, &labels_buf), (7, &result)],
+                groups,
+            );
+            let groups = [(h as u32).div_ceil(64), np as u32, 1];
+            r.gpu.dispatch(
+                &mut r.enc,
+                "ce_grad_hidden",
+                &p,
+                &[(1, block), (3, &logits), (6, &d_hidden)],
+                groups,
+            );
+        });
+        let dxf = gpu.zeros(t * h);
+        r.rows("scatter_rows", &d_hidden, &index, &dxf, np);
+        let mut dx = r.rmsnorm_backward(&x_last, &model.final_norm, &inv_f, &dxf, h);
+        for l in (0..model.layers.len()).rev() {
+            dx = r.layer_backward(l, &saved[l], &dx, Some(grads));
+        }
+    }
+    let values = gpu.submit_and_read(r.enc, &[&result])?;
+    let loss_sum = values[0].chunks(2).map(|pair| pair[0] as f64).sum();
+    Ok(StepLoss {
+        loss_sum,
+        targets: np,
+    })
+}
+
+/// Zeroed gradient buffers shaped like `adapter`.
+pub fn zero_grads(gpu: &Gpu, adapter: &LoraAdapter) -> GpuLora {
+    GpuLora::upload(gpu, &adapter.zeros_like())
+}

@@ -1,0 +1,145 @@
+//! The GPU executor (on Mesa lavapipe in CI, on a real GPU where present) against transformers + peft
+//! fixtures and against the CPU executor. Without any Vulkan device these tests skip, unless
+//! NIBBLE_REQUIRE_GPU is set (CI sets it, so a missing driver fails there rather than passing silently).
+
+use nibble::cpu::{self, Sequence};
+use nibble::gpu::Gpu;
+use nibble::gpu::step::{self, GpuLora, GpuModel};
+use nibble::lora::{LoraAdapter, peft_key};
+use nibble::model::{ModelSource, QuantRequest};
+use nibble::quant::{QuantFormat, QuantSpec};
+use nibble::source::{ModelFiles, SafetensorsFile};
+use std::path::PathBuf;
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::new(true) {
+        Ok(g) => {
+            eprintln!("GPU executor on {} ({:?})", g.info.name, g.info.backend);
+            Some(g)
+        }
+        Err(e) if std::env::var_os("NIBBLE_REQUIRE_GPU").is_some() => {
+            panic!("NIBBLE_REQUIRE_GPU is set but: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    input_ids: Vec<u32>,
+    labels: Vec<i64>,
+    loss: f64,
+}
+
+fn check(gpu: &Gpu, name: &str, quant: &str) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name);
+    let expected: Expected = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("expected_{quant}.json"))).unwrap(),
+    )
+    .unwrap();
+    let tensors =
+        SafetensorsFile::open(&dir.join(format!("expected_{quant}.safetensors"))).unwrap();
+    let request = match quant {
+        "none" => QuantRequest::Dense,
+        _ => QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap()),
+    };
+    let model = ModelSource::open(&dir)
+        .unwrap()
+        .load(Some(request))
+        .unwrap();
+    let adapter =
+        LoraAdapter::load_peft(&ModelFiles::Dir(dir.join("adapter")), &model.config).unwrap();
+    let gm = GpuModel::upload(gpu, &model).unwrap();
+    let gl = GpuLora::upload(gpu, &adapter);
+
+    let logits = step::logits(gpu, &gm, Some(&gl), &expected.input_ids).unwrap();
+    let e = rel(&logits, &tensors.read_f32("logits").unwrap());
+    assert!(
+        e < 1e-5,
+        "{name} {quant}: GPU logits differ from transformers by {e:e}"
+    );
+
+    let targets = (0..expected.labels.len())
+        .map(|t| {
+            expected
+                .labels
+                .get(t + 1)
+                .filter(|&&l| l >= 0)
+                .map(|&l| l as u32)
+        })
+        .collect();
+    let seq = Sequence {
+        ids: expected.input_ids.clone(),
+        targets,
+    };
+    let n = seq.target_count();
+    let grads = step::zero_grads(gpu, &adapter);
+    let loss =
+        step::forward_backward(gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0 / n as f32).unwrap();
+    let mean = loss.loss_sum / loss.targets as f64;
+    assert!(
+        (mean - expected.loss).abs() / expected.loss < 1e-5,
+        "{name} {quant}: GPU loss {mean} vs {}",
+        expected.loss
+    );
+
+    let mut ours = adapter.zeros_like();
+    grads.download(gpu, &mut ours).unwrap();
+    let mut cpu_grads = adapter.zeros_like();
+    cpu::forward_backward(
+        &model,
+        Some(&adapter),
+        Some(&mut cpu_grads),
+        &seq,
+        1.0 / n as f32,
+        None,
+    )
+    .unwrap();
+    let mut worst = (0.0f64, String::new());
+    for ((l, kind, g), (_, _, c)) in ours.pairs().zip(cpu_grads.pairs()) {
+        for (which, gv, cv) in [("lora_A", &g.a, &c.a), ("lora_B", &g.b, &c.b)] {
+            let key = peft_key(l, kind, which);
+            let e_hf = rel(gv, &tensors.read_f32(&key).unwrap());
+            let e_cpu = rel(gv, cv);
+            if e_hf.max(e_cpu) > worst.0 {
+                worst = (e_hf.max(e_cpu), key);
+            }
+        }
+    }
+    assert!(
+        worst.0 < 1e-5,
+        "{name} {quant}: GPU gradient {} differs by {:e}",
+        worst.1,
+        worst.0
+    );
+    eprintln!(
+        "{name} {quant}: GPU logits {e:.1e}, worst gradient {:.1e}",
+        worst.0
+    );
+}
+
+#[test]
+fn gpu_executor_matches_transformers_and_the_cpu_executor() {
+    let Some(gpu) = gpu() else { return };
+    for name in ["qwen2", "qwen3", "llama"] {
+        for quant in ["none", "nf4"] {
+            check(&gpu, name, quant);
+        }
+    }
+}
