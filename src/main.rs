@@ -75,13 +75,21 @@ struct ExecArgs {
 }
 
 impl ExecArgs {
-    /// The executor that will run. Only the CPU executor exists so far; `auto` picks it.
-    fn resolve(self) -> Result<&'static str> {
+    /// Opens the executor: `auto` takes a real GPU when one is present and the CPU otherwise; `gpu` also
+    /// accepts a software Vulkan device (useful for testing), and fails when there is none.
+    fn open(self) -> Result<Option<nibble::gpu::Gpu>> {
+        // Every executor computes in float32 today, so both precisions run the same arithmetic.
+        let _ = self.precision;
         match self.device {
-            DeviceChoice::Auto | DeviceChoice::Cpu => Ok("cpu"),
-            DeviceChoice::Gpu => {
-                bail!("the GPU executor is not available in this build yet; use --device cpu")
-            }
+            DeviceChoice::Cpu => Ok(None),
+            DeviceChoice::Gpu => Ok(Some(nibble::gpu::Gpu::new(true).context("--device gpu")?)),
+            DeviceChoice::Auto => match nibble::gpu::Gpu::new(false) {
+                Ok(gpu) => Ok(Some(gpu)),
+                Err(e) => {
+                    log::info!("using the CPU executor: {e}");
+                    Ok(None)
+                }
+            },
         }
     }
 }
@@ -337,7 +345,7 @@ fn eval(
     exec: ExecArgs,
     max_length: usize,
 ) -> Result<()> {
-    let device = exec.resolve()?;
+    let gpu = exec.open()?;
     let examples = nibble::data::read_jsonl(data)?;
     let source = model::open(path)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
@@ -350,13 +358,31 @@ fn eval(
             )
         })
         .transpose()?;
+    let on_gpu = gpu
+        .as_ref()
+        .map(|g| -> Result<_> {
+            let model = nibble::gpu::step::GpuModel::upload(g, &model)?;
+            let lora = adapter
+                .as_ref()
+                .map(|a| nibble::gpu::step::GpuLora::upload(g, a));
+            Ok((g, model, lora))
+        })
+        .transpose()?;
+    let device = gpu
+        .as_ref()
+        .map_or("cpu".to_string(), |g| format!("gpu ({})", g.info.name));
     log::info!("evaluating {} examples on {device}", examples.len());
     let (mut loss_sum, mut tokens, mut cut_examples) = (0f64, 0usize, 0usize);
     for (i, example) in examples.iter().enumerate() {
         let (seq, cut) = nibble::data::eval_sequence(&tok, example, max_length)
             .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
         cut_examples += usize::from(cut > 0);
-        let loss = nibble::cpu::forward_backward(&model, adapter.as_ref(), None, &seq, 0.0, None)?;
+        let loss = match &on_gpu {
+            Some((g, m, l)) => {
+                nibble::gpu::step::forward_backward(g, m, l.as_ref(), None, &seq, 0.0)?
+            }
+            None => nibble::cpu::forward_backward(&model, adapter.as_ref(), None, &seq, 0.0, None)?,
+        };
         loss_sum += loss.loss_sum;
         tokens += loss.targets;
     }

@@ -143,3 +143,54 @@ fn gpu_executor_matches_transformers_and_the_cpu_executor() {
         }
     }
 }
+
+#[test]
+fn eval_on_gpu_agrees_with_cpu() {
+    if gpu().is_none() {
+        return;
+    }
+    use nibble::synth::{self, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("m");
+    synth::write_model_folder(
+        &model_dir,
+        &SynthSpec::tiny(nibble::config::Arch::Qwen3, 151936),
+        Some(&synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi there\"}, {\"role\": \"assistant\", \"content\": \"Hello! How can I help?\"}]}\n{\"text\": \"The quick brown fox.\"}\n",
+    )
+    .unwrap();
+    let run = |device: &str| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args([
+                "eval",
+                "--model",
+                model_dir.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--device",
+                device,
+                "--quant",
+                "int4",
+                "--group-size",
+                "32",
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (cpu, gpu) = (run("cpu"), run("gpu"));
+    assert_eq!(cpu["tokens"], gpu["tokens"]);
+    let (a, b) = (cpu["loss"].as_f64().unwrap(), gpu["loss"].as_f64().unwrap());
+    assert!((a - b).abs() / a < 1e-5, "cpu {a} vs gpu {b}");
+}
