@@ -478,19 +478,35 @@ fn context<'a>(
     }
 }
 
+/// What the forward keeps of a layer for the backward: everything, or (gradient checkpointing) only its
+/// input and the dropout generator's state, from which the backward recomputes the rest.
+enum Kept {
+    Full(LayerSaved),
+    Checkpoint { x: Vec<f32>, rng: Option<[u64; 4]> },
+}
+
 /// Runs the decoder and returns the final normalised hidden states [tokens, hidden] with what the
 /// backward needs.
 fn decoder_forward(
     ctx: &mut Context,
     ids: &[u32],
-) -> Result<(Vec<f32>, Vec<LayerSaved>, Vec<f32>, Vec<f32>)> {
+    checkpoint: bool,
+) -> Result<(Vec<f32>, Vec<Kept>, Vec<f32>, Vec<f32>)> {
     let model = ctx.model;
     let mut x = embed(model, ids)?;
-    let mut saved = Vec::with_capacity(model.layers.len());
+    let mut kept = Vec::with_capacity(model.layers.len());
     for (l, layer) in model.layers.iter().enumerate() {
-        let (next, s) = ctx.layer_forward(l, layer, x);
-        saved.push(s);
-        x = next;
+        if checkpoint {
+            let rng = ctx.dropout_rng.as_deref().map(Rng::state);
+            let input = x.clone();
+            let (next, _) = ctx.layer_forward(l, layer, x);
+            kept.push(Kept::Checkpoint { x: input, rng });
+            x = next;
+        } else {
+            let (next, s) = ctx.layer_forward(l, layer, x);
+            kept.push(Kept::Full(s));
+            x = next;
+        }
     }
     let (xf, inv_f) = rms(
         &x,
@@ -498,14 +514,23 @@ fn decoder_forward(
         model.config.hidden_size,
         model.config.rms_norm_eps,
     );
-    Ok((xf, saved, x, inv_f))
+    Ok((xf, kept, x, inv_f))
 }
 
 /// Logits [tokens, vocab] of a sequence (for evaluation of small models and parity tests).
 pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Result<Vec<f32>> {
     let mut ctx = context(model, adapter, None, ids.len());
-    let (xf, _, _, _) = decoder_forward(&mut ctx, ids)?;
+    let (xf, _, _, _) = decoder_forward(&mut ctx, ids, false)?;
     Ok(cross_entropy::logits(&xf, lm_head(model)))
+}
+
+/// How a training step runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOptions {
+    /// The gradients computed are those of grad_scale · Σ loss.
+    pub grad_scale: f32,
+    /// Keep only each decoder layer's input in the forward and recompute the layer in the backward.
+    pub checkpoint: bool,
 }
 
 /// Forward over one sequence; with `grads`, also the backward, adding ∂(grad_scale · loss_sum)/∂θ into
@@ -513,11 +538,28 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
 pub fn forward_backward(
     model: &Model,
     adapter: Option<&LoraAdapter>,
-    mut grads: Option<&mut LoraAdapter>,
+    grads: Option<&mut LoraAdapter>,
     seq: &Sequence,
     grad_scale: f32,
     dropout_rng: Option<&mut Rng>,
 ) -> Result<StepLoss> {
+    let options = StepOptions {
+        grad_scale,
+        checkpoint: false,
+    };
+    forward_backward_with(model, adapter, grads, seq, options, dropout_rng)
+}
+
+/// `forward_backward` with every option.
+pub fn forward_backward_with(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    mut grads: Option<&mut LoraAdapter>,
+    seq: &Sequence,
+    options: StepOptions,
+    dropout_rng: Option<&mut Rng>,
+) -> Result<StepLoss> {
+    let grad_scale = options.grad_scale;
     if seq.ids.len() != seq.targets.len() {
         return Err(Error::Invalid(
             "a sequence needs one target slot per token".into(),
@@ -531,7 +573,7 @@ pub fn forward_backward(
     }
     let h = model.config.hidden_size;
     let mut ctx = context(model, adapter, dropout_rng, seq.ids.len());
-    let (xf, saved, x_last, inv_f) = decoder_forward(&mut ctx, &seq.ids)?;
+    let (xf, kept, x_last, inv_f) = decoder_forward(&mut ctx, &seq.ids, options.checkpoint)?;
     let positions: Vec<usize> = (0..seq.ids.len())
         .filter(|&t| seq.targets[t].is_some())
         .collect();
@@ -573,8 +615,23 @@ pub fn forward_backward(
         h,
         model.config.rms_norm_eps,
     );
+    // A recomputed forward draws the same dropout masks as the first one; afterwards the generator is put
+    // back where the whole forward left it, so checkpointing does not change what later steps draw.
+    let rng_after_forward = ctx.dropout_rng.as_deref().map(Rng::state);
     for (l, layer) in model.layers.iter().enumerate().rev() {
-        dx = ctx.layer_backward(l, layer, &saved[l], dx, &mut grads);
+        dx = match &kept[l] {
+            Kept::Full(saved) => ctx.layer_backward(l, layer, saved, dx, &mut grads),
+            Kept::Checkpoint { x, rng } => {
+                if let (Some(r), Some(state)) = (ctx.dropout_rng.as_deref_mut(), rng) {
+                    *r = Rng::from_state(*state);
+                }
+                let (_, saved) = ctx.layer_forward(l, layer, x.clone());
+                ctx.layer_backward(l, layer, &saved, dx, &mut grads)
+            }
+        };
+    }
+    if let (Some(r), Some(state)) = (ctx.dropout_rng.as_deref_mut(), rng_after_forward) {
+        *r = Rng::from_state(state);
     }
     Ok(loss)
 }
