@@ -6,8 +6,8 @@
 //! Prints one line per case: GFLOP/s = 2·rows·in·out / seconds (median of several runs).
 
 use nibble::model::LinearWeight;
-use nibble::ops::linear;
 use nibble::ops::matmul::{View, matmul_into};
+use nibble::ops::{Precision, linear};
 use nibble::quant::{QuantFormat, QuantSpec, QuantTensor};
 use nibble::rng::Rng;
 use std::time::Instant;
@@ -51,8 +51,12 @@ fn main() {
             let mut y = vec![0f32; rows * out];
             let mut dx = vec![0f32; rows * inp];
             let flops = 2.0 * rows as f64 * inp as f64 * out as f64;
-            let fwd = median_seconds(|| linear::forward(&x, &q, None, &mut y));
-            let bwd = median_seconds(|| linear::backward_input(&dy, &q, &mut dx, false));
+            let fwd = median_seconds(|| linear::forward(&x, &q, None, &mut y, Precision::F32));
+            let bwd =
+                median_seconds(|| linear::backward_input(&dy, &q, &mut dx, false, Precision::F32));
+            let fwd16 = median_seconds(|| linear::forward(&x, &q, None, &mut y, Precision::Bf16));
+            let bwd16 =
+                median_seconds(|| linear::backward_input(&dy, &q, &mut dx, false, Precision::Bf16));
             let dense = median_seconds(|| {
                 matmul_into(
                     View::new(&x, rows, inp),
@@ -65,9 +69,11 @@ fn main() {
                 )
             });
             println!(
-                "{out:>8} {inp:>8} {rows:>5} | {:>8.1} GF/s {:>8.1} GF/s {:>8.1} GF/s",
+                "{out:>8} {inp:>8} {rows:>5} | {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s",
                 flops / fwd / 1e9,
                 flops / bwd / 1e9,
+                flops / fwd16 / 1e9,
+                flops / bwd16 / 1e9,
                 flops / dense / 1e9
             );
         }

@@ -4,36 +4,68 @@
 //!     cargo run --release -- synth --preset qwen2.5-0.5b --output /tmp/q05
 //!     NIBBLE_BENCH_MODEL=/tmp/q05 cargo bench --bench cpu_step
 
-use nibble::cpu::{self, Sequence};
+use nibble::cpu::{self, Sequence, StepOptions};
 use nibble::lora::{LoraAdapter, LoraConfig};
 use nibble::model::{ModelSource, QuantRequest};
+use nibble::ops::Precision;
 use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::rng::Rng;
 use std::time::Instant;
 
 fn main() {
     let Some(path) = std::env::var_os("NIBBLE_BENCH_MODEL") else {
-        eprintln!("set NIBBLE_BENCH_MODEL to a model folder (see the header of benches/cpu_step.rs)");
+        eprintln!(
+            "set NIBBLE_BENCH_MODEL to a model folder (see the header of benches/cpu_step.rs)"
+        );
         return;
     };
     let source = ModelSource::open(std::path::Path::new(&path)).unwrap();
-    let model = source.load(Some(QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap()))).unwrap();
+    let model = source
+        .load(Some(QuantRequest::Quantize(
+            QuantSpec::new(QuantFormat::Nf4, 64).unwrap(),
+        )))
+        .unwrap();
     let mut rng = Rng::new(0);
     let adapter = LoraAdapter::init(&model.config, LoraConfig::default(), &mut rng);
-    println!("threads: {}, LoRA parameters: {}", rayon::current_num_threads(), adapter.parameter_count());
-    for tokens in [64, 256] {
+    println!(
+        "threads: {}, LoRA parameters: {}",
+        rayon::current_num_threads(),
+        adapter.parameter_count()
+    );
+    for (precision, tokens) in [
+        (Precision::F32, 64),
+        (Precision::F32, 256),
+        (Precision::fastest(), 64),
+        (Precision::fastest(), 256),
+    ] {
         let ids: Vec<u32> = (0..tokens).map(|_| rng.below(150000) as u32).collect();
         let seq = Sequence::all_tokens(ids);
         let mut times = Vec::new();
         for _ in 0..4 {
             let mut grads = adapter.zeros_like();
             let t = Instant::now();
-            cpu::forward_backward(&model, Some(&adapter), Some(&mut grads), &seq, 1.0, Some(&mut rng)).unwrap();
+            let options = StepOptions {
+                grad_scale: 1.0,
+                checkpoint: false,
+                precision,
+            };
+            cpu::forward_backward_with(
+                &model,
+                Some(&adapter),
+                Some(&mut grads),
+                &seq,
+                options,
+                Some(&mut rng),
+            )
+            .unwrap();
             times.push(t.elapsed().as_secs_f64());
         }
         times.remove(0); // warm-up
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let median = times[times.len() / 2];
-        println!("{tokens:>4} tokens: {median:.3} s per forward+backward, {:.0} tokens/s", tokens as f64 / median);
+        println!(
+            "{precision:?} {tokens:>4} tokens: {median:.3} s per forward+backward, {:.0} tokens/s",
+            tokens as f64 / median
+        );
     }
 }

@@ -9,7 +9,7 @@ use crate::model::{DenseTensor, Layer, Linear, Model};
 use crate::ops::attention::{self, AttentionShape};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{cross_entropy, linear, rope, swiglu};
+use crate::ops::{Precision, cross_entropy, linear, rope, swiglu};
 use crate::rng::Rng;
 
 /// One training sequence: token ids and, for each position, the token it must predict (None: no loss).
@@ -77,6 +77,7 @@ struct Context<'a> {
     cos: Vec<f32>,
     sin: Vec<f32>,
     tokens: usize,
+    precision: Precision,
 }
 
 fn config_of(model: &Model) -> &ModelConfig {
@@ -133,7 +134,7 @@ impl<'a> Context<'a> {
     ) -> (Vec<f32>, Option<LinearSaved>) {
         let (out, inp) = lin.weight.shape();
         let mut y = vec![0f32; self.tokens * out];
-        linear::forward(x, &lin.weight, lin.bias.as_deref(), &mut y);
+        linear::forward(x, &lin.weight, lin.bias.as_deref(), &mut y, self.precision);
         let Some((pair, scale, p)) = self.lora(layer, lin.kind) else {
             return (y, None);
         };
@@ -186,7 +187,7 @@ impl<'a> Context<'a> {
         dx: &mut [f32],
         grads: &mut Option<&mut LoraAdapter>,
     ) {
-        linear::backward_input(dy, &lin.weight, dx, true);
+        linear::backward_input(dy, &lin.weight, dx, true, self.precision);
         let (Some((pair, scale, p)), Some(saved)) = (self.lora(layer, lin.kind), saved) else {
             return;
         };
@@ -461,6 +462,7 @@ fn context<'a>(
     adapter: Option<&'a LoraAdapter>,
     dropout_rng: Option<&'a mut Rng>,
     tokens: usize,
+    precision: Precision,
 ) -> Context<'a> {
     let c = &model.config;
     let positions: Vec<u32> = (0..tokens as u32).collect();
@@ -475,6 +477,7 @@ fn context<'a>(
         cos,
         sin,
         tokens,
+        precision,
     }
 }
 
@@ -519,9 +522,9 @@ fn decoder_forward(
 
 /// Logits [tokens, vocab] of a sequence (for evaluation of small models and parity tests).
 pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Result<Vec<f32>> {
-    let mut ctx = context(model, adapter, None, ids.len());
+    let mut ctx = context(model, adapter, None, ids.len(), Precision::F32);
     let (xf, _, _, _) = decoder_forward(&mut ctx, ids, false)?;
-    Ok(cross_entropy::logits(&xf, lm_head(model)))
+    Ok(cross_entropy::logits(&xf, lm_head(model), Precision::F32))
 }
 
 /// How a training step runs.
@@ -531,6 +534,8 @@ pub struct StepOptions {
     pub grad_scale: f32,
     /// Keep only each decoder layer's input in the forward and recompute the layer in the backward.
     pub checkpoint: bool,
+    /// Arithmetic of the frozen-weight products.
+    pub precision: Precision,
 }
 
 /// Forward over one sequence; with `grads`, also the backward, adding ∂(grad_scale · loss_sum)/∂θ into
@@ -546,6 +551,7 @@ pub fn forward_backward(
     let options = StepOptions {
         grad_scale,
         checkpoint: false,
+        precision: Precision::F32,
     };
     forward_backward_with(model, adapter, grads, seq, options, dropout_rng)
 }
@@ -572,7 +578,13 @@ pub fn forward_backward_with(
         )));
     }
     let h = model.config.hidden_size;
-    let mut ctx = context(model, adapter, dropout_rng, seq.ids.len());
+    let mut ctx = context(
+        model,
+        adapter,
+        dropout_rng,
+        seq.ids.len(),
+        options.precision,
+    );
     let (xf, kept, x_last, inv_f) = decoder_forward(&mut ctx, &seq.ids, options.checkpoint)?;
     let positions: Vec<usize> = (0..seq.ids.len())
         .filter(|&t| seq.targets[t].is_some())
@@ -585,7 +597,7 @@ pub fn forward_backward_with(
         .iter()
         .flat_map(|&t| xf[t * h..(t + 1) * h].iter().copied())
         .collect();
-    let (losses, lse) = cross_entropy::forward(&hidden, lm_head(model), &labels);
+    let (losses, lse) = cross_entropy::forward(&hidden, lm_head(model), &labels, options.precision);
     let loss = StepLoss {
         loss_sum: losses.iter().map(|&l| l as f64).sum(),
         targets: positions.len(),
@@ -602,6 +614,7 @@ pub fn forward_backward_with(
         &lse,
         grad_scale,
         &mut d_hidden,
+        options.precision,
     );
     let mut dxf = vec![0f32; xf.len()];
     for (i, &t) in positions.iter().enumerate() {

@@ -70,6 +70,8 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
         "nf4",
         "--device",
         "cpu",
+        "--precision",
+        "f32",
     ]);
     assert!(
         out.status.success(),
@@ -95,6 +97,28 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
         "eval loss {got} vs reference {loss}"
     );
     assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() / loss.exp() < 1e-5);
+
+    // The default precision (bf16 products where the CPU has them) stays within 1e-3 of float32.
+    let out = nibble(&[
+        "eval",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data_path.to_str().unwrap(),
+        "--quant",
+        "nf4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fast: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fast_loss = fast["loss"].as_f64().unwrap();
+    assert!(
+        (fast_loss - loss).abs() / loss < 1e-3,
+        "default precision loss {fast_loss} vs f32 {loss}"
+    );
 }
 
 #[test]

@@ -178,6 +178,8 @@ fn eval_on_gpu_agrees_with_cpu() {
                 "int4",
                 "--group-size",
                 "32",
+                "--precision",
+                "f32",
             ])
             .env("RUST_LOG", "warn")
             .output()

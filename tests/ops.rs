@@ -106,7 +106,7 @@ fn swiglu_forward_and_backward_match_references() {
 use nibble::config::RopeScaling;
 use nibble::model::{DenseData, DenseTensor, LinearWeight};
 use nibble::ops::attention::{self, AttentionShape};
-use nibble::ops::{cross_entropy, linear, rope};
+use nibble::ops::{Precision, bf16_gemm, cross_entropy, linear, rope};
 use nibble::quant::{QuantFormat, QuantSpec, QuantTensor};
 
 fn attention_reference(s: AttentionShape, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
@@ -301,7 +301,7 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
     let labels: Vec<u32> = (0..positions)
         .map(|_| rng.below(vocab as u64) as u32)
         .collect();
-    let (losses, lse) = cross_entropy::forward(&hidden, &head, &labels);
+    let (losses, lse) = cross_entropy::forward(&hidden, &head, &labels, Precision::F32);
     let h64: Vec<f64> = hidden.iter().map(|&v| v as f64).collect();
     let e = rel_err(
         &losses,
@@ -310,7 +310,15 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
     assert!(e < 1e-6, "cross-entropy forward: {e:e}");
 
     let mut d_hidden = vec![0f32; hidden.len()];
-    cross_entropy::backward(&hidden, &head, &labels, &lse, 0.5, &mut d_hidden);
+    cross_entropy::backward(
+        &hidden,
+        &head,
+        &labels,
+        &lse,
+        0.5,
+        &mut d_hidden,
+        Precision::F32,
+    );
     let weights = vec![0.5f32; positions];
     let fd = finite_diff(&hidden, &weights, |x| {
         cross_entropy_reference(x, &w, vocab, dim, &labels)
@@ -332,7 +340,7 @@ fn linear_on_packed_weights_matches_dequantized_f64_products() {
         let deq = q.dequantize();
         let weight = LinearWeight::Quant(q);
         let mut y = vec![0f32; tokens * out];
-        linear::forward(&x, &weight, Some(&bias), &mut y);
+        linear::forward(&x, &weight, Some(&bias), &mut y, Precision::F32);
         let reference: Vec<f64> = (0..tokens * out)
             .map(|i| {
                 let (t, o) = (i / out, i % out);
@@ -347,7 +355,7 @@ fn linear_on_packed_weights_matches_dequantized_f64_products() {
 
         let dy = random(tokens * out, 1.0, &mut rng);
         let mut dx = vec![0f32; tokens * inp];
-        linear::backward_input(&dy, &weight, &mut dx, false);
+        linear::backward_input(&dy, &weight, &mut dx, false, Precision::F32);
         let reference: Vec<f64> = (0..tokens * inp)
             .map(|i| {
                 let (t, c) = (i / inp, i % inp);
@@ -397,5 +405,115 @@ fn adamw_follows_torch_algorithm_over_several_steps() {
     assert!(
         adamw::clip_coefficient(0.5, 1.0) == 1.0
             && (adamw::clip_coefficient(4.0, 1.0) - 0.25).abs() < 1e-6
+    );
+}
+
+fn bf16_round(v: &[f32]) -> Vec<f64> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32() as f64)
+        .collect()
+}
+
+#[test]
+fn bf16_kernels_compute_exact_products_of_rounded_operands() {
+    if !bf16_gemm::available() {
+        eprintln!("skipping: this CPU has no AVX512-BF16");
+        return;
+    }
+    let mut rng = Rng::new(17);
+    // Remainders everywhere: m not a multiple of 8, k odd, n not a multiple of 32.
+    let (m, k, n) = (13, 37, 45);
+    let a = random(m * k, 1.0, &mut rng);
+    let w = DenseTensor {
+        rows: n + 7,
+        cols: k,
+        data: DenseData::F32(random((n + 7) * k, 1.0, &mut rng)),
+    };
+    let DenseData::F32(wv) = &w.data else {
+        unreachable!()
+    };
+    let (a64, w64) = (bf16_round(&a), bf16_round(wv));
+    // C = A·W[5..5+n]ᵀ written at column 3 of a wider C, accumulated into.
+    let ldc = n + 5;
+    let mut c = random(m * ldc, 1.0, &mut rng);
+    let before = c.clone();
+    bf16_gemm::matmul_a_rows_t(
+        &bf16_gemm::PackedA::new(&a, m, k),
+        &w,
+        5,
+        n,
+        &mut c,
+        ldc,
+        3,
+        true,
+    );
+    for i in 0..m {
+        for j in 0..ldc {
+            let expected = if (3..3 + n).contains(&j) {
+                before[i * ldc + j] as f64
+                    + (0..k)
+                        .map(|q| a64[i * k + q] * w64[(j - 3 + 5) * k + q])
+                        .sum::<f64>()
+            } else {
+                before[i * ldc + j] as f64
+            };
+            let got = c[i * ldc + j] as f64;
+            assert!(
+                (got - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+                "A·Wᵀ ({i}, {j}): {got} vs {expected}"
+            );
+        }
+    }
+    // C = B·W[2..2+kb] with B [m, kb]: k runs along W's rows.
+    let kb = 19;
+    let bmat = random(m * kb, 1.0, &mut rng);
+    let b64 = bf16_round(&bmat);
+    let mut c = vec![0f32; m * k];
+    bf16_gemm::matmul_a_rows(
+        &bf16_gemm::PackedA::new(&bmat, m, kb),
+        &w,
+        2,
+        &mut c,
+        k,
+        0,
+        false,
+    );
+    let reference: Vec<f64> = (0..m * k)
+        .map(|i| {
+            (0..kb)
+                .map(|q| b64[(i / k) * kb + q] * w64[(2 + q) * k + i % k])
+                .sum()
+        })
+        .collect();
+    let e = rel_err(&c, &reference);
+    assert!(e < 1e-6, "B·W: {e:e}");
+}
+
+#[test]
+fn bf16_linear_stays_close_to_f32() {
+    if !bf16_gemm::available() {
+        eprintln!("skipping: this CPU has no AVX512-BF16");
+        return;
+    }
+    let mut rng = Rng::new(18);
+    let (tokens, inp, out) = (70, 256, 300);
+    let w = random(out * inp, 0.05, &mut rng);
+    let q = LinearWeight::Quant(
+        QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap(), out, inp, &w).unwrap(),
+    );
+    let x = random(tokens * inp, 1.0, &mut rng);
+    let dy = random(tokens * out, 1.0, &mut rng);
+    let (mut y32, mut y16) = (vec![0f32; tokens * out], vec![0f32; tokens * out]);
+    linear::forward(&x, &q, None, &mut y32, Precision::F32);
+    linear::forward(&x, &q, None, &mut y16, Precision::Bf16);
+    let (mut d32, mut d16) = (vec![0f32; tokens * inp], vec![0f32; tokens * inp]);
+    linear::backward_input(&dy, &q, &mut d32, false, Precision::F32);
+    linear::backward_input(&dy, &q, &mut d16, false, Precision::Bf16);
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    // bf16 keeps 8 bits of mantissa: a relative rounding error of at most 2^-9 per operand.
+    let (ef, eb) = (rel_err(&y16, &to64(&y32)), rel_err(&d16, &to64(&d32)));
+    assert!(
+        ef < 5e-3 && eb < 5e-3,
+        "bf16 vs f32: forward {ef:e}, backward {eb:e}"
     );
 }

@@ -3,6 +3,8 @@
 //! that carry a label.
 
 use crate::model::DenseTensor;
+use crate::ops::Precision;
+use crate::ops::bf16_gemm;
 use crate::ops::matmul::{View, matmul_into};
 use rayon::prelude::*;
 
@@ -17,30 +19,69 @@ fn head_rows_f32(head: &DenseTensor, start: usize, count: usize) -> Vec<f32> {
     w
 }
 
+/// The hidden states in the form each precision multiplies them in.
+enum Hidden<'a> {
+    F32(&'a [f32]),
+    Bf16(bf16_gemm::PackedA),
+}
+
+impl<'a> Hidden<'a> {
+    fn new(hidden: &'a [f32], positions: usize, dim: usize, precision: Precision) -> Self {
+        match precision {
+            Precision::F32 => Hidden::F32(hidden),
+            Precision::Bf16 => Hidden::Bf16(bf16_gemm::PackedA::new(hidden, positions, dim)),
+        }
+    }
+
+    /// logits[positions, n] = hidden · head[start..start + n]ᵀ
+    fn chunk_logits(&self, head: &DenseTensor, start: usize, n: usize, logits: &mut [f32]) {
+        let dim = head.cols;
+        match self {
+            Hidden::F32(h) => {
+                let w = head_rows_f32(head, start, n);
+                let positions = h.len() / dim;
+                matmul_into(
+                    View::new(h, positions, dim),
+                    View::transposed(&w, n, dim),
+                    1.0,
+                    logits,
+                    n,
+                    0,
+                    false,
+                );
+            }
+            Hidden::Bf16(packed) => {
+                bf16_gemm::matmul_a_rows_t(packed, head, start, n, logits, n, 0, false)
+            }
+        }
+    }
+}
+
 /// Calls `f(chunk_start, chunk_len, logits [positions, chunk_len])` for each vocabulary chunk.
-fn for_each_chunk(hidden: &[f32], head: &DenseTensor, mut f: impl FnMut(usize, usize, &[f32])) {
-    let dim = head.cols;
-    let positions = hidden.len() / dim;
+fn for_each_chunk(
+    hidden: &[f32],
+    head: &DenseTensor,
+    precision: Precision,
+    mut f: impl FnMut(usize, usize, &[f32]),
+) {
+    let positions = hidden.len() / head.cols;
+    let h = Hidden::new(hidden, positions, head.cols, precision);
     let mut logits = Vec::new();
     for start in (0..head.rows).step_by(VOCAB_CHUNK) {
         let n = VOCAB_CHUNK.min(head.rows - start);
-        let w = head_rows_f32(head, start, n);
         logits.resize(positions * n, 0.0);
-        matmul_into(
-            View::new(hidden, positions, dim),
-            View::transposed(&w, n, dim),
-            1.0,
-            &mut logits,
-            n,
-            0,
-            false,
-        );
+        h.chunk_logits(head, start, n, &mut logits);
         f(start, n, &logits);
     }
 }
 
 /// Per-position loss −log softmax(h·Wᵀ)[label] and the log-sum-exp the backward needs.
-pub fn forward(hidden: &[f32], head: &DenseTensor, labels: &[u32]) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(
+    hidden: &[f32],
+    head: &DenseTensor,
+    labels: &[u32],
+    precision: Precision,
+) -> (Vec<f32>, Vec<f32>) {
     let positions = labels.len();
     assert_eq!(
         hidden.len(),
@@ -50,7 +91,7 @@ pub fn forward(hidden: &[f32], head: &DenseTensor, labels: &[u32]) -> (Vec<f32>,
     let mut max = vec![f32::NEG_INFINITY; positions];
     let mut sum = vec![0f32; positions];
     let mut label_logit = vec![0f32; positions];
-    for_each_chunk(hidden, head, |start, n, logits| {
+    for_each_chunk(hidden, head, precision, |start, n, logits| {
         for p in 0..positions {
             let row = &logits[p * n..(p + 1) * n];
             let chunk_max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -78,24 +119,17 @@ pub fn backward(
     lse: &[f32],
     grad_scale: f32,
     d_hidden: &mut [f32],
+    precision: Precision,
 ) {
     let positions = labels.len();
     let dim = head.cols;
     d_hidden.fill(0.0);
+    let h = Hidden::new(hidden, positions, dim, precision);
     let mut dlogits = Vec::new();
     for start in (0..head.rows).step_by(VOCAB_CHUNK) {
         let n = VOCAB_CHUNK.min(head.rows - start);
-        let w = head_rows_f32(head, start, n);
         dlogits.resize(positions * n, 0.0);
-        matmul_into(
-            View::new(hidden, positions, dim),
-            View::transposed(&w, n, dim),
-            1.0,
-            &mut dlogits,
-            n,
-            0,
-            false,
-        );
+        h.chunk_logits(head, start, n, &mut dlogits);
         dlogits.par_chunks_mut(n).enumerate().for_each(|(p, row)| {
             for x in row.iter_mut() {
                 *x = (*x - lse[p]).exp() * grad_scale;
@@ -105,24 +139,33 @@ pub fn backward(
                 row[label - start] -= grad_scale;
             }
         });
-        matmul_into(
-            View::new(&dlogits, positions, n),
-            View::new(&w, n, dim),
-            1.0,
-            d_hidden,
-            dim,
-            0,
-            true,
-        );
+        match precision {
+            Precision::Bf16 => {
+                let a = bf16_gemm::PackedA::new(&dlogits, positions, n);
+                bf16_gemm::matmul_a_rows(&a, head, start, d_hidden, dim, 0, true);
+            }
+            Precision::F32 => {
+                let w = head_rows_f32(head, start, n);
+                matmul_into(
+                    View::new(&dlogits, positions, n),
+                    View::new(&w, n, dim),
+                    1.0,
+                    d_hidden,
+                    dim,
+                    0,
+                    true,
+                );
+            }
+        }
     }
 }
 
 /// Full logits [positions, vocab] (for evaluation of small models and tests).
-pub fn logits(hidden: &[f32], head: &DenseTensor) -> Vec<f32> {
+pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f32> {
     let positions = hidden.len() / head.cols;
     let mut out = vec![0f32; positions * head.rows];
     let vocab = head.rows;
-    for_each_chunk(hidden, head, |start, n, chunk| {
+    for_each_chunk(hidden, head, precision, |start, n, chunk| {
         for p in 0..positions {
             out[p * vocab + start..p * vocab + start + n]
                 .copy_from_slice(&chunk[p * n..(p + 1) * n]);

@@ -2,6 +2,8 @@
 //! unpacked a block of output rows at a time into an f32 tile that every row of x reuses.
 
 use crate::model::LinearWeight;
+use crate::ops::Precision;
+use crate::ops::bf16_gemm;
 use crate::ops::matmul::{View, matmul_into};
 use rayon::prelude::*;
 
@@ -30,24 +32,43 @@ impl LinearWeight {
     }
 }
 
-pub fn forward(x: &[f32], w: &LinearWeight, bias: Option<&[f32]>, y: &mut [f32]) {
+pub fn forward(
+    x: &[f32],
+    w: &LinearWeight,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    precision: Precision,
+) {
     let (out, inp) = w.shape();
     let tokens = x.len() / inp;
     assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
     assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
-    let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
-    for start in (0..out).step_by(BLOCK_ROWS) {
-        let n = BLOCK_ROWS.min(out - start);
-        w.rows_f32(start, n, &mut tile);
-        matmul_into(
-            View::new(x, tokens, inp),
-            View::transposed(&tile[..n * inp], n, inp),
-            1.0,
-            y,
-            out,
-            start,
-            false,
-        );
+    match precision {
+        Precision::Bf16 => {
+            // W is decoded straight into bf16 panels, a block of output rows at a time.
+            let px = bf16_gemm::PackedA::new(x, tokens, inp);
+            for start in (0..out).step_by(BLOCK_ROWS) {
+                let n = BLOCK_ROWS.min(out - start);
+                bf16_gemm::matmul_a_rows_t(&px, w, start, n, y, out, start, false);
+            }
+        }
+        Precision::F32 => {
+            let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
+            for start in (0..out).step_by(BLOCK_ROWS) {
+                let n = BLOCK_ROWS.min(out - start);
+                w.rows_f32(start, n, &mut tile);
+                let tile = &tile[..n * inp];
+                matmul_into(
+                    View::new(x, tokens, inp),
+                    View::transposed(tile, n, inp),
+                    1.0,
+                    y,
+                    out,
+                    start,
+                    false,
+                );
+            }
+        }
     }
     if let Some(b) = bias {
         y.par_chunks_mut(out)
@@ -56,25 +77,59 @@ pub fn forward(x: &[f32], w: &LinearWeight, bias: Option<&[f32]>, y: &mut [f32])
 }
 
 /// dx (+)= dy·W.
-pub fn backward_input(dy: &[f32], w: &LinearWeight, dx: &mut [f32], accumulate: bool) {
+pub fn backward_input(
+    dy: &[f32],
+    w: &LinearWeight,
+    dx: &mut [f32],
+    accumulate: bool,
+    precision: Precision,
+) {
     let (out, inp) = w.shape();
     let tokens = dy.len() / out;
     assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
     if !accumulate {
         dx.fill(0.0);
     }
-    let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
+    let mut tile = vec![
+        0f32;
+        if precision == Precision::F32 {
+            BLOCK_ROWS.min(out) * inp
+        } else {
+            0
+        }
+    ];
     for start in (0..out).step_by(BLOCK_ROWS) {
         let n = BLOCK_ROWS.min(out - start);
-        w.rows_f32(start, n, &mut tile);
-        matmul_into(
-            View::columns(dy, tokens, out, start, n),
-            View::new(&tile[..n * inp], n, inp),
-            1.0,
-            dx,
-            inp,
-            0,
-            true,
-        );
+        match precision {
+            Precision::Bf16 => {
+                // The bf16 kernel reads a contiguous left operand: this block's columns of dy.
+                let dy_block: Vec<f32> = dy
+                    .chunks(out)
+                    .flat_map(|row| row[start..start + n].iter().copied())
+                    .collect();
+                bf16_gemm::matmul_a_rows(
+                    &bf16_gemm::PackedA::new(&dy_block, tokens, n),
+                    w,
+                    start,
+                    dx,
+                    inp,
+                    0,
+                    true,
+                );
+            }
+            Precision::F32 => {
+                w.rows_f32(start, n, &mut tile);
+                let tile = &tile[..n * inp];
+                matmul_into(
+                    View::columns(dy, tokens, out, start, n),
+                    View::new(tile, n, inp),
+                    1.0,
+                    dx,
+                    inp,
+                    0,
+                    true,
+                );
+            }
+        }
     }
 }

@@ -4,9 +4,31 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16_gemm;
 pub mod cross_entropy;
 pub mod linear;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
+
+/// Arithmetic of the frozen-weight products (the decoder linears and the output projection).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// float32 everywhere: what parity tests use.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products accumulated in f32 (AVX512-BF16 CPUs).
+    Bf16,
+}
+
+impl Precision {
+    /// The fastest precision this machine runs.
+    pub fn fastest() -> Self {
+        if bf16_gemm::available() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+}

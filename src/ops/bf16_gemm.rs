@@ -1,0 +1,336 @@
+//! Mixed-precision products for the frozen-weight matmuls on CPUs with AVX512-BF16: operands rounded to
+//! bf16, products accumulated in f32 with `vdpbf16ps` (two multiply-adds per lane per instruction, twice
+//! the f32 FMA rate). Used by the default precision; `--precision f32` never comes here.
+//!
+//! The right-hand operand is packed into panels of 32 columns: for each pair of k indices, the 32
+//! columns' two values lie side by side (64 bf16 = two 512-bit registers), which is the layout
+//! `vdpbf16ps` consumes. The left operand is rounded to bf16 pairs along k and broadcast.
+
+use crate::model::{DenseData, DenseTensor, LinearWeight};
+use crate::quant::{NF4_CODES, QuantFormat};
+use rayon::prelude::*;
+
+const NR: usize = 32;
+const MR: usize = 8;
+
+/// Whether this CPU can run the bf16 kernels.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// bf16 bits of `x`, rounded to nearest even (as `vcvtne2ps2bf16` rounds).
+fn bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// B [k, n] packed in 32-column panels of k-pairs.
+struct Panel {
+    n: usize,
+    k_pairs: usize,
+    data: Vec<u16>,
+}
+
+impl Panel {
+    fn blocks(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+}
+
+/// A matrix whose rows can be read as bf16 bits: frozen weights, packed or dense.
+pub trait Bf16Rows: Sync {
+    fn cols(&self) -> usize;
+    /// bf16 bits of row `row`, columns `c0..c0 + out.len()` (a 32-aligned slice, or the whole row).
+    fn row_bf16(&self, row: usize, c0: usize, out: &mut [u16]);
+}
+
+impl Bf16Rows for LinearWeight {
+    fn cols(&self) -> usize {
+        self.shape().1
+    }
+
+    fn row_bf16(&self, row: usize, c0: usize, out: &mut [u16]) {
+        match self {
+            LinearWeight::Dense(d) => d.row_bf16(row, c0, out),
+            LinearWeight::Quant(q) => {
+                let (g, cols) = (q.spec.group_size, q.cols);
+                let groups = cols / g;
+                let mut c = c0;
+                while c < c0 + out.len() {
+                    let len = (g - c % g).min(c0 + out.len() - c);
+                    // One 16-entry table per group turns each code into its bf16 value with a lookup,
+                    // identical to rounding the f32 dequantized value.
+                    let gi = row * groups + c / g;
+                    let scale = q.scales[gi];
+                    let lut: [u16; 16] = std::array::from_fn(|code| {
+                        let v = match q.spec.format {
+                            QuantFormat::Nf4 => NF4_CODES[code] * scale,
+                            QuantFormat::Int4 => q.mins[gi] + code as f32 * scale,
+                        };
+                        bf16_bits(v)
+                    });
+                    for (i, o) in out[c - c0..c - c0 + len].iter_mut().enumerate() {
+                        let col = c + i;
+                        let word = q.packed[(row * cols + col) / 8];
+                        *o = lut[((word >> (4 * (col % 8))) & 0xF) as usize];
+                    }
+                    c += len;
+                }
+            }
+        }
+    }
+}
+
+impl Bf16Rows for DenseTensor {
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn row_bf16(&self, row: usize, c0: usize, out: &mut [u16]) {
+        let start = row * self.cols + c0;
+        let range = start..start + out.len();
+        match &self.data {
+            DenseData::BF16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, x)| *o = x.to_bits()),
+            DenseData::F16(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, x)| *o = bf16_bits(x.to_f32())),
+            DenseData::F32(v) => out
+                .iter_mut()
+                .zip(&v[range])
+                .for_each(|(o, x)| *o = bf16_bits(*x)),
+        }
+    }
+}
+
+impl Panel {
+    /// The panel of Wᵀ for rows `start..start + n` of W: column j is W's row start + j; k runs along W's
+    /// columns. Used for x·Wᵀ.
+    fn of_rows_transposed(w: &impl Bf16Rows, start: usize, n: usize) -> Self {
+        let k = w.cols();
+        let k_pairs = k.div_ceil(2);
+        let mut data = vec![0u16; n.div_ceil(NR) * k_pairs * 2 * NR];
+        data.par_chunks_mut(k_pairs * 2 * NR)
+            .enumerate()
+            .for_each_init(
+                || vec![0u16; k],
+                |row, (jb, block)| {
+                    for i in 0..NR.min(n - jb * NR) {
+                        w.row_bf16(start + jb * NR + i, 0, row);
+                        for (q, &bits) in row.iter().enumerate() {
+                            block[(q / 2) * 2 * NR + 2 * i + q % 2] = bits;
+                        }
+                    }
+                },
+            );
+        Panel { n, k_pairs, data }
+    }
+
+    /// The panel of W's rows `start..start + kn` as the k dimension; columns are W's columns. Used for
+    /// dy·W.
+    fn of_rows(w: &impl Bf16Rows, start: usize, kn: usize) -> Self {
+        let n = w.cols();
+        let k_pairs = kn.div_ceil(2);
+        let mut data = vec![0u16; n.div_ceil(NR) * k_pairs * 2 * NR];
+        data.par_chunks_mut(k_pairs * 2 * NR)
+            .enumerate()
+            .for_each_init(
+                || vec![0u16; NR],
+                |slice, (jb, block)| {
+                    let cols = NR.min(n - jb * NR);
+                    for kk in 0..kn {
+                        w.row_bf16(start + kk, jb * NR, &mut slice[..cols]);
+                        for (i, &bits) in slice[..cols].iter().enumerate() {
+                            block[(kk / 2) * 2 * NR + 2 * i + kk % 2] = bits;
+                        }
+                    }
+                },
+            );
+        Panel { n, k_pairs, data }
+    }
+}
+
+/// C (+)= A·Wᵀ for rows `start..start + n` of a frozen weight, written from column `c_col` of C.
+pub fn matmul_a_rows_t(
+    a: &PackedA,
+    w: &impl Bf16Rows,
+    start: usize,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    c_col: usize,
+    accumulate: bool,
+) {
+    gemm(
+        a,
+        &Panel::of_rows_transposed(w, start, n),
+        c,
+        ldc,
+        c_col,
+        accumulate,
+    );
+}
+
+/// C (+)= A·W[start..start + k, :] for a frozen weight (A has k columns).
+pub fn matmul_a_rows(
+    a: &PackedA,
+    w: &impl Bf16Rows,
+    start: usize,
+    c: &mut [f32],
+    ldc: usize,
+    c_col: usize,
+    accumulate: bool,
+) {
+    gemm(a, &Panel::of_rows(w, start, a.k), c, ldc, c_col, accumulate);
+}
+
+/// A [m, k] rounded to bf16, two k-neighbours per u32 (low half first): pack once, multiply by many
+/// panels.
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    pairs: Vec<u32>,
+}
+
+impl PackedA {
+    pub fn new(a: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k);
+        PackedA {
+            m,
+            k,
+            pairs: pack_a(a, m, k),
+        }
+    }
+}
+
+fn pack_a(a: &[f32], m: usize, k: usize) -> Vec<u32> {
+    let k_pairs = k.div_ceil(2);
+    let mut out = vec![0u32; m * k_pairs];
+    out.par_chunks_mut(k_pairs)
+        .enumerate()
+        .for_each(|(i, row)| {
+            let src = &a[i * k..(i + 1) * k];
+            for (kp, pair) in row.iter_mut().enumerate() {
+                let lo = bf16_bits(src[2 * kp]) as u32;
+                let hi = src.get(2 * kp + 1).map_or(0, |&v| bf16_bits(v) as u32);
+                *pair = lo | (hi << 16);
+            }
+        });
+    out
+}
+
+/// C[m, n] (+)= A[m, k]·B with B given by `b(kk, j)`; C is row-major with rows `ldc` long, written
+/// from column `c_col`. Falls back to nothing: callers check `available()` first.
+fn gemm(a: &PackedA, panel: &Panel, c: &mut [f32], ldc: usize, c_col: usize, accumulate: bool) {
+    assert!(available(), "bf16 kernels need AVX512-BF16");
+    let (m, n) = (a.m, panel.n);
+    assert_eq!(
+        a.k.div_ceil(2),
+        panel.k_pairs,
+        "bf16 gemm: inner dimensions differ"
+    );
+    assert!(
+        m == 0 || (m - 1) * ldc + c_col + n <= c.len(),
+        "bf16 gemm: C too small"
+    );
+    let a_packed = &a.pairs;
+    let k_pairs = panel.k_pairs;
+    // Each task owns MR·rows_per_task consecutive rows of C.
+    let rows_per_task = (m.div_ceil(rayon::current_num_threads() * 2))
+        .next_multiple_of(MR)
+        .max(MR);
+    c.par_chunks_mut(rows_per_task * ldc)
+        .zip(a_packed.par_chunks(rows_per_task * k_pairs))
+        .for_each(|(c_rows, a_rows)| {
+            let rows = a_rows.len() / k_pairs.max(1);
+            for i0 in (0..rows).step_by(MR) {
+                let mr = MR.min(rows - i0);
+                for jb in 0..panel.blocks() {
+                    let b = &panel.data[jb * k_pairs * 2 * NR..(jb + 1) * k_pairs * 2 * NR];
+                    let mut acc = [[0f32; NR]; MR];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `available()` was checked above, so the CPU has AVX512F and AVX512-BF16;
+                    // the kernel reads exactly `mr` rows of k_pairs words from `a_rows` and k_pairs·64
+                    // values from `b`, both of which the slices hold.
+                    unsafe {
+                        micro_kernel(
+                            &a_rows[i0 * k_pairs..(i0 + mr) * k_pairs],
+                            mr,
+                            k_pairs,
+                            b,
+                            &mut acc,
+                        );
+                    }
+                    let cols = NR.min(n - jb * NR);
+                    for (r, acc_row) in acc.iter().enumerate().take(mr) {
+                        let dst = &mut c_rows[(i0 + r) * ldc + c_col + jb * NR..][..cols];
+                        if accumulate {
+                            dst.iter_mut().zip(acc_row).for_each(|(d, v)| *d += v);
+                        } else {
+                            dst.copy_from_slice(&acc_row[..cols]);
+                        }
+                    }
+                }
+            }
+        });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn micro_kernel(a: &[u32], mr: usize, k_pairs: usize, b: &[u16], acc: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= mr * k_pairs && b.len() >= k_pairs * 2 * NR);
+    // SAFETY (for the loads below): kp < k_pairs, so b[kp·64 .. kp·64 + 64] and a[r·k_pairs + kp] are in
+    // bounds by the caller's contract (checked by the debug assertion); unaligned loads are used.
+    unsafe {
+        let mut c = [[_mm512_setzero_ps(); 2]; MR];
+        let bp = b.as_ptr();
+        if mr == MR {
+            for kp in 0..k_pairs {
+                let b0 = _mm512_loadu_si512(bp.add(kp * 2 * NR) as *const __m512i);
+                let b1 = _mm512_loadu_si512(bp.add(kp * 2 * NR + NR) as *const __m512i);
+                let (b0, b1): (__m512bh, __m512bh) =
+                    (std::mem::transmute(b0), std::mem::transmute(b1));
+                for (r, cr) in c.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                        *a.get_unchecked(r * k_pairs + kp) as i32,
+                    ));
+                    cr[0] = _mm512_dpbf16_ps(cr[0], av, b0);
+                    cr[1] = _mm512_dpbf16_ps(cr[1], av, b1);
+                }
+            }
+        } else {
+            for kp in 0..k_pairs {
+                let b0 = _mm512_loadu_si512(bp.add(kp * 2 * NR) as *const __m512i);
+                let b1 = _mm512_loadu_si512(bp.add(kp * 2 * NR + NR) as *const __m512i);
+                let (b0, b1): (__m512bh, __m512bh) =
+                    (std::mem::transmute(b0), std::mem::transmute(b1));
+                for (r, cr) in c.iter_mut().enumerate().take(mr) {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                        *a.get_unchecked(r * k_pairs + kp) as i32,
+                    ));
+                    cr[0] = _mm512_dpbf16_ps(cr[0], av, b0);
+                    cr[1] = _mm512_dpbf16_ps(cr[1], av, b1);
+                }
+            }
+        }
+        // Lane i of a dpbf16 accumulator is column i of its 16-column half: the panel stores column i's
+        // pair at positions 2i, 2i+1, which is the pair dpbf16 multiplies into lane i.
+        for (r, cr) in c.iter().enumerate().take(mr) {
+            _mm512_storeu_ps(acc[r].as_mut_ptr(), cr[0]);
+            _mm512_storeu_ps(acc[r].as_mut_ptr().add(16), cr[1]);
+        }
+    }
+}
