@@ -2,14 +2,13 @@
 //! fixtures and against the CPU executor. Without any Vulkan device these tests skip, unless
 //! NIBBLE_REQUIRE_GPU is set (CI sets it, so a missing driver fails there rather than passing silently).
 
-use nibble::cpu::{self, Sequence};
+mod common;
+
+use common::{fixture, rel};
+use nibble::cpu;
 use nibble::gpu::Gpu;
 use nibble::gpu::step::{self, GpuLora, GpuModel};
-use nibble::lora::{LoraAdapter, peft_key};
-use nibble::model::{ModelSource, QuantRequest};
-use nibble::quant::{QuantFormat, QuantSpec};
-use nibble::source::{ModelFiles, SafetensorsFile};
-use std::path::PathBuf;
+use nibble::lora::peft_key;
 
 fn gpu() -> Option<Gpu> {
     match Gpu::new(true) {
@@ -27,86 +26,37 @@ fn gpu() -> Option<Gpu> {
     }
 }
 
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let d: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (d / n).sqrt()
-}
-
-#[derive(serde::Deserialize)]
-struct Expected {
-    input_ids: Vec<u32>,
-    labels: Vec<i64>,
-    loss: f64,
-}
-
 fn check(gpu: &Gpu, name: &str, quant: &str) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name);
-    let expected: Expected = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(format!("expected_{quant}.json"))).unwrap(),
-    )
-    .unwrap();
-    let tensors =
-        SafetensorsFile::open(&dir.join(format!("expected_{quant}.safetensors"))).unwrap();
-    let request = match quant {
-        "none" => QuantRequest::Dense,
-        _ => QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap()),
-    };
-    let model = ModelSource::open(&dir)
-        .unwrap()
-        .load(Some(request))
-        .unwrap();
-    let adapter =
-        LoraAdapter::load_peft(&ModelFiles::Dir(dir.join("adapter")), &model.config).unwrap();
-    let gm = GpuModel::upload(gpu, &model).unwrap();
-    let gl = GpuLora::upload(gpu, &adapter);
+    let f = fixture(name, quant);
+    let gm = GpuModel::upload(gpu, &f.model).unwrap();
+    let gl = GpuLora::upload(gpu, &f.adapter);
 
-    let logits = step::logits(gpu, &gm, Some(&gl), &expected.input_ids).unwrap();
-    let e = rel(&logits, &tensors.read_f32("logits").unwrap());
+    let logits = step::logits(gpu, &gm, Some(&gl), &f.seq.ids).unwrap();
+    let e = rel(&logits, &f.tensors.read_f32("logits").unwrap());
     assert!(
         e < 1e-5,
         "{name} {quant}: GPU logits differ from transformers by {e:e}"
     );
 
-    let targets = (0..expected.labels.len())
-        .map(|t| {
-            expected
-                .labels
-                .get(t + 1)
-                .filter(|&&l| l >= 0)
-                .map(|&l| l as u32)
-        })
-        .collect();
-    let seq = Sequence {
-        ids: expected.input_ids.clone(),
-        targets,
-    };
-    let n = seq.target_count();
-    let grads = step::zero_grads(gpu, &adapter);
+    let n = f.seq.target_count();
+    let grads = step::zero_grads(gpu, &f.adapter);
     let loss =
-        step::forward_backward(gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0 / n as f32).unwrap();
+        step::forward_backward(gpu, &gm, Some(&gl), Some(&grads), &f.seq, 1.0 / n as f32).unwrap();
     let mean = loss.loss_sum / loss.targets as f64;
     assert!(
-        (mean - expected.loss).abs() / expected.loss < 1e-5,
+        (mean - f.loss).abs() / f.loss < 1e-5,
         "{name} {quant}: GPU loss {mean} vs {}",
-        expected.loss
+        f.loss
     );
 
-    let mut ours = adapter.zeros_like();
+    let mut ours = f.adapter.zeros_like();
     grads.download(gpu, &mut ours).unwrap();
-    let mut cpu_grads = adapter.zeros_like();
+    let mut cpu_grads = f.adapter.zeros_like();
     cpu::forward_backward(
-        &model,
-        Some(&adapter),
+        &f.model,
+        Some(&f.adapter),
         Some(&mut cpu_grads),
-        &seq,
+        &f.seq,
         1.0 / n as f32,
         None,
     )
@@ -115,10 +65,9 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
     for ((l, kind, g), (_, _, c)) in ours.pairs().zip(cpu_grads.pairs()) {
         for (which, gv, cv) in [("lora_A", &g.a, &c.a), ("lora_B", &g.b, &c.b)] {
             let key = peft_key(l, kind, which);
-            let e_hf = rel(gv, &tensors.read_f32(&key).unwrap());
-            let e_cpu = rel(gv, cv);
-            if e_hf.max(e_cpu) > worst.0 {
-                worst = (e_hf.max(e_cpu), key);
+            let worse = rel(gv, &f.tensors.read_f32(&key).unwrap()).max(rel(gv, cv));
+            if worse > worst.0 {
+                worst = (worse, key);
             }
         }
     }

@@ -233,6 +233,8 @@ fn pack_a(a: &[f32], m: usize, k: usize) -> Vec<u32> {
 
 /// C[m, n] (+)= A[m, k]·B with B given by `b(kk, j)`; C is row-major with rows `ldc` long, written
 /// from column `c_col`. Falls back to nothing: callers check `available()` first.
+// Without x86-64 the kernel call is compiled out; `available()` is false there, so this never runs.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
 fn gemm(a: &PackedA, panel: &Panel, c: &mut [f32], ldc: usize, c_col: usize, accumulate: bool) {
     assert!(available(), "bf16 kernels need AVX512-BF16");
     let (m, n) = (a.m, panel.n);

@@ -1,0 +1,82 @@
+//! Shared by the parity tests: the transformers + peft fixtures of tests/fixtures/hf (made by
+//! scripts/make_model_fixtures.py) and the relative-error measure.
+#![allow(dead_code)]
+
+use nibble::cpu::Sequence;
+use nibble::lora::LoraAdapter;
+use nibble::model::{Model, ModelSource, QuantRequest};
+use nibble::quant::{QuantFormat, QuantSpec};
+use nibble::source::{ModelFiles, SafetensorsFile};
+use std::path::PathBuf;
+
+/// ‖a − b‖ / ‖b‖ in f64.
+pub fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (d / n).sqrt()
+}
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    input_ids: Vec<u32>,
+    labels: Vec<i64>,
+    loss: f64,
+}
+
+/// One fixture case: the model (dense, or NF4 group 64 for quant "nf4"), its PEFT adapter, the
+/// labelled sequence, the mean loss transformers computed, and its logits and gradients.
+pub struct Fixture {
+    pub model: Model,
+    pub adapter: LoraAdapter,
+    pub seq: Sequence,
+    pub loss: f64,
+    pub tensors: SafetensorsFile,
+}
+
+pub fn fixture(name: &str, quant: &str) -> Fixture {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name);
+    let expected: Expected = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("expected_{quant}.json"))).unwrap(),
+    )
+    .unwrap();
+    let tensors =
+        SafetensorsFile::open(&dir.join(format!("expected_{quant}.safetensors"))).unwrap();
+    let request = match quant {
+        "none" => QuantRequest::Dense,
+        _ => QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap()),
+    };
+    let model = ModelSource::open(&dir)
+        .unwrap()
+        .load(Some(request))
+        .unwrap();
+    let adapter =
+        LoraAdapter::load_peft(&ModelFiles::Dir(dir.join("adapter")), &model.config).unwrap();
+    // transformers shifts labels: position t predicts labels[t + 1]; -100 carries no loss.
+    let targets = (0..expected.labels.len())
+        .map(|t| {
+            expected
+                .labels
+                .get(t + 1)
+                .filter(|&&l| l >= 0)
+                .map(|&l| l as u32)
+        })
+        .collect();
+    let seq = Sequence {
+        ids: expected.input_ids,
+        targets,
+    };
+    Fixture {
+        model,
+        adapter,
+        seq,
+        loss: expected.loss,
+        tensors,
+    }
+}
