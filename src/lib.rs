@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod lora;
 pub mod model;
 pub mod ops;
+pub mod plan;
 pub mod quant;
 pub mod rng;
 pub mod source;

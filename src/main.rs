@@ -147,6 +147,27 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         max_length: usize,
     },
+    /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
+    /// shapes before anything runs.
+    Plan {
+        model: PathBuf,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 1024)]
+        seq_len: usize,
+        #[command(flatten)]
+        quant: QuantArgs,
+        #[arg(long, default_value_t = 8)]
+        lora_r: usize,
+        #[arg(long, default_value_t = 0.05)]
+        lora_dropout: f64,
+        /// Comma-separated module names (q_proj,...,down_proj) or all-linear.
+        #[arg(long, default_value = "all-linear")]
+        target_modules: String,
+        #[arg(long)]
+        gradient_checkpointing: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a model folder with random weights in a real architecture (config.json, safetensors and the
     /// bundled Qwen2.5 tokenizer), for tests and benchmarks without a download.
     Synth {
@@ -191,6 +212,25 @@ fn main() {
             exec,
             max_length,
         } => eval(&model, &data, adapter.as_deref(), quant, exec, max_length),
+        Command::Plan {
+            model,
+            seq_len,
+            quant,
+            lora_r,
+            lora_dropout,
+            target_modules,
+            gradient_checkpointing,
+            json,
+        } => plan(
+            &model,
+            seq_len,
+            quant,
+            lora_r,
+            lora_dropout,
+            &target_modules,
+            gradient_checkpointing,
+            json,
+        ),
         Command::Synth {
             preset,
             output,
@@ -420,6 +460,81 @@ fn eval(
         "{}",
         json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens})
     );
+    Ok(())
+}
+
+fn parse_targets(list: &str) -> Result<Vec<LinearKind>> {
+    if list == "all-linear" {
+        return Ok(LinearKind::ALL.to_vec());
+    }
+    list.split(',')
+        .map(|name| {
+            LinearKind::from_module_name(name.trim()).with_context(|| {
+                format!("unknown target module `{name}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear)")
+            })
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan(
+    path: &Path,
+    tokens: usize,
+    quant: QuantArgs,
+    rank: usize,
+    dropout: f64,
+    targets: &str,
+    checkpoint: bool,
+    as_json: bool,
+) -> Result<()> {
+    let source = model::open(path)?;
+    let spec = match quant.request()? {
+        Some(QuantRequest::Quantize(s)) => Some(s),
+        Some(QuantRequest::Dense) => None,
+        None => Some(
+            source
+                .stored_quant()
+                .unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?),
+        ),
+    };
+    if tokens == 0 || rank == 0 {
+        bail!("--seq-len and --lora-r must be positive");
+    }
+    let input = nibble::plan::PlanInput {
+        tokens,
+        quant: spec,
+        lora_rank: rank,
+        lora_targets: parse_targets(targets)?,
+        lora_dropout: dropout > 0.0,
+        checkpoint,
+    };
+    let p = nibble::plan::plan(&source.config, &input);
+    if as_json {
+        println!("{}", serde_json::to_string(&p)?);
+        return Ok(());
+    }
+    let weights = spec.map_or("16-bit".to_string(), |s| s.to_string());
+    println!(
+        "training step of {} tokens, LoRA r={rank} on {targets}{}",
+        tokens,
+        if checkpoint {
+            ", gradient checkpointing"
+        } else {
+            ""
+        }
+    );
+    println!("  weights ({weights})      {:>12}", human_bytes(p.weights));
+    println!(
+        "  LoRA + AdamW state     {:>12}   ({} trainable parameters)",
+        human_bytes(p.lora_and_optimizer),
+        group_digits(p.lora_parameters)
+    );
+    println!(
+        "  activations            {:>12}",
+        human_bytes(p.activations)
+    );
+    println!("  workspace              {:>12}", human_bytes(p.workspace));
+    println!("  total                  {:>12}", human_bytes(p.total));
     Ok(())
 }
 

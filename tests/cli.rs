@@ -171,3 +171,27 @@ fn demo_runs_without_a_download() {
         "{text}"
     );
 }
+
+#[test]
+fn plan_reports_a_breakdown_that_adds_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    synth::write_model_folder(&model, &SynthSpec::tiny(Arch::Llama, 1024), None).unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["plan", s(&model), "--seq-len", "512", "--json"];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let full = run(&[]);
+    let sum: u64 = ["weights", "lora_and_optimizer", "activations", "workspace"]
+        .iter()
+        .map(|k| full[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(full["total"].as_u64().unwrap(), sum);
+    let checkpointed = run(&["--gradient-checkpointing"]);
+    assert!(checkpointed["activations"].as_u64() < full["activations"].as_u64());
+    let fewer = run(&["--target-modules", "q_proj,v_proj"]);
+    assert!(fewer["lora_parameters"].as_u64() < full["lora_parameters"].as_u64());
+    let err = fails(&["plan", s(&model), "--target-modules", "q_proj,attn"]);
+    assert!(err.contains("unknown target module `attn`"), "{err}");
+}

@@ -1,0 +1,105 @@
+//! `plan` against what the CPU executor really allocates: a counting allocator measures the heap peak
+//! of a training step above what was allocated before it (model, adapter, gradients).
+
+use nibble::config::{Arch, LinearKind};
+use nibble::cpu::{self, Sequence, StepOptions};
+use nibble::lora::{LoraAdapter, LoraConfig};
+use nibble::model::{ModelSource, QuantRequest};
+use nibble::ops::Precision;
+use nibble::plan::{PlanInput, plan};
+use nibble::quant::{QuantFormat, QuantSpec};
+use nibble::rng::Rng;
+use nibble::synth::{self, SynthSpec};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counters only observe sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+#[test]
+fn planned_step_memory_matches_the_measured_heap_peak() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = SynthSpec::tiny(Arch::Qwen3, 4000);
+    (
+        spec.hidden_size,
+        spec.intermediate_size,
+        spec.num_layers,
+        spec.head_dim,
+    ) = (256, 768, 4, Some(64));
+    synth::write_model_folder(dir.path(), &spec, None).unwrap();
+    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
+    let model = ModelSource::open(dir.path())
+        .unwrap()
+        .load(Some(QuantRequest::Quantize(qspec)))
+        .unwrap();
+    let mut rng = Rng::new(1);
+    let tokens = 192;
+    let seq = Sequence::all_tokens((0..tokens).map(|_| rng.below(4000) as u32).collect());
+    for (dropout, checkpoint) in [(false, false), (true, false), (true, true)] {
+        let config = LoraConfig {
+            dropout: if dropout { 0.1 } else { 0.0 },
+            ..LoraConfig::default()
+        };
+        let adapter = LoraAdapter::init(&model.config, config, &mut rng);
+        let mut grads = adapter.zeros_like();
+        let planned = plan(
+            &model.config,
+            &PlanInput {
+                tokens,
+                quant: Some(qspec),
+                lora_rank: 8,
+                lora_targets: LinearKind::ALL.to_vec(),
+                lora_dropout: dropout,
+                checkpoint,
+            },
+        );
+        assert_eq!(planned.lora_parameters as usize, adapter.parameter_count());
+        assert_eq!(planned.weights, model.weight_bytes());
+
+        let base = CURRENT.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let options = StepOptions {
+            grad_scale: 1.0 / tokens as f32,
+            checkpoint,
+            precision: Precision::F32,
+        };
+        cpu::forward_backward_with(
+            &model,
+            Some(&adapter),
+            Some(&mut grads),
+            &seq,
+            options,
+            Some(&mut rng),
+        )
+        .unwrap();
+        let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
+        let step = (planned.activations + planned.workspace) as f64;
+        let ratio = measured / step;
+        eprintln!(
+            "dropout {dropout}, checkpoint {checkpoint}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
+        );
+        assert!(
+            (0.75..1.25).contains(&ratio),
+            "planned {step} B vs measured heap peak {measured} B"
+        );
+    }
+}
