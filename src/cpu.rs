@@ -527,6 +527,36 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
     Ok(cross_entropy::logits(&xf, lm_head(model), Precision::F32))
 }
 
+/// Greedy decoding: appends up to `max_new` most-likely tokens to `ids`, stopping after a token in
+/// `stop`. Recomputes the whole prefix for each token (no KV cache yet), so it suits short outputs.
+pub fn greedy(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    ids: &[u32],
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    let h = model.config.hidden_size;
+    let mut out = ids.to_vec();
+    for _ in 0..max_new {
+        let mut ctx = context(model, adapter, None, out.len(), Precision::F32);
+        let (xf, _, _, _) = decoder_forward(&mut ctx, &out, false)?;
+        let last = &xf[(out.len() - 1) * h..];
+        let logits = cross_entropy::logits(last, lm_head(model), Precision::F32);
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .expect("vocabulary is not empty");
+        out.push(next);
+        if stop.contains(&next) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// How a training step runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepOptions {

@@ -147,6 +147,61 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         max_length: usize,
     },
+    /// Fine-tune LoRA adapters on a JSONL dataset and save them as a PEFT adapter folder.
+    Train {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        #[command(flatten)]
+        quant: QuantArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+        #[arg(long, default_value_t = 2e-4)]
+        lr: f64,
+        #[arg(long, default_value = "linear")]
+        lr_scheduler: String,
+        #[arg(long, default_value_t = 0)]
+        warmup_steps: usize,
+        #[arg(long, default_value_t = 0.0)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 1.0)]
+        max_grad_norm: f64,
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        #[arg(long)]
+        max_steps: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 1)]
+        grad_accum: usize,
+        #[arg(long, default_value_t = 8)]
+        lora_r: usize,
+        #[arg(long, default_value_t = 16.0)]
+        lora_alpha: f64,
+        #[arg(long, default_value_t = 0.05)]
+        lora_dropout: f64,
+        #[arg(long)]
+        use_rslora: bool,
+        #[arg(long, default_value = "all-linear")]
+        target_modules: String,
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        no_shuffle: bool,
+        /// all, or completion (only the completion of prompt/completion rows); default as TRL.
+        #[arg(long)]
+        loss_on: Option<String>,
+        #[arg(long)]
+        gradient_checkpointing: bool,
+        /// Replace a finished run in the output folder.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
     /// shapes before anything runs.
     Plan {
@@ -212,6 +267,66 @@ fn main() {
             exec,
             max_length,
         } => eval(&model, &data, adapter.as_deref(), quant, exec, max_length),
+        Command::Train {
+            model,
+            data,
+            output,
+            quant,
+            exec,
+            lr,
+            lr_scheduler,
+            warmup_steps,
+            weight_decay,
+            max_grad_norm,
+            epochs,
+            max_steps,
+            batch_size,
+            grad_accum,
+            lora_r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            target_modules,
+            max_length,
+            seed,
+            no_shuffle,
+            loss_on,
+            gradient_checkpointing,
+            overwrite,
+        } => (|| {
+            let config = nibble::train::TrainConfig {
+                lora: nibble::lora::LoraConfig {
+                    r: lora_r,
+                    alpha: lora_alpha,
+                    dropout: lora_dropout as f32,
+                    use_rslora,
+                    targets: parse_targets(&target_modules)?,
+                },
+                lr,
+                weight_decay,
+                max_grad_norm,
+                schedule: nibble::train::Schedule::parse(&lr_scheduler).with_context(|| {
+                    format!("unknown --lr-scheduler `{lr_scheduler}` (constant, linear or cosine)")
+                })?,
+                warmup_steps,
+                epochs,
+                max_steps,
+                batch_size,
+                grad_accum,
+                max_length,
+                seed,
+                shuffle: !no_shuffle,
+                loss_on: match loss_on.as_deref() {
+                    None => nibble::train::LossOn::Default,
+                    Some("all") => nibble::train::LossOn::All,
+                    Some("completion") => nibble::train::LossOn::Completion,
+                    Some(other) => bail!("unknown --loss-on `{other}` (all or completion)"),
+                },
+                checkpoint: gradient_checkpointing,
+                precision: exec.cpu_precision(),
+            };
+            train(&model, &data, &output, quant, exec, config, overwrite).map(|_| ())
+        })(),
         Command::Plan {
             model,
             seq_len,
@@ -463,6 +578,78 @@ fn eval(
     Ok(())
 }
 
+/// Runs `nibble train`; returns the first and last step losses.
+fn train(
+    path: &Path,
+    data: &Path,
+    output: &Path,
+    quant: QuantArgs,
+    exec: ExecArgs,
+    config: nibble::train::TrainConfig,
+    overwrite: bool,
+) -> Result<(f64, f64)> {
+    if output.join("adapter_model.safetensors").exists() && !overwrite {
+        bail!(
+            "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to replace it",
+            output.display()
+        );
+    }
+    if exec.device == DeviceChoice::Gpu {
+        bail!("training on the GPU executor is not wired up yet; use --device cpu");
+    }
+    let examples = nibble::data::read_jsonl(data)?;
+    let source = model::open(path)?;
+    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+    let model = source.load(quant.request()?)?;
+    let mut sequences = Vec::with_capacity(examples.len());
+    let mut cut = 0;
+    for (i, ex) in examples.iter().enumerate() {
+        let (seq, c) = nibble::train::tokenize(&tok, ex, config.loss_on, config.max_length)
+            .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
+        cut += usize::from(c > 0);
+        sequences.push(seq);
+    }
+    if cut > 0 {
+        log::warn!(
+            "{cut} examples were longer than --max-length {} and were cut (the start is kept)",
+            config.max_length
+        );
+    }
+    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
+    let metrics_path = output.join("metrics.jsonl");
+    let mut metrics = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut trainer = nibble::train::Trainer::new(&model, config, sequences, None)?;
+    log::info!(
+        "training {} LoRA parameters for {} steps on {} examples (CPU executor, {:?})",
+        trainer.adapter.parameter_count(),
+        trainer.total_steps,
+        examples.len(),
+        trainer.config.precision
+    );
+    let (mut first, mut last) = (None, 0.0);
+    while !trainer.done() {
+        let record = trainer.step()?;
+        use std::io::Write;
+        writeln!(metrics, "{}", record.to_json())
+            .with_context(|| format!("writing {}", metrics_path.display()))?;
+        log::info!(
+            "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tokens/s",
+            record.step,
+            trainer.total_steps,
+            record.loss,
+            record.lr,
+            record.grad_norm,
+            record.tokens_per_s
+        );
+        first.get_or_insert(record.loss);
+        last = record.loss;
+    }
+    nibble::train::save_peft(&trainer.adapter, output, source.label())?;
+    eprintln!("saved the adapter to {}", output.display());
+    Ok((first.unwrap_or(last), last))
+}
+
 fn parse_targets(list: &str) -> Result<Vec<LinearKind>> {
     if list == "all-linear" {
         return Ok(LinearKind::ALL.to_vec());
@@ -587,6 +774,40 @@ fn demo(keep: Option<PathBuf>) -> Result<()> {
     result
 }
 
+/// The built-in chat set the demo fine-tunes on: short answers in a fixed voice, so that a tiny model can
+/// visibly learn them.
+const DEMO_CHATS: &[(&str, &str)] = &[
+    (
+        "What is nibble?",
+        "nibble is a portable QLoRA trainer written in Rust.",
+    ),
+    (
+        "What does nibble keep in 4 bits?",
+        "The frozen base model, packed as NF4 or INT4.",
+    ),
+    ("What does nibble train?", "LoRA adapters, with AdamW."),
+    (
+        "Where does nibble run?",
+        "On GPUs through wgpu, in the browser, and on CPUs.",
+    ),
+    (
+        "Which models does nibble support?",
+        "Qwen2, Qwen3 and Llama 3.",
+    ),
+    (
+        "What format are the adapters?",
+        "PEFT adapter folders that transformers loads.",
+    ),
+    (
+        "Does nibble need a download?",
+        "No: this demo builds its own small model.",
+    ),
+    (
+        "How are weights grouped?",
+        "One scale per group of 32, 64 or 128 weights.",
+    ),
+];
+
 fn run_demo(dir: &Path) -> Result<()> {
     let mut spec = SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936);
     spec.hidden_size = 128;
@@ -605,49 +826,76 @@ fn run_demo(dir: &Path) -> Result<()> {
         false,
     )?;
 
-    println!(
-        "\n== quantization error of its decoder weights (relative RMS, ||w - dequant(quant(w))|| / ||w||)"
-    );
     let source = model::open(dir)?;
-    let dense = source.load(Some(QuantRequest::Dense))?;
-    for format in [QuantFormat::Nf4, QuantFormat::Int4] {
-        for group in [32, 64, 128] {
-            let qspec = QuantSpec::new(format, group)?;
-            let q = source.load(Some(QuantRequest::Quantize(qspec)))?;
-            let (mut err, mut norm) = (0f64, 0f64);
-            for (ld, lq) in dense.layers.iter().zip(&q.layers) {
-                for (a, b) in ld.linears.iter().zip(&lq.linears) {
-                    for (x, y) in a.weight.to_f32().iter().zip(b.weight.to_f32()) {
-                        err += f64::from(x - y).powi(2);
-                        norm += f64::from(*x).powi(2);
-                    }
-                }
-            }
+    let tok = ChatTokenizer::from_files(&source.tokenizer, dir)?;
+    let model = source.load(None)?;
+    let examples: Vec<nibble::data::Example> = DEMO_CHATS
+        .iter()
+        .map(|(q, a)| {
+            nibble::data::Example::Messages(vec![
+                Message::new("user", q),
+                Message::new("assistant", a),
+            ])
+        })
+        .collect();
+    let sequences = examples
+        .iter()
+        .map(|ex| {
+            nibble::train::tokenize(&tok, ex, nibble::train::LossOn::Default, 256).map(|(s, _)| s)
+        })
+        .collect::<nibble::Result<Vec<_>>>()?;
+    let question = DEMO_CHATS[0].0;
+    let prompt = tok.encode(&tok.apply_chat_template(&[Message::new("user", question)], true)?)?;
+    let stop: Vec<u32> = tok
+        .eos_token
+        .iter()
+        .filter_map(|t| tok.token_id(t))
+        .collect();
+    let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
+        let ids = nibble::cpu::greedy(&model, adapter, &prompt, 16, &stop)?;
+        Ok(tok.decode(&ids[prompt.len()..])?)
+    };
+    println!(
+        "\n== before fine-tuning, asked \"{question}\":\n{:?}",
+        answer(None)?
+    );
+
+    let config = nibble::train::TrainConfig {
+        lora: nibble::lora::LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            ..Default::default()
+        },
+        lr: 3e-3,
+        epochs: 12,
+        schedule: nibble::train::Schedule::Constant,
+        precision: nibble::ops::Precision::fastest(),
+        ..Default::default()
+    };
+    let mut trainer = nibble::train::Trainer::new(&model, config, sequences, None)?;
+    println!(
+        "\n== fine-tuning {} LoRA parameters (r=16 on all seven linears, NF4 base) for {} steps on {} chats",
+        trainer.adapter.parameter_count(),
+        trainer.total_steps,
+        DEMO_CHATS.len()
+    );
+    while !trainer.done() {
+        let r = trainer.step()?;
+        if r.step == 1 || r.step % 8 == 0 || trainer.done() {
             println!(
-                "  {:<16} {:.4}   weights {}",
-                qspec.to_string(),
-                (err / norm).sqrt(),
-                human_bytes(q.weight_bytes())
+                "  step {:>3}  loss {:.4}  {:.0} tokens/s",
+                r.step, r.loss, r.tokens_per_s
             );
         }
     }
-
-    println!("\n== the chat template, rendered as transformers' apply_chat_template does");
-    let tok = ChatTokenizer::from_files(&source.tokenizer, dir)?;
-    let messages = [
-        Message::new("user", "What does QLoRA keep in 4 bits?"),
-        Message::new(
-            "assistant",
-            "The frozen base weights; the LoRA adapters train in full precision.",
-        ),
-    ];
-    let text = tok.apply_chat_template(&messages, false)?;
-    let ids = tok.encode(&text)?;
-    println!("{text}");
-    println!("{} tokens: {:?} ...", ids.len(), &ids[..ids.len().min(12)]);
     println!(
-        "\nTraining (`nibble train`) arrives with the trainer; this demo shows the pieces that exist so far."
+        "\n== after fine-tuning, asked \"{question}\":\n{:?}",
+        answer(Some(&trainer.adapter))?
     );
+    let out = dir.join("adapter");
+    nibble::train::save_peft(&trainer.adapter, &out, "nibble-demo")?;
+    println!("\nThe adapter is a PEFT folder: {}", out.display());
     Ok(())
 }
 

@@ -164,11 +164,21 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
 }
 
 #[test]
-fn demo_runs_without_a_download() {
+fn demo_fine_tunes_without_a_download() {
     let text = ok(&["demo"]);
     assert!(
-        text.contains("Qwen2ForCausalLM") && text.contains("<|im_start|>assistant"),
+        text.contains("Qwen2ForCausalLM") && text.contains("PEFT folder"),
         "{text}"
+    );
+    let losses: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("loss ").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert!(losses.len() >= 3, "{text}");
+    assert!(
+        losses.last().unwrap() < &(0.5 * losses[0]),
+        "the demo's loss must fall: {losses:?}"
     );
 }
 

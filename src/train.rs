@@ -1,0 +1,434 @@
+//! Supervised fine-tuning of LoRA adapters: the optimisation semantics of transformers + peft, so that
+//! results are comparable. One optimizer step sees batch_size · grad_accum examples, and its loss is the
+//! sum of token cross-entropy over all their label tokens divided by the count of those tokens. Gradients
+//! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
+//! schedules.
+
+use crate::cpu::{self, Sequence, StepOptions};
+use crate::data::{Example, Turns};
+use crate::error::{Error, Result};
+use crate::lora::{LoraAdapter, LoraConfig, peft_key};
+use crate::model::Model;
+use crate::ops::Precision;
+use crate::ops::adamw::{self, AdamWParams};
+use crate::rng::Rng;
+use crate::tokenizer::{ChatTokenizer, Message};
+use serde_json::json;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl Schedule {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "constant" => Some(Schedule::Constant),
+            "linear" => Some(Schedule::Linear),
+            "cosine" => Some(Schedule::Cosine),
+            _ => None,
+        }
+    }
+
+    /// transformers' multiplier for the optimizer step that follows `step` completed steps.
+    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
+        if step < warmup {
+            return step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Linear => ((total - step.min(total)) as f64
+                / (total.saturating_sub(warmup)).max(1) as f64)
+                .max(0.0),
+            Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+        }
+    }
+}
+
+/// Which tokens carry loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossOn {
+    /// TRL's default: every token for messages and text rows, the completion for prompt/completion rows.
+    Default,
+    All,
+    Completion,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub lora: LoraConfig,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_length: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub loss_on: LossOn,
+    pub checkpoint: bool,
+    pub precision: Precision,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lora: LoraConfig::default(),
+            lr: 2e-4,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            schedule: Schedule::Linear,
+            warmup_steps: 0,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 1,
+            grad_accum: 1,
+            max_length: 1024,
+            seed: 42,
+            shuffle: true,
+            loss_on: LossOn::Default,
+            checkpoint: false,
+            precision: Precision::F32,
+        }
+    }
+}
+
+/// One example as token ids and targets, cut to `max_length`; returns how many tokens were cut.
+pub fn tokenize(
+    tok: &ChatTokenizer,
+    example: &Example,
+    loss_on: LossOn,
+    max_length: usize,
+) -> Result<(Sequence, usize)> {
+    // The number of leading tokens that belong to the prompt (no loss), when only the completion counts.
+    let (text, prompt_text) = match example {
+        Example::Messages(m) => (tok.apply_chat_template(m, false)?, None),
+        Example::Text(t) => (t.clone(), None),
+        Example::PromptCompletion {
+            prompt: Turns::Text(p),
+            completion: Turns::Text(c),
+        } => (format!("{p}{c}"), Some(p.clone())),
+        Example::PromptCompletion {
+            prompt: Turns::Messages(p),
+            completion: Turns::Messages(c),
+        } => {
+            let all: Vec<Message> = p.iter().chain(c).cloned().collect();
+            (
+                tok.apply_chat_template(&all, false)?,
+                Some(tok.apply_chat_template(p, true)?),
+            )
+        }
+        Example::PromptCompletion { .. } => {
+            return Err(Error::Invalid(
+                "prompt and completion differ in kind".into(),
+            ));
+        }
+    };
+    let mut ids = tok.encode(&text)?;
+    let prompt_len = match (&prompt_text, loss_on) {
+        (Some(p), LossOn::Default | LossOn::Completion) => {
+            let p_ids = tok.encode(p)?;
+            if !ids.starts_with(&p_ids) {
+                return Err(Error::Invalid(
+                    "the prompt does not tokenize to a prefix of prompt + completion; cannot tell completion tokens apart".into(),
+                ));
+            }
+            p_ids.len()
+        }
+        (None, LossOn::Completion) => {
+            return Err(Error::Invalid(
+                "--loss-on completion needs prompt/completion rows".into(),
+            ));
+        }
+        _ => 0,
+    };
+    let cut = ids.len().saturating_sub(max_length);
+    ids.truncate(max_length);
+    let mut seq = Sequence::all_tokens(ids);
+    // Position t predicts token t + 1, which carries loss when it is not part of the prompt.
+    for (t, target) in seq.targets.iter_mut().enumerate() {
+        if t + 1 < prompt_len {
+            *target = None;
+        }
+    }
+    Ok((seq, cut))
+}
+
+/// One optimizer step's record, as written to metrics.jsonl.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRecord {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+}
+
+impl StepRecord {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr,
+               "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s})
+    }
+}
+
+/// Trainer state: the adapters, their AdamW moments, and where in the data and the RNG streams we are.
+pub struct Trainer<'a> {
+    pub model: &'a Model,
+    pub config: TrainConfig,
+    pub adapter: LoraAdapter,
+    m: LoraAdapter,
+    v: LoraAdapter,
+    pub step: usize,
+    pub total_steps: usize,
+    order: Vec<usize>,
+    position: usize,
+    epoch: usize,
+    data_rng: Rng,
+    dropout_rng: Rng,
+    sequences: Vec<Sequence>,
+}
+
+impl<'a> Trainer<'a> {
+    /// Sets up training on tokenized `sequences` with freshly initialised adapters (or `init`).
+    pub fn new(
+        model: &'a Model,
+        config: TrainConfig,
+        sequences: Vec<Sequence>,
+        init: Option<LoraAdapter>,
+    ) -> Result<Self> {
+        if sequences.is_empty() {
+            return Err(Error::Invalid("the dataset is empty".into()));
+        }
+        if let Some(i) = sequences.iter().position(|s| s.target_count() == 0) {
+            return Err(Error::Invalid(format!(
+                "example {} has no label tokens (nothing to learn from)",
+                i + 1
+            )));
+        }
+        if config.batch_size == 0 || config.grad_accum == 0 {
+            return Err(Error::Invalid(
+                "--batch-size and --grad-accum must be positive".into(),
+            ));
+        }
+        let mut init_rng = Rng::new(config.seed);
+        let adapter = match init {
+            Some(a) => a,
+            None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng),
+        };
+        let per_step = config.batch_size * config.grad_accum;
+        let steps_per_epoch = sequences.len().div_ceil(per_step);
+        let total_steps = config
+            .max_steps
+            .unwrap_or(steps_per_epoch * config.epochs.max(1));
+        let mut trainer = Trainer {
+            model,
+            m: adapter.zeros_like(),
+            v: adapter.zeros_like(),
+            adapter,
+            step: 0,
+            total_steps,
+            order: (0..sequences.len()).collect(),
+            position: 0,
+            epoch: 0,
+            data_rng: Rng::new(config.seed ^ 0x5EED_DA7A),
+            dropout_rng: Rng::new(config.seed ^ 0xD50F_0A7),
+            sequences,
+            config,
+        };
+        trainer.shuffle();
+        Ok(trainer)
+    }
+
+    fn shuffle(&mut self) {
+        if !self.config.shuffle {
+            return;
+        }
+        // Fisher-Yates with nibble's own generator, so that a resumed run reorders identically.
+        for i in (1..self.order.len()).rev() {
+            let j = self.data_rng.below(i as u64 + 1) as usize;
+            self.order.swap(i, j);
+        }
+    }
+
+    fn next_example(&mut self) -> usize {
+        if self.position == self.order.len() {
+            self.position = 0;
+            self.epoch += 1;
+            self.shuffle();
+        }
+        self.position += 1;
+        self.order[self.position - 1]
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.total_steps
+    }
+
+    /// One optimizer step over batch_size · grad_accum examples.
+    pub fn step(&mut self) -> Result<StepRecord> {
+        let start = std::time::Instant::now();
+        let picks: Vec<usize> = (0..self.config.batch_size * self.config.grad_accum)
+            .map(|_| self.next_example())
+            .collect();
+        // Normalise by every label token of the whole optimizer step, as transformers does with
+        // num_items_in_batch.
+        let total_targets: usize = picks
+            .iter()
+            .map(|&i| self.sequences[i].target_count())
+            .sum();
+        let scale = 1.0 / total_targets as f32;
+        let mut grads = self.adapter.zeros_like();
+        let mut loss_sum = 0.0;
+        let mut tokens = 0;
+        let options = StepOptions {
+            grad_scale: scale,
+            checkpoint: self.config.checkpoint,
+            precision: self.config.precision,
+        };
+        for &i in &picks {
+            let seq = &self.sequences[i];
+            let loss = cpu::forward_backward_with(
+                self.model,
+                Some(&self.adapter),
+                Some(&mut grads),
+                seq,
+                options,
+                Some(&mut self.dropout_rng),
+            )?;
+            loss_sum += loss.loss_sum;
+            tokens += seq.ids.len();
+        }
+        let loss = loss_sum / total_targets as f64;
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "the loss became {loss} at step {}; stopping",
+                self.step + 1
+            )));
+        }
+        let grad_norm = grads
+            .pairs()
+            .map(|(_, _, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
+            .sum::<f64>()
+            .sqrt();
+        let clip = if self.config.max_grad_norm > 0.0 {
+            adamw::clip_coefficient(grad_norm, self.config.max_grad_norm)
+        } else {
+            1.0
+        };
+        let lr = self.config.lr
+            * self
+                .config
+                .schedule
+                .factor(self.step, self.config.warmup_steps, self.total_steps);
+        self.step += 1;
+        let params = AdamWParams::new(
+            lr,
+            0.9,
+            0.999,
+            1e-8,
+            self.config.weight_decay,
+            self.step as u64,
+            clip,
+        );
+        for ((((_, _, p), (_, _, g)), (_, _, m)), (_, _, v)) in self
+            .adapter
+            .pairs_mut()
+            .zip(grads.pairs())
+            .zip(self.m.pairs_mut())
+            .zip(self.v.pairs_mut())
+        {
+            adamw::step(&params, &mut p.a, &g.a, &mut m.a, &mut v.a);
+            adamw::step(&params, &mut p.b, &g.b, &mut m.b, &mut v.b);
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let epoch = self.epoch as f64 + self.position as f64 / self.order.len() as f64;
+        Ok(StepRecord {
+            step: self.step,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            tokens_per_s: tokens as f64 / elapsed,
+        })
+    }
+}
+
+/// Writes a PEFT adapter folder (adapter_model.safetensors + adapter_config.json) that
+/// `PeftModel.from_pretrained` loads; each file appears atomically.
+pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut views = Vec::new();
+    let keys: Vec<(String, Vec<usize>, &[f32])> = adapter
+        .pairs()
+        .flat_map(|(l, k, p)| {
+            [
+                (
+                    peft_key(l, k, "lora_A"),
+                    vec![p.rank, p.in_features],
+                    p.a.as_slice(),
+                ),
+                (
+                    peft_key(l, k, "lora_B"),
+                    vec![p.out_features, p.rank],
+                    p.b.as_slice(),
+                ),
+            ]
+        })
+        .collect();
+    for (name, shape, data) in &keys {
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            shape.clone(),
+            bytemuck::cast_slice(data),
+        )
+        .map_err(|e| Error::tensor(dir.join("adapter_model.safetensors"), name, e.to_string()))?;
+        views.push((name.clone(), view));
+    }
+    let weights = dir.join("adapter_model.safetensors");
+    crate::fsutil::write_atomically(&weights, |tmp| {
+        safetensors::serialize_to_file(
+            views,
+            Some(std::collections::HashMap::from([(
+                "format".to_string(),
+                "pt".to_string(),
+            )])),
+            tmp,
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))
+    })?;
+    let c = &adapter.config;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": c.r,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.dropout,
+        "target_modules": c.targets.iter().map(|k| k.module_name()).collect::<Vec<_>>(),
+        "bias": "none",
+        "use_rslora": c.use_rslora,
+        "use_dora": false,
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    });
+    let config_path = dir.join("adapter_config.json");
+    crate::fsutil::write_atomically(&config_path, |tmp| {
+        std::fs::write(tmp, serde_json::to_string_pretty(&config).expect("json"))
+    })
+}

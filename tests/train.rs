@@ -1,0 +1,267 @@
+//! The trainer: optimisation semantics (loss normalised over an optimizer step's label tokens, clipping,
+//! AdamW, schedules), completion-only masking, PEFT adapter files, and `nibble train` end to end.
+
+use nibble::config::Arch;
+use nibble::cpu::{self, Sequence};
+use nibble::data::{Example, Turns};
+use nibble::lora::{LoraAdapter, LoraConfig};
+use nibble::model::{ModelSource, QuantRequest};
+use nibble::ops::adamw::{self, AdamWParams};
+use nibble::quant::{QuantFormat, QuantSpec};
+use nibble::rng::Rng;
+use nibble::source::{FloatDtype, ModelFiles};
+use nibble::synth::{self, SynthSpec};
+use nibble::tokenizer::{ChatTokenizer, Message};
+use nibble::train::{self, LossOn, Schedule, TrainConfig, Trainer};
+use std::process::Command;
+
+fn tiny_model(dir: &std::path::Path) -> nibble::model::Model {
+    let mut spec = SynthSpec::tiny(Arch::Qwen2, 300);
+    spec.dtype = FloatDtype::F32;
+    synth::write_model_folder(dir, &spec, None).unwrap();
+    ModelSource::open(dir)
+        .unwrap()
+        .load(Some(QuantRequest::Quantize(
+            QuantSpec::new(QuantFormat::Nf4, 32).unwrap(),
+        )))
+        .unwrap()
+}
+
+fn sequences(n: usize, rng: &mut Rng) -> Vec<Sequence> {
+    (0..n)
+        .map(|i| {
+            let mut s =
+                Sequence::all_tokens((0..6 + 3 * i).map(|_| rng.below(300) as u32).collect());
+            s.targets[0] = None;
+            s
+        })
+        .collect()
+}
+
+#[test]
+fn schedules_follow_transformers() {
+    // get_linear_schedule_with_warmup(warmup=2, total=10) and the cosine one, by hand.
+    let linear: Vec<f64> = (0..10).map(|s| Schedule::Linear.factor(s, 2, 10)).collect();
+    assert_eq!(
+        linear,
+        vec![0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    );
+    let cosine: Vec<f64> = (0..10).map(|s| Schedule::Cosine.factor(s, 2, 10)).collect();
+    for (s, c) in cosine.iter().enumerate().skip(2) {
+        let expected = 0.5 * (1.0 + (std::f64::consts::PI * (s - 2) as f64 / 8.0).cos());
+        assert!((c - expected).abs() < 1e-12);
+    }
+    assert_eq!(Schedule::Constant.factor(0, 3, 10), 0.0);
+    assert_eq!(Schedule::Constant.factor(5, 3, 10), 1.0);
+}
+
+#[test]
+fn one_step_equals_accumulated_gradients_clipping_and_adamw() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let mut rng = Rng::new(4);
+    let seqs = sequences(4, &mut rng);
+    let config = TrainConfig {
+        lora: LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            ..LoraConfig::default()
+        },
+        lr: 1e-2,
+        max_grad_norm: 0.05, // small, so that clipping is active
+        batch_size: 2,
+        grad_accum: 2,
+        shuffle: false,
+        schedule: Schedule::Constant,
+        weight_decay: 0.1,
+        ..TrainConfig::default()
+    };
+    let mut init = LoraAdapter::init(&model.config, config.lora.clone(), &mut rng);
+    for (_, _, p) in init.pairs_mut() {
+        p.b.iter_mut()
+            .for_each(|b| *b = (rng.normal() * 0.05) as f32);
+    }
+    let mut trainer = Trainer::new(&model, config, seqs.clone(), Some(init.clone())).unwrap();
+    let record = trainer.step().unwrap();
+
+    // By hand: Σ over the four examples of the gradient of (Σ token losses) / (all label tokens).
+    let total: usize = seqs.iter().map(|s| s.target_count()).sum();
+    let mut grads = init.zeros_like();
+    let mut loss = 0.0;
+    for s in &seqs {
+        loss += cpu::forward_backward(
+            &model,
+            Some(&init),
+            Some(&mut grads),
+            s,
+            1.0 / total as f32,
+            None,
+        )
+        .unwrap()
+        .loss_sum;
+    }
+    assert!(
+        (record.loss - loss / total as f64).abs() < 1e-9,
+        "step loss {} vs {}",
+        record.loss,
+        loss / total as f64
+    );
+    let norm = grads
+        .pairs()
+        .map(|(_, _, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
+        .sum::<f64>()
+        .sqrt();
+    assert!((record.grad_norm - norm).abs() < 1e-9 * norm);
+    assert!(
+        norm > 0.05,
+        "the test needs clipping to be active (norm {norm})"
+    );
+    let params = AdamWParams::new(
+        1e-2,
+        0.9,
+        0.999,
+        1e-8,
+        0.1,
+        1,
+        adamw::clip_coefficient(norm, 0.05),
+    );
+    let mut expected = init.clone();
+    for ((_, _, p), (_, _, g)) in expected.pairs_mut().zip(grads.pairs()) {
+        let (mut ma, mut va) = (vec![0f32; p.a.len()], vec![0f32; p.a.len()]);
+        adamw::step(&params, &mut p.a, &g.a, &mut ma, &mut va);
+        let (mut mb, mut vb) = (vec![0f32; p.b.len()], vec![0f32; p.b.len()]);
+        adamw::step(&params, &mut p.b, &g.b, &mut mb, &mut vb);
+    }
+    assert_eq!(trainer.adapter, expected);
+}
+
+#[test]
+fn training_lowers_the_loss_and_the_adapter_round_trips_through_peft_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let mut rng = Rng::new(8);
+    let seqs = sequences(3, &mut rng);
+    let config = TrainConfig {
+        lr: 1e-2,
+        epochs: 15,
+        schedule: Schedule::Constant,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&model, config, seqs, None).unwrap();
+    let first = trainer.step().unwrap().loss;
+    let mut last = first;
+    while !trainer.done() {
+        last = trainer.step().unwrap().loss;
+    }
+    assert!(last < 0.7 * first, "loss went from {first} to {last}");
+
+    let out = dir.path().join("adapter");
+    train::save_peft(&trainer.adapter, &out, "base").unwrap();
+    let loaded = LoraAdapter::load_peft(&ModelFiles::Dir(out.clone()), &model.config).unwrap();
+    assert_eq!(loaded.layers, trainer.adapter.layers);
+    assert_eq!(loaded.config.scale(), trainer.adapter.config.scale());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["bias"], "none");
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn completion_only_loss_masks_the_prompt() {
+    let tok =
+        ChatTokenizer::from_files(&synth::qwen25_tokenizer(), std::path::Path::new("tok")).unwrap();
+    let ex = Example::PromptCompletion {
+        prompt: Turns::Messages(vec![Message::new("user", "Name a colour.")]),
+        completion: Turns::Messages(vec![Message::new("assistant", "Blue.")]),
+    };
+    let (seq, _) = train::tokenize(&tok, &ex, LossOn::Default, 512).unwrap();
+    let prompt = tok
+        .encode(
+            &tok.apply_chat_template(&[Message::new("user", "Name a colour.")], true)
+                .unwrap(),
+        )
+        .unwrap();
+    // Targets start at the first completion token, which position prompt.len() - 1 predicts.
+    let first = seq.targets.iter().position(|t| t.is_some()).unwrap();
+    assert_eq!(first, prompt.len() - 1);
+    assert_eq!(seq.targets[first], Some(seq.ids[prompt.len()]));
+    assert_eq!(
+        tok.decode(&seq.ids[prompt.len()..]).unwrap(),
+        "Blue.<|im_end|>\n"
+    );
+    let (all, _) = train::tokenize(&tok, &ex, LossOn::All, 512).unwrap();
+    assert_eq!(all.target_count(), all.ids.len() - 1);
+    let text = Example::Text("plain".into());
+    assert!(train::tokenize(&tok, &text, LossOn::Completion, 512).is_err());
+}
+
+#[test]
+fn nibble_train_writes_a_peft_folder_and_metrics_and_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen3, 151936),
+        Some(&synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello!\"}]}\n{\"prompt\": \"2+2=\", \"completion\": \"4\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.join("adapter_model.safetensors").is_file()
+            && out.join("adapter_config.json").is_file()
+    );
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 3);
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+    ] {
+        assert!(metrics[2].get(key).is_some(), "metrics lack {key}");
+    }
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
+    assert!(run(&["--overwrite"]).status.success());
+}
