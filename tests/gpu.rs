@@ -145,3 +145,58 @@ fn eval_on_gpu_agrees_with_cpu() {
     let (a, b) = (cpu["loss"].as_f64().unwrap(), gpu["loss"].as_f64().unwrap());
     assert!((a - b).abs() / a < 1e-5, "cpu {a} vs gpu {b}");
 }
+
+#[test]
+fn gpu_step_memory_follows_the_plan() {
+    let Some(gpu) = gpu() else { return };
+    use nibble::config::{Arch, LinearKind};
+    use nibble::plan::{PlanInput, plan};
+    use nibble::quant::{QuantFormat, QuantSpec};
+    use nibble::synth::{self, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = SynthSpec::tiny(Arch::Llama, 4000);
+    (spec.hidden_size, spec.intermediate_size, spec.num_layers) = (256, 768, 3);
+    synth::write_model_folder(dir.path(), &spec, None).unwrap();
+    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
+    let model = nibble::model::ModelSource::open(dir.path())
+        .unwrap()
+        .load(Some(nibble::model::QuantRequest::Quantize(qspec)))
+        .unwrap();
+    let config = nibble::lora::LoraConfig {
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let adapter =
+        nibble::lora::LoraAdapter::init(&model.config, config, &mut nibble::rng::Rng::new(1));
+    let tokens = 64;
+    let seq = nibble::cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 7 % 4000).collect());
+    let gm = GpuModel::upload(&gpu, &model).unwrap();
+    let gl = GpuLora::upload(&gpu, &adapter);
+    let grads = step::zero_grads(&gpu, &adapter);
+    let before = gpu.scratch_bytes();
+    step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
+    let first = gpu.scratch_bytes() - before;
+    // A second step finds everything it needs in the pool.
+    step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
+    assert_eq!(
+        gpu.scratch_bytes() - before,
+        first,
+        "the second step allocated again"
+    );
+    let input = PlanInput {
+        tokens,
+        quant: Some(qspec),
+        lora_rank: 8,
+        lora_targets: LinearKind::ALL.to_vec(),
+        lora_dropout: false,
+        checkpoint: false,
+    };
+    let planned = plan(&model.config, &input);
+    let step_plan = (planned.activations + planned.workspace) as f64;
+    let ratio = first as f64 / step_plan;
+    eprintln!("GPU step scratch {first} B, planned {step_plan:.0} B ({ratio:.2})");
+    assert!(
+        ratio < 1.5,
+        "the GPU step holds {first} B, the plan says {step_plan:.0} B"
+    );
+}

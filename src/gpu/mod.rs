@@ -5,8 +5,9 @@
 pub mod step;
 
 use crate::error::{Error, Result};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use wgpu::util::DeviceExt;
 
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -66,10 +67,28 @@ pub fn shader_source(name: &str) -> Option<String> {
         .map(|(_, src)| format!("{COMMON}\n{src}"))
 }
 
-/// A storage buffer of `len` 32-bit elements.
+/// Free scratch buffers by length in 32-bit words.
+type Pool = Rc<RefCell<HashMap<usize, Vec<wgpu::Buffer>>>>;
+
+/// A storage buffer of `len` 32-bit elements. Scratch buffers go back to their pool when dropped, so a
+/// later dispatch of the same step (or a later step) reuses the memory: the GPU runs dispatches in the
+/// order they were recorded, so every earlier reader of the buffer is done before it is cleared and
+/// written again.
 pub struct GpuBuffer {
     pub buffer: wgpu::Buffer,
     pub len: usize,
+    pool: Option<Pool>,
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.borrow_mut()
+                .entry(self.len)
+                .or_default()
+                .push(self.buffer.clone());
+        }
+    }
 }
 
 pub struct Gpu {
@@ -79,6 +98,8 @@ pub struct Gpu {
     pub max_binding: u64,
     modules: RefCell<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: RefCell<HashMap<&'static str, wgpu::ComputePipeline>>,
+    pool: Pool,
+    scratch_bytes: Cell<u64>,
 }
 
 impl Gpu {
@@ -132,6 +153,8 @@ impl Gpu {
             max_binding,
             modules: RefCell::new(HashMap::new()),
             pipelines: RefCell::new(HashMap::new()),
+            pool: Rc::new(RefCell::new(HashMap::new())),
+            scratch_bytes: Cell::new(0),
         })
     }
 
@@ -183,7 +206,11 @@ impl Gpu {
                     | wgpu::BufferUsages::COPY_SRC
                     | wgpu::BufferUsages::COPY_DST,
             });
-        GpuBuffer { buffer, len }
+        GpuBuffer {
+            buffer,
+            len,
+            pool: None,
+        }
     }
 
     pub fn upload_f32(&self, data: &[f32]) -> GpuBuffer {
@@ -203,7 +230,39 @@ impl Gpu {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        GpuBuffer { buffer, len }
+        GpuBuffer {
+            buffer,
+            len,
+            pool: None,
+        }
+    }
+
+    /// A zeroed scratch buffer of `len` words for use later in `encoder`: a free one of that length from
+    /// the pool (cleared by a command recorded now), or a new one.
+    pub fn scratch(&self, encoder: &mut wgpu::CommandEncoder, len: usize) -> GpuBuffer {
+        let reused = self.pool.borrow_mut().get_mut(&len).and_then(Vec::pop);
+        let buffer = match reused {
+            Some(b) => {
+                encoder.clear_buffer(&b, 0, None);
+                b
+            }
+            None => {
+                self.scratch_bytes
+                    .set(self.scratch_bytes.get() + (len.max(1) * 4) as u64);
+                self.zeros(len).buffer.clone()
+            }
+        };
+        GpuBuffer {
+            buffer,
+            len,
+            pool: Some(self.pool.clone()),
+        }
+    }
+
+    /// Bytes of scratch memory created so far (the high-water mark of a step's temporaries and kept
+    /// activations, since freed buffers are reused).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.scratch_bytes.get()
     }
 
     /// Records one dispatch: binding 0 is the uniform `params`, the others are the given buffers.

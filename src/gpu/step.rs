@@ -375,6 +375,10 @@ impl<'a> Recorder<'a> {
         &self.model.config
     }
 
+    fn scratch(&mut self, len: usize) -> GpuBuffer {
+        self.gpu.scratch(&mut self.enc, len)
+    }
+
     fn matmul(
         &mut self,
         a: View,
@@ -442,7 +446,7 @@ impl<'a> Recorder<'a> {
         let model: &'a GpuModel = self.model;
         let lin = &model.layers[l].linears[kind as usize];
         let t = self.tokens;
-        let y = self.gpu.zeros(t * lin.rows);
+        let y = self.scratch(t * lin.rows);
         let p = self.linear_params(lin, false, true);
         let mut bindings = self.linear_bindings(lin).to_vec();
         bindings.extend([(5, x), (6, &y)]);
@@ -456,7 +460,7 @@ impl<'a> Recorder<'a> {
             self.lora.expect("checked").rank,
             self.lora.expect("checked").scale,
         );
-        let xa = self.gpu.zeros(t * r);
+        let xa = self.scratch(t * r);
         self.matmul(
             view(x, t, lin.cols),
             transposed(a, r, lin.cols),
@@ -513,7 +517,7 @@ impl<'a> Recorder<'a> {
             return;
         };
         let (r, out, inp) = (lora.rank, lin.rows, lin.cols);
-        let dxa = self.gpu.zeros(t * r);
+        let dxa = self.scratch(t * r);
         self.matmul(
             view(dy, t, out),
             view(b, out, r),
@@ -538,7 +542,7 @@ impl<'a> Recorder<'a> {
 
     fn rmsnorm(&mut self, x: &GpuBuffer, w: &GpuBuffer, dim: usize) -> (GpuBuffer, GpuBuffer) {
         let rows = x.len / dim;
-        let (y, inv) = (self.gpu.zeros(x.len), self.gpu.zeros(rows));
+        let (y, inv) = (self.scratch(x.len), self.scratch(rows));
         let p = RmsParams {
             rows: rows as u32,
             dim: dim as u32,
@@ -565,7 +569,7 @@ impl<'a> Recorder<'a> {
         dim: usize,
     ) -> GpuBuffer {
         let rows = x.len / dim;
-        let dx = self.gpu.zeros(x.len);
+        let dx = self.scratch(x.len);
         let p = RmsParams {
             rows: rows as u32,
             dim: dim as u32,
@@ -584,7 +588,7 @@ impl<'a> Recorder<'a> {
     }
 
     fn add(&mut self, a: &GpuBuffer, b: &GpuBuffer) -> GpuBuffer {
-        let out = self.gpu.zeros(a.len);
+        let out = self.scratch(a.len);
         let p = Dims4 {
             a: a.len as u32,
             b: 0,
@@ -657,8 +661,8 @@ impl<'a> Recorder<'a> {
         }
         self.rope(&q, c.num_heads, 1.0);
         self.rope(&k, c.num_kv_heads, 1.0);
-        let attn = self.gpu.zeros(t * c.q_dim());
-        let lse = self.gpu.zeros(c.num_heads * t);
+        let attn = self.scratch(t * c.q_dim());
+        let lse = self.scratch(c.num_heads * t);
         let p = self.attention_params();
         let groups = [t.div_ceil(64) as u32, c.num_heads as u32, 1];
         self.gpu.dispatch(
@@ -676,7 +680,7 @@ impl<'a> Recorder<'a> {
         let (up, su) = self.linear_forward(l, LinearKind::Up, &xn2);
         linears[LinearKind::Gate as usize] = sg;
         linears[LinearKind::Up as usize] = su;
-        let h = self.gpu.zeros(gate.len);
+        let h = self.scratch(gate.len);
         let n = Dims4 {
             a: gate.len as u32,
             b: 0,
@@ -727,7 +731,7 @@ impl<'a> Recorder<'a> {
         let model: &'a GpuModel = self.model;
         let layer = &model.layers[l];
         let saved = |k: LinearKind| s.linears[k as usize].as_ref();
-        let dh = self.gpu.zeros(s.h.len);
+        let dh = self.scratch(s.h.len);
         self.linear_backward(
             l,
             LinearKind::Down,
@@ -737,7 +741,7 @@ impl<'a> Recorder<'a> {
             &dh,
             grads,
         );
-        let (dgate, dup) = (self.gpu.zeros(dh.len), self.gpu.zeros(dh.len));
+        let (dgate, dup) = (self.scratch(dh.len), self.scratch(dh.len));
         let n = Dims4 {
             a: dh.len as u32,
             b: 0,
@@ -752,7 +756,7 @@ impl<'a> Recorder<'a> {
             &bindings,
             groups_1d(dh.len, 256),
         );
-        let dxn2 = self.gpu.zeros(t * c.hidden_size);
+        let dxn2 = self.scratch(t * c.hidden_size);
         self.linear_backward(
             l,
             LinearKind::Gate,
@@ -775,7 +779,7 @@ impl<'a> Recorder<'a> {
             self.rmsnorm_backward(&s.x_mid, &layer.post_norm, &s.inv2, &dxn2, c.hidden_size);
         let dx_mid = self.add(&d_norm2, dx_out);
 
-        let d_attn = self.gpu.zeros(t * c.q_dim());
+        let d_attn = self.scratch(t * c.q_dim());
         self.linear_backward(
             l,
             LinearKind::O,
@@ -786,11 +790,11 @@ impl<'a> Recorder<'a> {
             grads,
         );
         let p = self.attention_params();
-        let delta = self.gpu.zeros(c.num_heads * t);
+        let delta = self.scratch(c.num_heads * t);
         let (mut dq, mut dk, dv) = (
-            self.gpu.zeros(s.q.len),
-            self.gpu.zeros(s.k.len),
-            self.gpu.zeros(s.v.len),
+            self.scratch(s.q.len),
+            self.scratch(s.k.len),
+            self.scratch(s.v.len),
         );
         let heads_groups = [t.div_ceil(64) as u32, c.num_heads as u32, 1];
         self.gpu.dispatch(
@@ -825,7 +829,7 @@ impl<'a> Recorder<'a> {
             dq = self.rmsnorm_backward(qp, qn, iq, &dq, c.head_dim);
             dk = self.rmsnorm_backward(kp, kn, ik, &dk, c.head_dim);
         }
-        let dxn1 = self.gpu.zeros(t * c.hidden_size);
+        let dxn1 = self.scratch(t * c.hidden_size);
         for (kind, d) in [
             (LinearKind::Q, &dq),
             (LinearKind::K, &dk),
@@ -839,7 +843,7 @@ impl<'a> Recorder<'a> {
 
     fn embed(&mut self, ids: &GpuBuffer) -> GpuBuffer {
         let (t, h) = (self.tokens, self.c().hidden_size);
-        let x = self.gpu.zeros(t * h);
+        let x = self.scratch(t * h);
         let model: &'a GpuModel = self.model;
         let table = &model.embed;
         for (start, rows, block) in &table.blocks {
@@ -983,7 +987,7 @@ pub fn logits(
     let vocab = model.config.vocab_size;
     let mut chunks = Vec::new();
     r.for_each_chunk(t, 0.0, |r, block, p| {
-        let logits = r.gpu.zeros(t * p.chunk_len as usize);
+        let logits = r.scratch(t * p.chunk_len as usize);
         let groups = [p.chunk_len.div_ceil(64), t as u32, 1];
         r.gpu.dispatch(
             &mut r.enc,
@@ -1046,7 +1050,7 @@ pub fn forward_backward(
     let (xf, saved, x_last, inv_f) = decoder(&mut r, &seq.ids);
     let index = gpu.upload_u32(&positions);
     let labels_buf = gpu.upload_u32(&labels);
-    let hidden = gpu.zeros(np * h);
+    let hidden = r.scratch(np * h);
     r.rows("gather_rows", &xf, &index, &hidden, np);
     let state = gpu.upload_f32(
         &positions
@@ -1054,8 +1058,8 @@ pub fn forward_backward(
             .flat_map(|_| [-3.0e38f32, 0.0, 0.0])
             .collect::<Vec<_>>(),
     );
-    let result = gpu.zeros(2 * np);
-    let logits = gpu.zeros(np * VOCAB_CHUNK);
+    let result = r.scratch(2 * np);
+    let logits = r.scratch(np * VOCAB_CHUNK);
     r.for_each_chunk(np, grad_scale, |r, block, p| {
         let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
         r.gpu.dispatch(
@@ -1092,7 +1096,7 @@ pub fn forward_backward(
     );
 
     if let Some(grads) = grads {
-        let d_hidden = gpu.zeros(np * h);
+        let d_hidden = r.scratch(np * h);
         r.for_each_chunk(np, grad_scale, |r, block, p| {
             let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
             r.gpu.dispatch(
@@ -1118,7 +1122,7 @@ pub fn forward_backward(
                 groups,
             );
         });
-        let dxf = gpu.zeros(t * h);
+        let dxf = r.scratch(t * h);
         r.rows("scatter_rows", &d_hidden, &index, &dxf, np);
         let mut dx = r.rmsnorm_backward(&x_last, &model.final_norm, &inv_f, &dxf, h);
         for l in (0..model.layers.len()).rev() {
