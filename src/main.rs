@@ -201,6 +201,12 @@ enum Command {
         /// Replace a finished run in the output folder.
         #[arg(long)]
         overwrite: bool,
+        /// Write checkpoint-N/ (adapter, optimizer state, RNG state, data position) every N steps.
+        #[arg(long, default_value_t = 0)]
+        save_steps: usize,
+        /// Continue a run from the newest complete checkpoint in this folder (or this checkpoint).
+        #[arg(long)]
+        resume: Option<PathBuf>,
     },
     /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
     /// shapes before anything runs.
@@ -293,6 +299,8 @@ fn main() {
             loss_on,
             gradient_checkpointing,
             overwrite,
+            save_steps,
+            resume,
         } => (|| {
             let config = nibble::train::TrainConfig {
                 lora: nibble::lora::LoraConfig {
@@ -325,7 +333,12 @@ fn main() {
                 checkpoint: gradient_checkpointing,
                 precision: exec.cpu_precision(),
             };
-            train(&model, &data, &output, quant, exec, config, overwrite).map(|_| ())
+            let run = RunOptions {
+                overwrite,
+                save_steps,
+                resume,
+            };
+            train(&model, &data, &output, quant, exec, config, &run).map(|_| ())
         })(),
         Command::Plan {
             model,
@@ -578,6 +591,25 @@ fn eval(
     Ok(())
 }
 
+struct RunOptions {
+    overwrite: bool,
+    save_steps: usize,
+    resume: Option<PathBuf>,
+}
+
+/// Keeps the metrics of steps up to `step` (complete lines only: a killed run may leave half a line).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: String = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
+        .map(|v| format!("{v}\n"))
+        .collect();
+    nibble::fsutil::write_atomically(path, |tmp| std::fs::write(tmp, kept))?;
+    Ok(())
+}
+
 /// Runs `nibble train`; returns the first and last step losses.
 fn train(
     path: &Path,
@@ -586,9 +618,9 @@ fn train(
     quant: QuantArgs,
     exec: ExecArgs,
     config: nibble::train::TrainConfig,
-    overwrite: bool,
+    run: &RunOptions,
 ) -> Result<(f64, f64)> {
-    if output.join("adapter_model.safetensors").exists() && !overwrite {
+    if output.join("adapter_model.safetensors").exists() && !run.overwrite && run.resume.is_none() {
         bail!(
             "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to replace it",
             output.display()
@@ -617,9 +649,29 @@ fn train(
     }
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let metrics_path = output.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
     let mut trainer = nibble::train::Trainer::new(&model, config, sequences, None)?;
+    if let Some(dir) = &run.resume {
+        let checkpoint = nibble::train::newest_checkpoint(dir)?.with_context(|| {
+            format!(
+                "{} holds no complete checkpoint to resume from",
+                dir.display()
+            )
+        })?;
+        trainer.restore(&checkpoint)?;
+        truncate_metrics(&metrics_path, trainer.step)?;
+        log::info!(
+            "resuming from {} at step {}",
+            checkpoint.display(),
+            trainer.step
+        );
+    } else {
+        std::fs::write(&metrics_path, "")
+            .with_context(|| format!("creating {}", metrics_path.display()))?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
     log::info!(
         "training {} LoRA parameters for {} steps on {} examples (CPU executor, {:?})",
         trainer.adapter.parameter_count(),
@@ -644,6 +696,9 @@ fn train(
         );
         first.get_or_insert(record.loss);
         last = record.loss;
+        if run.save_steps > 0 && record.step % run.save_steps == 0 {
+            trainer.save_checkpoint(output, source.label())?;
+        }
     }
     nibble::train::save_peft(&trainer.adapter, output, source.label())?;
     eprintln!("saved the adapter to {}", output.display());

@@ -364,6 +364,183 @@ impl<'a> Trainer<'a> {
     }
 }
 
+const CHECKPOINT_PREFIX: &str = "checkpoint-";
+
+fn rng_to_json(r: &Rng) -> serde_json::Value {
+    // u64 words as strings: JSON numbers lose bits above 2^53.
+    json!(r.state().iter().map(|w| w.to_string()).collect::<Vec<_>>())
+}
+
+fn rng_from_json(v: &serde_json::Value) -> Option<Rng> {
+    let words: Vec<u64> = v
+        .as_array()?
+        .iter()
+        .map(|w| w.as_str()?.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(Rng::from_state(words.try_into().ok()?))
+}
+
+impl Trainer<'_> {
+    /// Writes `checkpoint-<step>/` in `run_dir`: the adapter (a PEFT folder), AdamW's moments, the RNG
+    /// states and the data position. It is written under a temporary name and renamed, so a folder with
+    /// the final name is always complete.
+    pub fn save_checkpoint(&self, run_dir: &Path, base_model: &str) -> Result<std::path::PathBuf> {
+        let name = format!("{CHECKPOINT_PREFIX}{}", self.step);
+        let final_dir = run_dir.join(&name);
+        let tmp = run_dir.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        save_peft(&self.adapter, &tmp, base_model)?;
+        let moments: Vec<(String, Vec<usize>, &[f32])> = self
+            .m
+            .pairs()
+            .zip(self.v.pairs())
+            .flat_map(|((l, k, m), (_, _, v))| {
+                [
+                    (
+                        format!("m.{}", peft_key(l, k, "lora_A")),
+                        vec![m.a.len()],
+                        m.a.as_slice(),
+                    ),
+                    (
+                        format!("m.{}", peft_key(l, k, "lora_B")),
+                        vec![m.b.len()],
+                        m.b.as_slice(),
+                    ),
+                    (
+                        format!("v.{}", peft_key(l, k, "lora_A")),
+                        vec![v.a.len()],
+                        v.a.as_slice(),
+                    ),
+                    (
+                        format!("v.{}", peft_key(l, k, "lora_B")),
+                        vec![v.b.len()],
+                        v.b.as_slice(),
+                    ),
+                ]
+            })
+            .collect();
+        let views = moments
+            .iter()
+            .map(|(n, shape, data)| {
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytemuck::cast_slice(data),
+                )
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::tensor(tmp.join("optimizer.safetensors"), n, e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::fsutil::write_atomically(&tmp.join("optimizer.safetensors"), |t| {
+            safetensors::serialize_to_file(views, None, t)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })?;
+        let state = json!({
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "position": self.position,
+            "order": self.order,
+            "data_rng": rng_to_json(&self.data_rng),
+            "dropout_rng": rng_to_json(&self.dropout_rng),
+            "examples": self.sequences.len(),
+        });
+        crate::fsutil::write_atomically(&tmp.join("trainer_state.json"), |t| {
+            std::fs::write(t, state.to_string())
+        })?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        Ok(final_dir)
+    }
+
+    /// Restores adapters, moments, RNG states and data position from a checkpoint folder written by
+    /// `save_checkpoint`.
+    pub fn restore(&mut self, checkpoint: &Path) -> Result<()> {
+        let state_path = checkpoint.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let bad = |msg: &str| Error::Config {
+            path: state_path.clone(),
+            msg: msg.to_string(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|_| bad("not valid JSON"))?;
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(&format!("`{k}` missing")))
+        };
+        if num("examples")? != self.sequences.len() {
+            return Err(bad(
+                "the checkpoint was made with a different dataset (example count differs)",
+            ));
+        }
+        let order: Vec<usize> = v
+            .get("order")
+            .and_then(|o| o.as_array())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as usize))
+                    .collect()
+            })
+            .ok_or_else(|| bad("`order` missing"))?;
+        if order.len() != self.sequences.len() {
+            return Err(bad("`order` does not match the dataset"));
+        }
+        let adapter = LoraAdapter::load_peft(
+            &crate::source::ModelFiles::Dir(checkpoint.to_path_buf()),
+            &self.model.config,
+        )?;
+        let opt = crate::source::SafetensorsFile::open(&checkpoint.join("optimizer.safetensors"))?;
+        let mut m = adapter.zeros_like();
+        let mut vv = adapter.zeros_like();
+        for ((l, k, mp), (_, _, vp)) in m.pairs_mut().zip(vv.pairs_mut()) {
+            mp.a = opt.read_f32(&format!("m.{}", peft_key(l, k, "lora_A")))?;
+            mp.b = opt.read_f32(&format!("m.{}", peft_key(l, k, "lora_B")))?;
+            vp.a = opt.read_f32(&format!("v.{}", peft_key(l, k, "lora_A")))?;
+            vp.b = opt.read_f32(&format!("v.{}", peft_key(l, k, "lora_B")))?;
+        }
+        self.adapter = adapter;
+        self.m = m;
+        self.v = vv;
+        self.step = num("step")?;
+        self.total_steps = num("total_steps")?;
+        self.epoch = num("epoch")?;
+        self.position = num("position")?;
+        self.order = order;
+        self.data_rng = v
+            .get("data_rng")
+            .and_then(rng_from_json)
+            .ok_or_else(|| bad("`data_rng` missing"))?;
+        self.dropout_rng = v
+            .get("dropout_rng")
+            .and_then(rng_from_json)
+            .ok_or_else(|| bad("`dropout_rng` missing"))?;
+        Ok(())
+    }
+}
+
+/// The newest complete checkpoint in a run folder (or the folder itself, if it is a checkpoint).
+pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    if dir.join("trainer_state.json").is_file() {
+        return Ok(Some(dir.to_path_buf()));
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let newest = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
+            e.path()
+                .join("trainer_state.json")
+                .is_file()
+                .then_some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p);
+    Ok(newest)
+}
+
 /// Writes a PEFT adapter folder (adapter_model.safetensors + adapter_config.json) that
 /// `PeftModel.from_pretrained` loads; each file appears atomically.
 pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: &str) -> Result<()> {

@@ -265,3 +265,106 @@ fn nibble_train_writes_a_peft_folder_and_metrics_and_refuses_to_overwrite() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
     assert!(run(&["--overwrite"]).status.success());
 }
+
+#[test]
+fn a_run_killed_with_sigkill_and_resumed_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let spec = SynthSpec::tiny(Arch::Llama, 151936);
+    synth::write_model_folder(&model, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
+    let data = dir.path().join("d.jsonl");
+    let rows: String = (0..6)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"Question {i}?\"}}, {{\"role\": \"assistant\", \"content\": \"Answer number {i}.\"}}]}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "12",
+            "--save-steps",
+            "2",
+            "--grad-accum",
+            "2",
+            "--lora-dropout",
+            "0.1",
+            "--lr-scheduler",
+            "cosine",
+            "--warmup-steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let nibble = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nibble"));
+        c.env("RUST_LOG", "warn");
+        c
+    };
+
+    let straight = dir.path().join("straight");
+    let o = nibble().args(args(&straight)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let killed = dir.path().join("killed");
+    let mut child = nibble()
+        .args(args(&killed))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !killed.join("checkpoint-2").is_dir() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // However far the run got, take it back to at most step 4, as if the kill had come there.
+    let _ = std::fs::remove_file(killed.join("adapter_model.safetensors"));
+    for entry in std::fs::read_dir(&killed).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            if step > 4 {
+                std::fs::remove_dir_all(&path).unwrap();
+            }
+        }
+    }
+    let mut resume = args(&killed);
+    resume.extend(["--resume".to_string(), killed.to_str().unwrap().to_string()]);
+    let o = nibble().args(&resume).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let config = nibble::model::ModelSource::open(&model).unwrap().config;
+    let a = LoraAdapter::load_peft(&ModelFiles::Dir(straight.clone()), &config).unwrap();
+    let b = LoraAdapter::load_peft(&ModelFiles::Dir(killed.clone()), &config).unwrap();
+    assert_eq!(
+        a, b,
+        "the resumed run must end with the same adapter, bit for bit"
+    );
+    let losses = |d: &std::path::Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(losses(&straight), losses(&killed));
+    assert_eq!(losses(&killed).len(), 12);
+}
