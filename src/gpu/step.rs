@@ -379,6 +379,24 @@ impl<'a> Recorder<'a> {
         self.gpu.scratch(&mut self.enc, len)
     }
 
+    /// logits[position, v] of one vocabulary chunk.
+    fn ce_logits(
+        &mut self,
+        block: &GpuBuffer,
+        p: &CeParams,
+        hidden: &GpuBuffer,
+        logits: &GpuBuffer,
+    ) {
+        let groups = [p.chunk_len.div_ceil(64), p.positions, 1];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "ce_logits",
+            p,
+            &[(1, block), (2, hidden), (3, logits)],
+            groups,
+        );
+    }
+
     fn matmul(
         &mut self,
         a: View,
@@ -988,14 +1006,7 @@ pub fn logits(
     let mut chunks = Vec::new();
     r.for_each_chunk(t, 0.0, |r, block, p| {
         let logits = r.scratch(t * p.chunk_len as usize);
-        let groups = [p.chunk_len.div_ceil(64), t as u32, 1];
-        r.gpu.dispatch(
-            &mut r.enc,
-            "ce_logits",
-            &p,
-            &[(1, block), (2, &xf), (3, &logits)],
-            groups,
-        );
+        r.ce_logits(block, &p, &xf, &logits);
         chunks.push((
             (p.block_start + p.chunk_start) as usize,
             p.chunk_len as usize,
@@ -1061,14 +1072,7 @@ pub fn forward_backward(
     let result = r.scratch(2 * np);
     let logits = r.scratch(np * VOCAB_CHUNK);
     r.for_each_chunk(np, grad_scale, |r, block, p| {
-        let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
-        r.gpu.dispatch(
-            &mut r.enc,
-            "ce_logits",
-            &p,
-            &[(1, block), (2, &hidden), (3, &logits)],
-            groups,
-        );
+        r.ce_logits(block, &p, &hidden, &logits);
         r.gpu.dispatch(
             &mut r.enc,
             "ce_reduce",
@@ -1098,14 +1102,8 @@ pub fn forward_backward(
     if let Some(grads) = grads {
         let d_hidden = r.scratch(np * h);
         r.for_each_chunk(np, grad_scale, |r, block, p| {
+            r.ce_logits(block, &p, &hidden, &logits);
             let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
-            r.gpu.dispatch(
-                &mut r.enc,
-                "ce_logits",
-                &p,
-                &[(1, block), (2, &hidden), (3, &logits)],
-                groups,
-            );
             r.gpu.dispatch(
                 &mut r.enc,
                 "ce_grad_logits",
