@@ -491,7 +491,8 @@ impl Trainer<'_> {
             &crate::source::ModelFiles::Dir(checkpoint.to_path_buf()),
             &self.model.config,
         )?;
-        let opt = crate::source::SafetensorsFile::open(&checkpoint.join("optimizer.safetensors"))?;
+        let opt = crate::source::ModelFiles::Dir(checkpoint.to_path_buf())
+            .open_safetensors("optimizer.safetensors")?;
         let mut m = adapter.zeros_like();
         let mut vv = adapter.zeros_like();
         for ((l, k, mp), (_, _, vp)) in m.pairs_mut().zip(vv.pairs_mut()) {
