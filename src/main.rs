@@ -108,6 +108,153 @@ enum QuantChoice {
     None,
 }
 
+/// `nibble train`'s options. Each can also come from a TOML file (`--config`, keys as the flags with
+/// underscores) or a preset; a flag given on the command line wins over the file, and the file over
+/// the preset.
+#[derive(clap::Args, serde::Deserialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+struct TrainArgs {
+    /// A TOML file of options.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// A known recipe: qwen2.5-cpu (NF4, LoRA r=8 alpha=16 dropout 0.05 on all seven linears, lr 2e-4,
+    /// batch 1, gradient accumulation 4, 2 epochs).
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// nf4, int4 or none.
+    #[arg(long)]
+    quant: Option<String>,
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// auto, cpu or gpu.
+    #[arg(long)]
+    device: Option<String>,
+    /// default or f32.
+    #[arg(long)]
+    precision: Option<String>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// constant, linear (default) or cosine.
+    #[arg(long)]
+    lr_scheduler: Option<String>,
+    #[arg(long)]
+    warmup_steps: Option<usize>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    use_rslora: Option<bool>,
+    /// Comma-separated module names or all-linear.
+    #[arg(long)]
+    target_modules: Option<String>,
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    no_shuffle: Option<bool>,
+    /// all, or completion (only the completion of prompt/completion rows); default as TRL.
+    #[arg(long)]
+    loss_on: Option<String>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    gradient_checkpointing: Option<bool>,
+    /// Replace a finished run in the output folder.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    overwrite: Option<bool>,
+    /// Write checkpoint-N/ (adapter, optimizer state, RNG state, data position) every N steps.
+    #[arg(long)]
+    save_steps: Option<usize>,
+    /// Continue a run from the newest complete checkpoint in this folder (or this checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+}
+
+/// Field by field: `a`'s value where it has one, `b`'s otherwise.
+macro_rules! merge_options {
+    ($a:expr, $b:expr, $($field:ident),*) => {
+        TrainArgs { config: $a.config.or($b.config), $($field: $a.$field.or($b.$field)),* }
+    };
+}
+
+impl TrainArgs {
+    fn or(self, other: TrainArgs) -> TrainArgs {
+        merge_options!(
+            self,
+            other,
+            preset,
+            model,
+            data,
+            output,
+            quant,
+            group_size,
+            device,
+            precision,
+            lr,
+            lr_scheduler,
+            warmup_steps,
+            weight_decay,
+            max_grad_norm,
+            epochs,
+            max_steps,
+            batch_size,
+            grad_accum,
+            lora_r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            target_modules,
+            max_length,
+            seed,
+            no_shuffle,
+            loss_on,
+            gradient_checkpointing,
+            overwrite,
+            save_steps,
+            resume
+        )
+    }
+
+    fn preset(name: &str) -> Result<TrainArgs> {
+        match name {
+            "qwen2.5-cpu" => Ok(TrainArgs {
+                quant: Some("nf4".into()),
+                lora_r: Some(8),
+                lora_alpha: Some(16.0),
+                lora_dropout: Some(0.05),
+                target_modules: Some("all-linear".into()),
+                lr: Some(2e-4),
+                batch_size: Some(1),
+                grad_accum: Some(4),
+                epochs: Some(2),
+                ..Default::default()
+            }),
+            other => bail!("unknown preset `{other}` (known: qwen2.5-cpu)"),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Architecture, shapes, exact parameter count and the memory the weights take.
@@ -148,66 +295,7 @@ enum Command {
         max_length: usize,
     },
     /// Fine-tune LoRA adapters on a JSONL dataset and save them as a PEFT adapter folder.
-    Train {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long, short)]
-        output: PathBuf,
-        #[command(flatten)]
-        quant: QuantArgs,
-        #[command(flatten)]
-        exec: ExecArgs,
-        #[arg(long, default_value_t = 2e-4)]
-        lr: f64,
-        #[arg(long, default_value = "linear")]
-        lr_scheduler: String,
-        #[arg(long, default_value_t = 0)]
-        warmup_steps: usize,
-        #[arg(long, default_value_t = 0.0)]
-        weight_decay: f64,
-        #[arg(long, default_value_t = 1.0)]
-        max_grad_norm: f64,
-        #[arg(long, default_value_t = 1)]
-        epochs: usize,
-        #[arg(long)]
-        max_steps: Option<usize>,
-        #[arg(long, default_value_t = 1)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 1)]
-        grad_accum: usize,
-        #[arg(long, default_value_t = 8)]
-        lora_r: usize,
-        #[arg(long, default_value_t = 16.0)]
-        lora_alpha: f64,
-        #[arg(long, default_value_t = 0.05)]
-        lora_dropout: f64,
-        #[arg(long)]
-        use_rslora: bool,
-        #[arg(long, default_value = "all-linear")]
-        target_modules: String,
-        #[arg(long, default_value_t = 1024)]
-        max_length: usize,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        #[arg(long)]
-        no_shuffle: bool,
-        /// all, or completion (only the completion of prompt/completion rows); default as TRL.
-        #[arg(long)]
-        loss_on: Option<String>,
-        #[arg(long)]
-        gradient_checkpointing: bool,
-        /// Replace a finished run in the output folder.
-        #[arg(long)]
-        overwrite: bool,
-        /// Write checkpoint-N/ (adapter, optimizer state, RNG state, data position) every N steps.
-        #[arg(long, default_value_t = 0)]
-        save_steps: usize,
-        /// Continue a run from the newest complete checkpoint in this folder (or this checkpoint).
-        #[arg(long)]
-        resume: Option<PathBuf>,
-    },
+    Train(Box<TrainArgs>),
     /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
     /// shapes before anything runs.
     Plan {
@@ -273,73 +361,7 @@ fn main() {
             exec,
             max_length,
         } => eval(&model, &data, adapter.as_deref(), quant, exec, max_length),
-        Command::Train {
-            model,
-            data,
-            output,
-            quant,
-            exec,
-            lr,
-            lr_scheduler,
-            warmup_steps,
-            weight_decay,
-            max_grad_norm,
-            epochs,
-            max_steps,
-            batch_size,
-            grad_accum,
-            lora_r,
-            lora_alpha,
-            lora_dropout,
-            use_rslora,
-            target_modules,
-            max_length,
-            seed,
-            no_shuffle,
-            loss_on,
-            gradient_checkpointing,
-            overwrite,
-            save_steps,
-            resume,
-        } => (|| {
-            let config = nibble::train::TrainConfig {
-                lora: nibble::lora::LoraConfig {
-                    r: lora_r,
-                    alpha: lora_alpha,
-                    dropout: lora_dropout as f32,
-                    use_rslora,
-                    targets: parse_targets(&target_modules)?,
-                },
-                lr,
-                weight_decay,
-                max_grad_norm,
-                schedule: nibble::train::Schedule::parse(&lr_scheduler).with_context(|| {
-                    format!("unknown --lr-scheduler `{lr_scheduler}` (constant, linear or cosine)")
-                })?,
-                warmup_steps,
-                epochs,
-                max_steps,
-                batch_size,
-                grad_accum,
-                max_length,
-                seed,
-                shuffle: !no_shuffle,
-                loss_on: match loss_on.as_deref() {
-                    None => nibble::train::LossOn::Default,
-                    Some("all") => nibble::train::LossOn::All,
-                    Some("completion") => nibble::train::LossOn::Completion,
-                    Some(other) => bail!("unknown --loss-on `{other}` (all or completion)"),
-                },
-                checkpoint: gradient_checkpointing,
-                precision: exec.cpu_precision(),
-            };
-            let run = RunOptions {
-                overwrite,
-                save_steps,
-                resume,
-            };
-            train(&model, &data, &output, quant, exec, config, &run).map(|_| ())
-        })(),
+        Command::Train(args) => train_command(*args),
         Command::Plan {
             model,
             seq_len,
@@ -589,6 +611,93 @@ fn eval(
         json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens})
     );
     Ok(())
+}
+
+fn train_command(cli: TrainArgs) -> Result<()> {
+    let file = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str::<TrainArgs>(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => TrainArgs::default(),
+    };
+    let merged = cli.or(file);
+    let a = match merged.preset.clone() {
+        Some(name) => merged.or(TrainArgs::preset(&name)?),
+        None => merged,
+    };
+    let need = |v: Option<PathBuf>, flag: &str| {
+        v.with_context(|| format!("--{flag} is required (on the command line or in --config)"))
+    };
+    let (model, data, output) = (
+        need(a.model, "model")?,
+        need(a.data, "data")?,
+        need(a.output, "output")?,
+    );
+    let quant = QuantArgs {
+        quant: a
+            .quant
+            .map(|q| {
+                <QuantChoice as clap::ValueEnum>::from_str(&q, true)
+                    .map_err(|_| anyhow::anyhow!("unknown quant `{q}` (nf4, int4 or none)"))
+            })
+            .transpose()?,
+        group_size: a.group_size,
+    };
+    let exec = ExecArgs {
+        device: match a.device.as_deref().unwrap_or("auto") {
+            "auto" => DeviceChoice::Auto,
+            "cpu" => DeviceChoice::Cpu,
+            "gpu" => DeviceChoice::Gpu,
+            other => bail!("unknown device `{other}` (auto, cpu or gpu)"),
+        },
+        precision: match a.precision.as_deref().unwrap_or("default") {
+            "default" => Precision::Default,
+            "f32" => Precision::F32,
+            other => bail!("unknown precision `{other}` (default or f32)"),
+        },
+    };
+    let schedule = a.lr_scheduler.unwrap_or_else(|| "linear".into());
+    let config = nibble::train::TrainConfig {
+        lora: nibble::lora::LoraConfig {
+            r: a.lora_r.unwrap_or(8),
+            alpha: a.lora_alpha.unwrap_or(16.0),
+            dropout: a.lora_dropout.unwrap_or(0.05) as f32,
+            use_rslora: a.use_rslora.unwrap_or(false),
+            targets: parse_targets(a.target_modules.as_deref().unwrap_or("all-linear"))?,
+        },
+        lr: a.lr.unwrap_or(2e-4),
+        weight_decay: a.weight_decay.unwrap_or(0.0),
+        max_grad_norm: a.max_grad_norm.unwrap_or(1.0),
+        schedule: nibble::train::Schedule::parse(&schedule).with_context(|| {
+            format!("unknown --lr-scheduler `{schedule}` (constant, linear or cosine)")
+        })?,
+        warmup_steps: a.warmup_steps.unwrap_or(0),
+        epochs: a.epochs.unwrap_or(1),
+        max_steps: a.max_steps,
+        batch_size: a.batch_size.unwrap_or(1),
+        grad_accum: a.grad_accum.unwrap_or(1),
+        max_length: a.max_length.unwrap_or(1024),
+        seed: a.seed.unwrap_or(42),
+        shuffle: !a.no_shuffle.unwrap_or(false),
+        loss_on: match a.loss_on.as_deref() {
+            None => nibble::train::LossOn::Default,
+            Some("all") => nibble::train::LossOn::All,
+            Some("completion") => nibble::train::LossOn::Completion,
+            Some(other) => bail!("unknown --loss-on `{other}` (all or completion)"),
+        },
+        checkpoint: a.gradient_checkpointing.unwrap_or(false),
+        precision: exec.cpu_precision(),
+    };
+    log::info!("training configuration: {config:?}");
+    let run = RunOptions {
+        overwrite: a.overwrite.unwrap_or(false),
+        save_steps: a.save_steps.unwrap_or(0),
+        resume: a.resume,
+    };
+    train(&model, &data, &output, quant, exec, config, &run).map(|_| ())
 }
 
 struct RunOptions {

@@ -368,3 +368,82 @@ fn a_run_killed_with_sigkill_and_resumed_ends_bit_identical() {
     assert_eq!(losses(&straight), losses(&killed));
     assert_eq!(losses(&killed).len(), 12);
 }
+
+#[test]
+fn flags_override_the_config_file_which_overrides_the_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen2, 151936),
+        Some(&synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"one two three four five\"}\n{\"text\": \"six seven eight\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = {:?}\nlr = 0.5\nlora_r = 4\nmax_steps = 2\ndevice = \"cpu\"\n",
+            model.to_str().unwrap(),
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--preset",
+        "qwen2.5-cpu",
+        "--lora-r",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter["r"], 2, "the flag wins over the file");
+    assert_eq!(
+        adapter["lora_alpha"], 16.0,
+        "the preset fills what neither sets"
+    );
+    assert_eq!(adapter["lora_dropout"].as_f64().unwrap() as f32, 0.05);
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["lr"], 0.5, "the file wins over the preset");
+
+    std::fs::write(&cfg, "lr = 0.1\nlearning_rate = 0.2\n").unwrap();
+    let o = run(&["train", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("run.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
+    let o = run(&[
+        "train", "--preset", "nope", "--model", "x", "--data", "y", "--output", "z",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset `nope`"));
+}
