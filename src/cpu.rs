@@ -27,6 +27,27 @@ impl Sequence {
         Sequence { ids, targets }
     }
 
+    /// Checks that every id and target lies inside a vocabulary of `vocab` tokens.
+    pub fn check(&self, vocab: usize) -> Result<()> {
+        if self.ids.len() != self.targets.len() {
+            return Err(Error::Invalid(
+                "a sequence needs one target slot per token".into(),
+            ));
+        }
+        check_tokens(&self.ids, vocab)?;
+        match self
+            .targets
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= vocab)
+        {
+            Some(bad) => Err(Error::Invalid(format!(
+                "target token {bad} is outside the model's vocabulary of {vocab}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn target_count(&self) -> usize {
         self.targets.iter().filter(|t| t.is_some()).count()
     }
@@ -443,15 +464,21 @@ fn lm_head(model: &Model) -> &DenseTensor {
     model.lm_head.as_ref().unwrap_or(&model.embed)
 }
 
+/// Checks that every token id lies inside a vocabulary of `vocab` tokens.
+pub fn check_tokens(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(Error::Invalid(format!(
+            "token id {id} is outside the model's vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn embed(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     let (v, h) = (model.config.vocab_size, model.config.hidden_size);
     let mut x = vec![0f32; ids.len() * h];
+    check_tokens(ids, v)?;
     for (row, &id) in x.chunks_mut(h).zip(ids) {
-        if id as usize >= v {
-            return Err(Error::Invalid(format!(
-                "token id {id} is outside the model's vocabulary of {v}"
-            )));
-        }
         model.embed.row_f32(id as usize, row);
     }
     Ok(x)
@@ -596,17 +623,7 @@ pub fn forward_backward_with(
     dropout_rng: Option<&mut Rng>,
 ) -> Result<StepLoss> {
     let grad_scale = options.grad_scale;
-    if seq.ids.len() != seq.targets.len() {
-        return Err(Error::Invalid(
-            "a sequence needs one target slot per token".into(),
-        ));
-    }
-    let vocab = model.config.vocab_size;
-    if let Some(bad) = seq.targets.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "target token {bad} is outside the model's vocabulary of {vocab}"
-        )));
-    }
+    seq.check(model.config.vocab_size)?;
     let h = model.config.hidden_size;
     let mut ctx = context(
         model,

@@ -2,7 +2,6 @@
 //! `{"prompt": ..., "completion": ...}` (strings or message lists) and `{"text": ...}` — turned into
 //! token sequences with the model's own chat template.
 
-use crate::cpu::Sequence;
 use crate::error::{Error, Result};
 use crate::tokenizer::{ChatTokenizer, Message};
 use serde_json::Value;
@@ -122,17 +121,4 @@ pub fn render(tok: &ChatTokenizer, example: &Example) -> Result<String> {
             "prompt and completion differ in kind".into(),
         )),
     }
-}
-
-/// A sequence whose every next token is a target (evaluation: loss on every predicted token), cut to
-/// `max_length` tokens. Returns the sequence and how many tokens were cut.
-pub fn eval_sequence(
-    tok: &ChatTokenizer,
-    example: &Example,
-    max_length: usize,
-) -> Result<(Sequence, usize)> {
-    let mut ids = tok.encode(&render(tok, example)?)?;
-    let cut = ids.len().saturating_sub(max_length);
-    ids.truncate(max_length);
-    Ok((Sequence::all_tokens(ids), cut))
 }

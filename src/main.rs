@@ -31,6 +31,19 @@ struct QuantArgs {
 }
 
 impl QuantArgs {
+    /// The storage to report memory for: the one asked for, else the file's own, else NF4 group 64.
+    fn planned_spec(self, source: &nibble::model::ModelSource) -> Result<Option<QuantSpec>> {
+        Ok(match self.request()? {
+            Some(QuantRequest::Quantize(s)) => Some(s),
+            Some(QuantRequest::Dense) => None,
+            None => Some(
+                source
+                    .stored_quant()
+                    .unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?),
+            ),
+        })
+    }
+
     /// None leaves the choice to the source: a quantized file stays as stored, a folder becomes NF4 g64.
     fn request(self) -> Result<Option<QuantRequest>> {
         Ok(match (self.quant, self.group_size) {
@@ -398,15 +411,7 @@ fn main() {
 fn info(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     let source = model::open(path)?;
     let c = &source.config;
-    let spec = match quant.request()? {
-        Some(QuantRequest::Quantize(s)) => Some(s),
-        Some(QuantRequest::Dense) => None,
-        None => Some(
-            source
-                .stored_quant()
-                .unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?),
-        ),
-    };
+    let spec = quant.planned_spec(&source)?;
     let params = c.parameter_count();
     let bytes16 = model::planned_weight_bytes(c, None);
     let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));
@@ -571,8 +576,9 @@ fn eval(
     log::info!("evaluating {} examples on {device}", examples.len());
     let (mut loss_sum, mut tokens, mut cut_examples) = (0f64, 0usize, 0usize);
     for (i, example) in examples.iter().enumerate() {
-        let (seq, cut) = nibble::data::eval_sequence(&tok, example, max_length)
-            .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
+        let (seq, cut) =
+            nibble::train::tokenize(&tok, example, nibble::train::LossOn::All, max_length)
+                .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
         cut_examples += usize::from(cut > 0);
         let loss = match &on_gpu {
             Some((g, m, l)) => {
@@ -839,15 +845,7 @@ fn plan(
     as_json: bool,
 ) -> Result<()> {
     let source = model::open(path)?;
-    let spec = match quant.request()? {
-        Some(QuantRequest::Quantize(s)) => Some(s),
-        Some(QuantRequest::Dense) => None,
-        None => Some(
-            source
-                .stored_quant()
-                .unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?),
-        ),
-    };
+    let spec = quant.planned_spec(&source)?;
     if tokens == 0 || rank == 0 {
         bail!("--seq-len and --lora-r must be positive");
     }

@@ -12,7 +12,7 @@ use crate::model::Model;
 use crate::ops::Precision;
 use crate::ops::adamw::{self, AdamWParams};
 use crate::rng::Rng;
-use crate::tokenizer::{ChatTokenizer, Message};
+use crate::tokenizer::ChatTokenizer;
 use serde_json::json;
 use std::path::Path;
 
@@ -108,29 +108,18 @@ pub fn tokenize(
     loss_on: LossOn,
     max_length: usize,
 ) -> Result<(Sequence, usize)> {
-    // The number of leading tokens that belong to the prompt (no loss), when only the completion counts.
-    let (text, prompt_text) = match example {
-        Example::Messages(m) => (tok.apply_chat_template(m, false)?, None),
-        Example::Text(t) => (t.clone(), None),
+    let text = crate::data::render(tok, example)?;
+    // The prompt as it renders on its own, when only the completion may carry loss.
+    let prompt_text = match example {
         Example::PromptCompletion {
             prompt: Turns::Text(p),
-            completion: Turns::Text(c),
-        } => (format!("{p}{c}"), Some(p.clone())),
+            ..
+        } => Some(p.clone()),
         Example::PromptCompletion {
             prompt: Turns::Messages(p),
-            completion: Turns::Messages(c),
-        } => {
-            let all: Vec<Message> = p.iter().chain(c).cloned().collect();
-            (
-                tok.apply_chat_template(&all, false)?,
-                Some(tok.apply_chat_template(p, true)?),
-            )
-        }
-        Example::PromptCompletion { .. } => {
-            return Err(Error::Invalid(
-                "prompt and completion differ in kind".into(),
-            ));
-        }
+            ..
+        } => Some(tok.apply_chat_template(p, true)?),
+        _ => None,
     };
     let mut ids = tok.encode(&text)?;
     let prompt_len = match (&prompt_text, loss_on) {

@@ -558,15 +558,19 @@ impl<'a> Recorder<'a> {
         self.matmul(view(&dxa, t, r), view(a, r, inp), 1.0, dx, inp, true);
     }
 
-    fn rmsnorm(&mut self, x: &GpuBuffer, w: &GpuBuffer, dim: usize) -> (GpuBuffer, GpuBuffer) {
-        let rows = x.len / dim;
-        let (y, inv) = (self.scratch(x.len), self.scratch(rows));
-        let p = RmsParams {
+    fn rms_params(&self, rows: usize, dim: usize) -> RmsParams {
+        RmsParams {
             rows: rows as u32,
             dim: dim as u32,
             eps: self.c().rms_norm_eps as f32,
             _pad: 0,
-        };
+        }
+    }
+
+    fn rmsnorm(&mut self, x: &GpuBuffer, w: &GpuBuffer, dim: usize) -> (GpuBuffer, GpuBuffer) {
+        let rows = x.len / dim;
+        let (y, inv) = (self.scratch(x.len), self.scratch(rows));
+        let p = self.rms_params(rows, dim);
         let groups = groups_1d(rows, 1);
         self.gpu.dispatch(
             &mut self.enc,
@@ -588,12 +592,7 @@ impl<'a> Recorder<'a> {
     ) -> GpuBuffer {
         let rows = x.len / dim;
         let dx = self.scratch(x.len);
-        let p = RmsParams {
-            rows: rows as u32,
-            dim: dim as u32,
-            eps: self.c().rms_norm_eps as f32,
-            _pad: 0,
-        };
+        let p = self.rms_params(rows, dim);
         let groups = groups_1d(rows, 1);
         self.gpu.dispatch(
             &mut self.enc,
@@ -965,16 +964,6 @@ fn recorder<'a>(
     }
 }
 
-fn check_ids(model: &GpuModel, ids: &[u32]) -> Result<()> {
-    let v = model.config.vocab_size;
-    match ids.iter().find(|&&id| id as usize >= v) {
-        Some(id) => Err(Error::Invalid(format!(
-            "token id {id} is outside the model's vocabulary of {v}"
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// Runs the decoder; returns the final normalised hidden states and what the backward needs.
 fn decoder(r: &mut Recorder, ids: &[u32]) -> (GpuBuffer, Vec<LayerSaved>, GpuBuffer, GpuBuffer) {
     let ids = r.gpu.upload_u32(ids);
@@ -998,7 +987,7 @@ pub fn logits(
     lora: Option<&GpuLora>,
     ids: &[u32],
 ) -> Result<Vec<f32>> {
-    check_ids(model, ids)?;
+    crate::cpu::check_tokens(ids, model.config.vocab_size)?;
     let mut r = recorder(gpu, model, lora, ids.len());
     let (xf, _, _, _) = decoder(&mut r, ids);
     let t = ids.len();
@@ -1036,13 +1025,7 @@ pub fn forward_backward(
     seq: &Sequence,
     grad_scale: f32,
 ) -> Result<StepLoss> {
-    check_ids(model, &seq.ids)?;
-    let vocab = model.config.vocab_size;
-    if let Some(bad) = seq.targets.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Invalid(format!(
-            "target token {bad} is outside the model's vocabulary of {vocab}"
-        )));
-    }
+    seq.check(model.config.vocab_size)?;
     let positions: Vec<u32> = (0..seq.ids.len() as u32)
         .filter(|&t| seq.targets[t as usize].is_some())
         .collect();
