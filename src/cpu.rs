@@ -9,6 +9,7 @@ use crate::model::{DenseTensor, Layer, Linear, Model};
 use crate::ops::attention::{self, AttentionShape};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
+use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::{Precision, cross_entropy, linear, rope, swiglu};
 use crate::rng::Rng;
 
@@ -61,9 +62,9 @@ pub struct StepLoss {
 }
 
 struct LinearSaved {
-    /// The LoRA branch's input after dropout and the dropout mask (None: no dropout, the branch reads
-    /// the linear's input).
-    dropped: Option<(Vec<f32>, Vec<bool>)>,
+    /// The LoRA branch's dropout (None: the branch reads the linear's input). The backward regenerates
+    /// the mask from it instead of keeping the dropped input.
+    dropout: Option<DropoutParams>,
     /// dropout(x)·Aᵀ, [tokens, r].
     xa: Vec<f32>,
 }
@@ -90,11 +91,12 @@ struct LayerSaved {
     linears: Vec<Option<LinearSaved>>,
 }
 
-/// What a forward pass needs besides the model: adapters, dropout randomness, rope tables.
+/// What a forward pass needs besides the model: adapters, the dropout seed, rope tables.
 struct Context<'a> {
     model: &'a Model,
     adapter: Option<&'a LoraAdapter>,
-    dropout_rng: Option<&'a mut Rng>,
+    /// LoRA dropout is on when set: the seed of this sequence's counter-based masks.
+    dropout_seed: Option<u64>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     tokens: usize,
@@ -147,8 +149,13 @@ impl<'a> Context<'a> {
             .map(|p| (p, adapter.config.scale(), adapter.config.dropout))
     }
 
+    fn dropout(&self, layer: usize, kind: LinearKind, p: f32, n: usize) -> Option<DropoutParams> {
+        let seed = self.dropout_seed?;
+        (p > 0.0).then(|| DropoutParams::new(n, seed, dropout::stream(layer, kind as usize), p))
+    }
+
     fn linear_forward(
-        &mut self,
+        &self,
         layer: usize,
         lin: &Linear,
         x: &[f32],
@@ -159,20 +166,13 @@ impl<'a> Context<'a> {
         let Some((pair, scale, p)) = self.lora(layer, lin.kind) else {
             return (y, None);
         };
-        let dropped = match self.dropout_rng.as_deref_mut() {
-            Some(rng) if p > 0.0 => {
-                let keep = 1.0 / (1.0 - p);
-                let mask: Vec<bool> = x.iter().map(|_| rng.uniform() >= p as f64).collect();
-                let values: Vec<f32> = x
-                    .iter()
-                    .zip(&mask)
-                    .map(|(&v, &m)| if m { v * keep } else { 0.0 })
-                    .collect();
-                Some((values, mask))
-            }
-            _ => None,
-        };
-        let lora_in = dropped.as_ref().map_or(x, |(v, _)| v.as_slice());
+        let dropout = self.dropout(layer, lin.kind, p, x.len());
+        let dropped = dropout.map(|d| {
+            let mut v = vec![0f32; x.len()];
+            dropout::forward(&d, x, &mut v);
+            v
+        });
+        let lora_in = dropped.as_deref().unwrap_or(x);
         let r = pair.rank;
         let mut xa = vec![0f32; self.tokens * r];
         matmul_into(
@@ -193,7 +193,7 @@ impl<'a> Context<'a> {
             0,
             true,
         );
-        (y, Some(LinearSaved { dropped, xa }))
+        (y, Some(LinearSaved { dropout, xa }))
     }
 
     /// dx += dy·W (+ the LoRA branch's input gradient); LoRA gradients accumulate into `grads`.
@@ -209,7 +209,7 @@ impl<'a> Context<'a> {
         grads: &mut Option<&mut LoraAdapter>,
     ) {
         linear::backward_input(dy, &lin.weight, dx, true, self.precision);
-        let (Some((pair, scale, p)), Some(saved)) = (self.lora(layer, lin.kind), saved) else {
+        let (Some((pair, scale, _)), Some(saved)) = (self.lora(layer, lin.kind), saved) else {
             return;
         };
         let (out, inp, r, t) = (pair.out_features, pair.in_features, pair.rank, self.tokens);
@@ -228,7 +228,12 @@ impl<'a> Context<'a> {
             .as_deref_mut()
             .and_then(|g| g.layers[layer][lin.kind as usize].as_mut())
         {
-            let lora_in = saved.dropped.as_ref().map_or(x, |(v, _)| v.as_slice());
+            let dropped = saved.dropout.map(|d| {
+                let mut v = vec![0f32; x.len()];
+                dropout::forward(&d, x, &mut v);
+                v
+            });
+            let lora_in = dropped.as_deref().unwrap_or(x);
             // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
             matmul_into(
                 View::transposed(dy, t, out),
@@ -259,25 +264,19 @@ impl<'a> Context<'a> {
             0,
             false,
         );
-        if let Some((_, mask)) = &saved.dropped {
-            // dropout(x) = x·mask/(1−p): the gradient passes where the mask kept the element.
-            let keep = 1.0 / (1.0 - p);
-            for ((d, l), &kept) in dx.iter_mut().zip(&d_lora_in).zip(mask) {
-                if kept {
-                    *d += l * keep;
-                }
-            }
+        if let Some(d) = &saved.dropout {
+            dropout::backward_accumulate(d, &d_lora_in, dx);
         } else {
             dx.iter_mut().zip(&d_lora_in).for_each(|(d, l)| *d += l);
         }
     }
 
-    fn layer_forward(&mut self, l: usize, layer: &Layer, x: Vec<f32>) -> (Vec<f32>, LayerSaved) {
+    fn layer_forward(&self, l: usize, layer: &Layer, x: Vec<f32>) -> (Vec<f32>, LayerSaved) {
         let c = config_of(self.model).clone();
         let (t, hd) = (self.tokens, c.head_dim);
         let (xn1, inv1) = rms(&x, &layer.input_norm, c.hidden_size, c.rms_norm_eps);
         let mut linears: Vec<Option<LinearSaved>> = (0..7).map(|_| None).collect();
-        let run = |ctx: &mut Self,
+        let run = |ctx: &Self,
                    kind: LinearKind,
                    input: &[f32],
                    linears: &mut Vec<Option<LinearSaved>>| {
@@ -487,7 +486,7 @@ fn embed(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
 fn context<'a>(
     model: &'a Model,
     adapter: Option<&'a LoraAdapter>,
-    dropout_rng: Option<&'a mut Rng>,
+    dropout_seed: Option<u64>,
     tokens: usize,
     precision: Precision,
 ) -> Context<'a> {
@@ -500,7 +499,7 @@ fn context<'a>(
     Context {
         model,
         adapter,
-        dropout_rng,
+        dropout_seed,
         cos,
         sin,
         tokens,
@@ -509,16 +508,16 @@ fn context<'a>(
 }
 
 /// What the forward keeps of a layer for the backward: everything, or (gradient checkpointing) only its
-/// input and the dropout generator's state, from which the backward recomputes the rest.
+/// input, from which the backward recomputes the rest (dropout masks included: they are counter-based).
 enum Kept {
     Full(LayerSaved),
-    Checkpoint { x: Vec<f32>, rng: Option<[u64; 4]> },
+    Checkpoint(Vec<f32>),
 }
 
 /// Runs the decoder and returns the final normalised hidden states [tokens, hidden] with what the
 /// backward needs.
 fn decoder_forward(
-    ctx: &mut Context,
+    ctx: &Context,
     ids: &[u32],
     checkpoint: bool,
 ) -> Result<(Vec<f32>, Vec<Kept>, Vec<f32>, Vec<f32>)> {
@@ -527,10 +526,9 @@ fn decoder_forward(
     let mut kept = Vec::with_capacity(model.layers.len());
     for (l, layer) in model.layers.iter().enumerate() {
         if checkpoint {
-            let rng = ctx.dropout_rng.as_deref().map(Rng::state);
             let input = x.clone();
             let (next, _) = ctx.layer_forward(l, layer, x);
-            kept.push(Kept::Checkpoint { x: input, rng });
+            kept.push(Kept::Checkpoint(input));
             x = next;
         } else {
             let (next, s) = ctx.layer_forward(l, layer, x);
@@ -549,8 +547,8 @@ fn decoder_forward(
 
 /// Logits [tokens, vocab] of a sequence (for evaluation of small models and parity tests).
 pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Result<Vec<f32>> {
-    let mut ctx = context(model, adapter, None, ids.len(), Precision::F32);
-    let (xf, _, _, _) = decoder_forward(&mut ctx, ids, false)?;
+    let ctx = context(model, adapter, None, ids.len(), Precision::F32);
+    let (xf, _, _, _) = decoder_forward(&ctx, ids, false)?;
     Ok(cross_entropy::logits(&xf, lm_head(model), Precision::F32))
 }
 
@@ -566,8 +564,8 @@ pub fn greedy(
     let h = model.config.hidden_size;
     let mut out = ids.to_vec();
     for _ in 0..max_new {
-        let mut ctx = context(model, adapter, None, out.len(), Precision::F32);
-        let (xf, _, _, _) = decoder_forward(&mut ctx, &out, false)?;
+        let ctx = context(model, adapter, None, out.len(), Precision::F32);
+        let (xf, _, _, _) = decoder_forward(&ctx, &out, false)?;
         let last = &xf[(out.len() - 1) * h..];
         let logits = cross_entropy::logits(last, lm_head(model), Precision::F32);
         let next = logits
@@ -596,7 +594,8 @@ pub struct StepOptions {
 }
 
 /// Forward over one sequence; with `grads`, also the backward, adding ∂(grad_scale · loss_sum)/∂θ into
-/// `grads` for every LoRA matrix. `dropout_rng` enables LoRA dropout (training); None disables it.
+/// `grads` for every LoRA matrix. `dropout_rng` enables LoRA dropout (training): one seed is drawn from
+/// it per call, from which every mask of the sequence follows. None disables dropout.
 pub fn forward_backward(
     model: &Model,
     adapter: Option<&LoraAdapter>,
@@ -625,14 +624,14 @@ pub fn forward_backward_with(
     let grad_scale = options.grad_scale;
     seq.check(model.config.vocab_size)?;
     let h = model.config.hidden_size;
-    let mut ctx = context(
+    let ctx = context(
         model,
         adapter,
-        dropout_rng,
+        dropout_rng.map(|r| r.next_u64()),
         seq.ids.len(),
         options.precision,
     );
-    let (xf, kept, x_last, inv_f) = decoder_forward(&mut ctx, &seq.ids, options.checkpoint)?;
+    let (xf, kept, x_last, inv_f) = decoder_forward(&ctx, &seq.ids, options.checkpoint)?;
     let positions: Vec<usize> = (0..seq.ids.len())
         .filter(|&t| seq.targets[t].is_some())
         .collect();
@@ -675,23 +674,14 @@ pub fn forward_backward_with(
         h,
         model.config.rms_norm_eps,
     );
-    // A recomputed forward draws the same dropout masks as the first one; afterwards the generator is put
-    // back where the whole forward left it, so checkpointing does not change what later steps draw.
-    let rng_after_forward = ctx.dropout_rng.as_deref().map(Rng::state);
     for (l, layer) in model.layers.iter().enumerate().rev() {
         dx = match &kept[l] {
             Kept::Full(saved) => ctx.layer_backward(l, layer, saved, dx, &mut grads),
-            Kept::Checkpoint { x, rng } => {
-                if let (Some(r), Some(state)) = (ctx.dropout_rng.as_deref_mut(), rng) {
-                    *r = Rng::from_state(*state);
-                }
+            Kept::Checkpoint(x) => {
                 let (_, saved) = ctx.layer_forward(l, layer, x.clone());
                 ctx.layer_backward(l, layer, &saved, dx, &mut grads)
             }
         };
-    }
-    if let (Some(r), Some(state)) = (ctx.dropout_rng.as_deref_mut(), rng_after_forward) {
-        *r = Rng::from_state(state);
     }
     Ok(loss)
 }

@@ -54,11 +54,7 @@ fn layer_activations(c: &ModelConfig, p: &PlanInput) -> u64 {
     }
     let mut bytes = floats * F32;
     for kind in &p.lora_targets {
-        let (_, inp) = c.linear_shape(*kind);
         bytes += t * p.lora_rank as u64 * F32; // x·Aᵀ
-        if p.lora_dropout {
-            bytes += t * inp as u64 * (F32 + 1); // dropped input and its mask
-        }
     }
     bytes
 }
@@ -73,8 +69,10 @@ fn layer_backward_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
     let max_in = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
     // dh, d gate, d up; the residual gradients in flight; dq, dk, dv and d attention; one unpacked
-    // weight tile of 256 rows; a LoRA branch's input gradient.
-    let floats = 3 * t * i + 5 * t * h + t * (2 * qd + 2 * kvd) + 256 * max_in + t * max_in;
+    // weight tile of 256 rows; a LoRA branch's input gradient, and with dropout its regenerated input.
+    let lora_inputs = if p.lora_dropout { 2 } else { 1 };
+    let floats =
+        3 * t * i + 5 * t * h + t * (2 * qd + 2 * kvd) + 256 * max_in + lora_inputs * t * max_in;
     floats * F32
 }
 

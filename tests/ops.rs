@@ -517,3 +517,46 @@ fn bf16_linear_stays_close_to_f32() {
         "bf16 vs f32: forward {ef:e}, backward {eb:e}"
     );
 }
+
+#[test]
+fn dropout_masks_are_counter_based_unbiased_and_independent_per_stream() {
+    use nibble::ops::dropout::{self, DropoutParams};
+    let mut rng = Rng::new(21);
+    let n = 200_000;
+    let x = random(n, 1.0, &mut rng);
+    let p = 0.3f32;
+    let params = DropoutParams::new(n, 0x1234_5678_9abc_def0, dropout::stream(3, 2), p);
+    let mut y = vec![0f32; n];
+    dropout::forward(&params, &x, &mut y);
+    // The drop rate is a binomial proportion: 5 standard deviations of slack.
+    let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+    let sigma = (p as f64 * (1.0 - p as f64) / n as f64).sqrt();
+    assert!((dropped - p as f64).abs() < 5.0 * sigma, "drop rate {dropped}");
+    for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
+        let expect = if dropout::keeps(&params, i as u32) { a / (1.0 - p) } else { 0.0 };
+        assert!((b - expect).abs() <= 1e-6 * expect.abs(), "element {i}");
+    }
+    // Recomputing gives the same mask; another stream or seed gives an unrelated one (agreement of two
+    // independent masks is p² + (1−p)² = 0.58).
+    let mut again = vec![0f32; n];
+    dropout::forward(&params, &x, &mut again);
+    assert_eq!(y, again);
+    for other in [
+        DropoutParams::new(n, 0x1234_5678_9abc_def0, dropout::stream(3, 3), p),
+        DropoutParams::new(n, 0x1234_5678_9abc_def1, dropout::stream(3, 2), p),
+    ] {
+        let agree = (0..n as u32)
+            .filter(|&i| dropout::keeps(&params, i) == dropout::keeps(&other, i))
+            .count() as f64
+            / n as f64;
+        assert!((agree - 0.58).abs() < 0.01, "masks agree on {agree}");
+    }
+    // The backward passes the gradient where the forward kept the element (a linear map: its transpose).
+    let dy = random(n, 1.0, &mut rng);
+    let mut dx = random(n, 1.0, &mut rng);
+    let before = dx.clone();
+    dropout::backward_accumulate(&params, &dy, &mut dx);
+    let lhs: f64 = dy.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let rhs: f64 = dx.iter().zip(&before).zip(&x).map(|((a, b), c)| (*a - *b) as f64 * *c as f64).sum();
+    assert!((lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0), "⟨dy, D x⟩ {lhs} vs ⟨Dᵀdy, x⟩ {rhs}");
+}

@@ -142,6 +142,11 @@ fn checkpointing_changes_nothing() {
         a.2, b.2,
         "the dropout generator must end where it would without checkpointing"
     );
+    assert_ne!(
+        a.2,
+        Rng::new(3).state(),
+        "a step with dropout draws from the generator"
+    );
 }
 
 #[test]

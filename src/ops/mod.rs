@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod linear;
 pub mod matmul;
 pub mod rmsnorm;

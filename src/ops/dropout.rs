@@ -1,0 +1,85 @@
+//! LoRA dropout with counter-based masks: whether element `i` of a LoRA branch's input is kept is a pure
+//! function of (step seed, stream, i). Nothing is stored between the forward and the backward, which
+//! recompute the same mask; gradient checkpointing needs no generator bookkeeping; and the GPU kernel
+//! (shaders/dropout.wgsl) draws exactly the masks the CPU draws, in 32-bit integer arithmetic that WGSL
+//! has everywhere.
+
+use bytemuck::{Pod, Zeroable};
+
+/// The uniform layout of shaders/dropout.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct DropoutParams {
+    pub n: u32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub stream: u32,
+    /// Probability of dropping an element.
+    pub p: f32,
+    /// 1 / (1 − p), what kept elements are multiplied by.
+    pub keep_scale: f32,
+    pub _pad: [u32; 2],
+}
+
+impl DropoutParams {
+    pub fn new(n: usize, seed: u64, stream: u32, p: f32) -> Self {
+        DropoutParams {
+            n: n as u32,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            stream,
+            p,
+            keep_scale: 1.0 / (1.0 - p),
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// The stream of one LoRA linear: every (layer, linear) pair draws independent masks.
+pub fn stream(layer: usize, linear: usize) -> u32 {
+    (layer * 7 + linear) as u32
+}
+
+/// A 32-bit integer hash with good avalanche (Wellons' "lowbias32").
+fn mix(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// Whether element `index` survives: a uniform draw in [0, 1) with 24 bits, kept when ≥ p.
+#[inline]
+pub fn keeps(params: &DropoutParams, index: u32) -> bool {
+    let key = mix(params.stream ^ mix(params.seed_lo ^ mix(params.seed_hi)));
+    let h = mix(index ^ mix(key));
+    // 24 bits convert to f32 exactly, so the GPU compares the same number.
+    let u = (h >> 8) as f32 * (1.0 / 16_777_216.0);
+    u >= params.p
+}
+
+/// out = dropout(x): kept elements scaled by 1/(1−p), dropped ones zero.
+pub fn forward(params: &DropoutParams, x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len(), "dropout: lengths differ");
+    assert_eq!(x.len(), params.n as usize, "dropout: n differs");
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        *o = if keeps(params, i as u32) {
+            v * params.keep_scale
+        } else {
+            0.0
+        };
+    }
+}
+
+/// dx += the gradient through dropout of `dy` (the gradient of dropout(x)).
+pub fn backward_accumulate(params: &DropoutParams, dy: &[f32], dx: &mut [f32]) {
+    assert_eq!(dy.len(), dx.len(), "dropout: lengths differ");
+    assert_eq!(dy.len(), params.n as usize, "dropout: n differs");
+    for (i, (d, &g)) in dx.iter_mut().zip(dy).enumerate() {
+        if keeps(params, i as u32) {
+            *d += g * params.keep_scale;
+        }
+    }
+}
