@@ -7,9 +7,9 @@ use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPair};
 use crate::model::{DenseTensor, Layer, Linear, Model};
 use crate::ops::attention::{self, AttentionShape};
+use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::{Precision, cross_entropy, linear, rope, swiglu};
 use crate::rng::Rng;
 

@@ -741,9 +741,6 @@ fn train(
             output.display()
         );
     }
-    if exec.device == DeviceChoice::Gpu {
-        bail!("training on the GPU executor is not wired up yet; use --device cpu");
-    }
     let examples = nibble::data::read_jsonl(data)?;
     let source = model::open(path)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
@@ -764,6 +761,7 @@ fn train(
     }
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let metrics_path = output.join("metrics.jsonl");
+    let gpu = exec.open()?;
     let mut trainer = nibble::train::Trainer::new(&model, config, sequences, None)?;
     if let Some(dir) = &run.resume {
         let checkpoint = nibble::train::newest_checkpoint(dir)?.with_context(|| {
@@ -787,12 +785,18 @@ fn train(
         .append(true)
         .open(&metrics_path)
         .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let executor = match &gpu {
+        Some(gpu) => {
+            trainer.use_gpu(gpu)?;
+            format!("GPU executor on {}", gpu.info.name)
+        }
+        None => format!("CPU executor, {:?}", trainer.config.precision),
+    };
     log::info!(
-        "training {} LoRA parameters for {} steps on {} examples (CPU executor, {:?})",
+        "training {} LoRA parameters for {} steps on {} examples ({executor})",
         trainer.adapter.parameter_count(),
         trainer.total_steps,
         examples.len(),
-        trainer.config.precision
     );
     let (mut first, mut last) = (None, 0.0);
     while !trainer.done() {
@@ -815,6 +819,7 @@ fn train(
             trainer.save_checkpoint(output, source.label())?;
         }
     }
+    trainer.sync()?;
     nibble::train::save_peft(&trainer.adapter, output, source.label())?;
     eprintln!("saved the adapter to {}", output.display());
     Ok((first.unwrap_or(last), last))
@@ -1035,9 +1040,19 @@ fn run_demo(dir: &Path) -> Result<()> {
         precision: nibble::ops::Precision::fastest(),
         ..Default::default()
     };
+    // The best device present: a real GPU when there is one (a software Vulkan device would be slower
+    // than the CPU executor).
+    let gpu = nibble::gpu::Gpu::new(false).ok();
     let mut trainer = nibble::train::Trainer::new(&model, config, sequences, None)?;
+    let executor = match &gpu {
+        Some(gpu) => {
+            trainer.use_gpu(gpu)?;
+            format!("the GPU executor on {}", gpu.info.name)
+        }
+        None => "the CPU executor".to_string(),
+    };
     println!(
-        "\n== fine-tuning {} LoRA parameters (r=16 on all seven linears, NF4 base) for {} steps on {} chats",
+        "\n== fine-tuning {} LoRA parameters (r=16 on all seven linears, NF4 base) for {} steps on {} chats, on {executor}",
         trainer.adapter.parameter_count(),
         trainer.total_steps,
         DEMO_CHATS.len()
@@ -1051,6 +1066,7 @@ fn run_demo(dir: &Path) -> Result<()> {
             );
         }
     }
+    trainer.sync()?;
     println!(
         "\n== after fine-tuning, asked \"{question}\":\n{:?}",
         answer(Some(&trainer.adapter))?

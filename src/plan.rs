@@ -53,9 +53,7 @@ fn layer_activations(c: &ModelConfig, p: &PlanInput) -> u64 {
         floats += t * (qd + kvd) + t * (nh + nkv);
     }
     let mut bytes = floats * F32;
-    for kind in &p.lora_targets {
-        bytes += t * p.lora_rank as u64 * F32; // x·Aᵀ
-    }
+    bytes += p.lora_targets.len() as u64 * t * p.lora_rank as u64 * F32; // x·Aᵀ of each LoRA linear
     bytes
 }
 

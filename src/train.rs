@@ -7,6 +7,9 @@
 use crate::cpu::{self, Sequence, StepOptions};
 use crate::data::{Example, Turns};
 use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::gpu::step::SequenceOptions;
+use crate::gpu::train::GpuTrainState;
 use crate::lora::{LoraAdapter, LoraConfig, peft_key};
 use crate::model::Model;
 use crate::ops::Precision;
@@ -15,6 +18,10 @@ use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
 use serde_json::json;
 use std::path::Path;
+#[cfg(not(target_arch = "wasm32"))]
+use std::time::Instant;
+#[cfg(target_arch = "wasm32")]
+use web_time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
@@ -185,6 +192,10 @@ pub struct Trainer<'a> {
     data_rng: Rng,
     dropout_rng: Rng,
     sequences: Vec<Sequence>,
+    /// The GPU executor, when training runs there: it holds the live adapters and moments.
+    gpu: Option<(&'a Gpu, GpuTrainState)>,
+    /// Whether `adapter`, `m` and `v` lag behind the GPU's copies.
+    stale: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -233,6 +244,8 @@ impl<'a> Trainer<'a> {
             dropout_rng: Rng::new(config.seed ^ 0xD50F_0A7),
             sequences,
             config,
+            gpu: None,
+            stale: false,
         };
         trainer.shuffle();
         Ok(trainer)
@@ -263,9 +276,54 @@ impl<'a> Trainer<'a> {
         self.step >= self.total_steps
     }
 
+    /// Moves training to the GPU executor: uploads the model, the adapters and the moments.
+    pub fn use_gpu(&mut self, gpu: &'a Gpu) -> Result<()> {
+        self.sync()?;
+        let state = GpuTrainState::new(gpu, self.model, &self.adapter, &self.m, &self.v)?;
+        self.gpu = Some((gpu, state));
+        Ok(())
+    }
+
+    pub fn on_gpu(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// Brings `adapter` (and AdamW's moments) up to date with the GPU's copies.
+    pub async fn sync_async(&mut self) -> Result<()> {
+        if let (true, Some((gpu, state))) = (self.stale, &self.gpu) {
+            state
+                .download(gpu, &mut self.adapter, &mut self.m, &mut self.v)
+                .await?;
+            self.stale = false;
+        }
+        Ok(())
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn sync(&mut self) -> Result<()> {
+        pollster::block_on(self.sync_async())
+    }
+
+    /// In a browser a GPU read-back must be awaited: call `sync_async` first.
+    #[cfg(target_arch = "wasm32")]
+    pub fn sync(&mut self) -> Result<()> {
+        if self.stale {
+            return Err(Error::Invalid(
+                "the adapters live on the GPU: await sync_async() first".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// One optimizer step over batch_size · grad_accum examples.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn step(&mut self) -> Result<StepRecord> {
-        let start = std::time::Instant::now();
+        pollster::block_on(self.step_async())
+    }
+
+    /// `step` for every target (on the GPU in a browser, the read-back must be awaited).
+    pub async fn step_async(&mut self) -> Result<StepRecord> {
+        let start = Instant::now();
         let picks: Vec<usize> = (0..self.config.batch_size * self.config.grad_accum)
             .map(|_| self.next_example())
             .collect();
@@ -276,27 +334,45 @@ impl<'a> Trainer<'a> {
             .map(|&i| self.sequences[i].target_count())
             .sum();
         let scale = 1.0 / total_targets as f32;
-        let mut grads = self.adapter.zeros_like();
-        let mut loss_sum = 0.0;
-        let mut tokens = 0;
-        let options = StepOptions {
-            grad_scale: scale,
-            checkpoint: self.config.checkpoint,
-            precision: self.config.precision,
+        let tokens: usize = picks.iter().map(|&i| self.sequences[i].ids.len()).sum();
+        let lr = self.config.lr
+            * self
+                .config
+                .schedule
+                .factor(self.step, self.config.warmup_steps, self.total_steps);
+        let weight_decay = self.config.weight_decay;
+        let adamw_at = move |step: usize, clip: f64| {
+            AdamWParams::new(lr, 0.9, 0.999, 1e-8, weight_decay, step as u64, clip)
         };
-        for &i in &picks {
-            let seq = &self.sequences[i];
-            let loss = cpu::forward_backward_with(
-                self.model,
-                Some(&self.adapter),
-                Some(&mut grads),
-                seq,
-                options,
-                Some(&mut self.dropout_rng),
-            )?;
-            loss_sum += loss.loss_sum;
-            tokens += seq.ids.len();
-        }
+        let (loss_sum, grad_norm) = if let Some((gpu, state)) = &self.gpu {
+            // One seed per sequence, drawn as the CPU path draws them, so both executors use the same
+            // dropout masks.
+            let p = self.adapter.config.dropout;
+            let sequences: Vec<(&Sequence, SequenceOptions)> = picks
+                .iter()
+                .map(|&i| {
+                    let seed = self.dropout_rng.next_u64();
+                    let options = SequenceOptions {
+                        grad_scale: scale,
+                        checkpoint: self.config.checkpoint,
+                        dropout: (p > 0.0).then_some((seed, p)),
+                    };
+                    (&self.sequences[i], options)
+                })
+                .collect();
+            let result = state
+                .step(
+                    gpu,
+                    &sequences,
+                    adamw_at(self.step + 1, 1.0),
+                    self.config.max_grad_norm as f32,
+                )
+                .await?;
+            self.stale = true;
+            (result.loss_sums.iter().sum::<f64>(), result.grad_norm)
+        } else {
+            self.cpu_step(&picks, scale, &adamw_at)?
+        };
         let loss = loss_sum / total_targets as f64;
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
@@ -304,41 +380,7 @@ impl<'a> Trainer<'a> {
                 self.step + 1
             )));
         }
-        let grad_norm = grads
-            .pairs()
-            .map(|(_, _, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
-            .sum::<f64>()
-            .sqrt();
-        let clip = if self.config.max_grad_norm > 0.0 {
-            adamw::clip_coefficient(grad_norm, self.config.max_grad_norm)
-        } else {
-            1.0
-        };
-        let lr = self.config.lr
-            * self
-                .config
-                .schedule
-                .factor(self.step, self.config.warmup_steps, self.total_steps);
         self.step += 1;
-        let params = AdamWParams::new(
-            lr,
-            0.9,
-            0.999,
-            1e-8,
-            self.config.weight_decay,
-            self.step as u64,
-            clip,
-        );
-        for ((((_, _, p), (_, _, g)), (_, _, m)), (_, _, v)) in self
-            .adapter
-            .pairs_mut()
-            .zip(grads.pairs())
-            .zip(self.m.pairs_mut())
-            .zip(self.v.pairs_mut())
-        {
-            adamw::step(&params, &mut p.a, &g.a, &mut m.a, &mut v.a);
-            adamw::step(&params, &mut p.b, &g.b, &mut m.b, &mut v.b);
-        }
         let elapsed = start.elapsed().as_secs_f64();
         let epoch = self.epoch as f64 + self.position as f64 / self.order.len() as f64;
         Ok(StepRecord {
@@ -350,6 +392,58 @@ impl<'a> Trainer<'a> {
             tokens,
             tokens_per_s: tokens as f64 / elapsed,
         })
+    }
+}
+
+impl Trainer<'_> {
+    /// Forward and backward over the picked examples on the CPU, then clipping and AdamW. Returns the
+    /// loss sum and the gradient norm before clipping.
+    fn cpu_step(
+        &mut self,
+        picks: &[usize],
+        scale: f32,
+        adamw_at: &dyn Fn(usize, f64) -> AdamWParams,
+    ) -> Result<(f64, f64)> {
+        let mut grads = self.adapter.zeros_like();
+        let mut loss_sum = 0.0;
+        let options = StepOptions {
+            grad_scale: scale,
+            checkpoint: self.config.checkpoint,
+            precision: self.config.precision,
+        };
+        for &i in picks {
+            let loss = cpu::forward_backward_with(
+                self.model,
+                Some(&self.adapter),
+                Some(&mut grads),
+                &self.sequences[i],
+                options,
+                Some(&mut self.dropout_rng),
+            )?;
+            loss_sum += loss.loss_sum;
+        }
+        let grad_norm = grads
+            .pairs()
+            .map(|(_, _, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
+            .sum::<f64>()
+            .sqrt();
+        let clip = if self.config.max_grad_norm > 0.0 {
+            adamw::clip_coefficient(grad_norm, self.config.max_grad_norm)
+        } else {
+            1.0
+        };
+        let params = adamw_at(self.step + 1, clip);
+        for ((((_, _, p), (_, _, g)), (_, _, m)), (_, _, v)) in self
+            .adapter
+            .pairs_mut()
+            .zip(grads.pairs())
+            .zip(self.m.pairs_mut())
+            .zip(self.v.pairs_mut())
+        {
+            adamw::step(&params, &mut p.a, &g.a, &mut m.a, &mut v.a);
+            adamw::step(&params, &mut p.b, &g.b, &mut m.b, &mut v.b);
+        }
+        Ok((loss_sum, grad_norm))
     }
 }
 
@@ -373,7 +467,12 @@ impl Trainer<'_> {
     /// Writes `checkpoint-<step>/` in `run_dir`: the adapter (a PEFT folder), AdamW's moments, the RNG
     /// states and the data position. It is written under a temporary name and renamed, so a folder with
     /// the final name is always complete.
-    pub fn save_checkpoint(&self, run_dir: &Path, base_model: &str) -> Result<std::path::PathBuf> {
+    pub fn save_checkpoint(
+        &mut self,
+        run_dir: &Path,
+        base_model: &str,
+    ) -> Result<std::path::PathBuf> {
+        self.sync()?;
         let name = format!("{CHECKPOINT_PREFIX}{}", self.step);
         let final_dir = run_dir.join(&name);
         let tmp = run_dir.join(format!(".{name}.tmp"));
@@ -506,6 +605,10 @@ impl Trainer<'_> {
             .get("dropout_rng")
             .and_then(rng_from_json)
             .ok_or_else(|| bad("`dropout_rng` missing"))?;
+        self.stale = false;
+        if let Some((gpu, _)) = self.gpu.take() {
+            self.use_gpu(gpu)?;
+        }
         Ok(())
     }
 }

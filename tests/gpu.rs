@@ -200,3 +200,93 @@ fn gpu_step_memory_follows_the_plan() {
         "the GPU step holds {first} B, the plan says {step_plan:.0} B"
     );
 }
+
+/// Optimizer steps on the GPU (dropout, gradient accumulation, clipping, AdamW and checkpointing all on
+/// the device) against the same steps on the CPU executor in float32: the dropout masks are
+/// counter-based, so both draw the same ones.
+#[test]
+fn gpu_training_steps_match_the_cpu_trainer() {
+    use nibble::cpu::Sequence;
+    use nibble::rng::Rng;
+    use nibble::train::{Schedule, TrainConfig, Trainer};
+    let Some(gpu) = gpu() else { return };
+    let f = fixture("qwen3", "nf4");
+    let vocab = f.model.config.vocab_size as u64;
+    let mut rng = Rng::new(8);
+    let sequences: Vec<Sequence> = [9, 14, 6, 11, 12]
+        .iter()
+        .map(|&n| {
+            let mut s = Sequence::all_tokens((0..n).map(|_| rng.below(vocab) as u32).collect());
+            s.targets[0] = None; // a masked position, as a chat prompt would have
+            s
+        })
+        .collect();
+    let mut lora = f.adapter.config.clone();
+    lora.dropout = 0.1;
+    let mut adapter = f.adapter.clone();
+    adapter.config = lora.clone();
+    let config = |checkpoint: bool| TrainConfig {
+        lora: lora.clone(),
+        lr: 1e-3,
+        weight_decay: 0.01,
+        max_grad_norm: 0.05,
+        schedule: Schedule::Cosine,
+        warmup_steps: 1,
+        max_steps: Some(3),
+        grad_accum: 2,
+        checkpoint,
+        ..TrainConfig::default()
+    };
+    let mut on_cpu = Trainer::new(
+        &f.model,
+        config(false),
+        sequences.clone(),
+        Some(adapter.clone()),
+    )
+    .unwrap();
+    let mut on_gpu =
+        Trainer::new(&f.model, config(true), sequences, Some(adapter.clone())).unwrap();
+    on_gpu.use_gpu(&gpu).unwrap();
+    let mut clipped = false;
+    while !on_cpu.done() {
+        let (c, g) = (on_cpu.step().unwrap(), on_gpu.step().unwrap());
+        eprintln!(
+            "step {}: loss {} / {}, grad norm {} / {}",
+            c.step, c.loss, g.loss, c.grad_norm, g.grad_norm
+        );
+        assert!(
+            (c.loss - g.loss).abs() / c.loss < 1e-5,
+            "step {}: loss {} vs {}",
+            c.step,
+            c.loss,
+            g.loss
+        );
+        assert!(
+            (c.grad_norm - g.grad_norm).abs() / c.grad_norm < 1e-4,
+            "step {}: grad norm {} vs {}",
+            c.step,
+            c.grad_norm,
+            g.grad_norm
+        );
+        assert_eq!(c.lr, g.lr);
+        clipped |= c.grad_norm > 0.05;
+    }
+    assert!(clipped, "the test means to exercise clipping");
+    assert!(on_gpu.done());
+    on_gpu.sync().unwrap();
+    let mut worst = 0.0f64;
+    for (((_, _, c), (_, _, g)), (_, _, a0)) in on_cpu
+        .adapter
+        .pairs()
+        .zip(on_gpu.adapter.pairs())
+        .zip(adapter.pairs())
+    {
+        for (cv, gv, v0) in [(&c.a, &g.a, &a0.a), (&c.b, &g.b, &a0.b)] {
+            let dc: Vec<f32> = cv.iter().zip(v0).map(|(x, y)| x - y).collect();
+            let dg: Vec<f32> = gv.iter().zip(v0).map(|(x, y)| x - y).collect();
+            worst = worst.max(rel(&dg, &dc));
+        }
+    }
+    eprintln!("worst relative difference of the LoRA updates: {worst:.1e}");
+    assert!(worst < 1e-3, "LoRA updates differ by {worst:e}");
+}

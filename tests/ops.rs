@@ -531,9 +531,16 @@ fn dropout_masks_are_counter_based_unbiased_and_independent_per_stream() {
     // The drop rate is a binomial proportion: 5 standard deviations of slack.
     let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
     let sigma = (p as f64 * (1.0 - p as f64) / n as f64).sqrt();
-    assert!((dropped - p as f64).abs() < 5.0 * sigma, "drop rate {dropped}");
+    assert!(
+        (dropped - p as f64).abs() < 5.0 * sigma,
+        "drop rate {dropped}"
+    );
     for (i, (&a, &b)) in x.iter().zip(&y).enumerate() {
-        let expect = if dropout::keeps(&params, i as u32) { a / (1.0 - p) } else { 0.0 };
+        let expect = if dropout::keeps(&params, i as u32) {
+            a / (1.0 - p)
+        } else {
+            0.0
+        };
         assert!((b - expect).abs() <= 1e-6 * expect.abs(), "element {i}");
     }
     // Recomputing gives the same mask; another stream or seed gives an unrelated one (agreement of two
@@ -557,6 +564,14 @@ fn dropout_masks_are_counter_based_unbiased_and_independent_per_stream() {
     let before = dx.clone();
     dropout::backward_accumulate(&params, &dy, &mut dx);
     let lhs: f64 = dy.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
-    let rhs: f64 = dx.iter().zip(&before).zip(&x).map(|((a, b), c)| (*a - *b) as f64 * *c as f64).sum();
-    assert!((lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0), "⟨dy, D x⟩ {lhs} vs ⟨Dᵀdy, x⟩ {rhs}");
+    let rhs: f64 = dx
+        .iter()
+        .zip(&before)
+        .zip(&x)
+        .map(|((a, b), c)| (*a - *b) as f64 * *c as f64)
+        .sum();
+    assert!(
+        (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
+        "⟨dy, D x⟩ {lhs} vs ⟨Dᵀdy, x⟩ {rhs}"
+    );
 }

@@ -3,6 +3,7 @@
 //! dispatches of a step are recorded into one command encoder and submitted once.
 
 pub mod step;
+pub mod train;
 
 use crate::error::{Error, Result};
 use std::cell::{Cell, RefCell};
@@ -30,6 +31,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("rows", include_str!("../../shaders/rows.wgsl")),
+    ("dropout", include_str!("../../shaders/dropout.wgsl")),
 ];
 
 /// Which shader file defines each entry point.
@@ -57,6 +59,9 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("sum_squares", "adamw"),
     ("gather_rows", "rows"),
     ("scatter_rows", "rows"),
+    ("dropout_forward", "dropout"),
+    ("dropout_backward", "dropout"),
+    ("grad_clip", "adamw"),
 ];
 
 /// The full WGSL source of a shader file (the common prelude included), as the GPU compiles it.
@@ -313,6 +318,16 @@ impl Gpu {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn submit_and_read(
         &self,
+        encoder: wgpu::CommandEncoder,
+        reads: &[&GpuBuffer],
+    ) -> Result<Vec<Vec<f32>>> {
+        pollster::block_on(self.submit_and_read_async(encoder, reads))
+    }
+
+    /// `submit_and_read` for every target: in a browser the page's event loop completes the read, so
+    /// this must be awaited rather than blocked on.
+    pub async fn submit_and_read_async(
+        &self,
         mut encoder: wgpu::CommandEncoder,
         reads: &[&GpuBuffer],
     ) -> Result<Vec<Vec<f32>>> {
@@ -330,12 +345,18 @@ impl Gpu {
             })
             .collect();
         self.queue.submit(Some(encoder.finish()));
+        let mapped = MapAll::new(staging.len());
         for s in &staging {
-            s.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+            s.slice(..)
+                .map_async(wgpu::MapMode::Read, mapped.callback());
         }
+        #[cfg(not(target_arch = "wasm32"))]
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Invalid(format!("GPU: waiting for the step failed: {e}")))?;
+        mapped
+            .await
+            .map_err(|e| Error::Invalid(format!("GPU: reading back a result failed: {e}")))?;
         staging
             .iter()
             .zip(reads)
@@ -349,6 +370,64 @@ impl Gpu {
                 Ok(values)
             })
             .collect()
+    }
+}
+
+/// A future that completes when every one of `count` buffer mappings has called back.
+struct MapAll {
+    state: std::sync::Arc<std::sync::Mutex<MapState>>,
+}
+
+struct MapState {
+    remaining: usize,
+    error: Option<String>,
+    waker: Option<std::task::Waker>,
+}
+
+impl MapAll {
+    fn new(count: usize) -> Self {
+        MapAll {
+            state: std::sync::Arc::new(std::sync::Mutex::new(MapState {
+                remaining: count,
+                error: None,
+                waker: None,
+            })),
+        }
+    }
+
+    fn callback(&self) -> impl FnOnce(std::result::Result<(), wgpu::BufferAsyncError>) + 'static {
+        let state = self.state.clone();
+        move |result| {
+            let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = result {
+                s.error = Some(e.to_string());
+            }
+            s.remaining -= 1;
+            if s.remaining == 0
+                && let Some(w) = s.waker.take()
+            {
+                w.wake();
+            }
+        }
+    }
+}
+
+impl std::future::Future for MapAll {
+    type Output = std::result::Result<(), String>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.remaining > 0 {
+            s.waker = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(match s.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        })
     }
 }
 

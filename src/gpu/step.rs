@@ -1,8 +1,7 @@
 //! A decoder-only transformer step on the GPU: the same sequence of ops as the CPU executor (`cpu.rs`),
 //! recorded into one command encoder; only per-position losses (and requested results) are read back.
-//! Read-back is blocking for now, so the entry points exist on native targets only; the browser build
-//! (issue: wasm + WebGPU demo) needs an async read-back first.
-#![cfg_attr(target_arch = "wasm32", allow(dead_code, unused_imports))]
+//! Entry points are async (a browser completes read-backs from its event loop); native targets also get
+//! blocking wrappers.
 
 use super::{Gpu, GpuBuffer, groups_1d};
 use crate::config::{LinearKind, ModelConfig};
@@ -11,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::model::{DenseData, DenseTensor, LinearWeight, Model};
 use crate::ops::cross_entropy::VOCAB_CHUNK;
+use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::rope;
 use crate::quant::QuantFormat;
 use bytemuck::{Pod, Zeroable};
@@ -195,17 +195,27 @@ impl GpuLora {
         }
     }
 
-    /// Reads the matrices back into `into` (which gives the shapes).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn download(&self, gpu: &Gpu, into: &mut LoraAdapter) -> Result<()> {
-        let buffers: Vec<&GpuBuffer> = self
-            .pairs
+    /// The A and B buffers of every pair, in `LoraAdapter::pairs` order.
+    pub fn buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
+        self.pairs
             .iter()
             .flatten()
             .flatten()
             .flat_map(|(a, b)| [a, b])
-            .collect();
-        let mut values = gpu.submit_and_read(gpu.encoder(), &buffers)?.into_iter();
+    }
+
+    /// Reads the matrices back into `into` (which gives the shapes).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn download(&self, gpu: &Gpu, into: &mut LoraAdapter) -> Result<()> {
+        pollster::block_on(self.download_async(gpu, into))
+    }
+
+    pub async fn download_async(&self, gpu: &Gpu, into: &mut LoraAdapter) -> Result<()> {
+        let buffers: Vec<&GpuBuffer> = self.buffers().collect();
+        let mut values = gpu
+            .submit_and_read_async(gpu.encoder(), &buffers)
+            .await?
+            .into_iter();
         for (_, _, pair) in into.pairs_mut() {
             pair.a = values.next().expect("same pairs");
             pair.b = values.next().expect("same pairs");
@@ -338,6 +348,8 @@ fn transposed(buf: &GpuBuffer, rows: usize, cols: usize) -> View<'_> {
 
 struct LinearSaved {
     xa: GpuBuffer,
+    /// The LoRA branch's dropout; the backward regenerates the mask from it.
+    dropout: Option<DropoutParams>,
 }
 
 struct LayerSaved {
@@ -368,6 +380,9 @@ struct Recorder<'a> {
     tokens: usize,
     cos: GpuBuffer,
     sin: GpuBuffer,
+    /// LoRA dropout is on when set: the seed of this sequence's counter-based masks.
+    dropout_seed: Option<u64>,
+    dropout_p: f32,
 }
 
 impl<'a> Recorder<'a> {
@@ -377,6 +392,13 @@ impl<'a> Recorder<'a> {
 
     fn scratch(&mut self, len: usize) -> GpuBuffer {
         self.gpu.scratch(&mut self.enc, len)
+    }
+
+    fn copy(&mut self, x: &GpuBuffer) -> GpuBuffer {
+        let out = self.scratch(x.len);
+        self.enc
+            .copy_buffer_to_buffer(&x.buffer, 0, &out.buffer, 0, (x.len * 4) as u64);
+        out
     }
 
     /// logits[position, v] of one vocabulary chunk.
@@ -478,9 +500,11 @@ impl<'a> Recorder<'a> {
             self.lora.expect("checked").rank,
             self.lora.expect("checked").scale,
         );
+        let dropout = self.dropout_params(l, kind, t * lin.cols);
+        let dropped = dropout.map(|d| self.dropout_forward(&d, x));
         let xa = self.scratch(t * r);
         self.matmul(
-            view(x, t, lin.cols),
+            view(dropped.as_ref().unwrap_or(x), t, lin.cols),
             transposed(a, r, lin.cols),
             1.0,
             &xa,
@@ -495,7 +519,25 @@ impl<'a> Recorder<'a> {
             lin.rows,
             true,
         );
-        (y, Some(LinearSaved { xa }))
+        (y, Some(LinearSaved { xa, dropout }))
+    }
+
+    fn dropout_params(&self, l: usize, kind: LinearKind, n: usize) -> Option<DropoutParams> {
+        let seed = self.dropout_seed?;
+        (self.dropout_p > 0.0)
+            .then(|| DropoutParams::new(n, seed, dropout::stream(l, kind as usize), self.dropout_p))
+    }
+
+    fn dropout_forward(&mut self, d: &DropoutParams, x: &GpuBuffer) -> GpuBuffer {
+        let out = self.scratch(x.len);
+        self.gpu.dispatch(
+            &mut self.enc,
+            "dropout_forward",
+            d,
+            &[(1, x), (2, &out)],
+            groups_1d(x.len, 256),
+        );
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -553,9 +595,38 @@ impl<'a> Recorder<'a> {
                 r,
                 true,
             );
-            self.matmul(transposed(&dxa, t, r), view(x, t, inp), 1.0, ga, inp, true);
+            let dropped = saved.dropout.map(|d| self.dropout_forward(&d, x));
+            let lora_in = dropped.as_ref().unwrap_or(x);
+            self.matmul(
+                transposed(&dxa, t, r),
+                view(lora_in, t, inp),
+                1.0,
+                ga,
+                inp,
+                true,
+            );
         }
-        self.matmul(view(&dxa, t, r), view(a, r, inp), 1.0, dx, inp, true);
+        match &saved.dropout {
+            None => self.matmul(view(&dxa, t, r), view(a, r, inp), 1.0, dx, inp, true),
+            Some(d) => {
+                let d_lora_in = self.scratch(t * inp);
+                self.matmul(
+                    view(&dxa, t, r),
+                    view(a, r, inp),
+                    1.0,
+                    &d_lora_in,
+                    inp,
+                    false,
+                );
+                self.gpu.dispatch(
+                    &mut self.enc,
+                    "dropout_backward",
+                    d,
+                    &[(1, &d_lora_in), (2, dx)],
+                    groups_1d(d_lora_in.len, 256),
+                );
+            }
+        }
     }
 
     fn rms_params(&self, rows: usize, dim: usize) -> RmsParams {
@@ -951,32 +1022,54 @@ fn recorder<'a>(
     model: &'a GpuModel,
     lora: Option<&'a GpuLora>,
     tokens: usize,
+    enc: wgpu::CommandEncoder,
 ) -> Recorder<'a> {
     let (cos, sin) = rope_tables(gpu, &model.config, tokens);
     Recorder {
         gpu,
         model,
         lora,
-        enc: gpu.encoder(),
+        enc,
         tokens,
         cos,
         sin,
+        dropout_seed: None,
+        dropout_p: 0.0,
     }
 }
 
+/// What the forward keeps of a layer for the backward: everything, or (gradient checkpointing) only its
+/// input, from which the backward recomputes the rest (dropout masks included: they are counter-based).
+enum Kept {
+    Full(LayerSaved),
+    Checkpoint(GpuBuffer),
+}
+
 /// Runs the decoder; returns the final normalised hidden states and what the backward needs.
-fn decoder(r: &mut Recorder, ids: &[u32]) -> (GpuBuffer, Vec<LayerSaved>, GpuBuffer, GpuBuffer) {
+fn decoder(
+    r: &mut Recorder,
+    ids: &[u32],
+    checkpoint: bool,
+) -> (GpuBuffer, Vec<Kept>, GpuBuffer, GpuBuffer) {
     let ids = r.gpu.upload_u32(ids);
     let mut x = r.embed(&ids);
-    let mut saved = Vec::new();
+    let mut kept = Vec::new();
     for l in 0..r.model.layers.len() {
-        let (next, s) = r.layer_forward(l, x);
-        saved.push(s);
-        x = next;
+        if checkpoint {
+            let input = r.copy(&x);
+            // The layer's saved activations go back to the pool here, for the next layer to reuse.
+            let (next, _) = r.layer_forward(l, x);
+            kept.push(Kept::Checkpoint(input));
+            x = next;
+        } else {
+            let (next, s) = r.layer_forward(l, x);
+            kept.push(Kept::Full(s));
+            x = next;
+        }
     }
     let h = r.c().hidden_size;
     let (xf, inv) = r.rmsnorm(&x, &r.model.final_norm, h);
-    (xf, saved, x, inv)
+    (xf, kept, x, inv)
 }
 
 /// Logits [tokens, vocab] (small models and parity tests).
@@ -987,9 +1080,18 @@ pub fn logits(
     lora: Option<&GpuLora>,
     ids: &[u32],
 ) -> Result<Vec<f32>> {
+    pollster::block_on(logits_async(gpu, model, lora, ids))
+}
+
+pub async fn logits_async(
+    gpu: &Gpu,
+    model: &GpuModel,
+    lora: Option<&GpuLora>,
+    ids: &[u32],
+) -> Result<Vec<f32>> {
     crate::cpu::check_tokens(ids, model.config.vocab_size)?;
-    let mut r = recorder(gpu, model, lora, ids.len());
-    let (xf, _, _, _) = decoder(&mut r, ids);
+    let mut r = recorder(gpu, model, lora, ids.len(), gpu.encoder());
+    let (xf, _, _, _) = decoder(&mut r, ids, false);
     let t = ids.len();
     let vocab = model.config.vocab_size;
     let mut chunks = Vec::new();
@@ -1003,7 +1105,7 @@ pub fn logits(
         ));
     });
     let reads: Vec<&GpuBuffer> = chunks.iter().map(|(_, _, b)| b).collect();
-    let values = gpu.submit_and_read(r.enc, &reads)?;
+    let values = gpu.submit_and_read_async(r.enc, &reads).await?;
     let mut out = vec![0f32; t * vocab];
     for ((start, n, _), chunk) in chunks.iter().zip(values) {
         for pos in 0..t {
@@ -1025,23 +1127,74 @@ pub fn forward_backward(
     seq: &Sequence,
     grad_scale: f32,
 ) -> Result<StepLoss> {
+    let options = SequenceOptions {
+        grad_scale,
+        ..SequenceOptions::default()
+    };
+    pollster::block_on(async {
+        let mut enc = gpu.encoder();
+        let result = record_sequence(gpu, model, lora, grads, seq, options, &mut enc)?;
+        let Some(result) = result else {
+            return Ok(StepLoss {
+                loss_sum: 0.0,
+                targets: 0,
+            });
+        };
+        let values = gpu.submit_and_read_async(enc, &[&result]).await?;
+        Ok(sequence_loss(&values[0]))
+    })
+}
+
+/// How one sequence's step is recorded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SequenceOptions {
+    /// The gradients computed are those of grad_scale · Σ loss.
+    pub grad_scale: f32,
+    /// Keep only each decoder layer's input and recompute the layer in the backward.
+    pub checkpoint: bool,
+    /// LoRA dropout: the seed of the sequence's masks and the probability (None: no dropout).
+    pub dropout: Option<(u64, f32)>,
+}
+
+/// Σ loss of a sequence from the [loss, log-sum-exp] pairs `record_sequence` leaves.
+pub fn sequence_loss(result: &[f32]) -> StepLoss {
+    StepLoss {
+        loss_sum: result.chunks(2).map(|pair| pair[0] as f64).sum(),
+        targets: result.len() / 2,
+    }
+}
+
+/// Records one sequence's forward (and with `grads` its backward) into `enc`. Returns the buffer of
+/// per-position [loss, log-sum-exp] pairs to read back, or None when no position carries a label.
+pub fn record_sequence(
+    gpu: &Gpu,
+    model: &GpuModel,
+    lora: Option<&GpuLora>,
+    grads: Option<&GpuLora>,
+    seq: &Sequence,
+    options: SequenceOptions,
+    enc: &mut wgpu::CommandEncoder,
+) -> Result<Option<GpuBuffer>> {
+    let grad_scale = options.grad_scale;
     seq.check(model.config.vocab_size)?;
     let positions: Vec<u32> = (0..seq.ids.len() as u32)
         .filter(|&t| seq.targets[t as usize].is_some())
         .collect();
     if positions.is_empty() {
-        return Ok(StepLoss {
-            loss_sum: 0.0,
-            targets: 0,
-        });
+        return Ok(None);
     }
     let labels: Vec<u32> = positions
         .iter()
         .map(|&t| seq.targets[t as usize].expect("filtered"))
         .collect();
     let (t, h, np) = (seq.ids.len(), model.config.hidden_size, positions.len());
-    let mut r = recorder(gpu, model, lora, t);
-    let (xf, saved, x_last, inv_f) = decoder(&mut r, &seq.ids);
+    let outer = std::mem::replace(enc, gpu.encoder());
+    let mut r = recorder(gpu, model, lora, t, outer);
+    if let Some((seed, p)) = options.dropout {
+        r.dropout_seed = Some(seed);
+        r.dropout_p = p;
+    }
+    let (xf, kept, x_last, inv_f) = decoder(&mut r, &seq.ids, options.checkpoint);
     let index = gpu.upload_u32(&positions);
     let labels_buf = gpu.upload_u32(&labels);
     let hidden = r.scratch(np * h);
@@ -1106,16 +1259,19 @@ pub fn forward_backward(
         let dxf = r.scratch(t * h);
         r.rows("scatter_rows", &d_hidden, &index, &dxf, np);
         let mut dx = r.rmsnorm_backward(&x_last, &model.final_norm, &inv_f, &dxf, h);
-        for l in (0..model.layers.len()).rev() {
-            dx = r.layer_backward(l, &saved[l], &dx, Some(grads));
+        for (l, k) in kept.iter().enumerate().rev() {
+            dx = match k {
+                Kept::Full(saved) => r.layer_backward(l, saved, &dx, Some(grads)),
+                Kept::Checkpoint(x) => {
+                    let input = r.copy(&x);
+                    let (_, saved) = r.layer_forward(l, input);
+                    r.layer_backward(l, &saved, &dx, Some(grads))
+                }
+            };
         }
     }
-    let values = gpu.submit_and_read(r.enc, &[&result])?;
-    let loss_sum = values[0].chunks(2).map(|pair| pair[0] as f64).sum();
-    Ok(StepLoss {
-        loss_sum,
-        targets: np,
-    })
+    *enc = r.enc;
+    Ok(Some(result))
 }
 
 /// Zeroed gradient buffers shaped like `adapter`.

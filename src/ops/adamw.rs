@@ -43,6 +43,22 @@ impl AdamWParams {
     }
 }
 
+/// The uniform layout of shaders/adamw.wgsl: the step's parameters, the tensor length, where its partial
+/// sums of squares go, and the clipping threshold.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct AdamWKernelParams {
+    pub step: AdamWParams,
+    pub n: u32,
+    pub sums_offset: u32,
+    /// Global-norm clipping threshold; ≤ 0 turns clipping off.
+    pub max_norm: f32,
+    pub _pad: u32,
+}
+
+/// Elements one workgroup of the GPU's sum-of-squares kernel reduces into one partial sum.
+pub const SUM_SQUARES_BLOCK: usize = 4096;
+
 pub fn step(p: &AdamWParams, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     assert!(
         param.len() == grad.len() && grad.len() == m.len() && m.len() == v.len(),
