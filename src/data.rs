@@ -122,3 +122,48 @@ pub fn render(tok: &ChatTokenizer, example: &Example) -> Result<String> {
         )),
     }
 }
+
+/// The built-in chat set `nibble demo` and the browser page fine-tune on: (question, answer) pairs.
+pub const DEMO_CHATS: &[(&str, &str)] = &[
+    (
+        "What is nibble?",
+        "nibble is a portable QLoRA trainer written in Rust.",
+    ),
+    (
+        "What does nibble keep in 4 bits?",
+        "The frozen base model, packed as NF4 or INT4.",
+    ),
+    ("What does nibble train?", "LoRA adapters, with AdamW."),
+    (
+        "Where does nibble run?",
+        "On GPUs through wgpu, in the browser, and on CPUs.",
+    ),
+    (
+        "Which models does nibble support?",
+        "Qwen2, Qwen3 and Llama 3.",
+    ),
+    (
+        "What format are the adapters?",
+        "PEFT adapter folders that transformers loads.",
+    ),
+    (
+        "Does nibble need a download?",
+        "No: this demo builds its own small model.",
+    ),
+    (
+        "How are weights grouped?",
+        "One scale per group of 32, 64 or 128 weights.",
+    ),
+];
+
+/// `DEMO_CHATS` as JSONL `messages` rows.
+pub fn demo_jsonl() -> String {
+    DEMO_CHATS
+        .iter()
+        .map(|(q, a)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                .to_string()
+                + "\n"
+        })
+        .collect()
+}

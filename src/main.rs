@@ -943,37 +943,6 @@ fn demo(keep: Option<PathBuf>) -> Result<()> {
 
 /// The built-in chat set the demo fine-tunes on: short answers in a fixed voice, so that a tiny model can
 /// visibly learn them.
-const DEMO_CHATS: &[(&str, &str)] = &[
-    (
-        "What is nibble?",
-        "nibble is a portable QLoRA trainer written in Rust.",
-    ),
-    (
-        "What does nibble keep in 4 bits?",
-        "The frozen base model, packed as NF4 or INT4.",
-    ),
-    ("What does nibble train?", "LoRA adapters, with AdamW."),
-    (
-        "Where does nibble run?",
-        "On GPUs through wgpu, in the browser, and on CPUs.",
-    ),
-    (
-        "Which models does nibble support?",
-        "Qwen2, Qwen3 and Llama 3.",
-    ),
-    (
-        "What format are the adapters?",
-        "PEFT adapter folders that transformers loads.",
-    ),
-    (
-        "Does nibble need a download?",
-        "No: this demo builds its own small model.",
-    ),
-    (
-        "How are weights grouped?",
-        "One scale per group of 32, 64 or 128 weights.",
-    ),
-];
 
 fn run_demo(dir: &Path) -> Result<()> {
     let mut spec = SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936);
@@ -996,7 +965,7 @@ fn run_demo(dir: &Path) -> Result<()> {
     let source = model::open(dir)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, dir)?;
     let model = source.load(None)?;
-    let examples: Vec<nibble::data::Example> = DEMO_CHATS
+    let examples: Vec<nibble::data::Example> = nibble::data::DEMO_CHATS
         .iter()
         .map(|(q, a)| {
             nibble::data::Example::Messages(vec![
@@ -1011,7 +980,7 @@ fn run_demo(dir: &Path) -> Result<()> {
             nibble::train::tokenize(&tok, ex, nibble::train::LossOn::Default, 256).map(|(s, _)| s)
         })
         .collect::<nibble::Result<Vec<_>>>()?;
-    let question = DEMO_CHATS[0].0;
+    let question = nibble::data::DEMO_CHATS[0].0;
     let prompt = tok.encode(&tok.apply_chat_template(&[Message::new("user", question)], true)?)?;
     let stop: Vec<u32> = tok
         .eos_token
@@ -1055,7 +1024,7 @@ fn run_demo(dir: &Path) -> Result<()> {
         "\n== fine-tuning {} LoRA parameters (r=16 on all seven linears, NF4 base) for {} steps on {} chats, on {executor}",
         trainer.adapter.parameter_count(),
         trainer.total_steps,
-        DEMO_CHATS.len()
+        nibble::data::DEMO_CHATS.len()
     );
     while !trainer.done() {
         let r = trainer.step()?;

@@ -5,10 +5,11 @@ use crate::config::{Arch, ModelConfig, TensorRole};
 use crate::error::{Error, Result};
 use crate::model::TokenizerFiles;
 use crate::rng::Rng;
-use crate::source::FloatDtype;
+use crate::source::{FloatDtype, ModelFiles};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The Qwen2.5 tokenizer shipped with nibble, so that demos and tests run with no download.
 pub fn qwen25_tokenizer() -> TokenizerFiles {
@@ -214,16 +215,7 @@ pub fn write_model_folder(
             .collect();
         let path = dir.join(&name);
         write_safetensors_streaming(&path, spec.dtype, &entries, |i, out| {
-            let t = &chunk[i];
-            for x in out.iter_mut() {
-                let noise = rng.normal() as f32 * spec.std;
-                // Norm scales sit around 1 as in trained models; everything else is centred on 0.
-                *x = if t.role == TensorRole::Norm {
-                    1.0 + noise
-                } else {
-                    noise
-                };
-            }
+            fill_random(&mut rng, spec, chunk[i].role, out)
         })?;
         for t in chunk {
             weight_map.insert(t.name.clone(), json!(name));
@@ -239,6 +231,116 @@ pub fn write_model_folder(
     Ok(())
 }
 
+fn fill_random(rng: &mut Rng, spec: &SynthSpec, role: TensorRole, out: &mut [f32]) {
+    for x in out.iter_mut() {
+        let noise = rng.normal() as f32 * spec.std;
+        // Norm scales sit around 1 as in trained models; everything else is centred on 0.
+        *x = if role == TensorRole::Norm {
+            1.0 + noise
+        } else {
+            noise
+        };
+    }
+}
+
+/// The same model as `write_model_folder` writes (in one shard), as in-memory files: what the browser,
+/// which has no file system, loads.
+pub fn model_files(spec: &SynthSpec, tokenizer: &TokenizerFiles, label: &str) -> ModelFiles {
+    let mut files = std::collections::BTreeMap::new();
+    let text = |t: &str| -> Arc<[u8]> { Arc::from(t.as_bytes()) };
+    files.insert(
+        "config.json".to_string(),
+        text(&serde_json::to_string_pretty(&spec.config_json()).expect("json")),
+    );
+    for (name, content) in [
+        ("tokenizer.json", &tokenizer.tokenizer_json),
+        ("tokenizer_config.json", &tokenizer.tokenizer_config_json),
+        ("chat_template.jinja", &tokenizer.chat_template_jinja),
+    ] {
+        if let Some(content) = content {
+            files.insert(name.to_string(), text(content));
+        }
+    }
+    let tensors = spec.config().expected_tensors();
+    let entries: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
+    let mut rng = Rng::new(spec.seed);
+    let mut bytes = Vec::new();
+    write_safetensors(&mut bytes, spec.dtype, &entries, &mut |i, out| {
+        fill_random(&mut rng, spec, tensors[i].role, out)
+    })
+    .expect("writing to memory cannot fail");
+    files.insert("model.safetensors".to_string(), Arc::from(bytes));
+    ModelFiles::Memory {
+        label: label.to_string(),
+        files,
+    }
+}
+
+/// The browser demo's built-in model: a random Qwen2-architecture model with the byte-level tokenizer
+/// (vocabulary 259) and Qwen2.5's chat template, small enough to train in a page.
+pub fn browser_model() -> ModelFiles {
+    let mut spec = SynthSpec::tiny(Arch::Qwen2, 259);
+    spec.hidden_size = 64;
+    spec.intermediate_size = 192;
+    spec.num_layers = 2;
+    spec.seed = 7;
+    model_files(&spec, &byte_tokenizer(), "builtin-tiny-qwen2")
+}
+
+/// GPT-2's byte-to-character table, which byte-level BPE vocabularies are written in.
+fn byte_level_char(byte: u8) -> char {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable(byte) {
+        return byte as char;
+    }
+    let shifted = (0..byte).filter(|&b| !printable(b)).count() as u32;
+    char::from_u32(256 + shifted).expect("valid scalar")
+}
+
+/// A byte-level tokenizer (256 byte tokens and Qwen's three special tokens, no merges) with Qwen2.5's
+/// chat template: tiny models for the browser and for fast tests keep a vocabulary of 259.
+pub fn byte_tokenizer() -> TokenizerFiles {
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let vocab: serde_json::Map<String, Value> = (0..=255u8)
+        .map(|b| (byte_level_char(b).to_string(), json!(b)))
+        .collect();
+    let added: Vec<Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
+                            "use_regex": false});
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null, "pre_tokenizer": byte_level, "post_processor": null, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []},
+    });
+    let qwen: Value = serde_json::from_str(include_str!(
+        "../assets/qwen2.5-tokenizer/tokenizer_config.json"
+    ))
+    .expect("bundled JSON");
+    let config = json!({
+        "chat_template": qwen["chat_template"],
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": null,
+    });
+    TokenizerFiles {
+        tokenizer_json: Some(tokenizer.to_string()),
+        tokenizer_config_json: Some(config.to_string()),
+        chat_template_jinja: None,
+    }
+}
+
 /// Writes a safetensors file whose tensors (all of `dtype`) are produced one by one by `fill`.
 pub fn write_safetensors_streaming(
     path: &Path,
@@ -246,6 +348,20 @@ pub fn write_safetensors_streaming(
     entries: &[(String, Vec<usize>)],
     mut fill: impl FnMut(usize, &mut [f32]),
 ) -> Result<()> {
+    crate::fsutil::write_atomically(path, |tmp| {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        write_safetensors(&mut out, dtype, entries, &mut fill)?;
+        out.flush()
+    })
+}
+
+/// The streaming writer behind `write_safetensors_streaming`, into any `Write`.
+fn write_safetensors(
+    out: &mut impl Write,
+    dtype: FloatDtype,
+    entries: &[(String, Vec<usize>)],
+    fill: &mut impl FnMut(usize, &mut [f32]),
+) -> std::io::Result<()> {
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for (name, shape) in entries {
@@ -262,30 +378,23 @@ pub fn write_safetensors_streaming(
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
-    crate::fsutil::write_atomically(path, |tmp| {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
-        out.write_all(&header_bytes)?;
-        let mut values = Vec::new();
-        let mut bytes = Vec::new();
-        for (i, (_, shape)) in entries.iter().enumerate() {
-            values.clear();
-            values.resize(shape.iter().product(), 0f32);
-            fill(i, &mut values);
-            bytes.clear();
-            for &v in &values {
-                match dtype {
-                    FloatDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-                    FloatDtype::F16 => {
-                        bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())
-                    }
-                    FloatDtype::BF16 => {
-                        bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())
-                    }
-                }
+    out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
+    out.write_all(&header_bytes)?;
+    let mut values = Vec::new();
+    let mut bytes = Vec::new();
+    for (i, (_, shape)) in entries.iter().enumerate() {
+        values.clear();
+        values.resize(shape.iter().product(), 0f32);
+        fill(i, &mut values);
+        bytes.clear();
+        for &v in &values {
+            match dtype {
+                FloatDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                FloatDtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                FloatDtype::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
             }
-            out.write_all(&bytes)?;
         }
-        out.flush()
-    })
+        out.write_all(&bytes)?;
+    }
+    Ok(())
 }

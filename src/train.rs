@@ -636,8 +636,8 @@ pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
 
 /// Writes a PEFT adapter folder (adapter_model.safetensors + adapter_config.json) that
 /// `PeftModel.from_pretrained` loads; each file appears atomically.
-pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+/// A PEFT adapter folder's two files, in memory: (adapter_model.safetensors, adapter_config.json).
+pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, String)> {
     let mut views = Vec::new();
     let keys: Vec<(String, Vec<usize>, &[f32])> = adapter
         .pairs()
@@ -662,21 +662,17 @@ pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: &str) -> Result<
             shape.clone(),
             bytemuck::cast_slice(data),
         )
-        .map_err(|e| Error::tensor(dir.join("adapter_model.safetensors"), name, e.to_string()))?;
+        .map_err(|e| Error::tensor("adapter_model.safetensors", name, e.to_string()))?;
         views.push((name.clone(), view));
     }
-    let weights = dir.join("adapter_model.safetensors");
-    crate::fsutil::write_atomically(&weights, |tmp| {
-        safetensors::serialize_to_file(
-            views,
-            Some(std::collections::HashMap::from([(
-                "format".to_string(),
-                "pt".to_string(),
-            )])),
-            tmp,
-        )
-        .map_err(|e| std::io::Error::other(e.to_string()))
-    })?;
+    let weights = safetensors::serialize(
+        views,
+        Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )])),
+    )
+    .map_err(|e| Error::Invalid(format!("adapter_model.safetensors: {e}")))?;
     let c = &adapter.config;
     let config = json!({
         "peft_type": "LORA",
@@ -697,8 +693,20 @@ pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: &str) -> Result<
         "alpha_pattern": {},
         "revision": null,
     });
-    let config_path = dir.join("adapter_config.json");
-    crate::fsutil::write_atomically(&config_path, |tmp| {
-        std::fs::write(tmp, serde_json::to_string_pretty(&config).expect("json"))
+    Ok((
+        weights,
+        serde_json::to_string_pretty(&config).expect("json"),
+    ))
+}
+
+/// Writes the adapter as a PEFT folder (each file written atomically).
+pub fn save_peft(adapter: &LoraAdapter, dir: &Path, base_model: &str) -> Result<()> {
+    let (weights, config) = peft_files(adapter, base_model)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    crate::fsutil::write_atomically(&dir.join("adapter_model.safetensors"), |tmp| {
+        std::fs::write(tmp, &weights)
+    })?;
+    crate::fsutil::write_atomically(&dir.join("adapter_config.json"), |tmp| {
+        std::fs::write(tmp, &config)
     })
 }

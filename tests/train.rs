@@ -447,3 +447,63 @@ fn flags_override_the_config_file_which_overrides_the_preset() {
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset `nope`"));
 }
+
+/// The browser demo's built-in model, built in memory: its byte-level tokenizer round-trips any text,
+/// renders Qwen's chat template, and training on the web page's example chats lowers the loss.
+#[test]
+fn the_browser_builtin_model_tokenizes_bytes_and_trains() {
+    let source = ModelSource::open_folder(synth::browser_model()).unwrap();
+    let tok =
+        ChatTokenizer::from_files(&source.tokenizer, std::path::Path::new("builtin")).unwrap();
+    let text = "Grüße, 世界! tabs\tand\nnewlines";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(ids.len(), text.len(), "one token per byte");
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    let chat = tok
+        .apply_chat_template(&[Message::new("user", "hi")], true)
+        .unwrap();
+    assert!(
+        chat.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+        "{chat:?}"
+    );
+    let chat_ids = tok.encode(&chat).unwrap();
+    assert_eq!(
+        chat_ids.iter().filter(|&&t| t == 257).count(),
+        3,
+        "<|im_start|> is token 257"
+    );
+    assert_eq!(tok.token_id("<|im_end|>"), Some(258));
+
+    let model = source.load(None).unwrap();
+    assert_eq!(model.config.vocab_size, 259);
+    let chats = [
+        ("What is nibble?", "A QLoRA trainer."),
+        ("Where does it run?", "Everywhere."),
+    ];
+    let sequences = chats
+        .iter()
+        .map(|(q, a)| {
+            let ex = Example::Messages(vec![Message::new("user", q), Message::new("assistant", a)]);
+            train::tokenize(&tok, &ex, LossOn::Default, 256).unwrap().0
+        })
+        .collect();
+    let config = TrainConfig {
+        lora: LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            ..LoraConfig::default()
+        },
+        lr: 3e-3,
+        schedule: Schedule::Constant,
+        max_steps: Some(20),
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&model, config, sequences, None).unwrap();
+    let first = trainer.step().unwrap().loss;
+    let mut last = first;
+    while !trainer.done() {
+        last = trainer.step().unwrap().loss;
+    }
+    assert!(last < 0.7 * first, "loss {first} -> {last}");
+}

@@ -1,0 +1,48 @@
+//! The browser demo's workload on the native CPU executor, for comparison with web/test.sh's steps/s:
+//! the built-in model, the page's default options and example chats, 30 optimizer steps.
+//!   cargo bench --bench browser_model
+
+use nibble::data::parse_jsonl;
+use nibble::lora::LoraConfig;
+use nibble::model::ModelSource;
+use nibble::tokenizer::ChatTokenizer;
+use nibble::train::{self, LossOn, Schedule, TrainConfig, Trainer};
+
+fn main() {
+    let source = ModelSource::open_folder(nibble::synth::browser_model()).unwrap();
+    let tok =
+        ChatTokenizer::from_files(&source.tokenizer, std::path::Path::new("builtin")).unwrap();
+    let model = source.load(None).unwrap();
+    let jsonl = nibble::data::demo_jsonl();
+    let sequences = parse_jsonl(&jsonl, "chats")
+        .unwrap()
+        .iter()
+        .map(|ex| train::tokenize(&tok, ex, LossOn::Default, 512).unwrap().0)
+        .collect();
+    let config = TrainConfig {
+        lora: LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            ..LoraConfig::default()
+        },
+        lr: 3e-3,
+        schedule: Schedule::Constant,
+        max_steps: Some(30),
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&model, config, sequences, None).unwrap();
+    let start = std::time::Instant::now();
+    let (mut first, mut last) = (None, 0.0);
+    while !trainer.done() {
+        let r = trainer.step().unwrap();
+        first.get_or_insert(r.loss);
+        last = r.loss;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "native CPU executor: 30 steps in {seconds:.2} s ({:.1} steps/s), loss {:.4} -> {last:.4}",
+        30.0 / seconds,
+        first.unwrap()
+    );
+}

@@ -1,0 +1,313 @@
+//! The browser API (wasm-bindgen): load a model (the built-in tiny one, or a Hugging Face folder's files
+//! as bytes), set a chat dataset and options, step the trainer, generate text, and export the adapter as
+//! a PEFT folder's two files. Training runs on WebGPU when the browser has it (the same WGSL kernels as
+//! native), otherwise on the CPU executor compiled to wasm. Every call that touches the GPU returns a
+//! Promise: read-backs complete from the page's event loop, so nothing blocks the main thread.
+
+use crate::cpu;
+use crate::gpu::Gpu;
+use crate::lora::LoraConfig;
+use crate::model::{Model, ModelSource};
+use crate::source::ModelFiles;
+use crate::synth;
+use crate::tokenizer::{ChatTokenizer, Message};
+use crate::train::{LossOn, Schedule, StepRecord, TrainConfig, Trainer};
+use serde::Deserialize;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use wasm_bindgen::prelude::*;
+
+fn js_error(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+struct Inner {
+    /// Leaked: the trainer borrows the model and the GPU for as long as the page keeps the session, and a
+    /// page loads few models. Dropping a session leaks them; that is the price of a borrow-based trainer.
+    model: &'static Model,
+    gpu: Option<&'static Gpu>,
+    tok: ChatTokenizer,
+    label: String,
+    trainer: Option<Trainer<'static>>,
+}
+
+/// A loaded model with its tokenizer, an executor, and (after `setData`) a trainer.
+#[wasm_bindgen]
+pub struct Session {
+    inner: Rc<RefCell<Inner>>,
+}
+
+/// The training options the page exposes, with the trainer's defaults.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WebOptions {
+    lora_r: usize,
+    lora_alpha: f64,
+    lora_dropout: f32,
+    lr: f64,
+    epochs: usize,
+    max_steps: Option<usize>,
+    grad_accum: usize,
+    max_length: usize,
+    seed: u64,
+    schedule: String,
+    warmup_steps: usize,
+}
+
+impl Default for WebOptions {
+    fn default() -> Self {
+        WebOptions {
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            lr: 2e-4,
+            epochs: 1,
+            max_steps: None,
+            grad_accum: 1,
+            max_length: 512,
+            seed: 42,
+            schedule: "linear".into(),
+            warmup_steps: 0,
+        }
+    }
+}
+
+/// The example chat set the page starts with, as JSONL.
+#[wasm_bindgen(js_name = demoData)]
+pub fn demo_data() -> String {
+    crate::data::demo_jsonl()
+}
+
+/// Opens a session. `files` is null for the built-in model, or an array of [name, Uint8Array] pairs of
+/// a Hugging Face model folder (config.json, safetensors, tokenizer files). `device` is "auto" (WebGPU
+/// when the browser has it, else CPU), "gpu" or "cpu".
+#[wasm_bindgen(js_name = openSession)]
+pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsError> {
+    let files = if files.is_null() || files.is_undefined() {
+        synth::browser_model()
+    } else {
+        let mut map = BTreeMap::new();
+        for pair in js_sys::Array::from(&files).iter() {
+            let pair = js_sys::Array::from(&pair);
+            let name = pair
+                .get(0)
+                .as_string()
+                .ok_or_else(|| JsError::new("files: each entry is [name, Uint8Array]"))?;
+            let bytes = js_sys::Uint8Array::new(&pair.get(1)).to_vec();
+            // A folder picked in the browser comes with paths; only the file name matters.
+            let base = name.rsplit('/').next().unwrap_or(&name).to_string();
+            map.insert(base, Arc::<[u8]>::from(bytes));
+        }
+        ModelFiles::Memory {
+            label: "uploaded".into(),
+            files: map,
+        }
+    };
+    let source = ModelSource::open_folder(files).map_err(js_error)?;
+    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))
+        .map_err(js_error)?;
+    let model: &'static Model = Box::leak(Box::new(source.load(None).map_err(js_error)?));
+    let gpu = match device.as_str() {
+        "cpu" => None,
+        // A software WebGPU adapter (SwiftShader) still runs the same kernels, so it is accepted.
+        "gpu" => Some(Gpu::new_async(true).await.map_err(js_error)?),
+        "auto" => Gpu::new_async(true).await.ok(),
+        other => {
+            return Err(JsError::new(&format!(
+                "unknown device `{other}` (auto, gpu or cpu)"
+            )));
+        }
+    };
+    let gpu: Option<&'static Gpu> = gpu.map(|g| &*Box::leak(Box::new(g)));
+    Ok(Session {
+        inner: Rc::new(RefCell::new(Inner {
+            model,
+            gpu,
+            tok,
+            label: source.label().to_string(),
+            trainer: None,
+        })),
+    })
+}
+
+impl Session {
+    fn borrow(&self) -> Result<std::cell::RefMut<'_, Inner>, JsError> {
+        self.inner
+            .try_borrow_mut()
+            .map_err(|_| JsError::new("the session is busy: await the previous call first"))
+    }
+}
+
+#[wasm_bindgen]
+impl Session {
+    /// "webgpu (<adapter>)" or "cpu (wasm)": which executor trains.
+    pub fn backend(&self) -> Result<String, JsError> {
+        let inner = self.borrow()?;
+        Ok(match inner.gpu {
+            // Browsers may hide the adapter's name.
+            Some(g) if g.info.name.is_empty() => "webgpu".to_string(),
+            Some(g) => format!("webgpu ({})", g.info.name),
+            None => "cpu (wasm)".to_string(),
+        })
+    }
+
+    /// The model as JSON: architecture, sizes, parameter count, weight format.
+    pub fn describe(&self) -> Result<String, JsError> {
+        let inner = self.borrow()?;
+        let c = &inner.model.config;
+        Ok(serde_json::json!({
+            "model": inner.label,
+            "architecture": format!("{:?}", c.arch),
+            "layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size,
+            "parameters": c.parameter_count(),
+            "weight_bytes": inner.model.weight_bytes(),
+        })
+        .to_string())
+    }
+
+    /// Sets the training data (JSONL in any of TRL's three shapes) and options (JSON; see WebOptions),
+    /// and starts a fresh trainer.
+    #[wasm_bindgen(js_name = setData)]
+    pub fn set_data(&self, jsonl: &str, options: &str) -> Result<String, JsError> {
+        let mut inner = self.borrow()?;
+        let o: WebOptions = if options.trim().is_empty() {
+            WebOptions::default()
+        } else {
+            serde_json::from_str(options).map_err(|e| js_error(format!("options: {e}")))?
+        };
+        let examples = crate::data::parse_jsonl(jsonl, "dataset").map_err(js_error)?;
+        let sequences = examples
+            .iter()
+            .enumerate()
+            .map(|(i, ex)| {
+                crate::train::tokenize(&inner.tok, ex, LossOn::Default, o.max_length)
+                    .map(|(s, _)| s)
+                    .map_err(|e| js_error(format!("dataset line {}: {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let schedule = Schedule::parse(&o.schedule).ok_or_else(|| {
+            JsError::new(&format!(
+                "unknown schedule `{}` (constant, linear or cosine)",
+                o.schedule
+            ))
+        })?;
+        let config = TrainConfig {
+            lora: LoraConfig {
+                r: o.lora_r,
+                alpha: o.lora_alpha,
+                dropout: o.lora_dropout,
+                ..LoraConfig::default()
+            },
+            lr: o.lr,
+            schedule,
+            warmup_steps: o.warmup_steps,
+            epochs: o.epochs,
+            max_steps: o.max_steps,
+            grad_accum: o.grad_accum,
+            max_length: o.max_length,
+            seed: o.seed,
+            ..TrainConfig::default()
+        };
+        let mut trainer = Trainer::new(inner.model, config, sequences, None).map_err(js_error)?;
+        if let Some(gpu) = inner.gpu {
+            trainer.use_gpu(gpu).map_err(js_error)?;
+        }
+        let summary = serde_json::json!({
+            "examples": examples.len(),
+            "total_steps": trainer.total_steps,
+            "lora_parameters": trainer.adapter.parameter_count(),
+        });
+        inner.trainer = Some(trainer);
+        Ok(summary.to_string())
+    }
+
+    /// Whether the trainer has run all its steps.
+    pub fn done(&self) -> Result<bool, JsError> {
+        Ok(self.borrow()?.trainer.as_ref().is_none_or(|t| t.done()))
+    }
+
+    /// One optimizer step; resolves to its record as JSON (step, epoch, loss, lr, grad_norm, tokens,
+    /// tokens_per_s).
+    pub fn step(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut guard = inner
+                .try_borrow_mut()
+                .map_err(|_| JsError::new("the session is busy: await the previous call first"))?;
+            let trainer = guard
+                .trainer
+                .as_mut()
+                .ok_or_else(|| JsError::new("call setData before step"))?;
+            let record: StepRecord = trainer.step_async().await.map_err(js_error)?;
+            Ok(JsValue::from_str(&record.to_json().to_string()))
+        })
+    }
+
+    /// Greedy answer to `prompt` as a user turn (chat template applied), up to `max_new` tokens, with the
+    /// adapter trained so far (none before `setData`).
+    pub fn generate(&self, prompt: String, max_new: u32) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut guard = inner
+                .try_borrow_mut()
+                .map_err(|_| JsError::new("the session is busy: await the previous call first"))?;
+            if let Some(t) = guard.trainer.as_mut() {
+                t.sync_async().await.map_err(js_error)?;
+            }
+            let g = &*guard;
+            let text = g
+                .tok
+                .apply_chat_template(&[Message::new("user", &prompt)], true)
+                .map_err(js_error)?;
+            let ids = g.tok.encode(&text).map_err(js_error)?;
+            let stop: Vec<u32> = g
+                .tok
+                .eos_token
+                .iter()
+                .filter_map(|t| g.tok.token_id(t))
+                .collect();
+            let adapter = g.trainer.as_ref().map(|t| &t.adapter);
+            let out =
+                cpu::greedy(g.model, adapter, &ids, max_new as usize, &stop).map_err(js_error)?;
+            let answer = out[ids.len()..]
+                .iter()
+                .copied()
+                .filter(|t| !stop.contains(t))
+                .collect::<Vec<_>>();
+            Ok(JsValue::from_str(&g.tok.decode(&answer).map_err(js_error)?))
+        })
+    }
+
+    /// The adapter as a PEFT folder's files: resolves to an object with `adapter_model.safetensors`
+    /// (Uint8Array) and `adapter_config.json` (string).
+    #[wasm_bindgen(js_name = exportAdapter)]
+    pub fn export_adapter(&self) -> js_sys::Promise {
+        let inner = self.inner.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let mut guard = inner
+                .try_borrow_mut()
+                .map_err(|_| JsError::new("the session is busy: await the previous call first"))?;
+            let label = guard.label.clone();
+            let trainer = guard
+                .trainer
+                .as_mut()
+                .ok_or_else(|| JsError::new("call setData before exportAdapter"))?;
+            trainer.sync_async().await.map_err(js_error)?;
+            let (weights, config) =
+                crate::train::peft_files(&trainer.adapter, &label).map_err(js_error)?;
+            let out = js_sys::Object::new();
+            js_sys::Reflect::set(
+                &out,
+                &"adapter_model.safetensors".into(),
+                &js_sys::Uint8Array::from(weights.as_slice()),
+            )?;
+            js_sys::Reflect::set(&out, &"adapter_config.json".into(), &config.into())?;
+            Ok(out.into())
+        })
+    }
+}

@@ -1,0 +1,122 @@
+// The page: loads nibble's wasm package, then trains with await between steps so the page stays
+// responsive (WebGPU read-backs are asynchronous; the CPU executor yields to the event loop each step).
+import init, { demoData, openSession } from "./pkg/nibble.js";
+
+
+const $ = (id) => document.getElementById(id);
+// What tests (web/test.mjs) and curious users read: the state of the page.
+const state = (window.nibble = { ready: false, backend: null, losses: [], tokensPerS: [], finished: false, answers: [], error: null });
+let session = null;
+let stopRequested = false;
+
+
+function fail(e) {
+  state.error = String(e && e.message ? e.message : e);
+  $("status").textContent = "error: " + state.error;
+  console.error(state.error);
+}
+
+async function readFolder() {
+  const files = [...$("folder").files];
+  if (files.length === 0) throw new Error("pick a model folder first");
+  return Promise.all(files.map(async (f) => [f.name, new Uint8Array(await f.arrayBuffer())]));
+}
+
+async function load() {
+  state.ready = false;
+  $("train").disabled = $("ask").disabled = $("download").disabled = true;
+  $("backend").textContent = "loading…";
+  const useFolder = document.querySelector('input[name="model"]:checked').value === "folder";
+  session = await openSession(useFolder ? await readFolder() : null, $("device").value);
+  state.backend = session.backend();
+  $("backend").textContent = state.backend;
+  const info = JSON.parse(session.describe());
+  $("model-info").textContent = `${info.model}: ${info.architecture}, ${info.layers} layers, ` +
+    `${info.parameters.toLocaleString()} parameters`;
+  state.ready = true;
+  $("train").disabled = $("ask").disabled = false;
+}
+
+function options() {
+  const num = (id) => Number($(id).value);
+  const o = {
+    lora_r: num("lora-r"), lora_alpha: num("lora-alpha"), lora_dropout: num("lora-dropout"), lr: num("lr"),
+    epochs: num("epochs"), grad_accum: num("grad-accum"), schedule: $("schedule").value,
+  };
+  if ($("max-steps").value !== "") o.max_steps = num("max-steps");
+  return o;
+}
+
+function drawChart() {
+  const c = $("chart"), g = c.getContext("2d"), l = state.losses;
+  g.clearRect(0, 0, c.width, c.height);
+  g.fillStyle = "#666";
+  g.font = "12px sans-serif";
+  if (l.length === 0) return;
+  const max = Math.max(...l), min = Math.min(...l, 0);
+  const x = (i) => 40 + (i / Math.max(1, l.length - 1)) * (c.width - 50);
+  const y = (v) => 10 + (1 - (v - min) / (max - min || 1)) * (c.height - 30);
+  g.fillText(max.toFixed(2), 2, 14);
+  g.fillText(min.toFixed(2), 2, c.height - 20);
+  g.fillText("loss per step", c.width / 2 - 30, c.height - 4);
+  g.strokeStyle = "#2563eb";
+  g.beginPath();
+  l.forEach((v, i) => (i ? g.lineTo(x(i), y(v)) : g.moveTo(x(i), y(v))));
+  g.stroke();
+}
+
+async function train() {
+  $("train").disabled = $("ask").disabled = true;
+  $("stop").disabled = false;
+  stopRequested = false;
+  state.finished = false;
+  state.losses = [];
+  state.tokensPerS = [];
+  const summary = JSON.parse(session.setData($("data").value, JSON.stringify(options())));
+  while (!stopRequested && !session.done()) {
+    const r = JSON.parse(await session.step());
+    state.losses.push(r.loss);
+    state.tokensPerS.push(r.tokens_per_s);
+    $("status").textContent = `step ${r.step}/${summary.total_steps} · loss ${r.loss.toFixed(4)} · ` +
+      `${r.tokens_per_s.toFixed(0)} tokens/s on ${state.backend}`;
+    drawChart();
+    await new Promise((resolve) => setTimeout(resolve, 0));
+  }
+  state.finished = true;
+  $("stop").disabled = true;
+  $("train").disabled = $("ask").disabled = $("download").disabled = false;
+}
+
+async function ask() {
+  $("ask").disabled = true;
+  const prompt = $("prompt").value;
+  const answer = await session.generate(prompt, 48);
+  const when = state.losses.length ? `after ${state.losses.length} steps` : "before training";
+  state.answers.push({ prompt, answer, when });
+  $("answers").textContent += `[${when}] ${prompt}\n→ ${JSON.stringify(answer)}\n`;
+  $("ask").disabled = false;
+}
+
+async function download() {
+  const files = await session.exportAdapter();
+  state.adapterConfig = files["adapter_config.json"];
+  state.adapterBytes = files["adapter_model.safetensors"].length;
+  $("adapter").textContent = state.adapterConfig;
+  for (const [name, type] of [["adapter_model.safetensors", "application/octet-stream"], ["adapter_config.json", "application/json"]]) {
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([files[name]], { type }));
+    a.download = name;
+    a.click();
+  }
+}
+
+const guard = (f) => () => f().catch(fail);
+$("load").onclick = guard(load);
+$("train").onclick = guard(train);
+$("stop").onclick = () => { stopRequested = true; };
+$("ask").onclick = guard(ask);
+$("download").onclick = guard(download);
+
+await init();
+$("data").value = demoData();
+await load().catch(fail);
