@@ -159,6 +159,9 @@ struct TrainArgs {
     lr_scheduler: Option<String>,
     #[arg(long)]
     warmup_steps: Option<usize>,
+    /// Warmup as a fraction of all steps (used when --warmup-steps is not given).
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
     #[arg(long)]
     weight_decay: Option<f64>,
     #[arg(long)]
@@ -188,9 +191,22 @@ struct TrainArgs {
     seed: Option<u64>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     no_shuffle: Option<bool>,
-    /// all, or completion (only the completion of prompt/completion rows); default as TRL.
+    /// all, assistant (the assistant turns of conversations) or completion (the completion of
+    /// prompt/completion rows); the default is TRL's: all tokens, or the completion for prompt/completion rows.
     #[arg(long)]
     loss_on: Option<String>,
+    /// Start from this PEFT adapter folder (its r, alpha and target modules apply).
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// A held-out JSONL file for validation loss.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Hold out this fraction of --data (chosen with --seed) for validation loss instead.
+    #[arg(long)]
+    eval_split: Option<f64>,
+    /// Evaluate every N optimizer steps (default: at the end of each epoch and of the run).
+    #[arg(long)]
+    eval_steps: Option<usize>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
     /// Replace a finished run in the output folder.
@@ -227,6 +243,7 @@ impl TrainArgs {
             lr,
             lr_scheduler,
             warmup_steps,
+            warmup_ratio,
             weight_decay,
             max_grad_norm,
             epochs,
@@ -242,6 +259,10 @@ impl TrainArgs {
             seed,
             no_shuffle,
             loss_on,
+            init_adapter,
+            eval_data,
+            eval_split,
+            eval_steps,
             gradient_checkpointing,
             overwrite,
             save_steps,
@@ -681,6 +702,7 @@ fn train_command(cli: TrainArgs) -> Result<()> {
             format!("unknown --lr-scheduler `{schedule}` (constant, linear or cosine)")
         })?,
         warmup_steps: a.warmup_steps.unwrap_or(0),
+        warmup_ratio: a.warmup_ratio.unwrap_or(0.0),
         epochs: a.epochs.unwrap_or(1),
         max_steps: a.max_steps,
         batch_size: a.batch_size.unwrap_or(1),
@@ -692,16 +714,32 @@ fn train_command(cli: TrainArgs) -> Result<()> {
             None => nibble::train::LossOn::Default,
             Some("all") => nibble::train::LossOn::All,
             Some("completion") => nibble::train::LossOn::Completion,
-            Some(other) => bail!("unknown --loss-on `{other}` (all or completion)"),
+            Some("assistant") => nibble::train::LossOn::Assistant,
+            Some(other) => bail!("unknown --loss-on `{other}` (all, assistant or completion)"),
         },
         checkpoint: a.gradient_checkpointing.unwrap_or(false),
         precision: exec.cpu_precision(),
     };
     log::info!("training configuration: {config:?}");
+    if a.eval_data.is_some() && a.eval_split.is_some() {
+        bail!("give --eval-data or --eval-split, not both");
+    }
+    if let Some(f) = a.eval_split
+        && !(f > 0.0 && f < 1.0)
+    {
+        bail!("--eval-split must lie strictly between 0 and 1 (got {f})");
+    }
+    if !(0.0..1.0).contains(&config.warmup_ratio) {
+        bail!("--warmup-ratio must lie in [0, 1)");
+    }
     let run = RunOptions {
         overwrite: a.overwrite.unwrap_or(false),
         save_steps: a.save_steps.unwrap_or(0),
         resume: a.resume,
+        init_adapter: a.init_adapter,
+        eval_data: a.eval_data,
+        eval_split: a.eval_split,
+        eval_steps: a.eval_steps.unwrap_or(0),
     };
     train(&model, &data, &output, quant, exec, config, &run).map(|_| ())
 }
@@ -710,6 +748,11 @@ struct RunOptions {
     overwrite: bool,
     save_steps: usize,
     resume: Option<PathBuf>,
+    init_adapter: Option<PathBuf>,
+    eval_data: Option<PathBuf>,
+    eval_split: Option<f64>,
+    /// 0: at the end of each epoch and of the run.
+    eval_steps: usize,
 }
 
 /// Keeps the metrics of steps up to `step` (complete lines only: a killed run may leave half a line).
@@ -741,28 +784,43 @@ fn train(
             output.display()
         );
     }
-    let examples = nibble::data::read_jsonl(data)?;
     let source = model::open(path)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
-    let model = source.load(quant.request()?)?;
-    let mut sequences = Vec::with_capacity(examples.len());
-    let mut cut = 0;
-    for (i, ex) in examples.iter().enumerate() {
-        let (seq, c) = nibble::train::tokenize(&tok, ex, config.loss_on, config.max_length)
-            .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
-        cut += usize::from(c > 0);
-        sequences.push(seq);
-    }
-    if cut > 0 {
-        log::warn!(
-            "{cut} examples were longer than --max-length {} and were cut (the start is kept)",
-            config.max_length
+    let mut sequences = tokenize_file(&tok, data, &config)?;
+    let mut eval_sequences = match &run.eval_data {
+        Some(file) => tokenize_file(&tok, file, &config)?,
+        None => Vec::new(),
+    };
+    if let Some(fraction) = run.eval_split {
+        eval_sequences = hold_out(&mut sequences, fraction, config.seed)?;
+        log::info!(
+            "holding out {} of {} examples for validation",
+            eval_sequences.len(),
+            eval_sequences.len() + sequences.len()
         );
     }
+    let model = source.load(quant.request()?)?;
+    let mut config = config;
+    let init = match &run.init_adapter {
+        Some(dir) => {
+            let mut adapter = nibble::lora::LoraAdapter::load_peft(
+                &nibble::source::ModelFiles::Dir(dir.clone()),
+                &model.config,
+            )
+            .with_context(|| format!("--init-adapter {}", dir.display()))?;
+            // The adapter's r, alpha and targets apply; dropout is a training option.
+            adapter.config.dropout = config.lora.dropout;
+            config.lora = adapter.config.clone();
+            Some(adapter)
+        }
+        None => None,
+    };
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let metrics_path = output.join("metrics.jsonl");
     let gpu = exec.open()?;
-    let mut trainer = nibble::train::Trainer::new(&model, config, sequences, None)?;
+    let per_step = config.batch_size * config.grad_accum;
+    let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
+    let mut trainer = nibble::train::Trainer::new(&model, config, sequences, init)?;
     if let Some(dir) = &run.resume {
         let checkpoint = nibble::train::newest_checkpoint(dir)?.with_context(|| {
             format!(
@@ -796,33 +854,160 @@ fn train(
         "training {} LoRA parameters for {} steps on {} examples ({executor})",
         trainer.adapter.parameter_count(),
         trainer.total_steps,
-        examples.len(),
+        trainer.examples(),
     );
+    let progress = Progress::new(trainer.step, trainer.total_steps);
     let (mut first, mut last) = (None, 0.0);
     while !trainer.done() {
-        let record = trainer.step()?;
+        let record = trainer.step().map_err(|e| {
+            let kept = nibble::train::newest_checkpoint(output).ok().flatten();
+            let hint = match kept {
+                Some(c) => format!(
+                    "the last good checkpoint is {}; resume with --resume {}",
+                    c.display(),
+                    output.display()
+                ),
+                None => "no checkpoint was written (see --save-steps)".to_string(),
+            };
+            anyhow::anyhow!("{e}; no adapter was saved; {hint}")
+        })?;
         use std::io::Write;
         writeln!(metrics, "{}", record.to_json())
             .with_context(|| format!("writing {}", metrics_path.display()))?;
-        log::info!(
-            "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tokens/s",
-            record.step,
-            trainer.total_steps,
-            record.loss,
-            record.lr,
-            record.grad_norm,
-            record.tokens_per_s
-        );
+        progress.step(&record);
         first.get_or_insert(record.loss);
         last = record.loss;
+        let eval_due = if run.eval_steps > 0 {
+            record.step % run.eval_steps == 0
+        } else {
+            record.step % steps_per_epoch == 0
+        };
+        if !eval_sequences.is_empty() && (eval_due || trainer.done()) {
+            let (loss_sum, tokens) = trainer.evaluate(&eval_sequences)?;
+            let loss = loss_sum / tokens.max(1) as f64;
+            let line = json!({"step": record.step, "epoch": record.epoch, "eval_loss": loss,
+                              "eval_perplexity": loss.exp(), "eval_tokens": tokens});
+            writeln!(metrics, "{line}")
+                .with_context(|| format!("writing {}", metrics_path.display()))?;
+            progress.note(&format!("step {}: validation loss {loss:.4}", record.step));
+        }
         if run.save_steps > 0 && record.step % run.save_steps == 0 {
             trainer.save_checkpoint(output, source.label())?;
         }
     }
+    progress.finish();
     trainer.sync()?;
     nibble::train::save_peft(&trainer.adapter, output, source.label())?;
     eprintln!("saved the adapter to {}", output.display());
     Ok((first.unwrap_or(last), last))
+}
+
+/// Reads and tokenizes a JSONL file; errors name the file and example.
+fn tokenize_file(
+    tok: &ChatTokenizer,
+    file: &Path,
+    config: &nibble::train::TrainConfig,
+) -> Result<Vec<nibble::cpu::Sequence>> {
+    let examples = nibble::data::read_jsonl(file)?;
+    let mut sequences = Vec::with_capacity(examples.len());
+    let mut cut = 0;
+    for (i, ex) in examples.iter().enumerate() {
+        let (seq, c) = nibble::train::tokenize(tok, ex, config.loss_on, config.max_length)
+            .with_context(|| format!("{}: example {}", file.display(), i + 1))?;
+        cut += usize::from(c > 0);
+        sequences.push(seq);
+    }
+    if cut > 0 {
+        log::warn!(
+            "{}: {cut} examples were longer than --max-length {} and were cut (the start is kept)",
+            file.display(),
+            config.max_length
+        );
+    }
+    Ok(sequences)
+}
+
+/// Moves a seeded random `fraction` of `sequences` (at least one, leaving at least one) into the
+/// returned validation set.
+fn hold_out(
+    sequences: &mut Vec<nibble::cpu::Sequence>,
+    fraction: f64,
+    seed: u64,
+) -> Result<Vec<nibble::cpu::Sequence>> {
+    let n = sequences.len();
+    let held = ((fraction * n as f64).round() as usize).max(1);
+    if held >= n {
+        bail!("--eval-split {fraction} leaves no training examples out of {n}");
+    }
+    let mut rng = nibble::rng::Rng::new(seed ^ 0xE7A1_5E7);
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut chosen = order[..held].to_vec();
+    // Removing from the back keeps the remaining indices valid.
+    chosen.sort_unstable_by(|a, b| b.cmp(a));
+    let mut eval: Vec<_> = chosen.iter().map(|&i| sequences.remove(i)).collect();
+    eval.reverse();
+    Ok(eval)
+}
+
+/// Training progress: a bar with step, loss, tokens/s and ETA on a terminal, plain log lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+}
+
+impl Progress {
+    fn new(done: usize, total: usize) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            bar.set_position(done as u64);
+            bar
+        });
+        Progress { bar, total }
+    }
+
+    fn step(&self, r: &nibble::train::StepRecord) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(format!(
+                    "loss {:.4}  {:.0} tokens/s",
+                    r.loss, r.tokens_per_s
+                ));
+                bar.set_position(r.step as u64);
+            }
+            None => log::info!(
+                "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tokens/s",
+                r.step,
+                self.total,
+                r.loss,
+                r.lr,
+                r.grad_norm,
+                r.tokens_per_s
+            ),
+        }
+    }
+
+    fn note(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => log::info!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
 }
 
 fn parse_targets(list: &str) -> Result<Vec<LinearKind>> {

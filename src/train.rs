@@ -15,7 +15,7 @@ use crate::model::Model;
 use crate::ops::Precision;
 use crate::ops::adamw::{self, AdamWParams};
 use crate::rng::Rng;
-use crate::tokenizer::ChatTokenizer;
+use crate::tokenizer::{ChatTokenizer, Message};
 use serde_json::json;
 use std::path::Path;
 #[cfg(not(target_arch = "wasm32"))]
@@ -63,6 +63,8 @@ pub enum LossOn {
     Default,
     All,
     Completion,
+    /// The assistant turns of conversational rows.
+    Assistant,
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +75,8 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub schedule: Schedule,
     pub warmup_steps: usize,
+    /// Warmup as a fraction of all steps (rounded up, as transformers does); `warmup_steps` wins when set.
+    pub warmup_ratio: f64,
     pub epochs: usize,
     pub max_steps: Option<usize>,
     pub batch_size: usize,
@@ -94,6 +98,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             schedule: Schedule::Linear,
             warmup_steps: 0,
+            warmup_ratio: 0.0,
             epochs: 1,
             max_steps: None,
             batch_size: 1,
@@ -116,46 +121,96 @@ pub fn tokenize(
     max_length: usize,
 ) -> Result<(Sequence, usize)> {
     let text = crate::data::render(tok, example)?;
-    // The prompt as it renders on its own, when only the completion may carry loss.
-    let prompt_text = match example {
-        Example::PromptCompletion {
-            prompt: Turns::Text(p),
-            ..
-        } => Some(p.clone()),
-        Example::PromptCompletion {
-            prompt: Turns::Messages(p),
-            ..
-        } => Some(tok.apply_chat_template(p, true)?),
-        _ => None,
-    };
     let mut ids = tok.encode(&text)?;
-    let prompt_len = match (&prompt_text, loss_on) {
-        (Some(p), LossOn::Default | LossOn::Completion) => {
-            let p_ids = tok.encode(p)?;
-            if !ids.starts_with(&p_ids) {
-                return Err(Error::Invalid(
-                    "the prompt does not tokenize to a prefix of prompt + completion; cannot tell completion tokens apart".into(),
-                ));
-            }
-            p_ids.len()
+    // Token ranges that carry loss; None: every token.
+    let spans: Option<Vec<(usize, usize)>> = match (example, loss_on) {
+        (Example::PromptCompletion { prompt, .. }, LossOn::Default | LossOn::Completion) => {
+            let prompt_text = match prompt {
+                Turns::Text(p) => p.clone(),
+                Turns::Messages(p) => tok.apply_chat_template(p, true)?,
+            };
+            let start = prefix_tokens(tok, &prompt_text, &ids, "the prompt")?;
+            Some(vec![(start, ids.len())])
         }
-        (None, LossOn::Completion) => {
+        (_, LossOn::Completion) => {
             return Err(Error::Invalid(
                 "--loss-on completion needs prompt/completion rows".into(),
             ));
         }
-        _ => 0,
+        (Example::Messages(m), LossOn::Assistant) => Some(assistant_spans(tok, m, &ids)?),
+        (
+            Example::PromptCompletion {
+                prompt: Turns::Messages(p),
+                completion: Turns::Messages(c),
+            },
+            LossOn::Assistant,
+        ) => {
+            let all: Vec<Message> = p.iter().chain(c).cloned().collect();
+            Some(assistant_spans(tok, &all, &ids)?)
+        }
+        (_, LossOn::Assistant) => {
+            return Err(Error::Invalid(
+                "--loss-on assistant needs conversational rows (messages)".into(),
+            ));
+        }
+        _ => None,
     };
     let cut = ids.len().saturating_sub(max_length);
     ids.truncate(max_length);
     let mut seq = Sequence::all_tokens(ids);
-    // Position t predicts token t + 1, which carries loss when it is not part of the prompt.
-    for (t, target) in seq.targets.iter_mut().enumerate() {
-        if t + 1 < prompt_len {
-            *target = None;
+    if let Some(spans) = spans {
+        // Position t predicts token t + 1, which carries loss when it lies in a span.
+        for (t, target) in seq.targets.iter_mut().enumerate() {
+            if !spans.iter().any(|&(a, b)| (a..b).contains(&(t + 1))) {
+                *target = None;
+            }
         }
     }
     Ok((seq, cut))
+}
+
+/// How many tokens of `ids` the text `prefix` accounts for; an error when it does not tokenize to a
+/// prefix of them (then loss masking cannot tell the parts apart).
+fn prefix_tokens(tok: &ChatTokenizer, prefix: &str, ids: &[u32], what: &str) -> Result<usize> {
+    let p = tok.encode(prefix)?;
+    if !ids.starts_with(&p) {
+        return Err(Error::Invalid(format!(
+            "{what} does not tokenize to a prefix of the whole example; cannot tell which tokens carry loss"
+        )));
+    }
+    Ok(p.len())
+}
+
+/// The token ranges of the assistant turns: each from the end of the conversation rendered up to that
+/// turn with the generation prompt, to the end of it rendered through the turn (its end-of-turn token
+/// included). Works with any template that renders earlier turns the same way as the whole conversation.
+fn assistant_spans(
+    tok: &ChatTokenizer,
+    messages: &[Message],
+    ids: &[u32],
+) -> Result<Vec<(usize, usize)>> {
+    let mut spans = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let what = format!("the conversation before assistant turn {}", i + 1);
+        let start = prefix_tokens(
+            tok,
+            &tok.apply_chat_template(&messages[..i], true)?,
+            ids,
+            &what,
+        )?;
+        let what = format!("the conversation through assistant turn {}", i + 1);
+        let end = prefix_tokens(
+            tok,
+            &tok.apply_chat_template(&messages[..=i], false)?,
+            ids,
+            &what,
+        )?;
+        spans.push((start, end));
+    }
+    Ok(spans)
 }
 
 /// One optimizer step's record, as written to metrics.jsonl.
@@ -276,6 +331,55 @@ impl<'a> Trainer<'a> {
         self.step >= self.total_steps
     }
 
+    /// How many training examples there are.
+    pub fn examples(&self) -> usize {
+        self.sequences.len()
+    }
+
+    pub fn warmup_steps(&self) -> usize {
+        if self.config.warmup_steps > 0 {
+            self.config.warmup_steps
+        } else {
+            (self.config.warmup_ratio * self.total_steps as f64).ceil() as usize
+        }
+    }
+
+    /// Σ token cross-entropy and the label-token count of `sequences` with the current adapters, on the
+    /// trainer's executor, without dropout (validation loss).
+    pub async fn evaluate_async(&mut self, sequences: &[Sequence]) -> Result<(f64, usize)> {
+        let (mut loss_sum, mut targets) = (0.0, 0);
+        for seq in sequences {
+            let loss = match &self.gpu {
+                Some((gpu, state)) => state.evaluate(gpu, seq).await?,
+                None => cpu::forward_backward_with(
+                    self.model,
+                    Some(&self.adapter),
+                    None,
+                    seq,
+                    StepOptions {
+                        grad_scale: 1.0,
+                        checkpoint: false,
+                        precision: self.config.precision,
+                    },
+                    None,
+                )?,
+            };
+            loss_sum += loss.loss_sum;
+            targets += loss.targets;
+        }
+        Ok((loss_sum, targets))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn evaluate(&mut self, sequences: &[Sequence]) -> Result<(f64, usize)> {
+        pollster::block_on(self.evaluate_async(sequences))
+    }
+
+    /// The fractional epoch reached so far.
+    pub fn epoch(&self) -> f64 {
+        self.epoch as f64 + self.position as f64 / self.order.len() as f64
+    }
+
     /// Moves training to the GPU executor: uploads the model, the adapters and the moments.
     pub fn use_gpu(&mut self, gpu: &'a Gpu) -> Result<()> {
         self.sync()?;
@@ -339,7 +443,7 @@ impl<'a> Trainer<'a> {
             * self
                 .config
                 .schedule
-                .factor(self.step, self.config.warmup_steps, self.total_steps);
+                .factor(self.step, self.warmup_steps(), self.total_steps);
         let weight_decay = self.config.weight_decay;
         let adamw_at = move |step: usize, clip: f64| {
             AdamWParams::new(lr, 0.9, 0.999, 1e-8, weight_decay, step as u64, clip)
@@ -382,10 +486,9 @@ impl<'a> Trainer<'a> {
         }
         self.step += 1;
         let elapsed = start.elapsed().as_secs_f64();
-        let epoch = self.epoch as f64 + self.position as f64 / self.order.len() as f64;
         Ok(StepRecord {
             step: self.step,
-            epoch,
+            epoch: self.epoch(),
             loss,
             lr,
             grad_norm,

@@ -1127,22 +1127,33 @@ pub fn forward_backward(
     seq: &Sequence,
     grad_scale: f32,
 ) -> Result<StepLoss> {
+    pollster::block_on(forward_backward_async(
+        gpu, model, lora, grads, seq, grad_scale,
+    ))
+}
+
+pub async fn forward_backward_async(
+    gpu: &Gpu,
+    model: &GpuModel,
+    lora: Option<&GpuLora>,
+    grads: Option<&GpuLora>,
+    seq: &Sequence,
+    grad_scale: f32,
+) -> Result<StepLoss> {
     let options = SequenceOptions {
         grad_scale,
         ..SequenceOptions::default()
     };
-    pollster::block_on(async {
-        let mut enc = gpu.encoder();
-        let result = record_sequence(gpu, model, lora, grads, seq, options, &mut enc)?;
-        let Some(result) = result else {
-            return Ok(StepLoss {
-                loss_sum: 0.0,
-                targets: 0,
-            });
-        };
-        let values = gpu.submit_and_read_async(enc, &[&result]).await?;
-        Ok(sequence_loss(&values[0]))
-    })
+    let mut enc = gpu.encoder();
+    let result = record_sequence(gpu, model, lora, grads, seq, options, &mut enc)?;
+    let Some(result) = result else {
+        return Ok(StepLoss {
+            loss_sum: 0.0,
+            targets: 0,
+        });
+    };
+    let values = gpu.submit_and_read_async(enc, &[&result]).await?;
+    Ok(sequence_loss(&values[0]))
 }
 
 /// How one sequence's step is recorded.

@@ -5,7 +5,7 @@
 
 use super::step::{GpuLora, GpuModel, SequenceOptions, record_sequence, sequence_loss};
 use super::{Gpu, GpuBuffer, groups_1d};
-use crate::cpu::Sequence;
+use crate::cpu::{Sequence, StepLoss};
 use crate::error::Result;
 use crate::lora::LoraAdapter;
 use crate::model::Model;
@@ -137,6 +137,12 @@ impl GpuTrainState {
             loss_sums,
             grad_norm: values[values.len() - 1][0] as f64,
         })
+    }
+
+    /// The loss of one sequence with the current adapters (no dropout, no gradients).
+    pub async fn evaluate(&self, gpu: &Gpu, seq: &Sequence) -> Result<StepLoss> {
+        super::step::forward_backward_async(gpu, &self.model, Some(&self.params), None, seq, 1.0)
+            .await
     }
 
     /// Downloads the adapters and AdamW's moments into `adapter`, `m` and `v`.

@@ -1,0 +1,284 @@
+//! `nibble train` options beyond the basic loop: assistant-only loss, validation data, warmup ratio,
+//! starting from an existing adapter, and stopping on a non-finite loss.
+
+use nibble::config::Arch;
+use nibble::data::Example;
+use nibble::model::ModelSource;
+use nibble::synth::{self, SynthSpec};
+use nibble::tokenizer::{ChatTokenizer, Message};
+use nibble::train::{self, LossOn, Schedule, TrainConfig, Trainer};
+use std::path::Path;
+use std::process::Command;
+
+/// A tiny model with the byte-level tokenizer (vocabulary 259): fast, and any text tokenizes.
+fn byte_model(dir: &Path) {
+    synth::write_model_folder(
+        dir,
+        &SynthSpec::tiny(Arch::Qwen2, 259),
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
+}
+
+fn chats(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": format!("Question {i}?")},
+                {"role": "assistant", "content": format!("Answer {}.", i * 7)},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+fn nibble(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// `nibble train` on the CPU with the given model, data and output, and more flags.
+fn train_cli(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    nibble(&args)
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn assistant_loss_covers_exactly_the_assistant_turns() {
+    let tok = ChatTokenizer::from_files(&synth::qwen25_tokenizer(), Path::new("qwen")).unwrap();
+    let conversation = vec![
+        Message::new("system", "You are terse."),
+        Message::new("user", "Hi there"),
+        Message::new("assistant", "Hello!"),
+        Message::new("user", "How are you?"),
+        Message::new("assistant", "Fine, thanks."),
+    ];
+    let (seq, _) = train::tokenize(
+        &tok,
+        &Example::Messages(conversation.clone()),
+        LossOn::Assistant,
+        4096,
+    )
+    .unwrap();
+    // Group the labelled tokens into runs and decode each.
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut previous = false;
+    for (t, target) in seq.targets.iter().enumerate() {
+        if let Some(id) = target {
+            assert_eq!(*id, seq.ids[t + 1]);
+            if !previous {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().unwrap().push(*id);
+        }
+        previous = target.is_some();
+    }
+    let text: Vec<String> = runs.iter().map(|r| tok.decode(r).unwrap()).collect();
+    assert_eq!(text, ["Hello!<|im_end|>\n", "Fine, thanks.<|im_end|>\n"]);
+    // Text rows have no assistant turns to find.
+    let err =
+        train::tokenize(&tok, &Example::Text("plain".into()), LossOn::Assistant, 64).unwrap_err();
+    assert!(err.to_string().contains("conversational"), "{err}");
+}
+
+#[test]
+fn warmup_ratio_rounds_up_as_transformers_does() {
+    let dir = tempfile::tempdir().unwrap();
+    byte_model(dir.path());
+    let source = ModelSource::open(dir.path()).unwrap();
+    let tok = ChatTokenizer::from_files(&source.tokenizer, dir.path()).unwrap();
+    let model = source.load(None).unwrap();
+    let sequences = nibble::data::parse_jsonl(&chats(10), "chats")
+        .unwrap()
+        .iter()
+        .map(|e| train::tokenize(&tok, e, LossOn::Default, 256).unwrap().0)
+        .collect();
+    let config = TrainConfig {
+        lr: 1e-3,
+        schedule: Schedule::Linear,
+        warmup_ratio: 0.25,
+        max_steps: Some(10),
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&model, config, sequences, None).unwrap();
+    assert_eq!(trainer.warmup_steps(), 3, "ceil(0.25 · 10)");
+    let lrs: Vec<f64> = (0..4).map(|_| trainer.step().unwrap().lr).collect();
+    let expected = [0.0, 1e-3 / 3.0, 2e-3 / 3.0, 1e-3];
+    for (got, want) in lrs.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-12, "{lrs:?}");
+    }
+}
+
+#[test]
+fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(10)).unwrap();
+    let first = dir.path().join("first");
+    let o = train_cli(
+        &model,
+        &data,
+        &first,
+        &[
+            "--max-steps",
+            "4",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--eval-split",
+            "0.2",
+            "--eval-steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--loss-on",
+            "assistant",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = metrics(&first);
+    let evals: Vec<&serde_json::Value> =
+        m.iter().filter(|v| v.get("eval_loss").is_some()).collect();
+    assert_eq!(evals.len(), 2, "evaluations at steps 2 and 4: {m:?}");
+    assert_eq!(evals[1]["step"], 4);
+    assert_eq!(evals[0]["eval_tokens"], evals[1]["eval_tokens"]);
+    let steps = m.iter().filter(|v| v.get("loss").is_some()).count();
+    assert_eq!(steps, 4);
+    // The validation loss of the final adapter is what `nibble eval` would report on those examples
+    // with assistant-only labels; here: it is finite and changed while training at lr 1e-2.
+    let (a, b) = (
+        evals[0]["eval_loss"].as_f64().unwrap(),
+        evals[1]["eval_loss"].as_f64().unwrap(),
+    );
+    assert!(a.is_finite() && b.is_finite() && a != b, "{a} {b}");
+
+    // Starting from that adapter with lr 0 keeps it exactly, with its own r, alpha and targets.
+    let second = dir.path().join("second");
+    let o = train_cli(
+        &model,
+        &data,
+        &second,
+        &[
+            "--max-steps",
+            "2",
+            "--lora-r",
+            "16",
+            "--lr",
+            "0",
+            "--init-adapter",
+            first.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(second.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 8.0);
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    assert_eq!(
+        std::fs::read(first.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(second.join("adapter_model.safetensors")).unwrap(),
+        "lr 0 must leave the initial adapter unchanged"
+    );
+
+    // An adapter whose shapes do not fit the model is refused, naming it.
+    let other = dir.path().join("other");
+    let mut wider = SynthSpec::tiny(Arch::Qwen2, 259);
+    wider.hidden_size = 128;
+    synth::write_model_folder(&other, &wider, Some(&synth::byte_tokenizer())).unwrap();
+    let o = train_cli(
+        &other,
+        &data,
+        &dir.path().join("third"),
+        &[
+            "--max-steps",
+            "1",
+            "--init-adapter",
+            first.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--init-adapter") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    let out = dir.path().join("run");
+    // An absurd learning rate sends the weights to infinity after the first update.
+    let o = train_cli(
+        &model,
+        &data,
+        &out,
+        &[
+            "--max-steps",
+            "4",
+            "--lr",
+            "1e38",
+            "--save-steps",
+            "1",
+            "--lr-scheduler",
+            "constant",
+            "--max-grad-norm",
+            "0",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("at step 2") && err.contains("checkpoint-1"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.join("checkpoint-1")
+            .join("adapter_model.safetensors")
+            .is_file()
+    );
+    assert!(!out.join("checkpoint-2").exists());
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "no adapter from a diverged run"
+    );
+}
