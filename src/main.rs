@@ -367,6 +367,10 @@ enum Command {
         shards: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// qwen2.5 (the bundled Qwen2.5 tokenizer, vocabulary 151,936) or byte (256 byte tokens and Qwen's
+        /// three special tokens with Qwen2.5's chat template; vocabulary 259, for very small models).
+        #[arg(long, default_value = "qwen2.5")]
+        tokenizer: String,
     },
     /// Build a small random model with the bundled Qwen2.5 tokenizer and run it through nibble (no download).
     Demo {
@@ -421,7 +425,8 @@ fn main() {
             spelling,
             shards,
             seed,
-        } => synth_model(&preset, &output, &spelling, shards, seed),
+            tokenizer,
+        } => synth_model(&preset, &output, &spelling, shards, seed, &tokenizer),
     };
     if let Err(e) = result {
         eprintln!("nibble: error: {e:#}");
@@ -720,7 +725,6 @@ fn train_command(cli: TrainArgs) -> Result<()> {
         checkpoint: a.gradient_checkpointing.unwrap_or(false),
         precision: exec.cpu_precision(),
     };
-    log::info!("training configuration: {config:?}");
     if a.eval_data.is_some() && a.eval_split.is_some() {
         bail!("give --eval-data or --eval-split, not both");
     }
@@ -815,6 +819,7 @@ fn train(
         }
         None => None,
     };
+    log::info!("training configuration: {config:?}");
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let metrics_path = output.join("metrics.jsonl");
     let gpu = exec.open()?;
@@ -1083,14 +1088,22 @@ fn synth_model(
     spelling: &str,
     shards: usize,
     seed: u64,
+    tokenizer: &str,
 ) -> Result<()> {
     use nibble::config::Arch;
-    let vocab = 151936;
+    let (tokenizer, vocab) = match tokenizer {
+        "qwen2.5" => (synth::qwen25_tokenizer(), 151936),
+        "byte" => (synth::byte_tokenizer(), synth::BYTE_VOCAB),
+        other => bail!("unknown tokenizer `{other}` (qwen2.5 or byte)"),
+    };
     let mut spec = match preset {
         "tiny-qwen2" => SynthSpec::tiny(Arch::Qwen2, vocab),
         "tiny-qwen3" => SynthSpec::tiny(Arch::Qwen3, vocab),
         "tiny-llama" => SynthSpec::tiny(Arch::Llama, vocab),
-        "qwen2.5-0.5b" => SynthSpec::qwen25_05b(),
+        "qwen2.5-0.5b" if vocab == 151936 => SynthSpec::qwen25_05b(),
+        "qwen2.5-0.5b" => {
+            bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")
+        }
         other => {
             bail!("unknown preset `{other}` (tiny-qwen2, tiny-qwen3, tiny-llama, qwen2.5-0.5b)")
         }
@@ -1105,7 +1118,7 @@ fn synth_model(
     if output.exists() && std::fs::read_dir(output)?.next().is_some() {
         bail!("{} exists and is not empty", output.display());
     }
-    synth::write_model_folder(output, &spec, Some(&synth::qwen25_tokenizer()))?;
+    synth::write_model_folder(output, &spec, Some(&tokenizer))?;
     eprintln!(
         "wrote a random {preset} model ({} parameters) to {}",
         group_digits(spec.config().parameter_count()),

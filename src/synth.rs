@@ -120,8 +120,8 @@ impl SynthSpec {
             "hidden_act": "silu",
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_dropout": 0.0,
-            "bos_token_id": 151643,
-            "eos_token_id": 151645,
+            "bos_token_id": self.special_token_ids().0,
+            "eos_token_id": self.special_token_ids().1,
         });
         let obj = c.as_object_mut().expect("object");
         if let Some(d) = self.head_dim {
@@ -161,6 +161,16 @@ impl SynthSpec {
     }
 
     /// The config as nibble parses it.
+    /// (bos, eos) ids in config.json: Qwen2.5's <|endoftext|> and <|im_end|>, which the byte tokenizer
+    /// numbers 256 and 258.
+    fn special_token_ids(&self) -> (usize, usize) {
+        if self.vocab_size == BYTE_VOCAB {
+            (256, 258)
+        } else {
+            (151643, 151645)
+        }
+    }
+
     pub fn config(&self) -> ModelConfig {
         ModelConfig::from_json_str(
             &self.config_json().to_string(),
@@ -282,7 +292,7 @@ pub fn model_files(spec: &SynthSpec, tokenizer: &TokenizerFiles, label: &str) ->
 /// The browser demo's built-in model: a random Qwen2-architecture model with the byte-level tokenizer
 /// (vocabulary 259) and Qwen2.5's chat template, small enough to train in a page.
 pub fn browser_model() -> ModelFiles {
-    let mut spec = SynthSpec::tiny(Arch::Qwen2, 259);
+    let mut spec = SynthSpec::tiny(Arch::Qwen2, BYTE_VOCAB);
     spec.hidden_size = 64;
     spec.intermediate_size = 192;
     spec.num_layers = 2;
@@ -302,6 +312,8 @@ fn byte_level_char(byte: u8) -> char {
 
 /// A byte-level tokenizer (256 byte tokens and Qwen's three special tokens, no merges) with Qwen2.5's
 /// chat template: tiny models for the browser and for fast tests keep a vocabulary of 259.
+pub const BYTE_VOCAB: usize = 259;
+
 pub fn byte_tokenizer() -> TokenizerFiles {
     let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
     let vocab: serde_json::Map<String, Value> = (0..=255u8)

@@ -1,0 +1,143 @@
+"""Writes tests/fixtures/hf_train/: three optimizer steps of LoRA training done by transformers + peft, for
+tests/train_parity.rs to compare `nibble train` against, and a check that PEFT loads nibble's adapter.
+
+The setup is the issue's parity recipe: a small random Qwen2 model (tied embeddings, q/k/v bias) made by
+`nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's chat template), NF4 with group 64
+emulated exactly (bitsandbytes quantize -> dequantize of the seven decoder linears), a PEFT LoRA adapter
+(r=4, alpha=8, all seven linears, random A and B), dropout 0, batch 1 with gradient accumulation 2, constant
+lr 1e-3, AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), clipping at global norm 1.0, the data in file
+order, and the loss of each optimizer step = Σ token cross-entropy over its examples / their label-token
+count (transformers' num_items_in_batch). Messages rows carry loss on every token, as TRL's default.
+
+Run from the repository root with a virtualenv holding torch, transformers, peft and bitsandbytes:
+    python scripts/make_train_fixtures.py
+"""
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+import torch.nn.functional as F
+import transformers
+import peft
+from bitsandbytes.functional import quantize_4bit, dequantize_4bit
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+OUT = "tests/fixtures/hf_train"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
+CHATS = [
+    ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),
+    (None, "Name a 4-bit format.", "NF4."),
+    ("You answer in French.", "Hello!", "Bonjour !"),
+    (None, "2+2?", "4, of course."),
+]
+
+
+def nibble(*args):
+    subprocess.run(["cargo", "run", "--release", "--quiet", "--", *args], check=True)
+
+
+def load_base(folder):
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if name.split(".")[-1] in TARGETS:
+                w = module.weight.data
+                packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+                module.weight.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape))
+    return base
+
+
+def save_adapter(pm, folder):
+    pm.save_pretrained(folder)
+    os.remove(os.path.join(folder, "README.md"))  # PEFT's model-card template: nothing of ours
+
+
+def main():
+    shutil.rmtree(OUT, ignore_errors=True)
+    os.makedirs(OUT)
+    model_dir = os.path.join(OUT, "model")
+    nibble("synth", "--preset", "tiny-qwen2", "--tokenizer", "byte", "--seed", "3", "--output", model_dir)
+    rows = []
+    for system, user, assistant in CHATS:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        rows.append({"messages": messages})
+    data = os.path.join(OUT, "data.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples = [torch.tensor(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False))
+                for r in rows]
+
+    torch.manual_seed(0)
+    pm = get_peft_model(load_base(model_dir), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    save_adapter(pm, os.path.join(OUT, "init_adapter"))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    losses, norms, cursor = [], [], 0
+    for _ in range(STEPS):
+        batch = []
+        for _ in range(ACCUM):
+            batch.append(examples[cursor % len(examples)])
+            cursor += 1
+        items = sum(len(ids) - 1 for ids in batch)
+        opt.zero_grad()
+        total = 0.0
+        for ids in batch:
+            logits = pm(input_ids=ids[None]).logits[0]
+            loss = F.cross_entropy(logits[:-1], ids[1:], reduction="sum") / items
+            loss.backward()
+            total += loss.item()
+        norms.append(torch.nn.utils.clip_grad_norm_(params, MAX_NORM).item())
+        opt.step()
+        losses.append(total)
+    save_adapter(pm, os.path.join(OUT, "expected_adapter"))
+
+    # PEFT must load nibble's adapter with no missing or unexpected keys; run the same recipe with nibble.
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = os.path.join(tmp, "run")
+        nibble("train", "--model", model_dir, "--data", data, "--output", ours, "--device", "cpu",
+               "--precision", "f32", "--quant", "nf4", "--group-size", "64",
+               "--init-adapter", os.path.join(OUT, "init_adapter"), "--lora-dropout", "0",
+               "--lr", str(LR), "--lr-scheduler", "constant", "--grad-accum", str(ACCUM),
+               "--max-steps", str(STEPS), "--no-shuffle", "--max-grad-norm", str(MAX_NORM))
+        loaded = PeftModel.from_pretrained(load_base(model_dir), os.path.join(OUT, "expected_adapter"))
+        result = loaded.load_adapter(ours, adapter_name="nibble")
+        lora_missing = [k for k in result.missing_keys if "lora_" in k]
+        assert not lora_missing and not result.unexpected_keys, (lora_missing, result.unexpected_keys)
+        ids = examples[0][None]
+        with torch.no_grad():
+            reference = loaded(input_ids=ids).logits
+            loaded.set_adapter("nibble")
+            theirs = loaded(input_ids=ids).logits
+        logits_diff = ((theirs - reference).norm() / reference.norm()).item()
+        with open(os.path.join(ours, "metrics.jsonl")) as f:
+            nibble_losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+    with open(os.path.join(OUT, "expected.json"), "w") as f:
+        json.dump({
+            "steps": STEPS, "grad_accum": ACCUM, "lr": LR, "max_grad_norm": MAX_NORM,
+            "losses": losses, "grad_norms": norms,
+            "peft_loads_nibble_adapter": {"missing_lora_keys": lora_missing,
+                                          "unexpected_keys": list(result.unexpected_keys),
+                                          "logits_relative_difference_vs_expected_adapter": logits_diff,
+                                          "nibble_losses": nibble_losses},
+            "transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
+        }, f, indent=1)
+    print("losses", losses, "grad norms", norms)
+    print("nibble losses", nibble_losses, "logits difference with nibble's adapter", logits_diff)
+
+
+if __name__ == "__main__":
+    main()
