@@ -271,7 +271,15 @@ impl<'a> Context<'a> {
         }
     }
 
-    fn layer_forward(&self, l: usize, layer: &Layer, x: Vec<f32>) -> (Vec<f32>, LayerSaved) {
+    /// With `cache` (decoding), the layer's new keys and values are appended to it and the queries attend
+    /// to every cached position.
+    fn layer_forward(
+        &self,
+        l: usize,
+        layer: &Layer,
+        x: Vec<f32>,
+        cache: Option<&mut LayerCache>,
+    ) -> (Vec<f32>, LayerSaved) {
         let c = config_of(self.model).clone();
         let (t, hd) = (self.tokens, c.head_dim);
         let (xn1, inv1) = rms(&x, &layer.input_norm, c.hidden_size, c.rms_norm_eps);
@@ -306,7 +314,15 @@ impl<'a> Context<'a> {
         };
         let mut attn = vec![0f32; t * c.q_dim()];
         let mut lse = vec![0f32; c.num_heads * t];
-        attention::forward(shape, &q, &k, &v, None, &mut attn, &mut lse);
+        match cache {
+            None => attention::forward(shape, &q, &k, &v, None, &mut attn, &mut lse),
+            Some(cache) => {
+                let past = cache.k.len() / c.kv_dim();
+                cache.k.extend_from_slice(&k);
+                cache.v.extend_from_slice(&v);
+                attention::forward_cached(shape, past, &q, &cache.k, &cache.v, &mut attn);
+            }
+        }
         let o = run(self, LinearKind::O, &attn, &mut linears);
         let x_mid: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
         let (xn2, inv2) = rms(
@@ -490,8 +506,20 @@ fn context<'a>(
     tokens: usize,
     precision: Precision,
 ) -> Context<'a> {
+    context_at(model, adapter, dropout_seed, 0, tokens, precision)
+}
+
+/// A context for `tokens` positions starting at `start` (decoding after cached positions).
+fn context_at<'a>(
+    model: &'a Model,
+    adapter: Option<&'a LoraAdapter>,
+    dropout_seed: Option<u64>,
+    start: usize,
+    tokens: usize,
+    precision: Precision,
+) -> Context<'a> {
     let c = &model.config;
-    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let positions: Vec<u32> = (start as u32..(start + tokens) as u32).collect();
     let (cos, sin) = rope::tables(
         &positions,
         &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
@@ -527,11 +555,11 @@ fn decoder_forward(
     for (l, layer) in model.layers.iter().enumerate() {
         if checkpoint {
             let input = x.clone();
-            let (next, _) = ctx.layer_forward(l, layer, x);
+            let (next, _) = ctx.layer_forward(l, layer, x, None);
             kept.push(Kept::Checkpoint(input));
             x = next;
         } else {
-            let (next, s) = ctx.layer_forward(l, layer, x);
+            let (next, s) = ctx.layer_forward(l, layer, x, None);
             kept.push(Kept::Full(s));
             x = next;
         }
@@ -552,34 +580,68 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
     Ok(cross_entropy::logits(&xf, lm_head(model), Precision::F32))
 }
 
-/// Greedy decoding: appends up to `max_new` most-likely tokens to `ids`, stopping after a token in
-/// `stop`. Recomputes the whole prefix for each token (no KV cache yet), so it suits short outputs.
-pub fn greedy(
-    model: &Model,
-    adapter: Option<&LoraAdapter>,
-    ids: &[u32],
-    max_new: usize,
-    stop: &[u32],
-) -> Result<Vec<u32>> {
-    let h = model.config.hidden_size;
-    let mut out = ids.to_vec();
-    for _ in 0..max_new {
-        let ctx = context(model, adapter, None, out.len(), Precision::F32);
-        let (xf, _, _, _) = decoder_forward(&ctx, &out, false)?;
-        let last = &xf[(out.len() - 1) * h..];
-        let logits = cross_entropy::logits(last, lm_head(model), Precision::F32);
-        let next = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u32)
-            .expect("vocabulary is not empty");
-        out.push(next);
-        if stop.contains(&next) {
-            break;
+/// Keys and values of every decoded position, per layer (after RoPE), for incremental decoding.
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+#[derive(Default)]
+struct LayerCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl KvCache {
+    pub fn new(model: &Model) -> Self {
+        KvCache {
+            layers: (0..model.layers.len())
+                .map(|_| LayerCache::default())
+                .collect(),
         }
     }
-    Ok(out)
+
+    /// Positions held.
+    pub fn len(&self, model: &Model) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |l| l.k.len() / model.config.kv_dim())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.first().is_none_or(|l| l.k.is_empty())
+    }
+
+    /// Forgets every position from `len` on (a conversation that diverges from what was decoded).
+    pub fn truncate(&mut self, model: &Model, len: usize) {
+        let kv = model.config.kv_dim();
+        for l in &mut self.layers {
+            l.k.truncate(len * kv);
+            l.v.truncate(len * kv);
+        }
+    }
+}
+
+/// Feeds `ids` at the positions after those in `cache` (adding theirs to it) and returns the logits
+/// [vocab] of the last one.
+pub fn decode(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    cache: &mut KvCache,
+    ids: &[u32],
+) -> Result<Vec<f32>> {
+    if ids.is_empty() {
+        return Err(Error::Invalid("nothing to decode".into()));
+    }
+    let c = &model.config;
+    let start = cache.len(model);
+    let ctx = context_at(model, adapter, None, start, ids.len(), Precision::F32);
+    let mut x = embed(model, ids)?;
+    for (l, layer) in model.layers.iter().enumerate() {
+        x = ctx.layer_forward(l, layer, x, Some(&mut cache.layers[l])).0;
+    }
+    let last = &x[(ids.len() - 1) * c.hidden_size..];
+    let (xf, _) = rms(last, &model.final_norm, c.hidden_size, c.rms_norm_eps);
+    Ok(cross_entropy::logits(&xf, lm_head(model), Precision::F32))
 }
 
 /// How a training step runs.
@@ -678,7 +740,7 @@ pub fn forward_backward_with(
         dx = match &kept[l] {
             Kept::Full(saved) => ctx.layer_backward(l, layer, saved, dx, &mut grads),
             Kept::Checkpoint(x) => {
-                let (_, saved) = ctx.layer_forward(l, layer, x.clone());
+                let (_, saved) = ctx.layer_forward(l, layer, x.clone(), None);
                 ctx.layer_backward(l, layer, &saved, dx, &mut grads)
             }
         };

@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod generate;
 pub mod gpu;
 pub mod lora;
 pub mod model;

@@ -114,6 +114,27 @@ impl ExecArgs {
     }
 }
 
+/// What `generate` and `chat` share: the model, an adapter, and how to pick tokens.
+#[derive(clap::Args)]
+struct GenArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter folder.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    quant: QuantArgs,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum QuantChoice {
     Nf4,
@@ -330,6 +351,27 @@ enum Command {
     },
     /// Fine-tune LoRA adapters on a JSONL dataset and save them as a PEFT adapter folder.
     Train(Box<TrainArgs>),
+    /// Answer one prompt (as a user turn through the chat template, or raw text with --raw).
+    Generate {
+        #[command(flatten)]
+        generation: GenArgs,
+        #[arg(long)]
+        prompt: String,
+        /// A system message before the prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Continue the prompt text as it is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Talk with a model in the terminal: each line is a user turn (/reset starts over, end of input
+    /// quits). The KV cache carries the conversation from turn to turn.
+    Chat {
+        #[command(flatten)]
+        generation: GenArgs,
+        #[arg(long)]
+        system: Option<String>,
+    },
     /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
     /// shapes before anything runs.
     Plan {
@@ -400,6 +442,13 @@ fn main() {
             max_length,
         } => eval(&model, &data, adapter.as_deref(), quant, exec, max_length),
         Command::Train(args) => train_command(*args),
+        Command::Generate {
+            generation,
+            prompt,
+            system,
+            raw,
+        } => generate_command(&generation, &prompt, system.as_deref(), raw),
+        Command::Chat { generation, system } => chat_command(&generation, system.as_deref()),
         Command::Plan {
             model,
             seq_len,
@@ -1015,6 +1064,150 @@ impl Progress {
     }
 }
 
+/// A model ready to generate: weights, adapter, tokenizer, stop tokens and sampling options.
+struct Speaker {
+    model: nibble::model::Model,
+    adapter: Option<nibble::lora::LoraAdapter>,
+    tok: ChatTokenizer,
+    stop: Vec<u32>,
+    sampling: nibble::generate::Sampling,
+    max_new: usize,
+    cache: nibble::cpu::KvCache,
+    cached: Vec<u32>,
+}
+
+impl Speaker {
+    fn open(g: &GenArgs) -> Result<Self> {
+        let source = model::open(&g.model)?;
+        let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+        let model = source.load(g.quant.request()?)?;
+        let adapter = match &g.adapter {
+            Some(dir) => Some(
+                nibble::lora::LoraAdapter::load_peft(
+                    &nibble::source::ModelFiles::Dir(dir.clone()),
+                    &model.config,
+                )
+                .with_context(|| format!("--adapter {}", dir.display()))?,
+            ),
+            None => None,
+        };
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) || g.temperature < 0.0 {
+            bail!("--top-p must lie in (0, 1] and --temperature must not be negative");
+        }
+        Ok(Speaker {
+            stop: nibble::generate::stop_tokens(&tok),
+            cache: nibble::cpu::KvCache::new(&model),
+            model,
+            adapter,
+            tok,
+            sampling: nibble::generate::Sampling {
+                temperature: g.temperature,
+                top_p: g.top_p,
+                seed: g.seed,
+            },
+            max_new: g.max_new_tokens,
+            cached: Vec::new(),
+        })
+    }
+
+    /// Generates after `text`, printing the answer as it comes; returns it (without the stop token).
+    fn answer(&mut self, text: &str) -> Result<String> {
+        let prompt = self.tok.encode(text)?;
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let mut answer: Vec<u32> = Vec::new();
+        let mut printed = 0;
+        let (tok, stop) = (&self.tok, &self.stop);
+        let mut out = std::io::stdout();
+        let mut failure = None;
+        nibble::generate::generate(
+            &self.model,
+            self.adapter.as_ref(),
+            &mut self.cache,
+            &mut self.cached,
+            &prompt,
+            self.max_new,
+            stop,
+            &self.sampling,
+            |t| {
+                use std::io::Write;
+                if stop.contains(&t) {
+                    return;
+                }
+                answer.push(t);
+                // Decode the whole answer so far: a character may span several tokens.
+                match tok.decode(&answer) {
+                    Ok(text) if text.len() > printed && !text.ends_with('\u{FFFD}') => {
+                        let _ = write!(out, "{}", &text[printed..]);
+                        let _ = out.flush();
+                        printed = text.len();
+                    }
+                    Ok(_) => {}
+                    Err(e) => failure = Some(e),
+                }
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        let text = self.tok.decode(&answer)?;
+        println!("{}", text.get(printed..).unwrap_or(""));
+        Ok(text)
+    }
+}
+
+fn with_system(system: Option<&str>) -> Vec<Message> {
+    system
+        .map(|s| Message::new("system", s))
+        .into_iter()
+        .collect()
+}
+
+fn generate_command(g: &GenArgs, prompt: &str, system: Option<&str>, raw: bool) -> Result<()> {
+    let mut speaker = Speaker::open(g)?;
+    let text = if raw {
+        prompt.to_string()
+    } else {
+        let mut messages = with_system(system);
+        messages.push(Message::new("user", prompt));
+        speaker.tok.apply_chat_template(&messages, true)?
+    };
+    speaker.answer(&text)?;
+    Ok(())
+}
+
+fn chat_command(g: &GenArgs, system: Option<&str>) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let mut speaker = Speaker::open(g)?;
+    let mut messages = with_system(system);
+    eprintln!(
+        "chatting with {} (/reset starts over; end of input quits)",
+        g.model.display()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/reset" {
+            messages = with_system(system);
+            continue;
+        }
+        messages.push(Message::new("user", line));
+        let text = speaker.tok.apply_chat_template(&messages, true)?;
+        let answer = speaker.answer(&text)?;
+        messages.push(Message::new("assistant", &answer));
+    }
+}
+
 fn parse_targets(list: &str) -> Result<Vec<LinearKind>> {
     if list == "all-linear" {
         return Ok(LinearKind::ALL.to_vec());
@@ -1186,7 +1379,7 @@ fn run_demo(dir: &Path) -> Result<()> {
         .filter_map(|t| tok.token_id(t))
         .collect();
     let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
-        let ids = nibble::cpu::greedy(&model, adapter, &prompt, 16, &stop)?;
+        let ids = nibble::generate::greedy(&model, adapter, &prompt, 16, &stop)?;
         Ok(tok.decode(&ids[prompt.len()..])?)
     };
     println!(

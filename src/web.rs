@@ -4,7 +4,6 @@
 //! native), otherwise on the CPU executor compiled to wasm. Every call that touches the GPU returns a
 //! Promise: read-backs complete from the page's event loop, so nothing blocks the main thread.
 
-use crate::cpu;
 use crate::gpu::Gpu;
 use crate::lora::LoraConfig;
 use crate::model::{Model, ModelSource};
@@ -272,8 +271,8 @@ impl Session {
                 .filter_map(|t| g.tok.token_id(t))
                 .collect();
             let adapter = g.trainer.as_ref().map(|t| &t.adapter);
-            let out =
-                cpu::greedy(g.model, adapter, &ids, max_new as usize, &stop).map_err(js_error)?;
+            let out = crate::generate::greedy(g.model, adapter, &ids, max_new as usize, &stop)
+                .map_err(js_error)?;
             let answer = out[ids.len()..]
                 .iter()
                 .copied()

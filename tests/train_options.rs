@@ -282,3 +282,94 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
         "no adapter from a diverged run"
     );
 }
+
+#[test]
+fn generate_answers_with_what_the_adapter_learned_and_chat_keeps_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(1)).unwrap();
+    let out = dir.path().join("run");
+    let o = train_cli(
+        &model,
+        &data,
+        &out,
+        &[
+            "--max-steps",
+            "60",
+            "--lr",
+            "1e-2",
+            "--lora-r",
+            "16",
+            "--lora-alpha",
+            "32",
+            "--lora-dropout",
+            "0",
+            "--lr-scheduler",
+            "constant",
+            "--loss-on",
+            "assistant",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ask = |adapter: bool| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--system",
+            "Be brief.",
+            "--prompt",
+            "Question 0?",
+            "--max-new-tokens",
+            "30",
+        ];
+        if adapter {
+            args.extend(["--adapter", out.to_str().unwrap()]);
+        }
+        let o = nibble(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim_end().to_string()
+    };
+    assert_eq!(
+        ask(true),
+        "Answer 0.",
+        "the memorised answer, stopped at <|im_end|>"
+    );
+    assert_ne!(ask(false), "Answer 0.");
+
+    // Two turns on stdin; each answer is printed on its own line.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args([
+            "chat",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--system",
+            "Be brief.",
+            "--max-new-tokens",
+            "30",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Question 0?\nQuestion 0?\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0], "Answer 0.");
+}

@@ -42,6 +42,34 @@ pub fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    forward_after(s, 0, q, k, v, segments, out, lse);
+}
+
+/// Decoding with a KV cache: the T queries sit at positions past..past+T and k, v hold all past + T
+/// positions' keys and values ([past + T, kv_heads·d]).
+pub fn forward_cached(
+    s: AttentionShape,
+    past: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) {
+    let mut lse = vec![0f32; s.heads * s.tokens];
+    forward_after(s, past, q, k, v, None, out, &mut lse);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_after(
+    s: AttentionShape,
+    past: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segments: Option<&[u32]>,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     let (d, qw, kw) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
     // Parallel over (head, query) rows; each writes its own slice of `out` and one lse entry.
     let rows: Vec<(usize, usize)> = (0..s.heads)
@@ -53,9 +81,10 @@ pub fn forward(
             let kvh = h / s.group();
             let qi = &q[t * qw + h * d..t * qw + (h + 1) * d];
             let start = first_key(segments, t);
+            let position = past + t;
             scores.clear();
             let mut max = f32::NEG_INFINITY;
-            for j in start..=t {
+            for j in start..=position {
                 let sc = dot(qi, &k[j * kw + kvh * d..j * kw + (kvh + 1) * d]) * s.scale();
                 max = max.max(sc);
                 scores.push(sc);
@@ -66,7 +95,7 @@ pub fn forward(
                 sum += *sc;
             }
             let mut o = vec![0f32; d];
-            for (p, j) in scores.iter().zip(start..=t) {
+            for (p, j) in scores.iter().zip(start..=position) {
                 let w = p / sum;
                 for (o, vv) in o
                     .iter_mut()

@@ -1,0 +1,154 @@
+//! Text generation on the CPU executor with a KV cache: greedy or temperature / top-p (nucleus)
+//! sampling, stopping at the chat template's end-of-turn token.
+
+use crate::cpu::{self, KvCache};
+use crate::error::Result;
+use crate::lora::LoraAdapter;
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::tokenizer::ChatTokenizer;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Sample from the smallest set of tokens whose probabilities reach top_p (1: all).
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Tokens that end an assistant turn: the tokenizer's eos token and the end-of-turn tokens of the chat
+/// formats nibble knows (Qwen's <|im_end|>, Llama 3's <|eot_id|>), where the vocabulary has them.
+pub fn stop_tokens(tok: &ChatTokenizer) -> Vec<u32> {
+    let mut stop: Vec<u32> = tok
+        .eos_token
+        .iter()
+        .map(String::as_str)
+        .chain([
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|endoftext|>",
+            "<|end_of_text|>",
+        ])
+        .filter_map(|t| tok.token_id(t))
+        .collect();
+    stop.sort_unstable();
+    stop.dedup();
+    stop
+}
+
+/// Picks the next token from `logits`.
+pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32)
+    };
+    if sampling.temperature <= 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, (((l - max) / sampling.temperature) as f64).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    // Most likely first (ties by token id, so a seed always gives the same answer).
+    probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0;
+    let mut mass = 0.0;
+    for p in &probs {
+        kept += 1;
+        mass += p.1 / total;
+        if mass >= sampling.top_p as f64 {
+            break;
+        }
+    }
+    let nucleus = &probs[..kept];
+    let nucleus_mass: f64 = nucleus.iter().map(|p| p.1).sum();
+    let mut u = rng.uniform() * nucleus_mass;
+    for p in nucleus {
+        u -= p.1;
+        if u <= 0.0 {
+            return p.0;
+        }
+    }
+    nucleus[kept - 1].0
+}
+
+/// Continues `prompt` by up to `max_new` tokens, calling `on_token` with each; stops after a token in
+/// `stop` (which is returned too). `cache` may already hold a prefix of `prompt` (a conversation so far);
+/// positions it holds beyond the common prefix are dropped.
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    cache: &mut KvCache,
+    cached: &mut Vec<u32>,
+    prompt: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    sampling: &Sampling,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    let common = cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        // At least one prompt token must be fed to get logits.
+        .min(prompt.len().saturating_sub(1));
+    cache.truncate(model, common);
+    cached.truncate(common);
+    let mut rng = Rng::new(sampling.seed);
+    let mut logits = cpu::decode(model, adapter, cache, &prompt[common..])?;
+    cached.extend_from_slice(&prompt[common..]);
+    let mut out = Vec::new();
+    for _ in 0..max_new {
+        let next = sample(&logits, sampling, &mut rng);
+        out.push(next);
+        on_token(next);
+        if stop.contains(&next) || out.len() == max_new {
+            break;
+        }
+        logits = cpu::decode(model, adapter, cache, &[next])?;
+        cached.push(next);
+    }
+    Ok(out)
+}
+
+/// Greedy continuation of `ids` (the prompt followed by up to `max_new` tokens).
+pub fn greedy(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    ids: &[u32],
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    let mut cache = KvCache::new(model);
+    let new = generate(
+        model,
+        adapter,
+        &mut cache,
+        &mut Vec::new(),
+        ids,
+        max_new,
+        stop,
+        &Sampling::default(),
+        |_| {},
+    )?;
+    Ok(ids.iter().copied().chain(new).collect())
+}

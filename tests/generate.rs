@@ -1,0 +1,112 @@
+//! Generation: decoding with the KV cache gives the same logits as the full forward, a cached
+//! conversation continues as a fresh one would, and sampling follows the temperature / top-p
+//! distribution.
+
+mod common;
+
+use common::{fixture, rel};
+use nibble::cpu::{self, KvCache};
+use nibble::generate::{self, Sampling};
+use nibble::rng::Rng;
+
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    for name in ["qwen2", "qwen3", "llama"] {
+        let f = fixture(name, "nf4");
+        let ids = &f.seq.ids;
+        let vocab = f.model.config.vocab_size;
+        let full = cpu::logits(&f.model, Some(&f.adapter), ids).unwrap();
+        let mut cache = KvCache::new(&f.model);
+        // A prefill of five tokens, then one token at a time.
+        let first = cpu::decode(&f.model, Some(&f.adapter), &mut cache, &ids[..5]).unwrap();
+        let e = rel(&first, &full[4 * vocab..5 * vocab]);
+        assert!(e < 1e-5, "{name}: prefill logits differ by {e:e}");
+        for t in 5..ids.len() {
+            let step = cpu::decode(&f.model, Some(&f.adapter), &mut cache, &ids[t..t + 1]).unwrap();
+            let e = rel(&step, &full[t * vocab..(t + 1) * vocab]);
+            assert!(e < 1e-5, "{name}: position {t} differs by {e:e}");
+        }
+        assert_eq!(cache.len(&f.model), ids.len());
+    }
+}
+
+#[test]
+fn a_cached_conversation_continues_as_a_fresh_one() {
+    let f = fixture("llama", "none");
+    let sampling = Sampling {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 5,
+    };
+    let run = |cache: &mut KvCache, cached: &mut Vec<u32>, prompt: &[u32]| {
+        generate::generate(
+            &f.model,
+            Some(&f.adapter),
+            cache,
+            cached,
+            prompt,
+            6,
+            &[],
+            &sampling,
+            |_| {},
+        )
+        .unwrap()
+    };
+    let turn1: Vec<u32> = f.seq.ids[..8].to_vec();
+    let (mut cache, mut cached) = (KvCache::new(&f.model), Vec::new());
+    let answer = run(&mut cache, &mut cached, &turn1);
+    // The next prompt repeats the conversation so far, with a different last token, and goes on.
+    let mut turn2: Vec<u32> = turn1.iter().chain(&answer).copied().collect();
+    turn2.pop();
+    turn2.extend_from_slice(&f.seq.ids[8..12]);
+    let continued = run(&mut cache, &mut cached, &turn2);
+    let fresh = run(&mut KvCache::new(&f.model), &mut Vec::new(), &turn2);
+    assert_eq!(continued, fresh);
+    assert_eq!(
+        cached.len(),
+        turn2.len() + continued.len() - 1,
+        "the last token is not fed yet"
+    );
+}
+
+#[test]
+fn sampling_follows_temperature_and_top_p() {
+    let logits = [1.0f32, 2.0, 0.5, 3.0, -1.0];
+    let mut rng = Rng::new(1);
+    assert_eq!(generate::sample(&logits, &Sampling::default(), &mut rng), 3);
+    let tiny_p = Sampling {
+        temperature: 1.0,
+        top_p: 1e-6,
+        seed: 0,
+    };
+    assert!((0..50).all(|_| generate::sample(&logits, &tiny_p, &mut rng) == 3));
+    // Temperature 2 over all tokens: frequencies follow softmax(logits / 2) (4 standard deviations).
+    let t = Sampling {
+        temperature: 2.0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let draws = 40_000;
+    let mut counts = [0usize; 5];
+    for _ in 0..draws {
+        counts[generate::sample(&logits, &t, &mut rng) as usize] += 1;
+    }
+    let z: f64 = logits.iter().map(|&l| (l as f64 / 2.0).exp()).sum();
+    for (i, &l) in logits.iter().enumerate() {
+        let p = (l as f64 / 2.0).exp() / z;
+        let sigma = (p * (1.0 - p) / draws as f64).sqrt();
+        let got = counts[i] as f64 / draws as f64;
+        assert!((got - p).abs() < 4.0 * sigma, "token {i}: {got} vs {p}");
+    }
+    // top_p 0.8 keeps the smallest set reaching 80%: tokens 3 (62%) and 1 (23%).
+    let nucleus = Sampling {
+        temperature: 1.0,
+        top_p: 0.8,
+        seed: 0,
+    };
+    let mut seen = [false; 5];
+    for _ in 0..2000 {
+        seen[generate::sample(&logits, &nucleus, &mut rng) as usize] = true;
+    }
+    assert_eq!(seen, [false, true, false, true, false]);
+}
