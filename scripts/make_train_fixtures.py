@@ -1,5 +1,6 @@
 """Writes tests/fixtures/hf_train/: three optimizer steps of LoRA training done by transformers + peft, for
-tests/train_parity.rs to compare `nibble train` against, and a check that PEFT loads nibble's adapter.
+tests/train_parity.rs to compare `nibble train` against; checks that PEFT loads nibble's adapter and that
+transformers loads `nibble merge`'s folder (results recorded in expected.json).
 
 The setup is the issue's parity recipe: a small random Qwen2 model (tied embeddings, q/k/v bias) made by
 `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's chat template), NF4 with group 64
@@ -122,6 +123,15 @@ def main():
             loaded.set_adapter("nibble")
             theirs = loaded(input_ids=ids).logits
         logits_diff = ((theirs - reference).norm() / reference.norm()).item()
+        # `nibble merge` must give a folder transformers loads, equal to base + adapter through PEFT.
+        merged_dir = os.path.join(tmp, "merged")
+        nibble("merge", "--model", model_dir, "--adapter", ours, "--output", merged_dir, "--dtype", "f32")
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+        plain = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), ours).eval()
+        with torch.no_grad():
+            want = plain(input_ids=ids).logits
+            merged_diff = ((merged(input_ids=ids).logits - want).norm() / want.norm()).item()
         with open(os.path.join(ours, "metrics.jsonl")) as f:
             nibble_losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
 
@@ -133,10 +143,12 @@ def main():
                                           "unexpected_keys": list(result.unexpected_keys),
                                           "logits_relative_difference_vs_expected_adapter": logits_diff,
                                           "nibble_losses": nibble_losses},
+            "transformers_loads_nibble_merge": {"logits_relative_difference_vs_peft": merged_diff},
             "transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
         }, f, indent=1)
     print("losses", losses, "grad norms", norms)
     print("nibble losses", nibble_losses, "logits difference with nibble's adapter", logits_diff)
+    print("merged model vs base + adapter through PEFT", merged_diff)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod gpu;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod plan;

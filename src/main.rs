@@ -364,6 +364,20 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Fold a LoRA adapter into the base weights: a model folder (safetensors, config and tokenizer
+    /// copied) that transformers loads without peft.
+    Merge {
+        /// The base model folder the adapter was trained on.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long, short)]
+        output: PathBuf,
+        /// bf16, f16 or f32 (default: the checkpoint's own dtype).
+        #[arg(long)]
+        dtype: Option<String>,
+    },
     /// Talk with a model in the terminal: each line is a user turn (/reset starts over, end of input
     /// quits). The KV cache carries the conversation from turn to turn.
     Chat {
@@ -448,6 +462,12 @@ fn main() {
             system,
             raw,
         } => generate_command(&generation, &prompt, system.as_deref(), raw),
+        Command::Merge {
+            model,
+            adapter,
+            output,
+            dtype,
+        } => merge_command(&model, &adapter, &output, dtype.as_deref()),
         Command::Chat { generation, system } => chat_command(&generation, system.as_deref()),
         Command::Plan {
             model,
@@ -1062,6 +1082,29 @@ impl Progress {
             bar.finish();
         }
     }
+}
+
+fn merge_command(path: &Path, adapter: &Path, output: &Path, dtype: Option<&str>) -> Result<()> {
+    let dtype = match dtype {
+        None => None,
+        Some("bf16") => Some(nibble::source::FloatDtype::BF16),
+        Some("f16") => Some(nibble::source::FloatDtype::F16),
+        Some("f32") => Some(nibble::source::FloatDtype::F32),
+        Some(other) => bail!("unknown --dtype `{other}` (bf16, f16 or f32)"),
+    };
+    let source = model::open(path)?;
+    let lora = nibble::lora::LoraAdapter::load_peft(
+        &nibble::source::ModelFiles::Dir(adapter.to_path_buf()),
+        &source.config,
+    )
+    .with_context(|| format!("--adapter {}", adapter.display()))?;
+    nibble::merge::merge(&source, path, &lora, output, dtype)?;
+    eprintln!(
+        "merged {} LoRA pairs into {}",
+        lora.pairs().count(),
+        output.display()
+    );
+    Ok(())
 }
 
 /// A model ready to generate: weights, adapter, tokenizer, stop tokens and sampling options.

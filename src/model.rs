@@ -461,6 +461,14 @@ impl ModelSource {
         Ok(source)
     }
 
+    /// A folder's safetensors shards (None for a quantized file).
+    pub fn shards(&self) -> Option<&[SafetensorsFile]> {
+        match &self.kind {
+            SourceKind::Folder { shards, .. } => Some(shards),
+            SourceKind::Quantized { .. } => None,
+        }
+    }
+
     /// Opens a file written by `nibble quantize`.
     pub fn open_quantized(file: SafetensorsFile) -> Result<Self> {
         let path = file.path().to_path_buf();

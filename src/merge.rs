@@ -1,0 +1,157 @@
+//! `nibble merge`: folds a LoRA adapter into the base model's weights (W + scale · B·A) and writes a
+//! model folder that transformers loads: one model.safetensors in a 16-bit (or f32) dtype, with every
+//! other file of the source folder (config, tokenizer, generation config) copied. Tensors are read,
+//! merged and written one at a time, so memory stays at about one tensor.
+
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+use crate::model::ModelSource;
+use crate::ops::matmul::{View, matmul_into};
+use crate::source::FloatDtype;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Merges `adapter` into the model folder `folder` (opened as `source`) and writes the result to
+/// `output`, which must not exist yet. `dtype` defaults to the checkpoint's own.
+pub fn merge(
+    source: &ModelSource,
+    folder: &Path,
+    adapter: &LoraAdapter,
+    output: &Path,
+    dtype: Option<FloatDtype>,
+) -> Result<()> {
+    let shards = source.shards().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: merging needs the original model folder (16-bit weights), not a quantized file",
+            folder.display()
+        ))
+    })?;
+    if output.exists() {
+        return Err(Error::Invalid(format!(
+            "{} already exists; merge writes a new folder",
+            output.display()
+        )));
+    }
+    let entries: Vec<(usize, String, Vec<usize>)> = shards
+        .iter()
+        .enumerate()
+        .flat_map(|(s, shard)| {
+            let mut names: Vec<&String> = shard.tensor_names().collect();
+            names.sort();
+            names
+                .into_iter()
+                .map(move |n| (s, n.clone(), shard.info(n).expect("listed").shape.clone()))
+        })
+        .collect();
+    let dtype = match dtype {
+        Some(d) => d,
+        None => entries
+            .iter()
+            .find_map(|(s, n, _)| FloatDtype::of(shards[*s].info(n)?.dtype))
+            .unwrap_or(FloatDtype::BF16),
+    };
+    // Which tensor each LoRA pair merges into.
+    let targets: HashMap<String, (usize, crate::config::LinearKind)> = adapter
+        .pairs()
+        .map(|(l, k, _)| (format!("{}.weight", k.path(l)), (l, k)))
+        .collect();
+    let tmp = output.with_file_name(format!(
+        ".{}.tmp",
+        output
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("merged")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = write_merged(&entries, shards, adapter, &targets, &tmp, dtype)
+        .and_then(|()| copy_other_files(folder, &tmp, dtype));
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, output).map_err(|e| Error::io(output, e))
+}
+
+fn write_merged(
+    entries: &[(usize, String, Vec<usize>)],
+    shards: &[crate::source::SafetensorsFile],
+    adapter: &LoraAdapter,
+    targets: &HashMap<String, (usize, crate::config::LinearKind)>,
+    tmp: &Path,
+    dtype: FloatDtype,
+) -> Result<()> {
+    let scale = adapter.config.scale();
+    let mut failure: Option<Error> = None;
+    let names: Vec<(String, Vec<usize>)> = entries
+        .iter()
+        .map(|(_, n, s)| (n.clone(), s.clone()))
+        .collect();
+    crate::synth::write_safetensors_streaming(
+        &tmp.join("model.safetensors"),
+        dtype,
+        &names,
+        |i, out| {
+            let (s, name, _) = &entries[i];
+            match shards[*s].read_f32(name) {
+                Ok(values) => out.copy_from_slice(&values),
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    return;
+                }
+            }
+            shards[*s].release(name);
+            if let Some(&(l, k)) = targets.get(name) {
+                let pair = adapter.pair(l, k).expect("listed from the adapter");
+                // W [out, in] += scale · B [out, r] · A [r, in]
+                matmul_into(
+                    View::new(&pair.b, pair.out_features, pair.rank),
+                    View::new(&pair.a, pair.rank, pair.in_features),
+                    scale,
+                    out,
+                    pair.in_features,
+                    0,
+                    true,
+                );
+            }
+        },
+    )?;
+    failure.map_or(Ok(()), Err)
+}
+
+/// Copies the folder's files other than weights; config.json gets the merged weights' dtype.
+fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype) -> Result<()> {
+    let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(folder, e))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let path = entry.path();
+        if !path.is_file()
+            || name.ends_with(".safetensors")
+            || name == "model.safetensors.index.json"
+        {
+            continue;
+        }
+        if name == "config.json" {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let mut config: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Config {
+                    path: path.clone(),
+                    msg: format!("not valid JSON: {e}"),
+                })?;
+            if let Some(obj) = config.as_object_mut() {
+                // transformers 4.x reads torch_dtype, 5.x dtype.
+                for key in ["torch_dtype", "dtype"] {
+                    if obj.contains_key(key) {
+                        obj.insert(key.into(), dtype.name().into());
+                    }
+                }
+            }
+            let text = serde_json::to_string_pretty(&config).expect("json");
+            std::fs::write(to.join(&name), text).map_err(|e| Error::io(to.join(&name), e))?;
+        } else {
+            std::fs::copy(&path, to.join(&name)).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `nibble merge`: the merged model's logits equal the base model's with the adapter applied.
+
+mod common;
+
+use common::rel;
+use nibble::config::Arch;
+use nibble::cpu;
+use nibble::lora::{LoraAdapter, LoraConfig};
+use nibble::model::{ModelSource, QuantRequest};
+use nibble::rng::Rng;
+use nibble::source::FloatDtype;
+use nibble::synth::{self, SynthSpec};
+use std::process::Command;
+
+fn nibble(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn merged_weights_give_the_adapted_models_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut spec = SynthSpec::tiny(Arch::Qwen3, 259);
+    spec.dtype = FloatDtype::F32;
+    spec.shards = 2;
+    synth::write_model_folder(&base, &spec, Some(&synth::byte_tokenizer())).unwrap();
+    let model = ModelSource::open(&base)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let mut rng = Rng::new(4);
+    let config = LoraConfig {
+        r: 4,
+        alpha: 16.0,
+        use_rslora: true,
+        ..LoraConfig::default()
+    };
+    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng);
+    for (_, _, p) in adapter.pairs_mut() {
+        p.b.iter_mut()
+            .for_each(|b| *b = (rng.normal() * 0.1) as f32);
+    }
+    let adapter_dir = dir.path().join("adapter");
+    nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+
+    let merged = dir.path().join("merged");
+    let args = |out: &std::path::Path| {
+        vec![
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter_dir.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| nibble(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run(args(&merged));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        assert!(merged.join(file).is_file(), "{file} missing");
+    }
+    assert!(!merged.join("model.safetensors.index.json").exists());
+
+    let ids: Vec<u32> = (0..12).map(|_| rng.below(259) as u32).collect();
+    let expected = cpu::logits(&model, Some(&adapter), &ids).unwrap();
+    let merged_model = ModelSource::open(&merged)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let ours = cpu::logits(&merged_model, None, &ids).unwrap();
+    let e = rel(&ours, &expected);
+    assert!(e < 1e-5, "merged logits differ by {e:e}");
+    let without = cpu::logits(&model, None, &ids).unwrap();
+    assert!(
+        rel(&without, &expected) > 1e-3,
+        "the adapter must matter for this test to mean anything"
+    );
+
+    // 16-bit output (what people ship): the logits move by bf16 rounding only.
+    let merged16 = dir.path().join("merged16");
+    let mut a = args(&merged16);
+    a.extend(["--dtype".into(), "bf16".into()]);
+    assert!(run(a).status.success());
+    let text = std::fs::read_to_string(merged16.join("config.json")).unwrap();
+    assert!(
+        text.contains("bfloat16"),
+        "config.json names the dtype: {text}"
+    );
+    let m16 = ModelSource::open(&merged16)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let e16 = rel(&cpu::logits(&m16, None, &ids).unwrap(), &expected);
+    assert!(e16 < 2e-2, "bf16 merge differs by {e16:e}");
+
+    // An existing output folder is refused; so is an adapter that does not fit.
+    let o = run(args(&merged));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+}
