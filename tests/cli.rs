@@ -1,18 +1,13 @@
 //! The `nibble` binary end to end: info and quantize on random Qwen2, Qwen3 and Llama folders in both
 //! config spellings, and the exit status and message of bad input.
 
+mod common;
+
+use common::nibble;
+
 use nibble::config::Arch;
 use nibble::synth::{self, ConfigSpelling, SynthSpec};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn nibble(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run nibble")
-}
 
 fn ok(args: &[&str]) -> String {
     let out = nibble(args);

@@ -1,6 +1,10 @@
 //! `nibble eval` and the JSONL reader: loss on every predicted token of chat-formatted rows, and
 //! errors that name the file and line.
 
+mod common;
+
+use common::nibble;
+
 use nibble::config::Arch;
 use nibble::cpu;
 use nibble::data::{self, Example};
@@ -8,7 +12,6 @@ use nibble::model::{ModelSource, QuantRequest};
 use nibble::synth::{self, SynthSpec};
 use nibble::tokenizer::ChatTokenizer;
 use std::path::Path;
-use std::process::Command;
 
 const CHAT: &str = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]}
 {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]}
@@ -16,14 +19,6 @@ const CHAT: &str = r#"{"messages": [{"role": "system", "content": "Be brief."}, 
 {"prompt": "Say hi: ", "completion": "hi"}
 {"text": "plain text row"}
 "#;
-
-fn nibble(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
 
 /// Mean next-token loss from full logits, in f64: an independent path to the number eval prints.
 fn reference_loss(

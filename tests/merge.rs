@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::rel;
+use common::{nibble, rel};
 use nibble::config::Arch;
 use nibble::cpu;
 use nibble::lora::{LoraAdapter, LoraConfig};
@@ -10,15 +10,6 @@ use nibble::model::{ModelSource, QuantRequest};
 use nibble::rng::Rng;
 use nibble::source::FloatDtype;
 use nibble::synth::{self, SynthSpec};
-use std::process::Command;
-
-fn nibble(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
 
 #[test]
 fn merged_weights_give_the_adapted_models_logits() {

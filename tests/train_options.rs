@@ -1,6 +1,10 @@
 //! `nibble train` options beyond the basic loop: assistant-only loss, validation data, warmup ratio,
 //! starting from an existing adapter, and stopping on a non-finite loss.
 
+mod common;
+
+use common::nibble;
+
 use nibble::config::Arch;
 use nibble::data::Example;
 use nibble::model::ModelSource;
@@ -32,14 +36,6 @@ fn chats(n: usize) -> String {
                 + "\n"
         })
         .collect()
-}
-
-fn nibble(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
 }
 
 /// `nibble train` on the CPU with the given model, data and output, and more flags.

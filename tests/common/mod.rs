@@ -9,6 +9,15 @@ use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::{ModelFiles, SafetensorsFile};
 use std::path::PathBuf;
 
+/// Runs the nibble binary with `args` (log level warn).
+pub fn nibble(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run nibble")
+}
+
 /// ‖a − b‖ / ‖b‖ in f64.
 pub fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
