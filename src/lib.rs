@@ -15,6 +15,7 @@ pub mod merge;
 pub mod model;
 pub mod ops;
 pub mod plan;
+pub mod plot;
 pub mod quant;
 pub mod rng;
 pub mod source;

@@ -972,6 +972,7 @@ fn train(
     progress.finish();
     trainer.sync()?;
     nibble::train::save_peft(&trainer.adapter, output, source.label())?;
+    nibble::plot::write_loss_curve(&metrics_path, &output.join("loss_curve.png"))?;
     eprintln!("saved the adapter to {}", output.display());
     Ok((first.unwrap_or(last), last))
 }

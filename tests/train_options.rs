@@ -169,6 +169,20 @@ fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
     assert_eq!(evals[0]["eval_tokens"], evals[1]["eval_tokens"]);
     let steps = m.iter().filter(|v| v.get("loss").is_some()).count();
     assert_eq!(steps, 4);
+    // The loss curve: a PNG with both the training line and the validation points drawn.
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(first.join("loss_curve.png")).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!(
+        (info.width, info.height, info.color_type),
+        (800, 450, png::ColorType::Rgb)
+    );
+    let count = |color: [u8; 3]| pixels.chunks(3).filter(|p| *p == color).count();
+    assert!(count(nibble::plot::TRAIN_COLOR) > 100, "no training curve");
+    assert!(count(nibble::plot::EVAL_COLOR) > 40, "no validation points");
     // The validation loss of the final adapter is what `nibble eval` would report on those examples
     // with assistant-only labels; here: it is finite and changed while training at lr 1e-2.
     let (a, b) = (
