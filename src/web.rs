@@ -89,6 +89,7 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
         synth::browser_model()
     } else {
         let mut map = BTreeMap::new();
+        let mut label = "uploaded".to_string();
         for pair in js_sys::Array::from(&files).iter() {
             let pair = js_sys::Array::from(&pair);
             let name = pair
@@ -96,14 +97,15 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
                 .as_string()
                 .ok_or_else(|| JsError::new("files: each entry is [name, Uint8Array]"))?;
             let bytes = js_sys::Uint8Array::new(&pair.get(1)).to_vec();
-            // A folder picked in the browser comes with paths; only the file name matters.
+            // A folder picked in the browser comes with paths: the folder names the model, and files are
+            // looked up by name.
+            if let Some((folder, _)) = name.split_once('/') {
+                label = folder.to_string();
+            }
             let base = name.rsplit('/').next().unwrap_or(&name).to_string();
             map.insert(base, Arc::<[u8]>::from(bytes));
         }
-        ModelFiles::Memory {
-            label: "uploaded".into(),
-            files: map,
-        }
+        ModelFiles::Memory { label, files: map }
     };
     let source = ModelSource::open_folder(files).map_err(js_error)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))

@@ -19,7 +19,8 @@ function fail(e) {
 async function readFolder() {
   const files = [...$("folder").files];
   if (files.length === 0) throw new Error("pick a model folder first");
-  return Promise.all(files.map(async (f) => [f.name, new Uint8Array(await f.arrayBuffer())]));
+  // webkitRelativePath keeps the folder's name ("Qwen2.5-0.5B-Instruct/config.json").
+  return Promise.all(files.map(async (f) => [f.webkitRelativePath || f.name, new Uint8Array(await f.arrayBuffer())]));
 }
 
 async function load() {

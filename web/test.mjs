@@ -1,10 +1,12 @@
 // Drives the page in headless Chromium with WebGPU on SwiftShader: loads the built-in model, trains a
 // fixed number of steps, asks a question, exports the adapter, and checks that the WebGPU executor ran,
-// that the loss fell, and that generation returned text. Usage: node test.mjs URL STEPS OUT_DIR
+// that the loss fell, and that generation returned text; then loads a model folder from disk (as a user
+// picking a Hugging Face folder) and stops a run with the Stop button; then runs the CPU (wasm) executor.
+// Usage: node test.mjs URL STEPS OUT_DIR MODEL_FOLDER
 import { chromium } from "playwright-core";
 import { mkdirSync, writeFileSync } from "node:fs";
 
-const [url, stepsArg, outDir] = process.argv.slice(2);
+const [url, stepsArg, outDir, folder] = process.argv.slice(2);
 const steps = Number(stepsArg || 30);
 mkdirSync(outDir, { recursive: true });
 
@@ -66,6 +68,27 @@ try {
   check(config.peft_type === "LORA" && config.target_modules.length === 7, "the adapter is a PEFT LoRA config");
 
   await page.screenshot({ path: `${outDir}/screenshot.png`, fullPage: true });
+
+  // A model folder picked from disk, then Stop partway through a run.
+  await page.check('input[name="model"][value="folder"]');
+  await page.setInputFiles("#folder", folder);
+  await page.click("#load");
+  await page.waitForFunction(() => window.nibble.ready || window.nibble.error, null, { timeout: 120_000 });
+  s = await page.evaluate(() => window.nibble);
+  if (s.error) throw new Error(`loading the folder failed: ${s.error}`);
+  const described = await page.textContent("#model-info");
+  console.log(`loaded from disk: ${described}`);
+  check(described.includes("Llama"), "a model folder picked from disk loads");
+  await page.fill("#max-steps", "");
+  await page.click("#train");
+  await page.waitForFunction(() => window.nibble.losses.length >= 2 || window.nibble.error, null, { timeout: 300_000 });
+  await page.click("#stop");
+  await page.waitForFunction(() => window.nibble.finished || window.nibble.error, null, { timeout: 300_000 });
+  s = await page.evaluate(() => window.nibble);
+  if (s.error) throw new Error(`training the folder model failed: ${s.error}`);
+  check(s.losses.length >= 2 && s.losses.length < 20, `Stop ends the run early (after ${s.losses.length} steps)`);
+  await page.check('input[name="model"][value="builtin"]');
+  await page.fill("#max-steps", String(steps));
 
   // The same steps on the CPU executor compiled to wasm (the fallback for browsers without WebGPU).
   await page.selectOption("#device", "cpu");

@@ -9,6 +9,10 @@ steps="${1:-30}"
 bash "$here/build.sh"
 command -v chromium >/dev/null || { echo "web/test.sh needs Debian's chromium package" >&2; exit 1; }
 (cd "$here" && npm ci --no-audit --no-fund --loglevel=error)
+# A model folder on disk, for the page's "pick a Hugging Face folder" path.
+folder="$here/test-output/folder-model"
+rm -rf "$folder"
+(cd "$here/.." && cargo run --locked --release --quiet -- synth --preset tiny-llama --tokenizer byte --output "$folder")
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 -m http.server "$port" --bind 127.0.0.1 --directory "$here" >/dev/null 2>&1 &
 server=$!
@@ -17,4 +21,4 @@ for _ in $(seq 50); do
   curl -s -o /dev/null "http://127.0.0.1:$port/" && break
   sleep 0.1
 done
-node "$here/test.mjs" "http://127.0.0.1:$port/" "$steps" "$here/test-output"
+node "$here/test.mjs" "http://127.0.0.1:$port/" "$steps" "$here/test-output" "$folder"
