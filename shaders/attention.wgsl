@@ -24,6 +24,8 @@ const MAX_HEAD_DIM: u32 = 256u;
 @group(0) @binding(7) var<storage, read_write> delta: array<f32>;
 @group(0) @binding(8) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(9) var<storage, read_write> grad2: array<f32>;
+// Per query token, the first key it may attend to: 0, or the start of its example in a packed sequence.
+@group(0) @binding(10) var<storage, read> first_key: array<u32>;
 
 fn q_at(t: u32, h: u32, x: u32) -> f32 {
     return q[(t * p.heads + h) * p.head_dim + x];
@@ -42,7 +44,7 @@ fn score(t: u32, h: u32, j: u32) -> f32 {
     return s * p.scale;
 }
 
-// One thread per (query t, head h), online softmax over keys 0..=t.
+// One thread per (query t, head h), online softmax over keys first_key[t]..=t.
 @compute @workgroup_size(64)
 fn attention_forward(@builtin(global_invocation_id) id: vec3<u32>) {
     let t = id.x;
@@ -54,7 +56,7 @@ fn attention_forward(@builtin(global_invocation_id) id: vec3<u32>) {
     var acc: array<f32, MAX_HEAD_DIM>;
     var m = -3.0e38;
     var l = 0.0;
-    for (var j = 0u; j <= t; j++) {
+    for (var j = first_key[t]; j <= t; j++) {
         let s = score(t, h, j);
         let new_m = max(m, s);
         let correction = exp(m - new_m);
@@ -100,7 +102,7 @@ fn attention_backward_dq(@builtin(global_invocation_id) id: vec3<u32>) {
     let base = (t * p.heads + h) * p.head_dim;
     let row = h * p.tokens + t;
     var acc: array<f32, MAX_HEAD_DIM>;
-    for (var j = 0u; j <= t; j++) {
+    for (var j = first_key[t]; j <= t; j++) {
         let prob = exp(score(t, h, j) - lse[row]);
         var dp = 0.0;
         for (var x = 0u; x < p.head_dim; x++) {
@@ -129,7 +131,8 @@ fn attention_backward_dkdv(@builtin(global_invocation_id) id: vec3<u32>) {
     var dv: array<f32, MAX_HEAD_DIM>;
     for (var g = 0u; g < group; g++) {
         let h = kvh * group + g;
-        for (var t = j; t < p.tokens; t++) {
+        // The queries that see key j: from j to the end of j's example.
+        for (var t = j; t < p.tokens && first_key[t] <= j; t++) {
             let row = h * p.tokens + t;
             let base = (t * p.heads + h) * p.head_dim;
             let prob = exp(score(t, h, j) - lse[row]);

@@ -14,10 +14,13 @@ use crate::ops::{Precision, cross_entropy, linear, rope, swiglu};
 use crate::rng::Rng;
 
 /// One training sequence: token ids and, for each position, the token it must predict (None: no loss).
+/// A packed sequence holds several examples: `starts` lists where each begins; attention stays inside
+/// each example and positions (RoPE) restart at each start.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sequence {
     pub ids: Vec<u32>,
     pub targets: Vec<Option<u32>>,
+    pub starts: Vec<u32>,
 }
 
 impl Sequence {
@@ -25,14 +28,101 @@ impl Sequence {
     /// every next token is a target.
     pub fn all_tokens(ids: Vec<u32>) -> Self {
         let targets = (0..ids.len()).map(|t| ids.get(t + 1).copied()).collect();
-        Sequence { ids, targets }
+        Sequence {
+            ids,
+            targets,
+            starts: vec![0],
+        }
     }
 
+    /// Whether the sequence holds more than one example.
+    pub fn is_packed(&self) -> bool {
+        self.starts.len() > 1
+    }
+
+    /// For each token, the first position it may attend to: the start of its example.
+    pub fn segments(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.ids.len());
+        for (i, &start) in self.starts.iter().enumerate() {
+            let end = self
+                .starts
+                .get(i + 1)
+                .map_or(self.ids.len(), |&e| e as usize);
+            out.extend(std::iter::repeat_n(start, end - start as usize));
+        }
+        out
+    }
+
+    /// Each token's position inside its own example.
+    pub fn positions(&self) -> Vec<u32> {
+        self.segments()
+            .iter()
+            .enumerate()
+            .map(|(t, &s)| t as u32 - s)
+            .collect()
+    }
+}
+
+/// Packs examples into sequences of at most `max_len` tokens (first fit, longest first, as TRL's
+/// best-fit packing does), each example kept whole; an example's last token predicts nothing, so no
+/// loss crosses from one example into the next.
+pub fn pack(sequences: Vec<Sequence>, max_len: usize) -> Vec<Sequence> {
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    let mut room: Vec<usize> = Vec::new();
+    for i in order {
+        let n = sequences[i].ids.len();
+        match room.iter().position(|&r| r >= n) {
+            Some(b) => {
+                bins[b].push(i);
+                room[b] -= n;
+            }
+            None => {
+                bins.push(vec![i]);
+                room.push(max_len.saturating_sub(n));
+            }
+        }
+    }
+    bins.into_iter()
+        .map(|bin| {
+            let mut packed = Sequence {
+                ids: Vec::new(),
+                targets: Vec::new(),
+                starts: Vec::new(),
+            };
+            for i in bin {
+                let s = &sequences[i];
+                packed.starts.push(packed.ids.len() as u32);
+                packed.ids.extend_from_slice(&s.ids);
+                let mut targets = s.targets.clone();
+                if let Some(last) = targets.last_mut() {
+                    *last = None;
+                }
+                packed.targets.extend(targets);
+            }
+            packed
+        })
+        .collect()
+}
+
+impl Sequence {
     /// Checks that every id and target lies inside a vocabulary of `vocab` tokens.
     pub fn check(&self, vocab: usize) -> Result<()> {
         if self.ids.len() != self.targets.len() {
             return Err(Error::Invalid(
                 "a sequence needs one target slot per token".into(),
+            ));
+        }
+        let ordered = self.starts.first() == Some(&0)
+            && self.starts.windows(2).all(|w| w[0] < w[1])
+            && self
+                .starts
+                .last()
+                .is_some_and(|&s| (s as usize) < self.ids.len().max(1));
+        if !ordered {
+            return Err(Error::Invalid(
+                "a sequence's example starts must begin at 0 and increase inside it".into(),
             ));
         }
         check_tokens(&self.ids, vocab)?;
@@ -97,6 +187,8 @@ struct Context<'a> {
     adapter: Option<&'a LoraAdapter>,
     /// LoRA dropout is on when set: the seed of this sequence's counter-based masks.
     dropout_seed: Option<u64>,
+    /// For a packed sequence, each token's first attendable position.
+    segments: Option<Vec<u32>>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     tokens: usize,
@@ -315,7 +407,15 @@ impl<'a> Context<'a> {
         let mut attn = vec![0f32; t * c.q_dim()];
         let mut lse = vec![0f32; c.num_heads * t];
         match cache {
-            None => attention::forward(shape, &q, &k, &v, None, &mut attn, &mut lse),
+            None => attention::forward(
+                shape,
+                &q,
+                &k,
+                &v,
+                self.segments.as_deref(),
+                &mut attn,
+                &mut lse,
+            ),
             Some(cache) => {
                 let past = cache.k.len() / c.kv_dim();
                 cache.k.extend_from_slice(&k);
@@ -436,7 +536,17 @@ impl<'a> Context<'a> {
             vec![0f32; s.v.len()],
         );
         attention::backward(
-            shape, &s.q, &s.k, &s.v, &s.attn, &s.lse, &d_attn, None, &mut dq, &mut dk, &mut dv,
+            shape,
+            &s.q,
+            &s.k,
+            &s.v,
+            &s.attn,
+            &s.lse,
+            &d_attn,
+            self.segments.as_deref(),
+            &mut dq,
+            &mut dk,
+            &mut dv,
         );
         rope::apply(&mut dq, c.num_heads, hd, &self.cos, &self.sin, true);
         rope::apply(&mut dk, c.num_kv_heads, hd, &self.cos, &self.sin, true);
@@ -506,28 +616,31 @@ fn context<'a>(
     tokens: usize,
     precision: Precision,
 ) -> Context<'a> {
-    context_at(model, adapter, dropout_seed, 0, tokens, precision)
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    context_at(model, adapter, dropout_seed, &positions, None, precision)
 }
 
-/// A context for `tokens` positions starting at `start` (decoding after cached positions).
+/// A context for tokens at `positions` (decoding after cached positions, or a packed sequence with its
+/// `segments`).
 fn context_at<'a>(
     model: &'a Model,
     adapter: Option<&'a LoraAdapter>,
     dropout_seed: Option<u64>,
-    start: usize,
-    tokens: usize,
+    positions: &[u32],
+    segments: Option<Vec<u32>>,
     precision: Precision,
 ) -> Context<'a> {
     let c = &model.config;
-    let positions: Vec<u32> = (start as u32..(start + tokens) as u32).collect();
+    let tokens = positions.len();
     let (cos, sin) = rope::tables(
-        &positions,
+        positions,
         &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
     );
     Context {
         model,
         adapter,
         dropout_seed,
+        segments,
         cos,
         sin,
         tokens,
@@ -633,8 +746,9 @@ pub fn decode(
         return Err(Error::Invalid("nothing to decode".into()));
     }
     let c = &model.config;
-    let start = cache.len(model);
-    let ctx = context_at(model, adapter, None, start, ids.len(), Precision::F32);
+    let start = cache.len(model) as u32;
+    let positions: Vec<u32> = (start..start + ids.len() as u32).collect();
+    let ctx = context_at(model, adapter, None, &positions, None, Precision::F32);
     let mut x = embed(model, ids)?;
     for (l, layer) in model.layers.iter().enumerate() {
         x = ctx.layer_forward(l, layer, x, Some(&mut cache.layers[l])).0;
@@ -686,11 +800,12 @@ pub fn forward_backward_with(
     let grad_scale = options.grad_scale;
     seq.check(model.config.vocab_size)?;
     let h = model.config.hidden_size;
-    let ctx = context(
+    let ctx = context_at(
         model,
         adapter,
         dropout_rng.map(|r| r.next_u64()),
-        seq.ids.len(),
+        &seq.positions(),
+        seq.is_packed().then(|| seq.segments()),
         options.precision,
     );
     let (xf, kept, x_last, inv_f) = decoder_forward(&ctx, &seq.ids, options.checkpoint)?;

@@ -230,6 +230,10 @@ struct TrainArgs {
     eval_steps: Option<usize>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
+    /// Pack several examples into each sequence of up to --max-length tokens (attention stays inside
+    /// each example; positions restart at each).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    packing: Option<bool>,
     /// Replace a finished run in the output folder.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     overwrite: Option<bool>,
@@ -285,6 +289,7 @@ impl TrainArgs {
             eval_split,
             eval_steps,
             gradient_checkpointing,
+            packing,
             overwrite,
             save_steps,
             resume
@@ -813,6 +818,7 @@ fn train_command(cli: TrainArgs) -> Result<()> {
         eval_data: a.eval_data,
         eval_split: a.eval_split,
         eval_steps: a.eval_steps.unwrap_or(0),
+        packing: a.packing.unwrap_or(false),
     };
     train(&model, &data, &output, quant, exec, config, &run).map(|_| ())
 }
@@ -826,6 +832,7 @@ struct RunOptions {
     eval_split: Option<f64>,
     /// 0: at the end of each epoch and of the run.
     eval_steps: usize,
+    packing: bool,
 }
 
 /// Keeps the metrics of steps up to `step` (complete lines only: a killed run may leave half a line).
@@ -870,6 +877,15 @@ fn train(
             "holding out {} of {} examples for validation",
             eval_sequences.len(),
             eval_sequences.len() + sequences.len()
+        );
+    }
+    if run.packing {
+        let examples = sequences.len();
+        sequences = nibble::cpu::pack(sequences, config.max_length);
+        log::info!(
+            "packed {examples} examples into {} sequences of at most {} tokens",
+            sequences.len(),
+            config.max_length
         );
     }
     let model = source.load(quant.request()?)?;

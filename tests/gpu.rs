@@ -290,3 +290,41 @@ fn gpu_training_steps_match_the_cpu_trainer() {
     eprintln!("worst relative difference of the LoRA updates: {worst:.1e}");
     assert!(worst < 1e-3, "LoRA updates differ by {worst:e}");
 }
+
+#[test]
+fn packed_sequences_on_the_gpu_match_the_cpu() {
+    use nibble::cpu::Sequence;
+    let Some(gpu) = gpu() else { return };
+    let f = fixture("qwen3", "nf4");
+    let vocab = f.model.config.vocab_size as u32;
+    let mut rng = nibble::rng::Rng::new(2);
+    let examples: Vec<Sequence> = [6usize, 10, 4]
+        .iter()
+        .map(|&n| Sequence::all_tokens((0..n).map(|_| rng.below(vocab as u64) as u32).collect()))
+        .collect();
+    let packed = cpu::pack(examples, 64).remove(0);
+    assert!(packed.is_packed());
+    let gm = GpuModel::upload(&gpu, &f.model).unwrap();
+    let gl = GpuLora::upload(&gpu, &f.adapter);
+    let grads = step::zero_grads(&gpu, &f.adapter);
+    let loss = step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &packed, 0.1).unwrap();
+    let mut ours = f.adapter.zeros_like();
+    grads.download(&gpu, &mut ours).unwrap();
+    let mut expected = f.adapter.zeros_like();
+    let cpu_loss = cpu::forward_backward(
+        &f.model,
+        Some(&f.adapter),
+        Some(&mut expected),
+        &packed,
+        0.1,
+        None,
+    )
+    .unwrap();
+    assert!((loss.loss_sum - cpu_loss.loss_sum).abs() / cpu_loss.loss_sum < 1e-5);
+    for ((_, _, g), (_, _, c)) in ours.pairs().zip(expected.pairs()) {
+        assert!(
+            rel(&g.a, &c.a) < 1e-4 && rel(&g.b, &c.b) < 1e-4,
+            "packed gradients differ"
+        );
+    }
+}

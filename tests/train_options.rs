@@ -144,6 +144,9 @@ fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
         &[
             "--max-steps",
             "4",
+            "--packing",
+            "--max-length",
+            "400",
             "--lora-r",
             "4",
             "--lora-alpha",
@@ -169,6 +172,8 @@ fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
     assert_eq!(evals[0]["eval_tokens"], evals[1]["eval_tokens"]);
     let steps = m.iter().filter(|v| v.get("loss").is_some()).count();
     assert_eq!(steps, 4);
+    // Packed: each step's one sequence holds several ~100-token examples.
+    assert!(m[0]["tokens"].as_u64().unwrap() > 250, "{:?}", m[0]);
     // The loss curve: a PNG with both the training line and the validation points drawn.
     let decoder = png::Decoder::new(std::io::BufReader::new(
         std::fs::File::open(first.join("loss_curve.png")).unwrap(),

@@ -380,6 +380,8 @@ struct Recorder<'a> {
     tokens: usize,
     cos: GpuBuffer,
     sin: GpuBuffer,
+    /// Per token, the first position it may attend to (the start of its example when packed).
+    first_key: GpuBuffer,
     /// LoRA dropout is on when set: the seed of this sequence's counter-based masks.
     dropout_seed: Option<u64>,
     dropout_p: f32,
@@ -757,7 +759,14 @@ impl<'a> Recorder<'a> {
             &mut self.enc,
             "attention_forward",
             &p,
-            &[(1, &q), (2, &k), (3, &v), (4, &attn), (5, &lse)],
+            &[
+                (1, &q),
+                (2, &k),
+                (3, &v),
+                (4, &attn),
+                (5, &lse),
+                (10, &self.first_key),
+            ],
             groups,
         );
         let (o, so) = self.linear_forward(l, LinearKind::O, &attn);
@@ -892,6 +901,7 @@ impl<'a> Recorder<'a> {
             &[(4, &s.attn), (6, &d_attn), (7, &delta)],
             heads_groups,
         );
+        let first_key = &self.first_key;
         let common = [
             (1, &s.q),
             (2, &s.k),
@@ -899,6 +909,7 @@ impl<'a> Recorder<'a> {
             (5, &s.lse),
             (6, &d_attn),
             (7, &delta),
+            (10, first_key),
         ];
         let mut b = common.to_vec();
         b.push((8, &dq));
@@ -1008,31 +1019,33 @@ impl<'a> Recorder<'a> {
     }
 }
 
-fn rope_tables(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> (GpuBuffer, GpuBuffer) {
-    let positions: Vec<u32> = (0..tokens as u32).collect();
+fn rope_tables(gpu: &Gpu, c: &ModelConfig, positions: &[u32]) -> (GpuBuffer, GpuBuffer) {
     let (cos, sin) = rope::tables(
-        &positions,
+        positions,
         &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
     );
     (gpu.upload_f32(&cos), gpu.upload_f32(&sin))
 }
 
+/// A recorder for one sequence (its tokens' positions inside their examples and, per token, the first
+/// position it may attend to).
 fn recorder<'a>(
     gpu: &'a Gpu,
     model: &'a GpuModel,
     lora: Option<&'a GpuLora>,
-    tokens: usize,
+    seq: &Sequence,
     enc: wgpu::CommandEncoder,
 ) -> Recorder<'a> {
-    let (cos, sin) = rope_tables(gpu, &model.config, tokens);
+    let (cos, sin) = rope_tables(gpu, &model.config, &seq.positions());
     Recorder {
         gpu,
         model,
         lora,
         enc,
-        tokens,
+        tokens: seq.ids.len(),
         cos,
         sin,
+        first_key: gpu.upload_u32(&seq.segments()),
         dropout_seed: None,
         dropout_p: 0.0,
     }
@@ -1090,7 +1103,13 @@ pub async fn logits_async(
     ids: &[u32],
 ) -> Result<Vec<f32>> {
     crate::cpu::check_tokens(ids, model.config.vocab_size)?;
-    let mut r = recorder(gpu, model, lora, ids.len(), gpu.encoder());
+    let mut r = recorder(
+        gpu,
+        model,
+        lora,
+        &Sequence::all_tokens(ids.to_vec()),
+        gpu.encoder(),
+    );
     let (xf, _, _, _) = decoder(&mut r, ids, false);
     let t = ids.len();
     let vocab = model.config.vocab_size;
@@ -1200,7 +1219,7 @@ pub fn record_sequence(
         .collect();
     let (t, h, np) = (seq.ids.len(), model.config.hidden_size, positions.len());
     let outer = std::mem::replace(enc, gpu.encoder());
-    let mut r = recorder(gpu, model, lora, t, outer);
+    let mut r = recorder(gpu, model, lora, seq, outer);
     if let Some((seed, p)) = options.dropout {
         r.dropout_seed = Some(seed);
         r.dropout_p = p;

@@ -80,6 +80,7 @@ pub fn fixture(name: &str, quant: &str) -> Fixture {
     let seq = Sequence {
         ids: expected.input_ids,
         targets,
+        starts: vec![0],
     };
     Fixture {
         model,
