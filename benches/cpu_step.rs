@@ -32,12 +32,21 @@ fn main() {
         rayon::current_num_threads(),
         adapter.parameter_count()
     );
+    // NIBBLE_BENCH_ONLY=default-256 (or f32-64, ...) runs one configuration, e.g. under a profiler.
+    let only = std::env::var("NIBBLE_BENCH_ONLY").ok();
     for (precision, tokens) in [
         (Precision::F32, 64),
         (Precision::F32, 256),
         (Precision::fastest(), 64),
         (Precision::fastest(), 256),
     ] {
+        let name = format!(
+            "{}-{tokens}",
+            if precision == Precision::F32 { "f32" } else { "default" }
+        );
+        if only.as_ref().is_some_and(|o| *o != name) {
+            continue;
+        }
         let ids: Vec<u32> = (0..tokens).map(|_| rng.below(150000) as u32).collect();
         let seq = Sequence::all_tokens(ids);
         let mut times = Vec::new();

@@ -820,25 +820,26 @@ pub fn forward_backward_with(
         .iter()
         .flat_map(|&t| xf[t * h..(t + 1) * h].iter().copied())
         .collect();
-    let (losses, lse) = cross_entropy::forward(&hidden, lm_head(model), &labels, options.precision);
+    if grads.is_none() || positions.is_empty() {
+        let (losses, _) =
+            cross_entropy::forward(&hidden, lm_head(model), &labels, options.precision);
+        return Ok(StepLoss {
+            loss_sum: losses.iter().map(|&l| l as f64).sum(),
+            targets: positions.len(),
+        });
+    }
+    // The loss and its gradient in one pass over the vocabulary.
+    let (losses, d_hidden) = cross_entropy::forward_backward(
+        &hidden,
+        lm_head(model),
+        &labels,
+        grad_scale,
+        options.precision,
+    );
     let loss = StepLoss {
         loss_sum: losses.iter().map(|&l| l as f64).sum(),
         targets: positions.len(),
     };
-    if grads.is_none() || positions.is_empty() {
-        return Ok(loss);
-    }
-
-    let mut d_hidden = vec![0f32; hidden.len()];
-    cross_entropy::backward(
-        &hidden,
-        lm_head(model),
-        &labels,
-        &lse,
-        grad_scale,
-        &mut d_hidden,
-        options.precision,
-    );
     let mut dxf = vec![0f32; xf.len()];
     for (i, &t) in positions.iter().enumerate() {
         dxf[t * h..(t + 1) * h].copy_from_slice(&d_hidden[i * h..(i + 1) * h]);

@@ -309,16 +309,11 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
     );
     assert!(e < 1e-6, "cross-entropy forward: {e:e}");
 
-    let mut d_hidden = vec![0f32; hidden.len()];
-    cross_entropy::backward(
-        &hidden,
-        &head,
-        &labels,
-        &lse,
-        0.5,
-        &mut d_hidden,
-        Precision::F32,
-    );
+    // The one-pass loss and gradient: the same losses, and the gradient against finite differences.
+    let (fused, d_hidden) = cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32);
+    let e = rel_err(&fused, &losses.iter().map(|&l| l as f64).collect::<Vec<_>>());
+    assert!(e < 1e-6, "fused cross-entropy loss: {e:e}");
+    assert!(lse.iter().all(|l| l.is_finite()));
     let weights = vec![0.5f32; positions];
     let fd = finite_diff(&hidden, &weights, |x| {
         cross_entropy_reference(x, &w, vocab, dim, &labels)
@@ -574,4 +569,31 @@ fn dropout_masks_are_counter_based_unbiased_and_independent_per_stream() {
         (lhs - rhs).abs() < 1e-3 * lhs.abs().max(1.0),
         "⟨dy, D x⟩ {lhs} vs ⟨Dᵀdy, x⟩ {rhs}"
     );
+}
+
+#[test]
+fn packed_rows_decode_to_the_bf16_of_their_dequantized_values() {
+    use nibble::model::LinearWeight;
+    use nibble::ops::bf16_gemm::Bf16Rows;
+    use nibble::quant::{QuantFormat, QuantSpec, QuantTensor};
+    let mut rng = Rng::new(23);
+    let (rows, cols) = (5, 384);
+    let w = random(rows * cols, 0.5, &mut rng);
+    for (format, group) in [(QuantFormat::Nf4, 64), (QuantFormat::Int4, 32), (QuantFormat::Nf4, 128)] {
+        let q = QuantTensor::quantize(QuantSpec::new(format, group).unwrap(), rows, cols, &w).unwrap();
+        let deq = q.dequantize();
+        let weight = LinearWeight::Quant(q);
+        for r in 0..rows {
+            let expected: Vec<u16> = deq[r * cols..(r + 1) * cols]
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            // The whole row (the vectorised path), a 32-aligned slice, and an unaligned one.
+            for (c0, len) in [(0, cols), (64, 32), (7, 50)] {
+                let mut got = vec![0u16; len];
+                weight.row_bf16(r, c0, &mut got);
+                assert_eq!(got, expected[c0..c0 + len], "{format:?} g{group} row {r} cols {c0}..");
+            }
+        }
+    }
 }

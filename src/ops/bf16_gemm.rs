@@ -19,7 +19,9 @@ pub fn available() -> bool {
     {
         static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AVAILABLE.get_or_init(|| {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -37,7 +39,8 @@ fn bf16_bits(x: f32) -> u16 {
 struct Panel {
     n: usize,
     k_pairs: usize,
-    data: Vec<u16>,
+    /// k-pairs of bf16 (low half first), k_pairs·NR words per 32-column block.
+    data: Vec<u32>,
 }
 
 impl Panel {
@@ -78,14 +81,62 @@ impl Bf16Rows for LinearWeight {
                         };
                         bf16_bits(v)
                     });
-                    for (i, o) in out[c - c0..c - c0 + len].iter_mut().enumerate() {
-                        let col = c + i;
-                        let word = q.packed[(row * cols + col) / 8];
-                        *o = lut[((word >> (4 * (col % 8))) & 0xF) as usize];
+                    let first = row * cols + c;
+                    let dst = &mut out[c - c0..c - c0 + len];
+                    if first % 32 == 0 && len % 32 == 0 {
+                        decode_codes(&q.packed[first / 8..(first + len) / 8], &lut, dst);
+                    } else {
+                        for (i, o) in dst.iter_mut().enumerate() {
+                            let col = c + i;
+                            let word = q.packed[(row * cols + col) / 8];
+                            *o = lut[((word >> (4 * (col % 8))) & 0xF) as usize];
+                        }
                     }
                     c += len;
                 }
             }
+        }
+    }
+}
+
+/// out[i] = lut[code i] for the 8·words.len() 4-bit codes of `words` (low nibble first).
+fn decode_codes(words: &[u32], lut: &[u16; 16], out: &mut [u16]) {
+    assert_eq!(out.len(), words.len() * 8);
+    #[cfg(target_arch = "x86_64")]
+    if available() && words.len() % 4 == 0 {
+        // SAFETY: `available()` checked AVX512F/BW; lengths are checked just above.
+        unsafe { decode_codes_avx512(words, lut, out) };
+        return;
+    }
+    for (w, o) in words.iter().zip(out.chunks_exact_mut(8)) {
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = lut[((w >> (4 * i)) & 0xF) as usize];
+        }
+    }
+}
+
+/// 32 codes per step: the 16 bytes of four words widen to 16 u32 lanes, each lane's two nibbles
+/// become two u16 lanes in code order, and `vpermw` looks all 32 up in the table at once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_codes_avx512(words: &[u32], lut: &[u16; 16], out: &mut [u16]) {
+    use std::arch::x86_64::*;
+    debug_assert!(words.len() % 4 == 0 && out.len() == words.len() * 8);
+    // SAFETY: the caller guarantees AVX512F/BW and out.len() == 8·words.len() with words.len() a
+    // multiple of 4, so step s reads words[4s..4s + 4] (16 bytes) and writes out[32s..32s + 32]; the
+    // table load reads exactly the 16 u16 of `lut`. All loads and stores are unaligned.
+    unsafe {
+        let table = _mm512_castsi256_si512(_mm256_loadu_si256(lut.as_ptr() as *const __m256i));
+        let low = _mm512_set1_epi32(0xF);
+        for s in 0..words.len() / 4 {
+            let bytes = _mm_loadu_si128(words.as_ptr().add(4 * s) as *const __m128i);
+            let wide = _mm512_cvtepu8_epi32(bytes);
+            let codes = _mm512_or_si512(
+                _mm512_and_si512(wide, low),
+                _mm512_slli_epi32(_mm512_srli_epi32(wide, 4), 16),
+            );
+            let values = _mm512_permutexvar_epi16(codes, table);
+            _mm512_storeu_si512(out.as_mut_ptr().add(32 * s) as *mut __m512i, values);
         }
     }
 }
@@ -121,16 +172,18 @@ impl Panel {
     fn of_rows_transposed(w: &impl Bf16Rows, start: usize, n: usize) -> Self {
         let k = w.cols();
         let k_pairs = k.div_ceil(2);
-        let mut data = vec![0u16; n.div_ceil(NR) * k_pairs * 2 * NR];
-        data.par_chunks_mut(k_pairs * 2 * NR)
+        let mut data = vec![0u32; n.div_ceil(NR) * k_pairs * NR];
+        data.par_chunks_mut(k_pairs * NR)
             .enumerate()
             .for_each_init(
-                || vec![0u16; k],
-                |row, (jb, block)| {
+                || vec![0u32; k_pairs],
+                |pairs, (jb, block)| {
+                    // Column i's k-pair kp sits at word kp·NR + i of the block: one u32 store per pair.
                     for i in 0..NR.min(n - jb * NR) {
-                        w.row_bf16(start + jb * NR + i, 0, row);
-                        for (q, &bits) in row.iter().enumerate() {
-                            block[(q / 2) * 2 * NR + 2 * i + q % 2] = bits;
+                        let row: &mut [u16] = bytemuck::cast_slice_mut(pairs.as_mut_slice());
+                        w.row_bf16(start + jb * NR + i, 0, &mut row[..k]);
+                        for (kp, &pair) in pairs.iter().enumerate() {
+                            block[kp * NR + i] = pair;
                         }
                     }
                 },
@@ -143,12 +196,13 @@ impl Panel {
     fn of_rows(w: &impl Bf16Rows, start: usize, kn: usize) -> Self {
         let n = w.cols();
         let k_pairs = kn.div_ceil(2);
-        let mut data = vec![0u16; n.div_ceil(NR) * k_pairs * 2 * NR];
-        data.par_chunks_mut(k_pairs * 2 * NR)
+        let mut data = vec![0u32; n.div_ceil(NR) * k_pairs * NR];
+        data.par_chunks_mut(k_pairs * NR)
             .enumerate()
             .for_each_init(
                 || vec![0u16; NR],
                 |slice, (jb, block)| {
+                    let block: &mut [u16] = bytemuck::cast_slice_mut(block);
                     let cols = NR.min(n - jb * NR);
                     for kk in 0..kn {
                         w.row_bf16(start + kk, jb * NR, &mut slice[..cols]);
@@ -260,7 +314,8 @@ fn gemm(a: &PackedA, panel: &Panel, c: &mut [f32], ldc: usize, c_col: usize, acc
             for i0 in (0..rows).step_by(MR) {
                 let mr = MR.min(rows - i0);
                 for jb in 0..panel.blocks() {
-                    let b = &panel.data[jb * k_pairs * 2 * NR..(jb + 1) * k_pairs * 2 * NR];
+                    let b: &[u16] =
+                        bytemuck::cast_slice(&panel.data[jb * k_pairs * NR..(jb + 1) * k_pairs * NR]);
                     let mut acc = [[0f32; NR]; MR];
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `available()` was checked above, so the CPU has AVX512F and AVX512-BF16;

@@ -111,53 +111,100 @@ pub fn forward(
     (losses, lse)
 }
 
-/// d hidden = Σ_chunks (softmax − onehot(label)) · W · grad_scale, written into `d_hidden`.
-pub fn backward(
+/// The loss (as `forward`) and its gradient d hidden = grad_scale · (softmax · W − W[label]) in one pass
+/// over the vocabulary: per position a running maximum m, sum s = Σ exp(logit − m) and accumulator
+/// acc = Σ exp(logit − m) · W_v, rescaled whenever m grows (as online softmax does), so each chunk's
+/// logits are computed once and d hidden = grad_scale · (acc / s − W[label]) at the end.
+pub fn forward_backward(
     hidden: &[f32],
     head: &DenseTensor,
     labels: &[u32],
-    lse: &[f32],
     grad_scale: f32,
-    d_hidden: &mut [f32],
     precision: Precision,
-) {
+) -> (Vec<f32>, Vec<f32>) {
     let positions = labels.len();
     let dim = head.cols;
-    d_hidden.fill(0.0);
+    assert_eq!(
+        hidden.len(),
+        positions * dim,
+        "cross_entropy: hidden is positions x dim"
+    );
     let h = Hidden::new(hidden, positions, dim, precision);
-    let mut dlogits = Vec::new();
+    // (running max, running sum, label logit) per position.
+    let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); positions];
+    let mut acc = vec![0f32; positions * dim];
+    let mut probs = Vec::new();
     for start in (0..head.rows).step_by(VOCAB_CHUNK) {
         let n = VOCAB_CHUNK.min(head.rows - start);
-        dlogits.resize(positions * n, 0.0);
-        h.chunk_logits(head, start, n, &mut dlogits);
-        dlogits.par_chunks_mut(n).enumerate().for_each(|(p, row)| {
-            for x in row.iter_mut() {
-                *x = (*x - lse[p]).exp() * grad_scale;
-            }
-            let label = labels[p] as usize;
-            if (start..start + n).contains(&label) {
-                row[label - start] -= grad_scale;
-            }
-        });
-        match precision {
-            Precision::Bf16 => {
-                let a = bf16_gemm::PackedA::new(&dlogits, positions, n);
-                bf16_gemm::matmul_a_rows(&a, head, start, d_hidden, dim, 0, true);
-            }
-            Precision::F32 => {
-                let w = head_rows_f32(head, start, n);
-                matmul_into(
-                    View::new(&dlogits, positions, n),
-                    View::new(&w, n, dim),
-                    1.0,
-                    d_hidden,
-                    dim,
-                    0,
-                    true,
-                );
+        probs.resize(positions * n, 0.0);
+        let w = (precision == Precision::F32).then(|| head_rows_f32(head, start, n));
+        match (&h, &w) {
+            (Hidden::F32(x), Some(w)) => matmul_into(
+                View::new(x, positions, dim),
+                View::transposed(w, n, dim),
+                1.0,
+                &mut probs,
+                n,
+                0,
+                false,
+            ),
+            _ => h.chunk_logits(head, start, n, &mut probs),
+        }
+        probs
+            .par_chunks_mut(n)
+            .zip(acc.par_chunks_mut(dim))
+            .zip(state.par_iter_mut())
+            .zip(labels.par_iter())
+            .for_each(|(((row, acc_row), (max, sum, label_logit)), &label)| {
+                let label = label as usize;
+                if (start..start + n).contains(&label) {
+                    *label_logit = row[label - start];
+                }
+                let new_max = row.iter().cloned().fold(*max, f32::max);
+                let rescale = (*max - new_max).exp();
+                if rescale != 1.0 {
+                    acc_row.iter_mut().for_each(|a| *a *= rescale);
+                }
+                let mut chunk_sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - new_max).exp();
+                    chunk_sum += *x;
+                }
+                *sum = *sum * rescale + chunk_sum;
+                *max = new_max;
+            });
+        match (precision, &w) {
+            (Precision::F32, Some(w)) => matmul_into(
+                View::new(&probs, positions, n),
+                View::new(w, n, dim),
+                1.0,
+                &mut acc,
+                dim,
+                0,
+                true,
+            ),
+            _ => {
+                let a = bf16_gemm::PackedA::new(&probs, positions, n);
+                bf16_gemm::matmul_a_rows(&a, head, start, &mut acc, dim, 0, true);
             }
         }
     }
+    let mut losses = vec![0f32; positions];
+    let mut d_hidden = acc;
+    d_hidden
+        .par_chunks_mut(dim)
+        .zip(losses.par_iter_mut())
+        .zip(state.par_iter())
+        .zip(labels.par_iter())
+        .for_each(|(((d, loss), &(max, sum, label_logit)), &label)| {
+            *loss = max + sum.ln() - label_logit;
+            let mut label_row = vec![0f32; dim];
+            head.row_f32(label as usize, &mut label_row);
+            for (g, w) in d.iter_mut().zip(&label_row) {
+                *g = grad_scale * (*g / sum - w);
+            }
+        });
+    (losses, d_hidden)
 }
 
 /// Full logits [positions, vocab] (for evaluation of small models and tests).
