@@ -5,7 +5,10 @@ fastest CPU mode) or bitsandbytes NF4 (group 64, bf16 compute). scripts/bench_re
 beside `nibble train --preset qwen2.5-cpu` on the same model and data.
 
     python scripts/bench_recipe.py write-data DATA.jsonl
-    python scripts/bench_recipe.py train MODEL_DIR DATA.jsonl OUT_DIR bf16|nf4
+    python scripts/bench_recipe.py train MODEL_DIR DATA.jsonl OUT_DIR bf16|nf4|bf16-no-checkpointing
+
+TRL's SFTConfig turns gradient checkpointing on by default; bf16-no-checkpointing turns it off (faster,
+more memory), for comparison.
 """
 import json
 import random
@@ -51,11 +54,13 @@ def train(model_dir, data, out, mode):
                                                      device_map="cpu")
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    checkpointing = mode != "bf16-no-checkpointing"
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     args = SFTConfig(output_dir=out, per_device_train_batch_size=1, gradient_accumulation_steps=4,
                      num_train_epochs=2, learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[],
-                     bf16=True, use_cpu=True, max_length=1024, dataloader_num_workers=0)
+                     bf16=True, use_cpu=True, max_length=1024, dataloader_num_workers=0,
+                     gradient_checkpointing=checkpointing)
     trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
                          processing_class=tok, peft_config=lora)
     trainer.train()

@@ -22,3 +22,5 @@ measure nibble "$nibble" train --preset qwen2.5-cpu --model "$work/model" --data
   --output "$work/nibble-out" --device cpu
 measure hf-bf16 "$py" "$root/scripts/bench_recipe.py" train "$work/model" "$work/chats.jsonl" "$work/hf-bf16" bf16
 measure hf-nf4 "$py" "$root/scripts/bench_recipe.py" train "$work/model" "$work/chats.jsonl" "$work/hf-nf4" nf4
+measure hf-bf16-no-checkpointing "$py" "$root/scripts/bench_recipe.py" train "$work/model" "$work/chats.jsonl" \
+  "$work/hf-bf16-nc" bf16-no-checkpointing

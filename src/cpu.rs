@@ -177,7 +177,6 @@ struct LayerSaved {
     inv2: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
-    h: Vec<f32>,
     linears: Vec<Option<LinearSaved>>,
 }
 
@@ -455,7 +454,6 @@ impl<'a> Context<'a> {
             inv2,
             gate,
             up,
-            h,
             linears,
         };
         (x_out, saved)
@@ -473,17 +471,22 @@ impl<'a> Context<'a> {
         let (t, hd, h_size) = (self.tokens, c.head_dim, c.hidden_size);
         let saved = |k: LinearKind| s.linears[k as usize].as_ref();
 
-        let mut dh = vec![0f32; s.h.len()];
+        // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x intermediate floats
+        // per layer, the largest activation there is.
+        let mut h = vec![0f32; s.gate.len()];
+        swiglu::forward(&s.gate, &s.up, &mut h);
+        let mut dh = vec![0f32; h.len()];
         self.linear_backward(
             l,
             layer.linear(LinearKind::Down),
-            &s.h,
+            &h,
             saved(LinearKind::Down),
             &dx_out,
             &mut dh,
             grads,
         );
         let (mut dgate, mut dup) = (vec![0f32; dh.len()], vec![0f32; dh.len()]);
+        drop(h);
         swiglu::backward(&s.gate, &s.up, &dh, &mut dgate, &mut dup);
         let mut dxn2 = vec![0f32; t * h_size];
         self.linear_backward(

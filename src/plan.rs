@@ -48,7 +48,7 @@ fn layer_activations(c: &ModelConfig, p: &PlanInput) -> u64 {
         + t * (qd + 2 * kvd) // q, k, v
         + t * qd + nh * t // attention output, log-sum-exp
         + 2 * t * h + t // x_mid, xn2, inv2
-        + 3 * t * i; // gate, up, h
+        + 2 * t * i; // gate, up (silu(gate)·up is recomputed in the backward)
     if c.qk_norm {
         floats += t * (qd + kvd) + t * (nh + nkv);
     }
