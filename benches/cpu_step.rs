@@ -42,7 +42,11 @@ fn main() {
     ] {
         let name = format!(
             "{}-{tokens}",
-            if precision == Precision::F32 { "f32" } else { "default" }
+            if precision == Precision::F32 {
+                "f32"
+            } else {
+                "default"
+            }
         );
         if only.as_ref().is_some_and(|o| *o != name) {
             continue;

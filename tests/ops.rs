@@ -310,8 +310,12 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
     assert!(e < 1e-6, "cross-entropy forward: {e:e}");
 
     // The one-pass loss and gradient: the same losses, and the gradient against finite differences.
-    let (fused, d_hidden) = cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32);
-    let e = rel_err(&fused, &losses.iter().map(|&l| l as f64).collect::<Vec<_>>());
+    let (fused, d_hidden) =
+        cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32);
+    let e = rel_err(
+        &fused,
+        &losses.iter().map(|&l| l as f64).collect::<Vec<_>>(),
+    );
     assert!(e < 1e-6, "fused cross-entropy loss: {e:e}");
     assert!(lse.iter().all(|l| l.is_finite()));
     let weights = vec![0.5f32; positions];
@@ -579,8 +583,13 @@ fn packed_rows_decode_to_the_bf16_of_their_dequantized_values() {
     let mut rng = Rng::new(23);
     let (rows, cols) = (5, 384);
     let w = random(rows * cols, 0.5, &mut rng);
-    for (format, group) in [(QuantFormat::Nf4, 64), (QuantFormat::Int4, 32), (QuantFormat::Nf4, 128)] {
-        let q = QuantTensor::quantize(QuantSpec::new(format, group).unwrap(), rows, cols, &w).unwrap();
+    for (format, group) in [
+        (QuantFormat::Nf4, 64),
+        (QuantFormat::Int4, 32),
+        (QuantFormat::Nf4, 128),
+    ] {
+        let q =
+            QuantTensor::quantize(QuantSpec::new(format, group).unwrap(), rows, cols, &w).unwrap();
         let deq = q.dequantize();
         let weight = LinearWeight::Quant(q);
         for r in 0..rows {
@@ -592,7 +601,11 @@ fn packed_rows_decode_to_the_bf16_of_their_dequantized_values() {
             for (c0, len) in [(0, cols), (64, 32), (7, 50)] {
                 let mut got = vec![0u16; len];
                 weight.row_bf16(r, c0, &mut got);
-                assert_eq!(got, expected[c0..c0 + len], "{format:?} g{group} row {r} cols {c0}..");
+                assert_eq!(
+                    got,
+                    expected[c0..c0 + len],
+                    "{format:?} g{group} row {r} cols {c0}.."
+                );
             }
         }
     }

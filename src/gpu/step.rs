@@ -9,11 +9,17 @@ use crate::cpu::{Sequence, StepLoss};
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
 use crate::model::{DenseData, DenseTensor, LinearWeight, Model};
+use crate::ops::attention::AttentionParams;
+use crate::ops::cross_entropy::CeParams;
 use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::{self, DropoutParams};
+use crate::ops::linear::LinearParams;
+use crate::ops::matmul::MatmulParams;
+use crate::ops::rmsnorm::RmsNormParams;
 use crate::ops::rope;
+use crate::ops::rope::RopeParams;
+use crate::ops::{Dims4, EmbedParams};
 use crate::quant::QuantFormat;
-use bytemuck::{Pod, Zeroable};
 
 const FMT_F32: u32 = 0;
 const FMT_BF16: u32 = 1;
@@ -222,98 +228,6 @@ impl GpuLora {
         }
         Ok(())
     }
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct LinearParams {
-    tokens: u32,
-    rows: u32,
-    cols: u32,
-    fmt: u32,
-    group_size: u32,
-    has_bias: u32,
-    accumulate: u32,
-    _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct MatmulParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    a_row_stride: u32,
-    a_col_stride: u32,
-    b_row_stride: u32,
-    b_col_stride: u32,
-    ldc: u32,
-    c_col: u32,
-    accumulate: u32,
-    alpha: f32,
-    _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Dims4 {
-    a: u32,
-    b: u32,
-    c: u32,
-    d: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct RmsParams {
-    rows: u32,
-    dim: u32,
-    eps: f32,
-    _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct RopeParams {
-    tokens: u32,
-    heads: u32,
-    head_dim: u32,
-    sign: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct AttentionParams {
-    tokens: u32,
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    scale: f32,
-    _pad: [u32; 3],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct EmbedParams {
-    tokens: u32,
-    dim: u32,
-    fmt: u32,
-    row_start: u32,
-    row_count: u32,
-    _pad: [u32; 3],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct CeParams {
-    positions: u32,
-    dim: u32,
-    fmt: u32,
-    chunk_start: u32,
-    chunk_len: u32,
-    block_start: u32,
-    grad_scale: f32,
-    _pad: u32,
 }
 
 /// A strided view of a GPU matrix, as `ops::matmul::View` is of a CPU one.
@@ -631,13 +545,8 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    fn rms_params(&self, rows: usize, dim: usize) -> RmsParams {
-        RmsParams {
-            rows: rows as u32,
-            dim: dim as u32,
-            eps: self.c().rms_norm_eps as f32,
-            _pad: 0,
-        }
+    fn rms_params(&self, rows: usize, dim: usize) -> RmsNormParams {
+        RmsNormParams::new(rows, dim, self.c().rms_norm_eps)
     }
 
     fn rmsnorm(&mut self, x: &GpuBuffer, w: &GpuBuffer, dim: usize) -> (GpuBuffer, GpuBuffer) {

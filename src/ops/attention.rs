@@ -194,3 +194,15 @@ pub fn backward(
         }
     }
 }
+
+/// The uniform of shaders/attention.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AttentionParams {
+    pub tokens: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub scale: f32,
+    pub _pad: [u32; 3],
+}

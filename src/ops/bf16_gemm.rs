@@ -173,21 +173,19 @@ impl Panel {
         let k = w.cols();
         let k_pairs = k.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(NR) * k_pairs * NR];
-        data.par_chunks_mut(k_pairs * NR)
-            .enumerate()
-            .for_each_init(
-                || vec![0u32; k_pairs],
-                |pairs, (jb, block)| {
-                    // Column i's k-pair kp sits at word kp·NR + i of the block: one u32 store per pair.
-                    for i in 0..NR.min(n - jb * NR) {
-                        let row: &mut [u16] = bytemuck::cast_slice_mut(pairs.as_mut_slice());
-                        w.row_bf16(start + jb * NR + i, 0, &mut row[..k]);
-                        for (kp, &pair) in pairs.iter().enumerate() {
-                            block[kp * NR + i] = pair;
-                        }
+        data.par_chunks_mut(k_pairs * NR).enumerate().for_each_init(
+            || vec![0u32; k_pairs],
+            |pairs, (jb, block)| {
+                // Column i's k-pair kp sits at word kp·NR + i of the block: one u32 store per pair.
+                for i in 0..NR.min(n - jb * NR) {
+                    let row: &mut [u16] = bytemuck::cast_slice_mut(pairs.as_mut_slice());
+                    w.row_bf16(start + jb * NR + i, 0, &mut row[..k]);
+                    for (kp, &pair) in pairs.iter().enumerate() {
+                        block[kp * NR + i] = pair;
                     }
-                },
-            );
+                }
+            },
+        );
         Panel { n, k_pairs, data }
     }
 
@@ -197,21 +195,19 @@ impl Panel {
         let n = w.cols();
         let k_pairs = kn.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(NR) * k_pairs * NR];
-        data.par_chunks_mut(k_pairs * NR)
-            .enumerate()
-            .for_each_init(
-                || vec![0u16; NR],
-                |slice, (jb, block)| {
-                    let block: &mut [u16] = bytemuck::cast_slice_mut(block);
-                    let cols = NR.min(n - jb * NR);
-                    for kk in 0..kn {
-                        w.row_bf16(start + kk, jb * NR, &mut slice[..cols]);
-                        for (i, &bits) in slice[..cols].iter().enumerate() {
-                            block[(kk / 2) * 2 * NR + 2 * i + kk % 2] = bits;
-                        }
+        data.par_chunks_mut(k_pairs * NR).enumerate().for_each_init(
+            || vec![0u16; NR],
+            |slice, (jb, block)| {
+                let block: &mut [u16] = bytemuck::cast_slice_mut(block);
+                let cols = NR.min(n - jb * NR);
+                for kk in 0..kn {
+                    w.row_bf16(start + kk, jb * NR, &mut slice[..cols]);
+                    for (i, &bits) in slice[..cols].iter().enumerate() {
+                        block[(kk / 2) * 2 * NR + 2 * i + kk % 2] = bits;
                     }
-                },
-            );
+                }
+            },
+        );
         Panel { n, k_pairs, data }
     }
 }
@@ -314,8 +310,9 @@ fn gemm(a: &PackedA, panel: &Panel, c: &mut [f32], ldc: usize, c_col: usize, acc
             for i0 in (0..rows).step_by(MR) {
                 let mr = MR.min(rows - i0);
                 for jb in 0..panel.blocks() {
-                    let b: &[u16] =
-                        bytemuck::cast_slice(&panel.data[jb * k_pairs * NR..(jb + 1) * k_pairs * NR]);
+                    let b: &[u16] = bytemuck::cast_slice(
+                        &panel.data[jb * k_pairs * NR..(jb + 1) * k_pairs * NR],
+                    );
                     let mut acc = [[0f32; NR]; MR];
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `available()` was checked above, so the CPU has AVX512F and AVX512-BF16;

@@ -133,3 +133,18 @@ pub fn backward_input(
         }
     }
 }
+
+/// The uniform of shaders/linear.wgsl: x [tokens, cols] against W [rows, cols] stored in format `fmt`
+/// (shaders/common.wgsl numbers them), with groups of `group_size` for the 4-bit formats.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LinearParams {
+    pub tokens: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub fmt: u32,
+    pub group_size: u32,
+    pub has_bias: u32,
+    pub accumulate: u32,
+    pub _pad: u32,
+}

@@ -124,3 +124,21 @@ pub fn matmul(a: View, b: View) -> Vec<f32> {
     matmul_into(a, b, 1.0, &mut c, b.cols, 0, false);
     c
 }
+
+/// The uniform of shaders/matmul.wgsl: C (+)= alpha · A·B over strided views, as `matmul_into` takes them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MatmulParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub a_row_stride: u32,
+    pub a_col_stride: u32,
+    pub b_row_stride: u32,
+    pub b_col_stride: u32,
+    pub ldc: u32,
+    pub c_col: u32,
+    pub accumulate: u32,
+    pub alpha: f32,
+    pub _pad: u32,
+}

@@ -33,3 +33,26 @@ impl Precision {
         }
     }
 }
+
+/// The uniform of shaders/embed.wgsl: rows `row_start..row_start + row_count` of the table live in one
+/// block (a binding), stored in format `fmt`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EmbedParams {
+    pub tokens: u32,
+    pub dim: u32,
+    pub fmt: u32,
+    pub row_start: u32,
+    pub row_count: u32,
+    pub _pad: [u32; 3],
+}
+
+/// The uniform of the kernels that need only sizes (shaders/elementwise.wgsl, shaders/rows.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Dims4 {
+    pub a: u32,
+    pub b: u32,
+    pub c: u32,
+    pub d: u32,
+}

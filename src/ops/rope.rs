@@ -87,3 +87,13 @@ pub fn apply(
         }
     }
 }
+
+/// The uniform of shaders/rope.wgsl; `sign` −1 applies the inverse rotation (the backward).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RopeParams {
+    pub tokens: u32,
+    pub heads: u32,
+    pub head_dim: u32,
+    pub sign: f32,
+}
