@@ -1005,6 +1005,18 @@ fn tokenize_file(
     for (i, ex) in examples.iter().enumerate() {
         let (seq, c) = nibble::train::tokenize(tok, ex, config.loss_on, config.max_length)
             .with_context(|| format!("{}: example {}", file.display(), i + 1))?;
+        if seq.target_count() == 0 {
+            bail!(
+                "{}: example {} has no label tokens (nothing to learn from{})",
+                file.display(),
+                i + 1,
+                if c > 0 {
+                    "; --max-length cut them off"
+                } else {
+                    ""
+                }
+            );
+        }
         cut += usize::from(c > 0);
         sequences.push(seq);
     }
