@@ -272,13 +272,40 @@ fn pack_a(a: &[f32], m: usize, k: usize) -> Vec<u32> {
         .enumerate()
         .for_each(|(i, row)| {
             let src = &a[i * k..(i + 1) * k];
-            for (kp, pair) in row.iter_mut().enumerate() {
+            // 32 values (16 pairs) at a time with the CPU's own conversion, the rest one by one.
+            let vectorised = if available() { (k / 32) * 16 } else { 0 };
+            #[cfg(target_arch = "x86_64")]
+            if vectorised > 0 {
+                // SAFETY: `available()` checked AVX512F/BF16; the call reads src[..2·vectorised] and
+                // writes row[..vectorised], within both slices (vectorised = 16·(k / 32)).
+                unsafe { round_pairs_avx512(&src[..2 * vectorised], &mut row[..vectorised]) };
+            }
+            for (kp, pair) in row.iter_mut().enumerate().skip(vectorised) {
                 let lo = bf16_bits(src[2 * kp]) as u32;
                 let hi = src.get(2 * kp + 1).map_or(0, |&v| bf16_bits(v) as u32);
                 *pair = lo | (hi << 16);
             }
         });
     out
+}
+
+/// pairs[p] = bf16(src[2p]) | bf16(src[2p + 1]) << 16, rounding to nearest even like `bf16_bits`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn round_pairs_avx512(src: &[f32], pairs: &mut [u32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(src.len() == 2 * pairs.len() && pairs.len() % 16 == 0);
+    // SAFETY: step s reads src[32s..32s + 32] and writes pairs[16s..16s + 16], in bounds by the length
+    // contract above; loads and stores are unaligned.
+    unsafe {
+        for s in 0..pairs.len() / 16 {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(32 * s));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(32 * s + 16));
+            // The second operand fills the low 16 bf16 lanes: values 0..32 in order, as 16 pairs.
+            let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(pairs.as_mut_ptr().add(16 * s) as *mut __m512i, packed);
+        }
+    }
 }
 
 /// C[m, n] (+)= A[m, k]·B with B given by `b(kk, j)`; C is row-major with rows `ldc` long, written
