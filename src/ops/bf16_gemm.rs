@@ -74,13 +74,12 @@ impl Bf16Rows for LinearWeight {
                     // identical to rounding the f32 dequantized value.
                     let gi = row * groups + c / g;
                     let scale = q.scales[gi];
-                    let lut: [u16; 16] = std::array::from_fn(|code| {
-                        let v = match q.spec.format {
-                            QuantFormat::Nf4 => NF4_CODES[code] * scale,
-                            QuantFormat::Int4 => q.mins[gi] + code as f32 * scale,
-                        };
-                        bf16_bits(v)
-                    });
+                    let lut = match q.spec.format {
+                        // −0 + x is x for every x, signed zeros included, so the table is exactly
+                        // the NF4 product.
+                        QuantFormat::Nf4 => group_table(&NF4_CODES, scale, -0.0),
+                        QuantFormat::Int4 => group_table(&INT4_CODES, scale, q.mins[gi]),
+                    };
                     let first = row * cols + c;
                     let dst = &mut out[c - c0..c - c0 + len];
                     if first % 32 == 0 && len % 32 == 0 {
@@ -97,6 +96,39 @@ impl Bf16Rows for LinearWeight {
             }
         }
     }
+}
+
+/// The INT4 codes as values: code c stands for min + c·scale.
+const INT4_CODES: [f32; 16] = [
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+];
+
+/// bf16 bits of min + codes[c]·scale for the 16 codes: one group's lookup table. The product and sum
+/// are separate f32 operations (no fused multiply-add), as dequantization computes them.
+fn group_table(codes: &[f32; 16], scale: f32, min: f32) -> [u16; 16] {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available()` checked AVX512F/BF16.
+        return unsafe { group_table_avx512(codes, scale, min) };
+    }
+    std::array::from_fn(|c| bf16_bits(min + codes[c] * scale))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn group_table_avx512(codes: &[f32; 16], scale: f32, min: f32) -> [u16; 16] {
+    use std::arch::x86_64::*;
+    let mut out = [0u16; 16];
+    // SAFETY: reads the 16 f32 of `codes` and writes the 16 u16 of `out`; unaligned load and store.
+    unsafe {
+        let v = _mm512_add_ps(
+            _mm512_set1_ps(min),
+            _mm512_mul_ps(_mm512_loadu_ps(codes.as_ptr()), _mm512_set1_ps(scale)),
+        );
+        let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, bits);
+    }
+    out
 }
 
 /// out[i] = lut[code i] for the 8·words.len() 4-bit codes of `words` (low nibble first).
