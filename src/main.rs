@@ -1452,7 +1452,12 @@ fn run_demo(dir: &Path) -> Result<()> {
         .collect();
     let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
         let ids = nibble::generate::greedy(&model, adapter, &prompt, 16, &stop)?;
-        Ok(tok.decode(&ids[prompt.len()..])?)
+        let answer: Vec<u32> = ids[prompt.len()..]
+            .iter()
+            .copied()
+            .filter(|t| !stop.contains(t))
+            .collect();
+        Ok(tok.decode(&answer)?)
     };
     println!(
         "\n== before fine-tuning, asked \"{question}\":\n{:?}",
