@@ -1,6 +1,8 @@
 //! The trainer: optimisation semantics (loss normalised over an optimizer step's label tokens, clipping,
 //! AdamW, schedules), completion-only masking, PEFT adapter files, and `nibble train` end to end.
 
+mod common;
+
 use nibble::config::Arch;
 use nibble::cpu::{self, Sequence};
 use nibble::data::{Example, Turns};
@@ -217,25 +219,9 @@ fn nibble_train_writes_a_peft_folder_and_metrics_and_refuses_to_overwrite() {
     .unwrap();
     let out = dir.path().join("run");
     let run = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "3",
-            "--device",
-            "cpu",
-        ];
+        let mut args = vec!["--max-steps", "3"];
         args.extend_from_slice(extra);
-        Command::new(env!("CARGO_BIN_EXE_nibble"))
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
+        common::train_cli(&model, &data, &out, &args)
     };
     let o = run(&[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::nibble;
+use common::{nibble, train_cli};
 
 use nibble::config::Arch;
 use nibble::data::Example;
@@ -36,23 +36,6 @@ fn chats(n: usize) -> String {
                 + "\n"
         })
         .collect()
-}
-
-/// `nibble train` on the CPU with the given model, data and output, and more flags.
-fn train_cli(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
-    nibble(&args)
 }
 
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {

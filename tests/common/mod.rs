@@ -18,6 +18,28 @@ pub fn nibble(args: &[&str]) -> std::process::Output {
         .expect("run nibble")
 }
 
+/// `nibble train` on the CPU with the given model, data and output, and more flags.
+pub fn train_cli(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    nibble(&args)
+}
+
 /// ‖a − b‖ / ‖b‖ in f64.
 pub fn rel(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
