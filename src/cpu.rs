@@ -258,11 +258,7 @@ impl<'a> Context<'a> {
             return (y, None);
         };
         let dropout = self.dropout(layer, lin.kind, p, x.len());
-        let dropped = dropout.map(|d| {
-            let mut v = vec![0f32; x.len()];
-            dropout::forward(&d, x, &mut v);
-            v
-        });
+        let dropped = dropout.map(|d| dropout::apply(&d, x));
         let lora_in = dropped.as_deref().unwrap_or(x);
         let r = pair.rank;
         let mut xa = vec![0f32; self.tokens * r];
@@ -319,11 +315,7 @@ impl<'a> Context<'a> {
             .as_deref_mut()
             .and_then(|g| g.layers[layer][lin.kind as usize].as_mut())
         {
-            let dropped = saved.dropout.map(|d| {
-                let mut v = vec![0f32; x.len()];
-                dropout::forward(&d, x, &mut v);
-                v
-            });
+            let dropped = saved.dropout.map(|d| dropout::apply(&d, x));
             let lora_in = dropped.as_deref().unwrap_or(x);
             // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
             matmul_into(

@@ -653,12 +653,7 @@ fn eval(
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
     let model = source.load(quant.request()?)?;
     let adapter = adapter
-        .map(|dir| {
-            nibble::lora::LoraAdapter::load_peft(
-                &nibble::source::ModelFiles::Dir(dir.to_path_buf()),
-                &model.config,
-            )
-        })
+        .map(|dir| load_adapter(dir, &model.config, "--adapter"))
         .transpose()?;
     let on_gpu = gpu
         .as_ref()
@@ -892,11 +887,7 @@ fn train(
     let mut config = config;
     let init = match &run.init_adapter {
         Some(dir) => {
-            let mut adapter = nibble::lora::LoraAdapter::load_peft(
-                &nibble::source::ModelFiles::Dir(dir.clone()),
-                &model.config,
-            )
-            .with_context(|| format!("--init-adapter {}", dir.display()))?;
+            let mut adapter = load_adapter(dir, &model.config, "--init-adapter")?;
             // The adapter's r, alpha and targets apply; dropout is a training option.
             adapter.config.dropout = config.lora.dropout;
             config.lora = adapter.config.clone();
@@ -1113,6 +1104,19 @@ impl Progress {
     }
 }
 
+/// A PEFT adapter folder given by `flag`, checked against the model's shapes.
+fn load_adapter(
+    dir: &Path,
+    config: &nibble::config::ModelConfig,
+    flag: &str,
+) -> Result<nibble::lora::LoraAdapter> {
+    nibble::lora::LoraAdapter::load_peft(
+        &nibble::source::ModelFiles::Dir(dir.to_path_buf()),
+        config,
+    )
+    .with_context(|| format!("{flag} {}", dir.display()))
+}
+
 fn merge_command(path: &Path, adapter: &Path, output: &Path, dtype: Option<&str>) -> Result<()> {
     let dtype = match dtype {
         None => None,
@@ -1122,11 +1126,7 @@ fn merge_command(path: &Path, adapter: &Path, output: &Path, dtype: Option<&str>
         Some(other) => bail!("unknown --dtype `{other}` (bf16, f16 or f32)"),
     };
     let source = model::open(path)?;
-    let lora = nibble::lora::LoraAdapter::load_peft(
-        &nibble::source::ModelFiles::Dir(adapter.to_path_buf()),
-        &source.config,
-    )
-    .with_context(|| format!("--adapter {}", adapter.display()))?;
+    let lora = load_adapter(adapter, &source.config, "--adapter")?;
     nibble::merge::merge(&source, path, &lora, output, dtype)?;
     eprintln!(
         "merged {} LoRA pairs into {}",
@@ -1153,16 +1153,11 @@ impl Speaker {
         let source = model::open(&g.model)?;
         let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
         let model = source.load(g.quant.request()?)?;
-        let adapter = match &g.adapter {
-            Some(dir) => Some(
-                nibble::lora::LoraAdapter::load_peft(
-                    &nibble::source::ModelFiles::Dir(dir.clone()),
-                    &model.config,
-                )
-                .with_context(|| format!("--adapter {}", dir.display()))?,
-            ),
-            None => None,
-        };
+        let adapter = g
+            .adapter
+            .as_deref()
+            .map(|dir| load_adapter(dir, &model.config, "--adapter"))
+            .transpose()?;
         if !(g.top_p > 0.0 && g.top_p <= 1.0) || g.temperature < 0.0 {
             bail!("--top-p must lie in (0, 1] and --temperature must not be negative");
         }

@@ -134,11 +134,16 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
     })
 }
 
+/// The session's state, or an error while another call (an awaited step, say) still holds it.
+fn lock(inner: &RefCell<Inner>) -> Result<std::cell::RefMut<'_, Inner>, JsError> {
+    inner
+        .try_borrow_mut()
+        .map_err(|_| JsError::new("the session is busy: await the previous call first"))
+}
+
 impl Session {
     fn borrow(&self) -> Result<std::cell::RefMut<'_, Inner>, JsError> {
-        self.inner
-            .try_borrow_mut()
-            .map_err(|_| JsError::new("the session is busy: await the previous call first"))
+        lock(&self.inner)
     }
 }
 
@@ -237,9 +242,7 @@ impl Session {
     pub fn step(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let mut guard = inner
-                .try_borrow_mut()
-                .map_err(|_| JsError::new("the session is busy: await the previous call first"))?;
+            let mut guard = lock(&inner)?;
             let trainer = guard
                 .trainer
                 .as_mut()
@@ -254,9 +257,7 @@ impl Session {
     pub fn generate(&self, prompt: String, max_new: u32) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let mut guard = inner
-                .try_borrow_mut()
-                .map_err(|_| JsError::new("the session is busy: await the previous call first"))?;
+            let mut guard = lock(&inner)?;
             if let Some(t) = guard.trainer.as_mut() {
                 t.sync_async().await.map_err(js_error)?;
             }
@@ -290,9 +291,7 @@ impl Session {
     pub fn export_adapter(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let mut guard = inner
-                .try_borrow_mut()
-                .map_err(|_| JsError::new("the session is busy: await the previous call first"))?;
+            let mut guard = lock(&inner)?;
             let label = guard.label.clone();
             let trainer = guard
                 .trainer

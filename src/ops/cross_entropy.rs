@@ -62,7 +62,7 @@ fn for_each_chunk(
     hidden: &[f32],
     head: &DenseTensor,
     precision: Precision,
-    mut f: impl FnMut(usize, usize, &[f32]),
+    mut f: impl FnMut(usize, usize, &mut [f32]),
 ) {
     let positions = hidden.len() / head.cols;
     let h = Hidden::new(hidden, positions, head.cols, precision);
@@ -71,8 +71,24 @@ fn for_each_chunk(
         let n = VOCAB_CHUNK.min(head.rows - start);
         logits.resize(positions * n, 0.0);
         h.chunk_logits(head, start, n, &mut logits);
-        f(start, n, &logits);
+        f(start, n, &mut logits);
     }
+}
+
+/// Online log-sum-exp over vocabulary chunks: folds one chunk's logits `row` into the running maximum
+/// and Σ exp(logit − max), replacing the row with exp(logit − new max). Returns the factor by which
+/// everything summed against the old maximum must be rescaled.
+fn absorb_chunk(row: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
+    let new_max = row.iter().cloned().fold(*max, f32::max);
+    let rescale = (*max - new_max).exp();
+    let mut chunk_sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - new_max).exp();
+        chunk_sum += *x;
+    }
+    *sum = *sum * rescale + chunk_sum;
+    *max = new_max;
+    rescale
 }
 
 /// Per-position loss −log softmax(h·Wᵀ)[label] and the log-sum-exp the backward needs.
@@ -93,17 +109,12 @@ pub fn forward(
     let mut label_logit = vec![0f32; positions];
     for_each_chunk(hidden, head, precision, |start, n, logits| {
         for p in 0..positions {
-            let row = &logits[p * n..(p + 1) * n];
-            let chunk_max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = max[p].max(chunk_max);
-            // Online log-sum-exp: rescale what was summed so far to the new maximum.
-            sum[p] = sum[p] * (max[p] - new_max).exp()
-                + row.iter().map(|x| (x - new_max).exp()).sum::<f32>();
-            max[p] = new_max;
+            let row = &mut logits[p * n..(p + 1) * n];
             let label = labels[p] as usize;
             if (start..start + n).contains(&label) {
                 label_logit[p] = row[label - start];
             }
+            absorb_chunk(row, &mut max[p], &mut sum[p]);
         }
     });
     let lse: Vec<f32> = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
@@ -160,18 +171,10 @@ pub fn forward_backward(
                 if (start..start + n).contains(&label) {
                     *label_logit = row[label - start];
                 }
-                let new_max = row.iter().cloned().fold(*max, f32::max);
-                let rescale = (*max - new_max).exp();
+                let rescale = absorb_chunk(row, max, sum);
                 if rescale != 1.0 {
                     acc_row.iter_mut().for_each(|a| *a *= rescale);
                 }
-                let mut chunk_sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - new_max).exp();
-                    chunk_sum += *x;
-                }
-                *sum = *sum * rescale + chunk_sum;
-                *max = new_max;
             });
         match (precision, &w) {
             (Precision::F32, Some(w)) => matmul_into(

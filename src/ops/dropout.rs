@@ -73,6 +73,13 @@ pub fn forward(params: &DropoutParams, x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// dropout(x) as a new vector.
+pub fn apply(params: &DropoutParams, x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    forward(params, x, &mut out);
+    out
+}
+
 /// dx += the gradient through dropout of `dy` (the gradient of dropout(x)).
 pub fn backward_accumulate(params: &DropoutParams, dy: &[f32], dx: &mut [f32]) {
     assert_eq!(dy.len(), dx.len(), "dropout: lengths differ");
