@@ -32,25 +32,28 @@ fn main() {
         rayon::current_num_threads(),
         adapter.parameter_count()
     );
-    // NIBBLE_BENCH_ONLY=default-256 (or f32-64, ...) runs one configuration, e.g. under a profiler.
-    let only = std::env::var("NIBBLE_BENCH_ONLY").ok();
-    for (precision, tokens) in [
-        (Precision::F32, 64),
-        (Precision::F32, 256),
-        (Precision::fastest(), 64),
-        (Precision::fastest(), 256),
-    ] {
-        let name = format!(
-            "{}-{tokens}",
-            if precision == Precision::F32 {
-                "f32"
+    // NIBBLE_BENCH_ONLY=default-256 (or f32-64, default-190, ...) runs one configuration, e.g. under a
+    // profiler or at a recipe's sequence length.
+    let configurations: Vec<(Precision, usize)> = match std::env::var("NIBBLE_BENCH_ONLY") {
+        Ok(only) => {
+            let (precision, tokens) = only
+                .split_once('-')
+                .expect("NIBBLE_BENCH_ONLY is PRECISION-TOKENS");
+            let precision = if precision == "f32" {
+                Precision::F32
             } else {
-                "default"
-            }
-        );
-        if only.as_ref().is_some_and(|o| *o != name) {
-            continue;
+                Precision::fastest()
+            };
+            vec![(precision, tokens.parse().expect("a token count"))]
         }
+        Err(_) => vec![
+            (Precision::F32, 64),
+            (Precision::F32, 256),
+            (Precision::fastest(), 64),
+            (Precision::fastest(), 256),
+        ],
+    };
+    for (precision, tokens) in configurations {
         let ids: Vec<u32> = (0..tokens).map(|_| rng.below(150000) as u32).collect();
         let seq = Sequence::all_tokens(ids);
         let mut times = Vec::new();

@@ -110,12 +110,24 @@ use nibble::ops::{Precision, bf16_gemm, cross_entropy, linear, rope};
 use nibble::quant::{QuantFormat, QuantSpec, QuantTensor};
 
 fn attention_reference(s: AttentionShape, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    attention_reference_in_segments(s, q, k, v, None)
+}
+
+/// Query t attends to keys segments[t]..=t (0..=t without segments).
+fn attention_reference_in_segments(
+    s: AttentionShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    segments: Option<&[u32]>,
+) -> Vec<f64> {
     let (d, qw, kw) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let mut out = vec![0.0; s.tokens * qw];
     for h in 0..s.heads {
         let kvh = h / (s.heads / s.kv_heads);
         for t in 0..s.tokens {
-            let scores: Vec<f64> = (0..=t)
+            let first = segments.map_or(0, |seg| seg[t] as usize);
+            let scores: Vec<f64> = (first..=t)
                 .map(|j| {
                     (0..d)
                         .map(|x| q[t * qw + h * d + x] * k[j * kw + kvh * d + x])
@@ -125,7 +137,7 @@ fn attention_reference(s: AttentionShape, q: &[f64], k: &[f64], v: &[f64]) -> Ve
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-            for (j, sc) in scores.iter().enumerate() {
+            for (j, sc) in (first..).zip(&scores) {
                 for x in 0..d {
                     out[t * qw + h * d + x] += (sc - max).exp() / z * v[j * kw + kvh * d + x];
                 }
@@ -180,6 +192,89 @@ fn attention_forward_and_backward_match_references() {
     for (name, ours, fd) in [("q", &dq, &fd_q), ("k", &dk, &fd_k), ("v", &dv, &fd_v)] {
         let e = rel_err(ours, fd);
         assert!(e < 1e-5, "attention backward d{name}: {e:e}");
+    }
+}
+
+/// Long enough for several query blocks, with three packed examples whose boundaries fall inside
+/// blocks: forward against the f64 reference, backward against central differences along random
+/// directions (a full finite-difference gradient would take minutes at this size).
+#[test]
+fn attention_over_many_blocks_and_packed_examples_matches_references() {
+    let mut rng = Rng::new(21);
+    let s = AttentionShape {
+        tokens: 150,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let segments: Vec<u32> = (0..150u32)
+        .map(|t| match t {
+            0..40 => 0,
+            40..97 => 40,
+            _ => 97,
+        })
+        .collect();
+    let (qn, kn) = (
+        s.tokens * s.heads * s.head_dim,
+        s.tokens * s.kv_heads * s.head_dim,
+    );
+    let (q, k, v) = (
+        random(qn, 1.0, &mut rng),
+        random(kn, 1.0, &mut rng),
+        random(kn, 1.0, &mut rng),
+    );
+    let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let (q64, k64, v64) = (f64s(&q), f64s(&k), f64s(&v));
+    let mut out = vec![0f32; qn];
+    let mut lse = vec![0f32; s.heads * s.tokens];
+    attention::forward(s, &q, &k, &v, Some(&segments), &mut out, &mut lse);
+    let reference = |q: &[f64], k: &[f64], v: &[f64]| {
+        attention_reference_in_segments(s, q, k, v, Some(&segments))
+    };
+    let e = rel_err(&out, &reference(&q64, &k64, &v64));
+    assert!(e < 1e-6, "packed attention forward: {e:e}");
+
+    let d_out = random(qn, 1.0, &mut rng);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; qn], vec![0f32; kn], vec![0f32; kn]);
+    attention::backward(
+        s,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &d_out,
+        Some(&segments),
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    );
+    let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+        reference(q, k, v)
+            .iter()
+            .zip(&d_out)
+            .map(|(y, g)| y * *g as f64)
+            .sum::<f64>()
+    };
+    let h = 1e-5;
+    for _ in 0..3 {
+        for (name, grad, which) in [("q", &dq, 0), ("k", &dk, 1), ("v", &dv, 2)] {
+            let dir = f64s(&random(grad.len(), 1.0, &mut rng));
+            let step = |sign: f64| {
+                let mut xs = [q64.clone(), k64.clone(), v64.clone()];
+                xs[which]
+                    .iter_mut()
+                    .zip(&dir)
+                    .for_each(|(x, u)| *x += sign * h * u);
+                loss(&xs[0], &xs[1], &xs[2])
+            };
+            let numeric = (step(1.0) - step(-1.0)) / (2.0 * h);
+            let analytic: f64 = grad.iter().zip(&dir).map(|(g, u)| *g as f64 * u).sum();
+            assert!(
+                (analytic - numeric).abs() < 1e-4 * numeric.abs().max(1.0),
+                "packed attention d{name} along a random direction: {analytic} vs {numeric}"
+            );
+        }
     }
 }
 
@@ -413,6 +508,32 @@ fn bf16_round(v: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// Columns `written` of C [m, ldc] hold expected(i, j); every other column still holds `before`.
+fn assert_block_matches(
+    c: &[f32],
+    before: &[f32],
+    m: usize,
+    ldc: usize,
+    written: std::ops::Range<usize>,
+    name: &str,
+    expected: impl Fn(usize, usize) -> f64,
+) {
+    for i in 0..m {
+        for j in 0..ldc {
+            let want = if written.contains(&j) {
+                expected(i, j)
+            } else {
+                before[i * ldc + j] as f64
+            };
+            let got = c[i * ldc + j] as f64;
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{name} ({i}, {j}) of {m}x{ldc}: {got} vs {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bf16_kernels_compute_exact_products_of_rounded_operands() {
     if !bf16_gemm::available() {
@@ -420,72 +541,61 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
         return;
     }
     let mut rng = Rng::new(17);
-    // Remainders everywhere: m not a multiple of 8, k odd, n not a multiple of 32.
-    let (m, k, n) = (13, 37, 45);
-    let a = random(m * k, 1.0, &mut rng);
-    let w = DenseTensor {
-        rows: n + 7,
-        cols: k,
-        data: DenseData::F32(random((n + 7) * k, 1.0, &mut rng)),
-    };
-    let DenseData::F32(wv) = &w.data else {
-        unreachable!()
-    };
-    let (a64, w64) = (bf16_round(&a), bf16_round(wv));
-    // C = A·W[5..5+n]ᵀ written at column 3 of a wider C, accumulated into.
-    let ldc = n + 5;
-    let mut c = random(m * ldc, 1.0, &mut rng);
-    let before = c.clone();
-    bf16_gemm::matmul_a_rows_t(
-        &bf16_gemm::PackedA::new(&a, m, k),
-        &w,
-        5,
-        n,
-        &mut c,
-        ldc,
-        3,
-        true,
-    );
-    for i in 0..m {
-        for j in 0..ldc {
-            let expected = if (3..3 + n).contains(&j) {
-                before[i * ldc + j] as f64
-                    + (0..k)
-                        .map(|q| a64[i * k + q] * w64[(j - 3 + 5) * k + q])
-                        .sum::<f64>()
-            } else {
-                before[i * ldc + j] as f64
-            };
-            let got = c[i * ldc + j] as f64;
-            assert!(
-                (got - expected).abs() < 1e-4 * (1.0 + expected.abs()),
-                "A·Wᵀ ({i}, {j}): {got} vs {expected}"
-            );
-        }
-    }
-    // C = B·W[2..2+kb] with B [m, kb]: k runs along W's rows.
-    let kb = 19;
-    let bmat = random(m * kb, 1.0, &mut rng);
-    let b64 = bf16_round(&bmat);
-    let mut c = vec![0f32; m * k];
-    bf16_gemm::matmul_a_rows(
-        &bf16_gemm::PackedA::new(&bmat, m, kb),
-        &w,
-        2,
-        &mut c,
-        k,
-        0,
-        false,
-    );
-    let reference: Vec<f64> = (0..m * k)
-        .map(|i| {
+    // Remainders everywhere (m not a multiple of 8 or 32, k odd, n not a multiple of 32), and shapes
+    // large enough to cross the kernels' inner-dimension chunks (256 pairs) and split into many tasks.
+    for (m, k, n) in [(13, 37, 45), (70, 1101, 203), (33, 600, 1030)] {
+        let a = random(m * k, 1.0, &mut rng);
+        let w = DenseTensor {
+            rows: n + 7,
+            cols: k,
+            data: DenseData::F32(random((n + 7) * k, 1.0, &mut rng)),
+        };
+        let DenseData::F32(wv) = &w.data else {
+            unreachable!()
+        };
+        let (a64, w64) = (bf16_round(&a), bf16_round(wv));
+        // C = A·W[5..5+n]ᵀ written at column 3 of a wider C, accumulated into.
+        let ldc = n + 5;
+        let mut c = random(m * ldc, 1.0, &mut rng);
+        let before = c.clone();
+        bf16_gemm::matmul_xwt(
+            &bf16_gemm::PackedRows::new(&a, m, k),
+            &w,
+            5,
+            n,
+            &mut c,
+            ldc,
+            3,
+            true,
+        );
+        assert_block_matches(&c, &before, m, ldc, 3..3 + n, "A·Wᵀ", |i, j| {
+            before[i * ldc + j] as f64
+                + (0..k)
+                    .map(|q| a64[i * k + q] * w64[(j - 3 + 5) * k + q])
+                    .sum::<f64>()
+        });
+        // C = B·W[2..2+kb] with B [m, kb]: k runs along W's rows; written at column 2 of a wider C.
+        let kb = n.min(531);
+        let bmat = random(m * kb, 1.0, &mut rng);
+        let b64 = bf16_round(&bmat);
+        let ldc = k + 4;
+        let mut c = random(m * ldc, 1.0, &mut rng);
+        let before = c.clone();
+        bf16_gemm::matmul_aw(
+            &bf16_gemm::PackedRows::new(&bmat, m, kb),
+            &w,
+            2,
+            &mut c,
+            ldc,
+            2,
+            false,
+        );
+        assert_block_matches(&c, &before, m, ldc, 2..2 + k, "B·W", |i, j| {
             (0..kb)
-                .map(|q| b64[(i / k) * kb + q] * w64[(2 + q) * k + i % k])
-                .sum()
-        })
-        .collect();
-    let e = rel_err(&c, &reference);
-    assert!(e < 1e-6, "B·W: {e:e}");
+                .map(|q| b64[i * kb + q] * w64[(2 + q) * k + j - 2])
+                .sum::<f64>()
+        });
+    }
 }
 
 #[test]
@@ -495,7 +605,8 @@ fn bf16_linear_stays_close_to_f32() {
         return;
     }
     let mut rng = Rng::new(18);
-    let (tokens, inp, out) = (70, 256, 300);
+    // in and out both cross the kernels' 256-pair inner chunks.
+    let (tokens, inp, out) = (70, 640, 600);
     let w = random(out * inp, 0.05, &mut rng);
     let q = LinearWeight::Quant(
         QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap(), out, inp, &w).unwrap(),

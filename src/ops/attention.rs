@@ -2,6 +2,7 @@
 //! One query row of scores exists at a time (never the tokens x tokens matrix); the forward saves each
 //! row's log-sum-exp so that the backward recomputes probabilities instead of storing them.
 
+use crate::ops::matmul::{View, matmul_into};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +48,82 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Query rows per block: a block's scores (QUERY_BLOCK x the keys it sees) are the only score matrix
+/// that exists, and its products run as small GEMMs.
+const QUERY_BLOCK: usize = 64;
+
+/// One head's columns `head·d..(head + 1)·d` of rows `first..first + rows` of a [_, width] matrix.
+fn head_rows(
+    data: &[f32],
+    width: usize,
+    head: usize,
+    d: usize,
+    first: usize,
+    rows: usize,
+) -> View<'_> {
+    View::columns(&data[first * width..], rows, width, head * d, d)
+}
+
+/// The transpose of `head_rows`: d x rows.
+fn head_rows_t(
+    data: &[f32],
+    width: usize,
+    head: usize,
+    d: usize,
+    first: usize,
+    rows: usize,
+) -> View<'_> {
+    View {
+        data: &data[first * width + head * d..],
+        rows: d,
+        cols: rows,
+        row_stride: 1,
+        col_stride: width,
+    }
+}
+
+/// The rows of one query block and the keys they see: queries `t0..t1` (at positions past + t) attend
+/// to keys `k0..k1`, each query t to `first_key(t)..=past + t` of them.
+struct Block {
+    t0: usize,
+    t1: usize,
+    k0: usize,
+    k1: usize,
+}
+
+impl Block {
+    fn all(
+        tokens: usize,
+        past: usize,
+        segments: Option<&[u32]>,
+    ) -> impl Iterator<Item = Block> + '_ {
+        (0..tokens).step_by(QUERY_BLOCK).map(move |t0| {
+            let t1 = (t0 + QUERY_BLOCK).min(tokens);
+            let k0 = (t0..t1).map(|t| first_key(segments, t)).min().unwrap_or(0);
+            Block {
+                t0,
+                t1,
+                k0,
+                k1: past + t1,
+            }
+        })
+    }
+
+    fn rows(&self) -> usize {
+        self.t1 - self.t0
+    }
+
+    fn keys(&self) -> usize {
+        self.k1 - self.k0
+    }
+
+    /// The columns of row i's scores that its query may see.
+    fn visible(&self, i: usize, past: usize, segments: Option<&[u32]>) -> std::ops::Range<usize> {
+        let t = self.t0 + i;
+        first_key(segments, t) - self.k0..past + t + 1 - self.k0
+    }
+}
+
 /// q [T, heads·d], k and v [T, kv_heads·d] → out [T, heads·d], lse [heads, T].
 pub fn forward(
     s: AttentionShape,
@@ -85,46 +162,66 @@ fn forward_after(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let (d, qw, kw) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
-    // Parallel over (head, query) rows; each writes its own slice of `out` and one lse entry.
-    let rows: Vec<(usize, usize)> = (0..s.heads)
-        .flat_map(|h| (0..s.tokens).map(move |t| (h, t)))
-        .collect();
-    let results: Vec<(Vec<f32>, f32)> = rows
-        .par_iter()
-        .map_init(Vec::new, |scores, &(h, t)| {
+    let (d, qw, kw, t_len) = (
+        s.head_dim,
+        s.heads * s.head_dim,
+        s.kv_heads * s.head_dim,
+        s.tokens,
+    );
+    // Parallel over heads; each computes its [T, d] output and T log-sum-exps.
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.heads)
+        .into_par_iter()
+        .map(|h| {
             let kvh = h / s.group();
-            let qi = &q[t * qw + h * d..t * qw + (h + 1) * d];
-            let start = first_key(segments, t);
-            let position = past + t;
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in start..=position {
-                let sc = dot(qi, &k[j * kw + kvh * d..j * kw + (kvh + 1) * d]) * s.scale();
-                max = max.max(sc);
-                scores.push(sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let mut o = vec![0f32; d];
-            for (p, j) in scores.iter().zip(start..=position) {
-                let w = p / sum;
-                for (o, vv) in o
-                    .iter_mut()
-                    .zip(&v[j * kw + kvh * d..j * kw + (kvh + 1) * d])
-                {
-                    *o += w * vv;
+            let mut o = vec![0f32; t_len * d];
+            let mut l = vec![0f32; t_len];
+            let mut scores = Vec::new();
+            for b in Block::all(t_len, past, segments) {
+                let (rows, keys) = (b.rows(), b.keys());
+                scores.clear();
+                scores.resize(rows * keys, 0.0);
+                matmul_into(
+                    head_rows(q, qw, h, d, b.t0, rows),
+                    head_rows_t(k, kw, kvh, d, b.k0, keys),
+                    s.scale(),
+                    &mut scores,
+                    keys,
+                    0,
+                    false,
+                );
+                for (i, row) in scores.chunks_mut(keys).enumerate() {
+                    let seen = b.visible(i, past, segments);
+                    let max = row[seen.clone()]
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let mut sum = 0f32;
+                    for x in &mut row[seen.clone()] {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
+                    row[..seen.start].fill(0.0);
+                    row[seen.end..].fill(0.0);
+                    l[b.t0 + i] = max + sum.ln();
                 }
+                matmul_into(
+                    View::new(&scores, rows, keys),
+                    head_rows(v, kw, kvh, d, b.k0, keys),
+                    1.0,
+                    &mut o[b.t0 * d..],
+                    d,
+                    0,
+                    false,
+                );
             }
-            (o, max + sum.ln())
+            (o, l)
         })
         .collect();
-    for ((h, t), (o, l)) in rows.into_iter().zip(results) {
-        out[t * qw + h * d..t * qw + (h + 1) * d].copy_from_slice(&o);
-        lse[h * s.tokens + t] = l;
+    for (h, (o, l)) in per_head.into_iter().enumerate() {
+        for t in 0..t_len {
+            out[t * qw + h * d..t * qw + (h + 1) * d].copy_from_slice(&o[t * d..(t + 1) * d]);
+        }
+        lse[h * t_len..(h + 1) * t_len].copy_from_slice(&l);
     }
 }
 
@@ -143,54 +240,124 @@ pub fn backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
-    let (d, qw, kw, scale) = (
+    let (d, qw, kw, t_len, scale) = (
         s.head_dim,
         s.heads * s.head_dim,
         s.kv_heads * s.head_dim,
+        s.tokens,
         s.scale(),
     );
-    // Parallel over kv heads: each owns its columns of dk and dv, and the query heads of its group own
-    // their columns of dq, so no two tasks write the same element.
-    let per_kv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.kv_heads)
+    // Parallel over query heads: each recomputes its probabilities block by block from the saved
+    // log-sum-exps and returns its dq and its share of its kv head's dk and dv.
+    let per_head: Vec<[Vec<f32>; 3]> = (0..s.heads)
         .into_par_iter()
-        .map(|kvh| {
-            let mut dq_g = vec![0f32; s.group() * s.tokens * d];
-            let mut dk_h = vec![0f32; s.tokens * d];
-            let mut dv_h = vec![0f32; s.tokens * d];
-            for g in 0..s.group() {
-                let h = kvh * s.group() + g;
-                for t in 0..s.tokens {
-                    let qi = &q[t * qw + h * d..t * qw + (h + 1) * d];
-                    let doi = &d_out[t * qw + h * d..t * qw + (h + 1) * d];
-                    let oi = &out[t * qw + h * d..t * qw + (h + 1) * d];
-                    let delta = dot(doi, oi);
-                    let l = lse[h * s.tokens + t];
-                    let dqi = &mut dq_g[(g * s.tokens + t) * d..(g * s.tokens + t + 1) * d];
-                    for j in first_key(segments, t)..=t {
-                        let kj = &k[j * kw + kvh * d..j * kw + (kvh + 1) * d];
-                        let vj = &v[j * kw + kvh * d..j * kw + (kvh + 1) * d];
-                        let p = (dot(qi, kj) * scale - l).exp();
-                        let ds = p * (dot(doi, vj) - delta) * scale;
-                        dqi.iter_mut().zip(kj).for_each(|(g, k)| *g += ds * k);
-                        let dk_j = &mut dk_h[j * d..(j + 1) * d];
-                        dk_j.iter_mut().zip(qi).for_each(|(g, q)| *g += ds * q);
-                        let dv_j = &mut dv_h[j * d..(j + 1) * d];
-                        dv_j.iter_mut().zip(doi).for_each(|(g, o)| *g += p * o);
+        .map(|h| {
+            let kvh = h / s.group();
+            let (mut dq_h, mut dk_h, mut dv_h) = (
+                vec![0f32; t_len * d],
+                vec![0f32; t_len * d],
+                vec![0f32; t_len * d],
+            );
+            let (mut probs, mut dscores) = (Vec::new(), Vec::new());
+            for b in Block::all(t_len, 0, segments) {
+                let (rows, keys) = (b.rows(), b.keys());
+                probs.clear();
+                probs.resize(rows * keys, 0.0);
+                dscores.clear();
+                dscores.resize(rows * keys, 0.0);
+                let q_b = head_rows(q, qw, h, d, b.t0, rows);
+                let do_b = head_rows(d_out, qw, h, d, b.t0, rows);
+                matmul_into(
+                    q_b,
+                    head_rows_t(k, kw, kvh, d, b.k0, keys),
+                    scale,
+                    &mut probs,
+                    keys,
+                    0,
+                    false,
+                );
+                matmul_into(
+                    do_b,
+                    head_rows_t(v, kw, kvh, d, b.k0, keys),
+                    1.0,
+                    &mut dscores,
+                    keys,
+                    0,
+                    false,
+                );
+                // p = exp(score − lse); d score = p · (dp − Σ_j p_j dp_j) · scale, where the sum equals
+                // d_out · out for the row.
+                for (i, (p_row, ds_row)) in probs
+                    .chunks_mut(keys)
+                    .zip(dscores.chunks_mut(keys))
+                    .enumerate()
+                {
+                    let t = b.t0 + i;
+                    let seen = b.visible(i, 0, segments);
+                    let l = lse[h * t_len + t];
+                    let delta = dot(
+                        &d_out[t * qw + h * d..t * qw + (h + 1) * d],
+                        &out[t * qw + h * d..t * qw + (h + 1) * d],
+                    );
+                    for (p, ds) in p_row[seen.clone()]
+                        .iter_mut()
+                        .zip(&mut ds_row[seen.clone()])
+                    {
+                        *p = (*p - l).exp();
+                        *ds = *p * (*ds - delta) * scale;
+                    }
+                    for range in [0..seen.start, seen.end..keys] {
+                        p_row[range.clone()].fill(0.0);
+                        ds_row[range].fill(0.0);
                     }
                 }
+                matmul_into(
+                    View::new(&dscores, rows, keys),
+                    head_rows(k, kw, kvh, d, b.k0, keys),
+                    1.0,
+                    &mut dq_h[b.t0 * d..],
+                    d,
+                    0,
+                    false,
+                );
+                matmul_into(
+                    View::transposed(&dscores, rows, keys),
+                    q_b,
+                    1.0,
+                    &mut dk_h[b.k0 * d..],
+                    d,
+                    0,
+                    true,
+                );
+                matmul_into(
+                    View::transposed(&probs, rows, keys),
+                    do_b,
+                    1.0,
+                    &mut dv_h[b.k0 * d..],
+                    d,
+                    0,
+                    true,
+                );
             }
-            (dq_g, dk_h, dv_h)
+            [dq_h, dk_h, dv_h]
         })
         .collect();
-    for (kvh, (dq_g, dk_h, dv_h)) in per_kv.into_iter().enumerate() {
-        for t in 0..s.tokens {
-            dk[t * kw + kvh * d..t * kw + (kvh + 1) * d].copy_from_slice(&dk_h[t * d..(t + 1) * d]);
-            dv[t * kw + kvh * d..t * kw + (kvh + 1) * d].copy_from_slice(&dv_h[t * d..(t + 1) * d]);
-            for g in 0..s.group() {
-                let h = kvh * s.group() + g;
-                dq[t * qw + h * d..t * qw + (h + 1) * d]
-                    .copy_from_slice(&dq_g[(g * s.tokens + t) * d..(g * s.tokens + t + 1) * d]);
-            }
+    dk.fill(0.0);
+    dv.fill(0.0);
+    for (h, [dq_h, dk_h, dv_h]) in per_head.into_iter().enumerate() {
+        let kvh = h / s.group();
+        for t in 0..t_len {
+            dq[t * qw + h * d..t * qw + (h + 1) * d].copy_from_slice(&dq_h[t * d..(t + 1) * d]);
+            let (dk_t, dv_t) = (
+                &mut dk[t * kw + kvh * d..t * kw + (kvh + 1) * d],
+                &mut dv[t * kw + kvh * d..t * kw + (kvh + 1) * d],
+            );
+            dk_t.iter_mut()
+                .zip(&dk_h[t * d..])
+                .for_each(|(a, b)| *a += b);
+            dv_t.iter_mut()
+                .zip(&dv_h[t * d..])
+                .for_each(|(a, b)| *a += b);
         }
     }
 }

@@ -35,20 +35,6 @@ fn bf16_bits(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
 
-/// B [k, n] packed in 32-column panels of k-pairs.
-struct Panel {
-    n: usize,
-    k_pairs: usize,
-    /// k-pairs of bf16 (low half first), k_pairs·NR words per 32-column block.
-    data: Vec<u32>,
-}
-
-impl Panel {
-    fn blocks(&self) -> usize {
-        self.n.div_ceil(NR)
-    }
-}
-
 /// A matrix whose rows can be read as bf16 bits: frozen weights, packed or dense.
 pub trait Bf16Rows: Sync {
     fn cols(&self) -> usize;
@@ -198,127 +184,75 @@ impl Bf16Rows for DenseTensor {
     }
 }
 
-impl Panel {
-    /// The panel of Wᵀ for rows `start..start + n` of W: column j is W's row start + j; k runs along W's
-    /// columns. Used for x·Wᵀ.
-    fn of_rows_transposed(w: &impl Bf16Rows, start: usize, n: usize) -> Self {
-        let k = w.cols();
-        let k_pairs = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * k_pairs * NR];
-        data.par_chunks_mut(k_pairs * NR).enumerate().for_each_init(
-            || vec![0u32; k_pairs],
-            |pairs, (jb, block)| {
-                // Column i's k-pair kp sits at word kp·NR + i of the block: one u32 store per pair.
-                for i in 0..NR.min(n - jb * NR) {
-                    let row: &mut [u16] = bytemuck::cast_slice_mut(pairs.as_mut_slice());
-                    w.row_bf16(start + jb * NR + i, 0, &mut row[..k]);
-                    for (kp, &pair) in pairs.iter().enumerate() {
-                        block[kp * NR + i] = pair;
-                    }
-                }
-            },
-        );
-        Panel { n, k_pairs, data }
-    }
-
-    /// The panel of W's rows `start..start + kn` as the k dimension; columns are W's columns. Used for
-    /// dy·W.
-    fn of_rows(w: &impl Bf16Rows, start: usize, kn: usize) -> Self {
-        let n = w.cols();
-        let k_pairs = kn.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * k_pairs * NR];
-        data.par_chunks_mut(k_pairs * NR).enumerate().for_each_init(
-            || vec![0u16; NR],
-            |slice, (jb, block)| {
-                let block: &mut [u16] = bytemuck::cast_slice_mut(block);
-                let cols = NR.min(n - jb * NR);
-                for kk in 0..kn {
-                    w.row_bf16(start + kk, jb * NR, &mut slice[..cols]);
-                    for (i, &bits) in slice[..cols].iter().enumerate() {
-                        block[(kk / 2) * 2 * NR + 2 * i + kk % 2] = bits;
-                    }
-                }
-            },
-        );
-        Panel { n, k_pairs, data }
-    }
-}
-
-/// C (+)= A·Wᵀ for rows `start..start + n` of a frozen weight, written from column `c_col` of C.
-pub fn matmul_a_rows_t(
-    a: &PackedA,
-    w: &impl Bf16Rows,
-    start: usize,
-    n: usize,
-    c: &mut [f32],
-    ldc: usize,
-    c_col: usize,
-    accumulate: bool,
-) {
-    gemm(
-        a,
-        &Panel::of_rows_transposed(w, start, n),
-        c,
-        ldc,
-        c_col,
-        accumulate,
-    );
-}
-
-/// C (+)= A·W[start..start + k, :] for a frozen weight (A has k columns).
-pub fn matmul_a_rows(
-    a: &PackedA,
-    w: &impl Bf16Rows,
-    start: usize,
-    c: &mut [f32],
-    ldc: usize,
-    c_col: usize,
-    accumulate: bool,
-) {
-    gemm(a, &Panel::of_rows(w, start, a.k), c, ldc, c_col, accumulate);
-}
-
-/// A [m, k] rounded to bf16, two k-neighbours per u32 (low half first): pack once, multiply by many
-/// panels.
-pub struct PackedA {
+/// Rows of an activation matrix A [m, k] rounded to bf16 and laid out for the kernel: blocks of 32 rows,
+/// and within a block, for each pair of k indices, the 32 rows' two values side by side (one u32 per
+/// row, low half first). As the right-hand operand of x·Wᵀ a block's k-pair is the two 512-bit registers
+/// `vdpbf16ps` consumes; as the left-hand operand of dy·W the kernel broadcasts one row's pair at a time.
+/// Rows past m and the odd k's partner are zero.
+pub struct PackedRows {
     m: usize,
     k: usize,
-    pairs: Vec<u32>,
+    k_pairs: usize,
+    data: Vec<u32>,
 }
 
-impl PackedA {
+impl PackedRows {
     pub fn new(a: &[f32], m: usize, k: usize) -> Self {
-        assert_eq!(a.len(), m * k);
-        PackedA {
+        assert_eq!(a.len(), m * k, "bf16 pack: A is m x k");
+        let k_pairs = k.div_ceil(2);
+        let mut data = vec![0u32; m.div_ceil(NR) * k_pairs * NR];
+        data.par_chunks_mut((k_pairs * NR).max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![0u32; k_pairs],
+                |pairs, (block, dst)| {
+                    for t in 0..NR.min(m - block * NR) {
+                        let row = block * NR + t;
+                        round_pairs(&a[row * k..(row + 1) * k], pairs);
+                        for (kp, &pair) in pairs.iter().enumerate() {
+                            dst[kp * NR + t] = pair;
+                        }
+                    }
+                },
+            );
+        PackedRows {
             m,
             k,
-            pairs: pack_a(a, m, k),
+            k_pairs,
+            data,
         }
+    }
+
+    fn blocks(&self) -> usize {
+        self.m.div_ceil(NR)
+    }
+
+    /// Block `block`'s words from k-pair `kp` on.
+    fn block_from(&self, block: usize, kp: usize) -> &[u32] {
+        &self.data[(block * self.k_pairs + kp) * NR..(block + 1) * self.k_pairs * NR]
     }
 }
 
-fn pack_a(a: &[f32], m: usize, k: usize) -> Vec<u32> {
-    let k_pairs = k.div_ceil(2);
-    let mut out = vec![0u32; m * k_pairs];
-    out.par_chunks_mut(k_pairs)
-        .enumerate()
-        .for_each(|(i, row)| {
-            let src = &a[i * k..(i + 1) * k];
-            // 32 values (16 pairs) at a time with the CPU's own conversion, the rest one by one.
-            let vectorised = if available() { (k / 32) * 16 } else { 0 };
-            #[cfg(target_arch = "x86_64")]
-            if vectorised > 0 {
-                // SAFETY: `available()` checked AVX512F/BF16; the call reads src[..2·vectorised] and
-                // writes row[..vectorised], within both slices (vectorised = 16·(k / 32)).
-                unsafe { round_pairs_avx512(&src[..2 * vectorised], &mut row[..vectorised]) };
-            }
-            for (kp, pair) in row.iter_mut().enumerate().skip(vectorised) {
-                let lo = bf16_bits(src[2 * kp]) as u32;
-                let hi = src.get(2 * kp + 1).map_or(0, |&v| bf16_bits(v) as u32);
-                *pair = lo | (hi << 16);
-            }
-        });
-    out
+/// pairs[p] = bf16(src[2p]) | bf16(src[2p + 1]) << 16, the missing partner of an odd length zero.
+fn round_pairs(src: &[f32], pairs: &mut [u32]) {
+    debug_assert_eq!(pairs.len(), src.len().div_ceil(2));
+    // 32 values (16 pairs) at a time with the CPU's own conversion, the rest one by one.
+    let vectorised = if available() {
+        (src.len() / 32) * 16
+    } else {
+        0
+    };
+    #[cfg(target_arch = "x86_64")]
+    if vectorised > 0 {
+        // SAFETY: `available()` checked AVX512F/BF16; the call reads src[..2·vectorised] and writes
+        // pairs[..vectorised], within both slices (vectorised = 16·(len / 32)).
+        unsafe { round_pairs_avx512(&src[..2 * vectorised], &mut pairs[..vectorised]) };
+    }
+    for (kp, pair) in pairs.iter_mut().enumerate().skip(vectorised) {
+        let lo = bf16_bits(src[2 * kp]) as u32;
+        let hi = src.get(2 * kp + 1).map_or(0, |&v| bf16_bits(v) as u32);
+        *pair = lo | (hi << 16);
+    }
 }
 
 /// pairs[p] = bf16(src[2p]) | bf16(src[2p + 1]) << 16, rounding to nearest even like `bf16_bits`.
@@ -340,110 +274,350 @@ unsafe fn round_pairs_avx512(src: &[f32], pairs: &mut [u32]) {
     }
 }
 
-/// C[m, n] (+)= A[m, k]·B with B given by `b(kk, j)`; C is row-major with rows `ldc` long, written
-/// from column `c_col`. Falls back to nothing: callers check `available()` first.
-// Without x86-64 the kernel call is compiled out; `available()` is false there, so this never runs.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
-fn gemm(a: &PackedA, panel: &Panel, c: &mut [f32], ldc: usize, c_col: usize, accumulate: bool) {
+/// The output matrix C shared by the tasks of one product. Each task owns a disjoint set of C's columns
+/// (x·Wᵀ splits W's rows, dy·W splits W's columns), which no slice split can express, so the tasks
+/// write through a raw pointer.
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the pointer comes from a `&mut [f32]` that outlives the parallel section, and tasks write
+// disjoint elements (see `row`'s contract), so sharing it between threads cannot race.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn new(c: &mut [f32]) -> Self {
+        SharedOut {
+            ptr: c.as_mut_ptr(),
+            len: c.len(),
+        }
+    }
+
+    /// C[c_row0 + i, c_col0 + j] (+)= tile[i][j] for i < rows, j < cols. Callers must be the only task
+    /// touching these elements.
+    #[allow(clippy::too_many_arguments)]
+    fn add_tile(
+        &self,
+        tile: &[[f32; NR]; MR],
+        c_row0: usize,
+        c_col0: usize,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        for (i, tile_row) in tile.iter().enumerate().take(rows) {
+            let dst = self.row(c_row0 + i, ldc, c_col0, cols);
+            if accumulate {
+                dst.iter_mut().zip(tile_row).for_each(|(d, v)| *d += v);
+            } else {
+                dst.copy_from_slice(&tile_row[..cols]);
+            }
+        }
+    }
+
+    /// C[c_row0 + j, c_col0 + i] (+)= tile[i][j] for i < rows, j < cols: the tile transposed.
+    #[allow(clippy::too_many_arguments)]
+    fn add_tile_transposed(
+        &self,
+        tile: &[[f32; NR]; MR],
+        c_row0: usize,
+        c_col0: usize,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        for j in 0..cols {
+            let dst = self.row(c_row0 + j, ldc, c_col0, rows);
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = if accumulate {
+                    *d + tile[i][j]
+                } else {
+                    tile[i][j]
+                };
+            }
+        }
+    }
+
+    /// C[row, col..col + len] as a slice. Callers must be the only task touching these elements.
+    #[allow(clippy::mut_from_ref)]
+    fn row(&self, row: usize, ldc: usize, col: usize, len: usize) -> &mut [f32] {
+        assert!(row * ldc + col + len <= self.len, "bf16 gemm: C too small");
+        // SAFETY: the assertion bounds the slice within C; exclusivity is the caller's contract (tasks
+        // own disjoint column ranges of C, and each task writes one slice at a time).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(row * ldc + col), len) }
+    }
+}
+
+/// k-pairs per chunk of the inner dimension, chosen so that the activations' chunk (all of its rows)
+/// takes about 256 KiB and stays in L2 while every weight tile passes over it.
+fn k_chunk(packed: &PackedRows) -> usize {
+    (256 * 1024 / (packed.blocks().max(1) * NR * 4)).clamp(64, 1024)
+}
+
+/// Tasks per thread: enough to balance uneven work, few enough that each decodes a useful block.
+const TASKS_PER_THREAD: usize = 4;
+
+/// C[t, c_col + j] (+)= Σ_k x[t, k]·W[start + j, k] for j < n: x·Wᵀ for a block of W's rows, each
+/// weight decoded to bf16 exactly once. W's rows are the kernel's left operand (a decoded row is already
+/// a run of k-pairs), x the right one, so the kernel computes Cᵀ and the tile is stored transposed.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_xwt(
+    x: &PackedRows,
+    w: &impl Bf16Rows,
+    start: usize,
+    n: usize,
+    c: &mut [f32],
+    ldc: usize,
+    c_col: usize,
+    accumulate: bool,
+) {
     assert!(available(), "bf16 kernels need AVX512-BF16");
-    let (m, n) = (a.m, panel.n);
-    assert_eq!(
-        a.k.div_ceil(2),
-        panel.k_pairs,
-        "bf16 gemm: inner dimensions differ"
-    );
-    assert!(
-        m == 0 || (m - 1) * ldc + c_col + n <= c.len(),
-        "bf16 gemm: C too small"
-    );
-    let a_packed = &a.pairs;
-    let k_pairs = panel.k_pairs;
-    // Each task owns MR·rows_per_task consecutive rows of C.
-    let rows_per_task = (m.div_ceil(rayon::current_num_threads() * 2))
+    assert_eq!(w.cols(), x.k, "bf16 x·Wᵀ: inner dimensions differ");
+    let (k, k_pairs, m, blocks) = (x.k, x.k_pairs, x.m, x.blocks());
+    let kc_max = k_chunk(x);
+    let task_rows = (n / (rayon::current_num_threads() * TASKS_PER_THREAD))
         .next_multiple_of(MR)
-        .max(MR);
-    c.par_chunks_mut(rows_per_task * ldc)
-        .zip(a_packed.par_chunks(rows_per_task * k_pairs))
-        .for_each(|(c_rows, a_rows)| {
-            let rows = a_rows.len() / k_pairs.max(1);
-            for i0 in (0..rows).step_by(MR) {
-                let mr = MR.min(rows - i0);
-                for jb in 0..panel.blocks() {
-                    let b: &[u16] = bytemuck::cast_slice(
-                        &panel.data[jb * k_pairs * NR..(jb + 1) * k_pairs * NR],
-                    );
-                    let mut acc = [[0f32; NR]; MR];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `available()` was checked above, so the CPU has AVX512F and AVX512-BF16;
-                    // the kernel reads exactly `mr` rows of k_pairs words from `a_rows` and k_pairs·64
-                    // values from `b`, both of which the slices hold.
-                    unsafe {
-                        micro_kernel(
-                            &a_rows[i0 * k_pairs..(i0 + mr) * k_pairs],
-                            mr,
-                            k_pairs,
-                            b,
-                            &mut acc,
+        .clamp(MR, 64);
+    let out = SharedOut::new(c);
+    (0..n.div_ceil(task_rows)).into_par_iter().for_each_init(
+        || (Vec::<u32>::new(), Vec::<[[f32; NR]; MR]>::new()),
+        |(decoded, tiles), task| {
+            let r0 = task * task_rows;
+            let rows = task_rows.min(n - r0);
+            let row_blocks = rows.div_ceil(MR);
+            // Cᵀ for this task's rows, tile by tile, summed over the k chunks and stored transposed at
+            // the end.
+            tiles.resize(row_blocks * blocks, [[0f32; NR]; MR]);
+            for kc0 in (0..k_pairs).step_by(kc_max) {
+                let kc = kc_max.min(k_pairs - kc0);
+                decoded.clear();
+                decoded.resize(row_blocks * MR * kc, 0);
+                let span = (2 * kc).min(k - 2 * kc0);
+                for r in 0..rows {
+                    let row: &mut [u16] = bytemuck::cast_slice_mut(&mut decoded[r * kc..][..kc]);
+                    w.row_bf16(start + r0 + r, 2 * kc0, &mut row[..span]);
+                }
+                for rb in 0..row_blocks {
+                    for block in 0..blocks {
+                        kernel(
+                            &decoded[rb * MR * kc..(rb + 1) * MR * kc],
+                            (kc, 1),
+                            x.block_from(block, kc0),
+                            kc,
+                            &mut tiles[rb * blocks + block],
+                            kc0 > 0,
                         );
-                    }
-                    let cols = NR.min(n - jb * NR);
-                    for (r, acc_row) in acc.iter().enumerate().take(mr) {
-                        let dst = &mut c_rows[(i0 + r) * ldc + c_col + jb * NR..][..cols];
-                        if accumulate {
-                            dst.iter_mut().zip(acc_row).for_each(|(d, v)| *d += v);
-                        } else {
-                            dst.copy_from_slice(&acc_row[..cols]);
-                        }
                     }
                 }
             }
-        });
+            for rb in 0..row_blocks {
+                for block in 0..blocks {
+                    out.add_tile_transposed(
+                        &tiles[rb * blocks + block],
+                        block * NR,
+                        c_col + r0 + rb * MR,
+                        ldc,
+                        MR.min(rows - rb * MR),
+                        NR.min(m - block * NR),
+                        accumulate,
+                    );
+                }
+            }
+        },
+    );
+}
+
+/// C[t, c_col + j] (+)= Σ_q a[t, q]·W[start + q, j] for every column j of W: dy·W over the block of W's
+/// rows `start..start + a.k`, each weight decoded to bf16 exactly once. Pairs of W's rows are
+/// interleaved into 32-column panels (the kernel's right operand); a's rows are broadcast.
+pub fn matmul_aw(
+    a: &PackedRows,
+    w: &impl Bf16Rows,
+    start: usize,
+    c: &mut [f32],
+    ldc: usize,
+    c_col: usize,
+    accumulate: bool,
+) {
+    assert!(available(), "bf16 kernels need AVX512-BF16");
+    let (n, k_pairs, m) = (w.cols(), a.k_pairs, a.m);
+    let kc_max = k_chunk(a);
+    let col_blocks = n.div_ceil(NR);
+    let task_blocks = (col_blocks / (rayon::current_num_threads() * TASKS_PER_THREAD)).clamp(1, 4);
+    let out = SharedOut::new(c);
+    (0..col_blocks.div_ceil(task_blocks))
+        .into_par_iter()
+        .for_each_init(
+            || (Vec::<u32>::new(), vec![0u16; 4 * NR], vec![0u16; 4 * NR]),
+            |(panel, even, odd), task| {
+                let b0 = task * task_blocks;
+                let blocks = task_blocks.min(col_blocks - b0);
+                let (j0, width) = (b0 * NR, (blocks * NR).min(n - b0 * NR));
+                even.fill(0);
+                odd.fill(0);
+                for kc0 in (0..k_pairs).step_by(kc_max) {
+                    let kc = kc_max.min(k_pairs - kc0);
+                    panel.resize(blocks * kc * NR, 0);
+                    for kp in 0..kc {
+                        let q = 2 * (kc0 + kp);
+                        w.row_bf16(start + q, j0, &mut even[..width]);
+                        if q + 1 < a.k {
+                            w.row_bf16(start + q + 1, j0, &mut odd[..width]);
+                        } else {
+                            odd.fill(0);
+                        }
+                        for b in 0..blocks {
+                            interleave(
+                                &even[b * NR..(b + 1) * NR],
+                                &odd[b * NR..(b + 1) * NR],
+                                &mut panel[(b * kc + kp) * NR..][..NR],
+                            );
+                        }
+                    }
+                    let first_chunk = kc0 == 0;
+                    for block in 0..a.blocks() {
+                        let a_block = a.block_from(block, kc0);
+                        for t0 in (0..NR.min(m - block * NR)).step_by(MR) {
+                            for b in 0..blocks {
+                                let mut tile = [[0f32; NR]; MR];
+                                kernel(
+                                    &a_block[t0..],
+                                    (1, NR),
+                                    &panel[b * kc * NR..(b + 1) * kc * NR],
+                                    kc,
+                                    &mut tile,
+                                    false,
+                                );
+                                out.add_tile(
+                                    &tile,
+                                    block * NR + t0,
+                                    c_col + j0 + b * NR,
+                                    ldc,
+                                    MR.min(m - block * NR - t0),
+                                    NR.min(n - j0 - b * NR),
+                                    accumulate || !first_chunk,
+                                );
+                            }
+                        }
+                    }
+                }
+            },
+        );
+}
+
+/// out[i] = even[i] | odd[i] << 16: two rows' values side by side, as the kernel's right operand.
+fn interleave(even: &[u16], odd: &[u16], out: &mut [u32]) {
+    debug_assert!(even.len() == NR && odd.len() == NR && out.len() == NR);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available()` checked AVX512F/BW; the three slices hold exactly 32 elements each.
+        unsafe { interleave_avx512(even, odd, out) };
+        return;
+    }
+    for ((o, &e), &d) in out.iter_mut().zip(even).zip(odd) {
+        *o = e as u32 | (d as u32) << 16;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn interleave_avx512(even: &[u16], odd: &[u16], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    // vpermt2w index i picks lane i of the first source (< 32) or lane i − 32 of the second.
+    let low: [u16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as u16);
+    let high: [u16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as u16);
+    // SAFETY: the caller guarantees 32 elements in each slice: two 64-byte loads and two 64-byte
+    // stores, all unaligned.
+    unsafe {
+        let e = _mm512_loadu_si512(even.as_ptr() as *const __m512i);
+        let o = _mm512_loadu_si512(odd.as_ptr() as *const __m512i);
+        let lo_idx = _mm512_loadu_si512(low.as_ptr() as *const __m512i);
+        let hi_idx = _mm512_loadu_si512(high.as_ptr() as *const __m512i);
+        _mm512_storeu_si512(
+            out.as_mut_ptr() as *mut __m512i,
+            _mm512_permutex2var_epi16(e, lo_idx, o),
+        );
+        _mm512_storeu_si512(
+            out.as_mut_ptr().add(16) as *mut __m512i,
+            _mm512_permutex2var_epi16(e, hi_idx, o),
+        );
+    }
+}
+
+/// tile[r][j] = Σ_kp a(r, kp)·b(kp, j) over `k_pairs` pairs, for MR rows and NR columns: `a(r, kp)` is
+/// the pair at a[r·stride.0 + kp·stride.1], b holds NR pairs per kp. With `add`, the sum is added to
+/// what the tile holds.
+fn kernel(
+    a: &[u32],
+    stride: (usize, usize),
+    b: &[u32],
+    k_pairs: usize,
+    tile: &mut [[f32; NR]; MR],
+    add: bool,
+) {
+    assert!(
+        k_pairs == 0 || (MR - 1) * stride.0 + (k_pairs - 1) * stride.1 < a.len(),
+        "bf16 kernel: left operand too short"
+    );
+    assert!(
+        b.len() >= k_pairs * NR,
+        "bf16 kernel: right operand too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the callers checked `available()` (AVX512F and AVX512-BF16); the assertions above bound
+    // every index the kernel reads.
+    unsafe {
+        micro_kernel(a, stride, b, k_pairs, tile, add)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, stride, b, k_pairs, tile, add);
+        unreachable!("bf16 kernels need AVX512-BF16")
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn micro_kernel(a: &[u32], mr: usize, k_pairs: usize, b: &[u16], acc: &mut [[f32; NR]; MR]) {
+unsafe fn micro_kernel(
+    a: &[u32],
+    (row_stride, kp_stride): (usize, usize),
+    b: &[u32],
+    k_pairs: usize,
+    tile: &mut [[f32; NR]; MR],
+    add: bool,
+) {
     use std::arch::x86_64::*;
-    debug_assert!(a.len() >= mr * k_pairs && b.len() >= k_pairs * 2 * NR);
-    // SAFETY (for the loads below): kp < k_pairs, so b[kp·64 .. kp·64 + 64] and a[r·k_pairs + kp] are in
-    // bounds by the caller's contract (checked by the debug assertion); unaligned loads are used.
+    // SAFETY (for the loads below): `kernel` asserted that a[r·row_stride + kp·kp_stride] for r < MR,
+    // kp < k_pairs and b[..k_pairs·NR] are in bounds; unaligned loads are used.
     unsafe {
         let mut c = [[_mm512_setzero_ps(); 2]; MR];
-        let bp = b.as_ptr();
-        if mr == MR {
-            for kp in 0..k_pairs {
-                let b0 = _mm512_loadu_si512(bp.add(kp * 2 * NR) as *const __m512i);
-                let b1 = _mm512_loadu_si512(bp.add(kp * 2 * NR + NR) as *const __m512i);
-                let (b0, b1): (__m512bh, __m512bh) =
-                    (std::mem::transmute(b0), std::mem::transmute(b1));
-                for (r, cr) in c.iter_mut().enumerate() {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                        *a.get_unchecked(r * k_pairs + kp) as i32,
-                    ));
-                    cr[0] = _mm512_dpbf16_ps(cr[0], av, b0);
-                    cr[1] = _mm512_dpbf16_ps(cr[1], av, b1);
-                }
-            }
-        } else {
-            for kp in 0..k_pairs {
-                let b0 = _mm512_loadu_si512(bp.add(kp * 2 * NR) as *const __m512i);
-                let b1 = _mm512_loadu_si512(bp.add(kp * 2 * NR + NR) as *const __m512i);
-                let (b0, b1): (__m512bh, __m512bh) =
-                    (std::mem::transmute(b0), std::mem::transmute(b1));
-                for (r, cr) in c.iter_mut().enumerate().take(mr) {
-                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(
-                        *a.get_unchecked(r * k_pairs + kp) as i32,
-                    ));
-                    cr[0] = _mm512_dpbf16_ps(cr[0], av, b0);
-                    cr[1] = _mm512_dpbf16_ps(cr[1], av, b1);
-                }
+        if add {
+            for (r, cr) in c.iter_mut().enumerate() {
+                cr[0] = _mm512_loadu_ps(tile[r].as_ptr());
+                cr[1] = _mm512_loadu_ps(tile[r].as_ptr().add(16));
             }
         }
-        // Lane i of a dpbf16 accumulator is column i of its 16-column half: the panel stores column i's
-        // pair at positions 2i, 2i+1, which is the pair dpbf16 multiplies into lane i.
-        for (r, cr) in c.iter().enumerate().take(mr) {
-            _mm512_storeu_ps(acc[r].as_mut_ptr(), cr[0]);
-            _mm512_storeu_ps(acc[r].as_mut_ptr().add(16), cr[1]);
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for kp in 0..k_pairs {
+            let b0 = _mm512_loadu_si512(bp.add(kp * NR) as *const __m512i);
+            let b1 = _mm512_loadu_si512(bp.add(kp * NR + NR / 2) as *const __m512i);
+            let (b0, b1): (__m512bh, __m512bh) = (std::mem::transmute(b0), std::mem::transmute(b1));
+            let a_kp = ap.add(kp * kp_stride);
+            for (r, cr) in c.iter_mut().enumerate() {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a_kp.add(r * row_stride) as i32));
+                cr[0] = _mm512_dpbf16_ps(cr[0], av, b0);
+                cr[1] = _mm512_dpbf16_ps(cr[1], av, b1);
+            }
+        }
+        // Lane i of a dpbf16 accumulator is column i of its 16-column half: the right operand holds
+        // column i's pair at word i, which is the pair dpbf16 multiplies into lane i.
+        for (r, cr) in c.iter().enumerate() {
+            _mm512_storeu_ps(tile[r].as_mut_ptr(), cr[0]);
+            _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), cr[1]);
         }
     }
 }

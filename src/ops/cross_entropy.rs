@@ -22,14 +22,14 @@ fn head_rows_f32(head: &DenseTensor, start: usize, count: usize) -> Vec<f32> {
 /// The hidden states in the form each precision multiplies them in.
 enum Hidden<'a> {
     F32(&'a [f32]),
-    Bf16(bf16_gemm::PackedA),
+    Bf16(bf16_gemm::PackedRows),
 }
 
 impl<'a> Hidden<'a> {
     fn new(hidden: &'a [f32], positions: usize, dim: usize, precision: Precision) -> Self {
         match precision {
             Precision::F32 => Hidden::F32(hidden),
-            Precision::Bf16 => Hidden::Bf16(bf16_gemm::PackedA::new(hidden, positions, dim)),
+            Precision::Bf16 => Hidden::Bf16(bf16_gemm::PackedRows::new(hidden, positions, dim)),
         }
     }
 
@@ -51,7 +51,7 @@ impl<'a> Hidden<'a> {
                 );
             }
             Hidden::Bf16(packed) => {
-                bf16_gemm::matmul_a_rows_t(packed, head, start, n, logits, n, 0, false)
+                bf16_gemm::matmul_xwt(packed, head, start, n, logits, n, 0, false)
             }
         }
     }
@@ -187,8 +187,8 @@ pub fn forward_backward(
                 true,
             ),
             _ => {
-                let a = bf16_gemm::PackedA::new(&probs, positions, n);
-                bf16_gemm::matmul_a_rows(&a, head, start, &mut acc, dim, 0, true);
+                let a = bf16_gemm::PackedRows::new(&probs, positions, n);
+                bf16_gemm::matmul_aw(&a, head, start, &mut acc, dim, 0, true);
             }
         }
     }

@@ -5,6 +5,7 @@
 //! has everywhere.
 
 use bytemuck::{Pod, Zeroable};
+use rayon::prelude::*;
 
 /// The uniform layout of shaders/dropout.wgsl.
 #[repr(C)]
@@ -50,27 +51,43 @@ fn mix(mut x: u32) -> u32 {
     x
 }
 
-/// Whether element `index` survives: a uniform draw in [0, 1) with 24 bits, kept when ≥ p.
-#[inline]
-pub fn keeps(params: &DropoutParams, index: u32) -> bool {
-    let key = mix(params.stream ^ mix(params.seed_lo ^ mix(params.seed_hi)));
-    let h = mix(index ^ mix(key));
-    // 24 bits convert to f32 exactly, so the GPU compares the same number.
-    let u = (h >> 8) as f32 * (1.0 / 16_777_216.0);
-    u >= params.p
+impl DropoutParams {
+    /// The per-mask part of the hash, the same for every element.
+    fn mask_key(&self) -> u32 {
+        mix(mix(self.stream ^ mix(self.seed_lo ^ mix(self.seed_hi))))
+    }
 }
+
+/// Whether the element with hash input `index ^ mask_key` survives: a uniform draw in [0, 1) with 24
+/// bits, kept when ≥ p. 24 bits convert to f32 exactly, so the GPU compares the same number.
+#[inline]
+fn kept(mask_key: u32, p: f32, index: u32) -> bool {
+    let h = mix(index ^ mask_key);
+    (h >> 8) as f32 * (1.0 / 16_777_216.0) >= p
+}
+
+/// Whether element `index` survives.
+pub fn keeps(params: &DropoutParams, index: u32) -> bool {
+    kept(params.mask_key(), params.p, index)
+}
+
+/// Elements per parallel task: the masks are cheap to draw, so tasks must be long to pay for themselves.
+const TASK: usize = 1 << 14;
 
 /// out = dropout(x): kept elements scaled by 1/(1−p), dropped ones zero.
 pub fn forward(params: &DropoutParams, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len(), "dropout: lengths differ");
     assert_eq!(x.len(), params.n as usize, "dropout: n differs");
-    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        *o = if keeps(params, i as u32) {
-            v * params.keep_scale
-        } else {
-            0.0
-        };
-    }
+    let (key, p, scale) = (params.mask_key(), params.p, params.keep_scale);
+    out.par_chunks_mut(TASK)
+        .zip(x.par_chunks(TASK))
+        .enumerate()
+        .for_each(|(task, (out, x))| {
+            let first = (task * TASK) as u32;
+            for ((o, &v), i) in out.iter_mut().zip(x).zip(first..) {
+                *o = if kept(key, p, i) { v * scale } else { 0.0 };
+            }
+        });
 }
 
 /// dropout(x) as a new vector.
@@ -84,9 +101,14 @@ pub fn apply(params: &DropoutParams, x: &[f32]) -> Vec<f32> {
 pub fn backward_accumulate(params: &DropoutParams, dy: &[f32], dx: &mut [f32]) {
     assert_eq!(dy.len(), dx.len(), "dropout: lengths differ");
     assert_eq!(dy.len(), params.n as usize, "dropout: n differs");
-    for (i, (d, &g)) in dx.iter_mut().zip(dy).enumerate() {
-        if keeps(params, i as u32) {
-            *d += g * params.keep_scale;
-        }
-    }
+    let (key, p, scale) = (params.mask_key(), params.p, params.keep_scale);
+    dx.par_chunks_mut(TASK)
+        .zip(dy.par_chunks(TASK))
+        .enumerate()
+        .for_each(|(task, (dx, dy))| {
+            let first = (task * TASK) as u32;
+            for ((d, &g), i) in dx.iter_mut().zip(dy).zip(first..) {
+                *d += if kept(key, p, i) { g * scale } else { 0.0 };
+            }
+        });
 }

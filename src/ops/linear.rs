@@ -1,5 +1,6 @@
-//! y = x·Wᵀ (+ bias) with W frozen, packed 4-bit or dense, and its input gradient dx = dy·W. W is
-//! unpacked a block of output rows at a time into an f32 tile that every row of x reuses.
+//! y = x·Wᵀ (+ bias) with W frozen, packed 4-bit or dense, and its input gradient dx = dy·W. In f32, W is
+//! unpacked a block of output rows at a time into an f32 tile that every row of x reuses; the bf16
+//! kernels decode each weight once per product.
 
 use crate::model::LinearWeight;
 use crate::ops::Precision;
@@ -7,7 +8,7 @@ use crate::ops::bf16_gemm;
 use crate::ops::matmul::{View, matmul_into};
 use rayon::prelude::*;
 
-/// Output rows of W unpacked per block (a 256 x 4864 f32 tile is 5 MB).
+/// Output rows of W unpacked per block in f32 (a 256 x 4864 f32 tile is 5 MB).
 const BLOCK_ROWS: usize = 256;
 
 impl LinearWeight {
@@ -45,12 +46,8 @@ pub fn forward(
     assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
     match precision {
         Precision::Bf16 => {
-            // W is decoded straight into bf16 panels, a block of output rows at a time.
-            let px = bf16_gemm::PackedA::new(x, tokens, inp);
-            for start in (0..out).step_by(BLOCK_ROWS) {
-                let n = BLOCK_ROWS.min(out - start);
-                bf16_gemm::matmul_a_rows_t(&px, w, start, n, y, out, start, false);
-            }
+            let px = bf16_gemm::PackedRows::new(x, tokens, inp);
+            bf16_gemm::matmul_xwt(&px, w, 0, out, y, out, 0, false);
         }
         Precision::F32 => {
             let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
@@ -87,50 +84,28 @@ pub fn backward_input(
     let (out, inp) = w.shape();
     let tokens = dy.len() / out;
     assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
+    if precision == Precision::Bf16 {
+        let packed = bf16_gemm::PackedRows::new(dy, tokens, out);
+        bf16_gemm::matmul_aw(&packed, w, 0, dx, inp, 0, accumulate);
+        return;
+    }
     if !accumulate {
         dx.fill(0.0);
     }
-    let mut tile = vec![
-        0f32;
-        if precision == Precision::F32 {
-            BLOCK_ROWS.min(out) * inp
-        } else {
-            0
-        }
-    ];
+    let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
     for start in (0..out).step_by(BLOCK_ROWS) {
         let n = BLOCK_ROWS.min(out - start);
-        match precision {
-            Precision::Bf16 => {
-                // The bf16 kernel reads a contiguous left operand: this block's columns of dy.
-                let dy_block: Vec<f32> = dy
-                    .chunks(out)
-                    .flat_map(|row| row[start..start + n].iter().copied())
-                    .collect();
-                bf16_gemm::matmul_a_rows(
-                    &bf16_gemm::PackedA::new(&dy_block, tokens, n),
-                    w,
-                    start,
-                    dx,
-                    inp,
-                    0,
-                    true,
-                );
-            }
-            Precision::F32 => {
-                w.rows_f32(start, n, &mut tile);
-                let tile = &tile[..n * inp];
-                matmul_into(
-                    View::columns(dy, tokens, out, start, n),
-                    View::new(tile, n, inp),
-                    1.0,
-                    dx,
-                    inp,
-                    0,
-                    true,
-                );
-            }
-        }
+        w.rows_f32(start, n, &mut tile);
+        let tile = &tile[..n * inp];
+        matmul_into(
+            View::columns(dy, tokens, out, start, n),
+            View::new(tile, n, inp),
+            1.0,
+            dx,
+            inp,
+            0,
+            true,
+        );
     }
 }
 
