@@ -13,6 +13,8 @@ use nibble::rng::Rng;
 use std::time::Instant;
 
 fn main() {
+    // As the nibble binary runs.
+    nibble::alloc::keep_freed_memory();
     let Some(path) = std::env::var_os("NIBBLE_BENCH_MODEL") else {
         eprintln!(
             "set NIBBLE_BENCH_MODEL to a model folder (see the header of benches/cpu_step.rs)"

@@ -3,6 +3,7 @@
 //! The library compiles for `wasm32-unknown-unknown` too: nothing in it assumes memory maps, threads or
 //! blocking I/O on that target (folders are read through memory maps only on native targets).
 
+pub mod alloc;
 pub mod config;
 pub mod cpu;
 pub mod data;

@@ -442,6 +442,7 @@ enum Command {
 }
 
 fn main() {
+    nibble::alloc::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let result = match cli.command {

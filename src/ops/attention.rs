@@ -2,6 +2,7 @@
 //! One query row of scores exists at a time (never the tokens x tokens matrix); the forward saves each
 //! row's log-sum-exp so that the backward recomputes probabilities instead of storing them.
 
+use crate::ops::fastmath;
 use crate::ops::matmul::{View, matmul_into};
 use rayon::prelude::*;
 
@@ -191,14 +192,8 @@ fn forward_after(
                 );
                 for (i, row) in scores.chunks_mut(keys).enumerate() {
                     let seen = b.visible(i, past, segments);
-                    let max = row[seen.clone()]
-                        .iter()
-                        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let mut sum = 0f32;
-                    for x in &mut row[seen.clone()] {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
+                    let max = fastmath::max(&row[seen.clone()]);
+                    let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
                     row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
                     row[..seen.start].fill(0.0);
                     row[seen.end..].fill(0.0);
@@ -303,7 +298,7 @@ pub fn backward(
                         .iter_mut()
                         .zip(&mut ds_row[seen.clone()])
                     {
-                        *p = (*p - l).exp();
+                        *p = fastmath::exp(*p - l);
                         *ds = *p * (*ds - delta) * scale;
                     }
                     for range in [0..seen.start, seen.end..keys] {

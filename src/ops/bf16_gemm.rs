@@ -40,11 +40,42 @@ pub trait Bf16Rows: Sync {
     fn cols(&self) -> usize;
     /// bf16 bits of row `row`, columns `c0..c0 + out.len()` (a 32-aligned slice, or the whole row).
     fn row_bf16(&self, row: usize, c0: usize, out: &mut [u16]);
+    /// The bytes that hold row `row`, columns `c0..c0 + len` (empty when out of range).
+    fn row_bytes(&self, row: usize, c0: usize, len: usize) -> &[u8];
+}
+
+/// Asks the CPU to start loading the bytes of a weight row that will be decoded soon. Weights stream
+/// from memory once per product, and without this the decode waits on every cache miss (measured:
+/// most of the decode's time in a 0.5B model's step was that one stall).
+fn prefetch(w: &impl Bf16Rows, row: usize, c0: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in w.row_bytes(row, c0, len).chunks(64) {
+        // SAFETY: prefetching is a hint that never faults; the pointer lies inside a live slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch(
+                line.as_ptr() as *const i8,
+                std::arch::x86_64::_MM_HINT_T0,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, row, c0, len);
 }
 
 impl Bf16Rows for LinearWeight {
     fn cols(&self) -> usize {
         self.shape().1
+    }
+
+    fn row_bytes(&self, row: usize, c0: usize, len: usize) -> &[u8] {
+        match self {
+            LinearWeight::Dense(d) => d.row_bytes(row, c0, len),
+            LinearWeight::Quant(q) => {
+                let (first, end) = (row * q.cols + c0, row * q.cols + c0 + len);
+                let words = (first / 8).min(q.packed.len())..end.div_ceil(8).min(q.packed.len());
+                bytemuck::cast_slice(&q.packed[words])
+            }
+        }
     }
 
     fn row_bf16(&self, row: usize, c0: usize, out: &mut [u16]) {
@@ -162,6 +193,16 @@ unsafe fn decode_codes_avx512(words: &[u32], lut: &[u16; 16], out: &mut [u16]) {
 impl Bf16Rows for DenseTensor {
     fn cols(&self) -> usize {
         self.cols
+    }
+
+    fn row_bytes(&self, row: usize, c0: usize, len: usize) -> &[u8] {
+        let total = self.rows * self.cols;
+        let range = (row * self.cols + c0).min(total)..(row * self.cols + c0 + len).min(total);
+        match &self.data {
+            DenseData::F32(v) => bytemuck::cast_slice(&v[range]),
+            DenseData::F16(v) => bytemuck::cast_slice(&v[range]),
+            DenseData::BF16(v) => bytemuck::cast_slice(&v[range]),
+        }
     }
 
     fn row_bf16(&self, row: usize, c0: usize, out: &mut [u16]) {
@@ -357,6 +398,9 @@ fn k_chunk(packed: &PackedRows) -> usize {
     (256 * 1024 / (packed.blocks().max(1) * NR * 4)).clamp(64, 1024)
 }
 
+/// How many rows ahead of the decode the weight bytes are prefetched.
+const PREFETCH_ROWS: usize = 4;
+
 /// Tasks per thread: enough to balance uneven work, few enough that each decodes a useful block.
 const TASKS_PER_THREAD: usize = 4;
 
@@ -397,6 +441,7 @@ pub fn matmul_xwt(
                 decoded.resize(row_blocks * MR * kc, 0);
                 let span = (2 * kc).min(k - 2 * kc0);
                 for r in 0..rows {
+                    prefetch(w, start + r0 + r + PREFETCH_ROWS, 2 * kc0, span);
                     let row: &mut [u16] = bytemuck::cast_slice_mut(&mut decoded[r * kc..][..kc]);
                     w.row_bf16(start + r0 + r, 2 * kc0, &mut row[..span]);
                 }
@@ -463,6 +508,8 @@ pub fn matmul_aw(
                     panel.resize(blocks * kc * NR, 0);
                     for kp in 0..kc {
                         let q = 2 * (kc0 + kp);
+                        prefetch(w, start + q + PREFETCH_ROWS, j0, width);
+                        prefetch(w, start + q + PREFETCH_ROWS + 1, j0, width);
                         w.row_bf16(start + q, j0, &mut even[..width]);
                         if q + 1 < a.k {
                             w.row_bf16(start + q + 1, j0, &mut odd[..width]);

@@ -5,6 +5,7 @@
 use crate::model::DenseTensor;
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
+use crate::ops::fastmath;
 use crate::ops::matmul::{View, matmul_into};
 use rayon::prelude::*;
 
@@ -79,14 +80,9 @@ fn for_each_chunk(
 /// and Σ exp(logit − max), replacing the row with exp(logit − new max). Returns the factor by which
 /// everything summed against the old maximum must be rescaled.
 fn absorb_chunk(row: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
-    let new_max = row.iter().cloned().fold(*max, f32::max);
-    let rescale = (*max - new_max).exp();
-    let mut chunk_sum = 0f32;
-    for x in row.iter_mut() {
-        *x = (*x - new_max).exp();
-        chunk_sum += *x;
-    }
-    *sum = *sum * rescale + chunk_sum;
+    let new_max = fastmath::max(row).max(*max);
+    let rescale = fastmath::exp(*max - new_max);
+    *sum = *sum * rescale + fastmath::exp_shifted_sum(row, new_max);
     *max = new_max;
     rescale
 }

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod cross_entropy;
 pub mod dropout;
+pub mod fastmath;
 pub mod linear;
 pub mod matmul;
 pub mod rmsnorm;

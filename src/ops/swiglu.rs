@@ -1,11 +1,13 @@
 //! The SwiGLU gate of the Llama/Qwen MLP: h = silu(gate) ⊙ up, elementwise.
 
+use crate::ops::fastmath;
 use rayon::prelude::*;
 
 const CHUNK: usize = 4096;
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + fastmath::exp(-x))
 }
 
 pub fn forward(gate: &[f32], up: &[f32], h: &mut [f32]) {
