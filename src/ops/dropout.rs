@@ -4,6 +4,7 @@
 //! (shaders/dropout.wgsl) draws exactly the masks the CPU draws, in 32-bit integer arithmetic that WGSL
 //! has everywhere.
 
+use crate::ops::fastmath;
 use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
@@ -84,33 +85,21 @@ fn masked(key: u32, p: f32, scale: f32, first: u32, x: &[f32], out: &mut [f32], 
     }
 }
 
-/// `masked` compiled for AVX2, where the hash's 32-bit multiplies vectorise (baseline x86-64 has no
-/// packed 32-bit multiply, so the portable build draws one mask element at a time).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn masked_avx2(key: u32, p: f32, scale: f32, first: u32, x: &[f32], out: &mut [f32], add: bool) {
-    masked(key, p, scale, first, x, out, add)
-}
-
 /// `masked` over parallel tasks, on the widest instructions this CPU has.
 fn masked_par(params: &DropoutParams, x: &[f32], out: &mut [f32], add: bool) {
     assert_eq!(x.len(), out.len(), "dropout: lengths differ");
     assert_eq!(x.len(), params.n as usize, "dropout: n differs");
     let (key, p, scale) = (params.mask_key(), params.p, params.keep_scale);
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2");
     out.par_chunks_mut(TASK)
         .zip(x.par_chunks(TASK))
         .enumerate()
         .for_each(|(task, (out, x))| {
             let first = (task * TASK) as u32;
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 was detected on this CPU just above.
-                unsafe { masked_avx2(key, p, scale, first, x, out, add) };
-                return;
-            }
-            masked(key, p, scale, first, x, out, add);
+            // Baseline x86-64 has no packed 32-bit multiply, so the hash vectorises only with AVX2.
+            fastmath::wide(
+                #[inline(always)]
+                || masked(key, p, scale, first, x, out, add),
+            );
         });
 }
 

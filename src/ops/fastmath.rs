@@ -56,6 +56,7 @@ pub fn exp(x: f32) -> f32 {
 
 /// The largest element (−∞ for an empty slice), with eight running maxima so the loop vectorises. A
 /// NaN element is skipped here; callers that exponentiate the elements still see it.
+#[inline(always)]
 pub fn max(values: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = values.chunks_exact(8);
@@ -72,6 +73,7 @@ pub fn max(values: &[f32]) -> f32 {
 }
 
 /// Σ values with eight running sums, so the loop vectorises (one running sum must keep its order).
+#[inline(always)]
 pub fn sum(values: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = values.chunks_exact(8);
@@ -86,10 +88,38 @@ pub fn sum(values: &[f32]) -> f32 {
 
 /// values[i] = e^(values[i] − shift), returning their sum: a softmax's numerators.
 pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
-    for v in values.iter_mut() {
-        *v = exp(*v - shift);
+    let mut total = 0.0;
+    wide(
+        #[inline(always)]
+        || {
+            for v in values.iter_mut() {
+                *v = exp(*v - shift);
+            }
+            total = sum(values);
+        },
+    );
+    total
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it: `f` (a closure the caller marks `#[inline(always)]`)
+/// is inlined into a function with AVX2 enabled, so its loops vectorise 8 wide instead of baseline
+/// x86-64's 4. Only the vector width changes, not the order of any operation, so results are the same
+/// bit for bit either way.
+#[inline(always)]
+pub fn wide(f: impl FnOnce()) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        fn avx2(f: impl FnOnce()) {
+            f()
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected on this CPU just above.
+            unsafe { avx2(f) };
+            return;
+        }
     }
-    sum(values)
+    f()
 }
 
 #[cfg(test)]

@@ -18,9 +18,14 @@ pub fn forward(gate: &[f32], up: &[f32], h: &mut [f32]) {
     h.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(h, (g, u))| {
-            for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-                *h = g * sigmoid(g) * u;
-            }
+            fastmath::wide(
+                #[inline(always)]
+                || {
+                    for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                        *h = g * sigmoid(g) * u;
+                    }
+                },
+            )
         });
 }
 
@@ -42,12 +47,17 @@ pub fn backward(gate: &[f32], up: &[f32], dh: &[f32], dgate: &mut [f32], dup: &m
                 .zip(dh.par_chunks(CHUNK)),
         )
         .for_each(|((dg, du), ((g, u), dh))| {
-            for ((((dg, du), &g), &u), &dh) in
-                dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dh)
-            {
-                let s = sigmoid(g);
-                *dg = dh * u * s * (1.0 + g * (1.0 - s));
-                *du = dh * g * s;
-            }
+            fastmath::wide(
+                #[inline(always)]
+                || {
+                    for ((((dg, du), &g), &u), &dh) in
+                        dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dh)
+                    {
+                        let s = sigmoid(g);
+                        *dg = dh * u * s * (1.0 + g * (1.0 - s));
+                        *du = dh * g * s;
+                    }
+                },
+            )
         });
 }
