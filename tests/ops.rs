@@ -559,7 +559,7 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
         let mut c = random(m * ldc, 1.0, &mut rng);
         let before = c.clone();
         bf16_gemm::matmul_xwt(
-            &bf16_gemm::PackedRows::new(&a, m, k),
+            &bf16_gemm::PackedRows::for_xwt(&a, m, k),
             &w,
             5,
             n,
@@ -582,7 +582,7 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
         let mut c = random(m * ldc, 1.0, &mut rng);
         let before = c.clone();
         bf16_gemm::matmul_aw(
-            &bf16_gemm::PackedRows::new(&bmat, m, kb),
+            &bf16_gemm::PackedRows::for_aw(&bmat, m, kb),
             &w,
             2,
             &mut c,

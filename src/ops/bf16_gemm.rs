@@ -225,33 +225,45 @@ impl Bf16Rows for DenseTensor {
     }
 }
 
-/// Rows of an activation matrix A [m, k] rounded to bf16 and laid out for the kernel: blocks of 32 rows,
-/// and within a block, for each pair of k indices, the 32 rows' two values side by side (one u32 per
-/// row, low half first). As the right-hand operand of x·Wᵀ a block's k-pair is the two 512-bit registers
-/// `vdpbf16ps` consumes; as the left-hand operand of dy·W the kernel broadcasts one row's pair at a time.
-/// Rows past m and the odd k's partner are zero.
+/// Rows of an activation matrix A [m, k] rounded to bf16 and laid out for the kernel: groups of rows,
+/// and within a group, for each pair of k indices, the group's rows' two values side by side (one u32
+/// per row, low half first). As the right-hand operand of x·Wᵀ a group is 32 rows, so that a k-pair
+/// is the two 512-bit registers `vdpbf16ps` consumes; as the left-hand operand of a·W a group is the
+/// kernel's 8 rows, whose pairs it broadcasts one at a time from 32 consecutive bytes. Rows past m and
+/// the odd k's partner are zero.
 pub struct PackedRows {
     m: usize,
     k: usize,
     k_pairs: usize,
+    group: usize,
     data: Vec<u32>,
 }
 
 impl PackedRows {
-    pub fn new(a: &[f32], m: usize, k: usize) -> Self {
+    /// x packed for `matmul_xwt`.
+    pub fn for_xwt(x: &[f32], m: usize, k: usize) -> Self {
+        Self::new(x, m, k, NR)
+    }
+
+    /// a packed for `matmul_aw`.
+    pub fn for_aw(a: &[f32], m: usize, k: usize) -> Self {
+        Self::new(a, m, k, MR)
+    }
+
+    fn new(a: &[f32], m: usize, k: usize, group: usize) -> Self {
         assert_eq!(a.len(), m * k, "bf16 pack: A is m x k");
         let k_pairs = k.div_ceil(2);
-        let mut data = vec![0u32; m.div_ceil(NR) * k_pairs * NR];
-        data.par_chunks_mut((k_pairs * NR).max(1))
+        let mut data = vec![0u32; m.div_ceil(group) * k_pairs * group];
+        data.par_chunks_mut((k_pairs * group).max(1))
             .enumerate()
             .for_each_init(
                 || vec![0u32; k_pairs],
-                |pairs, (block, dst)| {
-                    for t in 0..NR.min(m - block * NR) {
-                        let row = block * NR + t;
+                |pairs, (g, dst)| {
+                    for t in 0..group.min(m - g * group) {
+                        let row = g * group + t;
                         round_pairs(&a[row * k..(row + 1) * k], pairs);
                         for (kp, &pair) in pairs.iter().enumerate() {
-                            dst[kp * NR + t] = pair;
+                            dst[kp * group + t] = pair;
                         }
                     }
                 },
@@ -260,17 +272,19 @@ impl PackedRows {
             m,
             k,
             k_pairs,
+            group,
             data,
         }
     }
 
-    fn blocks(&self) -> usize {
-        self.m.div_ceil(NR)
+    fn groups(&self) -> usize {
+        self.m.div_ceil(self.group)
     }
 
-    /// Block `block`'s words from k-pair `kp` on.
-    fn block_from(&self, block: usize, kp: usize) -> &[u32] {
-        &self.data[(block * self.k_pairs + kp) * NR..(block + 1) * self.k_pairs * NR]
+    /// Group `g`'s words from k-pair `kp` on.
+    fn group_from(&self, g: usize, kp: usize) -> &[u32] {
+        let group = self.group;
+        &self.data[(g * self.k_pairs + kp) * group..(g + 1) * self.k_pairs * group]
     }
 }
 
@@ -395,7 +409,7 @@ impl SharedOut {
 /// k-pairs per chunk of the inner dimension, chosen so that the activations' chunk (all of its rows)
 /// takes about 256 KiB and stays in L2 while every weight tile passes over it.
 fn k_chunk(packed: &PackedRows) -> usize {
-    (256 * 1024 / (packed.blocks().max(1) * NR * 4)).clamp(64, 1024)
+    (256 * 1024 / (packed.m.next_multiple_of(packed.group).max(1) * 4)).clamp(64, 1024)
 }
 
 /// How many rows ahead of the decode the weight bytes are prefetched.
@@ -420,7 +434,8 @@ pub fn matmul_xwt(
 ) {
     assert!(available(), "bf16 kernels need AVX512-BF16");
     assert_eq!(w.cols(), x.k, "bf16 x·Wᵀ: inner dimensions differ");
-    let (k, k_pairs, m, blocks) = (x.k, x.k_pairs, x.m, x.blocks());
+    assert_eq!(x.group, NR, "bf16 x·Wᵀ: x must be packed with PackedRows::for_xwt");
+    let (k, k_pairs, m, blocks) = (x.k, x.k_pairs, x.m, x.groups());
     let kc_max = k_chunk(x);
     let task_rows = (n / (rayon::current_num_threads() * TASKS_PER_THREAD))
         .next_multiple_of(MR)
@@ -450,7 +465,7 @@ pub fn matmul_xwt(
                         kernel(
                             &decoded[rb * MR * kc..(rb + 1) * MR * kc],
                             (kc, 1),
-                            x.block_from(block, kc0),
+                            x.group_from(block, kc0),
                             kc,
                             &mut tiles[rb * blocks + block],
                             kc0 > 0,
@@ -488,6 +503,7 @@ pub fn matmul_aw(
     accumulate: bool,
 ) {
     assert!(available(), "bf16 kernels need AVX512-BF16");
+    assert_eq!(a.group, MR, "bf16 a·W: a must be packed with PackedRows::for_aw");
     let (n, k_pairs, m) = (w.cols(), a.k_pairs, a.m);
     let kc_max = k_chunk(a);
     let col_blocks = n.div_ceil(NR);
@@ -525,29 +541,27 @@ pub fn matmul_aw(
                         }
                     }
                     let first_chunk = kc0 == 0;
-                    for block in 0..a.blocks() {
-                        let a_block = a.block_from(block, kc0);
-                        for t0 in (0..NR.min(m - block * NR)).step_by(MR) {
-                            for b in 0..blocks {
-                                let mut tile = [[0f32; NR]; MR];
-                                kernel(
-                                    &a_block[t0..],
-                                    (1, NR),
-                                    &panel[b * kc * NR..(b + 1) * kc * NR],
-                                    kc,
-                                    &mut tile,
-                                    false,
-                                );
-                                out.add_tile(
-                                    &tile,
-                                    block * NR + t0,
-                                    c_col + j0 + b * NR,
-                                    ldc,
-                                    MR.min(m - block * NR - t0),
-                                    NR.min(n - j0 - b * NR),
-                                    accumulate || !first_chunk,
-                                );
-                            }
+                    for g in 0..a.groups() {
+                        let a_group = a.group_from(g, kc0);
+                        for b in 0..blocks {
+                            let mut tile = [[0f32; NR]; MR];
+                            kernel(
+                                a_group,
+                                (1, MR),
+                                &panel[b * kc * NR..(b + 1) * kc * NR],
+                                kc,
+                                &mut tile,
+                                false,
+                            );
+                            out.add_tile(
+                                &tile,
+                                g * MR,
+                                c_col + j0 + b * NR,
+                                ldc,
+                                MR.min(m - g * MR),
+                                NR.min(n - j0 - b * NR),
+                                accumulate || !first_chunk,
+                            );
                         }
                     }
                 }

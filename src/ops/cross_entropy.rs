@@ -30,7 +30,7 @@ impl<'a> Hidden<'a> {
     fn new(hidden: &'a [f32], positions: usize, dim: usize, precision: Precision) -> Self {
         match precision {
             Precision::F32 => Hidden::F32(hidden),
-            Precision::Bf16 => Hidden::Bf16(bf16_gemm::PackedRows::new(hidden, positions, dim)),
+            Precision::Bf16 => Hidden::Bf16(bf16_gemm::PackedRows::for_xwt(hidden, positions, dim)),
         }
     }
 
@@ -183,7 +183,7 @@ pub fn forward_backward(
                 true,
             ),
             _ => {
-                let a = bf16_gemm::PackedRows::new(&probs, positions, n);
+                let a = bf16_gemm::PackedRows::for_aw(&probs, positions, n);
                 bf16_gemm::matmul_aw(&a, head, start, &mut acc, dim, 0, true);
             }
         }

@@ -46,7 +46,7 @@ pub fn forward(
     assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
     match precision {
         Precision::Bf16 => {
-            let px = bf16_gemm::PackedRows::new(x, tokens, inp);
+            let px = bf16_gemm::PackedRows::for_xwt(x, tokens, inp);
             bf16_gemm::matmul_xwt(&px, w, 0, out, y, out, 0, false);
         }
         Precision::F32 => {
@@ -85,7 +85,7 @@ pub fn backward_input(
     let tokens = dy.len() / out;
     assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
     if precision == Precision::Bf16 {
-        let packed = bf16_gemm::PackedRows::new(dy, tokens, out);
+        let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, out);
         bf16_gemm::matmul_aw(&packed, w, 0, dx, inp, 0, accumulate);
         return;
     }
