@@ -86,7 +86,9 @@ pub fn matmul_into(
         }
         return;
     }
-    let parallelism = if m * n * k >= 1 << 18 {
+    // Inside a parallel task (attention's heads) the other threads already have work: splitting again
+    // only adds scheduling.
+    let parallelism = if m * n * k >= 1 << 18 && rayon::current_thread_index().is_none() {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
