@@ -452,14 +452,17 @@ pub fn matmul_xwt(
             tiles.resize(row_blocks * blocks, [[0f32; NR]; MR]);
             for kc0 in (0..k_pairs).step_by(kc_max) {
                 let kc = kc_max.min(k_pairs - kc0);
-                decoded.clear();
+                // Every word is written below (the decoded span, the odd k's zero partner, the zero
+                // padding rows), so the buffer is not cleared first: that would double its traffic.
                 decoded.resize(row_blocks * MR * kc, 0);
                 let span = (2 * kc).min(k - 2 * kc0);
                 for r in 0..rows {
                     prefetch(w, start + r0 + r + PREFETCH_ROWS, 2 * kc0, span);
                     let row: &mut [u16] = bytemuck::cast_slice_mut(&mut decoded[r * kc..][..kc]);
                     w.row_bf16(start + r0 + r, 2 * kc0, &mut row[..span]);
+                    row[span..].fill(0);
                 }
+                decoded[rows * kc..row_blocks * MR * kc].fill(0);
                 for rb in 0..row_blocks {
                     for block in 0..blocks {
                         kernel(
