@@ -434,7 +434,10 @@ pub fn matmul_xwt(
 ) {
     assert!(available(), "bf16 kernels need AVX512-BF16");
     assert_eq!(w.cols(), x.k, "bf16 x·Wᵀ: inner dimensions differ");
-    assert_eq!(x.group, NR, "bf16 x·Wᵀ: x must be packed with PackedRows::for_xwt");
+    assert_eq!(
+        x.group, NR,
+        "bf16 x·Wᵀ: x must be packed with PackedRows::for_xwt"
+    );
     let (k, k_pairs, m, blocks) = (x.k, x.k_pairs, x.m, x.groups());
     let kc_max = k_chunk(x);
     let task_rows = (n / (rayon::current_num_threads() * TASKS_PER_THREAD))
@@ -506,7 +509,10 @@ pub fn matmul_aw(
     accumulate: bool,
 ) {
     assert!(available(), "bf16 kernels need AVX512-BF16");
-    assert_eq!(a.group, MR, "bf16 a·W: a must be packed with PackedRows::for_aw");
+    assert_eq!(
+        a.group, MR,
+        "bf16 a·W: a must be packed with PackedRows::for_aw"
+    );
     let (n, k_pairs, m) = (w.cols(), a.k_pairs, a.m);
     let kc_max = k_chunk(a);
     let col_blocks = n.div_ceil(NR);

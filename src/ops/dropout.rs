@@ -95,7 +95,8 @@ fn masked_par(params: &DropoutParams, x: &[f32], out: &mut [f32], add: bool) {
         .enumerate()
         .for_each(|(task, (out, x))| {
             let first = (task * TASK) as u32;
-            // Baseline x86-64 has no packed 32-bit multiply, so the hash vectorises only with AVX2.
+            // Baseline x86-64 has no packed 32-bit multiply, so the hash vectorises only with AVX2 or
+            // AVX-512.
             fastmath::wide(
                 #[inline(always)]
                 || masked(key, p, scale, first, x, out, add),
