@@ -114,25 +114,21 @@ fn eval_on_gpu_agrees_with_cpu() {
     )
     .unwrap();
     let run = |device: &str| -> serde_json::Value {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
-            .args([
-                "eval",
-                "--model",
-                model_dir.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--device",
-                device,
-                "--quant",
-                "int4",
-                "--group-size",
-                "32",
-                "--precision",
-                "f32",
-            ])
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = common::nibble(&[
+            "eval",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            device,
+            "--quant",
+            "int4",
+            "--group-size",
+            "32",
+            "--precision",
+            "f32",
+        ]);
         assert!(
             out.status.success(),
             "{device}: {}",

@@ -15,7 +15,6 @@ use nibble::source::{FloatDtype, ModelFiles};
 use nibble::synth::{self, SynthSpec};
 use nibble::tokenizer::{ChatTokenizer, Message};
 use nibble::train::{self, LossOn, Schedule, TrainConfig, Trainer};
-use std::process::Command;
 
 fn tiny_model(dir: &std::path::Path) -> nibble::model::Model {
     let mut spec = SynthSpec::tiny(Arch::Qwen2, 300);
@@ -264,40 +263,29 @@ fn a_run_killed_with_sigkill_and_resumed_ends_bit_identical() {
         .collect();
     std::fs::write(&data, rows).unwrap();
     let args = |out: &std::path::Path| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--max-steps",
-            "12",
-            "--save-steps",
-            "2",
-            "--grad-accum",
-            "2",
-            "--lora-dropout",
-            "0.1",
-            "--lr-scheduler",
-            "cosine",
-            "--warmup-steps",
-            "2",
-            "--lr",
-            "1e-3",
-            "--device",
-            "cpu",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        common::train_args(
+            &model,
+            &data,
+            out,
+            &[
+                "--max-steps",
+                "12",
+                "--save-steps",
+                "2",
+                "--grad-accum",
+                "2",
+                "--lora-dropout",
+                "0.1",
+                "--lr-scheduler",
+                "cosine",
+                "--warmup-steps",
+                "2",
+                "--lr",
+                "1e-3",
+            ],
+        )
     };
-    let nibble = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_nibble"));
-        c.env("RUST_LOG", "warn");
-        c
-    };
+    let nibble = common::nibble_command;
 
     let straight = dir.path().join("straight");
     let o = nibble().args(args(&straight)).output().unwrap();
@@ -382,13 +370,7 @@ fn flags_override_the_config_file_which_overrides_the_preset() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_nibble"))
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
-    };
+    let run = common::nibble;
     let o = run(&[
         "train",
         "--config",

@@ -9,22 +9,25 @@ use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::{ModelFiles, SafetensorsFile};
 use std::path::PathBuf;
 
-/// Runs the nibble binary with `args` (log level warn).
-pub fn nibble(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_nibble"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run nibble")
+/// A command for the nibble binary, logging at level warn.
+pub fn nibble_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"));
+    command.env("RUST_LOG", "warn");
+    command
 }
 
-/// `nibble train` on the CPU with the given model, data and output, and more flags.
-pub fn train_cli(
+/// Runs the nibble binary with `args` (log level warn).
+pub fn nibble(args: &[&str]) -> std::process::Output {
+    nibble_command().args(args).output().expect("run nibble")
+}
+
+/// The arguments of `nibble train` on the CPU with the given model, data and output, and more flags.
+pub fn train_args(
     model: &std::path::Path,
     data: &std::path::Path,
     out: &std::path::Path,
     extra: &[&str],
-) -> std::process::Output {
+) -> Vec<String> {
     let mut args = vec![
         "train",
         "--model",
@@ -37,7 +40,20 @@ pub fn train_cli(
         "cpu",
     ];
     args.extend_from_slice(extra);
-    nibble(&args)
+    args.into_iter().map(String::from).collect()
+}
+
+/// `nibble train` on the CPU with the given model, data and output, and more flags.
+pub fn train_cli(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    nibble_command()
+        .args(train_args(model, data, out, extra))
+        .output()
+        .expect("run nibble")
 }
 
 /// ‖a − b‖ / ‖b‖ in f64.
