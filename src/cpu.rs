@@ -10,7 +10,7 @@ use crate::ops::attention::{self, AttentionShape};
 use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{Precision, cross_entropy, linear, rope, swiglu};
+use crate::ops::{self, Precision, cross_entropy, linear, rope, swiglu, zeros};
 use crate::rng::Rng;
 
 /// One training sequence: token ids and, for each position, the token it must predict (None: no loss).
@@ -200,7 +200,7 @@ fn config_of(model: &Model) -> &ModelConfig {
 
 fn rms(x: &[f32], weight: &[f32], dim: usize, eps: f64) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / dim;
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros(x.len());
     let mut inv = vec![0f32; rows];
     rmsnorm::forward(
         &RmsNormParams::new(rows, dim, eps),
@@ -220,7 +220,7 @@ fn rms_backward(
     dim: usize,
     eps: f64,
 ) -> Vec<f32> {
-    let mut dx = vec![0f32; x.len()];
+    let mut dx = zeros(x.len());
     rmsnorm::backward(
         &RmsNormParams::new(x.len() / dim, dim, eps),
         x,
@@ -252,7 +252,7 @@ impl<'a> Context<'a> {
         x: &[f32],
     ) -> (Vec<f32>, Option<LinearSaved>) {
         let (out, inp) = lin.weight.shape();
-        let mut y = vec![0f32; self.tokens * out];
+        let mut y = zeros(self.tokens * out);
         linear::forward(x, &lin.weight, lin.bias.as_deref(), &mut y, self.precision);
         let Some((pair, scale, p)) = self.lora(layer, lin.kind) else {
             return (y, None);
@@ -337,7 +337,7 @@ impl<'a> Context<'a> {
                 true,
             );
         }
-        let mut d_lora_in = vec![0f32; t * inp];
+        let mut d_lora_in = zeros(t * inp);
         matmul_into(
             View::new(&dxa, t, r),
             View::new(&pair.a, r, inp),
@@ -350,7 +350,7 @@ impl<'a> Context<'a> {
         if let Some(d) = &saved.dropout {
             dropout::backward_accumulate(d, &d_lora_in, dx);
         } else {
-            dx.iter_mut().zip(&d_lora_in).for_each(|(d, l)| *d += l);
+            ops::add_assign(dx, &d_lora_in);
         }
     }
 
@@ -395,7 +395,7 @@ impl<'a> Context<'a> {
             kv_heads: c.num_kv_heads,
             head_dim: hd,
         };
-        let mut attn = vec![0f32; t * c.q_dim()];
+        let mut attn = zeros(t * c.q_dim());
         let mut lse = vec![0f32; c.num_heads * t];
         match cache {
             None => attention::forward(
@@ -415,7 +415,7 @@ impl<'a> Context<'a> {
             }
         }
         let o = run(self, LinearKind::O, &attn, &mut linears);
-        let x_mid: Vec<f32> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
+        let x_mid = ops::sum(&x, &o);
         let (xn2, inv2) = rms(
             &x_mid,
             &layer.post_attention_norm,
@@ -424,10 +424,10 @@ impl<'a> Context<'a> {
         );
         let gate = run(self, LinearKind::Gate, &xn2, &mut linears);
         let up = run(self, LinearKind::Up, &xn2, &mut linears);
-        let mut h = vec![0f32; gate.len()];
+        let mut h = zeros(gate.len());
         swiglu::forward(&gate, &up, &mut h);
         let down = run(self, LinearKind::Down, &h, &mut linears);
-        let x_out: Vec<f32> = x_mid.iter().zip(&down).map(|(a, b)| a + b).collect();
+        let x_out = ops::sum(&x_mid, &down);
         let saved = LayerSaved {
             x,
             xn1,
@@ -465,9 +465,9 @@ impl<'a> Context<'a> {
 
         // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x intermediate floats
         // per layer, the largest activation there is.
-        let mut h = vec![0f32; s.gate.len()];
+        let mut h = zeros(s.gate.len());
         swiglu::forward(&s.gate, &s.up, &mut h);
-        let mut dh = vec![0f32; h.len()];
+        let mut dh = zeros(h.len());
         self.linear_backward(
             l,
             layer.linear(LinearKind::Down),
@@ -477,10 +477,10 @@ impl<'a> Context<'a> {
             &mut dh,
             grads,
         );
-        let (mut dgate, mut dup) = (vec![0f32; dh.len()], vec![0f32; dh.len()]);
+        let (mut dgate, mut dup) = (zeros(dh.len()), zeros(dh.len()));
         drop(h);
         swiglu::backward(&s.gate, &s.up, &dh, &mut dgate, &mut dup);
-        let mut dxn2 = vec![0f32; t * h_size];
+        let mut dxn2 = zeros(t * h_size);
         self.linear_backward(
             l,
             layer.linear(LinearKind::Gate),
@@ -507,9 +507,9 @@ impl<'a> Context<'a> {
             h_size,
             c.rms_norm_eps,
         );
-        dx_mid.iter_mut().zip(&dx_out).for_each(|(a, b)| *a += b);
+        ops::add_assign(&mut dx_mid, &dx_out);
 
-        let mut d_attn = vec![0f32; t * c.q_dim()];
+        let mut d_attn = zeros(t * c.q_dim());
         self.linear_backward(
             l,
             layer.linear(LinearKind::O),
@@ -525,11 +525,7 @@ impl<'a> Context<'a> {
             kv_heads: c.num_kv_heads,
             head_dim: hd,
         };
-        let (mut dq, mut dk, mut dv) = (
-            vec![0f32; s.q.len()],
-            vec![0f32; s.k.len()],
-            vec![0f32; s.v.len()],
-        );
+        let (mut dq, mut dk, mut dv) = (zeros(s.q.len()), zeros(s.k.len()), zeros(s.v.len()));
         attention::backward(
             shape,
             &s.q,
@@ -551,7 +547,7 @@ impl<'a> Context<'a> {
             dq = rms_backward(qp, qn, &s.inv_q, &dq, hd, c.rms_norm_eps);
             dk = rms_backward(kp, kn, &s.inv_k, &dk, hd, c.rms_norm_eps);
         }
-        let mut dxn1 = vec![0f32; t * h_size];
+        let mut dxn1 = zeros(t * h_size);
         for (kind, d) in [
             (LinearKind::Q, &dq),
             (LinearKind::K, &dk),
@@ -575,7 +571,7 @@ impl<'a> Context<'a> {
             h_size,
             c.rms_norm_eps,
         );
-        dx.iter_mut().zip(&dx_mid).for_each(|(a, b)| *a += b);
+        ops::add_assign(&mut dx, &dx_mid);
         dx
     }
 }
@@ -596,7 +592,7 @@ pub fn check_tokens(ids: &[u32], vocab: usize) -> Result<()> {
 
 fn embed(model: &Model, ids: &[u32]) -> Result<Vec<f32>> {
     let (v, h) = (model.config.vocab_size, model.config.hidden_size);
-    let mut x = vec![0f32; ids.len() * h];
+    let mut x = zeros(ids.len() * h);
     check_tokens(ids, v)?;
     for (row, &id) in x.chunks_mut(h).zip(ids) {
         model.embed.row_f32(id as usize, row);
@@ -787,6 +783,29 @@ pub fn forward_backward(
 pub fn forward_backward_with(
     model: &Model,
     adapter: Option<&LoraAdapter>,
+    grads: Option<&mut LoraAdapter>,
+    seq: &Sequence,
+    options: StepOptions,
+    dropout_rng: Option<&mut Rng>,
+) -> Result<StepLoss> {
+    on_worker(|| step_on_worker(model, adapter, grads, seq, options, dropout_rng))
+}
+
+/// Runs `f` on one of rayon's worker threads. From outside the pool, each of a step's thousands of
+/// parallel operations parks the calling thread and wakes every worker; the serial code between them
+/// then competes for the cores with workers spinning for work. Inside the pool the caller takes part
+/// in each operation and only one worker is idle during serial code.
+fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
+fn step_on_worker(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
     mut grads: Option<&mut LoraAdapter>,
     seq: &Sequence,
     options: StepOptions,
@@ -835,7 +854,7 @@ pub fn forward_backward_with(
         loss_sum: losses.iter().map(|&l| l as f64).sum(),
         targets: positions.len(),
     };
-    let mut dxf = vec![0f32; xf.len()];
+    let mut dxf = zeros(xf.len());
     for (i, &t) in positions.iter().enumerate() {
         dxf[t * h..(t + 1) * h].copy_from_slice(&d_hidden[i * h..(i + 1) * h]);
     }

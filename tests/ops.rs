@@ -508,20 +508,28 @@ fn bf16_round(v: &[f32]) -> Vec<f64> {
         .collect()
 }
 
-/// Columns `written` of C [m, ldc] hold expected(i, j); every other column still holds `before`.
+/// Columns `written` of C [m, ldc] hold product(i, j), added to `before` when `accumulated`; every other
+/// column still holds `before`.
+#[allow(clippy::too_many_arguments)]
 fn assert_block_matches(
     c: &[f32],
     before: &[f32],
     m: usize,
     ldc: usize,
     written: std::ops::Range<usize>,
+    accumulated: bool,
     name: &str,
-    expected: impl Fn(usize, usize) -> f64,
+    product: impl Fn(usize, usize) -> f64,
 ) {
     for i in 0..m {
         for j in 0..ldc {
             let want = if written.contains(&j) {
-                expected(i, j)
+                let base = if accumulated {
+                    before[i * ldc + j] as f64
+                } else {
+                    0.0
+                };
+                base + product(i, j)
             } else {
                 before[i * ldc + j] as f64
             };
@@ -543,58 +551,73 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
     let mut rng = Rng::new(17);
     // Remainders everywhere (m not a multiple of 8 or 32, k odd, n not a multiple of 32), and shapes
     // large enough to cross the kernels' inner-dimension chunks (256 pairs) and split into many tasks.
+    // W stored in f32 is decoded to bf16 per product; W stored in bf16 (with an even k) is read in
+    // place. Each product runs once overwriting C and once adding into it.
     for (m, k, n) in [(13, 37, 45), (70, 1101, 203), (33, 600, 1030)] {
         let a = random(m * k, 1.0, &mut rng);
-        let w = DenseTensor {
-            rows: n + 7,
-            cols: k,
-            data: DenseData::F32(random((n + 7) * k, 1.0, &mut rng)),
-        };
-        let DenseData::F32(wv) = &w.data else {
-            unreachable!()
-        };
-        let (a64, w64) = (bf16_round(&a), bf16_round(wv));
-        // C = A·W[5..5+n]ᵀ written at column 3 of a wider C, accumulated into.
-        let ldc = n + 5;
-        let mut c = random(m * ldc, 1.0, &mut rng);
-        let before = c.clone();
-        bf16_gemm::matmul_xwt(
-            &bf16_gemm::PackedRows::for_xwt(&a, m, k),
-            &w,
-            5,
-            n,
-            &mut c,
-            ldc,
-            3,
-            true,
-        );
-        assert_block_matches(&c, &before, m, ldc, 3..3 + n, "A·Wᵀ", |i, j| {
-            before[i * ldc + j] as f64
-                + (0..k)
-                    .map(|q| a64[i * k + q] * w64[(j - 3 + 5) * k + q])
+        let wv = random((n + 7) * k, 1.0, &mut rng);
+        let (a64, w64) = (bf16_round(&a), bf16_round(&wv));
+        for stored_bf16 in [false, true] {
+            let data = if stored_bf16 {
+                DenseData::BF16(wv.iter().map(|&x| half::bf16::from_f32(x)).collect())
+            } else {
+                DenseData::F32(wv.clone())
+            };
+            let w = DenseTensor {
+                rows: n + 7,
+                cols: k,
+                data,
+            };
+            // C = A·W[5..5+n]ᵀ written at column 3 of a wider C.
+            let (ldc, accumulate) = (n + 5, !stored_bf16);
+            let mut c = random(m * ldc, 1.0, &mut rng);
+            let before = c.clone();
+            bf16_gemm::matmul_xwt(
+                &bf16_gemm::PackedRows::for_xwt(&a, m, k),
+                &w,
+                5,
+                n,
+                &mut c,
+                ldc,
+                3,
+                accumulate,
+            );
+            assert_block_matches(
+                &c,
+                &before,
+                m,
+                ldc,
+                3..3 + n,
+                accumulate,
+                "A·Wᵀ",
+                |i, j| {
+                    (0..k)
+                        .map(|q| a64[i * k + q] * w64[(j - 3 + 5) * k + q])
+                        .sum::<f64>()
+                },
+            );
+            // C = B·W[2..2+kb] with B [m, kb]: k runs along W's rows; written at column 2 of a wider C.
+            let kb = n.min(531);
+            let bmat = random(m * kb, 1.0, &mut rng);
+            let b64 = bf16_round(&bmat);
+            let (ldc, accumulate) = (k + 4, stored_bf16);
+            let mut c = random(m * ldc, 1.0, &mut rng);
+            let before = c.clone();
+            bf16_gemm::matmul_aw(
+                &bf16_gemm::PackedRows::for_aw(&bmat, m, kb),
+                &w,
+                2,
+                &mut c,
+                ldc,
+                2,
+                accumulate,
+            );
+            assert_block_matches(&c, &before, m, ldc, 2..2 + k, accumulate, "B·W", |i, j| {
+                (0..kb)
+                    .map(|q| b64[i * kb + q] * w64[(2 + q) * k + j - 2])
                     .sum::<f64>()
-        });
-        // C = B·W[2..2+kb] with B [m, kb]: k runs along W's rows; written at column 2 of a wider C.
-        let kb = n.min(531);
-        let bmat = random(m * kb, 1.0, &mut rng);
-        let b64 = bf16_round(&bmat);
-        let ldc = k + 4;
-        let mut c = random(m * ldc, 1.0, &mut rng);
-        let before = c.clone();
-        bf16_gemm::matmul_aw(
-            &bf16_gemm::PackedRows::for_aw(&bmat, m, kb),
-            &w,
-            2,
-            &mut c,
-            ldc,
-            2,
-            false,
-        );
-        assert_block_matches(&c, &before, m, ldc, 2..2 + k, "B·W", |i, j| {
-            (0..kb)
-                .map(|q| b64[i * kb + q] * w64[(2 + q) * k + j - 2])
-                .sum::<f64>()
-        });
+            });
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! row's log-sum-exp so that the backward recomputes probabilities instead of storing them.
 
 use crate::ops::fastmath;
-use crate::ops::matmul::{View, matmul_into};
+use crate::ops::matmul::{View, in_parallel_task, matmul_into};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug)]
@@ -173,43 +173,45 @@ fn forward_after(
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.heads)
         .into_par_iter()
         .map(|h| {
-            let kvh = h / s.group();
-            let mut o = vec![0f32; t_len * d];
-            let mut l = vec![0f32; t_len];
-            let mut scores = Vec::new();
-            for b in Block::all(t_len, past, segments) {
-                let (rows, keys) = (b.rows(), b.keys());
-                scores.clear();
-                scores.resize(rows * keys, 0.0);
-                matmul_into(
-                    head_rows(q, qw, h, d, b.t0, rows),
-                    head_rows_t(k, kw, kvh, d, b.k0, keys),
-                    s.scale(),
-                    &mut scores,
-                    keys,
-                    0,
-                    false,
-                );
-                for (i, row) in scores.chunks_mut(keys).enumerate() {
-                    let seen = b.visible(i, past, segments);
-                    let max = fastmath::max(&row[seen.clone()]);
-                    let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
-                    row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
-                    row[..seen.start].fill(0.0);
-                    row[seen.end..].fill(0.0);
-                    l[b.t0 + i] = max + sum.ln();
+            in_parallel_task(|| {
+                let kvh = h / s.group();
+                let mut o = vec![0f32; t_len * d];
+                let mut l = vec![0f32; t_len];
+                let mut scores = Vec::new();
+                for b in Block::all(t_len, past, segments) {
+                    let (rows, keys) = (b.rows(), b.keys());
+                    scores.clear();
+                    scores.resize(rows * keys, 0.0);
+                    matmul_into(
+                        head_rows(q, qw, h, d, b.t0, rows),
+                        head_rows_t(k, kw, kvh, d, b.k0, keys),
+                        s.scale(),
+                        &mut scores,
+                        keys,
+                        0,
+                        false,
+                    );
+                    for (i, row) in scores.chunks_mut(keys).enumerate() {
+                        let seen = b.visible(i, past, segments);
+                        let max = fastmath::max(&row[seen.clone()]);
+                        let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
+                        row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
+                        row[..seen.start].fill(0.0);
+                        row[seen.end..].fill(0.0);
+                        l[b.t0 + i] = max + sum.ln();
+                    }
+                    matmul_into(
+                        View::new(&scores, rows, keys),
+                        head_rows(v, kw, kvh, d, b.k0, keys),
+                        1.0,
+                        &mut o[b.t0 * d..],
+                        d,
+                        0,
+                        false,
+                    );
                 }
-                matmul_into(
-                    View::new(&scores, rows, keys),
-                    head_rows(v, kw, kvh, d, b.k0, keys),
-                    1.0,
-                    &mut o[b.t0 * d..],
-                    d,
-                    0,
-                    false,
-                );
-            }
-            (o, l)
+                (o, l)
+            })
         })
         .collect();
     for (h, (o, l)) in per_head.into_iter().enumerate() {
@@ -247,94 +249,96 @@ pub fn backward(
     let per_head: Vec<[Vec<f32>; 3]> = (0..s.heads)
         .into_par_iter()
         .map(|h| {
-            let kvh = h / s.group();
-            let (mut dq_h, mut dk_h, mut dv_h) = (
-                vec![0f32; t_len * d],
-                vec![0f32; t_len * d],
-                vec![0f32; t_len * d],
-            );
-            let (mut probs, mut dscores) = (Vec::new(), Vec::new());
-            for b in Block::all(t_len, 0, segments) {
-                let (rows, keys) = (b.rows(), b.keys());
-                probs.clear();
-                probs.resize(rows * keys, 0.0);
-                dscores.clear();
-                dscores.resize(rows * keys, 0.0);
-                let q_b = head_rows(q, qw, h, d, b.t0, rows);
-                let do_b = head_rows(d_out, qw, h, d, b.t0, rows);
-                matmul_into(
-                    q_b,
-                    head_rows_t(k, kw, kvh, d, b.k0, keys),
-                    scale,
-                    &mut probs,
-                    keys,
-                    0,
-                    false,
+            in_parallel_task(|| {
+                let kvh = h / s.group();
+                let (mut dq_h, mut dk_h, mut dv_h) = (
+                    vec![0f32; t_len * d],
+                    vec![0f32; t_len * d],
+                    vec![0f32; t_len * d],
                 );
-                matmul_into(
-                    do_b,
-                    head_rows_t(v, kw, kvh, d, b.k0, keys),
-                    1.0,
-                    &mut dscores,
-                    keys,
-                    0,
-                    false,
-                );
-                // p = exp(score − lse); d score = p · (dp − Σ_j p_j dp_j) · scale, where the sum equals
-                // d_out · out for the row.
-                for (i, (p_row, ds_row)) in probs
-                    .chunks_mut(keys)
-                    .zip(dscores.chunks_mut(keys))
-                    .enumerate()
-                {
-                    let t = b.t0 + i;
-                    let seen = b.visible(i, 0, segments);
-                    let l = lse[h * t_len + t];
-                    let delta = dot(
-                        &d_out[t * qw + h * d..t * qw + (h + 1) * d],
-                        &out[t * qw + h * d..t * qw + (h + 1) * d],
+                let (mut probs, mut dscores) = (Vec::new(), Vec::new());
+                for b in Block::all(t_len, 0, segments) {
+                    let (rows, keys) = (b.rows(), b.keys());
+                    probs.clear();
+                    probs.resize(rows * keys, 0.0);
+                    dscores.clear();
+                    dscores.resize(rows * keys, 0.0);
+                    let q_b = head_rows(q, qw, h, d, b.t0, rows);
+                    let do_b = head_rows(d_out, qw, h, d, b.t0, rows);
+                    matmul_into(
+                        q_b,
+                        head_rows_t(k, kw, kvh, d, b.k0, keys),
+                        scale,
+                        &mut probs,
+                        keys,
+                        0,
+                        false,
                     );
-                    for (p, ds) in p_row[seen.clone()]
-                        .iter_mut()
-                        .zip(&mut ds_row[seen.clone()])
+                    matmul_into(
+                        do_b,
+                        head_rows_t(v, kw, kvh, d, b.k0, keys),
+                        1.0,
+                        &mut dscores,
+                        keys,
+                        0,
+                        false,
+                    );
+                    // p = exp(score − lse); d score = p · (dp − Σ_j p_j dp_j) · scale, where the sum equals
+                    // d_out · out for the row.
+                    for (i, (p_row, ds_row)) in probs
+                        .chunks_mut(keys)
+                        .zip(dscores.chunks_mut(keys))
+                        .enumerate()
                     {
-                        *p = fastmath::exp(*p - l);
-                        *ds = *p * (*ds - delta) * scale;
+                        let t = b.t0 + i;
+                        let seen = b.visible(i, 0, segments);
+                        let l = lse[h * t_len + t];
+                        let delta = dot(
+                            &d_out[t * qw + h * d..t * qw + (h + 1) * d],
+                            &out[t * qw + h * d..t * qw + (h + 1) * d],
+                        );
+                        for (p, ds) in p_row[seen.clone()]
+                            .iter_mut()
+                            .zip(&mut ds_row[seen.clone()])
+                        {
+                            *p = fastmath::exp(*p - l);
+                            *ds = *p * (*ds - delta) * scale;
+                        }
+                        for range in [0..seen.start, seen.end..keys] {
+                            p_row[range.clone()].fill(0.0);
+                            ds_row[range].fill(0.0);
+                        }
                     }
-                    for range in [0..seen.start, seen.end..keys] {
-                        p_row[range.clone()].fill(0.0);
-                        ds_row[range].fill(0.0);
-                    }
+                    matmul_into(
+                        View::new(&dscores, rows, keys),
+                        head_rows(k, kw, kvh, d, b.k0, keys),
+                        1.0,
+                        &mut dq_h[b.t0 * d..],
+                        d,
+                        0,
+                        false,
+                    );
+                    matmul_into(
+                        View::transposed(&dscores, rows, keys),
+                        q_b,
+                        1.0,
+                        &mut dk_h[b.k0 * d..],
+                        d,
+                        0,
+                        true,
+                    );
+                    matmul_into(
+                        View::transposed(&probs, rows, keys),
+                        do_b,
+                        1.0,
+                        &mut dv_h[b.k0 * d..],
+                        d,
+                        0,
+                        true,
+                    );
                 }
-                matmul_into(
-                    View::new(&dscores, rows, keys),
-                    head_rows(k, kw, kvh, d, b.k0, keys),
-                    1.0,
-                    &mut dq_h[b.t0 * d..],
-                    d,
-                    0,
-                    false,
-                );
-                matmul_into(
-                    View::transposed(&dscores, rows, keys),
-                    q_b,
-                    1.0,
-                    &mut dk_h[b.k0 * d..],
-                    d,
-                    0,
-                    true,
-                );
-                matmul_into(
-                    View::transposed(&probs, rows, keys),
-                    do_b,
-                    1.0,
-                    &mut dv_h[b.k0 * d..],
-                    d,
-                    0,
-                    true,
-                );
-            }
-            [dq_h, dk_h, dv_h]
+                [dq_h, dk_h, dv_h]
+            })
         })
         .collect();
     dk.fill(0.0);

@@ -111,7 +111,7 @@ pub fn forward(params: &DropoutParams, x: &[f32], out: &mut [f32]) {
 
 /// dropout(x) as a new vector.
 pub fn apply(params: &DropoutParams, x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = super::zeros(x.len());
     forward(params, x, &mut out);
     out
 }

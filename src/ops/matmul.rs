@@ -56,6 +56,20 @@ impl<'a> View<'a> {
     }
 }
 
+thread_local! {
+    static IN_PARALLEL_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, one of several tasks that run in parallel, with its products on this thread alone: the
+/// other threads already have tasks, and splitting each product again only adds scheduling. (Whether
+/// the thread is one of rayon's workers says nothing: a whole training step runs on a worker.)
+pub fn in_parallel_task<R>(f: impl FnOnce() -> R) -> R {
+    let outer = IN_PARALLEL_TASK.replace(true);
+    let result = f();
+    IN_PARALLEL_TASK.set(outer);
+    result
+}
+
 /// C = (accumulate ? C : 0) + alpha · A·B, with C a rows x cols block of a row-major buffer whose rows
 /// are `ldc` long, starting at column `c_col`.
 pub fn matmul_into(
@@ -86,9 +100,7 @@ pub fn matmul_into(
         }
         return;
     }
-    // Inside a parallel task (attention's heads) the other threads already have work: splitting again
-    // only adds scheduling.
-    let parallelism = if m * n * k >= 1 << 18 && rayon::current_thread_index().is_none() {
+    let parallelism = if m * n * k >= 1 << 18 && !IN_PARALLEL_TASK.get() {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
