@@ -861,12 +861,24 @@ fn train(
         );
     }
     let source = model::open(path)?;
-    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
-    let mut sequences = tokenize_file(&tok, data, &config)?;
-    let mut eval_sequences = match &run.eval_data {
-        Some(file) => tokenize_file(&tok, file, &config)?,
-        None => Vec::new(),
-    };
+    let request = quant.request()?;
+    // The weights load (reading and quantizing, on the worker threads) while this thread reads the
+    // tokenizer and the data.
+    let (model, data) = std::thread::scope(|s| {
+        let loading = s.spawn(|| source.load(request));
+        let data = (|| -> Result<_> {
+            let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+            let sequences = tokenize_file(&tok, data, &config)?;
+            let eval_sequences = match &run.eval_data {
+                Some(file) => tokenize_file(&tok, file, &config)?,
+                None => Vec::new(),
+            };
+            Ok((sequences, eval_sequences))
+        })();
+        (loading.join(), data)
+    });
+    let (mut sequences, mut eval_sequences) = data?;
+    let model = model.map_err(|_| anyhow::anyhow!("loading the model panicked"))??;
     if let Some(fraction) = run.eval_split {
         eval_sequences = hold_out(&mut sequences, fraction, config.seed)?;
         log::info!(
@@ -884,7 +896,6 @@ fn train(
             config.max_length
         );
     }
-    let model = source.load(quant.request()?)?;
     let mut config = config;
     let init = match &run.init_adapter {
         Some(dir) => {

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::quant::{QuantFormat, QuantSpec, QuantTensor};
 use crate::source::{FloatDtype, ModelFiles, SafetensorsFile, unsupported_dtype};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::Dtype;
 use std::collections::HashMap;
 use std::path::Path;
@@ -69,8 +70,10 @@ pub struct DenseTensor {
 
 impl DenseTensor {
     fn from_raw(dtype: FloatDtype, rows: usize, cols: usize, raw: &[u8]) -> Self {
+        // In parallel: an embedding table is hundreds of megabytes read from the mapped file.
         let halves = || {
-            raw.chunks_exact(2)
+            raw.par_chunks_exact(2)
+                .with_min_len(1 << 16)
                 .map(|b| u16::from_le_bytes([b[0], b[1]]))
         };
         let data = match dtype {

@@ -230,7 +230,27 @@ fn quantize_group_nf4(group: &[f32], words: &mut [u32]) -> f32 {
     // bitsandbytes multiplies by the reciprocal of absmax rather than dividing; doing the same keeps
     // codes identical for values that land next to a threshold.
     let inv = if absmax > 0.0 { 1.0 / absmax } else { 0.0 };
-    pack_codes(group, words, |x| nf4_code(x * inv));
+    // `nf4_code` for the whole group at once, thresholds outside: the inner loop runs over the values
+    // and vectorises (quantizing was most of a model's load time when each value walked the
+    // thresholds on its own).
+    let mut codes = [0u32; 128];
+    let codes = &mut codes[..group.len()];
+    crate::ops::fastmath::wide(
+        #[inline(always)]
+        || {
+            for t in NF4_THRESHOLDS {
+                for (code, &x) in codes.iter_mut().zip(group) {
+                    *code += u32::from(x * inv > t);
+                }
+            }
+        },
+    );
+    for (word, eight) in words.iter_mut().zip(codes.chunks_exact(8)) {
+        *word = eight
+            .iter()
+            .enumerate()
+            .fold(0u32, |w, (j, &c)| w | c << (4 * j));
+    }
     absmax
 }
 

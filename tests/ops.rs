@@ -731,8 +731,9 @@ fn packed_rows_decode_to_the_bf16_of_their_dequantized_values() {
                 .iter()
                 .map(|&v| half::bf16::from_f32(v).to_bits())
                 .collect();
-            // The whole row (the vectorised path), a 32-aligned slice, and an unaligned one.
-            for (c0, len) in [(0, cols), (64, 32), (7, 50)] {
+            // The whole row (the vectorised path), 32-aligned slices (one starting inside a group of
+            // 64 or 128 and crossing into the next ones), and an unaligned one.
+            for (c0, len) in [(0, cols), (64, 32), (96, 160), (7, 50)] {
                 let mut got = vec![0u16; len];
                 weight.row_bf16(r, c0, &mut got);
                 assert_eq!(

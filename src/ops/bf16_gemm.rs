@@ -7,7 +7,7 @@
 //! `vdpbf16ps` consumes. The left operand is rounded to bf16 pairs along k and broadcast.
 
 use crate::model::{DenseData, DenseTensor, LinearWeight};
-use crate::quant::{NF4_CODES, QuantFormat};
+use crate::quant::{NF4_CODES, QuantFormat, QuantTensor};
 use rayon::prelude::*;
 
 const NR: usize = 32;
@@ -88,6 +88,12 @@ impl Bf16Rows for LinearWeight {
             LinearWeight::Dense(d) => d.row_bf16(row, c0, out),
             LinearWeight::Quant(q) => {
                 let (g, cols) = (q.spec.group_size, q.cols);
+                #[cfg(target_arch = "x86_64")]
+                if available() && c0 % 32 == 0 && out.len() % 32 == 0 && g % 32 == 0 {
+                    // SAFETY: `available()` checked AVX512F/BW/BF16; the alignment is checked above.
+                    unsafe { decode_span_avx512(q, row, c0, out) };
+                    return;
+                }
                 let groups = cols / g;
                 let mut c = c0;
                 while c < c0 + out.len() {
@@ -102,16 +108,11 @@ impl Bf16Rows for LinearWeight {
                         QuantFormat::Nf4 => group_table(&NF4_CODES, scale, -0.0),
                         QuantFormat::Int4 => group_table(&INT4_CODES, scale, q.mins[gi]),
                     };
-                    let first = row * cols + c;
                     let dst = &mut out[c - c0..c - c0 + len];
-                    if first % 32 == 0 && len % 32 == 0 {
-                        decode_codes(&q.packed[first / 8..(first + len) / 8], &lut, dst);
-                    } else {
-                        for (i, o) in dst.iter_mut().enumerate() {
-                            let col = c + i;
-                            let word = q.packed[(row * cols + col) / 8];
-                            *o = lut[((word >> (4 * (col % 8))) & 0xF) as usize];
-                        }
+                    for (i, o) in dst.iter_mut().enumerate() {
+                        let col = c + i;
+                        let word = q.packed[(row * cols + col) / 8];
+                        *o = lut[((word >> (4 * (col % 8))) & 0xF) as usize];
                     }
                     c += len;
                 }
@@ -153,44 +154,54 @@ unsafe fn group_table_avx512(codes: &[f32; 16], scale: f32, min: f32) -> [u16; 1
     out
 }
 
-/// out[i] = lut[code i] for the 8·words.len() 4-bit codes of `words` (low nibble first).
-fn decode_codes(words: &[u32], lut: &[u16; 16], out: &mut [u16]) {
-    assert_eq!(out.len(), words.len() * 8);
-    #[cfg(target_arch = "x86_64")]
-    if available() && words.len() % 4 == 0 {
-        // SAFETY: `available()` checked AVX512F/BW; lengths are checked just above.
-        unsafe { decode_codes_avx512(words, lut, out) };
-        return;
-    }
-    for (w, o) in words.iter().zip(out.chunks_exact_mut(8)) {
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = lut[((w >> (4 * i)) & 0xF) as usize];
-        }
-    }
-}
-
-/// 32 codes per step: the 16 bytes of four words widen to 16 u32 lanes, each lane's two nibbles
-/// become two u16 lanes in code order, and `vpermw` looks all 32 up in the table at once.
+/// Row `row`, columns `c0..c0 + out.len()` of a packed matrix as bf16 bits, 32 codes per step: the 16
+/// bytes of four words widen to 16 u32 lanes, each lane's two nibbles become two u16 lanes in code
+/// order, and `vpermw` looks all 32 up in the group's 16-entry table (min + code·scale rounded to bf16,
+/// the product and sum separate as dequantization computes them, so each value is the bf16 of the
+/// dequantized weight). One pass per span: decoding group by group through separate table and lookup
+/// calls cost twice as much. Needs c0 and out.len() multiples of 32 and a group size that is one too.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn decode_codes_avx512(words: &[u32], lut: &[u16; 16], out: &mut [u16]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn decode_span_avx512(q: &QuantTensor, row: usize, c0: usize, out: &mut [u16]) {
     use std::arch::x86_64::*;
-    debug_assert!(words.len() % 4 == 0 && out.len() == words.len() * 8);
-    // SAFETY: the caller guarantees AVX512F/BW and out.len() == 8·words.len() with words.len() a
-    // multiple of 4, so step s reads words[4s..4s + 4] (16 bytes) and writes out[32s..32s + 32]; the
-    // table load reads exactly the 16 u16 of `lut`. All loads and stores are unaligned.
+    let (g, cols) = (q.spec.group_size, q.cols);
+    assert!(c0 % 32 == 0 && out.len() % 32 == 0 && g % 32 == 0 && c0 + out.len() <= cols);
+    let first_word = (row * cols + c0) / 8;
+    let words = &q.packed[first_word..first_word + out.len() / 8];
+    let (codes, int4) = match q.spec.format {
+        QuantFormat::Nf4 => (&NF4_CODES, false),
+        QuantFormat::Int4 => (&INT4_CODES, true),
+    };
+    // SAFETY: step s reads words[4s..4s + 4] (16 bytes) and writes out[32s..32s + 32], inside both
+    // slices as out.len() == 8·words.len() is a multiple of 32; the code load reads the 16 f32 of
+    // `codes`. All loads and stores are unaligned; the caller checked the CPU features.
     unsafe {
-        let table = _mm512_castsi256_si512(_mm256_loadu_si256(lut.as_ptr() as *const __m256i));
+        let code_values = _mm512_loadu_ps(codes.as_ptr());
         let low = _mm512_set1_epi32(0xF);
-        for s in 0..words.len() / 4 {
+        let mut table = _mm512_setzero_si512();
+        for s in 0..out.len() / 32 {
+            let c = c0 + 32 * s;
+            if s == 0 || c % g == 0 {
+                let gi = row * (cols / g) + c / g;
+                // −0 + x is x for every x, signed zeros included, so NF4's table is exactly the product.
+                let min = if int4 { q.mins[gi] } else { -0.0 };
+                let values = _mm512_add_ps(
+                    _mm512_set1_ps(min),
+                    _mm512_mul_ps(code_values, _mm512_set1_ps(q.scales[gi])),
+                );
+                let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(values));
+                table = _mm512_castsi256_si512(bits);
+            }
             let bytes = _mm_loadu_si128(words.as_ptr().add(4 * s) as *const __m128i);
             let wide = _mm512_cvtepu8_epi32(bytes);
             let codes = _mm512_or_si512(
                 _mm512_and_si512(wide, low),
                 _mm512_slli_epi32(_mm512_srli_epi32(wide, 4), 16),
             );
-            let values = _mm512_permutexvar_epi16(codes, table);
-            _mm512_storeu_si512(out.as_mut_ptr().add(32 * s) as *mut __m512i, values);
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(32 * s) as *mut __m512i,
+                _mm512_permutexvar_epi16(codes, table),
+            );
         }
     }
 }
@@ -500,7 +511,9 @@ unsafe fn tile_columns_avx2(tile: &[[f32; NR]; MR], j0: usize) -> [std::arch::x8
 /// k-pairs per chunk of the inner dimension, chosen so that the activations' chunk (all of its rows)
 /// takes about 256 KiB and stays in L2 while every weight tile passes over it.
 fn k_chunk(packed: &PackedRows) -> usize {
-    (256 * 1024 / (packed.m.next_multiple_of(packed.group).max(1) * 4)).clamp(64, 1024)
+    // A multiple of 32 pairs, so that chunks start on 64-column boundaries, where the packed weights'
+    // fast decode applies.
+    (256 * 1024 / (packed.m.next_multiple_of(packed.group).max(1) * 4)).clamp(64, 1024) / 32 * 32
 }
 
 /// How many rows ahead of the decode the weight bytes are prefetched.
