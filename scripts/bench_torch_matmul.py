@@ -16,11 +16,14 @@ for out, inp in [(896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896)
             x = torch.randn(rows, inp, dtype=dtype)
             w = torch.randn(out, inp, dtype=dtype)
             x @ w.T
-            times = []
-            for _ in range(7):
+            # The fastest of repeated runs (at least 7, up to 200 or about 0.3 s), as
+            # benches/cpu_kernels.rs measures nibble.
+            best, started = float("inf"), time.perf_counter()
+            for run in range(200):
                 t = time.perf_counter()
                 x @ w.T
-                times.append(time.perf_counter() - t)
-            times.sort()
-            rates.append(2 * rows * inp * out / times[3] / 1e9)
+                best = min(best, time.perf_counter() - t)
+                if run >= 6 and time.perf_counter() - started > 0.3:
+                    break
+            rates.append(2 * rows * inp * out / best / 1e9)
         print(f"{out:>8} {inp:>8} {rows:>5} | {rates[0]:>7.1f} GF/s {rates[1]:>7.1f} GF/s")

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, LoraPair};
 use crate::model::{DenseTensor, Layer, Linear, Model};
 use crate::ops::attention::{self, AttentionShape};
+use crate::ops::bf16_gemm::PackedRows;
 use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
@@ -245,15 +246,24 @@ impl<'a> Context<'a> {
         (p > 0.0).then(|| DropoutParams::new(n, seed, dropout::stream(layer, kind as usize), p))
     }
 
+    /// `packed`: x as `linear::pack_input` prepares it for this context's precision.
     fn linear_forward(
         &self,
         layer: usize,
         lin: &Linear,
         x: &[f32],
+        packed: Option<&PackedRows>,
     ) -> (Vec<f32>, Option<LinearSaved>) {
         let (out, inp) = lin.weight.shape();
         let mut y = zeros(self.tokens * out);
-        linear::forward(x, &lin.weight, lin.bias.as_deref(), &mut y, self.precision);
+        linear::forward_packed(
+            x,
+            packed,
+            &lin.weight,
+            lin.bias.as_deref(),
+            &mut y,
+            self.precision,
+        );
         let Some((pair, scale, p)) = self.lora(layer, lin.kind) else {
             return (y, None);
         };
@@ -367,17 +377,24 @@ impl<'a> Context<'a> {
         let (t, hd) = (self.tokens, c.head_dim);
         let (xn1, inv1) = rms(&x, &layer.input_norm, c.hidden_size, c.rms_norm_eps);
         let mut linears: Vec<Option<LinearSaved>> = (0..7).map(|_| None).collect();
-        let run = |ctx: &Self,
-                   kind: LinearKind,
+        // One packing of an input for every linear that reads it.
+        let pack = |input: &[f32], reader: LinearKind| {
+            let inp = layer.linear(reader).weight.shape().1;
+            linear::pack_input(input, inp, self.precision)
+        };
+        let run = |kind: LinearKind,
                    input: &[f32],
+                   packed: Option<&PackedRows>,
                    linears: &mut Vec<Option<LinearSaved>>| {
-            let (y, saved) = ctx.linear_forward(l, layer.linear(kind), input);
+            let (y, saved) = self.linear_forward(l, layer.linear(kind), input, packed);
             linears[kind as usize] = saved;
             y
         };
-        let mut q = run(self, LinearKind::Q, &xn1, &mut linears);
-        let mut k = run(self, LinearKind::K, &xn1, &mut linears);
-        let v = run(self, LinearKind::V, &xn1, &mut linears);
+        let packed = pack(&xn1, LinearKind::Q);
+        let mut q = run(LinearKind::Q, &xn1, packed.as_ref(), &mut linears);
+        let mut k = run(LinearKind::K, &xn1, packed.as_ref(), &mut linears);
+        let v = run(LinearKind::V, &xn1, packed.as_ref(), &mut linears);
+        drop(packed);
         let (mut q_pre_norm, mut k_pre_norm, mut inv_q, mut inv_k) =
             (None, None, Vec::new(), Vec::new());
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
@@ -414,7 +431,12 @@ impl<'a> Context<'a> {
                 attention::forward_cached(shape, past, &q, &cache.k, &cache.v, &mut attn);
             }
         }
-        let o = run(self, LinearKind::O, &attn, &mut linears);
+        let o = run(
+            LinearKind::O,
+            &attn,
+            pack(&attn, LinearKind::O).as_ref(),
+            &mut linears,
+        );
         let x_mid = ops::sum(&x, &o);
         let (xn2, inv2) = rms(
             &x_mid,
@@ -422,11 +444,18 @@ impl<'a> Context<'a> {
             c.hidden_size,
             c.rms_norm_eps,
         );
-        let gate = run(self, LinearKind::Gate, &xn2, &mut linears);
-        let up = run(self, LinearKind::Up, &xn2, &mut linears);
+        let packed = pack(&xn2, LinearKind::Gate);
+        let gate = run(LinearKind::Gate, &xn2, packed.as_ref(), &mut linears);
+        let up = run(LinearKind::Up, &xn2, packed.as_ref(), &mut linears);
+        drop(packed);
         let mut h = zeros(gate.len());
         swiglu::forward(&gate, &up, &mut h);
-        let down = run(self, LinearKind::Down, &h, &mut linears);
+        let down = run(
+            LinearKind::Down,
+            &h,
+            pack(&h, LinearKind::Down).as_ref(),
+            &mut linears,
+        );
         let x_out = ops::sum(&x_mid, &down);
         let saved = LayerSaved {
             x,

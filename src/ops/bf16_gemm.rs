@@ -276,17 +276,33 @@ impl PackedRows {
     fn new(a: &[f32], m: usize, k: usize, group: usize) -> Self {
         assert_eq!(a.len(), m * k, "bf16 pack: A is m x k");
         let k_pairs = k.div_ceil(2);
-        let mut data = vec![0u32; m.div_ceil(group) * k_pairs * group];
+        let mut data: Vec<u32> = super::zeros(m.div_ceil(group) * k_pairs * group);
         data.par_chunks_mut((k_pairs * group).max(1))
             .enumerate()
             .for_each_init(
                 || vec![0u32; k_pairs],
                 |pairs, (g, dst)| {
+                    let rows = &a[g * group * k..((g + 1) * group).min(m) * k];
+                    // Whole blocks of 16 pairs through a transpose in registers; the rest (and CPUs
+                    // without AVX512-BF16) one row at a time.
+                    let mut scalar_from = 0;
+                    #[cfg(target_arch = "x86_64")]
+                    if available() && group % 8 == 0 {
+                        scalar_from = k / 32 * 16;
+                        for t0 in (0..group).step_by(16) {
+                            for kp0 in (0..scalar_from).step_by(16) {
+                                // SAFETY: `available()` checked AVX512F/BF16; the block's reads
+                                // (pairs kp0..kp0 + 16 < k / 2 of rows that exist) and writes are
+                                // bounds-checked inside.
+                                unsafe { pack_block_avx512(rows, k, t0, kp0, group, dst) };
+                            }
+                        }
+                    }
                     for t in 0..group.min(m - g * group) {
-                        let row = g * group + t;
-                        round_pairs(&a[row * k..(row + 1) * k], pairs);
-                        for (kp, &pair) in pairs.iter().enumerate() {
-                            dst[kp * group + t] = pair;
+                        let tail = &mut pairs[scalar_from..];
+                        round_pairs(&rows[t * k + 2 * scalar_from..(t + 1) * k], tail);
+                        for (kp, &pair) in tail.iter().enumerate() {
+                            dst[(scalar_from + kp) * group + t] = pair;
                         }
                     }
                 },
@@ -330,6 +346,65 @@ fn round_pairs(src: &[f32], pairs: &mut [u32]) {
         let lo = bf16_bits(src[2 * kp]) as u32;
         let hi = src.get(2 * kp + 1).map_or(0, |&v| bf16_bits(v) as u32);
         *pair = lo | (hi << 16);
+    }
+}
+
+/// Pairs kp0..kp0 + 16 of rows t0..t0 + 16 of a group (`rows`, row-major with k columns; rows past its
+/// end count as zero) into the group's packed block `dst`, where pair kp of row t lives at
+/// dst[kp·group + t]. Each row's 16 pairs are rounded into one register, the 16 registers transposed
+/// (four rounds of `vpermt2d`, each swapping one bit of the row index with one of the pair index), and
+/// each resulting register (one pair index, 16 rows) stored whole: the element-by-element scatter cost
+/// a third of the time of a small projection's product.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_block_avx512(
+    rows: &[f32],
+    k: usize,
+    t0: usize,
+    kp0: usize,
+    group: usize,
+    dst: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    let width = (group - t0).min(16);
+    let present = (rows.len() / k).saturating_sub(t0).min(width);
+    assert!(2 * kp0 + 32 <= k && (kp0 + 15) * group + t0 + width <= dst.len());
+    // SAFETY: row t's loads read rows[(t0 + t)·k + 2·kp0..][..32], inside `rows` for the `present`
+    // rows (asserted k bound); each store writes dst[(kp0 + kp)·group + t0..][..width], inside `dst` as
+    // asserted. Loads and stores are unaligned; the caller checked the CPU features.
+    unsafe {
+        let mut r: [__m512i; 16] = [_mm512_setzero_si512(); 16];
+        for (t, reg) in r.iter_mut().enumerate().take(present) {
+            let src = rows.as_ptr().add((t0 + t) * k + 2 * kp0);
+            let (lo, hi) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+            // The second operand fills the low 16 bf16 lanes: values 0..32 in order, as 16 pairs.
+            *reg = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        }
+        for bit in [8usize, 4, 2, 1] {
+            // Registers i and i + bit exchange the lanes where their lane's bit differs from theirs.
+            let low: [u32; 16] =
+                std::array::from_fn(|l| if l & bit == 0 { l } else { 16 + l - bit } as u32);
+            let high: [u32; 16] =
+                std::array::from_fn(|l| if l & bit == 0 { l + bit } else { 16 + l } as u32);
+            let (low, high) = (
+                _mm512_loadu_si512(low.as_ptr() as *const __m512i),
+                _mm512_loadu_si512(high.as_ptr() as *const __m512i),
+            );
+            for i in (0..16).filter(|i| i & bit == 0) {
+                let (a, b) = (r[i], r[i + bit]);
+                r[i] = _mm512_permutex2var_epi32(a, low, b);
+                r[i + bit] = _mm512_permutex2var_epi32(a, high, b);
+            }
+        }
+        let mask: __mmask16 = if width == 16 {
+            0xFFFF
+        } else {
+            (1 << width) - 1
+        };
+        for (kp, column) in r.iter().enumerate() {
+            let out = dst.as_mut_ptr().add((kp0 + kp) * group + t0);
+            _mm512_mask_storeu_epi32(out as *mut i32, mask, *column);
+        }
     }
 }
 

@@ -40,14 +40,33 @@ pub fn forward(
     y: &mut [f32],
     precision: Precision,
 ) {
+    let packed = pack_input(x, w.shape().1, precision);
+    forward_packed(x, packed.as_ref(), w, bias, y, precision);
+}
+
+/// x [tokens, in] as the products of `precision` read it, when they need it repacked (bf16): several
+/// linears with one input (q/k/v, gate/up) pack it once.
+pub fn pack_input(x: &[f32], inp: usize, precision: Precision) -> Option<bf16_gemm::PackedRows> {
+    (precision == Precision::Bf16).then(|| bf16_gemm::PackedRows::for_xwt(x, x.len() / inp, inp))
+}
+
+/// `forward` with x already packed by `pack_input`.
+pub fn forward_packed(
+    x: &[f32],
+    packed: Option<&bf16_gemm::PackedRows>,
+    w: &LinearWeight,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    precision: Precision,
+) {
     let (out, inp) = w.shape();
     let tokens = x.len() / inp;
     assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
     assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
     match precision {
         Precision::Bf16 => {
-            let px = bf16_gemm::PackedRows::for_xwt(x, tokens, inp);
-            bf16_gemm::matmul_xwt(&px, w, 0, out, y, out, 0, false);
+            let px = packed.expect("bf16 products need the input packed by pack_input");
+            bf16_gemm::matmul_xwt(px, w, 0, out, y, out, 0, false);
         }
         Precision::F32 => {
             let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];

@@ -19,15 +19,15 @@ use rayon::prelude::*;
 /// Below this many floats, one thread zeroes or adds faster than a split of the work costs.
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// A vector of `n` zeros, written by every thread when large. A step allocates hundreds of megabytes of
+/// A vector of `n` zeros (`T::default()`), written by every thread when large. A step allocates hundreds of megabytes of
 /// activations and gradients; `vec![0.0; n]` zeroed them on one thread while the others waited (8% of
 /// a 0.5B model's step, measured).
-pub fn zeros(n: usize) -> Vec<f32> {
+pub fn zeros<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
     if n < PARALLEL_MIN {
-        return vec![0.0; n];
+        return vec![T::default(); n];
     }
     let mut v = Vec::with_capacity(n);
-    v.par_extend(rayon::iter::repeat_n(0f32, n));
+    v.par_extend(rayon::iter::repeat_n(T::default(), n));
     v
 }
 
