@@ -8,7 +8,12 @@ struct LinearParams {
     group_size: u32,
     has_bias: u32,
     accumulate: u32,
-    _pad: u32,
+    // W is rows row_offset.. of a weight split across bindings: those columns of y (dy), rows out_stride long.
+    row_offset: u32,
+    out_stride: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: LinearParams;
@@ -68,9 +73,9 @@ fn linear_forward(@builtin(global_invocation_id) id: vec3<u32>) {
         }
     }
     if (p.has_bias == 1u) {
-        acc += bias[row];
+        acc += bias[p.row_offset + row];
     }
-    let o = t * p.rows + row;
+    let o = t * p.out_stride + p.row_offset + row;
     if (p.accumulate == 1u) {
         y[o] += acc;
     } else {
@@ -88,7 +93,7 @@ fn linear_backward_input(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     var acc = 0.0;
     for (var r = 0u; r < p.rows; r++) {
-        acc += x[t * p.rows + r] * weight_at(r, col);
+        acc += x[t * p.out_stride + p.row_offset + r] * weight_at(r, col);
     }
     let o = t * p.cols + col;
     if (p.accumulate == 1u) {

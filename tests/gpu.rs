@@ -94,6 +94,34 @@ fn gpu_executor_matches_transformers_and_the_cpu_executor() {
 }
 
 #[test]
+fn weights_larger_than_a_binding_run_in_row_blocks() {
+    let Some(mut gpu) = gpu() else { return };
+    // Bindings of a few rows: every linear spans 2 to 16 blocks (dense f32 rows are 256 or 512 bytes,
+    // packed ones 32 or 64) and the embedding tens, as a 7B model's dense projections do on a real
+    // device's limit.
+    for (quant, limit) in [("none", 2048), ("nf4", 256)] {
+        gpu.max_binding = limit;
+        let f = fixture("qwen2", quant);
+        let linears = f.model.layers.len() * 7;
+        let blocks = GpuModel::upload(&gpu, &f.model)
+            .unwrap()
+            .linear_weight_buffers();
+        assert!(
+            blocks >= 2 * linears,
+            "{quant}: {blocks} blocks for {linears} linears"
+        );
+        check(&gpu, "qwen2", quant);
+    }
+    // A row that fits no binding is an error naming the tensor, not a panic.
+    gpu.max_binding = 256;
+    let f = fixture("qwen2", "none");
+    let err = GpuModel::upload(&gpu, &f.model)
+        .err()
+        .expect("a 512-byte row cannot fit");
+    assert!(err.to_string().contains("mlp.down_proj.weight"), "{err}");
+}
+
+#[test]
 fn eval_on_gpu_agrees_with_cpu() {
     if gpu().is_none() {
         return;

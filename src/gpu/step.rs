@@ -50,17 +50,37 @@ fn dense_words(t: &DenseTensor, start: usize, rows: usize) -> (u32, Vec<u32>) {
     }
 }
 
+/// Rows per block of a matrix split into blocks that each fit one storage binding. Blocks of 16-bit
+/// values start on a whole word: with an odd row length, an even number of rows.
+fn rows_per_block(
+    gpu: &Gpu,
+    rows: usize,
+    row_bytes: usize,
+    odd_halves: bool,
+    name: &str,
+) -> Result<usize> {
+    let fit = (gpu.max_binding / row_bytes.max(1) as u64) as usize;
+    let step = if odd_halves { 2 } else { 1 };
+    let per_block = fit / step * step;
+    if per_block == 0 {
+        return Err(Error::Invalid(format!(
+            "{name}: {step} row(s) of {row_bytes} bytes do not fit the GPU's storage binding limit of {} bytes",
+            gpu.max_binding
+        )));
+    }
+    Ok(per_block.min(rows.max(1)))
+}
+
 impl GpuDense {
     fn upload(gpu: &Gpu, t: &DenseTensor, name: &str) -> Result<Self> {
-        let row_bytes = (t.cols * t.dtype().size()) as u64;
-        // Even row counts keep 16-bit pairs inside one block.
-        let rows_per_block =
-            ((gpu.max_binding / row_bytes) as usize & !1).min(t.rows.next_multiple_of(2));
-        if rows_per_block == 0 {
-            return Err(Error::Invalid(format!(
-                "{name}: one row does not fit a GPU storage binding"
-            )));
-        }
+        let size = t.dtype().size();
+        let rows_per_block = rows_per_block(
+            gpu,
+            t.rows,
+            t.cols * size,
+            size == 2 && t.cols % 2 == 1,
+            name,
+        )?;
         let mut blocks = Vec::new();
         let mut fmt = FMT_F32;
         for start in (0..t.rows).step_by(rows_per_block) {
@@ -82,10 +102,81 @@ pub struct GpuLinear {
     rows: usize,
     cols: usize,
     group: usize,
+    /// W in row blocks that each fit one storage binding (one block unless W is larger).
+    blocks: Vec<LinearBlock>,
+    bias: Option<GpuBuffer>,
+}
+
+/// Rows `start..start + rows` of a frozen weight: its words, and for the 4-bit formats its group scales
+/// (and INT4 minimums).
+struct LinearBlock {
+    start: usize,
+    rows: usize,
     words: GpuBuffer,
     scales: Option<GpuBuffer>,
     mins: Option<GpuBuffer>,
-    bias: Option<GpuBuffer>,
+}
+
+impl GpuLinear {
+    fn upload(gpu: &Gpu, weight: &LinearWeight, bias: Option<&[f32]>, name: &str) -> Result<Self> {
+        let (rows, cols) = weight.shape();
+        let (fmt, group, row_bytes, odd_halves) = match weight {
+            LinearWeight::Quant(q) => (
+                if q.spec.format == QuantFormat::Nf4 {
+                    FMT_NF4
+                } else {
+                    FMT_INT4
+                },
+                q.spec.group_size,
+                cols / 2,
+                false,
+            ),
+            LinearWeight::Dense(d) => {
+                let size = d.dtype().size();
+                (
+                    dense_words(d, 0, 0).0,
+                    1,
+                    cols * size,
+                    size == 2 && cols % 2 == 1,
+                )
+            }
+        };
+        let rows_per_block = rows_per_block(gpu, rows, row_bytes, odd_halves, name)?;
+        let blocks = (0..rows)
+            .step_by(rows_per_block)
+            .map(|start| {
+                let n = rows_per_block.min(rows - start);
+                match weight {
+                    LinearWeight::Quant(q) => {
+                        let (words, groups) = (cols / 8, cols / group);
+                        let meta = start * groups..(start + n) * groups;
+                        LinearBlock {
+                            start,
+                            rows: n,
+                            words: gpu.upload_u32(&q.packed[start * words..(start + n) * words]),
+                            scales: Some(gpu.upload_f32(&q.scales[meta.clone()])),
+                            mins: (!q.mins.is_empty()).then(|| gpu.upload_f32(&q.mins[meta])),
+                        }
+                    }
+                    LinearWeight::Dense(d) => LinearBlock {
+                        start,
+                        rows: n,
+                        words: gpu.upload_u32(&dense_words(d, start, n).1),
+                        scales: None,
+                        mins: None,
+                    },
+                }
+            })
+            .collect();
+        Ok(GpuLinear {
+            fmt,
+            rows,
+            cols,
+            group,
+            blocks,
+            bias: bias.map(|b| gpu.upload_f32(b)),
+        })
+    }
 }
 
 struct GpuLayer {
@@ -117,33 +208,12 @@ impl GpuModel {
                     .linears
                     .iter()
                     .map(|lin| {
-                        let (rows, cols) = lin.weight.shape();
-                        let bias = lin.bias.as_ref().map(|b| gpu.upload_f32(b));
-                        let linear = match &lin.weight {
-                            LinearWeight::Quant(q) => GpuLinear {
-                                fmt: if q.spec.format == QuantFormat::Nf4 { FMT_NF4 } else { FMT_INT4 },
-                                rows,
-                                cols,
-                                group: q.spec.group_size,
-                                words: gpu.upload_u32(&q.packed),
-                                scales: Some(gpu.upload_f32(&q.scales)),
-                                mins: (!q.mins.is_empty()).then(|| gpu.upload_f32(&q.mins)),
-                                bias,
-                            },
-                            LinearWeight::Dense(d) => {
-                                let bytes = (d.rows * d.cols * d.dtype().size()) as u64;
-                                if bytes > gpu.max_binding {
-                                    return Err(Error::Invalid(format!(
-                                        "{}.weight: {bytes} bytes exceed the GPU's storage binding limit of {}; quantize it",
-                                        lin.kind.path(l),
-                                        gpu.max_binding
-                                    )));
-                                }
-                                let (fmt, words) = dense_words(d, 0, d.rows);
-                                GpuLinear { fmt, rows, cols, group: 1, words: gpu.upload_u32(&words), scales: None, mins: None, bias }
-                            }
-                        };
-                        Ok(linear)
+                        GpuLinear::upload(
+                            gpu,
+                            &lin.weight,
+                            lin.bias.as_deref(),
+                            &format!("{}.weight", lin.kind.path(l)),
+                        )
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(GpuLayer {
@@ -167,6 +237,16 @@ impl GpuModel {
             final_norm: gpu.upload_f32(&model.final_norm),
             dummy: gpu.zeros(1),
         })
+    }
+
+    /// Storage buffers holding the decoder's linear weights: one per weight unless some are larger
+    /// than a binding and split into row blocks.
+    pub fn linear_weight_buffers(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| &l.linears)
+            .map(|lin| lin.blocks.len())
+            .sum()
     }
 
     fn head(&self) -> &GpuDense {
@@ -369,26 +449,38 @@ impl<'a> Recorder<'a> {
         );
     }
 
-    fn linear_params(&self, lin: &GpuLinear, accumulate: bool, with_bias: bool) -> LinearParams {
+    fn linear_params(
+        &self,
+        lin: &GpuLinear,
+        block: &LinearBlock,
+        accumulate: bool,
+        with_bias: bool,
+    ) -> LinearParams {
         LinearParams {
             tokens: self.tokens as u32,
-            rows: lin.rows as u32,
+            rows: block.rows as u32,
             cols: lin.cols as u32,
             fmt: lin.fmt,
             group_size: lin.group as u32,
             has_bias: (with_bias && lin.bias.is_some()) as u32,
             accumulate: accumulate as u32,
-            _pad: 0,
+            row_offset: block.start as u32,
+            out_stride: lin.rows as u32,
+            _pad: [0; 3],
         }
     }
 
-    fn linear_bindings(&self, lin: &'a GpuLinear) -> [(u32, &'a GpuBuffer); 4] {
+    fn linear_bindings(
+        &self,
+        lin: &'a GpuLinear,
+        block: &'a LinearBlock,
+    ) -> [(u32, &'a GpuBuffer); 4] {
         let model: &'a GpuModel = self.model;
         let d = &model.dummy;
         [
-            (1, &lin.words),
-            (2, lin.scales.as_ref().unwrap_or(d)),
-            (3, lin.mins.as_ref().unwrap_or(d)),
+            (1, &block.words),
+            (2, block.scales.as_ref().unwrap_or(d)),
+            (3, block.mins.as_ref().unwrap_or(d)),
             (4, lin.bias.as_ref().unwrap_or(d)),
         ]
     }
@@ -403,12 +495,14 @@ impl<'a> Recorder<'a> {
         let lin = &model.layers[l].linears[kind as usize];
         let t = self.tokens;
         let y = self.scratch(t * lin.rows);
-        let p = self.linear_params(lin, false, true);
-        let mut bindings = self.linear_bindings(lin).to_vec();
-        bindings.extend([(5, x), (6, &y)]);
-        let groups = [lin.rows.div_ceil(64) as u32, t as u32, 1];
-        self.gpu
-            .dispatch(&mut self.enc, "linear_forward", &p, &bindings, groups);
+        for block in &lin.blocks {
+            let p = self.linear_params(lin, block, false, true);
+            let mut bindings = self.linear_bindings(lin, block).to_vec();
+            bindings.extend([(5, x), (6, &y)]);
+            let groups = [block.rows.div_ceil(64) as u32, t as u32, 1];
+            self.gpu
+                .dispatch(&mut self.enc, "linear_forward", &p, &bindings, groups);
+        }
         let Some((a, b)) = self.lora.and_then(|lo| lo.pairs[l][kind as usize].as_ref()) else {
             return (y, None);
         };
@@ -470,22 +564,25 @@ impl<'a> Recorder<'a> {
         let model: &'a GpuModel = self.model;
         let lin = &model.layers[l].linears[kind as usize];
         let t = self.tokens;
-        let p = self.linear_params(lin, true, false);
-        // The backward reads no bias, so its layout has no binding 4.
-        let mut bindings: Vec<(u32, &GpuBuffer)> = self
-            .linear_bindings(lin)
-            .into_iter()
-            .filter(|(b, _)| *b != 4)
-            .collect();
-        bindings.extend([(5, dy), (6, dx)]);
-        let groups = [lin.cols.div_ceil(64) as u32, t as u32, 1];
-        self.gpu.dispatch(
-            &mut self.enc,
-            "linear_backward_input",
-            &p,
-            &bindings,
-            groups,
-        );
+        // Every block adds its rows' share of dy·W.
+        for block in &lin.blocks {
+            let p = self.linear_params(lin, block, true, false);
+            // The backward reads no bias, so its layout has no binding 4.
+            let mut bindings: Vec<(u32, &GpuBuffer)> = self
+                .linear_bindings(lin, block)
+                .into_iter()
+                .filter(|(b, _)| *b != 4)
+                .collect();
+            bindings.extend([(5, dy), (6, dx)]);
+            let groups = [lin.cols.div_ceil(64) as u32, t as u32, 1];
+            self.gpu.dispatch(
+                &mut self.enc,
+                "linear_backward_input",
+                &p,
+                &bindings,
+                groups,
+            );
+        }
         let (Some(lora), Some(saved)) = (self.lora, saved) else {
             return;
         };

@@ -129,7 +129,10 @@ pub fn backward_input(
 }
 
 /// The uniform of shaders/linear.wgsl: x [tokens, cols] against W [rows, cols] stored in format `fmt`
-/// (shaders/common.wgsl numbers them), with groups of `group_size` for the 4-bit formats.
+/// (shaders/common.wgsl numbers them), with groups of `group_size` for the 4-bit formats. W may be one
+/// block of a weight split across storage bindings: its rows are the weight's rows
+/// `row_offset..row_offset + rows`, which are columns of y (forward) or dy (backward), rows
+/// `out_stride` long.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LinearParams {
@@ -140,5 +143,7 @@ pub struct LinearParams {
     pub group_size: u32,
     pub has_bias: u32,
     pub accumulate: u32,
-    pub _pad: u32,
+    pub row_offset: u32,
+    pub out_stride: u32,
+    pub _pad: [u32; 3],
 }
