@@ -38,67 +38,157 @@ fn weight_at(row: u32, col: u32) -> f32 {
     return dense_word_value(w[dense_word_index(p.fmt, index)], p.fmt, index);
 }
 
-// One thread per (token, output row).
-@compute @workgroup_size(64)
-fn linear_forward(@builtin(global_invocation_id) id: vec3<u32>) {
-    let row = id.x;
-    let t = id.y;
-    if (row >= p.rows || t >= p.tokens) {
+// Both products are tiled: a workgroup of 256 threads computes 16 tokens x 64 outputs, staging 32 steps
+// of the inner dimension at a time in workgroup memory, so that each weight is dequantized once per 16
+// tokens (not once per token) and each input value read once per 64 outputs. Thread (tx, ty) owns
+// token ty and outputs tx + 16·i, i < 4: neighbouring threads read neighbouring words of the weight tile.
+const TILE_T: u32 = 16u;
+const TILE_N: u32 = 64u;
+const TILE_K: u32 = 32u;
+
+var<workgroup> input_tile: array<f32, 512>;   // [TILE_T][TILE_K]
+var<workgroup> weight_tile: array<f32, 2048>; // [TILE_K][TILE_N]
+
+// W[row, col..col + 8] (col a multiple of 8), zero past W's edges: one packed word for the 4-bit formats.
+fn weights8(row: u32, col: u32) -> array<f32, 8> {
+    var out = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    if (row >= p.rows || col >= p.cols) {
+        return out;
+    }
+    if (p.fmt == FMT_NF4 || p.fmt == FMT_INT4) {
+        // The input dimension is a multiple of the group size (>= 32), so the word lies in W and in
+        // one group.
+        let word = w[(row * p.cols + col) >> 3u];
+        let g = row * (p.cols / p.group_size) + col / p.group_size;
+        var minimum = 0.0;
+        if (p.fmt == FMT_INT4) {
+            minimum = mins[g];
+        }
+        let scale = scales[g];
+        for (var j = 0u; j < 8u; j++) {
+            out[j] = dequant((word >> (4u * j)) & 0xfu, p.fmt, scale, minimum);
+        }
+        return out;
+    }
+    for (var j = 0u; j < 8u; j++) {
+        if (col + j < p.cols) {
+            out[j] = weight_at(row, col + j);
+        }
+    }
+    return out;
+}
+
+// y[t, row_offset + row] (+)= Σ_c x[t, c]·W[row, c] (+ bias). Workgroups: (rows / 64, tokens / 16).
+@compute @workgroup_size(256)
+fn linear_forward(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let row0 = wg.x * TILE_N;
+    let t0 = wg.y * TILE_T;
+    let tx = li % 16u;
+    let ty = li / 16u;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var k0 = 0u; k0 < p.cols; k0 += TILE_K) {
+        for (var j = 0u; j < 2u; j++) {
+            let e = 2u * li + j;
+            let t = t0 + e / TILE_K;
+            let c = k0 + e % TILE_K;
+            var v = 0.0;
+            if (t < p.tokens && c < p.cols) {
+                v = x[t * p.cols + c];
+            }
+            input_tile[e] = v;
+        }
+        // Weight rows row0 + li / 4, columns k0 + 8·(li % 4).., stored k-major.
+        let wr = li / 4u;
+        let wc = 8u * (li % 4u);
+        let values = weights8(row0 + wr, k0 + wc);
+        for (var j = 0u; j < 8u; j++) {
+            weight_tile[(wc + j) * TILE_N + wr] = values[j];
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let xv = input_tile[ty * TILE_K + kk];
+            for (var i = 0u; i < 4u; i++) {
+                acc[i] += xv * weight_tile[kk * TILE_N + tx + 16u * i];
+            }
+        }
+        workgroupBarrier();
+    }
+    let t = t0 + ty;
+    if (t >= p.tokens) {
         return;
     }
-    var acc = 0.0;
-    let xb = t * p.cols;
-    if (p.fmt == FMT_NF4 || p.fmt == FMT_INT4) {
-        // Whole words of eight codes, one scale per group.
-        let groups = p.cols / p.group_size;
-        for (var g = 0u; g < groups; g++) {
-            let gi = row * groups + g;
-            let scale = scales[gi];
-            var minimum = 0.0;
-            if (p.fmt == FMT_INT4) {
-                minimum = mins[gi];
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + tx + 16u * i;
+        if (row < p.rows) {
+            var value = acc[i];
+            if (p.has_bias == 1u) {
+                value += bias[p.row_offset + row];
             }
-            var partial = 0.0;
-            for (var c = g * p.group_size; c < (g + 1u) * p.group_size; c += 8u) {
-                let word = w[(row * p.cols + c) >> 3u];
-                for (var j = 0u; j < 8u; j++) {
-                    partial += x[xb + c + j] * dequant((word >> (4u * j)) & 0xfu, p.fmt, scale, minimum);
-                }
+            let o = t * p.out_stride + p.row_offset + row;
+            if (p.accumulate == 1u) {
+                y[o] += value;
+            } else {
+                y[o] = value;
             }
-            acc += partial;
         }
-    } else {
-        for (var c = 0u; c < p.cols; c++) {
-            acc += x[xb + c] * weight_at(row, c);
-        }
-    }
-    if (p.has_bias == 1u) {
-        acc += bias[p.row_offset + row];
-    }
-    let o = t * p.out_stride + p.row_offset + row;
-    if (p.accumulate == 1u) {
-        y[o] += acc;
-    } else {
-        y[o] = acc;
     }
 }
 
-// dx = dy·W: here `x` is dy [tokens, rows] and `y` is dx [tokens, cols]. One thread per (token, column).
-@compute @workgroup_size(64)
-fn linear_backward_input(@builtin(global_invocation_id) id: vec3<u32>) {
-    let col = id.x;
-    let t = id.y;
-    if (col >= p.cols || t >= p.tokens) {
+// dx = dy·W: here `x` is dy [tokens, out_stride] (this block's rows at row_offset) and `y` is dx
+// [tokens, cols]. Workgroups: (cols / 64, tokens / 16).
+@compute @workgroup_size(256)
+fn linear_backward_input(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let col0 = wg.x * TILE_N;
+    let t0 = wg.y * TILE_T;
+    let tx = li % 16u;
+    let ty = li / 16u;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    for (var r0 = 0u; r0 < p.rows; r0 += TILE_K) {
+        for (var j = 0u; j < 2u; j++) {
+            let e = 2u * li + j;
+            let t = t0 + e / TILE_K;
+            let r = r0 + e % TILE_K;
+            var v = 0.0;
+            if (t < p.tokens && r < p.rows) {
+                v = x[t * p.out_stride + p.row_offset + r];
+            }
+            input_tile[e] = v;
+        }
+        // Weight rows r0 + li / 8, columns col0 + 8·(li % 8)..
+        let wr = li / 8u;
+        let wc = 8u * (li % 8u);
+        let values = weights8(r0 + wr, col0 + wc);
+        for (var j = 0u; j < 8u; j++) {
+            weight_tile[wr * TILE_N + wc + j] = values[j];
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let dv = input_tile[ty * TILE_K + kk];
+            for (var i = 0u; i < 4u; i++) {
+                acc[i] += dv * weight_tile[kk * TILE_N + tx + 16u * i];
+            }
+        }
+        workgroupBarrier();
+    }
+    let t = t0 + ty;
+    if (t >= p.tokens) {
         return;
     }
-    var acc = 0.0;
-    for (var r = 0u; r < p.rows; r++) {
-        acc += x[t * p.out_stride + p.row_offset + r] * weight_at(r, col);
-    }
-    let o = t * p.cols + col;
-    if (p.accumulate == 1u) {
-        y[o] += acc;
-    } else {
-        y[o] = acc;
+    for (var i = 0u; i < 4u; i++) {
+        let col = col0 + tx + 16u * i;
+        if (col < p.cols) {
+            let o = t * p.cols + col;
+            if (p.accumulate == 1u) {
+                y[o] += acc[i];
+            } else {
+                y[o] = acc[i];
+            }
+        }
     }
 }

@@ -499,7 +499,8 @@ impl<'a> Recorder<'a> {
             let p = self.linear_params(lin, block, false, true);
             let mut bindings = self.linear_bindings(lin, block).to_vec();
             bindings.extend([(5, x), (6, &y)]);
-            let groups = [block.rows.div_ceil(64) as u32, t as u32, 1];
+            // shaders/linear.wgsl: 64 outputs x 16 tokens per workgroup.
+            let groups = [block.rows.div_ceil(64) as u32, t.div_ceil(16) as u32, 1];
             self.gpu
                 .dispatch(&mut self.enc, "linear_forward", &p, &bindings, groups);
         }
@@ -574,7 +575,7 @@ impl<'a> Recorder<'a> {
                 .filter(|(b, _)| *b != 4)
                 .collect();
             bindings.extend([(5, dy), (6, dx)]);
-            let groups = [lin.cols.div_ceil(64) as u32, t as u32, 1];
+            let groups = [lin.cols.div_ceil(64) as u32, t.div_ceil(16) as u32, 1];
             self.gpu.dispatch(
                 &mut self.enc,
                 "linear_backward_input",
