@@ -78,6 +78,31 @@ fn weights8(row: u32, col: u32) -> array<f32, 8> {
     return out;
 }
 
+// input_tile[tt][kk] = x[t0 + tt, offset + k0 + kk] for rows `row_len` long, zero past the tokens or
+// past `k_len`: two values per thread.
+fn stage_input(li: u32, t0: u32, k0: u32, k_len: u32, row_len: u32, offset: u32) {
+    for (var j = 0u; j < 2u; j++) {
+        let e = 2u * li + j;
+        let t = t0 + e / TILE_K;
+        let k = k0 + e % TILE_K;
+        var v = 0.0;
+        if (t < p.tokens && k < k_len) {
+            v = x[t * row_len + offset + k];
+        }
+        input_tile[e] = v;
+    }
+}
+
+// The staged step of thread (tx, ty): its token's inputs against its four outputs' weights.
+fn accumulate_tile(tx: u32, ty: u32, acc: ptr<function, array<f32, 4>>) {
+    for (var kk = 0u; kk < TILE_K; kk++) {
+        let v = input_tile[ty * TILE_K + kk];
+        for (var i = 0u; i < 4u; i++) {
+            (*acc)[i] += v * weight_tile[kk * TILE_N + tx + 16u * i];
+        }
+    }
+}
+
 // y[t, row_offset + row] (+)= Σ_c x[t, c]·W[row, c] (+ bias). Workgroups: (rows / 64, tokens / 16).
 @compute @workgroup_size(256)
 fn linear_forward(
@@ -90,16 +115,7 @@ fn linear_forward(
     let ty = li / 16u;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < p.cols; k0 += TILE_K) {
-        for (var j = 0u; j < 2u; j++) {
-            let e = 2u * li + j;
-            let t = t0 + e / TILE_K;
-            let c = k0 + e % TILE_K;
-            var v = 0.0;
-            if (t < p.tokens && c < p.cols) {
-                v = x[t * p.cols + c];
-            }
-            input_tile[e] = v;
-        }
+        stage_input(li, t0, k0, p.cols, p.cols, 0u);
         // Weight rows row0 + li / 4, columns k0 + 8·(li % 4).., stored k-major.
         let wr = li / 4u;
         let wc = 8u * (li % 4u);
@@ -108,12 +124,7 @@ fn linear_forward(
             weight_tile[(wc + j) * TILE_N + wr] = values[j];
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TILE_K; kk++) {
-            let xv = input_tile[ty * TILE_K + kk];
-            for (var i = 0u; i < 4u; i++) {
-                acc[i] += xv * weight_tile[kk * TILE_N + tx + 16u * i];
-            }
-        }
+        accumulate_tile(tx, ty, &acc);
         workgroupBarrier();
     }
     let t = t0 + ty;
@@ -150,16 +161,7 @@ fn linear_backward_input(
     let ty = li / 16u;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var r0 = 0u; r0 < p.rows; r0 += TILE_K) {
-        for (var j = 0u; j < 2u; j++) {
-            let e = 2u * li + j;
-            let t = t0 + e / TILE_K;
-            let r = r0 + e % TILE_K;
-            var v = 0.0;
-            if (t < p.tokens && r < p.rows) {
-                v = x[t * p.out_stride + p.row_offset + r];
-            }
-            input_tile[e] = v;
-        }
+        stage_input(li, t0, r0, p.rows, p.out_stride, p.row_offset);
         // Weight rows r0 + li / 8, columns col0 + 8·(li % 8)..
         let wr = li / 8u;
         let wc = 8u * (li % 8u);
@@ -168,12 +170,7 @@ fn linear_backward_input(
             weight_tile[wr * TILE_N + wc + j] = values[j];
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TILE_K; kk++) {
-            let dv = input_tile[ty * TILE_K + kk];
-            for (var i = 0u; i < 4u; i++) {
-                acc[i] += dv * weight_tile[kk * TILE_N + tx + 16u * i];
-            }
-        }
+        accumulate_tile(tx, ty, &acc);
         workgroupBarrier();
     }
     let t = t0 + ty;
