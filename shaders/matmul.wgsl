@@ -20,16 +20,40 @@ struct MatmulParams {
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
-@compute @workgroup_size(64)
-fn matmul(@builtin(global_invocation_id) id: vec3<u32>) {
-    let j = id.x;
-    let i = id.y;
+// 16 x 16 tiles of C per workgroup, 16 inner steps of A and B staged in workgroup memory: each value of A
+// is read once per 16 columns and each of B once per 16 rows. The LoRA products have one side of rank r
+// (8 or 16): one thread per output in rows of 64 left most threads of a workgroup idle. The sum runs in
+// the same order as one thread per output would run it.
+var<workgroup> a_tile: array<f32, 256>; // [16 rows of C][16 inner]
+var<workgroup> b_tile: array<f32, 256>; // [16 inner][16 columns of C]
+
+@compute @workgroup_size(16, 16)
+fn matmul(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let i = wg.y * 16u + lid.y;
+    let j = wg.x * 16u + lid.x;
+    var acc = 0.0;
+    for (var q0 = 0u; q0 < p.k; q0 += 16u) {
+        var av = 0.0;
+        if (i < p.m && q0 + lid.x < p.k) {
+            av = a[i * p.a_row_stride + (q0 + lid.x) * p.a_col_stride];
+        }
+        a_tile[lid.y * 16u + lid.x] = av;
+        var bv = 0.0;
+        if (q0 + lid.y < p.k && j < p.n) {
+            bv = b[(q0 + lid.y) * p.b_row_stride + j * p.b_col_stride];
+        }
+        b_tile[lid.y * 16u + lid.x] = bv;
+        workgroupBarrier();
+        for (var qq = 0u; qq < 16u; qq++) {
+            acc += a_tile[lid.y * 16u + qq] * b_tile[qq * 16u + lid.x];
+        }
+        workgroupBarrier();
+    }
     if (i >= p.m || j >= p.n) {
         return;
-    }
-    var acc = 0.0;
-    for (var q = 0u; q < p.k; q++) {
-        acc += a[i * p.a_row_stride + q * p.a_col_stride] * b[q * p.b_row_stride + j * p.b_col_stride];
     }
     let o = i * p.ldc + p.c_col + j;
     if (p.accumulate == 1u) {

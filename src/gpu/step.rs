@@ -439,7 +439,8 @@ impl<'a> Recorder<'a> {
             alpha,
             _pad: 0,
         };
-        let groups = [b.cols.div_ceil(64) as u32, a.rows as u32, 1];
+        // shaders/matmul.wgsl: 16 x 16 outputs per workgroup.
+        let groups = [b.cols.div_ceil(16) as u32, a.rows.div_ceil(16) as u32, 1];
         self.gpu.dispatch(
             &mut self.enc,
             "matmul",
