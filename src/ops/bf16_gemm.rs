@@ -583,6 +583,26 @@ unsafe fn tile_columns_avx2(tile: &[[f32; NR]; MR], j0: usize) -> [std::arch::x8
     ]
 }
 
+/// Buffers a product's tasks reuse on each thread from one product to the next. Fresh ones per split of
+/// the work (`for_each_init`) were allocated and zeroed again and again: a tenth of a small product.
+#[derive(Default)]
+struct Scratch {
+    words: Vec<u32>,
+    tiles: Vec<[[f32; NR]; MR]>,
+    even: Vec<u16>,
+    odd: Vec<u16>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch buffers (their contents are whatever the last task left). `f`
+/// must not start parallel work: a task stolen meanwhile would find the buffers borrowed.
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with_borrow_mut(f)
+}
+
 /// k-pairs per chunk of the inner dimension, chosen so that the activations' chunk (all of its rows)
 /// takes about 256 KiB and stays in L2 while every weight tile passes over it.
 fn k_chunk(packed: &PackedRows) -> usize {
@@ -628,9 +648,9 @@ pub fn matmul_xwt(
         .filter(|_| k % 2 == 0)
         .and_then(|bits| bytemuck::try_cast_slice(bits).ok());
     let out = SharedOut::new(c);
-    (0..n.div_ceil(task_rows)).into_par_iter().for_each_init(
-        || (Vec::<u32>::new(), Vec::<[[f32; NR]; MR]>::new()),
-        |(decoded, tiles), task| {
+    (0..n.div_ceil(task_rows)).into_par_iter().for_each(|task| {
+        with_scratch(|scratch| {
+            let (decoded, tiles) = (&mut scratch.words, &mut scratch.tiles);
             let r0 = task * task_rows;
             let rows = task_rows.min(n - r0);
             let row_blocks = rows.div_ceil(MR);
@@ -697,8 +717,8 @@ pub fn matmul_xwt(
                     );
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 /// C[t, c_col + j] (+)= Σ_q a[t, q]·W[start + q, j] for every column j of W: dy·W over the block of W's
@@ -725,16 +745,16 @@ pub fn matmul_aw(
     let out = SharedOut::new(c);
     (0..col_blocks.div_ceil(task_blocks))
         .into_par_iter()
-        .for_each_init(
-            || {
-                (
-                    Vec::<u32>::new(),
-                    vec![0u16; 4 * NR],
-                    vec![0u16; 4 * NR],
-                    Vec::<[[f32; NR]; MR]>::new(),
-                )
-            },
-            |(panel, even, odd, tiles), task| {
+        .for_each(|task| {
+            with_scratch(|scratch| {
+                let Scratch {
+                    words: panel,
+                    even,
+                    odd,
+                    tiles,
+                } = scratch;
+                even.resize(4 * NR, 0);
+                odd.resize(4 * NR, 0);
                 let b0 = task * task_blocks;
                 let blocks = task_blocks.min(col_blocks - b0);
                 let (j0, width) = (b0 * NR, (blocks * NR).min(n - b0 * NR));
@@ -805,8 +825,8 @@ pub fn matmul_aw(
                         );
                     }
                 }
-            },
-        );
+            })
+        });
 }
 
 /// out[i] = even[i] | odd[i] << 16: two rows' values side by side, as the kernel's right operand.
