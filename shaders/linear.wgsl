@@ -103,6 +103,15 @@ fn accumulate_tile(tx: u32, ty: u32, acc: ptr<function, array<f32, 4>>) {
     }
 }
 
+// y[o] = value, or y[o] += value when the product accumulates.
+fn store(o: u32, value: f32) {
+    if (p.accumulate == 1u) {
+        y[o] += value;
+    } else {
+        y[o] = value;
+    }
+}
+
 // y[t, row_offset + row] (+)= Σ_c x[t, c]·W[row, c] (+ bias). Workgroups: (rows / 64, tokens / 16).
 @compute @workgroup_size(256)
 fn linear_forward(
@@ -138,12 +147,7 @@ fn linear_forward(
             if (p.has_bias == 1u) {
                 value += bias[p.row_offset + row];
             }
-            let o = t * p.out_stride + p.row_offset + row;
-            if (p.accumulate == 1u) {
-                y[o] += value;
-            } else {
-                y[o] = value;
-            }
+            store(t * p.out_stride + p.row_offset + row, value);
         }
     }
 }
@@ -180,12 +184,7 @@ fn linear_backward_input(
     for (var i = 0u; i < 4u; i++) {
         let col = col0 + tx + 16u * i;
         if (col < p.cols) {
-            let o = t * p.cols + col;
-            if (p.accumulate == 1u) {
-                y[o] += acc[i];
-            } else {
-                y[o] = acc[i];
-            }
+            store(t * p.cols + col, acc[i]);
         }
     }
 }

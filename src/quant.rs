@@ -245,12 +245,7 @@ fn quantize_group_nf4(group: &[f32], words: &mut [u32]) -> f32 {
             }
         },
     );
-    for (word, eight) in words.iter_mut().zip(codes.chunks_exact(8)) {
-        *word = eight
-            .iter()
-            .enumerate()
-            .fold(0u32, |w, (j, &c)| w | c << (4 * j));
-    }
+    pack_codes(codes, words);
     absmax
 }
 
@@ -263,18 +258,22 @@ fn quantize_group_int4(group: &[f32], words: &mut [u32]) -> (f32, f32) {
         });
     let scale = (max - min) / 15.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    pack_codes(group, words, |x| {
-        ((x - min) * inv).round().clamp(0.0, 15.0) as u8
-    });
+    let mut codes = [0u32; 128];
+    let codes = &mut codes[..group.len()];
+    for (code, &x) in codes.iter_mut().zip(group) {
+        *code = ((x - min) * inv).round().clamp(0.0, 15.0) as u32;
+    }
+    pack_codes(codes, words);
     (scale, min)
 }
 
-fn pack_codes(group: &[f32], words: &mut [u32], code_of: impl Fn(f32) -> u8) {
-    for (word, eight) in words.iter_mut().zip(group.chunks_exact(8)) {
+/// Eight 4-bit codes per word, the first in the lowest nibble.
+fn pack_codes(codes: &[u32], words: &mut [u32]) {
+    for (word, eight) in words.iter_mut().zip(codes.chunks_exact(8)) {
         *word = eight
             .iter()
             .enumerate()
-            .fold(0u32, |w, (j, &x)| w | (u32::from(code_of(x)) << (4 * j)));
+            .fold(0u32, |w, (j, &c)| w | c << (4 * j));
     }
 }
 

@@ -120,54 +120,45 @@ struct LinearBlock {
 impl GpuLinear {
     fn upload(gpu: &Gpu, weight: &LinearWeight, bias: Option<&[f32]>, name: &str) -> Result<Self> {
         let (rows, cols) = weight.shape();
-        let (fmt, group, row_bytes, odd_halves) = match weight {
-            LinearWeight::Quant(q) => (
-                if q.spec.format == QuantFormat::Nf4 {
+        let (fmt, group, blocks) = match weight {
+            // Split as any dense matrix is.
+            LinearWeight::Dense(d) => {
+                let dense = GpuDense::upload(gpu, d, name)?;
+                let blocks = dense
+                    .blocks
+                    .into_iter()
+                    .map(|(start, rows, words)| LinearBlock {
+                        start,
+                        rows,
+                        words,
+                        scales: None,
+                        mins: None,
+                    });
+                (dense.fmt, 1, blocks.collect())
+            }
+            LinearWeight::Quant(q) => {
+                let group = q.spec.group_size;
+                let (words, groups) = (cols / 8, cols / group);
+                let per_block = rows_per_block(gpu, rows, cols / 2, false, name)?;
+                let blocks = (0..rows).step_by(per_block).map(|start| {
+                    let n = per_block.min(rows - start);
+                    let meta = start * groups..(start + n) * groups;
+                    LinearBlock {
+                        start,
+                        rows: n,
+                        words: gpu.upload_u32(&q.packed[start * words..(start + n) * words]),
+                        scales: Some(gpu.upload_f32(&q.scales[meta.clone()])),
+                        mins: (!q.mins.is_empty()).then(|| gpu.upload_f32(&q.mins[meta])),
+                    }
+                });
+                let fmt = if q.spec.format == QuantFormat::Nf4 {
                     FMT_NF4
                 } else {
                     FMT_INT4
-                },
-                q.spec.group_size,
-                cols / 2,
-                false,
-            ),
-            LinearWeight::Dense(d) => {
-                let size = d.dtype().size();
-                (
-                    dense_words(d, 0, 0).0,
-                    1,
-                    cols * size,
-                    size == 2 && cols % 2 == 1,
-                )
+                };
+                (fmt, group, blocks.collect())
             }
         };
-        let rows_per_block = rows_per_block(gpu, rows, row_bytes, odd_halves, name)?;
-        let blocks = (0..rows)
-            .step_by(rows_per_block)
-            .map(|start| {
-                let n = rows_per_block.min(rows - start);
-                match weight {
-                    LinearWeight::Quant(q) => {
-                        let (words, groups) = (cols / 8, cols / group);
-                        let meta = start * groups..(start + n) * groups;
-                        LinearBlock {
-                            start,
-                            rows: n,
-                            words: gpu.upload_u32(&q.packed[start * words..(start + n) * words]),
-                            scales: Some(gpu.upload_f32(&q.scales[meta.clone()])),
-                            mins: (!q.mins.is_empty()).then(|| gpu.upload_f32(&q.mins[meta])),
-                        }
-                    }
-                    LinearWeight::Dense(d) => LinearBlock {
-                        start,
-                        rows: n,
-                        words: gpu.upload_u32(&dense_words(d, start, n).1),
-                        scales: None,
-                        mins: None,
-                    },
-                }
-            })
-            .collect();
         Ok(GpuLinear {
             fmt,
             rows,

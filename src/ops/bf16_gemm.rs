@@ -603,6 +603,15 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
     SCRATCH.with_borrow_mut(f)
 }
 
+/// `count` tile accumulators. The first k chunk overwrites them, so they keep whatever an earlier task
+/// left, unless there is no chunk at all (k = 0): then they must read zero.
+fn prepare_tiles(tiles: &mut Vec<[[f32; NR]; MR]>, count: usize, k_pairs: usize) {
+    tiles.resize(count, [[0f32; NR]; MR]);
+    if k_pairs == 0 {
+        tiles.fill([[0f32; NR]; MR]);
+    }
+}
+
 /// k-pairs per chunk of the inner dimension, chosen so that the activations' chunk (all of its rows)
 /// takes about 256 KiB and stays in L2 while every weight tile passes over it.
 fn k_chunk(packed: &PackedRows) -> usize {
@@ -656,11 +665,7 @@ pub fn matmul_xwt(
             let row_blocks = rows.div_ceil(MR);
             // Cᵀ for this task's rows, tile by tile, summed over the k chunks and stored transposed at
             // the end.
-            tiles.resize(row_blocks * blocks, [[0f32; NR]; MR]);
-            if k_pairs == 0 {
-                // No chunk overwrites what an earlier task left.
-                tiles.fill([[0f32; NR]; MR]);
-            }
+            prepare_tiles(tiles, row_blocks * blocks, k_pairs);
             let in_place = in_place.filter(|_| rows % MR == 0);
             for kc0 in (0..k_pairs).step_by(kc_max) {
                 let kc = kc_max.min(k_pairs - kc0);
@@ -763,11 +768,7 @@ pub fn matmul_aw(
                 // This task's tiles of C, summed over the k chunks and stored once at the end: a long
                 // k (the output projection's 151936) has hundreds of chunks, and adding each chunk's
                 // partial tiles into C cost as much again as storing them.
-                tiles.resize(a.groups() * blocks, [[0f32; NR]; MR]);
-                if k_pairs == 0 {
-                    // No chunk overwrites what an earlier task left.
-                    tiles.fill([[0f32; NR]; MR]);
-                }
+                prepare_tiles(tiles, a.groups() * blocks, k_pairs);
                 for kc0 in (0..k_pairs).step_by(kc_max) {
                     let kc = kc_max.min(k_pairs - kc0);
                     panel.resize(blocks * kc * NR, 0);
