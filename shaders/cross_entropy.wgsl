@@ -1,49 +1,27 @@
-// Cross-entropy through the output projection, one vocabulary chunk at a time: logits of the chunk, an
-// online log-sum-exp per position, then (backward) softmax − onehot and its product with the chunk's rows.
+// Cross-entropy through the output projection, one vocabulary chunk at a time: an online log-sum-exp per
+// position over the chunk's logits, then (backward) softmax − onehot in place. The logits and the product
+// of their gradient with the chunk's rows are the frozen-linear kernels of shaders/linear.wgsl.
 
 struct CrossEntropyParams {
     positions: u32,
-    dim: u32,
-    fmt: u32,
     // First vocabulary row of the chunk, within the bound block of the table, and the block's first row.
     chunk_start: u32,
     chunk_len: u32,
     block_start: u32,
     grad_scale: f32,
-    _pad: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: CrossEntropyParams;
-@group(0) @binding(1) var<storage, read> table: array<u32>;
-@group(0) @binding(2) var<storage, read> hidden: array<f32>;
+// The chunk's logits [positions, chunk_len], made by linear_forward (shaders/linear.wgsl).
 @group(0) @binding(3) var<storage, read_write> logits: array<f32>;
 // Per position: running max, running sum, label logit.
 @group(0) @binding(4) var<storage, read_write> state: array<f32>;
 @group(0) @binding(5) var<storage, read> labels: array<u32>;
-@group(0) @binding(6) var<storage, read_write> d_hidden: array<f32>;
 // Per position: loss, log-sum-exp.
 @group(0) @binding(7) var<storage, read_write> result: array<f32>;
-
-fn table_at(row: u32, c: u32) -> f32 {
-    let index = row * p.dim + c;
-    return dense_word_value(table[dense_word_index(p.fmt, index)], p.fmt, index);
-}
-
-// logits[pos, v] for v in the chunk; one thread per (v, pos).
-@compute @workgroup_size(64)
-fn ce_logits(@builtin(global_invocation_id) id: vec3<u32>) {
-    let v = id.x;
-    let pos = id.y;
-    if (v >= p.chunk_len || pos >= p.positions) {
-        return;
-    }
-    let row = p.chunk_start + v;
-    var acc = 0.0;
-    for (var c = 0u; c < p.dim; c++) {
-        acc += hidden[pos * p.dim + c] * table_at(row, c);
-    }
-    logits[pos * p.chunk_len + v] = acc;
-}
 
 const WG: u32 = 64u;
 var<workgroup> scratch: array<f32, 64>;
@@ -123,19 +101,4 @@ fn ce_grad_logits(@builtin(global_invocation_id) id: vec3<u32>) {
         g -= p.grad_scale;
     }
     logits[i] = g;
-}
-
-// d_hidden[pos, c] += Σ_v dlogits[pos, v] · table[v, c]; one thread per (c, pos).
-@compute @workgroup_size(64)
-fn ce_grad_hidden(@builtin(global_invocation_id) id: vec3<u32>) {
-    let c = id.x;
-    let pos = id.y;
-    if (c >= p.dim || pos >= p.positions) {
-        return;
-    }
-    var acc = 0.0;
-    for (var v = 0u; v < p.chunk_len; v++) {
-        acc += logits[pos * p.chunk_len + v] * table_at(p.chunk_start + v, c);
-    }
-    d_hidden[pos * p.dim + c] += acc;
 }

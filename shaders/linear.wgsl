@@ -11,9 +11,10 @@ struct LinearParams {
     // W is rows row_offset.. of a weight split across bindings: those columns of y (dy), rows out_stride long.
     row_offset: u32,
     out_stride: u32,
+    // Row 0 of W is this row of the bound buffer (a vocabulary chunk inside a block of the output projection).
+    weight_row: u32,
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: LinearParams;
@@ -24,7 +25,8 @@ struct LinearParams {
 @group(0) @binding(5) var<storage, read> x: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 
-fn weight_at(row: u32, col: u32) -> f32 {
+fn weight_at(w_row: u32, col: u32) -> f32 {
+    let row = p.weight_row + w_row;
     if (p.fmt == FMT_NF4 || p.fmt == FMT_INT4) {
         let word = w[(row * p.cols + col) >> 3u];
         let g = row * (p.cols / p.group_size) + col / p.group_size;
@@ -58,8 +60,9 @@ fn weights8(row: u32, col: u32) -> array<f32, 8> {
     if (p.fmt == FMT_NF4 || p.fmt == FMT_INT4) {
         // The input dimension is a multiple of the group size (>= 32), so the word lies in W and in
         // one group.
-        let word = w[(row * p.cols + col) >> 3u];
-        let g = row * (p.cols / p.group_size) + col / p.group_size;
+        let bound_row = p.weight_row + row;
+        let word = w[(bound_row * p.cols + col) >> 3u];
+        let g = bound_row * (p.cols / p.group_size) + col / p.group_size;
         var minimum = 0.0;
         if (p.fmt == FMT_INT4) {
             minimum = mins[g];

@@ -328,74 +328,72 @@ fn packed_sequences_on_the_gpu_match_the_cpu() {
         .collect();
     let packed = cpu::pack(examples, 64).remove(0);
     assert!(packed.is_packed());
-    let gm = GpuModel::upload(&gpu, &f.model).unwrap();
-    let gl = GpuLora::upload(&gpu, &f.adapter);
-    let grads = step::zero_grads(&gpu, &f.adapter);
-    let loss = step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &packed, 0.1).unwrap();
-    let mut ours = f.adapter.zeros_like();
-    grads.download(&gpu, &mut ours).unwrap();
-    let mut expected = f.adapter.zeros_like();
-    let cpu_loss = cpu::forward_backward(
-        &f.model,
-        Some(&f.adapter),
-        Some(&mut expected),
-        &packed,
-        0.1,
-        None,
-    )
-    .unwrap();
-    assert!((loss.loss_sum - cpu_loss.loss_sum).abs() / cpu_loss.loss_sum < 1e-5);
-    for ((_, _, g), (_, _, c)) in ours.pairs().zip(expected.pairs()) {
-        assert!(
-            rel(&g.a, &c.a) < 1e-4 && rel(&g.b, &c.b) < 1e-4,
-            "packed gradients differ"
-        );
-    }
+    assert_step_matches_cpu(&gpu, &f.model, &f.adapter, &packed, 1e-4, "packed");
 }
 
 /// The tiled linear kernels at shapes off their tiles: inner dimensions that are not multiples of the
 /// 32-wide k tile (one odd, so 16-bit pairs straddle rows), outputs that are not multiples of 64, and
-/// 37 tokens (not a multiple of 16), in every storage format, against the CPU executor in float32.
+/// 37 tokens (not a multiple of 16), in every storage format, against the CPU executor in float32. The
+/// vocabulary spans three cross-entropy chunks (its logits and their gradient run through the same
+/// kernels), the last one partial; in one case the output projection is split across bindings too, so
+/// that chunks start inside a block and blocks end inside a chunk.
 #[test]
 fn gpu_kernels_match_the_cpu_off_their_tiles() {
     use nibble::config::Arch;
     use nibble::cpu::Sequence;
-    use nibble::lora::{LoraAdapter, LoraConfig};
-    use nibble::model::{ModelSource, QuantRequest};
+    use nibble::model::QuantRequest;
+    use nibble::ops::cross_entropy::VOCAB_CHUNK;
     use nibble::quant::{QuantFormat, QuantSpec};
     use nibble::rng::Rng;
     use nibble::source::FloatDtype;
-    use nibble::synth::{SynthSpec, byte_tokenizer, model_files};
-    let Some(gpu) = gpu() else { return };
+    use nibble::synth::SynthSpec;
+    let Some(mut gpu) = gpu() else { return };
     let mut rng = Rng::new(31);
+    let vocab = 2 * VOCAB_CHUNK + 45;
+    let default_binding = gpu.max_binding;
     let quant = |format, group| QuantRequest::Quantize(QuantSpec::new(format, group).unwrap());
+    // f16 rows of 36 values are 72 bytes: 400,000-byte bindings hold 5,555 of them.
     let cases = [
-        (36, 71, FloatDtype::BF16, QuantRequest::Dense),
-        (36, 71, FloatDtype::F16, QuantRequest::Dense),
-        (36, 70, FloatDtype::F32, QuantRequest::Dense),
-        (96, 160, FloatDtype::BF16, quant(QuantFormat::Int4, 32)),
-        (96, 160, FloatDtype::BF16, quant(QuantFormat::Nf4, 32)),
+        (
+            36,
+            71,
+            FloatDtype::BF16,
+            QuantRequest::Dense,
+            default_binding,
+        ),
+        (36, 71, FloatDtype::F16, QuantRequest::Dense, 400_000),
+        (
+            36,
+            70,
+            FloatDtype::F32,
+            QuantRequest::Dense,
+            default_binding,
+        ),
+        (
+            96,
+            160,
+            FloatDtype::BF16,
+            quant(QuantFormat::Int4, 32),
+            default_binding,
+        ),
+        (
+            96,
+            160,
+            FloatDtype::BF16,
+            quant(QuantFormat::Nf4, 32),
+            default_binding,
+        ),
     ];
-    for (hidden, intermediate, dtype, request) in cases {
-        let mut spec = SynthSpec::tiny(Arch::Qwen2, 300);
+    for (hidden, intermediate, dtype, request, binding) in cases {
+        gpu.max_binding = binding;
+        let mut spec = SynthSpec::tiny(Arch::Qwen2, vocab);
         spec.hidden_size = hidden;
         spec.intermediate_size = intermediate;
         spec.num_heads = 2;
         spec.num_kv_heads = 1;
         spec.dtype = dtype;
-        let files = model_files(&spec, &byte_tokenizer(), "off-tile");
-        let model = ModelSource::open_folder(files)
-            .unwrap()
-            .load(Some(request))
-            .unwrap();
-        let mut adapter = LoraAdapter::init(&model.config, LoraConfig::default(), &mut rng);
-        // B starts at zero; random values make the LoRA branch count in the forward too.
-        for (_, _, pair) in adapter.pairs_mut() {
-            pair.b
-                .iter_mut()
-                .for_each(|b| *b = rng.normal() as f32 * 0.1);
-        }
-        let ids: Vec<u32> = (0..37).map(|_| rng.below(300) as u32).collect();
+        let (model, adapter) = synth_model(&spec, "off-tile", request, &mut rng);
+        let ids: Vec<u32> = (0..37).map(|_| rng.below(vocab as u64) as u32).collect();
         let seq = Sequence::all_tokens(ids.clone());
         let case = format!("hidden {hidden}, intermediate {intermediate}, {dtype:?}, {request:?}");
 
@@ -405,27 +403,97 @@ fn gpu_kernels_match_the_cpu_off_their_tiles() {
         let e = rel(&logits, &cpu::logits(&model, Some(&adapter), &ids).unwrap());
         assert!(e < 1e-5, "{case}: logits differ by {e:e}");
 
-        let scale = 1.0 / seq.target_count() as f32;
-        let grads = step::zero_grads(&gpu, &adapter);
-        step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, scale).unwrap();
-        let mut ours = adapter.zeros_like();
-        grads.download(&gpu, &mut ours).unwrap();
-        let mut expected = adapter.zeros_like();
-        cpu::forward_backward(
-            &model,
-            Some(&adapter),
-            Some(&mut expected),
-            &seq,
-            scale,
-            None,
-        )
+        assert_step_matches_cpu(&gpu, &model, &adapter, &seq, 1e-5, &case);
+    }
+}
+
+/// A random model of `spec` loaded with `request`, and a LoRA adapter whose B is random too (it starts
+/// at zero, which would leave the LoRA branch out of the forward).
+fn synth_model(
+    spec: &nibble::synth::SynthSpec,
+    name: &str,
+    request: nibble::model::QuantRequest,
+    rng: &mut nibble::rng::Rng,
+) -> (nibble::model::Model, nibble::lora::LoraAdapter) {
+    use nibble::lora::{LoraAdapter, LoraConfig};
+    use nibble::synth::{byte_tokenizer, model_files};
+    let files = model_files(spec, &byte_tokenizer(), name);
+    let model = nibble::model::ModelSource::open_folder(files)
+        .unwrap()
+        .load(Some(request))
         .unwrap();
-        for ((l, kind, g), (_, _, c)) in ours.pairs().zip(expected.pairs()) {
-            let e = rel(&g.a, &c.a).max(rel(&g.b, &c.b));
-            assert!(
-                e < 1e-5,
-                "{case}: layer {l} {kind:?} gradients differ by {e:e}"
-            );
-        }
+    let mut adapter = LoraAdapter::init(&model.config, LoraConfig::default(), rng);
+    for (_, _, pair) in adapter.pairs_mut() {
+        pair.b
+            .iter_mut()
+            .for_each(|b| *b = rng.normal() as f32 * 0.1);
+    }
+    (model, adapter)
+}
+
+/// One forward + backward on the GPU against the CPU executor: the loss and every LoRA gradient within
+/// `tolerance` (relative).
+fn assert_step_matches_cpu(
+    gpu: &Gpu,
+    model: &nibble::model::Model,
+    adapter: &nibble::lora::LoraAdapter,
+    seq: &cpu::Sequence,
+    tolerance: f64,
+    case: &str,
+) {
+    let scale = 1.0 / seq.target_count() as f32;
+    let gm = GpuModel::upload(gpu, model).unwrap();
+    let gl = GpuLora::upload(gpu, adapter);
+    let grads = step::zero_grads(gpu, adapter);
+    let loss = step::forward_backward(gpu, &gm, Some(&gl), Some(&grads), seq, scale).unwrap();
+    let mut ours = adapter.zeros_like();
+    grads.download(gpu, &mut ours).unwrap();
+    let mut expected = adapter.zeros_like();
+    let cpu_loss =
+        cpu::forward_backward(model, Some(adapter), Some(&mut expected), seq, scale, None).unwrap();
+    let e = (loss.loss_sum - cpu_loss.loss_sum).abs() / cpu_loss.loss_sum;
+    assert!(e < tolerance, "{case}: losses differ by {e:e}");
+    for ((l, kind, g), (_, _, c)) in ours.pairs().zip(expected.pairs()) {
+        let e = rel(&g.a, &c.a).max(rel(&g.b, &c.b));
+        assert!(
+            e < tolerance,
+            "{case}: layer {l} {kind:?} gradients differ by {e:e}"
+        );
+    }
+}
+
+/// Attention across its tiles: 150 tokens packed from examples of 70, 47 and 33 (three query
+/// workgroups of 64 rows, example boundaries inside the second), head dimensions of 128 and 24 (key
+/// tiles of 8 and 42 rows, the latter not dividing 64), grouped queries (2 and 4 heads per kv head),
+/// against the CPU executor.
+#[test]
+fn gpu_attention_spans_workgroups_and_key_tiles() {
+    use nibble::config::Arch;
+    use nibble::cpu::Sequence;
+    use nibble::model::QuantRequest;
+    use nibble::rng::Rng;
+    use nibble::source::FloatDtype;
+    use nibble::synth::SynthSpec;
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(41);
+    for (arch, hidden, heads, kv_heads, head_dim) in [
+        (Arch::Qwen3, 64, 4, 2, Some(128)),
+        (Arch::Llama, 96, 4, 1, None),
+    ] {
+        let mut spec = SynthSpec::tiny(arch, 300);
+        spec.hidden_size = hidden;
+        spec.num_heads = heads;
+        spec.num_kv_heads = kv_heads;
+        spec.head_dim = head_dim;
+        spec.dtype = FloatDtype::F32;
+        let (model, adapter) = synth_model(&spec, "attention-tiles", QuantRequest::Dense, &mut rng);
+        let examples: Vec<Sequence> = [70usize, 47, 33]
+            .iter()
+            .map(|&n| Sequence::all_tokens((0..n).map(|_| rng.below(300) as u32).collect()))
+            .collect();
+        let packed = cpu::pack(examples, 160).remove(0);
+        assert!(packed.is_packed() && packed.ids.len() == 150);
+        let case = format!("{arch:?}, head_dim {}", model.config.head_dim);
+        assert_step_matches_cpu(&gpu, &model, &adapter, &packed, 1e-5, &case);
     }
 }

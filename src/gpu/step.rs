@@ -388,6 +388,26 @@ impl<'a> Recorder<'a> {
         out
     }
 
+    /// One vocabulary chunk of the output projection as a frozen linear layer: positions x chunk rows.
+    fn ce_linear_params(&self, p: &CeParams, accumulate: bool) -> LinearParams {
+        let model: &'a GpuModel = self.model;
+        let head = model.head();
+        LinearParams {
+            tokens: p.positions,
+            rows: p.chunk_len,
+            cols: head.cols as u32,
+            fmt: head.fmt,
+            // Dense formats have no groups.
+            group_size: 1,
+            has_bias: 0,
+            accumulate: accumulate as u32,
+            row_offset: 0,
+            out_stride: p.chunk_len,
+            weight_row: p.chunk_start,
+            _pad: [0; 2],
+        }
+    }
+
     /// logits[position, v] of one vocabulary chunk.
     fn ce_logits(
         &mut self,
@@ -396,12 +416,35 @@ impl<'a> Recorder<'a> {
         hidden: &GpuBuffer,
         logits: &GpuBuffer,
     ) {
-        let groups = [p.chunk_len.div_ceil(64), p.positions, 1];
+        let lp = self.ce_linear_params(p, false);
+        let d = &self.model.dummy;
+        // shaders/linear.wgsl: 64 outputs x 16 tokens per workgroup.
+        let groups = [p.chunk_len.div_ceil(64), p.positions.div_ceil(16), 1];
         self.gpu.dispatch(
             &mut self.enc,
-            "ce_logits",
-            p,
-            &[(1, block), (2, hidden), (3, logits)],
+            "linear_forward",
+            &lp,
+            &[(1, block), (2, d), (3, d), (4, d), (5, hidden), (6, logits)],
+            groups,
+        );
+    }
+
+    /// d_hidden += d_logits · chunk rows.
+    fn ce_grad_hidden(
+        &mut self,
+        block: &GpuBuffer,
+        p: &CeParams,
+        d_logits: &GpuBuffer,
+        d_hidden: &GpuBuffer,
+    ) {
+        let lp = self.ce_linear_params(p, true);
+        let d = &self.model.dummy;
+        let groups = [lp.cols.div_ceil(64), p.positions.div_ceil(16), 1];
+        self.gpu.dispatch(
+            &mut self.enc,
+            "linear_backward_input",
+            &lp,
+            &[(1, block), (2, d), (3, d), (5, d_logits), (6, d_hidden)],
             groups,
         );
     }
@@ -458,7 +501,8 @@ impl<'a> Recorder<'a> {
             accumulate: accumulate as u32,
             row_offset: block.start as u32,
             out_stride: lin.rows as u32,
-            _pad: [0; 3],
+            weight_row: 0,
+            _pad: [0; 2],
         }
     }
 
@@ -998,19 +1042,16 @@ impl<'a> Recorder<'a> {
         // The model outlives the recorder ('a), so its blocks can be borrowed while `self` is mutated.
         let model: &'a GpuModel = self.model;
         let head = model.head();
-        let (fmt, dim) = (head.fmt, head.cols);
         for (block_start, rows, block) in &head.blocks {
             let (block_start, rows) = (*block_start, *rows);
             for chunk_start in (0..rows).step_by(VOCAB_CHUNK) {
                 let p = CeParams {
                     positions: positions as u32,
-                    dim: dim as u32,
-                    fmt,
                     chunk_start: chunk_start as u32,
                     chunk_len: VOCAB_CHUNK.min(rows - chunk_start) as u32,
                     block_start: block_start as u32,
                     grad_scale,
-                    _pad: 0,
+                    _pad: [0; 3],
                 };
                 f(self, block, p);
             }
@@ -1248,13 +1289,11 @@ pub fn record_sequence(
     });
     let p = CeParams {
         positions: np as u32,
-        dim: h as u32,
-        fmt: 0,
         chunk_start: 0,
         chunk_len: 0,
         block_start: 0,
         grad_scale,
-        _pad: 0,
+        _pad: [0; 3],
     };
     r.gpu.dispatch(
         &mut r.enc,
@@ -1276,14 +1315,7 @@ pub fn record_sequence(
                 &[(3, &logits), (5, &labels_buf), (7, &result)],
                 groups,
             );
-            let groups = [(h as u32).div_ceil(64), np as u32, 1];
-            r.gpu.dispatch(
-                &mut r.enc,
-                "ce_grad_hidden",
-                &p,
-                &[(1, block), (3, &logits), (6, &d_hidden)],
-                groups,
-            );
+            r.ce_grad_hidden(block, &p, &logits, &d_hidden);
         });
         let dxf = r.scratch(t * h);
         r.rows("scatter_rows", &d_hidden, &index, &dxf, np);

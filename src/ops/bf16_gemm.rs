@@ -276,7 +276,8 @@ impl PackedRows {
     fn new(a: &[f32], m: usize, k: usize, group: usize) -> Self {
         assert_eq!(a.len(), m * k, "bf16 pack: A is m x k");
         let k_pairs = k.div_ceil(2);
-        let mut data: Vec<u32> = super::zeros(m.div_ceil(group) * k_pairs * group);
+        let mut data = spare_buffer(m.div_ceil(group) * k_pairs * group);
+        // Every word of `data` is written below (a reused buffer holds stale words).
         data.par_chunks_mut((k_pairs * group).max(1))
             .enumerate()
             .for_each_init(
@@ -298,12 +299,17 @@ impl PackedRows {
                             }
                         }
                     }
-                    for t in 0..group.min(m - g * group) {
+                    let present = group.min(m - g * group);
+                    for t in 0..present {
                         let tail = &mut pairs[scalar_from..];
                         round_pairs(&rows[t * k + 2 * scalar_from..(t + 1) * k], tail);
                         for (kp, &pair) in tail.iter().enumerate() {
                             dst[(scalar_from + kp) * group + t] = pair;
                         }
+                    }
+                    // The padding rows of the last group (the register blocks zeroed their part).
+                    for kp in scalar_from..k_pairs {
+                        dst[kp * group + present..(kp + 1) * group].fill(0);
                     }
                 },
             );
@@ -325,6 +331,47 @@ impl PackedRows {
         let group = self.group;
         &self.data[(g * self.k_pairs + kp) * group..(g + 1) * self.k_pairs * group]
     }
+}
+
+impl Drop for PackedRows {
+    fn drop(&mut self) {
+        let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < MAX_SPARE_BUFFERS {
+            spare.push(std::mem::take(&mut self.data));
+        }
+    }
+}
+
+/// Packed-operand buffers that dropped `PackedRows` left behind. A fresh buffer had to be zeroed (or its
+/// pages faulted in) before the packing overwrote it: for the k/v projection of 256 tokens that pass
+/// cost a sixth of the product.
+static SPARE_BUFFERS: std::sync::Mutex<Vec<Vec<u32>>> = std::sync::Mutex::new(Vec::new());
+
+/// A step keeps at most this many packed operands alive at once (q/k/v's input and dy), so a few spares
+/// serve it; more would only hold memory.
+const MAX_SPARE_BUFFERS: usize = 4;
+
+/// A buffer of `len` words with arbitrary contents: the smallest spare that holds them, else the
+/// largest spare grown, else a new one. (Best fit keeps each spare at the size of the operand it
+/// served: a buffer cut short would be zeroed again beyond its cut when it grows back.)
+fn spare_buffer(len: usize) -> Vec<u32> {
+    let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+    let fits = (0..spare.len())
+        .filter(|&i| spare[i].len() >= len)
+        .min_by_key(|&i| spare[i].len());
+    let largest = (0..spare.len()).max_by_key(|&i| spare[i].len());
+    let mut buffer = fits
+        .or(largest)
+        .map(|i| spare.swap_remove(i))
+        .unwrap_or_default();
+    drop(spare);
+    if buffer.len() >= len {
+        buffer.truncate(len);
+    } else {
+        // Only the part beyond the old length is written here.
+        buffer.resize(len, 0);
+    }
+    buffer
 }
 
 /// pairs[p] = bf16(src[2p]) | bf16(src[2p + 1]) << 16, the missing partner of an odd length zero.

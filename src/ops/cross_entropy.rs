@@ -220,16 +220,15 @@ pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f
     out
 }
 
-/// The uniform of shaders/cross_entropy.wgsl: one vocabulary chunk of one output-projection block.
+/// The uniform of shaders/cross_entropy.wgsl: one vocabulary chunk of one output-projection block. The
+/// chunk's logits and the product of their gradient with its rows are shaders/linear.wgsl's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CeParams {
     pub positions: u32,
-    pub dim: u32,
-    pub fmt: u32,
     pub chunk_start: u32,
     pub chunk_len: u32,
     pub block_start: u32,
     pub grad_scale: f32,
-    pub _pad: u32,
+    pub _pad: [u32; 3],
 }

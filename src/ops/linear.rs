@@ -132,7 +132,8 @@ pub fn backward_input(
 /// (shaders/common.wgsl numbers them), with groups of `group_size` for the 4-bit formats. W may be one
 /// block of a weight split across storage bindings: its rows are the weight's rows
 /// `row_offset..row_offset + rows`, which are columns of y (forward) or dy (backward), rows
-/// `out_stride` long.
+/// `out_stride` long. Row 0 of W is row `weight_row` of the bound buffer: a vocabulary chunk of the
+/// output projection is a run of rows inside its block.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LinearParams {
@@ -145,5 +146,6 @@ pub struct LinearParams {
     pub accumulate: u32,
     pub row_offset: u32,
     pub out_stride: u32,
-    pub _pad: [u32; 3],
+    pub weight_row: u32,
+    pub _pad: [u32; 2],
 }
