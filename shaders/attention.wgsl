@@ -6,6 +6,11 @@
 // global memory once per 64 rows instead of once per row. A tile holds TILE_FLOATS values per operand:
 // TILE_FLOATS / head_dim rows (at most 64), so that two operands stay within WebGPU's default 16 KiB.
 // Every row's sums run in the same order as the CPU kernels' (keys ascending, head dimensions ascending).
+//
+// The walk may be split into passes over ranges of keys (forward, dq) or queries (dkdv), each pass a
+// dispatch that resumes the running sums the previous one stored: Mesa's llvmpipe ends any loop once an
+// invocation has run 65,535 loop iterations in all, without an error, so on software devices the host
+// bounds each pass's work (gpu::Gpu::loop_budget). Hardware runs one pass.
 
 struct AttentionParams {
     tokens: u32,
@@ -13,9 +18,19 @@ struct AttentionParams {
     kv_heads: u32,
     head_dim: u32,
     scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // This pass walks keys (forward, dq) or queries (dkdv) pass_begin..pass_end.
+    pass_begin: u32,
+    pass_end: u32,
+    // Bit 0: the first pass (the sums start from zero); bit 1: the last (the rows are finished).
+    pass_flags: u32,
+}
+
+fn first_pass() -> bool {
+    return (p.pass_flags & 1u) != 0u;
+}
+
+fn last_pass() -> bool {
+    return (p.pass_flags & 2u) != 0u;
 }
 
 const MAX_HEAD_DIM: u32 = 256u;
@@ -35,6 +50,11 @@ const TILE_FLOATS: u32 = 1024u;
 // Per query token, the first key it may attend to: 0, or the start of its example in a packed sequence
 // (non-decreasing along the sequence).
 @group(0) @binding(10) var<storage, read> first_key: array<u32>;
+// Forward between passes: each row's running softmax denominator (`lse` holds its running maximum and
+// `o` its unnormalised sum).
+@group(0) @binding(11) var<storage, read_write> row_sum: array<f32>;
+@group(0) @binding(12) var<storage, read_write> k_grad: array<f32>;
+@group(0) @binding(13) var<storage, read_write> v_grad: array<f32>;
 
 var<workgroup> tile_a: array<f32, TILE_FLOATS>;
 var<workgroup> tile_b: array<f32, TILE_FLOATS>;
@@ -104,10 +124,12 @@ fn add_staged(acc: ptr<function, array<f32, MAX_HEAD_DIM>>, r: u32, factor: f32)
     }
 }
 
-// The keys the workgroup's queries t0..t0 + 64 see, as [first, end).
+// The keys of this pass that the workgroup's queries t0..t0 + 64 see, as [first, end) (empty when
+// first >= end).
 fn key_range(li: u32, t0: u32) -> vec2<u32> {
     let last = min(t0 + ROWS, p.tokens) - 1u;
-    return vec2<u32>(broadcast(li, first_key[min(t0, last)]), last + 1u);
+    let first = broadcast(li, first_key[min(t0, last)]);
+    return vec2<u32>(max(first, p.pass_begin), min(last + 1u, p.pass_end));
 }
 
 // One thread per (query t, head h), online softmax over keys first_key[t]..=t.
@@ -125,12 +147,20 @@ fn attention_forward(
     var qv: array<f32, MAX_HEAD_DIM>;
     var acc: array<f32, MAX_HEAD_DIM>;
     var first = 0u;
+    var m = -3.0e38;
+    var l = 0.0;
+    let row = h * p.tokens + t;
     if (live) {
         first = first_key[t];
         load_query(t, h, &qv);
+        if (!first_pass()) {
+            m = lse[row];
+            l = row_sum[row];
+            for (var x = 0u; x < d; x++) {
+                acc[x] = o[q_index(t, h, x)];
+            }
+        }
     }
-    var m = -3.0e38;
-    var l = 0.0;
     let keys = key_range(li, t0);
     let rows = tile_rows();
     for (var j0 = keys.x; j0 < keys.y; j0 += rows) {
@@ -138,7 +168,7 @@ fn attention_forward(
         workgroupBarrier();
         for (var jj = 0u; jj < rows; jj++) {
             let j = j0 + jj;
-            if (!live || j < first || j > t) {
+            if (!live || j < first || j > t || j >= keys.y) {
                 continue;
             }
             let s = dot_staged(&qv, jj) * p.scale;
@@ -156,10 +186,18 @@ fn attention_forward(
     if (!live) {
         return;
     }
-    for (var x = 0u; x < d; x++) {
-        o[q_index(t, h, x)] = acc[x] / l;
+    if (last_pass()) {
+        for (var x = 0u; x < d; x++) {
+            o[q_index(t, h, x)] = acc[x] / l;
+        }
+        lse[row] = m + log(l);
+    } else {
+        for (var x = 0u; x < d; x++) {
+            o[q_index(t, h, x)] = acc[x];
+        }
+        lse[row] = m;
+        row_sum[row] = l;
     }
-    lse[h * p.tokens + t] = m + log(l);
 }
 
 // delta[h, t] = d_out · o for that row.
@@ -203,6 +241,11 @@ fn attention_backward_dq(
         for (var x = 0u; x < d; x++) {
             dov[x] = d_out[q_index(t, h, x)];
         }
+        if (!first_pass()) {
+            for (var x = 0u; x < d; x++) {
+                acc[x] = grad[q_index(t, h, x)];
+            }
+        }
     }
     let keys = key_range(li, t0);
     let rows = tile_rows();
@@ -211,7 +254,7 @@ fn attention_backward_dq(
         workgroupBarrier();
         for (var jj = 0u; jj < rows; jj++) {
             let j = j0 + jj;
-            if (!live || j < first || j > t) {
+            if (!live || j < first || j > t || j >= keys.y) {
                 continue;
             }
             let prob = exp(dot_staged(&qv, jj) * p.scale - row_lse_t);
@@ -231,19 +274,20 @@ fn attention_backward_dq(
     }
 }
 
-// dk (into `grad`) and dv (into `grad2`): one thread per (key j, kv head), the queries of each head of
-// its group staged in tiles (tile_a: q, tile_b: d_out).
+// Query head h's share of dk and dv (into `grad` and `grad2`, laid out like q: [tokens, heads, head_dim]):
+// one thread per (key j, head h), the head's queries staged in tiles (tile_a: q, tile_b: d_out).
+// attention_reduce_kv sums the shares of each kv head's group.
 @compute @workgroup_size(64)
 fn attention_backward_dkdv(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
     let j0 = wg.x * ROWS;
-    let kvh = wg.y;
+    let h = wg.y;
+    let kvh = h / (p.heads / p.kv_heads);
     let j = j0 + li;
     let live = j < p.tokens;
     let d = p.head_dim;
-    let group = p.heads / p.kv_heads;
     var kv: array<f32, MAX_HEAD_DIM>;
     var vv: array<f32, MAX_HEAD_DIM>;
     var dk: array<f32, MAX_HEAD_DIM>;
@@ -253,9 +297,15 @@ fn attention_backward_dkdv(
             kv[x] = k[kv_index(j, kvh, x)];
             vv[x] = v[kv_index(j, kvh, x)];
         }
+        if (!first_pass()) {
+            for (var x = 0u; x < d; x++) {
+                dk[x] = grad[q_index(j, h, x)];
+                dv[x] = grad2[q_index(j, h, x)];
+            }
+        }
     }
     // The queries that see a key of this block: from its first key to the end of its last key's
-    // example.
+    // example; this pass takes those within pass_begin..pass_end.
     let last_key = min(j0 + ROWS, p.tokens) - 1u;
     var end = last_key + 1u;
     if (li == 0u) {
@@ -263,47 +313,65 @@ fn attention_backward_dkdv(
             end++;
         }
     }
-    let query_end = broadcast(li, end);
+    let query_end = min(broadcast(li, end), p.pass_end);
     let rows = tile_rows();
-    for (var g = 0u; g < group; g++) {
-        let h = kvh * group + g;
-        for (var t0 = j0; t0 < query_end; t0 += rows) {
-            for (var e = li; e < rows * d; e += ROWS) {
-                let t = t0 + e / d;
-                var qd = vec2<f32>(0.0, 0.0);
-                if (t < p.tokens) {
-                    qd = vec2<f32>(q[q_index(t, h, e % d)], d_out[q_index(t, h, e % d)]);
-                }
-                tile_a[e] = qd.x;
-                tile_b[e] = qd.y;
+    for (var t0 = max(j0, p.pass_begin); t0 < query_end; t0 += rows) {
+        for (var e = li; e < rows * d; e += ROWS) {
+            let t = t0 + e / d;
+            var qd = vec2<f32>(0.0, 0.0);
+            if (t < p.tokens) {
+                qd = vec2<f32>(q[q_index(t, h, e % d)], d_out[q_index(t, h, e % d)]);
             }
-            if (li < rows && t0 + li < p.tokens) {
-                row_lse[li] = lse[h * p.tokens + t0 + li];
-                row_delta[li] = delta[h * p.tokens + t0 + li];
-            }
-            workgroupBarrier();
-            for (var tt = 0u; tt < rows; tt++) {
-                let t = t0 + tt;
-                if (!live || t < j || t >= p.tokens || first_key[t] > j) {
-                    continue;
-                }
-                let prob = exp(dot_staged(&kv, tt) * p.scale - row_lse[tt]);
-                var dp = 0.0;
-                for (var x = 0u; x < d; x++) {
-                    let dox = tile_b[tt * d + x];
-                    dp += dox * vv[x];
-                    dv[x] += prob * dox;
-                }
-                add_staged(&dk, tt, prob * (dp - row_delta[tt]) * p.scale);
-            }
-            workgroupBarrier();
+            tile_a[e] = qd.x;
+            tile_b[e] = qd.y;
         }
+        if (li < rows && t0 + li < p.tokens) {
+            row_lse[li] = lse[h * p.tokens + t0 + li];
+            row_delta[li] = delta[h * p.tokens + t0 + li];
+        }
+        workgroupBarrier();
+        for (var tt = 0u; tt < rows; tt++) {
+            let t = t0 + tt;
+            if (!live || t < j || t >= query_end || first_key[t] > j) {
+                continue;
+            }
+            let prob = exp(dot_staged(&kv, tt) * p.scale - row_lse[tt]);
+            var dp = 0.0;
+            for (var x = 0u; x < d; x++) {
+                let dox = tile_b[tt * d + x];
+                dp += dox * vv[x];
+                dv[x] += prob * dox;
+            }
+            add_staged(&dk, tt, prob * (dp - row_delta[tt]) * p.scale);
+        }
+        workgroupBarrier();
     }
     if (!live) {
         return;
     }
     for (var x = 0u; x < d; x++) {
-        grad[kv_index(j, kvh, x)] = dk[x];
-        grad2[kv_index(j, kvh, x)] = dv[x];
+        grad[q_index(j, h, x)] = dk[x];
+        grad2[q_index(j, h, x)] = dv[x];
     }
+}
+
+// dk (into `k_grad`) and dv (into `v_grad`): the sums of the group's shares, heads ascending. One thread
+// per element.
+@compute @workgroup_size(64)
+fn attention_reduce_kv(@builtin(global_invocation_id) id: vec3<u32>) {
+    let x = id.x;
+    let kvh = id.y;
+    let j = id.z;
+    if (x >= p.head_dim || kvh >= p.kv_heads || j >= p.tokens) {
+        return;
+    }
+    let group = p.heads / p.kv_heads;
+    var sk = 0.0;
+    var sv = 0.0;
+    for (var g = 0u; g < group; g++) {
+        sk += grad[q_index(j, kvh * group + g, x)];
+        sv += grad2[q_index(j, kvh * group + g, x)];
+    }
+    k_grad[kv_index(j, kvh, x)] = sk;
+    v_grad[kv_index(j, kvh, x)] = sv;
 }

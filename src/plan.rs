@@ -66,11 +66,17 @@ fn layer_backward_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     );
     let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
     let max_in = c.hidden_size.max(c.intermediate_size).max(c.q_dim()) as u64;
-    // dh, d gate, d up; the residual gradients in flight; dq, dk, dv and d attention; one unpacked
-    // weight tile of 256 rows; a LoRA branch's input gradient, and with dropout its regenerated input.
+    // dh, d gate, d up; the residual gradients in flight; dq, dk, dv and d attention; each query
+    // head's share of them before the sums over a kv head's group (dq, dk, dv per head on the CPU, dk
+    // and dv on the GPU); one unpacked weight tile of 256 rows; a LoRA branch's input gradient, and
+    // with dropout its regenerated input.
     let lora_inputs = if p.lora_dropout { 2 } else { 1 };
-    let floats =
-        3 * t * i + 5 * t * h + t * (2 * qd + 2 * kvd) + 256 * max_in + lora_inputs * t * max_in;
+    let floats = 3 * t * i
+        + 5 * t * h
+        + t * (2 * qd + 2 * kvd)
+        + 3 * t * qd
+        + 256 * max_in
+        + lora_inputs * t * max_in;
     floats * F32
 }
 

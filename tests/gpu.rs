@@ -462,38 +462,80 @@ fn assert_step_matches_cpu(
     }
 }
 
-/// Attention across its tiles: 150 tokens packed from examples of 70, 47 and 33 (three query
-/// workgroups of 64 rows, example boundaries inside the second), head dimensions of 128 and 24 (key
-/// tiles of 8 and 42 rows, the latter not dividing 64), grouped queries (2 and 4 heads per kv head),
-/// against the CPU executor.
+/// Attention across its tiles and passes, against the CPU executor: 150 tokens packed from examples of
+/// 70, 47 and 33 (three query workgroups of 64 rows, example boundaries inside the second) with head
+/// dimensions of 128, 24 and 64 (key tiles of 8, 42 and 16 rows, 42 not dividing 64) and 2, 4 and 7
+/// query heads per kv head (7 is Qwen2.5-0.5B's attention: 14 heads, 2 kv heads, head_dim 64); the
+/// first case with a loop budget that splits every walk into passes of a few rows, as a software
+/// device splits long ones; and one 600-token example, which on llvmpipe needs three passes per walk.
 #[test]
-fn gpu_attention_spans_workgroups_and_key_tiles() {
+fn gpu_attention_spans_workgroups_tiles_and_passes() {
     use nibble::config::Arch;
     use nibble::cpu::Sequence;
     use nibble::model::QuantRequest;
     use nibble::rng::Rng;
     use nibble::source::FloatDtype;
     use nibble::synth::SynthSpec;
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu() else { return };
+    let device_budget = gpu.loop_budget;
     let mut rng = Rng::new(41);
-    for (arch, hidden, heads, kv_heads, head_dim) in [
-        (Arch::Qwen3, 64, 4, 2, Some(128)),
-        (Arch::Llama, 96, 4, 1, None),
-    ] {
+    let packed_150 = [70usize, 47, 33].as_slice();
+    // (arch, hidden, heads, kv heads, head_dim, example lengths, loop budget, tolerance)
+    let cases = [
+        (
+            Arch::Qwen3,
+            64,
+            4,
+            2,
+            Some(128),
+            packed_150,
+            Some(3000),
+            1e-5,
+        ),
+        (Arch::Llama, 96, 4, 1, None, packed_150, device_budget, 1e-5),
+        // Sums over 896 inputs in a different order than the CPU's blocked products: 1e-4.
+        (
+            Arch::Qwen2,
+            896,
+            14,
+            2,
+            None,
+            packed_150,
+            device_budget,
+            1e-4,
+        ),
+        (
+            Arch::Qwen2,
+            128,
+            2,
+            1,
+            None,
+            [600usize].as_slice(),
+            device_budget,
+            1e-5,
+        ),
+    ];
+    for (arch, hidden, heads, kv_heads, head_dim, lengths, budget, tolerance) in cases {
+        gpu.loop_budget = budget;
         let mut spec = SynthSpec::tiny(arch, 300);
         spec.hidden_size = hidden;
         spec.num_heads = heads;
         spec.num_kv_heads = kv_heads;
         spec.head_dim = head_dim;
+        spec.num_layers = 1;
         spec.dtype = FloatDtype::F32;
         let (model, adapter) = synth_model(&spec, "attention-tiles", QuantRequest::Dense, &mut rng);
-        let examples: Vec<Sequence> = [70usize, 47, 33]
+        let examples: Vec<Sequence> = lengths
             .iter()
             .map(|&n| Sequence::all_tokens((0..n).map(|_| rng.below(300) as u32).collect()))
             .collect();
-        let packed = cpu::pack(examples, 160).remove(0);
-        assert!(packed.is_packed() && packed.ids.len() == 150);
-        let case = format!("{arch:?}, head_dim {}", model.config.head_dim);
-        assert_step_matches_cpu(&gpu, &model, &adapter, &packed, 1e-5, &case);
+        let total: usize = lengths.iter().sum();
+        let seq = cpu::pack(examples, total).remove(0);
+        assert_eq!(seq.ids.len(), total);
+        let case = format!(
+            "{arch:?}, {heads}/{kv_heads} heads of {}, {total} tokens, budget {budget:?}",
+            model.config.head_dim
+        );
+        assert_step_matches_cpu(&gpu, &model, &adapter, &seq, tolerance, &case);
     }
 }

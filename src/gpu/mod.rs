@@ -49,6 +49,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("attention_delta", "attention"),
     ("attention_backward_dq", "attention"),
     ("attention_backward_dkdv", "attention"),
+    ("attention_reduce_kv", "attention"),
     ("embed", "embed"),
     ("ce_reduce", "cross_entropy"),
     ("ce_finalize", "cross_entropy"),
@@ -99,6 +100,10 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub max_binding: u64,
+    /// Loop iterations one shader invocation may run in all, where the device bounds them: Mesa's
+    /// llvmpipe (lavapipe) leaves any loop once an invocation has run 65,535 iterations, silently, so
+    /// long walks (attention over many keys) are split into passes below that. None on hardware.
+    pub loop_budget: Option<usize>,
     modules: RefCell<HashMap<&'static str, wgpu::ShaderModule>>,
     pipelines: RefCell<HashMap<&'static str, wgpu::ComputePipeline>>,
     pool: Pool,
@@ -149,11 +154,14 @@ impl Gpu {
         let max_binding = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
+        // Half of llvmpipe's 65,535, leaving room for the loops outside a pass's main walk.
+        let loop_budget = (info.device_type == wgpu::DeviceType::Cpu).then_some(32_768);
         Ok(Gpu {
             device,
             queue,
             info,
             max_binding,
+            loop_budget,
             modules: RefCell::new(HashMap::new()),
             pipelines: RefCell::new(HashMap::new()),
             pool: Rc::new(RefCell::new(HashMap::new())),

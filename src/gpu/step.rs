@@ -768,8 +768,30 @@ impl<'a> Recorder<'a> {
             kv_heads: c.num_kv_heads as u32,
             head_dim: c.head_dim as u32,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
-            _pad: [0; 3],
+            pass_begin: 0,
+            pass_end: self.tokens as u32,
+            pass_flags: 3,
         }
+    }
+
+    /// An attention kernel's walk over all tokens (keys or queries) as passes whose loop iterations per
+    /// invocation stay within the device's budget: each row walked costs a thread `loops_per_row` loops
+    /// over the head dimension. One pass where the device has no budget.
+    fn attention_passes(&self, loops_per_row: usize) -> Vec<AttentionParams> {
+        let base = self.attention_params();
+        let t = self.tokens.max(1);
+        let per_pass = self.gpu.loop_budget.map_or(t, |budget| {
+            (budget / (loops_per_row * self.c().head_dim + 8)).max(1)
+        });
+        let passes = t.div_ceil(per_pass);
+        (0..passes)
+            .map(|i| AttentionParams {
+                pass_begin: (i * per_pass) as u32,
+                pass_end: ((i + 1) * per_pass).min(t) as u32,
+                pass_flags: (i == 0) as u32 | ((i + 1 == passes) as u32) << 1,
+                ..base
+            })
+            .collect()
     }
 
     fn layer_forward(&mut self, l: usize, x: GpuBuffer) -> (GpuBuffer, LayerSaved) {
@@ -796,22 +818,26 @@ impl<'a> Recorder<'a> {
         self.rope(&k, c.num_kv_heads, 1.0);
         let attn = self.scratch(t * c.q_dim());
         let lse = self.scratch(c.num_heads * t);
-        let p = self.attention_params();
+        let row_sum = self.scratch(c.num_heads * t);
         let groups = [t.div_ceil(64) as u32, c.num_heads as u32, 1];
-        self.gpu.dispatch(
-            &mut self.enc,
-            "attention_forward",
-            &p,
-            &[
-                (1, &q),
-                (2, &k),
-                (3, &v),
-                (4, &attn),
-                (5, &lse),
-                (10, &self.first_key),
-            ],
-            groups,
-        );
+        // Per key: the score's dot product and the running sum's update.
+        for p in self.attention_passes(2) {
+            self.gpu.dispatch(
+                &mut self.enc,
+                "attention_forward",
+                &p,
+                &[
+                    (1, &q),
+                    (2, &k),
+                    (3, &v),
+                    (4, &attn),
+                    (5, &lse),
+                    (10, &self.first_key),
+                    (11, &row_sum),
+                ],
+                groups,
+            );
+        }
         let (o, so) = self.linear_forward(l, LinearKind::O, &attn);
         linears[LinearKind::O as usize] = so;
         let x_mid = self.add(&x, &o);
@@ -944,6 +970,8 @@ impl<'a> Recorder<'a> {
             &[(4, &s.attn), (6, &d_attn), (7, &delta)],
             heads_groups,
         );
+        // Each query head's share of dk and dv, summed over each kv head's group at the end.
+        let (dk_shares, dv_shares) = (self.scratch(s.q.len), self.scratch(s.q.len));
         let first_key = &self.first_key;
         let common = [
             (1, &s.q),
@@ -956,13 +984,39 @@ impl<'a> Recorder<'a> {
         ];
         let mut b = common.to_vec();
         b.push((8, &dq));
-        self.gpu
-            .dispatch(&mut self.enc, "attention_backward_dq", &p, &b, heads_groups);
+        // Per key: the score, d_out·v and the update of dq.
+        for pass in self.attention_passes(3) {
+            self.gpu.dispatch(
+                &mut self.enc,
+                "attention_backward_dq",
+                &pass,
+                &b,
+                heads_groups,
+            );
+        }
         let mut b = common.to_vec();
-        b.extend([(8, &dk), (9, &dv)]);
-        let kv_groups = [t.div_ceil(64) as u32, c.num_kv_heads as u32, 1];
-        self.gpu
-            .dispatch(&mut self.enc, "attention_backward_dkdv", &p, &b, kv_groups);
+        b.extend([(8, &dk_shares), (9, &dv_shares)]);
+        // Per query: the score, d_out·v with the update of dv, and the update of dk.
+        for pass in self.attention_passes(3) {
+            self.gpu.dispatch(
+                &mut self.enc,
+                "attention_backward_dkdv",
+                &pass,
+                &b,
+                heads_groups,
+            );
+        }
+        self.gpu.dispatch(
+            &mut self.enc,
+            "attention_reduce_kv",
+            &p,
+            &[(8, &dk_shares), (9, &dv_shares), (12, &dk), (13, &dv)],
+            [
+                c.head_dim.div_ceil(64) as u32,
+                c.num_kv_heads as u32,
+                t as u32,
+            ],
+        );
         self.rope(&dq, c.num_heads, -1.0);
         self.rope(&dk, c.num_kv_heads, -1.0);
         if let (Some(qn), Some(kn), Some((qp, iq)), Some((kp, ik))) =

@@ -370,5 +370,10 @@ pub struct AttentionParams {
     pub kv_heads: u32,
     pub head_dim: u32,
     pub scale: f32,
-    pub _pad: [u32; 3],
+    /// The keys (forward, dq) or queries (dk/dv) this dispatch walks: a pass of a walk split to bound
+    /// each invocation's loop iterations (see shaders/attention.wgsl).
+    pub pass_begin: u32,
+    pub pass_end: u32,
+    /// Bit 0: the first pass; bit 1: the last.
+    pub pass_flags: u32,
 }
