@@ -121,6 +121,39 @@ fn weights_larger_than_a_binding_run_in_row_blocks() {
     assert!(err.to_string().contains("mlp.down_proj.weight"), "{err}");
 }
 
+/// A sequence whose activations would not fit one of the device's storage bindings is an error that
+/// names the limit and what to change, raised before anything is recorded (wgpu would panic).
+#[test]
+fn a_sequence_too_long_for_the_device_is_an_error() {
+    use nibble::cpu::Sequence;
+    use nibble::ops::cross_entropy::VOCAB_CHUNK;
+    let Some(gpu) = gpu() else { return };
+    let f = fixture("qwen2", "nf4");
+    let c = &f.model.config;
+    let widest = [
+        c.hidden_size,
+        c.intermediate_size,
+        c.q_dim(),
+        VOCAB_CHUNK.min(c.vocab_size),
+    ]
+    .into_iter()
+    .max()
+    .unwrap();
+    let fits = (gpu.device_binding_limit() / (4 * widest as u64)) as usize;
+    let gm = GpuModel::upload(&gpu, &f.model).unwrap();
+    let gl = GpuLora::upload(&gpu, &f.adapter);
+    let grads = step::zero_grads(&gpu, &f.adapter);
+    let seq = Sequence::all_tokens(vec![1; fits + 1]);
+    let err = step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0)
+        .err()
+        .expect("too long for a binding");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("at most {fits} tokens")) && message.contains("--max-length"),
+        "{message}"
+    );
+}
+
 #[test]
 fn eval_on_gpu_agrees_with_cpu() {
     if gpu().is_none() {

@@ -151,9 +151,7 @@ impl Gpu {
             .map_err(|e| {
                 Error::Invalid(format!("GPU {}: cannot open the device: {e}", info.name))
             })?;
-        let max_binding = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+        let max_binding = binding_limit(&limits);
         // Half of llvmpipe's 65,535, leaving room for the loops outside a pass's main walk.
         let loop_budget = (info.device_type == wgpu::DeviceType::Cpu).then_some(32_768);
         Ok(Gpu {
@@ -167,6 +165,12 @@ impl Gpu {
             pool: Rc::new(RefCell::new(HashMap::new())),
             scratch_bytes: Cell::new(0),
         })
+    }
+
+    /// The largest buffer the device binds, whatever `max_binding` was lowered to (tests lower it to
+    /// split weights).
+    pub fn device_binding_limit(&self) -> u64 {
+        binding_limit(&self.device.limits())
     }
 
     fn pipeline(&self, entry: &'static str) -> wgpu::ComputePipeline {
@@ -435,6 +439,13 @@ impl std::future::Future for MapAll {
             None => Ok(()),
         })
     }
+}
+
+/// The largest buffer that can be created and bound whole under `limits`.
+fn binding_limit(limits: &wgpu::Limits) -> u64 {
+    limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size)
 }
 
 /// Workgroup counts for `n` threads in groups of `size`, spread over y when x would pass 65,535.

@@ -1121,6 +1121,29 @@ fn rope_tables(gpu: &Gpu, c: &ModelConfig, positions: &[u32]) -> (GpuBuffer, Gpu
     (gpu.upload_f32(&cos), gpu.upload_f32(&sin))
 }
 
+/// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
+/// the MLP's intermediate size, the query width and a vocabulary chunk] in f32, must fit one storage
+/// binding. Checked before anything is recorded, so that a sequence too long for the device is an
+/// error that says what to change, not a failure inside wgpu.
+fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
+    let widest = c
+        .hidden_size
+        .max(c.intermediate_size)
+        .max(c.q_dim())
+        .max(VOCAB_CHUNK.min(c.vocab_size));
+    let bytes = (tokens * widest * 4) as u64;
+    let limit = gpu.device_binding_limit();
+    if bytes <= limit {
+        return Ok(());
+    }
+    let most = limit / (widest as u64 * 4);
+    Err(Error::Invalid(format!(
+        "a {tokens}-token sequence needs activation buffers of {bytes} bytes ({tokens} x {widest} \
+         floats), over this GPU's storage binding limit of {limit} bytes: use sequences of at most \
+         {most} tokens (--max-length) or the CPU executor (--device cpu)"
+    )))
+}
+
 /// A recorder for one sequence (its tokens' positions inside their examples and, per token, the first
 /// position it may attend to).
 fn recorder<'a>(
@@ -1197,6 +1220,7 @@ pub async fn logits_async(
     ids: &[u32],
 ) -> Result<Vec<f32>> {
     crate::cpu::check_tokens(ids, model.config.vocab_size)?;
+    check_activation_bindings(gpu, &model.config, ids.len())?;
     let mut r = recorder(
         gpu,
         model,
@@ -1301,6 +1325,7 @@ pub fn record_sequence(
 ) -> Result<Option<GpuBuffer>> {
     let grad_scale = options.grad_scale;
     seq.check(model.config.vocab_size)?;
+    check_activation_bindings(gpu, &model.config, seq.ids.len())?;
     let positions: Vec<u32> = (0..seq.ids.len() as u32)
         .filter(|&t| seq.targets[t as usize].is_some())
         .collect();
