@@ -32,15 +32,12 @@ struct QuantArgs {
 
 impl QuantArgs {
     /// The storage to report memory for: the one asked for, else the file's own, else NF4 group 64.
-    fn planned_spec(self, source: &nibble::model::ModelSource) -> Result<Option<QuantSpec>> {
+    /// The weights' format once loaded from a source stored as `stored` (None: 16-bit).
+    fn planned_spec(self, stored: Option<QuantSpec>) -> Result<Option<QuantSpec>> {
         Ok(match self.request()? {
             Some(QuantRequest::Quantize(s)) => Some(s),
             Some(QuantRequest::Dense) => None,
-            None => Some(
-                source
-                    .stored_quant()
-                    .unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?),
-            ),
+            None => Some(stored.unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?)),
         })
     }
 
@@ -392,7 +389,7 @@ enum Command {
         system: Option<String>,
     },
     /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
-    /// shapes before anything runs.
+    /// shapes before anything runs. MODEL may be a folder holding only config.json.
     Plan {
         model: PathBuf,
         /// Tokens per sequence.
@@ -512,7 +509,7 @@ fn main() {
 fn info(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     let source = model::open(path)?;
     let c = &source.config;
-    let spec = quant.planned_spec(&source)?;
+    let spec = quant.planned_spec(source.stored_quant())?;
     let params = c.parameter_count();
     let bytes16 = model::planned_weight_bytes(c, None);
     let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));
@@ -1312,6 +1309,28 @@ fn parse_targets(list: &str) -> Result<Vec<LinearKind>> {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The configuration and stored format of what `nibble plan` was given: a model folder or quantized file,
+/// or a folder (or file) with only config.json: whether a model fits is worth knowing before its
+/// weights are downloaded.
+fn plan_source(path: &Path) -> Result<(nibble::config::ModelConfig, Option<QuantSpec>)> {
+    let config_only = if path.is_dir() {
+        let has = |name: &str| path.join(name).exists();
+        has("config.json") && !has("model.safetensors") && !has("model.safetensors.index.json")
+    } else {
+        path.file_name().is_some_and(|n| n == "config.json")
+    };
+    if config_only {
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        return Ok((nibble::config::ModelConfig::from_file(&file)?, None));
+    }
+    let source = model::open(path)?;
+    Ok((source.config.clone(), source.stored_quant()))
+}
+
 fn plan(
     path: &Path,
     tokens: usize,
@@ -1322,8 +1341,8 @@ fn plan(
     checkpoint: bool,
     as_json: bool,
 ) -> Result<()> {
-    let source = model::open(path)?;
-    let spec = quant.planned_spec(&source)?;
+    let (config, stored) = plan_source(path)?;
+    let spec = quant.planned_spec(stored)?;
     if tokens == 0 || rank == 0 {
         bail!("--seq-len and --lora-r must be positive");
     }
@@ -1335,7 +1354,7 @@ fn plan(
         lora_dropout: dropout > 0.0,
         checkpoint,
     };
-    let p = nibble::plan::plan(&source.config, &input);
+    let p = nibble::plan::plan(&config, &input);
     if as_json {
         println!("{}", serde_json::to_string(&p)?);
         return Ok(());

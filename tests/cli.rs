@@ -199,4 +199,14 @@ fn plan_reports_a_breakdown_that_adds_up() {
     assert!(fewer["lora_parameters"].as_u64() < full["lora_parameters"].as_u64());
     let err = fails(&["plan", s(&model), "--target-modules", "q_proj,attn"]);
     assert!(err.contains("unknown target module `attn`"), "{err}");
+
+    // config.json alone (a folder, or the file itself) plans the same as the whole model folder.
+    let config_only = dir.path().join("config-only");
+    std::fs::create_dir(&config_only).unwrap();
+    std::fs::copy(model.join("config.json"), config_only.join("config.json")).unwrap();
+    for path in [config_only.clone(), config_only.join("config.json")] {
+        let args = ["plan", s(&path), "--seq-len", "512", "--json"];
+        let planned: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+        assert_eq!(planned, full, "{}", path.display());
+    }
 }
