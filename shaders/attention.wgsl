@@ -25,6 +25,15 @@ struct AttentionParams {
     pass_flags: u32,
 }
 
+fn lse_index(h: u32, t: u32) -> u32 {
+    return h * p.tokens + t;
+}
+
+// Where row (h, t) keeps its running denominator (forward) or its delta (backward).
+fn second_index(h: u32, t: u32) -> u32 {
+    return (p.heads + h) * p.tokens + t;
+}
+
 fn first_pass() -> bool {
     return (p.pass_flags & 1u) != 0u;
 }
@@ -42,17 +51,17 @@ const TILE_FLOATS: u32 = 1024u;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
 @group(0) @binding(4) var<storage, read_write> o: array<f32>;
-@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+// Two numbers per row (h, t), in two halves of [heads, tokens]: its log-sum-exp (during the forward's
+// passes, the running maximum) at h·tokens + t; the running softmax denominator during the forward's
+// passes, then (backward) delta = d_out · o at heads·tokens + h·tokens + t. One buffer for both keeps
+// every kernel within 8 storage bindings.
+@group(0) @binding(5) var<storage, read_write> row_stats: array<f32>;
 @group(0) @binding(6) var<storage, read> d_out: array<f32>;
-@group(0) @binding(7) var<storage, read_write> delta: array<f32>;
 @group(0) @binding(8) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(9) var<storage, read_write> grad2: array<f32>;
 // Per query token, the first key it may attend to: 0, or the start of its example in a packed sequence
 // (non-decreasing along the sequence).
 @group(0) @binding(10) var<storage, read> first_key: array<u32>;
-// Forward between passes: each row's running softmax denominator (`lse` holds its running maximum and
-// `o` its unnormalised sum).
-@group(0) @binding(11) var<storage, read_write> row_sum: array<f32>;
 @group(0) @binding(12) var<storage, read_write> k_grad: array<f32>;
 @group(0) @binding(13) var<storage, read_write> v_grad: array<f32>;
 
@@ -149,13 +158,12 @@ fn attention_forward(
     var first = 0u;
     var m = -3.0e38;
     var l = 0.0;
-    let row = h * p.tokens + t;
     if (live) {
         first = first_key[t];
         load_query(t, h, &qv);
         if (!first_pass()) {
-            m = lse[row];
-            l = row_sum[row];
+            m = row_stats[lse_index(h, t)];
+            l = row_stats[second_index(h, t)];
             for (var x = 0u; x < d; x++) {
                 acc[x] = o[q_index(t, h, x)];
             }
@@ -190,13 +198,13 @@ fn attention_forward(
         for (var x = 0u; x < d; x++) {
             o[q_index(t, h, x)] = acc[x] / l;
         }
-        lse[row] = m + log(l);
+        row_stats[lse_index(h, t)] = m + log(l);
     } else {
         for (var x = 0u; x < d; x++) {
             o[q_index(t, h, x)] = acc[x];
         }
-        lse[row] = m;
-        row_sum[row] = l;
+        row_stats[lse_index(h, t)] = m;
+        row_stats[second_index(h, t)] = l;
     }
 }
 
@@ -212,7 +220,7 @@ fn attention_delta(@builtin(global_invocation_id) id: vec3<u32>) {
     for (var x = 0u; x < p.head_dim; x++) {
         s += d_out[q_index(t, h, x)] * o[q_index(t, h, x)];
     }
-    delta[h * p.tokens + t] = s;
+    row_stats[second_index(h, t)] = s;
 }
 
 // dq (into `grad`): one thread per (query t, head h), keys staged as in the forward.
@@ -235,8 +243,8 @@ fn attention_backward_dq(
     var delta_t = 0.0;
     if (live) {
         first = first_key[t];
-        row_lse_t = lse[h * p.tokens + t];
-        delta_t = delta[h * p.tokens + t];
+        row_lse_t = row_stats[lse_index(h, t)];
+        delta_t = row_stats[second_index(h, t)];
         load_query(t, h, &qv);
         for (var x = 0u; x < d; x++) {
             dov[x] = d_out[q_index(t, h, x)];
@@ -326,8 +334,8 @@ fn attention_backward_dkdv(
             tile_b[e] = qd.y;
         }
         if (li < rows && t0 + li < p.tokens) {
-            row_lse[li] = lse[h * p.tokens + t0 + li];
-            row_delta[li] = delta[h * p.tokens + t0 + li];
+            row_lse[li] = row_stats[lse_index(h, t0 + li)];
+            row_delta[li] = row_stats[second_index(h, t0 + li)];
         }
         workgroupBarrier();
         for (var tt = 0u; tt < rows; tt++) {

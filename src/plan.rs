@@ -46,7 +46,7 @@ fn layer_activations(c: &ModelConfig, p: &PlanInput) -> u64 {
     let (nh, nkv) = (c.num_heads as u64, c.num_kv_heads as u64);
     let mut floats = 2 * t * h + t // x, xn1, inv1
         + t * (qd + 2 * kvd) // q, k, v
-        + t * qd + nh * t // attention output, log-sum-exp
+        + t * qd + 2 * nh * t // attention output, log-sum-exp (and on the GPU a second number per row)
         + 2 * t * h + t // x_mid, xn2, inv2
         + 2 * t * i; // gate, up (silu(gate)·up is recomputed in the backward)
     if c.qk_norm {

@@ -817,8 +817,8 @@ impl<'a> Recorder<'a> {
         self.rope(&q, c.num_heads, 1.0);
         self.rope(&k, c.num_kv_heads, 1.0);
         let attn = self.scratch(t * c.q_dim());
-        let lse = self.scratch(c.num_heads * t);
-        let row_sum = self.scratch(c.num_heads * t);
+        // shaders/attention.wgsl: each row's log-sum-exp, then its softmax denominator or delta.
+        let lse = self.scratch(2 * c.num_heads * t);
         let groups = [t.div_ceil(64) as u32, c.num_heads as u32, 1];
         // Per key: the score's dot product and the running sum's update.
         for p in self.attention_passes(2) {
@@ -833,7 +833,6 @@ impl<'a> Recorder<'a> {
                     (4, &attn),
                     (5, &lse),
                     (10, &self.first_key),
-                    (11, &row_sum),
                 ],
                 groups,
             );
@@ -956,7 +955,6 @@ impl<'a> Recorder<'a> {
             grads,
         );
         let p = self.attention_params();
-        let delta = self.scratch(c.num_heads * t);
         let (mut dq, mut dk, dv) = (
             self.scratch(s.q.len),
             self.scratch(s.k.len),
@@ -967,7 +965,7 @@ impl<'a> Recorder<'a> {
             &mut self.enc,
             "attention_delta",
             &p,
-            &[(4, &s.attn), (6, &d_attn), (7, &delta)],
+            &[(4, &s.attn), (5, &s.lse), (6, &d_attn)],
             heads_groups,
         );
         // Each query head's share of dk and dv, summed over each kv head's group at the end.
@@ -979,7 +977,6 @@ impl<'a> Recorder<'a> {
             (3, &s.v),
             (5, &s.lse),
             (6, &d_attn),
-            (7, &delta),
             (10, first_key),
         ];
         let mut b = common.to_vec();
