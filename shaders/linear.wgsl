@@ -40,16 +40,17 @@ fn weight_at(w_row: u32, col: u32) -> f32 {
     return dense_word_value(w[dense_word_index(p.fmt, index)], p.fmt, index);
 }
 
-// Both products are tiled: a workgroup of 256 threads computes 16 tokens x 64 outputs, staging 32 steps
-// of the inner dimension at a time in workgroup memory, so that each weight is dequantized once per 16
-// tokens (not once per token) and each input value read once per 64 outputs. Thread (tx, ty) owns
-// token ty and outputs tx + 16·i, i < 4: neighbouring threads read neighbouring words of the weight tile.
-const TILE_T: u32 = 16u;
+// Both products are tiled: a workgroup of 256 threads computes 64 tokens x 64 outputs, staging 16 steps
+// of the inner dimension at a time in workgroup memory, so that each weight is dequantized once per 64
+// tokens and each input value read once per 64 outputs. Thread (tx, ty) owns tokens ty + 16·i and outputs
+// tx + 16·j (i, j < 4) in registers: each step reads 8 staged values for 16 multiply-adds. Neighbouring
+// threads read neighbouring words of the weight tile.
+const TILE_T: u32 = 64u;
 const TILE_N: u32 = 64u;
-const TILE_K: u32 = 32u;
+const TILE_K: u32 = 16u;
 
-var<workgroup> input_tile: array<f32, 512>;   // [TILE_T][TILE_K]
-var<workgroup> weight_tile: array<f32, 2048>; // [TILE_K][TILE_N]
+var<workgroup> input_tile: array<f32, 1024>;  // [TILE_T][TILE_K]
+var<workgroup> weight_tile: array<f32, 1024>; // [TILE_K][TILE_N]
 
 // W[row, col..col + 8] (col a multiple of 8), zero past W's edges: one packed word for the 4-bit formats.
 fn weights8(row: u32, col: u32) -> array<f32, 8> {
@@ -82,10 +83,10 @@ fn weights8(row: u32, col: u32) -> array<f32, 8> {
 }
 
 // input_tile[tt][kk] = x[t0 + tt, offset + k0 + kk] for rows `row_len` long, zero past the tokens or
-// past `k_len`: two values per thread.
+// past `k_len`: four values per thread.
 fn stage_input(li: u32, t0: u32, k0: u32, k_len: u32, row_len: u32, offset: u32) {
-    for (var j = 0u; j < 2u; j++) {
-        let e = 2u * li + j;
+    for (var j = 0u; j < 4u; j++) {
+        let e = li + 256u * j;
         let t = t0 + e / TILE_K;
         let k = k0 + e % TILE_K;
         var v = 0.0;
@@ -96,12 +97,18 @@ fn stage_input(li: u32, t0: u32, k0: u32, k_len: u32, row_len: u32, offset: u32)
     }
 }
 
-// The staged step of thread (tx, ty): its token's inputs against its four outputs' weights.
-fn accumulate_tile(tx: u32, ty: u32, acc: ptr<function, array<f32, 4>>) {
+// The staged step of thread (tx, ty): its four tokens' inputs against its four outputs' weights.
+fn accumulate_tile(tx: u32, ty: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
     for (var kk = 0u; kk < TILE_K; kk++) {
-        let v = input_tile[ty * TILE_K + kk];
+        let row = kk * TILE_N + tx;
+        let w4 = vec4<f32>(
+            weight_tile[row],
+            weight_tile[row + 16u],
+            weight_tile[row + 32u],
+            weight_tile[row + 48u],
+        );
         for (var i = 0u; i < 4u; i++) {
-            (*acc)[i] += v * weight_tile[kk * TILE_N + tx + 16u * i];
+            (*acc)[i] += input_tile[(ty + 16u * i) * TILE_K + kk] * w4;
         }
     }
 }
@@ -115,7 +122,7 @@ fn store(o: u32, value: f32) {
     }
 }
 
-// y[t, row_offset + row] (+)= Σ_c x[t, c]·W[row, c] (+ bias). Workgroups: (rows / 64, tokens / 16).
+// y[t, row_offset + row] (+)= Σ_c x[t, c]·W[row, c] (+ bias). Workgroups: (rows / 64, tokens / 64).
 @compute @workgroup_size(256)
 fn linear_forward(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -125,38 +132,43 @@ fn linear_forward(
     let t0 = wg.y * TILE_T;
     let tx = li % 16u;
     let ty = li / 16u;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < p.cols; k0 += TILE_K) {
         stage_input(li, t0, k0, p.cols, p.cols, 0u);
-        // Weight rows row0 + li / 4, columns k0 + 8·(li % 4).., stored k-major.
-        let wr = li / 4u;
-        let wc = 8u * (li % 4u);
-        let values = weights8(row0 + wr, k0 + wc);
-        for (var j = 0u; j < 8u; j++) {
-            weight_tile[(wc + j) * TILE_N + wr] = values[j];
+        // Weight rows row0 + li / 2, columns k0 + 8·(li % 2).., stored k-major: one word per thread of
+        // the first 128.
+        if (li < 128u) {
+            let wr = li / 2u;
+            let wc = 8u * (li % 2u);
+            let values = weights8(row0 + wr, k0 + wc);
+            for (var j = 0u; j < 8u; j++) {
+                weight_tile[(wc + j) * TILE_N + wr] = values[j];
+            }
         }
         workgroupBarrier();
         accumulate_tile(tx, ty, &acc);
         workgroupBarrier();
     }
-    let t = t0 + ty;
-    if (t >= p.tokens) {
-        return;
-    }
     for (var i = 0u; i < 4u; i++) {
-        let row = row0 + tx + 16u * i;
-        if (row < p.rows) {
-            var value = acc[i];
-            if (p.has_bias == 1u) {
-                value += bias[p.row_offset + row];
+        let t = t0 + ty + 16u * i;
+        if (t >= p.tokens) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let row = row0 + tx + 16u * j;
+            if (row < p.rows) {
+                var value = acc[i][j];
+                if (p.has_bias == 1u) {
+                    value += bias[p.row_offset + row];
+                }
+                store(t * p.out_stride + p.row_offset + row, value);
             }
-            store(t * p.out_stride + p.row_offset + row, value);
         }
     }
 }
 
 // dx = dy·W: here `x` is dy [tokens, out_stride] (this block's rows at row_offset) and `y` is dx
-// [tokens, cols]. Workgroups: (cols / 64, tokens / 16).
+// [tokens, cols]. Workgroups: (cols / 64, tokens / 64).
 @compute @workgroup_size(256)
 fn linear_backward_input(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -166,28 +178,32 @@ fn linear_backward_input(
     let t0 = wg.y * TILE_T;
     let tx = li % 16u;
     let ty = li / 16u;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc: array<vec4<f32>, 4>;
     for (var r0 = 0u; r0 < p.rows; r0 += TILE_K) {
         stage_input(li, t0, r0, p.rows, p.out_stride, p.row_offset);
-        // Weight rows r0 + li / 8, columns col0 + 8·(li % 8)..
-        let wr = li / 8u;
-        let wc = 8u * (li % 8u);
-        let values = weights8(r0 + wr, col0 + wc);
-        for (var j = 0u; j < 8u; j++) {
-            weight_tile[wr * TILE_N + wc + j] = values[j];
+        // Weight rows r0 + li / 8, columns col0 + 8·(li % 8)..: one word per thread of the first 128.
+        if (li < 128u) {
+            let wr = li / 8u;
+            let wc = 8u * (li % 8u);
+            let values = weights8(r0 + wr, col0 + wc);
+            for (var j = 0u; j < 8u; j++) {
+                weight_tile[wr * TILE_N + wc + j] = values[j];
+            }
         }
         workgroupBarrier();
         accumulate_tile(tx, ty, &acc);
         workgroupBarrier();
     }
-    let t = t0 + ty;
-    if (t >= p.tokens) {
-        return;
-    }
     for (var i = 0u; i < 4u; i++) {
-        let col = col0 + tx + 16u * i;
-        if (col < p.cols) {
-            store(t * p.cols + col, acc[i]);
+        let t = t0 + ty + 16u * i;
+        if (t >= p.tokens) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + tx + 16u * j;
+            if (col < p.cols) {
+                store(t * p.cols + col, acc[i][j]);
+            }
         }
     }
 }

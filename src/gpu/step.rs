@@ -418,8 +418,7 @@ impl<'a> Recorder<'a> {
     ) {
         let lp = self.ce_linear_params(p, false);
         let d = &self.model.dummy;
-        // shaders/linear.wgsl: 64 outputs x 16 tokens per workgroup.
-        let groups = [p.chunk_len.div_ceil(64), p.positions.div_ceil(16), 1];
+        let groups = linear_groups(p.chunk_len as usize, p.positions as usize);
         self.gpu.dispatch(
             &mut self.enc,
             "linear_forward",
@@ -439,7 +438,7 @@ impl<'a> Recorder<'a> {
     ) {
         let lp = self.ce_linear_params(p, true);
         let d = &self.model.dummy;
-        let groups = [lp.cols.div_ceil(64), p.positions.div_ceil(16), 1];
+        let groups = linear_groups(lp.cols as usize, p.positions as usize);
         self.gpu.dispatch(
             &mut self.enc,
             "linear_backward_input",
@@ -535,8 +534,7 @@ impl<'a> Recorder<'a> {
             let p = self.linear_params(lin, block, false, true);
             let mut bindings = self.linear_bindings(lin, block).to_vec();
             bindings.extend([(5, x), (6, &y)]);
-            // shaders/linear.wgsl: 64 outputs x 16 tokens per workgroup.
-            let groups = [block.rows.div_ceil(64) as u32, t.div_ceil(16) as u32, 1];
+            let groups = linear_groups(block.rows, t);
             self.gpu
                 .dispatch(&mut self.enc, "linear_forward", &p, &bindings, groups);
         }
@@ -611,7 +609,7 @@ impl<'a> Recorder<'a> {
                 .filter(|(b, _)| *b != 4)
                 .collect();
             bindings.extend([(5, dy), (6, dx)]);
-            let groups = [lin.cols.div_ceil(64) as u32, t.div_ceil(16) as u32, 1];
+            let groups = linear_groups(lin.cols, t);
             self.gpu.dispatch(
                 &mut self.enc,
                 "linear_backward_input",
@@ -1116,6 +1114,11 @@ fn rope_tables(gpu: &Gpu, c: &ModelConfig, positions: &[u32]) -> (GpuBuffer, Gpu
         &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
     );
     (gpu.upload_f32(&cos), gpu.upload_f32(&sin))
+}
+
+/// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
+fn linear_groups(outputs: usize, tokens: usize) -> [u32; 3] {
+    [outputs.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1]
 }
 
 /// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
