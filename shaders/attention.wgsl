@@ -313,12 +313,19 @@ fn attention_backward_dkdv(
         }
     }
     // The queries that see a key of this block: from its first key to the end of its last key's
-    // example; this pass takes those within pass_begin..pass_end.
+    // example, the first query past it whose example starts later (first_key is non-decreasing, so
+    // bisection finds it); this pass takes those within pass_begin..pass_end.
     let last_key = min(j0 + ROWS, p.tokens) - 1u;
     var end = last_key + 1u;
     if (li == 0u) {
-        while (end < p.tokens && first_key[end] <= last_key) {
-            end++;
+        var past = p.tokens;
+        while (end < past) {
+            let middle = (end + past) / 2u;
+            if (first_key[middle] <= last_key) {
+                end = middle + 1u;
+            } else {
+                past = middle;
+            }
         }
     }
     let query_end = min(broadcast(li, end), p.pass_end);

@@ -496,7 +496,8 @@ fn assert_step_matches_cpu(
 }
 
 /// Attention across its tiles and passes, against the CPU executor: 150 tokens packed from examples of
-/// 70, 47 and 33 (three query workgroups of 64 rows, example boundaries inside the second) with head
+/// 63, 47, 33 and 7 (three query workgroups of 64 rows; example boundaries at 63, the last key of the
+/// first workgroup, and at 110 and 143, inside the second and third) with head
 /// dimensions of 128, 24 and 64 (key tiles of 8, 42 and 16 rows, 42 not dividing 64) and 2, 4 and 7
 /// query heads per kv head (7 is Qwen2.5-0.5B's attention: 14 heads, 2 kv heads, head_dim 64); the
 /// first case with a loop budget that splits every walk into passes of a few rows, as a software
@@ -512,7 +513,7 @@ fn gpu_attention_spans_workgroups_tiles_and_passes() {
     let Some(mut gpu) = gpu() else { return };
     let device_budget = gpu.loop_budget;
     let mut rng = Rng::new(41);
-    let packed_150 = [70usize, 47, 33].as_slice();
+    let packed_150 = [63usize, 7, 47, 33].as_slice();
     // (arch, hidden, heads, kv heads, head_dim, example lengths, loop budget, tolerance)
     let cases = [
         (
@@ -565,6 +566,13 @@ fn gpu_attention_spans_workgroups_tiles_and_passes() {
         let total: usize = lengths.iter().sum();
         let seq = cpu::pack(examples, total).remove(0);
         assert_eq!(seq.ids.len(), total);
+        if lengths.len() > 1 {
+            assert_eq!(
+                seq.segments()[62..64],
+                [0, 63],
+                "an example starts at key 63"
+            );
+        }
         let case = format!(
             "{arch:?}, {heads}/{kv_heads} heads of {}, {total} tokens, budget {budget:?}",
             model.config.head_dim
