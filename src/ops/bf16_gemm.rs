@@ -7,7 +7,7 @@
 //! `vdpbf16ps` consumes. The left operand is rounded to bf16 pairs along k and broadcast.
 
 use crate::model::{DenseData, DenseTensor, LinearWeight};
-use crate::quant::{NF4_CODES, QuantFormat, QuantTensor};
+use crate::quant::{NF4_CODES, QuantFormat};
 use rayon::prelude::*;
 
 const NR: usize = 32;
@@ -162,7 +162,12 @@ unsafe fn group_table_avx512(codes: &[f32; 16], scale: f32, min: f32) -> [u16; 1
 /// calls cost twice as much. Needs c0 and out.len() multiples of 32 and a group size that is one too.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn decode_span_avx512(q: &QuantTensor, row: usize, c0: usize, out: &mut [u16]) {
+unsafe fn decode_span_avx512(
+    q: &crate::quant::QuantTensor,
+    row: usize,
+    c0: usize,
+    out: &mut [u16],
+) {
     use std::arch::x86_64::*;
     let (g, cols) = (q.spec.group_size, q.cols);
     assert!(c0 % 32 == 0 && out.len() % 32 == 0 && g % 32 == 0 && c0 + out.len() <= cols);
@@ -286,19 +291,7 @@ impl PackedRows {
                     let rows = &a[g * group * k..((g + 1) * group).min(m) * k];
                     // Whole blocks of 16 pairs through a transpose in registers; the rest (and CPUs
                     // without AVX512-BF16) one row at a time.
-                    let mut scalar_from = 0;
-                    #[cfg(target_arch = "x86_64")]
-                    if available() && group % 8 == 0 {
-                        scalar_from = k / 32 * 16;
-                        for t0 in (0..group).step_by(16) {
-                            for kp0 in (0..scalar_from).step_by(16) {
-                                // SAFETY: `available()` checked AVX512F/BF16; the block's reads
-                                // (pairs kp0..kp0 + 16 < k / 2 of rows that exist) and writes are
-                                // bounds-checked inside.
-                                unsafe { pack_block_avx512(rows, k, t0, kp0, group, dst) };
-                            }
-                        }
-                    }
+                    let scalar_from = pack_register_blocks(rows, k, group, dst);
                     let present = group.min(m - g * group);
                     for t in 0..present {
                         let tail = &mut pairs[scalar_from..];
@@ -372,6 +365,25 @@ fn spare_buffer(len: usize) -> Vec<u32> {
         buffer.resize(len, 0);
     }
     buffer
+}
+
+/// Packs the group's rows (`rows`, k columns) into `dst` in whole blocks of 16 pairs through a transpose
+/// in registers, where the CPU can; returns how many pairs of each row it packed (0 elsewhere).
+fn pack_register_blocks(rows: &[f32], k: usize, group: usize, dst: &mut [u32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if available() && group % 8 == 0 {
+        let packed = k / 32 * 16;
+        for t0 in (0..group).step_by(16) {
+            for kp0 in (0..packed).step_by(16) {
+                // SAFETY: `available()` checked AVX512F/BF16; the block's reads (pairs kp0..kp0 + 16
+                // < k / 2 of rows that exist) and writes are bounds-checked inside.
+                unsafe { pack_block_avx512(rows, k, t0, kp0, group, dst) };
+            }
+        }
+        return packed;
+    }
+    let _ = (rows, k, group, dst);
+    0
 }
 
 /// pairs[p] = bf16(src[2p]) | bf16(src[2p + 1]) << 16, the missing partner of an odd length zero.
