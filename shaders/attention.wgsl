@@ -1,7 +1,7 @@
 // Causal grouped-query attention. Query head h reads kv head h / (heads / kv_heads). No scores matrix is
 // stored: the forward keeps each row's log-sum-exp, the backward recomputes probabilities from it.
 //
-// A workgroup takes 64 consecutive query rows of one head (dkdv: 64 keys of one kv head), one thread per
+// A workgroup takes 64 consecutive query rows of one head (dkdv: 64 keys, for one query head), one thread per
 // row, and walks the other side in tiles staged in workgroup memory: each key (query) row is read from
 // global memory once per 64 rows instead of once per row. A tile holds TILE_FLOATS values per operand:
 // TILE_FLOATS / head_dim rows (at most 64), so that two operands stay within WebGPU's default 16 KiB.
