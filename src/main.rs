@@ -31,8 +31,8 @@ struct QuantArgs {
 }
 
 impl QuantArgs {
-    /// The storage to report memory for: the one asked for, else the file's own, else NF4 group 64.
-    /// The weights' format once loaded from a source stored as `stored` (None: 16-bit).
+    /// The storage to report memory for: the one asked for, else the source's own (`stored`; None for
+    /// a 16-bit folder), else NF4 group 64.
     fn planned_spec(self, stored: Option<QuantSpec>) -> Result<Option<QuantSpec>> {
         Ok(match self.request()? {
             Some(QuantRequest::Quantize(s)) => Some(s),
@@ -1308,7 +1308,6 @@ fn parse_targets(list: &str) -> Result<Vec<LinearKind>> {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The configuration and stored format of what `nibble plan` was given: a model folder or quantized file,
 /// or a folder (or file) with only config.json: whether a model fits is worth knowing before its
 /// weights are downloaded.
@@ -1331,6 +1330,7 @@ fn plan_source(path: &Path) -> Result<(nibble::config::ModelConfig, Option<Quant
     Ok((source.config.clone(), source.stored_quant()))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn plan(
     path: &Path,
     tokens: usize,

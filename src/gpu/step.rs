@@ -778,6 +778,7 @@ impl<'a> Recorder<'a> {
     fn attention_passes(&self, loops_per_row: usize) -> Vec<AttentionParams> {
         let base = self.attention_params();
         let t = self.tokens.max(1);
+        // A few more iterations per row for the walk's own loops (tile rows, staging).
         let per_pass = self.gpu.loop_budget.map_or(t, |budget| {
             (budget / (loops_per_row * self.c().head_dim + 8)).max(1)
         });
