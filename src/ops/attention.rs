@@ -6,7 +6,7 @@ use crate::ops::fastmath;
 use crate::ops::matmul::{View, in_parallel_task, matmul_into};
 use rayon::prelude::*;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AttentionShape {
     pub tokens: usize,
     pub heads: usize,

@@ -1,0 +1,596 @@
+//! The CPU executor: walks a graph's nodes in order with the kernels of `ops`, allocating each
+//! transient buffer at its first write and releasing it after its last use.
+
+use crate::cpu::{Sequence, StepLoss, StepOptions};
+use crate::error::{Error, Result};
+use crate::graph::{BufId, Dtype, Graph, Input, InputValue, Node, Op, Role, StepInputs};
+use crate::lora::{LoraAdapter, LoraPair};
+use crate::model::{DenseTensor, LinearWeight, Model};
+use crate::models::decoder::{self, LoraSpec, StepShape};
+use crate::ops::bf16_gemm::PackedRows;
+use crate::ops::dropout::{self, DropoutParams};
+use crate::ops::matmul::{View, matmul_into};
+use crate::ops::rmsnorm::{self, RmsNormParams};
+use crate::ops::{self, Precision, attention, cross_entropy, linear, rope, swiglu, zeros};
+use crate::rng::Rng;
+use std::collections::HashMap;
+
+/// A frozen tensor of the model, as the kernels read it.
+#[derive(Clone, Copy)]
+enum Tensor<'a> {
+    Linear(&'a LinearWeight),
+    Table(&'a DenseTensor),
+    Vector(&'a [f32]),
+}
+
+/// Every frozen tensor of a decoder model by its checkpoint name.
+fn model_tensors(model: &Model) -> HashMap<String, Tensor<'_>> {
+    let mut out = HashMap::new();
+    out.insert(
+        "model.embed_tokens.weight".to_string(),
+        Tensor::Table(&model.embed),
+    );
+    if let Some(head) = &model.lm_head {
+        out.insert("lm_head.weight".to_string(), Tensor::Table(head));
+    }
+    out.insert(
+        "model.norm.weight".to_string(),
+        Tensor::Vector(&model.final_norm),
+    );
+    for (l, layer) in model.layers.iter().enumerate() {
+        let prefix = format!("model.layers.{l}");
+        out.insert(
+            format!("{prefix}.input_layernorm.weight"),
+            Tensor::Vector(&layer.input_norm),
+        );
+        out.insert(
+            format!("{prefix}.post_attention_layernorm.weight"),
+            Tensor::Vector(&layer.post_attention_norm),
+        );
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            out.insert(
+                format!("{prefix}.self_attn.q_norm.weight"),
+                Tensor::Vector(qn),
+            );
+            out.insert(
+                format!("{prefix}.self_attn.k_norm.weight"),
+                Tensor::Vector(kn),
+            );
+        }
+        for lin in &layer.linears {
+            let path = lin.kind.path(l);
+            out.insert(format!("{path}.weight"), Tensor::Linear(&lin.weight));
+            if let Some(b) = &lin.bias {
+                out.insert(format!("{path}.bias"), Tensor::Vector(b));
+            }
+        }
+    }
+    out
+}
+
+/// A buffer while the graph runs.
+enum Slot<'a> {
+    /// Not written yet, or released.
+    Empty,
+    F32(Vec<f32>),
+    U32(Vec<u32>),
+    Tensor(Tensor<'a>),
+    /// A LoRA matrix.
+    Param(&'a [f32]),
+    /// A LoRA matrix's gradient.
+    Grad(&'a mut [f32]),
+}
+
+impl Slot<'_> {
+    fn f32(&self) -> &[f32] {
+        match self {
+            Slot::F32(v) => v,
+            Slot::Param(p) => p,
+            Slot::Grad(g) => g,
+            Slot::Tensor(Tensor::Vector(v)) => v,
+            _ => panic!("graph: a buffer read as f32 holds something else"),
+        }
+    }
+
+    fn u32(&self) -> &[u32] {
+        match self {
+            Slot::U32(v) => v,
+            _ => panic!("graph: a buffer read as u32 holds something else"),
+        }
+    }
+
+    fn f32_mut(&mut self) -> &mut [f32] {
+        match self {
+            Slot::F32(v) => v,
+            Slot::Grad(g) => g,
+            _ => panic!("graph: a buffer written as f32 holds something else"),
+        }
+    }
+
+    fn linear(&self) -> &LinearWeight {
+        match self {
+            Slot::Tensor(Tensor::Linear(w)) => w,
+            _ => panic!("graph: a linear's weight is not a linear weight"),
+        }
+    }
+
+    fn table(&self) -> &DenseTensor {
+        match self {
+            Slot::Tensor(Tensor::Table(t)) => t,
+            _ => panic!("graph: a table is not a dense matrix"),
+        }
+    }
+}
+
+/// What a graph reads from outside and what it gives back.
+pub struct Bindings<'a> {
+    pub model: &'a Model,
+    pub adapter: Option<&'a LoraAdapter>,
+    /// The LoRA gradients the backward adds into.
+    pub grads: Option<&'a mut LoraAdapter>,
+    pub inputs: &'a StepInputs,
+    pub precision: Precision,
+}
+
+/// The results a graph produced: per-position losses and logits, as its roles say.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outputs {
+    pub losses: Vec<f32>,
+    pub logits: Vec<f32>,
+}
+
+/// Each gradient pair's A and B by module path, each to be bound once.
+type GradSlots<'a> = HashMap<String, [Option<&'a mut [f32]>; 2]>;
+
+fn grad_slots(grads: Option<&mut LoraAdapter>) -> GradSlots<'_> {
+    let Some(grads) = grads else {
+        return HashMap::new();
+    };
+    grads
+        .pairs_mut()
+        .map(|(l, k, p)| {
+            let LoraPair { a, b, .. } = p;
+            (k.path(l), [Some(a.as_mut_slice()), Some(b.as_mut_slice())])
+        })
+        .collect()
+}
+
+/// Runs `graph` with `bind`. The graph must come from a builder for this model (`models::decoder`):
+/// a tensor, adapter or input it names that `bind` lacks is an error.
+pub fn run(graph: &Graph, bind: Bindings) -> Result<Outputs> {
+    on_worker(move || run_here(graph, bind))
+}
+
+/// Runs `f` on one of rayon's worker threads. From outside the pool, each of a step's thousands of
+/// parallel operations parks the calling thread and wakes every worker; the serial code between them
+/// then competes for the cores with workers spinning for work. Inside the pool the caller takes part
+/// in each operation and only one worker is idle during serial code.
+fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
+fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
+    let tensors = model_tensors(bind.model);
+    let mut params: HashMap<String, &LoraPair> = HashMap::new();
+    if let Some(a) = bind.adapter {
+        params.extend(a.pairs().map(|(l, k, p)| (k.path(l), p)));
+    }
+    let mut grads = grad_slots(bind.grads);
+    let missing = |what: &str, name: &str| {
+        Error::Invalid(format!("the step needs {what} {name}, which is not loaded"))
+    };
+    let mut slots: Vec<Slot> = Vec::with_capacity(graph.bufs.len());
+    for desc in &graph.bufs {
+        let slot = match &desc.role {
+            Role::Weight(name) => Slot::Tensor(
+                *tensors
+                    .get(name)
+                    .ok_or_else(|| missing("the model tensor", name))?,
+            ),
+            Role::LoraA(path) | Role::LoraB(path) => {
+                let pair = params
+                    .get(path)
+                    .ok_or_else(|| missing("a LoRA adapter for", path))?;
+                Slot::Param(if matches!(desc.role, Role::LoraA(_)) {
+                    &pair.a
+                } else {
+                    &pair.b
+                })
+            }
+            Role::LoraGradA(path) | Role::LoraGradB(path) => {
+                let which = usize::from(matches!(desc.role, Role::LoraGradB(_)));
+                let matrix = grads
+                    .get_mut(path)
+                    .and_then(|pair| pair[which].take())
+                    .ok_or_else(|| missing("a LoRA gradient for", path))?;
+                Slot::Grad(matrix)
+            }
+            Role::Input(input) => match bind.inputs.value(*input) {
+                InputValue::U32(v) => Slot::U32(v.into_owned()),
+                InputValue::F32(v) => Slot::F32(v.into_owned()),
+            },
+            Role::Activation | Role::Losses | Role::Logits => Slot::Empty,
+        };
+        slots.push(slot);
+    }
+    check_inputs(graph, &slots)?;
+    let last_use = graph.last_use();
+    let last_linear_reader = last_linear_readers(graph);
+    let mut exec = Exec {
+        precision: bind.precision,
+        packed: None,
+    };
+    for (i, node) in graph.nodes.iter().enumerate() {
+        exec.node(graph, node, &mut slots);
+        if exec
+            .packed
+            .as_ref()
+            .is_some_and(|(b, _)| last_linear_reader[*b] == Some(i))
+        {
+            exec.packed = None;
+        }
+        for b in node.reads().chain(node.outputs.iter().copied()) {
+            if last_use[b] == Some(i) && graph.bufs[b].role.is_transient() {
+                slots[b] = Slot::Empty;
+            }
+        }
+    }
+    let take = |role: Role, slots: &mut Vec<Slot>| {
+        graph
+            .find(&role)
+            .and_then(|b| match std::mem::replace(&mut slots[b], Slot::Empty) {
+                Slot::F32(v) => Some(v),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    Ok(Outputs {
+        losses: take(Role::Losses, &mut slots),
+        logits: take(Role::Logits, &mut slots),
+    })
+}
+
+/// Token ids and labels inside the vocabulary (the embedding and the loss index with them).
+fn check_inputs(graph: &Graph, slots: &[Slot]) -> Result<()> {
+    for (b, desc) in graph.bufs.iter().enumerate() {
+        if let Role::Input(Input::TokenIds | Input::Labels) = desc.role {
+            let vocab = graph
+                .nodes
+                .iter()
+                .find(|n| n.inputs.contains(&b))
+                .and_then(|n| n.inputs.iter().find_map(|&i| table_rows(&slots[i])));
+            if let (Some(vocab), Slot::U32(ids)) = (vocab, &slots[b]) {
+                crate::cpu::check_tokens(ids, vocab)?;
+            }
+        }
+        if slots[b].len_matches(desc).is_none() {
+            return Err(Error::Invalid(format!(
+                "the step's {} holds the wrong number of values",
+                desc.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn table_rows(slot: &Slot) -> Option<usize> {
+    match slot {
+        Slot::Tensor(Tensor::Table(t)) => Some(t.rows),
+        _ => None,
+    }
+}
+
+impl Slot<'_> {
+    /// Some(()) unless the slot holds an input whose length is not the buffer's.
+    fn len_matches(&self, desc: &crate::graph::BufDesc) -> Option<()> {
+        let len = match self {
+            Slot::U32(v) => v.len(),
+            Slot::F32(v) => v.len(),
+            _ => return Some(()),
+        };
+        (len == desc.len && (desc.dtype == Dtype::U32) == matches!(self, Slot::U32(_)))
+            .then_some(())
+    }
+}
+
+/// For each buffer, the last node that reads it as a linear's input (the packed copy of it for the
+/// bf16 products is kept until then).
+fn last_linear_readers(graph: &Graph) -> Vec<Option<usize>> {
+    let mut last = vec![None; graph.bufs.len()];
+    for (i, node) in graph.nodes.iter().enumerate() {
+        if let Op::Linear { .. } = node.op {
+            last[node.inputs[0]] = Some(i);
+        }
+    }
+    last
+}
+
+struct Exec {
+    precision: Precision,
+    /// A linear input packed for the bf16 products, shared by the linears that read it (q/k/v, gate/up).
+    packed: Option<(BufId, PackedRows)>,
+}
+
+/// A node's outputs, taken out of their slots while it runs (its inputs stay borrowed in place).
+struct Outs<'a> {
+    slots: Vec<Slot<'a>>,
+    lens: Vec<usize>,
+}
+
+impl Outs<'_> {
+    /// Output `i` as a writable slice, zeros if it was not written before.
+    fn get(&mut self, i: usize) -> &mut [f32] {
+        if let Slot::Empty = self.slots[i] {
+            self.slots[i] = Slot::F32(zeros(self.lens[i]));
+        }
+        self.slots[i].f32_mut()
+    }
+
+    /// Sets output `i` to `v`, a fresh result, when nothing was written to it yet.
+    fn set(&mut self, i: usize, v: Vec<f32>) {
+        match &mut self.slots[i] {
+            Slot::Empty => self.slots[i] = Slot::F32(v),
+            other => other.f32_mut().copy_from_slice(&v),
+        }
+    }
+}
+
+impl Exec {
+    fn node<'a>(&mut self, graph: &Graph, node: &Node, slots: &mut [Slot<'a>]) {
+        let mut outs = Outs {
+            slots: node
+                .outputs
+                .iter()
+                .map(|&o| std::mem::replace(&mut slots[o], Slot::Empty))
+                .collect(),
+            lens: node.outputs.iter().map(|&o| graph.bufs[o].len).collect(),
+        };
+        let ins: Vec<&Slot> = node.inputs.iter().map(|&i| &slots[i]).collect();
+        let x = |i: usize| ins[i].f32();
+        let acc = node.accumulate;
+        match &node.op {
+            Op::Embed { dim } => {
+                let (ids, table) = (ins[0].u32(), ins[1].table());
+                let out = outs.get(0);
+                for (row, &id) in out.chunks_mut(*dim).zip(ids) {
+                    table.row_f32(id as usize, row);
+                }
+            }
+            Op::RmsNorm { dim, eps } => {
+                let rows = x(0).len() / dim;
+                let p = RmsNormParams::new(rows, *dim, *eps);
+                let (y, inv) = two(&mut outs);
+                rmsnorm::forward(&p, x(0), x(1), y, inv);
+            }
+            Op::RmsNormBackward { dim, eps } => {
+                let p = RmsNormParams::new(x(0).len() / dim, *dim, *eps);
+                rmsnorm::backward(&p, x(0), x(1), x(2), x(3), outs.get(0));
+            }
+            Op::Linear { .. } => {
+                let (input, w) = (x(0), ins[1].linear());
+                let bias = ins.get(2).map(|b| b.f32());
+                let packed = match &self.packed {
+                    Some((b, p)) if *b == node.inputs[0] => Some(p),
+                    _ => {
+                        self.packed = linear::pack_input(input, w.shape().1, self.precision)
+                            .map(|p| (node.inputs[0], p));
+                        self.packed.as_ref().map(|(_, p)| p)
+                    }
+                };
+                linear::forward_packed(input, packed, w, bias, outs.get(0), self.precision);
+            }
+            Op::LinearBackwardInput { .. } => {
+                linear::backward_input(x(0), ins[1].linear(), outs.get(0), acc, self.precision);
+            }
+            Op::Matmul {
+                m,
+                n,
+                k,
+                a_t,
+                b_t,
+                alpha,
+            } => {
+                let a = if *a_t {
+                    View::transposed(x(0), *k, *m)
+                } else {
+                    View::new(x(0), *m, *k)
+                };
+                let b = if *b_t {
+                    View::transposed(x(1), *n, *k)
+                } else {
+                    View::new(x(1), *k, *n)
+                };
+                matmul_into(a, b, *alpha, outs.get(0), *n, 0, acc);
+            }
+            Op::Dropout { p, stream } => {
+                let d = dropout_params(x(0).len(), ins[1].u32(), *stream, *p);
+                outs.set(0, dropout::apply(&d, x(0)));
+            }
+            Op::DropoutBackward { p, stream } => {
+                let d = dropout_params(x(0).len(), ins[1].u32(), *stream, *p);
+                assert!(acc, "dropout_backward accumulates into its output");
+                dropout::backward_accumulate(&d, x(0), outs.get(0));
+            }
+            Op::Add => {
+                if acc {
+                    ops::add_assign(outs.get(0), x(0));
+                } else {
+                    outs.set(0, ops::sum(x(0), x(1)));
+                }
+            }
+            Op::Rope {
+                heads,
+                head_dim,
+                inverse,
+            } => rope::apply(outs.get(0), *heads, *head_dim, x(0), x(1), *inverse),
+            Op::SwiGlu => swiglu::forward(x(0), x(1), outs.get(0)),
+            Op::SwiGluBackward => {
+                let (dgate, dup) = two(&mut outs);
+                swiglu::backward(x(0), x(1), x(2), dgate, dup);
+            }
+            Op::Attention { shape } => {
+                let segments = ins.get(3).map(|s| s.u32());
+                let (out, lse) = two(&mut outs);
+                attention::forward(*shape, x(0), x(1), x(2), segments, out, lse);
+            }
+            Op::AttentionBackward { shape } => {
+                let segments = ins.get(6).map(|s| s.u32());
+                let (dq, dk, dv) = three(&mut outs);
+                attention::backward(
+                    *shape,
+                    x(0),
+                    x(1),
+                    x(2),
+                    x(3),
+                    x(4),
+                    x(5),
+                    segments,
+                    dq,
+                    dk,
+                    dv,
+                );
+            }
+            Op::GatherRows { dim } => {
+                let (src, index) = (x(0), ins[1].u32());
+                let rows: Vec<f32> = index
+                    .iter()
+                    .flat_map(|&t| {
+                        src[t as usize * dim..(t as usize + 1) * dim]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                outs.set(0, rows);
+            }
+            Op::ScatterRows { dim } => {
+                let (rows, index) = (x(0), ins[1].u32());
+                let out = outs.get(0);
+                for (i, &t) in index.iter().enumerate() {
+                    out[t as usize * dim..(t as usize + 1) * dim]
+                        .copy_from_slice(&rows[i * dim..(i + 1) * dim]);
+                }
+            }
+            Op::CrossEntropy => {
+                let (losses, _) =
+                    cross_entropy::forward(x(0), ins[1].table(), ins[2].u32(), self.precision);
+                outs.set(0, losses);
+            }
+            Op::CrossEntropyWithGrad => {
+                let scale = x(3)[0];
+                let (losses, d_hidden) = cross_entropy::forward_backward(
+                    x(0),
+                    ins[1].table(),
+                    ins[2].u32(),
+                    scale,
+                    self.precision,
+                );
+                outs.set(0, losses);
+                outs.set(1, d_hidden);
+            }
+            Op::Logits => {
+                outs.set(
+                    0,
+                    cross_entropy::logits(x(0), ins[1].table(), self.precision),
+                );
+            }
+        }
+        drop(ins);
+        for (&o, slot) in node.outputs.iter().zip(outs.slots) {
+            slots[o] = slot;
+        }
+    }
+}
+
+fn dropout_params(n: usize, seed: &[u32], stream: u32, p: f32) -> DropoutParams {
+    let seed = seed[0] as u64 | (seed[1] as u64) << 32;
+    DropoutParams::new(n, seed, stream, p)
+}
+
+fn two<'o>(outs: &'o mut Outs<'_>) -> (&'o mut [f32], &'o mut [f32]) {
+    outs.get(0);
+    outs.get(1);
+    let (a, b) = outs.slots.split_at_mut(1);
+    (a[0].f32_mut(), b[0].f32_mut())
+}
+
+fn three<'o>(outs: &'o mut Outs<'_>) -> (&'o mut [f32], &'o mut [f32], &'o mut [f32]) {
+    for i in 0..3 {
+        outs.get(i);
+    }
+    let (a, rest) = outs.slots.split_at_mut(1);
+    let (b, c) = rest.split_at_mut(1);
+    (a[0].f32_mut(), b[0].f32_mut(), c[0].f32_mut())
+}
+
+/// One sequence's forward and, with `grads`, its backward adding ∂(grad_scale · loss_sum)/∂θ into
+/// `grads` for every LoRA matrix, through the decoder's graph. `dropout_rng` enables LoRA dropout: one
+/// seed is drawn from it per call, from which every mask of the sequence follows.
+pub fn forward_backward(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    grads: Option<&mut LoraAdapter>,
+    seq: &Sequence,
+    options: StepOptions,
+    dropout_rng: Option<&mut Rng>,
+) -> Result<StepLoss> {
+    seq.check(model.config.vocab_size)?;
+    let seed = dropout_rng.map(|r| r.next_u64());
+    let targets = seq.target_count();
+    if targets == 0 {
+        return Ok(StepLoss {
+            loss_sum: 0.0,
+            targets,
+        });
+    }
+    let backward = grads.is_some();
+    let lora = adapter.map(LoraSpec::of);
+    let shape = StepShape::of(
+        seq,
+        backward,
+        seed.is_some(),
+        options.checkpoint && backward,
+    );
+    let graph = decoder::build(&model.config, lora.as_ref(), shape);
+    let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed.unwrap_or(0));
+    let out = run(
+        &graph,
+        Bindings {
+            model,
+            adapter,
+            grads,
+            inputs: &inputs,
+            precision: options.precision,
+        },
+    )?;
+    Ok(StepLoss {
+        loss_sum: out.losses.iter().map(|&l| l as f64).sum(),
+        targets,
+    })
+}
+
+/// Logits [tokens, vocab] of a sequence in f32 (evaluation of small models, parity tests).
+pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Result<Vec<f32>> {
+    let seq = Sequence::all_tokens(ids.to_vec());
+    let shape = StepShape {
+        logits: true,
+        ..StepShape::of(&seq, false, false, false)
+    };
+    let lora = adapter.map(LoraSpec::of);
+    let graph = decoder::build(&model.config, lora.as_ref(), shape);
+    let inputs = decoder::inputs(&model.config, &seq, 0.0, 0);
+    let out = run(
+        &graph,
+        Bindings {
+            model,
+            adapter,
+            grads: None,
+            inputs: &inputs,
+            precision: Precision::F32,
+        },
+    )?;
+    Ok(out.logits)
+}

@@ -1,0 +1,3 @@
+//! Executors: each runs the graphs that `models` build.
+
+pub mod cpu;

@@ -1,0 +1,419 @@
+//! A training or inference step as data: nodes of nibble's fused ops over buffers. A model is written
+//! once as a function that builds a graph (`models::decoder`); each executor interprets graphs
+//! (`exec::cpu`). A graph depends only on a step's shape (tokens, labelled positions, packing, dropout,
+//! checkpointing): everything that changes from step to step (token ids, rope tables, example starts,
+//! labels, the gradient scale, the dropout seed) is an input buffer the executor fills.
+//!
+//! Buffers are written before they are read, in node order. A node may write a buffer more than once
+//! (`accumulate`: the output is added to, as gradients and a linear's LoRA branch are) and a few ops
+//! rotate their output in place (`Op::reads_output`). Memory follows from the node order: a buffer lives
+//! from its first write to its last use (`liveness`), which is what the executors allocate and what
+//! `nibble plan` reports.
+
+pub mod checkpoint;
+
+use crate::ops::attention::AttentionShape;
+
+pub type BufId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    U32,
+}
+
+impl Dtype {
+    pub fn size(self) -> u64 {
+        4
+    }
+}
+
+/// Values that change from step to step, filled by the executor before a graph runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    /// Token ids [tokens].
+    TokenIds,
+    /// RoPE cos and sin tables [tokens, head_dim / 2] at each token's position in its example.
+    RopeCos,
+    RopeSin,
+    /// Per token, the first position it may attend to (the start of its example in a packed sequence).
+    FirstKey,
+    /// The positions that carry a label, ascending [positions].
+    LabelPositions,
+    /// The token each labelled position must predict [positions].
+    Labels,
+    /// [1]: gradients are those of grad_scale · Σ loss.
+    GradScale,
+    /// [2]: the LoRA dropout masks' seed, low and high words.
+    DropoutSeed,
+}
+
+/// The values of a step's inputs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepInputs {
+    pub ids: Vec<u32>,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub first_key: Vec<u32>,
+    pub label_positions: Vec<u32>,
+    pub labels: Vec<u32>,
+    pub grad_scale: f32,
+    pub dropout_seed: u64,
+}
+
+/// An input's value: integers or floats.
+pub enum InputValue<'a> {
+    U32(std::borrow::Cow<'a, [u32]>),
+    F32(std::borrow::Cow<'a, [f32]>),
+}
+
+impl StepInputs {
+    pub fn value(&self, input: Input) -> InputValue<'_> {
+        use std::borrow::Cow::{Borrowed, Owned};
+        match input {
+            Input::TokenIds => InputValue::U32(Borrowed(&self.ids)),
+            Input::RopeCos => InputValue::F32(Borrowed(&self.cos)),
+            Input::RopeSin => InputValue::F32(Borrowed(&self.sin)),
+            Input::FirstKey => InputValue::U32(Borrowed(&self.first_key)),
+            Input::LabelPositions => InputValue::U32(Borrowed(&self.label_positions)),
+            Input::Labels => InputValue::U32(Borrowed(&self.labels)),
+            Input::GradScale => InputValue::F32(Owned(vec![self.grad_scale])),
+            Input::DropoutSeed => InputValue::U32(Owned(vec![
+                self.dropout_seed as u32,
+                (self.dropout_seed >> 32) as u32,
+            ])),
+        }
+    }
+}
+
+/// What a buffer holds, and so who owns its memory.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A frozen tensor of the model, by its checkpoint name (`model.layers.3.self_attn.q_proj.weight`).
+    Weight(String),
+    /// A LoRA matrix of the linear at a module path (`model.layers.3.self_attn.q_proj`): A [r, in] or
+    /// B [out, r].
+    LoraA(String),
+    LoraB(String),
+    /// Their gradients, accumulated over a step's sequences.
+    LoraGradA(String),
+    LoraGradB(String),
+    Input(Input),
+    /// Per labelled position, the token cross-entropy: what a step reads back.
+    Losses,
+    /// Logits [positions, vocab] (evaluation of small models and parity tests).
+    Logits,
+    /// An intermediate value: allocated at its first write, released after its last use.
+    Activation,
+}
+
+impl Role {
+    /// Whether the executor allocates and releases the buffer as the graph runs (everything that the
+    /// step produces and that does not outlive it).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Role::Activation)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BufDesc {
+    /// Elements.
+    pub len: usize,
+    pub dtype: Dtype,
+    pub role: Role,
+    /// What it is, for error messages and dumps (`layers.3.xn1`).
+    pub name: String,
+}
+
+/// nibble's fused ops. Shapes that the buffers' lengths do not fix are parameters; each op's inputs and
+/// outputs are listed in order beside it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// [ids, table] -> [x]: rows of an embedding table.
+    Embed { dim: usize },
+    /// [x, weight] -> [y, inv_rms]: RMSNorm over rows of `dim`.
+    RmsNorm { dim: usize, eps: f64 },
+    /// [x, weight, inv_rms, dy] -> [dx].
+    RmsNormBackward { dim: usize, eps: f64 },
+    /// [x, weight (, bias)] -> [y]: y = x·Wᵀ (+ bias) with W [out, inp] frozen (4-bit or dense).
+    Linear { out: usize, inp: usize },
+    /// [dy, weight] -> [dx]: dx = dy·W.
+    LinearBackwardInput { out: usize, inp: usize },
+    /// [a, b] -> [c]: c = alpha · A·B with A [m, k] (stored transposed, [k, m], when `a_t`) and B
+    /// [k, n] (stored [n, k] when `b_t`).
+    Matmul {
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        alpha: f32,
+    },
+    /// [x, seed] -> [y]: LoRA dropout with the counter-based masks of `stream`.
+    Dropout { p: f32, stream: u32 },
+    /// [dy, seed] -> [dx]: the same mask applied to a gradient.
+    DropoutBackward { p: f32, stream: u32 },
+    /// [a, b] -> [c] = a + b, or [a] -> [c] += a with `accumulate`.
+    Add,
+    /// [cos, sin] -> [x]: rotates x [tokens, heads · head_dim] in place (half-split pairs);
+    /// `inverse` rotates back (the backward).
+    Rope {
+        heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    },
+    /// [gate, up] -> [h] = silu(gate) · up.
+    SwiGlu,
+    /// [gate, up, dh] -> [dgate, dup].
+    SwiGluBackward,
+    /// [q, k, v (, first_key)] -> [out, lse]: causal grouped-query attention; with `first_key`, each
+    /// token attends only inside its own example.
+    Attention { shape: AttentionShape },
+    /// [q, k, v, out, lse, d_out (, first_key)] -> [dq, dk, dv].
+    AttentionBackward { shape: AttentionShape },
+    /// [x, index] -> [rows]: rows `index[i]` of x [*, dim].
+    GatherRows { dim: usize },
+    /// [rows, index] -> [x]: row i into row `index[i]` of x; other rows zero.
+    ScatterRows { dim: usize },
+    /// [hidden, head, labels] -> [losses]: per position −log softmax(h·headᵀ)[label], the vocabulary
+    /// walked in chunks.
+    CrossEntropy,
+    /// [hidden, head, labels, grad_scale] -> [losses, d_hidden]: the loss and grad_scale times its
+    /// gradient, in one walk over the vocabulary.
+    CrossEntropyWithGrad,
+    /// [hidden, head] -> [logits]: every logit [positions, vocab].
+    Logits,
+}
+
+impl Op {
+    /// Whether the op reads its output's previous contents (other than by accumulating).
+    pub fn reads_output(&self) -> bool {
+        matches!(self, Op::Rope { .. })
+    }
+
+    /// The op's name in dumps and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embed { .. } => "embed",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::RmsNormBackward { .. } => "rmsnorm_backward",
+            Op::Linear { .. } => "linear",
+            Op::LinearBackwardInput { .. } => "linear_backward_input",
+            Op::Matmul { .. } => "matmul",
+            Op::Dropout { .. } => "dropout",
+            Op::DropoutBackward { .. } => "dropout_backward",
+            Op::Add => "add",
+            Op::Rope { .. } => "rope",
+            Op::SwiGlu => "swiglu",
+            Op::SwiGluBackward => "swiglu_backward",
+            Op::Attention { .. } => "attention",
+            Op::AttentionBackward { .. } => "attention_backward",
+            Op::GatherRows { .. } => "gather_rows",
+            Op::ScatterRows { .. } => "scatter_rows",
+            Op::CrossEntropy => "cross_entropy",
+            Op::CrossEntropyWithGrad => "cross_entropy_with_grad",
+            Op::Logits => "logits",
+        }
+    }
+}
+
+/// Which part of the step a node belongs to; gradient checkpointing recomputes the forward nodes of a
+/// block before the backward nodes that read them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stage {
+    /// The repeated unit (a decoder layer) the node belongs to, if any.
+    pub block: Option<usize>,
+    pub backward: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub inputs: Vec<BufId>,
+    pub outputs: Vec<BufId>,
+    /// Outputs are added to instead of overwritten.
+    pub accumulate: bool,
+    pub stage: Stage,
+}
+
+impl Node {
+    /// Every buffer the node reads, its outputs included where it reads them.
+    pub fn reads(&self) -> impl Iterator<Item = BufId> + '_ {
+        let outputs_read = self.accumulate || self.op.reads_output();
+        self.inputs
+            .iter()
+            .chain(self.outputs.iter().filter(move |_| outputs_read))
+            .copied()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Graph {
+    pub bufs: Vec<BufDesc>,
+    pub nodes: Vec<Node>,
+}
+
+impl Graph {
+    /// For each buffer, the index of the last node that reads or writes it (None: never used).
+    pub fn last_use(&self) -> Vec<Option<usize>> {
+        let mut last = vec![None; self.bufs.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for b in node.reads().chain(node.outputs.iter().copied()) {
+                last[b] = Some(i);
+            }
+        }
+        last
+    }
+
+    /// For each buffer, the index of the first node that writes it.
+    pub fn first_write(&self) -> Vec<Option<usize>> {
+        let mut first = vec![None; self.bufs.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for &b in &node.outputs {
+                first[b].get_or_insert(i);
+            }
+        }
+        first
+    }
+
+    /// Bytes of transient buffers alive at once, at the worst node: each lives from its first write to
+    /// its last use, both included.
+    pub fn peak_transient_bytes(&self) -> u64 {
+        let (first, last) = (self.first_write(), self.last_use());
+        let mut delta = vec![0i64; self.nodes.len() + 1];
+        for (b, desc) in self.bufs.iter().enumerate() {
+            if let (true, Some(f), Some(l)) = (desc.role.is_transient(), first[b], last[b]) {
+                let bytes = (desc.len as u64 * desc.dtype.size()) as i64;
+                delta[f] += bytes;
+                delta[l + 1] -= bytes;
+            }
+        }
+        let (mut live, mut peak) = (0i64, 0i64);
+        for d in delta {
+            live += d;
+            peak = peak.max(live);
+        }
+        peak as u64
+    }
+
+    /// The buffer of a role (an input, the losses), if the graph has one.
+    pub fn find(&self, role: &Role) -> Option<BufId> {
+        self.bufs.iter().position(|b| &b.role == role)
+    }
+
+    /// Checks the graph's own consistency: every buffer read is written earlier (or comes from outside
+    /// the step), ids are in range, accumulating writes target buffers that exist. A violation is a bug
+    /// in a model's builder, reported with the node.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut written = vec![false; self.bufs.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for b in node.reads().chain(node.outputs.iter().copied()) {
+                if b >= self.bufs.len() {
+                    return Err(format!("node {i} ({}) names buffer {b}", node.op.name()));
+                }
+            }
+            // An accumulating write into a buffer not written yet adds to zeros.
+            let rotated = node.outputs.iter().filter(|_| node.op.reads_output());
+            for &b in node.inputs.iter().chain(rotated) {
+                let from_outside = !self.bufs[b].role.is_transient()
+                    && !matches!(self.bufs[b].role, Role::Losses | Role::Logits);
+                if !written[b] && !from_outside {
+                    return Err(format!(
+                        "node {i} ({}) reads {} before anything writes it",
+                        node.op.name(),
+                        self.bufs[b].name
+                    ));
+                }
+            }
+            for &b in &node.outputs {
+                written[b] = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds a graph node by node; models call its op methods in the order the step runs.
+#[derive(Default)]
+pub struct Builder {
+    graph: Graph,
+    stage: Stage,
+}
+
+impl Builder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn finish(self) -> Graph {
+        self.graph
+    }
+
+    /// Nodes added from now on belong to `stage`.
+    pub fn set_stage(&mut self, block: Option<usize>, backward: bool) {
+        self.stage = Stage { block, backward };
+    }
+
+    fn buffer(&mut self, len: usize, dtype: Dtype, role: Role, name: String) -> BufId {
+        self.graph.bufs.push(BufDesc {
+            len,
+            dtype,
+            role,
+            name,
+        });
+        self.graph.bufs.len() - 1
+    }
+
+    /// The buffer of an outside role (a weight, an input, a LoRA matrix), created once.
+    fn outside(&mut self, role: Role, len: usize, dtype: Dtype, name: &str) -> BufId {
+        match self.graph.find(&role) {
+            Some(b) => b,
+            None => self.buffer(len, dtype, role, name.to_string()),
+        }
+    }
+
+    /// A fresh f32 activation of `len` elements.
+    pub fn activation(&mut self, len: usize, name: impl Into<String>) -> BufId {
+        self.buffer(len, Dtype::F32, Role::Activation, name.into())
+    }
+
+    pub fn result(&mut self, role: Role, len: usize) -> BufId {
+        let name = format!("{role:?}").to_lowercase();
+        self.outside(role, len, Dtype::F32, &name)
+    }
+
+    pub fn weight(&mut self, name: &str, len: usize) -> BufId {
+        self.outside(Role::Weight(name.to_string()), len, Dtype::F32, name)
+    }
+
+    pub fn input(&mut self, input: Input, len: usize) -> BufId {
+        let dtype = match input {
+            Input::RopeCos | Input::RopeSin | Input::GradScale => Dtype::F32,
+            _ => Dtype::U32,
+        };
+        self.outside(Role::Input(input), len, dtype, &format!("{input:?}"))
+    }
+
+    pub fn lora(&mut self, role: Role, len: usize) -> BufId {
+        let name = format!("{role:?}");
+        self.outside(role, len, Dtype::F32, &name)
+    }
+
+    pub fn node(&mut self, op: Op, inputs: &[BufId], outputs: &[BufId], accumulate: bool) {
+        self.graph.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+            accumulate,
+            stage: self.stage,
+        });
+    }
+
+    pub fn len(&self, b: BufId) -> usize {
+        self.graph.bufs[b].len
+    }
+
+    pub fn name(&self, b: BufId) -> &str {
+        &self.graph.bufs[b].name
+    }
+}

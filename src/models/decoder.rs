@@ -1,0 +1,591 @@
+//! The decoder-only transformer (Qwen2/2.5, Qwen3, Llama) written once, as a graph builder: the forward,
+//! the loss (cross-entropy at the labelled positions, walked over vocabulary chunks), and the backward
+//! into the LoRA matrices, mirrored in straight-line code as llm.c does. Families differ by
+//! configuration (q/k norms, biases, tied embeddings); every executor runs the graph this builds.
+
+use crate::config::{LinearKind, ModelConfig};
+use crate::cpu::Sequence;
+use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoint};
+use crate::lora::LoraAdapter;
+use crate::ops::attention::AttentionShape;
+use crate::ops::{dropout, rope};
+
+/// The LoRA branches a graph computes: which linears (by module path) and with what rank, scale and
+/// dropout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub scale: f32,
+    /// Probability of dropping an element of a LoRA branch's input while training.
+    pub dropout: f32,
+    /// Module paths of the adapted linears (`model.layers.3.self_attn.q_proj`).
+    pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    pub fn of(adapter: &LoraAdapter) -> Self {
+        LoraSpec {
+            rank: adapter.config.r,
+            scale: adapter.config.scale(),
+            dropout: adapter.config.dropout,
+            targets: adapter.pairs().map(|(l, k, _)| k.path(l)).collect(),
+        }
+    }
+}
+
+/// What a step computes, beyond the model: everything a graph depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StepShape {
+    pub tokens: usize,
+    /// Positions that carry a label.
+    pub positions: usize,
+    /// Several examples in one sequence: attention stays inside each.
+    pub packed: bool,
+    /// The backward into the LoRA gradients, after the loss.
+    pub backward: bool,
+    /// LoRA dropout (training).
+    pub dropout: bool,
+    /// Gradient checkpointing: each layer recomputed before its backward.
+    pub checkpoint: bool,
+    /// Every logit of every position instead of the loss (evaluation of small models, parity tests).
+    pub logits: bool,
+}
+
+impl StepShape {
+    /// The shape of a training (or, without `backward`, evaluation) step over `seq`.
+    pub fn of(seq: &Sequence, backward: bool, dropout: bool, checkpoint: bool) -> Self {
+        StepShape {
+            tokens: seq.ids.len(),
+            positions: seq.target_count(),
+            packed: seq.is_packed(),
+            backward,
+            dropout,
+            checkpoint,
+            logits: false,
+        }
+    }
+}
+
+/// The step's per-sequence inputs: ids, RoPE tables at each token's position inside its example, example
+/// starts, labels, the gradient scale and the dropout seed.
+pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u64) -> StepInputs {
+    let (cos, sin) = rope::tables(
+        &seq.positions(),
+        &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+    );
+    let labelled: Vec<u32> = (0..seq.ids.len() as u32)
+        .filter(|&t| seq.targets[t as usize].is_some())
+        .collect();
+    StepInputs {
+        ids: seq.ids.clone(),
+        cos,
+        sin,
+        first_key: seq.segments(),
+        labels: labelled
+            .iter()
+            .map(|&t| seq.targets[t as usize].expect("filtered"))
+            .collect(),
+        label_positions: labelled,
+        grad_scale,
+        dropout_seed,
+    }
+}
+
+/// A linear layer as the forward ran it: what its backward reads.
+struct LinearTape {
+    path: String,
+    x: BufId,
+    weight: BufId,
+    out: usize,
+    inp: usize,
+    lora: Option<LoraTape>,
+}
+
+struct LoraTape {
+    a: BufId,
+    b: BufId,
+    /// dropout(x)·Aᵀ [tokens, r].
+    xa: BufId,
+    dropout: Option<Op>,
+}
+
+/// What a layer's forward produced that its backward reads.
+struct LayerTape {
+    x: BufId,
+    input_norm: BufId,
+    inv1: BufId,
+    /// (pre-norm q, its norm weight, inverse RMS), and the same for k (Qwen3).
+    qk_norm: Option<[(BufId, BufId, BufId); 2]>,
+    q: BufId,
+    k: BufId,
+    v: BufId,
+    attn: BufId,
+    lse: BufId,
+    x_mid: BufId,
+    post_norm: BufId,
+    inv2: BufId,
+    gate: BufId,
+    up: BufId,
+    linears: Vec<LinearTape>,
+}
+
+struct Decoder<'a> {
+    b: Builder,
+    c: &'a ModelConfig,
+    lora: Option<&'a LoraSpec>,
+    shape: StepShape,
+}
+
+impl Decoder<'_> {
+    fn t(&self) -> usize {
+        self.shape.tokens
+    }
+
+    fn rmsnorm(&mut self, x: BufId, weight: BufId, dim: usize, name: &str) -> (BufId, BufId) {
+        let len = self.b.len(x);
+        let (y, inv) = (
+            self.b.activation(len, name),
+            self.b.activation(len / dim, format!("{name}.inv_rms")),
+        );
+        let eps = self.c.rms_norm_eps;
+        self.b
+            .node(Op::RmsNorm { dim, eps }, &[x, weight], &[y, inv], false);
+        (y, inv)
+    }
+
+    fn rmsnorm_backward(
+        &mut self,
+        x: BufId,
+        weight: BufId,
+        inv: BufId,
+        dy: BufId,
+        dim: usize,
+    ) -> BufId {
+        let dx = self
+            .b
+            .activation(self.b.len(x), format!("d {}", self.b.name(x)));
+        let eps = self.c.rms_norm_eps;
+        self.b.node(
+            Op::RmsNormBackward { dim, eps },
+            &[x, weight, inv, dy],
+            &[dx],
+            false,
+        );
+        dx
+    }
+
+    fn norm_weight(&mut self, name: &str, len: usize) -> BufId {
+        self.b.weight(name, len)
+    }
+
+    fn dropout_op(&self, layer: usize, kind: LinearKind) -> Option<Op> {
+        let p = self.lora?.dropout;
+        (self.shape.dropout && p > 0.0).then(|| Op::Dropout {
+            p,
+            stream: dropout::stream(layer, kind as usize),
+        })
+    }
+
+    fn seed(&mut self) -> BufId {
+        self.b.input(Input::DropoutSeed, 2)
+    }
+
+    /// y = x·Wᵀ (+ bias) + scale · (dropout(x)·Aᵀ)·Bᵀ.
+    fn linear(&mut self, layer: usize, kind: LinearKind, x: BufId) -> (BufId, LinearTape) {
+        let t = self.t();
+        let (out, inp) = self.c.linear_shape(kind);
+        let path = kind.path(layer);
+        let weight = self.b.weight(&format!("{path}.weight"), out * inp);
+        let mut inputs = vec![x, weight];
+        if self.c.linear_has_bias(kind) {
+            inputs.push(self.b.weight(&format!("{path}.bias"), out));
+        }
+        let y = self
+            .b
+            .activation(t * out, format!("layers.{layer}.{}", kind.module_name()));
+        self.b.node(Op::Linear { out, inp }, &inputs, &[y], false);
+        let lora = match self.lora {
+            Some(spec) if spec.targets.contains(&path) => {
+                let (r, scale) = (spec.rank, spec.scale);
+                let a = self.b.lora(Role::LoraA(path.clone()), r * inp);
+                let bm = self.b.lora(Role::LoraB(path.clone()), out * r);
+                let dropout = self.dropout_op(layer, kind);
+                let lora_in = match &dropout {
+                    Some(op) => {
+                        let dropped = self.b.activation(t * inp, format!("{path} dropout"));
+                        let seed = self.seed();
+                        self.b.node(op.clone(), &[x, seed], &[dropped], false);
+                        dropped
+                    }
+                    None => x,
+                };
+                let xa = self.b.activation(t * r, format!("{path} x·Aᵀ"));
+                let mm = |m, n, k, a_t, b_t, alpha| Op::Matmul {
+                    m,
+                    n,
+                    k,
+                    a_t,
+                    b_t,
+                    alpha,
+                };
+                self.b
+                    .node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
+                self.b
+                    .node(mm(t, out, r, false, true, scale), &[xa, bm], &[y], true);
+                Some(LoraTape {
+                    a,
+                    b: bm,
+                    xa,
+                    dropout,
+                })
+            }
+            _ => None,
+        };
+        let tape = LinearTape {
+            path,
+            x,
+            weight,
+            out,
+            inp,
+            lora,
+        };
+        (y, tape)
+    }
+
+    /// dx += dy·W and the LoRA branch's input gradient; the LoRA matrices' gradients accumulate.
+    fn linear_backward(&mut self, tape: &LinearTape, dy: BufId, dx: BufId) {
+        let (t, out, inp) = (self.t(), tape.out, tape.inp);
+        self.b.node(
+            Op::LinearBackwardInput { out, inp },
+            &[dy, tape.weight],
+            &[dx],
+            true,
+        );
+        let Some(lora) = &tape.lora else {
+            return;
+        };
+        let spec = self.lora.expect("a LoRA tape has a spec");
+        let (r, scale) = (spec.rank, spec.scale);
+        let mm = |m, n, k, a_t, b_t, alpha| Op::Matmul {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            alpha,
+        };
+        let path = &tape.path;
+        // d(xa) = scale · dy·B
+        let dxa = self.b.activation(t * r, format!("d {path} x·Aᵀ"));
+        self.b.node(
+            mm(t, r, out, false, false, scale),
+            &[dy, lora.b],
+            &[dxa],
+            false,
+        );
+        // The dropped input is drawn again rather than kept: the masks are counter-based.
+        let lora_in = match &lora.dropout {
+            Some(op) => {
+                let dropped = self.b.activation(t * inp, format!("{path} dropout"));
+                let seed = self.seed();
+                self.b.node(op.clone(), &[tape.x, seed], &[dropped], false);
+                dropped
+            }
+            None => tape.x,
+        };
+        let gb = self.b.lora(Role::LoraGradB(path.clone()), out * r);
+        let ga = self.b.lora(Role::LoraGradA(path.clone()), r * inp);
+        // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
+        self.b.node(
+            mm(out, r, t, true, false, scale),
+            &[dy, lora.xa],
+            &[gb],
+            true,
+        );
+        self.b.node(
+            mm(r, inp, t, true, false, 1.0),
+            &[dxa, lora_in],
+            &[ga],
+            true,
+        );
+        let d_lora_in = self.b.activation(t * inp, format!("d {path} input"));
+        self.b.node(
+            mm(t, inp, r, false, false, 1.0),
+            &[dxa, lora.a],
+            &[d_lora_in],
+            false,
+        );
+        match &lora.dropout {
+            Some(Op::Dropout { p, stream }) => {
+                let seed = self.seed();
+                let op = Op::DropoutBackward {
+                    p: *p,
+                    stream: *stream,
+                };
+                self.b.node(op, &[d_lora_in, seed], &[dx], true);
+            }
+            _ => self.b.node(Op::Add, &[d_lora_in], &[dx], true),
+        }
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            tokens: self.t(),
+            heads: self.c.num_heads,
+            kv_heads: self.c.num_kv_heads,
+            head_dim: self.c.head_dim,
+        }
+    }
+
+    fn rope(&mut self, x: BufId, heads: usize, inverse: bool) {
+        let half = self.t() * self.c.head_dim / 2;
+        let cos = self.b.input(Input::RopeCos, half);
+        let sin = self.b.input(Input::RopeSin, half);
+        let head_dim = self.c.head_dim;
+        self.b.node(
+            Op::Rope {
+                heads,
+                head_dim,
+                inverse,
+            },
+            &[cos, sin],
+            &[x],
+            false,
+        );
+    }
+
+    /// The attention inputs after q/k/v: example boundaries when packed.
+    fn first_key(&mut self) -> Option<BufId> {
+        let t = self.t();
+        self.shape.packed.then(|| self.b.input(Input::FirstKey, t))
+    }
+
+    fn add(&mut self, a: BufId, b: BufId, name: String) -> BufId {
+        let c = self.b.activation(self.b.len(a), name);
+        self.b.node(Op::Add, &[a, b], &[c], false);
+        c
+    }
+
+    fn layer_forward(&mut self, l: usize, x: BufId) -> (BufId, LayerTape) {
+        let c = self.c;
+        let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
+        self.b.set_stage(Some(l), false);
+        let input_norm = self.norm_weight(&format!("model.layers.{l}.input_layernorm.weight"), h);
+        let (xn1, inv1) = self.rmsnorm(x, input_norm, h, &format!("layers.{l}.xn1"));
+        let mut linears = Vec::with_capacity(7);
+        let mut run = |d: &mut Self, kind, input| {
+            let (y, tape) = d.linear(l, kind, input);
+            linears.push(tape);
+            y
+        };
+        let mut q = run(self, LinearKind::Q, xn1);
+        let mut k = run(self, LinearKind::K, xn1);
+        let v = run(self, LinearKind::V, xn1);
+        let mut qk_norm = None;
+        if c.qk_norm {
+            let prefix = format!("model.layers.{l}.self_attn");
+            let qn = self.norm_weight(&format!("{prefix}.q_norm.weight"), hd);
+            let kn = self.norm_weight(&format!("{prefix}.k_norm.weight"), hd);
+            let (qq, iq) = self.rmsnorm(q, qn, hd, &format!("layers.{l}.q"));
+            let (kk, ik) = self.rmsnorm(k, kn, hd, &format!("layers.{l}.k"));
+            qk_norm = Some([(q, qn, iq), (k, kn, ik)]);
+            (q, k) = (qq, kk);
+        }
+        self.rope(q, c.num_heads, false);
+        self.rope(k, c.num_kv_heads, false);
+        let attn = self.b.activation(t * c.q_dim(), format!("layers.{l}.attn"));
+        let lse = self
+            .b
+            .activation(c.num_heads * t, format!("layers.{l}.lse"));
+        let mut inputs = vec![q, k, v];
+        inputs.extend(self.first_key());
+        let shape = self.attention_shape();
+        self.b
+            .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
+        let o = run(self, LinearKind::O, attn);
+        let x_mid = self.add(x, o, format!("layers.{l}.x_mid"));
+        let post_norm = self.norm_weight(
+            &format!("model.layers.{l}.post_attention_layernorm.weight"),
+            h,
+        );
+        let (xn2, inv2) = self.rmsnorm(x_mid, post_norm, h, &format!("layers.{l}.xn2"));
+        let gate = run(self, LinearKind::Gate, xn2);
+        let up = run(self, LinearKind::Up, xn2);
+        let hidden = self.swiglu(gate, up, l);
+        let down = run(self, LinearKind::Down, hidden);
+        let x_out = self.add(x_mid, down, format!("layers.{l}.out"));
+        let tape = LayerTape {
+            x,
+            input_norm,
+            inv1,
+            qk_norm,
+            q,
+            k,
+            v,
+            attn,
+            lse,
+            x_mid,
+            post_norm,
+            inv2,
+            gate,
+            up,
+            linears,
+        };
+        (x_out, tape)
+    }
+
+    fn swiglu(&mut self, gate: BufId, up: BufId, l: usize) -> BufId {
+        let h = self
+            .b
+            .activation(self.b.len(gate), format!("layers.{l}.swiglu"));
+        self.b.node(Op::SwiGlu, &[gate, up], &[h], false);
+        h
+    }
+
+    fn layer_backward(&mut self, l: usize, s: &LayerTape, dx_out: BufId) -> BufId {
+        let c = self.c;
+        let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
+        self.b.set_stage(Some(l), true);
+        let tape = |kind: LinearKind| &s.linears[kind as usize];
+        // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x intermediate floats
+        // per layer, the largest activation there is.
+        let hidden = self.swiglu(s.gate, s.up, l);
+        let dh = self
+            .b
+            .activation(self.b.len(hidden), format!("d layers.{l}.swiglu"));
+        self.linear_backward(tape(LinearKind::Down), dx_out, dh);
+        let (dgate, dup) = (
+            self.b
+                .activation(self.b.len(dh), format!("d layers.{l}.gate")),
+            self.b
+                .activation(self.b.len(dh), format!("d layers.{l}.up")),
+        );
+        self.b.node(
+            Op::SwiGluBackward,
+            &[s.gate, s.up, dh],
+            &[dgate, dup],
+            false,
+        );
+        let dxn2 = self.b.activation(t * h, format!("d layers.{l}.xn2"));
+        self.linear_backward(tape(LinearKind::Gate), dgate, dxn2);
+        self.linear_backward(tape(LinearKind::Up), dup, dxn2);
+        let dx_mid = self.rmsnorm_backward(s.x_mid, s.post_norm, s.inv2, dxn2, h);
+        self.b.node(Op::Add, &[dx_out], &[dx_mid], true);
+        let d_attn = self
+            .b
+            .activation(t * c.q_dim(), format!("d layers.{l}.attn"));
+        self.linear_backward(tape(LinearKind::O), dx_mid, d_attn);
+        let (dq, dk, dv) = (
+            self.b
+                .activation(self.b.len(s.q), format!("d layers.{l}.q")),
+            self.b
+                .activation(self.b.len(s.k), format!("d layers.{l}.k")),
+            self.b
+                .activation(self.b.len(s.v), format!("d layers.{l}.v")),
+        );
+        let mut inputs = vec![s.q, s.k, s.v, s.attn, s.lse, d_attn];
+        inputs.extend(self.first_key());
+        let shape = self.attention_shape();
+        self.b.node(
+            Op::AttentionBackward { shape },
+            &inputs,
+            &[dq, dk, dv],
+            false,
+        );
+        self.rope(dq, c.num_heads, true);
+        self.rope(dk, c.num_kv_heads, true);
+        let (dq, dk) = match s.qk_norm {
+            Some([(qp, qn, iq), (kp, kn, ik)]) => (
+                self.rmsnorm_backward(qp, qn, iq, dq, hd),
+                self.rmsnorm_backward(kp, kn, ik, dk, hd),
+            ),
+            None => (dq, dk),
+        };
+        let dxn1 = self.b.activation(t * h, format!("d layers.{l}.xn1"));
+        for (kind, d) in [
+            (LinearKind::Q, dq),
+            (LinearKind::K, dk),
+            (LinearKind::V, dv),
+        ] {
+            self.linear_backward(tape(kind), d, dxn1);
+        }
+        let dx = self.rmsnorm_backward(s.x, s.input_norm, s.inv1, dxn1, h);
+        self.b.node(Op::Add, &[dx_mid], &[dx], true);
+        dx
+    }
+}
+
+/// The output projection's tensor: lm_head, or the embedding when they are tied.
+fn head_name(c: &ModelConfig) -> &'static str {
+    if c.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    }
+}
+
+/// The graph of one step of shape `shape` over the decoder `c`, with the LoRA branches of `lora`.
+pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Graph {
+    let mut d = Decoder {
+        b: Builder::new(),
+        c,
+        lora,
+        shape,
+    };
+    let (t, h, vocab) = (shape.tokens, c.hidden_size, c.vocab_size);
+    let ids = d.b.input(Input::TokenIds, t);
+    let table = d.b.weight("model.embed_tokens.weight", vocab * h);
+    let mut x = d.b.activation(t * h, "embeddings");
+    d.b.node(Op::Embed { dim: h }, &[ids, table], &[x], false);
+    let mut tapes = Vec::with_capacity(c.num_layers);
+    for l in 0..c.num_layers {
+        let (next, tape) = d.layer_forward(l, x);
+        tapes.push(tape);
+        x = next;
+    }
+    d.b.set_stage(None, false);
+    let final_norm = d.b.weight("model.norm.weight", h);
+    let (xf, inv_f) = d.rmsnorm(x, final_norm, h, "final_norm");
+    let head = d.b.weight(head_name(c), vocab * h);
+    if shape.logits {
+        let logits = d.b.result(Role::Logits, t * vocab);
+        d.b.node(Op::Logits, &[xf, head], &[logits], false);
+        return d.b.finish();
+    }
+    let np = shape.positions;
+    let index = d.b.input(Input::LabelPositions, np);
+    let labels = d.b.input(Input::Labels, np);
+    let hidden = d.b.activation(np * h, "labelled hidden");
+    d.b.node(Op::GatherRows { dim: h }, &[xf, index], &[hidden], false);
+    let losses = d.b.result(Role::Losses, np);
+    if !shape.backward {
+        d.b.node(Op::CrossEntropy, &[hidden, head, labels], &[losses], false);
+        return d.b.finish();
+    }
+    d.b.set_stage(None, true);
+    let grad_scale = d.b.input(Input::GradScale, 1);
+    let d_hidden = d.b.activation(np * h, "d labelled hidden");
+    d.b.node(
+        Op::CrossEntropyWithGrad,
+        &[hidden, head, labels, grad_scale],
+        &[losses, d_hidden],
+        false,
+    );
+    let dxf = d.b.activation(t * h, "d final_norm");
+    d.b.node(
+        Op::ScatterRows { dim: h },
+        &[d_hidden, index],
+        &[dxf],
+        false,
+    );
+    let mut dx = d.rmsnorm_backward(x, final_norm, inv_f, dxf, h);
+    for (l, tape) in tapes.iter().enumerate().rev() {
+        dx = d.layer_backward(l, tape, dx);
+    }
+    let graph = d.b.finish();
+    if shape.checkpoint {
+        checkpoint::apply(&graph)
+    } else {
+        graph
+    }
+}

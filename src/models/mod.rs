@@ -1,0 +1,3 @@
+//! Models, each written once as a graph builder.
+
+pub mod decoder;
