@@ -31,6 +31,15 @@ fn add(@builtin(global_invocation_id) id: vec3<u32>) {
     }
 }
 
+// out0 += a
+@compute @workgroup_size(256)
+fn add_assign(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat(id);
+    if (i < p.n) {
+        out0[i] = out0[i] + a[i];
+    }
+}
+
 // out0 = silu(a) · b  (a = gate, b = up)
 @compute @workgroup_size(256)
 fn swiglu_forward(@builtin(global_invocation_id) id: vec3<u32>) {

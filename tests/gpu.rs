@@ -4,27 +4,11 @@
 
 mod common;
 
-use common::{fixture, rel};
+use common::{fixture, gpu, rel};
 use nibble::cpu;
 use nibble::gpu::Gpu;
 use nibble::gpu::step::{self, GpuLora, GpuModel};
 use nibble::lora::peft_key;
-
-fn gpu() -> Option<Gpu> {
-    match Gpu::new(true) {
-        Ok(g) => {
-            eprintln!("GPU executor on {} ({:?})", g.info.name, g.info.backend);
-            Some(g)
-        }
-        Err(e) if std::env::var_os("NIBBLE_REQUIRE_GPU").is_some() => {
-            panic!("NIBBLE_REQUIRE_GPU is set but: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping GPU test: {e}");
-            None
-        }
-    }
-}
 
 fn check(gpu: &Gpu, name: &str, quant: &str) {
     let f = fixture(name, quant);

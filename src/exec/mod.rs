@@ -1,3 +1,4 @@
 //! Executors: each runs the graphs that `models` build.
 
 pub mod cpu;
+pub mod gpu;

@@ -42,6 +42,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("rmsnorm_forward", "rmsnorm"),
     ("rmsnorm_backward", "rmsnorm"),
     ("add", "elementwise"),
+    ("add_assign", "elementwise"),
     ("swiglu_forward", "elementwise"),
     ("swiglu_backward", "elementwise"),
     ("rope_apply", "rope"),

@@ -30,9 +30,9 @@ const FMT_INT4: u32 = 4;
 /// A dense matrix as 32-bit words (f32, or two 16-bit values per word), split into row blocks that each
 /// fit one storage binding.
 pub struct GpuDense {
-    fmt: u32,
-    cols: usize,
-    blocks: Vec<(usize, usize, GpuBuffer)>,
+    pub(crate) fmt: u32,
+    pub(crate) cols: usize,
+    pub(crate) blocks: Vec<(usize, usize, GpuBuffer)>,
 }
 
 fn dense_words(t: &DenseTensor, start: usize, rows: usize) -> (u32, Vec<u32>) {
@@ -98,23 +98,23 @@ impl GpuDense {
 }
 
 pub struct GpuLinear {
-    fmt: u32,
-    rows: usize,
-    cols: usize,
-    group: usize,
+    pub(crate) fmt: u32,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) group: usize,
     /// W in row blocks that each fit one storage binding (one block unless W is larger).
-    blocks: Vec<LinearBlock>,
-    bias: Option<GpuBuffer>,
+    pub(crate) blocks: Vec<LinearBlock>,
+    pub(crate) bias: Option<GpuBuffer>,
 }
 
 /// Rows `start..start + rows` of a frozen weight: its words, and for the 4-bit formats its group scales
 /// (and INT4 minimums).
-struct LinearBlock {
-    start: usize,
-    rows: usize,
-    words: GpuBuffer,
-    scales: Option<GpuBuffer>,
-    mins: Option<GpuBuffer>,
+pub(crate) struct LinearBlock {
+    pub(crate) start: usize,
+    pub(crate) rows: usize,
+    pub(crate) words: GpuBuffer,
+    pub(crate) scales: Option<GpuBuffer>,
+    pub(crate) mins: Option<GpuBuffer>,
 }
 
 impl GpuLinear {
@@ -170,22 +170,22 @@ impl GpuLinear {
     }
 }
 
-struct GpuLayer {
-    input_norm: GpuBuffer,
-    post_norm: GpuBuffer,
-    q_norm: Option<GpuBuffer>,
-    k_norm: Option<GpuBuffer>,
-    linears: Vec<GpuLinear>,
+pub(crate) struct GpuLayer {
+    pub(crate) input_norm: GpuBuffer,
+    pub(crate) post_norm: GpuBuffer,
+    pub(crate) q_norm: Option<GpuBuffer>,
+    pub(crate) k_norm: Option<GpuBuffer>,
+    pub(crate) linears: Vec<GpuLinear>,
 }
 
 /// A model's frozen weights in GPU memory.
 pub struct GpuModel {
     pub config: ModelConfig,
-    embed: GpuDense,
-    lm_head: Option<GpuDense>,
-    layers: Vec<GpuLayer>,
-    final_norm: GpuBuffer,
-    dummy: GpuBuffer,
+    pub(crate) embed: GpuDense,
+    pub(crate) lm_head: Option<GpuDense>,
+    pub(crate) layers: Vec<GpuLayer>,
+    pub(crate) final_norm: GpuBuffer,
+    pub(crate) dummy: GpuBuffer,
 }
 
 impl GpuModel {
@@ -240,7 +240,7 @@ impl GpuModel {
             .sum()
     }
 
-    fn head(&self) -> &GpuDense {
+    pub(crate) fn head(&self) -> &GpuDense {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 }
@@ -249,7 +249,7 @@ impl GpuModel {
 pub struct GpuLora {
     pub scale: f32,
     pub rank: usize,
-    pairs: Vec<Vec<Option<(GpuBuffer, GpuBuffer)>>>,
+    pub(crate) pairs: Vec<Vec<Option<(GpuBuffer, GpuBuffer)>>>,
 }
 
 impl GpuLora {
@@ -1118,7 +1118,7 @@ fn rope_tables(gpu: &Gpu, c: &ModelConfig, positions: &[u32]) -> (GpuBuffer, Gpu
 }
 
 /// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
-fn linear_groups(outputs: usize, tokens: usize) -> [u32; 3] {
+pub(crate) fn linear_groups(outputs: usize, tokens: usize) -> [u32; 3] {
     [outputs.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1]
 }
 
@@ -1126,7 +1126,7 @@ fn linear_groups(outputs: usize, tokens: usize) -> [u32; 3] {
 /// the MLP's intermediate size, the query width and a vocabulary chunk] in f32, must fit one storage
 /// binding. Checked before anything is recorded, so that a sequence too long for the device is an
 /// error that says what to change, not a failure inside wgpu.
-fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
+pub(crate) fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
     let widest = c
         .hidden_size
         .max(c.intermediate_size)

@@ -394,9 +394,11 @@ impl Decoder<'_> {
         self.rope(q, c.num_heads, false);
         self.rope(k, c.num_kv_heads, false);
         let attn = self.b.activation(t * c.q_dim(), format!("layers.{l}.attn"));
+        // Each row's log-sum-exp, and a second number per row that the GPU's backward keeps there (the
+        // forward's running denominator, then delta).
         let lse = self
             .b
-            .activation(c.num_heads * t, format!("layers.{l}.lse"));
+            .activation(2 * c.num_heads * t, format!("layers.{l}.lse"));
         let mut inputs = vec![q, k, v];
         inputs.extend(self.first_key());
         let shape = self.attention_shape();

@@ -128,3 +128,21 @@ pub fn fixture(name: &str, quant: &str) -> Fixture {
         tensors,
     }
 }
+
+/// The GPU executor's device (lavapipe in CI). Without a Vulkan device GPU tests skip, unless
+/// NIBBLE_REQUIRE_GPU is set (CI sets it, so a missing driver fails there rather than passing silently).
+pub fn gpu() -> Option<nibble::gpu::Gpu> {
+    match nibble::gpu::Gpu::new(true) {
+        Ok(g) => {
+            eprintln!("GPU executor on {} ({:?})", g.info.name, g.info.backend);
+            Some(g)
+        }
+        Err(e) if std::env::var_os("NIBBLE_REQUIRE_GPU").is_some() => {
+            panic!("NIBBLE_REQUIRE_GPU is set but: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
