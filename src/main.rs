@@ -656,10 +656,10 @@ fn eval(
     let on_gpu = gpu
         .as_ref()
         .map(|g| -> Result<_> {
-            let model = nibble::gpu::step::GpuModel::upload(g, &model)?;
+            let model = nibble::gpu::weights::GpuModel::upload(g, &model)?;
             let lora = adapter
                 .as_ref()
-                .map(|a| nibble::gpu::step::GpuLora::upload(g, a));
+                .map(|a| nibble::gpu::weights::GpuLora::upload(g, a));
             Ok((g, model, lora))
         })
         .transpose()?;
@@ -675,7 +675,7 @@ fn eval(
         cut_examples += usize::from(cut > 0);
         let loss = match &on_gpu {
             Some((g, m, l)) => {
-                nibble::gpu::step::forward_backward(g, m, l.as_ref(), None, &seq, 0.0)?
+                nibble::exec::gpu::forward_backward(g, m, l.as_ref(), None, &seq, 0.0)?
             }
             None => {
                 let options = nibble::cpu::StepOptions {

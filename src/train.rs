@@ -7,8 +7,8 @@
 use crate::cpu::{self, Sequence, StepOptions};
 use crate::data::{Example, Turns};
 use crate::error::{Error, Result};
+use crate::exec::gpu::SequenceOptions;
 use crate::gpu::Gpu;
-use crate::gpu::step::SequenceOptions;
 use crate::gpu::train::GpuTrainState;
 use crate::lora::{LoraAdapter, LoraConfig, peft_key};
 use crate::model::Model;

@@ -6,8 +6,9 @@ mod common;
 
 use common::{fixture, gpu, rel};
 use nibble::cpu;
+use nibble::exec;
 use nibble::gpu::Gpu;
-use nibble::gpu::step::{self, GpuLora, GpuModel};
+use nibble::gpu::weights::{self, GpuLora, GpuModel};
 use nibble::lora::peft_key;
 
 fn check(gpu: &Gpu, name: &str, quant: &str) {
@@ -15,7 +16,7 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
     let gm = GpuModel::upload(gpu, &f.model).unwrap();
     let gl = GpuLora::upload(gpu, &f.adapter);
 
-    let logits = step::logits(gpu, &gm, Some(&gl), &f.seq.ids).unwrap();
+    let logits = exec::gpu::logits(gpu, &gm, Some(&gl), &f.seq.ids).unwrap();
     let e = rel(&logits, &f.tensors.read_f32("logits").unwrap());
     assert!(
         e < 1e-5,
@@ -23,9 +24,10 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
     );
 
     let n = f.seq.target_count();
-    let grads = step::zero_grads(gpu, &f.adapter);
+    let grads = weights::zero_grads(gpu, &f.adapter);
     let loss =
-        step::forward_backward(gpu, &gm, Some(&gl), Some(&grads), &f.seq, 1.0 / n as f32).unwrap();
+        exec::gpu::forward_backward(gpu, &gm, Some(&gl), Some(&grads), &f.seq, 1.0 / n as f32)
+            .unwrap();
     let mean = loss.loss_sum / loss.targets as f64;
     assert!(
         (mean - f.loss).abs() / f.loss < 1e-5,
@@ -126,9 +128,9 @@ fn a_sequence_too_long_for_the_device_is_an_error() {
     let fits = (gpu.device_binding_limit() / (4 * widest as u64)) as usize;
     let gm = GpuModel::upload(&gpu, &f.model).unwrap();
     let gl = GpuLora::upload(&gpu, &f.adapter);
-    let grads = step::zero_grads(&gpu, &f.adapter);
+    let grads = weights::zero_grads(&gpu, &f.adapter);
     let seq = Sequence::all_tokens(vec![1; fits + 1]);
-    let err = step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0)
+    let err = exec::gpu::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0)
         .err()
         .expect("too long for a binding");
     let message = err.to_string();
@@ -213,12 +215,12 @@ fn gpu_step_memory_follows_the_plan() {
     let seq = nibble::cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 7 % 4000).collect());
     let gm = GpuModel::upload(&gpu, &model).unwrap();
     let gl = GpuLora::upload(&gpu, &adapter);
-    let grads = step::zero_grads(&gpu, &adapter);
+    let grads = weights::zero_grads(&gpu, &adapter);
     let before = gpu.scratch_bytes();
-    step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
+    exec::gpu::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
     let first = gpu.scratch_bytes() - before;
     // A second step finds everything it needs in the pool.
-    step::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
+    exec::gpu::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
     assert_eq!(
         gpu.scratch_bytes() - before,
         first,
@@ -416,7 +418,7 @@ fn gpu_kernels_match_the_cpu_off_their_tiles() {
 
         let gm = GpuModel::upload(&gpu, &model).unwrap();
         let gl = GpuLora::upload(&gpu, &adapter);
-        let logits = step::logits(&gpu, &gm, Some(&gl), &ids).unwrap();
+        let logits = exec::gpu::logits(&gpu, &gm, Some(&gl), &ids).unwrap();
         let e = rel(&logits, &cpu::logits(&model, Some(&adapter), &ids).unwrap());
         assert!(e < 1e-5, "{case}: logits differ by {e:e}");
 
@@ -461,8 +463,8 @@ fn assert_step_matches_cpu(
     let scale = 1.0 / seq.target_count() as f32;
     let gm = GpuModel::upload(gpu, model).unwrap();
     let gl = GpuLora::upload(gpu, adapter);
-    let grads = step::zero_grads(gpu, adapter);
-    let loss = step::forward_backward(gpu, &gm, Some(&gl), Some(&grads), seq, scale).unwrap();
+    let grads = weights::zero_grads(gpu, adapter);
+    let loss = exec::gpu::forward_backward(gpu, &gm, Some(&gl), Some(&grads), seq, scale).unwrap();
     let mut ours = adapter.zeros_like();
     grads.download(gpu, &mut ours).unwrap();
     let mut expected = adapter.zeros_like();

@@ -1,8 +1,6 @@
-//! The decoder written once as a graph (`models::decoder`) and run by the CPU executor (`exec::cpu`)
-//! against the hand-written CPU step it replaces (`cpu.rs`), which stays as the oracle until the GPU
-//! executor runs graphs too: losses, logits and every LoRA gradient must be bit for bit the same (same
-//! kernels, same summation order), over the three families, dense and NF4 weights, gradient
-//! checkpointing, LoRA dropout and packed sequences.
+//! The decoder written once as a graph (`models::decoder`), run by both executors (`exec::cpu`,
+//! `exec::gpu`). Before the hand-written steps were deleted, this file held both executors' graphs bit
+//! for bit equal to them over the cases below (commits 8332078 and 4d5f038).
 
 mod common;
 
@@ -71,115 +69,16 @@ fn sequence(rng: &mut Rng, packed: bool) -> Sequence {
     }
 }
 
-fn bits(a: &LoraAdapter) -> Vec<u32> {
-    a.pairs()
-        .flat_map(|(_, _, p)| {
-            p.a.iter()
-                .chain(&p.b)
-                .map(|x| x.to_bits())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
+/// The same graphs on both executors: the GPU executor (lavapipe in CI) against the CPU executor,
+/// losses and every LoRA gradient, over the three families, dense and NF4 weights, gradient
+/// checkpointing, LoRA dropout and packed sequences. Measured on lavapipe: losses within 1.0e-7 and
+/// gradients within 1.1e-6 (relative); held to 1e-6 and 1e-5.
 #[test]
-fn graph_steps_equal_the_hand_written_cpu_step_bit_for_bit() {
-    let mut cases = 0;
-    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
-        for quant in [false, true] {
-            let model = model(arch, quant);
-            let mut rng = Rng::new(11);
-            let adapter = adapter(&model, &mut rng);
-            for packed in [false, true] {
-                let seq = sequence(&mut rng, packed);
-                for checkpoint in [false, true] {
-                    for dropout in [false, true] {
-                        let options = StepOptions {
-                            grad_scale: 0.37,
-                            checkpoint,
-                            precision: Precision::F32,
-                        };
-                        let case = format!(
-                            "{arch:?} quant={quant} packed={packed} checkpoint={checkpoint} dropout={dropout}"
-                        );
-                        let (mut old_grads, mut new_grads) =
-                            (adapter.zeros_like(), adapter.zeros_like());
-                        let (mut r1, mut r2) = (Rng::new(3), Rng::new(3));
-                        let old = cpu::forward_backward_with(
-                            &model,
-                            Some(&adapter),
-                            Some(&mut old_grads),
-                            &seq,
-                            options,
-                            dropout.then_some(&mut r1),
-                        )
-                        .unwrap();
-                        let new = exec::cpu::forward_backward(
-                            &model,
-                            Some(&adapter),
-                            Some(&mut new_grads),
-                            &seq,
-                            options,
-                            dropout.then_some(&mut r2),
-                        )
-                        .unwrap();
-                        assert_eq!(old.loss_sum.to_bits(), new.loss_sum.to_bits(), "{case}");
-                        assert_eq!(old.targets, new.targets, "{case}");
-                        assert!(
-                            bits(&old_grads) == bits(&new_grads),
-                            "{case}: gradients differ"
-                        );
-                        assert!(
-                            new_grads
-                                .pairs()
-                                .all(|(_, _, p)| p.a.iter().any(|&g| g != 0.0)),
-                            "{case}: every A gets a gradient"
-                        );
-                        // The forward alone (evaluation).
-                        let old = cpu::forward_backward_with(
-                            &model,
-                            Some(&adapter),
-                            None,
-                            &seq,
-                            options,
-                            None,
-                        )
-                        .unwrap();
-                        let new = exec::cpu::forward_backward(
-                            &model,
-                            Some(&adapter),
-                            None,
-                            &seq,
-                            options,
-                            None,
-                        )
-                        .unwrap();
-                        assert_eq!(old.loss_sum.to_bits(), new.loss_sum.to_bits(), "{case}");
-                        cases += 1;
-                    }
-                }
-            }
-            let ids = sequence(&mut rng, false).ids;
-            let old = cpu::logits(&model, Some(&adapter), &ids).unwrap();
-            let new = exec::cpu::logits(&model, Some(&adapter), &ids).unwrap();
-            assert_eq!(old.len(), ids.len() * VOCAB);
-            assert!(
-                old.iter()
-                    .zip(&new)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{arch:?} quant={quant}: logits differ"
-            );
-        }
-    }
-    assert_eq!(cases, 48);
-}
-
-/// The same on the GPU executor (lavapipe in CI): the graph recorded with the WGSL kernels against the
-/// hand-written GPU step (`gpu/step.rs`), losses, logits and gradients bit for bit.
-#[test]
-fn graph_steps_on_the_gpu_equal_the_hand_written_gpu_step_bit_for_bit() {
-    use nibble::gpu::step::{self, GpuLora, GpuModel, SequenceOptions};
+fn both_executors_run_the_same_graphs() {
+    use nibble::exec::gpu::SequenceOptions;
+    use nibble::gpu::weights::{self, GpuLora, GpuModel};
     let Some(gpu) = common::gpu() else { return };
+    let mut worst = (0f64, 0f64);
     let mut cases = 0;
     for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
         for quant in [false, true] {
@@ -195,56 +94,72 @@ fn graph_steps_on_the_gpu_equal_the_hand_written_gpu_step_bit_for_bit() {
                         let case = format!(
                             "{arch:?} quant={quant} packed={packed} checkpoint={checkpoint} dropout={dropout}"
                         );
+                        let seed = 0x5eed_1234_abcd;
+                        let mut cpu_grads = adapter.zeros_like();
+                        let cpu = exec::cpu::forward_backward_with(
+                            &model,
+                            Some(&adapter),
+                            Some(&mut cpu_grads),
+                            &seq,
+                            StepOptions {
+                                grad_scale: 0.37,
+                                checkpoint,
+                                precision: Precision::F32,
+                            },
+                            dropout.then_some(&mut Rng::new(seed)),
+                        )
+                        .unwrap();
                         let options = SequenceOptions {
                             grad_scale: 0.37,
                             checkpoint,
-                            dropout: dropout.then_some((0x5eed_1234_abcd, 0.2)),
+                            dropout: dropout.then_some((seed_after(seed), 0.2)),
                         };
-                        let mut losses = Vec::new();
-                        let mut grads = Vec::new();
-                        for new in [false, true] {
-                            let g = step::zero_grads(&gpu, &adapter);
-                            let mut enc = gpu.encoder();
-                            let record = if new {
-                                exec::gpu::record_sequence
-                            } else {
-                                step::record_sequence
-                            };
-                            let result =
-                                record(&gpu, &gm, Some(&gl), Some(&g), &seq, options, &mut enc)
-                                    .unwrap()
-                                    .unwrap();
-                            losses.push(gpu.submit_and_read(enc, &[&result]).unwrap().remove(0));
-                            let mut down = adapter.zeros_like();
-                            g.download(&gpu, &mut down).unwrap();
-                            grads.push(bits(&down));
-                        }
-                        let loss_bits =
-                            |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                        assert_eq!(
-                            loss_bits(&losses[0]),
-                            loss_bits(&losses[1]),
-                            "{case}: losses"
+                        let g = weights::zero_grads(&gpu, &adapter);
+                        let mut enc = gpu.encoder();
+                        let result = exec::gpu::record_sequence(
+                            &gpu,
+                            &gm,
+                            Some(&gl),
+                            Some(&g),
+                            &seq,
+                            options,
+                            &mut enc,
+                        )
+                        .unwrap()
+                        .unwrap();
+                        let values = gpu.submit_and_read(enc, &[&result]).unwrap().remove(0);
+                        let loss = exec::gpu::sequence_loss(&values).loss_sum;
+                        let mut gpu_grads = adapter.zeros_like();
+                        g.download(&gpu, &mut gpu_grads).unwrap();
+                        let e_loss = (loss - cpu.loss_sum).abs() / cpu.loss_sum.abs();
+                        let e_grad = common::rel(&flat(&gpu_grads), &flat(&cpu_grads));
+                        assert!(
+                            e_loss < 1e-6 && e_grad < 1e-5,
+                            "{case}: loss {e_loss:e}, gradients {e_grad:e}"
                         );
-                        assert!(grads[0] == grads[1], "{case}: gradients differ");
-                        assert!(grads[1].iter().any(|&g| g != 0), "{case}");
+                        worst = (worst.0.max(e_loss), worst.1.max(e_grad));
                         cases += 1;
                     }
                 }
             }
-            let ids = sequence(&mut rng, false).ids;
-            let old = step::logits(&gpu, &gm, Some(&gl), &ids).unwrap();
-            let new = exec::gpu::logits(&gpu, &gm, Some(&gl), &ids).unwrap();
-            assert!(
-                old.iter()
-                    .zip(&new)
-                    .all(|(a, b)| a.to_bits() == b.to_bits())
-                    && old.len() == new.len(),
-                "{arch:?} quant={quant}: GPU logits differ"
-            );
         }
     }
+    eprintln!(
+        "worst relative error: loss {:.1e}, gradients {:.1e}",
+        worst.0, worst.1
+    );
     assert_eq!(cases, 48);
+}
+
+/// The seed the CPU executor draws from `Rng::new(seed)`.
+fn seed_after(seed: u64) -> u64 {
+    Rng::new(seed).next_u64()
+}
+
+fn flat(a: &LoraAdapter) -> Vec<f32> {
+    a.pairs()
+        .flat_map(|(_, _, p)| p.a.iter().chain(&p.b).copied().collect::<Vec<_>>())
+        .collect()
 }
 
 /// Every graph the decoder builds is consistent, and checkpointing lowers its peak of live activations
@@ -266,6 +181,7 @@ fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
         dropout: true,
         checkpoint,
         logits: false,
+        decode_after: None,
     };
     let full = decoder::build(&config, Some(&lora), shape(false));
     let ckpt = decoder::build(&config, Some(&lora), shape(true));

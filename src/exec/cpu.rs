@@ -79,6 +79,8 @@ enum Slot<'a> {
     Param(&'a [f32]),
     /// A LoRA matrix's gradient.
     Grad(&'a mut [f32]),
+    /// A layer's cached keys or values, appended to while decoding.
+    Cache(&'a mut Vec<f32>),
 }
 
 impl Slot<'_> {
@@ -87,6 +89,7 @@ impl Slot<'_> {
             Slot::F32(v) => v,
             Slot::Param(p) => p,
             Slot::Grad(g) => g,
+            Slot::Cache(c) => c,
             Slot::Tensor(Tensor::Vector(v)) => v,
             _ => panic!("graph: a buffer read as f32 holds something else"),
         }
@@ -103,6 +106,7 @@ impl Slot<'_> {
         match self {
             Slot::F32(v) => v,
             Slot::Grad(g) => g,
+            Slot::Cache(c) => c,
             _ => panic!("graph: a buffer written as f32 holds something else"),
         }
     }
@@ -128,6 +132,8 @@ pub struct Bindings<'a> {
     pub adapter: Option<&'a LoraAdapter>,
     /// The LoRA gradients the backward adds into.
     pub grads: Option<&'a mut LoraAdapter>,
+    /// The keys and values of the positions decoded so far (decoding graphs).
+    pub cache: Option<&'a mut KvCache>,
     pub inputs: &'a StepInputs,
     pub precision: Precision,
 }
@@ -180,6 +186,13 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
         params.extend(a.pairs().map(|(l, k, p)| (k.path(l), p)));
     }
     let mut grads = grad_slots(bind.grads);
+    let mut caches: HashMap<(usize, bool), &mut Vec<f32>> = HashMap::new();
+    if let Some(cache) = bind.cache {
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
+            caches.insert((l, false), &mut layer.k);
+            caches.insert((l, true), &mut layer.v);
+        }
+    }
     let missing = |what: &str, name: &str| {
         Error::Invalid(format!("the step needs {what} {name}, which is not loaded"))
     };
@@ -213,6 +226,11 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                 InputValue::U32(v) => Slot::U32(v.into_owned()),
                 InputValue::F32(v) => Slot::F32(v.into_owned()),
             },
+            Role::KvCache { layer, values } => Slot::Cache(
+                caches
+                    .remove(&(*layer, *values))
+                    .ok_or_else(|| missing("the KV cache of layer", &layer.to_string()))?,
+            ),
             Role::Activation | Role::Losses | Role::Logits => Slot::Empty,
         };
         slots.push(slot);
@@ -437,6 +455,18 @@ impl Exec {
                 let (out, lse) = two(&mut outs);
                 attention::forward(*shape, x(0), x(1), x(2), segments, out, lse);
             }
+            Op::CachedAttention { shape, past } => {
+                let (out, rest) = outs.slots.split_at_mut(1);
+                let [Slot::Cache(keys), Slot::Cache(values)] = rest else {
+                    panic!("graph: cached attention appends to the KV cache");
+                };
+                keys.extend_from_slice(x(1));
+                values.extend_from_slice(x(2));
+                if let Slot::Empty = out[0] {
+                    out[0] = Slot::F32(zeros(outs.lens[0]));
+                }
+                attention::forward_cached(*shape, *past, x(0), keys, values, out[0].f32_mut());
+            }
             Op::AttentionBackward { shape } => {
                 let segments = ins.get(6).map(|s| s.u32());
                 let (dq, dk, dv) = three(&mut outs);
@@ -527,9 +557,27 @@ fn three<'o>(outs: &'o mut Outs<'_>) -> (&'o mut [f32], &'o mut [f32], &'o mut [
 }
 
 /// One sequence's forward and, with `grads`, its backward adding ∂(grad_scale · loss_sum)/∂θ into
-/// `grads` for every LoRA matrix, through the decoder's graph. `dropout_rng` enables LoRA dropout: one
-/// seed is drawn from it per call, from which every mask of the sequence follows.
+/// `grads` for every LoRA matrix, through the decoder's graph, in f32 without checkpointing.
+/// `dropout_rng` enables LoRA dropout: one seed is drawn from it per call, from which every mask of the
+/// sequence follows. None disables dropout.
 pub fn forward_backward(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    grads: Option<&mut LoraAdapter>,
+    seq: &Sequence,
+    grad_scale: f32,
+    dropout_rng: Option<&mut Rng>,
+) -> Result<StepLoss> {
+    let options = StepOptions {
+        grad_scale,
+        checkpoint: false,
+        precision: Precision::F32,
+    };
+    forward_backward_with(model, adapter, grads, seq, options, dropout_rng)
+}
+
+/// `forward_backward` with every option.
+pub fn forward_backward_with(
     model: &Model,
     adapter: Option<&LoraAdapter>,
     grads: Option<&mut LoraAdapter>,
@@ -562,6 +610,7 @@ pub fn forward_backward(
             model,
             adapter,
             grads,
+            cache: None,
             inputs: &inputs,
             precision: options.precision,
         },
@@ -570,6 +619,80 @@ pub fn forward_backward(
         loss_sum: out.losses.iter().map(|&l| l as f64).sum(),
         targets,
     })
+}
+
+/// Keys and values of every decoded position, per layer (after RoPE), for incremental decoding.
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+#[derive(Default)]
+struct LayerCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl KvCache {
+    pub fn new(model: &Model) -> Self {
+        KvCache {
+            layers: (0..model.layers.len())
+                .map(|_| LayerCache::default())
+                .collect(),
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self, model: &Model) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |l| l.k.len() / model.config.kv_dim())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.first().is_none_or(|l| l.k.is_empty())
+    }
+
+    /// Forgets every position from `len` on (a conversation that diverges from what was decoded).
+    pub fn truncate(&mut self, model: &Model, len: usize) {
+        let kv = model.config.kv_dim();
+        for l in &mut self.layers {
+            l.k.truncate(len * kv);
+            l.v.truncate(len * kv);
+        }
+    }
+}
+
+/// Feeds `ids` at the positions after those in `cache` (adding theirs to it) and returns the logits
+/// [vocab] of the last one.
+pub fn decode(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    cache: &mut KvCache,
+    ids: &[u32],
+) -> Result<Vec<f32>> {
+    if ids.is_empty() {
+        return Err(Error::Invalid("nothing to decode".into()));
+    }
+    let past = cache.len(model);
+    let lora = adapter.map(LoraSpec::of);
+    let graph = decoder::build(
+        &model.config,
+        lora.as_ref(),
+        StepShape::decode(ids.len(), past),
+    );
+    let inputs = decoder::decode_inputs(&model.config, ids, past);
+    let out = run(
+        &graph,
+        Bindings {
+            model,
+            adapter,
+            grads: None,
+            cache: Some(cache),
+            inputs: &inputs,
+            precision: Precision::F32,
+        },
+    )?;
+    Ok(out.logits)
 }
 
 /// Logits [tokens, vocab] of a sequence in f32 (evaluation of small models, parity tests).
@@ -588,6 +711,7 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
             model,
             adapter,
             grads: None,
+            cache: None,
             inputs: &inputs,
             precision: Precision::F32,
         },

@@ -5,12 +5,10 @@
 //! vocabulary walked chunk by chunk inside those blocks, attention walked in passes under a device's
 //! loop budget.
 
+use crate::config::ModelConfig;
 use crate::cpu::{Sequence, StepLoss};
 use crate::error::{Error, Result};
-use crate::gpu::step::{
-    GpuDense, GpuLinear, GpuLora, GpuModel, LinearBlock, SequenceOptions,
-    check_activation_bindings, linear_groups, sequence_loss,
-};
+use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, LinearBlock};
 use crate::gpu::{Gpu, GpuBuffer, groups_1d};
 use crate::graph::{Graph, InputValue, Node, Op, Role, StepInputs};
 use crate::models::decoder::{self, LoraSpec, StepShape};
@@ -23,6 +21,53 @@ use crate::ops::rmsnorm::RmsNormParams;
 use crate::ops::rope::RopeParams;
 use crate::ops::{Dims4, EmbedParams};
 use std::collections::HashMap;
+
+/// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
+fn linear_groups(outputs: usize, tokens: usize) -> [u32; 3] {
+    [outputs.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1]
+}
+
+/// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
+/// the MLP's intermediate size, the query width and a vocabulary chunk] in f32, must fit one storage
+/// binding. Checked before anything is recorded, so that a sequence too long for the device is an
+/// error that says what to change, not a failure inside wgpu.
+fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
+    let widest = c
+        .hidden_size
+        .max(c.intermediate_size)
+        .max(c.q_dim())
+        .max(VOCAB_CHUNK.min(c.vocab_size));
+    let bytes = (tokens * widest * 4) as u64;
+    let limit = gpu.device_binding_limit();
+    if bytes <= limit {
+        return Ok(());
+    }
+    let most = limit / (widest as u64 * 4);
+    Err(Error::Invalid(format!(
+        "a {tokens}-token sequence needs activation buffers of {bytes} bytes ({tokens} x {widest} \
+         floats), over this GPU's storage binding limit of {limit} bytes: use sequences of at most \
+         {most} tokens (--max-length) or the CPU executor (--device cpu)"
+    )))
+}
+
+/// How one sequence's step is recorded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SequenceOptions {
+    /// The gradients computed are those of grad_scale · Σ loss.
+    pub grad_scale: f32,
+    /// Keep only each decoder layer's input and recompute the layer in the backward.
+    pub checkpoint: bool,
+    /// LoRA dropout: the seed of the sequence's masks and the probability (None: no dropout).
+    pub dropout: Option<(u64, f32)>,
+}
+
+/// Σ loss of a sequence from the [loss, log-sum-exp] pairs `record_sequence` leaves.
+pub fn sequence_loss(result: &[f32]) -> StepLoss {
+    StepLoss {
+        loss_sum: result.chunks(2).map(|pair| pair[0] as f64).sum(),
+        targets: result.len() / 2,
+    }
+}
 
 /// A frozen tensor as the GPU holds it.
 #[derive(Clone, Copy)]
@@ -143,6 +188,15 @@ pub struct Recorded {
 
 /// Records `graph` into `enc`.
 pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> Result<Recorded> {
+    if graph
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, Op::CachedAttention { .. }))
+    {
+        return Err(Error::Invalid(
+            "decoding with a KV cache runs on the CPU executor".into(),
+        ));
+    }
     let tokens = bind.inputs.ids.len();
     check_activation_bindings(bind.gpu, &bind.model.config, tokens)?;
     let tensors = model_tensors(bind.model);
@@ -183,7 +237,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                 InputValue::U32(v) => bind.gpu.upload_u32(&v),
                 InputValue::F32(v) => bind.gpu.upload_f32(&v),
             }),
-            Role::Activation | Role::Losses | Role::Logits => Slot::Empty,
+            Role::Activation | Role::Losses | Role::Logits | Role::KvCache { .. } => Slot::Empty,
         };
         slots.push(slot);
     }
@@ -441,6 +495,7 @@ impl Recorder<'_> {
                         .dispatch(&mut self.enc, "attention_forward", &p, &b, groups);
                 }
             }
+            Op::CachedAttention { .. } => unreachable!("record refuses decoding graphs"),
             Op::AttentionBackward { shape } => {
                 let first_key = self.first_key(ins.get(6).map(|s| s.buf()), shape);
                 self.attention_backward(
@@ -954,16 +1009,20 @@ pub fn record_sequence(
     Ok(record(&graph, bind, enc)?.losses)
 }
 
-/// Forward over one sequence and, with `grads`, the backward into the GPU gradient buffers; one
-/// submission, only the per-position losses read back.
+/// Forward over one sequence and, with `grads`, the backward adding ∂(grad_scale · loss_sum)/∂θ into
+/// the GPU gradient buffers; one submission, only the per-position losses read back.
 pub async fn forward_backward_async(
     gpu: &Gpu,
     model: &GpuModel,
     lora: Option<&GpuLora>,
     grads: Option<&GpuLora>,
     seq: &Sequence,
-    options: SequenceOptions,
+    grad_scale: f32,
 ) -> Result<StepLoss> {
+    let options = SequenceOptions {
+        grad_scale,
+        ..SequenceOptions::default()
+    };
     let mut enc = gpu.encoder();
     let Some(result) = record_sequence(gpu, model, lora, grads, seq, options, &mut enc)? else {
         return Ok(StepLoss {
@@ -982,10 +1041,10 @@ pub fn forward_backward(
     lora: Option<&GpuLora>,
     grads: Option<&GpuLora>,
     seq: &Sequence,
-    options: SequenceOptions,
+    grad_scale: f32,
 ) -> Result<StepLoss> {
     pollster::block_on(forward_backward_async(
-        gpu, model, lora, grads, seq, options,
+        gpu, model, lora, grads, seq, grad_scale,
     ))
 }
 

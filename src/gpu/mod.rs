@@ -2,8 +2,8 @@
 //! files in shaders/, each prefixed with shaders/common.wgsl; pipelines are created once and cached. All
 //! dispatches of a step are recorded into one command encoder and submitted once.
 
-pub mod step;
 pub mod train;
+pub mod weights;
 
 use crate::error::{Error, Result};
 use std::cell::{Cell, RefCell};

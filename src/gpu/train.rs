@@ -3,10 +3,11 @@
 //! per-position losses and the norm come back. The adapters and AdamW's moments stay on the GPU between
 //! steps and are downloaded when the trainer saves.
 
-use super::step::{GpuLora, GpuModel, SequenceOptions, record_sequence, sequence_loss};
+use super::weights::{GpuLora, GpuModel};
 use super::{Gpu, GpuBuffer, groups_1d};
 use crate::cpu::{Sequence, StepLoss};
 use crate::error::Result;
+use crate::exec::gpu::{SequenceOptions, record_sequence, sequence_loss};
 use crate::lora::LoraAdapter;
 use crate::model::Model;
 use crate::ops::adamw::{AdamWKernelParams, AdamWParams, SUM_SQUARES_BLOCK};
@@ -141,8 +142,15 @@ impl GpuTrainState {
 
     /// The loss of one sequence with the current adapters (no dropout, no gradients).
     pub async fn evaluate(&self, gpu: &Gpu, seq: &Sequence) -> Result<StepLoss> {
-        super::step::forward_backward_async(gpu, &self.model, Some(&self.params), None, seq, 1.0)
-            .await
+        crate::exec::gpu::forward_backward_async(
+            gpu,
+            &self.model,
+            Some(&self.params),
+            None,
+            seq,
+            1.0,
+        )
+        .await
     }
 
     /// Downloads the adapters and AdamW's moments into `adapter`, `m` and `v`.

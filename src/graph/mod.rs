@@ -99,6 +99,12 @@ pub enum Role {
     LoraGradA(String),
     LoraGradB(String),
     Input(Input),
+    /// The keys (or values) of every position decoded so far in one layer, after RoPE: kept between
+    /// decoding steps, appended to by each.
+    KvCache {
+        layer: usize,
+        values: bool,
+    },
     /// Per labelled position, the token cross-entropy: what a step reads back.
     Losses,
     /// Logits [positions, vocab] (evaluation of small models and parity tests).
@@ -169,6 +175,9 @@ pub enum Op {
     /// [q, k, v (, first_key)] -> [out, lse]: causal grouped-query attention; with `first_key`, each
     /// token attends only inside its own example.
     Attention { shape: AttentionShape },
+    /// [q, k, v] -> [out, cache_k, cache_v]: decoding. The T queries sit at positions past..past+T;
+    /// their keys and values are appended to the caches, which they attend over.
+    CachedAttention { shape: AttentionShape, past: usize },
     /// [q, k, v, out, lse, d_out (, first_key)] -> [dq, dk, dv].
     AttentionBackward { shape: AttentionShape },
     /// [x, index] -> [rows]: rows `index[i]` of x [*, dim].
@@ -186,9 +195,13 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether the op reads its output's previous contents (other than by accumulating).
-    pub fn reads_output(&self) -> bool {
-        matches!(self, Op::Rope { .. })
+    /// Whether the op reads output `index`'s previous contents (other than by accumulating).
+    pub fn reads_output(&self, index: usize) -> bool {
+        match self {
+            Op::Rope { .. } => true,
+            Op::CachedAttention { .. } => index > 0,
+            _ => false,
+        }
     }
 
     /// The op's name in dumps and errors.
@@ -207,6 +220,7 @@ impl Op {
             Op::SwiGlu => "swiglu",
             Op::SwiGluBackward => "swiglu_backward",
             Op::Attention { .. } => "attention",
+            Op::CachedAttention { .. } => "cached_attention",
             Op::AttentionBackward { .. } => "attention_backward",
             Op::GatherRows { .. } => "gather_rows",
             Op::ScatterRows { .. } => "scatter_rows",
@@ -239,11 +253,12 @@ pub struct Node {
 impl Node {
     /// Every buffer the node reads, its outputs included where it reads them.
     pub fn reads(&self) -> impl Iterator<Item = BufId> + '_ {
-        let outputs_read = self.accumulate || self.op.reads_output();
+        let read = move |i: usize| self.accumulate || self.op.reads_output(i);
+        let outputs = self.outputs.iter().enumerate();
         self.inputs
             .iter()
-            .chain(self.outputs.iter().filter(move |_| outputs_read))
             .copied()
+            .chain(outputs.filter(move |(i, _)| read(*i)).map(|(_, &b)| b))
     }
 }
 
@@ -313,7 +328,10 @@ impl Graph {
                 }
             }
             // An accumulating write into a buffer not written yet adds to zeros.
-            let rotated = node.outputs.iter().filter(|_| node.op.reads_output());
+            let rotated = node.outputs.iter().enumerate();
+            let rotated = rotated
+                .filter(|(i, _)| node.op.reads_output(*i))
+                .map(|(_, b)| b);
             for &b in node.inputs.iter().chain(rotated) {
                 let from_outside = !self.bufs[b].role.is_transient()
                     && !matches!(self.bufs[b].role, Role::Losses | Role::Logits);
@@ -392,6 +410,12 @@ impl Builder {
             _ => Dtype::U32,
         };
         self.outside(Role::Input(input), len, dtype, &format!("{input:?}"))
+    }
+
+    /// State kept between steps (a KV cache).
+    pub fn state(&mut self, role: Role, len: usize) -> BufId {
+        let name = format!("{role:?}");
+        self.outside(role, len, Dtype::F32, &name)
     }
 
     pub fn lora(&mut self, role: Role, len: usize) -> BufId {

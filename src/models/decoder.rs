@@ -49,6 +49,9 @@ pub struct StepShape {
     pub checkpoint: bool,
     /// Every logit of every position instead of the loss (evaluation of small models, parity tests).
     pub logits: bool,
+    /// Decoding after this many cached positions: the tokens' keys and values join the KV cache,
+    /// and the step gives the logits of the last token.
+    pub decode_after: Option<usize>,
 }
 
 impl StepShape {
@@ -62,7 +65,38 @@ impl StepShape {
             dropout,
             checkpoint,
             logits: false,
+            decode_after: None,
         }
+    }
+
+    /// Decoding `tokens` new tokens after `past` cached ones.
+    pub fn decode(tokens: usize, past: usize) -> Self {
+        StepShape {
+            tokens,
+            positions: 0,
+            packed: false,
+            backward: false,
+            dropout: false,
+            checkpoint: false,
+            logits: false,
+            decode_after: Some(past),
+        }
+    }
+}
+
+/// The inputs of decoding `ids` after `past` cached positions.
+pub fn decode_inputs(c: &ModelConfig, ids: &[u32], past: usize) -> StepInputs {
+    let positions: Vec<u32> = (past as u32..(past + ids.len()) as u32).collect();
+    let (cos, sin) = rope::tables(
+        &positions,
+        &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+    );
+    StepInputs {
+        ids: ids.to_vec(),
+        cos,
+        sin,
+        label_positions: vec![ids.len().saturating_sub(1) as u32],
+        ..StepInputs::default()
     }
 }
 
@@ -394,16 +428,41 @@ impl Decoder<'_> {
         self.rope(q, c.num_heads, false);
         self.rope(k, c.num_kv_heads, false);
         let attn = self.b.activation(t * c.q_dim(), format!("layers.{l}.attn"));
+        let shape = self.attention_shape();
+        if let Some(past) = self.shape.decode_after {
+            let cached = (past + t) * c.kv_dim();
+            let keys = self.b.state(
+                Role::KvCache {
+                    layer: l,
+                    values: false,
+                },
+                cached,
+            );
+            let values = self.b.state(
+                Role::KvCache {
+                    layer: l,
+                    values: true,
+                },
+                cached,
+            );
+            self.b.node(
+                Op::CachedAttention { shape, past },
+                &[q, k, v],
+                &[attn, keys, values],
+                false,
+            );
+        }
         // Each row's log-sum-exp, and a second number per row that the GPU's backward keeps there (the
         // forward's running denominator, then delta).
         let lse = self
             .b
             .activation(2 * c.num_heads * t, format!("layers.{l}.lse"));
-        let mut inputs = vec![q, k, v];
-        inputs.extend(self.first_key());
-        let shape = self.attention_shape();
-        self.b
-            .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
+        if self.shape.decode_after.is_none() {
+            let mut inputs = vec![q, k, v];
+            inputs.extend(self.first_key());
+            self.b
+                .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
+        }
         let o = run(self, LinearKind::O, attn);
         let x_mid = self.add(x, o, format!("layers.{l}.x_mid"));
         let post_norm = self.norm_weight(
@@ -547,8 +606,18 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     }
     d.b.set_stage(None, false);
     let final_norm = d.b.weight("model.norm.weight", h);
-    let (xf, inv_f) = d.rmsnorm(x, final_norm, h, "final_norm");
     let head = d.b.weight(head_name(c), vocab * h);
+    if shape.decode_after.is_some() {
+        // Only the last token's logits: its row alone is normalised and projected.
+        let last = d.b.input(Input::LabelPositions, 1);
+        let row = d.b.activation(h, "last hidden");
+        d.b.node(Op::GatherRows { dim: h }, &[x, last], &[row], false);
+        let (xf, _) = d.rmsnorm(row, final_norm, h, "final_norm");
+        let logits = d.b.result(Role::Logits, vocab);
+        d.b.node(Op::Logits, &[xf, head], &[logits], false);
+        return d.b.finish();
+    }
+    let (xf, inv_f) = d.rmsnorm(x, final_norm, h, "final_norm");
     if shape.logits {
         let logits = d.b.result(Role::Logits, t * vocab);
         d.b.node(Op::Logits, &[xf, head], &[logits], false);

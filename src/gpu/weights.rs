@@ -1,0 +1,291 @@
+//! A model's frozen weights and LoRA matrices in GPU memory, as the GPU executor (`exec::gpu`) binds
+//! them: dense matrices as 32-bit words, 4-bit weights as packed words with group scales, each split
+//! into row blocks that fit one storage binding.
+
+use super::{Gpu, GpuBuffer};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::lora::LoraAdapter;
+use crate::model::{DenseData, DenseTensor, LinearWeight, Model};
+use crate::quant::QuantFormat;
+
+const FMT_F32: u32 = 0;
+const FMT_BF16: u32 = 1;
+const FMT_F16: u32 = 2;
+const FMT_NF4: u32 = 3;
+const FMT_INT4: u32 = 4;
+
+/// A dense matrix as 32-bit words (f32, or two 16-bit values per word), split into row blocks that each
+/// fit one storage binding.
+pub struct GpuDense {
+    pub(crate) fmt: u32,
+    pub(crate) cols: usize,
+    pub(crate) blocks: Vec<(usize, usize, GpuBuffer)>,
+}
+
+fn dense_words(t: &DenseTensor, start: usize, rows: usize) -> (u32, Vec<u32>) {
+    let range = start * t.cols..(start + rows) * t.cols;
+    let pack = |bits: &mut dyn Iterator<Item = u16>| -> Vec<u32> {
+        let v: Vec<u16> = bits.collect();
+        v.chunks(2)
+            .map(|p| p[0] as u32 | (*p.get(1).unwrap_or(&0) as u32) << 16)
+            .collect()
+    };
+    match &t.data {
+        DenseData::F32(v) => (FMT_F32, v[range].iter().map(|x| x.to_bits()).collect()),
+        DenseData::BF16(v) => (FMT_BF16, pack(&mut v[range].iter().map(|x| x.to_bits()))),
+        DenseData::F16(v) => (FMT_F16, pack(&mut v[range].iter().map(|x| x.to_bits()))),
+    }
+}
+
+/// Rows per block of a matrix split into blocks that each fit one storage binding. Blocks of 16-bit
+/// values start on a whole word: with an odd row length, an even number of rows.
+fn rows_per_block(
+    gpu: &Gpu,
+    rows: usize,
+    row_bytes: usize,
+    odd_halves: bool,
+    name: &str,
+) -> Result<usize> {
+    let fit = (gpu.max_binding / row_bytes.max(1) as u64) as usize;
+    let step = if odd_halves { 2 } else { 1 };
+    let per_block = fit / step * step;
+    if per_block == 0 {
+        return Err(Error::Invalid(format!(
+            "{name}: {step} row(s) of {row_bytes} bytes do not fit the GPU's storage binding limit of {} bytes",
+            gpu.max_binding
+        )));
+    }
+    Ok(per_block.min(rows.max(1)))
+}
+
+impl GpuDense {
+    fn upload(gpu: &Gpu, t: &DenseTensor, name: &str) -> Result<Self> {
+        let size = t.dtype().size();
+        let rows_per_block = rows_per_block(
+            gpu,
+            t.rows,
+            t.cols * size,
+            size == 2 && t.cols % 2 == 1,
+            name,
+        )?;
+        let mut blocks = Vec::new();
+        let mut fmt = FMT_F32;
+        for start in (0..t.rows).step_by(rows_per_block) {
+            let rows = rows_per_block.min(t.rows - start);
+            let (f, words) = dense_words(t, start, rows);
+            fmt = f;
+            blocks.push((start, rows, gpu.upload_u32(&words)));
+        }
+        Ok(GpuDense {
+            fmt,
+            cols: t.cols,
+            blocks,
+        })
+    }
+}
+
+pub struct GpuLinear {
+    pub(crate) fmt: u32,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) group: usize,
+    /// W in row blocks that each fit one storage binding (one block unless W is larger).
+    pub(crate) blocks: Vec<LinearBlock>,
+    pub(crate) bias: Option<GpuBuffer>,
+}
+
+/// Rows `start..start + rows` of a frozen weight: its words, and for the 4-bit formats its group scales
+/// (and INT4 minimums).
+pub(crate) struct LinearBlock {
+    pub(crate) start: usize,
+    pub(crate) rows: usize,
+    pub(crate) words: GpuBuffer,
+    pub(crate) scales: Option<GpuBuffer>,
+    pub(crate) mins: Option<GpuBuffer>,
+}
+
+impl GpuLinear {
+    fn upload(gpu: &Gpu, weight: &LinearWeight, bias: Option<&[f32]>, name: &str) -> Result<Self> {
+        let (rows, cols) = weight.shape();
+        let (fmt, group, blocks) = match weight {
+            // Split as any dense matrix is.
+            LinearWeight::Dense(d) => {
+                let dense = GpuDense::upload(gpu, d, name)?;
+                let blocks = dense
+                    .blocks
+                    .into_iter()
+                    .map(|(start, rows, words)| LinearBlock {
+                        start,
+                        rows,
+                        words,
+                        scales: None,
+                        mins: None,
+                    });
+                (dense.fmt, 1, blocks.collect())
+            }
+            LinearWeight::Quant(q) => {
+                let group = q.spec.group_size;
+                let (words, groups) = (cols / 8, cols / group);
+                let per_block = rows_per_block(gpu, rows, cols / 2, false, name)?;
+                let blocks = (0..rows).step_by(per_block).map(|start| {
+                    let n = per_block.min(rows - start);
+                    let meta = start * groups..(start + n) * groups;
+                    LinearBlock {
+                        start,
+                        rows: n,
+                        words: gpu.upload_u32(&q.packed[start * words..(start + n) * words]),
+                        scales: Some(gpu.upload_f32(&q.scales[meta.clone()])),
+                        mins: (!q.mins.is_empty()).then(|| gpu.upload_f32(&q.mins[meta])),
+                    }
+                });
+                let fmt = if q.spec.format == QuantFormat::Nf4 {
+                    FMT_NF4
+                } else {
+                    FMT_INT4
+                };
+                (fmt, group, blocks.collect())
+            }
+        };
+        Ok(GpuLinear {
+            fmt,
+            rows,
+            cols,
+            group,
+            blocks,
+            bias: bias.map(|b| gpu.upload_f32(b)),
+        })
+    }
+}
+
+pub(crate) struct GpuLayer {
+    pub(crate) input_norm: GpuBuffer,
+    pub(crate) post_norm: GpuBuffer,
+    pub(crate) q_norm: Option<GpuBuffer>,
+    pub(crate) k_norm: Option<GpuBuffer>,
+    pub(crate) linears: Vec<GpuLinear>,
+}
+
+/// A model's frozen weights in GPU memory.
+pub struct GpuModel {
+    pub config: ModelConfig,
+    pub(crate) embed: GpuDense,
+    pub(crate) lm_head: Option<GpuDense>,
+    pub(crate) layers: Vec<GpuLayer>,
+    pub(crate) final_norm: GpuBuffer,
+    pub(crate) dummy: GpuBuffer,
+}
+
+impl GpuModel {
+    pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
+        let layers = model
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| {
+                let linears = layer
+                    .linears
+                    .iter()
+                    .map(|lin| {
+                        GpuLinear::upload(
+                            gpu,
+                            &lin.weight,
+                            lin.bias.as_deref(),
+                            &format!("{}.weight", lin.kind.path(l)),
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(GpuLayer {
+                    input_norm: gpu.upload_f32(&layer.input_norm),
+                    post_norm: gpu.upload_f32(&layer.post_attention_norm),
+                    q_norm: layer.q_norm.as_ref().map(|v| gpu.upload_f32(v)),
+                    k_norm: layer.k_norm.as_ref().map(|v| gpu.upload_f32(v)),
+                    linears,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GpuModel {
+            config: model.config.clone(),
+            embed: GpuDense::upload(gpu, &model.embed, "model.embed_tokens.weight")?,
+            lm_head: model
+                .lm_head
+                .as_ref()
+                .map(|h| GpuDense::upload(gpu, h, "lm_head.weight"))
+                .transpose()?,
+            layers,
+            final_norm: gpu.upload_f32(&model.final_norm),
+            dummy: gpu.zeros(1),
+        })
+    }
+
+    /// Storage buffers holding the decoder's linear weights: one per weight unless some are larger
+    /// than a binding and split into row blocks.
+    pub fn linear_weight_buffers(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| &l.linears)
+            .map(|lin| lin.blocks.len())
+            .sum()
+    }
+}
+
+/// LoRA matrices in GPU memory, `pairs[layer][kind]` = (A [r, in], B [out, r]).
+pub struct GpuLora {
+    pub scale: f32,
+    pub rank: usize,
+    pub(crate) pairs: Vec<Vec<Option<(GpuBuffer, GpuBuffer)>>>,
+}
+
+impl GpuLora {
+    pub fn upload(gpu: &Gpu, adapter: &LoraAdapter) -> Self {
+        GpuLora {
+            scale: adapter.config.scale(),
+            rank: adapter.config.r,
+            pairs: adapter
+                .layers
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|p| {
+                            p.as_ref()
+                                .map(|p| (gpu.upload_f32(&p.a), gpu.upload_f32(&p.b)))
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// The A and B buffers of every pair, in `LoraAdapter::pairs` order.
+    pub fn buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
+        self.pairs
+            .iter()
+            .flatten()
+            .flatten()
+            .flat_map(|(a, b)| [a, b])
+    }
+
+    /// Reads the matrices back into `into` (which gives the shapes).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn download(&self, gpu: &Gpu, into: &mut LoraAdapter) -> Result<()> {
+        pollster::block_on(self.download_async(gpu, into))
+    }
+
+    pub async fn download_async(&self, gpu: &Gpu, into: &mut LoraAdapter) -> Result<()> {
+        let buffers: Vec<&GpuBuffer> = self.buffers().collect();
+        let mut values = gpu
+            .submit_and_read_async(gpu.encoder(), &buffers)
+            .await?
+            .into_iter();
+        for (_, _, pair) in into.pairs_mut() {
+            pair.a = values.next().expect("same pairs");
+            pair.b = values.next().expect("same pairs");
+        }
+        Ok(())
+    }
+}
+
+/// Zeroed gradient buffers shaped like `adapter`.
+pub fn zero_grads(gpu: &Gpu, adapter: &LoraAdapter) -> GpuLora {
+    GpuLora::upload(gpu, &adapter.zeros_like())
+}
