@@ -1376,10 +1376,10 @@ fn plan(
         group_digits(p.lora_parameters)
     );
     println!(
-        "  activations            {:>12}",
+        "  step buffers at peak   {:>12}",
         human_bytes(p.activations)
     );
-    println!("  workspace              {:>12}", human_bytes(p.workspace));
+    println!("  kernel temporaries     {:>12}", human_bytes(p.workspace));
     println!("  total                  {:>12}", human_bytes(p.total));
     Ok(())
 }

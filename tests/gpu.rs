@@ -238,8 +238,9 @@ fn gpu_step_memory_follows_the_plan() {
     let step_plan = (planned.activations + planned.workspace) as f64;
     let ratio = first as f64 / step_plan;
     eprintln!("GPU step scratch {first} B, planned {step_plan:.0} B ({ratio:.2})");
+    // Measured 0.59: the plan is the CPU's allocation, which the GPU's (no weight tiles) stays under.
     assert!(
-        ratio < 1.5,
+        ratio <= 1.0,
         "the GPU step holds {first} B, the plan says {step_plan:.0} B"
     );
 }

@@ -1,5 +1,6 @@
 //! `plan` against what the CPU executor really allocates: a counting allocator measures the heap peak
-//! of a training step above what was allocated before it (model, adapter, gradients).
+//! of a training step above what was allocated before it (model, adapter, gradients); it must be within
+//! 10% of the plan, which is the allocation of the graph the step runs.
 
 use nibble::config::{Arch, LinearKind};
 use nibble::cpu::{self, Sequence, StepOptions};
@@ -75,30 +76,35 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         assert_eq!(planned.lora_parameters as usize, adapter.parameter_count());
         assert_eq!(planned.weights, model.weight_bytes());
 
-        let base = CURRENT.load(Ordering::Relaxed);
-        PEAK.store(base, Ordering::Relaxed);
         let options = StepOptions {
             grad_scale: 1.0 / tokens as f32,
             checkpoint,
             precision: Precision::F32,
         };
-        cpu::forward_backward_with(
-            &model,
-            Some(&adapter),
-            Some(&mut grads),
-            &seq,
-            options,
-            Some(&mut rng),
-        )
-        .unwrap();
+        // The first step also builds the graph (then cached) and the thread pool's buffers.
+        let mut base = 0;
+        for _ in 0..2 {
+            base = CURRENT.load(Ordering::Relaxed);
+            PEAK.store(base, Ordering::Relaxed);
+            cpu::forward_backward_with(
+                &model,
+                Some(&adapter),
+                Some(&mut grads),
+                &seq,
+                options,
+                Some(&mut rng),
+            )
+            .unwrap();
+        }
         let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
         let step = (planned.activations + planned.workspace) as f64;
         let ratio = measured / step;
         eprintln!(
             "dropout {dropout}, checkpoint {checkpoint}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
         );
+        // Measured 1.02-1.05 (the rest: the gemm crate's packing buffers, the step's inputs).
         assert!(
-            (0.75..1.25).contains(&ratio),
+            (0.9..1.1).contains(&ratio),
             "planned {step} B vs measured heap peak {measured} B"
         );
     }

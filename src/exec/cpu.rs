@@ -504,12 +504,12 @@ impl Exec {
                         .copy_from_slice(&rows[i * dim..(i + 1) * dim]);
                 }
             }
-            Op::CrossEntropy => {
+            Op::CrossEntropy { .. } => {
                 let (losses, _) =
                     cross_entropy::forward(x(0), ins[1].table(), ins[2].u32(), self.precision);
                 outs.set(0, losses);
             }
-            Op::CrossEntropyWithGrad => {
+            Op::CrossEntropyWithGrad { .. } => {
                 let scale = x(3)[0];
                 let (losses, d_hidden) = cross_entropy::forward_backward(
                     x(0),
@@ -521,7 +521,7 @@ impl Exec {
                 outs.set(0, losses);
                 outs.set(1, d_hidden);
             }
-            Op::Logits => {
+            Op::Logits { .. } => {
                 outs.set(
                     0,
                     cross_entropy::logits(x(0), ins[1].table(), self.precision),
@@ -602,7 +602,7 @@ pub fn forward_backward_with(
         seed.is_some(),
         options.checkpoint && backward,
     );
-    let graph = decoder::build(&model.config, lora.as_ref(), shape);
+    let graph = decoder::cached(&model.config, lora.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed.unwrap_or(0));
     let out = run(
         &graph,
@@ -675,7 +675,7 @@ pub fn decode(
     }
     let past = cache.len(model);
     let lora = adapter.map(LoraSpec::of);
-    let graph = decoder::build(
+    let graph = decoder::cached(
         &model.config,
         lora.as_ref(),
         StepShape::decode(ids.len(), past),
@@ -703,7 +703,7 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
         ..StepShape::of(&seq, false, false, false)
     };
     let lora = adapter.map(LoraSpec::of);
-    let graph = decoder::build(&model.config, lora.as_ref(), shape);
+    let graph = decoder::cached(&model.config, lora.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, &seq, 0.0, 0);
     let out = run(
         &graph,

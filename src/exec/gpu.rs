@@ -507,11 +507,11 @@ impl Recorder<'_> {
             }
             Op::GatherRows { dim } => self.rows("gather_rows", x(0), x(1), o(0), *dim),
             Op::ScatterRows { dim } => self.rows("scatter_rows", x(0), x(1), o(0), *dim),
-            Op::CrossEntropy => self.cross_entropy(ins[1].table(), x(0), x(2), o(0), None),
-            Op::CrossEntropyWithGrad => {
+            Op::CrossEntropy { .. } => self.cross_entropy(ins[1].table(), x(0), x(2), o(0), None),
+            Op::CrossEntropyWithGrad { .. } => {
                 self.cross_entropy(ins[1].table(), x(0), x(2), o(0), Some(o(1)))
             }
-            Op::Logits => {
+            Op::Logits { .. } => {
                 let head = ins[1].table();
                 let positions = x(0).len / head.cols;
                 let vocab = o(0).len / positions.max(1);
@@ -997,7 +997,7 @@ pub fn record_sequence(
         options.dropout.is_some(),
         options.checkpoint && backward,
     );
-    let graph = decoder::build(&model.config, spec.as_ref(), shape);
+    let graph = decoder::cached(&model.config, spec.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed);
     let bind = Bindings {
         gpu,
@@ -1062,7 +1062,7 @@ pub async fn logits_async(
         ..StepShape::of(&seq, false, false, false)
     };
     let spec = lora.map(|l| lora_spec(l, 0.0));
-    let graph = decoder::build(&model.config, spec.as_ref(), shape);
+    let graph = decoder::cached(&model.config, spec.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, &seq, 0.0, 0);
     let mut enc = gpu.encoder();
     let bind = Bindings {

@@ -185,13 +185,13 @@ pub enum Op {
     /// [rows, index] -> [x]: row i into row `index[i]` of x; other rows zero.
     ScatterRows { dim: usize },
     /// [hidden, head, labels] -> [losses]: per position −log softmax(h·headᵀ)[label], the vocabulary
-    /// walked in chunks.
-    CrossEntropy,
+    /// walked in chunks; rows of `dim`.
+    CrossEntropy { dim: usize },
     /// [hidden, head, labels, grad_scale] -> [losses, d_hidden]: the loss and grad_scale times its
     /// gradient, in one walk over the vocabulary.
-    CrossEntropyWithGrad,
+    CrossEntropyWithGrad { dim: usize },
     /// [hidden, head] -> [logits]: every logit [positions, vocab].
-    Logits,
+    Logits { dim: usize },
 }
 
 impl Op {
@@ -224,9 +224,9 @@ impl Op {
             Op::AttentionBackward { .. } => "attention_backward",
             Op::GatherRows { .. } => "gather_rows",
             Op::ScatterRows { .. } => "scatter_rows",
-            Op::CrossEntropy => "cross_entropy",
-            Op::CrossEntropyWithGrad => "cross_entropy_with_grad",
-            Op::Logits => "logits",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::CrossEntropyWithGrad { .. } => "cross_entropy_with_grad",
+            Op::Logits { .. } => "logits",
         }
     }
 }
@@ -294,6 +294,12 @@ impl Graph {
     /// Bytes of transient buffers alive at once, at the worst node: each lives from its first write to
     /// its last use, both included.
     pub fn peak_transient_bytes(&self) -> u64 {
+        self.memory().buffers
+    }
+
+    /// The step's memory at its worst node: transient buffers alive there (each lives from its first
+    /// write to its last use, both included) and the node's kernel temporaries.
+    pub fn memory(&self) -> Memory {
         let (first, last) = (self.first_write(), self.last_use());
         let mut delta = vec![0i64; self.nodes.len() + 1];
         for (b, desc) in self.bufs.iter().enumerate() {
@@ -303,12 +309,44 @@ impl Graph {
                 delta[l + 1] -= bytes;
             }
         }
-        let (mut live, mut peak) = (0i64, 0i64);
-        for d in delta {
+        let mut live = 0i64;
+        let mut worst = Memory::default();
+        for (node, d) in self.nodes.iter().zip(delta) {
             live += d;
-            peak = peak.max(live);
+            let here = Memory {
+                buffers: live as u64,
+                temporaries: self.temporaries(node),
+            };
+            if here.total() > worst.total() {
+                worst = here;
+            }
         }
-        peak as u64
+        worst
+    }
+
+    /// Bytes a node's kernels allocate for themselves while it runs, the larger of the two executors'.
+    /// CPU: a linear decodes up to 256 rows of its frozen weight into an f32 tile; attention's backward
+    /// keeps each query head's dq, dk and dv before summing them per kv head (the GPU keeps the dk and
+    /// dv shares); the loss holds one vocabulary chunk's logits and (in f32) its rows of the output
+    /// projection.
+    pub fn temporaries(&self, node: &Node) -> u64 {
+        let len = |i: usize| self.bufs[node.inputs[i]].len as u64;
+        let floats = match &node.op {
+            Op::Linear { out, inp } | Op::LinearBackwardInput { out, inp } => {
+                (*out).min(256) as u64 * *inp as u64
+            }
+            Op::AttentionBackward { shape } => {
+                3 * (shape.tokens * shape.heads * shape.head_dim) as u64
+            }
+            Op::CrossEntropy { dim } | Op::CrossEntropyWithGrad { dim } | Op::Logits { dim } => {
+                let dim = *dim as u64;
+                let (positions, vocab) = (len(0) / dim, len(1) / dim);
+                let chunk = (crate::ops::cross_entropy::VOCAB_CHUNK as u64).min(vocab);
+                chunk * (positions + dim)
+            }
+            _ => 0,
+        };
+        floats * 4
     }
 
     /// The buffer of a role (an input, the losses), if the graph has one.
@@ -351,11 +389,28 @@ impl Graph {
     }
 }
 
+/// Memory at a step's worst node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Transient buffers alive there.
+    pub buffers: u64,
+    /// The node's kernel temporaries.
+    pub temporaries: u64,
+}
+
+impl Memory {
+    pub fn total(&self) -> u64 {
+        self.buffers + self.temporaries
+    }
+}
+
 /// Builds a graph node by node; models call its op methods in the order the step runs.
 #[derive(Default)]
 pub struct Builder {
     graph: Graph,
     stage: Stage,
+    /// Buffers of outside roles (weights, inputs, LoRA matrices), each created once.
+    outside: std::collections::HashMap<Role, BufId>,
 }
 
 impl Builder {
@@ -384,10 +439,12 @@ impl Builder {
 
     /// The buffer of an outside role (a weight, an input, a LoRA matrix), created once.
     fn outside(&mut self, role: Role, len: usize, dtype: Dtype, name: &str) -> BufId {
-        match self.graph.find(&role) {
-            Some(b) => b,
-            None => self.buffer(len, dtype, role, name.to_string()),
+        if let Some(&b) = self.outside.get(&role) {
+            return b;
         }
+        let b = self.buffer(len, dtype, role.clone(), name.to_string());
+        self.outside.insert(role, b);
+        b
     }
 
     /// A fresh f32 activation of `len` elements.

@@ -9,6 +9,8 @@ use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoin
 use crate::lora::LoraAdapter;
 use crate::ops::attention::AttentionShape;
 use crate::ops::{dropout, rope};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 /// The LoRA branches a graph computes: which linears (by module path) and with what rank, scale and
 /// dropout.
@@ -19,7 +21,7 @@ pub struct LoraSpec {
     /// Probability of dropping an element of a LoRA branch's input while training.
     pub dropout: f32,
     /// Module paths of the adapted linears (`model.layers.3.self_attn.q_proj`).
-    pub targets: Vec<String>,
+    pub targets: BTreeSet<String>,
 }
 
 impl LoraSpec {
@@ -128,7 +130,6 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
 /// A linear layer as the forward ran it: what its backward reads.
 struct LinearTape {
     path: String,
-    x: BufId,
     weight: BufId,
     out: usize,
     inp: usize,
@@ -147,6 +148,7 @@ struct LoraTape {
 struct LayerTape {
     x: BufId,
     input_norm: BufId,
+    xn1: BufId,
     inv1: BufId,
     /// (pre-norm q, its norm weight, inverse RMS), and the same for k (Qwen3).
     qk_norm: Option<[(BufId, BufId, BufId); 2]>,
@@ -157,6 +159,7 @@ struct LayerTape {
     lse: BufId,
     x_mid: BufId,
     post_norm: BufId,
+    xn2: BufId,
     inv2: BufId,
     gate: BufId,
     up: BufId,
@@ -277,7 +280,6 @@ impl Decoder<'_> {
         };
         let tape = LinearTape {
             path,
-            x,
             weight,
             out,
             inp,
@@ -286,8 +288,9 @@ impl Decoder<'_> {
         (y, tape)
     }
 
-    /// dx += dy·W and the LoRA branch's input gradient; the LoRA matrices' gradients accumulate.
-    fn linear_backward(&mut self, tape: &LinearTape, dy: BufId, dx: BufId) {
+    /// dx += dy·W and the LoRA branch's input gradient; the LoRA matrices' gradients accumulate. `x` is
+    /// the linear's input: the forward's, or the same values recomputed.
+    fn linear_backward(&mut self, tape: &LinearTape, x: BufId, dy: BufId, dx: BufId) {
         let (t, out, inp) = (self.t(), tape.out, tape.inp);
         self.b.node(
             Op::LinearBackwardInput { out, inp },
@@ -322,10 +325,10 @@ impl Decoder<'_> {
             Some(op) => {
                 let dropped = self.b.activation(t * inp, format!("{path} dropout"));
                 let seed = self.seed();
-                self.b.node(op.clone(), &[tape.x, seed], &[dropped], false);
+                self.b.node(op.clone(), &[x, seed], &[dropped], false);
                 dropped
             }
-            None => tape.x,
+            None => x,
         };
         let gb = self.b.lora(Role::LoraGradB(path.clone()), out * r);
         let ga = self.b.lora(Role::LoraGradA(path.clone()), r * inp);
@@ -478,6 +481,7 @@ impl Decoder<'_> {
         let tape = LayerTape {
             x,
             input_norm,
+            xn1,
             inv1,
             qk_norm,
             q,
@@ -487,6 +491,7 @@ impl Decoder<'_> {
             lse,
             x_mid,
             post_norm,
+            xn2,
             inv2,
             gate,
             up,
@@ -514,7 +519,9 @@ impl Decoder<'_> {
         let dh = self
             .b
             .activation(self.b.len(hidden), format!("d layers.{l}.swiglu"));
-        self.linear_backward(tape(LinearKind::Down), dx_out, dh);
+        // The recomputed values, not the forward's: those are released after the forward's down
+        // projection.
+        self.linear_backward(tape(LinearKind::Down), hidden, dx_out, dh);
         let (dgate, dup) = (
             self.b
                 .activation(self.b.len(dh), format!("d layers.{l}.gate")),
@@ -528,14 +535,14 @@ impl Decoder<'_> {
             false,
         );
         let dxn2 = self.b.activation(t * h, format!("d layers.{l}.xn2"));
-        self.linear_backward(tape(LinearKind::Gate), dgate, dxn2);
-        self.linear_backward(tape(LinearKind::Up), dup, dxn2);
+        self.linear_backward(tape(LinearKind::Gate), s.xn2, dgate, dxn2);
+        self.linear_backward(tape(LinearKind::Up), s.xn2, dup, dxn2);
         let dx_mid = self.rmsnorm_backward(s.x_mid, s.post_norm, s.inv2, dxn2, h);
         self.b.node(Op::Add, &[dx_out], &[dx_mid], true);
         let d_attn = self
             .b
             .activation(t * c.q_dim(), format!("d layers.{l}.attn"));
-        self.linear_backward(tape(LinearKind::O), dx_mid, d_attn);
+        self.linear_backward(tape(LinearKind::O), s.attn, dx_mid, d_attn);
         let (dq, dk, dv) = (
             self.b
                 .activation(self.b.len(s.q), format!("d layers.{l}.q")),
@@ -568,7 +575,7 @@ impl Decoder<'_> {
             (LinearKind::K, dk),
             (LinearKind::V, dv),
         ] {
-            self.linear_backward(tape(kind), d, dxn1);
+            self.linear_backward(tape(kind), s.xn1, d, dxn1);
         }
         let dx = self.rmsnorm_backward(s.x, s.input_norm, s.inv1, dxn1, h);
         self.b.node(Op::Add, &[dx_mid], &[dx], true);
@@ -583,6 +590,31 @@ fn head_name(c: &ModelConfig) -> &'static str {
     } else {
         "lm_head.weight"
     }
+}
+
+/// `build`, remembered: a training run or a conversation repeats a few shapes, and a 0.5B model's
+/// checkpointed training graph takes milliseconds to build. Keyed by everything the graph depends on.
+pub fn cached(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Arc<Graph> {
+    // Bounded: decoding makes a new shape per token.
+    const MOST: usize = 64;
+    static GRAPHS: Mutex<Option<HashMap<String, Arc<Graph>>>> = Mutex::new(None);
+    let key = format!("{c:?}|{lora:?}|{shape:?}");
+    if let Some(g) = GRAPHS
+        .lock()
+        .ok()
+        .and_then(|m| m.as_ref().and_then(|m| m.get(&key).cloned()))
+    {
+        return g;
+    }
+    let graph = Arc::new(build(c, lora, shape));
+    if let Ok(mut m) = GRAPHS.lock() {
+        let m = m.get_or_insert_with(HashMap::new);
+        if m.len() >= MOST {
+            m.clear();
+        }
+        m.insert(key, graph.clone());
+    }
+    graph
 }
 
 /// The graph of one step of shape `shape` over the decoder `c`, with the LoRA branches of `lora`.
@@ -614,13 +646,13 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
         d.b.node(Op::GatherRows { dim: h }, &[x, last], &[row], false);
         let (xf, _) = d.rmsnorm(row, final_norm, h, "final_norm");
         let logits = d.b.result(Role::Logits, vocab);
-        d.b.node(Op::Logits, &[xf, head], &[logits], false);
+        d.b.node(Op::Logits { dim: h }, &[xf, head], &[logits], false);
         return d.b.finish();
     }
     let (xf, inv_f) = d.rmsnorm(x, final_norm, h, "final_norm");
     if shape.logits {
         let logits = d.b.result(Role::Logits, t * vocab);
-        d.b.node(Op::Logits, &[xf, head], &[logits], false);
+        d.b.node(Op::Logits { dim: h }, &[xf, head], &[logits], false);
         return d.b.finish();
     }
     let np = shape.positions;
@@ -630,14 +662,19 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     d.b.node(Op::GatherRows { dim: h }, &[xf, index], &[hidden], false);
     let losses = d.b.result(Role::Losses, np);
     if !shape.backward {
-        d.b.node(Op::CrossEntropy, &[hidden, head, labels], &[losses], false);
+        d.b.node(
+            Op::CrossEntropy { dim: h },
+            &[hidden, head, labels],
+            &[losses],
+            false,
+        );
         return d.b.finish();
     }
     d.b.set_stage(None, true);
     let grad_scale = d.b.input(Input::GradScale, 1);
     let d_hidden = d.b.activation(np * h, "d labelled hidden");
     d.b.node(
-        Op::CrossEntropyWithGrad,
+        Op::CrossEntropyWithGrad { dim: h },
         &[hidden, head, labels, grad_scale],
         &[losses, d_hidden],
         false,
