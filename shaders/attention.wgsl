@@ -23,6 +23,12 @@ struct AttentionParams {
     pass_end: u32,
     // Bit 0: the first pass (the sums start from zero); bit 1: the last (the rows are finished).
     pass_flags: u32,
+    // Decoding (forward only): the queries are the last tokens - query_offset positions, query row t at
+    // position query_offset + t, against `tokens` keys. 0 otherwise.
+    query_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 fn lse_index(h: u32, t: u32) -> u32 {
@@ -136,12 +142,12 @@ fn add_staged(acc: ptr<function, array<f32, MAX_HEAD_DIM>>, r: u32, factor: f32)
 // The keys of this pass that the workgroup's queries t0..t0 + 64 see, as [first, end) (empty when
 // first >= end).
 fn key_range(li: u32, t0: u32) -> vec2<u32> {
-    let last = min(t0 + ROWS, p.tokens) - 1u;
+    let last = min(t0 + ROWS, p.tokens - p.query_offset) - 1u;
     let first = broadcast(li, first_key[min(t0, last)]);
-    return vec2<u32>(max(first, p.pass_begin), min(last + 1u, p.pass_end));
+    return vec2<u32>(max(first, p.pass_begin), min(last + p.query_offset + 1u, p.pass_end));
 }
 
-// One thread per (query t, head h), online softmax over keys first_key[t]..=t.
+// One thread per (query t, head h), online softmax over keys first_key[t]..=query_offset + t.
 @compute @workgroup_size(64)
 fn attention_forward(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -150,7 +156,7 @@ fn attention_forward(
     let t0 = wg.x * ROWS;
     let h = wg.y;
     let t = t0 + li;
-    let live = t < p.tokens;
+    let live = t < p.tokens - p.query_offset;
     let kvh = h / (p.heads / p.kv_heads);
     let d = p.head_dim;
     var qv: array<f32, MAX_HEAD_DIM>;
@@ -176,7 +182,7 @@ fn attention_forward(
         workgroupBarrier();
         for (var jj = 0u; jj < rows; jj++) {
             let j = j0 + jj;
-            if (!live || j < first || j > t || j >= keys.y) {
+            if (!live || j < first || j > t + p.query_offset || j >= keys.y) {
                 continue;
             }
             let s = dot_staged(&qv, jj) * p.scale;

@@ -1,8 +1,11 @@
-//! Text generation on the CPU executor with a KV cache: greedy or temperature / top-p (nucleus)
+//! Text generation with a KV cache on either executor: greedy or temperature / top-p (nucleus)
 //! sampling, stopping at the chat template's end-of-turn token.
 
 use crate::cpu::{self, KvCache};
 use crate::error::Result;
+use crate::exec::gpu::GpuKvCache;
+use crate::gpu::Gpu;
+use crate::gpu::weights::{GpuLora, GpuModel};
 use crate::lora::LoraAdapter;
 use crate::model::Model;
 use crate::rng::Rng;
@@ -89,14 +92,76 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
     nucleus[kept - 1].0
 }
 
+/// Where decoding runs: the model (and adapter) on the CPU executor or uploaded to a GPU.
+#[derive(Clone, Copy)]
+pub enum Executor<'a> {
+    Cpu {
+        model: &'a Model,
+        adapter: Option<&'a LoraAdapter>,
+    },
+    Gpu {
+        gpu: &'a Gpu,
+        model: &'a GpuModel,
+        lora: Option<&'a GpuLora>,
+    },
+}
+
+/// The keys and values decoded so far, where the executor keeps them.
+pub enum Cache {
+    Cpu(KvCache),
+    Gpu(GpuKvCache),
+}
+
+impl Cache {
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            Cache::Cpu(c) => c.truncate(len),
+            Cache::Gpu(c) => c.truncate(len),
+        }
+    }
+}
+
+impl Executor<'_> {
+    /// An empty cache for this executor.
+    pub fn cache(&self) -> Cache {
+        match *self {
+            Executor::Cpu { model, .. } => Cache::Cpu(KvCache::new(model)),
+            Executor::Gpu { gpu, model, .. } => Cache::Gpu(GpuKvCache::new(gpu, model)),
+        }
+    }
+
+    /// What runs the decoding, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Executor::Cpu { .. } => "CPU".to_string(),
+            Executor::Gpu { gpu, .. } => format!("GPU ({})", gpu.info.name),
+        }
+    }
+
+    /// Feeds `ids` after the positions in `cache` and returns the last one's logits.
+    pub async fn decode(&self, cache: &mut Cache, ids: &[u32]) -> Result<Vec<f32>> {
+        match (*self, cache) {
+            (Executor::Cpu { model, adapter }, Cache::Cpu(c)) => {
+                cpu::decode(model, adapter, c, ids)
+            }
+            (Executor::Gpu { gpu, model, lora }, Cache::Gpu(c)) => {
+                crate::exec::gpu::decode_async(gpu, model, lora, c, ids).await
+            }
+            _ => Err(crate::error::Error::Invalid(
+                "a KV cache of one executor was given to the other".into(),
+            )),
+        }
+    }
+}
+
 /// Continues `prompt` by up to `max_new` tokens, calling `on_token` with each; stops after a token in
 /// `stop` (which is returned too). `cache` may already hold a prefix of `prompt` (a conversation so far);
 /// positions it holds beyond the common prefix are dropped.
 #[allow(clippy::too_many_arguments)]
-pub fn generate(
-    model: &Model,
-    adapter: Option<&LoraAdapter>,
-    cache: &mut KvCache,
+pub async fn generate_async(
+    executor: Executor<'_>,
+    cache: &mut Cache,
     cached: &mut Vec<u32>,
     prompt: &[u32],
     max_new: usize,
@@ -111,10 +176,10 @@ pub fn generate(
         .count()
         // At least one prompt token must be fed to get logits.
         .min(prompt.len().saturating_sub(1));
-    cache.truncate(model, common);
+    cache.truncate(common);
     cached.truncate(common);
     let mut rng = Rng::new(sampling.seed);
-    let mut logits = cpu::decode(model, adapter, cache, &prompt[common..])?;
+    let mut logits = executor.decode(cache, &prompt[common..]).await?;
     cached.extend_from_slice(&prompt[common..]);
     let mut out = Vec::new();
     for _ in 0..max_new {
@@ -124,24 +189,40 @@ pub fn generate(
         if stop.contains(&next) || out.len() == max_new {
             break;
         }
-        logits = cpu::decode(model, adapter, cache, &[next])?;
+        logits = executor.decode(cache, &[next]).await?;
         cached.push(next);
     }
     Ok(out)
 }
 
+/// `generate_async`, waited for.
+#[cfg(not(target_arch = "wasm32"))]
+#[allow(clippy::too_many_arguments)]
+pub fn generate(
+    executor: Executor<'_>,
+    cache: &mut Cache,
+    cached: &mut Vec<u32>,
+    prompt: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    sampling: &Sampling,
+    on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    pollster::block_on(generate_async(
+        executor, cache, cached, prompt, max_new, stop, sampling, on_token,
+    ))
+}
+
 /// Greedy continuation of `ids` (the prompt followed by up to `max_new` tokens).
-pub fn greedy(
-    model: &Model,
-    adapter: Option<&LoraAdapter>,
+pub async fn greedy_async(
+    executor: Executor<'_>,
     ids: &[u32],
     max_new: usize,
     stop: &[u32],
 ) -> Result<Vec<u32>> {
-    let mut cache = KvCache::new(model);
-    let new = generate(
-        model,
-        adapter,
+    let mut cache = executor.cache();
+    let new = generate_async(
+        executor,
         &mut cache,
         &mut Vec::new(),
         ids,
@@ -149,6 +230,18 @@ pub fn greedy(
         stop,
         &Sampling::default(),
         |_| {},
-    )?;
+    )
+    .await?;
     Ok(ids.iter().copied().chain(new).collect())
+}
+
+/// `greedy_async`, waited for.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn greedy(
+    executor: Executor<'_>,
+    ids: &[u32],
+    max_new: usize,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    pollster::block_on(greedy_async(executor, ids, max_new, stop))
 }

@@ -130,6 +130,9 @@ struct GenArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where decoding runs: `auto` takes a real GPU when one is present.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceChoice,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -1164,8 +1167,34 @@ struct Speaker {
     stop: Vec<u32>,
     sampling: nibble::generate::Sampling,
     max_new: usize,
-    cache: nibble::cpu::KvCache,
+    /// The GPU, the model and adapter uploaded to it, when decoding runs there.
+    gpu: Option<(
+        nibble::gpu::Gpu,
+        nibble::gpu::weights::GpuModel,
+        Option<nibble::gpu::weights::GpuLora>,
+    )>,
+    cache: nibble::generate::Cache,
     cached: Vec<u32>,
+}
+
+/// Where a speaker's decoding runs.
+fn executor<'a>(
+    model: &'a nibble::model::Model,
+    adapter: Option<&'a nibble::lora::LoraAdapter>,
+    gpu: &'a Option<(
+        nibble::gpu::Gpu,
+        nibble::gpu::weights::GpuModel,
+        Option<nibble::gpu::weights::GpuLora>,
+    )>,
+) -> nibble::generate::Executor<'a> {
+    match gpu {
+        Some((gpu, model, lora)) => nibble::generate::Executor::Gpu {
+            gpu,
+            model,
+            lora: lora.as_ref(),
+        },
+        None => nibble::generate::Executor::Cpu { model, adapter },
+    }
 }
 
 impl Speaker {
@@ -1181,9 +1210,27 @@ impl Speaker {
         if !(g.top_p > 0.0 && g.top_p <= 1.0) || g.temperature < 0.0 {
             bail!("--top-p must lie in (0, 1] and --temperature must not be negative");
         }
+        let exec = ExecArgs {
+            device: g.device,
+            precision: Precision::F32,
+        };
+        let gpu = exec
+            .open()?
+            .map(|gpu| -> Result<_> {
+                let model = nibble::gpu::weights::GpuModel::upload(&gpu, &model)?;
+                let lora = adapter
+                    .as_ref()
+                    .map(|a| nibble::gpu::weights::GpuLora::upload(&gpu, a));
+                Ok((gpu, model, lora))
+            })
+            .transpose()?;
+        let executor = executor(&model, adapter.as_ref(), &gpu);
+        log::info!("generating on {}", executor.describe());
+        let cache = executor.cache();
         Ok(Speaker {
             stop: nibble::generate::stop_tokens(&tok),
-            cache: nibble::cpu::KvCache::new(&model),
+            cache,
+            gpu,
             model,
             adapter,
             tok,
@@ -1209,8 +1256,7 @@ impl Speaker {
         let mut out = std::io::stdout();
         let mut failure = None;
         nibble::generate::generate(
-            &self.model,
-            self.adapter.as_ref(),
+            executor(&self.model, self.adapter.as_ref(), &self.gpu),
             &mut self.cache,
             &mut self.cached,
             &prompt,
@@ -1488,7 +1534,11 @@ fn run_demo(dir: &Path) -> Result<()> {
         .filter_map(|t| tok.token_id(t))
         .collect();
     let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
-        let ids = nibble::generate::greedy(&model, adapter, &prompt, 16, &stop)?;
+        let executor = nibble::generate::Executor::Cpu {
+            model: &model,
+            adapter,
+        };
+        let ids = nibble::generate::greedy(executor, &prompt, 16, &stop)?;
         let answer: Vec<u32> = ids[prompt.len()..]
             .iter()
             .copied()

@@ -388,6 +388,22 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Where the current adapters can generate: on the GPU with the trainer's device copies when it
+    /// trains there (no download needed), else on the CPU with `adapter`.
+    pub fn executor(&self) -> crate::generate::Executor<'_> {
+        match &self.gpu {
+            Some((gpu, state)) => crate::generate::Executor::Gpu {
+                gpu,
+                model: &state.model,
+                lora: Some(state.params()),
+            },
+            None => crate::generate::Executor::Cpu {
+                model: self.model,
+                adapter: Some(&self.adapter),
+            },
+        }
+    }
+
     pub fn on_gpu(&self) -> bool {
         self.gpu.is_some()
     }

@@ -257,10 +257,7 @@ impl Session {
     pub fn generate(&self, prompt: String, max_new: u32) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
-            let mut guard = lock(&inner)?;
-            if let Some(t) = guard.trainer.as_mut() {
-                t.sync_async().await.map_err(js_error)?;
-            }
+            let guard = lock(&inner)?;
             let g = &*guard;
             let text = g
                 .tok
@@ -273,8 +270,16 @@ impl Session {
                 .iter()
                 .filter_map(|t| g.tok.token_id(t))
                 .collect();
-            let adapter = g.trainer.as_ref().map(|t| &t.adapter);
-            let out = crate::generate::greedy(g.model, adapter, &ids, max_new as usize, &stop)
+            // On WebGPU when training runs there, with the device's copies of the adapters.
+            let executor = g.trainer.as_ref().map_or(
+                crate::generate::Executor::Cpu {
+                    model: g.model,
+                    adapter: None,
+                },
+                |t| t.executor(),
+            );
+            let out = crate::generate::greedy_async(executor, &ids, max_new as usize, &stop)
+                .await
                 .map_err(js_error)?;
             let answer = out[ids.len()..]
                 .iter()

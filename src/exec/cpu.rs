@@ -624,6 +624,7 @@ pub fn forward_backward_with(
 /// Keys and values of every decoded position, per layer (after RoPE), for incremental decoding.
 pub struct KvCache {
     layers: Vec<LayerCache>,
+    kv_dim: usize,
 }
 
 #[derive(Default)]
@@ -638,14 +639,13 @@ impl KvCache {
             layers: (0..model.layers.len())
                 .map(|_| LayerCache::default())
                 .collect(),
+            kv_dim: model.config.kv_dim(),
         }
     }
 
     /// Positions held.
-    pub fn len(&self, model: &Model) -> usize {
-        self.layers
-            .first()
-            .map_or(0, |l| l.k.len() / model.config.kv_dim())
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.k.len() / self.kv_dim)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -653,8 +653,8 @@ impl KvCache {
     }
 
     /// Forgets every position from `len` on (a conversation that diverges from what was decoded).
-    pub fn truncate(&mut self, model: &Model, len: usize) {
-        let kv = model.config.kv_dim();
+    pub fn truncate(&mut self, len: usize) {
+        let kv = self.kv_dim;
         for l in &mut self.layers {
             l.k.truncate(len * kv);
             l.v.truncate(len * kv);
@@ -673,7 +673,7 @@ pub fn decode(
     if ids.is_empty() {
         return Err(Error::Invalid("nothing to decode".into()));
     }
-    let past = cache.len(model);
+    let past = cache.len();
     let lora = adapter.map(LoraSpec::of);
     let graph = decoder::cached(
         &model.config,

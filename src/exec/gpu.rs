@@ -175,6 +175,9 @@ pub struct Bindings<'a> {
     pub model: &'a GpuModel,
     pub lora: Option<&'a GpuLora>,
     pub grads: Option<&'a GpuLora>,
+    /// The keys and values of the positions decoded so far (decoding graphs), with room for this
+    /// step's.
+    pub cache: Option<&'a GpuKvCache>,
     pub inputs: &'a StepInputs,
 }
 
@@ -188,15 +191,6 @@ pub struct Recorded {
 
 /// Records `graph` into `enc`.
 pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> Result<Recorded> {
-    if graph
-        .nodes
-        .iter()
-        .any(|n| matches!(n.op, Op::CachedAttention { .. }))
-    {
-        return Err(Error::Invalid(
-            "decoding with a KV cache runs on the CPU executor".into(),
-        ));
-    }
     let tokens = bind.inputs.ids.len();
     check_activation_bindings(bind.gpu, &bind.model.config, tokens)?;
     let tensors = model_tensors(bind.model);
@@ -237,7 +231,14 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                 InputValue::U32(v) => bind.gpu.upload_u32(&v),
                 InputValue::F32(v) => bind.gpu.upload_f32(&v),
             }),
-            Role::Activation | Role::Losses | Role::Logits | Role::KvCache { .. } => Slot::Empty,
+            Role::KvCache { layer, values } => {
+                let cache = bind
+                    .cache
+                    .ok_or_else(|| missing("a KV cache for layer", &layer.to_string()))?;
+                let (k, v) = &cache.layers[*layer];
+                Slot::Ext(if *values { v } else { k })
+            }
+            Role::Activation | Role::Losses | Role::Logits => Slot::Empty,
         };
         slots.push(slot);
     }
@@ -495,7 +496,40 @@ impl Recorder<'_> {
                         .dispatch(&mut self.enc, "attention_forward", &p, &b, groups);
                 }
             }
-            Op::CachedAttention { .. } => unreachable!("record refuses decoding graphs"),
+            Op::CachedAttention { shape, past } => {
+                let kv = shape.kv_heads * shape.head_dim;
+                let (offset, bytes) = ((past * kv * 4) as u64, (shape.tokens * kv * 4) as u64);
+                let (keys, values) = (o(1), o(2));
+                self.enc
+                    .copy_buffer_to_buffer(&x(1).buffer, 0, &keys.buffer, offset, bytes);
+                self.enc
+                    .copy_buffer_to_buffer(&x(2).buffer, 0, &values.buffer, offset, bytes);
+                let all = AttentionShape {
+                    tokens: past + shape.tokens,
+                    ..*shape
+                };
+                let first_key = self.gpu.scratch(&mut self.enc, shape.tokens);
+                let stats = self
+                    .gpu
+                    .scratch(&mut self.enc, 2 * shape.heads * all.tokens);
+                let groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
+                for p in self.attention_passes(&all, 2) {
+                    let p = AttentionParams {
+                        query_offset: *past as u32,
+                        ..p
+                    };
+                    let b = [
+                        (1, x(0)),
+                        (2, keys),
+                        (3, values),
+                        (4, o(0)),
+                        (5, &stats),
+                        (10, &first_key),
+                    ];
+                    self.gpu
+                        .dispatch(&mut self.enc, "attention_forward", &p, &b, groups);
+                }
+            }
             Op::AttentionBackward { shape } => {
                 let first_key = self.first_key(ins.get(6).map(|s| s.buf()), shape);
                 self.attention_backward(
@@ -707,6 +741,8 @@ impl Recorder<'_> {
             pass_begin: 0,
             pass_end: shape.tokens as u32,
             pass_flags: 3,
+            query_offset: 0,
+            _pad: [0; 3],
         }
     }
 
@@ -1004,6 +1040,7 @@ pub fn record_sequence(
         model,
         lora,
         grads,
+        cache: None,
         inputs: &inputs,
     };
     Ok(record(&graph, bind, enc)?.losses)
@@ -1070,6 +1107,7 @@ pub async fn logits_async(
         model,
         lora,
         grads: None,
+        cache: None,
         inputs: &inputs,
     };
     let logits = record(&graph, bind, &mut enc)?
@@ -1086,4 +1124,124 @@ pub fn logits(
     ids: &[u32],
 ) -> Result<Vec<f32>> {
     pollster::block_on(logits_async(gpu, model, lora, ids))
+}
+
+/// Keys and values of every decoded position, per layer (after RoPE), in GPU buffers that grow as
+/// decoding goes on.
+pub struct GpuKvCache {
+    layers: Vec<(GpuBuffer, GpuBuffer)>,
+    /// Positions held.
+    len: usize,
+    /// Positions the buffers have room for.
+    capacity: usize,
+    kv_dim: usize,
+}
+
+impl GpuKvCache {
+    pub fn new(gpu: &Gpu, model: &GpuModel) -> Self {
+        let c = &model.config;
+        GpuKvCache {
+            layers: (0..c.num_layers)
+                .map(|_| (gpu.zeros(1), gpu.zeros(1)))
+                .collect(),
+            len: 0,
+            capacity: 0,
+            kv_dim: c.kv_dim(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position from `len` on (a conversation that diverges from what was decoded).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Room for `positions`, the buffers doubled (their contents copied) when they have less.
+    fn reserve(&mut self, gpu: &Gpu, positions: usize) -> Result<()> {
+        if positions <= self.capacity {
+            return Ok(());
+        }
+        let capacity = positions.max(2 * self.capacity).max(64);
+        let bytes = (capacity * self.kv_dim * 4) as u64;
+        let limit = gpu.device_binding_limit();
+        if bytes > limit {
+            return Err(Error::Invalid(format!(
+                "decoding {positions} positions needs KV cache buffers of {bytes} bytes, over this GPU's \
+                 storage binding limit of {limit} bytes: shorten the conversation or decode on the CPU \
+                 (--device cpu)"
+            )));
+        }
+        let mut enc = gpu.encoder();
+        let held = (self.len * self.kv_dim * 4) as u64;
+        for (k, v) in &mut self.layers {
+            for old in [k, v] {
+                let new = gpu.zeros(capacity * self.kv_dim);
+                if held > 0 {
+                    enc.copy_buffer_to_buffer(&old.buffer, 0, &new.buffer, 0, held);
+                }
+                *old = new;
+            }
+        }
+        gpu.queue.submit([enc.finish()]);
+        self.capacity = capacity;
+        Ok(())
+    }
+}
+
+/// Feeds `ids` at the positions after those in `cache` (adding theirs to it) and returns the logits
+/// [vocab] of the last one: one submission, the logits read back.
+pub async fn decode_async(
+    gpu: &Gpu,
+    model: &GpuModel,
+    lora: Option<&GpuLora>,
+    cache: &mut GpuKvCache,
+    ids: &[u32],
+) -> Result<Vec<f32>> {
+    if ids.is_empty() {
+        return Err(Error::Invalid("nothing to decode".into()));
+    }
+    crate::cpu::check_tokens(ids, model.config.vocab_size)?;
+    check_activation_bindings(gpu, &model.config, ids.len())?;
+    let past = cache.len;
+    cache.reserve(gpu, past + ids.len())?;
+    let spec = lora.map(|l| lora_spec(l, 0.0));
+    let graph = decoder::cached(
+        &model.config,
+        spec.as_ref(),
+        StepShape::decode(ids.len(), past),
+    );
+    let inputs = decoder::decode_inputs(&model.config, ids, past);
+    let mut enc = gpu.encoder();
+    let bind = Bindings {
+        gpu,
+        model,
+        lora,
+        grads: None,
+        cache: Some(cache),
+        inputs: &inputs,
+    };
+    let logits = record(&graph, bind, &mut enc)?
+        .logits
+        .expect("a decoding graph leaves logits");
+    let values = gpu.submit_and_read_async(enc, &[&logits]).await?.remove(0);
+    cache.len = past + ids.len();
+    Ok(values)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub fn decode(
+    gpu: &Gpu,
+    model: &GpuModel,
+    lora: Option<&GpuLora>,
+    cache: &mut GpuKvCache,
+    ids: &[u32],
+) -> Result<Vec<f32>> {
+    pollster::block_on(decode_async(gpu, model, lora, cache, ids))
 }

@@ -140,6 +140,11 @@ impl GpuTrainState {
         })
     }
 
+    /// The adapters' device copies.
+    pub fn params(&self) -> &GpuLora {
+        &self.params
+    }
+
     /// The loss of one sequence with the current adapters (no dropout, no gradients).
     pub async fn evaluate(&self, gpu: &Gpu, seq: &Sequence) -> Result<StepLoss> {
         crate::exec::gpu::forward_backward_async(

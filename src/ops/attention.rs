@@ -376,4 +376,8 @@ pub struct AttentionParams {
     pub pass_end: u32,
     /// Bit 0: the first pass; bit 1: the last.
     pub pass_flags: u32,
+    /// Decoding (forward only): the queries are the last `tokens - query_offset` positions, query row t
+    /// at position query_offset + t; `tokens` counts the keys. 0 otherwise.
+    pub query_offset: u32,
+    pub _pad: [u32; 3],
 }
