@@ -61,3 +61,206 @@ fn every_entry_point_fits_webgpu_default_limits() {
         }
     }
 }
+
+/// (WGSL member name, offset in the Rust struct, whether it is an f32) of a uniform's fields.
+type Fields = Vec<(&'static str, usize, bool)>;
+
+/// The fields of a Rust `#[repr(C)]` uniform struct as its WGSL twin names them:
+/// `layout!(Rust { wgsl_name: rust.path as f32|u32, ... })`.
+macro_rules! layout {
+    ($t:ty { $($name:ident : $($path:ident).+ as $kind:ident),* $(,)? }) => {
+        (
+            std::mem::size_of::<$t>(),
+            vec![$((stringify!($name), std::mem::offset_of!($t, $($path).+), stringify!($kind) == "f32")),*]
+                as Fields,
+        )
+    };
+}
+
+/// Every Rust parameter struct a kernel reads as its uniform has the layout of the WGSL struct (naga's
+/// layouter): the same size, and each named member at the same offset with the same scalar type. A
+/// field added, moved or retyped on one side only would silently feed a kernel garbage.
+#[test]
+fn every_uniform_struct_matches_its_wgsl_twin() {
+    use nibble::ops::adamw::AdamWKernelParams;
+    use nibble::ops::attention::AttentionParams;
+    use nibble::ops::cross_entropy::CeParams;
+    use nibble::ops::dropout::DropoutParams;
+    use nibble::ops::linear::LinearParams;
+    use nibble::ops::matmul::MatmulParams;
+    use nibble::ops::rmsnorm::RmsNormParams;
+    use nibble::ops::rope::RopeParams;
+    use nibble::ops::{Dims4, EmbedParams};
+    let cases: Vec<(&str, &str, (usize, Fields))> = vec![
+        (
+            "adamw",
+            "AdamWParams",
+            layout!(AdamWKernelParams {
+                lr: step.lr as f32,
+                beta1: step.beta1 as f32,
+                beta2: step.beta2 as f32,
+                eps: step.eps as f32,
+                weight_decay: step.weight_decay as f32,
+                bias_correction1: step.bias_correction1 as f32,
+                bias_correction2_sqrt: step.bias_correction2_sqrt as f32,
+                grad_scale: step.grad_scale as f32,
+                n: n as u32,
+                sums_offset: sums_offset as u32,
+                max_norm: max_norm as f32,
+            }),
+        ),
+        (
+            "attention",
+            "AttentionParams",
+            layout!(AttentionParams {
+                tokens: tokens as u32,
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: head_dim as u32,
+                scale: scale as f32,
+                pass_begin: pass_begin as u32,
+                pass_end: pass_end as u32,
+                pass_flags: pass_flags as u32,
+                query_offset: query_offset as u32,
+            }),
+        ),
+        (
+            "cross_entropy",
+            "CrossEntropyParams",
+            layout!(CeParams {
+                positions: positions as u32,
+                chunk_start: chunk_start as u32,
+                chunk_len: chunk_len as u32,
+                block_start: block_start as u32,
+                grad_scale: grad_scale as f32,
+            }),
+        ),
+        (
+            "dropout",
+            "DropoutParams",
+            layout!(DropoutParams {
+                n: n as u32,
+                seed_lo: seed_lo as u32,
+                seed_hi: seed_hi as u32,
+                stream: stream as u32,
+                p: p as f32,
+                keep_scale: keep_scale as f32,
+            }),
+        ),
+        (
+            "elementwise",
+            "ElementwiseParams",
+            layout!(Dims4 { n: a as u32 }),
+        ),
+        (
+            "rows",
+            "RowsParams",
+            layout!(Dims4 {
+                rows: a as u32,
+                dim: b as u32
+            }),
+        ),
+        (
+            "embed",
+            "EmbedParams",
+            layout!(EmbedParams {
+                tokens: tokens as u32,
+                dim: dim as u32,
+                fmt: fmt as u32,
+                row_start: row_start as u32,
+                row_count: row_count as u32,
+            }),
+        ),
+        (
+            "linear",
+            "LinearParams",
+            layout!(LinearParams {
+                tokens: tokens as u32,
+                rows: rows as u32,
+                cols: cols as u32,
+                fmt: fmt as u32,
+                group_size: group_size as u32,
+                has_bias: has_bias as u32,
+                accumulate: accumulate as u32,
+                row_offset: row_offset as u32,
+                out_stride: out_stride as u32,
+                weight_row: weight_row as u32,
+            }),
+        ),
+        (
+            "matmul",
+            "MatmulParams",
+            layout!(MatmulParams {
+                m: m as u32,
+                n: n as u32,
+                k: k as u32,
+                a_row_stride: a_row_stride as u32,
+                a_col_stride: a_col_stride as u32,
+                b_row_stride: b_row_stride as u32,
+                b_col_stride: b_col_stride as u32,
+                ldc: ldc as u32,
+                c_col: c_col as u32,
+                accumulate: accumulate as u32,
+                alpha: alpha as f32,
+            }),
+        ),
+        (
+            "rmsnorm",
+            "RmsNormParams",
+            layout!(RmsNormParams {
+                rows: rows as u32,
+                dim: dim as u32,
+                eps: eps as f32,
+            }),
+        ),
+        (
+            "rope",
+            "RopeParams",
+            layout!(RopeParams {
+                tokens: tokens as u32,
+                heads: heads as u32,
+                head_dim: head_dim as u32,
+                sign: sign as f32,
+            }),
+        ),
+    ];
+    let shaders: std::collections::BTreeSet<&str> =
+        nibble::gpu::SHADERS.iter().map(|(name, _)| *name).collect();
+    let covered: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.0).collect();
+    assert_eq!(shaders, covered, "every shader's uniform struct is checked");
+    for (shader, wgsl_name, (size, fields)) in cases {
+        let source = nibble::gpu::shader_source(shader).unwrap();
+        let module = naga::front::wgsl::parse_str(&source).unwrap();
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).unwrap();
+        let (handle, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(wgsl_name))
+            .unwrap_or_else(|| panic!("shaders/{shader}.wgsl has no struct {wgsl_name}"));
+        let naga::TypeInner::Struct { members, .. } = &ty.inner else {
+            panic!("{wgsl_name} is not a struct");
+        };
+        let what = format!("shaders/{shader}.wgsl {wgsl_name}");
+        assert_eq!(layouter[handle].size as usize, size, "{what}: size");
+        let named: Vec<_> = members
+            .iter()
+            .filter(|m| !m.name.as_deref().unwrap_or("_").starts_with('_'))
+            .collect();
+        assert_eq!(named.len(), fields.len(), "{what}: named members");
+        for (member, (name, offset, float)) in named.iter().zip(&fields) {
+            assert_eq!(member.name.as_deref(), Some(*name), "{what}: member order");
+            assert_eq!(member.offset as usize, *offset, "{what}.{name}: offset");
+            let kind = match module.types[member.ty].inner {
+                naga::TypeInner::Scalar(s) => s.kind,
+                _ => panic!("{what}.{name}: not a scalar"),
+            };
+            let expected = if *float {
+                naga::ScalarKind::Float
+            } else {
+                naga::ScalarKind::Uint
+            };
+            assert_eq!(kind, expected, "{what}.{name}: type");
+        }
+    }
+}
