@@ -405,8 +405,13 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
     assert!(e < 1e-6, "cross-entropy forward: {e:e}");
 
     // The one-pass loss and gradient: the same losses, and the gradient against finite differences.
-    let (fused, d_hidden) =
+    let (fused, fused_lse, d_hidden) =
         cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32);
+    let e = rel_err(
+        &fused_lse,
+        &lse.iter().map(|&l| l as f64).collect::<Vec<_>>(),
+    );
+    assert!(e < 1e-6, "fused cross-entropy log-sum-exp: {e:e}");
     let e = rel_err(
         &fused,
         &losses.iter().map(|&l| l as f64).collect::<Vec<_>>(),

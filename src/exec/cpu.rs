@@ -138,11 +138,15 @@ pub struct Bindings<'a> {
     pub precision: Precision,
 }
 
-/// The results a graph produced: per-position losses and logits, as its roles say.
+/// The results a graph produced (`Role::Output`), by name.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Outputs {
-    pub losses: Vec<f32>,
-    pub logits: Vec<f32>,
+pub struct Outputs(pub HashMap<String, Vec<f32>>);
+
+impl Outputs {
+    /// The output `name`; empty when the graph has none.
+    pub fn take(&mut self, name: &str) -> Vec<f32> {
+        self.0.remove(name).unwrap_or_default()
+    }
 }
 
 /// Each gradient pair's A and B by module path, each to be bound once.
@@ -231,7 +235,14 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                     .remove(&(*layer, *values))
                     .ok_or_else(|| missing("the KV cache of layer", &layer.to_string()))?,
             ),
-            Role::Activation | Role::Losses | Role::Logits => Slot::Empty,
+            Role::Given(name) => Slot::F32(
+                bind.inputs
+                    .given
+                    .get(name)
+                    .ok_or_else(|| missing("the value", name))?
+                    .clone(),
+            ),
+            Role::Activation | Role::Output(_) => Slot::Empty,
         };
         slots.push(slot);
     }
@@ -257,19 +268,13 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
             }
         }
     }
-    let take = |role: Role, slots: &mut Vec<Slot>| {
-        graph
-            .find(&role)
-            .and_then(|b| match std::mem::replace(&mut slots[b], Slot::Empty) {
-                Slot::F32(v) => Some(v),
-                _ => None,
-            })
-            .unwrap_or_default()
-    };
-    Ok(Outputs {
-        losses: take(Role::Losses, &mut slots),
-        logits: take(Role::Logits, &mut slots),
-    })
+    let mut outputs = Outputs::default();
+    for (desc, slot) in graph.bufs.iter().zip(slots) {
+        if let (Role::Output(name), Slot::F32(v)) = (&desc.role, slot) {
+            outputs.0.insert(name.clone(), v);
+        }
+    }
+    Ok(outputs)
 }
 
 /// Token ids and labels inside the vocabulary (the embedding and the loss index with them).
@@ -505,20 +510,20 @@ impl Exec {
                 }
             }
             Op::CrossEntropy { .. } => {
-                let (losses, _) =
+                let (losses, lse) =
                     cross_entropy::forward(x(0), ins[1].table(), ins[2].u32(), self.precision);
-                outs.set(0, losses);
+                outs.set(0, pairs(&losses, &lse));
             }
             Op::CrossEntropyWithGrad { .. } => {
                 let scale = x(3)[0];
-                let (losses, d_hidden) = cross_entropy::forward_backward(
+                let (losses, lse, d_hidden) = cross_entropy::forward_backward(
                     x(0),
                     ins[1].table(),
                     ins[2].u32(),
                     scale,
                     self.precision,
                 );
-                outs.set(0, losses);
+                outs.set(0, pairs(&losses, &lse));
                 outs.set(1, d_hidden);
             }
             Op::Logits { .. } => {
@@ -533,6 +538,11 @@ impl Exec {
             slots[o] = slot;
         }
     }
+}
+
+/// [loss, log-sum-exp] per position, as the loss ops leave them.
+fn pairs(losses: &[f32], lse: &[f32]) -> Vec<f32> {
+    losses.iter().zip(lse).flat_map(|(&l, &s)| [l, s]).collect()
 }
 
 fn dropout_params(n: usize, seed: &[u32], stream: u32, p: f32) -> DropoutParams {
@@ -604,7 +614,7 @@ pub fn forward_backward_with(
     );
     let graph = decoder::cached(&model.config, lora.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed.unwrap_or(0));
-    let out = run(
+    let mut out = run(
         &graph,
         Bindings {
             model,
@@ -615,8 +625,9 @@ pub fn forward_backward_with(
             precision: options.precision,
         },
     )?;
+    let losses = out.take("losses");
     Ok(StepLoss {
-        loss_sum: out.losses.iter().map(|&l| l as f64).sum(),
+        loss_sum: losses.chunks(2).map(|pair| pair[0] as f64).sum(),
         targets,
     })
 }
@@ -681,7 +692,7 @@ pub fn decode(
         StepShape::decode(ids.len(), past),
     );
     let inputs = decoder::decode_inputs(&model.config, ids, past);
-    let out = run(
+    let mut out = run(
         &graph,
         Bindings {
             model,
@@ -692,7 +703,7 @@ pub fn decode(
             precision: Precision::F32,
         },
     )?;
-    Ok(out.logits)
+    Ok(out.take("logits"))
 }
 
 /// Logits [tokens, vocab] of a sequence in f32 (evaluation of small models, parity tests).
@@ -705,7 +716,7 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
     let lora = adapter.map(LoraSpec::of);
     let graph = decoder::cached(&model.config, lora.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, &seq, 0.0, 0);
-    let out = run(
+    let mut out = run(
         &graph,
         Bindings {
             model,
@@ -716,5 +727,5 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
             precision: Precision::F32,
         },
     )?;
-    Ok(out.logits)
+    Ok(out.take("logits"))
 }

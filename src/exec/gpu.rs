@@ -181,12 +181,15 @@ pub struct Bindings<'a> {
     pub inputs: &'a StepInputs,
 }
 
-/// The result buffers a recorded graph leaves, to read back after submission.
-pub struct Recorded {
-    /// Per labelled position, [loss, log-sum-exp] pairs.
-    pub losses: Option<GpuBuffer>,
-    /// [tokens, vocab].
-    pub logits: Option<GpuBuffer>,
+/// The result buffers a recorded graph leaves (`Role::Output`), by name, to read back after submission.
+#[derive(Default)]
+pub struct Recorded(pub HashMap<String, GpuBuffer>);
+
+impl Recorded {
+    /// The output `name`, if the graph has it.
+    pub fn take(&mut self, name: &str) -> Option<GpuBuffer> {
+        self.0.remove(name)
+    }
 }
 
 /// Records `graph` into `enc`.
@@ -238,7 +241,15 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                 let (k, v) = &cache.layers[*layer];
                 Slot::Ext(if *values { v } else { k })
             }
-            Role::Activation | Role::Losses | Role::Logits => Slot::Empty,
+            Role::Given(name) => Slot::Own(
+                bind.gpu.upload_f32(
+                    bind.inputs
+                        .given
+                        .get(name)
+                        .ok_or_else(|| missing("the value", name))?,
+                ),
+            ),
+            Role::Activation | Role::Output(_) => Slot::Empty,
         };
         slots.push(slot);
     }
@@ -250,18 +261,16 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
         dummy: &bind.model.dummy,
         inputs: bind.inputs,
     };
-    let mut recorded = Recorded {
-        losses: None,
-        logits: None,
-    };
+    let mut recorded = Recorded::default();
     for (i, node) in graph.nodes.iter().enumerate() {
         r.node(graph, node, &mut slots);
         for b in node.reads().chain(node.outputs.iter().copied()) {
             if last_use[b] == Some(i) {
                 let slot = std::mem::replace(&mut slots[b], Slot::Empty);
                 match (&graph.bufs[b].role, slot) {
-                    (Role::Losses, Slot::Own(buf)) => recorded.losses = Some(buf),
-                    (Role::Logits, Slot::Own(buf)) => recorded.logits = Some(buf),
+                    (Role::Output(name), Slot::Own(buf)) => {
+                        recorded.0.insert(name.clone(), buf);
+                    }
                     (_, slot) if !graph.bufs[b].role.is_transient() => slots[b] = slot,
                     _ => {}
                 }
@@ -334,19 +343,7 @@ impl Recorder<'_> {
                 .iter()
                 .map(|&o| std::mem::replace(&mut slots[o], Slot::Empty))
                 .collect(),
-            lens: node
-                .outputs
-                .iter()
-                .map(|&o| {
-                    let desc = &graph.bufs[o];
-                    // The GPU's loss kernels leave a log-sum-exp beside each loss.
-                    if desc.role == Role::Losses {
-                        2 * desc.len
-                    } else {
-                        desc.len
-                    }
-                })
-                .collect(),
+            lens: node.outputs.iter().map(|&o| graph.bufs[o].len).collect(),
         };
         // Every output exists before the inputs are borrowed.
         for i in 0..outs.slots.len() {
@@ -1043,7 +1040,7 @@ pub fn record_sequence(
         cache: None,
         inputs: &inputs,
     };
-    Ok(record(&graph, bind, enc)?.losses)
+    Ok(record(&graph, bind, enc)?.take("losses"))
 }
 
 /// Forward over one sequence and, with `grads`, the backward adding ∂(grad_scale · loss_sum)/∂θ into
@@ -1111,7 +1108,7 @@ pub async fn logits_async(
         inputs: &inputs,
     };
     let logits = record(&graph, bind, &mut enc)?
-        .logits
+        .take("logits")
         .expect("a logits graph leaves logits");
     Ok(gpu.submit_and_read_async(enc, &[&logits]).await?.remove(0))
 }
@@ -1228,7 +1225,7 @@ pub async fn decode_async(
         inputs: &inputs,
     };
     let logits = record(&graph, bind, &mut enc)?
-        .logits
+        .take("logits")
         .expect("a decoding graph leaves logits");
     let values = gpu.submit_and_read_async(enc, &[&logits]).await?.remove(0);
     cache.len = past + ids.len();

@@ -59,6 +59,8 @@ pub struct StepInputs {
     pub labels: Vec<u32>,
     pub grad_scale: f32,
     pub dropout_seed: u64,
+    /// Values of `Role::Given` buffers, by name.
+    pub given: std::collections::HashMap<String, Vec<f32>>,
 }
 
 /// An input's value: integers or floats.
@@ -105,10 +107,10 @@ pub enum Role {
         layer: usize,
         values: bool,
     },
-    /// Per labelled position, the token cross-entropy: what a step reads back.
-    Losses,
-    /// Logits [positions, vocab] (evaluation of small models and parity tests).
-    Logits,
+    /// Values the caller gives by name (`StepInputs::given`).
+    Given(String),
+    /// A result the caller reads back, by name: a step's per-position losses, logits.
+    Output(String),
     /// An intermediate value: allocated at its first write, released after its last use.
     Activation,
 }
@@ -184,11 +186,11 @@ pub enum Op {
     GatherRows { dim: usize },
     /// [rows, index] -> [x]: row i into row `index[i]` of x; other rows zero.
     ScatterRows { dim: usize },
-    /// [hidden, head, labels] -> [losses]: per position −log softmax(h·headᵀ)[label], the vocabulary
-    /// walked in chunks; rows of `dim`.
+    /// [hidden, head, labels] -> [losses]: per position the pair (−log softmax(h·headᵀ)[label],
+    /// log-sum-exp of the logits), the vocabulary walked in chunks; rows of `dim`.
     CrossEntropy { dim: usize },
-    /// [hidden, head, labels, grad_scale] -> [losses, d_hidden]: the loss and grad_scale times its
-    /// gradient, in one walk over the vocabulary.
+    /// [hidden, head, labels, grad_scale] -> [losses, d_hidden]: the (loss, log-sum-exp) pairs and
+    /// grad_scale times the loss's gradient, in one walk over the vocabulary.
     CrossEntropyWithGrad { dim: usize },
     /// [hidden, head] -> [logits]: every logit [positions, vocab].
     Logits { dim: usize },
@@ -372,7 +374,7 @@ impl Graph {
                 .map(|(_, b)| b);
             for &b in node.inputs.iter().chain(rotated) {
                 let from_outside = !self.bufs[b].role.is_transient()
-                    && !matches!(self.bufs[b].role, Role::Losses | Role::Logits);
+                    && !matches!(self.bufs[b].role, Role::Output(_));
                 if !written[b] && !from_outside {
                     return Err(format!(
                         "node {i} ({}) reads {} before anything writes it",
@@ -452,9 +454,14 @@ impl Builder {
         self.buffer(len, Dtype::F32, Role::Activation, name.into())
     }
 
-    pub fn result(&mut self, role: Role, len: usize) -> BufId {
-        let name = format!("{role:?}").to_lowercase();
-        self.outside(role, len, Dtype::F32, &name)
+    /// A result read back by `name`.
+    pub fn output(&mut self, name: &str, len: usize) -> BufId {
+        self.outside(Role::Output(name.to_string()), len, Dtype::F32, name)
+    }
+
+    /// A value the caller gives by `name`.
+    pub fn given(&mut self, name: &str, len: usize) -> BufId {
+        self.outside(Role::Given(name.to_string()), len, Dtype::F32, name)
     }
 
     pub fn weight(&mut self, name: &str, len: usize) -> BufId {

@@ -124,6 +124,7 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
         label_positions: labelled,
         grad_scale,
         dropout_seed,
+        given: HashMap::new(),
     }
 }
 
@@ -645,13 +646,13 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
         let row = d.b.activation(h, "last hidden");
         d.b.node(Op::GatherRows { dim: h }, &[x, last], &[row], false);
         let (xf, _) = d.rmsnorm(row, final_norm, h, "final_norm");
-        let logits = d.b.result(Role::Logits, vocab);
+        let logits = d.b.output("logits", vocab);
         d.b.node(Op::Logits { dim: h }, &[xf, head], &[logits], false);
         return d.b.finish();
     }
     let (xf, inv_f) = d.rmsnorm(x, final_norm, h, "final_norm");
     if shape.logits {
-        let logits = d.b.result(Role::Logits, t * vocab);
+        let logits = d.b.output("logits", t * vocab);
         d.b.node(Op::Logits { dim: h }, &[xf, head], &[logits], false);
         return d.b.finish();
     }
@@ -660,7 +661,8 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     let labels = d.b.input(Input::Labels, np);
     let hidden = d.b.activation(np * h, "labelled hidden");
     d.b.node(Op::GatherRows { dim: h }, &[xf, index], &[hidden], false);
-    let losses = d.b.result(Role::Losses, np);
+    // Per position: the loss and the log-sum-exp.
+    let losses = d.b.output("losses", 2 * np);
     if !shape.backward {
         d.b.node(
             Op::CrossEntropy { dim: h },

@@ -118,7 +118,7 @@ pub fn forward(
     (losses, lse)
 }
 
-/// The loss (as `forward`) and its gradient d hidden = grad_scale · (softmax · W − W[label]) in one pass
+/// The loss and log-sum-exp (as `forward`) and the loss's gradient d hidden = grad_scale · (softmax · W − W[label]) in one pass
 /// over the vocabulary: per position a running maximum m, sum s = Σ exp(logit − m) and accumulator
 /// acc = Σ exp(logit − m) · W_v, rescaled whenever m grows (as online softmax does), so each chunk's
 /// logits are computed once and d hidden = grad_scale · (acc / s − W[label]) at the end.
@@ -128,7 +128,7 @@ pub fn forward_backward(
     labels: &[u32],
     grad_scale: f32,
     precision: Precision,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let positions = labels.len();
     let dim = head.cols;
     assert_eq!(
@@ -189,21 +189,23 @@ pub fn forward_backward(
         }
     }
     let mut losses = vec![0f32; positions];
+    let mut lse = vec![0f32; positions];
     let mut d_hidden = acc;
     d_hidden
         .par_chunks_mut(dim)
-        .zip(losses.par_iter_mut())
+        .zip(losses.par_iter_mut().zip(lse.par_iter_mut()))
         .zip(state.par_iter())
         .zip(labels.par_iter())
-        .for_each(|(((d, loss), &(max, sum, label_logit)), &label)| {
-            *loss = max + sum.ln() - label_logit;
+        .for_each(|(((d, (loss, lse)), &(max, sum, label_logit)), &label)| {
+            *lse = max + sum.ln();
+            *loss = *lse - label_logit;
             let mut label_row = vec![0f32; dim];
             head.row_f32(label as usize, &mut label_row);
             for (g, w) in d.iter_mut().zip(&label_row) {
                 *g = grad_scale * (*g / sum - w);
             }
         });
-    (losses, d_hidden)
+    (losses, lse, d_hidden)
 }
 
 /// Full logits [positions, vocab] (for evaluation of small models and tests).
