@@ -1,6 +1,6 @@
 //! A whole training step (forward + backward into LoRA r=8 on all seven linears, NF4 group 64 base) of
-//! a Qwen2.5-0.5B-shaped random model on the CPU executor, at 64 and 256 tokens: the graph executor
-//! (`exec::cpu`) and the hand-written step it replaces (`cpu.rs`), alternating step by step.
+//! a Qwen2.5-0.5B-shaped random model on the CPU executor (the decoder graph), at 64 and 256 tokens.
+//! (Commit 4d5f038 ran it beside the hand-written step the graph replaced: BENCHMARKS.md, session 6.)
 //!
 //!     cargo run --release -- synth --preset qwen2.5-0.5b --output /tmp/q05
 //!     NIBBLE_BENCH_MODEL=/tmp/q05 cargo bench --bench cpu_step
@@ -65,42 +65,33 @@ fn main() {
     for (precision, tokens) in configurations {
         let ids: Vec<u32> = (0..tokens).map(|_| rng.below(150000) as u32).collect();
         let seq = Sequence::all_tokens(ids);
-        let mut times = [Vec::new(), Vec::new()];
+        let mut times = Vec::new();
         for _ in 0..repetitions {
-            for (executor, times) in times.iter_mut().enumerate() {
-                let mut grads = adapter.zeros_like();
-                let t = Instant::now();
-                let options = StepOptions {
-                    grad_scale: 1.0,
-                    checkpoint: false,
-                    precision,
-                };
-                let step = if executor == 0 {
-                    nibble::exec::cpu::forward_backward
-                } else {
-                    cpu::forward_backward_with
-                };
-                step(
-                    &model,
-                    Some(&adapter),
-                    Some(&mut grads),
-                    &seq,
-                    options,
-                    Some(&mut rng),
-                )
-                .unwrap();
-                times.push(t.elapsed().as_secs_f64());
-            }
+            let mut grads = adapter.zeros_like();
+            let t = Instant::now();
+            let options = StepOptions {
+                grad_scale: 1.0,
+                checkpoint: false,
+                precision,
+            };
+            cpu::forward_backward_with(
+                &model,
+                Some(&adapter),
+                Some(&mut grads),
+                &seq,
+                options,
+                Some(&mut rng),
+            )
+            .unwrap();
+            times.push(t.elapsed().as_secs_f64());
         }
-        for (name, times) in ["graph", "hand-written"].iter().zip(&mut times) {
-            times.remove(0); // warm-up
-            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let median = times[times.len() / 2];
-            println!(
-                "{name:>12} {precision:?} {tokens:>4} tokens: {median:.3} s per forward+backward (fastest {:.3} s), {:.0} tokens/s",
-                times[0],
-                tokens as f64 / median
-            );
-        }
+        times.remove(0); // warm-up
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = times[times.len() / 2];
+        println!(
+            "{precision:?} {tokens:>4} tokens: {median:.3} s per forward+backward (fastest {:.3} s), {:.0} tokens/s",
+            times[0],
+            tokens as f64 / median
+        );
     }
 }

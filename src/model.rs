@@ -188,7 +188,63 @@ pub struct Model {
     pub source: String,
 }
 
+/// A frozen tensor of a loaded model, as the executors bind it.
+#[derive(Clone, Copy)]
+pub enum TensorRef<'a> {
+    /// A linear layer's weight, packed 4-bit or dense.
+    Linear(&'a LinearWeight),
+    /// A dense matrix read by rows: the embedding, the output projection.
+    Table(&'a DenseTensor),
+    /// A norm's scale or a linear's bias.
+    Vector(&'a [f32]),
+}
+
 impl Model {
+    /// Every frozen tensor by its checkpoint name (the names the graph builders use). The tied output
+    /// projection has no entry of its own: it is the embedding.
+    pub fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
+        let mut out = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                TensorRef::Table(&self.embed),
+            ),
+            (
+                "model.norm.weight".to_string(),
+                TensorRef::Vector(&self.final_norm),
+            ),
+        ];
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), TensorRef::Table(head)));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let prefix = format!("model.layers.{l}");
+            out.push((
+                format!("{prefix}.input_layernorm.weight"),
+                TensorRef::Vector(&layer.input_norm),
+            ));
+            out.push((
+                format!("{prefix}.post_attention_layernorm.weight"),
+                TensorRef::Vector(&layer.post_attention_norm),
+            ));
+            for (name, norm) in [("q_norm", &layer.q_norm), ("k_norm", &layer.k_norm)] {
+                if let Some(norm) = norm {
+                    out.push((
+                        format!("{prefix}.self_attn.{name}.weight"),
+                        TensorRef::Vector(norm),
+                    ));
+                }
+            }
+            for lin in &layer.linears {
+                let path = lin.kind.path(l);
+                out.push((format!("{path}.weight"), TensorRef::Linear(&lin.weight)));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{path}.bias"), TensorRef::Vector(b)));
+                }
+            }
+        }
+        out
+    }
+
     /// Bytes the weights occupy in memory.
     pub fn weight_bytes(&self) -> u64 {
         let vec_bytes = |v: &Vec<f32>| 4 * v.len() as u64;

@@ -9,30 +9,16 @@ use nibble::cpu::{self, Sequence, StepOptions};
 use nibble::exec;
 use nibble::graph::Role;
 use nibble::lora::{LoraAdapter, LoraConfig};
-use nibble::model::{Model, ModelSource, QuantRequest};
+use nibble::model::{Model, ModelSource};
 use nibble::models::decoder::{self, LoraSpec, StepShape};
 use nibble::ops::Precision;
-use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::rng::Rng;
-use nibble::source::FloatDtype;
 use nibble::synth::{self, SynthSpec};
 
 const VOCAB: usize = 300;
 
 fn model(arch: Arch, quant: bool) -> Model {
-    let dir = tempfile::tempdir().unwrap();
-    let mut spec = SynthSpec::tiny(arch, VOCAB);
-    spec.dtype = FloatDtype::F32;
-    synth::write_model_folder(dir.path(), &spec, None).unwrap();
-    let request = if quant {
-        QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 32).unwrap())
-    } else {
-        QuantRequest::Dense
-    };
-    ModelSource::open(dir.path())
-        .unwrap()
-        .load(Some(request))
-        .unwrap()
+    common::tiny_model(arch, VOCAB, quant)
 }
 
 fn adapter(model: &Model, rng: &mut Rng) -> LoraAdapter {

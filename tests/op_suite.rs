@@ -12,33 +12,18 @@ use nibble::exec;
 use nibble::gpu::Gpu;
 use nibble::gpu::weights::GpuModel;
 use nibble::graph::{BufId, Builder, Graph, Input, Op, StepInputs};
-use nibble::model::{Model, ModelSource, QuantRequest};
+use nibble::model::Model;
 use nibble::models::decoder;
 use nibble::ops::Precision;
 use nibble::ops::attention::AttentionShape;
-use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::rng::Rng;
-use nibble::source::FloatDtype;
-use nibble::synth::{self, SynthSpec};
 use std::collections::HashMap;
 
 const VOCAB: usize = 300;
 const TOKENS: usize = 37;
 
 fn model(quant: bool) -> Model {
-    let dir = tempfile::tempdir().unwrap();
-    let mut spec = SynthSpec::tiny(Arch::Qwen2, VOCAB);
-    spec.dtype = FloatDtype::F32;
-    synth::write_model_folder(dir.path(), &spec, None).unwrap();
-    let request = if quant {
-        QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 32).unwrap())
-    } else {
-        QuantRequest::Dense
-    };
-    ModelSource::open(dir.path())
-        .unwrap()
-        .load(Some(request))
-        .unwrap()
+    common::tiny_model(Arch::Qwen2, VOCAB, quant)
 }
 
 /// A case: a graph over given random values and step inputs, and the outputs to compare.

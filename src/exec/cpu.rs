@@ -5,7 +5,7 @@ use crate::cpu::{Sequence, StepLoss, StepOptions};
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Dtype, Graph, Input, InputValue, Node, Op, Role, StepInputs};
 use crate::lora::{LoraAdapter, LoraPair};
-use crate::model::{DenseTensor, LinearWeight, Model};
+use crate::model::{DenseTensor, LinearWeight, Model, TensorRef};
 use crate::models::decoder::{self, LoraSpec, StepShape};
 use crate::ops::bf16_gemm::PackedRows;
 use crate::ops::dropout::{self, DropoutParams};
@@ -15,66 +15,13 @@ use crate::ops::{self, Precision, attention, cross_entropy, linear, rope, swiglu
 use crate::rng::Rng;
 use std::collections::HashMap;
 
-/// A frozen tensor of the model, as the kernels read it.
-#[derive(Clone, Copy)]
-enum Tensor<'a> {
-    Linear(&'a LinearWeight),
-    Table(&'a DenseTensor),
-    Vector(&'a [f32]),
-}
-
-/// Every frozen tensor of a decoder model by its checkpoint name.
-fn model_tensors(model: &Model) -> HashMap<String, Tensor<'_>> {
-    let mut out = HashMap::new();
-    out.insert(
-        "model.embed_tokens.weight".to_string(),
-        Tensor::Table(&model.embed),
-    );
-    if let Some(head) = &model.lm_head {
-        out.insert("lm_head.weight".to_string(), Tensor::Table(head));
-    }
-    out.insert(
-        "model.norm.weight".to_string(),
-        Tensor::Vector(&model.final_norm),
-    );
-    for (l, layer) in model.layers.iter().enumerate() {
-        let prefix = format!("model.layers.{l}");
-        out.insert(
-            format!("{prefix}.input_layernorm.weight"),
-            Tensor::Vector(&layer.input_norm),
-        );
-        out.insert(
-            format!("{prefix}.post_attention_layernorm.weight"),
-            Tensor::Vector(&layer.post_attention_norm),
-        );
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            out.insert(
-                format!("{prefix}.self_attn.q_norm.weight"),
-                Tensor::Vector(qn),
-            );
-            out.insert(
-                format!("{prefix}.self_attn.k_norm.weight"),
-                Tensor::Vector(kn),
-            );
-        }
-        for lin in &layer.linears {
-            let path = lin.kind.path(l);
-            out.insert(format!("{path}.weight"), Tensor::Linear(&lin.weight));
-            if let Some(b) = &lin.bias {
-                out.insert(format!("{path}.bias"), Tensor::Vector(b));
-            }
-        }
-    }
-    out
-}
-
 /// A buffer while the graph runs.
 enum Slot<'a> {
     /// Not written yet, or released.
     Empty,
     F32(Vec<f32>),
     U32(Vec<u32>),
-    Tensor(Tensor<'a>),
+    Tensor(TensorRef<'a>),
     /// A LoRA matrix.
     Param(&'a [f32]),
     /// A LoRA matrix's gradient.
@@ -90,7 +37,7 @@ impl Slot<'_> {
             Slot::Param(p) => p,
             Slot::Grad(g) => g,
             Slot::Cache(c) => c,
-            Slot::Tensor(Tensor::Vector(v)) => v,
+            Slot::Tensor(TensorRef::Vector(v)) => v,
             _ => panic!("graph: a buffer read as f32 holds something else"),
         }
     }
@@ -113,14 +60,14 @@ impl Slot<'_> {
 
     fn linear(&self) -> &LinearWeight {
         match self {
-            Slot::Tensor(Tensor::Linear(w)) => w,
+            Slot::Tensor(TensorRef::Linear(w)) => w,
             _ => panic!("graph: a linear's weight is not a linear weight"),
         }
     }
 
     fn table(&self) -> &DenseTensor {
         match self {
-            Slot::Tensor(Tensor::Table(t)) => t,
+            Slot::Tensor(TensorRef::Table(t)) => t,
             _ => panic!("graph: a table is not a dense matrix"),
         }
     }
@@ -184,7 +131,7 @@ fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 }
 
 fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
-    let tensors = model_tensors(bind.model);
+    let tensors: HashMap<String, TensorRef> = bind.model.named_tensors().into_iter().collect();
     let mut params: HashMap<String, &LoraPair> = HashMap::new();
     if let Some(a) = bind.adapter {
         params.extend(a.pairs().map(|(l, k, p)| (k.path(l), p)));
@@ -302,7 +249,7 @@ fn check_inputs(graph: &Graph, slots: &[Slot]) -> Result<()> {
 
 fn table_rows(slot: &Slot) -> Option<usize> {
     match slot {
-        Slot::Tensor(Tensor::Table(t)) => Some(t.rows),
+        Slot::Tensor(TensorRef::Table(t)) => Some(t.rows),
         _ => None,
     }
 }

@@ -8,7 +8,7 @@
 use crate::config::ModelConfig;
 use crate::cpu::{Sequence, StepLoss};
 use crate::error::{Error, Result};
-use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, LinearBlock};
+use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, GpuTensor, LinearBlock};
 use crate::gpu::{Gpu, GpuBuffer, groups_1d};
 use crate::graph::{Graph, InputValue, Node, Op, Role, StepInputs};
 use crate::models::decoder::{self, LoraSpec, StepShape};
@@ -69,58 +69,6 @@ pub fn sequence_loss(result: &[f32]) -> StepLoss {
     }
 }
 
-/// A frozen tensor as the GPU holds it.
-#[derive(Clone, Copy)]
-enum Tensor<'a> {
-    Linear(&'a GpuLinear),
-    Table(&'a GpuDense),
-    Vector(&'a GpuBuffer),
-}
-
-fn model_tensors(model: &GpuModel) -> HashMap<String, Tensor<'_>> {
-    let mut out = HashMap::new();
-    out.insert(
-        "model.embed_tokens.weight".to_string(),
-        Tensor::Table(&model.embed),
-    );
-    if let Some(head) = &model.lm_head {
-        out.insert("lm_head.weight".to_string(), Tensor::Table(head));
-    }
-    out.insert(
-        "model.norm.weight".to_string(),
-        Tensor::Vector(&model.final_norm),
-    );
-    for (l, layer) in model.layers.iter().enumerate() {
-        let prefix = format!("model.layers.{l}");
-        out.insert(
-            format!("{prefix}.input_layernorm.weight"),
-            Tensor::Vector(&layer.input_norm),
-        );
-        out.insert(
-            format!("{prefix}.post_attention_layernorm.weight"),
-            Tensor::Vector(&layer.post_norm),
-        );
-        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-            out.insert(
-                format!("{prefix}.self_attn.q_norm.weight"),
-                Tensor::Vector(qn),
-            );
-            out.insert(
-                format!("{prefix}.self_attn.k_norm.weight"),
-                Tensor::Vector(kn),
-            );
-        }
-        for (kind, lin) in crate::config::LinearKind::ALL.iter().zip(&layer.linears) {
-            let path = kind.path(l);
-            out.insert(format!("{path}.weight"), Tensor::Linear(lin));
-            if let Some(b) = &lin.bias {
-                out.insert(format!("{path}.bias"), Tensor::Vector(b));
-            }
-        }
-    }
-    out
-}
-
 fn lora_pairs(lora: Option<&GpuLora>) -> HashMap<String, &(GpuBuffer, GpuBuffer)> {
     let Some(lora) = lora else {
         return HashMap::new();
@@ -142,28 +90,29 @@ enum Slot<'a> {
     Own(GpuBuffer),
     /// A buffer that outlives the step: a LoRA matrix or gradient, a norm or bias vector.
     Ext(&'a GpuBuffer),
-    Tensor(Tensor<'a>),
+    Tensor(&'a GpuTensor),
 }
 
 impl Slot<'_> {
     fn buf(&self) -> &GpuBuffer {
         match self {
             Slot::Own(b) => b,
-            Slot::Ext(b) | Slot::Tensor(Tensor::Vector(b)) => b,
+            Slot::Ext(b) => b,
+            Slot::Tensor(GpuTensor::Vector(b)) => b,
             _ => panic!("graph: a buffer read as a vector holds a matrix or nothing"),
         }
     }
 
     fn linear(&self) -> &GpuLinear {
         match self {
-            Slot::Tensor(Tensor::Linear(l)) => l,
+            Slot::Tensor(GpuTensor::Linear(l)) => l,
             _ => panic!("graph: a linear's weight is not a linear weight"),
         }
     }
 
     fn table(&self) -> &GpuDense {
         match self {
-            Slot::Tensor(Tensor::Table(t)) => t,
+            Slot::Tensor(GpuTensor::Table(t)) => t,
             _ => panic!("graph: a table is not a dense matrix"),
         }
     }
@@ -196,7 +145,6 @@ impl Recorded {
 pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> Result<Recorded> {
     let tokens = bind.inputs.ids.len();
     check_activation_bindings(bind.gpu, &bind.model.config, tokens)?;
-    let tensors = model_tensors(bind.model);
     let params = lora_pairs(bind.lora);
     let grads = lora_pairs(bind.grads);
     let missing = |what: &str, name: &str| {
@@ -206,28 +154,23 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     for desc in &graph.bufs {
         let slot = match &desc.role {
             Role::Weight(name) => Slot::Tensor(
-                *tensors
+                bind.model
+                    .tensors
                     .get(name)
                     .ok_or_else(|| missing("the model tensor", name))?,
             ),
-            Role::LoraA(path) | Role::LoraB(path) => {
-                let (a, b) = params
-                    .get(path)
-                    .ok_or_else(|| missing("a LoRA adapter for", path))?;
-                Slot::Ext(if matches!(desc.role, Role::LoraA(_)) {
-                    a
-                } else {
-                    b
-                })
-            }
-            Role::LoraGradA(path) | Role::LoraGradB(path) => {
-                let (a, b) = grads
-                    .get(path)
-                    .ok_or_else(|| missing("a LoRA gradient for", path))?;
-                Slot::Ext(if matches!(desc.role, Role::LoraGradA(_)) {
-                    a
-                } else {
-                    b
+            Role::LoraA(path)
+            | Role::LoraB(path)
+            | Role::LoraGradA(path)
+            | Role::LoraGradB(path) => {
+                let (pairs, what) = match desc.role {
+                    Role::LoraA(_) | Role::LoraB(_) => (&params, "a LoRA adapter for"),
+                    _ => (&grads, "a LoRA gradient for"),
+                };
+                let (a, b) = pairs.get(path).ok_or_else(|| missing(what, path))?;
+                Slot::Ext(match desc.role {
+                    Role::LoraA(_) | Role::LoraGradA(_) => a,
+                    _ => b,
                 })
             }
             Role::Input(input) => Slot::Own(match bind.inputs.value(*input) {

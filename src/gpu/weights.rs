@@ -6,8 +6,9 @@ use super::{Gpu, GpuBuffer};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
-use crate::model::{DenseData, DenseTensor, LinearWeight, Model};
+use crate::model::{DenseData, DenseTensor, LinearWeight, Model, TensorRef};
 use crate::quant::QuantFormat;
+use std::collections::HashMap;
 
 const FMT_F32: u32 = 0;
 const FMT_BF16: u32 = 1;
@@ -92,7 +93,6 @@ pub struct GpuLinear {
     pub(crate) group: usize,
     /// W in row blocks that each fit one storage binding (one block unless W is larger).
     pub(crate) blocks: Vec<LinearBlock>,
-    pub(crate) bias: Option<GpuBuffer>,
 }
 
 /// Rows `start..start + rows` of a frozen weight: its words, and for the 4-bit formats its group scales
@@ -106,7 +106,7 @@ pub(crate) struct LinearBlock {
 }
 
 impl GpuLinear {
-    fn upload(gpu: &Gpu, weight: &LinearWeight, bias: Option<&[f32]>, name: &str) -> Result<Self> {
+    fn upload(gpu: &Gpu, weight: &LinearWeight, name: &str) -> Result<Self> {
         let (rows, cols) = weight.shape();
         let (fmt, group, blocks) = match weight {
             // Split as any dense matrix is.
@@ -153,67 +153,41 @@ impl GpuLinear {
             cols,
             group,
             blocks,
-            bias: bias.map(|b| gpu.upload_f32(b)),
         })
     }
 }
 
-pub(crate) struct GpuLayer {
-    pub(crate) input_norm: GpuBuffer,
-    pub(crate) post_norm: GpuBuffer,
-    pub(crate) q_norm: Option<GpuBuffer>,
-    pub(crate) k_norm: Option<GpuBuffer>,
-    pub(crate) linears: Vec<GpuLinear>,
+/// A frozen tensor in GPU memory.
+pub(crate) enum GpuTensor {
+    Linear(GpuLinear),
+    Table(GpuDense),
+    Vector(GpuBuffer),
 }
 
-/// A model's frozen weights in GPU memory.
+/// A model's frozen weights in GPU memory, by checkpoint name (`Model::named_tensors`).
 pub struct GpuModel {
     pub config: ModelConfig,
-    pub(crate) embed: GpuDense,
-    pub(crate) lm_head: Option<GpuDense>,
-    pub(crate) layers: Vec<GpuLayer>,
-    pub(crate) final_norm: GpuBuffer,
+    pub(crate) tensors: HashMap<String, GpuTensor>,
     pub(crate) dummy: GpuBuffer,
 }
 
 impl GpuModel {
     pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
-        let layers = model
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(l, layer)| {
-                let linears = layer
-                    .linears
-                    .iter()
-                    .map(|lin| {
-                        GpuLinear::upload(
-                            gpu,
-                            &lin.weight,
-                            lin.bias.as_deref(),
-                            &format!("{}.weight", lin.kind.path(l)),
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(GpuLayer {
-                    input_norm: gpu.upload_f32(&layer.input_norm),
-                    post_norm: gpu.upload_f32(&layer.post_attention_norm),
-                    q_norm: layer.q_norm.as_ref().map(|v| gpu.upload_f32(v)),
-                    k_norm: layer.k_norm.as_ref().map(|v| gpu.upload_f32(v)),
-                    linears,
-                })
+        let tensors = model
+            .named_tensors()
+            .into_iter()
+            .map(|(name, tensor)| {
+                let uploaded = match tensor {
+                    TensorRef::Linear(w) => GpuTensor::Linear(GpuLinear::upload(gpu, w, &name)?),
+                    TensorRef::Table(t) => GpuTensor::Table(GpuDense::upload(gpu, t, &name)?),
+                    TensorRef::Vector(v) => GpuTensor::Vector(gpu.upload_f32(v)),
+                };
+                Ok((name, uploaded))
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Result<_>>()?;
         Ok(GpuModel {
             config: model.config.clone(),
-            embed: GpuDense::upload(gpu, &model.embed, "model.embed_tokens.weight")?,
-            lm_head: model
-                .lm_head
-                .as_ref()
-                .map(|h| GpuDense::upload(gpu, h, "lm_head.weight"))
-                .transpose()?,
-            layers,
-            final_norm: gpu.upload_f32(&model.final_norm),
+            tensors,
             dummy: gpu.zeros(1),
         })
     }
@@ -221,10 +195,12 @@ impl GpuModel {
     /// Storage buffers holding the decoder's linear weights: one per weight unless some are larger
     /// than a binding and split into row blocks.
     pub fn linear_weight_buffers(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| &l.linears)
-            .map(|lin| lin.blocks.len())
+        self.tensors
+            .values()
+            .map(|t| match t {
+                GpuTensor::Linear(lin) => lin.blocks.len(),
+                _ => 0,
+            })
             .sum()
     }
 }

@@ -128,6 +128,18 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
     }
 }
 
+/// c = alpha · A·B with A [m, k] (stored transposed when `a_t`) and B [k, n] (when `b_t`).
+fn mm(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, alpha: f32) -> Op {
+    Op::Matmul {
+        m,
+        n,
+        k,
+        a_t,
+        b_t,
+        alpha,
+    }
+}
+
 /// A linear layer as the forward ran it: what its backward reads.
 struct LinearTape {
     path: String,
@@ -228,6 +240,19 @@ impl Decoder<'_> {
         self.b.input(Input::DropoutSeed, 2)
     }
 
+    /// A LoRA branch's input: x, or x through the branch's dropout.
+    fn lora_input(&mut self, x: BufId, dropout: Option<&Op>, path: &str) -> BufId {
+        let Some(op) = dropout else {
+            return x;
+        };
+        let dropped = self
+            .b
+            .activation(self.b.len(x), format!("{path} dropout"));
+        let seed = self.seed();
+        self.b.node(op.clone(), &[x, seed], &[dropped], false);
+        dropped
+    }
+
     /// y = x·Wᵀ (+ bias) + scale · (dropout(x)·Aᵀ)·Bᵀ.
     fn linear(&mut self, layer: usize, kind: LinearKind, x: BufId) -> (BufId, LinearTape) {
         let t = self.t();
@@ -248,24 +273,8 @@ impl Decoder<'_> {
                 let a = self.b.lora(Role::LoraA(path.clone()), r * inp);
                 let bm = self.b.lora(Role::LoraB(path.clone()), out * r);
                 let dropout = self.dropout_op(layer, kind);
-                let lora_in = match &dropout {
-                    Some(op) => {
-                        let dropped = self.b.activation(t * inp, format!("{path} dropout"));
-                        let seed = self.seed();
-                        self.b.node(op.clone(), &[x, seed], &[dropped], false);
-                        dropped
-                    }
-                    None => x,
-                };
+                let lora_in = self.lora_input(x, dropout.as_ref(), &path);
                 let xa = self.b.activation(t * r, format!("{path} x·Aᵀ"));
-                let mm = |m, n, k, a_t, b_t, alpha| Op::Matmul {
-                    m,
-                    n,
-                    k,
-                    a_t,
-                    b_t,
-                    alpha,
-                };
                 self.b
                     .node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
                 self.b
@@ -304,14 +313,6 @@ impl Decoder<'_> {
         };
         let spec = self.lora.expect("a LoRA tape has a spec");
         let (r, scale) = (spec.rank, spec.scale);
-        let mm = |m, n, k, a_t, b_t, alpha| Op::Matmul {
-            m,
-            n,
-            k,
-            a_t,
-            b_t,
-            alpha,
-        };
         let path = &tape.path;
         // d(xa) = scale · dy·B
         let dxa = self.b.activation(t * r, format!("d {path} x·Aᵀ"));
@@ -322,15 +323,7 @@ impl Decoder<'_> {
             false,
         );
         // The dropped input is drawn again rather than kept: the masks are counter-based.
-        let lora_in = match &lora.dropout {
-            Some(op) => {
-                let dropped = self.b.activation(t * inp, format!("{path} dropout"));
-                let seed = self.seed();
-                self.b.node(op.clone(), &[x, seed], &[dropped], false);
-                dropped
-            }
-            None => x,
-        };
+        let lora_in = self.lora_input(x, lora.dropout.as_ref(), path);
         let gb = self.b.lora(Role::LoraGradB(path.clone()), out * r);
         let ga = self.b.lora(Role::LoraGradA(path.clone()), r * inp);
         // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)

@@ -146,3 +146,21 @@ pub fn gpu() -> Option<nibble::gpu::Gpu> {
         }
     }
 }
+
+/// A tiny random model of `arch` (f32 weights, the real architecture), its decoder linears dense or NF4
+/// with groups of 32.
+pub fn tiny_model(arch: nibble::config::Arch, vocab: usize, nf4: bool) -> Model {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = nibble::synth::SynthSpec::tiny(arch, vocab);
+    spec.dtype = nibble::source::FloatDtype::F32;
+    nibble::synth::write_model_folder(dir.path(), &spec, None).unwrap();
+    let request = if nf4 {
+        QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 32).unwrap())
+    } else {
+        QuantRequest::Dense
+    };
+    ModelSource::open(dir.path())
+        .unwrap()
+        .load(Some(request))
+        .unwrap()
+}
