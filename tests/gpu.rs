@@ -29,8 +29,10 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
         exec::gpu::forward_backward(gpu, &gm, Some(&gl), Some(&grads), &f.seq, 1.0 / n as f32)
             .unwrap();
     let mean = loss.loss_sum / loss.targets as f64;
+    // Measured on lavapipe: logits within 8.3e-7, the loss within 1.1e-7, gradients within 2.1e-6 (of
+    // transformers' or the CPU's); held to 1e-5, 1e-6 and 1e-5.
     assert!(
-        (mean - f.loss).abs() / f.loss < 1e-5,
+        (mean - f.loss).abs() / f.loss < 1e-6,
         "{name} {quant}: GPU loss {mean} vs {}",
         f.loss
     );
@@ -64,7 +66,8 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
         worst.0
     );
     eprintln!(
-        "{name} {quant}: GPU logits {e:.1e}, worst gradient {:.1e}",
+        "{name} {quant}: GPU logits {e:.1e}, loss {:.1e}, worst gradient {:.1e}",
+        (mean - f.loss).abs() / f.loss,
         worst.0
     );
 }
@@ -298,15 +301,17 @@ fn gpu_training_steps_match_the_cpu_trainer() {
             "step {}: loss {} / {}, grad norm {} / {}",
             c.step, c.loss, g.loss, c.grad_norm, g.grad_norm
         );
+        // Measured: losses within 5e-9, grad norms within 1.1e-7, LoRA updates within 8.6e-6 (relative);
+        // held to 1e-7, 1e-6 and 1e-4.
         assert!(
-            (c.loss - g.loss).abs() / c.loss < 1e-5,
+            (c.loss - g.loss).abs() / c.loss < 1e-7,
             "step {}: loss {} vs {}",
             c.step,
             c.loss,
             g.loss
         );
         assert!(
-            (c.grad_norm - g.grad_norm).abs() / c.grad_norm < 1e-4,
+            (c.grad_norm - g.grad_norm).abs() / c.grad_norm < 1e-6,
             "step {}: grad norm {} vs {}",
             c.step,
             c.grad_norm,
@@ -332,7 +337,7 @@ fn gpu_training_steps_match_the_cpu_trainer() {
         }
     }
     eprintln!("worst relative difference of the LoRA updates: {worst:.1e}");
-    assert!(worst < 1e-3, "LoRA updates differ by {worst:e}");
+    assert!(worst < 1e-4, "LoRA updates differ by {worst:e}");
 }
 
 #[test]
@@ -348,7 +353,8 @@ fn packed_sequences_on_the_gpu_match_the_cpu() {
         .collect();
     let packed = cpu::pack(examples, 64).remove(0);
     assert!(packed.is_packed());
-    assert_step_matches_cpu(&gpu, &f.model, &f.adapter, &packed, 1e-4, "packed");
+    // Measured: gradients within 2.4e-6.
+    assert_step_matches_cpu(&gpu, &f.model, &f.adapter, &packed, 3e-5, "packed");
 }
 
 /// The tiled linear kernels at shapes off their tiles: inner dimensions that are not multiples of the
@@ -421,9 +427,10 @@ fn gpu_kernels_match_the_cpu_off_their_tiles() {
         let gl = GpuLora::upload(&gpu, &adapter);
         let logits = exec::gpu::logits(&gpu, &gm, Some(&gl), &ids).unwrap();
         let e = rel(&logits, &cpu::logits(&model, Some(&adapter), &ids).unwrap());
+        eprintln!("{case}: logits {e:.1e}");
         assert!(e < 1e-5, "{case}: logits differ by {e:e}");
-
-        assert_step_matches_cpu(&gpu, &model, &adapter, &seq, 1e-5, &case);
+        // Measured: logits within 8.7e-7, gradients within 2.4e-6.
+        assert_step_matches_cpu(&gpu, &model, &adapter, &seq, 2e-5, &case);
     }
 }
 
@@ -451,8 +458,8 @@ fn synth_model(
     (model, adapter)
 }
 
-/// One forward + backward on the GPU against the CPU executor: the loss and every LoRA gradient within
-/// `tolerance` (relative).
+/// One forward + backward on the GPU against the CPU executor: every LoRA gradient within `tolerance`
+/// and the loss within 1e-6 (relative; losses measured within 3.2e-8 in every case here).
 fn assert_step_matches_cpu(
     gpu: &Gpu,
     model: &nibble::model::Model,
@@ -472,14 +479,17 @@ fn assert_step_matches_cpu(
     let cpu_loss =
         cpu::forward_backward(model, Some(adapter), Some(&mut expected), seq, scale, None).unwrap();
     let e = (loss.loss_sum - cpu_loss.loss_sum).abs() / cpu_loss.loss_sum;
-    assert!(e < tolerance, "{case}: losses differ by {e:e}");
+    assert!(e < 1e-6, "{case}: losses differ by {e:e}");
+    let mut worst = 0f64;
     for ((l, kind, g), (_, _, c)) in ours.pairs().zip(expected.pairs()) {
         let e = rel(&g.a, &c.a).max(rel(&g.b, &c.b));
         assert!(
             e < tolerance,
             "{case}: layer {l} {kind:?} gradients differ by {e:e}"
         );
+        worst = worst.max(e);
     }
+    eprintln!("{case}: loss {e:.1e}, worst gradient {worst:.1e} (tolerance {tolerance:.0e})");
 }
 
 /// Attention across its tiles and passes, against the CPU executor: 150 tokens packed from examples of
@@ -501,7 +511,8 @@ fn gpu_attention_spans_workgroups_tiles_and_passes() {
     let device_budget = gpu.loop_budget;
     let mut rng = Rng::new(41);
     let packed_150 = [63usize, 7, 47, 33].as_slice();
-    // (arch, hidden, heads, kv heads, head_dim, example lengths, loop budget, tolerance)
+    // (arch, hidden, heads, kv heads, head_dim, example lengths, loop budget, tolerance); measured
+    // gradients within 1.2e-6, 1.0e-6, 8.1e-6 and 1.6e-6.
     let cases = [
         (
             Arch::Qwen3,
@@ -514,7 +525,7 @@ fn gpu_attention_spans_workgroups_tiles_and_passes() {
             1e-5,
         ),
         (Arch::Llama, 96, 4, 1, None, packed_150, device_budget, 1e-5),
-        // Sums over 896 inputs in a different order than the CPU's blocked products: 1e-4.
+        // Sums over 896 inputs in a different order than the CPU's blocked products.
         (
             Arch::Qwen2,
             896,

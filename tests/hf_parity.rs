@@ -1,6 +1,8 @@
 //! The CPU executor against transformers + peft (fixtures made by scripts/make_model_fixtures.py): logits,
 //! loss and every LoRA gradient of small random Qwen2 (tied, biases), Qwen3 (q/k norm) and Llama
-//! (untied, llama3 rope) models, float32, with the base unquantized and in NF4 group 64.
+//! (untied, llama3 rope) models, float32, with the base unquantized and in NF4 group 64. Measured: logits
+//! within 8.0e-7, the mean loss within 1.1e-7 and every gradient within 1.8e-6 (relative); held to
+//! 1e-5, 1e-6 and 1e-5 (about ten times; five for the gradients).
 
 mod common;
 
@@ -28,7 +30,7 @@ fn check(name: &str, quant: &str) {
     .unwrap();
     let mean = loss.loss_sum / loss.targets as f64;
     assert!(
-        (mean - f.loss).abs() / f.loss < 1e-5,
+        (mean - f.loss).abs() / f.loss < 1e-6,
         "{name} {quant}: loss {mean} vs {}",
         f.loss
     );
@@ -50,8 +52,10 @@ fn check(name: &str, quant: &str) {
         worst.0
     );
     println!(
-        "{name} {quant}: logits {e:.1e}, worst gradient {:.1e} ({})",
-        worst.0, worst.1
+        "{name} {quant}: logits {e:.1e}, loss {:.1e}, worst gradient {:.1e} ({})",
+        (mean - f.loss).abs() / f.loss,
+        worst.0,
+        worst.1
     );
 }
 

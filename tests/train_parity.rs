@@ -71,19 +71,23 @@ fn check(device: &str) {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(metrics.len(), 3);
+    let mut worst_scalar = 0f64;
     for (i, m) in metrics.iter().enumerate() {
         for (ours, theirs) in [("loss", "losses"), ("grad_norm", "grad_norms")] {
             let (a, b) = (
                 m[ours].as_f64().unwrap(),
                 expected[theirs][i].as_f64().unwrap(),
             );
+            let e = (a - b).abs() / b;
+            worst_scalar = worst_scalar.max(e);
             assert!(
-                (a - b).abs() / b < 1e-4,
+                e < SCALAR_TOLERANCE,
                 "{device}, step {}: {ours} {a} vs transformers {b}",
                 i + 1
             );
         }
     }
+    eprintln!("{device}: worst relative difference of a loss or grad norm {worst_scalar:.1e}");
     let (init, theirs, ours) = (
         adapter(&f.join("init_adapter")),
         adapter(&f.join("expected_adapter")),
@@ -109,12 +113,17 @@ fn check(device: &str) {
         worst.0, worst.1
     );
     assert!(
-        worst.0 < 1e-3,
+        worst.0 < UPDATE_TOLERANCE,
         "{device}: LoRA update {} differs by {:e}",
         worst.1,
         worst.0
     );
 }
+
+/// Measured (CPU and lavapipe): losses and grad norms within 8.5e-7, LoRA updates within 9.7e-6
+/// (relative); held to about ten times that.
+const SCALAR_TOLERANCE: f64 = 1e-5;
+const UPDATE_TOLERANCE: f64 = 1e-4;
 
 #[test]
 fn three_steps_on_the_cpu_match_transformers_and_peft() {

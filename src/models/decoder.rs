@@ -245,9 +245,7 @@ impl Decoder<'_> {
         let Some(op) = dropout else {
             return x;
         };
-        let dropped = self
-            .b
-            .activation(self.b.len(x), format!("{path} dropout"));
+        let dropped = self.b.activation(self.b.len(x), format!("{path} dropout"));
         let seed = self.seed();
         self.b.node(op.clone(), &[x, seed], &[dropped], false);
         dropped
