@@ -29,7 +29,7 @@ fn main() {
         )))
         .unwrap();
     let mut rng = Rng::new(0);
-    let adapter = LoraAdapter::init(&model.config, LoraConfig::default(), &mut rng);
+    let adapter = LoraAdapter::init(&model.config, LoraConfig::default(), &mut rng).unwrap();
     println!(
         "threads: {}, LoRA parameters: {}",
         rayon::current_num_threads(),

@@ -304,6 +304,19 @@ impl ModelConfig {
     }
 
     /// (out_features, in_features) of one decoder linear.
+    /// Every linear layer of the decoder that LoRA may adapt: module path, out and in features, in the
+    /// model's order (layer by layer, PEFT's module order within a layer).
+    pub fn linear_modules(&self) -> Vec<(String, usize, usize)> {
+        (0..self.num_layers)
+            .flat_map(|l| {
+                LinearKind::ALL.into_iter().map(move |kind| {
+                    let (out, inp) = self.linear_shape(kind);
+                    (kind.path(l), out, inp)
+                })
+            })
+            .collect()
+    }
+
     pub fn linear_shape(&self, kind: LinearKind) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         match kind {

@@ -1,7 +1,7 @@
 //! LoRA adapters in PEFT's layout: for each adapted linear, A [r, in] and B [out, r], and the update
 //! y += scale · (dropout(x)·Aᵀ)·Bᵀ with scale = alpha/r (or alpha/√r with rsLoRA).
 
-use crate::config::{LinearKind, ModelConfig};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::source::ModelFiles;
@@ -13,7 +13,8 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f32,
     pub use_rslora: bool,
-    pub targets: Vec<LinearKind>,
+    /// PEFT's `target_modules`: module names (or path suffixes), or `all-linear`.
+    pub targets: Vec<String>,
 }
 
 impl LoraConfig {
@@ -33,7 +34,7 @@ impl Default for LoraConfig {
             alpha: 16.0,
             dropout: 0.05,
             use_rslora: false,
-            targets: LinearKind::ALL.to_vec(),
+            targets: vec!["all-linear".to_string()],
         }
     }
 }
@@ -62,16 +63,53 @@ impl LoraPair {
     }
 }
 
-/// The adapters of a whole model: `layers[l][kind as usize]`.
+/// The adapters of a whole model: one pair per adapted linear, by module path
+/// (`model.layers.3.self_attn.q_proj`), in the model's order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraAdapter {
     pub config: LoraConfig,
-    pub layers: Vec<Vec<Option<LoraPair>>>,
+    pub modules: Vec<(String, LoraPair)>,
 }
 
 /// PEFT's tensor name for one of a linear's LoRA matrices (`which` is "lora_A" or "lora_B").
-pub fn peft_key(layer: usize, kind: LinearKind, which: &str) -> String {
-    format!("base_model.model.{}.{which}.weight", kind.path(layer))
+pub fn peft_key(path: &str, which: &str) -> String {
+    format!("base_model.model.{path}.{which}.weight")
+}
+
+/// Whether a module path is named by a PEFT `target_modules` entry: the path itself or its last
+/// components (`q_proj`, `self_attn.q_proj`, `model.layers.3.self_attn.q_proj`), as PEFT matches a list.
+pub fn targets_module(target: &str, path: &str) -> bool {
+    path == target || path.ends_with(&format!(".{target}"))
+}
+
+/// The adapted linears of `model` for `targets` (PEFT's list semantics; `all-linear` is every linear
+/// layer but the output projection): their module paths and (out, in) shapes, in the model's order.
+/// A target that names no linear layer is an error that lists the names that work.
+pub fn resolve_targets(
+    model: &ModelConfig,
+    targets: &[String],
+) -> Result<Vec<(String, usize, usize)>> {
+    let linears = model.linear_modules();
+    let all = targets.iter().any(|t| t == "all-linear");
+    for t in targets.iter().filter(|t| *t != "all-linear") {
+        if !linears.iter().any(|(path, _, _)| targets_module(t, path)) {
+            let mut names: Vec<&str> = linears
+                .iter()
+                .map(|(path, _, _)| path.rsplit('.').next().unwrap_or(path))
+                .collect();
+            names.sort();
+            names.dedup();
+            return Err(Error::Invalid(format!(
+                "target module `{t}` names no linear layer of this model (its linear layers: {}, \
+                 or all-linear; a longer path such as model.layers.0.self_attn.q_proj picks one)",
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(linears
+        .into_iter()
+        .filter(|(path, _, _)| all || targets.iter().any(|t| targets_module(t, path)))
+        .collect())
 }
 
 impl LoraAdapter {
@@ -79,25 +117,16 @@ impl LoraAdapter {
         model: &ModelConfig,
         config: LoraConfig,
         mut make: impl FnMut(usize, usize, usize) -> LoraPair,
-    ) -> Self {
-        let layers = (0..model.num_layers)
-            .map(|_| {
-                LinearKind::ALL
-                    .into_iter()
-                    .map(|kind| {
-                        config.targets.contains(&kind).then(|| {
-                            let (out, inp) = model.linear_shape(kind);
-                            make(config.r, inp, out)
-                        })
-                    })
-                    .collect()
-            })
+    ) -> Result<Self> {
+        let modules = resolve_targets(model, &config.targets)?
+            .into_iter()
+            .map(|(path, out, inp)| (path, make(config.r, inp, out)))
             .collect();
-        LoraAdapter { config, layers }
+        Ok(LoraAdapter { config, modules })
     }
 
     /// PEFT's default initialisation: A ~ kaiming_uniform(a=√5), i.e. U(−1/√in, 1/√in); B = 0.
-    pub fn init(model: &ModelConfig, config: LoraConfig, rng: &mut Rng) -> Self {
+    pub fn init(model: &ModelConfig, config: LoraConfig, rng: &mut Rng) -> Result<Self> {
         Self::with_pairs(model, config, |r, inp, out| {
             let mut pair = LoraPair::zeros(r, inp, out);
             let bound = 1.0 / (inp as f64).sqrt();
@@ -112,45 +141,35 @@ impl LoraAdapter {
     pub fn zeros_like(&self) -> Self {
         LoraAdapter {
             config: self.config.clone(),
-            layers: self
-                .layers
+            modules: self
+                .modules
                 .iter()
-                .map(|l| {
-                    l.iter()
-                        .map(|p| {
-                            p.as_ref()
-                                .map(|p| LoraPair::zeros(p.rank, p.in_features, p.out_features))
-                        })
-                        .collect()
+                .map(|(path, p)| {
+                    (
+                        path.clone(),
+                        LoraPair::zeros(p.rank, p.in_features, p.out_features),
+                    )
                 })
                 .collect(),
         }
     }
 
-    pub fn pair(&self, layer: usize, kind: LinearKind) -> Option<&LoraPair> {
-        self.layers[layer][kind as usize].as_ref()
+    /// The pair of the linear at `path`, if it is adapted.
+    pub fn pair(&self, path: &str) -> Option<&LoraPair> {
+        self.modules.iter().find(|(p, _)| p == path).map(|(_, p)| p)
     }
 
-    pub fn pairs(&self) -> impl Iterator<Item = (usize, LinearKind, &LoraPair)> {
-        self.layers.iter().enumerate().flat_map(|(l, kinds)| {
-            kinds
-                .iter()
-                .zip(LinearKind::ALL)
-                .filter_map(move |(p, k)| p.as_ref().map(|p| (l, k, p)))
-        })
+    /// (module path, pair) of every adapted linear.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &LoraPair)> {
+        self.modules.iter().map(|(path, p)| (path.as_str(), p))
     }
 
-    pub fn pairs_mut(&mut self) -> impl Iterator<Item = (usize, LinearKind, &mut LoraPair)> {
-        self.layers.iter_mut().enumerate().flat_map(|(l, kinds)| {
-            kinds
-                .iter_mut()
-                .zip(LinearKind::ALL)
-                .filter_map(move |(p, k)| p.as_mut().map(|p| (l, k, p)))
-        })
+    pub fn pairs_mut(&mut self) -> impl Iterator<Item = (&str, &mut LoraPair)> {
+        self.modules.iter_mut().map(|(path, p)| (path.as_str(), p))
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.pairs().map(|(_, _, p)| p.a.len() + p.b.len()).sum()
+        self.pairs().map(|(_, p)| p.a.len() + p.b.len()).sum()
     }
 
     /// Loads a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for `model`.
@@ -203,18 +222,15 @@ impl LoraAdapter {
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|m| {
-                    let name = m.as_str().unwrap_or_default();
-                    LinearKind::from_module_name(name).ok_or_else(|| {
-                        bad(format!(
-                            "target module `{name}` is not one of the decoder's linear layers"
-                        ))
+                    m.as_str().map(str::to_string).ok_or_else(|| {
+                        bad(format!("`target_modules` entries must be names, got {m}"))
                     })
                 })
                 .collect::<Result<Vec<_>>>()?,
-            Some(Value::String(s)) if s == "all-linear" => LinearKind::ALL.to_vec(),
+            Some(Value::String(s)) if s == "all-linear" => vec![s.clone()],
             other => {
                 return Err(bad(format!(
-                    "`target_modules` must be a list of module names, got {other:?}"
+                    "`target_modules` must be a list of module names or \"all-linear\", got {other:?}"
                 )));
             }
         };
@@ -231,13 +247,13 @@ impl LoraAdapter {
 
         let weights = files.open_safetensors("adapter_model.safetensors")?;
         let mut adapter =
-            Self::with_pairs(model, config, |r, inp, out| LoraPair::zeros(r, inp, out));
-        for (l, kind, pair) in adapter.pairs_mut() {
+            Self::with_pairs(model, config, LoraPair::zeros).map_err(|e| bad(e.to_string()))?;
+        for (path, pair) in adapter.pairs_mut() {
             for (which, shape) in [
                 ("lora_A", [pair.rank, pair.in_features]),
                 ("lora_B", [pair.out_features, pair.rank]),
             ] {
-                let key = peft_key(l, kind, which);
+                let key = peft_key(path, which);
                 let info = weights.info(&key).ok_or_else(|| {
                     Error::tensor(weights.path(), &key, "missing from the adapter")
                 })?;
@@ -261,7 +277,7 @@ impl LoraAdapter {
         }
         let expected: std::collections::HashSet<String> = adapter
             .pairs()
-            .flat_map(|(l, k, _)| [peft_key(l, k, "lora_A"), peft_key(l, k, "lora_B")])
+            .flat_map(|(path, _)| [peft_key(path, "lora_A"), peft_key(path, "lora_B")])
             .collect();
         if let Some(extra) = weights.tensor_names().find(|n| !expected.contains(*n)) {
             return Err(Error::tensor(

@@ -1341,17 +1341,18 @@ fn chat_command(g: &GenArgs, system: Option<&str>) -> Result<()> {
     }
 }
 
-fn parse_targets(list: &str) -> Result<Vec<LinearKind>> {
-    if list == "all-linear" {
-        return Ok(LinearKind::ALL.to_vec());
+/// `--target-modules`: PEFT's `target_modules`, comma-separated (module names such as q_proj, longer path
+/// suffixes, or all-linear); checked against the model when the adapter is made.
+fn parse_targets(list: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = list
+        .split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        bail!("--target-modules names no module (e.g. q_proj,v_proj or all-linear)");
     }
-    list.split(',')
-        .map(|name| {
-            LinearKind::from_module_name(name.trim()).with_context(|| {
-                format!("unknown target module `{name}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear)")
-            })
-        })
-        .collect()
+    Ok(names)
 }
 
 /// The configuration and stored format of what `nibble plan` was given: a model folder or quantized file,
@@ -1400,7 +1401,7 @@ fn plan(
         lora_dropout: dropout > 0.0,
         checkpoint,
     };
-    let p = nibble::plan::plan(&config, &input);
+    let p = nibble::plan::plan(&config, &input)?;
     if as_json {
         println!("{}", serde_json::to_string(&p)?);
         return Ok(());

@@ -51,9 +51,9 @@ pub fn merge(
             .unwrap_or(FloatDtype::BF16),
     };
     // Which tensor each LoRA pair merges into.
-    let targets: HashMap<String, (usize, crate::config::LinearKind)> = adapter
+    let targets: HashMap<String, &crate::lora::LoraPair> = adapter
         .pairs()
-        .map(|(l, k, _)| (format!("{}.weight", k.path(l)), (l, k)))
+        .map(|(path, pair)| (format!("{path}.weight"), pair))
         .collect();
     let tmp = output.with_file_name(format!(
         ".{}.tmp",
@@ -77,7 +77,7 @@ fn write_merged(
     entries: &[(usize, String, Vec<usize>)],
     shards: &[crate::source::SafetensorsFile],
     adapter: &LoraAdapter,
-    targets: &HashMap<String, (usize, crate::config::LinearKind)>,
+    targets: &HashMap<String, &crate::lora::LoraPair>,
     tmp: &Path,
     dtype: FloatDtype,
 ) -> Result<()> {
@@ -101,8 +101,7 @@ fn write_merged(
                 }
             }
             shards[*s].release(name);
-            if let Some(&(l, k)) = targets.get(name) {
-                let pair = adapter.pair(l, k).expect("listed from the adapter");
+            if let Some(pair) = targets.get(name) {
                 // W [out, in] += scale · B [out, r] · A [r, in]
                 matmul_into(
                     View::new(&pair.b, pair.out_features, pair.rank),

@@ -3,8 +3,10 @@
 //! run (`models::decoder`), each buffer alive from its first write to its last use, at the step's worst
 //! node, plus that node's kernel temporaries.
 
-use crate::config::{LinearKind, ModelConfig};
+use crate::config::ModelConfig;
+use crate::error::Result;
 use crate::graph::Graph;
+use crate::lora::resolve_targets;
 use crate::model::planned_weight_bytes;
 use crate::models::decoder::{self, LoraSpec, StepShape};
 use crate::quant::QuantSpec;
@@ -16,7 +18,8 @@ pub struct PlanInput {
     /// None: dense 16-bit weights.
     pub quant: Option<QuantSpec>,
     pub lora_rank: usize,
-    pub lora_targets: Vec<LinearKind>,
+    /// PEFT's `target_modules` (`all-linear`, or module names).
+    pub lora_targets: Vec<String>,
     pub lora_dropout: bool,
     pub checkpoint: bool,
 }
@@ -40,13 +43,14 @@ const F32: u64 = 4;
 
 /// The graph a training step of `p` runs: every position labelled (the most a step of that length
 /// needs), LoRA on the chosen linears of every layer.
-pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Graph {
+pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
     let lora = LoraSpec {
         rank: p.lora_rank,
         scale: 1.0,
         dropout: if p.lora_dropout { 0.1 } else { 0.0 },
-        targets: (0..c.num_layers)
-            .flat_map(|l| p.lora_targets.iter().map(move |k| k.path(l)))
+        targets: resolve_targets(c, &p.lora_targets)?
+            .into_iter()
+            .map(|(path, _, _)| path)
             .collect(),
     };
     let shape = StepShape {
@@ -59,28 +63,24 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Graph {
         logits: false,
         decode_after: None,
     };
-    decoder::build(c, Some(&lora), shape)
+    Ok(decoder::build(c, Some(&lora), shape))
 }
 
-pub fn plan(c: &ModelConfig, p: &PlanInput) -> Plan {
+/// The plan of a training step; an error when a LoRA target names no linear layer of the model.
+pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     let weights = planned_weight_bytes(c, p.quant);
-    let lora_parameters: u64 = p
-        .lora_targets
+    let lora_parameters: u64 = resolve_targets(c, &p.lora_targets)?
         .iter()
-        .map(|k| {
-            let (out, inp) = c.linear_shape(*k);
-            (p.lora_rank * (inp + out)) as u64
-        })
-        .sum::<u64>()
-        * c.num_layers as u64;
+        .map(|(_, out, inp)| (p.lora_rank * (inp + out)) as u64)
+        .sum();
     let lora_and_optimizer = 4 * F32 * lora_parameters;
-    let memory = step_graph(c, p).memory();
-    Plan {
+    let memory = step_graph(c, p)?.memory();
+    Ok(Plan {
         weights,
         lora_and_optimizer,
         lora_parameters,
         activations: memory.buffers,
         workspace: memory.temporaries,
         total: weights + lora_and_optimizer + memory.total(),
-    }
+    })
 }

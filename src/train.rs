@@ -278,7 +278,7 @@ impl<'a> Trainer<'a> {
         let mut init_rng = Rng::new(config.seed);
         let adapter = match init {
             Some(a) => a,
-            None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng),
+            None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng)?,
         };
         let per_step = config.batch_size * config.grad_accum;
         let steps_per_epoch = sequences.len().div_ceil(per_step);
@@ -543,7 +543,7 @@ impl Trainer<'_> {
         }
         let grad_norm = grads
             .pairs()
-            .map(|(_, _, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
+            .map(|(_, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
             .sum::<f64>()
             .sqrt();
         let clip = if self.config.max_grad_norm > 0.0 {
@@ -552,7 +552,7 @@ impl Trainer<'_> {
             1.0
         };
         let params = adamw_at(self.step + 1, clip);
-        for ((((_, _, p), (_, _, g)), (_, _, m)), (_, _, v)) in self
+        for ((((_, p), (_, g)), (_, m)), (_, v)) in self
             .adapter
             .pairs_mut()
             .zip(grads.pairs())
@@ -601,25 +601,25 @@ impl Trainer<'_> {
             .m
             .pairs()
             .zip(self.v.pairs())
-            .flat_map(|((l, k, m), (_, _, v))| {
+            .flat_map(|((path, m), (_, v))| {
                 [
                     (
-                        format!("m.{}", peft_key(l, k, "lora_A")),
+                        format!("m.{}", peft_key(path, "lora_A")),
                         vec![m.a.len()],
                         m.a.as_slice(),
                     ),
                     (
-                        format!("m.{}", peft_key(l, k, "lora_B")),
+                        format!("m.{}", peft_key(path, "lora_B")),
                         vec![m.b.len()],
                         m.b.as_slice(),
                     ),
                     (
-                        format!("v.{}", peft_key(l, k, "lora_A")),
+                        format!("v.{}", peft_key(path, "lora_A")),
                         vec![v.a.len()],
                         v.a.as_slice(),
                     ),
                     (
-                        format!("v.{}", peft_key(l, k, "lora_B")),
+                        format!("v.{}", peft_key(path, "lora_B")),
                         vec![v.b.len()],
                         v.b.as_slice(),
                     ),
@@ -702,11 +702,11 @@ impl Trainer<'_> {
             .open_safetensors("optimizer.safetensors")?;
         let mut m = adapter.zeros_like();
         let mut vv = adapter.zeros_like();
-        for ((l, k, mp), (_, _, vp)) in m.pairs_mut().zip(vv.pairs_mut()) {
-            mp.a = opt.read_f32(&format!("m.{}", peft_key(l, k, "lora_A")))?;
-            mp.b = opt.read_f32(&format!("m.{}", peft_key(l, k, "lora_B")))?;
-            vp.a = opt.read_f32(&format!("v.{}", peft_key(l, k, "lora_A")))?;
-            vp.b = opt.read_f32(&format!("v.{}", peft_key(l, k, "lora_B")))?;
+        for ((path, mp), (_, vp)) in m.pairs_mut().zip(vv.pairs_mut()) {
+            mp.a = opt.read_f32(&format!("m.{}", peft_key(path, "lora_A")))?;
+            mp.b = opt.read_f32(&format!("m.{}", peft_key(path, "lora_B")))?;
+            vp.a = opt.read_f32(&format!("v.{}", peft_key(path, "lora_A")))?;
+            vp.b = opt.read_f32(&format!("v.{}", peft_key(path, "lora_B")))?;
         }
         self.adapter = adapter;
         self.m = m;
@@ -755,20 +755,42 @@ pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
 
 /// Writes a PEFT adapter folder (adapter_model.safetensors + adapter_config.json) that
 /// `PeftModel.from_pretrained` loads; each file appears atomically.
+/// `target_modules` as PEFT saves it: the entries given, with `all-linear` expanded (as PEFT expands it)
+/// to the names of the linears it adapted.
+fn saved_targets(adapter: &LoraAdapter) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in &adapter.config.targets {
+        let names: Vec<String> = if t == "all-linear" {
+            adapter
+                .pairs()
+                .map(|(path, _)| path.rsplit('.').next().unwrap_or(path).to_string())
+                .collect()
+        } else {
+            vec![t.clone()]
+        };
+        for n in names {
+            if !out.contains(&n) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
 /// A PEFT adapter folder's two files, in memory: (adapter_model.safetensors, adapter_config.json).
 pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, String)> {
     let mut views = Vec::new();
     let keys: Vec<(String, Vec<usize>, &[f32])> = adapter
         .pairs()
-        .flat_map(|(l, k, p)| {
+        .flat_map(|(path, p)| {
             [
                 (
-                    peft_key(l, k, "lora_A"),
+                    peft_key(path, "lora_A"),
                     vec![p.rank, p.in_features],
                     p.a.as_slice(),
                 ),
                 (
-                    peft_key(l, k, "lora_B"),
+                    peft_key(path, "lora_B"),
                     vec![p.out_features, p.rank],
                     p.b.as_slice(),
                 ),
@@ -800,7 +822,7 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         "r": c.r,
         "lora_alpha": c.alpha,
         "lora_dropout": c.dropout,
-        "target_modules": c.targets.iter().map(|k| k.module_name()).collect::<Vec<_>>(),
+        "target_modules": saved_targets(adapter),
         "bias": "none",
         "use_rslora": c.use_rslora,
         "use_dora": false,

@@ -198,7 +198,18 @@ fn plan_reports_a_breakdown_that_adds_up() {
     let fewer = run(&["--target-modules", "q_proj,v_proj"]);
     assert!(fewer["lora_parameters"].as_u64() < full["lora_parameters"].as_u64());
     let err = fails(&["plan", s(&model), "--target-modules", "q_proj,attn"]);
-    assert!(err.contains("unknown target module `attn`"), "{err}");
+    assert!(
+        err.contains("target module `attn` names no linear layer") && err.contains("q_proj"),
+        "{err}"
+    );
+    // Targets are module paths as PEFT matches them: a longer suffix picks one layer's projection.
+    let q = run(&["--target-modules", "q_proj"]);
+    let one = run(&["--target-modules", "model.layers.1.self_attn.q_proj"]);
+    assert_eq!(
+        2 * one["lora_parameters"].as_u64().unwrap(),
+        q["lora_parameters"].as_u64().unwrap(),
+        "two layers"
+    );
 
     // config.json alone (a folder, or the file itself) plans the same as the whole model folder.
     let config_only = dir.path().join("config-only");

@@ -29,9 +29,9 @@ fn adapter(model: &Model, rng: &mut Rng) -> LoraAdapter {
         use_rslora: false,
         ..LoraConfig::default()
     };
-    let mut adapter = LoraAdapter::init(&model.config, config, rng);
+    let mut adapter = LoraAdapter::init(&model.config, config, rng).unwrap();
     // PEFT starts B at zero; a non-zero B makes every gradient path carry signal.
-    for (_, _, p) in adapter.pairs_mut() {
+    for (_, p) in adapter.pairs_mut() {
         p.b.iter_mut()
             .for_each(|b| *b = (rng.normal() * 0.1) as f32);
     }
@@ -144,7 +144,7 @@ fn seed_after(seed: u64) -> u64 {
 
 fn flat(a: &LoraAdapter) -> Vec<f32> {
     a.pairs()
-        .flat_map(|(_, _, p)| p.a.iter().chain(&p.b).copied().collect::<Vec<_>>())
+        .flat_map(|(_, p)| p.a.iter().chain(&p.b).copied().collect::<Vec<_>>())
         .collect()
 }
 
@@ -158,7 +158,7 @@ fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
     synth::write_model_folder(dir.path(), &spec, None).unwrap();
     let config = ModelSource::open(dir.path()).unwrap().config;
     let mut rng = Rng::new(2);
-    let lora = LoraSpec::of(&LoraAdapter::init(&config, LoraConfig::default(), &mut rng));
+    let lora = LoraSpec::of(&LoraAdapter::init(&config, LoraConfig::default(), &mut rng).unwrap());
     let shape = |checkpoint| StepShape {
         tokens: 200,
         positions: 150,

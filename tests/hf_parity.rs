@@ -36,9 +36,9 @@ fn check(name: &str, quant: &str) {
     );
 
     let mut worst = (0.0f64, String::new());
-    for (l, kind, g) in grads.pairs() {
+    for (path, g) in grads.pairs() {
         for (which, ours) in [("lora_A", &g.a), ("lora_B", &g.b)] {
-            let key = peft_key(l, kind, which);
+            let key = peft_key(path, which);
             let e = rel(ours, &f.tensors.read_f32(&key).unwrap());
             if e > worst.0 {
                 worst = (e, key);

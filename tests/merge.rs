@@ -30,8 +30,8 @@ fn merged_weights_give_the_adapted_models_logits() {
         use_rslora: true,
         ..LoraConfig::default()
     };
-    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng);
-    for (_, _, p) in adapter.pairs_mut() {
+    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
+    for (_, p) in adapter.pairs_mut() {
         p.b.iter_mut()
             .for_each(|b| *b = (rng.normal() * 0.1) as f32);
     }

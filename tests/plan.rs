@@ -2,7 +2,7 @@
 //! of a training step above what was allocated before it (model, adapter, gradients); it must be within
 //! 10% of the plan, which is the allocation of the graph the step runs.
 
-use nibble::config::{Arch, LinearKind};
+use nibble::config::Arch;
 use nibble::cpu::{self, Sequence, StepOptions};
 use nibble::lora::{LoraAdapter, LoraConfig};
 use nibble::model::{ModelSource, QuantRequest};
@@ -60,7 +60,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
             dropout: if dropout { 0.1 } else { 0.0 },
             ..LoraConfig::default()
         };
-        let adapter = LoraAdapter::init(&model.config, config, &mut rng);
+        let adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
         let mut grads = adapter.zeros_like();
         let planned = plan(
             &model.config,
@@ -68,11 +68,12 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
                 tokens,
                 quant: Some(qspec),
                 lora_rank: 8,
-                lora_targets: LinearKind::ALL.to_vec(),
+                lora_targets: vec!["all-linear".into()],
                 lora_dropout: dropout,
                 checkpoint,
             },
-        );
+        )
+        .unwrap();
         assert_eq!(planned.lora_parameters as usize, adapter.parameter_count());
         assert_eq!(planned.weights, model.weight_bytes());
 

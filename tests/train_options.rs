@@ -371,3 +371,55 @@ fn generate_answers_with_what_the_adapter_learned_and_chat_keeps_the_conversatio
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0], "Answer 0.");
 }
+
+#[test]
+fn lora_targets_are_module_paths_as_peft_matches_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    let out = dir.path().join("out");
+    let targets = "model.layers.1.mlp.down_proj,q_proj";
+    let o = train_cli(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "1", "--target-modules", targets],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let weights =
+        nibble::source::SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
+    let mut names: Vec<&String> = weights.tensor_names().collect();
+    names.sort();
+    let layers = nibble::config::ModelConfig::from_file(&model.join("config.json"))
+        .unwrap()
+        .num_layers;
+    let mut expected: Vec<String> = (0..layers)
+        .map(|l| format!("model.layers.{l}.self_attn.q_proj"))
+        .chain(["model.layers.1.mlp.down_proj".to_string()])
+        .flat_map(|p| ["lora_A", "lora_B"].map(|w| nibble::lora::peft_key(&p, w)))
+        .collect();
+    expected.sort();
+    assert_eq!(names, expected.iter().collect::<Vec<_>>());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["model.layers.1.mlp.down_proj", "q_proj"])
+    );
+    // The folder loads back with the same targets (eval reads it as PEFT would).
+    let o = common::nibble(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

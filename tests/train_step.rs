@@ -37,9 +37,9 @@ fn setup(
         ..LoraConfig::default()
     };
     let mut rng = Rng::new(5);
-    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng);
+    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
     // PEFT starts B at zero; a non-zero B makes every gradient path carry signal.
-    for (_, _, p) in adapter.pairs_mut() {
+    for (_, p) in adapter.pairs_mut() {
         p.b.iter_mut()
             .for_each(|b| *b = (rng.normal() * 0.1) as f32);
     }
@@ -51,13 +51,13 @@ fn setup(
 
 fn flat(a: &LoraAdapter) -> Vec<f32> {
     a.pairs()
-        .flat_map(|(_, _, p)| p.a.iter().chain(&p.b).copied().collect::<Vec<_>>())
+        .flat_map(|(_, p)| p.a.iter().chain(&p.b).copied().collect::<Vec<_>>())
         .collect()
 }
 
 fn set_flat(a: &mut LoraAdapter, values: &[f32]) {
     let mut it = values.iter();
-    for (_, _, p) in a.pairs_mut() {
+    for (_, p) in a.pairs_mut() {
         p.a.iter_mut()
             .chain(p.b.iter_mut())
             .for_each(|x| *x = *it.next().unwrap());

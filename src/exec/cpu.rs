@@ -105,9 +105,12 @@ fn grad_slots(grads: Option<&mut LoraAdapter>) -> GradSlots<'_> {
     };
     grads
         .pairs_mut()
-        .map(|(l, k, p)| {
+        .map(|(path, p)| {
             let LoraPair { a, b, .. } = p;
-            (k.path(l), [Some(a.as_mut_slice()), Some(b.as_mut_slice())])
+            (
+                path.to_string(),
+                [Some(a.as_mut_slice()), Some(b.as_mut_slice())],
+            )
         })
         .collect()
 }
@@ -134,7 +137,7 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
     let tensors: HashMap<String, TensorRef> = bind.model.named_tensors().into_iter().collect();
     let mut params: HashMap<String, &LoraPair> = HashMap::new();
     if let Some(a) = bind.adapter {
-        params.extend(a.pairs().map(|(l, k, p)| (k.path(l), p)));
+        params.extend(a.pairs().map(|(path, p)| (path.to_string(), p)));
     }
     let mut grads = grad_slots(bind.grads);
     let mut caches: HashMap<(usize, bool), &mut Vec<f32>> = HashMap::new();

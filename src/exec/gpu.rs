@@ -69,19 +69,10 @@ pub fn sequence_loss(result: &[f32]) -> StepLoss {
     }
 }
 
-fn lora_pairs(lora: Option<&GpuLora>) -> HashMap<String, &(GpuBuffer, GpuBuffer)> {
-    let Some(lora) = lora else {
-        return HashMap::new();
-    };
-    let mut out = HashMap::new();
-    for (l, kinds) in lora.pairs.iter().enumerate() {
-        for (kind, pair) in crate::config::LinearKind::ALL.iter().zip(kinds) {
-            if let Some(pair) = pair {
-                out.insert(kind.path(l), pair);
-            }
-        }
-    }
-    out
+fn lora_pairs(lora: Option<&GpuLora>) -> HashMap<&str, &(GpuBuffer, GpuBuffer)> {
+    lora.map_or_else(HashMap::new, |l| {
+        l.pairs.iter().map(|(path, p)| (path.as_str(), p)).collect()
+    })
 }
 
 enum Slot<'a> {
@@ -167,7 +158,9 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                     Role::LoraA(_) | Role::LoraB(_) => (&params, "a LoRA adapter for"),
                     _ => (&grads, "a LoRA gradient for"),
                 };
-                let (a, b) = pairs.get(path).ok_or_else(|| missing(what, path))?;
+                let (a, b) = pairs
+                    .get(path.as_str())
+                    .ok_or_else(|| missing(what, path))?;
                 Slot::Ext(match desc.role {
                     Role::LoraA(_) | Role::LoraGradA(_) => a,
                     _ => b,
@@ -943,7 +936,7 @@ fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {
         rank: lora.rank,
         scale: lora.scale,
         dropout,
-        targets: lora_pairs(Some(lora)).into_keys().collect(),
+        targets: lora.pairs.iter().map(|(path, _)| path.clone()).collect(),
     }
 }
 

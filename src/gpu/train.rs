@@ -43,7 +43,7 @@ impl GpuTrainState {
     ) -> Result<Self> {
         let partials: usize = adapter
             .pairs()
-            .map(|(_, _, p)| {
+            .map(|(_, p)| {
                 p.a.len().div_ceil(SUM_SQUARES_BLOCK) + p.b.len().div_ceil(SUM_SQUARES_BLOCK)
             })
             .sum();

@@ -205,11 +205,12 @@ impl GpuModel {
     }
 }
 
-/// LoRA matrices in GPU memory, `pairs[layer][kind]` = (A [r, in], B [out, r]).
+/// LoRA matrices in GPU memory: per adapted linear, its module path and (A [r, in], B [out, r]), in
+/// `LoraAdapter::pairs` order.
 pub struct GpuLora {
     pub scale: f32,
     pub rank: usize,
-    pub(crate) pairs: Vec<Vec<Option<(GpuBuffer, GpuBuffer)>>>,
+    pub(crate) pairs: Vec<(String, (GpuBuffer, GpuBuffer))>,
 }
 
 impl GpuLora {
@@ -218,15 +219,10 @@ impl GpuLora {
             scale: adapter.config.scale(),
             rank: adapter.config.r,
             pairs: adapter
-                .layers
-                .iter()
-                .map(|l| {
-                    l.iter()
-                        .map(|p| {
-                            p.as_ref()
-                                .map(|p| (gpu.upload_f32(&p.a), gpu.upload_f32(&p.b)))
-                        })
-                        .collect()
+                .pairs()
+                .map(|(path, p)| {
+                    let buffers = (gpu.upload_f32(&p.a), gpu.upload_f32(&p.b));
+                    (path.to_string(), buffers)
                 })
                 .collect(),
         }
@@ -234,11 +230,7 @@ impl GpuLora {
 
     /// The A and B buffers of every pair, in `LoraAdapter::pairs` order.
     pub fn buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
-        self.pairs
-            .iter()
-            .flatten()
-            .flatten()
-            .flat_map(|(a, b)| [a, b])
+        self.pairs.iter().flat_map(|(_, (a, b))| [a, b])
     }
 
     /// Reads the matrices back into `into` (which gives the shapes).
@@ -253,7 +245,7 @@ impl GpuLora {
             .submit_and_read_async(gpu.encoder(), &buffers)
             .await?
             .into_iter();
-        for (_, _, pair) in into.pairs_mut() {
+        for (_, pair) in into.pairs_mut() {
             pair.a = values.next().expect("same pairs");
             pair.b = values.next().expect("same pairs");
         }

@@ -30,7 +30,7 @@ impl LoraSpec {
             rank: adapter.config.r,
             scale: adapter.config.scale(),
             dropout: adapter.config.dropout,
-            targets: adapter.pairs().map(|(l, k, _)| k.path(l)).collect(),
+            targets: adapter.pairs().map(|(path, _)| path.to_string()).collect(),
         }
     }
 }
