@@ -16,8 +16,10 @@ use crate::rng::Rng;
 use std::collections::HashMap;
 
 /// A buffer while the graph runs.
+#[derive(Default)]
 enum Slot<'a> {
     /// Not written yet, or released.
+    #[default]
     Empty,
     F32(Vec<f32>),
     U32(Vec<u32>),
@@ -314,14 +316,8 @@ impl Outs<'_> {
 
 impl Exec {
     fn node<'a>(&mut self, graph: &Graph, node: &Node, slots: &mut [Slot<'a>]) {
-        let mut outs = Outs {
-            slots: node
-                .outputs
-                .iter()
-                .map(|&o| std::mem::replace(&mut slots[o], Slot::Empty))
-                .collect(),
-            lens: node.outputs.iter().map(|&o| graph.bufs[o].len).collect(),
-        };
+        let (taken, lens) = node.take_outputs(graph, slots);
+        let mut outs = Outs { slots: taken, lens };
         let ins: Vec<&Slot> = node.inputs.iter().map(|&i| &slots[i]).collect();
         let x = |i: usize| ins[i].f32();
         let acc = node.accumulate;
@@ -484,9 +480,7 @@ impl Exec {
             }
         }
         drop(ins);
-        for (&o, slot) in node.outputs.iter().zip(outs.slots) {
-            slots[o] = slot;
-        }
+        node.put_back(slots, outs.slots);
     }
 }
 

@@ -1,31 +1,24 @@
 //! The GPU executor: records a graph's nodes, in order, into one command encoder with the WGSL kernels
 //! of shaders/. Transient buffers come from the device's scratch pool at their first write (zeroed) and
 //! go back to it after their last use, so a later node reuses them; only results are read back.
-//! Executor-specific lowerings live here: weights split in row blocks across storage bindings, the
-//! vocabulary walked chunk by chunk inside those blocks, attention walked in passes under a device's
-//! loop budget.
+//! Each op's lowering (its kernels' entry points, uniforms, bindings, workgroups) lives beside its CPU
+//! kernel in `ops/`, executor-specific ones included: weights split in row blocks across storage
+//! bindings, the vocabulary walked chunk by chunk inside those blocks, attention walked in passes under
+//! a device's loop budget.
 
 use crate::config::ModelConfig;
 use crate::cpu::{Sequence, StepLoss};
 use crate::error::{Error, Result};
-use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, GpuTensor, LinearBlock};
-use crate::gpu::{Gpu, GpuBuffer, groups_1d};
+use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, GpuTensor};
+use crate::gpu::{Gpu, GpuBuffer};
 use crate::graph::{Graph, InputValue, Node, Op, Role, StepInputs};
 use crate::models::decoder::{self, LoraSpec, StepShape};
-use crate::ops::attention::{AttentionParams, AttentionShape};
-use crate::ops::cross_entropy::{CeParams, VOCAB_CHUNK};
+use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::DropoutParams;
-use crate::ops::linear::LinearParams;
-use crate::ops::matmul::MatmulParams;
-use crate::ops::rmsnorm::RmsNormParams;
-use crate::ops::rope::RopeParams;
-use crate::ops::{Dims4, EmbedParams};
+use crate::ops::matmul::{self, GpuView};
+use crate::ops::rmsnorm::{self, RmsNormParams};
+use crate::ops::{self, attention, cross_entropy, linear, rope, swiglu};
 use std::collections::HashMap;
-
-/// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
-fn linear_groups(outputs: usize, tokens: usize) -> [u32; 3] {
-    [outputs.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1]
-}
 
 /// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
 /// the MLP's intermediate size, the query width and a vocabulary chunk] in f32, must fit one storage
@@ -75,7 +68,9 @@ fn lora_pairs(lora: Option<&GpuLora>) -> HashMap<&str, &(GpuBuffer, GpuBuffer)> 
     })
 }
 
+#[derive(Default)]
 enum Slot<'a> {
+    #[default]
     Empty,
     /// A scratch buffer of this step (returned to the pool when dropped).
     Own(GpuBuffer),
@@ -199,7 +194,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     };
     let mut recorded = Recorded::default();
     for (i, node) in graph.nodes.iter().enumerate() {
-        r.node(graph, node, &mut slots);
+        record_node(&mut r, graph, node, &mut slots);
         for b in node.reads().chain(node.outputs.iter().copied()) {
             if last_use[b] == Some(i) {
                 let slot = std::mem::replace(&mut slots[b], Slot::Empty);
@@ -217,34 +212,32 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     Ok(recorded)
 }
 
-/// A strided view of a GPU matrix, as `ops::matmul::View` is of a CPU one.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    buf: &'a GpuBuffer,
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
+/// What an op's GPU lowering (beside its CPU kernel in `ops`) records into: the device, the step's
+/// command encoder, a buffer bound where a kernel's optional input is absent, and the step's inputs.
+pub(crate) struct Recorder<'a> {
+    pub(crate) gpu: &'a Gpu,
+    pub(crate) enc: wgpu::CommandEncoder,
+    pub(crate) dummy: &'a GpuBuffer,
+    pub(crate) inputs: &'a StepInputs,
 }
 
-/// A [rows, cols] matrix stored row-major, or (`transposed`) stored as its [cols, rows] transpose.
-fn view(buf: &GpuBuffer, rows: usize, cols: usize, transposed: bool) -> View<'_> {
-    let (rs, cs) = if transposed { (1, rows) } else { (cols, 1) };
-    View {
-        buf,
-        rows,
-        cols,
-        rs,
-        cs,
+impl Recorder<'_> {
+    /// Records one dispatch of `entry` with uniform `params` and the buffers at their bindings.
+    pub(crate) fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        entry: &'static str,
+        params: &P,
+        buffers: &[(u32, &GpuBuffer)],
+        groups: [u32; 3],
+    ) {
+        self.gpu
+            .dispatch(&mut self.enc, entry, params, buffers, groups);
     }
-}
 
-struct Recorder<'a> {
-    gpu: &'a Gpu,
-    enc: wgpu::CommandEncoder,
-    /// Bound where a kernel's optional buffer is absent.
-    dummy: &'a GpuBuffer,
-    inputs: &'a StepInputs,
+    /// A zeroed scratch buffer of `len` words, back to the pool when dropped.
+    pub(crate) fn scratch(&mut self, len: usize) -> GpuBuffer {
+        self.gpu.scratch(&mut self.enc, len)
+    }
 }
 
 /// A node's outputs, taken out of their slots while it is recorded.
@@ -262,673 +255,97 @@ impl<'a> Outs<'a> {
     }
 }
 
-impl Recorder<'_> {
-    fn dims(n: usize) -> Dims4 {
-        Dims4 {
-            a: n as u32,
-            b: 0,
-            c: 0,
-            d: 0,
-        }
+/// Records one node with the lowering of its op.
+fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot]) {
+    let (taken, lens) = node.take_outputs(graph, slots);
+    let mut outs = Outs { slots: taken, lens };
+    // Every output exists before the inputs are borrowed.
+    for i in 0..outs.slots.len() {
+        outs.get(r, i);
     }
-
-    fn node(&mut self, graph: &Graph, node: &Node, slots: &mut [Slot]) {
-        let mut outs = Outs {
-            slots: node
-                .outputs
-                .iter()
-                .map(|&o| std::mem::replace(&mut slots[o], Slot::Empty))
-                .collect(),
-            lens: node.outputs.iter().map(|&o| graph.bufs[o].len).collect(),
-        };
-        // Every output exists before the inputs are borrowed.
-        for i in 0..outs.slots.len() {
-            outs.get(self, i);
+    let ins: Vec<&Slot> = node.inputs.iter().map(|&i| &slots[i]).collect();
+    let o = |i: usize| outs.slots[i].buf();
+    let x = |i: usize| ins[i].buf();
+    let acc = node.accumulate;
+    let dropout =
+        |n: usize, stream: u32, p: f32| DropoutParams::new(n, r.inputs.dropout_seed, stream, p);
+    match &node.op {
+        Op::Embed { dim } => ops::record_embed(r, ins[1].table(), x(0), o(0), *dim),
+        Op::RmsNorm { dim, eps } => {
+            let p = RmsNormParams::new(x(0).len / dim, *dim, *eps);
+            rmsnorm::record_forward(r, &p, x(0), x(1), o(0), o(1));
         }
-        let ins: Vec<&Slot> = node.inputs.iter().map(|&i| &slots[i]).collect();
-        let o = |i: usize| outs.slots[i].buf();
-        let x = |i: usize| ins[i].buf();
-        let acc = node.accumulate;
-        match &node.op {
-            Op::Embed { dim } => self.embed(ins[1].table(), x(0), o(0), *dim),
-            Op::RmsNorm { dim, eps } => {
-                let rows = x(0).len / dim;
-                let p = RmsNormParams::new(rows, *dim, *eps);
-                let b = [(1, x(0)), (2, x(1)), (3, o(0)), (4, o(1))];
-                self.gpu
-                    .dispatch(&mut self.enc, "rmsnorm_forward", &p, &b, groups_1d(rows, 1));
-            }
-            Op::RmsNormBackward { dim, eps } => {
-                let rows = x(0).len / dim;
-                let p = RmsNormParams::new(rows, *dim, *eps);
-                let b = [(1, x(0)), (2, x(1)), (3, o(0)), (4, x(2)), (5, x(3))];
-                self.gpu.dispatch(
-                    &mut self.enc,
-                    "rmsnorm_backward",
-                    &p,
-                    &b,
-                    groups_1d(rows, 1),
-                );
-            }
-            Op::Linear { .. } => {
-                let bias = ins.get(2).map(|b| b.buf());
-                self.linear_forward(ins[1].linear(), bias, x(0), o(0));
-            }
-            Op::LinearBackwardInput { .. } => {
-                self.linear_backward_input(ins[1].linear(), x(0), o(0), acc)
-            }
-            Op::Matmul {
-                m,
-                n,
-                k,
-                a_t,
-                b_t,
-                alpha,
-            } => self.matmul(
-                view(x(0), *m, *k, *a_t),
-                view(x(1), *k, *n, *b_t),
-                *alpha,
-                o(0),
-                *n,
-                acc,
-            ),
-            Op::Dropout { p, stream } => {
-                let d = self.dropout_params(x(0).len, *stream, *p);
-                let b = [(1, x(0)), (2, o(0))];
-                self.gpu.dispatch(
-                    &mut self.enc,
-                    "dropout_forward",
-                    &d,
-                    &b,
-                    groups_1d(d.n as usize, 256),
-                );
-            }
-            Op::DropoutBackward { p, stream } => {
-                // The kernel adds the masked gradient into its output.
-                assert!(acc, "dropout_backward accumulates into its output");
-                let d = self.dropout_params(x(0).len, *stream, *p);
-                let b = [(1, x(0)), (2, o(0))];
-                self.gpu.dispatch(
-                    &mut self.enc,
-                    "dropout_backward",
-                    &d,
-                    &b,
-                    groups_1d(d.n as usize, 256),
-                );
-            }
-            Op::Add => {
-                let n = o(0).len;
-                let groups = groups_1d(n, 256);
-                if acc {
-                    let b = [(1, x(0)), (3, o(0))];
-                    self.gpu
-                        .dispatch(&mut self.enc, "add_assign", &Self::dims(n), &b, groups);
-                } else {
-                    let b = [(1, x(0)), (2, x(1)), (3, o(0))];
-                    self.gpu
-                        .dispatch(&mut self.enc, "add", &Self::dims(n), &b, groups);
-                }
-            }
-            Op::Rope {
-                heads,
-                head_dim,
-                inverse,
-            } => {
-                let tokens = o(0).len / (heads * head_dim);
-                let p = RopeParams {
-                    tokens: tokens as u32,
-                    heads: *heads as u32,
-                    head_dim: *head_dim as u32,
-                    sign: if *inverse { -1.0 } else { 1.0 },
-                };
-                let groups = [
-                    (head_dim / 2).div_ceil(64) as u32,
-                    *heads as u32,
-                    tokens as u32,
-                ];
-                let b = [(1, x(0)), (2, x(1)), (3, o(0))];
-                self.gpu
-                    .dispatch(&mut self.enc, "rope_apply", &p, &b, groups);
-            }
-            Op::SwiGlu => {
-                let n = o(0).len;
-                let b = [(1, x(0)), (2, x(1)), (3, o(0))];
-                self.gpu.dispatch(
-                    &mut self.enc,
-                    "swiglu_forward",
-                    &Self::dims(n),
-                    &b,
-                    groups_1d(n, 256),
-                );
-            }
-            Op::SwiGluBackward => {
-                let n = o(0).len;
-                let b = [(1, x(0)), (2, x(1)), (3, o(0)), (4, o(1)), (5, x(2))];
-                self.gpu.dispatch(
-                    &mut self.enc,
-                    "swiglu_backward",
-                    &Self::dims(n),
-                    &b,
-                    groups_1d(n, 256),
-                );
-            }
-            Op::Attention { shape } => {
-                let first_key = self.first_key(ins.get(3).map(|s| s.buf()), shape);
-                let groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
-                // Per key: the score's dot product and the running sum's update.
-                for p in self.attention_passes(shape, 2) {
-                    let b = [
-                        (1, x(0)),
-                        (2, x(1)),
-                        (3, x(2)),
-                        (4, o(0)),
-                        (5, o(1)),
-                        (10, first_key.as_ref()),
-                    ];
-                    self.gpu
-                        .dispatch(&mut self.enc, "attention_forward", &p, &b, groups);
-                }
-            }
-            Op::CachedAttention { shape, past } => {
-                let kv = shape.kv_heads * shape.head_dim;
-                let (offset, bytes) = ((past * kv * 4) as u64, (shape.tokens * kv * 4) as u64);
-                let (keys, values) = (o(1), o(2));
-                self.enc
-                    .copy_buffer_to_buffer(&x(1).buffer, 0, &keys.buffer, offset, bytes);
-                self.enc
-                    .copy_buffer_to_buffer(&x(2).buffer, 0, &values.buffer, offset, bytes);
-                let all = AttentionShape {
-                    tokens: past + shape.tokens,
-                    ..*shape
-                };
-                let first_key = self.gpu.scratch(&mut self.enc, shape.tokens);
-                let stats = self
-                    .gpu
-                    .scratch(&mut self.enc, 2 * shape.heads * all.tokens);
-                let groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
-                for p in self.attention_passes(&all, 2) {
-                    let p = AttentionParams {
-                        query_offset: *past as u32,
-                        ..p
-                    };
-                    let b = [
-                        (1, x(0)),
-                        (2, keys),
-                        (3, values),
-                        (4, o(0)),
-                        (5, &stats),
-                        (10, &first_key),
-                    ];
-                    self.gpu
-                        .dispatch(&mut self.enc, "attention_forward", &p, &b, groups);
-                }
-            }
-            Op::AttentionBackward { shape } => {
-                let first_key = self.first_key(ins.get(6).map(|s| s.buf()), shape);
-                self.attention_backward(
-                    shape,
-                    [x(0), x(1), x(2), x(3), x(4), x(5)],
-                    first_key.as_ref(),
-                    [o(0), o(1), o(2)],
-                );
-            }
-            Op::GatherRows { dim } => self.rows("gather_rows", x(0), x(1), o(0), *dim),
-            Op::ScatterRows { dim } => self.rows("scatter_rows", x(0), x(1), o(0), *dim),
-            Op::CrossEntropy { .. } => self.cross_entropy(ins[1].table(), x(0), x(2), o(0), None),
-            Op::CrossEntropyWithGrad { .. } => {
-                self.cross_entropy(ins[1].table(), x(0), x(2), o(0), Some(o(1)))
-            }
-            Op::Logits { .. } => {
-                let head = ins[1].table();
-                let positions = x(0).len / head.cols;
-                let vocab = o(0).len / positions.max(1);
-                self.for_each_chunk(head, positions, 0.0, |r, block, p| {
-                    // Each chunk's logits land in their columns of the full matrix.
-                    let lp = LinearParams {
-                        out_stride: vocab as u32,
-                        row_offset: p.block_start + p.chunk_start,
-                        ..r.ce_linear_params(head, &p, false)
-                    };
-                    r.ce_logits_with(block, &lp, x(0), o(0));
-                });
-            }
+        Op::RmsNormBackward { dim, eps } => {
+            let p = RmsNormParams::new(x(0).len / dim, *dim, *eps);
+            rmsnorm::record_backward(r, &p, [x(0), x(1), x(2), x(3)], o(0));
         }
-        drop(ins);
-        for (&o, slot) in node.outputs.iter().zip(outs.slots) {
-            slots[o] = slot;
+        Op::Linear { .. } => {
+            let bias = ins.get(2).map(|b| b.buf());
+            linear::record_forward(r, ins[1].linear(), bias, x(0), o(0));
         }
-    }
-
-    /// A sequence of one example still binds a first-key table: zeros.
-    fn first_key<'b>(
-        &mut self,
-        given: Option<&'b GpuBuffer>,
-        shape: &AttentionShape,
-    ) -> FirstKey<'b> {
-        match given {
-            Some(b) => FirstKey::Given(b),
-            None => FirstKey::Own(self.gpu.scratch(&mut self.enc, shape.tokens)),
+        Op::LinearBackwardInput { .. } => {
+            linear::record_backward_input(r, ins[1].linear(), x(0), o(0), acc)
         }
-    }
-
-    fn dropout_params(&self, n: usize, stream: u32, p: f32) -> DropoutParams {
-        DropoutParams::new(n, self.inputs.dropout_seed, stream, p)
-    }
-
-    fn embed(&mut self, table: &GpuDense, ids: &GpuBuffer, x: &GpuBuffer, dim: usize) {
-        let t = ids.len;
-        for (start, rows, block) in &table.blocks {
-            let p = EmbedParams {
-                tokens: t as u32,
-                dim: dim as u32,
-                fmt: table.fmt,
-                row_start: *start as u32,
-                row_count: *rows as u32,
-                _pad: [0; 3],
-            };
-            self.gpu.dispatch(
-                &mut self.enc,
-                "embed",
-                &p,
-                &[(1, block), (2, ids), (3, x)],
-                [dim.div_ceil(64) as u32, t as u32, 1],
-            );
-        }
-    }
-
-    fn rows(
-        &mut self,
-        entry: &'static str,
-        src: &GpuBuffer,
-        index: &GpuBuffer,
-        dst: &GpuBuffer,
-        dim: usize,
-    ) {
-        let rows = index.len;
-        let p = Dims4 {
-            a: rows as u32,
-            b: dim as u32,
-            c: 0,
-            d: 0,
-        };
-        self.gpu.dispatch(
-            &mut self.enc,
-            entry,
-            &p,
-            &[(1, src), (2, index), (3, dst)],
-            [dim.div_ceil(64) as u32, rows as u32, 1],
-        );
-    }
-
-    fn matmul(
-        &mut self,
-        a: View,
-        b: View,
-        alpha: f32,
-        c: &GpuBuffer,
-        ldc: usize,
-        accumulate: bool,
-    ) {
-        assert_eq!(a.cols, b.rows);
-        let p = MatmulParams {
-            m: a.rows as u32,
-            n: b.cols as u32,
-            k: a.cols as u32,
-            a_row_stride: a.rs as u32,
-            a_col_stride: a.cs as u32,
-            b_row_stride: b.rs as u32,
-            b_col_stride: b.cs as u32,
-            ldc: ldc as u32,
-            c_col: 0,
-            accumulate: accumulate as u32,
+        Op::Matmul {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
             alpha,
-            _pad: 0,
-        };
-        // shaders/matmul.wgsl: 16 x 16 outputs per workgroup.
-        let groups = [b.cols.div_ceil(16) as u32, a.rows.div_ceil(16) as u32, 1];
-        self.gpu.dispatch(
-            &mut self.enc,
-            "matmul",
-            &p,
-            &[(1, a.buf), (2, b.buf), (3, c)],
-            groups,
-        );
-    }
-
-    fn linear_params(
-        &self,
-        lin: &GpuLinear,
-        block: &LinearBlock,
-        tokens: usize,
-        accumulate: bool,
-        with_bias: bool,
-    ) -> LinearParams {
-        LinearParams {
-            tokens: tokens as u32,
-            rows: block.rows as u32,
-            cols: lin.cols as u32,
-            fmt: lin.fmt,
-            group_size: lin.group as u32,
-            has_bias: with_bias as u32,
-            accumulate: accumulate as u32,
-            row_offset: block.start as u32,
-            out_stride: lin.rows as u32,
-            weight_row: 0,
-            _pad: [0; 2],
+        } => matmul::record_matmul(
+            r,
+            GpuView::new(x(0), *m, *k, *a_t),
+            GpuView::new(x(1), *k, *n, *b_t),
+            *alpha,
+            o(0),
+            *n,
+            acc,
+        ),
+        Op::Dropout { p, stream } => {
+            let d = dropout(x(0).len, *stream, *p);
+            ops::dropout::record_forward(r, &d, x(0), o(0));
         }
-    }
-
-    fn linear_forward(
-        &mut self,
-        lin: &GpuLinear,
-        bias: Option<&GpuBuffer>,
-        x: &GpuBuffer,
-        y: &GpuBuffer,
-    ) {
-        let t = x.len / lin.cols;
-        for block in &lin.blocks {
-            let p = self.linear_params(lin, block, t, false, bias.is_some());
-            let mut bindings = weight_bindings(self.dummy, block).to_vec();
-            bindings.extend([(4, bias.unwrap_or(self.dummy)), (5, x), (6, y)]);
-            let groups = linear_groups(block.rows, t);
-            self.gpu
-                .dispatch(&mut self.enc, "linear_forward", &p, &bindings, groups);
+        Op::DropoutBackward { p, stream } => {
+            assert!(acc, "dropout_backward accumulates into its output");
+            let d = dropout(x(0).len, *stream, *p);
+            ops::dropout::record_backward_accumulate(r, &d, x(0), o(0));
         }
-    }
-
-    /// dx (+)= dy·W: every block adds its rows' share.
-    fn linear_backward_input(
-        &mut self,
-        lin: &GpuLinear,
-        dy: &GpuBuffer,
-        dx: &GpuBuffer,
-        accumulate: bool,
-    ) {
-        let t = dy.len / lin.rows;
-        assert!(
-            accumulate || lin.blocks.len() == 1,
-            "a weight split in blocks adds each block's share"
-        );
-        for block in &lin.blocks {
-            let p = self.linear_params(lin, block, t, accumulate, false);
-            let mut bindings = weight_bindings(self.dummy, block).to_vec();
-            bindings.extend([(5, dy), (6, dx)]);
-            let groups = linear_groups(lin.cols, t);
-            self.gpu.dispatch(
-                &mut self.enc,
-                "linear_backward_input",
-                &p,
-                &bindings,
-                groups,
-            );
+        Op::Add => ops::record_add(r, x(0), (!acc).then(|| x(1)), o(0)),
+        Op::Rope {
+            heads,
+            head_dim,
+            inverse,
+        } => rope::record_apply(r, o(0), *heads, *head_dim, x(0), x(1), *inverse),
+        Op::SwiGlu => swiglu::record_forward(r, x(0), x(1), o(0)),
+        Op::SwiGluBackward => swiglu::record_backward(r, [x(0), x(1), x(2)], o(0), o(1)),
+        Op::Attention { shape } => {
+            let first_key = ins.get(3).map(|s| s.buf());
+            attention::record_forward(r, shape, [x(0), x(1), x(2)], first_key, o(0), o(1));
         }
-    }
-
-    fn attention_params(&self, shape: &AttentionShape) -> AttentionParams {
-        AttentionParams {
-            tokens: shape.tokens as u32,
-            heads: shape.heads as u32,
-            kv_heads: shape.kv_heads as u32,
-            head_dim: shape.head_dim as u32,
-            scale: 1.0 / (shape.head_dim as f32).sqrt(),
-            pass_begin: 0,
-            pass_end: shape.tokens as u32,
-            pass_flags: 3,
-            query_offset: 0,
-            _pad: [0; 3],
+        Op::CachedAttention { shape, past } => attention::record_forward_cached(
+            r,
+            shape,
+            *past,
+            [x(0), x(1), x(2)],
+            o(0),
+            [o(1), o(2)],
+        ),
+        Op::AttentionBackward { shape } => {
+            let first_key = ins.get(6).map(|s| s.buf());
+            let ins6 = [x(0), x(1), x(2), x(3), x(4), x(5)];
+            attention::record_backward(r, shape, ins6, first_key, [o(0), o(1), o(2)]);
         }
-    }
-
-    /// An attention kernel's walk over all tokens (keys or queries) as passes whose loop iterations per
-    /// invocation stay within the device's budget: each row walked costs a thread `loops_per_row` loops
-    /// over the head dimension. One pass where the device has no budget.
-    fn attention_passes(
-        &self,
-        shape: &AttentionShape,
-        loops_per_row: usize,
-    ) -> Vec<AttentionParams> {
-        let base = self.attention_params(shape);
-        let t = shape.tokens.max(1);
-        // A few more iterations per row for the walk's own loops (tile rows, staging).
-        let per_pass = self.gpu.loop_budget.map_or(t, |budget| {
-            (budget / (loops_per_row * shape.head_dim + 8)).max(1)
-        });
-        let passes = t.div_ceil(per_pass);
-        (0..passes)
-            .map(|i| AttentionParams {
-                pass_begin: (i * per_pass) as u32,
-                pass_end: ((i + 1) * per_pass).min(t) as u32,
-                pass_flags: (i == 0) as u32 | ((i + 1 == passes) as u32) << 1,
-                ..base
-            })
-            .collect()
-    }
-
-    /// `ins`: q, k, v, out, lse (with the GPU's second number per row), d_out; `outs`: dq, dk, dv.
-    fn attention_backward(
-        &mut self,
-        shape: &AttentionShape,
-        ins: [&GpuBuffer; 6],
-        first_key: &GpuBuffer,
-        outs: [&GpuBuffer; 3],
-    ) {
-        let [q, k, v, attn, lse, d_attn] = ins;
-        let [dq, dk, dv] = outs;
-        let p = self.attention_params(shape);
-        let heads_groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
-        self.gpu.dispatch(
-            &mut self.enc,
-            "attention_delta",
-            &p,
-            &[(4, attn), (5, lse), (6, d_attn)],
-            heads_groups,
-        );
-        // Each query head's share of dk and dv, summed over each kv head's group at the end.
-        let (dk_shares, dv_shares) = (
-            self.gpu.scratch(&mut self.enc, q.len),
-            self.gpu.scratch(&mut self.enc, q.len),
-        );
-        let common = [
-            (1, q),
-            (2, k),
-            (3, v),
-            (5, lse),
-            (6, d_attn),
-            (10, first_key),
-        ];
-        let mut b = common.to_vec();
-        b.push((8, dq));
-        // Per key: the score, d_out·v and the update of dq.
-        for pass in self.attention_passes(shape, 3) {
-            self.gpu.dispatch(
-                &mut self.enc,
-                "attention_backward_dq",
-                &pass,
-                &b,
-                heads_groups,
-            );
+        Op::GatherRows { dim } => ops::record_rows(r, "gather_rows", x(0), x(1), o(0), *dim),
+        Op::ScatterRows { dim } => ops::record_rows(r, "scatter_rows", x(0), x(1), o(0), *dim),
+        Op::CrossEntropy { .. } => cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), None),
+        Op::CrossEntropyWithGrad { .. } => {
+            cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), Some(o(1)))
         }
-        let mut b = common.to_vec();
-        b.extend([(8, &dk_shares), (9, &dv_shares)]);
-        // Per query: the score, d_out·v with the update of dv, and the update of dk.
-        for pass in self.attention_passes(shape, 3) {
-            self.gpu.dispatch(
-                &mut self.enc,
-                "attention_backward_dkdv",
-                &pass,
-                &b,
-                heads_groups,
-            );
-        }
-        self.gpu.dispatch(
-            &mut self.enc,
-            "attention_reduce_kv",
-            &p,
-            &[(8, &dk_shares), (9, &dv_shares), (12, dk), (13, dv)],
-            [
-                shape.head_dim.div_ceil(64) as u32,
-                shape.kv_heads as u32,
-                shape.tokens as u32,
-            ],
-        );
+        Op::Logits { .. } => cross_entropy::record_logits(r, ins[1].table(), x(0), o(0)),
     }
-
-    /// One vocabulary chunk of the output projection as a frozen linear layer: positions x chunk rows.
-    fn ce_linear_params(&self, head: &GpuDense, p: &CeParams, accumulate: bool) -> LinearParams {
-        LinearParams {
-            tokens: p.positions,
-            rows: p.chunk_len,
-            cols: head.cols as u32,
-            fmt: head.fmt,
-            // Dense formats have no groups.
-            group_size: 1,
-            has_bias: 0,
-            accumulate: accumulate as u32,
-            row_offset: 0,
-            out_stride: p.chunk_len,
-            weight_row: p.chunk_start,
-            _pad: [0; 2],
-        }
-    }
-
-    fn ce_logits_with(
-        &mut self,
-        block: &GpuBuffer,
-        lp: &LinearParams,
-        hidden: &GpuBuffer,
-        logits: &GpuBuffer,
-    ) {
-        let d = self.dummy;
-        let groups = linear_groups(lp.rows as usize, lp.tokens as usize);
-        self.gpu.dispatch(
-            &mut self.enc,
-            "linear_forward",
-            lp,
-            &[(1, block), (2, d), (3, d), (4, d), (5, hidden), (6, logits)],
-            groups,
-        );
-    }
-
-    /// Calls `f` for each vocabulary chunk with its block buffer and parameters.
-    fn for_each_chunk(
-        &mut self,
-        head: &GpuDense,
-        positions: usize,
-        grad_scale: f32,
-        mut f: impl FnMut(&mut Self, &GpuBuffer, CeParams),
-    ) {
-        for (block_start, rows, block) in &head.blocks {
-            let (block_start, rows) = (*block_start, *rows);
-            for chunk_start in (0..rows).step_by(VOCAB_CHUNK) {
-                let p = CeParams {
-                    positions: positions as u32,
-                    chunk_start: chunk_start as u32,
-                    chunk_len: VOCAB_CHUNK.min(rows - chunk_start) as u32,
-                    block_start: block_start as u32,
-                    grad_scale,
-                    _pad: [0; 3],
-                };
-                f(self, block, p);
-            }
-        }
-    }
-
-    /// Per-position [loss, log-sum-exp] into `result`; with `d_hidden`, grad_scale times the loss's
-    /// gradient with respect to `hidden` (a second walk over the vocabulary recomputes each chunk's
-    /// logits instead of keeping them all).
-    fn cross_entropy(
-        &mut self,
-        head: &GpuDense,
-        hidden: &GpuBuffer,
-        labels: &GpuBuffer,
-        result: &GpuBuffer,
-        d_hidden: Option<&GpuBuffer>,
-    ) {
-        let np = labels.len;
-        let grad_scale = self.inputs.grad_scale;
-        let state = self.gpu.upload_f32(
-            &(0..np)
-                .flat_map(|_| [-3.0e38f32, 0.0, 0.0])
-                .collect::<Vec<_>>(),
-        );
-        let logits = self.gpu.scratch(&mut self.enc, np * VOCAB_CHUNK);
-        self.for_each_chunk(head, np, grad_scale, |r, block, p| {
-            let lp = r.ce_linear_params(head, &p, false);
-            r.ce_logits_with(block, &lp, hidden, &logits);
-            r.gpu.dispatch(
-                &mut r.enc,
-                "ce_reduce",
-                &p,
-                &[(3, &logits), (4, &state), (5, labels)],
-                [np as u32, 1, 1],
-            );
-        });
-        let p = CeParams {
-            positions: np as u32,
-            chunk_start: 0,
-            chunk_len: 0,
-            block_start: 0,
-            grad_scale,
-            _pad: [0; 3],
-        };
-        self.gpu.dispatch(
-            &mut self.enc,
-            "ce_finalize",
-            &p,
-            &[(4, &state), (7, result)],
-            groups_1d(np, 64),
-        );
-        let Some(d_hidden) = d_hidden else {
-            return;
-        };
-        self.for_each_chunk(head, np, grad_scale, |r, block, p| {
-            let lp = r.ce_linear_params(head, &p, false);
-            r.ce_logits_with(block, &lp, hidden, &logits);
-            let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
-            r.gpu.dispatch(
-                &mut r.enc,
-                "ce_grad_logits",
-                &p,
-                &[(3, &logits), (5, labels), (7, result)],
-                groups,
-            );
-            // d_hidden += d_logits · chunk rows.
-            let lp = r.ce_linear_params(head, &p, true);
-            let d = r.dummy;
-            let groups = linear_groups(lp.cols as usize, np);
-            r.gpu.dispatch(
-                &mut r.enc,
-                "linear_backward_input",
-                &lp,
-                &[(1, block), (2, d), (3, d), (5, &logits), (6, d_hidden)],
-                groups,
-            );
-        });
-    }
-}
-
-/// A frozen weight block's words, group scales and minimums (the dummy where a format has none).
-fn weight_bindings<'b>(dummy: &'b GpuBuffer, block: &'b LinearBlock) -> [(u32, &'b GpuBuffer); 3] {
-    [
-        (1, &block.words),
-        (2, block.scales.as_ref().unwrap_or(dummy)),
-        (3, block.mins.as_ref().unwrap_or(dummy)),
-    ]
-}
-
-/// Attention's first-key table: the step's input, or zeros for a sequence of one example.
-enum FirstKey<'b> {
-    Given(&'b GpuBuffer),
-    Own(GpuBuffer),
-}
-
-impl AsRef<GpuBuffer> for FirstKey<'_> {
-    fn as_ref(&self) -> &GpuBuffer {
-        match self {
-            FirstKey::Given(b) => b,
-            FirstKey::Own(b) => b,
-        }
-    }
+    drop(ins);
+    node.put_back(slots, outs.slots);
 }
 
 fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {

@@ -85,6 +85,18 @@ pub struct GpuBuffer {
     pool: Option<Pool>,
 }
 
+impl GpuBuffer {
+    /// A second handle to the same memory, which (unlike the first, if pooled) does not go back to the
+    /// scratch pool when dropped: for passing a buffer where an owned one is expected.
+    pub fn share(&self) -> GpuBuffer {
+        GpuBuffer {
+            buffer: self.buffer.clone(),
+            len: self.len,
+            pool: None,
+        }
+    }
+}
+
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {

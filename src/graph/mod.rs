@@ -253,6 +253,26 @@ pub struct Node {
 }
 
 impl Node {
+    /// The node's output slots, taken out of an executor's table while the node runs (its inputs stay
+    /// borrowed in place), with their lengths; `put_back` returns them.
+    pub fn take_outputs<S: Default>(&self, graph: &Graph, slots: &mut [S]) -> (Vec<S>, Vec<usize>) {
+        let taken = self
+            .outputs
+            .iter()
+            .map(|&o| std::mem::take(&mut slots[o]))
+            .collect();
+        (
+            taken,
+            self.outputs.iter().map(|&o| graph.bufs[o].len).collect(),
+        )
+    }
+
+    pub fn put_back<S>(&self, slots: &mut [S], taken: Vec<S>) {
+        for (&o, slot) in self.outputs.iter().zip(taken) {
+            slots[o] = slot;
+        }
+    }
+
     /// Every buffer the node reads, its outputs included where it reads them.
     pub fn reads(&self) -> impl Iterator<Item = BufId> + '_ {
         let read = move |i: usize| self.accumulate || self.op.reads_output(i);

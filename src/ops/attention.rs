@@ -2,6 +2,8 @@
 //! One query row of scores exists at a time (never the tokens x tokens matrix); the forward saves each
 //! row's log-sum-exp so that the backward recomputes probabilities instead of storing them.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::GpuBuffer;
 use crate::ops::fastmath;
 use crate::ops::matmul::{View, in_parallel_task, matmul_into};
 use rayon::prelude::*;
@@ -380,4 +382,159 @@ pub struct AttentionParams {
     /// at position query_offset + t; `tokens` counts the keys. 0 otherwise.
     pub query_offset: u32,
     pub _pad: [u32; 3],
+}
+
+fn gpu_params(shape: &AttentionShape) -> AttentionParams {
+    AttentionParams {
+        tokens: shape.tokens as u32,
+        heads: shape.heads as u32,
+        kv_heads: shape.kv_heads as u32,
+        head_dim: shape.head_dim as u32,
+        scale: shape.scale(),
+        pass_begin: 0,
+        pass_end: shape.tokens as u32,
+        pass_flags: 3,
+        query_offset: 0,
+        _pad: [0; 3],
+    }
+}
+
+/// An attention kernel's walk over all tokens (keys or queries) as passes whose loop iterations per
+/// invocation stay within the device's budget: each row walked costs a thread `loops_per_row` loops
+/// over the head dimension. One pass where the device has no budget.
+fn passes(r: &Recorder, shape: &AttentionShape, loops_per_row: usize) -> Vec<AttentionParams> {
+    let base = gpu_params(shape);
+    let t = shape.tokens.max(1);
+    // A few more iterations per row for the walk's own loops (tile rows, staging).
+    let per_pass = r.gpu.loop_budget.map_or(t, |budget| {
+        (budget / (loops_per_row * shape.head_dim + 8)).max(1)
+    });
+    let count = t.div_ceil(per_pass);
+    (0..count)
+        .map(|i| AttentionParams {
+            pass_begin: (i * per_pass) as u32,
+            pass_end: ((i + 1) * per_pass).min(t) as u32,
+            pass_flags: (i == 0) as u32 | ((i + 1 == count) as u32) << 1,
+            ..base
+        })
+        .collect()
+}
+
+/// The first-key table: the step's (packed examples), or zeros for a sequence of one example.
+fn first_key_table(r: &mut Recorder, given: Option<&GpuBuffer>, queries: usize) -> GpuBuffer {
+    match given {
+        Some(b) => b.share(),
+        None => r.scratch(queries),
+    }
+}
+
+/// The GPU lowering of `forward` (shaders/attention.wgsl): `stats` is [2, heads, tokens], each row's
+/// log-sum-exp and the forward's running denominator (which the backward replaces by delta).
+pub(crate) fn record_forward(
+    r: &mut Recorder,
+    shape: &AttentionShape,
+    [q, k, v]: [&GpuBuffer; 3],
+    first_key: Option<&GpuBuffer>,
+    out: &GpuBuffer,
+    stats: &GpuBuffer,
+) {
+    let first_key = first_key_table(r, first_key, shape.tokens);
+    let groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
+    // Per key: the score's dot product and the running sum's update.
+    for p in passes(r, shape, 2) {
+        let b = [
+            (1, q),
+            (2, k),
+            (3, v),
+            (4, out),
+            (5, stats),
+            (10, &first_key),
+        ];
+        r.dispatch("attention_forward", &p, &b, groups);
+    }
+}
+
+/// The GPU lowering of `forward_cached`: the new tokens' keys and values are copied into the caches at
+/// position `past`, and their queries attend over all `past + tokens` cached positions.
+pub(crate) fn record_forward_cached(
+    r: &mut Recorder,
+    shape: &AttentionShape,
+    past: usize,
+    [q, k, v]: [&GpuBuffer; 3],
+    out: &GpuBuffer,
+    [keys, values]: [&GpuBuffer; 2],
+) {
+    let kv = shape.kv_heads * shape.head_dim;
+    let (offset, bytes) = ((past * kv * 4) as u64, (shape.tokens * kv * 4) as u64);
+    r.enc
+        .copy_buffer_to_buffer(&k.buffer, 0, &keys.buffer, offset, bytes);
+    r.enc
+        .copy_buffer_to_buffer(&v.buffer, 0, &values.buffer, offset, bytes);
+    let all = AttentionShape {
+        tokens: past + shape.tokens,
+        ..*shape
+    };
+    let first_key = r.scratch(shape.tokens);
+    let stats = r.scratch(2 * shape.heads * all.tokens);
+    let groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
+    for p in passes(r, &all, 2) {
+        let p = AttentionParams {
+            query_offset: past as u32,
+            ..p
+        };
+        let b = [
+            (1, q),
+            (2, keys),
+            (3, values),
+            (4, out),
+            (5, &stats),
+            (10, &first_key),
+        ];
+        r.dispatch("attention_forward", &p, &b, groups);
+    }
+}
+
+/// The GPU lowering of `backward`. `ins`: q, k, v, out, stats (as the forward left them), d_out.
+pub(crate) fn record_backward(
+    r: &mut Recorder,
+    shape: &AttentionShape,
+    ins: [&GpuBuffer; 6],
+    first_key: Option<&GpuBuffer>,
+    [dq, dk, dv]: [&GpuBuffer; 3],
+) {
+    let [q, k, v, attn, stats, d_attn] = ins;
+    let first_key = first_key_table(r, first_key, shape.tokens);
+    let p = gpu_params(shape);
+    let heads_groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
+    let b = [(4, attn), (5, stats), (6, d_attn)];
+    r.dispatch("attention_delta", &p, &b, heads_groups);
+    // Each query head's share of dk and dv, summed over each kv head's group at the end.
+    let (dk_shares, dv_shares) = (r.scratch(q.len), r.scratch(q.len));
+    let common = [
+        (1, q),
+        (2, k),
+        (3, v),
+        (5, stats),
+        (6, d_attn),
+        (10, &first_key),
+    ];
+    let mut b = common.to_vec();
+    b.push((8, dq));
+    // Per key: the score, d_out·v and the update of dq.
+    for pass in passes(r, shape, 3) {
+        r.dispatch("attention_backward_dq", &pass, &b, heads_groups);
+    }
+    let mut b = common.to_vec();
+    b.extend([(8, &dk_shares), (9, &dv_shares)]);
+    // Per query: the score, d_out·v with the update of dv, and the update of dk.
+    for pass in passes(r, shape, 3) {
+        r.dispatch("attention_backward_dkdv", &pass, &b, heads_groups);
+    }
+    let b = [(8, &dk_shares), (9, &dv_shares), (12, dk), (13, dv)];
+    let groups = [
+        shape.head_dim.div_ceil(64) as u32,
+        shape.kv_heads as u32,
+        shape.tokens as u32,
+    ];
+    r.dispatch("attention_reduce_kv", &p, &b, groups);
 }

@@ -2,10 +2,14 @@
 //! the [positions, vocab] logits never exist at once (151,936 columns for Qwen), and only at positions
 //! that carry a label.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::weights::GpuDense;
+use crate::gpu::{GpuBuffer, groups_1d};
 use crate::model::DenseTensor;
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
 use crate::ops::fastmath;
+use crate::ops::linear::{LinearParams, linear_groups};
 use crate::ops::matmul::{View, matmul_into};
 use rayon::prelude::*;
 
@@ -233,4 +237,134 @@ pub struct CeParams {
     pub block_start: u32,
     pub grad_scale: f32,
     pub _pad: [u32; 3],
+}
+
+/// One vocabulary chunk of the output projection as a frozen linear layer (shaders/linear.wgsl):
+/// positions x chunk rows.
+fn chunk_linear_params(head: &GpuDense, p: &CeParams, accumulate: bool) -> LinearParams {
+    LinearParams {
+        tokens: p.positions,
+        rows: p.chunk_len,
+        cols: head.cols as u32,
+        fmt: head.fmt,
+        // Dense formats have no groups.
+        group_size: 1,
+        has_bias: 0,
+        accumulate: accumulate as u32,
+        row_offset: 0,
+        out_stride: p.chunk_len,
+        weight_row: p.chunk_start,
+        _pad: [0; 2],
+    }
+}
+
+fn record_chunk_logits(
+    r: &mut Recorder,
+    block: &GpuBuffer,
+    lp: &LinearParams,
+    hidden: &GpuBuffer,
+    logits: &GpuBuffer,
+) {
+    let d = r.dummy;
+    let groups = linear_groups(lp.rows as usize, lp.tokens as usize);
+    let b = [(1, block), (2, d), (3, d), (4, d), (5, hidden), (6, logits)];
+    r.dispatch("linear_forward", lp, &b, groups);
+}
+
+/// Calls `f` for each vocabulary chunk of `head` with its block buffer and parameters.
+fn for_each_gpu_chunk(
+    r: &mut Recorder,
+    head: &GpuDense,
+    positions: usize,
+    grad_scale: f32,
+    mut f: impl FnMut(&mut Recorder, &GpuBuffer, CeParams),
+) {
+    for (block_start, rows, block) in &head.blocks {
+        let (block_start, rows) = (*block_start, *rows);
+        for chunk_start in (0..rows).step_by(VOCAB_CHUNK) {
+            let p = CeParams {
+                positions: positions as u32,
+                chunk_start: chunk_start as u32,
+                chunk_len: VOCAB_CHUNK.min(rows - chunk_start) as u32,
+                block_start: block_start as u32,
+                grad_scale,
+                _pad: [0; 3],
+            };
+            f(r, block, p);
+        }
+    }
+}
+
+/// The GPU lowering of `forward` and (with `d_hidden`) `forward_backward` (shaders/cross_entropy.wgsl):
+/// per-position [loss, log-sum-exp] into `result`, and grad_scale times the loss's gradient with respect
+/// to `hidden`. The gradient walks the vocabulary a second time, recomputing each chunk's logits
+/// instead of keeping them all.
+pub(crate) fn record(
+    r: &mut Recorder,
+    head: &GpuDense,
+    hidden: &GpuBuffer,
+    labels: &GpuBuffer,
+    result: &GpuBuffer,
+    d_hidden: Option<&GpuBuffer>,
+) {
+    let np = labels.len;
+    let grad_scale = r.inputs.grad_scale;
+    let running: Vec<f32> = (0..np).flat_map(|_| [-3.0e38f32, 0.0, 0.0]).collect();
+    let state = r.gpu.upload_f32(&running);
+    let logits = r.scratch(np * VOCAB_CHUNK);
+    for_each_gpu_chunk(r, head, np, grad_scale, |r, block, p| {
+        let lp = chunk_linear_params(head, &p, false);
+        record_chunk_logits(r, block, &lp, hidden, &logits);
+        let b = [(3, &logits), (4, &state), (5, labels)];
+        r.dispatch("ce_reduce", &p, &b, [np as u32, 1, 1]);
+    });
+    let p = CeParams {
+        positions: np as u32,
+        chunk_start: 0,
+        chunk_len: 0,
+        block_start: 0,
+        grad_scale,
+        _pad: [0; 3],
+    };
+    r.dispatch(
+        "ce_finalize",
+        &p,
+        &[(4, &state), (7, result)],
+        groups_1d(np, 64),
+    );
+    let Some(d_hidden) = d_hidden else {
+        return;
+    };
+    for_each_gpu_chunk(r, head, np, grad_scale, |r, block, p| {
+        let lp = chunk_linear_params(head, &p, false);
+        record_chunk_logits(r, block, &lp, hidden, &logits);
+        let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
+        let b = [(3, &logits), (5, labels), (7, result)];
+        r.dispatch("ce_grad_logits", &p, &b, groups);
+        // d_hidden += d_logits · chunk rows.
+        let lp = chunk_linear_params(head, &p, true);
+        let d = r.dummy;
+        let groups = linear_groups(lp.cols as usize, np);
+        let b = [(1, block), (2, d), (3, d), (5, &logits), (6, d_hidden)];
+        r.dispatch("linear_backward_input", &lp, &b, groups);
+    });
+}
+
+/// The GPU lowering of `logits`: each chunk's logits land in their columns of `out` [positions, vocab].
+pub(crate) fn record_logits(
+    r: &mut Recorder,
+    head: &GpuDense,
+    hidden: &GpuBuffer,
+    out: &GpuBuffer,
+) {
+    let positions = hidden.len / head.cols;
+    let vocab = out.len / positions.max(1);
+    for_each_gpu_chunk(r, head, positions, 0.0, |r, block, p| {
+        let lp = LinearParams {
+            out_stride: vocab as u32,
+            row_offset: p.block_start + p.chunk_start,
+            ..chunk_linear_params(head, &p, false)
+        };
+        record_chunk_logits(r, block, &lp, hidden, out);
+    });
 }

@@ -4,6 +4,8 @@
 //! (shaders/dropout.wgsl) draws exactly the masks the CPU draws, in 32-bit integer arithmetic that WGSL
 //! has everywhere.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::{GpuBuffer, groups_1d};
 use crate::ops::fastmath;
 use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
@@ -119,4 +121,26 @@ pub fn apply(params: &DropoutParams, x: &[f32]) -> Vec<f32> {
 /// dx += the gradient through dropout of `dy` (the gradient of dropout(x)).
 pub fn backward_accumulate(params: &DropoutParams, dy: &[f32], dx: &mut [f32]) {
     masked_par(params, dy, dx, true);
+}
+
+/// The GPU lowering of `forward` (shaders/dropout.wgsl).
+pub(crate) fn record_forward(
+    r: &mut Recorder,
+    params: &DropoutParams,
+    x: &GpuBuffer,
+    y: &GpuBuffer,
+) {
+    let groups = groups_1d(params.n as usize, 256);
+    r.dispatch("dropout_forward", params, &[(1, x), (2, y)], groups);
+}
+
+/// The GPU lowering of `backward_accumulate`: the kernel adds the masked gradient into `dx`.
+pub(crate) fn record_backward_accumulate(
+    r: &mut Recorder,
+    params: &DropoutParams,
+    dy: &GpuBuffer,
+    dx: &GpuBuffer,
+) {
+    let groups = groups_1d(params.n as usize, 256);
+    r.dispatch("dropout_backward", params, &[(1, dy), (2, dx)], groups);
 }

@@ -2,6 +2,9 @@
 //! unpacked a block of output rows at a time into an f32 tile that every row of x reuses; the bf16
 //! kernels decode each weight once per product.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::GpuBuffer;
+use crate::gpu::weights::{GpuLinear, LinearBlock};
 use crate::model::LinearWeight;
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
@@ -148,4 +151,90 @@ pub struct LinearParams {
     pub out_stride: u32,
     pub weight_row: u32,
     pub _pad: [u32; 2],
+}
+
+/// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
+pub(crate) fn linear_groups(outputs: usize, tokens: usize) -> [u32; 3] {
+    [outputs.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1]
+}
+
+/// A frozen weight block's words, group scales and minimums (the dummy where a format has none).
+fn weight_bindings<'b>(dummy: &'b GpuBuffer, block: &'b LinearBlock) -> [(u32, &'b GpuBuffer); 3] {
+    [
+        (1, &block.words),
+        (2, block.scales.as_ref().unwrap_or(dummy)),
+        (3, block.mins.as_ref().unwrap_or(dummy)),
+    ]
+}
+
+fn block_params(
+    lin: &GpuLinear,
+    block: &LinearBlock,
+    tokens: usize,
+    accumulate: bool,
+    with_bias: bool,
+) -> LinearParams {
+    LinearParams {
+        tokens: tokens as u32,
+        rows: block.rows as u32,
+        cols: lin.cols as u32,
+        fmt: lin.fmt,
+        group_size: lin.group as u32,
+        has_bias: with_bias as u32,
+        accumulate: accumulate as u32,
+        row_offset: block.start as u32,
+        out_stride: lin.rows as u32,
+        weight_row: 0,
+        _pad: [0; 2],
+    }
+}
+
+/// The GPU lowering of `forward`: each row block of W writes its columns of y.
+pub(crate) fn record_forward(
+    r: &mut Recorder,
+    lin: &GpuLinear,
+    bias: Option<&GpuBuffer>,
+    x: &GpuBuffer,
+    y: &GpuBuffer,
+) {
+    let t = x.len / lin.cols;
+    let dummy = r.dummy;
+    for block in &lin.blocks {
+        let p = block_params(lin, block, t, false, bias.is_some());
+        let mut bindings = weight_bindings(dummy, block).to_vec();
+        bindings.extend([(4, bias.unwrap_or(dummy)), (5, x), (6, y)]);
+        r.dispatch(
+            "linear_forward",
+            &p,
+            &bindings,
+            linear_groups(block.rows, t),
+        );
+    }
+}
+
+/// The GPU lowering of `backward_input`: every row block adds its share of dy·W.
+pub(crate) fn record_backward_input(
+    r: &mut Recorder,
+    lin: &GpuLinear,
+    dy: &GpuBuffer,
+    dx: &GpuBuffer,
+    accumulate: bool,
+) {
+    let t = dy.len / lin.rows;
+    assert!(
+        accumulate || lin.blocks.len() == 1,
+        "a weight split in blocks adds each block's share"
+    );
+    let dummy = r.dummy;
+    for block in &lin.blocks {
+        let p = block_params(lin, block, t, accumulate, false);
+        let mut bindings = weight_bindings(dummy, block).to_vec();
+        bindings.extend([(5, dy), (6, dx)]);
+        r.dispatch(
+            "linear_backward_input",
+            &p,
+            &bindings,
+            linear_groups(lin.cols, t),
+        );
+    }
 }

@@ -1,6 +1,9 @@
 //! Dense f32 matrix products through the `gemm` crate, with explicit strides so that a product can read
 //! or write a column block of a larger row-major matrix without copying.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::GpuBuffer;
+
 /// A row-major-or-transposed view: element (i, j) lives at `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
@@ -155,4 +158,57 @@ pub struct MatmulParams {
     pub accumulate: u32,
     pub alpha: f32,
     pub _pad: u32,
+}
+
+/// A strided view of a GPU matrix, as `View` is of a CPU one.
+#[derive(Clone, Copy)]
+pub(crate) struct GpuView<'a> {
+    pub buf: &'a GpuBuffer,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> GpuView<'a> {
+    /// A [rows, cols] matrix stored row-major, or (`transposed`) stored as its [cols, rows] transpose.
+    pub fn new(buf: &'a GpuBuffer, rows: usize, cols: usize, transposed: bool) -> Self {
+        let (row_stride, col_stride) = if transposed { (1, rows) } else { (cols, 1) };
+        GpuView {
+            buf,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+}
+
+/// The GPU lowering of `matmul_into` with c_col 0 (shaders/matmul.wgsl: 16 x 16 outputs per workgroup).
+pub(crate) fn record_matmul(
+    r: &mut Recorder,
+    a: GpuView,
+    b: GpuView,
+    alpha: f32,
+    c: &GpuBuffer,
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    let p = MatmulParams {
+        m: a.rows as u32,
+        n: b.cols as u32,
+        k: a.cols as u32,
+        a_row_stride: a.row_stride as u32,
+        a_col_stride: a.col_stride as u32,
+        b_row_stride: b.row_stride as u32,
+        b_col_stride: b.col_stride as u32,
+        ldc: ldc as u32,
+        c_col: 0,
+        accumulate: accumulate as u32,
+        alpha,
+        _pad: 0,
+    };
+    let groups = [b.cols.div_ceil(16) as u32, a.rows.div_ceil(16) as u32, 1];
+    r.dispatch("matmul", &p, &[(1, a.buf), (2, b.buf), (3, c)], groups);
 }

@@ -14,6 +14,9 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::weights::GpuDense;
+use crate::gpu::{GpuBuffer, groups_1d};
 use rayon::prelude::*;
 
 /// Below this many floats, one thread zeroes or adds faster than a split of the work costs.
@@ -99,4 +102,71 @@ pub struct Dims4 {
     pub b: u32,
     pub c: u32,
     pub d: u32,
+}
+
+impl Dims4 {
+    /// Only a length (the elementwise kernels).
+    pub fn n(n: usize) -> Self {
+        Dims4 {
+            a: n as u32,
+            b: 0,
+            c: 0,
+            d: 0,
+        }
+    }
+}
+
+/// The GPU lowering of the embedding (shaders/embed.wgsl): rows of `table` for `ids`, block by block of
+/// a table split across storage bindings.
+pub(crate) fn record_embed(
+    r: &mut Recorder,
+    table: &GpuDense,
+    ids: &GpuBuffer,
+    x: &GpuBuffer,
+    dim: usize,
+) {
+    let t = ids.len;
+    for (start, rows, block) in &table.blocks {
+        let p = EmbedParams {
+            tokens: t as u32,
+            dim: dim as u32,
+            fmt: table.fmt,
+            row_start: *start as u32,
+            row_count: *rows as u32,
+            _pad: [0; 3],
+        };
+        let groups = [dim.div_ceil(64) as u32, t as u32, 1];
+        r.dispatch("embed", &p, &[(1, block), (2, ids), (3, x)], groups);
+    }
+}
+
+/// The GPU lowering of gathering rows `index[i]` of `src` (`gather_rows`) or scattering row i to row
+/// `index[i]` of `dst` (`scatter_rows`; shaders/rows.wgsl).
+pub(crate) fn record_rows(
+    r: &mut Recorder,
+    entry: &'static str,
+    src: &GpuBuffer,
+    index: &GpuBuffer,
+    dst: &GpuBuffer,
+    dim: usize,
+) {
+    let rows = index.len;
+    let p = Dims4 {
+        a: rows as u32,
+        b: dim as u32,
+        c: 0,
+        d: 0,
+    };
+    let groups = [dim.div_ceil(64) as u32, rows as u32, 1];
+    r.dispatch(entry, &p, &[(1, src), (2, index), (3, dst)], groups);
+}
+
+/// The GPU lowering of `sum` (out = a + b) or, without `b`, of `add_assign` (out += a).
+pub(crate) fn record_add(r: &mut Recorder, a: &GpuBuffer, b: Option<&GpuBuffer>, out: &GpuBuffer) {
+    let n = out.len;
+    let groups = groups_1d(n, 256);
+    match b {
+        Some(b) => r.dispatch("add", &Dims4::n(n), &[(1, a), (2, b), (3, out)], groups),
+        None => r.dispatch("add_assign", &Dims4::n(n), &[(1, a), (3, out)], groups),
+    }
 }

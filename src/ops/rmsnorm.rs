@@ -1,6 +1,8 @@
 //! RMSNorm as Llama and Qwen define it: y = w ⊙ x / sqrt(mean(x²) + eps), over the last dimension.
 //! The norm weights are frozen in LoRA training, so the backward produces dx only.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::{GpuBuffer, groups_1d};
 use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
@@ -80,4 +82,28 @@ pub fn backward(
                 *dx = r * w * g - coef * x;
             }
         });
+}
+
+/// The GPU lowering of `forward` (shaders/rmsnorm.wgsl): one workgroup per row.
+pub(crate) fn record_forward(
+    r: &mut Recorder,
+    p: &RmsNormParams,
+    x: &GpuBuffer,
+    weight: &GpuBuffer,
+    y: &GpuBuffer,
+    inv_rms: &GpuBuffer,
+) {
+    let b = [(1, x), (2, weight), (3, y), (4, inv_rms)];
+    r.dispatch("rmsnorm_forward", p, &b, groups_1d(p.rows as usize, 1));
+}
+
+/// The GPU lowering of `backward`.
+pub(crate) fn record_backward(
+    r: &mut Recorder,
+    p: &RmsNormParams,
+    [x, weight, inv_rms, dy]: [&GpuBuffer; 4],
+    dx: &GpuBuffer,
+) {
+    let b = [(1, x), (2, weight), (3, dx), (4, inv_rms), (5, dy)];
+    r.dispatch("rmsnorm_backward", p, &b, groups_1d(p.rows as usize, 1));
 }

@@ -3,6 +3,8 @@
 //! f32 as transformers computes them, so that angles agree with a PyTorch reference.
 
 use crate::config::RopeScaling;
+use crate::exec::gpu::Recorder;
+use crate::gpu::GpuBuffer;
 
 /// transformers' `inv_freq` for a head of size `head_dim`.
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
@@ -96,4 +98,29 @@ pub struct RopeParams {
     pub heads: u32,
     pub head_dim: u32,
     pub sign: f32,
+}
+
+/// The GPU lowering of `apply` (shaders/rope.wgsl): rotates `x` [tokens, heads · head_dim] in place.
+pub(crate) fn record_apply(
+    r: &mut Recorder,
+    x: &GpuBuffer,
+    heads: usize,
+    head_dim: usize,
+    cos: &GpuBuffer,
+    sin: &GpuBuffer,
+    inverse: bool,
+) {
+    let tokens = x.len / (heads * head_dim);
+    let p = RopeParams {
+        tokens: tokens as u32,
+        heads: heads as u32,
+        head_dim: head_dim as u32,
+        sign: if inverse { -1.0 } else { 1.0 },
+    };
+    let groups = [
+        (head_dim / 2).div_ceil(64) as u32,
+        heads as u32,
+        tokens as u32,
+    ];
+    r.dispatch("rope_apply", &p, &[(1, cos), (2, sin), (3, x)], groups);
 }

@@ -1,5 +1,8 @@
 //! The SwiGLU gate of the Llama/Qwen MLP: h = silu(gate) ⊙ up, elementwise.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::{GpuBuffer, groups_1d};
+use crate::ops::Dims4;
 use crate::ops::fastmath;
 use rayon::prelude::*;
 
@@ -60,4 +63,23 @@ pub fn backward(gate: &[f32], up: &[f32], dh: &[f32], dgate: &mut [f32], dup: &m
                 },
             )
         });
+}
+
+/// The GPU lowering of `forward` (shaders/elementwise.wgsl).
+pub(crate) fn record_forward(r: &mut Recorder, gate: &GpuBuffer, up: &GpuBuffer, h: &GpuBuffer) {
+    let n = h.len;
+    let b = [(1, gate), (2, up), (3, h)];
+    r.dispatch("swiglu_forward", &Dims4::n(n), &b, groups_1d(n, 256));
+}
+
+/// The GPU lowering of `backward`.
+pub(crate) fn record_backward(
+    r: &mut Recorder,
+    [gate, up, dh]: [&GpuBuffer; 3],
+    dgate: &GpuBuffer,
+    dup: &GpuBuffer,
+) {
+    let n = dh.len;
+    let b = [(1, gate), (2, up), (3, dgate), (4, dup), (5, dh)];
+    r.dispatch("swiglu_backward", &Dims4::n(n), &b, groups_1d(n, 256));
 }
