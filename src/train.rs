@@ -7,13 +7,16 @@
 use crate::cpu::{self, Sequence, StepOptions};
 use crate::data::{Example, Turns};
 use crate::error::{Error, Result};
+use crate::exec;
 use crate::exec::gpu::SequenceOptions;
 use crate::gpu::Gpu;
 use crate::gpu::train::GpuTrainState;
+use crate::graph::StepInputs;
 use crate::lora::{LoraAdapter, LoraConfig, peft_key};
 use crate::model::Model;
+use crate::models::optimizer;
 use crate::ops::Precision;
-use crate::ops::adamw::{self, AdamWParams};
+use crate::ops::adamw::AdamWParams;
 use crate::rng::Rng;
 use crate::tokenizer::{ChatTokenizer, Message};
 use serde_json::json;
@@ -541,27 +544,29 @@ impl Trainer<'_> {
             )?;
             loss_sum += loss.loss_sum;
         }
-        let grad_norm = grads
-            .pairs()
-            .map(|(_, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
-            .sum::<f64>()
-            .sqrt();
-        let clip = if self.config.max_grad_norm > 0.0 {
-            adamw::clip_coefficient(grad_norm, self.config.max_grad_norm)
-        } else {
-            1.0
+        // Clipping and AdamW: the optimizer graph, the clipping coefficient multiplying the gradients.
+        let graph = optimizer::build(&optimizer::shapes(&self.adapter), self.config.max_grad_norm);
+        let inputs = StepInputs {
+            adamw: bytemuck::cast(adamw_at(self.step + 1, 1.0)),
+            ..StepInputs::default()
         };
-        let params = adamw_at(self.step + 1, clip);
-        for ((((_, p), (_, g)), (_, m)), (_, v)) in self
-            .adapter
-            .pairs_mut()
-            .zip(grads.pairs())
-            .zip(self.m.pairs_mut())
-            .zip(self.v.pairs_mut())
-        {
-            adamw::step(&params, &mut p.a, &g.a, &mut m.a, &mut v.a);
-            adamw::step(&params, &mut p.b, &g.b, &mut m.b, &mut v.b);
-        }
+        let mut out = exec::cpu::run(
+            &graph,
+            exec::cpu::Bindings {
+                model: self.model,
+                adapter: None,
+                grads: Some(&mut grads),
+                cache: None,
+                optimizer: Some(exec::cpu::OptimizerState {
+                    params: &mut self.adapter,
+                    m: &mut self.m,
+                    v: &mut self.v,
+                }),
+                inputs: &inputs,
+                precision: self.config.precision,
+            },
+        )?;
+        let grad_norm = out.take("clip")[0] as f64;
         Ok((loss_sum, grad_norm))
     }
 }

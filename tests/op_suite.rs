@@ -2,7 +2,8 @@
 //! one-node (or few-node) graph on random inputs by the GPU executor (lavapipe in CI) and by the CPU
 //! executor, outputs compared op by op, so that a kernel bug names its op instead of showing up as
 //! "layer l's gradient differs". The CPU kernels themselves are held to f64 references and finite
-//! differences in tests/ops.rs. Cached attention (decoding) is covered by tests/generate.rs.
+//! differences in tests/ops.rs. Cached attention (decoding) is covered by tests/generate.rs; the
+//! optimizer's ops (global norm and clipping, AdamW) by the optimizer graph below.
 
 mod common;
 
@@ -308,6 +309,7 @@ fn run_cpu(model: &Model, case: &Case) -> HashMap<String, Vec<f32>> {
         adapter: None,
         grads: None,
         cache: None,
+        optimizer: None,
         inputs: &case.inputs,
         precision: Precision::F32,
     };
@@ -321,6 +323,7 @@ fn run_gpu(gpu: &Gpu, model: &GpuModel, case: &Case) -> HashMap<String, Vec<f32>
         lora: None,
         grads: None,
         cache: None,
+        moments: None,
         inputs: &case.inputs,
     };
     let mut enc = gpu.encoder();
@@ -370,4 +373,117 @@ fn every_op_agrees_on_both_executors() {
         }
     }
     eprintln!("worst: {worst:.1e}");
+}
+
+/// The optimizer graph (global norm, clipping coefficient, AdamW in place) on both executors: random
+/// parameters, gradients and moments, a norm large enough to clip. Measured on lavapipe: parameter
+/// updates within 4.0e-7, moments 1.7e-8, norm and coefficient 1.4e-11 (relative); held to 4e-6.
+#[test]
+fn the_optimizer_graph_agrees_on_both_executors() {
+    use nibble::gpu::weights::GpuLora;
+    use nibble::lora::{LoraAdapter, LoraConfig};
+    use nibble::models::optimizer;
+    use nibble::ops::adamw::AdamWParams;
+    let Some(gpu) = common::gpu() else { return };
+    let model = model(true);
+    let mut rng = Rng::new(4);
+    let mut random = |a: &mut LoraAdapter, scale: f64, positive: bool| {
+        for (_, p) in a.pairs_mut() {
+            for x in p.a.iter_mut().chain(p.b.iter_mut()) {
+                let r = rng.normal() * scale;
+                *x = if positive {
+                    (r.abs() + 1e-4) as f32
+                } else {
+                    r as f32
+                };
+            }
+        }
+    };
+    let mut params =
+        LoraAdapter::init(&model.config, LoraConfig::default(), &mut Rng::new(1)).unwrap();
+    let (mut grads, mut m, mut v) = (
+        params.zeros_like(),
+        params.zeros_like(),
+        params.zeros_like(),
+    );
+    random(&mut params, 0.1, false);
+    random(&mut grads, 0.5, false);
+    random(&mut m, 0.01, false);
+    random(&mut v, 0.001, true);
+    let graph = optimizer::build(&optimizer::shapes(&params), 1.0);
+    graph.validate().unwrap();
+    let inputs = StepInputs {
+        adamw: bytemuck::cast(AdamWParams::new(2e-3, 0.9, 0.999, 1e-8, 0.01, 3, 1.0)),
+        ..StepInputs::default()
+    };
+    let upload = |a: &LoraAdapter| GpuLora::upload(&gpu, a);
+    let (gp, gg, gm, gv) = (upload(&params), upload(&grads), upload(&m), upload(&v));
+    let gmodel = GpuModel::upload(&gpu, &model).unwrap();
+    let mut enc = gpu.encoder();
+    let bind = exec::gpu::Bindings {
+        gpu: &gpu,
+        model: &gmodel,
+        lora: Some(&gp),
+        grads: Some(&gg),
+        cache: None,
+        moments: Some([&gm, &gv]),
+        inputs: &inputs,
+    };
+    let clip_buffer = exec::gpu::record(&graph, bind, &mut enc)
+        .unwrap()
+        .take("clip")
+        .unwrap();
+    let gpu_clip = gpu.submit_and_read(enc, &[&clip_buffer]).unwrap().remove(0);
+    let (mut gpu_params, mut gpu_m, mut gpu_v) = (params.clone(), m.clone(), v.clone());
+    gp.download(&gpu, &mut gpu_params).unwrap();
+    gm.download(&gpu, &mut gpu_m).unwrap();
+    gv.download(&gpu, &mut gpu_v).unwrap();
+    let before = params.clone();
+    let cpu_clip = exec::cpu::run(
+        &graph,
+        exec::cpu::Bindings {
+            model: &model,
+            adapter: None,
+            grads: Some(&mut grads),
+            cache: None,
+            optimizer: Some(exec::cpu::OptimizerState {
+                params: &mut params,
+                m: &mut m,
+                v: &mut v,
+            }),
+            inputs: &inputs,
+            precision: Precision::F32,
+        },
+    )
+    .unwrap()
+    .take("clip");
+    assert!(
+        cpu_clip[1] < 0.5,
+        "the norm {} should be clipped",
+        cpu_clip[0]
+    );
+    let flat = |a: &LoraAdapter| -> Vec<f32> {
+        a.pairs()
+            .flat_map(|(_, p)| p.a.iter().chain(&p.b).copied().collect::<Vec<_>>())
+            .collect()
+    };
+    let step = |after: &LoraAdapter| -> Vec<f32> {
+        flat(after)
+            .iter()
+            .zip(flat(&before))
+            .map(|(a, b)| a - b)
+            .collect()
+    };
+    let mut worst = common::rel(&gpu_clip, &cpu_clip);
+    for (name, got, expected) in [
+        ("parameter updates", step(&gpu_params), step(&params)),
+        ("first moments", flat(&gpu_m), flat(&m)),
+        ("second moments", flat(&gpu_v), flat(&v)),
+    ] {
+        let e = common::rel(&got, &expected);
+        eprintln!("{name}: {e:.1e}");
+        worst = worst.max(e);
+    }
+    eprintln!("norm and clip: {:.1e}", common::rel(&gpu_clip, &cpu_clip));
+    assert!(worst < 4e-6, "the optimizer graph differs by {worst:e}");
 }

@@ -113,7 +113,8 @@ fn one_step_equals_accumulated_gradients_clipping_and_adamw() {
         .map(|(_, g)| adamw::sum_of_squares(&g.a) + adamw::sum_of_squares(&g.b))
         .sum::<f64>()
         .sqrt();
-    assert!((record.grad_norm - norm).abs() < 1e-9 * norm);
+    // The optimizer graph leaves the norm in an f32 buffer: equal to f32 rounding.
+    assert!((record.grad_norm - norm).abs() < 1e-7 * norm);
     assert!(
         norm > 0.05,
         "the test needs clipping to be active (norm {norm})"

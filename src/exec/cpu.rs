@@ -7,6 +7,7 @@ use crate::graph::{BufId, Dtype, Graph, Input, InputValue, Node, Op, Role, StepI
 use crate::lora::{LoraAdapter, LoraPair};
 use crate::model::{DenseTensor, LinearWeight, Model, TensorRef};
 use crate::models::decoder::{self, LoraSpec, StepShape};
+use crate::ops::adamw::{self, AdamWParams};
 use crate::ops::bf16_gemm::PackedRows;
 use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
@@ -26,7 +27,7 @@ enum Slot<'a> {
     Tensor(TensorRef<'a>),
     /// A LoRA matrix.
     Param(&'a [f32]),
-    /// A LoRA matrix's gradient.
+    /// A LoRA matrix, its gradient or an AdamW moment, written in place.
     Grad(&'a mut [f32]),
     /// A layer's cached keys or values, appended to while decoding.
     Cache(&'a mut Vec<f32>),
@@ -83,8 +84,17 @@ pub struct Bindings<'a> {
     pub grads: Option<&'a mut LoraAdapter>,
     /// The keys and values of the positions decoded so far (decoding graphs).
     pub cache: Option<&'a mut KvCache>,
+    /// What an optimizer graph updates (`adapter` is then None: the matrices are read from here).
+    pub optimizer: Option<OptimizerState<'a>>,
     pub inputs: &'a StepInputs,
     pub precision: Precision,
+}
+
+/// The LoRA matrices and AdamW's moments an optimizer graph updates in place.
+pub struct OptimizerState<'a> {
+    pub params: &'a mut LoraAdapter,
+    pub m: &'a mut LoraAdapter,
+    pub v: &'a mut LoraAdapter,
 }
 
 /// The results a graph produced (`Role::Output`), by name.
@@ -141,7 +151,13 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
     if let Some(a) = bind.adapter {
         params.extend(a.pairs().map(|(path, p)| (path.to_string(), p)));
     }
+    let optimizer_bound = bind.optimizer.is_some();
     let mut grads = grad_slots(bind.grads);
+    let (mut mutable_params, mut moments) = (HashMap::new(), [HashMap::new(), HashMap::new()]);
+    if let Some(opt) = bind.optimizer {
+        mutable_params = grad_slots(Some(opt.params));
+        moments = [grad_slots(Some(opt.m)), grad_slots(Some(opt.v))];
+    }
     let mut caches: HashMap<(usize, bool), &mut Vec<f32>> = HashMap::new();
     if let Some(cache) = bind.cache {
         for (l, layer) in cache.layers.iter_mut().enumerate() {
@@ -160,6 +176,21 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                     .get(name)
                     .ok_or_else(|| missing("the model tensor", name))?,
             ),
+            Role::LoraA(path) | Role::LoraB(path) if optimizer_bound => {
+                let which = usize::from(matches!(desc.role, Role::LoraB(_)));
+                let matrix = mutable_params
+                    .get_mut(path)
+                    .and_then(|pair| pair[which].take())
+                    .ok_or_else(|| missing("a LoRA adapter for", path))?;
+                Slot::Grad(matrix)
+            }
+            Role::Moment { path, b, second } => {
+                let matrix = moments[usize::from(*second)]
+                    .get_mut(path)
+                    .and_then(|pair| pair[usize::from(*b)].take())
+                    .ok_or_else(|| missing("the AdamW moments for", path))?;
+                Slot::Grad(matrix)
+            }
             Role::LoraA(path) | Role::LoraB(path) => {
                 let pair = params
                     .get(path)
@@ -472,6 +503,25 @@ impl Exec {
                 outs.set(0, pairs(&losses, &lse));
                 outs.set(1, d_hidden);
             }
+            Op::GradNorm { max_norm } => {
+                let squares: f64 = ins.iter().map(|g| adamw::sum_of_squares(g.f32())).sum();
+                let norm = squares.sqrt();
+                let coefficient = if *max_norm > 0.0 {
+                    adamw::clip_coefficient(norm, *max_norm)
+                } else {
+                    1.0
+                };
+                outs.set(0, vec![norm as f32, coefficient as f32]);
+            }
+            Op::AdamW => {
+                let (clip, h) = (x(1)[1], x(2));
+                let params = AdamWParams {
+                    grad_scale: h[7] * clip,
+                    ..bytemuck::cast::<[f32; 8], AdamWParams>(h.try_into().expect("8 values"))
+                };
+                let (param, m, v) = three(&mut outs);
+                adamw::step(&params, param, x(0), m, v);
+            }
             Op::Logits { .. } => {
                 outs.set(
                     0,
@@ -565,6 +615,7 @@ pub fn forward_backward_with(
             adapter,
             grads,
             cache: None,
+            optimizer: None,
             inputs: &inputs,
             precision: options.precision,
         },
@@ -643,6 +694,7 @@ pub fn decode(
             adapter,
             grads: None,
             cache: Some(cache),
+            optimizer: None,
             inputs: &inputs,
             precision: Precision::F32,
         },
@@ -667,6 +719,7 @@ pub fn logits(model: &Model, adapter: Option<&LoraAdapter>, ids: &[u32]) -> Resu
             adapter,
             grads: None,
             cache: None,
+            optimizer: None,
             inputs: &inputs,
             precision: Precision::F32,
         },

@@ -13,6 +13,7 @@ use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, GpuTensor};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::graph::{Graph, InputValue, Node, Op, Role, StepInputs};
 use crate::models::decoder::{self, LoraSpec, StepShape};
+use crate::ops::adamw::AdamWParams;
 use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::DropoutParams;
 use crate::ops::matmul::{self, GpuView};
@@ -113,6 +114,8 @@ pub struct Bindings<'a> {
     /// The keys and values of the positions decoded so far (decoding graphs), with room for this
     /// step's.
     pub cache: Option<&'a GpuKvCache>,
+    /// AdamW's first and second moments (optimizer graphs; `lora` is updated in place).
+    pub moments: Option<[&'a GpuLora; 2]>,
     pub inputs: &'a StepInputs,
 }
 
@@ -165,6 +168,16 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                 InputValue::U32(v) => bind.gpu.upload_u32(&v),
                 InputValue::F32(v) => bind.gpu.upload_f32(&v),
             }),
+            Role::Moment { path, b, second } => {
+                let moments = bind
+                    .moments
+                    .ok_or_else(|| missing("the AdamW moments for", path))?;
+                let (ma, mb) = lora_pairs(Some(moments[usize::from(*second)]))
+                    .get(path.as_str())
+                    .copied()
+                    .ok_or_else(|| missing("the AdamW moments for", path))?;
+                Slot::Ext(if *b { mb } else { ma })
+            }
             Role::KvCache { layer, values } => {
                 let cache = bind
                     .cache
@@ -343,6 +356,14 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), Some(o(1)))
         }
         Op::Logits { .. } => cross_entropy::record_logits(r, ins[1].table(), x(0), o(0)),
+        Op::GradNorm { max_norm } => {
+            let grads: Vec<&GpuBuffer> = ins.iter().map(|s| s.buf()).collect();
+            ops::adamw::record_grad_norm(r, &grads, *max_norm, o(0));
+        }
+        Op::AdamW => {
+            let params: AdamWParams = bytemuck::cast(r.inputs.adamw);
+            ops::adamw::record_step(r, params, [o(0), o(1), o(2)], x(0), x(1));
+        }
     }
     drop(ins);
     node.put_back(slots, outs.slots);
@@ -391,6 +412,7 @@ pub fn record_sequence(
         lora,
         grads,
         cache: None,
+        moments: None,
         inputs: &inputs,
     };
     Ok(record(&graph, bind, enc)?.take("losses"))
@@ -458,6 +480,7 @@ pub async fn logits_async(
         lora,
         grads: None,
         cache: None,
+        moments: None,
         inputs: &inputs,
     };
     let logits = record(&graph, bind, &mut enc)?
@@ -575,6 +598,7 @@ pub async fn decode_async(
         lora,
         grads: None,
         cache: Some(cache),
+        moments: None,
         inputs: &inputs,
     };
     let logits = record(&graph, bind, &mut enc)?

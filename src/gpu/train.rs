@@ -1,16 +1,19 @@
-//! Optimizer steps on the GPU: every micro-batch's forward and backward, the global gradient norm, the
-//! clipping coefficient and AdamW are recorded into one command encoder and submitted once; only the
+//! Optimizer steps on the GPU: every micro-batch's forward and backward graph, then the optimizer graph
+//! (global gradient norm, clipping coefficient, AdamW), recorded into one command encoder and submitted
+//! once; only the
 //! per-position losses and the norm come back. The adapters and AdamW's moments stay on the GPU between
 //! steps and are downloaded when the trainer saves.
 
 use super::weights::{GpuLora, GpuModel};
-use super::{Gpu, GpuBuffer, groups_1d};
+use super::{Gpu, GpuBuffer};
 use crate::cpu::{Sequence, StepLoss};
 use crate::error::Result;
-use crate::exec::gpu::{SequenceOptions, record_sequence, sequence_loss};
+use crate::exec::gpu::{Bindings, SequenceOptions, record, record_sequence, sequence_loss};
+use crate::graph::StepInputs;
 use crate::lora::LoraAdapter;
 use crate::model::Model;
-use crate::ops::adamw::{AdamWKernelParams, AdamWParams, SUM_SQUARES_BLOCK};
+use crate::models::optimizer;
+use crate::ops::adamw::AdamWParams;
 
 pub struct GpuTrainState {
     pub model: GpuModel,
@@ -18,10 +21,6 @@ pub struct GpuTrainState {
     grads: GpuLora,
     m: GpuLora,
     v: GpuLora,
-    /// One partial sum of squared gradients per 4096 elements of every gradient tensor.
-    sums: GpuBuffer,
-    /// [global norm, clipping coefficient].
-    clip: GpuBuffer,
 }
 
 /// What one optimizer step read back.
@@ -41,25 +40,18 @@ impl GpuTrainState {
         m: &LoraAdapter,
         v: &LoraAdapter,
     ) -> Result<Self> {
-        let partials: usize = adapter
-            .pairs()
-            .map(|(_, p)| {
-                p.a.len().div_ceil(SUM_SQUARES_BLOCK) + p.b.len().div_ceil(SUM_SQUARES_BLOCK)
-            })
-            .sum();
         Ok(GpuTrainState {
             model: GpuModel::upload(gpu, model)?,
             params: GpuLora::upload(gpu, adapter),
             grads: GpuLora::upload(gpu, &adapter.zeros_like()),
             m: GpuLora::upload(gpu, m),
             v: GpuLora::upload(gpu, v),
-            sums: gpu.zeros(partials),
-            clip: gpu.zeros(2),
         })
     }
 
-    /// One optimizer step over `sequences` (each with its options), then AdamW with `adamw` (its
-    /// grad_scale is multiplied by the clipping coefficient the GPU computes from `max_norm`).
+    /// One optimizer step over `sequences` (each with its options), then the optimizer graph: the
+    /// global gradient norm, the clipping coefficient at `max_norm` and AdamW with `adamw` (whose
+    /// grad_scale multiplies the coefficient), all in the same submission.
     pub async fn step(
         &self,
         gpu: &Gpu,
@@ -83,48 +75,31 @@ impl GpuTrainState {
                 &mut enc,
             )?);
         }
-        let kernel = |n: usize, sums_offset: usize| AdamWKernelParams {
-            step: adamw,
-            n: n as u32,
-            sums_offset: sums_offset as u32,
-            max_norm,
-            _pad: 0,
-        };
-        let mut offset = 0;
-        for g in self.grads.buffers() {
-            gpu.dispatch(
-                &mut enc,
-                "sum_squares",
-                &kernel(g.len, offset),
-                &[(2, g), (5, &self.sums)],
-                [g.len.div_ceil(SUM_SQUARES_BLOCK) as u32, 1, 1],
-            );
-            offset += g.len.div_ceil(SUM_SQUARES_BLOCK);
-        }
-        gpu.dispatch(
-            &mut enc,
-            "grad_clip",
-            &kernel(offset, 0),
-            &[(5, &self.sums), (6, &self.clip)],
-            [1, 1, 1],
-        );
-        let tensors = self
+        let shapes: Vec<(String, usize, usize)> = self
             .params
-            .buffers()
-            .zip(self.grads.buffers())
-            .zip(self.m.buffers())
-            .zip(self.v.buffers());
-        for (((p, g), m), v) in tensors {
-            gpu.dispatch(
-                &mut enc,
-                "adamw_step",
-                &kernel(p.len, 0),
-                &[(1, p), (2, g), (3, m), (4, v), (6, &self.clip)],
-                groups_1d(p.len, 256),
-            );
-        }
+            .pairs
+            .iter()
+            .map(|(path, (a, b))| (path.clone(), a.len, b.len))
+            .collect();
+        let graph = optimizer::build(&shapes, max_norm as f64);
+        let inputs = StepInputs {
+            adamw: bytemuck::cast(adamw),
+            ..StepInputs::default()
+        };
+        let bind = Bindings {
+            gpu,
+            model: &self.model,
+            lora: Some(&self.params),
+            grads: Some(&self.grads),
+            cache: None,
+            moments: Some([&self.m, &self.v]),
+            inputs: &inputs,
+        };
+        let clip = record(&graph, bind, &mut enc)?
+            .take("clip")
+            .expect("the optimizer graph leaves the norm");
         let mut reads: Vec<&GpuBuffer> = results.iter().flatten().collect();
-        reads.push(&self.clip);
+        reads.push(&clip);
         let values = gpu.submit_and_read_async(enc, &reads).await?;
         let mut losses = values[..values.len() - 1].iter();
         let loss_sums = results

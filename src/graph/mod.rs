@@ -46,6 +46,9 @@ pub enum Input {
     GradScale,
     /// [2]: the LoRA dropout masks' seed, low and high words.
     DropoutSeed,
+    /// [8]: this optimizer step's AdamW parameters (`ops::adamw::AdamWParams`, its grad_scale
+    /// multiplying the clipping coefficient).
+    AdamW,
 }
 
 /// The values of a step's inputs.
@@ -59,6 +62,8 @@ pub struct StepInputs {
     pub labels: Vec<u32>,
     pub grad_scale: f32,
     pub dropout_seed: u64,
+    /// `Input::AdamW`.
+    pub adamw: [f32; 8],
     /// Values of `Role::Given` buffers, by name.
     pub given: std::collections::HashMap<String, Vec<f32>>,
 }
@@ -80,6 +85,7 @@ impl StepInputs {
             Input::LabelPositions => InputValue::U32(Borrowed(&self.label_positions)),
             Input::Labels => InputValue::U32(Borrowed(&self.labels)),
             Input::GradScale => InputValue::F32(Owned(vec![self.grad_scale])),
+            Input::AdamW => InputValue::F32(Borrowed(&self.adamw)),
             Input::DropoutSeed => InputValue::U32(Owned(vec![
                 self.dropout_seed as u32,
                 (self.dropout_seed >> 32) as u32,
@@ -100,6 +106,12 @@ pub enum Role {
     /// Their gradients, accumulated over a step's sequences.
     LoraGradA(String),
     LoraGradB(String),
+    /// AdamW's first (or, `second`, second) moment of a LoRA matrix (`b`: of B, else of A).
+    Moment {
+        path: String,
+        b: bool,
+        second: bool,
+    },
     Input(Input),
     /// The keys (or values) of every position decoded so far in one layer, after RoPE: kept between
     /// decoding steps, appended to by each.
@@ -194,13 +206,19 @@ pub enum Op {
     CrossEntropyWithGrad { dim: usize },
     /// [hidden, head] -> [logits]: every logit [positions, vocab].
     Logits { dim: usize },
+    /// [gradients...] -> [clip]: the global norm of all the gradients and torch's clipping coefficient
+    /// for it, min(1, max_norm / (norm + 1e-6)) (1 when max_norm ≤ 0), as [norm, coefficient].
+    GradNorm { max_norm: f64 },
+    /// [grad, clip, adamw] -> [param, m, v]: one AdamW step of a parameter in place (torch's AdamW),
+    /// the gradient multiplied by the clipping coefficient.
+    AdamW,
 }
 
 impl Op {
     /// Whether the op reads output `index`'s previous contents (other than by accumulating).
     pub fn reads_output(&self, index: usize) -> bool {
         match self {
-            Op::Rope { .. } => true,
+            Op::Rope { .. } | Op::AdamW => true,
             Op::CachedAttention { .. } => index > 0,
             _ => false,
         }
@@ -229,6 +247,8 @@ impl Op {
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::CrossEntropyWithGrad { .. } => "cross_entropy_with_grad",
             Op::Logits { .. } => "logits",
+            Op::GradNorm { .. } => "grad_norm",
+            Op::AdamW => "adamw",
         }
     }
 }
@@ -490,7 +510,7 @@ impl Builder {
 
     pub fn input(&mut self, input: Input, len: usize) -> BufId {
         let dtype = match input {
-            Input::RopeCos | Input::RopeSin | Input::GradScale => Dtype::F32,
+            Input::RopeCos | Input::RopeSin | Input::GradScale | Input::AdamW => Dtype::F32,
             _ => Dtype::U32,
         };
         self.outside(Role::Input(input), len, dtype, &format!("{input:?}"))

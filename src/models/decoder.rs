@@ -124,7 +124,7 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
         label_positions: labelled,
         grad_scale,
         dropout_seed,
-        given: HashMap::new(),
+        ..StepInputs::default()
     }
 }
 

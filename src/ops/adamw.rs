@@ -1,6 +1,8 @@
 //! AdamW as torch.optim.AdamW computes it (decoupled weight decay, bias correction, eps added to the
 //! corrected √v), and global-norm gradient clipping as torch.nn.utils.clip_grad_norm_.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::{GpuBuffer, groups_1d};
 use bytemuck::{Pod, Zeroable};
 
 #[repr(C)]
@@ -88,4 +90,63 @@ pub fn clip_coefficient(total_norm: f64, max_norm: f64) -> f64 {
 /// Σ g² in f64 (the global norm is its square root over all parameter tensors).
 pub fn sum_of_squares(grad: &[f32]) -> f64 {
     grad.iter().map(|&g| g as f64 * g as f64).sum()
+}
+
+/// The GPU lowering of the global norm and clipping coefficient (shaders/adamw.wgsl): each gradient's
+/// partial sums of squares (one per 4096 elements), then their total, into `clip` [norm, coefficient].
+pub(crate) fn record_grad_norm(
+    r: &mut Recorder,
+    grads: &[&GpuBuffer],
+    max_norm: f64,
+    clip: &GpuBuffer,
+) {
+    let kernel = |n: usize, sums_offset: usize| AdamWKernelParams {
+        step: AdamWParams::new(0.0, 0.0, 0.0, 0.0, 0.0, 1, 1.0),
+        n: n as u32,
+        sums_offset: sums_offset as u32,
+        max_norm: max_norm as f32,
+        _pad: 0,
+    };
+    let blocks: usize = grads
+        .iter()
+        .map(|g| g.len.div_ceil(SUM_SQUARES_BLOCK))
+        .sum();
+    let sums = r.scratch(blocks.max(1));
+    let mut offset = 0;
+    for g in grads {
+        let groups = [g.len.div_ceil(SUM_SQUARES_BLOCK) as u32, 1, 1];
+        r.dispatch(
+            "sum_squares",
+            &kernel(g.len, offset),
+            &[(2, g), (5, &sums)],
+            groups,
+        );
+        offset += g.len.div_ceil(SUM_SQUARES_BLOCK);
+    }
+    r.dispatch(
+        "grad_clip",
+        &kernel(offset, 0),
+        &[(5, &sums), (6, clip)],
+        [1, 1, 1],
+    );
+}
+
+/// The GPU lowering of `step`, the gradient multiplied by `params.grad_scale` and the clipping
+/// coefficient in `clip`.
+pub(crate) fn record_step(
+    r: &mut Recorder,
+    params: AdamWParams,
+    [param, m, v]: [&GpuBuffer; 3],
+    grad: &GpuBuffer,
+    clip: &GpuBuffer,
+) {
+    let p = AdamWKernelParams {
+        step: params,
+        n: param.len as u32,
+        sums_offset: 0,
+        max_norm: 0.0,
+        _pad: 0,
+    };
+    let b = [(1, param), (2, grad), (3, m), (4, v), (6, clip)];
+    r.dispatch("adamw_step", &p, &b, groups_1d(param.len, 256));
 }
