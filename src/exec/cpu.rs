@@ -28,7 +28,7 @@ enum Slot<'a> {
     /// A LoRA matrix.
     Param(&'a [f32]),
     /// A LoRA matrix, its gradient or an AdamW moment, written in place.
-    Grad(&'a mut [f32]),
+    Mutable(&'a mut [f32]),
     /// A layer's cached keys or values, appended to while decoding.
     Cache(&'a mut Vec<f32>),
 }
@@ -38,7 +38,7 @@ impl Slot<'_> {
         match self {
             Slot::F32(v) => v,
             Slot::Param(p) => p,
-            Slot::Grad(g) => g,
+            Slot::Mutable(g) => g,
             Slot::Cache(c) => c,
             Slot::Tensor(TensorRef::Vector(v)) => v,
             _ => panic!("graph: a buffer read as f32 holds something else"),
@@ -55,7 +55,7 @@ impl Slot<'_> {
     fn f32_mut(&mut self) -> &mut [f32] {
         match self {
             Slot::F32(v) => v,
-            Slot::Grad(g) => g,
+            Slot::Mutable(g) => g,
             Slot::Cache(c) => c,
             _ => panic!("graph: a buffer written as f32 holds something else"),
         }
@@ -182,14 +182,14 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                     .get_mut(path)
                     .and_then(|pair| pair[which].take())
                     .ok_or_else(|| missing("a LoRA adapter for", path))?;
-                Slot::Grad(matrix)
+                Slot::Mutable(matrix)
             }
             Role::Moment { path, b, second } => {
                 let matrix = moments[usize::from(*second)]
                     .get_mut(path)
                     .and_then(|pair| pair[usize::from(*b)].take())
                     .ok_or_else(|| missing("the AdamW moments for", path))?;
-                Slot::Grad(matrix)
+                Slot::Mutable(matrix)
             }
             Role::LoraA(path) | Role::LoraB(path) => {
                 let pair = params
@@ -207,7 +207,7 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                     .get_mut(path)
                     .and_then(|pair| pair[which].take())
                     .ok_or_else(|| missing("a LoRA gradient for", path))?;
-                Slot::Grad(matrix)
+                Slot::Mutable(matrix)
             }
             Role::Input(input) => match bind.inputs.value(*input) {
                 InputValue::U32(v) => Slot::U32(v.into_owned()),
