@@ -1488,9 +1488,8 @@ fn demo(keep: Option<PathBuf>) -> Result<()> {
     result
 }
 
-/// The built-in chat set the demo fine-tunes on: short answers in a fixed voice, so that a tiny model can
-/// visibly learn them.
-
+/// The demo: a tiny random model with the real Qwen2.5 tokenizer learns the built-in chats (short answers
+/// in a fixed voice, so that it visibly learns them), asked a question before and after.
 fn run_demo(dir: &Path) -> Result<()> {
     let mut spec = SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936);
     spec.hidden_size = 128;
@@ -1534,11 +1533,7 @@ fn run_demo(dir: &Path) -> Result<()> {
         .iter()
         .filter_map(|t| tok.token_id(t))
         .collect();
-    let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
-        let executor = nibble::generate::Executor::Cpu {
-            model: &model,
-            adapter,
-        };
+    let answer = |executor: nibble::generate::Executor| -> Result<String> {
         let ids = nibble::generate::greedy(executor, &prompt, 16, &stop)?;
         let answer: Vec<u32> = ids[prompt.len()..]
             .iter()
@@ -1549,7 +1544,10 @@ fn run_demo(dir: &Path) -> Result<()> {
     };
     println!(
         "\n== before fine-tuning, asked \"{question}\":\n{:?}",
-        answer(None)?
+        answer(nibble::generate::Executor::Cpu {
+            model: &model,
+            adapter: None,
+        })?
     );
 
     let config = nibble::train::TrainConfig {
@@ -1593,11 +1591,12 @@ fn run_demo(dir: &Path) -> Result<()> {
             );
         }
     }
-    trainer.sync()?;
+    // Where it trained: on the GPU, with the adapters' device copies.
     println!(
         "\n== after fine-tuning, asked \"{question}\":\n{:?}",
-        answer(Some(&trainer.adapter))?
+        answer(trainer.executor())?
     );
+    trainer.sync()?;
     let out = dir.join("adapter");
     nibble::train::save_peft(&trainer.adapter, &out, "nibble-demo")?;
     println!("\nThe adapter is a PEFT folder: {}", out.display());
@@ -1608,7 +1607,7 @@ fn group_digits(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
