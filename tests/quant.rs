@@ -240,3 +240,33 @@ fn constant_groups_dequantize_exactly() {
         assert_eq!(d, w, "{format}");
     }
 }
+
+/// Dequantizing a row is, bit for bit, code → value element by element: NF4 code times the group's
+/// scale, INT4 the group's minimum plus code times scale (every format and group size, several rows).
+#[test]
+fn dequantized_rows_are_the_per_element_formula() {
+    for format in [QuantFormat::Nf4, QuantFormat::Int4] {
+        for g in [32, 64, 128] {
+            let (rows, cols) = (5, 384);
+            let w = gaussian(rows, cols, g as u64 + 7);
+            let spec = QuantSpec::new(format, g).unwrap();
+            let q = QuantTensor::quantize(spec, rows, cols, &w).unwrap();
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                q.dequantize_row(r, &mut row);
+                for (c, &got) in row.iter().enumerate() {
+                    let (code, at) = (q.code(r, c) as usize, r * cols / g + c / g);
+                    let expected = match format {
+                        QuantFormat::Nf4 => NF4_CODES[code] * q.scales[at],
+                        QuantFormat::Int4 => q.mins[at] + code as f32 * q.scales[at],
+                    };
+                    assert_eq!(
+                        got.to_bits(),
+                        expected.to_bits(),
+                        "{format:?} g{g} ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
+}
