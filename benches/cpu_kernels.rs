@@ -62,10 +62,16 @@ fn main() {
             let fwd = fastest_seconds(|| linear::forward(&x, &q, None, &mut y, Precision::F32));
             let bwd =
                 fastest_seconds(|| linear::backward_input(&dy, &q, &mut dx, false, Precision::F32));
-            let fwd16 = fastest_seconds(|| linear::forward(&x, &q, None, &mut y, Precision::Bf16));
-            let bwd16 = fastest_seconds(|| {
-                linear::backward_input(&dy, &q, &mut dx, false, Precision::Bf16)
-            });
+            let (fwd16, bwd16) = if nibble::ops::bf16_gemm::available() {
+                (
+                    fastest_seconds(|| linear::forward(&x, &q, None, &mut y, Precision::Bf16)),
+                    fastest_seconds(|| {
+                        linear::backward_input(&dy, &q, &mut dx, false, Precision::Bf16)
+                    }),
+                )
+            } else {
+                (f64::NAN, f64::NAN)
+            };
             let dense = fastest_seconds(|| {
                 matmul_into(
                     View::new(&x, rows, inp),

@@ -20,7 +20,8 @@ measure() {
 rm -rf "$work/nibble-out"
 measure nibble "$nibble" train --preset qwen2.5-cpu --model "$work/model" --data "$work/chats.jsonl" \
   --output "$work/nibble-out" --device cpu
-measure hf-bf16 "$py" "$root/scripts/bench_recipe.py" train "$work/model" "$work/chats.jsonl" "$work/hf-bf16" bf16
-measure hf-nf4 "$py" "$root/scripts/bench_recipe.py" train "$work/model" "$work/chats.jsonl" "$work/hf-nf4" nf4
-measure hf-bf16-no-checkpointing "$py" "$root/scripts/bench_recipe.py" train "$work/model" "$work/chats.jsonl" \
-  "$work/hf-bf16-nc" bf16-no-checkpointing
+# MODES: the Hugging Face modes to run (bf16 and nf4 take many minutes on CPUs without AVX512-BF16/AMX).
+for mode in ${MODES:-fp32 fp32-no-checkpointing bf16 bf16-no-checkpointing nf4}; do
+  measure "hf-$mode" "$py" "$root/scripts/bench_recipe.py" train "$work/model" "$work/chats.jsonl" \
+    "$work/hf-$mode" "$mode"
+done

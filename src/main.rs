@@ -445,6 +445,17 @@ fn main() {
     nibble::alloc::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // A kernel path this machine cannot take is refused before any work (the kernels themselves would
+    // quietly take the detected one).
+    if let Err(why) = nibble::ops::isa::requested() {
+        eprintln!("error: {why}");
+        std::process::exit(2);
+    }
+    log::debug!(
+        "CPU kernels: {} (this CPU's fastest: {})",
+        nibble::ops::isa::active(),
+        nibble::ops::isa::detected()
+    );
     let result = match cli.command {
         Command::Info { model, quant, json } => info(&model, quant, json),
         Command::Quantize {
@@ -1255,6 +1266,17 @@ impl Speaker {
         let (tok, stop) = (&self.tok, &self.stop);
         let mut out = std::io::stdout();
         let mut failure = None;
+        let started = std::time::Instant::now();
+        let mut first_token_after = None;
+        let mut generated = 0usize;
+        // The prompt tokens the cache already holds (earlier turns of a chat) are not fed again.
+        let reused = self
+            .cached
+            .iter()
+            .zip(&prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
         nibble::generate::generate(
             executor(&self.model, self.adapter.as_ref(), &self.gpu),
             &mut self.cache,
@@ -1265,6 +1287,8 @@ impl Speaker {
             &self.sampling,
             |t| {
                 use std::io::Write;
+                generated += 1;
+                first_token_after.get_or_insert_with(|| started.elapsed());
                 if stop.contains(&t) {
                     return;
                 }
@@ -1283,6 +1307,19 @@ impl Speaker {
         )?;
         if let Some(e) = failure {
             return Err(e.into());
+        }
+        if let Some(first) = first_token_after {
+            let rest = started.elapsed().saturating_sub(first).as_secs_f64();
+            let fed = prompt.len() - reused;
+            log::info!(
+                "{generated} tokens: the first after {:.2} s ({fed} prompt tokens fed), then {:.1} tokens/s",
+                first.as_secs_f64(),
+                if rest > 0.0 {
+                    (generated - 1) as f64 / rest
+                } else {
+                    0.0
+                },
+            );
         }
         let text = self.tok.decode(&answer)?;
         println!("{}", text.get(printed..).unwrap_or(""));

@@ -104,6 +104,16 @@ impl DenseTensor {
         }
     }
 
+    /// Element (r, c) as f32.
+    pub fn value(&self, r: usize, c: usize) -> f32 {
+        let at = r * self.cols + c;
+        match &self.data {
+            DenseData::F32(v) => v[at],
+            DenseData::F16(v) => v[at].to_f32(),
+            DenseData::BF16(v) => v[at].to_f32(),
+        }
+    }
+
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let range = r * self.cols..(r + 1) * self.cols;
         match &self.data {

@@ -195,32 +195,6 @@ impl QuantTensor {
     /// as value by value, so the same bits) and the codes look them up: the decode runs for every
     /// product of the f32 path, where per-value divisions and table-times-scale products were 18% of a
     /// 0.5B training step on an AVX2 CPU.
-    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let g = self.spec.group_size;
-        let groups = self.cols / g;
-        let words = &self.packed[r * self.cols / 8..(r + 1) * self.cols / 8];
-        for (gi, (group_out, group_words)) in out[..self.cols]
-            .chunks_exact_mut(g)
-            .zip(words.chunks_exact(g / 8))
-            .enumerate()
-        {
-            let at = r * groups + gi;
-            let scale = self.scales[at];
-            let table: [f32; 16] = match self.spec.format {
-                QuantFormat::Nf4 => NF4_CODES.map(|code| code * scale),
-                QuantFormat::Int4 => {
-                    let min = self.mins[at];
-                    std::array::from_fn(|code| min + code as f32 * scale)
-                }
-            };
-            for (eight, &word) in group_out.chunks_exact_mut(8).zip(group_words) {
-                for (k, value) in eight.iter_mut().enumerate() {
-                    *value = table[((word >> (4 * k)) & 0xF) as usize];
-                }
-            }
-        }
-    }
-
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         out.par_chunks_mut(self.cols)

@@ -1,6 +1,9 @@
 //! Each op's CPU kernel against a plain f64 reference on random inputs, and its backward against central
 //! finite differences of that reference. Tolerances are relative norms: ‖a − b‖ / ‖b‖.
 
+mod common;
+
+use nibble::ops::isa::CpuPath;
 use nibble::ops::{rmsnorm, swiglu};
 use nibble::rng::Rng;
 
@@ -549,8 +552,7 @@ fn assert_block_matches(
 
 #[test]
 fn bf16_kernels_compute_exact_products_of_rounded_operands() {
-    if !bf16_gemm::available() {
-        eprintln!("skipping: this CPU has no AVX512-BF16");
+    if !common::cpu_paths("bf16 kernels").contains(&CpuPath::Avx512Bf16) {
         return;
     }
     let mut rng = Rng::new(17);
@@ -628,8 +630,7 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
 
 #[test]
 fn bf16_linear_stays_close_to_f32() {
-    if !bf16_gemm::available() {
-        eprintln!("skipping: this CPU has no AVX512-BF16");
+    if !common::cpu_paths("bf16 kernels").contains(&CpuPath::Avx512Bf16) {
         return;
     }
     let mut rng = Rng::new(18);

@@ -13,21 +13,9 @@ use rayon::prelude::*;
 const NR: usize = 32;
 const MR: usize = 8;
 
-/// Whether this CPU can run the bf16 kernels.
+/// Whether the bf16 kernels run here: the CPU has AVX512-BF16 and the active path includes it.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512bf16")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::ops::isa::active().includes(crate::ops::isa::CpuPath::Avx512Bf16)
 }
 
 /// bf16 bits of `x`, rounded to nearest even (as `vcvtne2ps2bf16` rounds).

@@ -11,6 +11,7 @@ use crate::ops::bf16_gemm;
 use crate::ops::fastmath;
 use crate::ops::linear::{LinearParams, linear_groups};
 use crate::ops::matmul::{View, matmul_into};
+use crate::ops::{isa, packed};
 use rayon::prelude::*;
 
 /// Vocabulary rows converted to f32 per chunk.
@@ -217,6 +218,22 @@ pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f
     let positions = hidden.len() / head.cols;
     let mut out = vec![0f32; positions * head.rows];
     let vocab = head.rows;
+    if positions <= packed::FEW_TOKENS {
+        // Decoding: the rows stream once, as stored, with no f32 copy of each chunk.
+        let rows = packed::Rows::Dense(head);
+        packed::xwt_few(
+            isa::active(),
+            hidden,
+            rows,
+            0,
+            vocab,
+            &mut out,
+            vocab,
+            0,
+            false,
+        );
+        return out;
+    }
     for_each_chunk(hidden, head, precision, |start, n, chunk| {
         for p in 0..positions {
             out[p * vocab + start..p * vocab + start + n]

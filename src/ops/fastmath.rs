@@ -3,6 +3,9 @@
 //! (Cody-Waite range reduction and Cephes' degree-6 polynomial), so those loops vectorise. Relative
 //! error under 3e-7 (about 2 ulp), tested against f64.
 
+#[cfg(target_arch = "x86_64")]
+use crate::ops::isa::CpuPath;
+
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split so that n·LN2_HI is exact for the n that occur.
 const LN2_HI: f32 = 0.693_359_4;
@@ -101,8 +104,8 @@ pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
     total
 }
 
-/// Runs `f` compiled for the widest vectors the CPU has (AVX-512, else AVX2, else baseline x86-64's
-/// SSE2): `f` (a closure the caller marks `#[inline(always)]`) is inlined into a function with those
+/// Runs `f` compiled for the widest vectors the active CPU path has (AVX-512, else AVX2, else baseline
+/// x86-64's SSE2): `f` (a closure the caller marks `#[inline(always)]`) is inlined into a function with those
 /// features enabled, so its loops vectorise 16 or 8 wide instead of 4. Only the vector width changes, not
 /// the order of any operation, so results are the same bit for bit on every path.
 #[inline(always)]
@@ -117,13 +120,14 @@ pub fn wide(f: impl FnOnce()) {
         fn avx2(f: impl FnOnce()) {
             f()
         }
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-            // SAFETY: AVX-512 F and BW were detected on this CPU just above.
+        let path = crate::ops::isa::active();
+        if path.includes(CpuPath::Avx512) {
+            // SAFETY: the active path is one this CPU supports, and it includes AVX-512 F and BW.
             unsafe { avx512(f) };
             return;
         }
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was detected on this CPU just above.
+        if path.includes(CpuPath::Avx2) {
+            // SAFETY: the active path is one this CPU supports, and it includes AVX2.
             unsafe { avx2(f) };
             return;
         }

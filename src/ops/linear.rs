@@ -9,6 +9,7 @@ use crate::model::LinearWeight;
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
 use crate::ops::matmul::{View, matmul_into};
+use crate::ops::{isa, packed};
 use rayon::prelude::*;
 
 /// Output rows of W unpacked per block in f32 (a 256 x 4864 f32 tile is 5 MB).
@@ -50,7 +51,9 @@ pub fn forward(
 /// x [tokens, in] as the products of `precision` read it, when they need it repacked (bf16): several
 /// linears with one input (q/k/v, gate/up) pack it once.
 pub fn pack_input(x: &[f32], inp: usize, precision: Precision) -> Option<bf16_gemm::PackedRows> {
-    (precision == Precision::Bf16).then(|| bf16_gemm::PackedRows::for_xwt(x, x.len() / inp, inp))
+    let tokens = x.len() / inp;
+    (precision == Precision::Bf16 && tokens > packed::FEW_TOKENS)
+        .then(|| bf16_gemm::PackedRows::for_xwt(x, tokens, inp))
 }
 
 /// `forward` with x already packed by `pack_input`.
@@ -66,6 +69,28 @@ pub fn forward_packed(
     let tokens = x.len() / inp;
     assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
     assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
+    if tokens <= packed::FEW_TOKENS {
+        // Decoding: each weight is read once and used by a few tokens, so the product streams the
+        // stored rows (in f32 whatever the precision: it is bound by memory, not arithmetic).
+        packed::xwt_few(isa::active(), x, w.into(), 0, out, y, out, 0, false);
+    } else {
+        forward_many(x, packed, w, y, precision);
+    }
+    if let Some(b) = bias {
+        y.par_chunks_mut(out)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+    }
+}
+
+fn forward_many(
+    x: &[f32],
+    packed: Option<&bf16_gemm::PackedRows>,
+    w: &LinearWeight,
+    y: &mut [f32],
+    precision: Precision,
+) {
+    let (out, inp) = w.shape();
+    let tokens = x.len() / inp;
     match precision {
         Precision::Bf16 => {
             let px = packed.expect("bf16 products need the input packed by pack_input");
@@ -88,10 +113,6 @@ pub fn forward_packed(
                 );
             }
         }
-    }
-    if let Some(b) = bias {
-        y.par_chunks_mut(out)
-            .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
     }
 }
 

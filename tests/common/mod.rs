@@ -9,9 +9,21 @@ use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::{ModelFiles, SafetensorsFile};
 use std::path::PathBuf;
 
-/// A command for the nibble binary, logging at level warn.
+/// A command for the nibble binary, logging at level warn. `NIBBLE_TEST_RUNNER` (a command line, e.g.
+/// `qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu`) runs it through an emulator, as cargo's target
+/// runner runs the tests themselves when they are built for another architecture.
 pub fn nibble_command() -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_nibble"));
+    let binary = env!("CARGO_BIN_EXE_nibble");
+    let runner = std::env::var("NIBBLE_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    let mut command = match words.next() {
+        Some(emulator) => {
+            let mut c = std::process::Command::new(emulator);
+            c.args(words).arg(binary);
+            c
+        }
+        None => std::process::Command::new(binary),
+    };
     command.env("RUST_LOG", "warn");
     command
 }
@@ -163,4 +175,37 @@ pub fn tiny_model(arch: nibble::config::Arch, vocab: usize, nf4: bool) -> Model 
         .unwrap()
         .load(Some(request))
         .unwrap()
+}
+
+/// The CPU kernel paths this machine runs, for tests that run a kernel once per path. Prints which
+/// paths run and which are skipped and why; `NIBBLE_REQUIRE_CPU_PATHS=avx2,neon` (a comma-separated
+/// list) fails the test when a listed path cannot run here, so CI can insist on them.
+pub fn cpu_paths(test: &str) -> Vec<nibble::ops::isa::CpuPath> {
+    use nibble::ops::isa::{self, CpuPath};
+    let required: Vec<CpuPath> = std::env::var("NIBBLE_REQUIRE_CPU_PATHS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            CpuPath::parse(s)
+                .unwrap_or_else(|| panic!("NIBBLE_REQUIRE_CPU_PATHS: unknown path {s}"))
+        })
+        .collect();
+    let mut run = Vec::new();
+    for (path, supported) in isa::survey() {
+        match supported {
+            Ok(()) => {
+                eprintln!("{test}: CPU path {path}: runs");
+                run.push(path);
+            }
+            Err(why) => {
+                assert!(
+                    !required.contains(&path),
+                    "{test}: CPU path {path} is required (NIBBLE_REQUIRE_CPU_PATHS) but skipped: {why}"
+                );
+                eprintln!("{test}: CPU path {path}: skipped ({why})");
+            }
+        }
+    }
+    run
 }

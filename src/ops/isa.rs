@@ -1,0 +1,164 @@
+//! The CPU kernel paths: which vector instruction sets nibble has kernels for, which of them this CPU
+//! runs, and the cap a user or a test puts on them.
+//!
+//! Every kernel with vector code has a portable version, and each faster path must give the same
+//! results (bit for bit where the order of operations is the same, within stated tolerances where it
+//! is not). `NIBBLE_CPU_FEATURES=portable|avx2|avx512|avx512bf16|neon` makes the whole process take a
+//! lower path than the best one its CPU has, so that every path runs on any machine that can execute it;
+//! the kernel tests run each available path explicitly.
+
+use std::sync::OnceLock;
+
+/// The environment variable that caps the kernel path.
+pub const ENV: &str = "NIBBLE_CPU_FEATURES";
+
+/// A set of kernels, from the most portable to the fastest; on each architecture the later ones need
+/// everything the earlier ones of that architecture need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CpuPath {
+    /// Plain Rust: whatever the compiler makes of it for the target's baseline.
+    Portable,
+    /// x86-64 with AVX2, FMA and F16C (Intel since Haswell, AMD since Zen).
+    Avx2,
+    /// AVX2 and AVX-512 F and BW: the elementwise loops run 16 wide.
+    Avx512,
+    /// AVX-512 with BF16 dot products: the bf16 products of `--precision default`.
+    Avx512Bf16,
+    /// aarch64 Advanced SIMD (every ARMv8-A CPU: Apple M-series, Snapdragon, Graviton).
+    Neon,
+}
+
+impl CpuPath {
+    pub const ALL: [CpuPath; 5] = [
+        CpuPath::Portable,
+        CpuPath::Avx2,
+        CpuPath::Avx512,
+        CpuPath::Avx512Bf16,
+        CpuPath::Neon,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuPath::Portable => "portable",
+            CpuPath::Avx2 => "avx2",
+            CpuPath::Avx512 => "avx512",
+            CpuPath::Avx512Bf16 => "avx512bf16",
+            CpuPath::Neon => "neon",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<CpuPath> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name.trim()))
+    }
+
+    /// Ok when this CPU can run the path's kernels, else which feature (or architecture) it lacks.
+    pub fn supported(self) -> Result<(), String> {
+        match self {
+            CpuPath::Portable => Ok(()),
+            CpuPath::Avx2 | CpuPath::Avx512 | CpuPath::Avx512Bf16 => x86_lacks(self),
+            CpuPath::Neon => {
+                if cfg!(target_arch = "aarch64") {
+                    // Advanced SIMD is part of every aarch64 target Rust supports.
+                    Ok(())
+                } else {
+                    Err(format!("not an aarch64 CPU ({})", std::env::consts::ARCH))
+                }
+            }
+        }
+    }
+
+    /// Whether kernels written for `path` may run on this path (an AVX-512 path also runs the AVX2
+    /// kernels; paths of other architectures never).
+    pub fn includes(self, path: CpuPath) -> bool {
+        match (self, path) {
+            (_, CpuPath::Portable) => true,
+            (CpuPath::Neon, CpuPath::Neon) => true,
+            (CpuPath::Neon, _) | (_, CpuPath::Neon) => false,
+            (have, want) => have >= want,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_lacks(path: CpuPath) -> Result<(), String> {
+    let mut needs = vec![
+        ("avx2", is_x86_feature_detected!("avx2")),
+        ("fma", is_x86_feature_detected!("fma")),
+        ("f16c", is_x86_feature_detected!("f16c")),
+    ];
+    if path >= CpuPath::Avx512 {
+        needs.push(("avx512f", is_x86_feature_detected!("avx512f")));
+        needs.push(("avx512bw", is_x86_feature_detected!("avx512bw")));
+    }
+    if path >= CpuPath::Avx512Bf16 {
+        needs.push(("avx512bf16", is_x86_feature_detected!("avx512bf16")));
+    }
+    let missing: Vec<&str> = needs
+        .into_iter()
+        .filter(|(_, has)| !has)
+        .map(|(name, _)| name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("this CPU lacks {}", missing.join(", ")))
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn x86_lacks(_: CpuPath) -> Result<(), String> {
+    Err(format!("not an x86-64 CPU ({})", std::env::consts::ARCH))
+}
+
+/// The fastest path this CPU runs.
+pub fn detected() -> CpuPath {
+    static DETECTED: OnceLock<CpuPath> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        CpuPath::ALL
+            .into_iter()
+            .rev()
+            .find(|p| p.supported().is_ok())
+            .unwrap_or(CpuPath::Portable)
+    })
+}
+
+/// The path `NIBBLE_CPU_FEATURES` asks for (None when unset), or why it cannot be taken here.
+pub fn requested() -> Result<Option<CpuPath>, String> {
+    let Some(value) = std::env::var_os(ENV) else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    let known: Vec<&str> = CpuPath::ALL.iter().map(|p| p.name()).collect();
+    let path = CpuPath::parse(&value).ok_or_else(|| {
+        format!(
+            "{ENV}={value}: unknown CPU path (known: {})",
+            known.join(", ")
+        )
+    })?;
+    path.supported()
+        .map_err(|why| format!("{ENV}={value}: this machine cannot run it: {why}"))?;
+    Ok(Some(path))
+}
+
+/// The path the kernels take: the requested one, else the fastest detected. (An unusable request falls
+/// back to the detected path here; the command line rejects it with `requested()` before any work.)
+pub fn active() -> CpuPath {
+    static ACTIVE: OnceLock<CpuPath> = OnceLock::new();
+    *ACTIVE.get_or_init(|| requested().ok().flatten().unwrap_or_else(detected))
+}
+
+/// The paths this CPU can run, each with Ok or the reason it cannot, for tests and `nibble info`.
+pub fn survey() -> Vec<(CpuPath, Result<(), String>)> {
+    CpuPath::ALL
+        .into_iter()
+        .map(|p| (p, p.supported()))
+        .collect()
+}

@@ -1,0 +1,517 @@
+//! Kernels that read frozen weight rows where they are stored: packed 4-bit rows decoded to f32, and
+//! products of a few tokens with the rows (y = x·Wᵀ for 1-4 tokens: decoding, where every weight is
+//! used once per token and the product is bound by reading the weights).
+//!
+//! A 4-bit group's 16 possible values are computed once (min + code·scale, the product and sum
+//! separate, exactly as dequantization defines them) and each code is looked up, so every path decodes
+//! bit-identical weights; the products differ between paths only in the order of their sums.
+//!
+//! Paths: portable Rust; AVX2+FMA (`vpermps` looks 8 codes up in the two halves of the table); NEON
+//! (`tbl` looks 4 codes up in the table's 64 bytes).
+
+use crate::model::{DenseData, DenseTensor, LinearWeight};
+use crate::ops::isa::{self, CpuPath};
+use crate::quant::{NF4_CODES, QuantFormat, QuantTensor};
+use rayon::prelude::*;
+
+/// At most this many tokens go through one pass over the rows (more are split into passes).
+pub const FEW_TOKENS: usize = 4;
+
+/// The INT4 codes as values: code c stands for min + c·scale.
+const INT4_CODES: [f32; 16] = [
+    0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+];
+
+impl QuantTensor {
+    /// The 16 values of group `gi`'s codes. −0 + x is x for every x, signed zeros included, so NF4's
+    /// table is exactly code·scale.
+    fn group_table(&self, gi: usize) -> [f32; 16] {
+        let (codes, min) = self.codes_and_min(gi);
+        let scale = self.scales[gi];
+        std::array::from_fn(|c| min + codes[c] * scale)
+    }
+
+    fn codes_and_min(&self, gi: usize) -> (&'static [f32; 16], f32) {
+        match self.spec.format {
+            QuantFormat::Nf4 => (&NF4_CODES, -0.0),
+            QuantFormat::Int4 => (&INT4_CODES, self.mins[gi]),
+        }
+    }
+
+    /// Row `r`'s groups: (index into `scales`, first column, the group's words).
+    fn row_groups(&self, r: usize) -> impl Iterator<Item = (usize, usize, &[u32])> {
+        let g = self.spec.group_size;
+        let words = &self.packed[r * self.cols / 8..(r + 1) * self.cols / 8];
+        words
+            .chunks_exact(g / 8)
+            .enumerate()
+            .map(move |(i, group_words)| (r * (self.cols / g) + i, i * g, group_words))
+    }
+
+    /// Row `r` as f32 into `out[..cols]`, on the active CPU path.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        decode_row(isa::active(), self, r, &mut out[..self.cols]);
+    }
+}
+
+/// Row `r` of `q` as f32 on `path` (which this CPU must support).
+pub fn decode_row(path: CpuPath, q: &QuantTensor, r: usize, out: &mut [f32]) {
+    assert_eq!(out.len(), q.cols, "decode_row: out is one row");
+    assert!(r < q.rows, "decode_row: row {r} of {}", q.rows);
+    assert!(
+        path.supported().is_ok(),
+        "decode_row: {path} does not run here"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if path.includes(CpuPath::Avx2) {
+        // SAFETY: the CPU supports AVX2+FMA (checked above); the row exists (asserted above).
+        unsafe { avx2::decode_row(q, r, out) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if path == CpuPath::Neon {
+        // SAFETY: NEON is part of every aarch64 target; the row exists (asserted above).
+        unsafe { neon::decode_row(q, r, out) };
+        return;
+    }
+    for ((gi, _, group_words), group_out) in
+        q.row_groups(r).zip(out.chunks_exact_mut(q.spec.group_size))
+    {
+        let table = q.group_table(gi);
+        for (eight, &word) in group_out.chunks_exact_mut(8).zip(group_words) {
+            for (k, value) in eight.iter_mut().enumerate() {
+                *value = table[((word >> (4 * k)) & 0xF) as usize];
+            }
+        }
+    }
+}
+
+/// Frozen rows as stored: packed 4-bit or dense 16/32-bit.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    Quant(&'a QuantTensor),
+    Dense(&'a DenseTensor),
+}
+
+impl<'a> From<&'a LinearWeight> for Rows<'a> {
+    fn from(w: &'a LinearWeight) -> Self {
+        match w {
+            LinearWeight::Quant(q) => Rows::Quant(q),
+            LinearWeight::Dense(d) => Rows::Dense(d),
+        }
+    }
+}
+
+impl Rows<'_> {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Rows::Quant(q) => (q.rows, q.cols),
+            Rows::Dense(d) => (d.rows, d.cols),
+        }
+    }
+}
+
+/// Rows of W handed to one task: enough that a task's work outweighs its scheduling.
+const ROWS_PER_TASK: usize = 64;
+
+/// y[t, y_col0 + i] (+ when `accumulate`)= x[t]·W[start + i] for i < n, t < tokens; y rows are
+/// `y_stride` long. For few tokens (`FEW_TOKENS` at a time): each weight row is read once per pass.
+#[allow(clippy::too_many_arguments)]
+pub fn xwt_few(
+    path: CpuPath,
+    x: &[f32],
+    w: Rows,
+    start: usize,
+    n: usize,
+    y: &mut [f32],
+    y_stride: usize,
+    y_col0: usize,
+    accumulate: bool,
+) {
+    let (rows, cols) = w.shape();
+    let tokens = x.len() / cols;
+    assert_eq!(x.len(), tokens * cols, "xwt_few: x is tokens x cols");
+    assert!(start + n <= rows, "xwt_few: rows {start}+{n} of {rows}");
+    assert!(
+        y_col0 + n <= y_stride && y.len() >= tokens * y_stride,
+        "xwt_few: y too small"
+    );
+    assert!(
+        path.supported().is_ok(),
+        "xwt_few: {path} does not run here"
+    );
+    for t0 in (0..tokens).step_by(FEW_TOKENS) {
+        let count = FEW_TOKENS.min(tokens - t0);
+        let xs = &x[t0 * cols..(t0 + count) * cols];
+        // Row-major by weight row, each row's `count` results together, so tasks write disjoint runs.
+        let mut by_row = vec![0f32; n * count];
+        by_row
+            .par_chunks_mut(ROWS_PER_TASK * count)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (task, out)| {
+                let first = start + task * ROWS_PER_TASK;
+                for (i, dots) in out.chunks_exact_mut(count).enumerate() {
+                    row_dots(path, w, first + i, xs, dots, scratch);
+                }
+            });
+        for (i, dots) in by_row.chunks_exact(count).enumerate() {
+            for (t, &d) in dots.iter().enumerate() {
+                let at = (t0 + t) * y_stride + y_col0 + i;
+                y[at] = if accumulate { y[at] + d } else { d };
+            }
+        }
+    }
+}
+
+/// Calls the instance of a kernel generic over the token count (1-4) that fits `dots`.
+#[allow(unused_macros)]
+macro_rules! for_token_count {
+    ($kernel:path, $w:expr, $row:expr, $xs:expr, $dots:expr) => {{
+        use $kernel as kernel;
+        match $dots.len() {
+            1 => kernel::<1>($w, $row, $xs, $dots),
+            2 => kernel::<2>($w, $row, $xs, $dots),
+            3 => kernel::<3>($w, $row, $xs, $dots),
+            _ => kernel::<4>($w, $row, $xs, $dots),
+        }
+    }};
+}
+
+/// dots[t] = x[t]·W[row] for the `dots.len()` (1-4) token rows of `xs`.
+fn row_dots(
+    path: CpuPath,
+    w: Rows,
+    row: usize,
+    xs: &[f32],
+    dots: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if path.includes(CpuPath::Avx2) {
+        // SAFETY: `xwt_few` checked that the CPU supports this path, which includes AVX2+FMA+F16C; the
+        // kernels index only inside `xs` (dots.len() rows of cols) and row `row` (< rows, checked).
+        unsafe { for_token_count!(avx2::row_dots, w, row, xs, dots) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if path == CpuPath::Neon {
+        // SAFETY: NEON is part of every aarch64 target; indices as for AVX2 above.
+        unsafe { for_token_count!(neon::row_dots, w, row, xs, dots) };
+        return;
+    }
+    let _ = path;
+    let cols = w.shape().1;
+    scratch.resize(cols, 0.0);
+    match w {
+        Rows::Quant(q) => decode_row(CpuPath::Portable, q, row, scratch),
+        Rows::Dense(d) => d.row_f32(row, scratch),
+    }
+    for (t, dot) in dots.iter_mut().enumerate() {
+        *dot = dot_portable(scratch, &xs[t * cols..(t + 1) * cols]);
+    }
+}
+
+/// a·b with eight partial sums, so that the compiler can keep them in one vector register.
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in a8.zip(b8) {
+        for i in 0..8 {
+            partial[i] += a[i] * b[i];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{DenseData, QuantTensor, Rows};
+    use std::arch::x86_64::*;
+
+    /// The group's 16 values as two registers (codes 0-7, 8-15).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn table(q: &QuantTensor, gi: usize) -> (__m256, __m256) {
+        let (codes, min) = q.codes_and_min(gi);
+        let (min, scale) = (_mm256_set1_ps(min), _mm256_set1_ps(q.scales[gi]));
+        // SAFETY: reads the 16 f32 of `codes`, unaligned.
+        unsafe {
+            (
+                _mm256_add_ps(min, _mm256_mul_ps(_mm256_loadu_ps(codes.as_ptr()), scale)),
+                _mm256_add_ps(
+                    min,
+                    _mm256_mul_ps(_mm256_loadu_ps(codes.as_ptr().add(8)), scale),
+                ),
+            )
+        }
+    }
+
+    /// The values of the 8 codes of `word` (code k in bits 4k..4k+4): `vpermps` indexes 8 entries
+    /// with an index's low 3 bits, so both halves are looked up and bit 3 (moved to the sign bit)
+    /// picks one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lookup(word: u32, lo: __m256, hi: __m256) -> __m256 {
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        let codes = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts),
+            _mm256_set1_epi32(0xF),
+        );
+        let pick_high = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));
+        _mm256_blendv_ps(
+            _mm256_permutevar8x32_ps(lo, codes),
+            _mm256_permutevar8x32_ps(hi, codes),
+            pick_high,
+        )
+    }
+
+    /// Row `r` decoded into `out` (q.cols values).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn decode_row(q: &QuantTensor, r: usize, out: &mut [f32]) {
+        for ((gi, _, group_words), group_out) in
+            q.row_groups(r).zip(out.chunks_exact_mut(q.spec.group_size))
+        {
+            // SAFETY: the caller checked AVX2+FMA; each store writes the 8 floats of one chunk.
+            unsafe {
+                let (lo, hi) = table(q, gi);
+                for (eight, &word) in group_out.chunks_exact_mut(8).zip(group_words) {
+                    _mm256_storeu_ps(eight.as_mut_ptr(), lookup(word, lo, hi));
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn horizontal_sum(v: __m256) -> f32 {
+        let four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
+    }
+
+    /// dots[t] = xs[t]·W[row] for T tokens: two accumulators per token (alternate 8-column blocks) so
+    /// that consecutive multiply-adds do not wait on each other.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_dots<const T: usize>(
+        w: Rows,
+        row: usize,
+        xs: &[f32],
+        dots: &mut [f32],
+    ) {
+        let cols = w.shape().1;
+        assert!(xs.len() >= T * cols && dots.len() >= T);
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        // Adds block `v` (8 weights at column c) times each token's 8 values there into acc[·][half].
+        macro_rules! fma_block {
+            ($v:expr, $c:expr, $half:expr) => {{
+                let v = $v;
+                for t in 0..T {
+                    // SAFETY: c + 8 <= cols, so the load stays inside token t's row of xs.
+                    let x = unsafe { _mm256_loadu_ps(xs.as_ptr().add(t * cols + $c)) };
+                    acc[t][$half] = _mm256_fmadd_ps(v, x, acc[t][$half]);
+                }
+            }};
+        }
+        let mut tail_from = cols;
+        match w {
+            Rows::Quant(q) => {
+                for (gi, c0, group_words) in q.row_groups(row) {
+                    // SAFETY: AVX2+FMA checked by the caller.
+                    let (lo, hi) = unsafe { table(q, gi) };
+                    // Groups hold 32, 64 or 128 codes: whole pairs of words.
+                    for (p, pair) in group_words.chunks_exact(2).enumerate() {
+                        let c = c0 + 16 * p;
+                        fma_block!(lookup(pair[0], lo, hi), c, 0);
+                        fma_block!(lookup(pair[1], lo, hi), c + 8, 1);
+                    }
+                }
+            }
+            Rows::Dense(d) => {
+                let base = row * cols;
+                tail_from = cols / 16 * 16;
+                for c in (0..tail_from).step_by(16) {
+                    // SAFETY: c + 16 <= cols: the loads read inside row `row` of the matrix.
+                    let (a, b) = unsafe {
+                        match &d.data {
+                            DenseData::F32(v) => (
+                                _mm256_loadu_ps(v.as_ptr().add(base + c)),
+                                _mm256_loadu_ps(v.as_ptr().add(base + c + 8)),
+                            ),
+                            DenseData::F16(v) => {
+                                let p = v.as_ptr().add(base + c) as *const __m128i;
+                                (
+                                    _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+                                )
+                            }
+                            DenseData::BF16(v) => {
+                                // bf16 is the top half of an f32.
+                                let p = v.as_ptr().add(base + c) as *const __m128i;
+                                let widen = |h: __m128i| {
+                                    _mm256_castsi256_ps(_mm256_slli_epi32(
+                                        _mm256_cvtepu16_epi32(h),
+                                        16,
+                                    ))
+                                };
+                                (widen(_mm_loadu_si128(p)), widen(_mm_loadu_si128(p.add(1))))
+                            }
+                        }
+                    };
+                    fma_block!(a, c, 0);
+                    fma_block!(b, c + 8, 1);
+                }
+            }
+        }
+        for t in 0..T {
+            let mut sum = horizontal_sum(_mm256_add_ps(acc[t][0], acc[t][1]));
+            if let Rows::Dense(d) = w {
+                for c in tail_from..cols {
+                    sum += d.value(row, c) * xs[t * cols + c];
+                }
+            }
+            dots[t] = sum;
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{DenseData, QuantTensor, Rows};
+    use std::arch::aarch64::*;
+
+    /// The group's 16 values as the 64 bytes `tbl` indexes.
+    #[target_feature(enable = "neon")]
+    unsafe fn table(q: &QuantTensor, gi: usize) -> uint8x16x4_t {
+        let values = q.group_table(gi);
+        // SAFETY: reads the 64 bytes of `values`.
+        unsafe { vld1q_u8_x4(values.as_ptr() as *const u8) }
+    }
+
+    /// Byte offsets 4c..4c+3 for each of codes 0-3 (`first`) or 4-7 of the word's 8 codes.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn lookup(word: u32, table: uint8x16x4_t) -> (float32x4_t, float32x4_t) {
+        // Nibble k of the word is code k: bytes b0..b3 hold codes (2j, 2j+1) in their (low, high) halves.
+        let bytes = vcreate_u8(word as u64);
+        let codes = vzip1_u8(vand_u8(bytes, vdup_n_u8(0xF)), vshr_n_u8(bytes, 4));
+        // Each code repeated four times, times four, plus 0..3: the byte offsets of its f32.
+        let repeat_lo: [u8; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
+        let repeat_hi: [u8; 16] = [4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7];
+        let byte_in_float: [u8; 16] = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3];
+        // SAFETY: the loads read the 16 bytes of local arrays.
+        unsafe {
+            let codes = vcombine_u8(codes, codes);
+            let inner = vld1q_u8(byte_in_float.as_ptr());
+            let offsets = |repeat: &[u8; 16]| {
+                let c = vqtbl1q_u8(codes, vld1q_u8(repeat.as_ptr()));
+                vaddq_u8(vshlq_n_u8(c, 2), inner)
+            };
+            (
+                vreinterpretq_f32_u8(vqtbl4q_u8(table, offsets(&repeat_lo))),
+                vreinterpretq_f32_u8(vqtbl4q_u8(table, offsets(&repeat_hi))),
+            )
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn decode_row(q: &QuantTensor, r: usize, out: &mut [f32]) {
+        for ((gi, _, group_words), group_out) in
+            q.row_groups(r).zip(out.chunks_exact_mut(q.spec.group_size))
+        {
+            // SAFETY: each pair of stores writes the 8 floats of one chunk.
+            unsafe {
+                let t = table(q, gi);
+                for (eight, &word) in group_out.chunks_exact_mut(8).zip(group_words) {
+                    let (a, b) = lookup(word, t);
+                    vst1q_f32(eight.as_mut_ptr(), a);
+                    vst1q_f32(eight.as_mut_ptr().add(4), b);
+                }
+            }
+        }
+    }
+
+    /// dots[t] = xs[t]·W[row] for T tokens, two accumulators per token.
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn row_dots<const T: usize>(
+        w: Rows,
+        row: usize,
+        xs: &[f32],
+        dots: &mut [f32],
+    ) {
+        let cols = w.shape().1;
+        assert!(xs.len() >= T * cols && dots.len() >= T);
+        let mut acc = [[vdupq_n_f32(0.0); 2]; T];
+        macro_rules! fma_block {
+            ($a:expr, $b:expr, $c:expr) => {{
+                let (a, b) = ($a, $b);
+                for t in 0..T {
+                    // SAFETY: c + 8 <= cols: the loads stay inside token t's row of xs.
+                    unsafe {
+                        let x = xs.as_ptr().add(t * cols + $c);
+                        acc[t][0] = vfmaq_f32(acc[t][0], a, vld1q_f32(x));
+                        acc[t][1] = vfmaq_f32(acc[t][1], b, vld1q_f32(x.add(4)));
+                    }
+                }
+            }};
+        }
+        let mut tail_from = cols;
+        match w {
+            Rows::Quant(q) => {
+                for (gi, c0, group_words) in q.row_groups(row) {
+                    // SAFETY: NEON is always present on aarch64.
+                    let t = unsafe { table(q, gi) };
+                    for (k, &word) in group_words.iter().enumerate() {
+                        let (a, b) = lookup(word, t);
+                        fma_block!(a, b, c0 + 8 * k);
+                    }
+                }
+            }
+            Rows::Dense(d) => {
+                let base = row * cols;
+                match &d.data {
+                    DenseData::F32(v) => {
+                        tail_from = cols / 8 * 8;
+                        for c in (0..tail_from).step_by(8) {
+                            // SAFETY: c + 8 <= cols: inside row `row`.
+                            let (a, b) = unsafe {
+                                let p = v.as_ptr().add(base + c);
+                                (vld1q_f32(p), vld1q_f32(p.add(4)))
+                            };
+                            fma_block!(a, b, c);
+                        }
+                    }
+                    DenseData::BF16(v) => {
+                        tail_from = cols / 8 * 8;
+                        for c in (0..tail_from).step_by(8) {
+                            // SAFETY: c + 8 <= cols: inside row `row`. bf16 is an f32's top half.
+                            let (a, b) = unsafe {
+                                let h = vld1q_u16(v.as_ptr().add(base + c) as *const u16);
+                                (
+                                    vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16)),
+                                    vreinterpretq_f32_u32(vshll_high_n_u16(h, 16)),
+                                )
+                            };
+                            fma_block!(a, b, c);
+                        }
+                    }
+                    // f16 vectors are not in stable Rust's NEON intrinsics: scalar below.
+                    DenseData::F16(_) => tail_from = 0,
+                }
+            }
+        }
+        for t in 0..T {
+            let mut sum = vaddvq_f32(vaddq_f32(acc[t][0], acc[t][1]));
+            if let Rows::Dense(d) = w {
+                for c in tail_from..cols {
+                    sum += d.value(row, c) * xs[t * cols + c];
+                }
+            }
+            dots[t] = sum;
+        }
+    }
+}
