@@ -43,6 +43,10 @@ fn main() {
     ];
     let mut rng = Rng::new(1);
     println!("threads: {}", rayon::current_num_threads());
+    if std::env::var_os("NIBBLE_BENCH_DECODING").is_some() {
+        decoding(&shapes, &mut rng);
+        return;
+    }
     println!(
         "{:>8} {:>8} {:>5} | {:>12} {:>12} {:>12} {:>12} {:>12}",
         "out", "in", "rows", "f32 fwd", "f32 dx", "bf16 fwd", "bf16 dx", "dense f32"
@@ -90,6 +94,53 @@ fn main() {
                 flops / fwd16 / 1e9,
                 flops / bwd16 / 1e9,
                 flops / dense / 1e9
+            );
+        }
+    }
+}
+
+/// NIBBLE_BENCH_DECODING=1: one token's products (decoding) on the active CPU path, as the rate at
+/// which each kernel reads its weights, beside this machine's plain read rate (a parallel sum over
+/// 512 MiB, which no weight-reading kernel can beat).
+fn decoding(shapes: &[(usize, usize)], rng: &mut Rng) {
+    use nibble::model::{DenseData, DenseTensor};
+    use nibble::ops::packed::{self, Rows};
+    use rayon::prelude::*;
+    let words: Vec<u64> = (0..64u64 << 20).collect();
+    let read = fastest_seconds(|| {
+        let s: u64 = words
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().sum::<u64>())
+            .sum();
+        std::hint::black_box(s);
+    });
+    println!(
+        "path {}; plain read: {:.1} GB/s",
+        nibble::ops::isa::active(),
+        (words.len() * 8) as f64 / read / 1e9
+    );
+    for &(out, inp) in shapes {
+        let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() as f32 * 0.02).collect();
+        let q = QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap(), out, inp, &w)
+            .unwrap();
+        let d = DenseTensor {
+            rows: out,
+            cols: inp,
+            data: DenseData::BF16(w.iter().map(|&v| half::bf16::from_f32(v)).collect()),
+        };
+        let x: Vec<f32> = (0..inp).map(|_| rng.normal() as f32).collect();
+        let mut y = vec![0f32; out];
+        let path = nibble::ops::isa::active();
+        for (name, rows, bytes) in [
+            ("nf4 g64", Rows::Quant(&q), q.bytes() as f64),
+            ("bf16", Rows::Dense(&d), (out * inp * 2) as f64),
+        ] {
+            let t =
+                fastest_seconds(|| packed::xwt_few(path, &x, rows, 0, out, &mut y, out, 0, false));
+            println!(
+                "{out:>8} x {inp:>5} {name:>8}: {:>8.3} ms, {:>6.1} GB/s of weights",
+                t * 1e3,
+                bytes / t / 1e9
             );
         }
     }

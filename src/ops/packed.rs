@@ -143,6 +143,7 @@ pub fn xwt_few(
     for t0 in (0..tokens).step_by(FEW_TOKENS) {
         let count = FEW_TOKENS.min(tokens - t0);
         let xs = &x[t0 * cols..(t0 + count) * cols];
+        let xs = &*prepare_tokens(path, w, xs);
         // Row-major by weight row, each row's `count` results together, so tasks write disjoint runs.
         let mut by_row = vec![0f32; n * count];
         by_row
@@ -161,6 +162,21 @@ pub fn xwt_few(
             }
         }
     }
+}
+
+/// The tokens as the path's kernel for `w` reads them: the AVX2 kernel for 4-bit rows assembles each
+/// block of 8 values from the low codes (columns 0, 2, 4, 6 of the block) and the high ones (1, 3, 5,
+/// 7), so x's blocks of 8 are reordered to match, once per product.
+fn prepare_tokens<'x>(path: CpuPath, w: Rows, xs: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
+    if path.includes(CpuPath::Avx2) && matches!(w, Rows::Quant(_)) {
+        let mut out = Vec::with_capacity(xs.len());
+        for block in xs.chunks_exact(8) {
+            out.extend(block.iter().step_by(2));
+            out.extend(block.iter().skip(1).step_by(2));
+        }
+        return out.into();
+    }
+    xs.into()
 }
 
 /// Calls the instance of a kernel generic over the token count (1-4) that fits `dots`.
@@ -251,17 +267,21 @@ mod avx2 {
         }
     }
 
-    /// The values of the 8 codes of `word` (code k in bits 4k..4k+4): `vpermps` indexes 8 entries
-    /// with an index's low 3 bits, so both halves are looked up and bit 3 (moved to the sign bit)
-    /// picks one.
+    /// The values of the 8 codes of `word` (code k in bits 4k..4k+4).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn lookup(word: u32, lo: __m256, hi: __m256) -> __m256 {
         let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        let codes = _mm256_and_si256(
-            _mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts),
-            _mm256_set1_epi32(0xF),
-        );
+        let codes = _mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts);
+        lookup_low_nibbles(codes, lo, hi)
+    }
+
+    /// The values of the codes in the low 4 bits of each lane (higher bits ignored): `vpermps` indexes
+    /// 8 entries with a lane's low 3 bits, so both halves of the table are looked up and bit 3, moved
+    /// to the sign bit, picks one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lookup_low_nibbles(codes: __m256i, lo: __m256, hi: __m256) -> __m256 {
         let pick_high = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));
         _mm256_blendv_ps(
             _mm256_permutevar8x32_ps(lo, codes),
@@ -303,7 +323,12 @@ mod avx2 {
         xs: &[f32],
         dots: &mut [f32],
     ) {
-        let cols = w.shape().1;
+        let d = match w {
+            // SAFETY: as for this function.
+            Rows::Quant(q) => return unsafe { quant_row_dots::<T>(q, row, xs, dots) },
+            Rows::Dense(d) => d,
+        };
+        let cols = d.cols;
         assert!(xs.len() >= T * cols && dots.len() >= T);
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
         // Adds block `v` (8 weights at column c) times each token's 8 values there into acc[·][half].
@@ -317,20 +342,9 @@ mod avx2 {
                 }
             }};
         }
-        let mut tail_from = cols;
+        let tail_from;
         match w {
-            Rows::Quant(q) => {
-                for (gi, c0, group_words) in q.row_groups(row) {
-                    // SAFETY: AVX2+FMA checked by the caller.
-                    let (lo, hi) = unsafe { table(q, gi) };
-                    // Groups hold 32, 64 or 128 codes: whole pairs of words.
-                    for (p, pair) in group_words.chunks_exact(2).enumerate() {
-                        let c = c0 + 16 * p;
-                        fma_block!(lookup(pair[0], lo, hi), c, 0);
-                        fma_block!(lookup(pair[1], lo, hi), c + 8, 1);
-                    }
-                }
-            }
+            Rows::Quant(_) => unreachable!(),
             Rows::Dense(d) => {
                 let base = row * cols;
                 tail_from = cols / 16 * 16;
@@ -369,12 +383,93 @@ mod avx2 {
         }
         for t in 0..T {
             let mut sum = horizontal_sum(_mm256_add_ps(acc[t][0], acc[t][1]));
-            if let Rows::Dense(d) = w {
-                for c in tail_from..cols {
-                    sum += d.value(row, c) * xs[t * cols + c];
-                }
+            for c in tail_from..cols {
+                sum += d.value(row, c) * xs[t * cols + c];
             }
             dots[t] = sum;
+        }
+    }
+
+    /// The four byte planes of a format's 16 code values (plane i holds byte i of each value), each
+    /// in both 128-bit lanes, for `vpshufb`.
+    #[target_feature(enable = "avx2")]
+    fn byte_planes(values: &[f32; 16]) -> [__m256i; 4] {
+        let bytes = values.map(f32::to_le_bytes);
+        std::array::from_fn(|i| {
+            let plane: [u8; 16] = std::array::from_fn(|c| bytes[c][i]);
+            // SAFETY: reads the 16 bytes of `plane`.
+            _mm256_broadcastsi128_si256(unsafe {
+                _mm_loadu_si128(plane.as_ptr() as *const __m128i)
+            })
+        })
+    }
+
+    /// dots[t] = xs[t]·W[row] for a 4-bit row and T tokens, 32 codes at a time through in-lane byte
+    /// lookups (`vpshufb` into the four byte planes of the 16 code values, then byte and word
+    /// interleaves assemble the f32s): lane-crossing `vpermps` lookups ran at half this rate. The
+    /// group's scale (and INT4's min·Σx) is applied to the group's sum, so each token's blocks of 8
+    /// columns come reordered by `prepare_tokens` (even columns, then odd ones).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quant_row_dots<const T: usize>(
+        q: &QuantTensor,
+        row: usize,
+        xs: &[f32],
+        dots: &mut [f32],
+    ) {
+        let cols = q.cols;
+        assert!(xs.len() >= T * cols && dots.len() >= T && q.spec.group_size.is_multiple_of(32));
+        let int4 = q.spec.format == super::QuantFormat::Int4;
+        let planes = byte_planes(if int4 {
+            &super::INT4_CODES
+        } else {
+            &super::NF4_CODES
+        });
+        let low = _mm_set1_epi8(0x0F);
+        let mut total = [_mm256_setzero_ps(); T];
+        for (gi, c0, words) in q.row_groups(row) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; T];
+            let mut x_sum = [_mm256_setzero_ps(); T];
+            for (s, four) in words.chunks_exact(4).enumerate() {
+                // SAFETY: reads the 16 bytes of `four`.
+                let bytes = unsafe { _mm_loadu_si128(four.as_ptr() as *const __m128i) };
+                // Lane 0: the low nibbles (codes of columns 0, 2, .., 30); lane 1: the high ones.
+                let codes = _mm256_set_m128i(
+                    _mm_and_si128(_mm_srli_epi16(bytes, 4), low),
+                    _mm_and_si128(bytes, low),
+                );
+                let [p0, p1, p2, p3] = planes.map(|plane| _mm256_shuffle_epi8(plane, codes));
+                let (b01_lo, b01_hi) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
+                let (b23_lo, b23_hi) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
+                let values = [
+                    _mm256_unpacklo_epi16(b01_lo, b23_lo),
+                    _mm256_unpackhi_epi16(b01_lo, b23_lo),
+                    _mm256_unpacklo_epi16(b01_hi, b23_hi),
+                    _mm256_unpackhi_epi16(b01_hi, b23_hi),
+                ];
+                for (j, v) in values.into_iter().enumerate() {
+                    let v = _mm256_castsi256_ps(v);
+                    for t in 0..T {
+                        // SAFETY: c0 + 32s + 8j + 8 <= cols: inside token t's row of xs.
+                        let x = unsafe {
+                            _mm256_loadu_ps(xs.as_ptr().add(t * cols + c0 + 32 * s + 8 * j))
+                        };
+                        acc[t][j % 2] = _mm256_fmadd_ps(v, x, acc[t][j % 2]);
+                        if int4 {
+                            x_sum[t] = _mm256_add_ps(x_sum[t], x);
+                        }
+                    }
+                }
+            }
+            let scale = _mm256_set1_ps(q.scales[gi]);
+            for t in 0..T {
+                total[t] = _mm256_fmadd_ps(_mm256_add_ps(acc[t][0], acc[t][1]), scale, total[t]);
+                if int4 {
+                    total[t] = _mm256_fmadd_ps(x_sum[t], _mm256_set1_ps(q.mins[gi]), total[t]);
+                }
+            }
+        }
+        for t in 0..T {
+            dots[t] = horizontal_sum(total[t]);
         }
     }
 }
