@@ -128,9 +128,24 @@ fn decoding(shapes: &[(usize, usize)], rng: &mut Rng) {
             cols: inp,
             data: DenseData::BF16(w.iter().map(|&v| half::bf16::from_f32(v)).collect()),
         };
+        let path = nibble::ops::isa::active();
+        // Where streaming the rows once per 4 tokens stops beating unpacking tiles for the gemm crate.
+        for tokens in [4, 8, 16, 32, 64] {
+            let x: Vec<f32> = (0..tokens * inp).map(|_| rng.normal() as f32).collect();
+            let mut y = vec![0f32; tokens * out];
+            let streamed = fastest_seconds(|| {
+                packed::xwt_few(path, &x, Rows::Quant(&q), 0, out, &mut y, out, 0, false)
+            });
+            let lw = LinearWeight::Quant(q.clone());
+            let tiled = fastest_seconds(|| linear::forward(&x, &lw, None, &mut y, Precision::F32));
+            println!(
+                "{out:>8} x {inp:>5} nf4 g64, {tokens:>2} tokens: streamed {:>7.3} ms, tiled {:>7.3} ms",
+                streamed * 1e3,
+                tiled * 1e3
+            );
+        }
         let x: Vec<f32> = (0..inp).map(|_| rng.normal() as f32).collect();
         let mut y = vec![0f32; out];
-        let path = nibble::ops::isa::active();
         for (name, rows, bytes) in [
             ("nf4 g64", Rows::Quant(&q), q.bytes() as f64),
             ("bf16", Rows::Dense(&d), (out * inp * 2) as f64),

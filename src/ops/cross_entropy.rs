@@ -218,8 +218,8 @@ pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f
     let positions = hidden.len() / head.cols;
     let mut out = vec![0f32; positions * head.rows];
     let vocab = head.rows;
-    if positions <= packed::FEW_TOKENS {
-        // Decoding: the rows stream once, as stored, with no f32 copy of each chunk.
+    if positions <= packed::STREAM_MAX_TOKENS {
+        // Decoding and short prompts: the rows stream as stored, with no f32 copy of each chunk.
         let rows = packed::Rows::Dense(head);
         packed::xwt_few(
             isa::active(),

@@ -52,7 +52,7 @@ pub fn forward(
 /// linears with one input (q/k/v, gate/up) pack it once.
 pub fn pack_input(x: &[f32], inp: usize, precision: Precision) -> Option<bf16_gemm::PackedRows> {
     let tokens = x.len() / inp;
-    (precision == Precision::Bf16 && tokens > packed::FEW_TOKENS)
+    (precision == Precision::Bf16 && tokens > packed::STREAM_MAX_TOKENS)
         .then(|| bf16_gemm::PackedRows::for_xwt(x, tokens, inp))
 }
 
@@ -69,9 +69,9 @@ pub fn forward_packed(
     let tokens = x.len() / inp;
     assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
     assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
-    if tokens <= packed::FEW_TOKENS {
-        // Decoding: each weight is read once and used by a few tokens, so the product streams the
-        // stored rows (in f32 whatever the precision: it is bound by memory, not arithmetic).
+    if tokens <= packed::STREAM_MAX_TOKENS {
+        // Decoding and short prompts: the product streams the stored rows, each read once per few
+        // tokens (in f32 whatever the precision: at so few tokens the lookups bound it, not the FMAs).
         packed::xwt_few(isa::active(), x, w.into(), 0, out, y, out, 0, false);
     } else {
         forward_many(x, packed, w, y, precision);

@@ -17,6 +17,12 @@ use rayon::prelude::*;
 /// At most this many tokens go through one pass over the rows (more are split into passes).
 pub const FEW_TOKENS: usize = 4;
 
+/// Up to this many tokens a frozen product streams the stored rows (in passes of `FEW_TOKENS`) rather
+/// than unpacking tiles for the `gemm` crate, whose per-call packing dominates at few rows. Measured on
+/// a Zen 3 with AVX2 (BENCHMARKS.md, session 7): streaming is 1.1-5x faster from 8 to 32 tokens at
+/// every Qwen2.5-0.5B shape, and from 48 on the two ways cross.
+pub const STREAM_MAX_TOKENS: usize = 32;
+
 /// The INT4 codes as values: code c stands for min + c·scale.
 const INT4_CODES: [f32; 16] = [
     0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
