@@ -1565,11 +1565,7 @@ fn run_demo(dir: &Path) -> Result<()> {
         .collect::<nibble::Result<Vec<_>>>()?;
     let question = nibble::data::DEMO_CHATS[0].0;
     let prompt = tok.encode(&tok.apply_chat_template(&[Message::new("user", question)], true)?)?;
-    let stop: Vec<u32> = tok
-        .eos_token
-        .iter()
-        .filter_map(|t| tok.token_id(t))
-        .collect();
+    let stop = nibble::generate::stop_tokens(&tok);
     let answer = |executor: nibble::generate::Executor| -> Result<String> {
         let ids = nibble::generate::greedy(executor, &prompt, 16, &stop)?;
         let answer: Vec<u32> = ids[prompt.len()..]

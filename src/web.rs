@@ -264,12 +264,7 @@ impl Session {
                 .apply_chat_template(&[Message::new("user", &prompt)], true)
                 .map_err(js_error)?;
             let ids = g.tok.encode(&text).map_err(js_error)?;
-            let stop: Vec<u32> = g
-                .tok
-                .eos_token
-                .iter()
-                .filter_map(|t| g.tok.token_id(t))
-                .collect();
+            let stop = crate::generate::stop_tokens(&g.tok);
             // On WebGPU when training runs there, with the device's copies of the adapters.
             let executor = g.trainer.as_ref().map_or(
                 crate::generate::Executor::Cpu {
