@@ -155,6 +155,17 @@ impl Executor<'_> {
     }
 }
 
+/// How many leading tokens of `prompt` a cache holding `cached` serves without feeding them again (at
+/// least one prompt token is always fed, to get logits).
+pub fn reusable_prefix(cached: &[u32], prompt: &[u32]) -> usize {
+    cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt.len().saturating_sub(1))
+}
+
 /// Continues `prompt` by up to `max_new` tokens, calling `on_token` with each; stops after a token in
 /// `stop` (which is returned too). `cache` may already hold a prefix of `prompt` (a conversation so far);
 /// positions it holds beyond the common prefix are dropped.
@@ -169,13 +180,7 @@ pub async fn generate_async(
     sampling: &Sampling,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    let common = cached
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count()
-        // At least one prompt token must be fed to get logits.
-        .min(prompt.len().saturating_sub(1));
+    let common = reusable_prefix(cached, prompt);
     cache.truncate(common);
     cached.truncate(common);
     let mut rng = Rng::new(sampling.seed);

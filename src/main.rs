@@ -1270,13 +1270,7 @@ impl Speaker {
         let mut first_token_after = None;
         let mut generated = 0usize;
         // The prompt tokens the cache already holds (earlier turns of a chat) are not fed again.
-        let reused = self
-            .cached
-            .iter()
-            .zip(&prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len() - 1);
+        let reused = nibble::generate::reusable_prefix(&self.cached, &prompt);
         nibble::generate::generate(
             executor(&self.model, self.adapter.as_ref(), &self.gpu),
             &mut self.cache,

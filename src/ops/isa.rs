@@ -155,7 +155,7 @@ pub fn active() -> CpuPath {
     *ACTIVE.get_or_init(|| requested().ok().flatten().unwrap_or_else(detected))
 }
 
-/// The paths this CPU can run, each with Ok or the reason it cannot, for tests and `nibble info`.
+/// Every path, each with Ok when this CPU can run it or the reason it cannot (for tests).
 pub fn survey() -> Vec<(CpuPath, Result<(), String>)> {
     CpuPath::ALL
         .into_iter()

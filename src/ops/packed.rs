@@ -1,13 +1,13 @@
 //! Kernels that read frozen weight rows where they are stored: packed 4-bit rows decoded to f32, and
-//! products of a few tokens with the rows (y = x·Wᵀ for 1-4 tokens: decoding, where every weight is
-//! used once per token and the product is bound by reading the weights).
+//! products of a few tokens with the rows (y = x·Wᵀ for up to `STREAM_MAX_TOKENS` tokens, 4 per pass:
+//! decoding and short prompts, where each weight serves few tokens).
 //!
-//! A 4-bit group's 16 possible values are computed once (min + code·scale, the product and sum
-//! separate, exactly as dequantization defines them) and each code is looked up, so every path decodes
-//! bit-identical weights; the products differ between paths only in the order of their sums.
-//!
-//! Paths: portable Rust; AVX2+FMA (`vpermps` looks 8 codes up in the two halves of the table); NEON
-//! (`tbl` looks 4 codes up in the table's 64 bytes).
+//! Decoding computes a 4-bit group's 16 possible values once (min + code·scale, the product and sum
+//! separate, exactly as dequantization defines them) and looks each code up, so every path decodes
+//! bit-identical weights: portable Rust, AVX2 (`vpermps` looks 8 codes up in the two halves of the
+//! table), NEON (`tbl` looks 4 codes up in the table's 64 bytes). The products differ between paths
+//! only in the order of their sums; AVX2's 4-bit product looks codes up in the format's 16 code values
+//! with `vpshufb` and applies each group's scale to the group's sum.
 
 use crate::model::{DenseData, DenseTensor, LinearWeight};
 use crate::ops::isa::{self, CpuPath};
@@ -348,44 +348,35 @@ mod avx2 {
                 }
             }};
         }
-        let tail_from;
-        match w {
-            Rows::Quant(_) => unreachable!(),
-            Rows::Dense(d) => {
-                let base = row * cols;
-                tail_from = cols / 16 * 16;
-                for c in (0..tail_from).step_by(16) {
-                    // SAFETY: c + 16 <= cols: the loads read inside row `row` of the matrix.
-                    let (a, b) = unsafe {
-                        match &d.data {
-                            DenseData::F32(v) => (
-                                _mm256_loadu_ps(v.as_ptr().add(base + c)),
-                                _mm256_loadu_ps(v.as_ptr().add(base + c + 8)),
-                            ),
-                            DenseData::F16(v) => {
-                                let p = v.as_ptr().add(base + c) as *const __m128i;
-                                (
-                                    _mm256_cvtph_ps(_mm_loadu_si128(p)),
-                                    _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
-                                )
-                            }
-                            DenseData::BF16(v) => {
-                                // bf16 is the top half of an f32.
-                                let p = v.as_ptr().add(base + c) as *const __m128i;
-                                let widen = |h: __m128i| {
-                                    _mm256_castsi256_ps(_mm256_slli_epi32(
-                                        _mm256_cvtepu16_epi32(h),
-                                        16,
-                                    ))
-                                };
-                                (widen(_mm_loadu_si128(p)), widen(_mm_loadu_si128(p.add(1))))
-                            }
-                        }
-                    };
-                    fma_block!(a, c, 0);
-                    fma_block!(b, c + 8, 1);
+        let base = row * cols;
+        let tail_from = cols / 16 * 16;
+        for c in (0..tail_from).step_by(16) {
+            // SAFETY: c + 16 <= cols: the loads read inside row `row` of the matrix.
+            let (a, b) = unsafe {
+                match &d.data {
+                    DenseData::F32(v) => (
+                        _mm256_loadu_ps(v.as_ptr().add(base + c)),
+                        _mm256_loadu_ps(v.as_ptr().add(base + c + 8)),
+                    ),
+                    DenseData::F16(v) => {
+                        let p = v.as_ptr().add(base + c) as *const __m128i;
+                        (
+                            _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                            _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
+                        )
+                    }
+                    DenseData::BF16(v) => {
+                        // bf16 is the top half of an f32.
+                        let p = v.as_ptr().add(base + c) as *const __m128i;
+                        let widen = |h: __m128i| {
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                        };
+                        (widen(_mm_loadu_si128(p)), widen(_mm_loadu_si128(p.add(1))))
+                    }
                 }
-            }
+            };
+            fma_block!(a, c, 0);
+            fma_block!(b, c + 8, 1);
         }
         for t in 0..T {
             let mut sum = horizontal_sum(_mm256_add_ps(acc[t][0], acc[t][1]));
@@ -396,19 +387,25 @@ mod avx2 {
         }
     }
 
-    /// The four byte planes of a format's 16 code values (plane i holds byte i of each value), each
-    /// in both 128-bit lanes, for `vpshufb`.
-    #[target_feature(enable = "avx2")]
-    fn byte_planes(values: &[f32; 16]) -> [__m256i; 4] {
-        let bytes = values.map(f32::to_le_bytes);
-        std::array::from_fn(|i| {
-            let plane: [u8; 16] = std::array::from_fn(|c| bytes[c][i]);
-            // SAFETY: reads the 16 bytes of `plane`.
-            _mm256_broadcastsi128_si256(unsafe {
-                _mm_loadu_si128(plane.as_ptr() as *const __m128i)
-            })
-        })
+    /// The four byte planes of a format's 16 code values (plane i holds byte i of each value), made
+    /// at compile time.
+    const fn byte_planes(values: &[f32; 16]) -> [[u8; 16]; 4] {
+        let mut planes = [[0u8; 16]; 4];
+        let mut c = 0;
+        while c < 16 {
+            let bytes = values[c].to_le_bytes();
+            let mut i = 0;
+            while i < 4 {
+                planes[i][c] = bytes[i];
+                i += 1;
+            }
+            c += 1;
+        }
+        planes
     }
+
+    const NF4_PLANES: [[u8; 16]; 4] = byte_planes(&super::NF4_CODES);
+    const INT4_PLANES: [[u8; 16]; 4] = byte_planes(&super::INT4_CODES);
 
     /// dots[t] = xs[t]·W[row] for a 4-bit row and T tokens, 32 codes at a time through in-lane byte
     /// lookups (`vpshufb` into the four byte planes of the 16 code values, then byte and word
@@ -425,10 +422,12 @@ mod avx2 {
         let cols = q.cols;
         assert!(xs.len() >= T * cols && dots.len() >= T && q.spec.group_size.is_multiple_of(32));
         let int4 = q.spec.format == super::QuantFormat::Int4;
-        let planes = byte_planes(if int4 {
-            &super::INT4_CODES
-        } else {
-            &super::NF4_CODES
+        // Each plane in both 128-bit lanes, for `vpshufb`.
+        let planes = if int4 { &INT4_PLANES } else { &NF4_PLANES }.map(|plane| {
+            // SAFETY: reads the 16 bytes of `plane`.
+            _mm256_broadcastsi128_si256(unsafe {
+                _mm_loadu_si128(plane.as_ptr() as *const __m128i)
+            })
         });
         let low = _mm_set1_epi8(0x0F);
         let mut total = [_mm256_setzero_ps(); T];
