@@ -1,5 +1,5 @@
 //! CPU kernel throughput at the Qwen2.5-0.5B linear shapes: the packed-4-bit linear forward (x·Wᵀ) and
-//! input gradient (dy·W) for 64 and 256 rows, next to a dense f32 GEMM of the same shape.
+//! input gradient (dy·W) for 48, 128 and 256 rows, next to a dense f32 GEMM of the same shape.
 //!
 //!     cargo bench --bench cpu_kernels
 //!
@@ -57,7 +57,7 @@ fn main() {
             QuantTensor::quantize(QuantSpec::new(QuantFormat::Nf4, 64).unwrap(), out, inp, &w)
                 .unwrap(),
         );
-        for rows in [64, 256] {
+        for rows in [48, 128, 256] {
             let x: Vec<f32> = (0..rows * inp).map(|_| rng.normal() as f32).collect();
             let dy: Vec<f32> = (0..rows * out).map(|_| rng.normal() as f32).collect();
             let mut y = vec![0f32; rows * out];
@@ -105,6 +105,7 @@ fn main() {
 fn decoding(shapes: &[(usize, usize)], rng: &mut Rng) {
     use nibble::model::{DenseData, DenseTensor};
     use nibble::ops::packed::{self, Rows};
+    use nibble::ops::packed_gemm;
     use rayon::prelude::*;
     let words: Vec<u64> = (0..64u64 << 20).collect();
     let read = fastest_seconds(|| {
@@ -129,19 +130,21 @@ fn decoding(shapes: &[(usize, usize)], rng: &mut Rng) {
             data: DenseData::BF16(w.iter().map(|&v| half::bf16::from_f32(v)).collect()),
         };
         let path = nibble::ops::isa::active();
-        // Where streaming the rows once per 4 tokens stops beating unpacking tiles for the gemm crate.
+        // Where streaming the rows once per 4 tokens stops beating blocks of decoded rows
+        // (packed::STREAM_MAX_TOKENS).
         for tokens in [4, 8, 16, 32, 64] {
             let x: Vec<f32> = (0..tokens * inp).map(|_| rng.normal() as f32).collect();
             let mut y = vec![0f32; tokens * out];
             let streamed = fastest_seconds(|| {
                 packed::xwt_few(path, &x, Rows::Quant(&q), 0, out, &mut y, out, 0, false)
             });
-            let lw = LinearWeight::Quant(q.clone());
-            let tiled = fastest_seconds(|| linear::forward(&x, &lw, None, &mut y, Precision::F32));
+            let blocked = fastest_seconds(|| {
+                packed_gemm::xwt(path, &x, Rows::Quant(&q), 0, out, &mut y, out, 0, false)
+            });
             println!(
-                "{out:>8} x {inp:>5} nf4 g64, {tokens:>2} tokens: streamed {:>7.3} ms, tiled {:>7.3} ms",
+                "{out:>8} x {inp:>5} nf4 g64, {tokens:>2} tokens: streamed {:>7.3} ms, blocks {:>7.3} ms",
                 streamed * 1e3,
-                tiled * 1e3
+                blocked * 1e3
             );
         }
         let x: Vec<f32> = (0..inp).map(|_| rng.normal() as f32).collect();

@@ -8,6 +8,7 @@ mod common;
 use nibble::model::{DenseData, DenseTensor};
 use nibble::ops::isa::CpuPath;
 use nibble::ops::packed::{self, Rows};
+use nibble::ops::packed_gemm;
 use nibble::quant::{NF4_CODES, QuantFormat, QuantSpec, QuantTensor};
 use nibble::rng::Rng;
 
@@ -79,26 +80,55 @@ fn reference(x: &[f32], w: &[f32], tokens: usize, rows: usize, cols: usize) -> V
     out
 }
 
-/// The largest |got − want| / Σ|x·w| of the product of rows start..start + n into y's columns
-/// col0..col0 + n, with y's other entries (and, accumulating, its prior values) checked too.
-#[allow(clippy::too_many_arguments)]
-fn product_error(
+/// Which product of tokens with frozen rows a test runs.
+#[derive(Clone, Copy, Debug)]
+enum Product {
+    /// packed::xwt_few: up to a few tokens per pass (decoding).
+    FewTokens,
+    /// packed_gemm::xwt: blocks of decoded rows (training, long prompts).
+    ManyTokens,
+}
+
+/// One product to check: rows start..start + n of `w` (whose values as f32 are `values`) with `tokens`
+/// random tokens on `path`, adding to what the output holds when `accumulate`.
+struct Case<'a> {
     path: CpuPath,
-    w: Rows,
-    values: &[f32],
+    name: &'a str,
+    w: Rows<'a>,
+    values: &'a [f32],
     tokens: usize,
     start: usize,
     n: usize,
     accumulate: bool,
-    rng: &mut Rng,
-) -> f64 {
+}
+
+/// The largest |got − want| / (Σ|x·w| + |prior value|) of the product of rows start..start + n into
+/// y's columns col0..col0 + n, with y's other entries (and, accumulating, its prior values) checked too.
+fn product_error(product: Product, case: &Case, rng: &mut Rng) -> f64 {
+    let Case {
+        path,
+        w,
+        values,
+        tokens,
+        start,
+        n,
+        accumulate,
+        ..
+    } = *case;
     let (rows, cols) = w.shape();
     let x = random(tokens * cols, 1.0, rng);
     let want = reference(&x, values, tokens, rows, cols);
     let (stride, col0) = (n + 3, 2);
     let before = random(tokens * stride, 1.0, rng);
     let mut y = before.clone();
-    packed::xwt_few(path, &x, w, start, n, &mut y, stride, col0, accumulate);
+    match product {
+        Product::FewTokens => {
+            packed::xwt_few(path, &x, w, start, n, &mut y, stride, col0, accumulate)
+        }
+        Product::ManyTokens => {
+            packed_gemm::xwt(path, &x, w, start, n, &mut y, stride, col0, accumulate)
+        }
+    }
     let mut worst = 0f64;
     for t in 0..tokens {
         for j in 0..stride {
@@ -111,39 +141,76 @@ fn product_error(
                 continue;
             }
             let (dot, size) = want[t * rows + start + j - col0];
+            // Accumulating adds the prior value in f32, whose rounding scales with it too.
             let base = if accumulate { before[at] as f64 } else { 0.0 };
-            worst = worst.max((y[at] as f64 - base - dot).abs() / size);
+            worst = worst.max((y[at] as f64 - base - dot).abs() / (size + base.abs()));
         }
     }
     worst
 }
 
-/// Measured worst error of any path below: 9.9e-8 of Σ|x·w| on x86-64 (AVX2, portable), 2.6e-7 on
+/// The largest |got − want| / (Σ|a·w| + |prior value|) of dx (+)= a[:, a_col0..a_col0 + n]·W[start..start + n],
+/// a's rows `a_stride` long (the input gradient of a product with those rows).
+fn input_gradient_error(case: &Case, rng: &mut Rng) -> f64 {
+    let Case {
+        path,
+        w,
+        values,
+        tokens,
+        start,
+        n,
+        accumulate,
+        ..
+    } = *case;
+    let cols = w.shape().1;
+    let (a_stride, a_col0) = (n + 5, 3);
+    let a = random(tokens * a_stride, 1.0, rng);
+    let before = random(tokens * cols, 1.0, rng);
+    let mut dx = before.clone();
+    packed_gemm::aw(path, &a, a_stride, a_col0, w, start, n, &mut dx, accumulate);
+    let mut worst = 0f64;
+    for t in 0..tokens {
+        for c in 0..cols {
+            let (mut sum, mut size) = (0f64, 0f64);
+            for i in 0..n {
+                let p = a[t * a_stride + a_col0 + i] as f64 * values[(start + i) * cols + c] as f64;
+                sum += p;
+                size += p.abs();
+            }
+            let at = t * cols + c;
+            let base = if accumulate { before[at] as f64 } else { 0.0 };
+            worst = worst.max((dx[at] as f64 - base - sum).abs() / (size + base.abs()));
+        }
+    }
+    worst
+}
+
+/// Measured worst error of any path below: 9.9e-8 of Σ|x·w| (+ |prior value|) on x86-64 (AVX2, portable), 2.6e-7 on
 /// aarch64 (NEON, portable; under qemu), for f32 sums of up to 384 products; the tolerance is about ten
 /// times the larger.
 const PRODUCT_TOLERANCE: f64 = 3e-6;
 
-#[test]
-fn few_token_products_match_f64_on_every_path_and_storage() {
-    let paths = common::cpu_paths("few-token products");
-    let mut rng = Rng::new(32);
-    let (rows, cols) = (150, 384);
-    // (name, rows, the rows' values as f32)
+/// Random 4-bit rows (NF4 and INT4 at every group size) and dense f32/f16/bf16 rows of `dense_cols`
+/// (a length that is no multiple of any vector width), each with its values as f32.
+fn frozen_row_cases(
+    rows: usize,
+    cols: usize,
+    dense_cols: usize,
+    rng: &mut Rng,
+) -> Vec<(String, Rows<'static>, Vec<f32>)> {
     let mut cases: Vec<(String, Rows<'static>, Vec<f32>)> = Vec::new();
     for format in [QuantFormat::Nf4, QuantFormat::Int4] {
         for group in [32, 64, 128] {
             let q: &'static QuantTensor =
-                Box::leak(Box::new(quantized(format, group, rows, cols, &mut rng)));
+                Box::leak(Box::new(quantized(format, group, rows, cols, rng)));
             let values: Vec<f32> = (0..rows * cols)
                 .map(|i| defined_value(q, i / cols, i % cols))
                 .collect();
             cases.push((format!("{format} g{group}"), Rows::Quant(q), values));
         }
     }
-    // Dense rows with a length that is not a multiple of any vector width.
-    let dense_cols = 203;
     for dtype in ["f32", "f16", "bf16"] {
-        let v = random(rows * dense_cols, 0.05, &mut rng);
+        let v = random(rows * dense_cols, 0.05, rng);
         let data = match dtype {
             "f32" => DenseData::F32(v),
             "f16" => DenseData::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
@@ -159,23 +226,87 @@ fn few_token_products_match_f64_on_every_path_and_storage() {
             .collect();
         cases.push((format!("dense {dtype}"), Rows::Dense(d), values));
     }
+    cases
+}
+
+/// Checks `error` for every storage case, CPU path, token count and (start, n, accumulate) run:
+/// each under `tolerance`; prints the worst.
+fn check_every_case(
+    test: &str,
+    cases: &[(String, Rows, Vec<f32>)],
+    token_counts: &[usize],
+    runs: &[(usize, usize, bool)],
+    tolerance: f64,
+    error: impl Fn(&Case, &mut Rng) -> f64,
+) {
+    let paths = common::cpu_paths(test);
+    let mut rng = Rng::new(34);
     let mut worst = 0f64;
-    for (name, w, values) in &cases {
+    for (name, w, values) in cases {
         for &path in &paths {
-            // 1-4 tokens in one pass, 5 and 9 in several; all rows, or a run of them.
-            for tokens in [1, 2, 3, 4, 5, 9] {
-                for (start, n, accumulate) in [(0, rows, false), (37, 70, true)] {
-                    let e = product_error(path, *w, values, tokens, start, n, accumulate, &mut rng);
+            for &tokens in token_counts {
+                for &(start, n, accumulate) in runs {
+                    let case = Case {
+                        path,
+                        name,
+                        w: *w,
+                        values,
+                        tokens,
+                        start,
+                        n,
+                        accumulate,
+                    };
+                    let e = error(&case, &mut rng);
                     assert!(
-                        e < PRODUCT_TOLERANCE,
-                        "{path} {name}, {tokens} tokens, rows {start}+{n}: error {e:e}"
+                        e < tolerance,
+                        "{test}: {path} {}, {tokens} tokens, rows {start}+{n}: error {e:e}",
+                        case.name
                     );
                     worst = worst.max(e);
                 }
             }
         }
     }
-    eprintln!("worst error over all paths and storages: {worst:e} of Σ|x·w|");
+    eprintln!("{test}: worst error over all paths and storages: {worst:e}");
+}
+
+#[test]
+fn few_token_products_match_f64_on_every_path_and_storage() {
+    let rows = 150;
+    let cases = frozen_row_cases(rows, 384, 203, &mut Rng::new(32));
+    // 1-4 tokens in one pass, 5 and 9 in several; all rows, or a run of them.
+    check_every_case(
+        "few-token products",
+        &cases,
+        &[1, 2, 3, 4, 5, 9],
+        &[(0, rows, false), (37, 70, true)],
+        PRODUCT_TOLERANCE,
+        |case, rng| product_error(Product::FewTokens, case, rng),
+    );
+}
+
+/// Measured worst error of any path below: 7.4e-7 of Σ|x·w| + |prior value| on x86-64 (AVX2, portable)
+/// and on aarch64 (NEON, portable; under qemu), for f32 sums of up to 640 products (the input
+/// gradient sums each column's products one after another); the tolerance is about ten times that.
+const MANY_TOKEN_TOLERANCE: f64 = 8e-6;
+
+#[test]
+fn many_token_products_and_input_gradients_match_f64_on_every_path_and_storage() {
+    // Rows not a multiple of the 3-row register block, columns longer than one 512-column pass
+    // (dense: no multiple of any vector width), token counts around the 4- and 6-token blocks, and
+    // more than one 256-token chunk.
+    let rows = 100;
+    let cases = frozen_row_cases(rows, 640, 523, &mut Rng::new(33));
+    check_every_case(
+        "many-token products",
+        &cases,
+        &[1, 7, 33, 261],
+        &[(0, rows, false), (29, 43, true)],
+        MANY_TOKEN_TOLERANCE,
+        |case, rng| {
+            product_error(Product::ManyTokens, case, rng).max(input_gradient_error(case, rng))
+        },
+    );
 }
 
 #[test]

@@ -5,61 +5,82 @@
 use crate::exec::gpu::Recorder;
 use crate::gpu::weights::GpuDense;
 use crate::gpu::{GpuBuffer, groups_1d};
-use crate::model::DenseTensor;
+use crate::model::{DenseData, DenseTensor};
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
 use crate::ops::fastmath;
 use crate::ops::linear::{LinearParams, linear_groups};
-use crate::ops::matmul::{View, matmul_into};
-use crate::ops::{isa, packed};
+use crate::ops::{isa, packed, packed_gemm};
 use rayon::prelude::*;
 
-/// Vocabulary rows converted to f32 per chunk.
+/// Vocabulary rows per chunk: the logits of one chunk exist at a time.
 pub const VOCAB_CHUNK: usize = 4096;
-
-fn head_rows_f32(head: &DenseTensor, start: usize, count: usize) -> Vec<f32> {
-    let mut w = vec![0f32; count * head.cols];
-    w.par_chunks_mut(head.cols)
-        .enumerate()
-        .for_each(|(i, row)| head.row_f32(start + i, row));
-    w
-}
 
 /// The hidden states in the form each precision multiplies them in.
 enum Hidden<'a> {
-    F32(&'a [f32]),
+    /// With the current vocabulary chunk of a 16-bit head converted to f32 once, for both products.
+    F32 {
+        hidden: &'a [f32],
+        chunk: DenseTensor,
+    },
     Bf16(bf16_gemm::PackedRows),
 }
 
 impl<'a> Hidden<'a> {
     fn new(hidden: &'a [f32], positions: usize, dim: usize, precision: Precision) -> Self {
         match precision {
-            Precision::F32 => Hidden::F32(hidden),
+            Precision::F32 => Hidden::F32 {
+                hidden,
+                chunk: DenseTensor {
+                    rows: 0,
+                    cols: dim,
+                    data: DenseData::F32(Vec::new()),
+                },
+            },
             Precision::Bf16 => Hidden::Bf16(bf16_gemm::PackedRows::for_xwt(hidden, positions, dim)),
         }
     }
 
     /// logits[positions, n] = hidden · head[start..start + n]ᵀ
-    fn chunk_logits(&self, head: &DenseTensor, start: usize, n: usize, logits: &mut [f32]) {
-        let dim = head.cols;
+    fn chunk_logits(&mut self, head: &DenseTensor, start: usize, n: usize, logits: &mut [f32]) {
         match self {
-            Hidden::F32(h) => {
-                let w = head_rows_f32(head, start, n);
-                let positions = h.len() / dim;
-                matmul_into(
-                    View::new(h, positions, dim),
-                    View::transposed(&w, n, dim),
-                    1.0,
-                    logits,
-                    n,
-                    0,
-                    false,
-                );
+            Hidden::F32 { hidden, chunk } => {
+                if !matches!(head.data, DenseData::F32(_)) {
+                    convert_rows(head, start, n, chunk);
+                }
+                let (rows, first) = f32_chunk(head, chunk, start);
+                packed_gemm::xwt(isa::active(), hidden, rows, first, n, logits, n, 0, false);
             }
             Hidden::Bf16(packed) => {
                 bf16_gemm::matmul_xwt(packed, head, start, n, logits, n, 0, false)
             }
         }
+    }
+}
+
+/// Rows start..start + n of a 16-bit head into `chunk` as f32, on every thread.
+fn convert_rows(head: &DenseTensor, start: usize, n: usize, chunk: &mut DenseTensor) {
+    let DenseData::F32(values) = &mut chunk.data else {
+        unreachable!("the chunk is f32")
+    };
+    values.resize(n * head.cols, 0.0);
+    values
+        .par_chunks_mut(head.cols)
+        .enumerate()
+        .for_each(|(i, row)| head.row_f32(start + i, row));
+    chunk.rows = n;
+}
+
+/// The f32 rows of the chunk that starts at `start`, and the first one's index in them: the head
+/// itself when it is f32, else the chunk `convert_rows` made.
+fn f32_chunk<'h>(
+    head: &'h DenseTensor,
+    chunk: &'h DenseTensor,
+    start: usize,
+) -> (packed::Rows<'h>, usize) {
+    match head.data {
+        DenseData::F32(_) => (packed::Rows::Dense(head), start),
+        _ => (packed::Rows::Dense(chunk), 0),
     }
 }
 
@@ -71,7 +92,7 @@ fn for_each_chunk(
     mut f: impl FnMut(usize, usize, &mut [f32]),
 ) {
     let positions = hidden.len() / head.cols;
-    let h = Hidden::new(hidden, positions, head.cols, precision);
+    let mut h = Hidden::new(hidden, positions, head.cols, precision);
     let mut logits = Vec::new();
     for start in (0..head.rows).step_by(VOCAB_CHUNK) {
         let n = VOCAB_CHUNK.min(head.rows - start);
@@ -141,7 +162,7 @@ pub fn forward_backward(
         positions * dim,
         "cross_entropy: hidden is positions x dim"
     );
-    let h = Hidden::new(hidden, positions, dim, precision);
+    let mut h = Hidden::new(hidden, positions, dim, precision);
     // (running max, running sum, label logit) per position.
     let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); positions];
     let mut acc = vec![0f32; positions * dim];
@@ -149,19 +170,7 @@ pub fn forward_backward(
     for start in (0..head.rows).step_by(VOCAB_CHUNK) {
         let n = VOCAB_CHUNK.min(head.rows - start);
         probs.resize(positions * n, 0.0);
-        let w = (precision == Precision::F32).then(|| head_rows_f32(head, start, n));
-        match (&h, &w) {
-            (Hidden::F32(x), Some(w)) => matmul_into(
-                View::new(x, positions, dim),
-                View::transposed(w, n, dim),
-                1.0,
-                &mut probs,
-                n,
-                0,
-                false,
-            ),
-            _ => h.chunk_logits(head, start, n, &mut probs),
-        }
+        h.chunk_logits(head, start, n, &mut probs);
         probs
             .par_chunks_mut(n)
             .zip(acc.par_chunks_mut(dim))
@@ -177,17 +186,12 @@ pub fn forward_backward(
                     acc_row.iter_mut().for_each(|a| *a *= rescale);
                 }
             });
-        match (precision, &w) {
-            (Precision::F32, Some(w)) => matmul_into(
-                View::new(&probs, positions, n),
-                View::new(w, n, dim),
-                1.0,
-                &mut acc,
-                dim,
-                0,
-                true,
-            ),
-            _ => {
+        match &h {
+            Hidden::F32 { chunk, .. } => {
+                let (rows, first) = f32_chunk(head, chunk, start);
+                packed_gemm::aw(isa::active(), &probs, n, 0, rows, first, n, &mut acc, true);
+            }
+            Hidden::Bf16(_) => {
                 let a = bf16_gemm::PackedRows::for_aw(&probs, positions, n);
                 bf16_gemm::matmul_aw(&a, head, start, &mut acc, dim, 0, true);
             }

@@ -1,6 +1,7 @@
-//! y = x·Wᵀ (+ bias) with W frozen, packed 4-bit or dense, and its input gradient dx = dy·W. In f32, W is
-//! unpacked a block of output rows at a time into an f32 tile that every row of x reuses; the bf16
-//! kernels decode each weight once per product.
+//! y = x·Wᵀ (+ bias) with W frozen, packed 4-bit or dense, and its input gradient dx = dy·W. In f32,
+//! up to `packed::STREAM_MAX_TOKENS` tokens stream the stored rows (packed.rs), more go through blocks of
+//! decoded rows that every token reuses (packed_gemm.rs); the bf16 kernels decode each weight once per
+//! product.
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::GpuBuffer;
@@ -8,12 +9,8 @@ use crate::gpu::weights::{GpuLinear, LinearBlock};
 use crate::model::LinearWeight;
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
-use crate::ops::matmul::{View, matmul_into};
-use crate::ops::{isa, packed};
+use crate::ops::{isa, packed, packed_gemm};
 use rayon::prelude::*;
-
-/// Output rows of W unpacked per block in f32 (a 256 x 4864 f32 tile is 5 MB).
-const BLOCK_ROWS: usize = 256;
 
 impl LinearWeight {
     /// (out_features, in_features).
@@ -22,18 +19,6 @@ impl LinearWeight {
             LinearWeight::Dense(d) => (d.rows, d.cols),
             LinearWeight::Quant(q) => (q.rows, q.cols),
         }
-    }
-
-    /// Rows `start..start + count` as f32, row-major.
-    pub fn rows_f32(&self, start: usize, count: usize, out: &mut [f32]) {
-        let cols = self.shape().1;
-        out[..count * cols]
-            .par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(i, row)| match self {
-                LinearWeight::Dense(d) => d.row_f32(start + i, row),
-                LinearWeight::Quant(q) => q.dequantize_row(start + i, row),
-            });
     }
 }
 
@@ -89,30 +74,13 @@ fn forward_many(
     y: &mut [f32],
     precision: Precision,
 ) {
-    let (out, inp) = w.shape();
-    let tokens = x.len() / inp;
+    let out = w.shape().0;
     match precision {
         Precision::Bf16 => {
             let px = packed.expect("bf16 products need the input packed by pack_input");
             bf16_gemm::matmul_xwt(px, w, 0, out, y, out, 0, false);
         }
-        Precision::F32 => {
-            let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
-            for start in (0..out).step_by(BLOCK_ROWS) {
-                let n = BLOCK_ROWS.min(out - start);
-                w.rows_f32(start, n, &mut tile);
-                let tile = &tile[..n * inp];
-                matmul_into(
-                    View::new(x, tokens, inp),
-                    View::transposed(tile, n, inp),
-                    1.0,
-                    y,
-                    out,
-                    start,
-                    false,
-                );
-            }
-        }
+        Precision::F32 => packed_gemm::xwt(isa::active(), x, w.into(), 0, out, y, out, 0, false),
     }
 }
 
@@ -127,28 +95,14 @@ pub fn backward_input(
     let (out, inp) = w.shape();
     let tokens = dy.len() / out;
     assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
-    if precision == Precision::Bf16 {
-        let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, out);
-        bf16_gemm::matmul_aw(&packed, w, 0, dx, inp, 0, accumulate);
-        return;
-    }
-    if !accumulate {
-        dx.fill(0.0);
-    }
-    let mut tile = vec![0f32; BLOCK_ROWS.min(out) * inp];
-    for start in (0..out).step_by(BLOCK_ROWS) {
-        let n = BLOCK_ROWS.min(out - start);
-        w.rows_f32(start, n, &mut tile);
-        let tile = &tile[..n * inp];
-        matmul_into(
-            View::columns(dy, tokens, out, start, n),
-            View::new(tile, n, inp),
-            1.0,
-            dx,
-            inp,
-            0,
-            true,
-        );
+    match precision {
+        Precision::Bf16 => {
+            let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, out);
+            bf16_gemm::matmul_aw(&packed, w, 0, dx, inp, 0, accumulate);
+        }
+        Precision::F32 => {
+            packed_gemm::aw(isa::active(), dy, out, 0, w.into(), 0, out, dx, accumulate)
+        }
     }
 }
 

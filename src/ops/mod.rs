@@ -12,6 +12,7 @@ pub mod isa;
 pub mod linear;
 pub mod matmul;
 pub mod packed;
+pub mod packed_gemm;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

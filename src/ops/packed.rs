@@ -46,12 +46,24 @@ impl QuantTensor {
 
     /// Row `r`'s groups: (index into `scales`, first column, the group's words).
     fn row_groups(&self, r: usize) -> impl Iterator<Item = (usize, usize, &[u32])> {
+        self.row_groups_from(r, 0)
+    }
+
+    /// Row `r`'s groups from group `first` on (sliced, not skipped: a row may have hundreds).
+    fn row_groups_from(
+        &self,
+        r: usize,
+        first: usize,
+    ) -> impl Iterator<Item = (usize, usize, &[u32])> {
         let g = self.spec.group_size;
-        let words = &self.packed[r * self.cols / 8..(r + 1) * self.cols / 8];
+        let words = &self.packed[(r * self.cols + first * g) / 8..(r + 1) * self.cols / 8];
         words
             .chunks_exact(g / 8)
             .enumerate()
-            .map(move |(i, group_words)| (r * (self.cols / g) + i, i * g, group_words))
+            .map(move |(i, group_words)| {
+                let i = first + i;
+                (r * (self.cols / g) + i, i * g, group_words)
+            })
     }
 
     /// Row `r` as f32 into `out[..cols]`, on the active CPU path.
@@ -63,30 +75,62 @@ impl QuantTensor {
 /// Row `r` of `q` as f32 on `path` (which this CPU must support).
 pub fn decode_row(path: CpuPath, q: &QuantTensor, r: usize, out: &mut [f32]) {
     assert_eq!(out.len(), q.cols, "decode_row: out is one row");
-    assert!(r < q.rows, "decode_row: row {r} of {}", q.rows);
+    decode_rows_part(path, q, r, 0, q.cols, out);
+}
+
+/// Columns `first_col..first_col + width` (whole groups) of rows `first_row..` as f32 on `path`, one
+/// row per `width` floats of `out`: the checks once for many (short) rows.
+pub fn decode_rows_part(
+    path: CpuPath,
+    q: &QuantTensor,
+    first_row: usize,
+    first_col: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    let g = q.spec.group_size;
+    assert!(
+        first_col.is_multiple_of(g)
+            && width.is_multiple_of(g)
+            && width > 0
+            && first_col + width <= q.cols,
+        "decode_rows_part: columns {first_col}+{width} of {} in groups of {g}",
+        q.cols
+    );
+    let count = out.len() / width;
+    assert!(
+        out.len() == count * width && first_row + count <= q.rows,
+        "decode_rows_part: rows {first_row}+{count} of {}",
+        q.rows
+    );
     assert!(
         path.supported().is_ok(),
         "decode_row: {path} does not run here"
     );
-    #[cfg(target_arch = "x86_64")]
-    if path.includes(CpuPath::Avx2) {
-        // SAFETY: the CPU supports AVX2+FMA (checked above); the row exists (asserted above).
-        unsafe { avx2::decode_row(q, r, out) };
-        return;
-    }
-    #[cfg(target_arch = "aarch64")]
-    if path == CpuPath::Neon {
-        // SAFETY: NEON is part of every aarch64 target; the row exists (asserted above).
-        unsafe { neon::decode_row(q, r, out) };
-        return;
-    }
-    for ((gi, _, group_words), group_out) in
-        q.row_groups(r).zip(out.chunks_exact_mut(q.spec.group_size))
-    {
-        let table = q.group_table(gi);
-        for (eight, &word) in group_out.chunks_exact_mut(8).zip(group_words) {
-            for (k, value) in eight.iter_mut().enumerate() {
-                *value = table[((word >> (4 * k)) & 0xF) as usize];
+    let first_group = first_col / g;
+    for (i, row_out) in out.chunks_exact_mut(width).enumerate() {
+        let r = first_row + i;
+        #[cfg(target_arch = "x86_64")]
+        if path.includes(CpuPath::Avx2) {
+            // SAFETY: the CPU supports AVX2+FMA (checked above); the row and its columns exist.
+            unsafe { avx2::decode_row(q, r, first_group, row_out) };
+            continue;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if path == CpuPath::Neon {
+            // SAFETY: NEON is part of every aarch64 target; the row and its columns exist.
+            unsafe { neon::decode_row(q, r, first_group, row_out) };
+            continue;
+        }
+        for ((gi, _, group_words), group_out) in q
+            .row_groups_from(r, first_group)
+            .zip(row_out.chunks_exact_mut(g))
+        {
+            let table = q.group_table(gi);
+            for (eight, &word) in group_out.chunks_exact_mut(8).zip(group_words) {
+                for (k, value) in eight.iter_mut().enumerate() {
+                    *value = table[((word >> (4 * k)) & 0xF) as usize];
+                }
             }
         }
     }
@@ -117,6 +161,32 @@ impl Rows<'_> {
     }
 }
 
+/// The token count of y (+)= x·W[start..start + n]ᵀ into y's columns y_col0.., as `xwt_few` and
+/// `packed_gemm::xwt` take it, once its operands are checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_xwt(
+    name: &str,
+    path: CpuPath,
+    x: &[f32],
+    w: Rows,
+    start: usize,
+    n: usize,
+    y: &[f32],
+    y_stride: usize,
+    y_col0: usize,
+) -> usize {
+    let (rows, cols) = w.shape();
+    let tokens = x.len() / cols.max(1);
+    assert_eq!(x.len(), tokens * cols, "{name}: x is tokens x cols");
+    assert!(start + n <= rows, "{name}: rows {start}+{n} of {rows}");
+    assert!(
+        y_col0 + n <= y_stride && y.len() >= tokens * y_stride,
+        "{name}: y too small"
+    );
+    assert!(path.supported().is_ok(), "{name}: {path} does not run here");
+    tokens
+}
+
 /// Rows of W handed to one task: enough that a task's work outweighs its scheduling.
 const ROWS_PER_TASK: usize = 64;
 
@@ -134,18 +204,8 @@ pub fn xwt_few(
     y_col0: usize,
     accumulate: bool,
 ) {
-    let (rows, cols) = w.shape();
-    let tokens = x.len() / cols;
-    assert_eq!(x.len(), tokens * cols, "xwt_few: x is tokens x cols");
-    assert!(start + n <= rows, "xwt_few: rows {start}+{n} of {rows}");
-    assert!(
-        y_col0 + n <= y_stride && y.len() >= tokens * y_stride,
-        "xwt_few: y too small"
-    );
-    assert!(
-        path.supported().is_ok(),
-        "xwt_few: {path} does not run here"
-    );
+    let tokens = check_xwt("xwt_few", path, x, w, start, n, y, y_stride, y_col0);
+    let cols = w.shape().1;
     for t0 in (0..tokens).step_by(FEW_TOKENS) {
         let count = FEW_TOKENS.min(tokens - t0);
         let xs = &x[t0 * cols..(t0 + count) * cols];
@@ -296,11 +356,17 @@ mod avx2 {
         )
     }
 
-    /// Row `r` decoded into `out` (q.cols values).
+    /// Row `r`'s groups from `first_group` on, decoded into `out` (whole groups).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn decode_row(q: &QuantTensor, r: usize, out: &mut [f32]) {
-        for ((gi, _, group_words), group_out) in
-            q.row_groups(r).zip(out.chunks_exact_mut(q.spec.group_size))
+    pub(super) unsafe fn decode_row(
+        q: &QuantTensor,
+        r: usize,
+        first_group: usize,
+        out: &mut [f32],
+    ) {
+        for ((gi, _, group_words), group_out) in q
+            .row_groups_from(r, first_group)
+            .zip(out.chunks_exact_mut(q.spec.group_size))
         {
             // SAFETY: the caller checked AVX2+FMA; each store writes the 8 floats of one chunk.
             unsafe {
@@ -519,9 +585,15 @@ mod neon {
     }
 
     #[target_feature(enable = "neon")]
-    pub(super) unsafe fn decode_row(q: &QuantTensor, r: usize, out: &mut [f32]) {
-        for ((gi, _, group_words), group_out) in
-            q.row_groups(r).zip(out.chunks_exact_mut(q.spec.group_size))
+    pub(super) unsafe fn decode_row(
+        q: &QuantTensor,
+        r: usize,
+        first_group: usize,
+        out: &mut [f32],
+    ) {
+        for ((gi, _, group_words), group_out) in q
+            .row_groups_from(r, first_group)
+            .zip(out.chunks_exact_mut(q.spec.group_size))
         {
             // SAFETY: each pair of stores writes the 8 floats of one chunk.
             unsafe {
