@@ -345,8 +345,10 @@ fn training_gives_the_same_losses_on_every_cpu_path() {
          {\"prompt\": \"2+2=\", \"completion\": \"4\"}\n",
     )
     .unwrap();
-    let losses = |path: CpuPath, run: &str| -> Vec<f64> {
-        let out = dir.path().join(format!("{}-{run}", path.name()));
+    let losses = |path: CpuPath, precision: &str, run: &str| -> Vec<f64> {
+        let out = dir
+            .path()
+            .join(format!("{}-{precision}-{run}", path.name()));
         let o = common::nibble_command()
             .env("NIBBLE_CPU_FEATURES", path.name())
             .args(common::train_args(
@@ -361,7 +363,7 @@ fn training_gives_the_same_losses_on_every_cpu_path() {
                     "--group-size",
                     "32",
                     "--precision",
-                    "f32",
+                    precision,
                 ],
             ))
             .output()
@@ -381,16 +383,33 @@ fn training_gives_the_same_losses_on_every_cpu_path() {
             })
             .collect()
     };
-    let portable = losses(CpuPath::Portable, "reference");
+    let portable = losses(CpuPath::Portable, "f32", "reference");
     assert_eq!(portable.len(), 3);
     for &path in &paths {
-        let got = losses(path, "run");
+        let got = losses(path, "f32", "run");
         for (a, b) in got.iter().zip(&portable) {
-            // The f32 paths differ only in the order of the few-token products' sums (the decoded
-            // weights are identical): measured 0 to 1e-7 relative; tolerance 1e-5.
+            // The f32 paths differ only in the order of the products' sums (the decoded weights are
+            // identical): measured 0 to 1e-7 relative; tolerance 1e-5.
             assert!(
                 (a - b).abs() <= 1e-5 * b.abs(),
                 "{path}: losses {got:?} vs portable {portable:?}"
+            );
+        }
+        if matches!(path, CpuPath::Avx512Bf16 | CpuPath::NeonBf16) {
+            // The default precision there rounds the frozen products' operands to bf16; it promises
+            // losses within 1e-3 (relative) of f32. Measured on neonbf16 under qemu: 9e-5.
+            let bf16 = losses(path, "default", "run");
+            let worst = bf16
+                .iter()
+                .zip(&portable)
+                .map(|(a, b)| (a - b).abs() / b.abs())
+                .fold(0f64, f64::max);
+            eprintln!(
+                "training: {path} --precision default: losses {bf16:?}, {worst:e} (relative) from f32"
+            );
+            assert!(
+                worst <= 1e-3,
+                "{path} bf16: losses {bf16:?} vs f32 {portable:?}"
             );
         }
     }

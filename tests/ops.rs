@@ -510,6 +510,21 @@ fn adamw_follows_torch_algorithm_over_several_steps() {
     );
 }
 
+/// Whether the bf16 kernels run here (AVX512-BF16 or ARM BF16), printing which CPU paths the machine
+/// has (they run on the active path, the fastest unless NIBBLE_CPU_FEATURES caps it).
+fn has_bf16_kernels() -> bool {
+    let paths = common::cpu_paths("bf16 kernels");
+    let has = bf16_gemm::available();
+    eprintln!(
+        "bf16 kernels: {} on the active path {}",
+        if has { "run" } else { "skipped" },
+        nibble::ops::isa::active()
+    );
+    has && paths
+        .iter()
+        .any(|p| matches!(p, CpuPath::Avx512Bf16 | CpuPath::NeonBf16))
+}
+
 fn bf16_round(v: &[f32]) -> Vec<f64> {
     v.iter()
         .map(|&x| half::bf16::from_f32(x).to_f32() as f64)
@@ -552,7 +567,7 @@ fn assert_block_matches(
 
 #[test]
 fn bf16_kernels_compute_exact_products_of_rounded_operands() {
-    if !common::cpu_paths("bf16 kernels").contains(&CpuPath::Avx512Bf16) {
+    if !has_bf16_kernels() {
         return;
     }
     let mut rng = Rng::new(17);
@@ -630,7 +645,7 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
 
 #[test]
 fn bf16_linear_stays_close_to_f32() {
-    if !common::cpu_paths("bf16 kernels").contains(&CpuPath::Avx512Bf16) {
+    if !has_bf16_kernels() {
         return;
     }
     let mut rng = Rng::new(18);

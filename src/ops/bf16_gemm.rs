@@ -1,6 +1,8 @@
-//! Mixed-precision products for the frozen-weight matmuls on CPUs with AVX512-BF16: operands rounded to
-//! bf16, products accumulated in f32 with `vdpbf16ps` (two multiply-adds per lane per instruction, twice
-//! the f32 FMA rate). Used by the default precision; `--precision f32` never comes here.
+//! Mixed-precision products for the frozen-weight matmuls on CPUs with BF16 dot products (AVX512-BF16,
+//! ARM's BF16 extension): operands rounded to bf16, products accumulated in f32 with `vdpbf16ps` or
+//! `bfdot` (two multiply-adds per lane per instruction, twice the f32 FMA rate). Used by the default
+//! precision; `--precision f32` never comes here. The packing and decoding have AVX-512 versions; on ARM
+//! only the kernel is vectorised.
 //!
 //! The right-hand operand is packed into panels of 32 columns: for each pair of k indices, the 32
 //! columns' two values lie side by side (64 bf16 = two 512-bit registers), which is the layout
@@ -13,8 +15,15 @@ use rayon::prelude::*;
 const NR: usize = 32;
 const MR: usize = 8;
 
-/// Whether the bf16 kernels run here: the CPU has AVX512-BF16 and the active path includes it.
+/// Whether the bf16 kernels run here: the CPU has AVX512-BF16 or ARM's BF16 and the active path
+/// includes it.
 pub fn available() -> bool {
+    use crate::ops::isa::{CpuPath, active};
+    active().includes(CpuPath::Avx512Bf16) || active().includes(CpuPath::NeonBf16)
+}
+
+/// Whether the AVX-512 packing, decoding and kernel run here.
+fn avx512_bf16() -> bool {
     crate::ops::isa::active().includes(crate::ops::isa::CpuPath::Avx512Bf16)
 }
 
@@ -77,8 +86,8 @@ impl Bf16Rows for LinearWeight {
             LinearWeight::Quant(q) => {
                 let (g, cols) = (q.spec.group_size, q.cols);
                 #[cfg(target_arch = "x86_64")]
-                if available() && c0 % 32 == 0 && out.len() % 32 == 0 && g % 32 == 0 {
-                    // SAFETY: `available()` checked AVX512F/BW/BF16; the alignment is checked above.
+                if avx512_bf16() && c0 % 32 == 0 && out.len() % 32 == 0 && g % 32 == 0 {
+                    // SAFETY: `avx512_bf16()` checked AVX512F/BW/BF16; the alignment is checked above.
                     unsafe { decode_span_avx512(q, row, c0, out) };
                     return;
                 }
@@ -118,8 +127,8 @@ const INT4_CODES: [f32; 16] = [
 /// are separate f32 operations (no fused multiply-add), as dequantization computes them.
 fn group_table(codes: &[f32; 16], scale: f32, min: f32) -> [u16; 16] {
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: `available()` checked AVX512F/BF16.
+    if avx512_bf16() {
+        // SAFETY: `avx512_bf16()` checked AVX512F/BF16.
         return unsafe { group_table_avx512(codes, scale, min) };
     }
     std::array::from_fn(|c| bf16_bits(min + codes[c] * scale))
@@ -359,11 +368,11 @@ fn spare_buffer(len: usize) -> Vec<u32> {
 /// in registers, where the CPU can; returns how many pairs of each row it packed (0 elsewhere).
 fn pack_register_blocks(rows: &[f32], k: usize, group: usize, dst: &mut [u32]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if available() && group % 8 == 0 {
+    if avx512_bf16() && group % 8 == 0 {
         let packed = k / 32 * 16;
         for t0 in (0..group).step_by(16) {
             for kp0 in (0..packed).step_by(16) {
-                // SAFETY: `available()` checked AVX512F/BF16; the block's reads (pairs kp0..kp0 + 16
+                // SAFETY: `avx512_bf16()` checked AVX512F/BF16; the block's reads (pairs kp0..kp0 + 16
                 // < k / 2 of rows that exist) and writes are bounds-checked inside.
                 unsafe { pack_block_avx512(rows, k, t0, kp0, group, dst) };
             }
@@ -378,14 +387,14 @@ fn pack_register_blocks(rows: &[f32], k: usize, group: usize, dst: &mut [u32]) -
 fn round_pairs(src: &[f32], pairs: &mut [u32]) {
     debug_assert_eq!(pairs.len(), src.len().div_ceil(2));
     // 32 values (16 pairs) at a time with the CPU's own conversion, the rest one by one.
-    let vectorised = if available() {
+    let vectorised = if avx512_bf16() {
         (src.len() / 32) * 16
     } else {
         0
     };
     #[cfg(target_arch = "x86_64")]
     if vectorised > 0 {
-        // SAFETY: `available()` checked AVX512F/BF16; the call reads src[..2·vectorised] and writes
+        // SAFETY: `avx512_bf16()` checked AVX512F/BF16; the call reads src[..2·vectorised] and writes
         // pairs[..vectorised], within both slices (vectorised = 16·(len / 32)).
         unsafe { round_pairs_avx512(&src[..2 * vectorised], &mut pairs[..vectorised]) };
     }
@@ -530,8 +539,8 @@ impl SharedOut {
         accumulate: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if rows == MR && available() {
-            // SAFETY: `available()` checked AVX-512, which includes AVX2.
+        if rows == MR && avx512_bf16() {
+            // SAFETY: `avx512_bf16()` checked AVX-512, which includes AVX2.
             unsafe { self.add_tile_transposed_avx2(tile, c_row0, c_col0, ldc, cols, accumulate) };
             return;
         }
@@ -687,7 +696,7 @@ pub fn matmul_xwt(
     c_col: usize,
     accumulate: bool,
 ) {
-    assert!(available(), "bf16 kernels need AVX512-BF16");
+    assert!(available(), "bf16 kernels need AVX512-BF16 or ARM BF16");
     assert_eq!(w.cols(), x.k, "bf16 x·Wᵀ: inner dimensions differ");
     assert_eq!(
         x.group, NR,
@@ -785,7 +794,7 @@ pub fn matmul_aw(
     c_col: usize,
     accumulate: bool,
 ) {
-    assert!(available(), "bf16 kernels need AVX512-BF16");
+    assert!(available(), "bf16 kernels need AVX512-BF16 or ARM BF16");
     assert_eq!(
         a.group, MR,
         "bf16 a·W: a must be packed with PackedRows::for_aw"
@@ -881,8 +890,8 @@ pub fn matmul_aw(
 fn interleave(even: &[u16], odd: &[u16], out: &mut [u32]) {
     debug_assert!(even.len() == NR && odd.len() == NR && out.len() == NR);
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: `available()` checked AVX512F/BW; the three slices hold exactly 32 elements each.
+    if avx512_bf16() {
+        // SAFETY: `avx512_bf16()` checked AVX512F/BW; the three slices hold exactly 32 elements each.
         unsafe { interleave_avx512(even, odd, out) };
         return;
     }
@@ -935,16 +944,88 @@ fn kernel(
         b.len() >= k_pairs * NR,
         "bf16 kernel: right operand too short"
     );
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the callers checked `available()` (AVX512F and AVX512-BF16); the assertions above bound
-    // every index the kernel reads.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    // SAFETY: the callers checked `available()` (AVX512F and AVX512-BF16, or NEON and BF16); the
+    // assertions above bound every index the kernel reads.
     unsafe {
         micro_kernel(a, stride, b, k_pairs, tile, add)
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = (a, stride, b, k_pairs, tile, add);
-        unreachable!("bf16 kernels need AVX512-BF16")
+        unreachable!("bf16 kernels need AVX512-BF16 or ARM BF16")
+    }
+}
+
+/// `bfdot`: lane i of acc += a.h[2i]·b.h[2i] + a.h[2i+1]·b.h[2i+1] (bf16 pairs, f32 sums). Rust has
+/// no stable intrinsic for it yet.
+#[cfg(target_arch = "aarch64")]
+#[inline]
+#[target_feature(enable = "neon,bf16")]
+fn bfdot(
+    acc: std::arch::aarch64::float32x4_t,
+    a: std::arch::aarch64::uint32x4_t,
+    b: std::arch::aarch64::uint32x4_t,
+) -> std::arch::aarch64::float32x4_t {
+    let mut acc = acc;
+    // SAFETY: one register-only instruction, which the CPU has (this function's target features).
+    unsafe {
+        std::arch::asm!(
+            "bfdot {acc:v}.4s, {a:v}.8h, {b:v}.8h",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// The AVX-512 kernel's contract on ARM: 4 rows x 16 columns at a time (16 accumulators of 4 lanes,
+/// of NEON's 32 registers), each column's pair broadcast against the rows' pairs.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon,bf16")]
+unsafe fn micro_kernel(
+    a: &[u32],
+    (row_stride, kp_stride): (usize, usize),
+    b: &[u32],
+    k_pairs: usize,
+    tile: &mut [[f32; NR]; MR],
+    add: bool,
+) {
+    use std::arch::aarch64::*;
+    // SAFETY (for the loads below): `kernel` asserted that a[r·row_stride + kp·kp_stride] for r < MR,
+    // kp < k_pairs and b[..k_pairs·NR] are in bounds.
+    unsafe {
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for r0 in (0..MR).step_by(4) {
+            for j0 in (0..NR).step_by(16) {
+                let mut c = [[vdupq_n_f32(0.0); 4]; 4];
+                if add {
+                    for (r, cr) in c.iter_mut().enumerate() {
+                        for (v, cv) in cr.iter_mut().enumerate() {
+                            *cv = vld1q_f32(tile[r0 + r].as_ptr().add(j0 + 4 * v));
+                        }
+                    }
+                }
+                for kp in 0..k_pairs {
+                    let b_kp = bp.add(kp * NR + j0);
+                    let bv: [uint32x4_t; 4] = std::array::from_fn(|v| vld1q_u32(b_kp.add(4 * v)));
+                    for (r, cr) in c.iter_mut().enumerate() {
+                        let av = vdupq_n_u32(*ap.add((r0 + r) * row_stride + kp * kp_stride));
+                        for (cv, &bw) in cr.iter_mut().zip(&bv) {
+                            // Lane i is column j0 + 4v + i: b holds that column's pair at word i.
+                            *cv = bfdot(*cv, bw, av);
+                        }
+                    }
+                }
+                for (r, cr) in c.iter().enumerate() {
+                    for (v, cv) in cr.iter().enumerate() {
+                        vst1q_f32(tile[r0 + r].as_mut_ptr().add(j0 + 4 * v), *cv);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Every kernel with vector code has a portable version, and each faster path must give the same
 //! results (bit for bit where the order of operations is the same, within stated tolerances where it
-//! is not). `NIBBLE_CPU_FEATURES=portable|avx2|avx512|avx512bf16|neon` makes the whole process take a
+//! is not). `NIBBLE_CPU_FEATURES=portable|avx2|avx512|avx512bf16|neon|neonbf16` makes the whole process take a
 //! lower path than the best one its CPU has, so that every path runs on any machine that can execute it;
 //! the kernel tests run each available path explicitly.
 
@@ -26,15 +26,19 @@ pub enum CpuPath {
     Avx512Bf16,
     /// aarch64 Advanced SIMD (every ARMv8-A CPU: Apple M-series, Snapdragon, Graviton).
     Neon,
+    /// NEON with BF16 dot products (Apple M2 and later, Snapdragon X, Graviton 3): the bf16 products of
+    /// `--precision default`.
+    NeonBf16,
 }
 
 impl CpuPath {
-    pub const ALL: [CpuPath; 5] = [
+    pub const ALL: [CpuPath; 6] = [
         CpuPath::Portable,
         CpuPath::Avx2,
         CpuPath::Avx512,
         CpuPath::Avx512Bf16,
         CpuPath::Neon,
+        CpuPath::NeonBf16,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +48,7 @@ impl CpuPath {
             CpuPath::Avx512 => "avx512",
             CpuPath::Avx512Bf16 => "avx512bf16",
             CpuPath::Neon => "neon",
+            CpuPath::NeonBf16 => "neonbf16",
         }
     }
 
@@ -58,24 +63,20 @@ impl CpuPath {
         match self {
             CpuPath::Portable => Ok(()),
             CpuPath::Avx2 | CpuPath::Avx512 | CpuPath::Avx512Bf16 => x86_lacks(self),
-            CpuPath::Neon => {
-                if cfg!(target_arch = "aarch64") {
-                    // Advanced SIMD is part of every aarch64 target Rust supports.
-                    Ok(())
-                } else {
-                    Err(format!("not an aarch64 CPU ({})", std::env::consts::ARCH))
-                }
-            }
+            CpuPath::Neon | CpuPath::NeonBf16 => arm_lacks(self),
         }
     }
 
+    fn is_arm(self) -> bool {
+        matches!(self, CpuPath::Neon | CpuPath::NeonBf16)
+    }
+
     /// Whether kernels written for `path` may run on this path (an AVX-512 path also runs the AVX2
-    /// kernels; paths of other architectures never).
+    /// kernels, NeonBf16 the NEON ones; paths of other architectures never).
     pub fn includes(self, path: CpuPath) -> bool {
         match (self, path) {
             (_, CpuPath::Portable) => true,
-            (CpuPath::Neon, CpuPath::Neon) => true,
-            (CpuPath::Neon, _) | (_, CpuPath::Neon) => false,
+            (have, want) if have.is_arm() != want.is_arm() => false,
             (have, want) => have >= want,
         }
     }
@@ -116,6 +117,20 @@ fn x86_lacks(path: CpuPath) -> Result<(), String> {
 #[cfg(not(target_arch = "x86_64"))]
 fn x86_lacks(_: CpuPath) -> Result<(), String> {
     Err(format!("not an x86-64 CPU ({})", std::env::consts::ARCH))
+}
+
+#[cfg(target_arch = "aarch64")]
+fn arm_lacks(path: CpuPath) -> Result<(), String> {
+    // Advanced SIMD is part of every aarch64 target Rust supports; BF16 is optional (ARMv8.6-A).
+    if path == CpuPath::NeonBf16 && !std::arch::is_aarch64_feature_detected!("bf16") {
+        return Err("this CPU lacks bf16".into());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+fn arm_lacks(_: CpuPath) -> Result<(), String> {
+    Err(format!("not an aarch64 CPU ({})", std::env::consts::ARCH))
 }
 
 /// The fastest path this CPU runs.

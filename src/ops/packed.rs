@@ -117,7 +117,7 @@ pub fn decode_rows_part(
             continue;
         }
         #[cfg(target_arch = "aarch64")]
-        if path == CpuPath::Neon {
+        if path.includes(CpuPath::Neon) {
             // SAFETY: NEON is part of every aarch64 target; the row and its columns exist.
             unsafe { neon::decode_row(q, r, first_group, row_out) };
             continue;
@@ -276,7 +276,7 @@ fn row_dots(
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    if path == CpuPath::Neon {
+    if path.includes(CpuPath::Neon) {
         // SAFETY: NEON is part of every aarch64 target; indices as for AVX2 above.
         unsafe { for_token_count!(neon::row_dots, w, row, xs, dots) };
         return;

@@ -449,7 +449,7 @@ fn run_xwt_block(path: CpuPath, task: &XwtBlock, out: &mut [f32], partial: &mut 
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    if path == CpuPath::Neon {
+    if path.includes(CpuPath::Neon) {
         neon::xwt_block(task, out, partial);
         return;
     }
@@ -466,7 +466,7 @@ fn run_aw_block(path: CpuPath, task: &AwBlock, dx: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    if path == CpuPath::Neon {
+    if path.includes(CpuPath::Neon) {
         neon::aw_block(task, dx);
         return;
     }
