@@ -131,7 +131,7 @@ fn decoding(shapes: &[(usize, usize)], rng: &mut Rng) {
         };
         let path = nibble::ops::isa::active();
         // Where streaming the rows once per 4 tokens stops beating blocks of decoded rows
-        // (packed::STREAM_MAX_TOKENS).
+        // (packed::STREAM_MAX_TOKENS, which BENCHMARKS.md session 8 set from this table).
         for tokens in [4, 8, 16, 32, 64] {
             let x: Vec<f32> = (0..tokens * inp).map(|_| rng.normal() as f32).collect();
             let mut y = vec![0f32; tokens * out];

@@ -9,7 +9,7 @@ use crate::model::{DenseData, DenseTensor};
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
 use crate::ops::fastmath;
-use crate::ops::linear::{LinearParams, linear_groups};
+use crate::ops::linear::{self, LinearParams, linear_groups};
 use crate::ops::{isa, packed, packed_gemm};
 use rayon::prelude::*;
 
@@ -222,8 +222,9 @@ pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f
     let positions = hidden.len() / head.cols;
     let mut out = vec![0f32; positions * head.rows];
     let vocab = head.rows;
-    if positions <= packed::STREAM_MAX_TOKENS {
-        // Decoding and short prompts: the rows stream as stored, with no f32 copy of each chunk.
+    let route = linear::route(positions, precision);
+    if route == linear::Route::Stream {
+        // Decoding: the rows stream as stored, with no f32 copy of each chunk.
         let rows = packed::Rows::Dense(head);
         packed::xwt_few(
             isa::active(),
@@ -238,6 +239,10 @@ pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f
         );
         return out;
     }
+    let precision = match route {
+        linear::Route::Bf16 => Precision::Bf16,
+        _ => Precision::F32,
+    };
     for_each_chunk(hidden, head, precision, |start, n, chunk| {
         for p in 0..positions {
             out[p * vocab + start..p * vocab + start + n]

@@ -1,7 +1,6 @@
-//! y = x·Wᵀ (+ bias) with W frozen, packed 4-bit or dense, and its input gradient dx = dy·W. In f32,
-//! up to `packed::STREAM_MAX_TOKENS` tokens stream the stored rows (packed.rs), more go through blocks of
-//! decoded rows that every token reuses (packed_gemm.rs); the bf16 kernels decode each weight once per
-//! product.
+//! y = x·Wᵀ (+ bias) with W frozen, packed 4-bit or dense, and its input gradient dx = dy·W. `route`
+//! picks the kernel: the stored rows streamed once for a few tokens (packed.rs), blocks of decoded rows
+//! that every token reuses (packed_gemm.rs), or the bf16 kernels (bf16_gemm.rs).
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::GpuBuffer;
@@ -33,11 +32,39 @@ pub fn forward(
     forward_packed(x, packed.as_ref(), w, bias, y, precision);
 }
 
+/// How a frozen product of some tokens runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Route {
+    /// Streams the stored rows once (decoding): packed::xwt_few, f32.
+    Stream,
+    /// Blocks of decoded rows that every token reuses: packed_gemm, f32.
+    Blocks,
+    /// The bf16 kernels (`--precision default` where the CPU has BF16 dot products).
+    Bf16,
+}
+
+/// The one place that routes a frozen product of `tokens` tokens at `precision`: the bf16 kernels only
+/// from `BF16_MIN_TOKENS` on (below, their packing outweighs the arithmetic and the f32 ways are
+/// faster), and among the f32 ways streaming up to `packed::STREAM_MAX_TOKENS`.
+pub fn route(tokens: usize, precision: Precision) -> Route {
+    if precision == Precision::Bf16 && tokens >= BF16_MIN_TOKENS {
+        Route::Bf16
+    } else if tokens <= packed::STREAM_MAX_TOKENS {
+        Route::Stream
+    } else {
+        Route::Blocks
+    }
+}
+
+/// Products of fewer tokens than this run in f32 even at bf16 precision (session 7 streamed up to 32
+/// tokens in f32 on every CPU; the bf16 kernels' cost at few rows is their per-call packing).
+pub const BF16_MIN_TOKENS: usize = 33;
+
 /// x [tokens, in] as the products of `precision` read it, when they need it repacked (bf16): several
 /// linears with one input (q/k/v, gate/up) pack it once.
 pub fn pack_input(x: &[f32], inp: usize, precision: Precision) -> Option<bf16_gemm::PackedRows> {
     let tokens = x.len() / inp;
-    (precision == Precision::Bf16 && tokens > packed::STREAM_MAX_TOKENS)
+    (route(tokens, precision) == Route::Bf16)
         .then(|| bf16_gemm::PackedRows::for_xwt(x, tokens, inp))
 }
 
@@ -54,33 +81,18 @@ pub fn forward_packed(
     let tokens = x.len() / inp;
     assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
     assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
-    if tokens <= packed::STREAM_MAX_TOKENS {
-        // Decoding and short prompts: the product streams the stored rows, each read once per few
-        // tokens (in f32 whatever the precision: at so few tokens the lookups bound it, not the FMAs).
-        packed::xwt_few(isa::active(), x, w.into(), 0, out, y, out, 0, false);
-    } else {
-        forward_many(x, packed, w, y, precision);
+    let path = isa::active();
+    match route(tokens, precision) {
+        Route::Stream => packed::xwt_few(path, x, w.into(), 0, out, y, out, 0, false),
+        Route::Blocks => packed_gemm::xwt(path, x, w.into(), 0, out, y, out, 0, false),
+        Route::Bf16 => {
+            let px = packed.expect("bf16 products need the input packed by pack_input");
+            bf16_gemm::matmul_xwt(px, w, 0, out, y, out, 0, false);
+        }
     }
     if let Some(b) = bias {
         y.par_chunks_mut(out)
             .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
-    }
-}
-
-fn forward_many(
-    x: &[f32],
-    packed: Option<&bf16_gemm::PackedRows>,
-    w: &LinearWeight,
-    y: &mut [f32],
-    precision: Precision,
-) {
-    let out = w.shape().0;
-    match precision {
-        Precision::Bf16 => {
-            let px = packed.expect("bf16 products need the input packed by pack_input");
-            bf16_gemm::matmul_xwt(px, w, 0, out, y, out, 0, false);
-        }
-        Precision::F32 => packed_gemm::xwt(isa::active(), x, w.into(), 0, out, y, out, 0, false),
     }
 }
 

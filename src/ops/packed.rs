@@ -1,5 +1,5 @@
 //! Kernels that read frozen weight rows where they are stored: packed 4-bit rows decoded to f32, and
-//! products of a few tokens with the rows (y = x·Wᵀ for up to `STREAM_MAX_TOKENS` tokens, 4 per pass:
+//! products of a few tokens with the rows (y = x·Wᵀ, 4 tokens per pass:
 //! decoding and short prompts, where each weight serves few tokens).
 //!
 //! Decoding computes a 4-bit group's 16 possible values once (min + code·scale, the product and sum
@@ -17,11 +17,10 @@ use rayon::prelude::*;
 /// At most this many tokens go through one pass over the rows (more are split into passes).
 pub const FEW_TOKENS: usize = 4;
 
-/// Up to this many tokens a frozen product streams the stored rows (in passes of `FEW_TOKENS`) rather
-/// than unpacking tiles for the `gemm` crate, whose per-call packing dominates at few rows. Measured on
-/// a Zen 3 with AVX2 (BENCHMARKS.md, session 7): streaming is 1.1-5x faster from 8 to 32 tokens at
-/// every Qwen2.5-0.5B shape, and from 48 on the two ways cross.
-pub const STREAM_MAX_TOKENS: usize = 32;
+/// Up to this many tokens an f32 frozen product streams the stored rows (one pass) rather than decoding
+/// blocks of them for every token to reuse (packed_gemm.rs). Measured on a Zen 3 with AVX2 (BENCHMARKS.md,
+/// session 8): streaming is faster at 4 tokens at every Qwen2.5-0.5B shape, the blocks from 8 on.
+pub const STREAM_MAX_TOKENS: usize = FEW_TOKENS;
 
 /// The INT4 codes as values: code c stands for min + c·scale.
 const INT4_CODES: [f32; 16] = [

@@ -1,4 +1,4 @@
-//! Products of many tokens with frozen rows (training, and prompts longer than
+//! Products of many tokens with frozen rows (training, and prompts of more than
 //! `packed::STREAM_MAX_TOKENS`): y = x·Wᵀ and dx = a·W in f32. Each task decodes one block of W's rows
 //! to f32, sized to stay in a core's L2 cache, and runs every token through it with a register-blocked
 //! FMA kernel. A product is one parallel region (per `TOKEN_CHUNK` tokens) whose tasks are whole row
