@@ -665,7 +665,7 @@ fn eval(
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
     let model = source.load(quant.request()?)?;
     let adapter = adapter
-        .map(|dir| load_adapter(dir, &model.config, "--adapter"))
+        .map(|dir| nibble::train::run::load_adapter(dir, &model.config, "--adapter"))
         .transpose()?;
     let on_gpu = gpu
         .as_ref()
@@ -817,7 +817,7 @@ fn train_command(cli: TrainArgs) -> Result<()> {
     if !(0.0..1.0).contains(&config.warmup_ratio) {
         bail!("--warmup-ratio must lie in [0, 1)");
     }
-    let run = RunOptions {
+    let options = nibble::train::run::RunOptions {
         overwrite: a.overwrite.unwrap_or(false),
         save_steps: a.save_steps.unwrap_or(0),
         resume: a.resume,
@@ -827,246 +827,19 @@ fn train_command(cli: TrainArgs) -> Result<()> {
         eval_steps: a.eval_steps.unwrap_or(0),
         packing: a.packing.unwrap_or(false),
     };
-    train(&model, &data, &output, quant, exec, config, &run).map(|_| ())
-}
-
-struct RunOptions {
-    overwrite: bool,
-    save_steps: usize,
-    resume: Option<PathBuf>,
-    init_adapter: Option<PathBuf>,
-    eval_data: Option<PathBuf>,
-    eval_split: Option<f64>,
-    /// 0: at the end of each epoch and of the run.
-    eval_steps: usize,
-    packing: bool,
-}
-
-/// Keeps the metrics of steps up to `step` (complete lines only: a killed run may leave half a line).
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let kept: String = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
-        .map(|v| format!("{v}\n"))
-        .collect();
-    nibble::fsutil::write_atomically(path, |tmp| std::fs::write(tmp, kept))?;
-    Ok(())
-}
-
-/// Runs `nibble train`; returns the first and last step losses.
-fn train(
-    path: &Path,
-    data: &Path,
-    output: &Path,
-    quant: QuantArgs,
-    exec: ExecArgs,
-    config: nibble::train::TrainConfig,
-    run: &RunOptions,
-) -> Result<(f64, f64)> {
-    if output.join("adapter_model.safetensors").exists() && !run.overwrite && run.resume.is_none() {
-        bail!(
-            "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to replace it",
-            output.display()
-        );
-    }
-    let source = model::open(path)?;
-    let request = quant.request()?;
-    // The weights load (reading and quantizing, on the worker threads) while this thread reads the
-    // tokenizer and the data.
-    let (model, data) = std::thread::scope(|s| {
-        let loading = s.spawn(|| source.load(request));
-        let data = (|| -> Result<_> {
-            let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
-            let sequences = tokenize_file(&tok, data, &config)?;
-            let eval_sequences = match &run.eval_data {
-                Some(file) => tokenize_file(&tok, file, &config)?,
-                None => Vec::new(),
-            };
-            Ok((sequences, eval_sequences))
-        })();
-        (loading.join(), data)
-    });
-    let (mut sequences, mut eval_sequences) = data?;
-    let model = model.map_err(|_| anyhow::anyhow!("loading the model panicked"))??;
-    if let Some(fraction) = run.eval_split {
-        eval_sequences = hold_out(&mut sequences, fraction, config.seed)?;
-        log::info!(
-            "holding out {} of {} examples for validation",
-            eval_sequences.len(),
-            eval_sequences.len() + sequences.len()
-        );
-    }
-    if run.packing {
-        let examples = sequences.len();
-        sequences = nibble::cpu::pack(sequences, config.max_length);
-        log::info!(
-            "packed {examples} examples into {} sequences of at most {} tokens",
-            sequences.len(),
-            config.max_length
-        );
-    }
-    let mut config = config;
-    let init = match &run.init_adapter {
-        Some(dir) => {
-            let mut adapter = load_adapter(dir, &model.config, "--init-adapter")?;
-            // The adapter's r, alpha and targets apply; dropout is a training option.
-            adapter.config.dropout = config.lora.dropout;
-            config.lora = adapter.config.clone();
-            Some(adapter)
-        }
-        None => None,
-    };
-    log::info!("training configuration: {config:?}");
-    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    let metrics_path = output.join("metrics.jsonl");
     let gpu = exec.open()?;
-    let per_step = config.batch_size * config.grad_accum;
-    let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
-    let mut trainer = nibble::train::Trainer::new(&model, config, sequences, init)?;
-    if let Some(dir) = &run.resume {
-        let checkpoint = nibble::train::newest_checkpoint(dir)?.with_context(|| {
-            format!(
-                "{} holds no complete checkpoint to resume from",
-                dir.display()
-            )
-        })?;
-        trainer.restore(&checkpoint)?;
-        truncate_metrics(&metrics_path, trainer.step)?;
-        log::info!(
-            "resuming from {} at step {}",
-            checkpoint.display(),
-            trainer.step
-        );
-    } else {
-        std::fs::write(&metrics_path, "")
-            .with_context(|| format!("creating {}", metrics_path.display()))?;
-    }
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("opening {}", metrics_path.display()))?;
-    let executor = match &gpu {
-        Some(gpu) => {
-            trainer.use_gpu(gpu)?;
-            format!("GPU executor on {}", gpu.info.name)
-        }
-        None => format!("CPU executor, {:?}", trainer.config.precision),
+    let spec = nibble::train::run::RunSpec {
+        model: &model,
+        data: &data,
+        output: &output,
+        quant: quant.request()?,
+        config,
+        options,
     };
-    log::info!(
-        "training {} LoRA parameters for {} steps on {} examples ({executor})",
-        trainer.adapter.parameter_count(),
-        trainer.total_steps,
-        trainer.examples(),
-    );
-    let progress = Progress::new(trainer.step, trainer.total_steps);
-    let (mut first, mut last) = (None, 0.0);
-    while !trainer.done() {
-        let record = trainer.step().map_err(|e| {
-            let kept = nibble::train::newest_checkpoint(output).ok().flatten();
-            let hint = match kept {
-                Some(c) => format!(
-                    "the last good checkpoint is {}; resume with --resume {}",
-                    c.display(),
-                    output.display()
-                ),
-                None => "no checkpoint was written (see --save-steps)".to_string(),
-            };
-            anyhow::anyhow!("{e}; no adapter was saved; {hint}")
-        })?;
-        use std::io::Write;
-        writeln!(metrics, "{}", record.to_json())
-            .with_context(|| format!("writing {}", metrics_path.display()))?;
-        progress.step(&record);
-        first.get_or_insert(record.loss);
-        last = record.loss;
-        let eval_due = if run.eval_steps > 0 {
-            record.step % run.eval_steps == 0
-        } else {
-            record.step % steps_per_epoch == 0
-        };
-        if !eval_sequences.is_empty() && (eval_due || trainer.done()) {
-            let (loss_sum, tokens) = trainer.evaluate(&eval_sequences)?;
-            let loss = loss_sum / tokens.max(1) as f64;
-            let line = json!({"step": record.step, "epoch": record.epoch, "eval_loss": loss,
-                              "eval_perplexity": loss.exp(), "eval_tokens": tokens});
-            writeln!(metrics, "{line}")
-                .with_context(|| format!("writing {}", metrics_path.display()))?;
-            progress.note(&format!("step {}: validation loss {loss:.4}", record.step));
-        }
-        if run.save_steps > 0 && record.step % run.save_steps == 0 {
-            trainer.save_checkpoint(output, source.label())?;
-        }
-    }
-    progress.finish();
-    trainer.sync()?;
-    nibble::train::save_peft(&trainer.adapter, output, source.label())?;
-    nibble::plot::write_loss_curve(&metrics_path, &output.join("loss_curve.png"))?;
+    let mut progress = Progress::default();
+    nibble::train::run::run(spec, gpu.as_ref(), &mut progress)?;
     eprintln!("saved the adapter to {}", output.display());
-    Ok((first.unwrap_or(last), last))
-}
-
-/// Reads and tokenizes a JSONL file; errors name the file and example.
-fn tokenize_file(
-    tok: &ChatTokenizer,
-    file: &Path,
-    config: &nibble::train::TrainConfig,
-) -> Result<Vec<nibble::cpu::Sequence>> {
-    let examples = nibble::data::read_jsonl(file)?;
-    let mut sequences = Vec::with_capacity(examples.len());
-    let mut cut = 0;
-    for (i, ex) in examples.iter().enumerate() {
-        let (seq, c) = nibble::train::tokenize(tok, ex, config.loss_on, config.max_length)
-            .with_context(|| format!("{}: example {}", file.display(), i + 1))?;
-        if seq.target_count() == 0 {
-            bail!(
-                "{}: example {} has no label tokens (nothing to learn from{})",
-                file.display(),
-                i + 1,
-                if c > 0 {
-                    "; --max-length cut them off"
-                } else {
-                    ""
-                }
-            );
-        }
-        cut += usize::from(c > 0);
-        sequences.push(seq);
-    }
-    if cut > 0 {
-        log::warn!(
-            "{}: {cut} examples were longer than --max-length {} and were cut (the start is kept)",
-            file.display(),
-            config.max_length
-        );
-    }
-    Ok(sequences)
-}
-
-/// Moves a seeded random `fraction` of `sequences` (at least one, leaving at least one) into the
-/// returned validation set.
-fn hold_out(
-    sequences: &mut Vec<nibble::cpu::Sequence>,
-    fraction: f64,
-    seed: u64,
-) -> Result<Vec<nibble::cpu::Sequence>> {
-    let n = sequences.len();
-    let held = ((fraction * n as f64).round() as usize).max(1);
-    if held >= n {
-        bail!("--eval-split {fraction} leaves no training examples out of {n}");
-    }
-    let mut rng = nibble::rng::Rng::new(seed ^ 0xE7A1_5E7);
-    let mut order: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        order.swap(i, rng.below(i as u64 + 1) as usize);
-    }
-    let mut chosen = order[..held].to_vec();
-    // Removing from the back keeps the remaining indices valid.
-    chosen.sort_unstable_by(|a, b| b.cmp(a));
-    let mut eval: Vec<_> = chosen.iter().map(|&i| sequences.remove(i)).collect();
-    eval.reverse();
-    Ok(eval)
+    Ok(())
 }
 
 /// A rate for people: whole numbers, and three decimals below 10 (a software GPU's step of
@@ -1080,29 +853,30 @@ fn rate(per_s: f64) -> String {
 }
 
 /// Training progress: a bar with step, loss, tokens/s and ETA on a terminal, plain log lines otherwise.
+#[derive(Default)]
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: usize,
 }
 
-impl Progress {
-    fn new(done: usize, total: usize) -> Self {
+impl nibble::train::run::Observer for Progress {
+    fn started(&mut self, trainer: &nibble::train::Trainer) {
         use std::io::IsTerminal;
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total as u64);
+        self.total = trainer.total_steps;
+        self.bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(trainer.total_steps as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
                 )
                 .expect("valid template"),
             );
-            bar.set_position(done as u64);
+            bar.set_position(trainer.step as u64);
             bar
         });
-        Progress { bar, total }
     }
 
-    fn step(&self, r: &nibble::train::StepRecord) {
+    fn stepped(&mut self, r: &nibble::train::StepRecord) {
         match &self.bar {
             Some(bar) => {
                 bar.set_message(format!(
@@ -1124,31 +898,19 @@ impl Progress {
         }
     }
 
-    fn note(&self, line: &str) {
+    fn evaluated(&mut self, step: usize, loss: f64) {
+        let line = format!("step {step}: validation loss {loss:.4}");
         match &self.bar {
             Some(bar) => bar.println(line),
             None => log::info!("{line}"),
         }
     }
 
-    fn finish(&self) {
+    fn finished(&mut self) {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
     }
-}
-
-/// A PEFT adapter folder given by `flag`, checked against the model's shapes.
-fn load_adapter(
-    dir: &Path,
-    config: &nibble::config::ModelConfig,
-    flag: &str,
-) -> Result<nibble::lora::LoraAdapter> {
-    nibble::lora::LoraAdapter::load_peft(
-        &nibble::source::ModelFiles::Dir(dir.to_path_buf()),
-        config,
-    )
-    .with_context(|| format!("{flag} {}", dir.display()))
 }
 
 fn merge_command(path: &Path, adapter: &Path, output: &Path, dtype: Option<&str>) -> Result<()> {
@@ -1160,7 +922,7 @@ fn merge_command(path: &Path, adapter: &Path, output: &Path, dtype: Option<&str>
         Some(other) => bail!("unknown --dtype `{other}` (bf16, f16 or f32)"),
     };
     let source = model::open(path)?;
-    let lora = load_adapter(adapter, &source.config, "--adapter")?;
+    let lora = nibble::train::run::load_adapter(adapter, &source.config, "--adapter")?;
     nibble::merge::merge(&source, path, &lora, output, dtype)?;
     eprintln!(
         "merged {} LoRA pairs into {}",
@@ -1216,7 +978,7 @@ impl Speaker {
         let adapter = g
             .adapter
             .as_deref()
-            .map(|dir| load_adapter(dir, &model.config, "--adapter"))
+            .map(|dir| nibble::train::run::load_adapter(dir, &model.config, "--adapter"))
             .transpose()?;
         if !(g.top_p > 0.0 && g.top_p <= 1.0) || g.temperature < 0.0 {
             bail!("--top-p must lie in (0, 1] and --temperature must not be negative");

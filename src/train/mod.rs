@@ -4,6 +4,8 @@
 //! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
 //! schedules.
 
+pub mod run;
+
 use crate::cpu::{self, Sequence, StepOptions};
 use crate::data::{Example, Turns};
 use crate::error::{Error, Result};
