@@ -1,9 +1,9 @@
 //! Products of many tokens with frozen rows (training, and prompts of more than
 //! `packed::STREAM_MAX_TOKENS`): y = x·Wᵀ and dx = a·W in f32. Each task decodes one block of W's rows
 //! to f32, sized to stay in a core's L2 cache, and runs every token through it with a register-blocked
-//! FMA kernel. A product is one parallel region (per `TOKEN_CHUNK` tokens) whose tasks are whole row
-//! blocks, so a thread that the OS descheduled leaves its blocks to the others instead of holding up a
-//! barrier. This replaced unpacking 256-row f32 tiles for the `gemm` crate, which copied each tile once
+//! FMA kernel. A product is one parallel region (per `TOKEN_CHUNK` tokens) whose tasks are whole blocks
+//! (of rows for x·Wᵀ, of dx's columns for a·W), so a thread that the OS descheduled leaves its blocks to
+//! the others instead of holding up a barrier. This replaced unpacking 256-row f32 tiles for the `gemm` crate, which copied each tile once
 //! more into its own layout and synchronised the threads twice per tile (BENCHMARKS.md, session 8).
 //!
 //! The kernels are written once, generic over a vector type (`Lanes`): AVX2 (8 lanes), NEON (4) and
@@ -15,7 +15,7 @@ use crate::ops::isa::CpuPath;
 use crate::ops::packed::{Rows, check_xwt, decode_rows_part};
 use rayon::prelude::*;
 
-/// Tokens per parallel region: bounds the per-task partial sums of `aw` (TOKEN_CHUNK x cols floats).
+/// Tokens per parallel region: bounds each task's results buffer (TOKEN_CHUNK x its rows or columns).
 const TOKEN_CHUNK: usize = 256;
 /// Decoded rows per task, in bytes: the block stays in L2 (512 KiB on current x86 and ARM cores,
 /// beside the tokens) while every token passes through it.
