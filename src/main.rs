@@ -1304,25 +1304,17 @@ fn run_demo(dir: &Path) -> Result<()> {
     let source = model::open(dir)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, dir)?;
     let model = source.load(None)?;
-    let examples: Vec<nibble::data::Example> = nibble::data::DEMO_CHATS
-        .iter()
-        .map(|(q, a)| {
-            nibble::data::Example::Messages(vec![
-                Message::new("user", q),
-                Message::new("assistant", a),
-            ])
-        })
-        .collect();
-    let sequences = examples
-        .iter()
-        .map(|ex| {
-            nibble::train::tokenize(&tok, ex, nibble::train::LossOn::Default, 256).map(|(s, _)| s)
-        })
-        .collect::<nibble::Result<Vec<_>>>()?;
+    let chats = dir.join("chats.jsonl");
+    std::fs::write(&chats, nibble::data::demo_jsonl())
+        .with_context(|| format!("writing {}", chats.display()))?;
     let question = nibble::data::DEMO_CHATS[0].0;
     let prompt = tok.encode(&tok.apply_chat_template(&[Message::new("user", question)], true)?)?;
     let stop = nibble::generate::stop_tokens(&tok);
-    let answer = |executor: nibble::generate::Executor| -> Result<String> {
+    let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
+        let executor = nibble::generate::Executor::Cpu {
+            model: &model,
+            adapter,
+        };
         let ids = nibble::generate::greedy(executor, &prompt, 16, &stop)?;
         let answer: Vec<u32> = ids[prompt.len()..]
             .iter()
@@ -1333,10 +1325,7 @@ fn run_demo(dir: &Path) -> Result<()> {
     };
     println!(
         "\n== before fine-tuning, asked \"{question}\":\n{:?}",
-        answer(nibble::generate::Executor::Cpu {
-            model: &model,
-            adapter: None,
-        })?
+        answer(None)?
     );
 
     let config = nibble::train::TrainConfig {
@@ -1348,6 +1337,7 @@ fn run_demo(dir: &Path) -> Result<()> {
         },
         lr: 3e-3,
         epochs: 12,
+        max_length: 256,
         schedule: nibble::train::Schedule::Constant,
         precision: nibble::ops::Precision::fastest(),
         ..Default::default()
@@ -1355,23 +1345,49 @@ fn run_demo(dir: &Path) -> Result<()> {
     // The best device present: a real GPU when there is one (a software Vulkan device would be slower
     // than the CPU executor).
     let gpu = nibble::gpu::Gpu::new(false).ok();
-    let mut trainer = nibble::train::Trainer::new(&model, config, sequences, None)?;
     let executor = match &gpu {
-        Some(gpu) => {
-            trainer.use_gpu(gpu)?;
-            format!("the GPU executor on {}", gpu.info.name)
-        }
+        Some(gpu) => format!("the GPU executor on {}", gpu.info.name),
         None => "the CPU executor".to_string(),
     };
+    let out = dir.join("adapter");
+    let spec = nibble::train::run::RunSpec {
+        model: dir,
+        data: &chats,
+        output: &out,
+        quant: None,
+        config,
+        options: Default::default(),
+    };
+    nibble::train::run::run(spec, gpu.as_ref(), &mut DemoProgress { executor, total: 0 })?;
+    let adapter = nibble::train::run::load_adapter(&out, &model.config, "the demo's adapter")?;
     println!(
-        "\n== fine-tuning {} LoRA parameters (r=16 on all seven linears, NF4 base) for {} steps on {} chats, on {executor}",
-        trainer.adapter.parameter_count(),
-        trainer.total_steps,
-        nibble::data::DEMO_CHATS.len()
+        "\n== after fine-tuning, asked \"{question}\":\n{:?}",
+        answer(Some(&adapter))?
     );
-    while !trainer.done() {
-        let r = trainer.step()?;
-        if r.step == 1 || r.step % 8 == 0 || trainer.done() {
+    println!("\nThe adapter is a PEFT folder: {}", out.display());
+    Ok(())
+}
+
+/// The demo's account of its training run: a line for the start and one every 8 steps.
+struct DemoProgress {
+    executor: String,
+    total: usize,
+}
+
+impl nibble::train::run::Observer for DemoProgress {
+    fn started(&mut self, trainer: &nibble::train::Trainer) {
+        self.total = trainer.total_steps;
+        println!(
+            "\n== fine-tuning {} LoRA parameters (r=16 on all seven linears, NF4 base) for {} steps on {} chats, on {}",
+            trainer.adapter.parameter_count(),
+            trainer.total_steps,
+            trainer.examples(),
+            self.executor
+        );
+    }
+
+    fn stepped(&mut self, r: &nibble::train::StepRecord) {
+        if r.step == 1 || r.step % 8 == 0 || r.step == self.total {
             println!(
                 "  step {:>3}  loss {:.4}  {} tokens/s",
                 r.step,
@@ -1380,16 +1396,6 @@ fn run_demo(dir: &Path) -> Result<()> {
             );
         }
     }
-    // Where it trained: on the GPU, with the adapters' device copies.
-    println!(
-        "\n== after fine-tuning, asked \"{question}\":\n{:?}",
-        answer(trainer.executor())?
-    );
-    trainer.sync()?;
-    let out = dir.join("adapter");
-    nibble::train::save_peft(&trainer.adapter, &out, "nibble-demo")?;
-    println!("\nThe adapter is a PEFT folder: {}", out.display());
-    Ok(())
 }
 
 fn group_digits(n: u64) -> String {
