@@ -9,7 +9,7 @@
 //! only in the order of their sums; AVX2's 4-bit product looks codes up in the format's 16 code values
 //! with `vpshufb` and applies each group's scale to the group's sum.
 
-use crate::model::{DenseData, DenseTensor, LinearWeight};
+use crate::model::{DenseTensor, LinearWeight};
 use crate::ops::isa::{self, CpuPath};
 use crate::quant::{NF4_CODES, QuantFormat, QuantTensor};
 use rayon::prelude::*;
@@ -43,12 +43,8 @@ impl QuantTensor {
         }
     }
 
-    /// Row `r`'s groups: (index into `scales`, first column, the group's words).
-    fn row_groups(&self, r: usize) -> impl Iterator<Item = (usize, usize, &[u32])> {
-        self.row_groups_from(r, 0)
-    }
-
-    /// Row `r`'s groups from group `first` on (sliced, not skipped: a row may have hundreds).
+    /// Row `r`'s groups from group `first` on: (index into `scales`, first column, the group's words).
+    /// Sliced, not skipped: a row may have hundreds.
     fn row_groups_from(
         &self,
         r: usize,
@@ -312,7 +308,8 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{DenseData, QuantTensor, Rows};
+    use super::{QuantTensor, Rows};
+    use crate::model::DenseData;
     use std::arch::x86_64::*;
 
     /// The group's 16 values as two registers (codes 0-7, 8-15).
@@ -496,7 +493,7 @@ mod avx2 {
         });
         let low = _mm_set1_epi8(0x0F);
         let mut total = [_mm256_setzero_ps(); T];
-        for (gi, c0, words) in q.row_groups(row) {
+        for (gi, c0, words) in q.row_groups_from(row, 0) {
             let mut acc = [[_mm256_setzero_ps(); 2]; T];
             let mut x_sum = [_mm256_setzero_ps(); T];
             for (s, four) in words.chunks_exact(4).enumerate() {
@@ -546,7 +543,8 @@ mod avx2 {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::{DenseData, QuantTensor, Rows};
+    use super::{QuantTensor, Rows};
+    use crate::model::DenseData;
     use std::arch::aarch64::*;
 
     /// The group's 16 values as the 64 bytes `tbl` indexes.
@@ -633,7 +631,7 @@ mod neon {
         let mut tail_from = cols;
         match w {
             Rows::Quant(q) => {
-                for (gi, c0, group_words) in q.row_groups(row) {
+                for (gi, c0, group_words) in q.row_groups_from(row, 0) {
                     // SAFETY: NEON is always present on aarch64.
                     let t = unsafe { table(q, gi) };
                     for (k, &word) in group_words.iter().enumerate() {

@@ -4,6 +4,8 @@
 //! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
 //! schedules.
 
+// The browser steps its own session (async, no files); see src/web.rs.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod run;
 
 use crate::cpu::{self, Sequence, StepOptions};
