@@ -1,13 +1,14 @@
 //! Text generation with a KV cache on either executor: greedy or temperature / top-p (nucleus)
 //! sampling, stopping at the chat template's end-of-turn token.
 
-use crate::cpu::{self, KvCache};
+use crate::cpu::{self, KvCache, Sequence, StepLoss};
 use crate::error::Result;
 use crate::exec::gpu::GpuKvCache;
 use crate::gpu::Gpu;
 use crate::gpu::weights::{GpuLora, GpuModel};
 use crate::lora::LoraAdapter;
 use crate::model::Model;
+use crate::ops::Precision;
 use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
 
@@ -106,6 +107,46 @@ pub enum Executor<'a> {
     },
 }
 
+/// A model and an optional adapter kept where inference runs: on the CPU, or uploaded to a GPU.
+pub struct Placed {
+    pub model: Model,
+    pub adapter: Option<LoraAdapter>,
+    gpu: Option<(Gpu, GpuModel, Option<GpuLora>)>,
+}
+
+impl Placed {
+    /// Uploads the model and adapter to `gpu` when one is given.
+    pub fn new(model: Model, adapter: Option<LoraAdapter>, gpu: Option<Gpu>) -> Result<Self> {
+        let gpu = match gpu {
+            Some(gpu) => {
+                let on_gpu = GpuModel::upload(&gpu, &model)?;
+                let lora = adapter.as_ref().map(|a| GpuLora::upload(&gpu, a));
+                Some((gpu, on_gpu, lora))
+            }
+            None => None,
+        };
+        Ok(Placed {
+            model,
+            adapter,
+            gpu,
+        })
+    }
+
+    pub fn executor(&self) -> Executor<'_> {
+        match &self.gpu {
+            Some((gpu, model, lora)) => Executor::Gpu {
+                gpu,
+                model,
+                lora: lora.as_ref(),
+            },
+            None => Executor::Cpu {
+                model: &self.model,
+                adapter: self.adapter.as_ref(),
+            },
+        }
+    }
+}
+
 /// The keys and values decoded so far, where the executor keeps them.
 pub enum Cache {
     Cpu(KvCache),
@@ -137,6 +178,29 @@ impl Executor<'_> {
             Executor::Cpu { .. } => "CPU".to_string(),
             Executor::Gpu { gpu, .. } => format!("GPU ({})", gpu.info.name),
         }
+    }
+
+    /// Σ token cross-entropy over `seq`'s labels and their count, without gradients; `precision` is the
+    /// CPU executor's arithmetic.
+    pub async fn loss_async(&self, seq: &Sequence, precision: Precision) -> Result<StepLoss> {
+        match *self {
+            Executor::Cpu { model, adapter } => {
+                let options = cpu::StepOptions {
+                    grad_scale: 0.0,
+                    checkpoint: false,
+                    precision,
+                };
+                cpu::forward_backward_with(model, adapter, None, seq, options, None)
+            }
+            Executor::Gpu { gpu, model, lora } => {
+                crate::exec::gpu::forward_backward_async(gpu, model, lora, None, seq, 0.0).await
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn loss(&self, seq: &Sequence, precision: Precision) -> Result<StepLoss> {
+        pollster::block_on(self.loss_async(seq, precision))
     }
 
     /// Feeds `ids` after the positions in `cache` and returns the last one's logits.

@@ -22,6 +22,7 @@ pub mod plan;
 pub mod plot;
 pub mod quant;
 pub mod rng;
+pub mod shared;
 pub mod source;
 pub mod synth;
 pub mod tokenizer;

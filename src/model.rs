@@ -402,6 +402,42 @@ pub enum QuantRequest {
     Quantize(QuantSpec),
 }
 
+/// How the command line and option files name a storage for the decoder's linears.
+#[derive(
+    clap::ValueEnum, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantChoice {
+    Nf4,
+    Int4,
+    /// Keep them 16-bit.
+    None,
+}
+
+impl QuantRequest {
+    /// What `--quant` and `--group-size` ask for. None (neither given) leaves the choice to the source: a
+    /// quantized file stays as stored, a folder becomes NF4 with groups of 64.
+    pub fn from_options(
+        choice: Option<QuantChoice>,
+        group_size: Option<usize>,
+    ) -> Result<Option<Self>> {
+        Ok(match (choice, group_size) {
+            (None, None) => None,
+            (Some(QuantChoice::None), _) => Some(QuantRequest::Dense),
+            (choice, group) => {
+                let format = match choice {
+                    Some(QuantChoice::Int4) => QuantFormat::Int4,
+                    _ => QuantFormat::Nf4,
+                };
+                Some(QuantRequest::Quantize(QuantSpec::new(
+                    format,
+                    group.unwrap_or(64),
+                )?))
+            }
+        })
+    }
+}
+
 enum SourceKind {
     /// A Hugging Face folder: its shards and which shard holds each tensor.
     Folder {

@@ -4,14 +4,15 @@
 //! native), otherwise on the CPU executor compiled to wasm. Every call that touches the GPU returns a
 //! Promise: read-backs complete from the page's event loop, so nothing blocks the main thread.
 
+use crate::exec::Device;
 use crate::gpu::Gpu;
-use crate::lora::LoraConfig;
 use crate::model::{Model, ModelSource};
 use crate::source::ModelFiles;
 use crate::synth;
 use crate::tokenizer::{ChatTokenizer, Message};
-use crate::train::{LossOn, Schedule, StepRecord, TrainConfig, Trainer};
-use serde::Deserialize;
+use crate::train::StepRecord;
+use crate::train::run::{Observer, Run, RunData};
+use crate::train::settings::TrainSettings;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,53 +25,27 @@ fn js_error(e: impl std::fmt::Display) -> JsError {
 }
 
 struct Inner {
-    /// Leaked: the trainer borrows the model and the GPU for as long as the page keeps the session, and a
-    /// page loads few models. Dropping a session leaks them; that is the price of a borrow-based trainer.
-    model: &'static Model,
-    gpu: Option<&'static Gpu>,
+    /// Shared with the run, which co-owns it: a session outlives every call into it.
+    model: Arc<Model>,
+    gpu: Option<Arc<Gpu>>,
     tok: ChatTokenizer,
     label: String,
-    trainer: Option<Trainer<'static>>,
+    run: Option<Run<'static>>,
 }
 
-/// A loaded model with its tokenizer, an executor, and (after `setData`) a trainer.
+/// A loaded model with its tokenizer, an executor, and (after `setData`) a training run.
 #[wasm_bindgen]
 pub struct Session {
     inner: Rc<RefCell<Inner>>,
 }
 
-/// The training options the page exposes, with the trainer's defaults.
-#[derive(Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct WebOptions {
-    lora_r: usize,
-    lora_alpha: f64,
-    lora_dropout: f32,
-    lr: f64,
-    epochs: usize,
-    max_steps: Option<usize>,
-    grad_accum: usize,
-    max_length: usize,
-    seed: u64,
-    schedule: String,
-    warmup_steps: usize,
-}
+/// The validation loss a step's evaluation produced, if one fell due.
+#[derive(Default)]
+struct Evaluated(Option<f64>);
 
-impl Default for WebOptions {
-    fn default() -> Self {
-        WebOptions {
-            lora_r: 8,
-            lora_alpha: 16.0,
-            lora_dropout: 0.05,
-            lr: 2e-4,
-            epochs: 1,
-            max_steps: None,
-            grad_accum: 1,
-            max_length: 512,
-            seed: 42,
-            schedule: "linear".into(),
-            warmup_steps: 0,
-        }
+impl Observer for Evaluated {
+    fn evaluated(&mut self, _step: usize, loss: f64) {
+        self.0 = Some(loss);
     }
 }
 
@@ -110,26 +85,17 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
     let source = ModelSource::open_folder(files).map_err(js_error)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))
         .map_err(js_error)?;
-    let model: &'static Model = Box::leak(Box::new(source.load(None).map_err(js_error)?));
-    let gpu = match device.as_str() {
-        "cpu" => None,
-        // A software WebGPU adapter (SwiftShader) still runs the same kernels, so it is accepted.
-        "gpu" => Some(Gpu::new_async(true).await.map_err(js_error)?),
-        "auto" => Gpu::new_async(true).await.ok(),
-        other => {
-            return Err(JsError::new(&format!(
-                "unknown device `{other}` (auto, gpu or cpu)"
-            )));
-        }
-    };
-    let gpu: Option<&'static Gpu> = gpu.map(|g| &*Box::leak(Box::new(g)));
+    let model = Arc::new(source.load(None).map_err(js_error)?);
+    let device = <Device as clap::ValueEnum>::from_str(&device, true)
+        .map_err(|_| JsError::new(&format!("unknown device `{device}` (auto, gpu or cpu)")))?;
+    let gpu = device.open_async().await.map_err(js_error)?.map(Arc::new);
     Ok(Session {
         inner: Rc::new(RefCell::new(Inner {
             model,
             gpu,
             tok,
             label: source.label().to_string(),
-            trainer: None,
+            run: None,
         })),
     })
 }
@@ -152,7 +118,7 @@ impl Session {
     /// "webgpu (<adapter>)" or "cpu (wasm)": which executor trains.
     pub fn backend(&self) -> Result<String, JsError> {
         let inner = self.borrow()?;
-        Ok(match inner.gpu {
+        Ok(match &inner.gpu {
             // Browsers may hide the adapter's name.
             Some(g) if g.info.name.is_empty() => "webgpu".to_string(),
             Some(g) => format!("webgpu ({})", g.info.name),
@@ -176,79 +142,73 @@ impl Session {
         .to_string())
     }
 
-    /// Sets the training data (JSONL in any of TRL's three shapes) and options (JSON; see WebOptions),
-    /// and starts a fresh trainer.
+    /// Sets the training data (JSONL in any of TRL's three shapes) and options (JSON, keys as
+    /// `nibble train`'s flags with underscores: lr, epochs, lora_r, eval_split, ...), and starts a fresh
+    /// run.
     #[wasm_bindgen(js_name = setData)]
     pub fn set_data(&self, jsonl: &str, options: &str) -> Result<String, JsError> {
         let mut inner = self.borrow()?;
-        let o: WebOptions = if options.trim().is_empty() {
-            WebOptions::default()
-        } else {
-            serde_json::from_str(options).map_err(|e| js_error(format!("options: {e}")))?
-        };
+        let settings = TrainSettings::parse_json(options).map_err(js_error)?;
+        let files = settings.file_options();
+        if !files.is_empty() {
+            return Err(JsError::new(&format!(
+                "options: {} name files, which a page cannot give",
+                files.join(", ")
+            )));
+        }
+        let config = settings.train_config().map_err(js_error)?;
+        let run_options = settings.run_options().map_err(js_error)?;
         let examples = crate::data::parse_jsonl(jsonl, "dataset").map_err(js_error)?;
-        let sequences = examples
+        let train = examples
             .iter()
             .enumerate()
             .map(|(i, ex)| {
-                crate::train::tokenize(&inner.tok, ex, LossOn::Default, o.max_length)
+                crate::train::tokenize(&inner.tok, ex, config.loss_on, config.max_length)
                     .map(|(s, _)| s)
                     .map_err(|e| js_error(format!("dataset line {}: {e}", i + 1)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let schedule = Schedule::parse(&o.schedule).ok_or_else(|| {
-            JsError::new(&format!(
-                "unknown schedule `{}` (constant, linear or cosine)",
-                o.schedule
-            ))
-        })?;
-        let config = TrainConfig {
-            lora: LoraConfig {
-                r: o.lora_r,
-                alpha: o.lora_alpha,
-                dropout: o.lora_dropout,
-                ..LoraConfig::default()
-            },
-            lr: o.lr,
-            schedule,
-            warmup_steps: o.warmup_steps,
-            epochs: o.epochs,
-            max_steps: o.max_steps,
-            grad_accum: o.grad_accum,
-            max_length: o.max_length,
-            seed: o.seed,
-            ..TrainConfig::default()
+        let data = RunData {
+            train,
+            eval: Vec::new(),
         };
-        let mut trainer = Trainer::new(inner.model, config, sequences, None).map_err(js_error)?;
-        if let Some(gpu) = inner.gpu {
-            trainer.use_gpu(gpu).map_err(js_error)?;
+        let model = inner.model.clone();
+        let mut run =
+            Run::start(model, &inner.label, config, data, run_options, None).map_err(js_error)?;
+        if let Some(gpu) = &inner.gpu {
+            run.use_gpu(gpu.clone()).map_err(js_error)?;
         }
         let summary = serde_json::json!({
             "examples": examples.len(),
-            "total_steps": trainer.total_steps,
-            "lora_parameters": trainer.adapter.parameter_count(),
+            "total_steps": run.trainer.total_steps,
+            "lora_parameters": run.trainer.adapter.parameter_count(),
         });
-        inner.trainer = Some(trainer);
+        inner.run = Some(run);
         Ok(summary.to_string())
     }
 
-    /// Whether the trainer has run all its steps.
+    /// Whether the run has done all its steps.
     pub fn done(&self) -> Result<bool, JsError> {
-        Ok(self.borrow()?.trainer.as_ref().is_none_or(|t| t.done()))
+        Ok(self.borrow()?.run.as_ref().is_none_or(|r| r.done()))
     }
 
     /// One optimizer step; resolves to its record as JSON (step, epoch, loss, lr, grad_norm, tokens,
-    /// tokens_per_s).
+    /// tokens_per_s, and eval_loss when a validation pass fell due).
     pub fn step(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let mut guard = lock(&inner)?;
-            let trainer = guard
-                .trainer
+            let run = guard
+                .run
                 .as_mut()
                 .ok_or_else(|| JsError::new("call setData before step"))?;
-            let record: StepRecord = trainer.step_async().await.map_err(js_error)?;
-            Ok(JsValue::from_str(&record.to_json().to_string()))
+            let mut evaluated = Evaluated::default();
+            let record: StepRecord = run.step_async(&mut evaluated).await.map_err(js_error)?;
+            let mut json = record.to_json();
+            if let Some(loss) = evaluated.0 {
+                json["eval_loss"] = loss.into();
+            }
+            Ok(JsValue::from_str(&json.to_string()))
         })
     }
 
@@ -266,12 +226,12 @@ impl Session {
             let ids = g.tok.encode(&text).map_err(js_error)?;
             let stop = crate::generate::stop_tokens(&g.tok);
             // On WebGPU when training runs there, with the device's copies of the adapters.
-            let executor = g.trainer.as_ref().map_or(
+            let executor = g.run.as_ref().map_or(
                 crate::generate::Executor::Cpu {
-                    model: g.model,
+                    model: &g.model,
                     adapter: None,
                 },
-                |t| t.executor(),
+                |r| r.trainer.executor(),
             );
             let out = crate::generate::greedy_async(executor, &ids, max_new as usize, &stop)
                 .await
@@ -292,14 +252,11 @@ impl Session {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let mut guard = lock(&inner)?;
-            let label = guard.label.clone();
-            let trainer = guard
-                .trainer
+            let run = guard
+                .run
                 .as_mut()
                 .ok_or_else(|| JsError::new("call setData before exportAdapter"))?;
-            trainer.sync_async().await.map_err(js_error)?;
-            let (weights, config) =
-                crate::train::peft_files(&trainer.adapter, &label).map_err(js_error)?;
+            let (weights, config) = run.peft_files_async().await.map_err(js_error)?;
             let out = js_sys::Object::new();
             js_sys::Reflect::set(
                 &out,

@@ -42,7 +42,7 @@ function options() {
   const num = (id) => Number($(id).value);
   const o = {
     lora_r: num("lora-r"), lora_alpha: num("lora-alpha"), lora_dropout: num("lora-dropout"), lr: num("lr"),
-    epochs: num("epochs"), grad_accum: num("grad-accum"), schedule: $("schedule").value,
+    epochs: num("epochs"), grad_accum: num("grad-accum"), lr_scheduler: $("schedule").value,
   };
   if ($("max-steps").value !== "") o.max_steps = num("max-steps");
   return o;

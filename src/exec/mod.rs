@@ -2,3 +2,89 @@
 
 pub mod cpu;
 pub mod gpu;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
+/// Where a run, an evaluation or a decode executes: the one place that turns the choice into an executor.
+#[derive(
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// A real GPU if one is present, otherwise the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// A GPU, software ones included (lavapipe, SwiftShader: useful for testing); an error when there is
+    /// none.
+    Gpu,
+}
+
+impl Device {
+    /// The GPU to run on, or None for the CPU executor.
+    pub async fn open_async(self) -> Result<Option<Gpu>> {
+        // Natively a software Vulkan device is slower than the CPU executor, so `auto` passes it over; in
+        // a browser the CPU executor is single-threaded wasm, which a software WebGPU adapter still beats.
+        const AUTO_TAKES_SOFTWARE: bool = cfg!(target_arch = "wasm32");
+        match self {
+            Device::Cpu => Ok(None),
+            Device::Gpu => Gpu::new_async(true)
+                .await
+                .map(Some)
+                .map_err(|e| Error::Invalid(format!("--device gpu: {e}"))),
+            Device::Auto => match Gpu::new_async(AUTO_TAKES_SOFTWARE).await {
+                Ok(gpu) => Ok(Some(gpu)),
+                Err(e) => {
+                    log::info!("using the CPU executor: {e}");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open(self) -> Result<Option<Gpu>> {
+        pollster::block_on(self.open_async())
+    }
+}
+
+/// The arithmetic asked for the frozen-weight products.
+#[derive(
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionChoice {
+    /// The executor's fastest mode that keeps the loss within 1e-3 (relative) of float32: bf16 products
+    /// on CPUs with AVX512-BF16 or ARM BF16, float32 elsewhere and on the GPU.
+    #[default]
+    Default,
+    /// Exact float32 everywhere, for parity checks.
+    F32,
+}
+
+impl PrecisionChoice {
+    /// What the CPU executor runs on this machine.
+    pub fn cpu(self) -> crate::ops::Precision {
+        match self {
+            PrecisionChoice::F32 => crate::ops::Precision::F32,
+            PrecisionChoice::Default => crate::ops::Precision::fastest(),
+        }
+    }
+}

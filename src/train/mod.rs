@@ -4,9 +4,8 @@
 //! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
 //! schedules.
 
-// The browser steps its own session (async, no files); see src/web.rs.
-#[cfg(not(target_arch = "wasm32"))]
 pub mod run;
+pub mod settings;
 
 use crate::cpu::{self, Sequence, StepOptions};
 use crate::data::{Example, Turns};
@@ -22,6 +21,7 @@ use crate::models::optimizer;
 use crate::ops::Precision;
 use crate::ops::adamw::AdamWParams;
 use crate::rng::Rng;
+use crate::shared::Shared;
 use crate::tokenizer::{ChatTokenizer, Message};
 use serde_json::json;
 use std::path::Path;
@@ -30,7 +30,11 @@ use std::time::Instant;
 #[cfg(target_arch = "wasm32")]
 use web_time::Instant;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The learning-rate schedule after warmup.
+#[derive(
+    clap::ValueEnum, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
     Linear,
@@ -38,15 +42,6 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "constant" => Some(Schedule::Constant),
-            "linear" => Some(Schedule::Linear),
-            "cosine" => Some(Schedule::Cosine),
-            _ => None,
-        }
-    }
-
     /// transformers' multiplier for the optimizer step that follows `step` completed steps.
     pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
         if step < warmup {
@@ -64,7 +59,10 @@ impl Schedule {
 }
 
 /// Which tokens carry loss.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    clap::ValueEnum, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum LossOn {
     /// TRL's default: every token for messages and text rows, the completion for prompt/completion rows.
     Default,
@@ -241,7 +239,7 @@ impl StepRecord {
 
 /// Trainer state: the adapters, their AdamW moments, and where in the data and the RNG streams we are.
 pub struct Trainer<'a> {
-    pub model: &'a Model,
+    pub model: Shared<'a, Model>,
     pub config: TrainConfig,
     pub adapter: LoraAdapter,
     m: LoraAdapter,
@@ -255,7 +253,7 @@ pub struct Trainer<'a> {
     dropout_rng: Rng,
     sequences: Vec<Sequence>,
     /// The GPU executor, when training runs there: it holds the live adapters and moments.
-    gpu: Option<(&'a Gpu, GpuTrainState)>,
+    gpu: Option<(Shared<'a, Gpu>, GpuTrainState)>,
     /// Whether `adapter`, `m` and `v` lag behind the GPU's copies.
     stale: bool,
 }
@@ -263,7 +261,7 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     /// Sets up training on tokenized `sequences` with freshly initialised adapters (or `init`).
     pub fn new(
-        model: &'a Model,
+        model: impl Into<Shared<'a, Model>>,
         config: TrainConfig,
         sequences: Vec<Sequence>,
         init: Option<LoraAdapter>,
@@ -282,6 +280,7 @@ impl<'a> Trainer<'a> {
                 "--batch-size and --grad-accum must be positive".into(),
             ));
         }
+        let model = model.into();
         let mut init_rng = Rng::new(config.seed);
         let adapter = match init {
             Some(a) => a,
@@ -359,7 +358,7 @@ impl<'a> Trainer<'a> {
             let loss = match &self.gpu {
                 Some((gpu, state)) => state.evaluate(gpu, seq).await?,
                 None => cpu::forward_backward_with(
-                    self.model,
+                    &self.model,
                     Some(&self.adapter),
                     None,
                     seq,
@@ -388,9 +387,10 @@ impl<'a> Trainer<'a> {
     }
 
     /// Moves training to the GPU executor: uploads the model, the adapters and the moments.
-    pub fn use_gpu(&mut self, gpu: &'a Gpu) -> Result<()> {
+    pub fn use_gpu(&mut self, gpu: impl Into<Shared<'a, Gpu>>) -> Result<()> {
+        let gpu = gpu.into();
         self.sync()?;
-        let state = GpuTrainState::new(gpu, self.model, &self.adapter, &self.m, &self.v)?;
+        let state = GpuTrainState::new(&gpu, &self.model, &self.adapter, &self.m, &self.v)?;
         self.gpu = Some((gpu, state));
         Ok(())
     }
@@ -405,7 +405,7 @@ impl<'a> Trainer<'a> {
                 lora: Some(state.params()),
             },
             None => crate::generate::Executor::Cpu {
-                model: self.model,
+                model: &self.model,
                 adapter: Some(&self.adapter),
             },
         }
@@ -539,7 +539,7 @@ impl Trainer<'_> {
         };
         for &i in picks {
             let loss = cpu::forward_backward_with(
-                self.model,
+                &self.model,
                 Some(&self.adapter),
                 Some(&mut grads),
                 &self.sequences[i],
@@ -557,7 +557,7 @@ impl Trainer<'_> {
         let mut out = exec::cpu::run(
             &graph,
             exec::cpu::Bindings {
-                model: self.model,
+                model: &self.model,
                 adapter: None,
                 grads: Some(&mut grads),
                 cache: None,

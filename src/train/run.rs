@@ -7,7 +7,8 @@ use crate::cpu::Sequence;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::lora::LoraAdapter;
-use crate::model::{self, QuantRequest};
+use crate::model::{Model, QuantRequest};
+use crate::shared::Shared;
 use crate::tokenizer::ChatTokenizer;
 use crate::train::{self, StepRecord, TrainConfig, Trainer};
 use serde_json::json;
@@ -64,7 +65,239 @@ pub struct RunSummary {
     pub last_loss: f64,
 }
 
-/// Runs `spec` on the GPU executor when `gpu` is given, else on the CPU executor.
+/// Tokenized examples: what a run trains on, and what it validates on.
+pub struct RunData {
+    pub train: Vec<Sequence>,
+    /// Validation examples from their own file (empty: none, or `eval_split` holds some out).
+    pub eval: Vec<Sequence>,
+}
+
+/// Where a run writes: metrics.jsonl, checkpoints, the PEFT folder and the loss curve.
+struct RunOutput {
+    dir: PathBuf,
+    metrics_path: PathBuf,
+    metrics: std::fs::File,
+}
+
+/// A training run in progress, stepped by its caller: `nibble train` and `nibble demo` through `run`, the
+/// browser one awaited step at a time. Everything a run does besides the optimizer step lives here: the
+/// validation split, packing, an initial adapter, resuming, metrics, the evaluation cadence, checkpoints
+/// and the final save.
+pub struct Run<'m> {
+    pub trainer: Trainer<'m>,
+    eval: Vec<Sequence>,
+    options: RunOptions,
+    steps_per_epoch: usize,
+    /// The base model's name, for the adapter's config.
+    base_model: String,
+    output: Option<RunOutput>,
+    first_loss: Option<f64>,
+    last_loss: f64,
+}
+
+impl<'m> Run<'m> {
+    /// Sets a run up on the CPU executor (see `use_gpu`). With an `output` folder it writes metrics and
+    /// checkpoints there (and resumes from `options.resume`); without one it keeps everything in memory.
+    pub fn start(
+        model: impl Into<Shared<'m, Model>>,
+        base_model: &str,
+        config: TrainConfig,
+        data: RunData,
+        options: RunOptions,
+        output: Option<&Path>,
+    ) -> Result<Self> {
+        let model = model.into();
+        let RunData {
+            train: mut sequences,
+            eval: mut eval_sequences,
+        } = data;
+        if let Some(fraction) = options.eval_split {
+            eval_sequences = hold_out(&mut sequences, fraction, config.seed)?;
+            log::info!(
+                "holding out {} of {} examples for validation",
+                eval_sequences.len(),
+                eval_sequences.len() + sequences.len()
+            );
+        }
+        if options.packing {
+            let examples = sequences.len();
+            sequences = crate::cpu::pack(sequences, config.max_length);
+            log::info!(
+                "packed {examples} examples into {} sequences of at most {} tokens",
+                sequences.len(),
+                config.max_length
+            );
+        }
+        let mut config = config;
+        let init = match &options.init_adapter {
+            Some(dir) => {
+                let mut adapter = load_adapter(dir, &model.config, "--init-adapter")?;
+                // The adapter's r, alpha and targets apply; dropout is a training option.
+                adapter.config.dropout = config.lora.dropout;
+                config.lora = adapter.config.clone();
+                Some(adapter)
+            }
+            None => None,
+        };
+        log::info!("training configuration: {config:?}");
+        let per_step = config.batch_size * config.grad_accum;
+        let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
+        let mut trainer = Trainer::new(model, config, sequences, init)?;
+        let output = match output {
+            Some(dir) => Some(open_output(&mut trainer, dir, options.resume.as_deref())?),
+            None if options.resume.is_some() => {
+                return Err(Error::Invalid(
+                    "resuming needs the run's output folder".into(),
+                ));
+            }
+            None => None,
+        };
+        Ok(Run {
+            trainer,
+            eval: eval_sequences,
+            options,
+            steps_per_epoch,
+            base_model: base_model.to_string(),
+            output,
+            first_loss: None,
+            last_loss: 0.0,
+        })
+    }
+
+    /// Moves training to the GPU executor.
+    pub fn use_gpu(&mut self, gpu: impl Into<Shared<'m, Gpu>>) -> Result<()> {
+        self.trainer.use_gpu(gpu)
+    }
+
+    pub fn done(&self) -> bool {
+        self.trainer.done()
+    }
+
+    /// One optimizer step, then what falls due after it: the metrics line, a validation pass, a
+    /// checkpoint. A step whose loss is not finite stops the run with the last good checkpoint named.
+    pub async fn step_async(&mut self, observer: &mut dyn Observer) -> Result<StepRecord> {
+        let record = match self.trainer.step_async().await {
+            Ok(record) => record,
+            Err(e) => return Err(self.failed(e)),
+        };
+        self.append_metrics(&record.to_json())?;
+        observer.stepped(&record);
+        self.first_loss.get_or_insert(record.loss);
+        self.last_loss = record.loss;
+        let eval_due = if self.options.eval_steps > 0 {
+            record.step % self.options.eval_steps == 0
+        } else {
+            record.step % self.steps_per_epoch == 0
+        };
+        if !self.eval.is_empty() && (eval_due || self.trainer.done()) {
+            let (loss_sum, tokens) = self.trainer.evaluate_async(&self.eval).await?;
+            let loss = loss_sum / tokens.max(1) as f64;
+            self.append_metrics(&json!({"step": record.step, "epoch": record.epoch,
+                "eval_loss": loss, "eval_perplexity": loss.exp(), "eval_tokens": tokens}))?;
+            observer.evaluated(record.step, loss);
+        }
+        if let Some(out) = &self.output
+            && self.options.save_steps > 0
+            && record.step % self.options.save_steps == 0
+        {
+            self.trainer.sync_async().await?;
+            self.trainer.save_checkpoint(&out.dir, &self.base_model)?;
+        }
+        Ok(record)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn step(&mut self, observer: &mut dyn Observer) -> Result<StepRecord> {
+        pollster::block_on(self.step_async(observer))
+    }
+
+    /// Brings the adapter home from the GPU and, with an output folder, saves it as a PEFT folder and
+    /// draws the loss curve.
+    pub async fn finish_async(&mut self) -> Result<RunSummary> {
+        self.trainer.sync_async().await?;
+        if let Some(out) = &self.output {
+            train::save_peft(&self.trainer.adapter, &out.dir, &self.base_model)?;
+            crate::plot::write_loss_curve(&out.metrics_path, &out.dir.join("loss_curve.png"))?;
+        }
+        Ok(RunSummary {
+            first_loss: self.first_loss.unwrap_or(self.last_loss),
+            last_loss: self.last_loss,
+        })
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn finish(&mut self) -> Result<RunSummary> {
+        pollster::block_on(self.finish_async())
+    }
+
+    /// The PEFT folder's two files of the adapter trained so far (for a caller without files).
+    pub async fn peft_files_async(&mut self) -> Result<(Vec<u8>, String)> {
+        self.trainer.sync_async().await?;
+        train::peft_files(&self.trainer.adapter, &self.base_model)
+    }
+
+    fn append_metrics(&mut self, line: &serde_json::Value) -> Result<()> {
+        match &mut self.output {
+            Some(out) => {
+                writeln!(out.metrics, "{line}").map_err(|e| Error::io(&out.metrics_path, e))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A failed step's error, with where the run can be picked up again.
+    fn failed(&self, e: Error) -> Error {
+        let Some(out) = &self.output else {
+            return e;
+        };
+        let hint = match train::newest_checkpoint(&out.dir).ok().flatten() {
+            Some(c) => format!(
+                "the last good checkpoint is {}; resume with --resume {}",
+                c.display(),
+                out.dir.display()
+            ),
+            None => "no checkpoint was written (see --save-steps)".to_string(),
+        };
+        Error::Invalid(format!("{e}; no adapter was saved; {hint}"))
+    }
+}
+
+/// Creates the output folder and its metrics file, or (resuming) restores the newest checkpoint and
+/// keeps the metrics up to it.
+fn open_output(trainer: &mut Trainer, dir: &Path, resume: Option<&Path>) -> Result<RunOutput> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let metrics_path = dir.join("metrics.jsonl");
+    match resume {
+        Some(from) => {
+            let checkpoint = train::newest_checkpoint(from)?.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{} holds no complete checkpoint to resume from",
+                    from.display()
+                ))
+            })?;
+            trainer.restore(&checkpoint)?;
+            truncate_metrics(&metrics_path, trainer.step)?;
+            log::info!(
+                "resuming from {} at step {}",
+                checkpoint.display(),
+                trainer.step
+            );
+        }
+        None => std::fs::write(&metrics_path, "").map_err(|e| Error::io(&metrics_path, e))?,
+    }
+    let metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    Ok(RunOutput {
+        dir: dir.to_path_buf(),
+        metrics_path,
+        metrics,
+    })
+}
+
+/// Runs `spec` from its files on the GPU executor when `gpu` is given, else on the CPU executor.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Result<RunSummary> {
     let RunSpec {
         model: path,
@@ -72,143 +305,56 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         output,
         quant,
         config,
-        options: run,
+        options,
     } = spec;
-    if output.join("adapter_model.safetensors").exists() && !run.overwrite && run.resume.is_none() {
+    if output.join("adapter_model.safetensors").exists()
+        && !options.overwrite
+        && options.resume.is_none()
+    {
         return Err(Error::Invalid(format!(
             "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to replace it",
             output.display()
         )));
     }
-    let source = model::open(path)?;
+    let source = crate::model::open(path)?;
     // The weights load (reading and quantizing, on the worker threads) while this thread reads the
     // tokenizer and the data.
     let (model, data) = std::thread::scope(|s| {
         let loading = s.spawn(|| source.load(quant));
         let data = (|| -> Result<_> {
             let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
-            let sequences = tokenize_file(&tok, data, &config)?;
-            let eval_sequences = match &run.eval_data {
+            let train = tokenize_file(&tok, data, &config)?;
+            let eval = match &options.eval_data {
                 Some(file) => tokenize_file(&tok, file, &config)?,
                 None => Vec::new(),
             };
-            Ok((sequences, eval_sequences))
+            Ok(RunData { train, eval })
         })();
         (loading.join(), data)
     });
-    let (mut sequences, mut eval_sequences) = data?;
+    let data = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
-    if let Some(fraction) = run.eval_split {
-        eval_sequences = hold_out(&mut sequences, fraction, config.seed)?;
-        log::info!(
-            "holding out {} of {} examples for validation",
-            eval_sequences.len(),
-            eval_sequences.len() + sequences.len()
-        );
-    }
-    if run.packing {
-        let examples = sequences.len();
-        sequences = crate::cpu::pack(sequences, config.max_length);
-        log::info!(
-            "packed {examples} examples into {} sequences of at most {} tokens",
-            sequences.len(),
-            config.max_length
-        );
-    }
-    let mut config = config;
-    let init = match &run.init_adapter {
-        Some(dir) => {
-            let mut adapter = load_adapter(dir, &model.config, "--init-adapter")?;
-            // The adapter's r, alpha and targets apply; dropout is a training option.
-            adapter.config.dropout = config.lora.dropout;
-            config.lora = adapter.config.clone();
-            Some(adapter)
-        }
-        None => None,
-    };
-    log::info!("training configuration: {config:?}");
-    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-    let metrics_path = output.join("metrics.jsonl");
-    let per_step = config.batch_size * config.grad_accum;
-    let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
-    let mut trainer = Trainer::new(&model, config, sequences, init)?;
-    if let Some(dir) = &run.resume {
-        let checkpoint = train::newest_checkpoint(dir)?.ok_or_else(|| {
-            Error::Invalid(format!(
-                "{} holds no complete checkpoint to resume from",
-                dir.display()
-            ))
-        })?;
-        trainer.restore(&checkpoint)?;
-        truncate_metrics(&metrics_path, trainer.step)?;
-        log::info!(
-            "resuming from {} at step {}",
-            checkpoint.display(),
-            trainer.step
-        );
-    } else {
-        std::fs::write(&metrics_path, "").map_err(|e| Error::io(&metrics_path, e))?;
-    }
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut run = Run::start(&model, source.label(), config, data, options, Some(output))?;
     let executor = match gpu {
         Some(gpu) => {
-            trainer.use_gpu(gpu)?;
+            run.use_gpu(gpu)?;
             format!("GPU executor on {}", gpu.info.name)
         }
-        None => format!("CPU executor, {:?}", trainer.config.precision),
+        None => format!("CPU executor, {:?}", run.trainer.config.precision),
     };
     log::info!(
         "training {} LoRA parameters for {} steps on {} examples ({executor})",
-        trainer.adapter.parameter_count(),
-        trainer.total_steps,
-        trainer.examples(),
+        run.trainer.adapter.parameter_count(),
+        run.trainer.total_steps,
+        run.trainer.examples(),
     );
-    observer.started(&trainer);
-    let (mut first, mut last) = (None, 0.0);
-    while !trainer.done() {
-        let record = trainer.step().map_err(|e| {
-            let hint = match train::newest_checkpoint(output).ok().flatten() {
-                Some(c) => format!(
-                    "the last good checkpoint is {}; resume with --resume {}",
-                    c.display(),
-                    output.display()
-                ),
-                None => "no checkpoint was written (see --save-steps)".to_string(),
-            };
-            Error::Invalid(format!("{e}; no adapter was saved; {hint}"))
-        })?;
-        writeln!(metrics, "{}", record.to_json()).map_err(|e| Error::io(&metrics_path, e))?;
-        observer.stepped(&record);
-        first.get_or_insert(record.loss);
-        last = record.loss;
-        let eval_due = if run.eval_steps > 0 {
-            record.step % run.eval_steps == 0
-        } else {
-            record.step % steps_per_epoch == 0
-        };
-        if !eval_sequences.is_empty() && (eval_due || trainer.done()) {
-            let (loss_sum, tokens) = trainer.evaluate(&eval_sequences)?;
-            let loss = loss_sum / tokens.max(1) as f64;
-            let line = json!({"step": record.step, "epoch": record.epoch, "eval_loss": loss,
-                              "eval_perplexity": loss.exp(), "eval_tokens": tokens});
-            writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
-            observer.evaluated(record.step, loss);
-        }
-        if run.save_steps > 0 && record.step % run.save_steps == 0 {
-            trainer.save_checkpoint(output, source.label())?;
-        }
+    observer.started(&run.trainer);
+    while !run.done() {
+        run.step(observer)?;
     }
-    trainer.sync()?;
-    train::save_peft(&trainer.adapter, output, source.label())?;
-    crate::plot::write_loss_curve(&metrics_path, &output.join("loss_curve.png"))?;
+    let summary = run.finish()?;
     observer.finished();
-    Ok(RunSummary {
-        first_loss: first.unwrap_or(last),
-        last_loss: last,
-    })
+    Ok(summary)
 }
 
 /// A PEFT adapter folder given by `flag`, checked against the model's shapes.

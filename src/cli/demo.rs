@@ -1,0 +1,142 @@
+//! `nibble demo`: a small random model learns the built-in chats through the library's run, with no
+//! download.
+
+use super::{QuantArgs, rate};
+use anyhow::{Context, Result};
+use nibble::model;
+use nibble::synth::{self, SynthSpec};
+use nibble::tokenizer::{ChatTokenizer, Message};
+use nibble::train::run::Observer;
+use nibble::train::{StepRecord, Trainer};
+use std::path::{Path, PathBuf};
+
+/// Build a small random model with the bundled Qwen2.5 tokenizer and run it through nibble (no download).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Keep the generated model in this folder instead of a temporary one.
+    #[arg(long)]
+    keep: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let keep = args.keep;
+    let dir = match &keep {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("nibble-demo-{}", std::process::id())),
+    };
+    let result = run_demo(&dir);
+    if keep.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// The demo: a tiny random model with the real Qwen2.5 tokenizer learns the built-in chats (short answers
+/// in a fixed voice, so that it visibly learns them), asked a question before and after.
+fn run_demo(dir: &Path) -> Result<()> {
+    let mut spec = SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936);
+    spec.hidden_size = 128;
+    spec.intermediate_size = 384;
+    println!(
+        "== a random Qwen2.5-architecture model with the bundled Qwen2.5 tokenizer, in {}",
+        dir.display()
+    );
+    synth::write_model_folder(dir, &spec, Some(&synth::qwen25_tokenizer()))?;
+    super::info::show(dir, QuantArgs::default(), false)?;
+
+    let source = model::open(dir)?;
+    let tok = ChatTokenizer::from_files(&source.tokenizer, dir)?;
+    let model = source.load(None)?;
+    let chats = dir.join("chats.jsonl");
+    std::fs::write(&chats, nibble::data::demo_jsonl())
+        .with_context(|| format!("writing {}", chats.display()))?;
+    let question = nibble::data::DEMO_CHATS[0].0;
+    let prompt = tok.encode(&tok.apply_chat_template(&[Message::new("user", question)], true)?)?;
+    let stop = nibble::generate::stop_tokens(&tok);
+    let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
+        let executor = nibble::generate::Executor::Cpu {
+            model: &model,
+            adapter,
+        };
+        let ids = nibble::generate::greedy(executor, &prompt, 16, &stop)?;
+        let answer: Vec<u32> = ids[prompt.len()..]
+            .iter()
+            .copied()
+            .filter(|t| !stop.contains(t))
+            .collect();
+        Ok(tok.decode(&answer)?)
+    };
+    println!(
+        "\n== before fine-tuning, asked \"{question}\":\n{:?}",
+        answer(None)?
+    );
+
+    let config = nibble::train::TrainConfig {
+        lora: nibble::lora::LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            ..Default::default()
+        },
+        lr: 3e-3,
+        epochs: 12,
+        max_length: 256,
+        schedule: nibble::train::Schedule::Constant,
+        precision: nibble::exec::PrecisionChoice::Default.cpu(),
+        ..Default::default()
+    };
+    // The best device present: a real GPU when there is one (a software Vulkan device would be slower
+    // than the CPU executor).
+    let gpu = nibble::exec::Device::Auto.open()?;
+    let executor = match &gpu {
+        Some(gpu) => format!("the GPU executor on {}", gpu.info.name),
+        None => "the CPU executor".to_string(),
+    };
+    let out = dir.join("adapter");
+    let spec = nibble::train::run::RunSpec {
+        model: dir,
+        data: &chats,
+        output: &out,
+        quant: None,
+        config,
+        options: Default::default(),
+    };
+    nibble::train::run::run(spec, gpu.as_ref(), &mut DemoProgress { executor, total: 0 })?;
+    let adapter = nibble::train::run::load_adapter(&out, &model.config, "the demo's adapter")?;
+    println!(
+        "\n== after fine-tuning, asked \"{question}\":\n{:?}",
+        answer(Some(&adapter))?
+    );
+    println!("\nThe adapter is a PEFT folder: {}", out.display());
+    Ok(())
+}
+
+/// The demo's account of its training run: a line for the start and one every 8 steps.
+struct DemoProgress {
+    executor: String,
+    total: usize,
+}
+
+impl Observer for DemoProgress {
+    fn started(&mut self, trainer: &Trainer) {
+        self.total = trainer.total_steps;
+        println!(
+            "\n== fine-tuning {} LoRA parameters (r=16 on all seven linears, NF4 base) for {} steps on {} chats, on {}",
+            trainer.adapter.parameter_count(),
+            trainer.total_steps,
+            trainer.examples(),
+            self.executor
+        );
+    }
+
+    fn stepped(&mut self, r: &StepRecord) {
+        if r.step == 1 || r.step % 8 == 0 || r.step == self.total {
+            println!(
+                "  step {:>3}  loss {:.4}  {} tokens/s",
+                r.step,
+                r.loss,
+                rate(r.tokens_per_s)
+            );
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! `nibble eval`: loss and perplexity of a model (and adapter) over a dataset.
+
+use super::{ExecArgs, QuantArgs, open_placed};
+use anyhow::{Context, Result, bail};
+use nibble::train::LossOn;
+use serde_json::json;
+use std::path::PathBuf;
+
+/// Mean token cross-entropy and perplexity of a model (and optional LoRA adapter) over a JSONL file,
+/// printed as one JSON line.
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL rows: {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.
+    #[arg(long)]
+    data: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    quant: QuantArgs,
+    #[command(flatten)]
+    exec: ExecArgs,
+    /// Longer examples are cut to this many tokens (the start is kept).
+    #[arg(long, default_value_t = 2048)]
+    max_length: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let examples = nibble::data::read_jsonl(&args.data)?;
+    let (tok, placed) = open_placed(
+        &args.model,
+        args.quant,
+        args.adapter.as_deref(),
+        args.exec.device,
+    )?;
+    let executor = placed.executor();
+    log::info!(
+        "evaluating {} examples on {}",
+        examples.len(),
+        executor.describe()
+    );
+    let (mut loss_sum, mut tokens, mut cut_examples) = (0f64, 0usize, 0usize);
+    for (i, example) in examples.iter().enumerate() {
+        let (seq, cut) = nibble::train::tokenize(&tok, example, LossOn::All, args.max_length)
+            .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
+        cut_examples += usize::from(cut > 0);
+        let loss = executor.loss(&seq, args.exec.precision.cpu())?;
+        loss_sum += loss.loss_sum;
+        tokens += loss.targets;
+    }
+    if cut_examples > 0 {
+        log::warn!(
+            "{cut_examples} examples were longer than --max-length {} and were cut",
+            args.max_length
+        );
+    }
+    if tokens == 0 {
+        bail!("{}: no example has a token to predict", args.data.display());
+    }
+    let mean = loss_sum / tokens as f64;
+    println!(
+        "{}",
+        json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens})
+    );
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! `nibble generate` and `nibble chat`: a model (and adapter) answering, token by token.
+
+use anyhow::{Result, bail};
+use nibble::exec::Device;
+use nibble::generate::Placed;
+use nibble::tokenizer::{ChatTokenizer, Message};
+use std::path::PathBuf;
+
+use super::{QuantArgs, open_placed};
+
+/// What `generate` and `chat` share: the model, an adapter, and how to pick tokens.
+#[derive(clap::Args)]
+pub struct GenArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter folder.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[command(flatten)]
+    quant: QuantArgs,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where decoding runs: `auto` takes a real GPU when one is present.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+}
+
+/// Answer one prompt (as a user turn through the chat template, or raw text with --raw).
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    generation: GenArgs,
+    #[arg(long)]
+    prompt: String,
+    /// A system message before the prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Continue the prompt text as it is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+}
+
+/// Talk with a model in the terminal: each line is a user turn (/reset starts over, end of input
+/// quits). The KV cache carries the conversation from turn to turn.
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    generation: GenArgs,
+    #[arg(long)]
+    system: Option<String>,
+}
+
+/// A model ready to generate: weights and adapter where decoding runs, tokenizer, stop tokens and
+/// sampling options.
+struct Speaker {
+    placed: Placed,
+    tok: ChatTokenizer,
+    stop: Vec<u32>,
+    sampling: nibble::generate::Sampling,
+    max_new: usize,
+    cache: nibble::generate::Cache,
+    cached: Vec<u32>,
+}
+
+impl Speaker {
+    fn open(g: &GenArgs) -> Result<Self> {
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) || g.temperature < 0.0 {
+            bail!("--top-p must lie in (0, 1] and --temperature must not be negative");
+        }
+        let (tok, placed) = open_placed(&g.model, g.quant, g.adapter.as_deref(), g.device)?;
+        let executor = placed.executor();
+        log::info!("generating on {}", executor.describe());
+        let cache = executor.cache();
+        Ok(Speaker {
+            stop: nibble::generate::stop_tokens(&tok),
+            cache,
+            placed,
+            tok,
+            sampling: nibble::generate::Sampling {
+                temperature: g.temperature,
+                top_p: g.top_p,
+                seed: g.seed,
+            },
+            max_new: g.max_new_tokens,
+            cached: Vec::new(),
+        })
+    }
+
+    /// Generates after `text`, printing the answer as it comes; returns it (without the stop token).
+    fn answer(&mut self, text: &str) -> Result<String> {
+        let prompt = self.tok.encode(text)?;
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        let mut answer: Vec<u32> = Vec::new();
+        let mut printed = 0;
+        let (tok, stop) = (&self.tok, &self.stop);
+        let mut out = std::io::stdout();
+        let mut failure = None;
+        let started = std::time::Instant::now();
+        let mut first_token_after = None;
+        let mut generated = 0usize;
+        // The prompt tokens the cache already holds (earlier turns of a chat) are not fed again.
+        let reused = nibble::generate::reusable_prefix(&self.cached, &prompt);
+        nibble::generate::generate(
+            self.placed.executor(),
+            &mut self.cache,
+            &mut self.cached,
+            &prompt,
+            self.max_new,
+            stop,
+            &self.sampling,
+            |t| {
+                use std::io::Write;
+                generated += 1;
+                first_token_after.get_or_insert_with(|| started.elapsed());
+                if stop.contains(&t) {
+                    return;
+                }
+                answer.push(t);
+                // Decode the whole answer so far: a character may span several tokens.
+                match tok.decode(&answer) {
+                    Ok(text) if text.len() > printed && !text.ends_with('\u{FFFD}') => {
+                        let _ = write!(out, "{}", &text[printed..]);
+                        let _ = out.flush();
+                        printed = text.len();
+                    }
+                    Ok(_) => {}
+                    Err(e) => failure = Some(e),
+                }
+            },
+        )?;
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        if let Some(first) = first_token_after {
+            let rest = started.elapsed().saturating_sub(first).as_secs_f64();
+            let fed = prompt.len() - reused;
+            log::info!(
+                "{generated} tokens: the first after {:.2} s ({fed} prompt tokens fed), then {:.1} tokens/s",
+                first.as_secs_f64(),
+                if rest > 0.0 {
+                    (generated - 1) as f64 / rest
+                } else {
+                    0.0
+                },
+            );
+        }
+        let text = self.tok.decode(&answer)?;
+        println!("{}", text.get(printed..).unwrap_or(""));
+        Ok(text)
+    }
+}
+
+fn with_system(system: Option<&str>) -> Vec<Message> {
+    system
+        .map(|s| Message::new("system", s))
+        .into_iter()
+        .collect()
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let (prompt, system) = (args.prompt.as_str(), args.system.as_deref());
+    let mut speaker = Speaker::open(&args.generation)?;
+    let text = if args.raw {
+        prompt.to_string()
+    } else {
+        let mut messages = with_system(system);
+        messages.push(Message::new("user", prompt));
+        speaker.tok.apply_chat_template(&messages, true)?
+    };
+    speaker.answer(&text)?;
+    Ok(())
+}
+
+pub fn chat(args: ChatArgs) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let (g, system) = (&args.generation, args.system.as_deref());
+    let mut speaker = Speaker::open(g)?;
+    let mut messages = with_system(system);
+    eprintln!(
+        "chatting with {} (/reset starts over; end of input quits)",
+        g.model.display()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/reset" {
+            messages = with_system(system);
+            continue;
+        }
+        messages.push(Message::new("user", line));
+        let text = speaker.tok.apply_chat_template(&messages, true)?;
+        let answer = speaker.answer(&text)?;
+        messages.push(Message::new("assistant", &answer));
+    }
+}

@@ -1,0 +1,121 @@
+//! `nibble info`: what a model is and what its weights take.
+
+use super::{QuantArgs, group_digits, human_bytes, human_count};
+use anyhow::Result;
+use nibble::config::RopeScaling;
+use nibble::model;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+/// Architecture, shapes, exact parameter count and the memory the weights take.
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model folder or a file written by `nibble quantize`.
+    model: PathBuf,
+    #[command(flatten)]
+    quant: QuantArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    show(&args.model, args.quant, args.json)
+}
+
+pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
+    let source = model::open(path)?;
+    let c = &source.config;
+    let spec = quant.planned_spec(source.stored_quant())?;
+    let params = c.parameter_count();
+    let bytes16 = model::planned_weight_bytes(c, None);
+    let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));
+    let tokenizer = &source.tokenizer;
+    let rope = match c.rope_scaling {
+        RopeScaling::None => "none".to_string(),
+        RopeScaling::Linear { factor } => format!("linear x{factor}"),
+        RopeScaling::Llama3 { factor, .. } => format!("llama3 x{factor}"),
+    };
+    if as_json {
+        let v = json!({
+            "model": path,
+            "architecture": c.arch.model_type(),
+            "class": c.arch.class_name(),
+            "layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_heads": c.num_heads,
+            "num_kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "qkv_bias": c.qkv_bias,
+            "qk_norm": c.qk_norm,
+            "rope_theta": c.rope_theta,
+            "rope_scaling": rope,
+            "parameters": params,
+            "weight_bytes_16bit": bytes16,
+            "quant": spec.map(|s| json!({"format": s.format.name(), "group_size": s.group_size})),
+            "weight_bytes_quantized": bytes4,
+            "stored_quant": source.stored_quant().map(|s| s.to_string()),
+            "tokenizer": tokenizer.tokenizer_json.is_some(),
+            "chat_template": tokenizer.chat_template_jinja.is_some()
+                || tokenizer.tokenizer_config_json.as_deref().is_some_and(|t| t.contains("\"chat_template\"")),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model         {}", path.display());
+    if let Some(s) = source.stored_quant() {
+        println!("stored as     {s}, quantized from {}", source.label());
+    }
+    println!(
+        "architecture  {} ({})",
+        c.arch.model_type(),
+        c.arch.class_name()
+    );
+    println!(
+        "shape         {} layers, hidden {}, intermediate {}, vocab {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    );
+    println!(
+        "attention     {} heads, {} kv heads (GQA x{}), head_dim {}{}{}",
+        c.num_heads,
+        c.num_kv_heads,
+        c.num_heads / c.num_kv_heads,
+        c.head_dim,
+        if c.qkv_bias { ", q/k/v bias" } else { "" },
+        if c.qk_norm { ", q/k norm" } else { "" }
+    );
+    println!("rope          theta {}, scaling {rope}", c.rope_theta);
+    println!(
+        "embeddings    {}",
+        if c.tie_word_embeddings {
+            "tied to lm_head"
+        } else {
+            "untied"
+        }
+    );
+    println!(
+        "parameters    {} ({})",
+        group_digits(params),
+        human_count(params)
+    );
+    println!("weights       {} at 16-bit", human_bytes(bytes16));
+    if let (Some(s), Some(b)) = (spec, bytes4) {
+        println!(
+            "              {} with decoder linears in {s} ({:.1}x smaller; embeddings stay 16-bit)",
+            human_bytes(b),
+            bytes16 as f64 / b as f64
+        );
+    }
+    println!(
+        "tokenizer     {}",
+        if tokenizer.tokenizer_json.is_some() {
+            "tokenizer.json present"
+        } else {
+            "none found"
+        }
+    );
+    Ok(())
+}

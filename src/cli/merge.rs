@@ -1,0 +1,46 @@
+//! `nibble merge`: an adapter folded into the base weights.
+
+use anyhow::Result;
+use nibble::model;
+use nibble::source::FloatDtype;
+use std::path::PathBuf;
+
+/// Fold a LoRA adapter into the base weights: a model folder (safetensors, config and tokenizer
+/// copied) that transformers loads without peft.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The base model folder the adapter was trained on.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    #[arg(long, short)]
+    output: PathBuf,
+    /// The merged weights' dtype (default: the checkpoint's own).
+    #[arg(long, value_enum)]
+    dtype: Option<Dtype>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum Dtype {
+    Bf16,
+    F16,
+    F32,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let dtype = args.dtype.map(|d| match d {
+        Dtype::Bf16 => FloatDtype::BF16,
+        Dtype::F16 => FloatDtype::F16,
+        Dtype::F32 => FloatDtype::F32,
+    });
+    let source = model::open(&args.model)?;
+    let lora = nibble::train::run::load_adapter(&args.adapter, &source.config, "--adapter")?;
+    nibble::merge::merge(&source, &args.model, &lora, &args.output, dtype)?;
+    eprintln!(
+        "merged {} LoRA pairs into {}",
+        lora.pairs().count(),
+        args.output.display()
+    );
+    Ok(())
+}

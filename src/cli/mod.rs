@@ -1,0 +1,111 @@
+//! The command line: one module per subcommand (its clap arguments and a `run`), and what several of
+//! them share. The work itself is the library's.
+
+pub mod demo;
+pub mod eval;
+pub mod generate;
+pub mod info;
+pub mod merge;
+pub mod plan;
+pub mod quantize;
+pub mod synth;
+pub mod train;
+
+use anyhow::Result;
+use nibble::exec::{Device, PrecisionChoice};
+use nibble::generate::Placed;
+use nibble::model::{QuantChoice, QuantRequest};
+use nibble::quant::{QuantFormat, QuantSpec};
+use nibble::tokenizer::ChatTokenizer;
+use std::path::Path;
+
+#[derive(clap::Args, Clone, Copy, Default)]
+pub struct QuantArgs {
+    /// Storage of the decoder's linear weights: nf4, int4, or none (keep them 16-bit).
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantChoice>,
+    /// Weights per scale, along the input dimension: 32, 64 or 128.
+    #[arg(long)]
+    pub group_size: Option<usize>,
+}
+
+impl QuantArgs {
+    /// None leaves the choice to the source: a quantized file stays as stored, a folder becomes NF4 g64.
+    pub fn request(self) -> Result<Option<QuantRequest>> {
+        Ok(QuantRequest::from_options(self.quant, self.group_size)?)
+    }
+
+    /// The storage to report memory for: the one asked for, else the source's own (`stored`; None for
+    /// a 16-bit folder), else NF4 group 64.
+    pub fn planned_spec(self, stored: Option<QuantSpec>) -> Result<Option<QuantSpec>> {
+        Ok(match self.request()? {
+            Some(QuantRequest::Quantize(s)) => Some(s),
+            Some(QuantRequest::Dense) => None,
+            None => Some(stored.unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?)),
+        })
+    }
+}
+
+/// A model with its tokenizer and an optional `--adapter`, placed on `device`.
+pub fn open_placed(
+    model: &Path,
+    quant: QuantArgs,
+    adapter: Option<&Path>,
+    device: Device,
+) -> Result<(ChatTokenizer, Placed)> {
+    let source = nibble::model::open(model)?;
+    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+    let model = source.load(quant.request()?)?;
+    let adapter = adapter
+        .map(|dir| nibble::train::run::load_adapter(dir, &model.config, "--adapter"))
+        .transpose()?;
+    Ok((tok, Placed::new(model, adapter, device.open()?)?))
+}
+
+/// Where the work runs, and in which arithmetic.
+#[derive(clap::Args, Clone, Copy)]
+pub struct ExecArgs {
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    #[arg(long, value_enum, default_value = "default")]
+    pub precision: PrecisionChoice,
+}
+
+/// A rate for people: whole numbers, and three decimals below 10 (a software GPU's step of
+/// the 0.5B model runs at 0.27 tokens/s, which whole numbers print as 0).
+pub fn rate(per_s: f64) -> String {
+    if per_s >= 10.0 {
+        format!("{per_s:.0}")
+    } else {
+        format!("{per_s:.3}")
+    }
+}
+
+pub fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n => format!("{:.1}K", n as f64 / 1e3),
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if b as f64 >= 1024.0 * MIB {
+        format!("{:.2} GiB", b as f64 / (1024.0 * MIB))
+    } else {
+        format!("{:.1} MiB", b as f64 / MIB)
+    }
+}

@@ -1,0 +1,107 @@
+//! `nibble plan`: the memory of a training step, from the shapes alone.
+
+use super::{QuantArgs, group_digits, human_bytes};
+use anyhow::{Result, bail};
+use nibble::model;
+use nibble::quant::QuantSpec;
+use nibble::train::settings::parse_targets;
+use std::path::{Path, PathBuf};
+
+/// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
+/// shapes before anything runs. MODEL may be a folder holding only config.json.
+#[derive(clap::Args)]
+pub struct Args {
+    model: PathBuf,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    #[command(flatten)]
+    quant: QuantArgs,
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
+    /// Comma-separated module names (q_proj,...,down_proj) or all-linear.
+    #[arg(long, default_value = "all-linear")]
+    target_modules: String,
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        model: path,
+        seq_len: tokens,
+        quant,
+        lora_r: rank,
+        lora_dropout: dropout,
+        target_modules: targets,
+        gradient_checkpointing: checkpoint,
+        json: as_json,
+    } = args;
+    let (config, stored) = plan_source(&path)?;
+    let spec = quant.planned_spec(stored)?;
+    if tokens == 0 || rank == 0 {
+        bail!("--seq-len and --lora-r must be positive");
+    }
+    let input = nibble::plan::PlanInput {
+        tokens,
+        quant: spec,
+        lora_rank: rank,
+        lora_targets: parse_targets(&targets)?,
+        lora_dropout: dropout > 0.0,
+        checkpoint,
+    };
+    let p = nibble::plan::plan(&config, &input)?;
+    if as_json {
+        println!("{}", serde_json::to_string(&p)?);
+        return Ok(());
+    }
+    let weights = spec.map_or("16-bit".to_string(), |s| s.to_string());
+    println!(
+        "training step of {} tokens, LoRA r={rank} on {targets}{}",
+        tokens,
+        if checkpoint {
+            ", gradient checkpointing"
+        } else {
+            ""
+        }
+    );
+    println!("  weights ({weights})      {:>12}", human_bytes(p.weights));
+    println!(
+        "  LoRA + AdamW state     {:>12}   ({} trainable parameters)",
+        human_bytes(p.lora_and_optimizer),
+        group_digits(p.lora_parameters)
+    );
+    println!(
+        "  step buffers at peak   {:>12}",
+        human_bytes(p.activations)
+    );
+    println!("  kernel temporaries     {:>12}", human_bytes(p.workspace));
+    println!("  total                  {:>12}", human_bytes(p.total));
+    Ok(())
+}
+
+/// The configuration and stored format of what `nibble plan` was given: a model folder or quantized file,
+/// or a folder (or file) with only config.json: whether a model fits is worth knowing before its
+/// weights are downloaded.
+fn plan_source(path: &Path) -> Result<(nibble::config::ModelConfig, Option<QuantSpec>)> {
+    let config_only = if path.is_dir() {
+        let has = |name: &str| path.join(name).exists();
+        has("config.json") && !has("model.safetensors") && !has("model.safetensors.index.json")
+    } else {
+        path.file_name().is_some_and(|n| n == "config.json")
+    };
+    if config_only {
+        let file = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        return Ok((nibble::config::ModelConfig::from_file(&file)?, None));
+    }
+    let source = model::open(path)?;
+    Ok((source.config.clone(), source.stored_quant()))
+}

@@ -1,0 +1,54 @@
+//! `nibble quantize`: a model folder's decoder weights as one packed 4-bit safetensors file.
+
+use super::{QuantArgs, human_bytes};
+use anyhow::{Context, Result, bail};
+use nibble::config::LinearKind;
+use nibble::model::{self, QuantRequest};
+use nibble::quant::{QuantFormat, QuantSpec};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Quantize a model folder's decoder weights to packed 4-bit and save them as one safetensors file.
+#[derive(clap::Args)]
+pub struct Args {
+    model: PathBuf,
+    #[arg(long, short)]
+    output: PathBuf,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (path, output, quant) = (args.model.as_path(), args.output.as_path(), args.quant);
+    let source = model::open(path)?;
+    if source.stored_quant().is_some() {
+        bail!(
+            "{} is already a quantized file; quantize the original model folder",
+            path.display()
+        );
+    }
+    let spec = match quant.request()? {
+        None => QuantSpec::new(QuantFormat::Nf4, 64)?,
+        Some(QuantRequest::Quantize(s)) => s,
+        Some(QuantRequest::Dense) => {
+            bail!("--quant none makes no quantized file; choose nf4 or int4")
+        }
+    };
+    let start = Instant::now();
+    let model = source.load(Some(QuantRequest::Quantize(spec)))?;
+    let loaded = start.elapsed();
+    model
+        .save_quantized(output, &source.tokenizer)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "quantized {} decoder linears of {} to {spec} in {:.1}s, wrote {} ({}) in {:.1}s",
+        model.config.num_layers * LinearKind::ALL.len(),
+        path.display(),
+        loaded.as_secs_f64(),
+        output.display(),
+        human_bytes(size),
+        (start.elapsed() - loaded).as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `nibble synth`: a model folder with random weights in a real architecture.
+
+use super::group_digits;
+use anyhow::{Result, bail};
+use nibble::config::Arch;
+use nibble::synth::{self, ConfigSpelling, SynthSpec};
+use std::path::PathBuf;
+
+/// Write a model folder with random weights in a real architecture (config.json, safetensors and the
+/// bundled Qwen2.5 tokenizer), for tests and benchmarks without a download.
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "tiny-qwen2")]
+    preset: Preset,
+    #[arg(long, short)]
+    output: PathBuf,
+    /// config.json as transformers 4.x (v4) or 5.x (v5) writes it.
+    #[arg(long, value_enum, default_value = "v4")]
+    spelling: Spelling,
+    /// Split the weights over this many safetensors shards (with an index file).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "qwen2.5")]
+    tokenizer: Tokenizer,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum Preset {
+    TinyQwen2,
+    TinyQwen3,
+    TinyLlama,
+    /// The exact Qwen2.5-0.5B shapes.
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen25Half,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum Spelling {
+    V4,
+    V5,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum Tokenizer {
+    /// The bundled Qwen2.5 tokenizer (vocabulary 151,936).
+    #[value(name = "qwen2.5")]
+    Qwen25,
+    /// 256 byte tokens and Qwen's three special tokens with Qwen2.5's chat template (vocabulary 259,
+    /// for very small models).
+    Byte,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (tokenizer, vocab) = match args.tokenizer {
+        Tokenizer::Qwen25 => (synth::qwen25_tokenizer(), 151936),
+        Tokenizer::Byte => (synth::byte_tokenizer(), synth::BYTE_VOCAB),
+    };
+    let mut spec = match args.preset {
+        Preset::TinyQwen2 => SynthSpec::tiny(Arch::Qwen2, vocab),
+        Preset::TinyQwen3 => SynthSpec::tiny(Arch::Qwen3, vocab),
+        Preset::TinyLlama => SynthSpec::tiny(Arch::Llama, vocab),
+        Preset::Qwen25Half if vocab == 151936 => SynthSpec::qwen25_05b(),
+        Preset::Qwen25Half => {
+            bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")
+        }
+    };
+    spec.spelling = match args.spelling {
+        Spelling::V4 => ConfigSpelling::V4,
+        Spelling::V5 => ConfigSpelling::V5,
+    };
+    spec.shards = args.shards;
+    spec.seed = args.seed;
+    let output = &args.output;
+    if output.exists() && std::fs::read_dir(output)?.next().is_some() {
+        bail!("{} exists and is not empty", output.display());
+    }
+    synth::write_model_folder(output, &spec, Some(&tokenizer))?;
+    let preset = clap::ValueEnum::to_possible_value(&args.preset)
+        .map_or(String::new(), |v| v.get_name().to_string());
+    eprintln!(
+        "wrote a random {preset} model ({} parameters) to {}",
+        group_digits(spec.config().parameter_count()),
+        output.display()
+    );
+    Ok(())
+}

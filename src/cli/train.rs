@@ -1,0 +1,95 @@
+//! `nibble train`: the library's run with the options layered (preset < TOML file < flags) and a
+//! progress bar.
+
+use super::rate;
+use anyhow::{Context, Result};
+use nibble::train::run::{Observer, RunSpec};
+use nibble::train::settings::TrainSettings;
+use nibble::train::{StepRecord, Trainer};
+use std::path::PathBuf;
+
+pub fn run(flags: TrainSettings) -> Result<()> {
+    let settings = TrainSettings::layered(flags)?;
+    let need = |v: &Option<PathBuf>, flag: &str| {
+        v.clone()
+            .with_context(|| format!("--{flag} is required (on the command line or in --config)"))
+    };
+    let (model, data, output) = (
+        need(&settings.model, "model")?,
+        need(&settings.data, "data")?,
+        need(&settings.output, "output")?,
+    );
+    let spec = RunSpec {
+        model: &model,
+        data: &data,
+        output: &output,
+        quant: settings.quant_request()?,
+        config: settings.train_config()?,
+        options: settings.run_options()?,
+    };
+    let gpu = settings.device.unwrap_or_default().open()?;
+    nibble::train::run::run(spec, gpu.as_ref(), &mut Progress::default())?;
+    eprintln!("saved the adapter to {}", output.display());
+    Ok(())
+}
+
+/// Training progress: a bar with step, loss, tokens/s and ETA on a terminal, plain log lines otherwise.
+#[derive(Default)]
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+}
+
+impl Observer for Progress {
+    fn started(&mut self, trainer: &Trainer) {
+        use std::io::IsTerminal;
+        self.total = trainer.total_steps;
+        self.bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(trainer.total_steps as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            bar.set_position(trainer.step as u64);
+            bar
+        });
+    }
+
+    fn stepped(&mut self, r: &StepRecord) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_message(format!(
+                    "loss {:.4}  {} tokens/s",
+                    r.loss,
+                    rate(r.tokens_per_s)
+                ));
+                bar.set_position(r.step as u64);
+            }
+            None => log::info!(
+                "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {} tokens/s",
+                r.step,
+                self.total,
+                r.loss,
+                r.lr,
+                r.grad_norm,
+                rate(r.tokens_per_s)
+            ),
+        }
+    }
+
+    fn evaluated(&mut self, step: usize, loss: f64) {
+        let line = format!("step {step}: validation loss {loss:.4}");
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => log::info!("{line}"),
+        }
+    }
+
+    fn finished(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The options of a training run as people give them: command-line flags, a TOML file, a named preset,
+//! or the browser page's JSON. One struct serves all four, so an option is declared once; an option left
+//! out takes the trainer's default (`TrainConfig::default()`, the one place defaults live).
+
+use crate::error::{Error, Result};
+use crate::exec::{Device, PrecisionChoice};
+use crate::lora::LoraConfig;
+use crate::model::{QuantChoice, QuantRequest};
+use crate::train::run::RunOptions;
+use crate::train::{LossOn, Schedule, TrainConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Named recipes, written as option files: `--preset NAME` reads as if its file were given, below the
+/// `--config` file and the flags.
+const PRESETS: &[(&str, &str)] = &[(
+    "qwen2.5-cpu",
+    // The small Qwen recipe of transformers + peft + trl.
+    r#"
+quant = "nf4"
+lora_r = 8
+lora_alpha = 16.0
+lora_dropout = 0.05
+target_modules = "all-linear"
+lr = 2e-4
+batch_size = 1
+grad_accum = 4
+epochs = 2
+"#,
+)];
+
+/// `nibble train`'s options. Each can also come from a TOML file (`--config`, keys as the flags with
+/// underscores) or a preset; a flag given on the command line wins over the file, and the file over
+/// the preset.
+#[derive(clap::Args, Deserialize, Serialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// A TOML file of options.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// A known recipe: qwen2.5-cpu (NF4, LoRA r=8 alpha=16 dropout 0.05 on all seven linears, lr 2e-4,
+    /// batch 1, gradient accumulation 4, 2 epochs).
+    #[arg(long)]
+    pub preset: Option<String>,
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Storage of the decoder's linear weights.
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantChoice>,
+    /// Weights per scale, along the input dimension: 32, 64 or 128.
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionChoice>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<Schedule>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of all steps (used when --warmup-steps is not given).
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_rslora: Option<bool>,
+    /// Comma-separated module names or all-linear.
+    #[arg(long)]
+    pub target_modules: Option<String>,
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub no_shuffle: Option<bool>,
+    /// Which tokens carry loss: all, assistant (the assistant turns of conversations) or completion
+    /// (the completion of prompt/completion rows); the default is TRL's: all tokens, or the completion
+    /// for prompt/completion rows.
+    #[arg(long, value_enum)]
+    pub loss_on: Option<LossOn>,
+    /// Start from this PEFT adapter folder (its r, alpha and target modules apply).
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// A held-out JSONL file for validation loss.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Hold out this fraction of --data (chosen with --seed) for validation loss instead.
+    #[arg(long)]
+    pub eval_split: Option<f64>,
+    /// Evaluate every N optimizer steps (default: at the end of each epoch and of the run).
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub gradient_checkpointing: Option<bool>,
+    /// Pack several examples into each sequence of up to --max-length tokens (attention stays inside
+    /// each example; positions restart at each).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub packing: Option<bool>,
+    /// Replace a finished run in the output folder.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub overwrite: Option<bool>,
+    /// Write checkpoint-N/ (adapter, optimizer state, RNG state, data position) every N steps.
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Continue a run from the newest complete checkpoint in this folder (or this checkpoint).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+impl TrainSettings {
+    /// The flags over the `--config` file over the preset (named by either).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn layered(flags: TrainSettings) -> Result<TrainSettings> {
+        let with_file = match flags.config.clone() {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                flags.over(Self::parse_toml(&text, &path)?)?
+            }
+            None => flags,
+        };
+        match with_file.preset.clone() {
+            Some(name) => with_file.over(Self::preset(&name)?),
+            None => Ok(with_file),
+        }
+    }
+
+    /// A preset's options.
+    pub fn preset(name: &str) -> Result<TrainSettings> {
+        let (_, text) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            Error::Invalid(format!(
+                "unknown preset `{name}` (known: {})",
+                known.join(", ")
+            ))
+        })?;
+        Self::parse_toml(text, Path::new(&format!("preset {name}")))
+    }
+
+    /// Options from TOML text; errors name `origin` and the line.
+    pub fn parse_toml(text: &str, origin: &Path) -> Result<TrainSettings> {
+        toml::from_str(text).map_err(|e| Error::Config {
+            path: origin.to_path_buf(),
+            msg: e.to_string(),
+        })
+    }
+
+    /// Options from the browser page's JSON object.
+    pub fn parse_json(text: &str) -> Result<TrainSettings> {
+        if text.trim().is_empty() {
+            return Ok(TrainSettings::default());
+        }
+        serde_json::from_str(text).map_err(|e| Error::Invalid(format!("options: {e}")))
+    }
+
+    /// Each option set here, else `lower`'s. Works on the serialized form so that no field list is
+    /// repeated here.
+    pub fn over(self, lower: TrainSettings) -> Result<TrainSettings> {
+        let config = self.config.clone().or(lower.config.clone());
+        let as_map = |s: &TrainSettings| match serde_json::to_value(s) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            _ => Err(Error::Invalid("options do not serialize as a map".into())),
+        };
+        let mut merged = as_map(&lower)?;
+        for (key, value) in as_map(&self)? {
+            if !value.is_null() {
+                merged.insert(key, value);
+            }
+        }
+        let mut out: TrainSettings = serde_json::from_value(merged.into())
+            .map_err(|e| Error::Invalid(format!("merging options: {e}")))?;
+        out.config = config;
+        Ok(out)
+    }
+
+    /// The options that name files, which a browser page cannot give.
+    pub fn file_options(&self) -> Vec<&'static str> {
+        let named = [
+            ("model", self.model.is_some()),
+            ("data", self.data.is_some()),
+            ("output", self.output.is_some()),
+            ("init_adapter", self.init_adapter.is_some()),
+            ("eval_data", self.eval_data.is_some()),
+            ("resume", self.resume.is_some()),
+            ("save_steps", self.save_steps.is_some()),
+        ];
+        named
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    pub fn quant_request(&self) -> Result<Option<QuantRequest>> {
+        QuantRequest::from_options(self.quant, self.group_size)
+    }
+
+    /// The training configuration: each option given, else the trainer's default.
+    pub fn train_config(&self) -> Result<TrainConfig> {
+        let d = TrainConfig::default();
+        let lora = LoraConfig {
+            r: self.lora_r.unwrap_or(d.lora.r),
+            alpha: self.lora_alpha.unwrap_or(d.lora.alpha),
+            dropout: self.lora_dropout.map_or(d.lora.dropout, |p| p as f32),
+            use_rslora: self.use_rslora.unwrap_or(d.lora.use_rslora),
+            targets: match &self.target_modules {
+                Some(list) => parse_targets(list)?,
+                None => d.lora.targets,
+            },
+        };
+        let config = TrainConfig {
+            lora,
+            lr: self.lr.unwrap_or(d.lr),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            max_grad_norm: self.max_grad_norm.unwrap_or(d.max_grad_norm),
+            schedule: self.lr_scheduler.unwrap_or(d.schedule),
+            warmup_steps: self.warmup_steps.unwrap_or(d.warmup_steps),
+            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            max_steps: self.max_steps.or(d.max_steps),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            max_length: self.max_length.unwrap_or(d.max_length),
+            seed: self.seed.unwrap_or(d.seed),
+            shuffle: self.no_shuffle.map_or(d.shuffle, |no| !no),
+            loss_on: self.loss_on.unwrap_or(d.loss_on),
+            checkpoint: self.gradient_checkpointing.unwrap_or(d.checkpoint),
+            precision: self.precision.unwrap_or_default().cpu(),
+        };
+        if !(0.0..1.0).contains(&config.warmup_ratio) {
+            return Err(Error::Invalid("--warmup-ratio must lie in [0, 1)".into()));
+        }
+        if !(0.0..1.0).contains(&config.lora.dropout) {
+            return Err(Error::Invalid("--lora-dropout must lie in [0, 1)".into()));
+        }
+        if config.lora.r == 0 || config.max_length == 0 {
+            return Err(Error::Invalid(
+                "--lora-r and --max-length must be positive".into(),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// What the run does beyond the training configuration.
+    pub fn run_options(&self) -> Result<RunOptions> {
+        if self.eval_data.is_some() && self.eval_split.is_some() {
+            return Err(Error::Invalid(
+                "give --eval-data or --eval-split, not both".into(),
+            ));
+        }
+        if let Some(f) = self.eval_split
+            && !(f > 0.0 && f < 1.0)
+        {
+            return Err(Error::Invalid(format!(
+                "--eval-split must lie strictly between 0 and 1 (got {f})"
+            )));
+        }
+        Ok(RunOptions {
+            overwrite: self.overwrite.unwrap_or(false),
+            save_steps: self.save_steps.unwrap_or(0),
+            resume: self.resume.clone(),
+            init_adapter: self.init_adapter.clone(),
+            eval_data: self.eval_data.clone(),
+            eval_split: self.eval_split,
+            eval_steps: self.eval_steps.unwrap_or(0),
+            packing: self.packing.unwrap_or(false),
+        })
+    }
+}
+
+/// `--target-modules`: PEFT's `target_modules`, comma-separated (module names such as q_proj, longer path
+/// suffixes, or all-linear); checked against the model when the adapter is made.
+pub fn parse_targets(list: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = list
+        .split(',')
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Err(Error::Invalid(
+            "--target-modules names no module (e.g. q_proj,v_proj or all-linear)".into(),
+        ));
+    }
+    Ok(names)
+}
