@@ -304,6 +304,37 @@ pub async fn greedy_async(
     Ok(ids.iter().copied().chain(new).collect())
 }
 
+/// The greedy answer to `question` as a user turn through the chat template, up to `max_new` tokens,
+/// without the stop token.
+pub async fn answer_async(
+    executor: Executor<'_>,
+    tok: &ChatTokenizer,
+    question: &str,
+    max_new: usize,
+) -> Result<String> {
+    let text =
+        tok.apply_chat_template(&[crate::tokenizer::Message::new("user", question)], true)?;
+    let ids = tok.encode(&text)?;
+    let stop = stop_tokens(tok);
+    let out = greedy_async(executor, &ids, max_new, &stop).await?;
+    let answer: Vec<u32> = out[ids.len()..]
+        .iter()
+        .copied()
+        .filter(|t| !stop.contains(t))
+        .collect();
+    tok.decode(&answer)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+pub fn answer(
+    executor: Executor<'_>,
+    tok: &ChatTokenizer,
+    question: &str,
+    max_new: usize,
+) -> Result<String> {
+    pollster::block_on(answer_async(executor, tok, question, max_new))
+}
+
 /// `greedy_async`, waited for.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn greedy(

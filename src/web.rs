@@ -9,7 +9,7 @@ use crate::gpu::Gpu;
 use crate::model::{Model, ModelSource};
 use crate::source::ModelFiles;
 use crate::synth;
-use crate::tokenizer::{ChatTokenizer, Message};
+use crate::tokenizer::ChatTokenizer;
 use crate::train::StepRecord;
 use crate::train::run::{Observer, Run, RunData};
 use crate::train::settings::TrainSettings;
@@ -107,6 +107,14 @@ fn lock(inner: &RefCell<Inner>) -> Result<std::cell::RefMut<'_, Inner>, JsError>
         .map_err(|_| JsError::new("the session is busy: await the previous call first"))
 }
 
+/// The session's run, or an error naming the `call` that needs one.
+fn started<'a>(inner: &'a mut Inner, call: &str) -> Result<&'a mut Run<'static>, JsError> {
+    inner
+        .run
+        .as_mut()
+        .ok_or_else(|| JsError::new(&format!("call setData before {call}")))
+}
+
 impl Session {
     fn borrow(&self) -> Result<std::cell::RefMut<'_, Inner>, JsError> {
         lock(&self.inner)
@@ -198,10 +206,7 @@ impl Session {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let mut guard = lock(&inner)?;
-            let run = guard
-                .run
-                .as_mut()
-                .ok_or_else(|| JsError::new("call setData before step"))?;
+            let run = started(&mut guard, "step")?;
             let mut evaluated = Evaluated::default();
             let record: StepRecord = run.step_async(&mut evaluated).await.map_err(js_error)?;
             let mut json = record.to_json();
@@ -219,12 +224,6 @@ impl Session {
         wasm_bindgen_futures::future_to_promise(async move {
             let guard = lock(&inner)?;
             let g = &*guard;
-            let text = g
-                .tok
-                .apply_chat_template(&[Message::new("user", &prompt)], true)
-                .map_err(js_error)?;
-            let ids = g.tok.encode(&text).map_err(js_error)?;
-            let stop = crate::generate::stop_tokens(&g.tok);
             // On WebGPU when training runs there, with the device's copies of the adapters.
             let executor = g.run.as_ref().map_or(
                 crate::generate::Executor::Cpu {
@@ -233,15 +232,10 @@ impl Session {
                 },
                 |r| r.trainer.executor(),
             );
-            let out = crate::generate::greedy_async(executor, &ids, max_new as usize, &stop)
+            let answer = crate::generate::answer_async(executor, &g.tok, &prompt, max_new as usize)
                 .await
                 .map_err(js_error)?;
-            let answer = out[ids.len()..]
-                .iter()
-                .copied()
-                .filter(|t| !stop.contains(t))
-                .collect::<Vec<_>>();
-            Ok(JsValue::from_str(&g.tok.decode(&answer).map_err(js_error)?))
+            Ok(JsValue::from_str(&answer))
         })
     }
 
@@ -252,10 +246,7 @@ impl Session {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
             let mut guard = lock(&inner)?;
-            let run = guard
-                .run
-                .as_mut()
-                .ok_or_else(|| JsError::new("call setData before exportAdapter"))?;
+            let run = started(&mut guard, "exportAdapter")?;
             let (weights, config) = run.peft_files_async().await.map_err(js_error)?;
             let out = js_sys::Object::new();
             js_sys::Reflect::set(

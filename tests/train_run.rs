@@ -1,7 +1,9 @@
 //! The training run as a library call (`nibble::train::run`), without the binary: the finished-run guard,
-//! the validation cadence the observer sees, and a resumed run finishing as an uninterrupted one does.
+//! the validation cadence the observer sees, a resumed run finishing as an uninterrupted one does, a
+//! diverging run stopping with nothing saved, and the in-memory run (the browser's) training what the
+//! file-based one does.
 
-use nibble::train::run::{self, Observer, RunOptions, RunSpec};
+use nibble::train::run::{self, Observer, Run, RunData, RunOptions, RunSpec};
 use nibble::train::{StepRecord, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 
@@ -182,4 +184,77 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         std::fs::read(part.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
     );
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_last_checkpoint_and_saves_no_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let out = dir.path().join("out");
+    // Adam's first update moves every B entry by about lr: 1e30 overflows the next forward pass.
+    let config = TrainConfig {
+        lr: 1e30,
+        ..config(4)
+    };
+    let options = RunOptions {
+        save_steps: 1,
+        ..Default::default()
+    };
+    let (result, seen) = train(&model, &data, &out, config, options);
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("the loss became"), "{err}");
+    assert!(err.contains("no adapter was saved"), "{err}");
+    let last = seen.steps.last().expect("at least one finite step").0;
+    let checkpoint = out.join(format!("checkpoint-{last}"));
+    assert!(
+        err.contains(&checkpoint.display().to_string()),
+        "the error names {}: {err}",
+        checkpoint.display()
+    );
+    assert!(!seen.finished);
+    assert!(!out.join("adapter_model.safetensors").exists());
+}
+
+#[test]
+fn a_run_in_memory_trains_the_adapter_the_file_based_run_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, data) = model_and_data(dir.path());
+    let out = dir.path().join("out");
+    let options = RunOptions {
+        eval_split: Some(0.34),
+        eval_steps: 2,
+        ..Default::default()
+    };
+    let (result, on_files) = train(&model_dir, &data, &out, config(5), options.clone());
+    result.unwrap();
+
+    let source = nibble::model::open(&model_dir).unwrap();
+    let tok = nibble::tokenizer::ChatTokenizer::from_files(&source.tokenizer, &model_dir).unwrap();
+    let model = std::sync::Arc::new(source.load(None).unwrap());
+    let train = run::tokenize_file(&tok, &data, &config(5)).unwrap();
+    let data = RunData {
+        train,
+        eval: Vec::new(),
+    };
+    // Co-owned, as the browser session holds it.
+    let mut in_memory = Run::start(model.clone(), "model", config(5), data, options, None).unwrap();
+    let mut seen = Recorded::default();
+    while !in_memory.done() {
+        in_memory.step(&mut seen).unwrap();
+    }
+    let summary = in_memory.finish().unwrap();
+    assert_eq!(seen.steps, on_files.steps, "the same losses, bit for bit");
+    assert_eq!(seen.evaluations, on_files.evaluations);
+    assert_eq!(summary.last_loss, on_files.steps[4].1);
+    let saved = run::load_adapter(&out, &model.config, "the file run's adapter").unwrap();
+    let trained: Vec<_> = in_memory.trainer.adapter.pairs().collect();
+    let saved: Vec<_> = saved.pairs().collect();
+    assert_eq!(trained.len(), saved.len());
+    for ((path, a), (saved_path, b)) in trained.iter().zip(&saved) {
+        assert_eq!(path, saved_path);
+        assert!(
+            a.a == b.a && a.b == b.b,
+            "{path:?}: the same weights, bit for bit"
+        );
+    }
 }

@@ -5,7 +5,7 @@ use super::{QuantArgs, rate};
 use anyhow::{Context, Result};
 use nibble::model;
 use nibble::synth::{self, SynthSpec};
-use nibble::tokenizer::{ChatTokenizer, Message};
+use nibble::tokenizer::ChatTokenizer;
 use nibble::train::run::Observer;
 use nibble::train::{StepRecord, Trainer};
 use std::path::{Path, PathBuf};
@@ -51,20 +51,12 @@ fn run_demo(dir: &Path) -> Result<()> {
     std::fs::write(&chats, nibble::data::demo_jsonl())
         .with_context(|| format!("writing {}", chats.display()))?;
     let question = nibble::data::DEMO_CHATS[0].0;
-    let prompt = tok.encode(&tok.apply_chat_template(&[Message::new("user", question)], true)?)?;
-    let stop = nibble::generate::stop_tokens(&tok);
-    let answer = |adapter: Option<&nibble::lora::LoraAdapter>| -> Result<String> {
+    let answer = |adapter: Option<&nibble::lora::LoraAdapter>| {
         let executor = nibble::generate::Executor::Cpu {
             model: &model,
             adapter,
         };
-        let ids = nibble::generate::greedy(executor, &prompt, 16, &stop)?;
-        let answer: Vec<u32> = ids[prompt.len()..]
-            .iter()
-            .copied()
-            .filter(|t| !stop.contains(t))
-            .collect();
-        Ok(tok.decode(&answer)?)
+        nibble::generate::answer(executor, &tok, question, 16)
     };
     println!(
         "\n== before fine-tuning, asked \"{question}\":\n{:?}",
