@@ -31,6 +31,9 @@ pub enum Error {
     Template(String),
     #[error("{0}")]
     Invalid(String),
+    /// The user asked the run to stop (Ctrl-C, SIGTERM); the message says where its work was saved.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -46,3 +46,23 @@ fn make_shareable(path: &Path) -> std::io::Result<()> {
     let _ = path;
     Ok(())
 }
+
+/// Refuses an `output` that would replace one of a command's `inputs` (a file, or anything inside an
+/// input folder): the command would destroy what it reads.
+pub fn refuse_overwriting_inputs(output: &Path, inputs: &[&Path], flag: &str) -> Result<()> {
+    let Ok(target) = output.canonicalize() else {
+        return Ok(()); // nothing there yet
+    };
+    for input in inputs {
+        if let Ok(input) = input.canonicalize()
+            && target.starts_with(&input)
+        {
+            return Err(Error::Invalid(format!(
+                "{flag} {} would replace the input {}; write somewhere else",
+                output.display(),
+                input.display()
+            )));
+        }
+    }
+    Ok(())
+}

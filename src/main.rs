@@ -72,6 +72,11 @@ fn main() {
         Command::Demo(args) => cli::demo::run(args),
     };
     if let Err(e) = result {
+        // An interrupted run exits as a signalled process conventionally does.
+        if let Some(nibble::Error::Interrupted(why)) = e.downcast_ref::<nibble::Error>() {
+            eprintln!("nibble: {why}");
+            std::process::exit(130);
+        }
         eprintln!("nibble: error: {e:#}");
         std::process::exit(1);
     }

@@ -156,6 +156,23 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
         s(&dir.path().join("again.safetensors")),
     ]);
     assert!(err.contains("already a quantized file"), "{err}");
+
+    // No command writes over what it reads, or over a folder it did not make.
+    let before = std::fs::read(&st).unwrap();
+    let err = fails(&["quantize", s(&model), "--output", s(&st)]);
+    assert!(err.contains("would replace the input"), "{err}");
+    assert_eq!(
+        std::fs::read(&st).unwrap(),
+        before,
+        "the model is untouched"
+    );
+    let err = fails(&["demo", "--keep", s(&model)]);
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(
+        std::fs::read(&st).unwrap(),
+        before,
+        "the model is untouched"
+    );
 }
 
 #[test]

@@ -116,9 +116,30 @@ fn the_page_json_uses_the_same_names_and_defaults() {
 #[test]
 fn out_of_range_options_are_refused_by_name() {
     for (args, named) in [
-        (&["--warmup-ratio", "1.5"][..], "--warmup-ratio"),
+        (
+            &["--warmup-ratio", "1.5"][..],
+            "--warmup-ratio must be in [0, 1) (got 1.5)",
+        ),
         (&["--lora-dropout", "1.0"][..], "--lora-dropout"),
+        (&["--lora-dropout", "2"][..], "--lora-dropout"),
         (&["--target-modules", " , "][..], "--target-modules"),
+        (
+            &["--lr", "NaN"][..],
+            "--lr must be a finite number > 0 (got NaN)",
+        ),
+        (
+            &["--lr=-1e-4"][..],
+            "--lr must be a finite number > 0 (got -0.0001)",
+        ),
+        (&["--max-grad-norm", "NaN"][..], "--max-grad-norm"),
+        (&["--weight-decay", "inf"][..], "--weight-decay"),
+        (&["--lora-alpha", "0"][..], "--lora-alpha"),
+        (&["--lora-r", "0"][..], "--lora-r"),
+        (&["--epochs", "0"][..], "--epochs"),
+        (&["--max-steps", "0"][..], "--max-steps"),
+        (&["--batch-size", "0"][..], "--batch-size"),
+        (&["--grad-accum", "0"][..], "--grad-accum"),
+        (&["--max-length", "1"][..], "--max-length"),
     ] {
         let err = flags(args).train_config().unwrap_err().to_string();
         assert!(err.contains(named), "{args:?}: {err}");

@@ -3,6 +3,9 @@
 //! diverging run stopping with nothing saved, and the in-memory run (the browser's) training what the
 //! file-based one does.
 
+mod common;
+
+use nibble::train::folder::RunFolder;
 use nibble::train::run::{self, Observer, Run, RunData, RunOptions, RunSpec};
 use nibble::train::{StepRecord, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
@@ -257,4 +260,254 @@ fn a_run_in_memory_trains_the_adapter_the_file_based_run_saves() {
             "{path:?}: the same weights, bit for bit"
         );
     }
+}
+
+/// Every file under `dir` with its bytes, to show that a refused run changed nothing.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn refused(result: nibble::Result<run::RunSummary>, names: &[&str]) {
+    let err = result.unwrap_err().to_string();
+    for name in names {
+        assert!(err.contains(name), "the error names {name}: {err}");
+    }
+}
+
+#[test]
+fn an_output_folder_belongs_to_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let saving = RunOptions {
+        save_steps: 1,
+        ..Default::default()
+    };
+
+    // Files nibble did not write: never a run's folder, with or without --overwrite.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("notes.txt"), "mine").unwrap();
+    for overwrite in [false, true] {
+        let options = RunOptions {
+            overwrite,
+            ..saving.clone()
+        };
+        let before = snapshot(&theirs);
+        refused(
+            train(&model, &data, &theirs, config(2), options).0,
+            &["notes.txt"],
+        );
+        assert_eq!(snapshot(&theirs), before, "nothing there changed");
+    }
+
+    // An unfinished run (a checkpoint, no adapter) is neither restarted nor mixed with a new one.
+    let out = dir.path().join("out");
+    let killed = RunOptions {
+        save_steps: 1,
+        ..Default::default()
+    };
+    let (result, _) = train(
+        &model,
+        &data,
+        &out,
+        TrainConfig {
+            lr: 1e30,
+            ..config(4)
+        },
+        killed,
+    );
+    result.unwrap_err();
+    assert!(out.join("checkpoint-1").is_dir());
+    let before = snapshot(&out);
+    refused(
+        train(&model, &data, &out, config(4), saving.clone()).0,
+        &["unfinished run", "checkpoint-1", "--resume"],
+    );
+    assert_eq!(snapshot(&out), before);
+
+    // --overwrite clears the earlier run's files, so no later --resume finds its checkpoints.
+    let overwrite = RunOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    train(&model, &data, &out, config(2), overwrite).0.unwrap();
+    assert!(
+        !out.join("checkpoint-1").exists(),
+        "the old run's checkpoint is gone"
+    );
+
+    // A finished run has nothing to resume; --overwrite with --resume is a contradiction.
+    let resume = RunOptions {
+        resume: Some(out.clone()),
+        ..Default::default()
+    };
+    let before = snapshot(&out);
+    refused(
+        train(&model, &data, &out, config(2), resume.clone()).0,
+        &["finished run", "nothing to resume"],
+    );
+    let both = RunOptions {
+        overwrite: true,
+        ..resume
+    };
+    refused(
+        train(&model, &data, &out, config(2), both).0,
+        &["--overwrite", "--resume"],
+    );
+    assert_eq!(snapshot(&out), before);
+
+    // While one run holds the folder, a second is refused.
+    let busy = dir.path().join("busy");
+    let held = RunFolder::claim(&busy, false, false).unwrap();
+    refused(
+        train(&model, &data, &busy, config(2), RunOptions::default()).0,
+        &["in use", &std::process::id().to_string()],
+    );
+    drop(held);
+    assert!(
+        !busy.exists(),
+        "a folder made for a run that wrote nothing is not left behind"
+    );
+    train(&model, &data, &busy, config(2), RunOptions::default())
+        .0
+        .unwrap();
+}
+
+#[test]
+fn resuming_with_other_settings_is_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let out = dir.path().join("out");
+    let saving = RunOptions {
+        save_steps: 1,
+        ..Default::default()
+    };
+    // A run stopped after its first checkpoint.
+    let diverging = TrainConfig {
+        lr: 1e30,
+        ..config(4)
+    };
+    train(&model, &data, &out, diverging.clone(), saving.clone())
+        .0
+        .unwrap_err();
+    let resume = RunOptions {
+        resume: Some(out.clone()),
+        ..saving
+    };
+    let before = snapshot(&out);
+    let other_lr = TrainConfig {
+        lr: 1e-3,
+        ..diverging.clone()
+    };
+    refused(
+        train(&model, &data, &out, other_lr, resume.clone()).0,
+        &["checkpoint-1", "options.lr", "different run"],
+    );
+    let mut rank = diverging.clone();
+    rank.lora.r = 4;
+    refused(
+        train(&model, &data, &out, rank, resume.clone()).0,
+        &["options.lora_r"],
+    );
+    let other_data = dir.path().join("other.jsonl");
+    let text = std::fs::read_to_string(&data)
+        .unwrap()
+        .replace("Paris.", "Lyon.");
+    std::fs::write(&other_data, text).unwrap();
+    refused(
+        train(&model, &other_data, &out, diverging.clone(), resume.clone()).0,
+        &["data.tokens"],
+    );
+    // Another base model of the same shape.
+    let other_model = dir.path().join("other-model");
+    let mut spec = nibble::synth::SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936);
+    spec.seed = 99;
+    nibble::synth::write_model_folder(
+        &other_model,
+        &spec,
+        Some(&nibble::synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    refused(
+        train(&other_model, &data, &out, diverging, resume).0,
+        &["model.weights"],
+    );
+    assert_eq!(snapshot(&out), before, "refused resumes change nothing");
+}
+
+/// Ctrl-C in the middle of `nibble train`: the step under way finishes, a checkpoint is written, the
+/// process exits 130 naming it, and `--resume` then ends with the adapter an uninterrupted run saves.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let flags = ["--max-steps", "120", "--lr", "1e-3", "--precision", "f32"];
+    let whole = dir.path().join("whole");
+    let out = common::train_cli(&model, &data, &whole, &flags);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let part = dir.path().join("part");
+    let mut child = common::nibble_command()
+        .args(common::train_args(&model, &data, &part, &flags))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = part.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 120, "the run never got going");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // SAFETY: kill(2) only sends a signal; the pid is our own child, which has not been waited for, so
+    // it cannot have been reused by another process.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+    assert!(!part.join("adapter_model.safetensors").exists());
+    let checkpoint = nibble::train::newest_checkpoint(&part)
+        .unwrap()
+        .expect("a checkpoint");
+    let step: usize = checkpoint.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..]
+        .parse()
+        .unwrap();
+    assert!((3..120).contains(&step), "stopped at step {step}");
+    assert!(
+        stderr.contains(&checkpoint.display().to_string()),
+        "{stderr}"
+    );
+
+    let resume = ["--resume", part.to_str().unwrap()];
+    let flags: Vec<&str> = flags.iter().chain(&resume).copied().collect();
+    let out = common::train_cli(&model, &data, &part, &flags);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(part.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),
+        "the interrupted and resumed run saves the uninterrupted run's adapter, bit for bit"
+    );
 }

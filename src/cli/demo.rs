@@ -2,7 +2,7 @@
 //! download.
 
 use super::{QuantArgs, rate};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use nibble::model;
 use nibble::synth::{self, SynthSpec};
 use nibble::tokenizer::ChatTokenizer;
@@ -20,6 +20,14 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let keep = args.keep;
+    if let Some(dir) = &keep
+        && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
+    {
+        bail!(
+            "--keep {} exists and is not empty; give a new folder",
+            dir.display()
+        );
+    }
     let dir = match &keep {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("nibble-demo-{}", std::process::id())),

@@ -71,7 +71,9 @@ struct Speaker {
 
 impl Speaker {
     fn open(g: &GenArgs) -> Result<Self> {
-        if !(g.top_p > 0.0 && g.top_p <= 1.0) || g.temperature < 0.0 {
+        if !(g.top_p > 0.0 && g.top_p <= 1.0)
+            || !(g.temperature >= 0.0 && g.temperature.is_finite())
+        {
             bail!("--top-p must lie in (0, 1] and --temperature must not be negative");
         }
         let (tok, placed) = open_placed(&g.model, g.quant, g.adapter.as_deref(), g.device)?;

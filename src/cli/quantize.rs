@@ -20,6 +20,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let (path, output, quant) = (args.model.as_path(), args.output.as_path(), args.quant);
+    nibble::fsutil::refuse_overwriting_inputs(output, &[path], "--output")?;
     let source = model::open(path)?;
     if source.stored_quant().is_some() {
         bail!(

@@ -7,6 +7,7 @@ use nibble::train::run::{Observer, RunSpec};
 use nibble::train::settings::TrainSettings;
 use nibble::train::{StepRecord, Trainer};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub fn run(flags: TrainSettings) -> Result<()> {
     let settings = TrainSettings::layered(flags)?;
@@ -28,9 +29,32 @@ pub fn run(flags: TrainSettings) -> Result<()> {
         options: settings.run_options()?,
     };
     let gpu = settings.device.unwrap_or_default().open()?;
+    stop_on_signals();
     nibble::train::run::run(spec, gpu.as_ref(), &mut Progress::default())?;
     eprintln!("saved the adapter to {}", output.display());
     Ok(())
+}
+
+/// Set by the first Ctrl-C or SIGTERM: the run stops after the step under way, with a checkpoint.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// The first signal asks the run to stop after the current step and save; a second one ends the process
+/// at once (the checkpoints already written stay complete: each is renamed into place whole).
+fn stop_on_signals() {
+    let installed = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping now; the newest complete checkpoint is kept");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nfinishing the current step, then saving a checkpoint (interrupt again to quit at once)"
+        );
+    });
+    if let Err(e) = installed {
+        log::warn!(
+            "cannot catch Ctrl-C ({e}): interrupting will lose the steps since the last checkpoint"
+        );
+    }
 }
 
 /// Training progress: a bar with step, loss, tokens/s and ETA on a terminal, plain log lines otherwise.
@@ -85,6 +109,10 @@ impl Observer for Progress {
             Some(bar) => bar.println(line),
             None => log::info!("{line}"),
         }
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        STOP.load(Ordering::SeqCst)
     }
 
     fn finished(&mut self) {

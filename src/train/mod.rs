@@ -4,6 +4,8 @@
 //! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
 //! schedules.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod folder;
 pub mod run;
 pub mod settings;
 
@@ -575,7 +577,7 @@ impl Trainer<'_> {
     }
 }
 
-const CHECKPOINT_PREFIX: &str = "checkpoint-";
+pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
 
 fn rng_to_json(r: &Rng) -> serde_json::Value {
     // u64 words as strings: JSON numbers lose bits above 2^53.
@@ -595,10 +597,12 @@ impl Trainer<'_> {
     /// Writes `checkpoint-<step>/` in `run_dir`: the adapter (a PEFT folder), AdamW's moments, the RNG
     /// states and the data position. It is written under a temporary name and renamed, so a folder with
     /// the final name is always complete.
+    /// `manifest`, when given, is written beside them as run.json (what `--resume` compares).
     pub fn save_checkpoint(
         &mut self,
         run_dir: &Path,
         base_model: &str,
+        manifest: Option<&serde_json::Value>,
     ) -> Result<std::path::PathBuf> {
         self.sync()?;
         let name = format!("{CHECKPOINT_PREFIX}{}", self.step);
@@ -606,6 +610,10 @@ impl Trainer<'_> {
         let tmp = run_dir.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         save_peft(&self.adapter, &tmp, base_model)?;
+        if let Some(manifest) = manifest {
+            let path = tmp.join(MANIFEST);
+            std::fs::write(&path, manifest.to_string()).map_err(|e| Error::io(&path, e))?;
+        }
         let moments: Vec<(String, Vec<usize>, &[f32])> = self
             .m
             .pairs()
@@ -740,6 +748,9 @@ impl Trainer<'_> {
         Ok(())
     }
 }
+
+/// The file in a run folder and in each of its checkpoints that records what the run is.
+pub const MANIFEST: &str = "run.json";
 
 /// The newest complete checkpoint in a run folder (or the folder itself, if it is a checkpoint).
 pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {

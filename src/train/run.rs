@@ -56,6 +56,10 @@ pub trait Observer {
     fn evaluated(&mut self, _step: usize, _loss: f64) {}
     /// The adapter is saved; the run is over.
     fn finished(&mut self) {}
+    /// Asked before each step: true stops the run there, with a checkpoint of the steps so far.
+    fn stop_requested(&mut self) -> bool {
+        false
+    }
 }
 
 /// The losses of a run's first and last steps.
@@ -91,6 +95,8 @@ pub struct Run<'m> {
     /// The base model's name, for the adapter's config.
     base_model: String,
     output: Option<RunOutput>,
+    /// What identifies this run (see `manifest`), saved with each checkpoint.
+    manifest: serde_json::Value,
     first_loss: Option<f64>,
     last_loss: f64,
 }
@@ -107,6 +113,7 @@ impl<'m> Run<'m> {
         output: Option<&Path>,
     ) -> Result<Self> {
         let model = model.into();
+        let manifest = manifest(&model, &config, &options, &data);
         let RunData {
             train: mut sequences,
             eval: mut eval_sequences,
@@ -144,7 +151,12 @@ impl<'m> Run<'m> {
         let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
         let mut trainer = Trainer::new(model, config, sequences, init)?;
         let output = match output {
-            Some(dir) => Some(open_output(&mut trainer, dir, options.resume.as_deref())?),
+            Some(dir) => Some(open_output(
+                &mut trainer,
+                dir,
+                options.resume.as_deref(),
+                &manifest,
+            )?),
             None if options.resume.is_some() => {
                 return Err(Error::Invalid(
                     "resuming needs the run's output folder".into(),
@@ -159,6 +171,7 @@ impl<'m> Run<'m> {
             steps_per_epoch,
             base_model: base_model.to_string(),
             output,
+            manifest,
             first_loss: None,
             last_loss: 0.0,
         })
@@ -201,9 +214,38 @@ impl<'m> Run<'m> {
             && record.step % self.options.save_steps == 0
         {
             self.trainer.sync_async().await?;
-            self.trainer.save_checkpoint(&out.dir, &self.base_model)?;
+            self.trainer
+                .save_checkpoint(&out.dir, &self.base_model, Some(&self.manifest))?;
         }
         Ok(record)
+    }
+
+    /// Stops the run between steps: saves a checkpoint of the steps so far (a PEFT adapter folder that
+    /// `--resume` continues from) and returns the error that says where it is.
+    pub fn interrupt(&mut self) -> Error {
+        let step = self.trainer.step;
+        let Some(out) = &self.output else {
+            return Error::Interrupted(format!("stopped after step {step}"));
+        };
+        let dir = out.dir.clone();
+        let saved = if step == 0 {
+            Ok(None)
+        } else {
+            self.trainer
+                .save_checkpoint(&dir, &self.base_model, Some(&self.manifest))
+                .map(Some)
+        };
+        Error::Interrupted(match saved {
+            Ok(Some(checkpoint)) => format!(
+                "stopped after step {step} of {}: the adapter so far is in {} (a PEFT folder); continue \
+                 with --resume {}",
+                self.trainer.total_steps,
+                checkpoint.display(),
+                dir.display()
+            ),
+            Ok(None) => "stopped before the first step; nothing to save".to_string(),
+            Err(e) => format!("stopped after step {step}, but saving a checkpoint failed: {e}"),
+        })
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -262,9 +304,110 @@ impl<'m> Run<'m> {
     }
 }
 
+/// What identifies a run: the base model's weights, the training data, and every option that shapes its
+/// trajectory. Options that may change on resume (how often to save or validate, the device, the
+/// precision, gradient checkpointing, the validation file) are left out.
+fn manifest(
+    model: &Model,
+    config: &TrainConfig,
+    options: &RunOptions,
+    data: &RunData,
+) -> serde_json::Value {
+    let mut digest = crate::rng::Fnv1a::new();
+    for seq in &data.train {
+        digest.write(&(seq.ids.len() as u64).to_le_bytes());
+        for (id, target) in seq.ids.iter().zip(&seq.targets) {
+            digest.write(&id.to_le_bytes());
+            digest.write(&target.map_or(u64::MAX, u64::from).to_le_bytes());
+        }
+    }
+    let lora = &config.lora;
+    json!({
+        "model": {
+            "architecture": model.config.arch.model_type(),
+            "layers": model.config.num_layers,
+            "hidden_size": model.config.hidden_size,
+            "weights": format!("{:016x}", model.fingerprint()),
+            "quant": model.quant.map(|q| q.to_string()),
+        },
+        "data": {
+            "examples": data.train.len(),
+            "tokens": format!("{:016x}", digest.finish()),
+        },
+        "options": {
+            "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "use_rslora": lora.use_rslora, "target_modules": lora.targets,
+            "lr": config.lr, "weight_decay": config.weight_decay,
+            "max_grad_norm": config.max_grad_norm, "lr_scheduler": config.schedule,
+            "warmup_steps": config.warmup_steps, "warmup_ratio": config.warmup_ratio,
+            "epochs": config.epochs, "max_steps": config.max_steps,
+            "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+            "max_length": config.max_length, "seed": config.seed, "shuffle": config.shuffle,
+            "loss_on": config.loss_on, "packing": options.packing,
+            "eval_split": options.eval_split, "init_adapter": options.init_adapter,
+        },
+    })
+}
+
+/// Refuses to resume from a checkpoint made by a different run, naming what differs. A checkpoint from
+/// before manifests existed is taken on trust, with a warning.
+fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
+    let path = checkpoint.join(train::MANIFEST);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        log::warn!(
+            "{} records no run settings ({} is missing): resuming without checking that they match",
+            checkpoint.display(),
+            train::MANIFEST
+        );
+        return Ok(());
+    };
+    let saved: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    let mut differences = Vec::new();
+    for section in ["model", "data", "options"] {
+        let empty = serde_json::Map::new();
+        let (then, current) = (
+            saved[section].as_object().unwrap_or(&empty),
+            now[section].as_object().unwrap_or(&empty),
+        );
+        let mut keys: Vec<&String> = then.keys().chain(current.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let (a, b) = (&then.get(key), &current.get(key));
+            if a != b {
+                let show = |v: &Option<&serde_json::Value>| {
+                    v.map_or("absent".to_string(), |v| v.to_string())
+                };
+                differences.push(format!(
+                    "{section}.{key}: {} then, {} now",
+                    show(a),
+                    show(b)
+                ));
+            }
+        }
+    }
+    if differences.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{} was made by a different run: {}. Resume with the same model, data and options, or start a \
+         new run in another --output",
+        checkpoint.display(),
+        differences.join("; ")
+    )))
+}
+
 /// Creates the output folder and its metrics file, or (resuming) restores the newest checkpoint and
 /// keeps the metrics up to it.
-fn open_output(trainer: &mut Trainer, dir: &Path, resume: Option<&Path>) -> Result<RunOutput> {
+fn open_output(
+    trainer: &mut Trainer,
+    dir: &Path,
+    resume: Option<&Path>,
+    manifest: &serde_json::Value,
+) -> Result<RunOutput> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let metrics_path = dir.join("metrics.jsonl");
     match resume {
@@ -275,6 +418,7 @@ fn open_output(trainer: &mut Trainer, dir: &Path, resume: Option<&Path>) -> Resu
                     from.display()
                 ))
             })?;
+            check_manifest(&checkpoint, manifest)?;
             trainer.restore(&checkpoint)?;
             truncate_metrics(&metrics_path, trainer.step)?;
             log::info!(
@@ -285,6 +429,10 @@ fn open_output(trainer: &mut Trainer, dir: &Path, resume: Option<&Path>) -> Resu
         }
         None => std::fs::write(&metrics_path, "").map_err(|e| Error::io(&metrics_path, e))?,
     }
+    let manifest_path = dir.join(train::MANIFEST);
+    crate::fsutil::write_atomically(&manifest_path, |tmp| {
+        std::fs::write(tmp, manifest.to_string())
+    })?;
     let metrics = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)
@@ -307,15 +455,8 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         config,
         options,
     } = spec;
-    if output.join("adapter_model.safetensors").exists()
-        && !options.overwrite
-        && options.resume.is_none()
-    {
-        return Err(Error::Invalid(format!(
-            "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to replace it",
-            output.display()
-        )));
-    }
+    let _folder =
+        train::folder::RunFolder::claim(output, options.overwrite, options.resume.is_some())?;
     let source = crate::model::open(path)?;
     // The weights load (reading and quantizing, on the worker threads) while this thread reads the
     // tokenizer and the data.
@@ -350,6 +491,9 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     );
     observer.started(&run.trainer);
     while !run.done() {
+        if observer.stop_requested() {
+            return Err(run.interrupt());
+        }
         run.step(observer)?;
     }
     let summary = run.finish()?;

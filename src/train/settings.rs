@@ -250,17 +250,7 @@ impl TrainSettings {
             checkpoint: self.gradient_checkpointing.unwrap_or(d.checkpoint),
             precision: self.precision.unwrap_or_default().cpu(),
         };
-        if !(0.0..1.0).contains(&config.warmup_ratio) {
-            return Err(Error::Invalid("--warmup-ratio must lie in [0, 1)".into()));
-        }
-        if !(0.0..1.0).contains(&config.lora.dropout) {
-            return Err(Error::Invalid("--lora-dropout must lie in [0, 1)".into()));
-        }
-        if config.lora.r == 0 || config.max_length == 0 {
-            return Err(Error::Invalid(
-                "--lora-r and --max-length must be positive".into(),
-            ));
-        }
+        check_ranges(&config)?;
         Ok(config)
     }
 
@@ -288,6 +278,94 @@ impl TrainSettings {
             eval_steps: self.eval_steps.unwrap_or(0),
             packing: self.packing.unwrap_or(false),
         })
+    }
+}
+
+/// Each numeric option inside its valid range (NaN never is), with the range in the message: nonsense
+/// would otherwise train quietly or land in adapter_config.json, which PEFT then cannot load.
+fn check_ranges(config: &TrainConfig) -> Result<()> {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    let non_negative = |v: f64| v.is_finite() && v >= 0.0;
+    let fraction = |v: f64| (0.0..1.0).contains(&v);
+    let checks = [
+        (
+            "--lr",
+            config.lr,
+            positive(config.lr),
+            "a finite number > 0",
+        ),
+        (
+            "--weight-decay",
+            config.weight_decay,
+            non_negative(config.weight_decay),
+            "a finite number >= 0",
+        ),
+        (
+            "--max-grad-norm",
+            config.max_grad_norm,
+            positive(config.max_grad_norm),
+            "a finite number > 0",
+        ),
+        (
+            "--warmup-ratio",
+            config.warmup_ratio,
+            fraction(config.warmup_ratio),
+            "in [0, 1)",
+        ),
+        (
+            "--lora-alpha",
+            config.lora.alpha,
+            positive(config.lora.alpha),
+            "a finite number > 0",
+        ),
+        (
+            "--lora-dropout",
+            f64::from(config.lora.dropout),
+            fraction(f64::from(config.lora.dropout)),
+            "in [0, 1)",
+        ),
+        (
+            "--lora-r",
+            config.lora.r as f64,
+            config.lora.r > 0,
+            "a whole number >= 1",
+        ),
+        (
+            "--epochs",
+            config.epochs as f64,
+            config.epochs > 0,
+            "a whole number >= 1",
+        ),
+        (
+            "--max-steps",
+            config.max_steps.unwrap_or(1) as f64,
+            config.max_steps != Some(0),
+            "a whole number >= 1",
+        ),
+        (
+            "--batch-size",
+            config.batch_size as f64,
+            config.batch_size > 0,
+            "a whole number >= 1",
+        ),
+        (
+            "--grad-accum",
+            config.grad_accum as f64,
+            config.grad_accum > 0,
+            "a whole number >= 1",
+        ),
+        (
+            "--max-length",
+            config.max_length as f64,
+            config.max_length > 1,
+            "a whole number >= 2",
+        ),
+    ];
+    match checks.iter().find(|(_, _, ok, _)| !ok) {
+        Some((flag, value, _, range)) => Err(Error::Invalid(format!(
+            "{flag} must be {range} (got {value})"
+        ))),
+        None => Ok(()),
     }
 }
 
