@@ -41,3 +41,44 @@ mod tests {
         assert_eq!(big[big.len() - 1] as usize + small[0] as usize, 3);
     }
 }
+
+/// The machine's memory in bytes: (total, available now), where the system says (Linux's
+/// /proc/meminfo); None elsewhere.
+pub fn system_memory() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    };
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
+}
+
+/// Refuses work that needs more memory than the machine has at all (it would be killed after minutes
+/// of swapping), naming both figures; warns when it needs more than is free now.
+pub fn check_fits(what: &str, bytes: u64, advice: &str) -> crate::Result<()> {
+    let Some((total, available)) = system_memory() else {
+        return Ok(());
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if bytes > total {
+        return Err(crate::Error::Invalid(format!(
+            "{what} needs {:.2} GiB, more than this machine's {:.2} GiB of memory{advice}",
+            gib(bytes),
+            gib(total)
+        )));
+    }
+    if bytes > available {
+        log::warn!(
+            "{what} needs {:.2} GiB and {:.2} GiB is free now: expect swapping",
+            gib(bytes),
+            gib(available)
+        );
+    }
+    Ok(())
+}

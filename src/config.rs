@@ -167,9 +167,16 @@ pub struct ExpectedTensor {
     pub layer: Option<usize>,
 }
 
+/// The largest width, count or vocabulary a config may give (16.7M: far beyond any released model, and
+/// small enough that products of two stay exact in f64 and in u64).
+const MAX_DIMENSION: usize = 1 << 24;
+
+/// Ten trillion parameters: any config beyond it is corrupt.
+const MAX_PARAMETERS: u64 = 10_000_000_000_000;
+
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json_str(&text, path)
     }
 
@@ -218,6 +225,9 @@ impl ModelConfig {
 
         let hidden_size = fields.usize("hidden_size")?;
         let num_heads = fields.usize("num_attention_heads")?;
+        if num_heads == 0 {
+            return Err(err("`num_attention_heads` must be positive".into()));
+        }
         let num_kv_heads = fields
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_heads);
@@ -237,7 +247,7 @@ impl ModelConfig {
                 "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
             )));
         }
-        if head_dim % 2 != 0 {
+        if head_dim == 0 || head_dim % 2 != 0 {
             return Err(err(format!(
                 "head_dim {head_dim} must be even for rotary embeddings"
             )));
@@ -287,12 +297,47 @@ impl ModelConfig {
             ("num_hidden_layers", config.num_layers),
             ("vocab_size", config.vocab_size),
             ("num_attention_heads", config.num_heads),
+            ("head_dim", config.head_dim),
+            ("max_position_embeddings", config.max_position_embeddings),
         ] {
             if value == 0 {
                 return Err(err(format!("`{name}` must be positive")));
             }
+            if value > MAX_DIMENSION {
+                return Err(err(format!(
+                    "`{name}` is {value}, beyond any model nibble can hold (at most {MAX_DIMENSION})"
+                )));
+            }
+        }
+        // Sizes whose products would wrap (or ask for more memory than any machine has) are refused
+        // here rather than failing an allocation later.
+        let params = config
+            .checked_parameter_count()
+            .filter(|&p| p <= MAX_PARAMETERS);
+        if params.is_none() {
+            return Err(err(format!(
+                "these sizes describe more than {MAX_PARAMETERS} parameters, beyond any model nibble can hold"
+            )));
         }
         Ok(config)
+    }
+
+    /// The parameter count, or None where it does not fit in a u64.
+    fn checked_parameter_count(&self) -> Option<u64> {
+        let n = |v: usize| v as u64;
+        let (h, i, v) = (
+            n(self.hidden_size),
+            n(self.intermediate_size),
+            n(self.vocab_size),
+        );
+        let (q, kv) = (
+            n(self.num_heads).checked_mul(n(self.head_dim))?,
+            n(self.num_kv_heads).checked_mul(n(self.head_dim))?,
+        );
+        let attention = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+        let mlp = h.checked_mul(i)?.checked_mul(3)?;
+        let layers = n(self.num_layers).checked_mul(attention.checked_add(mlp)?)?;
+        layers.checked_add(v.checked_mul(h)?.checked_mul(2)?)
     }
 
     pub fn q_dim(&self) -> usize {

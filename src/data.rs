@@ -25,7 +25,7 @@ pub enum Example {
 
 /// Reads a JSONL file; errors name the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
     parse_jsonl(&text, &path.display().to_string())
 }
 

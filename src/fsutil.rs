@@ -66,3 +66,23 @@ pub fn refuse_overwriting_inputs(output: &Path, inputs: &[&Path], flag: &str) ->
     }
     Ok(())
 }
+
+/// Refuses a path that is not a regular file (a folder, a FIFO, a device): reading a FIFO would wait
+/// forever, and a device may never end.
+pub fn require_regular_file(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a folder, FIFO or device); give a file",
+        ))
+    }
+}
+
+/// `std::fs::read_to_string` for regular files only.
+pub fn read_to_string(path: &Path) -> std::io::Result<String> {
+    require_regular_file(path)?;
+    std::fs::read_to_string(path)
+}

@@ -3,6 +3,36 @@
 //! The library compiles for `wasm32-unknown-unknown` too: nothing in it assumes memory maps, threads or
 //! blocking I/O on that target (folders are read through memory maps only on native targets).
 
+/// serde for a `clap::ValueEnum`: the same names as on the command line, matched ignoring case, so an
+/// option file, the browser's JSON and the flags accept the same values.
+macro_rules! serde_as_value_enum {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let value = clap::ValueEnum::to_possible_value(self).expect("no skipped variants");
+                s.serialize_str(value.get_name())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <String as serde::Deserialize>::deserialize(d)?;
+                <$t as clap::ValueEnum>::from_str(&text, true).map_err(|_| {
+                    let names: Vec<String> = <$t as clap::ValueEnum>::value_variants()
+                        .iter()
+                        .filter_map(clap::ValueEnum::to_possible_value)
+                        .map(|v| v.get_name().to_string())
+                        .collect();
+                    serde::de::Error::custom(format!(
+                        "unknown value `{text}` (one of: {})",
+                        names.join(", ")
+                    ))
+                })
+            }
+        }
+    )*};
+}
+
 pub mod alloc;
 pub mod config;
 pub mod cpu;

@@ -132,7 +132,7 @@ fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype) -> Result<()> {
             continue;
         }
         if name == "config.json" {
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             let mut config: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::Config {
                     path: path.clone(),

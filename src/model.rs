@@ -431,10 +431,7 @@ pub enum QuantRequest {
 }
 
 /// How the command line and option files name a storage for the decoder's linears.
-#[derive(
-    clap::ValueEnum, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantChoice {
     Nf4,
     Int4,
@@ -442,7 +439,24 @@ pub enum QuantChoice {
     None,
 }
 
+serde_as_value_enum!(QuantChoice);
+
 impl QuantRequest {
+    /// The storage a load with `request` ends in, for a source stored as `stored` (None: 16-bit).
+    pub fn planned(
+        request: Option<QuantRequest>,
+        stored: Option<QuantSpec>,
+    ) -> Result<Option<QuantSpec>> {
+        Ok(match request {
+            Some(QuantRequest::Quantize(s)) => Some(s),
+            Some(QuantRequest::Dense) => None,
+            None => Some(match stored {
+                Some(s) => s,
+                None => QuantSpec::new(QuantFormat::Nf4, 64)?,
+            }),
+        })
+    }
+
     /// What `--quant` and `--group-size` ask for. None (neither given) leaves the choice to the source: a
     /// quantized file stays as stored, a folder becomes NF4 with groups of 64.
     pub fn from_options(
@@ -875,7 +889,7 @@ impl ModelSource {
             dtype,
             t.shape[0],
             t.shape[1],
-            file.raw(&t.name)?,
+            file.finite_raw(&t.name, dtype)?,
         ))
     }
 
@@ -907,7 +921,7 @@ impl ModelSource {
         let info = file.info(&t.name).expect("checked");
         let dtype = FloatDtype::of(info.dtype)
             .ok_or_else(|| Error::tensor(file.path(), &t.name, unsupported_dtype(info.dtype)))?;
-        let raw = file.raw(&t.name)?;
+        let raw = file.finite_raw(&t.name, dtype)?;
         let row_bytes = cols * dtype.size();
         let q = QuantTensor::quantize_rows(spec, rows, cols, |r, row| {
             dtype.convert(&raw[r * row_bytes..(r + 1) * row_bytes], row)

@@ -37,7 +37,7 @@ impl ModelFiles {
         match self {
             ModelFiles::Dir(dir) => {
                 let path = dir.join(name);
-                match std::fs::read_to_string(&path) {
+                match crate::fsutil::read_to_string(&path) {
                     Ok(s) => Ok(Some(s)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                     Err(e) => Err(Error::io(path, e)),
@@ -110,10 +110,23 @@ pub struct SafetensorsFile {
     metadata: HashMap<String, String>,
 }
 
+/// Safetensors files up to this size are read into memory rather than mapped.
+#[cfg(not(target_arch = "wasm32"))]
+const READ_INSTEAD_OF_MAP: u64 = 64 << 20;
+
 impl SafetensorsFile {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn open(path: &Path) -> Result<Self> {
+        crate::fsutil::require_regular_file(path).map_err(|e| Error::io(path, e))?;
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // Small files (adapters, optimizer states, tiny models) are read, not mapped: a mapped file that
+        // another process truncates kills the reader with SIGBUS, and reading costs nothing at this size.
+        // Model shards stay mapped: copying gigabytes would double the memory a load needs.
+        if len <= READ_INSTEAD_OF_MAP {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            return Self::from_storage(path.to_path_buf(), Storage::Shared(bytes.into()));
+        }
         // SAFETY: the mapping is read-only and private. It stays valid while another process modifies the
         // file only in the sense that we may read changed bytes, which the header validation and the
         // per-tensor checks turn into errors rather than undefined behaviour in safe code above us:
@@ -203,10 +216,24 @@ impl SafetensorsFile {
         let info = self.require(name)?;
         let float = FloatDtype::of(info.dtype)
             .ok_or_else(|| Error::tensor(&self.path, name, unsupported_dtype(info.dtype)))?;
-        let raw = self.raw(name)?;
+        let raw = self.finite_raw(name, float)?;
         let mut out = vec![0f32; raw.len() / float.size()];
         float.convert(raw, &mut out);
         Ok(out)
+    }
+
+    /// A float tensor's bytes, refused when any value is NaN or infinite: such a weight would turn every
+    /// loss into NaN (and quantizing would hide it as zeros).
+    pub fn finite_raw(&self, name: &str, dtype: FloatDtype) -> Result<&[u8]> {
+        let raw = self.raw(name)?;
+        match dtype.first_non_finite(raw) {
+            Some(i) => Err(Error::tensor(
+                &self.path,
+                name,
+                format!("element {i} is NaN or infinite"),
+            )),
+            None => Ok(raw),
+        }
     }
 
     /// Reads a u32 tensor (the packed 4-bit words of a quantized file).
@@ -294,6 +321,27 @@ impl FloatDtype {
     }
 
     /// Converts little-endian bytes of this dtype into f32 values (`out.len() * size() == raw.len()`).
+    /// The index of the first NaN or infinite value in `raw` (little-endian values of this dtype).
+    pub fn first_non_finite(self, raw: &[u8]) -> Option<usize> {
+        use rayon::prelude::*;
+        // A value is NaN or infinite exactly when its exponent bits are all ones.
+        let (size, shift, mask) = match self {
+            FloatDtype::F32 => (4, 23, 0xFF),
+            FloatDtype::F16 => (2, 10, 0x1F),
+            FloatDtype::BF16 => (2, 7, 0xFF),
+        };
+        raw.par_chunks_exact(size)
+            .with_min_len(1 << 16)
+            .position_first(|b| {
+                let bits = if size == 4 {
+                    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+                } else {
+                    u32::from(u16::from_le_bytes([b[0], b[1]]))
+                };
+                (bits >> shift) & mask == mask
+            })
+    }
+
     pub fn convert(self, raw: &[u8], out: &mut [f32]) {
         debug_assert_eq!(raw.len(), out.len() * self.size());
         match self {

@@ -156,14 +156,17 @@ impl Session {
     #[wasm_bindgen(js_name = setData)]
     pub fn set_data(&self, jsonl: &str, options: &str) -> Result<String, JsError> {
         let mut inner = self.borrow()?;
-        let settings = TrainSettings::parse_json(options).map_err(js_error)?;
-        let files = settings.file_options();
-        if !files.is_empty() {
+        let given = TrainSettings::parse_json(options).map_err(js_error)?;
+        // A preset's storage choice is the CLI's business; the page's own options must apply.
+        let outside = given.outside_the_page();
+        if !outside.is_empty() {
             return Err(JsError::new(&format!(
-                "options: {} name files, which a page cannot give",
-                files.join(", ")
+                "options: {} do not apply in a page (they name files, or were fixed when the session \
+                 opened)",
+                outside.join(", ")
             )));
         }
+        let settings = given.with_preset().map_err(js_error)?;
         let config = settings.train_config().map_err(js_error)?;
         let run_options = settings.run_options().map_err(js_error)?;
         let examples = crate::data::parse_jsonl(jsonl, "dataset").map_err(js_error)?;

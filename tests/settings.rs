@@ -104,9 +104,23 @@ fn the_page_json_uses_the_same_names_and_defaults() {
     assert_eq!((config.lr, config.lora.r), (3e-3, 4));
     assert_eq!(config.schedule, Schedule::Constant);
     assert_eq!(config.lora.alpha, TrainConfig::default().lora.alpha);
-    assert!(settings.file_options().is_empty());
-    let with_file = TrainSettings::parse_json(r#"{"data": "x.jsonl", "resume": "out"}"#).unwrap();
-    assert_eq!(with_file.file_options(), vec!["data", "resume"]);
+    assert!(settings.outside_the_page().is_empty());
+    let with_file =
+        TrainSettings::parse_json(r#"{"data": "x.jsonl", "resume": "out", "device": "cpu"}"#)
+            .unwrap();
+    assert_eq!(
+        with_file.outside_the_page(),
+        vec!["data", "resume", "device"]
+    );
+    let preset = TrainSettings::parse_json(r#"{"preset": "qwen2.5-cpu", "epochs": 1}"#)
+        .and_then(TrainSettings::with_preset)
+        .unwrap();
+    let config = preset.train_config().unwrap();
+    assert_eq!(
+        (config.epochs, config.grad_accum),
+        (1, 4),
+        "the page's value over the preset's"
+    );
     let err = TrainSettings::parse_json(r#"{"schedule": "linear"}"#)
         .unwrap_err()
         .to_string();

@@ -41,7 +41,7 @@ async function load() {
 function options() {
   const num = (id) => Number($(id).value);
   const o = {
-    lora_r: num("lora-r"), lora_alpha: num("lora-alpha"), lora_dropout: num("lora-dropout"), lr: num("lr"),
+    max_length: 512, lora_r: num("lora-r"), lora_alpha: num("lora-alpha"), lora_dropout: num("lora-dropout"), lr: num("lr"),
     epochs: num("epochs"), grad_accum: num("grad-accum"), lr_scheduler: $("schedule").value,
   };
   if ($("max-steps").value !== "") o.max_steps = num("max-steps");

@@ -35,6 +35,7 @@ pub fn run(args: Args) -> Result<()> {
         args.adapter.as_deref(),
         args.exec.device,
     )?;
+    let max_length = nibble::train::run::within_positions(args.max_length, &placed.model.config);
     let executor = placed.executor();
     log::info!(
         "evaluating {} examples on {}",
@@ -43,7 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let (mut loss_sum, mut tokens, mut cut_examples) = (0f64, 0usize, 0usize);
     for (i, example) in examples.iter().enumerate() {
-        let (seq, cut) = nibble::train::tokenize(&tok, example, LossOn::All, args.max_length)
+        let (seq, cut) = nibble::train::tokenize(&tok, example, LossOn::All, max_length)
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
         cut_examples += usize::from(cut > 0);
         let loss = executor.loss(&seq, args.exec.precision.cpu())?;
@@ -60,6 +61,9 @@ pub fn run(args: Args) -> Result<()> {
         bail!("{}: no example has a token to predict", args.data.display());
     }
     let mean = loss_sum / tokens as f64;
+    if !mean.is_finite() {
+        bail!("the loss is {mean}: the model or adapter produces non-finite values");
+    }
     println!(
         "{}",
         json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens})

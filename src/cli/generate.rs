@@ -28,7 +28,7 @@ pub struct GenArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where decoding runs: `auto` takes a real GPU when one is present.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     device: Device,
 }
 

@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(long, short)]
     output: PathBuf,
     /// The merged weights' dtype (default: the checkpoint's own).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     dtype: Option<Dtype>,
 }
 

@@ -15,14 +15,14 @@ use anyhow::Result;
 use nibble::exec::{Device, PrecisionChoice};
 use nibble::generate::Placed;
 use nibble::model::{QuantChoice, QuantRequest};
-use nibble::quant::{QuantFormat, QuantSpec};
+use nibble::quant::QuantSpec;
 use nibble::tokenizer::ChatTokenizer;
 use std::path::Path;
 
 #[derive(clap::Args, Clone, Copy, Default)]
 pub struct QuantArgs {
     /// Storage of the decoder's linear weights: nf4, int4, or none (keep them 16-bit).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub quant: Option<QuantChoice>,
     /// Weights per scale, along the input dimension: 32, 64 or 128.
     #[arg(long)]
@@ -38,11 +38,7 @@ impl QuantArgs {
     /// The storage to report memory for: the one asked for, else the source's own (`stored`; None for
     /// a 16-bit folder), else NF4 group 64.
     pub fn planned_spec(self, stored: Option<QuantSpec>) -> Result<Option<QuantSpec>> {
-        Ok(match self.request()? {
-            Some(QuantRequest::Quantize(s)) => Some(s),
-            Some(QuantRequest::Dense) => None,
-            None => Some(stored.unwrap_or(QuantSpec::new(QuantFormat::Nf4, 64)?)),
-        })
+        Ok(QuantRequest::planned(self.request()?, stored)?)
     }
 }
 
@@ -65,9 +61,9 @@ pub fn open_placed(
 /// Where the work runs, and in which arithmetic.
 #[derive(clap::Args, Clone, Copy)]
 pub struct ExecArgs {
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     pub device: Device,
-    #[arg(long, value_enum, default_value = "default")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "default")]
     pub precision: PrecisionChoice,
 }
 

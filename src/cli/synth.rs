@@ -10,19 +10,19 @@ use std::path::PathBuf;
 /// bundled Qwen2.5 tokenizer), for tests and benchmarks without a download.
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, value_enum, default_value = "tiny-qwen2")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "tiny-qwen2")]
     preset: Preset,
     #[arg(long, short)]
     output: PathBuf,
     /// config.json as transformers 4.x (v4) or 5.x (v5) writes it.
-    #[arg(long, value_enum, default_value = "v4")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "v4")]
     spelling: Spelling,
     /// Split the weights over this many safetensors shards (with an index file).
     #[arg(long, default_value_t = 1)]
     shards: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, value_enum, default_value = "qwen2.5")]
+    #[arg(long, value_enum, ignore_case = true, default_value = "qwen2.5")]
     tokenizer: Tokenizer,
 }
 

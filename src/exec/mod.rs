@@ -4,21 +4,12 @@ pub mod cpu;
 pub mod gpu;
 
 use crate::error::{Error, Result};
+
+serde_as_value_enum!(Device, PrecisionChoice);
 use crate::gpu::Gpu;
 
 /// Where a run, an evaluation or a decode executes: the one place that turns the choice into an executor.
-#[derive(
-    clap::ValueEnum,
-    serde::Deserialize,
-    serde::Serialize,
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
     /// A real GPU if one is present, otherwise the CPU.
     #[default]
@@ -58,18 +49,7 @@ impl Device {
 }
 
 /// The arithmetic asked for the frozen-weight products.
-#[derive(
-    clap::ValueEnum,
-    serde::Deserialize,
-    serde::Serialize,
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrecisionChoice {
     /// The executor's fastest mode that keeps the loss within 1e-3 (relative) of float32: bf16 products
     /// on CPUs with AVX512-BF16 or ARM BF16, float32 elsewhere and on the GPU.

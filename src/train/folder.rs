@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 const LOCK: &str = ".nibble.lock";
 
-/// The files a run writes at the top of its folder (checkpoints are `checkpoint-N/`, and
-/// `.checkpoint-N.tmp/` while one is written).
+/// The files a run writes at the top of its folder (besides `checkpoint-N/`).
 const RUN_FILES: &[&str] = &[
     "adapter_model.safetensors",
     "adapter_config.json",
@@ -20,85 +19,87 @@ const RUN_FILES: &[&str] = &[
     LOCK,
 ];
 
-fn is_run_entry(name: &str) -> bool {
-    let checkpoint = |n: &str| {
+/// Files an operating system's file browser drops into folders: neither a run's nor the user's work.
+const SYSTEM_LITTER: &[&str] = &[".DS_Store", "Thumbs.db", "desktop.ini"];
+
+/// Whether `name` in `dir` is something a nibble run writes: its files, their temporary forms
+/// (`.NAME.tmp-PID` while written atomically), and its checkpoints (`checkpoint-N/` holding nibble's
+/// optimizer.safetensors, so that a Hugging Face Trainer's checkpoint-N/ is not taken for one, and
+/// `.checkpoint-N.tmp/` while one is written).
+fn is_run_entry(dir: &Path, name: &str) -> bool {
+    let step_suffix = |n: &str| {
         n.strip_prefix(CHECKPOINT_PREFIX)
-            .is_some_and(|step| step.parse::<usize>().is_ok())
+            .is_some_and(|step| !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()))
     };
+    let temporary_file = name
+        .strip_prefix('.')
+        .and_then(|n| n.rsplit_once(".tmp-"))
+        .is_some_and(|(file, pid)| {
+            RUN_FILES.contains(&file) && pid.bytes().all(|b| b.is_ascii_digit())
+        });
+    let temporary_checkpoint = name
+        .strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".tmp"))
+        .is_some_and(step_suffix);
     RUN_FILES.contains(&name)
-        || checkpoint(name)
-        || name
-            .strip_prefix('.')
-            .and_then(|n| n.strip_suffix(".tmp"))
-            .is_some_and(checkpoint)
+        || temporary_file
+        || temporary_checkpoint
+        || (step_suffix(name) && dir.join(name).join("optimizer.safetensors").is_file())
 }
 
 /// The output folder, locked by this process. The operating system releases the lock when the process
-/// ends however it ends, so a killed run leaves no lock that blocks the next one.
+/// ends however it ends, so a killed run leaves no lock that blocks the next one. The lock file itself
+/// stays: deleting it would let a process that opened it just before lock a file no one else sees.
 pub struct RunFolder {
     dir: PathBuf,
-    lock: std::fs::File,
+    _lock: Option<std::fs::File>,
     created: bool,
+    /// Whether the lock file is this run's own (it did not exist before).
+    lock_created: bool,
+    /// Whether the run got past its checks and loading (see `clear_earlier_run`).
+    proceeded: bool,
+    /// An earlier run's files, cleared by `clear_earlier_run` (`--overwrite`).
+    earlier_run: Vec<PathBuf>,
 }
 
 impl RunFolder {
-    /// Locks `dir` (creating it if needed) and checks that this run may write there: a fresh run needs
-    /// an empty folder or (with `overwrite`) one holding only an earlier run's files, which it clears;
-    /// resuming needs the run unfinished.
-    pub fn claim(dir: &Path, overwrite: bool, resuming: bool) -> Result<Self> {
-        if overwrite && resuming {
+    /// Locks `dir` (creating it if needed) and checks that this run may write there. A fresh run needs
+    /// an empty folder, or one holding only an earlier run's files with `overwrite`, which
+    /// `clear_earlier_run` then clears. Resuming (from `resume`) needs the run unfinished, and a folder
+    /// that is the checkpoint's own or that a fresh run could take.
+    pub fn claim(dir: &Path, overwrite: bool, resume: Option<&Path>) -> Result<Self> {
+        if overwrite && resume.is_some() {
             return Err(Error::Invalid(
                 "--overwrite starts the run over and --resume continues it: give one".into(),
             ));
         }
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let lock_path = dir.join(LOCK);
-        let mut lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| Error::io(&lock_path, e))?;
-        if let Err(e) = lock.try_lock() {
-            let mut holder = String::new();
-            let _ = lock.read_to_string(&mut holder);
-            return Err(Error::Invalid(match e {
-                std::fs::TryLockError::WouldBlock => format!(
-                    "{} is in use by another nibble run (process {}); wait for it to end or choose \
-                     another --output",
-                    dir.display(),
-                    holder.trim()
-                ),
-                std::fs::TryLockError::Error(e) => {
-                    format!("{}: cannot lock: {e}", lock_path.display())
-                }
-            }));
-        }
-        let _ = lock.set_len(0);
-        let _ = lock.rewind();
-        let _ = write!(lock, "{}", std::process::id());
-        let folder = RunFolder {
+        let lock_created = !dir.join(LOCK).exists();
+        let lock = lock(dir)?;
+        let mut folder = RunFolder {
             dir: dir.to_path_buf(),
-            lock,
+            _lock: lock,
             created,
+            lock_created,
+            proceeded: false,
+            earlier_run: Vec::new(),
         };
-        folder.check(overwrite, resuming)?;
+        folder.check(overwrite, resume)?;
         Ok(folder)
     }
 
-    fn check(&self, overwrite: bool, resuming: bool) -> Result<()> {
-        let dir = &self.dir;
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
+    fn check(&mut self, overwrite: bool, resume: Option<&Path>) -> Result<()> {
+        let dir = self.dir.clone();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != LOCK)
+            .filter(|n| n != LOCK && !SYSTEM_LITTER.contains(&n.as_str()))
             .collect();
         names.sort();
         let finished = dir.join("adapter_model.safetensors").exists();
-        if resuming {
+        if let Some(from) = resume {
             if finished {
                 return Err(Error::Invalid(format!(
                     "{} holds a finished run (adapter_model.safetensors): nothing to resume; pass \
@@ -106,42 +107,89 @@ impl RunFolder {
                     dir.display()
                 )));
             }
-            return Ok(());
+            let own = match (from.canonicalize(), dir.canonicalize()) {
+                (Ok(from), Ok(out)) => from.starts_with(out),
+                _ => false,
+            };
+            if own {
+                return Ok(());
+            }
+            // Resuming from elsewhere into this folder: it must be one a fresh run could take.
         }
-        if let Some(foreign) = names.iter().find(|n| !is_run_entry(n)) {
+        if let Some(foreign) = names.iter().find(|n| !is_run_entry(&dir, n)) {
             return Err(Error::Invalid(format!(
                 "{} holds files nibble did not write ({foreign}); choose a new or empty --output",
                 dir.display()
             )));
         }
-        let newest = newest_checkpoint(dir).ok().flatten();
+        let newest = newest_checkpoint(&dir).ok().flatten();
         let metrics = std::fs::metadata(dir.join("metrics.jsonl")).map_or(0, |m| m.len());
         // A run that died before its first step left nothing a user could want back.
         let nothing_to_lose = !finished && newest.is_none() && metrics == 0;
-        if names.is_empty() {
+        if names.is_empty() || nothing_to_lose {
+            self.earlier_run = names.iter().map(|n| dir.join(n)).collect();
             return Ok(());
         }
-        if !overwrite && !nothing_to_lose {
-            return Err(Error::Invalid(if finished {
-                format!(
-                    "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to \
-                     replace it",
-                    dir.display()
-                )
-            } else {
-                format!(
-                    "{} holds an unfinished run ({}); continue it with --resume {0} or pass --overwrite \
-                     to start over",
-                    dir.display(),
-                    newest.map_or("no checkpoint".to_string(), |c| format!(
-                        "newest checkpoint {}",
-                        c.display()
-                    ))
-                )
-            }));
+        if overwrite && resume.is_none() {
+            self.earlier_run = names.iter().map(|n| dir.join(n)).collect();
+            return Ok(());
         }
-        for name in names {
-            let path = dir.join(&name);
+        Err(Error::Invalid(if finished {
+            format!(
+                "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to \
+                 replace it",
+                dir.display()
+            )
+        } else if let Some(checkpoint) = newest {
+            format!(
+                "{} holds an unfinished run (newest checkpoint {}); continue it with --resume {} or \
+                 pass --overwrite to start over",
+                dir.display(),
+                checkpoint.display(),
+                dir.display()
+            )
+        } else {
+            format!(
+                "{} holds an unfinished run without checkpoints (metrics.jsonl); pass --overwrite to \
+                 start over",
+                dir.display()
+            )
+        }))
+    }
+
+    /// Refuses to clear an earlier run that holds one of this run's `inputs` (an --init-adapter inside
+    /// the folder, say): the run would delete what it is about to read.
+    pub fn check_inputs(&self, inputs: &[&Path]) -> Result<()> {
+        let dir = self.dir.canonicalize().map_err(|e| Error::io(&self.dir, e))?;
+        for input in inputs {
+            let Ok(input) = input.canonicalize() else {
+                continue;
+            };
+            // A folder above the output (a model folder holding its runs) loses nothing it reads.
+            let above = dir.starts_with(&input);
+            for entry in &self.earlier_run {
+                // The input is one of the run's files, inside one of its checkpoints, or a folder
+                // holding them.
+                if let Ok(entry) = entry.canonicalize()
+                    && (input.starts_with(&entry) || (!above && entry.starts_with(&input)))
+                {
+                    return Err(Error::Invalid(format!(
+                        "--overwrite would delete {}, which this run reads; copy it elsewhere first",
+                        input.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the earlier run's files (and only them). Call once this run's inputs are loaded.
+    pub fn clear_earlier_run(&mut self) -> Result<()> {
+        self.proceeded = true;
+        if self.earlier_run.is_empty() {
+            return Ok(());
+        }
+        for path in std::mem::take(&mut self.earlier_run) {
             let removed = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
             } else {
@@ -149,18 +197,56 @@ impl RunFolder {
             };
             removed.map_err(|e| Error::io(&path, e))?;
         }
-        if !nothing_to_lose {
-            log::info!("--overwrite: cleared the earlier run in {}", dir.display());
-        }
+        log::info!("cleared the earlier run in {}", self.dir.display());
         Ok(())
     }
 }
 
+/// Takes the folder's lock, or explains who holds it. Where the file system cannot lock (some network
+/// and FUSE mounts), the run goes on unguarded, with a warning.
+fn lock(dir: &Path) -> Result<Option<std::fs::File>> {
+    let path = dir.join(LOCK);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(Error::Invalid(format!(
+                "{} is in use by another nibble run (process {}); wait for it to end or choose \
+                 another --output",
+                dir.display(),
+                holder.trim()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            log::warn!(
+                "{} cannot be locked on this file system: make sure no other run uses it",
+                dir.display()
+            );
+            return Ok(None);
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    Ok(Some(file))
+}
+
 impl Drop for RunFolder {
     fn drop(&mut self) {
-        let _ = self.lock.unlock();
+        // A run refused or failed before it wrote anything leaves the folder as it found it.
+        if self.proceeded || !self.lock_created {
+            return;
+        }
         let _ = std::fs::remove_file(self.dir.join(LOCK));
-        // A run that failed before writing anything leaves no empty folder behind.
         if self.created {
             let _ = std::fs::remove_dir(&self.dir);
         }

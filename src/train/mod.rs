@@ -33,15 +33,14 @@ use std::time::Instant;
 use web_time::Instant;
 
 /// The learning-rate schedule after warmup.
-#[derive(
-    clap::ValueEnum, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Schedule {
     Constant,
     Linear,
     Cosine,
 }
+
+serde_as_value_enum!(Schedule, LossOn);
 
 impl Schedule {
     /// transformers' multiplier for the optimizer step that follows `step` completed steps.
@@ -61,10 +60,7 @@ impl Schedule {
 }
 
 /// Which tokens carry loss.
-#[derive(
-    clap::ValueEnum, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, PartialEq, Eq,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossOn {
     /// TRL's default: every token for messages and text rows, the completion for prompt/completion rows.
     Default,
@@ -144,7 +140,9 @@ pub fn tokenize(
                 "--loss-on completion needs prompt/completion rows".into(),
             ));
         }
-        (Example::Messages(m), LossOn::Assistant) => Some(assistant_spans(tok, m, &ids)?),
+        (Example::Messages(m), LossOn::Assistant) => {
+            Some(assistant_spans(tok, m, &ids, max_length)?)
+        }
         (
             Example::PromptCompletion {
                 prompt: Turns::Messages(p),
@@ -153,7 +151,7 @@ pub fn tokenize(
             LossOn::Assistant,
         ) => {
             let all: Vec<Message> = p.iter().chain(c).cloned().collect();
-            Some(assistant_spans(tok, &all, &ids)?)
+            Some(assistant_spans(tok, &all, &ids, max_length)?)
         }
         (_, LossOn::Assistant) => {
             return Err(Error::Invalid(
@@ -167,8 +165,13 @@ pub fn tokenize(
     let mut seq = Sequence::all_tokens(ids);
     if let Some(spans) = spans {
         // Position t predicts token t + 1, which carries loss when it lies in a span.
+        let mut carries = vec![false; seq.ids.len() + 1];
+        for (a, b) in spans {
+            let (a, b) = (a.min(carries.len()), b.min(carries.len()));
+            carries[a..b].iter_mut().for_each(|c| *c = true);
+        }
         for (t, target) in seq.targets.iter_mut().enumerate() {
-            if !spans.iter().any(|&(a, b)| (a..b).contains(&(t + 1))) {
+            if !carries[t + 1] {
                 *target = None;
             }
         }
@@ -191,15 +194,22 @@ fn prefix_tokens(tok: &ChatTokenizer, prefix: &str, ids: &[u32], what: &str) -> 
 /// The token ranges of the assistant turns: each from the end of the conversation rendered up to that
 /// turn with the generation prompt, to the end of it rendered through the turn (its end-of-turn token
 /// included). Works with any template that renders earlier turns the same way as the whole conversation.
+/// Turns that start beyond `max_length` are not rendered: they are cut off anyway, and rendering each
+/// turn's prefix makes long conversations quadratic.
 fn assistant_spans(
     tok: &ChatTokenizer,
     messages: &[Message],
     ids: &[u32],
+    max_length: usize,
 ) -> Result<Vec<(usize, usize)>> {
     let mut spans = Vec::new();
+    let mut reached = 0;
     for (i, m) in messages.iter().enumerate() {
         if m.role != "assistant" {
             continue;
+        }
+        if reached >= max_length {
+            break;
         }
         let what = format!("the conversation before assistant turn {}", i + 1);
         let start = prefix_tokens(
@@ -215,6 +225,7 @@ fn assistant_spans(
             ids,
             &what,
         )?;
+        reached = end;
         spans.push((start, end));
     }
     Ok(spans)
@@ -681,7 +692,8 @@ impl Trainer<'_> {
     /// `save_checkpoint`.
     pub fn restore(&mut self, checkpoint: &Path) -> Result<()> {
         let state_path = checkpoint.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+        let text =
+            crate::fsutil::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
         let bad = |msg: &str| Error::Config {
             path: state_path.clone(),
             msg: msg.to_string(),
@@ -708,8 +720,16 @@ impl Trainer<'_> {
                     .collect()
             })
             .ok_or_else(|| bad("`order` missing"))?;
-        if order.len() != self.sequences.len() {
-            return Err(bad("`order` does not match the dataset"));
+        let n = self.sequences.len();
+        let mut seen = vec![false; n];
+        let permutation = order.len() == n
+            && order
+                .iter()
+                .all(|&i| i < n && !std::mem::replace(&mut seen[i], true));
+        if !permutation {
+            return Err(bad(&format!(
+                "`order` is not an ordering of the dataset's {n} examples"
+            )));
         }
         let adapter = LoraAdapter::load_peft(
             &crate::source::ModelFiles::Dir(checkpoint.to_path_buf()),
@@ -719,19 +739,48 @@ impl Trainer<'_> {
             .open_safetensors("optimizer.safetensors")?;
         let mut m = adapter.zeros_like();
         let mut vv = adapter.zeros_like();
+        let opt_path = checkpoint.join("optimizer.safetensors");
+        let read = |name: String, like: &[f32]| -> Result<Vec<f32>> {
+            let values = opt.read_f32(&name)?;
+            if values.len() != like.len() {
+                return Err(Error::tensor(
+                    &opt_path,
+                    &name,
+                    format!(
+                        "{} values where the adapter has {}",
+                        values.len(),
+                        like.len()
+                    ),
+                ));
+            }
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(Error::tensor(
+                    &opt_path,
+                    &name,
+                    "holds NaN or infinite values",
+                ));
+            }
+            Ok(values)
+        };
         for ((path, mp), (_, vp)) in m.pairs_mut().zip(vv.pairs_mut()) {
-            mp.a = opt.read_f32(&format!("m.{}", peft_key(path, "lora_A")))?;
-            mp.b = opt.read_f32(&format!("m.{}", peft_key(path, "lora_B")))?;
-            vp.a = opt.read_f32(&format!("v.{}", peft_key(path, "lora_A")))?;
-            vp.b = opt.read_f32(&format!("v.{}", peft_key(path, "lora_B")))?;
+            mp.a = read(format!("m.{}", peft_key(path, "lora_A")), &mp.a)?;
+            mp.b = read(format!("m.{}", peft_key(path, "lora_B")), &mp.b)?;
+            vp.a = read(format!("v.{}", peft_key(path, "lora_A")), &vp.a)?;
+            vp.b = read(format!("v.{}", peft_key(path, "lora_B")), &vp.b)?;
         }
         self.adapter = adapter;
         self.m = m;
         self.v = vv;
-        self.step = num("step")?;
-        self.total_steps = num("total_steps")?;
+        let (step, total_steps, position) = (num("step")?, num("total_steps")?, num("position")?);
+        if step > total_steps || position > n {
+            return Err(bad(&format!(
+                "step {step} of {total_steps} at example {position} of {n} is not a possible state"
+            )));
+        }
+        self.step = step;
+        self.total_steps = total_steps;
         self.epoch = num("epoch")?;
-        self.position = num("position")?;
+        self.position = position;
         self.order = order;
         self.data_rng = v
             .get("data_rng")

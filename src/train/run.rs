@@ -113,7 +113,8 @@ impl<'m> Run<'m> {
         output: Option<&Path>,
     ) -> Result<Self> {
         let model = model.into();
-        let manifest = manifest(&model, &config, &options, &data);
+        let data_digest = tokens_digest(&data.train);
+        let examples = data.train.len();
         let RunData {
             train: mut sequences,
             eval: mut eval_sequences,
@@ -147,6 +148,13 @@ impl<'m> Run<'m> {
             None => None,
         };
         log::info!("training configuration: {config:?}");
+        let manifest = manifest(
+            &model,
+            &config,
+            &options,
+            (examples, data_digest),
+            init.as_ref(),
+        );
         let per_step = config.batch_size * config.grad_accum;
         let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
         let mut trainer = Trainer::new(model, config, sequences, init)?;
@@ -228,8 +236,12 @@ impl<'m> Run<'m> {
             return Error::Interrupted(format!("stopped after step {step}"));
         };
         let dir = out.dir.clone();
+        let existing = dir.join(format!("{}{step}", train::CHECKPOINT_PREFIX));
         let saved = if step == 0 {
             Ok(None)
+        } else if existing.join("trainer_state.json").is_file() {
+            // Just saved (a --save-steps step, or a resumed run stopped before its first step).
+            Ok(Some(existing))
         } else {
             self.trainer
                 .save_checkpoint(&dir, &self.base_model, Some(&self.manifest))
@@ -311,18 +323,19 @@ fn manifest(
     model: &Model,
     config: &TrainConfig,
     options: &RunOptions,
-    data: &RunData,
+    (examples, tokens): (usize, u64),
+    init: Option<&LoraAdapter>,
 ) -> serde_json::Value {
-    let mut digest = crate::rng::Fnv1a::new();
-    for seq in &data.train {
-        digest.write(&(seq.ids.len() as u64).to_le_bytes());
-        for (id, target) in seq.ids.iter().zip(&seq.targets) {
-            digest.write(&id.to_le_bytes());
-            digest.write(&target.map_or(u64::MAX, u64::from).to_le_bytes());
+    let init_digest = init.map(|adapter| {
+        let mut digest = crate::rng::Fnv1a::new();
+        for (_, pair) in adapter.pairs() {
+            digest.write(bytemuck::cast_slice(&pair.a));
+            digest.write(bytemuck::cast_slice(&pair.b));
         }
-    }
+        format!("{:016x}", digest.finish())
+    });
     let lora = &config.lora;
-    json!({
+    let manifest = json!({
         "model": {
             "architecture": model.config.arch.model_type(),
             "layers": model.config.num_layers,
@@ -331,8 +344,8 @@ fn manifest(
             "quant": model.quant.map(|q| q.to_string()),
         },
         "data": {
-            "examples": data.train.len(),
-            "tokens": format!("{:016x}", digest.finish()),
+            "examples": examples,
+            "tokens": format!("{tokens:016x}"),
         },
         "options": {
             "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
@@ -344,9 +357,25 @@ fn manifest(
             "batch_size": config.batch_size, "grad_accum": config.grad_accum,
             "max_length": config.max_length, "seed": config.seed, "shuffle": config.shuffle,
             "loss_on": config.loss_on, "packing": options.packing,
-            "eval_split": options.eval_split, "init_adapter": options.init_adapter,
+            "eval_split": options.eval_split, "init_adapter": init_digest,
         },
-    })
+    });
+    // As a later run reads it back from run.json: serde_json's parser may round a float's last bit, and
+    // an honest resume must compare equal.
+    serde_json::from_str(&manifest.to_string()).unwrap_or(manifest)
+}
+
+/// A digest of tokenized examples: ids and which of them carry loss.
+fn tokens_digest(sequences: &[Sequence]) -> u64 {
+    let mut digest = crate::rng::Fnv1a::new();
+    for seq in sequences {
+        digest.write(&(seq.ids.len() as u64).to_le_bytes());
+        for (id, target) in seq.ids.iter().zip(&seq.targets) {
+            digest.write(&id.to_le_bytes());
+            digest.write(&target.map_or(u64::MAX, u64::from).to_le_bytes());
+        }
+    }
+    digest.finish()
 }
 
 /// Refuses to resume from a checkpoint made by a different run, naming what differs. A checkpoint from
@@ -455,9 +484,24 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         config,
         options,
     } = spec;
-    let _folder =
-        train::folder::RunFolder::claim(output, options.overwrite, options.resume.is_some())?;
+    let mut folder =
+        train::folder::RunFolder::claim(output, options.overwrite, options.resume.as_deref())?;
+    let inputs = [
+        Some(path),
+        Some(data),
+        options.init_adapter.as_deref(),
+        options.eval_data.as_deref(),
+    ];
+    folder.check_inputs(&inputs.into_iter().flatten().collect::<Vec<_>>())?;
     let source = crate::model::open(path)?;
+    let mut config = config;
+    config.max_length = within_positions(config.max_length, &source.config);
+    let storage = QuantRequest::planned(quant, source.stored_quant())?;
+    crate::alloc::check_fits(
+        "loading the model",
+        crate::model::planned_weight_bytes(&source.config, storage),
+        "; a 4-bit --quant takes about a quarter of 16-bit weights",
+    )?;
     // The weights load (reading and quantizing, on the worker threads) while this thread reads the
     // tokenizer and the data.
     let (model, data) = std::thread::scope(|s| {
@@ -475,6 +519,31 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     });
     let data = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
+    if gpu.is_none() {
+        let longest = data
+            .train
+            .iter()
+            .chain(&data.eval)
+            .map(|s| s.ids.len())
+            .max();
+        let needs = crate::plan::plan(
+            &model.config,
+            &crate::plan::PlanInput {
+                tokens: longest.unwrap_or(1),
+                quant: model.quant,
+                lora_rank: config.lora.r,
+                lora_targets: config.lora.targets.clone(),
+                lora_dropout: config.lora.dropout > 0.0,
+                checkpoint: config.checkpoint,
+            },
+        )?;
+        crate::alloc::check_fits(
+            &format!("a training step of {} tokens", longest.unwrap_or(1)),
+            needs.total,
+            "; lower --max-length or pass --gradient-checkpointing",
+        )?;
+    }
+    folder.clear_earlier_run()?;
     let mut run = Run::start(&model, source.label(), config, data, options, Some(output))?;
     let executor = match gpu {
         Some(gpu) => {
@@ -499,6 +568,19 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     let summary = run.finish()?;
     observer.finished();
     Ok(summary)
+}
+
+/// `max_length`, capped at the positions the model was trained for: longer sequences mean nothing to it
+/// (and attention over them grows quadratically).
+pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) -> usize {
+    let positions = config.max_position_embeddings;
+    if max_length > positions {
+        log::warn!(
+            "--max-length {max_length} is beyond the model's max_position_embeddings {positions}: \
+             sequences are cut to {positions} tokens"
+        );
+    }
+    max_length.min(positions)
 }
 
 /// A PEFT adapter folder given by `flag`, checked against the model's shapes.

@@ -50,18 +50,18 @@ pub struct TrainSettings {
     #[arg(long, short)]
     pub output: Option<PathBuf>,
     /// Storage of the decoder's linear weights.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub quant: Option<QuantChoice>,
     /// Weights per scale, along the input dimension: 32, 64 or 128.
     #[arg(long)]
     pub group_size: Option<usize>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub device: Option<Device>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub precision: Option<PrecisionChoice>,
     #[arg(long)]
     pub lr: Option<f64>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub lr_scheduler: Option<Schedule>,
     #[arg(long)]
     pub warmup_steps: Option<usize>,
@@ -100,7 +100,7 @@ pub struct TrainSettings {
     /// Which tokens carry loss: all, assistant (the assistant turns of conversations) or completion
     /// (the completion of prompt/completion rows); the default is TRL's: all tokens, or the completion
     /// for prompt/completion rows.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, ignore_case = true)]
     pub loss_on: Option<LossOn>,
     /// Start from this PEFT adapter folder (its r, alpha and target modules apply).
     #[arg(long)]
@@ -137,14 +137,19 @@ impl TrainSettings {
     pub fn layered(flags: TrainSettings) -> Result<TrainSettings> {
         let with_file = match flags.config.clone() {
             Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 flags.over(Self::parse_toml(&text, &path)?)?
             }
             None => flags,
         };
-        match with_file.preset.clone() {
-            Some(name) => with_file.over(Self::preset(&name)?),
-            None => Ok(with_file),
+        with_file.with_preset()
+    }
+
+    /// These options over the preset they name, if any.
+    pub fn with_preset(self) -> Result<TrainSettings> {
+        match self.preset.clone() {
+            Some(name) => self.over(Self::preset(&name)?),
+            None => Ok(self),
         }
     }
 
@@ -176,28 +181,25 @@ impl TrainSettings {
         serde_json::from_str(text).map_err(|e| Error::Invalid(format!("options: {e}")))
     }
 
-    /// Each option set here, else `lower`'s. Works on the serialized form so that no field list is
-    /// repeated here.
+    /// Each option set here, else `lower`'s. Works on the serialized form (TOML, which keeps NaN and
+    /// infinities for the range checks to refuse) so that no field list is repeated here.
     pub fn over(self, lower: TrainSettings) -> Result<TrainSettings> {
         let config = self.config.clone().or(lower.config.clone());
-        let as_map = |s: &TrainSettings| match serde_json::to_value(s) {
-            Ok(serde_json::Value::Object(map)) => Ok(map),
-            _ => Err(Error::Invalid("options do not serialize as a map".into())),
+        let as_table = |s: &TrainSettings| {
+            toml::Table::try_from(s).map_err(|e| Error::Invalid(format!("options: {e}")))
         };
-        let mut merged = as_map(&lower)?;
-        for (key, value) in as_map(&self)? {
-            if !value.is_null() {
-                merged.insert(key, value);
-            }
-        }
-        let mut out: TrainSettings = serde_json::from_value(merged.into())
+        let mut merged = as_table(&lower)?;
+        merged.extend(as_table(&self)?);
+        let mut out: TrainSettings = merged
+            .try_into()
             .map_err(|e| Error::Invalid(format!("merging options: {e}")))?;
         out.config = config;
         Ok(out)
     }
 
-    /// The options that name files, which a browser page cannot give.
-    pub fn file_options(&self) -> Vec<&'static str> {
+    /// The options set here that a browser page cannot use: those naming files or folders, and those
+    /// fixed when its session opened (the model's storage, the device).
+    pub fn outside_the_page(&self) -> Vec<&'static str> {
         let named = [
             ("model", self.model.is_some()),
             ("data", self.data.is_some()),
@@ -206,6 +208,10 @@ impl TrainSettings {
             ("eval_data", self.eval_data.is_some()),
             ("resume", self.resume.is_some()),
             ("save_steps", self.save_steps.is_some()),
+            ("overwrite", self.overwrite.is_some()),
+            ("quant", self.quant.is_some()),
+            ("group_size", self.group_size.is_some()),
+            ("device", self.device.is_some()),
         ];
         named
             .iter()
