@@ -27,10 +27,21 @@ impl Message {
 /// A tokenizer together with the chat template and special tokens from tokenizer_config.json.
 pub struct ChatTokenizer {
     pub tokenizer: tokenizers::Tokenizer,
+    /// tokenizer.json, for errors.
+    path: std::path::PathBuf,
     pub template: Option<ChatTemplate>,
     pub eos_token: Option<String>,
     pub bos_token: Option<String>,
     pub pad_token: Option<String>,
+}
+
+/// Runs a call into the tokenizers crate, which panics on some malformed tokenizer.json files (found by
+/// tests/fuzz.rs) instead of returning an error; the panic becomes an error naming the file.
+fn guarded<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|_| Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg: "the tokenizer failed on its own description (is the file damaged?)".into(),
+    })
 }
 
 impl ChatTokenizer {
@@ -44,11 +55,13 @@ impl ChatTokenizer {
                 path: tok_path.clone(),
                 msg: "missing: nibble needs the model's tokenizer.json".into(),
             })?;
-        let tokenizer =
-            tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| Error::Tokenizer {
-                path: tok_path,
-                msg: format!("cannot be parsed: {e}"),
-            })?;
+        let tokenizer = guarded(&tok_path, || {
+            tokenizers::Tokenizer::from_bytes(json.as_bytes())
+        })?
+        .map_err(|e| Error::Tokenizer {
+            path: tok_path.clone(),
+            msg: format!("cannot be parsed: {e}"),
+        })?;
 
         let cfg_path = origin.join("tokenizer_config.json");
         let config: serde_json::Value = match &files.tokenizer_config_json {
@@ -79,6 +92,7 @@ impl ChatTokenizer {
             .transpose()?;
         Ok(ChatTokenizer {
             tokenizer,
+            path: tok_path,
             template,
             eos_token,
             bos_token,
@@ -88,15 +102,13 @@ impl ChatTokenizer {
 
     /// Token ids of `text`, with no special tokens added (chat templates write their own).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode(text, false)
+        guarded(&self.path, || self.tokenizer.encode(text, false))?
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, false)
+        guarded(&self.path, || self.tokenizer.decode(ids, false))?
             .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
     }
 

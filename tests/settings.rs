@@ -139,11 +139,11 @@ fn out_of_range_options_are_refused_by_name() {
         (&["--target-modules", " , "][..], "--target-modules"),
         (
             &["--lr", "NaN"][..],
-            "--lr must be a finite number > 0 (got NaN)",
+            "--lr must be a finite number >= 0 (got NaN)",
         ),
         (
             &["--lr=-1e-4"][..],
-            "--lr must be a finite number > 0 (got -0.0001)",
+            "--lr must be a finite number >= 0 (got -0.0001)",
         ),
         (&["--max-grad-norm", "NaN"][..], "--max-grad-norm"),
         (&["--weight-decay", "inf"][..], "--weight-decay"),

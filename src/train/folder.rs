@@ -52,7 +52,7 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
 /// stays: deleting it would let a process that opened it just before lock a file no one else sees.
 pub struct RunFolder {
     dir: PathBuf,
-    _lock: Option<std::fs::File>,
+    lock: Option<std::fs::File>,
     created: bool,
     /// Whether the lock file is this run's own (it did not exist before).
     lock_created: bool,
@@ -79,7 +79,7 @@ impl RunFolder {
         let lock = lock(dir)?;
         let mut folder = RunFolder {
             dir: dir.to_path_buf(),
-            _lock: lock,
+            lock,
             created,
             lock_created,
             proceeded: false,
@@ -105,6 +105,12 @@ impl RunFolder {
                     "{} holds a finished run (adapter_model.safetensors): nothing to resume; pass \
                      --overwrite to train it again",
                     dir.display()
+                )));
+            }
+            if newest_checkpoint(from)?.is_none() {
+                return Err(Error::Invalid(format!(
+                    "{} holds no complete checkpoint to resume from",
+                    from.display()
                 )));
             }
             let own = match (from.canonicalize(), dir.canonicalize()) {
@@ -160,13 +166,16 @@ impl RunFolder {
     /// Refuses to clear an earlier run that holds one of this run's `inputs` (an --init-adapter inside
     /// the folder, say): the run would delete what it is about to read.
     pub fn check_inputs(&self, inputs: &[&Path]) -> Result<()> {
-        let dir = self.dir.canonicalize().map_err(|e| Error::io(&self.dir, e))?;
+        let dir = self
+            .dir
+            .canonicalize()
+            .map_err(|e| Error::io(&self.dir, e))?;
         for input in inputs {
             let Ok(input) = input.canonicalize() else {
                 continue;
             };
             // A folder above the output (a model folder holding its runs) loses nothing it reads.
-            let above = dir.starts_with(&input);
+            let above = dir.starts_with(&input) && dir != input;
             for entry in &self.earlier_run {
                 // The input is one of the run's files, inside one of its checkpoints, or a folder
                 // holding them.
@@ -183,9 +192,19 @@ impl RunFolder {
         Ok(())
     }
 
+    /// Marks the folder as this run's: its lock file now names this process, and it stays when the run
+    /// ends. Call once the run has started.
+    pub fn take(&mut self) {
+        self.proceeded = true;
+        if let Some(lock) = &mut self.lock {
+            let _ = lock.set_len(0);
+            let _ = lock.rewind();
+            let _ = write!(lock, "{}", std::process::id());
+        }
+    }
+
     /// Deletes the earlier run's files (and only them). Call once this run's inputs are loaded.
     pub fn clear_earlier_run(&mut self) -> Result<()> {
-        self.proceeded = true;
         if self.earlier_run.is_empty() {
             return Ok(());
         }
@@ -234,9 +253,11 @@ fn lock(dir: &Path) -> Result<Option<std::fs::File>> {
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
     }
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = write!(file, "{}", std::process::id());
+    // A lock file made just now names its holder at once; an existing one only once the run is under
+    // way (`take`), so that a refused run leaves the folder exactly as it was.
+    if file.metadata().is_ok_and(|m| m.len() == 0) {
+        let _ = write!(file, "{}", std::process::id());
+    }
     Ok(Some(file))
 }
 

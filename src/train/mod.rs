@@ -772,6 +772,13 @@ impl Trainer<'_> {
         self.m = m;
         self.v = vv;
         let (step, total_steps, position) = (num("step")?, num("total_steps")?, num("position")?);
+        if total_steps != self.total_steps {
+            return Err(bad(&format!(
+                "the checkpoint's run has {total_steps} steps and this one {}: resume with the same \
+                 --max-steps, --epochs, batch size and data",
+                self.total_steps
+            )));
+        }
         if step > total_steps || position > n {
             return Err(bad(&format!(
                 "step {step} of {total_steps} at example {position} of {n} is not a possible state"

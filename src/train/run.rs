@@ -545,6 +545,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     }
     folder.clear_earlier_run()?;
     let mut run = Run::start(&model, source.label(), config, data, options, Some(output))?;
+    folder.take();
     let executor = match gpu {
         Some(gpu) => {
             run.use_gpu(gpu)?;

@@ -297,8 +297,8 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
         (
             "--lr",
             config.lr,
-            positive(config.lr),
-            "a finite number > 0",
+            non_negative(config.lr),
+            "a finite number >= 0",
         ),
         (
             "--weight-decay",
@@ -307,10 +307,11 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
             "a finite number >= 0",
         ),
         (
+            // 0 turns clipping off, as in transformers.
             "--max-grad-norm",
             config.max_grad_norm,
-            positive(config.max_grad_norm),
-            "a finite number > 0",
+            non_negative(config.max_grad_norm),
+            "a finite number >= 0",
         ),
         (
             "--warmup-ratio",

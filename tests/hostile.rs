@@ -1,0 +1,882 @@
+//! Hostile but fair input, through the binary: broken model folders, tokenizer files, data files,
+//! options, output folders and checkpoints. Every case must exit non-zero with a message naming the
+//! culprit, without a panic, and leave every file it was given exactly as it was, with nothing new
+//! beside them.
+
+mod common;
+
+use nibble::config::Arch;
+use nibble::synth::{self, SynthSpec};
+use std::path::{Path, PathBuf};
+
+/// What every case starts from: a tiny model with the byte tokenizer, chats, a finished run with a
+/// checkpoint, and an unfinished run (the checkpoint alone).
+struct Base {
+    dir: tempfile::TempDir,
+}
+
+impl Base {
+    fn new() -> Base {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let spec = SynthSpec::tiny(Arch::Qwen2, synth::BYTE_VOCAB);
+        synth::write_model_folder(&root.join("model"), &spec, Some(&synth::byte_tokenizer()))
+            .unwrap();
+        std::fs::write(root.join("chats.jsonl"), nibble::data::demo_jsonl()).unwrap();
+        let config = nibble::train::TrainConfig {
+            max_steps: Some(1),
+            max_length: 64,
+            ..Default::default()
+        };
+        let spec = nibble::train::run::RunSpec {
+            model: &root.join("model"),
+            data: &root.join("chats.jsonl"),
+            output: &root.join("run"),
+            quant: None,
+            config,
+            options: nibble::train::run::RunOptions {
+                save_steps: 1,
+                ..Default::default()
+            },
+        };
+        struct Quiet;
+        impl nibble::train::run::Observer for Quiet {}
+        nibble::train::run::run(spec, None, &mut Quiet).unwrap();
+        copy_dir(
+            &root.join("run/checkpoint-1"),
+            &root.join("unfinished/checkpoint-1"),
+        );
+        Base { dir }
+    }
+
+    /// A fresh copy of the base for one case.
+    fn copy(&self) -> tempfile::TempDir {
+        let case = tempfile::tempdir().unwrap();
+        copy_dir(self.dir.path(), case.path());
+        case
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Every file and folder under `dir` with its bytes (None for folders and other non-files).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            let path = entry.path();
+            if kind.is_dir() {
+                stack.push(path.clone());
+                out.push((path, None));
+            } else if kind.is_file() {
+                out.push((path.clone(), Some(std::fs::read(&path).unwrap())));
+            } else {
+                out.push((path, None));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Edits a JSON file in place.
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).unwrap();
+}
+
+/// Overwrites the first value of tensor `name` in a safetensors file with `bits` (of the tensor's own
+/// width: 2 or 4 bytes).
+fn poke_tensor(file: &Path, name: &str, bits: u32) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let (start, width) = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let view = st.tensor(name).unwrap();
+        let width = view.dtype().bitsize() / 8;
+        (
+            view.data().as_ptr() as usize - bytes.as_ptr() as usize,
+            width,
+        )
+    };
+    bytes[start..start + width].copy_from_slice(&bits.to_le_bytes()[..width]);
+    std::fs::write(file, bytes).unwrap();
+}
+
+fn make_fifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// One hostile case: prepares its inputs in the case folder, returns the command's arguments.
+struct Case {
+    name: &'static str,
+    prepare: fn(&Path) -> Vec<String>,
+    /// Substrings the error must contain (the culprit).
+    expect: &'static [&'static str],
+}
+
+fn p(root: &Path, rel: &str) -> String {
+    root.join(rel).display().to_string()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// `nibble train` on the case's model and chats into `out`, with `extra` flags.
+fn train(root: &Path, out: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = common::train_args(
+        &root.join("model"),
+        &root.join("chats.jsonl"),
+        &root.join(out),
+        &["--max-steps", "1", "--max-length", "64"],
+    );
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn info(root: &Path) -> Vec<String> {
+    vec!["info".into(), p(root, "model")]
+}
+
+fn data_case(root: &Path, text: &str) -> Vec<String> {
+    std::fs::write(root.join("chats.jsonl"), text).unwrap();
+    train(root, "new", &[])
+}
+
+fn config_edit(root: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<String> {
+    edit_json(&root.join("model/config.json"), edit);
+    info(root)
+}
+
+fn state_edit(root: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<String> {
+    edit_json(
+        &root.join("unfinished/checkpoint-1/trainer_state.json"),
+        edit,
+    );
+    let dir = p(root, "unfinished");
+    train(root, "unfinished", &["--save-steps", "1", "--resume", &dir])
+}
+
+const CASES: &[Case] = &[
+    // Model folders.
+    Case {
+        name: "no model folder",
+        prepare: |r| args(&["info", &p(r, "nowhere")]),
+        expect: &["nowhere"],
+    },
+    Case {
+        name: "config.json missing",
+        prepare: |r| {
+            std::fs::remove_file(r.join("model/config.json")).unwrap();
+            info(r)
+        },
+        expect: &["config.json"],
+    },
+    Case {
+        name: "config.json not JSON",
+        prepare: |r| {
+            std::fs::write(r.join("model/config.json"), "{\"hidden_size\": 64,\n oops").unwrap();
+            info(r)
+        },
+        expect: &["config.json"],
+    },
+    Case {
+        name: "config.json a folder",
+        prepare: |r| {
+            std::fs::remove_file(r.join("model/config.json")).unwrap();
+            std::fs::create_dir(r.join("model/config.json")).unwrap();
+            info(r)
+        },
+        expect: &["config.json"],
+    },
+    Case {
+        name: "config.json a FIFO",
+        prepare: |r| {
+            std::fs::remove_file(r.join("model/config.json")).unwrap();
+            make_fifo(&r.join("model/config.json"));
+            info(r)
+        },
+        expect: &["config.json", "not a regular file"],
+    },
+    Case {
+        name: "zero attention heads",
+        prepare: |r| config_edit(r, |c| c["num_attention_heads"] = 0.into()),
+        expect: &["num_attention_heads"],
+    },
+    Case {
+        name: "zero layers",
+        prepare: |r| config_edit(r, |c| c["num_hidden_layers"] = 0.into()),
+        expect: &["num_hidden_layers"],
+    },
+    Case {
+        name: "zero vocabulary",
+        prepare: |r| config_edit(r, |c| c["vocab_size"] = 0.into()),
+        expect: &["vocab_size"],
+    },
+    Case {
+        name: "astronomical hidden size",
+        prepare: |r| config_edit(r, |c| c["hidden_size"] = 1_000_000_000_000u64.into()),
+        expect: &["hidden_size"],
+    },
+    Case {
+        name: "sizes whose product wraps",
+        prepare: |r| {
+            config_edit(r, |c| {
+                c["hidden_size"] = 16_000_000.into();
+                c["intermediate_size"] = 16_000_000.into();
+                c["vocab_size"] = 16_000_000.into();
+                c["head_dim"] = 64.into();
+            })
+        },
+        expect: &["parameters"],
+    },
+    Case {
+        name: "kv heads not dividing heads",
+        prepare: |r| config_edit(r, |c| c["num_key_value_heads"] = 3.into()),
+        expect: &["num_key_value_heads"],
+    },
+    Case {
+        name: "odd head_dim",
+        prepare: |r| config_edit(r, |c| c["head_dim"] = 15.into()),
+        expect: &["head_dim"],
+    },
+    Case {
+        name: "negative size",
+        prepare: |r| config_edit(r, |c| c["hidden_size"] = (-64).into()),
+        expect: &["hidden_size"],
+    },
+    Case {
+        name: "unknown architecture",
+        prepare: |r| {
+            config_edit(r, |c| {
+                c["model_type"] = "gpt2".into();
+                c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+            })
+        },
+        expect: &["gpt2"],
+    },
+    Case {
+        name: "unsupported activation",
+        prepare: |r| config_edit(r, |c| c["hidden_act"] = "gelu".into()),
+        expect: &["hidden_act"],
+    },
+    Case {
+        name: "rope_scaling not an object",
+        prepare: |r| config_edit(r, |c| c["rope_scaling"] = 3.into()),
+        expect: &["rope_scaling"],
+    },
+    Case {
+        name: "more layers than the weights hold",
+        prepare: |r| {
+            config_edit(r, |c| c["num_hidden_layers"] = 9.into());
+            train(r, "new", &[])
+        },
+        expect: &["model.layers.2"],
+    },
+    Case {
+        name: "weights truncated",
+        prepare: |r| {
+            let f = r.join("model/model.safetensors");
+            let b = std::fs::read(&f).unwrap();
+            std::fs::write(&f, &b[..b.len() / 2]).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["model.safetensors"],
+    },
+    Case {
+        name: "weights header garbage",
+        prepare: |r| {
+            let f = r.join("model/model.safetensors");
+            let mut b = std::fs::read(&f).unwrap();
+            b[8..24].copy_from_slice(b"not json at all!");
+            std::fs::write(&f, b).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["model.safetensors"],
+    },
+    Case {
+        name: "weights a FIFO",
+        prepare: |r| {
+            std::fs::remove_file(r.join("model/model.safetensors")).unwrap();
+            make_fifo(&r.join("model/model.safetensors"));
+            train(r, "new", &[])
+        },
+        expect: &["model.safetensors"],
+    },
+    Case {
+        name: "NaN in a norm",
+        prepare: |r| {
+            poke_tensor(
+                &r.join("model/model.safetensors"),
+                "model.norm.weight",
+                0x7FC0,
+            );
+            train(r, "new", &[])
+        },
+        expect: &["model.norm.weight", "NaN"],
+    },
+    Case {
+        name: "infinity in a linear",
+        prepare: |r| {
+            poke_tensor(
+                &r.join("model/model.safetensors"),
+                "model.layers.0.mlp.up_proj.weight",
+                0x7F80,
+            );
+            train(r, "new", &[])
+        },
+        expect: &["model.layers.0.mlp.up_proj.weight", "infinite"],
+    },
+    Case {
+        name: "NaN in the embedding (eval)",
+        prepare: |r| {
+            poke_tensor(
+                &r.join("model/model.safetensors"),
+                "model.embed_tokens.weight",
+                0x7FC0,
+            );
+            args(&[
+                "eval",
+                "--model",
+                &p(r, "model"),
+                "--data",
+                &p(r, "chats.jsonl"),
+                "--device",
+                "cpu",
+            ])
+        },
+        expect: &["model.embed_tokens.weight"],
+    },
+    Case {
+        name: "tokenizer.json corrupt",
+        prepare: |r| {
+            std::fs::write(r.join("model/tokenizer.json"), "{\"model\": 5").unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["tokenizer.json"],
+    },
+    Case {
+        name: "chat template broken",
+        prepare: |r| {
+            edit_json(&r.join("model/tokenizer_config.json"), |t| {
+                t["chat_template"] = "{% for m in messages %}{{ m.content }".into()
+            });
+            train(r, "new", &[])
+        },
+        expect: &["template"],
+    },
+    Case {
+        name: "quantizing over its own input",
+        prepare: |r| {
+            args(&[
+                "quantize",
+                &p(r, "model"),
+                "--output",
+                &p(r, "model/model.safetensors"),
+            ])
+        },
+        expect: &["would replace the input"],
+    },
+    Case {
+        name: "group size that does not divide",
+        prepare: |r| {
+            args(&[
+                "quantize",
+                &p(r, "model"),
+                "--output",
+                &p(r, "q.safetensors"),
+                "--group-size",
+                "128",
+            ])
+        },
+        expect: &["group size 128"],
+    },
+    // Data files.
+    Case {
+        name: "no data file",
+        prepare: |r| {
+            std::fs::remove_file(r.join("chats.jsonl")).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["chats.jsonl"],
+    },
+    Case {
+        name: "data a folder",
+        prepare: |r| {
+            std::fs::remove_file(r.join("chats.jsonl")).unwrap();
+            std::fs::create_dir(r.join("chats.jsonl")).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["chats.jsonl"],
+    },
+    Case {
+        name: "data a FIFO",
+        prepare: |r| {
+            std::fs::remove_file(r.join("chats.jsonl")).unwrap();
+            make_fifo(&r.join("chats.jsonl"));
+            train(r, "new", &[])
+        },
+        expect: &["chats.jsonl", "not a regular file"],
+    },
+    Case {
+        name: "data empty",
+        prepare: |r| data_case(r, ""),
+        expect: &["chats.jsonl"],
+    },
+    Case {
+        name: "data not JSON on line 2",
+        prepare: |r| data_case(r, "{\"text\": \"hello\"}\n{\"text\": \n"),
+        expect: &["chats.jsonl", "2"],
+    },
+    Case {
+        name: "row of an unknown shape",
+        prepare: |r| data_case(r, "{\"text\": \"hello\"}\n{\"question\": \"hi\"}\n"),
+        expect: &["chats.jsonl", "2"],
+    },
+    Case {
+        name: "message content not text",
+        prepare: |r| {
+            data_case(
+                r,
+                "{\"messages\": [{\"role\": \"user\", \"content\": 5}]}\n",
+            )
+        },
+        expect: &["chats.jsonl", "1"],
+    },
+    Case {
+        name: "row that is an array",
+        prepare: |r| data_case(r, "[1, 2, 3]\n"),
+        expect: &["chats.jsonl", "1"],
+    },
+    Case {
+        name: "nothing to learn from",
+        prepare: |r| data_case(r, "{\"prompt\": \"hello\", \"completion\": \"\"}\n"),
+        expect: &["example 1"],
+    },
+    Case {
+        name: "completion loss on chats",
+        prepare: |r| train(r, "new", &["--loss-on", "completion"]),
+        expect: &["completion"],
+    },
+    Case {
+        name: "assistant loss on text rows",
+        prepare: |r| data_case_with(r, "{\"text\": \"hello\"}\n", &["--loss-on", "assistant"]),
+        expect: &["assistant"],
+    },
+    Case {
+        name: "validation file broken",
+        prepare: |r| {
+            std::fs::write(r.join("val.jsonl"), "{oops}\n").unwrap();
+            let v = p(r, "val.jsonl");
+            train(r, "new", &["--eval-data", &v])
+        },
+        expect: &["val.jsonl", "1"],
+    },
+    // Options.
+    Case {
+        name: "lr NaN",
+        prepare: |r| train(r, "new", &["--lr", "NaN"]),
+        expect: &["--lr", "NaN"],
+    },
+    Case {
+        name: "lr negative",
+        prepare: |r| train(r, "new", &["--lr=-0.1"]),
+        expect: &["--lr"],
+    },
+    Case {
+        name: "dropout 2",
+        prepare: |r| train(r, "new", &["--lora-dropout", "2"]),
+        expect: &["--lora-dropout"],
+    },
+    Case {
+        name: "rank 0",
+        prepare: |r| train(r, "new", &["--lora-r", "0"]),
+        expect: &["--lora-r"],
+    },
+    Case {
+        name: "epochs 0",
+        prepare: |r| train(r, "new", &["--epochs", "0"]),
+        expect: &["--epochs"],
+    },
+    Case {
+        name: "max steps 0",
+        prepare: |r| {
+            let mut a = train(r, "new", &[]);
+            let i = a.iter().position(|x| x == "--max-steps").unwrap();
+            a[i + 1] = "0".into();
+            a
+        },
+        expect: &["--max-steps"],
+    },
+    Case {
+        name: "max grad norm NaN",
+        prepare: |r| train(r, "new", &["--max-grad-norm", "nan"]),
+        expect: &["--max-grad-norm"],
+    },
+    Case {
+        name: "batch size 0",
+        prepare: |r| train(r, "new", &["--batch-size", "0"]),
+        expect: &["--batch-size"],
+    },
+    Case {
+        name: "warmup ratio 1",
+        prepare: |r| train(r, "new", &["--warmup-ratio", "1"]),
+        expect: &["--warmup-ratio"],
+    },
+    Case {
+        name: "eval split 1.5",
+        prepare: |r| train(r, "new", &["--eval-split", "1.5"]),
+        expect: &["--eval-split"],
+    },
+    Case {
+        name: "eval split and eval data",
+        prepare: |r| {
+            let d = p(r, "chats.jsonl");
+            train(r, "new", &["--eval-split", "0.2", "--eval-data", &d])
+        },
+        expect: &["--eval-data", "--eval-split"],
+    },
+    Case {
+        name: "unknown target module",
+        prepare: |r| train(r, "new", &["--target-modules", "q_proj,attn"]),
+        expect: &["attn"],
+    },
+    Case {
+        name: "unknown quant",
+        prepare: |r| train(r, "new", &["--quant", "nf3"]),
+        expect: &["nf3"],
+    },
+    Case {
+        name: "unknown device",
+        prepare: |r| {
+            let mut a = train(r, "new", &[]);
+            let i = a.iter().position(|x| x == "--device").unwrap();
+            a[i + 1] = "tpu".into();
+            a
+        },
+        expect: &["tpu"],
+    },
+    Case {
+        name: "unknown preset",
+        prepare: |r| train(r, "new", &["--preset", "llama-gpu"]),
+        expect: &["llama-gpu"],
+    },
+    Case {
+        name: "missing option file",
+        prepare: |r| {
+            let f = p(r, "none.toml");
+            train(r, "new", &["--config", &f])
+        },
+        expect: &["none.toml"],
+    },
+    Case {
+        name: "option file with an unknown key",
+        prepare: |r| {
+            std::fs::write(r.join("run.toml"), "lr = 1e-4\nlearning_rate = 2\n").unwrap();
+            let f = p(r, "run.toml");
+            train(r, "new", &["--config", &f])
+        },
+        expect: &["run.toml", "learning_rate"],
+    },
+    Case {
+        name: "option file with a bad value",
+        prepare: |r| {
+            std::fs::write(r.join("run.toml"), "lr_scheduler = \"sawtooth\"\n").unwrap();
+            let f = p(r, "run.toml");
+            train(r, "new", &["--config", &f])
+        },
+        expect: &["run.toml", "sawtooth"],
+    },
+    Case {
+        name: "temperature NaN",
+        prepare: |r| {
+            args(&[
+                "generate",
+                "--model",
+                &p(r, "model"),
+                "--prompt",
+                "hi",
+                "--temperature",
+                "NaN",
+                "--device",
+                "cpu",
+            ])
+        },
+        expect: &["--temperature"],
+    },
+    Case {
+        name: "top-p 0",
+        prepare: |r| {
+            args(&[
+                "generate",
+                "--model",
+                &p(r, "model"),
+                "--prompt",
+                "hi",
+                "--top-p",
+                "0",
+                "--device",
+                "cpu",
+            ])
+        },
+        expect: &["--top-p"],
+    },
+    // Output folders.
+    Case {
+        name: "output holds someone's files",
+        prepare: |r| train(r, "model", &[]),
+        expect: &["did not write"],
+    },
+    Case {
+        name: "output holds someone's files, with --overwrite",
+        prepare: |r| train(r, "model", &["--overwrite"]),
+        expect: &["did not write"],
+    },
+    Case {
+        name: "output is a file",
+        prepare: |r| train(r, "chats.jsonl", &[]),
+        expect: &["chats.jsonl"],
+    },
+    Case {
+        name: "output holds a finished run",
+        prepare: |r| train(r, "run", &[]),
+        expect: &["finished run", "--overwrite"],
+    },
+    Case {
+        name: "output holds an unfinished run",
+        prepare: |r| train(r, "unfinished", &[]),
+        expect: &["unfinished run", "checkpoint-1"],
+    },
+    Case {
+        name: "overwrite would delete the init adapter",
+        prepare: |r| {
+            let a = p(r, "run");
+            train(r, "run", &["--overwrite", "--init-adapter", &a])
+        },
+        expect: &["--overwrite would delete"],
+    },
+    Case {
+        name: "overwrite and resume together",
+        prepare: |r| {
+            let a = p(r, "unfinished");
+            train(r, "unfinished", &["--overwrite", "--resume", &a])
+        },
+        expect: &["--overwrite", "--resume"],
+    },
+    Case {
+        name: "demo into a non-empty folder",
+        prepare: |r| args(&["demo", "--keep", &p(r, "model")]),
+        expect: &["not empty"],
+    },
+    Case {
+        name: "merge into an existing folder",
+        prepare: |r| {
+            args(&[
+                "merge",
+                "--model",
+                &p(r, "model"),
+                "--adapter",
+                &p(r, "run"),
+                "--output",
+                &p(r, "run"),
+            ])
+        },
+        expect: &["already exists"],
+    },
+    Case {
+        name: "synth into a non-empty folder",
+        prepare: |r| args(&["synth", "--output", &p(r, "model")]),
+        expect: &["not empty"],
+    },
+    // Checkpoints and adapters.
+    Case {
+        name: "resume from nowhere",
+        prepare: |r| {
+            let a = p(r, "nowhere");
+            train(r, "new", &["--resume", &a])
+        },
+        expect: &["nowhere"],
+    },
+    Case {
+        name: "resume a finished run",
+        prepare: |r| {
+            let a = p(r, "run");
+            train(r, "run", &["--resume", &a])
+        },
+        expect: &["nothing to resume"],
+    },
+    Case {
+        name: "resume with another learning rate",
+        prepare: |r| {
+            let a = p(r, "unfinished");
+            train(
+                r,
+                "unfinished",
+                &["--save-steps", "1", "--resume", &a, "--lr", "0.1"],
+            )
+        },
+        expect: &["options.lr", "checkpoint-1"],
+    },
+    Case {
+        name: "resume with other data",
+        prepare: |r| {
+            std::fs::write(r.join("chats.jsonl"), "{\"text\": \"other data\"}\n").unwrap();
+            let a = p(r, "unfinished");
+            train(r, "unfinished", &["--save-steps", "1", "--resume", &a])
+        },
+        expect: &["data."],
+    },
+    Case {
+        name: "trainer state not JSON",
+        prepare: |r| {
+            std::fs::write(r.join("unfinished/checkpoint-1/trainer_state.json"), "{").unwrap();
+            let a = p(r, "unfinished");
+            train(r, "unfinished", &["--save-steps", "1", "--resume", &a])
+        },
+        expect: &["trainer_state.json"],
+    },
+    Case {
+        name: "trainer state order out of range",
+        prepare: |r| state_edit(r, |s| s["order"][0] = 1_000_000.into()),
+        expect: &["trainer_state.json", "order"],
+    },
+    Case {
+        name: "trainer state step past the end",
+        prepare: |r| state_edit(r, |s| s["step"] = 99.into()),
+        expect: &["trainer_state.json", "step 99"],
+    },
+    Case {
+        name: "trainer state position past the data",
+        prepare: |r| state_edit(r, |s| s["position"] = 1000.into()),
+        expect: &["trainer_state.json"],
+    },
+    Case {
+        name: "checkpoint adapter with NaN",
+        prepare: |r| {
+            let f = r.join("unfinished/checkpoint-1/adapter_model.safetensors");
+            let bytes = std::fs::read(&f).unwrap();
+            let name = safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap()
+                .names()[0]
+                .to_string();
+            poke_tensor(&f, &name, 0x7FC0_0000);
+            let a = p(r, "unfinished");
+            train(r, "unfinished", &["--save-steps", "1", "--resume", &a])
+        },
+        expect: &["adapter_model.safetensors", "NaN"],
+    },
+    Case {
+        name: "adapter folder without its config",
+        prepare: |r| {
+            std::fs::remove_file(r.join("run/adapter_config.json")).unwrap();
+            args(&[
+                "eval",
+                "--model",
+                &p(r, "model"),
+                "--data",
+                &p(r, "chats.jsonl"),
+                "--adapter",
+                &p(r, "run"),
+                "--device",
+                "cpu",
+            ])
+        },
+        expect: &["adapter_config.json"],
+    },
+    Case {
+        name: "adapter of another shape",
+        prepare: |r| {
+            let mut spec = SynthSpec::tiny(Arch::Qwen2, synth::BYTE_VOCAB);
+            spec.hidden_size = 128;
+            synth::write_model_folder(&r.join("wide"), &spec, Some(&synth::byte_tokenizer()))
+                .unwrap();
+            args(&[
+                "eval",
+                "--model",
+                &p(r, "wide"),
+                "--data",
+                &p(r, "chats.jsonl"),
+                "--adapter",
+                &p(r, "run"),
+                "--device",
+                "cpu",
+            ])
+        },
+        expect: &["--adapter"],
+    },
+];
+
+fn data_case_with(root: &Path, text: &str, extra: &[&str]) -> Vec<String> {
+    std::fs::write(root.join("chats.jsonl"), text).unwrap();
+    train(root, "new", extra)
+}
+
+#[test]
+fn hostile_input_is_refused_by_name_and_changes_nothing() {
+    let base = Base::new();
+    let mut failures = Vec::new();
+    for case in CASES {
+        let dir = base.copy();
+        let root = dir.path();
+        let args = (case.prepare)(root);
+        let before = snapshot(root);
+        let out = common::nibble_command()
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let mut wrong = Vec::new();
+        if out.status.success() {
+            wrong.push("exited 0".to_string());
+        }
+        if out.status.code().is_none_or(|c| c == 101) || stderr.contains("panicked") {
+            wrong.push("panicked or was killed".to_string());
+        }
+        for name in case.expect {
+            if !stderr.contains(name) {
+                wrong.push(format!("the message does not name `{name}`"));
+            }
+        }
+        if snapshot(root) != before {
+            wrong.push("files changed or were left behind".to_string());
+        }
+        if !wrong.is_empty() {
+            failures.push(format!(
+                "{}: {}\n  nibble {}\n  {}",
+                case.name,
+                wrong.join("; "),
+                args.join(" "),
+                stderr.trim()
+            ));
+        }
+    }
+    assert!(CASES.len() >= 60, "{} cases", CASES.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n{}",
+        failures.len(),
+        CASES.len(),
+        failures.join("\n")
+    );
+}
