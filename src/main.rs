@@ -44,7 +44,28 @@ enum Command {
     Demo(cli::demo::Args),
 }
 
+/// Output that cannot be written (a full disk, a closed pipe) ends the process with an error, not a
+/// panic's backtrace: `println!` panics when stdout fails.
+fn exit_quietly_when_output_fails() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to std") {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "nibble: error: {message}");
+            std::process::exit(1);
+        }
+        default_hook(info);
+    }));
+}
+
 fn main() {
+    exit_quietly_when_output_fails();
     nibble::alloc::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();

@@ -43,8 +43,11 @@ pub fn run(args: Args) -> Result<()> {
     } = args;
     let (config, stored) = plan_source(&path)?;
     let spec = quant.planned_spec(stored)?;
-    if tokens == 0 || rank == 0 {
-        bail!("--seq-len and --lora-r must be positive");
+    use nibble::train::settings::{MAX_RANK, MAX_TOKENS};
+    if !(1..=MAX_TOKENS).contains(&tokens) || !(1..=MAX_RANK).contains(&rank) {
+        bail!(
+            "--seq-len must be from 1 to {MAX_TOKENS} and --lora-r from 1 to {MAX_RANK} (got {tokens} and {rank})"
+        );
     }
     let input = nibble::plan::PlanInput {
         tokens,

@@ -287,6 +287,12 @@ impl TrainSettings {
     }
 }
 
+/// The largest LoRA rank (wider than any linear of any released model).
+pub const MAX_RANK: usize = 1 << 16;
+
+/// The longest sequence, in tokens.
+pub const MAX_TOKENS: usize = 1 << 24;
+
 /// Each numeric option inside its valid range (NaN never is), with the range in the message: nonsense
 /// would otherwise train quietly or land in adapter_config.json, which PEFT then cannot load.
 fn check_ranges(config: &TrainConfig) -> Result<()> {
@@ -334,8 +340,8 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
         (
             "--lora-r",
             config.lora.r as f64,
-            config.lora.r > 0,
-            "a whole number >= 1",
+            (1..=MAX_RANK).contains(&config.lora.r),
+            "a whole number from 1 to 65536",
         ),
         (
             "--epochs",
@@ -364,8 +370,8 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
         (
             "--max-length",
             config.max_length as f64,
-            config.max_length > 1,
-            "a whole number >= 2",
+            (2..=MAX_TOKENS).contains(&config.max_length),
+            "a whole number from 2 to 16777216",
         ),
     ];
     match checks.iter().find(|(_, _, ok, _)| !ok) {
