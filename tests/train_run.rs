@@ -17,6 +17,7 @@ struct Recorded {
     steps: Vec<(usize, f64)>,
     evaluations: Vec<usize>,
     finished: bool,
+    stalled: Option<(usize, String)>,
 }
 
 impl Observer for Recorded {
@@ -32,6 +33,10 @@ impl Observer for Recorded {
     }
     fn finished(&mut self) {
         self.finished = true;
+    }
+    fn stalled(&mut self, steps: usize, why: &str) {
+        assert!(self.stalled.is_none(), "told once");
+        self.stalled = Some((steps, why.to_string()));
     }
 }
 
@@ -560,5 +565,51 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         std::fs::read(part.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),
         "the interrupted and resumed run saves the uninterrupted run's adapter, bit for bit"
+    );
+}
+
+#[test]
+fn a_run_that_learns_nothing_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    // A learning rate of 0 with no dropout: every pass over the same examples gives the same loss. One
+    // example per step, all six seen in the first epoch, then again in the second (reshuffled): the loss
+    // of each repeats only across epochs, so use a single-example dataset.
+    let one = dir.path().join("one.jsonl");
+    let first_line = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::write(&one, first_line + "\n").unwrap();
+    let mut frozen = TrainConfig {
+        lr: 0.0,
+        ..config(8)
+    };
+    frozen.lora.dropout = 0.0;
+    let (result, seen) = train(
+        &model,
+        &one,
+        &dir.path().join("frozen"),
+        frozen,
+        RunOptions::default(),
+    );
+    result.unwrap();
+    let (steps, why) = seen.stalled.expect("reported");
+    assert_eq!(steps, 5);
+    assert!(why.contains("loss repeats"), "{why}");
+
+    let (result, learning) = train(
+        &model,
+        &one,
+        &dir.path().join("learning"),
+        config(8),
+        RunOptions::default(),
+    );
+    result.unwrap();
+    assert!(
+        learning.stalled.is_none(),
+        "a run that learns is not reported"
     );
 }

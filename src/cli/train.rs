@@ -111,6 +111,14 @@ impl Observer for Progress {
         }
     }
 
+    fn stalled(&mut self, steps: usize, why: &str) {
+        if let Some(bar) = &self.bar {
+            bar.println(format!(
+                "warning: nothing has been learned for {steps} steps ({why})"
+            ));
+        }
+    }
+
     fn stop_requested(&mut self) -> bool {
         STOP.load(Ordering::SeqCst)
     }

@@ -56,6 +56,9 @@ pub trait Observer {
     fn evaluated(&mut self, _step: usize, _loss: f64) {}
     /// The adapter is saved; the run is over.
     fn finished(&mut self) {}
+    /// Nothing has been learned for `steps` steps in a row: `why` says what was seen (zero gradients, or
+    /// the same loss on the same examples). Told once per run.
+    fn stalled(&mut self, _steps: usize, _why: &str) {}
     /// Asked before each step: true stops the run there, with a checkpoint of the steps so far.
     fn stop_requested(&mut self) -> bool {
         false
@@ -99,7 +102,14 @@ pub struct Run<'m> {
     manifest: serde_json::Value,
     first_loss: Option<f64>,
     last_loss: f64,
+    /// Steps in a row that changed nothing (see `STALL_STEPS`), and whether that was reported.
+    still: usize,
+    stall_reported: bool,
 }
+
+/// Steps in a row without a gradient, or with a loss repeated to the bit, before a run is reported as
+/// stalled. Honest training repeats neither: dropout, a new batch or a moved adapter changes the loss.
+const STALL_STEPS: usize = 5;
 
 impl<'m> Run<'m> {
     /// Sets a run up on the CPU executor (see `use_gpu`). With an `output` folder it writes metrics and
@@ -182,6 +192,8 @@ impl<'m> Run<'m> {
             manifest,
             first_loss: None,
             last_loss: 0.0,
+            still: 0,
+            stall_reported: false,
         })
     }
 
@@ -203,6 +215,27 @@ impl<'m> Run<'m> {
         };
         self.append_metrics(&record.to_json())?;
         observer.stepped(&record);
+        let repeated =
+            self.first_loss.is_some() && record.loss.to_bits() == self.last_loss.to_bits();
+        self.still = if record.grad_norm == 0.0 || repeated {
+            self.still + 1
+        } else {
+            0
+        };
+        if self.still >= STALL_STEPS && !self.stall_reported {
+            self.stall_reported = true;
+            let why = if record.grad_norm == 0.0 {
+                "the gradients are zero"
+            } else {
+                "the loss repeats to the bit"
+            };
+            log::warn!(
+                "nothing has been learned for {} steps ({why}): check --lr, the data's labels and \
+                 --loss-on",
+                self.still
+            );
+            observer.stalled(self.still, why);
+        }
         self.first_loss.get_or_insert(record.loss);
         self.last_loss = record.loss;
         let eval_due = if self.options.eval_steps > 0 {
