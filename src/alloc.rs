@@ -29,19 +29,6 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn glibc_accepts_the_settings() {
-        let applied = super::keep_freed_memory();
-        assert_eq!(applied, cfg!(all(target_os = "linux", target_env = "gnu")));
-        // Allocation still works across the new thresholds.
-        let big = vec![1u8; 40 << 20];
-        let small = vec![2u8; 1 << 20];
-        assert_eq!(big[big.len() - 1] as usize + small[0] as usize, 3);
-    }
-}
-
 /// The machine's memory in bytes: (total, available now), where the system says (Linux's
 /// /proc/meminfo); None elsewhere.
 pub fn system_memory() -> Option<(u64, u64)> {
@@ -81,4 +68,17 @@ pub fn check_fits(what: &str, bytes: u64, advice: &str) -> crate::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glibc_accepts_the_settings() {
+        let applied = super::keep_freed_memory();
+        assert_eq!(applied, cfg!(all(target_os = "linux", target_env = "gnu")));
+        // Allocation still works across the new thresholds.
+        let big = vec![1u8; 40 << 20];
+        let small = vec![2u8; 1 << 20];
+        assert_eq!(big[big.len() - 1] as usize + small[0] as usize, 3);
+    }
 }

@@ -61,6 +61,32 @@ impl Rng {
     }
 }
 
+/// FNV-1a, 64-bit: a stable digest (std's hasher may change between Rust releases, and digests are
+/// saved in checkpoints to be compared by a later build).
+pub struct Fnv1a(u64);
+
+impl Fnv1a {
+    pub fn new() -> Self {
+        Fnv1a(0xCBF2_9CE4_8422_2325)
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+        }
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,31 +113,5 @@ mod tests {
         let mut c = Rng::from_state(a.state());
         assert_eq!(a.next_u64(), c.next_u64());
         assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
-    }
-}
-
-/// FNV-1a, 64-bit: a stable digest (std's hasher may change between Rust releases, and digests are
-/// saved in checkpoints to be compared by a later build).
-pub struct Fnv1a(u64);
-
-impl Fnv1a {
-    pub fn new() -> Self {
-        Fnv1a(0xCBF2_9CE4_8422_2325)
-    }
-
-    pub fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
-        }
-    }
-
-    pub fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Self::new()
     }
 }

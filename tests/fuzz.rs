@@ -160,7 +160,7 @@ fn safetensors_files_and_model_folders() {
         "safetensors header",
         1,
         runs(3000),
-        &[weights.clone()],
+        std::slice::from_ref(&weights),
         |bytes| {
             if let Ok(file) = nibble::source::SafetensorsFile::from_bytes(
                 "fuzz.safetensors",
@@ -206,7 +206,13 @@ fn config_json() {
             let _ = config.expected_tensors();
         }
     };
-    let bytes = fuzz("config.json bytes", 3, runs(3000), &[text.clone()], parse);
+    let bytes = fuzz(
+        "config.json bytes",
+        3,
+        runs(3000),
+        std::slice::from_ref(&text),
+        parse,
+    );
     let mut rng = Rng::new(4);
     let value: serde_json::Value = serde_json::from_slice(&text).unwrap();
     let count = runs(3000);

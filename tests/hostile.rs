@@ -880,3 +880,44 @@ fn hostile_input_is_refused_by_name_and_changes_nothing() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn an_adapter_trained_on_another_base_is_taken_with_a_warning() {
+    let base = Base::new();
+    let dir = base.copy();
+    let root = dir.path();
+    copy_dir(&root.join("model"), &root.join("other-model"));
+    let out = common::nibble_command()
+        .args([
+            "eval",
+            "--model",
+            &p(root, "other-model"),
+            "--data",
+            &p(root, "chats.jsonl"),
+        ])
+        .args(["--adapter", &p(root, "run"), "--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("was trained on") && stderr.contains("other-model"),
+        "{stderr}"
+    );
+    let same = common::nibble_command()
+        .args([
+            "eval",
+            "--model",
+            &p(root, "model"),
+            "--data",
+            &p(root, "chats.jsonl"),
+        ])
+        .args(["--adapter", &p(root, "run"), "--device", "cpu"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&same.stderr);
+    assert!(
+        same.status.success() && !stderr.contains("was trained on"),
+        "{stderr}"
+    );
+}

@@ -254,7 +254,8 @@ fn a_run_in_memory_trains_the_adapter_the_file_based_run_saves() {
     assert_eq!(seen.steps, on_files.steps, "the same losses, bit for bit");
     assert_eq!(seen.evaluations, on_files.evaluations);
     assert_eq!(summary.last_loss, on_files.steps[4].1);
-    let saved = run::load_adapter(&out, &model.config, "the file run's adapter").unwrap();
+    let saved =
+        run::load_adapter(&out, &model.config, &model.source, "the file run's adapter").unwrap();
     let trained: Vec<_> = in_memory.trainer.adapter.pairs().collect();
     let saved: Vec<_> = saved.pairs().collect();
     assert_eq!(trained.len(), saved.len());
@@ -521,7 +522,7 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
     );
 
     let part = dir.path().join("part");
-    let mut child = common::nibble_command()
+    let child = common::nibble_command()
         .args(common::train_args(&model, &data, &part, &flags))
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -102,7 +102,8 @@ fn run_demo(dir: &Path) -> Result<()> {
         options: Default::default(),
     };
     nibble::train::run::run(spec, gpu.as_ref(), &mut DemoProgress { executor, total: 0 })?;
-    let adapter = nibble::train::run::load_adapter(&out, &model.config, "the demo's adapter")?;
+    let adapter =
+        nibble::train::run::load_adapter(&out, &model.config, &model.source, "the demo's adapter")?;
     println!(
         "\n== after fine-tuning, asked \"{question}\":\n{:?}",
         answer(Some(&adapter))?
@@ -130,7 +131,7 @@ impl Observer for DemoProgress {
     }
 
     fn stepped(&mut self, r: &StepRecord) {
-        if r.step == 1 || r.step % 8 == 0 || r.step == self.total {
+        if r.step == 1 || r.step.is_multiple_of(8) || r.step == self.total {
             println!(
                 "  step {:>3}  loss {:.4}  {} tokens/s",
                 r.step,

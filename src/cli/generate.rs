@@ -71,10 +71,10 @@ struct Speaker {
 
 impl Speaker {
     fn open(g: &GenArgs) -> Result<Self> {
-        if !(g.top_p > 0.0 && g.top_p <= 1.0)
-            || !(g.temperature >= 0.0 && g.temperature.is_finite())
-        {
-            bail!("--top-p must lie in (0, 1] and --temperature must not be negative");
+        let top_p_valid = g.top_p > 0.0 && g.top_p <= 1.0;
+        let temperature_valid = g.temperature.is_finite() && g.temperature >= 0.0;
+        if !(top_p_valid && temperature_valid) {
+            bail!("--top-p must lie in (0, 1] and --temperature must be a finite number >= 0");
         }
         let (tok, placed) = open_placed(&g.model, g.quant, g.adapter.as_deref(), g.device)?;
         let executor = placed.executor();

@@ -35,7 +35,12 @@ pub fn run(args: Args) -> Result<()> {
         Dtype::F32 => FloatDtype::F32,
     });
     let source = model::open(&args.model)?;
-    let lora = nibble::train::run::load_adapter(&args.adapter, &source.config, "--adapter")?;
+    let lora = nibble::train::run::load_adapter(
+        &args.adapter,
+        &source.config,
+        source.label(),
+        "--adapter",
+    )?;
     nibble::merge::merge(&source, &args.model, &lora, &args.output, dtype)?;
     eprintln!(
         "merged {} LoRA pairs into {}",

@@ -149,7 +149,8 @@ impl<'m> Run<'m> {
         let mut config = config;
         let init = match &options.init_adapter {
             Some(dir) => {
-                let mut adapter = load_adapter(dir, &model.config, "--init-adapter")?;
+                let mut adapter =
+                    load_adapter(dir, &model.config, &model.source, "--init-adapter")?;
                 // The adapter's r, alpha and targets apply; dropout is a training option.
                 adapter.config.dropout = config.lora.dropout;
                 config.lora = adapter.config.clone();
@@ -617,14 +618,38 @@ pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) 
     max_length.min(positions)
 }
 
-/// A PEFT adapter folder given by `flag`, checked against the model's shapes.
+/// A PEFT adapter folder given by `flag`, checked against the model's shapes. An adapter whose
+/// adapter_config.json names another base model (`base` is this model's name or path) is taken, with a
+/// warning: the shapes fit, but its updates were learned against other weights.
 pub fn load_adapter(
     dir: &Path,
     config: &crate::config::ModelConfig,
+    base: &str,
     flag: &str,
 ) -> Result<LoraAdapter> {
-    LoraAdapter::load_peft(&crate::source::ModelFiles::Dir(dir.to_path_buf()), config)
-        .map_err(|e| Error::Invalid(format!("{flag} {}: {e}", dir.display())))
+    let adapter =
+        LoraAdapter::load_peft(&crate::source::ModelFiles::Dir(dir.to_path_buf()), config)
+            .map_err(|e| Error::Invalid(format!("{flag} {}: {e}", dir.display())))?;
+    let trained_on = std::fs::read_to_string(dir.join("adapter_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string));
+    let name = |p: &str| {
+        Path::new(p.trim_end_matches('/'))
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+    };
+    if let Some(theirs) = trained_on
+        && let (Some(a), Some(b)) = (name(&theirs), name(base))
+        && a != b
+    {
+        log::warn!(
+            "{flag} {} was trained on {theirs}, not {base}: the shapes fit, but its updates were \
+             learned against other weights",
+            dir.display()
+        );
+    }
+    Ok(adapter)
 }
 
 /// Keeps the metrics of steps up to `step` (complete lines only: a killed run may leave half a line).
