@@ -29,8 +29,8 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
-/// The machine's memory in bytes: (total, available now), where the system says (Linux's
-/// /proc/meminfo); None elsewhere.
+/// The machine's memory in bytes: (RAM and swap in total, available now), where the system says
+/// (Linux's /proc/meminfo); None elsewhere.
 pub fn system_memory() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<u64> {
@@ -43,7 +43,8 @@ pub fn system_memory() -> Option<(u64, u64)> {
             .ok()?;
         Some(kib * 1024)
     };
-    Some((field("MemTotal:")?, field("MemAvailable:")?))
+    let swap = field("SwapTotal:").unwrap_or(0);
+    Some((field("MemTotal:")? + swap, field("MemAvailable:")?))
 }
 
 /// Refuses work that needs more memory than the machine has at all (it would be killed after minutes
@@ -55,7 +56,7 @@ pub fn check_fits(what: &str, bytes: u64, advice: &str) -> crate::Result<()> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if bytes > total {
         return Err(crate::Error::Invalid(format!(
-            "{what} needs {:.2} GiB, more than this machine's {:.2} GiB of memory{advice}",
+            "{what} needs {:.2} GiB, more than this machine's {:.2} GiB of memory and swap{advice}",
             gib(bytes),
             gib(total)
         )));

@@ -320,7 +320,6 @@ impl FloatDtype {
         }
     }
 
-    /// Converts little-endian bytes of this dtype into f32 values (`out.len() * size() == raw.len()`).
     /// The index of the first NaN or infinite value in `raw` (little-endian values of this dtype).
     pub fn first_non_finite(self, raw: &[u8]) -> Option<usize> {
         use rayon::prelude::*;
@@ -342,6 +341,7 @@ impl FloatDtype {
             })
     }
 
+    /// Converts little-endian bytes of this dtype into f32 values (`out.len() * size() == raw.len()`).
     pub fn convert(self, raw: &[u8], out: &mut [f32]) {
         debug_assert_eq!(raw.len(), out.len() * self.size());
         match self {

@@ -35,10 +35,22 @@ pub struct ChatTokenizer {
     pub pad_token: Option<String>,
 }
 
+thread_local! {
+    static EXPECTING_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a call whose panics become errors (a panic hook stays quiet then).
+pub fn panics_are_caught() -> bool {
+    EXPECTING_PANICS.with(|e| e.get())
+}
+
 /// Runs a call into the tokenizers crate, which panics on some malformed tokenizer.json files (found by
 /// tests/fuzz.rs) instead of returning an error; the panic becomes an error naming the file.
 fn guarded<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|_| Error::Tokenizer {
+    EXPECTING_PANICS.with(|e| e.set(true));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+    EXPECTING_PANICS.with(|e| e.set(false));
+    outcome.map_err(|_| Error::Tokenizer {
         path: path.to_path_buf(),
         msg: "the tokenizer failed on its own description (is the file damaged?)".into(),
     })

@@ -70,23 +70,36 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Every file and folder under `dir` with its bytes (None for folders and other non-files).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+/// What a case could change under `dir`: every entry's path, kind, permissions, and its bytes (files) or
+/// target (links).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, String, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).unwrap() {
-            let entry = entry.unwrap();
-            let kind = entry.file_type().unwrap();
-            let path = entry.path();
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let kind = meta.file_type();
+            let content = if kind.is_file() {
+                std::fs::read(&path).unwrap()
+            } else if kind.is_symlink() {
+                std::fs::read_link(&path)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
+            } else {
+                Vec::new()
+            };
             if kind.is_dir() {
                 stack.push(path.clone());
-                out.push((path, None));
-            } else if kind.is_file() {
-                out.push((path.clone(), Some(std::fs::read(&path).unwrap())));
-            } else {
-                out.push((path, None));
             }
+            out.push((
+                path,
+                format!("{kind:?}"),
+                meta.permissions().mode(),
+                content,
+            ));
         }
     }
     out.sort();
@@ -676,6 +689,27 @@ const CASES: &[Case] = &[
         expect: &["--overwrite would delete"],
     },
     Case {
+        name: "overwrite with a missing init adapter",
+        prepare: |r| {
+            let a = p(r, "nowhere");
+            train(r, "run", &["--overwrite", "--init-adapter", &a])
+        },
+        expect: &["--init-adapter", "nowhere"],
+    },
+    Case {
+        name: "overwrite with a damaged init adapter",
+        prepare: |r| {
+            std::fs::create_dir(r.join("bad")).unwrap();
+            for f in ["adapter_model.safetensors", "adapter_config.json"] {
+                std::fs::copy(r.join("run").join(f), r.join("bad").join(f)).unwrap();
+            }
+            edit_json(&r.join("bad/adapter_config.json"), |c| c["r"] = 4.into());
+            let a = p(r, "bad");
+            train(r, "run", &["--overwrite", "--init-adapter", &a])
+        },
+        expect: &["--init-adapter", "bad"],
+    },
+    Case {
         name: "overwrite and resume together",
         prepare: |r| {
             let a = p(r, "unfinished");
@@ -886,7 +920,15 @@ fn an_adapter_trained_on_another_base_is_taken_with_a_warning() {
     let base = Base::new();
     let dir = base.copy();
     let root = dir.path();
-    copy_dir(&root.join("model"), &root.join("other-model"));
+    // The same architecture and shapes, other weights.
+    let mut spec = SynthSpec::tiny(Arch::Qwen2, synth::BYTE_VOCAB);
+    spec.seed = 7;
+    synth::write_model_folder(
+        &root.join("other-model"),
+        &spec,
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
     let out = common::nibble_command()
         .args([
             "eval",

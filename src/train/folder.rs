@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 const LOCK: &str = ".nibble.lock";
 
+/// Where `--overwrite` moves an earlier run's files before deleting them (`.nibble-old-PID`).
+const ASIDE_PREFIX: &str = ".nibble-old-";
+
 /// The files a run writes at the top of its folder (besides `checkpoint-N/`).
 const RUN_FILES: &[&str] = &[
     "adapter_model.safetensors",
@@ -41,7 +44,11 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         .strip_prefix('.')
         .and_then(|n| n.strip_suffix(".tmp"))
         .is_some_and(step_suffix);
+    let set_aside = name
+        .strip_prefix(ASIDE_PREFIX)
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
     RUN_FILES.contains(&name)
+        || set_aside
         || temporary_file
         || temporary_checkpoint
         || (step_suffix(name) && dir.join(name).join("optimizer.safetensors").is_file())
@@ -53,7 +60,8 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
 pub struct RunFolder {
     dir: PathBuf,
     lock: Option<std::fs::File>,
-    created: bool,
+    /// The folders this run created to reach `dir`, innermost first.
+    created: Vec<PathBuf>,
     /// Whether the lock file is this run's own (it did not exist before).
     lock_created: bool,
     /// Whether the run got past its checks and loading (see `clear_earlier_run`).
@@ -73,7 +81,11 @@ impl RunFolder {
                 "--overwrite starts the run over and --resume continues it: give one".into(),
             ));
         }
-        let created = !dir.exists();
+        let created: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let lock_created = !dir.join(LOCK).exists();
         let lock = lock(dir)?;
@@ -208,14 +220,17 @@ impl RunFolder {
         if self.earlier_run.is_empty() {
             return Ok(());
         }
+        // Moved aside first (renames within the folder), so that a failure half-way leaves every file
+        // in one place or the other, never half a run deleted; then deleted together.
+        let aside = self
+            .dir
+            .join(format!("{ASIDE_PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
         for path in std::mem::take(&mut self.earlier_run) {
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            removed.map_err(|e| Error::io(&path, e))?;
+            let target = aside.join(path.file_name().unwrap_or_default());
+            std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
         }
+        std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
         log::info!("cleared the earlier run in {}", self.dir.display());
         Ok(())
     }
@@ -268,8 +283,8 @@ impl Drop for RunFolder {
             return;
         }
         let _ = std::fs::remove_file(self.dir.join(LOCK));
-        if self.created {
-            let _ = std::fs::remove_dir(&self.dir);
+        for folder in &self.created {
+            let _ = std::fs::remove_dir(folder);
         }
     }
 }

@@ -105,6 +105,8 @@ pub struct Run<'m> {
     /// Steps in a row that changed nothing (see `STALL_STEPS`), and whether that was reported.
     still: usize,
     stall_reported: bool,
+    /// The step this process last saved a checkpoint of, or restored one from.
+    saved_step: Option<usize>,
 }
 
 /// Steps in a row without a gradient, or with a loss repeated to the bit, before a run is reported as
@@ -168,34 +170,47 @@ impl<'m> Run<'m> {
         );
         let per_step = config.batch_size * config.grad_accum;
         let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
-        let mut trainer = Trainer::new(model, config, sequences, init)?;
-        let output = match output {
-            Some(dir) => Some(open_output(
-                &mut trainer,
-                dir,
-                options.resume.as_deref(),
-                &manifest,
-            )?),
-            None if options.resume.is_some() => {
-                return Err(Error::Invalid(
-                    "resuming needs the run's output folder".into(),
-                ));
-            }
-            None => None,
-        };
-        Ok(Run {
+        let trainer = Trainer::new(model, config, sequences, init)?;
+        let mut run = Run {
             trainer,
             eval: eval_sequences,
             options,
             steps_per_epoch,
             base_model: base_model.to_string(),
-            output,
+            output: None,
             manifest,
             first_loss: None,
             last_loss: 0.0,
             still: 0,
             stall_reported: false,
-        })
+            saved_step: None,
+        };
+        match output {
+            Some(dir) => run.write_to(dir)?,
+            None if run.options.resume.is_some() => {
+                return Err(Error::Invalid(
+                    "resuming needs the run's output folder".into(),
+                ));
+            }
+            None => {}
+        }
+        Ok(run)
+    }
+
+    /// Gives a run set up without an output folder its folder: resumes from `options.resume` when
+    /// set, and starts metrics.jsonl and run.json.
+    pub fn write_to(&mut self, dir: &Path) -> Result<()> {
+        let resume = self.options.resume.clone();
+        self.output = Some(open_output(
+            &mut self.trainer,
+            dir,
+            resume.as_deref(),
+            &self.manifest,
+        )?);
+        if resume.is_some() {
+            self.saved_step = Some(self.trainer.step);
+        }
+        Ok(())
     }
 
     /// Moves training to the GPU executor.
@@ -258,6 +273,7 @@ impl<'m> Run<'m> {
             self.trainer.sync_async().await?;
             self.trainer
                 .save_checkpoint(&out.dir, &self.base_model, Some(&self.manifest))?;
+            self.saved_step = Some(record.step);
         }
         Ok(record)
     }
@@ -273,8 +289,8 @@ impl<'m> Run<'m> {
         let existing = dir.join(format!("{}{step}", train::CHECKPOINT_PREFIX));
         let saved = if step == 0 {
             Ok(None)
-        } else if existing.join("trainer_state.json").is_file() {
-            // Just saved (a --save-steps step, or a resumed run stopped before its first step).
+        } else if self.saved_step == Some(step) && existing.join("trainer_state.json").is_file() {
+            // Saved or restored by this process at this very step.
             Ok(Some(existing))
         } else {
             self.trainer
@@ -554,12 +570,20 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     let data = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
     if gpu.is_none() {
+        // Packing fills sequences up to --max-length.
         let longest = data
             .train
             .iter()
             .chain(&data.eval)
             .map(|s| s.ids.len())
-            .max();
+            .max()
+            .map(|n| {
+                if options.packing {
+                    config.max_length
+                } else {
+                    n
+                }
+            });
         let needs = crate::plan::plan(
             &model.config,
             &crate::plan::PlanInput {
@@ -577,9 +601,20 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             "; lower --max-length or pass --gradient-checkpointing",
         )?;
     }
-    folder.clear_earlier_run()?;
-    let mut run = Run::start(&model, source.label(), config, data, options, Some(output))?;
-    folder.take();
+    // Every step that can fail comes before the earlier run's files are cleared.
+    let resume = options.resume.clone();
+    let mut run = Run::start(
+        &model,
+        source.label(),
+        config,
+        data,
+        RunOptions {
+            resume: None,
+            ..options
+        },
+        None,
+    )?;
+    run.options.resume = resume;
     let executor = match gpu {
         Some(gpu) => {
             run.use_gpu(gpu)?;
@@ -587,6 +622,9 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         }
         None => format!("CPU executor, {:?}", run.trainer.config.precision),
     };
+    folder.clear_earlier_run()?;
+    run.write_to(output)?;
+    folder.take();
     log::info!(
         "training {} LoRA parameters for {} steps on {} examples ({executor})",
         run.trainer.adapter.parameter_count(),
@@ -608,7 +646,13 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
 /// `max_length`, capped at the positions the model was trained for: longer sequences mean nothing to it
 /// (and attention over them grows quadratically).
 pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) -> usize {
-    let positions = config.max_position_embeddings;
+    // Linear position scaling stretches the trained positions by its factor (configs differ on
+    // whether max_position_embeddings already counts it, so the larger reading is taken).
+    let factor = match config.rope_scaling {
+        crate::config::RopeScaling::Linear { factor } if factor > 1.0 => factor,
+        _ => 1.0,
+    };
+    let positions = (config.max_position_embeddings as f64 * factor) as usize;
     if max_length > positions {
         log::warn!(
             "--max-length {max_length} is beyond the model's max_position_embeddings {positions}: \

@@ -93,7 +93,8 @@ pub struct TrainSettings {
     pub target_modules: Option<String>,
     #[arg(long)]
     pub max_length: Option<usize>,
-    #[arg(long)]
+    /// Up to 2^63 - 1 (option files store integers as signed 64-bit).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
     pub seed: Option<u64>,
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_shuffle: Option<bool>,
@@ -186,7 +187,11 @@ impl TrainSettings {
     pub fn over(self, lower: TrainSettings) -> Result<TrainSettings> {
         let config = self.config.clone().or(lower.config.clone());
         let as_table = |s: &TrainSettings| {
-            toml::Table::try_from(s).map_err(|e| Error::Invalid(format!("options: {e}")))
+            toml::Table::try_from(s).map_err(|e| {
+                Error::Invalid(format!(
+                    "options: {e} (whole numbers go up to 9223372036854775807 here)"
+                ))
+            })
         };
         let mut merged = as_table(&lower)?;
         merged.extend(as_table(&self)?);
