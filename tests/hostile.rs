@@ -167,6 +167,16 @@ fn train(root: &Path, out: &str, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// `args` with the value of `flag` (which `train` already sets) replaced.
+fn with_value(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    let i = args
+        .iter()
+        .position(|a| a == flag)
+        .expect("the flag is set");
+    args[i + 1] = value.to_string();
+    args
+}
+
 fn info(root: &Path) -> Vec<String> {
     vec!["info".into(), p(root, "model")]
 }
@@ -533,12 +543,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "max steps 0",
-        prepare: |r| {
-            let mut a = train(r, "new", &[]);
-            let i = a.iter().position(|x| x == "--max-steps").unwrap();
-            a[i + 1] = "0".into();
-            a
-        },
+        prepare: |r| with_value(train(r, "new", &[]), "--max-steps", "0"),
         expect: &["--max-steps"],
     },
     Case {
@@ -581,12 +586,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "unknown device",
-        prepare: |r| {
-            let mut a = train(r, "new", &[]);
-            let i = a.iter().position(|x| x == "--device").unwrap();
-            a[i + 1] = "tpu".into();
-            a
-        },
+        prepare: |r| with_value(train(r, "new", &[]), "--device", "tpu"),
         expect: &["tpu"],
     },
     Case {

@@ -124,7 +124,27 @@ impl<'m> Run<'m> {
         options: RunOptions,
         output: Option<&Path>,
     ) -> Result<Self> {
-        let model = model.into();
+        let mut run = Self::prepare(model.into(), base_model, config, data, options)?;
+        match output {
+            Some(dir) => run.write_to(dir)?,
+            None if run.options.resume.is_some() => {
+                return Err(Error::Invalid(
+                    "resuming needs the run's output folder".into(),
+                ));
+            }
+            None => {}
+        }
+        Ok(run)
+    }
+
+    /// Everything of `start` but the output folder, which `write_to` then gives it.
+    fn prepare(
+        model: Shared<'m, Model>,
+        base_model: &str,
+        config: TrainConfig,
+        data: RunData,
+        options: RunOptions,
+    ) -> Result<Self> {
         let data_digest = tokens_digest(&data.train);
         let examples = data.train.len();
         let RunData {
@@ -171,7 +191,7 @@ impl<'m> Run<'m> {
         let per_step = config.batch_size * config.grad_accum;
         let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
         let trainer = Trainer::new(model, config, sequences, init)?;
-        let mut run = Run {
+        Ok(Run {
             trainer,
             eval: eval_sequences,
             options,
@@ -184,17 +204,7 @@ impl<'m> Run<'m> {
             still: 0,
             stall_reported: false,
             saved_step: None,
-        };
-        match output {
-            Some(dir) => run.write_to(dir)?,
-            None if run.options.resume.is_some() => {
-                return Err(Error::Invalid(
-                    "resuming needs the run's output folder".into(),
-                ));
-            }
-            None => {}
-        }
-        Ok(run)
+        })
     }
 
     /// Gives a run set up without an output folder its folder: resumes from `options.resume` when
@@ -602,19 +612,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         )?;
     }
     // Every step that can fail comes before the earlier run's files are cleared.
-    let resume = options.resume.clone();
-    let mut run = Run::start(
-        &model,
-        source.label(),
-        config,
-        data,
-        RunOptions {
-            resume: None,
-            ..options
-        },
-        None,
-    )?;
-    run.options.resume = resume;
+    let mut run = Run::prepare((&model).into(), source.label(), config, data, options)?;
     let executor = match gpu {
         Some(gpu) => {
             run.use_gpu(gpu)?;
