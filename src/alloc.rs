@@ -71,8 +71,63 @@ pub fn check_fits(what: &str, bytes: u64, advice: &str) -> crate::Result<()> {
     Ok(())
 }
 
+/// A size as people write it: bytes, or a number with KB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB
+/// (powers of 1024), case-insensitive, such as `11.5GiB` or `8000 MB`. `option` names the flag.
+pub fn parse_size(text: &str, option: &str) -> crate::Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let multiplier: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => (1u64 << 30) as f64,
+        "tib" => (1u64 << 40) as f64,
+        _ => f64::NAN,
+    };
+    let bytes = number.parse::<f64>().map(|n| n * multiplier);
+    match bytes {
+        Ok(b) if b.is_finite() && b >= 1.0 && b < 2f64.powi(63) => Ok(b as u64),
+        _ => Err(crate::Error::Invalid(format!(
+            "{option}: {text:?} is not a size (write bytes, or a number with KB, MB, GB, TB, KiB, MiB, \
+             GiB or TiB, such as 11.5GiB)"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_parse_in_both_unit_families_and_nonsense_is_named() {
+        let parse = |t| super::parse_size(t, "--gpu-memory");
+        assert_eq!(parse("11.5GiB").unwrap(), 11 * (1 << 30) + (1 << 29));
+        assert_eq!(parse("8000 mb").unwrap(), 8_000_000_000);
+        assert_eq!(parse("4096").unwrap(), 4096);
+        assert_eq!(parse(" 2TiB ").unwrap(), 1 << 41);
+        for bad in [
+            "",
+            "GiB",
+            "-1GiB",
+            "1.2.3GB",
+            "12 parsecs",
+            "0",
+            "nan",
+            "1e400",
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--gpu-memory") && e.contains("not a size"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     #[test]
     fn glibc_accepts_the_settings() {
         let applied = super::keep_freed_memory();

@@ -576,3 +576,23 @@ fn gpu_attention_spans_workgroups_tiles_and_passes() {
         assert_step_matches_cpu(&gpu, &model, &adapter, &seq, tolerance, &case);
     }
 }
+
+#[test]
+fn a_failed_device_allocation_is_an_error_not_a_panic() {
+    let Some(gpu) = gpu() else { return };
+    assert!(gpu.check_errors().is_ok());
+    // wgpu reports this buffer (past the device's limit) to its error handler, as it reports a buffer
+    // that does not fit in memory; its default handler would panic.
+    let _too_large = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: gpu.device.limits().max_buffer_size + 4,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let e = gpu.check_errors().unwrap_err().to_string();
+    assert!(e.contains(&gpu.info.name), "{e}");
+    // Every later read fails with it rather than returning what an unmade buffer holds.
+    let buffer = gpu.upload_f32(&[1.5, -2.0]);
+    let read = gpu.submit_and_read(gpu.encoder(), &[&buffer]);
+    assert_eq!(read.unwrap_err().to_string(), e);
+}

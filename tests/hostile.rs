@@ -532,6 +532,11 @@ const CASES: &[Case] = &[
         expect: &["--lora-dropout"],
     },
     Case {
+        name: "GPU memory not a size",
+        prepare: |r| train(r, "new", &["--gpu-memory", "12 parsecs"]),
+        expect: &["--gpu-memory", "12 parsecs", "not a size"],
+    },
+    Case {
         name: "rank 0",
         prepare: |r| train(r, "new", &["--lora-r", "0"]),
         expect: &["--lora-r"],
@@ -960,6 +965,28 @@ fn an_adapter_trained_on_another_base_is_taken_with_a_warning() {
     let stderr = String::from_utf8_lossy(&same.stderr);
     assert!(
         same.status.success() && !stderr.contains("was trained on"),
+        "{stderr}"
+    );
+    // The weights decide, where run.json records them, not the folder's name: the base moved is
+    // the base, and other weights under the base's name are not.
+    let eval_with = |model: &str| {
+        let out = common::nibble_command()
+            .args(["eval", "--model", &p(root, model)])
+            .args(["--data", &p(root, "chats.jsonl")])
+            .args(["--adapter", &p(root, "run"), "--device", "cpu"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    copy_dir(&root.join("model"), &root.join("moved"));
+    let stderr = eval_with("moved");
+    assert!(!stderr.contains("was trained on"), "{stderr}");
+    std::fs::create_dir(root.join("elsewhere")).unwrap();
+    std::fs::rename(root.join("other-model"), root.join("elsewhere/model")).unwrap();
+    let stderr = eval_with("elsewhere/model");
+    assert!(
+        stderr.contains("was trained on other weights") && stderr.contains("run.json"),
         "{stderr}"
     );
 }

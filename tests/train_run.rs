@@ -254,8 +254,13 @@ fn a_run_in_memory_trains_the_adapter_the_file_based_run_saves() {
     assert_eq!(seen.steps, on_files.steps, "the same losses, bit for bit");
     assert_eq!(seen.evaluations, on_files.evaluations);
     assert_eq!(summary.last_loss, on_files.steps[4].1);
-    let saved =
-        run::load_adapter(&out, &model.config, &model.source, "the file run's adapter").unwrap();
+    let saved = run::load_adapter(
+        &out,
+        &model.config,
+        (&model.source, Some(&model)),
+        "the file run's adapter",
+    )
+    .unwrap();
     let trained: Vec<_> = in_memory.trainer.adapter.pairs().collect();
     let saved: Vec<_> = saved.pairs().collect();
     assert_eq!(trained.len(), saved.len());
@@ -613,4 +618,40 @@ fn a_run_that_learns_nothing_is_reported_once() {
         learning.stalled.is_none(),
         "a run that learns is not reported"
     );
+}
+
+#[test]
+fn a_run_too_large_for_the_gpu_is_refused_before_anything_is_written() {
+    let Some(gpu) = common::gpu() else { return };
+    eprintln!("device memory: {:?}", gpu.memory());
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let output = dir.path().join("run");
+    let spec = |gpu_memory| RunSpec {
+        model: &model,
+        data: &data,
+        output: &output,
+        quant: None,
+        config: config(1),
+        options: RunOptions {
+            gpu_memory,
+            ..Default::default()
+        },
+    };
+    let refusal = run::run(spec(Some(1 << 20)), Some(&gpu), &mut Recorded::default());
+    refused(
+        refusal,
+        &[
+            "a training step of",
+            "needs",
+            &gpu.info.name,
+            "--gpu-memory",
+        ],
+    );
+    assert!(!output.exists(), "a refused run leaves no folder");
+    // The same run within a cap that holds it trains.
+    let mut seen = Recorded::default();
+    run::run(spec(Some(1 << 30)), Some(&gpu), &mut seen).unwrap();
+    assert_eq!(seen.steps.len(), 1);
+    assert!(output.join("adapter_model.safetensors").exists());
 }

@@ -102,8 +102,12 @@ fn run_demo(dir: &Path) -> Result<()> {
         options: Default::default(),
     };
     nibble::train::run::run(spec, gpu.as_ref(), &mut DemoProgress { executor, total: 0 })?;
-    let adapter =
-        nibble::train::run::load_adapter(&out, &model.config, &model.source, "the demo's adapter")?;
+    let adapter = nibble::train::run::load_adapter(
+        &out,
+        &model.config,
+        (&model.source, Some(&model)),
+        "the demo's adapter",
+    )?;
     println!(
         "\n== after fine-tuning, asked \"{question}\":\n{:?}",
         answer(Some(&adapter))?

@@ -38,7 +38,7 @@ pub fn run(args: Args) -> Result<()> {
     let lora = nibble::train::run::load_adapter(
         &args.adapter,
         &source.config,
-        source.label(),
+        (source.label(), None),
         "--adapter",
     )?;
     nibble::merge::merge(&source, &args.model, &lora, &args.output, dtype)?;

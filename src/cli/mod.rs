@@ -53,7 +53,14 @@ pub fn open_placed(
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
     let model = source.load(quant.request()?)?;
     let adapter = adapter
-        .map(|dir| nibble::train::run::load_adapter(dir, &model.config, &model.source, "--adapter"))
+        .map(|dir| {
+            nibble::train::run::load_adapter(
+                dir,
+                &model.config,
+                (&model.source, Some(&model)),
+                "--adapter",
+            )
+        })
         .transpose()?;
     Ok((tok, Placed::new(model, adapter, device.open()?)?))
 }

@@ -2,6 +2,7 @@
 //! files in shaders/, each prefixed with shaders/common.wgsl; pipelines are created once and cached. All
 //! dispatches of a step are recorded into one command encoder and submitted once.
 
+pub mod memory;
 pub mod train;
 pub mod weights;
 
@@ -121,6 +122,9 @@ pub struct Gpu {
     pipelines: RefCell<HashMap<&'static str, wgpu::ComputePipeline>>,
     pool: Pool,
     scratch_bytes: Cell<u64>,
+    /// The first error wgpu reported outside an error scope (out of memory, most likely), kept for
+    /// `check_errors`: wgpu's own handler would panic.
+    first_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Gpu {
@@ -164,6 +168,17 @@ impl Gpu {
             .map_err(|e| {
                 Error::Invalid(format!("GPU {}: cannot open the device: {e}", info.name))
             })?;
+        let first_error = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let slot = first_error.clone();
+        device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
+            let what = match &e {
+                wgpu::Error::OutOfMemory { .. } => "out of device memory".to_string(),
+                other => other.to_string(),
+            };
+            slot.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(what);
+        }));
         let max_binding = binding_limit(&limits);
         // Half of llvmpipe's 65,535, leaving room for the loops outside a pass's main walk.
         let loop_budget = (info.device_type == wgpu::DeviceType::Cpu).then_some(32_768);
@@ -177,7 +192,22 @@ impl Gpu {
             pipelines: RefCell::new(HashMap::new()),
             pool: Rc::new(RefCell::new(HashMap::new())),
             scratch_bytes: Cell::new(0),
+            first_error,
         })
+    }
+
+    /// An error if wgpu has reported one since the device opened: every later result may be garbage
+    /// (a buffer that could not be created reads as zeros), so the run stops here.
+    pub fn check_errors(&self) -> Result<()> {
+        let first = self
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match first {
+            Some(e) => Err(Error::Invalid(format!("GPU {}: {e}", self.info.name))),
+            None => Ok(()),
+        }
     }
 
     /// The largest buffer the device binds, whatever `max_binding` was lowered to (tests lower it to
@@ -380,6 +410,7 @@ impl Gpu {
         mapped
             .await
             .map_err(|e| Error::Invalid(format!("GPU: reading back a result failed: {e}")))?;
+        self.check_errors()?;
         staging
             .iter()
             .zip(reads)

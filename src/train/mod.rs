@@ -404,6 +404,8 @@ impl<'a> Trainer<'a> {
         let gpu = gpu.into();
         self.sync()?;
         let state = GpuTrainState::new(&gpu, &self.model, &self.adapter, &self.m, &self.v)?;
+        // Uploading the weights is where a device too small fails first.
+        gpu.check_errors()?;
         self.gpu = Some((gpu, state));
         Ok(())
     }

@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub eval_steps: usize,
     /// Pack several examples into each sequence of at most `max_length` tokens.
     pub packing: bool,
+    /// The device memory the run may use, in bytes, where less than the driver reports.
+    pub gpu_memory: Option<u64>,
 }
 
 /// A whole run: which model, data and output folder, with which configuration.
@@ -171,8 +173,12 @@ impl<'m> Run<'m> {
         let mut config = config;
         let init = match &options.init_adapter {
             Some(dir) => {
-                let mut adapter =
-                    load_adapter(dir, &model.config, &model.source, "--init-adapter")?;
+                let mut adapter = load_adapter(
+                    dir,
+                    &model.config,
+                    (&model.source, Some(&model)),
+                    "--init-adapter",
+                )?;
                 // The adapter's r, alpha and targets apply; dropout is a training option.
                 adapter.config.dropout = config.lora.dropout;
                 config.lora = adapter.config.clone();
@@ -579,37 +585,39 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     });
     let data = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
-    if gpu.is_none() {
-        // Packing fills sequences up to --max-length.
-        let longest = data
-            .train
-            .iter()
-            .chain(&data.eval)
-            .map(|s| s.ids.len())
-            .max()
-            .map(|n| {
-                if options.packing {
-                    config.max_length
-                } else {
-                    n
-                }
-            });
-        let needs = crate::plan::plan(
-            &model.config,
-            &crate::plan::PlanInput {
-                tokens: longest.unwrap_or(1),
-                quant: model.quant,
-                lora_rank: config.lora.r,
-                lora_targets: config.lora.targets.clone(),
-                lora_dropout: config.lora.dropout > 0.0,
-                checkpoint: config.checkpoint,
-            },
-        )?;
-        crate::alloc::check_fits(
-            &format!("a training step of {} tokens", longest.unwrap_or(1)),
+    // Packing fills sequences up to --max-length.
+    let longest = data
+        .train
+        .iter()
+        .chain(&data.eval)
+        .map(|s| s.ids.len())
+        .max()
+        .map_or(1, |n| {
+            if options.packing {
+                config.max_length
+            } else {
+                n
+            }
+        });
+    let needs = crate::plan::plan(
+        &model.config,
+        &crate::plan::PlanInput {
+            tokens: longest,
+            quant: model.quant,
+            lora_rank: config.lora.r,
+            lora_targets: config.lora.targets.clone(),
+            lora_dropout: config.lora.dropout > 0.0,
+            checkpoint: config.checkpoint,
+        },
+    )?;
+    let step = format!("a training step of {longest} tokens");
+    match gpu {
+        Some(gpu) => gpu.check_fits(&step, needs.total, options.gpu_memory)?,
+        None => crate::alloc::check_fits(
+            &step,
             needs.total,
             "; lower --max-length or pass --gradient-checkpointing",
-        )?;
+        )?,
     }
     // Every step that can fail comes before the earlier run's files are cleared.
     let mut run = Run::prepare((&model).into(), source.label(), config, data, options)?;
@@ -660,21 +668,46 @@ pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) 
     max_length.min(positions)
 }
 
-/// A PEFT adapter folder given by `flag`, checked against the model's shapes. An adapter whose
-/// adapter_config.json names another base model (`base` is this model's name or path) is taken, with a
-/// warning: the shapes fit, but its updates were learned against other weights.
+/// Loads a PEFT adapter folder for `base` (the model's label, and the model itself where it is loaded),
+/// warning when the adapter was trained on other weights: by the weights' fingerprint in the run.json
+/// nibble writes beside its adapters, where the base is loaded in the same storage, else by the name
+/// in adapter_config.json's `base_model_name_or_path`. The shapes fitting is not enough: its updates
+/// were learned against the other weights.
 pub fn load_adapter(
     dir: &Path,
     config: &crate::config::ModelConfig,
-    base: &str,
+    (base, loaded): (&str, Option<&Model>),
     flag: &str,
 ) -> Result<LoraAdapter> {
     let adapter =
         LoraAdapter::load_peft(&crate::source::ModelFiles::Dir(dir.to_path_buf()), config)
             .map_err(|e| Error::Invalid(format!("{flag} {}: {e}", dir.display())))?;
-    let trained_on = std::fs::read_to_string(dir.join("adapter_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    let json = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    };
+    let warn = |theirs: &str| {
+        log::warn!(
+            "{flag} {} was trained on {theirs}, not {base}: the shapes fit, but its updates were \
+             learned against other weights",
+            dir.display()
+        )
+    };
+    let recorded = json(train::MANIFEST).map(|m| m["model"].clone());
+    if let (Some(model), Some(recorded)) = (loaded, recorded)
+        && recorded["quant"] == json!(model.quant.map(|q| q.to_string()))
+        && let Some(weights) = recorded["weights"].as_str()
+    {
+        if weights != format!("{:016x}", model.fingerprint()) {
+            warn(&format!(
+                "other weights (fingerprint {weights} in its {})",
+                train::MANIFEST
+            ));
+        }
+        return Ok(adapter);
+    }
+    let trained_on = json("adapter_config.json")
         .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string));
     let name = |p: &str| {
         Path::new(p.trim_end_matches('/'))
@@ -685,11 +718,7 @@ pub fn load_adapter(
         && let (Some(a), Some(b)) = (name(&theirs), name(base))
         && a != b
     {
-        log::warn!(
-            "{flag} {} was trained on {theirs}, not {base}: the shapes fit, but its updates were \
-             learned against other weights",
-            dir.display()
-        );
+        warn(&theirs);
     }
     Ok(adapter)
 }

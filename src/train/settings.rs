@@ -130,6 +130,10 @@ pub struct TrainSettings {
     /// Continue a run from the newest complete checkpoint in this folder (or this checkpoint).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// The GPU memory this run may use, such as 11.5GiB or 8000MB, where less than the driver reports
+    /// free (a shared GPU); a run planned to need more is refused before loading.
+    #[arg(long)]
+    pub gpu_memory: Option<String>,
 }
 
 impl TrainSettings {
@@ -217,6 +221,7 @@ impl TrainSettings {
             ("quant", self.quant.is_some()),
             ("group_size", self.group_size.is_some()),
             ("device", self.device.is_some()),
+            ("gpu_memory", self.gpu_memory.is_some()),
         ];
         named
             .iter()
@@ -288,6 +293,11 @@ impl TrainSettings {
             eval_split: self.eval_split,
             eval_steps: self.eval_steps.unwrap_or(0),
             packing: self.packing.unwrap_or(false),
+            gpu_memory: self
+                .gpu_memory
+                .as_deref()
+                .map(|text| crate::alloc::parse_size(text, "--gpu-memory"))
+                .transpose()?,
         })
     }
 }
