@@ -222,6 +222,17 @@ pub enum TensorRef<'a> {
     Vector(&'a [f32]),
 }
 
+/// Frozen tensors by the names a model's graph builder gives them: what an executor binds.
+pub trait FrozenWeights: Sync {
+    fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)>;
+}
+
+impl FrozenWeights for Model {
+    fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
+        Model::named_tensors(self)
+    }
+}
+
 impl Model {
     /// A 64-bit digest of the weights that tells two models of one shape apart (a base and its merged
     /// fine-tune, say) without reading every byte: each tensor's name, size and three 256-byte samples

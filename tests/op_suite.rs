@@ -201,6 +201,7 @@ fn cases(model: &Model) -> Vec<Case> {
                 heads,
                 head_dim: hd,
                 inverse,
+                adjacent: false,
             };
             b.node(op, &[cos, sin], &[out], false);
         });
@@ -228,6 +229,7 @@ fn cases(model: &Model) -> Vec<Case> {
                     heads,
                     kv_heads,
                     head_dim: hd,
+                    causal: true,
                 };
                 let q = g.add(b, "q", t * heads * hd, 1.0);
                 let k = g.add(b, "k", t * kv_heads * hd, 1.0);

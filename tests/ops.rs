@@ -116,7 +116,7 @@ fn attention_reference(s: AttentionShape, q: &[f64], k: &[f64], v: &[f64]) -> Ve
     attention_reference_in_segments(s, q, k, v, None)
 }
 
-/// Query t attends to keys segments[t]..=t (0..=t without segments).
+/// Query t attends to keys segments[t]..=t (0..=t without segments), or every key when not causal.
 fn attention_reference_in_segments(
     s: AttentionShape,
     q: &[f64],
@@ -130,7 +130,8 @@ fn attention_reference_in_segments(
         let kvh = h / (s.heads / s.kv_heads);
         for t in 0..s.tokens {
             let first = segments.map_or(0, |seg| seg[t] as usize);
-            let scores: Vec<f64> = (first..=t)
+            let last = if s.causal { t } else { s.tokens - 1 };
+            let scores: Vec<f64> = (first..=last)
                 .map(|j| {
                     (0..d)
                         .map(|x| q[t * qw + h * d + x] * k[j * kw + kvh * d + x])
@@ -152,12 +153,19 @@ fn attention_reference_in_segments(
 
 #[test]
 fn attention_forward_and_backward_match_references() {
+    for causal in [true, false] {
+        attention_matches_references(causal);
+    }
+}
+
+fn attention_matches_references(causal: bool) {
     let mut rng = Rng::new(12);
     let s = AttentionShape {
         tokens: 7,
         heads: 4,
         kv_heads: 2,
         head_dim: 8,
+        causal,
     };
     let (qn, kn) = (
         s.tokens * s.heads * s.head_dim,
@@ -176,7 +184,7 @@ fn attention_forward_and_backward_match_references() {
         &out,
         &attention_reference(s, &f64s(&q), &f64s(&k), &f64s(&v)),
     );
-    assert!(e < 1e-6, "attention forward: {e:e}");
+    assert!(e < 1e-6, "attention forward (causal {causal}): {e:e}");
 
     let d_out = random(qn, 1.0, &mut rng);
     let (mut dq, mut dk, mut dv) = (vec![0f32; qn], vec![0f32; kn], vec![0f32; kn]);
@@ -194,7 +202,10 @@ fn attention_forward_and_backward_match_references() {
     });
     for (name, ours, fd) in [("q", &dq, &fd_q), ("k", &dk, &fd_k), ("v", &dv, &fd_v)] {
         let e = rel_err(ours, fd);
-        assert!(e < 1e-5, "attention backward d{name}: {e:e}");
+        assert!(
+            e < 1e-5,
+            "attention backward d{name} (causal {causal}): {e:e}"
+        );
     }
 }
 
@@ -209,6 +220,7 @@ fn attention_over_many_blocks_and_packed_examples_matches_references() {
         heads: 4,
         kv_heads: 2,
         head_dim: 8,
+        causal: true,
     };
     let segments: Vec<u32> = (0..150u32)
         .map(|t| match t {
@@ -282,7 +294,21 @@ fn attention_over_many_blocks_and_packed_examples_matches_references() {
 }
 
 #[test]
-fn rope_rotates_pairs_half_a_head_apart_and_its_inverse_is_the_transpose() {
+fn rope_rotates_half_split_and_adjacent_pairs_and_its_inverse_is_the_transpose() {
+    for adjacent in [false, true] {
+        rope_rotates_pairs(adjacent);
+    }
+}
+
+/// Pairs (i, i + d/2), or (2i, 2i + 1) when `adjacent`.
+fn rope_rotates_pairs(adjacent: bool) {
+    let pair = |i: usize, d: usize| {
+        if adjacent {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + d / 2)
+        }
+    };
     let mut rng = Rng::new(13);
     let (tokens, heads, d) = (9, 3, 16);
     let inv = rope::inv_freq(d, 10000.0, RopeScaling::None);
@@ -297,18 +323,17 @@ fn rope_rotates_pairs_half_a_head_apart_and_its_inverse_is_the_transpose() {
     let (cos, sin) = rope::tables(&positions, &inv);
     let x = random(tokens * heads * d, 1.0, &mut rng);
     let mut y = x.clone();
-    rope::apply(&mut y, heads, d, &cos, &sin, false);
+    rope::apply(&mut y, (heads, d), &cos, &sin, false, adjacent);
     let mut reference = vec![0f64; x.len()];
     for t in 0..tokens {
         for h in 0..heads {
-            for i in 0..d / 2 {
-                let angle = t as f64 * inv[i] as f64;
-                let (a, b) = (
-                    x[(t * heads + h) * d + i] as f64,
-                    x[(t * heads + h) * d + i + d / 2] as f64,
-                );
-                reference[(t * heads + h) * d + i] = a * angle.cos() - b * angle.sin();
-                reference[(t * heads + h) * d + i + d / 2] = b * angle.cos() + a * angle.sin();
+            for (i, &f) in inv.iter().enumerate() {
+                let angle = t as f64 * f as f64;
+                let (j1, j2) = pair(i, d);
+                let row = (t * heads + h) * d;
+                let (a, b) = (x[row + j1] as f64, x[row + j2] as f64);
+                reference[row + j1] = a * angle.cos() - b * angle.sin();
+                reference[row + j2] = b * angle.cos() + a * angle.sin();
             }
         }
     }
@@ -317,7 +342,7 @@ fn rope_rotates_pairs_half_a_head_apart_and_its_inverse_is_the_transpose() {
     // The backward of a rotation is the inverse rotation: <R x, g> = <x, Rᵀ g>.
     let g = random(x.len(), 1.0, &mut rng);
     let mut rt_g = g.clone();
-    rope::apply(&mut rt_g, heads, d, &cos, &sin, true);
+    rope::apply(&mut rt_g, (heads, d), &cos, &sin, true, adjacent);
     let lhs: f64 = y.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum();
     let rhs: f64 = x
         .iter()

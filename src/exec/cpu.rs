@@ -12,7 +12,9 @@ use crate::ops::bf16_gemm::PackedRows;
 use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{self, Precision, attention, cross_entropy, linear, rope, swiglu, zeros};
+use crate::ops::{
+    self, Precision, attention, cross_entropy, linear, modulate, rope, swiglu, zeros,
+};
 use crate::rng::Rng;
 use std::collections::HashMap;
 
@@ -78,7 +80,7 @@ impl Slot<'_> {
 
 /// What a graph reads from outside and what it gives back.
 pub struct Bindings<'a> {
-    pub model: &'a Model,
+    pub model: &'a dyn crate::model::FrozenWeights,
     pub adapter: Option<&'a LoraAdapter>,
     /// The LoRA gradients the backward adds into.
     pub grads: Option<&'a mut LoraAdapter>,
@@ -426,7 +428,53 @@ impl Exec {
                 heads,
                 head_dim,
                 inverse,
-            } => rope::apply(outs.get(0), *heads, *head_dim, x(0), x(1), *inverse),
+                adjacent,
+            } => rope::apply(
+                outs.get(0),
+                (*heads, *head_dim),
+                x(0),
+                x(1),
+                *inverse,
+                *adjacent,
+            ),
+            Op::LayerNormModulate {
+                dim,
+                eps,
+                shift,
+                scale,
+            } => {
+                let (y, stats) = two(&mut outs);
+                modulate::layernorm_modulate(x(0), x(1), (*dim, *eps), (*shift, *scale), y, stats);
+            }
+            Op::LayerNormModulateBackward { dim, scale, .. } => {
+                let (input, mods, stats, dy) = (x(0), x(1), x(2), x(3));
+                let dx = outs.get(0);
+                modulate::layernorm_modulate_backward(
+                    input,
+                    mods,
+                    stats,
+                    dy,
+                    (*dim, *scale),
+                    dx,
+                    acc,
+                );
+            }
+            Op::Gate { dim, chunk } => modulate::gate(x(0), (*dim, *chunk), x(1), outs.get(0), acc),
+            Op::Silu => modulate::silu(x(0), outs.get(0)),
+            Op::Columns { width, offset, len } => {
+                modulate::columns(x(0), outs.get(0), (*width, *offset, *len), false, acc)
+            }
+            Op::PlaceColumns { width, offset, len } => {
+                modulate::columns(x(0), outs.get(0), (*width, *offset, *len), true, acc)
+            }
+            Op::Mse => {
+                let grad_scale = ins.get(2).map(|s| s.f32()[0]);
+                let (loss, grad) = modulate::mse(x(0), x(1), grad_scale);
+                outs.set(0, vec![loss]);
+                if let Some(grad) = grad {
+                    outs.set(1, grad);
+                }
+            }
             Op::SwiGlu => swiglu::forward(x(0), x(1), outs.get(0)),
             Op::SwiGluBackward => {
                 let (dgate, dup) = two(&mut outs);

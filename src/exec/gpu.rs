@@ -207,7 +207,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     };
     let mut recorded = Recorded::default();
     for (i, node) in graph.nodes.iter().enumerate() {
-        record_node(&mut r, graph, node, &mut slots);
+        record_node(&mut r, graph, node, &mut slots)?;
         for b in node.reads().chain(node.outputs.iter().copied()) {
             if last_use[b] == Some(i) {
                 let slot = std::mem::replace(&mut slots[b], Slot::Empty);
@@ -269,7 +269,7 @@ impl<'a> Outs<'a> {
 }
 
 /// Records one node with the lowering of its op.
-fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot]) {
+fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot]) -> Result<()> {
     let (taken, lens) = node.take_outputs(graph, slots);
     let mut outs = Outs { slots: taken, lens };
     // Every output exists before the inputs are borrowed.
@@ -329,7 +329,21 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             heads,
             head_dim,
             inverse,
+            adjacent: false,
         } => rope::record_apply(r, o(0), *heads, *head_dim, x(0), x(1), *inverse),
+        Op::Rope { adjacent: true, .. }
+        | Op::LayerNormModulate { .. }
+        | Op::LayerNormModulateBackward { .. }
+        | Op::Gate { .. }
+        | Op::Silu
+        | Op::Columns { .. }
+        | Op::PlaceColumns { .. }
+        | Op::Mse => {
+            return Err(Error::Invalid(format!(
+                "the GPU executor has no kernel for {} yet: run this model with --device cpu",
+                node.op.name()
+            )));
+        }
         Op::SwiGlu => swiglu::record_forward(r, x(0), x(1), o(0)),
         Op::SwiGluBackward => swiglu::record_backward(r, [x(0), x(1), x(2)], o(0), o(1)),
         Op::Attention { shape } => {
@@ -367,6 +381,7 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
     }
     drop(ins);
     node.put_back(slots, outs.slots);
+    Ok(())
 }
 
 fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {

@@ -175,12 +175,13 @@ pub enum Op {
     DropoutBackward { p: f32, stream: u32 },
     /// [a, b] -> [c] = a + b, or [a] -> [c] += a with `accumulate`.
     Add,
-    /// [cos, sin] -> [x]: rotates x [tokens, heads · head_dim] in place (half-split pairs);
-    /// `inverse` rotates back (the backward).
+    /// [cos, sin] -> [x]: rotates x [tokens, heads · head_dim] in place (half-split pairs, or
+    /// `adjacent` ones); `inverse` rotates back (the backward).
     Rope {
         heads: usize,
         head_dim: usize,
         inverse: bool,
+        adjacent: bool,
     },
     /// [gate, up] -> [h] = silu(gate) · up.
     SwiGlu,
@@ -206,6 +207,38 @@ pub enum Op {
     CrossEntropyWithGrad { dim: usize },
     /// [hidden, head] -> [logits]: every logit [positions, vocab].
     Logits { dim: usize },
+    /// [x, mods] -> [y, stats]: y = (1 + scale) ⊙ LayerNorm(x) + shift over rows of `dim` (no affine
+    /// parameters), shift and scale the vectors `shift` and `scale` of mods; stats: (mean, 1/std) per
+    /// row.
+    LayerNormModulate {
+        dim: usize,
+        eps: f64,
+        shift: usize,
+        scale: usize,
+    },
+    /// [x, mods, stats, dy] -> [dx] (the modulation is a constant of the step).
+    LayerNormModulateBackward { dim: usize, eps: f64, scale: usize },
+    /// [mods, y] -> [out] = gate ⊙ y, the gate vector `chunk` of mods broadcast over rows of `dim`.
+    Gate { dim: usize, chunk: usize },
+    /// [x] -> [y] = x · sigmoid(x).
+    Silu,
+    /// [x] -> [y]: columns offset..offset + len of each row of x [rows, width].
+    Columns {
+        width: usize,
+        offset: usize,
+        len: usize,
+    },
+    /// [y] -> [x]: y's rows into columns offset..offset + len of x [rows, width], its other columns
+    /// untouched (builders place with `accumulate`, into zeros at first, so that a buffer assembled
+    /// from parts reads as written).
+    PlaceColumns {
+        width: usize,
+        offset: usize,
+        len: usize,
+    },
+    /// [pred, target (, grad_scale)] -> [loss (, d_pred)]: the mean of (pred − target)² over every
+    /// element, and grad_scale times its gradient.
+    Mse,
     /// [gradients...] -> [clip]: the global norm of all the gradients and torch's clipping coefficient
     /// for it, min(1, max_norm / (norm + 1e-6)) (1 when max_norm ≤ 0), as [norm, coefficient].
     GradNorm { max_norm: f64 },
@@ -247,6 +280,13 @@ impl Op {
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::CrossEntropyWithGrad { .. } => "cross_entropy_with_grad",
             Op::Logits { .. } => "logits",
+            Op::LayerNormModulate { .. } => "layernorm_modulate",
+            Op::LayerNormModulateBackward { .. } => "layernorm_modulate_backward",
+            Op::Gate { .. } => "gate",
+            Op::Silu => "silu",
+            Op::Columns { .. } => "columns",
+            Op::PlaceColumns { .. } => "place_columns",
+            Op::Mse => "mse",
             Op::GradNorm { .. } => "grad_norm",
             Op::AdamW => "adamw",
         }

@@ -8,6 +8,7 @@ use crate::config::{LinearKind, ModelConfig};
 use crate::cpu::Sequence;
 use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoint};
 use crate::lora::LoraAdapter;
+use crate::models::lora_linear::{self, LinearTape};
 use crate::ops::attention::AttentionShape;
 use crate::ops::{dropout, rope};
 use std::collections::{BTreeSet, HashMap};
@@ -129,35 +130,6 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
     }
 }
 
-/// c = alpha · A·B with A [m, k] (stored transposed when `a_t`) and B [k, n] (when `b_t`).
-fn mm(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, alpha: f32) -> Op {
-    Op::Matmul {
-        m,
-        n,
-        k,
-        a_t,
-        b_t,
-        alpha,
-    }
-}
-
-/// A linear layer as the forward ran it: what its backward reads.
-struct LinearTape {
-    path: String,
-    weight: BufId,
-    out: usize,
-    inp: usize,
-    lora: Option<LoraTape>,
-}
-
-struct LoraTape {
-    a: BufId,
-    b: BufId,
-    /// dropout(x)·Aᵀ [tokens, r].
-    xa: BufId,
-    dropout: Option<Op>,
-}
-
 /// What a layer's forward produced that its backward reads.
 struct LayerTape {
     x: BufId,
@@ -237,125 +209,30 @@ impl Decoder<'_> {
         })
     }
 
-    fn seed(&mut self) -> BufId {
-        self.b.input(Input::DropoutSeed, 2)
-    }
-
-    /// A LoRA branch's input: x, or x through the branch's dropout.
-    fn lora_input(&mut self, x: BufId, dropout: Option<&Op>, path: &str) -> BufId {
-        let Some(op) = dropout else {
-            return x;
-        };
-        let dropped = self.b.activation(self.b.len(x), format!("{path} dropout"));
-        let seed = self.seed();
-        self.b.node(op.clone(), &[x, seed], &[dropped], false);
-        dropped
-    }
-
     /// y = x·Wᵀ (+ bias) + scale · (dropout(x)·Aᵀ)·Bᵀ.
     fn linear(&mut self, layer: usize, kind: LinearKind, x: BufId) -> (BufId, LinearTape) {
-        let t = self.t();
         let (out, inp) = self.c.linear_shape(kind);
         let path = kind.path(layer);
-        let weight = self.b.weight(&format!("{path}.weight"), out * inp);
-        let mut inputs = vec![x, weight];
-        if self.c.linear_has_bias(kind) {
-            inputs.push(self.b.weight(&format!("{path}.bias"), out));
-        }
-        let y = self
-            .b
-            .activation(t * out, format!("layers.{layer}.{}", kind.module_name()));
-        self.b.node(Op::Linear { out, inp }, &inputs, &[y], false);
-        let lora = match self.lora {
-            Some(spec) if spec.targets.contains(&path) => {
-                let (r, scale) = (spec.rank, spec.scale);
-                let a = self.b.lora(Role::LoraA(path.clone()), r * inp);
-                let bm = self.b.lora(Role::LoraB(path.clone()), out * r);
-                let dropout = self.dropout_op(layer, kind);
-                let lora_in = self.lora_input(x, dropout.as_ref(), &path);
-                let xa = self.b.activation(t * r, format!("{path} x·Aᵀ"));
-                self.b
-                    .node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
-                self.b
-                    .node(mm(t, out, r, false, true, scale), &[xa, bm], &[y], true);
-                Some(LoraTape {
-                    a,
-                    b: bm,
-                    xa,
-                    dropout,
-                })
-            }
-            _ => None,
-        };
-        let tape = LinearTape {
-            path,
-            weight,
-            out,
-            inp,
-            lora,
-        };
-        (y, tape)
+        let bias = self
+            .c
+            .linear_has_bias(kind)
+            .then(|| self.b.weight(&format!("{path}.bias"), out));
+        let dropout = self.dropout_op(layer, kind);
+        let name = format!("layers.{layer}.{}", kind.module_name());
+        let shape = (self.t(), out, inp);
+        lora_linear::forward(
+            &mut self.b,
+            self.lora,
+            x,
+            shape,
+            (path, name),
+            bias,
+            dropout,
+        )
     }
 
-    /// dx += dy·W and the LoRA branch's input gradient; the LoRA matrices' gradients accumulate. `x` is
-    /// the linear's input: the forward's, or the same values recomputed.
     fn linear_backward(&mut self, tape: &LinearTape, x: BufId, dy: BufId, dx: BufId) {
-        let (t, out, inp) = (self.t(), tape.out, tape.inp);
-        self.b.node(
-            Op::LinearBackwardInput { out, inp },
-            &[dy, tape.weight],
-            &[dx],
-            true,
-        );
-        let Some(lora) = &tape.lora else {
-            return;
-        };
-        let spec = self.lora.expect("a LoRA tape has a spec");
-        let (r, scale) = (spec.rank, spec.scale);
-        let path = &tape.path;
-        // d(xa) = scale · dy·B
-        let dxa = self.b.activation(t * r, format!("d {path} x·Aᵀ"));
-        self.b.node(
-            mm(t, r, out, false, false, scale),
-            &[dy, lora.b],
-            &[dxa],
-            false,
-        );
-        // The dropped input is drawn again rather than kept: the masks are counter-based.
-        let lora_in = self.lora_input(x, lora.dropout.as_ref(), path);
-        let gb = self.b.lora(Role::LoraGradB(path.clone()), out * r);
-        let ga = self.b.lora(Role::LoraGradA(path.clone()), r * inp);
-        // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
-        self.b.node(
-            mm(out, r, t, true, false, scale),
-            &[dy, lora.xa],
-            &[gb],
-            true,
-        );
-        self.b.node(
-            mm(r, inp, t, true, false, 1.0),
-            &[dxa, lora_in],
-            &[ga],
-            true,
-        );
-        let d_lora_in = self.b.activation(t * inp, format!("d {path} input"));
-        self.b.node(
-            mm(t, inp, r, false, false, 1.0),
-            &[dxa, lora.a],
-            &[d_lora_in],
-            false,
-        );
-        match &lora.dropout {
-            Some(Op::Dropout { p, stream }) => {
-                let seed = self.seed();
-                let op = Op::DropoutBackward {
-                    p: *p,
-                    stream: *stream,
-                };
-                self.b.node(op, &[d_lora_in, seed], &[dx], true);
-            }
-            _ => self.b.node(Op::Add, &[d_lora_in], &[dx], true),
-        }
+        lora_linear::backward(&mut self.b, self.lora, tape, x, dy, dx);
     }
 
     fn attention_shape(&self) -> AttentionShape {
@@ -364,6 +241,7 @@ impl Decoder<'_> {
             heads: self.c.num_heads,
             kv_heads: self.c.num_kv_heads,
             head_dim: self.c.head_dim,
+            causal: true,
         }
     }
 
@@ -377,6 +255,7 @@ impl Decoder<'_> {
                 heads,
                 head_dim,
                 inverse,
+                adjacent: false,
             },
             &[cos, sin],
             &[x],

@@ -1,4 +1,6 @@
 //! Models, each written once as a graph builder.
 
 pub mod decoder;
+pub mod flux2;
+pub mod lora_linear;
 pub mod optimizer;

@@ -14,6 +14,8 @@ pub struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Each token sees the keys up to its own (decoders); otherwise every key (FLUX's joint attention).
+    pub causal: bool,
 }
 
 impl AttentionShape {
@@ -96,10 +98,11 @@ struct Block {
 
 impl Block {
     fn all(
-        tokens: usize,
+        s: AttentionShape,
         past: usize,
         segments: Option<&[u32]>,
     ) -> impl Iterator<Item = Block> + '_ {
+        let (tokens, causal) = (s.tokens, s.causal);
         (0..tokens).step_by(QUERY_BLOCK).map(move |t0| {
             let t1 = (t0 + QUERY_BLOCK).min(tokens);
             let k0 = (t0..t1).map(|t| first_key(segments, t)).min().unwrap_or(0);
@@ -107,7 +110,7 @@ impl Block {
                 t0,
                 t1,
                 k0,
-                k1: past + t1,
+                k1: past + if causal { t1 } else { tokens },
             }
         })
     }
@@ -121,9 +124,15 @@ impl Block {
     }
 
     /// The columns of row i's scores that its query may see.
-    fn visible(&self, i: usize, past: usize, segments: Option<&[u32]>) -> std::ops::Range<usize> {
+    fn visible(
+        &self,
+        i: usize,
+        (past, causal): (usize, bool),
+        segments: Option<&[u32]>,
+    ) -> std::ops::Range<usize> {
         let t = self.t0 + i;
-        first_key(segments, t) - self.k0..past + t + 1 - self.k0
+        let end = if causal { past + t + 1 } else { self.k1 };
+        first_key(segments, t) - self.k0..end - self.k0
     }
 }
 
@@ -180,7 +189,7 @@ fn forward_after(
                 let mut o = vec![0f32; t_len * d];
                 let mut l = vec![0f32; t_len];
                 let mut scores = Vec::new();
-                for b in Block::all(t_len, past, segments) {
+                for b in Block::all(s, past, segments) {
                     let (rows, keys) = (b.rows(), b.keys());
                     scores.clear();
                     scores.resize(rows * keys, 0.0);
@@ -194,7 +203,7 @@ fn forward_after(
                         false,
                     );
                     for (i, row) in scores.chunks_mut(keys).enumerate() {
-                        let seen = b.visible(i, past, segments);
+                        let seen = b.visible(i, (past, s.causal), segments);
                         let max = fastmath::max(&row[seen.clone()]);
                         let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
                         row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
@@ -259,7 +268,7 @@ pub fn backward(
                     vec![0f32; t_len * d],
                 );
                 let (mut probs, mut dscores) = (Vec::new(), Vec::new());
-                for b in Block::all(t_len, 0, segments) {
+                for b in Block::all(s, 0, segments) {
                     let (rows, keys) = (b.rows(), b.keys());
                     probs.clear();
                     probs.resize(rows * keys, 0.0);
@@ -293,7 +302,7 @@ pub fn backward(
                         .enumerate()
                     {
                         let t = b.t0 + i;
-                        let seen = b.visible(i, 0, segments);
+                        let seen = b.visible(i, (0, s.causal), segments);
                         let l = lse[h * t_len + t];
                         let delta = dot(
                             &d_out[t * qw + h * d..t * qw + (h + 1) * d],

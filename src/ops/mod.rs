@@ -11,6 +11,7 @@ pub mod fastmath;
 pub mod isa;
 pub mod linear;
 pub mod matmul;
+pub mod modulate;
 pub mod packed;
 pub mod packed_gemm;
 pub mod rmsnorm;

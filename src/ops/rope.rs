@@ -62,29 +62,31 @@ pub fn tables(positions: &[u32], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// Rotates x [tokens, heads * head_dim] in place; `inverse` applies the transpose (the backward).
+/// Rotates x [tokens, heads * head_dim] in place; `inverse` applies the transpose (the backward). Pair i
+/// is (i, i + head_dim/2) (the LLMs' half-split rotation), or with `adjacent` (2i, 2i + 1) (FLUX).
 pub fn apply(
     x: &mut [f32],
-    heads: usize,
-    head_dim: usize,
+    (heads, head_dim): (usize, usize),
     cos: &[f32],
     sin: &[f32],
     inverse: bool,
+    adjacent: bool,
 ) {
     let half = head_dim / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
+    let (first, second) = if adjacent { (2, 1) } else { (1, half) };
     for (t, row) in x.chunks_mut(heads * head_dim).enumerate() {
         let (c, s) = (
             &cos[t * half..(t + 1) * half],
             &sin[t * half..(t + 1) * half],
         );
         for head in row.chunks_mut(head_dim) {
-            let (a, b) = head.split_at_mut(half);
             for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
+                let (j1, j2) = (i * first, i * first + second);
+                let (x1, x2) = (head[j1], head[j2]);
                 let si = sign * s[i];
-                a[i] = x1 * c[i] - x2 * si;
-                b[i] = x2 * c[i] + x1 * si;
+                head[j1] = x1 * c[i] - x2 * si;
+                head[j2] = x2 * c[i] + x1 * si;
             }
         }
     }

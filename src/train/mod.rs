@@ -572,7 +572,7 @@ impl Trainer<'_> {
         let mut out = exec::cpu::run(
             &graph,
             exec::cpu::Bindings {
-                model: &self.model,
+                model: &*self.model,
                 adapter: None,
                 grads: Some(&mut grads),
                 cache: None,

@@ -1,0 +1,215 @@
+"""Writes tests/fixtures/flux2/: a tiny random FLUX.2 [klein]-architecture diffusers Flux2Transformer2DModel
+(tiny/transformer/, config.json + diffusion_pytorch_model.safetensors; 1 double-stream and 1 single-stream block,
+2 heads of 128, weights stored in bfloat16 so the file is small enough to commit) and tiny_expected.safetensors:
+the inputs (a non-square 3 x 5 latent grid, 8 text tokens), a LoRA on the FUSED BFL targets (rank 4, alpha 8,
+A and B random), and for the dense weights and for NF4 (bitsandbytes quantize -> dequantize, blocksize 128, every
+2-D weight) the velocity, the flow-matching loss and the gradients of every LoRA A and B, as diffusers computes
+them in float32 on the bf16 weights upcast to float32 (every value in the fixture is computed from exactly the
+stored bf16 weights).
+
+It also checks scripts/flux2_reference.py (a plain float64 forward in BFL names, written from
+shared/FLUX2-KLEIN.md) against diffusers: velocity, loss and LoRA gradients, dense and NF4; the BFL <-> diffusers
+weight-name map against diffusers' own single-file converter; and the fused-LoRA hooks against diffusers' own
+Flux2 LoRA loader (peft).
+
+Run from the repository root with a virtualenv holding torch, diffusers (0.42.x), peft and bitsandbytes:
+    python scripts/make_flux2_fixture.py
+"""
+import json
+import os
+import sys
+
+import torch
+import diffusers
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+from diffusers import Flux2Transformer2DModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flux2_reference as ref  # noqa: E402
+
+torch.set_num_threads(2)
+OUT = "tests/fixtures/flux2"
+HEADS, N_DOUBLE, N_SINGLE, TEXT_WIDTH = 2, 1, 1, 256
+# klein-4b / klein-9b values from diffusers' scripts/convert_flux2_to_diffusers.py, scaled down.
+CONFIG = dict(patch_size=1, in_channels=128, out_channels=None, num_layers=N_DOUBLE, num_single_layers=N_SINGLE,
+              attention_head_dim=128, num_attention_heads=HEADS, joint_attention_dim=TEXT_WIDTH,
+              timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000,
+              eps=1e-6, guidance_embeds=False)
+ROWS, COLS, L_TXT, SIGMA = 3, 5, 8, 0.37  # latent grid H x W (non-square), N = H W image tokens
+N_IMG = ROWS * COLS
+RANK, ALPHA = 4, 8
+SCALE = ALPHA / RANK
+
+# --- 1. tiny random model ----------------------------------------------------------------------------------
+torch.manual_seed(0)
+model = Flux2Transformer2DModel(**CONFIG).float().eval()
+with torch.no_grad():
+    for p in model.parameters():
+        # the only 1-D parameters are the q/k RMSNorm weights ("norm" in the name would also catch norm_out.linear);
+        # drawn in float32, then rounded to bfloat16 (kept as float32 values that are exactly representable in bf16)
+        p.copy_((torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0)).bfloat16().float())
+folder = os.path.join(OUT, "tiny", "transformer")
+for f in os.listdir(folder) if os.path.isdir(folder) else []:  # no stale shards / index / float32 file
+    os.remove(os.path.join(folder, f))
+model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+model.float()
+with safe_open(os.path.join(folder, "diffusion_pytorch_model.safetensors"), "pt") as f:
+    assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys()), "stored dtype"
+
+# --- 2. inputs -----------------------------------------------------------------------------------------------
+torch.manual_seed(1)
+x0 = torch.randn(N_IMG, 128)
+noise = torch.randn(N_IMG, 128)
+ctx = torch.randn(L_TXT, TEXT_WIDTH)
+sigma = torch.tensor([SIGMA])
+# As Flux2KleinPipeline._prepare_latent_ids / _prepare_text_ids: cartesian_prod(t, h, w, l), row-major.
+img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(ROWS), torch.arange(COLS), torch.arange(1))  # (N_IMG, 4)
+txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(L_TXT))
+x_sigma = (1 - sigma) * x0 + sigma * noise
+target = noise - x0
+
+# --- 3. LoRA on the fused BFL targets, as hooks on the diffusers modules ----------------------------------
+# BFL target -> [(diffusers module, which third of B's rows or None)]
+TARGETS = {}
+for i in range(N_DOUBLE):
+    for s, (q, k, v, proj, ff) in {"img": ("to_q", "to_k", "to_v", "to_out.0", "ff"),
+                                   "txt": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context")}.items():
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}.{s}_"
+        TARGETS[b + "attn.qkv"] = [(d + f"attn.{q}", 0), (d + f"attn.{k}", 1), (d + f"attn.{v}", 2)]
+        TARGETS[b + "attn.proj"] = [(d + f"attn.{proj}", None)]
+        TARGETS[b + "mlp.0"] = [(d + f"{ff}.linear_in", None)]
+        TARGETS[b + "mlp.2"] = [(d + f"{ff}.linear_out", None)]
+for j in range(N_SINGLE):
+    TARGETS[f"single_blocks.{j}.linear1"] = [(f"single_transformer_blocks.{j}.attn.to_qkv_mlp_proj", None)]
+    TARGETS[f"single_blocks.{j}.linear2"] = [(f"single_transformer_blocks.{j}.attn.to_out", None)]
+
+modules = dict(model.named_modules())
+torch.manual_seed(2)
+lora = {}
+for name, parts in TARGETS.items():
+    in_f = modules[parts[0][0]].in_features
+    out_f = sum(modules[m].out_features for m, _ in parts)
+    lora[name] = (torch.randn(RANK, in_f) * 0.1, torch.randn(out_f, RANK) * 0.1)
+    for t in lora[name]:
+        t.requires_grad_(True)
+
+
+def attach(model):
+    mods = dict(model.named_modules())
+    handles = []
+    for name, parts in TARGETS.items():
+        A, B = lora[name]
+        for mname, third in parts:
+            def hook(mod, inp, out, A=A, B=B, third=third):
+                b = B if third is None else B.chunk(3, dim=0)[third]
+                return out + SCALE * (inp[0] @ A.T) @ b.T
+            handles.append(mods[mname].register_forward_hook(hook))
+    return handles
+
+
+def run(model):
+    for A, B in lora.values():
+        A.grad = B.grad = None
+    # the pipeline passes timestep = scheduler_t / 1000 = sigma; the model multiplies by 1000 itself
+    v = model(hidden_states=x_sigma[None], encoder_hidden_states=ctx[None], timestep=sigma, img_ids=img_ids,
+              txt_ids=txt_ids, guidance=None, return_dict=False)[0][0]
+    loss = ((v - target) ** 2).mean()
+    loss.backward()
+    grads = {f"{n}.lora_{ab}": t.grad.detach().clone() for n, (A, B) in lora.items() for ab, t in (("A", A), ("B", B))}
+    return v.detach(), loss.detach(), grads
+
+
+def nf4(w):  # as scripts/make_model_fixtures.py; bitsandbytes blocks the flattened row-major weight, and every
+    # in_features here is a multiple of 128, so each block is 128 consecutive weights of one row
+    assert w.shape[1] % 128 == 0
+    packed, state = quantize_4bit(w.contiguous(), blocksize=128, quant_type="nf4")
+    return dequantize_4bit(packed, state, blocksize=128, quant_type="nf4").reshape(w.shape)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def reference(model, f32_phase):
+    """float64 forward + backward of flux2_reference on this model's weights."""
+    W = ref.bfl_from_diffusers(model.state_dict())
+    lr = {n: (A.detach().double().requires_grad_(), B.detach().double().requires_grad_()) for n, (A, B) in lora.items()}
+    v = ref.forward(W, x_sigma.double(), ctx.double(), SIGMA, img_ids, txt_ids, HEADS, lr, SCALE, f32_phase)
+    loss = ((v - target.double()) ** 2).mean()
+    loss.backward()
+    grads = {f"{n}.lora_{ab}": t.grad for n, (A, B) in lr.items() for ab, t in (("A", A), ("B", B))}
+    return W, v.detach(), loss.detach(), grads
+
+
+tensors = {"x0": x0, "noise": noise, "ctx": ctx, "sigma": sigma, "img_ids": img_ids.float(), "txt_ids": txt_ids.float()}
+for n, (A, B) in lora.items():
+    tensors[f"lora.{n}.lora_A"], tensors[f"lora.{n}.lora_B"] = A.detach(), B.detach()
+summary = {}
+for quant in ("dense", "nf4"):
+    # the stored bf16 weights, upcast exactly to float32; every computation below runs in float32 (reference: float64)
+    m = Flux2Transformer2DModel.from_pretrained(folder, torch_dtype=torch.float32).eval().requires_grad_(False)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert all(torch.equal(p, p.bfloat16().float()) for p in m.parameters())
+    if quant == "dense":
+        sd0 = model.state_dict()
+        assert all(torch.equal(t, sd0[k]) for k, t in m.state_dict().items()), "saved bf16 weights"
+    if quant == "nf4":
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.ndim == 2:
+                    p.copy_(nf4(p))
+    handles = attach(m)
+    v, loss, grads = run(m)
+    for h in handles:
+        h.remove()
+    tensors[f"{quant}.velocity"] = v
+    tensors[f"{quant}.loss"] = loss.reshape(1)
+    for k, g in grads.items():
+        tensors[f"{quant}.grad.{k}"] = g
+
+    # --- checks ---
+    assert torch.isfinite(v).all() and torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
+    assert v.std() > 0.05 and all(g.abs().max() > 0 for g in grads.values())
+    S = summary[quant] = dict(loss=loss.item(), velocity_std=v.std().item(),
+                              min_grad_absmax=min(g.abs().max().item() for g in grads.values()))
+    # the float64 reference, with diffusers' float32 time-embedding phase (f32) and exact (f64)
+    for phase in ("f32", "f64"):
+        W, v_ref, loss_ref, g_ref = reference(m, phase == "f32")
+        S[f"ref_{phase}_phase"] = dict(loss=loss_ref.item(), velocity_rel=rel(v, v_ref),
+                                       loss_rel=abs(loss.item() / loss_ref.item() - 1),
+                                       max_grad_rel=max(rel(grads[k], g_ref[k]) for k in grads))
+    print(quant, json.dumps(S))
+    assert S["ref_f32_phase"]["velocity_rel"] < 3e-6 and S["ref_f32_phase"]["max_grad_rel"] < 2e-5, "reference"
+    assert S["ref_f64_phase"]["velocity_rel"] < 5e-5 and S["ref_f64_phase"]["max_grad_rel"] < 2e-4, "reference"
+
+    if quant == "dense":
+        # the BFL name map round-trips through diffusers' own single-file converter
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+        back = convert_flux2_transformer_checkpoint_to_diffusers({k: t.float() for k, t in W.items()})
+        sd = m.state_dict()
+        assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd), "name map"
+        # the fused-LoRA hooks agree with diffusers' own Flux2 LoRA loader (peft; no alpha keys -> scale 1)
+        from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_flux2_lora_to_diffusers
+        sd_lora = {}
+        for n, (A, B) in lora.items():
+            sd_lora[f"diffusion_model.{n}.lora_A.weight"] = A.detach().clone()
+            sd_lora[f"diffusion_model.{n}.lora_B.weight"] = B.detach() * SCALE
+        m.load_lora_adapter(_convert_non_diffusers_flux2_lora_to_diffusers(sd_lora), prefix="transformer",
+                            adapter_name="check")
+        with torch.no_grad():
+            v_peft = m(hidden_states=x_sigma[None], encoder_hidden_states=ctx[None], timestep=sigma, img_ids=img_ids,
+                       txt_ids=txt_ids, return_dict=False)[0][0]
+            m.disable_adapters()
+            v_base = m(hidden_states=x_sigma[None], encoder_hidden_states=ctx[None], timestep=sigma, img_ids=img_ids,
+                       txt_ids=txt_ids, return_dict=False)[0][0]
+        summary["peft_loader_rel"], summary["lora_effect_rel"] = rel(v_peft, v), rel(v_base, v)
+        print("diffusers LoRA loader vs hooks: rel", summary["peft_loader_rel"], "; LoRA off vs on:", rel(v_base, v))
+        assert summary["peft_loader_rel"] < 1e-6 and summary["lora_effect_rel"] > 1e-3
+
+assert rel(tensors["nf4.velocity"], tensors["dense.velocity"]) > 1e-4  # NF4 really changed the weights
+tensors = {k: t.float().contiguous() for k, t in tensors.items()}
+save_file(tensors, os.path.join(OUT, "tiny_expected.safetensors"),
+          metadata={"lora_scale": str(SCALE), "rank": str(RANK), "diffusers": diffusers.__version__})
+print(json.dumps(summary, indent=1))

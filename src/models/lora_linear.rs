@@ -1,0 +1,160 @@
+//! A frozen linear with its optional LoRA branch, forward and backward, as graph nodes: the one place
+//! every model builder gets its adapted linears from.
+
+use crate::graph::{BufId, Builder, Input, Op, Role};
+use crate::models::decoder::LoraSpec;
+
+/// A linear layer as the forward ran it: what its backward reads.
+pub struct LinearTape {
+    pub path: String,
+    weight: BufId,
+    out: usize,
+    inp: usize,
+    /// Rows (tokens) of its input.
+    tokens: usize,
+    lora: Option<LoraTape>,
+}
+
+struct LoraTape {
+    a: BufId,
+    b: BufId,
+    /// dropout(x)·Aᵀ [tokens, r].
+    xa: BufId,
+    dropout: Option<Op>,
+}
+
+/// c = alpha · A·B with A [m, k] (stored transposed when `a_t`) and B [k, n] (when `b_t`).
+pub fn mm(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, alpha: f32) -> Op {
+    Op::Matmul {
+        m,
+        n,
+        k,
+        a_t,
+        b_t,
+        alpha,
+    }
+}
+
+/// A LoRA branch's input: x, or x through the branch's dropout.
+fn lora_input(b: &mut Builder, x: BufId, dropout: Option<&Op>, path: &str) -> BufId {
+    let Some(op) = dropout else {
+        return x;
+    };
+    let dropped = b.activation(b.len(x), format!("{path} dropout"));
+    let seed = b.input(Input::DropoutSeed, 2);
+    b.node(op.clone(), &[x, seed], &[dropped], false);
+    dropped
+}
+
+/// y = x·Wᵀ (+ bias) + scale · (dropout(x)·Aᵀ)·Bᵀ for x [tokens, inp] and the weight `{path}.weight`
+/// [out, inp]; the LoRA branch where `lora` targets `path`. `name` names the output.
+pub fn forward(
+    b: &mut Builder,
+    lora: Option<&LoraSpec>,
+    x: BufId,
+    (t, out, inp): (usize, usize, usize),
+    (path, name): (String, String),
+    bias: Option<BufId>,
+    dropout: Option<Op>,
+) -> (BufId, LinearTape) {
+    let weight = b.weight(&format!("{path}.weight"), out * inp);
+    let mut inputs = vec![x, weight];
+    inputs.extend(bias);
+    let y = b.activation(t * out, name);
+    b.node(Op::Linear { out, inp }, &inputs, &[y], false);
+    let lora = match lora {
+        Some(spec) if spec.targets.contains(&path) => {
+            let (r, scale) = (spec.rank, spec.scale);
+            let a = b.lora(Role::LoraA(path.clone()), r * inp);
+            let bm = b.lora(Role::LoraB(path.clone()), out * r);
+            let lora_in = lora_input(b, x, dropout.as_ref(), &path);
+            let xa = b.activation(t * r, format!("{path} x·Aᵀ"));
+            b.node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
+            b.node(mm(t, out, r, false, true, scale), &[xa, bm], &[y], true);
+            Some(LoraTape {
+                a,
+                b: bm,
+                xa,
+                dropout,
+            })
+        }
+        _ => None,
+    };
+    let tape = LinearTape {
+        path,
+        weight,
+        out,
+        inp,
+        tokens: t,
+        lora,
+    };
+    (y, tape)
+}
+
+/// dx += dy·W and the LoRA branch's input gradient; the LoRA matrices' gradients accumulate. `x` is
+/// the linear's input: the forward's, or the same values recomputed.
+pub fn backward(
+    b: &mut Builder,
+    spec: Option<&LoraSpec>,
+    tape: &LinearTape,
+    x: BufId,
+    dy: BufId,
+    dx: BufId,
+) {
+    let (t, out, inp) = (tape.tokens, tape.out, tape.inp);
+    b.node(
+        Op::LinearBackwardInput { out, inp },
+        &[dy, tape.weight],
+        &[dx],
+        true,
+    );
+    let Some(lora) = &tape.lora else {
+        return;
+    };
+    let spec = spec.expect("a LoRA tape has a spec");
+    let (r, scale) = (spec.rank, spec.scale);
+    let path = &tape.path;
+    // d(xa) = scale · dy·B
+    let dxa = b.activation(t * r, format!("d {path} x·Aᵀ"));
+    b.node(
+        mm(t, r, out, false, false, scale),
+        &[dy, lora.b],
+        &[dxa],
+        false,
+    );
+    // The dropped input is drawn again rather than kept: the masks are counter-based.
+    let lora_in = lora_input(b, x, lora.dropout.as_ref(), path);
+    let gb = b.lora(Role::LoraGradB(path.clone()), out * r);
+    let ga = b.lora(Role::LoraGradA(path.clone()), r * inp);
+    // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
+    b.node(
+        mm(out, r, t, true, false, scale),
+        &[dy, lora.xa],
+        &[gb],
+        true,
+    );
+    b.node(
+        mm(r, inp, t, true, false, 1.0),
+        &[dxa, lora_in],
+        &[ga],
+        true,
+    );
+    let d_lora_in = b.activation(t * inp, format!("d {path} input"));
+    b.node(
+        mm(t, inp, r, false, false, 1.0),
+        &[dxa, lora.a],
+        &[d_lora_in],
+        false,
+    );
+    match &lora.dropout {
+        Some(Op::Dropout { p, stream }) => {
+            let seed = b.input(Input::DropoutSeed, 2);
+            let op = Op::DropoutBackward {
+                p: *p,
+                stream: *stream,
+            };
+            b.node(op, &[d_lora_in, seed], &[dx], true);
+        }
+        _ => b.node(Op::Add, &[d_lora_in], &[dx], true),
+    }
+}
