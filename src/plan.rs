@@ -66,21 +66,35 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
     Ok(decoder::build(c, Some(&lora), shape))
 }
 
+impl Plan {
+    /// A step's plan from its parts: the weights' bytes, the (out, in) shapes of the adapted linears
+    /// at LoRA `rank` (each matrix with its gradient and two f32 moments), and the step graph's memory.
+    pub fn new(
+        weights: u64,
+        adapted: impl Iterator<Item = (usize, usize)>,
+        rank: usize,
+        memory: crate::graph::Memory,
+    ) -> Plan {
+        let lora_parameters: u64 = adapted.map(|(out, inp)| (rank * (inp + out)) as u64).sum();
+        let lora_and_optimizer = 4 * F32 * lora_parameters;
+        Plan {
+            weights,
+            lora_and_optimizer,
+            lora_parameters,
+            activations: memory.buffers,
+            workspace: memory.temporaries,
+            total: weights + lora_and_optimizer + memory.total(),
+        }
+    }
+}
+
 /// The plan of a training step; an error when a LoRA target names no linear layer of the model.
 pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
-    let weights = planned_weight_bytes(c, p.quant);
-    let lora_parameters: u64 = resolve_targets(c, &p.lora_targets)?
-        .iter()
-        .map(|(_, out, inp)| (p.lora_rank * (inp + out)) as u64)
-        .sum();
-    let lora_and_optimizer = 4 * F32 * lora_parameters;
-    let memory = step_graph(c, p)?.memory();
-    Ok(Plan {
-        weights,
-        lora_and_optimizer,
-        lora_parameters,
-        activations: memory.buffers,
-        workspace: memory.temporaries,
-        total: weights + lora_and_optimizer + memory.total(),
-    })
+    let adapted = resolve_targets(c, &p.lora_targets)?;
+    Ok(Plan::new(
+        planned_weight_bytes(c, p.quant),
+        adapted.iter().map(|(_, out, inp)| (*out, *inp)),
+        p.lora_rank,
+        step_graph(c, p)?.memory(),
+    ))
 }

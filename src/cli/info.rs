@@ -24,6 +24,9 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
+    if let Some(c) = nibble::models::flux2::config_at(path)? {
+        return show_flux2(path, &c, quant, as_json);
+    }
     let source = model::open(path)?;
     let c = &source.config;
     let spec = quant.planned_spec(source.stored_quant())?;
@@ -117,5 +120,75 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "none found"
         }
     );
+    Ok(())
+}
+
+/// A FLUX.2 [klein] transformer, from its config alone.
+fn show_flux2(
+    path: &Path,
+    c: &nibble::models::flux2::Flux2Config,
+    quant: QuantArgs,
+    as_json: bool,
+) -> Result<()> {
+    use nibble::models::flux2;
+    let spec = quant.planned_spec(None)?;
+    let params = c.parameters();
+    let variant = match (c.double_blocks, c.single_blocks, c.hidden()) {
+        (5, 20, 3072) => "FLUX.2 [klein] 4B",
+        (8, 24, 4096) => "FLUX.2 [klein] 9B",
+        _ => "FLUX.2 transformer",
+    };
+    let (bytes16, quantized) = (
+        flux2::planned_weight_bytes(c, None),
+        spec.map(|s| flux2::planned_weight_bytes(c, Some(s))),
+    );
+    let targets = c.block_linears().len();
+    if as_json {
+        let v = json!({
+            "model": path,
+            "architecture": "flux2",
+            "variant": variant,
+            "double_blocks": c.double_blocks,
+            "single_blocks": c.single_blocks,
+            "hidden_size": c.hidden(),
+            "num_heads": c.heads,
+            "head_dim": c.head_dim,
+            "mlp_hidden": c.mlp_hidden,
+            "text_dim": c.text_dim,
+            "latent_channels": c.in_channels,
+            "parameters": params,
+            "lora_targets": targets,
+            "weight_bytes_16bit": bytes16,
+            "quant": spec.map(|s| json!({"format": s.format.name(), "group_size": s.group_size})),
+            "weight_bytes_quantized": quantized,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("model         {}", path.display());
+    println!("architecture  {variant} (Flux2Transformer2DModel, image transformer)");
+    println!(
+        "shape         {} double-stream + {} single-stream blocks, hidden {} ({} heads x {}), MLP {}",
+        c.double_blocks,
+        c.single_blocks,
+        c.hidden(),
+        c.heads,
+        c.head_dim,
+        c.mlp_hidden
+    );
+    println!(
+        "inputs        latents of {} channels, text features of {}",
+        c.in_channels, c.text_dim
+    );
+    println!(
+        "parameters    {} ({})",
+        group_digits(params),
+        human_count(params)
+    );
+    println!("LoRA targets  {targets} fused block linears");
+    println!("weights       {} at 16 bits", human_bytes(bytes16));
+    if let (Some(s), Some(b)) = (spec, quantized) {
+        println!("              {} as {s}", human_bytes(b));
+    }
     Ok(())
 }

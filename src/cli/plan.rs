@@ -24,8 +24,15 @@ pub struct Args {
     /// Comma-separated module names (q_proj,...,down_proj) or all-linear.
     #[arg(long, default_value = "all-linear")]
     target_modules: String,
-    #[arg(long)]
-    gradient_checkpointing: bool,
+    /// Recompute each layer (block) before its backward (default: on for FLUX.2, off for LLMs).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    gradient_checkpointing: Option<bool>,
+    /// FLUX.2: image side in pixels (16 pixels per latent token).
+    #[arg(long, default_value_t = 1024)]
+    resolution: usize,
+    /// FLUX.2: caption tokens (the text encoder pads or cuts every caption to 512).
+    #[arg(long, default_value_t = 512)]
+    text_tokens: usize,
     #[arg(long)]
     json: bool,
 }
@@ -39,8 +46,32 @@ pub fn run(args: Args) -> Result<()> {
         lora_dropout: dropout,
         target_modules: targets,
         gradient_checkpointing: checkpoint,
+        resolution,
+        text_tokens,
         json: as_json,
     } = args;
+    if let Some(c) = nibble::models::flux2::config_at(&path)? {
+        if !(16..=8192).contains(&resolution) || resolution % 16 != 0 {
+            bail!("--resolution must be a multiple of 16 from 16 to 8192 (got {resolution})");
+        }
+        if !(1..=4096).contains(&text_tokens) || !(1..=4096).contains(&rank) {
+            bail!(
+                "--text-tokens and --lora-r must be from 1 to 4096 (got {text_tokens} and {rank})"
+            );
+        }
+        let checkpoint = checkpoint.unwrap_or(true);
+        let spec = quant.planned_spec(None)?;
+        let step = nibble::models::flux2::Flux2Step::training(resolution, text_tokens, checkpoint);
+        let p = nibble::models::flux2::plan(&c, spec, rank, step);
+        let what = format!(
+            "training step at {resolution}x{resolution} ({} image + {text_tokens} text tokens), LoRA \
+             r={rank} on the {} block linears",
+            step.image_tokens,
+            c.block_linears().len()
+        );
+        return print_plan(&p, &what, spec, checkpoint, as_json);
+    }
+    let checkpoint = checkpoint.unwrap_or(false);
     let (config, stored) = plan_source(&path)?;
     let spec = quant.planned_spec(stored)?;
     use nibble::train::settings::{MAX_RANK, MAX_TOKENS};
@@ -58,20 +89,28 @@ pub fn run(args: Args) -> Result<()> {
         checkpoint,
     };
     let p = nibble::plan::plan(&config, &input)?;
+    let what = format!("training step of {tokens} tokens, LoRA r={rank} on {targets}");
+    print_plan(&p, &what, spec, checkpoint, as_json)
+}
+
+fn print_plan(
+    p: &nibble::plan::Plan,
+    what: &str,
+    spec: Option<QuantSpec>,
+    checkpoint: bool,
+    as_json: bool,
+) -> Result<()> {
     if as_json {
-        println!("{}", serde_json::to_string(&p)?);
+        println!("{}", serde_json::to_string(p)?);
         return Ok(());
     }
     let weights = spec.map_or("16-bit".to_string(), |s| s.to_string());
-    println!(
-        "training step of {} tokens, LoRA r={rank} on {targets}{}",
-        tokens,
-        if checkpoint {
-            ", gradient checkpointing"
-        } else {
-            ""
-        }
-    );
+    let recompute = if checkpoint {
+        ", gradient checkpointing"
+    } else {
+        ""
+    };
+    println!("{what}{recompute}");
     println!("  weights ({weights})      {:>12}", human_bytes(p.weights));
     println!(
         "  LoRA + AdamW state     {:>12}   ({} trainable parameters)",

@@ -440,6 +440,22 @@ pub struct Flux2Step {
     pub image_tokens: usize,
     pub text_tokens: usize,
     pub backward: bool,
+    /// Gradient checkpointing: each block recomputed before its backward.
+    pub checkpoint: bool,
+}
+
+impl Flux2Step {
+    /// A training step at `resolution` pixels square (16 pixels per latent token: the VAE's 8x and
+    /// 2x2 patches) with `text_tokens` of caption features.
+    pub fn training(resolution: usize, text_tokens: usize, checkpoint: bool) -> Self {
+        let side = resolution / 16;
+        Flux2Step {
+            image_tokens: side * side,
+            text_tokens,
+            backward: true,
+            checkpoint,
+        }
+    }
 }
 
 /// The per-step values: noised latents, text features, timestep, RoPE tables and the target.
@@ -1070,5 +1086,68 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
             f.modulate_backward(st.x, mods, st.a_stats, 1, d_a, d_streams[s]);
         }
     }
-    f.b.finish()
+    let graph = f.b.finish();
+    if step.checkpoint {
+        crate::graph::checkpoint::apply(&graph)
+    } else {
+        graph
+    }
+}
+
+/// Bytes the transformer's weights take: with `quant`, every linear packed and the norm scales f32;
+/// without, every parameter at 16 bits (the checkpoint's size).
+pub fn planned_weight_bytes(c: &Flux2Config, quant: Option<QuantSpec>) -> u64 {
+    let Some(spec) = quant else {
+        return 2 * c.parameters();
+    };
+    let linears: u64 = c
+        .linears()
+        .iter()
+        .map(|(_, out, inp)| spec.packed_bytes(*out, *inp))
+        .sum();
+    linears + 4 * (c.norms().len() * c.head_dim) as u64
+}
+
+/// The memory of a training step: weights, LoRA (r on every block linear) with its gradients and
+/// AdamW's moments, and the step's buffers at its worst node, from the graph that runs.
+pub fn plan(
+    c: &Flux2Config,
+    quant: Option<QuantSpec>,
+    rank: usize,
+    step: Flux2Step,
+) -> crate::plan::Plan {
+    let targets = c.block_linears();
+    let spec = LoraSpec {
+        rank,
+        scale: 1.0,
+        dropout: 0.0,
+        targets: targets.iter().map(|(p, _, _)| p.clone()).collect(),
+    };
+    crate::plan::Plan::new(
+        planned_weight_bytes(c, quant),
+        targets.iter().map(|(_, out, inp)| (*out, *inp)),
+        rank,
+        build(c, Some(&spec), step).memory(),
+    )
+}
+
+/// The transformer config of a FLUX.2 model folder (a diffusers pipeline folder, its `transformer/`
+/// folder, or that folder's config.json), if `path` is one: weights need not be present.
+pub fn config_at(path: &Path) -> Result<Option<Flux2Config>> {
+    let file = if path.is_file() {
+        if path.extension().is_none_or(|e| e != "json") {
+            return Ok(None);
+        }
+        path.to_path_buf()
+    } else {
+        match transformer_folder(path) {
+            Some(dir) => dir.join("config.json"),
+            None => return Ok(None),
+        }
+    };
+    let text = crate::fsutil::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+    if !text.contains("\"Flux2Transformer2DModel\"") {
+        return Ok(None);
+    }
+    Flux2Config::from_diffusers(&text, &file).map(Some)
 }
