@@ -1,4 +1,4 @@
-// Causal grouped-query attention. Query head h reads kv head h / (heads / kv_heads). No scores matrix is
+// Grouped-query attention, causal (decoders) or over every key (`causal` 0: FLUX's joint attention). Query head h reads kv head h / (heads / kv_heads). No scores matrix is
 // stored: the forward keeps each row's log-sum-exp, the backward recomputes probabilities from it.
 //
 // A workgroup takes 64 consecutive query rows of one head (dkdv: 64 keys, for one query head), one thread per
@@ -26,9 +26,15 @@ struct AttentionParams {
     // Decoding (forward only): the queries are the last tokens - query_offset positions, query row t at
     // position query_offset + t, against `tokens` keys. 0 otherwise.
     query_offset: u32,
-    _pad0: u32,
+    // 1: query t sees keys up to its own position; 0: every key.
+    causal: u32,
     _pad1: u32,
     _pad2: u32,
+}
+
+// Whether key j lies past what query t (at position t + query_offset) may see.
+fn future(j: u32, t: u32) -> bool {
+    return p.causal != 0u && j > t + p.query_offset;
 }
 
 fn lse_index(h: u32, t: u32) -> u32 {
@@ -144,7 +150,11 @@ fn add_staged(acc: ptr<function, array<f32, MAX_HEAD_DIM>>, r: u32, factor: f32)
 fn key_range(li: u32, t0: u32) -> vec2<u32> {
     let last = min(t0 + ROWS, p.tokens - p.query_offset) - 1u;
     let first = broadcast(li, first_key[min(t0, last)]);
-    return vec2<u32>(max(first, p.pass_begin), min(last + p.query_offset + 1u, p.pass_end));
+    var end = p.pass_end;
+    if (p.causal != 0u) {
+        end = min(last + p.query_offset + 1u, p.pass_end);
+    }
+    return vec2<u32>(max(first, p.pass_begin), end);
 }
 
 // One thread per (query t, head h), online softmax over keys first_key[t]..=query_offset + t.
@@ -182,7 +192,7 @@ fn attention_forward(
         workgroupBarrier();
         for (var jj = 0u; jj < rows; jj++) {
             let j = j0 + jj;
-            if (!live || j < first || j > t + p.query_offset || j >= keys.y) {
+            if (!live || j < first || future(j, t) || j >= keys.y) {
                 continue;
             }
             let s = dot_staged(&qv, jj) * p.scale;
@@ -268,7 +278,7 @@ fn attention_backward_dq(
         workgroupBarrier();
         for (var jj = 0u; jj < rows; jj++) {
             let j = j0 + jj;
-            if (!live || j < first || j > t || j >= keys.y) {
+            if (!live || j < first || future(j, t) || j >= keys.y) {
                 continue;
             }
             let prob = exp(dot_staged(&qv, jj) * p.scale - row_lse_t);
@@ -336,7 +346,11 @@ fn attention_backward_dkdv(
     }
     let query_end = min(broadcast(li, end), p.pass_end);
     let rows = tile_rows();
-    for (var t0 = max(j0, p.pass_begin); t0 < query_end; t0 += rows) {
+    var queries_from = p.pass_begin;
+    if (p.causal != 0u) {
+        queries_from = max(j0, p.pass_begin);
+    }
+    for (var t0 = queries_from; t0 < query_end; t0 += rows) {
         for (var e = li; e < rows * d; e += ROWS) {
             let t = t0 + e / d;
             var qd = vec2<f32>(0.0, 0.0);
@@ -353,7 +367,7 @@ fn attention_backward_dkdv(
         workgroupBarrier();
         for (var tt = 0u; tt < rows; tt++) {
             let t = t0 + tt;
-            if (!live || t < j || t >= query_end || first_key[t] > j) {
+            if (!live || future(j, t) || t >= query_end || first_key[t] > j) {
                 continue;
             }
             let prob = exp(dot_staged(&kv, tt) * p.scale - row_lse[tt]);

@@ -52,3 +52,27 @@ fn dequant(code: u32, fmt: u32, scale: f32, minimum: f32) -> f32 {
     }
     return minimum + f32(code) * scale;
 }
+
+// Rows reduced by one workgroup of ROW_WG threads (norms): the sum of every thread's `value`, in a
+// fixed tree order.
+const ROW_WG: u32 = 128u;
+var<workgroup> row_partial: array<f32, 128>;
+
+fn row_sum(lid: u32, value: f32) -> f32 {
+    row_partial[lid] = value;
+    workgroupBarrier();
+    for (var s = ROW_WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            row_partial[lid] += row_partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = row_partial[0];
+    workgroupBarrier();
+    return total;
+}
+
+// The element of a 1-D dispatch of 256-thread workgroups spread over y (gpu::groups_1d).
+fn flat_index(id: vec3<u32>) -> u32 {
+    return id.x + id.y * 65535u * 256u;
+}

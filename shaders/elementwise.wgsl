@@ -14,9 +14,6 @@ struct ElementwiseParams {
 @group(0) @binding(4) var<storage, read_write> out1: array<f32>;
 @group(0) @binding(5) var<storage, read> c: array<f32>;
 
-fn flat(id: vec3<u32>) -> u32 {
-    return id.x + id.y * 65535u * 256u;
-}
 
 fn sigmoid(v: f32) -> f32 {
     return 1.0 / (1.0 + exp(-v));
@@ -25,7 +22,7 @@ fn sigmoid(v: f32) -> f32 {
 // out0 = a + b
 @compute @workgroup_size(256)
 fn add(@builtin(global_invocation_id) id: vec3<u32>) {
-    let i = flat(id);
+    let i = flat_index(id);
     if (i < p.n) {
         out0[i] = a[i] + b[i];
     }
@@ -34,7 +31,7 @@ fn add(@builtin(global_invocation_id) id: vec3<u32>) {
 // out0 += a
 @compute @workgroup_size(256)
 fn add_assign(@builtin(global_invocation_id) id: vec3<u32>) {
-    let i = flat(id);
+    let i = flat_index(id);
     if (i < p.n) {
         out0[i] = out0[i] + a[i];
     }
@@ -43,7 +40,7 @@ fn add_assign(@builtin(global_invocation_id) id: vec3<u32>) {
 // out0 = silu(a) · b  (a = gate, b = up)
 @compute @workgroup_size(256)
 fn swiglu_forward(@builtin(global_invocation_id) id: vec3<u32>) {
-    let i = flat(id);
+    let i = flat_index(id);
     if (i < p.n) {
         out0[i] = a[i] * sigmoid(a[i]) * b[i];
     }
@@ -52,7 +49,7 @@ fn swiglu_forward(@builtin(global_invocation_id) id: vec3<u32>) {
 // c = dh: out0 = d gate, out1 = d up
 @compute @workgroup_size(256)
 fn swiglu_backward(@builtin(global_invocation_id) id: vec3<u32>) {
-    let i = flat(id);
+    let i = flat_index(id);
     if (i < p.n) {
         let g = a[i];
         let s = sigmoid(g);

@@ -14,22 +14,6 @@ struct RmsNormParams {
 @group(0) @binding(4) var<storage, read_write> inv_rms: array<f32>;
 @group(0) @binding(5) var<storage, read> dy: array<f32>;
 
-const WG: u32 = 128u;
-var<workgroup> partial: array<f32, 128>;
-
-fn reduce_sum(lid: u32, value: f32) -> f32 {
-    partial[lid] = value;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            partial[lid] += partial[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
 
 // One workgroup per row.
 @compute @workgroup_size(128)
@@ -40,11 +24,11 @@ fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     }
     let base = row * p.dim;
     var sq = 0.0;
-    for (var i = lid.x; i < p.dim; i += WG) {
+    for (var i = lid.x; i < p.dim; i += ROW_WG) {
         sq += x[base + i] * x[base + i];
     }
-    let r = 1.0 / sqrt(reduce_sum(lid.x, sq) / f32(p.dim) + p.eps);
-    for (var i = lid.x; i < p.dim; i += WG) {
+    let r = 1.0 / sqrt(row_sum(lid.x, sq) / f32(p.dim) + p.eps);
+    for (var i = lid.x; i < p.dim; i += ROW_WG) {
         y[base + i] = weight[i] * (x[base + i] * r);
     }
     if (lid.x == 0u) {
@@ -62,11 +46,11 @@ fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
     let base = row * p.dim;
     let r = inv_rms[row];
     var d = 0.0;
-    for (var i = lid.x; i < p.dim; i += WG) {
+    for (var i = lid.x; i < p.dim; i += ROW_WG) {
         d += weight[i] * dy[base + i] * x[base + i];
     }
-    let coef = r * r * r * reduce_sum(lid.x, d) / f32(p.dim);
-    for (var i = lid.x; i < p.dim; i += WG) {
+    let coef = r * r * r * row_sum(lid.x, d) / f32(p.dim);
+    for (var i = lid.x; i < p.dim; i += ROW_WG) {
         y[base + i] = r * weight[i] * dy[base + i] - coef * x[base + i];
     }
 }

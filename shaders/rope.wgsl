@@ -1,4 +1,5 @@
-// Rotary embedding, Hugging Face layout: element i of a head pairs with element i + d/2.
+// Rotary embedding: element i of a head pairs with element i + d/2 (the LLMs' Hugging Face layout), or
+// with `adjacent`, element 2i with 2i + 1 (FLUX).
 
 struct RopeParams {
     tokens: u32,
@@ -6,6 +7,10 @@ struct RopeParams {
     head_dim: u32,
     // 1.0 rotates forward; -1.0 applies the inverse rotation (the backward).
     sign: f32,
+    adjacent: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: RopeParams;
@@ -26,8 +31,14 @@ fn rope_apply(@builtin(global_invocation_id) id: vec3<u32>) {
     let base = (t * p.heads + h) * p.head_dim;
     let c = cos_table[t * half + i];
     let s = p.sign * sin_table[t * half + i];
-    let x1 = x[base + i];
-    let x2 = x[base + i + half];
-    x[base + i] = x1 * c - x2 * s;
-    x[base + i + half] = x2 * c + x1 * s;
+    var j1 = base + i;
+    var j2 = base + i + half;
+    if (p.adjacent != 0u) {
+        j1 = base + 2u * i;
+        j2 = j1 + 1u;
+    }
+    let x1 = x[j1];
+    let x2 = x[j2];
+    x[j1] = x1 * c - x2 * s;
+    x[j2] = x2 * c + x1 * s;
 }

@@ -10,6 +10,7 @@ mod common;
 
 use common::rel;
 use nibble::exec::cpu::{self, Bindings};
+use nibble::gpu::weights::{GpuLora, GpuWeights};
 use nibble::lora::{LoraAdapter, LoraConfig, LoraPair};
 use nibble::models::decoder::LoraSpec;
 use nibble::models::flux2::{self, Flux2Inputs, Flux2Step};
@@ -27,128 +28,196 @@ fn ids(values: Vec<f32>) -> Vec<[f32; 4]> {
         .collect()
 }
 
-#[test]
-fn the_transformer_matches_diffusers_dense_and_nf4() {
-    let expected =
-        SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_expected.safetensors")).unwrap();
-    let read = |name: &str| expected.read_f32(name).unwrap();
-    let targets: Vec<String> = expected
-        .tensor_names()
-        .filter_map(|n| n.strip_prefix("lora.")?.strip_suffix(".lora_A"))
-        .map(str::to_string)
-        .collect();
-    assert_eq!(targets.len(), 10, "the fixture's LoRA targets");
-    let (x0, noise, sigma) = (read("x0"), read("noise"), read("sigma")[0]);
-    let noised: Vec<f32> = x0
-        .iter()
-        .zip(&noise)
-        .map(|(x, n)| (1.0 - sigma) * x + sigma * n)
-        .collect();
-    let target: Vec<f32> = noise.iter().zip(&x0).map(|(n, x)| n - x).collect();
-    let text = read("ctx");
-    // The grid the pipeline builds (3 rows of 5), row-major, and the text positions.
-    let (image_ids, text_ids) = (ids(read("img_ids")), ids(read("txt_ids")));
-    assert_eq!(
-        (image_ids.clone(), text_ids.clone()),
-        flux2::position_ids(3, 5, 8)
-    );
+/// The fixture's inputs and LoRA adapter.
+struct Fixture {
+    expected: SafetensorsFile,
+    adapter: LoraAdapter,
+    noised: Vec<f32>,
+    text: Vec<f32>,
+    sigma: f32,
+    target: Vec<f32>,
+}
 
-    for (quant, spec) in [
-        ("dense", None),
-        ("nf4", Some(QuantSpec::new(QuantFormat::Nf4, 128).unwrap())),
-    ] {
-        let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
-        let c = &model.config;
-        assert_eq!((c.double_blocks, c.single_blocks, c.hidden()), (1, 1, 256));
+impl Fixture {
+    fn load() -> Fixture {
+        let expected =
+            SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_expected.safetensors")).unwrap();
+        let read = |name: &str| expected.read_f32(name).unwrap();
+        let targets: Vec<String> = expected
+            .tensor_names()
+            .filter_map(|n| n.strip_prefix("lora.")?.strip_suffix(".lora_A"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(targets.len(), 10, "the fixture's LoRA targets");
+        let (x0, noise, sigma) = (read("x0"), read("noise"), read("sigma")[0]);
+        let noised = x0
+            .iter()
+            .zip(&noise)
+            .map(|(x, n)| (1.0 - sigma) * x + sigma * n)
+            .collect();
+        let target = noise.iter().zip(&x0).map(|(n, x)| n - x).collect();
+        // The grid the pipeline builds (3 rows of 5), row-major, and the text positions.
+        let ids = (ids(read("img_ids")), ids(read("txt_ids")));
+        assert_eq!(ids, flux2::position_ids(3, 5, 8));
+        let modules = targets
+            .iter()
+            .map(|t| {
+                let (a, b) = (
+                    read(&format!("lora.{t}.lora_A")),
+                    read(&format!("lora.{t}.lora_B")),
+                );
+                let pair = LoraPair {
+                    rank: 4,
+                    in_features: a.len() / 4,
+                    out_features: b.len() / 4,
+                    a,
+                    b,
+                };
+                (t.clone(), pair)
+            })
+            .collect();
         let adapter = LoraAdapter {
             config: LoraConfig {
                 r: 4,
                 alpha: 8.0,
                 dropout: 0.0,
                 use_rslora: false,
-                targets: targets.clone(),
+                targets,
             },
-            modules: targets
-                .iter()
-                .map(|t| {
-                    let (a, b) = (
-                        read(&format!("lora.{t}.lora_A")),
-                        read(&format!("lora.{t}.lora_B")),
-                    );
-                    let pair = LoraPair {
-                        rank: 4,
-                        in_features: a.len() / 4,
-                        out_features: b.len() / 4,
-                        a,
-                        b,
-                    };
-                    (t.clone(), pair)
-                })
-                .collect(),
+            modules,
         };
-        let inputs = flux2::inputs(
+        Fixture {
+            text: read("ctx"),
+            expected,
+            adapter,
+            noised,
+            sigma,
+            target,
+        }
+    }
+
+    fn read(&self, name: &str) -> Vec<f32> {
+        self.expected.read_f32(name).unwrap()
+    }
+
+    fn inputs(&self, c: &flux2::Flux2Config) -> nibble::graph::StepInputs {
+        let (image_ids, text_ids) = flux2::position_ids(3, 5, 8);
+        flux2::inputs(
             c,
             &Flux2Inputs {
-                noised: &noised,
-                text: &text,
-                sigma,
+                noised: &self.noised,
+                text: &self.text,
+                sigma: self.sigma,
                 image_ids: &image_ids,
                 text_ids: &text_ids,
-                target: &target,
+                target: &self.target,
                 grad_scale: 1.0,
             },
-        );
+        )
+    }
+
+    fn graph(&self, c: &flux2::Flux2Config, checkpoint: bool) -> nibble::graph::Graph {
+        let step = Flux2Step {
+            image_tokens: 15,
+            text_tokens: 8,
+            backward: true,
+            checkpoint,
+        };
+        let graph = flux2::build(c, Some(&LoraSpec::of(&self.adapter)), step);
+        graph.validate().unwrap();
+        graph
+    }
+
+    /// The relative errors of velocity, loss and the worst LoRA gradient against diffusers'.
+    fn errors(&self, quant: &str, velocity: &[f32], loss: &[f32], grads: &LoraAdapter) -> [f64; 3] {
+        let v = rel(velocity, &self.read(&format!("{quant}.velocity")));
+        let l = rel(loss, &self.read(&format!("{quant}.loss")));
+        let mut worst = (0.0f64, String::new());
+        for (path, pair) in grads.pairs() {
+            for (which, got) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
+                let e = rel(got, &self.read(&format!("{quant}.grad.{path}.{which}")));
+                if e > worst.0 {
+                    worst = (e, format!("{path}.{which}"));
+                }
+            }
+        }
+        eprintln!("{quant}: velocity {v:e}, loss {l:e}, worst gradient {worst:?}");
+        [v, l, worst.0]
+    }
+}
+
+fn nf4_128() -> Option<QuantSpec> {
+    Some(QuantSpec::new(QuantFormat::Nf4, 128).unwrap())
+}
+
+#[test]
+fn the_transformer_matches_diffusers_dense_and_nf4() {
+    let f = Fixture::load();
+    for (quant, spec) in [("dense", None), ("nf4", nf4_128())] {
+        let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
+        let c = &model.config;
+        assert_eq!((c.double_blocks, c.single_blocks, c.hidden()), (1, 1, 256));
+        let inputs = f.inputs(c);
         let run = |checkpoint: bool| {
-            let mut grads = adapter.zeros_like();
-            let step = Flux2Step {
-                image_tokens: 15,
-                text_tokens: 8,
-                backward: true,
-                checkpoint,
-            };
-            let graph = flux2::build(c, Some(&LoraSpec::of(&adapter)), step);
-            graph.validate().unwrap();
+            let mut grads = f.adapter.zeros_like();
             let bind = Bindings {
                 model: &model,
-                adapter: Some(&adapter),
+                adapter: Some(&f.adapter),
                 grads: Some(&mut grads),
                 cache: None,
                 optimizer: None,
                 inputs: &inputs,
                 precision: Precision::F32,
             };
-            let out = cpu::run(&graph, bind).unwrap();
-            (out, grads, graph.memory().total())
+            let out = cpu::run(&f.graph(c, checkpoint), bind).unwrap();
+            (out, grads)
         };
-        let (mut out, grads, memory) = run(false);
-        // Recomputing each block before its backward gives the same gradients, bit for bit, in less
-        // memory.
-        let (_, recomputed, less) = run(true);
-        assert_eq!(recomputed, grads, "{quant}: checkpointed gradients");
-        assert!(
-            less < memory,
-            "{quant}: {less} bytes checkpointed, {memory} not"
-        );
-        let velocity = rel(&out.take("velocity"), &read(&format!("{quant}.velocity")));
-        let loss = rel(&out.take("loss"), &read(&format!("{quant}.loss")));
-        let mut worst = (0.0f64, String::new());
-        for (path, pair) in grads.pairs() {
-            for (which, got) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
-                let e = rel(got, &read(&format!("{quant}.grad.{path}.{which}")));
-                if e > worst.0 {
-                    worst = (e, format!("{path}.{which}"));
-                }
-            }
-        }
-        eprintln!("{quant}: velocity {velocity:e}, loss {loss:e}, worst gradient {worst:?}");
+        let (mut out, grads) = run(false);
+        // Recomputing each block before its backward gives the same gradients, bit for bit.
+        assert_eq!(run(true).1, grads, "{quant}: checkpointed gradients");
+        let [velocity, loss, grad] =
+            f.errors(quant, &out.take("velocity"), &out.take("loss"), &grads);
         assert!(velocity < 3e-5, "{quant}: velocity off by {velocity:e}");
         assert!(loss < 3e-6, "{quant}: loss off by {loss:e}");
-        assert!(
-            worst.0 < 1e-4,
-            "{quant}: gradient {} off by {:e}",
-            worst.1,
-            worst.0
-        );
+        assert!(grad < 1e-4, "{quant}: a gradient off by {grad:e}");
+    }
+}
+
+/// The GPU executor (lavapipe in CI) runs the same graph: measured against diffusers as the CPU is.
+#[test]
+fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
+    let Some(gpu) = common::gpu() else { return };
+    let f = Fixture::load();
+    for (quant, spec) in [("dense", None), ("nf4", nf4_128())] {
+        let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
+        let c = &model.config;
+        let weights = GpuWeights::upload(&gpu, &model).unwrap();
+        let lora = GpuLora::upload(&gpu, &f.adapter);
+        let grads = nibble::gpu::weights::zero_grads(&gpu, &f.adapter);
+        let inputs = f.inputs(c);
+        let bind = nibble::exec::gpu::Bindings {
+            gpu: &gpu,
+            model: &weights,
+            lora: Some(&lora),
+            grads: Some(&grads),
+            cache: None,
+            moments: None,
+            inputs: &inputs,
+        };
+        let mut enc = gpu.encoder();
+        let recorded = nibble::exec::gpu::record(&f.graph(c, true), bind, &mut enc).unwrap();
+        let reads = [&recorded.0["velocity"], &recorded.0["loss"]];
+        let [velocity, loss]: [Vec<f32>; 2] = gpu
+            .submit_and_read(enc, &reads)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut downloaded = f.adapter.zeros_like();
+        grads.download(&gpu, &mut downloaded).unwrap();
+        let [velocity, loss, grad] = f.errors(quant, &velocity, &loss, &downloaded);
+        assert!(velocity < 3e-5, "{quant}: velocity off by {velocity:e}");
+        assert!(loss < 3e-6, "{quant}: loss off by {loss:e}");
+        assert!(grad < 1e-4, "{quant}: a gradient off by {grad:e}");
     }
 }
 
@@ -168,7 +237,7 @@ fn klein_9b_plans_within_a_12_gb_card() {
         "the published parameter count"
     );
     assert_eq!(c.block_linears().len(), 112);
-    let nf4 = Some(QuantSpec::new(QuantFormat::Nf4, 128).unwrap());
+    let nf4 = nf4_128();
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let plan = |resolution, checkpoint| {
         let p = flux2::plan(
@@ -241,7 +310,7 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
     ];
     let plan = json(&[&args[..], &["--json"]].concat());
     let c = flux2::Flux2Config::from_diffusers(KLEIN_9B, Path::new("config.json")).unwrap();
-    let nf4 = Some(QuantSpec::new(QuantFormat::Nf4, 128).unwrap());
+    let nf4 = nf4_128();
     let want = flux2::plan(&c, nf4, 32, Flux2Step::training(512, 512, true));
     assert_eq!(plan["total"], want.total, "checkpointing by default");
     let parts = ["weights", "lora_and_optimizer", "activations", "workspace"];

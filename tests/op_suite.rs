@@ -187,24 +187,27 @@ fn cases(model: &Model) -> Vec<Case> {
         b.node(Op::Add, &[x, y], &[out], false);
         b.node(Op::Add, &[z], &[out], true);
     });
-    for inverse in [false, true] {
-        cases.case(&format!("rope inverse={inverse}"), |b, g| {
-            let (x, y) = (
-                g.add(b, "x", t * heads * hd, 1.0),
-                g.add(b, "y", t * heads * hd, 1.0),
-            );
-            let cos = b.input(Input::RopeCos, t * hd / 2);
-            let sin = b.input(Input::RopeSin, t * hd / 2);
-            let out = b.output("x", t * heads * hd);
-            b.node(Op::Add, &[x, y], &[out], false);
-            let op = Op::Rope {
-                heads,
-                head_dim: hd,
-                inverse,
-                adjacent: false,
-            };
-            b.node(op, &[cos, sin], &[out], false);
-        });
+    for (inverse, adjacent) in [(false, false), (true, false), (false, true), (true, true)] {
+        cases.case(
+            &format!("rope inverse={inverse} adjacent={adjacent}"),
+            |b, g| {
+                let (x, y) = (
+                    g.add(b, "x", t * heads * hd, 1.0),
+                    g.add(b, "y", t * heads * hd, 1.0),
+                );
+                let cos = b.input(Input::RopeCos, t * hd / 2);
+                let sin = b.input(Input::RopeSin, t * hd / 2);
+                let out = b.output("x", t * heads * hd);
+                b.node(Op::Add, &[x, y], &[out], false);
+                let op = Op::Rope {
+                    heads,
+                    head_dim: hd,
+                    inverse,
+                    adjacent,
+                };
+                b.node(op, &[cos, sin], &[out], false);
+            },
+        );
     }
     cases.case("swiglu and its backward", |b, g| {
         let (gate, up, dh) = (
@@ -220,16 +223,16 @@ fn cases(model: &Model) -> Vec<Case> {
         b.node(Op::SwiGlu, &[gate, up], &[hh], false);
         b.node(Op::SwiGluBackward, &[gate, up, dh], &[dgate, dup], false);
     });
-    for packed in [false, true] {
+    for (packed, causal) in [(false, true), (true, true), (false, false)] {
         cases.case(
-            &format!("attention and its backward, packed={packed}"),
+            &format!("attention and its backward, packed={packed} causal={causal}"),
             |b, g| {
                 let shape = AttentionShape {
                     tokens: t,
                     heads,
                     kv_heads,
                     head_dim: hd,
-                    causal: true,
+                    causal,
                 };
                 let q = g.add(b, "q", t * heads * hd, 1.0);
                 let k = g.add(b, "k", t * kv_heads * hd, 1.0);
@@ -258,6 +261,74 @@ fn cases(model: &Model) -> Vec<Case> {
             },
         );
     }
+    cases.case(
+        "modulated layernorm and its backward, gate, silu",
+        |b, g| {
+            let x = g.add(b, "x", t * h, 1.0);
+            let mods = g.add(b, "mods", 6 * h, 0.5);
+            let dy = g.add(b, "dy", t * h, 1.0);
+            let earlier = g.add(b, "earlier", t * h, 1.0);
+            let (y, stats, dx, gated) = (
+                b.output("y", t * h),
+                b.output("stats", 2 * t),
+                b.output("dx", t * h),
+                b.output("gated", t * h),
+            );
+            let op = Op::LayerNormModulate {
+                dim: h,
+                eps: 1e-6,
+                shift: 3,
+                scale: 4,
+            };
+            b.node(op, &[x, mods], &[y, stats], false);
+            // Accumulating, as the builders do into a residual gradient.
+            b.node(Op::Add, &[earlier], &[dx], true);
+            let op = Op::LayerNormModulateBackward {
+                dim: h,
+                eps: 1e-6,
+                scale: 4,
+            };
+            b.node(op, &[x, mods, stats, dy], &[dx], true);
+            b.node(Op::Gate { dim: h, chunk: 5 }, &[mods, y], &[gated], false);
+            b.node(Op::Gate { dim: h, chunk: 2 }, &[mods, x], &[gated], true);
+            let silu = b.output("silu", t * h);
+            b.node(Op::Silu, &[dy], &[silu], false);
+        },
+    );
+    cases.case(
+        "columns, placed columns and the mean squared error",
+        |b, g| {
+            let x = g.add(b, "x", t * i, 1.0);
+            let target = g.add(b, "target", t * 7, 1.0);
+            let scale = b.input(Input::GradScale, 1);
+            let (cols, joined, loss, grad) = (
+                b.output("cols", t * 7),
+                b.output("joined", t * (7 + h)),
+                b.output("loss", 1),
+                b.output("grad", t * 7),
+            );
+            let (width, offset) = (i, 5);
+            b.node(
+                Op::Columns {
+                    width,
+                    offset,
+                    len: 7,
+                },
+                &[x],
+                &[cols],
+                false,
+            );
+            let place = |offset, len| Op::PlaceColumns {
+                width: 7 + h,
+                offset,
+                len,
+            };
+            let other = g.add(b, "other", t * h, 1.0);
+            b.node(place(0, 7), &[cols], &[joined], true);
+            b.node(place(7, h), &[other], &[joined], true);
+            b.node(Op::Mse, &[cols, target, scale], &[loss, grad], false);
+        },
+    );
     // All but the last token (which predicts nothing) and the two whose targets were removed.
     let labelled = TOKENS - 3;
     cases.case("gather and scatter rows", |b, g| {

@@ -88,6 +88,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
     use nibble::ops::dropout::DropoutParams;
     use nibble::ops::linear::LinearParams;
     use nibble::ops::matmul::MatmulParams;
+    use nibble::ops::modulate::ModulateParams;
     use nibble::ops::rmsnorm::RmsNormParams;
     use nibble::ops::rope::RopeParams;
     use nibble::ops::{Dims4, EmbedParams};
@@ -122,6 +123,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 pass_end: pass_end as u32,
                 pass_flags: pass_flags as u32,
                 query_offset: query_offset as u32,
+                causal: causal as u32,
             }),
         ),
         (
@@ -221,6 +223,21 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 heads: heads as u32,
                 head_dim: head_dim as u32,
                 sign: sign as f32,
+                adjacent: adjacent as u32,
+            }),
+        ),
+        (
+            "modulate",
+            "ModulateParams",
+            layout!(ModulateParams {
+                rows: rows as u32,
+                dim: dim as u32,
+                eps: eps as f32,
+                first: first as u32,
+                second: second as u32,
+                len: len as u32,
+                accumulate: accumulate as u32,
+                n: n as u32,
             }),
         ),
     ];

@@ -9,7 +9,7 @@
 use crate::config::ModelConfig;
 use crate::cpu::{Sequence, StepLoss};
 use crate::error::{Error, Result};
-use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, GpuTensor};
+use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, GpuTensor, GpuWeights};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::graph::{Graph, InputValue, Node, Op, Role, StepInputs};
 use crate::models::decoder::{self, LoraSpec, StepShape};
@@ -18,7 +18,7 @@ use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::DropoutParams;
 use crate::ops::matmul::{self, GpuView};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{self, attention, cross_entropy, linear, rope, swiglu};
+use crate::ops::{self, attention, cross_entropy, linear, modulate, rope, swiglu};
 use std::collections::HashMap;
 
 /// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
@@ -41,6 +41,29 @@ fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Resul
         "a {tokens}-token sequence needs activation buffers of {bytes} bytes ({tokens} x {widest} \
          floats), over this GPU's storage binding limit of {limit} bytes: use sequences of at most \
          {most} tokens (--max-length) or the CPU executor (--device cpu)"
+    )))
+}
+
+/// Refuses a graph with a buffer larger than the device binds (decoders check first, naming the sequence
+/// length that fits).
+fn check_buffer_bindings(gpu: &Gpu, graph: &Graph, tokens: usize) -> Result<()> {
+    let limit = gpu.device_binding_limit();
+    let Some(widest) = graph
+        .bufs
+        .iter()
+        .filter(|b| b.role.is_transient())
+        .max_by_key(|b| b.len)
+    else {
+        return Ok(());
+    };
+    let bytes = widest.len as u64 * 4;
+    if bytes <= limit {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "a step of {tokens} tokens needs a buffer of {bytes} bytes ({}), over this GPU's storage \
+         binding limit of {limit} bytes: use a shorter input or the CPU executor (--device cpu)",
+        widest.name
     )))
 }
 
@@ -108,7 +131,7 @@ impl Slot<'_> {
 /// What a graph reads from outside on the GPU.
 pub struct Bindings<'a> {
     pub gpu: &'a Gpu,
-    pub model: &'a GpuModel,
+    pub model: &'a GpuWeights,
     pub lora: Option<&'a GpuLora>,
     pub grads: Option<&'a GpuLora>,
     /// The keys and values of the positions decoded so far (decoding graphs), with room for this
@@ -133,7 +156,7 @@ impl Recorded {
 /// Records `graph` into `enc`.
 pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> Result<Recorded> {
     let tokens = bind.inputs.ids.len();
-    check_activation_bindings(bind.gpu, &bind.model.config, tokens)?;
+    check_buffer_bindings(bind.gpu, graph, tokens)?;
     let params = lora_pairs(bind.lora);
     let grads = lora_pairs(bind.grads);
     let missing = |what: &str, name: &str| {
@@ -329,20 +352,42 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             heads,
             head_dim,
             inverse,
-            adjacent: false,
-        } => rope::record_apply(r, o(0), *heads, *head_dim, x(0), x(1), *inverse),
-        Op::Rope { adjacent: true, .. }
-        | Op::LayerNormModulate { .. }
-        | Op::LayerNormModulateBackward { .. }
-        | Op::Gate { .. }
-        | Op::Silu
-        | Op::Columns { .. }
-        | Op::PlaceColumns { .. }
-        | Op::Mse => {
-            return Err(Error::Invalid(format!(
-                "the GPU executor has no kernel for {} yet: run this model with --device cpu",
-                node.op.name()
-            )));
+            adjacent,
+        } => rope::record_apply(
+            r,
+            o(0),
+            (*heads, *head_dim),
+            [x(0), x(1)],
+            *inverse,
+            *adjacent,
+        ),
+        Op::LayerNormModulate {
+            dim,
+            eps,
+            shift,
+            scale,
+        } => modulate::record_layernorm_modulate(
+            r,
+            [x(0), x(1)],
+            (*dim, *eps),
+            (*shift, *scale),
+            [o(0), o(1)],
+        ),
+        Op::LayerNormModulateBackward { dim, eps, scale } => {
+            let inputs = [x(0), x(1), x(2), x(3)];
+            modulate::record_layernorm_modulate_backward(r, inputs, (*dim, *eps, *scale), o(0), acc)
+        }
+        Op::Gate { dim, chunk } => modulate::record_gate(r, x(0), (*dim, *chunk), x(1), o(0), acc),
+        Op::Silu => modulate::record_silu(r, x(0), o(0)),
+        Op::Columns { width, offset, len } => {
+            modulate::record_columns(r, x(0), o(0), (*width, *offset, *len), false, acc)
+        }
+        Op::PlaceColumns { width, offset, len } => {
+            modulate::record_columns(r, x(0), o(0), (*width, *offset, *len), true, acc)
+        }
+        Op::Mse => {
+            let grad = ins.get(2).map(|s| (s.buf(), o(1)));
+            modulate::record_mse(r, [x(0), x(1)], o(0), grad);
         }
         Op::SwiGlu => swiglu::record_forward(r, x(0), x(1), o(0)),
         Op::SwiGluBackward => swiglu::record_backward(r, [x(0), x(1), x(2)], o(0), o(1)),

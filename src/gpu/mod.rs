@@ -33,6 +33,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("adamw", include_str!("../../shaders/adamw.wgsl")),
     ("rows", include_str!("../../shaders/rows.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("modulate", include_str!("../../shaders/modulate.wgsl")),
 ];
 
 /// Which shader file defines each entry point.
@@ -63,6 +64,14 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("dropout_forward", "dropout"),
     ("dropout_backward", "dropout"),
     ("grad_clip", "adamw"),
+    ("layernorm_modulate_forward", "modulate"),
+    ("layernorm_modulate_backward", "modulate"),
+    ("gate", "modulate"),
+    ("silu", "modulate"),
+    ("columns", "modulate"),
+    ("place_columns", "modulate"),
+    ("mse_loss", "modulate"),
+    ("mse_grad", "modulate"),
 ];
 
 /// The full WGSL source of a shader file (the common prelude included), as the GPU compiles it.

@@ -6,7 +6,7 @@ use super::{Gpu, GpuBuffer};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::LoraAdapter;
-use crate::model::{DenseData, DenseTensor, LinearWeight, Model, TensorRef};
+use crate::model::{DenseData, DenseTensor, FrozenWeights, LinearWeight, Model, TensorRef};
 use crate::quant::QuantFormat;
 use std::collections::HashMap;
 
@@ -167,12 +167,18 @@ pub(crate) enum GpuTensor {
 /// A model's frozen weights in GPU memory, by checkpoint name (`Model::named_tensors`).
 pub struct GpuModel {
     pub config: ModelConfig,
+    weights: GpuWeights,
+}
+
+/// A model's frozen tensors in GPU memory, by the names its graph builder uses: what the GPU executor
+/// binds.
+pub struct GpuWeights {
     pub(crate) tensors: HashMap<String, GpuTensor>,
     pub(crate) dummy: GpuBuffer,
 }
 
-impl GpuModel {
-    pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
+impl GpuWeights {
+    pub fn upload(gpu: &Gpu, model: &dyn FrozenWeights) -> Result<Self> {
         let tensors = model
             .named_tensors()
             .into_iter()
@@ -185,15 +191,14 @@ impl GpuModel {
                 Ok((name, uploaded))
             })
             .collect::<Result<_>>()?;
-        Ok(GpuModel {
-            config: model.config.clone(),
+        Ok(GpuWeights {
             tensors,
             dummy: gpu.zeros(1),
         })
     }
 
-    /// Storage buffers holding the decoder's linear weights: one per weight unless some are larger
-    /// than a binding and split into row blocks.
+    /// Storage buffers holding the linear weights: one per weight unless some are larger than a
+    /// binding and split into row blocks.
     pub fn linear_weight_buffers(&self) -> usize {
         self.tensors
             .values()
@@ -202,6 +207,24 @@ impl GpuModel {
                 _ => 0,
             })
             .sum()
+    }
+}
+
+impl GpuModel {
+    pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
+        Ok(GpuModel {
+            config: model.config.clone(),
+            weights: GpuWeights::upload(gpu, model)?,
+        })
+    }
+}
+
+/// A decoder's weights are bound wherever weights are.
+impl std::ops::Deref for GpuModel {
+    type Target = GpuWeights;
+
+    fn deref(&self) -> &GpuWeights {
+        &self.weights
     }
 }
 

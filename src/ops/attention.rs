@@ -390,7 +390,9 @@ pub struct AttentionParams {
     /// Decoding (forward only): the queries are the last `tokens - query_offset` positions, query row t
     /// at position query_offset + t; `tokens` counts the keys. 0 otherwise.
     pub query_offset: u32,
-    pub _pad: [u32; 3],
+    /// 1: causal; 0: every query sees every key.
+    pub causal: u32,
+    pub _pad: [u32; 2],
 }
 
 fn gpu_params(shape: &AttentionShape) -> AttentionParams {
@@ -404,7 +406,8 @@ fn gpu_params(shape: &AttentionShape) -> AttentionParams {
         pass_end: shape.tokens as u32,
         pass_flags: 3,
         query_offset: 0,
-        _pad: [0; 3],
+        causal: shape.causal.into(),
+        _pad: [0; 2],
     }
 }
 

@@ -6,6 +6,8 @@
 //! A modulation buffer holds `k` vectors of `dim` channels back to back ([shift, scale, gate, ...]);
 //! ops name the vector they use by its index (`chunk`).
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::{GpuBuffer, groups_1d};
 use rayon::prelude::*;
 
 /// Rows per parallel task: enough work to amortise a task, few enough rows to spread a short sequence.
@@ -155,6 +157,144 @@ pub fn mse(pred: &[f32], target: &[f32], grad_scale: Option<f32>) -> (f32, Optio
             .collect()
     });
     ((sum / n) as f32, grad)
+}
+
+/// The uniform of shaders/modulate.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ModulateParams {
+    pub rows: u32,
+    pub dim: u32,
+    pub eps: f32,
+    /// layernorm: the shift vector; gate: the gate vector; columns: the matrix's width.
+    pub first: u32,
+    /// layernorm: the scale vector; columns: the first column.
+    pub second: u32,
+    /// columns: how many columns.
+    pub len: u32,
+    pub accumulate: u32,
+    /// Elements of the elementwise ops.
+    pub n: u32,
+}
+
+/// The GPU lowering of `layernorm_modulate`.
+pub(crate) fn record_layernorm_modulate(
+    r: &mut Recorder,
+    [x, mods]: [&GpuBuffer; 2],
+    (dim, eps): (usize, f64),
+    (shift, scale): (usize, usize),
+    [y, stats]: [&GpuBuffer; 2],
+) {
+    let rows = x.len / dim;
+    let p = ModulateParams {
+        rows: rows as u32,
+        dim: dim as u32,
+        eps: eps as f32,
+        first: shift as u32,
+        second: scale as u32,
+        ..Default::default()
+    };
+    let b = [(1, x), (2, mods), (3, y), (4, stats)];
+    r.dispatch("layernorm_modulate_forward", &p, &b, groups_1d(rows, 1));
+}
+
+/// The GPU lowering of `layernorm_modulate_backward`.
+pub(crate) fn record_layernorm_modulate_backward(
+    r: &mut Recorder,
+    [x, mods, stats, dy]: [&GpuBuffer; 4],
+    (dim, eps, scale): (usize, f64, usize),
+    dx: &GpuBuffer,
+    accumulate: bool,
+) {
+    let rows = x.len / dim;
+    let p = ModulateParams {
+        rows: rows as u32,
+        dim: dim as u32,
+        eps: eps as f32,
+        second: scale as u32,
+        accumulate: accumulate.into(),
+        ..Default::default()
+    };
+    let b = [(1, x), (2, mods), (3, dx), (4, stats), (5, dy)];
+    r.dispatch("layernorm_modulate_backward", &p, &b, groups_1d(rows, 1));
+}
+
+/// The GPU lowering of `gate`.
+pub(crate) fn record_gate(
+    r: &mut Recorder,
+    mods: &GpuBuffer,
+    (dim, index): (usize, usize),
+    y: &GpuBuffer,
+    out: &GpuBuffer,
+    accumulate: bool,
+) {
+    let p = ModulateParams {
+        dim: dim as u32,
+        first: index as u32,
+        accumulate: accumulate.into(),
+        n: y.len as u32,
+        ..Default::default()
+    };
+    r.dispatch(
+        "gate",
+        &p,
+        &[(1, mods), (2, y), (3, out)],
+        groups_1d(y.len, 256),
+    );
+}
+
+/// The GPU lowering of `silu`.
+pub(crate) fn record_silu(r: &mut Recorder, x: &GpuBuffer, y: &GpuBuffer) {
+    let p = ModulateParams {
+        n: x.len as u32,
+        ..Default::default()
+    };
+    r.dispatch("silu", &p, &[(1, x), (3, y)], groups_1d(x.len, 256));
+}
+
+/// The GPU lowering of `columns`: one thread per element of the narrow side.
+pub(crate) fn record_columns(
+    r: &mut Recorder,
+    src: &GpuBuffer,
+    dst: &GpuBuffer,
+    (width, offset, len): (usize, usize, usize),
+    place: bool,
+    accumulate: bool,
+) {
+    let n = if place { src.len } else { dst.len };
+    let p = ModulateParams {
+        first: width as u32,
+        second: offset as u32,
+        len: len as u32,
+        accumulate: accumulate.into(),
+        n: n as u32,
+        ..Default::default()
+    };
+    let entry = if place { "place_columns" } else { "columns" };
+    r.dispatch(entry, &p, &[(1, src), (3, dst)], groups_1d(n, 256));
+}
+
+/// The GPU lowering of `mse`: the loss, and with `grad_scale` its gradient.
+pub(crate) fn record_mse(
+    r: &mut Recorder,
+    [pred, target]: [&GpuBuffer; 2],
+    loss: &GpuBuffer,
+    grad: Option<(&GpuBuffer, &GpuBuffer)>,
+) {
+    let p = ModulateParams {
+        n: pred.len as u32,
+        ..Default::default()
+    };
+    r.dispatch(
+        "mse_loss",
+        &p,
+        &[(1, pred), (2, target), (4, loss)],
+        [1, 1, 1],
+    );
+    if let Some((grad_scale, d_pred)) = grad {
+        let b = [(1, pred), (2, target), (3, d_pred), (5, grad_scale)];
+        r.dispatch("mse_grad", &p, &b, groups_1d(pred.len, 256));
+    }
 }
 
 #[cfg(test)]

@@ -100,17 +100,19 @@ pub struct RopeParams {
     pub heads: u32,
     pub head_dim: u32,
     pub sign: f32,
+    /// 1: pairs (2i, 2i + 1); 0: (i, i + head_dim/2).
+    pub adjacent: u32,
+    pub _pad: [u32; 3],
 }
 
 /// The GPU lowering of `apply` (shaders/rope.wgsl): rotates `x` [tokens, heads · head_dim] in place.
 pub(crate) fn record_apply(
     r: &mut Recorder,
     x: &GpuBuffer,
-    heads: usize,
-    head_dim: usize,
-    cos: &GpuBuffer,
-    sin: &GpuBuffer,
+    (heads, head_dim): (usize, usize),
+    [cos, sin]: [&GpuBuffer; 2],
     inverse: bool,
+    adjacent: bool,
 ) {
     let tokens = x.len / (heads * head_dim);
     let p = RopeParams {
@@ -118,6 +120,8 @@ pub(crate) fn record_apply(
         heads: heads as u32,
         head_dim: head_dim as u32,
         sign: if inverse { -1.0 } else { 1.0 },
+        adjacent: adjacent.into(),
+        _pad: [0; 3],
     };
     let groups = [
         (head_dim / 2).div_ceil(64) as u32,
