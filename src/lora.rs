@@ -89,7 +89,15 @@ pub fn resolve_targets(
     model: &ModelConfig,
     targets: &[String],
 ) -> Result<Vec<(String, usize, usize)>> {
-    let linears = model.linear_modules();
+    resolve_among(model.linear_modules(), targets)
+}
+
+/// `resolve_targets` over a model's adaptable linears (module path, out, in); `all-linear` takes every
+/// one of them.
+pub fn resolve_among(
+    linears: Vec<(String, usize, usize)>,
+    targets: &[String],
+) -> Result<Vec<(String, usize, usize)>> {
     let all = targets.iter().any(|t| t == "all-linear");
     for t in targets.iter().filter(|t| *t != "all-linear") {
         if !linears.iter().any(|(path, _, _)| targets_module(t, path)) {
@@ -101,8 +109,9 @@ pub fn resolve_targets(
             names.dedup();
             return Err(Error::Invalid(format!(
                 "target module `{t}` names no linear layer of this model (its linear layers: {}, \
-                 or all-linear; a longer path such as model.layers.0.self_attn.q_proj picks one)",
-                names.join(", ")
+                 or all-linear; a longer path such as {} picks one)",
+                names.join(", "),
+                linears.first().map_or("", |(p, _, _)| p.as_str())
             )));
         }
     }
@@ -114,11 +123,11 @@ pub fn resolve_targets(
 
 impl LoraAdapter {
     fn with_pairs(
-        model: &ModelConfig,
+        linears: Vec<(String, usize, usize)>,
         config: LoraConfig,
         mut make: impl FnMut(usize, usize, usize) -> LoraPair,
     ) -> Result<Self> {
-        let modules = resolve_targets(model, &config.targets)?
+        let modules = resolve_among(linears, &config.targets)?
             .into_iter()
             .map(|(path, out, inp)| (path, make(config.r, inp, out)))
             .collect();
@@ -127,7 +136,16 @@ impl LoraAdapter {
 
     /// PEFT's default initialisation: A ~ kaiming_uniform(a=√5), i.e. U(−1/√in, 1/√in); B = 0.
     pub fn init(model: &ModelConfig, config: LoraConfig, rng: &mut Rng) -> Result<Self> {
-        Self::with_pairs(model, config, |r, inp, out| {
+        Self::init_among(model.linear_modules(), config, rng)
+    }
+
+    /// `init` over a model's adaptable linears (module path, out, in).
+    pub fn init_among(
+        linears: Vec<(String, usize, usize)>,
+        config: LoraConfig,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        Self::with_pairs(linears, config, |r, inp, out| {
             let mut pair = LoraPair::zeros(r, inp, out);
             let bound = 1.0 / (inp as f64).sqrt();
             for a in pair.a.iter_mut() {
@@ -246,8 +264,8 @@ impl LoraAdapter {
         };
 
         let weights = files.open_safetensors("adapter_model.safetensors")?;
-        let mut adapter =
-            Self::with_pairs(model, config, LoraPair::zeros).map_err(|e| bad(e.to_string()))?;
+        let mut adapter = Self::with_pairs(model.linear_modules(), config, LoraPair::zeros)
+            .map_err(|e| bad(e.to_string()))?;
         for (path, pair) in adapter.pairs_mut() {
             for (which, shape) in [
                 ("lora_A", [pair.rank, pair.in_features]),

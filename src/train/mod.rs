@@ -5,6 +5,7 @@
 //! schedules.
 
 #[cfg(not(target_arch = "wasm32"))]
+pub mod flux2;
 pub mod folder;
 pub mod run;
 pub mod settings;
@@ -90,6 +91,37 @@ pub struct TrainConfig {
     pub loss_on: LossOn,
     pub checkpoint: bool,
     pub precision: Precision,
+}
+
+impl TrainConfig {
+    /// Warmup steps of a run of `total_steps`.
+    pub fn warmup_for(&self, total_steps: usize) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * total_steps as f64).ceil() as usize
+        }
+    }
+
+    /// The scheduled learning rate of optimizer step `step` (0-based) of `total_steps`.
+    pub fn lr_at(&self, step: usize, total_steps: usize) -> f64 {
+        let warmup = self.warmup_for(total_steps);
+        self.lr * self.schedule.factor(step, warmup, total_steps)
+    }
+
+    /// AdamW's parameters for optimizer step `step` (0-based) of `total_steps`: the scheduled learning
+    /// rate, torch's betas and eps, the configured weight decay.
+    pub fn adamw_at(&self, step: usize, total_steps: usize) -> AdamWParams {
+        AdamWParams::new(
+            self.lr_at(step, total_steps),
+            0.9,
+            0.999,
+            1e-8,
+            self.weight_decay,
+            step as u64 + 1,
+            1.0,
+        )
+    }
 }
 
 impl Default for TrainConfig {
@@ -356,11 +388,7 @@ impl<'a> Trainer<'a> {
     }
 
     pub fn warmup_steps(&self) -> usize {
-        if self.config.warmup_steps > 0 {
-            self.config.warmup_steps
-        } else {
-            (self.config.warmup_ratio * self.total_steps as f64).ceil() as usize
-        }
+        self.config.warmup_for(self.total_steps)
     }
 
     /// Σ token cross-entropy and the label-token count of `sequences` with the current adapters, on the
@@ -477,15 +505,8 @@ impl<'a> Trainer<'a> {
             .sum();
         let scale = 1.0 / total_targets as f32;
         let tokens: usize = picks.iter().map(|&i| self.sequences[i].ids.len()).sum();
-        let lr = self.config.lr
-            * self
-                .config
-                .schedule
-                .factor(self.step, self.warmup_steps(), self.total_steps);
-        let weight_decay = self.config.weight_decay;
-        let adamw_at = move |step: usize, clip: f64| {
-            AdamWParams::new(lr, 0.9, 0.999, 1e-8, weight_decay, step as u64, clip)
-        };
+        let lr = self.config.lr_at(self.step, self.total_steps);
+        let adamw = self.config.adamw_at(self.step, self.total_steps);
         let (loss_sum, grad_norm) = if let Some((gpu, state)) = &self.gpu {
             // One seed per sequence, drawn as the CPU path draws them, so both executors use the same
             // dropout masks.
@@ -503,17 +524,12 @@ impl<'a> Trainer<'a> {
                 })
                 .collect();
             let result = state
-                .step(
-                    gpu,
-                    &sequences,
-                    adamw_at(self.step + 1, 1.0),
-                    self.config.max_grad_norm as f32,
-                )
+                .step(gpu, &sequences, adamw, self.config.max_grad_norm as f32)
                 .await?;
             self.stale = true;
             (result.loss_sums.iter().sum::<f64>(), result.grad_norm)
         } else {
-            self.cpu_step(&picks, scale, &adamw_at)?
+            self.cpu_step(&picks, scale, adamw)?
         };
         let loss = loss_sum / total_targets as f64;
         if !loss.is_finite() {
@@ -539,12 +555,7 @@ impl<'a> Trainer<'a> {
 impl Trainer<'_> {
     /// Forward and backward over the picked examples on the CPU, then clipping and AdamW. Returns the
     /// loss sum and the gradient norm before clipping.
-    fn cpu_step(
-        &mut self,
-        picks: &[usize],
-        scale: f32,
-        adamw_at: &dyn Fn(usize, f64) -> AdamWParams,
-    ) -> Result<(f64, f64)> {
+    fn cpu_step(&mut self, picks: &[usize], scale: f32, adamw: AdamWParams) -> Result<(f64, f64)> {
         let mut grads = self.adapter.zeros_like();
         let mut loss_sum = 0.0;
         let options = StepOptions {
@@ -563,31 +574,50 @@ impl Trainer<'_> {
             )?;
             loss_sum += loss.loss_sum;
         }
-        // Clipping and AdamW: the optimizer graph, the clipping coefficient multiplying the gradients.
-        let graph = optimizer::build(&optimizer::shapes(&self.adapter), self.config.max_grad_norm);
-        let inputs = StepInputs {
-            adamw: bytemuck::cast(adamw_at(self.step + 1, 1.0)),
-            ..StepInputs::default()
+        let state = exec::cpu::OptimizerState {
+            params: &mut self.adapter,
+            m: &mut self.m,
+            v: &mut self.v,
         };
-        let mut out = exec::cpu::run(
-            &graph,
-            exec::cpu::Bindings {
-                model: &*self.model,
-                adapter: None,
-                grads: Some(&mut grads),
-                cache: None,
-                optimizer: Some(exec::cpu::OptimizerState {
-                    params: &mut self.adapter,
-                    m: &mut self.m,
-                    v: &mut self.v,
-                }),
-                inputs: &inputs,
-                precision: self.config.precision,
-            },
+        let grad_norm = cpu_optimizer_step(
+            &*self.model,
+            &mut grads,
+            state,
+            (self.config.max_grad_norm, adamw),
+            self.config.precision,
         )?;
-        let grad_norm = out.take("clip")[0] as f64;
         Ok((loss_sum, grad_norm))
     }
+}
+
+/// Clipping and AdamW on the CPU, for any model's adapter: the optimizer graph over `state`'s matrices
+/// and moments (updated in place) with `grads`, clipped at `max_norm` (≤ 0: not clipped). Returns the
+/// gradients' global norm before clipping.
+pub fn cpu_optimizer_step(
+    model: &dyn crate::model::FrozenWeights,
+    grads: &mut LoraAdapter,
+    state: exec::cpu::OptimizerState,
+    (max_norm, adamw): (f64, AdamWParams),
+    precision: crate::ops::Precision,
+) -> Result<f64> {
+    let graph = optimizer::build(&optimizer::shapes(state.params), max_norm);
+    let inputs = StepInputs {
+        adamw: bytemuck::cast(adamw),
+        ..StepInputs::default()
+    };
+    let mut out = exec::cpu::run(
+        &graph,
+        exec::cpu::Bindings {
+            model,
+            adapter: None,
+            grads: Some(grads),
+            cache: None,
+            optimizer: Some(state),
+            inputs: &inputs,
+            precision,
+        },
+    )?;
+    Ok(out.take("clip")[0] as f64)
 }
 
 pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
