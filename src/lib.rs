@@ -43,6 +43,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod gpu;
 pub mod graph;
+pub mod images;
 pub mod lora;
 pub mod merge;
 pub mod model;

@@ -24,6 +24,29 @@ pub fn qwen25_tokenizer() -> TokenizerFiles {
     }
 }
 
+/// Qwen3's tokenizer.json: Qwen2.5's vocabulary and merges with the four tokens Qwen3 adds (tool
+/// responses and thinking blocks), not special.
+pub fn qwen3_tokenizer_json() -> String {
+    let mut json: serde_json::Value =
+        serde_json::from_str(include_str!("../assets/qwen2.5-tokenizer/tokenizer.json"))
+            .expect("the bundled tokenizer is valid JSON");
+    let added = json["added_tokens"]
+        .as_array_mut()
+        .expect("tokenizer.json has added_tokens");
+    for (id, content) in [
+        (151665, "<tool_response>"),
+        (151666, "</tool_response>"),
+        (151667, "<think>"),
+        (151668, "</think>"),
+    ] {
+        added.push(serde_json::json!({
+            "id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": false
+        }));
+    }
+    json.to_string()
+}
+
 /// Which transformers generation wrote config.json.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConfigSpelling {

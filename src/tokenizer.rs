@@ -133,10 +133,13 @@ impl ChatTokenizer {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.template()?.render(messages, add_generation_prompt)
+    }
+
+    pub fn template(&self) -> Result<&ChatTemplate> {
         self.template
             .as_ref()
-            .ok_or_else(|| Error::Template("this tokenizer has no chat template".into()))?
-            .render(messages, add_generation_prompt)
+            .ok_or_else(|| Error::Template("this tokenizer has no chat template".into()))
     }
 }
 
@@ -197,15 +200,30 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_thinking(messages, add_generation_prompt, None)
+    }
+
+    /// `render` with `enable_thinking` defined (as transformers passes the keyword on to the template:
+    /// Qwen3's hybrid template then closes an empty thinking block), or left undefined.
+    pub fn render_thinking(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .expect("added in new()");
-        let ctx = minijinja::context! {
+        let base = minijinja::context! {
             messages => JinjaValue::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        let ctx = match enable_thinking {
+            Some(thinking) => minijinja::context! { enable_thinking => thinking, ..base },
+            None => base,
         };
         template.render(ctx).map_err(|e| {
             let mut msg = e.to_string();

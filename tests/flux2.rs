@@ -429,3 +429,43 @@ fn the_lora_file_has_comfyui_keys_and_reads_back() {
         "{e}"
     );
 }
+
+/// Caption features as the klein pipeline computes them (scripts/make_klein_text_fixture.py: a tiny
+/// random Qwen3 with 28 layers, bf16 weights, the Qwen3 tokenizer, captions padded to 24 tokens where
+/// the pipeline pads to 512), including the padding positions the transformer attends to. Measured:
+/// 5.9e-7 relative (padding rows included); held to 6e-6.
+#[test]
+fn caption_features_match_the_pipeline() {
+    let dir = Path::new("tests/fixtures/klein_text");
+    let files = nibble::model::TokenizerFiles {
+        tokenizer_json: Some(nibble::synth::qwen3_tokenizer_json()),
+        tokenizer_config_json: Some(
+            std::fs::read_to_string(dir.join("tokenizer/tokenizer_config.json")).unwrap(),
+        ),
+        chat_template_jinja: None,
+    };
+    let tokenizer =
+        nibble::tokenizer::ChatTokenizer::from_files(&files, &dir.join("tokenizer")).unwrap();
+    let encoder = nibble::model::open(dir.join("text_encoder"))
+        .unwrap()
+        .load(Some(nibble::model::QuantRequest::Dense))
+        .unwrap();
+    let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
+    let mut worst = 0f64;
+    for (i, caption) in ["a red fox sitting in snow", ""].iter().enumerate() {
+        let features =
+            flux2::caption_features(&encoder, &tokenizer, caption, 24, Precision::F32).unwrap();
+        let want = expected.read_f32(&format!("caption{i}.features")).unwrap();
+        let e = rel(&features, &want);
+        // The padding rows alone (the real tokens are the first ones).
+        let mask = expected
+            .read_f32(&format!("caption{i}.attention_mask"))
+            .unwrap();
+        let real = mask.iter().filter(|&&m| m > 0.5).count();
+        let width = want.len() / 24;
+        let pad = rel(&features[real * width..], &want[real * width..]);
+        eprintln!("caption {i}: {real} real tokens, features {e:e}, padding rows {pad:e}");
+        worst = worst.max(e).max(pad);
+    }
+    assert!(worst < 6e-6, "caption features off by {worst:e}");
+}

@@ -483,7 +483,19 @@ impl Exec {
             Op::Attention { shape } => {
                 let segments = ins.get(3).map(|s| s.u32());
                 let (out, lse) = two(&mut outs);
-                attention::forward(*shape, x(0), x(1), x(2), segments, out, lse);
+                match ins.get(4) {
+                    Some(end) => attention::forward_padded(
+                        *shape,
+                        x(0),
+                        x(1),
+                        x(2),
+                        segments,
+                        end.u32(),
+                        out,
+                        lse,
+                    ),
+                    None => attention::forward(*shape, x(0), x(1), x(2), segments, out, lse),
+                }
             }
             Op::CachedAttention { shape, past } => {
                 let (out, rest) = outs.slots.split_at_mut(1);

@@ -38,6 +38,9 @@ pub enum Input {
     RopeSin,
     /// Per token, the first position it may attend to (the start of its example in a packed sequence).
     FirstKey,
+    /// Per token, one past the last position it may attend to (a padded sequence: the real tokens'
+    /// end, so that padding is never attended to).
+    KeyEnd,
     /// The positions that carry a label, ascending [positions].
     LabelPositions,
     /// The token each labelled position must predict [positions].
@@ -58,6 +61,7 @@ pub struct StepInputs {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     pub first_key: Vec<u32>,
+    pub key_end: Vec<u32>,
     pub label_positions: Vec<u32>,
     pub labels: Vec<u32>,
     pub grad_scale: f32,
@@ -82,6 +86,7 @@ impl StepInputs {
             Input::RopeCos => InputValue::F32(Borrowed(&self.cos)),
             Input::RopeSin => InputValue::F32(Borrowed(&self.sin)),
             Input::FirstKey => InputValue::U32(Borrowed(&self.first_key)),
+            Input::KeyEnd => InputValue::U32(Borrowed(&self.key_end)),
             Input::LabelPositions => InputValue::U32(Borrowed(&self.label_positions)),
             Input::Labels => InputValue::U32(Borrowed(&self.labels)),
             Input::GradScale => InputValue::F32(Owned(vec![self.grad_scale])),
@@ -187,8 +192,9 @@ pub enum Op {
     SwiGlu,
     /// [gate, up, dh] -> [dgate, dup].
     SwiGluBackward,
-    /// [q, k, v (, first_key)] -> [out, lse]: causal grouped-query attention; with `first_key`, each
-    /// token attends only inside its own example.
+    /// [q, k, v (, first_key (, key_end))] -> [out, lse]: grouped-query attention; with `first_key`,
+    /// each token attends only inside its own example; with `key_end`, to none at or past its entry
+    /// (padding).
     Attention { shape: AttentionShape },
     /// [q, k, v] -> [out, cache_k, cache_v]: decoding. The T queries sit at positions past..past+T;
     /// their keys and values are appended to the caches, which they attend over.

@@ -76,6 +76,14 @@ impl StepShape {
     /// Decoding `tokens` new tokens after `past` cached ones.
     pub fn decode(tokens: usize, past: usize) -> Self {
         StepShape {
+            decode_after: Some(past),
+            ..Self::forward_only(tokens)
+        }
+    }
+
+    /// A forward over `tokens` tokens with nothing after the layers (hidden states).
+    fn forward_only(tokens: usize) -> Self {
+        StepShape {
             tokens,
             positions: 0,
             packed: false,
@@ -83,7 +91,7 @@ impl StepShape {
             dropout: false,
             checkpoint: false,
             logits: false,
-            decode_after: Some(past),
+            decode_after: None,
         }
     }
 }
@@ -157,6 +165,8 @@ struct Decoder<'a> {
     c: &'a ModelConfig,
     lora: Option<&'a LoraSpec>,
     shape: StepShape,
+    /// Padding at the end of the sequence that no token attends to (`Input::KeyEnd`).
+    padded: bool,
 }
 
 impl Decoder<'_> {
@@ -264,6 +274,20 @@ impl Decoder<'_> {
     }
 
     /// The attention inputs after q/k/v: example boundaries when packed.
+    /// The attention's inputs after q, k, v: example starts (packed or padded), and where each
+    /// token's visible keys end (padded).
+    fn key_ranges(&mut self) -> Vec<BufId> {
+        let t = self.t();
+        let mut inputs = Vec::new();
+        if self.shape.packed || self.padded {
+            inputs.push(self.b.input(Input::FirstKey, t));
+        }
+        if self.padded {
+            inputs.push(self.b.input(Input::KeyEnd, t));
+        }
+        inputs
+    }
+
     fn first_key(&mut self) -> Option<BufId> {
         let t = self.t();
         self.shape.packed.then(|| self.b.input(Input::FirstKey, t))
@@ -334,7 +358,7 @@ impl Decoder<'_> {
             .activation(2 * c.num_heads * t, format!("layers.{l}.lse"));
         if self.shape.decode_after.is_none() {
             let mut inputs = vec![q, k, v];
-            inputs.extend(self.first_key());
+            inputs.extend(self.key_ranges());
             self.b
                 .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
         }
@@ -489,6 +513,37 @@ pub fn cached(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Arc
     graph
 }
 
+/// The hidden states after `layers[i]` decoder layers (Hugging Face's `hidden_states[layers[i]]`, no
+/// final norm) of `tokens` tokens, as outputs `hidden.{n}`; the layers past the last one asked are not
+/// built. With `padded`, the sequence ends in padding that no token attends to (`Input::KeyEnd`), as
+/// transformers' attention mask does.
+pub fn hidden_states(c: &ModelConfig, layers: &[usize], tokens: usize, padded: bool) -> Graph {
+    let shape = StepShape::forward_only(tokens);
+    let mut d = Decoder {
+        b: Builder::new(),
+        c,
+        lora: None,
+        shape,
+        padded,
+    };
+    let h = c.hidden_size;
+    let ids = d.b.input(Input::TokenIds, tokens);
+    let table = d.b.weight("model.embed_tokens.weight", c.vocab_size * h);
+    let mut x = d.b.activation(tokens * h, "embeddings");
+    d.b.node(Op::Embed { dim: h }, &[ids, table], &[x], false);
+    let last = layers.iter().copied().max().unwrap_or(0).min(c.num_layers);
+    for l in 0..=last {
+        if layers.contains(&l) {
+            let out = d.b.output(&format!("hidden.{l}"), tokens * h);
+            d.b.node(Op::Add, &[x], &[out], true);
+        }
+        if l < last {
+            x = d.layer_forward(l, x).0;
+        }
+    }
+    d.b.finish()
+}
+
 /// The graph of one step of shape `shape` over the decoder `c`, with the LoRA branches of `lora`.
 pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Graph {
     let mut d = Decoder {
@@ -496,6 +551,7 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
         c,
         lora,
         shape,
+        padded: false,
     };
     let (t, h, vocab) = (shape.tokens, c.hidden_size, c.vocab_size);
     let ids = d.b.input(Input::TokenIds, t);

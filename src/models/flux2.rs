@@ -1151,3 +1151,80 @@ pub fn config_at(path: &Path) -> Result<Option<Flux2Config>> {
     }
     Flux2Config::from_diffusers(&text, &file).map(Some)
 }
+
+/// The text encoder's layers whose outputs (Hugging Face's `hidden_states[n]`, before the final norm)
+/// make a caption's features, in the order they are joined per token.
+pub const TEXT_LAYERS: [usize; 3] = [9, 18, 27];
+
+/// The caption tokens the transformer reads: every caption is padded (or cut) to this many.
+pub const TEXT_TOKENS: usize = 512;
+
+/// A caption's features as the klein pipeline computes them: the caption as one user message through
+/// the text encoder's chat template (generation prompt, thinking disabled), padded on the right with
+/// the pad token (or cut) to `tokens`, run through the Qwen3 text encoder with padding masked, the
+/// outputs of layers 9, 18 and 27 joined per token: [tokens, 3 · hidden]. Padding positions keep their
+/// features (the transformer attends to them).
+pub fn caption_features(
+    encoder: &crate::model::Model,
+    tokenizer: &crate::tokenizer::ChatTokenizer,
+    caption: &str,
+    tokens: usize,
+    precision: crate::ops::Precision,
+) -> Result<Vec<f32>> {
+    let c = &encoder.config;
+    if c.num_layers < TEXT_LAYERS[2] {
+        return Err(Error::Invalid(format!(
+            "the text encoder has {} layers; FLUX.2 reads the outputs of layers {TEXT_LAYERS:?}",
+            c.num_layers
+        )));
+    }
+    let message = crate::tokenizer::Message::new("user", caption);
+    let prompt = tokenizer
+        .template()?
+        .render_thinking(&[message], true, Some(false))?;
+    let mut ids = tokenizer.encode(&prompt)?;
+    ids.truncate(tokens);
+    let real = ids.len();
+    let pad = tokenizer.token_id("<|endoftext|>").ok_or_else(|| {
+        Error::Invalid("the text tokenizer has no <|endoftext|> pad token".into())
+    })?;
+    ids.resize(tokens, pad);
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let (cos, sin) = crate::ops::rope::tables(
+        &positions,
+        &crate::ops::rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+    );
+    let inputs = StepInputs {
+        ids,
+        cos,
+        sin,
+        first_key: vec![0; tokens],
+        key_end: vec![real as u32; tokens],
+        ..StepInputs::default()
+    };
+    let graph = crate::models::decoder::hidden_states(c, &TEXT_LAYERS, tokens, true);
+    let mut out = crate::exec::cpu::run(
+        &graph,
+        crate::exec::cpu::Bindings {
+            model: encoder,
+            adapter: None,
+            grads: None,
+            cache: None,
+            optimizer: None,
+            inputs: &inputs,
+            precision,
+        },
+    )?;
+    let h = c.hidden_size;
+    let layers: Vec<Vec<f32>> = TEXT_LAYERS
+        .iter()
+        .map(|l| out.take(&format!("hidden.{l}")))
+        .collect();
+    Ok((0..tokens)
+        .flat_map(|t| {
+            layers
+                .iter()
+                .flat_map(move |layer| layer[t * h..(t + 1) * h].iter().copied())
+        })
+        .collect())
+}

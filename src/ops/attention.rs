@@ -128,11 +128,15 @@ impl Block {
         &self,
         i: usize,
         (past, causal): (usize, bool),
-        segments: Option<&[u32]>,
+        (segments, key_end): (Option<&[u32]>, Option<&[u32]>),
     ) -> std::ops::Range<usize> {
         let t = self.t0 + i;
-        let end = if causal { past + t + 1 } else { self.k1 };
-        first_key(segments, t) - self.k0..end - self.k0
+        let mut end = if causal { past + t + 1 } else { self.k1 };
+        if let Some(limit) = key_end {
+            end = end.min(limit[t] as usize);
+        }
+        let start = first_key(segments, t) - self.k0;
+        start..(end - self.k0).max(start)
     }
 }
 
@@ -146,7 +150,22 @@ pub fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    forward_after(s, 0, q, k, v, segments, out, lse);
+    forward_after(s, 0, q, k, v, (segments, None), out, lse);
+}
+
+/// `forward` where query t sees no key at or past `key_end[t]` (padding at the end of a sequence).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_padded(
+    s: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segments: Option<&[u32]>,
+    key_end: &[u32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    forward_after(s, 0, q, k, v, (segments, Some(key_end)), out, lse);
 }
 
 /// Decoding with a KV cache: the T queries sit at positions past..past+T and k, v hold all past + T
@@ -160,7 +179,7 @@ pub fn forward_cached(
     out: &mut [f32],
 ) {
     let mut lse = vec![0f32; s.heads * s.tokens];
-    forward_after(s, past, q, k, v, None, out, &mut lse);
+    forward_after(s, past, q, k, v, (None, None), out, &mut lse);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -170,7 +189,7 @@ fn forward_after(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    segments: Option<&[u32]>,
+    (segments, key_end): (Option<&[u32]>, Option<&[u32]>),
     out: &mut [f32],
     lse: &mut [f32],
 ) {
@@ -203,7 +222,7 @@ fn forward_after(
                         false,
                     );
                     for (i, row) in scores.chunks_mut(keys).enumerate() {
-                        let seen = b.visible(i, (past, s.causal), segments);
+                        let seen = b.visible(i, (past, s.causal), (segments, key_end));
                         let max = fastmath::max(&row[seen.clone()]);
                         let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
                         row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
@@ -302,7 +321,7 @@ pub fn backward(
                         .enumerate()
                     {
                         let t = b.t0 + i;
-                        let seen = b.visible(i, (0, s.causal), segments);
+                        let seen = b.visible(i, (0, s.causal), (segments, None));
                         let l = lse[h * t_len + t];
                         let delta = dot(
                             &d_out[t * qw + h * d..t * qw + (h + 1) * d],

@@ -1,0 +1,142 @@
+//! Image datasets for FLUX.2 LoRAs, in the layout ai-toolkit and kohya use: a folder of images (PNG,
+//! JPEG, WebP) with a same-name `.txt` caption beside each. Each image is resized to cover its aspect
+//! bucket at the chosen resolution (about resolution² pixels, sides multiples of 16) and centre-cropped
+//! to it.
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// One training image and its caption.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageExample {
+    pub image: PathBuf,
+    pub caption: String,
+}
+
+const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// Sides are multiples of this (8x VAE, 2x2 patches).
+pub const SIDE_MULTIPLE: usize = 16;
+
+/// The images of `dir` (sorted by name) with their captions. A caption's `[trigger]` becomes
+/// `trigger`, or the trigger word is put first where the caption does not place it. An image without
+/// a caption file is an error naming it (an empty `.txt` means no caption).
+pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut images: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
+        .collect();
+    images.sort();
+    if images.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no images (PNG, JPEG or WebP files with a .txt caption beside each)",
+            dir.display()
+        )));
+    }
+    images
+        .into_iter()
+        .map(|image| {
+            let caption_path = image.with_extension("txt");
+            let text = crate::fsutil::read_to_string(&caption_path).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: no caption ({}: {e}); write one, or an empty file for none",
+                    image.display(),
+                    caption_path.display()
+                ))
+            })?;
+            let caption = with_trigger(text.trim(), trigger);
+            Ok(ImageExample { image, caption })
+        })
+        .collect()
+}
+
+fn with_trigger(caption: &str, trigger: Option<&str>) -> String {
+    match trigger {
+        Some(t) if caption.contains("[trigger]") => caption.replace("[trigger]", t),
+        Some(t) if caption.is_empty() => t.to_string(),
+        Some(t) => format!("{t}, {caption}"),
+        None => caption.to_string(),
+    }
+}
+
+/// The bucket (width, height) of a `width` x `height` image at `resolution`: the image's aspect ratio
+/// with about resolution² pixels, each side rounded down to a multiple of 16 (at least 16).
+pub fn bucket(width: usize, height: usize, resolution: usize) -> (usize, usize) {
+    let aspect = width as f64 / height as f64;
+    let area = (resolution * resolution) as f64;
+    let h = (area / aspect).sqrt();
+    let w = h * aspect;
+    let round = |v: f64| ((v as usize) / SIDE_MULTIPLE).max(1) * SIDE_MULTIPLE;
+    (round(w), round(h))
+}
+
+/// An image decoded, resized to cover its bucket (Lanczos) and centre-cropped to it: RGB in [0, 1],
+/// channels first [3, height, width], with its (width, height).
+pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, usize)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let image = image::load_from_memory(&bytes)
+        .map_err(|e| Error::Invalid(format!("{}: not a readable image: {e}", path.display())))?;
+    let (w0, h0) = (image.width() as usize, image.height() as usize);
+    if w0 < SIDE_MULTIPLE || h0 < SIDE_MULTIPLE {
+        return Err(Error::Invalid(format!(
+            "{}: {w0}x{h0} pixels, smaller than {SIDE_MULTIPLE} on a side",
+            path.display()
+        )));
+    }
+    let (w, h) = bucket(w0, h0, resolution);
+    let scale = (w as f64 / w0 as f64).max(h as f64 / h0 as f64);
+    let (rw, rh) = (
+        ((w0 as f64 * scale).round() as usize).max(w),
+        ((h0 as f64 * scale).round() as usize).max(h),
+    );
+    let resized = image.to_rgb8();
+    let resized = image::imageops::resize(
+        &resized,
+        rw as u32,
+        rh as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    let (x0, y0) = ((rw - w) / 2, (rh - h) / 2);
+    let mut pixels = vec![0f32; 3 * w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let p = resized.get_pixel((x0 + x) as u32, (y0 + y) as u32);
+            for c in 0..3 {
+                pixels[(c * h + y) * w + x] = p[c] as f32 / 255.0;
+            }
+        }
+    }
+    Ok((pixels, w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_keep_the_aspect_with_about_the_area_in_sides_of_16() {
+        assert_eq!(bucket(1000, 1000, 512), (512, 512));
+        let (w, h) = bucket(1920, 1080, 1024);
+        assert_eq!((w % 16, h % 16), (0, 0));
+        assert!((w as f64 / h as f64 - 16.0 / 9.0).abs() < 0.05, "{w}x{h}");
+        assert!(
+            w * h <= 1024 * 1024 && w * h > 1024 * 1024 * 9 / 10,
+            "{w}x{h}"
+        );
+        // A sliver keeps its aspect: 16 wide, and the height that keeps the area.
+        assert_eq!(bucket(10, 4000, 512), (16, 10240));
+    }
+
+    #[test]
+    fn triggers_go_where_the_caption_says_or_first() {
+        assert_eq!(with_trigger("a [trigger] dog", Some("sks")), "a sks dog");
+        assert_eq!(with_trigger("a dog", Some("sks")), "sks, a dog");
+        assert_eq!(with_trigger("", Some("sks")), "sks");
+        assert_eq!(with_trigger("a dog", None), "a dog");
+    }
+}
