@@ -227,6 +227,28 @@ pub trait FrozenWeights: Sync {
     fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)>;
 }
 
+/// Frozen tensors held by name: linears (4-bit or dense) and vectors (norm scales, biases). Models
+/// that are not decoders (FLUX.2's transformer and VAE) keep their weights here.
+#[derive(Default)]
+pub struct NamedWeights {
+    pub linears: std::collections::BTreeMap<String, LinearWeight>,
+    pub vectors: std::collections::BTreeMap<String, Vec<f32>>,
+}
+
+impl FrozenWeights for NamedWeights {
+    fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
+        let linears = self
+            .linears
+            .iter()
+            .map(|(n, w)| (n.clone(), TensorRef::Linear(w)));
+        let vectors = self
+            .vectors
+            .iter()
+            .map(|(n, v)| (n.clone(), TensorRef::Vector(v)));
+        linears.chain(vectors).collect()
+    }
+}
+
 impl FrozenWeights for Model {
     fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
         Model::named_tensors(self)

@@ -469,3 +469,19 @@ fn caption_features_match_the_pipeline() {
     }
     assert!(worst < 6e-6, "caption features off by {worst:e}");
 }
+
+/// The VAE encoder's latent tokens of an image as the klein pipeline computes them
+/// (scripts/make_flux2_vae_fixture.py: a tiny random AutoencoderKLFlux2, bf16 weights, a 48x32 image),
+/// through the posterior mean, 2x2 patches and the BatchNorm statistics. Measured: 1.0e-6 relative;
+/// held to 1e-5.
+#[test]
+fn vae_latents_match_the_pipeline() {
+    let vae = nibble::models::vae::load(&Path::new(FIXTURE).join("tiny_vae")).unwrap();
+    let expected =
+        SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_vae_expected.safetensors")).unwrap();
+    let read = |name: &str| expected.read_f32(name).unwrap();
+    let latents = nibble::models::vae::encode(&vae, &read("pixels"), (48, 32)).unwrap();
+    let e = rel(&latents, &read("latents"));
+    eprintln!("latents {e:e}");
+    assert!(e < 1e-5, "latents off by {e:e}");
+}

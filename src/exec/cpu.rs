@@ -13,7 +13,7 @@ use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
 use crate::ops::{
-    self, Precision, attention, cross_entropy, linear, modulate, rope, swiglu, zeros,
+    self, Precision, attention, conv, cross_entropy, linear, modulate, rope, swiglu, zeros,
 };
 use crate::rng::Rng;
 use std::collections::HashMap;
@@ -467,6 +467,23 @@ impl Exec {
             Op::PlaceColumns { width, offset, len } => {
                 modulate::columns(x(0), outs.get(0), (*width, *offset, *len), true, acc)
             }
+            Op::Conv2d { shape } => {
+                let bias = ins.get(2).map(|b| b.f32());
+                let y = outs.get(0);
+                conv::conv2d(shape, x(0), ins[1].linear(), bias, y, self.precision);
+            }
+            Op::GroupNorm {
+                channels,
+                groups,
+                eps,
+                silu,
+            } => conv::group_norm(
+                x(0),
+                (*channels, *groups, *eps),
+                (x(1), x(2)),
+                *silu,
+                outs.get(0),
+            ),
             Op::Mse => {
                 let grad_scale = ins.get(2).map(|s| s.f32()[0]);
                 let (loss, grad) = modulate::mse(x(0), x(1), grad_scale);

@@ -391,6 +391,12 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
         }
         Op::SwiGlu => swiglu::record_forward(r, x(0), x(1), o(0)),
         Op::SwiGluBackward => swiglu::record_backward(r, [x(0), x(1), x(2)], o(0), o(1)),
+        Op::Conv2d { .. } | Op::GroupNorm { .. } => {
+            return Err(Error::Invalid(format!(
+                "{} (the VAE encoder) runs on the CPU executor only, so far",
+                node.op.name()
+            )));
+        }
         Op::Attention { .. } if ins.len() > 4 => {
             return Err(Error::Invalid(
                 "attention over padded sequences (text features) runs on the CPU executor only, \

@@ -245,6 +245,16 @@ pub enum Op {
     /// [pred, target (, grad_scale)] -> [loss (, d_pred)]: the mean of (pred − target)² over every
     /// element, and grad_scale times its gradient.
     Mse,
+    /// [x, weight (, bias)] -> [y]: a 2-D convolution of x [H·W, channels] (pixels by channels), the
+    /// weight [out, channels·k·k] in PyTorch's order, y [H'·W', out].
+    Conv2d { shape: crate::ops::conv::ConvShape },
+    /// [x, weight, bias] -> [y]: GroupNorm over x [pixels, channels], then SiLU when `silu`.
+    GroupNorm {
+        channels: usize,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    },
     /// [gradients...] -> [clip]: the global norm of all the gradients and torch's clipping coefficient
     /// for it, min(1, max_norm / (norm + 1e-6)) (1 when max_norm ≤ 0), as [norm, coefficient].
     GradNorm { max_norm: f64 },
@@ -293,6 +303,8 @@ impl Op {
             Op::Columns { .. } => "columns",
             Op::PlaceColumns { .. } => "place_columns",
             Op::Mse => "mse",
+            Op::Conv2d { .. } => "conv2d",
+            Op::GroupNorm { .. } => "group_norm",
             Op::GradNorm { .. } => "grad_norm",
             Op::AdamW => "adamw",
         }
@@ -422,6 +434,10 @@ impl Graph {
         let floats = match &node.op {
             Op::Linear { out, inp } | Op::LinearBackwardInput { out, inp } => {
                 (*out).min(256) as u64 * *inp as u64
+            }
+            Op::Conv2d { shape } => {
+                let (k, c) = (shape.kernel, shape.channels);
+                (shape.tile_pixels() * c * k * k) as u64
             }
             Op::AttentionBackward { shape } => {
                 3 * (shape.tokens * shape.heads * shape.head_dim) as u64

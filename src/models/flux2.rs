@@ -10,14 +10,14 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Builder, Graph, Input, Op, StepInputs};
-use crate::model::{DenseData, DenseTensor, FrozenWeights, LinearWeight, TensorRef};
+use crate::model::{DenseData, DenseTensor, FrozenWeights, LinearWeight, NamedWeights, TensorRef};
 use crate::models::decoder::LoraSpec;
 use crate::models::lora_linear::{self, LinearTape};
 use crate::ops::attention::AttentionShape;
 use crate::quant::{QuantSpec, QuantTensor};
 use crate::source::SafetensorsFile;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The transformer's shape, from diffusers' `transformer/config.json`.
@@ -294,23 +294,14 @@ fn diffusers_names(bfl: &str) -> (Vec<String>, bool) {
 /// A loaded transformer: linears (4-bit or dense f32) and norm scales by BFL name.
 pub struct Flux2Model {
     pub config: Flux2Config,
-    pub linears: BTreeMap<String, LinearWeight>,
-    pub norms: BTreeMap<String, Vec<f32>>,
+    pub weights: NamedWeights,
     pub quant: Option<QuantSpec>,
     pub source: String,
 }
 
 impl FrozenWeights for Flux2Model {
     fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
-        let linears = self
-            .linears
-            .iter()
-            .map(|(n, w)| (n.clone(), TensorRef::Linear(w)));
-        let norms = self
-            .norms
-            .iter()
-            .map(|(n, v)| (n.clone(), TensorRef::Vector(v)));
-        linears.chain(norms).collect()
+        self.weights.named_tensors()
     }
 }
 
@@ -372,7 +363,7 @@ pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Mode
         }
         Ok(data)
     };
-    let mut linears = BTreeMap::new();
+    let mut weights = NamedWeights::default();
     for (path, out, inp) in config.linears() {
         let data = read(&format!("{path}.weight"), out, inp)?;
         let weight =
@@ -389,16 +380,15 @@ pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Mode
                     data: DenseData::F32(data),
                 }),
             };
-        linears.insert(format!("{path}.weight"), weight);
+        weights.linears.insert(format!("{path}.weight"), weight);
     }
-    let mut norms = BTreeMap::new();
     for name in config.norms() {
-        norms.insert(name.clone(), read(&name, 1, config.head_dim)?);
+        let scale = read(&name, 1, config.head_dim)?;
+        weights.vectors.insert(name, scale);
     }
     Ok(Flux2Model {
         config,
-        linears,
-        norms,
+        weights,
         quant,
         source: path.display().to_string(),
     })

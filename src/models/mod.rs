@@ -4,3 +4,4 @@ pub mod decoder;
 pub mod flux2;
 pub mod lora_linear;
 pub mod optimizer;
+pub mod vae;

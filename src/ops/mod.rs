@@ -5,6 +5,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod bf16_gemm;
+pub mod conv;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod fastmath;

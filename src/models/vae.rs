@@ -1,0 +1,329 @@
+//! The FLUX.2 VAE's encoder (diffusers' AutoencoderKLFlux2) as a graph builder, and what turns an
+//! image into the transformer's latent tokens: the posterior mean, 2x2 patches of it (128 channels),
+//! normalised by the VAE's BatchNorm statistics. Activations are pixels by channels throughout.
+
+use crate::error::{Error, Result};
+use crate::graph::{BufId, Builder, Graph, Op};
+use crate::model::{DenseData, DenseTensor, FrozenWeights, LinearWeight, NamedWeights, TensorRef};
+use crate::ops::attention::AttentionShape;
+use crate::ops::conv::ConvShape;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The encoder's shape, from the VAE's config.json.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct VaeConfig {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub latent_channels: usize,
+    pub in_channels: usize,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    pub batch_norm_eps: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// GroupNorm's eps throughout the encoder.
+const NORM_EPS: f64 = 1e-6;
+
+/// A loaded VAE encoder with its BatchNorm statistics.
+pub struct Vae {
+    pub config: VaeConfig,
+    pub weights: NamedWeights,
+    pub running_mean: Vec<f32>,
+    pub running_var: Vec<f32>,
+}
+
+impl FrozenWeights for Vae {
+    fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
+        self.weights.named_tensors()
+    }
+}
+
+/// Loads the encoder half of a VAE folder (config.json and diffusion_pytorch_model.safetensors).
+pub fn load(dir: &Path) -> Result<Vae> {
+    let config_path = dir.join("config.json");
+    let text =
+        crate::fsutil::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config: VaeConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: config_path.clone(),
+        msg: format!("not a FLUX.2 VAE config: {e}"),
+    })?;
+    let levels = &config.block_out_channels;
+    if levels.is_empty()
+        || config.norm_num_groups == 0
+        || levels
+            .iter()
+            .any(|c| *c == 0 || c % config.norm_num_groups != 0)
+        || config.latent_channels == 0
+        || config.in_channels == 0
+    {
+        return Err(Error::Config {
+            path: config_path,
+            msg: "block_out_channels must be positive multiples of norm_num_groups".into(),
+        });
+    }
+    let file =
+        crate::source::SafetensorsFile::open(&dir.join("diffusion_pytorch_model.safetensors"))?;
+    let mut weights = NamedWeights::default();
+    for name in file.tensor_names() {
+        let keep = name.starts_with("encoder.") || name.starts_with("quant_conv.");
+        if !keep {
+            continue;
+        }
+        let shape = &file.info(name).expect("listed").shape;
+        let values = file.read_f32(name)?;
+        if shape.len() >= 2 {
+            // Conv kernels [out, in, k, k] and linears [out, in], flattened per output channel.
+            let rows = shape[0];
+            let cols = values.len() / rows.max(1);
+            let dense = DenseTensor {
+                rows,
+                cols,
+                data: DenseData::F32(values),
+            };
+            weights
+                .linears
+                .insert(name.clone(), LinearWeight::Dense(dense));
+        } else {
+            weights.vectors.insert(name.clone(), values);
+        }
+    }
+    let (running_mean, running_var) = (
+        file.read_f32("bn.running_mean")?,
+        file.read_f32("bn.running_var")?,
+    );
+    let channels = 4 * config.latent_channels;
+    if running_mean.len() != channels || running_var.len() != channels {
+        return Err(Error::tensor(
+            file.path(),
+            "bn.running_mean",
+            format!("expected {channels} statistics (the latent channels in 2x2 patches)"),
+        ));
+    }
+    Ok(Vae {
+        config,
+        weights,
+        running_mean,
+        running_var,
+    })
+}
+
+struct Encoder<'a> {
+    b: Builder,
+    c: &'a VaeConfig,
+    /// The current resolution.
+    height: usize,
+    width: usize,
+}
+
+impl Encoder<'_> {
+    fn pixels(&self) -> usize {
+        self.height * self.width
+    }
+
+    fn conv(
+        &mut self,
+        x: BufId,
+        name: &str,
+        (cin, cout): (usize, usize),
+        (kernel, stride, pad): (usize, usize, [usize; 4]),
+    ) -> BufId {
+        let shape = ConvShape {
+            height: self.height,
+            width: self.width,
+            channels: cin,
+            kernel,
+            stride,
+            pad,
+        };
+        let (oh, ow) = shape.output();
+        let weight = self
+            .b
+            .weight(&format!("{name}.weight"), cout * cin * kernel * kernel);
+        let bias = self.b.weight(&format!("{name}.bias"), cout);
+        let y = self.b.activation(oh * ow * cout, name);
+        self.b
+            .node(Op::Conv2d { shape }, &[x, weight, bias], &[y], false);
+        (self.height, self.width) = (oh, ow);
+        y
+    }
+
+    fn norm(&mut self, x: BufId, name: &str, channels: usize, silu: bool) -> BufId {
+        let weight = self.b.weight(&format!("{name}.weight"), channels);
+        let bias = self.b.weight(&format!("{name}.bias"), channels);
+        let y = self.b.activation(self.b.len(x), name);
+        let op = Op::GroupNorm {
+            channels,
+            groups: self.c.norm_num_groups,
+            eps: NORM_EPS,
+            silu,
+        };
+        self.b.node(op, &[x, weight, bias], &[y], false);
+        y
+    }
+
+    fn add(&mut self, a: BufId, b: BufId, name: &str) -> BufId {
+        let y = self.b.activation(self.b.len(a), name);
+        self.b.node(Op::Add, &[a, b], &[y], false);
+        y
+    }
+
+    fn resnet(&mut self, x: BufId, name: &str, (cin, cout): (usize, usize)) -> BufId {
+        const SAME: (usize, usize, [usize; 4]) = (3, 1, [1; 4]);
+        let a = self.norm(x, &format!("{name}.norm1"), cin, true);
+        let h = self.conv(a, &format!("{name}.conv1"), (cin, cout), SAME);
+        let a = self.norm(h, &format!("{name}.norm2"), cout, true);
+        let h = self.conv(a, &format!("{name}.conv2"), (cout, cout), SAME);
+        let shortcut = if cin == cout {
+            x
+        } else {
+            self.conv(
+                x,
+                &format!("{name}.conv_shortcut"),
+                (cin, cout),
+                (1, 1, [0; 4]),
+            )
+        };
+        self.add(shortcut, h, name)
+    }
+
+    fn linear(&mut self, x: BufId, name: &str, dim: usize) -> BufId {
+        let weight = self.b.weight(&format!("{name}.weight"), dim * dim);
+        let bias = self.b.weight(&format!("{name}.bias"), dim);
+        let y = self.b.activation(self.b.len(x), name);
+        self.b.node(
+            Op::Linear { out: dim, inp: dim },
+            &[x, weight, bias],
+            &[y],
+            false,
+        );
+        y
+    }
+
+    /// One head of self-attention over every pixel, with a residual.
+    fn attention(&mut self, x: BufId, name: &str, channels: usize) -> BufId {
+        let h = self.norm(x, &format!("{name}.group_norm"), channels, false);
+        let [q, k, v] =
+            ["to_q", "to_k", "to_v"].map(|p| self.linear(h, &format!("{name}.{p}"), channels));
+        let tokens = self.pixels();
+        let out = self.b.activation(tokens * channels, format!("{name}.attn"));
+        let lse = self.b.activation(2 * tokens, format!("{name}.lse"));
+        let shape = AttentionShape {
+            tokens,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: channels,
+            causal: false,
+        };
+        self.b
+            .node(Op::Attention { shape }, &[q, k, v], &[out, lse], false);
+        let o = self.linear(out, &format!("{name}.to_out.0"), channels);
+        self.add(o, x, name)
+    }
+}
+
+/// The encoder over an image of `height` x `width` pixels (multiples of 16): given `image` [H·W,
+/// channels] in [−1, 1], output `moments` [H/8 · W/8, 2 · latent channels] (mean, then log-variance).
+pub fn encoder_graph(c: &VaeConfig, height: usize, width: usize) -> Graph {
+    let mut e = Encoder {
+        b: Builder::new(),
+        c,
+        height,
+        width,
+    };
+    let levels = &c.block_out_channels;
+    let x = e.b.given("image", height * width * c.in_channels);
+    let same = (3, 1, [1; 4]);
+    let mut h = e.conv(x, "encoder.conv_in", (c.in_channels, levels[0]), same);
+    let mut channels = levels[0];
+    for (i, &out) in levels.iter().enumerate() {
+        for j in 0..c.layers_per_block {
+            h = e.resnet(
+                h,
+                &format!("encoder.down_blocks.{i}.resnets.{j}"),
+                (channels, out),
+            );
+            channels = out;
+        }
+        if i + 1 < levels.len() {
+            // One zero row at the bottom and one zero column on the right, then stride 2.
+            let name = format!("encoder.down_blocks.{i}.downsamplers.0.conv");
+            h = e.conv(h, &name, (out, out), (3, 2, [0, 1, 0, 1]));
+        }
+    }
+    h = e.resnet(h, "encoder.mid_block.resnets.0", (channels, channels));
+    if c.mid_block_add_attention {
+        h = e.attention(h, "encoder.mid_block.attentions.0", channels);
+    }
+    h = e.resnet(h, "encoder.mid_block.resnets.1", (channels, channels));
+    let a = e.norm(h, "encoder.conv_norm_out", channels, true);
+    let moments = 2 * c.latent_channels;
+    let mut y = e.conv(a, "encoder.conv_out", (channels, moments), same);
+    if c.use_quant_conv {
+        y = e.conv(y, "quant_conv", (moments, moments), (1, 1, [0; 4]));
+    }
+    let out = e.b.output("moments", e.pixels() * moments);
+    e.b.node(Op::Add, &[y], &[out], true);
+    e.b.finish()
+}
+
+/// The transformer's latent tokens of an image (`pixels` [3, height, width] in [0, 1], sides
+/// multiples of 16): [(height/16) · (width/16), 4 · latent channels], row-major over the token grid,
+/// each token's channel c·4 + 2·row + column of its 2x2 patch, normalised by the BatchNorm statistics.
+pub fn encode(vae: &Vae, pixels: &[f32], (height, width): (usize, usize)) -> Result<Vec<f32>> {
+    let c = &vae.config;
+    if height % 16 != 0 || width % 16 != 0 || height == 0 || width == 0 {
+        return Err(Error::Invalid(format!(
+            "image sides must be positive multiples of 16 (got {width}x{height})"
+        )));
+    }
+    let channels = c.in_channels;
+    // 2p − 1 in f32, as the pipeline's image processor computes it; pixels by channels.
+    let image: Vec<f32> = (0..height * width)
+        .flat_map(|p| (0..channels).map(move |ch| (p, ch)))
+        .map(|(p, ch)| 2.0 * pixels[ch * height * width + p] - 1.0)
+        .collect();
+    let graph = encoder_graph(c, height, width);
+    let inputs = crate::graph::StepInputs {
+        given: [("image".to_string(), image)].into_iter().collect(),
+        ..Default::default()
+    };
+    let mut out = crate::exec::cpu::run(
+        &graph,
+        crate::exec::cpu::Bindings {
+            model: vae,
+            adapter: None,
+            grads: None,
+            cache: None,
+            optimizer: None,
+            inputs: &inputs,
+            precision: crate::ops::Precision::F32,
+        },
+    )?;
+    let moments = out.take("moments");
+    let (lh, lw, latent) = (height / 8, width / 8, c.latent_channels);
+    let stride = 2 * latent;
+    let (th, tw) = (lh / 2, lw / 2);
+    let mut tokens = vec![0f32; th * tw * 4 * latent];
+    for i in 0..th {
+        for j in 0..tw {
+            let token = &mut tokens[(i * tw + j) * 4 * latent..][..4 * latent];
+            for ch in 0..latent {
+                for (pi, pj) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    let k = ch * 4 + pi * 2 + pj;
+                    let mean = moments[((2 * i + pi) * lw + 2 * j + pj) * stride + ch];
+                    let std = (vae.running_var[k] + c.batch_norm_eps as f32).sqrt();
+                    token[k] = (mean - vae.running_mean[k]) / std;
+                }
+            }
+        }
+    }
+    Ok(tokens)
+}

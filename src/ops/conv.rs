@@ -1,0 +1,233 @@
+//! The image ops of the FLUX.2 VAE encoder, on activations laid out pixels by channels ([H·W, C],
+//! row-major over the image), so that a convolution is a linear over gathered patches and attention
+//! over pixels reads rows: 2-D convolution and GroupNorm (with an optional SiLU after it). Forward
+//! only: the VAE encodes images once, before training.
+
+use crate::model::LinearWeight;
+use crate::ops::{Precision, linear};
+use rayon::prelude::*;
+
+/// A convolution's geometry: input size, kernel, stride and zero padding (top, bottom, left, right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvShape {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: [usize; 4],
+}
+
+impl ConvShape {
+    /// The output's (height, width).
+    pub fn output(&self) -> (usize, usize) {
+        let [top, bottom, left, right] = self.pad;
+        (
+            (self.height + top + bottom - self.kernel) / self.stride + 1,
+            (self.width + left + right - self.kernel) / self.stride + 1,
+        )
+    }
+
+    /// Output pixels per patch tile: the tile of gathered patches stays near 4 MiB.
+    pub fn tile_pixels(&self) -> usize {
+        let patch = self.channels * self.kernel * self.kernel;
+        ((1 << 20) / patch).max(1)
+    }
+}
+
+/// y [H'·W', out] = patches(x) · Wᵀ + bias, with W [out, channels · k · k] in PyTorch's (channel,
+/// row, column) order. Output pixels are taken a tile at a time, each tile's patches gathered and
+/// multiplied by the linear kernel.
+pub fn conv2d(
+    s: &ConvShape,
+    x: &[f32],
+    weight: &LinearWeight,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    precision: Precision,
+) {
+    let (oh, ow) = s.output();
+    let (k, c) = (s.kernel, s.channels);
+    let patch = c * k * k;
+    let out = weight.shape().0;
+    let tile = s.tile_pixels();
+    let mut patches = vec![0f32; tile * patch];
+    for first in (0..oh * ow).step_by(tile) {
+        let n = tile.min(oh * ow - first);
+        patches[..n * patch]
+            .par_chunks_mut(patch)
+            .enumerate()
+            .for_each(|(i, row)| {
+                let (oy, ox) = ((first + i) / ow, (first + i) % ow);
+                for ch in 0..c {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * s.stride + ky) as isize - s.pad[0] as isize;
+                            let ix = (ox * s.stride + kx) as isize - s.pad[2] as isize;
+                            let inside = iy >= 0
+                                && ix >= 0
+                                && (iy as usize) < s.height
+                                && (ix as usize) < s.width;
+                            row[(ch * k + ky) * k + kx] = if inside {
+                                x[(iy as usize * s.width + ix as usize) * c + ch]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            });
+        let rows = &mut y[first * out..(first + n) * out];
+        linear::forward_packed(&patches[..n * patch], None, weight, bias, rows, precision);
+    }
+}
+
+/// GroupNorm over x [pixels, channels]: each of `groups` groups of consecutive channels normalised
+/// over all its values (biased variance), then scaled and shifted per channel; SiLU after it when
+/// `silu`.
+pub fn group_norm(
+    x: &[f32],
+    (channels, groups, eps): (usize, usize, f64),
+    (weight, bias): (&[f32], &[f32]),
+    silu: bool,
+    y: &mut [f32],
+) {
+    let per = channels / groups;
+    let pixels = x.len() / channels;
+    let stats: Vec<(f32, f32)> = (0..groups)
+        .into_par_iter()
+        .map(|g| {
+            let values = || {
+                (0..pixels).flat_map(move |p| {
+                    x[p * channels + g * per..p * channels + (g + 1) * per].iter()
+                })
+            };
+            let n = (pixels * per) as f64;
+            let mean = values().map(|&v| v as f64).sum::<f64>() / n;
+            let var = values().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+        })
+        .collect();
+    y.par_chunks_mut(channels)
+        .zip(x.par_chunks(channels))
+        .for_each(|(y, x)| {
+            for ch in 0..channels {
+                let (mean, rstd) = stats[ch / per];
+                let v = (x[ch] - mean) * rstd * weight[ch] + bias[ch];
+                y[ch] = if silu { v / (1.0 + (-v).exp()) } else { v };
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DenseData, DenseTensor};
+    use crate::rng::Rng;
+
+    fn random(n: usize, rng: &mut Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// A convolution straight from its definition, in f64, on channel-first data.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(s: &ConvShape, x_chw: &[f32], w: &[f32], b: &[f32], out: usize) -> Vec<f64> {
+        let (oh, ow) = s.output();
+        let (k, c) = (s.kernel, s.channels);
+        let mut y = vec![0f64; out * oh * ow];
+        for o in 0..out {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut sum = b[o] as f64;
+                    for ch in 0..c {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * s.stride + ky) as isize - s.pad[0] as isize;
+                                let ix = (ox * s.stride + kx) as isize - s.pad[2] as isize;
+                                if iy < 0
+                                    || ix < 0
+                                    || iy as usize >= s.height
+                                    || ix as usize >= s.width
+                                {
+                                    continue;
+                                }
+                                let xv =
+                                    x_chw[(ch * s.height + iy as usize) * s.width + ix as usize];
+                                sum += xv as f64 * w[((o * c + ch) * k + ky) * k + kx] as f64;
+                            }
+                        }
+                    }
+                    y[(o * oh + oy) * ow + ox] = sum;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn convolutions_match_f64_with_padding_and_stride() {
+        let mut rng = Rng::new(9);
+        for (kernel, stride, pad) in [(3, 1, [1, 1, 1, 1]), (3, 2, [0, 1, 0, 1]), (1, 1, [0; 4])] {
+            let s = ConvShape {
+                height: 9,
+                width: 6,
+                channels: 5,
+                kernel,
+                stride,
+                pad,
+            };
+            let out = 7;
+            let x_chw = random(5 * 9 * 6, &mut rng);
+            let w = random(out * 5 * kernel * kernel, &mut rng);
+            let b = random(out, &mut rng);
+            let x_hwc: Vec<f32> = (0..9 * 6)
+                .flat_map(|p| (0..5).map(move |c| (p, c)))
+                .map(|(p, c)| x_chw[c * 54 + p])
+                .collect();
+            let weight = LinearWeight::Dense(DenseTensor {
+                rows: out,
+                cols: 5 * kernel * kernel,
+                data: DenseData::F32(w.clone()),
+            });
+            let (oh, ow) = s.output();
+            let mut y = vec![0f32; oh * ow * out];
+            conv2d(&s, &x_hwc, &weight, Some(&b), &mut y, Precision::F32);
+            let want = reference(&s, &x_chw, &w, &b, out);
+            for p in 0..oh * ow {
+                for o in 0..out {
+                    let (got, want) = (y[p * out + o] as f64, want[o * oh * ow + p]);
+                    assert!(
+                        (got - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "k{kernel} s{stride}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_its_definition() {
+        let mut rng = Rng::new(2);
+        let (pixels, channels, groups) = (13, 8, 4);
+        let x = random(pixels * channels, &mut rng);
+        let (w, b) = (random(channels, &mut rng), random(channels, &mut rng));
+        let mut y = vec![0f32; x.len()];
+        group_norm(&x, (channels, groups, 1e-6), (&w, &b), true, &mut y);
+        for g in 0..groups {
+            let vals: Vec<f64> = (0..pixels)
+                .flat_map(|p| (0..2).map(move |c| (p, c)))
+                .map(|(p, c)| x[p * channels + g * 2 + c] as f64)
+                .collect();
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
+            for p in 0..pixels {
+                for c in g * 2..g * 2 + 2 {
+                    let n = (x[p * channels + c] as f64 - mean) / (var + 1e-6).sqrt();
+                    let v = n * w[c] as f64 + b[c] as f64;
+                    let want = v / (1.0 + (-v).exp());
+                    assert!((y[p * channels + c] as f64 - want).abs() < 1e-5);
+                }
+            }
+        }
+    }
+}
