@@ -8,7 +8,7 @@ use crate::rng::Rng;
 use crate::source::{FloatDtype, ModelFiles};
 use serde_json::{Value, json};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The Qwen2.5 tokenizer shipped with nibble, so that demos and tests run with no download.
@@ -432,4 +432,197 @@ fn write_safetensors(
         out.write_all(&bytes)?;
     }
     Ok(())
+}
+
+/// The FLUX.2 [klein] pipelines `nibble synth` writes with random weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KleinPreset {
+    /// One double- and one single-stream block of 2 heads, a 28-layer Qwen3 of width 128, a small VAE:
+    /// every part of the real layout, small enough for tests.
+    Tiny,
+    /// klein 4B's transformer (the text encoder and VAE at their real shapes too).
+    B4,
+    /// klein 9B's.
+    B9,
+}
+
+/// The Qwen3 tokenizer: Qwen2.5's vocabulary with Qwen3's four added tokens and hybrid chat template.
+pub fn qwen3_tokenizer() -> TokenizerFiles {
+    TokenizerFiles {
+        tokenizer_json: Some(qwen3_tokenizer_json()),
+        tokenizer_config_json: Some(
+            include_str!("../assets/qwen3-tokenizer/tokenizer_config.json").to_string(),
+        ),
+        chat_template_jinja: None,
+    }
+}
+
+/// Writes a diffusers FLUX.2 [klein] pipeline folder with random weights: model_index.json,
+/// transformer/, text_encoder/ (Qwen3), tokenizer/ and vae/.
+pub fn write_klein_pipeline(dir: &Path, preset: KleinPreset, seed: u64) -> Result<()> {
+    let (double, single, heads, te_hidden, te_layers, te_heads, te_inter, vae_widths, groups) =
+        match preset {
+            KleinPreset::Tiny => (1, 1, 2, 128, 28, 4, 256, vec![32, 32, 64, 64], 8),
+            KleinPreset::B4 => (5, 20, 24, 2560, 36, 32, 9728, vec![128, 256, 512, 512], 32),
+            KleinPreset::B9 => (8, 24, 32, 4096, 36, 32, 12288, vec![128, 256, 512, 512], 32),
+        };
+    let write = |path: PathBuf, value: &Value| {
+        std::fs::create_dir_all(path.parent().expect("inside dir"))
+            .and_then(|_| std::fs::write(&path, serde_json::to_string_pretty(value).expect("json")))
+            .map_err(|e| Error::io(&path, e))
+    };
+    write(
+        dir.join("model_index.json"),
+        &json!({"_class_name": "Flux2KleinPipeline", "_diffusers_version": "0.42.1",
+                "transformer": ["diffusers", "Flux2Transformer2DModel"],
+                "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+                "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+                "vae": ["diffusers", "AutoencoderKLFlux2"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}),
+    )?;
+    let mut rng = Rng::new(seed);
+    // The transformer, in diffusers' names.
+    let transformer = json!({"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128,
+        "axes_dims_rope": [32, 32, 32, 32], "eps": 1e-6, "guidance_embeds": false, "in_channels": 128,
+        "joint_attention_dim": 3 * te_hidden, "mlp_ratio": 3.0, "num_attention_heads": heads,
+        "num_layers": double, "num_single_layers": single, "out_channels": null, "patch_size": 1,
+        "rope_theta": 2000, "timestep_guidance_channels": 256});
+    write(dir.join("transformer/config.json"), &transformer)?;
+    let c = crate::models::flux2::Flux2Config::from_diffusers(
+        &transformer.to_string(),
+        &dir.join("transformer/config.json"),
+    )?;
+    let mut entries: Vec<(String, Vec<usize>)> = Vec::new();
+    for (path, out, inp) in c.linears() {
+        let names = crate::models::flux2::diffusers_names(&format!("{path}.weight")).0;
+        let rows = out / names.len();
+        entries.extend(names.into_iter().map(|n| (n, vec![rows, inp])));
+    }
+    for name in c.norms() {
+        let names = crate::models::flux2::diffusers_names(&name).0;
+        entries.push((names[0].clone(), vec![c.head_dim]));
+    }
+    write_random(
+        &dir.join("transformer/diffusion_pytorch_model.safetensors"),
+        &entries,
+        &mut rng,
+    )?;
+    // The Qwen3 text encoder and its tokenizer.
+    let encoder = SynthSpec {
+        arch: Arch::Qwen3,
+        hidden_size: te_hidden,
+        intermediate_size: te_inter,
+        num_layers: te_layers,
+        num_heads: te_heads,
+        num_kv_heads: 8.min(te_heads),
+        head_dim: Some(if preset == KleinPreset::Tiny { 32 } else { 128 }),
+        vocab_size: 151936,
+        tie_word_embeddings: preset == KleinPreset::Tiny,
+        spelling: ConfigSpelling::V4,
+        dtype: FloatDtype::BF16,
+        shards: 1,
+        llama3_rope: false,
+        std: 0.1,
+        seed: seed.wrapping_add(1),
+    };
+    write_model_folder(&dir.join("text_encoder"), &encoder, None)?;
+    let tokenizer = qwen3_tokenizer();
+    for (name, text) in [
+        ("tokenizer.json", &tokenizer.tokenizer_json),
+        ("tokenizer_config.json", &tokenizer.tokenizer_config_json),
+    ] {
+        let path = dir.join("tokenizer").join(name);
+        std::fs::create_dir_all(dir.join("tokenizer"))
+            .and_then(|_| std::fs::write(&path, text.as_deref().unwrap_or_default()))
+            .map_err(|e| Error::io(&path, e))?;
+    }
+    // The VAE's encoder half, its BatchNorm statistics, and a config diffusers accepts.
+    let vae = json!({"_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "batch_norm_eps": 1e-4,
+        "batch_norm_momentum": 0.1, "block_out_channels": vae_widths, "in_channels": 3,
+        "latent_channels": 32, "layers_per_block": 2, "mid_block_add_attention": true,
+        "norm_num_groups": groups, "out_channels": 3, "patch_size": [2, 2],
+        "use_post_quant_conv": true, "use_quant_conv": true,
+        "down_block_types": (["DownEncoderBlock2D"; 4]),
+        "up_block_types": (["UpDecoderBlock2D"; 4])});
+    write(dir.join("vae/config.json"), &vae)?;
+    let mut entries = Vec::new();
+    let conv =
+        |entries: &mut Vec<(String, Vec<usize>)>, name: &str, cin: usize, cout: usize, k: usize| {
+            entries.push((format!("{name}.weight"), vec![cout, cin, k, k]));
+            entries.push((format!("{name}.bias"), vec![cout]));
+        };
+    let norm = |entries: &mut Vec<(String, Vec<usize>)>, name: &str, ch: usize| {
+        entries.push((format!("{name}.weight"), vec![ch]));
+        entries.push((format!("{name}.bias"), vec![ch]));
+    };
+    conv(&mut entries, "encoder.conv_in", 3, vae_widths[0], 3);
+    let mut ch = vae_widths[0];
+    for (i, &out) in vae_widths.iter().enumerate() {
+        for j in 0..2 {
+            let p = format!("encoder.down_blocks.{i}.resnets.{j}");
+            norm(&mut entries, &format!("{p}.norm1"), ch);
+            conv(&mut entries, &format!("{p}.conv1"), ch, out, 3);
+            norm(&mut entries, &format!("{p}.norm2"), out);
+            conv(&mut entries, &format!("{p}.conv2"), out, out, 3);
+            if ch != out {
+                conv(&mut entries, &format!("{p}.conv_shortcut"), ch, out, 1);
+            }
+            ch = out;
+        }
+        if i + 1 < vae_widths.len() {
+            conv(
+                &mut entries,
+                &format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
+                out,
+                out,
+                3,
+            );
+        }
+    }
+    for r in 0..2 {
+        let p = format!("encoder.mid_block.resnets.{r}");
+        norm(&mut entries, &format!("{p}.norm1"), ch);
+        conv(&mut entries, &format!("{p}.conv1"), ch, ch, 3);
+        norm(&mut entries, &format!("{p}.norm2"), ch);
+        conv(&mut entries, &format!("{p}.conv2"), ch, ch, 3);
+    }
+    let attn = "encoder.mid_block.attentions.0";
+    norm(&mut entries, &format!("{attn}.group_norm"), ch);
+    for l in ["to_q", "to_k", "to_v", "to_out.0"] {
+        entries.push((format!("{attn}.{l}.weight"), vec![ch, ch]));
+        entries.push((format!("{attn}.{l}.bias"), vec![ch]));
+    }
+    norm(&mut entries, "encoder.conv_norm_out", ch);
+    conv(&mut entries, "encoder.conv_out", ch, 64, 3);
+    conv(&mut entries, "quant_conv", 64, 64, 1);
+    entries.push(("bn.running_mean".into(), vec![128]));
+    entries.push(("bn.running_var".into(), vec![128]));
+    write_random(
+        &dir.join("vae/diffusion_pytorch_model.safetensors"),
+        &entries,
+        &mut rng,
+    )
+}
+
+/// Random bf16 tensors: weights of matrices and kernels scaled by 1/√fan-in, norm scales and variances
+/// around 1, biases and means small.
+fn write_random(path: &Path, entries: &[(String, Vec<usize>)], rng: &mut Rng) -> Result<()> {
+    write_safetensors_streaming(path, FloatDtype::BF16, entries, |i, out| {
+        let (name, shape) = &entries[i];
+        let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+        let around_one = name.contains("norm") && !name.contains("norm_out.linear")
+            || name.ends_with("running_var");
+        for v in out.iter_mut() {
+            let n = rng.normal() as f32;
+            *v = if shape.len() > 1 {
+                n / (fan_in as f32).sqrt()
+            } else if around_one && name.ends_with("running_var") {
+                (0.5 * n).exp()
+            } else if around_one && !name.ends_with(".bias") {
+                1.0 + 0.1 * n
+            } else {
+                0.1 * n
+            };
+        }
+    })
 }

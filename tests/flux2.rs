@@ -485,3 +485,99 @@ fn vae_latents_match_the_pipeline() {
     eprintln!("latents {e:e}");
     assert!(e < 1e-5, "latents off by {e:e}");
 }
+
+/// The whole klein loop through the binary, on a random tiny pipeline (`nibble synth --preset
+/// flux2-klein-tiny`): captions through the text encoder, images through the VAE, three steps, the
+/// LoRA file; the folder is then a finished run, and image options are refused for language models.
+#[test]
+fn nibble_trains_a_klein_lora_from_an_image_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let out = common::nibble(&[
+        "synth",
+        "--preset",
+        "flux2-klein-tiny",
+        "-o",
+        &s(&root.join("klein")),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let images = root.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let mut rng = nibble::rng::Rng::new(5);
+    for (name, (w, h), caption) in [
+        ("fox", (64, 48), "a [trigger] fox"),
+        ("snow", (40, 64), "snow"),
+    ] {
+        let image = image::RgbImage::from_fn(w, h, |_, _| {
+            image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))
+        });
+        image.save(images.join(format!("{name}.png"))).unwrap();
+        std::fs::write(images.join(format!("{name}.txt")), caption).unwrap();
+    }
+    let (klein, data, output) = (s(&root.join("klein")), s(&images), s(&root.join("run")));
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train", "--model", &klein, "--data", &data, "--output", &output,
+        ];
+        args.extend(["--resolution", "64", "--max-steps", "3", "--trigger", "sks"]);
+        args.extend(["--device", "cpu"]);
+        args.extend(extra);
+        common::nibble(&args)
+    };
+    let out = train(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("step 3/3"), "{stderr}");
+    let metrics = std::fs::read_to_string(root.join("run/metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    let file = SafetensorsFile::open(&root.join("run/lora.safetensors")).unwrap();
+    let model = flux2::config_at(&root.join("klein")).unwrap().unwrap();
+    let lora = nibble::train::flux2::load_lora(&file, &model).unwrap();
+    assert_eq!((lora.config.r, lora.pairs().count()), (32, 10));
+    // Trained: B started at zero.
+    assert!(lora.pairs().any(|(_, p)| p.b.iter().any(|&b| b != 0.0)));
+    let again = train(&[]);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("--overwrite"),
+        "{stderr}"
+    );
+    assert!(train(&["--overwrite"]).status.success());
+
+    let llm = root.join("llm");
+    let out = common::nibble(&["synth", "--preset", "tiny-qwen2", "-o", &s(&llm)]);
+    assert!(out.status.success());
+    let out = common::nibble(&[
+        "train",
+        "--model",
+        &s(&llm),
+        "--data",
+        &s(&images),
+        "--output",
+        &s(&root.join("x")),
+        "--resolution",
+        "512",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--resolution"),
+        "{stderr}"
+    );
+}

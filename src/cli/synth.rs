@@ -34,6 +34,16 @@ enum Preset {
     /// The exact Qwen2.5-0.5B shapes.
     #[value(name = "qwen2.5-0.5b")]
     Qwen25Half,
+    /// A FLUX.2 [klein] diffusers pipeline folder (transformer, Qwen3 text encoder, tokenizer, VAE),
+    /// small enough for tests.
+    #[value(name = "flux2-klein-tiny")]
+    KleinTiny,
+    /// FLUX.2 [klein] 4B's shapes (about 8 GB of 16-bit weights in the transformer).
+    #[value(name = "flux2-klein-4b")]
+    Klein4b,
+    /// FLUX.2 [klein] 9B's shapes (about 18 GB in the transformer).
+    #[value(name = "flux2-klein-9b")]
+    Klein9b,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -53,6 +63,24 @@ enum Tokenizer {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let klein = match args.preset {
+        Preset::KleinTiny => Some(synth::KleinPreset::Tiny),
+        Preset::Klein4b => Some(synth::KleinPreset::B4),
+        Preset::Klein9b => Some(synth::KleinPreset::B9),
+        _ => None,
+    };
+    if let Some(preset) = klein {
+        let output = &args.output;
+        if output.exists() && std::fs::read_dir(output)?.next().is_some() {
+            bail!("{} exists and is not empty", output.display());
+        }
+        synth::write_klein_pipeline(output, preset, args.seed)?;
+        eprintln!(
+            "wrote a random FLUX.2 [klein] pipeline ({preset:?}) to {}",
+            output.display()
+        );
+        return Ok(());
+    }
     let (tokenizer, vocab) = match args.tokenizer {
         Tokenizer::Qwen25 => (synth::qwen25_tokenizer(), 151936),
         Tokenizer::Byte => (synth::byte_tokenizer(), synth::BYTE_VOCAB),
@@ -65,6 +93,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::Qwen25Half => {
             bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")
         }
+        Preset::KleinTiny | Preset::Klein4b | Preset::Klein9b => unreachable!("written above"),
     };
     spec.spelling = match args.spelling {
         Spelling::V4 => ConfigSpelling::V4,

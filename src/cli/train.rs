@@ -20,6 +20,16 @@ pub fn run(flags: TrainSettings) -> Result<()> {
         need(&settings.data, "data")?,
         need(&settings.output, "output")?,
     );
+    if nibble::models::flux2::config_at(&model)?.is_some() {
+        return train_klein(settings, &model, &data, &output);
+    }
+    if let Some((name, _)) = settings.image_options().into_iter().find(|(_, set)| *set) {
+        anyhow::bail!(
+            "--{} is an option for FLUX.2 image models; {} is a language model",
+            name.replace('_', "-"),
+            model.display()
+        );
+    }
     let spec = RunSpec {
         model: &model,
         data: &data,
@@ -32,6 +42,55 @@ pub fn run(flags: TrainSettings) -> Result<()> {
     stop_on_signals();
     nibble::train::run::run(spec, gpu.as_ref(), &mut Progress::default())?;
     eprintln!("saved the adapter to {}", output.display());
+    Ok(())
+}
+
+/// A FLUX.2 [klein] LoRA from a folder of captioned images: the flux2-klein preset under the options
+/// given (unless another preset is named).
+fn train_klein(
+    settings: TrainSettings,
+    model: &std::path::Path,
+    data: &std::path::Path,
+    output: &std::path::Path,
+) -> Result<()> {
+    let settings = match settings.preset {
+        Some(_) => settings,
+        None => settings.over(TrainSettings::preset("flux2-klein")?)?,
+    };
+    if settings.device == Some(nibble::exec::Device::Gpu) {
+        anyhow::bail!("FLUX.2 training runs on the CPU executor so far: pass --device cpu");
+    }
+    let quant = match settings.quant_request()? {
+        Some(nibble::model::QuantRequest::Quantize(spec)) => Some(spec),
+        _ => None,
+    };
+    let spec = nibble::train::flux2::FluxRunSpec {
+        model,
+        data,
+        output,
+        quant,
+        config: settings.train_config()?,
+        resolution: settings.resolution.unwrap_or(512),
+        trigger: settings.trigger.clone(),
+        caption_dropout: settings.caption_dropout.unwrap_or(0.05),
+        sampling: settings
+            .sigma_sampling
+            .unwrap_or(nibble::train::flux2::SigmaSampling::Sigmoid),
+        text_tokens: nibble::models::flux2::TEXT_TOKENS,
+        overwrite: settings.overwrite.unwrap_or(false),
+    };
+    let last = nibble::train::flux2::run_folder(spec, &mut |r| {
+        eprintln!(
+            "step {}/{}  loss {:.4}  grad norm {:.3}  lr {:.2e}  {:.1} s",
+            r.step, r.total_steps, r.loss, r.grad_norm, r.lr, r.seconds
+        );
+    })?;
+    eprintln!(
+        "saved the LoRA ({} steps, last loss {:.4}) to {}",
+        last.step,
+        last.loss,
+        output.join(nibble::train::flux2::LORA_FILE).display()
+    );
     Ok(())
 }
 

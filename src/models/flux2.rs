@@ -234,7 +234,7 @@ impl Flux2Config {
 /// Where a BFL tensor lives in the diffusers layout: the tensors whose rows it joins, and whether its
 /// two halves of rows come swapped (the final modulation: diffusers keeps (scale, shift), BFL
 /// (shift, scale)).
-fn diffusers_names(bfl: &str) -> (Vec<String>, bool) {
+pub fn diffusers_names(bfl: &str) -> (Vec<String>, bool) {
     let one = |n: &str| (vec![format!("{n}.weight")], false);
     let stem = bfl.strip_suffix(".weight").unwrap_or(bfl);
     match stem {
@@ -310,7 +310,7 @@ impl FrozenWeights for Flux2Model {
 pub fn transformer_folder(path: &Path) -> Option<PathBuf> {
     let candidates = [path.join("transformer"), path.to_path_buf()];
     candidates.into_iter().find(|d| {
-        std::fs::read_to_string(d.join("config.json"))
+        crate::fsutil::read_to_string(&d.join("config.json"))
             .is_ok_and(|t| t.contains("\"Flux2Transformer2DModel\""))
     })
 }

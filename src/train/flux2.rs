@@ -357,3 +357,198 @@ pub fn load_lora(
         modules,
     })
 }
+
+/// The LoRA file a klein run leaves at the top of its output folder.
+pub const LORA_FILE: &str = "lora.safetensors";
+
+/// A klein run from files: a diffusers pipeline folder and a folder of captioned images.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct FluxRunSpec<'a> {
+    pub model: &'a std::path::Path,
+    pub data: &'a std::path::Path,
+    pub output: &'a std::path::Path,
+    /// Storage of the transformer's linears (the text encoder runs in NF4 groups of 64 when its widths
+    /// allow, else dense).
+    pub quant: Option<crate::quant::QuantSpec>,
+    pub config: TrainConfig,
+    /// Image side in pixels (buckets keep each image's aspect at about this squared).
+    pub resolution: usize,
+    pub trigger: Option<String>,
+    /// Probability of training an example with the empty caption.
+    pub caption_dropout: f64,
+    pub sampling: SigmaSampling,
+    /// Caption tokens (the pipeline's 512).
+    pub text_tokens: usize,
+    pub overwrite: bool,
+}
+
+/// What a klein run reports after each optimizer step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FluxStepRecord {
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+/// Trains a klein LoRA: caption features (the text encoder, then released), image latents (the VAE,
+/// then released), then the transformer's steps on the CPU executor; writes metrics.jsonl as it goes
+/// and the LoRA file at the end. Returns the last step's record.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn run_folder(
+    spec: FluxRunSpec,
+    on_step: &mut dyn FnMut(&FluxStepRecord),
+) -> Result<FluxStepRecord> {
+    use crate::model::{QuantRequest, TokenizerFiles};
+    use crate::quant::{QuantFormat, QuantSpec};
+    use std::io::Write;
+    let FluxRunSpec {
+        model: path,
+        data,
+        output,
+        quant,
+        config,
+        resolution,
+        trigger,
+        caption_dropout,
+        sampling,
+        text_tokens,
+        overwrite,
+    } = spec;
+    if !(0.0..1.0).contains(&caption_dropout) {
+        return Err(Error::Invalid(format!(
+            "--caption-dropout must be from 0 to 1 (got {caption_dropout})"
+        )));
+    }
+    if !(16..=4096).contains(&resolution) {
+        return Err(Error::Invalid(format!(
+            "--resolution must be from 16 to 4096 pixels (got {resolution})"
+        )));
+    }
+    let mut folder = crate::train::folder::RunFolder::claim(output, overwrite, None)?;
+    folder.check_inputs(&[path, data])?;
+    let flux = flux2::config_at(path)?.ok_or_else(|| {
+        Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
+    })?;
+    let examples = crate::images::scan_folder(data, trigger.as_deref())?;
+
+    // Caption features, the text encoder held only while they are computed.
+    let read = |name: &str| crate::fsutil::read_to_string(&path.join("tokenizer").join(name)).ok();
+    let files = TokenizerFiles {
+        tokenizer_json: read("tokenizer.json"),
+        tokenizer_config_json: read("tokenizer_config.json"),
+        chat_template_jinja: read("chat_template.jinja"),
+    };
+    let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, &path.join("tokenizer"))?;
+    let (features, empty) = {
+        let source = crate::model::open(path.join("text_encoder"))?;
+        let nf4 = QuantSpec::new(QuantFormat::Nf4, 64)?;
+        let storage = if source.config.hidden_size % 64 == 0 {
+            QuantRequest::Quantize(nf4)
+        } else {
+            QuantRequest::Dense
+        };
+        let encoder = source.load(Some(storage))?;
+        if 3 * encoder.config.hidden_size != flux.text_dim {
+            return Err(Error::Invalid(format!(
+                "{}: the text encoder's width {} gives features of {}, and the transformer reads {}",
+                path.display(),
+                encoder.config.hidden_size,
+                3 * encoder.config.hidden_size,
+                flux.text_dim
+            )));
+        }
+        let encode = |caption: &str| {
+            flux2::caption_features(&encoder, &tokenizer, caption, text_tokens, config.precision)
+        };
+        let features = examples
+            .iter()
+            .map(|e| encode(&e.caption))
+            .collect::<Result<Vec<_>>>()?;
+        (features, encode("")?)
+    };
+    // Latents, the VAE held only while they are computed.
+    let cached: Vec<Cached> = {
+        let vae = crate::models::vae::load(&path.join("vae"))?;
+        examples
+            .iter()
+            .zip(features)
+            .map(|(e, text)| {
+                let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
+                let latents = crate::models::vae::encode(&vae, &pixels, (h, w))?;
+                Ok(Cached {
+                    latents,
+                    rows: h / 16,
+                    cols: w / 16,
+                    text,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let model = flux2::load_diffusers(path, quant)?;
+    let per_step = (config.batch_size * config.grad_accum).max(1);
+    let total_steps = config
+        .max_steps
+        .unwrap_or_else(|| config.epochs.max(1) * cached.len().div_ceil(per_step));
+    let seed = config.seed;
+    let mut trainer = FluxTrainer::new(&model, config, total_steps, None)?;
+    folder.clear_earlier_run()?;
+    let metrics_path = output.join("metrics.jsonl");
+    let mut metrics =
+        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    folder.take();
+    let mut order_rng = Rng::new(seed ^ 0x5eed_0001);
+    let mut draw_rng = Rng::new(seed ^ 0x5eed_0002);
+    let mut order: Vec<usize> = Vec::new();
+    let mut last = None;
+    while trainer.step < total_steps {
+        let start = std::time::Instant::now();
+        let mut batch = Vec::with_capacity(per_step);
+        for _ in 0..per_step {
+            if order.is_empty() {
+                order = (0..cached.len()).collect();
+                for i in (1..order.len()).rev() {
+                    order.swap(i, order_rng.below(i as u64 + 1) as usize);
+                }
+            }
+            let i = order.pop().expect("refilled");
+            let dropped = draw_rng.uniform() < caption_dropout;
+            let example = &cached[i];
+            let draw = draw(&mut draw_rng, sampling, example.latents.len());
+            batch.push((i, dropped, draw));
+        }
+        let with_captions: Vec<Cached> = batch
+            .iter()
+            .map(|(i, dropped, _)| {
+                let mut e = cached[*i].clone();
+                if *dropped {
+                    e.text = empty.clone();
+                }
+                e
+            })
+            .collect();
+        let pairs: Vec<(&Cached, &Draw)> = with_captions
+            .iter()
+            .zip(batch.iter().map(|b| &b.2))
+            .collect();
+        let lr = trainer.config.lr_at(trainer.step, total_steps);
+        let (loss, grad_norm) = trainer.step(&pairs)?;
+        let record = FluxStepRecord {
+            step: trainer.step,
+            total_steps,
+            loss,
+            grad_norm,
+            lr,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        let line = serde_json::json!({"step": record.step, "loss": loss, "lr": lr,
+                                      "grad_norm": grad_norm, "seconds": record.seconds});
+        writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        on_step(&record);
+        last = Some(record);
+    }
+    save_lora(&trainer.adapter, &model.config, &output.join(LORA_FILE))?;
+    last.ok_or_else(|| Error::Invalid("the run has no steps".into()))
+}

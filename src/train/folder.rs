@@ -15,6 +15,7 @@ const ASIDE_PREFIX: &str = ".nibble-old-";
 /// The files a run writes at the top of its folder (besides `checkpoint-N/`).
 const RUN_FILES: &[&str] = &[
     "adapter_model.safetensors",
+    crate::train::flux2::LORA_FILE,
     "adapter_config.json",
     "metrics.jsonl",
     "loss_curve.png",
@@ -110,11 +111,13 @@ impl RunFolder {
             .filter(|n| n != LOCK && !SYSTEM_LITTER.contains(&n.as_str()))
             .collect();
         names.sort();
-        let finished = dir.join("adapter_model.safetensors").exists();
+        let finished = ["adapter_model.safetensors", crate::train::flux2::LORA_FILE]
+            .iter()
+            .any(|f| dir.join(f).exists());
         if let Some(from) = resume {
             if finished {
                 return Err(Error::Invalid(format!(
-                    "{} holds a finished run (adapter_model.safetensors): nothing to resume; pass \
+                    "{} holds a finished run (its adapter is there): nothing to resume; pass \
                      --overwrite to train it again",
                     dir.display()
                 )));
@@ -154,7 +157,7 @@ impl RunFolder {
         }
         Err(Error::Invalid(if finished {
             format!(
-                "{} already holds a finished run (adapter_model.safetensors); pass --overwrite to \
+                "{} already holds a finished run (its adapter is there); pass --overwrite to \
                  replace it",
                 dir.display()
             )

@@ -13,10 +13,11 @@ use std::path::{Path, PathBuf};
 
 /// Named recipes, written as option files: `--preset NAME` reads as if its file were given, below the
 /// `--config` file and the flags.
-const PRESETS: &[(&str, &str)] = &[(
-    "qwen2.5-cpu",
-    // The small Qwen recipe of transformers + peft + trl.
-    r#"
+const PRESETS: &[(&str, &str)] = &[
+    (
+        "qwen2.5-cpu",
+        // The small Qwen recipe of transformers + peft + trl.
+        r#"
 quant = "nf4"
 lora_r = 8
 lora_alpha = 16.0
@@ -27,7 +28,25 @@ batch_size = 1
 grad_accum = 4
 epochs = 2
 "#,
-)];
+    ),
+    (
+        "flux2-klein",
+        // ai-toolkit's FLUX.2 [klein] LoRA defaults, with nibble's 4-bit groups of 128.
+        r#"
+quant = "nf4"
+group_size = 128
+lora_r = 32
+lora_alpha = 32.0
+lora_dropout = 0.0
+lr = 1e-4
+weight_decay = 1e-4
+lr_scheduler = "constant"
+gradient_checkpointing = true
+resolution = 512
+caption_dropout = 0.05
+"#,
+    ),
+];
 
 /// `nibble train`'s options. Each can also come from a TOML file (`--config`, keys as the flags with
 /// underscores) or a preset; a flag given on the command line wins over the file, and the file over
@@ -134,6 +153,19 @@ pub struct TrainSettings {
     /// free (a shared GPU); a run planned to need more is refused before loading.
     #[arg(long)]
     pub gpu_memory: Option<String>,
+    /// FLUX.2: image side in pixels; each image keeps its aspect at about this squared (sides
+    /// multiples of 16).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// FLUX.2: a word put into every caption (where it says [trigger], else first).
+    #[arg(long)]
+    pub trigger: Option<String>,
+    /// FLUX.2: the probability of training an image with the empty caption.
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
+    /// FLUX.2: how each step's noise level σ is drawn.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub sigma_sampling: Option<crate::train::flux2::SigmaSampling>,
 }
 
 impl TrainSettings {
@@ -224,10 +256,21 @@ impl TrainSettings {
             ("gpu_memory", self.gpu_memory.is_some()),
         ];
         named
-            .iter()
+            .into_iter()
+            .chain(self.image_options())
             .filter(|(_, set)| *set)
-            .map(|(n, _)| *n)
+            .map(|(n, _)| n)
             .collect()
+    }
+
+    /// The FLUX.2 options that were given (by their names in option files).
+    pub fn image_options(&self) -> Vec<(&'static str, bool)> {
+        vec![
+            ("resolution", self.resolution.is_some()),
+            ("trigger", self.trigger.is_some()),
+            ("caption_dropout", self.caption_dropout.is_some()),
+            ("sigma_sampling", self.sigma_sampling.is_some()),
+        ]
     }
 
     pub fn quant_request(&self) -> Result<Option<QuantRequest>> {
