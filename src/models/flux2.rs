@@ -10,12 +10,11 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Builder, Graph, Input, Op, StepInputs};
-use crate::model::{DenseData, DenseTensor, FrozenWeights, LinearWeight, NamedWeights, TensorRef};
+use crate::model::{FrozenWeights, NamedWeights, TensorRef};
 use crate::models::decoder::LoraSpec;
 use crate::models::lora_linear::{self, LinearTape};
 use crate::ops::attention::AttentionShape;
-use crate::quant::{QuantSpec, QuantTensor};
-use crate::source::SafetensorsFile;
+use crate::quant::QuantSpec;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -315,9 +314,13 @@ pub fn transformer_folder(path: &Path) -> Option<PathBuf> {
     })
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Loads the transformer of a diffusers folder, the linears quantized with `quant` (dense f32
 /// without).
 pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Model> {
+    use crate::model::{DenseData, DenseTensor, LinearWeight};
+    use crate::quant::QuantTensor;
+    use crate::source::SafetensorsFile;
     let dir = transformer_folder(path).ok_or_else(|| Error::Config {
         path: path.to_path_buf(),
         msg: "no FLUX.2 transformer here (expected transformer/config.json naming \
@@ -394,8 +397,10 @@ pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Mode
     })
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// The safetensors files of a diffusers model folder: one file, or the shards its index names.
-fn open_shards(dir: &Path) -> Result<Vec<SafetensorsFile>> {
+fn open_shards(dir: &Path) -> Result<Vec<crate::source::SafetensorsFile>> {
+    use crate::source::SafetensorsFile;
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
     if index.exists() {
         let text = crate::fsutil::read_to_string(&index).map_err(|e| Error::io(&index, e))?;

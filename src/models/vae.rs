@@ -4,11 +4,10 @@
 
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Builder, Graph, Op};
-use crate::model::{DenseData, DenseTensor, FrozenWeights, LinearWeight, NamedWeights, TensorRef};
+use crate::model::{FrozenWeights, NamedWeights, TensorRef};
 use crate::ops::attention::AttentionShape;
 use crate::ops::conv::ConvShape;
 use serde::Deserialize;
-use std::path::Path;
 
 /// The encoder's shape, from the VAE's config.json.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -46,8 +45,10 @@ impl FrozenWeights for Vae {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Loads the encoder half of a VAE folder (config.json and diffusion_pytorch_model.safetensors).
-pub fn load(dir: &Path) -> Result<Vae> {
+pub fn load(dir: &std::path::Path) -> Result<Vae> {
+    use crate::model::{DenseData, DenseTensor, LinearWeight};
     let config_path = dir.join("config.json");
     let text =
         crate::fsutil::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
