@@ -18,6 +18,13 @@ const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 /// Sides are multiples of this (8x VAE, 2x2 patches).
 pub const SIDE_MULTIPLE: usize = 16;
 
+/// The longest caption file read (the text encoder reads 512 tokens of it at most).
+const MAX_CAPTION_BYTES: u64 = 64 * 1024;
+
+/// Buckets keep aspect ratios up to this (a wider image is cropped to it), so that a sliver does not
+/// turn into thousands of tokens.
+const MAX_ASPECT: f64 = 4.0;
+
 /// The images of `dir` (sorted by name) with their captions. A caption's `[trigger]` becomes
 /// `trigger`, or the trigger word is put first where the caption does not place it. An image without
 /// a caption file is an error naming it (an empty `.txt` means no caption).
@@ -42,6 +49,13 @@ pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample
         .into_iter()
         .map(|image| {
             let caption_path = image.with_extension("txt");
+            let size = std::fs::metadata(&caption_path).map_or(0, |m| m.len());
+            if size > MAX_CAPTION_BYTES {
+                return Err(Error::Invalid(format!(
+                    "{}: {size} bytes, more than a caption's {MAX_CAPTION_BYTES}",
+                    caption_path.display()
+                )));
+            }
             let text = crate::fsutil::read_to_string(&caption_path).map_err(|e| {
                 Error::Invalid(format!(
                     "{}: no caption ({}: {e}); write one, or an empty file for none",
@@ -60,14 +74,23 @@ fn with_trigger(caption: &str, trigger: Option<&str>) -> String {
         Some(t) if caption.contains("[trigger]") => caption.replace("[trigger]", t),
         Some(t) if caption.is_empty() => t.to_string(),
         Some(t) => format!("{t}, {caption}"),
+        // Without a trigger word the placeholder goes, as ai-toolkit drops it.
+        None if caption.contains("[trigger]") => {
+            let words: Vec<&str> = caption
+                .split("[trigger]")
+                .flat_map(str::split_whitespace)
+                .collect();
+            words.join(" ")
+        }
         None => caption.to_string(),
     }
 }
 
 /// The bucket (width, height) of a `width` x `height` image at `resolution`: the image's aspect ratio
-/// with about resolution² pixels, each side rounded down to a multiple of 16 (at least 16).
+/// (within 1:4 and 4:1) with about resolution² pixels, each side rounded down to a multiple of 16 (at
+/// least 16).
 pub fn bucket(width: usize, height: usize, resolution: usize) -> (usize, usize) {
-    let aspect = width as f64 / height as f64;
+    let aspect = (width as f64 / height as f64).clamp(1.0 / MAX_ASPECT, MAX_ASPECT);
     let area = (resolution * resolution) as f64;
     let h = (area / aspect).sqrt();
     let w = h * aspect;
@@ -78,9 +101,20 @@ pub fn bucket(width: usize, height: usize, resolution: usize) -> (usize, usize) 
 /// An image decoded, resized to cover its bucket (Lanczos) and centre-cropped to it: RGB in [0, 1],
 /// channels first [3, height, width], with its (width, height).
 pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, usize)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let image = image::load_from_memory(&bytes)
-        .map_err(|e| Error::Invalid(format!("{}: not a readable image: {e}", path.display())))?;
+    crate::fsutil::require_regular_file(path).map_err(|e| Error::io(path, e))?;
+    let unreadable = |e: image::ImageError| {
+        Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
+    };
+    // The decoder's own limits bound what a file may ask for; the EXIF orientation (phones) is applied.
+    let mut decoder = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .into_decoder()
+        .map_err(unreadable)?;
+    let orientation = image::ImageDecoder::orientation(&mut decoder).map_err(unreadable)?;
+    let mut image = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
+    image.apply_orientation(orientation);
     let (w0, h0) = (image.width() as usize, image.height() as usize);
     if w0 < SIDE_MULTIPLE || h0 < SIDE_MULTIPLE {
         return Err(Error::Invalid(format!(
@@ -128,8 +162,8 @@ mod tests {
             w * h <= 1024 * 1024 && w * h > 1024 * 1024 * 9 / 10,
             "{w}x{h}"
         );
-        // A sliver keeps its aspect: 16 wide, and the height that keeps the area.
-        assert_eq!(bucket(10, 4000, 512), (16, 10240));
+        // A sliver is cropped to 1:4.
+        assert_eq!(bucket(10, 4000, 512), (256, 1024));
     }
 
     #[test]
@@ -138,5 +172,6 @@ mod tests {
         assert_eq!(with_trigger("a dog", Some("sks")), "sks, a dog");
         assert_eq!(with_trigger("", Some("sks")), "sks");
         assert_eq!(with_trigger("a dog", None), "a dog");
+        assert_eq!(with_trigger("a [trigger] dog", None), "a dog");
     }
 }

@@ -581,3 +581,72 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
         "{stderr}"
     );
 }
+
+/// Configs and checkpoints that do not make a model are refused naming the file and what is wrong,
+/// before any work: nonsense transformer and VAE configs, and a tensor whose size disagrees with
+/// the config.
+#[test]
+fn broken_klein_configs_and_tensors_are_refused_by_name() {
+    let parse = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(KLEIN_9B).unwrap();
+        edit(&mut v);
+        flux2::Flux2Config::from_diffusers(&v.to_string(), Path::new("bad/config.json"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = parse(&|v| v["mlp_ratio"] = 0.0.into());
+    assert!(
+        e.contains("bad/config.json") && e.contains("mlp_ratio"),
+        "{e}"
+    );
+    let e = parse(&|v| v["axes_dims_rope"] = serde_json::json!([16, 16, 32, 32, 32]));
+    assert!(e.contains("axes_dims_rope"), "{e}");
+    let e = parse(&|v| v["num_attention_heads"] = 1_000_000.into());
+    assert!(e.contains("65536"), "{e}");
+
+    // A VAE folder: the fixture's weights under edited configs.
+    let dir = tempfile::tempdir().unwrap();
+    let vae_dir = dir.path().join("vae");
+    std::fs::create_dir(&vae_dir).unwrap();
+    std::fs::copy(
+        Path::new(FIXTURE).join("tiny_vae/diffusion_pytorch_model.safetensors"),
+        vae_dir.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let original: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIXTURE).join("tiny_vae/config.json")).unwrap(),
+    )
+    .unwrap();
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = original.clone();
+        edit(&mut v);
+        std::fs::write(vae_dir.join("config.json"), v.to_string()).unwrap();
+    };
+    with(&|v| v["in_channels"] = 4.into());
+    let e = nibble::models::vae::load(&vae_dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("in_channels"),
+        "{e}"
+    );
+    with(&|v| v["block_out_channels"] = serde_json::json!([32, 64, 64]));
+    let e = nibble::models::vae::load(&vae_dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("block_out_channels"), "{e}");
+    // Widths the checkpoint does not have: refused at the first tensor that disagrees, by name.
+    with(&|v| v["block_out_channels"] = serde_json::json!([32, 32, 64, 128]));
+    let vae = nibble::models::vae::load(&vae_dir).unwrap();
+    let pixels = vec![0.25f32; 3 * 32 * 32];
+    let e = nibble::models::vae::encode(&vae, &pixels, (32, 32))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("encoder.down_blocks.3") && e.contains("values"),
+        "{e}"
+    );
+}

@@ -67,3 +67,17 @@ fn missing_captions_corrupt_and_tiny_images_are_named() {
     let e = scan_folder(empty.path(), None).unwrap_err().to_string();
     assert!(e.contains("no images"), "{e}");
 }
+
+#[cfg(unix)]
+#[test]
+fn an_image_that_is_a_fifo_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.png");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("skipping: mkfifo is not available");
+        return;
+    }
+    let e = load_pixels(&fifo, 64).unwrap_err().to_string();
+    assert!(e.contains("pipe.png"), "{e}");
+}

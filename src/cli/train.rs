@@ -53,6 +53,21 @@ fn train_klein(
     data: &std::path::Path,
     output: &std::path::Path,
 ) -> Result<()> {
+    let unsupported = [
+        ("resume", settings.resume.is_some()),
+        ("init-adapter", settings.init_adapter.is_some()),
+        ("eval-data", settings.eval_data.is_some()),
+        ("eval-split", settings.eval_split.is_some()),
+        ("save-steps", settings.save_steps.is_some()),
+        ("packing", settings.packing.is_some()),
+        ("max-length", settings.max_length.is_some()),
+        ("loss-on", settings.loss_on.is_some()),
+        ("no-shuffle", settings.no_shuffle.is_some()),
+        ("gpu-memory", settings.gpu_memory.is_some()),
+    ];
+    if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
+        anyhow::bail!("--{name} is not supported for FLUX.2 image runs yet");
+    }
     let settings = match settings.preset {
         Some(_) => settings,
         None => settings.over(TrainSettings::preset("flux2-klein")?)?,

@@ -173,11 +173,26 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
     let mut slots: Vec<Slot> = Vec::with_capacity(graph.bufs.len());
     for desc in &graph.bufs {
         let slot = match &desc.role {
-            Role::Weight(name) => Slot::Tensor(
-                *tensors
+            Role::Weight(name) => {
+                let tensor = *tensors
                     .get(name)
-                    .ok_or_else(|| missing("the model tensor", name))?,
-            ),
+                    .ok_or_else(|| missing("the model tensor", name))?;
+                let values = match tensor {
+                    TensorRef::Linear(w) => w.shape().0 * w.shape().1,
+                    TensorRef::Table(t) => t.rows * t.cols,
+                    TensorRef::Vector(v) => v.len(),
+                };
+                // A checkpoint whose tensor disagrees with its config is refused here, by name,
+                // rather than failing inside a kernel.
+                if values != desc.len {
+                    return Err(Error::Invalid(format!(
+                        "the model tensor {name} holds {values} values where the model's \
+                         configuration needs {}",
+                        desc.len
+                    )));
+                }
+                Slot::Tensor(tensor)
+            }
             Role::LoraA(path) | Role::LoraB(path) if optimizer_bound => {
                 let which = usize::from(matches!(desc.role, Role::LoraB(_)));
                 let matrix = mutable_params

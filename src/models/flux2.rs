@@ -142,6 +142,24 @@ impl Flux2Config {
         if self.double_blocks > 1024 || self.single_blocks > 1024 {
             return Err("more than 1024 blocks".into());
         }
+        if self.hidden() > 65536 {
+            return Err(format!(
+                "num_attention_heads x attention_head_dim is {}: expected at most 65536",
+                self.hidden()
+            ));
+        }
+        if !(1..=MAX).contains(&self.mlp_hidden) {
+            return Err(format!(
+                "mlp_ratio gives an MLP width of {}: expected 1 to {MAX}",
+                self.mlp_hidden
+            ));
+        }
+        if self.axes_dims.len() != 4 {
+            return Err(format!(
+                "axes_dims_rope has {} axes; FLUX.2's positions have 4 (t, h, w, l)",
+                self.axes_dims.len()
+            ));
+        }
         if self.axes_dims.iter().sum::<usize>() != self.head_dim
             || self.axes_dims.iter().any(|d| d % 2 == 1)
         {
@@ -290,7 +308,7 @@ pub fn diffusers_names(bfl: &str) -> (Vec<String>, bool) {
     (vec![bfl.to_string()], false)
 }
 
-/// A loaded transformer: linears (4-bit or dense f32) and norm scales by BFL name.
+/// A loaded transformer: linears (4-bit or bf16) and norm scales by BFL name.
 pub struct Flux2Model {
     pub config: Flux2Config,
     pub weights: NamedWeights,
@@ -315,8 +333,7 @@ pub fn transformer_folder(path: &Path) -> Option<PathBuf> {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-/// Loads the transformer of a diffusers folder, the linears quantized with `quant` (dense f32
-/// without).
+/// Loads the transformer of a diffusers folder, the linears quantized with `quant` (bf16 without).
 pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Model> {
     use crate::model::{DenseData, DenseTensor, LinearWeight};
     use crate::quant::QuantTensor;
@@ -345,10 +362,9 @@ pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Mode
     // Rows of a BFL tensor gathered from its diffusers parts, each checked for its shape.
     let read = |bfl: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
         let (names, swap) = diffusers_names(bfl);
-        let mut data = Vec::with_capacity(rows * cols);
+        let mut data = Vec::new();
         for name in &names {
             let file = find(name)?;
-            let part = file.read_f32(name)?;
             let shape = &file.info(name).expect("found").shape;
             let part_rows = rows / names.len();
             if shape.iter().product::<usize>() != part_rows * cols || shape.last() != Some(&cols) {
@@ -358,7 +374,7 @@ pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Mode
                     format!("shape {shape:?}, expected [{part_rows}, {cols}] for this config"),
                 ));
             }
-            data.extend_from_slice(&part);
+            data.extend_from_slice(&file.read_f32(name)?);
         }
         if swap {
             let half = data.len() / 2;
@@ -380,7 +396,8 @@ pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Mode
                 None => LinearWeight::Dense(DenseTensor {
                     rows: out,
                     cols: inp,
-                    data: DenseData::F32(data),
+                    // 16-bit, as checkpoints store them and as `planned_weight_bytes` counts.
+                    data: DenseData::BF16(data.iter().map(|&v| half::bf16::from_f32(v)).collect()),
                 }),
             };
         weights.linears.insert(format!("{path}.weight"), weight);

@@ -28,6 +28,44 @@ fn yes() -> bool {
     true
 }
 
+impl VaeConfig {
+    /// The encoder nibble runs: RGB in, four levels (8x down), widths that GroupNorm's groups divide.
+    fn check(&self) -> std::result::Result<(), String> {
+        let levels = &self.block_out_channels;
+        if self.in_channels != 3 {
+            return Err(format!(
+                "in_channels is {}: images are RGB (3)",
+                self.in_channels
+            ));
+        }
+        if levels.len() != 4 {
+            return Err(format!(
+                "block_out_channels has {} levels; the FLUX.2 VAE has 4 (8x down)",
+                levels.len()
+            ));
+        }
+        let groups = self.norm_num_groups;
+        if groups == 0
+            || levels
+                .iter()
+                .any(|c| *c == 0 || *c > 65536 || c % groups != 0)
+        {
+            return Err(
+                "block_out_channels must be positive multiples of norm_num_groups, at most 65536"
+                    .into(),
+            );
+        }
+        if !(1..=16).contains(&self.layers_per_block) || !(1..=1024).contains(&self.latent_channels)
+        {
+            return Err("layers_per_block must be 1 to 16 and latent_channels 1 to 1024".into());
+        }
+        if !self.batch_norm_eps.is_finite() || self.batch_norm_eps <= 0.0 {
+            return Err("batch_norm_eps must be positive".into());
+        }
+        Ok(())
+    }
+}
+
 /// GroupNorm's eps throughout the encoder.
 const NORM_EPS: f64 = 1e-6;
 
@@ -56,20 +94,10 @@ pub fn load(dir: &std::path::Path) -> Result<Vae> {
         path: config_path.clone(),
         msg: format!("not a FLUX.2 VAE config: {e}"),
     })?;
-    let levels = &config.block_out_channels;
-    if levels.is_empty()
-        || config.norm_num_groups == 0
-        || levels
-            .iter()
-            .any(|c| *c == 0 || c % config.norm_num_groups != 0)
-        || config.latent_channels == 0
-        || config.in_channels == 0
-    {
-        return Err(Error::Config {
-            path: config_path,
-            msg: "block_out_channels must be positive multiples of norm_num_groups".into(),
-        });
-    }
+    config.check().map_err(|msg| Error::Config {
+        path: config_path,
+        msg,
+    })?;
     let file =
         crate::source::SafetensorsFile::open(&dir.join("diffusion_pytorch_model.safetensors"))?;
     let mut weights = NamedWeights::default();

@@ -323,8 +323,23 @@ pub fn load_lora(
                 format!("rank {r}, where other modules have {rank:?}"),
             ));
         }
+        let shape = |name: &str| file.info(name).map(|i| i.shape.clone()).unwrap_or_default();
+        if shape(&ka).len() != 2 || shape(&ka)[1] != *inp || shape(&kb) != [*out, shape(&ka)[0]] {
+            return Err(bad(
+                &ka,
+                format!(
+                    "lora_A {:?} and lora_B {:?} do not fit the linear [{out}, {inp}] ([r, {inp}] \
+                     and [{out}, r])",
+                    shape(&ka),
+                    shape(&kb)
+                ),
+            ));
+        }
         if file.info(&key("alpha")).is_some() {
-            let value = file.read_f32(&key("alpha"))?[0] as f64;
+            let value = match file.read_f32(&key("alpha"))?.as_slice() {
+                [a] if a.is_finite() && *a > 0.0 => *a as f64,
+                _ => return Err(bad(&key("alpha"), "must be one positive number".into())),
+            };
             if alpha.is_some_and(|a| a != value) {
                 return Err(bad(&key("alpha"), "alphas differ between modules".into()));
             }
@@ -419,7 +434,7 @@ pub fn run_folder(
     } = spec;
     if !(0.0..1.0).contains(&caption_dropout) {
         return Err(Error::Invalid(format!(
-            "--caption-dropout must be from 0 to 1 (got {caption_dropout})"
+            "--caption-dropout must be at least 0 and below 1 (got {caption_dropout})"
         )));
     }
     if !(16..=4096).contains(&resolution) {
@@ -433,6 +448,28 @@ pub fn run_folder(
         Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
     })?;
     let examples = crate::images::scan_folder(data, trigger.as_deref())?;
+    // Everything that can be checked before hours of encoding is checked first.
+    let vae = crate::models::vae::load(&path.join("vae"))?;
+    if 4 * vae.config.latent_channels != flux.in_channels {
+        return Err(Error::Invalid(format!(
+            "{}: the VAE's {} latent channels make tokens of {}, and the transformer reads {}",
+            path.display(),
+            vae.config.latent_channels,
+            4 * vae.config.latent_channels,
+            flux.in_channels
+        )));
+    }
+    let tokens = |side: usize| (side / 16) * (side / 16);
+    let cache = examples.len() as u64
+        * 4
+        * ((text_tokens * flux.text_dim) + tokens(resolution) * flux.in_channels) as u64;
+    let step = Flux2Step::training(resolution, text_tokens, config.checkpoint);
+    let needs = flux2::plan(&flux, quant, config.lora.r, step).total + cache;
+    crate::alloc::check_fits(
+        &format!("training on {} images at {resolution} px", examples.len()),
+        needs,
+        "; a lower --resolution, fewer images or a 4-bit --quant needs less",
+    )?;
 
     // Caption features, the text encoder held only while they are computed.
     let read = |name: &str| crate::fsutil::read_to_string(&path.join("tokenizer").join(name)).ok();
@@ -469,9 +506,8 @@ pub fn run_folder(
             .collect::<Result<Vec<_>>>()?;
         (features, encode("")?)
     };
-    // Latents, the VAE held only while they are computed.
+    // Latents, then the VAE is released.
     let cached: Vec<Cached> = {
-        let vae = crate::models::vae::load(&path.join("vae"))?;
         examples
             .iter()
             .zip(features)
@@ -487,6 +523,7 @@ pub fn run_folder(
             })
             .collect::<Result<Vec<_>>>()?
     };
+    drop(vae);
     let model = flux2::load_diffusers(path, quant)?;
     let per_step = (config.batch_size * config.grad_accum).max(1);
     let total_steps = config

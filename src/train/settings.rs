@@ -31,8 +31,11 @@ epochs = 2
     ),
     (
         "flux2-klein",
-        // ai-toolkit's FLUX.2 [klein] LoRA defaults, with nibble's 4-bit groups of 128.
+        // ai-toolkit's FLUX.2 [klein] LoRA defaults (3000 steps, rank 32, lr 1e-4), with nibble's
+        // 4-bit groups of 128; σ is drawn logit-normal ("sigmoid"), where ai-toolkit's klein preset
+        // draws "weighted" timesteps with a loss-weight table.
         r#"
+max_steps = 3000
 quant = "nf4"
 group_size = 128
 lora_r = 32
