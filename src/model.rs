@@ -225,6 +225,34 @@ pub enum TensorRef<'a> {
 /// Frozen tensors by the names a model's graph builder gives them: what an executor binds.
 pub trait FrozenWeights: Sync {
     fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)>;
+
+    /// A 64-bit digest of the weights that tells two models of one shape apart (a base and its merged
+    /// fine-tune, say) without reading every byte: each tensor's name, size and three 256-byte samples
+    /// (start, middle, end) of its stored form.
+    fn fingerprint(&self) -> u64 {
+        let mut hash = crate::rng::Fnv1a::new();
+        let mut sample = |bytes: &[u8]| {
+            hash.write(&(bytes.len() as u64).to_le_bytes());
+            let n = bytes.len();
+            for start in [0, n / 2, n.saturating_sub(256)] {
+                hash.write(&bytes[start.min(n)..(start + 256).min(n)]);
+            }
+        };
+        for (name, tensor) in self.named_tensors() {
+            sample(name.as_bytes());
+            match tensor {
+                TensorRef::Table(t) => sample(t.as_bytes()),
+                TensorRef::Vector(v) => sample(bytemuck::cast_slice(v)),
+                TensorRef::Linear(LinearWeight::Dense(d)) => sample(d.as_bytes()),
+                TensorRef::Linear(LinearWeight::Quant(q)) => {
+                    sample(bytemuck::cast_slice(&q.packed));
+                    sample(bytemuck::cast_slice(&q.scales));
+                    sample(bytemuck::cast_slice(&q.mins));
+                }
+            }
+        }
+        hash.finish()
+    }
 }
 
 /// Frozen tensors held by name: linears (4-bit or dense) and vectors (norm scales, biases). Models
@@ -256,34 +284,6 @@ impl FrozenWeights for Model {
 }
 
 impl Model {
-    /// A 64-bit digest of the weights that tells two models of one shape apart (a base and its merged
-    /// fine-tune, say) without reading every byte: each tensor's name, size and three 256-byte samples
-    /// (start, middle, end) of its stored form.
-    pub fn fingerprint(&self) -> u64 {
-        let mut hash = crate::rng::Fnv1a::new();
-        let mut sample = |bytes: &[u8]| {
-            hash.write(&(bytes.len() as u64).to_le_bytes());
-            let n = bytes.len();
-            for start in [0, n / 2, n.saturating_sub(256)] {
-                hash.write(&bytes[start.min(n)..(start + 256).min(n)]);
-            }
-        };
-        for (name, tensor) in self.named_tensors() {
-            sample(name.as_bytes());
-            match tensor {
-                TensorRef::Table(t) => sample(t.as_bytes()),
-                TensorRef::Vector(v) => sample(bytemuck::cast_slice(v)),
-                TensorRef::Linear(LinearWeight::Dense(d)) => sample(d.as_bytes()),
-                TensorRef::Linear(LinearWeight::Quant(q)) => {
-                    sample(bytemuck::cast_slice(&q.packed));
-                    sample(bytemuck::cast_slice(&q.scales));
-                    sample(bytemuck::cast_slice(&q.mins));
-                }
-            }
-        }
-        hash.finish()
-    }
-
     /// Every frozen tensor by its checkpoint name (the names the graph builders use). The tied output
     /// projection has no entry of its own: it is the embedding.
     pub fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {

@@ -228,12 +228,11 @@ impl Session {
             let guard = lock(&inner)?;
             let g = &*guard;
             // On WebGPU when training runs there, with the device's copies of the adapters.
-            let executor = g.run.as_ref().map_or(
+            let executor = g.run.as_ref().and_then(|r| r.trainer.executor()).unwrap_or(
                 crate::generate::Executor::Cpu {
                     model: &g.model,
                     adapter: None,
                 },
-                |r| r.trainer.executor(),
             );
             let answer = crate::generate::answer_async(executor, &g.tok, &prompt, max_new as usize)
                 .await

@@ -322,12 +322,22 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
 }
 
 /// Three optimizer steps (clipping at 1, AdamW lr 1e-3, weight decay 1e-4) from the fixture's LoRA,
-/// each with its own σ and noise, against torch's. Measured: losses 1.2e-6 relative, gradient norms
-/// 1.8e-6, the final matrices 5.0e-6 (Adam's first steps move each entry by about ±lr whatever the
-/// gradient's size, so the matrices, not their changes, are compared); held to about ten times that.
+/// each with its own σ and noise, against torch's, through the trainer on both executors. Measured:
+/// losses 1.2e-6 relative, gradient norms 1.8e-6, the final matrices 5.0e-6 (Adam's first steps move
+/// each entry by about ±lr whatever the gradient's size, so the matrices, not their changes, are
+/// compared); held to about ten times that.
 #[test]
 fn three_training_steps_match_torch() {
-    use nibble::train::flux2::{Cached, Draw, FluxTrainer};
+    eprintln!("CPU executor: {:?}", three_steps(None));
+    if let Some(gpu) = common::gpu() {
+        eprintln!("GPU executor: {:?}", three_steps(Some(&gpu)));
+    }
+}
+
+/// Three optimizer steps of the fixture's example with torch's draws, on the GPU executor when given:
+/// the worst relative errors of loss, gradient norm and the final matrices.
+fn three_steps(gpu: Option<&nibble::gpu::Gpu>) -> [f64; 3] {
+    use nibble::train::flux2::{Cached, Draw, ImagePick, ImageWork, SigmaSampling};
     let f = Fixture::load();
     let train = SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_train.safetensors")).unwrap();
     let read = |name: &str| train.read_f32(name).unwrap();
@@ -338,45 +348,58 @@ fn three_training_steps_match_torch() {
         weight_decay: 1e-4,
         max_grad_norm: 1.0,
         schedule: nibble::train::Schedule::Constant,
+        max_steps: Some(3),
         precision: Precision::F32,
         ..Default::default()
     };
-    let mut trainer = FluxTrainer::new(&model, config, 3, Some(f.adapter.clone())).unwrap();
     let example = Cached {
         latents: f.read("x0"),
         rows: 3,
         cols: 5,
         text: f.text.clone(),
     };
-    let mut worst: [f64; 2] = [0.0; 2];
+    let work = ImageWork {
+        model: (&model).into(),
+        examples: vec![example],
+        empty_caption: vec![0.5; f.text.len()],
+        sampling: SigmaSampling::Sigmoid,
+        caption_dropout: 0.0,
+    };
+    let mut trainer =
+        nibble::train::Trainer::for_images(work, config, Some(f.adapter.clone())).unwrap();
+    if let Some(gpu) = gpu {
+        trainer.use_gpu(gpu).unwrap();
+    }
+    let mut worst: [f64; 3] = [0.0; 3];
     for s in 0..3 {
-        let draw = Draw {
-            sigma: read(&format!("step{s}.sigma"))[0],
-            noise: read(&format!("step{s}.noise")),
+        let pick = ImagePick {
+            example: 0,
+            caption_dropped: false,
+            draw: Draw {
+                sigma: read(&format!("step{s}.sigma"))[0],
+                noise: read(&format!("step{s}.noise")),
+            },
         };
-        let (loss, norm) = trainer.step(&[(&example, &draw)]).unwrap();
+        let record = trainer.image_step(vec![pick]).unwrap();
         let rel1 = |a: f64, b: f32| (a - b as f64).abs() / b.abs() as f64;
         let errors = [
-            rel1(loss, read(&format!("step{s}.loss"))[0]),
-            rel1(norm, read(&format!("step{s}.grad_norm"))[0]),
+            rel1(record.loss, read(&format!("step{s}.loss"))[0]),
+            rel1(record.grad_norm, read(&format!("step{s}.grad_norm"))[0]),
         ];
         for (w, e) in worst.iter_mut().zip(errors) {
             *w = w.max(e);
         }
     }
-    let mut matrices = 0f64;
+    trainer.sync().unwrap();
     for (path, pair) in trainer.adapter.pairs() {
         for (which, got) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
-            matrices = matrices.max(rel(got, &read(&format!("final.{path}.{which}"))));
+            worst[2] = worst[2].max(rel(got, &read(&format!("final.{path}.{which}"))));
         }
     }
-    eprintln!(
-        "losses {:e}, gradient norms {:e}, final matrices {matrices:e}",
-        worst[0], worst[1]
-    );
     assert!(worst[0] < 1e-5, "a loss off by {:e}", worst[0]);
     assert!(worst[1] < 2e-5, "a gradient norm off by {:e}", worst[1]);
-    assert!(matrices < 5e-5, "the trained LoRA off by {matrices:e}");
+    assert!(worst[2] < 5e-5, "the trained LoRA off by {:e}", worst[2]);
+    worst
 }
 
 /// The LoRA file ComfyUI and diffusers read (the fixture script checks that diffusers'
@@ -384,12 +407,16 @@ fn three_training_steps_match_torch() {
 /// reproduces the hooks' output): keys, bf16, the trained scale folded into B, and read back.
 #[test]
 fn the_lora_file_has_comfyui_keys_and_reads_back() {
-    use nibble::train::flux2::{load_lora, lora_file};
+    use nibble::train::flux2::{LoraForm, load_lora, lora_file};
     let f = Fixture::load();
     let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lora.safetensors");
-    std::fs::write(&path, lora_file(&f.adapter, &model.config).unwrap()).unwrap();
+    std::fs::write(
+        &path,
+        lora_file(&f.adapter, &model.config, LoraForm::Release).unwrap(),
+    )
+    .unwrap();
     let file = SafetensorsFile::open(&path).unwrap();
     let mut keys: Vec<&String> = file.tensor_names().collect();
     keys.sort();
@@ -519,47 +546,117 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
         image.save(images.join(format!("{name}.png"))).unwrap();
         std::fs::write(images.join(format!("{name}.txt")), caption).unwrap();
     }
-    let (klein, data, output) = (s(&root.join("klein")), s(&images), s(&root.join("run")));
-    let train = |extra: &[&str]| {
+    let (klein, data) = (s(&root.join("klein")), s(&images));
+    let train = |output: &str, extra: &[&str]| {
         let mut args = vec![
-            "train", "--model", &klein, "--data", &data, "--output", &output,
+            "train", "--model", &klein, "--data", &data, "--output", output,
         ];
-        args.extend(["--resolution", "64", "--max-steps", "3", "--trigger", "sks"]);
-        args.extend(["--device", "cpu"]);
+        args.extend(["--resolution", "64", "--trigger", "sks"]);
+        if !extra.contains(&"--max-steps") {
+            args.extend(["--max-steps", "3"]);
+        }
+        args.extend(["--save-steps", "1", "--precision", "f32"]);
+        if !extra.contains(&"--caption-dropout") {
+            args.extend(["--caption-dropout", "0.3"]);
+        }
         args.extend(extra);
         common::nibble(&args)
     };
-    let out = train(&[]);
+    let run = s(&root.join("run"));
+    let out = train(&run, &["--device", "cpu"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("step 3/3"), "{stderr}");
-    let metrics = std::fs::read_to_string(root.join("run/metrics.jsonl")).unwrap();
-    let losses: Vec<f64> = metrics
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    let read_losses = |dir: &str| -> Vec<String> {
+        let metrics = std::fs::read_to_string(Path::new(dir).join("metrics.jsonl")).unwrap();
+        metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].to_string())
+            .collect()
+    };
+    let losses = read_losses(&run);
     assert_eq!(losses.len(), 3);
     assert!(
-        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        losses
+            .iter()
+            .all(|l| l.parse::<f64>().is_ok_and(|l| l.is_finite() && l > 0.0)),
         "{losses:?}"
     );
-    let file = SafetensorsFile::open(&root.join("run/lora.safetensors")).unwrap();
-    let model = flux2::config_at(&root.join("klein")).unwrap().unwrap();
-    let lora = nibble::train::flux2::load_lora(&file, &model).unwrap();
+    let lora_of = |dir: &str| {
+        let file = SafetensorsFile::open(&Path::new(dir).join("lora.safetensors")).unwrap();
+        let model = flux2::config_at(&root.join("klein")).unwrap().unwrap();
+        nibble::train::flux2::load_lora(&file, &model).unwrap()
+    };
+    let lora = lora_of(&run);
     assert_eq!((lora.config.r, lora.pairs().count()), (32, 10));
     // Trained: B started at zero.
     assert!(lora.pairs().any(|(_, p)| p.b.iter().any(|&b| b != 0.0)));
-    let again = train(&[]);
+
+    // A run stopped after its first step (its checkpoint, run.json and first metrics line) and
+    // resumed ends where the uninterrupted one did, bit for bit.
+    let part = root.join("part");
+    std::fs::create_dir(&part).unwrap();
+    let copy = |name: &str| {
+        std::fs::copy(Path::new(&run).join(name), part.join(name)).unwrap();
+    };
+    copy("run.json");
+    std::fs::create_dir(part.join("checkpoint-1")).unwrap();
+    for name in [
+        "lora.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "run.json",
+    ] {
+        copy(&format!("checkpoint-1/{name}"));
+    }
+    let first = std::fs::read_to_string(Path::new(&run).join("metrics.jsonl")).unwrap();
+    std::fs::write(part.join("metrics.jsonl"), first.lines().next().unwrap()).unwrap();
+    // Resuming with other image options is refused, naming the option, and changes nothing.
+    let resume = ["--device", "cpu", "--resume", &s(&part)];
+    let out = train(
+        &s(&part),
+        &[&resume[..], &["--caption-dropout", "0.1"]].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("caption_dropout: 0.3 then, 0.1 now"),
+        "{stderr}"
+    );
+    let out = train(&s(&part), &resume);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read_losses(&s(&part)), losses, "the resumed run's losses");
+    assert_eq!(lora_of(&s(&part)), lora, "the resumed run's LoRA");
+
+    // The GPU executor (lavapipe in CI, where a step of 524 tokens takes half a minute) trains the
+    // same run: the same draws, a loss within float rounding of the CPU's.
+    if common::gpu().is_some() {
+        let on_gpu = s(&root.join("gpu"));
+        let out = train(&on_gpu, &["--device", "gpu", "--max-steps", "1"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(read_losses(&on_gpu).len(), 1);
+        for (g, c) in read_losses(&on_gpu).iter().zip(&losses) {
+            let (g, c): (f64, f64) = (g.parse().unwrap(), c.parse().unwrap());
+            assert!((g - c).abs() < 1e-4 * c, "GPU loss {g}, CPU loss {c}");
+        }
+    }
+    let again = train(&run, &["--device", "cpu"]);
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(
         !again.status.success() && stderr.contains("--overwrite"),
         "{stderr}"
     );
-    assert!(train(&["--overwrite"]).status.success());
+    assert!(
+        train(&run, &["--device", "cpu", "--overwrite"])
+            .status
+            .success()
+    );
 
     let llm = root.join("llm");
     let out = common::nibble(&["synth", "--preset", "tiny-qwen2", "-o", &s(&llm)]);

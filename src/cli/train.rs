@@ -54,16 +54,13 @@ fn train_klein(
     output: &std::path::Path,
 ) -> Result<()> {
     let unsupported = [
-        ("resume", settings.resume.is_some()),
         ("init-adapter", settings.init_adapter.is_some()),
         ("eval-data", settings.eval_data.is_some()),
         ("eval-split", settings.eval_split.is_some()),
-        ("save-steps", settings.save_steps.is_some()),
         ("packing", settings.packing.is_some()),
         ("max-length", settings.max_length.is_some()),
         ("loss-on", settings.loss_on.is_some()),
         ("no-shuffle", settings.no_shuffle.is_some()),
-        ("gpu-memory", settings.gpu_memory.is_some()),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
         anyhow::bail!("--{name} is not supported for FLUX.2 image runs yet");
@@ -72,9 +69,6 @@ fn train_klein(
         Some(_) => settings,
         None => settings.over(TrainSettings::preset("flux2-klein")?)?,
     };
-    if settings.device == Some(nibble::exec::Device::Gpu) {
-        anyhow::bail!("FLUX.2 training runs on the CPU executor so far: pass --device cpu");
-    }
     let quant = match settings.quant_request()? {
         Some(nibble::model::QuantRequest::Quantize(spec)) => Some(spec),
         _ => None,
@@ -92,18 +86,13 @@ fn train_klein(
             .sigma_sampling
             .unwrap_or(nibble::train::flux2::SigmaSampling::Sigmoid),
         text_tokens: nibble::models::flux2::TEXT_TOKENS,
-        overwrite: settings.overwrite.unwrap_or(false),
+        options: settings.run_options()?,
     };
-    let last = nibble::train::flux2::run_folder(spec, &mut |r| {
-        eprintln!(
-            "step {}/{}  loss {:.4}  grad norm {:.3}  lr {:.2e}  {:.1} s",
-            r.step, r.total_steps, r.loss, r.grad_norm, r.lr, r.seconds
-        );
-    })?;
+    let gpu = settings.device.unwrap_or_default().open()?;
+    stop_on_signals();
+    nibble::train::flux2::run(spec, gpu.as_ref(), &mut Progress::default())?;
     eprintln!(
-        "saved the LoRA ({} steps, last loss {:.4}) to {}",
-        last.step,
-        last.loss,
+        "saved the LoRA to {}",
         output.join(nibble::train::flux2::LORA_FILE).display()
     );
     Ok(())

@@ -1,22 +1,43 @@
 //! Optimizer steps on the GPU: every micro-batch's forward and backward graph, then the optimizer graph
 //! (global gradient norm, clipping coefficient, AdamW), recorded into one command encoder and submitted
-//! once; only the
-//! per-position losses and the norm come back. The adapters and AdamW's moments stay on the GPU between
-//! steps and are downloaded when the trainer saves.
+//! once; only the losses and the norm come back. The adapters and AdamW's moments stay on the GPU
+//! between steps and are downloaded when the trainer saves.
 
-use super::weights::{GpuLora, GpuModel};
+use super::weights::{GpuLora, GpuModel, GpuWeights};
 use super::{Gpu, GpuBuffer};
 use crate::cpu::{Sequence, StepLoss};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::exec::gpu::{Bindings, SequenceOptions, record, record_sequence, sequence_loss};
-use crate::graph::StepInputs;
+use crate::graph::{Graph, StepInputs};
 use crate::lora::LoraAdapter;
-use crate::model::Model;
+use crate::model::{FrozenWeights, Model};
 use crate::models::optimizer;
 use crate::ops::adamw::AdamWParams;
 
+/// The frozen model a GPU trainer binds: a decoder (its config drives the sequence graphs), or any
+/// other model's named weights, whose graphs the caller builds.
+pub enum GpuBase {
+    Decoder(GpuModel),
+    Weights(GpuWeights),
+}
+
+/// The frozen model to upload for a `GpuBase`.
+pub enum BaseModel<'a> {
+    Decoder(&'a Model),
+    Weights(&'a dyn FrozenWeights),
+}
+
+impl GpuBase {
+    fn weights(&self) -> &GpuWeights {
+        match self {
+            GpuBase::Decoder(m) => m,
+            GpuBase::Weights(w) => w,
+        }
+    }
+}
+
 pub struct GpuTrainState {
-    pub model: GpuModel,
+    base: GpuBase,
     params: GpuLora,
     grads: GpuLora,
     m: GpuLora,
@@ -26,7 +47,7 @@ pub struct GpuTrainState {
 /// What one optimizer step read back.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GpuStepResult {
-    /// Σ token cross-entropy of each micro-batch sequence.
+    /// Each micro-batch's loss: Σ token cross-entropy of a sequence, or an image graph's `loss`.
     pub loss_sums: Vec<f64>,
     pub grad_norm: f64,
 }
@@ -35,18 +56,35 @@ impl GpuTrainState {
     /// Uploads the frozen model, the adapters and AdamW's moments.
     pub fn new(
         gpu: &Gpu,
-        model: &Model,
+        model: BaseModel,
         adapter: &LoraAdapter,
         m: &LoraAdapter,
         v: &LoraAdapter,
     ) -> Result<Self> {
+        let base = match model {
+            BaseModel::Decoder(model) => GpuBase::Decoder(GpuModel::upload(gpu, model)?),
+            BaseModel::Weights(weights) => GpuBase::Weights(GpuWeights::upload(gpu, weights)?),
+        };
         Ok(GpuTrainState {
-            model: GpuModel::upload(gpu, model)?,
+            base,
             params: GpuLora::upload(gpu, adapter),
             grads: GpuLora::upload(gpu, &adapter.zeros_like()),
             m: GpuLora::upload(gpu, m),
             v: GpuLora::upload(gpu, v),
         })
+    }
+
+    /// The decoder these adapters train, when they train one.
+    pub fn decoder(&self) -> Option<&GpuModel> {
+        match &self.base {
+            GpuBase::Decoder(m) => Some(m),
+            GpuBase::Weights(_) => None,
+        }
+    }
+
+    fn decoder_or_error(&self) -> Result<&GpuModel> {
+        self.decoder()
+            .ok_or_else(|| Error::Invalid("this GPU trainer holds no language model".into()))
     }
 
     /// One optimizer step over `sequences` (each with its options), then the optimizer graph: the
@@ -59,15 +97,13 @@ impl GpuTrainState {
         adamw: AdamWParams,
         max_norm: f32,
     ) -> Result<GpuStepResult> {
-        let mut enc = gpu.encoder();
-        for g in self.grads.buffers() {
-            enc.clear_buffer(&g.buffer, 0, None);
-        }
+        let model = self.decoder_or_error()?;
+        let mut enc = self.cleared_grads(gpu);
         let mut results = Vec::with_capacity(sequences.len());
         for (seq, options) in sequences {
             results.push(record_sequence(
                 gpu,
-                &self.model,
+                model,
                 Some(&self.params),
                 Some(&self.grads),
                 seq,
@@ -75,6 +111,80 @@ impl GpuTrainState {
                 &mut enc,
             )?);
         }
+        let reads: Vec<&GpuBuffer> = results.iter().flatten().collect();
+        let (values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
+        let mut losses = values.iter();
+        let loss_sums = results
+            .iter()
+            .map(|r| match r {
+                Some(_) => sequence_loss(losses.next().expect("one read per result")).loss_sum,
+                None => 0.0,
+            })
+            .collect();
+        Ok(GpuStepResult {
+            loss_sums,
+            grad_norm,
+        })
+    }
+
+    /// One optimizer step over graphs the caller built (each a forward and backward into the LoRA
+    /// gradients, with its inputs, leaving the output `loss`), then the optimizer graph, in one
+    /// submission. Returns each graph's loss and the gradients' norm before clipping.
+    pub async fn step_graphs(
+        &self,
+        gpu: &Gpu,
+        graphs: &[(Graph, StepInputs)],
+        adamw: AdamWParams,
+        max_norm: f32,
+    ) -> Result<GpuStepResult> {
+        let mut enc = self.cleared_grads(gpu);
+        let mut losses = Vec::with_capacity(graphs.len());
+        for (graph, inputs) in graphs {
+            let loss = record(graph, self.bindings(gpu, inputs, false), &mut enc)?
+                .take("loss")
+                .ok_or_else(|| Error::Invalid("a training graph leaves no `loss`".into()))?;
+            losses.push(loss);
+        }
+        let reads: Vec<&GpuBuffer> = losses.iter().collect();
+        let (values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
+        Ok(GpuStepResult {
+            loss_sums: values.iter().map(|v| v[0] as f64).collect(),
+            grad_norm,
+        })
+    }
+
+    /// The frozen weights, the adapters and their gradients (and with `moments`, AdamW's moments).
+    fn bindings<'a>(&'a self, gpu: &'a Gpu, inputs: &'a StepInputs, moments: bool) -> Bindings<'a> {
+        Bindings {
+            gpu,
+            model: self.base.weights(),
+            lora: Some(&self.params),
+            grads: Some(&self.grads),
+            cache: None,
+            moments: moments.then_some([&self.m, &self.v]),
+            inputs,
+        }
+    }
+
+    /// An encoder whose first command zeroes the gradients.
+    fn cleared_grads(&self, gpu: &Gpu) -> wgpu::CommandEncoder {
+        let mut enc = gpu.encoder();
+        for g in self.grads.buffers() {
+            enc.clear_buffer(&g.buffer, 0, None);
+        }
+        enc
+    }
+
+    /// Records the optimizer graph after the step in `enc`, submits, and reads `reads` back with the
+    /// gradients' norm.
+    async fn optimize(
+        &self,
+        gpu: &Gpu,
+        mut enc: wgpu::CommandEncoder,
+        reads: &[&GpuBuffer],
+        adamw: AdamWParams,
+        max_norm: f32,
+    ) -> Result<(Vec<Vec<f32>>, f64)> {
         let shapes: Vec<(String, usize, usize)> = self
             .params
             .pairs
@@ -86,33 +196,14 @@ impl GpuTrainState {
             adamw: bytemuck::cast(adamw),
             ..StepInputs::default()
         };
-        let bind = Bindings {
-            gpu,
-            model: &self.model,
-            lora: Some(&self.params),
-            grads: Some(&self.grads),
-            cache: None,
-            moments: Some([&self.m, &self.v]),
-            inputs: &inputs,
-        };
-        let clip = record(&graph, bind, &mut enc)?
+        let clip = record(&graph, self.bindings(gpu, &inputs, true), &mut enc)?
             .take("clip")
             .expect("the optimizer graph leaves the norm");
-        let mut reads: Vec<&GpuBuffer> = results.iter().flatten().collect();
-        reads.push(&clip);
-        let values = gpu.submit_and_read_async(enc, &reads).await?;
-        let mut losses = values[..values.len() - 1].iter();
-        let loss_sums = results
-            .iter()
-            .map(|r| match r {
-                Some(_) => sequence_loss(losses.next().expect("one read per result")).loss_sum,
-                None => 0.0,
-            })
-            .collect();
-        Ok(GpuStepResult {
-            loss_sums,
-            grad_norm: values[values.len() - 1][0] as f64,
-        })
+        let mut all = reads.to_vec();
+        all.push(&clip);
+        let mut values = gpu.submit_and_read_async(enc, &all).await?;
+        let norm = values.pop().expect("the norm was read")[0] as f64;
+        Ok((values, norm))
     }
 
     /// The adapters' device copies.
@@ -124,7 +215,7 @@ impl GpuTrainState {
     pub async fn evaluate(&self, gpu: &Gpu, seq: &Sequence) -> Result<StepLoss> {
         crate::exec::gpu::forward_backward_async(
             gpu,
-            &self.model,
+            self.decoder_or_error()?,
             Some(&self.params),
             None,
             seq,

@@ -30,6 +30,7 @@ fn yes() -> bool {
 
 impl VaeConfig {
     /// The encoder nibble runs: RGB in, four levels (8x down), widths that GroupNorm's groups divide.
+    #[cfg(not(target_arch = "wasm32"))]
     fn check(&self) -> std::result::Result<(), String> {
         let levels = &self.block_out_channels;
         if self.in_channels != 3 {

@@ -3,12 +3,12 @@
 //! seeded generator (so every executor sees the same draws), clipping and AdamW as for the LLMs.
 
 use crate::error::{Error, Result};
-use crate::exec::cpu::{self, Bindings, OptimizerState};
+use crate::exec::cpu::{self, Bindings};
 use crate::lora::{LoraAdapter, resolve_among};
 use crate::models::decoder::LoraSpec;
 use crate::models::flux2::{self, Flux2Inputs, Flux2Model, Flux2Step};
 use crate::rng::Rng;
-use crate::train::{TrainConfig, cpu_optimizer_step};
+use crate::shared::Shared;
 
 /// How each example's σ is drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,133 +59,194 @@ pub fn draw(rng: &mut Rng, sampling: SigmaSampling, elements: usize) -> Draw {
     }
 }
 
-/// A LoRA being trained on a klein transformer, on the CPU executor.
-pub struct FluxTrainer<'m> {
-    pub model: &'m Flux2Model,
-    pub config: TrainConfig,
-    pub adapter: LoraAdapter,
-    m: LoraAdapter,
-    v: LoraAdapter,
-    /// Optimizer steps taken.
-    pub step: usize,
-    pub total_steps: usize,
+/// What a FLUX.2 LoRA trains on: the frozen transformer and the cached examples, with how each
+/// example's caption and noise are drawn.
+pub struct ImageWork<'a> {
+    pub model: Shared<'a, Flux2Model>,
+    pub examples: Vec<Cached>,
+    /// The empty caption's features (what a dropped caption trains with).
+    pub empty_caption: Vec<f32>,
+    pub sampling: SigmaSampling,
+    /// Probability of training an example with the empty caption.
+    pub caption_dropout: f64,
 }
 
-impl<'m> FluxTrainer<'m> {
-    /// LoRA on `config.lora`'s targets among the block linears (`all-linear`: all of them), freshly
-    /// initialised from `config.seed` as PEFT does, or `init`.
-    pub fn new(
-        model: &'m Flux2Model,
-        config: TrainConfig,
-        total_steps: usize,
-        init: Option<LoraAdapter>,
-    ) -> Result<Self> {
-        let adapter = match init {
-            Some(a) => a,
-            None => LoraAdapter::init_among(
-                model.config.block_linears(),
-                config.lora.clone(),
-                &mut Rng::new(config.seed),
-            )?,
-        };
-        // Every target must be a block linear of this model.
-        let targets: Vec<String> = adapter.pairs().map(|(p, _)| p.to_string()).collect();
-        resolve_among(model.config.block_linears(), &targets)?;
-        if config.lora.dropout > 0.0 {
+/// One example of an optimizer step: which, whether its caption is dropped, its σ and noise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImagePick {
+    pub example: usize,
+    pub caption_dropped: bool,
+    pub draw: Draw,
+}
+
+impl ImageWork<'_> {
+    /// Checks that the examples fit the transformer and that an adapter can be trained on it.
+    pub fn check(&self, lora: &crate::lora::LoraConfig) -> Result<()> {
+        let c = &self.model.config;
+        if self.examples.is_empty() {
+            return Err(Error::Invalid("the image dataset is empty".into()));
+        }
+        if lora.dropout > 0.0 {
             return Err(Error::Invalid(
                 "--lora-dropout is not supported for FLUX.2 yet: use 0".into(),
             ));
         }
-        Ok(FluxTrainer {
-            model,
-            m: adapter.zeros_like(),
-            v: adapter.zeros_like(),
-            adapter,
-            config,
-            step: 0,
-            total_steps,
-        })
+        if !(0.0..1.0).contains(&self.caption_dropout) {
+            return Err(Error::Invalid(format!(
+                "--caption-dropout must be at least 0 and below 1 (got {})",
+                self.caption_dropout
+            )));
+        }
+        let text_tokens = self.empty_caption.len() / c.text_dim;
+        for (i, e) in self.examples.iter().enumerate() {
+            if e.rows * e.cols == 0
+                || e.latents.len() != e.rows * e.cols * c.in_channels
+                || e.text.len() != text_tokens * c.text_dim
+                || text_tokens == 0
+            {
+                return Err(Error::Invalid(format!(
+                    "cached example {}: {} latent values for a {}x{} grid of {} channels and {} \
+                     caption values for {text_tokens} tokens of {}: they do not fit this transformer",
+                    i + 1,
+                    e.latents.len(),
+                    e.rows,
+                    e.cols,
+                    c.in_channels,
+                    e.text.len(),
+                    c.text_dim
+                )));
+            }
+        }
+        Ok(())
     }
 
-    /// One optimizer step over `batch` (each example with its draw): the loss is the mean over the
-    /// batch. Returns that loss and the gradients' norm before clipping.
-    pub fn step(&mut self, batch: &[(&Cached, &Draw)]) -> Result<(f64, f64)> {
+    /// A fresh adapter on `lora`'s targets among the block linears (`all-linear`: all of them),
+    /// initialised as PEFT does; or `init`, whose targets must be block linears.
+    pub fn adapter(
+        &self,
+        lora: &crate::lora::LoraConfig,
+        rng: &mut Rng,
+        init: Option<LoraAdapter>,
+    ) -> Result<LoraAdapter> {
+        let linears = self.model.config.block_linears();
+        let adapter = match init {
+            Some(a) => a,
+            None => LoraAdapter::init_among(linears.clone(), lora.clone(), rng)?,
+        };
+        let targets: Vec<String> = adapter.pairs().map(|(p, _)| p.to_string()).collect();
+        resolve_among(linears, &targets)?;
+        Ok(adapter)
+    }
+
+    /// Example `example`'s caption dropout and draw, from `rng`.
+    pub fn pick(&self, example: usize, rng: &mut Rng) -> ImagePick {
+        let caption_dropped = rng.uniform() < self.caption_dropout;
+        let draw = draw(rng, self.sampling, self.examples[example].latents.len());
+        ImagePick {
+            example,
+            caption_dropped,
+            draw,
+        }
+    }
+
+    /// Latent tokens of a pick.
+    pub fn tokens(&self, pick: &ImagePick) -> usize {
+        let e = &self.examples[pick.example];
+        e.rows * e.cols
+    }
+
+    /// The forward and backward graph of one pick (its output `loss` is the example's mean squared
+    /// error; the gradients are those of grad_scale times it) and its inputs.
+    pub fn graph(
+        &self,
+        pick: &ImagePick,
+        spec: &LoraSpec,
+        grad_scale: f32,
+        checkpoint: bool,
+    ) -> (crate::graph::Graph, crate::graph::StepInputs) {
         let c = &self.model.config;
-        let spec = LoraSpec::of(&self.adapter);
-        let mut grads = self.adapter.zeros_like();
+        let example = &self.examples[pick.example];
+        let text = if pick.caption_dropped {
+            &self.empty_caption
+        } else {
+            &example.text
+        };
+        let text_tokens = text.len() / c.text_dim;
+        let step = Flux2Step {
+            image_tokens: example.rows * example.cols,
+            text_tokens,
+            backward: true,
+            checkpoint,
+        };
+        let (sigma, noise) = (pick.draw.sigma, &pick.draw.noise);
+        let noised: Vec<f32> = example
+            .latents
+            .iter()
+            .zip(noise)
+            .map(|(x, n)| (1.0 - sigma) * x + sigma * n)
+            .collect();
+        let target: Vec<f32> = noise
+            .iter()
+            .zip(&example.latents)
+            .map(|(n, x)| n - x)
+            .collect();
+        let (image_ids, text_ids) = flux2::position_ids(example.rows, example.cols, text_tokens);
+        let inputs = flux2::inputs(
+            c,
+            &Flux2Inputs {
+                noised: &noised,
+                text,
+                sigma,
+                image_ids: &image_ids,
+                text_ids: &text_ids,
+                target: &target,
+                grad_scale,
+            },
+        );
+        (flux2::build(c, Some(spec), step), inputs)
+    }
+
+    /// Forward and backward of `picks` on the CPU executor, each weighted 1/len, adding into `grads`.
+    /// Returns the sum of their losses.
+    pub fn cpu_forward_backward(
+        &self,
+        picks: &[ImagePick],
+        adapter: &LoraAdapter,
+        grads: &mut LoraAdapter,
+        (checkpoint, precision): (bool, crate::ops::Precision),
+    ) -> Result<f64> {
+        let spec = LoraSpec::of(adapter);
         let mut loss_sum = 0.0;
-        for (example, draw) in batch {
-            let tokens = example.rows * example.cols;
-            let text_tokens = example.text.len() / c.text_dim;
-            let step = Flux2Step {
-                image_tokens: tokens,
-                text_tokens,
-                backward: true,
-                checkpoint: self.config.checkpoint,
-            };
-            let noised: Vec<f32> = example
-                .latents
-                .iter()
-                .zip(&draw.noise)
-                .map(|(x, n)| (1.0 - draw.sigma) * x + draw.sigma * n)
-                .collect();
-            let target: Vec<f32> = draw
-                .noise
-                .iter()
-                .zip(&example.latents)
-                .map(|(n, x)| n - x)
-                .collect();
-            let (image_ids, text_ids) =
-                flux2::position_ids(example.rows, example.cols, text_tokens);
-            let inputs = flux2::inputs(
-                c,
-                &Flux2Inputs {
-                    noised: &noised,
-                    text: &example.text,
-                    sigma: draw.sigma,
-                    image_ids: &image_ids,
-                    text_ids: &text_ids,
-                    target: &target,
-                    grad_scale: 1.0 / batch.len() as f32,
-                },
-            );
-            let graph = flux2::build(c, Some(&spec), step);
+        for pick in picks {
+            let (graph, inputs) = self.graph(pick, &spec, 1.0 / picks.len() as f32, checkpoint);
             let mut out = cpu::run(
                 &graph,
                 Bindings {
-                    model: self.model,
-                    adapter: Some(&self.adapter),
-                    grads: Some(&mut grads),
+                    model: &*self.model,
+                    adapter: Some(adapter),
+                    grads: Some(grads),
                     cache: None,
                     optimizer: None,
                     inputs: &inputs,
-                    precision: self.config.precision,
+                    precision,
                 },
             )?;
             loss_sum += out.take("loss")[0] as f64;
         }
-        let loss = loss_sum / batch.len() as f64;
-        if !loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "the loss became {loss} at step {}; stopping",
-                self.step + 1
-            )));
+        Ok(loss_sum)
+    }
+
+    /// A digest of the cached examples (latents, grids and caption features) for run.json.
+    pub fn digest(&self) -> u64 {
+        let mut digest = crate::rng::Fnv1a::new();
+        for e in self.examples.iter() {
+            digest.write(&(e.rows as u64).to_le_bytes());
+            digest.write(&(e.cols as u64).to_le_bytes());
+            digest.write(bytemuck::cast_slice(&e.latents));
+            digest.write(bytemuck::cast_slice(&e.text));
         }
-        let state = OptimizerState {
-            params: &mut self.adapter,
-            m: &mut self.m,
-            v: &mut self.v,
-        };
-        let adamw = self.config.adamw_at(self.step, self.total_steps);
-        let grad_norm = cpu_optimizer_step(
-            self.model,
-            &mut grads,
-            state,
-            (self.config.max_grad_norm, adamw),
-            self.config.precision,
-        )?;
-        self.step += 1;
-        Ok((loss, grad_norm))
+        digest.write(bytemuck::cast_slice(&self.empty_caption));
+        digest.finish()
     }
 }
 
@@ -202,46 +263,78 @@ pub fn base_model_version(c: &flux2::Flux2Config) -> &'static str {
     }
 }
 
+/// How a LoRA file holds the matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraForm {
+    /// bf16 with the trained scale alpha/r folded into B and no alpha keys (readers then use scale
+    /// 1): the file people load.
+    Release,
+    /// f32 as trained, with each module's `.alpha`: a checkpoint that resumes bit for bit (and that
+    /// kohya-style readers load as well).
+    Exact,
+}
+
 /// The LoRA file's bytes: `diffusion_model.<block linear>.lora_A.weight` [r, in] and `.lora_B.weight`
-/// [out, r] in bf16, no alpha keys (readers then use scale 1, so B carries the trained scale
-/// alpha/r), metadata naming the base model and nibble.
-pub fn lora_file(adapter: &LoraAdapter, c: &flux2::Flux2Config) -> Result<Vec<u8>> {
+/// [out, r] in `form`, metadata naming the base model and nibble.
+pub fn lora_file(adapter: &LoraAdapter, c: &flux2::Flux2Config, form: LoraForm) -> Result<Vec<u8>> {
     let scale = adapter.config.scale();
-    let bf16 = |v: &[f32], k: f32| -> Vec<u8> {
-        v.iter()
-            .flat_map(|&x| half::bf16::from_f32(x * k).to_le_bytes())
-            .collect()
+    let (dtype, b_scale) = match form {
+        LoraForm::Release => (safetensors::Dtype::BF16, scale),
+        LoraForm::Exact => (safetensors::Dtype::F32, 1.0),
     };
+    let bytes = |v: &[f32], k: f32| -> Vec<u8> {
+        match form {
+            LoraForm::Release => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x * k).to_le_bytes())
+                .collect(),
+            LoraForm::Exact => bytemuck::cast_slice(v).to_vec(),
+        }
+    };
+    let alpha = [adapter.config.alpha as f32];
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = adapter
         .pairs()
         .flat_map(|(path, p)| {
-            [
+            let mut keys = vec![
                 (
                     format!("{KEY_PREFIX}{path}.lora_A.weight"),
                     vec![p.rank, p.in_features],
-                    bf16(&p.a, 1.0),
+                    bytes(&p.a, 1.0),
                 ),
                 (
                     format!("{KEY_PREFIX}{path}.lora_B.weight"),
                     vec![p.out_features, p.rank],
-                    bf16(&p.b, scale),
+                    bytes(&p.b, b_scale),
                 ),
-            ]
+            ];
+            if form == LoraForm::Exact {
+                keys.push((
+                    format!("{KEY_PREFIX}{path}.alpha"),
+                    vec![],
+                    bytes(&alpha, 1.0),
+                ));
+            }
+            keys
         })
         .collect();
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::BF16,
-                shape.clone(),
-                bytes,
-            )
-            .map_err(|e| Error::Invalid(format!("LoRA tensor {name}: {e}")))?;
+            let dtype = if name.ends_with(".alpha") {
+                safetensors::Dtype::F32
+            } else {
+                dtype
+            };
+            let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
+                .map_err(|e| Error::Invalid(format!("LoRA tensor {name}: {e}")))?;
             Ok((name.clone(), view))
         })
         .collect::<Result<Vec<_>>>()?;
     let r = adapter.config.r.to_string();
+    let network_alpha = match form {
+        LoraForm::Release => r.clone(),
+        LoraForm::Exact => adapter.config.alpha.to_string(),
+    };
     let metadata = std::collections::HashMap::from([
         ("format".to_string(), "pt".to_string()),
         (
@@ -250,7 +343,7 @@ pub fn lora_file(adapter: &LoraAdapter, c: &flux2::Flux2Config) -> Result<Vec<u8
         ),
         ("ss_network_module".to_string(), "networks.lora".to_string()),
         ("ss_network_dim".to_string(), r.clone()),
-        ("ss_network_alpha".to_string(), r),
+        ("ss_network_alpha".to_string(), network_alpha),
         (
             "software".to_string(),
             format!("nibble {}", env!("CARGO_PKG_VERSION")),
@@ -261,13 +354,13 @@ pub fn lora_file(adapter: &LoraAdapter, c: &flux2::Flux2Config) -> Result<Vec<u8
 }
 
 /// Writes `lora_file` to `path` atomically.
-#[cfg(not(target_arch = "wasm32"))]
 pub fn save_lora(
     adapter: &LoraAdapter,
     c: &flux2::Flux2Config,
+    form: LoraForm,
     path: &std::path::Path,
 ) -> Result<()> {
-    let bytes = lora_file(adapter, c)?;
+    let bytes = lora_file(adapter, c, form)?;
     crate::fsutil::write_atomically(path, |tmp| std::fs::write(tmp, &bytes))
 }
 
@@ -385,7 +478,7 @@ pub struct FluxRunSpec<'a> {
     /// Storage of the transformer's linears (the text encoder runs in NF4 groups of 64 when its widths
     /// allow, else dense).
     pub quant: Option<crate::quant::QuantSpec>,
-    pub config: TrainConfig,
+    pub config: crate::train::TrainConfig,
     /// Image side in pixels (buckets keep each image's aspect at about this squared).
     pub resolution: usize,
     pub trigger: Option<String>,
@@ -394,31 +487,22 @@ pub struct FluxRunSpec<'a> {
     pub sampling: SigmaSampling,
     /// Caption tokens (the pipeline's 512).
     pub text_tokens: usize,
-    pub overwrite: bool,
-}
-
-/// What a klein run reports after each optimizer step.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FluxStepRecord {
-    pub step: usize,
-    pub total_steps: usize,
-    pub loss: f64,
-    pub grad_norm: f64,
-    pub lr: f64,
-    pub seconds: f64,
+    /// Overwriting, checkpoints, resuming, the GPU memory cap (packing and validation are refused).
+    pub options: crate::train::run::RunOptions,
 }
 
 /// Trains a klein LoRA: caption features (the text encoder, then released), image latents (the VAE,
-/// then released), then the transformer's steps on the CPU executor; writes metrics.jsonl as it goes
-/// and the LoRA file at the end. Returns the last step's record.
+/// then released), then the transformer's steps on the GPU executor when `gpu` is given, else on the
+/// CPU executor; metrics.jsonl, checkpoints and `--resume` as for language models, and the LoRA file
+/// at the top of the output folder at the end.
 #[cfg(not(target_arch = "wasm32"))]
-pub fn run_folder(
+pub fn run(
     spec: FluxRunSpec,
-    on_step: &mut dyn FnMut(&FluxStepRecord),
-) -> Result<FluxStepRecord> {
+    gpu: Option<&crate::gpu::Gpu>,
+    observer: &mut dyn crate::train::run::Observer,
+) -> Result<crate::train::run::RunSummary> {
     use crate::model::{QuantRequest, TokenizerFiles};
     use crate::quant::{QuantFormat, QuantSpec};
-    use std::io::Write;
     let FluxRunSpec {
         model: path,
         data,
@@ -430,7 +514,7 @@ pub fn run_folder(
         caption_dropout,
         sampling,
         text_tokens,
-        overwrite,
+        options,
     } = spec;
     if !(0.0..1.0).contains(&caption_dropout) {
         return Err(Error::Invalid(format!(
@@ -442,7 +526,16 @@ pub fn run_folder(
             "--resolution must be from 16 to 4096 pixels (got {resolution})"
         )));
     }
-    let mut folder = crate::train::folder::RunFolder::claim(output, overwrite, None)?;
+    if options.init_adapter.is_some() {
+        return Err(Error::Invalid(
+            "--init-adapter is not supported for FLUX.2 image runs yet".into(),
+        ));
+    }
+    let mut folder = crate::train::folder::RunFolder::claim(
+        output,
+        options.overwrite,
+        options.resume.as_deref(),
+    )?;
     folder.check_inputs(&[path, data])?;
     let flux = flux2::config_at(path)?.ok_or_else(|| {
         Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
@@ -464,12 +557,20 @@ pub fn run_folder(
         * 4
         * ((text_tokens * flux.text_dim) + tokens(resolution) * flux.in_channels) as u64;
     let step = Flux2Step::training(resolution, text_tokens, config.checkpoint);
-    let needs = flux2::plan(&flux, quant, config.lora.r, step).total + cache;
-    crate::alloc::check_fits(
-        &format!("training on {} images at {resolution} px", examples.len()),
-        needs,
-        "; a lower --resolution, fewer images or a 4-bit --quant needs less",
-    )?;
+    let planned = flux2::plan(&flux, quant, config.lora.r, step).total;
+    let what = format!("training on {} images at {resolution} px", examples.len());
+    match gpu {
+        // The cache stays in host memory; the step is on the device.
+        Some(gpu) => {
+            crate::alloc::check_fits(&what, cache, "; fewer images or a lower --resolution")?;
+            gpu.check_fits(&what, planned, options.gpu_memory)?;
+        }
+        None => crate::alloc::check_fits(
+            &what,
+            planned + cache,
+            "; a lower --resolution, fewer images or a 4-bit --quant needs less",
+        )?,
+    }
 
     // Caption features, the text encoder held only while they are computed.
     let read = |name: &str| crate::fsutil::read_to_string(&path.join("tokenizer").join(name)).ok();
@@ -479,8 +580,17 @@ pub fn run_folder(
         chat_template_jinja: read("chat_template.jinja"),
     };
     let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, &path.join("tokenizer"))?;
-    let (features, empty) = {
+    let (features, empty_caption) = {
         let source = crate::model::open(path.join("text_encoder"))?;
+        if 3 * source.config.hidden_size != flux.text_dim {
+            return Err(Error::Invalid(format!(
+                "{}: the text encoder's width {} gives features of {}, and the transformer reads {}",
+                path.display(),
+                source.config.hidden_size,
+                3 * source.config.hidden_size,
+                flux.text_dim
+            )));
+        }
         let nf4 = QuantSpec::new(QuantFormat::Nf4, 64)?;
         let storage = if source.config.hidden_size % 64 == 0 {
             QuantRequest::Quantize(nf4)
@@ -488,15 +598,6 @@ pub fn run_folder(
             QuantRequest::Dense
         };
         let encoder = source.load(Some(storage))?;
-        if 3 * encoder.config.hidden_size != flux.text_dim {
-            return Err(Error::Invalid(format!(
-                "{}: the text encoder's width {} gives features of {}, and the transformer reads {}",
-                path.display(),
-                encoder.config.hidden_size,
-                3 * encoder.config.hidden_size,
-                flux.text_dim
-            )));
-        }
         let encode = |caption: &str| {
             flux2::caption_features(&encoder, &tokenizer, caption, text_tokens, config.precision)
         };
@@ -507,85 +608,45 @@ pub fn run_folder(
         (features, encode("")?)
     };
     // Latents, then the VAE is released.
-    let cached: Vec<Cached> = {
-        examples
-            .iter()
-            .zip(features)
-            .map(|(e, text)| {
-                let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
-                let latents = crate::models::vae::encode(&vae, &pixels, (h, w))?;
-                Ok(Cached {
-                    latents,
-                    rows: h / 16,
-                    cols: w / 16,
-                    text,
-                })
+    let cached: Vec<Cached> = examples
+        .iter()
+        .zip(features)
+        .map(|(e, text)| {
+            let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
+            let latents = crate::models::vae::encode(&vae, &pixels, (h, w))?;
+            Ok(Cached {
+                latents,
+                rows: h / 16,
+                cols: w / 16,
+                text,
             })
-            .collect::<Result<Vec<_>>>()?
-    };
+        })
+        .collect::<Result<Vec<_>>>()?;
     drop(vae);
     let model = flux2::load_diffusers(path, quant)?;
-    let per_step = (config.batch_size * config.grad_accum).max(1);
-    let total_steps = config
-        .max_steps
-        .unwrap_or_else(|| config.epochs.max(1) * cached.len().div_ceil(per_step));
-    let seed = config.seed;
-    let mut trainer = FluxTrainer::new(&model, config, total_steps, None)?;
-    folder.clear_earlier_run()?;
-    let metrics_path = output.join("metrics.jsonl");
-    let mut metrics =
-        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    folder.take();
-    let mut order_rng = Rng::new(seed ^ 0x5eed_0001);
-    let mut draw_rng = Rng::new(seed ^ 0x5eed_0002);
-    let mut order: Vec<usize> = Vec::new();
-    let mut last = None;
-    while trainer.step < total_steps {
-        let start = std::time::Instant::now();
-        let mut batch = Vec::with_capacity(per_step);
-        for _ in 0..per_step {
-            if order.is_empty() {
-                order = (0..cached.len()).collect();
-                for i in (1..order.len()).rev() {
-                    order.swap(i, order_rng.below(i as u64 + 1) as usize);
-                }
-            }
-            let i = order.pop().expect("refilled");
-            let dropped = draw_rng.uniform() < caption_dropout;
-            let example = &cached[i];
-            let draw = draw(&mut draw_rng, sampling, example.latents.len());
-            batch.push((i, dropped, draw));
+    let work = ImageWork {
+        model: (&model).into(),
+        examples: cached,
+        empty_caption,
+        sampling,
+        caption_dropout,
+    };
+    let image_options = serde_json::json!({
+        "resolution": resolution, "caption_dropout": caption_dropout, "sigma_sampling": sampling,
+        "text_tokens": text_tokens,
+    });
+    let label = path.display().to_string();
+    let mut run =
+        crate::train::run::Run::prepare_images(work, &label, config, options, image_options)?;
+    let executor = match gpu {
+        Some(gpu) => {
+            run.use_gpu(gpu)?;
+            format!("GPU executor on {}", gpu.info.name)
         }
-        let with_captions: Vec<Cached> = batch
-            .iter()
-            .map(|(i, dropped, _)| {
-                let mut e = cached[*i].clone();
-                if *dropped {
-                    e.text = empty.clone();
-                }
-                e
-            })
-            .collect();
-        let pairs: Vec<(&Cached, &Draw)> = with_captions
-            .iter()
-            .zip(batch.iter().map(|b| &b.2))
-            .collect();
-        let lr = trainer.config.lr_at(trainer.step, total_steps);
-        let (loss, grad_norm) = trainer.step(&pairs)?;
-        let record = FluxStepRecord {
-            step: trainer.step,
-            total_steps,
-            loss,
-            grad_norm,
-            lr,
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        let line = serde_json::json!({"step": record.step, "loss": loss, "lr": lr,
-                                      "grad_norm": grad_norm, "seconds": record.seconds});
-        writeln!(metrics, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
-        on_step(&record);
-        last = Some(record);
-    }
-    save_lora(&trainer.adapter, &model.config, &output.join(LORA_FILE))?;
-    last.ok_or_else(|| Error::Invalid("the run has no steps".into()))
+        None => format!("CPU executor, {:?}", run.trainer.config.precision),
+    };
+    folder.clear_earlier_run()?;
+    run.write_to(output)?;
+    folder.take();
+    run.drive(&executor, observer)
 }

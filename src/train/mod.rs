@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::exec;
 use crate::exec::gpu::SequenceOptions;
 use crate::gpu::Gpu;
-use crate::gpu::train::GpuTrainState;
+use crate::gpu::train::{BaseModel, GpuTrainState};
 use crate::graph::StepInputs;
 use crate::lora::{LoraAdapter, LoraConfig, peft_key};
 use crate::model::Model;
@@ -282,9 +282,30 @@ impl StepRecord {
     }
 }
 
+/// What a trainer learns from.
+pub enum Work<'a> {
+    /// A language model on token sequences.
+    Text {
+        model: Shared<'a, Model>,
+        sequences: Vec<Sequence>,
+    },
+    /// A FLUX.2 transformer on cached image latents and caption features.
+    Image(flux2::ImageWork<'a>),
+}
+
+impl Work<'_> {
+    /// How many training examples there are.
+    pub fn examples(&self) -> usize {
+        match self {
+            Work::Text { sequences, .. } => sequences.len(),
+            Work::Image(work) => work.examples.len(),
+        }
+    }
+}
+
 /// Trainer state: the adapters, their AdamW moments, and where in the data and the RNG streams we are.
 pub struct Trainer<'a> {
-    pub model: Shared<'a, Model>,
+    pub work: Work<'a>,
     pub config: TrainConfig,
     pub adapter: LoraAdapter,
     m: LoraAdapter,
@@ -295,8 +316,8 @@ pub struct Trainer<'a> {
     position: usize,
     epoch: usize,
     data_rng: Rng,
+    /// LoRA dropout's masks (text), or each example's caption dropout, σ and noise (images).
     dropout_rng: Rng,
-    sequences: Vec<Sequence>,
     /// The GPU executor, when training runs there: it holds the live adapters and moments.
     gpu: Option<(Shared<'a, Gpu>, GpuTrainState)>,
     /// Whether `adapter`, `m` and `v` lag behind the GPU's copies.
@@ -331,30 +352,54 @@ impl<'a> Trainer<'a> {
             Some(a) => a,
             None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng)?,
         };
+        Ok(Self::assemble(
+            Work::Text { model, sequences },
+            config,
+            adapter,
+        ))
+    }
+
+    /// Sets up training a FLUX.2 LoRA on cached image examples with a fresh adapter (or `init`).
+    pub fn for_images(
+        work: flux2::ImageWork<'a>,
+        config: TrainConfig,
+        init: Option<LoraAdapter>,
+    ) -> Result<Self> {
+        work.check(&config.lora)?;
+        if config.batch_size == 0 || config.grad_accum == 0 {
+            return Err(Error::Invalid(
+                "--batch-size and --grad-accum must be positive".into(),
+            ));
+        }
+        let adapter = work.adapter(&config.lora, &mut Rng::new(config.seed), init)?;
+        Ok(Self::assemble(Work::Image(work), config, adapter))
+    }
+
+    fn assemble(work: Work<'a>, config: TrainConfig, adapter: LoraAdapter) -> Self {
+        let examples = work.examples();
         let per_step = config.batch_size * config.grad_accum;
-        let steps_per_epoch = sequences.len().div_ceil(per_step);
+        let steps_per_epoch = examples.div_ceil(per_step);
         let total_steps = config
             .max_steps
             .unwrap_or(steps_per_epoch * config.epochs.max(1));
         let mut trainer = Trainer {
-            model,
+            work,
             m: adapter.zeros_like(),
             v: adapter.zeros_like(),
             adapter,
             step: 0,
             total_steps,
-            order: (0..sequences.len()).collect(),
+            order: (0..examples).collect(),
             position: 0,
             epoch: 0,
             data_rng: Rng::new(config.seed ^ 0x5EED_DA7A),
             dropout_rng: Rng::new(config.seed ^ 0xD50F_0A7),
-            sequences,
             config,
             gpu: None,
             stale: false,
         };
         trainer.shuffle();
-        Ok(trainer)
+        trainer
     }
 
     fn shuffle(&mut self) {
@@ -384,7 +429,7 @@ impl<'a> Trainer<'a> {
 
     /// How many training examples there are.
     pub fn examples(&self) -> usize {
-        self.sequences.len()
+        self.work.examples()
     }
 
     pub fn warmup_steps(&self) -> usize {
@@ -394,12 +439,17 @@ impl<'a> Trainer<'a> {
     /// Σ token cross-entropy and the label-token count of `sequences` with the current adapters, on the
     /// trainer's executor, without dropout (validation loss).
     pub async fn evaluate_async(&mut self, sequences: &[Sequence]) -> Result<(f64, usize)> {
+        let Work::Text { model, .. } = &self.work else {
+            return Err(Error::Invalid(
+                "validation is for language models; image runs have none yet".into(),
+            ));
+        };
         let (mut loss_sum, mut targets) = (0.0, 0);
         for seq in sequences {
             let loss = match &self.gpu {
                 Some((gpu, state)) => state.evaluate(gpu, seq).await?,
                 None => cpu::forward_backward_with(
-                    &self.model,
+                    model,
                     Some(&self.adapter),
                     None,
                     seq,
@@ -431,27 +481,34 @@ impl<'a> Trainer<'a> {
     pub fn use_gpu(&mut self, gpu: impl Into<Shared<'a, Gpu>>) -> Result<()> {
         let gpu = gpu.into();
         self.sync()?;
-        let state = GpuTrainState::new(&gpu, &self.model, &self.adapter, &self.m, &self.v)?;
+        let base = match &self.work {
+            Work::Text { model, .. } => BaseModel::Decoder(model),
+            Work::Image(work) => BaseModel::Weights(&*work.model),
+        };
+        let state = GpuTrainState::new(&gpu, base, &self.adapter, &self.m, &self.v)?;
         // Uploading the weights is where a device too small fails first.
         gpu.check_errors()?;
         self.gpu = Some((gpu, state));
         Ok(())
     }
 
-    /// Where the current adapters can generate: on the GPU with the trainer's device copies when it
-    /// trains there (no download needed), else on the CPU with `adapter`.
-    pub fn executor(&self) -> crate::generate::Executor<'_> {
-        match &self.gpu {
+    /// Where the current adapters can generate text: on the GPU with the trainer's device copies when
+    /// it trains there (no download needed), else on the CPU with `adapter`. None for image runs.
+    pub fn executor(&self) -> Option<crate::generate::Executor<'_>> {
+        let Work::Text { model, .. } = &self.work else {
+            return None;
+        };
+        Some(match &self.gpu {
             Some((gpu, state)) => crate::generate::Executor::Gpu {
                 gpu,
-                model: &state.model,
+                model: state.decoder()?,
                 lora: Some(state.params()),
             },
             None => crate::generate::Executor::Cpu {
-                model: &self.model,
+                model,
                 adapter: Some(&self.adapter),
             },
-        }
+        })
     }
 
     pub fn on_gpu(&self) -> bool {
@@ -497,14 +554,21 @@ impl<'a> Trainer<'a> {
         let picks: Vec<usize> = (0..self.config.batch_size * self.config.grad_accum)
             .map(|_| self.next_example())
             .collect();
+        let sequences = match &self.work {
+            Work::Text { sequences, .. } => sequences,
+            Work::Image(work) => {
+                let picks = picks
+                    .into_iter()
+                    .map(|i| work.pick(i, &mut self.dropout_rng))
+                    .collect();
+                return self.image_step_async(picks, start).await;
+            }
+        };
         // Normalise by every label token of the whole optimizer step, as transformers does with
         // num_items_in_batch.
-        let total_targets: usize = picks
-            .iter()
-            .map(|&i| self.sequences[i].target_count())
-            .sum();
+        let total_targets: usize = picks.iter().map(|&i| sequences[i].target_count()).sum();
         let scale = 1.0 / total_targets as f32;
-        let tokens: usize = picks.iter().map(|&i| self.sequences[i].ids.len()).sum();
+        let tokens: usize = picks.iter().map(|&i| sequences[i].ids.len()).sum();
         let lr = self.config.lr_at(self.step, self.total_steps);
         let adamw = self.config.adamw_at(self.step, self.total_steps);
         let (loss_sum, grad_norm) = if let Some((gpu, state)) = &self.gpu {
@@ -520,7 +584,7 @@ impl<'a> Trainer<'a> {
                         checkpoint: self.config.checkpoint,
                         dropout: (p > 0.0).then_some((seed, p)),
                     };
-                    (&self.sequences[i], options)
+                    (&sequences[i], options)
                 })
                 .collect();
             let result = state
@@ -531,7 +595,72 @@ impl<'a> Trainer<'a> {
         } else {
             self.cpu_step(&picks, scale, adamw)?
         };
-        let loss = loss_sum / total_targets as f64;
+        self.finish_step(
+            start,
+            (loss_sum / total_targets as f64, lr, grad_norm),
+            tokens,
+        )
+    }
+
+    /// One optimizer step of an image run over `picks` (each example with its caption dropout and
+    /// draw): the loss is the mean over them of each example's mean squared error.
+    pub async fn image_step_async(
+        &mut self,
+        picks: Vec<flux2::ImagePick>,
+        start: Instant,
+    ) -> Result<StepRecord> {
+        let Work::Image(work) = &self.work else {
+            return Err(Error::Invalid("image steps need an image run".into()));
+        };
+        if picks.is_empty() {
+            return Err(Error::Invalid("an optimizer step needs examples".into()));
+        }
+        let tokens: usize = picks.iter().map(|p| work.tokens(p)).sum();
+        let lr = self.config.lr_at(self.step, self.total_steps);
+        let adamw = self.config.adamw_at(self.step, self.total_steps);
+        let (checkpoint, precision) = (self.config.checkpoint, self.config.precision);
+        let (loss_sum, grad_norm) = if let Some((gpu, state)) = &self.gpu {
+            let spec = crate::models::decoder::LoraSpec::of(&self.adapter);
+            let scale = 1.0 / picks.len() as f32;
+            let graphs: Vec<_> = picks
+                .iter()
+                .map(|p| work.graph(p, &spec, scale, checkpoint))
+                .collect();
+            let result = state
+                .step_graphs(gpu, &graphs, adamw, self.config.max_grad_norm as f32)
+                .await?;
+            self.stale = true;
+            (result.loss_sums.iter().sum::<f64>(), result.grad_norm)
+        } else {
+            let mut grads = self.adapter.zeros_like();
+            let loss_sum = work.cpu_forward_backward(
+                &picks,
+                &self.adapter,
+                &mut grads,
+                (checkpoint, precision),
+            )?;
+            (loss_sum, self.cpu_optimize(&mut grads, adamw)?)
+        };
+        self.finish_step(
+            start,
+            (loss_sum / picks.len() as f64, lr, grad_norm),
+            tokens,
+        )
+    }
+
+    /// `image_step_async`, blocking.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn image_step(&mut self, picks: Vec<flux2::ImagePick>) -> Result<StepRecord> {
+        pollster::block_on(self.image_step_async(picks, Instant::now()))
+    }
+
+    /// The record of the step just taken; a loss that is not finite stops the run.
+    fn finish_step(
+        &mut self,
+        start: Instant,
+        (loss, lr, grad_norm): (f64, f64, f64),
+        tokens: usize,
+    ) -> Result<StepRecord> {
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
                 "the loss became {loss} at step {}; stopping",
@@ -556,6 +685,9 @@ impl Trainer<'_> {
     /// Forward and backward over the picked examples on the CPU, then clipping and AdamW. Returns the
     /// loss sum and the gradient norm before clipping.
     fn cpu_step(&mut self, picks: &[usize], scale: f32, adamw: AdamWParams) -> Result<(f64, f64)> {
+        let Work::Text { model, sequences } = &self.work else {
+            return Err(Error::Invalid("text steps need a text run".into()));
+        };
         let mut grads = self.adapter.zeros_like();
         let mut loss_sum = 0.0;
         let options = StepOptions {
@@ -565,28 +697,36 @@ impl Trainer<'_> {
         };
         for &i in picks {
             let loss = cpu::forward_backward_with(
-                &self.model,
+                model,
                 Some(&self.adapter),
                 Some(&mut grads),
-                &self.sequences[i],
+                &sequences[i],
                 options,
                 Some(&mut self.dropout_rng),
             )?;
             loss_sum += loss.loss_sum;
         }
+        Ok((loss_sum, self.cpu_optimize(&mut grads, adamw)?))
+    }
+
+    /// Clipping and AdamW on the CPU with `grads`; returns their norm before clipping.
+    fn cpu_optimize(&mut self, grads: &mut LoraAdapter, adamw: AdamWParams) -> Result<f64> {
+        let model: &dyn crate::model::FrozenWeights = match &self.work {
+            Work::Text { model, .. } => &**model,
+            Work::Image(work) => &*work.model,
+        };
         let state = exec::cpu::OptimizerState {
             params: &mut self.adapter,
             m: &mut self.m,
             v: &mut self.v,
         };
-        let grad_norm = cpu_optimizer_step(
-            &*self.model,
-            &mut grads,
+        cpu_optimizer_step(
+            model,
+            grads,
             state,
             (self.config.max_grad_norm, adamw),
             self.config.precision,
-        )?;
-        Ok((loss_sum, grad_norm))
+        )
     }
 }
 
@@ -652,7 +792,18 @@ impl Trainer<'_> {
         let final_dir = run_dir.join(&name);
         let tmp = run_dir.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        save_peft(&self.adapter, &tmp, base_model)?;
+        match &self.work {
+            Work::Text { .. } => save_peft(&self.adapter, &tmp, base_model)?,
+            Work::Image(work) => {
+                std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                flux2::save_lora(
+                    &self.adapter,
+                    &work.model.config,
+                    flux2::LoraForm::Exact,
+                    &tmp.join(flux2::LORA_FILE),
+                )?
+            }
+        }
         if let Some(manifest) = manifest {
             let path = tmp.join(MANIFEST);
             std::fs::write(&path, manifest.to_string()).map_err(|e| Error::io(&path, e))?;
@@ -710,7 +861,7 @@ impl Trainer<'_> {
             "order": self.order,
             "data_rng": rng_to_json(&self.data_rng),
             "dropout_rng": rng_to_json(&self.dropout_rng),
-            "examples": self.sequences.len(),
+            "examples": self.work.examples(),
         });
         crate::fsutil::write_atomically(&tmp.join("trainer_state.json"), |t| {
             std::fs::write(t, state.to_string())
@@ -738,7 +889,7 @@ impl Trainer<'_> {
                 .map(|x| x as usize)
                 .ok_or_else(|| bad(&format!("`{k}` missing")))
         };
-        if num("examples")? != self.sequences.len() {
+        if num("examples")? != self.work.examples() {
             return Err(bad(
                 "the checkpoint was made with a different dataset (example count differs)",
             ));
@@ -752,7 +903,7 @@ impl Trainer<'_> {
                     .collect()
             })
             .ok_or_else(|| bad("`order` missing"))?;
-        let n = self.sequences.len();
+        let n = self.work.examples();
         let mut seen = vec![false; n];
         let permutation = order.len() == n
             && order
@@ -763,10 +914,38 @@ impl Trainer<'_> {
                 "`order` is not an ordering of the dataset's {n} examples"
             )));
         }
-        let adapter = LoraAdapter::load_peft(
-            &crate::source::ModelFiles::Dir(checkpoint.to_path_buf()),
-            &self.model.config,
-        )?;
+        let files = crate::source::ModelFiles::Dir(checkpoint.to_path_buf());
+        let adapter = match &self.work {
+            Work::Text { model, .. } => LoraAdapter::load_peft(&files, &model.config)?,
+            Work::Image(work) => {
+                let file = files.open_safetensors(flux2::LORA_FILE)?;
+                let loaded = flux2::load_lora(&file, &work.model.config)?;
+                // The file names the modules; the run's own configuration (targets as given) stays.
+                let same = loaded.config.r == self.adapter.config.r
+                    && loaded.config.alpha == self.adapter.config.alpha
+                    && loaded
+                        .pairs()
+                        .map(|(p, _)| p)
+                        .eq(self.adapter.pairs().map(|(p, _)| p));
+                if !same {
+                    return Err(Error::Invalid(format!(
+                        "{}: the checkpoint's LoRA (rank {}, alpha {}, {} modules) is not this \
+                         run's (rank {}, alpha {}, {} modules)",
+                        checkpoint.join(flux2::LORA_FILE).display(),
+                        loaded.config.r,
+                        loaded.config.alpha,
+                        loaded.pairs().count(),
+                        self.adapter.config.r,
+                        self.adapter.config.alpha,
+                        self.adapter.pairs().count()
+                    )));
+                }
+                LoraAdapter {
+                    config: self.adapter.config.clone(),
+                    modules: loaded.modules,
+                }
+            }
+        };
         let opt = crate::source::ModelFiles::Dir(checkpoint.to_path_buf())
             .open_safetensors("optimizer.safetensors")?;
         let mut m = adapter.zeros_like();

@@ -7,7 +7,7 @@ use crate::cpu::Sequence;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::lora::LoraAdapter;
-use crate::model::{Model, QuantRequest};
+use crate::model::{FrozenWeights, Model, QuantRequest};
 use crate::shared::Shared;
 use crate::tokenizer::ChatTokenizer;
 use crate::train::{self, StepRecord, TrainConfig, Trainer};
@@ -187,19 +187,84 @@ impl<'m> Run<'m> {
             None => None,
         };
         log::info!("training configuration: {config:?}");
-        let manifest = manifest(
-            &model,
-            &config,
-            &options,
-            (examples, data_digest),
-            init.as_ref(),
-        );
-        let per_step = config.batch_size * config.grad_accum;
-        let steps_per_epoch = sequences.len().div_ceil(per_step.max(1));
+        let model_section = json!({
+            "architecture": model.config.arch.model_type(),
+            "layers": model.config.num_layers,
+            "hidden_size": model.config.hidden_size,
+            "weights": format!("{:016x}", model.fingerprint()),
+            "quant": model.quant.map(|q| q.to_string()),
+        });
+        let data_section = json!({
+            "examples": examples,
+            "tokens": format!("{data_digest:016x}"),
+        });
+        let extra = json!({
+            "max_length": config.max_length, "loss_on": config.loss_on,
+            "packing": options.packing, "eval_split": options.eval_split,
+        });
+        let manifest = manifest([model_section, data_section, extra], &config, init.as_ref());
         let trainer = Trainer::new(model, config, sequences, init)?;
-        Ok(Run {
+        Ok(Self::around(
             trainer,
-            eval: eval_sequences,
+            eval_sequences,
+            options,
+            base_model,
+            manifest,
+        ))
+    }
+
+    /// Sets up a FLUX.2 LoRA run on cached image examples on the CPU executor (see `use_gpu`);
+    /// `write_to` gives it its folder. `image_options` are the options that shaped the cache or that
+    /// shape the draws (resolution, caption dropout, σ sampling), for run.json.
+    pub fn prepare_images(
+        work: crate::train::flux2::ImageWork<'m>,
+        base_model: &str,
+        config: TrainConfig,
+        options: RunOptions,
+        image_options: serde_json::Value,
+    ) -> Result<Self> {
+        if options.packing || options.eval_split.is_some() || options.eval_data.is_some() {
+            return Err(Error::Invalid(
+                "packing and validation are for language models".into(),
+            ));
+        }
+        let c = &work.model.config;
+        let model_section = json!({
+            "architecture": "flux2",
+            "double_blocks": c.double_blocks,
+            "single_blocks": c.single_blocks,
+            "hidden_size": c.hidden(),
+            "weights": format!("{:016x}", work.model.fingerprint()),
+            "quant": work.model.quant.map(|q| q.to_string()),
+        });
+        let data_section = json!({
+            "examples": work.examples.len(),
+            "cache": format!("{:016x}", work.digest()),
+        });
+        let manifest = manifest([model_section, data_section, image_options], &config, None);
+        log::info!("training configuration: {config:?}");
+        let trainer = Trainer::for_images(work, config, None)?;
+        Ok(Self::around(
+            trainer,
+            Vec::new(),
+            options,
+            base_model,
+            manifest,
+        ))
+    }
+
+    fn around(
+        trainer: Trainer<'m>,
+        eval: Vec<Sequence>,
+        options: RunOptions,
+        base_model: &str,
+        manifest: serde_json::Value,
+    ) -> Self {
+        let per_step = trainer.config.batch_size * trainer.config.grad_accum;
+        let steps_per_epoch = trainer.examples().div_ceil(per_step.max(1));
+        Run {
+            trainer,
+            eval,
             options,
             steps_per_epoch,
             base_model: base_model.to_string(),
@@ -210,7 +275,7 @@ impl<'m> Run<'m> {
             still: 0,
             stall_reported: false,
             saved_step: None,
-        })
+        }
     }
 
     /// Gives a run set up without an output folder its folder: resumes from `options.resume` when
@@ -315,10 +380,14 @@ impl<'m> Run<'m> {
         };
         Error::Interrupted(match saved {
             Ok(Some(checkpoint)) => format!(
-                "stopped after step {step} of {}: the adapter so far is in {} (a PEFT folder); continue \
-                 with --resume {}",
+                "stopped after step {step} of {}: the adapter so far is in {} ({}); continue with \
+                 --resume {}",
                 self.trainer.total_steps,
                 checkpoint.display(),
+                match self.trainer.work {
+                    train::Work::Text { .. } => "a PEFT folder",
+                    train::Work::Image(_) => "a LoRA file",
+                },
                 dir.display()
             ),
             Ok(None) => "stopped before the first step; nothing to save".to_string(),
@@ -336,7 +405,17 @@ impl<'m> Run<'m> {
     pub async fn finish_async(&mut self) -> Result<RunSummary> {
         self.trainer.sync_async().await?;
         if let Some(out) = &self.output {
-            train::save_peft(&self.trainer.adapter, &out.dir, &self.base_model)?;
+            match &self.trainer.work {
+                train::Work::Text { .. } => {
+                    train::save_peft(&self.trainer.adapter, &out.dir, &self.base_model)?
+                }
+                train::Work::Image(work) => crate::train::flux2::save_lora(
+                    &self.trainer.adapter,
+                    &work.model.config,
+                    crate::train::flux2::LoraForm::Release,
+                    &out.dir.join(crate::train::flux2::LORA_FILE),
+                )?,
+            }
             crate::plot::write_loss_curve(&out.metrics_path, &out.dir.join("loss_curve.png"))?;
         }
         Ok(RunSummary {
@@ -382,14 +461,13 @@ impl<'m> Run<'m> {
     }
 }
 
-/// What identifies a run: the base model's weights, the training data, and every option that shapes its
-/// trajectory. Options that may change on resume (how often to save or validate, the device, the
-/// precision, gradient checkpointing, the validation file) are left out.
+/// What identifies a run: the base model's weights (`model`), the training data (`data`), and every
+/// option that shapes its trajectory (the training configuration's and `extra`, the kind of model's
+/// own). Options that may change on resume (how often to save or validate, the device, the precision,
+/// gradient checkpointing, the validation file) are left out.
 fn manifest(
-    model: &Model,
+    [model, data, extra]: [serde_json::Value; 3],
     config: &TrainConfig,
-    options: &RunOptions,
-    (examples, tokens): (usize, u64),
     init: Option<&LoraAdapter>,
 ) -> serde_json::Value {
     let init_digest = init.map(|adapter| {
@@ -401,31 +479,20 @@ fn manifest(
         format!("{:016x}", digest.finish())
     });
     let lora = &config.lora;
-    let manifest = json!({
-        "model": {
-            "architecture": model.config.arch.model_type(),
-            "layers": model.config.num_layers,
-            "hidden_size": model.config.hidden_size,
-            "weights": format!("{:016x}", model.fingerprint()),
-            "quant": model.quant.map(|q| q.to_string()),
-        },
-        "data": {
-            "examples": examples,
-            "tokens": format!("{tokens:016x}"),
-        },
-        "options": {
-            "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-            "use_rslora": lora.use_rslora, "target_modules": lora.targets,
-            "lr": config.lr, "weight_decay": config.weight_decay,
-            "max_grad_norm": config.max_grad_norm, "lr_scheduler": config.schedule,
-            "warmup_steps": config.warmup_steps, "warmup_ratio": config.warmup_ratio,
-            "epochs": config.epochs, "max_steps": config.max_steps,
-            "batch_size": config.batch_size, "grad_accum": config.grad_accum,
-            "max_length": config.max_length, "seed": config.seed, "shuffle": config.shuffle,
-            "loss_on": config.loss_on, "packing": options.packing,
-            "eval_split": options.eval_split, "init_adapter": init_digest,
-        },
+    let mut options = json!({
+        "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+        "use_rslora": lora.use_rslora, "target_modules": lora.targets,
+        "lr": config.lr, "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm, "lr_scheduler": config.schedule,
+        "warmup_steps": config.warmup_steps, "warmup_ratio": config.warmup_ratio,
+        "epochs": config.epochs, "max_steps": config.max_steps,
+        "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+        "seed": config.seed, "shuffle": config.shuffle, "init_adapter": init_digest,
     });
+    if let (Some(options), serde_json::Value::Object(extra)) = (options.as_object_mut(), extra) {
+        options.extend(extra);
+    }
+    let manifest = json!({"model": model, "data": data, "options": options});
     // As a later run reads it back from run.json: serde_json's parser may round a float's last bit, and
     // an honest resume must compare equal.
     serde_json::from_str(&manifest.to_string()).unwrap_or(manifest)
@@ -631,22 +698,30 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     folder.clear_earlier_run()?;
     run.write_to(output)?;
     folder.take();
-    log::info!(
-        "training {} LoRA parameters for {} steps on {} examples ({executor})",
-        run.trainer.adapter.parameter_count(),
-        run.trainer.total_steps,
-        run.trainer.examples(),
-    );
-    observer.started(&run.trainer);
-    while !run.done() {
-        if observer.stop_requested() {
-            return Err(run.interrupt());
+    run.drive(&executor, observer)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Run<'_> {
+    /// Steps the run to its end (or until the observer asks it to stop), then saves it.
+    pub fn drive(&mut self, executor: &str, observer: &mut dyn Observer) -> Result<RunSummary> {
+        log::info!(
+            "training {} LoRA parameters for {} steps on {} examples ({executor})",
+            self.trainer.adapter.parameter_count(),
+            self.trainer.total_steps,
+            self.trainer.examples(),
+        );
+        observer.started(&self.trainer);
+        while !self.done() {
+            if observer.stop_requested() {
+                return Err(self.interrupt());
+            }
+            self.step(observer)?;
         }
-        run.step(observer)?;
+        let summary = self.finish()?;
+        observer.finished();
+        Ok(summary)
     }
-    let summary = run.finish()?;
-    observer.finished();
-    Ok(summary)
 }
 
 /// `max_length`, capped at the positions the model was trained for: longer sequences mean nothing to it
