@@ -546,11 +546,14 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
         image.save(images.join(format!("{name}.png"))).unwrap();
         std::fs::write(images.join(format!("{name}.txt")), caption).unwrap();
     }
-    let (klein, data) = (s(&root.join("klein")), s(&images));
+    let (klein, data, cache) = (s(&root.join("klein")), s(&images), s(&root.join("cache")));
     let train = |output: &str, extra: &[&str]| {
         let mut args = vec![
             "train", "--model", &klein, "--data", &data, "--output", output,
         ];
+        if !extra.contains(&"--no-cache") {
+            args.extend(["--cache-dir", &cache]);
+        }
         args.extend(["--resolution", "64", "--trigger", "sks"]);
         if !extra.contains(&"--max-steps") {
             args.extend(["--max-steps", "3"]);
@@ -590,6 +593,17 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
     assert_eq!((lora.config.r, lora.pairs().count()), (32, 10));
     // Trained: B started at zero.
     assert!(lora.pairs().any(|(_, p)| p.b.iter().any(|&b| b != 0.0)));
+    // The cache holds the empty caption's features, each caption's and each image's latents.
+    let entries = |kind: &str| {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with(kind)
+            })
+            .count()
+    };
+    assert_eq!((entries("text-"), entries("latents-")), (3, 2));
 
     // A run stopped after its first step (its checkpoint, run.json and first metrics line) and
     // resumed ends where the uninterrupted one did, bit for bit.
@@ -646,6 +660,45 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
             assert!((g - c).abs() < 1e-4 * c, "GPU loss {g}, CPU loss {c}");
         }
     }
+    // Later runs take what the cache holds (the resumed run above did, bit for bit); a changed image
+    // or caption adds its own entry, and a damaged entry is recomputed.
+    let first_text = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("text-")
+        })
+        .unwrap();
+    std::fs::write(&first_text, b"not a safetensors file").unwrap();
+    std::fs::write(images.join("snow.txt"), "deep snow").unwrap();
+    let mut fox = image::open(images.join("fox.png")).unwrap().to_rgb8();
+    fox.put_pixel(0, 0, image::Rgb([1, 2, 3]));
+    fox.save(images.join("fox.png")).unwrap();
+    let changed = s(&root.join("changed"));
+    let out = train(&changed, &["--device", "cpu"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!((entries("text-"), entries("latents-")), (4, 3));
+    let uncached = s(&root.join("uncached"));
+    let out = train(&uncached, &["--device", "cpu", "--no-cache"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        read_losses(&uncached),
+        read_losses(&changed),
+        "cached and fresh"
+    );
+    assert_eq!((entries("text-"), entries("latents-")), (4, 3));
+
     let again = train(&run, &["--device", "cpu"]);
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(

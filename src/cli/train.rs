@@ -87,6 +87,13 @@ fn train_klein(
             .unwrap_or(nibble::train::flux2::SigmaSampling::Sigmoid),
         text_tokens: nibble::models::flux2::TEXT_TOKENS,
         options: settings.run_options()?,
+        cache_dir: match settings.no_cache {
+            Some(true) => None,
+            _ => settings
+                .cache_dir
+                .clone()
+                .or_else(nibble::train::feature_cache::FeatureCache::default_dir),
+        },
     };
     let gpu = settings.device.unwrap_or_default().open()?;
     stop_on_signals();

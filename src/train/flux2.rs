@@ -489,6 +489,8 @@ pub struct FluxRunSpec<'a> {
     pub text_tokens: usize,
     /// Overwriting, checkpoints, resuming, the GPU memory cap (packing and validation are refused).
     pub options: crate::train::run::RunOptions,
+    /// Where caption features and latents are kept between runs (None: computed every run).
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Trains a klein LoRA: caption features (the text encoder, then released), image latents (the VAE,
@@ -501,8 +503,6 @@ pub fn run(
     gpu: Option<&crate::gpu::Gpu>,
     observer: &mut dyn crate::train::run::Observer,
 ) -> Result<crate::train::run::RunSummary> {
-    use crate::model::{QuantRequest, TokenizerFiles};
-    use crate::quant::{QuantFormat, QuantSpec};
     let FluxRunSpec {
         model: path,
         data,
@@ -515,6 +515,7 @@ pub fn run(
         sampling,
         text_tokens,
         options,
+        cache_dir,
     } = spec;
     if !(0.0..1.0).contains(&caption_dropout) {
         return Err(Error::Invalid(format!(
@@ -572,57 +573,67 @@ pub fn run(
         )?,
     }
 
-    // Caption features, the text encoder held only while they are computed.
-    let read = |name: &str| crate::fsutil::read_to_string(&path.join("tokenizer").join(name)).ok();
-    let files = TokenizerFiles {
-        tokenizer_json: read("tokenizer.json"),
-        tokenizer_config_json: read("tokenizer_config.json"),
-        chat_template_jinja: read("chat_template.jinja"),
+    let cache = match &cache_dir {
+        Some(dir) => match crate::train::feature_cache::FeatureCache::open(dir) {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                log::warn!("not caching caption features and latents: {e}");
+                None
+            }
+        },
+        None => None,
     };
-    let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, &path.join("tokenizer"))?;
-    let (features, empty_caption) = {
-        let source = crate::model::open(path.join("text_encoder"))?;
-        if 3 * source.config.hidden_size != flux.text_dim {
-            return Err(Error::Invalid(format!(
-                "{}: the text encoder's width {} gives features of {}, and the transformer reads {}",
-                path.display(),
-                source.config.hidden_size,
-                3 * source.config.hidden_size,
-                flux.text_dim
-            )));
-        }
-        let nf4 = QuantSpec::new(QuantFormat::Nf4, 64)?;
-        let storage = if source.config.hidden_size % 64 == 0 {
-            QuantRequest::Quantize(nf4)
-        } else {
-            QuantRequest::Dense
-        };
-        let encoder = source.load(Some(storage))?;
-        let encode = |caption: &str| {
-            flux2::caption_features(&encoder, &tokenizer, caption, text_tokens, config.precision)
-        };
-        let features = examples
-            .iter()
-            .map(|e| encode(&e.caption))
-            .collect::<Result<Vec<_>>>()?;
-        (features, encode("")?)
-    };
+    let (empty_caption, features) = caption_features(
+        path,
+        &flux,
+        examples.iter().map(|e| e.caption.as_str()),
+        (text_tokens, config.precision),
+        cache.as_ref(),
+    )?;
     // Latents, then the VAE is released.
+    let vae_digest = crate::train::feature_cache::folder_digest(&path.join("vae"))?;
+    let mut encoded = 0;
     let cached: Vec<Cached> = examples
         .iter()
         .zip(features)
         .map(|(e, text)| {
-            let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
-            let latents = crate::models::vae::encode(&vae, &pixels, (h, w))?;
+            let description = format!(
+                "vae {vae_digest}\nimage {}\nresolution {resolution}",
+                crate::train::feature_cache::file_digest(&e.image)?
+            );
+            let hit = cache.as_ref().and_then(|c| c.get("latents", &description));
+            let (latents, rows, cols) = match hit {
+                Some(entry) if entry.shape.len() == 3 && entry.shape[2] == flux.in_channels => {
+                    (entry.values, entry.shape[0], entry.shape[1])
+                }
+                _ => {
+                    let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
+                    let latents = crate::models::vae::encode(&vae, &pixels, (h, w))?;
+                    encoded += 1;
+                    let (rows, cols) = (h / 16, w / 16);
+                    if let Some(c) = &cache {
+                        let entry = crate::train::feature_cache::Entry {
+                            values: latents.clone(),
+                            shape: vec![rows, cols, flux.in_channels],
+                        };
+                        c.put("latents", &description, &entry);
+                    }
+                    (latents, rows, cols)
+                }
+            };
             Ok(Cached {
                 latents,
-                rows: h / 16,
-                cols: w / 16,
+                rows,
+                cols,
                 text,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     drop(vae);
+    log::info!(
+        "latents: {encoded} images encoded, {} from the cache",
+        examples.len() - encoded
+    );
     let model = flux2::load_diffusers(path, quant)?;
     let work = ImageWork {
         model: (&model).into(),
@@ -649,4 +660,87 @@ pub fn run(
     run.write_to(output)?;
     folder.take();
     run.drive(&executor, observer)
+}
+
+/// The features of the empty caption and of each of `captions`: from `cache` where it holds them,
+/// else through the text encoder (NF4 groups of 64 where its widths allow, else dense), which is
+/// loaded only when some caption misses and released before returning.
+#[cfg(not(target_arch = "wasm32"))]
+fn caption_features<'c>(
+    path: &std::path::Path,
+    flux: &flux2::Flux2Config,
+    captions: impl Iterator<Item = &'c str>,
+    (text_tokens, precision): (usize, crate::ops::Precision),
+    cache: Option<&crate::train::feature_cache::FeatureCache>,
+) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    use crate::model::{QuantRequest, TokenizerFiles};
+    use crate::quant::{QuantFormat, QuantSpec};
+    use crate::train::feature_cache::{Entry, folder_digest};
+    let source = crate::model::open(path.join("text_encoder"))?;
+    if 3 * source.config.hidden_size != flux.text_dim {
+        return Err(Error::Invalid(format!(
+            "{}: the text encoder's width {} gives features of {}, and the transformer reads {}",
+            path.display(),
+            source.config.hidden_size,
+            3 * source.config.hidden_size,
+            flux.text_dim
+        )));
+    }
+    let read = |name: &str| crate::fsutil::read_to_string(&path.join("tokenizer").join(name)).ok();
+    let files = TokenizerFiles {
+        tokenizer_json: read("tokenizer.json"),
+        tokenizer_config_json: read("tokenizer_config.json"),
+        chat_template_jinja: read("chat_template.jinja"),
+    };
+    let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, &path.join("tokenizer"))?;
+    let storage = if source.config.hidden_size % 64 == 0 {
+        QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 64)?)
+    } else {
+        QuantRequest::Dense
+    };
+    let (encoder_digest, tokenizer_digest) = (
+        folder_digest(&path.join("text_encoder"))?,
+        folder_digest(&path.join("tokenizer"))?,
+    );
+    let all: Vec<&str> = std::iter::once("").chain(captions).collect();
+    let mut features: Vec<Option<Vec<f32>>> = Vec::with_capacity(all.len());
+    let mut descriptions = Vec::with_capacity(all.len());
+    for caption in &all {
+        let description = format!(
+            "text encoder {encoder_digest}\ntokenizer {tokenizer_digest}\nstorage {storage:?}\n\
+             precision {precision:?}\ntokens {text_tokens}\ncaption {caption}"
+        );
+        let hit = cache
+            .and_then(|c| c.get("text", &description))
+            .filter(|e| e.shape == [text_tokens, flux.text_dim]);
+        features.push(hit.map(|e| e.values));
+        descriptions.push(description);
+    }
+    let missing = features.iter().filter(|f| f.is_none()).count();
+    log::info!(
+        "caption features: {missing} to encode, {} from the cache",
+        all.len() - missing
+    );
+    if missing > 0 {
+        let encoder = source.load(Some(storage))?;
+        for ((caption, slot), description) in all.iter().zip(&mut features).zip(&descriptions) {
+            if slot.is_none() {
+                let values =
+                    flux2::caption_features(&encoder, &tokenizer, caption, text_tokens, precision)?;
+                if let Some(c) = cache {
+                    let entry = Entry {
+                        values: values.clone(),
+                        shape: vec![text_tokens, flux.text_dim],
+                    };
+                    c.put("text", description, &entry);
+                }
+                *slot = Some(values);
+            }
+        }
+    }
+    let mut features = features
+        .into_iter()
+        .map(|f| f.expect("each caption encoded"));
+    let empty = features.next().expect("the empty caption");
+    Ok((empty, features.collect()))
 }

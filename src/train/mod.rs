@@ -4,6 +4,8 @@
 //! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
 //! schedules.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod feature_cache;
 pub mod flux2;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod folder;

@@ -169,6 +169,13 @@ pub struct TrainSettings {
     /// FLUX.2: how each step's noise level σ is drawn.
     #[arg(long, value_enum, ignore_case = true)]
     pub sigma_sampling: Option<crate::train::flux2::SigmaSampling>,
+    /// FLUX.2: where caption features and image latents are kept for later runs (default:
+    /// $NIBBLE_CACHE_DIR, $XDG_CACHE_HOME/nibble or ~/.cache/nibble).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// FLUX.2: compute caption features and latents afresh and keep none.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub no_cache: Option<bool>,
 }
 
 impl TrainSettings {
@@ -273,6 +280,8 @@ impl TrainSettings {
             ("trigger", self.trigger.is_some()),
             ("caption_dropout", self.caption_dropout.is_some()),
             ("sigma_sampling", self.sigma_sampling.is_some()),
+            ("cache_dir", self.cache_dir.is_some()),
+            ("no_cache", self.no_cache.is_some()),
         ]
     }
 
