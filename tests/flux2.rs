@@ -128,6 +128,28 @@ impl Fixture {
         graph
     }
 
+    /// The fixture's step on the CPU executor in f32: the graph's outputs and the LoRA gradients.
+    fn run_cpu(
+        &self,
+        model: &flux2::Flux2Model,
+        checkpoint: bool,
+    ) -> (nibble::exec::cpu::Outputs, LoraAdapter) {
+        let c = &model.config;
+        let inputs = self.inputs(c);
+        let mut grads = self.adapter.zeros_like();
+        let bind = Bindings {
+            model,
+            adapter: Some(&self.adapter),
+            grads: Some(&mut grads),
+            cache: None,
+            optimizer: None,
+            inputs: &inputs,
+            precision: Precision::F32,
+        };
+        let out = cpu::run(&self.graph(c, checkpoint), bind).unwrap();
+        (out, grads)
+    }
+
     /// The relative errors of velocity, loss and the worst LoRA gradient against diffusers'.
     fn errors(&self, quant: &str, velocity: &[f32], loss: &[f32], grads: &LoraAdapter) -> [f64; 3] {
         let v = rel(velocity, &self.read(&format!("{quant}.velocity")));
@@ -154,27 +176,16 @@ fn nf4_128() -> Option<QuantSpec> {
 fn the_transformer_matches_diffusers_dense_and_nf4() {
     let f = Fixture::load();
     for (quant, spec) in [("dense", None), ("nf4", nf4_128())] {
-        let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
+        let model = flux2::load(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
         let c = &model.config;
         assert_eq!((c.double_blocks, c.single_blocks, c.hidden()), (1, 1, 256));
-        let inputs = f.inputs(c);
-        let run = |checkpoint: bool| {
-            let mut grads = f.adapter.zeros_like();
-            let bind = Bindings {
-                model: &model,
-                adapter: Some(&f.adapter),
-                grads: Some(&mut grads),
-                cache: None,
-                optimizer: None,
-                inputs: &inputs,
-                precision: Precision::F32,
-            };
-            let out = cpu::run(&f.graph(c, checkpoint), bind).unwrap();
-            (out, grads)
-        };
-        let (mut out, grads) = run(false);
+        let (mut out, grads) = f.run_cpu(&model, false);
         // Recomputing each block before its backward gives the same gradients, bit for bit.
-        assert_eq!(run(true).1, grads, "{quant}: checkpointed gradients");
+        assert_eq!(
+            f.run_cpu(&model, true).1,
+            grads,
+            "{quant}: checkpointed gradients"
+        );
         let [velocity, loss, grad] =
             f.errors(quant, &out.take("velocity"), &out.take("loss"), &grads);
         assert!(velocity < 3e-5, "{quant}: velocity off by {velocity:e}");
@@ -189,7 +200,7 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
     let Some(gpu) = common::gpu() else { return };
     let f = Fixture::load();
     for (quant, spec) in [("dense", None), ("nf4", nf4_128())] {
-        let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
+        let model = flux2::load(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
         let c = &model.config;
         let weights = GpuWeights::upload(&gpu, &model).unwrap();
         let lora = GpuLora::upload(&gpu, &f.adapter);
@@ -205,7 +216,26 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
             inputs: &inputs,
         };
         let mut enc = gpu.encoder();
+        let before = gpu.scratch_bytes();
         let recorded = nibble::exec::gpu::record(&f.graph(c, true), bind, &mut enc).unwrap();
+        // The step's scratch stays within the plan (the CPU's allocation, which has weight tiles).
+        let step = Flux2Step {
+            image_tokens: 15,
+            text_tokens: 8,
+            backward: true,
+            checkpoint: true,
+        };
+        let planned = flux2::plan(c, spec, 4, step);
+        let scratch = gpu.scratch_bytes() - before;
+        eprintln!(
+            "{quant}: GPU step scratch {scratch} B, planned {} B",
+            planned.activations + planned.workspace
+        );
+        assert!(
+            scratch <= planned.activations + planned.workspace,
+            "{quant}: the GPU step holds {scratch} B, the plan says {}",
+            planned.activations + planned.workspace
+        );
         let reads = [&recorded.0["velocity"], &recorded.0["loss"]];
         let [velocity, loss]: [Vec<f32>; 2] = gpu
             .submit_and_read(enc, &reads)
@@ -219,6 +249,63 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
         assert!(loss < 3e-6, "{quant}: loss off by {loss:e}");
         assert!(grad < 1e-4, "{quant}: a gradient off by {grad:e}");
     }
+}
+
+/// The same tiny transformer as one file in BFL's naming (scripts/make_flux2_bfl_fixture.py, checked
+/// there with diffusers' own single-file converter): the configuration read from the tensors' shapes
+/// and the weights equal the diffusers folder's, so the velocity equals diffusers' as well; `info` and
+/// `plan` take the file; training it needs the text encoder and VAE named.
+#[test]
+fn a_bfl_transformer_file_is_the_same_model() {
+    let folder = Path::new(FIXTURE).join("tiny");
+    let file = Path::new(FIXTURE).join("tiny_bfl.safetensors");
+    assert_eq!(
+        flux2::config_at(&file).unwrap(),
+        flux2::config_at(&folder).unwrap()
+    );
+    let (from_file, from_folder) = (
+        flux2::load(&file, nf4_128()).unwrap(),
+        flux2::load(&folder, nf4_128()).unwrap(),
+    );
+    assert!(from_file.weights.linears == from_folder.weights.linears);
+    assert!(from_file.weights.vectors == from_folder.weights.vectors);
+    let f = Fixture::load();
+    let (mut out, grads) = f.run_cpu(&flux2::load(&file, None).unwrap(), false);
+    let [velocity, loss, grad] =
+        f.errors("dense", &out.take("velocity"), &out.take("loss"), &grads);
+    assert!(
+        velocity < 3e-5 && loss < 3e-6 && grad < 1e-4,
+        "{velocity:e} {loss:e} {grad:e}"
+    );
+
+    let path = file.to_str().unwrap();
+    let out = common::nibble(&["info", path]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("FLUX.2"),
+        "{stdout}"
+    );
+    let out = common::nibble(&["plan", path, "--resolution", "256"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::nibble(&[
+        "train",
+        "--model",
+        path,
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--output",
+        dir.path().join("run").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--text-encoder") && stderr.contains("--vae"),
+        "{stderr}"
+    );
 }
 
 /// klein 9B's transformer config as diffusers ships it.
@@ -341,7 +428,7 @@ fn three_steps(gpu: Option<&nibble::gpu::Gpu>) -> [f64; 3] {
     let f = Fixture::load();
     let train = SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_train.safetensors")).unwrap();
     let read = |name: &str| train.read_f32(name).unwrap();
-    let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), None).unwrap();
+    let model = flux2::load(&Path::new(FIXTURE).join("tiny"), None).unwrap();
     let config = nibble::train::TrainConfig {
         lora: f.adapter.config.clone(),
         lr: 1e-3,
@@ -409,7 +496,7 @@ fn three_steps(gpu: Option<&nibble::gpu::Gpu>) -> [f64; 3] {
 fn the_lora_file_has_comfyui_keys_and_reads_back() {
     use nibble::train::flux2::{LoraForm, load_lora, lora_file};
     let f = Fixture::load();
-    let model = flux2::load_diffusers(&Path::new(FIXTURE).join("tiny"), None).unwrap();
+    let model = flux2::load(&Path::new(FIXTURE).join("tiny"), None).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lora.safetensors");
     std::fs::write(
@@ -604,6 +691,69 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
             .count()
     };
     assert_eq!((entries("text-"), entries("latents-")), (3, 2));
+
+    // A LoRA file starts another run (its rank, alpha and modules apply); anything else is refused
+    // by name before any encoding.
+    let init = s(&root.join("init"));
+    let lora_path = s(&Path::new(&run).join("lora.safetensors"));
+    let out = train(
+        &init,
+        &[
+            "--device",
+            "cpu",
+            "--max-steps",
+            "1",
+            "--init-adapter",
+            &lora_path,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("init/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["options"]["lora_r"], 32);
+    assert!(manifest["options"]["init_adapter"].is_string());
+    // --target-modules narrows the block linears by (the end of) their BFL paths.
+    let narrow = s(&root.join("narrow"));
+    let out = train(
+        &narrow,
+        &[
+            "--device",
+            "cpu",
+            "--max-steps",
+            "1",
+            "--target-modules",
+            "img_attn.qkv,linear1",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let modules: Vec<String> = lora_of(&narrow)
+        .pairs()
+        .map(|(p, _)| p.to_string())
+        .collect();
+    assert_eq!(
+        modules,
+        ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"]
+    );
+    let bogus = root.join("bogus.safetensors");
+    std::fs::write(&bogus, b"not a LoRA").unwrap();
+    let out = train(
+        &s(&root.join("init2")),
+        &["--device", "cpu", "--init-adapter", &s(&bogus)],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("bogus.safetensors"),
+        "{stderr}"
+    );
 
     // A run stopped after its first step (its checkpoint, run.json and first metrics line) and
     // resumed ends where the uninterrupted one did, bit for bit.

@@ -54,7 +54,6 @@ fn train_klein(
     output: &std::path::Path,
 ) -> Result<()> {
     let unsupported = [
-        ("init-adapter", settings.init_adapter.is_some()),
         ("eval-data", settings.eval_data.is_some()),
         ("eval-split", settings.eval_split.is_some()),
         ("packing", settings.packing.is_some()),
@@ -94,6 +93,8 @@ fn train_klein(
                 .clone()
                 .or_else(nibble::train::feature_cache::FeatureCache::default_dir),
         },
+        text_encoder: settings.text_encoder.clone(),
+        vae: settings.vae.clone(),
     };
     let gpu = settings.device.unwrap_or_default().open()?;
     stop_on_signals();

@@ -83,7 +83,14 @@ pub fn shader_source(name: &str) -> Option<String> {
 }
 
 /// Free scratch buffers by length in 32-bit words.
-type Pool = Rc<RefCell<HashMap<usize, Vec<wgpu::Buffer>>>>;
+/// Free scratch buffers by capacity in words.
+type Pool = Rc<RefCell<std::collections::BTreeMap<usize, Vec<wgpu::Buffer>>>>;
+
+/// A free scratch buffer serves a request of at least 1/SCRATCH_SLACK of its capacity: reusing a larger
+/// buffer beats creating another of the exact size (a step's many shapes would otherwise each keep
+/// their own, and the pool outgrow the plan), while a small request does not take a buffer a later
+/// large one needs.
+const SCRATCH_SLACK: usize = 2;
 
 /// A storage buffer of `len` 32-bit elements. Scratch buffers go back to their pool when dropped, so a
 /// later dispatch of the same step (or a later step) reuses the memory: the GPU runs dispatches in the
@@ -110,8 +117,9 @@ impl GpuBuffer {
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
+            let capacity = (self.buffer.size() / 4) as usize;
             pool.borrow_mut()
-                .entry(self.len)
+                .entry(capacity)
                 .or_default()
                 .push(self.buffer.clone());
         }
@@ -199,7 +207,7 @@ impl Gpu {
             loop_budget,
             modules: RefCell::new(HashMap::new()),
             pipelines: RefCell::new(HashMap::new()),
-            pool: Rc::new(RefCell::new(HashMap::new())),
+            pool: Rc::new(RefCell::new(std::collections::BTreeMap::new())),
             scratch_bytes: Cell::new(0),
             first_error,
         })
@@ -304,10 +312,18 @@ impl Gpu {
         }
     }
 
-    /// A zeroed scratch buffer of `len` words for use later in `encoder`: a free one of that length from
-    /// the pool (cleared by a command recorded now), or a new one.
+    /// A zeroed scratch buffer of `len` words for use later in `encoder`: the smallest free one from the
+    /// pool that holds them (within `SCRATCH_SLACK`; cleared by a command recorded now), or a new one.
+    /// Kernels bind whole buffers and read only the words their parameters name, so a larger buffer
+    /// serves as well.
     pub fn scratch(&self, encoder: &mut wgpu::CommandEncoder, len: usize) -> GpuBuffer {
-        let reused = self.pool.borrow_mut().get_mut(&len).and_then(Vec::pop);
+        let reused = {
+            let mut pool = self.pool.borrow_mut();
+            let fits = pool
+                .range_mut(len.max(1)..=len.max(1) * SCRATCH_SLACK)
+                .find(|(_, free)| !free.is_empty());
+            fits.and_then(|(_, free)| free.pop())
+        };
         let buffer = match reused {
             Some(b) => {
                 encoder.clear_buffer(&b, 0, None);

@@ -332,24 +332,144 @@ pub fn transformer_folder(path: &Path) -> Option<PathBuf> {
     })
 }
 
+/// The key every FLUX.2 transformer file in BFL's naming holds, after an optional prefix
+/// (`model.diffusion_model.` in some repackaged files).
 #[cfg(not(target_arch = "wasm32"))]
-/// Loads the transformer of a diffusers folder, the linears quantized with `quant` (bf16 without).
-pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Model> {
+const BFL_PROBE: &str = "double_blocks.0.img_attn.qkv.weight";
+
+/// The prefix of the BFL names in `file`, if it is a FLUX.2 transformer in BFL's single-file layout.
+#[cfg(not(target_arch = "wasm32"))]
+fn bfl_prefix(file: &crate::source::SafetensorsFile) -> Option<String> {
+    file.tensor_names()
+        .find_map(|n| n.strip_suffix(BFL_PROBE).map(str::to_string))
+}
+
+/// A FLUX.2 transformer file in BFL's single-file layout (as Black Forest Labs publish klein), if
+/// `path` is one: the file and the prefix of its names.
+#[cfg(not(target_arch = "wasm32"))]
+fn bfl_file(path: &Path) -> Result<Option<(crate::source::SafetensorsFile, String)>> {
+    if !path.is_file() || path.extension().is_none_or(|e| e != "safetensors") {
+        return Ok(None);
+    }
+    let file = crate::source::SafetensorsFile::open(path)?;
+    Ok(bfl_prefix(&file).map(|prefix| (file, prefix)))
+}
+
+impl Flux2Config {
+    /// The configuration of a transformer file in BFL's naming, read from its tensors' shapes (such
+    /// files carry no config): widths from the embedders, heads from the q/k norms' width, blocks by
+    /// counting, the MLP width from the first double block; RoPE and eps as klein has them.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn from_bfl(file: &crate::source::SafetensorsFile, prefix: &str) -> Result<Self> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            file.info(&format!("{prefix}{name}"))
+                .map(|i| i.shape.clone())
+                .ok_or_else(|| Error::Config {
+                    path: file.path().to_path_buf(),
+                    msg: format!("a FLUX.2 transformer file without {prefix}{name}"),
+                })
+        };
+        let bad = |msg: String| Error::Config {
+            path: file.path().to_path_buf(),
+            msg,
+        };
+        if file
+            .info(&format!("{prefix}guidance_in.in_layer.weight"))
+            .is_some()
+        {
+            return Err(bad(
+                "this FLUX.2 transformer embeds guidance (FLUX.2 [dev]); nibble trains klein"
+                    .into(),
+            ));
+        }
+        let matrix = |name: &str| -> Result<(usize, usize)> {
+            match shape(name)?.as_slice() {
+                [rows, cols] => Ok((*rows, *cols)),
+                other => Err(bad(format!(
+                    "{prefix}{name} has shape {other:?}, not a matrix"
+                ))),
+            }
+        };
+        let (hidden, in_channels) = matrix("img_in.weight")?;
+        let (_, text_dim) = matrix("txt_in.weight")?;
+        let (_, time_dim) = matrix("time_in.in_layer.weight")?;
+        let (mlp_in, _) = matrix("double_blocks.0.img_mlp.0.weight")?;
+        let (out_channels, _) = matrix("final_layer.linear.weight")?;
+        let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?
+            .iter()
+            .product::<usize>();
+        let count = |kind: &str| {
+            file.tensor_names()
+                .filter_map(|n| {
+                    let rest = n.strip_prefix(prefix)?.strip_prefix(kind)?;
+                    rest.split('.').next()?.parse::<usize>().ok()
+                })
+                .max()
+                .map_or(0, |i| i + 1)
+        };
+        if head_dim == 0 || hidden % head_dim != 0 || head_dim % 4 != 0 || mlp_in % 2 != 0 {
+            return Err(bad(format!(
+                "widths that make no FLUX.2 transformer: hidden {hidden}, q/k norm {head_dim}, \
+                 MLP input rows {mlp_in}"
+            )));
+        }
+        let config = serde_json::json!({
+            "_class_name": "Flux2Transformer2DModel",
+            "num_layers": count("double_blocks."),
+            "num_single_layers": count("single_blocks."),
+            "attention_head_dim": head_dim,
+            "num_attention_heads": hidden / head_dim,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "joint_attention_dim": text_dim,
+            "mlp_ratio": (mlp_in / 2) as f64 / hidden as f64,
+            "axes_dims_rope": vec![head_dim / 4; 4],
+            "rope_theta": 2000,
+            "eps": 1e-6,
+            "timestep_guidance_channels": time_dim,
+            "guidance_embeds": false,
+            "patch_size": 1,
+        });
+        let c = Self::from_diffusers(&config.to_string(), file.path())?;
+        if c.mlp_hidden != mlp_in / 2 {
+            return Err(bad(format!(
+                "an MLP of {} rows is no whole multiple of the width {hidden}",
+                mlp_in / 2
+            )));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+/// Loads a FLUX.2 transformer, the linears quantized with `quant` (bf16 without): from a diffusers
+/// folder (a pipeline or its `transformer/`), or from one file in BFL's naming.
+pub fn load(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Model> {
     use crate::model::{DenseData, DenseTensor, LinearWeight};
     use crate::quant::QuantTensor;
     use crate::source::SafetensorsFile;
-    let dir = transformer_folder(path).ok_or_else(|| Error::Config {
-        path: path.to_path_buf(),
-        msg: "no FLUX.2 transformer here (expected transformer/config.json naming \
-              Flux2Transformer2DModel)"
-            .into(),
-    })?;
-    let config_path = dir.join("config.json");
-    let config = Flux2Config::from_diffusers(
-        &crate::fsutil::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
-        &config_path,
-    )?;
-    let shards = open_shards(&dir)?;
+    // Where each BFL tensor's rows are: (file, name) parts in order, and whether the halves swap.
+    let (config, shards, prefix) = match bfl_file(path)? {
+        Some((file, prefix)) => (
+            Flux2Config::from_bfl(&file, &prefix)?,
+            vec![file],
+            Some(prefix),
+        ),
+        None => {
+            let dir = transformer_folder(path).ok_or_else(|| Error::Config {
+                path: path.to_path_buf(),
+                msg: "no FLUX.2 transformer here (expected transformer/config.json naming \
+                      Flux2Transformer2DModel, or a transformer file in BFL's naming)"
+                    .into(),
+            })?;
+            let config_path = dir.join("config.json");
+            let text = crate::fsutil::read_to_string(&config_path)
+                .map_err(|e| Error::io(&config_path, e))?;
+            let config = Flux2Config::from_diffusers(&text, &config_path)?;
+            (config, open_shards(&dir)?, None)
+        }
+    };
+    let dir = path.to_path_buf();
     let find = |name: &str| -> Result<&SafetensorsFile> {
         shards
             .iter()
@@ -359,9 +479,12 @@ pub fn load_diffusers(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Mode
                 msg: format!("the tensor {name} is missing"),
             })
     };
-    // Rows of a BFL tensor gathered from its diffusers parts, each checked for its shape.
+    // Rows of a BFL tensor gathered from its parts, each checked for its shape.
     let read = |bfl: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
-        let (names, swap) = diffusers_names(bfl);
+        let (names, swap) = match &prefix {
+            Some(prefix) => (vec![format!("{prefix}{bfl}")], false),
+            None => diffusers_names(bfl),
+        };
         let mut data = Vec::new();
         for name in &names {
             let file = find(name)?;
@@ -1143,9 +1266,14 @@ pub fn plan(
     )
 }
 
-/// The transformer config of a FLUX.2 model folder (a diffusers pipeline folder, its `transformer/`
-/// folder, or that folder's config.json), if `path` is one: weights need not be present.
+/// The transformer config of a FLUX.2 model (a diffusers pipeline folder, its `transformer/` folder,
+/// that folder's config.json, or a transformer file in BFL's naming), if `path` is one: in a folder,
+/// weights need not be present.
 pub fn config_at(path: &Path) -> Result<Option<Flux2Config>> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some((file, prefix)) = bfl_file(path)? {
+        return Flux2Config::from_bfl(&file, &prefix).map(Some);
+    }
     let file = if path.is_file() {
         if path.extension().is_none_or(|e| e != "json") {
             return Ok(None);

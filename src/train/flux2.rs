@@ -469,6 +469,18 @@ pub fn load_lora(
 /// The LoRA file a klein run leaves at the top of its output folder.
 pub const LORA_FILE: &str = "lora.safetensors";
 
+/// `load_lora` from a LoRA file, or from the `lora.safetensors` in a folder (a run's output or one of
+/// its checkpoints).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn read_lora(path: &std::path::Path, c: &flux2::Flux2Config) -> Result<LoraAdapter> {
+    let file = if path.is_dir() {
+        path.join(LORA_FILE)
+    } else {
+        path.to_path_buf()
+    };
+    load_lora(&crate::source::SafetensorsFile::open(&file)?, c)
+}
+
 /// A klein run from files: a diffusers pipeline folder and a folder of captioned images.
 #[cfg(not(target_arch = "wasm32"))]
 pub struct FluxRunSpec<'a> {
@@ -491,6 +503,11 @@ pub struct FluxRunSpec<'a> {
     pub options: crate::train::run::RunOptions,
     /// Where caption features and latents are kept between runs (None: computed every run).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// The Qwen3 text encoder folder (with its tokenizer), where not the pipeline's
+    /// `text_encoder/` and `tokenizer/`.
+    pub text_encoder: Option<std::path::PathBuf>,
+    /// The VAE folder (diffusers' AutoencoderKLFlux2), where not the pipeline's `vae/`.
+    pub vae: Option<std::path::PathBuf>,
 }
 
 /// Trains a klein LoRA: caption features (the text encoder, then released), image latents (the VAE,
@@ -516,6 +533,8 @@ pub fn run(
         text_tokens,
         options,
         cache_dir,
+        text_encoder,
+        vae: vae_dir,
     } = spec;
     if !(0.0..1.0).contains(&caption_dropout) {
         return Err(Error::Invalid(format!(
@@ -527,27 +546,49 @@ pub fn run(
             "--resolution must be from 16 to 4096 pixels (got {resolution})"
         )));
     }
-    if options.init_adapter.is_some() {
-        return Err(Error::Invalid(
-            "--init-adapter is not supported for FLUX.2 image runs yet".into(),
-        ));
-    }
     let mut folder = crate::train::folder::RunFolder::claim(
         output,
         options.overwrite,
         options.resume.as_deref(),
     )?;
-    folder.check_inputs(&[path, data])?;
+    // A pipeline folder holds the text encoder, tokenizer and VAE; a transformer file needs them named.
+    if !path.is_dir() && (text_encoder.is_none() || vae_dir.is_none()) {
+        return Err(Error::Invalid(format!(
+            "{} is a transformer file: give --text-encoder DIR (Qwen3 with its tokenizer) and --vae DIR \
+             (diffusers' AutoencoderKLFlux2); a pipeline folder has its own",
+            path.display()
+        )));
+    }
+    let text_dir = text_encoder
+        .clone()
+        .unwrap_or_else(|| path.join("text_encoder"));
+    let tokenizer_dir = match &text_encoder {
+        Some(dir) => dir.clone(),
+        None => path.join("tokenizer"),
+    };
+    let vae_dir = vae_dir.unwrap_or_else(|| path.join("vae"));
+    let inputs = [
+        Some(path),
+        Some(data),
+        options.init_adapter.as_deref(),
+        Some(&text_dir),
+        Some(&vae_dir),
+    ];
+    folder.check_inputs(&inputs.into_iter().flatten().collect::<Vec<_>>())?;
     let flux = flux2::config_at(path)?.ok_or_else(|| {
         Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
     })?;
     let examples = crate::images::scan_folder(data, trigger.as_deref())?;
     // Everything that can be checked before hours of encoding is checked first.
-    let vae = crate::models::vae::load(&path.join("vae"))?;
+    let init = match &options.init_adapter {
+        Some(file) => Some(read_lora(file, &flux)?),
+        None => None,
+    };
+    let vae = crate::models::vae::load(&vae_dir)?;
     if 4 * vae.config.latent_channels != flux.in_channels {
         return Err(Error::Invalid(format!(
             "{}: the VAE's {} latent channels make tokens of {}, and the transformer reads {}",
-            path.display(),
+            vae_dir.display(),
             vae.config.latent_channels,
             4 * vae.config.latent_channels,
             flux.in_channels
@@ -584,14 +625,14 @@ pub fn run(
         None => None,
     };
     let (empty_caption, features) = caption_features(
-        path,
+        (&text_dir, &tokenizer_dir),
         &flux,
         examples.iter().map(|e| e.caption.as_str()),
         (text_tokens, config.precision),
         cache.as_ref(),
     )?;
     // Latents, then the VAE is released.
-    let vae_digest = crate::train::feature_cache::folder_digest(&path.join("vae"))?;
+    let vae_digest = crate::train::feature_cache::folder_digest(&vae_dir)?;
     let mut encoded = 0;
     let cached: Vec<Cached> = examples
         .iter()
@@ -634,7 +675,7 @@ pub fn run(
         "latents: {encoded} images encoded, {} from the cache",
         examples.len() - encoded
     );
-    let model = flux2::load_diffusers(path, quant)?;
+    let model = flux2::load(path, quant)?;
     let work = ImageWork {
         model: (&model).into(),
         examples: cached,
@@ -648,7 +689,7 @@ pub fn run(
     });
     let label = path.display().to_string();
     let mut run =
-        crate::train::run::Run::prepare_images(work, &label, config, options, image_options)?;
+        crate::train::run::Run::prepare_images(work, &label, config, options, image_options, init)?;
     let executor = match gpu {
         Some(gpu) => {
             run.use_gpu(gpu)?;
@@ -667,7 +708,7 @@ pub fn run(
 /// loaded only when some caption misses and released before returning.
 #[cfg(not(target_arch = "wasm32"))]
 fn caption_features<'c>(
-    path: &std::path::Path,
+    (text_dir, tokenizer_dir): (&std::path::Path, &std::path::Path),
     flux: &flux2::Flux2Config,
     captions: impl Iterator<Item = &'c str>,
     (text_tokens, precision): (usize, crate::ops::Precision),
@@ -676,32 +717,30 @@ fn caption_features<'c>(
     use crate::model::{QuantRequest, TokenizerFiles};
     use crate::quant::{QuantFormat, QuantSpec};
     use crate::train::feature_cache::{Entry, folder_digest};
-    let source = crate::model::open(path.join("text_encoder"))?;
+    let source = crate::model::open(text_dir)?;
     if 3 * source.config.hidden_size != flux.text_dim {
         return Err(Error::Invalid(format!(
             "{}: the text encoder's width {} gives features of {}, and the transformer reads {}",
-            path.display(),
+            text_dir.display(),
             source.config.hidden_size,
             3 * source.config.hidden_size,
             flux.text_dim
         )));
     }
-    let read = |name: &str| crate::fsutil::read_to_string(&path.join("tokenizer").join(name)).ok();
+    let read = |name: &str| crate::fsutil::read_to_string(&tokenizer_dir.join(name)).ok();
     let files = TokenizerFiles {
         tokenizer_json: read("tokenizer.json"),
         tokenizer_config_json: read("tokenizer_config.json"),
         chat_template_jinja: read("chat_template.jinja"),
     };
-    let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, &path.join("tokenizer"))?;
+    let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, tokenizer_dir)?;
     let storage = if source.config.hidden_size % 64 == 0 {
         QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 64)?)
     } else {
         QuantRequest::Dense
     };
-    let (encoder_digest, tokenizer_digest) = (
-        folder_digest(&path.join("text_encoder"))?,
-        folder_digest(&path.join("tokenizer"))?,
-    );
+    let (encoder_digest, tokenizer_digest) =
+        (folder_digest(text_dir)?, folder_digest(tokenizer_dir)?);
     let all: Vec<&str> = std::iter::once("").chain(captions).collect();
     let mut features: Vec<Option<Vec<f32>>> = Vec::with_capacity(all.len());
     let mut descriptions = Vec::with_capacity(all.len());

@@ -222,6 +222,7 @@ impl<'m> Run<'m> {
         config: TrainConfig,
         options: RunOptions,
         image_options: serde_json::Value,
+        init: Option<LoraAdapter>,
     ) -> Result<Self> {
         if options.packing || options.eval_split.is_some() || options.eval_data.is_some() {
             return Err(Error::Invalid(
@@ -241,9 +242,21 @@ impl<'m> Run<'m> {
             "examples": work.examples.len(),
             "cache": format!("{:016x}", work.digest()),
         });
-        let manifest = manifest([model_section, data_section, image_options], &config, None);
+        let mut config = config;
+        if let Some(adapter) = &init {
+            // An initial adapter's rank, alpha and modules apply.
+            config.lora = crate::lora::LoraConfig {
+                dropout: config.lora.dropout,
+                ..adapter.config.clone()
+            };
+        }
+        let manifest = manifest(
+            [model_section, data_section, image_options],
+            &config,
+            init.as_ref(),
+        );
         log::info!("training configuration: {config:?}");
-        let trainer = Trainer::for_images(work, config, None)?;
+        let trainer = Trainer::for_images(work, config, init)?;
         Ok(Self::around(
             trainer,
             Vec::new(),

@@ -173,6 +173,13 @@ pub struct TrainSettings {
     /// $NIBBLE_CACHE_DIR, $XDG_CACHE_HOME/nibble or ~/.cache/nibble).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// FLUX.2: the Qwen3 text encoder folder, with its tokenizer (a pipeline folder has its own; a
+    /// transformer file needs one).
+    #[arg(long)]
+    pub text_encoder: Option<PathBuf>,
+    /// FLUX.2: the VAE folder (diffusers' AutoencoderKLFlux2; a pipeline folder has its own).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// FLUX.2: compute caption features and latents afresh and keep none.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_cache: Option<bool>,
@@ -282,6 +289,8 @@ impl TrainSettings {
             ("sigma_sampling", self.sigma_sampling.is_some()),
             ("cache_dir", self.cache_dir.is_some()),
             ("no_cache", self.no_cache.is_some()),
+            ("text_encoder", self.text_encoder.is_some()),
+            ("vae", self.vae.is_some()),
         ]
     }
 
