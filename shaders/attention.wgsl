@@ -28,8 +28,9 @@ struct AttentionParams {
     query_offset: u32,
     // 1: query t sees keys up to its own position; 0: every key.
     causal: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // 1 (forward only): query t sees no key at or past key_end[t] (padding at the end).
+    padded: u32,
+    _pad: u32,
 }
 
 // Whether key j lies past what query t (at position t + query_offset) may see.
@@ -74,6 +75,8 @@ const TILE_FLOATS: u32 = 1024u;
 // Per query token, the first key it may attend to: 0, or the start of its example in a packed sequence
 // (non-decreasing along the sequence).
 @group(0) @binding(10) var<storage, read> first_key: array<u32>;
+// Per query token, the end of the keys it may attend to, where `padded`.
+@group(0) @binding(11) var<storage, read> key_end: array<u32>;
 @group(0) @binding(12) var<storage, read_write> k_grad: array<f32>;
 @group(0) @binding(13) var<storage, read_write> v_grad: array<f32>;
 
@@ -172,10 +175,14 @@ fn attention_forward(
     var qv: array<f32, MAX_HEAD_DIM>;
     var acc: array<f32, MAX_HEAD_DIM>;
     var first = 0u;
+    var end = 0xffffffffu;
     var m = -3.0e38;
     var l = 0.0;
     if (live) {
         first = first_key[t];
+        if (p.padded != 0u) {
+            end = key_end[t];
+        }
         load_query(t, h, &qv);
         if (!first_pass()) {
             m = row_stats[lse_index(h, t)];
@@ -192,7 +199,7 @@ fn attention_forward(
         workgroupBarrier();
         for (var jj = 0u; jj < rows; jj++) {
             let j = j0 + jj;
-            if (!live || j < first || future(j, t) || j >= keys.y) {
+            if (!live || j < first || future(j, t) || j >= keys.y || j >= end) {
                 continue;
             }
             let s = dot_staged(&qv, jj) * p.scale;

@@ -546,8 +546,9 @@ fn the_lora_file_has_comfyui_keys_and_reads_back() {
 
 /// Caption features as the klein pipeline computes them (scripts/make_klein_text_fixture.py: a tiny
 /// random Qwen3 with 28 layers, bf16 weights, the Qwen3 tokenizer, captions padded to 24 tokens where
-/// the pipeline pads to 512), including the padding positions the transformer attends to. Measured:
-/// 5.9e-7 relative (padding rows included); held to 6e-6.
+/// the pipeline pads to 512), including the padding positions the transformer attends to, on the CPU
+/// executor and on the GPU executor (lavapipe in CI). Measured: 5.9e-7 relative (padding rows
+/// included) on both; held to 6e-6.
 #[test]
 fn caption_features_match_the_pipeline() {
     let dir = Path::new("tests/fixtures/klein_text");
@@ -565,10 +566,26 @@ fn caption_features_match_the_pipeline() {
         .load(Some(nibble::model::QuantRequest::Dense))
         .unwrap();
     let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
+    let gpu = common::gpu();
+    let on_gpu = gpu.as_ref().map(|g| {
+        (
+            g,
+            nibble::gpu::weights::GpuModel::upload(g, &encoder).unwrap(),
+        )
+    });
+    let mut executors = vec![("CPU", flux2::TextExecutor::Cpu(Precision::F32))];
+    if let Some((g, weights)) = &on_gpu {
+        executors.push(("GPU", flux2::TextExecutor::Gpu(g, weights)));
+    }
     let mut worst = 0f64;
-    for (i, caption) in ["a red fox sitting in snow", ""].iter().enumerate() {
+    let cases = ["a red fox sitting in snow", ""];
+    for ((i, caption), (name, executor)) in cases
+        .iter()
+        .enumerate()
+        .flat_map(|c| executors.iter().map(move |e| (c, *e)))
+    {
         let features =
-            flux2::caption_features(&encoder, &tokenizer, caption, 24, Precision::F32).unwrap();
+            flux2::caption_features(&encoder, executor, &tokenizer, caption, 24).unwrap();
         let want = expected.read_f32(&format!("caption{i}.features")).unwrap();
         let e = rel(&features, &want);
         // The padding rows alone (the real tokens are the first ones).
@@ -578,7 +595,7 @@ fn caption_features_match_the_pipeline() {
         let real = mask.iter().filter(|&&m| m > 0.5).count();
         let width = want.len() / 24;
         let pad = rel(&features[real * width..], &want[real * width..]);
-        eprintln!("caption {i}: {real} real tokens, features {e:e}, padding rows {pad:e}");
+        eprintln!("{name}: caption {i}: {real} real tokens, features {e:e}, padding rows {pad:e}");
         worst = worst.max(e).max(pad);
     }
     assert!(worst < 6e-6, "caption features off by {worst:e}");

@@ -261,6 +261,32 @@ fn cases(model: &Model) -> Vec<Case> {
             },
         );
     }
+    cases.case("attention over a padded sequence (forward)", |b, g| {
+        let shape = AttentionShape {
+            tokens: t,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            causal: true,
+        };
+        let q = g.add(b, "q", t * heads * hd, 1.0);
+        let k = g.add(b, "k", t * kv_heads * hd, 1.0);
+        let v = g.add(b, "v", t * kv_heads * hd, 1.0);
+        let inputs = [
+            q,
+            k,
+            v,
+            b.input(Input::FirstKey, t),
+            b.input(Input::KeyEnd, t),
+        ];
+        let out = b.output("out", t * heads * hd);
+        let lse = b.activation(2 * heads * t, "lse");
+        b.node(Op::Attention { shape }, &inputs, &[out, lse], false);
+    });
+    // The caption's last real token is 20: tokens past it (padding) see only keys before it.
+    let padded = cases.out.last_mut().expect("just added");
+    padded.inputs.first_key = vec![0; t];
+    padded.inputs.key_end = vec![21; t];
     cases.case(
         "modulated layernorm and its backward, gate, silu",
         |b, g| {

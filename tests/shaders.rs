@@ -124,6 +124,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 pass_flags: pass_flags as u32,
                 query_offset: query_offset as u32,
                 causal: causal as u32,
+                padded: padded as u32,
             }),
         ),
         (

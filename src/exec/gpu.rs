@@ -397,16 +397,9 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
                 node.op.name()
             )));
         }
-        Op::Attention { .. } if ins.len() > 4 => {
-            return Err(Error::Invalid(
-                "attention over padded sequences (text features) runs on the CPU executor only, \
-                 so far"
-                    .into(),
-            ));
-        }
         Op::Attention { shape } => {
-            let first_key = ins.get(3).map(|s| s.buf());
-            attention::record_forward(r, shape, [x(0), x(1), x(2)], first_key, o(0), o(1));
+            let masks = (ins.get(3).map(|s| s.buf()), ins.get(4).map(|s| s.buf()));
+            attention::record_forward(r, shape, [x(0), x(1), x(2)], masks, o(0), o(1));
         }
         Op::CachedAttention { shape, past } => attention::record_forward_cached(
             r,
@@ -416,6 +409,12 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             o(0),
             [o(1), o(2)],
         ),
+        Op::AttentionBackward { .. } if ins.len() > 7 => {
+            return Err(Error::Invalid(
+                "the backward of attention over padded sequences runs on the CPU executor only"
+                    .into(),
+            ));
+        }
         Op::AttentionBackward { shape } => {
             let first_key = ins.get(6).map(|s| s.buf());
             let ins6 = [x(0), x(1), x(2), x(3), x(4), x(5)];

@@ -411,7 +411,9 @@ pub struct AttentionParams {
     pub query_offset: u32,
     /// 1: causal; 0: every query sees every key.
     pub causal: u32,
-    pub _pad: [u32; 2],
+    /// 1 (forward only): query t sees no key at or past key_end[t].
+    pub padded: u32,
+    pub _pad: u32,
 }
 
 fn gpu_params(shape: &AttentionShape) -> AttentionParams {
@@ -426,7 +428,8 @@ fn gpu_params(shape: &AttentionShape) -> AttentionParams {
         pass_flags: 3,
         query_offset: 0,
         causal: shape.causal.into(),
-        _pad: [0; 2],
+        padded: 0,
+        _pad: 0,
     }
 }
 
@@ -461,18 +464,24 @@ fn first_key_table(r: &mut Recorder, given: Option<&GpuBuffer>, queries: usize) 
 
 /// The GPU lowering of `forward` (shaders/attention.wgsl): `stats` is [2, heads, tokens], each row's
 /// log-sum-exp and the forward's running denominator (which the backward replaces by delta).
+/// With `key_end`, query t sees no key at or past key_end[t].
 pub(crate) fn record_forward(
     r: &mut Recorder,
     shape: &AttentionShape,
     [q, k, v]: [&GpuBuffer; 3],
-    first_key: Option<&GpuBuffer>,
+    (first_key, key_end): (Option<&GpuBuffer>, Option<&GpuBuffer>),
     out: &GpuBuffer,
     stats: &GpuBuffer,
 ) {
     let first_key = first_key_table(r, first_key, shape.tokens);
     let groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
+    let dummy = r.dummy;
     // Per key: the score's dot product and the running sum's update.
     for p in passes(r, shape, 2) {
+        let p = AttentionParams {
+            padded: key_end.is_some().into(),
+            ..p
+        };
         let b = [
             (1, q),
             (2, k),
@@ -480,6 +489,7 @@ pub(crate) fn record_forward(
             (4, out),
             (5, stats),
             (10, &first_key),
+            (11, key_end.unwrap_or(dummy)),
         ];
         r.dispatch("attention_forward", &p, &b, groups);
     }
@@ -520,6 +530,7 @@ pub(crate) fn record_forward_cached(
             (4, out),
             (5, &stats),
             (10, &first_key),
+            (11, r.dummy),
         ];
         r.dispatch("attention_forward", &p, &b, groups);
     }

@@ -630,6 +630,7 @@ pub fn run(
         examples.iter().map(|e| e.caption.as_str()),
         (text_tokens, config.precision),
         cache.as_ref(),
+        (gpu, options.gpu_memory),
     )?;
     // Latents, then the VAE is released.
     let vae_digest = crate::train::feature_cache::folder_digest(&vae_dir)?;
@@ -704,8 +705,8 @@ pub fn run(
 }
 
 /// The features of the empty caption and of each of `captions`: from `cache` where it holds them,
-/// else through the text encoder (NF4 groups of 64 where its widths allow, else dense), which is
-/// loaded only when some caption misses and released before returning.
+/// else through the text encoder (NF4 groups of 64 where its widths allow, else dense; on `gpu` when
+/// given), which is loaded only when some caption misses and released before returning.
 #[cfg(not(target_arch = "wasm32"))]
 fn caption_features<'c>(
     (text_dir, tokenizer_dir): (&std::path::Path, &std::path::Path),
@@ -713,6 +714,7 @@ fn caption_features<'c>(
     captions: impl Iterator<Item = &'c str>,
     (text_tokens, precision): (usize, crate::ops::Precision),
     cache: Option<&crate::train::feature_cache::FeatureCache>,
+    (gpu, gpu_memory): (Option<&crate::gpu::Gpu>, Option<u64>),
 ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
     use crate::model::{QuantRequest, TokenizerFiles};
     use crate::quant::{QuantFormat, QuantSpec};
@@ -762,10 +764,33 @@ fn caption_features<'c>(
     );
     if missing > 0 {
         let encoder = source.load(Some(storage))?;
+        let on_gpu = match gpu {
+            Some(gpu) => {
+                let graph = crate::models::decoder::hidden_states(
+                    &source.config,
+                    &flux2::TEXT_LAYERS,
+                    text_tokens,
+                    true,
+                );
+                let step = graph.memory();
+                let needs = crate::model::planned_weight_bytes(&source.config, encoder.quant)
+                    + step.buffers
+                    + step.temporaries;
+                gpu.check_fits("the text encoder", needs, gpu_memory)?;
+                let weights = crate::gpu::weights::GpuModel::upload(gpu, &encoder)?;
+                gpu.check_errors()?;
+                Some((gpu, weights))
+            }
+            None => None,
+        };
+        let executor = match &on_gpu {
+            Some((gpu, weights)) => flux2::TextExecutor::Gpu(gpu, weights),
+            None => flux2::TextExecutor::Cpu(precision),
+        };
         for ((caption, slot), description) in all.iter().zip(&mut features).zip(&descriptions) {
             if slot.is_none() {
                 let values =
-                    flux2::caption_features(&encoder, &tokenizer, caption, text_tokens, precision)?;
+                    flux2::caption_features(&encoder, executor, &tokenizer, caption, text_tokens)?;
                 if let Some(c) = cache {
                     let entry = Entry {
                         values: values.clone(),
