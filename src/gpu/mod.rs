@@ -342,6 +342,12 @@ impl Gpu {
         }
     }
 
+    /// Frees the pool's idle scratch buffers (those of a finished phase, such as the text encoder's
+    /// before training), so that their memory goes back to the device.
+    pub fn release_scratch(&self) {
+        self.pool.borrow_mut().clear();
+    }
+
     /// Bytes of scratch memory created so far (the high-water mark of a step's temporaries and kept
     /// activations, since freed buffers are reused).
     pub fn scratch_bytes(&self) -> u64 {

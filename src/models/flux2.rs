@@ -340,8 +340,12 @@ const BFL_PROBE: &str = "double_blocks.0.img_attn.qkv.weight";
 /// The prefix of the BFL names in `file`, if it is a FLUX.2 transformer in BFL's single-file layout.
 #[cfg(not(target_arch = "wasm32"))]
 fn bfl_prefix(file: &crate::source::SafetensorsFile) -> Option<String> {
-    file.tensor_names()
-        .find_map(|n| n.strip_suffix(BFL_PROBE).map(str::to_string))
+    let prefix = file
+        .tensor_names()
+        .find_map(|n| n.strip_suffix(BFL_PROBE).map(str::to_string))?;
+    // FLUX.1 files share the block names; FLUX.2's shared modulation is its own.
+    file.info(&format!("{prefix}double_stream_modulation_img.lin.weight"))
+        .map(|_| prefix)
 }
 
 /// A FLUX.2 transformer file in BFL's single-file layout (as Black Forest Labs publish klein), if
@@ -430,13 +434,9 @@ impl Flux2Config {
             "guidance_embeds": false,
             "patch_size": 1,
         });
-        let c = Self::from_diffusers(&config.to_string(), file.path())?;
-        if c.mlp_hidden != mlp_in / 2 {
-            return Err(bad(format!(
-                "an MLP of {} rows is no whole multiple of the width {hidden}",
-                mlp_in / 2
-            )));
-        }
+        let mut c = Self::from_diffusers(&config.to_string(), file.path())?;
+        // The width as stored, not as the ratio rounds it back.
+        c.mlp_hidden = mlp_in / 2;
         Ok(c)
     }
 }

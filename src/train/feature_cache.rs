@@ -10,8 +10,9 @@ use crate::error::{Error, Result};
 use crate::rng::Fnv1a;
 use std::path::{Path, PathBuf};
 
-/// Bumped when what an entry holds, or how it is computed, changes: older entries then miss.
-const FORMAT: &str = "nibble-flux2-cache-1";
+/// Bumped when what an entry holds, or how it is computed, changes: older entries then miss (as do
+/// those of another nibble version, whose encoders may round differently).
+const FORMAT: &str = concat!("nibble-flux2-cache-1 ", env!("CARGO_PKG_VERSION"));
 
 /// The metadata key holding an entry's description.
 const DESCRIPTION: &str = "nibble_cache_key";
@@ -49,6 +50,14 @@ impl FeatureCache {
             .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("nibble")))
             .or_else(|| var("LOCALAPPDATA").map(|d| d.join("nibble")))
             .or_else(|| var("HOME").map(|d| d.join(".cache").join("nibble")))
+    }
+
+    /// `describe()`, or None with a warning when it fails (a file that cannot be read for its
+    /// digest): the run goes on without the cache for that entry.
+    pub fn describe(&self, describe: impl FnOnce() -> Result<String>) -> Option<String> {
+        describe()
+            .map_err(|e| log::warn!("not using the cache here: {e}"))
+            .ok()
     }
 
     fn path(&self, kind: &str, description: &str) -> PathBuf {
@@ -116,8 +125,8 @@ impl FeatureCache {
 }
 
 /// A digest of a model folder's files that changes when any of them does, without reading them
-/// whole: each regular file's name and size, with 64 KiB samples from its start, middle and end
-/// (safetensors headers and tensors from every part of each shard).
+/// whole: each regular file's name, size and modification time, with 64 KiB samples from its start,
+/// middle and end (safetensors headers and tensors from every part of each shard).
 pub fn folder_digest(dir: &Path) -> Result<String> {
     use std::io::{Read, Seek, SeekFrom};
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -132,8 +141,15 @@ pub fn folder_digest(dir: &Path) -> Result<String> {
         crate::fsutil::require_regular_file(&path).map_err(|e| Error::io(&path, e))?;
         let mut file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let modified = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
         digest.write(path.file_name().unwrap_or_default().as_encoded_bytes());
         digest.write(&len.to_le_bytes());
+        digest.write(&modified.to_le_bytes());
         for start in [0, len / 2, len.saturating_sub(sample.len() as u64)] {
             let n = (len - start.min(len)).min(sample.len() as u64) as usize;
             file.seek(SeekFrom::Start(start))

@@ -71,6 +71,16 @@ pub struct ImageWork<'a> {
     pub caption_dropout: f64,
 }
 
+/// `--caption-dropout` is a probability below 1 (1 would never show a caption).
+fn check_caption_dropout(p: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Invalid(format!(
+            "--caption-dropout must be at least 0 and below 1 (got {p})"
+        )));
+    }
+    Ok(())
+}
+
 /// One example of an optimizer step: which, whether its caption is dropped, its σ and noise.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImagePick {
@@ -91,12 +101,7 @@ impl ImageWork<'_> {
                 "--lora-dropout is not supported for FLUX.2 yet: use 0".into(),
             ));
         }
-        if !(0.0..1.0).contains(&self.caption_dropout) {
-            return Err(Error::Invalid(format!(
-                "--caption-dropout must be at least 0 and below 1 (got {})",
-                self.caption_dropout
-            )));
-        }
+        check_caption_dropout(self.caption_dropout)?;
         let text_tokens = self.empty_caption.len() / c.text_dim;
         for (i, e) in self.examples.iter().enumerate() {
             if e.rows * e.cols == 0
@@ -291,7 +296,10 @@ pub fn lora_file(adapter: &LoraAdapter, c: &flux2::Flux2Config, form: LoraForm) 
             LoraForm::Exact => bytemuck::cast_slice(v).to_vec(),
         }
     };
-    let alpha = [adapter.config.alpha as f32];
+    // The alpha that gives the trained scale at rank r (rsLoRA's alpha/√r included), as readers take
+    // alpha/r.
+    let effective_alpha = adapter.config.scale() as f64 * adapter.config.r as f64;
+    let alpha = [effective_alpha as f32];
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = adapter
         .pairs()
         .flat_map(|(path, p)| {
@@ -333,7 +341,7 @@ pub fn lora_file(adapter: &LoraAdapter, c: &flux2::Flux2Config, form: LoraForm) 
     let r = adapter.config.r.to_string();
     let network_alpha = match form {
         LoraForm::Release => r.clone(),
-        LoraForm::Exact => adapter.config.alpha.to_string(),
+        LoraForm::Exact => effective_alpha.to_string(),
     };
     let metadata = std::collections::HashMap::from([
         ("format".to_string(), "pt".to_string()),
@@ -466,6 +474,44 @@ pub fn load_lora(
     })
 }
 
+/// `load_lora` of a checkpoint of the run training `like`: the same rank, scale and modules, or an
+/// error naming the file; the run's own configuration (its targets as given) stays.
+pub fn load_lora_like(
+    file: &crate::source::SafetensorsFile,
+    c: &flux2::Flux2Config,
+    like: &LoraAdapter,
+) -> Result<LoraAdapter> {
+    let loaded = load_lora(file, c)?;
+    let count = loaded.pairs().count();
+    let (then, now) = (loaded.config.scale(), like.config.scale());
+    let rank = loaded.config.r;
+    let mut by_path: std::collections::HashMap<String, crate::lora::LoraPair> =
+        loaded.modules.into_iter().collect();
+    // In the run's order.
+    let modules: Vec<(String, crate::lora::LoraPair)> = like
+        .pairs()
+        .filter_map(|(path, _)| Some((path.to_string(), by_path.remove(path)?)))
+        .collect();
+    // Scales compared within the f32 rounding of the alpha the file stores.
+    let same = rank == like.config.r
+        && (then - now).abs() <= 1e-6 * now.abs()
+        && modules.len() == count
+        && count == like.pairs().count();
+    if !same {
+        return Err(Error::Invalid(format!(
+            "{}: the checkpoint's LoRA (rank {rank}, scale {then}, {count} modules) is not this run's \
+             (rank {}, scale {now}, {} modules)",
+            file.path().display(),
+            like.config.r,
+            like.pairs().count()
+        )));
+    }
+    Ok(LoraAdapter {
+        config: like.config.clone(),
+        modules,
+    })
+}
+
 /// The LoRA file a klein run leaves at the top of its output folder.
 pub const LORA_FILE: &str = "lora.safetensors";
 
@@ -536,11 +582,7 @@ pub fn run(
         text_encoder,
         vae: vae_dir,
     } = spec;
-    if !(0.0..1.0).contains(&caption_dropout) {
-        return Err(Error::Invalid(format!(
-            "--caption-dropout must be at least 0 and below 1 (got {caption_dropout})"
-        )));
-    }
+    check_caption_dropout(caption_dropout)?;
     if !(16..=4096).contains(&resolution) {
         return Err(Error::Invalid(format!(
             "--resolution must be from 16 to 4096 pixels (got {resolution})"
@@ -633,17 +675,28 @@ pub fn run(
         (gpu, options.gpu_memory),
     )?;
     // Latents, then the VAE is released.
-    let vae_digest = crate::train::feature_cache::folder_digest(&vae_dir)?;
+    use crate::train::feature_cache::{file_digest, folder_digest};
+    let vae_digest = cache
+        .as_ref()
+        .and_then(|c| c.describe(|| folder_digest(&vae_dir)));
     let mut encoded = 0;
     let cached: Vec<Cached> = examples
         .iter()
         .zip(features)
         .map(|(e, text)| {
-            let description = format!(
-                "vae {vae_digest}\nimage {}\nresolution {resolution}",
-                crate::train::feature_cache::file_digest(&e.image)?
-            );
-            let hit = cache.as_ref().and_then(|c| c.get("latents", &description));
+            let keyed = cache
+                .as_ref()
+                .zip(vae_digest.as_ref())
+                .and_then(|(c, vae)| {
+                    let description = c.describe(|| {
+                        Ok(format!(
+                            "vae {vae}\nimage {}\nresolution {resolution}",
+                            file_digest(&e.image)?
+                        ))
+                    })?;
+                    Some((c, description))
+                });
+            let hit = keyed.as_ref().and_then(|(c, d)| c.get("latents", d));
             let (latents, rows, cols) = match hit {
                 Some(entry) if entry.shape.len() == 3 && entry.shape[2] == flux.in_channels => {
                     (entry.values, entry.shape[0], entry.shape[1])
@@ -653,12 +706,12 @@ pub fn run(
                     let latents = crate::models::vae::encode(&vae, &pixels, (h, w))?;
                     encoded += 1;
                     let (rows, cols) = (h / 16, w / 16);
-                    if let Some(c) = &cache {
+                    if let Some((c, description)) = &keyed {
                         let entry = crate::train::feature_cache::Entry {
                             values: latents.clone(),
                             shape: vec![rows, cols, flux.in_channels],
                         };
-                        c.put("latents", &description, &entry);
+                        c.put("latents", description, &entry);
                     }
                     (latents, rows, cols)
                 }
@@ -741,18 +794,30 @@ fn caption_features<'c>(
     } else {
         QuantRequest::Dense
     };
-    let (encoder_digest, tokenizer_digest) =
-        (folder_digest(text_dir)?, folder_digest(tokenizer_dir)?);
+    // What the features are computed from and by (the executors round differently).
+    let executor = match gpu {
+        Some(gpu) => format!("GPU executor on {}", gpu.info.name),
+        None => format!("CPU executor, {precision:?}"),
+    };
+    let encoder_digest = cache.and_then(|c| {
+        c.describe(|| {
+            Ok(format!(
+                "text encoder {}\ntokenizer {}\nstorage {storage:?}\n{executor}\ntokens {text_tokens}",
+                folder_digest(text_dir)?,
+                folder_digest(tokenizer_dir)?
+            ))
+        })
+    });
     let all: Vec<&str> = std::iter::once("").chain(captions).collect();
     let mut features: Vec<Option<Vec<f32>>> = Vec::with_capacity(all.len());
     let mut descriptions = Vec::with_capacity(all.len());
     for caption in &all {
-        let description = format!(
-            "text encoder {encoder_digest}\ntokenizer {tokenizer_digest}\nstorage {storage:?}\n\
-             precision {precision:?}\ntokens {text_tokens}\ncaption {caption}"
-        );
+        let description = encoder_digest
+            .as_ref()
+            .map(|digest| format!("{digest}\ncaption {caption}"));
         let hit = cache
-            .and_then(|c| c.get("text", &description))
+            .zip(description.as_ref())
+            .and_then(|(c, d)| c.get("text", d))
             .filter(|e| e.shape == [text_tokens, flux.text_dim]);
         features.push(hit.map(|e| e.values));
         descriptions.push(description);
@@ -791,7 +856,7 @@ fn caption_features<'c>(
             if slot.is_none() {
                 let values =
                     flux2::caption_features(&encoder, executor, &tokenizer, caption, text_tokens)?;
-                if let Some(c) = cache {
+                if let Some((c, description)) = cache.zip(description.as_ref()) {
                     let entry = Entry {
                         values: values.clone(),
                         shape: vec![text_tokens, flux.text_dim],
@@ -800,6 +865,10 @@ fn caption_features<'c>(
                 }
                 *slot = Some(values);
             }
+        }
+        if let Some((gpu, weights)) = on_gpu {
+            drop(weights);
+            gpu.release_scratch();
         }
     }
     let mut features = features

@@ -296,6 +296,33 @@ pub enum Work<'a> {
 }
 
 impl Work<'_> {
+    /// Writes `adapter` into `dir` (created when missing) as this kind of run saves it: a PEFT folder
+    /// (language models) or `lora.safetensors` in `form` (FLUX.2).
+    pub fn save_adapter(
+        &self,
+        adapter: &LoraAdapter,
+        dir: &Path,
+        base_model: &str,
+        form: flux2::LoraForm,
+    ) -> Result<()> {
+        match self {
+            Work::Text { .. } => save_peft(adapter, dir, base_model),
+            Work::Image(work) => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                let path = dir.join(flux2::LORA_FILE);
+                flux2::save_lora(adapter, &work.model.config, form, &path)
+            }
+        }
+    }
+
+    /// What `save_adapter` writes, in words.
+    pub fn adapter_kind(&self) -> &'static str {
+        match self {
+            Work::Text { .. } => "a PEFT folder",
+            Work::Image(_) => "a LoRA file",
+        }
+    }
+
     /// How many training examples there are.
     pub fn examples(&self) -> usize {
         match self {
@@ -794,18 +821,8 @@ impl Trainer<'_> {
         let final_dir = run_dir.join(&name);
         let tmp = run_dir.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        match &self.work {
-            Work::Text { .. } => save_peft(&self.adapter, &tmp, base_model)?,
-            Work::Image(work) => {
-                std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-                flux2::save_lora(
-                    &self.adapter,
-                    &work.model.config,
-                    flux2::LoraForm::Exact,
-                    &tmp.join(flux2::LORA_FILE),
-                )?
-            }
-        }
+        self.work
+            .save_adapter(&self.adapter, &tmp, base_model, flux2::LoraForm::Exact)?;
         if let Some(manifest) = manifest {
             let path = tmp.join(MANIFEST);
             std::fs::write(&path, manifest.to_string()).map_err(|e| Error::io(&path, e))?;
@@ -921,31 +938,7 @@ impl Trainer<'_> {
             Work::Text { model, .. } => LoraAdapter::load_peft(&files, &model.config)?,
             Work::Image(work) => {
                 let file = files.open_safetensors(flux2::LORA_FILE)?;
-                let loaded = flux2::load_lora(&file, &work.model.config)?;
-                // The file names the modules; the run's own configuration (targets as given) stays.
-                let same = loaded.config.r == self.adapter.config.r
-                    && loaded.config.alpha == self.adapter.config.alpha
-                    && loaded
-                        .pairs()
-                        .map(|(p, _)| p)
-                        .eq(self.adapter.pairs().map(|(p, _)| p));
-                if !same {
-                    return Err(Error::Invalid(format!(
-                        "{}: the checkpoint's LoRA (rank {}, alpha {}, {} modules) is not this \
-                         run's (rank {}, alpha {}, {} modules)",
-                        checkpoint.join(flux2::LORA_FILE).display(),
-                        loaded.config.r,
-                        loaded.config.alpha,
-                        loaded.pairs().count(),
-                        self.adapter.config.r,
-                        self.adapter.config.alpha,
-                        self.adapter.pairs().count()
-                    )));
-                }
-                LoraAdapter {
-                    config: self.adapter.config.clone(),
-                    modules: loaded.modules,
-                }
+                flux2::load_lora_like(&file, &work.model.config, &self.adapter)?
             }
         };
         let opt = crate::source::ModelFiles::Dir(checkpoint.to_path_buf())
@@ -1011,7 +1004,9 @@ impl Trainer<'_> {
             .and_then(rng_from_json)
             .ok_or_else(|| bad("`dropout_rng` missing"))?;
         self.stale = false;
-        if let Some((gpu, _)) = self.gpu.take() {
+        if let Some((gpu, state)) = self.gpu.take() {
+            // The old copies go before the new ones are uploaded: a model held twice may not fit.
+            drop(state);
             self.use_gpu(gpu)?;
         }
         Ok(())

@@ -397,10 +397,7 @@ impl<'m> Run<'m> {
                  --resume {}",
                 self.trainer.total_steps,
                 checkpoint.display(),
-                match self.trainer.work {
-                    train::Work::Text { .. } => "a PEFT folder",
-                    train::Work::Image(_) => "a LoRA file",
-                },
+                self.trainer.work.adapter_kind(),
                 dir.display()
             ),
             Ok(None) => "stopped before the first step; nothing to save".to_string(),
@@ -418,17 +415,12 @@ impl<'m> Run<'m> {
     pub async fn finish_async(&mut self) -> Result<RunSummary> {
         self.trainer.sync_async().await?;
         if let Some(out) = &self.output {
-            match &self.trainer.work {
-                train::Work::Text { .. } => {
-                    train::save_peft(&self.trainer.adapter, &out.dir, &self.base_model)?
-                }
-                train::Work::Image(work) => crate::train::flux2::save_lora(
-                    &self.trainer.adapter,
-                    &work.model.config,
-                    crate::train::flux2::LoraForm::Release,
-                    &out.dir.join(crate::train::flux2::LORA_FILE),
-                )?,
-            }
+            self.trainer.work.save_adapter(
+                &self.trainer.adapter,
+                &out.dir,
+                &self.base_model,
+                crate::train::flux2::LoraForm::Release,
+            )?;
             crate::plot::write_loss_curve(&out.metrics_path, &out.dir.join("loss_curve.png"))?;
         }
         Ok(RunSummary {
