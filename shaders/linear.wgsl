@@ -13,8 +13,9 @@ struct LinearParams {
     out_stride: u32,
     // Row 0 of W is this row of the bound buffer (a vocabulary chunk inside a block of the output projection).
     weight_row: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // Forward: row 0 of x is this row of y (a convolution's tile of output pixels).
+    y_row: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: LinearParams;
@@ -161,7 +162,7 @@ fn linear_forward(
                 if (p.has_bias == 1u) {
                     value += bias[p.row_offset + row];
                 }
-                store(t * p.out_stride + p.row_offset + row, value);
+                store((p.y_row + t) * p.out_stride + p.row_offset + row, value);
             }
         }
     }

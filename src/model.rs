@@ -226,6 +226,18 @@ pub enum TensorRef<'a> {
 pub trait FrozenWeights: Sync {
     fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)>;
 
+    /// Bytes the tensors occupy in memory (as stored: packed 4-bit, 16-bit or f32).
+    fn tensor_bytes(&self) -> u64 {
+        self.named_tensors()
+            .iter()
+            .map(|(_, t)| match t {
+                TensorRef::Linear(w) => w.bytes(),
+                TensorRef::Table(t) => t.as_bytes().len() as u64,
+                TensorRef::Vector(v) => 4 * v.len() as u64,
+            })
+            .sum()
+    }
+
     /// A 64-bit digest of the weights that tells two models of one shape apart (a base and its merged
     /// fine-tune, say) without reading every byte: each tensor's name, size and three 256-byte samples
     /// (start, middle, end) of its stored form.

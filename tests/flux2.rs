@@ -9,6 +9,7 @@
 mod common;
 
 use common::rel;
+use nibble::exec::Forward;
 use nibble::exec::cpu::{self, Bindings};
 use nibble::gpu::weights::{GpuLora, GpuWeights};
 use nibble::lora::{LoraAdapter, LoraConfig, LoraPair};
@@ -601,9 +602,9 @@ fn caption_features_match_the_pipeline() {
             nibble::gpu::weights::GpuModel::upload(g, &encoder).unwrap(),
         )
     });
-    let mut executors = vec![("CPU", flux2::TextExecutor::Cpu(Precision::F32))];
+    let mut executors = vec![("CPU", Forward::Cpu(Precision::F32))];
     if let Some((g, weights)) = &on_gpu {
-        executors.push(("GPU", flux2::TextExecutor::Gpu(g, weights)));
+        executors.push(("GPU", Forward::Gpu(g, weights)));
     }
     let mut worst = 0f64;
     let cases = ["a red fox sitting in snow", ""];
@@ -631,18 +632,26 @@ fn caption_features_match_the_pipeline() {
 
 /// The VAE encoder's latent tokens of an image as the klein pipeline computes them
 /// (scripts/make_flux2_vae_fixture.py: a tiny random AutoencoderKLFlux2, bf16 weights, a 48x32 image),
-/// through the posterior mean, 2x2 patches and the BatchNorm statistics. Measured: 1.0e-6 relative;
-/// held to 1e-5.
+/// through the posterior mean, 2x2 patches and the BatchNorm statistics, on the CPU executor and on
+/// the GPU executor (lavapipe in CI). Measured: 1.0e-6 relative on both; held to 1e-5.
 #[test]
 fn vae_latents_match_the_pipeline() {
     let vae = nibble::models::vae::load(&Path::new(FIXTURE).join("tiny_vae")).unwrap();
     let expected =
         SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_vae_expected.safetensors")).unwrap();
     let read = |name: &str| expected.read_f32(name).unwrap();
-    let latents = nibble::models::vae::encode(&vae, &read("pixels"), (48, 32)).unwrap();
+    let encode = |executor| nibble::models::vae::encode(&vae, executor, &read("pixels"), (48, 32));
+    let latents = encode(Forward::Cpu(Precision::F32)).unwrap();
     let e = rel(&latents, &read("latents"));
-    eprintln!("latents {e:e}");
+    eprintln!("CPU: latents {e:e}");
     assert!(e < 1e-5, "latents off by {e:e}");
+    if let Some(gpu) = common::gpu() {
+        let weights = GpuWeights::upload(&gpu, &vae).unwrap();
+        let latents = encode(Forward::Gpu(&gpu, &weights)).unwrap();
+        let e = rel(&latents, &read("latents"));
+        eprintln!("GPU: latents {e:e}");
+        assert!(e < 1e-5, "GPU latents off by {e:e}");
+    }
 }
 
 /// The whole klein loop through the binary, on a random tiny pipeline (`nibble synth --preset
@@ -995,7 +1004,7 @@ fn broken_klein_configs_and_tensors_are_refused_by_name() {
     with(&|v| v["block_out_channels"] = serde_json::json!([32, 32, 64, 128]));
     let vae = nibble::models::vae::load(&vae_dir).unwrap();
     let pixels = vec![0.25f32; 3 * 32 * 32];
-    let e = nibble::models::vae::encode(&vae, &pixels, (32, 32))
+    let e = nibble::models::vae::encode(&vae, Forward::Cpu(Precision::F32), &pixels, (32, 32))
         .unwrap_err()
         .to_string();
     assert!(

@@ -261,6 +261,45 @@ fn cases(model: &Model) -> Vec<Case> {
             },
         );
     }
+    cases.case(
+        "conv2d (1x1, stride 2, padded) and groupnorm (+silu, two chunks)",
+        |b, g| {
+            // A 1x1 convolution over 128 channels with the decoder's down projection [64, 128] as its
+            // kernel (3x3 ones run in tests/flux2.rs's VAE test); GroupNorm over enough pixels that each
+            // group's statistics add two partial chunks on the GPU.
+            let shape = nibble::ops::conv::ConvShape {
+                height: 9,
+                width: 7,
+                channels: i,
+                kernel: 1,
+                stride: 2,
+                pad: [0, 1, 0, 1],
+            };
+            let (oh, ow) = shape.output();
+            let x = g.add(b, "image", 9 * 7 * i, 1.0);
+            let kernel = b.weight("model.layers.0.mlp.down_proj.weight", h * i);
+            let bias = b.weight("model.layers.0.input_layernorm.weight", h);
+            let y = b.output("conv", oh * ow * h);
+            b.node(Op::Conv2d { shape }, &[x, kernel, bias], &[y], false);
+            let pixels = 1100;
+            let x = g.add(b, "pixels", pixels * h, 2.0);
+            let scale = b.weight("model.layers.1.input_layernorm.weight", h);
+            let shift = b.weight("model.layers.0.post_attention_layernorm.weight", h);
+            for silu in [false, true] {
+                let y = b.output(
+                    if silu { "groupnorm_silu" } else { "groupnorm" },
+                    pixels * h,
+                );
+                let op = Op::GroupNorm {
+                    channels: h,
+                    groups: 2,
+                    eps: 1e-6,
+                    silu,
+                };
+                b.node(op, &[x, scale, shift], &[y], false);
+            }
+        },
+    );
     cases.case("attention over a padded sequence (forward)", |b, g| {
         let shape = AttentionShape {
             tokens: t,

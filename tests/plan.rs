@@ -122,7 +122,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
 #[test]
 fn klein_planned_step_memory_matches_the_measured_heap_peak() {
     use nibble::exec::cpu::{Bindings, run};
-    use nibble::model::{FrozenWeights, TensorRef};
+    use nibble::model::FrozenWeights;
     use nibble::models::decoder::LoraSpec;
     use nibble::models::flux2::{self, Flux2Inputs, Flux2Step};
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
@@ -133,15 +133,7 @@ fn klein_planned_step_memory_matches_the_measured_heap_peak() {
     )
     .unwrap();
     let c = &model.config;
-    let weights: u64 = model
-        .named_tensors()
-        .iter()
-        .map(|(_, t)| match t {
-            TensorRef::Linear(w) => w.bytes(),
-            TensorRef::Vector(v) => 4 * v.len() as u64,
-            TensorRef::Table(t) => t.as_bytes().len() as u64,
-        })
-        .sum();
+    let weights = model.tensor_bytes();
     let mut rng = Rng::new(3);
     let (rows, cols, text_tokens) = (6, 10, 40);
     let mut normal = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();

@@ -92,7 +92,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
     use nibble::ops::rmsnorm::RmsNormParams;
     use nibble::ops::rope::RopeParams;
     use nibble::ops::{Dims4, EmbedParams};
-    let cases: Vec<(&str, &str, (usize, Fields))> = vec![
+    let mut cases: Vec<(&str, &str, (usize, Fields))> = vec![
         (
             "adamw",
             "AdamWParams",
@@ -188,6 +188,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 row_offset: row_offset as u32,
                 out_stride: out_stride as u32,
                 weight_row: weight_row as u32,
+                y_row: y_row as u32,
             }),
         ),
         (
@@ -242,6 +243,27 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
             }),
         ),
     ];
+    cases.push((
+        "conv",
+        "ImageParams",
+        layout!(nibble::ops::conv::ImageParams {
+            height: height as u32,
+            width: width as u32,
+            channels: channels as u32,
+            kernel: kernel as u32,
+            stride: stride as u32,
+            pad_top: pad_top as u32,
+            pad_left: pad_left as u32,
+            out_width: out_width as u32,
+            first: first as u32,
+            pixels: pixels as u32,
+            groups: groups as u32,
+            chunks: chunks as u32,
+            chunk: chunk as u32,
+            eps: eps as f32,
+            silu: silu as u32,
+        }),
+    ));
     let shaders: std::collections::BTreeSet<&str> =
         nibble::gpu::SHADERS.iter().map(|(name, _)| *name).collect();
     let covered: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.0).collect();

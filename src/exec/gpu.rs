@@ -18,7 +18,7 @@ use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::DropoutParams;
 use crate::ops::matmul::{self, GpuView};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{self, attention, cross_entropy, linear, modulate, rope, swiglu};
+use crate::ops::{self, attention, conv, cross_entropy, linear, modulate, rope, swiglu};
 use std::collections::HashMap;
 
 /// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
@@ -391,12 +391,23 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
         }
         Op::SwiGlu => swiglu::record_forward(r, x(0), x(1), o(0)),
         Op::SwiGluBackward => swiglu::record_backward(r, [x(0), x(1), x(2)], o(0), o(1)),
-        Op::Conv2d { .. } | Op::GroupNorm { .. } => {
-            return Err(Error::Invalid(format!(
-                "{} (the VAE encoder) runs on the CPU executor only, so far",
-                node.op.name()
-            )));
+        Op::Conv2d { shape } => {
+            let bias = ins.get(2).map(|b| b.buf());
+            conv::record_conv2d(r, shape, x(0), (ins[1].linear(), bias), o(0));
         }
+        Op::GroupNorm {
+            channels,
+            groups,
+            eps,
+            silu,
+        } => conv::record_group_norm(
+            r,
+            x(0),
+            (*channels, *groups, *eps),
+            (x(1), x(2)),
+            *silu,
+            o(0),
+        ),
         Op::Attention { shape } => {
             let masks = (ins.get(3).map(|s| s.buf()), ins.get(4).map(|s| s.buf()));
             attention::record_forward(r, shape, [x(0), x(1), x(2)], masks, o(0), o(1));

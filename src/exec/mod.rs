@@ -68,3 +68,62 @@ impl PrecisionChoice {
         }
     }
 }
+
+/// Where a forward-only graph of a frozen model runs (the caching phase's encoders): the CPU executor
+/// at a precision, or a GPU already holding the model's weights.
+#[derive(Clone, Copy)]
+pub enum Forward<'a> {
+    Cpu(crate::ops::Precision),
+    Gpu(&'a Gpu, &'a crate::gpu::weights::GpuWeights),
+}
+
+impl Forward<'_> {
+    /// Runs `graph` over `model` (bound on the CPU; on the GPU its uploaded weights) with `inputs`, and
+    /// returns the outputs `names`, in order.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn run(
+        self,
+        graph: &crate::graph::Graph,
+        model: &dyn crate::model::FrozenWeights,
+        inputs: &crate::graph::StepInputs,
+        names: &[&str],
+    ) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Forward::Cpu(precision) => {
+                let bind = cpu::Bindings {
+                    model,
+                    adapter: None,
+                    grads: None,
+                    cache: None,
+                    optimizer: None,
+                    inputs,
+                    precision,
+                };
+                let mut out = cpu::run(graph, bind)?;
+                Ok(names.iter().map(|n| out.take(n)).collect())
+            }
+            Forward::Gpu(device, weights) => {
+                let bind = gpu::Bindings {
+                    gpu: device,
+                    model: weights,
+                    lora: None,
+                    grads: None,
+                    cache: None,
+                    moments: None,
+                    inputs,
+                };
+                let mut enc = device.encoder();
+                let mut recorded = gpu::record(graph, bind, &mut enc)?;
+                let outputs = names
+                    .iter()
+                    .map(|n| {
+                        recorded
+                            .take(n)
+                            .ok_or_else(|| Error::Invalid(format!("the graph leaves no {n}")))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                device.submit_and_read(enc, &outputs.iter().collect::<Vec<_>>())
+            }
+        }
+    }
+}

@@ -34,6 +34,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("rows", include_str!("../../shaders/rows.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("modulate", include_str!("../../shaders/modulate.wgsl")),
+    ("conv", include_str!("../../shaders/conv.wgsl")),
 ];
 
 /// Which shader file defines each entry point.
@@ -72,6 +73,10 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("place_columns", "modulate"),
     ("mse_loss", "modulate"),
     ("mse_grad", "modulate"),
+    ("conv_gather", "conv"),
+    ("group_norm_partial", "conv"),
+    ("group_norm_finish", "conv"),
+    ("group_norm_apply", "conv"),
 ];
 
 /// The full WGSL source of a shader file (the common prelude included), as the GPU compiles it.
@@ -82,7 +87,6 @@ pub fn shader_source(name: &str) -> Option<String> {
         .map(|(_, src)| format!("{COMMON}\n{src}"))
 }
 
-/// Free scratch buffers by length in 32-bit words.
 /// Free scratch buffers by capacity in words.
 type Pool = Rc<RefCell<std::collections::BTreeMap<usize, Vec<wgpu::Buffer>>>>;
 

@@ -1299,13 +1299,6 @@ pub const TEXT_LAYERS: [usize; 3] = [9, 18, 27];
 /// The caption tokens the transformer reads: every caption is padded (or cut) to this many.
 pub const TEXT_TOKENS: usize = 512;
 
-/// Where a text encoder runs: the CPU executor at a precision, or a GPU holding its weights.
-#[derive(Clone, Copy)]
-pub enum TextExecutor<'a> {
-    Cpu(crate::ops::Precision),
-    Gpu(&'a crate::gpu::Gpu, &'a crate::gpu::weights::GpuModel),
-}
-
 /// A caption's features as the klein pipeline computes them: the caption as one user message through
 /// the text encoder's chat template (generation prompt, thinking disabled), padded on the right with
 /// the pad token (or cut) to `tokens`, run through the Qwen3 text encoder with padding masked, the
@@ -1314,7 +1307,7 @@ pub enum TextExecutor<'a> {
 #[cfg(not(target_arch = "wasm32"))]
 pub fn caption_features(
     encoder: &crate::model::Model,
-    executor: TextExecutor,
+    executor: crate::exec::Forward,
     tokenizer: &crate::tokenizer::ChatTokenizer,
     caption: &str,
     tokens: usize,
@@ -1352,45 +1345,8 @@ pub fn caption_features(
     };
     let graph = crate::models::decoder::hidden_states(c, &TEXT_LAYERS, tokens, true);
     let names = TEXT_LAYERS.map(|l| format!("hidden.{l}"));
-    let layers: Vec<Vec<f32>> = match executor {
-        TextExecutor::Cpu(precision) => {
-            let mut out = crate::exec::cpu::run(
-                &graph,
-                crate::exec::cpu::Bindings {
-                    model: encoder,
-                    adapter: None,
-                    grads: None,
-                    cache: None,
-                    optimizer: None,
-                    inputs: &inputs,
-                    precision,
-                },
-            )?;
-            names.iter().map(|n| out.take(n)).collect()
-        }
-        TextExecutor::Gpu(gpu, weights) => {
-            let bind = crate::exec::gpu::Bindings {
-                gpu,
-                model: weights,
-                lora: None,
-                grads: None,
-                cache: None,
-                moments: None,
-                inputs: &inputs,
-            };
-            let mut enc = gpu.encoder();
-            let mut recorded = crate::exec::gpu::record(&graph, bind, &mut enc)?;
-            let outputs = names
-                .iter()
-                .map(|n| {
-                    recorded.take(n).ok_or_else(|| {
-                        Error::Invalid(format!("the text encoder's graph leaves no {n}"))
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            gpu.submit_and_read(enc, &outputs.iter().collect::<Vec<_>>())?
-        }
-    };
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let layers = executor.run(&graph, encoder, &inputs, &names)?;
     let h = c.hidden_size;
     Ok((0..tokens)
         .flat_map(|t| {

@@ -2,6 +2,7 @@
 //! image into the transformer's latent tokens: the posterior mean, 2x2 patches of it (128 channels),
 //! normalised by the VAE's BatchNorm statistics. Activations are pixels by channels throughout.
 
+#[cfg(not(target_arch = "wasm32"))]
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Builder, Graph, Op};
 use crate::model::{FrozenWeights, NamedWeights, TensorRef};
@@ -307,7 +308,13 @@ pub fn encoder_graph(c: &VaeConfig, height: usize, width: usize) -> Graph {
 /// The transformer's latent tokens of an image (`pixels` [3, height, width] in [0, 1], sides
 /// multiples of 16): [(height/16) · (width/16), 4 · latent channels], row-major over the token grid,
 /// each token's channel c·4 + 2·row + column of its 2x2 patch, normalised by the BatchNorm statistics.
-pub fn encode(vae: &Vae, pixels: &[f32], (height, width): (usize, usize)) -> Result<Vec<f32>> {
+#[cfg(not(target_arch = "wasm32"))]
+pub fn encode(
+    vae: &Vae,
+    executor: crate::exec::Forward,
+    pixels: &[f32],
+    (height, width): (usize, usize),
+) -> Result<Vec<f32>> {
     let c = &vae.config;
     if height % 16 != 0 || width % 16 != 0 || height == 0 || width == 0 {
         return Err(Error::Invalid(format!(
@@ -325,19 +332,10 @@ pub fn encode(vae: &Vae, pixels: &[f32], (height, width): (usize, usize)) -> Res
         given: [("image".to_string(), image)].into_iter().collect(),
         ..Default::default()
     };
-    let mut out = crate::exec::cpu::run(
-        &graph,
-        crate::exec::cpu::Bindings {
-            model: vae,
-            adapter: None,
-            grads: None,
-            cache: None,
-            optimizer: None,
-            inputs: &inputs,
-            precision: crate::ops::Precision::F32,
-        },
-    )?;
-    let moments = out.take("moments");
+    let moments = executor
+        .run(&graph, vae, &inputs, &["moments"])?
+        .pop()
+        .expect("one output");
     let (lh, lw, latent) = (height / 8, width / 8, c.latent_channels);
     let stride = 2 * latent;
     let (th, tw) = (lh / 2, lw / 2);

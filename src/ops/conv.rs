@@ -1,8 +1,12 @@
 //! The image ops of the FLUX.2 VAE encoder, on activations laid out pixels by channels ([H·W, C],
 //! row-major over the image), so that a convolution is a linear over gathered patches and attention
 //! over pixels reads rows: 2-D convolution and GroupNorm (with an optional SiLU after it). Forward
-//! only: the VAE encodes images once, before training.
+//! only: the VAE encodes images once, before training. The GPU lowerings (shaders/conv.wgsl) follow
+//! the CPU kernels.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::weights::GpuLinear;
+use crate::gpu::{GpuBuffer, groups_1d};
 use crate::model::LinearWeight;
 use crate::ops::{Precision, linear};
 use rayon::prelude::*;
@@ -80,6 +84,116 @@ pub fn conv2d(
         let rows = &mut y[first * out..(first + n) * out];
         linear::forward_packed(&patches[..n * patch], None, weight, bias, rows, precision);
     }
+}
+
+/// The uniform of shaders/conv.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ImageParams {
+    pub height: u32,
+    pub width: u32,
+    pub channels: u32,
+    pub kernel: u32,
+    pub stride: u32,
+    pub pad_top: u32,
+    pub pad_left: u32,
+    pub out_width: u32,
+    /// Convolution: this tile's first output pixel.
+    pub first: u32,
+    /// Convolution: output pixels in this tile; GroupNorm: pixels of the image.
+    pub pixels: u32,
+    pub groups: u32,
+    /// GroupNorm: chunks per group, values per chunk.
+    pub chunks: u32,
+    pub chunk: u32,
+    pub eps: f32,
+    pub silu: u32,
+    pub _pad: u32,
+}
+
+/// The GPU lowering of `conv2d`: per tile of output pixels, the patches gathered into a scratch buffer
+/// and multiplied by the weight with the linear kernel, written into y's rows of that tile.
+pub(crate) fn record_conv2d(
+    r: &mut Recorder,
+    s: &ConvShape,
+    x: &GpuBuffer,
+    (weight, bias): (&GpuLinear, Option<&GpuBuffer>),
+    y: &GpuBuffer,
+) {
+    let (oh, ow) = s.output();
+    let patch = s.channels * s.kernel * s.kernel;
+    let tile = s.tile_pixels();
+    let patches = r.scratch(tile.min(oh * ow) * patch);
+    for first in (0..oh * ow).step_by(tile) {
+        let n = tile.min(oh * ow - first);
+        let p = ImageParams {
+            height: s.height as u32,
+            width: s.width as u32,
+            channels: s.channels as u32,
+            kernel: s.kernel as u32,
+            stride: s.stride as u32,
+            pad_top: s.pad[0] as u32,
+            pad_left: s.pad[2] as u32,
+            out_width: ow as u32,
+            first: first as u32,
+            pixels: n as u32,
+            ..ImageParams::default()
+        };
+        r.dispatch(
+            "conv_gather",
+            &p,
+            &[(1, x), (2, &patches)],
+            groups_1d(n * patch, 256),
+        );
+        linear::record_forward_rows(r, weight, bias, (&patches, n), (y, first));
+    }
+}
+
+/// Values per workgroup of shaders/conv.wgsl's GroupNorm partial sums: 128 threads, at most 256 values
+/// each (well inside a software device's loop budget).
+const GROUP_NORM_CHUNK: usize = 128 * 256;
+
+/// The GPU lowering of `group_norm`.
+pub(crate) fn record_group_norm(
+    r: &mut Recorder,
+    x: &GpuBuffer,
+    (channels, groups, eps): (usize, usize, f64),
+    (weight, bias): (&GpuBuffer, &GpuBuffer),
+    silu: bool,
+    y: &GpuBuffer,
+) {
+    let pixels = x.len / channels;
+    let per_group = pixels * (channels / groups);
+    let chunks = per_group.div_ceil(GROUP_NORM_CHUNK).max(1);
+    let stats = r.scratch(2 * groups * (chunks + 1));
+    let p = ImageParams {
+        channels: channels as u32,
+        pixels: pixels as u32,
+        groups: groups as u32,
+        chunks: chunks as u32,
+        chunk: GROUP_NORM_CHUNK as u32,
+        eps: eps as f32,
+        silu: silu.into(),
+        ..ImageParams::default()
+    };
+    r.dispatch(
+        "group_norm_partial",
+        &p,
+        &[(1, x), (5, &stats)],
+        [chunks as u32, groups as u32, 1],
+    );
+    r.dispatch(
+        "group_norm_finish",
+        &p,
+        &[(1, x), (5, &stats)],
+        [groups.div_ceil(64) as u32, 1, 1],
+    );
+    r.dispatch(
+        "group_norm_apply",
+        &p,
+        &[(1, x), (2, y), (3, weight), (4, bias), (5, &stats)],
+        groups_1d(x.len, 256),
+    );
 }
 
 /// GroupNorm over x [pixels, channels]: each of `groups` groups of consecutive channels normalised

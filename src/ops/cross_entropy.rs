@@ -280,7 +280,8 @@ fn chunk_linear_params(head: &GpuDense, p: &CeParams, accumulate: bool) -> Linea
         row_offset: 0,
         out_stride: p.chunk_len,
         weight_row: p.chunk_start,
-        _pad: [0; 2],
+        y_row: 0,
+        _pad: 0,
     }
 }
 

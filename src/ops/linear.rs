@@ -137,7 +137,9 @@ pub struct LinearParams {
     pub row_offset: u32,
     pub out_stride: u32,
     pub weight_row: u32,
-    pub _pad: [u32; 2],
+    /// Forward: row 0 of x is this row of y (a convolution's tile of output pixels).
+    pub y_row: u32,
+    pub _pad: u32,
 }
 
 /// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
@@ -172,7 +174,8 @@ fn block_params(
         row_offset: block.start as u32,
         out_stride: lin.rows as u32,
         weight_row: 0,
-        _pad: [0; 2],
+        y_row: 0,
+        _pad: 0,
     }
 }
 
@@ -184,10 +187,23 @@ pub(crate) fn record_forward(
     x: &GpuBuffer,
     y: &GpuBuffer,
 ) {
-    let t = x.len / lin.cols;
+    record_forward_rows(r, lin, bias, (x, x.len / lin.cols), (y, 0));
+}
+
+/// `record_forward` of the first `tokens` rows of x into y from row `y_row` on.
+pub(crate) fn record_forward_rows(
+    r: &mut Recorder,
+    lin: &GpuLinear,
+    bias: Option<&GpuBuffer>,
+    (x, t): (&GpuBuffer, usize),
+    (y, y_row): (&GpuBuffer, usize),
+) {
     let dummy = r.dummy;
     for block in &lin.blocks {
-        let p = block_params(lin, block, t, false, bias.is_some());
+        let p = LinearParams {
+            y_row: y_row as u32,
+            ..block_params(lin, block, t, false, bias.is_some())
+        };
         let mut bindings = weight_bindings(dummy, block).to_vec();
         bindings.extend([(4, bias.unwrap_or(dummy)), (5, x), (6, y)]);
         r.dispatch(

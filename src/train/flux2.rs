@@ -674,11 +674,34 @@ pub fn run(
         cache.as_ref(),
         (gpu, options.gpu_memory),
     )?;
-    // Latents, then the VAE is released.
+    // Latents (on the GPU when the run trains there), then the VAE is released.
     use crate::train::feature_cache::{file_digest, folder_digest};
-    let vae_digest = cache
-        .as_ref()
-        .and_then(|c| c.describe(|| folder_digest(&vae_dir)));
+    let vae_on_gpu = match gpu {
+        Some(gpu) => {
+            let (h, w) = crate::images::bucket(resolution, resolution, resolution);
+            let step = crate::models::vae::encoder_graph(&vae.config, h, w).memory();
+            let needs =
+                crate::model::FrozenWeights::tensor_bytes(&vae) + step.buffers + step.temporaries;
+            gpu.check_fits("the VAE encoder", needs, options.gpu_memory)?;
+            let weights = crate::gpu::weights::GpuWeights::upload(gpu, &vae)?;
+            gpu.check_errors()?;
+            Some((gpu, weights))
+        }
+        None => None,
+    };
+    let vae_executor = match &vae_on_gpu {
+        Some((gpu, weights)) => crate::exec::Forward::Gpu(gpu, weights),
+        None => crate::exec::Forward::Cpu(crate::ops::Precision::F32),
+    };
+    let vae_digest = cache.as_ref().and_then(|c| {
+        c.describe(|| {
+            let executor = match gpu {
+                Some(gpu) => format!("GPU executor on {}", gpu.info.name),
+                None => "CPU executor".into(),
+            };
+            Ok(format!("vae {}\n{executor}", folder_digest(&vae_dir)?))
+        })
+    });
     let mut encoded = 0;
     let cached: Vec<Cached> = examples
         .iter()
@@ -703,7 +726,7 @@ pub fn run(
                 }
                 _ => {
                     let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
-                    let latents = crate::models::vae::encode(&vae, &pixels, (h, w))?;
+                    let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
                     encoded += 1;
                     let (rows, cols) = (h / 16, w / 16);
                     if let Some((c, description)) = &keyed {
@@ -724,6 +747,10 @@ pub fn run(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    if let Some((gpu, weights)) = vae_on_gpu {
+        drop(weights);
+        gpu.release_scratch();
+    }
     drop(vae);
     log::info!(
         "latents: {encoded} images encoded, {} from the cache",
@@ -808,7 +835,17 @@ fn caption_features<'c>(
             ))
         })
     });
-    let all: Vec<&str> = std::iter::once("").chain(captions).collect();
+    // Each distinct caption once (datasets often give many images one caption); the empty one first.
+    let mut all: Vec<&str> = vec![""];
+    let mut slot_of = std::collections::HashMap::from([("", 0usize)]);
+    let index: Vec<usize> = captions
+        .map(|caption| {
+            *slot_of.entry(caption).or_insert_with(|| {
+                all.push(caption);
+                all.len() - 1
+            })
+        })
+        .collect();
     let mut features: Vec<Option<Vec<f32>>> = Vec::with_capacity(all.len());
     let mut descriptions = Vec::with_capacity(all.len());
     for caption in &all {
@@ -849,8 +886,8 @@ fn caption_features<'c>(
             None => None,
         };
         let executor = match &on_gpu {
-            Some((gpu, weights)) => flux2::TextExecutor::Gpu(gpu, weights),
-            None => flux2::TextExecutor::Cpu(precision),
+            Some((gpu, weights)) => crate::exec::Forward::Gpu(gpu, weights),
+            None => crate::exec::Forward::Cpu(precision),
         };
         for ((caption, slot), description) in all.iter().zip(&mut features).zip(&descriptions) {
             if slot.is_none() {
@@ -871,9 +908,10 @@ fn caption_features<'c>(
             gpu.release_scratch();
         }
     }
-    let mut features = features
+    let features: Vec<Vec<f32>> = features
         .into_iter()
-        .map(|f| f.expect("each caption encoded"));
-    let empty = features.next().expect("the empty caption");
-    Ok((empty, features.collect()))
+        .map(|f| f.expect("each caption encoded"))
+        .collect();
+    let each = index.iter().map(|&i| features[i].clone()).collect();
+    Ok((features[0].clone(), each))
 }
