@@ -281,6 +281,20 @@ fn cases(model: &Model) -> Vec<Case> {
             let bias = b.weight("model.layers.0.input_layernorm.weight", h);
             let y = b.output("conv", oh * ow * h);
             b.node(Op::Conv2d { shape }, &[x, kernel, bias], &[y], false);
+            // More output pixels than one tile of patches holds (2^20 values): the GPU multiplies
+            // the image tile by tile into rows further down y.
+            let large = nibble::ops::conv::ConvShape {
+                height: 100,
+                width: 90,
+                channels: i,
+                kernel: 1,
+                stride: 1,
+                pad: [0; 4],
+            };
+            assert!(large.tile_pixels() < 100 * 90);
+            let x = g.add(b, "large_image", 100 * 90 * i, 1.0);
+            let y = b.output("conv_tiles", 100 * 90 * h);
+            b.node(Op::Conv2d { shape: large }, &[x, kernel, bias], &[y], false);
             let pixels = 1100;
             let x = g.add(b, "pixels", pixels * h, 2.0);
             let scale = b.weight("model.layers.1.input_layernorm.weight", h);

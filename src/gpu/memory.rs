@@ -53,14 +53,18 @@ impl Gpu {
 
     /// Refuses a run whose planned device memory exceeds what the device has free for it (capped by
     /// the user's `cap`), naming both figures; silent where the device cannot say.
-    pub fn check_fits(&self, what: &str, bytes: u64, cap: Option<u64>) -> crate::Result<()> {
-        const ADVICE: &str = "; a smaller --max-length, --gradient-checkpointing or a 4-bit --quant \
-                              needs less (`nibble plan` shows how much)";
+    pub fn check_fits(
+        &self,
+        what: &str,
+        bytes: u64,
+        cap: Option<u64>,
+        advice: &str,
+    ) -> crate::Result<()> {
         // A software adapter (lavapipe, SwiftShader) allocates system memory, whatever heap size it
         // reports (lavapipe says 2 GiB).
         let software = self.info.device_type == wgpu::DeviceType::Cpu;
         if software && cap.is_none() {
-            return crate::alloc::check_fits(what, bytes, ADVICE);
+            return crate::alloc::check_fits(what, bytes, advice);
         }
         let driver = if software { None } else { self.memory() };
         let known = match (driver, cap) {
@@ -79,7 +83,7 @@ impl Gpu {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(crate::Error::Invalid(format!(
                 "{what} needs {:.2} GiB on {}, which has {:.2} GiB free for it ({:.2} GiB by {}, \
-                 {:.2} GiB in use){ADVICE}",
+                 {:.2} GiB in use){advice}",
                 gib(bytes),
                 self.info.name,
                 gib(memory.free()),

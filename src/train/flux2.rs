@@ -644,10 +644,18 @@ pub fn run(
     let planned = flux2::plan(&flux, quant, config.lora.r, step).total;
     let what = format!("training on {} images at {resolution} px", examples.len());
     match gpu {
-        // The cache stays in host memory; the step is on the device.
+        // The cache stays in host memory; the step is on the device, as is the VAE before it.
         Some(gpu) => {
             crate::alloc::check_fits(&what, cache, "; fewer images or a lower --resolution")?;
-            gpu.check_fits(&what, planned, options.gpu_memory)?;
+            let advice = "; a lower --resolution or a 4-bit --quant needs less (`nibble plan` \
+                          shows how much)";
+            gpu.check_fits(&what, planned, options.gpu_memory, advice)?;
+            let (h, w) = crate::images::bucket(resolution, resolution, resolution);
+            let step = crate::models::vae::encoder_graph(&vae.config, h, w).memory();
+            let needs =
+                crate::model::FrozenWeights::tensor_bytes(&vae) + step.buffers + step.temporaries;
+            let advice = "; a lower --resolution needs less, or --device cpu";
+            gpu.check_fits("the VAE encoder", needs, options.gpu_memory, advice)?;
         }
         None => crate::alloc::check_fits(
             &what,
@@ -674,62 +682,68 @@ pub fn run(
         cache.as_ref(),
         (gpu, options.gpu_memory),
     )?;
-    // Latents (on the GPU when the run trains there), then the VAE is released.
+    // Latents (on the GPU when the run trains there, uploaded only when some image misses the
+    // cache), then the VAE is released.
     use crate::train::feature_cache::{file_digest, folder_digest};
-    let vae_on_gpu = match gpu {
-        Some(gpu) => {
-            let (h, w) = crate::images::bucket(resolution, resolution, resolution);
-            let step = crate::models::vae::encoder_graph(&vae.config, h, w).memory();
-            let needs =
-                crate::model::FrozenWeights::tensor_bytes(&vae) + step.buffers + step.temporaries;
-            gpu.check_fits("the VAE encoder", needs, options.gpu_memory)?;
-            let weights = crate::gpu::weights::GpuWeights::upload(gpu, &vae)?;
-            gpu.check_errors()?;
-            Some((gpu, weights))
-        }
-        None => None,
-    };
-    let vae_executor = match &vae_on_gpu {
-        Some((gpu, weights)) => crate::exec::Forward::Gpu(gpu, weights),
-        None => crate::exec::Forward::Cpu(crate::ops::Precision::F32),
-    };
     let vae_digest = cache.as_ref().and_then(|c| {
         c.describe(|| {
             let executor = match gpu {
                 Some(gpu) => format!("GPU executor on {}", gpu.info.name),
                 None => "CPU executor".into(),
             };
-            Ok(format!("vae {}\n{executor}", folder_digest(&vae_dir)?))
+            Ok(format!("{}\n{executor}", folder_digest(&vae_dir)?))
         })
     });
-    let mut encoded = 0;
+    let keyed: Vec<Option<String>> = examples
+        .iter()
+        .map(|e| {
+            let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
+            c.describe(|| {
+                Ok(format!(
+                    "vae {vae}\nimage {}\nresolution {resolution}",
+                    file_digest(&e.image)?
+                ))
+            })
+        })
+        .collect();
+    let hits: Vec<Option<(Vec<f32>, usize, usize)>> = keyed
+        .iter()
+        .map(|description| {
+            let entry = cache.as_ref().zip(description.as_ref())?;
+            let entry = entry.0.get("latents", entry.1)?;
+            match entry.shape[..] {
+                [rows, cols, channels] if channels == flux.in_channels => {
+                    Some((entry.values, rows, cols))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let encoded = hits.iter().filter(|h| h.is_none()).count();
+    let vae_on_gpu = match gpu {
+        Some(gpu) if encoded > 0 => {
+            let weights = crate::gpu::weights::GpuWeights::upload(gpu, &vae)?;
+            gpu.check_errors()?;
+            Some((gpu, weights))
+        }
+        _ => None,
+    };
+    let vae_executor = match &vae_on_gpu {
+        Some((gpu, weights)) => crate::exec::Forward::Gpu(gpu, weights),
+        None => crate::exec::Forward::Cpu(crate::ops::Precision::F32),
+    };
     let cached: Vec<Cached> = examples
         .iter()
         .zip(features)
-        .map(|(e, text)| {
-            let keyed = cache
-                .as_ref()
-                .zip(vae_digest.as_ref())
-                .and_then(|(c, vae)| {
-                    let description = c.describe(|| {
-                        Ok(format!(
-                            "vae {vae}\nimage {}\nresolution {resolution}",
-                            file_digest(&e.image)?
-                        ))
-                    })?;
-                    Some((c, description))
-                });
-            let hit = keyed.as_ref().and_then(|(c, d)| c.get("latents", d));
+        .zip(hits.into_iter().zip(&keyed))
+        .map(|((e, text), (hit, description))| {
             let (latents, rows, cols) = match hit {
-                Some(entry) if entry.shape.len() == 3 && entry.shape[2] == flux.in_channels => {
-                    (entry.values, entry.shape[0], entry.shape[1])
-                }
-                _ => {
+                Some(hit) => hit,
+                None => {
                     let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
                     let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
-                    encoded += 1;
                     let (rows, cols) = (h / 16, w / 16);
-                    if let Some((c, description)) = &keyed {
+                    if let Some((c, description)) = cache.as_ref().zip(description.as_ref()) {
                         let entry = crate::train::feature_cache::Entry {
                             values: latents.clone(),
                             shape: vec![rows, cols, flux.in_channels],
@@ -878,7 +892,8 @@ fn caption_features<'c>(
                 let needs = crate::model::planned_weight_bytes(&source.config, encoder.quant)
                     + step.buffers
                     + step.temporaries;
-                gpu.check_fits("the text encoder", needs, gpu_memory)?;
+                let advice = "; --device cpu runs it (and training) on the CPU";
+                gpu.check_fits("the text encoder", needs, gpu_memory, advice)?;
                 let weights = crate::gpu::weights::GpuModel::upload(gpu, &encoder)?;
                 gpu.check_errors()?;
                 Some((gpu, weights))

@@ -684,7 +684,11 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     )?;
     let step = format!("a training step of {longest} tokens");
     match gpu {
-        Some(gpu) => gpu.check_fits(&step, needs.total, options.gpu_memory)?,
+        Some(gpu) => {
+            let advice = "; a smaller --max-length, --gradient-checkpointing or a 4-bit --quant \
+                          needs less (`nibble plan` shows how much)";
+            gpu.check_fits(&step, needs.total, options.gpu_memory, advice)?
+        }
         None => crate::alloc::check_fits(
             &step,
             needs.total,
