@@ -588,7 +588,7 @@ pub fn run(
             "--resolution must be from 16 to 4096 pixels (got {resolution})"
         )));
     }
-    let mut folder = crate::train::folder::RunFolder::claim(
+    let folder = crate::train::folder::RunFolder::claim(
         output,
         options.overwrite,
         options.resume.as_deref(),
@@ -783,19 +783,9 @@ pub fn run(
         "text_tokens": text_tokens,
     });
     let label = path.display().to_string();
-    let mut run =
+    let run =
         crate::train::run::Run::prepare_images(work, &label, config, options, image_options, init)?;
-    let executor = match gpu {
-        Some(gpu) => {
-            run.use_gpu(gpu)?;
-            format!("GPU executor on {}", gpu.info.name)
-        }
-        None => format!("CPU executor, {:?}", run.trainer.config.precision),
-    };
-    folder.clear_earlier_run()?;
-    run.write_to(output)?;
-    folder.take();
-    run.drive(&executor, observer)
+    run.launch(gpu, folder, output, observer)
 }
 
 /// The features of the empty caption and of each of `captions`: from `cache` where it holds them,

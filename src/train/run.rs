@@ -622,7 +622,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         config,
         options,
     } = spec;
-    let mut folder =
+    let folder =
         train::folder::RunFolder::claim(output, options.overwrite, options.resume.as_deref())?;
     let inputs = [
         Some(path),
@@ -696,22 +696,34 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         )?,
     }
     // Every step that can fail comes before the earlier run's files are cleared.
-    let mut run = Run::prepare((&model).into(), source.label(), config, data, options)?;
-    let executor = match gpu {
-        Some(gpu) => {
-            run.use_gpu(gpu)?;
-            format!("GPU executor on {}", gpu.info.name)
-        }
-        None => format!("CPU executor, {:?}", run.trainer.config.precision),
-    };
-    folder.clear_earlier_run()?;
-    run.write_to(output)?;
-    folder.take();
-    run.drive(&executor, observer)
+    let run = Run::prepare((&model).into(), source.label(), config, data, options)?;
+    run.launch(gpu, folder, output, observer)
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-impl Run<'_> {
+impl<'m> Run<'m> {
+    /// Moves a prepared run to `gpu` when given, then (nothing else can fail before it) clears the
+    /// earlier run's files in the claimed `folder`, opens `output` and drives the run to its end.
+    pub fn launch(
+        mut self,
+        gpu: Option<&'m Gpu>,
+        mut folder: train::folder::RunFolder,
+        output: &Path,
+        observer: &mut dyn Observer,
+    ) -> Result<RunSummary> {
+        let executor = match gpu {
+            Some(gpu) => {
+                self.use_gpu(gpu)?;
+                format!("GPU executor on {}", gpu.info.name)
+            }
+            None => format!("CPU executor, {:?}", self.trainer.config.precision),
+        };
+        folder.clear_earlier_run()?;
+        self.write_to(output)?;
+        folder.take();
+        self.drive(&executor, observer)
+    }
+
     /// Steps the run to its end (or until the observer asks it to stop), then saves it.
     pub fn drive(&mut self, executor: &str, observer: &mut dyn Observer) -> Result<RunSummary> {
         log::info!(
