@@ -51,7 +51,7 @@ fn main() {
             latents: normal(side * side * c.in_channels),
             rows: side,
             cols: side,
-            text: normal(text_tokens * c.text_dim),
+            text: normal(text_tokens * c.text_dim).into(),
         };
         let work = ImageWork {
             model: (&model).into(),

@@ -444,7 +444,7 @@ fn three_steps(gpu: Option<&nibble::gpu::Gpu>) -> [f64; 3] {
         latents: f.read("x0"),
         rows: 3,
         cols: 5,
-        text: f.text.clone(),
+        text: f.text.clone().into(),
     };
     let work = ImageWork {
         model: (&model).into(),
@@ -652,6 +652,72 @@ fn vae_latents_match_the_pipeline() {
         eprintln!("GPU: latents {e:e}");
         assert!(e < 1e-5, "GPU latents off by {e:e}");
     }
+}
+
+/// The same tiny VAE as one file in BFL's naming (`flux2-vae.safetensors` as ComfyUI users have it;
+/// scripts/make_flux2_vae_bfl_fixture.py, checked there against diffusers' LDM converter): the
+/// encoder's shape is read off the tensors, and its latents are the folder's. A file does not store
+/// GroupNorm's group count: nibble takes the real VAE's 32, and the tiny fixture's is 8.
+#[test]
+fn a_bfl_vae_file_is_the_same_encoder() {
+    use nibble::model::FrozenWeights;
+    let folder = nibble::models::vae::load(&Path::new(FIXTURE).join("tiny_vae")).unwrap();
+    let mut vae =
+        nibble::models::vae::load(&Path::new(FIXTURE).join("tiny_vae_bfl.safetensors")).unwrap();
+    assert_eq!(vae.config.norm_num_groups, 32);
+    vae.config.norm_num_groups = folder.config.norm_num_groups;
+    assert_eq!(vae.config, folder.config);
+    let names = |v: &nibble::models::vae::Vae| {
+        let mut n: Vec<String> = v.named_tensors().into_iter().map(|(n, _)| n).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&vae), names(&folder));
+    assert_eq!(
+        (&vae.running_mean, &vae.running_var),
+        (&folder.running_mean, &folder.running_var)
+    );
+    let expected =
+        SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_vae_expected.safetensors")).unwrap();
+    let pixels = expected.read_f32("pixels").unwrap();
+    let encode = |v| {
+        nibble::models::vae::encode(v, Forward::Cpu(Precision::F32), &pixels, (48, 32)).unwrap()
+    };
+    assert_eq!(encode(&vae), encode(&folder));
+    // A FLUX.1 autoencoder file (no BatchNorm statistics) and a transformer file are refused by name.
+    let dir = tempfile::tempdir().unwrap();
+    let source =
+        SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_vae_bfl.safetensors")).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = source
+        .tensor_names()
+        .filter(|n| !n.starts_with("bn."))
+        .map(|n| {
+            let bytes = source
+                .read_f32(n)
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            (n.clone(), source.info(n).unwrap().shape.clone(), bytes)
+        })
+        .collect();
+    let views = tensors.iter().map(|(n, shape, bytes)| {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
+        (n.as_str(), view.unwrap())
+    });
+    let flux1 = dir.path().join("ae.safetensors");
+    std::fs::write(&flux1, safetensors::serialize(views, None).unwrap()).unwrap();
+    let err = nibble::models::vae::load(&flux1).err().unwrap().to_string();
+    assert!(
+        err.contains("ae.safetensors") && err.contains("bn.running_mean"),
+        "{err}"
+    );
+    let err = nibble::models::vae::load(&Path::new(FIXTURE).join("tiny_bfl.safetensors"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not a VAE file"), "{err}");
 }
 
 /// The whole klein loop through the binary, on a random tiny pipeline (`nibble synth --preset

@@ -85,10 +85,36 @@ impl FrozenWeights for Vae {
     }
 }
 
+/// Loads the encoder half of a FLUX.2 VAE: a diffusers folder (config.json and
+/// diffusion_pytorch_model.safetensors), or one safetensors file in Black Forest Labs' naming
+/// (`flux2-vae.safetensors`, as ComfyUI users download it; any prefix before `encoder.`).
 #[cfg(not(target_arch = "wasm32"))]
-/// Loads the encoder half of a VAE folder (config.json and diffusion_pytorch_model.safetensors).
-pub fn load(dir: &std::path::Path) -> Result<Vae> {
-    use crate::model::{DenseData, DenseTensor, LinearWeight};
+pub fn load(path: &std::path::Path) -> Result<Vae> {
+    if path.is_dir() {
+        return load_folder(path);
+    }
+    let file = crate::source::SafetensorsFile::open(path)?;
+    let prefix = file
+        .tensor_names()
+        .find_map(|n| n.strip_suffix("encoder.conv_in.weight"))
+        .map(str::to_string)
+        .ok_or_else(|| Error::Config {
+            path: path.to_path_buf(),
+            msg: "not a VAE file: no encoder.conv_in.weight (give a FLUX.2 VAE file in BFL's naming, \
+                  or a diffusers VAE folder)"
+                .into(),
+        })?;
+    let config = bfl_config(&file, &prefix).map_err(|msg| Error::Config {
+        path: path.to_path_buf(),
+        msg,
+    })?;
+    read_encoder(&file, config, &format!("{prefix}bn."), |name| {
+        name.strip_prefix(prefix.as_str()).and_then(diffusers_name)
+    })
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn load_folder(dir: &std::path::Path) -> Result<Vae> {
     let config_path = dir.join("config.json");
     let text =
         crate::fsutil::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -102,16 +128,120 @@ pub fn load(dir: &std::path::Path) -> Result<Vae> {
     })?;
     let file =
         crate::source::SafetensorsFile::open(&dir.join("diffusion_pytorch_model.safetensors"))?;
+    read_encoder(&file, config, "bn.", |name| {
+        (name.starts_with("encoder.") || name.starts_with("quant_conv.")).then(|| name.to_string())
+    })
+}
+
+/// The encoder's shape read off a BFL-named file's tensors. GroupNorm's group count and the
+/// BatchNorm eps are not stored there: they are the FLUX.2 VAE's (32 and 1e-4).
+#[cfg(not(target_arch = "wasm32"))]
+fn bfl_config(
+    file: &crate::source::SafetensorsFile,
+    prefix: &str,
+) -> std::result::Result<VaeConfig, String> {
+    let shape = |name: &str| {
+        file.info(&format!("{prefix}{name}"))
+            .map(|i| i.shape.clone())
+    };
+    let conv_in = shape("encoder.conv_in.weight").unwrap_or_default();
+    let in_channels = *conv_in
+        .get(1)
+        .ok_or("encoder.conv_in.weight is not a conv kernel")?;
+    let block_out_channels: Vec<usize> = (0..)
+        .map_while(|i| shape(&format!("encoder.down.{i}.block.0.conv1.weight")))
+        .map(|s| s[0])
+        .collect();
+    let layers_per_block = (0..)
+        .take_while(|j| shape(&format!("encoder.down.0.block.{j}.conv1.weight")).is_some())
+        .count();
+    let conv_out = shape("encoder.conv_out.weight").ok_or("no encoder.conv_out.weight")?;
+    if shape("bn.running_mean").is_none() {
+        return Err(
+            "no bn.running_mean: not a FLUX.2 VAE (FLUX.1's ae.safetensors has no \
+                    BatchNorm statistics)"
+                .into(),
+        );
+    }
+    let config = VaeConfig {
+        block_out_channels,
+        layers_per_block,
+        norm_num_groups: 32,
+        latent_channels: conv_out[0] / 2,
+        in_channels,
+        mid_block_add_attention: shape("encoder.mid.attn_1.q.weight").is_some(),
+        use_quant_conv: shape("encoder.quant_conv.weight").is_some(),
+        batch_norm_eps: 1e-4,
+    };
+    config.check()?;
+    Ok(config)
+}
+
+/// The diffusers name of an encoder tensor in BFL's (original LDM) naming; None for the decoder's
+/// and the BatchNorm's.
+#[cfg(not(target_arch = "wasm32"))]
+fn diffusers_name(bfl: &str) -> Option<String> {
+    let rest = bfl.strip_prefix("encoder.")?;
+    let resnet = |s: &str| s.replace("nin_shortcut", "conv_shortcut");
+    let name = if let Some(r) = rest.strip_prefix("norm_out.") {
+        format!("encoder.conv_norm_out.{r}")
+    } else if let Some(r) = rest.strip_prefix("quant_conv.") {
+        format!("quant_conv.{r}")
+    } else if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+        bfl.to_string()
+    } else if let Some(r) = rest.strip_prefix("down.") {
+        let (level, r) = r.split_once('.')?;
+        if let Some(r) = r.strip_prefix("block.") {
+            format!("encoder.down_blocks.{level}.resnets.{}", resnet(r))
+        } else {
+            let r = r.strip_prefix("downsample.")?;
+            format!("encoder.down_blocks.{level}.downsamplers.0.{r}")
+        }
+    } else if let Some(r) = rest.strip_prefix("mid.attn_1.") {
+        let (part, param) = r.split_once('.')?;
+        let part = match part {
+            "norm" => "group_norm",
+            "q" => "to_q",
+            "k" => "to_k",
+            "v" => "to_v",
+            "proj_out" => "to_out.0",
+            _ => return None,
+        };
+        format!("encoder.mid_block.attentions.0.{part}.{param}")
+    } else if let Some(r) = rest.strip_prefix("mid.block_") {
+        let (index, r) = r.split_once('.')?;
+        let index: usize = index.parse().ok()?;
+        format!(
+            "encoder.mid_block.resnets.{}.{}",
+            index.checked_sub(1)?,
+            resnet(r)
+        )
+    } else {
+        return None;
+    };
+    Some(name)
+}
+
+/// The encoder tensors of `file` under their diffusers names (`rename` gives None for the rest),
+/// with the BatchNorm statistics `{bn}running_mean` and `{bn}running_var`.
+#[cfg(not(target_arch = "wasm32"))]
+fn read_encoder(
+    file: &crate::source::SafetensorsFile,
+    config: VaeConfig,
+    bn: &str,
+    rename: impl Fn(&str) -> Option<String>,
+) -> Result<Vae> {
+    use crate::model::{DenseData, DenseTensor, LinearWeight};
     let mut weights = NamedWeights::default();
     for name in file.tensor_names() {
-        let keep = name.starts_with("encoder.") || name.starts_with("quant_conv.");
-        if !keep {
+        let Some(ours) = rename(name) else {
             continue;
-        }
+        };
         let shape = &file.info(name).expect("listed").shape;
         let values = file.read_f32(name)?;
         if shape.len() >= 2 {
-            // Conv kernels [out, in, k, k] and linears [out, in], flattened per output channel.
+            // Conv kernels [out, in, k, k] and linears [out, in] (BFL's 1x1 convs in the attention
+            // too), flattened per output channel.
             let rows = shape[0];
             let cols = values.len() / rows.max(1);
             let dense = DenseTensor {
@@ -119,22 +249,21 @@ pub fn load(dir: &std::path::Path) -> Result<Vae> {
                 cols,
                 data: DenseData::F32(values),
             };
-            weights
-                .linears
-                .insert(name.clone(), LinearWeight::Dense(dense));
+            weights.linears.insert(ours, LinearWeight::Dense(dense));
         } else {
-            weights.vectors.insert(name.clone(), values);
+            weights.vectors.insert(ours, values);
         }
     }
+    let mean = format!("{bn}running_mean");
     let (running_mean, running_var) = (
-        file.read_f32("bn.running_mean")?,
-        file.read_f32("bn.running_var")?,
+        file.read_f32(&mean)?,
+        file.read_f32(&format!("{bn}running_var"))?,
     );
     let channels = 4 * config.latent_channels;
     if running_mean.len() != channels || running_var.len() != channels {
         return Err(Error::tensor(
             file.path(),
-            "bn.running_mean",
+            &mean,
             format!("expected {channels} statistics (the latent channels in 2x2 patches)"),
         ));
     }

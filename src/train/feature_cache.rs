@@ -124,16 +124,20 @@ impl FeatureCache {
     }
 }
 
-/// A digest of a model folder's files that changes when any of them does, without reading them
-/// whole: each regular file's name, size and modification time, with 64 KiB samples from its start,
-/// middle and end (safetensors headers and tensors from every part of each shard).
-pub fn folder_digest(dir: &Path) -> Result<String> {
+/// A digest of a model (a folder's files, or one file) that changes when any of them does, without
+/// reading them whole: each regular file's name, size and modification time, with 64 KiB samples from
+/// its start, middle and end (safetensors headers and tensors from every part of each shard).
+pub fn model_digest(path: &Path) -> Result<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
+    let mut names: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    };
     names.sort();
     let mut digest = Fnv1a::new();
     let mut sample = vec![0u8; 64 << 10];

@@ -30,8 +30,8 @@ pub struct Cached {
     pub latents: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
-    /// [text tokens, text_dim].
-    pub text: Vec<f32>,
+    /// [text tokens, text_dim], shared by the examples with one caption (25 MB each for 9B).
+    pub text: std::sync::Arc<Vec<f32>>,
 }
 
 /// The σ and noise of one example in one step.
@@ -580,7 +580,7 @@ pub fn run(
         options,
         cache_dir,
         text_encoder,
-        vae: vae_dir,
+        vae: vae_path,
     } = spec;
     check_caption_dropout(caption_dropout)?;
     if !(16..=4096).contains(&resolution) {
@@ -594,10 +594,11 @@ pub fn run(
         options.resume.as_deref(),
     )?;
     // A pipeline folder holds the text encoder, tokenizer and VAE; a transformer file needs them named.
-    if !path.is_dir() && (text_encoder.is_none() || vae_dir.is_none()) {
+    if !path.is_dir() && (text_encoder.is_none() || vae_path.is_none()) {
         return Err(Error::Invalid(format!(
-            "{} is a transformer file: give --text-encoder DIR (Qwen3 with its tokenizer) and --vae DIR \
-             (diffusers' AutoencoderKLFlux2); a pipeline folder has its own",
+            "{} is a transformer file: give --text-encoder DIR (Qwen3 with its tokenizer) and --vae FILE \
+             (flux2-vae.safetensors, or a diffusers AutoencoderKLFlux2 folder); a pipeline folder has \
+             its own",
             path.display()
         )));
     }
@@ -608,13 +609,13 @@ pub fn run(
         Some(dir) => dir.clone(),
         None => path.join("tokenizer"),
     };
-    let vae_dir = vae_dir.unwrap_or_else(|| path.join("vae"));
+    let vae_path = vae_path.unwrap_or_else(|| path.join("vae"));
     let inputs = [
         Some(path),
         Some(data),
         options.init_adapter.as_deref(),
         Some(&text_dir),
-        Some(&vae_dir),
+        Some(&vae_path),
     ];
     folder.check_inputs(&inputs.into_iter().flatten().collect::<Vec<_>>())?;
     let flux = flux2::config_at(path)?.ok_or_else(|| {
@@ -626,20 +627,25 @@ pub fn run(
         Some(file) => Some(read_lora(file, &flux)?),
         None => None,
     };
-    let vae = crate::models::vae::load(&vae_dir)?;
+    let vae = crate::models::vae::load(&vae_path)?;
     if 4 * vae.config.latent_channels != flux.in_channels {
         return Err(Error::Invalid(format!(
             "{}: the VAE's {} latent channels make tokens of {}, and the transformer reads {}",
-            vae_dir.display(),
+            vae_path.display(),
             vae.config.latent_channels,
             4 * vae.config.latent_channels,
             flux.in_channels
         )));
     }
     let tokens = |side: usize| (side / 16) * (side / 16);
-    let cache = examples.len() as u64
-        * 4
-        * ((text_tokens * flux.text_dim) + tokens(resolution) * flux.in_channels) as u64;
+    let captions: std::collections::HashSet<&str> = examples
+        .iter()
+        .map(|e| e.caption.as_str())
+        .chain([""])
+        .collect();
+    let cache = 4
+        * (captions.len() * text_tokens * flux.text_dim
+            + examples.len() * tokens(resolution) * flux.in_channels) as u64;
     let step = Flux2Step::training(resolution, text_tokens, config.checkpoint);
     let planned = flux2::plan(&flux, quant, config.lora.r, step).total;
     let what = format!("training on {} images at {resolution} px", examples.len());
@@ -684,14 +690,14 @@ pub fn run(
     )?;
     // Latents (on the GPU when the run trains there, uploaded only when some image misses the
     // cache), then the VAE is released.
-    use crate::train::feature_cache::{file_digest, folder_digest};
+    use crate::train::feature_cache::{file_digest, model_digest};
     let vae_digest = cache.as_ref().and_then(|c| {
         c.describe(|| {
             let executor = match gpu {
                 Some(gpu) => format!("GPU executor on {}", gpu.info.name),
                 None => "CPU executor".into(),
             };
-            Ok(format!("{}\n{executor}", folder_digest(&vae_dir)?))
+            Ok(format!("{}\n{executor}", model_digest(&vae_path)?))
         })
     });
     let keyed: Vec<Option<String>> = examples
@@ -799,10 +805,10 @@ fn caption_features<'c>(
     (text_tokens, precision): (usize, crate::ops::Precision),
     cache: Option<&crate::train::feature_cache::FeatureCache>,
     (gpu, gpu_memory): (Option<&crate::gpu::Gpu>, Option<u64>),
-) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+) -> Result<(Vec<f32>, Vec<std::sync::Arc<Vec<f32>>>)> {
     use crate::model::{QuantRequest, TokenizerFiles};
     use crate::quant::{QuantFormat, QuantSpec};
-    use crate::train::feature_cache::{Entry, folder_digest};
+    use crate::train::feature_cache::{Entry, model_digest};
     let source = crate::model::open(text_dir)?;
     if 3 * source.config.hidden_size != flux.text_dim {
         return Err(Error::Invalid(format!(
@@ -834,8 +840,8 @@ fn caption_features<'c>(
         c.describe(|| {
             Ok(format!(
                 "text encoder {}\ntokenizer {}\nstorage {storage:?}\n{executor}\ntokens {text_tokens}",
-                folder_digest(text_dir)?,
-                folder_digest(tokenizer_dir)?
+                model_digest(text_dir)?,
+                model_digest(tokenizer_dir)?
             ))
         })
     });
@@ -913,10 +919,10 @@ fn caption_features<'c>(
             gpu.release_scratch();
         }
     }
-    let features: Vec<Vec<f32>> = features
+    let features: Vec<std::sync::Arc<Vec<f32>>> = features
         .into_iter()
-        .map(|f| f.expect("each caption encoded"))
+        .map(|f| std::sync::Arc::new(f.expect("each caption encoded")))
         .collect();
     let each = index.iter().map(|&i| features[i].clone()).collect();
-    Ok((features[0].clone(), each))
+    Ok((features[0].to_vec(), each))
 }

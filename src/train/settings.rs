@@ -177,7 +177,8 @@ pub struct TrainSettings {
     /// transformer file needs one).
     #[arg(long)]
     pub text_encoder: Option<PathBuf>,
-    /// FLUX.2: the VAE folder (diffusers' AutoencoderKLFlux2; a pipeline folder has its own).
+    /// FLUX.2: the VAE, as BFL's single file (flux2-vae.safetensors) or a diffusers
+    /// AutoencoderKLFlux2 folder (a pipeline folder has its own).
     #[arg(long)]
     pub vae: Option<PathBuf>,
     /// FLUX.2: compute caption features and latents afresh and keep none.
