@@ -26,7 +26,11 @@ pub struct PlanInput {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Plan {
+    /// The frozen weights the executor binds (on the GPU executor: in device memory).
     pub weights: u64,
+    /// Weights the GPU executor keeps in host memory, uploading only the rows a step reads: an untied
+    /// embedding. The CPU executor holds them with the rest (`cpu_total`).
+    pub host_weights: u64,
     /// LoRA matrices, their gradients and AdamW's two moments (f32 each).
     pub lora_and_optimizer: u64,
     pub lora_parameters: u64,
@@ -79,6 +83,7 @@ impl Plan {
         let lora_and_optimizer = 4 * F32 * lora_parameters;
         Plan {
             weights,
+            host_weights: 0,
             lora_and_optimizer,
             lora_parameters,
             activations: memory.buffers,
@@ -86,15 +91,62 @@ impl Plan {
             total: weights + lora_and_optimizer + memory.total(),
         }
     }
+
+    /// What the CPU executor holds: everything in host memory.
+    pub fn cpu_total(&self) -> u64 {
+        self.total + self.host_weights
+    }
 }
 
 /// The plan of a training step; an error when a LoRA target names no linear layer of the model.
 pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     let adapted = resolve_targets(c, &p.lora_targets)?;
-    Ok(Plan::new(
-        planned_weight_bytes(c, p.quant),
+    // Tables stay 16-bit, as `planned_weight_bytes` counts them.
+    let on_host = decoder::host_tables(c);
+    let host_weights = c
+        .expected_tensors()
+        .iter()
+        .filter(|t| on_host.contains(&t.name.as_str()))
+        .map(|t| 2 * t.shape.iter().product::<usize>() as u64)
+        .sum();
+    let mut plan = Plan::new(
+        planned_weight_bytes(c, p.quant) - host_weights,
         adapted.iter().map(|(_, out, inp)| (*out, *inp)),
         p.lora_rank,
         step_graph(c, p)?.memory(),
-    ))
+    );
+    plan.host_weights = host_weights;
+    Ok(plan)
+}
+
+/// The longest sequence (up to `MAX_TOKENS`) whose step, with `p`'s other options, fits in `budget`
+/// bytes, with its plan; None when not even one token fits. A step's memory grows with its length, so
+/// the search halves the interval.
+pub fn longest_sequence(
+    c: &ModelConfig,
+    p: &PlanInput,
+    budget: u64,
+) -> Result<Option<(usize, Plan)>> {
+    let at = |tokens: usize| {
+        plan(
+            c,
+            &PlanInput {
+                tokens,
+                ..p.clone()
+            },
+        )
+    };
+    let (mut fits, mut over) = (0, crate::train::settings::MAX_TOKENS + 1);
+    let mut best = None;
+    while over - fits > 1 {
+        let mid = fits + (over - fits) / 2;
+        let planned = at(mid)?;
+        if planned.total <= budget {
+            fits = mid;
+            best = Some((mid, planned));
+        } else {
+            over = mid;
+        }
+    }
+    Ok(best)
 }

@@ -210,6 +210,10 @@ fn plan_reports_a_breakdown_that_adds_up() {
         .map(|k| full[k].as_u64().unwrap())
         .sum();
     assert_eq!(full["total"].as_u64().unwrap(), sum);
+    // The tiny Llama's untied embedding is planned in host memory (a GPU uploads the rows a step
+    // reads); the CPU executor holds it with the rest.
+    let embedding = 2 * 1024 * SynthSpec::tiny(Arch::Llama, 1024).hidden_size as u64;
+    assert_eq!(full["host_weights"].as_u64().unwrap(), embedding);
     let checkpointed = run(&["--gradient-checkpointing"]);
     assert!(checkpointed["activations"].as_u64() < full["activations"].as_u64());
     let fewer = run(&["--target-modules", "q_proj,v_proj"]);
@@ -237,4 +241,54 @@ fn plan_reports_a_breakdown_that_adds_up() {
         let planned: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
         assert_eq!(planned, full, "{}", path.display());
     }
+}
+
+/// `plan --budget` answers "what is the longest sequence that fits on my card" from config.json alone:
+/// that many tokens fit the budget and one more does not; a budget the weights alone exceed is an
+/// error that says so.
+#[test]
+fn plan_finds_the_longest_sequence_for_a_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // Llama-3.1-8B's shape.
+    let config = serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "tie_word_embeddings": false, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072, "hidden_act": "silu", "torch_dtype": "bfloat16"});
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let options = [
+        "--lora-r",
+        "32",
+        "--group-size",
+        "64",
+        "--gradient-checkpointing",
+    ];
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["plan", s(&path), "--json"];
+        args.extend_from_slice(&options);
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let budget = 11.5 * (1u64 << 30) as f64;
+    let found = plan(&["--budget", "11.5GiB"]);
+    let longest = found["max_seq_len"].as_u64().unwrap();
+    assert!(longest > 1000, "{found}");
+    assert_eq!(found["assumed"]["lora_r"], 32);
+    let at = |tokens: u64| {
+        plan(&["--seq-len", &tokens.to_string()])["total"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(at(longest), found["total"].as_u64().unwrap());
+    assert!(at(longest) as f64 <= budget && at(longest + 1) as f64 > budget);
+    let text = ok(&["plan", s(&path), "--budget", "11.5GiB", "--lora-r", "32"]);
+    assert!(text.starts_with("longest sequence in 11.50 GiB:"), "{text}");
+    let err = fails(&["plan", s(&path), "--budget", "2GiB"]);
+    assert!(
+        err.contains("not even a 1-token step fits in 2.00 GiB"),
+        "{err}"
+    );
+    let err = fails(&["plan", s(&path), "--budget", "lots"]);
+    assert!(err.contains("--budget"), "{err}");
 }

@@ -239,6 +239,10 @@ fn gpu_step_memory_follows_the_plan() {
         checkpoint: false,
     };
     let planned = plan(&model.config, &input).unwrap();
+    // The untied embedding stays in host memory; every other weight is on the device as planned
+    // (group scales in f32, norms in f32).
+    assert!(planned.host_weights > 0);
+    assert_eq!(gm.device_bytes(), planned.weights);
     let step_plan = (planned.activations + planned.workspace) as f64;
     let ratio = first as f64 / step_plan;
     eprintln!("GPU step scratch {first} B, planned {step_plan:.0} B ({ratio:.2})");

@@ -33,6 +33,10 @@ pub struct Args {
     /// FLUX.2: caption tokens (the text encoder pads or cuts every caption to 512).
     #[arg(long, default_value_t = 512)]
     text_tokens: usize,
+    /// The memory of the device to train on (11.5GiB, 8GB, 12000MiB): print the longest sequence
+    /// whose step fits in it (JSON: `max_seq_len`), with the plan of that step.
+    #[arg(long)]
+    budget: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -48,8 +52,12 @@ pub fn run(args: Args) -> Result<()> {
         gradient_checkpointing: checkpoint,
         resolution,
         text_tokens,
+        budget,
         json: as_json,
     } = args;
+    let budget = budget
+        .map(|b| nibble::alloc::parse_size(&b, "--budget"))
+        .transpose()?;
     if let Some(c) = nibble::models::flux2::config_at(&path)? {
         if !(16..=8192).contains(&resolution) || resolution % 16 != 0 {
             bail!("--resolution must be a multiple of 16 from 16 to 8192 (got {resolution})");
@@ -69,6 +77,12 @@ pub fn run(args: Args) -> Result<()> {
             step.image_tokens,
             c.block_linears().len()
         );
+        if budget.is_some() {
+            bail!(
+                "--budget finds the longest sequence of a language model; for FLUX.2, compare the \
+                 total at each --resolution with your card"
+            );
+        }
         return print_plan(&p, &what, spec, checkpoint, as_json);
     }
     let checkpoint = checkpoint.unwrap_or(false);
@@ -80,7 +94,7 @@ pub fn run(args: Args) -> Result<()> {
             "--seq-len must be from 1 to {MAX_TOKENS} and --lora-r from 1 to {MAX_RANK} (got {tokens} and {rank})"
         );
     }
-    let input = nibble::plan::PlanInput {
+    let mut input = nibble::plan::PlanInput {
         tokens,
         quant: spec,
         lora_rank: rank,
@@ -88,9 +102,39 @@ pub fn run(args: Args) -> Result<()> {
         lora_dropout: dropout > 0.0,
         checkpoint,
     };
-    let p = nibble::plan::plan(&config, &input)?;
-    let what = format!("training step of {tokens} tokens, LoRA r={rank} on {targets}");
-    print_plan(&p, &what, spec, checkpoint, as_json)
+    let Some(budget) = budget else {
+        let p = nibble::plan::plan(&config, &input)?;
+        let what = format!("training step of {tokens} tokens, LoRA r={rank} on {targets}");
+        return print_plan(&p, &what, spec, checkpoint, as_json);
+    };
+    let Some((longest, p)) = nibble::plan::longest_sequence(&config, &input, budget)? else {
+        input.tokens = 1;
+        let p = nibble::plan::plan(&config, &input)?;
+        bail!(
+            "not even a 1-token step fits in {}: the weights and LoRA state alone take {} (a \
+             4-bit --quant, a lower --lora-r or fewer --target-modules need less)",
+            human_bytes(budget),
+            human_bytes(p.weights + p.lora_and_optimizer)
+        );
+    };
+    if as_json {
+        let mut value = serde_json::to_value(&p)?;
+        value["max_seq_len"] = longest.into();
+        value["budget"] = budget.into();
+        value["assumed"] = serde_json::json!({
+            "quant": spec.map(|s| s.to_string()), "lora_r": rank, "target_modules": targets,
+            "lora_dropout": dropout, "gradient_checkpointing": checkpoint,
+        });
+        println!("{value}");
+        return Ok(());
+    }
+    println!(
+        "longest sequence in {}: {} tokens",
+        human_bytes(budget),
+        group_digits(longest as u64)
+    );
+    let what = format!("training step of {longest} tokens, LoRA r={rank} on {targets}");
+    print_plan(&p, &what, spec, checkpoint, false)
 }
 
 fn print_plan(
@@ -111,18 +155,25 @@ fn print_plan(
         ""
     };
     println!("{what}{recompute}");
-    println!("  weights ({weights})      {:>12}", human_bytes(p.weights));
-    println!(
-        "  LoRA + AdamW state     {:>12}   ({} trainable parameters)",
-        human_bytes(p.lora_and_optimizer),
+    let row = |label: &str, bytes: u64, note: String| {
+        println!("  {label:<26}{:>12}{note}", human_bytes(bytes));
+    };
+    row(&format!("weights ({weights})"), p.weights, String::new());
+    if p.host_weights > 0 {
+        let note = format!(
+            "   (a GPU leaves it on the host; on the CPU the total is {})",
+            human_bytes(p.cpu_total())
+        );
+        row("embedding (host memory)", p.host_weights, note);
+    }
+    let note = format!(
+        "   ({} trainable parameters)",
         group_digits(p.lora_parameters)
     );
-    println!(
-        "  step buffers at peak   {:>12}",
-        human_bytes(p.activations)
-    );
-    println!("  kernel temporaries     {:>12}", human_bytes(p.workspace));
-    println!("  total                  {:>12}", human_bytes(p.total));
+    row("LoRA + AdamW state", p.lora_and_optimizer, note);
+    row("step buffers at peak", p.activations, String::new());
+    row("kernel temporaries", p.workspace, String::new());
+    row("total", p.total, String::new());
     Ok(())
 }
 

@@ -306,7 +306,34 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
     let dropout =
         |n: usize, stream: u32, p: f32| DropoutParams::new(n, r.inputs.dropout_seed, stream, p);
     match &node.op {
-        Op::Embed { dim } => ops::record_embed(r, ins[1].table(), x(0), o(0), *dim),
+        Op::Embed { dim } => match ins[1] {
+            Slot::Tensor(GpuTensor::HostTable(table)) => {
+                let ids = match graph.bufs[node.inputs[0]].role {
+                    Role::Input(input) => match r.inputs.value(input) {
+                        crate::graph::InputValue::U32(ids) => ids,
+                        _ => panic!("graph: token ids are not integers"),
+                    },
+                    _ => panic!("graph: a host table is read at ids the graph computes"),
+                };
+                let mut rows = vec![0f32; ids.len() * dim];
+                for (row, &id) in rows.chunks_mut(*dim).zip(ids.iter()) {
+                    if id as usize >= table.rows {
+                        return Err(Error::Invalid(format!(
+                            "token id {id} is outside the embedding's {} rows",
+                            table.rows
+                        )));
+                    }
+                    table.row_f32(id as usize, row);
+                }
+                // Uploaded to a buffer of its own: a write into the output itself would land before
+                // the whole submission, under whatever an earlier graph in it leaves there.
+                let staged = r.gpu.upload_f32(&rows);
+                let bytes = (rows.len() * 4) as u64;
+                r.enc
+                    .copy_buffer_to_buffer(&staged.buffer, 0, &o(0).buffer, 0, bytes);
+            }
+            _ => ops::record_embed(r, ins[1].table(), x(0), o(0), *dim),
+        },
         Op::RmsNorm { dim, eps } => {
             let p = RmsNormParams::new(x(0).len / dim, *dim, *eps);
             rmsnorm::record_forward(r, &p, x(0), x(1), o(0), o(1));

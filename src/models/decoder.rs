@@ -488,6 +488,16 @@ fn head_name(c: &ModelConfig) -> &'static str {
     }
 }
 
+/// The tables a GPU keeps in host memory, uploading only the rows a step reads: the embedding (1.2
+/// GiB at 16 bits for a 152k vocabulary of width 4096, of which a step reads a few thousand rows),
+/// unless the output projection reads all of it too (tied).
+pub fn host_tables(c: &ModelConfig) -> Vec<&'static str> {
+    match c.tie_word_embeddings {
+        true => vec![],
+        false => vec!["model.embed_tokens.weight"],
+    }
+}
+
 /// `build`, remembered: a training run or a conversation repeats a few shapes, and a 0.5B model's
 /// checkpointed training graph takes milliseconds to build. Keyed by everything the graph depends on.
 pub fn cached(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Arc<Graph> {

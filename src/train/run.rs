@@ -691,7 +691,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         }
         None => crate::alloc::check_fits(
             &step,
-            needs.total,
+            needs.cpu_total(),
             "; lower --max-length or pass --gradient-checkpointing",
         )?,
     }
