@@ -66,6 +66,7 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
         checkpoint: p.checkpoint,
         logits: false,
         decode_after: None,
+        mlp_chunk: decoder::MLP_CHUNK,
     };
     Ok(decoder::build(c, Some(&lora), shape))
 }

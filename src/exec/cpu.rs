@@ -432,6 +432,15 @@ impl Exec {
                 assert!(acc, "dropout_backward accumulates into its output");
                 dropout::backward_accumulate(&d, x(0), outs.get(0));
             }
+            Op::CopyRows {
+                dim,
+                from,
+                to,
+                rows,
+            } => {
+                let n = rows * dim;
+                outs.get(0)[to * dim..][..n].copy_from_slice(&x(0)[from * dim..][..n]);
+            }
             Op::Add => {
                 if acc {
                     ops::add_assign(outs.get(0), x(0));

@@ -28,9 +28,11 @@ use std::collections::HashMap;
 fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
     let widest = c
         .hidden_size
-        .max(c.intermediate_size)
         .max(c.q_dim())
         .max(VOCAB_CHUNK.min(c.vocab_size));
+    // The MLP's buffers are as long as a chunk of the sequence (`decoder::MLP_CHUNK`).
+    let mlp_rows = tokens.min(decoder::MLP_CHUNK);
+    let widest = widest.max(c.intermediate_size * mlp_rows / tokens.max(1));
     let bytes = (tokens * widest * 4) as u64;
     let limit = gpu.device_binding_limit();
     if bytes <= limit {
@@ -375,6 +377,17 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             ops::dropout::record_backward_accumulate(r, &d, x(0), o(0));
         }
         Op::Add => ops::record_add(r, x(0), (!acc).then(|| x(1)), o(0)),
+        Op::CopyRows {
+            dim,
+            from,
+            to,
+            rows,
+        } => {
+            let word = |row: usize| (row * dim * 4) as u64;
+            let (source, target) = (&x(0).buffer, &o(0).buffer);
+            r.enc
+                .copy_buffer_to_buffer(source, word(*from), target, word(*to), word(*rows));
+        }
         Op::Rope {
             heads,
             head_dim,

@@ -156,6 +156,14 @@ pub struct BufDesc {
 pub enum Op {
     /// [ids, table] -> [x]: rows of an embedding table.
     Embed { dim: usize },
+    /// [x] -> [y]: rows `from..from + rows` of x (rows of `dim`) into y from row `to`; y's other rows
+    /// keep what they hold. What lets a step work over token chunks of a long sequence.
+    CopyRows {
+        dim: usize,
+        from: usize,
+        to: usize,
+        rows: usize,
+    },
     /// [x, weight] -> [y, inv_rms]: RMSNorm over rows of `dim`.
     RmsNorm { dim: usize, eps: f64 },
     /// [x, weight, inv_rms, dy] -> [dx].
@@ -285,6 +293,7 @@ impl Op {
             Op::Dropout { .. } => "dropout",
             Op::DropoutBackward { .. } => "dropout_backward",
             Op::Add => "add",
+            Op::CopyRows { .. } => "copy_rows",
             Op::Rope { .. } => "rope",
             Op::SwiGlu => "swiglu",
             Op::SwiGluBackward => "swiglu_backward",

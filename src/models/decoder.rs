@@ -56,7 +56,15 @@ pub struct StepShape {
     /// Decoding after this many cached positions: the tokens' keys and values join the KV cache,
     /// and the step gives the logits of the last token.
     pub decode_after: Option<usize>,
+    /// A longer sequence runs its MLPs over chunks of this many tokens (`MLP_CHUNK`).
+    pub mlp_chunk: usize,
 }
+
+/// Tokens per MLP chunk in a long sequence. Past it, a layer's MLP runs chunk by chunk and its
+/// backward recomputes each chunk's gate and up projections, so that its workspace (five buffers of
+/// tokens x intermediate floats, 1.1 GiB at 4096 tokens for an 8B model) stops growing with the
+/// sequence, at the price of a third more MLP forward work. Shorter sequences keep the projections.
+pub const MLP_CHUNK: usize = 2048;
 
 impl StepShape {
     /// The shape of a training (or, without `backward`, evaluation) step over `seq`.
@@ -70,6 +78,7 @@ impl StepShape {
             checkpoint,
             logits: false,
             decode_after: None,
+            mlp_chunk: MLP_CHUNK,
         }
     }
 
@@ -92,6 +101,7 @@ impl StepShape {
             checkpoint: false,
             logits: false,
             decode_after: None,
+            mlp_chunk: MLP_CHUNK,
         }
     }
 }
@@ -155,8 +165,8 @@ struct LayerTape {
     post_norm: BufId,
     xn2: BufId,
     inv2: BufId,
-    gate: BufId,
-    up: BufId,
+    /// The gate and up projections, kept unless the MLP ran in chunks.
+    gate_up: Option<(BufId, BufId)>,
     linears: Vec<LinearTape>,
 }
 
@@ -221,15 +231,29 @@ impl Decoder<'_> {
 
     /// y = x·Wᵀ (+ bias) + scale · (dropout(x)·Aᵀ)·Bᵀ.
     fn linear(&mut self, layer: usize, kind: LinearKind, x: BufId) -> (BufId, LinearTape) {
+        self.linear_rows(layer, kind, x, (self.t(), 0))
+    }
+
+    /// `linear` over `rows` rows: chunk `chunk` of a long sequence (its own dropout masks).
+    fn linear_rows(
+        &mut self,
+        layer: usize,
+        kind: LinearKind,
+        x: BufId,
+        (rows, chunk): (usize, usize),
+    ) -> (BufId, LinearTape) {
         let (out, inp) = self.c.linear_shape(kind);
         let path = kind.path(layer);
         let bias = self
             .c
             .linear_has_bias(kind)
             .then(|| self.b.weight(&format!("{path}.bias"), out));
-        let dropout = self.dropout_op(layer, kind);
-        let name = format!("layers.{layer}.{}", kind.module_name());
-        let shape = (self.t(), out, inp);
+        let dropout = self.chunk_dropout(layer, kind, chunk);
+        let name = match chunk {
+            0 => format!("layers.{layer}.{}", kind.module_name()),
+            _ => format!("layers.{layer}.{} chunk {chunk}", kind.module_name()),
+        };
+        let shape = (rows, out, inp);
         lora_linear::forward(
             &mut self.b,
             self.lora,
@@ -369,10 +393,14 @@ impl Decoder<'_> {
             h,
         );
         let (xn2, inv2) = self.rmsnorm(x_mid, post_norm, h, &format!("layers.{l}.xn2"));
-        let gate = run(self, LinearKind::Gate, xn2);
-        let up = run(self, LinearKind::Up, xn2);
-        let hidden = self.swiglu(gate, up, l);
-        let down = run(self, LinearKind::Down, hidden);
+        let (down, gate_up) = if self.mlp_chunks().len() > 1 {
+            (self.chunked_mlp(l, xn2), None)
+        } else {
+            let gate = run(self, LinearKind::Gate, xn2);
+            let up = run(self, LinearKind::Up, xn2);
+            let hidden = self.swiglu(gate, up, l);
+            (run(self, LinearKind::Down, hidden), Some((gate, up)))
+        };
         let x_out = self.add(x_mid, down, format!("layers.{l}.out"));
         let tape = LayerTape {
             x,
@@ -389,11 +417,135 @@ impl Decoder<'_> {
             post_norm,
             xn2,
             inv2,
-            gate,
-            up,
+            gate_up,
             linears,
         };
         (x_out, tape)
+    }
+
+    /// The (first row, rows) of each MLP chunk: one chunk for a short sequence or a decoding step.
+    fn mlp_chunks(&self) -> Vec<(usize, usize)> {
+        let (t, size) = (self.t(), self.shape.mlp_chunk.max(1));
+        if t <= size || self.shape.decode_after.is_some() {
+            return vec![(0, t)];
+        }
+        (0..t).step_by(size).map(|r| (r, size.min(t - r))).collect()
+    }
+
+    /// Rows `first..first + rows` of x (rows of `dim`) as a buffer of their own.
+    fn rows_of(&mut self, x: BufId, (first, rows): (usize, usize), dim: usize) -> BufId {
+        let name = format!("{} rows {first}..{}", self.b.name(x), first + rows);
+        let y = self.b.activation(rows * dim, name);
+        let op = Op::CopyRows {
+            dim,
+            from: first,
+            to: 0,
+            rows,
+        };
+        self.b.node(op, &[x], &[y], false);
+        y
+    }
+
+    /// Writes `part` (`rows` rows of `dim`) into y from row `first`.
+    fn put_rows(&mut self, part: BufId, y: BufId, (first, rows): (usize, usize), dim: usize) {
+        let op = Op::CopyRows {
+            dim,
+            from: 0,
+            to: first,
+            rows,
+        };
+        self.b.node(op, &[part], &[y], false);
+    }
+
+    /// The MLP's output, chunk by chunk: each chunk's projections are released after its down
+    /// projection (the backward recomputes them).
+    fn chunked_mlp(&mut self, l: usize, xn2: BufId) -> BufId {
+        let h = self.c.hidden_size;
+        let down = self.b.activation(self.t() * h, format!("layers.{l}.mlp"));
+        for (chunk, rows) in self.mlp_chunks().into_iter().enumerate() {
+            let x = self.rows_of(xn2, rows, h);
+            let at = (rows.1, chunk);
+            let (gate, _) = self.linear_rows(l, LinearKind::Gate, x, at);
+            let (up, _) = self.linear_rows(l, LinearKind::Up, x, at);
+            let hidden = self.swiglu(gate, up, l);
+            let (y, _) = self.linear_rows(l, LinearKind::Down, hidden, at);
+            self.put_rows(y, down, rows, h);
+        }
+        down
+    }
+
+    /// `linear_rows`'s tape without its output.
+    fn linear_tape(
+        &mut self,
+        layer: usize,
+        kind: LinearKind,
+        x: BufId,
+        (rows, chunk): (usize, usize),
+    ) -> LinearTape {
+        let (out, inp) = self.c.linear_shape(kind);
+        let dropout = self.chunk_dropout(layer, kind, chunk);
+        let shape = (rows, out, inp);
+        lora_linear::tape(&mut self.b, self.lora, x, shape, kind.path(layer), dropout)
+    }
+
+    /// The dropout of a linear's LoRA branch in chunk `chunk` (masks of its own in each chunk).
+    fn chunk_dropout(&self, layer: usize, kind: LinearKind, chunk: usize) -> Option<Op> {
+        self.dropout_op(layer, kind).map(|op| match op {
+            Op::Dropout { p, stream } => Op::Dropout {
+                p,
+                stream: stream + (chunk << 16) as u32,
+            },
+            other => other,
+        })
+    }
+
+    /// The gradient of an MLP's input x from that of its output, given its gate and up projections
+    /// and silu(gate)·up, and the gate, up and down linears' tapes; their LoRA gradients accumulate.
+    fn mlp_backward(
+        &mut self,
+        [gate_tape, up_tape, down_tape]: [&LinearTape; 3],
+        [x, gate, up, hidden]: [BufId; 4],
+        dy: BufId,
+    ) -> BufId {
+        let dh = self
+            .b
+            .activation(self.b.len(hidden), format!("d {}", self.b.name(hidden)));
+        self.linear_backward(down_tape, hidden, dy, dh);
+        let (dgate, dup) = (
+            self.b
+                .activation(self.b.len(dh), format!("d {}", self.b.name(gate))),
+            self.b
+                .activation(self.b.len(dh), format!("d {}", self.b.name(up))),
+        );
+        self.b
+            .node(Op::SwiGluBackward, &[gate, up, dh], &[dgate, dup], false);
+        let dx = self
+            .b
+            .activation(self.b.len(x), format!("d {}", self.b.name(x)));
+        self.linear_backward(gate_tape, x, dgate, dx);
+        self.linear_backward(up_tape, x, dup, dx);
+        dx
+    }
+
+    /// The gradient of the chunked MLP's input xn2, from that of its output, chunk by chunk: each
+    /// chunk's gate and up projections recomputed, then its backward; LoRA gradients accumulate.
+    fn chunked_mlp_backward(&mut self, l: usize, xn2: BufId, dy: BufId) -> BufId {
+        let h = self.c.hidden_size;
+        let dxn2 = self.b.activation(self.t() * h, format!("d layers.{l}.xn2"));
+        for (chunk, rows) in self.mlp_chunks().into_iter().enumerate() {
+            let x = self.rows_of(xn2, rows, h);
+            let dy_rows = self.rows_of(dy, rows, h);
+            let at = (rows.1, chunk);
+            let (gate, gate_tape) = self.linear_rows(l, LinearKind::Gate, x, at);
+            let (up, up_tape) = self.linear_rows(l, LinearKind::Up, x, at);
+            let hidden = self.swiglu(gate, up, l);
+            // The down projection's own output is not needed: only its LoRA branch's x·Aᵀ is.
+            let down_tape = self.linear_tape(l, LinearKind::Down, hidden, at);
+            let tapes = [&gate_tape, &up_tape, &down_tape];
+            let dx = self.mlp_backward(tapes, [x, gate, up, hidden], dy_rows);
+            self.put_rows(dx, dxn2, rows, h);
+        }
+        dxn2
     }
 
     fn swiglu(&mut self, gate: BufId, up: BufId, l: usize) -> BufId {
@@ -409,30 +561,18 @@ impl Decoder<'_> {
         let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
         self.b.set_stage(Some(l), true);
         let tape = |kind: LinearKind| &s.linears[kind as usize];
-        // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x intermediate floats
-        // per layer, the largest activation there is.
-        let hidden = self.swiglu(s.gate, s.up, l);
-        let dh = self
-            .b
-            .activation(self.b.len(hidden), format!("d layers.{l}.swiglu"));
-        // The recomputed values, not the forward's: those are released after the forward's down
-        // projection.
-        self.linear_backward(tape(LinearKind::Down), hidden, dx_out, dh);
-        let (dgate, dup) = (
-            self.b
-                .activation(self.b.len(dh), format!("d layers.{l}.gate")),
-            self.b
-                .activation(self.b.len(dh), format!("d layers.{l}.up")),
-        );
-        self.b.node(
-            Op::SwiGluBackward,
-            &[s.gate, s.up, dh],
-            &[dgate, dup],
-            false,
-        );
-        let dxn2 = self.b.activation(t * h, format!("d layers.{l}.xn2"));
-        self.linear_backward(tape(LinearKind::Gate), s.xn2, dgate, dxn2);
-        self.linear_backward(tape(LinearKind::Up), s.xn2, dup, dxn2);
+        let dxn2 = match s.gate_up {
+            Some((gate, up)) => {
+                // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x
+                // intermediate floats per layer, the largest activation there is. The down
+                // projection's backward reads these recomputed values, not the forward's (released
+                // after the forward's down projection).
+                let hidden = self.swiglu(gate, up, l);
+                let tapes = [LinearKind::Gate, LinearKind::Up, LinearKind::Down].map(tape);
+                self.mlp_backward(tapes, [s.xn2, gate, up, hidden], dx_out)
+            }
+            None => self.chunked_mlp_backward(l, s.xn2, dx_out),
+        };
         let dx_mid = self.rmsnorm_backward(s.x_mid, s.post_norm, s.inv2, dxn2, h);
         self.b.node(Op::Add, &[dx_out], &[dx_mid], true);
         let d_attn = self

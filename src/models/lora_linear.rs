@@ -62,15 +62,39 @@ pub fn forward(
     inputs.extend(bias);
     let y = b.activation(t * out, name);
     b.node(Op::Linear { out, inp }, &inputs, &[y], false);
+    let tape = tape(b, lora, x, (t, out, inp), path, dropout);
+    if let (Some(branch), Some(spec)) = (&tape.lora, lora) {
+        let (r, scale) = (spec.rank, spec.scale);
+        b.node(
+            mm(t, out, r, false, true, scale),
+            &[branch.xa, branch.b],
+            &[y],
+            true,
+        );
+    }
+    (y, tape)
+}
+
+/// What `backward` reads of the linear at `path` on x, without computing its output: the LoRA
+/// branch's dropout(x)·Aᵀ where `lora` targets it (a backward that recomputes its inputs needs no
+/// more).
+pub fn tape(
+    b: &mut Builder,
+    lora: Option<&LoraSpec>,
+    x: BufId,
+    (t, out, inp): (usize, usize, usize),
+    path: String,
+    dropout: Option<Op>,
+) -> LinearTape {
+    let weight = b.weight(&format!("{path}.weight"), out * inp);
     let lora = match lora {
         Some(spec) if spec.targets.contains(&path) => {
-            let (r, scale) = (spec.rank, spec.scale);
+            let r = spec.rank;
             let a = b.lora(Role::LoraA(path.clone()), r * inp);
             let bm = b.lora(Role::LoraB(path.clone()), out * r);
             let lora_in = lora_input(b, x, dropout.as_ref(), &path);
             let xa = b.activation(t * r, format!("{path} x·Aᵀ"));
             b.node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
-            b.node(mm(t, out, r, false, true, scale), &[xa, bm], &[y], true);
             Some(LoraTape {
                 a,
                 b: bm,
@@ -80,15 +104,14 @@ pub fn forward(
         }
         _ => None,
     };
-    let tape = LinearTape {
+    LinearTape {
         path,
         weight,
         out,
         inp,
         tokens: t,
         lora,
-    };
-    (y, tape)
+    }
 }
 
 /// dx += dy·W and the LoRA branch's input gradient; the LoRA matrices' gradients accumulate. `x` is
