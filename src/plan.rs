@@ -67,6 +67,7 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
         logits: false,
         decode_after: None,
         mlp_chunk: decoder::MLP_CHUNK,
+        checkpoints: crate::graph::checkpoint::Keep::F32,
     };
     Ok(decoder::build(c, Some(&lora), shape))
 }

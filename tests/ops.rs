@@ -791,3 +791,35 @@ fn packed_rows_decode_to_the_bf16_of_their_dequantized_values() {
         }
     }
 }
+
+/// bf16 pairs (`ops::bf16`, what bf16 checkpoints keep) round to nearest, ties to even, as the `half`
+/// crate does: random values, exact ties, both tie directions, an odd count, infinities and NaN.
+#[test]
+fn bf16_pairs_round_to_nearest_even() {
+    use nibble::ops::bf16::{pack, unpack};
+    let mut rng = nibble::rng::Rng::new(5);
+    let mut x: Vec<f32> = (0..999).map(|_| (rng.normal() * 10.0) as f32).collect();
+    // Halfway between two bf16 values, with an even and with an odd lower neighbour.
+    x.extend([
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0xbf81_8000),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+    ]);
+    let words = pack(&x);
+    assert_eq!(words.len(), x.len().div_ceil(2));
+    let mut back = vec![0f32; x.len()];
+    unpack(&words, &mut back);
+    for (v, b) in x.iter().zip(&back) {
+        assert_eq!(
+            b.to_bits(),
+            half::bf16::from_f32(*v).to_f32().to_bits(),
+            "{v:e}"
+        );
+    }
+    let mut nan = [0f32; 1];
+    unpack(&pack(&[f32::NAN]), &mut nan);
+    assert!(nan[0].is_nan());
+}

@@ -87,10 +87,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         .unwrap();
         assert_eq!(planned.lora_parameters as usize, adapter.parameter_count());
         // The CPU executor holds the embedding with the rest.
-        assert_eq!(
-            planned.weights + planned.host_weights,
-            model.weight_bytes()
-        );
+        assert_eq!(planned.weights + planned.host_weights, model.weight_bytes());
 
         let options = StepOptions {
             grad_scale: 1.0 / tokens as f32,

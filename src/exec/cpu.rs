@@ -432,6 +432,8 @@ impl Exec {
                 assert!(acc, "dropout_backward accumulates into its output");
                 dropout::backward_accumulate(&d, x(0), outs.get(0));
             }
+            Op::PackBf16 => outs.slots[0] = Slot::U32(crate::ops::bf16::pack(x(0))),
+            Op::UnpackBf16 => crate::ops::bf16::unpack(ins[0].u32(), outs.get(0)),
             Op::CopyRows {
                 dim,
                 from,

@@ -377,6 +377,8 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             ops::dropout::record_backward_accumulate(r, &d, x(0), o(0));
         }
         Op::Add => ops::record_add(r, x(0), (!acc).then(|| x(1)), o(0)),
+        Op::PackBf16 => ops::bf16::record_pack(r, x(0), o(0), x(0).len),
+        Op::UnpackBf16 => ops::bf16::record_unpack(r, x(0), o(0)),
         Op::CopyRows {
             dim,
             from,

@@ -6,10 +6,22 @@
 //! is the same ops on the same inputs, so the gradients are bit for bit those of the full graph (LoRA
 //! dropout masks are counter-based: the recomputed mask is the same one).
 
-use super::{BufId, Graph, Node, Role};
+use super::{BufDesc, BufId, Dtype, Graph, Node, Op, Role, Stage};
 use std::collections::{HashMap, HashSet};
 
-pub fn apply(graph: &Graph) -> Graph {
+/// How the checkpoints (each block's inputs from outside it) are kept between the forward and the
+/// block's recomputation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Keep {
+    /// As computed: the gradients are bit for bit those of the full graph.
+    #[default]
+    F32,
+    /// Rounded to bf16 after the forward writes them, at half the memory; the block's recomputation
+    /// and backward read the rounded values (the forward itself reads the exact ones).
+    Bf16,
+}
+
+pub fn apply(graph: &Graph, keep: Keep) -> Graph {
     let mut out = Graph {
         bufs: graph.bufs.clone(),
         nodes: Vec::with_capacity(graph.nodes.len() * 3 / 2),
@@ -52,9 +64,36 @@ pub fn apply(graph: &Graph) -> Graph {
         .iter()
         .flat_map(|(&b, bufs)| bufs.iter().map(move |&buf| (buf, b)))
         .collect();
+    let kept = match keep {
+        Keep::F32 => HashMap::new(),
+        Keep::Bf16 => block_inputs(graph),
+    };
+    // Where each kept buffer's forward writes end, and its bf16 copy once packed.
+    let mut last_write: HashMap<BufId, usize> = HashMap::new();
+    for (i, node) in graph
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.stage.backward)
+    {
+        for &o in &node.outputs {
+            if kept.values().any(|bufs| bufs.contains(&o)) {
+                last_write.insert(o, i);
+            }
+        }
+    }
+    let mut packed: HashMap<BufId, BufId> = HashMap::new();
+    // Per block, its kept inputs restored to f32 for its recomputation and backward.
+    let mut restored: HashMap<usize, HashMap<BufId, BufId>> = HashMap::new();
     let mut remap: HashMap<BufId, BufId> = HashMap::new();
     let mut recomputed: HashSet<usize> = HashSet::new();
     for (i, node) in graph.nodes.iter().enumerate() {
+        if let Some(block) = node.stage.block.filter(|_| node.stage.backward) {
+            if kept.contains_key(&block) && !restored.contains_key(&block) {
+                let map = restore(&kept[&block], &packed, block, &mut out);
+                restored.insert(block, map);
+            }
+        }
         if node.stage.backward {
             let needs: Vec<usize> = node
                 .reads()
@@ -63,40 +102,124 @@ pub fn apply(graph: &Graph) -> Graph {
                 .collect();
             for block in needs {
                 if recomputed.insert(block) {
+                    let no_restore = HashMap::new();
                     recompute(
                         graph,
-                        &forward[&block],
-                        &produced[&block],
+                        (&forward[&block], &produced[&block]),
                         &graph.nodes[i..],
                         &mut out,
-                        &mut remap,
+                        (&mut remap, restored.get(&block).unwrap_or(&no_restore)),
                     );
                 }
             }
             let mut node = node.clone();
+            let own = node.stage.block.and_then(|b| restored.get(&b));
             for b in node.inputs.iter_mut().chain(node.outputs.iter_mut()) {
-                if let Some(&r) = remap.get(b) {
+                if let Some(&r) = remap.get(b).or_else(|| own.and_then(|m| m.get(b))) {
                     *b = r;
                 }
             }
             out.nodes.push(node);
         } else {
             out.nodes.push(node.clone());
+            for &o in &node.outputs {
+                if last_write.get(&o) == Some(&i) {
+                    packed.insert(o, pack(graph, o, node.stage, &mut out));
+                }
+            }
         }
     }
     debug_assert!(blocks.iter().all(|b| forward.contains_key(b)));
     out
 }
 
+/// Per block, the buffers its nodes (forward and backward) read that the forward computed outside
+/// it: its checkpoints.
+fn block_inputs(graph: &Graph) -> HashMap<usize, Vec<BufId>> {
+    let mut writer: HashMap<BufId, Option<usize>> = HashMap::new();
+    for node in graph.nodes.iter().filter(|n| !n.stage.backward) {
+        for &o in &node.outputs {
+            if graph.bufs[o].role == Role::Activation {
+                writer.entry(o).or_insert(node.stage.block);
+            }
+        }
+    }
+    let mut inputs: HashMap<usize, Vec<BufId>> = HashMap::new();
+    for node in &graph.nodes {
+        let Some(block) = node.stage.block else {
+            continue;
+        };
+        for b in node.reads() {
+            let outside = writer.get(&b).is_some_and(|w| *w != Some(block));
+            let list = inputs.entry(block).or_default();
+            if outside && !list.contains(&b) {
+                list.push(b);
+            }
+        }
+    }
+    inputs
+}
+
+/// Appends the packing of `buf` into a new buffer of bf16 pairs, which it returns.
+fn pack(graph: &Graph, buf: BufId, stage: Stage, out: &mut Graph) -> BufId {
+    let desc = &graph.bufs[buf];
+    out.bufs.push(BufDesc {
+        len: desc.len.div_ceil(2),
+        dtype: Dtype::U32,
+        role: Role::Activation,
+        name: format!("{} (bf16)", desc.name),
+    });
+    let words = out.bufs.len() - 1;
+    out.nodes.push(Node {
+        op: Op::PackBf16,
+        inputs: vec![buf],
+        outputs: vec![words],
+        accumulate: false,
+        stage,
+    });
+    words
+}
+
+/// Appends the unpacking of `block`'s kept inputs into fresh buffers: the map to them.
+fn restore(
+    inputs: &[BufId],
+    packed: &HashMap<BufId, BufId>,
+    block: usize,
+    out: &mut Graph,
+) -> HashMap<BufId, BufId> {
+    let mut map = HashMap::new();
+    for &buf in inputs {
+        let Some(&words) = packed.get(&buf) else {
+            continue;
+        };
+        let mut desc = out.bufs[buf].clone();
+        desc.name = format!("{} (restored)", desc.name);
+        out.bufs.push(desc);
+        let restored = out.bufs.len() - 1;
+        out.nodes.push(Node {
+            op: Op::UnpackBf16,
+            inputs: vec![words],
+            outputs: vec![restored],
+            accumulate: false,
+            stage: Stage {
+                block: Some(block),
+                backward: true,
+            },
+        });
+        map.insert(buf, restored);
+    }
+    map
+}
+
 /// Appends the block's forward nodes that produce something `rest` (the backward from here on) reads,
-/// with every buffer the block produced replaced by a fresh copy.
+/// with every buffer the block produced replaced by a fresh copy and its kept inputs by their
+/// restored copies.
 fn recompute(
     graph: &Graph,
-    nodes: &[&Node],
-    produced: &HashSet<BufId>,
+    (nodes, produced): (&[&Node], &HashSet<BufId>),
     rest: &[Node],
     out: &mut Graph,
-    remap: &mut HashMap<BufId, BufId>,
+    (remap, restored): (&mut HashMap<BufId, BufId>, &HashMap<BufId, BufId>),
 ) {
     // Walk backwards from what the rest of the step reads.
     let mut live: HashSet<BufId> = rest
@@ -113,6 +236,11 @@ fn recompute(
     }
     for (node, _) in nodes.iter().zip(&keep).filter(|(_, k)| **k) {
         let mut node = (*node).clone();
+        for b in node.inputs.iter_mut() {
+            if let Some(&r) = restored.get(b) {
+                *b = r;
+            }
+        }
         for b in node.inputs.iter_mut().chain(node.outputs.iter_mut()) {
             if produced.contains(b) {
                 *b = *remap.entry(*b).or_insert_with(|| {

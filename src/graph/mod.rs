@@ -156,6 +156,10 @@ pub struct BufDesc {
 pub enum Op {
     /// [ids, table] -> [x]: rows of an embedding table.
     Embed { dim: usize },
+    /// [x] -> [words]: x as bf16, two values to a word (`ops::bf16`).
+    PackBf16,
+    /// [words] -> [x]: the bf16 values back as f32 (as many as x holds).
+    UnpackBf16,
     /// [x] -> [y]: rows `from..from + rows` of x (rows of `dim`) into y from row `to`; y's other rows
     /// keep what they hold. What lets a step work over token chunks of a long sequence.
     CopyRows {
@@ -294,6 +298,8 @@ impl Op {
             Op::DropoutBackward { .. } => "dropout_backward",
             Op::Add => "add",
             Op::CopyRows { .. } => "copy_rows",
+            Op::PackBf16 => "pack_bf16",
+            Op::UnpackBf16 => "unpack_bf16",
             Op::Rope { .. } => "rope",
             Op::SwiGlu => "swiglu",
             Op::SwiGluBackward => "swiglu_backward",

@@ -51,6 +51,8 @@ pub struct StepShape {
     pub dropout: bool,
     /// Gradient checkpointing: each layer recomputed before its backward.
     pub checkpoint: bool,
+    /// How checkpointing keeps each layer's input until then.
+    pub checkpoints: checkpoint::Keep,
     /// Every logit of every position instead of the loss (evaluation of small models, parity tests).
     pub logits: bool,
     /// Decoding after this many cached positions: the tokens' keys and values join the KV cache,
@@ -79,6 +81,7 @@ impl StepShape {
             logits: false,
             decode_after: None,
             mlp_chunk: MLP_CHUNK,
+            checkpoints: checkpoint::Keep::F32,
         }
     }
 
@@ -102,6 +105,7 @@ impl StepShape {
             logits: false,
             decode_after: None,
             mlp_chunk: MLP_CHUNK,
+            checkpoints: checkpoint::Keep::F32,
         }
     }
 }
@@ -771,7 +775,7 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     }
     let graph = d.b.finish();
     if shape.checkpoint {
-        checkpoint::apply(&graph)
+        checkpoint::apply(&graph, shape.checkpoints)
     } else {
         graph
     }

@@ -1223,7 +1223,7 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
     }
     let graph = f.b.finish();
     if step.checkpoint {
-        crate::graph::checkpoint::apply(&graph)
+        crate::graph::checkpoint::apply(&graph, crate::graph::checkpoint::Keep::F32)
     } else {
         graph
     }

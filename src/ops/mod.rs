@@ -4,6 +4,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod bf16_gemm;
 pub mod conv;
 pub mod cross_entropy;
