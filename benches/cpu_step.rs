@@ -72,6 +72,7 @@ fn main() {
             let options = StepOptions {
                 grad_scale: 1.0,
                 checkpoint: false,
+                checkpoints: nibble::graph::checkpoint::Keep::F32,
                 precision,
             };
             cpu::forward_backward_with(

@@ -159,6 +159,8 @@ pub struct StepOptions {
     pub grad_scale: f32,
     /// Keep only each decoder layer's input in the forward and recompute the layer in the backward.
     pub checkpoint: bool,
+    /// How those inputs are kept.
+    pub checkpoints: crate::graph::checkpoint::Keep,
     /// Arithmetic of the frozen-weight products.
     pub precision: Precision,
 }

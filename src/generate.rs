@@ -188,6 +188,7 @@ impl Executor<'_> {
                 let options = cpu::StepOptions {
                     grad_scale: 0.0,
                     checkpoint: false,
+                    checkpoints: crate::graph::checkpoint::Keep::F32,
                     precision,
                 };
                 cpu::forward_backward_with(model, adapter, None, seq, options, None)

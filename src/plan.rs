@@ -22,6 +22,8 @@ pub struct PlanInput {
     pub lora_targets: Vec<String>,
     pub lora_dropout: bool,
     pub checkpoint: bool,
+    /// How checkpointing keeps each layer's input.
+    pub checkpoints: crate::graph::checkpoint::Keep,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -67,7 +69,7 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
         logits: false,
         decode_after: None,
         mlp_chunk: decoder::MLP_CHUNK,
-        checkpoints: crate::graph::checkpoint::Keep::F32,
+        checkpoints: p.checkpoints,
     };
     Ok(decoder::build(c, Some(&lora), shape))
 }

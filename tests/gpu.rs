@@ -237,6 +237,7 @@ fn gpu_step_memory_follows_the_plan() {
         lora_targets: vec!["all-linear".into()],
         lora_dropout: false,
         checkpoint: false,
+        checkpoints: nibble::graph::checkpoint::Keep::F32,
     };
     let planned = plan(&model.config, &input).unwrap();
     // The untied embedding stays in host memory; every other weight is on the device as planned

@@ -90,6 +90,7 @@ fn both_executors_run_the_same_graphs() {
                             StepOptions {
                                 grad_scale: 0.37,
                                 checkpoint,
+                                checkpoints: nibble::graph::checkpoint::Keep::F32,
                                 precision: Precision::F32,
                             },
                             dropout.then_some(&mut Rng::new(seed)),
@@ -98,6 +99,7 @@ fn both_executors_run_the_same_graphs() {
                         let options = SequenceOptions {
                             grad_scale: 0.37,
                             checkpoint,
+                            checkpoints: nibble::graph::checkpoint::Keep::F32,
                             dropout: dropout.then_some((seed_after(seed), 0.2)),
                         };
                         let g = weights::zero_grads(&gpu, &adapter);

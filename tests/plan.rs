@@ -60,11 +60,13 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
     let mut rng = Rng::new(1);
     // The last sequence is long enough for its MLPs to run in chunks (`decoder::MLP_CHUNK`).
     let long = nibble::models::decoder::MLP_CHUNK + 500;
-    for (dropout, checkpoint, tokens) in [
-        (false, false, 192),
-        (true, false, 192),
-        (true, true, 192),
-        (false, true, long),
+    use nibble::graph::checkpoint::Keep;
+    for (dropout, checkpoint, tokens, keep) in [
+        (false, false, 192, Keep::F32),
+        (true, false, 192, Keep::F32),
+        (true, true, 192, Keep::F32),
+        (false, true, long, Keep::F32),
+        (true, true, long, Keep::Bf16),
     ] {
         let seq = Sequence::all_tokens((0..tokens).map(|_| rng.below(4000) as u32).collect());
         let config = LoraConfig {
@@ -82,6 +84,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
                 lora_targets: vec!["all-linear".into()],
                 lora_dropout: dropout,
                 checkpoint,
+                checkpoints: keep,
             },
         )
         .unwrap();
@@ -92,6 +95,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         let options = StepOptions {
             grad_scale: 1.0 / tokens as f32,
             checkpoint,
+            checkpoints: keep,
             precision: Precision::F32,
         };
         // The first step also builds the graph (then cached) and the thread pool's buffers.
@@ -113,7 +117,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         let step = (planned.activations + planned.workspace) as f64;
         let ratio = measured / step;
         eprintln!(
-            "{tokens} tokens, dropout {dropout}, checkpoint {checkpoint}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
+            "{tokens} tokens, dropout {dropout}, checkpoint {checkpoint} {keep:?}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
         );
         // Measured 1.02-1.05 (the rest: the gemm crate's packing buffers, the step's inputs).
         assert!(
@@ -208,4 +212,42 @@ fn klein_planned_step_memory_matches_the_measured_heap_peak() {
             "planned {step} B vs measured heap peak {measured} B"
         );
     }
+}
+
+/// Issue 16's first goal, from config.json alone: a Qwen3-8B-shaped model (NF4 groups of 64, LoRA
+/// r=16 on every linear) trains 2048-token sequences in at most 7 GiB of GPU memory with bf16
+/// checkpoints (the embedding in host memory, the MLP in chunks); f32 checkpoints need more.
+#[test]
+fn qwen3_8b_trains_2048_tokens_within_7_gib() {
+    use nibble::graph::checkpoint::Keep;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let config = serde_json::json!({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "tie_word_embeddings": false, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "hidden_act": "silu", "torch_dtype": "bfloat16"});
+    std::fs::write(&path, config.to_string()).unwrap();
+    let config = nibble::config::ModelConfig::from_file(&path).unwrap();
+    let input = |checkpoints| PlanInput {
+        tokens: 2048,
+        quant: Some(QuantSpec::new(QuantFormat::Nf4, 64).unwrap()),
+        lora_rank: 16,
+        lora_targets: vec!["all-linear".into()],
+        lora_dropout: false,
+        checkpoint: true,
+        checkpoints,
+    };
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    let (rounded, exact) = (
+        plan(&config, &input(Keep::Bf16)).unwrap(),
+        plan(&config, &input(Keep::F32)).unwrap(),
+    );
+    eprintln!(
+        "bf16 {:.2} GiB, f32 {:.2} GiB",
+        gib(rounded.total),
+        gib(exact.total)
+    );
+    assert!(gib(rounded.total) <= 7.0, "{rounded:?}");
+    assert!(exact.total > rounded.total);
 }

@@ -423,3 +423,58 @@ fn lora_targets_are_module_paths_as_peft_matches_them() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `--bf16-checkpoints`: a run trains with checkpointing whose layer inputs are kept in bf16; its
+/// first loss (before any update) is the exact one, its later ones near; run.json records it, so a
+/// resume without it is refused by name; FLUX.2 runs refuse it.
+#[test]
+fn bf16_checkpoints_train_and_are_recorded_in_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(6)).unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["--max-steps", "3", "--save-steps", "1", "--lr", "1e-2"];
+        args.extend_from_slice(extra);
+        let o = train_cli(&model, &data, out, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        metrics(out)
+            .iter()
+            .filter_map(|m| m["loss"].as_f64())
+            .collect::<Vec<f64>>()
+    };
+    let (exact, rounded) = (dir.path().join("exact"), dir.path().join("bf16"));
+    let exact_losses = run(&exact, &["--gradient-checkpointing"]);
+    let rounded_losses = run(&rounded, &["--bf16-checkpoints"]);
+    assert_eq!(exact_losses.len(), 3);
+    assert_eq!(exact_losses[0], rounded_losses[0]);
+    for (a, b) in exact_losses.iter().zip(&rounded_losses) {
+        assert!((a - b).abs() < 1e-3 * a.abs(), "{a} vs {b}");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rounded.join("run.json")).unwrap()).unwrap();
+    assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+    let checkpoint = rounded.join("checkpoint-1");
+    let resumed = dir.path().join("resumed");
+    let o = train_cli(
+        &model,
+        &data,
+        &resumed,
+        &[
+            "--max-steps",
+            "3",
+            "--save-steps",
+            "1",
+            "--lr",
+            "1e-2",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("bf16_checkpoints"),
+        "{err}"
+    );
+}

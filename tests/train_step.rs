@@ -122,6 +122,7 @@ fn checkpointing_changes_nothing() {
         let options = StepOptions {
             grad_scale: 0.1,
             checkpoint,
+            checkpoints: nibble::graph::checkpoint::Keep::F32,
             precision: Precision::F32,
         };
         let loss = cpu::forward_backward_with(
@@ -162,6 +163,7 @@ fn default_precision_stays_within_1e3_of_f32() {
             let options = StepOptions {
                 grad_scale: 1.0 / seq.target_count() as f32,
                 checkpoint: false,
+                checkpoints: nibble::graph::checkpoint::Keep::F32,
                 precision,
             };
             let loss = cpu::forward_backward_with(

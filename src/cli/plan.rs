@@ -27,6 +27,9 @@ pub struct Args {
     /// Recompute each layer (block) before its backward (default: on for FLUX.2, off for LLMs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
+    /// Gradient checkpointing with each layer's input kept in bf16 (half the checkpoints' memory).
+    #[arg(long)]
+    bf16_checkpoints: bool,
     /// FLUX.2: image side in pixels (16 pixels per latent token).
     #[arg(long, default_value_t = 1024)]
     resolution: usize,
@@ -50,6 +53,7 @@ pub fn run(args: Args) -> Result<()> {
         lora_dropout: dropout,
         target_modules: targets,
         gradient_checkpointing: checkpoint,
+        bf16_checkpoints,
         resolution,
         text_tokens,
         budget,
@@ -77,15 +81,22 @@ pub fn run(args: Args) -> Result<()> {
             step.image_tokens,
             c.block_linears().len()
         );
+        if bf16_checkpoints {
+            bail!("--bf16-checkpoints is for language models; FLUX.2 keeps its checkpoints in f32");
+        }
         if budget.is_some() {
             bail!(
                 "--budget finds the longest sequence of a language model; for FLUX.2, compare the \
                  total at each --resolution with your card"
             );
         }
-        return print_plan(&p, &what, spec, checkpoint, as_json);
+        return print_plan(&p, &what, spec, checkpointing(checkpoint, false), as_json);
     }
-    let checkpoint = checkpoint.unwrap_or(false);
+    let checkpoint = checkpoint.unwrap_or(false) || bf16_checkpoints;
+    let keep = match bf16_checkpoints {
+        true => nibble::graph::checkpoint::Keep::Bf16,
+        false => nibble::graph::checkpoint::Keep::F32,
+    };
     let (config, stored) = plan_source(&path)?;
     let spec = quant.planned_spec(stored)?;
     use nibble::train::settings::{MAX_RANK, MAX_TOKENS};
@@ -101,11 +112,18 @@ pub fn run(args: Args) -> Result<()> {
         lora_targets: parse_targets(&targets)?,
         lora_dropout: dropout > 0.0,
         checkpoint,
+        checkpoints: keep,
     };
     let Some(budget) = budget else {
         let p = nibble::plan::plan(&config, &input)?;
         let what = format!("training step of {tokens} tokens, LoRA r={rank} on {targets}");
-        return print_plan(&p, &what, spec, checkpoint, as_json);
+        return print_plan(
+            &p,
+            &what,
+            spec,
+            checkpointing(checkpoint, bf16_checkpoints),
+            as_json,
+        );
     };
     let Some((longest, p)) = nibble::plan::longest_sequence(&config, &input, budget)? else {
         input.tokens = 1;
@@ -124,6 +142,7 @@ pub fn run(args: Args) -> Result<()> {
         value["assumed"] = serde_json::json!({
             "quant": spec.map(|s| s.to_string()), "lora_r": rank, "target_modules": targets,
             "lora_dropout": dropout, "gradient_checkpointing": checkpoint,
+            "bf16_checkpoints": bf16_checkpoints,
         });
         println!("{value}");
         return Ok(());
@@ -134,14 +153,29 @@ pub fn run(args: Args) -> Result<()> {
         group_digits(longest as u64)
     );
     let what = format!("training step of {longest} tokens, LoRA r={rank} on {targets}");
-    print_plan(&p, &what, spec, checkpoint, false)
+    print_plan(
+        &p,
+        &what,
+        spec,
+        checkpointing(checkpoint, bf16_checkpoints),
+        false,
+    )
+}
+
+/// How the plan's header says the step keeps its checkpoints.
+fn checkpointing(on: bool, bf16: bool) -> &'static str {
+    match (on, bf16) {
+        (false, _) => "",
+        (true, false) => ", gradient checkpointing",
+        (true, true) => ", gradient checkpointing in bf16",
+    }
 }
 
 fn print_plan(
     p: &nibble::plan::Plan,
     what: &str,
     spec: Option<QuantSpec>,
-    checkpoint: bool,
+    checkpointing: &str,
     as_json: bool,
 ) -> Result<()> {
     if as_json {
@@ -149,12 +183,7 @@ fn print_plan(
         return Ok(());
     }
     let weights = spec.map_or("16-bit".to_string(), |s| s.to_string());
-    let recompute = if checkpoint {
-        ", gradient checkpointing"
-    } else {
-        ""
-    };
-    println!("{what}{recompute}");
+    println!("{what}{checkpointing}");
     let row = |label: &str, bytes: u64, note: String| {
         println!("  {label:<26}{:>12}{note}", human_bytes(bytes));
     };

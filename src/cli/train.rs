@@ -60,6 +60,7 @@ fn train_klein(
         ("max-length", settings.max_length.is_some()),
         ("loss-on", settings.loss_on.is_some()),
         ("no-shuffle", settings.no_shuffle.is_some()),
+        ("bf16-checkpoints", settings.bf16_checkpoints.is_some()),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
         anyhow::bail!("--{name} is not supported for FLUX.2 image runs yet");

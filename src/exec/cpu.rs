@@ -678,6 +678,7 @@ pub fn forward_backward(
     let options = StepOptions {
         grad_scale,
         checkpoint: false,
+        checkpoints: crate::graph::checkpoint::Keep::F32,
         precision: Precision::F32,
     };
     forward_backward_with(model, adapter, grads, seq, options, dropout_rng)
@@ -703,12 +704,15 @@ pub fn forward_backward_with(
     }
     let backward = grads.is_some();
     let lora = adapter.map(LoraSpec::of);
-    let shape = StepShape::of(
-        seq,
-        backward,
-        seed.is_some(),
-        options.checkpoint && backward,
-    );
+    let shape = StepShape {
+        checkpoints: options.checkpoints,
+        ..StepShape::of(
+            seq,
+            backward,
+            seed.is_some(),
+            options.checkpoint && backward,
+        )
+    };
     let graph = decoder::cached(&model.config, lora.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed.unwrap_or(0));
     let mut out = run(

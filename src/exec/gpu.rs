@@ -76,6 +76,8 @@ pub struct SequenceOptions {
     pub grad_scale: f32,
     /// Keep only each decoder layer's input and recompute the layer in the backward.
     pub checkpoint: bool,
+    /// How each layer's input is kept until then.
+    pub checkpoints: crate::graph::checkpoint::Keep,
     /// LoRA dropout: the seed of the sequence's masks and the probability (None: no dropout).
     pub dropout: Option<(u64, f32)>,
 }
@@ -523,12 +525,15 @@ pub fn record_sequence(
     let (seed, p) = options.dropout.unwrap_or((0, 0.0));
     let spec = lora.map(|l| lora_spec(l, p));
     let backward = grads.is_some();
-    let shape = StepShape::of(
-        seq,
-        backward,
-        options.dropout.is_some(),
-        options.checkpoint && backward,
-    );
+    let shape = StepShape {
+        checkpoints: options.checkpoints,
+        ..StepShape::of(
+            seq,
+            backward,
+            options.dropout.is_some(),
+            options.checkpoint && backward,
+        )
+    };
     let graph = decoder::cached(&model.config, spec.as_ref(), shape);
     let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed);
     let bind = Bindings {

@@ -92,6 +92,8 @@ pub struct TrainConfig {
     pub shuffle: bool,
     pub loss_on: LossOn,
     pub checkpoint: bool,
+    /// How checkpointing keeps each layer's input (`--bf16-checkpoints`).
+    pub checkpoints: crate::graph::checkpoint::Keep,
     pub precision: Precision,
 }
 
@@ -145,6 +147,7 @@ impl Default for TrainConfig {
             shuffle: true,
             loss_on: LossOn::Default,
             checkpoint: false,
+            checkpoints: crate::graph::checkpoint::Keep::F32,
             precision: Precision::F32,
         }
     }
@@ -485,6 +488,7 @@ impl<'a> Trainer<'a> {
                     StepOptions {
                         grad_scale: 1.0,
                         checkpoint: false,
+                        checkpoints: crate::graph::checkpoint::Keep::F32,
                         precision: self.config.precision,
                     },
                     None,
@@ -611,6 +615,7 @@ impl<'a> Trainer<'a> {
                     let options = SequenceOptions {
                         grad_scale: scale,
                         checkpoint: self.config.checkpoint,
+                        checkpoints: self.config.checkpoints,
                         dropout: (p > 0.0).then_some((seed, p)),
                     };
                     (&sequences[i], options)
@@ -722,6 +727,7 @@ impl Trainer<'_> {
         let options = StepOptions {
             grad_scale: scale,
             checkpoint: self.config.checkpoint,
+            checkpoints: self.config.checkpoints,
             precision: self.config.precision,
         };
         for &i in picks {

@@ -494,6 +494,11 @@ fn manifest(
         "batch_size": config.batch_size, "grad_accum": config.grad_accum,
         "seed": config.seed, "shuffle": config.shuffle, "init_adapter": init_digest,
     });
+    // Exact checkpoints give the same numbers as none; bf16 ones do not (absent when off, as in runs
+    // recorded before the option).
+    if config.checkpoints == crate::graph::checkpoint::Keep::Bf16 {
+        options["bf16_checkpoints"] = true.into();
+    }
     if let (Some(options), serde_json::Value::Object(extra)) = (options.as_object_mut(), extra) {
         options.extend(extra);
     }
@@ -680,6 +685,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             lora_targets: config.lora.targets.clone(),
             lora_dropout: config.lora.dropout > 0.0,
             checkpoint: config.checkpoint,
+            checkpoints: config.checkpoints,
         },
     )?;
     let step = format!("a training step of {longest} tokens");
