@@ -124,33 +124,40 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
 }
 
 /// The longest sequence (up to `MAX_TOKENS`) whose step, with `p`'s other options, fits in `budget`
-/// bytes, with its plan; None when not even one token fits. A step's memory grows with its length, so
-/// the search halves the interval.
+/// bytes, with its plan; None when not even one token fits. A step's memory grows with its length:
+/// doubling finds a length over the budget, then halving the interval finds the longest that fits
+/// (a graph of millions of tokens, with its thousands of MLP chunks, is never built).
 pub fn longest_sequence(
     c: &ModelConfig,
     p: &PlanInput,
     budget: u64,
 ) -> Result<Option<(usize, Plan)>> {
-    let at = |tokens: usize| {
-        plan(
-            c,
-            &PlanInput {
-                tokens,
-                ..p.clone()
-            },
-        )
-    };
-    let (mut fits, mut over) = (0, crate::train::settings::MAX_TOKENS + 1);
-    let mut best = None;
+    let at = |tokens: usize| plan(c, &PlanInput { tokens, ..p.clone() });
+    let most = crate::train::settings::MAX_TOKENS;
+    let first = at(1)?;
+    if first.total > budget {
+        return Ok(None);
+    }
+    let (mut fits, mut best) = (1, first);
+    let mut over = most + 1;
+    let mut probe = 1024.min(most);
+    while probe > fits {
+        let planned = at(probe)?;
+        if planned.total > budget {
+            over = probe;
+            break;
+        }
+        (fits, best) = (probe, planned);
+        probe = (probe * 2).min(most);
+    }
     while over - fits > 1 {
         let mid = fits + (over - fits) / 2;
         let planned = at(mid)?;
         if planned.total <= budget {
-            fits = mid;
-            best = Some((mid, planned));
+            (fits, best) = (mid, planned);
         } else {
             over = mid;
         }
     }
-    Ok(best)
+    Ok(Some((fits, best)))
 }
