@@ -132,7 +132,15 @@ pub fn longest_sequence(
     p: &PlanInput,
     budget: u64,
 ) -> Result<Option<(usize, Plan)>> {
-    let at = |tokens: usize| plan(c, &PlanInput { tokens, ..p.clone() });
+    let at = |tokens: usize| {
+        plan(
+            c,
+            &PlanInput {
+                tokens,
+                ..p.clone()
+            },
+        )
+    };
     let most = crate::train::settings::MAX_TOKENS;
     let first = at(1)?;
     if first.total > budget {

@@ -251,3 +251,75 @@ fn qwen3_8b_trains_2048_tokens_within_7_gib() {
     assert!(gib(rounded.total) <= 7.0, "{rounded:?}");
     assert!(exact.total > rounded.total);
 }
+
+/// One decoder layer at real width (hidden 4096, intermediate 12288, 32/8 heads of 128: Qwen3-8B's)
+/// trained on 2048 tokens on the CPU executor, NF4 weights, LoRA r=16 on every linear, checkpoints in
+/// bf16: the heap peak of the step against the plan (measured 1.0x; held within 10%).
+#[test]
+fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
+    use nibble::graph::checkpoint::Keep;
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = SynthSpec::tiny(Arch::Qwen3, 1000);
+    (spec.hidden_size, spec.intermediate_size, spec.num_layers) = (4096, 12288, 1);
+    (spec.num_heads, spec.num_kv_heads, spec.head_dim) = (32, 8, Some(128));
+    spec.std = 0.02;
+    synth::write_model_folder(dir.path(), &spec, None).unwrap();
+    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
+    let model = ModelSource::open(dir.path())
+        .unwrap()
+        .load(Some(QuantRequest::Quantize(qspec)))
+        .unwrap();
+    let mut rng = Rng::new(3);
+    let tokens = 2048;
+    let seq = Sequence::all_tokens((0..tokens).map(|_| rng.below(1000) as u32).collect());
+    let config = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    let adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
+    let mut grads = adapter.zeros_like();
+    let planned = plan(
+        &model.config,
+        &PlanInput {
+            tokens,
+            quant: Some(qspec),
+            lora_rank: 16,
+            lora_targets: vec!["all-linear".into()],
+            lora_dropout: false,
+            checkpoint: true,
+            checkpoints: Keep::Bf16,
+        },
+    )
+    .unwrap();
+    let options = StepOptions {
+        grad_scale: 1.0 / tokens as f32,
+        checkpoint: true,
+        checkpoints: Keep::Bf16,
+        precision: Precision::F32,
+    };
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let loss = cpu::forward_backward_with(
+        &model,
+        Some(&adapter),
+        Some(&mut grads),
+        &seq,
+        options,
+        None,
+    )
+    .unwrap();
+    assert!(loss.loss_sum.is_finite());
+    let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
+    let step = (planned.activations + planned.workspace) as f64;
+    let ratio = measured / step;
+    eprintln!(
+        "real-width layer, 2048 tokens: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
+    );
+    assert!(
+        (0.9..1.1).contains(&ratio),
+        "planned {step} B vs measured {measured} B"
+    );
+}
