@@ -40,6 +40,27 @@ static ALLOCATOR: Counting = Counting;
 /// Held by each test while it measures.
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// The heap's peak above its level at the start of the last of `runs` calls of `step`, in bytes, and
+/// its ratio to the plan's step (buffers and temporaries). Earlier runs build what a step caches (its
+/// graph, the thread pool's buffers).
+fn measured_against_plan(
+    runs: usize,
+    planned: &nibble::plan::Plan,
+    mut step: impl FnMut(),
+) -> (f64, f64) {
+    let mut base = 0;
+    for _ in 0..runs {
+        base = CURRENT.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        step();
+    }
+    let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
+    (
+        measured,
+        measured / (planned.activations + planned.workspace) as f64,
+    )
+}
+
 #[test]
 fn planned_step_memory_matches_the_measured_heap_peak() {
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
@@ -98,24 +119,12 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
             checkpoints: keep,
             precision: Precision::F32,
         };
-        // The first step also builds the graph (then cached) and the thread pool's buffers.
-        let mut base = 0;
-        for _ in 0..2 {
-            base = CURRENT.load(Ordering::Relaxed);
-            PEAK.store(base, Ordering::Relaxed);
-            cpu::forward_backward_with(
-                &model,
-                Some(&adapter),
-                Some(&mut grads),
-                &seq,
-                options,
-                Some(&mut rng),
-            )
-            .unwrap();
-        }
-        let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
+        let (measured, ratio) = measured_against_plan(2, &planned, || {
+            let (adapter, grads) = (Some(&adapter), Some(&mut grads));
+            cpu::forward_backward_with(&model, adapter, grads, &seq, options, Some(&mut rng))
+                .unwrap();
+        });
         let step = (planned.activations + planned.workspace) as f64;
-        let ratio = measured / step;
         eprintln!(
             "{tokens} tokens, dropout {dropout}, checkpoint {checkpoint} {keep:?}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
         );
@@ -185,10 +194,7 @@ fn klein_planned_step_memory_matches_the_measured_heap_peak() {
         assert_eq!(planned.lora_parameters as usize, adapter.parameter_count());
         let graph = flux2::build(c, Some(&LoraSpec::of(&adapter)), step);
         let mut grads = adapter.zeros_like();
-        let mut base = 0;
-        for _ in 0..2 {
-            base = CURRENT.load(Ordering::Relaxed);
-            PEAK.store(base, Ordering::Relaxed);
+        let (measured, ratio) = measured_against_plan(2, &planned, || {
             let bind = Bindings {
                 model: &model,
                 adapter: Some(&adapter),
@@ -199,10 +205,8 @@ fn klein_planned_step_memory_matches_the_measured_heap_peak() {
                 precision: Precision::F32,
             };
             run(&graph, bind).unwrap();
-        }
-        let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
+        });
         let step = (planned.activations + planned.workspace) as f64;
-        let ratio = measured / step;
         eprintln!(
             "klein, checkpoint {checkpoint}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
         );
@@ -300,21 +304,12 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
         checkpoints: Keep::Bf16,
         precision: Precision::F32,
     };
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let loss = cpu::forward_backward_with(
-        &model,
-        Some(&adapter),
-        Some(&mut grads),
-        &seq,
-        options,
-        None,
-    )
-    .unwrap();
-    assert!(loss.loss_sum.is_finite());
-    let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
+    let (measured, ratio) = measured_against_plan(1, &planned, || {
+        let (adapter, grads) = (Some(&adapter), Some(&mut grads));
+        let loss = cpu::forward_backward_with(&model, adapter, grads, &seq, options, None).unwrap();
+        assert!(loss.loss_sum.is_finite());
+    });
     let step = (planned.activations + planned.workspace) as f64;
-    let ratio = measured / step;
     eprintln!(
         "real-width layer, 2048 tokens: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
     );
