@@ -284,6 +284,20 @@ fn plan_finds_the_longest_sequence_for_a_budget() {
     assert!(at(longest) as f64 <= budget && at(longest + 1) as f64 > budget);
     let text = ok(&["plan", s(&path), "--budget", "11.5GiB", "--lora-r", "32"]);
     assert!(text.starts_with("longest sequence in 11.50 GiB:"), "{text}");
+    // Left to nibble, a budget assumes checkpoints in bf16, as `nibble train` would choose them.
+    let args = [
+        "plan",
+        s(&path),
+        "--budget",
+        "11.5GiB",
+        "--lora-r",
+        "32",
+        "--json",
+    ];
+    let chosen: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert_eq!(chosen["assumed"]["bf16_checkpoints"], true);
+    assert_eq!(chosen["assumed"]["gradient_checkpointing"], true);
+    assert!(chosen["max_seq_len"].as_u64().unwrap() > longest);
     let err = fails(&["plan", s(&path), "--budget", "2GiB"]);
     assert!(
         err.contains("not even a 1-token step fits in 2.00 GiB"),

@@ -655,3 +655,62 @@ fn a_run_too_large_for_the_gpu_is_refused_before_anything_is_written() {
     assert_eq!(seen.steps.len(), 1);
     assert!(output.join("adapter_model.safetensors").exists());
 }
+
+/// Gradient checkpointing left to nibble (`RunOptions::fit_checkpointing`, as `nibble train` sets it
+/// when neither --gradient-checkpointing nor --bf16-checkpoints is given): a step that does not fit
+/// the device turns it on, with bf16 checkpoints where f32 ones do not fit either, and run.json
+/// records the choice; given the options, the same cap refuses the run.
+#[test]
+fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
+    use nibble::graph::checkpoint::Keep;
+    let Some(gpu) = common::gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let tokens = 64;
+    let config = TrainConfig {
+        max_length: tokens,
+        ..config(1)
+    };
+    let source = nibble::model::ModelSource::open(&model).unwrap();
+    let planned = |checkpoint, checkpoints| {
+        let input = nibble::plan::PlanInput {
+            tokens,
+            quant: Some(
+                nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap(),
+            ),
+            lora_rank: config.lora.r,
+            lora_targets: config.lora.targets.clone(),
+            lora_dropout: config.lora.dropout > 0.0,
+            checkpoint,
+            checkpoints,
+        };
+        nibble::plan::plan(&source.config, &input).unwrap().total
+    };
+    let (bf16, f32) = (planned(true, Keep::Bf16), planned(true, Keep::F32));
+    assert!(bf16 < f32 && f32 < planned(false, Keep::F32));
+    let cap = (bf16 + f32) / 2;
+    let run = |output: &str, fit_checkpointing| {
+        let spec = RunSpec {
+            model: &model,
+            data: &data,
+            output: &dir.path().join(output),
+            quant: None,
+            config: config.clone(),
+            options: RunOptions {
+                gpu_memory: Some(cap),
+                packing: true,
+                fit_checkpointing,
+                ..Default::default()
+            },
+        };
+        run::run(spec, Some(&gpu), &mut Recorded::default())
+    };
+    refused(
+        run("given", false),
+        &["a training step of 64 tokens", "--gpu-memory"],
+    );
+    run("fitted", true).unwrap();
+    let manifest = std::fs::read_to_string(dir.path().join("fitted/run.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+}

@@ -27,9 +27,10 @@ pub struct Args {
     /// Recompute each layer (block) before its backward (default: on for FLUX.2, off for LLMs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
-    /// Gradient checkpointing with each layer's input kept in bf16 (half the checkpoints' memory).
-    #[arg(long)]
-    bf16_checkpoints: bool,
+    /// Gradient checkpointing with each layer's input kept in bf16 (half the checkpoints' memory;
+    /// what --budget assumes unless told otherwise).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    bf16_checkpoints: Option<bool>,
     /// FLUX.2: image side in pixels (16 pixels per latent token).
     #[arg(long, default_value_t = 1024)]
     resolution: usize,
@@ -81,7 +82,7 @@ pub fn run(args: Args) -> Result<()> {
             step.image_tokens,
             c.block_linears().len()
         );
-        if bf16_checkpoints {
+        if bf16_checkpoints.is_some() {
             bail!("--bf16-checkpoints is for language models; FLUX.2 keeps its checkpoints in f32");
         }
         if budget.is_some() {
@@ -92,7 +93,10 @@ pub fn run(args: Args) -> Result<()> {
         }
         return print_plan(&p, &what, spec, checkpointing(checkpoint, false), as_json);
     }
-    let checkpoint = checkpoint.unwrap_or(false) || bf16_checkpoints;
+    // Left to nibble, a budget is met as `nibble train` meets it: with checkpoints in bf16.
+    let bf16_checkpoints = bf16_checkpoints
+        .unwrap_or(budget.is_some() && checkpoint.is_none() && bf16_checkpoints.is_none());
+    let checkpoint = checkpoint.unwrap_or(bf16_checkpoints) || bf16_checkpoints;
     let keep = match bf16_checkpoints {
         true => nibble::graph::checkpoint::Keep::Bf16,
         false => nibble::graph::checkpoint::Keep::F32,

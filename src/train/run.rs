@@ -36,6 +36,9 @@ pub struct RunOptions {
     pub packing: bool,
     /// The device memory the run may use, in bytes, where less than the driver reports.
     pub gpu_memory: Option<u64>,
+    /// Gradient checkpointing was left to nibble: a step that would not fit turns it on, then keeps
+    /// the checkpoints in bf16, as `nibble plan --budget` assumes.
+    pub fit_checkpointing: bool,
 }
 
 /// A whole run: which model, data and output folder, with which configuration.
@@ -676,30 +679,49 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 n
             }
         });
-    let needs = crate::plan::plan(
-        &model.config,
-        &crate::plan::PlanInput {
-            tokens: longest,
-            quant: model.quant,
-            lora_rank: config.lora.r,
-            lora_targets: config.lora.targets.clone(),
-            lora_dropout: config.lora.dropout > 0.0,
-            checkpoint: config.checkpoint,
-            checkpoints: config.checkpoints,
-        },
-    )?;
     let step = format!("a training step of {longest} tokens");
-    match gpu {
-        Some(gpu) => {
-            let advice = "; a smaller --max-length, --gradient-checkpointing or a 4-bit --quant \
-                          needs less (`nibble plan` shows how much)";
-            gpu.check_fits(&step, needs.total, options.gpu_memory, advice)?
+    let fits = |checkpoint, checkpoints| -> Result<()> {
+        let needs = crate::plan::plan(
+            &model.config,
+            &crate::plan::PlanInput {
+                tokens: longest,
+                quant: model.quant,
+                lora_rank: config.lora.r,
+                lora_targets: config.lora.targets.clone(),
+                lora_dropout: config.lora.dropout > 0.0,
+                checkpoint,
+                checkpoints,
+            },
+        )?;
+        match gpu {
+            Some(gpu) => {
+                let advice = "; a smaller --max-length, --bf16-checkpoints or a 4-bit --quant \
+                              needs less (`nibble plan` shows how much)";
+                gpu.check_fits(&step, needs.total, options.gpu_memory, advice)
+            }
+            None => crate::alloc::check_fits(
+                &step,
+                needs.cpu_total(),
+                "; lower --max-length or pass --bf16-checkpoints",
+            ),
         }
-        None => crate::alloc::check_fits(
-            &step,
-            needs.cpu_total(),
-            "; lower --max-length or pass --gradient-checkpointing",
-        )?,
+    };
+    if let Err(e) = fits(config.checkpoint, config.checkpoints) {
+        use crate::graph::checkpoint::Keep;
+        let choices = [(true, Keep::F32), (true, Keep::Bf16)];
+        let fitting = options
+            .fit_checkpointing
+            .then(|| choices.into_iter().find(|&(c, k)| fits(c, k).is_ok()))
+            .flatten();
+        let Some((checkpoint, checkpoints)) = fitting else {
+            return Err(e);
+        };
+        let how = match checkpoints {
+            Keep::F32 => "gradient checkpointing",
+            Keep::Bf16 => "gradient checkpointing with bf16 checkpoints",
+        };
+        log::info!("{step} needs more memory than there is without it: training with {how}");
+        (config.checkpoint, config.checkpoints) = (checkpoint, checkpoints);
     }
     // Every step that can fail comes before the earlier run's files are cleared.
     let run = Run::prepare((&model).into(), source.label(), config, data, options)?;

@@ -368,6 +368,8 @@ impl TrainSettings {
             eval_split: self.eval_split,
             eval_steps: self.eval_steps.unwrap_or(0),
             packing: self.packing.unwrap_or(false),
+            fit_checkpointing: self.gradient_checkpointing.is_none()
+                && self.bf16_checkpoints.is_none(),
             gpu_memory: self
                 .gpu_memory
                 .as_deref()
