@@ -88,11 +88,12 @@ pub fn apply(graph: &Graph, keep: Keep) -> Graph {
     let mut remap: HashMap<BufId, BufId> = HashMap::new();
     let mut recomputed: HashSet<usize> = HashSet::new();
     for (i, node) in graph.nodes.iter().enumerate() {
-        if let Some(block) = node.stage.block.filter(|_| node.stage.backward) {
-            if kept.contains_key(&block) && !restored.contains_key(&block) {
-                let map = restore(&kept[&block], &packed, block, &mut out);
-                restored.insert(block, map);
-            }
+        if let Some(block) = node.stage.block.filter(|_| node.stage.backward)
+            && kept.contains_key(&block)
+            && !restored.contains_key(&block)
+        {
+            let map = restore(&kept[&block], &packed, block, &mut out);
+            restored.insert(block, map);
         }
         if node.stage.backward {
             let needs: Vec<usize> = node
