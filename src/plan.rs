@@ -126,7 +126,7 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
 /// The longest sequence (up to `MAX_TOKENS`) whose step, with `p`'s other options, fits in `budget`
 /// bytes, with its plan; None when not even one token fits. A step's memory grows with its length:
 /// doubling finds a length over the budget, then halving the interval finds the longest that fits
-/// (a graph of millions of tokens, with its thousands of MLP chunks, is never built).
+/// (graphs at most twice that long are built, not one of `MAX_TOKENS` for a card's budget).
 pub fn longest_sequence(
     c: &ModelConfig,
     p: &PlanInput,

@@ -355,10 +355,17 @@ fn bf16_checkpoints_keep_the_loss_and_nearly_the_gradients() {
                     eprintln!("{case}: GPU loss {e_loss:.1e}, gradients {e_grad:.1e}");
                     assert!(e_loss < 1e-6 && e_grad < 1e-4, "{case} on the GPU");
                 }
+                // The recomputation draws the forward's masks: with dropout, bf16 checkpoints stay
+                // as near f32 ones as without (other masks would differ by far more).
                 let seed = 0xfeed;
-                let a = cpu_step(&model, &adapter, &seq, shape(Keep::Bf16, true), seed);
-                let b = cpu_step(&model, &adapter, &seq, shape(Keep::Bf16, true), seed);
-                assert!(flat(&a.1) == flat(&b.1));
+                let dropped = cpu_step(&model, &adapter, &seq, shape(Keep::Bf16, true), seed);
+                let exact_dropped = cpu_step(&model, &adapter, &seq, shape(Keep::F32, true), seed);
+                let e = common::rel(&flat(&dropped.1), &flat(&exact_dropped.1));
+                assert!(e < 4e-2, "{case} with dropout: {e:e}");
+                assert!(
+                    flat(&dropped.1) != flat(&rounded.1),
+                    "{case}: the masks apply"
+                );
                 let peak = |keep| {
                     let graph = decoder::build(
                         &model.config,

@@ -689,28 +689,36 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     let (bf16, f32) = (planned(true, Keep::Bf16), planned(true, Keep::F32));
     assert!(bf16 < f32 && f32 < planned(false, Keep::F32));
     let cap = (bf16 + f32) / 2;
-    let run = |output: &str, fit_checkpointing| {
+    let run = |output: &str, cap, fit_checkpointing, resume: Option<PathBuf>| {
         let spec = RunSpec {
             model: &model,
             data: &data,
             output: &dir.path().join(output),
             quant: None,
-            config: config.clone(),
+            config: TrainConfig {
+                max_steps: Some(2),
+                ..config.clone()
+            },
             options: RunOptions {
                 gpu_memory: Some(cap),
                 packing: true,
                 fit_checkpointing,
+                save_steps: 1,
+                resume,
                 ..Default::default()
             },
         };
         run::run(spec, Some(&gpu), &mut Recorded::default())
     };
     refused(
-        run("given", false),
+        run("given", cap, false, None),
         &["a training step of 64 tokens", "--gpu-memory"],
     );
-    run("fitted", true).unwrap();
+    run("fitted", cap, true, None).unwrap();
     let manifest = std::fs::read_to_string(dir.path().join("fitted/run.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+    // Resumed where everything fits, the run keeps the checkpoints it recorded.
+    let checkpoint = dir.path().join("fitted/checkpoint-1");
+    run("resumed", 1 << 30, true, Some(checkpoint)).unwrap();
 }

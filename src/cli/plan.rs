@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value_t = 512)]
     text_tokens: usize,
     /// The memory of the device to train on (11.5GiB, 8GB, 12000MiB): print the longest sequence
-    /// whose step fits in it (JSON: `max_seq_len`), with the plan of that step.
+    /// whose step fits in it (JSON: `max_seq_len`), with the plan of that step (instead of --seq-len).
     #[arg(long)]
     budget: Option<String>,
     #[arg(long)]
@@ -92,6 +92,11 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
         return print_plan(&p, &what, spec, checkpointing(checkpoint, false), as_json);
+    }
+    if checkpoint == Some(false) && bf16_checkpoints == Some(true) {
+        bail!(
+            "--bf16-checkpoints is a kind of gradient checkpointing: drop --gradient-checkpointing false"
+        );
     }
     // Left to nibble, a budget is met as `nibble train` meets it: with checkpoints in bf16.
     let bf16_checkpoints = bf16_checkpoints

@@ -32,8 +32,7 @@ fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Resul
         .max(VOCAB_CHUNK.min(c.vocab_size));
     // The MLP's buffers are as long as a chunk of the sequence (`decoder::MLP_CHUNK`).
     let mlp_rows = tokens.min(decoder::MLP_CHUNK);
-    let widest = widest.max(c.intermediate_size * mlp_rows / tokens.max(1));
-    let bytes = (tokens * widest * 4) as u64;
+    let bytes = (tokens * widest).max(mlp_rows * c.intermediate_size) as u64 * 4;
     let limit = gpu.device_binding_limit();
     if bytes <= limit {
         return Ok(());

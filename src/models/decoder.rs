@@ -62,10 +62,12 @@ pub struct StepShape {
     pub mlp_chunk: usize,
 }
 
-/// Tokens per MLP chunk in a long sequence. Past it, a layer's MLP runs chunk by chunk and its
-/// backward recomputes each chunk's gate and up projections, so that its workspace (five buffers of
-/// tokens x intermediate floats, 1.1 GiB at 4096 tokens for an 8B model) stops growing with the
-/// sequence, at the price of a third more MLP forward work. Shorter sequences keep the projections.
+/// Tokens per MLP chunk in a long sequence (training, evaluation and a long prompt's prefill alike).
+/// Past it, a layer's MLP runs chunk by chunk and its backward recomputes each chunk's gate and up
+/// projections, so that its workspace (five buffers of tokens x intermediate floats, 1.1 GiB at 4096
+/// tokens for an 8B model) stops growing with the sequence. With gradient checkpointing, which
+/// recomputes them anyway, that costs nothing more; without, two of the MLP's three forward products
+/// again. Shorter sequences keep the projections.
 pub const MLP_CHUNK: usize = 2048;
 
 impl StepShape {
@@ -430,7 +432,7 @@ impl Decoder<'_> {
     /// The (first row, rows) of each MLP chunk: one chunk for a short sequence or a decoding step.
     fn mlp_chunks(&self) -> Vec<(usize, usize)> {
         let (t, size) = (self.t(), self.shape.mlp_chunk.max(1));
-        if t <= size || self.shape.decode_after.is_some() {
+        if t <= size {
             return vec![(0, t)];
         }
         (0..t).step_by(size).map(|r| (r, size.min(t - r))).collect()

@@ -150,7 +150,7 @@ fn bfl_config(
         .ok_or("encoder.conv_in.weight is not a conv kernel")?;
     let block_out_channels: Vec<usize> = (0..)
         .map_while(|i| shape(&format!("encoder.down.{i}.block.0.conv1.weight")))
-        .map(|s| s[0])
+        .map(|s| s.first().copied().unwrap_or(0))
         .collect();
     let layers_per_block = (0..)
         .take_while(|j| shape(&format!("encoder.down.0.block.{j}.conv1.weight")).is_some())
@@ -167,7 +167,7 @@ fn bfl_config(
         block_out_channels,
         layers_per_block,
         norm_num_groups: 32,
-        latent_channels: conv_out[0] / 2,
+        latent_channels: conv_out.first().copied().unwrap_or(0) / 2,
         in_channels,
         mid_block_add_attention: shape("encoder.mid.attn_1.q.weight").is_some(),
         use_quant_conv: shape("encoder.quant_conv.weight").is_some(),

@@ -706,8 +706,21 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             ),
         }
     };
+    use crate::graph::checkpoint::Keep;
+    // A resumed run keeps the bf16 checkpoints its checkpoint recorded, whatever the device now (they
+    // change the numbers).
+    let recorded_bf16 = options.fit_checkpointing
+        && options
+            .resume
+            .as_deref()
+            .and_then(|from| train::newest_checkpoint(from).ok().flatten())
+            .and_then(|c| crate::fsutil::read_to_string(&c.join(train::MANIFEST)).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .is_some_and(|m| m["options"]["bf16_checkpoints"] == true);
+    if recorded_bf16 {
+        (config.checkpoint, config.checkpoints) = (true, Keep::Bf16);
+    }
     if let Err(e) = fits(config.checkpoint, config.checkpoints) {
-        use crate::graph::checkpoint::Keep;
         let choices = [(true, Keep::F32), (true, Keep::Bf16)];
         let fitting = options
             .fit_checkpointing

@@ -141,7 +141,7 @@ pub struct TrainSettings {
     pub gradient_checkpointing: Option<bool>,
     /// Gradient checkpointing with each layer's input kept in bf16: half the memory of the
     /// checkpoints, which dominate long sequences (the gradients then differ from f32 checkpoints'
-    /// by a few tenths of a percent; the loss not at all).
+    /// by a few tenths of a percent: the first loss is the same, later ones drift a little).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bf16_checkpoints: Option<bool>,
     /// Pack several examples into each sequence of up to --max-length tokens (attention stays inside
@@ -317,6 +317,13 @@ impl TrainSettings {
                 None => d.lora.targets,
             },
         };
+        if self.gradient_checkpointing == Some(false) && self.bf16_checkpoints == Some(true) {
+            return Err(Error::Invalid(
+                "--bf16-checkpoints is a kind of gradient checkpointing: drop \
+                 --gradient-checkpointing false"
+                    .into(),
+            ));
+        }
         let config = TrainConfig {
             lora,
             lr: self.lr.unwrap_or(d.lr),
