@@ -455,22 +455,24 @@ fn bf16_checkpoints_train_and_are_recorded_in_the_run() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(rounded.join("run.json")).unwrap()).unwrap();
     assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+    // A resume that leaves checkpointing to nibble keeps what the run recorded; one that asks for
+    // f32 checkpoints is refused, naming the option.
     let checkpoint = rounded.join("checkpoint-1");
-    let resumed = dir.path().join("resumed");
-    let o = train_cli(
-        &model,
-        &data,
-        &resumed,
-        &[
-            "--max-steps",
-            "3",
-            "--save-steps",
-            "1",
-            "--lr",
-            "1e-2",
-            "--resume",
-            checkpoint.to_str().unwrap(),
-        ],
+    let resume = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["--max-steps", "3", "--save-steps", "1", "--lr", "1e-2"];
+        args.extend_from_slice(&["--resume", checkpoint.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        train_cli(&model, &data, out, &args)
+    };
+    let kept = dir.path().join("kept");
+    let o = resume(&kept, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(kept.join("run.json")).unwrap()).unwrap();
+    assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+    let o = resume(
+        &dir.path().join("exact-resume"),
+        &["--gradient-checkpointing"],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
