@@ -426,7 +426,8 @@ fn lora_targets_are_module_paths_as_peft_matches_them() {
 
 /// `--bf16-checkpoints`: a run trains with checkpointing whose layer inputs are kept in bf16; its
 /// first loss (before any update) is the exact one, its later ones near; run.json records it, so a
-/// resume without it is refused by name; FLUX.2 runs refuse it.
+/// resume that leaves checkpointing to nibble keeps it and one that asks for f32 checkpoints is
+/// refused by name.
 #[test]
 fn bf16_checkpoints_train_and_are_recorded_in_the_run() {
     let dir = tempfile::tempdir().unwrap();
