@@ -42,6 +42,8 @@ pub struct Plan {
     /// The kernel temporaries of that node (weight tiles, attention's per-head shares, a vocabulary
     /// chunk).
     pub workspace: u64,
+    /// Offloaded checkpoints, in host memory on the GPU executor (not in `total`).
+    pub host_activations: u64,
     pub total: u64,
 }
 
@@ -92,13 +94,15 @@ impl Plan {
             lora_parameters,
             activations: memory.buffers,
             workspace: memory.temporaries,
+            host_activations: memory.host,
             total: weights + lora_and_optimizer + memory.total(),
         }
     }
 
-    /// What the CPU executor holds: everything in host memory.
+    /// What the CPU executor holds: everything in host memory (offloaded checkpoints counted at
+    /// their own peak, which bounds the sum).
     pub fn cpu_total(&self) -> u64 {
-        self.total + self.host_weights
+        self.total + self.host_weights + self.host_activations
     }
 }
 

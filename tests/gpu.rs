@@ -220,38 +220,77 @@ fn gpu_step_memory_follows_the_plan() {
     let gm = GpuModel::upload(&gpu, &model).unwrap();
     let gl = GpuLora::upload(&gpu, &adapter);
     let grads = weights::zero_grads(&gpu, &adapter);
-    let before = gpu.scratch_bytes();
-    exec::gpu::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
-    let first = gpu.scratch_bytes() - before;
-    // A second step finds everything it needs in the pool.
-    exec::gpu::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0).unwrap();
-    assert_eq!(
-        gpu.scratch_bytes() - before,
-        first,
-        "the second step allocated again"
-    );
-    let input = PlanInput {
-        tokens,
-        quant: Some(qspec),
-        lora_rank: 8,
-        lora_targets: vec!["all-linear".into()],
-        lora_dropout: false,
-        checkpoint: false,
-        checkpoints: nibble::graph::checkpoint::Keep::F32,
-    };
-    let planned = plan(&model.config, &input).unwrap();
-    // The untied embedding stays in host memory; every other weight is on the device as planned
-    // (group scales in f32, norms in f32).
-    assert!(planned.host_weights > 0);
-    assert_eq!(gm.device_bytes(), planned.weights);
-    let step_plan = (planned.activations + planned.workspace) as f64;
-    let ratio = first as f64 / step_plan;
-    eprintln!("GPU step scratch {first} B, planned {step_plan:.0} B ({ratio:.2})");
-    // Measured 0.59: the plan is the CPU's allocation, which the GPU's (no weight tiles) stays under.
-    assert!(
-        ratio <= 1.0,
-        "the GPU step holds {first} B, the plan says {step_plan:.0} B"
-    );
+    use nibble::graph::checkpoint::Keep;
+    for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
+        let options = exec::gpu::SequenceOptions {
+            grad_scale: 1.0,
+            checkpoint,
+            checkpoints,
+            dropout: None,
+        };
+        let step = || {
+            let mut enc = gpu.encoder();
+            let losses = exec::gpu::record_sequence(
+                &gpu,
+                &gm,
+                Some(&gl),
+                Some(&grads),
+                &seq,
+                options,
+                &mut enc,
+            )
+            .unwrap()
+            .unwrap();
+            gpu.submit_and_read(enc, &[&losses]).unwrap();
+        };
+        // Each configuration's step from an empty pool.
+        gpu.release_scratch();
+        let before = (gpu.scratch_bytes(), gpu.host_scratch_bytes());
+        step();
+        let first = (
+            gpu.scratch_bytes() - before.0,
+            gpu.host_scratch_bytes() - before.1,
+        );
+        // A second step finds everything it needs in the pools.
+        step();
+        assert_eq!(
+            (
+                gpu.scratch_bytes() - before.0,
+                gpu.host_scratch_bytes() - before.1
+            ),
+            first,
+            "the second step allocated again"
+        );
+        let input = PlanInput {
+            tokens,
+            quant: Some(qspec),
+            lora_rank: 8,
+            lora_targets: vec!["all-linear".into()],
+            lora_dropout: false,
+            checkpoint,
+            checkpoints,
+        };
+        let planned = plan(&model.config, &input).unwrap();
+        // The untied embedding stays in host memory; every other weight is on the device as planned
+        // (group scales in f32, norms in f32).
+        assert!(planned.host_weights > 0);
+        assert_eq!(gm.device_bytes(), planned.weights);
+        let step_plan = (planned.activations + planned.workspace) as f64;
+        let ratio = first.0 as f64 / step_plan;
+        eprintln!(
+            "{checkpoints:?}: GPU step scratch {} B, planned {step_plan:.0} B ({ratio:.2}); host {} B, planned {} B",
+            first.0, first.1, planned.host_activations
+        );
+        // Measured 0.58 and 0.53: the plan is the CPU's allocation, which the GPU's (no weight tiles)
+        // stays under. Offloaded buffers are exactly the planned ones: bf16 pairs of each layer's
+        // input.
+        assert!(
+            ratio <= 1.0,
+            "the GPU step holds {} B, the plan says {step_plan:.0} B",
+            first.0
+        );
+        assert_eq!(first.1, planned.host_activations, "{checkpoints:?}");
+    }
 }
 
 /// Optimizer steps on the GPU (dropout, gradient accumulation, clipping, AdamW and checkpointing all on

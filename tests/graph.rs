@@ -380,3 +380,66 @@ fn bf16_checkpoints_keep_the_loss_and_nearly_the_gradients() {
         }
     }
 }
+
+/// Checkpoints offloaded to host memory (`checkpoint::Keep::Bf16Host`): copied out after the forward
+/// writes them and back before their block's backward, so the step is `Keep::Bf16`'s bit for bit on
+/// both executors (the GPU executor keeps them in host-visible buffers), with LoRA dropout, packed
+/// sequences and MLP chunks; on the device only one block's checkpoints are alive at a time, so the
+/// device peak falls and the checkpoints are counted in host memory instead.
+#[test]
+fn offloaded_checkpoints_are_the_bf16_ones_in_host_memory() {
+    use nibble::graph::checkpoint::Keep;
+    let gpu = common::gpu();
+    for arch in [Arch::Qwen2, Arch::Llama] {
+        for quant in [false, true] {
+            let model = model(arch, quant);
+            let mut rng = Rng::new(37);
+            let adapter = adapter(&model, &mut rng);
+            for packed in [false, true] {
+                let seq = sequence(&mut rng, packed);
+                let shape = |checkpoints, dropout| StepShape {
+                    checkpoints,
+                    mlp_chunk: 8,
+                    ..StepShape::of(&seq, true, dropout, true)
+                };
+                let case = format!("{arch:?} quant={quant} packed={packed}");
+                for dropout in [false, true] {
+                    let on_device = cpu_step(&model, &adapter, &seq, shape(Keep::Bf16, dropout), 0);
+                    let on_host =
+                        cpu_step(&model, &adapter, &seq, shape(Keep::Bf16Host, dropout), 0);
+                    assert_eq!(on_device.0, on_host.0, "{case}");
+                    assert!(flat(&on_device.1) == flat(&on_host.1), "{case}");
+                }
+                if let Some(gpu) = &gpu {
+                    let on_device = gpu_step(gpu, &model, &adapter, &seq, shape(Keep::Bf16, true));
+                    let on_host =
+                        gpu_step(gpu, &model, &adapter, &seq, shape(Keep::Bf16Host, true));
+                    assert_eq!(on_device.0, on_host.0, "{case} on the GPU");
+                    assert!(flat(&on_device.1) == flat(&on_host.1), "{case} on the GPU");
+                    assert!(
+                        gpu.host_scratch_bytes() > 0,
+                        "{case}: the GPU kept nothing in host memory"
+                    );
+                }
+                let memory = |keep| {
+                    let graph = decoder::build(
+                        &model.config,
+                        Some(&LoraSpec::of(&adapter)),
+                        shape(keep, false),
+                    );
+                    graph.validate().unwrap();
+                    graph.memory()
+                };
+                let (device, host) = (memory(Keep::Bf16), memory(Keep::Bf16Host));
+                assert_eq!(device.host, 0);
+                // The packed sequence's peak is at the loss, where the checkpoints weigh alike.
+                assert!(host.total() <= device.total(), "{case}");
+                assert!(packed || host.total() < device.total(), "{case}");
+                // Every layer's bf16 input (two values to a word) is in host memory at the backward.
+                let c = &model.config;
+                let layer_input = (seq.ids.len() * c.hidden_size).div_ceil(2) as u64 * 4;
+                assert!(host.host >= c.num_layers as u64 * layer_input, "{case}");
+            }
+        }
+    }
+}

@@ -40,9 +40,16 @@ static ALLOCATOR: Counting = Counting;
 /// Held by each test while it measures.
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// What the plan says a step allocates on the CPU executor: its buffers at their peak, that node's
+/// temporaries and (in host memory on a GPU, here with the rest) the offloaded checkpoints.
+fn step_bytes(planned: &nibble::plan::Plan) -> u64 {
+    planned.activations + planned.workspace + planned.host_activations
+}
+
 /// The heap's peak above its level at the start of the last of `runs` calls of `step`, in bytes, and
-/// its ratio to the plan's step (buffers and temporaries). Earlier runs build what a step caches (its
-/// graph, the thread pool's buffers).
+/// its ratio to the plan's step (`step_bytes`). Earlier runs build what a step caches (its graph, the
+/// thread pool's buffers).
+
 fn measured_against_plan(
     runs: usize,
     planned: &nibble::plan::Plan,
@@ -55,10 +62,7 @@ fn measured_against_plan(
         step();
     }
     let measured = (PEAK.load(Ordering::Relaxed) - base) as f64;
-    (
-        measured,
-        measured / (planned.activations + planned.workspace) as f64,
-    )
+    (measured, measured / step_bytes(planned) as f64)
 }
 
 #[test]
@@ -88,6 +92,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         (true, true, 192, Keep::F32),
         (false, true, long, Keep::F32),
         (true, true, long, Keep::Bf16),
+        (true, true, long, Keep::Bf16Host),
     ] {
         let seq = Sequence::all_tokens((0..tokens).map(|_| rng.below(4000) as u32).collect());
         let config = LoraConfig {
@@ -124,7 +129,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
             cpu::forward_backward_with(&model, adapter, grads, &seq, options, Some(&mut rng))
                 .unwrap();
         });
-        let step = (planned.activations + planned.workspace) as f64;
+        let step = step_bytes(&planned) as f64;
         eprintln!(
             "{tokens} tokens, dropout {dropout}, checkpoint {checkpoint} {keep:?}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
         );
@@ -206,7 +211,7 @@ fn klein_planned_step_memory_matches_the_measured_heap_peak() {
             };
             run(&graph, bind).unwrap();
         });
-        let step = (planned.activations + planned.workspace) as f64;
+        let step = step_bytes(&planned) as f64;
         eprintln!(
             "klein, checkpoint {checkpoint}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
         );
@@ -309,7 +314,7 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
         let loss = cpu::forward_backward_with(&model, adapter, grads, &seq, options, None).unwrap();
         assert!(loss.loss_sum.is_finite());
     });
-    let step = (planned.activations + planned.workspace) as f64;
+    let step = step_bytes(&planned) as f64;
     eprintln!(
         "real-width layer, 2048 tokens: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
     );

@@ -27,10 +27,13 @@ pub struct Args {
     /// Recompute each layer (block) before its backward (default: on for FLUX.2, off for LLMs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
-    /// Gradient checkpointing with each layer's input kept in bf16 (half the checkpoints' memory;
-    /// what --budget assumes unless told otherwise).
+    /// Gradient checkpointing with each layer's input kept in bf16 (half the checkpoints' memory).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     bf16_checkpoints: Option<bool>,
+    /// bf16 checkpoints kept in host memory, one layer's on the device at a time (GPU executor;
+    /// what --budget assumes unless told otherwise).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    offload_checkpoints: Option<bool>,
     /// FLUX.2: image side in pixels (16 pixels per latent token).
     #[arg(long, default_value_t = 1024)]
     resolution: usize,
@@ -55,6 +58,7 @@ pub fn run(args: Args) -> Result<()> {
         target_modules: targets,
         gradient_checkpointing: checkpoint,
         bf16_checkpoints,
+        offload_checkpoints,
         resolution,
         text_tokens,
         budget,
@@ -82,8 +86,11 @@ pub fn run(args: Args) -> Result<()> {
             step.image_tokens,
             c.block_linears().len()
         );
-        if bf16_checkpoints.is_some() {
-            bail!("--bf16-checkpoints is for language models; FLUX.2 keeps its checkpoints in f32");
+        if bf16_checkpoints.is_some() || offload_checkpoints.is_some() {
+            bail!(
+                "--bf16-checkpoints and --offload-checkpoints are for language models; FLUX.2 \
+                 keeps its checkpoints in f32 on the device"
+            );
         }
         if budget.is_some() {
             bail!(
@@ -91,21 +98,18 @@ pub fn run(args: Args) -> Result<()> {
                  total at each --resolution with your card"
             );
         }
-        return print_plan(&p, &what, spec, checkpointing(checkpoint, false), as_json);
+        let keep = nibble::graph::checkpoint::Keep::F32;
+        return print_plan(&p, &what, spec, checkpointing(checkpoint, keep), as_json);
     }
-    if checkpoint == Some(false) && bf16_checkpoints == Some(true) {
-        bail!(
-            "--bf16-checkpoints is a kind of gradient checkpointing: drop --gradient-checkpointing false"
-        );
-    }
-    // Left to nibble, a budget is met as `nibble train` meets it: with checkpoints in bf16.
-    let bf16_checkpoints = bf16_checkpoints
-        .unwrap_or(budget.is_some() && checkpoint.is_none() && bf16_checkpoints.is_none());
-    let checkpoint = checkpoint.unwrap_or(bf16_checkpoints) || bf16_checkpoints;
-    let keep = match bf16_checkpoints {
-        true => nibble::graph::checkpoint::Keep::Bf16,
-        false => nibble::graph::checkpoint::Keep::F32,
-    };
+    use nibble::graph::checkpoint::Keep;
+    // Left to nibble, a budget is met as `nibble train` meets the least memory on a GPU: with bf16
+    // checkpoints in host memory.
+    let (checkpoint, keep) = Keep::from_flags(checkpoint, bf16_checkpoints, offload_checkpoints)
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(match budget {
+            Some(_) => (true, Keep::Bf16Host),
+            None => (false, Keep::F32),
+        });
     let (config, stored) = plan_source(&path)?;
     let spec = quant.planned_spec(stored)?;
     use nibble::train::settings::{MAX_RANK, MAX_TOKENS};
@@ -126,13 +130,7 @@ pub fn run(args: Args) -> Result<()> {
     let Some(budget) = budget else {
         let p = nibble::plan::plan(&config, &input)?;
         let what = format!("training step of {tokens} tokens, LoRA r={rank} on {targets}");
-        return print_plan(
-            &p,
-            &what,
-            spec,
-            checkpointing(checkpoint, bf16_checkpoints),
-            as_json,
-        );
+        return print_plan(&p, &what, spec, checkpointing(checkpoint, keep), as_json);
     };
     let Some((longest, p)) = nibble::plan::longest_sequence(&config, &input, budget)? else {
         input.tokens = 1;
@@ -151,7 +149,7 @@ pub fn run(args: Args) -> Result<()> {
         value["assumed"] = serde_json::json!({
             "quant": spec.map(|s| s.to_string()), "lora_r": rank, "target_modules": targets,
             "lora_dropout": dropout, "gradient_checkpointing": checkpoint,
-            "bf16_checkpoints": bf16_checkpoints,
+            "bf16_checkpoints": keep.bf16(), "offload_checkpoints": keep == Keep::Bf16Host,
         });
         println!("{value}");
         return Ok(());
@@ -162,21 +160,17 @@ pub fn run(args: Args) -> Result<()> {
         group_digits(longest as u64)
     );
     let what = format!("training step of {longest} tokens, LoRA r={rank} on {targets}");
-    print_plan(
-        &p,
-        &what,
-        spec,
-        checkpointing(checkpoint, bf16_checkpoints),
-        false,
-    )
+    print_plan(&p, &what, spec, checkpointing(checkpoint, keep), false)
 }
 
 /// How the plan's header says the step keeps its checkpoints.
-fn checkpointing(on: bool, bf16: bool) -> &'static str {
-    match (on, bf16) {
+fn checkpointing(on: bool, keep: nibble::graph::checkpoint::Keep) -> &'static str {
+    use nibble::graph::checkpoint::Keep;
+    match (on, keep) {
         (false, _) => "",
-        (true, false) => ", gradient checkpointing",
-        (true, true) => ", gradient checkpointing in bf16",
+        (true, Keep::F32) => ", gradient checkpointing",
+        (true, Keep::Bf16) => ", gradient checkpointing in bf16",
+        (true, Keep::Bf16Host) => ", gradient checkpointing in bf16 offloaded to host memory",
     }
 }
 
@@ -210,6 +204,13 @@ fn print_plan(
     );
     row("LoRA + AdamW state", p.lora_and_optimizer, note);
     row("step buffers at peak", p.activations, String::new());
+    if p.host_activations > 0 {
+        row(
+            "checkpoints (host memory)",
+            p.host_activations,
+            "   (not in the total)".into(),
+        );
+    }
     row("kernel temporaries", p.workspace, String::new());
     row("total", p.total, String::new());
     Ok(())

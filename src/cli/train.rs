@@ -61,6 +61,10 @@ fn train_klein(
         ("loss-on", settings.loss_on.is_some()),
         ("no-shuffle", settings.no_shuffle.is_some()),
         ("bf16-checkpoints", settings.bf16_checkpoints.is_some()),
+        (
+            "offload-checkpoints",
+            settings.offload_checkpoints.is_some(),
+        ),
     ];
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
         anyhow::bail!("--{name} is not supported for FLUX.2 image runs yet");

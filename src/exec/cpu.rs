@@ -242,7 +242,7 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                     .ok_or_else(|| missing("the value", name))?
                     .clone(),
             ),
-            Role::Activation | Role::Output(_) => Slot::Empty,
+            Role::Activation | Role::Offloaded | Role::Output(_) => Slot::Empty,
         };
         slots.push(slot);
     }
@@ -441,7 +441,17 @@ impl Exec {
                 rows,
             } => {
                 let n = rows * dim;
-                outs.get(0)[to * dim..][..n].copy_from_slice(&x(0)[from * dim..][..n]);
+                match ins[0] {
+                    // Packed bf16 words (an offloaded checkpoint) are copied whole, as words.
+                    Slot::U32(words) => {
+                        assert!(
+                            *from == 0 && *to == 0 && n == words.len(),
+                            "graph: words are copied whole"
+                        );
+                        outs.slots[0] = Slot::U32(words.clone());
+                    }
+                    _ => outs.get(0)[to * dim..][..n].copy_from_slice(&x(0)[from * dim..][..n]),
+                }
             }
             Op::Add => {
                 if acc {

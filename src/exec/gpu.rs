@@ -52,7 +52,7 @@ fn check_buffer_bindings(gpu: &Gpu, graph: &Graph, tokens: usize) -> Result<()> 
     let Some(widest) = graph
         .bufs
         .iter()
-        .filter(|b| b.role.is_transient())
+        .filter(|b| b.role.is_transient() && !b.role.in_host_memory())
         .max_by_key(|b| b.len)
     else {
         return Ok(());
@@ -160,6 +160,13 @@ impl Recorded {
 pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> Result<Recorded> {
     let tokens = bind.inputs.ids.len();
     check_buffer_bindings(bind.gpu, graph, tokens)?;
+    if !bind.gpu.can_offload() && graph.bufs.iter().any(|b| b.role.in_host_memory()) {
+        return Err(Error::Invalid(format!(
+            "GPU {} cannot keep buffers in host memory: offloaded checkpoints need a native \
+             Vulkan, DX12 or Metal device; keep them on the device",
+            bind.gpu.info.name
+        )));
+    }
     let params = lora_pairs(bind.lora);
     let grads = lora_pairs(bind.grads);
     let missing = |what: &str, name: &str| {
@@ -219,7 +226,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                         .ok_or_else(|| missing("the value", name))?,
                 ),
             ),
-            Role::Activation | Role::Output(_) => Slot::Empty,
+            Role::Activation | Role::Offloaded | Role::Output(_) => Slot::Empty,
         };
         slots.push(slot);
     }
@@ -283,12 +290,22 @@ impl Recorder<'_> {
 struct Outs<'a> {
     slots: Vec<Slot<'a>>,
     lens: Vec<usize>,
+    /// Which of them live in host memory (`Role::Offloaded`).
+    on_host: Vec<bool>,
 }
 
 impl<'a> Outs<'a> {
     fn get(&mut self, r: &mut Recorder, i: usize) -> &GpuBuffer {
         if let Slot::Empty = self.slots[i] {
-            self.slots[i] = Slot::Own(r.gpu.scratch(&mut r.enc, self.lens[i]));
+            let len = self.lens[i];
+            let buffer = match self.on_host[i] {
+                false => r.gpu.scratch(&mut r.enc, len),
+                true => r
+                    .gpu
+                    .host_scratch(len)
+                    .expect("`record` checked that the device keeps buffers in host memory"),
+            };
+            self.slots[i] = Slot::Own(buffer);
         }
         self.slots[i].buf()
     }
@@ -297,7 +314,16 @@ impl<'a> Outs<'a> {
 /// Records one node with the lowering of its op.
 fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot]) -> Result<()> {
     let (taken, lens) = node.take_outputs(graph, slots);
-    let mut outs = Outs { slots: taken, lens };
+    let on_host = node
+        .outputs
+        .iter()
+        .map(|&o| graph.bufs[o].role.in_host_memory())
+        .collect();
+    let mut outs = Outs {
+        slots: taken,
+        lens,
+        on_host,
+    };
     // Every output exists before the inputs are borrowed.
     for i in 0..outs.slots.len() {
         outs.get(r, i);

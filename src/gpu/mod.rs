@@ -99,6 +99,15 @@ type Pool = Rc<RefCell<std::collections::BTreeMap<usize, Vec<wgpu::Buffer>>>>;
 /// large one needs.
 const SCRATCH_SLACK: usize = 2;
 
+/// The smallest free buffer of `pool` that holds `len` words, within `SCRATCH_SLACK`.
+fn take_free(pool: &Pool, len: usize) -> Option<wgpu::Buffer> {
+    let mut pool = pool.borrow_mut();
+    let fits = pool
+        .range_mut(len.max(1)..=len.max(1) * SCRATCH_SLACK)
+        .find(|(_, free)| !free.is_empty());
+    fits.and_then(|(_, free)| free.pop())
+}
+
 /// A storage buffer of `len` 32-bit elements. Scratch buffers go back to their pool when dropped, so a
 /// later dispatch of the same step (or a later step) reuses the memory: the GPU runs dispatches in the
 /// order they were recorded, so every earlier reader of the buffer is done before it is cleared and
@@ -146,6 +155,11 @@ pub struct Gpu {
     pipelines: RefCell<HashMap<&'static str, wgpu::ComputePipeline>>,
     pool: Pool,
     scratch_bytes: Cell<u64>,
+    /// Free host-memory buffers (offloaded checkpoints), by capacity in words; None where the device
+    /// cannot copy between its memory and mappable host memory (`MAPPABLE_PRIMARY_BUFFERS`: native
+    /// Vulkan, DX12 and Metal can; WebGPU cannot).
+    host_pool: Option<Pool>,
+    host_bytes: Cell<u64>,
     /// The first error wgpu reported outside an error scope (out of memory, most likely), kept for
     /// `check_errors`: wgpu's own handler would panic.
     first_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
@@ -179,10 +193,15 @@ impl Gpu {
             )));
         }
         let limits = adapter.limits();
+        // Buffers that the device copies to and from and that live in host memory: where offloaded
+        // checkpoints go.
+        let host_copies = adapter
+            .features()
+            .intersection(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("nibble"),
-                required_features: wgpu::Features::empty(),
+                required_features: host_copies,
                 required_limits: limits.clone(),
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
@@ -216,6 +235,9 @@ impl Gpu {
             pipelines: RefCell::new(HashMap::new()),
             pool: Rc::new(RefCell::new(std::collections::BTreeMap::new())),
             scratch_bytes: Cell::new(0),
+            host_pool: (!host_copies.is_empty())
+                .then(|| Rc::new(RefCell::new(std::collections::BTreeMap::new()))),
+            host_bytes: Cell::new(0),
             first_error,
         })
     }
@@ -324,14 +346,7 @@ impl Gpu {
     /// Kernels bind whole buffers and read only the words their parameters name, so a larger buffer
     /// serves as well.
     pub fn scratch(&self, encoder: &mut wgpu::CommandEncoder, len: usize) -> GpuBuffer {
-        let reused = {
-            let mut pool = self.pool.borrow_mut();
-            let fits = pool
-                .range_mut(len.max(1)..=len.max(1) * SCRATCH_SLACK)
-                .find(|(_, free)| !free.is_empty());
-            fits.and_then(|(_, free)| free.pop())
-        };
-        let buffer = match reused {
+        let buffer = match take_free(&self.pool, len) {
             Some(b) => {
                 encoder.clear_buffer(&b, 0, None);
                 b
@@ -349,10 +364,49 @@ impl Gpu {
         }
     }
 
+    /// Whether the device can keep buffers in host memory (`host_scratch`).
+    pub fn can_offload(&self) -> bool {
+        self.host_pool.is_some()
+    }
+
+    /// A buffer of `len` words in host memory that the device copies to and from (and nothing binds),
+    /// back to its own pool when dropped; None where the device has none (`can_offload`). Its contents
+    /// are whatever it last held: an offloaded buffer is written whole before it is read.
+    pub fn host_scratch(&self, len: usize) -> Option<GpuBuffer> {
+        let pool = self.host_pool.as_ref()?;
+        let buffer = take_free(pool, len).unwrap_or_else(|| {
+            self.host_bytes
+                .set(self.host_bytes.get() + (len.max(1) * 4) as u64);
+            // MAP_READ without MAP_WRITE is what wgpu's Vulkan backend places in host (cached) memory
+            // rather than in device memory the host can see (resizable BAR).
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("offloaded"),
+                size: (len.max(1) * 4) as u64,
+                usage: wgpu::BufferUsages::MAP_READ
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        Some(GpuBuffer {
+            buffer,
+            len,
+            pool: Some(pool.clone()),
+        })
+    }
+
+    /// Bytes of host memory created so far for offloaded buffers (their high-water mark).
+    pub fn host_scratch_bytes(&self) -> u64 {
+        self.host_bytes.get()
+    }
+
     /// Frees the pool's idle scratch buffers (those of a finished phase, such as the text encoder's
     /// before training), so that their memory goes back to the device.
     pub fn release_scratch(&self) {
         self.pool.borrow_mut().clear();
+        if let Some(host) = &self.host_pool {
+            host.borrow_mut().clear();
+        }
     }
 
     /// Bytes of scratch memory created so far (the high-water mark of a step's temporaries and kept

@@ -19,6 +19,54 @@ pub enum Keep {
     /// Rounded to bf16 after the forward writes them, at half the memory; the block's recomputation
     /// and backward read the rounded values (the forward itself reads the exact ones).
     Bf16,
+    /// As `Bf16`, and moved to host memory (`Role::Offloaded`) until the block's backward copies them
+    /// back: the device holds one block's checkpoints at a time, for two copies over the bus per
+    /// checkpoint. The numbers are `Bf16`'s, bit for bit.
+    Bf16Host,
+}
+
+impl Keep {
+    /// Whether checkpoints are rounded to bf16.
+    pub fn bf16(self) -> bool {
+        self != Keep::F32
+    }
+
+    /// The checkpointing that the flags `--gradient-checkpointing`, `--bf16-checkpoints` and
+    /// `--offload-checkpoints` ask for (whether to checkpoint, and how), or None when none is given
+    /// and the choice is nibble's. Each of the last two implies checkpointing, and offloaded
+    /// checkpoints are bf16; contradictions are errors naming the flags.
+    pub fn from_flags(
+        checkpointing: Option<bool>,
+        bf16: Option<bool>,
+        offload: Option<bool>,
+    ) -> Result<Option<(bool, Keep)>, String> {
+        if checkpointing.is_none() && bf16.is_none() && offload.is_none() {
+            return Ok(None);
+        }
+        for (flag, asked) in [("bf16", bf16), ("offload", offload)] {
+            if checkpointing == Some(false) && asked == Some(true) {
+                return Err(format!(
+                    "--{flag}-checkpoints is a kind of gradient checkpointing: drop \
+                     --gradient-checkpointing false"
+                ));
+            }
+        }
+        let offload = offload == Some(true);
+        if offload && bf16 == Some(false) {
+            return Err(
+                "offloaded checkpoints are kept in bf16: drop --bf16-checkpoints false".into(),
+            );
+        }
+        let keep = match (offload, bf16 == Some(true)) {
+            (true, _) => Keep::Bf16Host,
+            (false, true) => Keep::Bf16,
+            (false, false) => Keep::F32,
+        };
+        Ok(Some((
+            checkpointing.unwrap_or(false) || keep != Keep::F32,
+            keep,
+        )))
+    }
 }
 
 pub fn apply(graph: &Graph, keep: Keep) -> Graph {
@@ -66,7 +114,7 @@ pub fn apply(graph: &Graph, keep: Keep) -> Graph {
         .collect();
     let kept = match keep {
         Keep::F32 => HashMap::new(),
-        Keep::Bf16 => block_inputs(graph),
+        Keep::Bf16 | Keep::Bf16Host => block_inputs(graph),
     };
     // Where each kept buffer's forward writes end, and its bf16 copy once packed.
     let mut last_write: HashMap<BufId, usize> = HashMap::new();
@@ -92,7 +140,7 @@ pub fn apply(graph: &Graph, keep: Keep) -> Graph {
             && kept.contains_key(&block)
             && !restored.contains_key(&block)
         {
-            let map = restore(&kept[&block], &packed, block, &mut out);
+            let map = restore(&kept[&block], &packed, block, &mut out, keep);
             restored.insert(block, map);
         }
         if node.stage.backward {
@@ -125,7 +173,11 @@ pub fn apply(graph: &Graph, keep: Keep) -> Graph {
             out.nodes.push(node.clone());
             for &o in &node.outputs {
                 if last_write.get(&o) == Some(&i) {
-                    packed.insert(o, pack(graph, o, node.stage, &mut out));
+                    let mut words = pack(graph, o, node.stage, &mut out);
+                    if keep == Keep::Bf16Host {
+                        words = copy_whole(words, Role::Offloaded, node.stage, &mut out);
+                    }
+                    packed.insert(o, words);
                 }
             }
         }
@@ -181,17 +233,53 @@ fn pack(graph: &Graph, buf: BufId, stage: Stage, out: &mut Graph) -> BufId {
     words
 }
 
-/// Appends the unpacking of `block`'s kept inputs into fresh buffers: the map to them.
+/// Appends a copy of all of `buf` into a new buffer of `role` (host memory or back), which it returns.
+fn copy_whole(buf: BufId, role: Role, stage: Stage, out: &mut Graph) -> BufId {
+    let mut desc = out.bufs[buf].clone();
+    desc.name = match role {
+        Role::Offloaded => format!("{} (host)", desc.name),
+        _ => format!("{} (back from the host)", desc.name),
+    };
+    desc.role = role;
+    let len = desc.len;
+    out.bufs.push(desc);
+    let copy = out.bufs.len() - 1;
+    out.nodes.push(Node {
+        op: Op::CopyRows {
+            dim: len,
+            from: 0,
+            to: 0,
+            rows: 1,
+        },
+        inputs: vec![buf],
+        outputs: vec![copy],
+        accumulate: false,
+        stage,
+    });
+    copy
+}
+
+/// Appends the unpacking of `block`'s kept inputs into fresh buffers (first copied back to the device
+/// when kept on the host): the map to them.
 fn restore(
     inputs: &[BufId],
     packed: &HashMap<BufId, BufId>,
     block: usize,
     out: &mut Graph,
+    keep: Keep,
 ) -> HashMap<BufId, BufId> {
+    let stage = Stage {
+        block: Some(block),
+        backward: true,
+    };
     let mut map = HashMap::new();
     for &buf in inputs {
-        let Some(&words) = packed.get(&buf) else {
+        let Some(&kept) = packed.get(&buf) else {
             continue;
+        };
+        let words = match keep {
+            Keep::Bf16Host => copy_whole(kept, Role::Activation, stage, out),
+            _ => kept,
         };
         let mut desc = out.bufs[buf].clone();
         desc.name = format!("{} (restored)", desc.name);
@@ -202,10 +290,7 @@ fn restore(
             inputs: vec![words],
             outputs: vec![restored],
             accumulate: false,
-            stage: Stage {
-                block: Some(block),
-                backward: true,
-            },
+            stage,
         });
         map.insert(buf, restored);
     }

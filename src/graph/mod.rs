@@ -130,13 +130,23 @@ pub enum Role {
     Output(String),
     /// An intermediate value: allocated at its first write, released after its last use.
     Activation,
+    /// An intermediate value kept in host memory (an offloaded checkpoint): only ever copied to and
+    /// from (`Op::CopyRows`), never bound to a kernel. The GPU executor keeps it in host-visible
+    /// memory that the device copies to and from inside the step's submission; the CPU executor,
+    /// whose memory is all the host's, as any activation.
+    Offloaded,
 }
 
 impl Role {
     /// Whether the executor allocates and releases the buffer as the graph runs (everything that the
     /// step produces and that does not outlive it).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Role::Activation)
+        matches!(self, Role::Activation | Role::Offloaded)
+    }
+
+    /// Whether the GPU executor keeps the buffer in host memory.
+    pub fn in_host_memory(&self) -> bool {
+        matches!(self, Role::Offloaded)
     }
 }
 
@@ -406,31 +416,36 @@ impl Graph {
         first
     }
 
-    /// Bytes of transient buffers alive at once, at the worst node: each lives from its first write to
-    /// its last use, both included.
+    /// Bytes of transient buffers alive at once on the device, at the worst node: each lives from its
+    /// first write to its last use, both included.
     pub fn peak_transient_bytes(&self) -> u64 {
         self.memory().buffers
     }
 
     /// The step's memory at its worst node: transient buffers alive there (each lives from its first
-    /// write to its last use, both included) and the node's kernel temporaries.
+    /// write to its last use, both included) and the node's kernel temporaries; offloaded buffers are
+    /// counted apart, at their own worst node.
     pub fn memory(&self) -> Memory {
         let (first, last) = (self.first_write(), self.last_use());
-        let mut delta = vec![0i64; self.nodes.len() + 1];
+        // Per node, the change in live bytes on the device and in host memory.
+        let mut delta = vec![[0i64; 2]; self.nodes.len() + 1];
         for (b, desc) in self.bufs.iter().enumerate() {
             if let (true, Some(f), Some(l)) = (desc.role.is_transient(), first[b], last[b]) {
                 let bytes = (desc.len as u64 * desc.dtype.size()) as i64;
-                delta[f] += bytes;
-                delta[l + 1] -= bytes;
+                let place = usize::from(desc.role.in_host_memory());
+                delta[f][place] += bytes;
+                delta[l + 1][place] -= bytes;
             }
         }
-        let mut live = 0i64;
+        let mut live = [0i64; 2];
         let mut worst = Memory::default();
         for (node, d) in self.nodes.iter().zip(delta) {
-            live += d;
+            live = [live[0] + d[0], live[1] + d[1]];
+            worst.host = worst.host.max(live[1] as u64);
             let here = Memory {
-                buffers: live as u64,
+                buffers: live[0] as u64,
                 temporaries: self.temporaries(node),
+                host: worst.host,
             };
             if here.total() > worst.total() {
                 worst = here;
@@ -515,6 +530,9 @@ pub struct Memory {
     pub buffers: u64,
     /// The node's kernel temporaries.
     pub temporaries: u64,
+    /// Offloaded buffers (`Role::Offloaded`) alive at once at their worst node, in host memory; not
+    /// part of `total`.
+    pub host: u64,
 }
 
 impl Memory {

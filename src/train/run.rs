@@ -499,7 +499,7 @@ fn manifest(
     });
     // Exact checkpoints give the same numbers as none; bf16 ones do not (absent when off, as in runs
     // recorded before the option).
-    if config.checkpoints == crate::graph::checkpoint::Keep::Bf16 {
+    if config.checkpoints.bf16() {
         options["bf16_checkpoints"] = true.into();
     }
     if let (Some(options), serde_json::Value::Object(extra)) = (options.as_object_mut(), extra) {
@@ -680,7 +680,8 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             }
         });
     let step = format!("a training step of {longest} tokens");
-    let fits = |checkpoint, checkpoints| -> Result<()> {
+    use crate::graph::checkpoint::Keep;
+    let fits = |checkpoint, checkpoints: Keep| -> Result<()> {
         let needs = crate::plan::plan(
             &model.config,
             &crate::plan::PlanInput {
@@ -695,9 +696,21 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         )?;
         match gpu {
             Some(gpu) => {
-                let advice = "; a smaller --max-length, --bf16-checkpoints or a 4-bit --quant \
+                if checkpoints == Keep::Bf16Host && !gpu.can_offload() {
+                    return Err(Error::Invalid(format!(
+                        "--offload-checkpoints: GPU {} cannot keep buffers in host memory (a \
+                         native Vulkan, DX12 or Metal device can); use --bf16-checkpoints",
+                        gpu.info.name
+                    )));
+                }
+                let advice = "; a smaller --max-length, --offload-checkpoints or a 4-bit --quant \
                               needs less (`nibble plan` shows how much)";
-                gpu.check_fits(&step, needs.total, options.gpu_memory, advice)
+                gpu.check_fits(&step, needs.total, options.gpu_memory, advice)?;
+                crate::alloc::check_fits(
+                    &format!("{step} (host memory beside the GPU)"),
+                    needs.host_weights + needs.host_activations,
+                    "; lower --max-length",
+                )
             }
             None => crate::alloc::check_fits(
                 &step,
@@ -706,7 +719,6 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             ),
         }
     };
-    use crate::graph::checkpoint::Keep;
     // A resumed run keeps the bf16 checkpoints its checkpoint recorded, whatever the device now (they
     // change the numbers).
     let recorded_bf16 = options.fit_checkpointing
@@ -721,17 +733,23 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         (config.checkpoint, config.checkpoints) = (true, Keep::Bf16);
     }
     if let Err(e) = fits(config.checkpoint, config.checkpoints) {
-        let choices = [(true, Keep::F32), (true, Keep::Bf16)];
+        // From the most memory to the least; offloading only where there is a device to offload from.
+        let mut choices = vec![Keep::F32, Keep::Bf16];
+        if gpu.is_some_and(|g| g.can_offload()) {
+            choices.push(Keep::Bf16Host);
+        }
         let fitting = options
             .fit_checkpointing
-            .then(|| choices.into_iter().find(|&(c, k)| fits(c, k).is_ok()))
+            .then(|| choices.into_iter().find(|&k| fits(true, k).is_ok()))
             .flatten();
-        let Some((checkpoint, checkpoints)) = fitting else {
+        let Some(checkpoints) = fitting else {
             return Err(e);
         };
+        let checkpoint = true;
         let how = match checkpoints {
             Keep::F32 => "gradient checkpointing",
             Keep::Bf16 => "gradient checkpointing with bf16 checkpoints",
+            Keep::Bf16Host => "gradient checkpointing with bf16 checkpoints in host memory",
         };
         log::info!("{step} needs more memory than there is without it: training with {how}");
         (config.checkpoint, config.checkpoints) = (checkpoint, checkpoints);

@@ -144,6 +144,12 @@ pub struct TrainSettings {
     /// by a few tenths of a percent: the first loss is the same, later ones drift a little).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub bf16_checkpoints: Option<bool>,
+    /// bf16 checkpoints kept in host memory between the forward and each layer's backward (GPU
+    /// executor): the device then holds one layer's checkpoints at a time, for two copies over the
+    /// bus per layer and step; the numbers are those of --bf16-checkpoints. Chosen by nibble when a
+    /// step fits no other way and neither checkpointing flag is given.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub offload_checkpoints: Option<bool>,
     /// Pack several examples into each sequence of up to --max-length tokens (attention stays inside
     /// each example; positions restart at each).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -317,13 +323,9 @@ impl TrainSettings {
                 None => d.lora.targets,
             },
         };
-        if self.gradient_checkpointing == Some(false) && self.bf16_checkpoints == Some(true) {
-            return Err(Error::Invalid(
-                "--bf16-checkpoints is a kind of gradient checkpointing: drop \
-                 --gradient-checkpointing false"
-                    .into(),
-            ));
-        }
+        let (checkpoint, checkpoints) = self
+            .checkpointing()?
+            .unwrap_or((d.checkpoint, d.checkpoints));
         let config = TrainConfig {
             lora,
             lr: self.lr.unwrap_or(d.lr),
@@ -340,16 +342,22 @@ impl TrainSettings {
             seed: self.seed.unwrap_or(d.seed),
             shuffle: self.no_shuffle.map_or(d.shuffle, |no| !no),
             loss_on: self.loss_on.unwrap_or(d.loss_on),
-            checkpoint: self.gradient_checkpointing.unwrap_or(d.checkpoint)
-                || self.bf16_checkpoints == Some(true),
-            checkpoints: match self.bf16_checkpoints {
-                Some(true) => crate::graph::checkpoint::Keep::Bf16,
-                _ => d.checkpoints,
-            },
+            checkpoint,
+            checkpoints,
             precision: self.precision.unwrap_or_default().cpu(),
         };
         check_ranges(&config)?;
         Ok(config)
+    }
+
+    /// The checkpointing the flags ask for; None when it is left to nibble.
+    fn checkpointing(&self) -> Result<Option<(bool, crate::graph::checkpoint::Keep)>> {
+        crate::graph::checkpoint::Keep::from_flags(
+            self.gradient_checkpointing,
+            self.bf16_checkpoints,
+            self.offload_checkpoints,
+        )
+        .map_err(Error::Invalid)
     }
 
     /// What the run does beyond the training configuration.
@@ -375,8 +383,7 @@ impl TrainSettings {
             eval_split: self.eval_split,
             eval_steps: self.eval_steps.unwrap_or(0),
             packing: self.packing.unwrap_or(false),
-            fit_checkpointing: self.gradient_checkpointing.is_none()
-                && self.bf16_checkpoints.is_none(),
+            fit_checkpointing: self.checkpointing()?.is_none(),
             gpu_memory: self
                 .gpu_memory
                 .as_deref()
