@@ -425,7 +425,8 @@ fn lora_targets_are_module_paths_as_peft_matches_them() {
 }
 
 /// `--bf16-checkpoints`: a run trains with checkpointing whose layer inputs are kept in bf16; its
-/// first loss (before any update) is the exact one, its later ones near; run.json records it, so a
+/// first loss (before any update) is the exact one, its later ones near; `--offload-checkpoints`
+/// gives the same losses (CPU, and GPU against the GPU's bf16 ones); run.json records it, so a
 /// resume that leaves checkpointing to nibble keeps it and one that asks for f32 checkpoints is
 /// refused by name.
 #[test]
@@ -456,6 +457,25 @@ fn bf16_checkpoints_train_and_are_recorded_in_the_run() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(rounded.join("run.json")).unwrap()).unwrap();
     assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+    // Offloaded checkpoints are the bf16 ones in host memory: the same numbers on the CPU executor
+    // and, against bf16 checkpoints on the device, on the GPU executor.
+    let offloaded = run(&dir.path().join("offloaded"), &["--offload-checkpoints"]);
+    assert_eq!(offloaded, rounded_losses);
+    if common::gpu().is_some() {
+        let on_gpu = |name: &str, flag: &str| {
+            let out = dir.path().join(name);
+            let losses = run(&out, &[flag, "--device", "gpu"]);
+            let text = std::fs::read_to_string(out.join("run.json")).unwrap();
+            let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+            losses
+        };
+        let on_device = on_gpu("gpu-bf16", "--bf16-checkpoints");
+        assert_eq!(on_gpu("gpu-offloaded", "--offload-checkpoints"), on_device);
+        for (a, b) in on_device.iter().zip(&rounded_losses) {
+            assert!((a - b).abs() < 1e-4 * a.abs(), "GPU {a} vs CPU {b}");
+        }
+    }
     // A resume that leaves checkpointing to nibble keeps what the run recorded; one that asks for
     // f32 checkpoints is refused, naming the option.
     let checkpoint = rounded.join("checkpoint-1");

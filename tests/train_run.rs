@@ -657,8 +657,8 @@ fn a_run_too_large_for_the_gpu_is_refused_before_anything_is_written() {
 }
 
 /// Gradient checkpointing left to nibble (`RunOptions::fit_checkpointing`, as `nibble train` sets it
-/// when neither --gradient-checkpointing nor --bf16-checkpoints is given): a step that does not fit
-/// the device turns it on, with bf16 checkpoints where f32 ones do not fit either, and run.json
+/// when no checkpointing flag is given): a step that does not fit the device turns it on, with bf16
+/// checkpoints where f32 ones do not fit either and offloaded ones where neither does, and run.json
 /// records the choice; given the options, the same cap refuses the run.
 #[test]
 fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
@@ -721,4 +721,13 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     // Resumed where everything fits, the run keeps the checkpoints it recorded.
     let checkpoint = dir.path().join("fitted/checkpoint-1");
     run("resumed", 1 << 30, true, Some(checkpoint)).unwrap();
+    // Under a cap that only offloaded checkpoints meet, they are what the run trains with.
+    let offloaded = planned(true, Keep::Bf16Host);
+    assert!(offloaded < bf16, "{offloaded} vs {bf16}");
+    assert_eq!(gpu.host_scratch_bytes(), 0, "nothing was offloaded before");
+    run("offloaded", (offloaded + bf16) / 2, true, None).unwrap();
+    assert!(gpu.host_scratch_bytes() > 0, "the run offloaded nothing");
+    let manifest = std::fs::read_to_string(dir.path().join("offloaded/run.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    assert_eq!(manifest["options"]["bf16_checkpoints"], true);
 }

@@ -33,7 +33,8 @@ pub fn nibble(args: &[&str]) -> std::process::Output {
     nibble_command().args(args).output().expect("run nibble")
 }
 
-/// The arguments of `nibble train` on the CPU with the given model, data and output, and more flags.
+/// The arguments of `nibble train` (on the CPU unless `extra` names a --device) with the given model,
+/// data and output, and more flags.
 pub fn train_args(
     model: &std::path::Path,
     data: &std::path::Path,
@@ -48,14 +49,15 @@ pub fn train_args(
         data.to_str().unwrap(),
         "--output",
         out.to_str().unwrap(),
-        "--device",
-        "cpu",
     ];
+    if !extra.contains(&"--device") {
+        args.extend_from_slice(&["--device", "cpu"]);
+    }
     args.extend_from_slice(extra);
     args.into_iter().map(String::from).collect()
 }
 
-/// `nibble train` on the CPU with the given model, data and output, and more flags.
+/// `nibble train` (on the CPU unless `extra` names a --device) with the given model, data and output, and more flags.
 pub fn train_cli(
     model: &std::path::Path,
     data: &std::path::Path,
