@@ -201,7 +201,8 @@ impl Layer {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Model {
     pub config: ModelConfig,
-    pub embed: DenseTensor,
+    /// Shared: the GPU executor keeps an untied embedding in host memory and binds this one.
+    pub embed: std::sync::Arc<DenseTensor>,
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
     /// None when the embeddings are tied.
@@ -296,6 +297,16 @@ impl FrozenWeights for Model {
 }
 
 impl Model {
+    /// The tables a GPU keeps in host memory (`decoder::host_tables`), shared with this model (one
+    /// not found here would go to the device).
+    pub fn host_tables(&self) -> Vec<(&'static str, std::sync::Arc<DenseTensor>)> {
+        crate::models::decoder::host_tables(&self.config)
+            .into_iter()
+            .filter(|&name| name == "model.embed_tokens.weight")
+            .map(|name| (name, self.embed.clone()))
+            .collect()
+    }
+
     /// Every frozen tensor by its checkpoint name (the names the graph builders use). The tied output
     /// projection has no entry of its own: it is the embedding.
     pub fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
@@ -917,7 +928,7 @@ impl ModelSource {
             .collect();
         Ok(Model {
             config: self.config.clone(),
-            embed: embed.expect("listed in expected_tensors"),
+            embed: std::sync::Arc::new(embed.expect("listed in expected_tensors")),
             layers,
             final_norm: final_norm.expect("listed in expected_tensors"),
             lm_head,

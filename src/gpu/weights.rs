@@ -165,7 +165,7 @@ pub(crate) enum GpuTensor {
     /// A table kept in host memory, of which a step uploads only the rows it reads: an untied
     /// embedding (1.2 GiB at 16 bits for a 152k vocabulary of width 4096) is read at a step's few
     /// thousand token ids.
-    HostTable(DenseTensor),
+    HostTable(std::sync::Arc<DenseTensor>),
 }
 
 /// A model's frozen weights in GPU memory, by checkpoint name (`Model::named_tensors`).
@@ -186,19 +186,27 @@ impl GpuWeights {
         Self::upload_keeping(gpu, model, &[])
     }
 
-    /// `upload`, with the tables named in `on_host` kept in host memory (read only by `Embed`).
-    pub fn upload_keeping(gpu: &Gpu, model: &dyn FrozenWeights, on_host: &[&str]) -> Result<Self> {
+    /// `upload`, with the tables in `on_host` (by name, shared with the model that holds them) kept
+    /// in host memory (read only by `Embed`).
+    pub fn upload_keeping(
+        gpu: &Gpu,
+        model: &dyn FrozenWeights,
+        on_host: &[(&str, std::sync::Arc<DenseTensor>)],
+    ) -> Result<Self> {
         let tensors = model
             .named_tensors()
             .into_iter()
             .map(|(name, tensor)| {
-                let uploaded = match tensor {
-                    TensorRef::Linear(w) => GpuTensor::Linear(GpuLinear::upload(gpu, w, &name)?),
-                    TensorRef::Table(t) if on_host.contains(&name.as_str()) => {
-                        GpuTensor::HostTable(t.clone())
+                let kept = on_host.iter().find(|(n, _)| *n == name);
+                let uploaded = match (tensor, kept) {
+                    (TensorRef::Table(_), Some((_, shared))) => {
+                        GpuTensor::HostTable(shared.clone())
                     }
-                    TensorRef::Table(t) => GpuTensor::Table(GpuDense::upload(gpu, t, &name)?),
-                    TensorRef::Vector(v) => GpuTensor::Vector(gpu.upload_f32(v)),
+                    (TensorRef::Linear(w), _) => {
+                        GpuTensor::Linear(GpuLinear::upload(gpu, w, &name)?)
+                    }
+                    (TensorRef::Table(t), _) => GpuTensor::Table(GpuDense::upload(gpu, t, &name)?),
+                    (TensorRef::Vector(v), _) => GpuTensor::Vector(gpu.upload_f32(v)),
                 };
                 Ok((name, uploaded))
             })
@@ -247,11 +255,7 @@ impl GpuModel {
     pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
         Ok(GpuModel {
             config: model.config.clone(),
-            weights: GpuWeights::upload_keeping(
-                gpu,
-                model,
-                &crate::models::decoder::host_tables(&model.config),
-            )?,
+            weights: GpuWeights::upload_keeping(gpu, model, &model.host_tables())?,
         })
     }
 }

@@ -706,9 +706,10 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 let advice = "; a smaller --max-length, --offload-checkpoints or a 4-bit --quant \
                               needs less (`nibble plan` shows how much)";
                 gpu.check_fits(&step, needs.total, options.gpu_memory, advice)?;
+                // The model, the embedding the GPU reads from included, is loaded by now.
                 crate::alloc::check_fits(
-                    &format!("{step} (host memory beside the GPU)"),
-                    needs.host_weights + needs.host_activations,
+                    &format!("{step}'s offloaded checkpoints (host memory)"),
+                    needs.host_activations,
                     "; lower --max-length",
                 )
             }
