@@ -72,7 +72,14 @@ fn exit_quietly_when_output_fails() {
 fn main() {
     exit_quietly_when_output_fails();
     nibble::alloc::keep_freed_memory();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if std::env::var_os("RUST_LOG").is_none() {
+        // wgpu warns, on every run on a discrete GPU, that MAPPABLE_PRIMARY_BUFFERS (requested for
+        // offloaded checkpoints, which only copy through such buffers) can be slow to use otherwise.
+        logger.filter_module("wgpu_core::instance", log::LevelFilter::Error);
+    }
+    logger.init();
     let cli = Cli::parse();
     // A kernel path this machine cannot take is refused before any work (the kernels themselves would
     // quietly take the detected one).

@@ -49,7 +49,6 @@ fn step_bytes(planned: &nibble::plan::Plan) -> u64 {
 /// The heap's peak above its level at the start of the last of `runs` calls of `step`, in bytes, and
 /// its ratio to the plan's step (`step_bytes`). Earlier runs build what a step caches (its graph, the
 /// thread pool's buffers).
-
 fn measured_against_plan(
     runs: usize,
     planned: &nibble::plan::Plan,

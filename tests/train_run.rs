@@ -711,21 +711,28 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
         run::run(spec, Some(&gpu), &mut Recorded::default())
     };
     refused(
-        run("given", cap, false, None),
+        run("given", cap, None, None),
         &["a training step of 64 tokens", "--gpu-memory"],
     );
-    run("fitted", cap, true, None).unwrap();
+    let nibbles = Some(Keep::Bf16Host);
+    run("fitted", cap, nibbles, None).unwrap();
     let manifest = std::fs::read_to_string(dir.path().join("fitted/run.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert_eq!(manifest["options"]["bf16_checkpoints"], true);
     // Resumed where everything fits, the run keeps the checkpoints it recorded.
     let checkpoint = dir.path().join("fitted/checkpoint-1");
-    run("resumed", 1 << 30, true, Some(checkpoint)).unwrap();
+    run("resumed", 1 << 30, nibbles, Some(checkpoint)).unwrap();
     // Under a cap that only offloaded checkpoints meet, they are what the run trains with.
     let offloaded = planned(true, Keep::Bf16Host);
     assert!(offloaded < bf16, "{offloaded} vs {bf16}");
+    let cap = (offloaded + bf16) / 2;
+    // `--offload-checkpoints false` keeps nibble from offloading.
+    refused(
+        run("kept on the device", cap, Some(Keep::Bf16), None),
+        &["a training step of 64 tokens", "--gpu-memory"],
+    );
     assert_eq!(gpu.host_scratch_bytes(), 0, "nothing was offloaded before");
-    run("offloaded", (offloaded + bf16) / 2, true, None).unwrap();
+    run("offloaded", cap, nibbles, None).unwrap();
     assert!(gpu.host_scratch_bytes() > 0, "the run offloaded nothing");
     let manifest = std::fs::read_to_string(dir.path().join("offloaded/run.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();

@@ -103,13 +103,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     use nibble::graph::checkpoint::Keep;
     // Left to nibble, a budget is met as `nibble train` meets the least memory on a GPU: with bf16
-    // checkpoints in host memory.
-    let (checkpoint, keep) = Keep::from_flags(checkpoint, bf16_checkpoints, offload_checkpoints)
-        .map_err(anyhow::Error::msg)?
-        .unwrap_or(match budget {
-            Some(_) => (true, Keep::Bf16Host),
-            None => (false, Keep::F32),
-        });
+    // checkpoints in host memory (or the least the flags allow).
+    use nibble::graph::checkpoint::Asked;
+    let asked = Keep::from_flags(checkpoint, bf16_checkpoints, offload_checkpoints)
+        .map_err(anyhow::Error::msg)?;
+    let (checkpoint, keep) = match (asked, budget) {
+        (Asked::Fixed { checkpoint, keep }, _) => (checkpoint, keep),
+        (Asked::Fit { most }, Some(_)) => (true, most),
+        (Asked::Fit { .. }, None) => (false, Keep::F32),
+    };
     let (config, stored) = plan_source(&path)?;
     let spec = quant.planned_spec(stored)?;
     use nibble::train::settings::{MAX_RANK, MAX_TOKENS};

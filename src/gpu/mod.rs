@@ -369,6 +369,12 @@ impl Gpu {
         self.host_pool.is_some()
     }
 
+    /// Whether offloading to host memory leaves more room on the device: it can offload, and its
+    /// memory is not the host's own (an integrated GPU's, Apple's unified memory).
+    pub fn offload_helps(&self) -> bool {
+        self.can_offload() && self.info.device_type != wgpu::DeviceType::IntegratedGpu
+    }
+
     /// A buffer of `len` words in host memory that the device copies to and from (and nothing binds),
     /// back to its own pool when dropped; None where the device has none (`can_offload`). Its contents
     /// are whatever it last held: an offloaded buffer is written whole before it is read.

@@ -31,18 +31,18 @@ impl Keep {
         self != Keep::F32
     }
 
+    /// The kinds from the most memory to the least.
+    pub const ALL: [Keep; 3] = [Keep::F32, Keep::Bf16, Keep::Bf16Host];
+
     /// The checkpointing that the flags `--gradient-checkpointing`, `--bf16-checkpoints` and
-    /// `--offload-checkpoints` ask for (whether to checkpoint, and how), or None when none is given
-    /// and the choice is nibble's. Each of the last two implies checkpointing, and offloaded
-    /// checkpoints are bf16; contradictions are errors naming the flags.
+    /// `--offload-checkpoints` ask for. Either of the last two implies checkpointing, and offloaded
+    /// checkpoints are bf16; a `false` alone only narrows nibble's choice (`--offload-checkpoints
+    /// false`: checkpoints stay on the device). Contradictions are errors naming the flags.
     pub fn from_flags(
         checkpointing: Option<bool>,
         bf16: Option<bool>,
         offload: Option<bool>,
-    ) -> Result<Option<(bool, Keep)>, String> {
-        if checkpointing.is_none() && bf16.is_none() && offload.is_none() {
-            return Ok(None);
-        }
+    ) -> Result<Asked, String> {
         for (flag, asked) in [("bf16", bf16), ("offload", offload)] {
             if checkpointing == Some(false) && asked == Some(true) {
                 return Err(format!(
@@ -51,22 +51,40 @@ impl Keep {
                 ));
             }
         }
-        let offload = offload == Some(true);
-        if offload && bf16 == Some(false) {
+        if offload == Some(true) && bf16 == Some(false) {
             return Err(
                 "offloaded checkpoints are kept in bf16: drop --bf16-checkpoints false".into(),
             );
         }
-        let keep = match (offload, bf16 == Some(true)) {
-            (true, _) => Keep::Bf16Host,
-            (false, true) => Keep::Bf16,
-            (false, false) => Keep::F32,
+        let keep = match (offload, bf16) {
+            (Some(true), _) => Keep::Bf16Host,
+            (_, Some(true)) => Keep::Bf16,
+            _ => Keep::F32,
         };
-        Ok(Some((
-            checkpointing.unwrap_or(false) || keep != Keep::F32,
-            keep,
-        )))
+        Ok(match (checkpointing, keep) {
+            (None, Keep::F32) => Asked::Fit {
+                most: match (bf16, offload) {
+                    (Some(false), _) => Keep::F32,
+                    (_, Some(false)) => Keep::Bf16,
+                    _ => Keep::Bf16Host,
+                },
+            },
+            (checkpoint, keep) => Asked::Fixed {
+                checkpoint: checkpoint.unwrap_or(true),
+                keep,
+            },
+        })
     }
+}
+
+/// What the checkpointing flags ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// Exactly this.
+    Fixed { checkpoint: bool, keep: Keep },
+    /// nibble's choice: checkpointing only when a step needs it, kept in the first of `Keep::ALL`
+    /// that fits, up to `most`.
+    Fit { most: Keep },
 }
 
 pub fn apply(graph: &Graph, keep: Keep) -> Graph {
@@ -339,5 +357,66 @@ fn recompute(
             }
         }
         out.nodes.push(node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Asked, Keep};
+
+    /// The three flags: a `true` asks for exactly that kind, a `false` alone narrows nibble's choice,
+    /// contradictions are refused naming the flags.
+    #[test]
+    fn checkpoint_flags_resolve_to_what_they_ask() {
+        let fixed = |checkpoint, keep| Ok(Asked::Fixed { checkpoint, keep });
+        let fit = |most| Ok(Asked::Fit { most });
+        let cases = [
+            ((None, None, None), fit(Keep::Bf16Host)),
+            ((None, None, Some(false)), fit(Keep::Bf16)),
+            ((None, Some(false), None), fit(Keep::F32)),
+            ((None, Some(false), Some(false)), fit(Keep::F32)),
+            ((Some(true), None, None), fixed(true, Keep::F32)),
+            ((Some(false), None, None), fixed(false, Keep::F32)),
+            (
+                (Some(false), Some(false), Some(false)),
+                fixed(false, Keep::F32),
+            ),
+            ((Some(true), None, Some(false)), fixed(true, Keep::F32)),
+            ((None, Some(true), None), fixed(true, Keep::Bf16)),
+            ((None, Some(true), Some(false)), fixed(true, Keep::Bf16)),
+            ((None, None, Some(true)), fixed(true, Keep::Bf16Host)),
+            (
+                (Some(true), Some(true), Some(true)),
+                fixed(true, Keep::Bf16Host),
+            ),
+        ];
+        for ((checkpointing, bf16, offload), expected) in cases {
+            let got = Keep::from_flags(checkpointing, bf16, offload);
+            assert_eq!(got, expected, "{checkpointing:?} {bf16:?} {offload:?}");
+        }
+        let refused = [
+            (
+                Some(false),
+                Some(true),
+                None,
+                "--bf16-checkpoints is a kind",
+            ),
+            (
+                Some(false),
+                None,
+                Some(true),
+                "--offload-checkpoints is a kind",
+            ),
+            (
+                None,
+                Some(false),
+                Some(true),
+                "drop --bf16-checkpoints false",
+            ),
+        ];
+        for (checkpointing, bf16, offload, says) in refused {
+            let err = Keep::from_flags(checkpointing, bf16, offload).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
     }
 }

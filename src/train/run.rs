@@ -36,9 +36,10 @@ pub struct RunOptions {
     pub packing: bool,
     /// The device memory the run may use, in bytes, where less than the driver reports.
     pub gpu_memory: Option<u64>,
-    /// Gradient checkpointing was left to nibble: a step that would not fit turns it on, then keeps
-    /// the checkpoints in bf16, as `nibble plan --budget` assumes.
-    pub fit_checkpointing: bool,
+    /// Gradient checkpointing left to nibble, up to this kind (`Keep::ALL`): a step that would not fit
+    /// turns it on, then keeps the checkpoints in bf16, then offloads them (a GPU with memory of its
+    /// own), as `nibble plan --budget` assumes. None: the flags fixed it.
+    pub fit_checkpointing: Option<crate::graph::checkpoint::Keep>,
 }
 
 /// A whole run: which model, data and output folder, with which configuration.
@@ -703,8 +704,16 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                         gpu.info.name
                     )));
                 }
-                let advice = "; a smaller --max-length, --offload-checkpoints or a 4-bit --quant \
-                              needs less (`nibble plan` shows how much)";
+                let advice = match gpu.offload_helps() {
+                    true => {
+                        "; a smaller --max-length, --offload-checkpoints or a 4-bit --quant \
+                             needs less (`nibble plan` shows how much)"
+                    }
+                    false => {
+                        "; a smaller --max-length, --bf16-checkpoints or a 4-bit --quant \
+                              needs less (`nibble plan` shows how much)"
+                    }
+                };
                 gpu.check_fits(&step, needs.total, options.gpu_memory, advice)?;
                 // The model, the embedding the GPU reads from included, is loaded by now.
                 crate::alloc::check_fits(
@@ -722,7 +731,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     };
     // A resumed run keeps the bf16 checkpoints its checkpoint recorded, whatever the device now (they
     // change the numbers).
-    let recorded_bf16 = options.fit_checkpointing
+    let recorded_bf16 = options.fit_checkpointing.is_some_and(Keep::bf16)
         && options
             .resume
             .as_deref()
@@ -733,16 +742,22 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     if recorded_bf16 {
         (config.checkpoint, config.checkpoints) = (true, Keep::Bf16);
     }
+    // The CPU executor's memory is the host's: offloading would only copy.
+    if gpu.is_none() && config.checkpoints == Keep::Bf16Host {
+        config.checkpoints = Keep::Bf16;
+    }
     if let Err(e) = fits(config.checkpoint, config.checkpoints) {
-        // From the most memory to the least; offloading only where there is a device to offload from.
-        let mut choices = vec![Keep::F32, Keep::Bf16];
-        if gpu.is_some_and(|g| g.can_offload()) {
-            choices.push(Keep::Bf16Host);
-        }
-        let fitting = options
-            .fit_checkpointing
-            .then(|| choices.into_iter().find(|&k| fits(true, k).is_ok()))
-            .flatten();
+        // From the most memory to the least, up to what the flags allow; offloading only from a
+        // device with memory of its own.
+        let offload = gpu.is_some_and(|g| g.offload_helps());
+        let fitting = options.fit_checkpointing.and_then(|most| {
+            Keep::ALL
+                .into_iter()
+                .take_while(|&k| k != most)
+                .chain([most])
+                .filter(|&k| k != Keep::Bf16Host || offload)
+                .find(|&k| fits(true, k).is_ok())
+        });
         let Some(checkpoints) = fitting else {
             return Err(e);
         };

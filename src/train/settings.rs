@@ -147,7 +147,7 @@ pub struct TrainSettings {
     /// bf16 checkpoints kept in host memory between the forward and each layer's backward (GPU
     /// executor): the device then holds one layer's checkpoints at a time, for two copies over the
     /// bus per layer and step; the numbers are those of --bf16-checkpoints. Chosen by nibble when a
-    /// step fits no other way and neither checkpointing flag is given.
+    /// step fits no other way and no checkpointing flag is given (`false` keeps nibble from it).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub offload_checkpoints: Option<bool>,
     /// Pack several examples into each sequence of up to --max-length tokens (attention stays inside
@@ -268,7 +268,7 @@ impl TrainSettings {
     }
 
     /// The options set here that a browser page cannot use: those naming files or folders, and those
-    /// fixed when its session opened (the model's storage, the device).
+    /// fixed when its session opened (the model's storage, the device), and offloading (WebGPU cannot).
     pub fn outside_the_page(&self) -> Vec<&'static str> {
         let named = [
             ("model", self.model.is_some()),
@@ -283,6 +283,8 @@ impl TrainSettings {
             ("group_size", self.group_size.is_some()),
             ("device", self.device.is_some()),
             ("gpu_memory", self.gpu_memory.is_some()),
+            // WebGPU has no buffers the device copies to host memory.
+            ("offload_checkpoints", self.offload_checkpoints.is_some()),
         ];
         named
             .into_iter()
@@ -323,9 +325,11 @@ impl TrainSettings {
                 None => d.lora.targets,
             },
         };
-        let (checkpoint, checkpoints) = self
-            .checkpointing()?
-            .unwrap_or((d.checkpoint, d.checkpoints));
+        use crate::graph::checkpoint::Asked;
+        let (checkpoint, checkpoints) = match self.checkpointing()? {
+            Asked::Fixed { checkpoint, keep } => (checkpoint, keep),
+            Asked::Fit { .. } => (d.checkpoint, d.checkpoints),
+        };
         let config = TrainConfig {
             lora,
             lr: self.lr.unwrap_or(d.lr),
@@ -350,8 +354,8 @@ impl TrainSettings {
         Ok(config)
     }
 
-    /// The checkpointing the flags ask for; None when it is left to nibble.
-    fn checkpointing(&self) -> Result<Option<(bool, crate::graph::checkpoint::Keep)>> {
+    /// The checkpointing the flags ask for, or how far nibble may go choosing it.
+    fn checkpointing(&self) -> Result<crate::graph::checkpoint::Asked> {
         crate::graph::checkpoint::Keep::from_flags(
             self.gradient_checkpointing,
             self.bf16_checkpoints,
@@ -383,7 +387,10 @@ impl TrainSettings {
             eval_split: self.eval_split,
             eval_steps: self.eval_steps.unwrap_or(0),
             packing: self.packing.unwrap_or(false),
-            fit_checkpointing: self.checkpointing()?.is_none(),
+            fit_checkpointing: match self.checkpointing()? {
+                crate::graph::checkpoint::Asked::Fit { most } => Some(most),
+                crate::graph::checkpoint::Asked::Fixed { .. } => None,
+            },
             gpu_memory: self
                 .gpu_memory
                 .as_deref()
