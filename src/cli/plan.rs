@@ -2,6 +2,7 @@
 
 use super::{QuantArgs, group_digits, human_bytes};
 use anyhow::{Result, bail};
+use nibble::graph::checkpoint::{Asked, Keep};
 use nibble::model;
 use nibble::quant::QuantSpec;
 use nibble::train::settings::parse_targets;
@@ -98,13 +99,16 @@ pub fn run(args: Args) -> Result<()> {
                  total at each --resolution with your card"
             );
         }
-        let keep = nibble::graph::checkpoint::Keep::F32;
-        return print_plan(&p, &what, spec, checkpointing(checkpoint, keep), as_json);
+        return print_plan(
+            &p,
+            &what,
+            spec,
+            checkpointing(checkpoint, Keep::F32),
+            as_json,
+        );
     }
-    use nibble::graph::checkpoint::Keep;
     // Left to nibble, a budget is met as `nibble train` meets the least memory on a GPU: with bf16
     // checkpoints in host memory (or the least the flags allow).
-    use nibble::graph::checkpoint::Asked;
     let asked = Keep::from_flags(checkpoint, bf16_checkpoints, offload_checkpoints)
         .map_err(anyhow::Error::msg)?;
     let (checkpoint, keep) = match (asked, budget) {
@@ -166,8 +170,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// How the plan's header says the step keeps its checkpoints.
-fn checkpointing(on: bool, keep: nibble::graph::checkpoint::Keep) -> &'static str {
-    use nibble::graph::checkpoint::Keep;
+fn checkpointing(on: bool, keep: Keep) -> &'static str {
     match (on, keep) {
         (false, _) => "",
         (true, Keep::F32) => ", gradient checkpointing",

@@ -10,8 +10,8 @@ use super::{BufDesc, BufId, Dtype, Graph, Node, Op, Role, Stage};
 use std::collections::{HashMap, HashSet};
 
 /// How the checkpoints (each block's inputs from outside it) are kept between the forward and the
-/// block's recomputation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// block's recomputation; ordered from the most device memory to the least.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Keep {
     /// As computed: the gradients are bit for bit those of the full graph.
     #[default]

@@ -704,17 +704,15 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                         gpu.info.name
                     )));
                 }
-                let advice = match gpu.offload_helps() {
-                    true => {
-                        "; a smaller --max-length, --offload-checkpoints or a 4-bit --quant \
-                             needs less (`nibble plan` shows how much)"
-                    }
-                    false => {
-                        "; a smaller --max-length, --bf16-checkpoints or a 4-bit --quant \
-                              needs less (`nibble plan` shows how much)"
-                    }
+                let least = match gpu.offload_helps() {
+                    true => "--offload-checkpoints",
+                    false => "--bf16-checkpoints",
                 };
-                gpu.check_fits(&step, needs.total, options.gpu_memory, advice)?;
+                let advice = format!(
+                    "; a smaller --max-length, {least} or a 4-bit --quant needs less (`nibble \
+                     plan` shows how much)"
+                );
+                gpu.check_fits(&step, needs.total, options.gpu_memory, &advice)?;
                 // The model, the embedding the GPU reads from included, is loaded by now.
                 crate::alloc::check_fits(
                     &format!("{step}'s offloaded checkpoints (host memory)"),
@@ -753,9 +751,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         let fitting = options.fit_checkpointing.and_then(|most| {
             Keep::ALL
                 .into_iter()
-                .take_while(|&k| k != most)
-                .chain([most])
-                .filter(|&k| k != Keep::Bf16Host || offload)
+                .filter(|&k| k <= most && (k != Keep::Bf16Host || offload))
                 .find(|&k| fits(true, k).is_ok())
         });
         let Some(checkpoints) = fitting else {
