@@ -1,5 +1,6 @@
-"""Writes tests/fixtures/hf/: small random Qwen2 (tied, q/k/v bias), Qwen3 (q/k norm) and Llama (untied,
-llama3 rope) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
+"""Writes tests/fixtures/hf/: small random Qwen2 (tied, q/k/v bias), Qwen3 (q/k norm), Llama (untied,
+llama3 rope), Mistral (a sliding window of 5, head_dim apart from hidden/heads), Ministral (a sliding
+and a full layer) and SmolLM3 (tied, a layer without RoPE) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
@@ -15,7 +16,9 @@ import peft
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          SmolLM3Config, SmolLM3ForCausalLM)
 
 OUT = "tests/fixtures/hf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -29,10 +32,21 @@ models = {
     "llama": (LlamaForCausalLM, LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # Windows shorter than the 14-token sequence, so that they change the logits.
+    "mistral": (MistralForCausalLM, MistralConfig(**common, head_dim=32, sliding_window=5, tie_word_embeddings=False,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "ministral": (MinistralForCausalLM, MinistralConfig(
+        **common, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
+    "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(**common, no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0,
+                                                  rope_parameters={"rope_type": "default", "rope_theta": 2000000.0})),
 }
 
-torch.manual_seed(0)
-for name, (cls, config) in models.items():
+
+for index, (name, (cls, config)) in enumerate(models.items()):
+    # A seed per model: each model's fixture stays the same when another is added.
+    torch.manual_seed(index)
     config._attn_implementation = "eager"
     model = cls(config).float().eval()
     with torch.no_grad():

@@ -10,6 +10,12 @@ pub enum Arch {
     Qwen2,
     Qwen3,
     Llama,
+    /// Mistral 7B and its successors (Nemo, Small): Llama's layers with an optional sliding window.
+    Mistral,
+    /// Ministral 8B: Mistral with per-layer sliding or full attention (`layer_types`).
+    Ministral,
+    /// SmolLM3: Llama's layers where every few layers skip RoPE (`no_rope_layers`).
+    SmolLM3,
 }
 
 impl Arch {
@@ -18,30 +24,46 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Ministral => "ministral",
+            Arch::SmolLM3 => "smollm3",
         }
     }
+
+    pub const ALL: [Arch; 6] = [
+        Arch::Qwen2,
+        Arch::Qwen3,
+        Arch::Llama,
+        Arch::Mistral,
+        Arch::Ministral,
+        Arch::SmolLM3,
+    ];
 
     pub fn class_name(self) -> &'static str {
         match self {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Ministral => "MinistralForCausalLM",
+            Arch::SmolLM3 => "SmolLM3ForCausalLM",
         }
     }
 
     fn from_model_type(name: &str) -> Option<Arch> {
-        match name {
-            "qwen2" => Some(Arch::Qwen2),
-            "qwen3" => Some(Arch::Qwen3),
-            "llama" => Some(Arch::Llama),
-            _ => None,
-        }
+        Arch::ALL.into_iter().find(|a| a.model_type() == name)
     }
 
     fn from_class_name(name: &str) -> Option<Arch> {
-        [Arch::Qwen2, Arch::Qwen3, Arch::Llama]
-            .into_iter()
-            .find(|a| a.class_name() == name)
+        Arch::ALL.into_iter().find(|a| a.class_name() == name)
+    }
+
+    /// transformers' `default_theta` of the family's config: the RoPE base when a config gives none.
+    fn default_rope_theta(self) -> f64 {
+        match self {
+            Arch::SmolLM3 => 2_000_000.0,
+            _ => 10_000.0,
+        }
     }
 }
 
@@ -81,10 +103,22 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Qwen3 normalises each head of q and k before RoPE.
     pub qk_norm: bool,
+    /// Per decoder layer: how its attention sees the sequence.
+    pub layers: Vec<LayerAttention>,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
     pub dtype: Option<String>,
     /// The parsed JSON as read, kept so that a merged model or a quantized file can carry it unchanged.
     pub raw: Value,
+}
+
+/// How one decoder layer attends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerAttention {
+    /// A query at position i sees only the keys at positions i - window + 1 ..= i (transformers'
+    /// `sliding_window_overlay`: `kv_idx > q_idx - sliding_window`); None: every earlier key.
+    pub window: Option<usize>,
+    /// Whether q and k are rotated (SmolLM3's NoPE layers are not).
+    pub rope: bool,
 }
 
 /// The decoder's seven linear layers, in the order PEFT and nibble list them.
@@ -217,12 +251,6 @@ impl ModelConfig {
                 "hidden_act `{hidden_act}` is not supported (nibble implements the SwiGLU MLP with silu)"
             )));
         }
-        if fields.opt_bool("use_sliding_window")?.unwrap_or(false) {
-            return Err(err(
-                "use_sliding_window = true is not supported (nibble implements full causal attention)".into(),
-            ));
-        }
-
         let hidden_size = fields.usize("hidden_size")?;
         let num_heads = fields.usize("num_attention_heads")?;
         if num_heads == 0 {
@@ -257,11 +285,15 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match arch {
             // transformers' Qwen2Attention hard-codes bias=True for q/k/v and False for o.
             Arch::Qwen2 => (true, false),
-            Arch::Qwen3 | Arch::Llama => (attention_bias, attention_bias),
+            // Mistral's and Ministral's attention never has biases; `attention_bias` is not read there.
+            Arch::Mistral | Arch::Ministral => (false, false),
+            Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 => (attention_bias, attention_bias),
         };
         let mlp_bias = fields.opt_bool("mlp_bias")?.unwrap_or(false);
 
-        let (rope_theta, rope_scaling) = parse_rope(&fields)?;
+        let (rope_theta, rope_scaling) = parse_rope(&fields, arch.default_rope_theta())?;
+        let num_layers = fields.usize("num_hidden_layers")?;
+        let layers = parse_layer_attention(&fields, arch, num_layers)?;
         let dtype = match fields.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
             None => fields.opt_str("torch_dtype")?.map(str::to_string),
@@ -271,7 +303,7 @@ impl ModelConfig {
             arch,
             hidden_size,
             intermediate_size: fields.usize("intermediate_size")?,
-            num_layers: fields.usize("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -282,12 +314,15 @@ impl ModelConfig {
             max_position_embeddings: fields
                 .opt_usize("max_position_embeddings")?
                 .unwrap_or(32768),
-            // transformers' Qwen2/Qwen3/Llama configs all default to untied embeddings.
-            tie_word_embeddings: fields.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            // transformers' configs default to untied embeddings, except SmolLM3's.
+            tie_word_embeddings: fields
+                .opt_bool("tie_word_embeddings")?
+                .unwrap_or(arch == Arch::SmolLM3),
             qkv_bias,
             o_bias,
             mlp_bias,
             qk_norm: arch == Arch::Qwen3,
+            layers,
             dtype,
             raw: raw.clone(),
         };
@@ -338,6 +373,32 @@ impl ModelConfig {
         let mlp = h.checked_mul(i)?.checked_mul(3)?;
         let layers = n(self.num_layers).checked_mul(attention.checked_add(mlp)?)?;
         layers.checked_add(v.checked_mul(h)?.checked_mul(2)?)
+    }
+
+    /// Which layers slide and which skip RoPE, in words ("" when every layer attends fully with
+    /// RoPE): `nibble info`.
+    pub fn layer_attention_summary(&self) -> String {
+        let layers_where = |pick: &dyn Fn(&LayerAttention) -> bool| -> String {
+            let layers: Vec<usize> = (0..self.num_layers)
+                .filter(|&l| pick(&self.layers[l]))
+                .collect();
+            if layers.len() == self.num_layers {
+                "all layers".to_string()
+            } else {
+                format!("layers {layers:?}")
+            }
+        };
+        let mut parts = Vec::new();
+        if let Some(window) = self.layers.iter().find_map(|l| l.window) {
+            parts.push(format!(
+                "sliding window {window} in {}",
+                layers_where(&|l| l.window.is_some())
+            ));
+        }
+        if self.layers.iter().any(|l| !l.rope) {
+            parts.push(format!("no RoPE in {}", layers_where(&|l| !l.rope)));
+        }
+        parts.join("; ")
     }
 
     pub fn q_dim(&self) -> usize {
@@ -457,7 +518,108 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
+/// Each layer's attention as transformers' config classes of 5.24 resolve it: which layers slide (the
+/// config's `layer_types`, or the family's default), the window, and SmolLM3's layers without RoPE.
+fn parse_layer_attention(
+    fields: &Fields,
+    arch: Arch,
+    num_layers: usize,
+) -> Result<Vec<LayerAttention>> {
+    let err = fields.err;
+    let use_sliding = fields.opt_bool("use_sliding_window")?.unwrap_or(false);
+    // A present `null` turns the window off; only Mistral's and Ministral's configs give 4096 when
+    // the key is absent.
+    let given_window = match fields.obj.get("sliding_window") {
+        None => match arch {
+            Arch::Mistral | Arch::Ministral => Some(4096),
+            _ => None,
+        },
+        Some(_) => fields.opt_usize("sliding_window")?,
+    };
+    let window = match arch {
+        Arch::Llama => None,
+        Arch::Mistral | Arch::Ministral => given_window,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => given_window.filter(|_| use_sliding),
+    };
+    if window == Some(0) {
+        return Err(err("`sliding_window` must be positive".into()));
+    }
+    let rope: Vec<bool> = match (arch, fields.get("no_rope_layers")) {
+        (Arch::SmolLM3, Some(flags)) => {
+            per_layer(fields, "no_rope_layers", flags, num_layers, |f| {
+                match f.as_u64() {
+                    Some(0) => Ok(false),
+                    Some(1) => Ok(true),
+                    _ => Err(format!("holds 1 (RoPE) or 0 (none) per layer, got {f}")),
+                }
+            })?
+        }
+        (Arch::SmolLM3, None) => {
+            let interval = fields.opt_usize("no_rope_layer_interval")?.unwrap_or(4);
+            if interval == 0 {
+                return Err(err("`no_rope_layer_interval` must be positive".into()));
+            }
+            (0..num_layers).map(|l| (l + 1) % interval != 0).collect()
+        }
+        _ => vec![true; num_layers],
+    };
+    let sliding: Vec<bool> = match fields.get("layer_types") {
+        // Mistral's attention reads the window alone (transformers warns about layer_types there).
+        Some(types) if arch != Arch::Mistral && arch != Arch::Llama => {
+            per_layer(fields, "layer_types", types, num_layers, |t| {
+                match t.as_str() {
+                    Some("full_attention") => Ok(false),
+                    Some("sliding_attention") => Ok(true),
+                    _ => Err(format!(
+                        "entry {t} is not supported (nibble implements full_attention and sliding_attention)"
+                    )),
+                }
+            })?
+        }
+        _ => match arch {
+            Arch::Qwen2 | Arch::Qwen3 => {
+                let first = fields.opt_usize("max_window_layers")?.unwrap_or(28);
+                (0..num_layers).map(|l| l >= first).collect()
+            }
+            Arch::SmolLM3 => rope.iter().map(|&r| !r).collect(),
+            Arch::Mistral | Arch::Ministral => vec![true; num_layers],
+            Arch::Llama => vec![false; num_layers],
+        },
+    };
+    Ok(sliding
+        .into_iter()
+        .zip(rope)
+        .map(|(sliding, rope)| LayerAttention {
+            window: window.filter(|_| sliding),
+            rope,
+        })
+        .collect())
+}
+
+/// A config list with one entry per layer, each read by `entry` (whose error the field's name
+/// prefixes).
+fn per_layer<T>(
+    fields: &Fields,
+    key: &str,
+    value: &Value,
+    num_layers: usize,
+    entry: impl Fn(&Value) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
+    let list = value
+        .as_array()
+        .ok_or_else(|| (fields.err)(format!("`{key}` must be a list, got {value}")))?;
+    if list.len() != num_layers {
+        return Err((fields.err)(format!(
+            "`{key}` has {} entries for {num_layers} layers",
+            list.len()
+        )));
+    }
+    list.iter()
+        .map(|v| entry(v).map_err(|msg| (fields.err)(format!("`{key}` {msg}"))))
+        .collect()
+}
+
+fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)> {
     // transformers 5.x folds rope_theta into rope_parameters; 4.x keeps rope_theta at the top level
     // and puts the scaling (if any) in rope_scaling.
     let (params, theta) = match fields.obj.get("rope_parameters") {
@@ -466,12 +628,12 @@ fn parse_rope(fields: &Fields) -> Result<(f64, RopeScaling)> {
                 Some(v) => v.as_f64().ok_or_else(|| {
                     (fields.err)("`rope_parameters.rope_theta` must be a number".into())
                 })?,
-                None => fields.opt_f64("rope_theta")?.unwrap_or(10000.0),
+                None => fields.opt_f64("rope_theta")?.unwrap_or(default_theta),
             };
             (Some(p), theta)
         }
         Some(Value::Null) | None => {
-            let theta = fields.opt_f64("rope_theta")?.unwrap_or(10000.0);
+            let theta = fields.opt_f64("rope_theta")?.unwrap_or(default_theta);
             match fields.obj.get("rope_scaling") {
                 Some(Value::Object(p)) => (Some(p), theta),
                 Some(Value::Null) | None => (None, theta),
@@ -571,5 +733,130 @@ impl Fields<'_> {
                     .ok_or_else(|| (self.err)(format!("`{key}` must be a string, got {v}")))
             })
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 4-layer config of `model_type` with `extra` fields.
+    fn parse(model_type: &str, extra: Value) -> Result<ModelConfig> {
+        let mut c = serde_json::json!({
+            "model_type": model_type, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 256,
+        });
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        ModelConfig::from_json_str(&c.to_string(), Path::new("config.json"))
+    }
+
+    fn windows(c: &ModelConfig) -> Vec<Option<usize>> {
+        c.layers.iter().map(|l| l.window).collect()
+    }
+
+    /// Each family's sliding layers and windows as transformers 5.24's config classes resolve them
+    /// (their `__post_init__` and attention modules, read side by side).
+    #[test]
+    fn layer_attention_follows_each_family() {
+        use serde_json::json;
+        let none = vec![None; 4];
+        // Mistral: every layer slides; 4096 when the key is absent, none when it is null.
+        let c = parse("mistral", json!({})).unwrap();
+        assert_eq!(windows(&c), vec![Some(4096); 4]);
+        let c = parse("mistral", json!({"sliding_window": null})).unwrap();
+        assert_eq!(windows(&c), none);
+        // Mistral's attention ignores layer_types.
+        let types = json!([
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "full_attention"
+        ]);
+        let c = parse(
+            "mistral",
+            json!({"sliding_window": 8, "layer_types": types}),
+        )
+        .unwrap();
+        assert_eq!(windows(&c), vec![Some(8); 4]);
+        // Ministral reads them.
+        let c = parse(
+            "ministral",
+            json!({"sliding_window": 8, "layer_types": types}),
+        )
+        .unwrap();
+        assert_eq!(windows(&c), vec![None, Some(8), None, None]);
+        // Qwen2/Qwen3: only with use_sliding_window, from layer max_window_layers on.
+        let c = parse(
+            "qwen2",
+            json!({"sliding_window": 8, "max_window_layers": 2}),
+        )
+        .unwrap();
+        assert_eq!(windows(&c), none);
+        let on = json!({"use_sliding_window": true, "sliding_window": 8, "max_window_layers": 2});
+        let c = parse("qwen3", on).unwrap();
+        assert_eq!(windows(&c), vec![None, None, Some(8), Some(8)]);
+        // SmolLM3: a NoPE layer every 4th by default; windows only on NoPE layers, only when asked.
+        let c = parse("smollm3", json!({})).unwrap();
+        let rope: Vec<bool> = c.layers.iter().map(|l| l.rope).collect();
+        assert_eq!(rope, vec![true, true, true, false]);
+        assert_eq!(windows(&c), none);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.rope_theta, 2_000_000.0);
+        let c = parse(
+            "smollm3",
+            json!({"no_rope_layers": [0, 1, 1, 0], "use_sliding_window": true, "sliding_window": 8}),
+        )
+        .unwrap();
+        assert_eq!(windows(&c), vec![Some(8), None, None, Some(8)]);
+        assert_eq!(
+            c.layer_attention_summary(),
+            "sliding window 8 in layers [0, 3]; no RoPE in layers [0, 3]"
+        );
+        // Llama never slides; full attention with RoPE everywhere says nothing.
+        let c = parse(
+            "llama",
+            json!({"sliding_window": 8, "use_sliding_window": true}),
+        )
+        .unwrap();
+        assert_eq!(windows(&c), none);
+        assert_eq!(c.layer_attention_summary(), "");
+    }
+
+    #[test]
+    fn bad_layer_attention_fields_are_named() {
+        use serde_json::json;
+        for (model_type, extra, expect) in [
+            (
+                "ministral",
+                json!({"layer_types": ["full_attention"]}),
+                "`layer_types` has 1 entries for 4 layers",
+            ),
+            (
+                "ministral",
+                json!({"layer_types": ["full_attention", "chunked_attention", "full_attention", "full_attention"]}),
+                "chunked_attention",
+            ),
+            (
+                "mistral",
+                json!({"sliding_window": 0}),
+                "`sliding_window` must be positive",
+            ),
+            (
+                "smollm3",
+                json!({"no_rope_layers": [1, 1]}),
+                "`no_rope_layers` has 2 entries",
+            ),
+            (
+                "smollm3",
+                json!({"no_rope_layers": [1, 2, 1, 1]}),
+                "`no_rope_layers` holds 1",
+            ),
+        ] {
+            let err = parse(model_type, extra).unwrap_err().to_string();
+            assert!(err.contains(expect) && err.contains("config.json"), "{err}");
+        }
     }
 }

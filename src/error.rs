@@ -22,7 +22,7 @@ pub enum Error {
         msg: String,
     },
     #[error(
-        "unsupported architecture `{0}`: nibble supports Qwen2/Qwen2.5 (qwen2), Qwen3 (qwen3) and Llama 3.x (llama)"
+        "unsupported architecture `{0}`: nibble supports Qwen2/Qwen2.5 (qwen2), Qwen3 (qwen3), Llama 2/3.x and SmolLM2 (llama), Mistral (mistral), Ministral (ministral) and SmolLM3 (smollm3)"
     )]
     UnsupportedArchitecture(String),
     #[error("{path}: {msg}")]

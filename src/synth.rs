@@ -89,9 +89,13 @@ impl SynthSpec {
             num_layers: 2,
             num_heads: 4,
             num_kv_heads: 2,
-            head_dim: (arch == Arch::Qwen3).then_some(32),
+            head_dim: match arch {
+                Arch::Qwen3 => Some(32),
+                Arch::Mistral => Some(32),
+                _ => None,
+            },
             vocab_size,
-            tie_word_embeddings: arch == Arch::Qwen2,
+            tie_word_embeddings: matches!(arch, Arch::Qwen2 | Arch::SmolLM3),
             spelling: ConfigSpelling::V4,
             dtype: FloatDtype::BF16,
             shards: 1,
@@ -155,6 +159,30 @@ impl SynthSpec {
         }
         if self.arch == Arch::Llama {
             obj.insert("mlp_bias".into(), json!(false));
+        }
+        // Windows shorter than the tests' sequences, so that they change the numbers.
+        match self.arch {
+            Arch::Mistral => {
+                obj.insert("sliding_window".into(), json!(8));
+            }
+            Arch::Ministral => {
+                obj.insert("sliding_window".into(), json!(8));
+                let types: Vec<&str> = (0..self.num_layers)
+                    .map(|l| {
+                        if l % 2 == 0 {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                obj.insert("layer_types".into(), json!(types));
+            }
+            Arch::SmolLM3 => {
+                let no_rope: Vec<u32> = (0..self.num_layers).map(|l| (l % 2 == 0) as u32).collect();
+                obj.insert("no_rope_layers".into(), json!(no_rope));
+            }
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => {}
         }
         let scaling = self.llama3_rope.then(|| {
             json!({

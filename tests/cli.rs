@@ -42,7 +42,7 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn info_and_quantize_work_for_every_family_and_spelling() {
-    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
+    for arch in Arch::ALL {
         for spelling in [ConfigSpelling::V4, ConfigSpelling::V5] {
             let dir = tempfile::tempdir().unwrap();
             let model = dir.path().join("model");

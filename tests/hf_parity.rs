@@ -1,6 +1,7 @@
 //! The CPU executor against transformers + peft (fixtures made by scripts/make_model_fixtures.py): logits,
-//! loss and every LoRA gradient of small random Qwen2 (tied, biases), Qwen3 (q/k norm) and Llama
-//! (untied, llama3 rope) models, float32, with the base unquantized and in NF4 group 64. Measured: logits
+//! loss and every LoRA gradient of small random Qwen2 (tied, biases), Qwen3 (q/k norm), Llama
+//! (untied, llama3 rope), Mistral (sliding window, head_dim of its own), Ministral (sliding and full
+//! layers) and SmolLM3 (tied, a layer without RoPE) models, float32, with the base unquantized and in NF4 group 64. Measured: logits
 //! within 8.0e-7, the mean loss within 1.1e-7 and every gradient within 1.8e-6 (relative); held to
 //! 1e-5, 1e-6 and 1e-5 (about ten times; five for the gradients).
 
@@ -75,4 +76,22 @@ fn qwen3_matches_transformers_peft() {
 fn llama_matches_transformers_peft() {
     check("llama", "none");
     check("llama", "nf4");
+}
+
+#[test]
+fn mistral_matches_transformers_peft() {
+    check("mistral", "none");
+    check("mistral", "nf4");
+}
+
+#[test]
+fn ministral_matches_transformers_peft() {
+    check("ministral", "none");
+    check("ministral", "nf4");
+}
+
+#[test]
+fn smollm3_matches_transformers_peft() {
+    check("smollm3", "none");
+    check("smollm3", "nf4");
 }

@@ -47,7 +47,7 @@ fn qwen25_05b_shapes_have_the_published_parameter_count() {
 
 #[test]
 fn every_family_in_both_spellings_parses_and_loads() {
-    for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Llama] {
+    for arch in Arch::ALL {
         for spelling in [ConfigSpelling::V4, ConfigSpelling::V5] {
             let mut spec = SynthSpec::tiny(arch, VOCAB);
             spec.spelling = spelling;
@@ -87,6 +87,16 @@ fn every_family_in_both_spellings_parses_and_loads() {
                 }
             }
             assert_eq!(c.dtype.as_deref(), Some("bfloat16"), "{what}");
+            let windows: Vec<Option<usize>> = c.layers.iter().map(|l| l.window).collect();
+            let rope: Vec<bool> = c.layers.iter().map(|l| l.rope).collect();
+            let (want_windows, want_rope) = match arch {
+                Arch::Mistral => ([Some(8), Some(8)], [true, true]),
+                Arch::Ministral => ([Some(8), None], [true, true]),
+                Arch::SmolLM3 => ([None, None], [true, false]),
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => ([None, None], [true, true]),
+            };
+            assert_eq!(windows, want_windows, "{what}");
+            assert_eq!(rope, want_rope, "{what}");
 
             let m = src.load(Some(nf4(32))).unwrap();
             assert_eq!(m.layers.len(), 2);

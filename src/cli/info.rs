@@ -54,6 +54,10 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "tie_word_embeddings": c.tie_word_embeddings,
             "qkv_bias": c.qkv_bias,
             "qk_norm": c.qk_norm,
+            "sliding_window_layers": c.layers.iter().enumerate()
+                .filter_map(|(l, a)| a.window.map(|w| json!({"layer": l, "window": w})))
+                .collect::<Vec<_>>(),
+            "no_rope_layers": (0..c.num_layers).filter(|&l| !c.layers[l].rope).collect::<Vec<_>>(),
             "rope_theta": c.rope_theta,
             "rope_scaling": rope,
             "parameters": params,
@@ -90,6 +94,10 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         if c.qkv_bias { ", q/k/v bias" } else { "" },
         if c.qk_norm { ", q/k norm" } else { "" }
     );
+    let layers = c.layer_attention_summary();
+    if !layers.is_empty() {
+        println!("              {layers}");
+    }
     println!("rope          theta {}, scaling {rope}", c.rope_theta);
     println!(
         "embeddings    {}",

@@ -31,6 +31,13 @@ enum Preset {
     TinyQwen2,
     TinyQwen3,
     TinyLlama,
+    /// Mistral with a sliding window of 8 tokens and a head_dim of its own.
+    TinyMistral,
+    /// Ministral: sliding-window and full-attention layers alternating.
+    TinyMinistral,
+    /// SmolLM3: tied embeddings, the second layer without RoPE.
+    #[value(name = "tiny-smollm3")]
+    TinySmolLM3,
     /// The exact Qwen2.5-0.5B shapes.
     #[value(name = "qwen2.5-0.5b")]
     Qwen25Half,
@@ -89,6 +96,9 @@ pub fn run(args: Args) -> Result<()> {
         Preset::TinyQwen2 => SynthSpec::tiny(Arch::Qwen2, vocab),
         Preset::TinyQwen3 => SynthSpec::tiny(Arch::Qwen3, vocab),
         Preset::TinyLlama => SynthSpec::tiny(Arch::Llama, vocab),
+        Preset::TinyMistral => SynthSpec::tiny(Arch::Mistral, vocab),
+        Preset::TinyMinistral => SynthSpec::tiny(Arch::Ministral, vocab),
+        Preset::TinySmolLM3 => SynthSpec::tiny(Arch::SmolLM3, vocab),
         Preset::Qwen25Half if vocab == 151936 => SynthSpec::qwen25_05b(),
         Preset::Qwen25Half => {
             bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")

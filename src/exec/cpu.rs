@@ -560,7 +560,16 @@ impl Exec {
                 if let Slot::Empty = out[0] {
                     out[0] = Slot::F32(zeros(outs.lens[0]));
                 }
-                attention::forward_cached(*shape, *past, x(0), keys, values, out[0].f32_mut());
+                let first_key = ins.get(3).map(|s| s.u32());
+                attention::forward_cached(
+                    *shape,
+                    *past,
+                    x(0),
+                    keys,
+                    values,
+                    first_key,
+                    out[0].f32_mut(),
+                );
             }
             Op::AttentionBackward { shape } => {
                 let segments = ins.get(6).map(|s| s.u32());

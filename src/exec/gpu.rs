@@ -486,6 +486,7 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             shape,
             *past,
             [x(0), x(1), x(2)],
+            ins.get(3).map(|s| s.buf()),
             o(0),
             [o(1), o(2)],
         ),

@@ -41,6 +41,9 @@ pub enum Input {
     /// Per token, one past the last position it may attend to (a padded sequence: the real tokens'
     /// end, so that padding is never attended to).
     KeyEnd,
+    /// Per token, the first position a sliding-window layer lets it attend to: `FirstKey` or the
+    /// window's start, whichever is later.
+    WindowFirstKey,
     /// The positions that carry a label, ascending [positions].
     LabelPositions,
     /// The token each labelled position must predict [positions].
@@ -62,6 +65,7 @@ pub struct StepInputs {
     pub sin: Vec<f32>,
     pub first_key: Vec<u32>,
     pub key_end: Vec<u32>,
+    pub window_first_key: Vec<u32>,
     pub label_positions: Vec<u32>,
     pub labels: Vec<u32>,
     pub grad_scale: f32,
@@ -87,6 +91,7 @@ impl StepInputs {
             Input::RopeSin => InputValue::F32(Borrowed(&self.sin)),
             Input::FirstKey => InputValue::U32(Borrowed(&self.first_key)),
             Input::KeyEnd => InputValue::U32(Borrowed(&self.key_end)),
+            Input::WindowFirstKey => InputValue::U32(Borrowed(&self.window_first_key)),
             Input::LabelPositions => InputValue::U32(Borrowed(&self.label_positions)),
             Input::Labels => InputValue::U32(Borrowed(&self.labels)),
             Input::GradScale => InputValue::F32(Owned(vec![self.grad_scale])),
@@ -218,8 +223,9 @@ pub enum Op {
     /// each token attends only inside its own example; with `key_end`, to none at or past its entry
     /// (padding).
     Attention { shape: AttentionShape },
-    /// [q, k, v] -> [out, cache_k, cache_v]: decoding. The T queries sit at positions past..past+T;
-    /// their keys and values are appended to the caches, which they attend over.
+    /// [q, k, v (, first_key)] -> [out, cache_k, cache_v]: decoding. The T queries sit at positions
+    /// past..past+T; their keys and values are appended to the caches, which they attend over (from
+    /// `first_key[t]` on, a sliding window's start, when given).
     CachedAttention { shape: AttentionShape, past: usize },
     /// [q, k, v, out, lse, d_out (, first_key)] -> [dq, dk, dv].
     AttentionBackward { shape: AttentionShape },

@@ -123,9 +123,23 @@ pub fn decode_inputs(c: &ModelConfig, ids: &[u32], past: usize) -> StepInputs {
         ids: ids.to_vec(),
         cos,
         sin,
+        window_first_key: window_first_keys(c, &vec![0; ids.len()], past),
         label_positions: vec![ids.len().saturating_sub(1) as u32],
         ..StepInputs::default()
     }
+}
+
+/// `Input::WindowFirstKey` of tokens at positions past..past + first_key.len(), each already limited
+/// to `first_key[t]` (its example's start): empty where no layer slides.
+pub fn window_first_keys(c: &ModelConfig, first_key: &[u32], past: usize) -> Vec<u32> {
+    let Some(window) = c.layers.iter().find_map(|l| l.window) else {
+        return Vec::new();
+    };
+    first_key
+        .iter()
+        .enumerate()
+        .map(|(t, &first)| first.max((past + t + 1).saturating_sub(window) as u32))
+        .collect()
 }
 
 /// The step's per-sequence inputs: ids, RoPE tables at each token's position inside its example, example
@@ -138,11 +152,13 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
     let labelled: Vec<u32> = (0..seq.ids.len() as u32)
         .filter(|&t| seq.targets[t as usize].is_some())
         .collect();
+    let first_key = seq.segments();
     StepInputs {
         ids: seq.ids.clone(),
         cos,
         sin,
-        first_key: seq.segments(),
+        window_first_key: window_first_keys(c, &first_key, 0),
+        first_key,
         labels: labelled
             .iter()
             .map(|&t| seq.targets[t as usize].expect("filtered"))
@@ -306,10 +322,12 @@ impl Decoder<'_> {
     /// The attention inputs after q/k/v: example boundaries when packed.
     /// The attention's inputs after q, k, v: example starts (packed or padded), and where each
     /// token's visible keys end (padded).
-    fn key_ranges(&mut self) -> Vec<BufId> {
+    fn key_ranges(&mut self, l: usize) -> Vec<BufId> {
         let t = self.t();
         let mut inputs = Vec::new();
-        if self.shape.packed || self.padded {
+        if self.c.layers[l].window.is_some() {
+            inputs.push(self.b.input(Input::WindowFirstKey, t));
+        } else if self.shape.packed || self.padded {
             inputs.push(self.b.input(Input::FirstKey, t));
         }
         if self.padded {
@@ -318,9 +336,14 @@ impl Decoder<'_> {
         inputs
     }
 
-    fn first_key(&mut self) -> Option<BufId> {
+    /// The first key each token of layer `l` may see, where that is not position 0.
+    fn first_key(&mut self, l: usize) -> Option<BufId> {
         let t = self.t();
-        self.shape.packed.then(|| self.b.input(Input::FirstKey, t))
+        if self.c.layers[l].window.is_some() {
+            Some(self.b.input(Input::WindowFirstKey, t))
+        } else {
+            self.shape.packed.then(|| self.b.input(Input::FirstKey, t))
+        }
     }
 
     fn add(&mut self, a: BufId, b: BufId, name: String) -> BufId {
@@ -354,8 +377,10 @@ impl Decoder<'_> {
             qk_norm = Some([(q, qn, iq), (k, kn, ik)]);
             (q, k) = (qq, kk);
         }
-        self.rope(q, c.num_heads, false);
-        self.rope(k, c.num_kv_heads, false);
+        if c.layers[l].rope {
+            self.rope(q, c.num_heads, false);
+            self.rope(k, c.num_kv_heads, false);
+        }
         let attn = self.b.activation(t * c.q_dim(), format!("layers.{l}.attn"));
         let shape = self.attention_shape();
         if let Some(past) = self.shape.decode_after {
@@ -374,9 +399,13 @@ impl Decoder<'_> {
                 },
                 cached,
             );
+            let mut inputs = vec![q, k, v];
+            if c.layers[l].window.is_some() {
+                inputs.push(self.b.input(Input::WindowFirstKey, t));
+            }
             self.b.node(
                 Op::CachedAttention { shape, past },
-                &[q, k, v],
+                &inputs,
                 &[attn, keys, values],
                 false,
             );
@@ -388,7 +417,7 @@ impl Decoder<'_> {
             .activation(2 * c.num_heads * t, format!("layers.{l}.lse"));
         if self.shape.decode_after.is_none() {
             let mut inputs = vec![q, k, v];
-            inputs.extend(self.key_ranges());
+            inputs.extend(self.key_ranges(l));
             self.b
                 .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
         }
@@ -594,7 +623,7 @@ impl Decoder<'_> {
                 .activation(self.b.len(s.v), format!("d layers.{l}.v")),
         );
         let mut inputs = vec![s.q, s.k, s.v, s.attn, s.lse, d_attn];
-        inputs.extend(self.first_key());
+        inputs.extend(self.first_key(l));
         let shape = self.attention_shape();
         self.b.node(
             Op::AttentionBackward { shape },
@@ -602,8 +631,10 @@ impl Decoder<'_> {
             &[dq, dk, dv],
             false,
         );
-        self.rope(dq, c.num_heads, true);
-        self.rope(dk, c.num_kv_heads, true);
+        if c.layers[l].rope {
+            self.rope(dq, c.num_heads, true);
+            self.rope(dk, c.num_kv_heads, true);
+        }
         let (dq, dk) = match s.qk_norm {
             Some([(qp, qn, iq), (kp, kn, ik)]) => (
                 self.rmsnorm_backward(qp, qn, iq, dq, hd),

@@ -1340,6 +1340,7 @@ pub fn caption_features(
         cos,
         sin,
         first_key: vec![0; tokens],
+        window_first_key: crate::models::decoder::window_first_keys(c, &vec![0; tokens], 0),
         key_end: vec![real as u32; tokens],
         ..StepInputs::default()
     };

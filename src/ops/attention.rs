@@ -169,17 +169,19 @@ pub fn forward_padded(
 }
 
 /// Decoding with a KV cache: the T queries sit at positions past..past+T and k, v hold all past + T
-/// positions' keys and values ([past + T, kv_heads·d]).
+/// positions' keys and values ([past + T, kv_heads·d]). With `first_key`, query t sees no key before
+/// position first_key[t] (a sliding window).
 pub fn forward_cached(
     s: AttentionShape,
     past: usize,
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    first_key: Option<&[u32]>,
     out: &mut [f32],
 ) {
     let mut lse = vec![0f32; s.heads * s.tokens];
-    forward_after(s, past, q, k, v, (None, None), out, &mut lse);
+    forward_after(s, past, q, k, v, (first_key, None), out, &mut lse);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -502,6 +504,7 @@ pub(crate) fn record_forward_cached(
     shape: &AttentionShape,
     past: usize,
     [q, k, v]: [&GpuBuffer; 3],
+    first_key: Option<&GpuBuffer>,
     out: &GpuBuffer,
     [keys, values]: [&GpuBuffer; 2],
 ) {
@@ -515,7 +518,7 @@ pub(crate) fn record_forward_cached(
         tokens: past + shape.tokens,
         ..*shape
     };
-    let first_key = r.scratch(shape.tokens);
+    let first_key = first_key_table(r, first_key, shape.tokens);
     let stats = r.scratch(2 * shape.heads * all.tokens);
     let groups = [shape.tokens.div_ceil(64) as u32, shape.heads as u32, 1];
     for p in passes(r, &all, 2) {

@@ -9,6 +9,9 @@ use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::{ModelFiles, SafetensorsFile};
 use std::path::PathBuf;
 
+/// The decoder families of tests/fixtures/hf, one small random model each.
+pub const FAMILIES: [&str; 6] = ["qwen2", "qwen3", "llama", "mistral", "ministral", "smollm3"];
+
 /// A command for the nibble binary, logging at level warn. `NIBBLE_TEST_RUNNER` (a command line, e.g.
 /// `qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu`) runs it through an emulator, as cargo's target
 /// runner runs the tests themselves when they are built for another architecture.
