@@ -846,11 +846,26 @@ impl ModelSource {
             (SourceKind::Folder { .. }, Some(QuantRequest::Quantize(s))) => Some(s),
         };
         if let Some(spec) = quant {
+            let divides_all = |group: usize| {
+                LinearKind::ALL
+                    .iter()
+                    .all(|&kind| self.config.linear_shape(kind).1 % group == 0)
+            };
             for kind in LinearKind::ALL {
                 let (_, cols) = self.config.linear_shape(kind);
                 if cols % spec.group_size != 0 {
+                    // SmolLM2's widths (576, 960) are multiples of 64 but not of 128.
+                    let working: Vec<String> = crate::quant::GROUP_SIZES
+                        .into_iter()
+                        .filter(|&g| divides_all(g))
+                        .map(|g| g.to_string())
+                        .collect();
+                    let hint = match working.is_empty() {
+                        true => "no group size nibble supports divides every input dimension of this model".to_string(),
+                        false => format!("group sizes that work for this model: {}", working.join(", ")),
+                    };
                     return Err(Error::Invalid(format!(
-                        "{}: group size {} does not divide the input dimension {cols} of `{}.weight`",
+                        "{}: group size {} does not divide the input dimension {cols} of `{}.weight` ({hint})",
                         self.label,
                         spec.group_size,
                         kind.path(0)

@@ -399,10 +399,24 @@ fn group_size_that_does_not_divide_names_the_tensor() {
     let err = src.load(Some(nf4(64))).unwrap_err().to_string();
     assert!(
         err.contains("group size 64 does not divide the input dimension 96")
-            && err.contains("q_proj.weight"),
+            && err.contains("q_proj.weight")
+            && err.contains("group sizes that work for this model: 32)"),
         "{err}"
     );
     assert!(src.load(Some(nf4(32))).is_ok());
+    // SmolLM2-135M's widths: hidden 576 (9 heads of 64, 3 kv heads), intermediate 1536.
+    let mut spec = SynthSpec::tiny(Arch::Llama, VOCAB);
+    (spec.hidden_size, spec.intermediate_size) = (576, 1536);
+    (spec.num_heads, spec.num_kv_heads) = (9, 3);
+    let dir = folder(&spec);
+    let src = ModelSource::open(dir.path()).unwrap();
+    let err = src.load(Some(nf4(128))).unwrap_err().to_string();
+    assert!(
+        err.contains("group size 128 does not divide the input dimension 576")
+            && err.contains("group sizes that work for this model: 32, 64)"),
+        "{err}"
+    );
+    assert!(src.load(Some(nf4(64))).is_ok());
 }
 
 #[test]

@@ -501,3 +501,120 @@ fn bf16_checkpoints_train_and_are_recorded_in_the_run() {
         "{err}"
     );
 }
+
+/// The families of issue 18 through the whole command-line loop: `train` memorises an answer, `generate`
+/// gives it back (cached decoding through sliding windows of 8 tokens, shorter than the prompt, and
+/// layers without RoPE), `eval` runs with the adapter, and the folder `merge` writes answers the same.
+#[test]
+fn new_families_train_generate_eval_and_merge_through_the_cli() {
+    for arch in [Arch::Mistral, Arch::Ministral, Arch::SmolLM3] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m");
+        synth::write_model_folder(
+            &model,
+            &SynthSpec::tiny(arch, 259),
+            Some(&synth::byte_tokenizer()),
+        )
+        .unwrap();
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, chats(1)).unwrap();
+        let out = dir.path().join("run");
+        let o = train_cli(
+            &model,
+            &data,
+            &out,
+            &[
+                "--max-steps",
+                "60",
+                "--lr",
+                "1e-2",
+                "--lora-r",
+                "16",
+                "--lora-alpha",
+                "32",
+                "--lora-dropout",
+                "0",
+                "--lr-scheduler",
+                "constant",
+                "--loss-on",
+                "assistant",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{arch:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ask = |model: &Path, extra: &[&str]| {
+            let mut args = vec![
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--system",
+                "Be brief.",
+                "--prompt",
+                "Question 0?",
+                "--max-new-tokens",
+                "30",
+            ];
+            args.extend_from_slice(extra);
+            let o = nibble(&args);
+            assert!(
+                o.status.success(),
+                "{arch:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::from_utf8_lossy(&o.stdout).trim_end().to_string()
+        };
+        assert_eq!(
+            ask(&model, &["--adapter", out.to_str().unwrap()]),
+            "Answer 0.",
+            "{arch:?}"
+        );
+        assert_ne!(
+            ask(&model, &[]),
+            "Answer 0.",
+            "{arch:?}: the base model cannot know it"
+        );
+
+        let o = nibble(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        assert!(
+            o.status.success(),
+            "{arch:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+
+        let merged = dir.path().join("merged");
+        let o = nibble(&[
+            "merge",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--output",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{arch:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let config = std::fs::read_to_string(merged.join("config.json")).unwrap();
+        assert!(config.contains(arch.model_type()), "{arch:?}: {config}");
+        assert_eq!(
+            ask(&merged, &["--quant", "none"]),
+            "Answer 0.",
+            "{arch:?} merged"
+        );
+    }
+}
