@@ -45,7 +45,7 @@ models = {
 
 
 for index, (name, (cls, config)) in enumerate(models.items()):
-    # A seed per model: each model's fixture stays the same when another is added.
+    # A seed per model (its place in `models`): a model appended keeps the others' fixtures as they are.
     torch.manual_seed(index)
     config._attn_implementation = "eager"
     model = cls(config).float().eval()

@@ -289,17 +289,20 @@ impl ModelConfig {
             Arch::Mistral | Arch::Ministral => (false, false),
             Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 => (attention_bias, attention_bias),
         };
-        let mlp_bias = fields.opt_bool("mlp_bias")?.unwrap_or(false);
+        // Only Llama's and SmolLM3's MLPs read `mlp_bias`; the others hard-code bias=False.
+        let mlp_bias = match arch {
+            Arch::Llama | Arch::SmolLM3 => fields.opt_bool("mlp_bias")?.unwrap_or(false),
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Mistral | Arch::Ministral => false,
+        };
 
         let (rope_theta, rope_scaling) = parse_rope(&fields, arch.default_rope_theta())?;
         let num_layers = fields.usize("num_hidden_layers")?;
-        let layers = parse_layer_attention(&fields, arch, num_layers)?;
         let dtype = match fields.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
             None => fields.opt_str("torch_dtype")?.map(str::to_string),
         };
 
-        let config = ModelConfig {
+        let mut config = ModelConfig {
             arch,
             hidden_size,
             intermediate_size: fields.usize("intermediate_size")?,
@@ -322,7 +325,8 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             qk_norm: arch == Arch::Qwen3,
-            layers,
+            // Read once the layer count is known to be sane (below).
+            layers: Vec::new(),
             dtype,
             raw: raw.clone(),
         };
@@ -354,6 +358,7 @@ impl ModelConfig {
                 "these sizes describe more than {MAX_PARAMETERS} parameters, beyond any model nibble can hold"
             )));
         }
+        config.layers = parse_layer_attention(&fields, arch, num_layers)?;
         Ok(config)
     }
 
@@ -527,12 +532,12 @@ fn parse_layer_attention(
 ) -> Result<Vec<LayerAttention>> {
     let err = fields.err;
     let use_sliding = fields.opt_bool("use_sliding_window")?.unwrap_or(false);
-    // A present `null` turns the window off; only Mistral's and Ministral's configs give 4096 when
-    // the key is absent.
+    // A present `null` turns the window off; an absent key is 4096 in Mistral's, Ministral's,
+    // Qwen2's and Qwen3's config classes (which still need use_sliding_window), none in SmolLM3's.
     let given_window = match fields.obj.get("sliding_window") {
         None => match arch {
-            Arch::Mistral | Arch::Ministral => Some(4096),
-            _ => None,
+            Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 => Some(4096),
+            Arch::Llama | Arch::SmolLM3 => None,
         },
         Some(_) => fields.opt_usize("sliding_window")?,
     };
@@ -798,6 +803,9 @@ mod tests {
         let on = json!({"use_sliding_window": true, "sliding_window": 8, "max_window_layers": 2});
         let c = parse("qwen3", on).unwrap();
         assert_eq!(windows(&c), vec![None, None, Some(8), Some(8)]);
+        let on = json!({"use_sliding_window": true, "max_window_layers": 2});
+        let c = parse("qwen2", on).unwrap();
+        assert_eq!(windows(&c), vec![None, None, Some(4096), Some(4096)]);
         // SmolLM3: a NoPE layer every 4th by default; windows only on NoPE layers, only when asked.
         let c = parse("smollm3", json!({})).unwrap();
         let rope: Vec<bool> = c.layers.iter().map(|l| l.rope).collect();

@@ -69,6 +69,36 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                 text.contains(arch.class_name()) && text.contains("parameters"),
                 "{text}"
             );
+            // Layer by layer attention: the tiny presets' windows and NoPE layers.
+            let (windows, no_rope, line) = match arch {
+                Arch::Mistral => (
+                    serde_json::json!([{"layer": 0, "window": 8}, {"layer": 1, "window": 8}]),
+                    serde_json::json!([]),
+                    "sliding window 8 in all layers",
+                ),
+                Arch::Ministral => (
+                    serde_json::json!([{"layer": 0, "window": 8}]),
+                    serde_json::json!([]),
+                    "sliding window 8 in layers [0]",
+                ),
+                Arch::SmolLM3 => (
+                    serde_json::json!([]),
+                    serde_json::json!([1]),
+                    "no RoPE in layers [1]",
+                ),
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => {
+                    (serde_json::json!([]), serde_json::json!([]), "")
+                }
+            };
+            assert_eq!(info["sliding_window_layers"], windows, "{arch:?}");
+            assert_eq!(info["layers_without_rope"], no_rope, "{arch:?}");
+            match line {
+                "" => assert!(
+                    !text.contains("sliding window") && !text.contains("no RoPE"),
+                    "{arch:?}: {text}"
+                ),
+                line => assert!(text.contains(line), "{arch:?}: {text}"),
+            }
 
             let out = dir.path().join("q.safetensors");
             ok(&[

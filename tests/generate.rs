@@ -12,7 +12,7 @@ use nibble::rng::Rng;
 
 #[test]
 fn cached_decoding_matches_the_full_forward() {
-    for name in common::FAMILIES {
+    for name in common::families() {
         let f = fixture(name, "nf4");
         let ids = &f.seq.ids;
         let vocab = f.model.config.vocab_size;
@@ -78,7 +78,7 @@ fn a_cached_conversation_continues_as_a_fresh_one() {
 fn gpu_decoding_matches_the_cpu() {
     let Some(gpu) = common::gpu() else { return };
     let mut worst = 0f64;
-    for name in common::FAMILIES {
+    for name in common::families() {
         let f = fixture(name, "nf4");
         let (gm, gl) = (
             GpuModel::upload(&gpu, &f.model).unwrap(),

@@ -75,7 +75,7 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
 #[test]
 fn gpu_executor_matches_transformers_and_the_cpu_executor() {
     let Some(gpu) = gpu() else { return };
-    for name in common::FAMILIES {
+    for name in common::families() {
         for quant in ["none", "nf4"] {
             check(&gpu, name, quant);
         }
@@ -405,6 +405,36 @@ fn packed_sequences_on_the_gpu_match_the_cpu() {
         // Measured: gradients within 2.4e-6.
         assert_step_matches_cpu(&gpu, &f.model, &f.adapter, &packed, 3e-5, name);
     }
+    // A window inside sequences longer than the GPU kernels' 64-query blocks: blocks whose first
+    // keys differ, and key ranges that start past a block's first query.
+    let f = fixture("mistral", "nf4");
+    let mut rng = nibble::rng::Rng::new(4);
+    let vocab = f.model.config.vocab_size as u64;
+    let long = Sequence::all_tokens((0..150).map(|_| rng.below(vocab) as u32).collect());
+    assert_step_matches_cpu(
+        &gpu,
+        &f.model,
+        &f.adapter,
+        &long,
+        3e-5,
+        "150 tokens, window 5",
+    );
+    let packed = cpu::pack(
+        [70usize, 90]
+            .iter()
+            .map(|&n| Sequence::all_tokens((0..n).map(|_| rng.below(vocab) as u32).collect()))
+            .collect(),
+        256,
+    )
+    .remove(0);
+    assert_step_matches_cpu(
+        &gpu,
+        &f.model,
+        &f.adapter,
+        &packed,
+        3e-5,
+        "packed 90 + 70, window 5",
+    );
 }
 
 /// The tiled linear kernels at shapes off their tiles: inner dimensions that are not multiples of the

@@ -57,7 +57,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "sliding_window_layers": c.layers.iter().enumerate()
                 .filter_map(|(l, a)| a.window.map(|w| json!({"layer": l, "window": w})))
                 .collect::<Vec<_>>(),
-            "no_rope_layers": (0..c.num_layers).filter(|&l| !c.layers[l].rope).collect::<Vec<_>>(),
+            "layers_without_rope": (0..c.num_layers).filter(|&l| !c.layers[l].rope).collect::<Vec<_>>(),
             "rope_theta": c.rope_theta,
             "rope_scaling": rope,
             "parameters": params,

@@ -319,9 +319,9 @@ impl Decoder<'_> {
         );
     }
 
-    /// The attention inputs after q/k/v: example boundaries when packed.
-    /// The attention's inputs after q, k, v: example starts (packed or padded), and where each
-    /// token's visible keys end (padded).
+    /// The attention's inputs after q, k, v in layer `l`: each token's first visible key (a sliding
+    /// layer's window table, which already holds the example starts; or the example starts, packed or
+    /// padded), and where its visible keys end (padded).
     fn key_ranges(&mut self, l: usize) -> Vec<BufId> {
         let t = self.t();
         let mut inputs = Vec::new();

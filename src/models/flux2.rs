@@ -1313,6 +1313,14 @@ pub fn caption_features(
     tokens: usize,
 ) -> Result<Vec<f32>> {
     let c = &encoder.config;
+    // Padding past a sliding window's reach would see no key at all (transformers' fully masked rows):
+    // FLUX.2's Qwen3 encoders have no windows, and nibble does not guess what one would give.
+    if c.layers.iter().any(|l| l.window.is_some()) {
+        return Err(Error::Invalid(
+            "the text encoder has sliding-window layers; FLUX.2's Qwen3 text encoders have none"
+                .into(),
+        ));
+    }
     if c.num_layers < TEXT_LAYERS[2] {
         return Err(Error::Invalid(format!(
             "the text encoder has {} layers; FLUX.2 reads the outputs of layers {TEXT_LAYERS:?}",

@@ -136,7 +136,8 @@ impl Block {
             end = end.min(limit[t] as usize);
         }
         let start = first_key(segments, t) - self.k0;
-        start..(end - self.k0).max(start)
+        // A padded query past a sliding window's reach sees no key: end may lie before k0.
+        start..end.saturating_sub(self.k0).max(start)
     }
 }
 

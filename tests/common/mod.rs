@@ -9,8 +9,10 @@ use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::{ModelFiles, SafetensorsFile};
 use std::path::PathBuf;
 
-/// The decoder families of tests/fixtures/hf, one small random model each.
-pub const FAMILIES: [&str; 6] = ["qwen2", "qwen3", "llama", "mistral", "ministral", "smollm3"];
+/// The decoder families of tests/fixtures/hf (a folder per `model_type`), one small random model each.
+pub fn families() -> [&'static str; nibble::config::Arch::ALL.len()] {
+    nibble::config::Arch::ALL.map(nibble::config::Arch::model_type)
+}
 
 /// A command for the nibble binary, logging at level warn. `NIBBLE_TEST_RUNNER` (a command line, e.g.
 /// `qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu`) runs it through an emulator, as cargo's target
