@@ -80,6 +80,17 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN (transformers `_compute_yarn_parameters`): frequencies blended between interpolation and
+    /// extrapolation over a ramp of dimensions, and cos/sin scaled by `attention_factor` (resolved
+    /// from `mscale`/`mscale_all_dim` or the factor when the config gives none).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        attention_factor: f64,
+        truncate: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -671,15 +682,73 @@ fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)>
             factor: sub.f64("factor")?,
             low_freq_factor: sub.f64("low_freq_factor")?,
             high_freq_factor: sub.f64("high_freq_factor")?,
-            original_max_position_embeddings: sub.f64("original_max_position_embeddings")?,
+            original_max_position_embeddings: original_positions(fields, &sub)?,
         },
+        "yarn" => {
+            let original = original_positions(fields, &sub)?;
+            // DeepSeek-style configs leave the factor to the ratio of the two lengths.
+            let factor = match sub.opt_f64("factor")? {
+                Some(f) => f,
+                None => fields.f64("max_position_embeddings")? / original,
+            };
+            if !(factor > 0.0) || !factor.is_finite() {
+                return Err((fields.err)(format!(
+                    "the yarn rope factor must be positive, got {factor}"
+                )));
+            }
+            let mscale_of = |scale: f64, mscale: f64| match scale <= 1.0 {
+                true => 1.0,
+                false => 0.1 * mscale * scale.ln() + 1.0,
+            };
+            let attention_factor = match (
+                sub.opt_f64("attention_factor")?,
+                sub.opt_f64("mscale")?,
+                sub.opt_f64("mscale_all_dim")?,
+            ) {
+                (Some(a), _, _) => a,
+                // transformers tests both for truth: a zero counts as absent.
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale_of(factor, m) / mscale_of(factor, all)
+                }
+                _ => mscale_of(factor, 1.0),
+            };
+            // `or 32` / `or 1` in transformers: a zero takes the default too.
+            let nonzero = |v: Option<f64>, default: f64| v.filter(|&b| b != 0.0).unwrap_or(default);
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast: nonzero(sub.opt_f64("beta_fast")?, 32.0),
+                beta_slow: nonzero(sub.opt_f64("beta_slow")?, 1.0),
+                attention_factor,
+                truncate: sub.opt_bool("truncate")?.unwrap_or(true),
+            }
+        }
         other => {
             return Err((fields.err)(format!(
-                "rope type `{other}` is not supported (nibble implements default, linear and llama3)"
+                "rope type `{other}` is not supported (nibble implements default, linear, llama3 and yarn)"
             )));
         }
     };
     Ok((theta, scaling))
+}
+
+/// The context length a scaled RoPE was pretrained at, as transformers 5.x standardises it: a top-level
+/// `original_max_position_embeddings` (Phi-3 keeps it there) wins, then the scaling's own, then
+/// `max_position_embeddings`.
+fn original_positions(fields: &Fields, sub: &Fields) -> Result<f64> {
+    let original = match fields.opt_f64("original_max_position_embeddings")? {
+        Some(o) => o,
+        None => match sub.opt_f64("original_max_position_embeddings")? {
+            Some(o) => o,
+            None => fields.f64("max_position_embeddings")?,
+        },
+    };
+    if !(original > 0.0) || !original.is_finite() {
+        return Err((fields.err)(format!(
+            "original_max_position_embeddings must be positive, got {original}"
+        )));
+    }
+    Ok(original)
 }
 
 /// Typed field access whose errors name the field and the file.
@@ -861,6 +930,21 @@ mod tests {
                 "smollm3",
                 json!({"no_rope_layers": [1, 2, 1, 1]}),
                 "`no_rope_layers` holds 1",
+            ),
+            (
+                "qwen3",
+                json!({"rope_scaling": {"type": "yarn", "factor": -2.0}, "max_position_embeddings": 64}),
+                "the yarn rope factor must be positive",
+            ),
+            (
+                "qwen3",
+                json!({"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0}}),
+                "original_max_position_embeddings must be positive",
+            ),
+            (
+                "llama",
+                json!({"rope_scaling": {"type": "yarn", "factor": null}}),
+                "missing required field `max_position_embeddings`",
             ),
         ] {
             let err = parse(model_type, extra).unwrap_err().to_string();

@@ -459,8 +459,8 @@ fn bad_config_values_are_named() {
         ),
         (
             "\"rope_scaling\": null",
-            "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}",
-            "rope type `yarn`",
+            "\"rope_scaling\": {\"rope_type\": \"longrope\", \"factor\": 4.0}",
+            "rope type `longrope`",
         ),
         ("{", "[", "config.json"),
     ] {

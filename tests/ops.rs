@@ -320,7 +320,7 @@ fn rope_rotates_pairs(adjacent: bool) {
         );
     }
     let positions: Vec<u32> = (0..tokens as u32).collect();
-    let (cos, sin) = rope::tables(&positions, &inv);
+    let (cos, sin) = rope::tables(&positions, &inv, 1.0);
     let x = random(tokens * heads * d, 1.0, &mut rng);
     let mut y = x.clone();
     rope::apply(&mut y, (heads, d), &cos, &sin, false, adjacent);
@@ -353,6 +353,71 @@ fn rope_rotates_pairs(adjacent: bool) {
         (lhs - rhs).abs() < 1e-5 * lhs.abs().max(1.0),
         "rope adjoint: {lhs} vs {rhs}"
     );
+}
+
+/// nibble's RoPE tables for scaled configs against the ones transformers' rotary embedding gives
+/// (tests/fixtures/rope_scaling.json, from scripts/make_rope_fixture.py): YaRN with its default
+/// attention factor, with an mscale pair, betas and no truncation, with a given attention factor and
+/// the factor left to the ratio of lengths; llama3 whose original length falls back to
+/// max_position_embeddings (the key removed as well as kept). Positions up to 131,071, where one last
+/// bit of a frequency moves an angle of 10^5 radians. Measured: within 2.1e-6 (absolute; 6e-7 or less
+/// but for Qwen3's yarn case at the largest positions); held to 2e-5.
+#[test]
+fn scaled_rope_tables_match_transformers() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rope_scaling.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let positions: Vec<u32> = fixture["positions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u32)
+        .collect();
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let mut worst = 0f32;
+    for (name, case) in fixture["cases"].as_object().unwrap() {
+        let mut configs = vec![case["config"].clone()];
+        if name == "llama3_default_original" {
+            let mut without = case["config"].clone();
+            without["rope_parameters"]
+                .as_object_mut()
+                .unwrap()
+                .remove("original_max_position_embeddings");
+            configs.push(without);
+        }
+        for config in configs {
+            let c = nibble::config::ModelConfig::from_json_str(
+                &config.to_string(),
+                std::path::Path::new("config.json"),
+            )
+            .unwrap();
+            let (cos, sin) = rope::model_tables(&c, &positions);
+            for (ours, theirs) in [(&cos, floats(&case["cos"])), (&sin, floats(&case["sin"]))] {
+                assert_eq!(ours.len(), theirs.len(), "{name}");
+                let e = ours
+                    .iter()
+                    .zip(&theirs)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(e < 2e-5, "{name}: tables differ by {e:e}");
+                worst = worst.max(e);
+            }
+            let scale = rope::attention_factor(c.rope_scaling) as f64;
+            let expected = case["attention_scaling"].as_f64().unwrap();
+            assert!(
+                (scale - expected).abs() < 1e-6,
+                "{name}: {scale} vs {expected}"
+            );
+        }
+    }
+    eprintln!("scaled RoPE tables within {worst:e} of transformers'");
 }
 
 #[test]

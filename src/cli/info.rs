@@ -38,6 +38,11 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         RopeScaling::None => "none".to_string(),
         RopeScaling::Linear { factor } => format!("linear x{factor}"),
         RopeScaling::Llama3 { factor, .. } => format!("llama3 x{factor}"),
+        RopeScaling::Yarn {
+            factor,
+            attention_factor,
+            ..
+        } => format!("yarn x{factor} (attention factor {attention_factor:.4})"),
     };
     if as_json {
         let v = json!({

@@ -115,10 +115,7 @@ impl StepShape {
 /// The inputs of decoding `ids` after `past` cached positions.
 pub fn decode_inputs(c: &ModelConfig, ids: &[u32], past: usize) -> StepInputs {
     let positions: Vec<u32> = (past as u32..(past + ids.len()) as u32).collect();
-    let (cos, sin) = rope::tables(
-        &positions,
-        &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
-    );
+    let (cos, sin) = rope::model_tables(c, &positions);
     StepInputs {
         ids: ids.to_vec(),
         cos,
@@ -145,10 +142,7 @@ pub fn window_first_keys(c: &ModelConfig, first_key: &[u32], past: usize) -> Vec
 /// The step's per-sequence inputs: ids, RoPE tables at each token's position inside its example, example
 /// starts, labels, the gradient scale and the dropout seed.
 pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u64) -> StepInputs {
-    let (cos, sin) = rope::tables(
-        &seq.positions(),
-        &rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
-    );
+    let (cos, sin) = rope::model_tables(c, &seq.positions());
     let labelled: Vec<u32> = (0..seq.ids.len() as u32)
         .filter(|&t| seq.targets[t as usize].is_some())
         .collect();

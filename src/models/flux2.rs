@@ -1339,10 +1339,7 @@ pub fn caption_features(
     })?;
     ids.resize(tokens, pad);
     let positions: Vec<u32> = (0..tokens as u32).collect();
-    let (cos, sin) = crate::ops::rope::tables(
-        &positions,
-        &crate::ops::rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
-    );
+    let (cos, sin) = crate::ops::rope::model_tables(c, &positions);
     let inputs = StepInputs {
         ids,
         cos,

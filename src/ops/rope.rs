@@ -45,21 +45,74 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
                 })
                 .collect()
         }
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings: original,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } => {
+            // The correction range in f64 (Python floats), the blend in f32 (torch tensors).
+            let dim = head_dim as f64;
+            let correction_dim = |rotations: f64| {
+                dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                    / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            let span = (high - low) as f32;
+            (0..half)
+                .map(|i| {
+                    let pos_freq = base.powf((2 * i) as f32 / head_dim as f32);
+                    let extrapolation = 1.0 / pos_freq;
+                    let interpolation = 1.0 / (factor as f32 * pos_freq);
+                    let ramp = ((i as f32 - low as f32) / span).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp;
+                    interpolation * (1.0 - keep) + extrapolation * keep
+                })
+                .collect()
+        }
     }
 }
 
-/// cos and sin of position · inv_freq, [positions.len(), head_dim/2] each.
-pub fn tables(positions: &[u32], inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+/// What transformers multiplies cos and sin by (YaRN's attention factor; 1 otherwise).
+pub fn attention_factor(scaling: RopeScaling) -> f32 {
+    match scaling {
+        RopeScaling::Yarn {
+            attention_factor, ..
+        } => attention_factor as f32,
+        _ => 1.0,
+    }
+}
+
+/// cos and sin of position · inv_freq, times `scale`, [positions.len(), head_dim/2] each.
+pub fn tables(positions: &[u32], inv_freq: &[f32], scale: f32) -> (Vec<f32>, Vec<f32>) {
     let mut cos = Vec::with_capacity(positions.len() * inv_freq.len());
     let mut sin = Vec::with_capacity(positions.len() * inv_freq.len());
     for &p in positions {
         for &f in inv_freq {
             let angle = p as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
+            cos.push(angle.cos() * scale);
+            sin.push(angle.sin() * scale);
         }
     }
     (cos, sin)
+}
+
+/// The RoPE tables of a decoder `c` at `positions`: its frequencies and scaling.
+pub fn model_tables(c: &crate::config::ModelConfig, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    tables(
+        positions,
+        &inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+        attention_factor(c.rope_scaling),
+    )
 }
 
 /// Rotates x [tokens, heads * head_dim] in place; `inverse` applies the transpose (the backward). Pair i
