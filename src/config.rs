@@ -691,7 +691,7 @@ fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)>
                 Some(f) => f,
                 None => fields.f64("max_position_embeddings")? / original,
             };
-            if !(factor > 0.0) || !factor.is_finite() {
+            if factor <= 0.0 || !factor.is_finite() {
                 return Err((fields.err)(format!(
                     "the yarn rope factor must be positive, got {factor}"
                 )));
@@ -743,7 +743,7 @@ fn original_positions(fields: &Fields, sub: &Fields) -> Result<f64> {
             None => fields.f64("max_position_embeddings")?,
         },
     };
-    if !(original > 0.0) || !original.is_finite() {
+    if original <= 0.0 || !original.is_finite() {
         return Err((fields.err)(format!(
             "original_max_position_embeddings must be positive, got {original}"
         )));

@@ -849,7 +849,7 @@ impl ModelSource {
             let divides_all = |group: usize| {
                 LinearKind::ALL
                     .iter()
-                    .all(|&kind| self.config.linear_shape(kind).1 % group == 0)
+                    .all(|&kind| self.config.linear_shape(kind).1.is_multiple_of(group))
             };
             for kind in LinearKind::ALL {
                 let (_, cols) = self.config.linear_shape(kind);
