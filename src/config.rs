@@ -636,6 +636,19 @@ fn per_layer<T>(
 }
 
 fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)> {
+    // Rotating only part of each head (Phi-4-mini, GPT-NeoX) is not implemented: refused rather than
+    // computed over the whole head.
+    let partial = match fields.obj.get("rope_parameters") {
+        Some(Value::Object(p)) => p.get("partial_rotary_factor").and_then(Value::as_f64),
+        _ => None,
+    };
+    if let Some(f) = fields.opt_f64("partial_rotary_factor")?.or(partial)
+        && f != 1.0
+    {
+        return Err((fields.err)(format!(
+            "partial_rotary_factor {f} is not supported (nibble rotates whole heads)"
+        )));
+    }
     // transformers 5.x folds rope_theta into rope_parameters; 4.x keeps rope_theta at the top level
     // and puts the scaling (if any) in rope_scaling.
     let (params, theta) = match fields.obj.get("rope_parameters") {
@@ -714,13 +727,35 @@ fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)>
             };
             // `or 32` / `or 1` in transformers: a zero takes the default too.
             let nonzero = |v: Option<f64>, default: f64| v.filter(|&b| b != 0.0).unwrap_or(default);
+            let (beta_fast, beta_slow) = (
+                nonzero(sub.opt_f64("beta_fast")?, 32.0),
+                nonzero(sub.opt_f64("beta_slow")?, 1.0),
+            );
+            // Where transformers would take a logarithm of nothing or scale by nothing.
+            for (name, value) in [
+                ("rope_theta", theta - 1.0),
+                ("beta_fast", beta_fast),
+                ("beta_slow", beta_slow),
+                ("attention_factor", attention_factor),
+            ] {
+                if value <= 0.0 || !value.is_finite() {
+                    return Err((fields.err)(format!(
+                        "yarn rope scaling needs a positive `{name}`{}",
+                        if name == "rope_theta" { " above 1" } else { "" }
+                    )));
+                }
+            }
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings: original,
-                beta_fast: nonzero(sub.opt_f64("beta_fast")?, 32.0),
-                beta_slow: nonzero(sub.opt_f64("beta_slow")?, 1.0),
+                beta_fast,
+                beta_slow,
                 attention_factor,
-                truncate: sub.opt_bool("truncate")?.unwrap_or(true),
+                // `.get("truncate", True)`: a null is falsy there.
+                truncate: match sub.obj.get("truncate") {
+                    Some(Value::Null) => false,
+                    _ => sub.opt_bool("truncate")?.unwrap_or(true),
+                },
             }
         }
         other => {
@@ -902,6 +937,49 @@ mod tests {
         assert_eq!(c.layer_attention_summary(), "");
     }
 
+    /// YaRN's fields as transformers resolves them: 4.x spelling, the top-level original length
+    /// first (Phi-3 style), betas of 0 or null taking their defaults, a null truncate meaning false,
+    /// and the attention factor from the factor alone.
+    #[test]
+    fn yarn_fields_resolve_as_transformers_does() {
+        use serde_json::json;
+        let c = parse(
+            "qwen2",
+            json!({"max_position_embeddings": 1024, "original_max_position_embeddings": 256,
+                   "rope_theta": 10000.0,
+                   "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+                                    "beta_fast": 0, "beta_slow": null, "truncate": null}}),
+        )
+        .unwrap();
+        let attention_factor = 0.1 * 4f64.ln() + 1.0;
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 256.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attention_factor,
+                truncate: false,
+            }
+        );
+        let c = parse(
+            "llama",
+            json!({"max_position_embeddings": 1024,
+                   "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}}),
+        )
+        .unwrap();
+        let RopeScaling::Yarn {
+            original_max_position_embeddings,
+            truncate,
+            ..
+        } = c.rope_scaling
+        else {
+            panic!("{:?}", c.rope_scaling)
+        };
+        assert_eq!((original_max_position_embeddings, truncate), (1024.0, true));
+    }
+
     #[test]
     fn bad_layer_attention_fields_are_named() {
         use serde_json::json;
@@ -945,6 +1023,23 @@ mod tests {
                 "llama",
                 json!({"rope_scaling": {"type": "yarn", "factor": null}}),
                 "missing required field `max_position_embeddings`",
+            ),
+            (
+                "llama",
+                json!({"rope_theta": 1.0, "max_position_embeddings": 64,
+                       "rope_scaling": {"type": "yarn", "factor": 2.0}}),
+                "positive `rope_theta` above 1",
+            ),
+            (
+                "llama",
+                json!({"max_position_embeddings": 64,
+                       "rope_scaling": {"type": "yarn", "factor": 2.0, "beta_slow": -1.0}}),
+                "positive `beta_slow`",
+            ),
+            (
+                "qwen3",
+                json!({"partial_rotary_factor": 0.5}),
+                "partial_rotary_factor 0.5 is not supported",
             ),
         ] {
             let err = parse(model_type, extra).unwrap_err().to_string();

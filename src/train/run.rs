@@ -820,12 +820,19 @@ impl<'m> Run<'m> {
 /// (and attention over them grows quadratically).
 pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) -> usize {
     // Linear position scaling stretches the trained positions by its factor (configs differ on
-    // whether max_position_embeddings already counts it, so the larger reading is taken).
-    let factor = match config.rope_scaling {
-        crate::config::RopeScaling::Linear { factor } if factor > 1.0 => factor,
-        _ => 1.0,
-    };
-    let positions = (config.max_position_embeddings as f64 * factor) as usize;
+    // whether max_position_embeddings already counts it, so the larger reading is taken). YaRN's
+    // reach is its factor times the original length (Qwen3 keeps max_position_embeddings at 40,960
+    // beside a factor of 4 over 32,768).
+    let mpe = config.max_position_embeddings as f64;
+    let positions = match config.rope_scaling {
+        crate::config::RopeScaling::Linear { factor } if factor > 1.0 => mpe * factor,
+        crate::config::RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            ..
+        } => mpe.max(factor * original_max_position_embeddings),
+        _ => mpe,
+    } as usize;
     if max_length > positions {
         log::warn!(
             "--max-length {max_length} is beyond the model's max_position_embeddings {positions}: \
@@ -960,4 +967,41 @@ fn hold_out(sequences: &mut Vec<Sequence>, fraction: f64, seed: u64) -> Result<V
     let mut eval: Vec<_> = chosen.iter().map(|&i| sequences.remove(i)).collect();
     eval.reverse();
     Ok(eval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within_positions;
+    use crate::config::ModelConfig;
+
+    fn config(extra: &str) -> ModelConfig {
+        let text = format!(
+            r#"{{"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 256, {extra}}}"#
+        );
+        ModelConfig::from_json_str(&text, std::path::Path::new("config.json")).unwrap()
+    }
+
+    /// `--max-length` stops at the positions the model can place: max_position_embeddings, stretched
+    /// by linear scaling, or YaRN's factor times its original length where that reaches further.
+    #[test]
+    fn max_length_stops_where_the_positions_end() {
+        let plain = config(r#""max_position_embeddings": 4096"#);
+        assert_eq!(within_positions(100_000, &plain), 4096);
+        assert_eq!(within_positions(1000, &plain), 1000);
+        let linear = config(
+            r#""max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}"#,
+        );
+        assert_eq!(within_positions(100_000, &linear), 8192);
+        // Qwen3's 128k setting keeps max_position_embeddings at 40,960.
+        let yarn = config(
+            r#""max_position_embeddings": 40960, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}"#,
+        );
+        assert_eq!(within_positions(200_000, &yarn), 131_072);
+        // A config whose max_position_embeddings already counts the factor keeps it.
+        let counted = config(
+            r#""max_position_embeddings": 163840, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}"#,
+        );
+        assert_eq!(within_positions(200_000, &counted), 163_840);
+    }
 }
