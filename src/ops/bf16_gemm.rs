@@ -50,8 +50,13 @@ pub trait Bf16Rows: Sync {
 /// from memory once per product, and without this the decode waits on every cache miss (measured:
 /// most of the decode's time in a 0.5B model's step was that one stall).
 fn prefetch(w: &impl Bf16Rows, row: usize, c0: usize, len: usize) {
+    prefetch_bytes(w.row_bytes(row, c0, len));
+}
+
+/// Asks the CPU to start loading `bytes` into its caches (a hint; x86-64 only).
+pub(crate) fn prefetch_bytes(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
-    for line in w.row_bytes(row, c0, len).chunks(64) {
+    for line in bytes.chunks(64) {
         // SAFETY: prefetching is a hint that never faults; the pointer lies inside a live slice.
         unsafe {
             std::arch::x86_64::_mm_prefetch(
@@ -61,7 +66,7 @@ fn prefetch(w: &impl Bf16Rows, row: usize, c0: usize, len: usize) {
         };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (w, row, c0, len);
+    let _ = bytes;
 }
 
 impl Bf16Rows for LinearWeight {

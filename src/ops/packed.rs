@@ -185,6 +185,21 @@ pub(crate) fn check_xwt(
 /// Rows of W handed to one task: enough that a task's work outweighs its scheduling.
 const ROWS_PER_TASK: usize = 64;
 
+/// How far ahead of the row being multiplied `xwt_few` asks for rows to be loaded.
+const PREFETCH_AHEAD_BYTES: usize = 2048;
+
+/// The bytes that hold weight row `row` (its packed codes, or its 16/32-bit values).
+fn row_bytes(w: Rows<'_>, row: usize) -> &[u8] {
+    match w {
+        Rows::Quant(q) => {
+            let words = q.cols / 8;
+            let first = (row * words).min(q.packed.len());
+            bytemuck::cast_slice(&q.packed[first..(first + words).min(q.packed.len())])
+        }
+        Rows::Dense(d) => crate::ops::bf16_gemm::Bf16Rows::row_bytes(d, row, 0, d.cols),
+    }
+}
+
 /// y[t, y_col0 + i] (+ when `accumulate`)= x[t]·W[start + i] for i < n, t < tokens; y rows are
 /// `y_stride` long. For few tokens (`FEW_TOKENS` at a time): each weight row is read once per pass.
 #[allow(clippy::too_many_arguments)]
@@ -201,6 +216,9 @@ pub fn xwt_few(
 ) {
     let tokens = check_xwt("xwt_few", path, x, w, start, n, y, y_stride, y_col0);
     let cols = w.shape().1;
+    // Rows are read once each, in order: the loads wait on memory unless asked for this far ahead
+    // (the hardware's prefetcher stops at each 4 KiB page).
+    let ahead = PREFETCH_AHEAD_BYTES.div_ceil(row_bytes(w, start).len().max(1));
     for t0 in (0..tokens).step_by(FEW_TOKENS) {
         let count = FEW_TOKENS.min(tokens - t0);
         let xs = &x[t0 * cols..(t0 + count) * cols];
@@ -212,7 +230,11 @@ pub fn xwt_few(
             .enumerate()
             .for_each_init(Vec::new, |scratch, (task, out)| {
                 let first = start + task * ROWS_PER_TASK;
+                let rows = out.len() / count;
                 for (i, dots) in out.chunks_exact_mut(count).enumerate() {
+                    if i + ahead < rows {
+                        crate::ops::bf16_gemm::prefetch_bytes(row_bytes(w, first + i + ahead));
+                    }
                     row_dots(path, w, first + i, xs, dots, scratch);
                 }
             });
