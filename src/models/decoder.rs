@@ -1,8 +1,9 @@
-//! The decoder-only transformer (Qwen2/2.5, Qwen3, Llama) written once, as a graph builder: the forward,
-//! the loss (cross-entropy at the labelled positions, walked over vocabulary chunks), the backward into
-//! the LoRA matrices (mirrored in straight-line code, as llm.c does), every logit, and decoding with a KV
-//! cache. Families differ by configuration (q/k norms, biases, tied embeddings); every executor runs the
-//! graphs this builds. The optimizer step is `models::optimizer`'s graph.
+//! The decoder-only transformer (Qwen2/2.5, Qwen3, Llama, Mistral, Ministral, SmolLM3) written once, as
+//! a graph builder: the forward, the loss (cross-entropy at the labelled positions, walked over
+//! vocabulary chunks), the backward into the LoRA matrices (mirrored in straight-line code, as llm.c
+//! does), every logit, and decoding with a KV cache. Families differ by configuration (q/k norms,
+//! biases, tied embeddings, sliding-window layers, layers without RoPE); every executor runs the graphs
+//! this builds. The optimizer step is `models::optimizer`'s graph.
 
 use crate::config::{LinearKind, ModelConfig};
 use crate::cpu::Sequence;
