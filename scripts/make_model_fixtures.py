@@ -1,6 +1,7 @@
 """Writes tests/fixtures/hf/: small random Qwen2 (tied, q/k/v bias), Qwen3 (q/k norm), Llama (untied,
 llama3 rope), Mistral (a sliding window of 5, head_dim apart from hidden/heads), Ministral (a sliding
-and a full layer) and SmolLM3 (tied, a layer without RoPE) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
+and a full layer), SmolLM3 (tied, a layer without RoPE) and Phi-3 (fused projections, partial rotary,
+LongRoPE, a sliding window) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
@@ -17,11 +18,12 @@ from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                          SmolLM3Config, SmolLM3ForCausalLM)
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 OUT = "tests/fixtures/hf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
 models = {
@@ -41,6 +43,14 @@ models = {
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config(**common, no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0,
                                                   rope_parameters={"rope_type": "default", "rope_theta": 2000000.0})),
+    # Phi-4-mini's layout: fused projections, 3/4 of each 16-wide head rotated (6 frequencies), LongRoPE
+    # (the short factors: 14 positions stay within the original 16) and a window of 6 as older Phi-3s set.
+    "phi3": (Phi3ForCausalLM, Phi3Config(
+        **common, tie_word_embeddings=False, sliding_window=6, partial_rotary_factor=0.75, pad_token_id=0,
+        original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
 }
 
 
@@ -60,13 +70,14 @@ for index, (name, (cls, config)) in enumerate(models.items()):
     labels = ids.clone()
     labels[0, :4] = -100  # a prompt that carries no loss
 
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    targets = FUSED_TARGETS if name == "phi3" else TARGETS
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     for quant in ("none", "nf4"):
         base = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
         if quant == "nf4":
             with torch.no_grad():
                 for mname, module in base.named_modules():
-                    if mname.split(".")[-1] in TARGETS:
+                    if mname.split(".")[-1] in targets:
                         w = module.weight.data
                         packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
                         module.weight.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape))

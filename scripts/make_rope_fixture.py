@@ -9,7 +9,8 @@ import json
 
 import torch
 import transformers
-from transformers import Qwen3Config
+from transformers import Phi3Config, Qwen3Config
+from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 common = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=2,
@@ -33,18 +34,34 @@ cases = {
 }
 positions = list(range(32)) + [1000, 5000, 40000, 131071]
 out = {"transformers": transformers.__version__, "torch": torch.__version__, "positions": positions, "cases": {}}
-for name, extra in cases.items():
-    config = Qwen3Config(**common, **extra)
-    rotary = Qwen3RotaryEmbedding(config)
+
+
+def add(name, config, rotary, positions, half, legacy=None):
     x = torch.zeros(1, len(positions), 8)
     cos, sin = rotary(x, torch.tensor([positions]))
-    half = config.head_dim // 2
     out["cases"][name] = {
         "config": json.loads(config.to_json_string()),
+        "positions": positions,
         "cos": cos[0, :, :half].flatten().tolist(),
         "sin": sin[0, :, :half].flatten().tolist(),
         "attention_scaling": rotary.attention_scaling,
     }
+    if legacy is not None:
+        out["cases"][name]["legacy_config"] = legacy
     print(name, "attention scaling", rotary.attention_scaling)
+
+
+for name, extra in cases.items():
+    config = Qwen3Config(**common, **extra)
+    add(name, config, Qwen3RotaryEmbedding(config), positions, config.head_dim // 2)
+
+# Phi-4-mini's LongRoPE (its config.json as released, transformers 4.x spelling): the short factors while
+# every position is below the original 4096, the long ones once one is past it; 96 of 128 channels rotate.
+with open("tests/fixtures/configs/phi-4-mini-instruct.json") as f:
+    legacy = json.load(f)
+for name, at in [("longrope_short", list(range(32)) + [1000, 4095]), ("longrope_long", positions)]:
+    config = Phi3Config(**{k: v for k, v in legacy.items() if k not in ("auto_map", "_name_or_path")})
+    rotated = int(config.hidden_size // config.num_attention_heads * config.partial_rotary_factor)
+    add(name, config, Phi3RotaryEmbedding(config), at, rotated // 2, legacy)
 with open("tests/fixtures/rope_scaling.json", "w") as f:
     json.dump(out, f)

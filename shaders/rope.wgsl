@@ -1,5 +1,5 @@
-// Rotary embedding: element i of a head pairs with element i + d/2 (the LLMs' Hugging Face layout), or
-// with `adjacent`, element 2i with 2i + 1 (FLUX).
+// Rotary embedding over the first `rotated` channels of each head: element i pairs with element
+// i + rotated/2 (the LLMs' Hugging Face layout), or with `adjacent`, element 2i with 2i + 1 (FLUX).
 
 struct RopeParams {
     tokens: u32,
@@ -8,7 +8,8 @@ struct RopeParams {
     // 1.0 rotates forward; -1.0 applies the inverse rotation (the backward).
     sign: f32,
     adjacent: u32,
-    _pad0: u32,
+    // Channels rotated at the start of each head (Phi-3's partial rotary embedding); the rest pass.
+    rotated: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -21,7 +22,7 @@ struct RopeParams {
 // One thread per (pair i, head, token).
 @compute @workgroup_size(64)
 fn rope_apply(@builtin(global_invocation_id) id: vec3<u32>) {
-    let half = p.head_dim / 2u;
+    let half = p.rotated / 2u;
     let i = id.x;
     let h = id.y;
     let t = id.z;

@@ -16,6 +16,8 @@ pub enum Arch {
     Ministral,
     /// SmolLM3: Llama's layers where every few layers skip RoPE (`no_rope_layers`).
     SmolLM3,
+    /// Phi-3 and Phi-4-mini: fused `qkv_proj` and `gate_up_proj`, partial rotary embedding, LongRoPE.
+    Phi3,
 }
 
 impl Arch {
@@ -27,16 +29,18 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Ministral => "ministral",
             Arch::SmolLM3 => "smollm3",
+            Arch::Phi3 => "phi3",
         }
     }
 
-    pub const ALL: [Arch; 6] = [
+    pub const ALL: [Arch; 7] = [
         Arch::Qwen2,
         Arch::Qwen3,
         Arch::Llama,
         Arch::Mistral,
         Arch::Ministral,
         Arch::SmolLM3,
+        Arch::Phi3,
     ];
 
     pub fn class_name(self) -> &'static str {
@@ -47,6 +51,7 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Ministral => "MinistralForCausalLM",
             Arch::SmolLM3 => "SmolLM3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -67,7 +72,7 @@ impl Arch {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     None,
     Linear {
@@ -91,6 +96,15 @@ pub enum RopeScaling {
         attention_factor: f64,
         truncate: bool,
     },
+    /// Phi-3's LongRoPE (transformers `_compute_longrope_parameters`): per-frequency divisors, the short
+    /// ones while a step's positions stay within the original length, the long ones past it; cos/sin
+    /// scaled by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -106,6 +120,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// Channels of each head that RoPE rotates: head_dim, or int(head_dim · partial_rotary_factor).
+    pub rotary_dim: usize,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Qwen2 always has q/k/v biases; Llama and Qwen3 have them when `attention_bias` is set.
@@ -114,6 +130,8 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Qwen3 normalises each head of q and k before RoPE.
     pub qk_norm: bool,
+    /// Phi-3 computes q, k, v in one linear (`qkv_proj`) and gate and up in another (`gate_up_proj`).
+    pub fused_projections: bool,
     /// Per decoder layer: how its attention sees the sequence.
     pub layers: Vec<LayerAttention>,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
@@ -132,7 +150,8 @@ pub struct LayerAttention {
     pub rope: bool,
 }
 
-/// The decoder's seven linear layers, in the order PEFT and nibble list them.
+/// A decoder layer's linear layers: seven separate ones, or (Phi-3) q, k, v fused into `qkv_proj` and
+/// gate and up into `gate_up_proj`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LinearKind {
     Q,
@@ -142,16 +161,29 @@ pub enum LinearKind {
     Gate,
     Up,
     Down,
+    /// Rows q, then k, then v.
+    Qkv,
+    /// Rows gate, then up.
+    GateUp,
 }
 
 impl LinearKind {
-    pub const ALL: [LinearKind; 7] = [
+    /// The linears of a layer with separate projections, in the order PEFT and nibble list them.
+    pub const SEPARATE: [LinearKind; 7] = [
         LinearKind::Q,
         LinearKind::K,
         LinearKind::V,
         LinearKind::O,
         LinearKind::Gate,
         LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// The linears of a layer with fused projections (Phi-3), in its module order.
+    pub const FUSED: [LinearKind; 4] = [
+        LinearKind::Qkv,
+        LinearKind::O,
+        LinearKind::GateUp,
         LinearKind::Down,
     ];
 
@@ -165,20 +197,18 @@ impl LinearKind {
             LinearKind::Gate => "gate_proj",
             LinearKind::Up => "up_proj",
             LinearKind::Down => "down_proj",
+            LinearKind::Qkv => "qkv_proj",
+            LinearKind::GateUp => "gate_up_proj",
         }
-    }
-
-    pub fn from_module_name(name: &str) -> Option<LinearKind> {
-        LinearKind::ALL
-            .into_iter()
-            .find(|k| k.module_name() == name)
     }
 
     /// The parent module inside a decoder layer.
     pub fn block(self) -> &'static str {
         match self {
-            LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::O => "self_attn",
-            LinearKind::Gate | LinearKind::Up | LinearKind::Down => "mlp",
+            LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::O | LinearKind::Qkv => {
+                "self_attn"
+            }
+            LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => "mlp",
         }
     }
 
@@ -296,17 +326,41 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match arch {
             // transformers' Qwen2Attention hard-codes bias=True for q/k/v and False for o.
             Arch::Qwen2 => (true, false),
-            // Mistral's and Ministral's attention never has biases; `attention_bias` is not read there.
-            Arch::Mistral | Arch::Ministral => (false, false),
+            // Mistral's, Ministral's and Phi-3's attention never has biases; `attention_bias` is not
+            // read there.
+            Arch::Mistral | Arch::Ministral | Arch::Phi3 => (false, false),
             Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 => (attention_bias, attention_bias),
         };
         // Only Llama's and SmolLM3's MLPs read `mlp_bias`; the others hard-code bias=False.
         let mlp_bias = match arch {
             Arch::Llama | Arch::SmolLM3 => fields.opt_bool("mlp_bias")?.unwrap_or(false),
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Mistral | Arch::Ministral => false,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Mistral | Arch::Ministral | Arch::Phi3 => false,
         };
 
-        let (rope_theta, rope_scaling) = parse_rope(&fields, arch.default_rope_theta())?;
+        let (rope_theta, rope_scaling, rotary_factor) = parse_rope(&fields, arch)?;
+        // transformers' `int(head_dim * partial_rotary_factor)`.
+        let rotary_dim = (head_dim as f64 * rotary_factor) as usize;
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+            return Err(err(format!(
+                "partial_rotary_factor {rotary_factor} rotates {rotary_dim} of {head_dim} channels per head; RoPE needs an even number from 2 to head_dim"
+            )));
+        }
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope_scaling
+        {
+            for (name, list) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if list.len() != rotary_dim / 2 {
+                    return Err(err(format!(
+                        "longrope `{name}` has {} entries; the rotated width {rotary_dim} needs {}",
+                        list.len(),
+                        rotary_dim / 2
+                    )));
+                }
+            }
+        }
         let num_layers = fields.usize("num_hidden_layers")?;
         let dtype = match fields.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
@@ -325,6 +379,7 @@ impl ModelConfig {
             rms_norm_eps: fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
+            rotary_dim,
             max_position_embeddings: fields
                 .opt_usize("max_position_embeddings")?
                 .unwrap_or(32768),
@@ -336,6 +391,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             qk_norm: arch == Arch::Qwen3,
+            fused_projections: arch == Arch::Phi3,
             // Read once the layer count is known to be sane (below).
             layers: Vec::new(),
             dtype,
@@ -425,13 +481,12 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// (out_features, in_features) of one decoder linear.
     /// Every linear layer of the decoder that LoRA may adapt: module path, out and in features, in the
     /// model's order (layer by layer, PEFT's module order within a layer).
     pub fn linear_modules(&self) -> Vec<(String, usize, usize)> {
         (0..self.num_layers)
             .flat_map(|l| {
-                LinearKind::ALL.into_iter().map(move |kind| {
+                self.linear_kinds().iter().map(move |&kind| {
                     let (out, inp) = self.linear_shape(kind);
                     (kind.path(l), out, inp)
                 })
@@ -439,6 +494,7 @@ impl ModelConfig {
             .collect()
     }
 
+    /// (out_features, in_features) of one decoder linear.
     pub fn linear_shape(&self, kind: LinearKind) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         match kind {
@@ -447,14 +503,26 @@ impl ModelConfig {
             LinearKind::O => (h, self.q_dim()),
             LinearKind::Gate | LinearKind::Up => (i, h),
             LinearKind::Down => (h, i),
+            LinearKind::Qkv => (self.q_dim() + 2 * self.kv_dim(), h),
+            LinearKind::GateUp => (2 * i, h),
         }
     }
 
     pub fn linear_has_bias(&self, kind: LinearKind) -> bool {
         match kind {
-            LinearKind::Q | LinearKind::K | LinearKind::V => self.qkv_bias,
+            LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::Qkv => self.qkv_bias,
             LinearKind::O => self.o_bias,
-            LinearKind::Gate | LinearKind::Up | LinearKind::Down => self.mlp_bias,
+            LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => {
+                self.mlp_bias
+            }
+        }
+    }
+
+    /// The linears of each decoder layer, in module order.
+    pub fn linear_kinds(&self) -> &'static [LinearKind] {
+        match self.fused_projections {
+            true => &LinearKind::FUSED,
+            false => &LinearKind::SEPARATE,
         }
     }
 
@@ -490,7 +558,7 @@ impl ModelConfig {
                     self.head_dim,
                 ));
             }
-            for kind in LinearKind::ALL {
+            for &kind in self.linear_kinds() {
                 let (o, i) = self.linear_shape(kind);
                 out.push(ExpectedTensor {
                     name: format!("{}.weight", kind.path(l)),
@@ -548,13 +616,14 @@ fn parse_layer_attention(
     let given_window = match fields.obj.get("sliding_window") {
         None => match arch {
             Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 => Some(4096),
-            Arch::Llama | Arch::SmolLM3 => None,
+            Arch::Llama | Arch::SmolLM3 | Arch::Phi3 => None,
         },
         Some(_) => fields.opt_usize("sliding_window")?,
     };
     let window = match arch {
         Arch::Llama => None,
-        Arch::Mistral | Arch::Ministral => given_window,
+        // Phi-3's model slides every layer whenever the config sets a window.
+        Arch::Mistral | Arch::Ministral | Arch::Phi3 => given_window,
         Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => given_window.filter(|_| use_sliding),
     };
     if window == Some(0) {
@@ -581,7 +650,7 @@ fn parse_layer_attention(
     };
     let sliding: Vec<bool> = match fields.get("layer_types") {
         // Mistral's attention reads the window alone (transformers warns about layer_types there).
-        Some(types) if arch != Arch::Mistral && arch != Arch::Llama => {
+        Some(types) if !matches!(arch, Arch::Mistral | Arch::Llama | Arch::Phi3) => {
             per_layer(fields, "layer_types", types, num_layers, |t| {
                 match t.as_str() {
                     Some("full_attention") => Ok(false),
@@ -598,7 +667,7 @@ fn parse_layer_attention(
                 (0..num_layers).map(|l| l >= first).collect()
             }
             Arch::SmolLM3 => rope.iter().map(|&r| !r).collect(),
-            Arch::Mistral | Arch::Ministral => vec![true; num_layers],
+            Arch::Mistral | Arch::Ministral | Arch::Phi3 => vec![true; num_layers],
             Arch::Llama => vec![false; num_layers],
         },
     };
@@ -635,18 +704,22 @@ fn per_layer<T>(
         .collect()
 }
 
-fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)> {
-    // Rotating only part of each head (Phi-4-mini, GPT-NeoX) is not implemented: refused rather than
-    // computed over the whole head.
-    let partial = match fields.obj.get("rope_parameters") {
+/// RoPE's base, its scaling, and the part of each head it rotates (`partial_rotary_factor`, at the top
+/// level or in `rope_parameters`).
+fn parse_rope(fields: &Fields, arch: Arch) -> Result<(f64, RopeScaling, f64)> {
+    let default_theta = arch.default_rope_theta();
+    let nested = match fields.obj.get("rope_parameters") {
         Some(Value::Object(p)) => p.get("partial_rotary_factor").and_then(Value::as_f64),
         _ => None,
     };
-    if let Some(f) = fields.opt_f64("partial_rotary_factor")?.or(partial)
-        && f != 1.0
-    {
+    // transformers sets the nested value by `setdefault`: one already in rope_parameters wins.
+    let rotary_factor = match nested {
+        Some(f) => f,
+        None => fields.opt_f64("partial_rotary_factor")?.unwrap_or(1.0),
+    };
+    if !(rotary_factor > 0.0 && rotary_factor <= 1.0) {
         return Err((fields.err)(format!(
-            "partial_rotary_factor {f} is not supported (nibble rotates whole heads)"
+            "partial_rotary_factor must be in (0, 1], got {rotary_factor}"
         )));
     }
     // transformers 5.x folds rope_theta into rope_parameters; 4.x keeps rope_theta at the top level
@@ -676,7 +749,7 @@ fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)>
         Some(_) => return Err((fields.err)("`rope_parameters` must be an object".into())),
     };
     let Some(p) = params else {
-        return Ok((theta, RopeScaling::None));
+        return Ok((theta, RopeScaling::None, rotary_factor));
     };
     let sub = Fields {
         obj: p,
@@ -697,7 +770,7 @@ fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)>
             high_freq_factor: sub.f64("high_freq_factor")?,
             original_max_position_embeddings: original_positions(fields, &sub)?,
         },
-        "yarn" => {
+        "yarn" if arch != Arch::Phi3 => {
             let original = original_positions(fields, &sub)?;
             // DeepSeek-style configs leave the factor to the ratio of the two lengths.
             let factor = match sub.opt_f64("factor")? {
@@ -758,13 +831,66 @@ fn parse_rope(fields: &Fields, default_theta: f64) -> Result<(f64, RopeScaling)>
                 },
             }
         }
+        // Phi-3's config class reads its older names ("su", "yarn") as LongRoPE.
+        "longrope" | "su" | "yarn" if arch == Arch::Phi3 => {
+            // Phi3Config's class default of 4096 wins over the scaling's own value.
+            let original = match fields.opt_f64("original_max_position_embeddings")? {
+                Some(o) if o > 0.0 && o.is_finite() => o,
+                Some(o) => {
+                    return Err((fields.err)(format!(
+                        "original_max_position_embeddings must be positive, got {o}"
+                    )));
+                }
+                None => 4096.0,
+            };
+            let factor = match sub.opt_f64("factor")? {
+                Some(f) => f,
+                // Phi3Config's default length.
+                None => fields.opt_f64("max_position_embeddings")?.unwrap_or(4096.0) / original,
+            };
+            let attention_factor = match sub.opt_f64("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            if attention_factor <= 0.0 || !attention_factor.is_finite() {
+                return Err((fields.err)(format!(
+                    "longrope needs a positive attention factor, got {attention_factor}"
+                )));
+            }
+            let list = |key: &str| -> Result<Vec<f64>> {
+                let v = sub
+                    .get(key)
+                    .ok_or_else(|| (fields.err)(format!("longrope needs `{key}`")))?;
+                let bad = || {
+                    (fields.err)(format!(
+                        "longrope `{key}` must be a list of positive numbers"
+                    ))
+                };
+                v.as_array()
+                    .ok_or_else(bad)?
+                    .iter()
+                    .map(|f| {
+                        f.as_f64()
+                            .filter(|f| *f > 0.0 && f.is_finite())
+                            .ok_or_else(bad)
+                    })
+                    .collect()
+            };
+            RopeScaling::LongRope {
+                short_factor: list("short_factor")?,
+                long_factor: list("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         other => {
             return Err((fields.err)(format!(
-                "rope type `{other}` is not supported (nibble implements default, linear, llama3 and yarn)"
+                "rope type `{other}` is not supported (nibble implements default, linear, llama3, yarn, and longrope for Phi-3)"
             )));
         }
     };
-    Ok((theta, scaling))
+    Ok((theta, scaling, rotary_factor))
 }
 
 /// The context length a scaled RoPE was pretrained at, as transformers 5.x standardises it: a top-level
@@ -1038,8 +1164,32 @@ mod tests {
             ),
             (
                 "qwen3",
-                json!({"partial_rotary_factor": 0.5}),
-                "partial_rotary_factor 0.5 is not supported",
+                json!({"partial_rotary_factor": 1.5}),
+                "partial_rotary_factor must be in (0, 1], got 1.5",
+            ),
+            (
+                // int(10 x 0.3) = 3 channels: no whole pairs.
+                "phi3",
+                json!({"partial_rotary_factor": 0.3, "head_dim": 10}),
+                "partial_rotary_factor 0.3 rotates 3 of 10 channels",
+            ),
+            (
+                "phi3",
+                json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, 1.0],
+                                         "long_factor": [1.0, 2.0]}}),
+                "longrope `short_factor` has 2 entries; the rotated width 16 needs 8",
+            ),
+            (
+                "phi3",
+                json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0, 0.0],
+                                         "long_factor": [1.0, 2.0]}}),
+                "longrope `short_factor` must be a list of positive numbers",
+            ),
+            (
+                "llama",
+                json!({"rope_scaling": {"type": "longrope", "short_factor": [1.0],
+                                         "long_factor": [1.0]}}),
+                "rope type `longrope` is not supported",
             ),
         ] {
             let err = parse(model_type, extra).unwrap_err().to_string();

@@ -172,6 +172,34 @@ impl Executor<'_> {
         }
     }
 
+    fn config(&self) -> &crate::config::ModelConfig {
+        match *self {
+            Executor::Cpu { model, .. } => &model.config,
+            Executor::Gpu { model, .. } => &model.config,
+        }
+    }
+
+    /// Feeds `ids` after `cached` (the tokens whose keys and values `cache` holds) and returns the
+    /// last one's logits. Where LongRoPE switches to its long factors in this step, every position is
+    /// fed again, as transformers' Phi-3 drops its cache there: the cached keys were rotated with the
+    /// short factors.
+    pub async fn decode_after(
+        &self,
+        cache: &mut Cache,
+        cached: &mut Vec<u32>,
+        ids: &[u32],
+    ) -> Result<Vec<f32>> {
+        let logits = if crate::ops::rope::switches_factors(self.config(), cached.len(), ids.len()) {
+            cache.truncate(0);
+            let all: Vec<u32> = cached.iter().chain(ids).copied().collect();
+            self.decode(cache, &all).await?
+        } else {
+            self.decode(cache, ids).await?
+        };
+        cached.extend_from_slice(ids);
+        Ok(logits)
+    }
+
     /// What runs the decoding, for logs.
     pub fn describe(&self) -> String {
         match self {
@@ -249,8 +277,9 @@ pub async fn generate_async(
     cache.truncate(common);
     cached.truncate(common);
     let mut rng = Rng::new(sampling.seed);
-    let mut logits = executor.decode(cache, &prompt[common..]).await?;
-    cached.extend_from_slice(&prompt[common..]);
+    let mut logits = executor
+        .decode_after(cache, cached, &prompt[common..])
+        .await?;
     let mut out = Vec::new();
     for _ in 0..max_new {
         let next = sample(&logits, sampling, &mut rng);
@@ -259,8 +288,7 @@ pub async fn generate_async(
         if stop.contains(&next) || out.len() == max_new {
             break;
         }
-        logits = executor.decode(cache, &[next]).await?;
-        cached.push(next);
+        logits = executor.decode_after(cache, cached, &[next]).await?;
     }
     Ok(out)
 }

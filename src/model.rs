@@ -184,17 +184,17 @@ pub struct Linear {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layer {
-    pub input_norm: Vec<f32>,
-    pub post_attention_norm: Vec<f32>,
-    pub q_norm: Option<Vec<f32>>,
-    pub k_norm: Option<Vec<f32>>,
-    /// Indexed by `LinearKind as usize`, in `LinearKind::ALL` order.
+    /// In `ModelConfig::linear_kinds` order.
     pub linears: Vec<Linear>,
 }
 
 impl Layer {
+    /// The layer's linear of `kind`; panics on a kind the model does not have (fused or not).
     pub fn linear(&self, kind: LinearKind) -> &Linear {
-        &self.linears[kind as usize]
+        self.linears
+            .iter()
+            .find(|l| l.kind == kind)
+            .unwrap_or_else(|| panic!("the model has no {} linears", kind.module_name()))
     }
 }
 
@@ -204,7 +204,8 @@ pub struct Model {
     /// Shared: the GPU executor keeps an untied embedding in host memory and binds this one.
     pub embed: std::sync::Arc<DenseTensor>,
     pub layers: Vec<Layer>,
-    pub final_norm: Vec<f32>,
+    /// Every norm's scale by tensor name, in checkpoint order (layer norms, q/k norms, the final norm).
+    pub norms: Vec<(String, Vec<f32>)>,
     /// None when the embeddings are tied.
     pub lm_head: Option<DenseTensor>,
     /// How the decoder linears are stored; None means dense.
@@ -297,6 +298,14 @@ impl FrozenWeights for Model {
 }
 
 impl Model {
+    /// The scale vector of the norm named `name` (`model.norm.weight`), if the model has one.
+    pub fn norm(&self, name: &str) -> Option<&[f32]> {
+        self.norms
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
     /// The tables a GPU keeps in host memory (`decoder::host_tables`), shared with this model (one
     /// not found here would go to the device).
     pub fn host_tables(&self) -> Vec<(&'static str, std::sync::Arc<DenseTensor>)> {
@@ -310,37 +319,17 @@ impl Model {
     /// Every frozen tensor by its checkpoint name (the names the graph builders use). The tied output
     /// projection has no entry of its own: it is the embedding.
     pub fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
-        let mut out = vec![
-            (
-                "model.embed_tokens.weight".to_string(),
-                TensorRef::Table(&self.embed),
-            ),
-            (
-                "model.norm.weight".to_string(),
-                TensorRef::Vector(&self.final_norm),
-            ),
-        ];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            TensorRef::Table(&self.embed),
+        )];
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), TensorRef::Table(head)));
         }
+        for (name, norm) in &self.norms {
+            out.push((name.clone(), TensorRef::Vector(norm)));
+        }
         for (l, layer) in self.layers.iter().enumerate() {
-            let prefix = format!("model.layers.{l}");
-            out.push((
-                format!("{prefix}.input_layernorm.weight"),
-                TensorRef::Vector(&layer.input_norm),
-            ));
-            out.push((
-                format!("{prefix}.post_attention_layernorm.weight"),
-                TensorRef::Vector(&layer.post_attention_norm),
-            ));
-            for (name, norm) in [("q_norm", &layer.q_norm), ("k_norm", &layer.k_norm)] {
-                if let Some(norm) = norm {
-                    out.push((
-                        format!("{prefix}.self_attn.{name}.weight"),
-                        TensorRef::Vector(norm),
-                    ));
-                }
-            }
             for lin in &layer.linears {
                 let path = lin.kind.path(l);
                 out.push((format!("{path}.weight"), TensorRef::Linear(&lin.weight)));
@@ -355,15 +344,13 @@ impl Model {
     /// Bytes the weights occupy in memory.
     pub fn weight_bytes(&self) -> u64 {
         let vec_bytes = |v: &Vec<f32>| 4 * v.len() as u64;
-        let mut total = self.embed.as_bytes().len() as u64 + vec_bytes(&self.final_norm);
+        let mut total = self.embed.as_bytes().len() as u64;
+        total += self.norms.iter().map(|(_, v)| vec_bytes(v)).sum::<u64>();
         total += self
             .lm_head
             .as_ref()
             .map_or(0, |h| h.as_bytes().len() as u64);
         for layer in &self.layers {
-            total += vec_bytes(&layer.input_norm) + vec_bytes(&layer.post_attention_norm);
-            total += layer.q_norm.as_ref().map_or(0, vec_bytes)
-                + layer.k_norm.as_ref().map_or(0, vec_bytes);
             for lin in &layer.linears {
                 total += lin.weight.bytes() + lin.bias.as_ref().map_or(0, vec_bytes);
             }
@@ -401,27 +388,11 @@ impl Model {
             let (d, s, b) = dense(head);
             add("lm_head.weight".into(), d, s, b)?;
         }
-        let (d, s, b) = vector(&self.final_norm);
-        add("model.norm.weight".into(), d, s, b)?;
+        for (name, v) in &self.norms {
+            let (d, s, b) = vector(v);
+            add(name.clone(), d, s, b)?;
+        }
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut norms = vec![
-                (
-                    format!("model.layers.{l}.input_layernorm.weight"),
-                    &layer.input_norm,
-                ),
-                (
-                    format!("model.layers.{l}.post_attention_layernorm.weight"),
-                    &layer.post_attention_norm,
-                ),
-            ];
-            if let (Some(q), Some(k)) = (&layer.q_norm, &layer.k_norm) {
-                norms.push((format!("model.layers.{l}.self_attn.q_norm.weight"), q));
-                norms.push((format!("model.layers.{l}.self_attn.k_norm.weight"), k));
-            }
-            for (name, v) in norms {
-                let (d, s, b) = vector(v);
-                add(name, d, s, b)?;
-            }
             for lin in &layer.linears {
                 let base = lin.kind.path(l);
                 let LinearWeight::Quant(q) = &lin.weight else {
@@ -846,12 +817,13 @@ impl ModelSource {
             (SourceKind::Folder { .. }, Some(QuantRequest::Quantize(s))) => Some(s),
         };
         if let Some(spec) = quant {
+            let kinds = self.config.linear_kinds();
             let divides_all = |group: usize| {
-                LinearKind::ALL
+                kinds
                     .iter()
                     .all(|&kind| self.config.linear_shape(kind).1.is_multiple_of(group))
             };
-            for kind in LinearKind::ALL {
+            for &kind in kinds {
                 let (_, cols) = self.config.linear_shape(kind);
                 if cols % spec.group_size != 0 {
                     // SmolLM2's widths (576, 960) are multiples of 64 but not of 128.
@@ -876,8 +848,7 @@ impl ModelSource {
 
         let mut embed = None;
         let mut lm_head = None;
-        let mut final_norm = None;
-        let mut norms: HashMap<String, Vec<f32>> = HashMap::new();
+        let mut norms = Vec::new();
         let mut weights: HashMap<(usize, LinearKind), LinearWeight> = HashMap::new();
         let mut biases: HashMap<(usize, LinearKind), Vec<f32>> = HashMap::new();
         for t in self.config.expected_tensors() {
@@ -891,14 +862,7 @@ impl ModelSource {
                         lm_head = Some(dense);
                     }
                 }
-                TensorRole::Norm => {
-                    let v = file.read_f32(&t.name)?;
-                    if t.layer.is_none() {
-                        final_norm = Some(v);
-                    } else {
-                        norms.insert(t.name.clone(), v);
-                    }
-                }
+                TensorRole::Norm => norms.push((t.name.clone(), file.read_f32(&t.name)?)),
                 TensorRole::LinearBias(kind) => {
                     biases.insert(
                         (t.layer.expect("bias in a layer"), kind),
@@ -915,37 +879,27 @@ impl ModelSource {
             }
         }
 
-        let mut take_norm = |name: String| norms.remove(&name).expect("listed in expected_tensors");
         let layers = (0..self.config.num_layers)
-            .map(|l| {
-                let qk = self.config.qk_norm;
-                Layer {
-                    input_norm: take_norm(format!("model.layers.{l}.input_layernorm.weight")),
-                    post_attention_norm: take_norm(format!(
-                        "model.layers.{l}.post_attention_layernorm.weight"
-                    )),
-                    q_norm: qk
-                        .then(|| take_norm(format!("model.layers.{l}.self_attn.q_norm.weight"))),
-                    k_norm: qk
-                        .then(|| take_norm(format!("model.layers.{l}.self_attn.k_norm.weight"))),
-                    linears: LinearKind::ALL
-                        .into_iter()
-                        .map(|kind| Linear {
-                            kind,
-                            weight: weights
-                                .remove(&(l, kind))
-                                .expect("listed in expected_tensors"),
-                            bias: biases.remove(&(l, kind)),
-                        })
-                        .collect(),
-                }
+            .map(|l| Layer {
+                linears: self
+                    .config
+                    .linear_kinds()
+                    .iter()
+                    .map(|&kind| Linear {
+                        kind,
+                        weight: weights
+                            .remove(&(l, kind))
+                            .expect("listed in expected_tensors"),
+                        bias: biases.remove(&(l, kind)),
+                    })
+                    .collect(),
             })
             .collect();
         Ok(Model {
             config: self.config.clone(),
             embed: std::sync::Arc::new(embed.expect("listed in expected_tensors")),
             layers,
-            final_norm: final_norm.expect("listed in expected_tensors"),
+            norms,
             lm_head,
             quant,
             source: self.label.clone(),

@@ -95,7 +95,7 @@ impl SynthSpec {
                 _ => None,
             },
             vocab_size,
-            tie_word_embeddings: matches!(arch, Arch::Qwen2 | Arch::SmolLM3),
+            tie_word_embeddings: matches!(arch, Arch::Qwen2 | Arch::SmolLM3 | Arch::Phi3),
             spelling: ConfigSpelling::V4,
             dtype: FloatDtype::BF16,
             shards: 1,
@@ -182,17 +182,33 @@ impl SynthSpec {
                 let no_rope: Vec<u32> = (0..self.num_layers).map(|l| (l % 2 == 0) as u32).collect();
                 obj.insert("no_rope_layers".into(), json!(no_rope));
             }
+            Arch::Phi3 => {
+                // Phi-4-mini's 3/4 of each head rotated; LongRoPE's long factors past 64 positions.
+                obj.insert("partial_rotary_factor".into(), json!(0.75));
+                obj.insert("original_max_position_embeddings".into(), json!(64));
+            }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => {}
         }
-        let scaling = self.llama3_rope.then(|| {
-            json!({
+        let scaling = match self.arch {
+            Arch::Llama if self.llama3_rope => Some(json!({
                 "rope_type": "llama3",
                 "factor": 8.0,
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 512,
-            })
-        });
+            })),
+            Arch::Phi3 => {
+                let pairs = self.head_dim.unwrap_or(self.hidden_size / self.num_heads) * 3 / 8;
+                let factors =
+                    |step: f64| -> Vec<f64> { (0..pairs).map(|i| 1.0 + step * i as f64).collect() };
+                Some(json!({
+                    "type": "longrope",
+                    "short_factor": factors(0.05),
+                    "long_factor": factors(1.5),
+                }))
+            }
+            _ => None,
+        };
         match self.spelling {
             ConfigSpelling::V4 => {
                 obj.insert("rope_theta".into(), json!(theta));
@@ -202,6 +218,9 @@ impl SynthSpec {
             }
             ConfigSpelling::V5 => {
                 let mut params = scaling.unwrap_or_else(|| json!({"rope_type": "default"}));
+                if let Some(kind) = params.as_object_mut().and_then(|p| p.remove("type")) {
+                    params["rope_type"] = kind;
+                }
                 params["rope_theta"] = json!(theta);
                 obj.insert("rope_parameters".into(), params);
                 obj.insert("dtype".into(), json!(dtype));

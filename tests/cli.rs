@@ -86,10 +86,18 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                     serde_json::json!([1]),
                     "no RoPE in layers [1]",
                 ),
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => {
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 => {
                     (serde_json::json!([]), serde_json::json!([]), "")
                 }
             };
+            if arch == Arch::Phi3 {
+                let rope = info["rope_scaling"].as_str().unwrap();
+                assert!(
+                    rope.contains("longrope, long factors past 64 positions")
+                        && rope.contains("rotating 12 of 16 channels per head"),
+                    "{rope}"
+                );
+            }
             assert_eq!(info["sliding_window_layers"], windows, "{arch:?}");
             assert_eq!(info["layers_without_rope"], no_rope, "{arch:?}");
             match line {

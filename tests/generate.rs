@@ -158,3 +158,39 @@ fn sampling_follows_temperature_and_top_p() {
     }
     assert_eq!(seen, [false, true, false, true, false]);
 }
+
+/// LongRoPE (Phi-3): once a decoding step's positions pass the original length (16 in the fixture),
+/// its long factors apply to every position, so the cached keys (rotated with the short ones) are fed
+/// again, as transformers' Phi-3 drops its cache there. Decoding one token at a time across that point
+/// then gives the full forward's logits at each length; keeping the cache would not.
+#[test]
+fn longrope_decoding_refeeds_the_cache_where_the_long_factors_begin() {
+    let f = fixture("phi3", "nf4");
+    let vocab = f.model.config.vocab_size;
+    let ids: Vec<u32> = f.seq.ids.iter().chain(&f.seq.ids[..6]).copied().collect();
+    let executor = Executor::Cpu {
+        model: &f.model,
+        adapter: Some(&f.adapter),
+    };
+    let (mut cache, mut cached) = (executor.cache(), Vec::new());
+    let mut naive = KvCache::new(&f.model);
+    cpu::decode(&f.model, Some(&f.adapter), &mut naive, &ids[..10]).unwrap();
+    pollster::block_on(executor.decode_after(&mut cache, &mut cached, &ids[..10])).unwrap();
+    let mut naive_worst = 0f64;
+    for t in 10..ids.len() {
+        let step =
+            pollster::block_on(executor.decode_after(&mut cache, &mut cached, &ids[t..t + 1]))
+                .unwrap();
+        let full = cpu::logits(&f.model, Some(&f.adapter), &ids[..=t]).unwrap();
+        let last = &full[t * vocab..(t + 1) * vocab];
+        let e = rel(&step, last);
+        assert!(e < 1e-5, "position {t} differs by {e:e}");
+        let kept = cpu::decode(&f.model, Some(&f.adapter), &mut naive, &ids[t..t + 1]).unwrap();
+        naive_worst = naive_worst.max(rel(&kept, last));
+    }
+    assert_eq!(cached, ids);
+    assert!(
+        naive_worst > 1e-3,
+        "the short-factor keys should matter: {naive_worst:e}"
+    );
+}

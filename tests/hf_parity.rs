@@ -1,7 +1,9 @@
 //! The CPU executor against transformers + peft (fixtures made by scripts/make_model_fixtures.py): logits,
 //! loss and every LoRA gradient of small random Qwen2 (tied, biases), Qwen3 (q/k norm), Llama
 //! (untied, llama3 rope), Mistral (sliding window, head_dim of its own), Ministral (sliding and full
-//! layers) and SmolLM3 (tied, a layer without RoPE) models, float32, with the base unquantized and in NF4 group 64. Measured: logits
+//! layers), SmolLM3 (tied, a layer without RoPE) and Phi-3 (fused qkv_proj and gate_up_proj, 12 of 16
+//! channels rotated, LongRoPE, a window of 6) models, float32, with the base unquantized and in NF4
+//! group 64. Measured: logits
 //! within 8.0e-7, the mean loss within 1.1e-7 and every gradient within 1.8e-6 (relative); held to
 //! 1e-5, 1e-6 and 1e-5 (about ten times; five for the gradients).
 
@@ -94,4 +96,10 @@ fn ministral_matches_transformers_peft() {
 fn smollm3_matches_transformers_peft() {
     check("smollm3", "none");
     check("smollm3", "nf4");
+}
+
+#[test]
+fn phi3_matches_transformers_peft() {
+    check("phi3", "none");
+    check("phi3", "nf4");
 }

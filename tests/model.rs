@@ -81,6 +81,24 @@ fn every_family_in_both_spellings_parses_and_loads() {
                         "{what}"
                     );
                 }
+                Arch::Phi3 => {
+                    // 64 / 4 heads = 16 channels, 3/4 of them rotated: 6 frequencies.
+                    assert_eq!(c.rotary_dim, 12, "{what}");
+                    let RopeScaling::LongRope {
+                        short_factor,
+                        long_factor,
+                        original_max_position_embeddings,
+                        attention_factor,
+                    } = &c.rope_scaling
+                    else {
+                        panic!("{what}: {:?}", c.rope_scaling)
+                    };
+                    assert_eq!(short_factor.len(), 6, "{what}");
+                    assert_eq!(long_factor[1], 2.5, "{what}");
+                    assert_eq!(*original_max_position_embeddings, 64.0, "{what}");
+                    // sqrt(1 + ln(4096 / 64) / ln(64)).
+                    assert!((attention_factor - 2f64.sqrt()).abs() < 1e-12, "{what}");
+                }
                 _ => {
                     assert_eq!(c.rope_theta, 1000000.0, "{what}");
                     assert_eq!(c.rope_scaling, RopeScaling::None, "{what}");
@@ -93,7 +111,9 @@ fn every_family_in_both_spellings_parses_and_loads() {
                 Arch::Mistral => ([Some(8), Some(8)], [true, true]),
                 Arch::Ministral => ([Some(8), None], [true, true]),
                 Arch::SmolLM3 => ([None, None], [true, false]),
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => ([None, None], [true, true]),
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 => {
+                    ([None, None], [true, true])
+                }
             };
             assert_eq!(windows, want_windows, "{what}");
             assert_eq!(rope, want_rope, "{what}");
@@ -101,9 +121,18 @@ fn every_family_in_both_spellings_parses_and_loads() {
             let m = src.load(Some(nf4(32))).unwrap();
             assert_eq!(m.layers.len(), 2);
             assert_eq!(m.lm_head.is_some(), !spec.tie_word_embeddings, "{what}");
-            assert_eq!(m.layers[0].q_norm.is_some(), arch == Arch::Qwen3, "{what}");
             assert_eq!(
-                m.layers[1].linear(LinearKind::K).bias.is_some(),
+                m.norm("model.layers.0.self_attn.q_norm.weight").is_some(),
+                arch == Arch::Qwen3,
+                "{what}"
+            );
+            let kinds: Vec<LinearKind> = m.layers[1].linears.iter().map(|l| l.kind).collect();
+            match arch {
+                Arch::Phi3 => assert_eq!(kinds, LinearKind::FUSED, "{what}"),
+                _ => assert_eq!(kinds, LinearKind::SEPARATE, "{what}"),
+            }
+            assert_eq!(
+                m.layers[1].linears[0].bias.is_some(),
                 arch == Arch::Qwen2,
                 "{what}"
             );
@@ -124,7 +153,7 @@ fn loaded_weights_equal_the_file_and_quantize_as_the_quantizer_does() {
         file.read_f32("model.embed_tokens.weight").unwrap()
     );
     assert_eq!(
-        dense.final_norm,
+        dense.norm("model.norm.weight").unwrap(),
         file.read_f32("model.norm.weight").unwrap()
     );
     let name = "model.layers.1.self_attn.q_proj";
@@ -228,7 +257,7 @@ fn quantized_file_round_trips_with_config_and_tokenizer() {
         let back = reopened.load(None).unwrap();
         assert_eq!(back.layers, m.layers);
         assert_eq!(back.embed, m.embed);
-        assert_eq!(back.final_norm, m.final_norm);
+        assert_eq!(back.norms, m.norms);
         assert_eq!(back.quant, Some(qspec));
         // Asking for another format than the one stored is an error, not a silent re-quantization.
         let err = reopened.load(Some(nf4(128))).unwrap_err().to_string();

@@ -187,21 +187,40 @@ fn cases(model: &Model) -> Vec<Case> {
         b.node(Op::Add, &[x, y], &[out], false);
         b.node(Op::Add, &[z], &[out], true);
     });
-    for (inverse, adjacent) in [(false, false), (true, false), (false, true), (true, true)] {
+    // Whole heads, and (Phi-4-mini) 3/4 of each head rotated.
+    let partial = hd * 3 / 4 / 2 * 2;
+    for (inverse, adjacent, rotated) in [
+        (false, false, hd),
+        (true, false, hd),
+        (false, true, hd),
+        (true, true, hd),
+        (false, false, partial),
+        (true, false, partial),
+    ] {
         cases.case(
-            &format!("rope inverse={inverse} adjacent={adjacent}"),
+            &format!("rope inverse={inverse} adjacent={adjacent} rotated={rotated}"),
             |b, g| {
                 let (x, y) = (
                     g.add(b, "x", t * heads * hd, 1.0),
                     g.add(b, "y", t * heads * hd, 1.0),
                 );
-                let cos = b.input(Input::RopeCos, t * hd / 2);
-                let sin = b.input(Input::RopeSin, t * hd / 2);
+                // The step's tables cover whole heads; a partial rotation reads random ones.
+                let (cos, sin) = match rotated == hd {
+                    true => (
+                        b.input(Input::RopeCos, t * hd / 2),
+                        b.input(Input::RopeSin, t * hd / 2),
+                    ),
+                    false => (
+                        g.add(b, "cos", t * rotated / 2, 1.0),
+                        g.add(b, "sin", t * rotated / 2, 1.0),
+                    ),
+                };
                 let out = b.output("x", t * heads * hd);
                 b.node(Op::Add, &[x, y], &[out], false);
                 let op = Op::Rope {
                     heads,
                     head_dim: hd,
+                    rotated,
                     inverse,
                     adjacent,
                 };

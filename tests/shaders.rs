@@ -227,6 +227,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 head_dim: head_dim as u32,
                 sign: sign as f32,
                 adjacent: adjacent as u32,
+                rotated: rotated as u32,
             }),
         ),
         (

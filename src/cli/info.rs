@@ -34,7 +34,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     let bytes16 = model::planned_weight_bytes(c, None);
     let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));
     let tokenizer = &source.tokenizer;
-    let rope = match c.rope_scaling {
+    let mut rope = match c.rope_scaling {
         RopeScaling::None => "none".to_string(),
         RopeScaling::Linear { factor } => format!("linear x{factor}"),
         RopeScaling::Llama3 { factor, .. } => format!("llama3 x{factor}"),
@@ -43,7 +43,20 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             attention_factor,
             ..
         } => format!("yarn x{factor} (attention factor {attention_factor:.4})"),
+        RopeScaling::LongRope {
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } => format!(
+            "longrope, long factors past {original_max_position_embeddings} positions (attention factor {attention_factor:.4})"
+        ),
     };
+    if c.rotary_dim != c.head_dim {
+        rope += &format!(
+            ", rotating {} of {} channels per head",
+            c.rotary_dim, c.head_dim
+        );
+    }
     if as_json {
         let v = json!({
             "model": path,

@@ -2,7 +2,6 @@
 
 use super::{QuantArgs, human_bytes};
 use anyhow::{Context, Result, bail};
-use nibble::config::LinearKind;
 use nibble::model::{self, QuantRequest};
 use nibble::quant::{QuantFormat, QuantSpec};
 use std::path::PathBuf;
@@ -44,7 +43,7 @@ pub fn run(args: Args) -> Result<()> {
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "quantized {} decoder linears of {} to {spec} in {:.1}s, wrote {} ({}) in {:.1}s",
-        model.config.num_layers * LinearKind::ALL.len(),
+        model.config.num_layers * model.config.linear_kinds().len(),
         path.display(),
         loaded.as_secs_f64(),
         output.display(),

@@ -463,11 +463,12 @@ impl Exec {
             Op::Rope {
                 heads,
                 head_dim,
+                rotated,
                 inverse,
                 adjacent,
             } => rope::apply(
                 outs.get(0),
-                (*heads, *head_dim),
+                (*heads, *head_dim, *rotated),
                 x(0),
                 x(1),
                 *inverse,

@@ -420,12 +420,13 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
         Op::Rope {
             heads,
             head_dim,
+            rotated,
             inverse,
             adjacent,
         } => rope::record_apply(
             r,
             o(0),
-            (*heads, *head_dim),
+            (*heads, *head_dim, *rotated),
             [x(0), x(1)],
             *inverse,
             *adjacent,

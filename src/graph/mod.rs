@@ -207,11 +207,13 @@ pub enum Op {
     DropoutBackward { p: f32, stream: u32 },
     /// [a, b] -> [c] = a + b, or [a] -> [c] += a with `accumulate`.
     Add,
-    /// [cos, sin] -> [x]: rotates x [tokens, heads · head_dim] in place (half-split pairs, or
-    /// `adjacent` ones); `inverse` rotates back (the backward).
+    /// [cos, sin] -> [x]: rotates the first `rotated` channels of each head of x [tokens, heads ·
+    /// head_dim] in place (half-split pairs, or `adjacent` ones); `inverse` rotates back (the
+    /// backward).
     Rope {
         heads: usize,
         head_dim: usize,
+        rotated: usize,
         inverse: bool,
         adjacent: bool,
     },
@@ -640,6 +642,32 @@ impl Builder {
 
     pub fn len(&self, b: BufId) -> usize {
         self.graph.bufs[b].len
+    }
+
+    /// Columns offset..offset + len of each row of x [_, width], as a buffer of their own.
+    pub fn columns(
+        &mut self,
+        x: BufId,
+        width: usize,
+        (offset, len): (usize, usize),
+        name: String,
+    ) -> BufId {
+        let y = self.activation(self.len(x) / width * len, name);
+        self.node(Op::Columns { width, offset, len }, &[x], &[y], false);
+        y
+    }
+
+    /// A [rows, width] buffer assembled from parts placed at their column offsets (each part reaching
+    /// the next one's offset, the last one the end).
+    pub fn joined(&mut self, parts: &[(BufId, usize)], width: usize, name: String) -> BufId {
+        let part_width = |i: usize| parts.get(i + 1).map_or(width, |p| p.1) - parts[i].1;
+        let rows = self.len(parts[0].0) / part_width(0);
+        let y = self.activation(rows * width, name);
+        for (i, &(part, offset)) in parts.iter().enumerate() {
+            let len = part_width(i);
+            self.node(Op::PlaceColumns { width, offset, len }, &[part], &[y], true);
+        }
+        y
     }
 
     pub fn name(&self, b: BufId) -> &str {

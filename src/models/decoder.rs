@@ -184,7 +184,24 @@ struct LayerTape {
     inv2: BufId,
     /// The gate and up projections, kept unless the MLP ran in chunks.
     gate_up: Option<(BufId, BufId)>,
-    linears: Vec<LinearTape>,
+    linears: Vec<(LinearKind, LinearTape)>,
+}
+
+impl LayerTape {
+    fn linear(&self, kind: LinearKind) -> &LinearTape {
+        &self
+            .linears
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("ran")
+            .1
+    }
+}
+
+/// The tapes of an MLP's linears: gate and up (one fused linear, or two), then down.
+struct MlpTapes<'a> {
+    gate_up: Vec<&'a LinearTape>,
+    down: &'a LinearTape,
 }
 
 struct Decoder<'a> {
@@ -297,14 +314,15 @@ impl Decoder<'_> {
     }
 
     fn rope(&mut self, x: BufId, heads: usize, inverse: bool) {
-        let half = self.t() * self.c.head_dim / 2;
+        let half = self.t() * self.c.rotary_dim / 2;
         let cos = self.b.input(Input::RopeCos, half);
         let sin = self.b.input(Input::RopeSin, half);
-        let head_dim = self.c.head_dim;
+        let (head_dim, rotated) = (self.c.head_dim, self.c.rotary_dim);
         self.b.node(
             Op::Rope {
                 heads,
                 head_dim,
+                rotated,
                 inverse,
                 adjacent: false,
             },
@@ -356,12 +374,24 @@ impl Decoder<'_> {
         let mut linears = Vec::with_capacity(7);
         let mut run = |d: &mut Self, kind, input| {
             let (y, tape) = d.linear(l, kind, input);
-            linears.push(tape);
+            linears.push((kind, tape));
             y
         };
-        let mut q = run(self, LinearKind::Q, xn1);
-        let mut k = run(self, LinearKind::K, xn1);
-        let v = run(self, LinearKind::V, xn1);
+        let (mut q, mut k, v) = if c.fused_projections {
+            let qkv = run(self, LinearKind::Qkv, xn1);
+            let width = c.q_dim() + 2 * c.kv_dim();
+            let mut part = |offset, len, name| {
+                let name = format!("layers.{l}.{name}");
+                self.b.columns(qkv, width, (offset, len), name)
+            };
+            let q = part(0, c.q_dim(), "q");
+            let k = part(c.q_dim(), c.kv_dim(), "k");
+            (q, k, part(c.q_dim() + c.kv_dim(), c.kv_dim(), "v"))
+        } else {
+            let q = run(self, LinearKind::Q, xn1);
+            let k = run(self, LinearKind::K, xn1);
+            (q, k, run(self, LinearKind::V, xn1))
+        };
         let mut qk_norm = None;
         if c.qk_norm {
             let prefix = format!("model.layers.{l}.self_attn");
@@ -426,10 +456,12 @@ impl Decoder<'_> {
         let (down, gate_up) = if self.mlp_chunks().len() > 1 {
             (self.chunked_mlp(l, xn2), None)
         } else {
-            let gate = run(self, LinearKind::Gate, xn2);
-            let up = run(self, LinearKind::Up, xn2);
+            let (gate, up, tapes) = self.gate_up(l, xn2, (t, 0));
+            linears.extend(tapes);
             let hidden = self.swiglu(gate, up, l);
-            (run(self, LinearKind::Down, hidden), Some((gate, up)))
+            let (down, tape) = self.linear(l, LinearKind::Down, hidden);
+            linears.push((LinearKind::Down, tape));
+            (down, Some((gate, up)))
         };
         let x_out = self.add(x_mid, down, format!("layers.{l}.out"));
         let tape = LayerTape {
@@ -487,6 +519,28 @@ impl Decoder<'_> {
         self.b.node(op, &[part], &[y], false);
     }
 
+    /// The gate and up projections of x (`at`: rows and chunk, as `linear_rows` takes them) and their
+    /// linears' tapes: one fused linear split in two, or two linears.
+    fn gate_up(
+        &mut self,
+        l: usize,
+        x: BufId,
+        at: (usize, usize),
+    ) -> (BufId, BufId, Vec<(LinearKind, LinearTape)>) {
+        if !self.c.fused_projections {
+            let (gate, gate_tape) = self.linear_rows(l, LinearKind::Gate, x, at);
+            let (up, up_tape) = self.linear_rows(l, LinearKind::Up, x, at);
+            let tapes = vec![(LinearKind::Gate, gate_tape), (LinearKind::Up, up_tape)];
+            return (gate, up, tapes);
+        }
+        let (both, tape) = self.linear_rows(l, LinearKind::GateUp, x, at);
+        let i = self.c.intermediate_size;
+        let name = self.b.name(both).to_string();
+        let gate = self.b.columns(both, 2 * i, (0, i), format!("{name} gate"));
+        let up = self.b.columns(both, 2 * i, (i, i), format!("{name} up"));
+        (gate, up, vec![(LinearKind::GateUp, tape)])
+    }
+
     /// The MLP's output, chunk by chunk: each chunk's projections are released after its down
     /// projection (the backward recomputes them).
     fn chunked_mlp(&mut self, l: usize, xn2: BufId) -> BufId {
@@ -495,8 +549,7 @@ impl Decoder<'_> {
         for (chunk, rows) in self.mlp_chunks().into_iter().enumerate() {
             let x = self.rows_of(xn2, rows, h);
             let at = (rows.1, chunk);
-            let (gate, _) = self.linear_rows(l, LinearKind::Gate, x, at);
-            let (up, _) = self.linear_rows(l, LinearKind::Up, x, at);
+            let (gate, up, _) = self.gate_up(l, x, at);
             let hidden = self.swiglu(gate, up, l);
             let (y, _) = self.linear_rows(l, LinearKind::Down, hidden, at);
             self.put_rows(y, down, rows, h);
@@ -530,17 +583,17 @@ impl Decoder<'_> {
     }
 
     /// The gradient of an MLP's input x from that of its output, given its gate and up projections
-    /// and silu(gate)·up, and the gate, up and down linears' tapes; their LoRA gradients accumulate.
+    /// and silu(gate)·up, and its linears' tapes; their LoRA gradients accumulate.
     fn mlp_backward(
         &mut self,
-        [gate_tape, up_tape, down_tape]: [&LinearTape; 3],
+        tapes: &MlpTapes<'_>,
         [x, gate, up, hidden]: [BufId; 4],
         dy: BufId,
     ) -> BufId {
         let dh = self
             .b
             .activation(self.b.len(hidden), format!("d {}", self.b.name(hidden)));
-        self.linear_backward(down_tape, hidden, dy, dh);
+        self.linear_backward(tapes.down, hidden, dy, dh);
         let (dgate, dup) = (
             self.b
                 .activation(self.b.len(dh), format!("d {}", self.b.name(gate))),
@@ -552,8 +605,19 @@ impl Decoder<'_> {
         let dx = self
             .b
             .activation(self.b.len(x), format!("d {}", self.b.name(x)));
-        self.linear_backward(gate_tape, x, dgate, dx);
-        self.linear_backward(up_tape, x, dup, dx);
+        match &tapes.gate_up[..] {
+            [gate_tape, up_tape] => {
+                self.linear_backward(gate_tape, x, dgate, dx);
+                self.linear_backward(up_tape, x, dup, dx);
+            }
+            [fused] => {
+                let i = self.c.intermediate_size;
+                let name = format!("d {} gate_up", self.b.name(x));
+                let d_both = self.b.joined(&[(dgate, 0), (dup, i)], 2 * i, name);
+                self.linear_backward(fused, x, d_both, dx);
+            }
+            _ => unreachable!("gate and up run as one linear or two"),
+        }
         dx
     }
 
@@ -566,13 +630,15 @@ impl Decoder<'_> {
             let x = self.rows_of(xn2, rows, h);
             let dy_rows = self.rows_of(dy, rows, h);
             let at = (rows.1, chunk);
-            let (gate, gate_tape) = self.linear_rows(l, LinearKind::Gate, x, at);
-            let (up, up_tape) = self.linear_rows(l, LinearKind::Up, x, at);
+            let (gate, up, gate_up) = self.gate_up(l, x, at);
             let hidden = self.swiglu(gate, up, l);
             // The down projection's own output is not needed: only its LoRA branch's x·Aᵀ is.
-            let down_tape = self.linear_tape(l, LinearKind::Down, hidden, at);
-            let tapes = [&gate_tape, &up_tape, &down_tape];
-            let dx = self.mlp_backward(tapes, [x, gate, up, hidden], dy_rows);
+            let down = self.linear_tape(l, LinearKind::Down, hidden, at);
+            let tapes = MlpTapes {
+                gate_up: gate_up.iter().map(|(_, tape)| tape).collect(),
+                down: &down,
+            };
+            let dx = self.mlp_backward(&tapes, [x, gate, up, hidden], dy_rows);
             self.put_rows(dx, dxn2, rows, h);
         }
         dxn2
@@ -590,7 +656,7 @@ impl Decoder<'_> {
         let c = self.c;
         let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
         self.b.set_stage(Some(l), true);
-        let tape = |kind: LinearKind| &s.linears[kind as usize];
+        let tape = |kind: LinearKind| s.linear(kind);
         let dxn2 = match s.gate_up {
             Some((gate, up)) => {
                 // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x
@@ -598,8 +664,15 @@ impl Decoder<'_> {
                 // projection's backward reads these recomputed values, not the forward's (released
                 // after the forward's down projection).
                 let hidden = self.swiglu(gate, up, l);
-                let tapes = [LinearKind::Gate, LinearKind::Up, LinearKind::Down].map(tape);
-                self.mlp_backward(tapes, [s.xn2, gate, up, hidden], dx_out)
+                let gate_up_kinds: &[LinearKind] = match c.fused_projections {
+                    true => &[LinearKind::GateUp],
+                    false => &[LinearKind::Gate, LinearKind::Up],
+                };
+                let tapes = MlpTapes {
+                    gate_up: gate_up_kinds.iter().map(|&k| tape(k)).collect(),
+                    down: tape(LinearKind::Down),
+                };
+                self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], dx_out)
             }
             None => self.chunked_mlp_backward(l, s.xn2, dx_out),
         };
@@ -638,12 +711,21 @@ impl Decoder<'_> {
             None => (dq, dk),
         };
         let dxn1 = self.b.activation(t * h, format!("d layers.{l}.xn1"));
-        for (kind, d) in [
-            (LinearKind::Q, dq),
-            (LinearKind::K, dk),
-            (LinearKind::V, dv),
-        ] {
-            self.linear_backward(tape(kind), s.xn1, d, dxn1);
+        if c.fused_projections {
+            let (qd, kvd) = (c.q_dim(), c.kv_dim());
+            let parts = [(dq, 0), (dk, qd), (dv, qd + kvd)];
+            let dqkv = self
+                .b
+                .joined(&parts, qd + 2 * kvd, format!("d layers.{l}.qkv"));
+            self.linear_backward(tape(LinearKind::Qkv), s.xn1, dqkv, dxn1);
+        } else {
+            for (kind, d) in [
+                (LinearKind::Q, dq),
+                (LinearKind::K, dk),
+                (LinearKind::V, dv),
+            ] {
+                self.linear_backward(tape(kind), s.xn1, d, dxn1);
+            }
         }
         let dx = self.rmsnorm_backward(s.x, s.input_norm, s.inv1, dxn1, h);
         self.b.node(Op::Add, &[dx_mid], &[dx], true);

@@ -809,37 +809,6 @@ impl Flux<'_> {
         self.op(Op::Add, &[a, b], len, name)
     }
 
-    /// Columns offset..offset + len of each row of x [_, width].
-    fn columns(
-        &mut self,
-        x: BufId,
-        width: usize,
-        offset: usize,
-        len: usize,
-        name: String,
-    ) -> BufId {
-        let rows = self.b.len(x) / width;
-        self.op(Op::Columns { width, offset, len }, &[x], rows * len, name)
-    }
-
-    /// A [rows, width] buffer assembled from parts placed at their column offsets.
-    fn joined(&mut self, parts: &[(BufId, usize)], width: usize, name: String) -> BufId {
-        let first_len = parts[0].0;
-        let rows = self.b.len(first_len) / (self.part_width(parts, width, 0));
-        let y = self.b.activation(rows * width, name);
-        for (i, &(part, offset)) in parts.iter().enumerate() {
-            let len = self.part_width(parts, width, i);
-            self.b
-                .node(Op::PlaceColumns { width, offset, len }, &[part], &[y], true);
-        }
-        y
-    }
-
-    /// The width of part i: up to the next part's offset (or the end).
-    fn part_width(&self, parts: &[(BufId, usize)], width: usize, i: usize) -> usize {
-        parts.get(i + 1).map_or(width, |p| p.1) - parts[i].1
-    }
-
     fn rms_norm(&mut self, x: BufId, scale: &str) -> (BufId, BufId, BufId) {
         let hd = self.c.head_dim;
         let weight = self.b.weight(scale, hd);
@@ -868,6 +837,7 @@ impl Flux<'_> {
         let op = Op::Rope {
             heads: self.c.heads,
             head_dim: self.c.head_dim,
+            rotated: self.c.head_dim,
             inverse,
             adjacent: true,
         };
@@ -943,9 +913,9 @@ impl Flux<'_> {
         let p = format!("double_blocks.{i}.{s}_attn");
         let (a, a_stats) = self.modulate(x, mods, (0, 1));
         let (qkv, tape) = self.linear(a, rows, &format!("{p}.qkv"));
-        let q = self.columns(qkv, 3 * d, 0, d, format!("{p}.q"));
-        let k = self.columns(qkv, 3 * d, d, d, format!("{p}.k"));
-        let v = self.columns(qkv, 3 * d, 2 * d, d, format!("{p}.v"));
+        let q = self.b.columns(qkv, 3 * d, (0, d), format!("{p}.q"));
+        let k = self.b.columns(qkv, 3 * d, (d, d), format!("{p}.k"));
+        let v = self.b.columns(qkv, 3 * d, (2 * d, d), format!("{p}.v"));
         let (qn, qw, qi) = self.rms_norm(q, &format!("{p}.norm.query_norm.scale"));
         let (kn, kw, ki) = self.rms_norm(k, &format!("{p}.norm.key_norm.scale"));
         StreamQkv {
@@ -1005,9 +975,12 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         let tq = f.stream_qkv(i, "txt", txt, mod_txt, l);
         let iq = f.stream_qkv(i, "img", img, mod_img, n);
         let name = format!("double_blocks.{i}");
-        let q = f.joined(&[(tq.q, 0), (iq.q, l * d)], t * d, format!("{name}.q"));
-        let k = f.joined(&[(tq.k, 0), (iq.k, l * d)], t * d, format!("{name}.k"));
-        let v = f.joined(&[(tq.v, 0), (iq.v, l * d)], t * d, format!("{name}.v"));
+        let q =
+            f.b.joined(&[(tq.q, 0), (iq.q, l * d)], t * d, format!("{name}.q"));
+        let k =
+            f.b.joined(&[(tq.k, 0), (iq.k, l * d)], t * d, format!("{name}.k"));
+        let v =
+            f.b.joined(&[(tq.v, 0), (iq.v, l * d)], t * d, format!("{name}.v"));
         let attn = f.attention(q, k, v, &name);
         let mut streams = Vec::new();
         for (s, x, mods, rows, offset, first) in [
@@ -1022,14 +995,15 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
                 ..
             } = first;
             let p = format!("double_blocks.{i}.{s}");
-            let o = f.columns(attn.out, t * d, offset, rows * d, format!("{p}.attn"));
+            let o =
+                f.b.columns(attn.out, t * d, (offset, rows * d), format!("{p}.attn"));
             let (proj_y, proj) = f.linear(o, rows, &format!("{p}_attn.proj"));
             let gated = f.gate(mods, 2, proj_y);
             let x1 = f.add(x, gated, format!("{p}.x1"));
             let (bm, b_stats) = f.modulate(x1, mods, (3, 4));
             let (u, mlp_in) = f.linear(bm, rows, &format!("{p}_mlp.0"));
-            let gate = f.columns(u, 2 * m, 0, m, format!("{p}.gate"));
-            let value = f.columns(u, 2 * m, m, m, format!("{p}.value"));
+            let gate = f.b.columns(u, 2 * m, (0, m), format!("{p}.gate"));
+            let value = f.b.columns(u, 2 * m, (m, m), format!("{p}.value"));
             let hidden = f.op(Op::SwiGlu, &[gate, value], rows * m, format!("{p}.swiglu"));
             let (mlp_y, mlp_out) = f.linear(hidden, rows, &format!("{p}_mlp.2"));
             let gated = f.gate(mods, 5, mlp_y);
@@ -1064,7 +1038,8 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         });
     }
 
-    let mut h = f.joined(&[(txt, 0), (img, l * d)], t * d, "joined".into());
+    let mut h =
+        f.b.joined(&[(txt, 0), (img, l * d)], t * d, "joined".into());
     let width = 3 * d + 2 * m;
     let mut singles = Vec::new();
     for j in 0..c.single_blocks {
@@ -1072,16 +1047,17 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         let p = format!("single_blocks.{j}");
         let (a, a_stats) = f.modulate(h, mod_single, (0, 1));
         let (y, linear1) = f.linear(a, t, &format!("{p}.linear1"));
-        let q = f.columns(y, width, 0, d, format!("{p}.q"));
-        let k = f.columns(y, width, d, d, format!("{p}.k"));
-        let v = f.columns(y, width, 2 * d, d, format!("{p}.v"));
-        let gate = f.columns(y, width, 3 * d, m, format!("{p}.gate"));
-        let value = f.columns(y, width, 3 * d + m, m, format!("{p}.value"));
+        let q = f.b.columns(y, width, (0, d), format!("{p}.q"));
+        let k = f.b.columns(y, width, (d, d), format!("{p}.k"));
+        let v = f.b.columns(y, width, (2 * d, d), format!("{p}.v"));
+        let gate = f.b.columns(y, width, (3 * d, m), format!("{p}.gate"));
+        let value = f.b.columns(y, width, (3 * d + m, m), format!("{p}.value"));
         let (qn, qw, qi) = f.rms_norm(q, &format!("{p}.norm.query_norm.scale"));
         let (kn, kw, ki) = f.rms_norm(k, &format!("{p}.norm.key_norm.scale"));
         let attn = f.attention(qn, kn, v, &p);
         let hidden = f.op(Op::SwiGlu, &[gate, value], t * m, format!("{p}.swiglu"));
-        let joined = f.joined(&[(attn.out, 0), (hidden, d)], d + m, format!("{p}.joined"));
+        let joined =
+            f.b.joined(&[(attn.out, 0), (hidden, d)], d + m, format!("{p}.joined"));
         let (out, linear2) = f.linear(joined, t, &format!("{p}.linear2"));
         let gated = f.gate(mod_single, 2, out);
         let next = f.add(h, gated, format!("{p}.out"));
@@ -1101,7 +1077,7 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
     }
 
     f.b.set_stage(None, false);
-    let img_out = f.columns(h, t * d, l * d, n * d, "image out".into());
+    let img_out = f.b.columns(h, t * d, (l * d, n * d), "image out".into());
     let (fin, fin_stats) = f.modulate(img_out, mod_final, (0, 1));
     let (velocity, final_tape) = f.linear(fin, n, "final_layer.linear");
     let v_out = f.b.output("velocity", n * c.out_channels);
@@ -1142,8 +1118,9 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         let p = format!("single_blocks.{j}");
         let d_out = f.gate(mod_single, 2, dh);
         let d_joined = f.linear_backward(&s.linear2, s.joined, d_out);
-        let d_attn = f.columns(d_joined, d + m, 0, d, format!("d {p}.attn"));
-        let d_hidden = f.columns(d_joined, d + m, d, m, format!("d {p}.swiglu"));
+        let d_attn = f.b.columns(d_joined, d + m, (0, d), format!("d {p}.attn"));
+        let d_hidden =
+            f.b.columns(d_joined, d + m, (d, m), format!("d {p}.swiglu"));
         let (dg, dv_) = (
             f.b.activation(t * m, format!("d {p}.gate")),
             f.b.activation(t * m, format!("d {p}.value")),
@@ -1157,7 +1134,7 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         let [dq, dk, dv] = f.attention_backward(&s.attn, d_attn, &p);
         let dq = f.rms_backward(s.qk[0], dq);
         let dk = f.rms_backward(s.qk[1], dk);
-        let d_y = f.joined(
+        let d_y = f.b.joined(
             &[(dq, 0), (dk, d), (dv, 2 * d), (dg, 3 * d), (dv_, 3 * d + m)],
             width,
             format!("d {p}.linear1"),
@@ -1169,7 +1146,14 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
     let offsets = [0, l * d];
     let rows = [l, n];
     let d_streams: Vec<BufId> = (0..2)
-        .map(|s| f.columns(dh, t * d, offsets[s], rows[s] * d, format!("d stream {s}")))
+        .map(|s| {
+            f.b.columns(
+                dh,
+                t * d,
+                (offsets[s], rows[s] * d),
+                format!("d stream {s}"),
+            )
+        })
         .collect();
     for (i, blk) in doubles.iter().enumerate().rev() {
         f.b.set_stage(Some(i), true);
@@ -1190,14 +1174,15 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
                 &[dg, dv_],
                 false,
             );
-            let d_u = f.joined(&[(dg, 0), (dv_, m)], 2 * m, format!("d {name}.mlp_in"));
+            let d_u =
+                f.b.joined(&[(dg, 0), (dv_, m)], 2 * m, format!("d {name}.mlp_in"));
             let d_b = f.linear_backward(&st.mlp_in, st.b, d_u);
             let mods = if s == 0 { mod_txt } else { mod_img };
             f.modulate_backward(st.x1, mods, st.b_stats, 4, d_b, dx);
             let d_proj = f.gate(mods, 2, dx);
             d_o.push(f.linear_backward(&st.proj, st.o, d_proj));
         }
-        let d_attn = f.joined(
+        let d_attn = f.b.joined(
             &[(d_o[0], 0), (d_o[1], l * d)],
             t * d,
             format!("d double_blocks.{i}.attn"),
@@ -1206,12 +1191,15 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         let [dq, dk, dv] = f.attention_backward(&blk.attn, d_attn, &name);
         for (s, st) in blk.streams.iter().enumerate() {
             let (offset, len) = (offsets[s], rows[s] * d);
-            let dq_s = f.columns(dq, t * d, offset, len, format!("d {name}.{s}.q"));
-            let dk_s = f.columns(dk, t * d, offset, len, format!("d {name}.{s}.k"));
-            let dv_s = f.columns(dv, t * d, offset, len, format!("d {name}.{s}.v"));
+            let dq_s =
+                f.b.columns(dq, t * d, (offset, len), format!("d {name}.{s}.q"));
+            let dk_s =
+                f.b.columns(dk, t * d, (offset, len), format!("d {name}.{s}.k"));
+            let dv_s =
+                f.b.columns(dv, t * d, (offset, len), format!("d {name}.{s}.v"));
             let dq_s = f.rms_backward(st.qk[0], dq_s);
             let dk_s = f.rms_backward(st.qk[1], dk_s);
-            let d_qkv = f.joined(
+            let d_qkv = f.b.joined(
                 &[(dq_s, 0), (dk_s, d), (dv_s, 2 * d)],
                 3 * d,
                 format!("d {name}.{s}.qkv"),

@@ -6,16 +6,37 @@ use crate::config::RopeScaling;
 use crate::exec::gpu::Recorder;
 use crate::gpu::GpuBuffer;
 
-/// transformers' `inv_freq` for a head of size `head_dim`.
-pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
+/// transformers' `inv_freq` for `head_dim` rotated channels (LongRoPE's short factors).
+pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
+    inv_freq_for(head_dim, theta, scaling, 0)
+}
+
+/// `inv_freq` for a step whose positions reach `end` - 1: LongRoPE switches to its long factors once
+/// `end` passes the original length, as transformers' `longrope_frequency_update` does per forward.
+pub fn inv_freq_for(head_dim: usize, theta: f64, scaling: &RopeScaling, end: usize) -> Vec<f32> {
     let half = head_dim / 2;
     let base = theta as f32;
     let plain: Vec<f32> = (0..half)
         .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
         .collect();
-    match scaling {
+    match *scaling {
         RopeScaling::None => plain,
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::LongRope {
+            ref short_factor,
+            ref long_factor,
+            original_max_position_embeddings,
+            ..
+        } => {
+            let factors = match end as f64 > original_max_position_embeddings {
+                true => long_factor,
+                false => short_factor,
+            };
+            // 1 / (factor · base^(2i/d)), the product and quotient in f32 as torch computes them.
+            (0..half)
+                .map(|i| 1.0 / (factors[i] as f32 * base.powf((2 * i) as f32 / head_dim as f32)))
+                .collect()
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -82,13 +103,28 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
     }
 }
 
-/// What transformers multiplies cos and sin by (YaRN's attention factor; 1 otherwise).
-pub fn attention_factor(scaling: RopeScaling) -> f32 {
-    match scaling {
+/// What transformers multiplies cos and sin by (YaRN's and LongRoPE's attention factor; 1 otherwise).
+pub fn attention_factor(scaling: &RopeScaling) -> f32 {
+    match *scaling {
         RopeScaling::Yarn {
+            attention_factor, ..
+        }
+        | RopeScaling::LongRope {
             attention_factor, ..
         } => attention_factor as f32,
         _ => 1.0,
+    }
+}
+
+/// Whether feeding `new` positions after `past` ones moves a LongRoPE model from its short factors
+/// to its long ones (transformers' Phi-3 recomputes its cache there).
+pub fn switches_factors(c: &crate::config::ModelConfig, past: usize, new: usize) -> bool {
+    match c.rope_scaling {
+        RopeScaling::LongRope {
+            original_max_position_embeddings: original,
+            ..
+        } => past as f64 <= original && (past + new) as f64 > original,
+        _ => false,
     }
 }
 
@@ -108,24 +144,27 @@ pub fn tables(positions: &[u32], inv_freq: &[f32], scale: f32) -> (Vec<f32>, Vec
 
 /// The RoPE tables of a decoder `c` at `positions`: its frequencies and scaling.
 pub fn model_tables(c: &crate::config::ModelConfig, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let end = positions.iter().max().map_or(0, |&p| p as usize + 1);
     tables(
         positions,
-        &inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
-        attention_factor(c.rope_scaling),
+        &inv_freq_for(c.rotary_dim, c.rope_theta, &c.rope_scaling, end),
+        attention_factor(&c.rope_scaling),
     )
 }
 
-/// Rotates x [tokens, heads * head_dim] in place; `inverse` applies the transpose (the backward). Pair i
-/// is (i, i + head_dim/2) (the LLMs' half-split rotation), or with `adjacent` (2i, 2i + 1) (FLUX).
+/// Rotates the first `rotated` channels of each head of x [tokens, heads * head_dim] in place (the
+/// others pass through: Phi-3's partial rotary embedding); `inverse` applies the transpose (the
+/// backward). Pair i is (i, i + rotated/2) (the LLMs' half-split rotation), or with `adjacent`
+/// (2i, 2i + 1) (FLUX). The tables hold rotated/2 entries per token.
 pub fn apply(
     x: &mut [f32],
-    (heads, head_dim): (usize, usize),
+    (heads, head_dim, rotated): (usize, usize, usize),
     cos: &[f32],
     sin: &[f32],
     inverse: bool,
     adjacent: bool,
 ) {
-    let half = head_dim / 2;
+    let half = rotated / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     let (first, second) = if adjacent { (2, 1) } else { (1, half) };
     for (t, row) in x.chunks_mut(heads * head_dim).enumerate() {
@@ -153,16 +192,18 @@ pub struct RopeParams {
     pub heads: u32,
     pub head_dim: u32,
     pub sign: f32,
-    /// 1: pairs (2i, 2i + 1); 0: (i, i + head_dim/2).
+    /// 1: pairs (2i, 2i + 1); 0: (i, i + rotated/2).
     pub adjacent: u32,
-    pub _pad: [u32; 3],
+    /// Channels rotated at the start of each head.
+    pub rotated: u32,
+    pub _pad: [u32; 2],
 }
 
 /// The GPU lowering of `apply` (shaders/rope.wgsl): rotates `x` [tokens, heads · head_dim] in place.
 pub(crate) fn record_apply(
     r: &mut Recorder,
     x: &GpuBuffer,
-    (heads, head_dim): (usize, usize),
+    (heads, head_dim, rotated): (usize, usize, usize),
     [cos, sin]: [&GpuBuffer; 2],
     inverse: bool,
     adjacent: bool,
@@ -174,10 +215,11 @@ pub(crate) fn record_apply(
         head_dim: head_dim as u32,
         sign: if inverse { -1.0 } else { 1.0 },
         adjacent: adjacent.into(),
-        _pad: [0; 3],
+        rotated: rotated as u32,
+        _pad: [0; 2],
     };
     let groups = [
-        (head_dim / 2).div_ceil(64) as u32,
+        (rotated / 2).div_ceil(64) as u32,
         heads as u32,
         tokens as u32,
     ];
