@@ -1,7 +1,8 @@
 """Writes tests/fixtures/hf/: small random Qwen2 (tied, q/k/v bias), Qwen3 (q/k norm), Llama (untied,
 llama3 rope), Mistral (a sliding window of 5, head_dim apart from hidden/heads), Ministral (a sliding
 and a full layer), SmolLM3 (tied, a layer without RoPE) and Phi-3 (fused projections, partial rotary,
-LongRoPE, a sliding window) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
+LongRoPE, a sliding window) and Gemma 3 (sliding and full layers with their own RoPE bases, sandwich and
+(1 + w) norms, GeGLU, a query scale of its own) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
@@ -17,7 +18,7 @@ import peft
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -51,6 +52,13 @@ models = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                          "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
+    # Gemma 3's text decoder: a sliding layer (window 4, base 10^4) and a full one (base 10^6, linear x8,
+    # as Gemma 3 4B), a query scale apart from head_dim's, (1 + w) and sandwich norms, GeGLU.
+    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig(
+        **common, head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True, pad_token_id=0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),
 }
 
 
@@ -62,7 +70,9 @@ for index, (name, (cls, config)) in enumerate(models.items()):
     with torch.no_grad():
         for pname, p in model.named_parameters():
             # std 0.1: with the usual 0.02 every loss is ln(vocab) whatever the bug.
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
+            # Norm scales around 1 (Gemma's w around 0: it scales by 1 + w).
+            around_one = "norm" in pname and name != "gemma3_text"
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if around_one else 0.0))
     folder = os.path.join(OUT, name)
     model.save_pretrained(folder)
 

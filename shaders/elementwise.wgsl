@@ -1,8 +1,9 @@
-// Elementwise ops: residual add and the SwiGLU gate with its backward.
+// Elementwise ops: residual add, the SwiGLU and GeGLU gates with their backwards, scaling in place.
 
 struct ElementwiseParams {
     n: u32,
-    _pad0: u32,
+    // `scale`'s factor, as bits.
+    factor_bits: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -43,6 +44,47 @@ fn swiglu_forward(@builtin(global_invocation_id) id: vec3<u32>) {
     let i = flat_index(id);
     if (i < p.n) {
         out0[i] = a[i] * sigmoid(a[i]) * b[i];
+    }
+}
+
+// GELU's tanh approximation in PyTorch's order; the argument of tanh is clamped where tanh(x) is 1 or
+// -1 in f32 anyway, as some drivers' tanh gives NaN for large arguments.
+const GELU_BETA: f32 = 0.7978845608028654;
+const GELU_KAPPA: f32 = 0.044715;
+
+fn gelu_inner(x: f32) -> f32 {
+    return clamp(GELU_BETA * (x + GELU_KAPPA * (x * x * x)), -10.0, 10.0);
+}
+
+// out0 = gelu_tanh(a) · b  (a = gate, b = up)
+@compute @workgroup_size(256)
+fn geglu_forward(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        let g = a[i];
+        out0[i] = 0.5 * g * (1.0 + tanh(gelu_inner(g))) * b[i];
+    }
+}
+
+// c = dh: out0 = d gate, out1 = d up
+@compute @workgroup_size(256)
+fn geglu_backward(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        let g = a[i];
+        let t = tanh(gelu_inner(g));
+        let slope = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_BETA * (1.0 + 3.0 * GELU_KAPPA * g * g);
+        out0[i] = c[i] * b[i] * slope;
+        out1[i] = c[i] * 0.5 * g * (1.0 + t);
+    }
+}
+
+// out0 *= factor
+@compute @workgroup_size(256)
+fn scale(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        out0[i] = out0[i] * bitcast<f32>(p.factor_bits);
     }
 }
 

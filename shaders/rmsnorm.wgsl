@@ -1,10 +1,11 @@
-// RMSNorm over rows: y = w ⊙ x · r, r = 1/sqrt(mean(x²) + eps); backward dx only (norm weights frozen).
+// RMSNorm over rows: y = (offset + w) ⊙ x · r, r = 1/sqrt(mean(x²) + eps) (offset 1: Gemma's norms);
+// backward dx only (norm weights frozen).
 
 struct RmsNormParams {
     rows: u32,
     dim: u32,
     eps: f32,
-    _pad: u32,
+    offset: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: RmsNormParams;
@@ -29,7 +30,7 @@ fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     }
     let r = 1.0 / sqrt(row_sum(lid.x, sq) / f32(p.dim) + p.eps);
     for (var i = lid.x; i < p.dim; i += ROW_WG) {
-        y[base + i] = weight[i] * (x[base + i] * r);
+        y[base + i] = (p.offset + weight[i]) * (x[base + i] * r);
     }
     if (lid.x == 0u) {
         inv_rms[row] = r;
@@ -47,10 +48,10 @@ fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
     let r = inv_rms[row];
     var d = 0.0;
     for (var i = lid.x; i < p.dim; i += ROW_WG) {
-        d += weight[i] * dy[base + i] * x[base + i];
+        d += (p.offset + weight[i]) * dy[base + i] * x[base + i];
     }
     let coef = r * r * r * row_sum(lid.x, d) / f32(p.dim);
     for (var i = lid.x; i < p.dim; i += ROW_WG) {
-        y[base + i] = r * weight[i] * dy[base + i] - coef * x[base + i];
+        y[base + i] = r * (p.offset + weight[i]) * dy[base + i] - coef * x[base + i];
     }
 }

@@ -18,6 +18,9 @@ pub enum Arch {
     SmolLM3,
     /// Phi-3 and Phi-4-mini: fused `qkv_proj` and `gate_up_proj`, partial rotary embedding, LongRoPE.
     Phi3,
+    /// Gemma 3's text decoder (`gemma3_text`): (1 + w) norms, sandwich norms, scaled embeddings, a
+    /// GELU-gated MLP, q/k norms, sliding layers with a RoPE base of their own.
+    Gemma3,
 }
 
 impl Arch {
@@ -30,10 +33,11 @@ impl Arch {
             Arch::Ministral => "ministral",
             Arch::SmolLM3 => "smollm3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
 
-    pub const ALL: [Arch; 7] = [
+    pub const ALL: [Arch; 8] = [
         Arch::Qwen2,
         Arch::Qwen3,
         Arch::Llama,
@@ -41,6 +45,7 @@ impl Arch {
         Arch::Ministral,
         Arch::SmolLM3,
         Arch::Phi3,
+        Arch::Gemma3,
     ];
 
     pub fn class_name(self) -> &'static str {
@@ -52,6 +57,7 @@ impl Arch {
             Arch::Ministral => "MinistralForCausalLM",
             Arch::SmolLM3 => "SmolLM3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -67,6 +73,8 @@ impl Arch {
     fn default_rope_theta(self) -> f64 {
         match self {
             Arch::SmolLM3 => 2_000_000.0,
+            // Gemma 3's global layers; its sliding ones default to `LOCAL_ROPE_THETA`.
+            Arch::Gemma3 => 1_000_000.0,
             _ => 10_000.0,
         }
     }
@@ -107,6 +115,17 @@ pub enum RopeScaling {
     },
 }
 
+/// The activation of the MLP's gate: h = act(gate) ⊙ up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GateActivation {
+    Silu,
+    /// PyTorch's `gelu(x, approximate="tanh")` (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Gemma 3's RoPE base for its sliding layers when a config names none (`rope_local_base_freq`).
+const LOCAL_ROPE_THETA: f64 = 10_000.0;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -132,6 +151,19 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// Phi-3 computes q, k, v in one linear (`qkv_proj`) and gate and up in another (`gate_up_proj`).
     pub fused_projections: bool,
+    /// Added to every norm's weight: Gemma scales by (1 + w).
+    pub norm_offset: f32,
+    /// Gemma normalises each block's output too (`post_attention_layernorm` on the attention's,
+    /// `post_feedforward_layernorm` on the MLP's) and the MLP's input with `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// The embeddings are multiplied by this (Gemma: √hidden, as an f32).
+    pub embed_scale: f32,
+    pub gate_activation: GateActivation,
+    /// What the attention scores are multiplied by: 1/√head_dim, or Gemma's
+    /// `query_pre_attn_scalar`^-½.
+    pub attention_scale: f64,
+    /// Gemma 3's RoPE base for the layers marked `local_rope` (its sliding ones), never scaled.
+    pub local_rope_theta: Option<f64>,
     /// Per decoder layer: how its attention sees the sequence.
     pub layers: Vec<LayerAttention>,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
@@ -148,6 +180,8 @@ pub struct LayerAttention {
     pub window: Option<usize>,
     /// Whether q and k are rotated (SmolLM3's NoPE layers are not).
     pub rope: bool,
+    /// Whether the rotation uses `ModelConfig::local_rope_theta` (Gemma 3's sliding layers).
+    pub local_rope: bool,
 }
 
 /// A decoder layer's linear layers: seven separate ones, or (Phi-3) q, k, v fused into `qkv_proj` and
@@ -286,11 +320,36 @@ impl ModelConfig {
             }
         };
 
-        let hidden_act = fields.opt_str("hidden_act")?.unwrap_or("silu");
-        if hidden_act != "silu" {
-            return Err(err(format!(
-                "hidden_act `{hidden_act}` is not supported (nibble implements the SwiGLU MLP with silu)"
-            )));
+        let gate_activation = match arch {
+            Arch::Gemma3 => match fields.opt_str("hidden_activation")? {
+                None | Some("gelu_pytorch_tanh") => GateActivation::GeluTanh,
+                Some(other) => {
+                    return Err(err(format!(
+                        "hidden_activation `{other}` is not supported (nibble implements gelu_pytorch_tanh for Gemma)"
+                    )));
+                }
+            },
+            _ => match fields.opt_str("hidden_act")?.unwrap_or("silu") {
+                "silu" => GateActivation::Silu,
+                other => {
+                    return Err(err(format!(
+                        "hidden_act `{other}` is not supported (nibble implements the SwiGLU MLP with silu)"
+                    )));
+                }
+            },
+        };
+        if arch == Arch::Gemma3 {
+            // Gemma 3's model never reads attn_logit_softcapping; its causal LM does cap the logits.
+            if let Some(cap) = fields.opt_f64("final_logit_softcapping")? {
+                return Err(err(format!(
+                    "final_logit_softcapping {cap} is not supported yet (Gemma 3's released configs leave it null)"
+                )));
+            }
+            if fields.opt_bool("use_bidirectional_attention")? == Some(true) {
+                return Err(err(
+                    "use_bidirectional_attention (EmbeddingGemma) is not supported: nibble trains causal decoders".into(),
+                ));
+            }
         }
         let hidden_size = fields.usize("hidden_size")?;
         let num_heads = fields.usize("num_attention_heads")?;
@@ -302,6 +361,8 @@ impl ModelConfig {
             .unwrap_or(num_heads);
         let head_dim = match fields.opt_usize("head_dim")? {
             Some(d) => d,
+            // Gemma3TextConfig's default.
+            None if arch == Arch::Gemma3 => 256,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(err(format!(
@@ -329,15 +390,31 @@ impl ModelConfig {
             // Mistral's, Ministral's and Phi-3's attention never has biases; `attention_bias` is not
             // read there.
             Arch::Mistral | Arch::Ministral | Arch::Phi3 => (false, false),
-            Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 => (attention_bias, attention_bias),
+            Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 | Arch::Gemma3 => {
+                (attention_bias, attention_bias)
+            }
         };
         // Only Llama's and SmolLM3's MLPs read `mlp_bias`; the others hard-code bias=False.
         let mlp_bias = match arch {
             Arch::Llama | Arch::SmolLM3 => fields.opt_bool("mlp_bias")?.unwrap_or(false),
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Mistral | Arch::Ministral | Arch::Phi3 => false,
+            Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Mistral
+            | Arch::Ministral
+            | Arch::Phi3
+            | Arch::Gemma3 => false,
         };
 
-        let (rope_theta, rope_scaling, rotary_factor) = parse_rope(&fields, arch)?;
+        // Gemma 3 nests RoPE per layer type (transformers 5) or names the sliding layers' base
+        // `rope_local_base_freq` (4.x); its global layers' settings parse as any family's.
+        let (rope_fields, local_rope_theta) = gemma_rope_fields(&fields, arch)?;
+        let (rope_theta, rope_scaling, rotary_factor) = parse_rope(
+            &Fields {
+                obj: &rope_fields,
+                err: &err,
+            },
+            arch,
+        )?;
         // transformers' `int(head_dim * partial_rotary_factor)`.
         let rotary_dim = (head_dim as f64 * rotary_factor) as usize;
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
@@ -380,18 +457,44 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             rotary_dim,
-            max_position_embeddings: fields
-                .opt_usize("max_position_embeddings")?
-                .unwrap_or(32768),
-            // transformers' configs default to untied embeddings, except SmolLM3's.
+            max_position_embeddings: fields.opt_usize("max_position_embeddings")?.unwrap_or(
+                match arch {
+                    Arch::Gemma3 => 131072,
+                    Arch::Phi3 => 4096,
+                    _ => 32768,
+                },
+            ),
+            // transformers' configs default to untied embeddings, except SmolLM3's and Gemma's.
             tie_word_embeddings: fields
                 .opt_bool("tie_word_embeddings")?
-                .unwrap_or(arch == Arch::SmolLM3),
+                .unwrap_or(matches!(arch, Arch::SmolLM3 | Arch::Gemma3)),
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             fused_projections: arch == Arch::Phi3,
+            norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
+            sandwich_norms: arch == Arch::Gemma3,
+            // transformers keeps √hidden as an f32 tensor (rounded to the weights' dtype only when
+            // the model runs in 16 bits; nibble computes in f32).
+            embed_scale: match arch {
+                Arch::Gemma3 => (hidden_size as f64).sqrt() as f32,
+                _ => 1.0,
+            },
+            gate_activation,
+            attention_scale: match arch {
+                Arch::Gemma3 => {
+                    let scalar = fields.opt_f64("query_pre_attn_scalar")?.unwrap_or(256.0);
+                    if scalar <= 0.0 || !scalar.is_finite() {
+                        return Err(err(format!(
+                            "`query_pre_attn_scalar` must be positive, got {scalar}"
+                        )));
+                    }
+                    scalar.powf(-0.5)
+                }
+                _ => (head_dim as f64).powf(-0.5),
+            },
+            local_rope_theta,
             // Read once the layer count is known to be sane (below).
             layers: Vec::new(),
             dtype,
@@ -548,6 +651,11 @@ impl ModelConfig {
                 format!("model.layers.{l}.post_attention_layernorm.weight"),
                 h,
             ));
+            if self.sandwich_norms {
+                for name in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                    out.push(norm(format!("model.layers.{l}.{name}.weight"), h));
+                }
+            }
             if self.qk_norm {
                 out.push(norm(
                     format!("model.layers.{l}.self_attn.q_norm.weight"),
@@ -615,7 +723,9 @@ fn parse_layer_attention(
     // Qwen2's and Qwen3's config classes (which still need use_sliding_window), none in SmolLM3's.
     let given_window = match fields.obj.get("sliding_window") {
         None => match arch {
-            Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 => Some(4096),
+            Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
+                Some(4096)
+            }
             Arch::Llama | Arch::SmolLM3 | Arch::Phi3 => None,
         },
         Some(_) => fields.opt_usize("sliding_window")?,
@@ -623,7 +733,7 @@ fn parse_layer_attention(
     let window = match arch {
         Arch::Llama => None,
         // Phi-3's model slides every layer whenever the config sets a window.
-        Arch::Mistral | Arch::Ministral | Arch::Phi3 => given_window,
+        Arch::Mistral | Arch::Ministral | Arch::Phi3 | Arch::Gemma3 => given_window,
         Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => given_window.filter(|_| use_sliding),
     };
     if window == Some(0) {
@@ -668,6 +778,17 @@ fn parse_layer_attention(
             }
             Arch::SmolLM3 => rope.iter().map(|&r| !r).collect(),
             Arch::Mistral | Arch::Ministral | Arch::Phi3 => vec![true; num_layers],
+            // Every `sliding_window_pattern`-th layer attends fully.
+            Arch::Gemma3 => {
+                let pattern = match fields.opt_usize("sliding_window_pattern")? {
+                    Some(p) => p,
+                    None => fields.opt_usize("_sliding_window_pattern")?.unwrap_or(6),
+                };
+                if pattern == 0 {
+                    return Err(err("`sliding_window_pattern` must be positive".into()));
+                }
+                (0..num_layers).map(|l| (l + 1) % pattern != 0).collect()
+            }
             Arch::Llama => vec![false; num_layers],
         },
     };
@@ -677,6 +798,7 @@ fn parse_layer_attention(
         .map(|(sliding, rope)| LayerAttention {
             window: window.filter(|_| sliding),
             rope,
+            local_rope: sliding && arch == Arch::Gemma3,
         })
         .collect())
 }
@@ -702,6 +824,53 @@ fn per_layer<T>(
     list.iter()
         .map(|v| entry(v).map_err(|msg| (fields.err)(format!("`{key}` {msg}"))))
         .collect()
+}
+
+/// The config fields that hold the global RoPE settings, and Gemma 3's sliding layers' base. Gemma 3's
+/// transformers 5 spelling nests both in `rope_parameters` by layer type (its full layers' entry then
+/// stands for the whole of `rope_parameters`); the 4.x one keeps `rope_theta` and `rope_scaling` for the
+/// global layers and `rope_local_base_freq` for the sliding ones, which are never scaled.
+fn gemma_rope_fields(fields: &Fields, arch: Arch) -> Result<(Map<String, Value>, Option<f64>)> {
+    let mut obj = fields.obj.clone();
+    if arch != Arch::Gemma3 {
+        return Ok((obj, None));
+    }
+    let mut local = fields.opt_f64("rope_local_base_freq")?;
+    if let Some(Value::Object(nested)) = fields.obj.get("rope_parameters")
+        && (nested.contains_key("full_attention") || nested.contains_key("sliding_attention"))
+    {
+        if let Some(sliding) = nested.get("sliding_attention").filter(|v| !v.is_null()) {
+            let sub = Fields {
+                obj: sliding.as_object().ok_or_else(|| {
+                    (fields.err)("`rope_parameters.sliding_attention` must be an object".into())
+                })?,
+                err: fields.err,
+            };
+            let kind = match sub.opt_str("rope_type")? {
+                Some(t) => t,
+                None => sub.opt_str("type")?.unwrap_or("default"),
+            };
+            if kind != "default" {
+                return Err((fields.err)(format!(
+                    "rope type `{kind}` on the sliding layers is not supported (Gemma 3 scales only its full layers)"
+                )));
+            }
+            local = sub.opt_f64("rope_theta")?.or(local);
+        }
+        let full = nested
+            .get("full_attention")
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"rope_type": "default"}));
+        obj.insert("rope_parameters".into(), full);
+    }
+    let local = local.unwrap_or(LOCAL_ROPE_THETA);
+    if local <= 1.0 || !local.is_finite() {
+        return Err((fields.err)(format!(
+            "the sliding layers' RoPE base must be above 1, got {local}"
+        )));
+    }
+    Ok((obj, Some(local)))
 }
 
 /// RoPE's base, its scaling, and the part of each head it rotates (`partial_rotary_factor`, at the top

@@ -90,12 +90,14 @@ impl SynthSpec {
             num_heads: 4,
             num_kv_heads: 2,
             head_dim: match arch {
-                Arch::Qwen3 => Some(32),
-                Arch::Mistral => Some(32),
+                Arch::Qwen3 | Arch::Mistral | Arch::Gemma3 => Some(32),
                 _ => None,
             },
             vocab_size,
-            tie_word_embeddings: matches!(arch, Arch::Qwen2 | Arch::SmolLM3 | Arch::Phi3),
+            tie_word_embeddings: matches!(
+                arch,
+                Arch::Qwen2 | Arch::SmolLM3 | Arch::Phi3 | Arch::Gemma3
+            ),
             spelling: ConfigSpelling::V4,
             dtype: FloatDtype::BF16,
             shards: 1,
@@ -187,9 +189,20 @@ impl SynthSpec {
                 obj.insert("partial_rotary_factor".into(), json!(0.75));
                 obj.insert("original_max_position_embeddings".into(), json!(64));
             }
+            Arch::Gemma3 => {
+                // Sliding and full layers alternating, a query scale apart from head_dim's, and
+                // the activation under Gemma's own key.
+                obj.remove("hidden_act");
+                obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+                obj.insert("sliding_window".into(), json!(8));
+                obj.insert("sliding_window_pattern".into(), json!(2));
+                obj.insert("query_pre_attn_scalar".into(), json!(24));
+            }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => {}
         }
         let scaling = match self.arch {
+            // Gemma 3 4B's: linear scaling on the full layers only.
+            Arch::Gemma3 => Some(json!({"rope_type": "linear", "factor": 8.0})),
             Arch::Llama if self.llama3_rope => Some(json!({
                 "rope_type": "llama3",
                 "factor": 8.0,
@@ -213,6 +226,9 @@ impl SynthSpec {
             ConfigSpelling::V4 => {
                 obj.insert("rope_theta".into(), json!(theta));
                 obj.insert("rope_scaling".into(), scaling.unwrap_or(Value::Null));
+                if self.arch == Arch::Gemma3 {
+                    obj.insert("rope_local_base_freq".into(), json!(10000.0));
+                }
                 obj.insert("torch_dtype".into(), json!(dtype));
                 obj.insert("transformers_version".into(), json!("4.51.3"));
             }
@@ -222,6 +238,12 @@ impl SynthSpec {
                     params["rope_type"] = kind;
                 }
                 params["rope_theta"] = json!(theta);
+                if self.arch == Arch::Gemma3 {
+                    params = json!({
+                        "full_attention": params,
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    });
+                }
                 obj.insert("rope_parameters".into(), params);
                 obj.insert("dtype".into(), json!(dtype));
                 obj.insert("transformers_version".into(), json!("5.0.0"));
@@ -314,8 +336,9 @@ pub fn write_model_folder(
 fn fill_random(rng: &mut Rng, spec: &SynthSpec, role: TensorRole, out: &mut [f32]) {
     for x in out.iter_mut() {
         let noise = rng.normal() as f32 * spec.std;
-        // Norm scales sit around 1 as in trained models; everything else is centred on 0.
-        *x = if role == TensorRole::Norm {
+        // Norm scales sit around 1 as in trained models (Gemma's stored w around 0: it scales by
+        // 1 + w); everything else is centred on 0.
+        *x = if role == TensorRole::Norm && spec.arch != Arch::Gemma3 {
             1.0 + noise
         } else {
             noise

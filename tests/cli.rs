@@ -86,10 +86,30 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                     serde_json::json!([1]),
                     "no RoPE in layers [1]",
                 ),
+                Arch::Gemma3 => (
+                    serde_json::json!([{"layer": 0, "window": 8}]),
+                    serde_json::json!([]),
+                    "sliding window 8 in layers [0]",
+                ),
                 Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 => {
                     (serde_json::json!([]), serde_json::json!([]), "")
                 }
             };
+            if arch == Arch::Gemma3 {
+                let (rope, block) = (
+                    info["rope_scaling"].as_str().unwrap(),
+                    info["block"].as_str().unwrap(),
+                );
+                assert!(
+                    rope == "linear x8; sliding layers theta 10000, unscaled",
+                    "{rope}"
+                );
+                // 24^-½, and √64 = 8.
+                assert_eq!(
+                    block,
+                    "GeGLU MLP (gelu tanh), norms scale by (1 + w), sandwich norms, embeddings x8, attention scale 0.204124"
+                );
+            }
             if arch == Arch::Phi3 {
                 let rope = info["rope_scaling"].as_str().unwrap();
                 assert!(

@@ -103,3 +103,9 @@ fn phi3_matches_transformers_peft() {
     check("phi3", "none");
     check("phi3", "nf4");
 }
+
+#[test]
+fn gemma3_matches_transformers_peft() {
+    check("gemma3_text", "none");
+    check("gemma3_text", "nf4");
+}

@@ -1,7 +1,7 @@
 //! Model folders in the real Hugging Face layouts: config spellings, shards, dtypes, quantized files,
 //! and the errors a broken folder gets.
 
-use nibble::config::{Arch, LinearKind, RopeScaling};
+use nibble::config::{Arch, GateActivation, LinearKind, RopeScaling};
 use nibble::model::{self, LinearWeight, ModelSource, QuantRequest};
 use nibble::quant::{QuantFormat, QuantSpec, QuantTensor};
 use nibble::source::{FloatDtype, SafetensorsFile};
@@ -31,8 +31,13 @@ fn hand_count(s: &SynthSpec) -> u64 {
     let (q, kv) = (s.num_heads as u64 * hd, s.num_kv_heads as u64 * hd);
     let attn = h * q + 2 * h * kv + q * h;
     let bias = if s.arch == Arch::Qwen2 { q + 2 * kv } else { 0 };
-    let qk_norm = if s.arch == Arch::Qwen3 { 2 * hd } else { 0 };
-    let layer = attn + bias + 3 * h * i + 2 * h + qk_norm;
+    let qk_norm = match s.arch {
+        Arch::Qwen3 | Arch::Gemma3 => 2 * hd,
+        _ => 0,
+    };
+    // Gemma's sandwich adds two norms per layer.
+    let norms = if s.arch == Arch::Gemma3 { 4 * h } else { 2 * h };
+    let layer = attn + bias + 3 * h * i + norms + qk_norm;
     let head = if s.tie_word_embeddings { 0 } else { v * h };
     v * h + s.num_layers as u64 * layer + h + head
 }
@@ -59,7 +64,11 @@ fn every_family_in_both_spellings_parses_and_loads() {
             assert_eq!(c.parameter_count(), hand_count(&spec), "{what}");
             assert_eq!(c.qkv_bias, arch == Arch::Qwen2, "{what}");
             assert!(!c.o_bias && !c.mlp_bias, "{what}");
-            assert_eq!(c.qk_norm, arch == Arch::Qwen3, "{what}");
+            assert_eq!(
+                c.qk_norm,
+                matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+                "{what}"
+            );
             assert_eq!(
                 c.head_dim,
                 spec.head_dim.unwrap_or(spec.hidden_size / spec.num_heads),
@@ -99,6 +108,25 @@ fn every_family_in_both_spellings_parses_and_loads() {
                     // sqrt(1 + ln(4096 / 64) / ln(64)).
                     assert!((attention_factor - 2f64.sqrt()).abs() < 1e-12, "{what}");
                 }
+                Arch::Gemma3 => {
+                    // The full layers': linear x8 on 10^6; the sliding ones': 10^4, unscaled.
+                    assert_eq!(c.rope_theta, 1000000.0, "{what}");
+                    assert_eq!(
+                        c.rope_scaling,
+                        RopeScaling::Linear { factor: 8.0 },
+                        "{what}"
+                    );
+                    assert_eq!(c.local_rope_theta, Some(10000.0), "{what}");
+                    let local: Vec<bool> = c.layers.iter().map(|l| l.local_rope).collect();
+                    assert_eq!(local, [true, false], "{what}");
+                    assert_eq!(c.gate_activation, GateActivation::GeluTanh, "{what}");
+                    assert_eq!((c.norm_offset, c.embed_scale), (1.0, 8.0), "{what}");
+                    assert!(c.sandwich_norms, "{what}");
+                    assert!(
+                        (c.attention_scale - 24f64.powf(-0.5)).abs() < 1e-15,
+                        "{what}"
+                    );
+                }
                 _ => {
                     assert_eq!(c.rope_theta, 1000000.0, "{what}");
                     assert_eq!(c.rope_scaling, RopeScaling::None, "{what}");
@@ -109,7 +137,7 @@ fn every_family_in_both_spellings_parses_and_loads() {
             let rope: Vec<bool> = c.layers.iter().map(|l| l.rope).collect();
             let (want_windows, want_rope) = match arch {
                 Arch::Mistral => ([Some(8), Some(8)], [true, true]),
-                Arch::Ministral => ([Some(8), None], [true, true]),
+                Arch::Ministral | Arch::Gemma3 => ([Some(8), None], [true, true]),
                 Arch::SmolLM3 => ([None, None], [true, false]),
                 Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 => {
                     ([None, None], [true, true])
@@ -123,7 +151,7 @@ fn every_family_in_both_spellings_parses_and_loads() {
             assert_eq!(m.lm_head.is_some(), !spec.tie_word_embeddings, "{what}");
             assert_eq!(
                 m.norm("model.layers.0.self_attn.q_norm.weight").is_some(),
-                arch == Arch::Qwen3,
+                matches!(arch, Arch::Qwen3 | Arch::Gemma3),
                 "{what}"
             );
             let kinds: Vec<LinearKind> = m.layers[1].linears.iter().map(|l| l.kind).collect();

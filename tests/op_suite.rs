@@ -8,6 +8,7 @@
 mod common;
 
 use nibble::config::Arch;
+use nibble::config::GateActivation;
 use nibble::cpu::Sequence;
 use nibble::exec;
 use nibble::gpu::Gpu;
@@ -111,19 +112,34 @@ fn cases(model: &Model) -> Vec<Case> {
         let x = b.output("x", t * h);
         b.node(Op::Embed { dim: h }, &[ids, table], &[x], false);
     });
-    cases.case("rmsnorm and its backward", |b, g| {
-        let x = g.add(b, "x", t * h, 1.0);
-        let dy = g.add(b, "dy", t * h, 1.0);
-        let w = b.weight("model.layers.1.input_layernorm.weight", h);
-        let (y, inv, dx) = (
-            b.output("y", t * h),
-            b.output("inv", t),
-            b.output("dx", t * h),
+    // Llama's w and Gemma's (1 + w).
+    for offset in [0.0, 1.0] {
+        cases.case(
+            &format!("rmsnorm offset {offset} and its backward"),
+            |b, g| {
+                let x = g.add(b, "x", t * h, 1.0);
+                let dy = g.add(b, "dy", t * h, 1.0);
+                let w = b.weight("model.layers.1.input_layernorm.weight", h);
+                let (y, inv, dx) = (
+                    b.output("y", t * h),
+                    b.output("inv", t),
+                    b.output("dx", t * h),
+                );
+                let op = Op::RmsNorm {
+                    dim: h,
+                    eps,
+                    offset,
+                };
+                b.node(op, &[x, w], &[y, inv], false);
+                let op = Op::RmsNormBackward {
+                    dim: h,
+                    eps,
+                    offset,
+                };
+                b.node(op, &[x, w, inv, dy], &[dx], false);
+            },
         );
-        b.node(Op::RmsNorm { dim: h, eps }, &[x, w], &[y, inv], false);
-        let op = Op::RmsNormBackward { dim: h, eps };
-        b.node(op, &[x, w, inv, dy], &[dx], false);
-    });
+    }
     for (module, out, inp, bias) in [
         ("self_attn.q_proj", h, h, true),
         ("self_attn.k_proj", c.kv_dim(), h, true),
@@ -228,19 +244,28 @@ fn cases(model: &Model) -> Vec<Case> {
             },
         );
     }
-    cases.case("swiglu and its backward", |b, g| {
-        let (gate, up, dh) = (
-            g.add(b, "gate", t * i, 2.0),
-            g.add(b, "up", t * i, 1.0),
-            g.add(b, "dh", t * i, 1.0),
-        );
-        let (hh, dgate, dup) = (
-            b.output("h", t * i),
-            b.output("dgate", t * i),
-            b.output("dup", t * i),
-        );
-        b.node(Op::SwiGlu, &[gate, up], &[hh], false);
-        b.node(Op::SwiGluBackward, &[gate, up, dh], &[dgate, dup], false);
+    for act in [GateActivation::Silu, GateActivation::GeluTanh] {
+        cases.case(&format!("{act:?} gate and its backward"), |b, g| {
+            let (gate, up, dh) = (
+                g.add(b, "gate", t * i, 2.0),
+                g.add(b, "up", t * i, 1.0),
+                g.add(b, "dh", t * i, 1.0),
+            );
+            let (hh, dgate, dup) = (
+                b.output("h", t * i),
+                b.output("dgate", t * i),
+                b.output("dup", t * i),
+            );
+            b.node(Op::Glu { act }, &[gate, up], &[hh], false);
+            let op = Op::GluBackward { act };
+            b.node(op, &[gate, up, dh], &[dgate, dup], false);
+        });
+    }
+    cases.case("scale in place", |b, g| {
+        let x = g.add(b, "x", t * h, 1.0);
+        let y = b.output("y", t * h);
+        b.node(Op::Add, &[x], &[y], true);
+        b.node(Op::Scale { factor: 0.37 }, &[], &[y], false);
     });
     for (packed, causal) in [(false, true), (true, true), (false, false)] {
         cases.case(

@@ -3,8 +3,9 @@
 
 mod common;
 
+use nibble::config::GateActivation;
 use nibble::ops::isa::CpuPath;
-use nibble::ops::{rmsnorm, swiglu};
+use nibble::ops::{glu, rmsnorm};
 use nibble::rng::Rng;
 
 fn random(n: usize, scale: f64, rng: &mut Rng) -> Vec<f32> {
@@ -33,13 +34,13 @@ fn finite_diff(x: &[f32], dy: &[f32], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64
         .collect()
 }
 
-fn rmsnorm_reference(x: &[f64], w: &[f32], dim: usize, eps: f64) -> Vec<f64> {
+fn rmsnorm_reference(x: &[f64], w: &[f32], dim: usize, eps: f64, offset: f64) -> Vec<f64> {
     x.chunks(dim)
         .flat_map(|row| {
             let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / dim as f64 + eps).sqrt();
             row.iter()
                 .zip(w)
-                .map(move |(v, w)| *w as f64 * v * r)
+                .map(move |(v, w)| (offset + *w as f64) * v * r)
                 .collect::<Vec<_>>()
         })
         .collect()
@@ -48,21 +49,30 @@ fn rmsnorm_reference(x: &[f64], w: &[f32], dim: usize, eps: f64) -> Vec<f64> {
 #[test]
 fn rmsnorm_forward_and_backward_match_references() {
     let mut rng = Rng::new(10);
-    for (rows, dim, eps) in [(3, 64, 1e-6), (5, 96, 1e-5), (1, 896, 1e-6)] {
+    // Gemma's (1 + w) with its weights around 0, as trained ones sit.
+    for (rows, dim, eps, offset) in [
+        (3, 64, 1e-6, 0.0),
+        (5, 96, 1e-5, 0.0),
+        (1, 896, 1e-6, 0.0),
+        (4, 64, 1e-6, 1.0),
+    ] {
         let x = random(rows * dim, 1.3, &mut rng);
-        let w: Vec<f32> = random(dim, 0.1, &mut rng).iter().map(|v| 1.0 + v).collect();
-        let p = rmsnorm::RmsNormParams::new(rows, dim, eps);
+        let w: Vec<f32> = random(dim, 0.1, &mut rng)
+            .iter()
+            .map(|v| 1.0 - offset as f32 + v)
+            .collect();
+        let p = rmsnorm::RmsNormParams::new(rows, dim, eps, offset as f32);
         let mut y = vec![0f32; rows * dim];
         let mut inv_rms = vec![0f32; rows];
         rmsnorm::forward(&p, &x, &w, &mut y, &mut inv_rms);
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let e = rel_err(&y, &rmsnorm_reference(&x64, &w, dim, eps));
+        let e = rel_err(&y, &rmsnorm_reference(&x64, &w, dim, eps, offset));
         assert!(e < 1e-6, "rmsnorm forward {rows}x{dim}: {e:e}");
 
         let dy = random(rows * dim, 1.0, &mut rng);
         let mut dx = vec![0f32; rows * dim];
         rmsnorm::backward(&p, &x, &w, &inv_rms, &dy, &mut dx);
-        let fd = finite_diff(&x, &dy, |v| rmsnorm_reference(v, &w, dim, eps));
+        let fd = finite_diff(&x, &dy, |v| rmsnorm_reference(v, &w, dim, eps, offset));
         let e = rel_err(&dx, &fd);
         assert!(e < 1e-5, "rmsnorm backward {rows}x{dim}: {e:e}");
     }
@@ -72,38 +82,55 @@ fn silu(v: f64) -> f64 {
     v / (1.0 + (-v).exp())
 }
 
-#[test]
-fn swiglu_forward_and_backward_match_references() {
-    let mut rng = Rng::new(11);
-    let n = 5000; // more than one parallel chunk
-    let g = random(n, 2.0, &mut rng);
-    let u = random(n, 1.0, &mut rng);
-    let mut h = vec![0f32; n];
-    swiglu::forward(&g, &u, &mut h);
-    let reference: Vec<f64> = g
-        .iter()
-        .zip(&u)
-        .map(|(&g, &u)| silu(g as f64) * u as f64)
-        .collect();
-    let e = rel_err(&h, &reference);
-    assert!(e < 1e-6, "swiglu forward: {e:e}");
+fn gelu_tanh(v: f64) -> f64 {
+    0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+}
 
-    let dh = random(n, 1.0, &mut rng);
-    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-    swiglu::backward(&g, &u, &dh, &mut dg, &mut du);
-    // Elementwise, so the finite differences of each input are independent.
-    let fd_g: Vec<f64> = (0..n)
-        .map(|i| {
-            let (x, h) = (g[i] as f64, 1e-6);
-            (silu(x + h) - silu(x - h)) / (2.0 * h) * u[i] as f64 * dh[i] as f64
-        })
-        .collect();
-    let fd_u: Vec<f64> = (0..n).map(|i| silu(g[i] as f64) * dh[i] as f64).collect();
-    let (eg, eu) = (rel_err(&dg, &fd_g), rel_err(&du, &fd_u));
-    assert!(
-        eg < 1e-5 && eu < 1e-6,
-        "swiglu backward: d gate {eg:e}, d up {eu:e}"
-    );
+/// SwiGLU and GeGLU against f64 references, their backwards against finite differences; inputs
+/// reach ±8, where GELU's tanh saturates.
+#[test]
+fn gated_activations_forward_and_backward_match_references() {
+    for (act, reference) in [
+        (GateActivation::Silu, silu as fn(f64) -> f64),
+        (GateActivation::GeluTanh, gelu_tanh),
+    ] {
+        let mut rng = Rng::new(11);
+        let n = 5000; // more than one parallel chunk
+        let g = random(n, 2.0, &mut rng);
+        let u = random(n, 1.0, &mut rng);
+        let mut h = vec![0f32; n];
+        glu::forward(act, &g, &u, &mut h);
+        let expected: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| reference(g as f64) * u as f64)
+            .collect();
+        let e = rel_err(&h, &expected);
+        assert!(e < 1e-6, "{act:?} forward: {e:e}");
+
+        let dh = random(n, 1.0, &mut rng);
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        glu::backward(act, &g, &u, &dh, &mut dg, &mut du);
+        // Elementwise, so the finite differences of each input are independent.
+        let fd_g: Vec<f64> = (0..n)
+            .map(|i| {
+                let (x, h) = (g[i] as f64, 1e-6);
+                (reference(x + h) - reference(x - h)) / (2.0 * h) * u[i] as f64 * dh[i] as f64
+            })
+            .collect();
+        let fd_u: Vec<f64> = (0..n)
+            .map(|i| reference(g[i] as f64) * dh[i] as f64)
+            .collect();
+        let (eg, eu) = (rel_err(&dg, &fd_g), rel_err(&du, &fd_u));
+        assert!(
+            eg < 1e-5 && eu < 1e-6,
+            "{act:?} backward: d gate {eg:e}, d up {eu:e}"
+        );
+    }
+    let mut x = random(5000, 1.0, &mut Rng::new(12));
+    let before = x.clone();
+    glu::scale(&mut x, 0.375);
+    assert!(x.iter().zip(&before).all(|(a, b)| *a == b * 0.375));
 }
 
 use nibble::config::RopeScaling;

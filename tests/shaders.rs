@@ -153,7 +153,10 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
         (
             "elementwise",
             "ElementwiseParams",
-            layout!(Dims4 { n: a as u32 }),
+            layout!(Dims4 {
+                n: a as u32,
+                factor_bits: b as u32
+            }),
         ),
         ("bf16", "Bf16Params", layout!(Dims4 { n: a as u32 })),
         (
@@ -216,6 +219,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 rows: rows as u32,
                 dim: dim as u32,
                 eps: eps as f32,
+                offset: offset as f32,
             }),
         ),
         (

@@ -528,7 +528,13 @@ fn bf16_checkpoints_train_and_are_recorded_in_the_run() {
 /// layers without RoPE), `eval` runs with the adapter, and the folder `merge` writes answers the same.
 #[test]
 fn new_families_train_generate_eval_and_merge_through_the_cli() {
-    for arch in [Arch::Mistral, Arch::Ministral, Arch::SmolLM3, Arch::Phi3] {
+    for arch in [
+        Arch::Mistral,
+        Arch::Ministral,
+        Arch::SmolLM3,
+        Arch::Phi3,
+        Arch::Gemma3,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m");
         synth::write_model_folder(

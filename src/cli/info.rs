@@ -2,7 +2,7 @@
 
 use super::{QuantArgs, group_digits, human_bytes, human_count};
 use anyhow::Result;
-use nibble::config::RopeScaling;
+use nibble::config::{GateActivation, RopeScaling};
 use nibble::model;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -57,6 +57,35 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             c.rotary_dim, c.head_dim
         );
     }
+    if let Some(theta) = c.local_rope_theta
+        && c.layers.iter().any(|l| l.local_rope)
+    {
+        rope += &format!("; sliding layers theta {theta}, unscaled");
+    }
+    // What sets the block apart from Llama's, in words.
+    let mut block = vec![
+        match c.gate_activation {
+            GateActivation::Silu => "SwiGLU MLP",
+            GateActivation::GeluTanh => "GeGLU MLP (gelu tanh)",
+        }
+        .to_string(),
+    ];
+    if c.norm_offset != 0.0 {
+        block.push(format!("norms scale by ({} + w)", c.norm_offset));
+    }
+    if c.sandwich_norms {
+        block.push("sandwich norms".into());
+    }
+    if c.embed_scale != 1.0 {
+        block.push(format!("embeddings x{}", c.embed_scale));
+    }
+    if (c.attention_scale * (c.head_dim as f64).sqrt() - 1.0).abs() > 1e-12 {
+        block.push(format!("attention scale {:.6}", c.attention_scale));
+    }
+    if c.fused_projections {
+        block.push("fused qkv_proj and gate_up_proj".into());
+    }
+    let block = block.join(", ");
     if as_json {
         let v = json!({
             "model": path,
@@ -78,6 +107,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "layers_without_rope": (0..c.num_layers).filter(|&l| !c.layers[l].rope).collect::<Vec<_>>(),
             "rope_theta": c.rope_theta,
             "rope_scaling": rope,
+            "block": block,
             "parameters": params,
             "weight_bytes_16bit": bytes16,
             "quant": spec.map(|s| json!({"format": s.format.name(), "group_size": s.group_size})),
@@ -117,6 +147,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         println!("              {layers}");
     }
     println!("rope          theta {}, scaling {rope}", c.rope_theta);
+    println!("block         {block}");
     println!(
         "embeddings    {}",
         if c.tie_word_embeddings {

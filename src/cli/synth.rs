@@ -40,6 +40,8 @@ enum Preset {
     TinySmolLM3,
     /// Phi-3 / Phi-4-mini: fused projections, 3/4 of each head rotated, LongRoPE past 64 positions.
     TinyPhi3,
+    /// Gemma 3 (text): sliding (window 8, RoPE base 10^4) and full layers (10^6, linear x8) alternating.
+    TinyGemma3,
     /// The exact Qwen2.5-0.5B shapes.
     #[value(name = "qwen2.5-0.5b")]
     Qwen25Half,
@@ -102,6 +104,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::TinyMinistral => SynthSpec::tiny(Arch::Ministral, vocab),
         Preset::TinySmolLM3 => SynthSpec::tiny(Arch::SmolLM3, vocab),
         Preset::TinyPhi3 => SynthSpec::tiny(Arch::Phi3, vocab),
+        Preset::TinyGemma3 => SynthSpec::tiny(Arch::Gemma3, vocab),
         Preset::Qwen25Half if vocab == 151936 => SynthSpec::qwen25_05b(),
         Preset::Qwen25Half => {
             bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")

@@ -13,7 +13,7 @@ use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
 use crate::ops::{
-    self, Precision, attention, conv, cross_entropy, linear, modulate, rope, swiglu, zeros,
+    self, Precision, attention, conv, cross_entropy, glu, linear, modulate, rope, zeros,
 };
 use crate::rng::Rng;
 use std::collections::HashMap;
@@ -377,14 +377,14 @@ impl Exec {
                     table.row_f32(id as usize, row);
                 }
             }
-            Op::RmsNorm { dim, eps } => {
+            Op::RmsNorm { dim, eps, offset } => {
                 let rows = x(0).len() / dim;
-                let p = RmsNormParams::new(rows, *dim, *eps);
+                let p = RmsNormParams::new(rows, *dim, *eps, *offset);
                 let (y, inv) = two(&mut outs);
                 rmsnorm::forward(&p, x(0), x(1), y, inv);
             }
-            Op::RmsNormBackward { dim, eps } => {
-                let p = RmsNormParams::new(x(0).len() / dim, *dim, *eps);
+            Op::RmsNormBackward { dim, eps, offset } => {
+                let p = RmsNormParams::new(x(0).len() / dim, *dim, *eps, *offset);
                 rmsnorm::backward(&p, x(0), x(1), x(2), x(3), outs.get(0));
             }
             Op::Linear { .. } => {
@@ -529,11 +529,12 @@ impl Exec {
                     outs.set(1, grad);
                 }
             }
-            Op::SwiGlu => swiglu::forward(x(0), x(1), outs.get(0)),
-            Op::SwiGluBackward => {
+            Op::Glu { act } => glu::forward(*act, x(0), x(1), outs.get(0)),
+            Op::GluBackward { act } => {
                 let (dgate, dup) = two(&mut outs);
-                swiglu::backward(x(0), x(1), x(2), dgate, dup);
+                glu::backward(*act, x(0), x(1), x(2), dgate, dup);
             }
+            Op::Scale { factor } => glu::scale(outs.get(0), *factor),
             Op::Attention { shape } => {
                 let segments = ins.get(3).map(|s| s.u32());
                 let (out, lse) = two(&mut outs);

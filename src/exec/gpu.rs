@@ -18,7 +18,7 @@ use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::DropoutParams;
 use crate::ops::matmul::{self, GpuView};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{self, attention, conv, cross_entropy, linear, modulate, rope, swiglu};
+use crate::ops::{self, attention, conv, cross_entropy, glu, linear, modulate, rope};
 use std::collections::HashMap;
 
 /// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
@@ -363,12 +363,12 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             }
             _ => ops::record_embed(r, ins[1].table(), x(0), o(0), *dim),
         },
-        Op::RmsNorm { dim, eps } => {
-            let p = RmsNormParams::new(x(0).len / dim, *dim, *eps);
+        Op::RmsNorm { dim, eps, offset } => {
+            let p = RmsNormParams::new(x(0).len / dim, *dim, *eps, *offset);
             rmsnorm::record_forward(r, &p, x(0), x(1), o(0), o(1));
         }
-        Op::RmsNormBackward { dim, eps } => {
-            let p = RmsNormParams::new(x(0).len / dim, *dim, *eps);
+        Op::RmsNormBackward { dim, eps, offset } => {
+            let p = RmsNormParams::new(x(0).len / dim, *dim, *eps, *offset);
             rmsnorm::record_backward(r, &p, [x(0), x(1), x(2), x(3)], o(0));
         }
         Op::Linear { .. } => {
@@ -459,8 +459,9 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
             let grad = ins.get(2).map(|s| (s.buf(), o(1)));
             modulate::record_mse(r, [x(0), x(1)], o(0), grad);
         }
-        Op::SwiGlu => swiglu::record_forward(r, x(0), x(1), o(0)),
-        Op::SwiGluBackward => swiglu::record_backward(r, [x(0), x(1), x(2)], o(0), o(1)),
+        Op::Glu { act } => glu::record_forward(r, *act, x(0), x(1), o(0)),
+        Op::GluBackward { act } => glu::record_backward(r, *act, [x(0), x(1), x(2)], o(0), o(1)),
+        Op::Scale { factor } => glu::record_scale(r, o(0), *factor),
         Op::Conv2d { shape } => {
             let bias = ins.get(2).map(|b| b.buf());
             conv::record_conv2d(r, shape, x(0), (ins[1].linear(), bias), o(0));

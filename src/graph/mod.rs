@@ -36,6 +36,9 @@ pub enum Input {
     /// RoPE cos and sin tables [tokens, head_dim / 2] at each token's position in its example.
     RopeCos,
     RopeSin,
+    /// The tables of Gemma 3's sliding layers, from their own base.
+    LocalRopeCos,
+    LocalRopeSin,
     /// Per token, the first position it may attend to (the start of its example in a packed sequence).
     FirstKey,
     /// Per token, one past the last position it may attend to (a padded sequence: the real tokens'
@@ -63,6 +66,8 @@ pub struct StepInputs {
     pub ids: Vec<u32>,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    pub local_cos: Vec<f32>,
+    pub local_sin: Vec<f32>,
     pub first_key: Vec<u32>,
     pub key_end: Vec<u32>,
     pub window_first_key: Vec<u32>,
@@ -89,6 +94,8 @@ impl StepInputs {
             Input::TokenIds => InputValue::U32(Borrowed(&self.ids)),
             Input::RopeCos => InputValue::F32(Borrowed(&self.cos)),
             Input::RopeSin => InputValue::F32(Borrowed(&self.sin)),
+            Input::LocalRopeCos => InputValue::F32(Borrowed(&self.local_cos)),
+            Input::LocalRopeSin => InputValue::F32(Borrowed(&self.local_sin)),
             Input::FirstKey => InputValue::U32(Borrowed(&self.first_key)),
             Input::KeyEnd => InputValue::U32(Borrowed(&self.key_end)),
             Input::WindowFirstKey => InputValue::U32(Borrowed(&self.window_first_key)),
@@ -183,10 +190,10 @@ pub enum Op {
         to: usize,
         rows: usize,
     },
-    /// [x, weight] -> [y, inv_rms]: RMSNorm over rows of `dim`.
-    RmsNorm { dim: usize, eps: f64 },
+    /// [x, weight] -> [y, inv_rms]: RMSNorm over rows of `dim`, scaled by offset + weight.
+    RmsNorm { dim: usize, eps: f64, offset: f32 },
     /// [x, weight, inv_rms, dy] -> [dx].
-    RmsNormBackward { dim: usize, eps: f64 },
+    RmsNormBackward { dim: usize, eps: f64, offset: f32 },
     /// [x, weight (, bias)] -> [y]: y = x·Wᵀ (+ bias) with W [out, inp] frozen (4-bit or dense).
     Linear { out: usize, inp: usize },
     /// [dy, weight] -> [dx]: dx = dy·W.
@@ -217,10 +224,12 @@ pub enum Op {
         inverse: bool,
         adjacent: bool,
     },
-    /// [gate, up] -> [h] = silu(gate) · up.
-    SwiGlu,
+    /// [gate, up] -> [h] = act(gate) · up.
+    Glu { act: crate::config::GateActivation },
     /// [gate, up, dh] -> [dgate, dup].
-    SwiGluBackward,
+    GluBackward { act: crate::config::GateActivation },
+    /// [] -> [x]: x *= factor, in place.
+    Scale { factor: f32 },
     /// [q, k, v (, first_key (, key_end))] -> [out, lse]: grouped-query attention; with `first_key`,
     /// each token attends only inside its own example; with `key_end`, to none at or past its entry
     /// (padding).
@@ -297,7 +306,7 @@ impl Op {
     /// Whether the op reads output `index`'s previous contents (other than by accumulating).
     pub fn reads_output(&self, index: usize) -> bool {
         match self {
-            Op::Rope { .. } | Op::AdamW => true,
+            Op::Rope { .. } | Op::AdamW | Op::Scale { .. } => true,
             Op::CachedAttention { .. } => index > 0,
             _ => false,
         }
@@ -319,8 +328,9 @@ impl Op {
             Op::PackBf16 => "pack_bf16",
             Op::UnpackBf16 => "unpack_bf16",
             Op::Rope { .. } => "rope",
-            Op::SwiGlu => "swiglu",
-            Op::SwiGluBackward => "swiglu_backward",
+            Op::Glu { .. } => "glu",
+            Op::GluBackward { .. } => "glu_backward",
+            Op::Scale { .. } => "scale",
             Op::Attention { .. } => "attention",
             Op::CachedAttention { .. } => "cached_attention",
             Op::AttentionBackward { .. } => "attention_backward",
@@ -613,7 +623,12 @@ impl Builder {
 
     pub fn input(&mut self, input: Input, len: usize) -> BufId {
         let dtype = match input {
-            Input::RopeCos | Input::RopeSin | Input::GradScale | Input::AdamW => Dtype::F32,
+            Input::RopeCos
+            | Input::RopeSin
+            | Input::LocalRopeCos
+            | Input::LocalRopeSin
+            | Input::GradScale
+            | Input::AdamW => Dtype::F32,
             _ => Dtype::U32,
         };
         self.outside(Role::Input(input), len, dtype, &format!("{input:?}"))

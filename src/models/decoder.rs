@@ -117,10 +117,13 @@ impl StepShape {
 pub fn decode_inputs(c: &ModelConfig, ids: &[u32], past: usize) -> StepInputs {
     let positions: Vec<u32> = (past as u32..(past + ids.len()) as u32).collect();
     let (cos, sin) = rope::model_tables(c, &positions);
+    let (local_cos, local_sin) = rope::local_tables(c, &positions);
     StepInputs {
         ids: ids.to_vec(),
         cos,
         sin,
+        local_cos,
+        local_sin,
         window_first_key: window_first_keys(c, &vec![0; ids.len()], past),
         label_positions: vec![ids.len().saturating_sub(1) as u32],
         ..StepInputs::default()
@@ -143,7 +146,9 @@ pub fn window_first_keys(c: &ModelConfig, first_key: &[u32], past: usize) -> Vec
 /// The step's per-sequence inputs: ids, RoPE tables at each token's position inside its example, example
 /// starts, labels, the gradient scale and the dropout seed.
 pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u64) -> StepInputs {
-    let (cos, sin) = rope::model_tables(c, &seq.positions());
+    let positions = seq.positions();
+    let (cos, sin) = rope::model_tables(c, &positions);
+    let (local_cos, local_sin) = rope::local_tables(c, &positions);
     let labelled: Vec<u32> = (0..seq.ids.len() as u32)
         .filter(|&t| seq.targets[t as usize].is_some())
         .collect();
@@ -152,6 +157,8 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
         ids: seq.ids.clone(),
         cos,
         sin,
+        local_cos,
+        local_sin,
         window_first_key: window_first_keys(c, &first_key, 0),
         first_key,
         labels: labelled
@@ -184,6 +191,9 @@ struct LayerTape {
     inv2: BufId,
     /// The gate and up projections, kept unless the MLP ran in chunks.
     gate_up: Option<(BufId, BufId)>,
+    /// Sandwich norms (Gemma): (the attention's or MLP's output, the norm's weight, inverse RMS).
+    attn_out_norm: Option<(BufId, BufId, BufId)>,
+    mlp_out_norm: Option<(BufId, BufId, BufId)>,
     linears: Vec<(LinearKind, LinearTape)>,
 }
 
@@ -218,15 +228,36 @@ impl Decoder<'_> {
         self.shape.tokens
     }
 
+    /// The step's tokens' embeddings (times Gemma's √hidden).
+    fn embed(&mut self) -> BufId {
+        let (t, h) = (self.t(), self.c.hidden_size);
+        let ids = self.b.input(Input::TokenIds, t);
+        let table = self
+            .b
+            .weight("model.embed_tokens.weight", self.c.vocab_size * h);
+        let x = self.b.activation(t * h, "embeddings");
+        self.b
+            .node(Op::Embed { dim: h }, &[ids, table], &[x], false);
+        let factor = self.c.embed_scale;
+        if factor != 1.0 {
+            self.b.node(Op::Scale { factor }, &[], &[x], false);
+        }
+        x
+    }
+
     fn rmsnorm(&mut self, x: BufId, weight: BufId, dim: usize, name: &str) -> (BufId, BufId) {
         let len = self.b.len(x);
         let (y, inv) = (
             self.b.activation(len, name),
             self.b.activation(len / dim, format!("{name}.inv_rms")),
         );
-        let eps = self.c.rms_norm_eps;
-        self.b
-            .node(Op::RmsNorm { dim, eps }, &[x, weight], &[y, inv], false);
+        let (eps, offset) = (self.c.rms_norm_eps, self.c.norm_offset);
+        self.b.node(
+            Op::RmsNorm { dim, eps, offset },
+            &[x, weight],
+            &[y, inv],
+            false,
+        );
         (y, inv)
     }
 
@@ -241,9 +272,9 @@ impl Decoder<'_> {
         let dx = self
             .b
             .activation(self.b.len(x), format!("d {}", self.b.name(x)));
-        let eps = self.c.rms_norm_eps;
+        let (eps, offset) = (self.c.rms_norm_eps, self.c.norm_offset);
         self.b.node(
-            Op::RmsNormBackward { dim, eps },
+            Op::RmsNormBackward { dim, eps, offset },
             &[x, weight, inv, dy],
             &[dx],
             false,
@@ -303,6 +334,12 @@ impl Decoder<'_> {
         lora_linear::backward(&mut self.b, self.lora, tape, x, dy, dx);
     }
 
+    /// What q is multiplied by so that the attention kernels' 1/√head_dim makes the model's scale.
+    fn query_scale(&self) -> f32 {
+        let c = self.c;
+        (c.attention_scale * (c.head_dim as f64).sqrt()) as f32
+    }
+
     fn attention_shape(&self) -> AttentionShape {
         AttentionShape {
             tokens: self.t(),
@@ -313,10 +350,14 @@ impl Decoder<'_> {
         }
     }
 
-    fn rope(&mut self, x: BufId, heads: usize, inverse: bool) {
+    /// Rotates x (q or k of layer `l`) in place, or back with `inverse`.
+    fn rope(&mut self, l: usize, x: BufId, heads: usize, inverse: bool) {
         let half = self.t() * self.c.rotary_dim / 2;
-        let cos = self.b.input(Input::RopeCos, half);
-        let sin = self.b.input(Input::RopeSin, half);
+        let (cos, sin) = match self.c.layers[l].local_rope {
+            true => (Input::LocalRopeCos, Input::LocalRopeSin),
+            false => (Input::RopeCos, Input::RopeSin),
+        };
+        let (cos, sin) = (self.b.input(cos, half), self.b.input(sin, half));
         let (head_dim, rotated) = (self.c.head_dim, self.c.rotary_dim);
         self.b.node(
             Op::Rope {
@@ -403,8 +444,14 @@ impl Decoder<'_> {
             (q, k) = (qq, kk);
         }
         if c.layers[l].rope {
-            self.rope(q, c.num_heads, false);
-            self.rope(k, c.num_kv_heads, false);
+            self.rope(l, q, c.num_heads, false);
+            self.rope(l, k, c.num_kv_heads, false);
+        }
+        // The attention kernels scale scores by 1/√head_dim; Gemma's query_pre_attn_scalar asks for
+        // another scale, which q carries.
+        let q_scale = self.query_scale();
+        if q_scale != 1.0 {
+            self.b.node(Op::Scale { factor: q_scale }, &[], &[q], false);
         }
         let attn = self.b.activation(t * c.q_dim(), format!("layers.{l}.attn"));
         let shape = self.attention_shape();
@@ -447,22 +494,28 @@ impl Decoder<'_> {
                 .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
         }
         let o = run(self, LinearKind::O, attn);
+        let prefix = format!("model.layers.{l}");
+        // Gemma's sandwich: the attention's output normalised before the residual, the MLP's input
+        // by a norm of its own.
+        let (attn_out_norm, o) = self.output_norm(l, o, "post_attention_layernorm");
         let x_mid = self.add(x, o, format!("layers.{l}.x_mid"));
-        let post_norm = self.norm_weight(
-            &format!("model.layers.{l}.post_attention_layernorm.weight"),
-            h,
-        );
+        let post_norm = match c.sandwich_norms {
+            true => format!("{prefix}.pre_feedforward_layernorm.weight"),
+            false => format!("{prefix}.post_attention_layernorm.weight"),
+        };
+        let post_norm = self.norm_weight(&post_norm, h);
         let (xn2, inv2) = self.rmsnorm(x_mid, post_norm, h, &format!("layers.{l}.xn2"));
         let (down, gate_up) = if self.mlp_chunks().len() > 1 {
             (self.chunked_mlp(l, xn2), None)
         } else {
             let (gate, up, tapes) = self.gate_up(l, xn2, (t, 0));
             linears.extend(tapes);
-            let hidden = self.swiglu(gate, up, l);
+            let hidden = self.gated(gate, up, l);
             let (down, tape) = self.linear(l, LinearKind::Down, hidden);
             linears.push((LinearKind::Down, tape));
             (down, Some((gate, up)))
         };
+        let (mlp_out_norm, down) = self.output_norm(l, down, "post_feedforward_layernorm");
         let x_out = self.add(x_mid, down, format!("layers.{l}.out"));
         let tape = LayerTape {
             x,
@@ -480,9 +533,28 @@ impl Decoder<'_> {
             xn2,
             inv2,
             gate_up,
+            attn_out_norm,
+            mlp_out_norm,
             linears,
         };
         (x_out, tape)
+    }
+
+    /// A block's output y through the sandwich norm `norm` of layer `l` where the model has them:
+    /// (what the backward reads: y, the norm's weight, the inverse RMS; the normalised output).
+    fn output_norm(
+        &mut self,
+        l: usize,
+        y: BufId,
+        norm: &str,
+    ) -> (Option<(BufId, BufId, BufId)>, BufId) {
+        if !self.c.sandwich_norms {
+            return (None, y);
+        }
+        let h = self.c.hidden_size;
+        let w = self.norm_weight(&format!("model.layers.{l}.{norm}.weight"), h);
+        let (normed, inv) = self.rmsnorm(y, w, h, &format!("layers.{l}.{norm}"));
+        (Some((y, w, inv)), normed)
     }
 
     /// The (first row, rows) of each MLP chunk: one chunk for a short sequence or a decoding step.
@@ -550,7 +622,7 @@ impl Decoder<'_> {
             let x = self.rows_of(xn2, rows, h);
             let at = (rows.1, chunk);
             let (gate, up, _) = self.gate_up(l, x, at);
-            let hidden = self.swiglu(gate, up, l);
+            let hidden = self.gated(gate, up, l);
             let (y, _) = self.linear_rows(l, LinearKind::Down, hidden, at);
             self.put_rows(y, down, rows, h);
         }
@@ -600,8 +672,13 @@ impl Decoder<'_> {
             self.b
                 .activation(self.b.len(dh), format!("d {}", self.b.name(up))),
         );
-        self.b
-            .node(Op::SwiGluBackward, &[gate, up, dh], &[dgate, dup], false);
+        let act = self.c.gate_activation;
+        self.b.node(
+            Op::GluBackward { act },
+            &[gate, up, dh],
+            &[dgate, dup],
+            false,
+        );
         let dx = self
             .b
             .activation(self.b.len(x), format!("d {}", self.b.name(x)));
@@ -631,7 +708,7 @@ impl Decoder<'_> {
             let dy_rows = self.rows_of(dy, rows, h);
             let at = (rows.1, chunk);
             let (gate, up, gate_up) = self.gate_up(l, x, at);
-            let hidden = self.swiglu(gate, up, l);
+            let hidden = self.gated(gate, up, l);
             // The down projection's own output is not needed: only its LoRA branch's x·Aᵀ is.
             let down = self.linear_tape(l, LinearKind::Down, hidden, at);
             let tapes = MlpTapes {
@@ -644,11 +721,13 @@ impl Decoder<'_> {
         dxn2
     }
 
-    fn swiglu(&mut self, gate: BufId, up: BufId, l: usize) -> BufId {
+    /// act(gate) ⊙ up.
+    fn gated(&mut self, gate: BufId, up: BufId, l: usize) -> BufId {
         let h = self
             .b
-            .activation(self.b.len(gate), format!("layers.{l}.swiglu"));
-        self.b.node(Op::SwiGlu, &[gate, up], &[h], false);
+            .activation(self.b.len(gate), format!("layers.{l}.gated"));
+        let act = self.c.gate_activation;
+        self.b.node(Op::Glu { act }, &[gate, up], &[h], false);
         h
     }
 
@@ -657,13 +736,19 @@ impl Decoder<'_> {
         let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
         self.b.set_stage(Some(l), true);
         let tape = |kind: LinearKind| s.linear(kind);
+        // Through a sandwich norm on a block's output, when there is one.
+        let through = |d: &mut Self, norm: Option<(BufId, BufId, BufId)>, dy: BufId| match norm {
+            Some((y, w, inv)) => d.rmsnorm_backward(y, w, inv, dy, h),
+            None => dy,
+        };
+        let d_mlp = through(self, s.mlp_out_norm, dx_out);
         let dxn2 = match s.gate_up {
             Some((gate, up)) => {
                 // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x
                 // intermediate floats per layer, the largest activation there is. The down
                 // projection's backward reads these recomputed values, not the forward's (released
                 // after the forward's down projection).
-                let hidden = self.swiglu(gate, up, l);
+                let hidden = self.gated(gate, up, l);
                 let gate_up_kinds: &[LinearKind] = match c.fused_projections {
                     true => &[LinearKind::GateUp],
                     false => &[LinearKind::Gate, LinearKind::Up],
@@ -672,16 +757,17 @@ impl Decoder<'_> {
                     gate_up: gate_up_kinds.iter().map(|&k| tape(k)).collect(),
                     down: tape(LinearKind::Down),
                 };
-                self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], dx_out)
+                self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], d_mlp)
             }
-            None => self.chunked_mlp_backward(l, s.xn2, dx_out),
+            None => self.chunked_mlp_backward(l, s.xn2, d_mlp),
         };
         let dx_mid = self.rmsnorm_backward(s.x_mid, s.post_norm, s.inv2, dxn2, h);
         self.b.node(Op::Add, &[dx_out], &[dx_mid], true);
+        let d_o = through(self, s.attn_out_norm, dx_mid);
         let d_attn = self
             .b
             .activation(t * c.q_dim(), format!("d layers.{l}.attn"));
-        self.linear_backward(tape(LinearKind::O), s.attn, dx_mid, d_attn);
+        self.linear_backward(tape(LinearKind::O), s.attn, d_o, d_attn);
         let (dq, dk, dv) = (
             self.b
                 .activation(self.b.len(s.q), format!("d layers.{l}.q")),
@@ -699,9 +785,14 @@ impl Decoder<'_> {
             &[dq, dk, dv],
             false,
         );
+        let q_scale = self.query_scale();
+        if q_scale != 1.0 {
+            self.b
+                .node(Op::Scale { factor: q_scale }, &[], &[dq], false);
+        }
         if c.layers[l].rope {
-            self.rope(dq, c.num_heads, true);
-            self.rope(dk, c.num_kv_heads, true);
+            self.rope(l, dq, c.num_heads, true);
+            self.rope(l, dk, c.num_kv_heads, true);
         }
         let (dq, dk) = match s.qk_norm {
             Some([(qp, qn, iq), (kp, kn, ik)]) => (
@@ -791,10 +882,7 @@ pub fn hidden_states(c: &ModelConfig, layers: &[usize], tokens: usize, padded: b
         padded,
     };
     let h = c.hidden_size;
-    let ids = d.b.input(Input::TokenIds, tokens);
-    let table = d.b.weight("model.embed_tokens.weight", c.vocab_size * h);
-    let mut x = d.b.activation(tokens * h, "embeddings");
-    d.b.node(Op::Embed { dim: h }, &[ids, table], &[x], false);
+    let mut x = d.embed();
     let last = layers.iter().copied().max().unwrap_or(0).min(c.num_layers);
     for l in 0..=last {
         if layers.contains(&l) {
@@ -818,10 +906,7 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
         padded: false,
     };
     let (t, h, vocab) = (shape.tokens, c.hidden_size, c.vocab_size);
-    let ids = d.b.input(Input::TokenIds, t);
-    let table = d.b.weight("model.embed_tokens.weight", vocab * h);
-    let mut x = d.b.activation(t * h, "embeddings");
-    d.b.node(Op::Embed { dim: h }, &[ids, table], &[x], false);
+    let mut x = d.embed();
     let mut tapes = Vec::with_capacity(c.num_layers);
     for l in 0..c.num_layers {
         let (next, tape) = d.layer_forward(l, x);

@@ -8,6 +8,7 @@
 //! block linears, as ComfyUI and diffusers' Flux2 loader name them. The diffusers layout is mapped on
 //! load (its split q/k/v joined, the final modulation's halves swapped).
 
+use crate::config::GateActivation;
 use crate::error::{Error, Result};
 use crate::graph::{BufId, Builder, Graph, Input, Op, StepInputs};
 use crate::model::{FrozenWeights, NamedWeights, TensorRef};
@@ -822,6 +823,7 @@ impl Flux<'_> {
             Op::RmsNorm {
                 dim: hd,
                 eps: self.c.eps,
+                offset: 0.0,
             },
             &[x, weight],
             &[y, inv],
@@ -899,6 +901,7 @@ impl Flux<'_> {
             Op::RmsNormBackward {
                 dim: hd,
                 eps: self.c.eps,
+                offset: 0.0,
             },
             &[x, weight, inv, dy],
             &[dx],
@@ -1004,7 +1007,14 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
             let (u, mlp_in) = f.linear(bm, rows, &format!("{p}_mlp.0"));
             let gate = f.b.columns(u, 2 * m, (0, m), format!("{p}.gate"));
             let value = f.b.columns(u, 2 * m, (m, m), format!("{p}.value"));
-            let hidden = f.op(Op::SwiGlu, &[gate, value], rows * m, format!("{p}.swiglu"));
+            let hidden = f.op(
+                Op::Glu {
+                    act: GateActivation::Silu,
+                },
+                &[gate, value],
+                rows * m,
+                format!("{p}.swiglu"),
+            );
             let (mlp_y, mlp_out) = f.linear(hidden, rows, &format!("{p}_mlp.2"));
             let gated = f.gate(mods, 5, mlp_y);
             let x2 = f.add(x1, gated, format!("{p}.out"));
@@ -1055,7 +1065,14 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         let (qn, qw, qi) = f.rms_norm(q, &format!("{p}.norm.query_norm.scale"));
         let (kn, kw, ki) = f.rms_norm(k, &format!("{p}.norm.key_norm.scale"));
         let attn = f.attention(qn, kn, v, &p);
-        let hidden = f.op(Op::SwiGlu, &[gate, value], t * m, format!("{p}.swiglu"));
+        let hidden = f.op(
+            Op::Glu {
+                act: GateActivation::Silu,
+            },
+            &[gate, value],
+            t * m,
+            format!("{p}.swiglu"),
+        );
         let joined =
             f.b.joined(&[(attn.out, 0), (hidden, d)], d + m, format!("{p}.joined"));
         let (out, linear2) = f.linear(joined, t, &format!("{p}.linear2"));
@@ -1126,7 +1143,9 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
             f.b.activation(t * m, format!("d {p}.value")),
         );
         f.b.node(
-            Op::SwiGluBackward,
+            Op::GluBackward {
+                act: GateActivation::Silu,
+            },
             &[s.gate, s.value, d_hidden],
             &[dg, dv_],
             false,
@@ -1169,7 +1188,9 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
                 f.b.activation(r * m, format!("d {name}.value")),
             );
             f.b.node(
-                Op::SwiGluBackward,
+                Op::GluBackward {
+                    act: GateActivation::Silu,
+                },
                 &[st.gate, st.value, d_hidden],
                 &[dg, dv_],
                 false,

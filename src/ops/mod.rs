@@ -10,6 +10,7 @@ pub mod conv;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod fastmath;
+pub mod glu;
 pub mod isa;
 pub mod linear;
 pub mod matmul;
@@ -18,7 +19,6 @@ pub mod packed;
 pub mod packed_gemm;
 pub mod rmsnorm;
 pub mod rope;
-pub mod swiglu;
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::weights::GpuDense;

@@ -1,5 +1,6 @@
-//! RMSNorm as Llama and Qwen define it: y = w ⊙ x / sqrt(mean(x²) + eps), over the last dimension.
-//! The norm weights are frozen in LoRA training, so the backward produces dx only.
+//! RMSNorm as Llama and Qwen define it: y = w ⊙ x / sqrt(mean(x²) + eps), over the last dimension, or
+//! as Gemma does, with (1 + w) (`offset` 1). The norm weights are frozen in LoRA training, so the
+//! backward produces dx only.
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::{GpuBuffer, groups_1d};
@@ -12,16 +13,17 @@ pub struct RmsNormParams {
     pub rows: u32,
     pub dim: u32,
     pub eps: f32,
-    pub _pad: u32,
+    /// Added to each weight: 1 for Gemma's (1 + w), else 0.
+    pub offset: f32,
 }
 
 impl RmsNormParams {
-    pub fn new(rows: usize, dim: usize, eps: f64) -> Self {
+    pub fn new(rows: usize, dim: usize, eps: f64, offset: f32) -> Self {
         RmsNormParams {
             rows: rows as u32,
             dim: dim as u32,
             eps: eps as f32,
-            _pad: 0,
+            offset,
         }
     }
 
@@ -39,7 +41,8 @@ impl RmsNormParams {
     }
 }
 
-/// y = w ⊙ x · r per row, with r = 1/sqrt(mean(x²) + eps) saved in `inv_rms` for the backward.
+/// y = (offset + w) ⊙ x · r per row (the sum first, in f32, as Gemma's `1.0 + weight.float()`), with
+/// r = 1/sqrt(mean(x²) + eps) saved in `inv_rms` for the backward.
 pub fn forward(p: &RmsNormParams, x: &[f32], weight: &[f32], y: &mut [f32], inv_rms: &mut [f32]) {
     p.check(x, weight);
     let d = p.dim as usize;
@@ -50,12 +53,12 @@ pub fn forward(p: &RmsNormParams, x: &[f32], weight: &[f32], y: &mut [f32], inv_
             let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
             *r = 1.0 / (mean_sq + p.eps).sqrt();
             for ((y, x), w) in y.iter_mut().zip(x).zip(weight) {
-                *y = w * (x * *r);
+                *y = (p.offset + w) * (x * *r);
             }
         });
 }
 
-/// dx_i = r·w_i·dy_i − (r³/n)·x_i·Σ_j w_j·dy_j·x_j.
+/// dx_i = r·w_i·dy_i − (r³/n)·x_i·Σ_j w_j·dy_j·x_j, w being offset + weight.
 pub fn backward(
     p: &RmsNormParams,
     x: &[f32],
@@ -75,11 +78,11 @@ pub fn backward(
                 .iter()
                 .zip(dy)
                 .zip(weight)
-                .map(|((x, g), w)| w * g * x)
+                .map(|((x, g), w)| (p.offset + w) * g * x)
                 .sum();
             let coef = r * r * r * dot / d as f32;
             for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(dy).zip(weight) {
-                *dx = r * w * g - coef * x;
+                *dx = r * (p.offset + w) * g - coef * x;
             }
         });
 }

@@ -116,6 +116,19 @@ pub fn attention_factor(scaling: &RopeScaling) -> f32 {
     }
 }
 
+/// The tables of a decoder's sliding layers that rotate with a base of their own (Gemma 3), at
+/// `positions`: empty where there is none.
+pub fn local_tables(c: &crate::config::ModelConfig, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    match c.local_rope_theta {
+        Some(theta) if c.layers.iter().any(|l| l.local_rope) => tables(
+            positions,
+            &inv_freq(c.rotary_dim, theta, &RopeScaling::None),
+            1.0,
+        ),
+        _ => (Vec::new(), Vec::new()),
+    }
+}
+
 /// Whether feeding `new` positions after `past` ones moves a LongRoPE model from its short factors
 /// to its long ones (transformers' Phi-3 recomputes its cache there).
 pub fn switches_factors(c: &crate::config::ModelConfig, past: usize, new: usize) -> bool {

@@ -1,0 +1,164 @@
+//! The gated MLP activations, elementwise: h = act(gate) ⊙ up, with act silu (SwiGLU: Llama, Qwen,
+//! FLUX.2) or PyTorch's tanh-approximated GELU (GeGLU: Gemma). Also `scale`, the in-place
+//! multiplication by a constant (Gemma's embedding scale and query scale).
+
+use crate::config::GateActivation;
+use crate::exec::gpu::Recorder;
+use crate::gpu::{GpuBuffer, groups_1d};
+use crate::ops::Dims4;
+use crate::ops::fastmath;
+use rayon::prelude::*;
+
+const CHUNK: usize = 4096;
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fastmath::exp(-x))
+}
+
+/// √(2/π), as PyTorch's GELU kernel spells it (`M_SQRT2 * M_2_SQRTPI * 0.5`).
+const GELU_BETA: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+const GELU_KAPPA: f32 = 0.044715;
+
+/// PyTorch's `gelu(x, approximate="tanh")` in its operation order.
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    let inner = GELU_BETA * (x + GELU_KAPPA * (x * x * x));
+    0.5 * x * (1.0 + inner.tanh())
+}
+
+/// (gelu_tanh(x), its derivative), as PyTorch's `GeluBackward` computes the latter.
+#[inline(always)]
+fn gelu_tanh_with_slope(x: f32) -> (f32, f32) {
+    let x_sq = x * x;
+    let inner = GELU_BETA * (x + GELU_KAPPA * x_sq * x);
+    let t = inner.tanh();
+    let left = 0.5 * x;
+    let right = 1.0 + t;
+    let slope = 0.5 * right + left * (1.0 - t * t) * GELU_BETA * (1.0 + 3.0 * GELU_KAPPA * x_sq);
+    (left * right, slope)
+}
+
+/// h = act(gate) ⊙ up.
+pub fn forward(act: GateActivation, gate: &[f32], up: &[f32], h: &mut [f32]) {
+    assert!(
+        gate.len() == up.len() && up.len() == h.len(),
+        "gated activation: operands differ in length"
+    );
+    h.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(h, (g, u))| match act {
+            GateActivation::Silu => fastmath::wide(
+                #[inline(always)]
+                || {
+                    for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                        *h = g * sigmoid(g) * u;
+                    }
+                },
+            ),
+            GateActivation::GeluTanh => {
+                for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                    *h = gelu_tanh(g) * u;
+                }
+            }
+        });
+}
+
+/// d gate = dh·u·act'(g), d up = dh·act(g); silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+pub fn backward(
+    act: GateActivation,
+    gate: &[f32],
+    up: &[f32],
+    dh: &[f32],
+    dgate: &mut [f32],
+    dup: &mut [f32],
+) {
+    assert!(
+        gate.len() == up.len()
+            && up.len() == dh.len()
+            && dh.len() == dgate.len()
+            && dgate.len() == dup.len(),
+        "gated activation: operands differ in length"
+    );
+    dgate
+        .par_chunks_mut(CHUNK)
+        .zip(dup.par_chunks_mut(CHUNK))
+        .zip(
+            gate.par_chunks(CHUNK)
+                .zip(up.par_chunks(CHUNK))
+                .zip(dh.par_chunks(CHUNK)),
+        )
+        .for_each(|((dg, du), ((g, u), dh))| {
+            let each = dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dh);
+            match act {
+                GateActivation::Silu => fastmath::wide(
+                    #[inline(always)]
+                    || {
+                        for ((((dg, du), &g), &u), &dh) in each {
+                            let s = sigmoid(g);
+                            *dg = dh * u * s * (1.0 + g * (1.0 - s));
+                            *du = dh * g * s;
+                        }
+                    },
+                ),
+                GateActivation::GeluTanh => {
+                    for ((((dg, du), &g), &u), &dh) in each {
+                        let (value, slope) = gelu_tanh_with_slope(g);
+                        *dg = dh * u * slope;
+                        *du = dh * value;
+                    }
+                }
+            }
+        });
+}
+
+fn entry(act: GateActivation, backward: bool) -> &'static str {
+    match (act, backward) {
+        (GateActivation::Silu, false) => "swiglu_forward",
+        (GateActivation::Silu, true) => "swiglu_backward",
+        (GateActivation::GeluTanh, false) => "geglu_forward",
+        (GateActivation::GeluTanh, true) => "geglu_backward",
+    }
+}
+
+/// The GPU lowering of `forward` (shaders/elementwise.wgsl).
+pub(crate) fn record_forward(
+    r: &mut Recorder,
+    act: GateActivation,
+    gate: &GpuBuffer,
+    up: &GpuBuffer,
+    h: &GpuBuffer,
+) {
+    let n = h.len;
+    let b = [(1, gate), (2, up), (3, h)];
+    r.dispatch(entry(act, false), &Dims4::n(n), &b, groups_1d(n, 256));
+}
+
+/// The GPU lowering of `backward`.
+pub(crate) fn record_backward(
+    r: &mut Recorder,
+    act: GateActivation,
+    [gate, up, dh]: [&GpuBuffer; 3],
+    dgate: &GpuBuffer,
+    dup: &GpuBuffer,
+) {
+    let n = dh.len;
+    let b = [(1, gate), (2, up), (3, dgate), (4, dup), (5, dh)];
+    r.dispatch(entry(act, true), &Dims4::n(n), &b, groups_1d(n, 256));
+}
+
+/// x *= factor, in place.
+pub fn scale(x: &mut [f32], factor: f32) {
+    x.par_chunks_mut(CHUNK)
+        .for_each(|x| x.iter_mut().for_each(|v| *v *= factor));
+}
+
+/// The GPU lowering of `scale`: the factor travels as the uniform's second word, its bits.
+pub(crate) fn record_scale(r: &mut Recorder, x: &GpuBuffer, factor: f32) {
+    let n = x.len;
+    let p = Dims4 {
+        b: factor.to_bits(),
+        ..Dims4::n(n)
+    };
+    r.dispatch("scale", &p, &[(3, x)], groups_1d(n, 256));
+}
