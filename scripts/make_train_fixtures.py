@@ -1,11 +1,13 @@
-"""Writes tests/fixtures/hf_train/: three optimizer steps of LoRA training done by transformers + peft, for
-tests/train_parity.rs to compare `nibble train` against; checks that PEFT loads nibble's adapter and that
-transformers loads `nibble merge`'s folder (results recorded in expected.json).
+"""Writes tests/fixtures/hf_train/<family>/: three optimizer steps of LoRA training done by transformers +
+peft, for tests/train_parity.rs to compare `nibble train` against; checks that PEFT loads nibble's adapter
+and that transformers loads `nibble merge`'s folder (results recorded in expected.json).
 
-The setup is the issue's parity recipe: a small random Qwen2 model (tied embeddings, q/k/v bias) made by
-`nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's chat template), NF4 with group 64
-emulated exactly (bitsandbytes quantize -> dequantize of the seven decoder linears), a PEFT LoRA adapter
-(r=4, alpha=8, all seven linears, random A and B), dropout 0, batch 1 with gradient accumulation 2, constant
+The setup is the issue's parity recipe, for three families: small random Qwen2 (tied embeddings, q/k/v
+bias), Gemma 3 (sandwich norms, GeGLU, sliding and full layers) and Phi-3 (fused projections, partial
+rotary, LongRoPE) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
+chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
+linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
+dropout 0, batch 1 with gradient accumulation 2, constant
 lr 1e-3, AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), clipping at global norm 1.0, the data in file
 order, and the loss of each optimizer step = Σ token cross-entropy over its examples / their label-token
 count (transformers' num_items_in_batch). Messages rows carry loss on every token, as TRL's default.
@@ -25,10 +27,11 @@ import transformers
 import peft
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 OUT = "tests/fixtures/hf_train"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
 CHATS = [
     ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),
@@ -42,11 +45,11 @@ def nibble(*args):
     subprocess.run(["cargo", "run", "--release", "--quiet", "--", *args], check=True)
 
 
-def load_base(folder):
+def load_base(folder, targets):
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, module in base.named_modules():
-            if name.split(".")[-1] in TARGETS:
+            if name.split(".")[-1] in targets:
                 w = module.weight.data
                 packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
                 module.weight.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape))
@@ -58,32 +61,11 @@ def save_adapter(pm, folder):
     os.remove(os.path.join(folder, "README.md"))  # PEFT's model-card template: nothing of ours
 
 
-def main():
-    shutil.rmtree(OUT, ignore_errors=True)
-    os.makedirs(OUT)
-    model_dir = os.path.join(OUT, "model")
-    nibble("synth", "--preset", "tiny-qwen2", "--tokenizer", "byte", "--seed", "3", "--output", model_dir)
-    rows = []
-    for system, user, assistant in CHATS:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        rows.append({"messages": messages})
-    data = os.path.join(OUT, "data.jsonl")
-    with open(data, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+def lora_state(pm):
+    return {k.replace(".default", ""): p.detach().clone() for k, p in pm.named_parameters() if "lora_" in k}
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    examples = [torch.tensor(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False))
-                for r in rows]
 
-    torch.manual_seed(0)
-    pm = get_peft_model(load_base(model_dir), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
-    save_adapter(pm, os.path.join(OUT, "init_adapter"))
+def train(pm, examples):
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     losses, norms, cursor = [], [], 0
@@ -103,17 +85,65 @@ def main():
         norms.append(torch.nn.utils.clip_grad_norm_(params, MAX_NORM).item())
         opt.step()
         losses.append(total)
-    save_adapter(pm, os.path.join(OUT, "expected_adapter"))
+    return losses, norms
+
+
+def main():
+    shutil.rmtree(OUT, ignore_errors=True)
+    for family, targets in FAMILIES.items():
+        make(family, targets)
+
+
+def make(family, targets):
+    out = os.path.join(OUT, family)
+    os.makedirs(out)
+    model_dir = os.path.join(out, "model")
+    preset = "tiny-" + family.split("_")[0]
+    nibble("synth", "--preset", preset, "--tokenizer", "byte", "--seed", "3", "--output", model_dir)
+    rows = []
+    for system, user, assistant in CHATS:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        rows.append({"messages": messages})
+    data = os.path.join(out, "data.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    # The byte tokenizer as written, whatever tokenizer class the model family would pick.
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    examples = [torch.tensor(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False))
+                for r in rows]
+
+    torch.manual_seed(0)
+    pm = get_peft_model(load_base(model_dir, targets), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    save_adapter(pm, os.path.join(out, "init_adapter"))
+    start = lora_state(pm)
+    losses, norms = train(pm, examples)
+    save_adapter(pm, os.path.join(out, "expected_adapter"))
+    # The same steps in float64: how far float32 arithmetic alone moves each LoRA update. AdamW divides
+    # each gradient element by its own running magnitude, so an update can carry far more float32 noise
+    # than the gradients do (Gemma's k_proj behind its k norm: 5e-4).
+    pm64 = PeftModel.from_pretrained(load_base(model_dir, targets).double(), os.path.join(out, "init_adapter"),
+                                     is_trainable=True).double()
+    train(pm64, examples)
+    ours32, ours64 = lora_state(pm), lora_state(pm64)
+    noise = {k: ((ours32[k].double() - ours64[k]).norm() / (ours64[k] - start[k].double()).norm()).item()
+             for k in ours32}
 
     # PEFT must load nibble's adapter with no missing or unexpected keys; run the same recipe with nibble.
     with tempfile.TemporaryDirectory() as tmp:
         ours = os.path.join(tmp, "run")
         nibble("train", "--model", model_dir, "--data", data, "--output", ours, "--device", "cpu",
                "--precision", "f32", "--quant", "nf4", "--group-size", "64",
-               "--init-adapter", os.path.join(OUT, "init_adapter"), "--lora-dropout", "0",
+               "--init-adapter", os.path.join(out, "init_adapter"), "--lora-dropout", "0",
                "--lr", str(LR), "--lr-scheduler", "constant", "--grad-accum", str(ACCUM),
                "--max-steps", str(STEPS), "--no-shuffle", "--max-grad-norm", str(MAX_NORM))
-        loaded = PeftModel.from_pretrained(load_base(model_dir), os.path.join(OUT, "expected_adapter"))
+        loaded = PeftModel.from_pretrained(load_base(model_dir, targets), os.path.join(out, "expected_adapter"))
         result = loaded.load_adapter(ours, adapter_name="nibble")
         lora_missing = [k for k in result.missing_keys if "lora_" in k]
         assert not lora_missing and not result.unexpected_keys, (lora_missing, result.unexpected_keys)
@@ -126,19 +156,21 @@ def main():
         # `nibble merge` must give a folder transformers loads, equal to base + adapter through PEFT.
         merged_dir = os.path.join(tmp, "merged")
         nibble("merge", "--model", model_dir, "--adapter", ours, "--output", merged_dir, "--dtype", "f32")
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager").eval()
         plain = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), ours).eval()
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager"),
+            ours).eval()
         with torch.no_grad():
             want = plain(input_ids=ids).logits
             merged_diff = ((merged(input_ids=ids).logits - want).norm() / want.norm()).item()
         with open(os.path.join(ours, "metrics.jsonl")) as f:
             nibble_losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
 
-    with open(os.path.join(OUT, "expected.json"), "w") as f:
+    with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump({
             "steps": STEPS, "grad_accum": ACCUM, "lr": LR, "max_grad_norm": MAX_NORM,
             "losses": losses, "grad_norms": norms,
+            "update_float32_noise": noise,
             "peft_loads_nibble_adapter": {"missing_lora_keys": lora_missing,
                                           "unexpected_keys": list(result.unexpected_keys),
                                           "logits_relative_difference_vs_expected_adapter": logits_diff,
@@ -146,7 +178,7 @@ def main():
             "transformers_loads_nibble_merge": {"logits_relative_difference_vs_peft": merged_diff},
             "transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__,
         }, f, indent=1)
-    print("losses", losses, "grad norms", norms)
+    print(family, "losses", losses, "grad norms", norms)
     print("nibble losses", nibble_losses, "logits difference with nibble's adapter", logits_diff)
     print("merged model vs base + adapter through PEFT", merged_diff)
 

@@ -187,6 +187,8 @@ impl SynthSpec {
             Arch::Phi3 => {
                 // Phi-4-mini's 3/4 of each head rotated; LongRoPE's long factors past 64 positions.
                 obj.insert("partial_rotary_factor".into(), json!(0.75));
+                // Phi3Config's default (32000) is past a small vocabulary.
+                obj.insert("pad_token_id".into(), json!(self.special_token_ids().1));
                 obj.insert("original_max_position_embeddings".into(), json!(64));
             }
             Arch::Gemma3 => {

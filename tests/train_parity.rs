@@ -1,6 +1,8 @@
 //! `nibble train` against transformers + peft over three optimizer steps from the same initial PEFT
-//! adapter (NF4 group 64 emulated exactly, dropout 0, constant lr, gradient accumulation 2, clipping):
-//! fixtures from scripts/make_train_fixtures.py. Per-step losses and gradient norms must agree to 1e-4
+//! adapter (NF4 group 64 emulated exactly, dropout 0, constant lr, gradient accumulation 2, clipping),
+//! for Qwen2, Gemma 3 and Phi-3 (fused projections): fixtures from scripts/make_train_fixtures.py, which
+//! also checks that PEFT loads the adapters nibble writes with no missing or unexpected keys and that
+//! transformers loads the folders `nibble merge` writes (recorded in each expected.json, read here). Per-step losses and gradient norms must agree to 1e-4
 //! relative and the LoRA updates (final minus initial) to 1e-3 relative norm, on the CPU executor and on
 //! the GPU executor (lavapipe in CI; skipped without a Vulkan device unless NIBBLE_REQUIRE_GPU is set).
 
@@ -19,8 +21,17 @@ fn adapter(dir: &Path) -> SafetensorsFile {
     SafetensorsFile::open(&dir.join("adapter_model.safetensors")).unwrap()
 }
 
+/// (family, LoRA matrices per layer) of each fixture.
+const FAMILIES: [(&str, usize); 3] = [("qwen2", 7), ("gemma3_text", 7), ("phi3", 4)];
+
 fn check(device: &str) {
-    let f = fixtures();
+    for (family, linears) in FAMILIES {
+        check_family(device, family, linears);
+    }
+}
+
+fn check_family(device: &str, family: &str, linears: usize) {
+    let f = fixtures().join(family);
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(f.join("expected.json")).unwrap()).unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -65,6 +76,13 @@ fn check(device: &str) {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let peft = &expected["peft_loads_nibble_adapter"];
+    assert_eq!(peft["missing_lora_keys"], serde_json::json!([]), "{family}");
+    assert_eq!(peft["unexpected_keys"], serde_json::json!([]), "{family}");
+    let merged = expected["transformers_loads_nibble_merge"]["logits_relative_difference_vs_peft"]
+        .as_f64()
+        .unwrap();
+    assert!(merged < 1e-5, "{family}: merged folder {merged:e}");
     let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -82,12 +100,14 @@ fn check(device: &str) {
             worst_scalar = worst_scalar.max(e);
             assert!(
                 e < SCALAR_TOLERANCE,
-                "{device}, step {}: {ours} {a} vs transformers {b}",
+                "{device} {family}, step {}: {ours} {a} vs transformers {b}",
                 i + 1
             );
         }
     }
-    eprintln!("{device}: worst relative difference of a loss or grad norm {worst_scalar:.1e}");
+    eprintln!(
+        "{device} {family}: worst relative difference of a loss or grad norm {worst_scalar:.1e}"
+    );
     let (init, theirs, ours) = (
         adapter(&f.join("init_adapter")),
         adapter(&f.join("expected_adapter")),
@@ -101,27 +121,34 @@ fn check(device: &str) {
             let v = file.read_f32(name).unwrap();
             v.iter().zip(&start).map(|(a, b)| a - b).collect()
         };
+        // Held to the tolerance, or to four times what float32 arithmetic alone moves this update in
+        // transformers (its float64 run), whichever is larger.
+        let noise = expected["update_float32_noise"][name.as_str()]
+            .as_f64()
+            .unwrap();
         let e = rel(&delta(&ours), &delta(&theirs));
+        let tolerance = UPDATE_TOLERANCE.max(4.0 * noise);
+        assert!(
+            e < tolerance,
+            "{device} {family}: LoRA update {name} differs by {e:e} (held to {tolerance:e})"
+        );
         if e > worst.0 {
             worst = (e, name.clone());
         }
         count += 1;
     }
-    assert_eq!(count, 2 * 7 * 2, "every LoRA matrix of both layers");
+    assert_eq!(count, 2 * linears * 2, "every LoRA matrix of both layers");
     eprintln!(
-        "{device}: worst relative difference of a LoRA update {:.1e} ({})",
+        "{device} {family}: worst relative difference of a LoRA update {:.1e} ({})",
         worst.0, worst.1
-    );
-    assert!(
-        worst.0 < UPDATE_TOLERANCE,
-        "{device}: LoRA update {} differs by {:e}",
-        worst.1,
-        worst.0
     );
 }
 
 /// Measured (CPU and lavapipe): losses and grad norms within 8.5e-7, LoRA updates within 9.7e-6
-/// (relative); held to about ten times that.
+/// (relative); held to about ten times that. Gemma's k_proj A behind its k norm is the exception: there
+/// transformers' own float32 run is 5.1e-4 from its float64 one (AdamW divides each element by its own
+/// magnitude), and nibble 1.8e-4 (CPU) and 5.2e-4 (lavapipe) from transformers' float32; each update
+/// is held to four times that noise where it exceeds the tolerance.
 const SCALAR_TOLERANCE: f64 = 1e-5;
 const UPDATE_TOLERANCE: f64 = 1e-4;
 
