@@ -70,3 +70,47 @@ for messages in feature_conversations:
 with open("tests/fixtures/features_template.json", "w") as f:
     json.dump({"transformers": transformers.__version__, "cases": feature_cases}, f, ensure_ascii=False, indent=1)
 print("wrote", len(feature_cases), "feature cases")
+
+# The chat templates of the other families (tests/fixtures/templates/, sources in SOURCES.md there),
+# rendered by transformers with each family's special tokens; a conversation the template refuses is
+# recorded with its error message.
+FAMILY_TEMPLATES = {
+    "gemma3-it": {"bos_token": "<bos>", "eos_token": "<eos>"},
+    "phi-3.5-mini-instruct": {"bos_token": "<s>", "eos_token": "<|endoftext|>"},
+    "phi-4-mini-instruct": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+    "mistral-small-3.2-24b-instruct-2506": {"bos_token": "<s>", "eos_token": "</s>"},
+    "mistral-nemo-instruct-2407": {"bos_token": "<s>", "eos_token": "</s>"},
+}
+family_conversations = conversations + [
+    # Two user turns in a row: Gemma's and Mistral's templates refuse it.
+    [{"role": "user", "content": "One"}, {"role": "user", "content": "Two"}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "One"},
+     {"role": "user", "content": "Two"}],
+    # A system turn after the first message.
+    [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Late system"},
+     {"role": "assistant", "content": "Hello"}],
+]
+family_cases = {}
+for name, special in FAMILY_TEMPLATES.items():
+    template = open(f"tests/fixtures/templates/{name}.jinja").read()
+    for key, value in special.items():
+        setattr(tok, key, value)
+    rendered = []
+    for messages in family_conversations:
+        # The date in Mistral Small's default system prompt changes daily: only conversations with
+        # their own system message.
+        if "strftime_now" in template and messages[0]["role"] != "system":
+            continue
+        for add_generation_prompt in (False, True):
+            case = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+            try:
+                case["text"] = tok.apply_chat_template(messages, tokenize=False, chat_template=template,
+                                                       add_generation_prompt=add_generation_prompt)
+            except Exception as e:  # jinja2's TemplateError from raise_exception
+                case["error"] = str(e)
+            rendered.append(case)
+    family_cases[name] = {"special_tokens": special, "cases": rendered}
+with open("tests/fixtures/templates/rendered.json", "w") as f:
+    json.dump({"transformers": transformers.__version__, "templates": family_cases}, f, ensure_ascii=False,
+              indent=1)
+print("wrote", sum(len(t["cases"]) for t in family_cases.values()), "family template cases")

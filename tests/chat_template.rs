@@ -143,3 +143,68 @@ fn broken_tokenizer_files_name_the_file() {
         "{err}"
     );
 }
+
+#[derive(Debug, serde::Deserialize)]
+struct FamilyCase {
+    messages: Vec<Message>,
+    add_generation_prompt: bool,
+    text: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct FamilyTemplate {
+    special_tokens: std::collections::HashMap<String, String>,
+    cases: Vec<FamilyCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct FamilyFixture {
+    templates: std::collections::BTreeMap<String, FamilyTemplate>,
+}
+
+/// The released chat templates of Gemma 3, Phi-3.5, Phi-4-mini, Mistral Small 3.2 and Mistral Nemo
+/// (tests/fixtures/templates/, sources in SOURCES.md there) render as transformers renders them, with
+/// each family's special tokens from tokenizer_config.json; where transformers raises (Gemma's and
+/// Mistral's templates refuse two user turns in a row), nibble errors with the template's message.
+#[test]
+fn family_templates_render_as_transformers_does() {
+    let dir = format!("{}/tests/fixtures/templates", env!("CARGO_MANIFEST_DIR"));
+    let fixture: FamilyFixture =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/rendered.json")).unwrap())
+            .unwrap();
+    assert_eq!(fixture.templates.len(), 5);
+    for (name, family) in &fixture.templates {
+        let mut files = qwen25_tokenizer();
+        let mut config: serde_json::Value =
+            serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
+        for (key, value) in &family.special_tokens {
+            config[key] = serde_json::json!(value);
+        }
+        files.tokenizer_config_json = Some(config.to_string());
+        files.chat_template_jinja =
+            Some(std::fs::read_to_string(format!("{dir}/{name}.jinja")).unwrap());
+        let tok = ChatTokenizer::from_files(&files, Path::new(&dir)).unwrap();
+        let mut errors = 0;
+        for (i, case) in family.cases.iter().enumerate() {
+            let ours = tok.apply_chat_template(&case.messages, case.add_generation_prompt);
+            match (&case.text, &case.error, ours) {
+                (Some(text), None, Ok(ours)) => assert_eq!(&ours, text, "{name} case {i}"),
+                (None, Some(error), Err(ours)) => {
+                    errors += 1;
+                    assert!(
+                        ours.to_string().contains(error.as_str()),
+                        "{name} case {i}: {ours}"
+                    );
+                }
+                (_, _, ours) => panic!("{name} case {i}: transformers {case:?}, nibble {ours:?}"),
+            }
+        }
+        let refuses = name.starts_with("gemma") || name.starts_with("mistral");
+        assert_eq!(
+            errors > 0,
+            refuses,
+            "{name}: {errors} refused conversations"
+        );
+    }
+}
