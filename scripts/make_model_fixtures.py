@@ -18,7 +18,8 @@ import peft
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
+from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                          LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -60,6 +61,13 @@ models = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),
 }
+# Gemma 3 4B and up: the same text decoder inside a multimodal model (a tiny SigLIP tower beside it), its
+# modules under model.language_model; saved in the spelling transformers writes (language_model.model.*).
+models["gemma3"] = (Gemma3ForConditionalGeneration, Gemma3Config(
+    text_config=models["gemma3_text"][1].to_dict(),
+    vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "image_size": 28, "patch_size": 14},
+    mm_tokens_per_image=4))
 
 
 for index, (name, (cls, config)) in enumerate(models.items()):
@@ -71,23 +79,27 @@ for index, (name, (cls, config)) in enumerate(models.items()):
         for pname, p in model.named_parameters():
             # std 0.1: with the usual 0.02 every loss is ln(vocab) whatever the bug.
             # Norm scales around 1 (Gemma's w around 0: it scales by 1 + w).
-            around_one = "norm" in pname and name != "gemma3_text"
+            around_one = "norm" in pname and not name.startswith("gemma3")
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if around_one else 0.0))
     folder = os.path.join(OUT, name)
     model.save_pretrained(folder)
 
-    ids = torch.randint(0, config.vocab_size, (1, 14))
+    vocab_size = getattr(config, "text_config", config).vocab_size
+    ids = torch.randint(0, vocab_size, (1, 14))
     labels = ids.clone()
     labels[0, :4] = -100  # a prompt that carries no loss
 
     targets = FUSED_TARGETS if name == "phi3" else TARGETS
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
+    text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=text_only if name == "gemma3" else targets)
     for quant in ("none", "nf4"):
         base = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
         if quant == "nf4":
             with torch.no_grad():
                 for mname, module in base.named_modules():
-                    if mname.split(".")[-1] in targets:
+                    if mname.split(".")[-1] in targets and "vision" not in mname:
                         w = module.weight.data
                         packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
                         module.weight.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape))

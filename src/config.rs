@@ -123,6 +123,9 @@ pub enum GateActivation {
     GeluTanh,
 }
 
+/// The `model_type` of Gemma 3's multimodal models (4B and up), whose text decoder nibble trains.
+pub const MULTIMODAL_GEMMA3: &str = "gemma3";
+
 /// Gemma 3's RoPE base for its sliding layers when a config names none (`rope_local_base_freq`).
 const LOCAL_ROPE_THETA: f64 = 10_000.0;
 
@@ -164,6 +167,9 @@ pub struct ModelConfig {
     pub attention_scale: f64,
     /// Gemma 3's RoPE base for the layers marked `local_rope` (its sliding ones), never scaled.
     pub local_rope_theta: Option<f64>,
+    /// The decoder is the text part of a multimodal model (Gemma 3 4B and up): its modules sit under
+    /// `model.language_model.` rather than `model.`.
+    pub language_model: bool,
     /// Per decoder layer: how its attention sees the sequence.
     pub layers: Vec<LayerAttention>,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
@@ -245,15 +251,6 @@ impl LinearKind {
             LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => "mlp",
         }
     }
-
-    /// The tensor-name prefix of this linear in layer `layer` (append `.weight` or `.bias`).
-    pub fn path(self, layer: usize) -> String {
-        format!(
-            "model.layers.{layer}.{}.{}",
-            self.block(),
-            self.module_name()
-        )
-    }
 }
 
 /// What a tensor is for; the loader decides from it how to store the tensor.
@@ -300,9 +297,31 @@ impl ModelConfig {
         let obj = raw
             .as_object()
             .ok_or_else(|| err("expected a JSON object".into()))?;
+        let model_type = obj.get("model_type").and_then(Value::as_str);
+        if model_type == Some(MULTIMODAL_GEMMA3) {
+            return Self::text_part_of_gemma3(obj, &raw, origin);
+        }
+        // Gemma3TextConfig's defaults, which released multimodal configs lean on.
+        let mut with_defaults;
+        let obj = match model_type {
+            Some("gemma3_text") => {
+                with_defaults = obj.clone();
+                for (key, value) in [
+                    ("vocab_size", 262208),
+                    ("hidden_size", 2304),
+                    ("intermediate_size", 9216),
+                    ("num_hidden_layers", 26),
+                    ("num_attention_heads", 8),
+                    ("num_key_value_heads", 4),
+                ] {
+                    with_defaults.entry(key).or_insert(value.into());
+                }
+                &with_defaults
+            }
+            _ => obj,
+        };
         let fields = Fields { obj, err: &err };
 
-        let model_type = obj.get("model_type").and_then(Value::as_str);
         let class = obj
             .get("architectures")
             .and_then(Value::as_array)
@@ -495,6 +514,7 @@ impl ModelConfig {
                 _ => (head_dim as f64).powf(-0.5),
             },
             local_rope_theta,
+            language_model: false,
             // Read once the layer count is known to be sane (below).
             layers: Vec::new(),
             dtype,
@@ -529,6 +549,34 @@ impl ModelConfig {
             )));
         }
         config.layers = parse_layer_attention(&fields, arch, num_layers)?;
+        Ok(config)
+    }
+
+    /// The text decoder of a multimodal Gemma 3 (`text_config`, its modules under
+    /// `model.language_model.`); the embeddings' tying and the dtype are the outer config's.
+    fn text_part_of_gemma3(obj: &Map<String, Value>, raw: &Value, origin: &Path) -> Result<Self> {
+        let text = obj
+            .get("text_config")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::Config {
+                path: origin.to_path_buf(),
+                msg: "a multimodal gemma3 config needs a `text_config` object".into(),
+            })?;
+        let mut text = text.clone();
+        text.insert("model_type".into(), "gemma3_text".into());
+        let tied = obj
+            .get("tie_word_embeddings")
+            .cloned()
+            .unwrap_or(true.into());
+        text.insert("tie_word_embeddings".into(), tied);
+        for key in ["dtype", "torch_dtype"] {
+            if let Some(v) = obj.get(key) {
+                text.entry(key).or_insert(v.clone());
+            }
+        }
+        let mut config = Self::from_json_str(&Value::Object(text).to_string(), origin)?;
+        config.language_model = true;
+        config.raw = raw.clone();
         Ok(config)
     }
 
@@ -584,6 +632,37 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
+    /// The model class transformers builds for this folder.
+    pub fn class_name(&self) -> &'static str {
+        match self.language_model {
+            true => "Gemma3ForConditionalGeneration",
+            false => self.arch.class_name(),
+        }
+    }
+
+    /// The prefix of the decoder's modules: `model.`, or `model.language_model.` in a multimodal model.
+    pub fn prefix(&self) -> &'static str {
+        match self.language_model {
+            true => "model.language_model.",
+            false => "model.",
+        }
+    }
+
+    /// The full name of the decoder's tensor `name` (`embed_tokens.weight`, `norm.weight`).
+    pub fn tensor(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix())
+    }
+
+    /// The module path of layer `l`'s module `name` (`input_layernorm`, `self_attn.q_norm`).
+    pub fn layer_module(&self, l: usize, name: &str) -> String {
+        format!("{}layers.{l}.{name}", self.prefix())
+    }
+
+    /// The module path of a linear in layer `l` (append `.weight` or `.bias`).
+    pub fn linear_path(&self, kind: LinearKind, l: usize) -> String {
+        self.layer_module(l, &format!("{}.{}", kind.block(), kind.module_name()))
+    }
+
     /// Every linear layer of the decoder that LoRA may adapt: module path, out and in features, in the
     /// model's order (layer by layer, PEFT's module order within a layer).
     pub fn linear_modules(&self) -> Vec<(String, usize, usize)> {
@@ -591,7 +670,7 @@ impl ModelConfig {
             .flat_map(|l| {
                 self.linear_kinds().iter().map(move |&kind| {
                     let (out, inp) = self.linear_shape(kind);
-                    (kind.path(l), out, inp)
+                    (self.linear_path(kind, l), out, inp)
                 })
             })
             .collect()
@@ -634,7 +713,7 @@ impl ModelConfig {
     pub fn expected_tensors(&self) -> Vec<ExpectedTensor> {
         let h = self.hidden_size;
         let mut out = vec![ExpectedTensor {
-            name: "model.embed_tokens.weight".into(),
+            name: self.tensor("embed_tokens.weight"),
             shape: vec![self.vocab_size, h],
             role: TensorRole::Embedding,
             layer: None,
@@ -646,37 +725,29 @@ impl ModelConfig {
                 role: TensorRole::Norm,
                 layer: Some(l),
             };
-            out.push(norm(format!("model.layers.{l}.input_layernorm.weight"), h));
-            out.push(norm(
-                format!("model.layers.{l}.post_attention_layernorm.weight"),
-                h,
-            ));
+            let weight = |module: &str| format!("{}.weight", self.layer_module(l, module));
+            out.push(norm(weight("input_layernorm"), h));
+            out.push(norm(weight("post_attention_layernorm"), h));
             if self.sandwich_norms {
                 for name in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
-                    out.push(norm(format!("model.layers.{l}.{name}.weight"), h));
+                    out.push(norm(weight(name), h));
                 }
             }
             if self.qk_norm {
-                out.push(norm(
-                    format!("model.layers.{l}.self_attn.q_norm.weight"),
-                    self.head_dim,
-                ));
-                out.push(norm(
-                    format!("model.layers.{l}.self_attn.k_norm.weight"),
-                    self.head_dim,
-                ));
+                out.push(norm(weight("self_attn.q_norm"), self.head_dim));
+                out.push(norm(weight("self_attn.k_norm"), self.head_dim));
             }
             for &kind in self.linear_kinds() {
                 let (o, i) = self.linear_shape(kind);
                 out.push(ExpectedTensor {
-                    name: format!("{}.weight", kind.path(l)),
+                    name: format!("{}.weight", self.linear_path(kind, l)),
                     shape: vec![o, i],
                     role: TensorRole::LinearWeight(kind),
                     layer: Some(l),
                 });
                 if self.linear_has_bias(kind) {
                     out.push(ExpectedTensor {
-                        name: format!("{}.bias", kind.path(l)),
+                        name: format!("{}.bias", self.linear_path(kind, l)),
                         shape: vec![o],
                         role: TensorRole::LinearBias(kind),
                         layer: Some(l),
@@ -685,7 +756,7 @@ impl ModelConfig {
             }
         }
         out.push(ExpectedTensor {
-            name: "model.norm.weight".into(),
+            name: self.tensor("norm.weight"),
             shape: vec![h],
             role: TensorRole::Norm,
             layer: None,

@@ -236,6 +236,7 @@ impl LoraAdapter {
             .get("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        let weights = files.open_safetensors("adapter_model.safetensors")?;
         let targets = match v.get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -246,9 +247,29 @@ impl LoraAdapter {
                 })
                 .collect::<Result<Vec<_>>>()?,
             Some(Value::String(s)) if s == "all-linear" => vec![s.clone()],
+            // A regular expression (PEFT full-matches it against module paths; tools use one to keep
+            // a multimodal model's vision tower out): the modules it matched are the ones the weights
+            // hold.
+            Some(Value::String(_)) => {
+                let mut paths: Vec<String> = weights
+                    .tensor_names()
+                    .filter_map(|n| {
+                        n.strip_prefix("base_model.model.")?
+                            .strip_suffix(".lora_A.weight")
+                            .map(str::to_string)
+                    })
+                    .collect();
+                paths.sort();
+                if paths.is_empty() {
+                    return Err(bad(
+                        "`target_modules` is a pattern and the adapter's weights hold no lora_A matrices".into(),
+                    ));
+                }
+                paths
+            }
             other => {
                 return Err(bad(format!(
-                    "`target_modules` must be a list of module names or \"all-linear\", got {other:?}"
+                    "`target_modules` must be a list of module names, a pattern or \"all-linear\", got {other:?}"
                 )));
             }
         };
@@ -263,7 +284,6 @@ impl LoraAdapter {
             targets,
         };
 
-        let weights = files.open_safetensors("adapter_model.safetensors")?;
         let mut adapter = Self::with_pairs(model.linear_modules(), config, LoraPair::zeros)
             .map_err(|e| bad(e.to_string()))?;
         for (path, pair) in adapter.pairs_mut() {

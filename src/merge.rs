@@ -83,9 +83,10 @@ fn write_merged(
 ) -> Result<()> {
     let scale = adapter.config.scale();
     let mut failure: Option<Error> = None;
+    // Written in the source's own spelling of each name.
     let names: Vec<(String, Vec<usize>)> = entries
         .iter()
-        .map(|(_, n, s)| (n.clone(), s.clone()))
+        .map(|(shard, n, s)| (shards[*shard].stored_name(n).to_string(), s.clone()))
         .collect();
     crate::synth::write_safetensors_streaming(
         &tmp.join("model.safetensors"),

@@ -308,10 +308,10 @@ impl Model {
 
     /// The tables a GPU keeps in host memory (`decoder::host_tables`), shared with this model (one
     /// not found here would go to the device).
-    pub fn host_tables(&self) -> Vec<(&'static str, std::sync::Arc<DenseTensor>)> {
+    pub fn host_tables(&self) -> Vec<(String, std::sync::Arc<DenseTensor>)> {
         crate::models::decoder::host_tables(&self.config)
             .into_iter()
-            .filter(|&name| name == "model.embed_tokens.weight")
+            .filter(|name| *name == self.config.tensor("embed_tokens.weight"))
             .map(|name| (name, self.embed.clone()))
             .collect()
     }
@@ -320,7 +320,7 @@ impl Model {
     /// projection has no entry of its own: it is the embedding.
     pub fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
         let mut out = vec![(
-            "model.embed_tokens.weight".to_string(),
+            self.config.tensor("embed_tokens.weight"),
             TensorRef::Table(&self.embed),
         )];
         if let Some(head) = &self.lm_head {
@@ -331,7 +331,7 @@ impl Model {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             for lin in &layer.linears {
-                let path = lin.kind.path(l);
+                let path = self.config.linear_path(lin.kind, l);
                 out.push((format!("{path}.weight"), TensorRef::Linear(&lin.weight)));
                 if let Some(b) = &lin.bias {
                     out.push((format!("{path}.bias"), TensorRef::Vector(b)));
@@ -383,7 +383,7 @@ impl Model {
         };
 
         let (d, s, b) = dense(&self.embed);
-        add("model.embed_tokens.weight".into(), d, s, b)?;
+        add(self.config.tensor("embed_tokens.weight"), d, s, b)?;
         if let Some(head) = &self.lm_head {
             let (d, s, b) = dense(head);
             add("lm_head.weight".into(), d, s, b)?;
@@ -394,7 +394,7 @@ impl Model {
         }
         for (l, layer) in self.layers.iter().enumerate() {
             for lin in &layer.linears {
-                let base = lin.kind.path(l);
+                let base = self.config.linear_path(lin.kind, l);
                 let LinearWeight::Quant(q) = &lin.weight else {
                     return Err(Error::Invalid(format!("{base}.weight is not quantized")));
                 };
@@ -447,6 +447,18 @@ impl Model {
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })
     }
+}
+
+/// A multimodal Gemma 3 text tensor's name as transformers 5 spells it, for names in the spelling of
+/// the released checkpoints (which transformers 5.24 still writes): `language_model.model.layers.0...`
+/// is `model.language_model.layers.0...`. The vision tower's are never read.
+fn multimodal_name(name: &str) -> Option<String> {
+    [
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+    ]
+    .into_iter()
+    .find_map(|(old, new)| name.strip_prefix(old).map(|rest| format!("{new}{rest}")))
 }
 
 /// What to do with the decoder's linear weights when loading.
@@ -609,10 +621,21 @@ impl ModelSource {
             });
         }
 
-        let shards = shard_names
+        let mut shards = shard_names
             .iter()
             .map(|n| files.open_safetensors(n))
             .collect::<Result<Vec<_>>>()?;
+        if config.language_model {
+            for shard in &mut shards {
+                shard.rename(multimodal_name);
+            }
+            if let Some(wm) = weight_map.as_mut() {
+                *wm = std::mem::take(wm)
+                    .into_iter()
+                    .map(|(name, file)| (multimodal_name(&name).unwrap_or(name), file))
+                    .collect();
+            }
+        }
         let mut shard_of = HashMap::new();
         for (i, shard) in shards.iter().enumerate() {
             for name in shard.tensor_names() {
@@ -840,7 +863,7 @@ impl ModelSource {
                         "{}: group size {} does not divide the input dimension {cols} of `{}.weight` ({hint})",
                         self.label,
                         spec.group_size,
-                        kind.path(0)
+                        self.config.linear_path(kind, 0)
                     )));
                 }
             }

@@ -114,7 +114,7 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     let host_weights = c
         .expected_tensors()
         .iter()
-        .filter(|t| on_host.contains(&t.name.as_str()))
+        .filter(|t| on_host.contains(&t.name))
         .map(|t| 2 * t.shape.iter().product::<usize>() as u64)
         .sum();
     let mut plan = Plan::new(

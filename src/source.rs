@@ -108,6 +108,8 @@ pub struct SafetensorsFile {
     storage: Storage,
     tensors: HashMap<String, TensorInfo>,
     metadata: HashMap<String, String>,
+    /// Stored names of renamed tensors, by the name they are read as (`rename`).
+    stored: HashMap<String, String>,
 }
 
 /// Safetensors files up to this size are read into memory rather than mapped.
@@ -180,6 +182,7 @@ impl SafetensorsFile {
             storage,
             tensors,
             metadata,
+            stored: HashMap::new(),
         })
     }
 
@@ -189,6 +192,26 @@ impl SafetensorsFile {
 
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata
+    }
+
+    /// Gives the tensors `rename` maps a new name (a checkpoint's older spelling), by which they are
+    /// read from then on; `stored_name` still tells the file's own.
+    pub fn rename(&mut self, rename: impl Fn(&str) -> Option<String>) {
+        for (old, info) in std::mem::take(&mut self.tensors) {
+            let name = match rename(&old) {
+                Some(new) => {
+                    self.stored.insert(new.clone(), old);
+                    new
+                }
+                None => old,
+            };
+            self.tensors.insert(name, info);
+        }
+    }
+
+    /// The name the file itself gives the tensor read as `name`.
+    pub fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.stored.get(name).map_or(name, String::as_str)
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &String> {

@@ -109,3 +109,12 @@ fn gemma3_matches_transformers_peft() {
     check("gemma3_text", "none");
     check("gemma3_text", "nf4");
 }
+
+/// Gemma 3 4B and up: the text decoder inside Gemma3ForConditionalGeneration (beside a vision tower),
+/// read in the spelling transformers writes (`language_model.model.*`), with a PEFT adapter whose
+/// target_modules is a pattern that keeps the vision tower out.
+#[test]
+fn multimodal_gemma3_text_decoder_matches_transformers_peft() {
+    check("gemma3", "none");
+    check("gemma3", "nf4");
+}

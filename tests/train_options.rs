@@ -307,6 +307,25 @@ fn memorise(model: &Path, data: &Path, out: &Path) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// `nibble merge` of `adapter` into `model`, written to `output`.
+fn merge(model: &Path, adapter: &Path, output: &Path) {
+    let o = nibble(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        model.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// `nibble generate`'s greedy answer to the first chat's question.
 fn ask_question_0(model: &Path, extra: &[&str]) -> String {
     let mut args = vec![
@@ -576,20 +595,7 @@ fn new_families_train_generate_eval_and_merge_through_the_cli() {
         );
 
         let merged = dir.path().join("merged");
-        let o = nibble(&[
-            "merge",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            out.to_str().unwrap(),
-            "--output",
-            merged.to_str().unwrap(),
-        ]);
-        assert!(
-            o.status.success(),
-            "{arch:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        merge(&model, &out, &merged);
         let config = std::fs::read_to_string(merged.join("config.json")).unwrap();
         assert!(config.contains(arch.model_type()), "{arch:?}: {config}");
         assert_eq!(
@@ -597,5 +603,118 @@ fn new_families_train_generate_eval_and_merge_through_the_cli() {
             "Answer 0.",
             "{arch:?} merged"
         );
+    }
+}
+
+/// A tiny Gemma 3 in the multimodal layout (Gemma 3 4B and up): config.json nests the text decoder's
+/// in `text_config`, its tensors sit under `prefix` (`language_model.model.` as the released
+/// checkpoints and transformers 5.24 write them, or `model.language_model.`), beside a vision tensor.
+fn multimodal_gemma3(dir: &Path, prefix: &str) {
+    let text = dir.join("text");
+    synth::write_model_folder(
+        &text,
+        &SynthSpec::tiny(Arch::Gemma3, 259),
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(text.join(name), dir.join(name)).unwrap();
+    }
+    let text_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(text.join("config.json")).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text_config, "tie_word_embeddings": true, "mm_tokens_per_image": 4,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let file = nibble::source::SafetensorsFile::open(&text.join("model.safetensors")).unwrap();
+    let vision = vec![0x3fu8; 2 * 16 * 3];
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = file
+        .tensor_names()
+        .map(|n| {
+            let info = file.info(n).unwrap();
+            let name = format!("{prefix}{}", n.strip_prefix("model.").unwrap());
+            (name, info.shape.clone(), file.raw(n).unwrap().to_vec())
+        })
+        .collect();
+    tensors.push((
+        "vision_tower.vision_model.embeddings.patch_embedding.weight".into(),
+        vec![16, 3],
+        vision,
+    ));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::BF16,
+                shape.clone(),
+                bytes,
+            )
+            .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    std::fs::remove_dir_all(&text).unwrap();
+}
+
+/// Gemma 3's multimodal folders through the command line, in both spellings: `info` names the text
+/// decoder, `train` learns an answer, the adapter names the text decoder's modules as PEFT does in
+/// Gemma3ForConditionalGeneration (keys and target_modules by full path, so that PEFT leaves the
+/// vision tower's q_proj alone), `generate` answers with it, and `merge` writes the folder back in
+/// its own spelling with the vision tower kept.
+#[test]
+fn multimodal_gemma3_folders_train_generate_and_merge() {
+    for prefix in ["language_model.model.", "model.language_model."] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m");
+        multimodal_gemma3(&model, prefix);
+        let o = nibble(&["info", model.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(info["architecture"], "gemma3_text", "{prefix}");
+        assert_eq!(info["class"], "Gemma3ForConditionalGeneration", "{prefix}");
+
+        let data = dir.path().join("d.jsonl");
+        std::fs::write(&data, chats(1)).unwrap();
+        let out = dir.path().join("run");
+        memorise(&model, &data, &out);
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let targets = config["target_modules"].as_array().unwrap();
+        assert_eq!(targets.len(), 2 * 7, "{prefix}");
+        assert!(
+            targets.iter().all(|t| t
+                .as_str()
+                .unwrap()
+                .starts_with("model.language_model.layers.")),
+            "{targets:?}"
+        );
+        let weights =
+            nibble::source::SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
+        assert!(
+            weights
+                .info("base_model.model.model.language_model.layers.1.mlp.down_proj.lora_B.weight")
+                .is_some()
+        );
+        assert_eq!(
+            ask_question_0(&model, &["--adapter", out.to_str().unwrap()]),
+            "Answer 0.",
+            "{prefix}"
+        );
+
+        let merged = dir.path().join("merged");
+        merge(&model, &out, &merged);
+        let names = |dir: &Path| -> Vec<String> {
+            let f = nibble::source::SafetensorsFile::open(&dir.join("model.safetensors")).unwrap();
+            let mut n: Vec<String> = f.tensor_names().cloned().collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(&merged), names(&model), "{prefix}");
+        assert_eq!(ask_question_0(&merged, &[]), "Answer 0.", "{prefix}");
     }
 }

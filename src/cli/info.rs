@@ -90,7 +90,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         let v = json!({
             "model": path,
             "architecture": c.arch.model_type(),
-            "class": c.arch.class_name(),
+            "class": c.class_name(),
             "layers": c.num_layers,
             "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size,
@@ -124,11 +124,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     if let Some(s) = source.stored_quant() {
         println!("stored as     {s}, quantized from {}", source.label());
     }
-    println!(
-        "architecture  {} ({})",
-        c.arch.model_type(),
-        c.arch.class_name()
-    );
+    println!("architecture  {} ({})", c.arch.model_type(), c.class_name());
     println!(
         "shape         {} layers, hidden {}, intermediate {}, vocab {}",
         c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size

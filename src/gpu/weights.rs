@@ -191,7 +191,7 @@ impl GpuWeights {
     pub fn upload_keeping(
         gpu: &Gpu,
         model: &dyn FrozenWeights,
-        on_host: &[(&str, std::sync::Arc<DenseTensor>)],
+        on_host: &[(String, std::sync::Arc<DenseTensor>)],
     ) -> Result<Self> {
         let tensors = model
             .named_tensors()

@@ -234,7 +234,7 @@ impl Decoder<'_> {
         let ids = self.b.input(Input::TokenIds, t);
         let table = self
             .b
-            .weight("model.embed_tokens.weight", self.c.vocab_size * h);
+            .weight(&self.c.tensor("embed_tokens.weight"), self.c.vocab_size * h);
         let x = self.b.activation(t * h, "embeddings");
         self.b
             .node(Op::Embed { dim: h }, &[ids, table], &[x], false);
@@ -308,7 +308,7 @@ impl Decoder<'_> {
         (rows, chunk): (usize, usize),
     ) -> (BufId, LinearTape) {
         let (out, inp) = self.c.linear_shape(kind);
-        let path = kind.path(layer);
+        let path = self.c.linear_path(kind, layer);
         let bias = self
             .c
             .linear_has_bias(kind)
@@ -410,7 +410,7 @@ impl Decoder<'_> {
         let c = self.c;
         let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
         self.b.set_stage(Some(l), false);
-        let input_norm = self.norm_weight(&format!("model.layers.{l}.input_layernorm.weight"), h);
+        let input_norm = self.norm_weight(&c.layer_module(l, "input_layernorm.weight"), h);
         let (xn1, inv1) = self.rmsnorm(x, input_norm, h, &format!("layers.{l}.xn1"));
         let mut linears = Vec::with_capacity(7);
         let mut run = |d: &mut Self, kind, input| {
@@ -435,9 +435,8 @@ impl Decoder<'_> {
         };
         let mut qk_norm = None;
         if c.qk_norm {
-            let prefix = format!("model.layers.{l}.self_attn");
-            let qn = self.norm_weight(&format!("{prefix}.q_norm.weight"), hd);
-            let kn = self.norm_weight(&format!("{prefix}.k_norm.weight"), hd);
+            let qn = self.norm_weight(&c.layer_module(l, "self_attn.q_norm.weight"), hd);
+            let kn = self.norm_weight(&c.layer_module(l, "self_attn.k_norm.weight"), hd);
             let (qq, iq) = self.rmsnorm(q, qn, hd, &format!("layers.{l}.q"));
             let (kk, ik) = self.rmsnorm(k, kn, hd, &format!("layers.{l}.k"));
             qk_norm = Some([(q, qn, iq), (k, kn, ik)]);
@@ -494,16 +493,15 @@ impl Decoder<'_> {
                 .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
         }
         let o = run(self, LinearKind::O, attn);
-        let prefix = format!("model.layers.{l}");
         // Gemma's sandwich: the attention's output normalised before the residual, the MLP's input
         // by a norm of its own.
         let (attn_out_norm, o) = self.output_norm(l, o, "post_attention_layernorm");
         let x_mid = self.add(x, o, format!("layers.{l}.x_mid"));
         let post_norm = match c.sandwich_norms {
-            true => format!("{prefix}.pre_feedforward_layernorm.weight"),
-            false => format!("{prefix}.post_attention_layernorm.weight"),
+            true => "pre_feedforward_layernorm.weight",
+            false => "post_attention_layernorm.weight",
         };
-        let post_norm = self.norm_weight(&post_norm, h);
+        let post_norm = self.norm_weight(&c.layer_module(l, post_norm), h);
         let (xn2, inv2) = self.rmsnorm(x_mid, post_norm, h, &format!("layers.{l}.xn2"));
         let (down, gate_up) = if self.mlp_chunks().len() > 1 {
             (self.chunked_mlp(l, xn2), None)
@@ -552,7 +550,7 @@ impl Decoder<'_> {
             return (None, y);
         }
         let h = self.c.hidden_size;
-        let w = self.norm_weight(&format!("model.layers.{l}.{norm}.weight"), h);
+        let w = self.norm_weight(&self.c.layer_module(l, &format!("{norm}.weight")), h);
         let (normed, inv) = self.rmsnorm(y, w, h, &format!("layers.{l}.{norm}"));
         (Some((y, w, inv)), normed)
     }
@@ -640,7 +638,8 @@ impl Decoder<'_> {
         let (out, inp) = self.c.linear_shape(kind);
         let dropout = self.chunk_dropout(layer, kind, chunk);
         let shape = (rows, out, inp);
-        lora_linear::tape(&mut self.b, self.lora, x, shape, kind.path(layer), dropout)
+        let path = self.c.linear_path(kind, layer);
+        lora_linear::tape(&mut self.b, self.lora, x, shape, path, dropout)
     }
 
     /// The dropout of a linear's LoRA branch in chunk `chunk` (masks of its own in each chunk).
@@ -825,21 +824,21 @@ impl Decoder<'_> {
 }
 
 /// The output projection's tensor: lm_head, or the embedding when they are tied.
-fn head_name(c: &ModelConfig) -> &'static str {
+fn head_name(c: &ModelConfig) -> String {
     if c.tie_word_embeddings {
-        "model.embed_tokens.weight"
+        c.tensor("embed_tokens.weight")
     } else {
-        "lm_head.weight"
+        "lm_head.weight".into()
     }
 }
 
 /// The tables a GPU keeps in host memory, uploading only the rows a step reads: the embedding (1.2
 /// GiB at 16 bits for a 152k vocabulary of width 4096, of which a step reads a few thousand rows),
 /// unless the output projection reads all of it too (tied).
-pub fn host_tables(c: &ModelConfig) -> Vec<&'static str> {
+pub fn host_tables(c: &ModelConfig) -> Vec<String> {
     match c.tie_word_embeddings {
         true => vec![],
-        false => vec!["model.embed_tokens.weight"],
+        false => vec![c.tensor("embed_tokens.weight")],
     }
 }
 
@@ -914,8 +913,8 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
         x = next;
     }
     d.b.set_stage(None, false);
-    let final_norm = d.b.weight("model.norm.weight", h);
-    let head = d.b.weight(head_name(c), vocab * h);
+    let final_norm = d.b.weight(&c.tensor("norm.weight"), h);
+    let head = d.b.weight(&head_name(c), vocab * h);
     if shape.decode_after.is_some() {
         // Only the last token's logits: its row alone is normalised and projected.
         let last = d.b.input(Input::LabelPositions, 1);

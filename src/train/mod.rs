@@ -1046,8 +1046,15 @@ pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
 /// Writes a PEFT adapter folder (adapter_model.safetensors + adapter_config.json) that
 /// `PeftModel.from_pretrained` loads; each file appears atomically.
 /// `target_modules` as PEFT saves it: the entries given, with `all-linear` expanded (as PEFT expands it)
-/// to the names of the linears it adapted.
+/// to the names of the linears it adapted. The text decoder of a multimodal model lists every adapted
+/// module by its full path: a name such as `q_proj` would also have PEFT wrap the vision tower's.
 fn saved_targets(adapter: &LoraAdapter) -> Vec<String> {
+    if adapter
+        .pairs()
+        .any(|(path, _)| path.contains(".language_model."))
+    {
+        return adapter.pairs().map(|(path, _)| path.to_string()).collect();
+    }
     let mut out: Vec<String> = Vec::new();
     for t in &adapter.config.targets {
         let names: Vec<String> = if t == "all-linear" {
