@@ -494,10 +494,18 @@ impl ModelConfig {
             fused_projections: arch == Arch::Phi3,
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             sandwich_norms: arch == Arch::Gemma3,
-            // transformers keeps √hidden as an f32 tensor (rounded to the weights' dtype only when
-            // the model runs in 16 bits; nibble computes in f32).
+            // √hidden in the checkpoint's dtype, as transformers multiplies a 16-bit model's embeddings
+            // by `embed_scale.to(weight.dtype)` (50.5, not 50.596, for Gemma 3 4B in bf16) and
+            // Google's reference does the same; f32 for an f32 checkpoint.
             embed_scale: match arch {
-                Arch::Gemma3 => (hidden_size as f64).sqrt() as f32,
+                Arch::Gemma3 => {
+                    let scale = (hidden_size as f64).sqrt() as f32;
+                    match dtype.as_deref() {
+                        Some("bfloat16") => half::bf16::from_f32(scale).to_f32(),
+                        Some("float16") => half::f16::from_f32(scale).to_f32(),
+                        _ => scale,
+                    }
+                }
                 _ => 1.0,
             },
             gate_activation,
@@ -962,6 +970,14 @@ fn parse_rope(fields: &Fields, arch: Arch) -> Result<(f64, RopeScaling, f64)> {
             "partial_rotary_factor must be in (0, 1], got {rotary_factor}"
         )));
     }
+    // Only Phi-3's rotary embedding reads it; the others' default RoPE rotates whole heads (and
+    // their scaled ones fail on it), so a factor there is refused rather than guessed.
+    if arch != Arch::Phi3 && rotary_factor != 1.0 {
+        return Err((fields.err)(format!(
+            "partial_rotary_factor {rotary_factor} is not supported for {} (nibble rotates part of each head for phi3 only)",
+            arch.model_type()
+        )));
+    }
     // transformers 5.x folds rope_theta into rope_parameters; 4.x keeps rope_theta at the top level
     // and puts the scaling (if any) in rope_scaling.
     let (params, theta) = match fields.obj.get("rope_parameters") {
@@ -1406,6 +1422,11 @@ mod tests {
                 "qwen3",
                 json!({"partial_rotary_factor": 1.5}),
                 "partial_rotary_factor must be in (0, 1], got 1.5",
+            ),
+            (
+                "qwen3",
+                json!({"partial_rotary_factor": 0.5}),
+                "partial_rotary_factor 0.5 is not supported for qwen3",
             ),
             (
                 // int(10 x 0.3) = 3 channels: no whole pairs.

@@ -189,15 +189,34 @@ impl Executor<'_> {
         cached: &mut Vec<u32>,
         ids: &[u32],
     ) -> Result<Vec<f32>> {
-        let logits = if crate::ops::rope::switches_factors(self.config(), cached.len(), ids.len()) {
-            cache.truncate(0);
+        if crate::ops::rope::switches_factors(self.config(), cached.len(), ids.len()) {
+            // Emptied first, so that a failed step leaves the cache and `cached` agreeing.
             let all: Vec<u32> = cached.iter().chain(ids).copied().collect();
-            self.decode(cache, &all).await?
-        } else {
-            self.decode(cache, ids).await?
-        };
+            cache.truncate(0);
+            cached.clear();
+            let logits = self.decode(cache, &all).await?;
+            *cached = all;
+            return Ok(logits);
+        }
+        let logits = self.decode(cache, ids).await?;
         cached.extend_from_slice(ids);
         Ok(logits)
+    }
+
+    /// Keeps the part of `cache` (holding `cached`) that serves `prompt` and returns its length: the
+    /// common prefix, or nothing where its keys were rotated with LongRoPE's long factors and the
+    /// prompt stays below the switch (it needs the short ones throughout).
+    pub fn reuse(&self, cache: &mut Cache, cached: &mut Vec<u32>, prompt: &[u32]) -> usize {
+        let mut common = reusable_prefix(cached, prompt);
+        let config = self.config();
+        if crate::ops::rope::uses_long_factors(config, cached.len())
+            && !crate::ops::rope::uses_long_factors(config, prompt.len())
+        {
+            common = 0;
+        }
+        cache.truncate(common);
+        cached.truncate(common);
+        common
     }
 
     /// What runs the decoding, for logs.
@@ -273,9 +292,7 @@ pub async fn generate_async(
     sampling: &Sampling,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    let common = reusable_prefix(cached, prompt);
-    cache.truncate(common);
-    cached.truncate(common);
+    let common = executor.reuse(cache, cached, prompt);
     let mut rng = Rng::new(sampling.seed);
     let mut logits = executor
         .decode_after(cache, cached, &prompt[common..])

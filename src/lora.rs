@@ -236,7 +236,15 @@ impl LoraAdapter {
             .get("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let weights = files.open_safetensors("adapter_model.safetensors")?;
+        let mut weights = files.open_safetensors("adapter_model.safetensors")?;
+        if model.language_model {
+            // PEFT with transformers before 4.52 named a multimodal model's text modules in the
+            // checkpoints' older spelling (`base_model.model.language_model.model.layers...`).
+            weights.rename(|key| {
+                let module = key.strip_prefix("base_model.model.")?;
+                crate::model::multimodal_name(module).map(|m| format!("base_model.model.{m}"))
+            });
+        }
         let targets = match v.get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()

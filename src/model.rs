@@ -452,7 +452,7 @@ impl Model {
 /// A multimodal Gemma 3 text tensor's name as transformers 5 spells it, for names in the spelling of
 /// the released checkpoints (which transformers 5.24 still writes): `language_model.model.layers.0...`
 /// is `model.language_model.layers.0...`. The vision tower's are never read.
-fn multimodal_name(name: &str) -> Option<String> {
+pub(crate) fn multimodal_name(name: &str) -> Option<String> {
     [
         ("language_model.model.", "model.language_model."),
         ("language_model.lm_head.", "lm_head."),

@@ -193,4 +193,13 @@ fn longrope_decoding_refeeds_the_cache_where_the_long_factors_begin() {
         naive_worst > 1e-3,
         "the short-factor keys should matter: {naive_worst:e}"
     );
+    // A new prompt that shares the first 10 tokens but stays below the switch reuses none of the
+    // cache (whose keys are long-factor ones): its logits are the short-factor forward's.
+    let prompt = &ids[..12];
+    assert_eq!(executor.reuse(&mut cache, &mut cached, prompt), 0);
+    let logits =
+        pollster::block_on(executor.decode_after(&mut cache, &mut cached, prompt)).unwrap();
+    let full = cpu::logits(&f.model, Some(&f.adapter), prompt).unwrap();
+    let e = rel(&logits, &full[11 * vocab..]);
+    assert!(e < 1e-5, "after the prompt shrank: {e:e}");
 }

@@ -266,7 +266,8 @@ fn gpu_step(
 fn mlp_chunks_give_the_same_step_in_less_memory() {
     let gpu = common::gpu();
     let mut worst = (0f64, 0f64);
-    for arch in [Arch::Qwen2, Arch::Llama] {
+    // Phi-3's fused gate_up split chunk by chunk; Gemma's GeGLU and the norm on the MLP's output.
+    for arch in [Arch::Qwen2, Arch::Llama, Arch::Phi3, Arch::Gemma3] {
         for quant in [false, true] {
             let model = model(arch, quant);
             let mut rng = Rng::new(23);
@@ -331,7 +332,8 @@ fn mlp_chunks_give_the_same_step_in_less_memory() {
 fn bf16_checkpoints_keep_the_loss_and_nearly_the_gradients() {
     use nibble::graph::checkpoint::Keep;
     let gpu = common::gpu();
-    for arch in [Arch::Qwen3, Arch::Llama] {
+    // Gemma: its embeddings are scaled in place before the first checkpoint is packed.
+    for arch in [Arch::Qwen3, Arch::Llama, Arch::Gemma3] {
         for quant in [false, true] {
             let model = model(arch, quant);
             let mut rng = Rng::new(31);
@@ -391,7 +393,8 @@ fn bf16_checkpoints_keep_the_loss_and_nearly_the_gradients() {
 fn offloaded_checkpoints_are_the_bf16_ones_in_host_memory() {
     use nibble::graph::checkpoint::Keep;
     let gpu = common::gpu();
-    for arch in [Arch::Qwen2, Arch::Llama] {
+    // Phi-3's fused gate_up split chunk by chunk; Gemma's GeGLU and the norm on the MLP's output.
+    for arch in [Arch::Qwen2, Arch::Llama, Arch::Phi3, Arch::Gemma3] {
         for quant in [false, true] {
             let model = model(arch, quant);
             let mut rng = Rng::new(37);

@@ -26,18 +26,20 @@ use std::collections::HashMap;
 /// binding. Checked before anything is recorded, so that a sequence too long for the device is an
 /// error that says what to change, not a failure inside wgpu.
 fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
-    let widest = c
-        .hidden_size
-        .max(c.q_dim())
-        .max(VOCAB_CHUNK.min(c.vocab_size));
+    // Phi-3's fused projections are wider: q, k and v in one buffer, gate and up in another.
+    let (qkv, gate_up) = match c.fused_projections {
+        true => (c.q_dim() + 2 * c.kv_dim(), 2 * c.intermediate_size),
+        false => (c.q_dim(), c.intermediate_size),
+    };
+    let widest = c.hidden_size.max(qkv).max(VOCAB_CHUNK.min(c.vocab_size));
     // The MLP's buffers are as long as a chunk of the sequence (`decoder::MLP_CHUNK`).
     let mlp_rows = tokens.min(decoder::MLP_CHUNK);
-    let bytes = (tokens * widest).max(mlp_rows * c.intermediate_size) as u64 * 4;
+    let bytes = (tokens * widest).max(mlp_rows * gate_up) as u64 * 4;
     let limit = gpu.device_binding_limit();
     if bytes <= limit {
         return Ok(());
     }
-    let most = limit / (widest as u64 * 4);
+    let most = (limit / (widest as u64 * 4)).min(limit / (gate_up as u64 * 4));
     Err(Error::Invalid(format!(
         "a {tokens}-token sequence needs activation buffers of {bytes} bytes ({tokens} x {widest} \
          floats), over this GPU's storage binding limit of {limit} bytes: use sequences of at most \

@@ -129,16 +129,21 @@ pub fn local_tables(c: &crate::config::ModelConfig, positions: &[u32]) -> (Vec<f
     }
 }
 
-/// Whether feeding `new` positions after `past` ones moves a LongRoPE model from its short factors
-/// to its long ones (transformers' Phi-3 recomputes its cache there).
-pub fn switches_factors(c: &crate::config::ModelConfig, past: usize, new: usize) -> bool {
+/// Whether a LongRoPE model rotates a step whose positions end at `end` with its long factors.
+pub fn uses_long_factors(c: &crate::config::ModelConfig, end: usize) -> bool {
     match c.rope_scaling {
         RopeScaling::LongRope {
             original_max_position_embeddings: original,
             ..
-        } => past as f64 <= original && (past + new) as f64 > original,
+        } => end as f64 > original,
         _ => false,
     }
+}
+
+/// Whether feeding `new` positions after `past` ones moves a LongRoPE model from its short factors
+/// to its long ones (transformers' Phi-3 recomputes its cache there).
+pub fn switches_factors(c: &crate::config::ModelConfig, past: usize, new: usize) -> bool {
+    !uses_long_factors(c, past) && uses_long_factors(c, past + new)
 }
 
 /// cos and sin of position · inv_freq, times `scale`, [positions.len(), head_dim/2] each.
