@@ -2,7 +2,8 @@
 llama3 rope), Mistral (a sliding window of 5, head_dim apart from hidden/heads), Ministral (a sliding
 and a full layer), SmolLM3 (tied, a layer without RoPE) and Phi-3 (fused projections, partial rotary,
 LongRoPE, a sliding window) and Gemma 3 (sliding and full layers with their own RoPE bases, sandwich and
-(1 + w) norms, GeGLU, a query scale of its own) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
+(1 + w) norms, GeGLU, a query scale of its own, final-logit soft-capping; the multimodal Gemma 3
+beside it, whose head never caps) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
@@ -54,9 +55,10 @@ models = {
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                          "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
     # Gemma 3's text decoder: a sliding layer (window 4, base 10^4) and a full one (base 10^6, linear x8,
-    # as Gemma 3 4B), a query scale apart from head_dim's, (1 + w) and sandwich norms, GeGLU.
+    # as Gemma 3 4B), a query scale apart from head_dim's, (1 + w) and sandwich norms, GeGLU, and a logit
+    # cap of 2 (these logits reach about ±3, so it bends them; Gemma 2 and 4 cap at 30).
     "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig(
-        **common, head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+        **common, head_dim=32, query_pre_attn_scalar=24, sliding_window=4, final_logit_softcapping=2.0,
         layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True, pad_token_id=0,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),

@@ -9,7 +9,8 @@ struct CrossEntropyParams {
     chunk_len: u32,
     block_start: u32,
     grad_scale: f32,
-    _pad0: u32,
+    // Logit soft cap (Gemma 2 and 4): z = softcap · tanh(logit / softcap); 0 for none.
+    softcap: f32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -24,6 +25,15 @@ struct CrossEntropyParams {
 @group(0) @binding(7) var<storage, read_write> result: array<f32>;
 
 const WG: u32 = 64u;
+
+// The logit as the loss sees it. tanh's argument is clamped where tanh is ±1 in f32 anyway, as some
+// drivers' tanh gives NaN for large arguments.
+fn capped(logit: f32) -> f32 {
+    if (p.softcap > 0.0) {
+        return p.softcap * tanh(clamp(logit / p.softcap, -10.0, 10.0));
+    }
+    return logit;
+}
 var<workgroup> scratch: array<f32, 64>;
 
 fn reduce(lid: u32, value: f32, is_max: bool) -> f32 {
@@ -54,14 +64,14 @@ fn ce_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     let base = pos * p.chunk_len;
     var m = -3.0e38;
     for (var v = lid.x; v < p.chunk_len; v += WG) {
-        m = max(m, logits[base + v]);
+        m = max(m, capped(logits[base + v]));
     }
     let chunk_max = reduce(lid.x, m, true);
     let old_max = state[pos * 3u];
     let new_max = max(old_max, chunk_max);
     var s = 0.0;
     for (var v = lid.x; v < p.chunk_len; v += WG) {
-        s += exp(logits[base + v] - new_max);
+        s += exp(capped(logits[base + v]) - new_max);
     }
     let chunk_sum = reduce(lid.x, s, false);
     if (lid.x == 0u) {
@@ -70,7 +80,7 @@ fn ce_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
         let label = labels[pos];
         let first = p.block_start + p.chunk_start;
         if (label >= first && label < first + p.chunk_len) {
-            state[pos * 3u + 2u] = logits[base + label - first];
+            state[pos * 3u + 2u] = capped(logits[base + label - first]);
         }
     }
 }
@@ -87,7 +97,7 @@ fn ce_finalize(@builtin(global_invocation_id) id: vec3<u32>) {
     result[pos * 2u + 1u] = lse;
 }
 
-// In place: logits → (softmax − onehot(label)) · grad_scale.
+// In place: logits → (softmax − onehot(label)) · grad_scale, times the cap's slope where capped.
 @compute @workgroup_size(64)
 fn ce_grad_logits(@builtin(global_invocation_id) id: vec3<u32>) {
     let v = id.x;
@@ -96,9 +106,14 @@ fn ce_grad_logits(@builtin(global_invocation_id) id: vec3<u32>) {
         return;
     }
     let i = pos * p.chunk_len + v;
-    var g = exp(logits[i] - result[pos * 2u + 1u]) * p.grad_scale;
+    let z = capped(logits[i]);
+    var g = exp(z - result[pos * 2u + 1u]) * p.grad_scale;
     if (labels[pos] == p.block_start + p.chunk_start + v) {
         g -= p.grad_scale;
+    }
+    if (p.softcap > 0.0) {
+        let t = z / p.softcap;
+        g *= 1.0 - t * t;
     }
     logits[i] = g;
 }

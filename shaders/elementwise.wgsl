@@ -88,6 +88,16 @@ fn scale(@builtin(global_invocation_id) id: vec3<u32>) {
     }
 }
 
+// out0 = cap · tanh(out0 / cap), cap = factor (final-logit soft-capping)
+@compute @workgroup_size(256)
+fn soft_cap(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        let cap = bitcast<f32>(p.factor_bits);
+        out0[i] = cap * tanh(clamp(out0[i] / cap, -10.0, 10.0));
+    }
+}
+
 // c = dh: out0 = d gate, out1 = d up
 @compute @workgroup_size(256)
 fn swiglu_backward(@builtin(global_invocation_id) id: vec3<u32>) {

@@ -167,6 +167,8 @@ pub struct ModelConfig {
     pub attention_scale: f64,
     /// Gemma 3's RoPE base for the layers marked `local_rope` (its sliding ones), never scaled.
     pub local_rope_theta: Option<f64>,
+    /// Gemma's causal LMs: logits become cap · tanh(logit / cap) before the softmax.
+    pub final_logit_softcapping: Option<f32>,
     /// The decoder is the text part of a multimodal model (Gemma 3 4B and up): its modules sit under
     /// `model.language_model.` rather than `model.`.
     pub language_model: bool,
@@ -357,13 +359,20 @@ impl ModelConfig {
                 }
             },
         };
+        // Gemma 3's model never reads attn_logit_softcapping; its causal LM caps the logits where
+        // final_logit_softcapping is set.
+        let final_logit_softcapping = match arch {
+            Arch::Gemma3 => match fields.opt_f64("final_logit_softcapping")? {
+                Some(cap) if !(cap > 0.0 && cap.is_finite()) => {
+                    return Err(err(format!(
+                        "`final_logit_softcapping` must be positive, got {cap}"
+                    )));
+                }
+                cap => cap.map(|c| c as f32),
+            },
+            _ => None,
+        };
         if arch == Arch::Gemma3 {
-            // Gemma 3's model never reads attn_logit_softcapping; its causal LM does cap the logits.
-            if let Some(cap) = fields.opt_f64("final_logit_softcapping")? {
-                return Err(err(format!(
-                    "final_logit_softcapping {cap} is not supported yet (Gemma 3's released configs leave it null)"
-                )));
-            }
             if fields.opt_bool("use_bidirectional_attention")? == Some(true) {
                 return Err(err(
                     "use_bidirectional_attention (EmbeddingGemma) is not supported: nibble trains causal decoders".into(),
@@ -522,6 +531,7 @@ impl ModelConfig {
                 _ => (head_dim as f64).powf(-0.5),
             },
             local_rope_theta,
+            final_logit_softcapping,
             language_model: false,
             // Read once the layer count is known to be sane (below).
             layers: Vec::new(),
@@ -584,6 +594,8 @@ impl ModelConfig {
         }
         let mut config = Self::from_json_str(&Value::Object(text).to_string(), origin)?;
         config.language_model = true;
+        // Gemma3ForConditionalGeneration's head never caps its logits, whatever text_config says.
+        config.final_logit_softcapping = None;
         config.raw = raw.clone();
         Ok(config)
     }

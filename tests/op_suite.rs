@@ -470,32 +470,40 @@ fn cases(model: &Model) -> Vec<Case> {
             false,
         );
     });
-    cases.case("cross-entropy, with its gradient, and logits", |b, g| {
-        let hidden = g.add(b, "hidden", labelled * h, 1.0);
-        let head = b.weight("model.embed_tokens.weight", VOCAB * h);
-        let labels = b.input(Input::Labels, labelled);
-        let scale = b.input(Input::GradScale, 1);
-        let (losses, fused, d_hidden, logits) = (
-            b.output("losses", 2 * labelled),
-            b.output("fused losses", 2 * labelled),
-            b.output("d_hidden", labelled * h),
-            b.output("logits", labelled * VOCAB),
-        );
-        b.node(
-            Op::CrossEntropy { dim: h },
-            &[hidden, head, labels],
-            &[losses],
-            false,
-        );
-        let op = Op::CrossEntropyWithGrad { dim: h };
-        b.node(
-            op,
-            &[hidden, head, labels, scale],
-            &[fused, d_hidden],
-            false,
-        );
-        b.node(Op::Logits { dim: h }, &[hidden, head], &[logits], false);
-    });
+    for softcap in [None, Some(2.5f32)] {
+        let name = format!("cross-entropy, with its gradient, and logits (soft cap {softcap:?})");
+        cases.case(&name, |b, g| {
+            let hidden = g.add(b, "hidden", labelled * h, 1.0);
+            let head = b.weight("model.embed_tokens.weight", VOCAB * h);
+            let labels = b.input(Input::Labels, labelled);
+            let scale = b.input(Input::GradScale, 1);
+            let (losses, fused, d_hidden, logits) = (
+                b.output("losses", 2 * labelled),
+                b.output("fused losses", 2 * labelled),
+                b.output("d_hidden", labelled * h),
+                b.output("logits", labelled * VOCAB),
+            );
+            b.node(
+                Op::CrossEntropy { dim: h, softcap },
+                &[hidden, head, labels],
+                &[losses],
+                false,
+            );
+            let op = Op::CrossEntropyWithGrad { dim: h, softcap };
+            b.node(
+                op,
+                &[hidden, head, labels, scale],
+                &[fused, d_hidden],
+                false,
+            );
+            b.node(
+                Op::Logits { dim: h, softcap },
+                &[hidden, head],
+                &[logits],
+                false,
+            );
+        });
+    }
     cases.out
 }
 

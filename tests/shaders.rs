@@ -136,6 +136,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 chunk_len: chunk_len as u32,
                 block_start: block_start as u32,
                 grad_scale: grad_scale as f32,
+                softcap: softcap as f32,
             }),
         ),
         (

@@ -610,12 +610,17 @@ impl Exec {
                         .copy_from_slice(&rows[i * dim..(i + 1) * dim]);
                 }
             }
-            Op::CrossEntropy { .. } => {
-                let (losses, lse) =
-                    cross_entropy::forward(x(0), ins[1].table(), ins[2].u32(), self.precision);
+            Op::CrossEntropy { softcap, .. } => {
+                let (losses, lse) = cross_entropy::forward(
+                    x(0),
+                    ins[1].table(),
+                    ins[2].u32(),
+                    self.precision,
+                    *softcap,
+                );
                 outs.set(0, pairs(&losses, &lse));
             }
-            Op::CrossEntropyWithGrad { .. } => {
+            Op::CrossEntropyWithGrad { softcap, .. } => {
                 let scale = x(3)[0];
                 let (losses, lse, d_hidden) = cross_entropy::forward_backward(
                     x(0),
@@ -623,6 +628,7 @@ impl Exec {
                     ins[2].u32(),
                     scale,
                     self.precision,
+                    *softcap,
                 );
                 outs.set(0, pairs(&losses, &lse));
                 outs.set(1, d_hidden);
@@ -646,10 +652,10 @@ impl Exec {
                 let (param, m, v) = three(&mut outs);
                 adamw::step(&params, param, x(0), m, v);
             }
-            Op::Logits { .. } => {
+            Op::Logits { softcap, .. } => {
                 outs.set(
                     0,
-                    cross_entropy::logits(x(0), ins[1].table(), self.precision),
+                    cross_entropy::logits(x(0), ins[1].table(), self.precision, *softcap),
                 );
             }
         }

@@ -507,11 +507,15 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
         }
         Op::GatherRows { dim } => ops::record_rows(r, "gather_rows", x(0), x(1), o(0), *dim),
         Op::ScatterRows { dim } => ops::record_rows(r, "scatter_rows", x(0), x(1), o(0), *dim),
-        Op::CrossEntropy { .. } => cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), None),
-        Op::CrossEntropyWithGrad { .. } => {
-            cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), Some(o(1)))
+        Op::CrossEntropy { softcap, .. } => {
+            cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), None, *softcap)
         }
-        Op::Logits { .. } => cross_entropy::record_logits(r, ins[1].table(), x(0), o(0)),
+        Op::CrossEntropyWithGrad { softcap, .. } => {
+            cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), Some(o(1)), *softcap)
+        }
+        Op::Logits { softcap, .. } => {
+            cross_entropy::record_logits(r, ins[1].table(), x(0), o(0), *softcap)
+        }
         Op::GradNorm { max_norm } => {
             let grads: Vec<&GpuBuffer> = ins.iter().map(|s| s.buf()).collect();
             ops::adamw::record_grad_norm(r, &grads, *max_norm, o(0));

@@ -54,6 +54,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("geglu_forward", "elementwise"),
     ("geglu_backward", "elementwise"),
     ("scale", "elementwise"),
+    ("soft_cap", "elementwise"),
     ("rope_apply", "rope"),
     ("attention_forward", "attention"),
     ("attention_delta", "attention"),

@@ -245,13 +245,14 @@ pub enum Op {
     /// [rows, index] -> [x]: row i into row `index[i]` of x; other rows zero.
     ScatterRows { dim: usize },
     /// [hidden, head, labels] -> [losses]: per position the pair (−log softmax(h·headᵀ)[label],
-    /// log-sum-exp of the logits), the vocabulary walked in chunks; rows of `dim`.
-    CrossEntropy { dim: usize },
+    /// log-sum-exp of the logits), the vocabulary walked in chunks; rows of `dim`. With `softcap`, each
+    /// logit is softcap · tanh(logit / softcap) first.
+    CrossEntropy { dim: usize, softcap: Option<f32> },
     /// [hidden, head, labels, grad_scale] -> [losses, d_hidden]: the (loss, log-sum-exp) pairs and
     /// grad_scale times the loss's gradient, in one walk over the vocabulary.
-    CrossEntropyWithGrad { dim: usize },
-    /// [hidden, head] -> [logits]: every logit [positions, vocab].
-    Logits { dim: usize },
+    CrossEntropyWithGrad { dim: usize, softcap: Option<f32> },
+    /// [hidden, head] -> [logits]: every logit [positions, vocab], soft-capped as the loss's.
+    Logits { dim: usize, softcap: Option<f32> },
     /// [x, mods] -> [y, stats]: y = (1 + scale) ⊙ LayerNorm(x) + shift over rows of `dim` (no affine
     /// parameters), shift and scale the vectors `shift` and `scale` of mods; stats: (mean, 1/std) per
     /// row.
@@ -490,7 +491,9 @@ impl Graph {
             Op::AttentionBackward { shape } => {
                 3 * (shape.tokens * shape.heads * shape.head_dim) as u64
             }
-            Op::CrossEntropy { dim } | Op::CrossEntropyWithGrad { dim } | Op::Logits { dim } => {
+            Op::CrossEntropy { dim, .. }
+            | Op::CrossEntropyWithGrad { dim, .. }
+            | Op::Logits { dim, .. } => {
                 let dim = *dim as u64;
                 let (positions, vocab) = (len(0) / dim, len(1) / dim);
                 let chunk = (crate::ops::cross_entropy::VOCAB_CHUNK as u64).min(vocab);

@@ -1,9 +1,10 @@
-//! The decoder-only transformer (Qwen2/2.5, Qwen3, Llama, Mistral, Ministral, SmolLM3) written once, as
-//! a graph builder: the forward, the loss (cross-entropy at the labelled positions, walked over
-//! vocabulary chunks), the backward into the LoRA matrices (mirrored in straight-line code, as llm.c
-//! does), every logit, and decoding with a KV cache. Families differ by configuration (q/k norms,
-//! biases, tied embeddings, sliding-window layers, layers without RoPE); every executor runs the graphs
-//! this builds. The optimizer step is `models::optimizer`'s graph.
+//! The decoder-only transformer (Qwen2/2.5, Qwen3, Llama, Mistral, Ministral, SmolLM3, Phi-3, Gemma 3)
+//! written once, as a graph builder: the forward, the loss (cross-entropy at the labelled positions,
+//! walked over vocabulary chunks), the backward into the LoRA matrices (mirrored in straight-line code,
+//! as llm.c does), every logit, and decoding with a KV cache. Families differ by configuration (q/k
+//! norms, biases, tied embeddings, fused projections, sliding-window layers, layers without RoPE,
+//! partial and local RoPE, sandwich norms, gated activations, logit soft-capping); every executor runs
+//! the graphs this builds. The optimizer step is `models::optimizer`'s graph.
 
 use crate::config::{LinearKind, ModelConfig};
 use crate::cpu::Sequence;
@@ -915,6 +916,7 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     d.b.set_stage(None, false);
     let final_norm = d.b.weight(&c.tensor("norm.weight"), h);
     let head = d.b.weight(&head_name(c), vocab * h);
+    let softcap = c.final_logit_softcapping;
     if shape.decode_after.is_some() {
         // Only the last token's logits: its row alone is normalised and projected.
         let last = d.b.input(Input::LabelPositions, 1);
@@ -922,13 +924,23 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
         d.b.node(Op::GatherRows { dim: h }, &[x, last], &[row], false);
         let (xf, _) = d.rmsnorm(row, final_norm, h, "final_norm");
         let logits = d.b.output("logits", vocab);
-        d.b.node(Op::Logits { dim: h }, &[xf, head], &[logits], false);
+        d.b.node(
+            Op::Logits { dim: h, softcap },
+            &[xf, head],
+            &[logits],
+            false,
+        );
         return d.b.finish();
     }
     let (xf, inv_f) = d.rmsnorm(x, final_norm, h, "final_norm");
     if shape.logits {
         let logits = d.b.output("logits", t * vocab);
-        d.b.node(Op::Logits { dim: h }, &[xf, head], &[logits], false);
+        d.b.node(
+            Op::Logits { dim: h, softcap },
+            &[xf, head],
+            &[logits],
+            false,
+        );
         return d.b.finish();
     }
     let np = shape.positions;
@@ -940,7 +952,7 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     let losses = d.b.output("losses", 2 * np);
     if !shape.backward {
         d.b.node(
-            Op::CrossEntropy { dim: h },
+            Op::CrossEntropy { dim: h, softcap },
             &[hidden, head, labels],
             &[losses],
             false,
@@ -951,7 +963,7 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     let grad_scale = d.b.input(Input::GradScale, 1);
     let d_hidden = d.b.activation(np * h, "d labelled hidden");
     d.b.node(
-        Op::CrossEntropyWithGrad { dim: h },
+        Op::CrossEntropyWithGrad { dim: h, softcap },
         &[hidden, head, labels, grad_scale],
         &[losses, d_hidden],
         false,

@@ -6,10 +6,10 @@ use crate::exec::gpu::Recorder;
 use crate::gpu::weights::GpuDense;
 use crate::gpu::{GpuBuffer, groups_1d};
 use crate::model::{DenseData, DenseTensor};
-use crate::ops::Precision;
 use crate::ops::bf16_gemm;
 use crate::ops::fastmath;
 use crate::ops::linear::{self, LinearParams, linear_groups};
+use crate::ops::{Dims4, Precision};
 use crate::ops::{isa, packed, packed_gemm};
 use rayon::prelude::*;
 
@@ -84,11 +84,29 @@ fn f32_chunk<'h>(
     }
 }
 
-/// Calls `f(chunk_start, chunk_len, logits [positions, chunk_len])` for each vocabulary chunk.
+/// Logit soft-capping (Gemma 2, Gemma 4: `final_logit_softcapping`): z = cap · tanh(logit / cap),
+/// in place. The argument is clamped where tanh is ±1 in f32 anyway, as the GPU kernel must.
+pub fn soft_cap(logits: &mut [f32], cap: f32) {
+    logits.par_chunks_mut(4096).for_each(|row| {
+        row.iter_mut()
+            .for_each(|z| *z = cap * (*z / cap).clamp(-10.0, 10.0).tanh())
+    });
+}
+
+/// dz/dlogit of `soft_cap` from its output z: 1 − (z / cap)².
+#[inline(always)]
+fn soft_cap_slope(z: f32, cap: f32) -> f32 {
+    let t = z / cap;
+    1.0 - t * t
+}
+
+/// Calls `f(chunk_start, chunk_len, logits [positions, chunk_len])` for each vocabulary chunk, the
+/// logits soft-capped where `softcap` is given.
 fn for_each_chunk(
     hidden: &[f32],
     head: &DenseTensor,
     precision: Precision,
+    softcap: Option<f32>,
     mut f: impl FnMut(usize, usize, &mut [f32]),
 ) {
     let positions = hidden.len() / head.cols;
@@ -98,6 +116,9 @@ fn for_each_chunk(
         let n = VOCAB_CHUNK.min(head.rows - start);
         logits.resize(positions * n, 0.0);
         h.chunk_logits(head, start, n, &mut logits);
+        if let Some(cap) = softcap {
+            soft_cap(&mut logits, cap);
+        }
         f(start, n, &mut logits);
     }
 }
@@ -119,6 +140,7 @@ pub fn forward(
     head: &DenseTensor,
     labels: &[u32],
     precision: Precision,
+    softcap: Option<f32>,
 ) -> (Vec<f32>, Vec<f32>) {
     let positions = labels.len();
     assert_eq!(
@@ -129,7 +151,7 @@ pub fn forward(
     let mut max = vec![f32::NEG_INFINITY; positions];
     let mut sum = vec![0f32; positions];
     let mut label_logit = vec![0f32; positions];
-    for_each_chunk(hidden, head, precision, |start, n, logits| {
+    for_each_chunk(hidden, head, precision, softcap, |start, n, logits| {
         for p in 0..positions {
             let row = &mut logits[p * n..(p + 1) * n];
             let label = labels[p] as usize;
@@ -147,13 +169,15 @@ pub fn forward(
 /// The loss and log-sum-exp (as `forward`) and the loss's gradient d hidden = grad_scale · (softmax · W − W[label]) in one pass
 /// over the vocabulary: per position a running maximum m, sum s = Σ exp(logit − m) and accumulator
 /// acc = Σ exp(logit − m) · W_v, rescaled whenever m grows (as online softmax does), so each chunk's
-/// logits are computed once and d hidden = grad_scale · (acc / s − W[label]) at the end.
+/// logits are computed once and d hidden = grad_scale · (acc / s − W[label]) at the end. With a soft
+/// cap, each term carries the cap's slope at its logit.
 pub fn forward_backward(
     hidden: &[f32],
     head: &DenseTensor,
     labels: &[u32],
     grad_scale: f32,
     precision: Precision,
+    softcap: Option<f32>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let positions = labels.len();
     let dim = head.cols;
@@ -167,16 +191,23 @@ pub fn forward_backward(
     let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); positions];
     let mut acc = vec![0f32; positions * dim];
     let mut probs = Vec::new();
+    let mut slopes = Vec::new();
     for start in (0..head.rows).step_by(VOCAB_CHUNK) {
         let n = VOCAB_CHUNK.min(head.rows - start);
         probs.resize(positions * n, 0.0);
         h.chunk_logits(head, start, n, &mut probs);
+        if let Some(cap) = softcap {
+            soft_cap(&mut probs, cap);
+            slopes.clear();
+            slopes.extend(probs.iter().map(|&z| soft_cap_slope(z, cap)));
+        }
         probs
             .par_chunks_mut(n)
             .zip(acc.par_chunks_mut(dim))
             .zip(state.par_iter_mut())
             .zip(labels.par_iter())
-            .for_each(|(((row, acc_row), (max, sum, label_logit)), &label)| {
+            .enumerate()
+            .for_each(|(p, (((row, acc_row), (max, sum, label_logit)), &label))| {
                 let label = label as usize;
                 if (start..start + n).contains(&label) {
                     *label_logit = row[label - start];
@@ -184,6 +215,10 @@ pub fn forward_backward(
                 let rescale = absorb_chunk(row, max, sum);
                 if rescale != 1.0 {
                     acc_row.iter_mut().for_each(|a| *a *= rescale);
+                }
+                if softcap.is_some() {
+                    let slope = &slopes[p * n..(p + 1) * n];
+                    row.iter_mut().zip(slope).for_each(|(e, s)| *e *= s);
                 }
             });
         match &h {
@@ -210,15 +245,22 @@ pub fn forward_backward(
             *loss = *lse - label_logit;
             let mut label_row = vec![0f32; dim];
             head.row_f32(label as usize, &mut label_row);
+            let label_slope = softcap.map_or(1.0, |cap| soft_cap_slope(label_logit, cap));
             for (g, w) in d.iter_mut().zip(&label_row) {
-                *g = grad_scale * (*g / sum - w);
+                *g = grad_scale * (*g / sum - label_slope * w);
             }
         });
     (losses, lse, d_hidden)
 }
 
-/// Full logits [positions, vocab] (for evaluation of small models and tests).
-pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f32> {
+/// Full logits [positions, vocab] (for evaluation of small models and tests), soft-capped where
+/// `softcap` is given.
+pub fn logits(
+    hidden: &[f32],
+    head: &DenseTensor,
+    precision: Precision,
+    softcap: Option<f32>,
+) -> Vec<f32> {
     let positions = hidden.len() / head.cols;
     let mut out = vec![0f32; positions * head.rows];
     let vocab = head.rows;
@@ -237,13 +279,16 @@ pub fn logits(hidden: &[f32], head: &DenseTensor, precision: Precision) -> Vec<f
             0,
             false,
         );
+        if let Some(cap) = softcap {
+            soft_cap(&mut out, cap);
+        }
         return out;
     }
     let precision = match route {
         linear::Route::Bf16 => Precision::Bf16,
         _ => Precision::F32,
     };
-    for_each_chunk(hidden, head, precision, |start, n, chunk| {
+    for_each_chunk(hidden, head, precision, softcap, |start, n, chunk| {
         for p in 0..positions {
             out[p * vocab + start..p * vocab + start + n]
                 .copy_from_slice(&chunk[p * n..(p + 1) * n]);
@@ -262,7 +307,9 @@ pub struct CeParams {
     pub chunk_len: u32,
     pub block_start: u32,
     pub grad_scale: f32,
-    pub _pad: [u32; 3],
+    /// The soft cap of the logits; 0 for none.
+    pub softcap: f32,
+    pub _pad: [u32; 2],
 }
 
 /// One vocabulary chunk of the output projection as a frozen linear layer (shaders/linear.wgsl):
@@ -304,6 +351,7 @@ fn for_each_gpu_chunk(
     head: &GpuDense,
     positions: usize,
     grad_scale: f32,
+    softcap: Option<f32>,
     mut f: impl FnMut(&mut Recorder, &GpuBuffer, CeParams),
 ) {
     for (block_start, rows, block) in &head.blocks {
@@ -315,7 +363,8 @@ fn for_each_gpu_chunk(
                 chunk_len: VOCAB_CHUNK.min(rows - chunk_start) as u32,
                 block_start: block_start as u32,
                 grad_scale,
-                _pad: [0; 3],
+                softcap: softcap.unwrap_or(0.0),
+                _pad: [0; 2],
             };
             f(r, block, p);
         }
@@ -333,13 +382,14 @@ pub(crate) fn record(
     labels: &GpuBuffer,
     result: &GpuBuffer,
     d_hidden: Option<&GpuBuffer>,
+    softcap: Option<f32>,
 ) {
     let np = labels.len;
     let grad_scale = r.inputs.grad_scale;
     let running: Vec<f32> = (0..np).flat_map(|_| [-3.0e38f32, 0.0, 0.0]).collect();
     let state = r.gpu.upload_f32(&running);
     let logits = r.scratch(np * VOCAB_CHUNK);
-    for_each_gpu_chunk(r, head, np, grad_scale, |r, block, p| {
+    for_each_gpu_chunk(r, head, np, grad_scale, softcap, |r, block, p| {
         let lp = chunk_linear_params(head, &p, false);
         record_chunk_logits(r, block, &lp, hidden, &logits);
         let b = [(3, &logits), (4, &state), (5, labels)];
@@ -351,7 +401,8 @@ pub(crate) fn record(
         chunk_len: 0,
         block_start: 0,
         grad_scale,
-        _pad: [0; 3],
+        softcap: 0.0,
+        _pad: [0; 2],
     };
     r.dispatch(
         "ce_finalize",
@@ -362,7 +413,7 @@ pub(crate) fn record(
     let Some(d_hidden) = d_hidden else {
         return;
     };
-    for_each_gpu_chunk(r, head, np, grad_scale, |r, block, p| {
+    for_each_gpu_chunk(r, head, np, grad_scale, softcap, |r, block, p| {
         let lp = chunk_linear_params(head, &p, false);
         record_chunk_logits(r, block, &lp, hidden, &logits);
         let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
@@ -383,10 +434,11 @@ pub(crate) fn record_logits(
     head: &GpuDense,
     hidden: &GpuBuffer,
     out: &GpuBuffer,
+    softcap: Option<f32>,
 ) {
     let positions = hidden.len / head.cols;
     let vocab = out.len / positions.max(1);
-    for_each_gpu_chunk(r, head, positions, 0.0, |r, block, p| {
+    for_each_gpu_chunk(r, head, positions, 0.0, None, |r, block, p| {
         let lp = LinearParams {
             out_stride: vocab as u32,
             row_offset: p.block_start + p.chunk_start,
@@ -394,4 +446,11 @@ pub(crate) fn record_logits(
         };
         record_chunk_logits(r, block, &lp, hidden, out);
     });
+    if let Some(cap) = softcap {
+        let p = Dims4 {
+            b: cap.to_bits(),
+            ..Dims4::n(out.len)
+        };
+        r.dispatch("soft_cap", &p, &[(3, out)], groups_1d(out.len, 256));
+    }
 }
