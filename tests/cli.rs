@@ -40,6 +40,21 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The causal LM caps its logits where the config says so; the multimodal head (same text_config)
+/// never does, as transformers' Gemma3ForConditionalGeneration.
+#[test]
+fn info_names_the_logit_soft_cap_where_the_head_applies_it() {
+    let block = |folder: &str| {
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&["info", folder, "--json"])).unwrap();
+        info["block"].as_str().unwrap().to_string()
+    };
+    let text = block("tests/fixtures/hf/gemma3_text");
+    assert!(text.ends_with(", logits soft-capped at 2"), "{text}");
+    let multimodal = block("tests/fixtures/hf/gemma3");
+    assert!(!multimodal.contains("soft-capped"), "{multimodal}");
+}
+
 #[test]
 fn info_and_quantize_work_for_every_family_and_spelling() {
     for arch in Arch::ALL {

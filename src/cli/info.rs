@@ -85,6 +85,9 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     if c.fused_projections {
         block.push("fused qkv_proj and gate_up_proj".into());
     }
+    if let Some(cap) = c.final_logit_softcapping {
+        block.push(format!("logits soft-capped at {cap}"));
+    }
     let block = block.join(", ");
     if as_json {
         let v = json!({
