@@ -3,7 +3,8 @@ llama3 rope), Mistral (a sliding window of 5, head_dim apart from hidden/heads),
 and a full layer), SmolLM3 (tied, a layer without RoPE) and Phi-3 (fused projections, partial rotary,
 LongRoPE, a sliding window) and Gemma 3 (sliding and full layers with their own RoPE bases, sandwich and
 (1 + w) norms, GeGLU, a query scale of its own, final-logit soft-capping; the multimodal Gemma 3
-beside it, whose head never caps) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
+beside it, whose head never caps), Ministral 3 (YaRN, queries scaled up every 4 positions) and the
+multimodal Mistral 3 holding it (untied head)) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
@@ -19,7 +20,8 @@ import peft
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+from transformers import (Ministral3Config, Ministral3ForCausalLM, Mistral3Config, Mistral3ForConditionalGeneration,
+                          Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
@@ -70,6 +72,21 @@ models["gemma3"] = (Gemma3ForConditionalGeneration, Gemma3Config(
     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
                    "image_size": 28, "patch_size": 14},
     mm_tokens_per_image=4))
+# Ministral 3: YaRN (x16 past 4 positions) and the query scale 1 + 0.1·ln(1 + floor(pos / 4)), which
+# changes three times within the 14 tokens.
+models["ministral3"] = (Ministral3ForCausalLM, Ministral3Config(
+    **common, head_dim=16, tie_word_embeddings=False, pad_token_id=0, sliding_window=None,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                     "original_max_position_embeddings": 4, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}))
+# Ministral 3's released folders: the decoder inside Mistral3ForConditionalGeneration (a tiny Pixtral
+# tower beside it), the head untied by the outer flag.
+models["mistral3"] = (Mistral3ForConditionalGeneration, Mistral3Config(
+    text_config=models["ministral3"][1].to_dict(),
+    vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "head_dim": 8, "image_size": 28, "patch_size": 14},
+    tie_word_embeddings=False))
+MULTIMODAL = ("gemma3", "mistral3")
 
 
 for index, (name, (cls, config)) in enumerate(models.items()):
@@ -95,7 +112,7 @@ for index, (name, (cls, config)) in enumerate(models.items()):
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=text_only if name == "gemma3" else targets)
+                      target_modules=text_only if name in MULTIMODAL else targets)
     for quant in ("none", "nf4"):
         base = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
         if quant == "nf4":

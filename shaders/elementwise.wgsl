@@ -2,7 +2,7 @@
 
 struct ElementwiseParams {
     n: u32,
-    // `scale`'s factor, as bits.
+    // `scale`'s factor or `soft_cap`'s cap, as bits; `scale_rows`' row width.
     factor_bits: u32,
     _pad1: u32,
     _pad2: u32,
@@ -85,6 +85,15 @@ fn scale(@builtin(global_invocation_id) id: vec3<u32>) {
     let i = flat_index(id);
     if (i < p.n) {
         out0[i] = out0[i] * bitcast<f32>(p.factor_bits);
+    }
+}
+
+// out0[i] *= a[i / dim], dim = factor_bits (a factor per row)
+@compute @workgroup_size(256)
+fn scale_rows(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        out0[i] = out0[i] * a[i / p.factor_bits];
     }
 }
 

@@ -21,6 +21,9 @@ pub enum Arch {
     /// Gemma 3's text decoder (`gemma3_text`): (1 + w) norms, sandwich norms, scaled embeddings, a
     /// GELU-gated MLP, q/k norms, sliding layers with a RoPE base of their own.
     Gemma3,
+    /// Ministral 3 (3B, 8B, 14B): Mistral's layers, YaRN, and queries scaled up with the position past
+    /// the original context (`llama_4_scaling_beta`).
+    Ministral3,
 }
 
 impl Arch {
@@ -34,10 +37,11 @@ impl Arch {
             Arch::SmolLM3 => "smollm3",
             Arch::Phi3 => "phi3",
             Arch::Gemma3 => "gemma3_text",
+            Arch::Ministral3 => "ministral3",
         }
     }
 
-    pub const ALL: [Arch; 8] = [
+    pub const ALL: [Arch; 9] = [
         Arch::Qwen2,
         Arch::Qwen3,
         Arch::Llama,
@@ -46,6 +50,7 @@ impl Arch {
         Arch::SmolLM3,
         Arch::Phi3,
         Arch::Gemma3,
+        Arch::Ministral3,
     ];
 
     pub fn class_name(self) -> &'static str {
@@ -58,6 +63,7 @@ impl Arch {
             Arch::SmolLM3 => "SmolLM3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Ministral3 => "Ministral3ForCausalLM",
         }
     }
 
@@ -123,8 +129,36 @@ pub enum GateActivation {
     GeluTanh,
 }
 
-/// The `model_type` of Gemma 3's multimodal models (4B and up), whose text decoder nibble trains.
-pub const MULTIMODAL_GEMMA3: &str = "gemma3";
+/// A multimodal model whose text decoder nibble trains, its vision tower left as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Multimodal {
+    /// Gemma 3 4B, 12B and 27B.
+    Gemma3,
+    /// Mistral Small 3.1/3.2 (a `mistral` text decoder) and Ministral 3 (`ministral3`).
+    Mistral3,
+}
+
+impl Multimodal {
+    pub const ALL: [Multimodal; 2] = [Multimodal::Gemma3, Multimodal::Mistral3];
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Multimodal::Gemma3 => "gemma3",
+            Multimodal::Mistral3 => "mistral3",
+        }
+    }
+
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Multimodal::Gemma3 => "Gemma3ForConditionalGeneration",
+            Multimodal::Mistral3 => "Mistral3ForConditionalGeneration",
+        }
+    }
+
+    fn from_model_type(name: &str) -> Option<Multimodal> {
+        Multimodal::ALL.into_iter().find(|m| m.model_type() == name)
+    }
+}
 
 /// Gemma 3's RoPE base for its sliding layers when a config names none (`rope_local_base_freq`).
 const LOCAL_ROPE_THETA: f64 = 10_000.0;
@@ -169,9 +203,11 @@ pub struct ModelConfig {
     pub local_rope_theta: Option<f64>,
     /// Gemma's causal LMs: logits become cap · tanh(logit / cap) before the softmax.
     pub final_logit_softcapping: Option<f32>,
-    /// The decoder is the text part of a multimodal model (Gemma 3 4B and up): its modules sit under
-    /// `model.language_model.` rather than `model.`.
-    pub language_model: bool,
+    /// The decoder is the text part of a multimodal model (Gemma 3 4B and up, Mistral Small 3.1,
+    /// Ministral 3): its modules sit under `model.language_model.` rather than `model.`.
+    pub multimodal: Option<Multimodal>,
+    /// Ministral 3: each query is multiplied by 1 + β·ln(1 + ⌊position / original⌋) after RoPE.
+    pub query_position_scale: Option<QueryPositionScale>,
     /// Per decoder layer: how its attention sees the sequence.
     pub layers: Vec<LayerAttention>,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
@@ -299,29 +335,22 @@ impl ModelConfig {
         let obj = raw
             .as_object()
             .ok_or_else(|| err("expected a JSON object".into()))?;
-        let model_type = obj.get("model_type").and_then(Value::as_str);
-        if model_type == Some(MULTIMODAL_GEMMA3) {
-            return Self::text_part_of_gemma3(obj, &raw, origin);
+        if let Some(q) = obj.get("quantization_config").filter(|q| !q.is_null()) {
+            let method = q
+                .get("quant_method")
+                .and_then(Value::as_str)
+                .unwrap_or("an unnamed method");
+            return Err(err(format!(
+                "this checkpoint is quantized (quantization_config: {method}); nibble reads F32, F16 and BF16 checkpoints and quantizes them itself: use the unquantized (BF16) release"
+            )));
         }
-        // Gemma3TextConfig's defaults, which released multimodal configs lean on.
-        let mut with_defaults;
-        let obj = match model_type {
-            Some("gemma3_text") => {
-                with_defaults = obj.clone();
-                for (key, value) in [
-                    ("vocab_size", 262208),
-                    ("hidden_size", 2304),
-                    ("intermediate_size", 9216),
-                    ("num_hidden_layers", 26),
-                    ("num_attention_heads", 8),
-                    ("num_key_value_heads", 4),
-                ] {
-                    with_defaults.entry(key).or_insert(value.into());
-                }
-                &with_defaults
-            }
-            _ => obj,
-        };
+        let model_type = obj.get("model_type").and_then(Value::as_str);
+        if let Some(wrapper) = model_type.and_then(Multimodal::from_model_type) {
+            return Self::text_part_of(wrapper, obj, &raw, origin);
+        }
+        // The config classes' defaults, which released multimodal configs lean on.
+        let with_defaults = model_type.and_then(|t| class_defaults(t, obj));
+        let obj = with_defaults.as_ref().unwrap_or(obj);
         let fields = Fields { obj, err: &err };
 
         let class = obj
@@ -372,12 +401,10 @@ impl ModelConfig {
             },
             _ => None,
         };
-        if arch == Arch::Gemma3 {
-            if fields.opt_bool("use_bidirectional_attention")? == Some(true) {
-                return Err(err(
-                    "use_bidirectional_attention (EmbeddingGemma) is not supported: nibble trains causal decoders".into(),
-                ));
-            }
+        if arch == Arch::Gemma3 && fields.opt_bool("use_bidirectional_attention")? == Some(true) {
+            return Err(err(
+                "use_bidirectional_attention (EmbeddingGemma) is not supported: nibble trains causal decoders".into(),
+            ));
         }
         let hidden_size = fields.usize("hidden_size")?;
         let num_heads = fields.usize("num_attention_heads")?;
@@ -417,7 +444,7 @@ impl ModelConfig {
             Arch::Qwen2 => (true, false),
             // Mistral's, Ministral's and Phi-3's attention never has biases; `attention_bias` is not
             // read there.
-            Arch::Mistral | Arch::Ministral | Arch::Phi3 => (false, false),
+            Arch::Mistral | Arch::Ministral | Arch::Ministral3 | Arch::Phi3 => (false, false),
             Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 | Arch::Gemma3 => {
                 (attention_bias, attention_bias)
             }
@@ -429,6 +456,7 @@ impl ModelConfig {
             | Arch::Qwen3
             | Arch::Mistral
             | Arch::Ministral
+            | Arch::Ministral3
             | Arch::Phi3
             | Arch::Gemma3 => false,
         };
@@ -466,6 +494,10 @@ impl ModelConfig {
                 }
             }
         }
+        let query_position_scale = match arch {
+            Arch::Ministral3 => Some(parse_query_position_scale(&fields, &rope_scaling)?),
+            _ => None,
+        };
         let num_layers = fields.usize("num_hidden_layers")?;
         let dtype = match fields.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
@@ -532,7 +564,8 @@ impl ModelConfig {
             },
             local_rope_theta,
             final_logit_softcapping,
-            language_model: false,
+            multimodal: None,
+            query_position_scale,
             // Read once the layer count is known to be sane (below).
             layers: Vec::new(),
             dtype,
@@ -570,18 +603,48 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// The text decoder of a multimodal Gemma 3 (`text_config`, its modules under
+    /// The text decoder of a multimodal model (`text_config`, its modules under
     /// `model.language_model.`); the embeddings' tying and the dtype are the outer config's.
-    fn text_part_of_gemma3(obj: &Map<String, Value>, raw: &Value, origin: &Path) -> Result<Self> {
+    fn text_part_of(
+        wrapper: Multimodal,
+        obj: &Map<String, Value>,
+        raw: &Value,
+        origin: &Path,
+    ) -> Result<Self> {
+        let err = |msg: String| Error::Config {
+            path: origin.to_path_buf(),
+            msg,
+        };
+        let name = wrapper.model_type();
         let text = obj
             .get("text_config")
             .and_then(Value::as_object)
-            .ok_or_else(|| Error::Config {
-                path: origin.to_path_buf(),
-                msg: "a multimodal gemma3 config needs a `text_config` object".into(),
+            .ok_or_else(|| {
+                err(format!(
+                    "a multimodal {name} config needs a `text_config` object"
+                ))
             })?;
         let mut text = text.clone();
-        text.insert("model_type".into(), "gemma3_text".into());
+        match wrapper {
+            // Gemma3Config builds a Gemma3TextConfig whatever text_config's own model_type says.
+            Multimodal::Gemma3 => {
+                text.insert("model_type".into(), "gemma3_text".into());
+            }
+            // Mistral3Config resolves text_config by its model_type, "mistral" when it gives none.
+            Multimodal::Mistral3 => {
+                let inner = text
+                    .get("model_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("mistral");
+                if !matches!(inner, "mistral" | "ministral3") {
+                    return Err(err(format!(
+                        "a mistral3 text_config of model_type `{inner}` is not supported (nibble reads mistral and ministral3 there)"
+                    )));
+                }
+                text.insert("model_type".into(), inner.into());
+            }
+        }
+        // Both wrappers tie by their own flag, true by default, whatever text_config says.
         let tied = obj
             .get("tie_word_embeddings")
             .cloned()
@@ -593,7 +656,7 @@ impl ModelConfig {
             }
         }
         let mut config = Self::from_json_str(&Value::Object(text).to_string(), origin)?;
-        config.language_model = true;
+        config.multimodal = Some(wrapper);
         // Gemma3ForConditionalGeneration's head never caps its logits, whatever text_config says.
         config.final_logit_softcapping = None;
         config.raw = raw.clone();
@@ -654,17 +717,17 @@ impl ModelConfig {
 
     /// The model class transformers builds for this folder.
     pub fn class_name(&self) -> &'static str {
-        match self.language_model {
-            true => "Gemma3ForConditionalGeneration",
-            false => self.arch.class_name(),
+        match self.multimodal {
+            Some(wrapper) => wrapper.class_name(),
+            None => self.arch.class_name(),
         }
     }
 
     /// The prefix of the decoder's modules: `model.`, or `model.language_model.` in a multimodal model.
     pub fn prefix(&self) -> &'static str {
-        match self.language_model {
-            true => "model.language_model.",
-            false => "model.",
+        match self.multimodal {
+            Some(_) => "model.language_model.",
+            None => "model.",
         }
     }
 
@@ -817,14 +880,16 @@ fn parse_layer_attention(
             Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
                 Some(4096)
             }
-            Arch::Llama | Arch::SmolLM3 | Arch::Phi3 => None,
+            Arch::Llama | Arch::SmolLM3 | Arch::Phi3 | Arch::Ministral3 => None,
         },
         Some(_) => fields.opt_usize("sliding_window")?,
     };
     let window = match arch {
         Arch::Llama => None,
         // Phi-3's model slides every layer whenever the config sets a window.
-        Arch::Mistral | Arch::Ministral | Arch::Phi3 | Arch::Gemma3 => given_window,
+        Arch::Mistral | Arch::Ministral | Arch::Ministral3 | Arch::Phi3 | Arch::Gemma3 => {
+            given_window
+        }
         Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => given_window.filter(|_| use_sliding),
     };
     if window == Some(0) {
@@ -851,7 +916,12 @@ fn parse_layer_attention(
     };
     let sliding: Vec<bool> = match fields.get("layer_types") {
         // Mistral's attention reads the window alone (transformers warns about layer_types there).
-        Some(types) if !matches!(arch, Arch::Mistral | Arch::Llama | Arch::Phi3) => {
+        Some(types)
+            if !matches!(
+                arch,
+                Arch::Mistral | Arch::Ministral3 | Arch::Llama | Arch::Phi3
+            ) =>
+        {
             per_layer(fields, "layer_types", types, num_layers, |t| {
                 match t.as_str() {
                     Some("full_attention") => Ok(false),
@@ -868,7 +938,9 @@ fn parse_layer_attention(
                 (0..num_layers).map(|l| l >= first).collect()
             }
             Arch::SmolLM3 => rope.iter().map(|&r| !r).collect(),
-            Arch::Mistral | Arch::Ministral | Arch::Phi3 => vec![true; num_layers],
+            Arch::Mistral | Arch::Ministral | Arch::Ministral3 | Arch::Phi3 => {
+                vec![true; num_layers]
+            }
             // Every `sliding_window_pattern`-th layer attends fully.
             Arch::Gemma3 => {
                 let pattern = match fields.opt_usize("sliding_window_pattern")? {
@@ -1180,6 +1252,116 @@ fn original_positions(fields: &Fields, sub: &Fields) -> Result<f64> {
     Ok(original)
 }
 
+/// `obj` with the fields it leaves out filled in as the config class of `model_type` fills them, for the
+/// classes whose defaults released configs lean on (Gemma3TextConfig, Ministral3Config); None for the
+/// others.
+fn class_defaults(model_type: &str, obj: &Map<String, Value>) -> Option<Map<String, Value>> {
+    let sizes: &[(&str, u64)] = match model_type {
+        "gemma3_text" => &[
+            ("vocab_size", 262208),
+            ("hidden_size", 2304),
+            ("intermediate_size", 9216),
+            ("num_hidden_layers", 26),
+            ("num_attention_heads", 8),
+            ("num_key_value_heads", 4),
+        ],
+        "ministral3" => &[
+            ("vocab_size", 131072),
+            ("hidden_size", 4096),
+            ("intermediate_size", 14336),
+            ("num_hidden_layers", 34),
+            ("num_attention_heads", 32),
+            ("num_key_value_heads", 8),
+            ("head_dim", 128),
+            ("max_position_embeddings", 262144),
+        ],
+        _ => return None,
+    };
+    let mut with = obj.clone();
+    for &(key, value) in sizes {
+        with.entry(key).or_insert(value.into());
+    }
+    if model_type == "ministral3" {
+        with.entry("rms_norm_eps").or_insert(1e-5.into());
+        // Ministral3Config's RoPE when a config gives none (8B's).
+        let absent = |key| with.get(key).is_none_or(Value::is_null);
+        if absent("rope_parameters") && absent("rope_scaling") {
+            let max = with["max_position_embeddings"].clone();
+            with.insert(
+                "rope_parameters".into(),
+                serde_json::json!({
+                    "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                    "original_max_position_embeddings": 16384,
+                    "max_position_embeddings": max, "beta_fast": 32.0, "beta_slow": 1.0,
+                    "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1,
+                }),
+            );
+        }
+    }
+    Some(with)
+}
+
+/// Ministral 3's per-position query scale (transformers' `get_llama_4_attn_scale`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QueryPositionScale {
+    /// `llama_4_scaling_beta`.
+    pub beta: f64,
+    /// `rope_parameters.original_max_position_embeddings`: the positions each step of the scale spans.
+    pub original_max_position_embeddings: f64,
+}
+
+impl QueryPositionScale {
+    /// 1 + β·ln(1 + ⌊position / original⌋), in f32 as transformers computes it.
+    pub fn factor(&self, position: u32) -> f32 {
+        let steps = (position as f32 / self.original_max_position_embeddings as f32).floor();
+        1.0 + self.beta as f32 * (1.0 + steps).ln()
+    }
+}
+
+/// Ministral 3's query scale from its RoPE settings (`rope_parameters`, or 4.x's `rope_scaling`),
+/// which transformers reads without defaults (a config lacking either key fails there).
+fn parse_query_position_scale(
+    fields: &Fields,
+    scaling: &RopeScaling,
+) -> Result<QueryPositionScale> {
+    let empty = Map::new();
+    let rope = Fields {
+        obj: ["rope_parameters", "rope_scaling"]
+            .iter()
+            .find_map(|key| fields.get(key).and_then(Value::as_object))
+            .unwrap_or(&empty),
+        err: fields.err,
+    };
+    let beta = rope.opt_f64("llama_4_scaling_beta")?.ok_or_else(|| {
+        (rope.err)("ministral3 needs `rope_parameters.llama_4_scaling_beta` (its queries' scale with position)".into())
+    })?;
+    let original = match (rope.opt_f64("original_max_position_embeddings")?, scaling) {
+        (Some(o), _) => o,
+        // transformers' yarn validation fills it in from max_position_embeddings.
+        (
+            None,
+            RopeScaling::Yarn {
+                original_max_position_embeddings,
+                ..
+            },
+        ) => *original_max_position_embeddings,
+        (None, _) => {
+            return Err((rope.err)(
+                "ministral3 needs `rope_parameters.original_max_position_embeddings` (its queries' scale with position)".into(),
+            ));
+        }
+    };
+    if !(original > 0.0 && original.is_finite()) || !beta.is_finite() {
+        return Err((rope.err)(format!(
+            "ministral3's query scale needs a finite llama_4_scaling_beta and a positive original_max_position_embeddings, got {beta} and {original}"
+        )));
+    }
+    Ok(QueryPositionScale {
+        beta,
+        original_max_position_embeddings: original,
+    })
+}
+
 /// Typed field access whose errors name the field and the file.
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
@@ -1372,6 +1554,113 @@ mod tests {
             panic!("{:?}", c.rope_scaling)
         };
         assert_eq!((original_max_position_embeddings, truncate), (1024.0, true));
+    }
+
+    /// Ministral 3 on Ministral3Config's defaults (8B's), and Mistral 3's multimodal wrapper around a
+    /// Ministral 3 or a Mistral (Small 3.1) decoder, as transformers 5.24 resolves them.
+    #[test]
+    fn ministral3_and_mistral3_resolve_as_transformers_does() {
+        use serde_json::json;
+        let path = Path::new("config.json");
+        let from = |v: Value| ModelConfig::from_json_str(&v.to_string(), path);
+        let c = from(json!({"model_type": "ministral3"})).unwrap();
+        assert_eq!(
+            (
+                c.hidden_size,
+                c.num_layers,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim
+            ),
+            (4096, 34, 32, 8, 128)
+        );
+        assert_eq!((c.vocab_size, c.rms_norm_eps), (131072, 1e-5));
+        assert_eq!((c.rope_theta, c.max_position_embeddings), (1e6, 262144));
+        assert!(!c.tie_word_embeddings && c.layers.iter().all(|l| l.window.is_none()));
+        let RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            attention_factor,
+            ..
+        } = c.rope_scaling
+        else {
+            panic!("{:?}", c.rope_scaling)
+        };
+        assert_eq!((factor, original_max_position_embeddings), (16.0, 16384.0));
+        assert_eq!(attention_factor, 1.0);
+        // transformers' inv_freq for these settings (_compute_yarn_parameters).
+        let inv = crate::ops::rope::inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling);
+        for (ours, theirs) in inv.iter().zip([1.0, 0.80584, 0.64938]) {
+            assert!((ours - theirs).abs() < 1e-5, "{ours} vs {theirs}");
+        }
+        assert_eq!(
+            c.query_position_scale,
+            Some(QueryPositionScale {
+                beta: 0.1,
+                original_max_position_embeddings: 16384.0
+            })
+        );
+        // 1 + 0.1·ln 2 at 16384 and 1 + 0.1·ln 9 at 131072, as transformers computes them in f32.
+        let q = c.query_position_scale.unwrap();
+        assert_eq!((q.factor(16383), q.factor(16384)), (1.0, 1.0693147));
+        assert_eq!(q.factor(131072), 1.2197225);
+
+        // Mistral Small 3.1's layout: a mistral text_config (the default model_type), a null window,
+        // the head tied by the outer default.
+        let small = json!({
+            "model_type": "mistral3",
+            "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                            "vocab_size": 256, "sliding_window": null, "rope_theta": 1e9},
+            "vision_config": {"model_type": "pixtral"},
+        });
+        let c = from(small.clone()).unwrap();
+        assert_eq!(c.arch, Arch::Mistral);
+        assert_eq!(c.multimodal, Some(Multimodal::Mistral3));
+        assert_eq!(c.class_name(), "Mistral3ForConditionalGeneration");
+        assert_eq!(
+            c.linear_path(LinearKind::Q, 1),
+            "model.language_model.layers.1.self_attn.q_proj"
+        );
+        assert!(c.tie_word_embeddings && c.query_position_scale.is_none());
+        assert!(c.layers.iter().all(|l| l.window.is_none()));
+        assert_eq!(c.rope_theta, 1e9);
+
+        let mut ministral = small.clone();
+        ministral["text_config"]["model_type"] = json!("ministral3");
+        ministral["tie_word_embeddings"] = json!(false);
+        let c = from(ministral).unwrap();
+        assert_eq!((c.arch, c.tie_word_embeddings), (Arch::Ministral3, false));
+        assert_eq!(c.head_dim, 32);
+
+        for (config, expect) in [
+            (
+                json!({"model_type": "ministral3",
+                       "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                                           "original_max_position_embeddings": 16384}}),
+                "`rope_parameters.llama_4_scaling_beta`",
+            ),
+            (
+                json!({"model_type": "ministral3",
+                       "rope_parameters": {"rope_type": "default", "llama_4_scaling_beta": 0.1}}),
+                "`rope_parameters.original_max_position_embeddings`",
+            ),
+            (
+                json!({"model_type": "mistral3", "text_config": {"model_type": "llama"}}),
+                "text_config of model_type `llama` is not supported",
+            ),
+            (
+                json!({"model_type": "mistral3"}),
+                "a multimodal mistral3 config needs a `text_config` object",
+            ),
+            (
+                json!({"model_type": "mistral3", "quantization_config": {"quant_method": "fp8"}}),
+                "quantized (quantization_config: fp8)",
+            ),
+        ] {
+            let e = from(config).unwrap_err().to_string();
+            assert!(e.contains(expect) && e.contains("config.json"), "{e}");
+        }
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl LoraAdapter {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let mut weights = files.open_safetensors("adapter_model.safetensors")?;
-        if model.language_model {
+        if model.multimodal.is_some() {
             // PEFT with transformers before 4.52 named a multimodal model's text modules in the
             // checkpoints' older spelling (`base_model.model.language_model.model.layers...`).
             weights.rename(|key| {

@@ -625,7 +625,7 @@ impl ModelSource {
             .iter()
             .map(|n| files.open_safetensors(n))
             .collect::<Result<Vec<_>>>()?;
-        if config.language_model {
+        if config.multimodal.is_some() {
             for shard in &mut shards {
                 shard.rename(multimodal_name);
             }

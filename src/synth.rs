@@ -91,6 +91,7 @@ impl SynthSpec {
             num_kv_heads: 2,
             head_dim: match arch {
                 Arch::Qwen3 | Arch::Mistral | Arch::Gemma3 => Some(32),
+                Arch::Ministral3 => Some(16),
                 _ => None,
             },
             vocab_size,
@@ -200,7 +201,7 @@ impl SynthSpec {
                 obj.insert("sliding_window_pattern".into(), json!(2));
                 obj.insert("query_pre_attn_scalar".into(), json!(24));
             }
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Llama => {}
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Ministral3 => {}
         }
         let scaling = match self.arch {
             // Gemma 3 4B's: linear scaling on the full layers only.
@@ -222,6 +223,18 @@ impl SynthSpec {
                     "long_factor": factors(1.5),
                 }))
             }
+            // Ministral 3's YaRN and query scale, their steps every 8 positions so that the tests'
+            // sequences cross several.
+            Arch::Ministral3 => Some(json!({
+                "rope_type": "yarn",
+                "factor": 16.0,
+                "original_max_position_embeddings": 8,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "llama_4_scaling_beta": 0.1,
+            })),
             _ => None,
         };
         match self.spelling {

@@ -106,7 +106,7 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                     serde_json::json!([]),
                     "sliding window 8 in layers [0]",
                 ),
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 => {
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 | Arch::Ministral3 => {
                     (serde_json::json!([]), serde_json::json!([]), "")
                 }
             };

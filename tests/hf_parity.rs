@@ -1,8 +1,9 @@
 //! The CPU executor against transformers + peft (fixtures made by scripts/make_model_fixtures.py): logits,
 //! loss and every LoRA gradient of small random Qwen2 (tied, biases), Qwen3 (q/k norm), Llama
 //! (untied, llama3 rope), Mistral (sliding window, head_dim of its own), Ministral (sliding and full
-//! layers), SmolLM3 (tied, a layer without RoPE) and Phi-3 (fused qkv_proj and gate_up_proj, 12 of 16
-//! channels rotated, LongRoPE, a window of 6) models, float32, with the base unquantized and in NF4
+//! layers), SmolLM3 (tied, a layer without RoPE), Phi-3 (fused qkv_proj and gate_up_proj, 12 of 16
+//! channels rotated, LongRoPE, a window of 6), Gemma 3 (text, soft-capped logits; and multimodal) and
+//! Ministral 3 (YaRN, the per-position query scale; and inside Mistral 3) models, float32, with the base unquantized and in NF4
 //! group 64. Measured: logits
 //! within 8.0e-7, the mean loss within 1.1e-7 and every gradient within 1.8e-6 (relative); held to
 //! 1e-5, 1e-6 and 1e-5 (about ten times; five for the gradients).
@@ -117,4 +118,19 @@ fn gemma3_matches_transformers_peft() {
 fn multimodal_gemma3_text_decoder_matches_transformers_peft() {
     check("gemma3", "none");
     check("gemma3", "nf4");
+}
+
+/// Ministral 3: YaRN and the per-position query scale (a step every 4 positions here).
+#[test]
+fn ministral3_matches_transformers_peft() {
+    check("ministral3", "none");
+    check("ministral3", "nf4");
+}
+
+/// Ministral 3 as released: its decoder inside Mistral3ForConditionalGeneration (beside a Pixtral
+/// tower), an untied head under the outer flag, the spelling transformers writes.
+#[test]
+fn multimodal_mistral3_text_decoder_matches_transformers_peft() {
+    check("mistral3", "none");
+    check("mistral3", "nf4");
 }

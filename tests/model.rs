@@ -127,6 +127,38 @@ fn every_family_in_both_spellings_parses_and_loads() {
                         "{what}"
                     );
                 }
+                Arch::Ministral3 => {
+                    assert_eq!(c.rope_theta, 1000000.0, "{what}");
+                    let RopeScaling::Yarn {
+                        factor,
+                        original_max_position_embeddings,
+                        attention_factor,
+                        ..
+                    } = c.rope_scaling
+                    else {
+                        panic!("{what}: {:?}", c.rope_scaling)
+                    };
+                    assert_eq!(
+                        (factor, original_max_position_embeddings, attention_factor),
+                        (16.0, 8.0, 1.0),
+                        "{what}"
+                    );
+                    let q = c.query_position_scale.expect("ministral3 scales queries");
+                    // 1 + 0.1·ln(1 + ⌊position / 8⌋): 1 below 8, 1 + 0.1·ln 2 from 8 to 15.
+                    let factors: Vec<f32> = [0, 7, 8, 15, 16].map(|p| q.factor(p)).to_vec();
+                    let ln = |x: f32| x.ln();
+                    assert_eq!(
+                        factors,
+                        [
+                            1.0,
+                            1.0,
+                            1.0 + 0.1 * ln(2.0),
+                            1.0 + 0.1 * ln(2.0),
+                            1.0 + 0.1 * ln(3.0)
+                        ],
+                        "{what}"
+                    );
+                }
                 _ => {
                     assert_eq!(c.rope_theta, 1000000.0, "{what}");
                     assert_eq!(c.rope_scaling, RopeScaling::None, "{what}");
@@ -139,7 +171,7 @@ fn every_family_in_both_spellings_parses_and_loads() {
                 Arch::Mistral => ([Some(8), Some(8)], [true, true]),
                 Arch::Ministral | Arch::Gemma3 => ([Some(8), None], [true, true]),
                 Arch::SmolLM3 => ([None, None], [true, false]),
-                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 => {
+                Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 | Arch::Ministral3 => {
                     ([None, None], [true, true])
                 }
             };

@@ -5,7 +5,7 @@ mod common;
 
 use common::{nibble, train_cli};
 
-use nibble::config::Arch;
+use nibble::config::{Arch, Multimodal};
 use nibble::data::Example;
 use nibble::model::ModelSource;
 use nibble::synth::{self, SynthSpec};
@@ -553,6 +553,7 @@ fn new_families_train_generate_eval_and_merge_through_the_cli() {
         Arch::SmolLM3,
         Arch::Phi3,
         Arch::Gemma3,
+        Arch::Ministral3,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m");
@@ -606,17 +607,18 @@ fn new_families_train_generate_eval_and_merge_through_the_cli() {
     }
 }
 
-/// A tiny Gemma 3 in the multimodal layout (Gemma 3 4B and up): config.json nests the text decoder's
-/// in `text_config`, its tensors sit under `prefix` (`language_model.model.` as the released
-/// checkpoints and transformers 5.24 write them, or `model.language_model.`), beside a vision tensor.
-fn multimodal_gemma3(dir: &Path, prefix: &str) {
+/// A tiny multimodal model (Gemma 3 4B and up; Ministral 3 and Mistral Small 3.1 as `mistral3`):
+/// config.json nests the text decoder's in `text_config`, its tensors sit under `prefix`
+/// (`language_model.model.` as the released checkpoints and transformers 5.24 write them, or
+/// `model.language_model.`), beside a vision tensor; Ministral 3's head is untied.
+fn multimodal(dir: &Path, wrapper: Multimodal, prefix: &str) {
     let text = dir.join("text");
-    synth::write_model_folder(
-        &text,
-        &SynthSpec::tiny(Arch::Gemma3, 259),
-        Some(&synth::byte_tokenizer()),
-    )
-    .unwrap();
+    let arch = match wrapper {
+        Multimodal::Gemma3 => Arch::Gemma3,
+        Multimodal::Mistral3 => Arch::Ministral3,
+    };
+    let spec = SynthSpec::tiny(arch, 259);
+    synth::write_model_folder(&text, &spec, Some(&synth::byte_tokenizer())).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     for name in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(text.join(name), dir.join(name)).unwrap();
@@ -624,8 +626,8 @@ fn multimodal_gemma3(dir: &Path, prefix: &str) {
     let text_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(text.join("config.json")).unwrap()).unwrap();
     let config = serde_json::json!({
-        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
-        "text_config": text_config, "tie_word_embeddings": true, "mm_tokens_per_image": 4,
+        "architectures": [wrapper.class_name()], "model_type": wrapper.model_type(),
+        "text_config": text_config, "tie_word_embeddings": spec.tie_word_embeddings,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let file = nibble::source::SafetensorsFile::open(&text.join("model.safetensors")).unwrap();
@@ -634,7 +636,12 @@ fn multimodal_gemma3(dir: &Path, prefix: &str) {
         .tensor_names()
         .map(|n| {
             let info = file.info(n).unwrap();
-            let name = format!("{prefix}{}", n.strip_prefix("model.").unwrap());
+            let name = match n.strip_prefix("model.") {
+                Some(rest) => format!("{prefix}{rest}"),
+                // The head: under language_model in the older spelling.
+                None if prefix.starts_with("language_model.") => format!("language_model.{n}"),
+                None => n.clone(),
+            };
             (name, info.shape.clone(), file.raw(n).unwrap().to_vec())
         })
         .collect();
@@ -659,22 +666,30 @@ fn multimodal_gemma3(dir: &Path, prefix: &str) {
     std::fs::remove_dir_all(&text).unwrap();
 }
 
-/// Gemma 3's multimodal folders through the command line, in both spellings: `info` names the text
-/// decoder, `train` learns an answer, the adapter names the text decoder's modules as PEFT does in
-/// Gemma3ForConditionalGeneration (keys and target_modules by full path, so that PEFT leaves the
-/// vision tower's q_proj alone), `generate` answers with it, and `merge` writes the folder back in
-/// its own spelling with the vision tower kept.
+/// Multimodal folders (Gemma 3, Mistral 3 holding Ministral 3) through the command line, in both
+/// spellings: `info` names the text decoder, `train` learns an answer, the adapter names the text
+/// decoder's modules as PEFT does in the ForConditionalGeneration class (keys and target_modules by
+/// full path, so that PEFT leaves the vision tower's q_proj alone), `generate` answers with it, and
+/// `merge` writes the folder back in its own spelling with the vision tower kept.
 #[test]
-fn multimodal_gemma3_folders_train_generate_and_merge() {
-    for prefix in ["language_model.model.", "model.language_model."] {
+fn multimodal_folders_train_generate_and_merge() {
+    for (wrapper, prefix) in Multimodal::ALL
+        .into_iter()
+        .flat_map(|w| [(w, "language_model.model."), (w, "model.language_model.")])
+    {
+        let what = format!("{wrapper:?} {prefix}");
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m");
-        multimodal_gemma3(&model, prefix);
+        multimodal(&model, wrapper, prefix);
         let o = nibble(&["info", model.to_str().unwrap(), "--json"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let info: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(info["architecture"], "gemma3_text", "{prefix}");
-        assert_eq!(info["class"], "Gemma3ForConditionalGeneration", "{prefix}");
+        let text_type = match wrapper {
+            Multimodal::Gemma3 => "gemma3_text",
+            Multimodal::Mistral3 => "ministral3",
+        };
+        assert_eq!(info["architecture"], text_type, "{what}");
+        assert_eq!(info["class"], wrapper.class_name(), "{what}");
 
         let data = dir.path().join("d.jsonl");
         std::fs::write(&data, chats(1)).unwrap();
@@ -685,7 +700,7 @@ fn multimodal_gemma3_folders_train_generate_and_merge() {
         )
         .unwrap();
         let targets = config["target_modules"].as_array().unwrap();
-        assert_eq!(targets.len(), 2 * 7, "{prefix}");
+        assert_eq!(targets.len(), 2 * 7, "{what}");
         assert!(
             targets.iter().all(|t| t
                 .as_str()
@@ -703,7 +718,7 @@ fn multimodal_gemma3_folders_train_generate_and_merge() {
         assert_eq!(
             ask_question_0(&model, &["--adapter", out.to_str().unwrap()]),
             "Answer 0.",
-            "{prefix}"
+            "{what}"
         );
 
         let merged = dir.path().join("merged");
@@ -714,7 +729,7 @@ fn multimodal_gemma3_folders_train_generate_and_merge() {
             n.sort();
             n
         };
-        assert_eq!(names(&merged), names(&model), "{prefix}");
-        assert_eq!(ask_question_0(&merged, &[]), "Answer 0.", "{prefix}");
+        assert_eq!(names(&merged), names(&model), "{what}");
+        assert_eq!(ask_question_0(&merged, &[]), "Answer 0.", "{what}");
     }
 }

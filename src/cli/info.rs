@@ -85,6 +85,12 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     if c.fused_projections {
         block.push("fused qkv_proj and gate_up_proj".into());
     }
+    if let Some(q) = c.query_position_scale {
+        block.push(format!(
+            "queries x(1 + {}·ln(1 + ⌊position / {}⌋))",
+            q.beta, q.original_max_position_embeddings
+        ));
+    }
     if let Some(cap) = c.final_logit_softcapping {
         block.push(format!("logits soft-capped at {cap}"));
     }

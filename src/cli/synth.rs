@@ -40,6 +40,8 @@ enum Preset {
     TinySmolLM3,
     /// Phi-3 / Phi-4-mini: fused projections, 3/4 of each head rotated, LongRoPE past 64 positions.
     TinyPhi3,
+    /// Ministral 3: YaRN, queries scaled up every 8 positions.
+    TinyMinistral3,
     /// Gemma 3 (text): sliding (window 8, RoPE base 10^4) and full layers (10^6, linear x8) alternating.
     TinyGemma3,
     /// The exact Qwen2.5-0.5B shapes.
@@ -105,6 +107,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::TinySmolLM3 => SynthSpec::tiny(Arch::SmolLM3, vocab),
         Preset::TinyPhi3 => SynthSpec::tiny(Arch::Phi3, vocab),
         Preset::TinyGemma3 => SynthSpec::tiny(Arch::Gemma3, vocab),
+        Preset::TinyMinistral3 => SynthSpec::tiny(Arch::Ministral3, vocab),
         Preset::Qwen25Half if vocab == 151936 => SynthSpec::qwen25_05b(),
         Preset::Qwen25Half => {
             bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")

@@ -535,6 +535,7 @@ impl Exec {
                 glu::backward(*act, x(0), x(1), x(2), dgate, dup);
             }
             Op::Scale { factor } => glu::scale(outs.get(0), *factor),
+            Op::ScaleRows { dim } => glu::scale_rows(outs.get(0), x(0), *dim),
             Op::Attention { shape } => {
                 let segments = ins.get(3).map(|s| s.u32());
                 let (out, lse) = two(&mut outs);

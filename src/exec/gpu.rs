@@ -464,6 +464,7 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
         Op::Glu { act } => glu::record_forward(r, *act, x(0), x(1), o(0)),
         Op::GluBackward { act } => glu::record_backward(r, *act, [x(0), x(1), x(2)], o(0), o(1)),
         Op::Scale { factor } => glu::record_scale(r, o(0), *factor),
+        Op::ScaleRows { dim } => glu::record_scale_rows(r, x(0), o(0), *dim),
         Op::Conv2d { shape } => {
             let bias = ins.get(2).map(|b| b.buf());
             conv::record_conv2d(r, shape, x(0), (ins[1].linear(), bias), o(0));

@@ -55,6 +55,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("geglu_backward", "elementwise"),
     ("scale", "elementwise"),
     ("soft_cap", "elementwise"),
+    ("scale_rows", "elementwise"),
     ("rope_apply", "rope"),
     ("attention_forward", "attention"),
     ("attention_delta", "attention"),

@@ -47,6 +47,8 @@ pub enum Input {
     /// Per token, the first position a sliding-window layer lets it attend to: `FirstKey` or the
     /// window's start, whichever is later.
     WindowFirstKey,
+    /// Per token, the factor its query is scaled by at its position (Ministral 3).
+    QueryScale,
     /// The positions that carry a label, ascending [positions].
     LabelPositions,
     /// The token each labelled position must predict [positions].
@@ -71,6 +73,7 @@ pub struct StepInputs {
     pub first_key: Vec<u32>,
     pub key_end: Vec<u32>,
     pub window_first_key: Vec<u32>,
+    pub query_scale: Vec<f32>,
     pub label_positions: Vec<u32>,
     pub labels: Vec<u32>,
     pub grad_scale: f32,
@@ -99,6 +102,7 @@ impl StepInputs {
             Input::FirstKey => InputValue::U32(Borrowed(&self.first_key)),
             Input::KeyEnd => InputValue::U32(Borrowed(&self.key_end)),
             Input::WindowFirstKey => InputValue::U32(Borrowed(&self.window_first_key)),
+            Input::QueryScale => InputValue::F32(Borrowed(&self.query_scale)),
             Input::LabelPositions => InputValue::U32(Borrowed(&self.label_positions)),
             Input::Labels => InputValue::U32(Borrowed(&self.labels)),
             Input::GradScale => InputValue::F32(Owned(vec![self.grad_scale])),
@@ -230,6 +234,8 @@ pub enum Op {
     GluBackward { act: crate::config::GateActivation },
     /// [] -> [x]: x *= factor, in place.
     Scale { factor: f32 },
+    /// [factors] -> [x]: row r of x [*, dim] *= factors[r], in place.
+    ScaleRows { dim: usize },
     /// [q, k, v (, first_key (, key_end))] -> [out, lse]: grouped-query attention; with `first_key`,
     /// each token attends only inside its own example; with `key_end`, to none at or past its entry
     /// (padding).
@@ -307,7 +313,7 @@ impl Op {
     /// Whether the op reads output `index`'s previous contents (other than by accumulating).
     pub fn reads_output(&self, index: usize) -> bool {
         match self {
-            Op::Rope { .. } | Op::AdamW | Op::Scale { .. } => true,
+            Op::Rope { .. } | Op::AdamW | Op::Scale { .. } | Op::ScaleRows { .. } => true,
             Op::CachedAttention { .. } => index > 0,
             _ => false,
         }
@@ -332,6 +338,7 @@ impl Op {
             Op::Glu { .. } => "glu",
             Op::GluBackward { .. } => "glu_backward",
             Op::Scale { .. } => "scale",
+            Op::ScaleRows { .. } => "scale_rows",
             Op::Attention { .. } => "attention",
             Op::CachedAttention { .. } => "cached_attention",
             Op::AttentionBackward { .. } => "attention_backward",
@@ -630,6 +637,7 @@ impl Builder {
             | Input::RopeSin
             | Input::LocalRopeCos
             | Input::LocalRopeSin
+            | Input::QueryScale
             | Input::GradScale
             | Input::AdamW => Dtype::F32,
             _ => Dtype::U32,

@@ -126,8 +126,17 @@ pub fn decode_inputs(c: &ModelConfig, ids: &[u32], past: usize) -> StepInputs {
         local_cos,
         local_sin,
         window_first_key: window_first_keys(c, &vec![0; ids.len()], past),
+        query_scale: query_scales(c, &positions),
         label_positions: vec![ids.len().saturating_sub(1) as u32],
         ..StepInputs::default()
+    }
+}
+
+/// `Input::QueryScale` at each token's position: empty where the model scales no queries.
+fn query_scales(c: &ModelConfig, positions: &[u32]) -> Vec<f32> {
+    match &c.query_position_scale {
+        Some(scale) => positions.iter().map(|&p| scale.factor(p)).collect(),
+        None => Vec::new(),
     }
 }
 
@@ -161,6 +170,7 @@ pub fn inputs(c: &ModelConfig, seq: &Sequence, grad_scale: f32, dropout_seed: u6
         local_cos,
         local_sin,
         window_first_key: window_first_keys(c, &first_key, 0),
+        query_scale: query_scales(c, &positions),
         first_key,
         labels: labelled
             .iter()
@@ -401,6 +411,15 @@ impl Decoder<'_> {
         }
     }
 
+    /// Ministral 3's queries (and so their gradient) scaled by a factor per position, after RoPE.
+    fn scale_queries_by_position(&mut self, q: BufId) {
+        if self.c.query_position_scale.is_some() {
+            let factors = self.b.input(Input::QueryScale, self.t());
+            let dim = self.c.q_dim();
+            self.b.node(Op::ScaleRows { dim }, &[factors], &[q], false);
+        }
+    }
+
     fn add(&mut self, a: BufId, b: BufId, name: String) -> BufId {
         let c = self.b.activation(self.b.len(a), name);
         self.b.node(Op::Add, &[a, b], &[c], false);
@@ -453,6 +472,7 @@ impl Decoder<'_> {
         if q_scale != 1.0 {
             self.b.node(Op::Scale { factor: q_scale }, &[], &[q], false);
         }
+        self.scale_queries_by_position(q);
         let attn = self.b.activation(t * c.q_dim(), format!("layers.{l}.attn"));
         let shape = self.attention_shape();
         if let Some(past) = self.shape.decode_after {
@@ -790,6 +810,7 @@ impl Decoder<'_> {
             self.b
                 .node(Op::Scale { factor: q_scale }, &[], &[dq], false);
         }
+        self.scale_queries_by_position(dq);
         if c.layers[l].rope {
             self.rope(l, dq, c.num_heads, true);
             self.rope(l, dk, c.num_kv_heads, true);

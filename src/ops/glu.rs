@@ -1,6 +1,7 @@
 //! The gated MLP activations, elementwise: h = act(gate) ⊙ up, with act silu (SwiGLU: Llama, Qwen,
 //! FLUX.2) or PyTorch's tanh-approximated GELU (GeGLU: Gemma). Also `scale`, the in-place
-//! multiplication by a constant (Gemma's embedding scale and query scale).
+//! multiplication by a constant (Gemma's embedding scale and query scale), and `scale_rows`, by a factor
+//! per row (Ministral 3's query scale at each position).
 
 use crate::config::GateActivation;
 use crate::exec::gpu::Recorder;
@@ -151,6 +152,24 @@ pub(crate) fn record_backward(
 pub fn scale(x: &mut [f32], factor: f32) {
     x.par_chunks_mut(CHUNK)
         .for_each(|x| x.iter_mut().for_each(|v| *v *= factor));
+}
+
+/// Row r of x [*, dim] *= factors[r], in place.
+pub fn scale_rows(x: &mut [f32], factors: &[f32], dim: usize) {
+    assert_eq!(x.len(), factors.len() * dim, "scale_rows: x is rows x dim");
+    x.par_chunks_mut(dim)
+        .zip(factors.par_iter())
+        .for_each(|(row, &f)| row.iter_mut().for_each(|v| *v *= f));
+}
+
+/// The GPU lowering of `scale_rows`.
+pub(crate) fn record_scale_rows(r: &mut Recorder, factors: &GpuBuffer, x: &GpuBuffer, dim: usize) {
+    let n = x.len;
+    let p = Dims4 {
+        b: dim as u32,
+        ..Dims4::n(n)
+    };
+    r.dispatch("scale_rows", &p, &[(1, factors), (3, x)], groups_1d(n, 256));
 }
 
 /// The GPU lowering of `scale`: the factor travels as the uniform's second word, its bits.
