@@ -267,6 +267,13 @@ fn cases(model: &Model) -> Vec<Case> {
         b.node(Op::Add, &[x], &[y], true);
         b.node(Op::Scale { factor: 0.37 }, &[], &[y], false);
     });
+    cases.case("scale rows in place", |b, g| {
+        let x = g.add(b, "x", t * h, 1.0);
+        let factors = g.add(b, "factors", t, 1.0);
+        let y = b.output("y", t * h);
+        b.node(Op::Add, &[x], &[y], true);
+        b.node(Op::ScaleRows { dim: h }, &[factors], &[y], false);
+    });
     for (packed, causal) in [(false, true), (true, true), (false, false)] {
         cases.case(
             &format!("attention and its backward, packed={packed} causal={causal}"),
