@@ -4,7 +4,9 @@ and a full layer), SmolLM3 (tied, a layer without RoPE) and Phi-3 (fused project
 LongRoPE, a sliding window) and Gemma 3 (sliding and full layers with their own RoPE bases, sandwich and
 (1 + w) norms, GeGLU, a query scale of its own, final-logit soft-capping; the multimodal Gemma 3
 beside it, whose head never caps), Ministral 3 (YaRN, queries scaled up every 4 positions) and the
-multimodal Mistral 3 holding it (untied head)) models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
+multimodal Mistral 3 holding it (untied head)), Gemma 4 (31B's layout: plain-w and v norms, wider heads
+on the full layers with values from k_proj and proportional RoPE, a scalar per layer; and multimodal)
+models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
@@ -20,7 +22,8 @@ import peft
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import (Ministral3Config, Ministral3ForCausalLM, Mistral3Config, Mistral3ForConditionalGeneration,
+from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig,
+                          Ministral3Config, Ministral3ForCausalLM, Mistral3Config, Mistral3ForConditionalGeneration,
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
@@ -86,7 +89,20 @@ models["mistral3"] = (Mistral3ForConditionalGeneration, Mistral3Config(
     vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                    "num_attention_heads": 2, "head_dim": 8, "image_size": 28, "patch_size": 14},
     tie_word_embeddings=False))
-MULTIMODAL = ("gemma3", "mistral3")
+# Gemma 4 as 31B is built (no per-layer inputs, no shared KV layers, no experts): a sliding layer (heads
+# of 16, window 4, base 10^4) and a full one (heads of 32, one KV head whose values are its keys,
+# proportional RoPE rotating 4 of 16 frequencies), logits capped at 30.
+models["gemma4_text"] = (Gemma4ForCausalLM, Gemma4TextConfig(
+    **{**common, "rms_norm_eps": 1e-6}, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+    attention_k_eq_v=True, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+    final_logit_softcapping=30.0, hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=False,
+    tie_word_embeddings=True, pad_token_id=0,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                        "rope_theta": 1000000.0}}))
+models["gemma4"] = (Gemma4ForConditionalGeneration, Gemma4Config(
+    text_config=models["gemma4_text"][1].to_dict(), vision_config=None, audio_config=None))
+MULTIMODAL = ("gemma3", "mistral3", "gemma4")
 
 
 for index, (name, (cls, config)) in enumerate(models.items()):
@@ -100,6 +116,10 @@ for index, (name, (cls, config)) in enumerate(models.items()):
             # Norm scales around 1 (Gemma's w around 0: it scales by 1 + w).
             around_one = "norm" in pname and not name.startswith("gemma3")
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if around_one else 0.0))
+        # Gemma 4's per-layer scalar is a buffer the checkpoint holds.
+        for bname, b in model.named_buffers():
+            if bname.endswith("layer_scalar"):
+                b.copy_(torch.randn_like(b) * 0.1 + 1.0)
     folder = os.path.join(OUT, name)
     model.save_pretrained(folder)
 

@@ -24,6 +24,17 @@ pub enum Arch {
     /// Ministral 3 (3B, 8B, 14B): Mistral's layers, YaRN, and queries scaled up with the position past
     /// the original context (`llama_4_scaling_beta`).
     Ministral3,
+    /// Gemma 4's text decoder (`gemma4_text`): Gemma 3's block with plain-w norms, value norms, an
+    /// attention scale of 1, wider heads with partial ("proportional") RoPE on the full layers (whose
+    /// values may be their keys), and a scalar per layer.
+    Gemma4,
+}
+
+impl Arch {
+    /// Gemma 3 and 4: sandwich norms, scaled embeddings, GeGLU, q/k norms, local RoPE.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma3 | Arch::Gemma4)
+    }
 }
 
 impl Arch {
@@ -38,10 +49,11 @@ impl Arch {
             Arch::Phi3 => "phi3",
             Arch::Gemma3 => "gemma3_text",
             Arch::Ministral3 => "ministral3",
+            Arch::Gemma4 => "gemma4_text",
         }
     }
 
-    pub const ALL: [Arch; 9] = [
+    pub const ALL: [Arch; 10] = [
         Arch::Qwen2,
         Arch::Qwen3,
         Arch::Llama,
@@ -51,6 +63,7 @@ impl Arch {
         Arch::Phi3,
         Arch::Gemma3,
         Arch::Ministral3,
+        Arch::Gemma4,
     ];
 
     pub fn class_name(self) -> &'static str {
@@ -64,6 +77,7 @@ impl Arch {
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Ministral3 => "Ministral3ForCausalLM",
+            Arch::Gemma4 => "Gemma4ForCausalLM",
         }
     }
 
@@ -80,7 +94,7 @@ impl Arch {
         match self {
             Arch::SmolLM3 => 2_000_000.0,
             // Gemma 3's global layers; its sliding ones default to `LOCAL_ROPE_THETA`.
-            Arch::Gemma3 => 1_000_000.0,
+            Arch::Gemma3 | Arch::Gemma4 => 1_000_000.0,
             _ => 10_000.0,
         }
     }
@@ -119,6 +133,13 @@ pub enum RopeScaling {
         original_max_position_embeddings: f64,
         attention_factor: f64,
     },
+    /// Gemma 4's full layers ("proportional"): the first ⌊partial_rotary_factor · head_dim / 2⌋
+    /// frequencies as the default RoPE's over the whole head, the rest zero (those channels pass
+    /// through), all divided by `factor`.
+    Proportional {
+        factor: f64,
+        partial_rotary_factor: f64,
+    },
 }
 
 /// The activation of the MLP's gate: h = act(gate) ⊙ up.
@@ -136,15 +157,18 @@ pub enum Multimodal {
     Gemma3,
     /// Mistral Small 3.1/3.2 (a `mistral` text decoder) and Ministral 3 (`ministral3`).
     Mistral3,
+    /// Gemma 4 (its text decoder; the vision and audio towers left as they are).
+    Gemma4,
 }
 
 impl Multimodal {
-    pub const ALL: [Multimodal; 2] = [Multimodal::Gemma3, Multimodal::Mistral3];
+    pub const ALL: [Multimodal; 3] = [Multimodal::Gemma3, Multimodal::Mistral3, Multimodal::Gemma4];
 
     pub fn model_type(self) -> &'static str {
         match self {
             Multimodal::Gemma3 => "gemma3",
             Multimodal::Mistral3 => "mistral3",
+            Multimodal::Gemma4 => "gemma4",
         }
     }
 
@@ -152,6 +176,7 @@ impl Multimodal {
         match self {
             Multimodal::Gemma3 => "Gemma3ForConditionalGeneration",
             Multimodal::Mistral3 => "Mistral3ForConditionalGeneration",
+            Multimodal::Gemma4 => "Gemma4ForConditionalGeneration",
         }
     }
 
@@ -186,6 +211,10 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Qwen3 normalises each head of q and k before RoPE.
     pub qk_norm: bool,
+    /// Gemma 4 normalises each head of v too, with no scale of its own (`v_norm`).
+    pub value_norm: bool,
+    /// Gemma 4 multiplies each layer's output by the layer's `layer_scalar` [1].
+    pub layer_scalars: bool,
     /// Phi-3 computes q, k, v in one linear (`qkv_proj`) and gate and up in another (`gate_up_proj`).
     pub fused_projections: bool,
     /// Added to every norm's weight: Gemma scales by (1 + w).
@@ -224,8 +253,13 @@ pub struct LayerAttention {
     pub window: Option<usize>,
     /// Whether q and k are rotated (SmolLM3's NoPE layers are not).
     pub rope: bool,
-    /// Whether the rotation uses `ModelConfig::local_rope_theta` (Gemma 3's sliding layers).
+    /// Whether the rotation uses `ModelConfig::local_rope_theta` (Gemma's sliding layers).
     pub local_rope: bool,
+    /// The layer's head size and key/value heads (Gemma 4's full layers have their own).
+    pub head_dim: usize,
+    pub kv_heads: usize,
+    /// The values are the keys' projection (Gemma 4's `attention_k_eq_v` full layers: no v_proj).
+    pub values_from_keys: bool,
 }
 
 /// A decoder layer's linear layers: seven separate ones, or (Phi-3) q, k, v fused into `qkv_proj` and
@@ -371,7 +405,7 @@ impl ModelConfig {
         };
 
         let gate_activation = match arch {
-            Arch::Gemma3 => match fields.opt_str("hidden_activation")? {
+            Arch::Gemma3 | Arch::Gemma4 => match fields.opt_str("hidden_activation")? {
                 None | Some("gelu_pytorch_tanh") => GateActivation::GeluTanh,
                 Some(other) => {
                     return Err(err(format!(
@@ -391,7 +425,7 @@ impl ModelConfig {
         // Gemma 3's model never reads attn_logit_softcapping; its causal LM caps the logits where
         // final_logit_softcapping is set.
         let final_logit_softcapping = match arch {
-            Arch::Gemma3 => match fields.opt_f64("final_logit_softcapping")? {
+            Arch::Gemma3 | Arch::Gemma4 => match fields.opt_f64("final_logit_softcapping")? {
                 Some(cap) if !(cap > 0.0 && cap.is_finite()) => {
                     return Err(err(format!(
                         "`final_logit_softcapping` must be positive, got {cap}"
@@ -406,6 +440,9 @@ impl ModelConfig {
                 "use_bidirectional_attention (EmbeddingGemma) is not supported: nibble trains causal decoders".into(),
             ));
         }
+        if arch == Arch::Gemma4 {
+            refuse_gemma4_parts(&fields)?;
+        }
         let hidden_size = fields.usize("hidden_size")?;
         let num_heads = fields.usize("num_attention_heads")?;
         if num_heads == 0 {
@@ -417,7 +454,7 @@ impl ModelConfig {
         let head_dim = match fields.opt_usize("head_dim")? {
             Some(d) => d,
             // Gemma3TextConfig's default.
-            None if arch == Arch::Gemma3 => 256,
+            None if arch.is_gemma() => 256,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(err(format!(
@@ -445,7 +482,7 @@ impl ModelConfig {
             // Mistral's, Ministral's and Phi-3's attention never has biases; `attention_bias` is not
             // read there.
             Arch::Mistral | Arch::Ministral | Arch::Ministral3 | Arch::Phi3 => (false, false),
-            Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 | Arch::Gemma3 => {
+            Arch::Qwen3 | Arch::Llama | Arch::SmolLM3 | Arch::Gemma3 | Arch::Gemma4 => {
                 (attention_bias, attention_bias)
             }
         };
@@ -458,7 +495,8 @@ impl ModelConfig {
             | Arch::Ministral
             | Arch::Ministral3
             | Arch::Phi3
-            | Arch::Gemma3 => false,
+            | Arch::Gemma3
+            | Arch::Gemma4 => false,
         };
 
         // Gemma 3 nests RoPE per layer type (transformers 5) or names the sliding layers' base
@@ -519,7 +557,7 @@ impl ModelConfig {
             rotary_dim,
             max_position_embeddings: fields.opt_usize("max_position_embeddings")?.unwrap_or(
                 match arch {
-                    Arch::Gemma3 => 131072,
+                    Arch::Gemma3 | Arch::Gemma4 => 131072,
                     Arch::Phi3 => 4096,
                     _ => 32768,
                 },
@@ -527,19 +565,21 @@ impl ModelConfig {
             // transformers' configs default to untied embeddings, except SmolLM3's and Gemma's.
             tie_word_embeddings: fields
                 .opt_bool("tie_word_embeddings")?
-                .unwrap_or(matches!(arch, Arch::SmolLM3 | Arch::Gemma3)),
+                .unwrap_or(matches!(arch, Arch::SmolLM3) || arch.is_gemma()),
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+            qk_norm: arch == Arch::Qwen3 || arch.is_gemma(),
+            value_norm: arch == Arch::Gemma4,
+            layer_scalars: arch == Arch::Gemma4,
             fused_projections: arch == Arch::Phi3,
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
-            sandwich_norms: arch == Arch::Gemma3,
+            sandwich_norms: arch.is_gemma(),
             // √hidden in the checkpoint's dtype, as transformers multiplies a 16-bit model's embeddings
             // by `embed_scale.to(weight.dtype)` (50.5, not 50.596, for Gemma 3 4B in bf16) and
             // Google's reference does the same; f32 for an f32 checkpoint.
             embed_scale: match arch {
-                Arch::Gemma3 => {
+                Arch::Gemma3 | Arch::Gemma4 => {
                     let scale = (hidden_size as f64).sqrt() as f32;
                     match dtype.as_deref() {
                         Some("bfloat16") => half::bf16::from_f32(scale).to_f32(),
@@ -560,6 +600,8 @@ impl ModelConfig {
                     }
                     scalar.powf(-0.5)
                 }
+                // Gemma 4 scales no scores: its q and k norms set their size.
+                Arch::Gemma4 => 1.0,
                 _ => (head_dim as f64).powf(-0.5),
             },
             local_rope_theta,
@@ -600,6 +642,12 @@ impl ModelConfig {
             )));
         }
         config.layers = parse_layer_attention(&fields, arch, num_layers)?;
+        for layer in &mut config.layers {
+            (layer.head_dim, layer.kv_heads) = (head_dim, num_kv_heads);
+        }
+        if arch == Arch::Gemma4 {
+            gemma4_full_layer_heads(&fields, &mut config)?;
+        }
         Ok(config)
     }
 
@@ -630,6 +678,9 @@ impl ModelConfig {
             Multimodal::Gemma3 => {
                 text.insert("model_type".into(), "gemma3_text".into());
             }
+            Multimodal::Gemma4 => {
+                text.insert("model_type".into(), "gemma4_text".into());
+            }
             // Mistral3Config resolves text_config by its model_type, "mistral" when it gives none.
             Multimodal::Mistral3 => {
                 let inner = text
@@ -657,8 +708,11 @@ impl ModelConfig {
         }
         let mut config = Self::from_json_str(&Value::Object(text).to_string(), origin)?;
         config.multimodal = Some(wrapper);
-        // Gemma3ForConditionalGeneration's head never caps its logits, whatever text_config says.
-        config.final_logit_softcapping = None;
+        // Gemma3ForConditionalGeneration's head never caps its logits, whatever text_config says
+        // (Gemma 4's does).
+        if wrapper == Multimodal::Gemma3 {
+            config.final_logit_softcapping = None;
+        }
         config.raw = raw.clone();
         Ok(config)
     }
@@ -707,12 +761,14 @@ impl ModelConfig {
         parts.join("; ")
     }
 
-    pub fn q_dim(&self) -> usize {
-        self.num_heads * self.head_dim
+    /// The width of layer `l`'s queries (and of its attention's output).
+    pub fn q_dim(&self, l: usize) -> usize {
+        self.num_heads * self.layers[l].head_dim
     }
 
-    pub fn kv_dim(&self) -> usize {
-        self.num_kv_heads * self.head_dim
+    /// The width of layer `l`'s keys and values.
+    pub fn kv_dim(&self, l: usize) -> usize {
+        self.layers[l].kv_heads * self.layers[l].head_dim
     }
 
     /// The model class transformers builds for this folder.
@@ -751,26 +807,38 @@ impl ModelConfig {
     pub fn linear_modules(&self) -> Vec<(String, usize, usize)> {
         (0..self.num_layers)
             .flat_map(|l| {
-                self.linear_kinds().iter().map(move |&kind| {
-                    let (out, inp) = self.linear_shape(kind);
+                self.layer_linears(l).into_iter().map(move |kind| {
+                    let (out, inp) = self.linear_shape(kind, l);
                     (self.linear_path(kind, l), out, inp)
                 })
             })
             .collect()
     }
 
-    /// (out_features, in_features) of one decoder linear.
-    pub fn linear_shape(&self, kind: LinearKind) -> (usize, usize) {
+    /// (out_features, in_features) of a linear of layer `l`.
+    pub fn linear_shape(&self, kind: LinearKind, l: usize) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.q_dim(l), self.kv_dim(l));
         match kind {
-            LinearKind::Q => (self.q_dim(), h),
-            LinearKind::K | LinearKind::V => (self.kv_dim(), h),
-            LinearKind::O => (h, self.q_dim()),
+            LinearKind::Q => (q, h),
+            LinearKind::K | LinearKind::V => (kv, h),
+            LinearKind::O => (h, q),
             LinearKind::Gate | LinearKind::Up => (i, h),
             LinearKind::Down => (h, i),
-            LinearKind::Qkv => (self.q_dim() + 2 * self.kv_dim(), h),
+            LinearKind::Qkv => (q + 2 * kv, h),
             LinearKind::GateUp => (2 * i, h),
         }
+    }
+
+    /// The linears layer `l` has, in module order: `linear_kinds`, less v_proj where the values are
+    /// the keys' projection (Gemma 4).
+    pub fn layer_linears(&self, l: usize) -> Vec<LinearKind> {
+        let values_from_keys = self.layers[l].values_from_keys;
+        self.linear_kinds()
+            .iter()
+            .copied()
+            .filter(|&kind| !(values_from_keys && kind == LinearKind::V))
+            .collect()
     }
 
     pub fn linear_has_bias(&self, kind: LinearKind) -> bool {
@@ -817,11 +885,15 @@ impl ModelConfig {
                 }
             }
             if self.qk_norm {
-                out.push(norm(weight("self_attn.q_norm"), self.head_dim));
-                out.push(norm(weight("self_attn.k_norm"), self.head_dim));
+                let head_dim = self.layers[l].head_dim;
+                out.push(norm(weight("self_attn.q_norm"), head_dim));
+                out.push(norm(weight("self_attn.k_norm"), head_dim));
             }
-            for &kind in self.linear_kinds() {
-                let (o, i) = self.linear_shape(kind);
+            if self.layer_scalars {
+                out.push(norm(self.layer_module(l, "layer_scalar"), 1));
+            }
+            for kind in self.layer_linears(l) {
+                let (o, i) = self.linear_shape(kind, l);
                 out.push(ExpectedTensor {
                     name: format!("{}.weight", self.linear_path(kind, l)),
                     shape: vec![o, i],
@@ -880,6 +952,7 @@ fn parse_layer_attention(
             Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
                 Some(4096)
             }
+            Arch::Gemma4 => Some(512),
             Arch::Llama | Arch::SmolLM3 | Arch::Phi3 | Arch::Ministral3 => None,
         },
         Some(_) => fields.opt_usize("sliding_window")?,
@@ -887,9 +960,12 @@ fn parse_layer_attention(
     let window = match arch {
         Arch::Llama => None,
         // Phi-3's model slides every layer whenever the config sets a window.
-        Arch::Mistral | Arch::Ministral | Arch::Ministral3 | Arch::Phi3 | Arch::Gemma3 => {
-            given_window
-        }
+        Arch::Mistral
+        | Arch::Ministral
+        | Arch::Ministral3
+        | Arch::Phi3
+        | Arch::Gemma3
+        | Arch::Gemma4 => given_window,
         Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 => given_window.filter(|_| use_sliding),
     };
     if window == Some(0) {
@@ -952,18 +1028,122 @@ fn parse_layer_attention(
                 }
                 (0..num_layers).map(|l| (l + 1) % pattern != 0).collect()
             }
+            Arch::Gemma4 => (0..num_layers).map(|l| (l + 1) % 6 != 0).collect(),
             Arch::Llama => vec![false; num_layers],
         },
     };
+    // Gemma4TextConfig makes the last layer a full one whatever layer_types says.
+    let mut sliding = sliding;
+    if arch == Arch::Gemma4
+        && let Some(last) = sliding.last_mut()
+    {
+        *last = false;
+    }
     Ok(sliding
         .into_iter()
         .zip(rope)
         .map(|(sliding, rope)| LayerAttention {
             window: window.filter(|_| sliding),
             rope,
-            local_rope: sliding && arch == Arch::Gemma3,
+            local_rope: sliding && arch.is_gemma(),
+            // Set by the caller, which knows the heads.
+            head_dim: 0,
+            kv_heads: 0,
+            values_from_keys: false,
         })
         .collect())
+}
+
+/// Refuses, by name, what Gemma 4's small and mixture-of-experts models add that nibble does not
+/// implement yet.
+fn refuse_gemma4_parts(fields: &Fields) -> Result<()> {
+    // Gemma4TextConfig turns per-layer inputs on (256) when the key is absent.
+    let per_layer = fields
+        .opt_usize("hidden_size_per_layer_input")?
+        .unwrap_or(256);
+    if per_layer > 0 {
+        return Err((fields.err)(format!(
+            "per-layer inputs (hidden_size_per_layer_input {per_layer}: Gemma 4 E2B and E4B) are not supported yet; nibble trains Gemma 4 models without them (31B)"
+        )));
+    }
+    if let Some(shared) = fields.opt_usize("num_kv_shared_layers")?.filter(|&n| n > 0) {
+        return Err((fields.err)(format!(
+            "layers sharing another's keys and values (num_kv_shared_layers {shared}) are not supported yet"
+        )));
+    }
+    if fields.opt_bool("enable_moe_block")? == Some(true) {
+        return Err((fields.err)(
+            "the mixture-of-experts block (enable_moe_block: Gemma 4 26B-A4B) is not supported yet"
+                .into(),
+        ));
+    }
+    if fields.opt_str("use_bidirectional_attention").ok().flatten() == Some("all") {
+        return Err((fields.err)(
+            "use_bidirectional_attention \"all\" is not supported: nibble trains causal decoders"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Gemma 4's full layers: heads of `global_head_dim` (512 by default, whatever head_dim is), with
+/// `attention_k_eq_v` their values from k_proj and `num_global_key_value_heads` of them; or, as
+/// transformers writes a config back, `per_layer_config` overrides by layer index. The global RoPE
+/// tables are theirs.
+fn gemma4_full_layer_heads(fields: &Fields, c: &mut ModelConfig) -> Result<()> {
+    let global_head_dim = fields.opt_usize("global_head_dim")?.unwrap_or(512);
+    let k_eq_v = fields.opt_bool("attention_k_eq_v")?.unwrap_or(false);
+    let global_kv = fields.opt_usize("num_global_key_value_heads")?;
+    let overrides = fields.get("per_layer_config").and_then(Value::as_object);
+    for (l, layer) in c.layers.iter_mut().enumerate() {
+        let full = layer.window.is_none();
+        layer.values_from_keys = full && k_eq_v;
+        match overrides {
+            Some(by_layer) => {
+                let entry = by_layer
+                    .iter()
+                    // Keys are layer indices, zero-padded as transformers writes them ("05").
+                    .find(|(key, _)| key.parse::<usize>().ok() == Some(l))
+                    .and_then(|(_, v)| v.as_object());
+                if let Some(entry) = entry {
+                    let sub = Fields {
+                        obj: entry,
+                        err: fields.err,
+                    };
+                    layer.head_dim = sub.opt_usize("head_dim")?.unwrap_or(layer.head_dim);
+                    layer.kv_heads = sub
+                        .opt_usize("num_key_value_heads")?
+                        .unwrap_or(layer.kv_heads);
+                }
+            }
+            None if full => {
+                layer.head_dim = global_head_dim;
+                if let (true, Some(kv)) = (k_eq_v, global_kv) {
+                    layer.kv_heads = kv;
+                }
+            }
+            None => {}
+        }
+        if layer.head_dim == 0
+            || !layer.head_dim.is_multiple_of(2)
+            || layer.head_dim > MAX_DIMENSION
+        {
+            return Err((fields.err)(format!(
+                "layer {l}'s head_dim {} must be even and positive",
+                layer.head_dim
+            )));
+        }
+        if layer.kv_heads == 0 || !c.num_heads.is_multiple_of(layer.kv_heads) {
+            return Err((fields.err)(format!(
+                "layer {l}: num_attention_heads {} is not a multiple of its {} key/value heads",
+                c.num_heads, layer.kv_heads
+            )));
+        }
+    }
+    if let Some(full) = c.layers.iter().find(|l| l.window.is_none()) {
+        c.rotary_dim = full.head_dim;
+    }
+    Ok(())
 }
 
 /// A config list with one entry per layer, each read by `entry` (whose error the field's name
@@ -995,11 +1175,23 @@ fn per_layer<T>(
 /// global layers and `rope_local_base_freq` for the sliding ones, which are never scaled.
 fn gemma_rope_fields(fields: &Fields, arch: Arch) -> Result<(Map<String, Value>, Option<f64>)> {
     let mut obj = fields.obj.clone();
-    if arch != Arch::Gemma3 {
+    if !arch.is_gemma() {
         return Ok((obj, None));
     }
-    let mut local = fields.opt_f64("rope_local_base_freq")?;
-    if let Some(Value::Object(nested)) = fields.obj.get("rope_parameters")
+    // Gemma4TextConfig's RoPE when a config gives none; it reads no 4.x-style keys.
+    let parameters = match (arch, fields.get("rope_parameters")) {
+        (Arch::Gemma4, None) => Some(serde_json::json!({
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1000000.0},
+        })),
+        (_, given) => given.cloned(),
+    };
+    let mut local = match arch {
+        Arch::Gemma3 => fields.opt_f64("rope_local_base_freq")?,
+        _ => None,
+    };
+    if let Some(Value::Object(nested)) = &parameters
         && (nested.contains_key("full_attention") || nested.contains_key("sliding_attention"))
     {
         if let Some(sliding) = nested.get("sliding_attention").filter(|v| !v.is_null()) {
@@ -1015,7 +1207,7 @@ fn gemma_rope_fields(fields: &Fields, arch: Arch) -> Result<(Map<String, Value>,
             };
             if kind != "default" {
                 return Err((fields.err)(format!(
-                    "rope type `{kind}` on the sliding layers is not supported (Gemma 3 scales only its full layers)"
+                    "rope type `{kind}` on the sliding layers is not supported (Gemma scales only its full layers)"
                 )));
             }
             local = sub.opt_f64("rope_theta")?.or(local);
@@ -1054,6 +1246,12 @@ fn parse_rope(fields: &Fields, arch: Arch) -> Result<(f64, RopeScaling, f64)> {
             "partial_rotary_factor must be in (0, 1], got {rotary_factor}"
         )));
     }
+    // Gemma 4's default RoPE ignores it and its proportional one reads it itself (below).
+    let rotary_factor = if arch == Arch::Gemma4 {
+        1.0
+    } else {
+        rotary_factor
+    };
     // Only Phi-3's rotary embedding reads it; the others' default RoPE rotates whole heads (and
     // their scaled ones fail on it), so a factor there is refused rather than guessed.
     if arch != Arch::Phi3 && rotary_factor != 1.0 {
@@ -1104,6 +1302,22 @@ fn parse_rope(fields: &Fields, arch: Arch) -> Result<(f64, RopeScaling, f64)> {
         "linear" => RopeScaling::Linear {
             factor: sub.f64("factor")?,
         },
+        "proportional" if arch == Arch::Gemma4 => {
+            let factor = sub.opt_f64("factor")?.unwrap_or(1.0);
+            let partial_rotary_factor = sub.opt_f64("partial_rotary_factor")?.unwrap_or(1.0);
+            if factor <= 0.0
+                || !factor.is_finite()
+                || !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0)
+            {
+                return Err((fields.err)(format!(
+                    "proportional RoPE needs a positive factor and a partial_rotary_factor in (0, 1], got {factor} and {partial_rotary_factor}"
+                )));
+            }
+            RopeScaling::Proportional {
+                factor,
+                partial_rotary_factor,
+            }
+        }
         "llama3" => RopeScaling::Llama3 {
             factor: sub.f64("factor")?,
             low_freq_factor: sub.f64("low_freq_factor")?,
@@ -1265,6 +1479,19 @@ fn class_defaults(model_type: &str, obj: &Map<String, Value>) -> Option<Map<Stri
             ("num_attention_heads", 8),
             ("num_key_value_heads", 4),
         ],
+        "gemma4_text" => &[
+            ("vocab_size", 262144),
+            ("hidden_size", 2304),
+            ("intermediate_size", 9216),
+            ("num_hidden_layers", 30),
+            ("num_attention_heads", 8),
+            ("num_key_value_heads", 4),
+            ("head_dim", 256),
+            ("sliding_window", 512),
+            ("global_head_dim", 512),
+            // On by default: a config that leaves it out has per-layer inputs.
+            ("hidden_size_per_layer_input", 256),
+        ],
         "ministral3" => &[
             ("vocab_size", 131072),
             ("hidden_size", 4096),
@@ -1351,7 +1578,7 @@ fn parse_query_position_scale(
             ));
         }
     };
-    if !(original > 0.0 && original.is_finite()) || !beta.is_finite() {
+    if original <= 0.0 || !original.is_finite() || !beta.is_finite() {
         return Err((rope.err)(format!(
             "ministral3's query scale needs a finite llama_4_scaling_beta and a positive original_max_position_embeddings, got {beta} and {original}"
         )));
@@ -1661,6 +1888,113 @@ mod tests {
             let e = from(config).unwrap_err().to_string();
             assert!(e.contains(expect) && e.contains("config.json"), "{e}");
         }
+    }
+
+    /// Gemma 4 as the hub's configs spell it (global_head_dim, num_global_key_value_heads,
+    /// attention_k_eq_v; Gemma4TextConfig's defaults elsewhere), and the parts nibble refuses by name.
+    #[test]
+    fn gemma4_resolves_as_transformers_does() {
+        use serde_json::json;
+        let path = Path::new("config.json");
+        let from = |v: Value| ModelConfig::from_json_str(&v.to_string(), path);
+        // 31B's text config, its sizes cut down.
+        let base = json!({
+            "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 7, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "num_global_key_value_heads": 2, "attention_k_eq_v": true, "hidden_size_per_layer_input": 0,
+            "vocab_size": 256, "dtype": "bfloat16",
+        });
+        let c = from(base.clone()).unwrap();
+        // Layers 0-4 slide (window 512), 5 is full (every sixth), 6 is made full as the last.
+        let kinds: Vec<(Option<usize>, usize, usize, bool)> = c
+            .layers
+            .iter()
+            .map(|l| (l.window, l.head_dim, l.kv_heads, l.values_from_keys))
+            .collect();
+        let sliding = (Some(512), 256, 4, false);
+        let full = (None, 512, 2, true);
+        assert_eq!(
+            kinds,
+            [sliding, sliding, sliding, sliding, sliding, full, full]
+        );
+        assert_eq!(
+            (c.rotary_dim, c.rope_theta, c.local_rope_theta),
+            (512, 1e6, Some(1e4))
+        );
+        assert_eq!(
+            c.rope_scaling,
+            RopeScaling::Proportional {
+                factor: 1.0,
+                partial_rotary_factor: 0.25
+            }
+        );
+        // θ^(-2k/512) for the first 64 frequencies, zero for the other 192.
+        let inv = crate::ops::rope::inv_freq(c.rotary_dim, c.rope_theta, &c.rope_scaling);
+        assert_eq!(inv.len(), 256);
+        assert!(inv[64..].iter().all(|&f| f == 0.0));
+        assert!((inv[63] as f64 - 1e6f64.powf(-126.0 / 512.0)).abs() < 1e-9);
+        assert_eq!(c.layer_linears(5).len(), 6);
+        assert_eq!(c.linear_shape(LinearKind::K, 5), (2 * 512, 64));
+        assert_eq!(c.linear_shape(LinearKind::O, 0), (64, 8 * 256));
+        // √64 = 8 is exact in bf16.
+        assert_eq!(
+            (c.embed_scale, c.norm_offset, c.attention_scale),
+            (8.0, 0.0, 1.0)
+        );
+        assert!(c.tie_word_embeddings && c.value_norm && c.layer_scalars);
+
+        // Without k_eq_v the full layers keep num_key_value_heads and their v_proj.
+        let mut plain = base.clone();
+        plain["attention_k_eq_v"] = json!(false);
+        let c = from(plain).unwrap();
+        assert_eq!(
+            (c.layers[5].kv_heads, c.layers[5].values_from_keys),
+            (4, false)
+        );
+        assert_eq!(c.layer_linears(5).len(), 7);
+
+        for (change, expect) in [
+            (
+                json!({"hidden_size_per_layer_input": null}),
+                "per-layer inputs (hidden_size_per_layer_input 256",
+            ),
+            (
+                json!({"hidden_size_per_layer_input": 256}),
+                "Gemma 4 E2B and E4B",
+            ),
+            (
+                json!({"num_kv_shared_layers": 20}),
+                "num_kv_shared_layers 20",
+            ),
+            (json!({"enable_moe_block": true}), "enable_moe_block"),
+            (
+                json!({"use_bidirectional_attention": "all"}),
+                "use_bidirectional_attention",
+            ),
+            (
+                json!({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}}),
+                "rope type `linear` on the sliding layers",
+            ),
+        ] {
+            let mut config = base.clone();
+            config
+                .as_object_mut()
+                .unwrap()
+                .extend(change.as_object().unwrap().clone());
+            if config["hidden_size_per_layer_input"].is_null() {
+                config
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("hidden_size_per_layer_input");
+            }
+            let e = from(config).unwrap_err().to_string();
+            assert!(e.contains(expect) && e.contains("config.json"), "{e}");
+        }
+        // The multimodal folder: the text decoder under model.language_model, the cap kept.
+        let multimodal = json!({"model_type": "gemma4", "text_config": base});
+        let c = from(multimodal).unwrap();
+        assert_eq!(c.multimodal, Some(Multimodal::Gemma4));
+        assert_eq!(c.tensor("norm.weight"), "model.language_model.norm.weight");
     }
 
     #[test]

@@ -840,14 +840,17 @@ impl ModelSource {
             (SourceKind::Folder { .. }, Some(QuantRequest::Quantize(s))) => Some(s),
         };
         if let Some(spec) = quant {
-            let kinds = self.config.linear_kinds();
+            let c = &self.config;
+            let linears: Vec<(LinearKind, usize)> = (0..c.num_layers)
+                .flat_map(|l| c.layer_linears(l).into_iter().map(move |kind| (kind, l)))
+                .collect();
             let divides_all = |group: usize| {
-                kinds
+                linears
                     .iter()
-                    .all(|&kind| self.config.linear_shape(kind).1.is_multiple_of(group))
+                    .all(|&(kind, l)| c.linear_shape(kind, l).1.is_multiple_of(group))
             };
-            for &kind in kinds {
-                let (_, cols) = self.config.linear_shape(kind);
+            for &(kind, l) in &linears {
+                let (_, cols) = c.linear_shape(kind, l);
                 if cols % spec.group_size != 0 {
                     // SmolLM2's widths (576, 960) are multiples of 64 but not of 128.
                     let working: Vec<String> = crate::quant::GROUP_SIZES
@@ -906,9 +909,9 @@ impl ModelSource {
             .map(|l| Layer {
                 linears: self
                     .config
-                    .linear_kinds()
-                    .iter()
-                    .map(|&kind| Linear {
+                    .layer_linears(l)
+                    .into_iter()
+                    .map(|kind| Linear {
                         kind,
                         weight: weights
                             .remove(&(l, kind))

@@ -91,13 +91,14 @@ impl SynthSpec {
             num_kv_heads: 2,
             head_dim: match arch {
                 Arch::Qwen3 | Arch::Mistral | Arch::Gemma3 => Some(32),
+                Arch::Gemma4 => Some(16),
                 Arch::Ministral3 => Some(16),
                 _ => None,
             },
             vocab_size,
             tie_word_embeddings: matches!(
                 arch,
-                Arch::Qwen2 | Arch::SmolLM3 | Arch::Phi3 | Arch::Gemma3
+                Arch::Qwen2 | Arch::SmolLM3 | Arch::Phi3 | Arch::Gemma3 | Arch::Gemma4
             ),
             spelling: ConfigSpelling::V4,
             dtype: FloatDtype::BF16,
@@ -201,6 +202,25 @@ impl SynthSpec {
                 obj.insert("sliding_window_pattern".into(), json!(2));
                 obj.insert("query_pre_attn_scalar".into(), json!(24));
             }
+            Arch::Gemma4 => {
+                // Sliding and full layers alternating (the last one full), full layers with wider
+                // heads whose values are their keys, none of E2B's per-layer inputs.
+                obj.remove("hidden_act");
+                obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+                obj.insert("sliding_window".into(), json!(8));
+                let types: Vec<&str> = (0..self.num_layers)
+                    .map(|l| match l % 2 {
+                        0 => "sliding_attention",
+                        _ => "full_attention",
+                    })
+                    .collect();
+                obj.insert("layer_types".into(), json!(types));
+                obj.insert("global_head_dim".into(), json!(32));
+                obj.insert("attention_k_eq_v".into(), json!(true));
+                obj.insert("num_global_key_value_heads".into(), json!(1));
+                obj.insert("hidden_size_per_layer_input".into(), json!(0));
+                obj.insert("final_logit_softcapping".into(), json!(30.0));
+            }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Ministral3 => {}
         }
         let scaling = match self.arch {
@@ -237,6 +257,25 @@ impl SynthSpec {
             })),
             _ => None,
         };
+        // Gemma 4's configs spell RoPE one way only (transformers 5): proportional on the full
+        // layers, rotating half of each 32-wide head here.
+        if self.arch == Arch::Gemma4 {
+            obj.insert(
+                "rope_parameters".into(),
+                json!({
+                    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                       "rope_theta": theta},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                }),
+            );
+            let (key, version) = match self.spelling {
+                ConfigSpelling::V4 => ("torch_dtype", "4.51.3"),
+                ConfigSpelling::V5 => ("dtype", "5.0.0"),
+            };
+            obj.insert(key.into(), json!(dtype));
+            obj.insert("transformers_version".into(), json!(version));
+            return c;
+        }
         match self.spelling {
             ConfigSpelling::V4 => {
                 obj.insert("rope_theta".into(), json!(theta));

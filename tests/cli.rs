@@ -101,7 +101,7 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                     serde_json::json!([1]),
                     "no RoPE in layers [1]",
                 ),
-                Arch::Gemma3 => (
+                Arch::Gemma3 | Arch::Gemma4 => (
                     serde_json::json!([{"layer": 0, "window": 8}]),
                     serde_json::json!([]),
                     "sliding window 8 in layers [0]",

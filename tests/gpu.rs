@@ -122,7 +122,7 @@ fn a_sequence_too_long_for_the_device_is_an_error() {
     let widest = [
         c.hidden_size,
         c.intermediate_size,
-        c.q_dim(),
+        c.q_dim(0),
         VOCAB_CHUNK.min(c.vocab_size),
     ]
     .into_iter()

@@ -39,7 +39,17 @@ fn hand_count(s: &SynthSpec) -> u64 {
     let norms = if s.arch == Arch::Gemma3 { 4 * h } else { 2 * h };
     let layer = attn + bias + 3 * h * i + norms + qk_norm;
     let head = if s.tie_word_embeddings { 0 } else { v * h };
-    v * h + s.num_layers as u64 * layer + h + head
+    let layers = match s.arch {
+        // tiny-gemma4: layer 0 as above plus its scalar; layer 1 (full) with heads of 32, one KV
+        // head, no v_proj, q/k norms of 32, and its scalar.
+        Arch::Gemma4 => {
+            let (q1, kv1) = (s.num_heads as u64 * 32, 32);
+            let full = h * q1 + h * kv1 + q1 * h + 3 * h * i + 4 * h + 2 * 32;
+            (layer + 2 * hd + 4 * h - norms - qk_norm + 1) + (full + 1)
+        }
+        _ => s.num_layers as u64 * layer,
+    };
+    v * h + layers + h + head
 }
 
 #[test]
@@ -66,7 +76,7 @@ fn every_family_in_both_spellings_parses_and_loads() {
             assert!(!c.o_bias && !c.mlp_bias, "{what}");
             assert_eq!(
                 c.qk_norm,
-                matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+                matches!(arch, Arch::Qwen3 | Arch::Gemma3 | Arch::Gemma4),
                 "{what}"
             );
             assert_eq!(
@@ -127,6 +137,37 @@ fn every_family_in_both_spellings_parses_and_loads() {
                         "{what}"
                     );
                 }
+                Arch::Gemma4 => {
+                    assert_eq!(c.rope_theta, 1000000.0, "{what}");
+                    assert_eq!(
+                        c.rope_scaling,
+                        RopeScaling::Proportional {
+                            factor: 1.0,
+                            partial_rotary_factor: 0.5
+                        },
+                        "{what}"
+                    );
+                    assert_eq!(c.local_rope_theta, Some(10000.0), "{what}");
+                    let layers: Vec<(bool, usize, usize, bool)> = c
+                        .layers
+                        .iter()
+                        .map(|l| (l.local_rope, l.head_dim, l.kv_heads, l.values_from_keys))
+                        .collect();
+                    assert_eq!(
+                        layers,
+                        [(true, 16, 2, false), (false, 32, 1, true)],
+                        "{what}"
+                    );
+                    // The full layers' tables rotate whole 32-wide heads (half their frequencies zero).
+                    assert_eq!(c.rotary_dim, 32, "{what}");
+                    assert_eq!((c.norm_offset, c.embed_scale), (0.0, 8.0), "{what}");
+                    assert!(
+                        c.value_norm && c.layer_scalars && c.sandwich_norms,
+                        "{what}"
+                    );
+                    assert_eq!(c.attention_scale, 1.0, "{what}");
+                    assert_eq!(c.final_logit_softcapping, Some(30.0), "{what}");
+                }
                 Arch::Ministral3 => {
                     assert_eq!(c.rope_theta, 1000000.0, "{what}");
                     let RopeScaling::Yarn {
@@ -169,7 +210,7 @@ fn every_family_in_both_spellings_parses_and_loads() {
             let rope: Vec<bool> = c.layers.iter().map(|l| l.rope).collect();
             let (want_windows, want_rope) = match arch {
                 Arch::Mistral => ([Some(8), Some(8)], [true, true]),
-                Arch::Ministral | Arch::Gemma3 => ([Some(8), None], [true, true]),
+                Arch::Ministral | Arch::Gemma3 | Arch::Gemma4 => ([Some(8), None], [true, true]),
                 Arch::SmolLM3 => ([None, None], [true, false]),
                 Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 | Arch::Ministral3 => {
                     ([None, None], [true, true])
@@ -183,12 +224,22 @@ fn every_family_in_both_spellings_parses_and_loads() {
             assert_eq!(m.lm_head.is_some(), !spec.tie_word_embeddings, "{what}");
             assert_eq!(
                 m.norm("model.layers.0.self_attn.q_norm.weight").is_some(),
-                matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+                matches!(arch, Arch::Qwen3 | Arch::Gemma3 | Arch::Gemma4),
                 "{what}"
             );
             let kinds: Vec<LinearKind> = m.layers[1].linears.iter().map(|l| l.kind).collect();
             match arch {
                 Arch::Phi3 => assert_eq!(kinds, LinearKind::FUSED, "{what}"),
+                // Gemma 4's full layer takes its values from k_proj.
+                Arch::Gemma4 => {
+                    let mut without_v = LinearKind::SEPARATE.to_vec();
+                    without_v.retain(|&k| k != LinearKind::V);
+                    assert_eq!(kinds, without_v, "{what}");
+                    assert_eq!(
+                        m.norm("model.layers.1.layer_scalar").map(<[f32]>::len),
+                        Some(1)
+                    );
+                }
                 _ => assert_eq!(kinds, LinearKind::SEPARATE, "{what}"),
             }
             assert_eq!(

@@ -142,7 +142,7 @@ fn cases(model: &Model) -> Vec<Case> {
     }
     for (module, out, inp, bias) in [
         ("self_attn.q_proj", h, h, true),
-        ("self_attn.k_proj", c.kv_dim(), h, true),
+        ("self_attn.k_proj", c.kv_dim(0), h, true),
         ("mlp.down_proj", h, i, false),
     ] {
         cases.case(

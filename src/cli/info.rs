@@ -37,6 +37,19 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     let mut rope = match c.rope_scaling {
         RopeScaling::None => "none".to_string(),
         RopeScaling::Linear { factor } => format!("linear x{factor}"),
+        RopeScaling::Proportional {
+            factor,
+            partial_rotary_factor,
+        } => format!(
+            "proportional: {} of {} frequencies rotate{}",
+            (partial_rotary_factor * c.rotary_dim as f64 / 2.0).floor(),
+            c.rotary_dim / 2,
+            if factor != 1.0 {
+                format!(", x{factor}")
+            } else {
+                String::new()
+            }
+        ),
         RopeScaling::Llama3 { factor, .. } => format!("llama3 x{factor}"),
         RopeScaling::Yarn {
             factor,
@@ -51,10 +64,16 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "longrope, long factors past {original_max_position_embeddings} positions (attention factor {attention_factor:.4})"
         ),
     };
-    if c.rotary_dim != c.head_dim {
+    // The global tables' layers (Gemma 4's full ones have heads of their own).
+    let global_head_dim = c
+        .layers
+        .iter()
+        .find(|l| !l.local_rope)
+        .map_or(c.head_dim, |l| l.head_dim);
+    if c.rotary_dim != global_head_dim {
         rope += &format!(
             ", rotating {} of {} channels per head",
-            c.rotary_dim, c.head_dim
+            c.rotary_dim, global_head_dim
         );
     }
     if let Some(theta) = c.local_rope_theta
@@ -84,6 +103,28 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     }
     if c.fused_projections {
         block.push("fused qkv_proj and gate_up_proj".into());
+    }
+    if c.value_norm {
+        block.push("v norm".into());
+    }
+    if let Some(full) = c
+        .layers
+        .iter()
+        .find(|l| l.head_dim != c.head_dim || l.kv_heads != c.num_kv_heads)
+    {
+        block.push(format!(
+            "full layers: head_dim {}, {} kv heads{}",
+            full.head_dim,
+            full.kv_heads,
+            if full.values_from_keys {
+                ", values from k_proj"
+            } else {
+                ""
+            }
+        ));
+    }
+    if c.layer_scalars {
+        block.push("a scalar per layer".into());
     }
     if let Some(q) = c.query_position_scale {
         block.push(format!(

@@ -43,7 +43,7 @@ pub fn run(args: Args) -> Result<()> {
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "quantized {} decoder linears of {} to {spec} in {:.1}s, wrote {} ({}) in {:.1}s",
-        model.config.num_layers * model.config.linear_kinds().len(),
+        model.config.linear_modules().len(),
         path.display(),
         loaded.as_secs_f64(),
         output.display(),

@@ -42,6 +42,9 @@ enum Preset {
     TinyPhi3,
     /// Ministral 3: YaRN, queries scaled up every 8 positions.
     TinyMinistral3,
+    /// Gemma 4 (text, as 31B): sliding (head 16) and full layers (head 32, values from k_proj,
+    /// proportional RoPE) alternating, v norms, a scalar per layer, logits capped at 30.
+    TinyGemma4,
     /// Gemma 3 (text): sliding (window 8, RoPE base 10^4) and full layers (10^6, linear x8) alternating.
     TinyGemma3,
     /// The exact Qwen2.5-0.5B shapes.
@@ -108,6 +111,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::TinyPhi3 => SynthSpec::tiny(Arch::Phi3, vocab),
         Preset::TinyGemma3 => SynthSpec::tiny(Arch::Gemma3, vocab),
         Preset::TinyMinistral3 => SynthSpec::tiny(Arch::Ministral3, vocab),
+        Preset::TinyGemma4 => SynthSpec::tiny(Arch::Gemma4, vocab),
         Preset::Qwen25Half if vocab == 151936 => SynthSpec::qwen25_05b(),
         Preset::Qwen25Half => {
             bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")

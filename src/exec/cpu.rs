@@ -380,12 +380,20 @@ impl Exec {
             Op::RmsNorm { dim, eps, offset } => {
                 let rows = x(0).len() / dim;
                 let p = RmsNormParams::new(rows, *dim, *eps, *offset);
+                let zeros = vec![0.0; if ins.len() == 1 { *dim } else { 0 }];
+                let weight = if ins.len() == 1 { &zeros } else { x(1) };
                 let (y, inv) = two(&mut outs);
-                rmsnorm::forward(&p, x(0), x(1), y, inv);
+                rmsnorm::forward(&p, x(0), weight, y, inv);
             }
             Op::RmsNormBackward { dim, eps, offset } => {
                 let p = RmsNormParams::new(x(0).len() / dim, *dim, *eps, *offset);
-                rmsnorm::backward(&p, x(0), x(1), x(2), x(3), outs.get(0));
+                // [x, (weight,) inv_rms, dy]: no weight is a zero one.
+                let zeros = vec![0.0; if ins.len() == 3 { *dim } else { 0 }];
+                let (weight, rest) = match ins.len() {
+                    3 => (&zeros[..], 1),
+                    _ => (x(1), 2),
+                };
+                rmsnorm::backward(&p, x(0), weight, x(rest), x(rest + 1), outs.get(0));
             }
             Op::Linear { .. } => {
                 let (input, w) = (x(0), ins[1].linear());
@@ -765,28 +773,31 @@ pub fn forward_backward_with(
 /// Keys and values of every decoded position, per layer (after RoPE), for incremental decoding.
 pub struct KvCache {
     layers: Vec<LayerCache>,
-    kv_dim: usize,
 }
 
-#[derive(Default)]
 struct LayerCache {
     k: Vec<f32>,
     v: Vec<f32>,
+    /// The width of a position's keys (and values).
+    kv_dim: usize,
 }
 
 impl KvCache {
     pub fn new(model: &Model) -> Self {
         KvCache {
             layers: (0..model.layers.len())
-                .map(|_| LayerCache::default())
+                .map(|l| LayerCache {
+                    k: Vec::new(),
+                    v: Vec::new(),
+                    kv_dim: model.config.kv_dim(l),
+                })
                 .collect(),
-            kv_dim: model.config.kv_dim(),
         }
     }
 
     /// Positions held.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.k.len() / self.kv_dim)
+        self.layers.first().map_or(0, |l| l.k.len() / l.kv_dim)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -795,10 +806,9 @@ impl KvCache {
 
     /// Forgets every position from `len` on (a conversation that diverges from what was decoded).
     pub fn truncate(&mut self, len: usize) {
-        let kv = self.kv_dim;
         for l in &mut self.layers {
-            l.k.truncate(len * kv);
-            l.v.truncate(len * kv);
+            l.k.truncate(len * l.kv_dim);
+            l.v.truncate(len * l.kv_dim);
         }
     }
 }

@@ -27,10 +27,15 @@ use std::collections::HashMap;
 /// error that says what to change, not a failure inside wgpu.
 fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
     // Phi-3's fused projections are wider: q, k and v in one buffer, gate and up in another.
+    let widest_layer = |width: &dyn Fn(usize) -> usize| (0..c.num_layers).map(width).max();
     let (qkv, gate_up) = match c.fused_projections {
-        true => (c.q_dim() + 2 * c.kv_dim(), 2 * c.intermediate_size),
-        false => (c.q_dim(), c.intermediate_size),
+        true => (
+            widest_layer(&|l| c.q_dim(l) + 2 * c.kv_dim(l)),
+            2 * c.intermediate_size,
+        ),
+        false => (widest_layer(&|l| c.q_dim(l)), c.intermediate_size),
     };
+    let qkv = qkv.unwrap_or(0);
     let widest = c.hidden_size.max(qkv).max(VOCAB_CHUNK.min(c.vocab_size));
     // The MLP's buffers are as long as a chunk of the sequence (`decoder::MLP_CHUNK`).
     let mlp_rows = tokens.min(decoder::MLP_CHUNK);
@@ -217,7 +222,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                 let cache = bind
                     .cache
                     .ok_or_else(|| missing("a KV cache for layer", &layer.to_string()))?;
-                let (k, v) = &cache.layers[*layer];
+                let (k, v, _) = &cache.layers[*layer];
                 Slot::Ext(if *values { v } else { k })
             }
             Role::Given(name) => Slot::Own(
@@ -367,11 +372,19 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
         },
         Op::RmsNorm { dim, eps, offset } => {
             let p = RmsNormParams::new(x(0).len / dim, *dim, *eps, *offset);
-            rmsnorm::record_forward(r, &p, x(0), x(1), o(0), o(1));
+            // No weight input: a zero one (Gemma 4's v_norm, offset 1).
+            let zeros = (ins.len() == 1).then(|| r.gpu.zeros(*dim));
+            let weight = zeros.as_ref().unwrap_or_else(|| x(1));
+            rmsnorm::record_forward(r, &p, x(0), weight, o(0), o(1));
         }
         Op::RmsNormBackward { dim, eps, offset } => {
             let p = RmsNormParams::new(x(0).len / dim, *dim, *eps, *offset);
-            rmsnorm::record_backward(r, &p, [x(0), x(1), x(2), x(3)], o(0));
+            let zeros = (ins.len() == 3).then(|| r.gpu.zeros(*dim));
+            let (weight, rest) = match &zeros {
+                Some(z) => (z, 1),
+                None => (x(1), 2),
+            };
+            rmsnorm::record_backward(r, &p, [x(0), weight, x(rest), x(rest + 1)], o(0));
         }
         Op::Linear { .. } => {
             let bias = ins.get(2).map(|b| b.buf());
@@ -667,12 +680,12 @@ pub fn logits(
 /// Keys and values of every decoded position, per layer (after RoPE), in GPU buffers that grow as
 /// decoding goes on.
 pub struct GpuKvCache {
-    layers: Vec<(GpuBuffer, GpuBuffer)>,
+    /// Per layer: keys, values, and their width per position.
+    layers: Vec<(GpuBuffer, GpuBuffer, usize)>,
     /// Positions held.
     len: usize,
     /// Positions the buffers have room for.
     capacity: usize,
-    kv_dim: usize,
 }
 
 impl GpuKvCache {
@@ -680,11 +693,10 @@ impl GpuKvCache {
         let c = &model.config;
         GpuKvCache {
             layers: (0..c.num_layers)
-                .map(|_| (gpu.zeros(1), gpu.zeros(1)))
+                .map(|l| (gpu.zeros(1), gpu.zeros(1), c.kv_dim(l)))
                 .collect(),
             len: 0,
             capacity: 0,
-            kv_dim: c.kv_dim(),
         }
     }
 
@@ -707,7 +719,8 @@ impl GpuKvCache {
             return Ok(());
         }
         let capacity = positions.max(2 * self.capacity).max(64);
-        let bytes = (capacity * self.kv_dim * 4) as u64;
+        let widest = self.layers.iter().map(|l| l.2).max().unwrap_or(0);
+        let bytes = (capacity * widest * 4) as u64;
         let limit = gpu.device_binding_limit();
         if bytes > limit {
             return Err(Error::Invalid(format!(
@@ -717,10 +730,10 @@ impl GpuKvCache {
             )));
         }
         let mut enc = gpu.encoder();
-        let held = (self.len * self.kv_dim * 4) as u64;
-        for (k, v) in &mut self.layers {
+        for (k, v, kv_dim) in &mut self.layers {
+            let held = (self.len * *kv_dim * 4) as u64;
             for old in [k, v] {
-                let new = gpu.zeros(capacity * self.kv_dim);
+                let new = gpu.zeros(capacity * *kv_dim);
                 if held > 0 {
                     enc.copy_buffer_to_buffer(&old.buffer, 0, &new.buffer, 0, held);
                 }

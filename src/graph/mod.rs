@@ -195,6 +195,7 @@ pub enum Op {
         rows: usize,
     },
     /// [x, weight] -> [y, inv_rms]: RMSNorm over rows of `dim`, scaled by offset + weight.
+    /// Without a weight input (Gemma 4's `v_norm`), the weight is zero: y = offset · x · r.
     RmsNorm { dim: usize, eps: f64, offset: f32 },
     /// [x, weight, inv_rms, dy] -> [dx].
     RmsNormBackward { dim: usize, eps: f64, offset: f32 },

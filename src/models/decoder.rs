@@ -191,6 +191,8 @@ struct LayerTape {
     inv1: BufId,
     /// (pre-norm q, its norm weight, inverse RMS), and the same for k (Qwen3).
     qk_norm: Option<[(BufId, BufId, BufId); 2]>,
+    /// (pre-norm v, inverse RMS) (Gemma 4).
+    v_norm: Option<(BufId, BufId)>,
     q: BufId,
     k: BufId,
     v: BufId,
@@ -257,18 +259,30 @@ impl Decoder<'_> {
     }
 
     fn rmsnorm(&mut self, x: BufId, weight: BufId, dim: usize, name: &str) -> (BufId, BufId) {
+        self.rmsnorm_node(x, Some(weight), dim, name)
+    }
+
+    /// RMSNorm with no weight of its own (Gemma 4's `v_norm`): offset 1 over a zero weight.
+    fn rmsnorm_weightless(&mut self, x: BufId, dim: usize, name: &str) -> (BufId, BufId) {
+        self.rmsnorm_node(x, None, dim, name)
+    }
+
+    fn rmsnorm_node(
+        &mut self,
+        x: BufId,
+        weight: Option<BufId>,
+        dim: usize,
+        name: &str,
+    ) -> (BufId, BufId) {
         let len = self.b.len(x);
         let (y, inv) = (
             self.b.activation(len, name),
             self.b.activation(len / dim, format!("{name}.inv_rms")),
         );
-        let (eps, offset) = (self.c.rms_norm_eps, self.c.norm_offset);
-        self.b.node(
-            Op::RmsNorm { dim, eps, offset },
-            &[x, weight],
-            &[y, inv],
-            false,
-        );
+        let (eps, offset) = (self.c.rms_norm_eps, self.norm_offset(weight));
+        let inputs: Vec<BufId> = std::iter::once(x).chain(weight).collect();
+        self.b
+            .node(Op::RmsNorm { dim, eps, offset }, &inputs, &[y, inv], false);
         (y, inv)
     }
 
@@ -280,17 +294,47 @@ impl Decoder<'_> {
         dy: BufId,
         dim: usize,
     ) -> BufId {
+        self.rmsnorm_backward_node(x, Some(weight), inv, dy, dim)
+    }
+
+    fn rmsnorm_backward_node(
+        &mut self,
+        x: BufId,
+        weight: Option<BufId>,
+        inv: BufId,
+        dy: BufId,
+        dim: usize,
+    ) -> BufId {
         let dx = self
             .b
             .activation(self.b.len(x), format!("d {}", self.b.name(x)));
-        let (eps, offset) = (self.c.rms_norm_eps, self.c.norm_offset);
+        let (eps, offset) = (self.c.rms_norm_eps, self.norm_offset(weight));
+        let inputs: Vec<BufId> = std::iter::once(x).chain(weight).chain([inv, dy]).collect();
         self.b.node(
             Op::RmsNormBackward { dim, eps, offset },
-            &[x, weight, inv, dy],
+            &inputs,
             &[dx],
             false,
         );
         dx
+    }
+
+    /// The model's norm offset, or 1 for a norm without a weight (whose weight the executors take
+    /// as zero).
+    fn norm_offset(&self, weight: Option<BufId>) -> f32 {
+        match weight {
+            Some(_) => self.c.norm_offset,
+            None => 1.0,
+        }
+    }
+
+    /// Gemma 4: x (a layer's output, or its gradient) times the layer's `layer_scalar`, in place.
+    fn scale_by_layer_scalar(&mut self, l: usize, x: BufId) {
+        if self.c.layer_scalars {
+            let scalar = self.b.weight(&self.c.layer_module(l, "layer_scalar"), 1);
+            let dim = self.b.len(x);
+            self.b.node(Op::ScaleRows { dim }, &[scalar], &[x], false);
+        }
     }
 
     fn norm_weight(&mut self, name: &str, len: usize) -> BufId {
@@ -318,7 +362,7 @@ impl Decoder<'_> {
         x: BufId,
         (rows, chunk): (usize, usize),
     ) -> (BufId, LinearTape) {
-        let (out, inp) = self.c.linear_shape(kind);
+        let (out, inp) = self.c.linear_shape(kind, layer);
         let path = self.c.linear_path(kind, layer);
         let bias = self
             .c
@@ -345,31 +389,34 @@ impl Decoder<'_> {
         lora_linear::backward(&mut self.b, self.lora, tape, x, dy, dx);
     }
 
-    /// What q is multiplied by so that the attention kernels' 1/√head_dim makes the model's scale.
-    fn query_scale(&self) -> f32 {
+    /// What layer `l`'s q is multiplied by so that the attention kernels' 1/√head_dim makes the
+    /// model's scale.
+    fn query_scale(&self, l: usize) -> f32 {
         let c = self.c;
-        (c.attention_scale * (c.head_dim as f64).sqrt()) as f32
+        (c.attention_scale * (c.layers[l].head_dim as f64).sqrt()) as f32
     }
 
-    fn attention_shape(&self) -> AttentionShape {
+    fn attention_shape(&self, l: usize) -> AttentionShape {
         AttentionShape {
             tokens: self.t(),
             heads: self.c.num_heads,
-            kv_heads: self.c.num_kv_heads,
-            head_dim: self.c.head_dim,
+            kv_heads: self.c.layers[l].kv_heads,
+            head_dim: self.c.layers[l].head_dim,
             causal: true,
         }
     }
 
     /// Rotates x (q or k of layer `l`) in place, or back with `inverse`.
     fn rope(&mut self, l: usize, x: BufId, heads: usize, inverse: bool) {
-        let half = self.t() * self.c.rotary_dim / 2;
-        let (cos, sin) = match self.c.layers[l].local_rope {
-            true => (Input::LocalRopeCos, Input::LocalRopeSin),
-            false => (Input::RopeCos, Input::RopeSin),
+        let layer = self.c.layers[l];
+        // Local layers rotate whole heads (`rope::local_tables`).
+        let (cos, sin, rotated) = match layer.local_rope {
+            true => (Input::LocalRopeCos, Input::LocalRopeSin, layer.head_dim),
+            false => (Input::RopeCos, Input::RopeSin, self.c.rotary_dim),
         };
+        let half = self.t() * rotated / 2;
         let (cos, sin) = (self.b.input(cos, half), self.b.input(sin, half));
-        let (head_dim, rotated) = (self.c.head_dim, self.c.rotary_dim);
+        let head_dim = layer.head_dim;
         self.b.node(
             Op::Rope {
                 heads,
@@ -412,10 +459,10 @@ impl Decoder<'_> {
     }
 
     /// Ministral 3's queries (and so their gradient) scaled by a factor per position, after RoPE.
-    fn scale_queries_by_position(&mut self, q: BufId) {
+    fn scale_queries_by_position(&mut self, q: BufId, l: usize) {
         if self.c.query_position_scale.is_some() {
             let factors = self.b.input(Input::QueryScale, self.t());
-            let dim = self.c.q_dim();
+            let dim = self.c.q_dim(l);
             self.b.node(Op::ScaleRows { dim }, &[factors], &[q], false);
         }
     }
@@ -428,7 +475,8 @@ impl Decoder<'_> {
 
     fn layer_forward(&mut self, l: usize, x: BufId) -> (BufId, LayerTape) {
         let c = self.c;
-        let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
+        let (t, h, hd) = (self.t(), c.hidden_size, c.layers[l].head_dim);
+        let (q_dim, kv_dim, kv_heads) = (c.q_dim(l), c.kv_dim(l), c.layers[l].kv_heads);
         self.b.set_stage(Some(l), false);
         let input_norm = self.norm_weight(&c.layer_module(l, "input_layernorm.weight"), h);
         let (xn1, inv1) = self.rmsnorm(x, input_norm, h, &format!("layers.{l}.xn1"));
@@ -438,21 +486,33 @@ impl Decoder<'_> {
             linears.push((kind, tape));
             y
         };
-        let (mut q, mut k, v) = if c.fused_projections {
+        let (mut q, mut k, mut v) = if c.fused_projections {
             let qkv = run(self, LinearKind::Qkv, xn1);
-            let width = c.q_dim() + 2 * c.kv_dim();
+            let width = q_dim + 2 * kv_dim;
             let mut part = |offset, len, name| {
                 let name = format!("layers.{l}.{name}");
                 self.b.columns(qkv, width, (offset, len), name)
             };
-            let q = part(0, c.q_dim(), "q");
-            let k = part(c.q_dim(), c.kv_dim(), "k");
-            (q, k, part(c.q_dim() + c.kv_dim(), c.kv_dim(), "v"))
+            let q = part(0, q_dim, "q");
+            let k = part(q_dim, kv_dim, "k");
+            (q, k, part(q_dim + kv_dim, kv_dim, "v"))
         } else {
             let q = run(self, LinearKind::Q, xn1);
             let k = run(self, LinearKind::K, xn1);
-            (q, k, run(self, LinearKind::V, xn1))
+            // Gemma 4's full layers take their values from k_proj, before k's norm and RoPE.
+            let v = match c.layers[l].values_from_keys {
+                true => k,
+                false => run(self, LinearKind::V, xn1),
+            };
+            (q, k, v)
         };
+        // Gemma 4: each head of v normalised, with no weight of its own.
+        let mut v_norm = None;
+        if c.value_norm {
+            let (vv, inv) = self.rmsnorm_weightless(v, hd, &format!("layers.{l}.v"));
+            v_norm = Some((v, inv));
+            v = vv;
+        }
         let mut qk_norm = None;
         if c.qk_norm {
             let qn = self.norm_weight(&c.layer_module(l, "self_attn.q_norm.weight"), hd);
@@ -464,19 +524,19 @@ impl Decoder<'_> {
         }
         if c.layers[l].rope {
             self.rope(l, q, c.num_heads, false);
-            self.rope(l, k, c.num_kv_heads, false);
+            self.rope(l, k, kv_heads, false);
         }
         // The attention kernels scale scores by 1/√head_dim; Gemma's query_pre_attn_scalar asks for
         // another scale, which q carries.
-        let q_scale = self.query_scale();
+        let q_scale = self.query_scale(l);
         if q_scale != 1.0 {
             self.b.node(Op::Scale { factor: q_scale }, &[], &[q], false);
         }
-        self.scale_queries_by_position(q);
-        let attn = self.b.activation(t * c.q_dim(), format!("layers.{l}.attn"));
-        let shape = self.attention_shape();
+        self.scale_queries_by_position(q, l);
+        let attn = self.b.activation(t * q_dim, format!("layers.{l}.attn"));
+        let shape = self.attention_shape(l);
         if let Some(past) = self.shape.decode_after {
-            let cached = (past + t) * c.kv_dim();
+            let cached = (past + t) * kv_dim;
             let keys = self.b.state(
                 Role::KvCache {
                     layer: l,
@@ -536,12 +596,14 @@ impl Decoder<'_> {
         };
         let (mlp_out_norm, down) = self.output_norm(l, down, "post_feedforward_layernorm");
         let x_out = self.add(x_mid, down, format!("layers.{l}.out"));
+        self.scale_by_layer_scalar(l, x_out);
         let tape = LayerTape {
             x,
             input_norm,
             xn1,
             inv1,
             qk_norm,
+            v_norm,
             q,
             k,
             v,
@@ -656,7 +718,7 @@ impl Decoder<'_> {
         x: BufId,
         (rows, chunk): (usize, usize),
     ) -> LinearTape {
-        let (out, inp) = self.c.linear_shape(kind);
+        let (out, inp) = self.c.linear_shape(kind, layer);
         let dropout = self.chunk_dropout(layer, kind, chunk);
         let shape = (rows, out, inp);
         let path = self.c.linear_path(kind, layer);
@@ -753,8 +815,10 @@ impl Decoder<'_> {
 
     fn layer_backward(&mut self, l: usize, s: &LayerTape, dx_out: BufId) -> BufId {
         let c = self.c;
-        let (t, h, hd) = (self.t(), c.hidden_size, c.head_dim);
+        let (t, h, hd) = (self.t(), c.hidden_size, c.layers[l].head_dim);
+        let (q_dim, kv_dim) = (c.q_dim(l), c.kv_dim(l));
         self.b.set_stage(Some(l), true);
+        self.scale_by_layer_scalar(l, dx_out);
         let tape = |kind: LinearKind| s.linear(kind);
         // Through a sandwich norm on a block's output, when there is one.
         let through = |d: &mut Self, norm: Option<(BufId, BufId, BufId)>, dy: BufId| match norm {
@@ -784,9 +848,7 @@ impl Decoder<'_> {
         let dx_mid = self.rmsnorm_backward(s.x_mid, s.post_norm, s.inv2, dxn2, h);
         self.b.node(Op::Add, &[dx_out], &[dx_mid], true);
         let d_o = through(self, s.attn_out_norm, dx_mid);
-        let d_attn = self
-            .b
-            .activation(t * c.q_dim(), format!("d layers.{l}.attn"));
+        let d_attn = self.b.activation(t * q_dim, format!("d layers.{l}.attn"));
         self.linear_backward(tape(LinearKind::O), s.attn, d_o, d_attn);
         let (dq, dk, dv) = (
             self.b
@@ -798,23 +860,27 @@ impl Decoder<'_> {
         );
         let mut inputs = vec![s.q, s.k, s.v, s.attn, s.lse, d_attn];
         inputs.extend(self.first_key(l));
-        let shape = self.attention_shape();
+        let shape = self.attention_shape(l);
         self.b.node(
             Op::AttentionBackward { shape },
             &inputs,
             &[dq, dk, dv],
             false,
         );
-        let q_scale = self.query_scale();
+        let q_scale = self.query_scale(l);
         if q_scale != 1.0 {
             self.b
                 .node(Op::Scale { factor: q_scale }, &[], &[dq], false);
         }
-        self.scale_queries_by_position(dq);
+        self.scale_queries_by_position(dq, l);
         if c.layers[l].rope {
             self.rope(l, dq, c.num_heads, true);
-            self.rope(l, dk, c.num_kv_heads, true);
+            self.rope(l, dk, c.layers[l].kv_heads, true);
         }
+        let dv = match s.v_norm {
+            Some((v_raw, inv)) => self.rmsnorm_backward_node(v_raw, None, inv, dv, hd),
+            None => dv,
+        };
         let (dq, dk) = match s.qk_norm {
             Some([(qp, qn, iq), (kp, kn, ik)]) => (
                 self.rmsnorm_backward(qp, qn, iq, dq, hd),
@@ -824,12 +890,18 @@ impl Decoder<'_> {
         };
         let dxn1 = self.b.activation(t * h, format!("d layers.{l}.xn1"));
         if c.fused_projections {
-            let (qd, kvd) = (c.q_dim(), c.kv_dim());
+            let (qd, kvd) = (q_dim, kv_dim);
             let parts = [(dq, 0), (dk, qd), (dv, qd + kvd)];
             let dqkv = self
                 .b
                 .joined(&parts, qd + 2 * kvd, format!("d layers.{l}.qkv"));
             self.linear_backward(tape(LinearKind::Qkv), s.xn1, dqkv, dxn1);
+        } else if c.layers[l].values_from_keys {
+            // k_proj's output fed both k and v: its gradient is the sum.
+            self.b.node(Op::Add, &[dv], &[dk], true);
+            for (kind, d) in [(LinearKind::Q, dq), (LinearKind::K, dk)] {
+                self.linear_backward(tape(kind), s.xn1, d, dxn1);
+            }
         } else {
             for (kind, d) in [
                 (LinearKind::Q, dq),

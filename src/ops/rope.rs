@@ -22,6 +22,18 @@ pub fn inv_freq_for(head_dim: usize, theta: f64, scaling: &RopeScaling, end: usi
     match *scaling {
         RopeScaling::None => plain,
         RopeScaling::Linear { factor } => plain.iter().map(|f| f / factor as f32).collect(),
+        RopeScaling::Proportional {
+            factor,
+            partial_rotary_factor,
+        } => {
+            // transformers' `int(rope_proportion * head_dim // 2)` rotated frequencies.
+            let rotated = (partial_rotary_factor * head_dim as f64 / 2.0).floor() as usize;
+            plain
+                .iter()
+                .enumerate()
+                .map(|(i, &f)| if i < rotated { f } else { 0.0 } / factor as f32)
+                .collect()
+        }
         RopeScaling::LongRope {
             ref short_factor,
             ref long_factor,
@@ -116,13 +128,13 @@ pub fn attention_factor(scaling: &RopeScaling) -> f32 {
     }
 }
 
-/// The tables of a decoder's sliding layers that rotate with a base of their own (Gemma 3), at
-/// `positions`: empty where there is none.
+/// The tables of a decoder's sliding layers that rotate whole heads with a base of their own (Gemma),
+/// at `positions`: empty where there is none.
 pub fn local_tables(c: &crate::config::ModelConfig, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
-    match c.local_rope_theta {
-        Some(theta) if c.layers.iter().any(|l| l.local_rope) => tables(
+    match (c.local_rope_theta, c.layers.iter().find(|l| l.local_rope)) {
+        (Some(theta), Some(layer)) => tables(
             positions,
-            &inv_freq(c.rotary_dim, theta, &RopeScaling::None),
+            &inv_freq(layer.head_dim, theta, &RopeScaling::None),
             1.0,
         ),
         _ => (Vec::new(), Vec::new()),
