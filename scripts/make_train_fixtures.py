@@ -2,9 +2,10 @@
 peft, for tests/train_parity.rs to compare `nibble train` against; checks that PEFT loads nibble's adapter
 and that transformers loads `nibble merge`'s folder (results recorded in expected.json).
 
-The setup is the issue's parity recipe, for three families: small random Qwen2 (tied embeddings, q/k/v
-bias), Gemma 3 (sandwich norms, GeGLU, sliding and full layers) and Phi-3 (fused projections, partial
-rotary, LongRoPE) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
+The setup is the issue's parity recipe, for five families: small random Qwen2 (tied embeddings, q/k/v
+bias), Gemma 3 (sandwich norms, GeGLU, sliding and full layers), Phi-3 (fused projections, partial
+rotary, LongRoPE), Gemma 4 (v norms, a full layer with wider heads whose values are its keys, a scalar
+per layer, capped logits) and Ministral 3 (YaRN, the per-position query scale) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
 chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
 linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
 dropout 0, batch 1 with gradient accumulation 2, constant
@@ -13,12 +14,13 @@ order, and the loss of each optimizer step = Σ token cross-entropy over its exa
 count (transformers' num_items_in_batch). Messages rows carry loss on every token, as TRL's default.
 
 Run from the repository root with a virtualenv holding torch, transformers, peft and bitsandbytes:
-    python scripts/make_train_fixtures.py
+    python scripts/make_train_fixtures.py [family ...]
 """
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -31,7 +33,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 OUT = "tests/fixtures/hf_train"
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            "gemma4_text": SEPARATE, "ministral3": SEPARATE}
 STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
 CHATS = [
     ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),
@@ -89,9 +92,11 @@ def train(pm, examples):
 
 
 def main():
-    shutil.rmtree(OUT, ignore_errors=True)
-    for family, targets in FAMILIES.items():
-        make(family, targets)
+    # Families named on the command line are remade alone; none: every one.
+    chosen = sys.argv[1:] or list(FAMILIES)
+    for family in chosen:
+        shutil.rmtree(os.path.join(OUT, family), ignore_errors=True)
+        make(family, FAMILIES[family])
 
 
 def make(family, targets):
