@@ -2,7 +2,7 @@
 
 mod cli;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -80,7 +80,13 @@ fn main() {
         logger.filter_module("wgpu_core::instance", log::LevelFilter::Error);
     }
     logger.init();
-    let cli = Cli::parse();
+    // `nibble train --help` states each option's default (`settings::document_defaults`).
+    let command =
+        Cli::command().mut_subcommand("train", nibble::train::settings::document_defaults);
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // A kernel path this machine cannot take is refused before any work (the kernels themselves would
     // quietly take the detected one).
     if let Err(why) = nibble::ops::isa::requested() {

@@ -491,7 +491,7 @@ impl QuantRequest {
             Some(QuantRequest::Dense) => None,
             None => Some(match stored {
                 Some(s) => s,
-                None => QuantSpec::new(QuantFormat::Nf4, 64)?,
+                None => QuantSpec::new(QuantFormat::Nf4, crate::quant::DEFAULT_GROUP_SIZE)?,
             }),
         })
     }
@@ -512,7 +512,7 @@ impl QuantRequest {
                 };
                 Some(QuantRequest::Quantize(QuantSpec::new(
                     format,
-                    group.unwrap_or(64),
+                    group.unwrap_or(crate::quant::DEFAULT_GROUP_SIZE),
                 )?))
             }
         })
@@ -835,7 +835,10 @@ impl ModelSource {
                     file.path().display()
                 )));
             }
-            (SourceKind::Folder { .. }, None) => Some(QuantSpec::new(QuantFormat::Nf4, 64)?),
+            (SourceKind::Folder { .. }, None) => Some(QuantSpec::new(
+                QuantFormat::Nf4,
+                crate::quant::DEFAULT_GROUP_SIZE,
+            )?),
             (SourceKind::Folder { .. }, Some(QuantRequest::Dense)) => None,
             (SourceKind::Folder { .. }, Some(QuantRequest::Quantize(s))) => Some(s),
         };

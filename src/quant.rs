@@ -42,6 +42,9 @@ const NF4_THRESHOLDS: [f32; 15] = {
 
 pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
 
+/// The group size when none is asked for.
+pub const DEFAULT_GROUP_SIZE: usize = 64;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QuantFormat {
     Nf4,

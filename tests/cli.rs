@@ -422,3 +422,43 @@ fn plan_finds_the_longest_sequence_for_a_budget() {
     let err = fails(&["plan", s(&path), "--budget", "lots"]);
     assert!(err.contains("--budget"), "{err}");
 }
+
+/// `nibble train --help` (and -h) gives every option a description and its default (issue 19).
+#[test]
+fn every_train_option_names_its_default_in_help() {
+    for flag in ["--help", "-h"] {
+        let help = ok(&["train", flag]);
+        // Each option's block runs from its `--name` line to the next one.
+        let mut blocks: Vec<(String, String)> = Vec::new();
+        for line in help.lines() {
+            let trimmed = line.trim_start();
+            if let Some(rest) = trimmed
+                .strip_prefix("-o, ")
+                .or(Some(trimmed))
+                .filter(|t| t.starts_with("--") && line.starts_with("  "))
+            {
+                let name = rest.split_whitespace().next().unwrap().to_string();
+                blocks.push((name, String::new()));
+            } else if let Some((_, text)) = blocks.last_mut() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        assert!(blocks.len() > 40, "{help}");
+        for (name, text) in &blocks {
+            if name == "--help" {
+                continue;
+            }
+            assert!(
+                text.contains("[default: ") || text.contains("[required]"),
+                "{flag}: {name} states no default:\n{text}"
+            );
+            let description = text.split('[').next().unwrap().trim();
+            assert!(!description.is_empty(), "{flag}: {name} has no description");
+        }
+        assert!(
+            help.contains("The peak learning rate [default: 0.0002]"),
+            "{help}"
+        );
+    }
+}

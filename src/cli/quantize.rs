@@ -28,7 +28,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let spec = match quant.request()? {
-        None => QuantSpec::new(QuantFormat::Nf4, 64)?,
+        None => QuantSpec::new(QuantFormat::Nf4, nibble::quant::DEFAULT_GROUP_SIZE)?,
         Some(QuantRequest::Quantize(s)) => s,
         Some(QuantRequest::Dense) => {
             bail!("--quant none makes no quantized file; choose nf4 or int4")

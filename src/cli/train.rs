@@ -83,9 +83,13 @@ fn train_klein(
         output,
         quant,
         config: settings.train_config()?,
-        resolution: settings.resolution.unwrap_or(512),
+        resolution: settings
+            .resolution
+            .unwrap_or(nibble::train::flux2::DEFAULT_RESOLUTION),
         trigger: settings.trigger.clone(),
-        caption_dropout: settings.caption_dropout.unwrap_or(0.05),
+        caption_dropout: settings
+            .caption_dropout
+            .unwrap_or(nibble::train::flux2::DEFAULT_CAPTION_DROPOUT),
         sampling: settings
             .sigma_sampling
             .unwrap_or(nibble::train::flux2::SigmaSampling::Sigmoid),

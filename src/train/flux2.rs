@@ -10,6 +10,12 @@ use crate::models::flux2::{self, Flux2Inputs, Flux2Model, Flux2Step};
 use crate::rng::Rng;
 use crate::shared::Shared;
 
+/// The image side when none is asked for (`--resolution`).
+pub const DEFAULT_RESOLUTION: usize = 512;
+
+/// The probability of the empty caption when none is asked for (`--caption-dropout`).
+pub const DEFAULT_CAPTION_DROPOUT: f64 = 0.05;
+
 /// How each example's σ is drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SigmaSampling {
@@ -827,7 +833,10 @@ fn caption_features<'c>(
     };
     let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, tokenizer_dir)?;
     let storage = if source.config.hidden_size % 64 == 0 {
-        QuantRequest::Quantize(QuantSpec::new(QuantFormat::Nf4, 64)?)
+        QuantRequest::Quantize(QuantSpec::new(
+            QuantFormat::Nf4,
+            crate::quant::DEFAULT_GROUP_SIZE,
+        )?)
     } else {
         QuantRequest::Dense
     };

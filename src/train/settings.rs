@@ -65,10 +65,14 @@ pub struct TrainSettings {
     /// batch 1, gradient accumulation 4, 2 epochs).
     #[arg(long)]
     pub preset: Option<String>,
+    /// The base model: a Hugging Face folder, a file from `nibble quantize`, or a FLUX.2 transformer.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The training data: a JSONL file (messages, prompt/completion or text rows) or a folder of
+    /// images with captions (FLUX.2).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// The folder the adapter, metrics.jsonl and checkpoints are written to.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
     /// Storage of the decoder's linear weights.
@@ -77,47 +81,64 @@ pub struct TrainSettings {
     /// Weights per scale, along the input dimension: 32, 64 or 128.
     #[arg(long)]
     pub group_size: Option<usize>,
+    /// Where the steps run.
     #[arg(long, value_enum, ignore_case = true)]
     pub device: Option<Device>,
+    /// The arithmetic of the products.
     #[arg(long, value_enum, ignore_case = true)]
     pub precision: Option<PrecisionChoice>,
+    /// The peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// How the learning rate falls after warmup.
     #[arg(long, value_enum, ignore_case = true)]
     pub lr_scheduler: Option<Schedule>,
+    /// Optimizer steps over which the learning rate rises from 0.
     #[arg(long)]
     pub warmup_steps: Option<usize>,
     /// Warmup as a fraction of all steps (used when --warmup-steps is not given).
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
+    /// AdamW's decoupled weight decay.
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Gradients are clipped to this global norm (0: no clipping).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// Passes over the data.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps, whatever --epochs says.
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// The LoRA rank.
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// LoRA's alpha: the update is scaled by alpha / r (alpha / √r with --use-rslora).
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA branch's input.
     #[arg(long)]
     pub lora_dropout: Option<f64>,
+    /// Scale LoRA updates by alpha / √r (rsLoRA) instead of alpha / r.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
     /// Comma-separated module names or all-linear.
     #[arg(long)]
     pub target_modules: Option<String>,
+    /// Examples are cut to this many tokens.
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// Up to 2^63 - 1 (option files store integers as signed 64-bit).
+    /// Seeds the LoRA initialisation, shuffling, dropout and --eval-split; up to 2^63 - 1.
     #[arg(long, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
     pub seed: Option<u64>,
+    /// Keep the data in file order.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_shuffle: Option<bool>,
     /// Which tokens carry loss: all, assistant (the assistant turns of conversations) or completion
@@ -137,6 +158,8 @@ pub struct TrainSettings {
     /// Evaluate every N optimizer steps (default: at the end of each epoch and of the run).
     #[arg(long)]
     pub eval_steps: Option<usize>,
+    /// Keep each layer's input only and recompute the rest in the backward (less memory, a third more
+    /// compute).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub gradient_checkpointing: Option<bool>,
     /// Gradient checkpointing with each layer's input kept in bf16: half the memory of the
@@ -195,6 +218,122 @@ pub struct TrainSettings {
     /// FLUX.2: compute caption features and latents afresh and keep none.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub no_cache: Option<bool>,
+}
+
+/// What each option of `nibble train` is when left out, as `--help` states it: read off the values a
+/// run takes (`TrainConfig::default()`, the run options of no flags), so the help cannot drift from
+/// what nibble does. FLUX.2 runs start from the flux2-klein preset instead (`--preset`).
+pub fn defaults_for_help() -> Vec<(&'static str, String)> {
+    let d = TrainConfig::default();
+    let run = TrainSettings::default()
+        .run_options()
+        .expect("no options are valid options");
+    let none = || "none".to_string();
+    let flag = |on: bool| on.to_string();
+    let count = |n: usize, zero: &str| match n {
+        0 => zero.to_string(),
+        n => n.to_string(),
+    };
+    vec![
+        ("config", none()),
+        ("preset", none()),
+        ("model", "required".into()),
+        ("data", "required".into()),
+        ("output", "required".into()),
+        (
+            "quant",
+            "nf4 for a 16-bit folder, the stored format for a quantized file".into(),
+        ),
+        ("group_size", crate::quant::DEFAULT_GROUP_SIZE.to_string()),
+        ("device", "auto".into()),
+        ("precision", "default".into()),
+        ("lr", d.lr.to_string()),
+        ("lr_scheduler", format!("{:?}", d.schedule).to_lowercase()),
+        ("warmup_steps", d.warmup_steps.to_string()),
+        ("warmup_ratio", d.warmup_ratio.to_string()),
+        ("weight_decay", d.weight_decay.to_string()),
+        ("max_grad_norm", d.max_grad_norm.to_string()),
+        ("epochs", d.epochs.to_string()),
+        (
+            "max_steps",
+            d.max_steps
+                .map_or_else(|| "none: --epochs decide".into(), |n| n.to_string()),
+        ),
+        ("batch_size", d.batch_size.to_string()),
+        ("grad_accum", d.grad_accum.to_string()),
+        ("lora_r", d.lora.r.to_string()),
+        ("lora_alpha", d.lora.alpha.to_string()),
+        ("lora_dropout", d.lora.dropout.to_string()),
+        ("use_rslora", flag(d.lora.use_rslora)),
+        ("target_modules", d.lora.targets.join(",")),
+        ("max_length", d.max_length.to_string()),
+        ("seed", d.seed.to_string()),
+        ("no_shuffle", flag(!d.shuffle)),
+        ("loss_on", format!("{:?}", d.loss_on).to_lowercase()),
+        ("init_adapter", "none: A random, B zero, as PEFT".into()),
+        ("eval_data", none()),
+        ("eval_split", none()),
+        (
+            "eval_steps",
+            count(run.eval_steps, "0: at the end of each epoch and of the run"),
+        ),
+        (
+            "gradient_checkpointing",
+            "off, turned on by nibble where a step would not fit".into(),
+        ),
+        (
+            "bf16_checkpoints",
+            "off, chosen by nibble where a step would not fit otherwise".into(),
+        ),
+        (
+            "offload_checkpoints",
+            "off, chosen by nibble where a step would not fit otherwise".into(),
+        ),
+        ("packing", flag(run.packing)),
+        ("overwrite", flag(run.overwrite)),
+        ("save_steps", count(run.save_steps, "0: no checkpoints")),
+        ("resume", none()),
+        ("gpu_memory", "what the driver reports free".into()),
+        (
+            "resolution",
+            crate::train::flux2::DEFAULT_RESOLUTION.to_string(),
+        ),
+        ("trigger", none()),
+        (
+            "caption_dropout",
+            crate::train::flux2::DEFAULT_CAPTION_DROPOUT.to_string(),
+        ),
+        ("sigma_sampling", "sigmoid".into()),
+        (
+            "cache_dir",
+            "$NIBBLE_CACHE_DIR, $XDG_CACHE_HOME/nibble or ~/.cache/nibble".into(),
+        ),
+        ("text_encoder", "the pipeline folder's".into()),
+        ("vae", "the pipeline folder's".into()),
+        ("no_cache", flag(false)),
+    ]
+}
+
+/// `command` (nibble train's) with each option's help ending in its default (`defaults_for_help`).
+pub fn document_defaults(command: clap::Command) -> clap::Command {
+    defaults_for_help()
+        .into_iter()
+        .fold(command, |command, (id, default)| {
+            command.mut_arg(id, |arg| {
+                let note = match default.as_str() {
+                    "required" => " [required]".to_string(),
+                    _ => format!(" [default: {default}]"),
+                };
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                // -h shows `help`; --help shows `long_help` where a doc comment has one.
+                let long = arg.get_long_help().map(|h| format!("{h}{note}"));
+                let arg = arg.help(format!("{help}{note}"));
+                match long {
+                    Some(long) => arg.long_help(long),
+                    None => arg,
+                }
+            })
+        })
 }
 
 impl TrainSettings {
@@ -509,4 +648,94 @@ pub fn parse_targets(list: &str) -> Result<Vec<String>> {
         ));
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Args;
+
+    /// Every option of `nibble train` has a default in `defaults_for_help` and no entry there names
+    /// an option that does not exist (clap's `mut_arg` would panic on it at every start).
+    #[test]
+    fn every_train_option_has_a_stated_default() {
+        let command = TrainSettings::augment_args(clap::Command::new("train"));
+        let options: Vec<String> = command
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .filter(|id| id != "help")
+            .collect();
+        let documented: Vec<&str> = defaults_for_help().iter().map(|(id, _)| *id).collect();
+        for id in &options {
+            assert!(
+                documented.contains(&id.as_str()),
+                "--{id} has no default in defaults_for_help"
+            );
+        }
+        for id in &documented {
+            assert!(
+                options.iter().any(|o| o == id),
+                "defaults_for_help names --{id}, which does not exist"
+            );
+        }
+        let command = document_defaults(command);
+        for arg in command.get_arguments().filter(|a| a.get_id() != "help") {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let (text, default) = help
+                .rsplit_once(" [")
+                .unwrap_or_else(|| panic!("--{}: {help}", arg.get_id()));
+            assert!(
+                !text.trim().is_empty(),
+                "--{} has no description",
+                arg.get_id()
+            );
+            assert!(
+                default.starts_with("default: ") || default == "required]",
+                "--{}: {help}",
+                arg.get_id()
+            );
+        }
+    }
+
+    /// The defaults the help states are the ones a run with no options takes.
+    #[test]
+    fn stated_defaults_are_the_ones_runs_take() {
+        let given = TrainSettings::default().train_config().unwrap();
+        let stated: std::collections::HashMap<&str, String> =
+            defaults_for_help().into_iter().collect();
+        for (id, value) in [
+            ("lr", given.lr.to_string()),
+            ("epochs", given.epochs.to_string()),
+            ("batch_size", given.batch_size.to_string()),
+            ("grad_accum", given.grad_accum.to_string()),
+            ("lora_r", given.lora.r.to_string()),
+            ("lora_alpha", given.lora.alpha.to_string()),
+            ("lora_dropout", given.lora.dropout.to_string()),
+            ("max_length", given.max_length.to_string()),
+            ("seed", given.seed.to_string()),
+            ("max_grad_norm", given.max_grad_norm.to_string()),
+            ("weight_decay", given.weight_decay.to_string()),
+            ("target_modules", given.lora.targets.join(",")),
+        ] {
+            assert_eq!(stated[id], value, "--{id}");
+        }
+        // The numbers: lr 2e-4, one epoch, batch 1, no accumulation, 1024 tokens, seed 42.
+        assert_eq!(
+            [
+                "lr",
+                "epochs",
+                "batch_size",
+                "grad_accum",
+                "max_length",
+                "seed"
+            ]
+            .map(|id| stated[id].as_str()),
+            ["0.0002", "1", "1", "1", "1024", "42"]
+        );
+        let quant = TrainSettings::default().quant_request().unwrap();
+        assert!(
+            quant.is_none(),
+            "no --quant: the source decides (nf4 for a folder)"
+        );
+    }
 }
