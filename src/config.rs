@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1077,9 +1078,20 @@ fn refuse_gemma4_parts(fields: &Fields) -> Result<()> {
                 .into(),
         ));
     }
-    if fields.opt_str("use_bidirectional_attention").ok().flatten() == Some("all") {
+    // null, false and "vision" (image tokens only) leave text causal.
+    match fields.get("use_bidirectional_attention") {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::String(s)) if s == "vision" => {}
+        Some(other) => {
+            return Err((fields.err)(format!(
+                "use_bidirectional_attention {other} is not supported: nibble trains causal decoders"
+            )));
+        }
+    }
+    // transformers refuses a Gemma 4 without a window for its sliding layers.
+    if fields.obj.get("sliding_window").is_some_and(Value::is_null) {
         return Err((fields.err)(
-            "use_bidirectional_attention \"all\" is not supported: nibble trains causal decoders"
+            "`sliding_window` must be set for gemma4_text (its sliding layers need a window)"
                 .into(),
         ));
     }
@@ -1091,57 +1103,96 @@ fn refuse_gemma4_parts(fields: &Fields) -> Result<()> {
 /// transformers writes a config back, `per_layer_config` overrides by layer index. The global RoPE
 /// tables are theirs.
 fn gemma4_full_layer_heads(fields: &Fields, c: &mut ModelConfig) -> Result<()> {
+    let err = fields.err;
     let global_head_dim = fields.opt_usize("global_head_dim")?.unwrap_or(512);
     let k_eq_v = fields.opt_bool("attention_k_eq_v")?.unwrap_or(false);
     let global_kv = fields.opt_usize("num_global_key_value_heads")?;
-    let overrides = fields.get("per_layer_config").and_then(Value::as_object);
+    // transformers' per-layer overrides: every key a layer index ("05"), every value an object.
+    let mut overrides: HashMap<usize, &Map<String, Value>> = HashMap::new();
+    if let Some(value) = fields.get("per_layer_config") {
+        let by_layer = value
+            .as_object()
+            .ok_or_else(|| err("`per_layer_config` must be an object of layer indices".into()))?;
+        for (key, entry) in by_layer {
+            let layer = key.parse::<usize>().ok().filter(|&l| l < c.num_layers);
+            let (Some(layer), Some(entry)) = (layer, entry.as_object()) else {
+                return Err(err(format!(
+                    "`per_layer_config.{key}` must be an object under a layer index below {}",
+                    c.num_layers
+                )));
+            };
+            overrides.insert(layer, entry);
+        }
+    }
+    let given = fields.get("per_layer_config").is_some();
     for (l, layer) in c.layers.iter_mut().enumerate() {
-        let full = layer.window.is_none();
+        // The layer's type decides, as in transformers (a sliding layer's window is set).
+        let full = !layer.local_rope;
         layer.values_from_keys = full && k_eq_v;
-        match overrides {
-            Some(by_layer) => {
-                let entry = by_layer
-                    .iter()
-                    // Keys are layer indices, zero-padded as transformers writes them ("05").
-                    .find(|(key, _)| key.parse::<usize>().ok() == Some(l))
-                    .and_then(|(_, v)| v.as_object());
-                if let Some(entry) = entry {
-                    let sub = Fields {
-                        obj: entry,
-                        err: fields.err,
-                    };
-                    layer.head_dim = sub.opt_usize("head_dim")?.unwrap_or(layer.head_dim);
-                    layer.kv_heads = sub
-                        .opt_usize("num_key_value_heads")?
-                        .unwrap_or(layer.kv_heads);
-                }
+        let field = match overrides.get(&l) {
+            Some(entry) => {
+                let sub = Fields { obj: entry, err };
+                layer.head_dim = sub.opt_usize("head_dim")?.unwrap_or(layer.head_dim);
+                layer.kv_heads = sub
+                    .opt_usize("num_key_value_heads")?
+                    .unwrap_or(layer.kv_heads);
+                format!("per_layer_config.{l}")
             }
-            None if full => {
+            None if full && !given => {
                 layer.head_dim = global_head_dim;
                 if let (true, Some(kv)) = (k_eq_v, global_kv) {
                     layer.kv_heads = kv;
                 }
+                "global_head_dim / num_global_key_value_heads".to_string()
             }
-            None => {}
-        }
+            None => "head_dim / num_key_value_heads".to_string(),
+        };
         if layer.head_dim == 0
             || !layer.head_dim.is_multiple_of(2)
             || layer.head_dim > MAX_DIMENSION
         {
-            return Err((fields.err)(format!(
-                "layer {l}'s head_dim {} must be even and positive",
+            return Err(err(format!(
+                "layer {l}'s head_dim {} (from {field}) must be even, positive and at most {MAX_DIMENSION}",
                 layer.head_dim
             )));
         }
         if layer.kv_heads == 0 || !c.num_heads.is_multiple_of(layer.kv_heads) {
-            return Err((fields.err)(format!(
-                "layer {l}: num_attention_heads {} is not a multiple of its {} key/value heads",
+            return Err(err(format!(
+                "layer {l}: num_attention_heads {} is not a multiple of its {} key/value heads (from {field})",
                 c.num_heads, layer.kv_heads
             )));
         }
     }
-    if let Some(full) = c.layers.iter().find(|l| l.window.is_none()) {
+    // One RoPE table per layer type: each type's layers must share a head size.
+    for local in [false, true] {
+        let mut sizes = c
+            .layers
+            .iter()
+            .filter(|l| l.local_rope == local)
+            .map(|l| l.head_dim);
+        if let Some(first) = sizes.next()
+            && sizes.any(|d| d != first)
+        {
+            return Err(err(format!(
+                "the {} layers have heads of different sizes (per_layer_config); nibble needs one size per layer type",
+                if local { "sliding" } else { "full" }
+            )));
+        }
+    }
+    if let Some(full) = c.layers.iter().find(|l| !l.local_rope) {
         c.rotary_dim = full.head_dim;
+    }
+    // The early check counted every layer at head_dim; the wider ones must fit the same bound.
+    let total = (0..c.num_layers).try_fold(0u64, |sum, l| {
+        let (q, kv) = (c.q_dim(l) as u64, c.kv_dim(l) as u64);
+        let attention = (c.hidden_size as u64)
+            .checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+        sum.checked_add(attention)
+    });
+    if total.is_none_or(|t| t > MAX_PARAMETERS) {
+        return Err(err(format!(
+            "these sizes describe more than {MAX_PARAMETERS} parameters, beyond any model nibble can hold"
+        )));
     }
     Ok(())
 }
@@ -1246,8 +1297,17 @@ fn parse_rope(fields: &Fields, arch: Arch) -> Result<(f64, RopeScaling, f64)> {
             "partial_rotary_factor must be in (0, 1], got {rotary_factor}"
         )));
     }
-    // Gemma 4's default RoPE ignores it and its proportional one reads it itself (below).
-    let rotary_factor = if arch == Arch::Gemma4 {
+    // Gemma 4's default RoPE ignores it and its proportional one reads it itself (below); its other
+    // types would rotate part of each head, which nibble does for Phi-3 only (refused below).
+    let gemma4_reads_it_itself = arch == Arch::Gemma4
+        && matches!(
+            fields
+                .get("rope_parameters")
+                .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+                .and_then(Value::as_str),
+            None | Some("default") | Some("proportional")
+        );
+    let rotary_factor = if gemma4_reads_it_itself {
         1.0
     } else {
         rotary_factor
@@ -1943,6 +2003,10 @@ mod tests {
         );
         assert!(c.tie_word_embeddings && c.value_norm && c.layer_scalars);
 
+        // "vision" bidirectionality concerns image tokens only; text stays causal.
+        let mut vision = base.clone();
+        vision["use_bidirectional_attention"] = json!("vision");
+        assert!(from(vision).is_ok());
         // Without k_eq_v the full layers keep num_key_value_heads and their v_proj.
         let mut plain = base.clone();
         plain["attention_k_eq_v"] = json!(false);
@@ -1970,6 +2034,30 @@ mod tests {
             (
                 json!({"use_bidirectional_attention": "all"}),
                 "use_bidirectional_attention",
+            ),
+            (
+                json!({"use_bidirectional_attention": true}),
+                "use_bidirectional_attention true",
+            ),
+            (
+                json!({"sliding_window": null}),
+                "`sliding_window` must be set",
+            ),
+            (
+                json!({"per_layer_config": {"sliding_attention": {"head_dim": 8}}}),
+                "`per_layer_config.sliding_attention`",
+            ),
+            (
+                json!({"per_layer_config": {"05": {"head_dim": 64}}}),
+                "the full layers have heads of different sizes",
+            ),
+            (
+                json!({"global_head_dim": 3}),
+                "head_dim 3 (from global_head_dim / num_global_key_value_heads)",
+            ),
+            (
+                json!({"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}}}),
+                "partial_rotary_factor 0.5 is not supported for gemma4_text",
             ),
             (
                 json!({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}}),

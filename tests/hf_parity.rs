@@ -6,8 +6,8 @@
 //! Ministral 3 (YaRN, the per-position query scale; and inside Mistral 3) and Gemma 4 (31B's layout;
 //! and multimodal) models, float32, with the base unquantized and in NF4 group 64. Measured: logits
 //! within 9.1e-7, the mean loss within 1.1e-7 and every gradient within 2.1e-6 (4.3e-6 for Gemma 4's,
-//! whose q is scaled by √512 and back) (relative); held to 1e-5, 1e-6 and 2e-5 (about ten times;
-//! five for Gemma 4's gradients).
+//! whose q is scaled by √512 and back) (relative); held to 1e-5, 1e-6 and 1e-5 (2e-5 for Gemma 4's)
+//! (about ten times; five for the gradients).
 
 mod common;
 
@@ -50,8 +50,13 @@ fn check(name: &str, quant: &str) {
             }
         }
     }
+    let tolerance = if name.starts_with("gemma4") {
+        2e-5
+    } else {
+        1e-5
+    };
     assert!(
-        worst.0 < 2e-5,
+        worst.0 < tolerance,
         "{name} {quant}: gradient {} differs by {:e}",
         worst.1,
         worst.0

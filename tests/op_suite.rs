@@ -140,6 +140,20 @@ fn cases(model: &Model) -> Vec<Case> {
             },
         );
     }
+    // Gemma 4's v_norm: no weight input, offset 1.
+    cases.case("rmsnorm without a weight and its backward", |b, g| {
+        let x = g.add(b, "x", t * hd, 1.0);
+        let dy = g.add(b, "dy", t * hd, 1.0);
+        let (y, inv, dx) = (
+            b.output("y", t * hd),
+            b.output("inv", t),
+            b.output("dx", t * hd),
+        );
+        let (dim, offset) = (hd, 1.0);
+        b.node(Op::RmsNorm { dim, eps, offset }, &[x], &[y, inv], false);
+        let op = Op::RmsNormBackward { dim, eps, offset };
+        b.node(op, &[x, inv, dy], &[dx], false);
+    });
     for (module, out, inp, bias) in [
         ("self_attn.q_proj", h, h, true),
         ("self_attn.k_proj", c.kv_dim(0), h, true),

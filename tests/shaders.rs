@@ -80,6 +80,17 @@ macro_rules! layout {
 /// Every Rust parameter struct a kernel reads as its uniform has the layout of the WGSL struct (naga's
 /// layouter): the same size, and each named member at the same offset with the same scalar type. A
 /// field added, moved or retyped on one side only would silently feed a kernel garbage.
+/// The head width the host refuses past is the one the attention shader's registers hold.
+#[test]
+fn attention_head_limit_matches_the_shader() {
+    let source = include_str!("../shaders/attention.wgsl");
+    let limit = nibble::ops::attention::GPU_MAX_HEAD_DIM;
+    assert!(
+        source.contains(&format!("const MAX_HEAD_DIM: u32 = {limit}u;")),
+        "shaders/attention.wgsl's MAX_HEAD_DIM is not {limit}"
+    );
+}
+
 #[test]
 fn every_uniform_struct_matches_its_wgsl_twin() {
     use nibble::ops::adamw::AdamWKernelParams;

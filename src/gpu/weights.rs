@@ -253,6 +253,7 @@ impl GpuWeights {
 
 impl GpuModel {
     pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
+        crate::ops::attention::check_gpu_heads(&model.config)?;
         Ok(GpuModel {
             config: model.config.clone(),
             weights: GpuWeights::upload_keeping(gpu, model, &model.host_tables())?,

@@ -394,6 +394,27 @@ pub fn backward(
     }
 }
 
+/// The widest head shaders/attention.wgsl holds (its `MAX_HEAD_DIM`: each invocation keeps a head's
+/// row in registers).
+pub const GPU_MAX_HEAD_DIM: usize = 256;
+
+/// Whether the GPU's attention kernels can run decoder `c`: an error naming the layer and its head size
+/// where one is wider than they hold (Gemma 4's full layers: 512).
+pub fn check_gpu_heads(c: &crate::config::ModelConfig) -> crate::error::Result<()> {
+    match c
+        .layers
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.head_dim > GPU_MAX_HEAD_DIM)
+    {
+        Some((l, layer)) => Err(crate::error::Error::Invalid(format!(
+            "layer {l} has heads of {} channels; the GPU attention kernels hold at most {GPU_MAX_HEAD_DIM}: run this model with --device cpu",
+            layer.head_dim
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The uniform of shaders/attention.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
