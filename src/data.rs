@@ -1,6 +1,8 @@
 //! Training and evaluation data: JSONL rows in the three shapes TRL accepts — `{"messages": [...]}`,
-//! `{"prompt": ..., "completion": ...}` (strings or message lists) and `{"text": ...}` — turned into
-//! token sequences with the model's own chat template.
+//! `{"prompt": ..., "completion": ...}` (strings or message lists) and `{"text": ...}` — and the two
+//! that axolotl and LLaMA-Factory read, mapped onto them: ShareGPT (`{"conversations": [{"from",
+//! "value"}, ...]}`, a messages row) and Alpaca (`{"instruction", "input", "output"}`, a conversational
+//! prompt/completion row); all turned into token sequences with the model's own chat template.
 
 use crate::error::{Error, Result};
 use crate::tokenizer::{ChatTokenizer, Message};
@@ -52,6 +54,12 @@ fn parse_row(v: &Value) -> std::result::Result<Example, String> {
     if let Some(m) = obj.get("messages") {
         return Ok(Example::Messages(parse_messages(m, "messages")?));
     }
+    if let Some(c) = obj.get("conversations") {
+        return sharegpt(obj, c);
+    }
+    if obj.contains_key("instruction") && obj.contains_key("output") {
+        return alpaca(obj);
+    }
     if let (Some(p), Some(c)) = (obj.get("prompt"), obj.get("completion")) {
         let turns = |v: &Value, field: &str| -> std::result::Result<Turns, String> {
             match v {
@@ -74,7 +82,128 @@ fn parse_row(v: &Value) -> std::result::Result<Example, String> {
             .map(|s| Example::Text(s.to_string()))
             .ok_or_else(|| "`text` must be a string".into());
     }
-    Err("expected a `messages` list, `prompt` and `completion`, or `text`".into())
+    Err("expected a `messages` list, `prompt` and `completion`, `text`, ShareGPT's `conversations` or Alpaca's `instruction` and `output`".into())
+}
+
+/// ShareGPT's speaker names (axolotl's default role map, with LLaMA-Factory's `observation` and
+/// `function_call`) as chat roles.
+const SHAREGPT_ROLES: [(&str, &str); 9] = [
+    ("human", "user"),
+    ("user", "user"),
+    ("gpt", "assistant"),
+    ("assistant", "assistant"),
+    ("model", "assistant"),
+    ("function_call", "assistant"),
+    ("system", "system"),
+    ("tool", "tool"),
+    ("observation", "tool"),
+];
+
+/// A ShareGPT row: `conversations` of `{"from", "value"}` (or `{"role", "content"}`) turns, after an
+/// optional top-level `system` prompt (LLaMA-Factory's), as a messages row.
+fn sharegpt(
+    obj: &serde_json::Map<String, Value>,
+    turns: &Value,
+) -> std::result::Result<Example, String> {
+    let list = turns.as_array().ok_or("`conversations` must be a list")?;
+    if list.is_empty() {
+        return Err("`conversations` is empty".into());
+    }
+    let mut messages = Vec::with_capacity(list.len() + 1);
+    if let Some(system) = obj.get("system").filter(|v| !v.is_null()) {
+        let system = system.as_str().ok_or("`system` must be a string")?;
+        if !system.is_empty() {
+            messages.push(Message {
+                role: "system".into(),
+                content: system.to_string(),
+            });
+        }
+    }
+    for (i, turn) in list.iter().enumerate() {
+        let text = |key: &str| turn.get(key).and_then(Value::as_str);
+        let (speaker, content) = match (text("from"), text("role")) {
+            (Some(from), _) => (from, turn.get("value")),
+            (None, Some(role)) => (role, turn.get("content")),
+            (None, None) => {
+                return Err(format!(
+                    "conversations[{i}] has no string `from` (or `role`)"
+                ));
+            }
+        };
+        let role = SHAREGPT_ROLES
+            .iter()
+            .find(|(name, _)| *name == speaker)
+            .map(|(_, role)| *role)
+            .ok_or_else(|| {
+                let known: Vec<&str> = SHAREGPT_ROLES.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "conversations[{i}] is from `{speaker}`; nibble maps {}",
+                    known.join(", ")
+                )
+            })?;
+        let content = match content {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(_) => return Err(format!("conversations[{i}]'s text must be a string")),
+        };
+        messages.push(Message {
+            role: role.into(),
+            content,
+        });
+    }
+    Ok(Example::Messages(messages))
+}
+
+/// An Alpaca row as LLaMA-Factory maps it: the user turn is `instruction`, then `input` on a new line
+/// when there is one, after the optional `system` prompt and `history` ([question, answer] pairs); the
+/// assistant's `output` is the completion, so the loss falls on it alone by default (TRL's rule for
+/// prompt/completion rows).
+fn alpaca(obj: &serde_json::Map<String, Value>) -> std::result::Result<Example, String> {
+    let text = |key: &str| -> std::result::Result<Option<&str>, String> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(format!("`{key}` must be a string")),
+        }
+    };
+    let message = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let mut prompt = Vec::new();
+    if let Some(system) = text("system")?.filter(|s| !s.is_empty()) {
+        prompt.push(message("system", system));
+    }
+    if let Some(history) = obj.get("history").filter(|v| !v.is_null()) {
+        let pairs = history
+            .as_array()
+            .ok_or("`history` must be a list of [question, answer] pairs")?;
+        for (i, pair) in pairs.iter().enumerate() {
+            let Some([q, a]) = pair
+                .as_array()
+                .map(Vec::as_slice)
+                .and_then(|p| <&[Value; 2]>::try_from(p).ok())
+            else {
+                return Err(format!("history[{i}] must be a [question, answer] pair"));
+            };
+            let (Some(q), Some(a)) = (q.as_str(), a.as_str()) else {
+                return Err(format!("history[{i}] must hold two strings"));
+            };
+            prompt.push(message("user", q));
+            prompt.push(message("assistant", a));
+        }
+    }
+    let instruction = text("instruction")?.unwrap_or("");
+    let user = match text("input")?.filter(|s| !s.is_empty()) {
+        Some(input) => format!("{instruction}\n{input}"),
+        None => instruction.to_string(),
+    };
+    prompt.push(message("user", &user));
+    let output = text("output")?.unwrap_or("");
+    Ok(Example::PromptCompletion {
+        prompt: Turns::Messages(prompt),
+        completion: Turns::Messages(vec![message("assistant", output)]),
+    })
 }
 
 fn parse_messages(v: &Value, field: &str) -> std::result::Result<Vec<Message>, String> {

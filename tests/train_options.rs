@@ -742,3 +742,78 @@ fn multimodal_folders_train_generate_and_merge() {
         assert_eq!(ask_question_0(&merged, &[]), "Answer 0.", "{what}");
     }
 }
+
+/// ShareGPT and Alpaca rows (issue 19) give the token ids and labels of the rows they map to: a
+/// messages row, and a conversational prompt/completion row (loss on the output alone by default).
+#[test]
+fn sharegpt_and_alpaca_rows_tokenize_as_their_mapped_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    byte_model(dir.path());
+    let source = ModelSource::open(dir.path()).unwrap();
+    let tok = ChatTokenizer::from_files(&source.tokenizer, dir.path()).unwrap();
+    let sequences = |jsonl: &str| -> Vec<(Vec<u32>, Vec<Option<u32>>)> {
+        nibble::data::parse_jsonl(jsonl, "rows")
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let s = train::tokenize(&tok, e, LossOn::Default, 512).unwrap().0;
+                (s.ids, s.targets)
+            })
+            .collect()
+    };
+    let sharegpt = concat!(
+        r#"{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Bye?"}, {"from": "gpt", "value": "Bye."}]}"#,
+        "\n",
+        r#"{"system": "Be brief.", "conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}"#,
+        "\n",
+    );
+    let messages = concat!(
+        r#"{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Bye."}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}"#,
+        "\n",
+    );
+    assert_eq!(sequences(sharegpt), sequences(messages));
+
+    let alpaca = concat!(
+        r#"{"instruction": "Translate.", "input": "chat", "output": "cat"}"#,
+        "\n",
+        r#"{"instruction": "Name a colour.", "input": "", "output": "Red.", "system": "Be brief.", "history": [["Hi?", "Hello."]]}"#,
+        "\n",
+    );
+    let prompt_completion = concat!(
+        r#"{"prompt": [{"role": "user", "content": "Translate.\nchat"}], "completion": [{"role": "assistant", "content": "cat"}]}"#,
+        "\n",
+        r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}], "completion": [{"role": "assistant", "content": "Red."}]}"#,
+        "\n",
+    );
+    let mapped = sequences(alpaca);
+    assert_eq!(mapped, sequences(prompt_completion));
+    // The loss falls on the output (and the end of its turn) alone.
+    let (ids, targets) = &mapped[0];
+    let labelled: Vec<u32> = targets.iter().flatten().copied().collect();
+    assert!(
+        !labelled.is_empty() && labelled.len() < ids.len() / 2,
+        "{labelled:?}"
+    );
+
+    for (row, expect) in [
+        (
+            r#"{"conversations": [{"from": "narrator", "value": "x"}]}"#,
+            "rows:1: conversations[0] is from `narrator`",
+        ),
+        (
+            r#"{"instruction": "x", "output": "y", "history": [["only a question"]]}"#,
+            "rows:1: history[0] must be a [question, answer] pair",
+        ),
+        (
+            r#"{"instruction": 3, "output": "y"}"#,
+            "rows:1: `instruction` must be a string",
+        ),
+    ] {
+        let e = nibble::data::parse_jsonl(row, "rows")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(expect), "{e}");
+    }
+}
