@@ -70,6 +70,15 @@ fn model_and_data(dir: &Path) -> (PathBuf, PathBuf) {
     (model, data)
 }
 
+/// A flat folder's files copied into a new folder `to`.
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 fn config(max_steps: usize) -> TrainConfig {
     TrainConfig {
         lr: 1e-3,
@@ -169,13 +178,7 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     // A second folder that holds only what a run killed after step 2 would have left.
     let part = dir.path().join("part");
     std::fs::create_dir_all(&part).unwrap();
-    let checkpoint = whole.join("checkpoint-2");
-    let copy = part.join("checkpoint-2");
-    std::fs::create_dir_all(&copy).unwrap();
-    for entry in std::fs::read_dir(&checkpoint).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
-    }
+    copy_folder(&whole.join("checkpoint-2"), &part.join("checkpoint-2"));
     let resume = RunOptions {
         resume: Some(part.clone()),
         ..saving
@@ -192,6 +195,46 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         std::fs::read(part.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
     );
+}
+
+/// `--save-total-limit 2` (issue 19): of checkpoints written at every step, the two newest stay, and a
+/// run resumes from them as from an unpruned folder; a folder nibble did not write is left alone.
+#[test]
+fn a_save_total_limit_keeps_the_newest_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let out = dir.path().join("out");
+    let options = RunOptions {
+        save_steps: 1,
+        save_total_limit: Some(2),
+        ..Default::default()
+    };
+    let (result, whole) = train(&model, &data, &out, config(4), options.clone());
+    result.unwrap();
+    let mut kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("checkpoint"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-3", "checkpoint-4"]);
+
+    // A run killed after step 3 of 4, its older checkpoints pruned, beside a Hugging Face Trainer's
+    // checkpoint-1 (no optimizer.safetensors: not nibble's).
+    let part = dir.path().join("part");
+    copy_folder(&out.join("checkpoint-3"), &part.join("checkpoint-3"));
+    std::fs::create_dir_all(part.join("checkpoint-1")).unwrap();
+    std::fs::write(part.join("checkpoint-1/trainer_state.json"), "{}").unwrap();
+    let resume = RunOptions {
+        resume: Some(part.join("checkpoint-3")),
+        save_total_limit: Some(1),
+        ..options
+    };
+    let (result, resumed) = train(&model, &data, &part, config(4), resume);
+    result.unwrap();
+    assert_eq!(resumed.steps, whole.steps[3..].to_vec());
+    assert!(part.join("checkpoint-4").is_dir() && !part.join("checkpoint-3").exists());
+    assert!(part.join("checkpoint-1/trainer_state.json").is_file());
 }
 
 #[test]

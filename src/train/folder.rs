@@ -55,6 +55,33 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         || (step_suffix(name) && dir.join(name).join("optimizer.safetensors").is_file())
 }
 
+/// Deletes all but the `keep` newest of nibble's checkpoints in `dir` (those `is_run_entry` owns:
+/// `checkpoint-N/` holding optimizer.safetensors), oldest first; each is renamed to its temporary form
+/// before it is deleted, so an interrupted deletion never leaves a half checkpoint that looks complete.
+/// Returns the checkpoints removed.
+pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut checkpoints: Vec<(usize, String)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
+            is_run_entry(dir, &name).then_some((step, name))
+        })
+        .collect();
+    checkpoints.sort();
+    let excess = checkpoints.len().saturating_sub(keep.max(1));
+    let mut removed = Vec::new();
+    for (_, name) in checkpoints.into_iter().take(excess) {
+        let (path, aside) = (dir.join(&name), dir.join(format!(".{name}.tmp")));
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(&path, &aside).map_err(|e| Error::io(&path, e))?;
+        std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 /// The output folder, locked by this process. The operating system releases the lock when the process
 /// ends however it ends, so a killed run leaves no lock that blocks the next one. The lock file itself
 /// stays: deleting it would let a process that opened it just before lock a file no one else sees.

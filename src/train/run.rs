@@ -22,6 +22,8 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Write a checkpoint every this many optimizer steps (0: none).
     pub save_steps: usize,
+    /// Keep only this many of the newest checkpoints, deleting older ones as new ones are written.
+    pub save_total_limit: Option<usize>,
     /// Continue from the newest complete checkpoint in this folder.
     pub resume: Option<PathBuf>,
     /// Start from this PEFT adapter (its r, alpha and targets apply).
@@ -372,6 +374,11 @@ impl<'m> Run<'m> {
             self.trainer
                 .save_checkpoint(&out.dir, &self.base_model, Some(&self.manifest))?;
             self.saved_step = Some(record.step);
+            if let Some(keep) = self.options.save_total_limit {
+                for removed in crate::train::folder::prune_checkpoints(&out.dir, keep)? {
+                    log::info!("removed {} (--save-total-limit {keep})", removed.display());
+                }
+            }
         }
         Ok(record)
     }

@@ -183,6 +183,9 @@ pub struct TrainSettings {
     /// Write checkpoint-N/ (adapter, optimizer state, RNG state, data position) every N steps.
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Keep only the N newest checkpoints, deleting older ones as new ones are written.
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
     /// Continue a run from the newest complete checkpoint in this folder (or this checkpoint).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -292,6 +295,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("packing", flag(run.packing)),
         ("overwrite", flag(run.overwrite)),
         ("save_steps", count(run.save_steps, "0: no checkpoints")),
+        ("save_total_limit", "none: every checkpoint is kept".into()),
         ("resume", none()),
         ("gpu_memory", "what the driver reports free".into()),
         (
@@ -417,6 +421,7 @@ impl TrainSettings {
             ("eval_data", self.eval_data.is_some()),
             ("resume", self.resume.is_some()),
             ("save_steps", self.save_steps.is_some()),
+            ("save_total_limit", self.save_total_limit.is_some()),
             ("overwrite", self.overwrite.is_some()),
             ("quant", self.quant.is_some()),
             ("group_size", self.group_size.is_some()),
@@ -520,6 +525,15 @@ impl TrainSettings {
         Ok(RunOptions {
             overwrite: self.overwrite.unwrap_or(false),
             save_steps: self.save_steps.unwrap_or(0),
+            save_total_limit: match self.save_total_limit {
+                Some(0) => {
+                    return Err(Error::Invalid(
+                        "--save-total-limit must be at least 1 (the newest checkpoint is always kept)"
+                            .into(),
+                    ));
+                }
+                limit => limit,
+            },
             resume: self.resume.clone(),
             init_adapter: self.init_adapter.clone(),
             eval_data: self.eval_data.clone(),
