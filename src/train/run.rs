@@ -374,6 +374,8 @@ impl<'m> Run<'m> {
             self.trainer
                 .save_checkpoint(&out.dir, &self.base_model, Some(&self.manifest))?;
             self.saved_step = Some(record.step);
+            // The page has no folders to prune (its runs have no output folder).
+            #[cfg(not(target_arch = "wasm32"))]
             if let Some(keep) = self.options.save_total_limit {
                 for removed in crate::train::folder::prune_checkpoints(&out.dir, keep)? {
                     log::info!("removed {} (--save-total-limit {keep})", removed.display());
