@@ -151,6 +151,20 @@ pub enum GateActivation {
     GeluTanh,
 }
 
+/// Every `model_type` nibble reads, in words, for the error that refuses another.
+pub fn supported_model_types() -> String {
+    let names: Vec<String> = Arch::ALL
+        .iter()
+        .map(|a| a.model_type().to_string())
+        .chain(
+            Multimodal::ALL
+                .iter()
+                .map(|m| format!("{} (its text decoder)", m.model_type())),
+        )
+        .collect();
+    names.join(", ")
+}
+
 /// A multimodal model whose text decoder nibble trains, its vision tower left as it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Multimodal {

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    /// The cause is part of the message and not a `source`, so that a chain printed whole (`{:#}`)
+    /// says it once.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {msg}")]
     Config { path: PathBuf, msg: String },
@@ -22,7 +23,8 @@ pub enum Error {
         msg: String,
     },
     #[error(
-        "unsupported architecture `{0}`: nibble supports Qwen2/Qwen2.5 (qwen2), Qwen3 (qwen3), Llama 2/3.x and SmolLM2 (llama), Mistral (mistral), Ministral (ministral) and SmolLM3 (smollm3)"
+        "unsupported architecture `{0}`: nibble supports the model_types {families}",
+        families = crate::config::supported_model_types()
     )]
     UnsupportedArchitecture(String),
     #[error("{path}: {msg}")]
@@ -42,7 +44,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -31,8 +31,8 @@ enum Command {
     /// Fold a LoRA adapter into the base weights: a model folder (safetensors, config and tokenizer
     /// copied) that transformers loads without peft.
     Merge(cli::merge::Args),
-    /// Talk with a model in the terminal: each line is a user turn (/reset starts over, end of input
-    /// quits). The KV cache carries the conversation from turn to turn.
+    /// Talk with a model in the terminal: each line is a user turn (/reset starts over, /quit or end of
+    /// input quits, /help lists these). The KV cache carries the conversation from turn to turn.
     Chat(cli::generate::ChatArgs),
     /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
     /// shapes before anything runs. MODEL may be a folder holding only config.json.
@@ -69,6 +69,30 @@ fn exit_quietly_when_output_fails() {
     }));
 }
 
+/// Vulkan drivers that probe for a Wayland display print "error: XDG_RUNTIME_DIR is invalid or not
+/// set in the environment" where the variable is missing (ssh sessions, containers), which reads as
+/// nibble failing. There, point it at an empty directory of this process's own: the probe finds no
+/// display and says nothing. Returns the directory made (removed when the command ends).
+#[cfg(unix)]
+fn quiet_display_probe() -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let set = std::env::var_os("XDG_RUNTIME_DIR");
+    if set.is_some_and(|d| std::path::Path::new(&d).is_dir()) {
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("nibble-runtime-{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).ok()?;
+    // SAFETY: main calls this before anything starts a thread (the logger, rayon and wgpu start theirs
+    // later), so no other thread reads or writes the environment while it changes.
+    unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+    Some(dir)
+}
+
+#[cfg(not(unix))]
+fn quiet_display_probe() -> Option<std::path::PathBuf> {
+    None
+}
+
 fn main() {
     exit_quietly_when_output_fails();
     nibble::alloc::keep_freed_memory();
@@ -87,6 +111,7 @@ fn main() {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    let runtime_dir = quiet_display_probe();
     // A kernel path this machine cannot take is refused before any work (the kernels themselves would
     // quietly take the detected one).
     if let Err(why) = nibble::ops::isa::requested() {
@@ -110,6 +135,9 @@ fn main() {
         Command::Synth(args) => cli::synth::run(args),
         Command::Demo(args) => cli::demo::run(args),
     };
+    if let Some(dir) = runtime_dir {
+        let _ = std::fs::remove_dir(dir);
+    }
     if let Err(e) = result {
         // An interrupted run exits as a signalled process conventionally does.
         if let Some(nibble::Error::Interrupted(why)) = e.downcast_ref::<nibble::Error>() {

@@ -462,3 +462,40 @@ fn every_train_option_names_its_default_in_help() {
         );
     }
 }
+
+/// Without XDG_RUNTIME_DIR (ssh, containers), probing for a GPU prints no driver "error:" lines, and a
+/// missing data file names its cause once (issue 19).
+#[test]
+fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen2, 259),
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"Some words to score.\"}\n").unwrap();
+    let out = common::nibble_command()
+        .args([
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--device",
+            "auto",
+        ])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+
+    let missing = dir.path().join("missing.jsonl");
+    let err = fails(&["eval", "--model", s(&model), "--data", s(&missing)]);
+    let cause = "No such file or directory";
+    assert_eq!(err.matches(cause).count(), 1, "{err}");
+}

@@ -413,6 +413,30 @@ fn unsupported_architecture_is_named() {
     std::fs::write(&p, text).unwrap();
     let err = open_err(dir.path());
     assert!(err.contains("unsupported architecture `gpt_neox"), "{err}");
+    // Every family nibble reads is listed, the multimodal wrappers too.
+    for name in
+        Arch::ALL
+            .map(Arch::model_type)
+            .into_iter()
+            .chain(["gemma3 (", "mistral3 (", "gemma4 ("])
+    {
+        assert!(err.contains(name), "{name} missing from: {err}");
+    }
+}
+
+/// A path that is not there says so once (not "not found: not found"), and a hub id gets the hint to
+/// download it first (issue 19).
+#[test]
+fn a_missing_model_path_says_so_once_and_a_hub_id_gets_a_hint() {
+    let missing = tempfile::tempdir().unwrap().path().join("nothing");
+    let err = open_err(&missing);
+    assert!(err.ends_with("nothing: no such folder or file"), "{err}");
+    let err = open_err(Path::new("Qwen/Qwen2.5-0.5B-Instruct"));
+    assert!(
+        err.contains("looks like a Hugging Face hub id")
+            && err.contains("huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir Qwen2.5-0.5B-Instruct"),
+        "{err}"
+    );
 }
 
 #[test]

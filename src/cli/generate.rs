@@ -47,8 +47,8 @@ pub struct GenerateArgs {
     raw: bool,
 }
 
-/// Talk with a model in the terminal: each line is a user turn (/reset starts over, end of input
-/// quits). The KV cache carries the conversation from turn to turn.
+/// Talk with a model in the terminal: each line is a user turn (/reset starts over, /quit or end of
+/// input quits, /help lists these). The KV cache carries the conversation from turn to turn.
 #[derive(clap::Args)]
 pub struct ChatArgs {
     #[command(flatten)]
@@ -182,15 +182,50 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+const CHAT_HELP: &str = "/reset starts over, /quit or end of input quits, /help repeats this";
+
+/// What a line typed into `chat` asks for.
+#[derive(Debug, PartialEq)]
+enum ChatLine {
+    /// A user turn for the model.
+    Turn,
+    /// Nothing to send (empty).
+    Skip,
+    Quit,
+    Reset,
+    /// A reply of nibble's own, not the model's.
+    Say(String),
+}
+
+/// Commands (`/...`) and what a terminal sends for keys the line editor lacks (arrow keys arrive as
+/// escape sequences) are nibble's to handle; everything else is a turn.
+fn chat_command(line: &str) -> ChatLine {
+    if line.is_empty() {
+        return ChatLine::Skip;
+    }
+    if line.contains('\u{1b}') {
+        return ChatLine::Say(
+            "(that line held terminal escape codes, from arrow or function keys; it was not sent)"
+                .into(),
+        );
+    }
+    match line {
+        "/quit" | "/exit" | "/q" => ChatLine::Quit,
+        "/reset" | "/clear" => ChatLine::Reset,
+        "/help" | "/?" => ChatLine::Say(CHAT_HELP.into()),
+        other if other.starts_with('/') && !other.contains(' ') => {
+            ChatLine::Say(format!("unknown command {other}: {CHAT_HELP}"))
+        }
+        _ => ChatLine::Turn,
+    }
+}
+
 pub fn chat(args: ChatArgs) -> Result<()> {
     use std::io::{BufRead, Write};
     let (g, system) = (&args.generation, args.system.as_deref());
     let mut speaker = Speaker::open(g)?;
     let mut messages = with_system(system);
-    eprintln!(
-        "chatting with {} (/reset starts over; end of input quits)",
-        g.model.display()
-    );
+    eprintln!("chatting with {} ({CHAT_HELP})", g.model.display());
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -200,16 +235,44 @@ pub fn chat(args: ChatArgs) -> Result<()> {
             return Ok(());
         }
         let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if line == "/reset" {
-            messages = with_system(system);
-            continue;
+        match chat_command(line) {
+            ChatLine::Skip => continue,
+            ChatLine::Quit => return Ok(()),
+            ChatLine::Reset => {
+                messages = with_system(system);
+                continue;
+            }
+            ChatLine::Say(reply) => {
+                eprintln!("{reply}");
+                continue;
+            }
+            ChatLine::Turn => {}
         }
         messages.push(Message::new("user", line));
         let text = speaker.tok.apply_chat_template(&messages, true)?;
         let answer = speaker.answer(&text)?;
         messages.push(Message::new("assistant", &answer));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ChatLine, chat_command};
+
+    #[test]
+    fn commands_and_escape_codes_never_reach_the_model() {
+        assert_eq!(chat_command(""), ChatLine::Skip);
+        assert_eq!(chat_command("/quit"), ChatLine::Quit);
+        assert_eq!(chat_command("/reset"), ChatLine::Reset);
+        assert!(matches!(chat_command("/help"), ChatLine::Say(s) if s.contains("/reset")));
+        assert!(
+            matches!(chat_command("/nope"), ChatLine::Say(s) if s.contains("unknown command /nope"))
+        );
+        assert!(matches!(chat_command("hello\u{1b}[A"), ChatLine::Say(_)));
+        assert_eq!(chat_command("What is 2/3?"), ChatLine::Turn);
+        assert_eq!(
+            chat_command("/usr/bin is a path, not a command"),
+            ChatLine::Turn
+        );
     }
 }

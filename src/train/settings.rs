@@ -57,7 +57,8 @@ caption_dropout = 0.05
 #[derive(clap::Args, Deserialize, Serialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
-    /// A TOML file of options.
+    /// A TOML file of options (keys as the flags, with underscores); relative paths in it are read from
+    /// the file's folder.
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -347,11 +348,36 @@ impl TrainSettings {
         let with_file = match flags.config.clone() {
             Some(path) => {
                 let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-                flags.over(Self::parse_toml(&text, &path)?)?
+                let folder = path.parent().unwrap_or(Path::new(""));
+                flags.over(Self::parse_toml(&text, &path)?.paths_from(folder))?
             }
             None => flags,
         };
         with_file.with_preset()
+    }
+
+    /// The file and folder options given as relative paths read from `folder` (an options file's own
+    /// folder, so that a file means the same wherever nibble is run from).
+    fn paths_from(mut self, folder: &Path) -> TrainSettings {
+        for path in [
+            &mut self.model,
+            &mut self.data,
+            &mut self.output,
+            &mut self.init_adapter,
+            &mut self.eval_data,
+            &mut self.resume,
+            &mut self.cache_dir,
+            &mut self.text_encoder,
+            &mut self.vae,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = folder.join(&*path);
+            }
+        }
+        self
     }
 
     /// These options over the preset they name, if any.
@@ -751,5 +777,36 @@ mod tests {
             quant.is_none(),
             "no --quant: the source decides (nf4 for a folder)"
         );
+        let none_kept = TrainSettings {
+            save_total_limit: Some(0),
+            ..Default::default()
+        };
+        let e = none_kept.run_options().unwrap_err().to_string();
+        assert!(e.contains("--save-total-limit must be at least 1"), "{e}");
+    }
+
+    /// Relative paths in an options file are read from the file's folder; flags' from where nibble
+    /// runs; absolute ones stay (issue 19).
+    #[test]
+    fn an_options_file_reads_its_paths_from_its_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("recipes");
+        std::fs::create_dir_all(&folder).unwrap();
+        let file = folder.join("run.toml");
+        std::fs::write(
+            &file,
+            "model = \"../models/m\"\ndata = \"chats.jsonl\"\noutput = \"/abs/out\"\n",
+        )
+        .unwrap();
+        let flags = TrainSettings {
+            config: Some(file),
+            eval_data: Some(PathBuf::from("held.jsonl")),
+            ..Default::default()
+        };
+        let s = TrainSettings::layered(flags).unwrap();
+        assert_eq!(s.model, Some(folder.join("../models/m")));
+        assert_eq!(s.data, Some(folder.join("chats.jsonl")));
+        assert_eq!(s.output, Some(PathBuf::from("/abs/out")));
+        assert_eq!(s.eval_data, Some(PathBuf::from("held.jsonl")));
     }
 }
