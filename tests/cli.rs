@@ -499,3 +499,41 @@ fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
     let cause = "No such file or directory";
     assert_eq!(err.matches(cause).count(), 1, "{err}");
 }
+
+/// `--device gpu` on a software renderer (lavapipe here and in CI) runs, with a warning that names it
+/// and points to the CPU executor (issue 19); on a hardware GPU there is no such warning.
+#[test]
+fn a_software_gpu_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen2, 259),
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"Some words to score.\"}\n").unwrap();
+    let out = nibble(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--device",
+        "gpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        assert!(stderr.contains("--device gpu: no GPU adapter"), "{stderr}");
+        eprintln!("skipped: no GPU adapter at all");
+        return;
+    }
+    let gpu = nibble::gpu::Gpu::new(true).expect("nibble opened one");
+    let software = gpu.info.device_type == wgpu::DeviceType::Cpu;
+    assert_eq!(
+        stderr.contains("is a software renderer, not a GPU"),
+        software,
+        "{stderr}"
+    );
+}

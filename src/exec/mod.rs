@@ -28,10 +28,15 @@ impl Device {
         const AUTO_TAKES_SOFTWARE: bool = cfg!(target_arch = "wasm32");
         match self {
             Device::Cpu => Ok(None),
-            Device::Gpu => Gpu::new_async(true)
-                .await
-                .map(Some)
-                .map_err(|e| Error::Invalid(format!("--device gpu: {e}"))),
+            Device::Gpu => {
+                let gpu = Gpu::new_async(true)
+                    .await
+                    .map_err(|e| Error::Invalid(format!("--device gpu: {e}")))?;
+                if let Some(warning) = software_gpu_warning(&gpu.info) {
+                    log::warn!("{warning}");
+                }
+                Ok(Some(gpu))
+            }
             Device::Auto => match Gpu::new_async(AUTO_TAKES_SOFTWARE).await {
                 Ok(gpu) => Ok(Some(gpu)),
                 Err(e) => {
@@ -46,6 +51,19 @@ impl Device {
     pub fn open(self) -> Result<Option<Gpu>> {
         pollster::block_on(self.open_async())
     }
+}
+
+/// What to say when `--device gpu` opens a software renderer natively: it runs nibble's kernels on
+/// the CPU through an emulated GPU, far slower than the CPU executor (a 0.5B step about 200x).
+pub fn software_gpu_warning(info: &wgpu::AdapterInfo) -> Option<String> {
+    let native = cfg!(not(target_arch = "wasm32"));
+    (native && info.device_type == wgpu::DeviceType::Cpu).then(|| {
+        format!(
+            "{} is a software renderer, not a GPU: steps run far slower than on the CPU executor \
+             (--device cpu, or auto); use it to test the GPU path",
+            info.name
+        )
+    })
 }
 
 /// The arithmetic asked for the frozen-weight products.
