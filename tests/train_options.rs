@@ -817,3 +817,57 @@ fn sharegpt_and_alpaca_rows_tokenize_as_their_mapped_forms() {
         assert!(e.contains(expect), "{e}");
     }
 }
+
+/// The output folder records the run's options with every default filled in and nibble's version
+/// (issue 19); `--config` takes the record back and repeats the run, loss for loss.
+#[test]
+fn the_recorded_options_repeat_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    let first = dir.path().join("first");
+    let o = train_cli(&model, &data, &first, &["--max-steps", "3", "--lr", "1e-3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let record = std::fs::read_to_string(first.join("nibble_config.toml")).unwrap();
+    assert!(
+        record.starts_with(&format!(
+            "# The options of the run in this folder, as nibble {}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{record}"
+    );
+    for line in [
+        "lr = 0.001",
+        "max_steps = 3",
+        "lora_r = 8",
+        "lora_dropout = 0.05",
+        "seed = 42",
+        "max_length = 1024",
+    ] {
+        assert!(
+            record.lines().any(|l| l == line),
+            "{line} missing from:\n{record}"
+        );
+    }
+    let again = dir.path().join("again");
+    let o = nibble(&[
+        "train",
+        "--config",
+        first.join("nibble_config.toml").to_str().unwrap(),
+        "--output",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let losses = |run: &Path| -> Vec<f64> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v["loss"].as_f64())
+            .collect()
+    };
+    assert_eq!(losses(&first).len(), 3);
+    assert_eq!(losses(&first), losses(&again));
+}

@@ -30,13 +30,18 @@ pub fn run(flags: TrainSettings) -> Result<()> {
             model.display()
         );
     }
+    let config = settings.train_config()?;
+    let options = nibble::train::run::RunOptions {
+        record: Some(settings.record(&config)?),
+        ..settings.run_options()?
+    };
     let spec = RunSpec {
         model: &model,
         data: &data,
         output: &output,
         quant: settings.quant_request()?,
-        config: settings.train_config()?,
-        options: settings.run_options()?,
+        config,
+        options,
     };
     let gpu = settings.device.unwrap_or_default().open()?;
     stop_on_signals();

@@ -20,6 +20,7 @@ const RUN_FILES: &[&str] = &[
     "metrics.jsonl",
     "loss_curve.png",
     MANIFEST,
+    crate::train::RECORD_FILE,
     LOCK,
 ];
 

@@ -1022,6 +1022,10 @@ impl Trainer<'_> {
 /// The file in a run folder and in each of its checkpoints that records what the run is.
 pub const MANIFEST: &str = "run.json";
 
+/// The run's options as an options file, every default filled in (`settings::TrainSettings::record`):
+/// `nibble train --config` takes it back.
+pub const RECORD_FILE: &str = "nibble_config.toml";
+
 /// The newest complete checkpoint in a run folder (or the folder itself, if it is a checkpoint).
 pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
     if dir.join("trainer_state.json").is_file() {

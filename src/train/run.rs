@@ -24,6 +24,9 @@ pub struct RunOptions {
     pub save_steps: usize,
     /// Keep only this many of the newest checkpoints, deleting older ones as new ones are written.
     pub save_total_limit: Option<usize>,
+    /// The run's options as an options file (`TrainSettings::record`), written to the output folder as
+    /// `RECORD_FILE` beside metrics.jsonl and run.json, once the model and data have loaded.
+    pub record: Option<String>,
     /// Continue from the newest complete checkpoint in this folder.
     pub resume: Option<PathBuf>,
     /// Start from this PEFT adapter (its r, alpha and targets apply).
@@ -307,6 +310,10 @@ impl<'m> Run<'m> {
             resume.as_deref(),
             &self.manifest,
         )?);
+        if let Some(record) = &self.options.record {
+            let path = dir.join(train::RECORD_FILE);
+            crate::fsutil::write_atomically(&path, |tmp| std::fs::write(tmp, record))?;
+        }
         if resume.is_some() {
             self.saved_step = Some(self.trainer.step);
         }

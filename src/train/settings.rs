@@ -380,6 +380,60 @@ impl TrainSettings {
         self
     }
 
+    /// The run these options make, as an options file that `--config` takes back: the layered options
+    /// with every training default filled in from `config` (what the run takes), paths made absolute (the
+    /// file lives in the output folder), and nibble's version on top. Leaves out what only concerns this
+    /// invocation (`--resume`, `--overwrite`, `--config`, the preset already applied).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn record(&self, config: &TrainConfig) -> Result<String> {
+        let mut s = self.clone();
+        (s.config, s.preset, s.resume, s.overwrite) = (None, None, None, None);
+        s.lr = Some(config.lr);
+        s.lr_scheduler = Some(config.schedule);
+        s.warmup_steps = Some(config.warmup_steps);
+        s.warmup_ratio = Some(config.warmup_ratio);
+        s.weight_decay = Some(config.weight_decay);
+        s.max_grad_norm = Some(config.max_grad_norm);
+        s.epochs = Some(config.epochs);
+        s.max_steps = config.max_steps;
+        s.batch_size = Some(config.batch_size);
+        s.grad_accum = Some(config.grad_accum);
+        s.lora_r = Some(config.lora.r);
+        s.lora_alpha = Some(config.lora.alpha);
+        // The f32 probability as its shortest decimal (0.05, not 0.05000000074505806).
+        s.lora_dropout = config.lora.dropout.to_string().parse().ok();
+        s.use_rslora = Some(config.lora.use_rslora);
+        s.target_modules = Some(config.lora.targets.join(","));
+        s.max_length = Some(config.max_length);
+        s.seed = Some(config.seed);
+        s.no_shuffle = Some(!config.shuffle);
+        s.loss_on = Some(config.loss_on);
+        s.precision = Some(self.precision.unwrap_or_default());
+        let here = std::env::current_dir().map_err(|e| Error::io(".", e))?;
+        for path in [
+            &mut s.model,
+            &mut s.data,
+            &mut s.output,
+            &mut s.init_adapter,
+            &mut s.eval_data,
+            &mut s.cache_dir,
+            &mut s.text_encoder,
+            &mut s.vae,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *path = std::fs::canonicalize(&*path).unwrap_or_else(|_| here.join(&*path));
+        }
+        let body = toml::to_string(&s)
+            .map_err(|e| Error::Invalid(format!("writing the options down: {e}")))?;
+        Ok(format!(
+            "# The options of the run in this folder, as nibble {} took them (defaults filled in).\n\
+             # `nibble train --config nibble_config.toml --output NEW_FOLDER` runs it again.\n{body}",
+            env!("CARGO_PKG_VERSION")
+        ))
+    }
+
     /// These options over the preset they name, if any.
     pub fn with_preset(self) -> Result<TrainSettings> {
         match self.preset.clone() {
@@ -551,6 +605,8 @@ impl TrainSettings {
         Ok(RunOptions {
             overwrite: self.overwrite.unwrap_or(false),
             save_steps: self.save_steps.unwrap_or(0),
+            // The command line adds it (`record`); other callers write none.
+            record: None,
             save_total_limit: match self.save_total_limit {
                 Some(0) => {
                     return Err(Error::Invalid(
