@@ -871,3 +871,39 @@ fn the_recorded_options_repeat_the_run() {
     assert_eq!(losses(&first).len(), 3);
     assert_eq!(losses(&first), losses(&again));
 }
+
+/// The training log opens with the run in words (the base's 4-bit storage named, no struct dump) and
+/// logs each checkpoint it saves (issue 19).
+#[test]
+fn the_log_says_what_the_run_is_and_when_it_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(2)).unwrap();
+    let out = dir.path().join("run");
+    let args = common::train_args(
+        &model,
+        &data,
+        &out,
+        &["--max-steps", "2", "--save-steps", "1"],
+    );
+    let o = common::nibble_command()
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains(
+            "base qwen2 (2 layers), its decoder linears in 4-bit nf4 (group 64); LoRA r 8 alpha 16"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("TrainConfig {"), "{log}");
+    for step in [1, 2] {
+        let saved = format!("saved {}", out.join(format!("checkpoint-{step}")).display());
+        assert!(log.contains(&saved), "{saved} missing from:\n{log}");
+    }
+}

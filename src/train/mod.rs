@@ -128,6 +128,52 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// The configuration in words, for the start of a run's log.
+    pub fn describe(&self) -> String {
+        let lora = &self.lora;
+        let steps = match self.max_steps {
+            Some(n) => format!(", at most {n} steps"),
+            None => String::new(),
+        };
+        let warmup = match (self.warmup_steps, self.warmup_ratio) {
+            (0, r) if r == 0.0 => "no warmup".to_string(),
+            (0, r) => format!("warmup over {r} of the steps"),
+            (n, _) => format!("warmup over {n} steps"),
+        };
+        let checkpointing = match (self.checkpoint, self.checkpoints.bf16()) {
+            (false, _) => "no gradient checkpointing",
+            (true, false) => "gradient checkpointing",
+            (true, true) => "gradient checkpointing in bf16",
+        };
+        let precision = match self.precision {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        };
+        format!(
+            "LoRA r {} alpha {} dropout {}{} on {}; lr {} ({} schedule, {warmup}), {} epoch(s){steps}; \
+             batch {} x accumulation {}, max length {}, seed {}{}; {checkpointing}, {precision} products",
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            if lora.use_rslora { " (rsLoRA)" } else { "" },
+            lora.targets.join(","),
+            self.lr,
+            format!("{:?}", self.schedule).to_lowercase(),
+            self.epochs,
+            self.batch_size,
+            self.grad_accum,
+            self.max_length,
+            self.seed,
+            if self.shuffle {
+                ""
+            } else {
+                ", data in file order"
+            },
+        )
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {

@@ -195,7 +195,16 @@ impl<'m> Run<'m> {
             }
             None => None,
         };
-        log::info!("training configuration: {config:?}");
+        let base = match model.quant {
+            Some(spec) => format!("its decoder linears in 4-bit {spec}"),
+            None => "16-bit".to_string(),
+        };
+        log::info!(
+            "base {} ({} layers), {base}; {}",
+            model.config.arch.model_type(),
+            model.config.num_layers,
+            config.describe()
+        );
         let model_section = json!({
             "architecture": model.config.arch.model_type(),
             "layers": model.config.num_layers,
@@ -264,7 +273,7 @@ impl<'m> Run<'m> {
             &config,
             init.as_ref(),
         );
-        log::info!("training configuration: {config:?}");
+        log::info!("{}", config.describe());
         let trainer = Trainer::for_images(work, config, init)?;
         Ok(Self::around(
             trainer,
@@ -378,8 +387,10 @@ impl<'m> Run<'m> {
             && record.step % self.options.save_steps == 0
         {
             self.trainer.sync_async().await?;
-            self.trainer
-                .save_checkpoint(&out.dir, &self.base_model, Some(&self.manifest))?;
+            let saved =
+                self.trainer
+                    .save_checkpoint(&out.dir, &self.base_model, Some(&self.manifest))?;
+            log::info!("saved {}", saved.display());
             self.saved_step = Some(record.step);
             // The page has no folders to prune (its runs have no output folder).
             #[cfg(not(target_arch = "wasm32"))]
