@@ -463,10 +463,8 @@ fn every_train_option_names_its_default_in_help() {
     }
 }
 
-/// Without XDG_RUNTIME_DIR (ssh, containers), probing for a GPU prints no driver "error:" lines, and a
-/// missing data file names its cause once (issue 19).
-#[test]
-fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
+/// A tiny Qwen2 folder (byte tokenizer) and a one-row text file to evaluate it on, in a temporary folder.
+fn model_and_text() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m");
     synth::write_model_folder(
@@ -477,6 +475,14 @@ fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
     .unwrap();
     let data = dir.path().join("d.jsonl");
     std::fs::write(&data, "{\"text\": \"Some words to score.\"}\n").unwrap();
+    (dir, model, data)
+}
+
+/// Without XDG_RUNTIME_DIR (ssh, containers), probing for a GPU prints no driver "error:" lines, and a
+/// missing data file names its cause once (issue 19).
+#[test]
+fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
+    let (dir, model, data) = model_and_text();
     let out = common::nibble_command()
         .args([
             "eval",
@@ -504,16 +510,7 @@ fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
 /// and points to the CPU executor (issue 19); on a hardware GPU there is no such warning.
 #[test]
 fn a_software_gpu_is_named_as_such() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m");
-    synth::write_model_folder(
-        &model,
-        &SynthSpec::tiny(Arch::Qwen2, 259),
-        Some(&synth::byte_tokenizer()),
-    )
-    .unwrap();
-    let data = dir.path().join("d.jsonl");
-    std::fs::write(&data, "{\"text\": \"Some words to score.\"}\n").unwrap();
+    let (dir, model, data) = model_and_text();
     let out = nibble(&[
         "eval",
         "--model",

@@ -356,10 +356,9 @@ impl TrainSettings {
         with_file.with_preset()
     }
 
-    /// The file and folder options given as relative paths read from `folder` (an options file's own
-    /// folder, so that a file means the same wherever nibble is run from).
-    fn paths_from(mut self, folder: &Path) -> TrainSettings {
-        for path in [
+    /// Every option that names a file or folder.
+    fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 9] {
+        [
             &mut self.model,
             &mut self.data,
             &mut self.output,
@@ -370,9 +369,12 @@ impl TrainSettings {
             &mut self.text_encoder,
             &mut self.vae,
         ]
-        .into_iter()
-        .flatten()
-        {
+    }
+
+    /// The file and folder options given as relative paths read from `folder` (an options file's own
+    /// folder, so that a file means the same wherever nibble is run from).
+    fn paths_from(mut self, folder: &Path) -> TrainSettings {
+        for path in self.paths_mut().into_iter().flatten() {
             if path.is_relative() {
                 *path = folder.join(&*path);
             }
@@ -410,19 +412,7 @@ impl TrainSettings {
         s.loss_on = Some(config.loss_on);
         s.precision = Some(self.precision.unwrap_or_default());
         let here = std::env::current_dir().map_err(|e| Error::io(".", e))?;
-        for path in [
-            &mut s.model,
-            &mut s.data,
-            &mut s.output,
-            &mut s.init_adapter,
-            &mut s.eval_data,
-            &mut s.cache_dir,
-            &mut s.text_encoder,
-            &mut s.vae,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for path in s.paths_mut().into_iter().flatten() {
             *path = std::fs::canonicalize(&*path).unwrap_or_else(|_| here.join(&*path));
         }
         let body = toml::to_string(&s)
