@@ -5,16 +5,18 @@ LongRoPE, a sliding window) and Gemma 3 (sliding and full layers with their own 
 (1 + w) norms, GeGLU, a query scale of its own, final-logit soft-capping; the multimodal Gemma 3
 beside it, whose head never caps), Ministral 3 (YaRN, queries scaled up every 4 positions) and the
 multimodal Mistral 3 holding it (untied head)), Gemma 4 (31B's layout: plain-w and v norms, wider heads
-on the full layers with values from k_proj and proportional RoPE, a scalar per layer; and multimodal)
+on the full layers with values from k_proj and proportional RoPE, a scalar per layer; and multimodal;
+and E2B's layout: per-layer inputs, layers sharing keys and values, double-wide MLPs)
 models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
 Run from the repository root with a virtualenv holding torch, transformers, peft and bitsandbytes:
-    python scripts/make_model_fixtures.py
+    python scripts/make_model_fixtures.py [name ...]
 """
 import json
 import os
+import sys
 
 import torch
 import transformers
@@ -102,10 +104,27 @@ models["gemma4_text"] = (Gemma4ForCausalLM, Gemma4TextConfig(
                                         "rope_theta": 1000000.0}}))
 models["gemma4"] = (Gemma4ForConditionalGeneration, Gemma4Config(
     text_config=models["gemma4_text"][1].to_dict(), vision_config=None, audio_config=None))
+# Gemma 4 as E2B is built: per-layer inputs (64 per layer, their two linears LoRA targets too), the last
+# two of four layers attending over the keys and values of the first two (one of each type) with MLPs
+# twice as wide.
+models["gemma4_e2b"] = (Gemma4ForCausalLM, Gemma4TextConfig(
+    **{**common, "rms_norm_eps": 1e-6, "num_hidden_layers": 4}, head_dim=16, global_head_dim=32,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"], sliding_window=4,
+    final_logit_softcapping=30.0, hidden_size_per_layer_input=64, vocab_size_per_layer_input=256,
+    num_kv_shared_layers=2, use_double_wide_mlp=True, enable_moe_block=False, tie_word_embeddings=True,
+    pad_token_id=0,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                        "rope_theta": 1000000.0}}))
 MULTIMODAL = ("gemma3", "mistral3", "gemma4")
+PLE_TARGETS = ["per_layer_input_gate", "per_layer_projection"]
+# `python scripts/make_model_fixtures.py gemma4_e2b` rewrites that fixture alone.
+ONLY = sys.argv[1:]
 
 
 for index, (name, (cls, config)) in enumerate(models.items()):
+    if ONLY and name not in ONLY:
+        continue
     # A seed per model (its place in `models`): a model appended keeps the others' fixtures as they are.
     torch.manual_seed(index)
     config._attn_implementation = "eager"
@@ -128,7 +147,7 @@ for index, (name, (cls, config)) in enumerate(models.items()):
     labels = ids.clone()
     labels[0, :4] = -100  # a prompt that carries no loss
 
-    targets = FUSED_TARGETS if name == "phi3" else TARGETS
+    targets = FUSED_TARGETS if name == "phi3" else TARGETS + PLE_TARGETS if name == "gemma4_e2b" else TARGETS
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",

@@ -5,7 +5,8 @@ and that transformers loads `nibble merge`'s folder (results recorded in expecte
 The setup is the issue's parity recipe, for five families: small random Qwen2 (tied embeddings, q/k/v
 bias), Gemma 3 (sandwich norms, GeGLU, sliding and full layers), Phi-3 (fused projections, partial
 rotary, LongRoPE), Gemma 4 (v norms, a full layer with wider heads whose values are its keys, a scalar
-per layer, capped logits) and Ministral 3 (YaRN, the per-position query scale) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
+per layer, capped logits, per-layer inputs whose two linears are adapted too, two layers reusing the
+first two's keys and values with double-wide MLPs) and Ministral 3 (YaRN, the per-position query scale) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
 chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
 linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
 dropout 0, batch 1 with gradient accumulation 2, constant
@@ -34,7 +35,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 OUT = "tests/fixtures/hf_train"
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-            "gemma4_text": SEPARATE, "ministral3": SEPARATE}
+            "gemma4_text": SEPARATE + ["per_layer_input_gate", "per_layer_projection"], "ministral3": SEPARATE}
 STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
 CHATS = [
     ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),

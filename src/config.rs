@@ -254,11 +254,21 @@ pub struct ModelConfig {
     pub query_position_scale: Option<QueryPositionScale>,
     /// Per decoder layer: how its attention sees the sequence.
     pub layers: Vec<LayerAttention>,
+    /// Gemma 4 E2B/E4B's per-layer inputs.
+    pub per_layer_inputs: Option<PerLayerInputs>,
+    /// Gemma 4 E2B: the layers that share keys and values have MLPs twice as wide
+    /// (`use_double_wide_mlp`).
+    pub double_wide_shared_mlp: bool,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
     pub dtype: Option<String>,
     /// The parsed JSON as read, kept so that a merged model or a quantized file can carry it unchanged.
     pub raw: Value,
 }
+
+/// Gemma 4's per-layer inputs' model-level tensors (under the decoder's prefix).
+pub const PER_LAYER_EMBEDDING: &str = "embed_tokens_per_layer.weight";
+pub const PER_LAYER_MODEL_PROJECTION: &str = "per_layer_model_projection.weight";
+pub const PER_LAYER_PROJECTION_NORM: &str = "per_layer_projection_norm.weight";
 
 /// How one decoder layer attends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,6 +285,21 @@ pub struct LayerAttention {
     pub kv_heads: usize,
     /// The values are the keys' projection (Gemma 4's `attention_k_eq_v` full layers: no v_proj).
     pub values_from_keys: bool,
+    /// The layer computes no keys or values of its own: it attends over those of this earlier layer
+    /// (Gemma 4's `num_kv_shared_layers`: no k_proj, v_proj, k_norm).
+    pub kv_from: Option<usize>,
+}
+
+/// Gemma 4 E2B/E4B's per-layer inputs: every token has a second embedding, a slice of `width` per
+/// layer, mixed with a projection of its main embedding and added (gated) to each layer's output.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PerLayerInputs {
+    /// `hidden_size_per_layer_input`.
+    pub width: usize,
+    /// `vocab_size_per_layer_input`: rows of `embed_tokens_per_layer`.
+    pub vocab: usize,
+    /// √width in the checkpoint's dtype, as transformers scales that embedding.
+    pub token_scale: f32,
 }
 
 /// A decoder layer's linear layers: seven separate ones, or (Phi-3) q, k, v fused into `qkv_proj` and
@@ -292,6 +317,10 @@ pub enum LinearKind {
     Qkv,
     /// Rows gate, then up.
     GateUp,
+    /// Gemma 4's per-layer inputs: the gate on the layer's output ([width, hidden]), and the
+    /// projection of the gated input back to the hidden size ([hidden, width]).
+    PerLayerGate,
+    PerLayerProjection,
 }
 
 impl LinearKind {
@@ -326,16 +355,21 @@ impl LinearKind {
             LinearKind::Down => "down_proj",
             LinearKind::Qkv => "qkv_proj",
             LinearKind::GateUp => "gate_up_proj",
+            LinearKind::PerLayerGate => "per_layer_input_gate",
+            LinearKind::PerLayerProjection => "per_layer_projection",
         }
     }
 
-    /// The parent module inside a decoder layer.
-    pub fn block(self) -> &'static str {
+    /// The parent module inside a decoder layer (None: the layer itself).
+    pub fn block(self) -> Option<&'static str> {
         match self {
             LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::O | LinearKind::Qkv => {
-                "self_attn"
+                Some("self_attn")
             }
-            LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => "mlp",
+            LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => {
+                Some("mlp")
+            }
+            LinearKind::PerLayerGate | LinearKind::PerLayerProjection => None,
         }
     }
 }
@@ -349,6 +383,9 @@ pub enum TensorRole {
     Norm,
     LinearWeight(LinearKind),
     LinearBias(LinearKind),
+    /// A frozen matrix kept dense in its checkpoint dtype and read by rows or multiplied whole
+    /// (Gemma 4's per-layer embedding and its projection).
+    Table,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -594,14 +631,7 @@ impl ModelConfig {
             // by `embed_scale.to(weight.dtype)` (50.5, not 50.596, for Gemma 3 4B in bf16) and
             // Google's reference does the same; f32 for an f32 checkpoint.
             embed_scale: match arch {
-                Arch::Gemma3 | Arch::Gemma4 => {
-                    let scale = (hidden_size as f64).sqrt() as f32;
-                    match dtype.as_deref() {
-                        Some("bfloat16") => half::bf16::from_f32(scale).to_f32(),
-                        Some("float16") => half::f16::from_f32(scale).to_f32(),
-                        _ => scale,
-                    }
-                }
+                Arch::Gemma3 | Arch::Gemma4 => sqrt_in_dtype(hidden_size, dtype.as_deref()),
                 _ => 1.0,
             },
             gate_activation,
@@ -625,6 +655,8 @@ impl ModelConfig {
             query_position_scale,
             // Read once the layer count is known to be sane (below).
             layers: Vec::new(),
+            per_layer_inputs: None,
+            double_wide_shared_mlp: false,
             dtype,
             raw: raw.clone(),
         };
@@ -662,6 +694,7 @@ impl ModelConfig {
         }
         if arch == Arch::Gemma4 {
             gemma4_full_layer_heads(&fields, &mut config)?;
+            gemma4_small_model_parts(&fields, &mut config)?;
         }
         Ok(config)
     }
@@ -814,7 +847,10 @@ impl ModelConfig {
 
     /// The module path of a linear in layer `l` (append `.weight` or `.bias`).
     pub fn linear_path(&self, kind: LinearKind, l: usize) -> String {
-        self.layer_module(l, &format!("{}.{}", kind.block(), kind.module_name()))
+        match kind.block() {
+            Some(block) => self.layer_module(l, &format!("{block}.{}", kind.module_name())),
+            None => self.layer_module(l, kind.module_name()),
+        }
     }
 
     /// Every linear layer of the decoder that LoRA may adapt: module path, out and in features, in the
@@ -832,7 +868,8 @@ impl ModelConfig {
 
     /// (out_features, in_features) of a linear of layer `l`.
     pub fn linear_shape(&self, kind: LinearKind, l: usize) -> (usize, usize) {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (h, i) = (self.hidden_size, self.mlp_width(l));
+        let per_layer = self.per_layer_inputs.map_or(0, |p| p.width);
         let (q, kv) = (self.q_dim(l), self.kv_dim(l));
         match kind {
             LinearKind::Q => (q, h),
@@ -842,17 +879,36 @@ impl ModelConfig {
             LinearKind::Down => (h, i),
             LinearKind::Qkv => (q + 2 * kv, h),
             LinearKind::GateUp => (2 * i, h),
+            LinearKind::PerLayerGate => (per_layer, h),
+            LinearKind::PerLayerProjection => (h, per_layer),
         }
     }
 
-    /// The linears layer `l` has, in module order: `linear_kinds`, less v_proj where the values are
-    /// the keys' projection (Gemma 4).
+    /// The width of layer `l`'s MLP.
+    pub fn mlp_width(&self, l: usize) -> usize {
+        match self.double_wide_shared_mlp && self.layers[l].kv_from.is_some() {
+            true => 2 * self.intermediate_size,
+            false => self.intermediate_size,
+        }
+    }
+
+    /// The linears layer `l` has, in module order: `linear_kinds` and the per-layer input's two,
+    /// less v_proj where the values are the keys' projection and k_proj and v_proj where the layer
+    /// shares another's (Gemma 4).
     pub fn layer_linears(&self, l: usize) -> Vec<LinearKind> {
-        let values_from_keys = self.layers[l].values_from_keys;
+        let layer = self.layers[l];
+        let per_layer: &[LinearKind] = match self.per_layer_inputs {
+            Some(_) => &[LinearKind::PerLayerGate, LinearKind::PerLayerProjection],
+            None => &[],
+        };
         self.linear_kinds()
             .iter()
+            .chain(per_layer)
             .copied()
-            .filter(|&kind| !(values_from_keys && kind == LinearKind::V))
+            .filter(|&kind| !(layer.values_from_keys && kind == LinearKind::V))
+            .filter(|&kind| {
+                !(layer.kv_from.is_some() && matches!(kind, LinearKind::K | LinearKind::V))
+            })
             .collect()
     }
 
@@ -860,6 +916,7 @@ impl ModelConfig {
         match kind {
             LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::Qkv => self.qkv_bias,
             LinearKind::O => self.o_bias,
+            LinearKind::PerLayerGate | LinearKind::PerLayerProjection => false,
             LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => {
                 self.mlp_bias
             }
@@ -902,7 +959,12 @@ impl ModelConfig {
             if self.qk_norm {
                 let head_dim = self.layers[l].head_dim;
                 out.push(norm(weight("self_attn.q_norm"), head_dim));
-                out.push(norm(weight("self_attn.k_norm"), head_dim));
+                if self.layers[l].kv_from.is_none() {
+                    out.push(norm(weight("self_attn.k_norm"), head_dim));
+                }
+            }
+            if self.per_layer_inputs.is_some() {
+                out.push(norm(weight("post_per_layer_input_norm"), h));
             }
             if self.layer_scalars {
                 out.push(norm(self.layer_module(l, "layer_scalar"), 1));
@@ -931,6 +993,28 @@ impl ModelConfig {
             role: TensorRole::Norm,
             layer: None,
         });
+        if let Some(p) = self.per_layer_inputs {
+            let all_layers = self.num_layers * p.width;
+            let model_tensor = |name: &str, shape: Vec<usize>, role| ExpectedTensor {
+                name: self.tensor(name),
+                shape,
+                role,
+                layer: None,
+            };
+            out.extend([
+                model_tensor(
+                    PER_LAYER_EMBEDDING,
+                    vec![p.vocab, all_layers],
+                    TensorRole::Table,
+                ),
+                model_tensor(
+                    PER_LAYER_MODEL_PROJECTION,
+                    vec![all_layers, h],
+                    TensorRole::Table,
+                ),
+                model_tensor(PER_LAYER_PROJECTION_NORM, vec![p.width], TensorRole::Norm),
+            ]);
+        }
         if !self.tie_word_embeddings {
             out.push(ExpectedTensor {
                 name: "lm_head.weight".into(),
@@ -1065,27 +1149,81 @@ fn parse_layer_attention(
             head_dim: 0,
             kv_heads: 0,
             values_from_keys: false,
+            kv_from: None,
         })
         .collect())
 }
 
-/// Refuses, by name, what Gemma 4's small and mixture-of-experts models add that nibble does not
-/// implement yet.
-fn refuse_gemma4_parts(fields: &Fields) -> Result<()> {
-    // Gemma4TextConfig turns per-layer inputs on (256) when the key is absent.
-    let per_layer = fields
+/// √n as transformers' scaled embeddings multiply by it: rounded to the checkpoint's 16-bit dtype
+/// (`embed_scale.to(weight.dtype)`), f32 for an f32 checkpoint.
+fn sqrt_in_dtype(n: usize, dtype: Option<&str>) -> f32 {
+    let scale = (n as f64).sqrt() as f32;
+    match dtype {
+        Some("bfloat16") => half::bf16::from_f32(scale).to_f32(),
+        Some("float16") => half::f16::from_f32(scale).to_f32(),
+        _ => scale,
+    }
+}
+
+/// Gemma 4 E2B and E4B: per-layer inputs (`hidden_size_per_layer_input`, on at 256 when the key is
+/// absent, as in transformers), the last `num_kv_shared_layers` layers attending over the keys and
+/// values of the last earlier layer of their type, and E2B's double-wide MLPs on those layers.
+fn gemma4_small_model_parts(fields: &Fields, c: &mut ModelConfig) -> Result<()> {
+    let err = fields.err;
+    let width = fields
         .opt_usize("hidden_size_per_layer_input")?
         .unwrap_or(256);
-    if per_layer > 0 {
-        return Err((fields.err)(format!(
-            "per-layer inputs (hidden_size_per_layer_input {per_layer}: Gemma 4 E2B and E4B) are not supported yet; nibble trains Gemma 4 models without them (31B)"
+    if width > 0 {
+        let vocab = fields
+            .opt_usize("vocab_size_per_layer_input")?
+            .unwrap_or(262_144);
+        // transformers indexes the table with the main vocabulary's ids.
+        if vocab < c.vocab_size {
+            return Err(err(format!(
+                "`vocab_size_per_layer_input` {vocab} is smaller than `vocab_size` {}: token ids past it have no per-layer embedding",
+                c.vocab_size
+            )));
+        }
+        let table = (vocab as u64).checked_mul((c.num_layers as u64) * (width as u64));
+        if width > MAX_DIMENSION || table.is_none_or(|n| n > MAX_PARAMETERS) {
+            return Err(err(format!(
+                "`hidden_size_per_layer_input` {width} with {vocab} rows describes more parameters than nibble can hold"
+            )));
+        }
+        c.per_layer_inputs = Some(PerLayerInputs {
+            width,
+            vocab,
+            token_scale: sqrt_in_dtype(width, c.dtype.as_deref()),
+        });
+    }
+    let shared = fields.opt_usize("num_kv_shared_layers")?.unwrap_or(0);
+    if shared > c.num_layers {
+        return Err(err(format!(
+            "`num_kv_shared_layers` {shared} is more than the {} layers",
+            c.num_layers
         )));
     }
-    if let Some(shared) = fields.opt_usize("num_kv_shared_layers")?.filter(|&n| n > 0) {
-        return Err((fields.err)(format!(
-            "layers sharing another's keys and values (num_kv_shared_layers {shared}) are not supported yet"
-        )));
+    let first_shared = c.num_layers - shared;
+    for l in first_shared..c.num_layers {
+        let sliding = c.layers[l].local_rope;
+        let from = (0..first_shared)
+            .rev()
+            .find(|&s| c.layers[s].local_rope == sliding);
+        let Some(from) = from else {
+            let kind = if sliding { "sliding" } else { "full" };
+            return Err(err(format!(
+                "layer {l} shares the keys and values of an earlier {kind} layer (num_kv_shared_layers {shared}), but no layer before {first_shared} is {kind}"
+            )));
+        };
+        c.layers[l].kv_from = Some(from);
     }
+    c.double_wide_shared_mlp = fields.opt_bool("use_double_wide_mlp")?.unwrap_or(false);
+    Ok(())
+}
+
+/// Refuses, by name, what Gemma 4's mixture-of-experts models add that nibble does not implement
+/// yet.
+fn refuse_gemma4_parts(fields: &Fields) -> Result<()> {
     if fields.opt_bool("enable_moe_block")? == Some(true) {
         return Err((fields.err)(
             "the mixture-of-experts block (enable_moe_block: Gemma 4 26B-A4B) is not supported yet"
@@ -2031,19 +2169,103 @@ mod tests {
         );
         assert_eq!(c.layer_linears(5).len(), 7);
 
+        // E2B's layout (sizes cut down): per-layer inputs on when the key is absent (256 per layer,
+        // 262,144 rows), full layers every fifth, the last 20 of 35 layers reusing the keys and values
+        // of layers 13 (sliding) and 14 (full) with MLPs twice as wide.
+        let mut e2b = base.clone();
+        let e2b_fields = json!({
+            "num_hidden_layers": 35, "num_key_value_heads": 1, "attention_k_eq_v": false,
+            "num_global_key_value_heads": null, "num_kv_shared_layers": 20, "use_double_wide_mlp": true,
+            "layer_types": (0..35).map(|l| if l % 5 == 4 { "full_attention" } else { "sliding_attention" })
+                .collect::<Vec<_>>(),
+        });
+        e2b.as_object_mut()
+            .unwrap()
+            .extend(e2b_fields.as_object().unwrap().clone());
+        e2b.as_object_mut()
+            .unwrap()
+            .remove("hidden_size_per_layer_input");
+        let c = from(e2b.clone()).unwrap();
+        assert_eq!(
+            c.per_layer_inputs,
+            Some(PerLayerInputs {
+                width: 256,
+                vocab: 262_144,
+                token_scale: 16.0
+            })
+        );
+        let from_layers: Vec<Option<usize>> = c.layers.iter().map(|l| l.kv_from).collect();
+        let expected: Vec<Option<usize>> = (0..35)
+            .map(|l| match (l >= 15, l % 5 == 4) {
+                (false, _) => None,
+                (true, true) => Some(14),
+                (true, false) => Some(13),
+            })
+            .collect();
+        assert_eq!(from_layers, expected);
+        assert_eq!((c.mlp_width(14), c.mlp_width(15)), (128, 256));
+        use LinearKind::*;
+        assert_eq!(
+            c.layer_linears(15),
+            [Q, O, Gate, Up, Down, PerLayerGate, PerLayerProjection]
+        );
+        assert_eq!(c.linear_shape(PerLayerGate, 0), (256, 64));
+        assert_eq!(
+            c.linear_path(PerLayerProjection, 3),
+            "model.layers.3.per_layer_projection"
+        );
+        let names: Vec<String> = c.expected_tensors().into_iter().map(|t| t.name).collect();
+        for present in [
+            "model.embed_tokens_per_layer.weight",
+            "model.per_layer_model_projection.weight",
+            "model.per_layer_projection_norm.weight",
+            "model.layers.15.post_per_layer_input_norm.weight",
+            "model.layers.14.self_attn.k_norm.weight",
+        ] {
+            assert!(names.iter().any(|n| n == present), "{present}");
+        }
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.starts_with("model.layers.15.self_attn.k_"))
+        );
+
         for (change, expect) in [
             (
-                json!({"hidden_size_per_layer_input": null}),
-                "per-layer inputs (hidden_size_per_layer_input 256",
+                json!({"num_kv_shared_layers": 3}),
+                "layer 4 shares the keys and values of an earlier full layer (num_kv_shared_layers 3), but no layer before 4 is full",
             ),
             (
-                json!({"hidden_size_per_layer_input": 256}),
-                "Gemma 4 E2B and E4B",
+                json!({"num_kv_shared_layers": 36}),
+                "`num_kv_shared_layers` 36 is more than the 35 layers",
             ),
             (
-                json!({"num_kv_shared_layers": 20}),
-                "num_kv_shared_layers 20",
+                json!({"vocab_size_per_layer_input": 128}),
+                "`vocab_size_per_layer_input` 128 is smaller than `vocab_size` 256",
             ),
+        ] {
+            let mut config = e2b.clone();
+            config
+                .as_object_mut()
+                .unwrap()
+                .extend(change.as_object().unwrap().clone());
+            if change.get("num_kv_shared_layers") == Some(&json!(3)) {
+                config["num_hidden_layers"] = json!(7);
+                config["layer_types"] = json!([
+                    "sliding_attention",
+                    "sliding_attention",
+                    "sliding_attention",
+                    "sliding_attention",
+                    "full_attention",
+                    "sliding_attention",
+                    "full_attention"
+                ]);
+            }
+            let e = from(config).unwrap_err().to_string();
+            assert!(e.contains(expect) && e.contains("config.json"), "{e}");
+        }
+
+        for (change, expect) in [
             (json!({"enable_moe_block": true}), "enable_moe_block"),
             (
                 json!({"use_bidirectional_attention": "all"}),
@@ -2083,12 +2305,6 @@ mod tests {
                 .as_object_mut()
                 .unwrap()
                 .extend(change.as_object().unwrap().clone());
-            if config["hidden_size_per_layer_input"].is_null() {
-                config
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("hidden_size_per_layer_input");
-            }
             let e = from(config).unwrap_err().to_string();
             assert!(e.contains(expect) && e.contains("config.json"), "{e}");
         }

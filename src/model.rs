@@ -208,6 +208,9 @@ pub struct Model {
     pub norms: Vec<(String, Vec<f32>)>,
     /// None when the embeddings are tied.
     pub lm_head: Option<DenseTensor>,
+    /// Other frozen matrices kept dense (`TensorRole::Table`: Gemma 4's per-layer embedding and
+    /// projection) by tensor name; shared, as the GPU executor keeps the embedding in host memory.
+    pub tables: Vec<(String, std::sync::Arc<DenseTensor>)>,
     /// How the decoder linears are stored; None means dense.
     pub quant: Option<QuantSpec>,
     pub source: String,
@@ -309,10 +312,14 @@ impl Model {
     /// The tables a GPU keeps in host memory (`decoder::host_tables`), shared with this model (one
     /// not found here would go to the device).
     pub fn host_tables(&self) -> Vec<(String, std::sync::Arc<DenseTensor>)> {
-        crate::models::decoder::host_tables(&self.config)
-            .into_iter()
-            .filter(|name| *name == self.config.tensor("embed_tokens.weight"))
-            .map(|name| (name, self.embed.clone()))
+        let held = std::iter::once((self.config.tensor("embed_tokens.weight"), &self.embed)).chain(
+            self.tables
+                .iter()
+                .map(|(name, table)| (name.clone(), table)),
+        );
+        let on_host = crate::models::decoder::host_tables(&self.config);
+        held.filter(|(name, _)| on_host.contains(name))
+            .map(|(name, table)| (name, table.clone()))
             .collect()
     }
 
@@ -325,6 +332,9 @@ impl Model {
         )];
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), TensorRef::Table(head)));
+        }
+        for (name, table) in &self.tables {
+            out.push((name.clone(), TensorRef::Table(table)));
         }
         for (name, norm) in &self.norms {
             out.push((name.clone(), TensorRef::Vector(norm)));
@@ -387,6 +397,10 @@ impl Model {
         if let Some(head) = &self.lm_head {
             let (d, s, b) = dense(head);
             add("lm_head.weight".into(), d, s, b)?;
+        }
+        for (name, table) in &self.tables {
+            let (d, s, b) = dense(table);
+            add(name.clone(), d, s, b)?;
         }
         for (name, v) in &self.norms {
             let (d, s, b) = vector(v);
@@ -898,6 +912,7 @@ impl ModelSource {
         let mut embed = None;
         let mut lm_head = None;
         let mut norms = Vec::new();
+        let mut tables = Vec::new();
         let mut weights: HashMap<(usize, LinearKind), LinearWeight> = HashMap::new();
         let mut biases: HashMap<(usize, LinearKind), Vec<f32>> = HashMap::new();
         for t in self.config.expected_tensors() {
@@ -912,6 +927,10 @@ impl ModelSource {
                     }
                 }
                 TensorRole::Norm => norms.push((t.name.clone(), file.read_f32(&t.name)?)),
+                TensorRole::Table => {
+                    let table = std::sync::Arc::new(self.read_dense(file, &t)?);
+                    tables.push((t.name.clone(), table));
+                }
                 TensorRole::LinearBias(kind) => {
                     biases.insert(
                         (t.layer.expect("bias in a layer"), kind),
@@ -950,6 +969,7 @@ impl ModelSource {
             layers,
             norms,
             lm_head,
+            tables,
             quant,
             source: self.label.clone(),
         })
@@ -1020,7 +1040,7 @@ pub fn planned_weight_bytes(config: &ModelConfig, quant: Option<QuantSpec>) -> u
                     spec.packed_bytes(t.shape[0], t.shape[1])
                 }
                 (TensorRole::Norm | TensorRole::LinearBias(_), Some(_)) => 4 * n,
-                (TensorRole::Embedding | TensorRole::LmHead, Some(_)) => 2 * n,
+                (TensorRole::Embedding | TensorRole::LmHead | TensorRole::Table, Some(_)) => 2 * n,
             }
         })
         .sum()

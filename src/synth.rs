@@ -86,7 +86,8 @@ impl SynthSpec {
             arch,
             hidden_size: 64,
             intermediate_size: 128,
-            num_layers: 2,
+            // Gemma 4: two layers computing keys and values, two sharing theirs.
+            num_layers: if arch == Arch::Gemma4 { 4 } else { 2 },
             num_heads: 4,
             num_kv_heads: 2,
             head_dim: match arch {
@@ -204,7 +205,9 @@ impl SynthSpec {
             }
             Arch::Gemma4 => {
                 // Sliding and full layers alternating (the last one full), full layers with wider
-                // heads whose values are their keys, none of E2B's per-layer inputs.
+                // heads whose values are their keys (31B's), and E2B's parts: per-layer inputs of
+                // 64, the second half of the layers (from four) attending over the keys and values
+                // of the first half's last of their type, with MLPs twice as wide.
                 obj.remove("hidden_act");
                 obj.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
                 obj.insert("sliding_window".into(), json!(8));
@@ -218,7 +221,15 @@ impl SynthSpec {
                 obj.insert("global_head_dim".into(), json!(32));
                 obj.insert("attention_k_eq_v".into(), json!(true));
                 obj.insert("num_global_key_value_heads".into(), json!(1));
-                obj.insert("hidden_size_per_layer_input".into(), json!(0));
+                obj.insert("hidden_size_per_layer_input".into(), json!(64));
+                obj.insert("vocab_size_per_layer_input".into(), json!(self.vocab_size));
+                let shared = if self.num_layers >= 4 {
+                    self.num_layers / 2
+                } else {
+                    0
+                };
+                obj.insert("num_kv_shared_layers".into(), json!(shared));
+                obj.insert("use_double_wide_mlp".into(), json!(true));
                 obj.insert("final_logit_softcapping".into(), json!(30.0));
             }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Ministral3 => {}

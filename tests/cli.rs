@@ -101,10 +101,15 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                     serde_json::json!([1]),
                     "no RoPE in layers [1]",
                 ),
-                Arch::Gemma3 | Arch::Gemma4 => (
+                Arch::Gemma3 => (
                     serde_json::json!([{"layer": 0, "window": 8}]),
                     serde_json::json!([]),
                     "sliding window 8 in layers [0]",
+                ),
+                Arch::Gemma4 => (
+                    serde_json::json!([{"layer": 0, "window": 8}, {"layer": 2, "window": 8}]),
+                    serde_json::json!([]),
+                    "sliding window 8 in layers [0, 2]",
                 ),
                 Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Phi3 | Arch::Ministral3 => {
                     (serde_json::json!([]), serde_json::json!([]), "")
@@ -131,6 +136,18 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                     rope.contains("longrope, long factors past 64 positions")
                         && rope.contains("rotating 12 of 16 channels per head"),
                     "{rope}"
+                );
+            }
+            if arch == Arch::Gemma4 {
+                assert_eq!(info["per_layer_input_size"], 64);
+                assert_eq!(
+                    info["kv_shared_layers"],
+                    serde_json::json!([{"layer": 2, "from": 0}, {"layer": 3, "from": 1}])
+                );
+                let block = info["block"].as_str().unwrap();
+                assert!(
+                    block.contains("per-layer inputs of 64, layers 2-3 reuse the keys and values of layers {0, 1} (MLPs twice as wide)"),
+                    "{block}"
                 );
             }
             assert_eq!(info["sliding_window_layers"], windows, "{arch:?}");

@@ -59,8 +59,10 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
             }
         }
     }
+    // As tests/hf_parity.rs: transformers' own f32 gradients of the E2B model are 1.8e-5 off its f64.
+    let tolerance = if name == "gemma4_e2b" { 1e-4 } else { 1e-5 };
     assert!(
-        worst.0 < 1e-5,
+        worst.0 < tolerance,
         "{name} {quant}: GPU gradient {} differs by {:e}",
         worst.1,
         worst.0
@@ -75,7 +77,7 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
 #[test]
 fn gpu_executor_matches_transformers_and_the_cpu_executor() {
     let Some(gpu) = gpu() else { return };
-    for name in common::families() {
+    for name in common::families().into_iter().chain(["gemma4_e2b"]) {
         for quant in ["none", "nf4"] {
             check(&gpu, name, quant);
         }

@@ -4,10 +4,12 @@
 //! layers), SmolLM3 (tied, a layer without RoPE), Phi-3 (fused qkv_proj and gate_up_proj, 12 of 16
 //! channels rotated, LongRoPE, a window of 6), Gemma 3 (text, soft-capped logits; and multimodal),
 //! Ministral 3 (YaRN, the per-position query scale; and inside Mistral 3) and Gemma 4 (31B's layout;
-//! and multimodal) models, float32, with the base unquantized and in NF4 group 64. Measured: logits
-//! within 9.1e-7, the mean loss within 1.1e-7 and every gradient within 2.1e-6 (4.3e-6 for Gemma 4's,
-//! whose q is scaled by √512 and back) (relative); held to 1e-5, 1e-6 and 1e-5 (2e-5 for Gemma 4's)
-//! (about ten times; five for the gradients).
+//! and multimodal; and E2B's per-layer inputs and shared keys and values) models, float32, with the
+//! base unquantized and in NF4 group 64. Measured: logits within 9.1e-7 (2.5e-6 for E2B's, which
+//! transformers' own f32 has against its f64), the mean loss within 1.1e-7 and every gradient within
+//! 2.1e-6 (4.3e-6 for Gemma 4's, whose q is scaled by √512 and back; 1.9e-5 for E2B's) (relative);
+//! held to 1e-5, 1e-6 and 1e-5 (2e-5 for Gemma 4's, 1e-4 for E2B's) (about ten times; five for the
+//! gradients).
 
 mod common;
 
@@ -50,10 +52,12 @@ fn check(name: &str, quant: &str) {
             }
         }
     }
-    let tolerance = if name.starts_with("gemma4") {
-        2e-5
-    } else {
-        1e-5
+    // The four-layer E2B model is the least well conditioned: transformers' own f32 gradients differ
+    // from its f64 ones by 1.8e-5 there (ours from its f32 by 1.9e-5).
+    let tolerance = match name {
+        "gemma4_e2b" => 1e-4,
+        _ if name.starts_with("gemma4") => 2e-5,
+        _ => 1e-5,
     };
     assert!(
         worst.0 < tolerance,
@@ -155,4 +159,12 @@ fn gemma4_matches_transformers_peft() {
 fn multimodal_gemma4_text_decoder_matches_transformers_peft() {
     check("gemma4", "none");
     check("gemma4", "nf4");
+}
+
+/// Gemma 4 as E2B is built: per-layer inputs (their gate and projection adapted too), the last two
+/// layers attending over the first two's keys and values, their MLPs twice as wide.
+#[test]
+fn gemma4_e2b_matches_transformers_peft() {
+    check("gemma4_e2b", "none");
+    check("gemma4_e2b", "nf4");
 }

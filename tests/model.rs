@@ -40,12 +40,18 @@ fn hand_count(s: &SynthSpec) -> u64 {
     let layer = attn + bias + 3 * h * i + norms + qk_norm;
     let head = if s.tie_word_embeddings { 0 } else { v * h };
     let layers = match s.arch {
-        // tiny-gemma4: layer 0 as above plus its scalar; layer 1 (full) with heads of 32, one KV
-        // head, no v_proj, q/k norms of 32, and its scalar.
+        // tiny-gemma4, four layers, each with four norms of h, a scalar and per-layer input parts of
+        // 64 (gate, projection, a norm of h). Layer 0 (sliding) as above with q/k norms; layer 1
+        // (full) with heads of 32, one KV head, no v_proj, q/k norms of 32; layers 2 and 3 reuse
+        // their keys and values (q, o, a q norm) with MLPs twice as wide.
         Arch::Gemma4 => {
-            let (q1, kv1) = (s.num_heads as u64 * 32, 32);
-            let full = h * q1 + h * kv1 + q1 * h + 3 * h * i + 4 * h + 2 * 32;
-            (layer + 2 * hd + 4 * h - norms - qk_norm + 1) + (full + 1)
+            let per_layer = 1 + 4 * h + 2 * 64 * h + h;
+            let sliding = attn + 3 * h * i + 2 * hd;
+            let q1 = s.num_heads as u64 * 32;
+            let full = h * q1 + h * 32 + q1 * h + 3 * h * i + 2 * 32;
+            let reusing = |q: u64, norm: u64| 2 * h * q + 3 * h * 2 * i + norm;
+            let model_parts = v * 4 * 64 + 4 * 64 * h + 64;
+            sliding + full + reusing(q, hd) + reusing(q1, 32) + 4 * per_layer + model_parts
         }
         _ => s.num_layers as u64 * layer,
     };
@@ -148,16 +154,31 @@ fn every_family_in_both_spellings_parses_and_loads() {
                         "{what}"
                     );
                     assert_eq!(c.local_rope_theta, Some(10000.0), "{what}");
-                    let layers: Vec<(bool, usize, usize, bool)> = c
+                    let layers: Vec<(bool, usize, usize, bool, Option<usize>)> = c
                         .layers
                         .iter()
-                        .map(|l| (l.local_rope, l.head_dim, l.kv_heads, l.values_from_keys))
+                        .map(|l| {
+                            let (heads, keys) = (l.head_dim, l.kv_heads);
+                            (l.local_rope, heads, keys, l.values_from_keys, l.kv_from)
+                        })
                         .collect();
+                    let (sliding, full) = ((true, 16, 2, false), (false, 32, 1, true));
+                    let with = |(a, b, c, d): (bool, usize, usize, bool), from| (a, b, c, d, from);
                     assert_eq!(
                         layers,
-                        [(true, 16, 2, false), (false, 32, 1, true)],
+                        [
+                            with(sliding, None),
+                            with(full, None),
+                            with(sliding, Some(0)),
+                            with(full, Some(1))
+                        ],
                         "{what}"
                     );
+                    let per_layer = c
+                        .per_layer_inputs
+                        .map(|p| (p.width, p.vocab, p.token_scale));
+                    assert_eq!(per_layer, Some((64, VOCAB, 8.0)), "{what}");
+                    assert!(c.double_wide_shared_mlp, "{what}");
                     // The full layers' tables rotate whole 32-wide heads (half their frequencies zero).
                     assert_eq!(c.rotary_dim, 32, "{what}");
                     assert_eq!((c.norm_offset, c.embed_scale), (0.0, 8.0), "{what}");
@@ -216,11 +237,20 @@ fn every_family_in_both_spellings_parses_and_loads() {
                     ([None, None], [true, true])
                 }
             };
-            assert_eq!(windows, want_windows, "{what}");
-            assert_eq!(rope, want_rope, "{what}");
+            // tiny-gemma4's four layers repeat the pattern.
+            assert_eq!(
+                windows.chunks(2).collect::<Vec<_>>(),
+                vec![want_windows; spec.num_layers / 2],
+                "{what}"
+            );
+            assert_eq!(
+                rope.chunks(2).collect::<Vec<_>>(),
+                vec![want_rope; spec.num_layers / 2],
+                "{what}"
+            );
 
             let m = src.load(Some(nf4(32))).unwrap();
-            assert_eq!(m.layers.len(), 2);
+            assert_eq!(m.layers.len(), spec.num_layers);
             assert_eq!(m.lm_head.is_some(), !spec.tie_word_embeddings, "{what}");
             assert_eq!(
                 m.norm("model.layers.0.self_attn.q_norm.weight").is_some(),
@@ -230,10 +260,11 @@ fn every_family_in_both_spellings_parses_and_loads() {
             let kinds: Vec<LinearKind> = m.layers[1].linears.iter().map(|l| l.kind).collect();
             match arch {
                 Arch::Phi3 => assert_eq!(kinds, LinearKind::FUSED, "{what}"),
-                // Gemma 4's full layer takes its values from k_proj.
+                // Gemma 4's full layer takes its values from k_proj; its per-layer input adds two.
                 Arch::Gemma4 => {
                     let mut without_v = LinearKind::SEPARATE.to_vec();
                     without_v.retain(|&k| k != LinearKind::V);
+                    without_v.extend([LinearKind::PerLayerGate, LinearKind::PerLayerProjection]);
                     assert_eq!(kinds, without_v, "{what}");
                     assert_eq!(
                         m.norm("model.layers.1.layer_scalar").map(<[f32]>::len),

@@ -703,9 +703,10 @@ fn multimodal_folders_train_generate_and_merge() {
         )
         .unwrap();
         let targets = config["target_modules"].as_array().unwrap();
-        // Gemma 4's full layer has no v_proj.
+        // tiny-gemma4: 9 linears in its sliding layer (7 and the per-layer input's 2), 8 in its full
+        // one (no v_proj), 7 in each of the two that reuse their keys and values (no k_proj, v_proj).
         let linears = if wrapper == Multimodal::Gemma4 {
-            13
+            9 + 8 + 7 + 7
         } else {
             14
         };

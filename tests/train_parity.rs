@@ -1,6 +1,7 @@
 //! `nibble train` against transformers + peft over three optimizer steps from the same initial PEFT
 //! adapter (NF4 group 64 emulated exactly, dropout 0, constant lr, gradient accumulation 2, clipping),
-//! for Qwen2, Gemma 3 and Phi-3 (fused projections): fixtures from scripts/make_train_fixtures.py, which
+//! for Qwen2, Gemma 3, Phi-3 (fused projections), Gemma 4 (E2B's per-layer inputs and shared keys and
+//! values beside 31B's values from k_proj) and Ministral 3: fixtures from scripts/make_train_fixtures.py, which
 //! also checks that PEFT loads the adapters nibble writes with no missing or unexpected keys and that
 //! transformers loads the folders `nibble merge` writes (recorded in each expected.json, read here). Per-step losses and gradient norms must agree to 1e-4
 //! relative and the LoRA updates (final minus initial) to 1e-3 relative norm, on the CPU executor and on
@@ -21,14 +22,13 @@ fn adapter(dir: &Path) -> SafetensorsFile {
     SafetensorsFile::open(&dir.join("adapter_model.safetensors")).unwrap()
 }
 
-/// (family, LoRA matrices per layer) of each fixture.
-/// Each family's fixture and its LoRA-adapted linears over both layers (Gemma 4's full layer has no
-/// v_proj).
+/// Each family's fixture and its LoRA-adapted linears over all layers (tiny Gemma 4: 9 in its sliding
+/// layer, 8 in its full one without v_proj, 7 in each of the two reusing their keys and values).
 const FAMILIES: [(&str, usize); 5] = [
     ("qwen2", 14),
     ("gemma3_text", 14),
     ("phi3", 8),
-    ("gemma4_text", 13),
+    ("gemma4_text", 31),
     ("ministral3", 14),
 ];
 

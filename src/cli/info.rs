@@ -126,6 +126,25 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     if c.layer_scalars {
         block.push("a scalar per layer".into());
     }
+    if let Some(p) = c.per_layer_inputs {
+        block.push(format!("per-layer inputs of {}", p.width));
+    }
+    let shared: Vec<(usize, usize)> = (0..c.num_layers)
+        .filter_map(|l| c.layers[l].kv_from.map(|from| (l, from)))
+        .collect();
+    if let (Some(first), Some(last)) = (shared.first(), shared.last()) {
+        let stores: std::collections::BTreeSet<usize> = shared.iter().map(|s| s.1).collect();
+        block.push(format!(
+            "layers {}-{} reuse the keys and values of layers {stores:?}{}",
+            first.0,
+            last.0,
+            if c.double_wide_shared_mlp {
+                " (MLPs twice as wide)"
+            } else {
+                ""
+            }
+        ));
+    }
     if let Some(q) = c.query_position_scale {
         block.push(format!(
             "queries x(1 + {}·ln(1 + ⌊position / {}⌋))",
@@ -155,6 +174,8 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
                 .filter_map(|(l, a)| a.window.map(|w| json!({"layer": l, "window": w})))
                 .collect::<Vec<_>>(),
             "layers_without_rope": (0..c.num_layers).filter(|&l| !c.layers[l].rope).collect::<Vec<_>>(),
+            "per_layer_input_size": c.per_layer_inputs.map(|p| p.width),
+            "kv_shared_layers": shared.iter().map(|&(l, from)| json!({"layer": l, "from": from})).collect::<Vec<_>>(),
             "rope_theta": c.rope_theta,
             "rope_scaling": rope,
             "block": block,

@@ -42,8 +42,9 @@ enum Preset {
     TinyPhi3,
     /// Ministral 3: YaRN, queries scaled up every 8 positions.
     TinyMinistral3,
-    /// Gemma 4 (text, as 31B): sliding (head 16) and full layers (head 32, values from k_proj,
-    /// proportional RoPE) alternating, v norms, a scalar per layer, logits capped at 30.
+    /// Gemma 4 (text): sliding (head 16) and full layers (head 32, values from k_proj, proportional
+    /// RoPE) alternating as in 31B, v norms, a scalar per layer, logits capped at 30; and E2B's
+    /// per-layer inputs and last two layers sharing the first two's keys and values (double-wide MLPs).
     TinyGemma4,
     /// Gemma 3 (text): sliding (window 8, RoPE base 10^4) and full layers (10^6, linear x8) alternating.
     TinyGemma3,

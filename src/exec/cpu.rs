@@ -566,6 +566,11 @@ impl Exec {
                 let [Slot::Cache(keys), Slot::Cache(values)] = rest else {
                     panic!("graph: cached attention appends to the KV cache");
                 };
+                // Positions from `past` on are (re)written: a layer sharing another's cache writes
+                // the same keys and values there again.
+                let width = x(1).len() / shape.tokens.max(1);
+                keys.truncate(past * width);
+                values.truncate(past * width);
                 keys.extend_from_slice(x(1));
                 values.extend_from_slice(x(2));
                 if let Slot::Empty = out[0] {

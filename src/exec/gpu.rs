@@ -28,15 +28,19 @@ use std::collections::HashMap;
 fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
     // Phi-3's fused projections are wider: q, k and v in one buffer, gate and up in another.
     let widest_layer = |width: &dyn Fn(usize) -> usize| (0..c.num_layers).map(width).max();
+    let mlp = widest_layer(&|l| c.mlp_width(l)).unwrap_or(0);
     let (qkv, gate_up) = match c.fused_projections {
-        true => (
-            widest_layer(&|l| c.q_dim(l) + 2 * c.kv_dim(l)),
-            2 * c.intermediate_size,
-        ),
-        false => (widest_layer(&|l| c.q_dim(l)), c.intermediate_size),
+        true => (widest_layer(&|l| c.q_dim(l) + 2 * c.kv_dim(l)), 2 * mlp),
+        false => (widest_layer(&|l| c.q_dim(l)), mlp),
     };
     let qkv = qkv.unwrap_or(0);
-    let widest = c.hidden_size.max(qkv).max(VOCAB_CHUNK.min(c.vocab_size));
+    // Gemma 4's per-layer inputs: every layer's slice in one buffer.
+    let per_layer = c.per_layer_inputs.map_or(0, |p| c.num_layers * p.width);
+    let widest = c
+        .hidden_size
+        .max(qkv)
+        .max(per_layer)
+        .max(VOCAB_CHUNK.min(c.vocab_size));
     // The MLP's buffers are as long as a chunk of the sequence (`decoder::MLP_CHUNK`).
     let mlp_rows = tokens.min(decoder::MLP_CHUNK);
     let bytes = (tokens * widest).max(mlp_rows * gate_up) as u64 * 4;
@@ -692,8 +696,13 @@ impl GpuKvCache {
     pub fn new(gpu: &Gpu, model: &GpuModel) -> Self {
         let c = &model.config;
         GpuKvCache {
+            // A layer sharing another's keys and values keeps none of its own.
             layers: (0..c.num_layers)
-                .map(|l| (gpu.zeros(1), gpu.zeros(1), c.kv_dim(l)))
+                .map(|l| match c.layers[l].kv_from {
+                    Some(_) => 0,
+                    None => c.kv_dim(l),
+                })
+                .map(|kv_dim| (gpu.zeros(1), gpu.zeros(1), kv_dim))
                 .collect(),
             len: 0,
             capacity: 0,

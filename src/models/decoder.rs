@@ -6,7 +6,10 @@
 //! partial and local RoPE, sandwich norms, gated activations, logit soft-capping); every executor runs
 //! the graphs this builds. The optimizer step is `models::optimizer`'s graph.
 
-use crate::config::{LinearKind, ModelConfig};
+use crate::config::{
+    LinearKind, ModelConfig, PER_LAYER_EMBEDDING, PER_LAYER_MODEL_PROJECTION,
+    PER_LAYER_PROJECTION_NORM,
+};
 use crate::cpu::Sequence;
 use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoint};
 use crate::lora::LoraAdapter;
@@ -189,8 +192,10 @@ struct LayerTape {
     input_norm: BufId,
     xn1: BufId,
     inv1: BufId,
-    /// (pre-norm q, its norm weight, inverse RMS), and the same for k (Qwen3).
-    qk_norm: Option<[(BufId, BufId, BufId); 2]>,
+    /// (pre-norm q, its norm weight, inverse RMS), and the same for k (Qwen3; k only in a layer with
+    /// keys of its own).
+    q_norm: Option<(BufId, BufId, BufId)>,
+    k_norm: Option<(BufId, BufId, BufId)>,
     /// (pre-norm v, inverse RMS) (Gemma 4).
     v_norm: Option<(BufId, BufId)>,
     q: BufId,
@@ -207,7 +212,21 @@ struct LayerTape {
     /// Sandwich norms (Gemma): (the attention's or MLP's output, the norm's weight, inverse RMS).
     attn_out_norm: Option<(BufId, BufId, BufId)>,
     mlp_out_norm: Option<(BufId, BufId, BufId)>,
+    per_layer: Option<PerLayerTape>,
     linears: Vec<(LinearKind, LinearTape)>,
+}
+
+/// What Gemma 4's per-layer input added to a layer's output keeps for the backward.
+struct PerLayerTape {
+    /// The layer's output before it (the gate's input).
+    x: BufId,
+    gate: BufId,
+    /// The layer's slice of the per-layer inputs.
+    input: BufId,
+    gated: BufId,
+    projected: BufId,
+    norm: BufId,
+    inv: BufId,
 }
 
 impl LayerTape {
@@ -221,10 +240,11 @@ impl LayerTape {
     }
 }
 
-/// The tapes of an MLP's linears: gate and up (one fused linear, or two), then down.
+/// The tapes of an MLP's linears: gate and up (one fused linear, or two), then down, and its width.
 struct MlpTapes<'a> {
     gate_up: Vec<&'a LinearTape>,
     down: &'a LinearTape,
+    width: usize,
 }
 
 struct Decoder<'a> {
@@ -234,6 +254,28 @@ struct Decoder<'a> {
     shape: StepShape,
     /// Padding at the end of the sequence that no token attends to (`Input::KeyEnd`).
     padded: bool,
+    /// Gemma 4's per-layer inputs of the step's tokens, [tokens, layers x width].
+    per_layer_inputs: Option<BufId>,
+    /// Per layer whose keys and values later layers attend over: their copies (after norms and RoPE).
+    shared_kv: HashMap<usize, (BufId, BufId)>,
+    /// Per such layer, in the backward: the gradients of those copies, summed over the layers that
+    /// read them (which run their backward first).
+    shared_kv_grads: HashMap<usize, (BufId, BufId)>,
+}
+
+impl<'a> Decoder<'a> {
+    fn new(c: &'a ModelConfig, lora: Option<&'a LoraSpec>, shape: StepShape, padded: bool) -> Self {
+        Decoder {
+            b: Builder::new(),
+            c,
+            lora,
+            shape,
+            padded,
+            per_layer_inputs: None,
+            shared_kv: HashMap::new(),
+            shared_kv_grads: HashMap::new(),
+        }
+    }
 }
 
 impl Decoder<'_> {
@@ -255,7 +297,133 @@ impl Decoder<'_> {
         if factor != 1.0 {
             self.b.node(Op::Scale { factor }, &[], &[x], false);
         }
+        self.per_layer_inputs(x);
         x
+    }
+
+    /// Gemma 4 E2B/E4B: the per-layer inputs of the step's tokens, from their embeddings x: each
+    /// token's per-layer embedding (times √width) plus the normalised projection of x (times
+    /// hidden^-½), times 2^-½. Everything they depend on is frozen: no gradient flows into them.
+    fn per_layer_inputs(&mut self, x: BufId) {
+        let Some(p) = self.c.per_layer_inputs else {
+            return;
+        };
+        let (t, h) = (self.t(), self.c.hidden_size);
+        let width = self.c.num_layers * p.width;
+        let ids = self.b.input(Input::TokenIds, t);
+        let table_name = self.c.tensor(PER_LAYER_EMBEDDING);
+        let table = self.b.weight(&table_name, p.vocab * width);
+        let tokens = self.b.activation(t * width, "per-layer embeddings");
+        self.b
+            .node(Op::Embed { dim: width }, &[ids, table], &[tokens], false);
+        let factor = p.token_scale;
+        self.b.node(Op::Scale { factor }, &[], &[tokens], false);
+        let projection_name = self.c.tensor(PER_LAYER_MODEL_PROJECTION);
+        let projection = self.b.weight(&projection_name, width * h);
+        let context = self.b.activation(t * width, "per-layer projection");
+        // x·Pᵀ with P a dense frozen table: the product the output projection makes.
+        let op = Op::Logits {
+            dim: h,
+            softcap: None,
+        };
+        self.b.node(op, &[x, projection], &[context], false);
+        let factor = (h as f64).powf(-0.5) as f32;
+        self.b.node(Op::Scale { factor }, &[], &[context], false);
+        let norm = self.norm_weight(&self.c.tensor(PER_LAYER_PROJECTION_NORM), p.width);
+        let (normed, _) = self.rmsnorm(context, norm, p.width, "per-layer projection normed");
+        let inputs = self.add(normed, tokens, "per-layer inputs".into());
+        let factor = std::f32::consts::FRAC_1_SQRT_2;
+        self.b.node(Op::Scale { factor }, &[], &[inputs], false);
+        self.per_layer_inputs = Some(inputs);
+    }
+
+    /// Gemma 4 E2B/E4B: layer `l`'s output x plus its per-layer input, gated by x:
+    /// x + norm(projection(act(gate(x)) ⊙ input_l)); the two linears' tapes join `linears`.
+    fn add_per_layer_input(
+        &mut self,
+        l: usize,
+        x: BufId,
+        linears: &mut Vec<(LinearKind, LinearTape)>,
+    ) -> (BufId, Option<PerLayerTape>) {
+        let (Some(inputs), Some(p)) = (self.per_layer_inputs, self.c.per_layer_inputs) else {
+            return (x, None);
+        };
+        let (t, h) = (self.t(), self.c.hidden_size);
+        let (gate, gate_tape) = self.linear(l, LinearKind::PerLayerGate, x);
+        let name = format!("layers.{l}.per-layer input");
+        let input = self.b.columns(
+            inputs,
+            self.c.num_layers * p.width,
+            (l * p.width, p.width),
+            name,
+        );
+        let gated = self
+            .b
+            .activation(t * p.width, format!("layers.{l}.per-layer gated"));
+        let act = self.c.gate_activation;
+        self.b
+            .node(Op::Glu { act }, &[gate, input], &[gated], false);
+        let (projected, projection_tape) = self.linear(l, LinearKind::PerLayerProjection, gated);
+        let norm_name = self.c.layer_module(l, "post_per_layer_input_norm.weight");
+        let norm = self.norm_weight(&norm_name, h);
+        let (normed, inv) =
+            self.rmsnorm(projected, norm, h, &format!("layers.{l}.per-layer output"));
+        linears.push((LinearKind::PerLayerGate, gate_tape));
+        linears.push((LinearKind::PerLayerProjection, projection_tape));
+        let out = self.add(x, normed, format!("layers.{l}.out with per-layer input"));
+        let tape = PerLayerTape {
+            x,
+            gate,
+            input,
+            gated,
+            projected,
+            norm,
+            inv,
+        };
+        (out, Some(tape))
+    }
+
+    /// The gradient of a layer's output before its per-layer input, from dy (the gradient after it),
+    /// in place: dy + the gate's input gradient.
+    fn per_layer_input_backward(&mut self, l: usize, s: &LayerTape, dy: BufId) {
+        let Some(p) = &s.per_layer else {
+            return;
+        };
+        let h = self.c.hidden_size;
+        let d_projected = self.rmsnorm_backward(p.projected, p.norm, p.inv, dy, h);
+        let d_gated = self
+            .b
+            .activation(self.b.len(p.gated), format!("d layers.{l}.per-layer gated"));
+        let projection = s.linear(LinearKind::PerLayerProjection);
+        self.linear_backward(projection, p.gated, d_projected, d_gated);
+        let (d_gate, d_input) = (
+            self.b
+                .activation(self.b.len(p.gate), format!("d layers.{l}.per-layer gate")),
+            self.b
+                .activation(self.b.len(p.input), format!("d layers.{l}.per-layer input")),
+        );
+        let act = self.c.gate_activation;
+        self.b.node(
+            Op::GluBackward { act },
+            &[p.gate, p.input, d_gated],
+            &[d_gate, d_input],
+            false,
+        );
+        self.linear_backward(s.linear(LinearKind::PerLayerGate), p.x, d_gate, dy);
+    }
+
+    /// A copy of x, as a buffer of its own.
+    fn copy(&mut self, x: BufId, name: String) -> BufId {
+        let len = self.b.len(x);
+        let y = self.b.activation(len, name);
+        let op = Op::CopyRows {
+            dim: len,
+            from: 0,
+            to: 0,
+            rows: 1,
+        };
+        self.b.node(op, &[x], &[y], false);
+        y
     }
 
     fn rmsnorm(&mut self, x: BufId, weight: BufId, dim: usize, name: &str) -> (BufId, BufId) {
@@ -486,7 +654,8 @@ impl Decoder<'_> {
             linears.push((kind, tape));
             y
         };
-        let (mut q, mut k, mut v) = if c.fused_projections {
+        // q, and the layer's own keys and values unless it shares an earlier layer's.
+        let (mut q, own_kv) = if c.fused_projections {
             let qkv = run(self, LinearKind::Qkv, xn1);
             let width = q_dim + 2 * kv_dim;
             let mut part = |offset, len, name| {
@@ -495,37 +664,64 @@ impl Decoder<'_> {
             };
             let q = part(0, q_dim, "q");
             let k = part(q_dim, kv_dim, "k");
-            (q, k, part(q_dim + kv_dim, kv_dim, "v"))
+            (q, Some((k, part(q_dim + kv_dim, kv_dim, "v"))))
         } else {
             let q = run(self, LinearKind::Q, xn1);
-            let k = run(self, LinearKind::K, xn1);
-            // Gemma 4's full layers take their values from k_proj, before k's norm and RoPE.
-            let v = match c.layers[l].values_from_keys {
-                true => k,
-                false => run(self, LinearKind::V, xn1),
+            let own_kv = match c.layers[l].kv_from {
+                Some(_) => None,
+                None => {
+                    let k = run(self, LinearKind::K, xn1);
+                    // Gemma 4's full layers take their values from k_proj, before k's norm and RoPE.
+                    let v = match c.layers[l].values_from_keys {
+                        true => k,
+                        false => run(self, LinearKind::V, xn1),
+                    };
+                    Some((k, v))
+                }
             };
-            (q, k, v)
+            (q, own_kv)
         };
-        // Gemma 4: each head of v normalised, with no weight of its own.
-        let mut v_norm = None;
-        if c.value_norm {
-            let (vv, inv) = self.rmsnorm_weightless(v, hd, &format!("layers.{l}.v"));
-            v_norm = Some((v, inv));
-            v = vv;
-        }
-        let mut qk_norm = None;
+        let (mut q_norm, mut k_norm, mut v_norm) = (None, None, None);
         if c.qk_norm {
             let qn = self.norm_weight(&c.layer_module(l, "self_attn.q_norm.weight"), hd);
-            let kn = self.norm_weight(&c.layer_module(l, "self_attn.k_norm.weight"), hd);
             let (qq, iq) = self.rmsnorm(q, qn, hd, &format!("layers.{l}.q"));
-            let (kk, ik) = self.rmsnorm(k, kn, hd, &format!("layers.{l}.k"));
-            qk_norm = Some([(q, qn, iq), (k, kn, ik)]);
-            (q, k) = (qq, kk);
+            q_norm = Some((q, qn, iq));
+            q = qq;
         }
         if c.layers[l].rope {
             self.rope(l, q, c.num_heads, false);
-            self.rope(l, k, kv_heads, false);
         }
+        let (k, v) = match (own_kv, c.layers[l].kv_from) {
+            (Some((mut k, mut v)), _) => {
+                // Gemma 4: each head of v normalised, with no weight of its own.
+                if c.value_norm {
+                    let (vv, inv) = self.rmsnorm_weightless(v, hd, &format!("layers.{l}.v"));
+                    v_norm = Some((v, inv));
+                    v = vv;
+                }
+                if c.qk_norm {
+                    let kn = self.norm_weight(&c.layer_module(l, "self_attn.k_norm.weight"), hd);
+                    let (kk, ik) = self.rmsnorm(k, kn, hd, &format!("layers.{l}.k"));
+                    k_norm = Some((k, kn, ik));
+                    k = kk;
+                }
+                if c.layers[l].rope {
+                    self.rope(l, k, kv_heads, false);
+                }
+                if c.layers.iter().any(|later| later.kv_from == Some(l)) {
+                    // Copies for the later layers: checkpointing keeps a buffer that another block
+                    // reads as it is, and would replay this layer's in-place RoPE over k itself.
+                    let shared = (
+                        self.copy(k, format!("layers.{l}.shared k")),
+                        self.copy(v, format!("layers.{l}.shared v")),
+                    );
+                    self.shared_kv.insert(l, shared);
+                }
+                (k, v)
+            }
+            (None, Some(from)) => self.shared_kv[&from],
+            (None, None) => unreachable!("a layer without keys of its own reads another's"),
+        };
         // The attention kernels scale scores by 1/√head_dim; Gemma's query_pre_attn_scalar asks for
         // another scale, which q carries.
         let q_scale = self.query_scale(l);
@@ -537,16 +733,18 @@ impl Decoder<'_> {
         let shape = self.attention_shape(l);
         if let Some(past) = self.shape.decode_after {
             let cached = (past + t) * kv_dim;
+            // A layer sharing another's keys and values writes the same ones into its cache again.
+            let layer = c.layers[l].kv_from.unwrap_or(l);
             let keys = self.b.state(
                 Role::KvCache {
-                    layer: l,
+                    layer,
                     values: false,
                 },
                 cached,
             );
             let values = self.b.state(
                 Role::KvCache {
-                    layer: l,
+                    layer,
                     values: true,
                 },
                 cached,
@@ -596,13 +794,15 @@ impl Decoder<'_> {
         };
         let (mlp_out_norm, down) = self.output_norm(l, down, "post_feedforward_layernorm");
         let x_out = self.add(x_mid, down, format!("layers.{l}.out"));
+        let (x_out, per_layer) = self.add_per_layer_input(l, x_out, &mut linears);
         self.scale_by_layer_scalar(l, x_out);
         let tape = LayerTape {
             x,
             input_norm,
             xn1,
             inv1,
-            qk_norm,
+            q_norm,
+            k_norm,
             v_norm,
             q,
             k,
@@ -616,6 +816,7 @@ impl Decoder<'_> {
             gate_up,
             attn_out_norm,
             mlp_out_norm,
+            per_layer,
             linears,
         };
         (x_out, tape)
@@ -687,7 +888,7 @@ impl Decoder<'_> {
             return (gate, up, tapes);
         }
         let (both, tape) = self.linear_rows(l, LinearKind::GateUp, x, at);
-        let i = self.c.intermediate_size;
+        let i = self.c.mlp_width(l);
         let name = self.b.name(both).to_string();
         let gate = self.b.columns(both, 2 * i, (0, i), format!("{name} gate"));
         let up = self.b.columns(both, 2 * i, (i, i), format!("{name} up"));
@@ -770,7 +971,7 @@ impl Decoder<'_> {
                 self.linear_backward(up_tape, x, dup, dx);
             }
             [fused] => {
-                let i = self.c.intermediate_size;
+                let i = tapes.width;
                 let name = format!("d {} gate_up", self.b.name(x));
                 let d_both = self.b.joined(&[(dgate, 0), (dup, i)], 2 * i, name);
                 self.linear_backward(fused, x, d_both, dx);
@@ -796,6 +997,7 @@ impl Decoder<'_> {
             let tapes = MlpTapes {
                 gate_up: gate_up.iter().map(|(_, tape)| tape).collect(),
                 down: &down,
+                width: self.c.mlp_width(l),
             };
             let dx = self.mlp_backward(&tapes, [x, gate, up, hidden], dy_rows);
             self.put_rows(dx, dxn2, rows, h);
@@ -816,9 +1018,10 @@ impl Decoder<'_> {
     fn layer_backward(&mut self, l: usize, s: &LayerTape, dx_out: BufId) -> BufId {
         let c = self.c;
         let (t, h, hd) = (self.t(), c.hidden_size, c.layers[l].head_dim);
-        let (q_dim, kv_dim) = (c.q_dim(l), c.kv_dim(l));
+        let q_dim = c.q_dim(l);
         self.b.set_stage(Some(l), true);
         self.scale_by_layer_scalar(l, dx_out);
+        self.per_layer_input_backward(l, s, dx_out);
         let tape = |kind: LinearKind| s.linear(kind);
         // Through a sandwich norm on a block's output, when there is one.
         let through = |d: &mut Self, norm: Option<(BufId, BufId, BufId)>, dy: BufId| match norm {
@@ -840,6 +1043,7 @@ impl Decoder<'_> {
                 let tapes = MlpTapes {
                     gate_up: gate_up_kinds.iter().map(|&k| tape(k)).collect(),
                     down: tape(LinearKind::Down),
+                    width: c.mlp_width(l),
                 };
                 self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], d_mlp)
             }
@@ -875,20 +1079,55 @@ impl Decoder<'_> {
         self.scale_queries_by_position(dq, l);
         if c.layers[l].rope {
             self.rope(l, dq, c.num_heads, true);
+        }
+        let dq = match s.q_norm {
+            Some((qp, qn, iq)) => self.rmsnorm_backward(qp, qn, iq, dq, hd),
+            None => dq,
+        };
+        let dxn1 = self.b.activation(t * h, format!("d layers.{l}.xn1"));
+        if let Some(from) = c.layers[l].kv_from {
+            // Into the gradients of the keys and values this layer shares, summed over the layers
+            // that share them; the layer that computed them takes them in its own backward.
+            match self.shared_kv_grads.get(&from) {
+                Some(&(gk, gv)) => {
+                    self.b.node(Op::Add, &[dk], &[gk], true);
+                    self.b.node(Op::Add, &[dv], &[gv], true);
+                }
+                None => {
+                    self.shared_kv_grads.insert(from, (dk, dv));
+                }
+            }
+            self.linear_backward(tape(LinearKind::Q), s.xn1, dq, dxn1);
+        } else {
+            if let Some((gk, gv)) = self.shared_kv_grads.remove(&l) {
+                self.b.node(Op::Add, &[gk], &[dk], true);
+                self.b.node(Op::Add, &[gv], &[dv], true);
+            }
+            self.own_kv_backward(l, s, [dq, dk, dv], dxn1);
+        }
+        let dx = self.rmsnorm_backward(s.x, s.input_norm, s.inv1, dxn1, h);
+        self.b.node(Op::Add, &[dx_mid], &[dx], true);
+        dx
+    }
+
+    /// The backward of layer `l`'s q, k and v projections from the gradients of its attention's
+    /// q, k and v (k through RoPE and both through their norms first), into dxn1.
+    fn own_kv_backward(&mut self, l: usize, s: &LayerTape, [dq, dk, dv]: [BufId; 3], dxn1: BufId) {
+        let c = self.c;
+        let hd = c.layers[l].head_dim;
+        let (q_dim, kv_dim) = (c.q_dim(l), c.kv_dim(l));
+        let tape = |kind: LinearKind| s.linear(kind);
+        if c.layers[l].rope {
             self.rope(l, dk, c.layers[l].kv_heads, true);
         }
         let dv = match s.v_norm {
             Some((v_raw, inv)) => self.rmsnorm_backward_node(v_raw, None, inv, dv, hd),
             None => dv,
         };
-        let (dq, dk) = match s.qk_norm {
-            Some([(qp, qn, iq), (kp, kn, ik)]) => (
-                self.rmsnorm_backward(qp, qn, iq, dq, hd),
-                self.rmsnorm_backward(kp, kn, ik, dk, hd),
-            ),
-            None => (dq, dk),
+        let dk = match s.k_norm {
+            Some((kp, kn, ik)) => self.rmsnorm_backward(kp, kn, ik, dk, hd),
+            None => dk,
         };
-        let dxn1 = self.b.activation(t * h, format!("d layers.{l}.xn1"));
         if c.fused_projections {
             let (qd, kvd) = (q_dim, kv_dim);
             let parts = [(dq, 0), (dk, qd), (dv, qd + kvd)];
@@ -911,9 +1150,6 @@ impl Decoder<'_> {
                 self.linear_backward(tape(kind), s.xn1, d, dxn1);
             }
         }
-        let dx = self.rmsnorm_backward(s.x, s.input_norm, s.inv1, dxn1, h);
-        self.b.node(Op::Add, &[dx_mid], &[dx], true);
-        dx
     }
 }
 
@@ -928,12 +1164,17 @@ fn head_name(c: &ModelConfig) -> String {
 
 /// The tables a GPU keeps in host memory, uploading only the rows a step reads: the embedding (1.2
 /// GiB at 16 bits for a 152k vocabulary of width 4096, of which a step reads a few thousand rows),
-/// unless the output projection reads all of it too (tied).
+/// unless the output projection reads all of it too (tied), and Gemma 4's per-layer embedding (4.7
+/// GiB in E2B).
 pub fn host_tables(c: &ModelConfig) -> Vec<String> {
-    match c.tie_word_embeddings {
-        true => vec![],
-        false => vec![c.tensor("embed_tokens.weight")],
+    let mut tables = Vec::new();
+    if !c.tie_word_embeddings {
+        tables.push(c.tensor("embed_tokens.weight"));
     }
+    if c.per_layer_inputs.is_some() {
+        tables.push(c.tensor(PER_LAYER_EMBEDDING));
+    }
+    tables
 }
 
 /// `build`, remembered: a training run or a conversation repeats a few shapes, and a 0.5B model's
@@ -967,13 +1208,7 @@ pub fn cached(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Arc
 /// transformers' attention mask does.
 pub fn hidden_states(c: &ModelConfig, layers: &[usize], tokens: usize, padded: bool) -> Graph {
     let shape = StepShape::forward_only(tokens);
-    let mut d = Decoder {
-        b: Builder::new(),
-        c,
-        lora: None,
-        shape,
-        padded,
-    };
+    let mut d = Decoder::new(c, None, shape, padded);
     let h = c.hidden_size;
     let mut x = d.embed();
     let last = layers.iter().copied().max().unwrap_or(0).min(c.num_layers);
@@ -991,13 +1226,7 @@ pub fn hidden_states(c: &ModelConfig, layers: &[usize], tokens: usize, padded: b
 
 /// The graph of one step of shape `shape` over the decoder `c`, with the LoRA branches of `lora`.
 pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Graph {
-    let mut d = Decoder {
-        b: Builder::new(),
-        c,
-        lora,
-        shape,
-        padded: false,
-    };
+    let mut d = Decoder::new(c, lora, shape, false);
     let (t, h, vocab) = (shape.tokens, c.hidden_size, c.vocab_size);
     let mut x = d.embed();
     let mut tapes = Vec::with_capacity(c.num_layers);
