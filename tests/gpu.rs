@@ -591,7 +591,7 @@ fn gpu_attention_spans_workgroups_tiles_and_passes() {
     let mut rng = Rng::new(41);
     let packed_150 = [63usize, 7, 47, 33].as_slice();
     // (arch, hidden, heads, kv heads, head_dim, example lengths, loop budget, tolerance); measured
-    // gradients within 1.2e-6, 1.0e-6, 8.1e-6 and 1.6e-6.
+    // gradients within 1.2e-6, 1.0e-6, 8.1e-6, 1.6e-6, 1.5e-6 and 1.5e-6.
     let cases = [
         (
             Arch::Qwen3,
@@ -623,6 +623,29 @@ fn gpu_attention_spans_workgroups_tiles_and_passes() {
             None,
             [600usize].as_slice(),
             device_budget,
+            1e-5,
+        ),
+        // Heads past the narrow build's 256 (Gemma 4's full layers: 512), on the wide one: one row
+        // per invocation twice as long, two rows per staged tile; 384 leaves part of a tile unused
+        // and walks in passes.
+        (
+            Arch::Qwen3,
+            64,
+            2,
+            1,
+            Some(512),
+            packed_150,
+            device_budget,
+            1e-5,
+        ),
+        (
+            Arch::Qwen3,
+            64,
+            2,
+            1,
+            Some(384),
+            [70usize].as_slice(),
+            Some(30_000),
             1e-5,
         ),
     ];

@@ -3,8 +3,9 @@
 #[test]
 fn every_shader_validates_with_naga() {
     assert!(nibble::gpu::SHADERS.len() >= 10);
-    for (name, _) in nibble::gpu::SHADERS {
-        let source = nibble::gpu::shader_source(name).unwrap();
+    for name in nibble::gpu::shader_names() {
+        let source = nibble::gpu::shader_source(name)
+            .unwrap_or_else(|| panic!("{name}: a variant's change no longer finds its text"));
         let module = naga::front::wgsl::parse_str(&source)
             .unwrap_or_else(|e| panic!("shaders/{name}.wgsl: {}", e.emit_to_string(&source)));
         naga::valid::Validator::new(
@@ -21,7 +22,7 @@ fn every_shader_validates_with_naga() {
 /// kernel past them would fail to build its pipeline there.
 #[test]
 fn every_entry_point_fits_webgpu_default_limits() {
-    for (name, _) in nibble::gpu::SHADERS {
+    for name in nibble::gpu::shader_names() {
         let source = nibble::gpu::shader_source(name).unwrap();
         let module = naga::front::wgsl::parse_str(&source).unwrap();
         let info = naga::valid::Validator::new(
@@ -80,15 +81,18 @@ macro_rules! layout {
 /// Every Rust parameter struct a kernel reads as its uniform has the layout of the WGSL struct (naga's
 /// layouter): the same size, and each named member at the same offset with the same scalar type. A
 /// field added, moved or retyped on one side only would silently feed a kernel garbage.
-/// The head width the host refuses past is the one the attention shader's registers hold.
+/// The head widths the host picks a build by (and refuses past) are the ones the attention shader's
+/// builds hold.
 #[test]
 fn attention_head_limit_matches_the_shader() {
-    let source = include_str!("../shaders/attention.wgsl");
-    let limit = nibble::ops::attention::GPU_MAX_HEAD_DIM;
-    assert!(
-        source.contains(&format!("const MAX_HEAD_DIM: u32 = {limit}u;")),
-        "shaders/attention.wgsl's MAX_HEAD_DIM is not {limit}"
-    );
+    let [narrow, wide] = nibble::ops::attention::GPU_HEAD_DIMS;
+    for (module, limit) in [("attention", narrow), ("attention_wide", wide)] {
+        let source = nibble::gpu::shader_source(module).unwrap();
+        assert!(
+            source.contains(&format!("const MAX_HEAD_DIM: u32 = {limit}u;")),
+            "{module}'s MAX_HEAD_DIM is not {limit}"
+        );
+    }
 }
 
 #[test]

@@ -38,7 +38,38 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("conv", include_str!("../../shaders/conv.wgsl")),
 ];
 
-/// Which shader file defines each entry point.
+/// Shader modules built from a file of `SHADERS` with textual changes: (name, file, changes).
+/// `attention_wide` holds heads up to 512 wide (Gemma 4's full layers): twice the per-invocation rows,
+/// which would cost every narrower model registers, hence a module of its own with `_wide` entry points.
+const VARIANTS: &[(&str, &str, &[(&str, &str)])] = &[(
+    "attention_wide",
+    "attention",
+    &[
+        (
+            "const MAX_HEAD_DIM: u32 = 256u;",
+            "const MAX_HEAD_DIM: u32 = 512u;",
+        ),
+        ("fn attention_forward(", "fn attention_forward_wide("),
+        (
+            "fn attention_backward_dq(",
+            "fn attention_backward_dq_wide(",
+        ),
+        (
+            "fn attention_backward_dkdv(",
+            "fn attention_backward_dkdv_wide(",
+        ),
+    ],
+)];
+
+/// Every shader module's name: the files, then their variants.
+pub fn shader_names() -> impl Iterator<Item = &'static str> {
+    SHADERS
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(VARIANTS.iter().map(|(name, _, _)| *name))
+}
+
+/// Which shader module defines each entry point.
 const ENTRY_POINTS: &[(&str, &str)] = &[
     ("linear_forward", "linear"),
     ("linear_backward_input", "linear"),
@@ -62,6 +93,9 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("attention_backward_dq", "attention"),
     ("attention_backward_dkdv", "attention"),
     ("attention_reduce_kv", "attention"),
+    ("attention_forward_wide", "attention_wide"),
+    ("attention_backward_dq_wide", "attention_wide"),
+    ("attention_backward_dkdv_wide", "attention_wide"),
     ("embed", "embed"),
     ("ce_reduce", "cross_entropy"),
     ("ce_finalize", "cross_entropy"),
@@ -87,12 +121,21 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("group_norm_apply", "conv"),
 ];
 
-/// The full WGSL source of a shader file (the common prelude included), as the GPU compiles it.
+/// The full WGSL source of a shader module (the common prelude included), as the GPU compiles it: None
+/// for an unknown name, or a variant one of whose changes no longer finds its text.
 pub fn shader_source(name: &str) -> Option<String> {
-    SHADERS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, src)| format!("{COMMON}\n{src}"))
+    if let Some((_, src)) = SHADERS.iter().find(|(n, _)| *n == name) {
+        return Some(format!("{COMMON}\n{src}"));
+    }
+    let (_, file, changes) = VARIANTS.iter().find(|(n, _, _)| *n == name)?;
+    let mut source = shader_source(file)?;
+    for (from, to) in *changes {
+        if !source.contains(from) {
+            return None;
+        }
+        source = source.replace(from, to);
+    }
+    Some(source)
 }
 
 /// Free scratch buffers by capacity in words.
@@ -281,7 +324,7 @@ impl Gpu {
             .borrow_mut()
             .entry(file)
             .or_insert_with(|| {
-                let source = shader_source(file).expect("listed in SHADERS");
+                let source = shader_source(file).expect("listed in SHADERS or VARIANTS");
                 self.device
                     .create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(file),

@@ -394,9 +394,19 @@ pub fn backward(
     }
 }
 
-/// The widest head shaders/attention.wgsl holds (its `MAX_HEAD_DIM`: each invocation keeps a head's
-/// row in registers).
-pub const GPU_MAX_HEAD_DIM: usize = 256;
+/// The widest head each build of shaders/attention.wgsl holds (its `MAX_HEAD_DIM`: each invocation
+/// keeps a head's rows in registers): the file as written, and its `attention_wide` variant, which
+/// wider heads use.
+pub const GPU_HEAD_DIMS: [usize; 2] = [256, 512];
+pub const GPU_MAX_HEAD_DIM: usize = GPU_HEAD_DIMS[1];
+
+/// The entry point for `shape`'s heads: `narrow`, or its `_wide` twin past the narrow build's width.
+fn kernel(shape: &AttentionShape, narrow: &'static str, wide: &'static str) -> &'static str {
+    match shape.head_dim > GPU_HEAD_DIMS[0] {
+        true => wide,
+        false => narrow,
+    }
+}
 
 /// Whether the GPU's attention kernels can run decoder `c`: an error naming the layer and its head size
 /// where one is wider than they hold (Gemma 4's full layers: 512).
@@ -515,7 +525,8 @@ pub(crate) fn record_forward(
             (10, &first_key),
             (11, key_end.unwrap_or(dummy)),
         ];
-        r.dispatch("attention_forward", &p, &b, groups);
+        let entry = kernel(shape, "attention_forward", "attention_forward_wide");
+        r.dispatch(entry, &p, &b, groups);
     }
 }
 
@@ -557,7 +568,8 @@ pub(crate) fn record_forward_cached(
             (10, &first_key),
             (11, r.dummy),
         ];
-        r.dispatch("attention_forward", &p, &b, groups);
+        let entry = kernel(shape, "attention_forward", "attention_forward_wide");
+        r.dispatch(entry, &p, &b, groups);
     }
 }
 
@@ -588,14 +600,20 @@ pub(crate) fn record_backward(
     let mut b = common.to_vec();
     b.push((8, dq));
     // Per key: the score, d_out·v and the update of dq.
+    let entry = kernel(shape, "attention_backward_dq", "attention_backward_dq_wide");
     for pass in passes(r, shape, 3) {
-        r.dispatch("attention_backward_dq", &pass, &b, heads_groups);
+        r.dispatch(entry, &pass, &b, heads_groups);
     }
     let mut b = common.to_vec();
     b.extend([(8, &dk_shares), (9, &dv_shares)]);
     // Per query: the score, d_out·v with the update of dv, and the update of dk.
+    let entry = kernel(
+        shape,
+        "attention_backward_dkdv",
+        "attention_backward_dkdv_wide",
+    );
     for pass in passes(r, shape, 3) {
-        r.dispatch("attention_backward_dkdv", &pass, &b, heads_groups);
+        r.dispatch(entry, &pass, &b, heads_groups);
     }
     let b = [(8, &dk_shares), (9, &dv_shares), (12, dk), (13, dv)];
     let groups = [
@@ -604,4 +622,29 @@ pub(crate) fn record_backward(
         shape.tokens as u32,
     ];
     r.dispatch("attention_reduce_kv", &p, &b, groups);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Heads up to the wide build's width pass; a wider one is refused naming the layer and the width.
+    #[test]
+    fn the_gpu_refuses_heads_wider_than_its_widest_build() {
+        let config = |head_dim: usize| {
+            let json = format!(
+                r#"{{"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": {head_dim}, "vocab_size": 256}}"#
+            );
+            crate::config::ModelConfig::from_json_str(&json, std::path::Path::new("config.json"))
+                .unwrap()
+        };
+        assert!(super::check_gpu_heads(&config(512)).is_ok());
+        let e = super::check_gpu_heads(&config(640))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer 0 has heads of 640 channels") && e.contains("at most 512"),
+            "{e}"
+        );
+    }
 }

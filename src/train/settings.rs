@@ -357,6 +357,7 @@ impl TrainSettings {
     }
 
     /// Every option that names a file or folder.
+    #[cfg(not(target_arch = "wasm32"))]
     fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 9] {
         [
             &mut self.model,
@@ -373,6 +374,7 @@ impl TrainSettings {
 
     /// The file and folder options given as relative paths read from `folder` (an options file's own
     /// folder, so that a file means the same wherever nibble is run from).
+    #[cfg(not(target_arch = "wasm32"))]
     fn paths_from(mut self, folder: &Path) -> TrainSettings {
         for path in self.paths_mut().into_iter().flatten() {
             if path.is_relative() {
