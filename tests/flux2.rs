@@ -887,7 +887,7 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
     for name in [
         "lora.safetensors",
         "optimizer.safetensors",
-        "trainer_state.json",
+        "nibble_state.json",
         "run.json",
     ] {
         copy(&format!("checkpoint-1/{name}"));

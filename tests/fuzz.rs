@@ -337,7 +337,7 @@ fn checkpoint_state() {
         nibble::train::Trainer::new(&model, config.clone(), sequences.clone(), None).unwrap();
     trainer.step().unwrap();
     let checkpoint = trainer.save_checkpoint(dir.path(), "fuzz", None).unwrap();
-    let state_path = checkpoint.join("trainer_state.json");
+    let state_path = checkpoint.join("nibble_state.json");
     let state = std::fs::read(&state_path).unwrap();
     let value: serde_json::Value = serde_json::from_slice(&state).unwrap();
     let restore = |bytes: &[u8]| {
@@ -353,7 +353,7 @@ fn checkpoint_state() {
             }
         }
     };
-    let bytes = fuzz("trainer_state.json bytes", 8, runs(300), &[state], restore);
+    let bytes = fuzz("nibble_state.json bytes", 8, runs(300), &[state], restore);
     let mut rng = Rng::new(9);
     let count = runs(600);
     for run in 0..count {
@@ -363,7 +363,7 @@ fn checkpoint_state() {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| restore(text.as_bytes())));
         assert!(
             outcome.is_ok(),
-            "trainer_state.json values: run {run} panicked on {text}"
+            "nibble_state.json values: run {run} panicked on {text}"
         );
     }
     eprintln!("checkpoint state: {bytes} byte-level, {count} value-level");

@@ -193,7 +193,7 @@ fn config_edit(root: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<St
 
 fn state_edit(root: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<String> {
     edit_json(
-        &root.join("unfinished/checkpoint-1/trainer_state.json"),
+        &root.join("unfinished/checkpoint-1/nibble_state.json"),
         edit,
     );
     let dir = p(root, "unfinished");
@@ -788,26 +788,26 @@ const CASES: &[Case] = &[
     Case {
         name: "trainer state not JSON",
         prepare: |r| {
-            std::fs::write(r.join("unfinished/checkpoint-1/trainer_state.json"), "{").unwrap();
+            std::fs::write(r.join("unfinished/checkpoint-1/nibble_state.json"), "{").unwrap();
             let a = p(r, "unfinished");
             train(r, "unfinished", &["--save-steps", "1", "--resume", &a])
         },
-        expect: &["trainer_state.json"],
+        expect: &["nibble_state.json"],
     },
     Case {
         name: "trainer state order out of range",
         prepare: |r| state_edit(r, |s| s["order"][0] = 1_000_000.into()),
-        expect: &["trainer_state.json", "order"],
+        expect: &["nibble_state.json", "order"],
     },
     Case {
         name: "trainer state step past the end",
         prepare: |r| state_edit(r, |s| s["step"] = 99.into()),
-        expect: &["trainer_state.json", "step 99"],
+        expect: &["nibble_state.json", "step 99"],
     },
     Case {
         name: "trainer state position past the data",
         prepare: |r| state_edit(r, |s| s["position"] = 1000.into()),
-        expect: &["trainer_state.json"],
+        expect: &["nibble_state.json"],
     },
     Case {
         name: "checkpoint adapter with NaN",

@@ -7,7 +7,7 @@ mod common;
 
 use nibble::train::folder::RunFolder;
 use nibble::train::run::{self, Observer, Run, RunData, RunOptions, RunSpec};
-use nibble::train::{StepRecord, TrainConfig, Trainer};
+use nibble::train::{STATE_FILE, StepRecord, TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 
 /// What the observer was told, in order.
@@ -181,7 +181,7 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     copy_folder(&whole.join("checkpoint-2"), &part.join("checkpoint-2"));
     let resume = RunOptions {
         resume: Some(part.clone()),
-        ..saving
+        ..saving.clone()
     };
     let (result, resumed) = train(&model, &data, &part, config(4), resume);
     result.unwrap();
@@ -195,6 +195,21 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         std::fs::read(part.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
     );
+
+    // A checkpoint written before the state file had nibble's own name (trainer_state.json) resumes
+    // the same way.
+    let legacy = dir.path().join("legacy");
+    copy_folder(&whole.join("checkpoint-2"), &legacy.join("checkpoint-2"));
+    let state = legacy.join("checkpoint-2");
+    std::fs::rename(state.join(STATE_FILE), state.join("trainer_state.json")).unwrap();
+    let resume = RunOptions {
+        resume: Some(legacy.clone()),
+        ..saving
+    };
+    let (result, resumed) = train(&model, &data, &legacy, config(4), resume);
+    result.unwrap();
+    assert_eq!(resumed.steps, uninterrupted.steps[2..].to_vec());
+    assert!(legacy.join("checkpoint-4").join(STATE_FILE).is_file());
 }
 
 /// `--save-total-limit 2` (issue 19): of checkpoints written at every step, the two newest stay, and a

@@ -934,7 +934,7 @@ impl Trainer<'_> {
             "dropout_rng": rng_to_json(&self.dropout_rng),
             "examples": self.work.examples(),
         });
-        crate::fsutil::write_atomically(&tmp.join("trainer_state.json"), |t| {
+        crate::fsutil::write_atomically(&tmp.join(STATE_FILE), |t| {
             std::fs::write(t, state.to_string())
         })?;
         let _ = std::fs::remove_dir_all(&final_dir);
@@ -945,7 +945,7 @@ impl Trainer<'_> {
     /// Restores adapters, moments, RNG states and data position from a checkpoint folder written by
     /// `save_checkpoint`.
     pub fn restore(&mut self, checkpoint: &Path) -> Result<()> {
-        let state_path = checkpoint.join("trainer_state.json");
+        let state_path = state_file(checkpoint).unwrap_or_else(|| checkpoint.join(STATE_FILE));
         let text =
             crate::fsutil::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
         let bad = |msg: &str| Error::Config {
@@ -1072,9 +1072,31 @@ pub const MANIFEST: &str = "run.json";
 /// `nibble train --config` takes it back.
 pub const RECORD_FILE: &str = "nibble_config.toml";
 
+/// The file in each checkpoint that holds where the trainer is (step, data order and position, RNG
+/// states): nibble's own schema under nibble's own name.
+pub const STATE_FILE: &str = "nibble_state.json";
+
+/// What nibble's checkpoints called `STATE_FILE` until December 2026: the name of Hugging Face
+/// Trainer's file, of another schema. Such checkpoints still resume.
+const LEGACY_STATE_FILE: &str = "trainer_state.json";
+
+/// The trainer state of a complete checkpoint folder: `STATE_FILE`, or the legacy name beside nibble's
+/// optimizer state (a Hugging Face Trainer's checkpoint has its own trainer_state.json).
+pub fn state_file(checkpoint: &Path) -> Option<std::path::PathBuf> {
+    let current = checkpoint.join(STATE_FILE);
+    let legacy = checkpoint.join(LEGACY_STATE_FILE);
+    if current.is_file() {
+        Some(current)
+    } else if legacy.is_file() && checkpoint.join("optimizer.safetensors").is_file() {
+        Some(legacy)
+    } else {
+        None
+    }
+}
+
 /// The newest complete checkpoint in a run folder (or the folder itself, if it is a checkpoint).
 pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
-    if dir.join("trainer_state.json").is_file() {
+    if state_file(dir).is_some() {
         return Ok(Some(dir.to_path_buf()));
     }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
@@ -1083,10 +1105,7 @@ pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step: usize = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
-            e.path()
-                .join("trainer_state.json")
-                .is_file()
-                .then_some((step, e.path()))
+            state_file(&e.path()).map(|_| (step, e.path()))
         })
         .max_by_key(|(step, _)| *step)
         .map(|(_, p)| p);

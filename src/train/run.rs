@@ -414,7 +414,7 @@ impl<'m> Run<'m> {
         let existing = dir.join(format!("{}{step}", train::CHECKPOINT_PREFIX));
         let saved = if step == 0 {
             Ok(None)
-        } else if self.saved_step == Some(step) && existing.join("trainer_state.json").is_file() {
+        } else if self.saved_step == Some(step) && train::state_file(&existing).is_some() {
             // Saved or restored by this process at this very step.
             Ok(Some(existing))
         } else {
