@@ -34,6 +34,9 @@ enum Command {
     /// Talk with a model in the terminal: each line is a user turn (/reset starts over, /quit or end of
     /// input quits, /help lists these). The KV cache carries the conversation from turn to turn.
     Chat(cli::generate::ChatArgs),
+    /// Show how a JSONL data file reaches the model: each example through the chat template, with the
+    /// tokens that carry loss marked (as training labels them).
+    Data(cli::data::Args),
     /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
     /// shapes before anything runs. MODEL may be a folder holding only config.json.
     Plan(cli::plan::Args),
@@ -132,6 +135,7 @@ fn main() {
         Command::Merge(args) => cli::merge::run(args),
         Command::Chat(args) => cli::generate::chat(args),
         Command::Plan(args) => cli::plan::run(args),
+        Command::Data(args) => cli::data::run(args),
         Command::Synth(args) => cli::synth::run(args),
         Command::Demo(args) => cli::demo::run(args),
     };

@@ -551,3 +551,81 @@ fn a_software_gpu_is_named_as_such() {
         "{stderr}"
     );
 }
+
+/// `nibble data` shows which tokens carry loss (issue 19): with --loss-on assistant, exactly the
+/// assistant's reply and its end of turn, as TRL's assistant mask has them; by default (TRL's), every
+/// token but the first for a conversation and the completion alone for a prompt/completion row; the
+/// totals count every example, and a cut example says so.
+#[test]
+fn data_shows_which_tokens_carry_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen2, 151936),
+        Some(&synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "What is LoRA, in a word?"}, {"role": "assistant", "content": "Adapters."}]}"#,
+            "\n",
+            r#"{"prompt": "Two plus two is", "completion": " four."}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let lines = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut args = vec![
+            "data",
+            s(&data),
+            "--model",
+            s(&model),
+            "--json",
+            "--examples",
+            "9",
+        ];
+        args.extend(extra);
+        ok(&args)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let labelled_text = |v: &serde_json::Value| -> String {
+        let tokens = v["tokens"].as_array().unwrap();
+        let labelled = v["labelled"].as_array().unwrap();
+        tokens
+            .iter()
+            .zip(labelled)
+            .filter(|(_, l)| l.as_bool().unwrap())
+            .map(|(t, _)| t.as_str().unwrap())
+            .collect()
+    };
+    let all = lines(&[]);
+    assert_eq!(all.len(), 3);
+    let first = all[0]["labelled"].as_array().unwrap();
+    assert!(!first[0].as_bool().unwrap() && first[1..].iter().all(|l| l.as_bool().unwrap()));
+    assert_eq!(labelled_text(&all[1]), " four.");
+    let total_labels = first.len() - 1 + 2;
+    assert_eq!(all[2]["labelled_tokens"], total_labels);
+    let assistant = std::fs::read_to_string(&data).unwrap();
+    let only_chat = dir.path().join("chat.jsonl");
+    std::fs::write(&only_chat, assistant.lines().next().unwrap()).unwrap();
+    let out = ok(&[
+        "data",
+        s(&only_chat),
+        "--model",
+        s(&model),
+        "--json",
+        "--loss-on",
+        "assistant",
+    ]);
+    let shown: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(labelled_text(&shown), "Adapters.<|im_end|>\n");
+    // Cut to 8 tokens: the reply is gone, and the text form says the example was cut.
+    let text = ok(&["data", s(&data), "--model", s(&model), "--max-length", "8"]);
+    assert!(text.contains("cut by --max-length 8"), "{text}");
+    assert!(text.contains("between ⟦ and ⟧"), "{text}");
+}

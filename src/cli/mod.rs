@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand (its clap arguments and a `run`), and what several of
 //! them share. The work itself is the library's.
 
+pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod generate;
