@@ -283,28 +283,28 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
 
 /// Trains an adapter on `data` (one chat of `chats(1)`) until the model answers it word for word.
 fn memorise(model: &Path, data: &Path, out: &Path) {
-    let o = train_cli(
-        model,
-        data,
-        out,
-        &[
-            "--max-steps",
-            "60",
-            "--lr",
-            "1e-2",
-            "--lora-r",
-            "16",
-            "--lora-alpha",
-            "32",
-            "--lora-dropout",
-            "0",
-            "--lr-scheduler",
-            "constant",
-            "--loss-on",
-            "assistant",
-        ],
-    );
+    let o = train_cli(model, data, out, &memorising("60"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Options under which the tiny byte model learns a one-chat dataset by heart in `steps` steps.
+fn memorising(steps: &'static str) -> Vec<&'static str> {
+    vec![
+        "--max-steps",
+        steps,
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "16",
+        "--lora-alpha",
+        "32",
+        "--lora-dropout",
+        "0",
+        "--lr-scheduler",
+        "constant",
+        "--loss-on",
+        "assistant",
+    ]
 }
 
 /// `nibble merge` of `adapter` into `model`, written to `output`.
@@ -907,4 +907,78 @@ fn the_log_says_what_the_run_is_and_when_it_saves() {
         let saved = format!("saved {}", out.join(format!("checkpoint-{step}")).display());
         assert!(log.contains(&saved), "{saved} missing from:\n{log}");
     }
+}
+
+/// `--sample-prompts` (issue 19): each prompt is answered every --sample-steps steps and at the end,
+/// into samples.jsonl and the log; the last answers are what `nibble generate` answers with the saved
+/// adapter, and a memorised answer shows there.
+#[test]
+fn sample_prompts_are_answered_as_the_run_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    let row = serde_json::json!({"messages": [{"role": "user", "content": "Question 0?"},
+                                              {"role": "assistant", "content": "Answer 0."}]});
+    std::fs::write(&data, format!("{row}\n")).unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "Question 0?\n\nWhat else?\n").unwrap();
+    let out = dir.path().join("run");
+    let o = common::nibble_command()
+        .env("RUST_LOG", "info")
+        .args(common::train_args(
+            &model,
+            &data,
+            &out,
+            &[
+                memorising("50"),
+                vec![
+                    "--sample-prompts",
+                    prompts.to_str().unwrap(),
+                    "--sample-steps",
+                    "20",
+                ],
+            ]
+            .concat(),
+        ))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{log}");
+    let samples: Vec<serde_json::Value> = std::fs::read_to_string(out.join("samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at: Vec<(u64, &str)> = samples
+        .iter()
+        .map(|s| (s["step"].as_u64().unwrap(), s["prompt"].as_str().unwrap()))
+        .collect();
+    let asked = ["Question 0?", "What else?"];
+    let expected: Vec<(u64, &str)> = [20, 40, 50]
+        .iter()
+        .flat_map(|&step| asked.map(|p| (step, p)))
+        .collect();
+    assert_eq!(at, expected);
+    assert!(
+        log.contains("sample at step 20: \"Question 0?\" -> "),
+        "{log}"
+    );
+    for (sample, prompt) in samples[4..].iter().zip(asked) {
+        let o = nibble(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "64",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let generated = String::from_utf8_lossy(&o.stdout).trim_end().to_string();
+        assert_eq!(sample["answer"].as_str().unwrap(), generated, "{prompt}");
+    }
+    assert_eq!(samples[4]["answer"], "Answer 0.");
 }

@@ -50,24 +50,29 @@ fn model_and_data(dir: &Path) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     let data = dir.join("chats.jsonl");
-    let chats: String = [
+    let chats = chat_rows(&[
         ("Name three colours.", "Red, green and blue."),
         ("What is 2+2?", "Four."),
         ("Say hello.", "Hello there!"),
         ("Count to three.", "One, two, three."),
         ("What is the capital of France?", "Paris."),
         ("Spell cat.", "C, A, T."),
-    ]
-    .iter()
-    .map(|(q, a)| {
-        serde_json::json!({"messages": [{"role": "user", "content": q},
-                                        {"role": "assistant", "content": a}]})
-        .to_string()
-            + "\n"
-    })
-    .collect();
+    ]);
     std::fs::write(&data, chats).unwrap();
     (model, data)
+}
+
+/// JSONL messages rows of (question, answer) pairs.
+fn chat_rows(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(q, a)| {
+            serde_json::json!({"messages": [{"role": "user", "content": q},
+                                            {"role": "assistant", "content": a}]})
+            .to_string()
+                + "\n"
+        })
+        .collect()
 }
 
 /// A flat folder's files copied into a new folder `to`.
@@ -795,4 +800,64 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     let manifest = std::fs::read_to_string(dir.path().join("offloaded/run.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert_eq!(manifest["options"]["bf16_checkpoints"], true);
+}
+
+/// `--early-stopping-patience 2` (issue 19): validated on the training prompts with other answers, the
+/// validation loss soon rises; the run stops two validations after its lowest, says so in
+/// metrics.jsonl, and saves that lowest validation's adapter (the checkpoint of that step, byte for
+/// byte).
+#[test]
+fn early_stopping_saves_the_best_validation_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let contradicting = dir.path().join("eval.jsonl");
+    let rows = chat_rows(&[
+        ("Name three colours.", "Cyan, ochre and teal, obviously."),
+        ("What is 2+2?", "Seventeen, said the machine."),
+        ("Say hello.", "Goodbye forever, friend."),
+    ]);
+    std::fs::write(&contradicting, rows).unwrap();
+    let out = dir.path().join("out");
+    let options = RunOptions {
+        eval_data: Some(contradicting),
+        eval_steps: 1,
+        save_steps: 1,
+        early_stopping_patience: Some(2),
+        ..Default::default()
+    };
+    let mut config = config(60);
+    config.lr = 2e-2;
+    let (result, seen) = train(&model, &data, &out, config, options);
+    result.unwrap();
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evals: Vec<(u64, f64)> = metrics
+        .iter()
+        .filter_map(|v| Some((v["step"].as_u64()?, v["eval_loss"].as_f64()?)))
+        .collect();
+    let (best_step, _) = evals
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let stop = metrics
+        .iter()
+        .find(|v| v["stopped_early"] == true)
+        .expect("the run stopped early");
+    let last = seen.steps.last().unwrap().0 as u64;
+    assert!(last < 60, "stopped at step {last}");
+    assert_eq!(stop["best_step"].as_u64(), Some(best_step));
+    assert_eq!(last, best_step + 2, "two validations after the best");
+    let adapter = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        adapter(&out),
+        adapter(&out.join(format!("checkpoint-{best_step}")))
+    );
+    assert_ne!(
+        adapter(&out),
+        adapter(&out.join(format!("checkpoint-{last}")))
+    );
 }

@@ -65,6 +65,12 @@ fn train_klein(
         ("max-length", settings.max_length.is_some()),
         ("loss-on", settings.loss_on.is_some()),
         ("no-shuffle", settings.no_shuffle.is_some()),
+        (
+            "early-stopping-patience",
+            settings.early_stopping_patience.is_some(),
+        ),
+        ("sample-prompts", settings.sample_prompts.is_some()),
+        ("sample-steps", settings.sample_steps.is_some()),
         ("bf16-checkpoints", settings.bf16_checkpoints.is_some()),
         (
             "offload-checkpoints",

@@ -18,6 +18,7 @@ const RUN_FILES: &[&str] = &[
     crate::train::flux2::LORA_FILE,
     "adapter_config.json",
     "metrics.jsonl",
+    crate::train::run::SAMPLES_FILE,
     "loss_curve.png",
     MANIFEST,
     crate::train::RECORD_FILE,

@@ -37,6 +37,15 @@ pub struct RunOptions {
     pub eval_split: Option<f64>,
     /// Validate every this many steps (0: at the end of each epoch and of the run).
     pub eval_steps: usize,
+    /// Stop once this many validations in a row have not lowered the validation loss, and save the
+    /// adapter of the best one (also when the run ends without stopping).
+    pub early_stopping_patience: Option<usize>,
+    /// Prompts answered greedily (up to `SAMPLE_TOKENS` tokens) as the run goes, into the log and
+    /// samples.jsonl: each a user turn through the chat template.
+    pub sample_prompts: Vec<String>,
+    /// Answer them every this many steps (0: when validating, or at the end of each epoch without
+    /// validation data), and at the end of the run.
+    pub sample_steps: usize,
     /// Pack several examples into each sequence of at most `max_length` tokens.
     pub packing: bool,
     /// The device memory the run may use, in bytes, where less than the driver reports.
@@ -118,7 +127,28 @@ pub struct Run<'m> {
     stall_reported: bool,
     /// The step this process last saved a checkpoint of, or restored one from.
     saved_step: Option<usize>,
+    /// With early stopping: the best validation so far and the validations since it; whether the
+    /// run stopped for it.
+    best: Option<Best>,
+    validations_since_best: usize,
+    stopped_early: bool,
+    /// The tokenizer that renders `options.sample_prompts`.
+    sample_tokenizer: Option<ChatTokenizer>,
 }
+
+/// The lowest validation loss of a run with early stopping, at which step, and the adapter then
+/// (None when it predates a resumed process: only the metrics recorded it).
+struct Best {
+    loss: f64,
+    step: usize,
+    adapter: Option<LoraAdapter>,
+}
+
+/// Tokens each sample answer runs to at most.
+pub const SAMPLE_TOKENS: usize = 64;
+
+/// The file in a run's folder that holds its sample answers, one JSON line each.
+pub const SAMPLES_FILE: &str = "samples.jsonl";
 
 /// Steps in a row without a gradient, or with a loss repeated to the bit, before a run is reported as
 /// stalled. Honest training repeats neither: dropout, a new batch or a moved adapter changes the loss.
@@ -306,7 +336,16 @@ impl<'m> Run<'m> {
             still: 0,
             stall_reported: false,
             saved_step: None,
+            best: None,
+            validations_since_best: 0,
+            stopped_early: false,
+            sample_tokenizer: None,
         }
+    }
+
+    /// The tokenizer for `--sample-prompts`, without which none are answered.
+    pub fn sample_with(&mut self, tokenizer: ChatTokenizer) {
+        self.sample_tokenizer = Some(tokenizer);
     }
 
     /// Gives a run set up without an output folder its folder: resumes from `options.resume` when
@@ -325,6 +364,99 @@ impl<'m> Run<'m> {
         }
         if resume.is_some() {
             self.saved_step = Some(self.trainer.step);
+            self.best_from_metrics(dir)?;
+        }
+        Ok(())
+    }
+
+    /// A resumed run's early-stopping state, from the validations metrics.jsonl recorded up to the
+    /// restored step (the best adapter itself is only known if a later validation beats it).
+    fn best_from_metrics(&mut self, dir: &Path) -> Result<()> {
+        if self.options.early_stopping_patience.is_none() {
+            return Ok(());
+        }
+        let path = dir.join("metrics.jsonl");
+        let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if let (Some(loss), Some(step)) = (v["eval_loss"].as_f64(), v["step"].as_u64()) {
+                self.note_validation(step as usize, loss, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a validation for early stopping: a new best (with its adapter, when known), or one
+    /// more without improvement. Returns whether it is a new best.
+    fn note_validation(&mut self, step: usize, loss: f64, adapter: Option<LoraAdapter>) -> bool {
+        if self.best.as_ref().is_none_or(|b| loss < b.loss) {
+            self.best = Some(Best {
+                loss,
+                step,
+                adapter,
+            });
+            self.validations_since_best = 0;
+            true
+        } else {
+            self.validations_since_best += 1;
+            false
+        }
+    }
+
+    /// After a validation at `step` with loss `loss`: keeps the adapter of a new best, and ends the
+    /// run once `--early-stopping-patience` validations in a row have not improved on it.
+    async fn early_stopping(&mut self, step: usize, loss: f64) -> Result<()> {
+        let Some(patience) = self.options.early_stopping_patience else {
+            return Ok(());
+        };
+        if self.note_validation(step, loss, None) {
+            self.trainer.sync_async().await?;
+            if let Some(best) = &mut self.best {
+                best.adapter = Some(self.trainer.adapter.clone());
+            }
+        } else if self.validations_since_best >= patience && !self.trainer.done() {
+            let best = self.best.as_ref().expect("a validation came before");
+            log::info!(
+                "the validation loss has not improved on {:.4} (step {}) in {patience} validations:                  stopping early at step {step} of {}",
+                best.loss,
+                best.step,
+                self.trainer.total_steps
+            );
+            let line = json!({"step": step, "stopped_early": true, "best_step": best.step,
+                "best_eval_loss": best.loss});
+            self.append_metrics(&line)?;
+            self.stopped_early = true;
+        }
+        Ok(())
+    }
+
+    /// Answers each sample prompt with the adapter as it is at `step`: into the log and samples.jsonl.
+    async fn write_samples(&mut self, step: usize) -> Result<()> {
+        let Some(tok) = &self.sample_tokenizer else {
+            return Ok(());
+        };
+        let Some(executor) = self.trainer.executor() else {
+            return Ok(());
+        };
+        let mut lines = String::new();
+        for prompt in &self.options.sample_prompts {
+            let answer =
+                crate::generate::answer_async(executor, tok, prompt, SAMPLE_TOKENS).await?;
+            log::info!("sample at step {step}: {prompt:?} -> {answer:?}");
+            lines.push_str(&json!({"step": step, "prompt": prompt, "answer": answer}).to_string());
+            lines.push('\n');
+        }
+        if let Some(out) = &self.output {
+            let path = out.dir.join(SAMPLES_FILE);
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            file.write_all(lines.as_bytes())
+                .map_err(|e| Error::io(&path, e))?;
         }
         Ok(())
     }
@@ -335,7 +467,7 @@ impl<'m> Run<'m> {
     }
 
     pub fn done(&self) -> bool {
-        self.trainer.done()
+        self.trainer.done() || self.stopped_early
     }
 
     /// One optimizer step, then what falls due after it: the metrics line, a validation pass, a
@@ -381,6 +513,14 @@ impl<'m> Run<'m> {
             self.append_metrics(&json!({"step": record.step, "epoch": record.epoch,
                 "eval_loss": loss, "eval_perplexity": loss.exp(), "eval_tokens": tokens}))?;
             observer.evaluated(record.step, loss);
+            self.early_stopping(record.step, loss).await?;
+        }
+        let samples_due = match self.options.sample_steps {
+            0 => eval_due,
+            every => record.step % every == 0,
+        };
+        if samples_due || self.done() {
+            self.write_samples(record.step).await?;
         }
         if let Some(out) = &self.output
             && self.options.save_steps > 0
@@ -445,9 +585,30 @@ impl<'m> Run<'m> {
     /// draws the loss curve.
     pub async fn finish_async(&mut self) -> Result<RunSummary> {
         self.trainer.sync_async().await?;
+        let mut adapter = &self.trainer.adapter;
+        if self.options.early_stopping_patience.is_some()
+            && let Some(best) = &self.best
+        {
+            match &best.adapter {
+                Some(kept) => {
+                    log::info!(
+                        "saving the adapter of step {} (the lowest validation loss, {:.4})",
+                        best.step,
+                        best.loss
+                    );
+                    adapter = kept;
+                }
+                None => log::warn!(
+                    "the lowest validation loss ({:.4}) was at step {}, before this run resumed:                      its adapter is in checkpoint-{} if one was saved there; saving the last one",
+                    best.loss,
+                    best.step,
+                    best.step
+                ),
+            }
+        }
         if let Some(out) = &self.output {
             self.trainer.work.save_adapter(
-                &self.trainer.adapter,
+                adapter,
                 &out.dir,
                 &self.base_model,
                 crate::train::flux2::LoraForm::Release,
@@ -604,7 +765,7 @@ fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
 }
 
 /// Creates the output folder and its metrics file, or (resuming) restores the newest checkpoint and
-/// keeps the metrics up to it.
+/// keeps the metrics (and sample answers) up to it.
 fn open_output(
     trainer: &mut Trainer,
     dir: &Path,
@@ -624,6 +785,10 @@ fn open_output(
             check_manifest(&checkpoint, manifest)?;
             trainer.restore(&checkpoint)?;
             truncate_metrics(&metrics_path, trainer.step)?;
+            let samples = dir.join(SAMPLES_FILE);
+            if samples.is_file() {
+                truncate_metrics(&samples, trainer.step)?;
+            }
             log::info!(
                 "resuming from {} at step {}",
                 checkpoint.display(),
@@ -687,11 +852,11 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 Some(file) => tokenize_file(&tok, file, &config)?,
                 None => Vec::new(),
             };
-            Ok(RunData { train, eval })
+            Ok((RunData { train, eval }, tok))
         })();
         (loading.join(), data)
     });
-    let data = data?;
+    let (data, tokenizer) = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
     // Packing fills sequences up to --max-length.
     let longest = data
@@ -794,7 +959,8 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         (config.checkpoint, config.checkpoints) = (checkpoint, checkpoints);
     }
     // Every step that can fail comes before the earlier run's files are cleared.
-    let run = Run::prepare((&model).into(), source.label(), config, data, options)?;
+    let mut run = Run::prepare((&model).into(), source.label(), config, data, options)?;
+    run.sample_with(tokenizer);
     run.launch(gpu, folder, output, observer)
 }
 

@@ -159,6 +159,18 @@ pub struct TrainSettings {
     /// Evaluate every N optimizer steps (default: at the end of each epoch and of the run).
     #[arg(long)]
     pub eval_steps: Option<usize>,
+    /// Stop once N validations in a row have not lowered the validation loss, and save the adapter
+    /// of the best validation (also when the run ends without stopping). Needs --eval-data or
+    /// --eval-split.
+    #[arg(long)]
+    pub early_stopping_patience: Option<usize>,
+    /// A text file of prompts, one per line, each answered greedily (up to 64 tokens, as a user turn
+    /// through the chat template) as the run goes: into the log and samples.jsonl.
+    #[arg(long)]
+    pub sample_prompts: Option<PathBuf>,
+    /// Answer --sample-prompts every N optimizer steps (and at the end of the run).
+    #[arg(long)]
+    pub sample_steps: Option<usize>,
     /// Keep each layer's input only and recompute the rest in the backward (less memory, a third more
     /// compute).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -281,6 +293,12 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
             "eval_steps",
             count(run.eval_steps, "0: at the end of each epoch and of the run"),
         ),
+        ("early_stopping_patience", "none: every step runs".into()),
+        ("sample_prompts", none()),
+        (
+            "sample_steps",
+            "with each validation (each epoch without validation data)".into(),
+        ),
         (
             "gradient_checkpointing",
             "off, turned on by nibble where a step would not fit".into(),
@@ -358,8 +376,9 @@ impl TrainSettings {
 
     /// Every option that names a file or folder.
     #[cfg(not(target_arch = "wasm32"))]
-    fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 9] {
+    fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 10] {
         [
+            &mut self.sample_prompts,
             &mut self.model,
             &mut self.data,
             &mut self.output,
@@ -491,6 +510,7 @@ impl TrainSettings {
             ("output", self.output.is_some()),
             ("init_adapter", self.init_adapter.is_some()),
             ("eval_data", self.eval_data.is_some()),
+            ("sample_prompts", self.sample_prompts.is_some()),
             ("resume", self.resume.is_some()),
             ("save_steps", self.save_steps.is_some()),
             ("save_total_limit", self.save_total_limit.is_some()),
@@ -613,6 +633,32 @@ impl TrainSettings {
             eval_data: self.eval_data.clone(),
             eval_split: self.eval_split,
             eval_steps: self.eval_steps.unwrap_or(0),
+            early_stopping_patience: match self.early_stopping_patience {
+                Some(0) => {
+                    return Err(Error::Invalid(
+                        "--early-stopping-patience must be at least 1 (validations without improvement)"
+                            .into(),
+                    ));
+                }
+                Some(_) if self.eval_data.is_none() && self.eval_split.is_none() => {
+                    return Err(Error::Invalid(
+                        "--early-stopping-patience watches the validation loss: give --eval-data or --eval-split"
+                            .into(),
+                    ));
+                }
+                patience => patience,
+            },
+            sample_prompts: match &self.sample_prompts {
+                Some(path) => read_prompts(path)?,
+                None if self.sample_steps.is_some() => {
+                    return Err(Error::Invalid(
+                        "--sample-steps says when to answer --sample-prompts: give that file too"
+                            .into(),
+                    ));
+                }
+                None => Vec::new(),
+            },
+            sample_steps: self.sample_steps.unwrap_or(0),
             packing: self.packing.unwrap_or(false),
             fit_checkpointing: match self.checkpointing()? {
                 crate::graph::checkpoint::Asked::Fit { most } => Some(most),
@@ -625,6 +671,24 @@ impl TrainSettings {
                 .transpose()?,
         })
     }
+}
+
+/// The prompts of a `--sample-prompts` file: its non-empty lines.
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no prompts (one per line)",
+            path.display()
+        )));
+    }
+    Ok(prompts)
 }
 
 /// The largest LoRA rank (wider than any linear of any released model).
@@ -831,6 +895,34 @@ mod tests {
         };
         let e = none_kept.run_options().unwrap_err().to_string();
         assert!(e.contains("--save-total-limit must be at least 1"), "{e}");
+        // Early stopping watches a validation loss; samples need their prompts.
+        for (settings, says) in [
+            (
+                TrainSettings {
+                    early_stopping_patience: Some(2),
+                    ..Default::default()
+                },
+                "give --eval-data or --eval-split",
+            ),
+            (
+                TrainSettings {
+                    early_stopping_patience: Some(0),
+                    eval_split: Some(0.2),
+                    ..Default::default()
+                },
+                "--early-stopping-patience must be at least 1",
+            ),
+            (
+                TrainSettings {
+                    sample_steps: Some(5),
+                    ..Default::default()
+                },
+                "give that file too",
+            ),
+        ] {
+            let e = settings.run_options().unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     /// Relative paths in an options file are read from the file's folder; flags' from where nibble
