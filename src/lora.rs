@@ -203,10 +203,10 @@ impl LoraAdapter {
         })?;
         let v: Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
-            if t != "LORA" {
-                return Err(bad(format!("peft_type `{t}` is not LORA")));
-            }
+        if let Some(t) = v.get("peft_type").and_then(Value::as_str)
+            && t != "LORA"
+        {
+            return Err(bad(format!("peft_type `{t}` is not LORA")));
         }
         if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
             return Err(bad(

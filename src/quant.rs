@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::fmt;
 
-/// bitsandbytes' NF4 code values, in code order (code 7 is exactly 0).
+/// bitsandbytes' NF4 code values, in code order (code 7 is exactly 0), written as bitsandbytes
+/// publishes them (more digits than an f32 holds; each rounds to the f32 bitsandbytes uses).
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODES: [f32; 16] = [
     -1.0,
     -0.6961928009986877,
@@ -134,7 +136,7 @@ impl QuantTensor {
         F: Fn(usize, &mut [f32]) + Sync,
     {
         let g = spec.group_size;
-        if cols % g != 0 {
+        if !cols.is_multiple_of(g) {
             return Err(Error::Invalid(format!(
                 "group size {g} does not divide the input dimension {cols}"
             )));
@@ -275,6 +277,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::excessive_precision)]
     fn thresholds_are_float32_midpoints_within_an_ulp_of_the_cuda_literals() {
         // Literals of bitsandbytes' dQuantizeNF4 decision tree (csrc/kernels.cu).
         let cuda: [f32; 15] = [

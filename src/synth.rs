@@ -545,7 +545,7 @@ fn write_safetensors(
     }
     let mut header_bytes = serde_json::to_vec(&header).expect("json");
     // The data section starts 8-byte aligned, as the safetensors writer does it.
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;

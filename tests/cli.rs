@@ -527,7 +527,7 @@ fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
 /// and points to the CPU executor (issue 19); on a hardware GPU there is no such warning.
 #[test]
 fn a_software_gpu_is_named_as_such() {
-    let (dir, model, data) = model_and_text();
+    let (_dir, model, data) = model_and_text();
     let out = nibble(&[
         "eval",
         "--model",

@@ -136,8 +136,7 @@ fn a_sequence_too_long_for_the_device_is_an_error() {
     let grads = weights::zero_grads(&gpu, &f.adapter);
     let seq = Sequence::all_tokens(vec![1; fits + 1]);
     let err = exec::gpu::forward_backward(&gpu, &gm, Some(&gl), Some(&grads), &seq, 1.0)
-        .err()
-        .expect("too long for a binding");
+        .expect_err("too long for a binding");
     let message = err.to_string();
     assert!(
         message.contains(&format!("at most {fits} tokens")) && message.contains("--max-length"),

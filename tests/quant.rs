@@ -206,10 +206,10 @@ fn dequantization_error_on_gaussian_weights_is_as_documented() {
             e > bound * 0.9,
             "{format} g{g}: error {e:.4} far below documented {bound}: update the docs"
         );
-        if let Some((pf, pe)) = previous {
-            if pf == format {
-                assert!(e > pe, "{format}: larger groups must not reduce the error");
-            }
+        if let Some((pf, pe)) = previous
+            && pf == format
+        {
+            assert!(e > pe, "{format}: larger groups must not reduce the error");
         }
         previous = Some((format, e));
     }

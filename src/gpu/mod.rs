@@ -38,10 +38,13 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("conv", include_str!("../../shaders/conv.wgsl")),
 ];
 
+/// (from, to) replacements in a shader's text.
+type TextChanges = &'static [(&'static str, &'static str)];
+
 /// Shader modules built from a file of `SHADERS` with textual changes: (name, file, changes).
 /// `attention_wide` holds heads up to 512 wide (Gemma 4's full layers): twice the per-invocation rows,
 /// which would cost every narrower model registers, hence a module of its own with `_wide` entry points.
-const VARIANTS: &[(&str, &str, &[(&str, &str)])] = &[(
+const VARIANTS: &[(&str, &str, TextChanges)] = &[(
     "attention_wide",
     "attention",
     &[

@@ -15,7 +15,9 @@ use crate::models::optimizer;
 use crate::ops::adamw::AdamWParams;
 
 /// The frozen model a GPU trainer binds: a decoder (its config drives the sequence graphs), or any
-/// other model's named weights, whose graphs the caller builds.
+/// other model's named weights, whose graphs the caller builds. One per trainer: the variants' sizes
+/// do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum GpuBase {
     Decoder(GpuModel),
     Weights(GpuWeights),

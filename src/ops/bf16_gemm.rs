@@ -91,7 +91,11 @@ impl Bf16Rows for LinearWeight {
             LinearWeight::Quant(q) => {
                 let (g, cols) = (q.spec.group_size, q.cols);
                 #[cfg(target_arch = "x86_64")]
-                if avx512_bf16() && c0 % 32 == 0 && out.len() % 32 == 0 && g % 32 == 0 {
+                if avx512_bf16()
+                    && c0.is_multiple_of(32)
+                    && out.len().is_multiple_of(32)
+                    && g % 32 == 0
+                {
                     // SAFETY: `avx512_bf16()` checked AVX512F/BW/BF16; the alignment is checked above.
                     unsafe { decode_span_avx512(q, row, c0, out) };
                     return;
@@ -172,7 +176,12 @@ unsafe fn decode_span_avx512(
 ) {
     use std::arch::x86_64::*;
     let (g, cols) = (q.spec.group_size, q.cols);
-    assert!(c0 % 32 == 0 && out.len() % 32 == 0 && g % 32 == 0 && c0 + out.len() <= cols);
+    assert!(
+        c0.is_multiple_of(32)
+            && out.len().is_multiple_of(32)
+            && g % 32 == 0
+            && c0 + out.len() <= cols
+    );
     let first_word = (row * cols + c0) / 8;
     let words = &q.packed[first_word..first_word + out.len() / 8];
     let (codes, int4) = match q.spec.format {
@@ -188,7 +197,7 @@ unsafe fn decode_span_avx512(
         let mut table = _mm512_setzero_si512();
         for s in 0..out.len() / 32 {
             let c = c0 + 32 * s;
-            if s == 0 || c % g == 0 {
+            if s == 0 || c.is_multiple_of(g) {
                 let gi = row * (cols / g) + c / g;
                 // −0 + x is x for every x, signed zeros included, so NF4's table is exactly the product.
                 let min = if int4 { q.mins[gi] } else { -0.0 };
@@ -373,7 +382,7 @@ fn spare_buffer(len: usize) -> Vec<u32> {
 /// in registers, where the CPU can; returns how many pairs of each row it packed (0 elsewhere).
 fn pack_register_blocks(rows: &[f32], k: usize, group: usize, dst: &mut [u32]) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if avx512_bf16() && group % 8 == 0 {
+    if avx512_bf16() && group.is_multiple_of(8) {
         let packed = k / 32 * 16;
         for t0 in (0..group).step_by(16) {
             for kp0 in (0..packed).step_by(16) {
@@ -474,7 +483,7 @@ unsafe fn pack_block_avx512(
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn round_pairs_avx512(src: &[f32], pairs: &mut [u32]) {
     use std::arch::x86_64::*;
-    debug_assert!(src.len() == 2 * pairs.len() && pairs.len() % 16 == 0);
+    debug_assert!(src.len() == 2 * pairs.len() && pairs.len().is_multiple_of(16));
     // SAFETY: step s reads src[32s..32s + 32] and writes pairs[16s..16s + 16], in bounds by the length
     // contract above; loads and stores are unaligned.
     unsafe {
@@ -549,6 +558,8 @@ impl SharedOut {
             unsafe { self.add_tile_transposed_avx2(tile, c_row0, c_col0, ldc, cols, accumulate) };
             return;
         }
+        // j indexes the tile's second dimension, not one slice.
+        #[allow(clippy::needless_range_loop)]
         for j in 0..cols {
             let dst = self.row(c_row0 + j, ldc, c_col0, rows);
             for (i, d) in dst.iter_mut().enumerate() {
@@ -727,7 +738,7 @@ pub fn matmul_xwt(
             // Cᵀ for this task's rows, tile by tile, summed over the k chunks and stored transposed at
             // the end.
             prepare_tiles(tiles, row_blocks * blocks, k_pairs);
-            let in_place = in_place.filter(|_| rows % MR == 0);
+            let in_place = in_place.filter(|_| rows.is_multiple_of(MR));
             for kc0 in (0..k_pairs).step_by(kc_max) {
                 let kc = kc_max.min(k_pairs - kc0);
                 if let Some(pairs) = in_place {
@@ -1059,7 +1070,10 @@ unsafe fn micro_kernel(
         for kp in 0..k_pairs {
             let b0 = _mm512_loadu_si512(bp.add(kp * NR) as *const __m512i);
             let b1 = _mm512_loadu_si512(bp.add(kp * NR + NR / 2) as *const __m512i);
-            let (b0, b1): (__m512bh, __m512bh) = (std::mem::transmute(b0), std::mem::transmute(b1));
+            let (b0, b1) = (
+                std::mem::transmute::<__m512i, __m512bh>(b0),
+                std::mem::transmute::<__m512i, __m512bh>(b1),
+            );
             let a_kp = ap.add(kp * kp_stride);
             for (r, cr) in c.iter_mut().enumerate() {
                 let av: __m512bh =

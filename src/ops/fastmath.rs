@@ -27,14 +27,8 @@ fn pow2(n: i32) -> f32 {
 /// inputs above ln(f32::MAX) give ∞.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    // NaN fails every comparison and flows through to the result.
-    let clamped = if x < LOWEST {
-        LOWEST
-    } else if x > OVERFLOW {
-        OVERFLOW
-    } else {
-        x
-    };
+    // NaN stays NaN through the clamp and flows through to the result.
+    let clamped = x.clamp(LOWEST, OVERFLOW);
     let n = (clamped * LOG2_E + ROUND) - ROUND;
     let r = (clamped - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_2e-4f32;
@@ -42,7 +36,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    // Cephes' coefficient as published (it rounds to 0.5 in f32).
+    #[allow(clippy::excessive_precision)]
+    {
+        p = p * r + 5.000_000_1e-1;
+    }
     let y = p * (r * r) + r + 1.0;
     // n reaches 128 near the top of the range, past what one power of two can hold: scale in halves.
     let n = n as i32;

@@ -800,6 +800,9 @@ pub fn run(
     run.launch(gpu, folder, output, observer)
 }
 
+/// The features of the empty caption, and of each caption (shared with the examples that use it).
+type CaptionFeatures = (Vec<f32>, Vec<std::sync::Arc<Vec<f32>>>);
+
 /// The features of the empty caption and of each of `captions`: from `cache` where it holds them,
 /// else through the text encoder (NF4 groups of 64 where its widths allow, else dense; on `gpu` when
 /// given), which is loaded only when some caption misses and released before returning.
@@ -811,7 +814,7 @@ fn caption_features<'c>(
     (text_tokens, precision): (usize, crate::ops::Precision),
     cache: Option<&crate::train::feature_cache::FeatureCache>,
     (gpu, gpu_memory): (Option<&crate::gpu::Gpu>, Option<u64>),
-) -> Result<(Vec<f32>, Vec<std::sync::Arc<Vec<f32>>>)> {
+) -> Result<CaptionFeatures> {
     use crate::model::{QuantRequest, TokenizerFiles};
     use crate::quant::{QuantFormat, QuantSpec};
     use crate::train::feature_cache::{Entry, model_digest};

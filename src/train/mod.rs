@@ -137,7 +137,7 @@ impl TrainConfig {
             None => String::new(),
         };
         let warmup = match (self.warmup_steps, self.warmup_ratio) {
-            (0, r) if r == 0.0 => "no warmup".to_string(),
+            (0, 0.0) => "no warmup".to_string(),
             (0, r) => format!("warmup over {r} of the steps"),
             (n, _) => format!("warmup over {n} steps"),
         };
@@ -471,7 +471,7 @@ impl<'a> Trainer<'a> {
             position: 0,
             epoch: 0,
             data_rng: Rng::new(config.seed ^ 0x5EED_DA7A),
-            dropout_rng: Rng::new(config.seed ^ 0xD50F_0A7),
+            dropout_rng: Rng::new(config.seed ^ 0x0D50_F0A7),
             config,
             gpu: None,
             stale: false,
