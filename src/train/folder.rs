@@ -51,6 +51,7 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         .strip_prefix(ASIDE_PREFIX)
         .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
     RUN_FILES.contains(&name)
+        || crate::train::tensorboard::is_event_file(name)
         || set_aside
         || temporary_file
         || temporary_checkpoint

@@ -11,6 +11,7 @@ pub mod flux2;
 pub mod folder;
 pub mod run;
 pub mod settings;
+pub mod tensorboard;
 
 use crate::cpu::{self, Sequence, StepOptions};
 use crate::data::{Example, Turns};

@@ -104,6 +104,8 @@ struct RunOutput {
     dir: PathBuf,
     metrics_path: PathBuf,
     metrics: std::fs::File,
+    /// The same numbers for TensorBoard.
+    events: train::tensorboard::EventWriter,
 }
 
 /// A training run in progress, stepped by its caller: `nibble train` and `nibble demo` through `run`, the
@@ -635,7 +637,8 @@ impl<'m> Run<'m> {
     fn append_metrics(&mut self, line: &serde_json::Value) -> Result<()> {
         match &mut self.output {
             Some(out) => {
-                writeln!(out.metrics, "{line}").map_err(|e| Error::io(&out.metrics_path, e))
+                writeln!(out.metrics, "{line}").map_err(|e| Error::io(&out.metrics_path, e))?;
+                out.events.metrics(line)
             }
             None => Ok(()),
         }
@@ -805,10 +808,20 @@ fn open_output(
         .append(true)
         .open(&metrics_path)
         .map_err(|e| Error::io(&metrics_path, e))?;
+    // The event file mirrors the metrics kept so far (a resumed run's), then follows them.
+    let mut events = train::tensorboard::EventWriter::create(dir)?;
+    let kept =
+        crate::fsutil::read_to_string(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    for line in kept.lines() {
+        if let Ok(line) = serde_json::from_str(line) {
+            events.metrics(&line)?;
+        }
+    }
     Ok(RunOutput {
         dir: dir.to_path_buf(),
         metrics_path,
         metrics,
+        events,
     })
 }
 
