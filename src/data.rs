@@ -25,8 +25,25 @@ pub enum Example {
     Text(String),
 }
 
-/// Reads a JSONL file; errors name the file and line.
-pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
+/// Reads a dataset: a JSONL file, or a table (a Parquet or Arrow file, or a folder `datasets` saved;
+/// `tables`), whose rows take the same shapes; errors name the file and line or row.
+pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if crate::tables::is_table(path) {
+        let mut out = Vec::new();
+        for (i, row) in crate::tables::rows(path)?.iter().enumerate() {
+            let at =
+                |msg: String| Error::Invalid(format!("{}: row {}: {msg}", path.display(), i + 1));
+            out.push(parse_row(row).map_err(at)?);
+        }
+        if out.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{}: the dataset is empty",
+                path.display()
+            )));
+        }
+        return Ok(out);
+    }
     let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
     parse_jsonl(&text, &path.display().to_string())
 }

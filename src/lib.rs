@@ -56,6 +56,8 @@ pub mod rng;
 pub mod shared;
 pub mod source;
 pub mod synth;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod tables;
 pub mod tokenizer;
 pub mod train;
 

@@ -82,7 +82,7 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
             nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap(),
         )))
         .unwrap();
-    let examples = data::read_jsonl(&data_path).unwrap();
+    let examples = data::read_examples(&data_path).unwrap();
     assert_eq!(examples.len(), 4);
     let (loss, tokens) = reference_loss(&model, &tok, &examples);
     assert_eq!(v["tokens"].as_u64().unwrap() as usize, tokens);
@@ -137,10 +137,10 @@ fn jsonl_errors_name_file_and_line() {
         ),
     ] {
         std::fs::write(&p, content).unwrap();
-        let err = data::read_jsonl(&p).unwrap_err().to_string();
+        let err = data::read_examples(&p).unwrap_err().to_string();
         assert!(err.contains(expect), "{content:?}: {err}");
     }
-    let err = data::read_jsonl(Path::new("/no/such.jsonl"))
+    let err = data::read_examples(Path::new("/no/such.jsonl"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("/no/such.jsonl"), "{err}");

@@ -60,7 +60,7 @@ pub fn run(args: Args) -> Result<()> {
     let source = nibble::model::open(&args.model)?;
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
     let max_length = nibble::train::run::within_positions(args.max_length, &source.config);
-    let examples = nibble::data::read_jsonl(&args.data)?;
+    let examples = nibble::data::read_examples(&args.data)?;
     let color = !args.json && std::io::stdout().is_terminal();
     let (open, close) = if color {
         ("\x1b[1;32m", "\x1b[0m")

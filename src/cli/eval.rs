@@ -28,7 +28,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let examples = nibble::data::read_jsonl(&args.data)?;
+    let examples = nibble::data::read_examples(&args.data)?;
     let (tok, placed) = open_placed(
         &args.model,
         args.quant,

@@ -801,6 +801,7 @@ pub fn run(
 }
 
 /// The features of the empty caption, and of each caption (shared with the examples that use it).
+#[cfg(not(target_arch = "wasm32"))]
 type CaptionFeatures = (Vec<f32>, Vec<std::sync::Arc<Vec<f32>>>);
 
 /// The features of the empty caption and of each of `captions`: from `cache` where it holds them,

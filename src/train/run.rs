@@ -1121,7 +1121,7 @@ pub fn tokenize_file(
     file: &Path,
     config: &TrainConfig,
 ) -> Result<Vec<Sequence>> {
-    let examples = crate::data::read_jsonl(file)?;
+    let examples = crate::data::read_examples(file)?;
     let mut sequences = Vec::with_capacity(examples.len());
     let mut cut = 0;
     for (i, ex) in examples.iter().enumerate() {
