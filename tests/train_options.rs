@@ -982,3 +982,56 @@ fn sample_prompts_are_answered_as_the_run_goes() {
     }
     assert_eq!(samples[4]["answer"], "Answer 0.");
 }
+
+/// Progress never freezes (issue 19): without a terminal, a step that runs longer than the heartbeat
+/// interval (NIBBLE_PROGRESS_SECONDS, 0.3 s here against steps of about a second; 5 s by default) gets
+/// a line saying so within about that interval of the run's start, before the step's own line.
+#[test]
+fn a_slow_step_reports_progress_while_it_runs() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let mut spec = SynthSpec::tiny(Arch::Qwen2, 259);
+    (spec.hidden_size, spec.intermediate_size, spec.num_layers) = (512, 2048, 8);
+    (spec.num_heads, spec.num_kv_heads) = (8, 2);
+    synth::write_model_folder(&model, &spec, Some(&synth::byte_tokenizer())).unwrap();
+    let data = dir.path().join("d.jsonl");
+    let text = "A long line of training text, repeated. ".repeat(50);
+    std::fs::write(&data, format!("{}\n", serde_json::json!({ "text": text }))).unwrap();
+    let out = dir.path().join("run");
+    let mut child = common::nibble_command()
+        .env("RUST_LOG", "info")
+        .env("NIBBLE_PROGRESS_SECONDS", "0.3")
+        .args(common::train_args(
+            &model,
+            &data,
+            &out,
+            &["--max-steps", "2"],
+        ))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<(std::time::Instant, String)> =
+        std::io::BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .map(|l| (std::time::Instant::now(), l.unwrap()))
+            .collect();
+    assert!(child.wait().unwrap().success());
+    let at = |what: &str| {
+        lines
+            .iter()
+            .position(|(_, l)| l.contains(what))
+            .unwrap_or_else(|| panic!("no line with {what:?}: {lines:#?}"))
+    };
+    let (started, beat, stepped) = (
+        at("LoRA parameters for 2 steps"),
+        at("step 1/2: running for"),
+        at("step 1/2  loss"),
+    );
+    assert!(started < beat && beat < stepped, "{lines:#?}");
+    let waited = lines[beat].0 - lines[started].0;
+    assert!(
+        waited.as_secs_f64() < 1.5,
+        "the first progress line came {waited:?} after the start"
+    );
+}

@@ -43,6 +43,8 @@ pub fn run(args: Args) -> Result<()> {
         executor.describe()
     );
     let (mut loss_sum, mut tokens, mut cut_examples) = (0f64, 0usize, 0usize);
+    let mut shown = super::progress::Progress::start("example", 0, examples.len(), false);
+    let started = std::time::Instant::now();
     for (i, example) in examples.iter().enumerate() {
         let (seq, cut) = nibble::train::tokenize(&tok, example, LossOn::All, max_length)
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
@@ -50,7 +52,22 @@ pub fn run(args: Args) -> Result<()> {
         let loss = executor.loss(&seq, args.exec.precision.cpu())?;
         loss_sum += loss.loss_sum;
         tokens += loss.targets;
+        let per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let mean = loss_sum / tokens.max(1) as f64;
+        let message = format!("loss {mean:.4}  {} tokens/s", super::rate(per_s));
+        let eta = shown.eta();
+        shown.advanced(i + 1, message, || {
+            let eta = eta.map_or(String::new(), |s| {
+                format!(", eta {}", super::progress::duration(s))
+            });
+            format!(
+                "evaluated {}/{} examples, loss so far {mean:.4}{eta}",
+                i + 1,
+                examples.len()
+            )
+        });
     }
+    shown.finish();
     if cut_examples > 0 {
         log::warn!(
             "{cut_examples} examples were longer than --max-length {} and were cut",

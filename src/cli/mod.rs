@@ -8,6 +8,7 @@ pub mod generate;
 pub mod info;
 pub mod merge;
 pub mod plan;
+pub mod progress;
 pub mod quantize;
 pub mod synth;
 pub mod train;

@@ -1,7 +1,7 @@
 //! `nibble train`: the library's run with the options layered (preset < TOML file < flags) and a
 //! progress bar.
 
-use super::rate;
+use super::{progress, rate};
 use anyhow::{Context, Result};
 use nibble::train::run::{Observer, RunSpec};
 use nibble::train::settings::TrainSettings;
@@ -148,63 +148,59 @@ fn stop_on_signals() {
     }
 }
 
-/// Training progress: a bar with step, loss, tokens/s and ETA on a terminal, plain log lines otherwise.
+/// Training progress (`progress::Progress`): a bar with step, loss, tokens/s and a moving ETA on a
+/// terminal, log lines and a heartbeat during long steps otherwise.
 #[derive(Default)]
 struct Progress {
-    bar: Option<indicatif::ProgressBar>,
+    shown: Option<progress::Progress>,
     total: usize,
 }
 
 impl Observer for Progress {
     fn started(&mut self, trainer: &Trainer) {
-        use std::io::IsTerminal;
         self.total = trainer.total_steps;
-        self.bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(trainer.total_steps as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:30} step {pos}/{len}  {msg}  eta {eta}",
-                )
-                .expect("valid template"),
-            );
-            bar.set_position(trainer.step as u64);
-            bar
-        });
+        self.shown = Some(progress::Progress::start(
+            "step",
+            trainer.step,
+            trainer.total_steps,
+            true,
+        ));
     }
 
     fn stepped(&mut self, r: &StepRecord) {
-        match &self.bar {
-            Some(bar) => {
-                bar.set_message(format!(
-                    "loss {:.4}  {} tokens/s",
+        let total = self.total;
+        if let Some(shown) = &mut self.shown {
+            let message = format!("loss {:.4}  {} tokens/s", r.loss, rate(r.tokens_per_s));
+            shown.advanced(r.step, message, || {
+                format!(
+                    "step {}/{total}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {} tokens/s",
+                    r.step,
                     r.loss,
+                    r.lr,
+                    r.grad_norm,
                     rate(r.tokens_per_s)
-                ));
-                bar.set_position(r.step as u64);
-            }
-            None => log::info!(
-                "step {}/{}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {} tokens/s",
-                r.step,
-                self.total,
-                r.loss,
-                r.lr,
-                r.grad_norm,
-                rate(r.tokens_per_s)
-            ),
+                )
+            });
+        }
+    }
+
+    fn validating(&mut self, examples: usize) {
+        if let Some(shown) = &mut self.shown {
+            shown.doing(&format!("validating {examples} examples"));
         }
     }
 
     fn evaluated(&mut self, step: usize, loss: f64) {
-        let line = format!("step {step}: validation loss {loss:.4}");
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => log::info!("{line}"),
+        if let Some(shown) = &mut self.shown {
+            shown.resume_units();
+            shown.println(format!("step {step}: validation loss {loss:.4}"));
         }
     }
 
     fn stalled(&mut self, steps: usize, why: &str) {
-        if let Some(bar) = &self.bar {
-            bar.println(format!(
+        // Without a bar the run's own warning is the line.
+        if let Some(shown) = self.shown.as_ref().filter(|s| s.on_terminal()) {
+            shown.println(format!(
                 "warning: nothing has been learned for {steps} steps ({why})"
             ));
         }
@@ -215,8 +211,8 @@ impl Observer for Progress {
     }
 
     fn finished(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
+        if let Some(shown) = &mut self.shown {
+            shown.finish();
         }
     }
 }

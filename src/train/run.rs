@@ -72,6 +72,8 @@ pub trait Observer {
     fn started(&mut self, _trainer: &Trainer) {}
     /// An optimizer step finished (its record is already in metrics.jsonl).
     fn stepped(&mut self, _record: &StepRecord) {}
+    /// A validation pass over `examples` examples begins.
+    fn validating(&mut self, _examples: usize) {}
     /// The validation loss after `step`.
     fn evaluated(&mut self, _step: usize, _loss: f64) {}
     /// The adapter is saved; the run is over.
@@ -510,6 +512,7 @@ impl<'m> Run<'m> {
             record.step % self.steps_per_epoch == 0
         };
         if !self.eval.is_empty() && (eval_due || self.trainer.done()) {
+            observer.validating(self.eval.len());
             let (loss_sum, tokens) = self.trainer.evaluate_async(&self.eval).await?;
             let loss = loss_sum / tokens.max(1) as f64;
             self.append_metrics(&json!({"step": record.step, "epoch": record.epoch,
