@@ -10,9 +10,12 @@ use std::path::PathBuf;
 /// printed as one JSON line.
 #[derive(clap::Args)]
 pub struct Args {
+    /// The model: a Hugging Face folder (config.json, safetensors, tokenizer) or a file written by
+    /// `nibble quantize`.
     #[arg(long)]
     model: PathBuf,
-    /// JSONL rows: {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}.
+    /// The dataset: JSONL rows ({"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...},
+    /// ShareGPT, Alpaca), or a Parquet or Arrow file or a folder saved by `datasets`.
     #[arg(long)]
     data: PathBuf,
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).

@@ -11,6 +11,8 @@ use super::{QuantArgs, open_placed};
 /// What `generate` and `chat` share: the model, an adapter, and how to pick tokens.
 #[derive(clap::Args)]
 pub struct GenArgs {
+    /// The model: a Hugging Face folder (config.json, safetensors, tokenizer) or a file written by
+    /// `nibble quantize`.
     #[arg(long)]
     model: PathBuf,
     /// A PEFT LoRA adapter folder.
@@ -18,13 +20,16 @@ pub struct GenArgs {
     adapter: Option<PathBuf>,
     #[command(flatten)]
     quant: QuantArgs,
+    /// The most tokens an answer runs to (it ends earlier at the model's end of turn).
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Sample from the smallest set of tokens whose probabilities sum to this (1: every token).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Seeds the sampling (with a temperature above 0).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Where decoding runs: `auto` takes a real GPU when one is present.
@@ -37,6 +42,7 @@ pub struct GenArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     generation: GenArgs,
+    /// The user's message (with --raw, the text to continue).
     #[arg(long)]
     prompt: String,
     /// A system message before the prompt.
@@ -53,6 +59,7 @@ pub struct GenerateArgs {
 pub struct ChatArgs {
     #[command(flatten)]
     generation: GenArgs,
+    /// A system message that opens the conversation (kept by /reset).
     #[arg(long)]
     system: Option<String>,
 }

@@ -12,8 +12,10 @@ pub struct Args {
     /// The base model folder the adapter was trained on.
     #[arg(long)]
     model: PathBuf,
+    /// The PEFT adapter folder to fold in (adapter_config.json and adapter_model.safetensors).
     #[arg(long)]
     adapter: PathBuf,
+    /// The merged model folder to write (it must not exist yet).
     #[arg(long, short)]
     output: PathBuf,
     /// The merged weights' dtype (default: the checkpoint's own).

@@ -12,14 +12,17 @@ use std::path::{Path, PathBuf};
 /// shapes before anything runs. MODEL may be a folder holding only config.json.
 #[derive(clap::Args)]
 pub struct Args {
+    /// A model folder (config.json alone is enough) or a file written by `nibble quantize`.
     model: PathBuf,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 1024)]
     seq_len: usize,
     #[command(flatten)]
     quant: QuantArgs,
+    /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     lora_r: usize,
+    /// LoRA dropout (above 0, each adapted linear keeps a dropout mask).
     #[arg(long, default_value_t = 0.05)]
     lora_dropout: f64,
     /// Comma-separated module names (q_proj,...,down_proj) or all-linear.
@@ -45,6 +48,7 @@ pub struct Args {
     /// whose step fits in it (JSON: `max_seq_len`), with the plan of that step (instead of --seq-len).
     #[arg(long)]
     budget: Option<String>,
+    /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
 }

@@ -10,7 +10,9 @@ use std::time::Instant;
 /// Quantize a model folder's decoder weights to packed 4-bit and save them as one safetensors file.
 #[derive(clap::Args)]
 pub struct Args {
+    /// The model folder to quantize (config.json and 16-bit or f32 safetensors).
     model: PathBuf,
+    /// The quantized safetensors file to write (config and tokenizer travel inside it).
     #[arg(long, short)]
     output: PathBuf,
     #[command(flatten)]

@@ -10,8 +10,10 @@ use std::path::PathBuf;
 /// bundled Qwen2.5 tokenizer), for tests and benchmarks without a download.
 #[derive(clap::Args)]
 pub struct Args {
+    /// The architecture and size.
     #[arg(long, value_enum, ignore_case = true, default_value = "tiny-qwen2")]
     preset: Preset,
+    /// The folder to write (new, or empty).
     #[arg(long, short)]
     output: PathBuf,
     /// config.json as transformers 4.x (v4) or 5.x (v5) writes it.
@@ -20,8 +22,10 @@ pub struct Args {
     /// Split the weights over this many safetensors shards (with an index file).
     #[arg(long, default_value_t = 1)]
     shards: usize,
+    /// Seeds the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The tokenizer written beside the weights.
     #[arg(long, value_enum, ignore_case = true, default_value = "qwen2.5")]
     tokenizer: Tokenizer,
 }
