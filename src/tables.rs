@@ -83,13 +83,7 @@ fn arrow_rows(path: &Path) -> Result<Vec<Value>> {
         for i in 0..batch.num_rows() {
             let mut row = Map::new();
             for (field, column) in schema.fields().iter().zip(batch.columns()) {
-                let value = cell(column.as_ref(), i).map_err(|e| {
-                    Error::Invalid(format!(
-                        "{}: column `{}`: {e}",
-                        path.display(),
-                        field.name()
-                    ))
-                })?;
+                let value = cell(column.as_ref(), i);
                 if !value.is_null() {
                     row.insert(field.name().clone(), value);
                 }
@@ -101,13 +95,13 @@ fn arrow_rows(path: &Path) -> Result<Vec<Value>> {
 }
 
 /// Row `i` of `array` as JSON: the types `datasets` stores text data in (strings, numbers, booleans,
-/// lists, structs).
-fn cell(array: &dyn Array, i: usize) -> std::result::Result<Value, String> {
+/// lists, structs); other types as null (left out of the row).
+fn cell(array: &dyn Array, i: usize) -> Value {
     if array.is_null(i) {
-        return Ok(Value::Null);
+        return Value::Null;
     }
     let number = |v: f64| serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number);
-    Ok(match array.data_type() {
+    match array.data_type() {
         DataType::Null => Value::Null,
         DataType::Boolean => Value::Bool(array.as_boolean().value(i)),
         DataType::Utf8 => Value::String(array.as_string::<i32>().value(i).to_string()),
@@ -155,28 +149,26 @@ fn cell(array: &dyn Array, i: usize) -> std::result::Result<Value, String> {
                 .as_primitive::<arrow_array::types::Float64Type>()
                 .value(i),
         ),
-        DataType::List(_) => list(array.as_list::<i32>().value(i).as_ref())?,
-        DataType::LargeList(_) => list(array.as_list::<i64>().value(i).as_ref())?,
+        DataType::List(_) => list(array.as_list::<i32>().value(i).as_ref()),
+        DataType::LargeList(_) => list(array.as_list::<i64>().value(i).as_ref()),
         DataType::Struct(fields) => {
             let s = array.as_struct();
             let mut object = Map::new();
             for (field, column) in fields.iter().zip(s.columns()) {
-                let value = cell(column.as_ref(), i)?;
+                let value = cell(column.as_ref(), i);
                 if !value.is_null() {
                     object.insert(field.name().clone(), value);
                 }
             }
             Value::Object(object)
         }
-        other => return Err(format!("cells of type {other} are not read")),
-    })
+        // Columns no row shape uses (timestamps, images, ...): left out, as a JSONL row would.
+        _ => Value::Null,
+    }
 }
 
-fn list(values: &dyn Array) -> std::result::Result<Value, String> {
-    (0..values.len())
-        .map(|j| cell(values, j))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map(Value::Array)
+fn list(values: &dyn Array) -> Value {
+    Value::Array((0..values.len()).map(|j| cell(values, j)).collect())
 }
 
 /// The rows of a folder `datasets` saved: its Arrow files in state.json's order. A `DatasetDict`

@@ -2,6 +2,7 @@
 //! `<!-- walkthrough -->` and `<!-- /walkthrough -->`, with `nibble` on the PATH, in a fresh folder. It
 //! must succeed line by line, and the answers it promises must come out: the trained ones from the
 //! adapter, through `chat`, and from the merged model.
+#![cfg(unix)]
 
 #[test]
 fn the_readme_walkthrough_runs_as_written() {

@@ -133,15 +133,21 @@ fn a_run_writes_its_metrics_as_tensorboard_scalars() {
                 "{tag}"
             );
         }
+        // Every number of metrics.jsonl, under Hugging Face Trainer's names (written out here, not
+        // read from the mapping under test).
         let tags: std::collections::BTreeSet<&str> = scalars.iter().map(|s| s.1.as_str()).collect();
-        for tag in [
-            "train/loss",
-            "train/learning_rate",
-            "train/grad_norm",
+        let expected = [
             "eval/loss",
-        ] {
-            assert!(tags.contains(tag), "{tags:?}");
-        }
+            "eval/perplexity",
+            "eval/tokens",
+            "train/epoch",
+            "train/grad_norm",
+            "train/learning_rate",
+            "train/loss",
+            "train/tokens",
+            "train/tokens_per_s",
+        ];
+        assert_eq!(tags.into_iter().collect::<Vec<_>>(), expected);
         scalars.len()
     };
     train(&["--max-steps", "4"]);

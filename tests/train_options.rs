@@ -996,7 +996,7 @@ fn a_slow_step_reports_progress_while_it_runs() {
     (spec.num_heads, spec.num_kv_heads) = (8, 2);
     synth::write_model_folder(&model, &spec, Some(&synth::byte_tokenizer())).unwrap();
     let data = dir.path().join("d.jsonl");
-    let text = "A long line of training text, repeated. ".repeat(50);
+    let text = "A long line of training text, repeated. ".repeat(80);
     std::fs::write(&data, format!("{}\n", serde_json::json!({ "text": text }))).unwrap();
     let out = dir.path().join("run");
     let mut child = common::nibble_command()

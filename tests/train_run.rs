@@ -805,7 +805,7 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
 /// `--early-stopping-patience 2` (issue 19): validated on the training prompts with other answers, the
 /// validation loss soon rises; the run stops two validations after its lowest, says so in
 /// metrics.jsonl, and saves that lowest validation's adapter (the checkpoint of that step, byte for
-/// byte).
+/// byte); resumed between the best and the stop, it ends the same way.
 #[test]
 fn early_stopping_saves_the_best_validation_adapter() {
     let dir = tempfile::tempdir().unwrap();
@@ -827,7 +827,7 @@ fn early_stopping_saves_the_best_validation_adapter() {
     };
     let mut config = config(60);
     config.lr = 2e-2;
-    let (result, seen) = train(&model, &data, &out, config, options);
+    let (result, seen) = train(&model, &data, &out, config.clone(), options.clone());
     result.unwrap();
     let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -860,4 +860,22 @@ fn early_stopping_saves_the_best_validation_adapter() {
         adapter(&out),
         adapter(&out.join(format!("checkpoint-{last}")))
     );
+
+    // Killed after the step following the best and resumed: the best adapter comes from its
+    // checkpoint, and the run stops where the uninterrupted one did, saving the same adapter.
+    let part = dir.path().join("part");
+    for kept in [best_step, best_step + 1] {
+        let name = format!("checkpoint-{kept}");
+        copy_folder(&out.join(&name), &part.join(&name));
+    }
+    // The metrics as the killed run left them (resuming keeps those up to its checkpoint).
+    std::fs::copy(out.join("metrics.jsonl"), part.join("metrics.jsonl")).unwrap();
+    let resume = RunOptions {
+        resume: Some(part.clone()),
+        ..options
+    };
+    let (result, resumed) = train(&model, &data, &part, config, resume);
+    result.unwrap();
+    assert_eq!(resumed.steps.last().unwrap().0 as u64, last);
+    assert_eq!(adapter(&part), adapter(&out));
 }

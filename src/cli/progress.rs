@@ -55,9 +55,19 @@ pub fn duration(seconds: f64) -> String {
     }
 }
 
+/// What runs after the units done: the next one, or the work after the last ("finishing").
+fn next_unit(t: &Timing) -> String {
+    match t.done < t.total {
+        true => format!("{} {}/{}", t.unit, t.done + 1, t.total),
+        false => "finishing".to_string(),
+    }
+}
+
 /// Progress over `total` units of work, `done_before` of them already done.
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// The bar's text after the last unit (shown again after `doing` something else).
+    message: String,
     /// Without a bar: a log line per unit (training steps), or one every heartbeat interval at most
     /// (evaluated examples, which are many and quick).
     line_per_unit: bool,
@@ -129,6 +139,7 @@ impl Progress {
         });
         Progress {
             bar,
+            message: String::new(),
             line_per_unit,
             interval: heartbeat_interval(),
             timing,
@@ -148,8 +159,9 @@ impl Progress {
             if due {
                 t.last_beat = now;
             }
-            t.doing = format!("{} {}/{}", t.unit, done + 1, t.total);
+            t.doing = next_unit(&t);
         }
+        self.message = message.clone();
         match &self.bar {
             Some(bar) => {
                 bar.set_message(message);
@@ -179,7 +191,10 @@ impl Progress {
     /// Back to the units of work after `doing` something else.
     pub fn resume_units(&mut self) {
         if let Ok(mut t) = self.timing.lock() {
-            t.doing = format!("{} {}/{}", t.unit, t.done + 1, t.total);
+            t.doing = next_unit(&t);
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_message(self.message.clone());
         }
     }
 

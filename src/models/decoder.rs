@@ -254,8 +254,8 @@ struct Decoder<'a> {
     shape: StepShape,
     /// Padding at the end of the sequence that no token attends to (`Input::KeyEnd`).
     padded: bool,
-    /// Gemma 4's per-layer inputs of the step's tokens, [tokens, layers x width].
-    per_layer_inputs: Option<BufId>,
+    /// Gemma 4's per-layer inputs of the step's tokens, each layer's [tokens, width] (empty without).
+    per_layer_inputs: Vec<BufId>,
     /// Per layer whose keys and values later layers attend over: their copies (after norms and RoPE).
     shared_kv: HashMap<usize, (BufId, BufId)>,
     /// Per such layer, in the backward: the gradients of those copies, summed over the layers that
@@ -271,7 +271,7 @@ impl<'a> Decoder<'a> {
             lora,
             shape,
             padded,
-            per_layer_inputs: None,
+            per_layer_inputs: Vec::new(),
             shared_kv: HashMap::new(),
             shared_kv_grads: HashMap::new(),
         }
@@ -334,7 +334,14 @@ impl Decoder<'_> {
         let inputs = self.add(normed, tokens, "per-layer inputs".into());
         let factor = std::f32::consts::FRAC_1_SQRT_2;
         self.b.node(Op::Scale { factor }, &[], &[inputs], false);
-        self.per_layer_inputs = Some(inputs);
+        // Each layer's slice taken here, before the layers: a checkpointed layer then keeps its own
+        // [tokens, width] rather than every layer's.
+        self.per_layer_inputs = (0..self.c.num_layers)
+            .map(|l| {
+                let name = format!("layers.{l}.per-layer input");
+                self.b.columns(inputs, width, (l * p.width, p.width), name)
+            })
+            .collect();
     }
 
     /// Gemma 4 E2B/E4B: layer `l`'s output x plus its per-layer input, gated by x:
@@ -345,18 +352,12 @@ impl Decoder<'_> {
         x: BufId,
         linears: &mut Vec<(LinearKind, LinearTape)>,
     ) -> (BufId, Option<PerLayerTape>) {
-        let (Some(inputs), Some(p)) = (self.per_layer_inputs, self.c.per_layer_inputs) else {
+        let (Some(&input), Some(p)) = (self.per_layer_inputs.get(l), self.c.per_layer_inputs)
+        else {
             return (x, None);
         };
         let (t, h) = (self.t(), self.c.hidden_size);
         let (gate, gate_tape) = self.linear(l, LinearKind::PerLayerGate, x);
-        let name = format!("layers.{l}.per-layer input");
-        let input = self.b.columns(
-            inputs,
-            self.c.num_layers * p.width,
-            (l * p.width, p.width),
-            name,
-        );
         let gated = self
             .b
             .activation(t * p.width, format!("layers.{l}.per-layer gated"));

@@ -374,11 +374,12 @@ impl<'m> Run<'m> {
     }
 
     /// A resumed run's early-stopping state, from the validations metrics.jsonl recorded up to the
-    /// restored step (the best adapter itself is only known if a later validation beats it).
+    /// restored step: the best one's adapter is the restored one, or its step's checkpoint where one
+    /// was kept; a run that had already stopped early stays stopped.
     fn best_from_metrics(&mut self, dir: &Path) -> Result<()> {
-        if self.options.early_stopping_patience.is_none() {
+        let Some(patience) = self.options.early_stopping_patience else {
             return Ok(());
-        }
+        };
         let path = dir.join("metrics.jsonl");
         let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         for line in text.lines() {
@@ -388,6 +389,24 @@ impl<'m> Run<'m> {
             if let (Some(loss), Some(step)) = (v["eval_loss"].as_f64(), v["step"].as_u64()) {
                 self.note_validation(step as usize, loss, None);
             }
+        }
+        let step = self.trainer.step;
+        if let Some(best) = &mut self.best {
+            let checkpoint = dir.join(format!("{}{}", train::CHECKPOINT_PREFIX, best.step));
+            if best.step == step {
+                best.adapter = Some(self.trainer.adapter.clone());
+            } else if let (Some(_), train::Work::Text { model, .. }) =
+                (train::state_file(&checkpoint), &self.trainer.work)
+            {
+                let files = crate::source::ModelFiles::Dir(checkpoint);
+                best.adapter = Some(LoraAdapter::load_peft(&files, &model.config)?);
+            }
+        }
+        if self.validations_since_best >= patience {
+            log::info!(
+                "the run had stopped early (--early-stopping-patience {patience}): nothing to resume"
+            );
+            self.stopped_early = true;
         }
         Ok(())
     }
@@ -423,7 +442,8 @@ impl<'m> Run<'m> {
         } else if self.validations_since_best >= patience && !self.trainer.done() {
             let best = self.best.as_ref().expect("a validation came before");
             log::info!(
-                "the validation loss has not improved on {:.4} (step {}) in {patience} validations:                  stopping early at step {step} of {}",
+                "the validation loss has not improved on {:.4} (step {}) in {patience} validations: \
+                 stopping early at step {step} of {}",
                 best.loss,
                 best.step,
                 self.trainer.total_steps
@@ -441,6 +461,9 @@ impl<'m> Run<'m> {
         let Some(tok) = &self.sample_tokenizer else {
             return Ok(());
         };
+        if self.options.sample_prompts.is_empty() {
+            return Ok(());
+        }
         let Some(executor) = self.trainer.executor() else {
             return Ok(());
         };
@@ -604,9 +627,9 @@ impl<'m> Run<'m> {
                     adapter = kept;
                 }
                 None => log::warn!(
-                    "the lowest validation loss ({:.4}) was at step {}, before this run resumed:                      its adapter is in checkpoint-{} if one was saved there; saving the last one",
+                    "the lowest validation loss ({:.4}) was at step {}, before this run resumed, \
+                     and no checkpoint of that step is left: saving the last adapter",
                     best.loss,
-                    best.step,
                     best.step
                 ),
             }
@@ -801,7 +824,13 @@ fn open_output(
                 trainer.step
             );
         }
-        None => std::fs::write(&metrics_path, "").map_err(|e| Error::io(&metrics_path, e))?,
+        None => {
+            std::fs::write(&metrics_path, "").map_err(|e| Error::io(&metrics_path, e))?;
+            let samples = dir.join(SAMPLES_FILE);
+            if samples.is_file() {
+                std::fs::remove_file(&samples).map_err(|e| Error::io(&samples, e))?;
+            }
+        }
     }
     let manifest_path = dir.join(train::MANIFEST);
     crate::fsutil::write_atomically(&manifest_path, |tmp| {
