@@ -110,6 +110,17 @@ impl SynthSpec {
         }
     }
 
+    /// The model `nibble demo` and the browser page's built-in example train: two small random Qwen2
+    /// layers under the real Qwen2.5 tokenizer's vocabulary, which learn the demo chats in the demo
+    /// preset's 96 steps.
+    pub fn demo() -> Self {
+        SynthSpec {
+            hidden_size: 128,
+            intermediate_size: 384,
+            ..Self::tiny(Arch::Qwen2, 151936)
+        }
+    }
+
     /// Qwen2.5-0.5B's exact shapes (494,032,768 parameters).
     pub fn qwen25_05b() -> Self {
         SynthSpec {
@@ -447,15 +458,14 @@ pub fn model_files(spec: &SynthSpec, tokenizer: &TokenizerFiles, label: &str) ->
     }
 }
 
-/// The browser demo's built-in model: a random Qwen2-architecture model with the byte-level tokenizer
-/// (vocabulary 259) and Qwen2.5's chat template, small enough to train in a page.
+/// The browser page's built-in model: `nibble demo`'s (`SynthSpec::demo`), with the Qwen2.5 tokenizer
+/// the library already carries (so the page downloads nothing more for it).
 pub fn browser_model() -> ModelFiles {
-    let mut spec = SynthSpec::tiny(Arch::Qwen2, BYTE_VOCAB);
-    spec.hidden_size = 64;
-    spec.intermediate_size = 192;
-    spec.num_layers = 2;
-    spec.seed = 7;
-    model_files(&spec, &byte_tokenizer(), "builtin-tiny-qwen2")
+    model_files(
+        &SynthSpec::demo(),
+        &qwen25_tokenizer(),
+        "builtin-demo-qwen2",
+    )
 }
 
 /// GPT-2's byte-to-character table, which byte-level BPE vocabularies are written in.

@@ -55,6 +55,14 @@ pub fn demo_data() -> String {
     crate::data::demo_jsonl()
 }
 
+/// The options the page starts from, as JSON with `nibble train`'s keys: the demo preset's (what
+/// `nibble demo` trains its built-in model with), so the page and the command line agree.
+#[wasm_bindgen(js_name = demoOptions)]
+pub fn demo_options() -> Result<String, JsError> {
+    let preset = TrainSettings::preset("demo").map_err(js_error)?;
+    serde_json::to_string(&preset).map_err(js_error)
+}
+
 /// Opens a session. `files` is null for the built-in model, or an array of [name, Uint8Array] pairs of
 /// a Hugging Face model folder (config.json, safetensors, tokenizer files). `device` is "auto" (WebGPU
 /// when the browser has it, else CPU), "gpu" or "cpu".

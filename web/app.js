@@ -1,6 +1,6 @@
 // The page: loads nibble's wasm package, then trains with await between steps so the page stays
 // responsive (WebGPU read-backs are asynchronous; the CPU executor yields to the event loop each step).
-import init, { demoData, openSession } from "./pkg/nibble.js";
+import init, { demoData, demoOptions, openSession } from "./pkg/nibble.js";
 
 
 const $ = (id) => document.getElementById(id);
@@ -38,11 +38,21 @@ async function load() {
   $("train").disabled = $("ask").disabled = false;
 }
 
+// The demo preset (what `nibble demo` trains with): the fields' starting values, and its max_length.
+let preset = {};
+
+function fillDefaults() {
+  preset = JSON.parse(demoOptions());
+  const fields = { "lora-r": "lora_r", "lora-alpha": "lora_alpha", "lora-dropout": "lora_dropout", lr: "lr", epochs: "epochs",
+    schedule: "lr_scheduler" };
+  for (const [id, key] of Object.entries(fields)) if (preset[key] != null) $(id).value = preset[key];
+}
+
 function options() {
   const num = (id) => Number($(id).value);
   const o = {
-    max_length: 512, lora_r: num("lora-r"), lora_alpha: num("lora-alpha"), lora_dropout: num("lora-dropout"), lr: num("lr"),
-    epochs: num("epochs"), grad_accum: num("grad-accum"), lr_scheduler: $("schedule").value,
+    max_length: preset.max_length ?? 512, lora_r: num("lora-r"), lora_alpha: num("lora-alpha"), lora_dropout: num("lora-dropout"),
+    lr: num("lr"), epochs: num("epochs"), grad_accum: num("grad-accum"), lr_scheduler: $("schedule").value,
   };
   if ($("max-steps").value !== "") o.max_steps = num("max-steps");
   return o;
@@ -52,14 +62,19 @@ function drawChart() {
   const c = $("chart"), g = c.getContext("2d"), l = state.losses;
   g.clearRect(0, 0, c.width, c.height);
   g.fillStyle = "#666";
+  g.strokeStyle = "#bbb";
   g.font = "12px sans-serif";
   if (l.length === 0) return;
   const max = Math.max(...l), min = Math.min(...l, 0);
-  const x = (i) => 40 + (i / Math.max(1, l.length - 1)) * (c.width - 50);
-  const y = (v) => 10 + (1 - (v - min) / (max - min || 1)) * (c.height - 30);
-  g.fillText(max.toFixed(2), 2, 14);
-  g.fillText(min.toFixed(2), 2, c.height - 20);
-  g.fillText("loss per step", c.width / 2 - 30, c.height - 4);
+  const [left, right, top, bottom] = [48, c.width - 10, 10, c.height - 34];
+  const x = (i) => left + (i / Math.max(1, l.length - 1)) * (right - left);
+  const y = (v) => top + (1 - (v - min) / (max - min || 1)) * (bottom - top);
+  // Axes, with the loss at the top, middle and bottom, and the first and last step.
+  g.beginPath(); g.moveTo(left, top); g.lineTo(left, bottom); g.lineTo(right, bottom); g.stroke();
+  for (const v of [max, (max + min) / 2, min]) g.fillText(v.toFixed(2), 4, y(v) + 4);
+  g.fillText("1", left - 3, bottom + 14);
+  g.fillText(String(l.length), right - 20, bottom + 14);
+  g.fillText("training loss (y) per optimizer step (x)", left + 80, c.height - 4);
   g.strokeStyle = "#2563eb";
   g.beginPath();
   l.forEach((v, i) => (i ? g.lineTo(x(i), y(v)) : g.moveTo(x(i), y(v))));
@@ -120,4 +135,5 @@ $("download").onclick = guard(download);
 
 await init();
 $("data").value = demoData();
+fillDefaults();
 await load().catch(fail);

@@ -42,9 +42,7 @@ pub fn run(args: Args) -> Result<()> {
 /// The demo: a tiny random model with the real Qwen2.5 tokenizer learns the built-in chats (short answers
 /// in a fixed voice, so that it visibly learns them), asked a question before and after.
 fn run_demo(dir: &Path) -> Result<()> {
-    let mut spec = SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936);
-    spec.hidden_size = 128;
-    spec.intermediate_size = 384;
+    let spec = SynthSpec::demo();
     println!(
         "== a random Qwen2.5-architecture model with the bundled Qwen2.5 tokenizer, in {}",
         dir.display()
@@ -71,20 +69,8 @@ fn run_demo(dir: &Path) -> Result<()> {
         answer(None)?
     );
 
-    let config = nibble::train::TrainConfig {
-        lora: nibble::lora::LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            ..Default::default()
-        },
-        lr: 3e-3,
-        epochs: 12,
-        max_length: 256,
-        schedule: nibble::train::Schedule::Constant,
-        precision: nibble::exec::PrecisionChoice::Default.cpu(),
-        ..Default::default()
-    };
+    // The demo preset, which the browser page's example starts from too.
+    let config = nibble::train::settings::TrainSettings::preset("demo")?.train_config()?;
     // The best device present: a real GPU when there is one (a software Vulkan device would be slower
     // than the CPU executor).
     let gpu = nibble::exec::Device::Auto.open()?;

@@ -15,6 +15,20 @@ use std::path::{Path, PathBuf};
 /// `--config` file and the flags.
 const PRESETS: &[(&str, &str)] = &[
     (
+        "demo",
+        // `nibble demo` and the browser page's example: a tiny random model learns the demo chats in
+        // 96 steps (8 chats, 12 epochs) with a learning rate a real model would not take.
+        r#"
+lora_r = 16
+lora_alpha = 32.0
+lora_dropout = 0.0
+lr = 3e-3
+lr_scheduler = "constant"
+epochs = 12
+max_length = 256
+"#,
+    ),
+    (
         "qwen2.5-cpu",
         // The small Qwen recipe of transformers + peft + trl.
         r#"
@@ -63,7 +77,7 @@ pub struct TrainSettings {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// A known recipe: qwen2.5-cpu (NF4, LoRA r=8 alpha=16 dropout 0.05 on all seven linears, lr 2e-4,
-    /// batch 1, gradient accumulation 4, 2 epochs).
+    /// batch 1, gradient accumulation 4, 2 epochs), or demo (what `nibble demo` trains with).
     #[arg(long)]
     pub preset: Option<String>,
     /// The base model: a Hugging Face folder, a file from `nibble quantize`, or a FLUX.2 transformer.
