@@ -3,10 +3,9 @@
 //!   cargo bench --bench browser_model
 
 use nibble::data::parse_jsonl;
-use nibble::lora::LoraConfig;
 use nibble::model::ModelSource;
 use nibble::tokenizer::ChatTokenizer;
-use nibble::train::{self, LossOn, Schedule, TrainConfig, Trainer};
+use nibble::train::{self, Trainer};
 
 fn main() {
     let source = ModelSource::open_folder(nibble::synth::browser_model()).unwrap();
@@ -14,23 +13,21 @@ fn main() {
         ChatTokenizer::from_files(&source.tokenizer, std::path::Path::new("builtin")).unwrap();
     let model = source.load(None).unwrap();
     let jsonl = nibble::data::demo_jsonl();
+    // The page's default options: the demo preset, 30 of its steps.
+    let mut config = nibble::train::settings::TrainSettings::preset("demo")
+        .unwrap()
+        .train_config()
+        .unwrap();
+    config.max_steps = Some(30);
     let sequences = parse_jsonl(&jsonl, "chats")
         .unwrap()
         .iter()
-        .map(|ex| train::tokenize(&tok, ex, LossOn::Default, 512).unwrap().0)
+        .map(|ex| {
+            train::tokenize(&tok, ex, config.loss_on, config.max_length)
+                .unwrap()
+                .0
+        })
         .collect();
-    let config = TrainConfig {
-        lora: LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            ..LoraConfig::default()
-        },
-        lr: 3e-3,
-        schedule: Schedule::Constant,
-        max_steps: Some(30),
-        ..TrainConfig::default()
-    };
     let mut trainer = Trainer::new(&model, config, sequences, None).unwrap();
     let start = std::time::Instant::now();
     let (mut first, mut last) = (None, 0.0);

@@ -416,62 +416,51 @@ fn flags_override_the_config_file_which_overrides_the_preset() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset `nope`"));
 }
 
-/// The browser demo's built-in model, built in memory: its byte-level tokenizer round-trips any text,
-/// renders Qwen's chat template, and training on the web page's example chats lowers the loss.
+/// The browser page's built-in model is `nibble demo`'s: the weights of the folder `nibble demo` writes,
+/// the real Qwen2.5 tokenizer; and with the demo preset (the page's default options) it learns the demo
+/// chats: after the 96 steps its greedy answer to the first question is the trained one, as
+/// web/test.sh checks in the page.
 #[test]
-fn the_browser_builtin_model_tokenizes_bytes_and_trains() {
+fn the_browser_builtin_model_is_the_demo_and_learns_the_demo_chats() {
+    use nibble::model::FrozenWeights;
     let source = ModelSource::open_folder(synth::browser_model()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    synth::write_model_folder(
+        dir.path(),
+        &SynthSpec::demo(),
+        Some(&synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    let model = source.load(None).unwrap();
+    let written = ModelSource::open(dir.path()).unwrap().load(None).unwrap();
+    assert_eq!(model.fingerprint(), written.fingerprint());
     let tok =
         ChatTokenizer::from_files(&source.tokenizer, std::path::Path::new("builtin")).unwrap();
-    let text = "Grüße, 世界! tabs\tand\nnewlines";
-    let ids = tok.encode(text).unwrap();
-    assert_eq!(ids.len(), text.len(), "one token per byte");
-    assert_eq!(tok.decode(&ids).unwrap(), text);
-    let chat = tok
-        .apply_chat_template(&[Message::new("user", "hi")], true)
-        .unwrap();
-    assert!(
-        chat.ends_with("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
-        "{chat:?}"
-    );
-    let chat_ids = tok.encode(&chat).unwrap();
-    assert_eq!(
-        chat_ids.iter().filter(|&&t| t == 257).count(),
-        3,
-        "<|im_start|> is token 257"
-    );
-    assert_eq!(tok.token_id("<|im_end|>"), Some(258));
+    assert_eq!(tok.token_id("<|im_end|>"), Some(151645));
 
-    let model = source.load(None).unwrap();
-    assert_eq!(model.config.vocab_size, 259);
-    let chats = [
-        ("What is nibble?", "A QLoRA trainer."),
-        ("Where does it run?", "Everywhere."),
-    ];
-    let sequences = chats
+    let config = nibble::train::settings::TrainSettings::preset("demo")
+        .unwrap()
+        .train_config()
+        .unwrap();
+    let sequences = nibble::data::parse_jsonl(&nibble::data::demo_jsonl(), "demo")
+        .unwrap()
         .iter()
-        .map(|(q, a)| {
-            let ex = Example::Messages(vec![Message::new("user", q), Message::new("assistant", a)]);
-            train::tokenize(&tok, &ex, LossOn::Default, 256).unwrap().0
+        .map(|ex| {
+            train::tokenize(&tok, ex, config.loss_on, config.max_length)
+                .unwrap()
+                .0
         })
         .collect();
-    let config = TrainConfig {
-        lora: LoraConfig {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.0,
-            ..LoraConfig::default()
-        },
-        lr: 3e-3,
-        schedule: Schedule::Constant,
-        max_steps: Some(20),
-        ..TrainConfig::default()
-    };
     let mut trainer = Trainer::new(&model, config, sequences, None).unwrap();
-    let first = trainer.step().unwrap().loss;
-    let mut last = first;
+    assert_eq!(trainer.total_steps, 96);
     while !trainer.done() {
-        last = trainer.step().unwrap().loss;
+        trainer.step().unwrap();
     }
-    assert!(last < 0.7 * first, "loss {first} -> {last}");
+    let (question, trained) = nibble::data::DEMO_CHATS[0];
+    let executor = nibble::generate::Executor::Cpu {
+        model: &model,
+        adapter: Some(&trainer.adapter),
+    };
+    let answer = nibble::generate::answer(executor, &tok, question, 24).unwrap();
+    assert_eq!(answer, trained);
 }
