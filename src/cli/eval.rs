@@ -25,8 +25,8 @@ pub struct Args {
     quant: QuantArgs,
     #[command(flatten)]
     exec: ExecArgs,
-    /// Longer examples are cut to this many tokens (the start is kept).
-    #[arg(long, default_value_t = 2048)]
+    /// Longer examples are cut to this many tokens (the start is kept), as `nibble train` cuts them.
+    #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length)]
     max_length: usize,
 }
 
