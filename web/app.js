@@ -12,8 +12,20 @@ let stopRequested = false;
 
 function fail(e) {
   state.error = String(e && e.message ? e.message : e);
-  $("status").textContent = "error: " + state.error;
+  $("status").textContent = "error: " + state.error + (session && state.ready ?
+    " (fix it and press Train again)" : " (choose a model and press Load)");
   console.error(state.error);
+  // Whatever failed, the buttons show what can be pressed next.
+  $("stop").disabled = true;
+  $("load").disabled = false;
+  if (session && state.ready) $("train").disabled = $("ask").disabled = false;
+}
+
+// A model choice that differs from the loaded one: nothing trains until Load.
+function modelChoiceChanged() {
+  state.ready = false;
+  $("train").disabled = $("ask").disabled = $("download").disabled = true;
+  $("status").textContent = "press Load to load the chosen model";
 }
 
 async function readFolder() {
@@ -25,6 +37,8 @@ async function readFolder() {
 
 async function load() {
   state.ready = false;
+  state.error = null;
+  $("status").textContent = "";
   $("train").disabled = $("ask").disabled = $("download").disabled = true;
   $("backend").textContent = "loading…";
   const useFolder = document.querySelector('input[name="model"]:checked').value === "folder";
@@ -82,6 +96,7 @@ function drawChart() {
 }
 
 async function train() {
+  state.error = null;
   $("train").disabled = $("ask").disabled = true;
   $("stop").disabled = false;
   stopRequested = false;
@@ -132,6 +147,9 @@ $("train").onclick = guard(train);
 $("stop").onclick = () => { stopRequested = true; };
 $("ask").onclick = guard(ask);
 $("download").onclick = guard(download);
+for (const input of document.querySelectorAll('input[name="model"]')) input.onchange = modelChoiceChanged;
+$("folder").onchange = modelChoiceChanged;
+$("device").onchange = modelChoiceChanged;
 
 await init();
 $("data").value = demoData();

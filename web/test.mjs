@@ -83,9 +83,22 @@ try {
   check(answer === TRAINED, "after the default run the built-in model answers what it was taught");
   await page.screenshot({ path: `${outDir}/screenshot.png`, fullPage: true });
 
-  // 2. A model folder picked from disk, on WebGPU.
+  // A data error says what to do, and Train can be pressed again.
+  const data = await page.inputValue("#data");
+  await page.fill("#data", data + "\n{\"messages\": 3}\n");
+  await page.click("#train");
+  await page.waitForFunction(() => window.nibble.error, null, { timeout: 60_000 });
+  let status = await page.textContent("#status");
+  console.log(`after a bad data line: ${status}`);
+  check(/dataset:\d+:/.test(status) && status.includes("press Train again") &&
+    !(await page.isDisabled("#train")), "a data error names the line and leaves Train enabled");
+  await page.fill("#data", data);
+
+  // 2. A model folder picked from disk, on WebGPU: choosing it disables Train until Load.
   await page.check('input[name="model"][value="folder"]');
   await page.setInputFiles("#folder", folder);
+  status = await page.textContent("#status");
+  check(status.includes("press Load") && (await page.isDisabled("#train")), "a new model choice waits for Load");
   await page.selectOption("#device", "gpu");
   await page.click("#load");
   s = await ready("loading the folder");
