@@ -36,13 +36,7 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
                 |msg: String| Error::Invalid(format!("{}: row {}: {msg}", path.display(), i + 1));
             out.push(parse_row(row).map_err(at)?);
         }
-        if out.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{}: the dataset is empty",
-                path.display()
-            )));
-        }
-        return Ok(out);
+        return non_empty(out, &path.display().to_string());
     }
     let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
     parse_jsonl(&text, &path.display().to_string())
@@ -60,10 +54,15 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Example>> {
             serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
         out.push(parse_row(&v).map_err(at)?);
     }
-    if out.is_empty() {
-        return Err(Error::Invalid(format!("{origin}: the dataset is empty")));
+    non_empty(out, origin)
+}
+
+/// The examples read from `origin`, or the error that it holds none.
+fn non_empty(examples: Vec<Example>, origin: &str) -> Result<Vec<Example>> {
+    match examples.is_empty() {
+        true => Err(Error::Invalid(format!("{origin}: the dataset is empty"))),
+        false => Ok(examples),
     }
-    Ok(out)
 }
 
 fn parse_row(v: &Value) -> std::result::Result<Example, String> {

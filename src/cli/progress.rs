@@ -113,11 +113,11 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(500));
             bar
         });
+        let interval = heartbeat_interval();
         let stop = Arc::new(AtomicBool::new(false));
         // Without a bar, a line every few seconds while a unit runs long.
         let heartbeat = bar.is_none().then(|| {
             let (timing, stop) = (timing.clone(), stop.clone());
-            let interval = heartbeat_interval();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(100).min(interval));
@@ -141,7 +141,7 @@ impl Progress {
             bar,
             message: String::new(),
             line_per_unit,
-            interval: heartbeat_interval(),
+            interval,
             timing,
             stop,
             heartbeat,
