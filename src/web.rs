@@ -4,6 +4,10 @@
 //! native), otherwise on the CPU executor compiled to wasm. Every call that touches the GPU returns a
 //! Promise: read-backs complete from the page's event loop, so nothing blocks the main thread.
 
+// Each call holds the session's borrow across its awaited GPU read-backs on purpose: a second call
+// meanwhile gets "the session is busy" instead of interleaving with a step.
+#![allow(clippy::await_holding_refcell_ref)]
+
 use crate::exec::Device;
 use crate::gpu::Gpu;
 use crate::model::{Model, ModelSource};
@@ -108,6 +112,108 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
     })
 }
 
+/// A run on `inner`'s model and executor over `jsonl` with `options` (JSON, `nibble train`'s keys), and
+/// how many examples it read.
+fn start_run(
+    inner: &Inner,
+    gpu: Option<&Arc<Gpu>>,
+    jsonl: &str,
+    options: &str,
+) -> Result<(Run<'static>, usize), JsError> {
+    let given = TrainSettings::parse_json(options).map_err(js_error)?;
+    // A preset's storage choice is the CLI's business; the page's own options must apply.
+    let outside = given.outside_the_page();
+    if !outside.is_empty() {
+        return Err(JsError::new(&format!(
+            "options: {} do not apply in a page (they name files, or were fixed when the session \
+             opened)",
+            outside.join(", ")
+        )));
+    }
+    let settings = given.with_preset().map_err(js_error)?;
+    let config = settings.train_config().map_err(js_error)?;
+    let run_options = settings.run_options().map_err(js_error)?;
+    let examples = crate::data::parse_jsonl(jsonl, "dataset").map_err(js_error)?;
+    let train = examples
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| {
+            crate::train::tokenize(&inner.tok, ex, config.loss_on, config.max_length)
+                .map(|(s, _)| s)
+                .map_err(|e| js_error(format!("dataset line {}: {e}", i + 1)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let data = RunData {
+        train,
+        eval: Vec::new(),
+    };
+    let mut run = Run::start(
+        inner.model.clone(),
+        &inner.label,
+        config,
+        data,
+        run_options,
+        None,
+    )
+    .map_err(js_error)?;
+    if let Some(gpu) = gpu {
+        run.use_gpu(gpu.clone()).map_err(js_error)?;
+    }
+    Ok((run, examples.len()))
+}
+
+/// Times a training step of one fixed small model (hidden 256, two layers, 96 tokens: about 0.4 GFLOP)
+/// on each executor this browser has, so that `auto` can pick the faster for this machine: resolves to
+/// JSON `{"cpu_seconds": s, "gpu_seconds": s or null}`. Each executor's first step (shader compilation,
+/// uploads) is not timed.
+#[wasm_bindgen(js_name = probeExecutors)]
+pub async fn probe_executors() -> Result<String, JsError> {
+    let spec = synth::SynthSpec {
+        hidden_size: 256,
+        intermediate_size: 768,
+        ..synth::SynthSpec::tiny(crate::config::Arch::Qwen2, synth::BYTE_VOCAB)
+    };
+    let source =
+        ModelSource::open_folder(synth::model_files(&spec, &synth::byte_tokenizer(), "probe"))
+            .map_err(js_error)?;
+    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))
+        .map_err(js_error)?;
+    let model = Arc::new(source.load(None).map_err(js_error)?);
+    // Without WebGPU (or with a device that will not open) only the CPU is timed.
+    let gpu = Gpu::new_async(true).await.ok().map(Arc::new);
+    let text = "nibble times one step of this text on each executor. ".repeat(2);
+    let jsonl = serde_json::json!({ "text": text.trim_end() }).to_string();
+    let inner = Inner {
+        model,
+        gpu,
+        tok,
+        label: "probe".into(),
+        run: None,
+    };
+    let mut seconds = Vec::new();
+    for gpu in [None, inner.gpu.as_ref()] {
+        if gpu.is_none() && !seconds.is_empty() {
+            seconds.push(None);
+            continue;
+        }
+        let (mut run, _) = start_run(
+            &inner,
+            gpu,
+            &jsonl,
+            r#"{"max_steps": 2, "lora_dropout": 0}"#,
+        )?;
+        run.step_async(&mut Evaluated::default())
+            .await
+            .map_err(js_error)?;
+        let start = web_time::Instant::now();
+        run.step_async(&mut Evaluated::default())
+            .await
+            .map_err(js_error)?;
+        seconds.push(Some(start.elapsed().as_secs_f64()));
+    }
+    Ok(serde_json::json!({ "cpu_seconds": seconds[0], "gpu_seconds": seconds[1] }).to_string())
+}
+
 /// The session's state, or an error while another call (an awaited step, say) still holds it.
 fn lock(inner: &RefCell<Inner>) -> Result<std::cell::RefMut<'_, Inner>, JsError> {
     inner
@@ -164,41 +270,9 @@ impl Session {
     #[wasm_bindgen(js_name = setData)]
     pub fn set_data(&self, jsonl: &str, options: &str) -> Result<String, JsError> {
         let mut inner = self.borrow()?;
-        let given = TrainSettings::parse_json(options).map_err(js_error)?;
-        // A preset's storage choice is the CLI's business; the page's own options must apply.
-        let outside = given.outside_the_page();
-        if !outside.is_empty() {
-            return Err(JsError::new(&format!(
-                "options: {} do not apply in a page (they name files, or were fixed when the session \
-                 opened)",
-                outside.join(", ")
-            )));
-        }
-        let settings = given.with_preset().map_err(js_error)?;
-        let config = settings.train_config().map_err(js_error)?;
-        let run_options = settings.run_options().map_err(js_error)?;
-        let examples = crate::data::parse_jsonl(jsonl, "dataset").map_err(js_error)?;
-        let train = examples
-            .iter()
-            .enumerate()
-            .map(|(i, ex)| {
-                crate::train::tokenize(&inner.tok, ex, config.loss_on, config.max_length)
-                    .map(|(s, _)| s)
-                    .map_err(|e| js_error(format!("dataset line {}: {e}", i + 1)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let data = RunData {
-            train,
-            eval: Vec::new(),
-        };
-        let model = inner.model.clone();
-        let mut run =
-            Run::start(model, &inner.label, config, data, run_options, None).map_err(js_error)?;
-        if let Some(gpu) = &inner.gpu {
-            run.use_gpu(gpu.clone()).map_err(js_error)?;
-        }
+        let (run, examples) = start_run(&inner, inner.gpu.as_ref(), jsonl, options)?;
         let summary = serde_json::json!({
-            "examples": examples.len(),
+            "examples": examples,
             "total_steps": run.trainer.total_steps,
             "lora_parameters": run.trainer.adapter.parameter_count(),
         });

@@ -1,9 +1,14 @@
 // Drives the page in headless Chromium (WebGPU on SwiftShader):
+// 0. on load, "auto" times a probe step on WebGPU and on the wasm CPU executor and loads on the faster
+//    (SwiftShader's software WebGPU is named as such);
 // 1. the built-in demo model (what `nibble demo` trains) with the page's default options, on the CPU
-//    executor compiled to wasm: after the default run its answers are the trained answers;
-// 2. a model folder picked from disk, on WebGPU: a fixed number of steps lower the loss, generation
-//    returns text, the adapter exports as a PEFT LoRA folder, and Stop ends a run early;
+//    executor compiled to wasm, in the page's worker: the page keeps repainting during every step, and
+//    after the default run its answers are the trained answers;
+// 2. a model folder picked from disk, on WebGPU: a fixed number of steps lower the loss, validation
+//    losses reach the chart, generation returns text, the adapter exports as a PEFT LoRA folder, and
+//    Stop ends a run within the step in flight;
 // 3. the same folder on the wasm CPU executor starts from the same loss as on WebGPU.
+// A screenshot of each state goes to OUT_DIR.
 // SwiftShader is too slow for the built-in model's 152k-token vocabulary in CI, hence the folder model
 // (a byte-level tokenizer) for WebGPU.
 // Usage: node test.mjs URL STEPS OUT_DIR MODEL_FOLDER
@@ -54,10 +59,15 @@ try {
     await page.waitForFunction((n) => window.nibble.answers.length > n || window.nibble.error, before, { timeout: 300_000 });
     return (await nibble()).answers.at(-1)?.answer ?? "";
   };
+  const shot = (name) => page.screenshot({ path: `${outDir}/${name}.png`, fullPage: true });
   await page.goto(url);
   let s = await ready("loading the page");
-  console.log(`executor on load: ${s.backend}`);
-  check(s.backend.startsWith("webgpu"), "the WebGPU executor is found");
+  console.log(`executor on load: ${s.executor} (adapter ${JSON.stringify(s.adapter)}, probe ${JSON.stringify(s.probe)})`);
+  check(s.adapter && s.adapter.software && /swiftshader/i.test(s.adapter.name), "SwiftShader's WebGPU adapter is found and named software");
+  check(s.probe && s.probe.cpu_seconds > 0 && s.probe.gpu_seconds > 0, "auto timed a probe step on both executors");
+  const faster = s.probe.gpu_seconds < s.probe.cpu_seconds ? "webgpu" : "cpu";
+  check(s.backend.startsWith(faster) && s.executor.includes("faster here"), `auto loads on the faster one (${faster})`);
+  await shot("1-loaded");
   const defaults = await page.evaluate(() => ["lora-r", "lora-alpha", "lora-dropout", "lr", "epochs", "schedule"]
     .map((id) => document.getElementById(id).value));
   console.log(`default options: ${defaults.join(", ")}`);
@@ -73,15 +83,23 @@ try {
   console.log(`built-in model before training: ${JSON.stringify(await ask())}`);
   let started = Date.now();
   await page.click("#train");
+  await page.waitForFunction(() => window.nibble.losses.length >= 3 || window.nibble.error, null, { timeout: 300_000 });
+  await shot("2-training");
   s = await trained("training the built-in model");
   const builtin = { steps: s.losses.length, seconds: (Date.now() - started) / 1000, first: s.losses[0], last: s.losses.at(-1) };
   console.log(`built-in model on ${s.backend}: ${builtin.steps} steps in ${builtin.seconds.toFixed(1)} s ` +
     `(${(builtin.steps / builtin.seconds).toFixed(2)} steps/s), loss ${builtin.first.toFixed(4)} -> ${builtin.last.toFixed(4)}`);
   check(builtin.steps === 96, "the default run is nibble demo's 96 steps");
+  const longest = Math.max(...s.stepSeconds);
+  console.log(`longest step ${(longest * 1000).toFixed(0)} ms; of the page's ${s.ticks} 20 ms ticks, ${s.slowTicks} came ` +
+    `over 100 ms after the one before, the latest ${s.maxTickGapMs.toFixed(0)} ms`);
+  // A page that computed on its own thread would miss every tick for a whole step.
+  check(longest > 0.3 && s.slowTicks <= s.ticks / 100 && s.maxTickGapMs < 250,
+    "the page kept ticking through steps longer than 300 ms (over 99% of ticks within 100 ms, none later than 250 ms)");
   const answer = await ask();
   console.log(`built-in model after training: ${JSON.stringify(answer)}`);
   check(answer === TRAINED, "after the default run the built-in model answers what it was taught");
-  await page.screenshot({ path: `${outDir}/screenshot.png`, fullPage: true });
+  await shot("3-trained");
 
   // A data error says what to do, and Train can be pressed again.
   const data = await page.inputValue("#data");
@@ -92,6 +110,7 @@ try {
   console.log(`after a bad data line: ${status}`);
   check(/dataset:\d+:/.test(status) && status.includes("press Train again") &&
     !(await page.isDisabled("#train")), "a data error names the line and leaves Train enabled");
+  await shot("4-data-error");
   await page.fill("#data", data);
 
   // 2. A model folder picked from disk, on WebGPU: choosing it disables Train until Load.
@@ -99,6 +118,7 @@ try {
   await page.setInputFiles("#folder", folder);
   status = await page.textContent("#status");
   check(status.includes("press Load") && (await page.isDisabled("#train")), "a new model choice waits for Load");
+  await shot("5-needs-load");
   await page.selectOption("#device", "gpu");
   await page.click("#load");
   s = await ready("loading the folder");
@@ -106,6 +126,8 @@ try {
   console.log(`loaded from disk: ${described} on ${s.backend}`);
   check(described.includes("Llama") && s.backend.startsWith("webgpu"), "a model folder picked from disk loads on WebGPU");
   await page.fill("#max-steps", String(steps));
+  await page.fill("#eval-split", "0.25");
+  await page.fill("#eval-steps", "10");
   started = Date.now();
   await page.click("#train");
   s = await trained("training the folder model on WebGPU");
@@ -114,6 +136,11 @@ try {
     `(${(gpu.steps / gpu.seconds).toFixed(2)} steps/s), loss ${gpu.first.toFixed(4)} -> ${gpu.last.toFixed(4)}`);
   check(gpu.steps === steps, `ran ${steps} steps`);
   check(gpu.last < 0.8 * gpu.first, "the loss fell by more than 20%");
+  console.log(`validation losses: ${JSON.stringify(s.evalLosses)}`);
+  check(s.evalLosses.length === Math.floor(steps / 10) && s.evalLosses.every((p) => p.loss > 0),
+    "a validation loss every 10 steps reaches the chart");
+  await page.fill("#eval-split", "");
+  await page.fill("#eval-steps", "");
   const gpuAnswer = await ask();
   console.log(`folder model after training: ${JSON.stringify(gpuAnswer)}`);
   check(gpuAnswer.length > 0, "generation after training returns text");
@@ -126,9 +153,16 @@ try {
   await page.fill("#max-steps", "");
   await page.click("#train");
   await page.waitForFunction(() => window.nibble.losses.length >= 2 || window.nibble.error, null, { timeout: 300_000 });
+  // Halfway into a step.
+  await page.waitForTimeout(500 * Math.max(...(await nibble()).stepSeconds));
   await page.click("#stop");
+  await shot("6-stopping");
   s = await trained("the stopped run");
-  check(s.losses.length >= 2 && s.losses.length < 20, `Stop ends the run early (after ${s.losses.length} steps)`);
+  const stepMs = 1000 * Math.max(...s.stepSeconds);
+  const stoppedFirst = s.losses[0];
+  console.log(`Stop: the run ended ${s.stoppedAfterMs.toFixed(0)} ms after the click, after ${s.losses.length} steps (longest step ${stepMs.toFixed(0)} ms)`);
+  check(s.losses.length >= 2 && s.stoppedAfterMs < stepMs + 250, "Stop ends the run within the step in flight");
+  await shot("7-stopped");
 
   // 3. The same folder on the wasm CPU executor: the same first loss.
   await page.selectOption("#device", "cpu");
@@ -137,14 +171,14 @@ try {
   await page.fill("#max-steps", "2");
   await page.click("#train");
   const c = await trained("training the folder model on the CPU");
-  check(c.backend === "cpu (wasm)" && Math.abs(c.losses[0] - gpu.first) < 1e-3 * gpu.first,
+  check(c.backend === "cpu (wasm)" && Math.abs(c.losses[0] - stoppedFirst) < 1e-3 * stoppedFirst,
     "the wasm CPU executor starts from the same loss as WebGPU");
 
   writeFileSync(`${outDir}/result.json`, JSON.stringify({
     builtin_cpu_wasm: { ...builtin, steps_per_s: builtin.steps / builtin.seconds, answer },
     folder_webgpu: { ...gpu, steps_per_s: gpu.steps / gpu.seconds, answer: gpuAnswer },
   }, null, 2));
-  console.log(`screenshot: ${outDir}/screenshot.png`);
+  console.log(`screenshots: ${outDir}/*.png`);
 } catch (e) {
   console.log(`FAIL ${e.message}`);
   failed = true;

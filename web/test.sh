@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the browser package, serves web/ on localhost, and drives it in headless Chromium (Debian's
 # package) with WebGPU on SwiftShader: web/test.mjs trains the built-in example and checks the result.
-# Output (screenshot, result.json) goes to web/test-output/.
+# Output (a screenshot of each state, result.json) goes to web/test-output/.
 #   bash web/test.sh [STEPS]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

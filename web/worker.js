@@ -1,0 +1,77 @@
+// The page's trainer, in a module Web Worker: the session (model, executor, run) lives here, so a long
+// step never blocks the page's repaints or its Stop button. The page (app.js) posts requests and this
+// worker answers each with one reply of the same `id`; training also posts a `step` message per step.
+//   {id, type: "init"}                              -> {demoData, demoOptions}
+//   {id, type: "probe"}                             -> {probe: {cpu_seconds, gpu_seconds}}: one step of a
+//                                                      fixed small model timed on each executor
+//   {id, type: "load", files: [[path, File]] | null, device}
+//                                                   -> {backend, info}
+//   {id, type: "train", data, options}              -> {summary} at the start, then `step` messages,
+//                                                      then {stopped, steps} when the run ends
+//   {type: "stop"}                                  (no reply: the run ends after the step in flight)
+//   {id, type: "ask", prompt, maxNew}               -> {answer}
+//   {id, type: "export"}                            -> {files}
+// A failed request answers {id, error}.
+import init, { demoData, demoOptions, openSession, probeExecutors } from "./pkg/nibble.js";
+
+let session = null;
+let stopRequested = false;
+const ready = init();
+
+// The path a folder's file was picked with names the model ("Qwen2.5-0.5B-Instruct/config.json"); the
+// bytes are read here, off the page's thread.
+async function readFiles(files) {
+  return Promise.all(files.map(async ([path, file]) => [path, new Uint8Array(await file.arrayBuffer())]));
+}
+
+async function train(id, data, options) {
+  stopRequested = false;
+  const summary = JSON.parse(session.setData(data, JSON.stringify(options)));
+  postMessage({ id, type: "started", summary });
+  let steps = 0;
+  while (!stopRequested && !session.done()) {
+    const started = performance.now();
+    const record = JSON.parse(await session.step());
+    steps += 1;
+    postMessage({ type: "step", record, total: summary.total_steps, seconds: (performance.now() - started) / 1000 });
+    // Lets a Stop posted during the step arrive before the next one starts.
+    await new Promise((resolve) => setTimeout(resolve, 0));
+  }
+  return { stopped: stopRequested, steps };
+}
+
+const handlers = {
+  init: async () => ({ demoData: demoData(), demoOptions: demoOptions() }),
+  probe: async () => ({ probe: JSON.parse(await probeExecutors()) }),
+  load: async ({ files, device }) => {
+    session?.free();
+    session = null;
+    const opened = await openSession(files ? await readFiles(files) : null, device);
+    session = opened;
+    return { backend: session.backend(), info: JSON.parse(session.describe()) };
+  },
+  train: async ({ id, data, options }) => train(id, data, options),
+  ask: async ({ prompt, maxNew }) => ({ answer: await session.generate(prompt, maxNew) }),
+  export: async () => {
+    const files = await session.exportAdapter();
+    const weights = files["adapter_model.safetensors"];
+    return { files, transfer: [weights.buffer] };
+  },
+};
+
+onmessage = async ({ data: request }) => {
+  if (request.type === "stop") {
+    stopRequested = true;
+    return;
+  }
+  try {
+    await ready;
+    const handler = handlers[request.type];
+    if (!handler) throw new Error(`unknown request ${request.type}`);
+    if (!["init", "probe", "load"].includes(request.type) && !session) throw new Error("load a model first");
+    const { transfer, ...reply } = await handler(request);
+    postMessage({ id: request.id, type: "done", ...reply }, transfer || []);
+  } catch (e) {
+    postMessage({ id: request.id, type: "done", error: String(e && e.message ? e.message : e) });
+  }
+};
