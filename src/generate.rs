@@ -350,14 +350,20 @@ pub async fn greedy_async(
     Ok(ids.iter().copied().chain(new).collect())
 }
 
-/// The greedy answer to `question` as a user turn through the chat template, up to `max_new` tokens,
-/// without the stop token.
+/// A greedy answer: its text without the stop token, and how many tokens were generated (the stop
+/// token counted: it was computed like the others).
+pub struct Answer {
+    pub text: String,
+    pub tokens: usize,
+}
+
+/// The greedy answer to `question` as a user turn through the chat template, up to `max_new` tokens.
 pub async fn answer_async(
     executor: Executor<'_>,
     tok: &ChatTokenizer,
     question: &str,
     max_new: usize,
-) -> Result<String> {
+) -> Result<Answer> {
     let text =
         tok.apply_chat_template(&[crate::tokenizer::Message::new("user", question)], true)?;
     let ids = tok.encode(&text)?;
@@ -368,7 +374,10 @@ pub async fn answer_async(
         .copied()
         .filter(|t| !stop.contains(t))
         .collect();
-    tok.decode(&answer)
+    Ok(Answer {
+        text: tok.decode(&answer)?,
+        tokens: out.len() - ids.len(),
+    })
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -377,7 +386,7 @@ pub fn answer(
     tok: &ChatTokenizer,
     question: &str,
     max_new: usize,
-) -> Result<String> {
+) -> Result<Answer> {
     pollster::block_on(answer_async(executor, tok, question, max_new))
 }
 

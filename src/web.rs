@@ -83,14 +83,14 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
                 .get(0)
                 .as_string()
                 .ok_or_else(|| JsError::new("files: each entry is [name, Uint8Array]"))?;
-            let bytes = js_sys::Uint8Array::new(&pair.get(1)).to_vec();
+            let bytes = copy_into_wasm(&js_sys::Uint8Array::new(&pair.get(1)));
             // A folder picked in the browser comes with paths: the folder names the model, and files are
             // looked up by name.
             if let Some((folder, _)) = name.split_once('/') {
                 label = folder.to_string();
             }
             let base = name.rsplit('/').next().unwrap_or(&name).to_string();
-            map.insert(base, Arc::<[u8]>::from(bytes));
+            map.insert(base, bytes);
         }
         ModelFiles::Memory { label, files: map }
     };
@@ -214,6 +214,17 @@ pub async fn probe_executors() -> Result<String, JsError> {
     Ok(serde_json::json!({ "cpu_seconds": seconds[0], "gpu_seconds": seconds[1] }).to_string())
 }
 
+/// A file's bytes, copied once into wasm memory (a 0.5B model's 1 GB must not be held twice there:
+/// wasm memory never shrinks, and it ends at 4 GB).
+fn copy_into_wasm(bytes: &js_sys::Uint8Array) -> Arc<[u8]> {
+    let mut copy = Arc::<[u8]>::new_uninit_slice(bytes.length() as usize);
+    let slice = Arc::get_mut(&mut copy).expect("a new Arc has one owner");
+    // Writes every element: the lengths are equal.
+    bytes.copy_to_uninit(slice);
+    // SAFETY: copy_to_uninit initialised all `length()` elements just above.
+    unsafe { copy.assume_init() }
+}
+
 /// The session's state, or an error while another call (an awaited step, say) still holds it.
 fn lock(inner: &RefCell<Inner>) -> Result<std::cell::RefMut<'_, Inner>, JsError> {
     inner
@@ -303,7 +314,8 @@ impl Session {
     }
 
     /// Greedy answer to `prompt` as a user turn (chat template applied), up to `max_new` tokens, with the
-    /// adapter trained so far (none before `setData`).
+    /// adapter trained so far (none before `setData`): resolves to JSON `{answer, tokens, seconds}`
+    /// (tokens generated, the stop token included, and the time they took with the prompt's).
     pub fn generate(&self, prompt: String, max_new: u32) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
@@ -316,10 +328,16 @@ impl Session {
                     adapter: None,
                 },
             );
+            let start = web_time::Instant::now();
             let answer = crate::generate::answer_async(executor, &g.tok, &prompt, max_new as usize)
                 .await
                 .map_err(js_error)?;
-            Ok(JsValue::from_str(&answer))
+            let json = serde_json::json!({
+                "answer": answer.text,
+                "tokens": answer.tokens,
+                "seconds": start.elapsed().as_secs_f64(),
+            });
+            Ok(JsValue::from_str(&json.to_string()))
         })
     }
 

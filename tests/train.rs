@@ -461,6 +461,8 @@ fn the_browser_builtin_model_is_the_demo_and_learns_the_demo_chats() {
         model: &model,
         adapter: Some(&trainer.adapter),
     };
-    let answer = nibble::generate::answer(executor, &tok, question, 24).unwrap();
+    let answer = nibble::generate::answer(executor, &tok, question, 24)
+        .unwrap()
+        .text;
     assert_eq!(answer, trained);
 }

@@ -27,6 +27,7 @@ function request(type, fields = {}, transfer = []) {
 }
 
 worker.onmessage = ({ data }) => {
+  if (data.wasmBytes) showMemory(data.wasmBytes);
   if (data.type === "step") return onStep?.(data);
   const waiting = pending.get(data.id);
   if (!waiting) return;
@@ -128,6 +129,9 @@ async function load() {
   const info = loaded.info;
   $("model-info").textContent = `${info.model}: ${info.architecture}, ${info.layers} layers, ` +
     `${info.parameters.toLocaleString()} parameters, ${mb(info.weight_bytes)} of weights`;
+  // A new model has not been trained yet.
+  Object.assign(state, { losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [], finished: false });
+  drawChart();
   state.ready = true;
   $("load").disabled = false;
   $("train").disabled = $("ask").disabled = false;
@@ -138,6 +142,11 @@ function describeExecutor(backend, why) {
   const name = gpu ? `WebGPU on ${state.adapter?.name || backend.slice(7).replace(/[()]/g, "") || "an unnamed adapter"}` +
     (state.adapter?.software ? " (software: slow)" : "") : "CPU executor in wasm (1 thread)";
   return `${name}: ${why}`;
+}
+
+function showMemory(bytes) {
+  state.wasmBytes = bytes;
+  $("memory").textContent = `wasm memory ${mb(bytes)} (its peak: it never shrinks)`;
 }
 
 const mb = (bytes) => `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
@@ -249,10 +258,11 @@ function stop() {
 async function ask() {
   $("ask").disabled = true;
   const prompt = $("prompt").value;
-  const { answer } = await request("ask", { prompt, maxNew: 48 });
+  const { answer, tokens, seconds } = await request("ask", { prompt, maxNew: Number($("answer-tokens").value) });
   const when = state.losses.length ? `after ${state.losses.length} steps` : "before training";
-  state.answers.push({ prompt, answer, when });
-  $("answers").textContent += `[${when}] ${prompt}\n→ ${JSON.stringify(answer)}\n`;
+  state.answers.push({ prompt, answer, when, tokens, seconds });
+  $("answers").textContent += `[${when}] ${prompt}\n→ ${JSON.stringify(answer)} ` +
+    `(${tokens} tokens in ${seconds.toFixed(1)} s with the prompt)\n`;
   $("ask").disabled = false;
 }
 

@@ -9,14 +9,18 @@
 //   {id, type: "train", data, options}              -> {summary} at the start, then `step` messages,
 //                                                      then {stopped, steps} when the run ends
 //   {type: "stop"}                                  (no reply: the run ends after the step in flight)
-//   {id, type: "ask", prompt, maxNew}               -> {answer}
+//   {id, type: "ask", prompt, maxNew}               -> {answer, tokens, seconds}
 //   {id, type: "export"}                            -> {files}
-// A failed request answers {id, error}.
+// A failed request answers {id, error}. Every reply and step message carries `wasmBytes`.
 import init, { demoData, demoOptions, openSession, probeExecutors } from "./pkg/nibble.js";
 
 let session = null;
 let stopRequested = false;
 const ready = init();
+let memory = null;
+// The wasm heap's size: its peak too, since wasm memory grows and never shrinks (a model's bytes read
+// from disk pass through it once).
+const wasmBytes = () => memory?.buffer.byteLength ?? 0;
 
 // The path a folder's file was picked with names the model ("Qwen2.5-0.5B-Instruct/config.json"); the
 // bytes are read here, off the page's thread.
@@ -33,7 +37,8 @@ async function train(id, data, options) {
     const started = performance.now();
     const record = JSON.parse(await session.step());
     steps += 1;
-    postMessage({ type: "step", record, total: summary.total_steps, seconds: (performance.now() - started) / 1000 });
+    postMessage({ type: "step", record, total: summary.total_steps, seconds: (performance.now() - started) / 1000,
+      wasmBytes: wasmBytes() });
     // Lets a Stop posted during the step arrive before the next one starts.
     await new Promise((resolve) => setTimeout(resolve, 0));
   }
@@ -51,7 +56,7 @@ const handlers = {
     return { backend: session.backend(), info: JSON.parse(session.describe()) };
   },
   train: async ({ id, data, options }) => train(id, data, options),
-  ask: async ({ prompt, maxNew }) => ({ answer: await session.generate(prompt, maxNew) }),
+  ask: async ({ prompt, maxNew }) => JSON.parse(await session.generate(prompt, maxNew)),
   export: async () => {
     const files = await session.exportAdapter();
     const weights = files["adapter_model.safetensors"];
@@ -65,12 +70,12 @@ onmessage = async ({ data: request }) => {
     return;
   }
   try {
-    await ready;
+    memory = (await ready).memory;
     const handler = handlers[request.type];
     if (!handler) throw new Error(`unknown request ${request.type}`);
     if (!["init", "probe", "load"].includes(request.type) && !session) throw new Error("load a model first");
     const { transfer, ...reply } = await handler(request);
-    postMessage({ id: request.id, type: "done", ...reply }, transfer || []);
+    postMessage({ id: request.id, type: "done", wasmBytes: wasmBytes(), ...reply }, transfer || []);
   } catch (e) {
     postMessage({ id: request.id, type: "done", error: String(e && e.message ? e.message : e) });
   }

@@ -62,7 +62,7 @@ fn run_demo(dir: &Path) -> Result<()> {
             model: &model,
             adapter,
         };
-        nibble::generate::answer(executor, &tok, question, 16)
+        nibble::generate::answer(executor, &tok, question, 16).map(|a| a.text)
     };
     println!(
         "\n== before fine-tuning, asked \"{question}\":\n{:?}",
