@@ -208,9 +208,12 @@ function showProgress() {
   const done = state.losses.length;
   if (done >= total) return;
   const running = ((performance.now() - stepStarted) / 1000).toFixed(1);
+  // The steps so far say how long this one will take (the first step has nothing to go by).
+  const recent = state.stepSeconds.slice(-5);
+  const expected = recent.length ? ` of about ${(recent.reduce((a, b) => a + b) / recent.length).toFixed(1)} s` : "";
   const last = done ? ` · loss ${state.losses.at(-1).toFixed(4)} · ${state.tokensPerS.at(-1).toFixed(0)} tokens/s` : "";
   const stopping = stopClickedAt ? " · stopping after this step" : "";
-  const text = `step ${done + 1}/${total} running for ${running} s${last}${stopping}`;
+  const text = `step ${done + 1}/${total} running for ${running} s${expected}${last}${stopping}`;
   // Only a changed line is drawn again (ten times a second).
   if ($("status").textContent !== text) $("status").textContent = text;
 }

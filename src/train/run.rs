@@ -469,10 +469,9 @@ impl<'m> Run<'m> {
         };
         let mut lines = String::new();
         for prompt in &self.options.sample_prompts {
-            let answer =
-                crate::generate::answer_async(executor, tok, prompt, SAMPLE_TOKENS)
-                    .await?
-                    .text;
+            let answer = crate::generate::answer_async(executor, tok, prompt, SAMPLE_TOKENS)
+                .await?
+                .text;
             log::info!("sample at step {step}: {prompt:?} -> {answer:?}");
             lines.push_str(&json!({"step": step, "prompt": prompt, "answer": answer}).to_string());
             lines.push('\n');
