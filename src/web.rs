@@ -297,7 +297,8 @@ impl Session {
     }
 
     /// One optimizer step; resolves to its record as JSON (step, epoch, loss, lr, grad_norm, tokens,
-    /// tokens_per_s, and eval_loss when a validation pass fell due).
+    /// tokens_per_s, eval_loss when a validation pass fell due, and on WebGPU gpu_bytes: the device
+    /// memory in use, scratch at its high-water mark).
     pub fn step(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
         wasm_bindgen_futures::future_to_promise(async move {
@@ -308,6 +309,9 @@ impl Session {
             let mut json = record.to_json();
             if let Some(loss) = evaluated.0 {
                 json["eval_loss"] = loss.into();
+            }
+            if let Some(bytes) = run.trainer.gpu_bytes() {
+                json["gpu_bytes"] = bytes.into();
             }
             Ok(JsValue::from_str(&json.to_string()))
         })

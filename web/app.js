@@ -130,6 +130,7 @@ async function load() {
   $("model-info").textContent = `${info.model}: ${info.architecture}, ${info.layers} layers, ` +
     `${info.parameters.toLocaleString()} parameters, ${mb(info.weight_bytes)} of weights`;
   // A new model has not been trained yet.
+  $("gpu-memory").textContent = "";
   Object.assign(state, { losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [], finished: false });
   drawChart();
   state.ready = true;
@@ -230,6 +231,10 @@ async function train() {
     state.tokensPerS.push(record.tokens_per_s);
     state.stepSeconds.push(seconds);
     if (record.eval_loss != null) state.evalLosses.push({ step: record.step, loss: record.eval_loss });
+    if (record.gpu_bytes != null) {
+      state.gpuBytes = record.gpu_bytes;
+      $("gpu-memory").textContent = ` · GPU memory ${mb(record.gpu_bytes)} (weights, adapters, optimizer state, the steps' peak)`;
+    }
     stepStarted = performance.now();
     drawChart();
   };

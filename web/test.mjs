@@ -133,6 +133,8 @@ try {
     `(${(gpu.steps / gpu.seconds).toFixed(2)} steps/s), loss ${gpu.first.toFixed(4)} -> ${gpu.last.toFixed(4)}`);
   check(gpu.steps === steps, `ran ${steps} steps`);
   check(gpu.last < 0.8 * gpu.first, "the loss fell by more than 20%");
+  console.log(`GPU memory: ${await page.textContent("#gpu-memory")}`);
+  check(s.gpuBytes > 0, "the page shows the GPU memory in use");
   console.log(`validation losses: ${JSON.stringify(s.evalLosses)}`);
   check(s.evalLosses.length === Math.floor(steps / 10) && s.evalLosses.every((p) => p.loss > 0),
     "a validation loss every 10 steps reaches the chart");

@@ -55,6 +55,20 @@ pub struct GpuStepResult {
 }
 
 impl GpuTrainState {
+    /// Device memory in use: the frozen weights, the adapters, their gradients and moments, and the
+    /// steps' scratch buffers at their high-water mark (which the pool keeps for reuse).
+    pub fn device_bytes(&self, gpu: &Gpu) -> u64 {
+        let base = match &self.base {
+            GpuBase::Decoder(model) => model.device_bytes(),
+            GpuBase::Weights(weights) => weights.device_bytes(),
+        };
+        let lora = [&self.params, &self.grads, &self.m, &self.v]
+            .iter()
+            .map(|l| l.device_bytes())
+            .sum::<u64>();
+        base + lora + gpu.scratch_bytes()
+    }
+
     /// Uploads the frozen model, the adapters and AdamW's moments.
     pub fn new(
         gpu: &Gpu,

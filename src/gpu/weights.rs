@@ -252,6 +252,11 @@ impl GpuWeights {
 }
 
 impl GpuModel {
+    /// Bytes of device memory the frozen tensors occupy.
+    pub fn device_bytes(&self) -> u64 {
+        self.weights.device_bytes()
+    }
+
     pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
         crate::ops::attention::check_gpu_heads(&model.config)?;
         Ok(GpuModel {
@@ -291,6 +296,11 @@ impl GpuLora {
                 })
                 .collect(),
         }
+    }
+
+    /// Bytes of device memory the A and B buffers occupy.
+    pub fn device_bytes(&self) -> u64 {
+        self.buffers().map(|b| 4 * b.len as u64).sum()
     }
 
     /// The A and B buffers of every pair, in `LoraAdapter::pairs` order.

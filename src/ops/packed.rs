@@ -251,6 +251,23 @@ pub fn xwt_few(
 /// block of 8 values from the low codes (columns 0, 2, 4, 6 of the block) and the high ones (1, 3, 5,
 /// 7), so x's blocks of 8 are reordered to match, once per product.
 fn prepare_tokens<'x>(path: CpuPath, w: Rows, xs: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
+    if let Rows::Quant(q) = w
+        && avx512_streams(path, q)
+    {
+        // The AVX-512 kernel's lanes hold, for each 64 columns and j < 4: columns 8j + (0, 2, 4, 6),
+        // 32 + 8j + (0, 2, 4, 6), 8j + (1, 3, 5, 7), 32 + 8j + (1, 3, 5, 7).
+        let mut out = Vec::with_capacity(xs.len());
+        for chunk in xs.chunks_exact(64) {
+            for j in 0..4 {
+                for parity in 0..2 {
+                    for base in [0, 32] {
+                        out.extend((0..4).map(|k| chunk[base + 8 * j + 2 * k + parity]));
+                    }
+                }
+            }
+        }
+        return out.into();
+    }
     if path.includes(CpuPath::Avx2) && matches!(w, Rows::Quant(_)) {
         let mut out = Vec::with_capacity(xs.len());
         for block in xs.chunks_exact(8) {
@@ -260,6 +277,14 @@ fn prepare_tokens<'x>(path: CpuPath, w: Rows, xs: &'x [f32]) -> std::borrow::Cow
         return out.into();
     }
     xs.into()
+}
+
+/// Whether `xwt_few` takes `q`'s rows 64 codes at a time with AVX-512 (groups of 64 or 128; 32 would
+/// split a step between two scales).
+fn avx512_streams(path: CpuPath, q: &QuantTensor) -> bool {
+    cfg!(target_arch = "x86_64")
+        && path.includes(CpuPath::Avx512)
+        && q.spec.group_size.is_multiple_of(64)
 }
 
 /// Calls the instance of a kernel generic over the token count (1-4) that fits `dots`.
@@ -285,6 +310,15 @@ fn row_dots(
     dots: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Rows::Quant(q) = w
+        && avx512_streams(path, q)
+    {
+        // SAFETY: `xwt_few` checked that the CPU supports this path, which includes AVX-512 F and BW;
+        // indices as for AVX2 below.
+        unsafe { for_token_count!(avx512::quant_row_dots, q, row, xs, dots) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if path.includes(CpuPath::Avx2) {
         // SAFETY: `xwt_few` checked that the CPU supports this path, which includes AVX2+FMA+F16C; the
@@ -488,8 +522,8 @@ mod avx2 {
         planes
     }
 
-    const NF4_PLANES: [[u8; 16]; 4] = byte_planes(&super::NF4_CODES);
-    const INT4_PLANES: [[u8; 16]; 4] = byte_planes(&super::INT4_CODES);
+    pub(super) const NF4_PLANES: [[u8; 16]; 4] = byte_planes(&super::NF4_CODES);
+    pub(super) const INT4_PLANES: [[u8; 16]; 4] = byte_planes(&super::INT4_CODES);
 
     /// dots[t] = xs[t]·W[row] for a 4-bit row and T tokens, 32 codes at a time through in-lane byte
     /// lookups (`vpshufb` into the four byte planes of the 16 code values, then byte and word
@@ -559,6 +593,82 @@ mod avx2 {
         }
         for t in 0..T {
             dots[t] = horizontal_sum(total[t]);
+        }
+    }
+}
+
+/// The AVX2 kernel's 4-bit row products at twice its width: decoding one token is bound by the byte
+/// lookups and interleaves that assemble the f32 code values (port 5), not by memory, so 512-bit
+/// registers (64 codes per step) raise the rate (BENCHMARKS.md session 18). Each 128-bit lane works as
+/// in the AVX2 kernel; `prepare_tokens` orders x to match the lanes.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::QuantTensor;
+    use super::avx2::{INT4_PLANES, NF4_PLANES};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quant_row_dots<const T: usize>(
+        q: &QuantTensor,
+        row: usize,
+        xs: &[f32],
+        dots: &mut [f32],
+    ) {
+        let cols = q.cols;
+        assert!(xs.len() >= T * cols && dots.len() >= T && q.spec.group_size.is_multiple_of(64));
+        let int4 = q.spec.format == super::QuantFormat::Int4;
+        let planes = if int4 { &INT4_PLANES } else { &NF4_PLANES }.map(|plane| {
+            // SAFETY: reads the 16 bytes of `plane`.
+            _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(plane.as_ptr() as *const __m128i) })
+        });
+        let low = _mm256_set1_epi8(0x0F);
+        let mut total = [_mm512_setzero_ps(); T];
+        for (gi, c0, words) in q.row_groups_from(row, 0) {
+            let mut acc = [[_mm512_setzero_ps(); 2]; T];
+            let mut x_sum = [_mm512_setzero_ps(); T];
+            for (s, eight) in words.chunks_exact(8).enumerate() {
+                // SAFETY: reads the 32 bytes of `eight`.
+                let bytes = unsafe { _mm256_loadu_si256(eight.as_ptr() as *const __m256i) };
+                // Lanes: the low nibbles of bytes 0-15 (columns 0, 2, .., 30) and of bytes 16-31
+                // (32, .., 62), then the high nibbles of the same (the odd columns).
+                let codes = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
+                    _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low),
+                    1,
+                );
+                let [p0, p1, p2, p3] = planes.map(|plane| _mm512_shuffle_epi8(plane, codes));
+                let (b01_lo, b01_hi) = (_mm512_unpacklo_epi8(p0, p1), _mm512_unpackhi_epi8(p0, p1));
+                let (b23_lo, b23_hi) = (_mm512_unpacklo_epi8(p2, p3), _mm512_unpackhi_epi8(p2, p3));
+                let values = [
+                    _mm512_unpacklo_epi16(b01_lo, b23_lo),
+                    _mm512_unpackhi_epi16(b01_lo, b23_lo),
+                    _mm512_unpacklo_epi16(b01_hi, b23_hi),
+                    _mm512_unpackhi_epi16(b01_hi, b23_hi),
+                ];
+                for (j, v) in values.into_iter().enumerate() {
+                    let v = _mm512_castsi512_ps(v);
+                    for t in 0..T {
+                        // SAFETY: c0 + 64s + 16j + 16 <= cols: inside token t's row of xs.
+                        let x = unsafe {
+                            _mm512_loadu_ps(xs.as_ptr().add(t * cols + c0 + 64 * s + 16 * j))
+                        };
+                        acc[t][j % 2] = _mm512_fmadd_ps(v, x, acc[t][j % 2]);
+                        if int4 {
+                            x_sum[t] = _mm512_add_ps(x_sum[t], x);
+                        }
+                    }
+                }
+            }
+            let scale = _mm512_set1_ps(q.scales[gi]);
+            for t in 0..T {
+                total[t] = _mm512_fmadd_ps(_mm512_add_ps(acc[t][0], acc[t][1]), scale, total[t]);
+                if int4 {
+                    total[t] = _mm512_fmadd_ps(x_sum[t], _mm512_set1_ps(q.mins[gi]), total[t]);
+                }
+            }
+        }
+        for t in 0..T {
+            dots[t] = _mm512_reduce_add_ps(total[t]);
         }
     }
 }

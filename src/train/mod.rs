@@ -572,6 +572,13 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Device memory the GPU executor holds (None on the CPU): `GpuTrainState::device_bytes`.
+    pub fn gpu_bytes(&self) -> Option<u64> {
+        self.gpu
+            .as_ref()
+            .map(|(gpu, state)| state.device_bytes(gpu))
+    }
+
     /// Where the current adapters can generate text: on the GPU with the trainer's device copies when
     /// it trains there (no download needed), else on the CPU with `adapter`. None for image runs.
     pub fn executor(&self) -> Option<crate::generate::Executor<'_>> {
