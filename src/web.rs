@@ -83,7 +83,12 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
                 .get(0)
                 .as_string()
                 .ok_or_else(|| JsError::new("files: each entry is [name, Uint8Array]"))?;
-            let bytes = copy_into_wasm(&js_sys::Uint8Array::new(&pair.get(1)));
+            // A view of the caller's array (`Uint8Array::new` would copy it first).
+            let array = pair
+                .get(1)
+                .dyn_into::<js_sys::Uint8Array>()
+                .map_err(|_| JsError::new(&format!("files: {name} is not a Uint8Array")))?;
+            let bytes = copy_into_wasm(&array);
             // A folder picked in the browser comes with paths: the folder names the model, and files are
             // looked up by name.
             if let Some((folder, _)) = name.split_once('/') {
@@ -164,7 +169,7 @@ fn start_run(
 
 /// Times a training step of one fixed small model (hidden 256, two layers, 96 tokens: about 0.4 GFLOP)
 /// on each executor this browser has, so that `auto` can pick the faster for this machine: resolves to
-/// JSON `{"cpu_seconds": s, "gpu_seconds": s or null}`. Each executor's first step (shader compilation,
+/// JSON `{"cpu_seconds": s, "gpu_seconds": s or null, "gpu_error": why null}`. Each executor's first step (shader compilation,
 /// uploads) is not timed.
 #[wasm_bindgen(js_name = probeExecutors)]
 pub async fn probe_executors() -> Result<String, JsError> {
@@ -190,12 +195,8 @@ pub async fn probe_executors() -> Result<String, JsError> {
         label: "probe".into(),
         run: None,
     };
-    let mut seconds = Vec::new();
-    for gpu in [None, inner.gpu.as_ref()] {
-        if gpu.is_none() && !seconds.is_empty() {
-            seconds.push(None);
-            continue;
-        }
+    // The timed second step of a fresh run on `gpu` (None: the CPU).
+    let time_step = async |gpu: Option<&Arc<Gpu>>| -> Result<f64, JsError> {
         let (mut run, _) = start_run(
             &inner,
             gpu,
@@ -209,9 +210,28 @@ pub async fn probe_executors() -> Result<String, JsError> {
         run.step_async(&mut Evaluated::default())
             .await
             .map_err(js_error)?;
-        seconds.push(Some(start.elapsed().as_secs_f64()));
-    }
-    Ok(serde_json::json!({ "cpu_seconds": seconds[0], "gpu_seconds": seconds[1] }).to_string())
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let cpu_seconds = time_step(None).await?;
+    // A WebGPU device that opens but fails the step leaves the CPU as the answer, with the reason.
+    let (gpu_seconds, gpu_error) = match inner.gpu.as_ref() {
+        None => (None, Some("no WebGPU device could be opened".to_string())),
+        Some(gpu) => match time_step(Some(gpu)).await {
+            Ok(seconds) => (Some(seconds), None),
+            Err(e) => (
+                None,
+                Some(String::from(
+                    js_sys::Error::from(JsValue::from(e)).message(),
+                )),
+            ),
+        },
+    };
+    Ok(serde_json::json!({
+        "cpu_seconds": cpu_seconds,
+        "gpu_seconds": gpu_seconds,
+        "gpu_error": gpu_error,
+    })
+    .to_string())
 }
 
 /// A file's bytes, copied once into wasm memory (a 0.5B model's 1 GB must not be held twice there:

@@ -20,10 +20,12 @@ let total = 0;
 let stepStarted = 0;
 
 // One request to the worker; resolves with its reply (or rejects with its error).
-function request(type, fields = {}, transfer = []) {
+// `started` hears a train request's "started" message (the run's summary), before its steps.
+function request(type, fields = {}, transfer = [], started = null) {
   const id = nextId++;
+  const reply = new Promise((resolve, reject) => pending.set(id, { resolve, reject, started }));
   worker.postMessage({ id, type, ...fields }, transfer);
-  return new Promise((resolve, reject) => pending.set(id, { resolve, reject }));
+  return reply;
 }
 
 worker.onmessage = ({ data }) => {
@@ -36,7 +38,12 @@ worker.onmessage = ({ data }) => {
   if (data.error) waiting.reject(new Error(data.error));
   else waiting.resolve(data);
 };
-worker.onerror = (e) => fail(e.message || "the worker failed to start");
+worker.onerror = (e) => {
+  const error = new Error(e.message || "the worker failed to start");
+  for (const waiting of pending.values()) waiting.reject(error);
+  pending.clear();
+  fail(error, "worker");
+};
 
 // The page's own heartbeat: the gaps between its ticks while training say whether the page stayed
 // responsive (web/test.mjs reads them).
@@ -52,22 +59,48 @@ setInterval(() => {
   lastTick = now;
 }, 20);
 
-function fail(e) {
+// What is running: "load", "train", "ask" or "export" (one at a time), or null.
+let busy = null;
+
+// The buttons and inputs for the page's state: while something runs, only Stop (of a run) can be
+// pressed, and the model cannot be changed under a load or a run.
+function updateButtons() {
+  const idle = busy === null;
+  $("load").disabled = !idle;
+  $("train").disabled = $("ask").disabled = !(idle && state.ready);
+  $("download").disabled = !(idle && state.ready && state.hasRun);
+  $("stop").disabled = busy !== "train" || stopClickedAt !== null;
+  const fixed = busy === "load" || busy === "train";
+  for (const input of [...document.querySelectorAll('input[name="model"]'), $("folder"), $("device")]) input.disabled = fixed;
+}
+
+// Runs one action at a time; its error is shown with what to do next.
+const guard = (name, action) => async () => {
+  if (busy) return;
+  busy = name;
+  updateButtons();
+  try {
+    await action();
+  } catch (e) {
+    fail(e, name);
+  } finally {
+    busy = null;
+    training = false;
+    updateButtons();
+  }
+};
+
+function fail(e, during) {
   state.error = String(e && e.message ? e.message : e);
-  training = false;
-  $("status").textContent = "error: " + state.error + (state.ready ?
-    " (fix it and press Train again)" : " (choose a model and press Load)");
+  const next = during === "load" || !state.ready ? "choose a model and press Load" : "fix it and press Train again";
+  $("status").textContent = `error: ${state.error} (${next})`;
   console.error(state.error);
-  // Whatever failed, the buttons show what can be pressed next.
-  $("stop").disabled = true;
-  $("load").disabled = false;
-  if (state.ready) $("train").disabled = $("ask").disabled = false;
 }
 
 // A model choice that differs from the loaded one: nothing trains until Load.
 function modelChoiceChanged() {
   state.ready = false;
-  $("train").disabled = $("ask").disabled = $("download").disabled = true;
+  updateButtons();
   $("status").textContent = "press Load to load the chosen model";
 }
 
@@ -92,31 +125,48 @@ async function webgpuAdapter() {
   return { name: name || "unnamed adapter", software };
 }
 
-// "auto": the executor that ran the probe's step faster here (kept per adapter across visits).
+// Bump when the executors' speed changes, so that a remembered probe is timed again.
+const PROBE_VERSION = 2;
+
+function rememberedProbe(key) {
+  try {
+    return JSON.parse(localStorage.getItem(key) || "null");
+  } catch {
+    return null;
+  }
+}
+
+// "auto": the executor that ran the probe's step faster here (remembered per adapter).
 async function chooseExecutor() {
   const adapter = await webgpuAdapter();
   state.adapter = adapter;
   if (!adapter) return { device: "cpu", why: "this browser has no WebGPU" };
-  const key = `nibble-probe:${adapter.name}`;
-  let probe = JSON.parse(localStorage.getItem(key) || "null");
+  const key = `nibble-probe-v${PROBE_VERSION}:${adapter.name}`;
+  let probe = rememberedProbe(key);
   if (!probe) {
     $("backend").textContent = "timing a step on WebGPU and on the CPU…";
     probe = (await request("probe")).probe;
-    localStorage.setItem(key, JSON.stringify(probe));
+    // A WebGPU failure may be passing: only complete timings are kept.
+    if (probe.gpu_seconds != null) {
+      try {
+        localStorage.setItem(key, JSON.stringify(probe));
+      } catch {
+        // Storage may be off; the probe then runs at each visit.
+      }
+    }
   }
   state.probe = probe;
-  const times = `probe step: WebGPU ${(probe.gpu_seconds * 1000).toFixed(0)} ms, CPU ${(probe.cpu_seconds * 1000).toFixed(0)} ms`;
+  const cpu = `CPU ${(probe.cpu_seconds * 1000).toFixed(0)} ms`;
   const software = adapter.software ? `; ${adapter.name} is a software renderer (it runs GPU code on the CPU)` : "";
-  return probe.gpu_seconds != null && probe.gpu_seconds < probe.cpu_seconds
-    ? { device: "gpu", why: `faster here (${times})${software}` }
-    : { device: "cpu", why: `faster here (${times})${software}` };
+  if (probe.gpu_seconds == null) return { device: "cpu", why: `WebGPU failed the probe step (${probe.gpu_error}); ${cpu}` };
+  const times = `probe step: WebGPU ${(probe.gpu_seconds * 1000).toFixed(0)} ms, ${cpu}`;
+  return { device: probe.gpu_seconds < probe.cpu_seconds ? "gpu" : "cpu", why: `faster here (${times})${software}` };
 }
 
 async function load() {
   state.ready = false;
   state.error = null;
   $("status").textContent = "";
-  $("train").disabled = $("ask").disabled = $("download").disabled = $("load").disabled = true;
   $("backend").textContent = "loading…";
   const useFolder = document.querySelector('input[name="model"]:checked').value === "folder";
   let device = $("device").value, why = "chosen";
@@ -131,11 +181,11 @@ async function load() {
     `${info.parameters.toLocaleString()} parameters, ${mb(info.weight_bytes)} of weights`;
   // A new model has not been trained yet.
   $("gpu-memory").textContent = "";
-  Object.assign(state, { losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [], finished: false });
+  Object.assign(state, { losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [], finished: false, hasRun: false,
+    gpuBytes: null });
   drawChart();
   state.ready = true;
-  $("load").disabled = false;
-  $("train").disabled = $("ask").disabled = false;
+  $("status").textContent = "loaded: press Train, or Ask to hear it before training";
 }
 
 function describeExecutor(backend, why) {
@@ -221,57 +271,55 @@ function showProgress() {
 
 async function train() {
   state.error = null;
-  $("train").disabled = $("ask").disabled = $("load").disabled = true;
-  $("stop").disabled = false;
-  Object.assign(state, { finished: false, losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [], ticks: 0, slowTicks: 0,
-    maxTickGapMs: 0, stoppedAfterMs: null });
+  state.finished = false;
   stopClickedAt = null;
-  onStep = ({ record, seconds }) => {
-    state.losses.push(record.loss);
-    state.tokensPerS.push(record.tokens_per_s);
-    state.stepSeconds.push(seconds);
-    if (record.eval_loss != null) state.evalLosses.push({ step: record.step, loss: record.eval_loss });
-    if (record.gpu_bytes != null) {
-      state.gpuBytes = record.gpu_bytes;
-      $("gpu-memory").textContent = ` · GPU memory ${mb(record.gpu_bytes)} (weights, adapters, optimizer state, the steps' peak)`;
-    }
-    stepStarted = performance.now();
+  const ended = await request("train", { data: $("data").value, options: options() }, [], ({ summary }) => {
+    // The worker took the data: a new run, with nothing drawn yet.
+    Object.assign(state, { finished: false, hasRun: true, losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [],
+      ticks: 0, slowTicks: 0, maxTickGapMs: 0, stoppedAfterMs: null, stopped: false });
     drawChart();
-  };
-  const run = request("train", { data: $("data").value, options: options() });
-  pending.get(nextId - 1).started = ({ summary }) => {
     total = summary.total_steps;
     stepStarted = performance.now();
     training = true;
-  };
-  const ended = await run;
+  });
   training = false;
   if (stopClickedAt) state.stoppedAfterMs = performance.now() - stopClickedAt;
+  state.stopped = ended.stopped;
   const last = state.losses.length ? ` · final loss ${state.losses.at(-1).toFixed(4)}` : "";
   $("status").textContent = `${ended.stopped ? "stopped" : "done"} after ${ended.steps} steps${last}` +
     (state.evalLosses.length ? ` · validation loss ${state.evalLosses.at(-1).loss.toFixed(4)}` : "") +
     ": ask it something, or download the adapter";
   state.finished = true;
-  $("stop").disabled = true;
-  $("train").disabled = $("ask").disabled = $("download").disabled = $("load").disabled = false;
 }
 
+onStep = ({ record, seconds }) => {
+  state.losses.push(record.loss);
+  state.tokensPerS.push(record.tokens_per_s);
+  state.stepSeconds.push(seconds);
+  if (record.eval_loss != null) state.evalLosses.push({ step: record.step, loss: record.eval_loss });
+  if (record.gpu_bytes != null) {
+    state.gpuBytes = record.gpu_bytes;
+    $("gpu-memory").textContent = ` · GPU memory ${mb(record.gpu_bytes)} (weights, adapters, optimizer state, the steps' peak)`;
+  }
+  stepStarted = performance.now();
+  drawChart();
+};
+
 function stop() {
+  if (busy !== "train" || stopClickedAt) return;
   stopClickedAt = performance.now();
-  $("stop").disabled = true;
   worker.postMessage({ type: "stop" });
+  updateButtons();
   showProgress();
 }
 
 async function ask() {
-  $("ask").disabled = true;
   const prompt = $("prompt").value;
   const { answer, tokens, seconds } = await request("ask", { prompt, maxNew: Number($("answer-tokens").value) });
   const when = state.losses.length ? `after ${state.losses.length} steps` : "before training";
   state.answers.push({ prompt, answer, when, tokens, seconds });
   $("answers").textContent += `[${when}] ${prompt}\n→ ${JSON.stringify(answer)} ` +
     `(${tokens} tokens in ${seconds.toFixed(1)} s with the prompt)\n`;
-  $("ask").disabled = false;
 }
 
 async function download() {
@@ -287,21 +335,18 @@ async function download() {
   }
 }
 
-const guard = (f) => () => f().catch(fail);
-$("load").onclick = guard(load);
-$("train").onclick = guard(train);
+$("load").onclick = guard("load", load);
+$("train").onclick = guard("train", train);
 $("stop").onclick = stop;
-$("ask").onclick = guard(ask);
-$("download").onclick = guard(download);
+$("ask").onclick = guard("ask", ask);
+$("download").onclick = guard("export", download);
 for (const input of document.querySelectorAll('input[name="model"]')) input.onchange = modelChoiceChanged;
 $("folder").onchange = modelChoiceChanged;
 $("device").onchange = modelChoiceChanged;
 
-try {
+await guard("load", async () => {
   const { demoData, demoOptions } = await request("init");
   $("data").value = demoData;
   fillDefaults(demoOptions);
   await load();
-} catch (e) {
-  fail(e);
-}
+})();

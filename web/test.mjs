@@ -68,8 +68,9 @@ try {
   console.log(`executor on load: ${s.executor} (adapter ${JSON.stringify(s.adapter)}, probe ${JSON.stringify(s.probe)})`);
   check(s.adapter && s.adapter.software && /swiftshader/i.test(s.adapter.name), "SwiftShader's WebGPU adapter is found and named software");
   check(s.probe && s.probe.cpu_seconds > 0 && s.probe.gpu_seconds > 0, "auto timed a probe step on both executors");
-  const faster = s.probe.gpu_seconds < s.probe.cpu_seconds ? "webgpu" : "cpu";
-  check(s.backend.startsWith(faster) && s.executor.includes("faster here"), `auto loads on the faster one (${faster})`);
+  // SwiftShader runs GPU code on the CPU: the wasm executor beats it by far (BENCHMARKS.md session 18).
+  check(s.probe.gpu_seconds > s.probe.cpu_seconds && s.backend === "cpu (wasm)" && s.executor.includes("faster here"),
+    "auto loads on the faster one (the CPU, against SwiftShader)");
   await shot("1-loaded");
   const defaults = await page.evaluate(() => ["lora-r", "lora-alpha", "lora-dropout", "lr", "epochs", "schedule"]
     .map((id) => document.getElementById(id).value));
@@ -152,15 +153,20 @@ try {
   await page.fill("#max-steps", "");
   await page.click("#train");
   await page.waitForFunction(() => window.nibble.losses.length >= 2 || window.nibble.error, null, { timeout: 300_000 });
+  const locked = await page.evaluate(() => ["load", "train", "ask", "download", "folder", "device"]
+    .map((id) => document.getElementById(id).disabled));
+  check(locked.every(Boolean) && !(await page.isDisabled("#stop")), "during a run only Stop can be pressed");
   // Halfway into a step.
   await page.waitForTimeout(500 * Math.max(...(await nibble()).stepSeconds));
   await page.click("#stop");
   await shot("6-stopping");
   s = await trained("the stopped run");
-  const stepMs = 1000 * Math.max(...s.stepSeconds);
+  // The first step compiles pipelines: the later ones say how long a step takes.
+  const later = s.stepSeconds.slice(1).sort((a, b) => a - b);
+  const stepMs = 1000 * later[Math.floor(later.length / 2)];
   const stoppedFirst = s.losses[0];
-  console.log(`Stop: the run ended ${s.stoppedAfterMs.toFixed(0)} ms after the click, after ${s.losses.length} steps (longest step ${stepMs.toFixed(0)} ms)`);
-  check(s.losses.length >= 2 && s.stoppedAfterMs < stepMs + 250, "Stop ends the run within the step in flight");
+  console.log(`Stop: the run ended ${s.stoppedAfterMs.toFixed(0)} ms after the click, after ${s.losses.length} steps (median step ${stepMs.toFixed(0)} ms)`);
+  check(s.stopped && s.losses.length >= 2 && s.stoppedAfterMs < stepMs + 250, "Stop ends the run within the step in flight");
   await shot("7-stopped");
 
   // 3. The same folder on the wasm CPU executor: the same first loss.
@@ -204,7 +210,9 @@ try {
   check(big.step_seconds > 1 && s.slowTicks <= s.ticks / 100 && s.maxTickGapMs < 250,
     "the page kept ticking through a step of over a second (99% of ticks within 100 ms, none later than 250 ms)");
   big.wasm_bytes = (await nibble()).wasmBytes;
-  check(big.wasm_bytes < 4 * 2 ** 30, `wasm memory ${(big.wasm_bytes / 1e9).toFixed(2)} GB stays under wasm32's 4 GiB`);
+  // The file (1 GB) is copied into wasm memory once, then the NF4 model is built beside it: two copies
+  // would pass 2.5 GB.
+  check(big.wasm_bytes < 2e9, `wasm memory ${(big.wasm_bytes / 1e9).toFixed(2)} GB: the file was copied in once`);
   await shot("8-qwen05-shaped");
 
   writeFileSync(`${outDir}/result.json`, JSON.stringify({

@@ -17,8 +17,9 @@ rm -rf "$folder"
 big="$here/test-output/qwen2.5-0.5b-shaped"
 rm -rf "$big"
 (cd "$here/.." && cargo run --locked --release --quiet -- synth --preset qwen2.5-0.5b --output "$big")
+log="$here/test-output/generate.log"
 big_answer=$(cd "$here/.." && cargo run --locked --release --quiet -- generate --model "$big" --device cpu \
-  --prompt "What is nibble?" --max-new-tokens 8 2>/dev/null)
+  --prompt "What is nibble?" --max-new-tokens 8 2>"$log") || { cat "$log" >&2; exit 1; }
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 -m http.server "$port" --bind 127.0.0.1 --directory "$here" >/dev/null 2>&1 &
 server=$!

@@ -28,14 +28,18 @@ async function readFiles(files) {
   return Promise.all(files.map(async ([path, file]) => [path, new Uint8Array(await file.arrayBuffer())]));
 }
 
+let running = false;
+
 async function train(id, data, options) {
+  // The run's own session: a Load meanwhile is refused, but the run must not follow one either way.
+  const run = session;
   stopRequested = false;
-  const summary = JSON.parse(session.setData(data, JSON.stringify(options)));
+  const summary = JSON.parse(run.setData(data, JSON.stringify(options)));
   postMessage({ id, type: "started", summary });
   let steps = 0;
-  while (!stopRequested && !session.done()) {
+  while (!stopRequested && !run.done()) {
     const started = performance.now();
-    const record = JSON.parse(await session.step());
+    const record = JSON.parse(await run.step());
     steps += 1;
     postMessage({ type: "step", record, total: summary.total_steps, seconds: (performance.now() - started) / 1000,
       wasmBytes: wasmBytes() });
@@ -49,13 +53,25 @@ const handlers = {
   init: async () => ({ demoData: demoData(), demoOptions: demoOptions() }),
   probe: async () => ({ probe: JSON.parse(await probeExecutors()) }),
   load: async ({ files, device }) => {
-    session?.free();
-    session = null;
-    const opened = await openSession(files ? await readFiles(files) : null, device);
-    session = opened;
-    return { backend: session.backend(), info: JSON.parse(session.describe()) };
+    running = true;
+    try {
+      // The old model goes first: wasm memory never shrinks, so two at once would keep its peak.
+      session?.free();
+      session = null;
+      session = await openSession(files ? await readFiles(files) : null, device);
+      return { backend: session.backend(), info: JSON.parse(session.describe()) };
+    } finally {
+      running = false;
+    }
   },
-  train: async ({ id, data, options }) => train(id, data, options),
+  train: async ({ id, data, options }) => {
+    running = true;
+    try {
+      return await train(id, data, options);
+    } finally {
+      running = false;
+    }
+  },
   ask: async ({ prompt, maxNew }) => JSON.parse(await session.generate(prompt, maxNew)),
   export: async () => {
     const files = await session.exportAdapter();
@@ -74,6 +90,8 @@ onmessage = async ({ data: request }) => {
     const handler = handlers[request.type];
     if (!handler) throw new Error(`unknown request ${request.type}`);
     if (!["init", "probe", "load"].includes(request.type) && !session) throw new Error("load a model first");
+    // One load or run at a time (the page asks so too); a run's Stop comes as its own message.
+    if (running) throw new Error("a load or run is in progress: wait for it, or press Stop");
     const { transfer, ...reply } = await handler(request);
     postMessage({ id: request.id, type: "done", wasmBytes: wasmBytes(), ...reply }, transfer || []);
   } catch (e) {

@@ -597,9 +597,10 @@ mod avx2 {
     }
 }
 
-/// The AVX2 kernel's 4-bit row products at twice its width: decoding one token is bound by the byte
-/// lookups and interleaves that assemble the f32 code values (port 5), not by memory, so 512-bit
-/// registers (64 codes per step) raise the rate (BENCHMARKS.md session 18). Each 128-bit lane works as
+/// The AVX2 kernel's 4-bit row products at twice its width: where the weights come from cache, the
+/// byte lookups and interleaves that assemble the f32 code values (one shuffle port) bound the AVX2
+/// kernel, so 512-bit registers (64 codes per step) raise the rate (BENCHMARKS.md session 18: 5-10% on
+/// decoding a 0.5B model on a CPU with a 480 MiB L3). Each 128-bit lane works as
 /// in the AVX2 kernel; `prepare_tokens` orders x to match the lanes.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
