@@ -85,7 +85,7 @@ const guard = (name, action) => async () => {
     fail(e, name);
   } finally {
     busy = null;
-    training = false;
+    training = state.running = false;
     updateButtons();
   }
 };
@@ -275,14 +275,14 @@ async function train() {
   stopClickedAt = null;
   const ended = await request("train", { data: $("data").value, options: options() }, [], ({ summary }) => {
     // The worker took the data: a new run, with nothing drawn yet.
-    Object.assign(state, { finished: false, hasRun: true, losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [],
+    Object.assign(state, { running: true, finished: false, hasRun: true, losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [],
       ticks: 0, slowTicks: 0, maxTickGapMs: 0, stoppedAfterMs: null, stopped: false });
     drawChart();
     total = summary.total_steps;
     stepStarted = performance.now();
     training = true;
   });
-  training = false;
+  training = state.running = false;
   if (stopClickedAt) state.stoppedAfterMs = performance.now() - stopClickedAt;
   state.stopped = ended.stopped;
   const last = state.losses.length ? ` · final loss ${state.losses.at(-1).toFixed(4)}` : "";

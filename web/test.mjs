@@ -87,7 +87,7 @@ try {
   console.log(`built-in model before training: ${JSON.stringify(await ask())}`);
   let started = Date.now();
   await page.click("#train");
-  await page.waitForFunction(() => window.nibble.losses.length >= 3 || window.nibble.error, null, { timeout: 300_000 });
+  await page.waitForFunction(() => (window.nibble.running && window.nibble.losses.length) >= 3 || window.nibble.error, null, { timeout: 300_000 });
   await shot("2-training");
   s = await trained("training the built-in model");
   const builtin = { steps: s.losses.length, seconds: (Date.now() - started) / 1000, first: s.losses[0], last: s.losses.at(-1) };
@@ -152,7 +152,7 @@ try {
   check(config.peft_type === "LORA" && config.target_modules.length === 7, "the adapter is a PEFT LoRA config");
   await page.fill("#max-steps", "");
   await page.click("#train");
-  await page.waitForFunction(() => window.nibble.losses.length >= 2 || window.nibble.error, null, { timeout: 300_000 });
+  await page.waitForFunction(() => (window.nibble.running && window.nibble.losses.length) >= 2 || window.nibble.error, null, { timeout: 300_000 });
   const locked = await page.evaluate(() => ["load", "train", "ask", "download", "folder", "device"]
     .map((id) => document.getElementById(id).disabled));
   check(locked.every(Boolean) && !(await page.isDisabled("#stop")), "during a run only Stop can be pressed");
