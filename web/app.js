@@ -169,7 +169,7 @@ async function load() {
   $("status").textContent = "";
   $("backend").textContent = "loading…";
   const useFolder = document.querySelector('input[name="model"]:checked').value === "folder";
-  let device = $("device").value, why = "chosen";
+  let device = $("device").value, why = "as chosen under Device";
   if (device === "auto") ({ device, why } = await chooseExecutor());
   $("backend").textContent = "loading…";
   const loaded = await request("load", { files: useFolder ? folderFiles() : null, device });
@@ -180,7 +180,8 @@ async function load() {
   $("model-info").textContent = `${info.model}: ${info.architecture}, ${info.layers} layers, ` +
     `${info.parameters.toLocaleString()} parameters, ${mb(info.weight_bytes)} of weights`;
   // A new model has not been trained yet.
-  $("gpu-memory").textContent = "";
+  $("gpu-memory").textContent = $("adapter").textContent = "";
+  state.model = info.model;
   Object.assign(state, { losses: [], evalLosses: [], tokensPerS: [], stepSeconds: [], finished: false, hasRun: false,
     gpuBytes: null });
   drawChart();
@@ -244,10 +245,12 @@ function drawChart() {
   const tps = state.tokensPerS.at(-1);
   g.fillText(`loss (y) per optimizer step (x) · training (blue)${e.length ? ", validation (orange)" : ""}` +
     ` · ${tps.toFixed(0)} tokens/s`, left + 20, c.height - 4);
-  g.strokeStyle = "#2563eb";
+  g.fillStyle = g.strokeStyle = "#2563eb";
   g.beginPath();
   l.forEach((v, i) => (i ? g.lineTo(x(i + 1), y(v)) : g.moveTo(x(i + 1), y(v))));
   g.stroke();
+  // The latest step as a dot (a single step draws no line).
+  g.fillRect(x(l.length) - 2, y(l.at(-1)) - 2, 5, 5);
   g.fillStyle = g.strokeStyle = "#ea580c";
   g.beginPath();
   e.forEach((p, i) => (i ? g.lineTo(x(p.step), y(p.loss)) : g.moveTo(x(p.step), y(p.loss))));
@@ -316,7 +319,7 @@ function stop() {
 async function ask() {
   const prompt = $("prompt").value;
   const { answer, tokens, seconds } = await request("ask", { prompt, maxNew: Number($("answer-tokens").value) });
-  const when = state.losses.length ? `after ${state.losses.length} steps` : "before training";
+  const when = `${state.model}, ${state.losses.length ? `after ${state.losses.length} steps` : "before training"}`;
   state.answers.push({ prompt, answer, when, tokens, seconds });
   $("answers").textContent += `[${when}] ${prompt}\n→ ${JSON.stringify(answer)} ` +
     `(${tokens} tokens in ${seconds.toFixed(1)} s with the prompt)\n`;
