@@ -70,20 +70,27 @@ pub struct DenseTensor {
 
 impl DenseTensor {
     fn from_raw(dtype: FloatDtype, rows: usize, cols: usize, raw: &[u8]) -> Self {
-        // In parallel: an embedding table is hundreds of megabytes read from the mapped file.
-        let halves = || {
-            raw.par_chunks_exact(2)
-                .with_min_len(1 << 16)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-        };
+        // In parallel: an embedding table is hundreds of megabytes read from the mapped file. Written
+        // into memory advised for huge pages first (the output projection is read once per token).
+        fn halves<T: Send>(raw: &[u8], from_bits: fn(u16) -> T) -> Vec<T> {
+            let mut out = Vec::with_capacity(raw.len() / 2);
+            crate::alloc::advise_huge_pages(out.spare_capacity_mut());
+            out.par_extend(
+                raw.par_chunks_exact(2)
+                    .with_min_len(1 << 16)
+                    .map(move |b| from_bits(u16::from_le_bytes([b[0], b[1]]))),
+            );
+            out
+        }
         let data = match dtype {
             FloatDtype::F32 => {
                 let mut v = vec![0f32; rows * cols];
+                crate::alloc::advise_huge_pages(&v);
                 dtype.convert(raw, &mut v);
                 DenseData::F32(v)
             }
-            FloatDtype::F16 => DenseData::F16(halves().map(f16::from_bits).collect()),
-            FloatDtype::BF16 => DenseData::BF16(halves().map(bf16::from_bits).collect()),
+            FloatDtype::F16 => DenseData::F16(halves(raw, f16::from_bits)),
+            FloatDtype::BF16 => DenseData::BF16(halves(raw, bf16::from_bits)),
         };
         DenseTensor { rows, cols, data }
     }

@@ -190,8 +190,9 @@ fn input_gradient_error(case: &Case, rng: &mut Rng) -> f64 {
 /// times the larger.
 const PRODUCT_TOLERANCE: f64 = 3e-6;
 
-/// Random 4-bit rows (NF4 and INT4 at every group size) and dense f32/f16/bf16 rows of `dense_cols`
-/// (a length that is no multiple of any vector width), each with its values as f32.
+/// Random 4-bit rows (NF4 and INT4 at every group size; `cols` plus one group where the group is
+/// shorter than 128, so that rows end inside a 128-column block) and dense f32/f16/bf16 rows of
+/// `dense_cols` (a length that is no multiple of any vector width), each with its values as f32.
 fn frozen_row_cases(
     rows: usize,
     cols: usize,
@@ -201,6 +202,7 @@ fn frozen_row_cases(
     let mut cases: Vec<(String, Rows<'static>, Vec<f32>)> = Vec::new();
     for format in [QuantFormat::Nf4, QuantFormat::Int4] {
         for group in [32, 64, 128] {
+            let cols = if group < 128 { cols + group } else { cols };
             let q: &'static QuantTensor =
                 Box::leak(Box::new(quantized(format, group, rows, cols, rng)));
             let values: Vec<f32> = (0..rows * cols)

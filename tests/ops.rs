@@ -178,6 +178,38 @@ fn attention_reference_in_segments(
     out
 }
 
+/// Decoding: one query (then two) after a cache of `past` positions, against the f64 attention of the
+/// whole sequence's last rows. The short cache runs the heads on one thread, the long one in parallel.
+#[test]
+fn cached_attention_of_the_newest_tokens_matches_the_reference() {
+    let mut rng = Rng::new(13);
+    for (past, new) in [(37, 1), (300, 1), (37, 2)] {
+        let full = AttentionShape {
+            tokens: past + new,
+            heads: 14,
+            kv_heads: 2,
+            head_dim: 64,
+            causal: true,
+        };
+        let (qw, kw) = (full.heads * full.head_dim, full.kv_heads * full.head_dim);
+        let q = random(full.tokens * qw, 1.0, &mut rng);
+        let (k, v) = (
+            random(full.tokens * kw, 1.0, &mut rng),
+            random(full.tokens * kw, 1.0, &mut rng),
+        );
+        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let want = attention_reference(full, &f64s(&q), &f64s(&k), &f64s(&v));
+        let step = AttentionShape {
+            tokens: new,
+            ..full
+        };
+        let mut out = vec![0f32; new * qw];
+        attention::forward_cached(step, past, &q[past * qw..], &k, &v, None, &mut out);
+        let e = rel_err(&out, &want[past * qw..]);
+        assert!(e < 1e-6, "cached attention, {new} after {past}: {e:e}");
+    }
+}
+
 #[test]
 fn attention_forward_and_backward_match_references() {
     for causal in [true, false] {

@@ -202,19 +202,25 @@ fn forward_after(
         s.kv_heads * s.head_dim,
         s.tokens,
     );
-    // Parallel over heads; each computes its [T, d] output and T log-sum-exps.
-    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.heads)
-        .into_par_iter()
-        .map(|h| {
-            in_parallel_task(|| {
-                let kvh = h / s.group();
-                let mut o = vec![0f32; t_len * d];
-                let mut l = vec![0f32; t_len];
-                let mut scores = Vec::new();
-                for b in Block::all(s, past, segments) {
-                    let (rows, keys) = (b.rows(), b.keys());
-                    scores.clear();
-                    scores.resize(rows * keys, 0.0);
+    // Each head computes its [T, d] output and T log-sum-exps.
+    let head = |h: usize| {
+        in_parallel_task(|| {
+            let kvh = h / s.group();
+            let mut o = vec![0f32; t_len * d];
+            let mut l = vec![0f32; t_len];
+            let mut scores = Vec::new();
+            for b in Block::all(s, past, segments) {
+                let (rows, keys) = (b.rows(), b.keys());
+                scores.clear();
+                scores.resize(rows * keys, 0.0);
+                // One query row (decoding): plain dot products; a GEMM call's setup costs more
+                // than the row's arithmetic.
+                if rows == 1 {
+                    let query = &q[b.t0 * qw + h * d..][..d];
+                    for (j, score) in scores.iter_mut().enumerate() {
+                        *score = s.scale() * dot(query, &k[(b.k0 + j) * kw + kvh * d..][..d]);
+                    }
+                } else {
                     matmul_into(
                         head_rows(q, qw, h, d, b.t0, rows),
                         head_rows_t(k, kw, kvh, d, b.k0, keys),
@@ -224,15 +230,24 @@ fn forward_after(
                         0,
                         false,
                     );
-                    for (i, row) in scores.chunks_mut(keys).enumerate() {
-                        let seen = b.visible(i, (past, s.causal), (segments, key_end));
-                        let max = fastmath::max(&row[seen.clone()]);
-                        let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
-                        row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
-                        row[..seen.start].fill(0.0);
-                        row[seen.end..].fill(0.0);
-                        l[b.t0 + i] = max + sum.ln();
+                }
+                for (i, row) in scores.chunks_mut(keys).enumerate() {
+                    let seen = b.visible(i, (past, s.causal), (segments, key_end));
+                    let max = fastmath::max(&row[seen.clone()]);
+                    let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
+                    row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
+                    row[..seen.start].fill(0.0);
+                    row[seen.end..].fill(0.0);
+                    l[b.t0 + i] = max + sum.ln();
+                }
+                if rows == 1 {
+                    let out = &mut o[b.t0 * d..][..d];
+                    out.fill(0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let value = &v[(b.k0 + j) * kw + kvh * d..][..d];
+                        out.iter_mut().zip(value).for_each(|(o, &x)| *o += p * x);
                     }
+                } else {
                     matmul_into(
                         View::new(&scores, rows, keys),
                         head_rows(v, kw, kvh, d, b.k0, keys),
@@ -243,10 +258,19 @@ fn forward_after(
                         false,
                     );
                 }
-                (o, l)
-            })
+            }
+            (o, l)
         })
-        .collect();
+    };
+    // Parallel over heads, unless the whole product is too small to pay for waking the other threads
+    // (a decoding step's query against a short cache: 14 heads x 100 keys x 64 is 90k multiply-adds,
+    // tens of microseconds).
+    let work = t_len * (past + t_len) * qw;
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = if work < 1 << 18 {
+        (0..s.heads).map(head).collect()
+    } else {
+        (0..s.heads).into_par_iter().map(head).collect()
+    };
     for (h, (o, l)) in per_head.into_iter().enumerate() {
         for t in 0..t_len {
             out[t * qw + h * d..t * qw + (h + 1) * d].copy_from_slice(&o[t * d..(t + 1) * d]);

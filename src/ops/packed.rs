@@ -6,8 +6,8 @@
 //! separate, exactly as dequantization defines them) and looks each code up, so every path decodes
 //! bit-identical weights: portable Rust, AVX2 (`vpermps` looks 8 codes up in the two halves of the
 //! table), NEON (`tbl` looks 4 codes up in the table's 64 bytes). The products differ between paths
-//! only in the order of their sums; AVX2's 4-bit product looks codes up in the format's 16 code values
-//! with `vpshufb` and applies each group's scale to the group's sum.
+//! only in the order of their sums; their 4-bit kernels look codes up in the format's 16 code values
+//! (AVX2 with `vpshufb`, AVX-512 with `vpermps`) and apply each group's scale to the group's sum.
 
 use crate::model::{DenseTensor, LinearWeight};
 use crate::ops::isa::{self, CpuPath};
@@ -230,13 +230,7 @@ pub fn xwt_few(
             .enumerate()
             .for_each_init(Vec::new, |scratch, (task, out)| {
                 let first = start + task * ROWS_PER_TASK;
-                let rows = out.len() / count;
-                for (i, dots) in out.chunks_exact_mut(count).enumerate() {
-                    if i + ahead < rows {
-                        crate::ops::bf16_gemm::prefetch_bytes(row_bytes(w, first + i + ahead));
-                    }
-                    row_dots(path, w, first + i, xs, dots, scratch);
-                }
+                rows_dots(path, w, first, (ahead, start + n), xs, out, scratch);
             });
         for (i, dots) in by_row.chunks_exact(count).enumerate() {
             for (t, &d) in dots.iter().enumerate() {
@@ -247,23 +241,22 @@ pub fn xwt_few(
     }
 }
 
-/// The tokens as the path's kernel for `w` reads them: the AVX2 kernel for 4-bit rows assembles each
-/// block of 8 values from the low codes (columns 0, 2, 4, 6 of the block) and the high ones (1, 3, 5,
-/// 7), so x's blocks of 8 are reordered to match, once per product.
+/// The tokens as the path's kernel for `w` reads them, once per product: the AVX-512 kernel for 4-bit
+/// rows takes a 128-column block's column 8k + j in lane k of its step j (each token padded with
+/// zeros to whole blocks); the AVX2 one assembles each block of 8 values from the low codes (columns 0,
+/// 2, 4, 6 of the block) and the high ones (1, 3, 5, 7).
 fn prepare_tokens<'x>(path: CpuPath, w: Rows, xs: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
+    #[cfg(target_arch = "x86_64")]
     if let Rows::Quant(q) = w
         && avx512_streams(path, q)
     {
-        // The AVX-512 kernel's lanes hold, for each 64 columns and j < 4: columns 8j + (0, 2, 4, 6),
-        // 32 + 8j + (0, 2, 4, 6), 8j + (1, 3, 5, 7), 32 + 8j + (1, 3, 5, 7).
-        let mut out = Vec::with_capacity(xs.len());
-        for chunk in xs.chunks_exact(64) {
-            for j in 0..4 {
-                for parity in 0..2 {
-                    for base in [0, 32] {
-                        out.extend((0..4).map(|k| chunk[base + 8 * j + 2 * k + parity]));
-                    }
-                }
+        let cols = q.cols;
+        let stride = cols.next_multiple_of(QUANT_BLOCK);
+        let mut out = vec![0f32; xs.len() / cols * stride];
+        for (token, laid) in xs.chunks_exact(cols).zip(out.chunks_exact_mut(stride)) {
+            for (c, &v) in token.iter().enumerate() {
+                let block = c / QUANT_BLOCK * QUANT_BLOCK;
+                laid[block + avx512::lane_position(c - block)] = v;
             }
         }
         return out.into();
@@ -279,13 +272,17 @@ fn prepare_tokens<'x>(path: CpuPath, w: Rows, xs: &'x [f32]) -> std::borrow::Cow
     xs.into()
 }
 
-/// Whether `xwt_few` takes `q`'s rows 64 codes at a time with AVX-512 (groups of 64 or 128; 32 would
-/// split a step between two scales).
+/// Whether `xwt_few` takes `q`'s rows through the AVX-512 kernel (groups that tile its 128-column
+/// blocks: every size nibble quantizes to).
 fn avx512_streams(path: CpuPath, q: &QuantTensor) -> bool {
     cfg!(target_arch = "x86_64")
         && path.includes(CpuPath::Avx512)
-        && q.spec.group_size.is_multiple_of(64)
+        && q.spec.group_size.is_power_of_two()
+        && (8..=QUANT_BLOCK).contains(&q.spec.group_size)
 }
+
+/// Columns per block of the AVX-512 kernel for 4-bit rows: 16 lanes of 8 codes.
+const QUANT_BLOCK: usize = 128;
 
 /// Calls the instance of a kernel generic over the token count (1-4) that fits `dots`.
 #[allow(unused_macros)]
@@ -301,6 +298,51 @@ macro_rules! for_token_count {
     }};
 }
 
+/// out[i·count + t] = xs[t]·W[first + i] for the rows of `out` (`count` = xs' 1-4 token rows), asking
+/// for row first + i + ahead (while below `end`; the thread's next task usually holds the following
+/// rows) to be loaded as row i is multiplied.
+fn rows_dots(
+    path: CpuPath,
+    w: Rows,
+    first: usize,
+    (ahead, end): (usize, usize),
+    xs: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let count = xs.len() / prepared_stride(path, w);
+    #[cfg(target_arch = "x86_64")]
+    if let Rows::Quant(q) = w
+        && avx512_streams(path, q)
+    {
+        // SAFETY: `xwt_few` checked that the CPU supports this path, which includes AVX-512 F; xs
+        // is laid out by `prepare_tokens` (whole blocks per token); the rows exist (checked).
+        unsafe {
+            match count {
+                1 => avx512::quant_rows_dots::<1>(q, first, (ahead, end), xs, out),
+                2 => avx512::quant_rows_dots::<2>(q, first, (ahead, end), xs, out),
+                3 => avx512::quant_rows_dots::<3>(q, first, (ahead, end), xs, out),
+                _ => avx512::quant_rows_dots::<4>(q, first, (ahead, end), xs, out),
+            }
+        }
+        return;
+    }
+    for (i, dots) in out.chunks_exact_mut(count).enumerate() {
+        if first + i + ahead < end {
+            crate::ops::bf16_gemm::prefetch_bytes(row_bytes(w, first + i + ahead));
+        }
+        row_dots(path, w, first + i, xs, dots, scratch);
+    }
+}
+
+/// The length of one token's row of `prepare_tokens`' layout.
+fn prepared_stride(path: CpuPath, w: Rows) -> usize {
+    match w {
+        Rows::Quant(q) if avx512_streams(path, q) => q.cols.next_multiple_of(QUANT_BLOCK),
+        _ => w.shape().1,
+    }
+}
+
 /// dots[t] = x[t]·W[row] for the `dots.len()` (1-4) token rows of `xs`.
 fn row_dots(
     path: CpuPath,
@@ -310,15 +352,6 @@ fn row_dots(
     dots: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if let Rows::Quant(q) = w
-        && avx512_streams(path, q)
-    {
-        // SAFETY: `xwt_few` checked that the CPU supports this path, which includes AVX-512 F and BW;
-        // indices as for AVX2 below.
-        unsafe { for_token_count!(avx512::quant_row_dots, q, row, xs, dots) };
-        return;
-    }
     #[cfg(target_arch = "x86_64")]
     if path.includes(CpuPath::Avx2) {
         // SAFETY: `xwt_few` checked that the CPU supports this path, which includes AVX2+FMA+F16C; the
@@ -522,8 +555,8 @@ mod avx2 {
         planes
     }
 
-    pub(super) const NF4_PLANES: [[u8; 16]; 4] = byte_planes(&super::NF4_CODES);
-    pub(super) const INT4_PLANES: [[u8; 16]; 4] = byte_planes(&super::INT4_CODES);
+    const NF4_PLANES: [[u8; 16]; 4] = byte_planes(&super::NF4_CODES);
+    const INT4_PLANES: [[u8; 16]; 4] = byte_planes(&super::INT4_CODES);
 
     /// dots[t] = xs[t]·W[row] for a 4-bit row and T tokens, 32 codes at a time through in-lane byte
     /// lookups (`vpshufb` into the four byte planes of the 16 code values, then byte and word
@@ -597,79 +630,127 @@ mod avx2 {
     }
 }
 
-/// The AVX2 kernel's 4-bit row products at twice its width: where the weights come from cache, the
-/// byte lookups and interleaves that assemble the f32 code values (one shuffle port) bound the AVX2
-/// kernel, so 512-bit registers (64 codes per step) raise the rate (BENCHMARKS.md session 18: 5-10% on
-/// decoding a 0.5B model on a CPU with a 480 MiB L3). Each 128-bit lane works as
-/// in the AVX2 kernel; `prepare_tokens` orders x to match the lanes.
+/// 4-bit row products with AVX-512: the format's 16 code values fill one register, so one `vpermps`
+/// looks up 16 codes (it reads only the low 4 bits of each 32-bit index). Lane k of a 128-column block
+/// holds packed word k (columns 8k..8k + 8); shifting the words right by 4j puts column 8k + j's code
+/// in lane k's low bits, so a block takes one load, 7 shifts and 8 lookups, where byte shuffles need 12
+/// shuffle-port instructions per 64 codes (BENCHMARKS.md session 19). `prepare_tokens` lays each
+/// token's block out to match (j-major), padded with zeros to whole blocks; a row's last, partial
+/// block loads only its words (the other lanes' codes are 0, their x is 0).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::QuantTensor;
-    use super::avx2::{INT4_PLANES, NF4_PLANES};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quant_row_dots<const T: usize>(
+    const BLOCK: usize = super::QUANT_BLOCK;
+
+    /// Where column `c` (< BLOCK) of a block sits in `prepare_tokens`' layout.
+    pub(super) const fn lane_position(c: usize) -> usize {
+        (c % 8) * 16 + c / 8
+    }
+
+    /// out[i·T + t] = xs[t]·W[first + i] for the rows of `out`, asking for row first + i + ahead
+    /// (while below `end`) to be loaded as row i is multiplied. A run of rows per call: a row of 896
+    /// columns is only 7 blocks, so what is set up per call would otherwise cost as much as a row.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quant_rows_dots<const T: usize>(
         q: &QuantTensor,
-        row: usize,
+        first: usize,
+        (ahead, end): (usize, usize),
         xs: &[f32],
-        dots: &mut [f32],
+        out: &mut [f32],
     ) {
-        let cols = q.cols;
-        assert!(xs.len() >= T * cols && dots.len() >= T && q.spec.group_size.is_multiple_of(64));
+        let (cols, g) = (q.cols, q.spec.group_size);
+        let stride = cols.next_multiple_of(BLOCK);
+        assert!(
+            xs.len() >= T * stride
+                && first + out.len() / T <= q.rows
+                && end <= q.rows
+                && g.is_power_of_two()
+                && (8..=BLOCK).contains(&g)
+        );
         let int4 = q.spec.format == super::QuantFormat::Int4;
-        let planes = if int4 { &INT4_PLANES } else { &NF4_PLANES }.map(|plane| {
-            // SAFETY: reads the 16 bytes of `plane`.
-            _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(plane.as_ptr() as *const __m128i) })
-        });
-        let low = _mm256_set1_epi8(0x0F);
-        let mut total = [_mm512_setzero_ps(); T];
-        for (gi, c0, words) in q.row_groups_from(row, 0) {
-            let mut acc = [[_mm512_setzero_ps(); 2]; T];
-            let mut x_sum = [_mm512_setzero_ps(); T];
-            for (s, eight) in words.chunks_exact(8).enumerate() {
-                // SAFETY: reads the 32 bytes of `eight`.
-                let bytes = unsafe { _mm256_loadu_si256(eight.as_ptr() as *const __m256i) };
-                // Lanes: the low nibbles of bytes 0-15 (columns 0, 2, .., 30) and of bytes 16-31
-                // (32, .., 62), then the high nibbles of the same (the odd columns).
-                let codes = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_and_si256(bytes, low)),
-                    _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low),
-                    1,
-                );
-                let [p0, p1, p2, p3] = planes.map(|plane| _mm512_shuffle_epi8(plane, codes));
-                let (b01_lo, b01_hi) = (_mm512_unpacklo_epi8(p0, p1), _mm512_unpackhi_epi8(p0, p1));
-                let (b23_lo, b23_hi) = (_mm512_unpacklo_epi8(p2, p3), _mm512_unpackhi_epi8(p2, p3));
-                let values = [
-                    _mm512_unpacklo_epi16(b01_lo, b23_lo),
-                    _mm512_unpackhi_epi16(b01_lo, b23_lo),
-                    _mm512_unpacklo_epi16(b01_hi, b23_hi),
-                    _mm512_unpackhi_epi16(b01_hi, b23_hi),
-                ];
-                for (j, v) in values.into_iter().enumerate() {
-                    let v = _mm512_castsi512_ps(v);
+        let codes = if int4 {
+            &super::INT4_CODES
+        } else {
+            &super::NF4_CODES
+        };
+        // SAFETY: reads the 16 floats of `codes`.
+        let table = unsafe { _mm512_loadu_ps(codes.as_ptr()) };
+        let g_shift = g.trailing_zeros();
+        let (row_words, groups) = (cols / 8, cols >> g_shift);
+        // Lane k of a block belongs to the block's group 8k / g.
+        let lane_group = _mm512_srlv_epi32(
+            _mm512_set_epi32(
+                120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16, 8, 0,
+            ),
+            _mm512_set1_epi32(g_shift as i32),
+        );
+        let groups_per_block = BLOCK >> g_shift;
+        // Independent sums per token, so that consecutive multiply-adds do not wait on each other.
+        let chains = if T <= 2 { 4 } else { 2 };
+        for (i, dots) in out.chunks_exact_mut(T).enumerate() {
+            let row = first + i;
+            if row + ahead < end {
+                crate::ops::bf16_gemm::prefetch_bytes(bytemuck::cast_slice(
+                    &q.packed[(row + ahead) * row_words..(row + ahead + 1) * row_words],
+                ));
+            }
+            let words = &q.packed[row * row_words..(row + 1) * row_words];
+            let scales = &q.scales[row * groups..(row + 1) * groups];
+            let mins = if int4 {
+                &q.mins[row * groups..(row + 1) * groups]
+            } else {
+                &[][..]
+            };
+            let mut total = [_mm512_setzero_ps(); T];
+            for (b, block) in words.chunks(16).enumerate() {
+                let lanes: __mmask16 = ((1u32 << block.len()) - 1) as u16;
+                // SAFETY: the mask covers only the block's words.
+                let mut idx =
+                    unsafe { _mm512_maskz_loadu_epi32(lanes, block.as_ptr() as *const i32) };
+                let mut acc = [[_mm512_setzero_ps(); 4]; T];
+                let mut x_sum = [_mm512_setzero_ps(); T];
+                for j in 0..8 {
+                    let v = _mm512_permutexvar_ps(idx, table);
+                    idx = _mm512_srli_epi32::<4>(idx);
                     for t in 0..T {
-                        // SAFETY: c0 + 64s + 16j + 16 <= cols: inside token t's row of xs.
+                        // SAFETY: (b + 1)·BLOCK <= stride: inside token t's padded row of xs.
                         let x = unsafe {
-                            _mm512_loadu_ps(xs.as_ptr().add(t * cols + c0 + 64 * s + 16 * j))
+                            _mm512_loadu_ps(xs.as_ptr().add(t * stride + b * BLOCK + 16 * j))
                         };
-                        acc[t][j % 2] = _mm512_fmadd_ps(v, x, acc[t][j % 2]);
+                        acc[t][j % chains] = _mm512_fmadd_ps(v, x, acc[t][j % chains]);
                         if int4 {
                             x_sum[t] = _mm512_add_ps(x_sum[t], x);
                         }
                     }
                 }
-            }
-            let scale = _mm512_set1_ps(q.scales[gi]);
-            for t in 0..T {
-                total[t] = _mm512_fmadd_ps(_mm512_add_ps(acc[t][0], acc[t][1]), scale, total[t]);
-                if int4 {
-                    total[t] = _mm512_fmadd_ps(x_sum[t], _mm512_set1_ps(q.mins[gi]), total[t]);
+                let group = b * groups_per_block;
+                let present: __mmask16 = ((1u32 << ((block.len() * 8) >> g_shift)) - 1) as u16;
+                // SAFETY: the mask covers only this block's groups of the row.
+                let scale = _mm512_permutexvar_ps(lane_group, unsafe {
+                    _mm512_maskz_loadu_ps(present, scales.as_ptr().add(group))
+                });
+                let min = if int4 {
+                    // SAFETY: as for the scales.
+                    _mm512_permutexvar_ps(lane_group, unsafe {
+                        _mm512_maskz_loadu_ps(present, mins.as_ptr().add(group))
+                    })
+                } else {
+                    _mm512_setzero_ps()
+                };
+                for t in 0..T {
+                    let [a0, a1, a2, a3] = acc[t];
+                    let sum = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+                    total[t] = _mm512_fmadd_ps(sum, scale, total[t]);
+                    if int4 {
+                        total[t] = _mm512_fmadd_ps(x_sum[t], min, total[t]);
+                    }
                 }
             }
-        }
-        for t in 0..T {
-            dots[t] = _mm512_reduce_add_ps(total[t]);
+            for t in 0..T {
+                dots[t] = _mm512_reduce_add_ps(total[t]);
+            }
         }
     }
 }
