@@ -142,6 +142,9 @@ fn main() {
     if let Some(dir) = runtime_dir {
         let _ = std::fs::remove_dir(dir);
     }
+    if let Some(report) = nibble::exec::cpu::profile::report() {
+        eprint!("{report}");
+    }
     if let Err(e) = result {
         // An interrupted run exits as a signalled process conventionally does.
         if let Some(nibble::Error::Interrupted(why)) = e.downcast_ref::<nibble::Error>() {

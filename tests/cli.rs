@@ -495,21 +495,27 @@ fn model_and_text() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBu
     (dir, model, data)
 }
 
+/// `nibble eval` of `model` on `data` with `--device device`.
+fn eval_command(model: &Path, data: &Path, device: &str) -> std::process::Command {
+    let mut command = common::nibble_command();
+    command.args([
+        "eval",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "--device",
+        device,
+    ]);
+    command
+}
+
 /// Without XDG_RUNTIME_DIR (ssh, containers), probing for a GPU prints no driver "error:" lines, and a
 /// missing data file names its cause once (issue 19).
 #[test]
 fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
     let (dir, model, data) = model_and_text();
-    let out = common::nibble_command()
-        .args([
-            "eval",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "--device",
-            "auto",
-        ])
+    let out = eval_command(&model, &data, "auto")
         .env_remove("XDG_RUNTIME_DIR")
         .output()
         .unwrap();
@@ -628,4 +634,32 @@ fn data_shows_which_tokens_carry_loss() {
     let text = ok(&["data", s(&data), "--model", s(&model), "--max-length", "8"]);
     assert!(text.contains("cut by --max-length 8"), "{text}");
     assert!(text.contains("between ⟦ and ⟧"), "{text}");
+}
+
+/// NIBBLE_PROFILE=1 reports, at the end, the CPU executor's time per kind of operation: here an eval's
+/// forward, whose products are named by shape; without it, no report.
+#[test]
+fn the_profile_names_each_operation_and_its_calls() {
+    let (_dir, model, data) = model_and_text();
+    let out = eval_command(&model, &data, "cpu")
+        .env("NIBBLE_PROFILE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report = stderr
+        .split_once("CPU executor, time per operation")
+        .unwrap_or_else(|| panic!("no profile in: {stderr}"))
+        .1;
+    let tiny = SynthSpec::tiny(Arch::Qwen2, 259);
+    let (hidden, intermediate) = (tiny.hidden_size, tiny.intermediate_size);
+    let up_proj = format!("Linear {intermediate}x{hidden}");
+    for op in ["Embed", "RmsNorm", "Attention", &up_proj] {
+        assert!(
+            report.contains(&format!("\n  {op} ")),
+            "{op} missing: {report}"
+        );
+    }
+    let quiet = eval_command(&model, &data, "cpu").output().unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("time per operation"));
 }
