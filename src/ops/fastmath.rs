@@ -20,7 +20,7 @@ const OVERFLOW: f32 = 88.722_84;
 /// 2^n for −127 < n < 128, from its bits.
 #[inline(always)]
 fn pow2(n: i32) -> f32 {
-    f32::from_bits(((n + 127) as u32) << 23)
+    f32::from_bits((n.wrapping_add(127) as u32) << 23)
 }
 
 /// e^x. NaN stays NaN; inputs below −87.34 (where e^x is under the smallest normal f32) give 0 and
@@ -29,7 +29,8 @@ fn pow2(n: i32) -> f32 {
 pub fn exp(x: f32) -> f32 {
     // NaN stays NaN through the clamp and flows through to the result.
     let clamped = x.clamp(LOWEST, OVERFLOW);
-    let n = (clamped * LOG2_E + ROUND) - ROUND;
+    let shifted = clamped * LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = (clamped - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.987_569_2e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -43,7 +44,10 @@ pub fn exp(x: f32) -> f32 {
     }
     let y = p * (r * r) + r + 1.0;
     // n reaches 128 near the top of the range, past what one power of two can hold: scale in halves.
-    let n = n as i32;
+    // The integer n is read off `shifted`'s low mantissa bits: `n as i32` (a saturating conversion)
+    // does not vectorise, and left the loops around exp converting one lane at a time (BENCHMARKS.md
+    // session 19). For a NaN x the integer is meaningless and y, hence the result, NaN.
+    let n = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let half = n >> 1;
     let scaled = y * pow2(half) * pow2(n - half);
     if x < LOWEST {
