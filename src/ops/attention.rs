@@ -4,7 +4,7 @@
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::GpuBuffer;
-use crate::ops::fastmath;
+use crate::ops::fastmath::{self, dot};
 use crate::ops::matmul::{View, in_parallel_task, matmul_into};
 use rayon::prelude::*;
 
@@ -32,25 +32,6 @@ impl AttentionShape {
 /// example when several examples are packed into one sequence).
 fn first_key(segments: Option<&[u32]>, t: usize) -> usize {
     segments.map_or(0, |s| s[t] as usize)
-}
-
-/// Σ a·b with eight running sums, which the compiler turns into SIMD (a single running sum must keep
-/// its order and stays scalar).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Query rows per block: a block's scores (QUERY_BLOCK x the keys it sees) are the only score matrix

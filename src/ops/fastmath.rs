@@ -106,6 +106,26 @@ pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
     total
 }
 
+/// a·b with eight running sums, which the compiler keeps in one vector register (a single running sum
+/// must keep its order and stays scalar).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in a8.zip(b8) {
+        for i in 0..8 {
+            partial[i] += a[i] * b[i];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
 /// Runs `f` compiled for the widest vectors the active CPU path has (AVX-512, else AVX2, else baseline
 /// x86-64's SSE2): `f` (a closure the caller marks `#[inline(always)]`) is inlined into a function with those
 /// features enabled, so its loops vectorise 16 or 8 wide instead of 4. Only the vector width changes, not

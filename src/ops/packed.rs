@@ -373,26 +373,8 @@ fn row_dots(
         Rows::Dense(d) => d.row_f32(row, scratch),
     }
     for (t, dot) in dots.iter_mut().enumerate() {
-        *dot = dot_portable(scratch, &xs[t * cols..(t + 1) * cols]);
+        *dot = crate::ops::fastmath::dot(scratch, &xs[t * cols..(t + 1) * cols]);
     }
-}
-
-/// a·b with eight partial sums, so that the compiler can keep them in one vector register.
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut partial = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in a8.zip(b8) {
-        for i in 0..8 {
-            partial[i] += a[i] * b[i];
-        }
-    }
-    partial.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
