@@ -416,3 +416,106 @@ fn training_gives_the_same_losses_on_every_cpu_path() {
         }
     }
 }
+
+/// The 16-bit integer products (`--precision default` on AVX2 CPUs without BF16): every kernel this
+/// CPU runs gives the portable kernel's bits, and those are within the error the design allows of
+/// the f64 product of the defined 4-bit values. An activation is off by at most half a step (its
+/// chunk's largest magnitude over 2^31 / (chunk · 2048), at most 32767) and an NF4 level by at most
+/// 0.5/2048 of the group's scale, so |error| ≤ Σ|w − min|·step/2 + Σ|x|·scale/4096 (+ f32 rounding;
+/// INT4's minimum multiplies exact f32 sums of x).
+/// Activations have a few channels 50 times the rest, as real models' do.
+#[test]
+fn integer_products_give_the_same_bits_on_every_kernel_and_stay_within_their_bound() {
+    use nibble::ops::int16_gemm::{self, Kernel};
+    let kernels = Kernel::available();
+    eprintln!("integer products: kernels {kernels:?}");
+    let mut rng = Rng::new(41);
+    let mut worst_ratio = 0f64;
+    for format in [QuantFormat::Nf4, QuantFormat::Int4] {
+        for group in [32, 64, 128] {
+            // Rows not a multiple of 8 or 16, more than one input-gradient block of rows.
+            let (rows, cols) = (300, 2 * group + 128);
+            let q = quantized(format, group, rows, cols, &mut rng);
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|i| defined_value(&q, i / cols, i % cols))
+                .collect();
+            for tokens in [1, 7, 45, 261] {
+                let mut x = random(tokens * cols, 1.0, &mut rng);
+                for t in 0..tokens {
+                    x[t * cols + 5] *= 50.0;
+                    x[t * cols + cols - 3] *= 50.0;
+                }
+                let a = random(tokens * rows, 1.0, &mut rng);
+                let mut y_ref = vec![0f32; tokens * rows];
+                int16_gemm::xwt(Kernel::Portable, &x, &q, &mut y_ref);
+                let mut dx_ref = random(tokens * cols, 1.0, &mut rng);
+                let before = dx_ref.clone();
+                int16_gemm::aw(Kernel::Portable, &a, &q, &mut dx_ref, true);
+                for &kernel in &kernels[1..] {
+                    let mut y = vec![f32::NAN; tokens * rows];
+                    int16_gemm::xwt(kernel, &x, &q, &mut y);
+                    let mut dx = before.clone();
+                    int16_gemm::aw(kernel, &a, &q, &mut dx, true);
+                    let same = |u: &[f32], v: &[f32]| {
+                        u.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits())
+                    };
+                    assert!(same(&y, &y_ref), "{kernel:?} {format} g{group} {tokens}: forward");
+                    assert!(same(&dx, &dx_ref), "{kernel:?} {format} g{group} {tokens}: input gradient");
+                }
+                let top = |len: usize| ((((1i64 << 31) - 1) / (len as i64 * 2048)).min(32767)) as f64;
+                let groups = cols / group;
+                let level_error = match format {
+                    QuantFormat::Nf4 => 0.5 / 2048.0,
+                    QuantFormat::Int4 => 0.0,
+                };
+                for t in 0..tokens {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let steps: Vec<f64> = xt
+                        .chunks(group)
+                        .map(|c| c.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) / top(group))
+                        .collect();
+                    for r in 0..rows {
+                        let (mut want, mut bound, mut size) = (0f64, 0f64, 0f64);
+                        for c in 0..cols {
+                            let (xv, wv) = (xt[c] as f64, values[r * cols + c] as f64);
+                            let gi = r * groups + c / group;
+                            let scale = q.scales[gi].abs() as f64;
+                            // INT4's integer part is code·scale; its minimum multiplies exact sums.
+                            let integer_part = match format {
+                                QuantFormat::Nf4 => wv,
+                                QuantFormat::Int4 => wv - q.mins[gi] as f64,
+                            };
+                            want += xv * wv;
+                            size += (xv * wv).abs();
+                            bound += integer_part.abs() * steps[c / group] / 2.0
+                                + xv.abs() * scale * level_error;
+                        }
+                        let err = (y_ref[t * rows + r] as f64 - want).abs();
+                        let allowed = bound + 1e-6 * size;
+                        assert!(err <= allowed, "{format} g{group} {tokens} ({t}, {r}): {err:e} > {allowed:e}");
+                        worst_ratio = worst_ratio.max(err / size);
+                    }
+                    // The input gradient: the group scale is folded into a, quantized per 64 rows.
+                    let at = &a[t * rows..(t + 1) * rows];
+                    for c in 0..cols {
+                        let (mut want, mut size) = (0f64, 0f64);
+                        for (o, &ao) in at.iter().enumerate() {
+                            let p = ao as f64 * values[o * cols + c] as f64;
+                            want += p;
+                            size += p.abs();
+                        }
+                        let at_dx = t * cols + c;
+                        let err = (dx_ref[at_dx] as f64 - before[at_dx] as f64 - want).abs();
+                        // Measured below 1.5e-4 of Σ|a·w| (NF4's level rounding and a's steps).
+                        assert!(
+                            err <= 2e-3 * size,
+                            "{format} g{group} {tokens} dx ({t}, {c}): {err:e} of {size:e}"
+                        );
+                        worst_ratio = worst_ratio.max(err / size);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("integer products: worst error {worst_ratio:e} of Σ|x·w|");
+}

@@ -29,7 +29,8 @@ enum Hidden<'a> {
 impl<'a> Hidden<'a> {
     fn new(hidden: &'a [f32], positions: usize, dim: usize, precision: Precision) -> Self {
         match precision {
-            Precision::F32 => Hidden::F32 {
+            // The head is dense: the integer products are for 4-bit rows.
+            Precision::F32 | Precision::Int16 => Hidden::F32 {
                 hidden,
                 chunk: DenseTensor {
                     rows: 0,

@@ -3,7 +3,7 @@
 //!
 //! Every kernel with vector code has a portable version, and each faster path must give the same
 //! results (bit for bit where the order of operations is the same, within stated tolerances where it
-//! is not). `NIBBLE_CPU_FEATURES=portable|avx2|avx512|avx512bf16|neon|neonbf16` makes the whole process take a
+//! is not). `NIBBLE_CPU_FEATURES=portable|avx2|avx2vnni|avx512|avx512bf16|neon|neonbf16` makes the whole process take a
 //! lower path than the best one its CPU has, so that every path runs on any machine that can execute it;
 //! the kernel tests run each available path explicitly.
 
@@ -20,6 +20,10 @@ pub enum CpuPath {
     Portable,
     /// x86-64 with AVX2, FMA and F16C (Intel since Haswell, AMD since Zen).
     Avx2,
+    /// AVX2 with AVX-VNNI's 16-bit dot products (Intel Core since Alder Lake, which have no AVX-512):
+    /// the integer products of `--precision default` (int16_gemm.rs) at twice the rate of plain AVX2.
+    /// The AVX-512 paths do not imply it; they use AVX512-VNNI where the CPU has it.
+    Avx2Vnni,
     /// AVX2 and AVX-512 F and BW: the elementwise loops run 16 wide.
     Avx512,
     /// AVX-512 with BF16 dot products: the bf16 products of `--precision default`.
@@ -32,9 +36,10 @@ pub enum CpuPath {
 }
 
 impl CpuPath {
-    pub const ALL: [CpuPath; 6] = [
+    pub const ALL: [CpuPath; 7] = [
         CpuPath::Portable,
         CpuPath::Avx2,
+        CpuPath::Avx2Vnni,
         CpuPath::Avx512,
         CpuPath::Avx512Bf16,
         CpuPath::Neon,
@@ -45,6 +50,7 @@ impl CpuPath {
         match self {
             CpuPath::Portable => "portable",
             CpuPath::Avx2 => "avx2",
+            CpuPath::Avx2Vnni => "avx2vnni",
             CpuPath::Avx512 => "avx512",
             CpuPath::Avx512Bf16 => "avx512bf16",
             CpuPath::Neon => "neon",
@@ -62,7 +68,9 @@ impl CpuPath {
     pub fn supported(self) -> Result<(), String> {
         match self {
             CpuPath::Portable => Ok(()),
-            CpuPath::Avx2 | CpuPath::Avx512 | CpuPath::Avx512Bf16 => x86_lacks(self),
+            CpuPath::Avx2 | CpuPath::Avx2Vnni | CpuPath::Avx512 | CpuPath::Avx512Bf16 => {
+                x86_lacks(self)
+            }
             CpuPath::Neon | CpuPath::NeonBf16 => arm_lacks(self),
         }
     }
@@ -72,10 +80,12 @@ impl CpuPath {
     }
 
     /// Whether kernels written for `path` may run on this path (an AVX-512 path also runs the AVX2
-    /// kernels, NeonBf16 the NEON ones; paths of other architectures never).
+    /// kernels, NeonBf16 the NEON ones; paths of other architectures never). Only Avx2Vnni itself runs
+    /// the AVX-VNNI kernels: an AVX-512 CPU may lack them (`int16_gemm` asks the CPU there).
     pub fn includes(self, path: CpuPath) -> bool {
         match (self, path) {
             (_, CpuPath::Portable) => true,
+            (have, CpuPath::Avx2Vnni) => have == CpuPath::Avx2Vnni,
             (have, want) if have.is_arm() != want.is_arm() => false,
             (have, want) => have >= want,
         }
@@ -95,6 +105,9 @@ fn x86_lacks(path: CpuPath) -> Result<(), String> {
         ("fma", is_x86_feature_detected!("fma")),
         ("f16c", is_x86_feature_detected!("f16c")),
     ];
+    if path == CpuPath::Avx2Vnni {
+        needs.push(("avxvnni", is_x86_feature_detected!("avxvnni")));
+    }
     if path >= CpuPath::Avx512 {
         needs.push(("avx512f", is_x86_feature_detected!("avx512f")));
         needs.push(("avx512bw", is_x86_feature_detected!("avx512bw")));

@@ -8,7 +8,7 @@ use crate::gpu::weights::{GpuLinear, LinearBlock};
 use crate::model::LinearWeight;
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
-use crate::ops::{isa, packed, packed_gemm};
+use crate::ops::{int16_gemm, isa, packed, packed_gemm};
 use rayon::prelude::*;
 
 impl LinearWeight {
@@ -41,6 +41,8 @@ pub enum Route {
     Blocks,
     /// The bf16 kernels (`--precision default` where the CPU has BF16 dot products).
     Bf16,
+    /// The 16-bit integer kernels (`--precision default` on other x86 CPUs with AVX2), 4-bit rows only.
+    Int16,
 }
 
 /// The one place that routes a frozen product of `tokens` tokens at `precision`: the bf16 kernels only
@@ -49,6 +51,8 @@ pub enum Route {
 pub fn route(tokens: usize, precision: Precision) -> Route {
     if precision == Precision::Bf16 && tokens >= BF16_MIN_TOKENS {
         Route::Bf16
+    } else if precision == Precision::Int16 && tokens >= BF16_MIN_TOKENS {
+        Route::Int16
     } else if tokens <= packed::STREAM_MAX_TOKENS {
         Route::Stream
     } else {
@@ -85,6 +89,10 @@ pub fn forward_packed(
     match route(tokens, precision) {
         Route::Stream => packed::xwt_few(path, x, w.into(), 0, out, y, out, 0, false),
         Route::Blocks => packed_gemm::xwt(path, x, w.into(), 0, out, y, out, 0, false),
+        Route::Int16 => match w {
+            LinearWeight::Quant(q) => int16_gemm::xwt(int16_gemm::Kernel::for_path(path), x, q, y),
+            LinearWeight::Dense(_) => packed_gemm::xwt(path, x, w.into(), 0, out, y, out, 0, false),
+        },
         Route::Bf16 => {
             let px = packed.expect("bf16 products need the input packed by pack_input");
             bf16_gemm::matmul_xwt(px, w, 0, out, y, out, 0, false);
@@ -107,14 +115,16 @@ pub fn backward_input(
     let (out, inp) = w.shape();
     let tokens = dy.len() / out;
     assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
-    match precision {
-        Precision::Bf16 => {
+    let path = isa::active();
+    match (precision, w) {
+        (Precision::Bf16, _) => {
             let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, out);
             bf16_gemm::matmul_aw(&packed, w, 0, dx, inp, 0, accumulate);
         }
-        Precision::F32 => {
-            packed_gemm::aw(isa::active(), dy, out, 0, w.into(), 0, out, dx, accumulate)
+        (Precision::Int16, LinearWeight::Quant(q)) if tokens >= BF16_MIN_TOKENS => {
+            int16_gemm::aw(int16_gemm::Kernel::for_path(path), dy, q, dx, accumulate)
         }
+        _ => packed_gemm::aw(path, dy, out, 0, w.into(), 0, out, dx, accumulate),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod fastmath;
 pub mod glu;
+pub mod int16_gemm;
 pub mod isa;
 pub mod linear;
 pub mod matmul;
@@ -74,6 +75,9 @@ pub enum Precision {
     F32,
     /// Operands rounded to bf16, products accumulated in f32 (AVX512-BF16 CPUs).
     Bf16,
+    /// The frozen 4-bit products in 16-bit integers (int16_gemm.rs; x86 CPUs with AVX2 and without
+    /// BF16); everything else in f32.
+    Int16,
 }
 
 impl Precision {
@@ -81,6 +85,8 @@ impl Precision {
     pub fn fastest() -> Self {
         if bf16_gemm::available() {
             Precision::Bf16
+        } else if int16_gemm::preferred(isa::active()) {
+            Precision::Int16
         } else {
             Precision::F32
         }

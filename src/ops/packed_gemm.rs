@@ -673,7 +673,7 @@ pub fn aw(
 }
 
 /// A row-major matrix (rows `stride` floats apart) whose parallel tasks each own a range of columns.
-struct ColumnRanges<'a> {
+pub(crate) struct ColumnRanges<'a> {
     ptr: *mut f32,
     len: usize,
     stride: usize,
@@ -687,7 +687,7 @@ unsafe impl Send for ColumnRanges<'_> {}
 unsafe impl Sync for ColumnRanges<'_> {}
 
 impl<'a> ColumnRanges<'a> {
-    fn new(m: &'a mut [f32], stride: usize) -> Self {
+    pub(crate) fn new(m: &'a mut [f32], stride: usize) -> Self {
         ColumnRanges {
             ptr: m.as_mut_ptr(),
             len: m.len(),
@@ -701,7 +701,7 @@ impl<'a> ColumnRanges<'a> {
     /// # Safety
     /// While the slice lives, no other call reaches any of its elements.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, r: usize, first_col: usize, width: usize) -> &mut [f32] {
+    pub(crate) unsafe fn row(&self, r: usize, first_col: usize, width: usize) -> &mut [f32] {
         let at = r * self.stride + first_col;
         assert!(
             first_col + width <= self.stride && at + width <= self.len,

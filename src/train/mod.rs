@@ -150,6 +150,7 @@ impl TrainConfig {
         let precision = match self.precision {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Int16 => "int16",
         };
         format!(
             "LoRA r {} alpha {} dropout {}{} on {}; lr {} ({} schedule, {warmup}), {} epoch(s){steps}; \
