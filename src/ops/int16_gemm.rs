@@ -89,6 +89,7 @@ impl Kernel {
 
     /// Every kernel this CPU runs (for tests).
     pub fn available() -> Vec<Kernel> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut all = vec![Kernel::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -141,39 +142,98 @@ impl Quantized {
         self.row_pairs / self.chunk_pairs
     }
 
-    fn clear(&mut self, row_pairs: usize, chunk_pairs: usize) {
-        self.pairs.clear();
-        self.steps.clear();
-        self.sums.clear();
-        self.row_pairs = row_pairs;
-        self.chunk_pairs = chunk_pairs;
-    }
-
-    /// Appends one row of 2·row_pairs `values`, each chunk scaled to the integers' range: pair i holds
-    /// values (i, i + 1) in `Order::Adjacent`, and in `Order::Words` (8w + c, 8w + c + 4) for i = 4w + c.
-    fn push_row(&mut self, kernel: Kernel, values: &[f32], order: Order, sums: bool) {
+    /// Appends one row of 2·row_pairs values (`row`), each chunk scaled to the integers' range: pair i
+    /// holds values (i, i + 1) in `Order::Adjacent`, and in `Order::Words` (8w + c, 8w + c + 4) for
+    /// i = 4w + c.
+    fn push_row(&mut self, kernel: Kernel, row: RowValues, order: Order, sums: bool) {
         let chunk_len = 2 * self.chunk_pairs;
-        assert!(values.len() == 2 * self.row_pairs && chunk_len.is_multiple_of(8));
+        assert!(row.values.len() <= 2 * self.row_pairs && chunk_len.is_multiple_of(8));
+        assert!(row.multipliers.is_none_or(|m| m.len() >= row.values.len()));
         let top = activation_max(chunk_len);
         let (pairs_at, steps_at) = (self.pairs.len(), self.steps.len());
         self.pairs.resize(pairs_at + self.row_pairs, 0);
-        self.steps.resize(steps_at + self.row_pairs / self.chunk_pairs, 0.0);
+        self.steps
+            .resize(steps_at + self.row_pairs / self.chunk_pairs, 0.0);
         let (pairs, steps) = (&mut self.pairs[pairs_at..], &mut self.steps[steps_at..]);
         #[cfg(target_arch = "x86_64")]
         if kernel != Kernel::Portable {
             // SAFETY: as in decode_forward_strip.
-            unsafe { x86::quantize_row(values, chunk_len, top, order, pairs, steps) };
+            unsafe { x86::quantize_row(row, chunk_len, top, order, pairs, steps) };
         } else {
-            quantize_row(values, chunk_len, top, order, pairs, steps);
+            quantize_row(row, chunk_len, top, order, pairs, steps);
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = kernel;
-            quantize_row(values, chunk_len, top, order, pairs, steps);
+            quantize_row(row, chunk_len, top, order, pairs, steps);
         }
         if sums {
-            self.sums
-                .extend(values.chunks_exact(chunk_len).map(|c| c.iter().sum::<f32>()));
+            assert!(row.multipliers.is_none() && row.values.len() == 2 * self.row_pairs);
+            self.sums.extend(
+                row.values
+                    .chunks_exact(chunk_len)
+                    .map(|c| c.iter().sum::<f32>()),
+            );
+        }
+    }
+}
+
+/// A row to quantize: values[i] (times multipliers[i] when given), and zeros past the values.
+#[derive(Clone, Copy)]
+struct RowValues<'a> {
+    values: &'a [f32],
+    multipliers: Option<&'a [f32]>,
+}
+
+impl RowValues<'_> {
+    fn get(&self, i: usize) -> f32 {
+        match (self.values.get(i), self.multipliers) {
+            (None, _) => 0.0,
+            (Some(&v), None) => v,
+            (Some(&v), Some(m)) => v * m[i],
+        }
+    }
+}
+
+/// Some of the pairs of every row of a `Quantized`: what the kernels read.
+#[derive(Clone, Copy)]
+struct Tokens<'a> {
+    /// Token t's pair p at `pairs[t * pair_stride + p]`, p < row_pairs.
+    pairs: &'a [i32],
+    /// Token t's chunk c at `steps[t * chunk_stride + c]` (and `sums`, when not empty).
+    steps: &'a [f32],
+    sums: &'a [f32],
+    tokens: usize,
+    pair_stride: usize,
+    chunk_stride: usize,
+    row_pairs: usize,
+    chunk_pairs: usize,
+}
+
+impl Tokens<'_> {
+    fn chunks(&self) -> usize {
+        self.row_pairs / self.chunk_pairs
+    }
+}
+
+impl Quantized {
+    /// Pairs first_pair..first_pair + row_pairs (whole chunks) of every row.
+    fn view(&self, first_pair: usize, row_pairs: usize) -> Tokens<'_> {
+        let cp = self.chunk_pairs;
+        assert!(first_pair.is_multiple_of(cp) && row_pairs.is_multiple_of(cp));
+        assert!(first_pair + row_pairs <= self.row_pairs);
+        let chunks = self.chunks();
+        let tokens = self.steps.len() / chunks.max(1);
+        let first_chunk = first_pair / cp;
+        Tokens {
+            pairs: &self.pairs[first_pair.min(self.pairs.len())..],
+            steps: &self.steps[first_chunk.min(self.steps.len())..],
+            sums: &self.sums[first_chunk.min(self.sums.len())..],
+            tokens,
+            pair_stride: self.row_pairs,
+            chunk_stride: chunks,
+            row_pairs,
+            chunk_pairs: cp,
         }
     }
 }
@@ -187,22 +247,27 @@ fn step_and_inverse(largest: f32, top: f32) -> (f32, f32) {
     }
 }
 
-/// Each chunk of `values` as pairs of round(v / step) (half to even, as the vector conversion
+/// Each chunk of the row as pairs of round(v / step) (half to even, as the vector conversion
 /// rounds), and its step.
 fn quantize_row(
-    values: &[f32],
+    row: RowValues,
     chunk_len: usize,
     top: f32,
     order: Order,
     pairs: &mut [i32],
     steps: &mut [f32],
 ) {
-    for ((chunk, out), step) in values
-        .chunks_exact(chunk_len)
-        .zip(pairs.chunks_exact_mut(chunk_len / 2))
+    for (c, (out, step)) in pairs
+        .chunks_exact_mut(chunk_len / 2)
         .zip(steps.iter_mut())
+        .enumerate()
     {
-        let (s, inverse) = step_and_inverse(largest_magnitude(chunk), top);
+        let value = |i: usize| row.get(c * chunk_len + i);
+        let largest = (0..chunk_len)
+            .map(|i| value(i).abs().to_bits())
+            .max()
+            .unwrap_or(0);
+        let (s, inverse) = step_and_inverse(f32::from_bits(largest), top);
         *step = s;
         let q = |v: f32| (v * inverse).round_ties_even().clamp(-top, top) as i16;
         for (i, o) in out.iter_mut().enumerate() {
@@ -210,15 +275,9 @@ fn quantize_row(
                 Order::Adjacent => (2 * i, 2 * i + 1),
                 Order::Words => (8 * (i / 4) + i % 4, 8 * (i / 4) + i % 4 + 4),
             };
-            *o = pair(q(chunk[lo]), q(chunk[hi]));
+            *o = pair(q(value(lo)), q(value(hi)));
         }
     }
-}
-
-/// max |v|, by comparing the magnitudes' bits as integers (the same order for every non-NaN float),
-/// which vectorises where `f32::max` does not.
-fn largest_magnitude(values: &[f32]) -> f32 {
-    f32::from_bits(values.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0))
 }
 
 /// Which two values a 32-bit pair holds.
@@ -265,7 +324,9 @@ fn forward_panel(kernel: Kernel, q: &QuantTensor, first: usize, count: usize, pa
     panel.pairs.resize(strips * words * 4 * 8, 0);
     panel.scales.resize(strips * groups * 8, 0.0);
     let int4 = q.spec.format == QuantFormat::Int4;
-    panel.mins.resize(if int4 { strips * groups * 8 } else { 0 }, 0.0);
+    panel
+        .mins
+        .resize(if int4 { strips * groups * 8 } else { 0 }, 0.0);
     for s in 0..strips {
         let row = |j: usize| first + (8 * s + j).min(count - 1);
         let out = &mut panel.pairs[s * words * 32..(s + 1) * words * 32];
@@ -309,9 +370,15 @@ fn decode_forward_strip(
     }
 }
 
-/// The input-gradient panel of rows first..first + count (pairs of rows; rows past `count` read as
-/// row `first`, whose folded activations there are 0) for columns first_col.. in `strips` strips of
-/// eight.
+/// round(a · m / 2^15) as `vpmulhrsw` computes it.
+fn mulhrs(a: i16, m: i16) -> i16 {
+    ((a as i32 * m as i32 + 0x4000) >> 15) as i16
+}
+
+/// The input-gradient panel of rows first..first + count for columns first_col.. (one group) in
+/// `strips` strips of eight: pair p of a lane holds rows 2p and 2p + 1 of its column, each level
+/// times its row's `multipliers` entry / 2^15 (the row's scale relative to its chunk's largest);
+/// rows past `count` are 0.
 #[allow(clippy::too_many_arguments)]
 fn backward_panel(
     kernel: Kernel,
@@ -322,13 +389,25 @@ fn backward_panel(
     row_pairs: usize,
     first_col: usize,
     strips: usize,
+    multipliers: &[i16],
     out: &mut Vec<i32>,
 ) {
-    assert!(first + count <= q.rows && first_col / 8 + strips <= q.cols / 8 && 2 * row_pairs >= count);
+    assert!(
+        first + count <= q.rows && first_col / 8 + strips <= q.cols / 8 && 2 * row_pairs >= count
+    );
+    assert!(multipliers.len() >= count);
     out.resize(strips * row_pairs * 8, 0);
     let words = |p: usize, s: usize| {
-        let row = |i: usize| first + if i < count { i } else { 0 };
-        (word(q, row(2 * p), first_col / 8 + s), word(q, row(2 * p + 1), first_col / 8 + s))
+        let row = |i: usize| {
+            if i < count {
+                (first + i, multipliers[i])
+            } else {
+                (first, 0)
+            }
+        };
+        let ((lo, m_lo), (hi, m_hi)) = (row(2 * p), row(2 * p + 1));
+        let w = first_col / 8 + s;
+        (word(q, lo, w), word(q, hi, w), pair(m_lo, m_hi))
     };
     #[cfg(target_arch = "x86_64")]
     if kernel != Kernel::Portable {
@@ -339,10 +418,12 @@ fn backward_panel(
     let _ = kernel;
     for s in 0..strips {
         for p in 0..row_pairs {
-            let (lo, hi) = words(p, s);
+            let (lo, hi, m) = words(p, s);
+            let (m_lo, m_hi) = (m as i16, (m >> 16) as i16);
             for j in 0..8 {
-                let codes = ((lo >> (4 * j)) & 15) | (((hi >> (4 * j)) & 15) << 16);
-                out[(s * row_pairs + p) * 8 + j] = level_pair(table, codes);
+                let level = |w: u32| table[((w >> (4 * j)) & 15) as usize];
+                let pairs = pair(mulhrs(level(lo), m_lo), mulhrs(level(hi), m_hi));
+                out[(s * row_pairs + p) * 8 + j] = pairs;
             }
         }
     }
@@ -350,7 +431,7 @@ fn backward_panel(
 
 /// out[t][8s + j] = Σ_chunks (step[t, c] · scale[s, c, j]) · Σ_{pairs of c} x·w (+ sum[t, c] ·
 /// min[s, c, j]), for every token of `x` and strip of `panel`; out rows `out_stride` apart.
-fn run(kernel: Kernel, x: &Quantized, panel: &Panel, out: &mut [f32], out_stride: usize) {
+fn run(kernel: Kernel, x: Tokens, panel: &Panel, out: &mut [f32], out_stride: usize) {
     match kernel {
         // SAFETY (each x86 arm): Kernel::for_path and Kernel::available choose a kernel only where the
         // CPU has its instructions.
@@ -431,15 +512,18 @@ impl Pairs for Portable {
 /// The CPU runs P.
 #[inline(always)]
 unsafe fn run_tiles<P: Pairs, const TM: usize>(
-    x: &Quantized,
+    x: Tokens,
     panel: &Panel,
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let tokens = x.steps.len() / x.chunks().max(1);
+    let tokens = x.tokens;
     let kp = x.row_pairs;
-    assert!(x.pairs.len() == tokens * kp && panel.pairs.len() == panel.strips * kp * 8);
-    assert!(panel.scales.len() == panel.strips * x.chunks() * 8);
+    let chunks = x.chunks();
+    assert!(tokens == 0 || x.pairs.len() >= (tokens - 1) * x.pair_stride + kp);
+    assert!(tokens == 0 || x.steps.len() >= (tokens - 1) * x.chunk_stride + chunks);
+    assert!(panel.pairs.len() == panel.strips * kp * 8);
+    assert!(panel.scales.len() == panel.strips * chunks * 8);
     assert!(tokens == 0 || out.len() >= (tokens - 1) * out_stride + panel.strips * 8);
     let int4 = !panel.mins.is_empty();
     assert!(!int4 || (x.sums.len() == x.steps.len() && panel.mins.len() == panel.scales.len()));
@@ -451,16 +535,16 @@ unsafe fn run_tiles<P: Pairs, const TM: usize>(
             // SAFETY: tokens t0..t0 + tm and strips s0..s0 + 1 (+1 when `two`) exist (asserted).
             unsafe {
                 match (tm == TM, two) {
-                    (true, true) => tile::<P, TM, 2>(x, panel, t0, s0, out, out_stride),
-                    (true, false) => tile::<P, TM, 1>(x, panel, t0, s0, out, out_stride),
+                    (true, true) => tile::<P, TM, 2>(&x, panel, t0, s0, out, out_stride),
+                    (true, false) => tile::<P, TM, 1>(&x, panel, t0, s0, out, out_stride),
                     (false, true) => {
                         for t in t0..t0 + tm {
-                            tile::<P, 1, 2>(x, panel, t, s0, out, out_stride)
+                            tile::<P, 1, 2>(&x, panel, t, s0, out, out_stride)
                         }
                     }
                     (false, false) => {
                         for t in t0..t0 + tm {
-                            tile::<P, 1, 1>(x, panel, t, s0, out, out_stride)
+                            tile::<P, 1, 1>(&x, panel, t, s0, out, out_stride)
                         }
                     }
                 }
@@ -475,7 +559,7 @@ unsafe fn run_tiles<P: Pairs, const TM: usize>(
 /// The CPU runs P; the tokens and strips exist; out reaches them.
 #[inline(always)]
 unsafe fn tile<P: Pairs, const TM: usize, const TS: usize>(
-    x: &Quantized,
+    x: &Tokens,
     panel: &Panel,
     t0: usize,
     s0: usize,
@@ -487,7 +571,7 @@ unsafe fn tile<P: Pairs, const TM: usize, const TS: usize>(
     let chunks = x.chunks();
     let int4 = !panel.mins.is_empty();
     unsafe {
-        let xp = x.pairs.as_ptr().add(t0 * kp);
+        let xp = x.pairs.as_ptr().add(t0 * x.pair_stride);
         let wp = panel.pairs.as_ptr().add(s0 * kp * 8);
         let op = out.as_mut_ptr().add(t0 * out_stride + s0 * 8);
         for c in 0..chunks {
@@ -495,7 +579,7 @@ unsafe fn tile<P: Pairs, const TM: usize, const TS: usize>(
             for p in c * cp..(c + 1) * cp {
                 let w: [*const i32; TS] = std::array::from_fn(|j| wp.add((j * kp + p) * 8));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = *xp.add(i * kp + p);
+                    let xv = *xp.add(i * x.pair_stride + p);
                     for (a, wj) in row.iter_mut().zip(&w) {
                         *a = a.madd(xv, *wj);
                     }
@@ -503,10 +587,15 @@ unsafe fn tile<P: Pairs, const TM: usize, const TS: usize>(
             }
             for (i, row) in acc.iter().enumerate() {
                 let t = t0 + i;
-                let step = x.steps[t * chunks + c];
+                let step = x.steps[t * x.chunk_stride + c];
                 for (j, a) in row.iter().enumerate() {
                     let meta = ((s0 + j) * chunks + c) * 8;
-                    let min_term = int4.then(|| (x.sums[t * chunks + c], panel.mins.as_ptr().add(meta)));
+                    let min_term = int4.then(|| {
+                        (
+                            x.sums[t * x.chunk_stride + c],
+                            panel.mins.as_ptr().add(meta),
+                        )
+                    });
                     a.flush(
                         step,
                         panel.scales.as_ptr().add(meta),
@@ -521,7 +610,7 @@ unsafe fn tile<P: Pairs, const TM: usize, const TS: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Pairs, Panel, Quantized, run_tiles};
+    use super::{Pairs, Panel, Tokens, run_tiles};
     use std::arch::x86_64::*;
 
     /// Shared by the three x86 kernels: they differ only in how a pair product is added.
@@ -537,11 +626,8 @@ mod x86 {
             ) {
                 unsafe {
                     let scale = _mm256_mul_ps(_mm256_set1_ps(step), _mm256_loadu_ps(scales));
-                    let mut o = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(self.0),
-                        scale,
-                        _mm256_loadu_ps(out),
-                    );
+                    let mut o =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(self.0), scale, _mm256_loadu_ps(out));
                     if let Some((sum, mins)) = min_term {
                         o = _mm256_fmadd_ps(_mm256_set1_ps(sum), _mm256_loadu_ps(mins), o);
                     }
@@ -571,96 +657,118 @@ mod x86 {
         flush_avx!();
     }
 
-    #[derive(Clone, Copy)]
-    struct Vnni(__m256i);
-    impl Pairs for Vnni {
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            unsafe { Vnni(_mm256_setzero_si256()) }
-        }
-        #[inline(always)]
-        unsafe fn madd(self, x: i32, w: *const i32) -> Self {
-            unsafe {
-                let w = _mm256_loadu_si256(w as *const __m256i);
-                Vnni(_mm256_dpwssd_avx_epi32(self.0, _mm256_set1_epi32(x), w))
+    // LLVM splits the vpdpwssd intrinsics into vpmaddwd + vpaddd for CPUs it does not know to have a
+    // fast vpdpwssd (the generic x86-64 target), which halves their rate; asm keeps the one
+    // instruction, in its VEX (AVX-VNNI) or EVEX (AVX512-VNNI) encoding.
+    macro_rules! vnni_pairs {
+        ($name:ident, $features:literal, $instruction:literal) => {
+            #[derive(Clone, Copy)]
+            struct $name(__m256i);
+            impl Pairs for $name {
+                #[inline(always)]
+                unsafe fn zero() -> Self {
+                    unsafe { $name(_mm256_setzero_si256()) }
+                }
+                #[target_feature(enable = $features)]
+                unsafe fn madd(self, x: i32, w: *const i32) -> Self {
+                    let mut acc = self.0;
+                    // SAFETY: w reaches eight pairs (caller); the asm touches registers only, and
+                    // the CPU has the instruction (Kernel::for_path / Kernel::available checked).
+                    unsafe {
+                        let w = _mm256_loadu_si256(w as *const __m256i);
+                        std::arch::asm!(
+                            $instruction,
+                            acc = inout(ymm_reg) acc,
+                            x = in(ymm_reg) _mm256_set1_epi32(x),
+                            w = in(ymm_reg) w,
+                            options(pure, nomem, nostack, preserves_flags),
+                        );
+                    }
+                    $name(acc)
+                }
+                flush_avx!();
             }
-        }
-        flush_avx!();
+        };
     }
-
-    #[derive(Clone, Copy)]
-    struct Vnni512(__m256i);
-    impl Pairs for Vnni512 {
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            unsafe { Vnni512(_mm256_setzero_si256()) }
-        }
-        #[inline(always)]
-        unsafe fn madd(self, x: i32, w: *const i32) -> Self {
-            unsafe {
-                let w = _mm256_loadu_si256(w as *const __m256i);
-                Vnni512(_mm256_dpwssd_epi32(self.0, _mm256_set1_epi32(x), w))
-            }
-        }
-        flush_avx!();
-    }
+    vnni_pairs!(Vnni, "avx2,avxvnni", "{{vex}} vpdpwssd {acc}, {x}, {w}");
+    vnni_pairs!(
+        Vnni512,
+        "avx2,avx512f,avx512vl,avx512vnni",
+        "{{evex}} vpdpwssd {acc}, {x}, {w}"
+    );
 
     // Four tokens by two strips: 8 accumulators, and the adds' temporaries, within AVX2's 16
     // registers; VNNI needs no temporaries, so six tokens (measured 1.35x faster than four there).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn run_avx2(x: &Quantized, panel: &Panel, out: &mut [f32], stride: usize) {
+    pub(super) unsafe fn run_avx2(x: Tokens, panel: &Panel, out: &mut [f32], stride: usize) {
         unsafe { run_tiles::<Madd, 4>(x, panel, out, stride) }
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub(super) unsafe fn run_avxvnni(x: &Quantized, panel: &Panel, out: &mut [f32], stride: usize) {
+    pub(super) unsafe fn run_avxvnni(x: Tokens, panel: &Panel, out: &mut [f32], stride: usize) {
         unsafe { run_tiles::<Vnni, 6>(x, panel, out, stride) }
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-    pub(super) unsafe fn run_avx512vnni(
-        x: &Quantized,
-        panel: &Panel,
-        out: &mut [f32],
-        stride: usize,
-    ) {
+    pub(super) unsafe fn run_avx512vnni(x: Tokens, panel: &Panel, out: &mut [f32], stride: usize) {
         unsafe { run_tiles::<Vnni512, 6>(x, panel, out, stride) }
     }
 
-    /// quantize_row with vector instructions; the conversion rounds half to even and never leaves
-    /// the range (|v · inverse| is at most the top integer times 1 + 2^-22).
+    /// Eight values of the row from i on (zeros past its values).
+    #[inline(always)]
+    unsafe fn row_vector(row: super::RowValues, i: usize) -> __m256 {
+        unsafe {
+            if i + 8 <= row.values.len() {
+                let v = _mm256_loadu_ps(row.values.as_ptr().add(i));
+                match row.multipliers {
+                    Some(m) => _mm256_mul_ps(v, _mm256_loadu_ps(m.as_ptr().add(i))),
+                    None => v,
+                }
+            } else {
+                let lanes: [f32; 8] = std::array::from_fn(|j| row.get(i + j));
+                _mm256_loadu_ps(lanes.as_ptr())
+            }
+        }
+    }
+
+    /// quantize_row with vector instructions (the same products, so the same values); the
+    /// conversion rounds half to even and never leaves the range (|v · inverse| is at most the top
+    /// integer times 1 + 2^-22).
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn quantize_row(
-        values: &[f32],
+        row: super::RowValues,
         chunk_len: usize,
         top: f32,
         order: super::Order,
         pairs: &mut [i32],
         steps: &mut [f32],
     ) {
-        assert!(chunk_len.is_multiple_of(8) && pairs.len() * 2 >= values.len());
-        assert!(steps.len() * chunk_len >= values.len());
+        assert!(chunk_len.is_multiple_of(8) && pairs.len() * 2 >= steps.len() * chunk_len);
         unsafe {
-            let magnitude = _mm256_set1_epi32(0x7FFF_FFFF);
-            for (c, chunk) in values.chunks_exact(chunk_len).enumerate() {
+            let magnitude = _mm256_set1_ps(f32::from_bits(0x7FFF_FFFF));
+            for (c, step) in steps.iter_mut().enumerate() {
+                let first = c * chunk_len;
                 let mut largest = _mm256_setzero_si256();
-                for v in chunk.chunks_exact(8) {
-                    let bits = _mm256_loadu_si256(v.as_ptr() as *const __m256i);
-                    largest = _mm256_max_epu32(largest, _mm256_and_si256(bits, magnitude));
+                for i in (first..first + chunk_len).step_by(8) {
+                    let v = _mm256_and_ps(row_vector(row, i), magnitude);
+                    largest = _mm256_max_epu32(largest, _mm256_castps_si256(v));
                 }
                 let mut lanes = [0u32; 8];
                 _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, largest);
                 let largest = f32::from_bits(lanes.into_iter().max().unwrap_or(0));
-                let (step, inverse) = super::step_and_inverse(largest, top);
-                steps[c] = step;
+                let (s, inverse) = super::step_and_inverse(largest, top);
+                *step = s;
                 let inv = _mm256_set1_ps(inverse);
-                let out = pairs.as_mut_ptr().add(c * chunk_len / 2);
-                for (w, v) in chunk.chunks_exact(8).enumerate() {
-                    let q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v.as_ptr()), inv));
+                let out = pairs.as_mut_ptr().add(first / 2);
+                for w in 0..chunk_len / 8 {
+                    let v = row_vector(row, first + 8 * w);
+                    let q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
                     let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
                     let four = match order {
                         // (v0, v4), (v1, v5), ...: the upper four in the upper halves.
-                        super::Order::Words => _mm_blend_epi16::<0xAA>(lo, _mm_slli_epi32::<16>(hi)),
+                        super::Order::Words => {
+                            _mm_blend_epi16::<0xAA>(lo, _mm_slli_epi32::<16>(hi))
+                        }
                         // Eight 16-bit values in order are four pairs of neighbours.
                         super::Order::Adjacent => _mm_packs_epi32(lo, hi),
                     };
@@ -704,7 +812,10 @@ mod x86 {
     ) {
         let words = q.cols / 8;
         assert!(out.len() >= words * 32 && rows.iter().all(|&r| r < q.rows));
-        assert!(q.packed.len() <= i32::MAX as usize, "gather offsets are i32");
+        assert!(
+            q.packed.len() <= i32::MAX as usize,
+            "gather offsets are i32"
+        );
         unsafe {
             let (table_lo, table_hi) = tables(table);
             let offsets: [i32; 8] = std::array::from_fn(|j| (rows[j] * words) as i32);
@@ -713,10 +824,7 @@ mod x86 {
             let base = q.packed.as_ptr() as *const i32;
             for w in 0..words {
                 // Word w of each of the eight rows: every offset + w < q.packed.len() (asserted rows).
-                let v = _mm256_i32gather_epi32::<4>(
-                    base.add(w),
-                    offsets,
-                );
+                let v = _mm256_i32gather_epi32::<4>(base.add(w), offsets);
                 let o = out.as_mut_ptr().add(w * 32) as *mut __m256i;
                 _mm256_storeu_si256(o, lookup(table_lo, table_hi, _mm256_and_si256(v, mask)));
                 let v1 = _mm256_and_si256(_mm256_srli_epi32(v, 4), mask);
@@ -730,13 +838,13 @@ mod x86 {
     }
 
     /// Strip s, pair p of the input-gradient panel from `words(p, s)`: the two rows' words holding
-    /// the strip's eight columns.
+    /// the strip's eight columns and their multipliers as a pair.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn decode_backward(
         table: &[i16; 16],
         row_pairs: usize,
         strips: usize,
-        words: impl Fn(usize, usize) -> (u32, u32),
+        words: impl Fn(usize, usize) -> (u32, u32, i32),
         out: &mut [i32],
     ) {
         assert!(out.len() >= strips * row_pairs * 8);
@@ -745,14 +853,19 @@ mod x86 {
             let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
             let nibble = _mm256_set1_epi32(15);
             let codes_of = |w: u32| {
-                _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts), nibble)
+                _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(w as i32), shifts),
+                    nibble,
+                )
             };
             for s in 0..strips {
                 for p in 0..row_pairs {
-                    let (lo, hi) = words(p, s);
+                    let (lo, hi, m) = words(p, s);
                     let codes = _mm256_or_si256(codes_of(lo), _mm256_slli_epi32(codes_of(hi), 16));
+                    let levels = lookup(table_lo, table_hi, codes);
+                    let scaled = _mm256_mulhrs_epi16(levels, _mm256_set1_epi32(m));
                     let at = out.as_mut_ptr().add((s * row_pairs + p) * 8) as *mut __m256i;
-                    _mm256_storeu_si256(at, lookup(table_lo, table_hi, codes));
+                    _mm256_storeu_si256(at, scaled);
                 }
             }
         }
@@ -764,6 +877,10 @@ mod x86 {
 fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: bool) -> Quantized {
     let mut qx = Quantized::new(cols / 2, group / 2);
     for row in x.chunks_exact(cols) {
+        let row = RowValues {
+            values: row,
+            multipliers: None,
+        };
         qx.push_row(kernel, row, Order::Words, sums);
     }
     qx
@@ -773,7 +890,10 @@ fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: 
 pub fn xwt(kernel: Kernel, x: &[f32], q: &QuantTensor, y: &mut [f32]) {
     let (rows, cols) = (q.rows, q.cols);
     let tokens = x.len() / cols;
-    assert!(x.len() == tokens * cols && y.len() == tokens * rows, "int16 xwt: shapes");
+    assert!(
+        x.len() == tokens * cols && y.len() == tokens * rows,
+        "int16 xwt: shapes"
+    );
     if tokens == 0 || rows == 0 {
         return;
     }
@@ -783,7 +903,13 @@ pub fn xwt(kernel: Kernel, x: &[f32], q: &QuantTensor, y: &mut [f32]) {
     let y_columns = super::packed_gemm::ColumnRanges::new(y, rows);
     for t0 in (0..tokens).step_by(TOKEN_CHUNK) {
         let tc = TOKEN_CHUNK.min(tokens - t0);
-        let qx = quantize_forward(kernel, &x[t0 * cols..(t0 + tc) * cols], cols, q.spec.group_size, int4);
+        let qx = quantize_forward(
+            kernel,
+            &x[t0 * cols..(t0 + tc) * cols],
+            cols,
+            q.spec.group_size,
+            int4,
+        );
         (0..blocks).into_par_iter().for_each_init(
             || (Panel::default(), Vec::new()),
             |(panel, out), b| {
@@ -792,7 +918,7 @@ pub fn xwt(kernel: Kernel, x: &[f32], q: &QuantTensor, y: &mut [f32]) {
                 forward_panel(kernel, q, first, count, panel);
                 let stride = panel.strips * 8;
                 out.resize(tc * stride, 0.0);
-                run(kernel, &qx, panel, out, stride);
+                run(kernel, qx.view(0, qx.row_pairs), panel, out, stride);
                 for (t, results) in out.chunks_exact(stride).enumerate() {
                     // SAFETY: block b alone writes y's columns first..first + count.
                     unsafe { y_columns.row(t0 + t, first, count) }
@@ -814,16 +940,42 @@ fn block_rows(n: usize, cols: usize) -> usize {
 /// One input-gradient task's buffers, kept across its tasks.
 struct Scratch {
     panel: Panel,
-    qa: Quantized,
     task_dx: Vec<f32>,
     group_out: Vec<f32>,
-    folded: Vec<f32>,
-    scales: Vec<f32>,
+}
+
+/// Each group's row scales relative to the largest of their chunk of `AW_CHUNK` rows: per group, each
+/// row's round(scale / largest · 32767) and per chunk largest / factor · 32768/32767, which turns the
+/// product of a level with a multiplier (over 2^15) back into the weight.
+fn relative_scales(q: &QuantTensor, factor: f32) -> (Vec<i16>, Vec<f32>) {
+    let groups = q.cols / q.spec.group_size;
+    let chunks = q.rows.div_ceil(AW_CHUNK);
+    let mut multipliers = vec![0i16; groups * q.rows];
+    let mut largest = vec![0f32; groups * chunks];
+    for g in 0..groups {
+        for c in 0..chunks {
+            let rows = c * AW_CHUNK..((c + 1) * AW_CHUNK).min(q.rows);
+            let top = rows
+                .clone()
+                .map(|o| q.scales[o * groups + g].abs())
+                .fold(0f32, f32::max);
+            largest[g * chunks + c] = top / factor * (32768.0 / 32767.0);
+            for o in rows {
+                let relative = if top > 0.0 {
+                    q.scales[o * groups + g] / top
+                } else {
+                    0.0
+                };
+                multipliers[g * q.rows + o] = (relative * 32767.0).round() as i16;
+            }
+        }
+    }
+    (multipliers, largest)
 }
 
 /// dx (+ when `accumulate`)= a·W (a is tokens x W's rows, dx tokens x cols): the input gradient.
-/// Each task owns whole groups of dx's columns; for each block of rows it decodes them and, per
-/// group, folds the group's scales into a and quantizes that per 64 rows.
+/// a is quantized per 64 rows once; each task owns whole groups of dx's columns and, for each block of
+/// rows, decodes their levels times the rows' scales relative to their chunk's largest.
 pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate: bool) {
     let (rows, cols) = (q.rows, q.cols);
     let g = q.spec.group_size;
@@ -841,30 +993,34 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
     let (table, factor) = levels(q.spec.format);
     let int4 = q.spec.format == QuantFormat::Int4;
     let groups = cols / g;
+    let chunks = rows.div_ceil(AW_CHUNK);
+    let (multipliers, largest) = relative_scales(q, factor);
     let per_task = (groups / (4 * rayon::current_num_threads())).max(1);
     let tasks = groups.div_ceil(per_task);
-    let block = (BLOCK_BYTES / (2 * per_task * g)).clamp(AW_CHUNK, 4 * AW_CHUNK) / AW_CHUNK * AW_CHUNK;
+    let block = (BLOCK_BYTES / (2 * g)).clamp(AW_CHUNK, 4 * AW_CHUNK) / AW_CHUNK * AW_CHUNK;
     let dx_columns = super::packed_gemm::ColumnRanges::new(dx, cols);
     for t0 in (0..tokens).step_by(TOKEN_CHUNK) {
         let tc = TOKEN_CHUNK.min(tokens - t0);
         let a_chunk = &a[t0 * rows..(t0 + tc) * rows];
+        let mut qa = Quantized::new(chunks * AW_CHUNK / 2, AW_CHUNK / 2);
+        for row in a_chunk.chunks_exact(rows) {
+            let row = RowValues {
+                values: row,
+                multipliers: None,
+            };
+            qa.push_row(kernel, row, Order::Adjacent, false);
+        }
         (0..tasks).into_par_iter().for_each_init(
             || Scratch {
                 panel: Panel::default(),
-                qa: Quantized::new(0, AW_CHUNK / 2),
                 task_dx: Vec::new(),
                 group_out: Vec::new(),
-                folded: Vec::new(),
-                scales: Vec::new(),
             },
             |scratch, task| {
                 let Scratch {
                     panel,
-                    qa,
                     task_dx,
                     group_out,
-                    folded,
-                    scales,
                 } = scratch;
                 let first_group = task * per_task;
                 let task_groups = per_task.min(groups - first_group);
@@ -875,29 +1031,33 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
                 for first in (0..rows).step_by(block) {
                     let count = block.min(rows - first);
                     let row_pairs = count.div_ceil(AW_CHUNK) * AW_CHUNK / 2;
+                    let block_chunks = row_pairs / (AW_CHUNK / 2);
                     for gi in 0..task_groups {
                         let group = first_group + gi;
                         let col = first_col + gi * g;
-                        backward_panel(kernel, q, &table, first, count, row_pairs, col, g / 8, &mut panel.pairs);
+                        let m = &multipliers[group * rows + first..group * rows + first + count];
+                        backward_panel(
+                            kernel,
+                            q,
+                            &table,
+                            first,
+                            count,
+                            row_pairs,
+                            col,
+                            g / 8,
+                            m,
+                            &mut panel.pairs,
+                        );
                         panel.strips = g / 8;
-                        // The group's scale of each of the block's rows, then a[t, o] times it
-                        // (zeros to whole chunks), quantized.
-                        scales.clear();
-                        scales.extend((first..first + count).map(|o| q.scales[o * groups + group] / factor));
-                        folded.clear();
-                        folded.resize(2 * row_pairs, 0.0);
-                        qa.clear(row_pairs, AW_CHUNK / 2);
-                        for t in 0..tc {
-                            let at = &a_chunk[t * rows + first..t * rows + first + count];
-                            for ((f, a), s) in folded.iter_mut().zip(at).zip(scales.iter()) {
-                                *f = a * s;
-                            }
-                            qa.push_row(kernel, folded, Order::Adjacent, false);
-                        }
                         panel.scales.clear();
-                        panel.scales.resize(panel.strips * qa.chunks() * 8, 1.0);
+                        for _ in 0..panel.strips {
+                            for c in 0..block_chunks {
+                                let top = largest[group * chunks + first / AW_CHUNK + c];
+                                panel.scales.extend([top; 8]);
+                            }
+                        }
                         group_out.resize(tc * g, 0.0);
-                        run(kernel, qa, panel, group_out, g);
+                        run(kernel, qa.view(first / 2, row_pairs), panel, group_out, g);
                         for t in 0..tc {
                             let dst = &mut task_dx[t * width + gi * g..t * width + (gi + 1) * g];
                             let src = &group_out[t * g..(t + 1) * g];
@@ -909,7 +1069,9 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
                             } else {
                                 0.0
                             };
-                            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s + min_term);
+                            dst.iter_mut()
+                                .zip(src)
+                                .for_each(|(d, s)| *d += s + min_term);
                         }
                     }
                 }
