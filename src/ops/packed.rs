@@ -674,8 +674,9 @@ mod avx512 {
         for (i, dots) in out.chunks_exact_mut(T).enumerate() {
             let row = first + i;
             if row + ahead < end {
-                crate::ops::bf16_gemm::prefetch_bytes(bytemuck::cast_slice(
-                    &q.packed[(row + ahead) * row_words..(row + ahead + 1) * row_words],
+                crate::ops::bf16_gemm::prefetch_bytes(super::row_bytes(
+                    super::Rows::Quant(q),
+                    row + ahead,
                 ));
             }
             let words = &q.packed[row * row_words..(row + 1) * row_words];
