@@ -431,7 +431,7 @@ fn integer_products_give_the_same_bits_on_every_kernel_and_stay_within_their_bou
     let kernels = Kernel::available();
     eprintln!("integer products: kernels {kernels:?}");
     let mut rng = Rng::new(41);
-    let mut worst_ratio = 0f64;
+    let (mut worst_forward, mut worst_backward) = (0f64, 0f64);
     for format in [QuantFormat::Nf4, QuantFormat::Int4] {
         for group in [32, 64, 128] {
             // Rows not a multiple of 8 or 16, more than one input-gradient block of rows.
@@ -504,7 +504,7 @@ fn integer_products_give_the_same_bits_on_every_kernel_and_stay_within_their_bou
                             err <= allowed,
                             "{format} g{group} {tokens} ({t}, {r}): {err:e} > {allowed:e}"
                         );
-                        worst_ratio = worst_ratio.max(err / size);
+                        worst_forward = worst_forward.max(err / size);
                     }
                     // The input gradient: the group scale is folded into a, quantized per 64 rows.
                     let at = &a[t * rows..(t + 1) * rows];
@@ -517,16 +517,70 @@ fn integer_products_give_the_same_bits_on_every_kernel_and_stay_within_their_bou
                         }
                         let at_dx = t * cols + c;
                         let err = (dx_ref[at_dx] as f64 - before[at_dx] as f64 - want).abs();
-                        // Measured below 1.5e-4 of Σ|a·w| (NF4's level rounding and a's steps).
+                        // Measured up to 4.8e-4 of Σ|a·w| (the levels rounded after their rows'
+                        // relative scales, and a's steps); about ten times that allowed.
                         assert!(
-                            err <= 2e-3 * size,
+                            err <= 5e-3 * size,
                             "{format} g{group} {tokens} dx ({t}, {c}): {err:e} of {size:e}"
                         );
-                        worst_ratio = worst_ratio.max(err / size);
+                        worst_backward = worst_backward.max(err / size);
                     }
                 }
             }
         }
     }
-    eprintln!("integer products: worst error {worst_ratio:e} of Σ|x·w|");
+    eprintln!(
+        "integer products: worst error of Σ|x·w|: forward {worst_forward:e}, input gradient {worst_backward:e}"
+    );
+}
+
+/// A NaN or infinite activation makes its products NaN (as in f32) on every integer kernel, and a chunk
+/// of values too small to scale (1e-36) adds nothing, the same on every kernel.
+#[test]
+fn integer_products_pass_nan_on_and_drop_negligible_chunks_on_every_kernel() {
+    use nibble::ops::int16_gemm::{self, Kernel};
+    let mut rng = Rng::new(43);
+    let (rows, cols, tokens) = (70, 256, 40);
+    let q = quantized(QuantFormat::Nf4, 64, rows, cols, &mut rng);
+    let mut x = random(tokens * cols, 1.0, &mut rng);
+    x[3 * cols + 10] = f32::NAN;
+    x[5 * cols + 70] = f32::INFINITY;
+    x[7 * cols..7 * cols + 64]
+        .iter_mut()
+        .for_each(|v| *v *= 1e-36);
+    let mut a = random(tokens * rows, 1.0, &mut rng);
+    a[4 * rows + 2] = f32::NAN;
+    a[6 * rows..6 * rows + 64]
+        .iter_mut()
+        .for_each(|v| *v *= 1e-36);
+    for kernel in Kernel::available() {
+        let mut y = vec![0f32; tokens * rows];
+        int16_gemm::xwt(kernel, &x, &q, &mut y);
+        let mut dx = vec![0f32; tokens * cols];
+        int16_gemm::aw(kernel, &a, &q, &mut dx, false);
+        for t in 0..tokens {
+            let y_nan = y[t * rows..(t + 1) * rows].iter().all(|v| v.is_nan());
+            let y_finite = y[t * rows..(t + 1) * rows].iter().all(|v| v.is_finite());
+            assert!(
+                if t == 3 || t == 5 { y_nan } else { y_finite },
+                "{kernel:?} y token {t}"
+            );
+            let d_nan = dx[t * cols..(t + 1) * cols].iter().all(|v| v.is_nan());
+            let d_finite = dx[t * cols..(t + 1) * cols].iter().all(|v| v.is_finite());
+            assert!(
+                if t == 4 { d_nan } else { d_finite },
+                "{kernel:?} dx token {t}"
+            );
+        }
+        // The negligible chunk contributes 0: token 7's outputs equal those of its other columns alone.
+        let mut x7 = x[7 * cols..8 * cols].to_vec();
+        x7[..64].iter_mut().for_each(|v| *v = 0.0);
+        let mut y7 = vec![0f32; rows];
+        int16_gemm::xwt(kernel, &x7, &q, &mut y7);
+        assert_eq!(
+            &y[7 * rows..8 * rows],
+            &y7[..],
+            "{kernel:?}: negligible chunk"
+        );
+    }
 }

@@ -87,6 +87,12 @@ impl Kernel {
         Kernel::Portable
     }
 
+    /// Whether this CPU runs the kernel (the public entry points refuse one it does not).
+    pub fn runs_here(self) -> bool {
+        static AVAILABLE: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(Kernel::available).contains(&self)
+    }
+
     /// Every kernel this CPU runs (for tests).
     pub fn available() -> Vec<Kernel> {
         #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
@@ -238,9 +244,14 @@ impl Quantized {
     }
 }
 
-/// A chunk's step (what one integer is worth) and its inverse, from its largest magnitude.
+/// A chunk's step (what one integer is worth) and its inverse, from its largest magnitude. An inverse
+/// of 0 means the chunk's integers are all 0: its values are 0 or too small for the inverse to be
+/// finite (below 1e-34: they add nothing an f32 sum would keep), or one is NaN or infinite, and then
+/// the step is NaN, so that the chunk's products are NaN as in f32.
 fn step_and_inverse(largest: f32, top: f32) -> (f32, f32) {
-    if largest > 0.0 {
+    if !largest.is_finite() {
+        (f32::NAN, 0.0)
+    } else if largest > 0.0 && (top / largest).is_finite() {
         (largest / top, top / largest)
     } else {
         (0.0, 0.0)
@@ -269,6 +280,10 @@ fn quantize_row(
             .unwrap_or(0);
         let (s, inverse) = step_and_inverse(f32::from_bits(largest), top);
         *step = s;
+        if inverse == 0.0 {
+            out.fill(0);
+            continue;
+        }
         let q = |v: f32| (v * inverse).round_ties_even().clamp(-top, top) as i16;
         for (i, o) in out.iter_mut().enumerate() {
             let (lo, hi) = match order {
@@ -758,8 +773,12 @@ mod x86 {
                 let largest = f32::from_bits(lanes.into_iter().max().unwrap_or(0));
                 let (s, inverse) = super::step_and_inverse(largest, top);
                 *step = s;
-                let inv = _mm256_set1_ps(inverse);
                 let out = pairs.as_mut_ptr().add(first / 2);
+                if inverse == 0.0 {
+                    std::ptr::write_bytes(out, 0, chunk_len / 2);
+                    continue;
+                }
+                let inv = _mm256_set1_ps(inverse);
                 for w in 0..chunk_len / 8 {
                     let v = row_vector(row, first + 8 * w);
                     let q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));
@@ -872,6 +891,21 @@ mod x86 {
     }
 }
 
+/// The tensor's parts have the lengths its shape implies (the vector decoders read through them
+/// unchecked).
+fn check_tensor(q: &QuantTensor) {
+    let groups = q.rows * (q.cols / q.spec.group_size);
+    assert!(
+        q.cols.is_multiple_of(q.spec.group_size)
+            && q.packed.len() == q.rows * q.cols / 8
+            && q.scales.len() == groups
+            && (q.spec.format == QuantFormat::Nf4 || q.mins.len() == groups),
+        "int16: a {}x{} tensor whose parts have other lengths",
+        q.rows,
+        q.cols
+    );
+}
+
 /// x [tokens, cols] quantized for the forward product: chunks are the weight's groups, pair 4w + c
 /// holds columns 8w + c and 8w + c + 4.
 fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: bool) -> Quantized {
@@ -888,6 +922,8 @@ fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: 
 
 /// y[t] = x[t]·Wᵀ over all of W's rows, for any number of tokens (y is tokens x rows).
 pub fn xwt(kernel: Kernel, x: &[f32], q: &QuantTensor, y: &mut [f32]) {
+    assert!(kernel.runs_here(), "int16 xwt: this CPU lacks {kernel:?}");
+    check_tensor(q);
     let (rows, cols) = (q.rows, q.cols);
     let tokens = x.len() / cols;
     assert!(
@@ -977,6 +1013,8 @@ fn relative_scales(q: &QuantTensor, factor: f32) -> (Vec<i16>, Vec<f32>) {
 /// a is quantized per 64 rows once; each task owns whole groups of dx's columns and, for each block of
 /// rows, decodes their levels times the rows' scales relative to their chunk's largest.
 pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate: bool) {
+    assert!(kernel.runs_here(), "int16 aw: this CPU lacks {kernel:?}");
+    check_tensor(q);
     let (rows, cols) = (q.rows, q.cols);
     let g = q.spec.group_size;
     let tokens = dx.len() / cols;
