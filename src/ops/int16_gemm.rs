@@ -87,6 +87,17 @@ impl Kernel {
         Kernel::Portable
     }
 
+    /// Below this many tokens the input gradient runs faster in f32: its per-product set-up (the
+    /// rows' relative scales, the scaled decode) is paid for by fewer tokens. Measured on one
+    /// thread at 4864 x 896 (BENCHMARKS.md, session 20): `vpmaddwd` 0.92x the f32 kernel at 45
+    /// tokens and 1.1x at 64; `vpdpwssd` 1.28x at 45.
+    pub fn input_gradient_min_tokens(self) -> usize {
+        match self {
+            Kernel::Portable | Kernel::Avx2 => 64,
+            Kernel::AvxVnni | Kernel::Avx512Vnni => crate::ops::linear::BF16_MIN_TOKENS,
+        }
+    }
+
     /// Whether this CPU runs the kernel (the public entry points refuse one it does not).
     pub fn runs_here(self) -> bool {
         static AVAILABLE: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
@@ -549,23 +560,46 @@ unsafe fn run_tiles<P: Pairs, const TM: usize>(
             let tm = TM.min(tokens - t0);
             // SAFETY: tokens t0..t0 + tm and strips s0..s0 + 1 (+1 when `two`) exist (asserted).
             unsafe {
-                match (tm == TM, two) {
-                    (true, true) => tile::<P, TM, 2>(&x, panel, t0, s0, out, out_stride),
-                    (true, false) => tile::<P, TM, 1>(&x, panel, t0, s0, out, out_stride),
-                    (false, true) => {
-                        for t in t0..t0 + tm {
-                            tile::<P, 1, 2>(&x, panel, t, s0, out, out_stride)
-                        }
-                    }
-                    (false, false) => {
-                        for t in t0..t0 + tm {
-                            tile::<P, 1, 1>(&x, panel, t, s0, out, out_stride)
-                        }
-                    }
+                let args = (&x, panel, t0, s0, &mut *out, out_stride);
+                // The last tokens in one tile of their own count: one token at a time reads a
+                // strip's pairs once per token, and the loads, not the multiplies, bound it.
+                match (tm.min(TM), two) {
+                    (n, true) if n == TM => call_tile::<P, TM, 2>(args),
+                    (n, false) if n == TM => call_tile::<P, TM, 1>(args),
+                    (5, true) => call_tile::<P, 5, 2>(args),
+                    (4, true) => call_tile::<P, 4, 2>(args),
+                    (3, true) => call_tile::<P, 3, 2>(args),
+                    (2, true) => call_tile::<P, 2, 2>(args),
+                    (_, true) => call_tile::<P, 1, 2>(args),
+                    (5, false) => call_tile::<P, 5, 1>(args),
+                    (4, false) => call_tile::<P, 4, 1>(args),
+                    (3, false) => call_tile::<P, 3, 1>(args),
+                    (2, false) => call_tile::<P, 2, 1>(args),
+                    (_, false) => call_tile::<P, 1, 1>(args),
                 }
             }
         }
     }
+}
+
+type TileArgs<'a, 'b> = (
+    &'a Tokens<'b>,
+    &'a Panel,
+    usize,
+    usize,
+    &'a mut [f32],
+    usize,
+);
+
+/// `tile` with its arguments as one tuple.
+///
+/// # Safety
+/// As `tile`.
+#[inline(always)]
+unsafe fn call_tile<P: Pairs, const TM: usize, const TS: usize>(args: TileArgs) {
+    let (x, panel, t0, s0, out, out_stride) = args;
+    // SAFETY: the caller's guarantees are tile's.
+    unsafe { tile::<P, TM, TS>(x, panel, t0, s0, out, out_stride) }
 }
 
 /// Tokens t0..t0 + TM through strips s0..s0 + TS.

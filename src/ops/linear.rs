@@ -121,7 +121,9 @@ pub fn backward_input(
             let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, out);
             bf16_gemm::matmul_aw(&packed, w, 0, dx, inp, 0, accumulate);
         }
-        (Precision::Int16, LinearWeight::Quant(q)) if tokens >= BF16_MIN_TOKENS => {
+        (Precision::Int16, LinearWeight::Quant(q))
+            if tokens >= int16_gemm::Kernel::for_path(path).input_gradient_min_tokens() =>
+        {
             int16_gemm::aw(int16_gemm::Kernel::for_path(path), dy, q, dx, accumulate)
         }
         _ => packed_gemm::aw(path, dy, out, 0, w.into(), 0, out, dx, accumulate),
