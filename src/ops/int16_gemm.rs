@@ -165,7 +165,6 @@ impl Quantized {
     fn push_row(&mut self, kernel: Kernel, row: RowValues, order: Order, sums: bool) {
         let chunk_len = 2 * self.chunk_pairs;
         assert!(row.values.len() <= 2 * self.row_pairs && chunk_len.is_multiple_of(8));
-        assert!(row.multipliers.is_none_or(|m| m.len() >= row.values.len()));
         let top = activation_max(chunk_len);
         let (pairs_at, steps_at) = (self.pairs.len(), self.steps.len());
         self.pairs.resize(pairs_at + self.row_pairs, 0);
@@ -185,7 +184,7 @@ impl Quantized {
             quantize_row(row, chunk_len, top, order, pairs, steps);
         }
         if sums {
-            assert!(row.multipliers.is_none() && row.values.len() == 2 * self.row_pairs);
+            assert!(row.values.len() == 2 * self.row_pairs);
             self.sums.extend(
                 row.values
                     .chunks_exact(chunk_len)
@@ -195,20 +194,15 @@ impl Quantized {
     }
 }
 
-/// A row to quantize: values[i] (times multipliers[i] when given), and zeros past the values.
+/// A row to quantize: its values, then zeros to whole chunks.
 #[derive(Clone, Copy)]
 struct RowValues<'a> {
     values: &'a [f32],
-    multipliers: Option<&'a [f32]>,
 }
 
 impl RowValues<'_> {
     fn get(&self, i: usize) -> f32 {
-        match (self.values.get(i), self.multipliers) {
-            (None, _) => 0.0,
-            (Some(&v), None) => v,
-            (Some(&v), Some(m)) => v * m[i],
-        }
+        self.values.get(i).copied().unwrap_or(0.0)
     }
 }
 
@@ -768,11 +762,7 @@ mod x86 {
     unsafe fn row_vector(row: super::RowValues, i: usize) -> __m256 {
         unsafe {
             if i + 8 <= row.values.len() {
-                let v = _mm256_loadu_ps(row.values.as_ptr().add(i));
-                match row.multipliers {
-                    Some(m) => _mm256_mul_ps(v, _mm256_loadu_ps(m.as_ptr().add(i))),
-                    None => v,
-                }
+                _mm256_loadu_ps(row.values.as_ptr().add(i))
             } else {
                 let lanes: [f32; 8] = std::array::from_fn(|j| row.get(i + j));
                 _mm256_loadu_ps(lanes.as_ptr())
@@ -945,11 +935,7 @@ fn check_tensor(q: &QuantTensor) {
 fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: bool) -> Quantized {
     let mut qx = Quantized::new(cols / 2, group / 2);
     for row in x.chunks_exact(cols) {
-        let row = RowValues {
-            values: row,
-            multipliers: None,
-        };
-        qx.push_row(kernel, row, Order::Words, sums);
+        qx.push_row(kernel, RowValues { values: row }, Order::Words, sums);
     }
     qx
 }
@@ -1076,11 +1062,7 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
         let a_chunk = &a[t0 * rows..(t0 + tc) * rows];
         let mut qa = Quantized::new(chunks * AW_CHUNK / 2, AW_CHUNK / 2);
         for row in a_chunk.chunks_exact(rows) {
-            let row = RowValues {
-                values: row,
-                multipliers: None,
-            };
-            qa.push_row(kernel, row, Order::Adjacent, false);
+            qa.push_row(kernel, RowValues { values: row }, Order::Adjacent, false);
         }
         (0..tasks).into_par_iter().for_each_init(
             || Scratch {
