@@ -448,15 +448,15 @@ fn integer_products_give_the_same_bits_on_every_kernel_and_stay_within_their_bou
                 }
                 let a = random(tokens * rows, 1.0, &mut rng);
                 let mut y_ref = vec![0f32; tokens * rows];
-                int16_gemm::xwt(Kernel::Portable, &x, &q, &mut y_ref);
+                int16_gemm::xwt(Kernel::Portable, &x, (&q).into(), &mut y_ref);
                 let mut dx_ref = random(tokens * cols, 1.0, &mut rng);
                 let before = dx_ref.clone();
-                int16_gemm::aw(Kernel::Portable, &a, &q, &mut dx_ref, true);
+                int16_gemm::aw(Kernel::Portable, &a, (&q).into(), &mut dx_ref, true);
                 for &kernel in &kernels[1..] {
                     let mut y = vec![f32::NAN; tokens * rows];
-                    int16_gemm::xwt(kernel, &x, &q, &mut y);
+                    int16_gemm::xwt(kernel, &x, (&q).into(), &mut y);
                     let mut dx = before.clone();
-                    int16_gemm::aw(kernel, &a, &q, &mut dx, true);
+                    int16_gemm::aw(kernel, &a, (&q).into(), &mut dx, true);
                     let same = |u: &[f32], v: &[f32]| {
                         u.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits())
                     };
@@ -555,9 +555,9 @@ fn integer_products_pass_nan_on_and_drop_negligible_chunks_on_every_kernel() {
         .for_each(|v| *v *= 1e-36);
     for kernel in Kernel::available() {
         let mut y = vec![0f32; tokens * rows];
-        int16_gemm::xwt(kernel, &x, &q, &mut y);
+        int16_gemm::xwt(kernel, &x, (&q).into(), &mut y);
         let mut dx = vec![0f32; tokens * cols];
-        int16_gemm::aw(kernel, &a, &q, &mut dx, false);
+        int16_gemm::aw(kernel, &a, (&q).into(), &mut dx, false);
         for t in 0..tokens {
             let y_nan = y[t * rows..(t + 1) * rows].iter().all(|v| v.is_nan());
             let y_finite = y[t * rows..(t + 1) * rows].iter().all(|v| v.is_finite());
@@ -576,11 +576,199 @@ fn integer_products_pass_nan_on_and_drop_negligible_chunks_on_every_kernel() {
         let mut x7 = x[7 * cols..8 * cols].to_vec();
         x7[..64].iter_mut().for_each(|v| *v = 0.0);
         let mut y7 = vec![0f32; rows];
-        int16_gemm::xwt(kernel, &x7, &q, &mut y7);
+        int16_gemm::xwt(kernel, &x7, (&q).into(), &mut y7);
         assert_eq!(
             &y[7 * rows..8 * rows],
             &y7[..],
             "{kernel:?}: negligible chunk"
         );
+    }
+}
+
+/// The output projection's dense rows through the integer products: every kernel gives the portable
+/// kernel's bits, for f32, bf16 and f16 tables, widths of 32- and 64-column groups, and a chunk of rows
+/// that starts inside the table; against f64 each output stays within the bound of its quantization
+/// (a weight off by half a step of its (row, group)'s largest / 2048 in y = x·Wᵀ, of its (64-row
+/// chunk, column)'s in dx = a·W; an activation by half a step of its chunk's largest / the top integer).
+#[test]
+fn dense_rows_in_integer_products_give_the_same_bits_on_every_kernel_and_stay_within_their_bound() {
+    use half::{bf16, f16};
+    use nibble::ops::int16_gemm::{self, Frozen, Kernel};
+    let kernels = Kernel::available();
+    let mut rng = Rng::new(47);
+    let (mut worst_forward, mut worst_backward) = (0f64, 0f64);
+    let top = |len: usize| ((((1i64 << 31) - 1) / (len as i64 * 2048)).min(32767)) as f64;
+    let largest = |v: &mut dyn Iterator<Item = f64>| v.fold(0f64, |m, x| m.max(x.abs()));
+    for (cols, storage) in [(192, "f32"), (96, "bf16"), (160, "f16"), (320, "bf16")] {
+        let group = int16_gemm::dense_group(cols).unwrap();
+        let table_rows = 350;
+        let mut w = random(table_rows * cols, 0.05, &mut rng);
+        // A few large weights, as real embedding tables have.
+        for r in (0..table_rows).step_by(37) {
+            w[r * cols + (r % cols)] *= 30.0;
+        }
+        let data = match storage {
+            "f32" => DenseData::F32(w.clone()),
+            "bf16" => DenseData::BF16(w.iter().map(|&v| bf16::from_f32(v)).collect()),
+            _ => DenseData::F16(w.iter().map(|&v| f16::from_f32(v)).collect()),
+        };
+        let table = DenseTensor {
+            rows: table_rows,
+            cols,
+            data,
+        };
+        let stored: Vec<f64> = (0..table_rows)
+            .flat_map(|r| {
+                let mut row = vec![0f32; cols];
+                table.row_f32(r, &mut row);
+                row.into_iter().map(|v| v as f64)
+            })
+            .collect();
+        // Rows 13..13 + 301: not a multiple of 8 or 64, more than one input-gradient block.
+        let (first, rows) = (13, 301);
+        let frozen = Frozen::Dense {
+            table: &table,
+            first,
+            rows,
+        };
+        let value = |r: usize, c: usize| stored[(first + r) * cols + c];
+        for tokens in [1, 7, 70, 261] {
+            let mut x = random(tokens * cols, 1.0, &mut rng);
+            for t in 0..tokens {
+                x[t * cols + 5] *= 50.0;
+            }
+            // Probabilities: positive, spanning several orders of magnitude.
+            let a: Vec<f32> = random(tokens * rows, 2.0, &mut rng)
+                .iter()
+                .map(|v| v.exp())
+                .collect();
+            let mut y_ref = vec![0f32; tokens * rows];
+            int16_gemm::xwt(Kernel::Portable, &x, frozen, &mut y_ref);
+            let before = random(tokens * cols, 1.0, &mut rng);
+            let mut dx_ref = before.clone();
+            int16_gemm::aw(Kernel::Portable, &a, frozen, &mut dx_ref, true);
+            for &kernel in &kernels[1..] {
+                let mut y = vec![f32::NAN; tokens * rows];
+                int16_gemm::xwt(kernel, &x, frozen, &mut y);
+                let mut dx = before.clone();
+                int16_gemm::aw(kernel, &a, frozen, &mut dx, true);
+                let same =
+                    |u: &[f32], v: &[f32]| u.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same(&y, &y_ref),
+                    "{kernel:?} {storage} {cols} {tokens}: forward"
+                );
+                assert!(
+                    same(&dx, &dx_ref),
+                    "{kernel:?} {storage} {cols} {tokens}: input gradient"
+                );
+            }
+            for t in 0..tokens {
+                let xt: Vec<f64> = x[t * cols..(t + 1) * cols]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                let x_steps: Vec<f64> = xt
+                    .chunks(group)
+                    .map(|c| largest(&mut c.iter().copied()) / top(group))
+                    .collect();
+                for r in 0..rows {
+                    let (mut want, mut bound, mut size) = (0f64, 0f64, 0f64);
+                    for (g, (x_group, x_step)) in xt.chunks(group).zip(&x_steps).enumerate() {
+                        let columns = g * group..(g + 1) * group;
+                        let w_step = largest(&mut columns.clone().map(|c| value(r, c))) / 2048.0;
+                        for (c, &xv) in columns.zip(x_group) {
+                            let wv = value(r, c);
+                            want += xv * wv;
+                            size += (xv * wv).abs();
+                            bound += xv.abs() * w_step / 2.0
+                                + wv.abs() * x_step / 2.0
+                                + w_step * x_step / 4.0;
+                        }
+                    }
+                    let err = (y_ref[t * rows + r] as f64 - want).abs();
+                    let allowed = bound + 1e-6 * size;
+                    assert!(
+                        err <= allowed,
+                        "{storage} {cols} {tokens} ({t}, {r}): {err:e} > {allowed:e}"
+                    );
+                    worst_forward = worst_forward.max(err / size);
+                }
+                let at: Vec<f64> = a[t * rows..(t + 1) * rows]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                let a_steps: Vec<f64> = at
+                    .chunks(64)
+                    .map(|c| largest(&mut c.iter().copied()) / top(64))
+                    .collect();
+                for c in 0..cols {
+                    let (mut want, mut bound, mut size) = (0f64, 0f64, 0f64);
+                    for (chunk, a_step) in a_steps.iter().enumerate() {
+                        let span = chunk * 64..((chunk + 1) * 64).min(rows);
+                        let w_step = largest(&mut span.clone().map(|o| value(o, c))) / 2048.0;
+                        for o in span {
+                            let (av, wv) = (at[o], value(o, c));
+                            want += av * wv;
+                            size += (av * wv).abs();
+                            bound += av.abs() * w_step / 2.0
+                                + wv.abs() * a_step / 2.0
+                                + w_step * a_step / 4.0;
+                        }
+                    }
+                    let at_dx = t * cols + c;
+                    let err = (dx_ref[at_dx] as f64 - before[at_dx] as f64 - want).abs();
+                    let allowed = bound + 1e-6 * (size + (before[at_dx] as f64).abs());
+                    assert!(
+                        err <= allowed,
+                        "{storage} {cols} {tokens} dx ({t}, {c}): {err:e} > {allowed:e}"
+                    );
+                    worst_backward = worst_backward.max(err / size);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "dense integer products: worst error of Σ|x·w|: forward {worst_forward:e}, input gradient {worst_backward:e}"
+    );
+}
+
+/// A NaN weight makes the products that read it NaN on every kernel, and no others.
+#[test]
+fn dense_rows_in_integer_products_pass_nan_weights_on() {
+    use nibble::ops::int16_gemm::{self, Frozen, Kernel};
+    let mut rng = Rng::new(48);
+    let (rows, cols, tokens) = (130, 128, 40);
+    let mut w = random(rows * cols, 0.05, &mut rng);
+    w[9 * cols + 70] = f32::NAN;
+    let table = DenseTensor {
+        rows,
+        cols,
+        data: DenseData::F32(w),
+    };
+    let frozen = Frozen::Dense {
+        table: &table,
+        first: 0,
+        rows,
+    };
+    let x = random(tokens * cols, 1.0, &mut rng);
+    let a = random(tokens * rows, 1.0, &mut rng);
+    for kernel in Kernel::available() {
+        let mut y = vec![0f32; tokens * rows];
+        int16_gemm::xwt(kernel, &x, frozen, &mut y);
+        let mut dx = vec![0f32; tokens * cols];
+        int16_gemm::aw(kernel, &a, frozen, &mut dx, false);
+        for t in 0..tokens {
+            for r in 0..rows {
+                assert_eq!(y[t * rows + r].is_nan(), r == 9, "{kernel:?} y ({t}, {r})");
+            }
+            for c in 0..cols {
+                assert_eq!(
+                    dx[t * cols + c].is_nan(),
+                    c == 70,
+                    "{kernel:?} dx ({t}, {c})"
+                );
+            }
+        }
     }
 }

@@ -623,6 +623,99 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
     }
 }
 
+/// `--precision default`'s integer products through the output projection (a bf16 head, the width 64
+/// and 96, enough positions for every kernel's threshold): the losses, log-sum-exps, gradient and
+/// logits stay within their tolerances of the f32 path's (itself held to f64 and finite differences
+/// above), and, where the CPU has BF16 dot products, closer to it than `--precision default`'s bf16
+/// products there. The head has a weight 20 times the rest in every 97th row, which coarsens its
+/// group's levels. Measured (relative norms): losses and log-sum-exps up to 5e-4, gradient 2.3e-3,
+/// logits 4.5e-4 (bf16: losses 1.5e-3, gradient 4.7e-3); held to 5e-3, 2e-2 and 5e-3.
+#[test]
+fn cross_entropy_in_integer_products_stays_near_f32() {
+    let mut rng = Rng::new(16);
+    let positions = 70;
+    for dim in [64, 96] {
+        let vocab = cross_entropy::VOCAB_CHUNK + 905;
+        let mut w = random(vocab * dim, 0.3, &mut rng);
+        for v in (0..vocab).step_by(97) {
+            w[v * dim + v % dim] *= 20.0;
+        }
+        let head = DenseTensor {
+            rows: vocab,
+            cols: dim,
+            data: DenseData::BF16(w.iter().map(|&v| half::bf16::from_f32(v)).collect()),
+        };
+        let hidden = random(positions * dim, 1.0, &mut rng);
+        let labels: Vec<u32> = (0..positions)
+            .map(|_| rng.below(vocab as u64) as u32)
+            .collect();
+        let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        for softcap in [None, Some(10.0f32)] {
+            let (l32, lse32, d32) = cross_entropy::forward_backward(
+                &hidden,
+                &head,
+                &labels,
+                0.5,
+                Precision::F32,
+                softcap,
+            );
+            let (l16, lse16, d16) = cross_entropy::forward_backward(
+                &hidden,
+                &head,
+                &labels,
+                0.5,
+                Precision::Int16,
+                softcap,
+            );
+            let (losses, errs) = (rel_err(&l16, &wide(&l32)), rel_err(&lse16, &wide(&lse32)));
+            let grads = rel_err(&d16, &wide(&d32));
+            let (f16, _) =
+                cross_entropy::forward(&hidden, &head, &labels, Precision::Int16, softcap);
+            let forward = rel_err(&f16, &wide(&l16));
+            let logits = rel_err(
+                &cross_entropy::logits(&hidden, &head, Precision::Int16, softcap),
+                &wide(&cross_entropy::logits(
+                    &hidden,
+                    &head,
+                    Precision::F32,
+                    softcap,
+                )),
+            );
+            eprintln!(
+                "integer cross-entropy, dim {dim}, cap {softcap:?}: losses {losses:e}, lse {errs:e}, \
+                 gradient {grads:e}, logits {logits:e}"
+            );
+            assert!(
+                losses < 5e-3 && errs < 5e-3,
+                "dim {dim}: losses {losses:e}, lse {errs:e}"
+            );
+            assert!(
+                forward < 1e-6,
+                "dim {dim}: forward-only losses differ by {forward:e}"
+            );
+            assert!(grads < 2e-2, "dim {dim}: gradient {grads:e}");
+            assert!(logits < 5e-3, "dim {dim}: logits {logits:e}");
+            if nibble::ops::bf16_gemm::available() {
+                let (lb, _, db) = cross_entropy::forward_backward(
+                    &hidden,
+                    &head,
+                    &labels,
+                    0.5,
+                    Precision::Bf16,
+                    softcap,
+                );
+                let (losses_bf16, grads_bf16) =
+                    (rel_err(&lb, &wide(&l32)), rel_err(&db, &wide(&d32)));
+                eprintln!("  bf16: losses {losses_bf16:e}, gradient {grads_bf16:e}");
+                assert!(
+                    losses < losses_bf16 && grads < grads_bf16,
+                    "dim {dim}: bf16 is closer to f32 ({losses_bf16:e}, {grads_bf16:e})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_on_packed_weights_matches_dequantized_f64_products() {
     let mut rng = Rng::new(15);

@@ -8,6 +8,7 @@ use crate::gpu::{GpuBuffer, groups_1d};
 use crate::model::{DenseData, DenseTensor};
 use crate::ops::bf16_gemm;
 use crate::ops::fastmath;
+use crate::ops::int16_gemm::{self, Frozen};
 use crate::ops::linear::{self, LinearParams, linear_groups};
 use crate::ops::{Dims4, Precision};
 use crate::ops::{isa, packed, packed_gemm};
@@ -24,12 +25,25 @@ enum Hidden<'a> {
         chunk: DenseTensor,
     },
     Bf16(bf16_gemm::PackedRows),
+    /// The head's rows quantized to 16-bit integers a block at a time as the products read them.
+    Int16 {
+        hidden: &'a [f32],
+        kernel: int16_gemm::Kernel,
+    },
 }
 
 impl<'a> Hidden<'a> {
     fn new(hidden: &'a [f32], positions: usize, dim: usize, precision: Precision) -> Self {
+        let kernel = int16_gemm::Kernel::for_path(isa::active());
         match precision {
-            // The head is dense: the integer products are for 4-bit rows.
+            // Both products of a chunk run in integers only where the input gradient's do too (it
+            // has the higher threshold), and where the width is whole groups.
+            Precision::Int16
+                if positions >= kernel.input_gradient_min_tokens()
+                    && int16_gemm::dense_group(dim).is_some() =>
+            {
+                Hidden::Int16 { hidden, kernel }
+            }
             Precision::F32 | Precision::Int16 => Hidden::F32 {
                 hidden,
                 chunk: DenseTensor {
@@ -55,7 +69,19 @@ impl<'a> Hidden<'a> {
             Hidden::Bf16(packed) => {
                 bf16_gemm::matmul_xwt(packed, head, start, n, logits, n, 0, false)
             }
+            Hidden::Int16 { hidden, kernel } => {
+                int16_gemm::xwt(*kernel, hidden, chunk_rows(head, start, n), logits)
+            }
         }
+    }
+}
+
+/// Rows start..start + n of the head for the integer products.
+fn chunk_rows(head: &DenseTensor, start: usize, n: usize) -> Frozen<'_> {
+    Frozen::Dense {
+        table: head,
+        first: start,
+        rows: n,
     }
 }
 
@@ -231,6 +257,9 @@ pub fn forward_backward(
                 let a = bf16_gemm::PackedRows::for_aw(&probs, positions, n);
                 bf16_gemm::matmul_aw(&a, head, start, &mut acc, dim, 0, true);
             }
+            Hidden::Int16 { kernel, .. } => {
+                int16_gemm::aw(*kernel, &probs, chunk_rows(head, start, n), &mut acc, true)
+            }
         }
     }
     let mut losses = vec![0f32; positions];
@@ -287,6 +316,7 @@ pub fn logits(
     }
     let precision = match route {
         linear::Route::Bf16 => Precision::Bf16,
+        linear::Route::Int16 => Precision::Int16,
         _ => Precision::F32,
     };
     for_each_chunk(hidden, head, precision, softcap, |start, n, chunk| {

@@ -17,7 +17,12 @@
 //! y = x·Wᵀ pairs two columns of a packed word (c and c + 4 of its eight) per 32-bit lane, eight rows
 //! per vector; dx = a·W pairs two rows, eight columns per vector, with the group scale folded into `a`
 //! (its chunks are 64 rows).
+//!
+//! The output projection's dense table (bf16 in checkpoints) takes the same kernels: each row is
+//! quantized to 12-bit levels as a task reads it, per group of `dense_group` columns for y = x·Wᵀ and
+//! per column of 64 rows for dx = a·W, so that its levels are as fine as a 4-bit group's.
 
+use crate::model::DenseTensor;
 use crate::ops::isa::CpuPath;
 use crate::quant::{NF4_CODES, QuantFormat, QuantTensor};
 use rayon::prelude::*;
@@ -124,6 +129,251 @@ impl Kernel {
             }
         }
         all
+    }
+}
+
+/// The frozen rows of a product.
+#[derive(Clone, Copy)]
+pub enum Frozen<'a> {
+    /// 4-bit rows: their codes' levels and their groups' scales.
+    Packed(&'a QuantTensor),
+    /// Rows first..first + rows of a dense table (a vocabulary chunk of the output projection).
+    Dense {
+        table: &'a DenseTensor,
+        first: usize,
+        rows: usize,
+    },
+}
+
+impl<'a> From<&'a QuantTensor> for Frozen<'a> {
+    fn from(q: &'a QuantTensor) -> Self {
+        Frozen::Packed(q)
+    }
+}
+
+impl Frozen<'_> {
+    fn shape(&self) -> (usize, usize) {
+        match *self {
+            Frozen::Packed(q) => (q.rows, q.cols),
+            Frozen::Dense { table, rows, .. } => (rows, table.cols),
+        }
+    }
+
+    /// Columns per chunk of the forward product's integer sums, and per input-gradient task group.
+    fn group(&self) -> usize {
+        match *self {
+            Frozen::Packed(q) => q.spec.group_size,
+            Frozen::Dense { table, .. } => dense_group(table.cols)
+                .unwrap_or_else(|| panic!("int16: {} columns are not whole groups", table.cols)),
+        }
+    }
+
+    /// The 4-bit tensor whose groups' minimums add to the products (INT4).
+    fn with_minimums(&self) -> Option<&QuantTensor> {
+        match *self {
+            Frozen::Packed(q) if q.spec.format == QuantFormat::Int4 => Some(q),
+            _ => None,
+        }
+    }
+
+    /// Refuses parts that disagree with the shape (the vector decoders read through them
+    /// unchecked).
+    fn check(&self) {
+        match *self {
+            Frozen::Packed(q) => check_tensor(q),
+            Frozen::Dense { table, first, rows } => {
+                assert!(
+                    first + rows <= table.rows,
+                    "int16: rows {first}..{} of a {}-row table",
+                    first + rows,
+                    table.rows
+                );
+                self.group();
+            }
+        }
+    }
+
+    /// The forward panel of rows first..first + count (see `forward_panel`).
+    fn forward_panel(
+        &self,
+        kernel: Kernel,
+        first: usize,
+        count: usize,
+        panel: &mut Panel,
+        values: &mut Vec<f32>,
+    ) {
+        match *self {
+            Frozen::Packed(q) => forward_panel(kernel, q, first, count, panel),
+            Frozen::Dense {
+                table, first: top, ..
+            } => dense_forward_panel(
+                kernel,
+                table,
+                top + first,
+                count,
+                self.group(),
+                panel,
+                values,
+            ),
+        }
+    }
+}
+
+/// Columns per chunk of a dense table's forward integer sums: 64 (14-bit activations, as for 4-bit
+/// groups of 64), or 32 where the width is not a multiple of 64; None (the products stay f32) where
+/// it is not a multiple of 32.
+pub fn dense_group(cols: usize) -> Option<usize> {
+    [64, 32]
+        .into_iter()
+        .find(|&g| cols > 0 && cols.is_multiple_of(g))
+}
+
+/// The largest magnitude among `values` as the bits of an f32 (a NaN's are above infinity's): the
+/// same on every kernel.
+fn largest_magnitude(values: impl Iterator<Item = f32>) -> f32 {
+    f32::from_bits(values.map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0))
+}
+
+/// A dense value's level: round(v · inverse), half to even as the vector conversion rounds (v is at
+/// most its chunk's largest, so the level is at most LEVEL_MAX; a NaN, whose inverse is 0, gives 0
+/// here and in the vector conversion's low half).
+fn dense_level(v: f32, inverse: f32) -> i16 {
+    (v * inverse).round_ties_even() as i16
+}
+
+/// `dense_forward_panel`'s steps and inverses for one strip: eight rows of `cols` values in `values`,
+/// per (row, group) the step of LEVEL_MAX levels; rows from `live` on get a step of 0.
+fn dense_row_steps(
+    values: &[f32],
+    cols: usize,
+    group: usize,
+    live: usize,
+    steps: &mut [f32],
+) -> Vec<f32> {
+    let groups = cols / group;
+    let mut inverses = vec![0f32; 8 * groups];
+    for j in 0..8 {
+        for g in 0..groups {
+            let chunk = &values[j * cols + g * group..j * cols + (g + 1) * group];
+            let (step, inverse) =
+                step_and_inverse(largest_magnitude(chunk.iter().copied()), LEVEL_MAX as f32);
+            steps[g * 8 + j] = if j < live { step } else { 0.0 };
+            inverses[j * groups + g] = inverse;
+        }
+    }
+    inverses
+}
+
+/// The forward panel of a dense table's rows first..first + count, as `forward_panel` lays out 4-bit
+/// rows: each (row, group) as levels of its largest magnitude, whose step is the panel's scale.
+#[allow(clippy::too_many_arguments)]
+fn dense_forward_panel(
+    kernel: Kernel,
+    table: &DenseTensor,
+    first: usize,
+    count: usize,
+    group: usize,
+    panel: &mut Panel,
+    values: &mut Vec<f32>,
+) {
+    let cols = table.cols;
+    let (groups, words) = (cols / group, cols / 8);
+    let strips = count.div_ceil(8);
+    panel.strips = strips;
+    panel.pairs.resize(strips * words * 32, 0);
+    panel.scales.resize(strips * groups * 8, 0.0);
+    panel.mins.clear();
+    values.resize(8 * cols, 0.0);
+    for s in 0..strips {
+        for j in 0..8 {
+            let row = first + (8 * s + j).min(count - 1);
+            table.row_f32(row, &mut values[j * cols..(j + 1) * cols]);
+        }
+        let live = count - 8 * s;
+        let steps = &mut panel.scales[s * groups * 8..(s + 1) * groups * 8];
+        let inverses = dense_row_steps(values, cols, group, live, steps);
+        let out = &mut panel.pairs[s * words * 32..(s + 1) * words * 32];
+        #[cfg(target_arch = "x86_64")]
+        if kernel != Kernel::Portable {
+            // SAFETY: as in decode_forward_strip.
+            unsafe { x86::dense_forward_strip(values, cols, group, &inverses, out) };
+            continue;
+        }
+        let _ = kernel;
+        for w in 0..words {
+            let g = 8 * w / group;
+            for c in 0..4 {
+                for j in 0..8 {
+                    let row = &values[j * cols + 8 * w..j * cols + 8 * w + 8];
+                    let inverse = inverses[j * groups + g];
+                    out[(4 * w + c) * 8 + j] = pair(
+                        dense_level(row[c], inverse),
+                        dense_level(row[c + 4], inverse),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The input-gradient panel of a dense table's rows first..first + count (the rest of `row_pairs`
+/// pairs 0) for columns first_col..first_col + group: pair p of lane j of strip s holds rows 2p and
+/// 2p + 1 of column 8s + j as levels of that column's largest magnitude in their chunk of AW_CHUNK
+/// rows, whose step is the panel's scale for (strip, chunk, lane).
+#[allow(clippy::too_many_arguments)]
+fn dense_backward_panel(
+    kernel: Kernel,
+    table: &DenseTensor,
+    first: usize,
+    count: usize,
+    row_pairs: usize,
+    first_col: usize,
+    group: usize,
+    panel: &mut Panel,
+    values: &mut Vec<f32>,
+) {
+    let (strips, chunks) = (group / 8, 2 * row_pairs / AW_CHUNK);
+    assert!(count <= 2 * row_pairs && row_pairs.is_multiple_of(AW_CHUNK / 2));
+    values.clear();
+    values.resize(2 * row_pairs * group, 0.0);
+    for (i, row) in values.chunks_exact_mut(group).take(count).enumerate() {
+        table.row_part_f32(first + i, first_col, row);
+    }
+    panel.strips = strips;
+    panel.pairs.resize(strips * row_pairs * 8, 0);
+    panel.scales.resize(strips * chunks * 8, 0.0);
+    panel.mins.clear();
+    let mut inverses = vec![0f32; chunks * group];
+    for c in 0..chunks {
+        let rows = &values[c * AW_CHUNK * group..(c + 1) * AW_CHUNK * group];
+        for col in 0..group {
+            let column = rows.iter().skip(col).step_by(group).copied();
+            let (step, inverse) = step_and_inverse(largest_magnitude(column), LEVEL_MAX as f32);
+            panel.scales[((col / 8) * chunks + c) * 8 + col % 8] = step;
+            inverses[c * group + col] = inverse;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        // SAFETY: as in decode_forward_strip.
+        unsafe { x86::dense_backward_pairs(values, group, row_pairs, &inverses, &mut panel.pairs) };
+        return;
+    }
+    let _ = kernel;
+    for s in 0..strips {
+        for p in 0..row_pairs {
+            let inverse = &inverses[(2 * p / AW_CHUNK) * group + 8 * s..][..8];
+            let (lo, hi) = (
+                &values[2 * p * group + 8 * s..],
+                &values[(2 * p + 1) * group + 8 * s..],
+            );
+            for j in 0..8 {
+                panel.pairs[(s * row_pairs + p) * 8 + j] = pair(
+                    dense_level(lo[j], inverse[j]),
+                    dense_level(hi[j], inverse[j]),
+                );
+            }
+        }
     }
 }
 
@@ -880,6 +1130,85 @@ mod x86 {
         }
     }
 
+    /// Eight f32 values times `inverse`, converted (half to even) to i32: levels, within ±LEVEL_MAX.
+    #[inline(always)]
+    unsafe fn levels_of(values: *const f32, inverse: __m256) -> __m256i {
+        unsafe { _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(values), inverse)) }
+    }
+
+    /// The dense forward strip's pairs (super::dense_forward_panel's loop): each of the eight rows'
+    /// words as the four pairs (c, c + 4), then those 8 x 4 pairs transposed so that a vector holds
+    /// one pair of every row.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dense_forward_strip(
+        values: &[f32],
+        cols: usize,
+        group: usize,
+        inverses: &[f32],
+        out: &mut [i32],
+    ) {
+        let (words, groups) = (cols / 8, cols / group);
+        assert!(
+            values.len() >= 8 * cols && inverses.len() >= 8 * groups && out.len() >= 32 * words
+        );
+        unsafe {
+            for w in 0..words {
+                let g = 8 * w / group;
+                let row: [__m128i; 8] = std::array::from_fn(|j| {
+                    let inverse = _mm256_set1_ps(inverses[j * groups + g]);
+                    let q = levels_of(values.as_ptr().add(j * cols + 8 * w), inverse);
+                    let (lo, hi) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                    _mm_blend_epi16::<0xAA>(lo, _mm_slli_epi32::<16>(hi))
+                });
+                // Rows j and j + 4 in the two halves, then a 4 x 4 transpose within each half.
+                let v: [__m256i; 4] = std::array::from_fn(|j| _mm256_set_m128i(row[j + 4], row[j]));
+                let (t0, t1) = (
+                    _mm256_unpacklo_epi32(v[0], v[1]),
+                    _mm256_unpackhi_epi32(v[0], v[1]),
+                );
+                let (t2, t3) = (
+                    _mm256_unpacklo_epi32(v[2], v[3]),
+                    _mm256_unpackhi_epi32(v[2], v[3]),
+                );
+                let o = out.as_mut_ptr().add(w * 32) as *mut __m256i;
+                _mm256_storeu_si256(o, _mm256_unpacklo_epi64(t0, t2));
+                _mm256_storeu_si256(o.add(1), _mm256_unpackhi_epi64(t0, t2));
+                _mm256_storeu_si256(o.add(2), _mm256_unpacklo_epi64(t1, t3));
+                _mm256_storeu_si256(o.add(3), _mm256_unpackhi_epi64(t1, t3));
+            }
+        }
+    }
+
+    /// The dense input-gradient panel's pairs (super::dense_backward_panel's loop): two rows' eight
+    /// levels, the second's in the upper halves.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dense_backward_pairs(
+        values: &[f32],
+        group: usize,
+        row_pairs: usize,
+        inverses: &[f32],
+        out: &mut [i32],
+    ) {
+        let strips = group / 8;
+        assert!(values.len() >= 2 * row_pairs * group && out.len() >= strips * row_pairs * 8);
+        assert!(inverses.len() >= (2 * row_pairs).div_ceil(super::AW_CHUNK) * group);
+        unsafe {
+            for s in 0..strips {
+                for p in 0..row_pairs {
+                    let at = (2 * p / super::AW_CHUNK) * group + 8 * s;
+                    let inverse = _mm256_loadu_ps(inverses.as_ptr().add(at));
+                    let lo = levels_of(values.as_ptr().add(2 * p * group + 8 * s), inverse);
+                    let hi = levels_of(values.as_ptr().add((2 * p + 1) * group + 8 * s), inverse);
+                    let pairs = _mm256_blend_epi16::<0xAA>(lo, _mm256_slli_epi32::<16>(hi));
+                    _mm256_storeu_si256(
+                        out.as_mut_ptr().add((s * row_pairs + p) * 8) as *mut __m256i,
+                        pairs,
+                    );
+                }
+            }
+        }
+    }
+
     /// Strip s, pair p of the input-gradient panel from `words(p, s)`: the two rows' words holding
     /// the strip's eight columns and their multipliers as a pair.
     #[target_feature(enable = "avx2")]
@@ -941,10 +1270,10 @@ fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: 
 }
 
 /// y[t] = x[t]·Wᵀ over all of W's rows, for any number of tokens (y is tokens x rows).
-pub fn xwt(kernel: Kernel, x: &[f32], q: &QuantTensor, y: &mut [f32]) {
+pub fn xwt(kernel: Kernel, x: &[f32], w: Frozen, y: &mut [f32]) {
     assert!(kernel.runs_here(), "int16 xwt: this CPU lacks {kernel:?}");
-    check_tensor(q);
-    let (rows, cols) = (q.rows, q.cols);
+    w.check();
+    let (rows, cols) = w.shape();
     let tokens = x.len() / cols;
     assert!(
         x.len() == tokens * cols && y.len() == tokens * rows,
@@ -953,7 +1282,7 @@ pub fn xwt(kernel: Kernel, x: &[f32], q: &QuantTensor, y: &mut [f32]) {
     if tokens == 0 || rows == 0 {
         return;
     }
-    let int4 = q.spec.format == QuantFormat::Int4;
+    let int4 = w.with_minimums().is_some();
     let per_block = block_rows(rows, cols);
     let blocks = rows.div_ceil(per_block);
     let y_columns = super::packed_gemm::ColumnRanges::new(y, rows);
@@ -963,15 +1292,15 @@ pub fn xwt(kernel: Kernel, x: &[f32], q: &QuantTensor, y: &mut [f32]) {
             kernel,
             &x[t0 * cols..(t0 + tc) * cols],
             cols,
-            q.spec.group_size,
+            w.group(),
             int4,
         );
         (0..blocks).into_par_iter().for_each_init(
-            || (Panel::default(), Vec::new()),
-            |(panel, out), b| {
+            || (Panel::default(), Vec::new(), Vec::new()),
+            |(panel, out, values), b| {
                 let first = b * per_block;
                 let count = per_block.min(rows - first);
-                forward_panel(kernel, q, first, count, panel);
+                w.forward_panel(kernel, first, count, panel, values);
                 let stride = panel.strips * 8;
                 out.resize(tc * stride, 0.0);
                 run(kernel, qx.view(0, qx.row_pairs), panel, out, stride);
@@ -998,6 +1327,8 @@ struct Scratch {
     panel: Panel,
     task_dx: Vec<f32>,
     group_out: Vec<f32>,
+    /// A dense table's rows as f32.
+    values: Vec<f32>,
 }
 
 /// Each group's row scales relative to the largest of their chunk of `AW_CHUNK` rows: per group, each
@@ -1032,11 +1363,11 @@ fn relative_scales(q: &QuantTensor, factor: f32) -> (Vec<i16>, Vec<f32>) {
 /// dx (+ when `accumulate`)= a·W (a is tokens x W's rows, dx tokens x cols): the input gradient.
 /// a is quantized per 64 rows once; each task owns whole groups of dx's columns and, for each block of
 /// rows, decodes their levels times the rows' scales relative to their chunk's largest.
-pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate: bool) {
+pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool) {
     assert!(kernel.runs_here(), "int16 aw: this CPU lacks {kernel:?}");
-    check_tensor(q);
-    let (rows, cols) = (q.rows, q.cols);
-    let g = q.spec.group_size;
+    w.check();
+    let (rows, cols) = w.shape();
+    let g = w.group();
     let tokens = dx.len() / cols;
     assert!(
         dx.len() == tokens * cols && a.len() == tokens * rows,
@@ -1048,11 +1379,16 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
         }
         return;
     }
-    let (table, factor) = levels(q.spec.format);
-    let int4 = q.spec.format == QuantFormat::Int4;
     let groups = cols / g;
     let chunks = rows.div_ceil(AW_CHUNK);
-    let (multipliers, largest) = relative_scales(q, factor);
+    // 4-bit rows: their codes' levels, and each group's row scales relative to their chunk's.
+    let packed = match w {
+        Frozen::Packed(q) => {
+            let (table, factor) = levels(q.spec.format);
+            Some((q, table, relative_scales(q, factor)))
+        }
+        Frozen::Dense { .. } => None,
+    };
     let per_task = (groups / (4 * rayon::current_num_threads())).max(1);
     let tasks = groups.div_ceil(per_task);
     let block = (BLOCK_BYTES / (2 * g)).clamp(AW_CHUNK, 4 * AW_CHUNK) / AW_CHUNK * AW_CHUNK;
@@ -1069,12 +1405,14 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
                 panel: Panel::default(),
                 task_dx: Vec::new(),
                 group_out: Vec::new(),
+                values: Vec::new(),
             },
             |scratch, task| {
                 let Scratch {
                     panel,
                     task_dx,
                     group_out,
+                    values,
                 } = scratch;
                 let first_group = task * per_task;
                 let task_groups = per_task.min(groups - first_group);
@@ -1089,25 +1427,48 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
                     for gi in 0..task_groups {
                         let group = first_group + gi;
                         let col = first_col + gi * g;
-                        let m = &multipliers[group * rows + first..group * rows + first + count];
-                        backward_panel(
-                            kernel,
-                            q,
-                            &table,
-                            first,
-                            count,
-                            row_pairs,
-                            col,
-                            g / 8,
-                            m,
-                            &mut panel.pairs,
-                        );
-                        panel.strips = g / 8;
-                        panel.scales.clear();
-                        for _ in 0..panel.strips {
-                            for c in 0..block_chunks {
-                                let top = largest[group * chunks + first / AW_CHUNK + c];
-                                panel.scales.extend([top; 8]);
+                        match (w, &packed) {
+                            (_, Some((q, table, (multipliers, largest)))) => {
+                                let at = group * rows + first;
+                                backward_panel(
+                                    kernel,
+                                    q,
+                                    table,
+                                    first,
+                                    count,
+                                    row_pairs,
+                                    col,
+                                    g / 8,
+                                    &multipliers[at..at + count],
+                                    &mut panel.pairs,
+                                );
+                                panel.strips = g / 8;
+                                panel.scales.clear();
+                                for _ in 0..panel.strips {
+                                    for c in 0..block_chunks {
+                                        let top = largest[group * chunks + first / AW_CHUNK + c];
+                                        panel.scales.extend([top; 8]);
+                                    }
+                                }
+                            }
+                            (
+                                Frozen::Dense {
+                                    table, first: top, ..
+                                },
+                                None,
+                            ) => dense_backward_panel(
+                                kernel,
+                                table,
+                                top + first,
+                                count,
+                                row_pairs,
+                                col,
+                                g,
+                                panel,
+                                values,
+                            ),
+                            (Frozen::Packed(_), None) => {
+                                unreachable!("4-bit rows have their levels")
                             }
                         }
                         group_out.resize(tc * g, 0.0);
@@ -1115,13 +1476,14 @@ pub fn aw(kernel: Kernel, a: &[f32], q: &QuantTensor, dx: &mut [f32], accumulate
                         for t in 0..tc {
                             let dst = &mut task_dx[t * width + gi * g..t * width + (gi + 1) * g];
                             let src = &group_out[t * g..(t + 1) * g];
-                            let min_term = if int4 {
-                                let at = &a_chunk[t * rows + first..t * rows + first + count];
-                                (0..count)
-                                    .map(|o| at[o] * q.mins[(first + o) * groups + group])
-                                    .sum::<f32>()
-                            } else {
-                                0.0
+                            let min_term = match w.with_minimums() {
+                                Some(q) => {
+                                    let at = &a_chunk[t * rows + first..t * rows + first + count];
+                                    (0..count)
+                                        .map(|o| at[o] * q.mins[(first + o) * groups + group])
+                                        .sum::<f32>()
+                                }
+                                None => 0.0,
                             };
                             dst.iter_mut()
                                 .zip(src)

@@ -90,7 +90,9 @@ pub fn forward_packed(
         Route::Stream => packed::xwt_few(path, x, w.into(), 0, out, y, out, 0, false),
         Route::Blocks => packed_gemm::xwt(path, x, w.into(), 0, out, y, out, 0, false),
         Route::Int16 => match w {
-            LinearWeight::Quant(q) => int16_gemm::xwt(int16_gemm::Kernel::for_path(path), x, q, y),
+            LinearWeight::Quant(q) => {
+                int16_gemm::xwt(int16_gemm::Kernel::for_path(path), x, q.into(), y)
+            }
             LinearWeight::Dense(_) => packed_gemm::xwt(path, x, w.into(), 0, out, y, out, 0, false),
         },
         Route::Bf16 => {
@@ -124,7 +126,13 @@ pub fn backward_input(
         (Precision::Int16, LinearWeight::Quant(q))
             if tokens >= int16_gemm::Kernel::for_path(path).input_gradient_min_tokens() =>
         {
-            int16_gemm::aw(int16_gemm::Kernel::for_path(path), dy, q, dx, accumulate)
+            int16_gemm::aw(
+                int16_gemm::Kernel::for_path(path),
+                dy,
+                q.into(),
+                dx,
+                accumulate,
+            )
         }
         _ => packed_gemm::aw(path, dy, out, 0, w.into(), 0, out, dx, accumulate),
     }
