@@ -126,7 +126,9 @@ impl DenseTensor {
         self.row_part_f32(r, 0, out);
     }
 
-    /// Columns `first_col..first_col + out.len()` of row `r` as f32.
+    /// Columns `first_col..first_col + out.len()` of row `r` as f32. Inlined so that a caller built
+    /// for wider vectors (int16_gemm's AVX2 panels) converts with them.
+    #[inline(always)]
     pub fn row_part_f32(&self, r: usize, first_col: usize, out: &mut [f32]) {
         assert!(
             first_col + out.len() <= self.cols,

@@ -228,6 +228,18 @@ pub fn dense_group(cols: usize) -> Option<usize> {
         .find(|&g| cols > 0 && cols.is_multiple_of(g))
 }
 
+/// Columns first_col.. of row `r` as f32, converted with AVX2 where the kernel has it.
+fn dense_row(kernel: Kernel, table: &DenseTensor, r: usize, first_col: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        // SAFETY: as in decode_forward_strip.
+        unsafe { x86::dense_row(table, r, first_col, out) };
+        return;
+    }
+    let _ = kernel;
+    table.row_part_f32(r, first_col, out);
+}
+
 /// The largest magnitude among `values` as the bits of an f32 (a NaN's are above infinity's): the
 /// same on every kernel.
 fn largest_magnitude(values: impl Iterator<Item = f32>) -> f32 {
@@ -287,7 +299,7 @@ fn dense_forward_panel(
     for s in 0..strips {
         for j in 0..8 {
             let row = first + (8 * s + j).min(count - 1);
-            table.row_f32(row, &mut values[j * cols..(j + 1) * cols]);
+            dense_row(kernel, table, row, 0, &mut values[j * cols..(j + 1) * cols]);
         }
         let live = count - 8 * s;
         let steps = &mut panel.scales[s * groups * 8..(s + 1) * groups * 8];
@@ -337,18 +349,24 @@ fn dense_backward_panel(
     values.clear();
     values.resize(2 * row_pairs * group, 0.0);
     for (i, row) in values.chunks_exact_mut(group).take(count).enumerate() {
-        table.row_part_f32(first + i, first_col, row);
+        dense_row(kernel, table, first + i, first_col, row);
     }
     panel.strips = strips;
     panel.pairs.resize(strips * row_pairs * 8, 0);
     panel.scales.resize(strips * chunks * 8, 0.0);
     panel.mins.clear();
     let mut inverses = vec![0f32; chunks * group];
+    let mut largest = vec![0u32; group];
     for c in 0..chunks {
-        let rows = &values[c * AW_CHUNK * group..(c + 1) * AW_CHUNK * group];
-        for col in 0..group {
-            let column = rows.iter().skip(col).step_by(group).copied();
-            let (step, inverse) = step_and_inverse(largest_magnitude(column), LEVEL_MAX as f32);
+        // Row by row, so that the maxima vectorise; as largest_magnitude, on the bits.
+        largest.fill(0);
+        for row in values[c * AW_CHUNK * group..(c + 1) * AW_CHUNK * group].chunks_exact(group) {
+            for (m, v) in largest.iter_mut().zip(row) {
+                *m = (*m).max(v.to_bits() & 0x7FFF_FFFF);
+            }
+        }
+        for (col, &bits) in largest.iter().enumerate() {
+            let (step, inverse) = step_and_inverse(f32::from_bits(bits), LEVEL_MAX as f32);
             panel.scales[((col / 8) * chunks + c) * 8 + col % 8] = step;
             inverses[c * group + col] = inverse;
         }
@@ -1128,6 +1146,17 @@ mod x86 {
                 _mm256_storeu_si256(o.add(3), lookup(table_lo, table_hi, v3));
             }
         }
+    }
+
+    /// DenseTensor::row_part_f32 built for AVX2 (it is inlined here).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dense_row(
+        table: &crate::model::DenseTensor,
+        r: usize,
+        first_col: usize,
+        out: &mut [f32],
+    ) {
+        table.row_part_f32(r, first_col, out);
     }
 
     /// Eight f32 values times `inverse`, converted (half to even) to i32: levels, within ±LEVEL_MAX.
