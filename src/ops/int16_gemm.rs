@@ -228,6 +228,30 @@ pub fn dense_group(cols: usize) -> Option<usize> {
         .find(|&g| cols > 0 && cols.is_multiple_of(g))
 }
 
+/// Asks for columns first_col..first_col + len of `rows` ahead of their reading: a task reads a few
+/// columns of many rows, a stride the hardware's prefetchers follow too late.
+fn prefetch_rows(table: &DenseTensor, rows: std::ops::Range<usize>, first_col: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = table.as_bytes();
+        let size = bytes.len() / (table.rows * table.cols).max(1);
+        for r in rows {
+            let at = (r * table.cols + first_col) * size;
+            for line in (at..at + len * size).step_by(64) {
+                // SAFETY: a prefetch only hints the cache and never faults; the address is inside the
+                // table (wrapping_add keeps the pointer arithmetic defined regardless).
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        bytes.as_ptr().wrapping_add(line) as *const i8,
+                    )
+                };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (table, rows, first_col, len);
+}
+
 /// Columns first_col.. of row `r` as f32, converted with AVX2 where the kernel has it.
 fn dense_row(kernel: Kernel, table: &DenseTensor, r: usize, first_col: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -297,6 +321,9 @@ fn dense_forward_panel(
     panel.mins.clear();
     values.resize(8 * cols, 0.0);
     for s in 0..strips {
+        // The next strip's rows arrive while this one's are quantized.
+        let next = (first + 8 * s + 8).min(first + count);
+        prefetch_rows(table, next..(next + 8).min(first + count), 0, cols);
         for j in 0..8 {
             let row = first + (8 * s + j).min(count - 1);
             dense_row(kernel, table, row, 0, &mut values[j * cols..(j + 1) * cols]);
@@ -348,6 +375,7 @@ fn dense_backward_panel(
     assert!(count <= 2 * row_pairs && row_pairs.is_multiple_of(AW_CHUNK / 2));
     values.clear();
     values.resize(2 * row_pairs * group, 0.0);
+    prefetch_rows(table, first..first + count, first_col, group);
     for (i, row) in values.chunks_exact_mut(group).take(count).enumerate() {
         dense_row(kernel, table, first + i, first_col, row);
     }
