@@ -205,11 +205,13 @@ impl Frozen<'_> {
         match *self {
             Frozen::Packed(q) => forward_panel(kernel, q, first, count, panel),
             Frozen::Dense {
-                table, first: top, ..
+                table,
+                first: offset,
+                ..
             } => dense_forward_panel(
                 kernel,
                 table,
-                top + first,
+                offset + first,
                 count,
                 self.group(),
                 panel,
@@ -234,10 +236,11 @@ fn prefetch_rows(table: &DenseTensor, rows: std::ops::Range<usize>, first_col: u
     #[cfg(target_arch = "x86_64")]
     {
         let bytes = table.as_bytes();
-        let size = bytes.len() / (table.rows * table.cols).max(1);
+        let size = table.dtype().size();
         for r in rows {
             let at = (r * table.cols + first_col) * size;
-            for line in (at..at + len * size).step_by(64) {
+            // From the line that holds the first byte, so that a span across one more line is whole.
+            for line in (at & !63..at + len * size).step_by(64) {
                 // SAFETY: a prefetch only hints the cache and never faults; the address is inside the
                 // table (wrapping_add keeps the pointer arithmetic defined regardless).
                 unsafe {
@@ -1419,7 +1422,8 @@ fn relative_scales(q: &QuantTensor, factor: f32) -> (Vec<i16>, Vec<f32>) {
 
 /// dx (+ when `accumulate`)= a·W (a is tokens x W's rows, dx tokens x cols): the input gradient.
 /// a is quantized per 64 rows once; each task owns whole groups of dx's columns and, for each block of
-/// rows, decodes their levels times the rows' scales relative to their chunk's largest.
+/// rows, decodes their levels times the rows' scales relative to their chunk's largest (4-bit rows) or
+/// quantizes each column of the block's 64-row chunks (dense rows).
 pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool) {
     assert!(kernel.runs_here(), "int16 aw: this CPU lacks {kernel:?}");
     w.check();
@@ -1510,13 +1514,15 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
                             }
                             (
                                 Frozen::Dense {
-                                    table, first: top, ..
+                                    table,
+                                    first: offset,
+                                    ..
                                 },
                                 None,
                             ) => dense_backward_panel(
                                 kernel,
                                 table,
-                                top + first,
+                                offset + first,
                                 count,
                                 row_pairs,
                                 col,
