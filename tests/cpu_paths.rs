@@ -329,6 +329,123 @@ fn a_cpu_path_the_machine_lacks_or_an_unknown_one_is_refused() {
     }
 }
 
+/// CPUID leaf 1 signatures of shipped CPUs (the vendors' published values) against the multiplier
+/// pipes their optimization guides give `vpmaddwd` (one: Haswell, Broadwell, Zen 2, Hygon's Zen;
+/// two: Skylake and later, Zen 3 and later).
+#[test]
+fn cpu_models_decode_and_one_pipe_integer_multipliers_fall_back_to_f32() {
+    use nibble::ops::isa::{X86Model, X86Vendor};
+    /// (vendor string, leaf 1 EAX, family, model, two-pipe vpmaddwd, name)
+    type Case = (&'static [u8; 12], u32, u32, u32, bool, &'static str);
+    let cases: [Case; 10] = [
+        (
+            b"GenuineIntel",
+            0x0003_06C3,
+            6,
+            0x3C,
+            false,
+            "Haswell i7-4770",
+        ),
+        (
+            b"GenuineIntel",
+            0x0004_0671,
+            6,
+            0x47,
+            false,
+            "Broadwell i7-5775C",
+        ),
+        (
+            b"GenuineIntel",
+            0x0005_06E3,
+            6,
+            0x5E,
+            true,
+            "Skylake i7-6700K",
+        ),
+        (
+            b"GenuineIntel",
+            0x0009_06A3,
+            6,
+            0x9A,
+            true,
+            "Alder Lake i7-12700H",
+        ),
+        (
+            b"AuthenticAMD",
+            0x0083_0F10,
+            0x17,
+            0x31,
+            false,
+            "Zen 2 EPYC 7742",
+        ),
+        (
+            b"AuthenticAMD",
+            0x0087_0F10,
+            0x17,
+            0x71,
+            false,
+            "Zen 2 Ryzen 7 3700X",
+        ),
+        (
+            b"AuthenticAMD",
+            0x00A2_0F10,
+            0x19,
+            0x21,
+            true,
+            "Zen 3 Ryzen 5 5600X",
+        ),
+        (
+            b"AuthenticAMD",
+            0x00A1_0F11,
+            0x19,
+            0x11,
+            true,
+            "Zen 4 EPYC 9004",
+        ),
+        (
+            b"AuthenticAMD",
+            0x00B4_0F40,
+            0x1A,
+            0x44,
+            true,
+            "Zen 5 Ryzen 9 9950X",
+        ),
+        (
+            b"HygonGenuine",
+            0x0090_0F01,
+            0x18,
+            0x00,
+            false,
+            "Hygon Dhyana",
+        ),
+    ];
+    for (vendor, eax, family, model, two_pipes, name) in cases {
+        let cpu = X86Model::from_cpuid(vendor, eax);
+        assert_eq!((cpu.family, cpu.model), (family, model), "{name}");
+        assert_ne!(cpu.vendor, X86Vendor::Other, "{name}");
+        assert_eq!(cpu.pair_madds_on_two_pipes(), two_pipes, "{name}");
+    }
+    // This machine's CPUID as the kernel reads it.
+    if let (Some(cpu), Ok(info)) = (
+        nibble::ops::isa::x86_model(),
+        std::fs::read_to_string("/proc/cpuinfo"),
+    ) {
+        let field = |key: &str| {
+            info.lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+                .and_then(|l| l.split(':').nth(1))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        if let (Some(family), Some(model)) = (field("cpu family"), field("model")) {
+            assert_eq!((cpu.family, cpu.model), (family, model), "{cpu:?}");
+            println!(
+                "this CPU: {cpu:?}, two-pipe vpmaddwd: {}",
+                cpu.pair_madds_on_two_pipes()
+            );
+        }
+    }
+}
+
 #[test]
 fn training_gives_the_same_losses_on_every_cpu_path() {
     let paths = common::cpu_paths("training");

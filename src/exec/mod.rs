@@ -70,7 +70,9 @@ pub fn software_gpu_warning(info: &wgpu::AdapterInfo) -> Option<String> {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrecisionChoice {
     /// The executor's fastest mode that keeps the loss within 1e-3 (relative) of float32: bf16 products
-    /// on CPUs with AVX512-BF16 or ARM BF16, float32 elsewhere and on the GPU.
+    /// on CPUs with AVX512-BF16 or ARM BF16, 16-bit integer products on other x86 CPUs with AVX2 whose
+    /// cores multiply 16-bit pairs on two pipes (Skylake and later, Zen 3 and later), float32
+    /// elsewhere and on the GPU.
     #[default]
     Default,
     /// Exact float32 everywhere, for parity checks.

@@ -23,7 +23,7 @@
 //! per column of 64 rows for dx = a·W, so that its levels are as fine as a 4-bit group's.
 
 use crate::model::DenseTensor;
-use crate::ops::isa::CpuPath;
+use crate::ops::isa::{self, CpuPath};
 use crate::quant::{NF4_CODES, QuantFormat, QuantTensor};
 use rayon::prelude::*;
 
@@ -426,10 +426,14 @@ fn dense_backward_panel(
     }
 }
 
-/// Whether `--precision default` runs these products on `path` (an x86 CPU with AVX2 whose path has
-/// no bf16 products).
+/// Whether `--precision default` runs these products on `path`: an x86 CPU with AVX2 whose path has
+/// no bf16 products, and whose core multiplies 16-bit pairs on two pipes. Where `vpmaddwd` has one
+/// pipe and FMA two (Haswell, Broadwell, Zen 2 and older), the integers multiply no more values per
+/// cycle than f32 FMAs and add the quantization's work and error, so f32 it is.
 pub fn preferred(path: CpuPath) -> bool {
-    path.includes(CpuPath::Avx2) && !path.includes(CpuPath::Avx512Bf16)
+    path.includes(CpuPath::Avx2)
+        && !path.includes(CpuPath::Avx512Bf16)
+        && isa::x86_model().is_some_and(|cpu| cpu.pair_madds_on_two_pipes())
 }
 
 /// Rows of 16-bit pairs (`pairs` per row, each chunk of `chunk_pairs` with one f32 step), the operand

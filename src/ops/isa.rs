@@ -190,3 +190,87 @@ pub fn survey() -> Vec<(CpuPath, Result<(), String>)> {
         .map(|p| (p, p.supported()))
         .collect()
 }
+
+/// Who made an x86 CPU (CPUID leaf 0's vendor string).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum X86Vendor {
+    Intel,
+    Amd,
+    /// Hygon's Dhyana: AMD's Zen licensed (family 0x18).
+    Hygon,
+    Other,
+}
+
+/// An x86 CPU's vendor, family and model, with CPUID leaf 1's extended fields folded in as the vendors'
+/// manuals say (family 0xF adds the extended family; families 6 and 0xF and above take the extended
+/// model as the high nibble).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct X86Model {
+    pub vendor: X86Vendor,
+    pub family: u32,
+    pub model: u32,
+}
+
+impl X86Model {
+    /// From CPUID leaf 0's vendor string and leaf 1's EAX.
+    pub fn from_cpuid(vendor: &[u8; 12], leaf1_eax: u32) -> X86Model {
+        let base_family = (leaf1_eax >> 8) & 0xF;
+        let family = if base_family == 0xF {
+            base_family + ((leaf1_eax >> 20) & 0xFF)
+        } else {
+            base_family
+        };
+        let base_model = (leaf1_eax >> 4) & 0xF;
+        let model = if base_family == 6 || base_family == 0xF {
+            base_model | (((leaf1_eax >> 16) & 0xF) << 4)
+        } else {
+            base_model
+        };
+        let vendor = match vendor {
+            b"GenuineIntel" => X86Vendor::Intel,
+            b"AuthenticAMD" => X86Vendor::Amd,
+            b"HygonGenuine" => X86Vendor::Hygon,
+            _ => X86Vendor::Other,
+        };
+        X86Model {
+            vendor,
+            family,
+            model,
+        }
+    }
+
+    /// Whether the CPU issues 256-bit 16-bit multiply-adds (`vpmaddwd`) on two pipes, as it issues FMAs,
+    /// so that integer pairs multiply twice the values an FMA multiplies in the same time. Intel's
+    /// Haswell and Broadwell (one vector integer multiplier, port 0) and AMD's families up to 0x17
+    /// (Zen, Zen+, Zen 2: pipe FP0 only; LLVM's Znver2 model, AMD's family 17h optimization guide) and
+    /// Hygon's Dhyana do not; Skylake and later Intel cores (ports 0 and 1) and Zen 3 and later (FP0
+    /// and FP3) do. Unknown CPUs count as two-pipe: every AVX2 core designed since 2015 is.
+    pub fn pair_madds_on_two_pipes(self) -> bool {
+        const HASWELL_BROADWELL: [u32; 8] = [0x3C, 0x3F, 0x45, 0x46, 0x3D, 0x47, 0x4F, 0x56];
+        match self.vendor {
+            X86Vendor::Intel => !(self.family == 6 && HASWELL_BROADWELL.contains(&self.model)),
+            X86Vendor::Amd | X86Vendor::Hygon => self.family >= 0x19,
+            X86Vendor::Other => true,
+        }
+    }
+}
+
+/// This CPU's vendor, family and model; None on other architectures.
+pub fn x86_model() -> Option<X86Model> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static MODEL: OnceLock<X86Model> = OnceLock::new();
+        Some(*MODEL.get_or_init(|| {
+            use std::arch::x86_64::__cpuid;
+            // Leaves 0 and 1 exist on every x86-64 CPU.
+            let (leaf0, leaf1) = (__cpuid(0), __cpuid(1));
+            let mut vendor = [0u8; 12];
+            for (i, register) in [leaf0.ebx, leaf0.edx, leaf0.ecx].into_iter().enumerate() {
+                vendor[4 * i..4 * i + 4].copy_from_slice(&register.to_le_bytes());
+            }
+            X86Model::from_cpuid(&vendor, leaf1.eax)
+        }))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
