@@ -516,7 +516,8 @@ fn training_gives_the_same_losses_on_every_cpu_path() {
         }
         if path.includes(CpuPath::Avx2) || path == CpuPath::NeonBf16 {
             // The default precision there rounds the frozen products' operands to bf16 (avx512bf16,
-            // neonbf16) or runs them in 16-bit integers (the other x86 paths); it promises losses
+            // neonbf16) or runs them in 16-bit integers (the other x86 paths, on cores with two
+            // `vpmaddwd` pipes; f32 on others); it promises losses
             // within 1e-3 (relative) of f32. Measured on neonbf16 under qemu: 9e-5.
             let fast = losses(path, "default", "run");
             let worst = fast
@@ -533,9 +534,26 @@ fn training_gives_the_same_losses_on_every_cpu_path() {
             );
         }
     }
+    // `--precision int16` asks for the integer products whatever the core (the portable kernel on
+    // paths without AVX2), kept in the run's settings, within the same 1e-3.
+    let path = paths.last().copied().unwrap_or(CpuPath::Portable);
+    let forced = losses(path, "int16", "run");
+    for (a, b) in forced.iter().zip(&portable) {
+        assert!(
+            (a - b).abs() <= 1e-3 * b.abs(),
+            "{path} int16: losses {forced:?} vs f32 {portable:?}"
+        );
+    }
+    let settings = dir
+        .path()
+        .join(format!("{}-int16-run", path.name()))
+        .join("nibble_config.toml");
+    let settings = std::fs::read_to_string(&settings).unwrap();
+    assert!(settings.contains("precision = \"int16\""), "{settings}");
 }
 
-/// The 16-bit integer products (`--precision default` on AVX2 CPUs without BF16): every kernel this
+/// The 16-bit integer products (`--precision default` on AVX2 CPUs without BF16 whose cores multiply
+/// 16-bit pairs on two pipes; `--precision int16` anywhere): every kernel this
 /// CPU runs gives the portable kernel's bits, and those are within the error the design allows of
 /// the f64 product of the defined 4-bit values. An activation is off by at most half a step (its
 /// chunk's largest magnitude over 2^31 / (chunk · 2048), at most 32767) and an NF4 level by at most

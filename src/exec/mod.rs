@@ -77,6 +77,10 @@ pub enum PrecisionChoice {
     Default,
     /// Exact float32 everywhere, for parity checks.
     F32,
+    /// The CPU executor's frozen products in 16-bit integers whatever the core, to measure the choice
+    /// `default` makes by CPU model (x86 cores without AVX2 and other architectures run the portable
+    /// integer kernel, slowly). The GPU executor computes in float32.
+    Int16,
 }
 
 impl PrecisionChoice {
@@ -85,6 +89,7 @@ impl PrecisionChoice {
         match self {
             PrecisionChoice::F32 => crate::ops::Precision::F32,
             PrecisionChoice::Default => crate::ops::Precision::fastest(),
+            PrecisionChoice::Int16 => crate::ops::Precision::Int16,
         }
     }
 }

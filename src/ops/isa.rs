@@ -201,9 +201,10 @@ pub enum X86Vendor {
     Other,
 }
 
-/// An x86 CPU's vendor, family and model, with CPUID leaf 1's extended fields folded in as the vendors'
-/// manuals say (family 0xF adds the extended family; families 6 and 0xF and above take the extended
-/// model as the high nibble).
+/// An x86 CPU's vendor, family and model, with CPUID leaf 1's extended fields folded in as Linux does
+/// (`/proc/cpuinfo`): base family 0xF adds the extended family; base families 6 and above take the
+/// extended model as the high nibble (Intel's rule for 6 and 0xF; AMD's parts below 0xF report 0
+/// there, and Zhaoxin's family 7 needs it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct X86Model {
     pub vendor: X86Vendor,
@@ -221,7 +222,7 @@ impl X86Model {
             base_family
         };
         let base_model = (leaf1_eax >> 4) & 0xF;
-        let model = if base_family == 6 || base_family == 0xF {
+        let model = if base_family >= 6 {
             base_model | (((leaf1_eax >> 16) & 0xF) << 4)
         } else {
             base_model
@@ -244,7 +245,8 @@ impl X86Model {
     /// Haswell and Broadwell (one vector integer multiplier, port 0) and AMD's families up to 0x17
     /// (Zen, Zen+, Zen 2: pipe FP0 only; LLVM's Znver2 model, AMD's family 17h optimization guide) and
     /// Hygon's Dhyana do not; Skylake and later Intel cores (ports 0 and 1) and Zen 3 and later (FP0
-    /// and FP3) do. Unknown CPUs count as two-pipe: every AVX2 core designed since 2015 is.
+    /// and FP3) do. Other cores count as two-pipe (not verified for Intel's E-cores, Knights Landing
+    /// or Zhaoxin); `--precision f32` or `--precision int16` overrides the choice.
     pub fn pair_madds_on_two_pipes(self) -> bool {
         const HASWELL_BROADWELL: [u32; 8] = [0x3C, 0x3F, 0x45, 0x46, 0x3D, 0x47, 0x4F, 0x56];
         match self.vendor {
@@ -262,8 +264,10 @@ pub fn x86_model() -> Option<X86Model> {
         static MODEL: OnceLock<X86Model> = OnceLock::new();
         Some(*MODEL.get_or_init(|| {
             use std::arch::x86_64::__cpuid;
-            // Leaves 0 and 1 exist on every x86-64 CPU.
-            let (leaf0, leaf1) = (__cpuid(0), __cpuid(1));
+            // SAFETY: leaves 0 and 1 exist on every x86-64 CPU. (`__cpuid` is a safe function since
+            // Rust 1.94 and unsafe before it.)
+            #[allow(unused_unsafe)]
+            let (leaf0, leaf1) = unsafe { (__cpuid(0), __cpuid(1)) };
             let mut vendor = [0u8; 12];
             for (i, register) in [leaf0.ebx, leaf0.edx, leaf0.ecx].into_iter().enumerate() {
                 vendor[4 * i..4 * i + 4].copy_from_slice(&register.to_le_bytes());

@@ -41,7 +41,8 @@ pub enum Route {
     Blocks,
     /// The bf16 kernels (`--precision default` where the CPU has BF16 dot products).
     Bf16,
-    /// The 16-bit integer kernels (`--precision default` on other x86 CPUs with AVX2): 4-bit rows, and
+    /// The 16-bit integer kernels (`--precision default` on other x86 CPUs with AVX2 where
+    /// `int16_gemm::preferred`; `--precision int16` anywhere): 4-bit rows, and
     /// the output projection's dense table (cross_entropy.rs); other dense rows stay f32.
     Int16,
 }

@@ -75,8 +75,9 @@ pub enum Precision {
     F32,
     /// Operands rounded to bf16, products accumulated in f32 (AVX512-BF16 CPUs).
     Bf16,
-    /// The frozen 4-bit products and the output projection's in 16-bit integers (int16_gemm.rs; x86
-    /// CPUs with AVX2 and without BF16); everything else in f32.
+    /// The frozen 4-bit products and the output projection's in 16-bit integers (int16_gemm.rs; by
+    /// default on x86 CPUs with AVX2, without BF16, whose cores multiply 16-bit pairs on two pipes:
+    /// `int16_gemm::preferred`); everything else in f32.
     Int16,
 }
 
