@@ -267,10 +267,48 @@ fn dense_row(kernel: Kernel, table: &DenseTensor, r: usize, first_col: usize, ou
     table.row_part_f32(r, first_col, out);
 }
 
-/// The largest magnitude among `values` as the bits of an f32 (a NaN's are above infinity's): the
-/// same on every kernel.
-fn largest_magnitude(values: impl Iterator<Item = f32>) -> f32 {
-    f32::from_bits(values.map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0))
+/// Folds each value's magnitude into `largest`, element by element, compared as the bits of an f32 (a
+/// NaN's are above infinity's), so that every kernel finds the same maxima. Inlined into each kernel's
+/// build: the generic x86-64 target has no unsigned 32-bit vector maximum, so there it is a scalar
+/// loop (the head's integer products ran 2-7% faster with it built for AVX2).
+#[inline(always)]
+fn fold_magnitudes(values: &[f32], largest: &mut [u32]) {
+    for (m, v) in largest.iter_mut().zip(values) {
+        *m = (*m).max(v.to_bits() & 0x7FFF_FFFF);
+    }
+}
+
+/// The largest magnitude among `values`, as `fold_magnitudes` compares them.
+#[inline(always)]
+fn largest_magnitude(values: &[f32]) -> f32 {
+    let mut lanes = [0u32; 8];
+    let blocks = values.chunks_exact(8);
+    let rest = blocks.remainder();
+    for block in blocks {
+        fold_magnitudes(block, &mut lanes);
+    }
+    fold_magnitudes(rest, &mut lanes[..rest.len()]);
+    f32::from_bits(lanes.into_iter().max().unwrap_or(0))
+}
+
+/// Each column's largest magnitude over the rows of `values` (rows of `largest.len()` values).
+fn column_maxima(kernel: Kernel, values: &[f32], largest: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        // SAFETY: as in decode_forward_strip.
+        unsafe { x86::column_maxima(values, largest) };
+        return;
+    }
+    let _ = kernel;
+    fold_columns(values, largest);
+}
+
+#[inline(always)]
+fn fold_columns(values: &[f32], largest: &mut [u32]) {
+    largest.fill(0);
+    for row in values.chunks_exact(largest.len()) {
+        fold_magnitudes(row, largest);
+    }
 }
 
 /// A dense value's level: round(v · inverse), half to even as the vector conversion rounds (v is at
@@ -283,6 +321,24 @@ fn dense_level(v: f32, inverse: f32) -> i16 {
 /// `dense_forward_panel`'s steps and inverses for one strip: eight rows of `cols` values in `values`,
 /// per (row, group) the step of LEVEL_MAX levels; rows from `live` on get a step of 0.
 fn dense_row_steps(
+    kernel: Kernel,
+    values: &[f32],
+    cols: usize,
+    group: usize,
+    live: usize,
+    steps: &mut [f32],
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Portable {
+        // SAFETY: as in decode_forward_strip.
+        return unsafe { x86::dense_row_steps(values, cols, group, live, steps) };
+    }
+    let _ = kernel;
+    row_steps(values, cols, group, live, steps)
+}
+
+#[inline(always)]
+fn row_steps(
     values: &[f32],
     cols: usize,
     group: usize,
@@ -294,8 +350,7 @@ fn dense_row_steps(
     for j in 0..8 {
         for g in 0..groups {
             let chunk = &values[j * cols + g * group..j * cols + (g + 1) * group];
-            let (step, inverse) =
-                step_and_inverse(largest_magnitude(chunk.iter().copied()), LEVEL_MAX as f32);
+            let (step, inverse) = step_and_inverse(largest_magnitude(chunk), LEVEL_MAX as f32);
             steps[g * 8 + j] = if j < live { step } else { 0.0 };
             inverses[j * groups + g] = inverse;
         }
@@ -333,7 +388,7 @@ fn dense_forward_panel(
         }
         let live = count - 8 * s;
         let steps = &mut panel.scales[s * groups * 8..(s + 1) * groups * 8];
-        let inverses = dense_row_steps(values, cols, group, live, steps);
+        let inverses = dense_row_steps(kernel, values, cols, group, live, steps);
         let out = &mut panel.pairs[s * words * 32..(s + 1) * words * 32];
         #[cfg(target_arch = "x86_64")]
         if kernel != Kernel::Portable {
@@ -389,13 +444,9 @@ fn dense_backward_panel(
     let mut inverses = vec![0f32; chunks * group];
     let mut largest = vec![0u32; group];
     for c in 0..chunks {
-        // Row by row, so that the maxima vectorise; as largest_magnitude, on the bits.
-        largest.fill(0);
-        for row in values[c * AW_CHUNK * group..(c + 1) * AW_CHUNK * group].chunks_exact(group) {
-            for (m, v) in largest.iter_mut().zip(row) {
-                *m = (*m).max(v.to_bits() & 0x7FFF_FFFF);
-            }
-        }
+        // Row by row, so that the maxima vectorise.
+        let rows = &values[c * AW_CHUNK * group..(c + 1) * AW_CHUNK * group];
+        column_maxima(kernel, rows, &mut largest);
         for (col, &bits) in largest.iter().enumerate() {
             let (step, inverse) = step_and_inverse(f32::from_bits(bits), LEVEL_MAX as f32);
             panel.scales[((col / 8) * chunks + c) * 8 + col % 8] = step;
@@ -1181,6 +1232,24 @@ mod x86 {
                 _mm256_storeu_si256(o.add(3), lookup(table_lo, table_hi, v3));
             }
         }
+    }
+
+    /// super::row_steps built for AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dense_row_steps(
+        values: &[f32],
+        cols: usize,
+        group: usize,
+        live: usize,
+        steps: &mut [f32],
+    ) -> Vec<f32> {
+        super::row_steps(values, cols, group, live, steps)
+    }
+
+    /// super::fold_columns built for AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn column_maxima(values: &[f32], largest: &mut [u32]) {
+        super::fold_columns(values, largest)
     }
 
     /// DenseTensor::row_part_f32 built for AVX2 (it is inlined here).
