@@ -29,6 +29,19 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// Returns the heap's free pages to the system, which `keep_freed_memory`'s settings never do by
+/// themselves. Loading frees its temporaries (the tokenizer's parse of tokenizer.json alone is ~90 MB
+/// for a 150k vocabulary) in the middle of the heap, where the steps' buffers, of other sizes, do not
+/// reuse all of them. Call once after loading, before the steps.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only hands free pages of the heap back to the kernel (contents of freed
+    // memory only); glibc documents it as safe to call at any time, from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Asks the kernel to back `buffer`'s whole 2 MiB pages with huge pages (Linux transparent huge pages,
 /// where the system leaves them to each program: "madvise", the common default). Call it on a large
 /// buffer before its pages are first written, so that they are faulted in as huge pages. Decoding reads

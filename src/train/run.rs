@@ -898,12 +898,15 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 Some(file) => tokenize_file(&tok, file, &config)?,
                 None => Vec::new(),
             };
-            Ok((RunData { train, eval }, tok))
+            // Only --sample-prompts needs it later; its tables (~50 MB for a 150k vocabulary) go.
+            let keep = (!options.sample_prompts.is_empty()).then_some(tok);
+            Ok((RunData { train, eval }, keep))
         })();
         (loading.join(), data)
     });
     let (data, tokenizer) = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
+    crate::alloc::release_free_memory();
     // Packing fills sequences up to --max-length.
     let longest = data
         .train
@@ -1006,7 +1009,9 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     }
     // Every step that can fail comes before the earlier run's files are cleared.
     let mut run = Run::prepare((&model).into(), source.label(), config, data, options)?;
-    run.sample_with(tokenizer);
+    if let Some(tokenizer) = tokenizer {
+        run.sample_with(tokenizer);
+    }
     run.launch(gpu, folder, output, observer)
 }
 
