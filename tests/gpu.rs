@@ -347,8 +347,8 @@ fn gpu_training_steps_match_the_cpu_trainer() {
             "step {}: loss {} / {}, grad norm {} / {}",
             c.step, c.loss, g.loss, c.grad_norm, g.grad_norm
         );
-        // Measured: losses within 5e-9, grad norms within 1.1e-7, LoRA updates within 8.6e-6 (relative);
-        // held to 1e-7, 1e-6 and 1e-4.
+        // Measured on lavapipe: losses within 5e-9, grad norms within 1.1e-7, LoRA updates within 1.1e-5
+        // (relative, beyond one ulp per parameter: `rel_update`); held to 1e-7, 1e-6 and 1e-4.
         assert!(
             (c.loss - g.loss).abs() / c.loss < 1e-7,
             "step {}: loss {} vs {}",
@@ -377,9 +377,7 @@ fn gpu_training_steps_match_the_cpu_trainer() {
         .zip(adapter.pairs())
     {
         for (cv, gv, v0) in [(&c.a, &g.a, &a0.a), (&c.b, &g.b, &a0.b)] {
-            let dc: Vec<f32> = cv.iter().zip(v0).map(|(x, y)| x - y).collect();
-            let dg: Vec<f32> = gv.iter().zip(v0).map(|(x, y)| x - y).collect();
-            worst = worst.max(rel(&dg, &dc));
+            worst = worst.max(common::rel_update(gv, cv, v0));
         }
     }
     eprintln!("worst relative difference of the LoRA updates: {worst:.1e}");

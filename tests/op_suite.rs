@@ -601,8 +601,10 @@ fn every_op_agrees_on_both_executors() {
 }
 
 /// The optimizer graph (global norm, clipping coefficient, AdamW in place) on both executors: random
-/// parameters, gradients and moments, a norm large enough to clip. Measured on lavapipe: parameter
-/// updates within 4.0e-7, moments 1.7e-8, norm and coefficient 1.4e-11 (relative); held to 4e-6.
+/// parameters, gradients and moments, a norm large enough to clip. Measured on lavapipe: every updated
+/// parameter within one ulp of the CPU's (0 by `rel_update`; 4.0e-7 by `rel` of the updates, and 2.8e-5
+/// on an NVIDIA H200, whose compiler fuses the weight decay into the update), moments 1.7e-8, norm and
+/// coefficient 1.4e-11 (relative); held to 4e-6.
 #[test]
 fn the_optimizer_graph_agrees_on_both_executors() {
     use nibble::gpu::weights::GpuLora;
@@ -692,16 +694,10 @@ fn the_optimizer_graph_agrees_on_both_executors() {
             .flat_map(|(_, p)| p.a.iter().chain(&p.b).copied().collect::<Vec<_>>())
             .collect()
     };
-    let step = |after: &LoraAdapter| -> Vec<f32> {
-        flat(after)
-            .iter()
-            .zip(flat(&before))
-            .map(|(a, b)| a - b)
-            .collect()
-    };
-    let mut worst = common::rel(&gpu_clip, &cpu_clip);
+    let updates = common::rel_update(&flat(&gpu_params), &flat(&params), &flat(&before));
+    eprintln!("parameter updates: {updates:.1e}");
+    let mut worst = common::rel(&gpu_clip, &cpu_clip).max(updates);
     for (name, got, expected) in [
-        ("parameter updates", step(&gpu_params), step(&params)),
         ("first moments", flat(&gpu_m), flat(&m)),
         ("second moments", flat(&gpu_v), flat(&v)),
     ] {
