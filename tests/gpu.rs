@@ -339,7 +339,7 @@ fn gpu_training_steps_match_the_cpu_trainer() {
     .unwrap();
     let mut on_gpu =
         Trainer::new(&f.model, config(true), sequences, Some(adapter.clone())).unwrap();
-    on_gpu.use_gpu(&gpu).unwrap();
+    on_gpu.use_gpu(&*gpu).unwrap();
     let mut clipped = false;
     while !on_cpu.done() {
         let (c, g) = (on_cpu.step().unwrap(), on_gpu.step().unwrap());

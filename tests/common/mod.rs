@@ -169,13 +169,69 @@ pub fn fixture(name: &str, quant: &str) -> Fixture {
     }
 }
 
+/// Devices a test process holds open at once. On an NVIDIA H200 (Vulkan, session 24) the ten tests of
+/// tests/gpu.rs, started at once with `--test-threads 8` or 16 (ten devices in one process), all stalled
+/// for over two minutes, even the ones that submit no work, while binaries opening a few devices
+/// passed; a user's run opens one. CI's two cores never ran more than two at once, so this keeps every
+/// machine to what CI exercises. (Whether the device count is the cause was not yet isolated.)
+const DEVICES_AT_ONCE: usize = 2;
+
+static OPEN_DEVICES: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// One of the `DEVICES_AT_ONCE` places, given back when dropped.
+struct DevicePlace;
+
+impl DevicePlace {
+    fn take() -> DevicePlace {
+        let (count, freed) = &OPEN_DEVICES;
+        let mut open = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *open >= DEVICES_AT_ONCE {
+            open = freed.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+        *open += 1;
+        DevicePlace
+    }
+}
+
+impl Drop for DevicePlace {
+    fn drop(&mut self) {
+        let (count, freed) = &OPEN_DEVICES;
+        *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        freed.notify_one();
+    }
+}
+
+/// A test's GPU: the device, and its place among the process's open devices (dropped after it).
+pub struct TestGpu {
+    gpu: nibble::gpu::Gpu,
+    _place: DevicePlace,
+}
+
+impl std::ops::Deref for TestGpu {
+    type Target = nibble::gpu::Gpu;
+    fn deref(&self) -> &nibble::gpu::Gpu {
+        &self.gpu
+    }
+}
+
+impl std::ops::DerefMut for TestGpu {
+    fn deref_mut(&mut self) -> &mut nibble::gpu::Gpu {
+        &mut self.gpu
+    }
+}
+
 /// The GPU executor's device (lavapipe in CI). Without a Vulkan device GPU tests skip, unless
 /// NIBBLE_REQUIRE_GPU is set (CI sets it, so a missing driver fails there rather than passing silently).
-pub fn gpu() -> Option<nibble::gpu::Gpu> {
+pub fn gpu() -> Option<TestGpu> {
+    let place = DevicePlace::take();
     match nibble::gpu::Gpu::new(true) {
         Ok(g) => {
             eprintln!("GPU executor on {} ({:?})", g.info.name, g.info.backend);
-            Some(g)
+            Some(TestGpu {
+                gpu: g,
+                _place: place,
+            })
         }
         Err(e) if std::env::var_os("NIBBLE_REQUIRE_GPU").is_some() => {
             panic!("NIBBLE_REQUIRE_GPU is set but: {e}")
