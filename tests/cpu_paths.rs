@@ -446,6 +446,22 @@ fn cpu_models_decode_and_one_pipe_integer_multipliers_fall_back_to_f32() {
     }
 }
 
+/// Where a core has both AVX512-BF16 and VNNI, `--precision default` takes the bf16 products on AMD's
+/// (Zen 4: bf16 98-120 s, integers 132-133 s on the recipe) and the integers on Intel's (Sapphire Rapids:
+/// integers 157 s, bf16 209 s): BENCHMARKS.md, session 24.
+#[test]
+fn the_integers_replace_bf16_on_intel_cores_only() {
+    for (vendor, eax, integers, name) in [
+        (b"GenuineIntel", 0x0008_06F8u32, true, "Sapphire Rapids"),
+        (b"GenuineIntel", 0x0005_065B, true, "Cooper Lake"),
+        (b"AuthenticAMD", 0x00A1_0F11, false, "Zen 4 EPYC"),
+        (b"AuthenticAMD", 0x00B4_0F40, false, "Zen 5 Ryzen"),
+    ] {
+        let cpu = nibble::ops::isa::X86Model::from_cpuid(vendor, eax);
+        assert_eq!(cpu.vnni_integers_beat_bf16(), integers, "{name}");
+    }
+}
+
 #[test]
 fn training_gives_the_same_losses_on_every_cpu_path() {
     let paths = common::cpu_paths("training");

@@ -82,8 +82,9 @@ pub struct ExecArgs {
     /// Where the work runs: auto takes a real GPU when one is present, else the CPU.
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     pub device: Device,
-    /// default: the fastest arithmetic that keeps the loss within 1e-3 of float32 (bf16 products on
-    /// CPUs with AVX512-BF16 or ARM BF16); f32: float32 everywhere.
+    /// default: the fastest arithmetic that keeps the loss within 1e-3 of float32 (16-bit integer
+    /// products on most x86 CPUs, bf16 ones on AMD's AVX512-BF16 CPUs and ARM BF16); f32: float32
+    /// everywhere.
     #[arg(long, value_enum, ignore_case = true, default_value = "default")]
     pub precision: PrecisionChoice,
 }

@@ -69,10 +69,10 @@ pub fn software_gpu_warning(info: &wgpu::AdapterInfo) -> Option<String> {
 /// The arithmetic asked for the frozen-weight products.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrecisionChoice {
-    /// The executor's fastest mode that keeps the loss within 1e-3 (relative) of float32: bf16 products
-    /// on CPUs with AVX512-BF16 or ARM BF16, 16-bit integer products on other x86 CPUs with AVX2 whose
-    /// cores multiply 16-bit pairs on two pipes (Skylake and later, Zen 3 and later), float32
-    /// elsewhere and on the GPU.
+    /// The executor's fastest mode that keeps the loss within 1e-3 (relative) of float32: 16-bit
+    /// integer products on Intel CPUs with VNNI and on x86 CPUs with AVX2 and without AVX512-BF16
+    /// whose cores multiply 16-bit pairs on two pipes (Skylake and later, Zen 3 and later), bf16
+    /// products on AMD's AVX512-BF16 CPUs and ARM BF16, float32 elsewhere and on the GPU.
     #[default]
     Default,
     /// Exact float32 everywhere, for parity checks.

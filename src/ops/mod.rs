@@ -76,18 +76,18 @@ pub enum Precision {
     /// Operands rounded to bf16, products accumulated in f32 (AVX512-BF16 CPUs).
     Bf16,
     /// The frozen 4-bit products and the output projection's in 16-bit integers (int16_gemm.rs; by
-    /// default on x86 CPUs with AVX2, without BF16, whose cores multiply 16-bit pairs on two pipes:
-    /// `int16_gemm::preferred`); everything else in f32.
+    /// default on x86 CPUs with AVX2 whose cores multiply 16-bit pairs on two pipes, unless they have
+    /// BF16 and are not Intel's with VNNI: `int16_gemm::preferred`); everything else in f32.
     Int16,
 }
 
 impl Precision {
     /// The fastest precision this machine runs.
     pub fn fastest() -> Self {
-        if bf16_gemm::available() {
-            Precision::Bf16
-        } else if int16_gemm::preferred(isa::active()) {
+        if int16_gemm::preferred(isa::active()) {
             Precision::Int16
+        } else if bf16_gemm::available() {
+            Precision::Bf16
         } else {
             Precision::F32
         }
