@@ -447,8 +447,8 @@ fn cpu_models_decode_and_one_pipe_integer_multipliers_fall_back_to_f32() {
 }
 
 /// Where a core has both AVX512-BF16 and VNNI, `--precision default` takes the bf16 products on AMD's
-/// (Zen 4: bf16 52.8-55.0 s, integers 75.5-85.2 s on the recipe) and the integers on Intel's (Sapphire Rapids:
-/// integers 157 s, bf16 209 s): BENCHMARKS.md, session 24.
+/// (Zen 4: bf16 52.8-55.0 s, integers 75.5-85.2 s on the recipe) and the integers on Intel's
+/// (Sapphire Rapids: integers 157 s, bf16 209 s): BENCHMARKS.md, session 24.
 #[test]
 fn the_integers_replace_bf16_on_intel_cores_only() {
     for (vendor, eax, integers, name) in [

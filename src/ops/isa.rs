@@ -260,9 +260,9 @@ impl X86Model {
     /// run the recipe faster than the bf16 ones (`vdpbf16ps`). Intel's: on a Sapphire Rapids the
     /// AVX-VNNI integers took 157 s against the bf16 products' 209 s (BENCHMARKS.md, session 24, eight
     /// runs at once on pairs of cores; sessions 14 and 20 on another one: 117.7 s bf16, 97.5-113.1 s
-    /// AVX-VNNI). AMD's Zen 4 the other way: bf16 52.8-55.0 s, AVX512-VNNI integers 75.5-85.2 s (session 24).
-    /// Intel's Cooper Lake, the other Intel core with AVX512-BF16, is counted with Sapphire Rapids
-    /// unmeasured.
+    /// AVX-VNNI). AMD's Zen 4 the other way: bf16 52.8-55.0 s, AVX512-VNNI integers 75.5-85.2 s
+    /// (session 24). Intel's Cooper Lake, the other Intel core with AVX512-BF16, is counted with
+    /// Sapphire Rapids unmeasured.
     pub fn vnni_integers_beat_bf16(self) -> bool {
         self.vendor == X86Vendor::Intel
     }

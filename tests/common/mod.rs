@@ -91,9 +91,10 @@ pub fn rel(a: &[f32], b: &[f32]) -> f64 {
 /// expected update from `before`: ‖max(0, |got − expected| − ulp(expected))‖ / ‖expected − before‖.
 /// One unit in the last place of each parameter is forgiven because a GPU compiler may fuse the
 /// weight-decay product into the update's subtraction (an FMA, one rounding instead of two); that moves
-/// the stored parameter by up to one ulp, which is up to 1e-4 of an update 1e-4 of the parameter's size.
-/// Simulated on the CPU, such a fusion alone reads as 1.1e-5 to 1.3e-5 through `rel` of the updates,
-/// and NVIDIA's Vulkan driver showed 2.8e-5 (session 24); an error in the update itself still counts.
+/// the stored parameter by up to one ulp (6e-8 of it), a visible share of an update that is only
+/// ~1e-3 of the parameter. Simulated on the CPU, such a fusion alone reads as 1.1e-5 to 1.3e-5 through
+/// `rel` of the updates, and NVIDIA's Vulkan driver showed 2.8e-5 (session 24); an error in the update
+/// itself still counts.
 pub fn rel_update(got: &[f32], expected: &[f32], before: &[f32]) -> f64 {
     assert!(got.len() == expected.len() && expected.len() == before.len());
     let ulp = |x: f32| {
