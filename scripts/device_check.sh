@@ -59,9 +59,9 @@ run() {
   say "tests/gpu.rs one test at a time (30 s each; a thread dump of the first two that stall)"
   local name pid s rc stalls=0
   for name in $(/tmp/b/gpu --list 2>/dev/null | sed -n 's/: test$//p'); do
+    [ $stalls -ge 2 ] && { say "$name: not run (two stalls already)"; continue; }
     s=$(date +%s.%N)
     /tmp/b/gpu --exact "$name" --test-threads 1 > "$out/one-test.log" 2>&1 & pid=$!
-    [ $stalls -ge 2 ] && { say "$name: not run (two stalls already)"; continue; }
     for _ in $(seq 30); do kill -0 $pid 2>/dev/null || break; sleep 1; done
     if kill -0 $pid 2>/dev/null; then
       { echo "### $name stalled"; for task in /proc/$pid/task/*; do
@@ -116,7 +116,8 @@ run() {
     job=${jobs[$i]%%|*}; cmd=${jobs[$i]#*|}
     (
       s=$(date +%s.%N)
-      timeout $(( 570 - ($(date +%s) - t0) )) /usr/bin/time -f "%e s %M KiB" \
+      left=$(( 570 - ($(date +%s) - t0) )); [ $left -lt 30 ] && left=30
+      timeout $left /usr/bin/time -f "%e s %M KiB" \
         taskset -c "${cpus[$((2 * i))]},${cpus[$((2 * i + 1))]}" $cmd > "/tmp/rec/$job.log" 2> "/tmp/rec/$job.err"
       say "$job: $(seconds_since "$s") s; $(tail -1 "/tmp/rec/$job.err") $(grep -o 'step 10/10 .*' "/tmp/rec/$job.err" | tail -1)$(grep -o '"last_loss": [0-9.]*' "/tmp/rec/$job.log")"
     ) &
