@@ -4,7 +4,8 @@
 //!     cargo bench --bench cpu_kernels
 //!
 //! Prints one line per case: GFLOP/s = 2·rows·in·out / seconds (fastest of repeated runs), for the
-//! NF4 group-64 weight in f32 and in bf16 products (forward and input gradient), and a dense f32 GEMM.
+//! NF4 group-64 weight in f32, bf16 and 16-bit integer products (forward and input gradient; NaN where
+//! the CPU path has no such kernel), and a dense f32 GEMM. `NIBBLE_CPU_FEATURES` picks a lower path.
 
 use nibble::model::LinearWeight;
 use nibble::ops::matmul::{View, matmul_into};
@@ -48,8 +49,22 @@ fn main() {
         return;
     }
     println!(
-        "{:>8} {:>8} {:>5} | {:>12} {:>12} {:>12} {:>12} {:>12}",
-        "out", "in", "rows", "f32 fwd", "f32 dx", "bf16 fwd", "bf16 dx", "dense f32"
+        "{:>8} {:>8} {:>5} | {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "out",
+        "in",
+        "rows",
+        "f32 fwd",
+        "f32 dx",
+        "bf16 fwd",
+        "bf16 dx",
+        "int16 fwd",
+        "int16 dx",
+        "dense f32"
+    );
+    let int16 = nibble::ops::int16_gemm::Kernel::for_path(nibble::ops::isa::active());
+    println!(
+        "path {}, int16 kernel {int16:?}",
+        nibble::ops::isa::active()
     );
     for (out, inp) in shapes {
         let w: Vec<f32> = (0..out * inp).map(|_| rng.normal() as f32 * 0.02).collect();
@@ -76,6 +91,16 @@ fn main() {
             } else {
                 (f64::NAN, f64::NAN)
             };
+            let (fwd_int, bwd_int) = if int16 != nibble::ops::int16_gemm::Kernel::Portable {
+                (
+                    fastest_seconds(|| linear::forward(&x, &q, None, &mut y, Precision::Int16)),
+                    fastest_seconds(|| {
+                        linear::backward_input(&dy, &q, &mut dx, false, Precision::Int16)
+                    }),
+                )
+            } else {
+                (f64::NAN, f64::NAN)
+            };
             let dense = fastest_seconds(|| {
                 matmul_into(
                     View::new(&x, rows, inp),
@@ -88,11 +113,13 @@ fn main() {
                 )
             });
             println!(
-                "{out:>8} {inp:>8} {rows:>5} | {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s",
+                "{out:>8} {inp:>8} {rows:>5} | {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s {:>7.1} GF/s",
                 flops / fwd / 1e9,
                 flops / bwd / 1e9,
                 flops / fwd16 / 1e9,
                 flops / bwd16 / 1e9,
+                flops / fwd_int / 1e9,
+                flops / bwd_int / 1e9,
                 flops / dense / 1e9
             );
         }
