@@ -3,7 +3,8 @@
 # no network, no Rust toolchain, at most 64 MiB of working tree with the carried files, ~15 minutes in
 # all). Session 24 found there: tests/gpu.rs stalled as a whole (ten devices at once), the recipe ran on
 # Vulkan at 209 tokens/s, and on the host's Intel cores the bf16 products were slower than the
-# integer ones (BENCHMARKS.md, session 24). This script re-asks those questions in one call.
+# integer ones (BENCHMARKS.md, session 24). This script re-asks those questions in one call; the GPU
+# recipe's log (recipe-gpu.log) ends with NIBBLE_PROFILE's device time per operation and kernel.
 #
 #   bash scripts/device_check.sh prepare      # here: builds, strips and packs into .bin, .gl, .whl
 #   then the device tool's run, carry [".bin", ".gl", ".whl"], timeout_s 590:
@@ -16,7 +17,7 @@ prepare() {
   set -e
   for d in .bin .gl .whl; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
   cargo build --release --quiet
-  local tests=(gpu shaders op_suite graph train_parity generate flux2)
+  local tests=(gpu shaders op_suite graph train_parity generate flux2 profile)
   local listing
   listing=$(cargo test --release --no-run 2>&1)
   rm -rf /tmp/device-pack && mkdir -p /tmp/device-pack .bin .gl .whl
@@ -74,7 +75,7 @@ run() {
       [ $rc -ne 0 ] && { echo "### $name"; cat "$out/one-test.log"; } >> "$out/failures.log"
     fi
   done
-  for t in "gpu --test-threads 16" shaders op_suite graph "train_parity gpu" "generate gpu" "flux2 gpu"; do
+  for t in "gpu --test-threads 16" shaders op_suite graph "train_parity gpu" "generate gpu" "flux2 gpu" profile; do
     s=$(date +%s.%N)
     timeout 60 /tmp/b/$t > "$out/binary.log" 2>&1; rc=$?
     say "$t: rc=$rc $(seconds_since "$s") s $(grep '^test result' "$out/binary.log" | tail -1)"

@@ -142,7 +142,7 @@ fn main() {
     if let Some(dir) = runtime_dir {
         let _ = std::fs::remove_dir(dir);
     }
-    if let Some(report) = nibble::exec::cpu::profile::report() {
+    if let Some(report) = nibble::exec::profile::report() {
         eprint!("{report}");
     }
     if let Err(e) = result {

@@ -3,6 +3,7 @@
 
 use crate::cpu::{Sequence, StepLoss, StepOptions};
 use crate::error::{Error, Result};
+use crate::exec::profile;
 use crate::graph::{BufId, Dtype, Graph, Input, InputValue, Node, Op, Role, StepInputs};
 use crate::lora::{LoraAdapter, LoraPair};
 use crate::model::{DenseTensor, LinearWeight, Model, TensorRef};
@@ -257,7 +258,7 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
         let started = profile::enabled().then(std::time::Instant::now);
         exec.node(graph, node, &mut slots);
         if let Some(started) = started {
-            profile::add(&node.op, started.elapsed());
+            profile::CPU.add(&profile::op_name(&node.op), started.elapsed());
         }
         if exec
             .packed
@@ -279,68 +280,6 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
         }
     }
     Ok(outputs)
-}
-
-/// `NIBBLE_PROFILE=1`: the CPU executor's wall time per kind of graph operation (products by shape),
-/// summed over the process and reported when it ends: where a step or a token's time goes, without a
-/// profiler.
-pub mod profile {
-    use crate::graph::Op;
-    use std::collections::BTreeMap;
-    use std::sync::{LazyLock, Mutex};
-    use std::time::Duration;
-
-    /// Per operation: its time and how many calls.
-    type Totals = BTreeMap<String, (Duration, u64)>;
-
-    static TOTALS: LazyLock<Option<Mutex<Totals>>> =
-        LazyLock::new(|| std::env::var_os("NIBBLE_PROFILE").map(|_| Mutex::default()));
-
-    pub fn enabled() -> bool {
-        TOTALS.is_some()
-    }
-
-    pub(super) fn add(op: &Op, took: Duration) {
-        let Some(totals) = TOTALS.as_ref() else {
-            return;
-        };
-        let name = match op {
-            Op::Linear { out, inp } => format!("Linear {out}x{inp}"),
-            Op::LinearBackwardInput { out, inp } => format!("LinearBackwardInput {out}x{inp}"),
-            // The variant's name: what `Debug` writes before its fields.
-            other => format!("{other:?}")
-                .split([' ', '{', '('])
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-        };
-        let mut totals = totals
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let entry = totals.entry(name).or_default();
-        entry.0 += took;
-        entry.1 += 1;
-    }
-
-    /// The table of totals, longest first, or None when profiling is off.
-    pub fn report() -> Option<String> {
-        let totals = TOTALS.as_ref()?.lock().ok()?;
-        let all: Duration = totals.values().map(|(d, _)| *d).sum();
-        let mut rows: Vec<_> = totals.iter().collect();
-        rows.sort_by_key(|(_, (d, _))| std::cmp::Reverse(*d));
-        let mut text = format!(
-            "CPU executor, time per operation ({:.3} s in all):\n",
-            all.as_secs_f64()
-        );
-        for (name, (d, calls)) in rows {
-            text += &format!(
-                "  {name:<32} {:>9.3} s {:>5.1}% {calls:>8} calls\n",
-                d.as_secs_f64(),
-                100.0 * d.as_secs_f64() / all.as_secs_f64().max(1e-12)
-            );
-        }
-        Some(text)
-    }
 }
 
 /// Token ids and labels inside the vocabulary (the embedding and the loss index with them).

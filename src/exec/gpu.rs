@@ -251,7 +251,13 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     };
     let mut recorded = Recorded::default();
     for (i, node) in graph.nodes.iter().enumerate() {
-        record_node(&mut r, graph, node, &mut slots)?;
+        if crate::exec::profile::enabled() {
+            r.gpu
+                .set_profile_scope(Some(crate::exec::profile::op_name(&node.op)));
+        }
+        let recorded_node = record_node(&mut r, graph, node, &mut slots);
+        r.gpu.set_profile_scope(None);
+        recorded_node?;
         for b in node.reads().chain(node.outputs.iter().copied()) {
             if last_use[b] == Some(i) {
                 let slot = std::mem::replace(&mut slots[b], Slot::Empty);

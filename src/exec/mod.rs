@@ -2,6 +2,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod profile;
 
 use crate::error::{Error, Result};
 

@@ -3,6 +3,7 @@
 //! dispatches of a step are recorded into one command encoder and submitted once.
 
 pub mod memory;
+mod timestamps;
 pub mod train;
 pub mod weights;
 
@@ -214,6 +215,10 @@ pub struct Gpu {
     /// The first error wgpu reported outside an error scope (out of memory, most likely), kept for
     /// `check_errors`: wgpu's own handler would panic.
     first_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// With `NIBBLE_PROFILE`, where the device writes timestamps (None where it cannot).
+    timestamps: Option<RefCell<timestamps::Timestamps>>,
+    /// The graph operation being recorded, under which the profile files its dispatches.
+    profile_scope: RefCell<Option<String>>,
 }
 
 impl Gpu {
@@ -249,10 +254,23 @@ impl Gpu {
         let host_copies = adapter
             .features()
             .intersection(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+        let profiling = crate::exec::profile::enabled();
+        let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        if profiling && !timestamps {
+            log::warn!(
+                "NIBBLE_PROFILE: GPU {} does not write timestamps, so its kernels are not timed",
+                info.name
+            );
+        }
+        let timed = profiling && timestamps;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("nibble"),
-                required_features: host_copies,
+                required_features: if timed {
+                    host_copies | wgpu::Features::TIMESTAMP_QUERY
+                } else {
+                    host_copies
+                },
                 required_limits: limits.clone(),
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
@@ -277,8 +295,6 @@ impl Gpu {
         // Half of llvmpipe's 65,535, leaving room for the loops outside a pass's main walk.
         let loop_budget = (info.device_type == wgpu::DeviceType::Cpu).then_some(32_768);
         Ok(Gpu {
-            device,
-            queue,
             info,
             max_binding,
             loop_budget,
@@ -290,7 +306,19 @@ impl Gpu {
                 .then(|| Rc::new(RefCell::new(std::collections::BTreeMap::new()))),
             host_bytes: Cell::new(0),
             first_error,
+            timestamps: timed.then(|| RefCell::new(timestamps::Timestamps::new(&queue))),
+            profile_scope: RefCell::new(None),
+            device,
+            queue,
         })
+    }
+
+    /// Files the dispatches recorded from now on under `op` in the profile (None: under their kernel
+    /// alone).
+    pub(crate) fn set_profile_scope(&self, op: Option<String>) {
+        if self.timestamps.is_some() {
+            *self.profile_scope.borrow_mut() = op;
+        }
     }
 
     /// An error if wgpu has reported one since the device opened: every later result may be garbage
@@ -502,9 +530,22 @@ impl Gpu {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
+        let timed = self.timestamps.as_ref().map(|t| {
+            let row = match &*self.profile_scope.borrow() {
+                Some(op) => format!("{op}: {entry}"),
+                None => entry.to_string(),
+            };
+            t.borrow_mut().next(&self.device, row)
+        });
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(entry),
-            timestamp_writes: None,
+            timestamp_writes: timed
+                .as_ref()
+                .map(|(set, first)| wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: Some(*first),
+                    end_of_pass_write_index: Some(first + 1),
+                }),
         });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
@@ -546,9 +587,13 @@ impl Gpu {
                 s
             })
             .collect();
+        let timed = self
+            .timestamps
+            .as_ref()
+            .and_then(|t| t.borrow_mut().resolve(&self.device, &mut encoder));
         self.queue.submit(Some(encoder.finish()));
-        let mapped = MapAll::new(staging.len());
-        for s in &staging {
+        let mapped = MapAll::new(staging.len() + timed.is_some() as usize);
+        for s in staging.iter().chain(timed.as_ref().map(|t| &t.staging)) {
             s.slice(..)
                 .map_async(wgpu::MapMode::Read, mapped.callback());
         }
@@ -560,6 +605,14 @@ impl Gpu {
             .await
             .map_err(|e| Error::Invalid(format!("GPU: reading back a result failed: {e}")))?;
         self.check_errors()?;
+        if let Some(timed) = timed {
+            let view = timed.staging.slice(..).get_mapped_range().map_err(|e| {
+                Error::Invalid(format!("GPU: reading back the profile failed: {e}"))
+            })?;
+            let ticks = view.to_vec();
+            drop(view);
+            timed.add(&ticks);
+        }
         staging
             .iter()
             .zip(reads)
