@@ -755,7 +755,7 @@ impl GpuKvCache {
                 *old = new;
             }
         }
-        gpu.queue.submit([enc.finish()]);
+        gpu.submit(enc);
         self.capacity = capacity;
         Ok(())
     }

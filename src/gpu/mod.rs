@@ -5,6 +5,7 @@
 pub mod memory;
 mod timestamps;
 pub mod train;
+mod uniforms;
 pub mod weights;
 
 use crate::error::{Error, Result};
@@ -196,7 +197,8 @@ impl Drop for GpuBuffer {
 
 pub struct Gpu {
     pub device: wgpu::Device,
-    pub queue: wgpu::Queue,
+    /// Private: every submission goes through `submit`.
+    queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub max_binding: u64,
     /// Loop iterations one shader invocation may run in all, where the device bounds them: Mesa's
@@ -219,6 +221,7 @@ pub struct Gpu {
     timestamps: Option<RefCell<timestamps::Timestamps>>,
     /// The graph operation being recorded, under which the profile files its dispatches.
     profile_scope: RefCell<Option<String>>,
+    uniforms: RefCell<uniforms::Uniforms>,
 }
 
 impl Gpu {
@@ -308,6 +311,7 @@ impl Gpu {
             first_error,
             timestamps: timed.then(|| RefCell::new(timestamps::Timestamps::new(&queue))),
             profile_scope: RefCell::new(None),
+            uniforms: RefCell::new(uniforms::Uniforms::new(&device.limits())),
             device,
             queue,
         })
@@ -511,15 +515,12 @@ impl Gpu {
     ) {
         let pipeline = self.pipeline(entry);
         let uniform = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::bytes_of(params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+            .uniforms
+            .borrow_mut()
+            .bind(&self.device, bytemuck::bytes_of(params));
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
-            resource: uniform.as_entire_binding(),
+            resource: uniforms::resource(&uniform),
         }];
         entries.extend(buffers.iter().map(|(binding, b)| wgpu::BindGroupEntry {
             binding: *binding,
@@ -550,6 +551,13 @@ impl Gpu {
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+
+    /// Submits `encoder`: every submission goes through here, after the dispatches' parameters are
+    /// handed to the device.
+    pub fn submit(&self, encoder: wgpu::CommandEncoder) {
+        self.uniforms.borrow_mut().seal();
+        self.queue.submit(Some(encoder.finish()));
     }
 
     pub fn encoder(&self) -> wgpu::CommandEncoder {
@@ -591,7 +599,7 @@ impl Gpu {
             .timestamps
             .as_ref()
             .and_then(|t| t.borrow_mut().resolve(&self.device, &mut encoder));
-        self.queue.submit(Some(encoder.finish()));
+        self.submit(encoder);
         let mapped = MapAll::new(staging.len() + timed.is_some() as usize);
         for s in staging.iter().chain(timed.as_ref().map(|t| &t.staging)) {
             s.slice(..)
