@@ -251,10 +251,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     };
     let mut recorded = Recorded::default();
     for (i, node) in graph.nodes.iter().enumerate() {
-        if crate::exec::profile::enabled() {
-            r.gpu
-                .set_profile_scope(Some(crate::exec::profile::op_name(&node.op)));
-        }
+        r.gpu.set_profile_scope(Some(&node.op));
         let recorded_node = record_node(&mut r, graph, node, &mut slots);
         r.gpu.set_profile_scope(None);
         recorded_node?;

@@ -318,10 +318,10 @@ impl Gpu {
     }
 
     /// Files the dispatches recorded from now on under `op` in the profile (None: under their kernel
-    /// alone).
-    pub(crate) fn set_profile_scope(&self, op: Option<String>) {
+    /// alone); nothing to do where the device writes no timestamps.
+    pub(crate) fn set_profile_scope(&self, op: Option<&crate::graph::Op>) {
         if self.timestamps.is_some() {
-            *self.profile_scope.borrow_mut() = op;
+            *self.profile_scope.borrow_mut() = op.map(crate::exec::profile::op_name);
         }
     }
 
