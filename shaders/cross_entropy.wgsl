@@ -1,6 +1,9 @@
 // Cross-entropy through the output projection, one vocabulary chunk at a time: an online log-sum-exp per
-// position over the chunk's logits, then (backward) softmax − onehot in place. The logits and the product
-// of their gradient with the chunk's rows are the frozen-linear kernels of shaders/linear.wgsl.
+// position over the chunk's logits. With the gradient, the same single walk over the vocabulary also
+// accumulates d_hidden = Σ exp(logit − running max) · W_v (rescaled whenever the max grows, as online
+// softmax does), so each chunk's logits are computed once; ce_grad_finish then divides by the sum and
+// subtracts the label's row. The logits and the product of their weights with the chunk's rows are the
+// frozen-linear kernels of shaders/linear.wgsl.
 
 struct CrossEntropyParams {
     positions: u32,
@@ -11,17 +14,23 @@ struct CrossEntropyParams {
     grad_scale: f32,
     // Logit soft cap (Gemma 2 and 4): z = softcap · tanh(logit / softcap); 0 for none.
     softcap: f32,
-    _pad1: u32,
-    _pad2: u32,
+    // The hidden width (the table's columns), and the table's storage format (common.wgsl's FMT_*).
+    dim: u32,
+    fmt: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: CrossEntropyParams;
+// The bound block of the output projection's rows (ce_grad_finish reads the labels' rows).
+@group(0) @binding(1) var<storage, read> table: array<u32>;
 // The chunk's logits [positions, chunk_len], made by linear_forward (shaders/linear.wgsl).
 @group(0) @binding(3) var<storage, read_write> logits: array<f32>;
 // Per position: running max, running sum, label logit.
 @group(0) @binding(4) var<storage, read_write> state: array<f32>;
 @group(0) @binding(5) var<storage, read> labels: array<u32>;
 // Per position: loss, log-sum-exp.
+// grad_scale times the loss's gradient with respect to the hidden states [positions, dim]; while the
+// vocabulary is walked, the running Σ exp(logit − max) · W_v.
+@group(0) @binding(6) var<storage, read_write> d_hidden: array<f32>;
 @group(0) @binding(7) var<storage, read_write> result: array<f32>;
 
 const WG: u32 = 64u;
@@ -33,6 +42,15 @@ fn capped(logit: f32) -> f32 {
         return p.softcap * tanh(clamp(logit / p.softcap, -10.0, 10.0));
     }
     return logit;
+}
+
+// d capped / d logit, from the capped value z: 1 − (z / softcap)².
+fn cap_slope(z: f32) -> f32 {
+    if (p.softcap > 0.0) {
+        let t = z / p.softcap;
+        return 1.0 - t * t;
+    }
+    return 1.0;
 }
 var<workgroup> scratch: array<f32, 64>;
 
@@ -54,33 +72,65 @@ fn reduce(lid: u32, value: f32, is_max: bool) -> f32 {
     return r;
 }
 
-// Folds the chunk's logits into each position's running log-sum-exp; one workgroup per position.
+// Folds the chunk's logits into position `pos`'s running max, sum and label logit (all of the
+// workgroup calls it). With `keep_weights`, each logit is replaced by its weight exp(z − new max) times
+// the cap's slope. Returns the factor by which sums against the old max must be rescaled.
+fn absorb_chunk(pos: u32, lid: u32, keep_weights: bool) -> f32 {
+    let base = pos * p.chunk_len;
+    var m = -3.0e38;
+    for (var v = lid; v < p.chunk_len; v += WG) {
+        m = max(m, capped(logits[base + v]));
+    }
+    let chunk_max = reduce(lid, m, true);
+    let old_max = state[pos * 3u];
+    let new_max = max(old_max, chunk_max);
+    let label = labels[pos];
+    let first = p.block_start + p.chunk_start;
+    var s = 0.0;
+    for (var v = lid; v < p.chunk_len; v += WG) {
+        let z = capped(logits[base + v]);
+        let e = exp(z - new_max);
+        s += e;
+        if (label == first + v) {
+            state[pos * 3u + 2u] = z;
+        }
+        if (keep_weights) {
+            logits[base + v] = e * cap_slope(z);
+        }
+    }
+    let chunk_sum = reduce(lid, s, false);
+    let rescale = exp(old_max - new_max);
+    if (lid == 0u) {
+        state[pos * 3u + 1u] = state[pos * 3u + 1u] * rescale + chunk_sum;
+        state[pos * 3u] = new_max;
+    }
+    return rescale;
+}
+
+// The loss alone: folds the chunk's logits into each position's running log-sum-exp; one workgroup
+// per position.
 @compute @workgroup_size(64)
 fn ce_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    if (wg.x >= p.positions) {
+        return;
+    }
+    absorb_chunk(wg.x, lid.x, false);
+}
+
+// With the gradient: as ce_reduce, the chunk's logits become their weights for the product
+// d_hidden += weights · chunk rows that follows, and the position's d_hidden row (all earlier chunks'
+// sum) is rescaled to the new max. The first chunk's product overwrites d_hidden, so it is not read.
+@compute @workgroup_size(64)
+fn ce_absorb(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let pos = wg.x;
     if (pos >= p.positions) {
         return;
     }
-    let base = pos * p.chunk_len;
-    var m = -3.0e38;
-    for (var v = lid.x; v < p.chunk_len; v += WG) {
-        m = max(m, capped(logits[base + v]));
-    }
-    let chunk_max = reduce(lid.x, m, true);
-    let old_max = state[pos * 3u];
-    let new_max = max(old_max, chunk_max);
-    var s = 0.0;
-    for (var v = lid.x; v < p.chunk_len; v += WG) {
-        s += exp(capped(logits[base + v]) - new_max);
-    }
-    let chunk_sum = reduce(lid.x, s, false);
-    if (lid.x == 0u) {
-        state[pos * 3u + 1u] = state[pos * 3u + 1u] * exp(old_max - new_max) + chunk_sum;
-        state[pos * 3u] = new_max;
-        let label = labels[pos];
-        let first = p.block_start + p.chunk_start;
-        if (label >= first && label < first + p.chunk_len) {
-            state[pos * 3u + 2u] = capped(logits[base + label - first]);
+    let first_chunk = state[pos * 3u] <= -3.0e38;
+    let rescale = absorb_chunk(pos, lid.x, true);
+    if (!first_chunk && rescale != 1.0) {
+        for (var c = lid.x; c < p.dim; c += WG) {
+            d_hidden[pos * p.dim + c] *= rescale;
         }
     }
 }
@@ -97,23 +147,23 @@ fn ce_finalize(@builtin(global_invocation_id) id: vec3<u32>) {
     result[pos * 2u + 1u] = lse;
 }
 
-// In place: logits → (softmax − onehot(label)) · grad_scale, times the cap's slope where capped.
+// After the walk, for the positions whose label lies in the bound block:
+// d_hidden = grad_scale · (d_hidden / sum − slope(label logit) · W[label]). Each position's label lies in
+// one block, so each row is finished exactly once.
 @compute @workgroup_size(64)
-fn ce_grad_logits(@builtin(global_invocation_id) id: vec3<u32>) {
-    let v = id.x;
+fn ce_grad_finish(@builtin(global_invocation_id) id: vec3<u32>) {
+    let c = id.x;
     let pos = id.y;
-    if (v >= p.chunk_len || pos >= p.positions) {
+    if (c >= p.dim || pos >= p.positions) {
         return;
     }
-    let i = pos * p.chunk_len + v;
-    let z = capped(logits[i]);
-    var g = exp(z - result[pos * 2u + 1u]) * p.grad_scale;
-    if (labels[pos] == p.block_start + p.chunk_start + v) {
-        g -= p.grad_scale;
+    let label = labels[pos];
+    if (label < p.block_start || label >= p.block_start + p.chunk_len) {
+        return;
     }
-    if (p.softcap > 0.0) {
-        let t = z / p.softcap;
-        g *= 1.0 - t * t;
-    }
-    logits[i] = g;
+    let index = (label - p.block_start) * p.dim + c;
+    let w = dense_word_value(table[dense_word_index(p.fmt, index)], p.fmt, index);
+    let slope = cap_slope(state[pos * 3u + 2u]);
+    let i = pos * p.dim + c;
+    d_hidden[i] = p.grad_scale * (d_hidden[i] / state[pos * 3u + 1u] - slope * w);
 }

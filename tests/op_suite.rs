@@ -21,7 +21,8 @@ use nibble::ops::attention::AttentionShape;
 use nibble::rng::Rng;
 use std::collections::HashMap;
 
-const VOCAB: usize = 300;
+/// Past one vocabulary chunk, so that the cross-entropy's running max is rescaled across chunks.
+const VOCAB: usize = nibble::ops::cross_entropy::VOCAB_CHUNK + 300;
 const TOKENS: usize = 37;
 
 fn model(quant: bool) -> Model {
@@ -559,6 +560,23 @@ fn run_gpu(gpu: &Gpu, model: &GpuModel, case: &Case) -> HashMap<String, Vec<f32>
     names.into_iter().zip(values).collect()
 }
 
+/// Some positions' largest logit lies in the second vocabulary chunk (the running max grows, and what
+/// was summed against it is rescaled) and some in the first (it does not).
+fn assert_max_in_both_chunks(logits: &[f32], case: &str) {
+    let chunk = nibble::ops::cross_entropy::VOCAB_CHUNK;
+    let in_later_chunk: Vec<bool> = logits
+        .chunks(VOCAB)
+        .map(|row| {
+            let first_max = row[..chunk].iter().fold(f32::MIN, |m, &x| m.max(x));
+            row[chunk..].iter().any(|&x| x > first_max)
+        })
+        .collect();
+    assert!(
+        in_later_chunk.contains(&true) && in_later_chunk.contains(&false),
+        "{case}: the largest logits lie all in one chunk ({in_later_chunk:?})"
+    );
+}
+
 /// Measured on lavapipe: at most 3.2e-7 (relative, per output: the cross-entropy gradient), most outputs
 /// 1e-7 or exact; held to 3e-6.
 #[test]
@@ -594,6 +612,9 @@ fn every_op_agrees_on_both_executors() {
                     case.name
                 );
                 worst = worst.max(e);
+            }
+            if let Some(logits) = cpu.get("logits") {
+                assert_max_in_both_chunks(logits, &case.name);
             }
         }
     }

@@ -152,6 +152,8 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 block_start: block_start as u32,
                 grad_scale: grad_scale as f32,
                 softcap: softcap as f32,
+                dim: dim as u32,
+                fmt: fmt as u32,
             }),
         ),
         (

@@ -341,7 +341,10 @@ pub struct CeParams {
     pub grad_scale: f32,
     /// The soft cap of the logits; 0 for none.
     pub softcap: f32,
-    pub _pad: [u32; 2],
+    /// The hidden width (the head's columns).
+    pub dim: u32,
+    /// The head's storage format (`FMT_*`), for the label rows `ce_grad_finish` reads.
+    pub fmt: u32,
 }
 
 /// One vocabulary chunk of the output projection as a frozen linear layer (shaders/linear.wgsl):
@@ -377,6 +380,27 @@ fn record_chunk_logits(
     r.dispatch("linear_forward", lp, &b, groups);
 }
 
+/// The parameters of `rows` rows of the head's block that starts at `block_start`, from its row
+/// `chunk_start`.
+fn ce_params(
+    head: &GpuDense,
+    positions: usize,
+    grad_scale: f32,
+    softcap: Option<f32>,
+    (block_start, chunk_start, rows): (usize, usize, usize),
+) -> CeParams {
+    CeParams {
+        positions: positions as u32,
+        chunk_start: chunk_start as u32,
+        chunk_len: rows as u32,
+        block_start: block_start as u32,
+        grad_scale,
+        softcap: softcap.unwrap_or(0.0),
+        dim: head.cols as u32,
+        fmt: head.fmt,
+    }
+}
+
 /// Calls `f` for each vocabulary chunk of `head` with its block buffer and parameters.
 fn for_each_gpu_chunk(
     r: &mut Recorder,
@@ -389,24 +413,22 @@ fn for_each_gpu_chunk(
     for (block_start, rows, block) in &head.blocks {
         let (block_start, rows) = (*block_start, *rows);
         for chunk_start in (0..rows).step_by(VOCAB_CHUNK) {
-            let p = CeParams {
-                positions: positions as u32,
-                chunk_start: chunk_start as u32,
-                chunk_len: VOCAB_CHUNK.min(rows - chunk_start) as u32,
-                block_start: block_start as u32,
-                grad_scale,
-                softcap: softcap.unwrap_or(0.0),
-                _pad: [0; 2],
-            };
-            f(r, block, p);
+            let n = VOCAB_CHUNK.min(rows - chunk_start);
+            let chunk = (block_start, chunk_start, n);
+            f(
+                r,
+                block,
+                ce_params(head, positions, grad_scale, softcap, chunk),
+            );
         }
     }
 }
 
 /// The GPU lowering of `forward` and (with `d_hidden`) `forward_backward` (shaders/cross_entropy.wgsl):
 /// per-position [loss, log-sum-exp] into `result`, and grad_scale times the loss's gradient with respect
-/// to `hidden`. The gradient walks the vocabulary a second time, recomputing each chunk's logits
-/// instead of keeping them all.
+/// to `hidden`, in one walk over the vocabulary as `forward_backward` does: each chunk's logits are
+/// computed once, folded into the running sums, turned into their softmax weights against the running
+/// max, and multiplied by the chunk's rows into d_hidden (rescaled when the max grows).
 pub(crate) fn record(
     r: &mut Recorder,
     head: &GpuDense,
@@ -421,21 +443,30 @@ pub(crate) fn record(
     let running: Vec<f32> = (0..np).flat_map(|_| [-3.0e38f32, 0.0, 0.0]).collect();
     let state = r.gpu.upload_f32(&running);
     let logits = r.scratch(np * VOCAB_CHUNK);
+    let mut first_chunk = true;
     for_each_gpu_chunk(r, head, np, grad_scale, softcap, |r, block, p| {
         let lp = chunk_linear_params(head, &p, false);
         record_chunk_logits(r, block, &lp, hidden, &logits);
         let b = [(3, &logits), (4, &state), (5, labels)];
-        r.dispatch("ce_reduce", &p, &b, [np as u32, 1, 1]);
+        let Some(d_hidden) = d_hidden else {
+            r.dispatch("ce_reduce", &p, &b, [np as u32, 1, 1]);
+            return;
+        };
+        r.dispatch(
+            "ce_absorb",
+            &p,
+            &[b[0], b[1], b[2], (6, d_hidden)],
+            [np as u32, 1, 1],
+        );
+        // d_hidden (+)= weights · chunk rows; the first chunk's product is the sum so far.
+        let lp = chunk_linear_params(head, &p, !first_chunk);
+        first_chunk = false;
+        let d = r.dummy;
+        let groups = linear_groups(lp.cols as usize, np);
+        let b = [(1, block), (2, d), (3, d), (5, &logits), (6, d_hidden)];
+        r.dispatch("linear_backward_input", &lp, &b, groups);
     });
-    let p = CeParams {
-        positions: np as u32,
-        chunk_start: 0,
-        chunk_len: 0,
-        block_start: 0,
-        grad_scale,
-        softcap: 0.0,
-        _pad: [0; 2],
-    };
+    let p = ce_params(head, np, grad_scale, None, (0, 0, 0));
     r.dispatch(
         "ce_finalize",
         &p,
@@ -445,19 +476,12 @@ pub(crate) fn record(
     let Some(d_hidden) = d_hidden else {
         return;
     };
-    for_each_gpu_chunk(r, head, np, grad_scale, softcap, |r, block, p| {
-        let lp = chunk_linear_params(head, &p, false);
-        record_chunk_logits(r, block, &lp, hidden, &logits);
-        let groups = [p.chunk_len.div_ceil(64), np as u32, 1];
-        let b = [(3, &logits), (5, labels), (7, result)];
-        r.dispatch("ce_grad_logits", &p, &b, groups);
-        // d_hidden += d_logits · chunk rows.
-        let lp = chunk_linear_params(head, &p, true);
-        let d = r.dummy;
-        let groups = linear_groups(lp.cols as usize, np);
-        let b = [(1, block), (2, d), (3, d), (5, &logits), (6, d_hidden)];
-        r.dispatch("linear_backward_input", &lp, &b, groups);
-    });
+    for (block_start, rows, block) in &head.blocks {
+        let p = ce_params(head, np, grad_scale, softcap, (*block_start, 0, *rows));
+        let b = [(1, block), (4, &state), (5, labels), (6, d_hidden)];
+        let groups = [(head.cols as u32).div_ceil(64), np as u32, 1];
+        r.dispatch("ce_grad_finish", &p, &b, groups);
+    }
 }
 
 /// The GPU lowering of `logits`: each chunk's logits land in their columns of `out` [positions, vocab].
