@@ -42,8 +42,13 @@ pub struct Plan {
     /// The kernel temporaries of that node (weight tiles, attention's per-head shares, a vocabulary
     /// chunk).
     pub workspace: u64,
+    /// What the GPU executor holds for the step: the device buffers its activations share
+    /// (`graph::pool::place`: more than the live bytes at the worst node, as whole buffers are
+    /// shared, not bytes), the results it reads back and the largest node's kernel temporaries.
+    pub device_step: u64,
     /// Offloaded checkpoints, in host memory on the GPU executor (not in `total`).
     pub host_activations: u64,
+    /// What a GPU needs: the weights, LoRA and AdamW state, and `device_step`.
     pub total: u64,
 }
 
@@ -78,15 +83,17 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
 
 impl Plan {
     /// A step's plan from its parts: the weights' bytes, the (out, in) shapes of the adapted linears
-    /// at LoRA `rank` (each matrix with its gradient and two f32 moments), and the step graph's memory.
+    /// at LoRA `rank` (each matrix with its gradient and two f32 moments), and the step's graph.
     pub fn new(
         weights: u64,
         adapted: impl Iterator<Item = (usize, usize)>,
         rank: usize,
-        memory: crate::graph::Memory,
+        step: &Graph,
     ) -> Plan {
         let lora_parameters: u64 = adapted.map(|(out, inp)| (rank * (inp + out)) as u64).sum();
         let lora_and_optimizer = 4 * F32 * lora_parameters;
+        let memory = step.memory();
+        let device_step = crate::graph::pool::device_step_bytes(step);
         Plan {
             weights,
             host_weights: 0,
@@ -94,15 +101,21 @@ impl Plan {
             lora_parameters,
             activations: memory.buffers,
             workspace: memory.temporaries,
+            device_step,
             host_activations: memory.host,
-            total: weights + lora_and_optimizer + memory.total(),
+            total: weights + lora_and_optimizer + device_step,
         }
     }
 
     /// What the CPU executor holds: everything in host memory (offloaded checkpoints counted at
     /// their own peak, which bounds the sum).
     pub fn cpu_total(&self) -> u64 {
-        self.total + self.host_weights + self.host_activations
+        self.weights
+            + self.host_weights
+            + self.lora_and_optimizer
+            + self.activations
+            + self.workspace
+            + self.host_activations
     }
 }
 
@@ -121,7 +134,7 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
         planned_weight_bytes(c, p.quant) - host_weights,
         adapted.iter().map(|(_, out, inp)| (*out, *inp)),
         p.lora_rank,
-        step_graph(c, p)?.memory(),
+        &step_graph(c, p)?,
     );
     plan.host_weights = host_weights;
     Ok(plan)

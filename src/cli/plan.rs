@@ -201,10 +201,7 @@ fn print_plan(
     };
     row(&format!("weights ({weights})"), p.weights, String::new());
     if p.host_weights > 0 {
-        let note = format!(
-            "   (a GPU leaves it on the host; on the CPU the total is {})",
-            human_bytes(p.cpu_total())
-        );
+        let note = "   (a GPU leaves it on the host)".to_string();
         row("embedding (host memory)", p.host_weights, note);
     }
     let note = format!(
@@ -221,7 +218,10 @@ fn print_plan(
         );
     }
     row("kernel temporaries", p.workspace, String::new());
-    row("total", p.total, String::new());
+    let note = "   (whole buffers shared by activations that are not live at once)";
+    row("step on a GPU", p.device_step, note.into());
+    let note = format!("   (on a GPU; on the CPU {})", human_bytes(p.cpu_total()));
+    row("total", p.total, note);
     Ok(())
 }
 

@@ -242,6 +242,19 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
         slots.push(slot);
     }
     let last_use = graph.last_use();
+    let placement = crate::graph::pool::place(graph);
+    // The largest homes first, so that each takes the closest free buffer the pool has.
+    let mut by_size: Vec<usize> = (0..placement.capacities.len()).collect();
+    by_size.sort_by_key(|&h| std::cmp::Reverse(placement.capacities[h]));
+    let mut homes: Vec<Option<GpuBuffer>> = (0..by_size.len()).map(|_| None).collect();
+    for h in by_size {
+        homes[h] = Some(bind.gpu.home(placement.capacities[h]));
+    }
+    let homes: Vec<GpuBuffer> = homes.into_iter().flatten().collect();
+    let homes = Homes {
+        of: &placement.home,
+        buffers: &homes,
+    };
     let outer = std::mem::replace(enc, bind.gpu.encoder());
     let mut r = Recorder {
         gpu: bind.gpu,
@@ -252,7 +265,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     let mut recorded = Recorded::default();
     for (i, node) in graph.nodes.iter().enumerate() {
         r.gpu.set_profile_scope(Some(&node.op));
-        let recorded_node = record_node(&mut r, graph, node, &mut slots);
+        let recorded_node = record_node(&mut r, graph, node, &mut slots, &homes);
         r.gpu.set_profile_scope(None);
         recorded_node?;
         for b in node.reads().chain(node.outputs.iter().copied()) {
@@ -300,24 +313,38 @@ impl Recorder<'_> {
     }
 }
 
+/// The device buffers a graph's activations live in (`graph::pool::place`), held while it is recorded.
+struct Homes<'h> {
+    of: &'h [Option<usize>],
+    buffers: &'h [GpuBuffer],
+}
+
 /// A node's outputs, taken out of their slots while it is recorded.
-struct Outs<'a> {
+struct Outs<'a, 'h> {
     slots: Vec<Slot<'a>>,
     lens: Vec<usize>,
     /// Which of them live in host memory (`Role::Offloaded`).
     on_host: Vec<bool>,
+    /// The home of each activation among them.
+    homes: Vec<Option<&'h GpuBuffer>>,
 }
 
-impl<'a> Outs<'a> {
+impl<'a> Outs<'a, '_> {
     fn get(&mut self, r: &mut Recorder, i: usize) -> &GpuBuffer {
         if let Slot::Empty = self.slots[i] {
             let len = self.lens[i];
-            let buffer = match self.on_host[i] {
-                false => r.gpu.scratch(&mut r.enc, len),
-                true => r
+            let buffer = match (self.on_host[i], self.homes[i]) {
+                (true, _) => r
                     .gpu
                     .host_scratch(len)
                     .expect("`record` checked that the device keeps buffers in host memory"),
+                (false, Some(home)) => {
+                    // Zeroed as a scratch buffer is: accumulating writes add to zeros.
+                    let bytes = (len.max(1) * 4) as u64;
+                    r.enc.clear_buffer(&home.buffer, 0, Some(bytes));
+                    home.tenant(len)
+                }
+                (false, None) => r.gpu.scratch(&mut r.enc, len),
             };
             self.slots[i] = Slot::Own(buffer);
         }
@@ -326,7 +353,13 @@ impl<'a> Outs<'a> {
 }
 
 /// Records one node with the lowering of its op.
-fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot]) -> Result<()> {
+fn record_node(
+    r: &mut Recorder,
+    graph: &Graph,
+    node: &Node,
+    slots: &mut [Slot],
+    homes: &Homes,
+) -> Result<()> {
     let (taken, lens) = node.take_outputs(graph, slots);
     let on_host = node
         .outputs
@@ -337,6 +370,11 @@ fn record_node(r: &mut Recorder, graph: &Graph, node: &Node, slots: &mut [Slot])
         slots: taken,
         lens,
         on_host,
+        homes: node
+            .outputs
+            .iter()
+            .map(|&o| homes.of[o].map(|h| &homes.buffers[h]))
+            .collect(),
     };
     // Every output exists before the inputs are borrowed.
     for i in 0..outs.slots.len() {

@@ -147,19 +147,9 @@ pub fn shader_source(name: &str) -> Option<String> {
 /// Free scratch buffers by capacity in words.
 type Pool = Rc<RefCell<std::collections::BTreeMap<usize, Vec<wgpu::Buffer>>>>;
 
-/// A free scratch buffer serves a request of at least 1/SCRATCH_SLACK of its capacity: reusing a larger
-/// buffer beats creating another of the exact size (a step's many shapes would otherwise each keep
-/// their own, and the pool outgrow the plan), while a small request does not take a buffer a later
-/// large one needs.
-const SCRATCH_SLACK: usize = 2;
-
-/// The smallest free buffer of `pool` that holds `len` words, within `SCRATCH_SLACK`.
+/// The smallest free buffer of `pool` that holds `len` words (the policy the plan replays).
 fn take_free(pool: &Pool, len: usize) -> Option<wgpu::Buffer> {
-    let mut pool = pool.borrow_mut();
-    let fits = pool
-        .range_mut(len.max(1)..=len.max(1) * SCRATCH_SLACK)
-        .find(|(_, free)| !free.is_empty());
-    fits.and_then(|(_, free)| free.pop())
+    crate::graph::pool::take(&mut pool.borrow_mut(), len)
 }
 
 /// A storage buffer of `len` 32-bit elements. Scratch buffers go back to their pool when dropped, so a
@@ -173,6 +163,16 @@ pub struct GpuBuffer {
 }
 
 impl GpuBuffer {
+    /// A handle to the first `len` words of this buffer for a tenant that lives in it for a while
+    /// (`graph::pool::place`); not pooled.
+    pub fn tenant(&self, len: usize) -> GpuBuffer {
+        GpuBuffer {
+            buffer: self.buffer.clone(),
+            len,
+            pool: None,
+        }
+    }
+
     /// A second handle to the same memory, which (unlike the first, if pooled) does not go back to the
     /// scratch pool when dropped: for passing a buffer where an owned one is expected.
     pub fn share(&self) -> GpuBuffer {
@@ -426,26 +426,39 @@ impl Gpu {
     }
 
     /// A zeroed scratch buffer of `len` words for use later in `encoder`: the smallest free one from the
-    /// pool that holds them (within `SCRATCH_SLACK`; cleared by a command recorded now), or a new one.
+    /// pool that holds them (`graph::pool::take`; cleared by a command recorded now), or a new one.
     /// Kernels bind whole buffers and read only the words their parameters name, so a larger buffer
     /// serves as well.
     pub fn scratch(&self, encoder: &mut wgpu::CommandEncoder, len: usize) -> GpuBuffer {
-        let buffer = match take_free(&self.pool, len) {
-            Some(b) => {
-                encoder.clear_buffer(&b, 0, None);
-                b
-            }
+        let (buffer, reused) = self.pooled(len);
+        if reused {
+            encoder.clear_buffer(&buffer.buffer, 0, None);
+        }
+        buffer
+    }
+
+    /// A scratch buffer of at least `len` words whose contents are whatever it last held: a home of
+    /// activations, each of which is cleared as it moves in.
+    pub fn home(&self, len: usize) -> GpuBuffer {
+        self.pooled(len).0
+    }
+
+    /// A buffer from the pool, and whether it was there (else it is new, and zeroed).
+    fn pooled(&self, len: usize) -> (GpuBuffer, bool) {
+        let (buffer, reused) = match take_free(&self.pool, len) {
+            Some(b) => (b, true),
             None => {
                 self.scratch_bytes
                     .set(self.scratch_bytes.get() + (len.max(1) * 4) as u64);
-                self.zeros(len).buffer.clone()
+                (self.zeros(len).buffer.clone(), false)
             }
         };
-        GpuBuffer {
+        let buffer = GpuBuffer {
             buffer,
             len,
             pool: Some(self.pool.clone()),
-        }
+        };
+        (buffer, reused)
     }
 
     /// Whether the device can keep buffers in host memory (`host_scratch`).

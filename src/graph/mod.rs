@@ -11,6 +11,7 @@
 //! `nibble plan` reports.
 
 pub mod checkpoint;
+pub mod pool;
 
 use crate::ops::attention::AttentionShape;
 
@@ -517,6 +518,27 @@ impl Graph {
         self.bufs.iter().position(|b| &b.role == role)
     }
 
+    /// Removes the nodes whose outputs are all transient buffers that no kept node after them reads:
+    /// a model written once emits its layers' backward whole, and the first layer's input gradient
+    /// flows into a frozen embedding that nothing differentiates (as autograd never computes a
+    /// gradient nothing requires). Buffers that outlive the step (outputs, gradients, state) are
+    /// always needed. A buffer that a kept node reads keeps every node that writes it, so partial
+    /// and accumulating writes stay whole.
+    fn drop_dead_nodes(&mut self) {
+        let mut needed: Vec<bool> = self.bufs.iter().map(|b| !b.role.is_transient()).collect();
+        let mut keep = vec![false; self.nodes.len()];
+        for (i, node) in self.nodes.iter().enumerate().rev() {
+            if node.outputs.is_empty() || node.outputs.iter().any(|&o| needed[o]) {
+                keep[i] = true;
+                for b in node.reads() {
+                    needed[b] = true;
+                }
+            }
+        }
+        let mut keep = keep.into_iter();
+        self.nodes.retain(|_| keep.next().unwrap_or(true));
+    }
+
     /// Checks the graph's own consistency: every buffer read is written earlier (or comes from outside
     /// the step), ids are in range, accumulating writes target buffers that exist. A violation is a bug
     /// in a model's builder, reported with the node.
@@ -584,7 +606,9 @@ impl Builder {
         Self::default()
     }
 
-    pub fn finish(self) -> Graph {
+    /// The graph, without the nodes whose results nothing needs (`Graph::drop_dead_nodes`).
+    pub fn finish(mut self) -> Graph {
+        self.graph.drop_dead_nodes();
         self.graph
     }
 

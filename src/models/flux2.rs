@@ -1271,7 +1271,7 @@ pub fn plan(
         planned_weight_bytes(c, quant),
         targets.iter().map(|(_, out, inp)| (*out, *inp)),
         rank,
-        build(c, Some(&spec), step).memory(),
+        &build(c, Some(&spec), step),
     )
 }
 
