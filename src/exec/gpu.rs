@@ -261,9 +261,14 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
         enc: outer,
         dummy: &bind.model.dummy,
         inputs: bind.inputs,
+        temporaries: Vec::new(),
     };
     let mut recorded = Recorded::default();
     for (i, node) in graph.nodes.iter().enumerate() {
+        r.temporaries = placement.temporaries[i]
+            .iter()
+            .map(|&h| homes.buffers[h].tenant(placement.capacities[h]))
+            .collect();
         r.gpu.set_profile_scope(Some(&node.op));
         let recorded_node = record_node(&mut r, graph, node, &mut slots, &homes);
         r.gpu.set_profile_scope(None);
@@ -292,6 +297,8 @@ pub(crate) struct Recorder<'a> {
     pub(crate) enc: wgpu::CommandEncoder,
     pub(crate) dummy: &'a GpuBuffer,
     pub(crate) inputs: &'a StepInputs,
+    /// The homes planned for the temporaries of the node being recorded (`graph::pool::place`).
+    temporaries: Vec<GpuBuffer>,
 }
 
 impl Recorder<'_> {
@@ -307,9 +314,22 @@ impl Recorder<'_> {
             .dispatch(&mut self.enc, entry, params, buffers, groups);
     }
 
-    /// A zeroed scratch buffer of `len` words, back to the pool when dropped.
+    /// A zeroed scratch buffer of `len` words for the node being recorded: the smallest of its
+    /// planned homes that holds them, else one from the pool (back to it when dropped).
     pub(crate) fn scratch(&mut self, len: usize) -> GpuBuffer {
-        self.gpu.scratch(&mut self.enc, len)
+        let words = |b: &GpuBuffer| (b.buffer.size() / 4) as usize;
+        let planned = (0..self.temporaries.len())
+            .filter(|&i| words(&self.temporaries[i]) >= len)
+            .min_by_key(|&i| words(&self.temporaries[i]));
+        match planned {
+            Some(i) => {
+                let home = self.temporaries.swap_remove(i);
+                self.enc
+                    .clear_buffer(&home.buffer, 0, Some((len.max(1) * 4) as u64));
+                home.tenant(len)
+            }
+            None => self.gpu.scratch(&mut self.enc, len),
+        }
     }
 }
 

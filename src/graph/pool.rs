@@ -1,11 +1,12 @@
 //! Where the GPU executor keeps a step's buffers. wgpu binds whole buffers (a storage buffer bound
 //! read-write may not share a dispatch with a read-only binding of itself, so one arena sliced per
-//! activation cannot serve), so activations share device buffers ("homes"): buffers whose lifetimes
-//! do not overlap live in one home, assigned from the whole graph before it is recorded. The plan
-//! replays the same assignment (`device_step_bytes`), so what it reports is what the device holds.
-//! Kernel temporaries and read-back outputs come from a pool of free buffers (`take`).
+//! activation cannot serve), so a step's activations and its kernels' temporaries share device
+//! buffers ("homes"): buffers whose lifetimes do not overlap live in one home, assigned from the whole
+//! graph before it is recorded. The plan replays the same assignment (`device_step_bytes`), so what it
+//! reports is what the device holds. Read-back outputs, and any temporary a kernel takes beyond its
+//! planned ones, come from a pool of free buffers (`take`).
 
-use super::{BufId, Graph, Node, Op, Role};
+use super::{Graph, Node, Op, Role};
 use std::collections::BTreeMap;
 
 /// A free buffer serves a request of at least 1/SLACK of its capacity: reusing a larger buffer beats
@@ -24,44 +25,70 @@ pub fn take<T>(free: &mut Free<T>, len: usize) -> Option<T> {
         .and_then(|(_, buffers)| buffers.pop())
 }
 
-/// Each device activation's home, and each home's capacity in words.
+/// Each device activation's home, each node's temporaries' homes (in the order its lowering asks for
+/// them), and each home's capacity in words.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Placement {
     pub home: Vec<Option<usize>>,
+    pub temporaries: Vec<Vec<usize>>,
     pub capacities: Vec<usize>,
 }
 
-/// Largest buffer first, each into the smallest home that holds it and is free over its whole
-/// lifetime (first write to last use, both included), else a new home of its size. Measured on klein
-/// 9B's 1024 px step: 14% over the live bytes at the worst node, where taking freed buffers as the
-/// step runs held 41% over them (BENCHMARKS.md, session 26).
+/// A buffer to place: words, first and last node (both included), and which (an index into the
+/// graph's buffers, then the nodes' temporaries in order).
+type Lifetime = (usize, usize, usize, usize);
+
+/// Where the activations and temporaries live: largest buffer first, each into the smallest home
+/// that holds it and is free over its whole lifetime, else a new home of its size. Measured against
+/// the live bytes at the worst node: Llama-3.1-8B's checkpointed steps 1-4% over them, klein 9B's
+/// 1024 px step 16% (4.72 GiB for 4.08), where taking freed buffers in node order as the step runs
+/// needed 5.87 GiB there (BENCHMARKS.md, session 26).
 pub fn place(graph: &Graph) -> Placement {
     let (first, last) = (graph.first_write(), graph.last_use());
-    let mut order: Vec<(usize, usize, usize, BufId)> = (0..graph.bufs.len())
+    let mut lifetimes: Vec<Lifetime> = (0..graph.bufs.len())
         .filter(|&b| graph.bufs[b].role == Role::Activation)
         .filter_map(|b| Some((graph.bufs[b].len.max(1), first[b]?, last[b]?, b)))
         .collect();
-    order.sort_by(|x, y| y.0.cmp(&x.0).then(x.3.cmp(&y.3)));
-    let mut placement = Placement {
-        home: vec![None; graph.bufs.len()],
-        capacities: Vec::new(),
-    };
+    let mut temporaries = Vec::with_capacity(graph.nodes.len());
+    let mut id = graph.bufs.len();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let lens = device_temporaries(graph, node);
+        temporaries.push((id..id + lens.len()).collect::<Vec<_>>());
+        lifetimes.extend(lens.into_iter().map(|len| {
+            id += 1;
+            (len.max(1), i, i, id - 1)
+        }));
+    }
+    let (home, capacities) = largest_first(id, lifetimes);
+    Placement {
+        temporaries: temporaries
+            .into_iter()
+            .map(|ids| ids.into_iter().map(|t| home[t].expect("placed")).collect())
+            .collect(),
+        home: home[..graph.bufs.len()].to_vec(),
+        capacities,
+    }
+}
+
+fn largest_first(count: usize, mut lifetimes: Vec<Lifetime>) -> (Vec<Option<usize>>, Vec<usize>) {
+    lifetimes.sort_by(|x, y| y.0.cmp(&x.0).then(x.3.cmp(&y.3)));
+    let (mut home, mut capacities) = (vec![None; count], Vec::new());
     // Per home, the lifetimes it holds.
     let mut lives: Vec<Vec<(usize, usize)>> = Vec::new();
-    for (len, start, end, b) in order {
+    for (len, start, end, id) in lifetimes {
         let free = |held: &Vec<(usize, usize)>| held.iter().all(|&(s, e)| end < s || e < start);
-        let home = (0..lives.len())
-            .filter(|&h| placement.capacities[h] >= len && free(&lives[h]))
-            .min_by_key(|&h| placement.capacities[h]);
-        let home = home.unwrap_or_else(|| {
-            placement.capacities.push(len);
+        let fits = (0..lives.len())
+            .filter(|&h| capacities[h] >= len && free(&lives[h]))
+            .min_by_key(|&h| capacities[h]);
+        let h = fits.unwrap_or_else(|| {
+            capacities.push(len);
             lives.push(Vec::new());
             lives.len() - 1
         });
-        lives[home].push((start, end));
-        placement.home[b] = Some(home);
+        lives[h].push((start, end));
+        home[id] = Some(h);
     }
-    placement
+    (home, capacities)
 }
 
 /// The scratch buffers (words) a node's GPU lowering takes from the pool while it is recorded, and
@@ -93,33 +120,15 @@ fn device_temporaries(graph: &Graph, node: &Node) -> Vec<usize> {
     }
 }
 
-/// What the GPU executor holds for one step of `graph` from an empty pool: its activations' homes,
-/// and what it takes from the pool as it records (outputs it reads back, kept; kernel temporaries,
-/// returned after each node), replayed through `take`.
+/// What the GPU executor holds for one step of `graph` from an empty pool: the homes of its
+/// activations and temporaries, and the outputs it reads back (each from the pool, kept).
 pub fn device_step_bytes(graph: &Graph) -> u64 {
     let homes: u64 = place(graph).capacities.iter().map(|&c| c as u64).sum();
-    let first = graph.first_write();
-    let mut free: Free<usize> = Free::new();
-    let mut pooled = 0u64;
-    let mut take_or_create = |free: &mut Free<usize>, len: usize| {
-        take(free, len).unwrap_or_else(|| {
-            pooled += len.max(1) as u64;
-            len.max(1)
-        })
-    };
-    for (i, node) in graph.nodes.iter().enumerate() {
-        for &b in &node.outputs {
-            if matches!(graph.bufs[b].role, Role::Output(_)) && first[b] == Some(i) {
-                take_or_create(&mut free, graph.bufs[b].len);
-            }
-        }
-        let held: Vec<usize> = device_temporaries(graph, node)
-            .into_iter()
-            .map(|len| take_or_create(&mut free, len))
-            .collect();
-        for capacity in held {
-            free.entry(capacity).or_default().push(capacity);
-        }
-    }
-    4 * (homes + pooled)
+    let outputs: u64 = graph
+        .bufs
+        .iter()
+        .filter(|b| matches!(b.role, Role::Output(_)))
+        .map(|b| b.len.max(1) as u64)
+        .sum();
+    4 * (homes + outputs)
 }
