@@ -151,17 +151,23 @@ fn flat(a: &LoraAdapter) -> Vec<f32> {
         .collect()
 }
 
-/// Every graph the decoder builds is consistent, and checkpointing lowers its peak of live activations
-/// while recomputing only forward nodes.
-#[test]
-fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
+/// A tiny Qwen3's config with `layers` layers, and PEFT's default LoRA on it.
+fn tiny_qwen3(layers: usize) -> (nibble::config::ModelConfig, LoraSpec) {
     let mut spec = SynthSpec::tiny(Arch::Qwen3, VOCAB);
-    spec.num_layers = 6;
+    spec.num_layers = layers;
     let dir = tempfile::tempdir().unwrap();
     synth::write_model_folder(dir.path(), &spec, None).unwrap();
     let config = ModelSource::open(dir.path()).unwrap().config;
     let mut rng = Rng::new(2);
     let lora = LoraSpec::of(&LoraAdapter::init(&config, LoraConfig::default(), &mut rng).unwrap());
+    (config, lora)
+}
+
+/// Every graph the decoder builds is consistent, and checkpointing lowers its peak of live activations
+/// while recomputing only forward nodes.
+#[test]
+fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
+    let (config, lora) = tiny_qwen3(6);
     let shape = |checkpoint| StepShape {
         tokens: 200,
         positions: 150,
@@ -190,7 +196,7 @@ fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
         .iter()
         .filter(|b| matches!(b.role, Role::LoraGradA(_) | Role::LoraGradB(_)))
         .count();
-    assert_eq!(grads, 2 * 7 * spec.num_layers);
+    assert_eq!(grads, 2 * 7 * config.num_layers);
 }
 
 /// The GPU's placement of a step's buffers (`graph::pool::place`) on the decoder's graphs, with and
@@ -202,13 +208,7 @@ fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
 fn placed_buffers_never_share_a_home_while_alive() {
     use nibble::graph::Op;
     use nibble::graph::pool::place;
-    let mut spec = SynthSpec::tiny(Arch::Qwen3, VOCAB);
-    spec.num_layers = 4;
-    let dir = tempfile::tempdir().unwrap();
-    synth::write_model_folder(dir.path(), &spec, None).unwrap();
-    let config = ModelSource::open(dir.path()).unwrap().config;
-    let lora =
-        LoraSpec::of(&LoraAdapter::init(&config, LoraConfig::default(), &mut Rng::new(2)).unwrap());
+    let (config, lora) = tiny_qwen3(4);
     for checkpoint in [false, true] {
         let shape = StepShape {
             tokens: 90,
@@ -237,8 +237,9 @@ fn placed_buffers_never_share_a_home_while_alive() {
                 continue;
             };
             assert!(placement.capacities[home] >= desc.len, "{}", desc.name);
-            for node in first[b].unwrap()..=last[b].unwrap() {
-                in_use[node].push((home, desc.name.clone()));
+            let alive = first[b].unwrap()..=last[b].unwrap();
+            for used in &mut in_use[alive] {
+                used.push((home, desc.name.clone()));
             }
         }
         for (node, homes) in placement.temporaries.iter().enumerate() {
@@ -272,7 +273,7 @@ fn placed_buffers_never_share_a_home_while_alive() {
         let per_layer = 2 + usize::from(q == kv);
         assert_eq!(
             input_gradients(kv),
-            per_layer * (spec.num_layers - 1),
+            per_layer * (config.num_layers - 1),
             "k and v (and q where as wide)"
         );
         let norms = graph
@@ -283,7 +284,7 @@ fn placed_buffers_never_share_a_home_while_alive() {
             )
             .count();
         // Two per layer and the final norm, less layer 0's input norm.
-        assert_eq!(norms, 2 * spec.num_layers, "hidden-width norm backwards");
+        assert_eq!(norms, 2 * config.num_layers, "hidden-width norm backwards");
     }
 }
 
