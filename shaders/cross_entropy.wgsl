@@ -74,8 +74,8 @@ fn reduce(lid: u32, value: f32, is_max: bool) -> f32 {
 
 // Folds the chunk's logits into position `pos`'s running max, sum and label logit (all of the
 // workgroup calls it). With `keep_weights`, each logit is replaced by its weight exp(z − new max) times
-// the cap's slope. Returns the factor by which sums against the old max must be rescaled.
-fn absorb_chunk(pos: u32, lid: u32, keep_weights: bool) -> f32 {
+// the cap's slope. Returns the old max and the factor by which sums against it must be rescaled.
+fn absorb_chunk(pos: u32, lid: u32, keep_weights: bool) -> vec2<f32> {
     let base = pos * p.chunk_len;
     var m = -3.0e38;
     for (var v = lid; v < p.chunk_len; v += WG) {
@@ -100,11 +100,13 @@ fn absorb_chunk(pos: u32, lid: u32, keep_weights: bool) -> f32 {
     }
     let chunk_sum = reduce(lid, s, false);
     let rescale = exp(old_max - new_max);
+    // Every thread has read the old state before it is replaced.
+    storageBarrier();
     if (lid == 0u) {
         state[pos * 3u + 1u] = state[pos * 3u + 1u] * rescale + chunk_sum;
         state[pos * 3u] = new_max;
     }
-    return rescale;
+    return vec2<f32>(old_max, rescale);
 }
 
 // The loss alone: folds the chunk's logits into each position's running log-sum-exp; one workgroup
@@ -114,7 +116,7 @@ fn ce_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     if (wg.x >= p.positions) {
         return;
     }
-    absorb_chunk(wg.x, lid.x, false);
+    _ = absorb_chunk(wg.x, lid.x, false);
 }
 
 // With the gradient: as ce_reduce, the chunk's logits become their weights for the product
@@ -126,8 +128,9 @@ fn ce_absorb(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     if (pos >= p.positions) {
         return;
     }
-    let first_chunk = state[pos * 3u] <= -3.0e38;
-    let rescale = absorb_chunk(pos, lid.x, true);
+    let absorbed = absorb_chunk(pos, lid.x, true);
+    let first_chunk = absorbed.x <= -3.0e38;
+    let rescale = absorbed.y;
     if (!first_chunk && rescale != 1.0) {
         for (var c = lid.x; c < p.dim; c += WG) {
             d_hidden[pos * p.dim + c] *= rescale;

@@ -94,27 +94,43 @@ fn largest_first(count: usize, mut lifetimes: Vec<Lifetime>) -> (Vec<Option<usiz
 /// The scratch buffers (words) a node's GPU lowering takes from the pool while it is recorded, and
 /// returns after it (the ops' `record` functions): the linears read the packed weights in place.
 fn device_temporaries(graph: &Graph, node: &Node) -> Vec<usize> {
+    let len = |i: usize| graph.bufs[node.inputs[i]].len;
+    // Attention takes a first-key table of its own where the step gives none (an input at `given`).
+    let first_key = |tokens: usize, given: usize| match node.inputs.len() > given {
+        true => Vec::new(),
+        false => vec![tokens],
+    };
     match &node.op {
-        // The first-key table (when the step has none), and in the backward each query head's
-        // share of dk and dv.
-        Op::Attention { shape } => vec![shape.tokens],
+        Op::Attention { shape } => first_key(shape.tokens, 3),
+        // And each query head's share of dk and dv.
         Op::AttentionBackward { shape } => {
             let q = shape.tokens * shape.heads * shape.head_dim;
-            vec![shape.tokens, q, q]
+            [first_key(shape.tokens, 6), vec![q, q]].concat()
         }
         Op::CachedAttention { shape, past } => {
-            vec![shape.tokens, 2 * shape.heads * (past + shape.tokens)]
+            let stats = 2 * shape.heads * (past + shape.tokens);
+            [first_key(shape.tokens, 3), vec![stats]].concat()
         }
         // One vocabulary chunk's logits, the full chunk whatever the vocabulary.
-        Op::CrossEntropy { dim, .. }
-        | Op::CrossEntropyWithGrad { dim, .. }
-        | Op::Logits { dim, .. } => {
-            vec![graph.bufs[node.inputs[0]].len / dim * crate::ops::cross_entropy::VOCAB_CHUNK]
+        Op::CrossEntropy { dim, .. } | Op::CrossEntropyWithGrad { dim, .. } => {
+            vec![len(0) / dim * crate::ops::cross_entropy::VOCAB_CHUNK]
         }
         Op::Conv2d { shape } => {
             let (oh, ow) = shape.output();
             let patch = shape.channels * shape.kernel * shape.kernel;
             vec![shape.tile_pixels().min(oh * ow) * patch]
+        }
+        Op::GroupNorm {
+            channels, groups, ..
+        } => vec![crate::ops::conv::group_norm_stats_len(
+            len(0),
+            *channels,
+            *groups,
+        )],
+        Op::GradNorm { .. } => {
+            vec![crate::ops::adamw::sum_squares_len(
+                (0..node.inputs.len()).map(len),
+            )]
         }
         _ => Vec::new(),
     }

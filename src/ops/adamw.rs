@@ -61,6 +61,13 @@ pub struct AdamWKernelParams {
 /// Elements one workgroup of the GPU's sum-of-squares kernel reduces into one partial sum.
 pub const SUM_SQUARES_BLOCK: usize = 4096;
 
+/// Words of the GPU's partial sums of squares over gradients of these lengths: one per block.
+pub(crate) fn sum_squares_len(lens: impl Iterator<Item = usize>) -> usize {
+    lens.map(|n| n.div_ceil(SUM_SQUARES_BLOCK))
+        .sum::<usize>()
+        .max(1)
+}
+
 pub fn step(p: &AdamWParams, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     assert!(
         param.len() == grad.len() && grad.len() == m.len() && m.len() == v.len(),
@@ -107,11 +114,7 @@ pub(crate) fn record_grad_norm(
         max_norm: max_norm as f32,
         _pad: 0,
     };
-    let blocks: usize = grads
-        .iter()
-        .map(|g| g.len.div_ceil(SUM_SQUARES_BLOCK))
-        .sum();
-    let sums = r.scratch(blocks.max(1));
+    let sums = r.scratch(sum_squares_len(grads.iter().map(|g| g.len)));
     let mut offset = 0;
     for g in grads {
         let groups = [g.len.div_ceil(SUM_SQUARES_BLOCK) as u32, 1, 1];

@@ -153,6 +153,13 @@ pub(crate) fn record_conv2d(
 /// each (well inside a software device's loop budget).
 const GROUP_NORM_CHUNK: usize = 128 * 256;
 
+/// Words of the GPU GroupNorm's partial sums over `x_len` values: per group, a pair per chunk of the
+/// group's values and one for their total.
+pub(crate) fn group_norm_stats_len(x_len: usize, channels: usize, groups: usize) -> usize {
+    let per_group = x_len / channels * (channels / groups);
+    2 * groups * (per_group.div_ceil(GROUP_NORM_CHUNK).max(1) + 1)
+}
+
 /// The GPU lowering of `group_norm`.
 pub(crate) fn record_group_norm(
     r: &mut Recorder,
@@ -162,10 +169,10 @@ pub(crate) fn record_group_norm(
     silu: bool,
     y: &GpuBuffer,
 ) {
+    let stats = r.scratch(group_norm_stats_len(x.len, channels, groups));
     let pixels = x.len / channels;
     let per_group = pixels * (channels / groups);
     let chunks = per_group.div_ceil(GROUP_NORM_CHUNK).max(1);
-    let stats = r.scratch(2 * groups * (chunks + 1));
     let p = ImageParams {
         channels: channels as u32,
         pixels: pixels as u32,

@@ -653,7 +653,7 @@ pub fn run(
         * (captions.len() * text_tokens * flux.text_dim
             + examples.len() * tokens(resolution) * flux.in_channels) as u64;
     let step = Flux2Step::training(resolution, text_tokens, config.checkpoint);
-    let planned = flux2::plan(&flux, quant, config.lora.r, step).total;
+    let planned = flux2::plan(&flux, quant, config.lora.r, step);
     let what = format!("training on {} images at {resolution} px", examples.len());
     match gpu {
         // The cache stays in host memory; the step is on the device, as is the VAE before it.
@@ -661,17 +661,17 @@ pub fn run(
             crate::alloc::check_fits(&what, cache, "; fewer images or a lower --resolution")?;
             let advice = "; a lower --resolution or a 4-bit --quant needs less (`nibble plan` \
                           shows how much)";
-            gpu.check_fits(&what, planned, options.gpu_memory, advice)?;
+            gpu.check_fits(&what, planned.total, options.gpu_memory, advice)?;
             let (h, w) = crate::images::bucket(resolution, resolution, resolution);
-            let step = crate::models::vae::encoder_graph(&vae.config, h, w).memory();
-            let needs =
-                crate::model::FrozenWeights::tensor_bytes(&vae) + step.buffers + step.temporaries;
+            let step = crate::models::vae::encoder_graph(&vae.config, h, w);
+            let needs = crate::model::FrozenWeights::tensor_bytes(&vae)
+                + crate::graph::pool::device_step_bytes(&step);
             let advice = "; a lower --resolution needs less, or --device cpu";
             gpu.check_fits("the VAE encoder", needs, options.gpu_memory, advice)?;
         }
         None => crate::alloc::check_fits(
             &what,
-            planned + cache,
+            planned.cpu_total() + cache,
             "; a lower --resolution, fewer images or a 4-bit --quant needs less",
         )?,
     }
@@ -897,10 +897,8 @@ fn caption_features<'c>(
                     text_tokens,
                     true,
                 );
-                let step = graph.memory();
                 let needs = crate::model::planned_weight_bytes(&source.config, encoder.quant)
-                    + step.buffers
-                    + step.temporaries;
+                    + crate::graph::pool::device_step_bytes(&graph);
                 let advice = "; --device cpu runs it (and training) on the CPU";
                 gpu.check_fits("the text encoder", needs, gpu_memory, advice)?;
                 let weights = crate::gpu::weights::GpuModel::upload(gpu, &encoder)?;
