@@ -222,6 +222,19 @@ fn gpu_step_memory_follows_the_plan() {
     let gl = GpuLora::upload(&gpu, &adapter);
     let grads = weights::zero_grads(&gpu, &adapter);
     use nibble::graph::checkpoint::Keep;
+    // The plan of a step of `tokens` on this model and adapter.
+    let planned = |tokens, checkpoint, checkpoints| {
+        let input = PlanInput {
+            tokens,
+            quant: Some(qspec),
+            lora_rank: 8,
+            lora_targets: vec!["all-linear".into()],
+            lora_dropout: false,
+            checkpoint,
+            checkpoints,
+        };
+        plan(&model.config, &input).unwrap()
+    };
     for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
         let options = exec::gpu::SequenceOptions {
             grad_scale: 1.0,
@@ -262,16 +275,7 @@ fn gpu_step_memory_follows_the_plan() {
             first,
             "the second step allocated again"
         );
-        let input = PlanInput {
-            tokens,
-            quant: Some(qspec),
-            lora_rank: 8,
-            lora_targets: vec!["all-linear".into()],
-            lora_dropout: false,
-            checkpoint,
-            checkpoints,
-        };
-        let planned = plan(&model.config, &input).unwrap();
+        let planned = planned(tokens, checkpoint, checkpoints);
         // The untied embedding stays in host memory; every other weight is on the device as planned
         // (group scales in f32, norms in f32).
         assert!(planned.host_weights > 0);
@@ -291,6 +295,38 @@ fn gpu_step_memory_follows_the_plan() {
             first.0
         );
         assert_eq!(first.1, planned.host_activations, "{checkpoints:?}");
+    }
+    // Sequences of other lengths, as a run's data has them, with and without checkpointing: the
+    // device holds one step's homes (the largest step's so far), not one set per length: where the
+    // pool cannot house a step, its idle buffers are freed and the step's homes made anew (measured
+    // 1.00 after every step).
+    gpu.release_scratch();
+    let mut longest_plan = 0u64;
+    for (i, tokens) in [64usize, 16, 40, 96, 24, 96, 64, 80]
+        .into_iter()
+        .enumerate()
+    {
+        let checkpoint = i % 3 == 1;
+        let seq =
+            nibble::cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 11 % 4000).collect());
+        let options = exec::gpu::SequenceOptions {
+            grad_scale: 1.0,
+            checkpoint,
+            checkpoints: Keep::F32,
+            dropout: None,
+        };
+        let mut enc = gpu.encoder();
+        let losses =
+            exec::gpu::record_sequence(&gpu, &gm, Some(&gl), Some(&grads), &seq, options, &mut enc)
+                .unwrap()
+                .unwrap();
+        gpu.submit_and_read(enc, &[&losses]).unwrap();
+        longest_plan = longest_plan.max(planned(tokens, checkpoint, Keep::F32).device_step);
+        let held = gpu.scratch_bytes() as f64 / longest_plan as f64;
+        eprintln!(
+            "after {tokens} tokens (checkpointing {checkpoint}): held {held:.3} of the largest plan"
+        );
+        assert!(held <= 1.01, "{tokens} tokens: {held:.3}");
     }
 }
 

@@ -243,14 +243,7 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
     }
     let last_use = graph.last_use();
     let placement = crate::graph::pool::place(graph);
-    // The largest homes first, so that each takes the closest free buffer the pool has.
-    let mut by_size: Vec<usize> = (0..placement.capacities.len()).collect();
-    by_size.sort_by_key(|&h| std::cmp::Reverse(placement.capacities[h]));
-    let mut homes: Vec<Option<GpuBuffer>> = (0..by_size.len()).map(|_| None).collect();
-    for h in by_size {
-        homes[h] = Some(bind.gpu.home(placement.capacities[h]));
-    }
-    let homes: Vec<GpuBuffer> = homes.into_iter().flatten().collect();
+    let homes = bind.gpu.homes(&placement.capacities);
     let homes = Homes {
         of: &placement.home,
         buffers: &homes,

@@ -437,21 +437,68 @@ impl Gpu {
         buffer
     }
 
-    /// A scratch buffer of at least `len` words whose contents are whatever it last held: a home of
-    /// activations, each of which is cleared as it moves in.
-    pub fn home(&self, len: usize) -> GpuBuffer {
-        self.pooled(len).0
+    /// The homes of a step's activations and temporaries (`graph::pool::place`), of these capacities
+    /// in words. Where the pool holds a buffer for every one (each the smallest free one that holds
+    /// it, however larger: a shorter sequence after a longer one allocates nothing), those; else the
+    /// pool's idle buffers are freed and every home is made anew at its size, so that the device holds
+    /// the homes of one step (the largest so far), not a set per sequence length. Contents are
+    /// whatever each last held: every tenant is cleared as it moves in.
+    pub fn homes(&self, capacities: &[usize]) -> Vec<GpuBuffer> {
+        let mut order: Vec<usize> = (0..capacities.len()).collect();
+        order.sort_by_key(|&h| std::cmp::Reverse(capacities[h]));
+        let mut found = vec![None; capacities.len()];
+        for &h in &order {
+            found[h] =
+                crate::graph::pool::take_at_least(&mut self.pool.borrow_mut(), capacities[h]);
+            if found[h].is_none() {
+                break;
+            }
+        }
+        if found.iter().any(Option::is_none) {
+            let mut pool = self.pool.borrow_mut();
+            for buffer in found.into_iter().flatten() {
+                let capacity = (buffer.size() / 4) as usize;
+                pool.entry(capacity).or_default().push(buffer);
+            }
+            drop(pool);
+            self.release_scratch_pool();
+            found = capacities
+                .iter()
+                .map(|&c| Some(self.create_scratch(c)))
+                .collect();
+        }
+        found
+            .into_iter()
+            .zip(capacities)
+            .map(|(buffer, &len)| GpuBuffer {
+                buffer: buffer.expect("every home has a buffer"),
+                len,
+                pool: Some(self.pool.clone()),
+            })
+            .collect()
+    }
+
+    /// A new scratch buffer of `len` words, zeroed, counted in `scratch_bytes`.
+    fn create_scratch(&self, len: usize) -> wgpu::Buffer {
+        self.scratch_bytes
+            .set(self.scratch_bytes.get() + (len.max(1) * 4) as u64);
+        self.zeros(len).buffer.clone()
+    }
+
+    /// Frees the device pool's idle buffers.
+    fn release_scratch_pool(&self) {
+        let freed: u64 = std::mem::take(&mut *self.pool.borrow_mut())
+            .into_iter()
+            .map(|(capacity, buffers)| (capacity * 4 * buffers.len()) as u64)
+            .sum();
+        self.scratch_bytes.set(self.scratch_bytes.get() - freed);
     }
 
     /// A buffer from the pool, and whether it was there (else it is new, and zeroed).
     fn pooled(&self, len: usize) -> (GpuBuffer, bool) {
         let (buffer, reused) = match take_free(&self.pool, len) {
             Some(b) => (b, true),
-            None => {
-                self.scratch_bytes
-                    .set(self.scratch_bytes.get() + (len.max(1) * 4) as u64);
-                (self.zeros(len).buffer.clone(), false)
-            }
+            None => (self.create_scratch(len), false),
         };
         let buffer = GpuBuffer {
             buffer,
@@ -506,14 +553,14 @@ impl Gpu {
     /// Frees the pool's idle scratch buffers (those of a finished phase, such as the text encoder's
     /// before training), so that their memory goes back to the device.
     pub fn release_scratch(&self) {
-        self.pool.borrow_mut().clear();
+        self.release_scratch_pool();
         if let Some(host) = &self.host_pool {
             host.borrow_mut().clear();
         }
     }
 
-    /// Bytes of scratch memory created so far (the high-water mark of a step's temporaries and kept
-    /// activations, since freed buffers are reused).
+    /// Bytes of scratch memory the device holds for the steps (pooled and in use; idle buffers freed
+    /// by `release_scratch` or by `homes` no longer count).
     pub fn scratch_bytes(&self) -> u64 {
         self.scratch_bytes.get()
     }

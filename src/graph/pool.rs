@@ -25,6 +25,14 @@ pub fn take<T>(free: &mut Free<T>, len: usize) -> Option<T> {
         .and_then(|(_, buffers)| buffers.pop())
 }
 
+/// The smallest free buffer that holds `len` words, however much larger: for a step's homes, taken
+/// all at once before it is recorded, so that no later request of the step needs what they take.
+pub fn take_at_least<T>(free: &mut Free<T>, len: usize) -> Option<T> {
+    free.range_mut(len.max(1)..)
+        .find(|(_, buffers)| !buffers.is_empty())
+        .and_then(|(_, buffers)| buffers.pop())
+}
+
 /// Each device activation's home, each node's temporaries' homes (in the order its lowering asks for
 /// them), and each home's capacity in words.
 #[derive(Clone, Debug, Default, PartialEq)]
