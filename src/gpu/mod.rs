@@ -210,6 +210,10 @@ pub struct Gpu {
     pipelines: RefCell<HashMap<&'static str, wgpu::ComputePipeline>>,
     pool: Pool,
     scratch_bytes: Cell<u64>,
+    /// Scratch bytes let go of while a submission not yet waited for may still use them (wgpu frees
+    /// them when it is done), and the most held and let go of at once (`scratch_peak_bytes`).
+    released_in_flight: Cell<u64>,
+    scratch_peak: Cell<u64>,
     /// Free host-memory buffers (offloaded checkpoints), by capacity in words; None where the device
     /// cannot copy between its memory and mappable host memory (`MAPPABLE_PRIMARY_BUFFERS`: native
     /// Vulkan, DX12 and Metal can; WebGPU cannot).
@@ -306,6 +310,8 @@ impl Gpu {
             pipelines: RefCell::new(HashMap::new()),
             pool: Rc::new(RefCell::new(std::collections::BTreeMap::new())),
             scratch_bytes: Cell::new(0),
+            released_in_flight: Cell::new(0),
+            scratch_peak: Cell::new(0),
             host_pool: (!host_copies.is_empty())
                 .then(|| Rc::new(RefCell::new(std::collections::BTreeMap::new()))),
             host_bytes: Cell::new(0),
@@ -461,7 +467,8 @@ impl Gpu {
                 pool.entry(capacity).or_default().push(buffer);
             }
             drop(pool);
-            self.release_scratch_pool();
+            // The idle homes may be an earlier sequence's of the submission being recorded.
+            self.release_scratch_pool(true);
             found = capacities
                 .iter()
                 .map(|&c| Some(self.create_scratch(c)))
@@ -482,16 +489,34 @@ impl Gpu {
     fn create_scratch(&self, len: usize) -> wgpu::Buffer {
         self.scratch_bytes
             .set(self.scratch_bytes.get() + (len.max(1) * 4) as u64);
+        let at_once = self.scratch_bytes.get() + self.released_in_flight.get();
+        self.scratch_peak.set(self.scratch_peak.get().max(at_once));
         self.zeros(len).buffer.clone()
     }
 
-    /// Frees the device pool's idle buffers.
-    fn release_scratch_pool(&self) {
+    /// Frees the device pool's idle buffers; `in_flight`: a submission not yet waited for may use
+    /// them, so the device keeps them until it is done.
+    fn release_scratch_pool(&self, in_flight: bool) {
         let freed: u64 = std::mem::take(&mut *self.pool.borrow_mut())
             .into_iter()
             .map(|(capacity, buffers)| (capacity * 4 * buffers.len()) as u64)
             .sum();
         self.scratch_bytes.set(self.scratch_bytes.get() - freed);
+        if in_flight {
+            self.released_in_flight
+                .set(self.released_in_flight.get() + freed);
+        }
+    }
+
+    /// The most scratch memory the device held at once since `reset_scratch_peak`: pooled, in use,
+    /// and let go of while a submission could still use it.
+    pub fn scratch_peak_bytes(&self) -> u64 {
+        self.scratch_peak.get()
+    }
+
+    pub fn reset_scratch_peak(&self) {
+        self.scratch_peak
+            .set(self.scratch_bytes.get() + self.released_in_flight.get());
     }
 
     /// A buffer from the pool, and whether it was there (else it is new, and zeroed).
@@ -553,7 +578,7 @@ impl Gpu {
     /// Frees the pool's idle scratch buffers (those of a finished phase, such as the text encoder's
     /// before training), so that their memory goes back to the device.
     pub fn release_scratch(&self) {
-        self.release_scratch_pool();
+        self.release_scratch_pool(false);
         if let Some(host) = &self.host_pool {
             host.borrow_mut().clear();
         }
@@ -673,6 +698,8 @@ impl Gpu {
         mapped
             .await
             .map_err(|e| Error::Invalid(format!("GPU: reading back a result failed: {e}")))?;
+        // Every submission so far is done: what was let go of is freed.
+        self.released_in_flight.set(0);
         self.check_errors()?;
         if let Some(timed) = timed {
             let view = timed.staging.slice(..).get_mapped_range().map_err(|e| {

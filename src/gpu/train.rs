@@ -115,9 +115,15 @@ impl GpuTrainState {
     ) -> Result<GpuStepResult> {
         let model = self.decoder_or_error()?;
         let mut enc = self.cleared_grads(gpu);
-        let mut results = Vec::with_capacity(sequences.len());
-        for (seq, options) in sequences {
-            results.push(record_sequence(
+        // The longest first: the device buffers its step is placed in then house the shorter ones'
+        // (`Gpu::homes`), where a longer sequence after a shorter one would need a second set while
+        // the first is still part of this submission.
+        let mut order: Vec<usize> = (0..sequences.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].0.ids.len()));
+        let mut results: Vec<Option<GpuBuffer>> = (0..sequences.len()).map(|_| None).collect();
+        for i in order {
+            let (seq, options) = &sequences[i];
+            results[i] = record_sequence(
                 gpu,
                 model,
                 Some(&self.params),
@@ -125,7 +131,7 @@ impl GpuTrainState {
                 seq,
                 *options,
                 &mut enc,
-            )?);
+            )?;
         }
         let reads: Vec<&GpuBuffer> = results.iter().flatten().collect();
         let (values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
