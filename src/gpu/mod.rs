@@ -210,10 +210,11 @@ pub struct Gpu {
     pipelines: RefCell<HashMap<&'static str, wgpu::ComputePipeline>>,
     pool: Pool,
     scratch_bytes: Cell<u64>,
-    /// Scratch bytes let go of while a submission not yet waited for may still use them (wgpu frees
-    /// them when it is done), and the most held and let go of at once (`scratch_peak_bytes`).
-    released_in_flight: Cell<u64>,
+    /// The most scratch bytes held at once (`scratch_peak_bytes`).
     scratch_peak: Cell<u64>,
+    /// Whether a step's homes were taken since the last wait for the device: the pool's idle
+    /// buffers may then belong to a submission still being recorded.
+    recorded_since_wait: Cell<bool>,
     /// Free host-memory buffers (offloaded checkpoints), by capacity in words; None where the device
     /// cannot copy between its memory and mappable host memory (`MAPPABLE_PRIMARY_BUFFERS`: native
     /// Vulkan, DX12 and Metal can; WebGPU cannot).
@@ -310,8 +311,8 @@ impl Gpu {
             pipelines: RefCell::new(HashMap::new()),
             pool: Rc::new(RefCell::new(std::collections::BTreeMap::new())),
             scratch_bytes: Cell::new(0),
-            released_in_flight: Cell::new(0),
             scratch_peak: Cell::new(0),
+            recorded_since_wait: Cell::new(false),
             host_pool: (!host_copies.is_empty())
                 .then(|| Rc::new(RefCell::new(std::collections::BTreeMap::new()))),
             host_bytes: Cell::new(0),
@@ -444,11 +445,15 @@ impl Gpu {
     }
 
     /// The homes of a step's activations and temporaries (`graph::pool::place`), of these capacities
-    /// in words. Where the pool holds a buffer for every one (each the smallest free one that holds
-    /// it, however larger: a shorter sequence after a longer one allocates nothing), those; else the
-    /// pool's idle buffers are freed and every home is made anew at its size, so that the device holds
-    /// the homes of one step (the largest so far), not a set per sequence length. Contents are
-    /// whatever each last held: every tenant is cleared as it moves in.
+    /// in words: each the smallest idle buffer of the pool that holds it, however larger (a shorter
+    /// sequence after a longer one allocates nothing). Where some cannot be served:
+    /// - between submissions, the pool's idle buffers are freed and every home is made anew at its
+    ///   size, so that the device holds the homes of one step (the largest so far), not a set per
+    ///   sequence length, nor larger buffers kept for smaller homes;
+    /// - when an earlier graph of the submission being recorded uses the pool's buffers (they would
+    ///   stay allocated until it is done), only the missing homes are made.
+    ///
+    /// Contents are whatever each last held: every tenant is cleared as it moves in.
     pub fn homes(&self, capacities: &[usize]) -> Vec<GpuBuffer> {
         let mut order: Vec<usize> = (0..capacities.len()).collect();
         order.sort_by_key(|&h| std::cmp::Reverse(capacities[h]));
@@ -456,29 +461,22 @@ impl Gpu {
         for &h in &order {
             found[h] =
                 crate::graph::pool::take_at_least(&mut self.pool.borrow_mut(), capacities[h]);
-            if found[h].is_none() {
-                break;
-            }
         }
-        if found.iter().any(Option::is_none) {
+        if found.iter().any(Option::is_none) && !self.recorded_since_wait.get() {
             let mut pool = self.pool.borrow_mut();
-            for buffer in found.into_iter().flatten() {
+            for buffer in found.iter_mut().filter_map(Option::take) {
                 let capacity = (buffer.size() / 4) as usize;
                 pool.entry(capacity).or_default().push(buffer);
             }
             drop(pool);
-            // The idle homes may be an earlier sequence's of the submission being recorded.
-            self.release_scratch_pool(true);
-            found = capacities
-                .iter()
-                .map(|&c| Some(self.create_scratch(c)))
-                .collect();
+            self.release_scratch_pool();
         }
+        self.recorded_since_wait.set(true);
         found
             .into_iter()
             .zip(capacities)
             .map(|(buffer, &len)| GpuBuffer {
-                buffer: buffer.expect("every home has a buffer"),
+                buffer: buffer.unwrap_or_else(|| self.create_scratch(len)),
                 len,
                 pool: Some(self.pool.clone()),
             })
@@ -489,34 +487,29 @@ impl Gpu {
     fn create_scratch(&self, len: usize) -> wgpu::Buffer {
         self.scratch_bytes
             .set(self.scratch_bytes.get() + (len.max(1) * 4) as u64);
-        let at_once = self.scratch_bytes.get() + self.released_in_flight.get();
-        self.scratch_peak.set(self.scratch_peak.get().max(at_once));
+        self.scratch_peak
+            .set(self.scratch_peak.get().max(self.scratch_bytes.get()));
         self.zeros(len).buffer.clone()
     }
 
-    /// Frees the device pool's idle buffers; `in_flight`: a submission not yet waited for may use
-    /// them, so the device keeps them until it is done.
-    fn release_scratch_pool(&self, in_flight: bool) {
+    /// Frees the device pool's idle buffers.
+    fn release_scratch_pool(&self) {
         let freed: u64 = std::mem::take(&mut *self.pool.borrow_mut())
             .into_iter()
             .map(|(capacity, buffers)| (capacity * 4 * buffers.len()) as u64)
             .sum();
         self.scratch_bytes.set(self.scratch_bytes.get() - freed);
-        if in_flight {
-            self.released_in_flight
-                .set(self.released_in_flight.get() + freed);
-        }
     }
 
-    /// The most scratch memory the device held at once since `reset_scratch_peak`: pooled, in use,
-    /// and let go of while a submission could still use it.
+    /// The most scratch memory the device held at once (pooled and in use) since
+    /// `reset_scratch_peak`. Buffers are freed only between submissions (`homes`,
+    /// `release_scratch`), so none is let go of while the device may still use it.
     pub fn scratch_peak_bytes(&self) -> u64 {
         self.scratch_peak.get()
     }
 
     pub fn reset_scratch_peak(&self) {
-        self.scratch_peak
-            .set(self.scratch_bytes.get() + self.released_in_flight.get());
+        self.scratch_peak.set(self.scratch_bytes.get());
     }
 
     /// A buffer from the pool, and whether it was there (else it is new, and zeroed).
@@ -578,7 +571,7 @@ impl Gpu {
     /// Frees the pool's idle scratch buffers (those of a finished phase, such as the text encoder's
     /// before training), so that their memory goes back to the device.
     pub fn release_scratch(&self) {
-        self.release_scratch_pool(false);
+        self.release_scratch_pool();
         if let Some(host) = &self.host_pool {
             host.borrow_mut().clear();
         }
@@ -698,8 +691,8 @@ impl Gpu {
         mapped
             .await
             .map_err(|e| Error::Invalid(format!("GPU: reading back a result failed: {e}")))?;
-        // Every submission so far is done: what was let go of is freed.
-        self.released_in_flight.set(0);
+        // Every submission so far is done: the pool's idle buffers are idle on the device too.
+        self.recorded_since_wait.set(false);
         self.check_errors()?;
         if let Some(timed) = timed {
             let view = timed.staging.slice(..).get_mapped_range().map_err(|e| {

@@ -56,7 +56,7 @@ pub struct GpuStepResult {
 
 impl GpuTrainState {
     /// Device memory in use: the frozen weights, the adapters, their gradients and moments, and the
-    /// steps' scratch buffers at their high-water mark (which the pool keeps for reuse).
+    /// steps' scratch buffers (those of the largest step so far, which the pool keeps for reuse).
     pub fn device_bytes(&self, gpu: &Gpu) -> u64 {
         let base = match &self.base {
             GpuBase::Decoder(model) => model.device_bytes(),
@@ -160,14 +160,21 @@ impl GpuTrainState {
         max_norm: f32,
     ) -> Result<GpuStepResult> {
         let mut enc = self.cleared_grads(gpu);
-        let mut losses = Vec::with_capacity(graphs.len());
-        for (graph, inputs) in graphs {
+        // The largest first, as `step` records the longest sequence first (images of other
+        // aspect ratios have other token counts).
+        let mut order: Vec<usize> = (0..graphs.len()).collect();
+        order.sort_by_cached_key(|&i| {
+            std::cmp::Reverse(crate::graph::pool::device_step_bytes(&graphs[i].0))
+        });
+        let mut losses: Vec<Option<GpuBuffer>> = (0..graphs.len()).map(|_| None).collect();
+        for i in order {
+            let (graph, inputs) = &graphs[i];
             let loss = record(graph, self.bindings(gpu, inputs, false), &mut enc)?
                 .take("loss")
                 .ok_or_else(|| Error::Invalid("a training graph leaves no `loss`".into()))?;
-            losses.push(loss);
+            losses[i] = Some(loss);
         }
-        let reads: Vec<&GpuBuffer> = losses.iter().collect();
+        let reads: Vec<&GpuBuffer> = losses.iter().flatten().collect();
         let (values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
         Ok(GpuStepResult {
             loss_sums: values.iter().map(|v| v[0] as f64).collect(),

@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 /// a small request does not take a buffer a later large one needs.
 pub const SLACK: usize = 2;
 
+/// Positions by which a decoding step's attention statistics are planned (`device_temporaries`).
+const DECODE_STATS_STEP: usize = 256;
+
 /// Free buffers by capacity in words.
 pub type Free<T> = BTreeMap<usize, Vec<T>>;
 
@@ -115,9 +118,16 @@ fn device_temporaries(graph: &Graph, node: &Node) -> Vec<usize> {
             let q = shape.tokens * shape.heads * shape.head_dim;
             [first_key(shape.tokens, 6), vec![q, q]].concat()
         }
+        // Its statistics over every position so far, planned for the next multiple of
+        // `DECODE_STATS_STEP` positions: decoding grows them a token at a time, and a step whose
+        // homes the pool cannot house makes them all anew.
         Op::CachedAttention { shape, past } => {
-            let stats = 2 * shape.heads * (past + shape.tokens);
-            [first_key(shape.tokens, 3), vec![stats]].concat()
+            let positions = (past + shape.tokens).next_multiple_of(DECODE_STATS_STEP);
+            [
+                first_key(shape.tokens, 3),
+                vec![2 * shape.heads * positions],
+            ]
+            .concat()
         }
         // One vocabulary chunk's logits, the full chunk whatever the vocabulary.
         Op::CrossEntropy { dim, .. } | Op::CrossEntropyWithGrad { dim, .. } => {
