@@ -163,14 +163,11 @@ fn tiny_qwen3(layers: usize) -> (nibble::config::ModelConfig, LoraSpec) {
     (config, lora)
 }
 
-/// Every graph the decoder builds is consistent, and checkpointing lowers its peak of live activations
-/// while recomputing only forward nodes.
-#[test]
-fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
-    let (config, lora) = tiny_qwen3(6);
-    let shape = |checkpoint| StepShape {
-        tokens: 200,
-        positions: 150,
+/// A training step over a packed sequence of `tokens`, `positions` of them labelled, with dropout.
+fn packed_step(tokens: usize, positions: usize, checkpoint: bool) -> StepShape {
+    StepShape {
+        tokens,
+        positions,
         packed: true,
         backward: true,
         dropout: true,
@@ -179,7 +176,15 @@ fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
         decode_after: None,
         mlp_chunk: decoder::MLP_CHUNK,
         checkpoints: nibble::graph::checkpoint::Keep::F32,
-    };
+    }
+}
+
+/// Every graph the decoder builds is consistent, and checkpointing lowers its peak of live activations
+/// while recomputing only forward nodes.
+#[test]
+fn decoder_graphs_validate_and_checkpointing_lowers_the_peak() {
+    let (config, lora) = tiny_qwen3(6);
+    let shape = |checkpoint| packed_step(200, 150, checkpoint);
     let full = decoder::build(&config, Some(&lora), shape(false));
     let ckpt = decoder::build(&config, Some(&lora), shape(true));
     full.validate().unwrap();
@@ -210,19 +215,7 @@ fn placed_buffers_never_share_a_home_while_alive() {
     use nibble::graph::pool::place;
     let (config, lora) = tiny_qwen3(4);
     for checkpoint in [false, true] {
-        let shape = StepShape {
-            tokens: 90,
-            positions: 70,
-            packed: true,
-            backward: true,
-            dropout: true,
-            checkpoint,
-            logits: false,
-            decode_after: None,
-            mlp_chunk: decoder::MLP_CHUNK,
-            checkpoints: nibble::graph::checkpoint::Keep::F32,
-        };
-        let graph = decoder::build(&config, Some(&lora), shape);
+        let graph = decoder::build(&config, Some(&lora), packed_step(90, 70, checkpoint));
         let placement = place(&graph);
         let (first, last) = (graph.first_write(), graph.last_use());
         // Per node, the homes in use there: (home, what).

@@ -315,12 +315,10 @@ impl Recorder<'_> {
             .filter(|&i| words(&self.temporaries[i]) >= len)
             .min_by_key(|&i| words(&self.temporaries[i]));
         match planned {
-            Some(i) => {
-                let home = self.temporaries.swap_remove(i);
-                self.enc
-                    .clear_buffer(&home.buffer, 0, Some((len.max(1) * 4) as u64));
-                home.tenant(len)
-            }
+            Some(i) => self
+                .temporaries
+                .swap_remove(i)
+                .cleared_tenant(&mut self.enc, len),
             None => self.gpu.scratch(&mut self.enc, len),
         }
     }
@@ -351,12 +349,7 @@ impl<'a> Outs<'a, '_> {
                     .gpu
                     .host_scratch(len)
                     .expect("`record` checked that the device keeps buffers in host memory"),
-                (false, Some(home)) => {
-                    // Zeroed as a scratch buffer is: accumulating writes add to zeros.
-                    let bytes = (len.max(1) * 4) as u64;
-                    r.enc.clear_buffer(&home.buffer, 0, Some(bytes));
-                    home.tenant(len)
-                }
+                (false, Some(home)) => home.cleared_tenant(&mut r.enc, len),
                 (false, None) => r.gpu.scratch(&mut r.enc, len),
             };
             self.slots[i] = Slot::Own(buffer);

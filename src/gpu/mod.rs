@@ -173,25 +173,30 @@ impl GpuBuffer {
         }
     }
 
+    /// `tenant`, its words zeroed by a command recorded now, as a scratch buffer's are: accumulating
+    /// writes add to zeros.
+    pub fn cleared_tenant(&self, encoder: &mut wgpu::CommandEncoder, len: usize) -> GpuBuffer {
+        encoder.clear_buffer(&self.buffer, 0, Some((len.max(1) * 4) as u64));
+        self.tenant(len)
+    }
+
     /// A second handle to the same memory, which (unlike the first, if pooled) does not go back to the
     /// scratch pool when dropped: for passing a buffer where an owned one is expected.
     pub fn share(&self) -> GpuBuffer {
-        GpuBuffer {
-            buffer: self.buffer.clone(),
-            len: self.len,
-            pool: None,
-        }
+        self.tenant(self.len)
     }
+}
+
+/// Puts `buffer` back among `pool`'s free buffers, by its capacity.
+fn give_back(pool: &Pool, buffer: wgpu::Buffer) {
+    let capacity = (buffer.size() / 4) as usize;
+    pool.borrow_mut().entry(capacity).or_default().push(buffer);
 }
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            let capacity = (self.buffer.size() / 4) as usize;
-            pool.borrow_mut()
-                .entry(capacity)
-                .or_default()
-                .push(self.buffer.clone());
+            give_back(&pool, self.buffer.clone());
         }
     }
 }
@@ -463,12 +468,9 @@ impl Gpu {
                 crate::graph::pool::take_at_least(&mut self.pool.borrow_mut(), capacities[h]);
         }
         if found.iter().any(Option::is_none) && !self.recorded_since_wait.get() {
-            let mut pool = self.pool.borrow_mut();
             for buffer in found.iter_mut().filter_map(Option::take) {
-                let capacity = (buffer.size() / 4) as usize;
-                pool.entry(capacity).or_default().push(buffer);
+                give_back(&self.pool, buffer);
             }
-            drop(pool);
             self.release_scratch_pool();
         }
         self.recorded_since_wait.set(true);
