@@ -122,26 +122,10 @@ PLE_TARGETS = ["per_layer_input_gate", "per_layer_projection"]
 ONLY = sys.argv[1:]
 
 
-for index, (name, (cls, config)) in enumerate(models.items()):
-    if ONLY and name not in ONLY:
-        continue
-    # A seed per model (its place in `models`): a model appended keeps the others' fixtures as they are.
-    torch.manual_seed(index)
-    config._attn_implementation = "eager"
-    model = cls(config).float().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            # std 0.1: with the usual 0.02 every loss is ln(vocab) whatever the bug.
-            # Norm scales around 1 (Gemma's w around 0: it scales by 1 + w).
-            around_one = "norm" in pname and not name.startswith("gemma3")
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if around_one else 0.0))
-        # Gemma 4's per-layer scalar is a buffer the checkpoint holds.
-        for bname, b in model.named_buffers():
-            if bname.endswith("layer_scalar"):
-                b.copy_(torch.randn_like(b) * 0.1 + 1.0)
-    folder = os.path.join(OUT, name)
-    model.save_pretrained(folder)
-
+def write_expected(name, cls, config, folder, **load):
+    """Logits, loss and LoRA gradients of transformers + peft for the model saved in `folder` (loaded
+    with `load` as extra from_pretrained arguments), unquantized and with NF4 emulated; the adapter
+    (random, seed 1) saved beside them."""
     vocab_size = getattr(config, "text_config", config).vocab_size
     ids = torch.randint(0, vocab_size, (1, 14))
     labels = ids.clone()
@@ -153,7 +137,7 @@ for index, (name, (cls, config)) in enumerate(models.items()):
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=text_only if name in MULTIMODAL else targets)
     for quant in ("none", "nf4"):
-        base = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        base = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager", **load).eval()
         if quant == "nf4":
             with torch.no_grad():
                 for mname, module in base.named_modules():
@@ -181,3 +165,26 @@ for index, (name, (cls, config)) in enumerate(models.items()):
             json.dump({"input_ids": ids[0].tolist(), "labels": labels[0].tolist(), "loss": out.loss.item(),
                        "transformers": transformers.__version__, "peft": peft.__version__}, f, indent=1)
     print(name, "loss", out.loss.item())
+
+
+if __name__ == "__main__":
+    for index, (name, (cls, config)) in enumerate(models.items()):
+        if ONLY and name not in ONLY:
+            continue
+        # A seed per model (its place in `models`): a model appended keeps the others' fixtures as they are.
+        torch.manual_seed(index)
+        config._attn_implementation = "eager"
+        model = cls(config).float().eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                # std 0.1: with the usual 0.02 every loss is ln(vocab) whatever the bug.
+                # Norm scales around 1 (Gemma's w around 0: it scales by 1 + w).
+                around_one = "norm" in pname and not name.startswith("gemma3")
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if around_one else 0.0))
+            # Gemma 4's per-layer scalar is a buffer the checkpoint holds.
+            for bname, b in model.named_buffers():
+                if bname.endswith("layer_scalar"):
+                    b.copy_(torch.randn_like(b) * 0.1 + 1.0)
+        folder = os.path.join(OUT, name)
+        model.save_pretrained(folder)
+        write_expected(name, cls, config, folder)

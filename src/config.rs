@@ -261,6 +261,8 @@ pub struct ModelConfig {
     pub double_wide_shared_mlp: bool,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
     pub dtype: Option<String>,
+    /// An FP8 checkpoint's `quantization_config`: how the scales stored beside its 8-bit weights apply.
+    pub float8: Option<Float8Scheme>,
     /// The parsed JSON as read, kept so that a merged model or a quantized file can carry it unchanged.
     pub raw: Value,
 }
@@ -397,6 +399,120 @@ pub struct ExpectedTensor {
     pub layer: Option<usize>,
 }
 
+/// How the weights of an FP8 checkpoint are read: each tensor stored in 8-bit floats has a scale tensor
+/// beside it (`<module>.weight_scale_inv` in transformers' own FP8 format, `<module>.weight_scale` in
+/// compressed-tensors'), and its values are code · scale. Activation scales are ignored: nibble
+/// computes with the weights dequantized (and quantizes them to 4 bits itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Float8Scheme {
+    /// `quant_method`, for messages.
+    pub method: String,
+    /// Rows x columns of a weight that one scale covers, where the config gives blocks (transformers'
+    /// `weight_block_size`, compressed-tensors' `block_structure` or `group_size`); otherwise the scales'
+    /// shape tells (one per tensor, or one per output row).
+    pub block: Option<[usize; 2]>,
+    /// compressed-tensors returns a weight in its scales' dtype (code · scale rounded to bfloat16 where
+    /// the scales are bfloat16); transformers' FP8 reader keeps the float32 product.
+    pub product_in_scale_dtype: bool,
+}
+
+impl Float8Scheme {
+    /// Reads a `quantization_config`; anything but 8-bit float weights is refused, naming what it is.
+    fn from_quantization_config(q: &Value) -> std::result::Result<Self, String> {
+        let method = q
+            .get("quant_method")
+            .and_then(Value::as_str)
+            .unwrap_or("an unnamed method")
+            .to_string();
+        let refuse = |what: String| {
+            format!(
+                "this checkpoint is quantized ({what}); nibble reads F32, F16 and BF16 checkpoints and FP8 ones (quant_method `fp8`, or `compressed-tensors` in its float-quantized format) and quantizes them itself: use the unquantized (BF16) release"
+            )
+        };
+        let block_of = |v: Option<&Value>,
+                        key: &str|
+         -> std::result::Result<Option<[usize; 2]>, String> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v
+                    .as_array()
+                    .map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>())
+                {
+                    Some(dims)
+                        if dims.len() == 2 && dims.iter().all(|d| matches!(d, Some(1..))) =>
+                    {
+                        Ok(Some([dims[0].unwrap() as usize, dims[1].unwrap() as usize]))
+                    }
+                    _ => Err(format!(
+                        "quantization_config: `{key}` should be two positive integers, found {v}"
+                    )),
+                },
+            }
+        };
+        match method.as_str() {
+            "fp8" => Ok(Float8Scheme {
+                block: block_of(q.get("weight_block_size"), "weight_block_size")?,
+                method,
+                product_in_scale_dtype: false,
+            }),
+            "compressed-tensors" => {
+                let top_format = q.get("format").and_then(Value::as_str);
+                let groups = q
+                    .get("config_groups")
+                    .and_then(Value::as_object)
+                    .filter(|g| !g.is_empty())
+                    .ok_or_else(|| {
+                        "quantization_config: compressed-tensors without `config_groups`"
+                            .to_string()
+                    })?;
+                let mut block = None;
+                for (name, group) in groups {
+                    let format = group.get("format").and_then(Value::as_str).or(top_format);
+                    let weights = group.get("weights").unwrap_or(&Value::Null);
+                    let kind = weights.get("type").and_then(Value::as_str);
+                    let bits = weights.get("num_bits").and_then(Value::as_u64);
+                    if format != Some("float-quantized") || kind != Some("float") || bits != Some(8)
+                    {
+                        return Err(refuse(format!(
+                            "compressed-tensors, group `{name}`: format {}, weights of type {} in {} bits",
+                            format.unwrap_or("(none)"),
+                            kind.unwrap_or("(none)"),
+                            bits.map_or("(unknown)".to_string(), |b| b.to_string())
+                        )));
+                    }
+                    let strategy = weights.get("strategy").and_then(Value::as_str);
+                    let this = match strategy {
+                        Some("block") => {
+                            block_of(weights.get("block_structure"), "block_structure")?
+                        }
+                        Some("group") => match weights.get("group_size").and_then(Value::as_u64) {
+                            Some(g @ 1..) => Some([1, g as usize]),
+                            _ => {
+                                return Err(format!(
+                                    "quantization_config: group `{name}` has strategy `group` but no positive `group_size`"
+                                ));
+                            }
+                        },
+                        _ => None,
+                    };
+                    if block.is_some() && this != block {
+                        return Err(format!(
+                            "quantization_config: compressed-tensors groups with different blocks of scales are not supported (group `{name}`)"
+                        ));
+                    }
+                    block = block.or(this);
+                }
+                Ok(Float8Scheme {
+                    method,
+                    block,
+                    product_in_scale_dtype: true,
+                })
+            }
+            _ => Err(refuse(format!("quantization_config: {method}"))),
+        }
+    }
+}
+
 /// The largest width, count or vocabulary a config may give (16.7M: far beyond any released model, and
 /// small enough that products of two stay exact in f64 and in u64).
 const MAX_DIMENSION: usize = 1 << 24;
@@ -416,20 +532,30 @@ impl ModelConfig {
             path: origin.to_path_buf(),
             msg,
         };
-        let raw: Value =
+        let mut raw: Value =
             serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        // Taken out of what a merged model or a quantized file carries on: their weights are not FP8.
+        let quantization = raw
+            .as_object_mut()
+            .and_then(|obj| obj.remove("quantization_config"))
+            .filter(|q| !q.is_null());
+        let float8 = quantization
+            .map(|q| Float8Scheme::from_quantization_config(&q))
+            .transpose()
+            .map_err(err)?;
+        let mut config = Self::from_json_value(raw, origin)?;
+        config.float8 = float8;
+        Ok(config)
+    }
+
+    fn from_json_value(raw: Value, origin: &Path) -> Result<Self> {
+        let err = |msg: String| Error::Config {
+            path: origin.to_path_buf(),
+            msg,
+        };
         let obj = raw
             .as_object()
             .ok_or_else(|| err("expected a JSON object".into()))?;
-        if let Some(q) = obj.get("quantization_config").filter(|q| !q.is_null()) {
-            let method = q
-                .get("quant_method")
-                .and_then(Value::as_str)
-                .unwrap_or("an unnamed method");
-            return Err(err(format!(
-                "this checkpoint is quantized (quantization_config: {method}); nibble reads F32, F16 and BF16 checkpoints and quantizes them itself: use the unquantized (BF16) release"
-            )));
-        }
         let model_type = obj.get("model_type").and_then(Value::as_str);
         if let Some(wrapper) = model_type.and_then(Multimodal::from_model_type) {
             return Self::text_part_of(wrapper, obj, &raw, origin);
@@ -658,6 +784,7 @@ impl ModelConfig {
             per_layer_inputs: None,
             double_wide_shared_mlp: false,
             dtype,
+            float8: None,
             raw: raw.clone(),
         };
         for (name, value) in [
@@ -2093,8 +2220,23 @@ mod tests {
                 "a multimodal mistral3 config needs a `text_config` object",
             ),
             (
-                json!({"model_type": "mistral3", "quantization_config": {"quant_method": "fp8"}}),
-                "quantized (quantization_config: fp8)",
+                json!({"model_type": "mistral3", "quantization_config": {"quant_method": "gptq"}}),
+                "quantized (quantization_config: gptq)",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {
+                    "quant_method": "compressed-tensors", "format": "pack-quantized",
+                    "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int"}}}}}),
+                "quantized (compressed-tensors, group `group_0`: format pack-quantized, weights of type int in 4 bits)",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {
+                    "quant_method": "fp8", "weight_block_size": [128, 0]}}),
+                "`weight_block_size` should be two positive integers, found [128,0]",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors"}}),
+                "compressed-tensors without `config_groups`",
             ),
         ] {
             let e = from(config).unwrap_err().to_string();

@@ -42,6 +42,8 @@ pub fn merge(
                 .into_iter()
                 .map(move |n| (s, n.clone(), shard.info(n).expect("listed").shape.clone()))
         })
+        // An FP8 checkpoint's scales are folded into its weights.
+        .filter(|(_, n, _)| !source.is_float8_companion(n))
         .collect();
     let dtype = match dtype {
         Some(d) => d,
@@ -64,7 +66,7 @@ pub fn merge(
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_merged(&entries, shards, adapter, &targets, &tmp, dtype)
+    let result = write_merged(&entries, source, adapter, &targets, &tmp, dtype)
         .and_then(|()| copy_other_files(folder, &tmp, dtype));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -75,12 +77,13 @@ pub fn merge(
 
 fn write_merged(
     entries: &[(usize, String, Vec<usize>)],
-    shards: &[crate::source::SafetensorsFile],
+    source: &ModelSource,
     adapter: &LoraAdapter,
     targets: &HashMap<String, &crate::lora::LoraPair>,
     tmp: &Path,
     dtype: FloatDtype,
 ) -> Result<()> {
+    let shards = source.shards().expect("a folder");
     let scale = adapter.config.scale();
     let mut failure: Option<Error> = None;
     // Written in the source's own spelling of each name.
@@ -94,12 +97,9 @@ fn write_merged(
         &names,
         |i, out| {
             let (s, name, _) = &entries[i];
-            match shards[*s].read_f32(name) {
-                Ok(values) => out.copy_from_slice(&values),
-                Err(e) => {
-                    failure.get_or_insert(e);
-                    return;
-                }
+            if let Err(e) = source.read_f32_into(name, out) {
+                failure.get_or_insert(e);
+                return;
             }
             shards[*s].release(name);
             if let Some(pair) = targets.get(name) {
@@ -140,6 +140,8 @@ fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype) -> Result<()> {
                     msg: format!("not valid JSON: {e}"),
                 })?;
             if let Some(obj) = config.as_object_mut() {
+                // An FP8 checkpoint's weights are written dequantized.
+                obj.remove("quantization_config");
                 // transformers 4.x reads torch_dtype, 5.x dtype.
                 for key in ["torch_dtype", "dtype"] {
                     if obj.contains_key(key) {

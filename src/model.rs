@@ -5,7 +5,7 @@
 use crate::config::{ExpectedTensor, LinearKind, ModelConfig, TensorRole};
 use crate::error::{Error, Result};
 use crate::quant::{QuantFormat, QuantSpec, QuantTensor};
-use crate::source::{FloatDtype, ModelFiles, SafetensorsFile, unsupported_dtype};
+use crate::source::{Float8, FloatDtype, ModelFiles, SafetensorsFile, unsupported_dtype};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -779,6 +779,14 @@ impl ModelSource {
     /// The parts a tensor is stored as: (name in file, expected shape, allowed dtypes).
     fn stored_parts(&self, t: &ExpectedTensor) -> Vec<(String, Vec<usize>, &'static [Dtype])> {
         const FLOATS: &[Dtype] = &[Dtype::F32, Dtype::F16, Dtype::BF16];
+        // What FP8 checkpoints store in 8 bits (with scales beside them: `float8_scale`).
+        const MATRICES: &[Dtype] = &[
+            Dtype::F32,
+            Dtype::F16,
+            Dtype::BF16,
+            Dtype::F8_E4M3,
+            Dtype::F8_E5M2,
+        ];
         match (&self.kind, t.role) {
             (SourceKind::Quantized { spec, .. }, TensorRole::LinearWeight(_)) => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
@@ -804,8 +812,166 @@ impl ModelSource {
                 }
                 parts
             }
-            _ => vec![(t.name.clone(), t.shape.clone(), FLOATS)],
+            (_, TensorRole::Norm | TensorRole::LinearBias(_)) => {
+                vec![(t.name.clone(), t.shape.clone(), FLOATS)]
+            }
+            _ => vec![(t.name.clone(), t.shape.clone(), MATRICES)],
         }
+    }
+
+    /// The scale tensor of the 8-bit weight `name` ([rows, cols]) and the rows x columns of the weight
+    /// each of its values covers, from the headers alone.
+    fn float8_scale(&self, name: &str, rows: usize, cols: usize) -> Result<(String, [usize; 2])> {
+        let path = self.file_of(name)?.path();
+        let Some(scheme) = &self.config.float8 else {
+            return Err(Error::tensor(
+                path,
+                name,
+                "stored in 8-bit floats, but config.json has no `quantization_config` saying how its scales apply",
+            ));
+        };
+        let module = name.strip_suffix("weight").unwrap_or(name);
+        let names = [
+            format!("{module}weight_scale_inv"),
+            format!("{module}weight_scale"),
+        ];
+        let found = names.iter().find_map(|n| {
+            let file = self.file_of(n).ok()?;
+            Some((n, file, file.info(n)?))
+        });
+        let Some((scale, file, info)) = found else {
+            return Err(Error::tensor(
+                path,
+                name,
+                format!(
+                    "stored in 8-bit floats ({}), but the checkpoint has neither `{}` nor `{}` to scale it",
+                    scheme.method, names[0], names[1]
+                ),
+            ));
+        };
+        if FloatDtype::of(info.dtype).is_none() && info.dtype != Dtype::F8_E8M0 {
+            return Err(Error::tensor(
+                file.path(),
+                scale,
+                format!(
+                    "dtype {:?} is not supported for scales (F32, F16, BF16 or F8_E8M0)",
+                    info.dtype
+                ),
+            ));
+        }
+        let block = float8_block(&info.shape, rows, cols, scheme.block).ok_or_else(|| {
+            let given = match scheme.block {
+                Some([r, c]) => format!(" in blocks of {r} x {c} (quantization_config)"),
+                None => String::new(),
+            };
+            Error::tensor(
+                file.path(),
+                scale,
+                format!(
+                    "shape {:?} does not scale the weight `{name}` of shape [{rows}, {cols}]{given}",
+                    info.shape
+                ),
+            )
+        })?;
+        Ok((scale.clone(), block))
+    }
+
+    /// Any tensor of the folder as f32 (`out` holds all of it): 8-bit weights times their scales.
+    pub(crate) fn read_f32_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let file = self.file_of(name)?;
+        let info = file.info(name).expect("file_of found it");
+        if FloatDtype::of(info.dtype).is_some() {
+            out.copy_from_slice(&file.read_f32(name)?);
+            return Ok(());
+        }
+        let [rows, cols] = info.shape[..] else {
+            return Err(Error::tensor(
+                file.path(),
+                name,
+                unsupported_dtype(info.dtype),
+            ));
+        };
+        let stored = self.stored_matrix(name, rows, cols)?;
+        for (r, row) in out.chunks_mut(cols).enumerate() {
+            stored.row(r, row);
+        }
+        Ok(())
+    }
+
+    /// Whether tensor `name` only serves to read another of an FP8 checkpoint (a weight's scales, the
+    /// activation or cache scales of its FP8 kernels).
+    pub(crate) fn is_float8_companion(&self, name: &str) -> bool {
+        const SUFFIXES: [&str; 6] = [
+            ".weight_scale_inv",
+            ".weight_scale",
+            ".activation_scale",
+            ".input_scale",
+            ".k_scale",
+            ".v_scale",
+        ];
+        self.config.float8.is_some() && SUFFIXES.iter().any(|s| name.ends_with(s))
+    }
+
+    /// Tensor `name` ([rows, cols]) as the checkpoint stores it, refused where a value (or a scale) is NaN
+    /// or infinite.
+    fn stored_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<StoredMatrix<'_>> {
+        let file = self.file_of(name)?;
+        let dtype = file.info(name).expect("checked").dtype;
+        if let Some(dtype) = FloatDtype::of(dtype) {
+            let raw = file.finite_raw(name, dtype)?;
+            return Ok(StoredMatrix::Float { dtype, raw });
+        }
+        let format = Float8::of(dtype)
+            .filter(|f| *f != Float8::E8M0)
+            .ok_or_else(|| Error::tensor(file.path(), name, unsupported_dtype(dtype)))?;
+        let (scale, block) = self.float8_scale(name, rows, cols)?;
+        let table = format.table();
+        let raw = file.raw(name)?;
+        if let Some(i) = raw.iter().position(|&b| !table[usize::from(b)].is_finite()) {
+            return Err(Error::tensor(
+                file.path(),
+                name,
+                format!("element {i} is NaN or infinite"),
+            ));
+        }
+        let scale_file = self.file_of(&scale)?;
+        let scale_dtype = FloatDtype::of(scale_file.info(&scale).expect("found").dtype);
+        let values = match scale_dtype {
+            Some(_) => scale_file.read_f32(&scale)?,
+            None => {
+                let powers = Float8::E8M0.table();
+                let values: Vec<f32> = scale_file
+                    .raw(&scale)?
+                    .iter()
+                    .map(|&b| powers[usize::from(b)])
+                    .collect();
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::tensor(
+                        scale_file.path(),
+                        &scale,
+                        format!("element {i} is NaN"),
+                    ));
+                }
+                values
+            }
+        };
+        let round_to = match self
+            .config
+            .float8
+            .as_ref()
+            .map(|s| s.product_in_scale_dtype)
+        {
+            Some(true) => scale_dtype.filter(|d| *d != FloatDtype::F32),
+            _ => None,
+        };
+        Ok(StoredMatrix::Float8 {
+            table,
+            raw,
+            scales: values,
+            block,
+            grid_cols: cols.div_ceil(block[1]),
+            round_to,
+        })
     }
 
     fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
@@ -853,6 +1019,9 @@ impl ModelSource {
                         &name,
                         unsupported_dtype(info.dtype),
                     ));
+                }
+                if Float8::of(info.dtype).is_some() {
+                    self.float8_scale(&name, shape[0], shape[1])?;
                 }
             }
         }
@@ -928,7 +1097,7 @@ impl ModelSource {
             let file = self.file_of(&self.stored_parts(&t)[0].0)?;
             match t.role {
                 TensorRole::Embedding | TensorRole::LmHead => {
-                    let dense = self.read_dense(file, &t)?;
+                    let dense = self.read_dense(&t)?;
                     if t.role == TensorRole::Embedding {
                         embed = Some(dense);
                     } else {
@@ -937,7 +1106,7 @@ impl ModelSource {
                 }
                 TensorRole::Norm => norms.push((t.name.clone(), file.read_f32(&t.name)?)),
                 TensorRole::Table => {
-                    let table = std::sync::Arc::new(self.read_dense(file, &t)?);
+                    let table = std::sync::Arc::new(self.read_dense(&t)?);
                     tables.push((t.name.clone(), table));
                 }
                 TensorRole::LinearBias(kind) => {
@@ -984,16 +1153,24 @@ impl ModelSource {
         })
     }
 
-    fn read_dense(&self, file: &SafetensorsFile, t: &ExpectedTensor) -> Result<DenseTensor> {
-        let info = file.info(&t.name).expect("checked");
-        let dtype = FloatDtype::of(info.dtype)
-            .ok_or_else(|| Error::tensor(file.path(), &t.name, unsupported_dtype(info.dtype)))?;
-        Ok(DenseTensor::from_raw(
-            dtype,
-            t.shape[0],
-            t.shape[1],
-            file.finite_raw(&t.name, dtype)?,
-        ))
+    fn read_dense(&self, t: &ExpectedTensor) -> Result<DenseTensor> {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        Ok(match self.stored_matrix(&t.name, rows, cols)? {
+            StoredMatrix::Float { dtype, raw } => DenseTensor::from_raw(dtype, rows, cols, raw),
+            // Kept in f32: code · scale is exact there.
+            scaled => {
+                let mut values = vec![0f32; rows * cols];
+                values
+                    .par_chunks_mut(cols)
+                    .enumerate()
+                    .for_each(|(r, row)| scaled.row(r, row));
+                DenseTensor {
+                    rows,
+                    cols,
+                    data: DenseData::F32(values),
+                }
+            }
+        })
     }
 
     fn read_linear(
@@ -1019,18 +1196,93 @@ impl ModelSource {
             return Ok(LinearWeight::Quant(q));
         }
         let Some(spec) = quant else {
-            return Ok(LinearWeight::Dense(self.read_dense(file, t)?));
+            return Ok(LinearWeight::Dense(self.read_dense(t)?));
         };
-        let info = file.info(&t.name).expect("checked");
-        let dtype = FloatDtype::of(info.dtype)
-            .ok_or_else(|| Error::tensor(file.path(), &t.name, unsupported_dtype(info.dtype)))?;
-        let raw = file.finite_raw(&t.name, dtype)?;
-        let row_bytes = cols * dtype.size();
-        let q = QuantTensor::quantize_rows(spec, rows, cols, |r, row| {
-            dtype.convert(&raw[r * row_bytes..(r + 1) * row_bytes], row)
-        })
-        .map_err(|e| Error::tensor(file.path(), &t.name, e.to_string()))?;
+        let stored = self.stored_matrix(&t.name, rows, cols)?;
+        let q = QuantTensor::quantize_rows(spec, rows, cols, |r, row| stored.row(r, row))
+            .map_err(|e| Error::tensor(file.path(), &t.name, e.to_string()))?;
         Ok(LinearWeight::Quant(q))
+    }
+}
+
+/// A 2-D tensor as its checkpoint stores it, read a row at a time as f32.
+enum StoredMatrix<'a> {
+    Float {
+        dtype: FloatDtype,
+        raw: &'a [u8],
+    },
+    /// 8-bit float codes times the scales stored beside them (an FP8 checkpoint's weights).
+    Float8 {
+        /// Each code's value.
+        table: [f32; 256],
+        raw: &'a [u8],
+        scales: Vec<f32>,
+        /// Rows x columns of the weight one scale covers (the last block of a row or column may be
+        /// cut short).
+        block: [usize; 2],
+        /// Scales per row of blocks.
+        grid_cols: usize,
+        /// compressed-tensors' weights come out in their scales' dtype.
+        round_to: Option<FloatDtype>,
+    },
+}
+
+impl StoredMatrix<'_> {
+    fn row(&self, r: usize, out: &mut [f32]) {
+        let cols = out.len();
+        match self {
+            StoredMatrix::Float { dtype, raw } => {
+                let bytes = cols * dtype.size();
+                dtype.convert(&raw[r * bytes..(r + 1) * bytes], out)
+            }
+            StoredMatrix::Float8 {
+                table,
+                raw,
+                scales,
+                block,
+                grid_cols,
+                round_to,
+            } => {
+                let codes = &raw[r * cols..(r + 1) * cols];
+                let row_scales = &scales[(r / block[0]) * grid_cols..][..*grid_cols];
+                let pieces = out.chunks_mut(block[1]).zip(codes.chunks(block[1]));
+                for ((values, codes), &scale) in pieces.zip(row_scales) {
+                    for (v, &code) in values.iter_mut().zip(codes) {
+                        let exact = table[usize::from(code)] * scale;
+                        *v = match round_to {
+                            Some(FloatDtype::BF16) => half::bf16::from_f32(exact).to_f32(),
+                            Some(FloatDtype::F16) => half::f16::from_f32(exact).to_f32(),
+                            _ => exact,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The rows x columns of a [rows, cols] weight that each value of a scale tensor of shape `scales`
+/// covers, or None where the shape fits no layout: one scale for the tensor, one per block of the
+/// config's `block` (a grid of ⌈rows / b0⌉ x ⌈cols / b1⌉), one per row ([rows] or [rows, 1]), or, where
+/// the config names no block, the block that divides the weight evenly into the scales' grid.
+pub(crate) fn float8_block(
+    scales: &[usize],
+    rows: usize,
+    cols: usize,
+    block: Option<[usize; 2]>,
+) -> Option<[usize; 2]> {
+    if scales.iter().product::<usize>() == 1 {
+        return Some([rows, cols]);
+    }
+    if let (Some([b0, b1]), [g0, g1]) = (block, scales) {
+        return (*g0 == rows.div_ceil(b0) && *g1 == cols.div_ceil(b1)).then_some([b0, b1]);
+    }
+    match scales {
+        [g] | [g, 1] if *g == rows => Some([1, cols]),
+        [g0, g1] if block.is_none() && *g0 > 0 && *g1 > 0 && rows % g0 == 0 && cols % g1 == 0 => {
+            Some([rows / g0, cols / g1])
+        }
+        _ => None,
     }
 }
 

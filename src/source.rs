@@ -299,7 +299,9 @@ impl SafetensorsFile {
 }
 
 pub(crate) fn unsupported_dtype(dtype: Dtype) -> String {
-    format!("dtype {dtype:?} is not supported (nibble reads F32, F16 and BF16 weights)")
+    format!(
+        "dtype {dtype:?} is not supported (nibble reads F32, F16 and BF16 weights, and the linear weights of FP8 checkpoints)"
+    )
 }
 
 /// The floating-point dtypes a checkpoint's weights may come in.
@@ -381,6 +383,54 @@ impl FloatDtype {
                 }
             }
         }
+    }
+}
+
+/// The 8-bit float formats of FP8 checkpoints: E4M3 (the `fn` variant: no infinities, S.1111.111 is
+/// NaN) and E5M2 for weights, E8M0 (an exponent alone, 2^(e - 127); 0xFF is NaN) for some scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Float8 {
+    E4M3,
+    E5M2,
+    E8M0,
+}
+
+impl Float8 {
+    pub fn of(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F8_E4M3 => Some(Float8::E4M3),
+            Dtype::F8_E5M2 => Some(Float8::E5M2),
+            Dtype::F8_E8M0 => Some(Float8::E8M0),
+            _ => None,
+        }
+    }
+
+    /// The value of one stored byte (exact in f32).
+    pub fn value(self, byte: u8) -> f32 {
+        match self {
+            Float8::E4M3 => {
+                let sign = if byte & 0x80 != 0 { -1.0 } else { 1.0 };
+                let (exponent, mantissa) = (i32::from((byte >> 3) & 0xF), f32::from(byte & 7));
+                match (exponent, byte & 7) {
+                    (15, 7) => f32::NAN,
+                    (0, _) => sign * mantissa / 8.0 * 2f32.powi(-6),
+                    _ => sign * (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7),
+                }
+            }
+            // E5M2 is float16's upper byte: same exponent bias, infinities and NaNs.
+            Float8::E5M2 => half::f16::from_bits(u16::from(byte) << 8).to_f32(),
+            Float8::E8M0 => match byte {
+                0xFF => f32::NAN,
+                // 2^-127 lies below f32's normal range: its one mantissa bit.
+                0 => f32::from_bits(1 << 22),
+                e => f32::from_bits(u32::from(e) << 23),
+            },
+        }
+    }
+
+    /// Every byte's value, for decoding a tensor by lookup.
+    pub fn table(self) -> [f32; 256] {
+        std::array::from_fn(|b| self.value(b as u8))
     }
 }
 

@@ -168,3 +168,17 @@ fn gemma4_e2b_matches_transformers_peft() {
     check("gemma4_e2b", "none");
     check("gemma4_e2b", "nf4");
 }
+
+/// FP8 checkpoints (scripts/make_fp8_fixtures.py), read by transformers with its own FP8 readers:
+/// Qwen3 in transformers' fine-grained format (float32 scales per 32 x 32 block), Ministral 3 as
+/// released (the multimodal folder, one bfloat16 scale per tensor, activation scales, the head and the
+/// vision tower unquantized) and Llama in llm-compressor's compressed-tensors format (a bfloat16 scale
+/// per output row, the weights rounded to bfloat16 as that reader returns them). nibble reads the same
+/// weights, to the bit (the tolerances of the others).
+#[test]
+fn fp8_checkpoints_match_transformers_reading_them() {
+    for name in ["qwen3_fp8", "mistral3_fp8", "llama_fp8"] {
+        check(name, "none");
+        check(name, "nf4");
+    }
+}
