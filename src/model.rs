@@ -925,7 +925,7 @@ impl ModelSource {
             .filter(|f| *f != Float8::E8M0)
             .ok_or_else(|| Error::tensor(file.path(), name, unsupported_dtype(dtype)))?;
         let (scale, block) = self.float8_scale(name, rows, cols)?;
-        let table = format.table();
+        let table = Box::new(format.table());
         let raw = file.raw(name)?;
         if let Some(i) = raw.iter().position(|&b| !table[usize::from(b)].is_finite()) {
             return Err(Error::tensor(
@@ -1214,7 +1214,7 @@ enum StoredMatrix<'a> {
     /// 8-bit float codes times the scales stored beside them (an FP8 checkpoint's weights).
     Float8 {
         /// Each code's value.
-        table: [f32; 256],
+        table: Box<[f32; 256]>,
         raw: &'a [u8],
         scales: Vec<f32>,
         /// Rows x columns of the weight one scale covers (the last block of a row or column may be
@@ -1279,7 +1279,13 @@ pub(crate) fn float8_block(
     }
     match scales {
         [g] | [g, 1] if *g == rows => Some([1, cols]),
-        [g0, g1] if block.is_none() && *g0 > 0 && *g1 > 0 && rows % g0 == 0 && cols % g1 == 0 => {
+        [g0, g1]
+            if block.is_none()
+                && *g0 > 0
+                && *g1 > 0
+                && rows.is_multiple_of(*g0)
+                && cols.is_multiple_of(*g1) =>
+        {
             Some([rows / g0, cols / g1])
         }
         _ => None,

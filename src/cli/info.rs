@@ -184,6 +184,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "quant": spec.map(|s| json!({"format": s.format.name(), "group_size": s.group_size})),
             "weight_bytes_quantized": bytes4,
             "stored_quant": source.stored_quant().map(|s| s.to_string()),
+            "float8": c.float8.as_ref().map(|f| json!({"method": f.method, "block": f.block})),
             "tokenizer": tokenizer.tokenizer_json.is_some(),
             "chat_template": tokenizer.chat_template_jinja.is_some()
                 || tokenizer.tokenizer_config_json.as_deref().is_some_and(|t| t.contains("\"chat_template\"")),
@@ -194,6 +195,16 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     println!("model         {}", path.display());
     if let Some(s) = source.stored_quant() {
         println!("stored as     {s}, quantized from {}", source.label());
+    }
+    if let Some(f) = &c.float8 {
+        let scales = match f.block {
+            Some([r, col]) => format!("a scale per {r} x {col} block"),
+            None => "scales per tensor or row".to_string(),
+        };
+        println!(
+            "stored as     FP8 ({}, {scales}): read as code · scale, then quantized like 16-bit weights",
+            f.method
+        );
     }
     println!("architecture  {} ({})", c.arch.model_type(), c.class_name());
     println!(
