@@ -437,7 +437,11 @@ impl Float8Scheme {
                 Some(v) => match v
                     .as_array()
                     .map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>())
-                {
+                    // compressed-tensors also writes "128x128".
+                    .or_else(|| {
+                        let text = v.as_str()?;
+                        Some(text.split('x').map(|d| d.trim().parse().ok()).collect())
+                    }) {
                     Some(dims)
                         if dims.len() == 2 && dims.iter().all(|d| matches!(d, Some(1..))) =>
                     {
@@ -456,6 +460,26 @@ impl Float8Scheme {
                 product_in_scale_dtype: false,
             }),
             "compressed-tensors" => {
+                // Rotations applied while running (QuIP, SpinQuant) or sparse storage would make the
+                // stored weights mean something else.
+                if q.get("transform_config")
+                    .is_some_and(|t| !t.is_null() && t.as_object().is_none_or(|o| !o.is_empty()))
+                {
+                    return Err(refuse(
+                        "compressed-tensors with a `transform_config`: rotations applied while running"
+                            .into(),
+                    ));
+                }
+                let sparsity = q
+                    .get("sparsity_config")
+                    .filter(|c| c.as_object().is_some_and(|o| !o.is_empty()))
+                    .map(|c| c.get("format").and_then(Value::as_str));
+                if let Some(format) = sparsity.filter(|f| *f != Some("dense")) {
+                    return Err(refuse(format!(
+                        "compressed-tensors with sparsity_config format {}",
+                        format.unwrap_or("(none)")
+                    )));
+                }
                 let top_format = q.get("format").and_then(Value::as_str);
                 let groups = q
                     .get("config_groups")
@@ -471,13 +495,20 @@ impl Float8Scheme {
                     let weights = group.get("weights").unwrap_or(&Value::Null);
                     let kind = weights.get("type").and_then(Value::as_str);
                     let bits = weights.get("num_bits").and_then(Value::as_u64);
-                    if format != Some("float-quantized") || kind != Some("float") || bits != Some(8)
-                    {
+                    // Weight-only FP8 is written as naive-quantized, stored the same way.
+                    let stored_as_is =
+                        matches!(format, Some("float-quantized" | "naive-quantized"));
+                    if !stored_as_is || kind != Some("float") || bits != Some(8) {
                         return Err(refuse(format!(
                             "compressed-tensors, group `{name}`: format {}, weights of type {} in {} bits",
                             format.unwrap_or("(none)"),
                             kind.unwrap_or("(none)"),
                             bits.map_or("(unknown)".to_string(), |b| b.to_string())
+                        )));
+                    }
+                    if weights.get("symmetric").and_then(Value::as_bool) == Some(false) {
+                        return Err(refuse(format!(
+                            "compressed-tensors, group `{name}`: asymmetric FP8 weights (zero points)"
                         )));
                     }
                     let strategy = weights.get("strategy").and_then(Value::as_str);
@@ -493,14 +524,22 @@ impl Float8Scheme {
                                 ));
                             }
                         },
-                        _ => None,
+                        None | Some("tensor" | "channel") => None,
+                        Some(other) => {
+                            return Err(refuse(format!(
+                                "compressed-tensors, group `{name}`: weights with strategy `{other}`"
+                            )));
+                        }
                     };
-                    if block.is_some() && this != block {
-                        return Err(format!(
-                            "quantization_config: compressed-tensors groups with different blocks of scales are not supported (group `{name}`)"
-                        ));
+                    // Groups scaled per tensor or row tell by their scales' shape; blocks must agree.
+                    if let Some(this) = this {
+                        if block.is_some_and(|b| b != this) {
+                            return Err(format!(
+                                "quantization_config: compressed-tensors groups with different blocks of scales are not supported (group `{name}`)"
+                            ));
+                        }
+                        block = Some(this);
                     }
-                    block = block.or(this);
                 }
                 Ok(Float8Scheme {
                     method,
@@ -2237,6 +2276,41 @@ mod tests {
             (
                 json!({"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors"}}),
                 "compressed-tensors without `config_groups`",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {
+                    "quant_method": "compressed-tensors", "format": "float-quantized",
+                    "transform_config": {"config_groups": {"u": {"type": "hadamard"}}},
+                    "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}}}}}),
+                "quantized (compressed-tensors with a `transform_config`: rotations applied while running)",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {
+                    "quant_method": "compressed-tensors", "format": "float-quantized",
+                    "sparsity_config": {"format": "sparse-24-bitmask"},
+                    "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}}}}}),
+                "compressed-tensors with sparsity_config format sparse-24-bitmask",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {
+                    "quant_method": "compressed-tensors", "format": "float-quantized",
+                    "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float", "symmetric": false}}}}}),
+                "group `group_0`: asymmetric FP8 weights (zero points)",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {
+                    "quant_method": "compressed-tensors", "format": "float-quantized",
+                    "config_groups": {
+                        "a": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"}},
+                        "b": {"weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": "128x128"}},
+                        "c": {"weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [64, 64]}}}}}),
+                "groups with different blocks of scales are not supported (group `c`)",
+            ),
+            (
+                json!({"model_type": "llama", "quantization_config": {
+                    "quant_method": "compressed-tensors", "format": "float-quantized",
+                    "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "tensor_group"}}}}}),
+                "group `g`: weights with strategy `tensor_group`",
             ),
         ] {
             let e = from(config).unwrap_err().to_string();

@@ -849,12 +849,13 @@ impl ModelSource {
                 ),
             ));
         };
-        if FloatDtype::of(info.dtype).is_none() && info.dtype != Dtype::F8_E8M0 {
+        if FloatDtype::of(info.dtype).is_none() && !matches!(info.dtype, Dtype::F8_E8M0 | Dtype::U8)
+        {
             return Err(Error::tensor(
                 file.path(),
                 scale,
                 format!(
-                    "dtype {:?} is not supported for scales (F32, F16, BF16 or F8_E8M0)",
+                    "dtype {:?} is not supported for scales (F32, F16, BF16, or F8_E8M0 or U8 exponents)",
                     info.dtype
                 ),
             ));
@@ -901,9 +902,12 @@ impl ModelSource {
     /// Whether tensor `name` only serves to read another of an FP8 checkpoint (a weight's scales, the
     /// activation or cache scales of its FP8 kernels).
     pub(crate) fn is_float8_companion(&self, name: &str) -> bool {
-        const SUFFIXES: [&str; 6] = [
+        const SUFFIXES: [&str; 8] = [
             ".weight_scale_inv",
             ".weight_scale",
+            // Zeros where the weights are symmetric (the only FP8 weights nibble reads).
+            ".weight_zero_point",
+            ".weight_g_idx",
             ".activation_scale",
             ".input_scale",
             ".k_scale",
@@ -938,6 +942,7 @@ impl ModelSource {
         let scale_dtype = FloatDtype::of(scale_file.info(&scale).expect("found").dtype);
         let values = match scale_dtype {
             Some(_) => scale_file.read_f32(&scale)?,
+            // Exponents, 2^(e - 127): F8_E8M0, or U8 as transformers reads them too.
             None => {
                 let powers = Float8::E8M0.table();
                 let values: Vec<f32> = scale_file
@@ -1271,11 +1276,17 @@ pub(crate) fn float8_block(
     cols: usize,
     block: Option<[usize; 2]>,
 ) -> Option<[usize; 2]> {
+    if rows == 0 || cols == 0 {
+        return None;
+    }
     if scales.iter().product::<usize>() == 1 {
         return Some([rows, cols]);
     }
-    if let (Some([b0, b1]), [g0, g1]) = (block, scales) {
-        return (*g0 == rows.div_ceil(b0) && *g1 == cols.div_ceil(b1)).then_some([b0, b1]);
+    if let (Some([b0, b1]), [g0, g1]) = (block, scales)
+        && *g0 == rows.div_ceil(b0)
+        && *g1 == cols.div_ceil(b1)
+    {
+        return Some([b0, b1]);
     }
     match scales {
         [g] | [g, 1] if *g == rows => Some([1, cols]),

@@ -155,7 +155,7 @@ fn fp8_folder(
         // Random powers of two (E8M0 holds nothing else) or random positive scales.
         let exponents: Vec<u8> = (0..count).map(|_| 117 + rng.below(4) as u8).collect();
         let scales: Vec<f32> = match scale_dtype {
-            Dtype::F8_E8M0 => exponents.iter().map(|&e| powers[e as usize]).collect(),
+            Dtype::F8_E8M0 | Dtype::U8 => exponents.iter().map(|&e| powers[e as usize]).collect(),
             _ => (0..count)
                 .map(|_| (0.001 + 0.002 * rng.uniform()) as f32)
                 .collect(),
@@ -173,7 +173,7 @@ fn fp8_folder(
             }
         }
         let stored_scales = match scale_dtype {
-            Dtype::F8_E8M0 => exponents,
+            Dtype::F8_E8M0 | Dtype::U8 => exponents,
             Dtype::F32 => bytes_of(&scales),
             other => panic!("scales in {other:?}"),
         };
@@ -295,6 +295,34 @@ fn compressed_tensors_groups_along_the_row() {
             assert!(x.weight == y.weight, "{:?} packs differently", x.kind);
         }
     }
+}
+
+#[test]
+fn scales_per_row_and_grids_the_config_does_not_name() {
+    // Weight-only FP8 from llm-compressor (naive-quantized), a 1-D scale per row.
+    let (dir, expected) = fp8_folder(
+        serde_json::json!({"quant_method": "compressed-tensors", "format": "naive-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": true}}}}),
+        |rows, cols| Layout {
+            grid: vec![rows],
+            block: [1, cols],
+        },
+        Dtype::F32,
+        "weight_scale",
+    );
+    assert_loads_as(dir.path(), &expected);
+    // No weight_block_size: the 16 x 32 blocks follow from the scales' grid; exponents stored as U8.
+    let (dir, expected) = fp8_folder(
+        serde_json::json!({"quant_method": "fp8", "scale_fmt": "ue8m0"}),
+        |rows, cols| Layout {
+            grid: vec![rows / 16, cols / 32],
+            block: [16, 32],
+        },
+        Dtype::U8,
+        "weight_scale_inv",
+    );
+    assert_loads_as(dir.path(), &expected);
 }
 
 fn open_err(dir: &Path) -> String {
