@@ -325,6 +325,35 @@ fn scales_per_row_and_grids_the_config_does_not_name() {
     assert_loads_as(dir.path(), &expected);
 }
 
+#[test]
+fn scales_in_another_shard_are_found_through_the_index() {
+    let (dir, expected) = per_tensor_folder();
+    let single = dir.path().join("model.safetensors");
+    let tensors = read_tensors(&single);
+    std::fs::remove_file(&single).unwrap();
+    let (scales, weights): (Tensors, Tensors) = tensors
+        .into_iter()
+        .partition(|(n, _)| n.ends_with("weight_scale_inv"));
+    assert!(!scales.is_empty());
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [
+        ("model-00001-of-00002.safetensors", &weights),
+        ("model-00002-of-00002.safetensors", &scales),
+    ] {
+        write_tensors(&dir.path().join(shard), part);
+        for name in part.keys() {
+            map.insert(name.clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    assert_loads_as(dir.path(), &expected);
+}
+
 fn open_err(dir: &Path) -> String {
     match ModelSource::open(dir) {
         Ok(_) => panic!("{} opened", dir.display()),
