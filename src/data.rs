@@ -5,7 +5,7 @@
 //! prompt/completion row); all turned into token sequences with the model's own chat template.
 
 use crate::error::{Error, Result};
-use crate::tokenizer::{ChatTokenizer, Message};
+use crate::tokenizer::{ChatTokenizer, Message, TemplateArgs};
 use serde_json::Value;
 use std::path::Path;
 
@@ -18,10 +18,15 @@ pub enum Turns {
     Messages(Vec<Message>),
 }
 
+/// A row; conversational ones carry what the row gives the chat template beside the messages.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Example {
-    Messages(Vec<Message>),
-    PromptCompletion { prompt: Turns, completion: Turns },
+    Messages(Vec<Message>, TemplateArgs),
+    PromptCompletion {
+        prompt: Turns,
+        completion: Turns,
+        args: TemplateArgs,
+    },
     Text(String),
 }
 
@@ -65,13 +70,45 @@ fn non_empty(examples: Vec<Example>, origin: &str) -> Result<Vec<Example>> {
     }
 }
 
+/// A row's `tools` (a list of function schemas, or that list as a JSON string, as TRL reads it) and
+/// `chat_template_kwargs` (an object).
+fn template_args(
+    obj: &serde_json::Map<String, Value>,
+) -> std::result::Result<TemplateArgs, String> {
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => {
+            let parsed: Value = serde_json::from_str(text)
+                .map_err(|e| format!("`tools` is a string but not JSON: {e}"))?;
+            Some(parsed).filter(|v| !v.is_null())
+        }
+        Some(v) => Some(v.clone()),
+    };
+    // TRL passes `tools or None`: an empty list is none (Llama's template would print its tool preamble).
+    let tools = tools.filter(|t| t.as_array().is_none_or(|a| !a.is_empty()));
+    if let Some(t) = &tools
+        && !t.is_array()
+    {
+        return Err(
+            "`tools` must be a list of function schemas (or that list as a JSON string)".into(),
+        );
+    }
+    let kwargs = match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(_) => return Err("`chat_template_kwargs` must be an object".into()),
+    };
+    Ok(TemplateArgs { tools, kwargs })
+}
+
 fn parse_row(v: &Value) -> std::result::Result<Example, String> {
     let obj = v.as_object().ok_or("each line must be a JSON object")?;
+    let args = template_args(obj)?;
     if let Some(m) = obj.get("messages") {
-        return Ok(Example::Messages(parse_messages(m, "messages")?));
+        return Ok(Example::Messages(parse_messages(m, "messages")?, args));
     }
     if let Some(c) = obj.get("conversations") {
-        return sharegpt(obj, c);
+        return sharegpt(obj, c, args);
     }
     if obj.contains_key("instruction") && obj.contains_key("output") {
         return alpaca(obj);
@@ -90,7 +127,11 @@ fn parse_row(v: &Value) -> std::result::Result<Example, String> {
                 "`prompt` and `completion` must both be strings or both be message lists".into(),
             );
         }
-        return Ok(Example::PromptCompletion { prompt, completion });
+        return Ok(Example::PromptCompletion {
+            prompt,
+            completion,
+            args,
+        });
     }
     if let Some(t) = obj.get("text") {
         return t
@@ -120,6 +161,7 @@ const SHAREGPT_ROLES: [(&str, &str); 9] = [
 fn sharegpt(
     obj: &serde_json::Map<String, Value>,
     turns: &Value,
+    args: TemplateArgs,
 ) -> std::result::Result<Example, String> {
     let list = turns.as_array().ok_or("`conversations` must be a list")?;
     if list.is_empty() {
@@ -129,10 +171,7 @@ fn sharegpt(
     if let Some(system) = obj.get("system").filter(|v| !v.is_null()) {
         let system = system.as_str().ok_or("`system` must be a string")?;
         if !system.is_empty() {
-            messages.push(Message {
-                role: "system".into(),
-                content: system.to_string(),
-            });
+            messages.push(Message::new("system", system));
         }
     }
     for (i, turn) in list.iter().enumerate() {
@@ -162,12 +201,9 @@ fn sharegpt(
             Some(Value::Null) | None => String::new(),
             Some(_) => return Err(format!("conversations[{i}]'s text must be a string")),
         };
-        messages.push(Message {
-            role: role.into(),
-            content,
-        });
+        messages.push(Message::new(role, &content));
     }
-    Ok(Example::Messages(messages))
+    Ok(Example::Messages(messages, args))
 }
 
 /// An Alpaca row as LLaMA-Factory maps it: the user turn is `instruction`, then `input` on a new line
@@ -182,10 +218,7 @@ fn alpaca(obj: &serde_json::Map<String, Value>) -> std::result::Result<Example, 
             Some(_) => Err(format!("`{key}` must be a string")),
         }
     };
-    let message = |role: &str, content: &str| Message {
-        role: role.into(),
-        content: content.into(),
-    };
+    let message = Message::new;
     let mut prompt = Vec::new();
     if let Some(system) = text("system")?.filter(|s| !s.is_empty()) {
         prompt.push(message("system", system));
@@ -219,6 +252,7 @@ fn alpaca(obj: &serde_json::Map<String, Value>) -> std::result::Result<Example, 
     Ok(Example::PromptCompletion {
         prompt: Turns::Messages(prompt),
         completion: Turns::Messages(vec![message("assistant", output)]),
+        args: TemplateArgs::default(),
     })
 }
 
@@ -236,12 +270,21 @@ fn parse_messages(v: &Value, field: &str) -> std::result::Result<Vec<Message>, S
             if !ROLES.contains(&role) {
                 return Err(format!("{field}[{i}] has unknown role `{role}` (expected system, user, assistant or tool)"));
             }
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(_) => return Err(format!("{field}[{i}].content must be a string")),
+            let obj = m.as_object().ok_or_else(|| format!("{field}[{i}] must be an object"))?;
+            let mut extra: serde_json::Map<String, Value> =
+                obj.iter().filter(|(k, _)| *k != "role").map(|(k, v)| (k.clone(), v.clone())).collect();
+            // A string stays the text; null (beside tool calls) and lists of parts go to the template as
+            // they are.
+            let content = match extra.remove("content") {
+                Some(Value::String(s)) => s,
+                None => String::new(),
+                Some(v @ (Value::Null | Value::Array(_))) => {
+                    extra.insert("content".into(), v);
+                    String::new()
+                }
+                Some(_) => return Err(format!("{field}[{i}].content must be a string, a list of parts or null")),
             };
-            Ok(Message { role: role.to_string(), content })
+            Ok(Message { role: role.to_string(), content, extra })
         })
         .collect()
 }
@@ -249,18 +292,20 @@ fn parse_messages(v: &Value, field: &str) -> std::result::Result<Vec<Message>, S
 /// The example as the model sees it, one string (chat template applied to messages).
 pub fn render(tok: &ChatTokenizer, example: &Example) -> Result<String> {
     match example {
-        Example::Messages(m) => tok.apply_chat_template(m, false),
+        Example::Messages(m, args) => tok.apply_chat_template_with(m, false, args),
         Example::Text(t) => Ok(t.clone()),
         Example::PromptCompletion {
             prompt: Turns::Text(p),
             completion: Turns::Text(c),
+            ..
         } => Ok(format!("{p}{c}")),
         Example::PromptCompletion {
             prompt: Turns::Messages(p),
             completion: Turns::Messages(c),
+            args,
         } => {
             let all: Vec<Message> = p.iter().chain(c).cloned().collect();
-            tok.apply_chat_template(&all, false)
+            tok.apply_chat_template_with(&all, false, args)
         }
         Example::PromptCompletion { .. } => Err(Error::Invalid(
             "prompt and completion differ in kind".into(),

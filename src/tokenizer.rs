@@ -9,10 +9,19 @@ use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One turn of a conversation, as the chat template sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct Message {
     pub role: String,
+    /// The text, where the data gave a string.
+    #[serde(default)]
     pub content: String,
+    /// The turn's other fields as the data gave them, handed to the template unchanged (as transformers
+    /// hands it the whole dict): `tool_calls`, `reasoning_content`, `name`, `tool_call_id`, ..., and a
+    /// `content` that is not a string (null beside tool calls, or a list of parts), which then stands
+    /// in place of the text.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Message {
@@ -20,6 +29,50 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+impl Serialize for Message {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("role", &self.role)?;
+        match self.extra.get("content") {
+            Some(content) => map.serialize_entry("content", content)?,
+            None => map.serialize_entry("content", &self.content)?,
+        }
+        for (key, value) in &self.extra {
+            if key != "role" && key != "content" {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// What a conversation hands the chat template beside its messages, as TRL hands a dataset row's to
+/// `apply_chat_template`: the functions the model may call (`tools`) and the row's
+/// `chat_template_kwargs` (Qwen3's `enable_thinking`, for one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TemplateArgs {
+    pub tools: Option<serde_json::Value>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TemplateArgs {
+    /// `enable_thinking` set, as transformers passes the keyword on: Qwen3's hybrid template then closes
+    /// an empty thinking block.
+    pub fn thinking(enable: bool) -> Self {
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), enable.into());
+        TemplateArgs {
+            tools: None,
+            kwargs,
         }
     }
 }
@@ -136,6 +189,17 @@ impl ChatTokenizer {
         self.template()?.render(messages, add_generation_prompt)
     }
 
+    /// `apply_chat_template` with a row's tools and keywords.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<String> {
+        self.template()?
+            .render_with(messages, add_generation_prompt, args)
+    }
+
     pub fn template(&self) -> Result<&ChatTemplate> {
         self.template
             .as_ref()
@@ -200,16 +264,16 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        self.render_thinking(messages, add_generation_prompt, None)
+        self.render_with(messages, add_generation_prompt, &TemplateArgs::default())
     }
 
-    /// `render` with `enable_thinking` defined (as transformers passes the keyword on to the template:
-    /// Qwen3's hybrid template then closes an empty thinking block), or left undefined.
-    pub fn render_thinking(
+    /// `render` with `args` defined for the template (keywords left out stay undefined, `tools` too
+    /// where there are none, as transformers leaves them).
+    pub fn render_with(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
-        enable_thinking: Option<bool>,
+        args: &TemplateArgs,
     ) -> Result<String> {
         let template = self
             .env
@@ -221,10 +285,16 @@ impl ChatTemplate {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        let ctx = match enable_thinking {
-            Some(thinking) => minijinja::context! { enable_thinking => thinking, ..base },
+        // The first context holding a key wins: a row's keywords never replace the messages.
+        let base = match &args.tools {
+            Some(tools) => minijinja::context! {
+                tools => JinjaValue::from(minijinja::value::Serde(tools)),
+                ..base
+            },
             None => base,
         };
+        let kwargs = JinjaValue::from(minijinja::value::Serde(&args.kwargs));
+        let ctx = minijinja::context! { ..base, ..kwargs };
         template.render(ctx).map_err(|e| {
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(&e);

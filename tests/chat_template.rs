@@ -252,3 +252,85 @@ fn today() -> String {
     );
     today
 }
+
+#[derive(serde::Deserialize)]
+struct ToolCase {
+    tokenizer: String,
+    row: serde_json::Value,
+    text: String,
+    ids: Vec<u32>,
+    prompt_text: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolFixture {
+    cases: Vec<ToolCase>,
+}
+
+/// Function-calling and reasoning rows (tests/fixtures/tool_chats.json, made by
+/// scripts/make_tool_chat_fixture.py): a `tools` column as a list or as a JSON string, assistant turns
+/// with `tool_calls` beside null or empty content, tool turns, Qwen3's `reasoning_content` and
+/// `chat_template_kwargs`, conversational prompt/completion with tools. Each row, read as nibble reads a
+/// JSONL line and tokenized for training, gives the text and the ids TRL's SFTTrainer trains on; with
+/// `--loss-on assistant` the loss falls on the calls and answers, never on the tools' results.
+#[test]
+fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
+    use nibble::data::{self, Example};
+    use nibble::train::{self, LossOn};
+    let path = format!(
+        "{}/tests/fixtures/tool_chats.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let fixture: ToolFixture =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(fixture.cases.len(), 7);
+    let qwen25 = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("qwen2.5")).unwrap();
+    let qwen3 =
+        ChatTokenizer::from_files(&nibble::synth::qwen3_tokenizer(), Path::new("qwen3")).unwrap();
+    for (i, case) in fixture.cases.iter().enumerate() {
+        let tok = match case.tokenizer.as_str() {
+            "qwen2.5" => &qwen25,
+            _ => &qwen3,
+        };
+        let line = case.row.to_string();
+        let example = data::parse_jsonl(&line, "row").unwrap().remove(0);
+        assert_eq!(data::render(tok, &example).unwrap(), case.text, "case {i}");
+        let (seq, _) = train::tokenize(tok, &example, LossOn::Default, 4096).unwrap();
+        assert_eq!(seq.ids, case.ids, "case {i}: ids");
+        if let Some(prompt) = &case.prompt_text {
+            // The completion (the call) alone carries loss.
+            let prompt_len = tok.encode(prompt).unwrap().len();
+            let first = seq.targets.iter().position(Option::is_some).unwrap();
+            assert_eq!(
+                first + 1,
+                prompt_len,
+                "case {i}: loss starts after the prompt"
+            );
+        }
+        if matches!(example, Example::Messages(..)) {
+            let (seq, _) = train::tokenize(tok, &example, LossOn::Assistant, 4096).unwrap();
+            let labelled: Vec<u32> = seq.targets.iter().flatten().copied().collect();
+            let text = tok.decode(&labelled).unwrap();
+            // Every assistant turn carries loss, no user or tool turn does.
+            for m in case.row["messages"].as_array().unwrap() {
+                let content = m["content"].as_str().unwrap_or_default();
+                match m["role"].as_str().unwrap() {
+                    "assistant" => assert!(text.contains(content), "case {i}: {text:?}"),
+                    _ => assert!(!text.contains(content), "case {i}: {content:?} in {text:?}"),
+                }
+            }
+            assert!(!text.contains("<tool_response>"), "case {i}: {text:?}");
+            if line.contains("tool_calls") {
+                assert!(text.contains("<tool_call>"), "case {i}: {text:?}");
+            }
+            // Qwen3 keeps the last turn's reasoning and drops the earlier one's: so does the loss.
+            if line.contains("Add them.") {
+                assert!(
+                    text.contains("5 x 4 = 20.") && !text.contains("Add them."),
+                    "{text:?}"
+                );
+                assert!(text.contains("5<|im_end|>"), "{text:?}");
+            }
+        }
+    }
+}

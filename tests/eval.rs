@@ -135,6 +135,26 @@ fn jsonl_errors_name_file_and_line() {
             "{\"prompt\": \"a\", \"completion\": [{\"role\": \"assistant\", \"content\": \"b\"}]}\n",
             "bad.jsonl:1: `prompt` and `completion` must both",
         ),
+        (
+            "{\"text\": \"a\"}\n{\"tools\": {\"name\": \"f\"}, \"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
+            "bad.jsonl:2: `tools` must be a list of function schemas",
+        ),
+        (
+            "{\"tools\": \"[{\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
+            "bad.jsonl:1: `tools` is a string but not JSON",
+        ),
+        (
+            "{\"chat_template_kwargs\": [1], \"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}\n",
+            "bad.jsonl:1: `chat_template_kwargs` must be an object",
+        ),
+        (
+            "{\"messages\": [{\"role\": \"user\", \"content\": 7}]}\n",
+            "bad.jsonl:1: messages[0].content must be a string, a list of parts or null",
+        ),
+        (
+            "{\"messages\": [\"hi\"]}\n",
+            "bad.jsonl:1: messages[0] has no string `role`",
+        ),
     ] {
         std::fs::write(&p, content).unwrap();
         let err = data::read_examples(&p).unwrap_err().to_string();

@@ -179,6 +179,7 @@ fn completion_only_loss_masks_the_prompt() {
     let ex = Example::PromptCompletion {
         prompt: Turns::Messages(vec![Message::new("user", "Name a colour.")]),
         completion: Turns::Messages(vec![Message::new("assistant", "Blue.")]),
+        args: Default::default(),
     };
     let (seq, _) = train::tokenize(&tok, &ex, LossOn::Default, 512).unwrap();
     let prompt = tok

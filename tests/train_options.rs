@@ -58,7 +58,7 @@ fn assistant_loss_covers_exactly_the_assistant_turns() {
     ];
     let (seq, _) = train::tokenize(
         &tok,
-        &Example::Messages(conversation.clone()),
+        &Example::Messages(conversation.clone(), Default::default()),
         LossOn::Assistant,
         4096,
     )

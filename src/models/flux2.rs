@@ -1337,9 +1337,11 @@ pub fn caption_features(
         )));
     }
     let message = crate::tokenizer::Message::new("user", caption);
-    let prompt = tokenizer
-        .template()?
-        .render_thinking(&[message], true, Some(false))?;
+    let prompt = tokenizer.template()?.render_with(
+        &[message],
+        true,
+        &crate::tokenizer::TemplateArgs::thinking(false),
+    )?;
     let mut ids = tokenizer.encode(&prompt)?;
     ids.truncate(tokens);
     let real = ids.len();

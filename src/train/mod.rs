@@ -28,7 +28,7 @@ use crate::ops::Precision;
 use crate::ops::adamw::AdamWParams;
 use crate::rng::Rng;
 use crate::shared::Shared;
-use crate::tokenizer::{ChatTokenizer, Message};
+use crate::tokenizer::{ChatTokenizer, Message, TemplateArgs};
 use serde_json::json;
 use std::path::Path;
 #[cfg(not(target_arch = "wasm32"))]
@@ -212,10 +212,10 @@ pub fn tokenize(
     let mut ids = tok.encode(&text)?;
     // Token ranges that carry loss; None: every token.
     let spans: Option<Vec<(usize, usize)>> = match (example, loss_on) {
-        (Example::PromptCompletion { prompt, .. }, LossOn::Default | LossOn::Completion) => {
+        (Example::PromptCompletion { prompt, args, .. }, LossOn::Default | LossOn::Completion) => {
             let prompt_text = match prompt {
                 Turns::Text(p) => p.clone(),
-                Turns::Messages(p) => tok.apply_chat_template(p, true)?,
+                Turns::Messages(p) => tok.apply_chat_template_with(p, true, args)?,
             };
             let start = prefix_tokens(tok, &prompt_text, &ids, "the prompt")?;
             Some(vec![(start, ids.len())])
@@ -225,18 +225,19 @@ pub fn tokenize(
                 "--loss-on completion needs prompt/completion rows".into(),
             ));
         }
-        (Example::Messages(m), LossOn::Assistant) => {
-            Some(assistant_spans(tok, m, &ids, max_length)?)
+        (Example::Messages(m, args), LossOn::Assistant) => {
+            Some(assistant_spans(tok, m, args, &ids, max_length)?)
         }
         (
             Example::PromptCompletion {
                 prompt: Turns::Messages(p),
                 completion: Turns::Messages(c),
+                args,
             },
             LossOn::Assistant,
         ) => {
             let all: Vec<Message> = p.iter().chain(c).cloned().collect();
-            Some(assistant_spans(tok, &all, &ids, max_length)?)
+            Some(assistant_spans(tok, &all, args, &ids, max_length)?)
         }
         (_, LossOn::Assistant) => {
             return Err(Error::Invalid(
@@ -278,12 +279,15 @@ fn prefix_tokens(tok: &ChatTokenizer, prefix: &str, ids: &[u32], what: &str) -> 
 
 /// The token ranges of the assistant turns: each from the end of the conversation rendered up to that
 /// turn with the generation prompt, to the end of it rendered through the turn (its end-of-turn token
-/// included). Works with any template that renders earlier turns the same way as the whole conversation.
+/// included). Works with any template that renders earlier turns the same way as the whole conversation;
+/// where a turn renders otherwise once later turns follow it (Qwen3 drops the reasoning of all but the
+/// last turn), the turn ends at its first end-of-turn token (the tokenizer's `eos_token`).
 /// Turns that start beyond `max_length` are not rendered: they are cut off anyway, and rendering each
 /// turn's prefix makes long conversations quadratic.
 fn assistant_spans(
     tok: &ChatTokenizer,
     messages: &[Message],
+    args: &TemplateArgs,
     ids: &[u32],
     max_length: usize,
 ) -> Result<Vec<(usize, usize)>> {
@@ -299,17 +303,24 @@ fn assistant_spans(
         let what = format!("the conversation before assistant turn {}", i + 1);
         let start = prefix_tokens(
             tok,
-            &tok.apply_chat_template(&messages[..i], true)?,
+            &tok.apply_chat_template_with(&messages[..i], true, args)?,
             ids,
             &what,
         )?;
         let what = format!("the conversation through assistant turn {}", i + 1);
-        let end = prefix_tokens(
-            tok,
-            &tok.apply_chat_template(&messages[..=i], false)?,
-            ids,
-            &what,
-        )?;
+        let through = tok.apply_chat_template_with(&messages[..=i], false, args)?;
+        let end = match prefix_tokens(tok, &through, ids, &what) {
+            Ok(end) => end,
+            // A template that renders a turn otherwise once later turns follow (Qwen3 keeps the
+            // reasoning of the last turn only): the turn ends at its first end-of-turn token.
+            Err(e) => {
+                let end_of_turn = tok.eos_token.as_deref().and_then(|t| tok.token_id(t));
+                match end_of_turn.and_then(|eot| ids[start..].iter().position(|&id| id == eot)) {
+                    Some(k) => start + k + 1,
+                    None => return Err(e),
+                }
+            }
+        };
         reached = end;
         spans.push((start, end));
     }
