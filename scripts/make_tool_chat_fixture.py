@@ -47,9 +47,11 @@ rows = {
             {"role": "tool", "content": "18 °C, cloudy"},
             {"role": "tool", "content": "14:05"},
             {"role": "assistant", "content": "18 °C and cloudy, just after two."}]},
-        # an empty tools list is no tools (TRL passes `tools or None`)
+        # an empty tools list passes as it is (as SFTTrainer passes it), and null fields (how a table holds
+        # the keys other rows have) are dropped, as transformers drops them
         {"tools": [], "messages": [
-            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+            {"role": "user", "content": "Hi", "tool_calls": None, "name": None},
+            {"role": "assistant", "content": "Hello!", "tool_calls": None, "reasoning_content": None}]},
         # a conversational prompt/completion row with tools: the completion is the call
         {"tools": [weather], "prompt": [{"role": "user", "content": "Rain in Bergen?"}],
          "completion": [{"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Bergen"})]}]},
@@ -64,6 +66,10 @@ rows = {
         # thinking switched off for the row
         {"chat_template_kwargs": {"enable_thinking": False}, "messages": [
             {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+        # reasoning under another name (transformers reads `reasoning` and `thinking` as `reasoning_content`)
+        {"messages": [
+            {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "reasoning": "Peru's capital is Lima.", "content": "Lima"}]},
         # tools, a call after reasoning, the answer wrapped in <tool_response>
         {"tools": [weather], "messages": [
             {"role": "user", "content": "Umbrella in Paris?"},
@@ -102,7 +108,7 @@ with tempfile.TemporaryDirectory() as tmp:
             # As TRL's SFTTrainer tokenizes a row.
             tools = row.get("tools")
             tools = json.loads(tools) if isinstance(tools, str) else tools
-            kwargs = {"tools": tools or None, **row.get("chat_template_kwargs", {})}
+            kwargs = {"tools": tools, **row.get("chat_template_kwargs", {})}
             messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
             text = tok.apply_chat_template(messages, tokenize=False, **kwargs)
             ids = tok(text, add_special_tokens=False)["input_ids"]

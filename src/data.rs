@@ -84,8 +84,6 @@ fn template_args(
         }
         Some(v) => Some(v.clone()),
     };
-    // TRL passes `tools or None`: an empty list is none (Llama's template would print its tool preamble).
-    let tools = tools.filter(|t| t.as_array().is_none_or(|a| !a.is_empty()));
     if let Some(t) = &tools
         && !t.is_array()
     {
@@ -111,7 +109,7 @@ fn parse_row(v: &Value) -> std::result::Result<Example, String> {
         return sharegpt(obj, c, args);
     }
     if obj.contains_key("instruction") && obj.contains_key("output") {
-        return alpaca(obj);
+        return alpaca(obj, args);
     }
     if let (Some(p), Some(c)) = (obj.get("prompt"), obj.get("completion")) {
         let turns = |v: &Value, field: &str| -> std::result::Result<Turns, String> {
@@ -210,7 +208,10 @@ fn sharegpt(
 /// when there is one, after the optional `system` prompt and `history` ([question, answer] pairs); the
 /// assistant's `output` is the completion, so the loss falls on it alone by default (TRL's rule for
 /// prompt/completion rows).
-fn alpaca(obj: &serde_json::Map<String, Value>) -> std::result::Result<Example, String> {
+fn alpaca(
+    obj: &serde_json::Map<String, Value>,
+    args: TemplateArgs,
+) -> std::result::Result<Example, String> {
     let text = |key: &str| -> std::result::Result<Option<&str>, String> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -252,7 +253,7 @@ fn alpaca(obj: &serde_json::Map<String, Value>) -> std::result::Result<Example, 
     Ok(Example::PromptCompletion {
         prompt: Turns::Messages(prompt),
         completion: Turns::Messages(vec![message("assistant", output)]),
-        args: TemplateArgs::default(),
+        args,
     })
 }
 
@@ -266,25 +267,17 @@ fn parse_messages(v: &Value, field: &str) -> std::result::Result<Vec<Message>, S
     list.iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| format!("{field}[{i}] has no string `role`"))?;
-            if !ROLES.contains(&role) {
-                return Err(format!("{field}[{i}] has unknown role `{role}` (expected system, user, assistant or tool)"));
+            let message = Message::from_json(m).map_err(|e| match e.starts_with('.') {
+                true => format!("{field}[{i}]{e}"),
+                false => format!("{field}[{i}] {e}"),
+            })?;
+            if !ROLES.contains(&message.role.as_str()) {
+                return Err(format!(
+                    "{field}[{i}] has unknown role `{}` (expected system, user, assistant or tool)",
+                    message.role
+                ));
             }
-            let obj = m.as_object().ok_or_else(|| format!("{field}[{i}] must be an object"))?;
-            let mut extra: serde_json::Map<String, Value> =
-                obj.iter().filter(|(k, _)| *k != "role").map(|(k, v)| (k.clone(), v.clone())).collect();
-            // A string stays the text; null (beside tool calls) and lists of parts go to the template as
-            // they are.
-            let content = match extra.remove("content") {
-                Some(Value::String(s)) => s,
-                None => String::new(),
-                Some(v @ (Value::Null | Value::Array(_))) => {
-                    extra.insert("content".into(), v);
-                    String::new()
-                }
-                Some(_) => return Err(format!("{field}[{i}].content must be a string, a list of parts or null")),
-            };
-            Ok(Message { role: role.to_string(), content, extra })
+            Ok(message)
         })
         .collect()
 }

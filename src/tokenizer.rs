@@ -10,27 +10,65 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// One turn of a conversation, as the chat template sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
     pub role: String,
-    /// The text, where the data gave a string.
-    #[serde(default)]
-    pub content: String,
-    /// The turn's other fields as the data gave them, handed to the template unchanged (as transformers
-    /// hands it the whole dict): `tool_calls`, `reasoning_content`, `name`, `tool_call_id`, ..., and a
-    /// `content` that is not a string (null beside tool calls, or a list of parts), which then stands
-    /// in place of the text.
-    #[serde(flatten)]
+    /// The text, where the data gave a string (None where it gave none).
+    pub content: Option<String>,
+    /// The turn's other fields as the data gave them, handed to the template as transformers hands it
+    /// the message: `tool_calls`, `reasoning_content`, `name`, `tool_call_id`, ..., and a `content` that
+    /// is not a string (a list of parts), which then stands in place of the text.
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The names a message's reasoning comes under; transformers fills the first (what chat templates read)
+/// and `thinking` (gpt-oss's) from whichever is given.
+const REASONING_FIELDS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
         Message {
             role: role.into(),
-            content: content.into(),
+            content: Some(content.into()),
             extra: serde_json::Map::new(),
         }
+    }
+
+    /// A message object as a dataset row holds it. As transformers normalises a chat: fields whose
+    /// value is null are dropped (templates handle a missing key, not a None), and reasoning given as
+    /// `reasoning` or `thinking` is also `reasoning_content` (and `thinking`).
+    pub fn from_json(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        use serde_json::Value;
+        let obj = v.as_object().ok_or("must be an object")?;
+        let role = obj
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or("has no string `role`")?
+            .to_string();
+        let mut extra: serde_json::Map<String, Value> = obj
+            .iter()
+            .filter(|(k, v)| *k != "role" && !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let content = match extra.remove("content") {
+            Some(Value::String(s)) => Some(s),
+            None => None,
+            Some(parts @ Value::Array(_)) => {
+                extra.insert("content".into(), parts);
+                None
+            }
+            Some(_) => return Err(".content must be a string, a list of parts or null".into()),
+        };
+        let reasoning = REASONING_FIELDS.iter().find_map(|k| extra.get(*k)).cloned();
+        if let Some(reasoning) = reasoning {
+            extra.entry("thinking").or_insert(reasoning.clone());
+            extra.insert("reasoning_content".into(), reasoning);
+        }
+        Ok(Message {
+            role,
+            content,
+            extra,
+        })
     }
 }
 
@@ -42,16 +80,24 @@ impl Serialize for Message {
         use serde::ser::SerializeMap;
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("role", &self.role)?;
-        match self.extra.get("content") {
-            Some(content) => map.serialize_entry("content", content)?,
-            None => map.serialize_entry("content", &self.content)?,
+        if let Some(text) = &self.content {
+            map.serialize_entry("content", text)?;
         }
         for (key, value) in &self.extra {
-            if key != "role" && key != "content" {
+            if key != "role" {
                 map.serialize_entry(key, value)?;
             }
         }
         map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(deserializer)?;
+        Message::from_json(&v).map_err(serde::de::Error::custom)
     }
 }
 
@@ -83,6 +129,8 @@ pub struct ChatTokenizer {
     /// tokenizer.json, for errors.
     path: std::path::PathBuf,
     pub template: Option<ChatTemplate>,
+    /// The `tool_use` template of a tokenizer_config.json that names its templates.
+    pub tool_template: Option<ChatTemplate>,
     pub eos_token: Option<String>,
     pub bos_token: Option<String>,
     pub pad_token: Option<String>,
@@ -142,23 +190,26 @@ impl ChatTokenizer {
         let source = match (&files.chat_template_jinja, config.get("chat_template")) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(serde_json::Value::String(t))) => Some(t.clone()),
-            (None, Some(serde_json::Value::Array(named))) => named
-                .iter()
-                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(|t| t.get("template"))
-                .and_then(|t| t.as_str())
-                .map(str::to_string),
+            (None, Some(serde_json::Value::Array(named))) => named_template(named, "default"),
+            _ => None,
+        };
+        // transformers renders with a model's `tool_use` template whenever tools are passed.
+        let tool_source = match config.get("chat_template") {
+            Some(serde_json::Value::Array(named)) => named_template(named, "tool_use"),
             _ => None,
         };
         let (bos_token, eos_token, pad_token) =
             (token("bos_token"), token("eos_token"), token("pad_token"));
-        let template = source
-            .map(|s| ChatTemplate::new(&s, bos_token.clone(), eos_token.clone(), cfg_path))
-            .transpose()?;
+        let compile = |s: String| {
+            ChatTemplate::new(&s, bos_token.clone(), eos_token.clone(), cfg_path.clone())
+        };
+        let template = source.map(compile).transpose()?;
+        let tool_template = tool_source.map(compile).transpose()?;
         Ok(ChatTokenizer {
             tokenizer,
             path: tok_path,
             template,
+            tool_template,
             eos_token,
             bos_token,
             pad_token,
@@ -175,6 +226,14 @@ impl ChatTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         guarded(&self.path, || self.tokenizer.decode(ids, false))?
             .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
+    }
+
+    /// Whether `id` is one of the tokenizer's special added tokens (`<|im_end|>`, `<|eot_id|>`, ...).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.tokenizer
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -196,8 +255,11 @@ impl ChatTokenizer {
         add_generation_prompt: bool,
         args: &TemplateArgs,
     ) -> Result<String> {
-        self.template()?
-            .render_with(messages, add_generation_prompt, args)
+        let template = match (&args.tools, &self.tool_template) {
+            (Some(_), Some(tool_use)) => tool_use,
+            _ => self.template()?,
+        };
+        template.render_with(messages, add_generation_prompt, args)
     }
 
     pub fn template(&self) -> Result<&ChatTemplate> {
@@ -205,6 +267,16 @@ impl ChatTokenizer {
             .as_ref()
             .ok_or_else(|| Error::Template("this tokenizer has no chat template".into()))
     }
+}
+
+/// The template called `name` in a tokenizer_config.json's list of named templates.
+fn named_template(named: &[serde_json::Value], name: &str) -> Option<String> {
+    named
+        .iter()
+        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+        .and_then(|t| t.get("template"))
+        .and_then(|t| t.as_str())
+        .map(str::to_string)
 }
 
 /// A special token may be a plain string or an AddedToken object `{"content": ...}`.
@@ -267,8 +339,9 @@ impl ChatTemplate {
         self.render_with(messages, add_generation_prompt, &TemplateArgs::default())
     }
 
-    /// `render` with `args` defined for the template (keywords left out stay undefined, `tools` too
-    /// where there are none, as transformers leaves them).
+    /// `render` with a row's tools and keywords, in the context transformers renders with: `messages`,
+    /// `tools` and `documents` (none where not given), `add_generation_prompt`, then the keywords, then
+    /// the special tokens (which the keywords may replace).
     pub fn render_with(
         &self,
         messages: &[Message],
@@ -279,22 +352,19 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .expect("added in new()");
+        // The first context holding a key wins.
         let base = minijinja::context! {
             messages => JinjaValue::from(minijinja::value::Serde(messages)),
+            tools => JinjaValue::from(minijinja::value::Serde(&args.tools)),
+            documents => JinjaValue::from(()),
             add_generation_prompt => add_generation_prompt,
+        };
+        let kwargs = JinjaValue::from(minijinja::value::Serde(&args.kwargs));
+        let tokens = minijinja::context! {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        // The first context holding a key wins: a row's keywords never replace the messages.
-        let base = match &args.tools {
-            Some(tools) => minijinja::context! {
-                tools => JinjaValue::from(minijinja::value::Serde(tools)),
-                ..base
-            },
-            None => base,
-        };
-        let kwargs = JinjaValue::from(minijinja::value::Serde(&args.kwargs));
-        let ctx = minijinja::context! { ..base, ..kwargs };
+        let ctx = minijinja::context! { ..base, ..kwargs, ..tokens };
         template.render(ctx).map_err(|e| {
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(&e);

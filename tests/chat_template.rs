@@ -283,7 +283,7 @@ fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
     );
     let fixture: ToolFixture =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(fixture.cases.len(), 7);
+    assert_eq!(fixture.cases.len(), 8);
     let qwen25 = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("qwen2.5")).unwrap();
     let qwen3 =
         ChatTokenizer::from_files(&nibble::synth::qwen3_tokenizer(), Path::new("qwen3")).unwrap();
@@ -320,8 +320,16 @@ fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
                 }
             }
             assert!(!text.contains("<tool_response>"), "case {i}: {text:?}");
-            if line.contains("tool_calls") {
+            let calls = case.row["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["tool_calls"].is_array());
+            if calls {
                 assert!(text.contains("<tool_call>"), "case {i}: {text:?}");
+            }
+            if line.contains("Peru's capital") {
+                assert!(text.contains("Peru's capital is Lima."), "{text:?}");
             }
             // Qwen3 keeps the last turn's reasoning and drops the earlier one's: so does the loss.
             if line.contains("Add them.") {
@@ -333,4 +341,36 @@ fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
             }
         }
     }
+}
+
+/// A tokenizer_config.json that names its templates: transformers renders with `tool_use` when tools
+/// are given and with `default` otherwise; `tools` and `documents` are defined (none) when not given,
+/// and a row's keywords reach the template.
+#[test]
+fn tools_pick_the_tool_use_template_and_are_none_when_absent() {
+    use nibble::tokenizer::TemplateArgs;
+    let mut files = qwen25_tokenizer();
+    let mut config: serde_json::Value =
+        serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
+    config["chat_template"] = serde_json::json!([
+        {"name": "default", "template": "D{% if tools is none and documents is none %}N{% endif %}{{ messages[0].content }}{{ flag }}"},
+        {"name": "tool_use", "template": "T{{ tools | length }}{{ tools[0].function.name }}{{ eos_token }}"}
+    ]);
+    files.tokenizer_config_json = Some(config.to_string());
+    let tok = ChatTokenizer::from_files(&files, Path::new("named")).unwrap();
+    let messages = [Message::new("user", "hi")];
+    assert_eq!(tok.apply_chat_template(&messages, false).unwrap(), "DNhi");
+    let mut args = TemplateArgs::default();
+    args.kwargs.insert("flag".into(), "!".into());
+    assert_eq!(
+        tok.apply_chat_template_with(&messages, false, &args)
+            .unwrap(),
+        "DNhi!"
+    );
+    args.tools = Some(serde_json::json!([{"type": "function", "function": {"name": "f"}}]));
+    assert_eq!(
+        tok.apply_chat_template_with(&messages, false, &args)
+            .unwrap(),
+        "T1f<|im_end|>"
+    );
 }

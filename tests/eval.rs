@@ -153,7 +153,7 @@ fn jsonl_errors_name_file_and_line() {
         ),
         (
             "{\"messages\": [\"hi\"]}\n",
-            "bad.jsonl:1: messages[0] has no string `role`",
+            "bad.jsonl:1: messages[0] must be an object",
         ),
     ] {
         std::fs::write(&p, content).unwrap();

@@ -84,6 +84,52 @@ fn assistant_loss_covers_exactly_the_assistant_turns() {
     assert!(err.to_string().contains("conversational"), "{err}");
 }
 
+/// A template that ends only the whole conversation with a special token (Phi-3.5's appends its eos
+/// once, after the last turn) renders the conversation through an earlier assistant turn with that token
+/// where the whole has the next user turn: assistant-only loss is refused there, never spread over the
+/// turns that follow.
+#[test]
+fn assistant_loss_refuses_a_template_it_cannot_split() {
+    let mut files = synth::qwen25_tokenizer();
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/templates/phi-3.5-mini-instruct.jinja"
+    ))
+    .unwrap();
+    files.chat_template_jinja = Some(template);
+    let mut config: serde_json::Value =
+        serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
+    config["eos_token"] = "<|endoftext|>".into();
+    files.tokenizer_config_json = Some(config.to_string());
+    let tok = ChatTokenizer::from_files(&files, Path::new("phi")).unwrap();
+    let conversation = vec![
+        Message::new("user", "Hi there"),
+        Message::new("assistant", "Hello!"),
+        Message::new("user", "How are you?"),
+        Message::new("assistant", "Fine, thanks."),
+    ];
+    let example = Example::Messages(conversation.clone(), Default::default());
+    let err = train::tokenize(&tok, &example, LossOn::Assistant, 4096).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("assistant turn 2 does not tokenize to a prefix"),
+        "{err}"
+    );
+    // One assistant turn, at the end: its span is found.
+    let (seq, _) = train::tokenize(
+        &tok,
+        &Example::Messages(conversation[..2].to_vec(), Default::default()),
+        LossOn::Assistant,
+        4096,
+    )
+    .unwrap();
+    let labelled: Vec<u32> = seq.targets.iter().flatten().copied().collect();
+    assert_eq!(
+        tok.decode(&labelled).unwrap(),
+        "Hello!<|end|>\n<|endoftext|>"
+    );
+}
+
 #[test]
 fn warmup_ratio_rounds_up_as_transformers_does() {
     let dir = tempfile::tempdir().unwrap();

@@ -311,20 +311,47 @@ fn assistant_spans(
         let through = tok.apply_chat_template_with(&messages[..=i], false, args)?;
         let end = match prefix_tokens(tok, &through, ids, &what) {
             Ok(end) => end,
-            // A template that renders a turn otherwise once later turns follow (Qwen3 keeps the
-            // reasoning of the last turn only): the turn ends at its first end-of-turn token.
-            Err(e) => {
-                let end_of_turn = tok.eos_token.as_deref().and_then(|t| tok.token_id(t));
-                match end_of_turn.and_then(|eot| ids[start..].iter().position(|&id| id == eot)) {
-                    Some(k) => start + k + 1,
-                    None => return Err(e),
-                }
-            }
+            Err(e) => turn_end_by_token(tok, &through, ids, start)?.ok_or(e)?,
         };
         reached = end;
         spans.push((start, end));
     }
     Ok(spans)
+}
+
+/// Where the assistant turn that starts at token `start` of `ids` ends, when the conversation rendered
+/// through it (`through`) is not a prefix of the whole: a template that renders a turn otherwise once
+/// later turns follow it (Qwen3 keeps only the last turn's reasoning). The turn ends at the end-of-turn
+/// token its own rendering ends with (its last special token), provided what the whole conversation
+/// holds up to there is the end of that rendering (the turn with its leading part dropped), and takes
+/// what follows that token in its rendering (a newline) where the whole has it too. None otherwise (a
+/// template that closes only the whole conversation with a special token, as Phi-3.5's does).
+fn turn_end_by_token(
+    tok: &ChatTokenizer,
+    through: &str,
+    ids: &[u32],
+    start: usize,
+) -> Result<Option<usize>> {
+    let alone = tok.encode(through)?;
+    if alone.len() <= start || alone[..start] != ids[..start] {
+        return Ok(None);
+    }
+    let turn = &alone[start..];
+    let Some(last_special) = turn.iter().rposition(|&id| tok.is_special(id)) else {
+        return Ok(None);
+    };
+    let (body, tail) = turn.split_at(last_special + 1);
+    let Some(k) = ids[start..].iter().position(|&id| id == turn[last_special]) else {
+        return Ok(None);
+    };
+    let end = start + k + 1;
+    if !body.ends_with(&ids[start..end]) {
+        return Ok(None);
+    }
+    Ok(Some(match ids[end..].starts_with(tail) {
+        true => end + tail.len(),
+        false => end,
+    }))
 }
 
 /// One optimizer step's record, as written to metrics.jsonl.
