@@ -52,6 +52,18 @@ rows = {
         {"tools": [], "messages": [
             {"role": "user", "content": "Hi", "tool_calls": None, "name": None},
             {"role": "assistant", "content": "Hello!", "tool_calls": None, "reasoning_content": None}]},
+        # LLaMA-Factory's ShareGPT with tools: its function_call turn (JSON text) is the assistant's tool
+        # call, its observation the tool's turn; rendered by transformers as the messages in `_reference`
+        {"tools": json.dumps([weather]), "conversations": [
+            {"from": "human", "value": "Cold in Oslo?"},
+            {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}"},
+            {"from": "observation", "value": "-3 degrees"},
+            {"from": "gpt", "value": "Yes, it is freezing."}],
+         "_reference": [
+            {"role": "user", "content": "Cold in Oslo?"},
+            {"role": "assistant", "tool_calls": [call("get_weather", {"city": "Oslo"})]},
+            {"role": "tool", "content": "-3 degrees"},
+            {"role": "assistant", "content": "Yes, it is freezing."}]},
         # a conversational prompt/completion row with tools: the completion is the call
         {"tools": [weather], "prompt": [{"role": "user", "content": "Rain in Bergen?"}],
          "completion": [{"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Bergen"})]}]},
@@ -109,10 +121,13 @@ with tempfile.TemporaryDirectory() as tmp:
             tools = row.get("tools")
             tools = json.loads(tools) if isinstance(tools, str) else tools
             kwargs = {"tools": tools, **row.get("chat_template_kwargs", {})}
-            messages = row["messages"] if "messages" in row else row["prompt"] + row["completion"]
+            reference = row.pop("_reference", None)
+            messages = reference or (row["messages"] if "messages" in row else row["prompt"] + row["completion"])
             text = tok.apply_chat_template(messages, tokenize=False, **kwargs)
             ids = tok(text, add_special_tokens=False)["input_ids"]
             case = {"tokenizer": name, "row": row, "text": text, "ids": ids}
+            if reference:
+                case["messages"] = reference
             if "prompt" in row:
                 case["prompt_text"] = tok.apply_chat_template(row["prompt"], tokenize=False,
                                                               add_generation_prompt=True, **kwargs)

@@ -199,9 +199,42 @@ fn sharegpt(
             Some(Value::Null) | None => String::new(),
             Some(_) => return Err(format!("conversations[{i}]'s text must be a string")),
         };
-        messages.push(Message::new(role, &content));
+        let mut message = match turn.get("from") {
+            // `{"role", "content"}` turns keep their other fields (tool calls, reasoning).
+            None => Message::from_json(turn).map_err(|e| format!("conversations[{i}] {e}"))?,
+            Some(_) => Message::new(role, &content),
+        };
+        message.role = role.into();
+        if speaker == "function_call"
+            && let Some(calls) = tool_calls_of(&content)
+        {
+            message.content = None;
+            message.extra.insert("tool_calls".into(), calls);
+        }
+        messages.push(message);
     }
     Ok(Example::Messages(messages, args))
+}
+
+/// LLaMA-Factory's `function_call` turn as the tool calls chat templates render: its text is JSON, a
+/// `{"name", "arguments"}` object or a list of them. None where it is not (the text then stays the
+/// turn's content).
+fn tool_calls_of(text: &str) -> Option<Value> {
+    let parsed: Value = serde_json::from_str(text).ok()?;
+    let calls = match parsed {
+        Value::Array(calls) => calls,
+        call @ Value::Object(_) => vec![call],
+        _ => return None,
+    };
+    let converted = calls
+        .into_iter()
+        .map(|call| {
+            let name = call.get("name")?.as_str()?.to_string();
+            let arguments = call.get("arguments").cloned().unwrap_or(Value::Null);
+            Some(serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}}))
+        })
+        .collect::<Option<Vec<Value>>>()?;
+    (!converted.is_empty()).then_some(Value::Array(converted))
 }
 
 /// An Alpaca row as LLaMA-Factory maps it: the user turn is `instruction`, then `input` on a new line

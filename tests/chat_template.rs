@@ -260,6 +260,8 @@ struct ToolCase {
     text: String,
     ids: Vec<u32>,
     prompt_text: Option<String>,
+    /// The messages transformers rendered, where the row is not a messages row (ShareGPT).
+    messages: Option<serde_json::Value>,
 }
 
 #[derive(serde::Deserialize)]
@@ -270,7 +272,8 @@ struct ToolFixture {
 /// Function-calling and reasoning rows (tests/fixtures/tool_chats.json, made by
 /// scripts/make_tool_chat_fixture.py): a `tools` column as a list or as a JSON string, assistant turns
 /// with `tool_calls` beside null or empty content, tool turns, Qwen3's `reasoning_content` and
-/// `chat_template_kwargs`, conversational prompt/completion with tools. Each row, read as nibble reads a
+/// `chat_template_kwargs`, conversational prompt/completion with tools, LLaMA-Factory's ShareGPT with a
+/// `function_call` turn (rendered as the tool call it holds). Each row, read as nibble reads a
 /// JSONL line and tokenized for training, gives the text and the ids TRL's SFTTrainer trains on; with
 /// `--loss-on assistant` the loss falls on the calls and answers, never on the tools' results.
 #[test]
@@ -283,7 +286,7 @@ fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
     );
     let fixture: ToolFixture =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(fixture.cases.len(), 8);
+    assert_eq!(fixture.cases.len(), 9);
     let qwen25 = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("qwen2.5")).unwrap();
     let qwen3 =
         ChatTokenizer::from_files(&nibble::synth::qwen3_tokenizer(), Path::new("qwen3")).unwrap();
@@ -311,8 +314,9 @@ fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
             let (seq, _) = train::tokenize(tok, &example, LossOn::Assistant, 4096).unwrap();
             let labelled: Vec<u32> = seq.targets.iter().flatten().copied().collect();
             let text = tok.decode(&labelled).unwrap();
+            let messages = case.messages.as_ref().unwrap_or(&case.row["messages"]);
             // Every assistant turn carries loss, no user or tool turn does.
-            for m in case.row["messages"].as_array().unwrap() {
+            for m in messages.as_array().unwrap() {
                 let content = m["content"].as_str().unwrap_or_default();
                 match m["role"].as_str().unwrap() {
                     "assistant" => assert!(text.contains(content), "case {i}: {text:?}"),
@@ -320,7 +324,7 @@ fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
                 }
             }
             assert!(!text.contains("<tool_response>"), "case {i}: {text:?}");
-            let calls = case.row["messages"]
+            let calls = messages
                 .as_array()
                 .unwrap()
                 .iter()
