@@ -112,7 +112,8 @@ fn assistant_loss_refuses_a_template_it_cannot_split() {
     let err = train::tokenize(&tok, &example, LossOn::Assistant, 4096).unwrap_err();
     assert!(
         err.to_string()
-            .contains("assistant turn 2 does not tokenize to a prefix"),
+            .contains("assistant turn 2 does not tokenize to a prefix")
+            && err.to_string().contains("use --loss-on all"),
         "{err}"
     );
     // One assistant turn, at the end: its span is found.
@@ -128,6 +129,31 @@ fn assistant_loss_refuses_a_template_it_cannot_split() {
         tok.decode(&labelled).unwrap(),
         "Hello!<|end|>\n<|endoftext|>"
     );
+}
+
+/// Qwen3's template keeps the reasoning of the turns after the last user query only: in an agent's
+/// trace (a call with reasoning, the tool's answer, the final answer, then a new question) the turns
+/// before the tool's answer render otherwise in the whole conversation than up to that turn. Loss on
+/// every token trains on it as transformers renders it; assistant-only loss is refused, saying what to
+/// do, rather than guessed.
+#[test]
+fn assistant_loss_through_an_agent_trace_with_reasoning_is_refused_with_a_way_out() {
+    let tok = ChatTokenizer::from_files(&synth::qwen3_tokenizer(), Path::new("qwen3")).unwrap();
+    let line = serde_json::json!({"messages": [
+        {"role": "user", "content": "Umbrella in Paris?"},
+        {"role": "assistant", "reasoning_content": "I need the weather.", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "light rain"},
+        {"role": "assistant", "reasoning_content": "Rain: yes.", "content": "Yes, take one."},
+        {"role": "user", "content": "And in Rome?"},
+        {"role": "assistant", "content": "No need there."}
+    ]})
+    .to_string();
+    let example = nibble::data::parse_jsonl(&line, "row").unwrap().remove(0);
+    let (all, _) = train::tokenize(&tok, &example, LossOn::All, 4096).unwrap();
+    assert_eq!(all.targets.iter().flatten().count(), all.ids.len() - 1);
+    let err = train::tokenize(&tok, &example, LossOn::Assistant, 4096).unwrap_err();
+    assert!(err.to_string().contains("use --loss-on all"), "{err}");
 }
 
 #[test]

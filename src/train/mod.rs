@@ -300,18 +300,27 @@ fn assistant_spans(
         if reached >= max_length {
             break;
         }
+        let unsplittable = |e: Error| match e {
+            Error::Invalid(msg) => Error::Invalid(format!(
+                "{msg} (this chat template renders a turn otherwise once later turns follow it): use --loss-on all, or give each assistant turn a row of its own"
+            )),
+            other => other,
+        };
         let what = format!("the conversation before assistant turn {}", i + 1);
         let start = prefix_tokens(
             tok,
             &tok.apply_chat_template_with(&messages[..i], true, args)?,
             ids,
             &what,
-        )?;
+        )
+        .map_err(unsplittable)?;
         let what = format!("the conversation through assistant turn {}", i + 1);
         let through = tok.apply_chat_template_with(&messages[..=i], false, args)?;
         let end = match prefix_tokens(tok, &through, ids, &what) {
             Ok(end) => end,
-            Err(e) => turn_end_by_token(tok, &through, ids, start)?.ok_or(e)?,
+            Err(e) => {
+                turn_end_by_token(tok, &through, ids, start)?.ok_or_else(|| unsplittable(e))?
+            }
         };
         reached = end;
         spans.push((start, end));
