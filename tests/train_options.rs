@@ -417,6 +417,88 @@ fn ask_question_0(model: &Path, extra: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).trim_end().to_string()
 }
 
+/// A model taught a function call in the context of its tools (a dataset row's `tools`) makes that
+/// call when `generate --tools` renders the same tools into the prompt; bad tools files and keywords are
+/// named.
+#[test]
+fn generate_with_tools_makes_the_call_it_was_taught() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let row = serde_json::json!({"tools": tools, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}]});
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, format!("{row}\n")).unwrap();
+    let out = dir.path().join("run");
+    memorise(&model, &data, &out);
+    let tools_file = dir.path().join("tools.json");
+    std::fs::write(&tools_file, tools.to_string()).unwrap();
+    let ask = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--prompt",
+            "Weather?",
+            "--max-new-tokens",
+            "80",
+        ];
+        args.extend_from_slice(extra);
+        // At level info: the generation log counts the prompt's tokens.
+        common::nibble_command()
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let o = ask(&["--tools", tools_file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim_end(),
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>"
+    );
+    let fed = |o: &std::process::Output| {
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        let at = err.find(" prompt tokens fed").expect("the generation log");
+        let digits: String = err[..at]
+            .chars()
+            .rev()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits
+            .chars()
+            .rev()
+            .collect::<String>()
+            .parse::<usize>()
+            .unwrap()
+    };
+    let without = ask(&[]);
+    assert!(
+        fed(&without) + 200 < fed(&o),
+        "the tools are rendered into the prompt"
+    );
+
+    std::fs::write(&tools_file, "{\"name\": \"f\"}").unwrap();
+    let o = ask(&["--tools", tools_file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("tools.json: expected a list of function schemas"),
+        "{err}"
+    );
+    let o = ask(&["--chat-template-kwargs", "enable_thinking"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--chat-template-kwargs must be a JSON object")
+    );
+}
+
 #[test]
 fn generate_answers_with_what_the_adapter_learned_and_chat_keeps_the_conversation() {
     let dir = tempfile::tempdir().unwrap();

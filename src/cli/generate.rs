@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use nibble::exec::Device;
 use nibble::generate::Placed;
-use nibble::tokenizer::{ChatTokenizer, Message};
+use nibble::tokenizer::{ChatTokenizer, Message, TemplateArgs};
 use std::path::PathBuf;
 
 use super::{QuantArgs, open_placed};
@@ -35,6 +35,43 @@ pub struct GenArgs {
     /// Where decoding runs: `auto` takes a real GPU when one is present.
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     device: Device,
+    /// A JSON file with the functions the model may call (a list of schemas, as a dataset row's `tools`),
+    /// rendered into the prompt by the chat template.
+    #[arg(long)]
+    tools: Option<PathBuf>,
+    /// Keywords for the chat template as a JSON object, as a dataset row's `chat_template_kwargs`
+    /// (`{"enable_thinking": false}` for Qwen3).
+    #[arg(long)]
+    chat_template_kwargs: Option<String>,
+}
+
+impl GenArgs {
+    /// The tools and keywords the prompt is rendered with; errors name the file or the option.
+    fn template_args(&self) -> Result<TemplateArgs> {
+        let tools = match &self.tools {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let tools: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
+                if !tools.is_array() {
+                    bail!("{}: expected a list of function schemas", path.display());
+                }
+                Some(tools)
+            }
+        };
+        let kwargs = match &self.chat_template_kwargs {
+            None => serde_json::Map::new(),
+            Some(text) => match serde_json::from_str(text) {
+                Ok(serde_json::Value::Object(kwargs)) => kwargs,
+                _ => bail!(
+                    "--chat-template-kwargs must be a JSON object, such as '{{\"enable_thinking\": false}}'"
+                ),
+            },
+        };
+        Ok(TemplateArgs { tools, kwargs })
+    }
 }
 
 /// Answer one prompt (as a user turn through the chat template, or raw text with --raw).
@@ -74,6 +111,7 @@ struct Speaker {
     max_new: usize,
     cache: nibble::generate::Cache,
     cached: Vec<u32>,
+    template_args: TemplateArgs,
 }
 
 impl Speaker {
@@ -83,6 +121,7 @@ impl Speaker {
         if !(top_p_valid && temperature_valid) {
             bail!("--top-p must lie in (0, 1] and --temperature must be a finite number >= 0");
         }
+        let template_args = g.template_args()?;
         let (tok, placed) = open_placed(&g.model, g.quant, g.adapter.as_deref(), g.device)?;
         let executor = placed.executor();
         log::info!("generating on {}", executor.describe());
@@ -99,7 +138,15 @@ impl Speaker {
             },
             max_new: g.max_new_tokens,
             cached: Vec::new(),
+            template_args,
         })
+    }
+
+    /// The conversation through the chat template, ready for the model's turn.
+    fn prompt(&self, messages: &[Message]) -> Result<String> {
+        Ok(self
+            .tok
+            .apply_chat_template_with(messages, true, &self.template_args)?)
     }
 
     /// Generates after `text`, printing the answer as it comes; returns it (without the stop token).
@@ -183,7 +230,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         let mut messages = with_system(system);
         messages.push(Message::new("user", prompt));
-        speaker.tok.apply_chat_template(&messages, true)?
+        speaker.prompt(&messages)?
     };
     speaker.answer(&text)?;
     Ok(())
@@ -256,7 +303,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
             ChatLine::Turn => {}
         }
         messages.push(Message::new("user", line));
-        let text = speaker.tok.apply_chat_template(&messages, true)?;
+        let text = speaker.prompt(&messages)?;
         let answer = speaker.answer(&text)?;
         messages.push(Message::new("assistant", &answer));
     }
