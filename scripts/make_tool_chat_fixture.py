@@ -3,7 +3,9 @@ column, as a list or as a JSON string; assistant turns with `tool_calls` and nul
 turns; Qwen3's `reasoning_content`; `chat_template_kwargs`), and the text and token ids TRL's SFTTrainer
 trains on for each: transformers' apply_chat_template(messages, tools=tools, **chat_template_kwargs)
 with the Qwen2.5 and Qwen3 tokenizers in assets/ (Qwen3's tokenizer.json is Qwen2.5's with its four
-extra tokens, as nibble's synth builds it).
+extra tokens, as nibble's synth builds it). Also tests/fixtures/templates/rendered_tools.json: rows with
+tools and calls through the other families' templates that render tools (Mistral Small 3.2, Mistral Nemo,
+Phi-4-mini, Gemma 4), as transformers renders them.
 
 Run from the repository root with a virtualenv holding transformers:
     python scripts/make_tool_chat_fixture.py
@@ -136,3 +138,50 @@ with tempfile.TemporaryDirectory() as tmp:
 with open("tests/fixtures/tool_chats.json", "w") as f:
     json.dump({"transformers": transformers.__version__, "cases": cases}, f, ensure_ascii=False, indent=1)
 print("wrote", len(cases), "cases")
+
+# The other families' templates that render tools (tests/fixtures/templates/), each with its special
+# tokens, on rows with tools and calls (Mistral's want 9-character call ids and the id on the tool's
+# answer); a row a template refuses is recorded with its error.
+FAMILY_TEMPLATES = {
+    "mistral-small-3.2-24b-instruct-2506": {"bos_token": "<s>", "eos_token": "</s>"},
+    "mistral-nemo-instruct-2407": {"bos_token": "<s>", "eos_token": "</s>"},
+    "phi-4-mini-instruct": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+    "gemma4-it": {"bos_token": "<bos>", "eos_token": "<eos>"},
+}
+calls = [{"id": "a1B2c3D4e", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+family_rows = [
+    {"tools": [weather, clock], "messages": [
+        {"role": "system", "content": "You help with travel."},
+        {"role": "user", "content": "Cold in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "a1B2c3D4e", "name": "get_weather", "content": "-3 degrees"},
+        {"role": "assistant", "content": "Yes, it is freezing."}]},
+    {"tools": json.dumps([weather]), "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Lima?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "Zz9Yy8Xx7", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}}]},
+        {"role": "tool", "tool_call_id": "Zz9Yy8Xx7", "content": "18 degrees"},
+        {"role": "assistant", "content": "Mild."}]},
+]
+tok = AutoTokenizer.from_pretrained("assets/qwen2.5-tokenizer")
+family = {}
+for name, special in FAMILY_TEMPLATES.items():
+    template = open(f"tests/fixtures/templates/{name}.jinja").read()
+    for key, value in special.items():
+        setattr(tok, key, value)
+    rendered = []
+    for row in family_rows:
+        tools = json.loads(row["tools"]) if isinstance(row["tools"], str) else row["tools"]
+        case = {"row": row}
+        try:
+            case["text"] = tok.apply_chat_template(row["messages"], tools=tools, tokenize=False,
+                                                   chat_template=template)
+        except Exception as e:  # jinja2's TemplateError from raise_exception
+            case["error"] = str(e)
+        rendered.append(case)
+    family[name] = {"special_tokens": special, "cases": rendered}
+with open("tests/fixtures/templates/rendered_tools.json", "w") as f:
+    json.dump({"transformers": transformers.__version__, "templates": family}, f, ensure_ascii=False, indent=1)
+print("wrote", sum(len(t["cases"]) for t in family.values()), "family tool cases")

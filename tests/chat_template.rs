@@ -378,3 +378,63 @@ fn tools_pick_the_tool_use_template_and_are_none_when_absent() {
         "T1f<|im_end|>"
     );
 }
+
+#[derive(serde::Deserialize)]
+struct FamilyToolCase {
+    row: serde_json::Value,
+    text: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct FamilyTools {
+    special_tokens: std::collections::BTreeMap<String, String>,
+    cases: Vec<FamilyToolCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct FamilyToolFixture {
+    templates: std::collections::BTreeMap<String, FamilyTools>,
+}
+
+/// Rows with tools and calls through the other families' templates that render tools (Mistral Small
+/// 3.2's and Nemo's `[AVAILABLE_TOOLS]`/`[TOOL_CALLS]`, Phi-4-mini's, Gemma 4's), read as nibble reads
+/// a JSONL line: the text transformers renders, or an error where its template fails (Phi-4-mini's reads
+/// the content a call turn does not have).
+#[test]
+fn family_templates_render_tool_rows_as_transformers_does() {
+    use nibble::data;
+    let dir = format!("{}/tests/fixtures/templates", env!("CARGO_MANIFEST_DIR"));
+    let fixture: FamilyToolFixture = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/rendered_tools.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(fixture.templates.len(), 4);
+    let mut errors = 0;
+    for (name, family) in &fixture.templates {
+        let mut files = qwen25_tokenizer();
+        let mut config: serde_json::Value =
+            serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
+        for (key, value) in &family.special_tokens {
+            config[key] = serde_json::json!(value);
+        }
+        files.tokenizer_config_json = Some(config.to_string());
+        files.chat_template_jinja =
+            Some(std::fs::read_to_string(format!("{dir}/{name}.jinja")).unwrap());
+        let tok = ChatTokenizer::from_files(&files, Path::new(&dir)).unwrap();
+        for (i, case) in family.cases.iter().enumerate() {
+            let example = data::parse_jsonl(&case.row.to_string(), "row")
+                .unwrap()
+                .remove(0);
+            match (&case.text, data::render(&tok, &example)) {
+                (Some(text), Ok(ours)) => assert_eq!(&ours, text, "{name} case {i}"),
+                (None, Err(_)) => errors += 1,
+                (_, ours) => panic!(
+                    "{name} case {i}: transformers {:?}, nibble {ours:?}",
+                    case.error
+                ),
+            }
+        }
+    }
+    assert_eq!(errors, 1);
+}
