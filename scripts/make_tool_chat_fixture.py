@@ -84,6 +84,16 @@ rows = {
         {"messages": [
             {"role": "user", "content": "Capital of Peru?"},
             {"role": "assistant", "reasoning": "Peru's capital is Lima.", "content": "Lima"}]},
+        # an agent's trace: a call after reasoning, the tool's answer, the answer, then a new question (the
+        # earlier turns' reasoning is dropped in the whole conversation, not in the turns' own prefixes)
+        {"tools": [weather], "messages": [
+            {"role": "user", "content": "Umbrella in Paris?"},
+            {"role": "assistant", "reasoning_content": "I need the weather.", "content": "",
+             "tool_calls": [call("get_weather", {"city": "Paris"})]},
+            {"role": "tool", "content": "light rain"},
+            {"role": "assistant", "reasoning_content": "Rain: yes.", "content": "Yes, take one."},
+            {"role": "user", "content": "And in Rome?"},
+            {"role": "assistant", "content": "No need there."}]},
         # tools, a call after reasoning, the answer wrapped in <tool_response>
         {"tools": [weather], "messages": [
             {"role": "user", "content": "Umbrella in Paris?"},

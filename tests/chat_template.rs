@@ -286,7 +286,7 @@ fn tool_calling_and_reasoning_rows_train_on_what_trl_trains_on() {
     );
     let fixture: ToolFixture =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(fixture.cases.len(), 9);
+    assert_eq!(fixture.cases.len(), 10);
     let qwen25 = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("qwen2.5")).unwrap();
     let qwen3 =
         ChatTokenizer::from_files(&nibble::synth::qwen3_tokenizer(), Path::new("qwen3")).unwrap();

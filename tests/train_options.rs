@@ -87,21 +87,26 @@ fn assistant_loss_covers_exactly_the_assistant_turns() {
 /// A template that ends only the whole conversation with a special token (Phi-3.5's appends its eos
 /// once, after the last turn) renders the conversation through an earlier assistant turn with that token
 /// where the whole has the next user turn: assistant-only loss is refused there, never spread over the
-/// turns that follow.
+/// turns that follow; so is a template that closes only the last turn with its end-of-turn token.
 #[test]
 fn assistant_loss_refuses_a_template_it_cannot_split() {
-    let mut files = synth::qwen25_tokenizer();
-    let template = std::fs::read_to_string(concat!(
+    let phi = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/templates/phi-3.5-mini-instruct.jinja"
     ))
     .unwrap();
-    files.chat_template_jinja = Some(template);
-    let mut config: serde_json::Value =
-        serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
-    config["eos_token"] = "<|endoftext|>".into();
-    files.tokenizer_config_json = Some(config.to_string());
-    let tok = ChatTokenizer::from_files(&files, Path::new("phi")).unwrap();
+    // Only the last turn closed, with a special token: each turn's own rendering ends with it, the
+    // earlier turns in the whole do not, and their headers are found.
+    let closes_the_last_turn = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content }}{% if loop.last and m.role == 'assistant' %}{{ '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    let tokenizer = |template: &str| {
+        let mut files = synth::qwen25_tokenizer();
+        files.chat_template_jinja = Some(template.to_string());
+        let mut config: serde_json::Value =
+            serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
+        config["eos_token"] = "<|endoftext|>".into();
+        files.tokenizer_config_json = Some(config.to_string());
+        ChatTokenizer::from_files(&files, Path::new("closed-once")).unwrap()
+    };
     let conversation = vec![
         Message::new("user", "Hi there"),
         Message::new("assistant", "Hello!"),
@@ -109,13 +114,17 @@ fn assistant_loss_refuses_a_template_it_cannot_split() {
         Message::new("assistant", "Fine, thanks."),
     ];
     let example = Example::Messages(conversation.clone(), Default::default());
-    let err = train::tokenize(&tok, &example, LossOn::Assistant, 4096).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("assistant turn 2 does not tokenize to a prefix")
-            && err.to_string().contains("use --loss-on all"),
-        "{err}"
-    );
+    for template in [closes_the_last_turn, &phi] {
+        let tok = tokenizer(template);
+        let err = train::tokenize(&tok, &example, LossOn::Assistant, 4096).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("assistant turn 2 does not tokenize to a prefix")
+                && err.to_string().contains("use --loss-on all"),
+            "{err}"
+        );
+    }
+    let tok = tokenizer(&phi);
     // One assistant turn, at the end: its span is found.
     let (seq, _) = train::tokenize(
         &tok,
@@ -133,11 +142,12 @@ fn assistant_loss_refuses_a_template_it_cannot_split() {
 
 /// Qwen3's template keeps the reasoning of the turns after the last user query only: in an agent's
 /// trace (a call with reasoning, the tool's answer, the final answer, then a new question) the turns
-/// before the tool's answer render otherwise in the whole conversation than up to that turn. Loss on
-/// every token trains on it as transformers renders it; assistant-only loss is refused, saying what to
-/// do, rather than guessed.
+/// before the new question render otherwise in the whole conversation than up to them, where their
+/// reasoning is still shown. Assistant-only loss finds each turn in the whole by its header and its
+/// end-of-turn token: the call (its reasoning dropped, as the whole renders it), the answer, and the last
+/// turn with its empty thinking block; never the question, the tool's answer or the dropped reasoning.
 #[test]
-fn assistant_loss_through_an_agent_trace_with_reasoning_is_refused_with_a_way_out() {
+fn assistant_loss_through_an_agent_trace_with_reasoning_finds_every_turn() {
     let tok = ChatTokenizer::from_files(&synth::qwen3_tokenizer(), Path::new("qwen3")).unwrap();
     let line = serde_json::json!({"messages": [
         {"role": "user", "content": "Umbrella in Paris?"},
@@ -150,10 +160,27 @@ fn assistant_loss_through_an_agent_trace_with_reasoning_is_refused_with_a_way_ou
     ]})
     .to_string();
     let example = nibble::data::parse_jsonl(&line, "row").unwrap().remove(0);
-    let (all, _) = train::tokenize(&tok, &example, LossOn::All, 4096).unwrap();
-    assert_eq!(all.targets.iter().flatten().count(), all.ids.len() - 1);
-    let err = train::tokenize(&tok, &example, LossOn::Assistant, 4096).unwrap_err();
-    assert!(err.to_string().contains("use --loss-on all"), "{err}");
+    let (seq, _) = train::tokenize(&tok, &example, LossOn::Assistant, 4096).unwrap();
+    let mut runs: Vec<Vec<u32>> = Vec::new();
+    let mut previous = false;
+    for target in &seq.targets {
+        if let Some(id) = target {
+            if !previous {
+                runs.push(Vec::new());
+            }
+            runs.last_mut().unwrap().push(*id);
+        }
+        previous = target.is_some();
+    }
+    let text: Vec<String> = runs.iter().map(|r| tok.decode(r).unwrap()).collect();
+    assert_eq!(
+        text,
+        [
+            "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n",
+            "Yes, take one.<|im_end|>\n",
+            "<think>\n\n</think>\n\nNo need there.<|im_end|>\n",
+        ]
+    );
 }
 
 #[test]

@@ -280,11 +280,90 @@ fn prefix_tokens(tok: &ChatTokenizer, prefix: &str, ids: &[u32], what: &str) -> 
 /// The token ranges of the assistant turns: each from the end of the conversation rendered up to that
 /// turn with the generation prompt, to the end of it rendered through the turn (its end-of-turn token
 /// included). Works with any template that renders earlier turns the same way as the whole conversation;
-/// where a turn renders otherwise once later turns follow it (Qwen3 drops the reasoning of all but the
-/// last turn), the turn ends at its first end-of-turn token (the tokenizer's `eos_token`).
-/// Turns that start beyond `max_length` are not rendered: they are cut off anyway, and rendering each
-/// turn's prefix makes long conversations quadratic.
+/// where a turn renders otherwise once later turns follow it (Qwen3 drops the reasoning of the turns
+/// before the last question), the turn ends at its end-of-turn token, and where even its start moves (an
+/// agent's trace: a call with reasoning, the tool's answer, a new question), the turns are found by their
+/// headers (`spans_by_headers`). Turns that start beyond `max_length` are not rendered: they are cut off
+/// anyway, and rendering each turn's prefix makes long conversations quadratic.
 fn assistant_spans(
+    tok: &ChatTokenizer,
+    messages: &[Message],
+    args: &TemplateArgs,
+    ids: &[u32],
+    max_length: usize,
+) -> Result<Vec<(usize, usize)>> {
+    match spans_by_prefixes(tok, messages, args, ids, max_length) {
+        Ok(spans) => Ok(spans),
+        Err(e) => spans_by_headers(tok, messages, args, ids)?.ok_or(e),
+    }
+}
+
+/// The assistant turns of a conversation whose prefixes render otherwise than the whole, found in the
+/// whole by structure: the generation prompt (the assistant's header) stands once before each assistant
+/// turn and nowhere else, and each turn runs to the end-of-turn token (with what follows it) its own
+/// rendering ends with, before the next turn's header. Accepted only where every turn's span then holds
+/// the turn's text and the names of the functions it calls; None otherwise.
+fn spans_by_headers(
+    tok: &ChatTokenizer,
+    messages: &[Message],
+    args: &TemplateArgs,
+    ids: &[u32],
+) -> Result<Option<Vec<(usize, usize)>>> {
+    let turns: Vec<usize> = (0..messages.len())
+        .filter(|&i| messages[i].role == "assistant")
+        .collect();
+    let Some(&last) = turns.last() else {
+        return Ok(Some(Vec::new()));
+    };
+    // The header: what the generation prompt adds before the last turn; its end: the special token
+    // (and what follows it) that the rendering through the last turn ends with.
+    let before = tok.encode(&tok.apply_chat_template_with(&messages[..last], false, args)?)?;
+    let prompted = tok.encode(&tok.apply_chat_template_with(&messages[..last], true, args)?)?;
+    let through = tok.encode(&tok.apply_chat_template_with(&messages[..=last], false, args)?)?;
+    let Some(header) = prompted.strip_prefix(&before[..]).filter(|h| !h.is_empty()) else {
+        return Ok(None);
+    };
+    let Some(eot) = through.iter().rposition(|&id| tok.is_special(id)) else {
+        return Ok(None);
+    };
+    let tail = &through[eot + 1..];
+    let starts: Vec<usize> = (0..ids.len().saturating_sub(header.len() - 1))
+        .filter(|&t| ids[t..].starts_with(header))
+        .map(|t| t + header.len())
+        .collect();
+    if starts.len() != turns.len() {
+        return Ok(None);
+    }
+    let mut spans = Vec::with_capacity(turns.len());
+    for (n, (&i, &start)) in turns.iter().zip(&starts).enumerate() {
+        // A turn ends before the next one's header (Phi-3.5's eos closes only the conversation).
+        let next = starts.get(n + 1).map_or(ids.len(), |&s| s - header.len());
+        let Some(k) = ids[start..next].iter().position(|&id| id == through[eot]) else {
+            return Ok(None);
+        };
+        let mut end = start + k + 1;
+        if ids[end..].starts_with(tail) {
+            end += tail.len();
+        }
+        let text = tok.decode(&ids[start..end])?;
+        let m = &messages[i];
+        let content = m.content.as_deref().unwrap_or_default().trim();
+        let names = m
+            .extra
+            .get("tool_calls")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.pointer("/function/name")?.as_str());
+        if !text.contains(content) || names.into_iter().any(|n| !text.contains(n)) {
+            return Ok(None);
+        }
+        spans.push((start, end));
+    }
+    Ok(Some(spans))
+}
+
+fn spans_by_prefixes(
     tok: &ChatTokenizer,
     messages: &[Message],
     args: &TemplateArgs,
