@@ -929,54 +929,19 @@ impl ModelSource {
             .filter(|f| *f != Float8::E8M0)
             .ok_or_else(|| Error::tensor(file.path(), name, unsupported_dtype(dtype)))?;
         let (scale, block) = self.float8_scale(name, rows, cols)?;
-        let table = Box::new(format.table());
-        let raw = file.raw(name)?;
-        if let Some(i) = raw.iter().position(|&b| !table[usize::from(b)].is_finite()) {
-            return Err(Error::tensor(
-                file.path(),
-                name,
-                format!("element {i} is NaN or infinite"),
-            ));
-        }
-        let scale_file = self.file_of(&scale)?;
-        let scale_dtype = FloatDtype::of(scale_file.info(&scale).expect("found").dtype);
-        let values = match scale_dtype {
-            Some(_) => scale_file.read_f32(&scale)?,
-            // Exponents, 2^(e - 127): F8_E8M0, or U8 as transformers reads them too.
-            None => {
-                let powers = Float8::E8M0.table();
-                let values: Vec<f32> = scale_file
-                    .raw(&scale)?
-                    .iter()
-                    .map(|&b| powers[usize::from(b)])
-                    .collect();
-                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(Error::tensor(
-                        scale_file.path(),
-                        &scale,
-                        format!("element {i} is NaN"),
-                    ));
-                }
-                values
-            }
-        };
-        let round_to = match self
+        let product_in_scale_dtype = self
             .config
             .float8
             .as_ref()
-            .map(|s| s.product_in_scale_dtype)
-        {
-            Some(true) => scale_dtype.filter(|d| *d != FloatDtype::F32),
-            _ => None,
-        };
-        Ok(StoredMatrix::Float8 {
-            table,
-            raw,
-            scales: values,
+            .is_some_and(|s| s.product_in_scale_dtype);
+        let scales = (self.file_of(&scale)?, scale.as_str());
+        StoredMatrix::float8(
+            (file, name, format),
+            scales,
             block,
-            grid_cols: cols.div_ceil(block[1]),
-            round_to,
-        })
+            cols,
+            product_in_scale_dtype,
+        )
     }
 
     fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
@@ -1163,18 +1128,11 @@ impl ModelSource {
         Ok(match self.stored_matrix(&t.name, rows, cols)? {
             StoredMatrix::Float { dtype, raw } => DenseTensor::from_raw(dtype, rows, cols, raw),
             // Kept in f32: code · scale is exact there.
-            scaled => {
-                let mut values = vec![0f32; rows * cols];
-                values
-                    .par_chunks_mut(cols)
-                    .enumerate()
-                    .for_each(|(r, row)| scaled.row(r, row));
-                DenseTensor {
-                    rows,
-                    cols,
-                    data: DenseData::F32(values),
-                }
-            }
+            scaled => DenseTensor {
+                rows,
+                cols,
+                data: DenseData::F32(scaled.rows_f32(rows, cols)),
+            },
         })
     }
 
@@ -1211,7 +1169,7 @@ impl ModelSource {
 }
 
 /// A 2-D tensor as its checkpoint stores it, read a row at a time as f32.
-enum StoredMatrix<'a> {
+pub(crate) enum StoredMatrix<'a> {
     Float {
         dtype: FloatDtype,
         raw: &'a [u8],
@@ -1232,7 +1190,71 @@ enum StoredMatrix<'a> {
     },
 }
 
-impl StoredMatrix<'_> {
+impl<'a> StoredMatrix<'a> {
+    /// The 8-bit codes of tensor `name` times the scales of tensor `scale`, each covering `block` of the
+    /// weight (rows `cols` wide); with `product_in_scale_dtype` (compressed-tensors) rounded to the
+    /// scales' 16-bit dtype. Refused where a code or a scale is NaN or infinite.
+    pub(crate) fn float8(
+        (file, name, format): (&'a SafetensorsFile, &str, Float8),
+        (scale_file, scale): (&SafetensorsFile, &str),
+        block: [usize; 2],
+        cols: usize,
+        product_in_scale_dtype: bool,
+    ) -> Result<Self> {
+        let table = Box::new(format.table());
+        let raw = file.raw(name)?;
+        if let Some(i) = raw.iter().position(|&b| !table[usize::from(b)].is_finite()) {
+            return Err(Error::tensor(
+                file.path(),
+                name,
+                format!("element {i} is NaN or infinite"),
+            ));
+        }
+        let scale_dtype = FloatDtype::of(scale_file.info(scale).expect("found").dtype);
+        let scales = match scale_dtype {
+            Some(_) => scale_file.read_f32(scale)?,
+            // Exponents, 2^(e - 127): F8_E8M0, or U8 as transformers reads them too.
+            None => {
+                let powers = Float8::E8M0.table();
+                let values: Vec<f32> = scale_file
+                    .raw(scale)?
+                    .iter()
+                    .map(|&b| powers[usize::from(b)])
+                    .collect();
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::tensor(
+                        scale_file.path(),
+                        scale,
+                        format!("element {i} is NaN"),
+                    ));
+                }
+                values
+            }
+        };
+        let round_to = match product_in_scale_dtype {
+            true => scale_dtype.filter(|d| *d != FloatDtype::F32),
+            false => None,
+        };
+        Ok(StoredMatrix::Float8 {
+            table,
+            raw,
+            scales,
+            block,
+            grid_cols: cols.div_ceil(block[1]),
+            round_to,
+        })
+    }
+
+    /// All `rows` rows, `cols` wide.
+    pub(crate) fn rows_f32(&self, rows: usize, cols: usize) -> Vec<f32> {
+        let mut values = vec![0f32; rows * cols];
+        values
+            .par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, row)| self.row(r, row));
+        values
+    }
+
     fn row(&self, r: usize, out: &mut [f32]) {
         let cols = out.len();
         match self {

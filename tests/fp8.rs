@@ -505,3 +505,84 @@ fn merging_into_an_fp8_checkpoint_writes_plain_weights() {
     let without = cpu::logits(&model, None, &ids).unwrap();
     assert!(rel(&without, &expected) > 1e-3, "the adapter must matter");
 }
+
+/// A FLUX.2 transformer file in FP8 as BFL, ModelOpt and ComfyUI write them: E4M3 weights with one
+/// scale per tensor (`weight_scale`, or ComfyUI's older `scale_weight`) or per row, input scales and
+/// ComfyUI's `scaled_fp8` marker beside them (ignored). It loads as the same file with each weight
+/// written out as code · scale in float32, dense and in NF4.
+#[test]
+fn an_fp8_flux2_file_loads_as_its_weights_times_their_scales() {
+    use nibble::models::flux2;
+    let source = fixtures().join("flux2/tiny_bfl.safetensors");
+    let table = torch_values("float8_e4m3fn");
+    let mut rng = Rng::new(11);
+    let mut fp8 = read_tensors(&source);
+    let mut reference = fp8.clone();
+    let weights: Vec<String> = fp8
+        .iter()
+        .filter(|(n, (_, shape, _))| n.ends_with(".weight") && shape.len() == 2)
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(weights.len() > 10);
+    for (k, name) in weights.iter().enumerate() {
+        let (dtype, shape, raw) = fp8[name].clone();
+        assert_eq!(dtype, Dtype::BF16);
+        let w: Vec<f32> = raw
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        let (rows, cols) = (shape[0], shape[1]);
+        let per_row = k % 2 == 1;
+        let scales: Vec<f32> = (0..if per_row { rows } else { 1 })
+            .map(|_| (0.0005 + 0.001 * rng.uniform()) as f32)
+            .collect();
+        let mut codes = vec![0u8; rows * cols];
+        let mut values = vec![0f32; rows * cols];
+        for r in 0..rows {
+            let s = scales[if per_row { r } else { 0 }];
+            for c in 0..cols {
+                let code = nearest_code(w[r * cols + c] / s, &table);
+                codes[r * cols + c] = code;
+                values[r * cols + c] = (f64::from(table[code as usize]) * f64::from(s)) as f32;
+            }
+        }
+        let stem = name.strip_suffix("weight").unwrap();
+        let scale_name = match k % 3 {
+            0 => format!("{stem}scale_weight"),
+            _ => format!("{stem}weight_scale"),
+        };
+        let scale_shape = if per_row { vec![rows, 1] } else { vec![] };
+        fp8.insert(name.clone(), (Dtype::F8_E4M3, shape.clone(), codes));
+        fp8.insert(scale_name, (Dtype::F32, scale_shape, bytes_of(&scales)));
+        fp8.insert(
+            format!("{stem}input_scale"),
+            (Dtype::F32, vec![], bytes_of(&[0.1])),
+        );
+        reference.insert(name.clone(), (Dtype::F32, shape, bytes_of(&values)));
+    }
+    fp8.insert("scaled_fp8".into(), (Dtype::F8_E4M3, vec![0], vec![]));
+    let dir = tempfile::tempdir().unwrap();
+    let (fp8_file, reference_file) = (
+        dir.path().join("fp8.safetensors"),
+        dir.path().join("ref.safetensors"),
+    );
+    write_tensors(&fp8_file, &fp8);
+    write_tensors(&reference_file, &reference);
+    let nf4 = Some(nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 128).unwrap());
+    for quant in [None, nf4] {
+        let (a, b) = (
+            flux2::load(&fp8_file, quant).unwrap(),
+            flux2::load(&reference_file, quant).unwrap(),
+        );
+        assert!(a.weights.linears == b.weights.linears, "{quant:?}");
+        assert!(a.weights.vectors == b.weights.vectors, "{quant:?}");
+    }
+
+    // A weight without its scale is named.
+    let q = weights[2].clone();
+    let stem = q.strip_suffix("weight").unwrap().to_string();
+    fp8.retain(|n, _| !n.starts_with(&stem) || n == &q);
+    write_tensors(&fp8_file, &fp8);
+    let e = flux2::load(&fp8_file, None).err().unwrap().to_string();
+    assert!(e.contains(&q) && e.contains("weight_scale"), "{e}");
+}

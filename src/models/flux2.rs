@@ -443,8 +443,54 @@ impl Flux2Config {
 }
 
 #[cfg(not(target_arch = "wasm32"))]
+/// An FP8 tensor of a FLUX.2 file (`rows` x `cols`) as f32: its E4M3/E5M2 codes times the scale stored
+/// beside it, one per tensor or per row, under the names FP8 files of these models use:
+/// `weight_scale` (BFL's and ModelOpt's, ComfyUI's current format), `scale_weight` (ComfyUI's older
+/// "scaled fp8"), `weight_scale_inv` (transformers'). Input scales are ignored, as for the decoders.
+fn float8_rows<'a>(
+    find: &dyn Fn(&str) -> Result<&'a crate::source::SafetensorsFile>,
+    (file, name, format): (
+        &'a crate::source::SafetensorsFile,
+        &str,
+        crate::source::Float8,
+    ),
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
+    let stem = name.strip_suffix("weight").unwrap_or(name);
+    let names = ["weight_scale", "scale_weight", "weight_scale_inv"].map(|s| format!("{stem}{s}"));
+    let Some((scale, scale_file)) = names.iter().find_map(|n| Some((n, find(n).ok()?))) else {
+        return Err(Error::tensor(
+            file.path(),
+            name,
+            format!(
+                "stored in 8-bit floats, but none of {} holds its scale",
+                names.join(", ")
+            ),
+        ));
+    };
+    let shape = &scale_file.info(scale).expect("found").shape;
+    let block = crate::model::float8_block(shape, rows, cols, None).ok_or_else(|| {
+        Error::tensor(
+            scale_file.path(),
+            scale,
+            format!("shape {shape:?} does not scale the weight `{name}` of shape [{rows}, {cols}]"),
+        )
+    })?;
+    let stored = crate::model::StoredMatrix::float8(
+        (file, name, format),
+        (scale_file, scale),
+        block,
+        cols,
+        false,
+    )?;
+    Ok(stored.rows_f32(rows, cols))
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 /// Loads a FLUX.2 transformer, the linears quantized with `quant` (bf16 without): from a diffusers
-/// folder (a pipeline or its `transformer/`), or from one file in BFL's naming.
+/// folder (a pipeline or its `transformer/`), or from one file in BFL's naming; FP8 files too
+/// (`float8_rows`).
 pub fn load(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Model> {
     use crate::model::{DenseData, DenseTensor, LinearWeight};
     use crate::quant::QuantTensor;
@@ -498,7 +544,12 @@ pub fn load(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Model> {
                     format!("shape {shape:?}, expected [{part_rows}, {cols}] for this config"),
                 ));
             }
-            data.extend_from_slice(&file.read_f32(name)?);
+            match crate::source::Float8::of(file.info(name).expect("found").dtype) {
+                Some(format) if format != crate::source::Float8::E8M0 => {
+                    data.extend(float8_rows(&find, (file, name, format), part_rows, cols)?);
+                }
+                _ => data.extend_from_slice(&file.read_f32(name)?),
+            }
         }
         if swap {
             let half = data.len() / 2;
