@@ -506,7 +506,7 @@ fn merging_into_an_fp8_checkpoint_writes_plain_weights() {
     assert!(rel(&without, &expected) > 1e-3, "the adapter must matter");
 }
 
-/// A FLUX.2 transformer file in FP8 as BFL, ModelOpt and ComfyUI write them: E4M3 weights with one
+/// A FLUX.2 transformer file in FP8 as NVIDIA ModelOpt and ComfyUI write them: E4M3 weights with one
 /// scale per tensor (`weight_scale`, or ComfyUI's older `scale_weight`) or per row, input scales and
 /// ComfyUI's `scaled_fp8` marker beside them (ignored). It loads as the same file with each weight
 /// written out as code · scale in float32, dense and in NF4.

@@ -445,7 +445,7 @@ impl Flux2Config {
 #[cfg(not(target_arch = "wasm32"))]
 /// An FP8 tensor of a FLUX.2 file (`rows` x `cols`) as f32: its E4M3/E5M2 codes times the scale stored
 /// beside it, one per tensor or per row, under the names FP8 files of these models use:
-/// `weight_scale` (BFL's and ModelOpt's, ComfyUI's current format), `scale_weight` (ComfyUI's older
+/// `weight_scale` (NVIDIA ModelOpt's, ComfyUI's current format), `scale_weight` (ComfyUI's older
 /// "scaled fp8"), `weight_scale_inv` (transformers'). Input scales are ignored, as for the decoders.
 fn float8_rows<'a>(
     find: &dyn Fn(&str) -> Result<&'a crate::source::SafetensorsFile>,
