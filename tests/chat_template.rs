@@ -154,7 +154,7 @@ struct FamilyCase {
 
 #[derive(serde::Deserialize)]
 struct FamilyTemplate {
-    special_tokens: std::collections::HashMap<String, String>,
+    special_tokens: std::collections::BTreeMap<String, String>,
     cases: Vec<FamilyCase>,
     /// The date (as `strftime_now("%d %B %Y")`) in renders of a template that writes today's.
     date: Option<String>,
@@ -163,6 +163,24 @@ struct FamilyTemplate {
 #[derive(serde::Deserialize)]
 struct FamilyFixture {
     templates: std::collections::BTreeMap<String, FamilyTemplate>,
+}
+
+/// The Qwen2.5 tokenizer with the template `{dir}/{name}.jinja` and that family's special tokens.
+fn family_tokenizer(
+    dir: &str,
+    name: &str,
+    special_tokens: &std::collections::BTreeMap<String, String>,
+) -> ChatTokenizer {
+    let mut files = qwen25_tokenizer();
+    let mut config: serde_json::Value =
+        serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
+    for (key, value) in special_tokens {
+        config[key] = serde_json::json!(value);
+    }
+    files.tokenizer_config_json = Some(config.to_string());
+    files.chat_template_jinja =
+        Some(std::fs::read_to_string(format!("{dir}/{name}.jinja")).unwrap());
+    ChatTokenizer::from_files(&files, Path::new(dir)).unwrap()
 }
 
 /// The released chat templates of Gemma 3, Phi-3.5, Phi-4-mini, Mistral Small 3.2 and Mistral Nemo,
@@ -178,16 +196,7 @@ fn family_templates_render_as_transformers_does() {
             .unwrap();
     assert_eq!(fixture.templates.len(), 7);
     for (name, family) in &fixture.templates {
-        let mut files = qwen25_tokenizer();
-        let mut config: serde_json::Value =
-            serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
-        for (key, value) in &family.special_tokens {
-            config[key] = serde_json::json!(value);
-        }
-        files.tokenizer_config_json = Some(config.to_string());
-        files.chat_template_jinja =
-            Some(std::fs::read_to_string(format!("{dir}/{name}.jinja")).unwrap());
-        let tok = ChatTokenizer::from_files(&files, Path::new(&dir)).unwrap();
+        let tok = family_tokenizer(&dir, name, &family.special_tokens);
         let mut errors = 0;
         for (i, case) in family.cases.iter().enumerate() {
             let ours = tok.apply_chat_template(&case.messages, case.add_generation_prompt);
@@ -412,16 +421,7 @@ fn family_templates_render_tool_rows_as_transformers_does() {
     assert_eq!(fixture.templates.len(), 4);
     let mut errors = 0;
     for (name, family) in &fixture.templates {
-        let mut files = qwen25_tokenizer();
-        let mut config: serde_json::Value =
-            serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
-        for (key, value) in &family.special_tokens {
-            config[key] = serde_json::json!(value);
-        }
-        files.tokenizer_config_json = Some(config.to_string());
-        files.chat_template_jinja =
-            Some(std::fs::read_to_string(format!("{dir}/{name}.jinja")).unwrap());
-        let tok = ChatTokenizer::from_files(&files, Path::new(&dir)).unwrap();
+        let tok = family_tokenizer(&dir, name, &family.special_tokens);
         for (i, case) in family.cases.iter().enumerate() {
             let example = data::parse_jsonl(&case.row.to_string(), "row")
                 .unwrap()
