@@ -1203,7 +1203,7 @@ impl<'a> StoredMatrix<'a> {
     ) -> Result<Self> {
         let table = Box::new(format.table());
         let raw = file.raw(name)?;
-        if let Some(i) = raw.iter().position(|&b| !table[usize::from(b)].is_finite()) {
+        if let Some(i) = format.first_non_finite(raw) {
             return Err(Error::tensor(
                 file.path(),
                 name,

@@ -432,6 +432,13 @@ impl Float8 {
     pub fn table(self) -> [f32; 256] {
         std::array::from_fn(|b| self.value(b as u8))
     }
+
+    /// The index of the first NaN or infinite value in `raw` (one byte each), searched as
+    /// `FloatDtype::first_non_finite` searches: a checkpoint's weights are gigabytes.
+    pub fn first_non_finite(self, raw: &[u8]) -> Option<usize> {
+        let table = self.table();
+        first_matching::<1>(raw, |b| !table[usize::from(b[0])].is_finite())
+    }
 }
 
 /// The index of the first N-byte value of `raw` that `bad` holds for. Blocks are checked without an
