@@ -315,16 +315,22 @@ fn parse_messages(v: &Value, field: &str) -> std::result::Result<Vec<Message>, S
         .collect()
 }
 
-/// The example as the model sees it, one string (chat template applied to messages).
+/// The example as the model sees it, one string (chat template applied to messages). Text rows and
+/// text completions end with the tokenizer's eos token, which TRL's SFTTrainer appends where they do not
+/// (so that the model learns to stop); conversations end as their template ends them.
 pub fn render(tok: &ChatTokenizer, example: &Example) -> Result<String> {
+    let with_eos = |text: String| match &tok.eos_token {
+        Some(eos) if !text.ends_with(eos.as_str()) => text + eos,
+        _ => text,
+    };
     match example {
         Example::Messages(m, args) => tok.apply_chat_template_with(m, false, args),
-        Example::Text(t) => Ok(t.clone()),
+        Example::Text(t) => Ok(with_eos(t.clone())),
         Example::PromptCompletion {
             prompt: Turns::Text(p),
             completion: Turns::Text(c),
             ..
-        } => Ok(format!("{p}{c}")),
+        } => Ok(format!("{p}{}", with_eos(c.clone()))),
         Example::PromptCompletion {
             prompt: Turns::Messages(p),
             completion: Turns::Messages(c),

@@ -31,8 +31,10 @@ impl Default for Sampling {
     }
 }
 
-/// Tokens that end an assistant turn: the tokenizer's eos token and the end-of-turn tokens of the chat
-/// formats nibble knows (Qwen's <|im_end|>, Llama 3's <|eot_id|>), where the vocabulary has them.
+/// Tokens that end an assistant turn: the tokenizer's eos token, the end-of-turn tokens of the chat
+/// formats nibble knows (Qwen's <|im_end|>, Llama 3's <|eot_id|>) where the vocabulary has them, and
+/// the special token the chat template closes an assistant turn with (a template given with
+/// `--chat-template` may close turns with a token the model's own does not).
 pub fn stop_tokens(tok: &ChatTokenizer) -> Vec<u32> {
     let mut stop: Vec<u32> = tok
         .eos_token
@@ -45,6 +47,7 @@ pub fn stop_tokens(tok: &ChatTokenizer) -> Vec<u32> {
             "<|end_of_text|>",
         ])
         .filter_map(|t| tok.token_id(t))
+        .chain(turn_end_token(tok))
         .collect();
     stop.sort_unstable();
     stop.dedup();
@@ -276,6 +279,24 @@ pub fn reusable_prefix(cached: &[u32], prompt: &[u32]) -> usize {
         .take_while(|(a, b)| a == b)
         .count()
         .min(prompt.len().saturating_sub(1))
+}
+
+/// The first special token after the answer in a short exchange rendered through the chat template;
+/// None where the template cannot render one or closes the turn with plain text.
+fn turn_end_token(tok: &ChatTokenizer) -> Option<u32> {
+    use crate::tokenizer::Message;
+    const ANSWER: &str = "Fine, thanks.";
+    let exchange = [
+        Message::new("user", "How are you?"),
+        Message::new("assistant", ANSWER),
+    ];
+    let text = tok.apply_chat_template(&exchange, false).ok()?;
+    let after = text.rfind(ANSWER)? + ANSWER.len();
+    let (ids, offsets) = tok.encode_with_offsets(&text).ok()?;
+    ids.iter()
+        .zip(offsets)
+        .find(|&(&id, (start, _))| start >= after && tok.is_special(id))
+        .map(|(&id, _)| id)
 }
 
 /// Continues `prompt` by up to `max_new` tokens, calling `on_token` with each; stops after a token in

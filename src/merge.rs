@@ -12,11 +12,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Merges `adapter` into the model folder `folder` (opened as `source`) and writes the result to
-/// `output`, which must not exist yet. `dtype` defaults to the checkpoint's own.
+/// `output`, which must not exist yet. `dtype` defaults to the checkpoint's own. `chat_template`, where
+/// given (the adapter's), becomes the merged folder's chat_template.jinja, which transformers (and
+/// nibble) read before tokenizer_config.json's.
 pub fn merge(
     source: &ModelSource,
     folder: &Path,
     adapter: &LoraAdapter,
+    chat_template: Option<&str>,
     output: &Path,
     dtype: Option<FloatDtype>,
 ) -> Result<()> {
@@ -67,7 +70,14 @@ pub fn merge(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = write_merged(&entries, source, adapter, &targets, &tmp, dtype)
-        .and_then(|()| copy_other_files(folder, &tmp, dtype));
+        .and_then(|()| copy_other_files(folder, &tmp, dtype))
+        .and_then(|()| match chat_template {
+            Some(template) => {
+                let path = tmp.join(crate::train::ADAPTER_CHAT_TEMPLATE);
+                std::fs::write(&path, template).map_err(|e| Error::io(&path, e))
+            }
+            None => Ok(()),
+        });
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);

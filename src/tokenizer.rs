@@ -123,6 +123,9 @@ impl TemplateArgs {
     }
 }
 
+/// A stretch of text, in bytes: start, end.
+pub type ByteRange = (usize, usize);
+
 /// A tokenizer together with the chat template and special tokens from tokenizer_config.json.
 pub struct ChatTokenizer {
     pub tokenizer: tokenizers::Tokenizer,
@@ -185,19 +188,7 @@ impl ChatTokenizer {
             None => serde_json::Value::Null,
         };
         let token = |key: &str| special_token(&config, key);
-        // chat_template.jinja (transformers >= 4.43 writes it) wins over the inline template, as in
-        // transformers' loading order.
-        let source = match (&files.chat_template_jinja, config.get("chat_template")) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(serde_json::Value::String(t))) => Some(t.clone()),
-            (None, Some(serde_json::Value::Array(named))) => named_template(named, "default"),
-            _ => None,
-        };
-        // transformers renders with a model's `tool_use` template whenever tools are passed.
-        let tool_source = match config.get("chat_template") {
-            Some(serde_json::Value::Array(named)) => named_template(named, "tool_use"),
-            _ => None,
-        };
+        let (source, tool_source) = templates_of(files.chat_template_jinja.as_deref(), &config);
         let (bos_token, eos_token, pad_token) =
             (token("bos_token"), token("eos_token"), token("pad_token"));
         let compile = |s: String| {
@@ -216,10 +207,33 @@ impl ChatTokenizer {
         })
     }
 
+    /// This tokenizer rendering chats through `choice`'s templates instead of its own, as transformers
+    /// does with a `chat_template` set on it (its special tokens stay the model's).
+    pub fn with_template(mut self, choice: &TemplateChoice) -> Result<Self> {
+        let compile = |s: &str| {
+            ChatTemplate::new(
+                s,
+                self.bos_token.clone(),
+                self.eos_token.clone(),
+                choice.origin.clone(),
+            )
+        };
+        self.template = Some(compile(&choice.default)?);
+        self.tool_template = choice.tool_use.as_deref().map(compile).transpose()?;
+        Ok(self)
+    }
+
     /// Token ids of `text`, with no special tokens added (chat templates write their own).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         guarded(&self.path, || self.tokenizer.encode(text, false))?
             .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
+    }
+
+    /// `encode`, with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        guarded(&self.path, || self.tokenizer.encode(text, false))?
+            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
             .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
     }
 
@@ -255,17 +269,118 @@ impl ChatTokenizer {
         add_generation_prompt: bool,
         args: &TemplateArgs,
     ) -> Result<String> {
-        let template = match (&args.tools, &self.tool_template) {
-            (Some(_), Some(tool_use)) => tool_use,
-            _ => self.template()?,
-        };
-        template.render_with(messages, add_generation_prompt, args)
+        self.template_for(args)?
+            .render_with(messages, add_generation_prompt, args)
+    }
+
+    /// The template a conversation with `args` renders through: transformers takes a model's
+    /// `tool_use` template whenever tools are passed.
+    pub fn template_for(&self, args: &TemplateArgs) -> Result<&ChatTemplate> {
+        match (&args.tools, &self.tool_template) {
+            (Some(_), Some(tool_use)) => Ok(tool_use),
+            _ => self.template(),
+        }
     }
 
     pub fn template(&self) -> Result<&ChatTemplate> {
         self.template
             .as_ref()
-            .ok_or_else(|| Error::Template("this tokenizer has no chat template".into()))
+            .ok_or_else(|| {
+                Error::Template(format!(
+                    "{} has no chat template (a base model's often has none): give one with --chat-template FILE.jinja, or use text or prompt/completion rows",
+                    self.path.with_file_name("tokenizer_config.json").display()
+                ))
+            })
+    }
+}
+
+/// A tokenizer's chat templates: the default one and its `tool_use` one (transformers renders with that
+/// whenever tools are passed). chat_template.jinja (transformers >= 4.43 writes it) wins over
+/// tokenizer_config.json's inline template, as in transformers' loading order.
+fn templates_of(
+    jinja: Option<&str>,
+    config: &serde_json::Value,
+) -> (Option<String>, Option<String>) {
+    let named = match config.get("chat_template") {
+        Some(serde_json::Value::Array(named)) => Some(named),
+        _ => None,
+    };
+    let default = match (jinja, config.get("chat_template")) {
+        (Some(t), _) => Some(t.to_string()),
+        (None, Some(serde_json::Value::String(t))) => Some(t.clone()),
+        (None, _) => named.and_then(|n| named_template(n, "default")),
+    };
+    (default, named.and_then(|n| named_template(n, "tool_use")))
+}
+
+/// A chat template given in place of the model's (`--chat-template`, TRL's `chat_template_path`).
+#[derive(Clone, Debug)]
+pub struct TemplateChoice {
+    /// Where it came from, for errors.
+    pub origin: PathBuf,
+    pub default: String,
+    pub tool_use: Option<String>,
+}
+
+impl TemplateChoice {
+    /// The template to render with: the one asked for (`--chat-template`), else the one an adapter
+    /// folder keeps (its chat_template.jinja, or a tokenizer saved beside it as TRL saves one), else
+    /// None: the model's own.
+    pub fn chosen(asked: Option<&Path>, adapter: Option<&Path>) -> Result<Option<Self>> {
+        if let Some(path) = asked {
+            return Self::read(path).map(Some);
+        }
+        let Some(dir) = adapter else {
+            return Ok(None);
+        };
+        let keeps_one = dir.join("chat_template.jinja").is_file()
+            || crate::fsutil::read_to_string(&dir.join("tokenizer_config.json"))
+                .is_ok_and(|text| text.contains("\"chat_template\""));
+        if !keeps_one {
+            return Ok(None);
+        }
+        let choice = Self::read(dir)?;
+        log::info!(
+            "{}: chatting through the chat template the adapter was trained with (--chat-template chooses another)",
+            dir.display()
+        );
+        Ok(Some(choice))
+    }
+
+    /// A Jinja file, or the templates of a tokenizer: its folder (chat_template.jinja or
+    /// tokenizer_config.json) or its tokenizer_config.json.
+    pub fn read(path: &Path) -> Result<Self> {
+        let read = |p: &Path| crate::fsutil::read_to_string(p).map_err(|e| Error::io(p, e));
+        let (origin, jinja, config) = if path.is_dir() {
+            let jinja = path.join("chat_template.jinja");
+            let config = path.join("tokenizer_config.json");
+            let jinja = jinja.is_file().then(|| read(&jinja)).transpose()?;
+            let config_text = config.is_file().then(|| read(&config)).transpose()?;
+            (config, jinja, config_text)
+        } else {
+            let text = read(path)?;
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(v) if v.is_object() => (path.to_path_buf(), None, Some(text)),
+                _ => (path.to_path_buf(), Some(text), None),
+            }
+        };
+        let config = match config {
+            Some(text) => serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: origin.clone(),
+                msg: format!("not valid JSON: {e}"),
+            })?,
+            None => serde_json::Value::Null,
+        };
+        let (default, tool_use) = templates_of(jinja.as_deref(), &config);
+        let default = default.ok_or_else(|| Error::Template(format!(
+            "{}: no chat template here (give a Jinja file, or a tokenizer folder or tokenizer_config.json that has one)",
+            path.display()
+        )))?;
+        Ok(TemplateChoice {
+            origin: path.to_path_buf(),
+            default,
+            tool_use,
+        })
     }
 }
 
@@ -295,9 +410,65 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// Whether the template marks what the assistant generates with `{% generation %}` blocks.
+    marks_generation: bool,
 }
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// What a `{% generation %}` block's output is wrapped in while rendering, to be cut out after it:
+/// code points of Unicode's private use plane 16, which no tokenizer's text nor chat data holds (a
+/// conversation that does is refused).
+const GENERATION_OPEN: char = '\u{10FFFD}';
+const GENERATION_CLOSE: char = '\u{10FFFC}';
+const GENERATION_FILTER: &str = "nibble_generation_mark";
+
+/// `source` with transformers' `{% generation %}` ... `{% endgeneration %}` blocks (its Jinja extension
+/// for assistant masks, which TRL's training templates use) written as filter blocks, which minijinja
+/// knows; whitespace control (`{%-`, `-%}`) and hence trim_blocks/lstrip_blocks behave as on the tags.
+/// Returns whether there was any.
+fn generation_blocks_as_filters(source: &str) -> (String, bool) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut found = false;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        // The tag's end, after its opening "{%" (in "{%}" they overlap).
+        let Some(close) = tag[2..].find("%}").map(|i| i + 2) else {
+            break;
+        };
+        let inner = &tag[2..close];
+        let (open_ws, body) = match inner.chars().next() {
+            Some(c @ ('-' | '+')) => (c.to_string(), &inner[1..]),
+            _ => (String::new(), inner),
+        };
+        let (body, close_ws) = match body.chars().last() {
+            Some(c @ ('-' | '+')) => (&body[..body.len() - 1], c.to_string()),
+            _ => (body, String::new()),
+        };
+        let replaced = match body.trim() {
+            "generation" => Some(format!("filter {GENERATION_FILTER}")),
+            "endgeneration" => Some("endfilter".to_string()),
+            _ => None,
+        };
+        match replaced {
+            Some(r) => {
+                found = true;
+                out.push_str(&format!("{{%{open_ws} {r} {close_ws}%}}"));
+            }
+            None => out.push_str(&tag[..close + 2]),
+        }
+        rest = &tag[close + 2..];
+    }
+    out.push_str(rest);
+    (out, found)
+}
+
+/// The output of one `{% generation %}` block, marked for `ChatTemplate::render_marked`.
+fn generation_mark(body: String) -> String {
+    format!("{GENERATION_OPEN}{body}{GENERATION_CLOSE}")
+}
 
 impl ChatTemplate {
     pub fn new(
@@ -319,20 +490,28 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", python_tojson);
+        env.add_filter(GENERATION_FILTER, generation_mark);
         #[cfg(not(target_arch = "wasm32"))]
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| {
-                Error::Template(format!(
-                    "{}: `chat_template` does not parse: {e}",
-                    origin.display()
-                ))
-            })?;
+        let (source, marks_generation) = generation_blocks_as_filters(source);
+        env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| {
+            Error::Template(format!(
+                "{}: `chat_template` does not parse: {e}",
+                origin.display()
+            ))
+        })?;
         Ok(ChatTemplate {
             env,
             bos_token,
             eos_token,
+            marks_generation,
         })
+    }
+
+    /// Whether the template marks the assistant's output with `{% generation %}` blocks (then
+    /// `render_marked` finds it, as transformers' `return_assistant_tokens_mask` does).
+    pub fn marks_generation(&self) -> bool {
+        self.marks_generation
     }
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
@@ -343,6 +522,53 @@ impl ChatTemplate {
     /// `tools` and `documents` (none where not given), `add_generation_prompt`, then the keywords, then
     /// the special tokens (which the keywords may replace).
     pub fn render_with(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<String> {
+        Ok(self.render_marked(messages, add_generation_prompt, args)?.0)
+    }
+
+    /// `render_with`, and the byte ranges of the text the template's `{% generation %}` blocks wrote (in
+    /// the order written; none for a template without them).
+    pub fn render_marked(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        args: &TemplateArgs,
+    ) -> Result<(String, Vec<ByteRange>)> {
+        let rendered = self.render_raw(messages, add_generation_prompt, args)?;
+        if !self.marks_generation {
+            return Ok((rendered, Vec::new()));
+        }
+        let data = serde_json::to_string(&(messages, &args.tools, &args.kwargs))
+            .map_err(|e| Error::Template(e.to_string()))?;
+        if data.contains([GENERATION_OPEN, GENERATION_CLOSE]) {
+            return Err(marker_in_data());
+        }
+        let mut text = String::with_capacity(rendered.len());
+        let (mut spans, mut open) = (Vec::new(), Vec::new());
+        for c in rendered.chars() {
+            match c {
+                GENERATION_OPEN => open.push(text.len()),
+                GENERATION_CLOSE => {
+                    let start = open.pop().ok_or_else(marker_in_data)?;
+                    // A block inside another adds nothing to the outer block's span.
+                    if open.is_empty() {
+                        spans.push((start, text.len()));
+                    }
+                }
+                c => text.push(c),
+            }
+        }
+        if !open.is_empty() {
+            return Err(marker_in_data());
+        }
+        Ok((text, spans))
+    }
+
+    fn render_raw(
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
@@ -375,6 +601,13 @@ impl ChatTemplate {
             Error::Template(msg)
         })
     }
+}
+
+fn marker_in_data() -> Error {
+    Error::Template(format!(
+        "the conversation or the chat template holds the character U+{:X} or U+{:X}, which nibble reserves to find the chat template's {{% generation %}} blocks",
+        GENERATION_OPEN as u32, GENERATION_CLOSE as u32
+    ))
 }
 
 fn raise_exception(msg: String) -> std::result::Result<JinjaValue, minijinja::Error> {

@@ -438,3 +438,91 @@ fn family_templates_render_tool_rows_as_transformers_does() {
     }
     assert_eq!(errors, 1);
 }
+
+/// `--chat-template` takes a Jinja file, a tokenizer folder, or a tokenizer_config.json (inline or named
+/// templates); a place without a template is named.
+#[test]
+fn a_chat_template_is_read_from_a_file_a_folder_or_a_tokenizer_config() {
+    use nibble::tokenizer::TemplateChoice;
+    let dir = tempfile::tempdir().unwrap();
+    let jinja = dir.path().join("t.jinja");
+    std::fs::write(&jinja, "{{ messages[0].content }}!").unwrap();
+    let choice = TemplateChoice::read(&jinja).unwrap();
+    assert_eq!(
+        (choice.default.as_str(), choice.tool_use),
+        ("{{ messages[0].content }}!", None)
+    );
+
+    let folder = dir.path().join("tok");
+    std::fs::create_dir(&folder).unwrap();
+    let named = serde_json::json!({"chat_template": [
+        {"name": "default", "template": "plain"}, {"name": "tool_use", "template": "tools"}]});
+    std::fs::write(folder.join("tokenizer_config.json"), named.to_string()).unwrap();
+    let choice = TemplateChoice::read(&folder).unwrap();
+    assert_eq!(
+        (choice.default.as_str(), choice.tool_use.as_deref()),
+        ("plain", Some("tools"))
+    );
+    // chat_template.jinja wins over tokenizer_config.json, as transformers loads them.
+    std::fs::write(folder.join("chat_template.jinja"), "from jinja").unwrap();
+    assert_eq!(TemplateChoice::read(&folder).unwrap().default, "from jinja");
+    let inline = dir.path().join("tokenizer_config.json");
+    std::fs::write(&inline, r#"{"chat_template": "inline", "eos_token": "x"}"#).unwrap();
+    assert_eq!(TemplateChoice::read(&inline).unwrap().default, "inline");
+
+    std::fs::write(&inline, r#"{"eos_token": "x"}"#).unwrap();
+    let err = TemplateChoice::read(&inline).unwrap_err().to_string();
+    assert!(
+        err.contains("tokenizer_config.json: no chat template here"),
+        "{err}"
+    );
+    let err = TemplateChoice::read(&dir.path().join("none.jinja"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("none.jinja"), "{err}");
+
+    std::fs::write(&jinja, "{% for m in messages %}").unwrap();
+    let tok = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("qwen")).unwrap();
+    let err = tok
+        .with_template(&TemplateChoice::read(&jinja).unwrap())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("t.jinja") && err.contains("does not parse"),
+        "{err}"
+    );
+}
+
+/// `{% generation %}` blocks render their text in place and say where it is, in every spelling of the
+/// tag (whitespace control on either side); text that holds the characters nibble marks blocks with is
+/// refused rather than misread.
+#[test]
+fn generation_blocks_render_in_place_and_report_their_text() {
+    use nibble::tokenizer::{ChatTemplate, TemplateArgs};
+    let template = ChatTemplate::new(
+        "{% for m in messages %}<{{ m.role }}>{%- generation -%}  {{ m.content }}{%+ endgeneration %}|{% endfor %}",
+        None,
+        None,
+        "t".into(),
+    )
+    .unwrap();
+    assert!(template.marks_generation());
+    let messages = [
+        Message::new("user", "héllo"),
+        Message::new("assistant", "wörld"),
+    ];
+    let args = TemplateArgs::default();
+    let (text, spans) = template.render_marked(&messages, false, &args).unwrap();
+    assert_eq!(text, "<user>héllo|<assistant>wörld|");
+    assert_eq!(template.render_with(&messages, false, &args).unwrap(), text);
+    let pieces: Vec<&str> = spans.iter().map(|&(a, b)| &text[a..b]).collect();
+    assert_eq!(pieces, ["héllo", "wörld"]);
+
+    let sneaky = [Message::new("assistant", "a\u{10FFFD}b")];
+    let err = template
+        .render_marked(&sneaky, false, &args)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("U+10FFFD"), "{err}");
+}

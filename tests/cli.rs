@@ -616,8 +616,9 @@ fn data_shows_which_tokens_carry_loss() {
     assert_eq!(all.len(), 3);
     let first = all[0]["labelled"].as_array().unwrap();
     assert!(!first[0].as_bool().unwrap() && first[1..].iter().all(|l| l.as_bool().unwrap()));
-    assert_eq!(labelled_text(&all[1]), " four.");
-    let total_labels = first.len() - 1 + 2;
+    // TRL's SFTTrainer ends a text completion with the eos token, and so does nibble.
+    assert_eq!(labelled_text(&all[1]), " four.<|im_end|>");
+    let total_labels = first.len() - 1 + 3;
     assert_eq!(all[2]["labelled_tokens"], total_labels);
     let assistant = std::fs::read_to_string(&data).unwrap();
     let only_chat = dir.path().join("chat.jsonl");

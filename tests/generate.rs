@@ -216,3 +216,31 @@ fn longrope_decoding_refeeds_the_cache_where_the_long_factors_begin() {
     let e = rel(&logits, &full[11 * vocab..]);
     assert!(e < 1e-5, "after the prompt shrank: {e:e}");
 }
+
+/// Answers stop at the special token the chat template closes an assistant turn with, also where the
+/// template is one given in place of the model's and that token is none nibble knows by name.
+#[test]
+fn answers_stop_at_the_templates_end_of_turn_token() {
+    use nibble::tokenizer::{ChatTokenizer, TemplateChoice};
+    let tok = ChatTokenizer::from_files(
+        &nibble::synth::qwen25_tokenizer(),
+        std::path::Path::new("qwen"),
+    )
+    .unwrap();
+    let known = generate::stop_tokens(&tok);
+    let box_end = tok.token_id("<|box_end|>").unwrap();
+    assert!(!known.contains(&box_end));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("boxed.jinja");
+    std::fs::write(
+        &file,
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}<|box_end|>\n{% endfor %}",
+    )
+    .unwrap();
+    let tok = tok
+        .with_template(&TemplateChoice::read(&file).unwrap())
+        .unwrap();
+    let stop = generate::stop_tokens(&tok);
+    assert!(stop.contains(&box_end), "{stop:?}");
+    assert_eq!(stop.len(), known.len() + 1);
+}

@@ -493,7 +493,13 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "nothing to learn from",
-        prepare: |r| data_case(r, "{\"prompt\": \"hello\", \"completion\": \"\"}\n"),
+        prepare: |r| {
+            data_case_with(
+                r,
+                "{\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}]}\n",
+                &["--loss-on", "assistant"],
+            )
+        },
         expect: &["example 1"],
     },
     Case {

@@ -526,6 +526,105 @@ fn generate_with_tools_makes_the_call_it_was_taught() {
     );
 }
 
+/// A base model without a chat template trains on conversations through `--chat-template` (here one
+/// with `{% generation %}` blocks, which --loss-on assistant follows); the adapter folder keeps the
+/// template, so that generate, eval and a merged model chat through it with no flag.
+#[test]
+fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let config = model.join("tokenizer_config.json");
+    let mut tokenizer_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    tokenizer_config
+        .as_object_mut()
+        .unwrap()
+        .remove("chat_template");
+    std::fs::write(&config, tokenizer_config.to_string()).unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(1)).unwrap();
+    let out = dir.path().join("run");
+
+    let o = train_cli(&model, &data, &out, &memorising("60"));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("has no chat template") && err.contains("--chat-template"),
+        "{err}"
+    );
+
+    let template_file = dir.path().join("turns.jinja");
+    let template = concat!(
+        "{%- for m in messages %}\n",
+        "{%- if m.role == 'assistant' %}A: {% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n",
+        "{% else %}{{ m.role[0] | upper }}: {{ m.content }}\n",
+        "{% endif %}{% endfor %}\n",
+        "{%- if add_generation_prompt %}A: {% endif %}",
+    );
+    std::fs::write(&template_file, template).unwrap();
+    let template_flag = ["--chat-template", template_file.to_str().unwrap()];
+    let show = nibble(&[
+        "data",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--loss-on",
+        "assistant",
+        template_flag[0],
+        template_flag[1],
+    ]);
+    assert!(show.status.success());
+    assert!(
+        String::from_utf8_lossy(&show.stdout).contains("A: ⟦Answer 0.<|im_end|>⟧"),
+        "{}",
+        String::from_utf8_lossy(&show.stdout)
+    );
+
+    let mut options = memorising("60");
+    options.extend(template_flag);
+    let o = train_cli(&model, &data, &out, &options);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
+        template
+    );
+    let recorded = std::fs::read_to_string(out.join("nibble_config.toml")).unwrap();
+    assert!(recorded.contains("chat_template = "), "{recorded}");
+
+    assert_eq!(
+        ask_question_0(&model, &["--adapter", out.to_str().unwrap()]),
+        "Answer 0.",
+        "the adapter's template renders the prompt, and its end-of-turn token stops the answer"
+    );
+    let o = nibble(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Question 0?",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "no template without the adapter");
+    let merged = dir.path().join("merged");
+    merge(&model, &out, &merged);
+    assert_eq!(
+        std::fs::read_to_string(merged.join("chat_template.jinja")).unwrap(),
+        template
+    );
+    assert_eq!(ask_question_0(&merged, &[]), "Answer 0.");
+
+    let missing = dir.path().join("missing.jinja");
+    let o = train_cli(
+        &model,
+        &data,
+        &dir.path().join("run2"),
+        &["--chat-template", missing.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing.jinja"));
+    assert!(!dir.path().join("run2").exists());
+}
+
 #[test]
 fn generate_answers_with_what_the_adapter_learned_and_chat_keeps_the_conversation() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@ use nibble::tokenizer::ChatTokenizer;
 use nibble::train::LossOn;
 use serde_json::json;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Show how a JSONL data file reaches the model: each example rendered through the model's chat
 /// template, with the tokens that carry loss marked (as `nibble train` would label them).
@@ -17,6 +17,9 @@ pub struct Args {
     /// The model folder or quantized file whose tokenizer and chat template apply (no weights are read).
     #[arg(long)]
     model: PathBuf,
+    /// The chat template to render conversations with, as `nibble train --chat-template` takes it.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Which tokens carry loss, as `nibble train --loss-on` chooses them.
     #[arg(long, value_enum, ignore_case = true, default_value = "default")]
     loss_on: LossOn,
@@ -58,7 +61,7 @@ fn labelled_tokens(seq: &nibble::cpu::Sequence) -> Vec<bool> {
 
 pub fn run(args: Args) -> Result<()> {
     let source = nibble::model::open(&args.model)?;
-    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+    let tok = super::tokenizer_of(&source, args.chat_template.as_deref(), None)?;
     let max_length = nibble::train::run::within_positions(args.max_length, &source.config);
     let examples = nibble::data::read_examples(&args.data)?;
     let color = !args.json && std::io::stdout().is_terminal();

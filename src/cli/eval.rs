@@ -25,6 +25,10 @@ pub struct Args {
     quant: QuantArgs,
     #[command(flatten)]
     exec: ExecArgs,
+    /// The chat template to render conversations with (as `nibble train --chat-template`) [default:
+    /// the adapter's chat_template.jinja where it keeps one, else the model's].
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Longer examples are cut to this many tokens (the start is kept), as `nibble train` cuts them.
     #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length)]
     max_length: usize,
@@ -36,6 +40,7 @@ pub fn run(args: Args) -> Result<()> {
         &args.model,
         args.quant,
         args.adapter.as_deref(),
+        args.chat_template.as_deref(),
         args.exec.device,
     )?;
     let max_length = nibble::train::run::within_positions(args.max_length, &placed.model.config);

@@ -39,6 +39,10 @@ pub struct GenArgs {
     /// rendered into the prompt by the chat template.
     #[arg(long)]
     tools: Option<PathBuf>,
+    /// The chat template to render the conversation with (as `nibble train --chat-template`)
+    /// [default: the adapter's chat_template.jinja where it keeps one, else the model's].
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Keywords for the chat template as a JSON object, as a dataset row's `chat_template_kwargs`
     /// (`{"enable_thinking": false}` for Qwen3).
     #[arg(long)]
@@ -122,7 +126,13 @@ impl Speaker {
             bail!("--top-p must lie in (0, 1] and --temperature must be a finite number >= 0");
         }
         let template_args = g.template_args()?;
-        let (tok, placed) = open_placed(&g.model, g.quant, g.adapter.as_deref(), g.device)?;
+        let (tok, placed) = open_placed(
+            &g.model,
+            g.quant,
+            g.adapter.as_deref(),
+            g.chat_template.as_deref(),
+            g.device,
+        )?;
         let executor = placed.executor();
         log::info!("generating on {}", executor.describe());
         let cache = executor.cache();

@@ -43,7 +43,16 @@ pub fn run(args: Args) -> Result<()> {
         (source.label(), None),
         "--adapter",
     )?;
-    nibble::merge::merge(&source, &args.model, &lora, &args.output, dtype)?;
+    // The merged model chats the way the adapter was trained to, as TRL's saved tokenizer would.
+    let template = nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))?;
+    nibble::merge::merge(
+        &source,
+        &args.model,
+        &lora,
+        template.as_ref().map(|t| t.default.as_str()),
+        &args.output,
+        dtype,
+    )?;
     eprintln!(
         "merged {} LoRA pairs into {}",
         lora.pairs().count(),

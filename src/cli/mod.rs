@@ -18,7 +18,7 @@ use nibble::exec::{Device, PrecisionChoice};
 use nibble::generate::Placed;
 use nibble::model::{QuantChoice, QuantRequest};
 use nibble::quant::QuantSpec;
-use nibble::tokenizer::ChatTokenizer;
+use nibble::tokenizer::{ChatTokenizer, TemplateChoice};
 use std::path::Path;
 
 #[derive(clap::Args, Clone, Copy, Default)]
@@ -46,15 +46,17 @@ impl QuantArgs {
     }
 }
 
-/// A model with its tokenizer and an optional `--adapter`, placed on `device`.
+/// A model with its tokenizer and an optional `--adapter`, placed on `device`. Chats render through
+/// `template` (`--chat-template`), else the adapter's, else the model's (`TemplateChoice::chosen`).
 pub fn open_placed(
     model: &Path,
     quant: QuantArgs,
     adapter: Option<&Path>,
+    template: Option<&Path>,
     device: Device,
 ) -> Result<(ChatTokenizer, Placed)> {
     let source = nibble::model::open(model)?;
-    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+    let tok = tokenizer_of(&source, template, adapter)?;
     let request = quant.request()?;
     let model = source.load(request)?;
     if let (None, None, Some(spec)) = (request, source.stored_quant(), model.quant) {
@@ -74,6 +76,19 @@ pub fn open_placed(
         })
         .transpose()?;
     Ok((tok, Placed::new(model, adapter, device.open()?)?))
+}
+
+/// `source`'s tokenizer, rendering chats through the template `TemplateChoice::chosen` picks.
+pub fn tokenizer_of(
+    source: &nibble::model::ModelSource,
+    template: Option<&Path>,
+    adapter: Option<&Path>,
+) -> Result<ChatTokenizer> {
+    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+    Ok(match TemplateChoice::chosen(template, adapter)? {
+        Some(choice) => tok.with_template(&choice)?,
+        None => tok,
+    })
 }
 
 /// Where the work runs, and in which arithmetic.

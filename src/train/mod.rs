@@ -217,8 +217,10 @@ pub fn tokenize(
                 Turns::Text(p) => p.clone(),
                 Turns::Messages(p) => tok.apply_chat_template_with(p, true, args)?,
             };
-            let start = prefix_tokens(tok, &prompt_text, &ids, "the prompt")?;
-            Some(vec![(start, ids.len())])
+            Some(vec![(
+                completion_start(tok, &prompt_text, &ids)?,
+                ids.len(),
+            )])
         }
         (_, LossOn::Completion) => {
             return Err(Error::Invalid(
@@ -226,7 +228,7 @@ pub fn tokenize(
             ));
         }
         (Example::Messages(m, args), LossOn::Assistant) => {
-            Some(assistant_spans(tok, m, args, &ids, max_length)?)
+            Some(assistant_spans(tok, m, args, &text, &ids, max_length)?)
         }
         (
             Example::PromptCompletion {
@@ -236,8 +238,19 @@ pub fn tokenize(
             },
             LossOn::Assistant,
         ) => {
+            // The assistant's tokens within the completion: TRL masks by both (its completion-only
+            // loss is on for prompt/completion rows).
             let all: Vec<Message> = p.iter().chain(c).cloned().collect();
-            Some(assistant_spans(tok, &all, args, &ids, max_length)?)
+            let prompt_text = tok.apply_chat_template_with(p, true, args)?;
+            let start = completion_start(tok, &prompt_text, &ids)?;
+            let spans = assistant_spans(tok, &all, args, &text, &ids, max_length)?;
+            Some(
+                spans
+                    .into_iter()
+                    .map(|(a, b)| (a.max(start), b))
+                    .filter(|(a, b)| a < b)
+                    .collect(),
+            )
         }
         (_, LossOn::Assistant) => {
             return Err(Error::Invalid(
@@ -265,6 +278,33 @@ pub fn tokenize(
     Ok((seq, cut))
 }
 
+/// Where the completion of a prompt/completion row starts in its tokens `ids`: where the prompt's own
+/// tokens and them part, as TRL takes it. They part before the prompt's end where a token spans the
+/// boundary (a prompt ending in a space) or a chat template renders the prompt alone otherwise; TRL
+/// then trains on the prompt's differing end too, and so does nibble, saying so once.
+fn completion_start(tok: &ChatTokenizer, prompt: &str, ids: &[u32]) -> Result<usize> {
+    let prompt_ids = tok.encode(prompt)?;
+    let common = prompt_ids
+        .iter()
+        .zip(ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if common < prompt_ids.len() {
+        let differing = tok.decode(&prompt_ids[common..]).unwrap_or_default();
+        WARNED.call_once(|| {
+            log::warn!(
+                "a prompt does not tokenize to the start of its prompt + completion (a token spans the \
+                 boundary, or the chat template renders the prompt alone otherwise): its completion's \
+                 loss starts where they part, as in TRL, and the prompt's own last tokens ({differing:?}) \
+                 are not what the model sees. End prompts on a token boundary (no trailing space) to \
+                 keep the two apart. Said once; it may apply to other rows."
+            )
+        });
+    }
+    Ok(common)
+}
+
 /// How many tokens of `ids` the text `prefix` accounts for; an error when it does not tokenize to a
 /// prefix of them (then loss masking cannot tell the parts apart).
 fn prefix_tokens(tok: &ChatTokenizer, prefix: &str, ids: &[u32], what: &str) -> Result<usize> {
@@ -277,9 +317,11 @@ fn prefix_tokens(tok: &ChatTokenizer, prefix: &str, ids: &[u32], what: &str) -> 
     Ok(p.len())
 }
 
-/// The token ranges of the assistant turns: each from the end of the conversation rendered up to that
-/// turn with the generation prompt, to the end of it rendered through the turn (its end-of-turn token
-/// included). Works with any template that renders earlier turns the same way as the whole conversation;
+/// The token ranges of the assistant turns. A template with `{% generation %}` blocks says what they
+/// are: the tokens that overlap a block's text, as transformers' `return_assistant_tokens_mask` (which
+/// TRL's `assistant_only_loss` trains on) takes them. Otherwise each runs from the end of the
+/// conversation rendered up to that turn with the generation prompt, to the end of it rendered through
+/// the turn (its end-of-turn token included). Works with any template that renders earlier turns the same way as the whole conversation;
 /// where a turn renders otherwise once later turns follow it (Qwen3 drops the reasoning of the turns
 /// before the last question), the turn ends at its end-of-turn token, and where even its start moves (an
 /// agent's trace: a call with reasoning, the tool's answer, a new question), the turns are found by their
@@ -289,13 +331,48 @@ fn assistant_spans(
     tok: &ChatTokenizer,
     messages: &[Message],
     args: &TemplateArgs,
+    text: &str,
     ids: &[u32],
     max_length: usize,
 ) -> Result<Vec<(usize, usize)>> {
+    let template = tok.template_for(args)?;
+    if template.marks_generation() {
+        return spans_by_marks(tok, template, messages, args, text);
+    }
     match spans_by_prefixes(tok, messages, args, ids, max_length) {
         Ok(spans) => Ok(spans),
         Err(e) => spans_by_headers(tok, messages, args, ids)?.ok_or(e),
     }
+}
+
+/// The runs of tokens of `text` (the conversation as rendered) that overlap what the template's
+/// `{% generation %}` blocks wrote.
+fn spans_by_marks(
+    tok: &ChatTokenizer,
+    template: &crate::tokenizer::ChatTemplate,
+    messages: &[Message],
+    args: &TemplateArgs,
+    text: &str,
+) -> Result<Vec<(usize, usize)>> {
+    let (marked_text, marks) = template.render_marked(messages, false, args)?;
+    debug_assert_eq!(marked_text, text, "one template renders one text");
+    if marks.is_empty() && messages.iter().any(|m| m.role == "assistant") {
+        return Err(Error::Template(
+            "--loss-on assistant: the chat template's {% generation %} blocks mark nothing in this conversation, so no token would carry loss".into(),
+        ));
+    }
+    let (_, offsets) = tok.encode_with_offsets(text)?;
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for (t, &(start, end)) in offsets.iter().enumerate() {
+        if !marks.iter().any(|&(a, b)| start < b && end > a) {
+            continue;
+        }
+        match spans.last_mut() {
+            Some(run) if run.1 == t => run.1 = t + 1,
+            _ => spans.push((t, t + 1)),
+        }
+    }
+    Ok(spans)
 }
 
 /// The assistant turns of a conversation whose prefixes render otherwise than the whole, found in the
@@ -473,25 +550,6 @@ pub enum Work<'a> {
 }
 
 impl Work<'_> {
-    /// Writes `adapter` into `dir` (created when missing) as this kind of run saves it: a PEFT folder
-    /// (language models) or `lora.safetensors` in `form` (FLUX.2).
-    pub fn save_adapter(
-        &self,
-        adapter: &LoraAdapter,
-        dir: &Path,
-        base_model: &str,
-        form: flux2::LoraForm,
-    ) -> Result<()> {
-        match self {
-            Work::Text { .. } => save_peft(adapter, dir, base_model),
-            Work::Image(work) => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                let path = dir.join(flux2::LORA_FILE);
-                flux2::save_lora(adapter, &work.model.config, form, &path)
-            }
-        }
-    }
-
     /// What `save_adapter` writes, in words.
     pub fn adapter_kind(&self) -> &'static str {
         match self {
@@ -508,6 +566,11 @@ impl Work<'_> {
         }
     }
 }
+
+/// The file an adapter folder keeps its chat template in, where training rendered the data through
+/// one of its own (`--chat-template`); `nibble generate`, `chat`, `eval` and `merge` take it with the
+/// adapter.
+pub const ADAPTER_CHAT_TEMPLATE: &str = "chat_template.jinja";
 
 /// Trainer state: the adapters, their AdamW moments, and where in the data and the RNG streams we are.
 pub struct Trainer<'a> {
@@ -528,6 +591,9 @@ pub struct Trainer<'a> {
     gpu: Option<(Shared<'a, Gpu>, GpuTrainState)>,
     /// Whether `adapter`, `m` and `v` lag behind the GPU's copies.
     stale: bool,
+    /// The chat template the data was rendered with where it is not the model's: saved beside each
+    /// adapter (chat_template.jinja, as transformers saves a tokenizer's).
+    pub chat_template: Option<String>,
 }
 
 impl<'a> Trainer<'a> {
@@ -581,6 +647,32 @@ impl<'a> Trainer<'a> {
         Ok(Self::assemble(Work::Image(work), config, adapter))
     }
 
+    /// Writes `adapter` into `dir` (created when missing) as this kind of run saves it: a PEFT folder
+    /// (language models), with the chat template the data was rendered with where it is not the
+    /// model's, or `lora.safetensors` in `form` (FLUX.2).
+    pub fn save_adapter(
+        &self,
+        adapter: &LoraAdapter,
+        dir: &Path,
+        base_model: &str,
+        form: flux2::LoraForm,
+    ) -> Result<()> {
+        let Work::Image(work) = &self.work else {
+            save_peft(adapter, dir, base_model)?;
+            return match &self.chat_template {
+                Some(template) => {
+                    crate::fsutil::write_atomically(&dir.join(ADAPTER_CHAT_TEMPLATE), |tmp| {
+                        std::fs::write(tmp, template)
+                    })
+                }
+                None => Ok(()),
+            };
+        };
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(flux2::LORA_FILE);
+        flux2::save_lora(adapter, &work.model.config, form, &path)
+    }
+
     fn assemble(work: Work<'a>, config: TrainConfig, adapter: LoraAdapter) -> Self {
         let examples = work.examples();
         let per_step = config.batch_size * config.grad_accum;
@@ -600,6 +692,7 @@ impl<'a> Trainer<'a> {
             epoch: 0,
             data_rng: Rng::new(config.seed ^ 0x5EED_DA7A),
             dropout_rng: Rng::new(config.seed ^ 0x0D50_F0A7),
+            chat_template: None,
             config,
             gpu: None,
             stale: false,
@@ -1008,8 +1101,7 @@ impl Trainer<'_> {
         let final_dir = run_dir.join(&name);
         let tmp = run_dir.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        self.work
-            .save_adapter(&self.adapter, &tmp, base_model, flux2::LoraForm::Exact)?;
+        self.save_adapter(&self.adapter, &tmp, base_model, flux2::LoraForm::Exact)?;
         if let Some(manifest) = manifest {
             let path = tmp.join(MANIFEST);
             std::fs::write(&path, manifest.to_string()).map_err(|e| Error::io(&path, e))?;

@@ -46,6 +46,9 @@ pub struct RunOptions {
     /// Answer them every this many steps (0: when validating, or at the end of each epoch without
     /// validation data), and at the end of the run.
     pub sample_steps: usize,
+    /// Conversations render through this template instead of the model's; the adapter folder keeps
+    /// it (chat_template.jinja), so that what loads the adapter chats the way it was trained.
+    pub chat_template: Option<crate::tokenizer::TemplateChoice>,
     /// Pack several examples into each sequence of at most `max_length` tokens.
     pub packing: bool,
     /// The device memory the run may use, in bytes, where less than the driver reports.
@@ -250,12 +253,19 @@ impl<'m> Run<'m> {
             "examples": examples,
             "tokens": format!("{data_digest:016x}"),
         });
-        let extra = json!({
+        let mut extra = json!({
             "max_length": config.max_length, "loss_on": config.loss_on,
             "packing": options.packing, "eval_split": options.eval_split,
         });
+        // Absent without one, as in runs recorded before the option.
+        if let Some(choice) = &options.chat_template {
+            let mut digest = crate::rng::Fnv1a::new();
+            digest.write(choice.default.as_bytes());
+            extra["chat_template"] = format!("{:016x}", digest.finish()).into();
+        }
         let manifest = manifest([model_section, data_section, extra], &config, init.as_ref());
-        let trainer = Trainer::new(model, config, sequences, init)?;
+        let mut trainer = Trainer::new(model, config, sequences, init)?;
+        trainer.chat_template = options.chat_template.as_ref().map(|c| c.default.clone());
         Ok(Self::around(
             trainer,
             eval_sequences,
@@ -636,7 +646,7 @@ impl<'m> Run<'m> {
             }
         }
         if let Some(out) = &self.output {
-            self.trainer.work.save_adapter(
+            self.trainer.save_adapter(
                 adapter,
                 &out.dir,
                 &self.base_model,
@@ -893,6 +903,10 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         let loading = s.spawn(|| source.load(quant));
         let data = (|| -> Result<_> {
             let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+            let tok = match &options.chat_template {
+                Some(choice) => tok.with_template(choice)?,
+                None => tok,
+            };
             let train = tokenize_file(&tok, data, &config)?;
             let eval = match &options.eval_data {
                 Some(file) => tokenize_file(&tok, file, &config)?,

@@ -161,6 +161,12 @@ pub struct TrainSettings {
     /// for prompt/completion rows.
     #[arg(long, value_enum, ignore_case = true)]
     pub loss_on: Option<LossOn>,
+    /// The chat template to render conversations with instead of the model's (TRL's
+    /// chat_template_path): a Jinja file, or a tokenizer folder or tokenizer_config.json whose template
+    /// to take. For a base model without one, or a template with {% generation %} blocks marking what
+    /// --loss-on assistant trains on. The adapter folder keeps it as chat_template.jinja.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
     /// Start from this PEFT adapter folder (its r, alpha and target modules apply).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -300,6 +306,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("seed", d.seed.to_string()),
         ("no_shuffle", flag(!d.shuffle)),
         ("loss_on", format!("{:?}", d.loss_on).to_lowercase()),
+        ("chat_template", "the model's".into()),
         ("init_adapter", "none: A random, B zero, as PEFT".into()),
         ("eval_data", none()),
         ("eval_split", none()),
@@ -390,9 +397,10 @@ impl TrainSettings {
 
     /// Every option that names a file or folder.
     #[cfg(not(target_arch = "wasm32"))]
-    fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 10] {
+    fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 11] {
         [
             &mut self.sample_prompts,
+            &mut self.chat_template,
             &mut self.model,
             &mut self.data,
             &mut self.output,
@@ -525,6 +533,7 @@ impl TrainSettings {
             ("init_adapter", self.init_adapter.is_some()),
             ("eval_data", self.eval_data.is_some()),
             ("sample_prompts", self.sample_prompts.is_some()),
+            ("chat_template", self.chat_template.is_some()),
             ("resume", self.resume.is_some()),
             ("save_steps", self.save_steps.is_some()),
             ("save_total_limit", self.save_total_limit.is_some()),
@@ -673,6 +682,11 @@ impl TrainSettings {
                 None => Vec::new(),
             },
             sample_steps: self.sample_steps.unwrap_or(0),
+            chat_template: self
+                .chat_template
+                .as_deref()
+                .map(crate::tokenizer::TemplateChoice::read)
+                .transpose()?,
             packing: self.packing.unwrap_or(false),
             fit_checkpointing: match self.checkpointing()? {
                 crate::graph::checkpoint::Asked::Fit { most } => Some(most),

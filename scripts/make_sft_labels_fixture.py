@@ -1,0 +1,115 @@
+"""Writes tests/fixtures/sft_labels.json: dataset rows and the token ids and labels TRL's SFTTrainer trains
+on for each, read off its own data collator (labels of -100 carry no loss). Three kinds of run:
+  - conversations with assistant_only_loss=True through the templates in tests/fixtures/generation_marks/
+    (given as chat_template_path, as a user gives nibble --chat-template), whose {% generation %} blocks
+    say which tokens are the assistant's; text in several scripts, so that character and byte offsets
+    must agree;
+  - conversational prompt/completion rows with assistant_only_loss=True (the completion's assistant
+    tokens only);
+  - text rows and text prompt/completion rows (SFTTrainer appends the eos token to the text and to the
+    completion; a prompt ending in a space shares its last token with the completion).
+The tokenizer is the real Qwen2.5 one in assets/; the model a tiny random Qwen2 (its weights play no part).
+
+Run from the repository root with a virtualenv holding transformers, trl and torch:
+    python scripts/make_sft_labels_fixture.py
+"""
+import json
+import tempfile
+
+import torch
+import transformers
+import trl
+from datasets import Dataset
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+TOKENIZER = "assets/qwen2.5-tokenizer"
+weather = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+conversations = [
+    {"messages": [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is the capital of Peru?"},
+        {"role": "assistant", "content": "Lima."}]},
+    {"messages": [
+        {"role": "user", "content": "Wie heißt du?  "},
+        {"role": "assistant", "content": "  Ich bin ein Modell. Ça va? 🚀"},
+        {"role": "user", "content": "日本語で答えて。"},
+        {"role": "assistant", "content": "はい、日本語で答えます。\n改行も。"}]},
+    {"messages": [
+        {"role": "user", "content": "Add 2 and 3."},
+        {"role": "assistant", "reasoning_content": "2 + 3 = 5.", "content": "5"},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You're welcome."}]},
+]
+tool_conversations = [
+    {"tools": [weather], "messages": [
+        {"role": "user", "content": "Is it cold in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [call("get_weather", {"city": "Oslo"})]},
+        {"role": "tool", "content": "-3 °C"},
+        {"role": "assistant", "content": "Yes: −3 °C."}]},
+]
+conversational_prompt_completion = [
+    {"prompt": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Name a colour."}],
+     "completion": [{"role": "assistant", "content": "Teal — a blue-green."}]},
+    {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2 + 2?"}],
+     "completion": [{"role": "assistant", "content": "4"}]},
+]
+text_rows = [
+    {"text": "The quick brown fox jumps over the lazy dog."},
+    {"text": "Already ends with eos<|im_end|>"},
+    {"text": "Zürich liegt am See — ça, c'est sûr."},
+]
+text_prompt_completion = [
+    {"prompt": "The capital of France is", "completion": " Paris."},
+    # a trailing space: the prompt's last token (" ") merges into the completion's first (" Paris")
+    {"prompt": "The capital of Italy is ", "completion": "Rome."},
+    {"prompt": "Q: 2+2=\nA:", "completion": " 4<|im_end|>"},
+]
+
+tok = AutoTokenizer.from_pretrained(TOKENIZER)
+model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+
+
+def labelled(rows, **config):
+    """Each row's input ids and labels as SFTTrainer's collator makes them."""
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, report_to=[], max_length=None, use_cpu=True, bf16=False, **config)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=AutoTokenizer.from_pretrained(TOKENIZER))
+        cases = []
+        for row, example in zip(rows, trainer.train_dataset):
+            batch = trainer.data_collator([example])
+            ids = batch["input_ids"][0].tolist()
+            labels = batch["labels"][0].tolist()
+            assert ids == example["input_ids"]
+            cases.append({"row": row, "ids": ids, "labels": [label != -100 for label in labels]})
+        return cases
+
+
+groups = []
+for template in ["chatml", "blocks"]:
+    path = f"tests/fixtures/generation_marks/{template}.jinja"
+    # One run per set of columns: a dataset takes its columns from its first row.
+    for rows in [conversations] + ([tool_conversations] if template == "chatml" else []):
+        groups.append({"chat_template": template, "loss_on": "assistant",
+                       "cases": labelled(rows, assistant_only_loss=True, chat_template_path=path)})
+    groups.append({"chat_template": template, "loss_on": "assistant",
+                   "cases": labelled(conversational_prompt_completion, assistant_only_loss=True,
+                                     chat_template_path=path)})
+groups.append({"chat_template": None, "loss_on": "default", "cases": labelled(text_rows)})
+groups.append({"chat_template": None, "loss_on": "default", "cases": labelled(text_prompt_completion)})
+
+with open("tests/fixtures/sft_labels.json", "w") as f:
+    json.dump({"transformers": transformers.__version__, "trl": trl.__version__, "groups": groups}, f,
+              ensure_ascii=False, indent=1)
+print("wrote", sum(len(g["cases"]) for g in groups), "cases")

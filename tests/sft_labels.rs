@@ -1,0 +1,74 @@
+//! Which tokens carry loss equals what TRL's SFTTrainer trains on (tests/fixtures/sft_labels.json, read
+//! off its data collator by scripts/make_sft_labels_fixture.py): conversations through chat templates
+//! with `{% generation %}` blocks under --loss-on assistant (TRL's assistant_only_loss), conversational
+//! prompt/completion rows, and text rows, whose text and completions end with the eos token.
+
+use nibble::synth::qwen25_tokenizer;
+use nibble::tokenizer::{ChatTokenizer, TemplateChoice};
+use nibble::train::{LossOn, tokenize};
+use std::path::Path;
+
+#[derive(serde::Deserialize)]
+struct Case {
+    row: serde_json::Value,
+    ids: Vec<u32>,
+    labels: Vec<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct Group {
+    chat_template: Option<String>,
+    loss_on: String,
+    cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    groups: Vec<Group>,
+}
+
+fn fixtures() -> String {
+    format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tokenizer(template: Option<&str>) -> ChatTokenizer {
+    let tok = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("assets/qwen2.5-tokenizer"))
+        .unwrap();
+    match template {
+        Some(name) => {
+            let path = format!("{}/generation_marks/{name}.jinja", fixtures());
+            tok.with_template(&TemplateChoice::read(Path::new(&path)).unwrap())
+                .unwrap()
+        }
+        None => tok,
+    }
+}
+
+#[test]
+fn tokens_carrying_loss_equal_trl_sft_trainers() {
+    let text = std::fs::read_to_string(format!("{}/sft_labels.json", fixtures())).unwrap();
+    let fixture: Fixture = serde_json::from_str(&text).unwrap();
+    let mut checked = 0;
+    for group in &fixture.groups {
+        let tok = tokenizer(group.chat_template.as_deref());
+        let loss_on = match group.loss_on.as_str() {
+            "assistant" => LossOn::Assistant,
+            _ => LossOn::Default,
+        };
+        for (i, case) in group.cases.iter().enumerate() {
+            let what = format!("{:?} case {i}: {}", group.chat_template, case.row);
+            let examples = nibble::data::parse_jsonl(&case.row.to_string(), "fixture").unwrap();
+            let (seq, cut) = tokenize(&tok, &examples[0], loss_on, 4096).unwrap();
+            assert_eq!(cut, 0);
+            assert_eq!(seq.ids, case.ids, "{what}: token ids differ");
+            // Position t predicts token t + 1: it carries loss where TRL labels that token (the first
+            // token's label is never used by a causal loss).
+            let carries: Vec<bool> = seq.targets.iter().map(Option::is_some).collect();
+            let expected: Vec<bool> = case.labels[1..].iter().copied().chain([false]).collect();
+            assert_eq!(carries, expected, "{what}: tokens carrying loss differ");
+            assert!(carries.iter().any(|&c| c) && carries.iter().any(|&c| !c));
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 17);
+}
