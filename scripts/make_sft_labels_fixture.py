@@ -8,12 +8,16 @@ on for each, read off its own data collator (labels of -100 carry no loss). Thre
     tokens only);
   - text rows and text prompt/completion rows (SFTTrainer appends the eos token to the text and to the
     completion; a prompt ending in a space shares its last token with the completion).
-The tokenizer is the real Qwen2.5 one in assets/; the model a tiny random Qwen2 (its weights play no part).
+The tokenizer is the real Qwen2.5 one in assets/, and for the text rows also that one made to add a BOS
+token (<|endoftext|>) before a text as Llama's, Gemma's and Mistral's do (tests/sft_labels.rs makes the
+same one); the model a tiny random Qwen2 (its weights play no part).
 
 Run from the repository root with a virtualenv holding transformers, trl and torch:
     python scripts/make_sft_labels_fixture.py
 """
 import json
+import os
+import shutil
 import tempfile
 
 import torch
@@ -75,17 +79,30 @@ text_prompt_completion = [
     {"prompt": "Q: 2+2=\nA:", "completion": " 4<|im_end|>"},
 ]
 
+BOS_TOKENIZER = tempfile.mkdtemp()
+shutil.copy(f"{TOKENIZER}/tokenizer_config.json", BOS_TOKENIZER)
+with open(f"{TOKENIZER}/tokenizer.json") as f:
+    with_bos = json.load(f)
+with_bos["post_processor"] = {"type": "Sequence", "processors": [with_bos["post_processor"], {
+    "type": "TemplateProcessing",
+    "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+             {"SpecialToken": {"id": "<|endoftext|>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+    "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}}]}
+with open(os.path.join(BOS_TOKENIZER, "tokenizer.json"), "w") as f:
+    json.dump(with_bos, f)
+
 tok = AutoTokenizer.from_pretrained(TOKENIZER)
 model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
 
 
-def labelled(rows, **config):
+def labelled(rows, tokenizer=TOKENIZER, **config):
     """Each row's input ids and labels as SFTTrainer's collator makes them."""
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, report_to=[], max_length=None, use_cpu=True, bf16=False, **config)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=AutoTokenizer.from_pretrained(TOKENIZER))
+                             processing_class=AutoTokenizer.from_pretrained(tokenizer))
         cases = []
         for row, example in zip(rows, trainer.train_dataset):
             batch = trainer.data_collator([example])
@@ -106,8 +123,11 @@ for template in ["chatml", "blocks"]:
     groups.append({"chat_template": template, "loss_on": "assistant",
                    "cases": labelled(conversational_prompt_completion, assistant_only_loss=True,
                                      chat_template_path=path)})
-groups.append({"chat_template": None, "loss_on": "default", "cases": labelled(text_rows)})
-groups.append({"chat_template": None, "loss_on": "default", "cases": labelled(text_prompt_completion)})
+for tokenizer, bos in [(TOKENIZER, False), (BOS_TOKENIZER, True)]:
+    for rows in [text_rows, text_prompt_completion]:
+        groups.append({"chat_template": None, "bos": bos, "loss_on": "default",
+                       "cases": labelled(rows, tokenizer)})
+shutil.rmtree(BOS_TOKENIZER)
 
 with open("tests/fixtures/sft_labels.json", "w") as f:
     json.dump({"transformers": transformers.__version__, "trl": trl.__version__, "groups": groups}, f,

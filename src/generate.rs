@@ -283,7 +283,7 @@ pub fn reusable_prefix(cached: &[u32], prompt: &[u32]) -> usize {
 
 /// The first special token after the answer in a short exchange rendered through the chat template;
 /// None where the template cannot render one or closes the turn with plain text.
-fn turn_end_token(tok: &ChatTokenizer) -> Option<u32> {
+pub fn turn_end_token(tok: &ChatTokenizer) -> Option<u32> {
     use crate::tokenizer::Message;
     const ANSWER: &str = "Fine, thanks.";
     let exchange = [

@@ -19,7 +19,7 @@ pub fn merge(
     source: &ModelSource,
     folder: &Path,
     adapter: &LoraAdapter,
-    chat_template: Option<&str>,
+    chat_template: Option<&MergedTemplate>,
     output: &Path,
     dtype: Option<FloatDtype>,
 ) -> Result<()> {
@@ -72,10 +72,7 @@ pub fn merge(
     let result = write_merged(&entries, source, adapter, &targets, &tmp, dtype)
         .and_then(|()| copy_other_files(folder, &tmp, dtype))
         .and_then(|()| match chat_template {
-            Some(template) => {
-                let path = tmp.join(crate::train::ADAPTER_CHAT_TEMPLATE);
-                std::fs::write(&path, template).map_err(|e| Error::io(&path, e))
-            }
+            Some(template) => template.write_into(&tmp),
             None => Ok(()),
         });
     if let Err(e) = result {
@@ -127,6 +124,51 @@ fn write_merged(
         },
     )?;
     failure.map_or(Ok(()), Err)
+}
+
+/// A chat template the merged model is to chat through (an adapter's), and the special token it closes
+/// an assistant turn with (`generate::turn_end_token`).
+pub struct MergedTemplate {
+    pub text: String,
+    pub turn_end: Option<u32>,
+}
+
+impl MergedTemplate {
+    /// Writes chat_template.jinja into the merged folder `dir`, and makes the turn's end token one
+    /// that ends generation (generation_config.json's `eos_token_id`, as TRL sets a cloned template's
+    /// eos), so that transformers or a server stops there too.
+    fn write_into(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(crate::train::ADAPTER_CHAT_TEMPLATE);
+        std::fs::write(&path, &self.text).map_err(|e| Error::io(&path, e))?;
+        let Some(id) = self.turn_end else {
+            return Ok(());
+        };
+        let json = |name: &str| -> Result<serde_json::Value> {
+            let path = dir.join(name);
+            match crate::fsutil::read_to_string(&path) {
+                Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Config {
+                    path,
+                    msg: format!("not valid JSON: {e}"),
+                }),
+                Err(_) => Ok(serde_json::json!({})),
+            }
+        };
+        let mut generation = json("generation_config.json")?;
+        let model_eos = json("config.json")?["eos_token_id"].clone();
+        let eos = match generation.get("eos_token_id").unwrap_or(&model_eos) {
+            serde_json::Value::Array(ids) => ids.clone(),
+            serde_json::Value::Null => Vec::new(),
+            one => vec![one.clone()],
+        };
+        if eos.contains(&id.into()) {
+            return Ok(());
+        }
+        let eos: Vec<serde_json::Value> = eos.into_iter().chain([id.into()]).collect();
+        generation["eos_token_id"] = eos.into();
+        let path = dir.join("generation_config.json");
+        let text = serde_json::to_string_pretty(&generation).expect("json");
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    }
 }
 
 /// Copies the folder's files other than weights; config.json gets the merged weights' dtype.

@@ -219,13 +219,23 @@ impl ChatTokenizer {
             )
         };
         self.template = Some(compile(&choice.default)?);
-        self.tool_template = choice.tool_use.as_deref().map(compile).transpose()?;
+        self.tool_template = None;
         Ok(self)
     }
 
     /// Token ids of `text`, with no special tokens added (chat templates write their own).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        guarded(&self.path, || self.tokenizer.encode(text, false))?
+        self.encode_adding_specials(text, false)
+    }
+
+    /// Token ids of plain text as transformers' `tokenizer(text)` gives them, with the special tokens
+    /// the tokenizer adds around a text (Llama's, Gemma's and Mistral's BOS; Qwen's none).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_adding_specials(text, true)
+    }
+
+    fn encode_adding_specials(&self, text: &str, add: bool) -> Result<Vec<u32>> {
+        guarded(&self.path, || self.tokenizer.encode(text, add))?
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
     }
@@ -295,37 +305,38 @@ impl ChatTokenizer {
 }
 
 /// A tokenizer's chat templates: the default one and its `tool_use` one (transformers renders with that
-/// whenever tools are passed). chat_template.jinja (transformers >= 4.43 writes it) wins over
-/// tokenizer_config.json's inline template, as in transformers' loading order.
+/// whenever tools are passed). chat_template.jinja (transformers >= 4.43 writes it) replaces
+/// tokenizer_config.json's templates, as in transformers' loading order.
 fn templates_of(
     jinja: Option<&str>,
     config: &serde_json::Value,
 ) -> (Option<String>, Option<String>) {
-    let named = match config.get("chat_template") {
-        Some(serde_json::Value::Array(named)) => Some(named),
-        _ => None,
-    };
-    let default = match (jinja, config.get("chat_template")) {
-        (Some(t), _) => Some(t.to_string()),
-        (None, Some(serde_json::Value::String(t))) => Some(t.clone()),
-        (None, _) => named.and_then(|n| named_template(n, "default")),
-    };
-    (default, named.and_then(|n| named_template(n, "tool_use")))
+    if let Some(t) = jinja {
+        return (Some(t.to_string()), None);
+    }
+    match config.get("chat_template") {
+        Some(serde_json::Value::String(t)) => (Some(t.clone()), None),
+        Some(serde_json::Value::Array(named)) => (
+            named_template(named, "default"),
+            named_template(named, "tool_use"),
+        ),
+        _ => (None, None),
+    }
 }
 
-/// A chat template given in place of the model's (`--chat-template`, TRL's `chat_template_path`).
+/// A chat template given in place of the model's (`--chat-template`, TRL's `chat_template_path`). As
+/// TRL takes it, only the default template: conversations with tools render through it too.
 #[derive(Clone, Debug)]
 pub struct TemplateChoice {
     /// Where it came from, for errors.
     pub origin: PathBuf,
     pub default: String,
-    pub tool_use: Option<String>,
 }
 
 impl TemplateChoice {
     /// The template to render with: the one asked for (`--chat-template`), else the one an adapter
-    /// folder keeps (its chat_template.jinja, or a tokenizer saved beside it as TRL saves one), else
-    /// None: the model's own.
+    /// folder keeps (its chat_template.jinja, or the template of a tokenizer saved beside it, as TRL
+    /// saves one), else None: the model's own.
     pub fn chosen(asked: Option<&Path>, adapter: Option<&Path>) -> Result<Option<Self>> {
         if let Some(path) = asked {
             return Self::read(path).map(Some);
@@ -333,21 +344,32 @@ impl TemplateChoice {
         let Some(dir) = adapter else {
             return Ok(None);
         };
-        let keeps_one = dir.join("chat_template.jinja").is_file()
-            || crate::fsutil::read_to_string(&dir.join("tokenizer_config.json"))
-                .is_ok_and(|text| text.contains("\"chat_template\""));
-        if !keeps_one {
-            return Ok(None);
+        let kept = match dir.join("chat_template.jinja") {
+            jinja if jinja.is_file() => Some(Self::read(&jinja)?),
+            // A tokenizer saved beside the adapter: its template where it has a usable one (an
+            // adapter loaded without it before, so nothing here stops it loading now).
+            _ => {
+                let config = dir.join("tokenizer_config.json");
+                crate::fsutil::read_to_string(&config)
+                    .ok()
+                    .and_then(|text| serde_json::from_str(&text).ok())
+                    .and_then(|v: serde_json::Value| templates_of(None, &v).0)
+                    .map(|default| TemplateChoice {
+                        origin: config,
+                        default,
+                    })
+            }
+        };
+        if let Some(choice) = &kept {
+            log::info!(
+                "{}: rendering chats through the chat template the adapter keeps (--chat-template chooses another)",
+                choice.origin.display()
+            );
         }
-        let choice = Self::read(dir)?;
-        log::info!(
-            "{}: chatting through the chat template the adapter was trained with (--chat-template chooses another)",
-            dir.display()
-        );
-        Ok(Some(choice))
+        Ok(kept)
     }
 
-    /// A Jinja file, or the templates of a tokenizer: its folder (chat_template.jinja or
+    /// A Jinja file, or the template of a tokenizer: its folder (chat_template.jinja or
     /// tokenizer_config.json) or its tokenizer_config.json.
     pub fn read(path: &Path) -> Result<Self> {
         let read = |p: &Path| crate::fsutil::read_to_string(p).map_err(|e| Error::io(p, e));
@@ -355,7 +377,10 @@ impl TemplateChoice {
             let jinja = path.join("chat_template.jinja");
             let config = path.join("tokenizer_config.json");
             let jinja = jinja.is_file().then(|| read(&jinja)).transpose()?;
-            let config_text = config.is_file().then(|| read(&config)).transpose()?;
+            let config_text = match jinja {
+                Some(_) => None,
+                None => config.is_file().then(|| read(&config)).transpose()?,
+            };
             (config, jinja, config_text)
         } else {
             let text = read(path)?;
@@ -371,15 +396,13 @@ impl TemplateChoice {
             })?,
             None => serde_json::Value::Null,
         };
-        let (default, tool_use) = templates_of(jinja.as_deref(), &config);
-        let default = default.ok_or_else(|| Error::Template(format!(
+        let default = templates_of(jinja.as_deref(), &config).0.ok_or_else(|| Error::Template(format!(
             "{}: no chat template here (give a Jinja file, or a tokenizer folder or tokenizer_config.json that has one)",
             path.display()
         )))?;
         Ok(TemplateChoice {
             origin: path.to_path_buf(),
             default,
-            tool_use,
         })
     }
 }

@@ -448,24 +448,76 @@ fn a_chat_template_is_read_from_a_file_a_folder_or_a_tokenizer_config() {
     let jinja = dir.path().join("t.jinja");
     std::fs::write(&jinja, "{{ messages[0].content }}!").unwrap();
     let choice = TemplateChoice::read(&jinja).unwrap();
-    assert_eq!(
-        (choice.default.as_str(), choice.tool_use),
-        ("{{ messages[0].content }}!", None)
-    );
+    assert_eq!(choice.default, "{{ messages[0].content }}!");
 
     let folder = dir.path().join("tok");
     std::fs::create_dir(&folder).unwrap();
     let named = serde_json::json!({"chat_template": [
         {"name": "default", "template": "plain"}, {"name": "tool_use", "template": "tools"}]});
     std::fs::write(folder.join("tokenizer_config.json"), named.to_string()).unwrap();
+    // The default template only, as TRL takes a tokenizer's (tool rows render through it too).
     let choice = TemplateChoice::read(&folder).unwrap();
+    assert_eq!(choice.default, "plain");
+    let tok = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("qwen"))
+        .unwrap()
+        .with_template(&choice)
+        .unwrap();
+    let args = nibble::tokenizer::TemplateArgs {
+        tools: Some(serde_json::json!([])),
+        ..Default::default()
+    };
     assert_eq!(
-        (choice.default.as_str(), choice.tool_use.as_deref()),
-        ("plain", Some("tools"))
+        tok.apply_chat_template_with(&[], false, &args).unwrap(),
+        "plain"
     );
-    // chat_template.jinja wins over tokenizer_config.json, as transformers loads them.
+    // chat_template.jinja replaces tokenizer_config.json's templates, as transformers loads them;
+    // a broken tokenizer_config.json beside it is not read.
     std::fs::write(folder.join("chat_template.jinja"), "from jinja").unwrap();
+    std::fs::write(folder.join("tokenizer_config.json"), "{broken").unwrap();
     assert_eq!(TemplateChoice::read(&folder).unwrap().default, "from jinja");
+    let mut files = qwen25_tokenizer();
+    files.chat_template_jinja = Some("J".into());
+    files.tokenizer_config_json = Some(named.to_string());
+    let tok = ChatTokenizer::from_files(&files, Path::new("qwen")).unwrap();
+    assert!(tok.tool_template.is_none());
+    assert_eq!(
+        tok.apply_chat_template_with(&[], false, &args).unwrap(),
+        "J"
+    );
+
+    // An adapter folder's kept template: its chat_template.jinja, else a usable one in a tokenizer
+    // saved beside it; anything else leaves the model's (None).
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    let chosen = |dir: &Path| {
+        TemplateChoice::chosen(None, Some(dir))
+            .unwrap()
+            .map(|c| c.default)
+    };
+    assert_eq!(chosen(&adapter), None);
+    for broken in [
+        "{broken",
+        r#"{"chat_template": null}"#,
+        r#"{"chat_template": [{"name": "x"}]}"#,
+    ] {
+        std::fs::write(adapter.join("tokenizer_config.json"), broken).unwrap();
+        assert_eq!(chosen(&adapter), None, "{broken}");
+    }
+    std::fs::write(
+        adapter.join("tokenizer_config.json"),
+        r#"{"chat_template": "T"}"#,
+    )
+    .unwrap();
+    assert_eq!(chosen(&adapter).as_deref(), Some("T"));
+    std::fs::write(adapter.join("chat_template.jinja"), "K").unwrap();
+    assert_eq!(chosen(&adapter).as_deref(), Some("K"));
+    assert_eq!(
+        TemplateChoice::chosen(Some(&jinja), Some(&adapter))
+            .unwrap()
+            .map(|c| c.default)
+            .as_deref(),
+        Some("{{ messages[0].content }}!")
+    );
     let inline = dir.path().join("tokenizer_config.json");
     std::fs::write(&inline, r#"{"chat_template": "inline", "eos_token": "x"}"#).unwrap();
     assert_eq!(TemplateChoice::read(&inline).unwrap().default, "inline");

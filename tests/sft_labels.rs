@@ -18,6 +18,9 @@ struct Case {
 #[derive(serde::Deserialize)]
 struct Group {
     chat_template: Option<String>,
+    /// The tokenizer adds a BOS token before a text (`with_bos`).
+    #[serde(default)]
+    bos: bool,
     loss_on: String,
     cases: Vec<Case>,
 }
@@ -31,9 +34,28 @@ fn fixtures() -> String {
     format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"))
 }
 
-fn tokenizer(template: Option<&str>) -> ChatTokenizer {
-    let tok = ChatTokenizer::from_files(&qwen25_tokenizer(), Path::new("assets/qwen2.5-tokenizer"))
-        .unwrap();
+/// Qwen2.5's tokenizer made to add <|endoftext|> before a text, as Llama's adds its BOS (the same edit
+/// as scripts/make_sft_labels_fixture.py's).
+fn with_bos(files: &mut nibble::model::TokenizerFiles) {
+    let mut tok: serde_json::Value =
+        serde_json::from_str(files.tokenizer_json.as_deref().unwrap()).unwrap();
+    let bos = |type_id: u32| serde_json::json!({"SpecialToken": {"id": "<|endoftext|>", "type_id": type_id}});
+    let seq =
+        |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+    tok["post_processor"] = serde_json::json!({"type": "Sequence", "processors": [
+        tok["post_processor"].clone(),
+        {"type": "TemplateProcessing", "single": [bos(0), seq("A", 0)],
+         "pair": [bos(0), seq("A", 0), bos(1), seq("B", 1)],
+         "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}}]});
+    files.tokenizer_json = Some(tok.to_string());
+}
+
+fn tokenizer(template: Option<&str>, bos: bool) -> ChatTokenizer {
+    let mut files = qwen25_tokenizer();
+    if bos {
+        with_bos(&mut files);
+    }
+    let tok = ChatTokenizer::from_files(&files, Path::new("assets/qwen2.5-tokenizer")).unwrap();
     match template {
         Some(name) => {
             let path = format!("{}/generation_marks/{name}.jinja", fixtures());
@@ -50,7 +72,7 @@ fn tokens_carrying_loss_equal_trl_sft_trainers() {
     let fixture: Fixture = serde_json::from_str(&text).unwrap();
     let mut checked = 0;
     for group in &fixture.groups {
-        let tok = tokenizer(group.chat_template.as_deref());
+        let tok = tokenizer(group.chat_template.as_deref(), group.bos);
         let loss_on = match group.loss_on.as_str() {
             "assistant" => LossOn::Assistant,
             _ => LossOn::Default,
@@ -70,5 +92,5 @@ fn tokens_carrying_loss_equal_trl_sft_trainers() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 17);
+    assert_eq!(checked, 23);
 }

@@ -557,7 +557,7 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
     let template_file = dir.path().join("turns.jinja");
     let template = concat!(
         "{%- for m in messages %}\n",
-        "{%- if m.role == 'assistant' %}A: {% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n",
+        "{%- if m.role == 'assistant' %}A: {% generation %}{{ m.content }}<|endoftext|>{% endgeneration %}\n",
         "{% else %}{{ m.role[0] | upper }}: {{ m.content }}\n",
         "{% endif %}{% endfor %}\n",
         "{%- if add_generation_prompt %}A: {% endif %}",
@@ -576,7 +576,7 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
     ]);
     assert!(show.status.success());
     assert!(
-        String::from_utf8_lossy(&show.stdout).contains("A: ⟦Answer 0.<|im_end|>⟧"),
+        String::from_utf8_lossy(&show.stdout).contains("A: ⟦Answer 0.<|endoftext|>⟧"),
         "{}",
         String::from_utf8_lossy(&show.stdout)
     );
@@ -591,6 +591,11 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
     );
     let recorded = std::fs::read_to_string(out.join("nibble_config.toml")).unwrap();
     assert!(recorded.contains("chat_template = "), "{recorded}");
+    // The folder holds only what a run writes: --overwrite replaces it.
+    let mut again = options.clone();
+    again.push("--overwrite");
+    let o = train_cli(&model, &data, &out, &again);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     assert_eq!(
         ask_question_0(&model, &["--adapter", out.to_str().unwrap()]),
@@ -611,6 +616,14 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
         std::fs::read_to_string(merged.join("chat_template.jinja")).unwrap(),
         template
     );
+    // The template's end of turn (<|endoftext|>, 256) ends generation in transformers too.
+    let generation: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(merged.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    let eos = generation["eos_token_id"].as_array().unwrap();
+    assert_eq!(eos.last(), Some(&serde_json::json!(256)), "{generation}");
+    assert!(eos.len() >= 2, "{generation}");
     assert_eq!(ask_question_0(&merged, &[]), "Answer 0.");
 
     let missing = dir.path().join("missing.jinja");

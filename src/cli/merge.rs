@@ -44,12 +44,21 @@ pub fn run(args: Args) -> Result<()> {
         "--adapter",
     )?;
     // The merged model chats the way the adapter was trained to, as TRL's saved tokenizer would.
-    let template = nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))?;
+    let template = match nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))? {
+        Some(choice) => {
+            let tok = super::tokenizer_of(&source, None, None)?.with_template(&choice)?;
+            Some(nibble::merge::MergedTemplate {
+                turn_end: nibble::generate::turn_end_token(&tok),
+                text: choice.default,
+            })
+        }
+        None => None,
+    };
     nibble::merge::merge(
         &source,
         &args.model,
         &lora,
-        template.as_ref().map(|t| t.default.as_str()),
+        template.as_ref(),
         &args.output,
         dtype,
     )?;

@@ -71,6 +71,7 @@ fn train_klein(
         ),
         ("sample-prompts", settings.sample_prompts.is_some()),
         ("sample-steps", settings.sample_steps.is_some()),
+        ("chat-template", settings.chat_template.is_some()),
         ("bf16-checkpoints", settings.bf16_checkpoints.is_some()),
         (
             "offload-checkpoints",

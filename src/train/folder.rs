@@ -22,6 +22,7 @@ const RUN_FILES: &[&str] = &[
     "loss_curve.png",
     MANIFEST,
     crate::train::RECORD_FILE,
+    crate::train::ADAPTER_CHAT_TEMPLATE,
     LOCK,
 ];
 

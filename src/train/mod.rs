@@ -209,18 +209,28 @@ pub fn tokenize(
     max_length: usize,
 ) -> Result<(Sequence, usize)> {
     let text = crate::data::render(tok, example)?;
-    let mut ids = tok.encode(&text)?;
+    // TRL tokenizes plain text as the tokenizer's `__call__` does, with the special tokens it adds (a
+    // BOS); a conversation comes through the template, which writes its own.
+    let plain = matches!(
+        example,
+        Example::Text(_)
+            | Example::PromptCompletion {
+                prompt: Turns::Text(_),
+                ..
+            }
+    );
+    let mut ids = match plain {
+        true => tok.encode_text(&text)?,
+        false => tok.encode(&text)?,
+    };
     // Token ranges that carry loss; None: every token.
     let spans: Option<Vec<(usize, usize)>> = match (example, loss_on) {
         (Example::PromptCompletion { prompt, args, .. }, LossOn::Default | LossOn::Completion) => {
-            let prompt_text = match prompt {
-                Turns::Text(p) => p.clone(),
-                Turns::Messages(p) => tok.apply_chat_template_with(p, true, args)?,
+            let prompt_ids = match prompt {
+                Turns::Text(p) => tok.encode_text(p)?,
+                Turns::Messages(p) => tok.encode(&tok.apply_chat_template_with(p, true, args)?)?,
             };
-            Some(vec![(
-                completion_start(tok, &prompt_text, &ids)?,
-                ids.len(),
-            )])
+            Some(vec![(completion_start(tok, &prompt_ids, &ids)?, ids.len())])
         }
         (_, LossOn::Completion) => {
             return Err(Error::Invalid(
@@ -241,8 +251,8 @@ pub fn tokenize(
             // The assistant's tokens within the completion: TRL masks by both (its completion-only
             // loss is on for prompt/completion rows).
             let all: Vec<Message> = p.iter().chain(c).cloned().collect();
-            let prompt_text = tok.apply_chat_template_with(p, true, args)?;
-            let start = completion_start(tok, &prompt_text, &ids)?;
+            let prompt_ids = tok.encode(&tok.apply_chat_template_with(p, true, args)?)?;
+            let start = completion_start(tok, &prompt_ids, &ids)?;
             let spans = assistant_spans(tok, &all, args, &text, &ids, max_length)?;
             Some(
                 spans
@@ -282,8 +292,7 @@ pub fn tokenize(
 /// tokens and them part, as TRL takes it. They part before the prompt's end where a token spans the
 /// boundary (a prompt ending in a space) or a chat template renders the prompt alone otherwise; TRL
 /// then trains on the prompt's differing end too, and so does nibble, saying so once.
-fn completion_start(tok: &ChatTokenizer, prompt: &str, ids: &[u32]) -> Result<usize> {
-    let prompt_ids = tok.encode(prompt)?;
+fn completion_start(tok: &ChatTokenizer, prompt_ids: &[u32], ids: &[u32]) -> Result<usize> {
     let common = prompt_ids
         .iter()
         .zip(ids)
@@ -355,7 +364,11 @@ fn spans_by_marks(
     text: &str,
 ) -> Result<Vec<(usize, usize)>> {
     let (marked_text, marks) = template.render_marked(messages, false, args)?;
-    debug_assert_eq!(marked_text, text, "one template renders one text");
+    if marked_text != text {
+        return Err(Error::Template(
+            "the chat template rendered this conversation two ways (does it read the clock?), so its {% generation %} blocks cannot be placed".into(),
+        ));
+    }
     if marks.is_empty() && messages.iter().any(|m| m.role == "assistant") {
         return Err(Error::Template(
             "--loss-on assistant: the chat template's {% generation %} blocks mark nothing in this conversation, so no token would carry loss".into(),

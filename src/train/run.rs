@@ -904,7 +904,18 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         let data = (|| -> Result<_> {
             let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
             let tok = match &options.chat_template {
-                Some(choice) => tok.with_template(choice)?,
+                Some(choice) => {
+                    let tok = tok.with_template(choice)?;
+                    if crate::generate::turn_end_token(&tok).is_none() {
+                        log::warn!(
+                            "{}: an assistant turn through this template ends with none of the model's special \
+                             tokens (are its turn markers plain text to this tokenizer?): answers will stop \
+                             only at the eos token or --max-new-tokens",
+                            choice.origin.display()
+                        );
+                    }
+                    tok
+                }
                 None => tok,
             };
             let train = tokenize_file(&tok, data, &config)?;
