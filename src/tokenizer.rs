@@ -454,14 +454,19 @@ fn generation_blocks_as_filters(source: &str) -> (String, bool) {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     let mut found = false;
-    while let Some(at) = rest.find("{%") {
+    while let Some(at) = [rest.find("{%"), rest.find("{#")]
+        .into_iter()
+        .flatten()
+        .min()
+    {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        // The tag's end, after its opening "{%" (in "{%}" they overlap).
-        let Some(close) = tag[2..].find("%}").map(|i| i + 2) else {
+        // Where the tag ends, after its opening (in "{%}" they overlap), and what replaces it.
+        let closing = if tag.starts_with("{#") { "#}" } else { "%}" };
+        let Some(close) = tag[2..].find(closing).map(|i| i + 4) else {
             break;
         };
-        let inner = &tag[2..close];
+        let inner = &tag[2..close - 2];
         let (open_ws, body) = match inner.chars().next() {
             Some(c @ ('-' | '+')) => (c.to_string(), &inner[1..]),
             _ => (String::new(), inner),
@@ -470,19 +475,31 @@ fn generation_blocks_as_filters(source: &str) -> (String, bool) {
             Some(c @ ('-' | '+')) => (&body[..body.len() - 1], c.to_string()),
             _ => (body, String::new()),
         };
-        let replaced = match body.trim() {
-            "generation" => Some(format!("filter {GENERATION_FILTER}")),
-            "endgeneration" => Some("endfilter".to_string()),
-            _ => None,
+        let (end, replaced) = match (closing, body.trim()) {
+            // Comments and raw blocks are text, whatever tags they mention.
+            ("#}", _) => (close, None),
+            ("%}", "raw") => {
+                let after = &tag[close..];
+                let end = after
+                    .find("endraw")
+                    .and_then(|e| after[e..].find("%}").map(|c| close + e + c + 2));
+                match end {
+                    Some(end) => (end, None),
+                    None => break,
+                }
+            }
+            (_, "generation") => (close, Some(format!("filter {GENERATION_FILTER}"))),
+            (_, "endgeneration") => (close, Some("endfilter".to_string())),
+            _ => (close, None),
         };
         match replaced {
             Some(r) => {
                 found = true;
                 out.push_str(&format!("{{%{open_ws} {r} {close_ws}%}}"));
             }
-            None => out.push_str(&tag[..close + 2]),
+            None => out.push_str(&tag[..end]),
         }
-        rest = &tag[close + 2..];
+        rest = &tag[end..];
     }
     out.push_str(rest);
     (out, found)

@@ -571,6 +571,20 @@ fn generation_blocks_render_in_place_and_report_their_text() {
     let pieces: Vec<&str> = spans.iter().map(|&(a, b)| &text[a..b]).collect();
     assert_eq!(pieces, ["héllo", "wörld"]);
 
+    // Comments and raw blocks are text, whatever tags they mention.
+    let quoted = ChatTemplate::new(
+        "{#- adds {% generation %} here -#}{% raw %}{% generation %}{% endraw %}{{ messages[0].content }}",
+        None,
+        None,
+        "t".into(),
+    )
+    .unwrap();
+    assert!(!quoted.marks_generation());
+    assert_eq!(
+        quoted.render_with(&messages, false, &args).unwrap(),
+        "{% generation %}héllo"
+    );
+
     let sneaky = [Message::new("assistant", "a\u{10FFFD}b")];
     let err = template
         .render_marked(&sneaky, false, &args)
