@@ -312,7 +312,7 @@ fn templates_of(
     config: &serde_json::Value,
 ) -> (Option<String>, Option<String>) {
     if let Some(t) = jinja {
-        return (Some(t.to_string()), None);
+        return (Some(universal_newlines(t)), None);
     }
     match config.get("chat_template") {
         Some(serde_json::Value::String(t)) => (Some(t.clone()), None),
@@ -322,6 +322,12 @@ fn templates_of(
         ),
         _ => (None, None),
     }
+}
+
+/// A text file's text as Python reads it in text mode, as transformers and TRL read Jinja files: each
+/// "\r\n" or lone "\r" a "\n" (a template saved on Windows renders the same).
+fn universal_newlines(text: &str) -> String {
+    text.replace("\r\n", "\n").replace('\r', "\n")
 }
 
 /// A chat template given in place of the model's (`--chat-template`, TRL's `chat_template_path`). As
@@ -505,6 +511,26 @@ fn generation_blocks_as_filters(source: &str) -> (String, bool) {
     (out, found)
 }
 
+/// Jinja2's `iterable` test (whether Python's `iter()` takes the value): none is not, where minijinja
+/// says it is, and templates guard `tools | length` with it (Nemotron's), tools being None in a row
+/// without them.
+fn is_iterable_in_jinja2(value: JinjaValue) -> bool {
+    match value.kind() {
+        ValueKind::None | ValueKind::Bool | ValueKind::Number => false,
+        ValueKind::Undefined | ValueKind::String | ValueKind::Seq | ValueKind::Map => true,
+        _ => value.try_iter().is_ok(),
+    }
+}
+
+/// Jinja2's `sequence` test (a length and indexing): strings and mappings are, where minijinja says
+/// only lists are.
+fn is_sequence_in_jinja2(value: JinjaValue) -> bool {
+    matches!(
+        value.kind(),
+        ValueKind::Undefined | ValueKind::String | ValueKind::Seq | ValueKind::Map
+    )
+}
+
 /// The output of one `{% generation %}` block, marked for `ChatTemplate::render_marked`.
 fn generation_mark(body: String) -> String {
     format!("{GENERATION_OPEN}{body}{GENERATION_CLOSE}")
@@ -531,6 +557,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", python_tojson);
         env.add_filter(GENERATION_FILTER, generation_mark);
+        env.add_test("iterable", is_iterable_in_jinja2);
+        env.add_test("sequence", is_sequence_in_jinja2);
         #[cfg(not(target_arch = "wasm32"))]
         env.add_function("strftime_now", strftime_now);
         let (source, marks_generation) = generation_blocks_as_filters(source);
@@ -626,10 +654,16 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
         };
         let kwargs = JinjaValue::from(minijinja::value::Serde(&args.kwargs));
-        let tokens = minijinja::context! {
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        };
+        // transformers passes the tokens the tokenizer has (its special_tokens_map): one it lacks is
+        // undefined, not empty.
+        let tokens: std::collections::BTreeMap<&str, &str> = [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+        ]
+        .into_iter()
+        .filter_map(|(key, token)| Some((key, token.as_deref()?)))
+        .collect();
+        let tokens = JinjaValue::from(minijinja::value::Serde(&tokens));
         let ctx = minijinja::context! { ..base, ..kwargs, ..tokens };
         template.render(ctx).map_err(|e| {
             let mut msg = e.to_string();
@@ -654,41 +688,99 @@ fn raise_exception(msg: String) -> std::result::Result<JinjaValue, minijinja::Er
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
 
-/// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=indent,
-/// separators=separators, sort_keys=sort_keys)`, i.e. Python's spacing (", " and ": "), key order kept,
-/// and no HTML escaping (minijinja's built-in filter escapes `<` and `>`, which would change prompts).
+/// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+/// separators=separators, sort_keys=sort_keys)` (`ensure_ascii` False unless given), i.e. Python's
+/// spacing (", " and ": "), key order kept, and no HTML escaping (minijinja's built-in filter escapes
+/// `<` and `>`, which would change prompts).
 fn python_tojson(
     value: JinjaValue,
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<JinjaValue, minijinja::Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<JinjaValue> = kwargs.get("separators")?;
+    let separators: Option<Vec<String>> = separators.map(|v| match v.kind() {
+        ValueKind::Seq => v
+            .try_iter()
+            .map(|items| {
+                items
+                    .filter_map(|s| Some(s.as_str()?.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    });
+    let (item_sep, key_sep) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be two strings (item separator, key separator)",
+            ));
+        }
+        // Python's defaults: no space before a newline when indenting.
+        None if indent.is_some() => (",".into(), ": ".into()),
+        None => (", ".into(), ": ".into()),
+    };
+    let style = JsonStyle {
+        indent,
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        item_sep,
+        key_sep,
+    };
     kwargs.assert_all_used()?;
     let mut out = String::new();
-    write_python_json(&value, indent, sort_keys.unwrap_or(false), 0, &mut out)?;
+    write_python_json(&value, &style, 0, &mut out)?;
     Ok(JinjaValue::from_safe_string(out))
+}
+
+/// How Python's `json.dumps` was asked to write.
+struct JsonStyle {
+    indent: Option<usize>,
+    sort_keys: bool,
+    ensure_ascii: bool,
+    item_sep: String,
+    key_sep: String,
+}
+
+impl JsonStyle {
+    /// A JSON string literal, with every character beyond ASCII escaped (as UTF-16 units) when
+    /// `ensure_ascii` asks for it.
+    fn string(&self, text: &str, out: &mut String) {
+        let quoted = serde_json::to_string(text).expect("a string serializes");
+        if !self.ensure_ascii {
+            out.push_str(&quoted);
+            return;
+        }
+        for c in quoted.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
 }
 
 fn write_python_json(
     v: &JinjaValue,
-    indent: Option<usize>,
-    sort_keys: bool,
+    style: &JsonStyle,
     depth: usize,
     out: &mut String,
 ) -> std::result::Result<(), minijinja::Error> {
     let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
+        if let Some(n) = style.indent {
             out.push('\n');
             out.push_str(&" ".repeat(n * depth));
         }
     };
-    let item_sep = if indent.is_some() { "," } else { ", " };
     match v.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
-        ValueKind::String => {
-            out.push_str(&serde_json::to_string(v.as_str().unwrap_or_default()).expect("string"))
-        }
+        ValueKind::String => style.string(v.as_str().unwrap_or_default(), out),
         ValueKind::Number => {
             if let Ok(i) = i64::try_from(v.clone()) {
                 out.push_str(&i.to_string());
@@ -706,17 +798,17 @@ fn write_python_json(
             out.push('[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(item_sep);
+                    out.push_str(&style.item_sep);
                 }
                 newline(out, depth + 1);
-                write_python_json(item, indent, sort_keys, depth + 1, out)?;
+                write_python_json(item, style, depth + 1, out)?;
             }
             newline(out, depth);
             out.push(']');
         }
         ValueKind::Map => {
             let mut keys: Vec<JinjaValue> = v.try_iter()?.collect();
-            if sort_keys {
+            if style.sort_keys {
                 keys.sort_by_key(|a| a.to_string());
             }
             if keys.is_empty() {
@@ -726,17 +818,17 @@ fn write_python_json(
             out.push('{');
             for (i, key) in keys.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(item_sep);
+                    out.push_str(&style.item_sep);
                 }
                 newline(out, depth + 1);
-                out.push_str(&serde_json::to_string(&key.to_string()).expect("string"));
-                out.push_str(": ");
-                write_python_json(&v.get_item(key)?, indent, sort_keys, depth + 1, out)?;
+                style.string(&key.to_string(), out);
+                out.push_str(&style.key_sep);
+                write_python_json(&v.get_item(key)?, style, depth + 1, out)?;
             }
             newline(out, depth);
             out.push('}');
         }
-        _ => out.push_str(&serde_json::to_string(&v.to_string()).expect("string")),
+        _ => style.string(&v.to_string(), out),
     }
     Ok(())
 }

@@ -592,3 +592,78 @@ fn generation_blocks_render_in_place_and_report_their_text() {
         .to_string();
     assert!(err.contains("U+10FFFD"), "{err}");
 }
+
+/// Jinja's tests (`is iterable`, `is sequence`, ...) answer as Jinja2 answers them in transformers
+/// (the table is Jinja2's own output): templates such as Nemotron's guard `tools | length` with
+/// `tools is iterable`, which is false for the None transformers passes when a row has no tools.
+#[test]
+fn jinja_tests_answer_as_jinja2_does() {
+    use nibble::tokenizer::{ChatTemplate, TemplateArgs};
+    let tests = [
+        "iterable", "sequence", "mapping", "string", "number", "none", "defined", "true", "false",
+        "boolean", "integer", "float",
+    ];
+    // Value, then the tests above that are true of it.
+    let table: [(&str, &[&str]); 7] = [
+        ("none", &["none", "defined"]),
+        ("'ab'", &["iterable", "sequence", "string", "defined"]),
+        ("[1]", &["iterable", "sequence", "defined"]),
+        ("{'a': 1}", &["iterable", "sequence", "mapping", "defined"]),
+        ("3", &["number", "defined", "integer"]),
+        ("nothing_here", &["iterable", "sequence"]),
+        ("true", &["number", "defined", "true", "boolean"]),
+    ];
+    let mut wrong = Vec::new();
+    for (value, truths) in table {
+        for test in tests {
+            let source = format!("{{{{ ({value}) is {test} }}}}");
+            let template = ChatTemplate::new(&source, None, None, "t".into()).unwrap();
+            let got = template
+                .render_with(&[], false, &TemplateArgs::default())
+                .unwrap();
+            let expected = if truths.contains(&test) {
+                "True"
+            } else {
+                "False"
+            };
+            if got != expected {
+                wrong.push(format!("{value} is {test}: {got}, Jinja2 {expected}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// `tojson`'s keywords as transformers' filter takes them (GLM-4.5's template passes
+/// `ensure_ascii=False`), a tokenizer without a BOS token leaving `bos_token` undefined as transformers
+/// leaves it (Llama 3's template adds it to text), and a Jinja file saved with Windows line ends read
+/// as Python reads it. Expected strings are Jinja2's output in transformers.
+#[test]
+fn tojson_keywords_missing_special_tokens_and_crlf_files_follow_transformers() {
+    use nibble::tokenizer::{ChatTemplate, TemplateArgs, TemplateChoice};
+    let render = |source: &str, bos: Option<&str>| {
+        ChatTemplate::new(source, bos.map(String::from), None, "t".into())
+            .unwrap()
+            .render_with(&[], false, &TemplateArgs::default())
+    };
+    let json = "{{ {'k': 'é🚀', 'n': [1, 2.5]} | tojson(ensure_ascii=True) }}|{{ {'a': [1, 2]} | tojson(separators=(',', ':')) }}|{{ [1, {'b': 'x'}] | tojson(indent=2, separators=(', ', ' = ')) }}";
+    assert_eq!(
+        render(json, None).unwrap(),
+        "{\"k\": \"\\u00e9\\ud83d\\ude80\", \"n\": [1, 2.5]}|{\"a\":[1,2]}|[\n  1, \n  {\n    \"b\" = \"x\"\n  }\n]"
+    );
+    let err = render("{{ 1 | tojson(separators=',') }}", None).unwrap_err();
+    assert!(err.to_string().contains("separators"), "{err}");
+
+    let bos = "{{ bos_token is defined }}{{ bos_token }}";
+    assert_eq!(render(bos, None).unwrap(), "False");
+    assert_eq!(render(bos, Some("<s>")).unwrap(), "True<s>");
+    assert!(render("{{ bos_token + 'x' }}", None).is_err());
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("crlf.jinja");
+    std::fs::write(&file, "{% if true %}\r\nA\r\n{% endif %}\rB\r\n").unwrap();
+    let choice = TemplateChoice::read(&file).unwrap();
+    assert_eq!(choice.default, "{% if true %}\nA\n{% endif %}\nB\n");
+    // Jinja drops the template's last newline.
+    assert_eq!(render(&choice.default, None).unwrap(), "A\nB");
+}
