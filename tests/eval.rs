@@ -67,6 +67,8 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
         "cpu",
         "--precision",
         "f32",
+        "--loss-on",
+        "all",
     ]);
     assert!(
         out.status.success(),
@@ -102,6 +104,8 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
         data_path.to_str().unwrap(),
         "--quant",
         "nf4",
+        "--loss-on",
+        "all",
     ]);
     assert!(
         out.status.success(),
@@ -113,6 +117,38 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
     assert!(
         (fast_loss - loss).abs() / loss < 1e-3,
         "default precision loss {fast_loss} vs f32 {loss}"
+    );
+
+    // By default eval counts the tokens training puts the loss on, as TRL's eval_loss does: the
+    // prompt/completion row's completion only, from where its prompt's own tokens part from the
+    // whole's ("Say hi: " ends in a space, which " hi" takes).
+    let out = nibble(&[
+        "eval",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--data",
+        data_path.to_str().unwrap(),
+        "--quant",
+        "nf4",
+        "--precision",
+        "f32",
+    ]);
+    assert!(out.status.success());
+    let default: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let prompt = tok.encode("Say hi: ").unwrap();
+    let whole = tok.encode("Say hi: hi<|im_end|>").unwrap();
+    let start = prompt
+        .iter()
+        .zip(&whole)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        start < prompt.len(),
+        "the space joins the completion's token"
+    );
+    assert_eq!(
+        default["tokens"].as_u64().unwrap() as usize,
+        tokens - (start - 1)
     );
 }
 

@@ -626,6 +626,52 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
     assert!(eos.len() >= 2, "{generation}");
     assert_eq!(ask_question_0(&merged, &[]), "Answer 0.");
 
+    // A block that leaves the end of the turn out: the model would never learn to stop; said.
+    let open_ended = dir.path().join("open.jinja");
+    std::fs::write(
+        &open_ended,
+        template.replace(
+            "<|endoftext|>{% endgeneration %}",
+            "{% endgeneration %}<|endoftext|>",
+        ),
+    )
+    .unwrap();
+    let o = train_cli(
+        &model,
+        &data,
+        &dir.path().join("run3"),
+        &[
+            "--chat-template",
+            open_ended.to_str().unwrap(),
+            "--loss-on",
+            "assistant",
+            "--max-steps",
+            "1",
+        ],
+    );
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("may not learn to stop"), "{err}");
+    assert!(
+        !String::from_utf8_lossy(
+            &train_cli(
+                &model,
+                &data,
+                &dir.path().join("run4"),
+                &[
+                    "--chat-template",
+                    template_file.to_str().unwrap(),
+                    "--loss-on",
+                    "assistant",
+                    "--max-steps",
+                    "1",
+                ]
+            )
+            .stderr
+        )
+        .contains("may not learn to stop")
+    );
+
     let missing = dir.path().join("missing.jinja");
     let o = train_cli(
         &model,

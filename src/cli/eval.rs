@@ -1,4 +1,5 @@
-//! `nibble eval`: loss and perplexity of a model (and adapter) over a dataset.
+//! `nibble eval`: loss and perplexity of a model (and adapter) over a dataset, on the tokens training
+//! would put the loss on.
 
 use super::{ExecArgs, QuantArgs, open_placed};
 use anyhow::{Context, Result, bail};
@@ -29,6 +30,10 @@ pub struct Args {
     /// the adapter's chat_template.jinja where it keeps one, else the model's].
     #[arg(long)]
     chat_template: Option<PathBuf>,
+    /// Which tokens count, as `nibble train --loss-on` chooses those that carry loss (the default:
+    /// every token, or the completion of prompt/completion rows, as TRL's eval_loss counts them).
+    #[arg(long, value_enum, ignore_case = true, default_value = "default")]
+    loss_on: LossOn,
     /// Longer examples are cut to this many tokens (the start is kept), as `nibble train` cuts them.
     #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length)]
     max_length: usize,
@@ -54,7 +59,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut shown = super::progress::Progress::start("example", 0, examples.len(), false);
     let started = std::time::Instant::now();
     for (i, example) in examples.iter().enumerate() {
-        let (seq, cut) = nibble::train::tokenize(&tok, example, LossOn::All, max_length)
+        let (seq, cut) = nibble::train::tokenize(&tok, example, args.loss_on, max_length)
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
         cut_examples += usize::from(cut > 0);
         let loss = executor.loss(&seq, args.exec.precision.cpu())?;

@@ -1212,7 +1212,32 @@ pub fn tokenize_file(
             config.max_length
         );
     }
+    if config.loss_on == train::LossOn::Assistant {
+        warn_if_never_taught_to_stop(tok, file, &sequences);
+    }
     Ok(sequences)
+}
+
+/// TRL's warning where the assistant's loss never covers the token that ends its turn: the loss looks
+/// healthy, and the model never learns to stop (a template whose `{% generation %}` block leaves the
+/// end-of-turn token out, say).
+fn warn_if_never_taught_to_stop(tok: &ChatTokenizer, file: &Path, sequences: &[Sequence]) {
+    let Some(turn_end) = crate::generate::turn_end_token(tok) else {
+        return;
+    };
+    let taught = sequences
+        .iter()
+        .flat_map(|s| &s.targets)
+        .any(|&target| target == Some(turn_end));
+    if !taught {
+        log::warn!(
+            "{}: with --loss-on assistant no token that carries loss is the end of an assistant turn \
+             ({:?}): the model may not learn to stop, which the loss does not show. Put the end-of-turn \
+             token inside the template's {{% generation %}} block, or train with --loss-on all",
+            file.display(),
+            tok.decode(&[turn_end]).unwrap_or_default()
+        );
+    }
 }
 
 /// Moves a seeded random `fraction` of `sequences` (at least one, leaving at least one) into the
