@@ -55,27 +55,26 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
     let data_path = dir.path().join("chat.jsonl");
     std::fs::write(&data_path, CHAT).unwrap();
 
-    let out = nibble(&[
-        "eval",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--data",
-        data_path.to_str().unwrap(),
-        "--quant",
-        "nf4",
-        "--device",
-        "cpu",
-        "--precision",
-        "f32",
-        "--loss-on",
-        "all",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--data",
+            data_path.to_str().unwrap(),
+            "--quant",
+            "nf4",
+        ];
+        args.extend(extra);
+        let out = nibble(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = eval(&["--device", "cpu", "--precision", "f32", "--loss-on", "all"]);
 
     let source = ModelSource::open(&model_dir).unwrap();
     let tok = ChatTokenizer::from_files(&source.tokenizer, &model_dir).unwrap();
@@ -96,23 +95,7 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
     assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() / loss.exp() < 1e-5);
 
     // The default precision (bf16 products where the CPU has them) stays within 1e-3 of float32.
-    let out = nibble(&[
-        "eval",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--data",
-        data_path.to_str().unwrap(),
-        "--quant",
-        "nf4",
-        "--loss-on",
-        "all",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fast: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fast = eval(&["--loss-on", "all"]);
     let fast_loss = fast["loss"].as_f64().unwrap();
     assert!(
         (fast_loss - loss).abs() / loss < 1e-3,
@@ -122,19 +105,7 @@ fn eval_prints_mean_loss_and_perplexity_over_every_predicted_token() {
     // By default eval counts the tokens training puts the loss on, as TRL's eval_loss does: the
     // prompt/completion row's completion only, from where its prompt's own tokens part from the
     // whole's ("Say hi: " ends in a space, which " hi" takes).
-    let out = nibble(&[
-        "eval",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--data",
-        data_path.to_str().unwrap(),
-        "--quant",
-        "nf4",
-        "--precision",
-        "f32",
-    ]);
-    assert!(out.status.success());
-    let default: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let default = eval(&["--precision", "f32"]);
     let prompt = tok.encode("Say hi: ").unwrap();
     let whole = tok.encode("Say hi: hi<|im_end|>").unwrap();
     let start = prompt

@@ -636,41 +636,16 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
         ),
     )
     .unwrap();
-    let o = train_cli(
-        &model,
-        &data,
-        &dir.path().join("run3"),
-        &[
-            "--chat-template",
-            open_ended.to_str().unwrap(),
-            "--loss-on",
-            "assistant",
-            "--max-steps",
-            "1",
-        ],
-    );
-    assert!(o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("may not learn to stop"), "{err}");
-    assert!(
-        !String::from_utf8_lossy(
-            &train_cli(
-                &model,
-                &data,
-                &dir.path().join("run4"),
-                &[
-                    "--chat-template",
-                    template_file.to_str().unwrap(),
-                    "--loss-on",
-                    "assistant",
-                    "--max-steps",
-                    "1",
-                ]
-            )
-            .stderr
-        )
-        .contains("may not learn to stop")
-    );
+    let warning_of_one_step = |template: &Path, run: &str| {
+        let flags = ["--chat-template", template.to_str().unwrap()];
+        let mut flags = flags.to_vec();
+        flags.extend(["--loss-on", "assistant", "--max-steps", "1"]);
+        let o = train_cli(&model, &data, &dir.path().join(run), &flags);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).contains("may not learn to stop")
+    };
+    assert!(warning_of_one_step(&open_ended, "run3"));
+    assert!(!warning_of_one_step(&template_file, "run4"));
 
     let missing = dir.path().join("missing.jinja");
     let o = train_cli(
