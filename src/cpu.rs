@@ -54,24 +54,50 @@ impl Sequence {
     }
 }
 
-/// Packs examples into sequences of at most `max_len` tokens (first fit, longest first, as TRL's
-/// best-fit packing does), each example kept whole; an example's last token predicts nothing, so no
-/// loss crosses from one example into the next.
+/// How many examples TRL packs together at most: `datasets.map` hands its packing a batch of 1,000 rows
+/// at a time, and each batch is packed on its own.
+const PACKING_BATCH: usize = 1000;
+
+/// Packs examples into sequences of at most `max_len` tokens as TRL's SFTTrainer packs them (its
+/// default "bfd" strategy): best fit decreasing, the longest example first, each into the bin with the
+/// least room that holds it (of equal ones, the first to have that room), a new bin where none does,
+/// within each batch of `PACKING_BATCH` examples in data order. Each example is kept whole; its last
+/// token predicts nothing, so no loss crosses from one example into the next.
 pub fn pack(sequences: Vec<Sequence>, max_len: usize) -> Vec<Sequence> {
-    let mut order: Vec<usize> = (0..sequences.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
     let mut bins: Vec<Vec<usize>> = Vec::new();
-    let mut room: Vec<usize> = Vec::new();
-    for i in order {
-        let n = sequences[i].ids.len();
-        match room.iter().position(|&r| r >= n) {
-            Some(b) => {
-                bins[b].push(i);
-                room[b] -= n;
-            }
-            None => {
-                bins.push(vec![i]);
-                room.push(max_len.saturating_sub(n));
+    for batch in (0..sequences.len())
+        .collect::<Vec<_>>()
+        .chunks(PACKING_BATCH)
+    {
+        let mut order = batch.to_vec();
+        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
+        // Bins of this batch by the room they have left, each room's in the order they came to it.
+        let mut by_room: std::collections::BTreeMap<usize, std::collections::VecDeque<usize>> =
+            Default::default();
+        for i in order {
+            let n = sequences[i].ids.len();
+            let fits = by_room.range_mut(n..).next().map(|(&room, bins)| {
+                (
+                    room,
+                    bins.pop_front().expect("rooms without bins are removed"),
+                )
+            });
+            let (room, bin) = match fits {
+                Some((room, bin)) => {
+                    if by_room[&room].is_empty() {
+                        by_room.remove(&room);
+                    }
+                    (room, bin)
+                }
+                None => {
+                    bins.push(Vec::new());
+                    (max_len, bins.len() - 1)
+                }
+            };
+            bins[bin].push(i);
+            let left = room.saturating_sub(n);
+            if left > 0 {
+                by_room.entry(left).or_default().push_back(bin);
             }
         }
     }

@@ -94,3 +94,34 @@ fn tokens_carrying_loss_equal_trl_sft_trainers() {
     }
     assert_eq!(checked, 23);
 }
+
+/// --packing puts the same examples together as TRL's SFTTrainer packs them (best fit decreasing within
+/// each batch of 1,000 rows; tests/fixtures/packing_bfd.json from scripts/make_packing_fixture.py), in
+/// the same order within each packed sequence.
+#[test]
+fn packing_groups_examples_as_trl_does() {
+    #[derive(serde::Deserialize)]
+    struct Packing {
+        seq_length: usize,
+        lengths: Vec<usize>,
+        bins: Vec<Vec<u32>>,
+    }
+    let text = std::fs::read_to_string(format!("{}/packing_bfd.json", fixtures())).unwrap();
+    let fixture: Packing = serde_json::from_str(&text).unwrap();
+    assert!(fixture.lengths.len() > 2000);
+    // Each example's tokens are its index.
+    let examples: Vec<nibble::cpu::Sequence> = fixture
+        .lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| nibble::cpu::Sequence::all_tokens(vec![i as u32; n]))
+        .collect();
+    let packed = nibble::cpu::pack(examples, fixture.seq_length);
+    let bins: Vec<Vec<u32>> = packed
+        .iter()
+        .map(|seq| seq.starts.iter().map(|&s| seq.ids[s as usize]).collect())
+        .collect();
+    assert_eq!(bins.len(), fixture.bins.len());
+    assert_eq!(bins, fixture.bins);
+    assert!(packed.iter().all(|s| s.ids.len() <= fixture.seq_length));
+}
