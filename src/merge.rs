@@ -72,7 +72,7 @@ pub fn merge(
     let result = write_merged(&entries, source, adapter, &targets, &tmp, dtype)
         .and_then(|()| copy_other_files(folder, &tmp, dtype))
         .and_then(|()| match chat_template {
-            Some(template) => template.write_into(&tmp),
+            Some(template) => template.write_into(folder, &tmp),
             None => Ok(()),
         });
     if let Err(e) = result {
@@ -136,35 +136,64 @@ pub struct MergedTemplate {
 impl MergedTemplate {
     /// Writes chat_template.jinja into the merged folder `dir`, and makes the turn's end token one
     /// that ends generation (generation_config.json's `eos_token_id`, as TRL sets a cloned template's
-    /// eos), so that transformers or a server stops there too.
-    fn write_into(&self, dir: &Path) -> Result<()> {
+    /// eos), so that transformers or a server stops there too; the configuration is read from the
+    /// model folder `source` (errors name its files).
+    fn write_into(&self, source: &Path, dir: &Path) -> Result<()> {
         let path = dir.join(crate::train::ADAPTER_CHAT_TEMPLATE);
         std::fs::write(&path, &self.text).map_err(|e| Error::io(&path, e))?;
         let Some(id) = self.turn_end else {
             return Ok(());
         };
-        let json = |name: &str| -> Result<serde_json::Value> {
-            let path = dir.join(name);
-            match crate::fsutil::read_to_string(&path) {
-                Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Config {
+        // A JSON object file of the folder: None where it is absent.
+        let object = |name: &str| -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+            let path = source.join(name);
+            let Ok(text) = crate::fsutil::read_to_string(&path) else {
+                return Ok(None);
+            };
+            match serde_json::from_str(&text) {
+                Ok(serde_json::Value::Object(map)) => Ok(Some(map)),
+                Ok(_) => Err(Error::Config {
+                    path,
+                    msg: "not a JSON object".into(),
+                }),
+                Err(e) => Err(Error::Config {
                     path,
                     msg: format!("not valid JSON: {e}"),
                 }),
-                Err(_) => Ok(serde_json::json!({})),
             }
         };
-        let mut generation = json("generation_config.json")?;
-        let model_eos = json("config.json")?["eos_token_id"].clone();
-        let eos = match generation.get("eos_token_id").unwrap_or(&model_eos) {
-            serde_json::Value::Array(ids) => ids.clone(),
-            serde_json::Value::Null => Vec::new(),
-            one => vec![one.clone()],
+        // The model's special token ids, at the top of config.json or in its text model's part (a
+        // multimodal wrapper's).
+        let config = object("config.json")?.unwrap_or_default();
+        let token_id = |key: &str| {
+            config
+                .get(key)
+                .or_else(|| config.get("text_config")?.get(key))
+                .filter(|v| !v.is_null())
+                .cloned()
+        };
+        // Without a generation_config.json, transformers takes these from config.json.
+        let mut generation = match object("generation_config.json")? {
+            Some(generation) => generation,
+            None => ["bos_token_id", "eos_token_id", "pad_token_id"]
+                .into_iter()
+                .filter_map(|key| Some((key.to_string(), token_id(key)?)))
+                .collect(),
+        };
+        let eos = match generation
+            .get("eos_token_id")
+            .cloned()
+            .or_else(|| token_id("eos_token_id"))
+        {
+            Some(serde_json::Value::Array(ids)) => ids,
+            Some(serde_json::Value::Null) | None => Vec::new(),
+            Some(one) => vec![one],
         };
         if eos.contains(&id.into()) {
             return Ok(());
         }
         let eos: Vec<serde_json::Value> = eos.into_iter().chain([id.into()]).collect();
-        generation["eos_token_id"] = eos.into();
+        generation.insert("eos_token_id".into(), eos.into());
         let path = dir.join("generation_config.json");
         let text = serde_json::to_string_pretty(&generation).expect("json");
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))

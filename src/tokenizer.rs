@@ -171,13 +171,22 @@ impl ChatTokenizer {
                 path: tok_path.clone(),
                 msg: "missing: nibble needs the model's tokenizer.json".into(),
             })?;
-        let tokenizer = guarded(&tok_path, || {
+        let mut tokenizer = guarded(&tok_path, || {
             tokenizers::Tokenizer::from_bytes(json.as_bytes())
         })?
         .map_err(|e| Error::Tokenizer {
             path: tok_path.clone(),
             msg: format!("cannot be parsed: {e}"),
         })?;
+        // A tokenizer.json may keep the truncation and padding it was saved with; transformers turns
+        // both off for each call unless asked, and training cuts and packs sequences itself.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer {
+                path: tok_path.clone(),
+                msg: format!("cannot turn off its truncation: {e}"),
+            })?
+            .with_padding(None);
 
         let cfg_path = origin.join("tokenizer_config.json");
         let config: serde_json::Value = match &files.tokenizer_config_json {
@@ -312,7 +321,7 @@ fn templates_of(
     config: &serde_json::Value,
 ) -> (Option<String>, Option<String>) {
     if let Some(t) = jinja {
-        return (Some(universal_newlines(t)), None);
+        return (Some(t.to_string()), None);
     }
     match config.get("chat_template") {
         Some(serde_json::Value::String(t)) => (Some(t.clone()), None),
@@ -324,8 +333,8 @@ fn templates_of(
     }
 }
 
-/// A text file's text as Python reads it in text mode, as transformers and TRL read Jinja files: each
-/// "\r\n" or lone "\r" a "\n" (a template saved on Windows renders the same).
+/// Template source as Jinja2 lexes it (and Python reads a Jinja file in text mode): each "\r\n" or
+/// lone "\r" a "\n", in string literals too (a template saved on Windows renders the same).
 fn universal_newlines(text: &str) -> String {
     text.replace("\r\n", "\n").replace('\r', "\n")
 }
@@ -460,11 +469,13 @@ fn generation_blocks_as_filters(source: &str) -> (String, bool) {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     let mut found = false;
-    while let Some(at) = [rest.find("{%"), rest.find("{#")]
-        .into_iter()
-        .flatten()
-        .min()
-    {
+    // One pass: each tag or comment opening is found from where the last one ended.
+    let opening = |text: &str| {
+        text.as_bytes()
+            .windows(2)
+            .position(|w| w[0] == b'{' && (w[1] == b'%' || w[1] == b'#'))
+    };
+    while let Some(at) = opening(rest) {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
         // Where the tag ends, after its opening (in "{%}" they overlap), and what replaces it.
@@ -561,7 +572,7 @@ impl ChatTemplate {
         env.add_test("sequence", is_sequence_in_jinja2);
         #[cfg(not(target_arch = "wasm32"))]
         env.add_function("strftime_now", strftime_now);
-        let (source, marks_generation) = generation_blocks_as_filters(source);
+        let (source, marks_generation) = generation_blocks_as_filters(&universal_newlines(source));
         env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| {
             Error::Template(format!(
                 "{}: `chat_template` does not parse: {e}",
@@ -696,10 +707,27 @@ fn python_tojson(
     value: JinjaValue,
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<JinjaValue, minijinja::Error> {
-    let indent: Option<usize> = kwargs.get("indent")?;
+    let invalid = |msg: &str| minijinja::Error::new(ErrorKind::InvalidOperation, msg.to_string());
+    // Python's json takes a number of spaces or the string itself.
+    let indent = match kwargs.get::<Option<JinjaValue>>("indent")? {
+        Some(v) if !v.is_none() => Some(match v.as_str() {
+            Some(text) => text.to_string(),
+            None => {
+                let n = usize::try_from(v)
+                    .map_err(|_| invalid("tojson: indent must be a count or a string"))?;
+                if n > MAX_JSON_INDENT {
+                    return Err(invalid("tojson: indent is too wide"));
+                }
+                " ".repeat(n)
+            }
+        }),
+        _ => None,
+    };
+    // Any two strings, as Python unpacks them (a two-character string too).
     let separators: Option<JinjaValue> = kwargs.get("separators")?;
-    let separators: Option<Vec<String>> = separators.map(|v| match v.kind() {
-        ValueKind::Seq => v
+    let separators: Option<Vec<String>> = separators.map(|v| match v.as_str() {
+        Some(text) => text.chars().map(String::from).collect(),
+        None => v
             .try_iter()
             .map(|items| {
                 items
@@ -707,7 +735,6 @@ fn python_tojson(
                     .collect()
             })
             .unwrap_or_default(),
-        _ => Vec::new(),
     });
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
@@ -734,9 +761,12 @@ fn python_tojson(
     Ok(JinjaValue::from_safe_string(out))
 }
 
+/// The widest `tojson(indent=N)`: a template asking for more is refused rather than filling memory.
+const MAX_JSON_INDENT: usize = 64;
+
 /// How Python's `json.dumps` was asked to write.
 struct JsonStyle {
-    indent: Option<usize>,
+    indent: Option<String>,
     sort_keys: bool,
     ensure_ascii: bool,
     item_sep: String,
@@ -753,7 +783,8 @@ impl JsonStyle {
             return;
         }
         for c in quoted.chars() {
-            if c.is_ascii() {
+            // Python escapes DEL too.
+            if c.is_ascii() && c != '\x7f' {
                 out.push(c);
             } else {
                 let mut units = [0u16; 2];
@@ -772,9 +803,9 @@ fn write_python_json(
     out: &mut String,
 ) -> std::result::Result<(), minijinja::Error> {
     let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = style.indent {
+        if let Some(indent) = &style.indent {
             out.push('\n');
-            out.push_str(&" ".repeat(n * depth));
+            (0..depth).for_each(|_| out.push_str(indent));
         }
     };
     match v.kind() {

@@ -636,8 +636,8 @@ fn jinja_tests_answer_as_jinja2_does() {
 
 /// `tojson`'s keywords as transformers' filter takes them (GLM-4.5's template passes
 /// `ensure_ascii=False`), a tokenizer without a BOS token leaving `bos_token` undefined as transformers
-/// leaves it (Llama 3's template adds it to text), and a Jinja file saved with Windows line ends read
-/// as Python reads it. Expected strings are Jinja2's output in transformers.
+/// leaves it (Llama 3's template adds it to text), and line ends as Jinja2 reads them (a file saved on
+/// Windows). Expected strings are Jinja2's output in transformers.
 #[test]
 fn tojson_keywords_missing_special_tokens_and_crlf_files_follow_transformers() {
     use nibble::tokenizer::{ChatTemplate, TemplateArgs, TemplateChoice};
@@ -653,6 +653,25 @@ fn tojson_keywords_missing_special_tokens_and_crlf_files_follow_transformers() {
     );
     let err = render("{{ 1 | tojson(separators=',') }}", None).unwrap_err();
     assert!(err.to_string().contains("separators"), "{err}");
+    assert_eq!(
+        render("{{ 'a\x7fé' | tojson(ensure_ascii=True) }}", None).unwrap(),
+        "\"a\\u007f\\u00e9\""
+    );
+    assert_eq!(
+        render("{{ {'a': [1]} | tojson(indent='\t') }}", None).unwrap(),
+        "{\n\t\"a\": [\n\t\t1\n\t]\n}"
+    );
+    assert_eq!(
+        render("{{ {'a': [1, 2]} | tojson(separators=',:') }}", None).unwrap(),
+        "{\"a\":[1,2]}"
+    );
+    let err = render("{{ [[1]] | tojson(indent=1000000000000) }}", None).unwrap_err();
+    assert!(err.to_string().contains("indent"), "{err}");
+    // Jinja2 reads every line end of the source as "\n", in strings too.
+    assert_eq!(
+        render("{{ 'x\r\ny\rz' }}|a\r\nb", None).unwrap(),
+        "x\ny\nz|a\nb"
+    );
 
     let bos = "{{ bos_token is defined }}{{ bos_token }}";
     assert_eq!(render(bos, None).unwrap(), "False");
@@ -663,7 +682,27 @@ fn tojson_keywords_missing_special_tokens_and_crlf_files_follow_transformers() {
     let file = dir.path().join("crlf.jinja");
     std::fs::write(&file, "{% if true %}\r\nA\r\n{% endif %}\rB\r\n").unwrap();
     let choice = TemplateChoice::read(&file).unwrap();
-    assert_eq!(choice.default, "{% if true %}\nA\n{% endif %}\nB\n");
     // Jinja drops the template's last newline.
     assert_eq!(render(&choice.default, None).unwrap(), "A\nB");
+}
+
+/// A tokenizer.json saved with truncation and padding switched on encodes whole texts, unpadded, as
+/// transformers encodes them (it turns both off for each call).
+#[test]
+fn saved_truncation_and_padding_do_not_apply() {
+    let mut files = qwen25_tokenizer();
+    let mut json: serde_json::Value =
+        serde_json::from_str(files.tokenizer_json.as_deref().unwrap()).unwrap();
+    let plain = ChatTokenizer::from_files(&files, Path::new("qwen")).unwrap();
+    json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 3,
+        "strategy": "LongestFirst", "stride": 0});
+    json["padding"] = serde_json::json!({"strategy": {"Fixed": 40}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "!"});
+    files.tokenizer_json = Some(json.to_string());
+    let saved = ChatTokenizer::from_files(&files, Path::new("qwen")).unwrap();
+    let text = "Hello there, general Kenobi.";
+    let ids = plain.encode_text(text).unwrap();
+    assert!(ids.len() > 3);
+    assert_eq!(saved.encode_text(text).unwrap(), ids);
+    assert_eq!(saved.encode(text).unwrap(), ids);
 }

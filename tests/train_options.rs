@@ -623,8 +623,36 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
     .unwrap();
     let eos = generation["eos_token_id"].as_array().unwrap();
     assert_eq!(eos.last(), Some(&serde_json::json!(256)), "{generation}");
-    assert!(eos.len() >= 2, "{generation}");
+    // The model had no generation_config.json: the new one starts from config.json's ids.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        eos[..eos.len() - 1],
+        [config["eos_token_id"].clone()],
+        "{generation}"
+    );
     assert_eq!(ask_question_0(&merged, &[]), "Answer 0.");
+    std::fs::write(model.join("generation_config.json"), "[]").unwrap();
+    let o = nibble(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--output",
+        dir.path().join("merged2").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: not a JSON object",
+            model.join("generation_config.json").display()
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("merged2").exists());
+    std::fs::remove_file(model.join("generation_config.json")).unwrap();
 
     // A block that leaves the end of the turn out: the model would never learn to stop; said.
     let open_ended = dir.path().join("open.jinja");
