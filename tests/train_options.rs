@@ -406,9 +406,9 @@ fn memorising(steps: &'static str) -> Vec<&'static str> {
     ]
 }
 
-/// `nibble merge` of `adapter` into `model`, written to `output`.
-fn merge(model: &Path, adapter: &Path, output: &Path) {
-    let o = nibble(&[
+/// `nibble merge` of `adapter` into `model`, written to `output`, as it ends.
+fn try_merge(model: &Path, adapter: &Path, output: &Path) -> std::process::Output {
+    nibble(&[
         "merge",
         "--model",
         model.to_str().unwrap(),
@@ -416,7 +416,12 @@ fn merge(model: &Path, adapter: &Path, output: &Path) {
         adapter.to_str().unwrap(),
         "--output",
         output.to_str().unwrap(),
-    ]);
+    ])
+}
+
+/// `nibble merge` of `adapter` into `model`, written to `output`.
+fn merge(model: &Path, adapter: &Path, output: &Path) {
+    let o = try_merge(model, adapter, output);
     assert!(
         o.status.success(),
         "{}: {}",
@@ -633,15 +638,7 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
     );
     assert_eq!(ask_question_0(&merged, &[]), "Answer 0.");
     std::fs::write(model.join("generation_config.json"), "[]").unwrap();
-    let o = nibble(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--output",
-        dir.path().join("merged2").to_str().unwrap(),
-    ]);
+    let o = try_merge(&model, &out, &dir.path().join("merged2"));
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
