@@ -24,16 +24,20 @@ struct CrossEntropyParams {
 @group(0) @binding(1) var<storage, read> table: array<u32>;
 // The chunk's logits [positions, chunk_len], made by linear_forward (shaders/linear.wgsl).
 @group(0) @binding(3) var<storage, read_write> logits: array<f32>;
-// Per position: running max, running sum, label logit.
+// Per position (STATE values): running max, running sum, label logit, running Σ exp(z − max)·z (the
+// entropy's), the largest logit before the label's index (whether the label is the first argmax).
 @group(0) @binding(4) var<storage, read_write> state: array<f32>;
 @group(0) @binding(5) var<storage, read> labels: array<u32>;
-// Per position: loss, log-sum-exp.
+// Per position (RESULT values, ops::cross_entropy::TokenLoss): loss, log-sum-exp, entropy, 1 where the
+// label is the first argmax (else 0).
 // grad_scale times the loss's gradient with respect to the hidden states [positions, dim]; while the
 // vocabulary is walked, the running Σ exp(logit − max) · W_v.
 @group(0) @binding(6) var<storage, read_write> d_hidden: array<f32>;
 @group(0) @binding(7) var<storage, read_write> result: array<f32>;
 
 const WG: u32 = 64u;
+const STATE: u32 = 5u;
+const RESULT: u32 = 4u;
 
 // The logit as the loss sees it. tanh's argument is clamped where tanh is ±1 in f32 anyway, as some
 // drivers' tanh gives NaN for large arguments.
@@ -77,34 +81,46 @@ fn reduce(lid: u32, value: f32, is_max: bool) -> f32 {
 // the cap's slope. Returns the old max and the factor by which sums against it must be rescaled.
 fn absorb_chunk(pos: u32, lid: u32, keep_weights: bool) -> vec2<f32> {
     let base = pos * p.chunk_len;
-    var m = -3.0e38;
-    for (var v = lid; v < p.chunk_len; v += WG) {
-        m = max(m, capped(logits[base + v]));
-    }
-    let chunk_max = reduce(lid, m, true);
-    let old_max = state[pos * 3u];
-    let new_max = max(old_max, chunk_max);
     let label = labels[pos];
     let first = p.block_start + p.chunk_start;
+    var m = -3.0e38;
+    var before = -3.0e38;
+    for (var v = lid; v < p.chunk_len; v += WG) {
+        let z = capped(logits[base + v]);
+        m = max(m, z);
+        if (first + v < label) {
+            before = max(before, z);
+        }
+    }
+    let chunk_max = reduce(lid, m, true);
+    let chunk_before = reduce(lid, before, true);
+    let s0 = pos * STATE;
+    let old_max = state[s0];
+    let new_max = max(old_max, chunk_max);
     var s = 0.0;
+    var w = 0.0;
     for (var v = lid; v < p.chunk_len; v += WG) {
         let z = capped(logits[base + v]);
         let e = exp(z - new_max);
         s += e;
+        w += e * z;
         if (label == first + v) {
-            state[pos * 3u + 2u] = z;
+            state[s0 + 2u] = z;
         }
         if (keep_weights) {
             logits[base + v] = e * cap_slope(z);
         }
     }
     let chunk_sum = reduce(lid, s, false);
+    let chunk_weighted = reduce(lid, w, false);
     let rescale = exp(old_max - new_max);
     // Every thread has read the old state before it is replaced.
     storageBarrier();
     if (lid == 0u) {
-        state[pos * 3u + 1u] = state[pos * 3u + 1u] * rescale + chunk_sum;
-        state[pos * 3u] = new_max;
+        state[s0 + 1u] = state[s0 + 1u] * rescale + chunk_sum;
+        state[s0 + 3u] = state[s0 + 3u] * rescale + chunk_weighted;
+        state[s0 + 4u] = max(state[s0 + 4u], chunk_before);
+        state[s0] = new_max;
     }
     return vec2<f32>(old_max, rescale);
 }
@@ -138,16 +154,23 @@ fn ce_absorb(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id)
     }
 }
 
-// result = (loss, lse) per position.
+// result = (loss, lse, entropy, top1) per position.
 @compute @workgroup_size(64)
 fn ce_finalize(@builtin(global_invocation_id) id: vec3<u32>) {
     let pos = id.x;
     if (pos >= p.positions) {
         return;
     }
-    let lse = state[pos * 3u] + log(state[pos * 3u + 1u]);
-    result[pos * 2u] = lse - state[pos * 3u + 2u];
-    result[pos * 2u + 1u] = lse;
+    let s0 = pos * STATE;
+    let max_logit = state[s0];
+    let sum = state[s0 + 1u];
+    let label_logit = state[s0 + 2u];
+    let lse = max_logit + log(sum);
+    let r = pos * RESULT;
+    result[r] = lse - label_logit;
+    result[r + 1u] = lse;
+    result[r + 2u] = lse - state[s0 + 3u] / sum;
+    result[r + 3u] = select(0.0, 1.0, label_logit >= max_logit && label_logit > state[s0 + 4u]);
 }
 
 // After the walk, for the positions whose label lies in the bound block:
@@ -166,7 +189,7 @@ fn ce_grad_finish(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     let index = (label - p.block_start) * p.dim + c;
     let w = dense_word_value(table[dense_word_index(p.fmt, index)], p.fmt, index);
-    let slope = cap_slope(state[pos * 3u + 2u]);
+    let slope = cap_slope(state[pos * STATE + 2u]);
     let i = pos * p.dim + c;
-    d_hidden[i] = p.grad_scale * (d_hidden[i] / state[pos * 3u + 1u] - slope * w);
+    d_hidden[i] = p.grad_scale * (d_hidden[i] / state[pos * STATE + 1u] - slope * w);
 }

@@ -161,11 +161,41 @@ impl Sequence {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepLoss {
     /// Σ cross-entropy over the sequence's targets.
     pub loss_sum: f64,
     pub targets: usize,
+    /// Σ entropy of the predicted distributions at the targets (nats), and how many targets were the
+    /// most likely token: what TRL logs as `entropy` and `mean_token_accuracy`.
+    pub entropy_sum: f64,
+    pub correct: usize,
+}
+
+impl StepLoss {
+    /// The sums over a step's `losses` output (a `TokenLoss` row per target).
+    pub fn of_rows(rows: &[f32]) -> Self {
+        use crate::ops::cross_entropy::TokenLoss;
+        let mut total = StepLoss::default();
+        for t in rows.chunks_exact(TokenLoss::WIDTH).map(TokenLoss::from_row) {
+            total += StepLoss {
+                loss_sum: t.loss as f64,
+                targets: 1,
+                entropy_sum: t.entropy as f64,
+                correct: usize::from(t.top1),
+            };
+        }
+        total
+    }
+}
+
+impl std::ops::AddAssign for StepLoss {
+    fn add_assign(&mut self, other: StepLoss) {
+        self.loss_sum += other.loss_sum;
+        self.targets += other.targets;
+        self.entropy_sum += other.entropy_sum;
+        self.correct += other.correct;
+    }
 }
 
 /// Checks that every token id lies inside a vocabulary of `vocab` tokens.

@@ -7,6 +7,7 @@
 
 mod common;
 
+use nibble::ops::cross_entropy::TokenLoss;
 use nibble::config::Arch;
 use nibble::config::GateActivation;
 use nibble::cpu::Sequence;
@@ -500,8 +501,8 @@ fn cases(model: &Model) -> Vec<Case> {
             let labels = b.input(Input::Labels, labelled);
             let scale = b.input(Input::GradScale, 1);
             let (losses, fused, d_hidden, logits) = (
-                b.output("losses", 2 * labelled),
-                b.output("fused losses", 2 * labelled),
+                b.output("losses", TokenLoss::WIDTH * labelled),
+                b.output("fused losses", TokenLoss::WIDTH * labelled),
                 b.output("d_hidden", labelled * h),
                 b.output("logits", labelled * VOCAB),
             );

@@ -555,6 +555,94 @@ fn cross_entropy_reference(
         .collect()
 }
 
+/// Each position's loss and log-sum-exp.
+fn split(tokens: &[cross_entropy::TokenLoss]) -> (Vec<f32>, Vec<f32>) {
+    tokens.iter().map(|t| (t.loss, t.lse)).unzip()
+}
+
+fn split_with_gradient(
+    (tokens, d_hidden): (Vec<cross_entropy::TokenLoss>, Vec<f32>),
+) -> ((Vec<f32>, Vec<f32>), Vec<f32>) {
+    (split(&tokens), d_hidden)
+}
+
+/// The entropy of each position's predicted distribution and whether its label is the first of the
+/// largest logits (TRL's `entropy` and `mean_token_accuracy`), across vocabulary chunks and with a soft
+/// cap, against f64 over the full logits; ties (two identical head rows) count for the first only, as
+/// torch's argmax. Measured: entropy within 9e-6 relative (f32 sums over 5,000 logits, as TRL's kernel
+/// sums them); held to 1e-4.
+#[test]
+fn cross_entropy_reports_entropy_and_whether_the_label_ranked_first() {
+    let mut rng = Rng::new(15);
+    let (vocab, dim, positions) = (cross_entropy::VOCAB_CHUNK + 905, 16, 12);
+    let mut w = random(vocab * dim, 0.5, &mut rng);
+    // Rows 100 and VOCAB_CHUNK + 7 (another chunk) are the same: their logits tie.
+    let (first, second) = (100, cross_entropy::VOCAB_CHUNK + 7);
+    // Three times as long as the other rows, so that along it they are the largest logits by far.
+    let copy: Vec<f32> = w[first * dim..(first + 1) * dim]
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    w[first * dim..(first + 1) * dim].copy_from_slice(&copy);
+    w[second * dim..(second + 1) * dim].copy_from_slice(&copy);
+    let head = DenseTensor {
+        rows: vocab,
+        cols: dim,
+        data: DenseData::F32(w.clone()),
+    };
+    let mut hidden = random(positions * dim, 1.0, &mut rng);
+    // Positions 0 and 1 point along the tied rows, so those are their largest logits.
+    for p in 0..2 {
+        for c in 0..dim {
+            hidden[p * dim + c] = copy[c];
+        }
+    }
+    let mut labels: Vec<u32> = (0..positions)
+        .map(|_| rng.below(vocab as u64) as u32)
+        .collect();
+    labels[0] = first as u32;
+    labels[1] = second as u32;
+    for softcap in [None, Some(3.0f32)] {
+        let logits = cross_entropy::logits(&hidden, &head, Precision::F32, softcap);
+        let tokens = cross_entropy::forward(&hidden, &head, &labels, Precision::F32, softcap);
+        let (fused, _) =
+            cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32, softcap);
+        let (mut ranked_first, mut worst) = (0, 0f64);
+        for p in 0..positions {
+            let row: Vec<f64> = logits[p * vocab..(p + 1) * vocab]
+                .iter()
+                .map(|&z| z as f64)
+                .collect();
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = row.iter().map(|z| (z - max).exp()).sum();
+            let entropy: f64 = -row
+                .iter()
+                .map(|z| {
+                    let logp = z - max - sum.ln();
+                    logp.exp() * logp
+                })
+                .sum::<f64>();
+            let argmax = row.iter().position(|&z| z == max).unwrap();
+            for t in [tokens[p], fused[p]] {
+                // Relative, and absolute (in nats) where the distribution is all but certain.
+                let e = (t.entropy as f64 - entropy).abs() / entropy.max(1.0);
+                worst = worst.max(e);
+                assert!(e < 1e-4, "position {p}, cap {softcap:?}: entropy {e:e}");
+                assert_eq!(t.top1, argmax == labels[p] as usize, "position {p}");
+            }
+            ranked_first += usize::from(tokens[p].top1);
+        }
+        eprintln!("entropy, cap {softcap:?}: worst relative error {worst:e}");
+        if softcap.is_none() {
+            assert!(
+                tokens[0].top1 && !tokens[1].top1,
+                "a tie counts for the first"
+            );
+        }
+        assert!(ranked_first < positions, "random labels are seldom first");
+    }
+}
+
 /// Measured: forward 1e-7, gradient 2e-7 (3e-7 capped) against finite differences; held to 1e-6 and 1e-5.
 #[test]
 fn chunked_cross_entropy_matches_reference_across_chunks() {
@@ -573,10 +661,22 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
         .collect();
     let h64: Vec<f64> = hidden.iter().map(|&v| v as f64).collect();
     // The logits here reach about ±8, so a cap of 3 bends most of them.
-    let uncapped = cross_entropy::forward(&hidden, &head, &labels, Precision::F32, None).0;
+    let uncapped = split(&cross_entropy::forward(
+        &hidden,
+        &head,
+        &labels,
+        Precision::F32,
+        None,
+    ))
+    .0;
     for softcap in [None, Some(3.0f32)] {
-        let (losses, lse) =
-            cross_entropy::forward(&hidden, &head, &labels, Precision::F32, softcap);
+        let (losses, lse) = split(&cross_entropy::forward(
+            &hidden,
+            &head,
+            &labels,
+            Precision::F32,
+            softcap,
+        ));
         let reference = cross_entropy_reference(&h64, &w, vocab, dim, &labels, softcap);
         let e = rel_err(&losses, &reference);
         assert!(e < 1e-6, "cross-entropy forward, cap {softcap:?}: {e:e}");
@@ -586,8 +686,9 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
         }
 
         // The one-pass loss and gradient: the same losses, and the gradient against finite differences.
-        let (fused, fused_lse, d_hidden) =
+        let (fused_tokens, d_hidden) =
             cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32, softcap);
+        let (fused, fused_lse) = split(&fused_tokens);
         let e = rel_err(
             &fused_lse,
             &lse.iter().map(|&l| l as f64).collect::<Vec<_>>(),
@@ -651,26 +752,31 @@ fn cross_entropy_in_integer_products_stays_near_f32() {
             .collect();
         let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         for softcap in [None, Some(10.0f32)] {
-            let (l32, lse32, d32) = cross_entropy::forward_backward(
+            let ((l32, lse32), d32) = split_with_gradient(cross_entropy::forward_backward(
                 &hidden,
                 &head,
                 &labels,
                 0.5,
                 Precision::F32,
                 softcap,
-            );
-            let (l16, lse16, d16) = cross_entropy::forward_backward(
+            ));
+            let ((l16, lse16), d16) = split_with_gradient(cross_entropy::forward_backward(
                 &hidden,
                 &head,
                 &labels,
                 0.5,
                 Precision::Int16,
                 softcap,
-            );
+            ));
             let (losses, errs) = (rel_err(&l16, &wide(&l32)), rel_err(&lse16, &wide(&lse32)));
             let grads = rel_err(&d16, &wide(&d32));
-            let (forward_only, _) =
-                cross_entropy::forward(&hidden, &head, &labels, Precision::Int16, softcap);
+            let (forward_only, _) = split(&cross_entropy::forward(
+                &hidden,
+                &head,
+                &labels,
+                Precision::Int16,
+                softcap,
+            ));
             let forward = rel_err(&forward_only, &wide(&l16));
             let logits = rel_err(
                 &cross_entropy::logits(&hidden, &head, Precision::Int16, softcap),
@@ -701,14 +807,14 @@ fn cross_entropy_in_integer_products_stays_near_f32() {
                 "dim {dim}: Int16 gave f32's results"
             );
             if nibble::ops::bf16_gemm::available() {
-                let (lb, _, db) = cross_entropy::forward_backward(
+                let ((lb, _), db) = split_with_gradient(cross_entropy::forward_backward(
                     &hidden,
                     &head,
                     &labels,
                     0.5,
                     Precision::Bf16,
                     softcap,
-                );
+                ));
                 let (losses_bf16, grads_bf16) =
                     (rel_err(&lb, &wide(&l32)), rel_err(&db, &wide(&d32)));
                 eprintln!("  bf16: losses {losses_bf16:e}, gradient {grads_bf16:e}");

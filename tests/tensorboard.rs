@@ -137,13 +137,17 @@ fn a_run_writes_its_metrics_as_tensorboard_scalars() {
         // read from the mapping under test).
         let tags: std::collections::BTreeSet<&str> = scalars.iter().map(|s| s.1.as_str()).collect();
         let expected = [
+            "eval/entropy",
             "eval/loss",
+            "eval/mean_token_accuracy",
             "eval/perplexity",
             "eval/tokens",
+            "train/entropy",
             "train/epoch",
             "train/grad_norm",
             "train/learning_rate",
             "train/loss",
+            "train/mean_token_accuracy",
             "train/tokens",
             "train/tokens_per_s",
         ];

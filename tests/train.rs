@@ -61,7 +61,7 @@ fn one_step_equals_accumulated_gradients_clipping_and_adamw() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let mut rng = Rng::new(4);
-    let seqs = sequences(4, &mut rng);
+    let mut seqs = sequences(4, &mut rng);
     let config = TrainConfig {
         lora: LoraConfig {
             r: 4,
@@ -83,6 +83,16 @@ fn one_step_equals_accumulated_gradients_clipping_and_adamw() {
         p.b.iter_mut()
             .for_each(|b| *b = (rng.normal() * 0.05) as f32);
     }
+    // The first example continues its first token greedily: each of its labels ranks first.
+    let vocab = model.config.vocab_size;
+    let mut greedy = seqs[0].ids[..1].to_vec();
+    while greedy.len() < seqs[0].ids.len() {
+        let logits = cpu::logits(&model, Some(&init), &greedy).unwrap();
+        let last = &logits[(greedy.len() - 1) * vocab..];
+        let max = last.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        greedy.push(last.iter().position(|&z| z == max).unwrap() as u32);
+    }
+    seqs[0] = cpu::Sequence::all_tokens(greedy);
     let mut trainer = Trainer::new(&model, config, seqs.clone(), Some(init.clone())).unwrap();
     let record = trainer.step().unwrap();
 
@@ -107,6 +117,44 @@ fn one_step_equals_accumulated_gradients_clipping_and_adamw() {
         "step loss {} vs {}",
         record.loss,
         loss / total as f64
+    );
+    // TRL's metrics: per micro-batch (two examples) the share of labels ranked first and the mean
+    // entropy at the labels, from the full logits in f64; then their mean over the micro-batches.
+    let micro_batches: Vec<(f64, f64)> = seqs
+        .chunks(2)
+        .map(|micro| {
+            let (mut correct, mut entropy, mut targets) = (0usize, 0f64, 0usize);
+            for s in micro {
+                let logits = cpu::logits(&model, Some(&init), &s.ids).unwrap();
+                for (t, target) in s.targets.iter().enumerate() {
+                    let Some(label) = target else { continue };
+                    let row: Vec<f64> = logits[t * vocab..(t + 1) * vocab]
+                        .iter()
+                        .map(|&z| z as f64)
+                        .collect();
+                    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let lse = max + row.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+                    entropy -= row.iter().map(|z| (z - lse).exp() * (z - lse)).sum::<f64>();
+                    correct +=
+                        usize::from(row.iter().position(|&z| z == max) == Some(*label as usize));
+                    targets += 1;
+                }
+            }
+            (correct as f64 / targets as f64, entropy / targets as f64)
+        })
+        .collect();
+    let predictions = record.predictions.expect("a language model's step");
+    let accuracy = (micro_batches[0].0 + micro_batches[1].0) / 2.0;
+    let entropy = (micro_batches[0].1 + micro_batches[1].1) / 2.0;
+    assert!((predictions.mean_token_accuracy - accuracy).abs() < 1e-12);
+    assert!(
+        accuracy > 0.2,
+        "the greedy example's labels rank first: {accuracy}"
+    );
+    assert!(
+        (predictions.entropy - entropy).abs() < 1e-5 * entropy,
+        "entropy {} vs {entropy}",
+        predictions.entropy
     );
     let norm = grads
         .pairs()

@@ -55,7 +55,8 @@ pub fn run(args: Args) -> Result<()> {
         examples.len(),
         executor.describe()
     );
-    let (mut loss_sum, mut tokens, mut cut_examples) = (0f64, 0usize, 0usize);
+    let mut total = nibble::cpu::StepLoss::default();
+    let mut cut_examples = 0usize;
     let mut shown = super::progress::Progress::start("example", 0, examples.len(), false);
     let started = std::time::Instant::now();
     for (i, example) in examples.iter().enumerate() {
@@ -63,8 +64,8 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
         cut_examples += usize::from(cut > 0);
         let loss = executor.loss(&seq, args.exec.precision.cpu())?;
-        loss_sum += loss.loss_sum;
-        tokens += loss.targets;
+        total += loss;
+        let (loss_sum, tokens) = (total.loss_sum, total.targets);
         let per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let mean = loss_sum / tokens.max(1) as f64;
         let message = format!("loss {mean:.4}  {} tokens/s", super::rate(per_s));
@@ -87,16 +88,19 @@ pub fn run(args: Args) -> Result<()> {
             args.max_length
         );
     }
-    if tokens == 0 {
+    if total.targets == 0 {
         bail!("{}: no example has a token to predict", args.data.display());
     }
-    let mean = loss_sum / tokens as f64;
+    let mean = total.loss_sum / total.targets as f64;
     if !mean.is_finite() {
         bail!("the loss is {mean}: the model or adapter produces non-finite values");
     }
+    let predictions = nibble::train::TokenMetrics::of_total(&total);
     println!(
         "{}",
-        json!({"loss": mean, "perplexity": mean.exp(), "tokens": tokens})
+        json!({"loss": mean, "perplexity": mean.exp(), "tokens": total.targets,
+               "mean_token_accuracy": predictions.mean_token_accuracy,
+               "entropy": predictions.entropy})
     );
     Ok(())
 }

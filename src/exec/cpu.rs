@@ -630,18 +630,18 @@ impl Exec {
                 }
             }
             Op::CrossEntropy { softcap, .. } => {
-                let (losses, lse) = cross_entropy::forward(
+                let tokens = cross_entropy::forward(
                     x(0),
                     ins[1].table(),
                     ins[2].u32(),
                     self.precision,
                     *softcap,
                 );
-                outs.set(0, pairs(&losses, &lse));
+                outs.set(0, rows(&tokens));
             }
             Op::CrossEntropyWithGrad { softcap, .. } => {
                 let scale = x(3)[0];
-                let (losses, lse, d_hidden) = cross_entropy::forward_backward(
+                let (tokens, d_hidden) = cross_entropy::forward_backward(
                     x(0),
                     ins[1].table(),
                     ins[2].u32(),
@@ -649,7 +649,7 @@ impl Exec {
                     self.precision,
                     *softcap,
                 );
-                outs.set(0, pairs(&losses, &lse));
+                outs.set(0, rows(&tokens));
                 outs.set(1, d_hidden);
             }
             Op::GradNorm { max_norm } => {
@@ -683,9 +683,9 @@ impl Exec {
     }
 }
 
-/// [loss, log-sum-exp] per position, as the loss ops leave them.
-fn pairs(losses: &[f32], lse: &[f32]) -> Vec<f32> {
-    losses.iter().zip(lse).flat_map(|(&l, &s)| [l, s]).collect()
+/// The `losses` output: each position's `TokenLoss` as a row.
+fn rows(tokens: &[cross_entropy::TokenLoss]) -> Vec<f32> {
+    tokens.iter().flat_map(|t| t.to_row()).collect()
 }
 
 fn dropout_params(n: usize, seed: &[u32], stream: u32, p: f32) -> DropoutParams {
@@ -743,10 +743,7 @@ pub fn forward_backward_with(
     let seed = dropout_rng.map(|r| r.next_u64());
     let targets = seq.target_count();
     if targets == 0 {
-        return Ok(StepLoss {
-            loss_sum: 0.0,
-            targets,
-        });
+        return Ok(StepLoss::default());
     }
     let backward = grads.is_some();
     let lora = adapter.map(LoraSpec::of);
@@ -773,11 +770,7 @@ pub fn forward_backward_with(
             precision: options.precision,
         },
     )?;
-    let losses = out.take("losses");
-    Ok(StepLoss {
-        loss_sum: losses.chunks(2).map(|pair| pair[0] as f64).sum(),
-        targets,
-    })
+    Ok(StepLoss::of_rows(&out.take("losses")))
 }
 
 /// Keys and values of every decoded position, per layer (after RoPE), for incremental decoding.

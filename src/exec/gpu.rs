@@ -92,12 +92,9 @@ pub struct SequenceOptions {
     pub dropout: Option<(u64, f32)>,
 }
 
-/// Σ loss of a sequence from the [loss, log-sum-exp] pairs `record_sequence` leaves.
+/// The sums of a sequence's `TokenLoss` rows, as `record_sequence` leaves them.
 pub fn sequence_loss(result: &[f32]) -> StepLoss {
-    StepLoss {
-        loss_sum: result.chunks(2).map(|pair| pair[0] as f64).sum(),
-        targets: result.len() / 2,
-    }
+    StepLoss::of_rows(result)
 }
 
 fn lora_pairs(lora: Option<&GpuLora>) -> HashMap<&str, &(GpuBuffer, GpuBuffer)> {
@@ -606,7 +603,7 @@ fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {
 
 /// Records one sequence's forward (and with `grads` its backward, adding ∂(grad_scale · loss_sum)/∂θ
 /// into the gradient buffers) into `enc`, through the decoder's graph. Returns the buffer of
-/// per-position [loss, log-sum-exp] pairs to read back, or None when no position carries a label.
+/// per-position `TokenLoss` rows to read back, or None when no position carries a label.
 pub fn record_sequence(
     gpu: &Gpu,
     model: &GpuModel,
@@ -663,10 +660,7 @@ pub async fn forward_backward_async(
     };
     let mut enc = gpu.encoder();
     let Some(result) = record_sequence(gpu, model, lora, grads, seq, options, &mut enc)? else {
-        return Ok(StepLoss {
-            loss_sum: 0.0,
-            targets: 0,
-        });
+        return Ok(StepLoss::default());
     };
     let values = gpu.submit_and_read_async(enc, &[&result]).await?;
     Ok(sequence_loss(&values[0]))

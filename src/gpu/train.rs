@@ -49,8 +49,9 @@ pub struct GpuTrainState {
 /// What one optimizer step read back.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GpuStepResult {
-    /// Each micro-batch's loss: Σ token cross-entropy of a sequence, or an image graph's `loss`.
-    pub loss_sums: Vec<f64>,
+    /// Each sequence's sums (Σ token cross-entropy and what goes with it), or each image graph's `loss`
+    /// as `loss_sum`.
+    pub losses: Vec<StepLoss>,
     pub grad_norm: f64,
 }
 
@@ -135,18 +136,15 @@ impl GpuTrainState {
         }
         let reads: Vec<&GpuBuffer> = results.iter().flatten().collect();
         let (values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
-        let mut losses = values.iter();
-        let loss_sums = results
+        let mut read = values.iter();
+        let losses = results
             .iter()
             .map(|r| match r {
-                Some(_) => sequence_loss(losses.next().expect("one read per result")).loss_sum,
-                None => 0.0,
+                Some(_) => sequence_loss(read.next().expect("one read per result")),
+                None => StepLoss::default(),
             })
             .collect();
-        Ok(GpuStepResult {
-            loss_sums,
-            grad_norm,
-        })
+        Ok(GpuStepResult { losses, grad_norm })
     }
 
     /// One optimizer step over graphs the caller built (each a forward and backward into the LoRA
@@ -177,7 +175,13 @@ impl GpuTrainState {
         let reads: Vec<&GpuBuffer> = losses.iter().flatten().collect();
         let (values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
         Ok(GpuStepResult {
-            loss_sums: values.iter().map(|v| v[0] as f64).collect(),
+            losses: values
+                .iter()
+                .map(|v| StepLoss {
+                    loss_sum: v[0] as f64,
+                    ..StepLoss::default()
+                })
+                .collect(),
             grad_norm,
         })
     }

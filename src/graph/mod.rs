@@ -252,12 +252,13 @@ pub enum Op {
     GatherRows { dim: usize },
     /// [rows, index] -> [x]: row i into row `index[i]` of x; other rows zero.
     ScatterRows { dim: usize },
-    /// [hidden, head, labels] -> [losses]: per position the pair (−log softmax(h·headᵀ)[label],
-    /// log-sum-exp of the logits), the vocabulary walked in chunks; rows of `dim`. With `softcap`, each
+    /// [hidden, head, labels] -> [losses]: per position a `cross_entropy::TokenLoss` row (−log
+    /// softmax(h·headᵀ)[label], the log-sum-exp of the logits, the entropy of the softmax, 1 where the
+    /// label is the first argmax), the vocabulary walked in chunks; rows of `dim`. With `softcap`, each
     /// logit is softcap · tanh(logit / softcap) first.
     CrossEntropy { dim: usize, softcap: Option<f32> },
-    /// [hidden, head, labels, grad_scale] -> [losses, d_hidden]: the (loss, log-sum-exp) pairs and
-    /// grad_scale times the loss's gradient, in one walk over the vocabulary.
+    /// [hidden, head, labels, grad_scale] -> [losses, d_hidden]: the `TokenLoss` rows and grad_scale
+    /// times the loss's gradient, in one walk over the vocabulary.
     CrossEntropyWithGrad { dim: usize, softcap: Option<f32> },
     /// [hidden, head] -> [logits]: every logit [positions, vocab], soft-capped as the loss's.
     Logits { dim: usize, softcap: Option<f32> },

@@ -1271,8 +1271,9 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     let labels = d.b.input(Input::Labels, np);
     let hidden = d.b.activation(np * h, "labelled hidden");
     d.b.node(Op::GatherRows { dim: h }, &[xf, index], &[hidden], false);
-    // Per position: the loss and the log-sum-exp.
-    let losses = d.b.output("losses", 2 * np);
+    // Per position: the loss, the log-sum-exp and what goes with them (`TokenLoss`).
+    let losses =
+        d.b.output("losses", crate::ops::cross_entropy::TokenLoss::WIDTH * np);
     if !shape.backward {
         d.b.node(
             Op::CrossEntropy { dim: h, softcap },

@@ -151,47 +151,121 @@ fn for_each_chunk(
     }
 }
 
-/// Online log-sum-exp over vocabulary chunks: folds one chunk's logits `row` into the running maximum
-/// and Σ exp(logit − max), replacing the row with exp(logit − new max). Returns the factor by which
-/// everything summed against the old maximum must be rescaled.
-fn absorb_chunk(row: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
-    let new_max = fastmath::max(row).max(*max);
-    let rescale = fastmath::exp(*max - new_max);
-    *sum = *sum * rescale + fastmath::exp_shifted_sum(row, new_max);
-    *max = new_max;
-    rescale
+/// What cross-entropy gives one labelled position: the loss −log softmax[label], the log-sum-exp the
+/// backward needs, and what TRL logs beside the loss: the entropy of the predicted distribution (in
+/// nats) and whether the label is the most likely token (the first of the largest logits, as torch's
+/// argmax picks it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenLoss {
+    pub loss: f32,
+    pub lse: f32,
+    pub entropy: f32,
+    pub top1: bool,
 }
 
-/// Per-position loss −log softmax(h·Wᵀ)[label] and the log-sum-exp the backward needs.
+impl TokenLoss {
+    /// The values per position in a step's `losses` output.
+    pub const WIDTH: usize = 4;
+
+    pub fn to_row(self) -> [f32; Self::WIDTH] {
+        [
+            self.loss,
+            self.lse,
+            self.entropy,
+            f32::from(u8::from(self.top1)),
+        ]
+    }
+
+    pub fn from_row(row: &[f32]) -> Self {
+        TokenLoss {
+            loss: row[0],
+            lse: row[1],
+            entropy: row[2],
+            top1: row[3] > 0.5,
+        }
+    }
+}
+
+/// One position's online walk over the vocabulary chunks: the running maximum m, Σ exp(z − m) and
+/// Σ exp(z − m)·z (rescaled whenever m grows), the label's logit, and the largest logit before the
+/// label's index.
+#[derive(Clone, Copy, Debug)]
+struct Running {
+    max: f32,
+    sum: f32,
+    weighted: f32,
+    label_logit: f32,
+    max_before_label: f32,
+}
+
+impl Running {
+    const START: Running = Running {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        weighted: 0.0,
+        label_logit: 0.0,
+        max_before_label: f32::NEG_INFINITY,
+    };
+
+    /// Folds the logits `row` of vocabulary rows start.. in, replacing each with exp(logit − new
+    /// max). Returns the factor by which everything summed against the old maximum must be rescaled.
+    fn absorb(&mut self, row: &mut [f32], start: usize, label: usize) -> f32 {
+        let end = start + row.len();
+        if (start..end).contains(&label) {
+            self.label_logit = row[label - start];
+            self.max_before_label = self
+                .max_before_label
+                .max(fastmath::max(&row[..label - start]));
+        }
+        let chunk_max = fastmath::max(row);
+        if end <= label {
+            self.max_before_label = self.max_before_label.max(chunk_max);
+        }
+        let new_max = chunk_max.max(self.max);
+        let rescale = fastmath::exp(self.max - new_max);
+        let (sum, weighted) = fastmath::exp_shifted_sums(row, new_max);
+        self.sum = self.sum * rescale + sum;
+        self.weighted = self.weighted * rescale + weighted;
+        self.max = new_max;
+        rescale
+    }
+
+    fn token(&self) -> TokenLoss {
+        let lse = self.max + self.sum.ln();
+        TokenLoss {
+            loss: lse - self.label_logit,
+            lse,
+            entropy: lse - self.weighted / self.sum,
+            top1: self.label_logit >= self.max && self.label_logit > self.max_before_label,
+        }
+    }
+}
+
+/// Per labelled position, the loss −log softmax(h·Wᵀ)[label] and what goes with it (`TokenLoss`).
 pub fn forward(
     hidden: &[f32],
     head: &DenseTensor,
     labels: &[u32],
     precision: Precision,
     softcap: Option<f32>,
-) -> (Vec<f32>, Vec<f32>) {
+) -> Vec<TokenLoss> {
     let positions = labels.len();
     assert_eq!(
         hidden.len(),
         positions * head.cols,
         "cross_entropy: hidden is positions x dim"
     );
-    let mut max = vec![f32::NEG_INFINITY; positions];
-    let mut sum = vec![0f32; positions];
-    let mut label_logit = vec![0f32; positions];
+    let mut state = vec![Running::START; positions];
     for_each_chunk(hidden, head, precision, softcap, |start, n, logits| {
-        for p in 0..positions {
-            let row = &mut logits[p * n..(p + 1) * n];
-            let label = labels[p] as usize;
-            if (start..start + n).contains(&label) {
-                label_logit[p] = row[label - start];
-            }
-            absorb_chunk(row, &mut max[p], &mut sum[p]);
-        }
+        logits
+            .par_chunks_mut(n)
+            .zip(state.par_iter_mut())
+            .zip(labels.par_iter())
+            .for_each(|((row, running), &label)| {
+                running.absorb(row, start, label as usize);
+            });
     });
-    let lse: Vec<f32> = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
-    let losses = lse.iter().zip(&label_logit).map(|(l, x)| l - x).collect();
-    (losses, lse)
+    state.iter().map(Running::token).collect()
 }
 
 /// The loss and log-sum-exp (as `forward`) and the loss's gradient d hidden = grad_scale · (softmax · W − W[label]) in one pass
@@ -206,7 +280,7 @@ pub fn forward_backward(
     grad_scale: f32,
     precision: Precision,
     softcap: Option<f32>,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Vec<TokenLoss>, Vec<f32>) {
     let positions = labels.len();
     let dim = head.cols;
     assert_eq!(
@@ -215,8 +289,7 @@ pub fn forward_backward(
         "cross_entropy: hidden is positions x dim"
     );
     let mut h = Hidden::new(hidden, positions, dim, precision);
-    // (running max, running sum, label logit) per position.
-    let mut state = vec![(f32::NEG_INFINITY, 0f32, 0f32); positions];
+    let mut state = vec![Running::START; positions];
     let mut acc = vec![0f32; positions * dim];
     let mut probs = Vec::new();
     let mut slopes = Vec::new();
@@ -235,12 +308,8 @@ pub fn forward_backward(
             .zip(state.par_iter_mut())
             .zip(labels.par_iter())
             .enumerate()
-            .for_each(|(p, (((row, acc_row), (max, sum, label_logit)), &label))| {
-                let label = label as usize;
-                if (start..start + n).contains(&label) {
-                    *label_logit = row[label - start];
-                }
-                let rescale = absorb_chunk(row, max, sum);
+            .for_each(|(p, (((row, acc_row), running), &label))| {
+                let rescale = running.absorb(row, start, label as usize);
                 if rescale != 1.0 {
                     acc_row.iter_mut().for_each(|a| *a *= rescale);
                 }
@@ -263,25 +332,20 @@ pub fn forward_backward(
             }
         }
     }
-    let mut losses = vec![0f32; positions];
-    let mut lse = vec![0f32; positions];
     let mut d_hidden = acc;
     d_hidden
         .par_chunks_mut(dim)
-        .zip(losses.par_iter_mut().zip(lse.par_iter_mut()))
         .zip(state.par_iter())
         .zip(labels.par_iter())
-        .for_each(|(((d, (loss, lse)), &(max, sum, label_logit)), &label)| {
-            *lse = max + sum.ln();
-            *loss = *lse - label_logit;
+        .for_each(|((d, running), &label)| {
             let mut label_row = vec![0f32; dim];
             head.row_f32(label as usize, &mut label_row);
-            let label_slope = softcap.map_or(1.0, |cap| soft_cap_slope(label_logit, cap));
+            let label_slope = softcap.map_or(1.0, |cap| soft_cap_slope(running.label_logit, cap));
             for (g, w) in d.iter_mut().zip(&label_row) {
-                *g = grad_scale * (*g / sum - label_slope * w);
+                *g = grad_scale * (*g / running.sum - label_slope * w);
             }
         });
-    (losses, lse, d_hidden)
+    (state.iter().map(Running::token).collect(), d_hidden)
 }
 
 /// Full logits [positions, vocab] (for evaluation of small models and tests), soft-capped where
@@ -425,7 +489,7 @@ fn for_each_gpu_chunk(
 }
 
 /// The GPU lowering of `forward` and (with `d_hidden`) `forward_backward` (shaders/cross_entropy.wgsl):
-/// per-position [loss, log-sum-exp] into `result`, and grad_scale times the loss's gradient with respect
+/// per-position `TokenLoss` rows into `result`, and grad_scale times the loss's gradient with respect
 /// to `hidden`, in one walk over the vocabulary as `forward_backward` does: each chunk's logits are
 /// computed once, folded into the running sums, turned into their softmax weights against the running
 /// max, and multiplied by the chunk's rows into d_hidden (rescaled when the max grows).
@@ -440,7 +504,10 @@ pub(crate) fn record(
 ) {
     let np = labels.len;
     let grad_scale = r.inputs.grad_scale;
-    let running: Vec<f32> = (0..np).flat_map(|_| [-3.0e38f32, 0.0, 0.0]).collect();
+    // shaders/cross_entropy.wgsl's STATE values per position, as `Running::START`.
+    let running: Vec<f32> = (0..np)
+        .flat_map(|_| [-3.0e38f32, 0.0, 0.0, 0.0, -3.0e38])
+        .collect();
     let state = r.gpu.upload_f32(&running);
     let logits = r.scratch(np * VOCAB_CHUNK);
     let mut first_chunk = true;

@@ -106,6 +106,38 @@ pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
     total
 }
 
+/// values[i] = e^(values[i] − shift), returning Σ e^(v − shift) and Σ e^(v − shift)·v: a softmax's
+/// numerators, and the sum its entropy needs (H = shift + ln Σ e − Σ e·v / Σ e).
+pub fn exp_shifted_sums(values: &mut [f32], shift: f32) -> (f32, f32) {
+    let (mut total, mut weighted) = (0.0, 0.0);
+    wide(
+        #[inline(always)]
+        || {
+            let (mut acc, mut wacc) = ([0f32; 8], [0f32; 8]);
+            let mut chunks = values.chunks_exact_mut(8);
+            for chunk in &mut chunks {
+                for i in 0..8 {
+                    let v = chunk[i];
+                    let e = exp(v - shift);
+                    acc[i] += e;
+                    wacc[i] += e * v;
+                    chunk[i] = e;
+                }
+            }
+            let (mut tail, mut wtail) = (0f32, 0f32);
+            for v in chunks.into_remainder() {
+                let e = exp(*v - shift);
+                tail += e;
+                wtail += e * *v;
+                *v = e;
+            }
+            total = acc.iter().sum::<f32>() + tail;
+            weighted = wacc.iter().sum::<f32>() + wtail;
+        },
+    );
+    (total, weighted)
+}
+
 /// a·b with eight running sums, which the compiler keeps in one vector register (a single running sum
 /// must keep its order and stays scalar).
 #[inline(always)]

@@ -13,7 +13,7 @@ pub mod run;
 pub mod settings;
 pub mod tensorboard;
 
-use crate::cpu::{self, Sequence, StepOptions};
+use crate::cpu::{self, Sequence, StepLoss, StepOptions};
 use crate::data::{Example, Turns};
 use crate::error::{Error, Result};
 use crate::exec;
@@ -542,12 +542,61 @@ pub struct StepRecord {
     pub grad_norm: f64,
     pub tokens: usize,
     pub tokens_per_s: f64,
+    /// How the model's predictions at the labelled tokens went (language models).
+    pub predictions: Option<TokenMetrics>,
 }
 
 impl StepRecord {
     pub fn to_json(&self) -> serde_json::Value {
-        json!({"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr,
-               "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s})
+        let mut line = json!({"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr,
+               "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s});
+        if let Some(p) = &self.predictions {
+            line["mean_token_accuracy"] = p.mean_token_accuracy.into();
+            line["entropy"] = p.entropy.into();
+        }
+        line
+    }
+}
+
+/// What TRL's SFTTrainer logs beside the loss: the share of labelled tokens the model ranked first
+/// (`mean_token_accuracy`) and the mean entropy of its predictions there, in nats (`entropy`). Each is
+/// the mean over the step's micro-batches of that micro-batch's ratio (0 for one without labels), as
+/// TRL averages what it logs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenMetrics {
+    pub mean_token_accuracy: f64,
+    pub entropy: f64,
+}
+
+impl TokenMetrics {
+    /// From each example's sums, `batch_size` examples a micro-batch.
+    pub fn of_micro_batches(losses: &[StepLoss], batch_size: usize) -> Self {
+        let ratios: Vec<(f64, f64)> = losses
+            .chunks(batch_size.max(1))
+            .map(|micro| {
+                let targets: usize = micro.iter().map(|l| l.targets).sum();
+                if targets == 0 {
+                    return (0.0, 0.0);
+                }
+                let correct: usize = micro.iter().map(|l| l.correct).sum();
+                let entropy: f64 = micro.iter().map(|l| l.entropy_sum).sum();
+                (correct as f64 / targets as f64, entropy / targets as f64)
+            })
+            .collect();
+        let n = ratios.len().max(1) as f64;
+        TokenMetrics {
+            mean_token_accuracy: ratios.iter().map(|r| r.0).sum::<f64>() / n,
+            entropy: ratios.iter().map(|r| r.1).sum::<f64>() / n,
+        }
+    }
+
+    /// Over whole sums (a validation set, `nibble eval`): per token.
+    pub fn of_total(total: &StepLoss) -> Self {
+        let targets = total.targets.max(1) as f64;
+        TokenMetrics {
+            mean_token_accuracy: total.correct as f64 / targets,
+            entropy: total.entropy_sum / targets,
+        }
     }
 }
 
@@ -750,13 +799,13 @@ impl<'a> Trainer<'a> {
 
     /// Σ token cross-entropy and the label-token count of `sequences` with the current adapters, on the
     /// trainer's executor, without dropout (validation loss).
-    pub async fn evaluate_async(&mut self, sequences: &[Sequence]) -> Result<(f64, usize)> {
+    pub async fn evaluate_async(&mut self, sequences: &[Sequence]) -> Result<StepLoss> {
         let Work::Text { model, .. } = &self.work else {
             return Err(Error::Invalid(
                 "validation is for language models; image runs have none yet".into(),
             ));
         };
-        let (mut loss_sum, mut targets) = (0.0, 0);
+        let mut total = StepLoss::default();
         for seq in sequences {
             let loss = match &self.gpu {
                 Some((gpu, state)) => state.evaluate(gpu, seq).await?,
@@ -774,14 +823,13 @@ impl<'a> Trainer<'a> {
                     None,
                 )?,
             };
-            loss_sum += loss.loss_sum;
-            targets += loss.targets;
+            total += loss;
         }
-        Ok((loss_sum, targets))
+        Ok(total)
     }
 
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn evaluate(&mut self, sequences: &[Sequence]) -> Result<(f64, usize)> {
+    pub fn evaluate(&mut self, sequences: &[Sequence]) -> Result<StepLoss> {
         pollster::block_on(self.evaluate_async(sequences))
     }
 
@@ -891,7 +939,7 @@ impl<'a> Trainer<'a> {
         let tokens: usize = picks.iter().map(|&i| sequences[i].ids.len()).sum();
         let lr = self.config.lr_at(self.step, self.total_steps);
         let adamw = self.config.adamw_at(self.step, self.total_steps);
-        let (loss_sum, grad_norm) = if let Some((gpu, state)) = &self.gpu {
+        let (losses, grad_norm) = if let Some((gpu, state)) = &self.gpu {
             // One seed per sequence, drawn as the CPU path draws them, so both executors use the same
             // dropout masks.
             let p = self.adapter.config.dropout;
@@ -912,15 +960,21 @@ impl<'a> Trainer<'a> {
                 .step(gpu, &sequences, adamw, self.config.max_grad_norm as f32)
                 .await?;
             self.stale = true;
-            (result.loss_sums.iter().sum::<f64>(), result.grad_norm)
+            (result.losses, result.grad_norm)
         } else {
             self.cpu_step(&picks, scale, adamw)?
         };
-        self.finish_step(
+        let loss_sum: f64 = losses.iter().map(|l| l.loss_sum).sum();
+        let mut record = self.finish_step(
             start,
             (loss_sum / total_targets as f64, lr, grad_norm),
             tokens,
-        )
+        )?;
+        record.predictions = Some(TokenMetrics::of_micro_batches(
+            &losses,
+            self.config.batch_size,
+        ));
+        Ok(record)
     }
 
     /// One optimizer step of an image run over `picks` (each example with its caption dropout and
@@ -951,7 +1005,10 @@ impl<'a> Trainer<'a> {
                 .step_graphs(gpu, &graphs, adamw, self.config.max_grad_norm as f32)
                 .await?;
             self.stale = true;
-            (result.loss_sums.iter().sum::<f64>(), result.grad_norm)
+            (
+                result.losses.iter().map(|l| l.loss_sum).sum::<f64>(),
+                result.grad_norm,
+            )
         } else {
             let mut grads = self.adapter.zeros_like();
             let loss_sum = work.cpu_forward_backward(
@@ -998,19 +1055,25 @@ impl<'a> Trainer<'a> {
             grad_norm,
             tokens,
             tokens_per_s: tokens as f64 / elapsed,
+            predictions: None,
         })
     }
 }
 
 impl Trainer<'_> {
-    /// Forward and backward over the picked examples on the CPU, then clipping and AdamW. Returns the
-    /// loss sum and the gradient norm before clipping.
-    fn cpu_step(&mut self, picks: &[usize], scale: f32, adamw: AdamWParams) -> Result<(f64, f64)> {
+    /// Forward and backward over the picked examples on the CPU, then clipping and AdamW. Returns each
+    /// example's sums and the gradient norm before clipping.
+    fn cpu_step(
+        &mut self,
+        picks: &[usize],
+        scale: f32,
+        adamw: AdamWParams,
+    ) -> Result<(Vec<StepLoss>, f64)> {
         let Work::Text { model, sequences } = &self.work else {
             return Err(Error::Invalid("text steps need a text run".into()));
         };
         let mut grads = self.adapter.zeros_like();
-        let mut loss_sum = 0.0;
+        let mut losses = Vec::with_capacity(picks.len());
         let options = StepOptions {
             grad_scale: scale,
             checkpoint: self.config.checkpoint,
@@ -1026,9 +1089,9 @@ impl Trainer<'_> {
                 options,
                 Some(&mut self.dropout_rng),
             )?;
-            loss_sum += loss.loss_sum;
+            losses.push(loss);
         }
-        Ok((loss_sum, self.cpu_optimize(&mut grads, adamw)?))
+        Ok((losses, self.cpu_optimize(&mut grads, adamw)?))
     }
 
     /// Clipping and AdamW on the CPU with `grads`; returns their norm before clipping.

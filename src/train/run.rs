@@ -547,10 +547,13 @@ impl<'m> Run<'m> {
         };
         if !self.eval.is_empty() && (eval_due || self.trainer.done()) {
             observer.validating(self.eval.len());
-            let (loss_sum, tokens) = self.trainer.evaluate_async(&self.eval).await?;
-            let loss = loss_sum / tokens.max(1) as f64;
+            let total = self.trainer.evaluate_async(&self.eval).await?;
+            let loss = total.loss_sum / total.targets.max(1) as f64;
+            let predictions = train::TokenMetrics::of_total(&total);
             self.append_metrics(&json!({"step": record.step, "epoch": record.epoch,
-                "eval_loss": loss, "eval_perplexity": loss.exp(), "eval_tokens": tokens}))?;
+                "eval_loss": loss, "eval_perplexity": loss.exp(), "eval_tokens": total.targets,
+                "eval_mean_token_accuracy": predictions.mean_token_accuracy,
+                "eval_entropy": predictions.entropy}))?;
             observer.evaluated(record.step, loss);
             self.early_stopping(record.step, loss).await?;
         }
