@@ -7,7 +7,6 @@
 
 mod common;
 
-use nibble::ops::cross_entropy::TokenLoss;
 use nibble::config::Arch;
 use nibble::config::GateActivation;
 use nibble::cpu::Sequence;
@@ -19,6 +18,7 @@ use nibble::model::Model;
 use nibble::models::decoder;
 use nibble::ops::Precision;
 use nibble::ops::attention::AttentionShape;
+use nibble::ops::cross_entropy::TokenLoss;
 use nibble::rng::Rng;
 use std::collections::HashMap;
 

@@ -116,6 +116,34 @@ fn check_family(device: &str, family: &str, linears: usize) {
     eprintln!(
         "{device} {family}: worst relative difference of a loss or grad norm {worst_scalar:.1e}"
     );
+    // What TRL logs beside the loss (metrics.json, scripts/make_train_metrics_fixtures.py): the
+    // entropy to float32's rounding (measured on the CPU and lavapipe: within 2.6e-8), and the same
+    // tokens ranked first (measured: all), or one of an example flipped where two logits all but tie.
+    let trl: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("metrics.json")).unwrap()).unwrap();
+    for (i, m) in metrics.iter().enumerate() {
+        let step = i + 1;
+        let (a, b) = (
+            m["entropy"].as_f64().unwrap(),
+            trl["entropy"][i].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() / b < 3e-7,
+            "{device} {family}, step {step}: entropy {a} vs TRL's {b}"
+        );
+        let (a, b) = (
+            m["mean_token_accuracy"].as_f64().unwrap(),
+            trl["mean_token_accuracy"][i].as_f64().unwrap(),
+        );
+        // One token of the shortest example, averaged over the step's two micro-batches.
+        assert!(
+            (a - b).abs() <= 0.5 / 20.0,
+            "{device} {family}, step {step}: mean_token_accuracy {a} vs TRL's {b}"
+        );
+        if (a - b).abs() > 1e-12 {
+            eprintln!("{device} {family}, step {step}: a token's rank differs ({a} vs {b})");
+        }
+    }
     let (init, theirs, ours) = (
         adapter(&f.join("init_adapter")),
         adapter(&f.join("expected_adapter")),
