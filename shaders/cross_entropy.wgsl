@@ -85,16 +85,20 @@ fn absorb_chunk(pos: u32, lid: u32, keep_weights: bool) -> vec2<f32> {
     let first = p.block_start + p.chunk_start;
     var m = -3.0e38;
     var before = -3.0e38;
+    let s0 = pos * STATE;
     for (var v = lid; v < p.chunk_len; v += WG) {
         let z = capped(logits[base + v]);
         m = max(m, z);
         if (first + v < label) {
             before = max(before, z);
         }
+        // The label's logit from the same evaluation as the maxima it is compared with.
+        if (label == first + v) {
+            state[s0 + 2u] = z;
+        }
     }
     let chunk_max = reduce(lid, m, true);
     let chunk_before = reduce(lid, before, true);
-    let s0 = pos * STATE;
     let old_max = state[s0];
     let new_max = max(old_max, chunk_max);
     var s = 0.0;
@@ -104,9 +108,6 @@ fn absorb_chunk(pos: u32, lid: u32, keep_weights: bool) -> vec2<f32> {
         let e = exp(z - new_max);
         s += e;
         w += e * z;
-        if (label == first + v) {
-            state[s0 + 2u] = z;
-        }
         if (keep_weights) {
             logits[base + v] = e * cap_slope(z);
         }

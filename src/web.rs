@@ -317,7 +317,7 @@ impl Session {
     }
 
     /// One optimizer step; resolves to its record as JSON (step, epoch, loss, lr, grad_norm, tokens,
-    /// tokens_per_s, eval_loss when a validation pass fell due, and on WebGPU gpu_bytes: the device
+    /// tokens_per_s, mean_token_accuracy, entropy, eval_loss when a validation pass fell due, and on WebGPU gpu_bytes: the device
     /// memory in use, scratch at its high-water mark).
     pub fn step(&self) -> js_sys::Promise {
         let inner = self.inner.clone();

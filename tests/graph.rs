@@ -337,7 +337,7 @@ fn cpu_step(
         precision: Precision::F32,
     };
     let losses = exec::cpu::run(&graph, bind).unwrap().take("losses");
-    let loss = losses.chunks(2).map(|pair| pair[0] as f64).sum();
+    let loss = nibble::cpu::StepLoss::of_rows(&losses).loss_sum;
     (loss, grads)
 }
 
@@ -374,7 +374,7 @@ fn gpu_step(
     let values = gpu.submit_and_read(enc, &[&losses]).unwrap().remove(0);
     let mut grads = adapter.zeros_like();
     g.download(gpu, &mut grads).unwrap();
-    (values.chunks(2).map(|pair| pair[0] as f64).sum(), grads)
+    (nibble::cpu::StepLoss::of_rows(&values).loss_sum, grads)
 }
 
 /// A long sequence's MLPs over token chunks (`StepShape::mlp_chunk`; 50 tokens in chunks of 16, the

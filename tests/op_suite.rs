@@ -527,6 +527,23 @@ fn cases(model: &Model) -> Vec<Case> {
             );
         });
     }
+    // Every other labelled position's hidden state points along its label's head row, so that its
+    // label ranks first (the losses' top-1 column is then not all zeros).
+    let mut row = vec![0f32; h];
+    for case in cases
+        .out
+        .iter_mut()
+        .filter(|c| c.name.starts_with("cross-entropy"))
+    {
+        let hidden = case.inputs.given.get_mut("hidden").unwrap();
+        for (p, &label) in case.inputs.labels.iter().enumerate().step_by(2) {
+            model.embed.row_f32(label as usize, &mut row);
+            let norm2: f32 = row.iter().map(|w| w * w).sum();
+            for (x, w) in hidden[p * h..(p + 1) * h].iter_mut().zip(&row) {
+                *x = 4.0 * w / norm2;
+            }
+        }
+    }
     cases.out
 }
 
@@ -605,6 +622,13 @@ fn every_op_agrees_on_both_executors() {
                     "{} {name}: mostly zeros, the case tests nothing",
                     case.name
                 );
+                if name.ends_with("losses") {
+                    let first: usize = expected
+                        .chunks(TokenLoss::WIDTH)
+                        .map(|r| usize::from(TokenLoss::from_row(r).top1))
+                        .sum();
+                    assert!(first >= 2, "{} {name}: no label ranks first", case.name);
+                }
                 let e = common::rel(got, expected);
                 eprintln!("quant={quant} {} {name}: {e:.1e}", case.name);
                 assert!(

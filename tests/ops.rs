@@ -607,7 +607,7 @@ fn cross_entropy_reports_entropy_and_whether_the_label_ranked_first() {
         let tokens = cross_entropy::forward(&hidden, &head, &labels, Precision::F32, softcap);
         let (fused, _) =
             cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32, softcap);
-        let (mut ranked_first, mut worst) = (0, 0f64);
+        let mut worst = 0f64;
         for p in 0..positions {
             let row: Vec<f64> = logits[p * vocab..(p + 1) * vocab]
                 .iter()
@@ -630,7 +630,6 @@ fn cross_entropy_reports_entropy_and_whether_the_label_ranked_first() {
                 assert!(e < 1e-4, "position {p}, cap {softcap:?}: entropy {e:e}");
                 assert_eq!(t.top1, argmax == labels[p] as usize, "position {p}");
             }
-            ranked_first += usize::from(tokens[p].top1);
         }
         eprintln!("entropy, cap {softcap:?}: worst relative error {worst:e}");
         if softcap.is_none() {
@@ -639,7 +638,6 @@ fn cross_entropy_reports_entropy_and_whether_the_label_ranked_first() {
                 "a tie counts for the first"
             );
         }
-        assert!(ranked_first < positions, "random labels are seldom first");
     }
 }
 

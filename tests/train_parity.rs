@@ -118,7 +118,8 @@ fn check_family(device: &str, family: &str, linears: usize) {
     );
     // What TRL logs beside the loss (metrics.json, scripts/make_train_metrics_fixtures.py): the
     // entropy to float32's rounding (measured on the CPU and lavapipe: within 2.6e-8), and the same
-    // tokens ranked first (measured: all), or one of an example flipped where two logits all but tie.
+    // tokens ranked first (measured: all, on both); on a GPU, whose arithmetic differs more, one token
+    // of an example may flip where two logits all but tie.
     let trl: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(f.join("metrics.json")).unwrap()).unwrap();
     for (i, m) in metrics.iter().enumerate() {
@@ -135,14 +136,12 @@ fn check_family(device: &str, family: &str, linears: usize) {
             m["mean_token_accuracy"].as_f64().unwrap(),
             trl["mean_token_accuracy"][i].as_f64().unwrap(),
         );
-        // One token of the shortest example, averaged over the step's two micro-batches.
+        // One token of an example of 20 or more, averaged over the step's two micro-batches.
+        let allowed = if device == "cpu" { 1e-12 } else { 0.5 / 20.0 };
         assert!(
-            (a - b).abs() <= 0.5 / 20.0,
+            (a - b).abs() <= allowed,
             "{device} {family}, step {step}: mean_token_accuracy {a} vs TRL's {b}"
         );
-        if (a - b).abs() > 1e-12 {
-            eprintln!("{device} {family}, step {step}: a token's rank differs ({a} vs {b})");
-        }
     }
     let (init, theirs, ours) = (
         adapter(&f.join("init_adapter")),
