@@ -292,7 +292,7 @@ pub fn turn_end_token(tok: &ChatTokenizer) -> Option<u32> {
     ];
     let text = tok.apply_chat_template(&exchange, false).ok()?;
     let after = text.rfind(ANSWER)? + ANSWER.len();
-    let (ids, offsets) = tok.encode_with_offsets(&text).ok()?;
+    let (ids, offsets) = tok.encode_with_offsets(&text, false).ok()?;
     ids.iter()
         .zip(offsets)
         .find(|&(&id, (start, _))| start >= after && tok.is_special(id))

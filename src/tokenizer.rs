@@ -244,15 +244,21 @@ impl ChatTokenizer {
     }
 
     fn encode_adding_specials(&self, text: &str, add: bool) -> Result<Vec<u32>> {
-        guarded(&self.path, || self.tokenizer.encode(text, add))?
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
+        Ok(self.encoding(text, add)?.get_ids().to_vec())
     }
 
-    /// `encode`, with each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
-        guarded(&self.path, || self.tokenizer.encode(text, false))?
-            .map(|e| (e.get_ids().to_vec(), e.get_offsets().to_vec()))
+    /// `encode` (or with `add_specials`, `encode_text`), with each token's byte range in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_specials: bool,
+    ) -> Result<(Vec<u32>, Vec<ByteRange>)> {
+        let encoding = self.encoding(text, add_specials)?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
+    fn encoding(&self, text: &str, add_specials: bool) -> Result<tokenizers::Encoding> {
+        guarded(&self.path, || self.tokenizer.encode(text, add_specials))?
             .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
     }
 

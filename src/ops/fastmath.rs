@@ -231,6 +231,29 @@ mod tests {
     }
 
     #[test]
+    fn exp_shifted_sums_weigh_each_value_by_its_exponential() {
+        let values: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37) % 23) as f32 * 0.37 - 4.0)
+            .collect();
+        let shift = 2.5f32;
+        let want_sum: f64 = values.iter().map(|&v| (v as f64 - 2.5).exp()).sum();
+        let want_weighted: f64 = values
+            .iter()
+            .map(|&v| (v as f64 - 2.5).exp() * v as f64)
+            .sum();
+        let (mut a, mut b) = (values.clone(), values.clone());
+        let single = exp_shifted_sum(&mut a, shift);
+        let (sum, weighted) = exp_shifted_sums(&mut b, shift);
+        assert_eq!(a, b, "both leave the exponentials");
+        assert!((sum as f64 - want_sum).abs() < 1e-6 * want_sum);
+        assert!((single - sum).abs() <= 1e-6 * sum);
+        assert!(
+            (weighted as f64 - want_weighted).abs() < 1e-5 * want_weighted.abs(),
+            "{weighted} vs {want_weighted}"
+        );
+    }
+
+    #[test]
     fn max_finds_the_largest_anywhere() {
         let values: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 - 50.0).collect();
         let want = values.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

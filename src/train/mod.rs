@@ -28,7 +28,7 @@ use crate::ops::Precision;
 use crate::ops::adamw::AdamWParams;
 use crate::rng::Rng;
 use crate::shared::Shared;
-use crate::tokenizer::{ChatTokenizer, Message, TemplateArgs};
+use crate::tokenizer::{ByteRange, ChatTokenizer, Message, TemplateArgs};
 use serde_json::json;
 use std::path::Path;
 #[cfg(not(target_arch = "wasm32"))]
@@ -219,10 +219,7 @@ pub fn tokenize(
                 ..
             }
     );
-    let mut ids = match plain {
-        true => tok.encode_text(&text)?,
-        false => tok.encode(&text)?,
-    };
+    let (mut ids, offsets) = tok.encode_with_offsets(&text, plain)?;
     // Token ranges that carry loss; None: every token.
     let spans: Option<Vec<(usize, usize)>> = match (example, loss_on) {
         (Example::PromptCompletion { prompt, args, .. }, LossOn::Default | LossOn::Completion) => {
@@ -237,9 +234,14 @@ pub fn tokenize(
                 "--loss-on completion needs prompt/completion rows".into(),
             ));
         }
-        (Example::Messages(m, args), LossOn::Assistant) => {
-            Some(assistant_spans(tok, m, args, &text, &ids, max_length)?)
-        }
+        (Example::Messages(m, args), LossOn::Assistant) => Some(assistant_spans(
+            tok,
+            m,
+            args,
+            (&text, &offsets),
+            &ids,
+            max_length,
+        )?),
         (
             Example::PromptCompletion {
                 prompt: Turns::Messages(p),
@@ -253,7 +255,7 @@ pub fn tokenize(
             let all: Vec<Message> = p.iter().chain(c).cloned().collect();
             let prompt_ids = tok.encode(&tok.apply_chat_template_with(p, true, args)?)?;
             let start = completion_start(tok, &prompt_ids, &ids)?;
-            let spans = assistant_spans(tok, &all, args, &text, &ids, max_length)?;
+            let spans = assistant_spans(tok, &all, args, (&text, &offsets), &ids, max_length)?;
             Some(
                 spans
                     .into_iter()
@@ -336,17 +338,18 @@ fn prefix_tokens(tok: &ChatTokenizer, prefix: &str, ids: &[u32], what: &str) -> 
 /// agent's trace: a call with reasoning, the tool's answer, a new question), the turns are found by their
 /// headers (`spans_by_headers`). Turns that start beyond `max_length` are not rendered: they are cut off
 /// anyway, and rendering each turn's prefix makes long conversations quadratic.
+/// `rendered` is the conversation's text with each of its tokens' byte range.
 fn assistant_spans(
     tok: &ChatTokenizer,
     messages: &[Message],
     args: &TemplateArgs,
-    text: &str,
+    rendered: (&str, &[ByteRange]),
     ids: &[u32],
     max_length: usize,
 ) -> Result<Vec<(usize, usize)>> {
     let template = tok.template_for(args)?;
     if template.marks_generation() {
-        return spans_by_marks(tok, template, messages, args, text);
+        return spans_by_marks(template, messages, args, rendered);
     }
     match spans_by_prefixes(tok, messages, args, ids, max_length) {
         Ok(spans) => Ok(spans),
@@ -354,14 +357,13 @@ fn assistant_spans(
     }
 }
 
-/// The runs of tokens of `text` (the conversation as rendered) that overlap what the template's
-/// `{% generation %}` blocks wrote.
+/// The runs of tokens of `text` (the conversation as rendered, its tokens at `offsets`) that overlap
+/// what the template's `{% generation %}` blocks wrote.
 fn spans_by_marks(
-    tok: &ChatTokenizer,
     template: &crate::tokenizer::ChatTemplate,
     messages: &[Message],
     args: &TemplateArgs,
-    text: &str,
+    (text, offsets): (&str, &[ByteRange]),
 ) -> Result<Vec<(usize, usize)>> {
     let (marked_text, marks) = template.render_marked(messages, false, args)?;
     if marked_text != text {
@@ -374,7 +376,6 @@ fn spans_by_marks(
             "--loss-on assistant: the chat template's {% generation %} blocks mark nothing in this conversation, so no token would carry loss".into(),
         ));
     }
-    let (_, offsets) = tok.encode_with_offsets(text)?;
     let mut spans: Vec<(usize, usize)> = Vec::new();
     for (t, &(start, end)) in offsets.iter().enumerate() {
         if !marks.iter().any(|&(a, b)| start < b && end > a) {
