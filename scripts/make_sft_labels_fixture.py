@@ -7,7 +7,10 @@ on for each, read off its own data collator (labels of -100 carry no loss). Thre
   - conversational prompt/completion rows with assistant_only_loss=True (the completion's assistant
     tokens only);
   - text rows and text prompt/completion rows (SFTTrainer appends the eos token to the text and to the
-    completion; a prompt ending in a space shares its last token with the completion).
+    completion; a prompt ending in a space shares its last token with the completion);
+  - rows cut by max_length, keeping the start or the end (truncation_mode), each row through a trainer
+    of its own: those left with no label SFTTrainer drops (their ids are null here);
+  - text rows whose text is in another column (dataset_text_field).
 The tokenizer is the real Qwen2.5 one in assets/, and for the text rows also that one made to add a BOS
 token (<|endoftext|>) before a text as Llama's, Gemma's and Mistral's do (tests/sft_labels.rs makes the
 same one); the model a tiny random Qwen2 (its weights play no part).
@@ -99,8 +102,9 @@ model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, interm
 
 def labelled(rows, tokenizer=TOKENIZER, **config):
     """Each row's input ids and labels as SFTTrainer's collator makes them."""
+    config.setdefault("max_length", None)
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, report_to=[], max_length=None, use_cpu=True, bf16=False, **config)
+        args = SFTConfig(output_dir=out, report_to=[], use_cpu=True, bf16=False, **config)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=AutoTokenizer.from_pretrained(tokenizer))
         cases = []
@@ -128,6 +132,40 @@ for tokenizer, bos in [(TOKENIZER, False), (BOS_TOKENIZER, True)]:
         groups.append({"chat_template": None, "bos": bos, "loss_on": "default",
                        "cases": labelled(rows, tokenizer)})
 shutil.rmtree(BOS_TOKENIZER)
+
+
+def labelled_each(rows, **config):
+    """Each row alone through SFTTrainer, which drops a row left with no label: its case then has null
+    ids and labels."""
+    cases = []
+    for row in rows:
+        with tempfile.TemporaryDirectory() as out:
+            args = SFTConfig(output_dir=out, report_to=[], use_cpu=True, bf16=False, **config)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([row]),
+                                 processing_class=AutoTokenizer.from_pretrained(TOKENIZER))
+            if len(trainer.train_dataset) == 0:
+                cases.append({"row": row, "ids": None, "labels": None})
+                continue
+            batch = trainer.data_collator([trainer.train_dataset[0]])
+            cases.append({"row": row, "ids": batch["input_ids"][0].tolist(),
+                          "labels": [label != -100 for label in batch["labels"][0].tolist()]})
+    return cases
+
+
+long_prompt = {"prompt": [{"role": "user", "content": "Tell me, in as many words as you like, what the "
+                                                      "weather was like in Bergen on most days last winter."}],
+               "completion": [{"role": "assistant", "content": "Rainy."}]}
+cut_rows = conversations[:2] + conversational_prompt_completion + [long_prompt] + text_prompt_completion
+for mode in ["keep_start", "keep_end"]:
+    groups.append({"chat_template": None, "loss_on": "default", "max_length": 24, "truncation_mode": mode,
+                   "cases": labelled_each(cut_rows, max_length=24, truncation_mode=mode)})
+    path = "tests/fixtures/generation_marks/chatml.jinja"
+    groups.append({"chat_template": "chatml", "loss_on": "assistant", "max_length": 20, "truncation_mode": mode,
+                   "cases": labelled_each(conversations, max_length=20, truncation_mode=mode,
+                                          assistant_only_loss=True, chat_template_path=path)})
+content_rows = [{"content": row["text"], "text": "not this column"} for row in text_rows]
+groups.append({"chat_template": None, "loss_on": "default", "text_field": "content",
+               "cases": labelled(content_rows, dataset_text_field="content")})
 
 with open("tests/fixtures/sft_labels.json", "w") as f:
     json.dump({"transformers": transformers.__version__, "trl": trl.__version__, "groups": groups}, f,

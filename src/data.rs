@@ -30,25 +30,38 @@ pub enum Example {
     Text(String),
 }
 
+/// The column of text rows unless told otherwise (TRL's `dataset_text_field` default).
+pub const TEXT_FIELD: &str = "text";
+
 /// Reads a dataset: a JSONL file, or a table (a Parquet or Arrow file, or a folder `datasets` saved;
 /// `tables`), whose rows take the same shapes; errors name the file and line or row.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    read_examples_with(path, TEXT_FIELD)
+}
+
+/// `read_examples`, with text rows' text in the column `text_field`.
+pub fn read_examples_with(path: &Path, text_field: &str) -> Result<Vec<Example>> {
     #[cfg(not(target_arch = "wasm32"))]
     if crate::tables::is_table(path) {
         let mut out = Vec::new();
         for (i, row) in crate::tables::rows(path)?.iter().enumerate() {
             let at =
                 |msg: String| Error::Invalid(format!("{}: row {}: {msg}", path.display(), i + 1));
-            out.push(parse_row(row).map_err(at)?);
+            out.push(parse_row(row, text_field).map_err(at)?);
         }
         return non_empty(out, &path.display().to_string());
     }
     let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    parse_jsonl(&text, &path.display().to_string())
+    parse_jsonl_with(&text, &path.display().to_string(), text_field)
 }
 
 /// Parses JSONL text; `origin` names it in errors (a path, or a label in the browser).
 pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Example>> {
+    parse_jsonl_with(text, origin, TEXT_FIELD)
+}
+
+/// `parse_jsonl`, with text rows' text in the column `text_field`.
+pub fn parse_jsonl_with(text: &str, origin: &str, text_field: &str) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -57,7 +70,7 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Example>> {
         let at = |msg: String| Error::Invalid(format!("{origin}:{}: {msg}", i + 1));
         let v: Value =
             serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
-        out.push(parse_row(&v).map_err(at)?);
+        out.push(parse_row(&v, text_field).map_err(at)?);
     }
     non_empty(out, origin)
 }
@@ -99,7 +112,7 @@ fn template_args(
     Ok(TemplateArgs { tools, kwargs })
 }
 
-fn parse_row(v: &Value) -> std::result::Result<Example, String> {
+fn parse_row(v: &Value, text_field: &str) -> std::result::Result<Example, String> {
     let obj = v.as_object().ok_or("each line must be a JSON object")?;
     let args = template_args(obj)?;
     if let Some(m) = obj.get("messages") {
@@ -131,13 +144,15 @@ fn parse_row(v: &Value) -> std::result::Result<Example, String> {
             args,
         });
     }
-    if let Some(t) = obj.get("text") {
+    if let Some(t) = obj.get(text_field) {
         return t
             .as_str()
             .map(|s| Example::Text(s.to_string()))
-            .ok_or_else(|| "`text` must be a string".into());
+            .ok_or_else(|| format!("`{text_field}` must be a string"));
     }
-    Err("expected a `messages` list, `prompt` and `completion`, `text`, ShareGPT's `conversations` or Alpaca's `instruction` and `output`".into())
+    Err(format!(
+        "expected a `messages` list, `prompt` and `completion`, `{text_field}`, ShareGPT's `conversations` or Alpaca's `instruction` and `output`"
+    ))
 }
 
 /// ShareGPT's speaker names (axolotl's default role map, with LLaMA-Factory's `observation` and

@@ -138,16 +138,10 @@ fn start_run(
     let settings = given.with_preset().map_err(js_error)?;
     let config = settings.train_config().map_err(js_error)?;
     let run_options = settings.run_options().map_err(js_error)?;
-    let examples = crate::data::parse_jsonl(jsonl, "dataset").map_err(js_error)?;
-    let train = examples
-        .iter()
-        .enumerate()
-        .map(|(i, ex)| {
-            crate::train::tokenize(&inner.tok, ex, config.loss_on, config.max_length)
-                .map(|(s, _)| s)
-                .map_err(|e| js_error(format!("dataset line {}: {e}", i + 1)))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let examples =
+        crate::data::parse_jsonl_with(jsonl, "dataset", &config.text_field).map_err(js_error)?;
+    let train = crate::train::run::tokenize_examples(&inner.tok, &examples, &config, "dataset")
+        .map_err(js_error)?;
     let data = RunData {
         train,
         eval: Vec::new(),

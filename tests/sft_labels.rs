@@ -1,18 +1,21 @@
 //! Which tokens carry loss equals what TRL's SFTTrainer trains on (tests/fixtures/sft_labels.json, read
 //! off its data collator by scripts/make_sft_labels_fixture.py): conversations through chat templates
 //! with `{% generation %}` blocks under --loss-on assistant (TRL's assistant_only_loss), conversational
-//! prompt/completion rows, and text rows, whose text and completions end with the eos token.
+//! prompt/completion rows, and text rows, whose text and completions end with the eos token; rows cut
+//! to --max-length keeping their start or end (TRL's truncation_mode), those left with no token that
+//! carries loss left out as TRL leaves them out; text in another column (dataset_text_field).
 
 use nibble::synth::qwen25_tokenizer;
 use nibble::tokenizer::{ChatTokenizer, TemplateChoice};
-use nibble::train::{LossOn, tokenize};
+use nibble::train::{Cut, LossOn, TrainConfig, Truncation, tokenize_cut};
 use std::path::Path;
 
 #[derive(serde::Deserialize)]
 struct Case {
     row: serde_json::Value,
-    ids: Vec<u32>,
-    labels: Vec<bool>,
+    /// None where TRL drops the row: no token of it is left to carry loss.
+    ids: Option<Vec<u32>>,
+    labels: Option<Vec<bool>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -22,6 +25,9 @@ struct Group {
     #[serde(default)]
     bos: bool,
     loss_on: String,
+    max_length: Option<usize>,
+    truncation_mode: Option<String>,
+    text_field: Option<String>,
     cases: Vec<Case>,
 }
 
@@ -77,22 +83,56 @@ fn tokens_carrying_loss_equal_trl_sft_trainers() {
             "assistant" => LossOn::Assistant,
             _ => LossOn::Default,
         };
+        let keep = match group.truncation_mode.as_deref() {
+            Some("keep_end") => Truncation::KeepEnd,
+            _ => Truncation::KeepStart,
+        };
+        let cut = Cut {
+            max_length: group.max_length.unwrap_or(4096),
+            keep,
+        };
+        let text_field = group.text_field.as_deref().unwrap_or("text");
+        let mut rows = Vec::new();
         for (i, case) in group.cases.iter().enumerate() {
-            let what = format!("{:?} case {i}: {}", group.chat_template, case.row);
-            let examples = nibble::data::parse_jsonl(&case.row.to_string(), "fixture").unwrap();
-            let (seq, cut) = tokenize(&tok, &examples[0], loss_on, 4096).unwrap();
-            assert_eq!(cut, 0);
-            assert_eq!(seq.ids, case.ids, "{what}: token ids differ");
+            let what = format!("{:?} {cut:?} case {i}: {}", group.chat_template, case.row);
+            let line = case.row.to_string();
+            let examples = nibble::data::parse_jsonl_with(&line, "fixture", text_field).unwrap();
+            let (seq, removed) = tokenize_cut(&tok, &examples[0], loss_on, cut).unwrap();
+            assert!(seq.ids.len() <= cut.max_length);
+            if removed > 0 {
+                assert_eq!(seq.ids.len(), cut.max_length, "{what}");
+            }
+            let carries: Vec<bool> = seq.targets.iter().map(Option::is_some).collect();
+            let (Some(ids), Some(labels)) = (&case.ids, &case.labels) else {
+                assert!(removed > 0, "{what}: TRL dropped it uncut");
+                assert!(!carries.contains(&true), "{what}: TRL left no label");
+                rows.push(examples[0].clone());
+                continue;
+            };
+            assert_eq!(&seq.ids, ids, "{what}: token ids differ");
             // Position t predicts token t + 1: it carries loss where TRL labels that token (the first
             // token's label is never used by a causal loss).
-            let carries: Vec<bool> = seq.targets.iter().map(Option::is_some).collect();
-            let expected: Vec<bool> = case.labels[1..].iter().copied().chain([false]).collect();
+            let expected: Vec<bool> = labels[1..].iter().copied().chain([false]).collect();
             assert_eq!(carries, expected, "{what}: tokens carrying loss differ");
-            assert!(carries.iter().any(|&c| c) && carries.iter().any(|&c| !c));
+            assert!(carries.iter().any(|&c| c));
+            if group.max_length.is_none() {
+                assert!(carries.iter().any(|&c| !c));
+            }
+            rows.push(examples[0].clone());
             checked += 1;
         }
+        // A run keeps the rows TRL keeps, in their order.
+        let config = TrainConfig {
+            loss_on,
+            max_length: cut.max_length,
+            truncation: keep,
+            ..Default::default()
+        };
+        let kept = nibble::train::run::tokenize_examples(&tok, &rows, &config, "fixture").unwrap();
+        let expected: Vec<&Vec<u32>> = group.cases.iter().filter_map(|c| c.ids.as_ref()).collect();
+        assert_eq!(kept.iter().map(|s| &s.ids).collect::<Vec<_>>(), expected);
     }
-    assert_eq!(checked, 23);
+    assert_eq!(checked, 45);
 }
 
 /// --packing puts the same examples together as TRL's SFTTrainer packs them (best fit decreasing within

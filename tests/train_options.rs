@@ -183,6 +183,92 @@ fn assistant_loss_through_an_agent_trace_with_reasoning_finds_every_turn() {
     );
 }
 
+/// --max-length keeps an example's start or, with --truncation-mode keep_end, its end (TRL's
+/// truncation_mode); an example left with no token that carries loss is left out with a warning naming
+/// it, as TRL drops it; text rows' text may sit in another column (--dataset-text-field).
+#[test]
+fn long_examples_keep_the_end_asked_for_and_unlearnable_ones_are_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    let long_prompt = "Tell me about the sea, at length. ".repeat(4);
+    let rows = [
+        ("Q: 2+2?\nA:", " 4"),
+        ("Q: 3+3?\nA:", " 6"),
+        (long_prompt.as_str(), " Waves."),
+    ]
+    .map(|(p, c)| serde_json::json!({"prompt": p, "completion": c}).to_string() + "\n");
+    std::fs::write(&data, rows.concat()).unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut options = vec!["--max-steps", "1", "--max-length", "64"];
+        options.extend(extra);
+        let o = train_cli(&model, &data, &out, &options);
+        (o, out)
+    };
+    let examples = |out: &Path| {
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        run["data"]["examples"].as_u64().unwrap()
+    };
+
+    let (o, out) = run("start", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("1 of 3 examples have no token that carries loss")
+            && err.contains("example 3")
+            && err.contains("left out"),
+        "{err}"
+    );
+    assert_eq!(examples(&out), 2);
+
+    let (o, out) = run("end", &["--truncation-mode", "keep_end"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("no token that carries loss"), "{err}");
+    assert!(err.contains("the end is kept"), "{err}");
+    assert_eq!(examples(&out), 3);
+    let recorded = std::fs::read_to_string(out.join("nibble_config.toml")).unwrap();
+    assert!(
+        recorded.contains("truncation_mode = \"keep_end\""),
+        "{recorded}"
+    );
+
+    let (o, _) = run("packed", &["--truncation-mode", "keep_end", "--packing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--packing"));
+
+    // Nothing left to learn from is an error naming the file.
+    let short = ["--max-steps", "1", "--max-length", "8"];
+    let o = train_cli(&model, &data, &dir.path().join("none"), &short);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("d.jsonl") && err.contains("nothing is left"),
+        "{err}"
+    );
+
+    let bodies = dir.path().join("bodies.jsonl");
+    std::fs::write(&bodies, "{\"body\": \"The sea is wide.\"}\n").unwrap();
+    let out = dir.path().join("bodies");
+    let o = train_cli(&model, &bodies, &out, &["--max-steps", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("bodies.jsonl:1") && err.contains("`text`"),
+        "{err}"
+    );
+    let o = train_cli(
+        &model,
+        &bodies,
+        &out,
+        &["--max-steps", "1", "--dataset-text-field", "body"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn warmup_ratio_rounds_up_as_transformers_does() {
     let dir = tempfile::tempdir().unwrap();

@@ -23,9 +23,8 @@ pub struct Args {
     /// Which tokens carry loss, as `nibble train --loss-on` chooses them.
     #[arg(long, value_enum, ignore_case = true, default_value = "default")]
     loss_on: LossOn,
-    /// Longer examples are cut to this many tokens (the start is kept), as in training.
-    #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length)]
-    max_length: usize,
+    #[command(flatten)]
+    rows: super::DataArgs,
     /// How many examples to show (the totals count every one).
     #[arg(long, default_value_t = 3)]
     examples: usize,
@@ -62,8 +61,8 @@ fn labelled_tokens(seq: &nibble::cpu::Sequence) -> Vec<bool> {
 pub fn run(args: Args) -> Result<()> {
     let source = nibble::model::open(&args.model)?;
     let tok = super::tokenizer_of(&source, args.chat_template.as_deref(), None)?;
-    let max_length = nibble::train::run::within_positions(args.max_length, &source.config);
-    let examples = nibble::data::read_examples(&args.data)?;
+    let cut = args.rows.cut(&source.config);
+    let examples = args.rows.read(&args.data)?;
     let color = !args.json && std::io::stdout().is_terminal();
     let (open, close) = if color {
         ("\x1b[1;32m", "\x1b[0m")
@@ -83,13 +82,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (mut tokens, mut labels, mut cut_examples) = (0usize, 0usize, 0usize);
     for (i, example) in examples.iter().enumerate() {
-        let (seq, cut) = nibble::train::tokenize(&tok, example, args.loss_on, max_length)
+        let (seq, removed) = nibble::train::tokenize_cut(&tok, example, args.loss_on, cut)
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
         let labelled = labelled_tokens(&seq);
         let count = labelled.iter().filter(|&&l| l).count();
         tokens += seq.ids.len();
         labels += count;
-        cut_examples += usize::from(cut > 0);
+        cut_examples += usize::from(removed > 0);
         if i >= args.examples {
             continue;
         }
@@ -100,13 +99,13 @@ pub fn run(args: Args) -> Result<()> {
                 .map(|&id| tok.decode(&[id]))
                 .collect::<nibble::error::Result<_>>()?;
             let line = json!({"example": i + 1, "ids": seq.ids, "tokens": pieces,
-                "labelled": labelled, "cut_tokens": cut});
+                "labelled": labelled, "cut_tokens": removed});
             println!("{line}");
             continue;
         }
-        let cut_note = match cut {
+        let cut_note = match removed {
             0 => String::new(),
-            n => format!(", {n} cut by --max-length {max_length}"),
+            n => format!(", {n} cut by --max-length {}", cut.max_length),
         };
         println!(
             "\n── example {} ({} tokens, {count} carry loss{cut_note})",
@@ -135,7 +134,7 @@ pub fn run(args: Args) -> Result<()> {
             100.0 * labels as f64 / tokens.max(1) as f64,
             match cut_examples {
                 0 => String::new(),
-                n => format!("; {n} cut by --max-length {max_length}"),
+                n => format!("; {n} cut by --max-length {}", cut.max_length),
             }
         );
     }

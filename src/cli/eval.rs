@@ -34,13 +34,12 @@ pub struct Args {
     /// every token, or the completion of prompt/completion rows, as TRL's eval_loss counts them).
     #[arg(long, value_enum, ignore_case = true, default_value = "default")]
     loss_on: LossOn,
-    /// Longer examples are cut to this many tokens (the start is kept), as `nibble train` cuts them.
-    #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length)]
-    max_length: usize,
+    #[command(flatten)]
+    rows: super::DataArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let examples = nibble::data::read_examples(&args.data)?;
+    let examples = args.rows.read(&args.data)?;
     let (tok, placed) = open_placed(
         &args.model,
         args.quant,
@@ -48,7 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         args.chat_template.as_deref(),
         args.exec.device,
     )?;
-    let max_length = nibble::train::run::within_positions(args.max_length, &placed.model.config);
+    let cut = args.rows.cut(&placed.model.config);
     let executor = placed.executor();
     log::info!(
         "evaluating {} examples on {}",
@@ -60,9 +59,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut shown = super::progress::Progress::start("example", 0, examples.len(), false);
     let started = std::time::Instant::now();
     for (i, example) in examples.iter().enumerate() {
-        let (seq, cut) = nibble::train::tokenize(&tok, example, args.loss_on, max_length)
+        let (seq, removed) = nibble::train::tokenize_cut(&tok, example, args.loss_on, cut)
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
-        cut_examples += usize::from(cut > 0);
+        cut_examples += usize::from(removed > 0);
         let loss = executor.loss(&seq, args.exec.precision.cpu())?;
         total += loss;
         let (loss_sum, tokens) = (total.loss_sum, total.targets);
@@ -85,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
     if cut_examples > 0 {
         log::warn!(
             "{cut_examples} examples were longer than --max-length {} and were cut",
-            args.max_length
+            args.rows.max_length
         );
     }
     if total.targets == 0 {

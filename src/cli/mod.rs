@@ -104,6 +104,38 @@ pub struct ExecArgs {
     pub precision: PrecisionChoice,
 }
 
+/// How rows become examples and examples are cut, as `nibble train` takes them.
+#[derive(clap::Args, Clone)]
+pub struct DataArgs {
+    /// Longer examples are cut to this many tokens, as in training.
+    #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length)]
+    pub max_length: usize,
+    /// Which end of a longer example is kept, as `nibble train --truncation-mode` keeps it.
+    #[arg(long, value_enum, ignore_case = true, default_value = "keep_start")]
+    pub truncation_mode: nibble::train::Truncation,
+    /// The column that holds the text of text rows (TRL's dataset_text_field).
+    #[arg(long, default_value = nibble::data::TEXT_FIELD)]
+    pub dataset_text_field: String,
+}
+
+impl DataArgs {
+    /// The examples of `path`, read as these options say.
+    pub fn read(
+        &self,
+        path: &std::path::Path,
+    ) -> nibble::error::Result<Vec<nibble::data::Example>> {
+        nibble::data::read_examples_with(path, &self.dataset_text_field)
+    }
+
+    /// The cut, with --max-length capped at the model's positions.
+    pub fn cut(&self, config: &nibble::config::ModelConfig) -> nibble::train::Cut {
+        nibble::train::Cut {
+            max_length: nibble::train::run::within_positions(self.max_length, config),
+            keep: self.truncation_mode,
+        }
+    }
+}
+
 /// A rate for people: whole numbers, and three decimals below 10 (a software GPU's step of
 /// the 0.5B model runs at 0.27 tokens/s, which whole numbers print as 0).
 pub fn rate(per_s: f64) -> String {

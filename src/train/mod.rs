@@ -44,7 +44,35 @@ pub enum Schedule {
     Cosine,
 }
 
-serde_as_value_enum!(Schedule, LossOn);
+serde_as_value_enum!(Schedule, LossOn, Truncation);
+
+/// Which end of an example longer than `--max-length` is kept (TRL's `truncation_mode`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Truncation {
+    #[default]
+    #[value(name = "keep_start", alias = "keep-start")]
+    KeepStart,
+    /// The end: for conversations whose answers come last.
+    #[value(name = "keep_end", alias = "keep-end")]
+    KeepEnd,
+}
+
+/// How an example is cut to fit: at most `max_length` tokens, keeping `keep`'s end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    pub max_length: usize,
+    pub keep: Truncation,
+}
+
+impl Cut {
+    /// The first `max_length` tokens.
+    pub fn start(max_length: usize) -> Cut {
+        Cut {
+            max_length,
+            keep: Truncation::KeepStart,
+        }
+    }
+}
 
 impl Schedule {
     /// transformers' multiplier for the optimizer step that follows `step` completed steps.
@@ -89,6 +117,10 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub max_length: usize,
+    /// Which end of a longer example is kept.
+    pub truncation: Truncation,
+    /// The column of text rows (TRL's `dataset_text_field`).
+    pub text_field: String,
     pub seed: u64,
     pub shuffle: bool,
     pub loss_on: LossOn,
@@ -99,6 +131,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// How examples are cut to fit.
+    pub fn cut(&self) -> Cut {
+        Cut {
+            max_length: self.max_length,
+            keep: self.truncation,
+        }
+    }
+
     /// Warmup steps of a run of `total_steps`.
     pub fn warmup_for(&self, total_steps: usize) -> usize {
         if self.warmup_steps > 0 {
@@ -191,6 +231,8 @@ impl Default for TrainConfig {
             batch_size: 1,
             grad_accum: 1,
             max_length: 1024,
+            truncation: Truncation::KeepStart,
+            text_field: "text".into(),
             seed: 42,
             shuffle: true,
             loss_on: LossOn::Default,
@@ -201,13 +243,30 @@ impl Default for TrainConfig {
     }
 }
 
-/// One example as token ids and targets, cut to `max_length`; returns how many tokens were cut.
+/// One example as token ids and targets, cut to its first `max_length` tokens; returns how many tokens
+/// were cut.
 pub fn tokenize(
     tok: &ChatTokenizer,
     example: &Example,
     loss_on: LossOn,
     max_length: usize,
 ) -> Result<(Sequence, usize)> {
+    tokenize_cut(tok, example, loss_on, Cut::start(max_length))
+}
+
+/// One example as token ids and targets, cut as `cut` says (TRL cuts the ids and their labels alike,
+/// after the labels are known); returns how many tokens were cut.
+pub fn tokenize_cut(
+    tok: &ChatTokenizer,
+    example: &Example,
+    loss_on: LossOn,
+    cut: Cut,
+) -> Result<(Sequence, usize)> {
+    // Turns wholly beyond the kept start need not be rendered; keeping the end needs them all.
+    let max_length = match cut.keep {
+        Truncation::KeepStart => cut.max_length,
+        Truncation::KeepEnd => usize::MAX,
+    };
     let text = crate::data::render(tok, example)?;
     // TRL tokenizes plain text as the tokenizer's `__call__` does, with the special tokens it adds (a
     // BOS); a conversation comes through the template, which writes its own.
@@ -271,14 +330,21 @@ pub fn tokenize(
         }
         _ => None,
     };
-    let cut = ids.len().saturating_sub(max_length);
-    ids.truncate(max_length);
+    let removed = ids.len().saturating_sub(cut.max_length);
+    // The tokens kept start at `first` of the uncut ones.
+    let first = match cut.keep {
+        Truncation::KeepStart => 0,
+        Truncation::KeepEnd => removed,
+    };
+    ids.drain(..first);
+    ids.truncate(cut.max_length);
     let mut seq = Sequence::all_tokens(ids);
     if let Some(spans) = spans {
         // Position t predicts token t + 1, which carries loss when it lies in a span.
         let mut carries = vec![false; seq.ids.len() + 1];
         for (a, b) in spans {
-            let (a, b) = (a.min(carries.len()), b.min(carries.len()));
+            let a = a.saturating_sub(first).min(carries.len());
+            let b = b.saturating_sub(first).min(carries.len());
             carries[a..b].iter_mut().for_each(|c| *c = true);
         }
         for (t, target) in seq.targets.iter_mut().enumerate() {
@@ -287,7 +353,7 @@ pub fn tokenize(
             }
         }
     }
-    Ok((seq, cut))
+    Ok((seq, removed))
 }
 
 /// Where the completion of a prompt/completion row starts in its tokens `ids`: where the prompt's own

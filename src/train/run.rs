@@ -257,6 +257,10 @@ impl<'m> Run<'m> {
             "max_length": config.max_length, "loss_on": config.loss_on,
             "packing": options.packing, "eval_split": options.eval_split,
         });
+        // Absent where the start is kept, as in runs recorded before the option.
+        if config.truncation == train::Truncation::KeepEnd {
+            extra["truncation_mode"] = json!(config.truncation);
+        }
         // Absent without one, as in runs recorded before the option.
         if let Some(choice) = &options.chat_template {
             let mut digest = crate::rng::Fnv1a::new();
@@ -1181,42 +1185,79 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     crate::fsutil::write_atomically(path, |tmp| std::fs::write(tmp, kept))
 }
 
-/// Reads and tokenizes a JSONL file; errors name the file and example.
+/// Reads and tokenizes a dataset; errors name the file and example.
 pub fn tokenize_file(
     tok: &ChatTokenizer,
     file: &Path,
     config: &TrainConfig,
 ) -> Result<Vec<Sequence>> {
-    let examples = crate::data::read_examples(file)?;
+    let examples = crate::data::read_examples_with(file, &config.text_field)?;
+    let origin = file.display().to_string();
+    let sequences = tokenize_examples(tok, &examples, config, &origin)?;
+    if config.loss_on == train::LossOn::Assistant {
+        warn_if_never_taught_to_stop(tok, file, &sequences);
+    }
+    Ok(sequences)
+}
+
+/// Tokenizes examples read from `origin` as TRL's SFTTrainer prepares them: each cut to --max-length,
+/// and those left without a token that carries loss dropped (with a warning naming them), as TRL drops
+/// them; an error when none is left.
+pub fn tokenize_examples(
+    tok: &ChatTokenizer,
+    examples: &[crate::data::Example],
+    config: &TrainConfig,
+    origin: &str,
+) -> Result<Vec<Sequence>> {
     let mut sequences = Vec::with_capacity(examples.len());
-    let mut cut = 0;
+    let (mut cut, mut unlearnable, mut cut_off) = (0, Vec::new(), 0);
     for (i, ex) in examples.iter().enumerate() {
-        let (seq, c) = train::tokenize(tok, ex, config.loss_on, config.max_length)
-            .map_err(|e| Error::Invalid(format!("{}: example {}: {e}", file.display(), i + 1)))?;
-        if seq.target_count() == 0 {
-            return Err(Error::Invalid(format!(
-                "{}: example {} has no label tokens (nothing to learn from{})",
-                file.display(),
-                i + 1,
-                if c > 0 {
-                    "; --max-length cut them off"
-                } else {
-                    ""
-                }
-            )));
-        }
+        let (seq, c) = train::tokenize_cut(tok, ex, config.loss_on, config.cut())
+            .map_err(|e| Error::Invalid(format!("{origin}: example {}: {e}", i + 1)))?;
         cut += usize::from(c > 0);
+        if seq.target_count() == 0 {
+            unlearnable.push(i + 1);
+            cut_off += usize::from(c > 0);
+            continue;
+        }
         sequences.push(seq);
     }
+    let kept = match config.truncation {
+        train::Truncation::KeepStart => "the start is kept",
+        train::Truncation::KeepEnd => "the end is kept",
+    };
     if cut > 0 {
         log::warn!(
-            "{}: {cut} examples were longer than --max-length {} and were cut (the start is kept)",
-            file.display(),
+            "{origin}: {cut} examples were longer than --max-length {} and were cut ({kept})",
             config.max_length
         );
     }
-    if config.loss_on == train::LossOn::Assistant {
-        warn_if_never_taught_to_stop(tok, file, &sequences);
+    if !unlearnable.is_empty() {
+        let shown: Vec<String> = unlearnable.iter().take(10).map(usize::to_string).collect();
+        let more = match unlearnable.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        let why = match cut_off {
+            0 => String::new(),
+            n => format!(
+                "; --max-length {} cut off the tokens of {n} of them",
+                config.max_length
+            ),
+        };
+        let message = format!(
+            "{origin}: {} of {} examples have no token that carries loss (--loss-on {}{why}): example {}{more}",
+            unlearnable.len(),
+            examples.len(),
+            format!("{:?}", config.loss_on).to_lowercase(),
+            shown.join(", ")
+        );
+        if sequences.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{message}; nothing is left to learn from"
+            )));
+        }
+        log::warn!("{message}; they are left out, as TRL leaves them out");
     }
     Ok(sequences)
 }

@@ -150,6 +150,13 @@ pub struct TrainSettings {
     /// Examples are cut to this many tokens.
     #[arg(long)]
     pub max_length: Option<usize>,
+    /// Which end of a longer example --max-length keeps (TRL's truncation_mode); examples left with
+    /// no token that carries loss are left out, as TRL leaves them out. Packing keeps the start.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub truncation_mode: Option<crate::train::Truncation>,
+    /// The column that holds the text of text rows (TRL's dataset_text_field).
+    #[arg(long)]
+    pub dataset_text_field: Option<String>,
     /// Seeds the LoRA initialisation, shuffling, dropout and --eval-split; up to 2^63 - 1.
     #[arg(long, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
     pub seed: Option<u64>,
@@ -303,6 +310,8 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("use_rslora", flag(d.lora.use_rslora)),
         ("target_modules", d.lora.targets.join(",")),
         ("max_length", d.max_length.to_string()),
+        ("truncation_mode", value_name(d.truncation)),
+        ("dataset_text_field", d.text_field.clone()),
         ("seed", d.seed.to_string()),
         ("no_shuffle", flag(!d.shuffle)),
         ("loss_on", format!("{:?}", d.loss_on).to_lowercase()),
@@ -356,6 +365,13 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("vae", "the pipeline folder's".into()),
         ("no_cache", flag(false)),
     ]
+}
+
+/// A value's name as the command line and option files spell it.
+fn value_name<T: clap::ValueEnum>(value: T) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
 /// `command` (nibble train's) with each option's help ending in its default (`defaults_for_help`).
@@ -450,6 +466,8 @@ impl TrainSettings {
         s.use_rslora = Some(config.lora.use_rslora);
         s.target_modules = Some(config.lora.targets.join(","));
         s.max_length = Some(config.max_length);
+        s.truncation_mode = Some(config.truncation);
+        s.dataset_text_field = Some(config.text_field.clone());
         s.seed = Some(config.seed);
         s.no_shuffle = Some(!config.shuffle);
         s.loss_on = Some(config.loss_on);
@@ -602,6 +620,8 @@ impl TrainSettings {
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
             max_length: self.max_length.unwrap_or(d.max_length),
+            truncation: self.truncation_mode.unwrap_or(d.truncation),
+            text_field: self.dataset_text_field.clone().unwrap_or(d.text_field),
             seed: self.seed.unwrap_or(d.seed),
             shuffle: self.no_shuffle.map_or(d.shuffle, |no| !no),
             loss_on: self.loss_on.unwrap_or(d.loss_on),
@@ -636,6 +656,14 @@ impl TrainSettings {
             return Err(Error::Invalid(format!(
                 "--eval-split must lie strictly between 0 and 1 (got {f})"
             )));
+        }
+        if self.packing == Some(true)
+            && self.truncation_mode == Some(crate::train::Truncation::KeepEnd)
+        {
+            return Err(Error::Invalid(
+                "--truncation-mode keep_end does not apply with --packing: packing keeps each example's start (as TRL's does)"
+                    .into(),
+            ));
         }
         Ok(RunOptions {
             overwrite: self.overwrite.unwrap_or(false),
