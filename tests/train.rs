@@ -14,7 +14,7 @@ use nibble::rng::Rng;
 use nibble::source::{FloatDtype, ModelFiles};
 use nibble::synth::{self, SynthSpec};
 use nibble::tokenizer::{ChatTokenizer, Message};
-use nibble::train::{self, LossOn, Schedule, TrainConfig, Trainer};
+use nibble::train::{self, LossOn, Schedule, ScheduleKwargs, TrainConfig, Trainer};
 
 fn tiny_model(dir: &std::path::Path) -> nibble::model::Model {
     let mut spec = SynthSpec::tiny(Arch::Qwen2, 300);
@@ -41,19 +41,117 @@ fn sequences(n: usize, rng: &mut Rng) -> Vec<Sequence> {
 
 #[test]
 fn schedules_follow_transformers() {
-    // get_linear_schedule_with_warmup(warmup=2, total=10) and the cosine one, by hand.
-    let linear: Vec<f64> = (0..10).map(|s| Schedule::Linear.factor(s, 2, 10)).collect();
+    // get_linear_schedule_with_warmup(warmup=2, total=10), by hand.
+    let none = ScheduleKwargs::default();
+    let linear: Vec<f64> = (0..10)
+        .map(|s| Schedule::Linear.factor(&none, 1.0, s, 2, 10))
+        .collect();
     assert_eq!(
         linear,
         vec![0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
     );
-    let cosine: Vec<f64> = (0..10).map(|s| Schedule::Cosine.factor(s, 2, 10)).collect();
-    for (s, c) in cosine.iter().enumerate().skip(2) {
-        let expected = 0.5 * (1.0 + (std::f64::consts::PI * (s - 2) as f64 / 8.0).cos());
-        assert!((c - expected).abs() < 1e-12);
+    // Every schedule, with and without warmup and with its own parameters, as transformers' Trainer
+    // sets each step's rate (tests/fixtures/lr_schedules.json, scripts/make_schedule_fixture.py).
+    #[derive(serde::Deserialize)]
+    struct Case {
+        schedule: String,
+        kwargs: serde_json::Value,
+        warmup: usize,
+        lr: f64,
+        total: usize,
+        lrs: Vec<f64>,
     }
-    assert_eq!(Schedule::Constant.factor(0, 3, 10), 0.0);
-    assert_eq!(Schedule::Constant.factor(5, 3, 10), 1.0);
+    #[derive(serde::Deserialize)]
+    struct Fixture {
+        cases: Vec<Case>,
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/lr_schedules.json"
+    );
+    let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for case in &fixture.cases {
+        let settings = nibble::train::settings::TrainSettings::parse_json(
+            &serde_json::json!({"lr_scheduler": case.schedule, "lr_scheduler_kwargs": case.kwargs,
+                                "lr": case.lr, "warmup_steps": case.warmup})
+            .to_string(),
+        )
+        .unwrap();
+        let config = settings.train_config().unwrap();
+        names.insert(config.schedule.name());
+        for (step, &expected) in case.lrs.iter().enumerate() {
+            let lr = config.lr_at(step, case.total);
+            // f64 against Python's floats: the same operations, a few ulps apart at most.
+            assert!(
+                (lr - expected).abs() <= 1e-15 + 1e-12 * expected.abs(),
+                "{} {} warmup {} step {step}: {lr} against transformers' {expected}",
+                case.schedule,
+                case.kwargs,
+                case.warmup
+            );
+        }
+    }
+    let all = <Schedule as clap::ValueEnum>::value_variants();
+    assert_eq!(
+        names.len(),
+        all.len(),
+        "a schedule without a case: {names:?}"
+    );
+}
+
+/// Parameters a schedule does not take, or lacks, are refused before training, naming them.
+#[test]
+fn schedule_parameters_are_checked_by_name() {
+    use nibble::train::settings::TrainSettings;
+    for (options, says) in [
+        (
+            r#"{"lr_scheduler": "cosine_with_min_lr"}"#,
+            "needs min_lr or min_lr_rate",
+        ),
+        (
+            r#"{"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1e-5, "min_lr_rate": 0.1}}"#,
+            "not both",
+        ),
+        (
+            r#"{"lr_scheduler": "linear", "lr_scheduler_kwargs": {"num_cycles": 2}}"#,
+            "linear takes no `num_cycles`",
+        ),
+        (
+            r#"{"lr_scheduler": "warmup_stable_decay"}"#,
+            "needs num_decay_steps",
+        ),
+        (
+            r#"{"lr_scheduler": "polynomial", "lr": 1e-8}"#,
+            "must be smaller than --lr",
+        ),
+        (r#"{"adam_beta2": 1.0}"#, "--adam-beta2"),
+        (r#"{"adam_epsilon": -1e-8}"#, "--adam-epsilon"),
+    ] {
+        let e = TrainSettings::parse_json(options)
+            .and_then(|s| s.train_config())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{options}: {e}");
+    }
+    let e = TrainSettings::parse_json(r#"{"lr_scheduler_kwargs": {"min_lr_ratee": 0.1}}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("min_lr_ratee"), "{e}");
+    // The betas and eps reach AdamW, its bias corrections at the step's count.
+    let config = TrainSettings::parse_json(
+        r#"{"adam_beta1": 0.8, "adam_beta2": 0.95, "adam_epsilon": 1e-6}"#,
+    )
+    .unwrap()
+    .train_config()
+    .unwrap();
+    let p = config.adamw_at(2, 10);
+    assert_eq!((p.beta1, p.beta2, p.eps), (0.8, 0.95, 1e-6));
+    assert_eq!(p.bias_correction1, (1.0 - 0.8f64.powi(3)) as f32);
+    assert_eq!(
+        p.bias_correction2_sqrt,
+        (1.0 - 0.95f64.powi(3)).sqrt() as f32
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ pub mod flux2;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod folder;
 pub mod run;
+pub mod schedule;
 pub mod settings;
 pub mod tensorboard;
 
@@ -29,6 +30,7 @@ use crate::ops::adamw::AdamWParams;
 use crate::rng::Rng;
 use crate::shared::Shared;
 use crate::tokenizer::{ByteRange, ChatTokenizer, Message, TemplateArgs};
+pub use schedule::{Schedule, ScheduleKwargs};
 use serde_json::json;
 use std::path::Path;
 #[cfg(not(target_arch = "wasm32"))]
@@ -36,15 +38,7 @@ use std::time::Instant;
 #[cfg(target_arch = "wasm32")]
 use web_time::Instant;
 
-/// The learning-rate schedule after warmup.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Schedule {
-    Constant,
-    Linear,
-    Cosine,
-}
-
-serde_as_value_enum!(Schedule, LossOn, Truncation);
+serde_as_value_enum!(LossOn, Truncation);
 
 /// Which end of an example longer than `--max-length` is kept (TRL's `truncation_mode`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -74,23 +68,6 @@ impl Cut {
     }
 }
 
-impl Schedule {
-    /// transformers' multiplier for the optimizer step that follows `step` completed steps.
-    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
-        if step < warmup {
-            return step as f64 / warmup.max(1) as f64;
-        }
-        let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
-        match self {
-            Schedule::Constant => 1.0,
-            Schedule::Linear => ((total - step.min(total)) as f64
-                / (total.saturating_sub(warmup)).max(1) as f64)
-                .max(0.0),
-            Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
-        }
-    }
-}
-
 /// Which tokens carry loss.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossOn {
@@ -109,6 +86,12 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub schedule: Schedule,
+    /// The schedule's own parameters (transformers' `lr_scheduler_kwargs`).
+    pub schedule_kwargs: ScheduleKwargs,
+    /// AdamW's β₁, β₂ and ε (transformers' `adam_beta1`, `adam_beta2`, `adam_epsilon`).
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
     pub warmup_steps: usize,
     /// Warmup as a fraction of all steps (rounded up, as transformers does); `warmup_steps` wins when set.
     pub warmup_ratio: f64,
@@ -151,17 +134,21 @@ impl TrainConfig {
     /// The scheduled learning rate of optimizer step `step` (0-based) of `total_steps`.
     pub fn lr_at(&self, step: usize, total_steps: usize) -> f64 {
         let warmup = self.warmup_for(total_steps);
-        self.lr * self.schedule.factor(step, warmup, total_steps)
+        let kwargs = &self.schedule_kwargs;
+        self.lr
+            * self
+                .schedule
+                .factor(kwargs, self.lr, step, warmup, total_steps)
     }
 
     /// AdamW's parameters for optimizer step `step` (0-based) of `total_steps`: the scheduled learning
-    /// rate, torch's betas and eps, the configured weight decay.
+    /// rate, the configured betas, eps and weight decay.
     pub fn adamw_at(&self, step: usize, total_steps: usize) -> AdamWParams {
         AdamWParams::new(
             self.lr_at(step, total_steps),
-            0.9,
-            0.999,
-            1e-8,
+            self.adam_beta1,
+            self.adam_beta2,
+            self.adam_epsilon,
             self.weight_decay,
             step as u64 + 1,
             1.0,
@@ -201,7 +188,7 @@ impl TrainConfig {
             if lora.use_rslora { " (rsLoRA)" } else { "" },
             lora.targets.join(","),
             self.lr,
-            format!("{:?}", self.schedule).to_lowercase(),
+            self.schedule.name(),
             self.epochs,
             self.batch_size,
             self.grad_accum,
@@ -224,6 +211,10 @@ impl Default for TrainConfig {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             schedule: Schedule::Linear,
+            schedule_kwargs: ScheduleKwargs::default(),
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
             warmup_steps: 0,
             warmup_ratio: 0.0,
             epochs: 1,

@@ -733,6 +733,15 @@ fn manifest(
         "batch_size": config.batch_size, "grad_accum": config.grad_accum,
         "seed": config.seed, "shuffle": config.shuffle, "init_adapter": init_digest,
     });
+    // Absent at their defaults, as in runs recorded before the options.
+    if !config.schedule_kwargs.is_empty() {
+        options["lr_scheduler_kwargs"] = json!(config.schedule_kwargs);
+    }
+    let d = TrainConfig::default();
+    let adam = [config.adam_beta1, config.adam_beta2, config.adam_epsilon];
+    if adam != [d.adam_beta1, d.adam_beta2, d.adam_epsilon] {
+        options["adam"] = json!(adam);
+    }
     // Exact checkpoints give the same numbers as none; bf16 ones do not (absent when off, as in runs
     // recorded before the option).
     if config.checkpoints.bf16() {

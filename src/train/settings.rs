@@ -105,9 +105,14 @@ pub struct TrainSettings {
     /// The peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
-    /// How the learning rate falls after warmup.
+    /// How the learning rate moves over the run, by transformers' names (lr_scheduler_type).
     #[arg(long, value_enum, ignore_case = true)]
     pub lr_scheduler: Option<Schedule>,
+    /// The schedule's own parameters as a JSON object (transformers' lr_scheduler_kwargs), such as
+    /// '{"min_lr_rate": 0.1}' for cosine_with_min_lr or '{"num_decay_steps": 100}' for
+    /// warmup_stable_decay; in an options file, a table.
+    #[arg(long, value_parser = crate::train::ScheduleKwargs::parse)]
+    pub lr_scheduler_kwargs: Option<crate::train::ScheduleKwargs>,
     /// Optimizer steps over which the learning rate rises from 0.
     #[arg(long)]
     pub warmup_steps: Option<usize>,
@@ -117,6 +122,15 @@ pub struct TrainSettings {
     /// AdamW's decoupled weight decay.
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// AdamW's β₁: the decay of its running mean of gradients.
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    /// AdamW's β₂: the decay of its running mean of squared gradients.
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    /// AdamW's ε, added to the root of the squared gradients' mean.
+    #[arg(long)]
+    pub adam_epsilon: Option<f64>,
     /// Gradients are clipped to this global norm (0: no clipping).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
@@ -291,10 +305,17 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("device", "auto".into()),
         ("precision", "default".into()),
         ("lr", d.lr.to_string()),
-        ("lr_scheduler", format!("{:?}", d.schedule).to_lowercase()),
+        ("lr_scheduler", d.schedule.name()),
+        (
+            "lr_scheduler_kwargs",
+            "none: the schedule's defaults".into(),
+        ),
         ("warmup_steps", d.warmup_steps.to_string()),
         ("warmup_ratio", d.warmup_ratio.to_string()),
         ("weight_decay", d.weight_decay.to_string()),
+        ("adam_beta1", d.adam_beta1.to_string()),
+        ("adam_beta2", d.adam_beta2.to_string()),
+        ("adam_epsilon", d.adam_epsilon.to_string()),
         ("max_grad_norm", d.max_grad_norm.to_string()),
         ("epochs", d.epochs.to_string()),
         (
@@ -451,6 +472,11 @@ impl TrainSettings {
         (s.config, s.preset, s.resume, s.overwrite) = (None, None, None, None);
         s.lr = Some(config.lr);
         s.lr_scheduler = Some(config.schedule);
+        s.lr_scheduler_kwargs =
+            Some(config.schedule_kwargs.clone()).filter(|kwargs| !kwargs.is_empty());
+        s.adam_beta1 = Some(config.adam_beta1);
+        s.adam_beta2 = Some(config.adam_beta2);
+        s.adam_epsilon = Some(config.adam_epsilon);
         s.warmup_steps = Some(config.warmup_steps);
         s.warmup_ratio = Some(config.warmup_ratio);
         s.weight_decay = Some(config.weight_decay);
@@ -613,6 +639,10 @@ impl TrainSettings {
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             max_grad_norm: self.max_grad_norm.unwrap_or(d.max_grad_norm),
             schedule: self.lr_scheduler.unwrap_or(d.schedule),
+            schedule_kwargs: self.lr_scheduler_kwargs.clone().unwrap_or_default(),
+            adam_beta1: self.adam_beta1.unwrap_or(d.adam_beta1),
+            adam_beta2: self.adam_beta2.unwrap_or(d.adam_beta2),
+            adam_epsilon: self.adam_epsilon.unwrap_or(d.adam_epsilon),
             warmup_steps: self.warmup_steps.unwrap_or(d.warmup_steps),
             warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
             epochs: self.epochs.unwrap_or(d.epochs),
@@ -630,6 +660,15 @@ impl TrainSettings {
             precision: self.precision.unwrap_or_default().cpu(),
         };
         check_ranges(&config)?;
+        config.schedule.check(&config.schedule_kwargs, config.lr)?;
+        if config.schedule == Schedule::Constant
+            && (config.warmup_steps > 0 || config.warmup_ratio > 0.0)
+        {
+            log::warn!(
+                "--lr-scheduler constant keeps the peak rate from the first step, as transformers' constant does: \
+                 the warmup asked for does not apply (constant_with_warmup warms up)"
+            );
+        }
         Ok(config)
     }
 
@@ -770,6 +809,24 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
             "--weight-decay",
             config.weight_decay,
             non_negative(config.weight_decay),
+            "a finite number >= 0",
+        ),
+        (
+            "--adam-beta1",
+            config.adam_beta1,
+            fraction(config.adam_beta1),
+            "in [0, 1)",
+        ),
+        (
+            "--adam-beta2",
+            config.adam_beta2,
+            fraction(config.adam_beta2),
+            "in [0, 1)",
+        ),
+        (
+            "--adam-epsilon",
+            config.adam_epsilon,
+            non_negative(config.adam_epsilon),
             "a finite number >= 0",
         ),
         (
