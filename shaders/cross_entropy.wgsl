@@ -17,6 +17,11 @@ struct CrossEntropyParams {
     // The hidden width (the table's columns), and the table's storage format (common.wgsl's FMT_*).
     dim: u32,
     fmt: u32,
+    // 1: each position's gradient weighted by its label's probability (dynamic fine-tuning).
+    dft: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: CrossEntropyParams;
@@ -175,8 +180,9 @@ fn ce_finalize(@builtin(global_invocation_id) id: vec3<u32>) {
 }
 
 // After the walk, for the positions whose label lies in the bound block:
-// d_hidden = grad_scale · (d_hidden / sum − slope(label logit) · W[label]). Each position's label lies in
-// one block, so each row is finished exactly once.
+// d_hidden = grad_scale · weight · (d_hidden / sum − slope(label logit) · W[label]), the weight 1 or,
+// with dft, the label's probability exp(label logit − max) / sum. Each position's label lies in one
+// block, so each row is finished exactly once.
 @compute @workgroup_size(64)
 fn ce_grad_finish(@builtin(global_invocation_id) id: vec3<u32>) {
     let c = id.x;
@@ -190,7 +196,12 @@ fn ce_grad_finish(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     let index = (label - p.block_start) * p.dim + c;
     let w = dense_word_value(table[dense_word_index(p.fmt, index)], p.fmt, index);
-    let slope = cap_slope(state[pos * STATE + 2u]);
+    let s0 = pos * STATE;
+    let slope = cap_slope(state[s0 + 2u]);
+    var scale = p.grad_scale;
+    if (p.dft != 0u) {
+        scale *= exp(state[s0 + 2u] - state[s0]) / state[s0 + 1u];
+    }
     let i = pos * p.dim + c;
-    d_hidden[i] = p.grad_scale * (d_hidden[i] / state[pos * STATE + 1u] - slope * w);
+    d_hidden[i] = scale * (d_hidden[i] / state[s0 + 1u] - slope * w);
 }

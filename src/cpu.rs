@@ -165,6 +165,8 @@ impl Sequence {
 pub struct StepLoss {
     /// Σ cross-entropy over the sequence's targets.
     pub loss_sum: f64,
+    /// Σ cross-entropy weighted by each label's probability (`LossType::Dft`'s loss).
+    pub dft_sum: f64,
     pub targets: usize,
     /// Σ entropy of the predicted distributions at the targets (nats), and how many targets were the
     /// most likely token: what TRL logs as `entropy` and `mean_token_accuracy`.
@@ -173,13 +175,22 @@ pub struct StepLoss {
 }
 
 impl StepLoss {
+    /// The summed loss as `loss_type` counts it.
+    pub fn sum_of(&self, loss_type: crate::ops::cross_entropy::LossType) -> f64 {
+        match loss_type {
+            crate::ops::cross_entropy::LossType::Nll => self.loss_sum,
+            crate::ops::cross_entropy::LossType::Dft => self.dft_sum,
+        }
+    }
+
     /// The sums over a step's `losses` output (a `TokenLoss` row per target).
     pub fn of_rows(rows: &[f32]) -> Self {
-        use crate::ops::cross_entropy::TokenLoss;
+        use crate::ops::cross_entropy::{LossType, TokenLoss};
         let mut total = StepLoss::default();
         for t in rows.chunks_exact(TokenLoss::WIDTH).map(TokenLoss::from_row) {
             total += StepLoss {
                 loss_sum: t.loss as f64,
+                dft_sum: LossType::Dft.weight(t.loss as f64) * t.loss as f64,
                 targets: 1,
                 entropy_sum: t.entropy as f64,
                 correct: usize::from(t.top1),
@@ -192,6 +203,7 @@ impl StepLoss {
 impl std::ops::AddAssign for StepLoss {
     fn add_assign(&mut self, other: StepLoss) {
         self.loss_sum += other.loss_sum;
+        self.dft_sum += other.dft_sum;
         self.targets += other.targets;
         self.entropy_sum += other.entropy_sum;
         self.correct += other.correct;
@@ -209,7 +221,7 @@ pub fn check_tokens(ids: &[u32], vocab: usize) -> Result<()> {
 }
 
 /// How a training step runs.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepOptions {
     /// The gradients computed are those of grad_scale · Σ loss.
     pub grad_scale: f32,
@@ -219,6 +231,8 @@ pub struct StepOptions {
     pub checkpoints: crate::graph::checkpoint::Keep,
     /// Arithmetic of the frozen-weight products.
     pub precision: Precision,
+    /// How each token's loss counts.
+    pub loss_type: crate::ops::cross_entropy::LossType,
 }
 
 pub use crate::exec::cpu::{KvCache, decode, forward_backward, forward_backward_with, logits};

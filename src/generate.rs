@@ -237,9 +237,8 @@ impl Executor<'_> {
             Executor::Cpu { model, adapter } => {
                 let options = cpu::StepOptions {
                     grad_scale: 0.0,
-                    checkpoint: false,
-                    checkpoints: crate::graph::checkpoint::Keep::F32,
                     precision,
+                    ..cpu::StepOptions::default()
                 };
                 cpu::forward_backward_with(model, adapter, None, seq, options, None)
             }

@@ -253,6 +253,7 @@ fn gpu_step_memory_follows_the_plan() {
             checkpoint,
             checkpoints,
             dropout: None,
+            loss_type: Default::default(),
         };
         let step = || {
             let mut enc = gpu.encoder();
@@ -326,6 +327,7 @@ fn gpu_step_memory_follows_the_plan() {
             checkpoint,
             checkpoints: Keep::F32,
             dropout: None,
+            loss_type: Default::default(),
         };
         let mut enc = gpu.encoder();
         let losses =
@@ -356,6 +358,7 @@ fn gpu_step_memory_follows_the_plan() {
         checkpoint: false,
         checkpoints: Keep::F32,
         dropout: None,
+        loss_type: Default::default(),
     };
     let adamw = nibble::ops::adamw::AdamWParams::new(1e-4, 0.9, 0.999, 1e-8, 0.0, 1, 1.0);
     let sequences = [(&short, options), (&long, options)];

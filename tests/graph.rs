@@ -93,6 +93,7 @@ fn both_executors_run_the_same_graphs() {
                                 checkpoint,
                                 checkpoints: nibble::graph::checkpoint::Keep::F32,
                                 precision: Precision::F32,
+                                loss_type: Default::default(),
                             },
                             dropout.then_some(&mut Rng::new(seed)),
                         )
@@ -102,6 +103,7 @@ fn both_executors_run_the_same_graphs() {
                             checkpoint,
                             checkpoints: nibble::graph::checkpoint::Keep::F32,
                             dropout: dropout.then_some((seed_after(seed), 0.2)),
+                            loss_type: Default::default(),
                         };
                         let g = weights::zero_grads(&gpu, &adapter);
                         let mut enc = gpu.encoder();

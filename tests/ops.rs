@@ -136,6 +136,7 @@ fn gated_activations_forward_and_backward_match_references() {
 use nibble::config::RopeScaling;
 use nibble::model::{DenseData, DenseTensor, LinearWeight};
 use nibble::ops::attention::{self, AttentionShape};
+use nibble::ops::cross_entropy::LossType::{Dft, Nll};
 use nibble::ops::{Precision, bf16_gemm, cross_entropy, linear, rope};
 use nibble::quant::{QuantFormat, QuantSpec, QuantTensor};
 
@@ -555,6 +556,25 @@ fn cross_entropy_reference(
         .collect()
 }
 
+/// The one-pass loss and gradient in f32, at grad_scale 0.5.
+fn fused_f32(
+    hidden: &[f32],
+    head: &DenseTensor,
+    labels: &[u32],
+    loss_type: cross_entropy::LossType,
+    softcap: Option<f32>,
+) -> (Vec<cross_entropy::TokenLoss>, Vec<f32>) {
+    cross_entropy::forward_backward(
+        hidden,
+        head,
+        labels,
+        0.5,
+        loss_type,
+        Precision::F32,
+        softcap,
+    )
+}
+
 /// Each position's loss and log-sum-exp.
 fn split(tokens: &[cross_entropy::TokenLoss]) -> (Vec<f32>, Vec<f32>) {
     tokens.iter().map(|t| (t.loss, t.lse)).unzip()
@@ -605,8 +625,7 @@ fn cross_entropy_reports_entropy_and_whether_the_label_ranked_first() {
     for softcap in [None, Some(3.0f32)] {
         let logits = cross_entropy::logits(&hidden, &head, Precision::F32, softcap);
         let tokens = cross_entropy::forward(&hidden, &head, &labels, Precision::F32, softcap);
-        let (fused, _) =
-            cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32, softcap);
+        let (fused, _) = fused_f32(&hidden, &head, &labels, Nll, softcap);
         let mut worst = 0f64;
         for p in 0..positions {
             let row: Vec<f64> = logits[p * vocab..(p + 1) * vocab]
@@ -684,8 +703,7 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
         }
 
         // The one-pass loss and gradient: the same losses, and the gradient against finite differences.
-        let (fused_tokens, d_hidden) =
-            cross_entropy::forward_backward(&hidden, &head, &labels, 0.5, Precision::F32, softcap);
+        let (fused_tokens, d_hidden) = fused_f32(&hidden, &head, &labels, Nll, softcap);
         let (fused, fused_lse) = split(&fused_tokens);
         let e = rel_err(
             &fused_lse,
@@ -704,6 +722,28 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
         });
         let e = rel_err(&d_hidden, &fd);
         assert!(e < 1e-5, "cross-entropy backward, cap {softcap:?}: {e:e}");
+
+        // Dynamic fine-tuning (TRL's loss_type="dft"): the same losses, and the gradient of Σ w·loss
+        // with each weight w = 0.5 · exp(−loss) (the label's probability) held fixed.
+        let (dft_tokens, d_dft) = fused_f32(&hidden, &head, &labels, Dft, softcap);
+        assert_eq!(split(&dft_tokens), split(&fused_tokens));
+        let weights: Vec<f32> = reference
+            .iter()
+            .map(|l| (0.5 * (-l).exp()) as f32)
+            .collect();
+        let fd = finite_diff(&hidden, &weights, |x| {
+            cross_entropy_reference(x, &w, vocab, dim, &labels, softcap)
+        });
+        let e = rel_err(&d_dft, &fd);
+        assert!(
+            e < 1e-5,
+            "dft cross-entropy backward, cap {softcap:?}: {e:e}"
+        );
+        let moved = rel_err(
+            &d_dft,
+            &d_hidden.iter().map(|&g| g as f64).collect::<Vec<_>>(),
+        );
+        assert!(moved > 0.5, "the weights change the gradient: {moved:e}");
 
         // Every logit, capped alike: its log-sum-exp is the loss's.
         let logits = cross_entropy::logits(&hidden, &head, Precision::F32, softcap);
@@ -750,19 +790,14 @@ fn cross_entropy_in_integer_products_stays_near_f32() {
             .collect();
         let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         for softcap in [None, Some(10.0f32)] {
-            let ((l32, lse32), d32) = split_with_gradient(cross_entropy::forward_backward(
-                &hidden,
-                &head,
-                &labels,
-                0.5,
-                Precision::F32,
-                softcap,
-            ));
+            let ((l32, lse32), d32) =
+                split_with_gradient(fused_f32(&hidden, &head, &labels, Nll, softcap));
             let ((l16, lse16), d16) = split_with_gradient(cross_entropy::forward_backward(
                 &hidden,
                 &head,
                 &labels,
                 0.5,
+                Nll,
                 Precision::Int16,
                 softcap,
             ));
@@ -810,6 +845,7 @@ fn cross_entropy_in_integer_products_stays_near_f32() {
                     &head,
                     &labels,
                     0.5,
+                    Nll,
                     Precision::Bf16,
                     softcap,
                 ));

@@ -34,14 +34,30 @@ const FAMILIES: [(&str, usize); 5] = [
 
 fn check(device: &str) {
     for (family, linears) in FAMILIES {
-        check_family(device, family, linears);
+        check_family(device, family, linears, None);
     }
 }
 
-fn check_family(device: &str, family: &str, linears: usize) {
+/// A variant of the recipe: its flags, the fixture's subfolder (expected.json and the adapter after the
+/// steps) that transformers' run with it wrote, and the tolerance of the LoRA updates.
+struct Variant<'a> {
+    flags: &'a [&'a str],
+    folder: &'a str,
+    update_tolerance: f64,
+}
+
+fn check_family(device: &str, family: &str, linears: usize, variant: Option<Variant>) {
     let f = fixtures().join(family);
+    let (flags, results, update_tolerance) = match &variant {
+        Some(v) => (v.flags, f.join(v.folder), v.update_tolerance),
+        None => (&[][..], f.join("expected_adapter"), UPDATE_TOLERANCE),
+    };
+    let expected_file = match variant {
+        Some(_) => results.join("expected.json"),
+        None => f.join("expected.json"),
+    };
     let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.join("expected.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(expected_file).unwrap()).unwrap();
     let out = tempfile::tempdir().unwrap();
     let run = out.path().join("run");
     let o = Command::new(env!("CARGO_BIN_EXE_nibble"))
@@ -80,17 +96,21 @@ fn check_family(device: &str, family: &str, linears: usize) {
             "--max-grad-norm",
             "1.0",
         ])
+        .args(flags)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let peft = &expected["peft_loads_nibble_adapter"];
-    assert_eq!(peft["missing_lora_keys"], serde_json::json!([]), "{family}");
-    assert_eq!(peft["unexpected_keys"], serde_json::json!([]), "{family}");
-    let merged = expected["transformers_loads_nibble_merge"]["logits_relative_difference_vs_peft"]
-        .as_f64()
-        .unwrap();
-    assert!(merged < 1e-5, "{family}: merged folder {merged:e}");
+    if variant.is_none() {
+        let peft = &expected["peft_loads_nibble_adapter"];
+        assert_eq!(peft["missing_lora_keys"], serde_json::json!([]), "{family}");
+        assert_eq!(peft["unexpected_keys"], serde_json::json!([]), "{family}");
+        let merged =
+            expected["transformers_loads_nibble_merge"]["logits_relative_difference_vs_peft"]
+                .as_f64()
+                .unwrap();
+        assert!(merged < 1e-5, "{family}: merged folder {merged:e}");
+    }
     let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -106,15 +126,21 @@ fn check_family(device: &str, family: &str, linears: usize) {
             );
             let e = (a - b).abs() / b;
             worst_scalar = worst_scalar.max(e);
+            // Or four times what float32 arithmetic alone moves transformers' value, where its float64
+            // run is recorded and that is larger.
+            let noise = expected[format!("float64_{theirs}")][i]
+                .as_f64()
+                .map_or(0.0, |b64| (b - b64).abs() / b64);
+            let tolerance = SCALAR_TOLERANCE.max(4.0 * noise);
             assert!(
-                e < SCALAR_TOLERANCE,
-                "{device} {family}, step {}: {ours} {a} vs transformers {b}",
+                e < tolerance,
+                "{device} {family}, step {}: {ours} {a} vs transformers {b} (held to {tolerance:e})",
                 i + 1
             );
         }
     }
     eprintln!(
-        "{device} {family}: worst relative difference of a loss or grad norm {worst_scalar:.1e}"
+        "{device} {family} {flags:?}: worst relative difference of a loss or grad norm {worst_scalar:.1e}"
     );
     // What TRL logs beside the loss (metrics.json, scripts/make_train_metrics_fixtures.py): the
     // entropy to float32's rounding (measured on the CPU and lavapipe: within 2.6e-8), and the same
@@ -122,7 +148,7 @@ fn check_family(device: &str, family: &str, linears: usize) {
     // of an example may flip where two logits all but tie.
     let trl: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(f.join("metrics.json")).unwrap()).unwrap();
-    for (i, m) in metrics.iter().enumerate() {
+    for (i, m) in metrics.iter().enumerate().filter(|_| variant.is_none()) {
         let step = i + 1;
         let (a, b) = (
             m["entropy"].as_f64().unwrap(),
@@ -145,7 +171,7 @@ fn check_family(device: &str, family: &str, linears: usize) {
     }
     let (init, theirs, ours) = (
         adapter(&f.join("init_adapter")),
-        adapter(&f.join("expected_adapter")),
+        adapter(&results),
         adapter(&run),
     );
     let mut worst = (0.0f64, String::new());
@@ -162,7 +188,7 @@ fn check_family(device: &str, family: &str, linears: usize) {
             .as_f64()
             .unwrap();
         let e = rel(&delta(&ours), &delta(&theirs));
-        let tolerance = UPDATE_TOLERANCE.max(4.0 * noise);
+        let tolerance = update_tolerance.max(4.0 * noise);
         assert!(
             e < tolerance,
             "{device} {family}: LoRA update {name} differs by {e:e} (held to {tolerance:e})"
@@ -174,7 +200,7 @@ fn check_family(device: &str, family: &str, linears: usize) {
     }
     assert_eq!(count, linears * 2, "every LoRA matrix of both layers");
     eprintln!(
-        "{device} {family}: worst relative difference of a LoRA update {:.1e} ({})",
+        "{device} {family} {flags:?}: worst relative difference of a LoRA update {:.1e} ({})",
         worst.0, worst.1
     );
 }
@@ -199,4 +225,28 @@ fn three_steps_on_the_gpu_match_transformers_and_peft() {
         return;
     }
     check("gpu");
+}
+
+/// TRL's dynamic fine-tuning loss (`--loss-type dft`, SFTConfig(loss_type="dft")): the same three
+/// steps against transformers + peft with TRL's formula (scripts/make_dft_fixture.py), for Qwen2 and
+/// for Gemma 4's capped logits, on both executors, to the tolerances above, or to four times what
+/// float32 alone moves transformers' value (its float64 run) where that is larger. Measured: losses and
+/// grad norms within 1.4e-6 for Qwen2 and 1.2e-5 for Gemma 4 (whose float32 reference is itself 1.3e-5
+/// from float64); LoRA updates within 3.7e-5 for Qwen2 and, for Gemma 4, 3.8e-4 on the CPU (where its
+/// reference's own float32 noise is 5.8e-4) and 1.9e-4 on lavapipe (where that is 4.1e-5; the weights
+/// exp(−loss) are about 1/vocabulary, and AdamW divides each element by its own magnitude), held to 2e-3.
+#[test]
+fn dft_loss_steps_match_trls() {
+    let gpu =
+        nibble::gpu::Gpu::new(true).is_ok() || std::env::var_os("NIBBLE_REQUIRE_GPU").is_some();
+    for device in ["cpu", "gpu"].into_iter().filter(|&d| d == "cpu" || gpu) {
+        for (family, linears) in [("qwen2", 14), ("gemma4_text", 31)] {
+            let variant = Variant {
+                flags: &["--loss-type", "dft"],
+                folder: "dft",
+                update_tolerance: 2e-3,
+            };
+            check_family(device, family, linears, Some(variant));
+        }
+    }
 }

@@ -641,11 +641,16 @@ impl Exec {
             }
             Op::CrossEntropyWithGrad { softcap, .. } => {
                 let scale = x(3)[0];
+                let loss_type = match x(4)[0] > 0.5 {
+                    true => cross_entropy::LossType::Dft,
+                    false => cross_entropy::LossType::Nll,
+                };
                 let (tokens, d_hidden) = cross_entropy::forward_backward(
                     x(0),
                     ins[1].table(),
                     ins[2].u32(),
                     scale,
+                    loss_type,
                     self.precision,
                     *softcap,
                 );
@@ -723,9 +728,8 @@ pub fn forward_backward(
 ) -> Result<StepLoss> {
     let options = StepOptions {
         grad_scale,
-        checkpoint: false,
-        checkpoints: crate::graph::checkpoint::Keep::F32,
         precision: Precision::F32,
+        ..StepOptions::default()
     };
     forward_backward_with(model, adapter, grads, seq, options, dropout_rng)
 }
@@ -757,7 +761,10 @@ pub fn forward_backward_with(
         )
     };
     let graph = decoder::cached(&model.config, lora.as_ref(), shape);
-    let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed.unwrap_or(0));
+    let inputs = StepInputs {
+        loss_type: options.loss_type,
+        ..decoder::inputs(&model.config, seq, options.grad_scale, seed.unwrap_or(0))
+    };
     let mut out = run(
         &graph,
         Bindings {

@@ -90,6 +90,8 @@ pub struct SequenceOptions {
     pub checkpoints: crate::graph::checkpoint::Keep,
     /// LoRA dropout: the seed of the sequence's masks and the probability (None: no dropout).
     pub dropout: Option<(u64, f32)>,
+    /// How each token's loss counts.
+    pub loss_type: crate::ops::cross_entropy::LossType,
 }
 
 /// The sums of a sequence's `TokenLoss` rows, as `record_sequence` leaves them.
@@ -631,7 +633,10 @@ pub fn record_sequence(
         )
     };
     let graph = decoder::cached(&model.config, spec.as_ref(), shape);
-    let inputs = decoder::inputs(&model.config, seq, options.grad_scale, seed);
+    let inputs = StepInputs {
+        loss_type: options.loss_type,
+        ..decoder::inputs(&model.config, seq, options.grad_scale, seed)
+    };
     let bind = Bindings {
         gpu,
         model,

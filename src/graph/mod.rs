@@ -56,6 +56,9 @@ pub enum Input {
     Labels,
     /// [1]: gradients are those of grad_scale · Σ loss.
     GradScale,
+    /// [1]: how each token's loss counts (`cross_entropy::LossType`): 0 plain, 1 weighted by its
+    /// label's probability.
+    LossType,
     /// [2]: the LoRA dropout masks' seed, low and high words.
     DropoutSeed,
     /// [8]: this optimizer step's AdamW parameters (`ops::adamw::AdamWParams`, its grad_scale
@@ -78,6 +81,7 @@ pub struct StepInputs {
     pub label_positions: Vec<u32>,
     pub labels: Vec<u32>,
     pub grad_scale: f32,
+    pub loss_type: crate::ops::cross_entropy::LossType,
     pub dropout_seed: u64,
     /// `Input::AdamW`.
     pub adamw: [f32; 8],
@@ -107,6 +111,9 @@ impl StepInputs {
             Input::LabelPositions => InputValue::U32(Borrowed(&self.label_positions)),
             Input::Labels => InputValue::U32(Borrowed(&self.labels)),
             Input::GradScale => InputValue::F32(Owned(vec![self.grad_scale])),
+            Input::LossType => InputValue::F32(Owned(vec![f32::from(u8::from(
+                self.loss_type == crate::ops::cross_entropy::LossType::Dft,
+            ))])),
             Input::AdamW => InputValue::F32(Borrowed(&self.adamw)),
             Input::DropoutSeed => InputValue::U32(Owned(vec![
                 self.dropout_seed as u32,
@@ -665,6 +672,7 @@ impl Builder {
             | Input::LocalRopeSin
             | Input::QueryScale
             | Input::GradScale
+            | Input::LossType
             | Input::AdamW => Dtype::F32,
             _ => Dtype::U32,
         };

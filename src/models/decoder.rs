@@ -1285,10 +1285,11 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     }
     d.b.set_stage(None, true);
     let grad_scale = d.b.input(Input::GradScale, 1);
+    let loss_type = d.b.input(Input::LossType, 1);
     let d_hidden = d.b.activation(np * h, "d labelled hidden");
     d.b.node(
         Op::CrossEntropyWithGrad { dim: h, softcap },
-        &[hidden, head, labels, grad_scale],
+        &[hidden, head, labels, grad_scale, loss_type],
         &[losses, d_hidden],
         false,
     );

@@ -151,6 +151,29 @@ fn for_each_chunk(
     }
 }
 
+/// How each labelled token's cross-entropy counts in the loss (TRL's `loss_type`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LossType {
+    /// The negative log-likelihood of each label.
+    #[default]
+    Nll,
+    /// Dynamic fine-tuning (arXiv 2508.05629): each token's negative log-likelihood weighted by the
+    /// probability the model gives the label, that weight held constant in the backward.
+    Dft,
+}
+
+serde_as_value_enum!(LossType);
+
+impl LossType {
+    /// The weight of a token whose cross-entropy is `loss` (its label's probability is exp(−loss)).
+    pub fn weight(self, loss: f64) -> f64 {
+        match self {
+            LossType::Nll => 1.0,
+            LossType::Dft => (-loss).exp(),
+        }
+    }
+}
+
 /// What cross-entropy gives one labelled position: the loss −log softmax[label], the log-sum-exp the
 /// backward needs, and what TRL logs beside the loss: the entropy of the predicted distribution (in
 /// nats) and whether the label is the most likely token (the first of the largest logits, as torch's
@@ -268,7 +291,8 @@ pub fn forward(
     state.iter().map(Running::token).collect()
 }
 
-/// The loss and log-sum-exp (as `forward`) and the loss's gradient d hidden = grad_scale · (softmax · W − W[label]) in one pass
+/// The loss and log-sum-exp (as `forward`) and the loss's gradient d hidden = grad_scale · weight ·
+/// (softmax · W − W[label]) (the weight `loss_type`'s, 1 for the plain loss) in one pass
 /// over the vocabulary: per position a running maximum m, sum s = Σ exp(logit − m) and accumulator
 /// acc = Σ exp(logit − m) · W_v, rescaled whenever m grows (as online softmax does), so each chunk's
 /// logits are computed once and d hidden = grad_scale · (acc / s − W[label]) at the end. With a soft
@@ -278,6 +302,7 @@ pub fn forward_backward(
     head: &DenseTensor,
     labels: &[u32],
     grad_scale: f32,
+    loss_type: LossType,
     precision: Precision,
     softcap: Option<f32>,
 ) -> (Vec<TokenLoss>, Vec<f32>) {
@@ -341,8 +366,9 @@ pub fn forward_backward(
             let mut label_row = vec![0f32; dim];
             head.row_f32(label as usize, &mut label_row);
             let label_slope = softcap.map_or(1.0, |cap| soft_cap_slope(running.label_logit, cap));
+            let scale = grad_scale * loss_type.weight(running.token().loss as f64) as f32;
             for (g, w) in d.iter_mut().zip(&label_row) {
-                *g = grad_scale * (*g / running.sum - label_slope * w);
+                *g = scale * (*g / running.sum - label_slope * w);
             }
         });
     (state.iter().map(Running::token).collect(), d_hidden)
@@ -409,6 +435,9 @@ pub struct CeParams {
     pub dim: u32,
     /// The head's storage format (`FMT_*`), for the label rows `ce_grad_finish` reads.
     pub fmt: u32,
+    /// 1 where each position's gradient is weighted by its label's probability (`LossType::Dft`).
+    pub dft: u32,
+    pub _pad: [u32; 3],
 }
 
 /// One vocabulary chunk of the output projection as a frozen linear layer (shaders/linear.wgsl):
@@ -462,6 +491,8 @@ fn ce_params(
         softcap: softcap.unwrap_or(0.0),
         dim: head.cols as u32,
         fmt: head.fmt,
+        dft: 0,
+        _pad: [0; 3],
     }
 }
 
@@ -543,8 +574,12 @@ pub(crate) fn record(
     let Some(d_hidden) = d_hidden else {
         return;
     };
+    let dft = u32::from(r.inputs.loss_type == LossType::Dft);
     for (block_start, rows, block) in &head.blocks {
-        let p = ce_params(head, np, grad_scale, softcap, (*block_start, 0, *rows));
+        let p = CeParams {
+            dft,
+            ..ce_params(head, np, grad_scale, softcap, (*block_start, 0, *rows))
+        };
         let b = [(1, block), (4, &state), (5, labels), (6, d_hidden)];
         let groups = [(head.cols as u32).div_ceil(64), np as u32, 1];
         r.dispatch("ce_grad_finish", &p, &b, groups);

@@ -27,6 +27,7 @@ use crate::model::Model;
 use crate::models::optimizer;
 use crate::ops::Precision;
 use crate::ops::adamw::AdamWParams;
+pub use crate::ops::cross_entropy::LossType;
 use crate::rng::Rng;
 use crate::shared::Shared;
 use crate::tokenizer::{ByteRange, ChatTokenizer, Message, TemplateArgs};
@@ -107,6 +108,8 @@ pub struct TrainConfig {
     pub seed: u64,
     pub shuffle: bool,
     pub loss_on: LossOn,
+    /// How each token's loss counts (TRL's `loss_type`).
+    pub loss_type: LossType,
     pub checkpoint: bool,
     /// How checkpointing keeps each layer's input (`--bf16-checkpoints`).
     pub checkpoints: crate::graph::checkpoint::Keep,
@@ -227,6 +230,7 @@ impl Default for TrainConfig {
             seed: 42,
             shuffle: true,
             loss_on: LossOn::Default,
+            loss_type: LossType::Nll,
             checkpoint: false,
             checkpoints: crate::graph::checkpoint::Keep::F32,
             precision: Precision::F32,
@@ -874,9 +878,8 @@ impl<'a> Trainer<'a> {
                     seq,
                     StepOptions {
                         grad_scale: 1.0,
-                        checkpoint: false,
-                        checkpoints: crate::graph::checkpoint::Keep::F32,
                         precision: self.config.precision,
+                        ..StepOptions::default()
                     },
                     None,
                 )?,
@@ -1010,6 +1013,7 @@ impl<'a> Trainer<'a> {
                         checkpoint: self.config.checkpoint,
                         checkpoints: self.config.checkpoints,
                         dropout: (p > 0.0).then_some((seed, p)),
+                        loss_type: self.config.loss_type,
                     };
                     (&sequences[i], options)
                 })
@@ -1022,7 +1026,8 @@ impl<'a> Trainer<'a> {
         } else {
             self.cpu_step(&picks, scale, adamw)?
         };
-        let loss_sum: f64 = losses.iter().map(|l| l.loss_sum).sum();
+        let loss_type = self.config.loss_type;
+        let loss_sum: f64 = losses.iter().map(|l| l.sum_of(loss_type)).sum();
         let mut record = self.finish_step(
             start,
             (loss_sum / total_targets as f64, lr, grad_norm),
@@ -1137,6 +1142,7 @@ impl Trainer<'_> {
             checkpoint: self.config.checkpoint,
             checkpoints: self.config.checkpoints,
             precision: self.config.precision,
+            loss_type: self.config.loss_type,
         };
         for &i in picks {
             let loss = cpu::forward_backward_with(

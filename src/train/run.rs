@@ -257,7 +257,10 @@ impl<'m> Run<'m> {
             "max_length": config.max_length, "loss_on": config.loss_on,
             "packing": options.packing, "eval_split": options.eval_split,
         });
-        // Absent where the start is kept, as in runs recorded before the option.
+        // Absent at their defaults, as in runs recorded before the options.
+        if config.loss_type != train::LossType::Nll {
+            extra["loss_type"] = json!(config.loss_type);
+        }
         if config.truncation == train::Truncation::KeepEnd {
             extra["truncation_mode"] = json!(config.truncation);
         }
@@ -552,10 +555,13 @@ impl<'m> Run<'m> {
         if !self.eval.is_empty() && (eval_due || self.trainer.done()) {
             observer.validating(self.eval.len());
             let total = self.trainer.evaluate_async(&self.eval).await?;
-            let loss = total.loss_sum / total.targets.max(1) as f64;
+            // The loss as training counts it (TRL's eval_loss); the perplexity the model's.
+            let targets = total.targets.max(1) as f64;
+            let loss = total.sum_of(self.trainer.config.loss_type) / targets;
+            let perplexity = (total.loss_sum / targets).exp();
             let predictions = train::TokenMetrics::of_total(&total);
             self.append_metrics(&json!({"step": record.step, "epoch": record.epoch,
-                "eval_loss": loss, "eval_perplexity": loss.exp(), "eval_tokens": total.targets,
+                "eval_loss": loss, "eval_perplexity": perplexity, "eval_tokens": total.targets,
                 "eval_mean_token_accuracy": predictions.mean_token_accuracy,
                 "eval_entropy": predictions.entropy}))?;
             observer.evaluated(record.step, loss);

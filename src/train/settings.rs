@@ -182,6 +182,11 @@ pub struct TrainSettings {
     /// for prompt/completion rows.
     #[arg(long, value_enum, ignore_case = true)]
     pub loss_on: Option<LossOn>,
+    /// How each token's loss counts (TRL's loss_type): nll, or dft (dynamic fine-tuning: each
+    /// token's loss weighted by the probability the model gives its label, the weight held constant in
+    /// the backward).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub loss_type: Option<crate::train::LossType>,
     /// The chat template to render conversations with instead of the model's (TRL's
     /// chat_template_path): a Jinja file, or a tokenizer folder or tokenizer_config.json whose template
     /// to take. For a base model without one, or a template with {% generation %} blocks marking what
@@ -336,6 +341,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("seed", d.seed.to_string()),
         ("no_shuffle", flag(!d.shuffle)),
         ("loss_on", format!("{:?}", d.loss_on).to_lowercase()),
+        ("loss_type", value_name(d.loss_type)),
         ("chat_template", "the model's".into()),
         ("init_adapter", "none: A random, B zero, as PEFT".into()),
         ("eval_data", none()),
@@ -497,6 +503,7 @@ impl TrainSettings {
         s.seed = Some(config.seed);
         s.no_shuffle = Some(!config.shuffle);
         s.loss_on = Some(config.loss_on);
+        s.loss_type = Some(config.loss_type);
         s.precision = Some(self.precision.unwrap_or_default());
         let here = std::env::current_dir().map_err(|e| Error::io(".", e))?;
         for path in s.paths_mut().into_iter().flatten() {
@@ -655,6 +662,7 @@ impl TrainSettings {
             seed: self.seed.unwrap_or(d.seed),
             shuffle: self.no_shuffle.map_or(d.shuffle, |no| !no),
             loss_on: self.loss_on.unwrap_or(d.loss_on),
+            loss_type: self.loss_type.unwrap_or(d.loss_type),
             checkpoint,
             checkpoints,
             precision: self.precision.unwrap_or_default().cpu(),
