@@ -154,6 +154,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 softcap: softcap as f32,
                 dim: dim as u32,
                 fmt: fmt as u32,
+                dft: dft as u32,
             }),
         ),
         (
