@@ -58,7 +58,7 @@ fn main() {
             checkpoint: true,
             checkpoints: keep,
             precision: Precision::F32,
-            loss_type: Default::default(),
+            ..Default::default()
         };
         let start = Instant::now();
         cpu::forward_backward_with(
@@ -94,7 +94,7 @@ fn main() {
             checkpoint: true,
             checkpoints: keep,
             dropout: None,
-            loss_type: Default::default(),
+            ..Default::default()
         };
         let start = Instant::now();
         let mut enc = gpu.encoder();

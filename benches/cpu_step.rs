@@ -74,7 +74,7 @@ fn main() {
                 checkpoint: false,
                 checkpoints: nibble::graph::checkpoint::Keep::F32,
                 precision,
-                loss_type: Default::default(),
+                ..Default::default()
             };
             cpu::forward_backward_with(
                 &model,

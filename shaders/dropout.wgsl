@@ -26,11 +26,24 @@ fn mix(v: u32) -> u32 {
     return x;
 }
 
-fn keeps(index: u32) -> bool {
+// The element's 24-bit uniform draw's hash.
+fn draw(index: u32) -> u32 {
     let key = mix(p.stream ^ mix(p.seed_lo ^ mix(p.seed_hi)));
-    let h = mix(index ^ mix(key));
-    let u = f32(h >> 8u) * (1.0 / 16777216.0);
+    return mix(index ^ mix(key));
+}
+
+fn keeps(index: u32) -> bool {
+    let u = f32(draw(index) >> 8u) * (1.0 / 16777216.0);
     return u >= p.p;
+}
+
+// dst += noise uniform in [−p.p, p.p): NEFTune's on the embeddings (DropoutParams::noise).
+@compute @workgroup_size(256)
+fn uniform_noise(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = id.x + id.y * 65535u * 256u;
+    if (i < p.n) {
+        dst[i] += p.p * (f32(draw(i) >> 8u) * (2.0 / 16777216.0) - 1.0);
+    }
 }
 
 // dst = dropout(src)

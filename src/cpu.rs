@@ -233,6 +233,9 @@ pub struct StepOptions {
     pub precision: Precision,
     /// How each token's loss counts.
     pub loss_type: crate::ops::cross_entropy::LossType,
+    /// NEFTune: the half-width of the noise on the embeddings in training, drawn from the dropout seed
+    /// (None: no noise).
+    pub noise: Option<f32>,
 }
 
 pub use crate::exec::cpu::{KvCache, decode, forward_backward, forward_backward_with, logits};

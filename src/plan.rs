@@ -72,6 +72,8 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
         packed: false,
         backward: true,
         dropout: p.lora_dropout,
+        // One elementwise pass over the embeddings in place: no memory of its own.
+        noise: false,
         checkpoint: p.checkpoint,
         logits: false,
         decode_after: None,

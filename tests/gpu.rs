@@ -253,7 +253,7 @@ fn gpu_step_memory_follows_the_plan() {
             checkpoint,
             checkpoints,
             dropout: None,
-            loss_type: Default::default(),
+            ..Default::default()
         };
         let step = || {
             let mut enc = gpu.encoder();
@@ -327,7 +327,7 @@ fn gpu_step_memory_follows_the_plan() {
             checkpoint,
             checkpoints: Keep::F32,
             dropout: None,
-            loss_type: Default::default(),
+            ..Default::default()
         };
         let mut enc = gpu.encoder();
         let losses =
@@ -358,7 +358,7 @@ fn gpu_step_memory_follows_the_plan() {
         checkpoint: false,
         checkpoints: Keep::F32,
         dropout: None,
-        loss_type: Default::default(),
+        ..Default::default()
     };
     let adamw = nibble::ops::adamw::AdamWParams::new(1e-4, 0.9, 0.999, 1e-8, 0.0, 1, 1.0);
     let sequences = [(&short, options), (&long, options)];
@@ -402,6 +402,8 @@ fn gpu_training_steps_match_the_cpu_trainer() {
         max_steps: Some(3),
         grad_accum: 2,
         checkpoint,
+        // NEFTune's noise, drawn alike on both from the dropout seeds.
+        neftune_noise_alpha: Some(5.0),
         ..TrainConfig::default()
     };
     let mut on_cpu = Trainer::new(

@@ -93,7 +93,7 @@ fn both_executors_run_the_same_graphs() {
                                 checkpoint,
                                 checkpoints: nibble::graph::checkpoint::Keep::F32,
                                 precision: Precision::F32,
-                                loss_type: Default::default(),
+                                ..Default::default()
                             },
                             dropout.then_some(&mut Rng::new(seed)),
                         )
@@ -103,7 +103,7 @@ fn both_executors_run_the_same_graphs() {
                             checkpoint,
                             checkpoints: nibble::graph::checkpoint::Keep::F32,
                             dropout: dropout.then_some((seed_after(seed), 0.2)),
-                            loss_type: Default::default(),
+                            ..Default::default()
                         };
                         let g = weights::zero_grads(&gpu, &adapter);
                         let mut enc = gpu.encoder();
@@ -173,6 +173,7 @@ fn packed_step(tokens: usize, positions: usize, checkpoint: bool) -> StepShape {
         packed: true,
         backward: true,
         dropout: true,
+        noise: true,
         checkpoint,
         logits: false,
         decode_after: None,

@@ -477,6 +477,22 @@ fn cases(model: &Model) -> Vec<Case> {
     );
     // All but the last token (which predicts nothing) and the two whose targets were removed.
     let labelled = TOKENS - 3;
+    cases.case("NEFTune's noise on embeddings", |b, g| {
+        let x = b.output("x", t * h);
+        let table = b.weight("model.embed_tokens.weight", VOCAB * h);
+        let ids = b.input(Input::TokenIds, t);
+        let seed = b.input(Input::DropoutSeed, 2);
+        let magnitude = b.input(Input::NoiseMagnitude, 1);
+        let _ = g;
+        b.node(Op::Embed { dim: h }, &[ids, table], &[x], false);
+        b.node(Op::UniformNoise, &[seed, magnitude], &[x], false);
+    });
+    cases
+        .out
+        .last_mut()
+        .expect("just added")
+        .inputs
+        .noise_magnitude = 0.05;
     cases.case("gather and scatter rows", |b, g| {
         let x = g.add(b, "x", t * h, 1.0);
         let rows = g.add(b, "rows", labelled * h, 1.0);
@@ -650,6 +666,19 @@ fn every_op_agrees_on_both_executors() {
             }
             if let Some(logits) = cpu.get("logits") {
                 assert_max_in_both_chunks(logits, &case.name);
+            }
+            if case.name.starts_with("NEFTune") {
+                // The embeddings moved by noise within ±magnitude, not left as they were.
+                let mut row = vec![0f32; model.config.hidden_size];
+                let mut largest = 0f32;
+                for (t, x) in cpu["x"].chunks(row.len()).enumerate() {
+                    model.embed.row_f32(case.inputs.ids[t] as usize, &mut row);
+                    for (a, b) in x.iter().zip(&row) {
+                        largest = largest.max((a - b).abs());
+                    }
+                }
+                let magnitude = case.inputs.noise_magnitude;
+                assert!(largest > 0.9 * magnitude && largest <= magnitude * 1.001);
             }
         }
     }

@@ -1104,6 +1104,74 @@ fn bf16_linear_stays_close_to_f32() {
     );
 }
 
+/// NEFTune's noise: uniform in [−m, m) (each of 10 bins within 5 standard deviations of a tenth, mean
+/// and variance m²/3 likewise), the same on every call, unrelated for another seed and to the dropout
+/// masks of the same seed, added to what is there.
+#[test]
+fn embedding_noise_is_uniform_counter_based_and_added() {
+    use nibble::ops::dropout::{self, DropoutParams};
+    let mut rng = Rng::new(22);
+    let (n, m) = (200_000, 0.3f32);
+    let x = random(n, 1.0, &mut rng);
+    let seed = 0x0fed_cba9_8765_4321;
+    let params = DropoutParams::noise(n, seed, m);
+    let mut y = x.clone();
+    dropout::add_uniform_noise(&params, &mut y);
+    let noise: Vec<f64> = y.iter().zip(&x).map(|(a, b)| (a - b) as f64).collect();
+    assert!(noise.iter().all(|&e| e.abs() <= m as f64 * (1.0 + 1e-6)));
+    let mut bins = [0usize; 10];
+    for &e in &noise {
+        bins[(((e / m as f64 + 1.0) * 5.0) as usize).min(9)] += 1;
+    }
+    let sigma = (n as f64 * 0.1 * 0.9).sqrt();
+    for (i, &count) in bins.iter().enumerate() {
+        assert!(
+            (count as f64 - n as f64 / 10.0).abs() < 5.0 * sigma,
+            "bin {i}: {count} of {n}"
+        );
+    }
+    let mean = noise.iter().sum::<f64>() / n as f64;
+    let variance = noise.iter().map(|e| e * e).sum::<f64>() / n as f64;
+    let m2 = (m * m) as f64;
+    // The mean's standard deviation is m/√(3n); the variance's about m²·0.3/√n.
+    assert!(
+        mean.abs() < 5.0 * (m2 / 3.0 / n as f64).sqrt(),
+        "mean {mean}"
+    );
+    assert!(
+        (variance - m2 / 3.0).abs() < 5.0 * m2 * 0.3 / (n as f64).sqrt(),
+        "variance {variance} against {}",
+        m2 / 3.0
+    );
+    let mut again = x.clone();
+    dropout::add_uniform_noise(&params, &mut again);
+    assert_eq!(again, y);
+    let mut other = x.clone();
+    dropout::add_uniform_noise(&DropoutParams::noise(n, seed + 1, m), &mut other);
+    let correlation = |a: &[f32]| -> f64 {
+        let e: Vec<f64> = a.iter().zip(&x).map(|(a, b)| (a - b) as f64).collect();
+        e.iter().zip(&noise).map(|(a, b)| a * b).sum::<f64>() / (n as f64 * m2 / 3.0)
+    };
+    assert!(correlation(&other).abs() < 0.02, "another seed");
+    // Against the dropout mask of the same seed (kept: 1, dropped: −1), which draws its own stream.
+    let mask = DropoutParams::new(n, seed, dropout::stream(0, 0), 0.5);
+    let agreement: f64 = (0..n)
+        .map(|i| {
+            noise[i].signum()
+                * if dropout::keeps(&mask, i as u32) {
+                    1.0
+                } else {
+                    -1.0
+                }
+        })
+        .sum::<f64>()
+        / n as f64;
+    assert!(
+        agreement.abs() < 0.02,
+        "noise and dropout agree: {agreement}"
+    );
+}
+
 #[test]
 fn dropout_masks_are_counter_based_unbiased_and_independent_per_stream() {
     use nibble::ops::dropout::{self, DropoutParams};

@@ -122,7 +122,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
             checkpoint,
             checkpoints: keep,
             precision: Precision::F32,
-            loss_type: Default::default(),
+            ..Default::default()
         };
         let (measured, ratio) = measured_against_plan(2, &planned, || {
             let (adapter, grads) = (Some(&adapter), Some(&mut grads));
@@ -308,7 +308,7 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
         checkpoint: true,
         checkpoints: Keep::Bf16,
         precision: Precision::F32,
-        loss_type: Default::default(),
+        ..Default::default()
     };
     let (measured, ratio) = measured_against_plan(1, &planned, || {
         let (adapter, grads) = (Some(&adapter), Some(&mut grads));

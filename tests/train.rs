@@ -28,6 +28,16 @@ fn tiny_model(dir: &std::path::Path) -> nibble::model::Model {
         .unwrap()
 }
 
+/// LoRA r 4, alpha 8, no dropout: steps that depend on nothing but their inputs.
+fn rank4_without_dropout() -> LoraConfig {
+    LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        ..LoraConfig::default()
+    }
+}
+
 fn sequences(n: usize, rng: &mut Rng) -> Vec<Sequence> {
     (0..n)
         .map(|i| {
@@ -154,6 +164,66 @@ fn schedule_parameters_are_checked_by_name() {
     );
 }
 
+/// NEFTune (`neftune_noise_alpha`) moves the training losses a little, the same way on every run of
+/// the same seed, and never the validation loss; its half-width is transformers' α/√(L·hidden), L the
+/// micro-batch's padded row (its longest sequence) or, packed, its sequences end to end.
+#[test]
+fn neftune_noise_moves_training_steps_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let mut rng = Rng::new(9);
+    let seqs = sequences(4, &mut rng);
+    let config = |alpha: Option<f64>| TrainConfig {
+        lora: rank4_without_dropout(),
+        lr: 1e-2,
+        max_steps: Some(2),
+        neftune_noise_alpha: alpha,
+        ..TrainConfig::default()
+    };
+    let losses = |alpha: Option<f64>| {
+        let mut trainer = Trainer::new(&model, config(alpha), seqs.clone(), None).unwrap();
+        let validation = trainer.evaluate(&seqs).unwrap().loss_sum;
+        let steps: Vec<f64> = (0..2).map(|_| trainer.step().unwrap().loss).collect();
+        (validation, steps)
+    };
+    let (plain_validation, plain) = losses(None);
+    let (validation, noisy) = losses(Some(5.0));
+    assert_eq!(validation, plain_validation, "validation sees no noise");
+    assert_eq!(losses(Some(5.0)).1, noisy, "the same seed, the same noise");
+    for (a, b) in noisy.iter().zip(&plain) {
+        let moved = (a - b).abs() / b;
+        assert!(
+            moved > 1e-7 && moved < 0.1,
+            "noise moved the loss by {moved:e}"
+        );
+    }
+    let (hidden, alpha) = (model.config.hidden_size, 5.0);
+    let mut packed = Sequence::all_tokens(vec![1; 30]);
+    packed.starts = vec![0, 12];
+    let rows = [
+        Sequence::all_tokens(vec![1; 10]),
+        Sequence::all_tokens(vec![1; 20]),
+        packed,
+    ];
+    let half_width = |len: usize| Some((alpha / ((len * hidden) as f64).sqrt()) as f32);
+    assert_eq!(
+        train::noise_magnitudes(Some(alpha), &rows, &[0, 1], 2, hidden),
+        vec![half_width(20); 2]
+    );
+    assert_eq!(
+        train::noise_magnitudes(Some(alpha), &rows, &[0, 2], 2, hidden),
+        vec![half_width(40); 2]
+    );
+    assert_eq!(
+        train::noise_magnitudes(Some(alpha), &rows, &[0, 1], 1, hidden),
+        vec![half_width(10), half_width(20)]
+    );
+    assert_eq!(
+        train::noise_magnitudes(None, &rows, &[0], 1, hidden),
+        vec![None]
+    );
+}
+
 #[test]
 fn one_step_equals_accumulated_gradients_clipping_and_adamw() {
     let dir = tempfile::tempdir().unwrap();
@@ -161,12 +231,7 @@ fn one_step_equals_accumulated_gradients_clipping_and_adamw() {
     let mut rng = Rng::new(4);
     let mut seqs = sequences(4, &mut rng);
     let config = TrainConfig {
-        lora: LoraConfig {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            ..LoraConfig::default()
-        },
+        lora: rank4_without_dropout(),
         lr: 1e-2,
         max_grad_norm: 0.05, // small, so that clipping is active
         batch_size: 2,

@@ -131,7 +131,7 @@ fn checkpointing_changes_nothing_in(arch: Arch) {
             checkpoint,
             checkpoints: nibble::graph::checkpoint::Keep::F32,
             precision: Precision::F32,
-            loss_type: Default::default(),
+            ..Default::default()
         };
         let loss = cpu::forward_backward_with(
             &model,
@@ -184,7 +184,7 @@ fn default_precision_stays_within_1e3_of_f32() {
                 checkpoint: false,
                 checkpoints: nibble::graph::checkpoint::Keep::F32,
                 precision,
-                loss_type: Default::default(),
+                ..Default::default()
             };
             let loss = cpu::forward_backward_with(
                 &model,

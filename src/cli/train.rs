@@ -72,6 +72,13 @@ fn train_klein(
         ("sample-prompts", settings.sample_prompts.is_some()),
         ("sample-steps", settings.sample_steps.is_some()),
         ("chat-template", settings.chat_template.is_some()),
+        ("truncation-mode", settings.truncation_mode.is_some()),
+        ("dataset-text-field", settings.dataset_text_field.is_some()),
+        ("loss-type", settings.loss_type.is_some()),
+        (
+            "neftune-noise-alpha",
+            settings.neftune_noise_alpha.is_some(),
+        ),
         ("bf16-checkpoints", settings.bf16_checkpoints.is_some()),
         (
             "offload-checkpoints",

@@ -548,6 +548,12 @@ impl Exec {
                 glu::backward(*act, x(0), x(1), x(2), dgate, dup);
             }
             Op::Scale { factor } => glu::scale(outs.get(0), *factor),
+            Op::UniformNoise => {
+                let magnitude = x(1)[0];
+                let out = outs.get(0);
+                let params = noise_params(out.len(), ins[0].u32(), magnitude);
+                dropout::add_uniform_noise(&params, out);
+            }
             Op::ScaleRows { dim } => glu::scale_rows(outs.get(0), x(0), *dim),
             Op::Attention { shape } => {
                 let segments = ins.get(3).map(|s| s.u32());
@@ -693,6 +699,10 @@ fn rows(tokens: &[cross_entropy::TokenLoss]) -> Vec<f32> {
     tokens.iter().flat_map(|t| t.to_row()).collect()
 }
 
+fn noise_params(n: usize, seed: &[u32], magnitude: f32) -> DropoutParams {
+    DropoutParams::noise(n, seed[0] as u64 | (seed[1] as u64) << 32, magnitude)
+}
+
 fn dropout_params(n: usize, seed: &[u32], stream: u32, p: f32) -> DropoutParams {
     let seed = seed[0] as u64 | (seed[1] as u64) << 32;
     DropoutParams::new(n, seed, stream, p)
@@ -751,8 +761,10 @@ pub fn forward_backward_with(
     }
     let backward = grads.is_some();
     let lora = adapter.map(LoraSpec::of);
+    let noise = options.noise.filter(|_| backward);
     let shape = StepShape {
         checkpoints: options.checkpoints,
+        noise: noise.is_some(),
         ..StepShape::of(
             seq,
             backward,
@@ -763,6 +775,7 @@ pub fn forward_backward_with(
     let graph = decoder::cached(&model.config, lora.as_ref(), shape);
     let inputs = StepInputs {
         loss_type: options.loss_type,
+        noise_magnitude: noise.unwrap_or(0.0),
         ..decoder::inputs(&model.config, seq, options.grad_scale, seed.unwrap_or(0))
     };
     let mut out = run(

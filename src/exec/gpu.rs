@@ -92,6 +92,9 @@ pub struct SequenceOptions {
     pub dropout: Option<(u64, f32)>,
     /// How each token's loss counts.
     pub loss_type: crate::ops::cross_entropy::LossType,
+    /// NEFTune: the seed of the noise on the embeddings (dropout's, where both are on) and its
+    /// half-width (None: no noise).
+    pub noise: Option<(u64, f32)>,
 }
 
 /// The sums of a sequence's `TokenLoss` rows, as `record_sequence` leaves them.
@@ -527,6 +530,11 @@ fn record_node(
         Op::Glu { act } => glu::record_forward(r, *act, x(0), x(1), o(0)),
         Op::GluBackward { act } => glu::record_backward(r, *act, [x(0), x(1), x(2)], o(0), o(1)),
         Op::Scale { factor } => glu::record_scale(r, o(0), *factor),
+        Op::UniformNoise => {
+            let (seed, magnitude) = (r.inputs.dropout_seed, r.inputs.noise_magnitude);
+            let params = DropoutParams::noise(o(0).len, seed, magnitude);
+            ops::dropout::record_uniform_noise(r, &params, o(0));
+        }
         Op::ScaleRows { dim } => glu::record_scale_rows(r, x(0), o(0), *dim),
         Op::Conv2d { shape } => {
             let bias = ins.get(2).map(|b| b.buf());
@@ -623,8 +631,10 @@ pub fn record_sequence(
     let (seed, p) = options.dropout.unwrap_or((0, 0.0));
     let spec = lora.map(|l| lora_spec(l, p));
     let backward = grads.is_some();
+    let noise = options.noise.filter(|_| backward);
     let shape = StepShape {
         checkpoints: options.checkpoints,
+        noise: noise.is_some(),
         ..StepShape::of(
             seq,
             backward,
@@ -633,8 +643,10 @@ pub fn record_sequence(
         )
     };
     let graph = decoder::cached(&model.config, spec.as_ref(), shape);
+    let seed = options.dropout.or(noise).map_or(seed, |(s, _)| s);
     let inputs = StepInputs {
         loss_type: options.loss_type,
+        noise_magnitude: noise.map_or(0.0, |(_, m)| m),
         ..decoder::inputs(&model.config, seq, options.grad_scale, seed)
     };
     let bind = Bindings {

@@ -112,6 +112,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("scatter_rows", "rows"),
     ("dropout_forward", "dropout"),
     ("dropout_backward", "dropout"),
+    ("uniform_noise", "dropout"),
     ("grad_clip", "adamw"),
     ("layernorm_modulate_forward", "modulate"),
     ("layernorm_modulate_backward", "modulate"),

@@ -56,6 +56,8 @@ pub enum Input {
     Labels,
     /// [1]: gradients are those of grad_scale · Σ loss.
     GradScale,
+    /// [1]: the half-width of NEFTune's noise on the embeddings (`Op::UniformNoise`).
+    NoiseMagnitude,
     /// [1]: how each token's loss counts (`cross_entropy::LossType`): 0 plain, 1 weighted by its
     /// label's probability.
     LossType,
@@ -82,6 +84,8 @@ pub struct StepInputs {
     pub labels: Vec<u32>,
     pub grad_scale: f32,
     pub loss_type: crate::ops::cross_entropy::LossType,
+    /// `Input::NoiseMagnitude` (0: none).
+    pub noise_magnitude: f32,
     pub dropout_seed: u64,
     /// `Input::AdamW`.
     pub adamw: [f32; 8],
@@ -111,6 +115,7 @@ impl StepInputs {
             Input::LabelPositions => InputValue::U32(Borrowed(&self.label_positions)),
             Input::Labels => InputValue::U32(Borrowed(&self.labels)),
             Input::GradScale => InputValue::F32(Owned(vec![self.grad_scale])),
+            Input::NoiseMagnitude => InputValue::F32(Owned(vec![self.noise_magnitude])),
             Input::LossType => InputValue::F32(Owned(vec![f32::from(u8::from(
                 self.loss_type == crate::ops::cross_entropy::LossType::Dft,
             ))])),
@@ -243,6 +248,9 @@ pub enum Op {
     GluBackward { act: crate::config::GateActivation },
     /// [] -> [x]: x *= factor, in place.
     Scale { factor: f32 },
+    /// [seed, magnitude] -> [x]: x += noise uniform in [−magnitude, magnitude), each element's drawn
+    /// from (seed, its index), in place (NEFTune's on the embeddings in training).
+    UniformNoise,
     /// [factors] -> [x]: row r of x [*, dim] *= factors[r], in place.
     ScaleRows { dim: usize },
     /// [q, k, v (, first_key (, key_end))] -> [out, lse]: grouped-query attention; with `first_key`,
@@ -323,7 +331,11 @@ impl Op {
     /// Whether the op reads output `index`'s previous contents (other than by accumulating).
     pub fn reads_output(&self, index: usize) -> bool {
         match self {
-            Op::Rope { .. } | Op::AdamW | Op::Scale { .. } | Op::ScaleRows { .. } => true,
+            Op::Rope { .. }
+            | Op::AdamW
+            | Op::Scale { .. }
+            | Op::ScaleRows { .. }
+            | Op::UniformNoise => true,
             Op::CachedAttention { .. } => index > 0,
             _ => false,
         }
@@ -348,6 +360,7 @@ impl Op {
             Op::Glu { .. } => "glu",
             Op::GluBackward { .. } => "glu_backward",
             Op::Scale { .. } => "scale",
+            Op::UniformNoise => "uniform_noise",
             Op::ScaleRows { .. } => "scale_rows",
             Op::Attention { .. } => "attention",
             Op::CachedAttention { .. } => "cached_attention",
@@ -673,6 +686,7 @@ impl Builder {
             | Input::QueryScale
             | Input::GradScale
             | Input::LossType
+            | Input::NoiseMagnitude
             | Input::AdamW => Dtype::F32,
             _ => Dtype::U32,
         };

@@ -54,6 +54,8 @@ pub struct StepShape {
     pub backward: bool,
     /// LoRA dropout (training).
     pub dropout: bool,
+    /// NEFTune: noise on the embeddings (training; `Input::NoiseMagnitude`, from the dropout seed).
+    pub noise: bool,
     /// Gradient checkpointing: each layer recomputed before its backward.
     pub checkpoint: bool,
     /// How checkpointing keeps each layer's input until then.
@@ -84,6 +86,7 @@ impl StepShape {
             packed: seq.is_packed(),
             backward,
             dropout,
+            noise: false,
             checkpoint,
             logits: false,
             decode_after: None,
@@ -108,6 +111,7 @@ impl StepShape {
             packed: false,
             backward: false,
             dropout: false,
+            noise: false,
             checkpoint: false,
             logits: false,
             decode_after: None,
@@ -296,6 +300,14 @@ impl Decoder<'_> {
         let factor = self.c.embed_scale;
         if factor != 1.0 {
             self.b.node(Op::Scale { factor }, &[], &[x], false);
+        }
+        // NEFTune's noise on the embedding layer's output, as transformers' hook adds it: after
+        // Gemma's scale (its embedding module's own), before anything reads the embeddings.
+        if self.shape.noise {
+            let seed = self.b.input(Input::DropoutSeed, 2);
+            let magnitude = self.b.input(Input::NoiseMagnitude, 1);
+            self.b
+                .node(Op::UniformNoise, &[seed, magnitude], &[x], false);
         }
         self.per_layer_inputs(x);
         x

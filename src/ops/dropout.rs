@@ -2,7 +2,7 @@
 //! function of (step seed, stream, i). Nothing is stored between the forward and the backward, which
 //! recompute the same mask; gradient checkpointing needs no generator bookkeeping; and the GPU kernel
 //! (shaders/dropout.wgsl) draws exactly the masks the CPU draws, in 32-bit integer arithmetic that WGSL
-//! has everywhere.
+//! has everywhere. NEFTune's noise on the embeddings is drawn from the same hash (`add_uniform_noise`).
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::{GpuBuffer, groups_1d};
@@ -39,6 +39,20 @@ impl DropoutParams {
     }
 }
 
+/// The stream of NEFTune's noise, apart from every LoRA linear's.
+pub const NOISE_STREAM: u32 = u32::MAX;
+
+impl DropoutParams {
+    /// The parameters of `add_uniform_noise` over `n` values: the noise lies in [−magnitude,
+    /// magnitude), held where dropout holds its probability.
+    pub fn noise(n: usize, seed: u64, magnitude: f32) -> Self {
+        DropoutParams {
+            keep_scale: 0.0,
+            ..DropoutParams::new(n, seed, NOISE_STREAM, magnitude)
+        }
+    }
+}
+
 /// The stream of one LoRA linear: every (layer, linear) pair draws independent masks.
 pub fn stream(layer: usize, linear: usize) -> u32 {
     (layer * 7 + linear) as u32
@@ -67,6 +81,38 @@ impl DropoutParams {
 fn kept(mask_key: u32, p: f32, index: u32) -> bool {
     let h = mix(index ^ mask_key);
     (h >> 8) as f32 * (1.0 / 16_777_216.0) >= p
+}
+
+/// Element `index`'s noise for `add_uniform_noise` with half-width `magnitude`: the element's 24-bit
+/// uniform draw u as magnitude · (2u − 1), exact in f32 but for the final product.
+#[inline]
+fn noise(mask_key: u32, magnitude: f32, index: u32) -> f32 {
+    let h = mix(index ^ mask_key);
+    magnitude * ((h >> 8) as f32 * (2.0 / 16_777_216.0) - 1.0)
+}
+
+/// x += noise uniform in [−magnitude, magnitude) (`params` from `DropoutParams::noise`), each element's
+/// a pure function of (seed, its index), as NEFTune adds to the embeddings in training.
+pub fn add_uniform_noise(params: &DropoutParams, x: &mut [f32]) {
+    assert_eq!(x.len(), params.n as usize, "noise: n differs");
+    let (key, magnitude) = (params.mask_key(), params.p);
+    x.par_chunks_mut(TASK).enumerate().for_each(|(task, x)| {
+        let first = (task * TASK) as u32;
+        fastmath::wide(
+            #[inline(always)]
+            || {
+                for (v, i) in x.iter_mut().zip(first..) {
+                    *v += noise(key, magnitude, i);
+                }
+            },
+        );
+    });
+}
+
+/// The GPU lowering of `add_uniform_noise`.
+pub(crate) fn record_uniform_noise(r: &mut Recorder, params: &DropoutParams, x: &GpuBuffer) {
+    let groups = groups_1d(params.n as usize, 256);
+    r.dispatch("uniform_noise", params, &[(2, x)], groups);
 }
 
 /// Whether element `index` survives.

@@ -110,6 +110,9 @@ pub struct TrainConfig {
     pub loss_on: LossOn,
     /// How each token's loss counts (TRL's `loss_type`).
     pub loss_type: LossType,
+    /// NEFTune's α: noise uniform in ±α/√(L·hidden) added to the embeddings in training, L the
+    /// micro-batch row's length (transformers' `neftune_noise_alpha`). None: no noise.
+    pub neftune_noise_alpha: Option<f64>,
     pub checkpoint: bool,
     /// How checkpointing keeps each layer's input (`--bf16-checkpoints`).
     pub checkpoints: crate::graph::checkpoint::Keep,
@@ -231,6 +234,7 @@ impl Default for TrainConfig {
             shuffle: true,
             loss_on: LossOn::Default,
             loss_type: LossType::Nll,
+            neftune_noise_alpha: None,
             checkpoint: false,
             checkpoints: crate::graph::checkpoint::Keep::F32,
             precision: Precision::F32,
@@ -592,6 +596,33 @@ fn turn_end_by_token(
         true => end + tail.len(),
         false => end,
     }))
+}
+
+/// NEFTune's noise half-width for each of `picks`' sequences (None without `alpha`): α/√(L·hidden), L
+/// the length of the micro-batch's row as transformers' hook sees it: its longest sequence, to which the
+/// others are padded, or, packed, all of them end to end (TRL's padding-free rows).
+pub fn noise_magnitudes(
+    alpha: Option<f64>,
+    sequences: &[Sequence],
+    picks: &[usize],
+    batch_size: usize,
+    hidden: usize,
+) -> Vec<Option<f32>> {
+    let Some(alpha) = alpha else {
+        return vec![None; picks.len()];
+    };
+    picks
+        .chunks(batch_size.max(1))
+        .flat_map(|micro| {
+            let lengths = micro.iter().map(|&i| sequences[i].ids.len());
+            let row = match micro.iter().any(|&i| sequences[i].is_packed()) {
+                true => lengths.sum::<usize>(),
+                false => lengths.max().unwrap_or(0),
+            };
+            let magnitude = (alpha / ((row * hidden) as f64).sqrt()) as f32;
+            vec![Some(magnitude); micro.len()]
+        })
+        .collect()
 }
 
 /// One optimizer step's record, as written to metrics.jsonl.
@@ -1000,13 +1031,24 @@ impl<'a> Trainer<'a> {
         let tokens: usize = picks.iter().map(|&i| sequences[i].ids.len()).sum();
         let lr = self.config.lr_at(self.step, self.total_steps);
         let adamw = self.config.adamw_at(self.step, self.total_steps);
+        let noise = match &self.work {
+            Work::Text { model, .. } => noise_magnitudes(
+                self.config.neftune_noise_alpha,
+                sequences,
+                &picks,
+                self.config.batch_size,
+                model.config.hidden_size,
+            ),
+            Work::Image(_) => vec![None; picks.len()],
+        };
         let (losses, grad_norm) = if let Some((gpu, state)) = &self.gpu {
             // One seed per sequence, drawn as the CPU path draws them, so both executors use the same
-            // dropout masks.
+            // dropout masks and noise.
             let p = self.adapter.config.dropout;
             let sequences: Vec<(&Sequence, SequenceOptions)> = picks
                 .iter()
-                .map(|&i| {
+                .zip(&noise)
+                .map(|(&i, &noise)| {
                     let seed = self.dropout_rng.next_u64();
                     let options = SequenceOptions {
                         grad_scale: scale,
@@ -1014,6 +1056,7 @@ impl<'a> Trainer<'a> {
                         checkpoints: self.config.checkpoints,
                         dropout: (p > 0.0).then_some((seed, p)),
                         loss_type: self.config.loss_type,
+                        noise: noise.map(|m| (seed, m)),
                     };
                     (&sequences[i], options)
                 })
@@ -1024,7 +1067,7 @@ impl<'a> Trainer<'a> {
             self.stale = true;
             (result.losses, result.grad_norm)
         } else {
-            self.cpu_step(&picks, scale, adamw)?
+            self.cpu_step(&picks, &noise, scale, adamw)?
         };
         let loss_type = self.config.loss_type;
         let loss_sum: f64 = losses.iter().map(|l| l.sum_of(loss_type)).sum();
@@ -1129,6 +1172,7 @@ impl Trainer<'_> {
     fn cpu_step(
         &mut self,
         picks: &[usize],
+        noise: &[Option<f32>],
         scale: f32,
         adamw: AdamWParams,
     ) -> Result<(Vec<StepLoss>, f64)> {
@@ -1143,14 +1187,15 @@ impl Trainer<'_> {
             checkpoints: self.config.checkpoints,
             precision: self.config.precision,
             loss_type: self.config.loss_type,
+            noise: None,
         };
-        for &i in picks {
+        for (&i, &noise) in picks.iter().zip(noise) {
             let loss = cpu::forward_backward_with(
                 model,
                 Some(&self.adapter),
                 Some(&mut grads),
                 &sequences[i],
-                options,
+                StepOptions { noise, ..options },
                 Some(&mut self.dropout_rng),
             )?;
             losses.push(loss);

@@ -261,6 +261,9 @@ impl<'m> Run<'m> {
         if config.loss_type != train::LossType::Nll {
             extra["loss_type"] = json!(config.loss_type);
         }
+        if let Some(alpha) = config.neftune_noise_alpha {
+            extra["neftune_noise_alpha"] = json!(alpha);
+        }
         if config.truncation == train::Truncation::KeepEnd {
             extra["truncation_mode"] = json!(config.truncation);
         }

@@ -187,6 +187,10 @@ pub struct TrainSettings {
     /// the backward).
     #[arg(long, value_enum, ignore_case = true)]
     pub loss_type: Option<crate::train::LossType>,
+    /// NEFTune (transformers' neftune_noise_alpha): noise uniform in ±α/√(length·hidden) added to the
+    /// token embeddings of each training step (not to validation or generation); the paper uses 5.
+    #[arg(long)]
+    pub neftune_noise_alpha: Option<f64>,
     /// The chat template to render conversations with instead of the model's (TRL's
     /// chat_template_path): a Jinja file, or a tokenizer folder or tokenizer_config.json whose template
     /// to take. For a base model without one, or a template with {% generation %} blocks marking what
@@ -342,6 +346,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("no_shuffle", flag(!d.shuffle)),
         ("loss_on", format!("{:?}", d.loss_on).to_lowercase()),
         ("loss_type", value_name(d.loss_type)),
+        ("neftune_noise_alpha", "none: no noise".into()),
         ("chat_template", "the model's".into()),
         ("init_adapter", "none: A random, B zero, as PEFT".into()),
         ("eval_data", none()),
@@ -504,6 +509,7 @@ impl TrainSettings {
         s.no_shuffle = Some(!config.shuffle);
         s.loss_on = Some(config.loss_on);
         s.loss_type = Some(config.loss_type);
+        s.neftune_noise_alpha = config.neftune_noise_alpha;
         s.precision = Some(self.precision.unwrap_or_default());
         let here = std::env::current_dir().map_err(|e| Error::io(".", e))?;
         for path in s.paths_mut().into_iter().flatten() {
@@ -663,11 +669,19 @@ impl TrainSettings {
             shuffle: self.no_shuffle.map_or(d.shuffle, |no| !no),
             loss_on: self.loss_on.unwrap_or(d.loss_on),
             loss_type: self.loss_type.unwrap_or(d.loss_type),
+            neftune_noise_alpha: self.neftune_noise_alpha.or(d.neftune_noise_alpha),
             checkpoint,
             checkpoints,
             precision: self.precision.unwrap_or_default().cpu(),
         };
         check_ranges(&config)?;
+        if let Some(alpha) = config.neftune_noise_alpha
+            && !(alpha.is_finite() && alpha > 0.0)
+        {
+            return Err(Error::Invalid(format!(
+                "--neftune-noise-alpha must be a finite number > 0 (got {alpha})"
+            )));
+        }
         config.schedule.check(&config.schedule_kwargs, config.lr)?;
         if config.schedule == Schedule::Constant
             && (config.warmup_steps > 0 || config.warmup_ratio > 0.0)
