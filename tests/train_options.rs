@@ -295,6 +295,25 @@ fn warmup_ratio_rounds_up_as_transformers_does() {
     for (got, want) in lrs.iter().zip(expected) {
         assert!((got - want).abs() < 1e-12, "{lrs:?}");
     }
+    // transformers 5's warmup_steps: below 1 a fraction of the steps, from 1 up whole steps (rounded
+    // down); it wins over a ratio also given; a negative one is refused by name.
+    let warmup = |options: &str| {
+        nibble::train::settings::TrainSettings::parse_json(options)
+            .and_then(|s| s.train_config())
+            .map(|c| c.warmup_for(10))
+    };
+    assert_eq!(warmup(r#"{"warmup_steps": 0.25}"#).unwrap(), 3);
+    assert_eq!(warmup(r#"{"warmup_steps": 2.7}"#).unwrap(), 2);
+    assert_eq!(
+        warmup(r#"{"warmup_steps": 4, "warmup_ratio": 0.5}"#).unwrap(),
+        4
+    );
+    assert_eq!(
+        warmup(r#"{"warmup_steps": 0, "warmup_ratio": 0.5}"#).unwrap(),
+        5
+    );
+    let e = warmup(r#"{"warmup_steps": -1}"#).unwrap_err().to_string();
+    assert!(e.contains("--warmup-steps"), "{e}");
 }
 
 #[test]

@@ -113,9 +113,10 @@ pub struct TrainSettings {
     /// warmup_stable_decay; in an options file, a table.
     #[arg(long, value_parser = crate::train::ScheduleKwargs::parse)]
     pub lr_scheduler_kwargs: Option<crate::train::ScheduleKwargs>,
-    /// Optimizer steps over which the learning rate rises from 0.
+    /// Optimizer steps over which the learning rate rises from 0; below 1, a fraction of all steps
+    /// (rounded up), as transformers 5 reads it. Wins over --warmup-ratio.
     #[arg(long)]
-    pub warmup_steps: Option<usize>,
+    pub warmup_steps: Option<f64>,
     /// Warmup as a fraction of all steps (used when --warmup-steps is not given).
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
@@ -488,7 +489,7 @@ impl TrainSettings {
         s.adam_beta1 = Some(config.adam_beta1);
         s.adam_beta2 = Some(config.adam_beta2);
         s.adam_epsilon = Some(config.adam_epsilon);
-        s.warmup_steps = Some(config.warmup_steps);
+        s.warmup_steps = Some(config.warmup_steps as f64);
         s.warmup_ratio = Some(config.warmup_ratio);
         s.weight_decay = Some(config.weight_decay);
         s.max_grad_norm = Some(config.max_grad_norm);
@@ -646,6 +647,20 @@ impl TrainSettings {
             Asked::Fixed { checkpoint, keep } => (checkpoint, keep),
             Asked::Fit { .. } => (d.checkpoint, d.checkpoints),
         };
+        // transformers 5 takes a fraction of the steps as warmup_steps below 1 (and whole steps,
+        // rounded down, from 1 up), in place of warmup_ratio.
+        let (warmup_steps, warmup_ratio) = match (self.warmup_steps, self.warmup_ratio) {
+            (Some(v), _) if !(v.is_finite() && v >= 0.0) => {
+                return Err(Error::Invalid(format!(
+                    "--warmup-steps must be a finite number >= 0: steps, or a fraction of them below 1 (got {v})"
+                )));
+            }
+            (Some(v), ratio) if v >= 1.0 || v == 0.0 => {
+                (v as usize, ratio.unwrap_or(d.warmup_ratio))
+            }
+            (Some(fraction), _) => (0, fraction),
+            (None, ratio) => (d.warmup_steps, ratio.unwrap_or(d.warmup_ratio)),
+        };
         let config = TrainConfig {
             lora,
             lr: self.lr.unwrap_or(d.lr),
@@ -656,8 +671,8 @@ impl TrainSettings {
             adam_beta1: self.adam_beta1.unwrap_or(d.adam_beta1),
             adam_beta2: self.adam_beta2.unwrap_or(d.adam_beta2),
             adam_epsilon: self.adam_epsilon.unwrap_or(d.adam_epsilon),
-            warmup_steps: self.warmup_steps.unwrap_or(d.warmup_steps),
-            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            warmup_steps,
+            warmup_ratio,
             epochs: self.epochs.unwrap_or(d.epochs),
             max_steps: self.max_steps.or(d.max_steps),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
