@@ -269,6 +269,47 @@ fn long_examples_keep_the_end_asked_for_and_unlearnable_ones_are_left_out() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// --save-strategy epoch (transformers' save_strategy="epoch") writes a checkpoint at the end of each
+/// epoch; steps needs --save-steps, which the others refuse.
+#[test]
+fn checkpoints_at_the_end_of_each_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(6)).unwrap();
+    let out = dir.path().join("run");
+    let options = [
+        "--epochs",
+        "2",
+        "--grad-accum",
+        "2",
+        "--save-strategy",
+        "epoch",
+    ];
+    let o = train_cli(&model, &data, &out, &options);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut saved: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    saved.sort();
+    assert_eq!(saved, ["checkpoint-3", "checkpoint-6"]);
+    for (options, says) in [
+        (&["--save-strategy", "steps"][..], "give N"),
+        (
+            &["--save-strategy", "epoch", "--save-steps", "2"][..],
+            "--save-steps applies to --save-strategy steps",
+        ),
+    ] {
+        let o = train_cli(&model, &data, &dir.path().join("refused"), options);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+}
+
 #[test]
 fn warmup_ratio_rounds_up_as_transformers_does() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,6 +22,8 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Write a checkpoint every this many optimizer steps (0: none).
     pub save_steps: usize,
+    /// Write a checkpoint at the end of each epoch too.
+    pub save_each_epoch: bool,
     /// Keep only this many of the newest checkpoints, deleting older ones as new ones are written.
     pub save_total_limit: Option<usize>,
     /// The run's options as an options file (`TrainSettings::record`), written to the output folder as
@@ -577,9 +579,10 @@ impl<'m> Run<'m> {
         if samples_due || self.done() {
             self.write_samples(record.step).await?;
         }
+        let save_due = (self.options.save_steps > 0 && record.step % self.options.save_steps == 0)
+            || (self.options.save_each_epoch && record.step % self.steps_per_epoch == 0);
         if let Some(out) = &self.output
-            && self.options.save_steps > 0
-            && record.step % self.options.save_steps == 0
+            && save_due
         {
             self.trainer.sync_async().await?;
             let saved =

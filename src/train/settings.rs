@@ -247,6 +247,10 @@ pub struct TrainSettings {
     /// Write checkpoint-N/ (adapter, optimizer state, RNG state, data position) every N steps.
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// When checkpoints are written (transformers' save_strategy): steps (every --save-steps), epoch
+    /// (at the end of each epoch) or no.
+    #[arg(long, value_enum, ignore_case = true)]
+    pub save_strategy: Option<SaveStrategy>,
     /// Keep only the N newest checkpoints, deleting older ones as new ones are written.
     #[arg(long)]
     pub save_total_limit: Option<usize>,
@@ -377,6 +381,10 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("packing", flag(run.packing)),
         ("overwrite", flag(run.overwrite)),
         ("save_steps", count(run.save_steps, "0: no checkpoints")),
+        (
+            "save_strategy",
+            "steps where --save-steps is given, else no".into(),
+        ),
         ("save_total_limit", "none: every checkpoint is kept".into()),
         ("resume", none()),
         ("gpu_memory", "what the driver reports free".into()),
@@ -399,6 +407,16 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("no_cache", flag(false)),
     ]
 }
+
+/// When a run writes checkpoints (transformers' `save_strategy`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveStrategy {
+    No,
+    Steps,
+    Epoch,
+}
+
+serde_as_value_enum!(SaveStrategy);
 
 /// A value's name as the command line and option files spell it.
 fn value_name<T: clap::ValueEnum>(value: T) -> String {
@@ -594,6 +612,7 @@ impl TrainSettings {
             ("chat_template", self.chat_template.is_some()),
             ("resume", self.resume.is_some()),
             ("save_steps", self.save_steps.is_some()),
+            ("save_strategy", self.save_strategy.is_some()),
             ("save_total_limit", self.save_total_limit.is_some()),
             ("overwrite", self.overwrite.is_some()),
             ("quant", self.quant.is_some()),
@@ -741,9 +760,26 @@ impl TrainSettings {
                     .into(),
             ));
         }
+        let (save_steps, save_each_epoch) = match (self.save_strategy, self.save_steps) {
+            (None, steps) => (steps.unwrap_or(0), false),
+            (Some(SaveStrategy::Steps), Some(n)) if n > 0 => (n, false),
+            (Some(SaveStrategy::Steps), _) => {
+                return Err(Error::Invalid(
+                    "--save-strategy steps writes a checkpoint every --save-steps N: give N".into(),
+                ));
+            }
+            (Some(SaveStrategy::Epoch | SaveStrategy::No), Some(n)) if n > 0 => {
+                return Err(Error::Invalid(
+                    "--save-steps applies to --save-strategy steps".into(),
+                ));
+            }
+            (Some(SaveStrategy::Epoch), _) => (0, true),
+            (Some(SaveStrategy::No), _) => (0, false),
+        };
         Ok(RunOptions {
             overwrite: self.overwrite.unwrap_or(false),
-            save_steps: self.save_steps.unwrap_or(0),
+            save_steps,
+            save_each_epoch,
             // The command line adds it (`record`); other callers write none.
             record: None,
             save_total_limit: match self.save_total_limit {
