@@ -110,7 +110,8 @@ fn main() {
     // `nibble train --help` states each option's default (`settings::document_defaults`).
     let command =
         Cli::command().mut_subcommand("train", nibble::train::settings::document_defaults);
-    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+    let args = cli::dashed_flags(std::env::args_os());
+    let cli = match Cli::from_arg_matches(&command.get_matches_from(args)) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };

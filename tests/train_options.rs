@@ -310,6 +310,64 @@ fn checkpoints_at_the_end_of_each_epoch() {
     }
 }
 
+/// The names transformers and TRL give options answer too, as flags in their spelling (TRL's command
+/// line: underscores) and as keys of an options file; the run records nibble's names.
+#[test]
+fn options_answer_to_trl_and_transformers_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    let recorded = |out: &Path| std::fs::read_to_string(out.join("nibble_config.toml")).unwrap();
+    let expect = [
+        "lr = 0.003",
+        "epochs = 1",
+        "grad_accum = 2",
+        "lora_r = 4",
+        "lr_scheduler = \"cosine\"",
+        "max_length = 200",
+    ];
+    let out = dir.path().join("flags");
+    let o = nibble(&[
+        "train",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--dataset_name",
+        data.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--device=cpu",
+        "--learning_rate=3e-3",
+        "--num_train_epochs",
+        "1",
+        "--per_device_train_batch_size",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--lora_r",
+        "4",
+        "--lr_scheduler_type",
+        "cosine",
+        "--max_seq_length",
+        "200",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for line in expect {
+        assert!(recorded(&out).contains(line), "{line}: {}", recorded(&out));
+    }
+    let file = dir.path().join("trl.toml");
+    let keys = "learning_rate = 3e-3\nnum_train_epochs = 1\ngradient_accumulation_steps = 2\n\
+                lora_r = 4\nlr_scheduler_type = \"cosine\"\nmax_seq_length = 200\n";
+    std::fs::write(&file, keys).unwrap();
+    let out = dir.path().join("file");
+    let o = train_cli(&model, &data, &out, &["--config", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for line in expect {
+        assert!(recorded(&out).contains(line), "{line}: {}", recorded(&out));
+    }
+}
+
 #[test]
 fn warmup_ratio_rounds_up_as_transformers_does() {
     let dir = tempfile::tempdir().unwrap();

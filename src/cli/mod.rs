@@ -104,6 +104,26 @@ pub struct ExecArgs {
     pub precision: PrecisionChoice,
 }
 
+/// The command line with each flag's name in dashes: `--learning_rate 2e-4`, as TRL's command line
+/// and Hugging Face's scripts spell flags, is `--learning-rate 2e-4`. Values and everything after a
+/// bare `--` stay as given.
+pub fn dashed_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut options_end = false;
+    args.into_iter()
+        .map(|arg| {
+            let Some(text) = arg.to_str().filter(|t| t.starts_with("--") && !options_end) else {
+                return arg;
+            };
+            if text == "--" {
+                options_end = true;
+                return arg;
+            }
+            let (name, value) = text.split_at(text.find('=').unwrap_or(text.len()));
+            format!("{}{value}", name.replace('_', "-")).into()
+        })
+        .collect()
+}
+
 /// How rows become examples and examples are cut, as `nibble train` takes them.
 #[derive(clap::Args, Clone)]
 pub struct DataArgs {

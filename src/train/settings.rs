@@ -67,7 +67,8 @@ caption_dropout = 0.05
 
 /// `nibble train`'s options. Each can also come from a TOML file (`--config`, keys as the flags with
 /// underscores) or a preset; a flag given on the command line wins over the file, and the file over
-/// the preset.
+/// the preset. Options transformers and TRL name otherwise also answer to their names there
+/// (`learning_rate`, `num_train_epochs`, `per_device_train_batch_size`, ...), as flags and as keys.
 #[derive(clap::Args, Deserialize, Serialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
@@ -81,14 +82,17 @@ pub struct TrainSettings {
     #[arg(long)]
     pub preset: Option<String>,
     /// The base model: a Hugging Face folder, a file from `nibble quantize`, or a FLUX.2 transformer.
-    #[arg(long)]
+    #[arg(long, aliases = ["model-name-or-path"])]
+    #[serde(alias = "model_name_or_path")]
     pub model: Option<PathBuf>,
     /// The training data: a JSONL file (messages, prompt/completion or text rows) or a folder of
     /// images with captions (FLUX.2).
-    #[arg(long)]
+    #[arg(long, aliases = ["dataset-name"])]
+    #[serde(alias = "dataset_name")]
     pub data: Option<PathBuf>,
     /// The folder the adapter, metrics.jsonl and checkpoints are written to.
-    #[arg(long, short)]
+    #[arg(long, short, aliases = ["output-dir"])]
+    #[serde(alias = "output_dir")]
     pub output: Option<PathBuf>,
     /// Storage of the decoder's linear weights.
     #[arg(long, value_enum, ignore_case = true)]
@@ -103,10 +107,12 @@ pub struct TrainSettings {
     #[arg(long, value_enum, ignore_case = true)]
     pub precision: Option<PrecisionChoice>,
     /// The peak learning rate.
-    #[arg(long)]
+    #[arg(long, aliases = ["learning-rate"])]
+    #[serde(alias = "learning_rate")]
     pub lr: Option<f64>,
     /// How the learning rate moves over the run, by transformers' names (lr_scheduler_type).
-    #[arg(long, value_enum, ignore_case = true)]
+    #[arg(long, value_enum, ignore_case = true, aliases = ["lr-scheduler-type"])]
+    #[serde(alias = "lr_scheduler_type")]
     pub lr_scheduler: Option<Schedule>,
     /// The schedule's own parameters as a JSON object (transformers' lr_scheduler_kwargs), such as
     /// '{"min_lr_rate": 0.1}' for cosine_with_min_lr or '{"num_decay_steps": 100}' for
@@ -136,16 +142,19 @@ pub struct TrainSettings {
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// Passes over the data.
-    #[arg(long)]
+    #[arg(long, aliases = ["num-train-epochs"])]
+    #[serde(alias = "num_train_epochs")]
     pub epochs: Option<usize>,
     /// Stop after this many optimizer steps, whatever --epochs says.
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Examples per micro-batch.
-    #[arg(long)]
+    #[arg(long, aliases = ["per-device-train-batch-size"])]
+    #[serde(alias = "per_device_train_batch_size")]
     pub batch_size: Option<usize>,
     /// Micro-batches per optimizer step.
-    #[arg(long)]
+    #[arg(long, aliases = ["gradient-accumulation-steps"])]
+    #[serde(alias = "gradient_accumulation_steps")]
     pub grad_accum: Option<usize>,
     /// The LoRA rank.
     #[arg(long)]
@@ -160,10 +169,12 @@ pub struct TrainSettings {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
     /// Comma-separated module names or all-linear.
-    #[arg(long)]
+    #[arg(long, aliases = ["lora-target-modules"])]
+    #[serde(alias = "lora_target_modules")]
     pub target_modules: Option<String>,
     /// Examples are cut to this many tokens.
-    #[arg(long)]
+    #[arg(long, aliases = ["max-seq-length"])]
+    #[serde(alias = "max_seq_length")]
     pub max_length: Option<usize>,
     /// Which end of a longer example --max-length keeps (TRL's truncation_mode); examples left with
     /// no token that carries loss are left out, as TRL leaves them out. Packing keeps the start.
@@ -196,7 +207,8 @@ pub struct TrainSettings {
     /// chat_template_path): a Jinja file, or a tokenizer folder or tokenizer_config.json whose template
     /// to take. For a base model without one, or a template with {% generation %} blocks marking what
     /// --loss-on assistant trains on. The adapter folder keeps it as chat_template.jinja.
-    #[arg(long)]
+    #[arg(long, aliases = ["chat-template-path"])]
+    #[serde(alias = "chat_template_path")]
     pub chat_template: Option<PathBuf>,
     /// Start from this PEFT adapter folder (its r, alpha and target modules apply).
     #[arg(long)]
@@ -255,7 +267,8 @@ pub struct TrainSettings {
     #[arg(long)]
     pub save_total_limit: Option<usize>,
     /// Continue a run from the newest complete checkpoint in this folder (or this checkpoint).
-    #[arg(long)]
+    #[arg(long, aliases = ["resume-from-checkpoint"])]
+    #[serde(alias = "resume_from_checkpoint")]
     pub resume: Option<PathBuf>,
     /// The GPU memory this run may use, such as 11.5GiB or 8000MB, where less than the driver reports
     /// free (a shared GPU); a run planned to need more is refused before loading.
