@@ -12,6 +12,9 @@ pub struct Sequence {
     pub ids: Vec<u32>,
     pub targets: Vec<Option<u32>>,
     pub starts: Vec<u32>,
+    /// Whether the first token carries a label (TRL's labels[0]): nothing predicts it, but wrapped
+    /// packing, which joins examples end to end, has the token before it predict it.
+    pub first_labelled: bool,
 }
 
 impl Sequence {
@@ -23,6 +26,7 @@ impl Sequence {
             ids,
             targets,
             starts: vec![0],
+            first_labelled: true,
         }
     }
 
@@ -58,47 +62,113 @@ impl Sequence {
 /// at a time, and each batch is packed on its own.
 const PACKING_BATCH: usize = 1000;
 
+/// How `--packing` puts examples into sequences (TRL's `packing_strategy`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PackingStrategy {
+    /// Best fit decreasing: whole examples (cut to the sequence length) into the fullest sequence with
+    /// room; attention and positions stay inside each.
+    #[default]
+    Bfd,
+    /// As bfd, an example longer than the sequence length split into pieces of it (the last shorter),
+    /// each packed as an example of its own: no token is cut off.
+    #[value(name = "bfd_split", alias = "bfd-split")]
+    BfdSplit,
+    /// The examples end to end, cut every sequence length: attention, positions and the loss run across
+    /// example boundaries, as in pretraining.
+    Wrapped,
+}
+
+serde_as_value_enum!(PackingStrategy);
+
 /// Packs examples into sequences of at most `max_len` tokens as TRL's SFTTrainer packs them (its
-/// default "bfd" strategy): best fit decreasing, the longest example first, each into the bin with the
-/// least room that holds it (of equal ones, the first to have that room), a new bin where none does,
-/// within each batch of `PACKING_BATCH` examples in data order. Each example is kept whole; its last
-/// token predicts nothing, so no loss crosses from one example into the next.
+/// default "bfd" strategy): `pack_with` of `PackingStrategy::Bfd`.
 pub fn pack(sequences: Vec<Sequence>, max_len: usize) -> Vec<Sequence> {
-    let mut bins: Vec<Vec<usize>> = Vec::new();
-    for batch in (0..sequences.len())
-        .collect::<Vec<_>>()
-        .chunks(PACKING_BATCH)
-    {
-        let mut order = batch.to_vec();
-        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].ids.len()));
-        // Bins of this batch by the room they have left, each room's in the order they came to it.
-        let mut by_room: std::collections::BTreeMap<usize, std::collections::VecDeque<usize>> =
-            Default::default();
-        for i in order {
-            let n = sequences[i].ids.len();
-            let fits = by_room.range_mut(n..).next().map(|(&room, bins)| {
-                (
-                    room,
-                    bins.pop_front().expect("rooms without bins are removed"),
-                )
-            });
-            let (room, bin) = match fits {
-                Some((room, bin)) => {
-                    if by_room[&room].is_empty() {
-                        by_room.remove(&room);
-                    }
-                    (room, bin)
-                }
-                None => {
-                    bins.push(Vec::new());
-                    (max_len, bins.len() - 1)
-                }
-            };
-            bins[bin].push(i);
-            let left = room.saturating_sub(n);
-            if left > 0 {
-                by_room.entry(left).or_default().push_back(bin);
+    pack_with(sequences, max_len, PackingStrategy::Bfd)
+}
+
+/// Packs examples into sequences of at most `max_len` tokens as TRL's `pack_dataset` does, within each
+/// batch of `PACKING_BATCH` examples in data order. bfd and bfd_split: best fit decreasing, the longest
+/// piece first, each into the bin with the least room that holds it (of equal ones, the first to have
+/// that room), a new bin where none does; each piece's last token predicts nothing, so no loss crosses
+/// from one into the next (TRL's padding-free rows label no sequence start). wrapped: the batch's
+/// tokens end to end, every `max_len` a new sequence of one example, each token predicting the next
+/// wherever that one carries a label.
+pub fn pack_with(
+    sequences: Vec<Sequence>,
+    max_len: usize,
+    strategy: PackingStrategy,
+) -> Vec<Sequence> {
+    let mut packed = Vec::new();
+    for batch in sequences.chunks(PACKING_BATCH) {
+        match strategy {
+            PackingStrategy::Wrapped => packed.extend(wrap(batch, max_len)),
+            PackingStrategy::Bfd | PackingStrategy::BfdSplit => {
+                let split = strategy == PackingStrategy::BfdSplit;
+                let pieces: Vec<Sequence> = batch
+                    .iter()
+                    .flat_map(|s| {
+                        let ends = match split {
+                            true => s.ids.len().div_ceil(max_len.max(1)),
+                            false => 1,
+                        };
+                        (0..ends).map(move |k| {
+                            piece(s, k * max_len, ((k + 1) * max_len).min(s.ids.len()))
+                        })
+                    })
+                    .collect();
+                packed.extend(best_fit_decreasing(&pieces, max_len));
             }
+        }
+    }
+    packed
+}
+
+/// Tokens a..b of `s` as an example of their own: the last predicts nothing.
+fn piece(s: &Sequence, a: usize, b: usize) -> Sequence {
+    let mut targets = s.targets[a..b].to_vec();
+    if let Some(last) = targets.last_mut() {
+        *last = None;
+    }
+    Sequence {
+        ids: s.ids[a..b].to_vec(),
+        targets,
+        starts: vec![0],
+        first_labelled: false,
+    }
+}
+
+/// Bins of pieces of at most `max_len` tokens each, best fit decreasing.
+fn best_fit_decreasing(pieces: &[Sequence], max_len: usize) -> Vec<Sequence> {
+    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(pieces[i].ids.len()));
+    let mut bins: Vec<Vec<usize>> = Vec::new();
+    // Bins by the room they have left, each room's in the order they came to it.
+    let mut by_room: std::collections::BTreeMap<usize, std::collections::VecDeque<usize>> =
+        Default::default();
+    for i in order {
+        let n = pieces[i].ids.len();
+        let fits = by_room.range_mut(n..).next().map(|(&room, bins)| {
+            (
+                room,
+                bins.pop_front().expect("rooms without bins are removed"),
+            )
+        });
+        let (room, bin) = match fits {
+            Some((room, bin)) => {
+                if by_room[&room].is_empty() {
+                    by_room.remove(&room);
+                }
+                (room, bin)
+            }
+            None => {
+                bins.push(Vec::new());
+                (max_len, bins.len() - 1)
+            }
+        };
+        bins[bin].push(i);
+        let left = room.saturating_sub(n);
+        if left > 0 {
+            by_room.entry(left).or_default().push_back(bin);
         }
     }
     bins.into_iter()
@@ -107,18 +177,45 @@ pub fn pack(sequences: Vec<Sequence>, max_len: usize) -> Vec<Sequence> {
                 ids: Vec::new(),
                 targets: Vec::new(),
                 starts: Vec::new(),
+                first_labelled: false,
             };
             for i in bin {
-                let s = &sequences[i];
                 packed.starts.push(packed.ids.len() as u32);
-                packed.ids.extend_from_slice(&s.ids);
-                let mut targets = s.targets.clone();
-                if let Some(last) = targets.last_mut() {
-                    *last = None;
-                }
-                packed.targets.extend(targets);
+                packed.ids.extend_from_slice(&pieces[i].ids);
+                packed.targets.extend_from_slice(&pieces[i].targets);
             }
             packed
+        })
+        .collect()
+}
+
+/// The examples end to end, cut every `max_len` tokens (TRL's "wrapped").
+fn wrap(batch: &[Sequence], max_len: usize) -> Vec<Sequence> {
+    // Each token with whether it carries a label: an example's first by `first_labelled`, the others
+    // by the target of the token before.
+    let mut tokens: Vec<(u32, bool)> = Vec::new();
+    for s in batch {
+        for (t, &id) in s.ids.iter().enumerate() {
+            let labelled = match t {
+                0 => s.first_labelled,
+                _ => s.targets[t - 1].is_some(),
+            };
+            tokens.push((id, labelled));
+        }
+    }
+    tokens
+        .chunks(max_len.max(1))
+        .map(|row| {
+            let ids: Vec<u32> = row.iter().map(|&(id, _)| id).collect();
+            let targets = (0..row.len())
+                .map(|t| row.get(t + 1).filter(|next| next.1).map(|next| next.0))
+                .collect();
+            Sequence {
+                ids,
+                targets,
+                starts: vec![0],
+                first_labelled: row[0].1,
+            }
         })
         .collect()
 }

@@ -165,3 +165,79 @@ fn packing_groups_examples_as_trl_does() {
     assert_eq!(bins, fixture.bins);
     assert!(packed.iter().all(|s| s.ids.len() <= fixture.seq_length));
 }
+
+/// --packing-strategy bfd, bfd_split and wrapped give the rows TRL's SFTTrainer trains on
+/// (tests/fixtures/packing_strategies.json from scripts/make_packing_fixture.py): over 1,100 examples
+/// longer and shorter than the sequence length, some of them starting with tokens that carry no loss
+/// (a prompt), the same tokens in each row, the same examples (or pieces) in it, and the same tokens
+/// carrying loss.
+#[test]
+fn packing_strategies_give_trls_rows() {
+    use nibble::cpu::{PackingStrategy, Sequence, pack_with};
+    #[derive(serde::Deserialize)]
+    struct Row {
+        runs: Vec<[u32; 3]>,
+        seq_lengths: Option<Vec<u32>>,
+        labelled: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Strategies {
+        seq_length: usize,
+        lengths: Vec<u32>,
+        prompts: Vec<usize>,
+        strategies: std::collections::BTreeMap<String, Vec<Row>>,
+    }
+    let text = std::fs::read_to_string(format!("{}/packing_strategies.json", fixtures())).unwrap();
+    let fixture: Strategies = serde_json::from_str(&text).unwrap();
+    // Token j of example i is i·1000 + j; the first `prompts[i]` tokens carry no label.
+    let examples: Vec<Sequence> = fixture
+        .lengths
+        .iter()
+        .zip(&fixture.prompts)
+        .enumerate()
+        .map(|(i, (&n, &prompt))| {
+            let mut s = Sequence::all_tokens((0..n).map(|j| i as u32 * 1000 + j).collect());
+            for t in 0..s.targets.len() {
+                if t + 1 < prompt {
+                    s.targets[t] = None;
+                }
+            }
+            s.first_labelled = prompt == 0;
+            s
+        })
+        .collect();
+    assert!(examples.len() > 1000 && examples.iter().any(|s| s.ids.len() > fixture.seq_length));
+    for (name, rows) in &fixture.strategies {
+        let strategy = <PackingStrategy as clap::ValueEnum>::from_str(name, false).unwrap();
+        let packed = pack_with(examples.clone(), fixture.seq_length, strategy);
+        assert_eq!(packed.len(), rows.len(), "{name}: rows");
+        for (k, (ours, theirs)) in packed.iter().zip(rows).enumerate() {
+            let ids: Vec<u32> = theirs
+                .runs
+                .iter()
+                .flat_map(|&[i, j, n]| (j..j + n).map(move |j| i * 1000 + j))
+                .collect();
+            assert_eq!(ours.ids, ids, "{name} row {k}: tokens");
+            let starts: Vec<u32> = match &theirs.seq_lengths {
+                Some(lengths) => lengths
+                    .iter()
+                    .scan(0, |at, &n| {
+                        let start = *at;
+                        *at += n;
+                        Some(start)
+                    })
+                    .collect(),
+                None => vec![0],
+            };
+            assert_eq!(ours.starts, starts, "{name} row {k}: examples");
+            // Position t predicts token t + 1 where TRL labels it.
+            let labelled: Vec<bool> = theirs.labelled.chars().map(|c| c == '1').collect();
+            let expected: Vec<bool> = labelled[1..].iter().copied().chain([false]).collect();
+            let carries: Vec<bool> = ours.targets.iter().map(Option::is_some).collect();
+            assert_eq!(carries, expected, "{name} row {k}: tokens carrying loss");
+            for (t, target) in ours.targets.iter().enumerate() {
+                assert!(target.is_none_or(|id| id == ours.ids[t + 1]));
+            }
+        }
+    }
+}

@@ -269,6 +269,63 @@ fn long_examples_keep_the_end_asked_for_and_unlearnable_ones_are_left_out() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// --packing-strategy bfd_split and wrapped train on every token of examples longer than --max-length
+/// (bfd cuts them, saying so); the strategy without --packing is refused.
+#[test]
+fn packing_strategies_keep_long_examples_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    let rows: String = (0..5)
+        .map(|i| {
+            serde_json::json!({"text": format!("{i}: {}", "waves on the sea, ".repeat(6))})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let tokens = |out: &Path| -> u64 {
+        metrics(out)
+            .iter()
+            .filter_map(|m| m["tokens"].as_u64())
+            .sum()
+    };
+    let mut seen = Vec::new();
+    for strategy in ["bfd", "bfd_split", "wrapped"] {
+        let out = dir.path().join(strategy);
+        let options = [
+            "--packing",
+            "--packing-strategy",
+            strategy,
+            "--max-length",
+            "64",
+            "--epochs",
+            "1",
+        ];
+        let o = train_cli(&model, &data, &out, &options);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(
+            err.contains("were cut"),
+            strategy == "bfd",
+            "{strategy}: {err}"
+        );
+        seen.push(tokens(&out));
+    }
+    // Each text is about 115 bytes and its eos: bfd trains on 64 of each, the others on all.
+    assert_eq!(seen[0], 5 * 64);
+    assert!(seen[1] > 5 * 100 && seen[1] == seen[2], "{seen:?}");
+    let o = train_cli(
+        &model,
+        &data,
+        &dir.path().join("no"),
+        &["--packing-strategy", "wrapped"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("give --packing too"));
+}
+
 /// --save-strategy epoch (transformers' save_strategy="epoch") writes a checkpoint at the end of each
 /// epoch; steps needs --save-steps, which the others refuse.
 #[test]

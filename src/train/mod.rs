@@ -351,6 +351,7 @@ pub fn tokenize_cut(
                 *target = None;
             }
         }
+        seq.first_labelled = carries[0];
     }
     Ok((seq, removed))
 }

@@ -53,6 +53,8 @@ pub struct RunOptions {
     pub chat_template: Option<crate::tokenizer::TemplateChoice>,
     /// Pack several examples into each sequence of at most `max_length` tokens.
     pub packing: bool,
+    /// How (`PackingStrategy`).
+    pub packing_strategy: crate::cpu::PackingStrategy,
     /// The device memory the run may use, in bytes, where less than the driver reports.
     pub gpu_memory: Option<u64>,
     /// Gradient checkpointing left to nibble, up to this kind (`Keep::ALL`): a step that would not fit
@@ -211,7 +213,10 @@ impl<'m> Run<'m> {
         }
         if options.packing {
             let examples = sequences.len();
-            sequences = crate::cpu::pack(sequences, config.max_length);
+            sequences =
+                crate::cpu::pack_with(sequences, config.max_length, options.packing_strategy);
+            // A wrapped row may hold only tokens that carry no loss: it adds nothing to a step.
+            sequences.retain(|s| s.target_count() > 0);
             log::info!(
                 "packed {examples} examples into {} sequences of at most {} tokens",
                 sequences.len(),
@@ -259,6 +264,9 @@ impl<'m> Run<'m> {
             "max_length": config.max_length, "loss_on": config.loss_on,
             "packing": options.packing, "eval_split": options.eval_split,
         });
+        if options.packing_strategy != crate::cpu::PackingStrategy::Bfd {
+            extra["packing_strategy"] = json!(options.packing_strategy);
+        }
         // Absent at their defaults, as in runs recorded before the options.
         if config.loss_type != train::LossType::Nll {
             extra["loss_type"] = json!(config.loss_type);
@@ -946,7 +954,14 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 }
                 None => tok,
             };
-            let train = tokenize_file(&tok, data, &config)?;
+            // Packing that splits or wraps examples cuts them itself, to the sequence length.
+            let uncut = TrainConfig {
+                max_length: usize::MAX,
+                ..config.clone()
+            };
+            let splits =
+                options.packing && options.packing_strategy != crate::cpu::PackingStrategy::Bfd;
+            let train = tokenize_file(&tok, data, if splits { &uncut } else { &config })?;
             let eval = match &options.eval_data {
                 Some(file) => tokenize_file(&tok, file, &config)?,
                 None => Vec::new(),

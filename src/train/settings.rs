@@ -253,6 +253,12 @@ pub struct TrainSettings {
     /// each example; positions restart at each).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub packing: Option<bool>,
+    /// How --packing fills sequences (TRL's packing_strategy): bfd (whole examples, cut to
+    /// --max-length), bfd_split (longer examples split into pieces, each packed as an example) or
+    /// wrapped (the examples end to end, cut every --max-length tokens; attention and loss cross
+    /// examples).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub packing_strategy: Option<crate::cpu::PackingStrategy>,
     /// Replace a finished run in the output folder.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub overwrite: Option<bool>,
@@ -392,6 +398,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
             "off, chosen by nibble where a step would not fit otherwise".into(),
         ),
         ("packing", flag(run.packing)),
+        ("packing_strategy", value_name(run.packing_strategy)),
         ("overwrite", flag(run.overwrite)),
         ("save_steps", count(run.save_steps, "0: no checkpoints")),
         (
@@ -765,6 +772,11 @@ impl TrainSettings {
                 "--eval-split must lie strictly between 0 and 1 (got {f})"
             )));
         }
+        if self.packing_strategy.is_some() && self.packing != Some(true) {
+            return Err(Error::Invalid(
+                "--packing-strategy says how --packing packs: give --packing too".into(),
+            ));
+        }
         if self.packing == Some(true)
             && self.truncation_mode == Some(crate::train::Truncation::KeepEnd)
         {
@@ -841,6 +853,7 @@ impl TrainSettings {
                 .map(crate::tokenizer::TemplateChoice::read)
                 .transpose()?,
             packing: self.packing.unwrap_or(false),
+            packing_strategy: self.packing_strategy.unwrap_or_default(),
             fit_checkpointing: match self.checkpointing()? {
                 crate::graph::checkpoint::Asked::Fit { most } => Some(most),
                 crate::graph::checkpoint::Asked::Fixed { .. } => None,

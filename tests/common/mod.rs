@@ -160,6 +160,7 @@ pub fn fixture(name: &str, quant: &str) -> Fixture {
         ids: expected.input_ids,
         targets,
         starts: vec![0],
+        first_labelled: false,
     };
     Fixture {
         model,
