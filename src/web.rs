@@ -140,8 +140,16 @@ fn start_run(
     let run_options = settings.run_options().map_err(js_error)?;
     let examples =
         crate::data::parse_jsonl_with(jsonl, "dataset", &config.text_field).map_err(js_error)?;
-    let train = crate::train::run::tokenize_examples(&inner.tok, &examples, &config, "dataset")
-        .map_err(js_error)?;
+    let train_config = run_options.tokenizing(&config);
+    let packing = run_options.packing;
+    let train = crate::train::run::tokenize_examples(
+        &inner.tok,
+        &examples,
+        &train_config,
+        "dataset",
+        packing,
+    )
+    .map_err(js_error)?;
     let data = RunData {
         train,
         eval: Vec::new(),

@@ -500,7 +500,7 @@ const CASES: &[Case] = &[
                 &["--loss-on", "assistant"],
             )
         },
-        expect: &["example 1"],
+        expect: &["example 1", "no assistant turn"],
     },
     Case {
         name: "completion loss on chats",
@@ -616,11 +616,11 @@ const CASES: &[Case] = &[
     Case {
         name: "option file with an unknown key",
         prepare: |r| {
-            std::fs::write(r.join("run.toml"), "lr = 1e-4\nlearning_rate = 2\n").unwrap();
+            std::fs::write(r.join("run.toml"), "lr = 1e-4\nlearning_rat = 2\n").unwrap();
             let f = p(r, "run.toml");
             train(r, "new", &["--config", &f])
         },
-        expect: &["run.toml", "learning_rate"],
+        expect: &["run.toml", "learning_rat"],
     },
     Case {
         name: "option file with a bad value",

@@ -620,9 +620,9 @@ fn assert_max_in_both_chunks(logits: &[f32], case: &str) {
     );
 }
 
-/// Measured on lavapipe: at most 1.1e-6 (relative, per output: the cross-entropy gradient weighted by
-/// each label's probability, which carries the loss's rounding; 3.2e-7 unweighted), most outputs 1e-7
-/// or exact; held to 1e-5.
+/// Measured on lavapipe: at most 3.2e-7 (relative, per output: the cross-entropy gradient), most outputs
+/// 1e-7 or exact; held to 3e-6. The gradient weighted by each label's probability (dft), which carries
+/// the loss's rounding: 1.1e-6, held to 1e-5.
 #[test]
 fn every_op_agrees_on_both_executors() {
     let Some(gpu) = common::gpu() else { return };
@@ -657,8 +657,13 @@ fn every_op_agrees_on_both_executors() {
                 }
                 let e = common::rel(got, expected);
                 eprintln!("quant={quant} {} {name}: {e:.1e}", case.name);
+                let tolerance = if case.name.contains("Dft") {
+                    1e-5
+                } else {
+                    3e-6
+                };
                 assert!(
-                    e < 1e-5,
+                    e < tolerance,
                     "quant={quant} {} {name}: GPU differs by {e:e}",
                     case.name
                 );

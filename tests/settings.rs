@@ -82,7 +82,7 @@ fn a_bad_file_is_named_with_its_line_and_key() {
     assert!(err.contains(&file.display().to_string()), "{err}");
     assert!(err.contains("line 2") && err.contains("sawtooth"), "{err}");
 
-    std::fs::write(&file, "learning_rate = 1e-4\n").unwrap();
+    std::fs::write(&file, "learning_rat = 1e-4\n").unwrap();
     let err = TrainSettings::layered(TrainSettings {
         config: Some(file.clone()),
         ..Default::default()
@@ -90,7 +90,7 @@ fn a_bad_file_is_named_with_its_line_and_key() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("learning_rate"),
+        err.contains("learning_rat"),
         "an unknown key is named: {err}"
     );
 }

@@ -128,7 +128,8 @@ fn tokens_carrying_loss_equal_trl_sft_trainers() {
             truncation: keep,
             ..Default::default()
         };
-        let kept = nibble::train::run::tokenize_examples(&tok, &rows, &config, "fixture").unwrap();
+        let kept =
+            nibble::train::run::tokenize_examples(&tok, &rows, &config, "fixture", false).unwrap();
         let expected: Vec<&Vec<u32>> = group.cases.iter().filter_map(|c| c.ids.as_ref()).collect();
         assert_eq!(kept.iter().map(|s| &s.ids).collect::<Vec<_>>(), expected);
     }

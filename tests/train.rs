@@ -198,30 +198,21 @@ fn neftune_noise_moves_training_steps_only() {
         );
     }
     let (hidden, alpha) = (model.config.hidden_size, 5.0);
-    let mut packed = Sequence::all_tokens(vec![1; 30]);
-    packed.starts = vec![0, 12];
-    let rows = [
-        Sequence::all_tokens(vec![1; 10]),
-        Sequence::all_tokens(vec![1; 20]),
-        packed,
-    ];
+    let rows = [10, 20, 30].map(|n| Sequence::all_tokens(vec![1; n]));
     let half_width = |len: usize| Some((alpha / ((len * hidden) as f64).sqrt()) as f32);
+    let magnitudes = |picks: &[usize], batch: (usize, bool)| {
+        train::noise_magnitudes(Some(alpha), &rows, picks, batch, hidden)
+    };
+    // Padded to the longest; one row end to end where packing makes rows padding-free.
+    assert_eq!(magnitudes(&[0, 1], (2, false)), vec![half_width(20); 2]);
+    assert_eq!(magnitudes(&[0, 2], (2, true)), vec![half_width(40); 2]);
+    assert_eq!(magnitudes(&[0, 1, 2], (2, true)), vec![half_width(30); 3]);
     assert_eq!(
-        train::noise_magnitudes(Some(alpha), &rows, &[0, 1], 2, hidden),
-        vec![half_width(20); 2]
-    );
-    assert_eq!(
-        train::noise_magnitudes(Some(alpha), &rows, &[0, 2], 2, hidden),
-        vec![half_width(40); 2]
-    );
-    assert_eq!(
-        train::noise_magnitudes(Some(alpha), &rows, &[0, 1], 1, hidden),
+        magnitudes(&[0, 1], (1, false)),
         vec![half_width(10), half_width(20)]
     );
-    assert_eq!(
-        train::noise_magnitudes(None, &rows, &[0], 1, hidden),
-        vec![None]
-    );
+    let none = train::noise_magnitudes(None, &rows, &[0], (1, false), hidden);
+    assert_eq!(none, vec![None]);
 }
 
 #[test]
@@ -614,12 +605,12 @@ fn flags_override_the_config_file_which_overrides_the_preset() {
     .unwrap();
     assert_eq!(first["lr"], 0.5, "the file wins over the preset");
 
-    std::fs::write(&cfg, "lr = 0.1\nlearning_rate = 0.2\n").unwrap();
+    std::fs::write(&cfg, "lr = 0.1\nlearnin_rate = 0.2\n").unwrap();
     let o = run(&["train", "--config", cfg.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        err.contains("run.toml") && err.contains("learning_rate"),
+        err.contains("run.toml") && err.contains("learnin_rate"),
         "{err}"
     );
     let o = run(&[

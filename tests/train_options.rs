@@ -236,7 +236,14 @@ fn long_examples_keep_the_end_asked_for_and_unlearnable_ones_are_left_out() {
         "{recorded}"
     );
 
-    let (o, _) = run("packed", &["--truncation-mode", "keep_end", "--packing"]);
+    // Packing packs it all the same, as TRL does.
+    let (o, out) = run("packed", &["--packing"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("packed all the same"), "{err}");
+    assert_eq!(examples(&out), 3);
+
+    let (o, _) = run("refused", &["--truncation-mode", "keep_end", "--packing"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--packing"));
 
@@ -327,7 +334,7 @@ fn packing_strategies_keep_long_examples_whole() {
 }
 
 /// --save-strategy epoch (transformers' save_strategy="epoch") writes a checkpoint at the end of each
-/// epoch; steps needs --save-steps, which the others refuse.
+/// epoch; steps needs --save-steps, which the others ignore.
 #[test]
 fn checkpoints_at_the_end_of_each_epoch() {
     let dir = tempfile::tempdir().unwrap();
@@ -335,36 +342,43 @@ fn checkpoints_at_the_end_of_each_epoch() {
     byte_model(&model);
     let data = dir.path().join("d.jsonl");
     std::fs::write(&data, chats(6)).unwrap();
+    let saved = |out: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let epochs = ["--grad-accum", "2", "--save-strategy", "epoch"];
     let out = dir.path().join("run");
-    let options = [
-        "--epochs",
-        "2",
-        "--grad-accum",
-        "2",
-        "--save-strategy",
-        "epoch",
-    ];
-    let o = train_cli(&model, &data, &out, &options);
+    let o = train_cli(
+        &model,
+        &data,
+        &out,
+        &[&epochs[..], &["--epochs", "2"]].concat(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut saved: Vec<String> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("checkpoint-"))
-        .collect();
-    saved.sort();
-    assert_eq!(saved, ["checkpoint-3", "checkpoint-6"]);
-    for (options, says) in [
-        (&["--save-strategy", "steps"][..], "give N"),
-        (
-            &["--save-strategy", "epoch", "--save-steps", "2"][..],
-            "--save-steps applies to --save-strategy steps",
-        ),
-    ] {
-        let o = train_cli(&model, &data, &dir.path().join("refused"), options);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.contains(says), "{err}");
-    }
+    assert_eq!(saved(&out), ["checkpoint-3", "checkpoint-6"]);
+    // --max-steps ending an epoch early saves there too; --save-steps is ignored, as transformers
+    // ignores it, with a warning.
+    let out = dir.path().join("cut short");
+    let extra = ["--epochs", "2", "--max-steps", "4", "--save-steps", "2"];
+    let o = train_cli(&model, &data, &out, &[&epochs[..], &extra].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("does not apply"), "{err}");
+    assert_eq!(saved(&out), ["checkpoint-3", "checkpoint-4"]);
+    let o = train_cli(
+        &model,
+        &data,
+        &dir.path().join("refused"),
+        &["--save-strategy", "steps"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("give N"), "{err}");
 }
 
 /// The names transformers and TRL give options answer too, as flags in their spelling (TRL's command

@@ -302,7 +302,7 @@ fn a_run_in_memory_trains_the_adapter_the_file_based_run_saves() {
     let source = nibble::model::open(&model_dir).unwrap();
     let tok = nibble::tokenizer::ChatTokenizer::from_files(&source.tokenizer, &model_dir).unwrap();
     let model = std::sync::Arc::new(source.load(None).unwrap());
-    let train = run::tokenize_file(&tok, &data, &config(5)).unwrap();
+    let train = run::tokenize_file(&tok, &data, &config(5), false).unwrap();
     let data = RunData {
         train,
         eval: Vec::new(),

@@ -277,7 +277,7 @@ pub fn tokenize_cut(
                 ..
             }
     );
-    let (mut ids, offsets) = tok.encode_with_offsets(&text, plain)?;
+    let (ids, offsets) = tok.encode_with_offsets(&text, plain)?;
     // Token ranges that carry loss; None: every token.
     let spans: Option<Vec<(usize, usize)>> = match (example, loss_on) {
         (Example::PromptCompletion { prompt, args, .. }, LossOn::Default | LossOn::Completion) => {
@@ -329,21 +329,12 @@ pub fn tokenize_cut(
         }
         _ => None,
     };
-    let removed = ids.len().saturating_sub(cut.max_length);
-    // The tokens kept start at `first` of the uncut ones.
-    let first = match cut.keep {
-        Truncation::KeepStart => 0,
-        Truncation::KeepEnd => removed,
-    };
-    ids.drain(..first);
-    ids.truncate(cut.max_length);
     let mut seq = Sequence::all_tokens(ids);
     if let Some(spans) = spans {
         // Position t predicts token t + 1, which carries loss when it lies in a span.
         let mut carries = vec![false; seq.ids.len() + 1];
         for (a, b) in spans {
-            let a = a.saturating_sub(first).min(carries.len());
-            let b = b.saturating_sub(first).min(carries.len());
+            let (a, b) = (a.min(carries.len()), b.min(carries.len()));
             carries[a..b].iter_mut().for_each(|c| *c = true);
         }
         for (t, target) in seq.targets.iter_mut().enumerate() {
@@ -353,7 +344,32 @@ pub fn tokenize_cut(
         }
         seq.first_labelled = carries[0];
     }
-    Ok((seq, removed))
+    Ok(cut_sequence(seq, cut))
+}
+
+/// An example's sequence cut as `cut` says, as TRL cuts its ids and labels alike; returns how many
+/// tokens were cut.
+pub fn cut_sequence(mut seq: Sequence, cut: Cut) -> (Sequence, usize) {
+    let removed = seq.ids.len().saturating_sub(cut.max_length);
+    if removed == 0 {
+        return (seq, 0);
+    }
+    match cut.keep {
+        Truncation::KeepStart => {
+            seq.ids.truncate(cut.max_length);
+            seq.targets.truncate(cut.max_length);
+            // Its next token is gone.
+            if let Some(last) = seq.targets.last_mut() {
+                *last = None;
+            }
+        }
+        Truncation::KeepEnd => {
+            seq.first_labelled = seq.targets[removed - 1].is_some();
+            seq.ids.drain(..removed);
+            seq.targets.drain(..removed);
+        }
+    }
+    (seq, removed)
 }
 
 /// Where the completion of a prompt/completion row starts in its tokens `ids`: where the prompt's own
@@ -601,12 +617,12 @@ fn turn_end_by_token(
 
 /// NEFTune's noise half-width for each of `picks`' sequences (None without `alpha`): α/√(L·hidden), L
 /// the length of the micro-batch's row as transformers' hook sees it: its longest sequence, to which the
-/// others are padded, or, packed, all of them end to end (TRL's padding-free rows).
+/// others are padded, or, `padding_free` (TRL's best-fit packing), all of them end to end.
 pub fn noise_magnitudes(
     alpha: Option<f64>,
     sequences: &[Sequence],
     picks: &[usize],
-    batch_size: usize,
+    (batch_size, padding_free): (usize, bool),
     hidden: usize,
 ) -> Vec<Option<f32>> {
     let Some(alpha) = alpha else {
@@ -616,7 +632,7 @@ pub fn noise_magnitudes(
         .chunks(batch_size.max(1))
         .flat_map(|micro| {
             let lengths = micro.iter().map(|&i| sequences[i].ids.len());
-            let row = match micro.iter().any(|&i| sequences[i].is_packed()) {
+            let row = match padding_free {
                 true => lengths.sum::<usize>(),
                 false => lengths.max().unwrap_or(0),
             };
@@ -750,6 +766,9 @@ pub struct Trainer<'a> {
     /// The chat template the data was rendered with where it is not the model's: saved beside each
     /// adapter (chat_template.jinja, as transformers saves a tokenizer's).
     pub chat_template: Option<String>,
+    /// Each micro-batch is one row of its sequences end to end, as TRL's best-fit packing makes it
+    /// (padding-free): what NEFTune's noise scales with.
+    pub padding_free: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -849,6 +868,7 @@ impl<'a> Trainer<'a> {
             data_rng: Rng::new(config.seed ^ 0x5EED_DA7A),
             dropout_rng: Rng::new(config.seed ^ 0x0D50_F0A7),
             chat_template: None,
+            padding_free: false,
             config,
             gpu: None,
             stale: false,
@@ -1037,7 +1057,7 @@ impl<'a> Trainer<'a> {
                 self.config.neftune_noise_alpha,
                 sequences,
                 &picks,
-                self.config.batch_size,
+                (self.config.batch_size, self.padding_free),
                 model.config.hidden_size,
             ),
             Work::Image(_) => vec![None; picks.len()],

@@ -63,6 +63,29 @@ pub struct RunOptions {
     pub fit_checkpointing: Option<crate::graph::checkpoint::Keep>,
 }
 
+impl RunOptions {
+    /// Whether packing splits or wraps examples, cutting them itself to the sequence length.
+    fn packing_cuts(&self) -> bool {
+        self.packing && self.packing_strategy != crate::cpu::PackingStrategy::Bfd
+    }
+
+    /// How the training data is tokenized under `config`: uncut where packing cuts examples itself.
+    pub fn tokenizing(&self, config: &TrainConfig) -> TrainConfig {
+        match self.packing_cuts() {
+            true => TrainConfig {
+                max_length: usize::MAX,
+                ..config.clone()
+            },
+            false => config.clone(),
+        }
+    }
+
+    /// Whether a step's micro-batch is one padding-free row, as TRL's best-fit packing makes it.
+    fn padding_free(&self) -> bool {
+        self.packing && self.packing_strategy != crate::cpu::PackingStrategy::Wrapped
+    }
+}
+
 /// A whole run: which model, data and output folder, with which configuration.
 pub struct RunSpec<'a> {
     pub model: &'a Path,
@@ -205,6 +228,15 @@ impl<'m> Run<'m> {
         } = data;
         if let Some(fraction) = options.eval_split {
             eval_sequences = hold_out(&mut sequences, fraction, config.seed)?;
+            if options.packing_cuts() {
+                // Held out of examples left whole for packing to cut: validation cuts them as
+                // --max-length does.
+                eval_sequences = eval_sequences
+                    .into_iter()
+                    .map(|s| train::cut_sequence(s, config.cut()).0)
+                    .filter(|s| s.target_count() > 0)
+                    .collect();
+            }
             log::info!(
                 "holding out {} of {} examples for validation",
                 eval_sequences.len(),
@@ -215,7 +247,8 @@ impl<'m> Run<'m> {
             let examples = sequences.len();
             sequences =
                 crate::cpu::pack_with(sequences, config.max_length, options.packing_strategy);
-            // A wrapped row may hold only tokens that carry no loss: it adds nothing to a step.
+            // A row may hold only tokens that carry no loss (TRL keeps it, a step's micro-batch
+            // adding nothing): it is left out.
             sequences.retain(|s| s.target_count() > 0);
             log::info!(
                 "packed {examples} examples into {} sequences of at most {} tokens",
@@ -285,6 +318,7 @@ impl<'m> Run<'m> {
         }
         let manifest = manifest([model_section, data_section, extra], &config, init.as_ref());
         let mut trainer = Trainer::new(model, config, sequences, init)?;
+        trainer.padding_free = options.padding_free();
         trainer.chat_template = options.chat_template.as_ref().map(|c| c.default.clone());
         Ok(Self::around(
             trainer,
@@ -587,8 +621,10 @@ impl<'m> Run<'m> {
         if samples_due || self.done() {
             self.write_samples(record.step).await?;
         }
+        // An epoch's end, or where --max-steps ends the last one early (as transformers saves then).
+        let epoch_end = record.step % self.steps_per_epoch == 0 || self.done();
         let save_due = (self.options.save_steps > 0 && record.step % self.options.save_steps == 0)
-            || (self.options.save_each_epoch && record.step % self.steps_per_epoch == 0);
+            || (self.options.save_each_epoch && epoch_end);
         if let Some(out) = &self.output
             && save_due
         {
@@ -754,6 +790,13 @@ fn manifest(
         "seed": config.seed, "shuffle": config.shuffle, "init_adapter": init_digest,
     });
     // Absent at their defaults, as in runs recorded before the options.
+    if config.schedule == crate::train::Schedule::Constant
+        && (config.warmup_steps > 0 || config.warmup_ratio > 0.0)
+    {
+        // `constant` warmed up before it followed transformers' (which does not): a run from then
+        // does not resume on the other curve.
+        options["constant_ignores_warmup"] = true.into();
+    }
     if !config.schedule_kwargs.is_empty() {
         options["lr_scheduler_kwargs"] = json!(config.schedule_kwargs);
     }
@@ -954,16 +997,10 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 }
                 None => tok,
             };
-            // Packing that splits or wraps examples cuts them itself, to the sequence length.
-            let uncut = TrainConfig {
-                max_length: usize::MAX,
-                ..config.clone()
-            };
-            let splits =
-                options.packing && options.packing_strategy != crate::cpu::PackingStrategy::Bfd;
-            let train = tokenize_file(&tok, data, if splits { &uncut } else { &config })?;
+            let train_config = options.tokenizing(&config);
+            let train = tokenize_file(&tok, data, &train_config, options.packing)?;
             let eval = match &options.eval_data {
-                Some(file) => tokenize_file(&tok, file, &config)?,
+                Some(file) => tokenize_file(&tok, file, &config, false)?,
                 None => Vec::new(),
             };
             // Only --sample-prompts needs it later; its tables (~50 MB for a 150k vocabulary) go.
@@ -1221,15 +1258,16 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     crate::fsutil::write_atomically(path, |tmp| std::fs::write(tmp, kept))
 }
 
-/// Reads and tokenizes a dataset; errors name the file and example.
+/// Reads and tokenizes a dataset; errors name the file and example. `packing`: as `tokenize_examples`.
 pub fn tokenize_file(
     tok: &ChatTokenizer,
     file: &Path,
     config: &TrainConfig,
+    packing: bool,
 ) -> Result<Vec<Sequence>> {
     let examples = crate::data::read_examples_with(file, &config.text_field)?;
     let origin = file.display().to_string();
-    let sequences = tokenize_examples(tok, &examples, config, &origin)?;
+    let sequences = tokenize_examples(tok, &examples, config, &origin, packing)?;
     if config.loss_on == train::LossOn::Assistant {
         warn_if_never_taught_to_stop(tok, file, &sequences);
     }
@@ -1238,23 +1276,50 @@ pub fn tokenize_file(
 
 /// Tokenizes examples read from `origin` as TRL's SFTTrainer prepares them: each cut to --max-length,
 /// and those left without a token that carries loss dropped (with a warning naming them), as TRL drops
-/// them; an error when none is left.
+/// them, except for `packing`, where TRL packs them all (they take room, their rows carry what loss
+/// their neighbours give); an error when none is left, and, as TRL's, for a conversation with no
+/// assistant token under --loss-on assistant.
 pub fn tokenize_examples(
     tok: &ChatTokenizer,
     examples: &[crate::data::Example],
     config: &TrainConfig,
     origin: &str,
+    packing: bool,
 ) -> Result<Vec<Sequence>> {
     let mut sequences = Vec::with_capacity(examples.len());
     let (mut cut, mut unlearnable, mut cut_off) = (0, Vec::new(), 0);
+    let at = |i: usize, e: Error| Error::Invalid(format!("{origin}: example {}: {e}", i + 1));
     for (i, ex) in examples.iter().enumerate() {
-        let (seq, c) = train::tokenize_cut(tok, ex, config.loss_on, config.cut())
-            .map_err(|e| Error::Invalid(format!("{origin}: example {}: {e}", i + 1)))?;
+        let (seq, c) =
+            train::tokenize_cut(tok, ex, config.loss_on, config.cut()).map_err(|e| at(i, e))?;
         cut += usize::from(c > 0);
         if seq.target_count() == 0 {
+            let conversation = matches!(ex, crate::data::Example::Messages(..));
+            if config.loss_on == train::LossOn::Assistant && conversation {
+                let whole = train::Cut {
+                    max_length: usize::MAX,
+                    ..config.cut()
+                };
+                let uncut = match c {
+                    0 => seq.clone(),
+                    _ => {
+                        train::tokenize_cut(tok, ex, config.loss_on, whole)
+                            .map_err(|e| at(i, e))?
+                            .0
+                    }
+                };
+                if uncut.target_count() == 0 {
+                    return Err(Error::Invalid(format!(
+                        "{origin}: example {} has no assistant turn to learn from (--loss-on assistant), which TRL refuses too",
+                        i + 1
+                    )));
+                }
+            }
             unlearnable.push(i + 1);
             cut_off += usize::from(c > 0);
-            continue;
+            if !packing {
+                continue;
+            }
         }
         sequences.push(seq);
     }
@@ -1288,12 +1353,15 @@ pub fn tokenize_examples(
             format!("{:?}", config.loss_on).to_lowercase(),
             shown.join(", ")
         );
-        if sequences.is_empty() {
+        if unlearnable.len() == examples.len() {
             return Err(Error::Invalid(format!(
                 "{message}; nothing is left to learn from"
             )));
         }
-        log::warn!("{message}; they are left out, as TRL leaves them out");
+        match packing {
+            true => log::warn!("{message}; they are packed all the same, as TRL packs them"),
+            false => log::warn!("{message}; they are left out, as TRL leaves them out"),
+        }
     }
     Ok(sequences)
 }

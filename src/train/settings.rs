@@ -585,9 +585,17 @@ impl TrainSettings {
 
     /// Options from TOML text; errors name `origin` and the line.
     pub fn parse_toml(text: &str, origin: &Path) -> Result<TrainSettings> {
-        toml::from_str(text).map_err(|e| Error::Config {
-            path: origin.to_path_buf(),
-            msg: e.to_string(),
+        toml::from_str(text).map_err(|e| {
+            let mut msg = e.to_string();
+            if msg.contains("duplicate field") {
+                msg.push_str(
+                    "\n(an option and its transformers or TRL name, such as lr and learning_rate, are one option: give it once)",
+                );
+            }
+            Error::Config {
+                path: origin.to_path_buf(),
+                msg,
+            }
         })
     }
 
@@ -793,10 +801,13 @@ impl TrainSettings {
                     "--save-strategy steps writes a checkpoint every --save-steps N: give N".into(),
                 ));
             }
-            (Some(SaveStrategy::Epoch | SaveStrategy::No), Some(n)) if n > 0 => {
-                return Err(Error::Invalid(
-                    "--save-steps applies to --save-strategy steps".into(),
-                ));
+            (Some(strategy), Some(n)) if n > 0 && strategy != SaveStrategy::Steps => {
+                // As transformers does: its configs carry save_steps whatever the strategy.
+                log::warn!(
+                    "--save-steps {n} does not apply to --save-strategy {}: ignored",
+                    value_name(strategy)
+                );
+                (0, strategy == SaveStrategy::Epoch)
             }
             (Some(SaveStrategy::Epoch), _) => (0, true),
             (Some(SaveStrategy::No), _) => (0, false),
