@@ -93,6 +93,15 @@ fn a_bad_file_is_named_with_its_line_and_key() {
         err.contains("learning_rat"),
         "an unknown key is named: {err}"
     );
+    // An option given under both its names.
+    std::fs::write(&file, "lr = 1e-4\nlearning_rate = 2e-4\n").unwrap();
+    let err = TrainSettings::layered(TrainSettings {
+        config: Some(file.clone()),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("give it once"), "{err}");
 }
 
 #[test]

@@ -242,6 +242,27 @@ fn long_examples_keep_the_end_asked_for_and_unlearnable_ones_are_left_out() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("packed all the same"), "{err}");
     assert_eq!(examples(&out), 3);
+    // Validation is held out of the examples that carry loss, whichever the seed draws.
+    for seed in ["1", "2", "3", "4"] {
+        let options = [
+            "--packing",
+            "--eval-split",
+            "0.5",
+            "--overwrite",
+            "--seed",
+            seed,
+        ];
+        let (o, out) = run("packed and validated", &options);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let validated = metrics(&out)
+            .iter()
+            .filter_map(|m| m["eval_loss"].as_f64())
+            .collect::<Vec<_>>();
+        assert!(
+            !validated.is_empty() && validated.iter().all(|&l| l > 0.0),
+            "{validated:?}"
+        );
+    }
 
     let (o, _) = run("refused", &["--truncation-mode", "keep_end", "--packing"]);
     assert_eq!(o.status.code(), Some(1));

@@ -227,6 +227,7 @@ impl<'m> Run<'m> {
             eval: mut eval_sequences,
         } = data;
         if let Some(fraction) = options.eval_split {
+            let examples = sequences.len();
             eval_sequences = hold_out(&mut sequences, fraction, config.seed)?;
             if options.packing_cuts() {
                 // Held out of examples left whole for packing to cut: validation cuts them as
@@ -236,11 +237,16 @@ impl<'m> Run<'m> {
                     .map(|s| train::cut_sequence(s, config.cut()).0)
                     .filter(|s| s.target_count() > 0)
                     .collect();
+                if eval_sequences.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "--eval-split {fraction}: no held-out example keeps a token that carries loss within --max-length {}",
+                        config.max_length
+                    )));
+                }
             }
             log::info!(
-                "holding out {} of {} examples for validation",
+                "holding out {} of {examples} examples for validation",
                 eval_sequences.len(),
-                eval_sequences.len() + sequences.len()
             );
         }
         if options.packing {
@@ -623,7 +629,9 @@ impl<'m> Run<'m> {
         }
         // An epoch's end, or where --max-steps ends the last one early (as transformers saves then).
         let epoch_end = record.step % self.steps_per_epoch == 0 || self.done();
-        let save_due = (self.options.save_steps > 0 && record.step % self.options.save_steps == 0)
+        // Every --save-steps and at the end of the run, as transformers' steps strategy saves.
+        let steps_due = record.step % self.options.save_steps.max(1) == 0 || self.done();
+        let save_due = (self.options.save_steps > 0 && steps_due)
             || (self.options.save_each_epoch && epoch_end);
         if let Some(out) = &self.output
             && save_due
@@ -1391,15 +1399,19 @@ fn warn_if_never_taught_to_stop(tok: &ChatTokenizer, file: &Path, sequences: &[S
 /// Moves a seeded random `fraction` of `sequences` (at least one, leaving at least one) into the
 /// returned validation set.
 fn hold_out(sequences: &mut Vec<Sequence>, fraction: f64, seed: u64) -> Result<Vec<Sequence>> {
-    let n = sequences.len();
+    // Drawn among the examples that carry loss (packing keeps the others to pack them).
+    let labelled: Vec<usize> = (0..sequences.len())
+        .filter(|&i| sequences[i].target_count() > 0)
+        .collect();
+    let n = labelled.len();
     let held = ((fraction * n as f64).round() as usize).max(1);
     if held >= n {
         return Err(Error::Invalid(format!(
-            "--eval-split {fraction} leaves no training examples out of {n}"
+            "--eval-split {fraction} leaves no training examples out of {n} (that carry loss)"
         )));
     }
     let mut rng = crate::rng::Rng::new(seed ^ 0x0E7A_15E7);
-    let mut order: Vec<usize> = (0..n).collect();
+    let mut order = labelled;
     for i in (1..n).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
     }
