@@ -19,33 +19,17 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_train_fixtures import ACCUM, FAMILIES, LR, MAX_NORM, OUT, STEPS, load_base, lora_state, save_adapter  # noqa: E402,E501
+from make_train_fixtures import FAMILIES, OUT, load_base, lora_state, save_adapter, train  # noqa: E402
 
 # Qwen2, and Gemma 4 for its capped logits (the weight is the capped distribution's probability).
 CHOSEN = ["qwen2", "gemma4_text"]
 
 
-def train_dft(pm, examples):
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses, norms, cursor = [], [], 0
-    for _ in range(STEPS):
-        batch = [examples[(cursor + k) % len(examples)] for k in range(ACCUM)]
-        cursor += ACCUM
-        items = sum(len(ids) - 1 for ids in batch)
-        opt.zero_grad()
-        total = 0.0
-        for ids in batch:
-            logits = pm(input_ids=ids[None]).logits[0, :-1]
-            log_probs = torch.log_softmax(logits, dim=-1).gather(-1, ids[1:, None])[:, 0]
-            per_token_loss = -log_probs * log_probs.exp().detach()
-            loss = per_token_loss.sum() / items
-            loss.backward()
-            total += loss.item()
-        norms.append(torch.nn.utils.clip_grad_norm_(params, MAX_NORM).item())
-        opt.step()
-        losses.append(total)
-    return losses, norms
+def dft(logits, labels):
+    """TRL's dynamic fine-tuning loss: each token's negative log-likelihood times its label's
+    probability, detached, summed."""
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None])[:, 0]
+    return (-log_probs * log_probs.exp().detach()).sum()
 
 
 for family in sys.argv[1:] or CHOSEN:
@@ -58,12 +42,12 @@ for family in sys.argv[1:] or CHOSEN:
                 for r in rows]
     pm = PeftModel.from_pretrained(load_base(model_dir, FAMILIES[family]), init, is_trainable=True)
     start = lora_state(pm)
-    losses, norms = train_dft(pm, examples)
+    losses, norms = train(pm, examples, dft)
     folder = os.path.join(out, "dft")
     save_adapter(pm, folder)
     pm64 = PeftModel.from_pretrained(load_base(model_dir, FAMILIES[family]).double(), init,
                                      is_trainable=True).double()
-    losses64, norms64 = train_dft(pm64, examples)
+    losses64, norms64 = train(pm64, examples, dft)
     ours32, ours64 = lora_state(pm), lora_state(pm64)
     noise = {k: ((ours32[k].double() - ours64[k]).norm() / (ours64[k] - start[k].double()).norm()).item()
              for k in ours32}

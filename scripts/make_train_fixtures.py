@@ -69,7 +69,14 @@ def lora_state(pm):
     return {k.replace(".default", ""): p.detach().clone() for k, p in pm.named_parameters() if "lora_" in k}
 
 
-def train(pm, examples):
+def nll(logits, labels):
+    """Σ token cross-entropy (transformers' causal-LM loss before the division by the token count)."""
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def train(pm, examples, token_loss=nll):
+    """STEPS optimizer steps of ACCUM examples each; `token_loss(logits, labels)` sums a sequence's
+    loss."""
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     losses, norms, cursor = [], [], 0
@@ -83,7 +90,7 @@ def train(pm, examples):
         total = 0.0
         for ids in batch:
             logits = pm(input_ids=ids[None]).logits[0]
-            loss = F.cross_entropy(logits[:-1], ids[1:], reduction="sum") / items
+            loss = token_loss(logits[:-1], ids[1:]) / items
             loss.backward()
             total += loss.item()
         norms.append(torch.nn.utils.clip_grad_norm_(params, MAX_NORM).item())

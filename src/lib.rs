@@ -33,6 +33,13 @@ macro_rules! serde_as_value_enum {
     )*};
 }
 
+/// A value's name as the command line and option files spell it.
+pub fn value_name<T: clap::ValueEnum>(value: T) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
+}
+
 pub mod alloc;
 pub mod config;
 pub mod cpu;

@@ -128,6 +128,11 @@ impl TrainConfig {
         }
     }
 
+    /// Whether warmup was asked for under `constant`, which (as transformers') has none.
+    pub fn constant_drops_warmup(&self) -> bool {
+        self.schedule == Schedule::Constant && (self.warmup_steps > 0 || self.warmup_ratio > 0.0)
+    }
+
     /// Warmup steps of a run of `total_steps`.
     pub fn warmup_for(&self, total_steps: usize) -> usize {
         if self.warmup_steps > 0 {

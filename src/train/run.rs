@@ -798,9 +798,7 @@ fn manifest(
         "seed": config.seed, "shuffle": config.shuffle, "init_adapter": init_digest,
     });
     // Absent at their defaults, as in runs recorded before the options.
-    if config.schedule == crate::train::Schedule::Constant
-        && (config.warmup_steps > 0 || config.warmup_ratio > 0.0)
-    {
+    if config.constant_drops_warmup() {
         // `constant` warmed up before it followed transformers' (which does not): a run from then
         // does not resume on the other curve.
         options["constant_ignores_warmup"] = true.into();
@@ -1358,7 +1356,7 @@ pub fn tokenize_examples(
             "{origin}: {} of {} examples have no token that carries loss (--loss-on {}{why}): example {}{more}",
             unlearnable.len(),
             examples.len(),
-            format!("{:?}", config.loss_on).to_lowercase(),
+            crate::value_name(config.loss_on),
             shown.join(", ")
         );
         if unlearnable.len() == examples.len() {

@@ -142,7 +142,7 @@ impl Schedule {
 
     /// The schedule's name as options spell it.
     pub fn name(self) -> String {
-        clap::ValueEnum::to_possible_value(&self).map_or_else(String::new, |v| v.get_name().into())
+        crate::value_name(self)
     }
 
     /// Refuses parameters the schedule does not take, and a schedule without those it needs, as

@@ -8,6 +8,7 @@ use crate::lora::LoraConfig;
 use crate::model::{QuantChoice, QuantRequest};
 use crate::train::run::RunOptions;
 use crate::train::{LossOn, Schedule, TrainConfig};
+use crate::value_name;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -177,7 +178,8 @@ pub struct TrainSettings {
     #[serde(alias = "max_seq_length")]
     pub max_length: Option<usize>,
     /// Which end of a longer example --max-length keeps (TRL's truncation_mode); examples left with
-    /// no token that carries loss are left out, as TRL leaves them out. Packing keeps the start.
+    /// no token that carries loss are left out, as TRL leaves them out (packed all the same under
+    /// --packing, which keeps the start).
     #[arg(long, value_enum, ignore_case = true)]
     pub truncation_mode: Option<crate::train::Truncation>,
     /// The column that holds the text of text rows (TRL's dataset_text_field).
@@ -338,7 +340,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("device", "auto".into()),
         ("precision", "default".into()),
         ("lr", d.lr.to_string()),
-        ("lr_scheduler", d.schedule.name()),
+        ("lr_scheduler", value_name(d.schedule)),
         (
             "lr_scheduler_kwargs",
             "none: the schedule's defaults".into(),
@@ -368,7 +370,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("dataset_text_field", d.text_field.clone()),
         ("seed", d.seed.to_string()),
         ("no_shuffle", flag(!d.shuffle)),
-        ("loss_on", format!("{:?}", d.loss_on).to_lowercase()),
+        ("loss_on", value_name(d.loss_on)),
         ("loss_type", value_name(d.loss_type)),
         ("neftune_noise_alpha", "none: no noise".into()),
         ("chat_template", "the model's".into()),
@@ -437,13 +439,6 @@ pub enum SaveStrategy {
 }
 
 serde_as_value_enum!(SaveStrategy);
-
-/// A value's name as the command line and option files spell it.
-fn value_name<T: clap::ValueEnum>(value: T) -> String {
-    value
-        .to_possible_value()
-        .map_or_else(String::new, |v| v.get_name().to_string())
-}
 
 /// `command` (nibble train's) with each option's help ending in its default (`defaults_for_help`).
 pub fn document_defaults(command: clap::Command) -> clap::Command {
@@ -745,9 +740,7 @@ impl TrainSettings {
             )));
         }
         config.schedule.check(&config.schedule_kwargs, config.lr)?;
-        if config.schedule == Schedule::Constant
-            && (config.warmup_steps > 0 || config.warmup_ratio > 0.0)
-        {
+        if config.constant_drops_warmup() {
             log::warn!(
                 "--lr-scheduler constant keeps the peak rate from the first step, as transformers' constant does: \
                  the warmup asked for does not apply (constant_with_warmup warms up)"
