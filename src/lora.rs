@@ -15,15 +15,182 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// PEFT's `target_modules`: module names (or path suffixes), or `all-linear`.
     pub targets: Vec<String>,
+    /// PEFT's `rank_pattern` and `alpha_pattern`: a module's own rank or alpha where an expression
+    /// names it (`Patterns::find`), else `r` and `alpha`.
+    pub rank_pattern: Patterns<usize>,
+    pub alpha_pattern: Patterns<f64>,
 }
 
 impl LoraConfig {
+    /// The scale of a module that no pattern names: alpha / r (alpha / √r with rsLoRA).
     pub fn scale(&self) -> f32 {
-        if self.use_rslora {
-            (self.alpha / (self.r as f64).sqrt()) as f32
-        } else {
-            (self.alpha / self.r as f64) as f32
+        scale_of(self.alpha, self.r, self.use_rslora)
+    }
+
+    /// The rank of the linear at a module path.
+    pub fn rank_of(&self, path: &str) -> usize {
+        self.rank_pattern.find(path).unwrap_or(self.r)
+    }
+
+    /// The scale of the linear at a module path, from its own rank and alpha as PEFT's `update_layer`
+    /// takes them.
+    pub fn scale_of(&self, path: &str) -> f32 {
+        let alpha = self.alpha_pattern.find(path).unwrap_or(self.alpha);
+        scale_of(alpha, self.rank_of(path), self.use_rslora)
+    }
+
+    /// Whether some module's rank or alpha differs from `r` and `alpha`.
+    pub fn has_patterns(&self) -> bool {
+        !(self.rank_pattern.is_empty() && self.alpha_pattern.is_empty())
+    }
+}
+
+fn scale_of(alpha: f64, r: usize, use_rslora: bool) -> f32 {
+    if use_rslora {
+        (alpha / (r as f64).sqrt()) as f32
+    } else {
+        (alpha / r as f64) as f32
+    }
+}
+
+/// PEFT's `rank_pattern` or `alpha_pattern`: (regular expression, value) in the order given. The first
+/// expression that matches the whole of a module path or of its end after a dot (PEFT's
+/// `re.match(rf"(.*\.)?({key})$", path)`) gives the module's value.
+#[derive(Clone, Debug)]
+pub struct Patterns<T> {
+    entries: Vec<(String, T, regex::Regex)>,
+}
+
+impl<T: Copy> Patterns<T> {
+    /// The patterns of (expression, value) pairs; an expression that does not compile is an error
+    /// naming it.
+    pub fn new(entries: Vec<(String, T)>) -> std::result::Result<Self, String> {
+        let entries = entries
+            .into_iter()
+            .map(|(key, value)| {
+                let anchored = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+                    .map_err(|e| format!("`{key}` is not a regular expression: {e}"))?;
+                Ok((key, value, anchored))
+            })
+            .collect::<std::result::Result<_, String>>()?;
+        Ok(Patterns { entries })
+    }
+
+    /// The value of the first expression that names `path`.
+    pub fn find(&self, path: &str) -> Option<T> {
+        self.entries
+            .iter()
+            .find(|(_, _, anchored)| anchored.is_match(path))
+            .map(|(_, value, _)| *value)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// (expression, value) in order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, T)> {
+        self.entries
+            .iter()
+            .map(|(key, value, _)| (key.as_str(), *value))
+    }
+}
+
+impl<T: Copy + serde::Serialize> Patterns<T> {
+    /// As PEFT writes it: a JSON object in the patterns' order.
+    pub fn to_json(&self) -> Value {
+        Value::Object(
+            self.entries()
+                .map(|(key, value)| (key.to_string(), serde_json::json!(value)))
+                .collect(),
+        )
+    }
+}
+
+impl<T: Copy + serde::de::DeserializeOwned> Patterns<T> {
+    /// From a JSON object of expression to value (`what` names the values in errors).
+    pub fn from_json(v: &Value, what: &str) -> std::result::Result<Self, String> {
+        let Value::Object(map) = v else {
+            return Err(format!(
+                "must be an object of module expressions to {what}, got {v}"
+            ));
+        };
+        let entries = map
+            .iter()
+            .map(|(key, value)| {
+                serde_json::from_value(value.clone())
+                    .map(|value| (key.clone(), value))
+                    .map_err(|_| format!("`{key}`: expected {what}, got {value}"))
+            })
+            .collect::<std::result::Result<_, String>>()?;
+        Self::new(entries)
+    }
+}
+
+impl Patterns<usize> {
+    /// `--lora-rank-pattern`: a JSON object of module expressions to ranks.
+    pub fn parse_ranks(text: &str) -> std::result::Result<Self, String> {
+        let ranks = parse_pattern(text, "a positive rank")?;
+        if let Some((key, _)) = ranks.entries().find(|&(_, r)| r == 0) {
+            return Err(format!("`{key}`: ranks must be positive"));
         }
+        Ok(ranks)
+    }
+}
+
+impl Patterns<f64> {
+    /// `--lora-alpha-pattern`: a JSON object of module expressions to alphas.
+    pub fn parse_alphas(text: &str) -> std::result::Result<Self, String> {
+        parse_pattern(text, "a number")
+    }
+}
+
+fn parse_pattern<T: Copy + serde::de::DeserializeOwned>(
+    text: &str,
+    what: &str,
+) -> std::result::Result<Patterns<T>, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        format!("a JSON object of module expressions to values, such as '{{\"q_proj\": 16}}': {e}")
+    })?;
+    Patterns::from_json(&v, what)
+}
+
+impl<T: Copy + serde::Serialize> serde::Serialize for Patterns<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.entries.len()))?;
+        for (key, value) in self.entries() {
+            map.serialize_entry(key, &value)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de, T: Copy + serde::de::DeserializeOwned> serde::Deserialize<'de> for Patterns<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        // Through a JSON value, which keeps the entries in the order written.
+        let v = Value::deserialize(d)?;
+        Patterns::from_json(&v, "a value").map_err(serde::de::Error::custom)
+    }
+}
+
+impl<T> Default for Patterns<T> {
+    fn default() -> Self {
+        Patterns {
+            entries: Vec::new(),
+        }
+    }
+}
+
+// The compiled expressions follow from the keys.
+impl<T: PartialEq> PartialEq for Patterns<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries.len() == other.entries.len()
+            && self
+                .entries
+                .iter()
+                .zip(&other.entries)
+                .all(|(a, b)| a.0 == b.0 && a.1 == b.1)
     }
 }
 
@@ -35,6 +202,8 @@ impl Default for LoraConfig {
             dropout: 0.05,
             use_rslora: false,
             targets: vec!["all-linear".to_string()],
+            rank_pattern: Patterns::default(),
+            alpha_pattern: Patterns::default(),
         }
     }
 }
@@ -129,7 +298,10 @@ impl LoraAdapter {
     ) -> Result<Self> {
         let modules = resolve_among(linears, &config.targets)?
             .into_iter()
-            .map(|(path, out, inp)| (path, make(config.r, inp, out)))
+            .map(|(path, out, inp)| {
+                let pair = make(config.rank_of(&path), inp, out);
+                (path, pair)
+            })
             .collect();
         Ok(LoraAdapter { config, modules })
     }
@@ -145,6 +317,29 @@ impl LoraAdapter {
         config: LoraConfig,
         rng: &mut Rng,
     ) -> Result<Self> {
+        for (what, keys) in [
+            (
+                "rank",
+                config
+                    .rank_pattern
+                    .entries()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "alpha",
+                config.alpha_pattern.entries().map(|(k, _)| k).collect(),
+            ),
+        ] {
+            for key in keys {
+                let names = |(path, _, _): &(String, usize, usize)| {
+                    Patterns::new(vec![(key.to_string(), ())]).is_ok_and(|p| p.find(path).is_some())
+                };
+                if !linears.iter().any(names) {
+                    log::warn!("the {what} pattern `{key}` names no linear layer of this model");
+                }
+            }
+        }
         Self::with_pairs(linears, config, |r, inp, out| {
             let mut pair = LoraPair::zeros(r, inp, out);
             let bound = 1.0 / (inp as f64).sqrt();
@@ -213,16 +408,20 @@ impl LoraAdapter {
                 "DoRA adapters (use_dora = true) are not supported".into()
             ));
         }
-        for key in ["rank_pattern", "alpha_pattern"] {
-            if v.get(key)
-                .and_then(Value::as_object)
-                .is_some_and(|o| !o.is_empty())
-            {
-                return Err(bad(format!(
-                    "`{key}` (per-module ranks or alphas) is not supported"
-                )));
-            }
+        let pattern = |key: &str| v.get(key).filter(|p| !p.is_null());
+        let rank_pattern = match pattern("rank_pattern") {
+            Some(p) => Patterns::from_json(p, "a positive rank")
+                .map_err(|e| bad(format!("`rank_pattern` {e}")))?,
+            None => Patterns::default(),
+        };
+        if rank_pattern.entries().any(|(_, r)| r == 0) {
+            return Err(bad("`rank_pattern` ranks must be positive".into()));
         }
+        let alpha_pattern = match pattern("alpha_pattern") {
+            Some(p) => Patterns::from_json(p, "a number")
+                .map_err(|e| bad(format!("`alpha_pattern` {e}")))?,
+            None => Patterns::default(),
+        };
         let r = v
             .get("r")
             .and_then(Value::as_u64)
@@ -290,6 +489,8 @@ impl LoraAdapter {
             dropout,
             use_rslora,
             targets,
+            rank_pattern,
+            alpha_pattern,
         };
 
         let mut adapter = Self::with_pairs(model.linear_modules(), config, LoraPair::zeros)

@@ -55,10 +55,13 @@ pub fn merge(
             .find_map(|(s, n, _)| FloatDtype::of(shards[*s].info(n)?.dtype))
             .unwrap_or(FloatDtype::BF16),
     };
-    // Which tensor each LoRA pair merges into.
-    let targets: HashMap<String, &crate::lora::LoraPair> = adapter
+    // Which tensor each LoRA pair merges into, at its module's scale.
+    let targets: HashMap<String, (&crate::lora::LoraPair, f32)> = adapter
         .pairs()
-        .map(|(path, pair)| (format!("{path}.weight"), pair))
+        .map(|(path, pair)| {
+            let scale = adapter.config.scale_of(path);
+            (format!("{path}.weight"), (pair, scale))
+        })
         .collect();
     let tmp = output.with_file_name(format!(
         ".{}.tmp",
@@ -69,7 +72,7 @@ pub fn merge(
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_merged(&entries, source, adapter, &targets, &tmp, dtype)
+    let result = write_merged(&entries, source, &targets, &tmp, dtype)
         .and_then(|()| copy_other_files(folder, &tmp, dtype))
         .and_then(|()| match chat_template {
             Some(template) => template.write_into(folder, &tmp),
@@ -85,13 +88,11 @@ pub fn merge(
 fn write_merged(
     entries: &[(usize, String, Vec<usize>)],
     source: &ModelSource,
-    adapter: &LoraAdapter,
-    targets: &HashMap<String, &crate::lora::LoraPair>,
+    targets: &HashMap<String, (&crate::lora::LoraPair, f32)>,
     tmp: &Path,
     dtype: FloatDtype,
 ) -> Result<()> {
     let shards = source.shards().expect("a folder");
-    let scale = adapter.config.scale();
     let mut failure: Option<Error> = None;
     // Written in the source's own spelling of each name.
     let names: Vec<(String, Vec<usize>)> = entries
@@ -109,7 +110,7 @@ fn write_merged(
                 return;
             }
             shards[*s].release(name);
-            if let Some(pair) = targets.get(name) {
+            if let Some(&(pair, scale)) = targets.get(name) {
                 // W [out, in] += scale · B [out, r] · A [r, in]
                 matmul_into(
                     View::new(&pair.b, pair.out_features, pair.rank),

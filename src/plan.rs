@@ -57,15 +57,13 @@ const F32: u64 = 4;
 /// The graph a training step of `p` runs: every position labelled (the most a step of that length
 /// needs), LoRA on the chosen linears of every layer.
 pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
-    let lora = LoraSpec {
-        rank: p.lora_rank,
-        scale: 1.0,
-        dropout: if p.lora_dropout { 0.1 } else { 0.0 },
-        targets: resolve_targets(c, &p.lora_targets)?
+    let lora = LoraSpec::uniform(
+        resolve_targets(c, &p.lora_targets)?
             .into_iter()
-            .map(|(path, _, _)| path)
-            .collect(),
-    };
+            .map(|(path, _, _)| path),
+        p.lora_rank,
+        if p.lora_dropout { 0.1 } else { 0.0 },
+    );
     let shape = StepShape {
         tokens: p.tokens,
         positions: p.tokens,

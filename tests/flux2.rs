@@ -84,6 +84,7 @@ impl Fixture {
                 dropout: 0.0,
                 use_rslora: false,
                 targets,
+                ..LoraConfig::default()
             },
             modules,
         };

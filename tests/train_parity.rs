@@ -44,6 +44,8 @@ struct Variant<'a> {
     flags: &'a [&'a str],
     folder: &'a str,
     update_tolerance: f64,
+    /// The run starts from the adapter in the variant's folder's `init_adapter` (else the family's).
+    own_init: bool,
 }
 
 fn check_family(device: &str, family: &str, linears: usize, variant: Option<Variant>) {
@@ -56,6 +58,10 @@ fn check_family(device: &str, family: &str, linears: usize, variant: Option<Vari
         Some(_) => results.join("expected.json"),
         None => f.join("expected.json"),
     };
+    let init_adapter = match &variant {
+        Some(v) if v.own_init => results.join("init_adapter"),
+        _ => f.join("init_adapter"),
+    };
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(expected_file).unwrap()).unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -66,7 +72,7 @@ fn check_family(device: &str, family: &str, linears: usize, variant: Option<Vari
         .arg("--data")
         .arg(f.join("data.jsonl"))
         .arg("--init-adapter")
-        .arg(f.join("init_adapter"))
+        .arg(&init_adapter)
         .arg("--output")
         .arg(&run)
         .args([
@@ -169,11 +175,7 @@ fn check_family(device: &str, family: &str, linears: usize, variant: Option<Vari
             "{device} {family}, step {step}: mean_token_accuracy {a} vs TRL's {b}"
         );
     }
-    let (init, theirs, ours) = (
-        adapter(&f.join("init_adapter")),
-        adapter(&results),
-        adapter(&run),
-    );
+    let (init, theirs, ours) = (adapter(&init_adapter), adapter(&results), adapter(&run));
     let mut worst = (0.0f64, String::new());
     let mut count = 0;
     for name in theirs.tensor_names() {
@@ -245,8 +247,28 @@ fn dft_loss_steps_match_trls() {
                 flags: &["--loss-type", "dft"],
                 folder: "dft",
                 update_tolerance: 2e-3,
+                own_init: false,
             };
             check_family(device, family, linears, Some(variant));
         }
+    }
+}
+
+/// PEFT's per-module ranks and alphas (rank_pattern, alpha_pattern) read from the initial adapter's
+/// adapter_config.json: ranks 2 to 6 and scales 0.75 to 6 across the fourteen linears, one module named
+/// by two expressions (the first in the file wins, as PEFT loads it), three steps against transformers +
+/// peft (scripts/make_rank_pattern_fixture.py) on both executors, to the tolerances above.
+#[test]
+fn steps_with_per_module_ranks_and_alphas_match_peft() {
+    let gpu =
+        nibble::gpu::Gpu::new(true).is_ok() || std::env::var_os("NIBBLE_REQUIRE_GPU").is_some();
+    for device in ["cpu", "gpu"].into_iter().filter(|&d| d == "cpu" || gpu) {
+        let variant = Variant {
+            flags: &[],
+            folder: "rank_pattern",
+            update_tolerance: UPDATE_TOLERANCE,
+            own_init: true,
+        };
+        check_family(device, "qwen2", 14, Some(variant));
     }
 }

@@ -604,10 +604,8 @@ fn record_node(
 
 fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {
     LoraSpec {
-        rank: lora.rank,
-        scale: lora.scale,
         dropout,
-        targets: lora.pairs.iter().map(|(path, _)| path.clone()).collect(),
+        targets: lora.adapted.clone(),
     }
 }
 

@@ -278,16 +278,15 @@ impl std::ops::Deref for GpuModel {
 /// LoRA matrices in GPU memory: per adapted linear, its module path and (A [r, in], B [out, r]), in
 /// `LoraAdapter::pairs` order.
 pub struct GpuLora {
-    pub scale: f32,
-    pub rank: usize,
+    /// Each adapted linear's rank and scale, by module path.
+    pub adapted: std::collections::BTreeMap<String, crate::models::decoder::Adapted>,
     pub(crate) pairs: Vec<(String, (GpuBuffer, GpuBuffer))>,
 }
 
 impl GpuLora {
     pub fn upload(gpu: &Gpu, adapter: &LoraAdapter) -> Self {
         GpuLora {
-            scale: adapter.config.scale(),
-            rank: adapter.config.r,
+            adapted: crate::models::decoder::LoraSpec::of(adapter).targets,
             pairs: adapter
                 .pairs()
                 .map(|(path, p)| {

@@ -16,28 +16,52 @@ use crate::lora::LoraAdapter;
 use crate::models::lora_linear::{self, LinearTape};
 use crate::ops::attention::AttentionShape;
 use crate::ops::{dropout, rope};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-/// The LoRA branches a graph computes: which linears (by module path) and with what rank, scale and
-/// dropout.
+/// The LoRA branches a graph computes: which linears (by module path), each with its rank and scale,
+/// and the branches' dropout.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraSpec {
-    pub rank: usize,
-    pub scale: f32,
     /// Probability of dropping an element of a LoRA branch's input while training.
     pub dropout: f32,
-    /// Module paths of the adapted linears (`model.layers.3.self_attn.q_proj`).
-    pub targets: BTreeSet<String>,
+    /// The adapted linears by module path (`model.layers.3.self_attn.q_proj`).
+    pub targets: BTreeMap<String, Adapted>,
+}
+
+/// An adapted linear's rank and the scale of its update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adapted {
+    pub rank: usize,
+    pub scale: f32,
 }
 
 impl LoraSpec {
     pub fn of(adapter: &LoraAdapter) -> Self {
         LoraSpec {
-            rank: adapter.config.r,
-            scale: adapter.config.scale(),
             dropout: adapter.config.dropout,
-            targets: adapter.pairs().map(|(path, _)| path.to_string()).collect(),
+            targets: adapter
+                .pairs()
+                .map(|(path, pair)| {
+                    let scale = adapter.config.scale_of(path);
+                    (
+                        path.to_string(),
+                        Adapted {
+                            rank: pair.rank,
+                            scale,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Every one of `paths` at the same rank (plans, which size memory, take scale 1).
+    pub fn uniform(paths: impl IntoIterator<Item = String>, rank: usize, dropout: f32) -> Self {
+        let adapted = Adapted { rank, scale: 1.0 };
+        LoraSpec {
+            dropout,
+            targets: paths.into_iter().map(|path| (path, adapted)).collect(),
         }
     }
 }
@@ -567,7 +591,7 @@ impl Decoder<'_> {
     }
 
     fn linear_backward(&mut self, tape: &LinearTape, x: BufId, dy: BufId, dx: BufId) {
-        lora_linear::backward(&mut self.b, self.lora, tape, x, dy, dx);
+        lora_linear::backward(&mut self.b, tape, x, dy, dx);
     }
 
     /// What layer `l`'s q is multiplied by so that the attention kernels' 1/√head_dim makes the

@@ -792,7 +792,7 @@ impl Flux<'_> {
     fn linear_backward(&mut self, tape: &LinearTape, x: BufId, dy: BufId) -> BufId {
         let inp = self.b.len(x);
         let dx = self.b.activation(inp, format!("d {}", tape.path));
-        lora_linear::backward(&mut self.b, self.lora, tape, x, dy, dx);
+        lora_linear::backward(&mut self.b, tape, x, dy, dx);
         dx
     }
 
@@ -1312,12 +1312,7 @@ pub fn plan(
     step: Flux2Step,
 ) -> crate::plan::Plan {
     let targets = c.block_linears();
-    let spec = LoraSpec {
-        rank,
-        scale: 1.0,
-        dropout: 0.0,
-        targets: targets.iter().map(|(p, _, _)| p.clone()).collect(),
-    };
+    let spec = LoraSpec::uniform(targets.iter().map(|(p, _, _)| p.clone()), rank, 0.0);
     crate::plan::Plan::new(
         planned_weight_bytes(c, quant),
         targets.iter().map(|(_, out, inp)| (*out, *inp)),

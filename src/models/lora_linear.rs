@@ -2,7 +2,7 @@
 //! every model builder gets its adapted linears from.
 
 use crate::graph::{BufId, Builder, Input, Op, Role};
-use crate::models::decoder::LoraSpec;
+use crate::models::decoder::{Adapted, LoraSpec};
 
 /// A linear layer as the forward ran it: what its backward reads.
 pub struct LinearTape {
@@ -16,6 +16,8 @@ pub struct LinearTape {
 }
 
 struct LoraTape {
+    rank: usize,
+    scale: f32,
     a: BufId,
     b: BufId,
     /// dropout(x)·Aᵀ [tokens, r].
@@ -63,8 +65,8 @@ pub fn forward(
     let y = b.activation(t * out, name);
     b.node(Op::Linear { out, inp }, &inputs, &[y], false);
     let tape = tape(b, lora, x, (t, out, inp), path, dropout);
-    if let (Some(branch), Some(spec)) = (&tape.lora, lora) {
-        let (r, scale) = (spec.rank, spec.scale);
+    if let Some(branch) = &tape.lora {
+        let (r, scale) = (branch.rank, branch.scale);
         b.node(
             mm(t, out, r, false, true, scale),
             &[branch.xa, branch.b],
@@ -87,22 +89,23 @@ pub fn tape(
     dropout: Option<Op>,
 ) -> LinearTape {
     let weight = b.weight(&format!("{path}.weight"), out * inp);
-    let lora = match lora {
-        Some(spec) if spec.targets.contains(&path) => {
-            let r = spec.rank;
+    let lora = match lora.and_then(|spec| spec.targets.get(&path)) {
+        Some(&Adapted { rank: r, scale }) => {
             let a = b.lora(Role::LoraA(path.clone()), r * inp);
             let bm = b.lora(Role::LoraB(path.clone()), out * r);
             let lora_in = lora_input(b, x, dropout.as_ref(), &path);
             let xa = b.activation(t * r, format!("{path} x·Aᵀ"));
             b.node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
             Some(LoraTape {
+                rank: r,
+                scale,
                 a,
                 b: bm,
                 xa,
                 dropout,
             })
         }
-        _ => None,
+        None => None,
     };
     LinearTape {
         path,
@@ -116,14 +119,7 @@ pub fn tape(
 
 /// dx += dy·W and the LoRA branch's input gradient; the LoRA matrices' gradients accumulate. `x` is
 /// the linear's input: the forward's, or the same values recomputed.
-pub fn backward(
-    b: &mut Builder,
-    spec: Option<&LoraSpec>,
-    tape: &LinearTape,
-    x: BufId,
-    dy: BufId,
-    dx: BufId,
-) {
+pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: BufId) {
     let (t, out, inp) = (tape.tokens, tape.out, tape.inp);
     b.node(
         Op::LinearBackwardInput { out, inp },
@@ -134,8 +130,7 @@ pub fn backward(
     let Some(lora) = &tape.lora else {
         return;
     };
-    let spec = spec.expect("a LoRA tape has a spec");
-    let (r, scale) = (spec.rank, spec.scale);
+    let (r, scale) = (lora.rank, lora.scale);
     let path = &tape.path;
     // d(xa) = scale · dy·B
     let dxa = b.activation(t * r, format!("d {path} x·Aᵀ"));

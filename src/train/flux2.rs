@@ -475,6 +475,7 @@ pub fn load_lora(
             dropout: 0.0,
             use_rslora: false,
             targets,
+            ..Default::default()
         },
         modules,
     })

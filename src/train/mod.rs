@@ -191,12 +191,17 @@ impl TrainConfig {
             Precision::Int16 => "int16",
         };
         format!(
-            "LoRA r {} alpha {} dropout {}{} on {}; lr {} ({} schedule, {warmup}), {} epoch(s){steps}; \
+            "LoRA r {} alpha {} dropout {}{}{} on {}; lr {} ({} schedule, {warmup}), {} epoch(s){steps}; \
              batch {} x accumulation {}, max length {}, seed {}{}; {checkpointing}, {precision} products",
             lora.r,
             lora.alpha,
             lora.dropout,
             if lora.use_rslora { " (rsLoRA)" } else { "" },
+            if lora.has_patterns() {
+                " (some modules' own, by pattern)"
+            } else {
+                ""
+            },
             lora.targets.join(","),
             self.lr,
             self.schedule.name(),
@@ -1634,8 +1639,8 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         "init_lora_weights": true,
         "inference_mode": true,
         "modules_to_save": null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": c.rank_pattern.to_json(),
+        "alpha_pattern": c.alpha_pattern.to_json(),
         "revision": null,
     });
     Ok((

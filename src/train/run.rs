@@ -806,6 +806,12 @@ fn manifest(
     if !config.schedule_kwargs.is_empty() {
         options["lr_scheduler_kwargs"] = json!(config.schedule_kwargs);
     }
+    if !lora.rank_pattern.is_empty() {
+        options["rank_pattern"] = lora.rank_pattern.to_json();
+    }
+    if !lora.alpha_pattern.is_empty() {
+        options["alpha_pattern"] = lora.alpha_pattern.to_json();
+    }
     let d = TrainConfig::default();
     let adam = [config.adam_beta1, config.adam_beta2, config.adam_epsilon];
     if adam != [d.adam_beta1, d.adam_beta2, d.adam_epsilon] {

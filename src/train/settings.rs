@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::exec::{Device, PrecisionChoice};
-use crate::lora::LoraConfig;
+use crate::lora::{LoraConfig, Patterns as LoraPatterns};
 use crate::model::{QuantChoice, QuantRequest};
 use crate::train::run::RunOptions;
 use crate::train::{LossOn, Schedule, TrainConfig};
@@ -173,6 +173,16 @@ pub struct TrainSettings {
     #[arg(long, aliases = ["lora-target-modules"])]
     #[serde(alias = "lora_target_modules")]
     pub target_modules: Option<String>,
+    /// Ranks of their own for some modules (PEFT's rank_pattern), as a JSON object of regular
+    /// expressions to ranks, such as '{"mlp.down_proj": 16}'; the first expression that matches a
+    /// module path's end after a dot wins. In an options file, a table.
+    #[arg(long, value_parser = LoraPatterns::parse_ranks, aliases = ["rank-pattern"])]
+    #[serde(alias = "rank_pattern")]
+    pub lora_rank_pattern: Option<LoraPatterns<usize>>,
+    /// Alphas of their own for some modules (PEFT's alpha_pattern), as --lora-rank-pattern.
+    #[arg(long, value_parser = LoraPatterns::parse_alphas, aliases = ["alpha-pattern"])]
+    #[serde(alias = "alpha_pattern")]
+    pub lora_alpha_pattern: Option<LoraPatterns<f64>>,
     /// Examples are cut to this many tokens.
     #[arg(long, aliases = ["max-seq-length"])]
     #[serde(alias = "max_seq_length")]
@@ -365,6 +375,14 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("lora_dropout", d.lora.dropout.to_string()),
         ("use_rslora", flag(d.lora.use_rslora)),
         ("target_modules", d.lora.targets.join(",")),
+        (
+            "lora_rank_pattern",
+            "none: --lora-r for every module".into(),
+        ),
+        (
+            "lora_alpha_pattern",
+            "none: --lora-alpha for every module".into(),
+        ),
         ("max_length", d.max_length.to_string()),
         ("truncation_mode", value_name(d.truncation)),
         ("dataset_text_field", d.text_field.clone()),
@@ -536,6 +554,8 @@ impl TrainSettings {
         s.lora_dropout = config.lora.dropout.to_string().parse().ok();
         s.use_rslora = Some(config.lora.use_rslora);
         s.target_modules = Some(config.lora.targets.join(","));
+        s.lora_rank_pattern = Some(config.lora.rank_pattern.clone()).filter(|p| !p.is_empty());
+        s.lora_alpha_pattern = Some(config.lora.alpha_pattern.clone()).filter(|p| !p.is_empty());
         s.max_length = Some(config.max_length);
         s.truncation_mode = Some(config.truncation);
         s.dataset_text_field = Some(config.text_field.clone());
@@ -683,7 +703,19 @@ impl TrainSettings {
                 Some(list) => parse_targets(list)?,
                 None => d.lora.targets,
             },
+            rank_pattern: self.lora_rank_pattern.clone().unwrap_or_default(),
+            alpha_pattern: self.lora_alpha_pattern.clone().unwrap_or_default(),
         };
+        if let Some((key, _)) = lora.rank_pattern.entries().find(|&(_, r)| r == 0) {
+            return Err(Error::Invalid(format!(
+                "--lora-rank-pattern: `{key}`: ranks must be positive"
+            )));
+        }
+        if let Some((key, a)) = lora.alpha_pattern.entries().find(|&(_, a)| !a.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "--lora-alpha-pattern: `{key}`: {a} is not a finite number"
+            )));
+        }
         use crate::graph::checkpoint::Asked;
         let (checkpoint, checkpoints) = match self.checkpointing()? {
             Asked::Fixed { checkpoint, keep } => (checkpoint, keep),
