@@ -67,6 +67,7 @@ fn main() {
                 dropout: 0.0,
                 use_rslora: false,
                 targets: vec!["all-linear".into()],
+                ..LoraConfig::default()
             },
             lr: 1e-4,
             weight_decay: 1e-4,

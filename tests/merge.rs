@@ -5,7 +5,7 @@ mod common;
 use common::{nibble, rel};
 use nibble::config::Arch;
 use nibble::cpu;
-use nibble::lora::{LoraAdapter, LoraConfig};
+use nibble::lora::{LoraAdapter, LoraConfig, Patterns};
 use nibble::model::{ModelSource, QuantRequest};
 use nibble::rng::Rng;
 use nibble::source::FloatDtype;
@@ -24,10 +24,15 @@ fn merged_weights_give_the_adapted_models_logits() {
         .load(Some(QuantRequest::Dense))
         .unwrap();
     let mut rng = Rng::new(4);
+    // Some modules with ranks and alphas of their own (PEFT's rank_pattern, alpha_pattern): each
+    // merges at its own scale, and the saved folder carries the patterns.
     let config = LoraConfig {
         r: 4,
         alpha: 16.0,
         use_rslora: true,
+        rank_pattern: Patterns::parse_ranks(r#"{"q_proj": 2, "layers\\.1\\.mlp\\.down_proj": 6}"#)
+            .unwrap(),
+        alpha_pattern: Patterns::parse_alphas(r#"{"o_proj": 3}"#).unwrap(),
         ..LoraConfig::default()
     };
     let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();

@@ -1087,6 +1087,226 @@ fn lora_targets_are_module_paths_as_peft_matches_them() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// PEFT's rank_pattern and alpha_pattern (regular expressions over module paths; the first that
+/// matches a path's end after a dot wins): the rank and scale of every module of the qwen2 fixture
+/// model, for three sets of patterns (names, dotted paths, alternations, overlapping entries, names
+/// that only look alike) with and without rsLoRA, as PEFT gives them
+/// (tests/fixtures/hf_train/qwen2/rank_pattern/resolution.json, scripts/make_rank_pattern_fixture.py).
+#[test]
+fn rank_and_alpha_patterns_name_the_modules_peft_names() {
+    use nibble::lora::{LoraAdapter, LoraConfig, Patterns};
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_train/qwen2");
+    let model = nibble::config::ModelConfig::from_file(&f.join("model/config.json")).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(f.join("rank_pattern/resolution.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: case["use_rslora"].as_bool().unwrap(),
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rank_pattern: Patterns::from_json(&case["rank_pattern"], "a rank").unwrap(),
+            alpha_pattern: Patterns::from_json(&case["alpha_pattern"], "a number").unwrap(),
+        };
+        let adapter =
+            LoraAdapter::init(&model, config.clone(), &mut nibble::rng::Rng::new(1)).unwrap();
+        let modules = case["modules"].as_object().unwrap();
+        assert_eq!(adapter.pairs().count(), modules.len());
+        for (path, pair) in adapter.pairs() {
+            let peft = &modules[path];
+            let (rank, scaling) = (
+                peft["rank"].as_u64().unwrap() as usize,
+                peft["scaling"].as_f64().unwrap(),
+            );
+            assert_eq!(pair.rank, rank, "{path} in {case}");
+            assert_eq!(pair.a.len(), rank * pair.in_features, "{path}");
+            assert_eq!(pair.b.len(), rank * pair.out_features, "{path}");
+            let ours = config.scale_of(path) as f64;
+            assert!(
+                (ours - scaling).abs() <= 1e-6 * scaling,
+                "{path} in {case}: scale {ours} vs PEFT's {scaling}"
+            );
+        }
+    }
+}
+
+/// `--lora-rank-pattern` and `--lora-alpha-pattern` (PEFT's rank_pattern and alpha_pattern) from the
+/// command line or an options file: the adapter's matrices take each module's rank, adapter_config.json
+/// carries the patterns in the order given (PEFT loads them so), run.json records them so that a resume
+/// with others is refused, eval loads the folder, and a pattern that is no regular expression, a
+/// rank of 0 or a pattern on a FLUX.2 run is an error naming the option.
+#[test]
+fn per_module_ranks_and_alphas_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    let out = dir.path().join("out");
+    let ranks = r#"{"q_proj": 2, "layers\\.1\\.mlp\\.down_proj": 6}"#;
+    let alphas = r#"{"o_proj": 3, "layers\\.0\\..*": 12.5}"#;
+    let o = train_cli(
+        &model,
+        &data,
+        &out,
+        &[
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--lora-rank-pattern",
+            ranks,
+            "--lora_alpha_pattern",
+            alphas,
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let weights =
+        nibble::source::SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
+    let rank_of = |path: &str| {
+        weights
+            .info(&nibble::lora::peft_key(path, "lora_A"))
+            .unwrap()
+            .shape[0]
+    };
+    assert_eq!(rank_of("model.layers.0.self_attn.q_proj"), 2);
+    assert_eq!(rank_of("model.layers.1.self_attn.q_proj"), 2);
+    assert_eq!(rank_of("model.layers.1.mlp.down_proj"), 6);
+    assert_eq!(rank_of("model.layers.0.mlp.down_proj"), 8);
+    assert_eq!(rank_of("model.layers.0.self_attn.o_proj"), 8);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let ordered = |v: &serde_json::Value| -> Vec<(String, serde_json::Value)> {
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert_eq!(
+        ordered(&config["rank_pattern"]),
+        ordered(&serde_json::json!({"q_proj": 2, "layers\\.1\\.mlp\\.down_proj": 6}))
+    );
+    assert_eq!(
+        ordered(&config["alpha_pattern"]),
+        ordered(&serde_json::json!({"o_proj": 3.0, "layers\\.0\\..*": 12.5}))
+    );
+    let o = common::nibble(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The same run from an options file, its patterns as tables: the run it records is the one above.
+    let options = dir.path().join("run.toml");
+    std::fs::write(
+        &options,
+        "max_steps = 2\nsave_steps = 1\n[lora_rank_pattern]\nq_proj = 2\n\"layers\\\\.1\\\\.mlp\\\\.down_proj\" = 6\n\
+         [alpha_pattern]\no_proj = 3\n\"layers\\\\.0\\\\..*\" = 12.5\n",
+    )
+    .unwrap();
+    let again = dir.path().join("again");
+    let o = train_cli(
+        &model,
+        &data,
+        &again,
+        &["--config", options.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
+    };
+    // As text: objects compare without their order, which the patterns' order matters to.
+    assert_eq!(
+        run(&out)["options"].to_string(),
+        run(&again)["options"].to_string()
+    );
+    let same = std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+        == std::fs::read(again.join("adapter_model.safetensors")).unwrap();
+    assert!(same, "the options file's run trained another adapter");
+
+    // A resume with the same patterns goes on; with others (or the same in another order, which
+    // decides where two name one module) it is another run.
+    let checkpoint = out.join("checkpoint-1");
+    let resume = |to: &str, ranks: &str, alphas: &str| {
+        let to = dir.path().join(to);
+        let flags = [
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+        ];
+        let mut flags = flags.to_vec();
+        flags.extend(["--lora-rank-pattern", ranks, "--lora-alpha-pattern", alphas]);
+        train_cli(&model, &data, &to, &flags)
+    };
+    let o = resume("resumed", ranks, alphas);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = resume("other", r#"{"q_proj": 3}"#, alphas);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("rank_pattern"), "{err}");
+    let reordered = r#"{"layers\\.0\\..*": 12.5, "o_proj": 3}"#;
+    let o = resume("reordered", ranks, reordered);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("alpha_pattern"),
+        "{err}"
+    );
+
+    for (flag, value, says) in [
+        (
+            "--lora-rank-pattern",
+            r#"{"q_proj(": 2}"#,
+            "is not a regular expression",
+        ),
+        (
+            "--lora-rank-pattern",
+            r#"{"q_proj": 0}"#,
+            "ranks must be positive",
+        ),
+        ("--lora-rank-pattern", r#"["q_proj"]"#, "must be an object"),
+        (
+            "--lora-alpha-pattern",
+            r#"{"q_proj": "big"}"#,
+            "expected a number",
+        ),
+    ] {
+        let o = train_cli(&model, &data, &dir.path().join("bad"), &[flag, value]);
+        assert!(!o.status.success(), "{flag} {value}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(flag) && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+        assert!(!dir.path().join("bad").exists());
+    }
+}
+
 /// `--bf16-checkpoints`: a run trains with checkpointing whose layer inputs are kept in bf16; its
 /// first loss (before any update) is the exact one, its later ones near; `--offload-checkpoints`
 /// gives the same losses (CPU, and GPU against the GPU's bf16 ones); run.json records it, so a

@@ -806,11 +806,13 @@ fn manifest(
     if !config.schedule_kwargs.is_empty() {
         options["lr_scheduler_kwargs"] = json!(config.schedule_kwargs);
     }
+    // As [expression, value] pairs: their order decides where two name one module, and JSON objects
+    // compare without it.
     if !lora.rank_pattern.is_empty() {
-        options["rank_pattern"] = lora.rank_pattern.to_json();
+        options["rank_pattern"] = json!(lora.rank_pattern.entries().collect::<Vec<_>>());
     }
     if !lora.alpha_pattern.is_empty() {
-        options["alpha_pattern"] = lora.alpha_pattern.to_json();
+        options["alpha_pattern"] = json!(lora.alpha_pattern.entries().collect::<Vec<_>>());
     }
     let d = TrainConfig::default();
     let adam = [config.adam_beta1, config.adam_beta2, config.adam_epsilon];
@@ -1046,7 +1048,13 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             &crate::plan::PlanInput {
                 tokens: longest,
                 quant: model.quant,
-                lora_rank: config.lora.r,
+                // The largest any module takes: a plan errs on the side of memory.
+                lora_rank: config
+                    .lora
+                    .rank_pattern
+                    .entries()
+                    .map(|(_, r)| r)
+                    .fold(config.lora.r, usize::max),
                 lora_targets: config.lora.targets.clone(),
                 lora_dropout: config.lora.dropout > 0.0,
                 checkpoint,
