@@ -15,7 +15,8 @@ struct LinearParams {
     weight_row: u32,
     // Forward: row 0 of x is this row of y (a convolution's tile of output pixels).
     y_row: u32,
-    _pad: u32,
+    // dora_factors: the LoRA update's scale.
+    scale: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: LinearParams;
@@ -25,6 +26,9 @@ struct LinearParams {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read> x: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
+// dora_factors: B [out_stride, tokens] and the magnitude [out_stride].
+@group(0) @binding(7) var<storage, read> lora_b: array<f32>;
+@group(0) @binding(8) var<storage, read> magnitude: array<f32>;
 
 fn weight_at(w_row: u32, col: u32) -> f32 {
     let row = p.weight_row + w_row;
@@ -206,5 +210,43 @@ fn linear_backward_input(
                 store(t * p.cols + col, acc[i][j]);
             }
         }
+    }
+}
+
+// DoRA's factors of this block's rows: with x = A [tokens = rank, cols] and n = ‖W[row] + scale·B·A[row]‖,
+// y[o] = m/n, y[out + o] = m/n − 1, y[2·out + o] = 1/n for o = row_offset + row, out = out_stride.
+// One workgroup of 256 per row (workgroups: rows), each thread a stride of the columns.
+var<workgroup> partial_sums: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn dora_factors(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let row = wg.x;
+    let o = p.row_offset + row;
+    var sum = 0.0;
+    for (var c = li; c < p.cols; c += 256u) {
+        var update = 0.0;
+        for (var k = 0u; k < p.tokens; k++) {
+            update += lora_b[o * p.tokens + k] * x[k * p.cols + c];
+        }
+        let v = weight_at(row, c) + p.scale * update;
+        sum += v * v;
+    }
+    partial_sums[li] = sum;
+    workgroupBarrier();
+    for (var half = 128u; half > 0u; half >>= 1u) {
+        if (li < half) {
+            partial_sums[li] += partial_sums[li + half];
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        let inverse = 1.0 / sqrt(partial_sums[0]);
+        let ratio = magnitude[o] * inverse;
+        y[o] = ratio;
+        y[p.out_stride + o] = ratio - 1.0;
+        y[2u * p.out_stride + o] = inverse;
     }
 }

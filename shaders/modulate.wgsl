@@ -151,3 +151,17 @@ fn mse_grad(@builtin(global_invocation_id) id: vec3<u32>) {
         out0[i] = 2.0 * c[0] / f32(p.n) * (a[i] - b[i]);
     }
 }
+
+// a = dy, b = h, c = DoRA's factors -> out0[o] (+)= c[2·dim + o] · Σ_rows dy[·, o] · h[·, o]: the
+// magnitude's gradient, one thread per output o.
+@compute @workgroup_size(64)
+fn dora_magnitude_grad(@builtin(global_invocation_id) id: vec3<u32>) {
+    let o = id.x;
+    if (o < p.dim) {
+        var sum = 0.0;
+        for (var t = 0u; t < p.rows; t++) {
+            sum += a[t * p.dim + o] * b[t * p.dim + o];
+        }
+        store(o, sum * c[2u * p.dim + o]);
+    }
+}

@@ -13,6 +13,9 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f32,
     pub use_rslora: bool,
+    /// DoRA (PEFT's `use_dora`): each adapted linear's output rescaled row by row to a trained
+    /// magnitude, y = m / ‖W + s·B·A‖ ⊙ (W + s·B·A)·x, the norm held constant in the backward.
+    pub use_dora: bool,
     /// PEFT's `target_modules`: module names (or path suffixes), or `all-linear`.
     pub targets: Vec<String>,
     /// PEFT's `rank_pattern` and `alpha_pattern`: a module's own rank or alpha where an expression
@@ -201,6 +204,7 @@ impl Default for LoraConfig {
             alpha: 16.0,
             dropout: 0.05,
             use_rslora: false,
+            use_dora: false,
             targets: vec!["all-linear".to_string()],
             rank_pattern: Patterns::default(),
             alpha_pattern: Patterns::default(),
@@ -218,6 +222,28 @@ pub struct LoraPair {
     pub a: Vec<f32>,
     /// [out_features, rank]
     pub b: Vec<f32>,
+    /// DoRA's magnitude [out_features] (PEFT's `lora_magnitude_vector`); empty without DoRA.
+    pub magnitude: Vec<f32>,
+}
+
+/// A trained tensor of an adapted linear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Factor {
+    A,
+    B,
+    /// DoRA's magnitude vector.
+    Magnitude,
+}
+
+impl Factor {
+    /// PEFT's name for it in a module's tensor keys.
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Factor::A => "lora_A",
+            Factor::B => "lora_B",
+            Factor::Magnitude => "lora_magnitude_vector",
+        }
+    }
 }
 
 impl LoraPair {
@@ -228,7 +254,70 @@ impl LoraPair {
             out_features,
             a: vec![0.0; rank * in_features],
             b: vec![0.0; out_features * rank],
+            magnitude: Vec::new(),
         }
+    }
+
+    /// Zeros of this pair's shapes, a magnitude included where it has one.
+    pub fn zeros_like(&self) -> Self {
+        LoraPair {
+            magnitude: vec![0.0; self.magnitude.len()],
+            ..Self::zeros(self.rank, self.in_features, self.out_features)
+        }
+    }
+
+    /// The tensors it trains: A and B, and the magnitude under DoRA.
+    pub fn factors(&self) -> impl Iterator<Item = Factor> + use<> {
+        let dora = !self.magnitude.is_empty();
+        [Factor::A, Factor::B, Factor::Magnitude]
+            .into_iter()
+            .filter(move |f| dora || *f != Factor::Magnitude)
+    }
+
+    pub fn factor(&self, f: Factor) -> &[f32] {
+        match f {
+            Factor::A => &self.a,
+            Factor::B => &self.b,
+            Factor::Magnitude => &self.magnitude,
+        }
+    }
+
+    pub fn factor_mut(&mut self, f: Factor) -> &mut Vec<f32> {
+        match f {
+            Factor::A => &mut self.a,
+            Factor::B => &mut self.b,
+            Factor::Magnitude => &mut self.magnitude,
+        }
+    }
+
+    /// A factor's shape as PEFT stores it.
+    pub fn shape(&self, f: Factor) -> Vec<usize> {
+        match f {
+            Factor::A => vec![self.rank, self.in_features],
+            Factor::B => vec![self.out_features, self.rank],
+            Factor::Magnitude => vec![self.out_features],
+        }
+    }
+
+    /// DoRA's magnitude for a frozen weight `w` [out, in] (dequantized): each row's norm with the
+    /// pair's update at `scale` added, ‖W + scale·B·A‖ per output (PEFT's `get_weight_norm`), in f64.
+    pub fn weight_norms(&self, w: &[f32], scale: f32) -> Vec<f32> {
+        let (r, inp) = (self.rank, self.in_features);
+        w.chunks_exact(inp)
+            .zip(self.b.chunks_exact(r))
+            .map(|(row, b_row)| {
+                let sum: f64 = (0..inp)
+                    .map(|j| {
+                        let update: f64 = (0..r)
+                            .map(|k| b_row[k] as f64 * self.a[k * inp + j] as f64)
+                            .sum();
+                        let v = row[j] as f64 + scale as f64 * update;
+                        v * v
+                    })
+                    .sum();
+                sum.sqrt() as f32
+            })
+            .collect()
     }
 }
 
@@ -243,6 +332,14 @@ pub struct LoraAdapter {
 /// PEFT's tensor name for one of a linear's LoRA matrices (`which` is "lora_A" or "lora_B").
 pub fn peft_key(path: &str, which: &str) -> String {
     format!("base_model.model.{path}.{which}.weight")
+}
+
+/// PEFT's tensor name for a factor of the linear at `path` (the magnitude's has no `.weight`).
+pub fn factor_key(path: &str, f: Factor) -> String {
+    match f {
+        Factor::Magnitude => format!("base_model.model.{path}.{}", f.peft_name()),
+        _ => peft_key(path, f.peft_name()),
+    }
 }
 
 /// Whether a module path is named by a PEFT `target_modules` entry: the path itself or its last
@@ -311,6 +408,25 @@ impl LoraAdapter {
         Self::init_among(model.linear_modules(), config, rng)
     }
 
+    /// DoRA's initial magnitudes where `config.use_dora` asks for them and the pairs have none: each
+    /// output's norm ‖W + s·B·A‖ with `weight(path)` the frozen weight [out, in] as the model computes
+    /// with it (dequantized), as PEFT's `DoraLinearLayer.update_layer` sets them.
+    pub fn init_magnitudes(
+        &mut self,
+        mut weight: impl FnMut(&str) -> Result<Vec<f32>>,
+    ) -> Result<()> {
+        if !self.config.use_dora {
+            return Ok(());
+        }
+        for (path, pair) in &mut self.modules {
+            if pair.magnitude.is_empty() {
+                let w = weight(path)?;
+                pair.magnitude = pair.weight_norms(&w, self.config.scale_of(path));
+            }
+        }
+        Ok(())
+    }
+
     /// `init` over a model's adaptable linears (module path, out, in).
     pub fn init_among(
         linears: Vec<(String, usize, usize)>,
@@ -357,12 +473,7 @@ impl LoraAdapter {
             modules: self
                 .modules
                 .iter()
-                .map(|(path, p)| {
-                    (
-                        path.clone(),
-                        LoraPair::zeros(p.rank, p.in_features, p.out_features),
-                    )
-                })
+                .map(|(path, p)| (path.clone(), p.zeros_like()))
                 .collect(),
         }
     }
@@ -382,7 +493,9 @@ impl LoraAdapter {
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.pairs().map(|(_, p)| p.a.len() + p.b.len()).sum()
+        self.pairs()
+            .map(|(_, p)| p.a.len() + p.b.len() + p.magnitude.len())
+            .sum()
     }
 
     /// Loads a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for `model`.
@@ -403,11 +516,7 @@ impl LoraAdapter {
         {
             return Err(bad(format!("peft_type `{t}` is not LORA")));
         }
-        if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
-            return Err(bad(
-                "DoRA adapters (use_dora = true) are not supported".into()
-            ));
-        }
+        let use_dora = v.get("use_dora").and_then(Value::as_bool) == Some(true);
         let pattern = |key: &str| v.get(key).filter(|p| !p.is_null());
         let rank_pattern = match pattern("rank_pattern") {
             Some(p) => Patterns::from_json(p, "a positive rank")
@@ -488,6 +597,7 @@ impl LoraAdapter {
             alpha,
             dropout,
             use_rslora,
+            use_dora,
             targets,
             rank_pattern,
             alpha_pattern,
@@ -496,11 +606,12 @@ impl LoraAdapter {
         let mut adapter = Self::with_pairs(model.linear_modules(), config, LoraPair::zeros)
             .map_err(|e| bad(e.to_string()))?;
         for (path, pair) in adapter.pairs_mut() {
-            for (which, shape) in [
-                ("lora_A", [pair.rank, pair.in_features]),
-                ("lora_B", [pair.out_features, pair.rank]),
-            ] {
-                let key = peft_key(path, which);
+            if use_dora {
+                pair.magnitude = vec![0.0; pair.out_features];
+            }
+            for f in pair.factors().collect::<Vec<_>>() {
+                let key = factor_key(path, f);
+                let shape = pair.shape(f);
                 let info = weights.info(&key).ok_or_else(|| {
                     Error::tensor(weights.path(), &key, "missing from the adapter")
                 })?;
@@ -514,23 +625,22 @@ impl LoraAdapter {
                         ),
                     ));
                 }
-                let values = weights.read_f32(&key)?;
-                if which == "lora_A" {
-                    pair.a = values;
-                } else {
-                    pair.b = values;
-                }
+                *pair.factor_mut(f) = weights.read_f32(&key)?;
             }
         }
         let expected: std::collections::HashSet<String> = adapter
             .pairs()
-            .flat_map(|(path, _)| [peft_key(path, "lora_A"), peft_key(path, "lora_B")])
+            .flat_map(|(path, pair)| pair.factors().map(move |f| factor_key(path, f)))
             .collect();
         if let Some(extra) = weights.tensor_names().find(|n| !expected.contains(*n)) {
             return Err(Error::tensor(
                 weights.path(),
                 extra,
-                "not a LoRA matrix of this model's targets",
+                if extra.ends_with(".lora_magnitude_vector") {
+                    "a DoRA magnitude, where adapter_config.json does not say use_dora"
+                } else {
+                    "not a LoRA matrix of this model's targets"
+                },
             ));
         }
         Ok(adapter)

@@ -73,6 +73,7 @@ impl Fixture {
                     out_features: b.len() / 4,
                     a,
                     b,
+                    magnitude: Vec::new(),
                 };
                 (t.clone(), pair)
             })

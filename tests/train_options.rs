@@ -1109,6 +1109,7 @@ fn rank_and_alpha_patterns_name_the_modules_peft_names() {
             alpha: 8.0,
             dropout: 0.0,
             use_rslora: case["use_rslora"].as_bool().unwrap(),
+            use_dora: false,
             targets: [
                 "q_proj",
                 "k_proj",

@@ -200,7 +200,16 @@ fn check_family(device: &str, family: &str, linears: usize, variant: Option<Vari
         }
         count += 1;
     }
-    assert_eq!(count, linears * 2, "every LoRA matrix of both layers");
+    // A and B, and DoRA's magnitude where the adapter has them.
+    let dora = theirs
+        .tensor_names()
+        .any(|n| n.ends_with(".lora_magnitude_vector"));
+    let per_linear = if dora { 3 } else { 2 };
+    assert_eq!(
+        count,
+        linears * per_linear,
+        "every trained tensor of both layers"
+    );
     eprintln!(
         "{device} {family} {flags:?}: worst relative difference of a LoRA update {:.1e} ({})",
         worst.0, worst.1
@@ -266,6 +275,25 @@ fn steps_with_per_module_ranks_and_alphas_match_peft() {
         let variant = Variant {
             flags: &[],
             folder: "rank_pattern",
+            update_tolerance: UPDATE_TOLERANCE,
+            own_init: true,
+        };
+        check_family(device, "qwen2", 14, Some(variant));
+    }
+}
+
+/// DoRA (PEFT's use_dora, read from the initial adapter's adapter_config.json): magnitudes 0.8 to 1.2
+/// times the rows' norms and random A and B, so that every output is rescaled, q/k/v with biases;
+/// three steps against transformers + peft on the 4-bit base (scripts/make_dora_fixture.py) on both
+/// executors, to the tolerances above.
+#[test]
+fn dora_steps_match_peft() {
+    let gpu =
+        nibble::gpu::Gpu::new(true).is_ok() || std::env::var_os("NIBBLE_REQUIRE_GPU").is_some();
+    for device in ["cpu", "gpu"].into_iter().filter(|&d| d == "cpu" || gpu) {
+        let variant = Variant {
+            flags: &[],
+            folder: "dora",
             update_tolerance: UPDATE_TOLERANCE,
             own_init: true,
         };

@@ -5,7 +5,7 @@ use crate::cpu::{Sequence, StepLoss, StepOptions};
 use crate::error::{Error, Result};
 use crate::exec::profile;
 use crate::graph::{BufId, Dtype, Graph, Input, InputValue, Node, Op, Role, StepInputs};
-use crate::lora::{LoraAdapter, LoraPair};
+use crate::lora::{Factor, LoraAdapter, LoraPair};
 use crate::model::{DenseTensor, LinearWeight, Model, TensorRef};
 use crate::models::decoder::{self, LoraSpec, StepShape};
 use crate::ops::adamw::{self, AdamWParams};
@@ -14,7 +14,7 @@ use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
 use crate::ops::{
-    self, Precision, attention, conv, cross_entropy, glu, linear, modulate, rope, zeros,
+    self, Precision, attention, conv, cross_entropy, dora, glu, linear, modulate, rope, zeros,
 };
 use crate::rng::Rng;
 use std::collections::HashMap;
@@ -111,8 +111,8 @@ impl Outputs {
     }
 }
 
-/// Each gradient pair's A and B by module path, each to be bound once.
-type GradSlots<'a> = HashMap<String, [Option<&'a mut [f32]>; 2]>;
+/// Each trained tensor of an adapter by module path and factor, each to be bound once.
+type GradSlots<'a> = HashMap<(String, Factor), &'a mut [f32]>;
 
 fn grad_slots(grads: Option<&mut LoraAdapter>) -> GradSlots<'_> {
     let Some(grads) = grads else {
@@ -120,12 +120,18 @@ fn grad_slots(grads: Option<&mut LoraAdapter>) -> GradSlots<'_> {
     };
     grads
         .pairs_mut()
-        .map(|(path, p)| {
-            let LoraPair { a, b, .. } = p;
-            (
-                path.to_string(),
-                [Some(a.as_mut_slice()), Some(b.as_mut_slice())],
-            )
+        .flat_map(|(path, p)| {
+            let LoraPair {
+                a, b, magnitude, ..
+            } = p;
+            [
+                (Factor::A, a),
+                (Factor::B, b),
+                (Factor::Magnitude, magnitude),
+            ]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(move |(f, v)| ((path.to_string(), f), v.as_mut_slice()))
         })
         .collect()
 }
@@ -194,36 +200,33 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                 }
                 Slot::Tensor(tensor)
             }
-            Role::LoraA(path) | Role::LoraB(path) if optimizer_bound => {
-                let which = usize::from(matches!(desc.role, Role::LoraB(_)));
+            Role::Lora { path, factor } if optimizer_bound => {
                 let matrix = mutable_params
-                    .get_mut(path)
-                    .and_then(|pair| pair[which].take())
+                    .remove(&(path.clone(), *factor))
                     .ok_or_else(|| missing("a LoRA adapter for", path))?;
                 Slot::Mutable(matrix)
             }
-            Role::Moment { path, b, second } => {
+            Role::Moment {
+                path,
+                factor,
+                second,
+            } => {
                 let matrix = moments[usize::from(*second)]
-                    .get_mut(path)
-                    .and_then(|pair| pair[usize::from(*b)].take())
+                    .remove(&(path.clone(), *factor))
                     .ok_or_else(|| missing("the AdamW moments for", path))?;
                 Slot::Mutable(matrix)
             }
-            Role::LoraA(path) | Role::LoraB(path) => {
-                let pair = params
+            Role::Lora { path, factor } => {
+                let values = params
                     .get(path)
+                    .map(|pair| pair.factor(*factor))
+                    .filter(|v| !v.is_empty())
                     .ok_or_else(|| missing("a LoRA adapter for", path))?;
-                Slot::Param(if matches!(desc.role, Role::LoraA(_)) {
-                    &pair.a
-                } else {
-                    &pair.b
-                })
+                Slot::Param(values)
             }
-            Role::LoraGradA(path) | Role::LoraGradB(path) => {
-                let which = usize::from(matches!(desc.role, Role::LoraGradB(_)));
+            Role::LoraGrad { path, factor } => {
                 let matrix = grads
-                    .get_mut(path)
-                    .and_then(|pair| pair[which].take())
+                    .remove(&(path.clone(), *factor))
                     .ok_or_else(|| missing("a LoRA gradient for", path))?;
                 Slot::Mutable(matrix)
             }
@@ -511,6 +514,15 @@ impl Exec {
             }
             Op::Gate { dim, chunk } => modulate::gate(x(0), (*dim, *chunk), x(1), outs.get(0), acc),
             Op::Silu => modulate::silu(x(0), outs.get(0)),
+            Op::DoraFactors { rank, scale, .. } => dora::factors(
+                ins[0].linear(),
+                (x(1), x(2), x(3)),
+                (*rank, *scale),
+                outs.get(0),
+            ),
+            Op::DoraMagnitudeGrad { dim } => {
+                dora::magnitude_grad(x(0), x(1), x(2), *dim, outs.get(0), acc)
+            }
             Op::Columns { width, offset, len } => {
                 modulate::columns(x(0), outs.get(0), (*width, *offset, *len), false, acc)
             }

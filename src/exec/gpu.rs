@@ -12,13 +12,14 @@ use crate::error::{Error, Result};
 use crate::gpu::weights::{GpuDense, GpuLinear, GpuLora, GpuModel, GpuTensor, GpuWeights};
 use crate::gpu::{Gpu, GpuBuffer};
 use crate::graph::{Graph, InputValue, Node, Op, Role, StepInputs};
+use crate::lora::Factor;
 use crate::models::decoder::{self, LoraSpec, StepShape};
 use crate::ops::adamw::AdamWParams;
 use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::DropoutParams;
 use crate::ops::matmul::{self, GpuView};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{self, attention, conv, cross_entropy, glu, linear, modulate, rope};
+use crate::ops::{self, attention, conv, cross_entropy, dora, glu, linear, modulate, rope};
 use std::collections::HashMap;
 
 /// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
@@ -102,9 +103,12 @@ pub fn sequence_loss(result: &[f32]) -> StepLoss {
     StepLoss::of_rows(result)
 }
 
-fn lora_pairs(lora: Option<&GpuLora>) -> HashMap<&str, &(GpuBuffer, GpuBuffer)> {
+fn lora_tensors(lora: Option<&GpuLora>) -> HashMap<(&str, Factor), &GpuBuffer> {
     lora.map_or_else(HashMap::new, |l| {
-        l.pairs.iter().map(|(path, p)| (path.as_str(), p)).collect()
+        l.tensors
+            .iter()
+            .map(|((path, f), b)| ((path.as_str(), *f), b))
+            .collect()
     })
 }
 
@@ -180,8 +184,11 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
             bind.gpu.info.name
         )));
     }
-    let params = lora_pairs(bind.lora);
-    let grads = lora_pairs(bind.grads);
+    let params = lora_tensors(bind.lora);
+    let grads = lora_tensors(bind.grads);
+    let moments = bind
+        .moments
+        .map(|[m, v]| [lora_tensors(Some(m)), lora_tensors(Some(v))]);
     let missing = |what: &str, name: &str| {
         Error::Invalid(format!("the step needs {what} {name}, which is not loaded"))
     };
@@ -194,36 +201,30 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                     .get(name)
                     .ok_or_else(|| missing("the model tensor", name))?,
             ),
-            Role::LoraA(path)
-            | Role::LoraB(path)
-            | Role::LoraGradA(path)
-            | Role::LoraGradB(path) => {
-                let (pairs, what) = match desc.role {
-                    Role::LoraA(_) | Role::LoraB(_) => (&params, "a LoRA adapter for"),
-                    _ => (&grads, "a LoRA gradient for"),
-                };
-                let (a, b) = pairs
-                    .get(path.as_str())
-                    .ok_or_else(|| missing(what, path))?;
-                Slot::Ext(match desc.role {
-                    Role::LoraA(_) | Role::LoraGradA(_) => a,
-                    _ => b,
-                })
-            }
+            Role::Lora { path, factor } => Slot::Ext(
+                params
+                    .get(&(path.as_str(), *factor))
+                    .ok_or_else(|| missing("a LoRA adapter for", path))?,
+            ),
+            Role::LoraGrad { path, factor } => Slot::Ext(
+                grads
+                    .get(&(path.as_str(), *factor))
+                    .ok_or_else(|| missing("a LoRA gradient for", path))?,
+            ),
             Role::Input(input) => Slot::Own(match bind.inputs.value(*input) {
                 InputValue::U32(v) => bind.gpu.upload_u32(&v),
                 InputValue::F32(v) => bind.gpu.upload_f32(&v),
             }),
-            Role::Moment { path, b, second } => {
-                let moments = bind
-                    .moments
-                    .ok_or_else(|| missing("the AdamW moments for", path))?;
-                let (ma, mb) = lora_pairs(Some(moments[usize::from(*second)]))
-                    .get(path.as_str())
-                    .copied()
-                    .ok_or_else(|| missing("the AdamW moments for", path))?;
-                Slot::Ext(if *b { mb } else { ma })
-            }
+            Role::Moment {
+                path,
+                factor,
+                second,
+            } => Slot::Ext(
+                moments
+                    .as_ref()
+                    .and_then(|m| m[usize::from(*second)].get(&(path.as_str(), *factor)))
+                    .ok_or_else(|| missing("the AdamW moments for", path))?,
+            ),
             Role::KvCache { layer, values } => {
                 let cache = bind
                     .cache
@@ -517,6 +518,16 @@ fn record_node(
         }
         Op::Gate { dim, chunk } => modulate::record_gate(r, x(0), (*dim, *chunk), x(1), o(0), acc),
         Op::Silu => modulate::record_silu(r, x(0), o(0)),
+        Op::DoraFactors { rank, scale, .. } => linear::record_dora_factors(
+            r,
+            ins[0].linear(),
+            (x(1), x(2), x(3)),
+            (*rank, *scale),
+            o(0),
+        ),
+        Op::DoraMagnitudeGrad { dim } => {
+            dora::record_magnitude_grad(r, (x(0), x(1), x(2)), *dim, o(0), acc)
+        }
         Op::Columns { width, offset, len } => {
             modulate::record_columns(r, x(0), o(0), (*width, *offset, *len), false, acc)
         }

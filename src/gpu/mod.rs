@@ -78,6 +78,7 @@ pub fn shader_names() -> impl Iterator<Item = &'static str> {
 const ENTRY_POINTS: &[(&str, &str)] = &[
     ("linear_forward", "linear"),
     ("linear_backward_input", "linear"),
+    ("dora_factors", "linear"),
     ("matmul", "matmul"),
     ("rmsnorm_forward", "rmsnorm"),
     ("rmsnorm_backward", "rmsnorm"),
@@ -117,6 +118,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("layernorm_modulate_forward", "modulate"),
     ("layernorm_modulate_backward", "modulate"),
     ("gate", "modulate"),
+    ("dora_magnitude_grad", "modulate"),
     ("silu", "modulate"),
     ("columns", "modulate"),
     ("place_columns", "modulate"),

@@ -218,13 +218,7 @@ impl GpuTrainState {
         adamw: AdamWParams,
         max_norm: f32,
     ) -> Result<(Vec<Vec<f32>>, f64)> {
-        let shapes: Vec<(String, usize, usize)> = self
-            .params
-            .pairs
-            .iter()
-            .map(|(path, (a, b))| (path.clone(), a.len, b.len))
-            .collect();
-        let graph = optimizer::build(&shapes, max_norm as f64);
+        let graph = optimizer::build(&self.params.shapes(), max_norm as f64);
         let inputs = StepInputs {
             adamw: bytemuck::cast(adamw),
             ..StepInputs::default()

@@ -5,7 +5,7 @@
 use super::{Gpu, GpuBuffer};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::lora::LoraAdapter;
+use crate::lora::{Factor, LoraAdapter};
 use crate::model::{DenseData, DenseTensor, FrozenWeights, LinearWeight, Model, TensorRef};
 use crate::quant::QuantFormat;
 use std::collections::HashMap;
@@ -275,36 +275,44 @@ impl std::ops::Deref for GpuModel {
     }
 }
 
-/// LoRA matrices in GPU memory: per adapted linear, its module path and (A [r, in], B [out, r]), in
-/// `LoraAdapter::pairs` order.
+/// LoRA tensors in GPU memory: per adapted linear, its module path and its factors (A [r, in],
+/// B [out, r], DoRA's magnitude [out]), in `LoraAdapter::pairs` and `LoraPair::factors` order.
 pub struct GpuLora {
     /// Each adapted linear's rank and scale, by module path.
     pub adapted: std::collections::BTreeMap<String, crate::models::decoder::Adapted>,
-    pub(crate) pairs: Vec<(String, (GpuBuffer, GpuBuffer))>,
+    pub(crate) tensors: Vec<((String, Factor), GpuBuffer)>,
 }
 
 impl GpuLora {
     pub fn upload(gpu: &Gpu, adapter: &LoraAdapter) -> Self {
         GpuLora {
             adapted: crate::models::decoder::LoraSpec::of(adapter).targets,
-            pairs: adapter
+            tensors: adapter
                 .pairs()
-                .map(|(path, p)| {
-                    let buffers = (gpu.upload_f32(&p.a), gpu.upload_f32(&p.b));
-                    (path.to_string(), buffers)
+                .flat_map(|(path, p)| {
+                    p.factors()
+                        .map(move |f| ((path.to_string(), f), gpu.upload_f32(p.factor(f))))
                 })
                 .collect(),
         }
     }
 
-    /// Bytes of device memory the A and B buffers occupy.
+    /// Bytes of device memory the buffers occupy.
     pub fn device_bytes(&self) -> u64 {
         self.buffers().map(|b| 4 * b.len as u64).sum()
     }
 
-    /// The A and B buffers of every pair, in `LoraAdapter::pairs` order.
+    /// Every buffer, in `LoraAdapter::pairs` and `LoraPair::factors` order.
     pub fn buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
-        self.pairs.iter().flat_map(|(_, (a, b))| [a, b])
+        self.tensors.iter().map(|(_, b)| b)
+    }
+
+    /// (module path, factor, length) of every buffer, as `models::optimizer::build` takes them.
+    pub fn shapes(&self) -> Vec<(String, Factor, usize)> {
+        self.tensors
+            .iter()
+            .map(|((path, f), b)| (path.clone(), *f, b.len))
+            .collect()
     }
 
     /// Reads the matrices back into `into` (which gives the shapes).
@@ -320,8 +328,9 @@ impl GpuLora {
             .await?
             .into_iter();
         for (_, pair) in into.pairs_mut() {
-            pair.a = values.next().expect("same pairs");
-            pair.b = values.next().expect("same pairs");
+            for f in pair.factors().collect::<Vec<_>>() {
+                *pair.factor_mut(f) = values.next().expect("same pairs");
+            }
         }
         Ok(())
     }

@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod pool;
 
+use crate::lora::Factor;
 use crate::ops::attention::AttentionShape;
 
 pub type BufId = usize;
@@ -133,17 +134,21 @@ impl StepInputs {
 pub enum Role {
     /// A frozen tensor of the model, by its checkpoint name (`model.layers.3.self_attn.q_proj.weight`).
     Weight(String),
-    /// A LoRA matrix of the linear at a module path (`model.layers.3.self_attn.q_proj`): A [r, in] or
-    /// B [out, r].
-    LoraA(String),
-    LoraB(String),
-    /// Their gradients, accumulated over a step's sequences.
-    LoraGradA(String),
-    LoraGradB(String),
-    /// AdamW's first (or, `second`, second) moment of a LoRA matrix (`b`: of B, else of A).
+    /// A trained tensor of the linear at a module path (`model.layers.3.self_attn.q_proj`): A [r, in],
+    /// B [out, r] or DoRA's magnitude [out].
+    Lora {
+        path: String,
+        factor: Factor,
+    },
+    /// Its gradient, accumulated over a step's sequences.
+    LoraGrad {
+        path: String,
+        factor: Factor,
+    },
+    /// AdamW's first (or, `second`, second) moment of a trained tensor.
     Moment {
         path: String,
-        b: bool,
+        factor: Factor,
         second: bool,
     },
     Input(Input),
@@ -290,6 +295,18 @@ pub enum Op {
     LayerNormModulateBackward { dim: usize, eps: f64, scale: usize },
     /// [mods, y] -> [out] = gate ⊙ y, the gate vector `chunk` of mods broadcast over rows of `dim`.
     Gate { dim: usize, chunk: usize },
+    /// [weight, a, b, magnitude] -> [factors]: DoRA's per-output factors of the linear W [out, inp]
+    /// with its pair A [rank, inp], B [out, rank] at `scale`: with n = ‖W + scale·B·A‖ of each row,
+    /// [m/n, m/n − 1, 1/n], each `out` long.
+    DoraFactors {
+        out: usize,
+        inp: usize,
+        rank: usize,
+        scale: f32,
+    },
+    /// [dy, h, factors] -> [d_magnitude]: d_magnitude[o] = factors[2·dim + o] · Σ_rows dy[·, o] ·
+    /// h[·, o] over rows of `dim` (DoRA's magnitude gradient, the norm held constant).
+    DoraMagnitudeGrad { dim: usize },
     /// [x] -> [y] = x · sigmoid(x).
     Silu,
     /// [x] -> [y]: columns offset..offset + len of each row of x [rows, width].
@@ -374,6 +391,8 @@ impl Op {
             Op::LayerNormModulateBackward { .. } => "layernorm_modulate_backward",
             Op::Gate { .. } => "gate",
             Op::Silu => "silu",
+            Op::DoraFactors { .. } => "dora_factors",
+            Op::DoraMagnitudeGrad { .. } => "dora_magnitude_grad",
             Op::Columns { .. } => "columns",
             Op::PlaceColumns { .. } => "place_columns",
             Op::Mse => "mse",

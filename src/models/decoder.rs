@@ -29,11 +29,12 @@ pub struct LoraSpec {
     pub targets: BTreeMap<String, Adapted>,
 }
 
-/// An adapted linear's rank and the scale of its update.
+/// An adapted linear's rank, the scale of its update, and whether DoRA rescales its output.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Adapted {
     pub rank: usize,
     pub scale: f32,
+    pub dora: bool,
 }
 
 impl LoraSpec {
@@ -43,14 +44,12 @@ impl LoraSpec {
             targets: adapter
                 .pairs()
                 .map(|(path, pair)| {
-                    let scale = adapter.config.scale_of(path);
-                    (
-                        path.to_string(),
-                        Adapted {
-                            rank: pair.rank,
-                            scale,
-                        },
-                    )
+                    let adapted = Adapted {
+                        rank: pair.rank,
+                        scale: adapter.config.scale_of(path),
+                        dora: !pair.magnitude.is_empty(),
+                    };
+                    (path.to_string(), adapted)
                 })
                 .collect(),
         }
@@ -58,7 +57,11 @@ impl LoraSpec {
 
     /// Every one of `paths` at the same rank (plans, which size memory, take scale 1).
     pub fn uniform(paths: impl IntoIterator<Item = String>, rank: usize, dropout: f32) -> Self {
-        let adapted = Adapted { rank, scale: 1.0 };
+        let adapted = Adapted {
+            rank,
+            scale: 1.0,
+            dora: false,
+        };
         LoraSpec {
             dropout,
             targets: paths.into_iter().map(|path| (path, adapted)).collect(),

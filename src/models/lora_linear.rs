@@ -1,7 +1,13 @@
 //! A frozen linear with its optional LoRA branch, forward and backward, as graph nodes: the one place
 //! every model builder gets its adapted linears from.
+//!
+//! DoRA (PEFT's `DoraLinearLayer`) rescales each output of the adapted linear by c = m / n, m the
+//! trained magnitude and n = ‖W + s·B·A‖ of the output's row (held constant in the backward): with
+//! x′ = dropout(x) and the branch l = s·(x′·Aᵀ)·Bᵀ, y = W·x + bias + l + (c − 1) ⊙ h where
+//! h = W·x′ + l, which is c ⊙ (W·x + l) + bias when no dropout applies, as PEFT computes it.
 
 use crate::graph::{BufId, Builder, Input, Op, Role};
+use crate::lora::Factor;
 use crate::models::decoder::{Adapted, LoraSpec};
 
 /// A linear layer as the forward ran it: what its backward reads.
@@ -23,6 +29,14 @@ struct LoraTape {
     /// dropout(x)·Aᵀ [tokens, r].
     xa: BufId,
     dropout: Option<Op>,
+    dora: Option<DoraTape>,
+}
+
+struct DoraTape {
+    /// [m/n, m/n − 1, 1/n] (`Op::DoraFactors`).
+    factors: BufId,
+    /// W·dropout(x) + the branch's output [tokens, out].
+    h: BufId,
 }
 
 /// c = alpha · A·B with A [m, k] (stored transposed when `a_t`) and B [k, n] (when `b_t`).
@@ -73,6 +87,11 @@ pub fn forward(
             &[y],
             true,
         );
+        if let Some(dora) = &branch.dora {
+            // y += (m/n − 1) ⊙ h
+            let gate = Op::Gate { dim: out, chunk: 1 };
+            b.node(gate, &[dora.factors, dora.h], &[y], true);
+        }
     }
     (y, tape)
 }
@@ -90,12 +109,35 @@ pub fn tape(
 ) -> LinearTape {
     let weight = b.weight(&format!("{path}.weight"), out * inp);
     let lora = match lora.and_then(|spec| spec.targets.get(&path)) {
-        Some(&Adapted { rank: r, scale }) => {
-            let a = b.lora(Role::LoraA(path.clone()), r * inp);
-            let bm = b.lora(Role::LoraB(path.clone()), out * r);
+        Some(&Adapted {
+            rank: r,
+            scale,
+            dora,
+        }) => {
+            let factor = |b: &mut Builder, factor, len| {
+                let path = path.clone();
+                b.lora(Role::Lora { path, factor }, len)
+            };
+            let a = factor(b, Factor::A, r * inp);
+            let bm = factor(b, Factor::B, out * r);
             let lora_in = lora_input(b, x, dropout.as_ref(), &path);
             let xa = b.activation(t * r, format!("{path} x·Aᵀ"));
             b.node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
+            let dora = dora.then(|| {
+                let magnitude = factor(b, Factor::Magnitude, out);
+                let factors = b.activation(3 * out, format!("{path} DoRA factors"));
+                let op = Op::DoraFactors {
+                    out,
+                    inp,
+                    rank: r,
+                    scale,
+                };
+                b.node(op, &[weight, a, bm, magnitude], &[factors], false);
+                let h = b.activation(t * out, format!("{path} DoRA W·x′ + branch"));
+                b.node(Op::Linear { out, inp }, &[lora_in, weight], &[h], false);
+                b.node(mm(t, out, r, false, true, scale), &[xa, bm], &[h], true);
+                DoraTape { factors, h }
+            });
             Some(LoraTape {
                 rank: r,
                 scale,
@@ -103,6 +145,7 @@ pub fn tape(
                 b: bm,
                 xa,
                 dropout,
+                dora,
             })
         }
         None => None,
@@ -121,17 +164,37 @@ pub fn tape(
 /// the linear's input: the forward's, or the same values recomputed.
 pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: BufId) {
     let (t, out, inp) = (tape.tokens, tape.out, tape.inp);
+    let path = &tape.path;
+    // Under DoRA the branch sees dy scaled by m/n, as does the base without dropout (where
+    // y = m/n ⊙ (W·x + l) + bias); with dropout the base sees dy, and W·x′ (m/n − 1) ⊙ dy.
+    let (branch_dy, base_dy) = match tape.lora.as_ref().and_then(|l| l.dora.as_ref()) {
+        Some(dora) => {
+            let scaled = b.activation(t * out, format!("d {path} DoRA-scaled"));
+            let gate = Op::Gate { dim: out, chunk: 0 };
+            b.node(gate, &[dora.factors, dy], &[scaled], false);
+            let role = Role::LoraGrad {
+                path: path.clone(),
+                factor: Factor::Magnitude,
+            };
+            let gm = b.lora(role, out);
+            let op = Op::DoraMagnitudeGrad { dim: out };
+            b.node(op, &[dy, dora.h, dora.factors], &[gm], true);
+            let dropped = tape.lora.as_ref().is_some_and(|l| l.dropout.is_some());
+            (scaled, if dropped { dy } else { scaled })
+        }
+        None => (dy, dy),
+    };
     b.node(
         Op::LinearBackwardInput { out, inp },
-        &[dy, tape.weight],
+        &[base_dy, tape.weight],
         &[dx],
         true,
     );
     let Some(lora) = &tape.lora else {
         return;
     };
+    let dy = branch_dy;
     let (r, scale) = (lora.rank, lora.scale);
-    let path = &tape.path;
     // d(xa) = scale · dy·B
     let dxa = b.activation(t * r, format!("d {path} x·Aᵀ"));
     b.node(
@@ -142,8 +205,12 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
     );
     // The dropped input is drawn again rather than kept: the masks are counter-based.
     let lora_in = lora_input(b, x, lora.dropout.as_ref(), path);
-    let gb = b.lora(Role::LoraGradB(path.clone()), out * r);
-    let ga = b.lora(Role::LoraGradA(path.clone()), r * inp);
+    let grad = |b: &mut Builder, factor, len| {
+        let path = path.clone();
+        b.lora(Role::LoraGrad { path, factor }, len)
+    };
+    let gb = grad(b, Factor::B, out * r);
+    let ga = grad(b, Factor::A, r * inp);
     // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
     b.node(
         mm(out, r, t, true, false, scale),
@@ -164,6 +231,14 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
         &[d_lora_in],
         false,
     );
+    if let (Some(dora), Some(_)) = (&lora.dora, &lora.dropout) {
+        // h's W·x′ term: d(x′) += W·((m/n − 1) ⊙ dy), dy the linear's own.
+        let dh = b.activation(t * out, format!("d {path} DoRA W·x′"));
+        let gate = Op::Gate { dim: out, chunk: 1 };
+        b.node(gate, &[dora.factors, base_dy], &[dh], false);
+        let op = Op::LinearBackwardInput { out, inp };
+        b.node(op, &[dh, tape.weight], &[d_lora_in], true);
+    }
     match &lora.dropout {
         Some(Op::Dropout { p, stream }) => {
             let seed = b.input(Input::DropoutSeed, 2);

@@ -1,52 +1,48 @@
-//! The optimizer step as a graph, for any model's LoRA matrices: the global gradient norm and its
-//! clipping coefficient, then AdamW on every matrix in place. Both executors run it after a step's
+//! The optimizer step as a graph, for any model's LoRA tensors: the global gradient norm and its
+//! clipping coefficient, then AdamW on every tensor in place. Both executors run it after a step's
 //! forward and backward passes have accumulated the gradients.
 
 use crate::graph::{Builder, Graph, Input, Op, Role};
-use crate::lora::LoraAdapter;
+use crate::lora::{Factor, LoraAdapter};
 
-/// The (module path, A's length, B's length) of each of `adapter`'s pairs, what `build` takes.
-pub fn shapes(adapter: &LoraAdapter) -> Vec<(String, usize, usize)> {
+/// The (module path, factor, length) of each tensor `adapter` trains, what `build` takes.
+pub fn shapes(adapter: &LoraAdapter) -> Vec<(String, Factor, usize)> {
     adapter
         .pairs()
-        .map(|(path, p)| (path.to_string(), p.a.len(), p.b.len()))
+        .flat_map(|(path, p)| {
+            p.factors()
+                .map(move |f| (path.to_string(), f, p.factor(f).len()))
+        })
         .collect()
 }
 
-/// The optimizer graph of LoRA pairs (module path, A's length, B's length), clipping the global norm at
+/// The optimizer graph of trained tensors (module path, factor, length), clipping the global norm at
 /// `max_norm` (≤ 0: no clipping). Its output `clip` is [global norm, clipping coefficient].
-pub fn build(pairs: &[(String, usize, usize)], max_norm: f64) -> Graph {
+pub fn build(tensors: &[(String, Factor, usize)], max_norm: f64) -> Graph {
     let mut b = Builder::new();
-    let matrices: Vec<(String, bool, usize)> = pairs
+    let grads: Vec<_> = tensors
         .iter()
-        .flat_map(|(path, a, bl)| [(path.clone(), false, *a), (path.clone(), true, *bl)])
-        .collect();
-    let grad = |b: &mut Builder, path: &str, is_b: bool, len: usize| {
-        let role = if is_b {
-            Role::LoraGradB(path.to_string())
-        } else {
-            Role::LoraGradA(path.to_string())
-        };
-        b.lora(role, len)
-    };
-    let grads: Vec<_> = matrices
-        .iter()
-        .map(|(path, is_b, len)| grad(&mut b, path, *is_b, *len))
+        .map(|(path, factor, len)| {
+            let role = Role::LoraGrad {
+                path: path.clone(),
+                factor: *factor,
+            };
+            b.lora(role, *len)
+        })
         .collect();
     let clip = b.output("clip", 2);
     b.node(Op::GradNorm { max_norm }, &grads, &[clip], false);
     let hyper = b.input(Input::AdamW, 8);
-    for ((path, is_b, len), g) in matrices.iter().zip(grads) {
-        let param = if *is_b {
-            Role::LoraB(path.clone())
-        } else {
-            Role::LoraA(path.clone())
+    for ((path, factor, len), g) in tensors.iter().zip(grads) {
+        let param = Role::Lora {
+            path: path.clone(),
+            factor: *factor,
         };
         let param = b.lora(param, *len);
         let moment = |b: &mut Builder, second| {
             let role = Role::Moment {
                 path: path.clone(),
-                b: *is_b,
+                factor: *factor,
                 second,
             };
             b.state(role, *len)

@@ -456,7 +456,7 @@ fn chunk_linear_params(head: &GpuDense, p: &CeParams, accumulate: bool) -> Linea
         out_stride: p.chunk_len,
         weight_row: p.chunk_start,
         y_row: 0,
-        _pad: 0,
+        scale: 0.0,
     }
 }
 

@@ -161,7 +161,8 @@ pub struct LinearParams {
     pub weight_row: u32,
     /// Forward: row 0 of x is this row of y (a convolution's tile of output pixels).
     pub y_row: u32,
-    pub _pad: u32,
+    /// dora_factors: the LoRA update's scale.
+    pub scale: f32,
 }
 
 /// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
@@ -197,7 +198,7 @@ fn block_params(
         out_stride: lin.rows as u32,
         weight_row: 0,
         y_row: 0,
-        _pad: 0,
+        scale: 0.0,
     }
 }
 
@@ -234,6 +235,27 @@ pub(crate) fn record_forward_rows(
             &bindings,
             linear_groups(block.rows, t),
         );
+    }
+}
+
+/// The GPU lowering of `ops::dora::factors`: each row block of W its rows' factors, A its "tokens".
+pub(crate) fn record_dora_factors(
+    r: &mut Recorder,
+    lin: &GpuLinear,
+    (a, b, magnitude): (&GpuBuffer, &GpuBuffer, &GpuBuffer),
+    (rank, scale): (usize, f32),
+    factors: &GpuBuffer,
+) {
+    let dummy = r.dummy;
+    for block in &lin.blocks {
+        assert!(block.rows <= 65535, "one workgroup per row");
+        let p = LinearParams {
+            scale,
+            ..block_params(lin, block, rank, false, false)
+        };
+        let mut bindings = weight_bindings(dummy, block).to_vec();
+        bindings.extend([(5, a), (6, factors), (7, b), (8, magnitude)]);
+        r.dispatch("dora_factors", &p, &bindings, [block.rows as u32, 1, 1]);
     }
 }
 

@@ -8,6 +8,7 @@ pub mod bf16;
 pub mod bf16_gemm;
 pub mod conv;
 pub mod cross_entropy;
+pub mod dora;
 pub mod dropout;
 pub mod fastmath;
 pub mod glu;

@@ -458,6 +458,7 @@ pub fn load_lora(
             out_features: *out,
             a,
             b,
+            magnitude: Vec::new(),
         };
         modules.push((path.clone(), pair));
     }

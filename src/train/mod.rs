@@ -22,7 +22,7 @@ use crate::exec::gpu::SequenceOptions;
 use crate::gpu::Gpu;
 use crate::gpu::train::{BaseModel, GpuTrainState};
 use crate::graph::StepInputs;
-use crate::lora::{LoraAdapter, LoraConfig, peft_key};
+use crate::lora::{LoraAdapter, LoraConfig, factor_key};
 use crate::model::Model;
 use crate::models::optimizer;
 use crate::ops::Precision;
@@ -805,10 +805,16 @@ impl<'a> Trainer<'a> {
         }
         let model = model.into();
         let mut init_rng = Rng::new(config.seed);
-        let adapter = match init {
+        let mut adapter = match init {
             Some(a) => a,
             None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng)?,
         };
+        let tensors: std::collections::HashMap<String, crate::model::TensorRef> =
+            model.named_tensors().into_iter().collect();
+        adapter.init_magnitudes(|path| match tensors.get(&format!("{path}.weight")) {
+            Some(crate::model::TensorRef::Linear(w)) => Ok(w.to_f32()),
+            _ => Err(Error::Invalid(format!("DoRA: no frozen weight for {path}"))),
+        })?;
         Ok(Self::assemble(
             Work::Text { model, sequences },
             config,
@@ -1322,33 +1328,19 @@ impl Trainer<'_> {
             let path = tmp.join(MANIFEST);
             std::fs::write(&path, manifest.to_string()).map_err(|e| Error::io(&path, e))?;
         }
-        let moments: Vec<(String, Vec<usize>, &[f32])> = self
-            .m
-            .pairs()
-            .zip(self.v.pairs())
-            .flat_map(|((path, m), (_, v))| {
-                [
-                    (
-                        format!("m.{}", peft_key(path, "lora_A")),
-                        vec![m.a.len()],
-                        m.a.as_slice(),
-                    ),
-                    (
-                        format!("m.{}", peft_key(path, "lora_B")),
-                        vec![m.b.len()],
-                        m.b.as_slice(),
-                    ),
-                    (
-                        format!("v.{}", peft_key(path, "lora_A")),
-                        vec![v.a.len()],
-                        v.a.as_slice(),
-                    ),
-                    (
-                        format!("v.{}", peft_key(path, "lora_B")),
-                        vec![v.b.len()],
-                        v.b.as_slice(),
-                    ),
-                ]
+        let moments: Vec<(String, Vec<usize>, &[f32])> = [("m", &self.m), ("v", &self.v)]
+            .into_iter()
+            .flat_map(|(moment, adapter)| {
+                adapter.pairs().flat_map(move |(path, p)| {
+                    p.factors().map(move |f| {
+                        let values = p.factor(f);
+                        (
+                            format!("{moment}.{}", factor_key(path, f)),
+                            vec![values.len()],
+                            values,
+                        )
+                    })
+                })
             })
             .collect();
         let views = moments
@@ -1463,11 +1455,13 @@ impl Trainer<'_> {
             }
             Ok(values)
         };
-        for ((path, mp), (_, vp)) in m.pairs_mut().zip(vv.pairs_mut()) {
-            mp.a = read(format!("m.{}", peft_key(path, "lora_A")), &mp.a)?;
-            mp.b = read(format!("m.{}", peft_key(path, "lora_B")), &mp.b)?;
-            vp.a = read(format!("v.{}", peft_key(path, "lora_A")), &vp.a)?;
-            vp.b = read(format!("v.{}", peft_key(path, "lora_B")), &vp.b)?;
+        for (moment, adapter) in [("m", &mut m), ("v", &mut vv)] {
+            for (path, p) in adapter.pairs_mut() {
+                for f in p.factors().collect::<Vec<_>>() {
+                    let values = read(format!("{moment}.{}", factor_key(path, f)), p.factor(f))?;
+                    *p.factor_mut(f) = values;
+                }
+            }
         }
         self.adapter = adapter;
         self.m = m;
@@ -1592,18 +1586,8 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
     let keys: Vec<(String, Vec<usize>, &[f32])> = adapter
         .pairs()
         .flat_map(|(path, p)| {
-            [
-                (
-                    peft_key(path, "lora_A"),
-                    vec![p.rank, p.in_features],
-                    p.a.as_slice(),
-                ),
-                (
-                    peft_key(path, "lora_B"),
-                    vec![p.out_features, p.rank],
-                    p.b.as_slice(),
-                ),
-            ]
+            p.factors()
+                .map(move |f| (factor_key(path, f), p.shape(f), p.factor(f)))
         })
         .collect();
     for (name, shape, data) in &keys {
@@ -1634,7 +1618,7 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         "target_modules": saved_targets(adapter),
         "bias": "none",
         "use_rslora": c.use_rslora,
-        "use_dora": false,
+        "use_dora": c.use_dora,
         "fan_in_fan_out": false,
         "init_lora_weights": true,
         "inference_mode": true,

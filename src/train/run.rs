@@ -781,8 +781,9 @@ fn manifest(
     let init_digest = init.map(|adapter| {
         let mut digest = crate::rng::Fnv1a::new();
         for (_, pair) in adapter.pairs() {
-            digest.write(bytemuck::cast_slice(&pair.a));
-            digest.write(bytemuck::cast_slice(&pair.b));
+            for f in pair.factors() {
+                digest.write(bytemuck::cast_slice(pair.factor(f)));
+            }
         }
         format!("{:016x}", digest.finish())
     });
@@ -808,6 +809,9 @@ fn manifest(
     }
     // As [expression, value] pairs: their order decides where two name one module, and JSON objects
     // compare without it.
+    if lora.use_dora {
+        options["use_dora"] = true.into();
+    }
     if !lora.rank_pattern.is_empty() {
         options["rank_pattern"] = json!(lora.rank_pattern.entries().collect::<Vec<_>>());
     }

@@ -169,6 +169,10 @@ pub struct TrainSettings {
     /// Scale LoRA updates by alpha / √r (rsLoRA) instead of alpha / r.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_rslora: Option<bool>,
+    /// DoRA (PEFT's use_dora): each adapted linear's output rescaled row by row to a trained
+    /// magnitude; the adapter folder holds the magnitudes as PEFT does.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub use_dora: Option<bool>,
     /// Comma-separated module names or all-linear.
     #[arg(long, aliases = ["lora-target-modules"])]
     #[serde(alias = "lora_target_modules")]
@@ -374,6 +378,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("lora_alpha", d.lora.alpha.to_string()),
         ("lora_dropout", d.lora.dropout.to_string()),
         ("use_rslora", flag(d.lora.use_rslora)),
+        ("use_dora", flag(d.lora.use_dora)),
         ("target_modules", d.lora.targets.join(",")),
         (
             "lora_rank_pattern",
@@ -553,6 +558,7 @@ impl TrainSettings {
         // The f32 probability as its shortest decimal (0.05, not 0.05000000074505806).
         s.lora_dropout = config.lora.dropout.to_string().parse().ok();
         s.use_rslora = Some(config.lora.use_rslora);
+        s.use_dora = Some(config.lora.use_dora);
         s.target_modules = Some(config.lora.targets.join(","));
         s.lora_rank_pattern = Some(config.lora.rank_pattern.clone()).filter(|p| !p.is_empty());
         s.lora_alpha_pattern = Some(config.lora.alpha_pattern.clone()).filter(|p| !p.is_empty());
@@ -699,6 +705,7 @@ impl TrainSettings {
             alpha: self.lora_alpha.unwrap_or(d.lora.alpha),
             dropout: self.lora_dropout.map_or(d.lora.dropout, |p| p as f32),
             use_rslora: self.use_rslora.unwrap_or(d.lora.use_rslora),
+            use_dora: self.use_dora.unwrap_or(d.lora.use_dora),
             targets: match &self.target_modules {
                 Some(list) => parse_targets(list)?,
                 None => d.lora.targets,
