@@ -121,6 +121,13 @@ fn write_merged(
                     0,
                     true,
                 );
+                // DoRA: each row rescaled to its magnitude, m / ‖W + s·B·A‖ · (W + s·B·A), as PEFT
+                // merges it (the norm of the weight being merged into).
+                for (row, &m) in out.chunks_exact_mut(pair.in_features).zip(&pair.magnitude) {
+                    let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                    let factor = (m as f64 / norm) as f32;
+                    row.iter_mut().for_each(|v| *v *= factor);
+                }
             }
         },
     )?;

@@ -102,6 +102,20 @@ fn weights_larger_than_a_binding_run_in_row_blocks() {
             "{quant}: {blocks} blocks for {linears} linears"
         );
         check(&gpu, "qwen2", quant);
+        // DoRA's factors, each block its rows' (and the linears' backward through their blocks).
+        let dora = common::as_dora(&f.model, &f.adapter, 0.0);
+        let mut rng = nibble::rng::Rng::new(6);
+        let vocab = f.model.config.vocab_size as u64;
+        let ids = (0..13).map(|_| rng.below(vocab) as u32).collect();
+        let seq = cpu::Sequence::all_tokens(ids);
+        assert_step_matches_cpu(
+            &gpu,
+            &f.model,
+            &dora,
+            &seq,
+            1e-4,
+            &format!("DoRA, {quant} in blocks"),
+        );
     }
     // A row that fits no binding is an error naming the tensor, not a panic.
     gpu.max_binding = 256;
@@ -370,13 +384,20 @@ fn gpu_step_memory_follows_the_plan() {
 
 /// Optimizer steps on the GPU (dropout, gradient accumulation, clipping, AdamW and checkpointing all on
 /// the device) against the same steps on the CPU executor in float32: the dropout masks are
-/// counter-based, so both draw the same ones.
+/// counter-based, so both draw the same ones. Plain LoRA, and DoRA (its factors and magnitude
+/// gradients on the device, its dropout path, recomputed under checkpointing).
 #[test]
 fn gpu_training_steps_match_the_cpu_trainer() {
+    let Some(gpu) = gpu() else { return };
+    for dora in [false, true] {
+        training_steps_match_the_cpu_trainer(&gpu, dora);
+    }
+}
+
+fn training_steps_match_the_cpu_trainer(gpu: &Gpu, dora: bool) {
     use nibble::cpu::Sequence;
     use nibble::rng::Rng;
     use nibble::train::{Schedule, TrainConfig, Trainer};
-    let Some(gpu) = gpu() else { return };
     let f = fixture("qwen3", "nf4");
     let vocab = f.model.config.vocab_size as u64;
     let mut rng = Rng::new(8);
@@ -390,6 +411,7 @@ fn gpu_training_steps_match_the_cpu_trainer() {
         .collect();
     let mut lora = f.adapter.config.clone();
     lora.dropout = 0.1;
+    lora.use_dora = dora;
     let mut adapter = f.adapter.clone();
     adapter.config = lora.clone();
     let config = |checkpoint: bool| TrainConfig {
@@ -413,14 +435,16 @@ fn gpu_training_steps_match_the_cpu_trainer() {
         Some(adapter.clone()),
     )
     .unwrap();
+    // With DoRA, as the trainer starts it: its magnitudes from the weights.
+    let start = on_cpu.adapter.clone();
     let mut on_gpu =
         Trainer::new(&f.model, config(true), sequences, Some(adapter.clone())).unwrap();
-    on_gpu.use_gpu(&*gpu).unwrap();
+    on_gpu.use_gpu(gpu).unwrap();
     let mut clipped = false;
     while !on_cpu.done() {
         let (c, g) = (on_cpu.step().unwrap(), on_gpu.step().unwrap());
         eprintln!(
-            "step {}: loss {} / {}, grad norm {} / {}",
+            "dora {dora}, step {}: loss {} / {}, grad norm {} / {}",
             c.step, c.loss, g.loss, c.grad_norm, g.grad_norm
         );
         // Measured on lavapipe: losses within 5e-9, grad norms within 1.1e-7, LoRA updates within 1.1e-5
@@ -450,9 +474,11 @@ fn gpu_training_steps_match_the_cpu_trainer() {
         .adapter
         .pairs()
         .zip(on_gpu.adapter.pairs())
-        .zip(adapter.pairs())
+        .zip(start.pairs())
     {
-        for (cv, gv, v0) in [(&c.a, &g.a, &a0.a), (&c.b, &g.b, &a0.b)] {
+        assert_eq!(c.magnitude.is_empty(), !dora);
+        for factor in c.factors() {
+            let (cv, gv, v0) = (c.factor(factor), g.factor(factor), a0.factor(factor));
             worst = worst.max(common::rel_update(gv, cv, v0));
         }
     }
@@ -637,7 +663,10 @@ fn assert_step_matches_cpu(
     assert!(e < 1e-6, "{case}: losses differ by {e:e}");
     let mut worst = 0f64;
     for ((path, g), (_, c)) in ours.pairs().zip(expected.pairs()) {
-        let e = rel(&g.a, &c.a).max(rel(&g.b, &c.b));
+        let e = c
+            .factors()
+            .map(|f| rel(g.factor(f), c.factor(f)))
+            .fold(0.0, f64::max);
         assert!(e < tolerance, "{case}: {path} gradients differ by {e:e}");
         worst = worst.max(e);
     }

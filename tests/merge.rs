@@ -108,3 +108,72 @@ fn merged_weights_give_the_adapted_models_logits() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
 }
+
+/// DoRA (PEFT's use_dora): each merged row is m / ‖W + s·B·A‖ · (W + s·B·A), as PEFT merges, so the
+/// merged model's logits equal the adapted model's (the adapter saved and loaded back with its
+/// magnitudes).
+#[test]
+fn dora_adapters_merge_to_the_adapted_models_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut spec = SynthSpec::tiny(Arch::Qwen2, 259);
+    spec.dtype = FloatDtype::F32;
+    synth::write_model_folder(&base, &spec, Some(&synth::byte_tokenizer())).unwrap();
+    let model = ModelSource::open(&base)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let mut rng = Rng::new(5);
+    let config = LoraConfig {
+        use_dora: true,
+        ..LoraConfig::default()
+    };
+    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
+    for (_, p) in adapter.pairs_mut() {
+        p.b.iter_mut()
+            .for_each(|b| *b = (rng.normal() * 0.1) as f32);
+    }
+    let weights: std::collections::HashMap<String, Vec<f32>> = model
+        .named_tensors()
+        .into_iter()
+        .filter_map(|(name, t)| match t {
+            nibble::model::TensorRef::Linear(w) => Some((name, w.to_f32())),
+            _ => None,
+        })
+        .collect();
+    adapter
+        .init_magnitudes(|path| Ok(weights[&format!("{path}.weight")].clone()))
+        .unwrap();
+    for (_, p) in adapter.pairs_mut() {
+        p.magnitude
+            .iter_mut()
+            .for_each(|m| *m *= 0.7 + 0.6 * rng.uniform() as f32);
+    }
+    let adapter_dir = dir.path().join("adapter");
+    nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+    let merged = dir.path().join("merged");
+    let o = nibble(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--output",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ids: Vec<u32> = (0..12).map(|_| rng.below(259) as u32).collect();
+    let expected = cpu::logits(&model, Some(&adapter), &ids).unwrap();
+    let merged_model = ModelSource::open(&merged)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let e = rel(&cpu::logits(&merged_model, None, &ids).unwrap(), &expected);
+    assert!(e < 1e-5, "merged logits differ by {e:e}");
+    // Without the magnitudes (plain LoRA of the same A and B) the logits are others.
+    let mut plain = adapter.clone();
+    plain.config.use_dora = false;
+    plain.pairs_mut().for_each(|(_, p)| p.magnitude.clear());
+    let lora = cpu::logits(&model, Some(&plain), &ids).unwrap();
+    assert!(rel(&lora, &expected) > 1e-3, "the magnitudes must matter");
+}

@@ -295,3 +295,33 @@ pub fn cpu_paths(test: &str) -> Vec<nibble::ops::isa::CpuPath> {
     }
     run
 }
+
+/// `adapter` as DoRA (PEFT's use_dora) with LoRA dropout `p`: magnitudes from the model's dequantized
+/// weights (as PEFT initialises them), each then scaled by a random factor in [0.8, 1.2] so that every
+/// output is rescaled.
+pub fn as_dora(
+    model: &nibble::model::Model,
+    adapter: &nibble::lora::LoraAdapter,
+    p: f32,
+) -> nibble::lora::LoraAdapter {
+    let mut dora = adapter.clone();
+    dora.config.use_dora = true;
+    dora.config.dropout = p;
+    let weights: std::collections::HashMap<String, Vec<f32>> = model
+        .named_tensors()
+        .into_iter()
+        .filter_map(|(name, t)| match t {
+            nibble::model::TensorRef::Linear(w) => Some((name, w.to_f32())),
+            _ => None,
+        })
+        .collect();
+    dora.init_magnitudes(|path| Ok(weights[&format!("{path}.weight")].clone()))
+        .unwrap();
+    let mut rng = nibble::rng::Rng::new(31);
+    for (_, pair) in dora.pairs_mut() {
+        pair.magnitude
+            .iter_mut()
+            .for_each(|m| *m *= 0.8 + 0.4 * rng.uniform() as f32);
+    }
+    dora
+}
