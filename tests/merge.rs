@@ -133,17 +133,7 @@ fn dora_adapters_merge_to_the_adapted_models_logits() {
         p.b.iter_mut()
             .for_each(|b| *b = (rng.normal() * 0.1) as f32);
     }
-    let weights: std::collections::HashMap<String, Vec<f32>> = model
-        .named_tensors()
-        .into_iter()
-        .filter_map(|(name, t)| match t {
-            nibble::model::TensorRef::Linear(w) => Some((name, w.to_f32())),
-            _ => None,
-        })
-        .collect();
-    adapter
-        .init_magnitudes(|path| Ok(weights[&format!("{path}.weight")].clone()))
-        .unwrap();
+    adapter.init_magnitudes(|path| model.linear_f32(path)).unwrap();
     for (_, p) in adapter.pairs_mut() {
         p.magnitude
             .iter_mut()

@@ -809,12 +809,7 @@ impl<'a> Trainer<'a> {
             Some(a) => a,
             None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng)?,
         };
-        let tensors: std::collections::HashMap<String, crate::model::TensorRef> =
-            model.named_tensors().into_iter().collect();
-        adapter.init_magnitudes(|path| match tensors.get(&format!("{path}.weight")) {
-            Some(crate::model::TensorRef::Linear(w)) => Ok(w.to_f32()),
-            _ => Err(Error::Invalid(format!("DoRA: no frozen weight for {path}"))),
-        })?;
+        adapter.init_magnitudes(|path| model.linear_f32(path))?;
         Ok(Self::assemble(
             Work::Text { model, sequences },
             config,

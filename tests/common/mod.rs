@@ -307,16 +307,7 @@ pub fn as_dora(
     let mut dora = adapter.clone();
     dora.config.use_dora = true;
     dora.config.dropout = p;
-    let weights: std::collections::HashMap<String, Vec<f32>> = model
-        .named_tensors()
-        .into_iter()
-        .filter_map(|(name, t)| match t {
-            nibble::model::TensorRef::Linear(w) => Some((name, w.to_f32())),
-            _ => None,
-        })
-        .collect();
-    dora.init_magnitudes(|path| Ok(weights[&format!("{path}.weight")].clone()))
-        .unwrap();
+    dora.init_magnitudes(|path| model.linear_f32(path)).unwrap();
     let mut rng = nibble::rng::Rng::new(31);
     for (_, pair) in dora.pairs_mut() {
         pair.magnitude
