@@ -340,7 +340,9 @@ impl Model {
         let name = format!("{path}.weight");
         match self.named_tensors().into_iter().find(|(n, _)| *n == name) {
             Some((_, TensorRef::Linear(w))) => Ok(w.to_f32()),
-            _ => Err(Error::Invalid(format!("{name} is no linear layer's weight of this model"))),
+            _ => Err(Error::Invalid(format!(
+                "{name} is no linear layer's weight of this model"
+            ))),
         }
     }
 

@@ -21,6 +21,8 @@ pub struct PlanInput {
     /// PEFT's `target_modules` (`all-linear`, or module names).
     pub lora_targets: Vec<String>,
     pub lora_dropout: bool,
+    /// DoRA: a magnitude per output, and each adapted linear's rescaled term kept for the backward.
+    pub dora: bool,
     pub checkpoint: bool,
     /// How checkpointing keeps each layer's input.
     pub checkpoints: crate::graph::checkpoint::Keep,
@@ -57,13 +59,14 @@ const F32: u64 = 4;
 /// The graph a training step of `p` runs: every position labelled (the most a step of that length
 /// needs), LoRA on the chosen linears of every layer.
 pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
-    let lora = LoraSpec::uniform(
+    let mut lora = LoraSpec::uniform(
         resolve_targets(c, &p.lora_targets)?
             .into_iter()
             .map(|(path, _, _)| path),
         p.lora_rank,
         if p.lora_dropout { 0.1 } else { 0.0 },
     );
+    lora.targets.values_mut().for_each(|a| a.dora = p.dora);
     let shape = StepShape {
         tokens: p.tokens,
         positions: p.tokens,
@@ -87,10 +90,12 @@ impl Plan {
     pub fn new(
         weights: u64,
         adapted: impl Iterator<Item = (usize, usize)>,
-        rank: usize,
+        (rank, dora): (usize, bool),
         step: &Graph,
     ) -> Plan {
-        let lora_parameters: u64 = adapted.map(|(out, inp)| (rank * (inp + out)) as u64).sum();
+        let lora_parameters: u64 = adapted
+            .map(|(out, inp)| (rank * (inp + out) + if dora { out } else { 0 }) as u64)
+            .sum();
         let lora_and_optimizer = 4 * F32 * lora_parameters;
         let memory = step.memory();
         let device_step = crate::graph::pool::device_step_bytes(step);
@@ -133,7 +138,7 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     let mut plan = Plan::new(
         planned_weight_bytes(c, p.quant) - host_weights,
         adapted.iter().map(|(_, out, inp)| (*out, *inp)),
-        p.lora_rank,
+        (p.lora_rank, p.dora),
         &step_graph(c, p)?,
     );
     plan.host_weights = host_weights;

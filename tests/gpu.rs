@@ -256,6 +256,7 @@ fn gpu_step_memory_follows_the_plan() {
             lora_rank: 8,
             lora_targets: vec!["all-linear".into()],
             lora_dropout: false,
+            dora: false,
             checkpoint,
             checkpoints,
         };

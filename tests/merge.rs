@@ -133,7 +133,9 @@ fn dora_adapters_merge_to_the_adapted_models_logits() {
         p.b.iter_mut()
             .for_each(|b| *b = (rng.normal() * 0.1) as f32);
     }
-    adapter.init_magnitudes(|path| model.linear_f32(path)).unwrap();
+    adapter
+        .init_magnitudes(|path| model.linear_f32(path))
+        .unwrap();
     for (_, p) in adapter.pairs_mut() {
         p.magnitude
             .iter_mut()

@@ -85,20 +85,28 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
     // The last sequence is long enough for its MLPs to run in chunks (`decoder::MLP_CHUNK`).
     let long = nibble::models::decoder::MLP_CHUNK + 500;
     use nibble::graph::checkpoint::Keep;
-    for (dropout, checkpoint, tokens, keep) in [
-        (false, false, 192, Keep::F32),
-        (true, false, 192, Keep::F32),
-        (true, true, 192, Keep::F32),
-        (false, true, long, Keep::F32),
-        (true, true, long, Keep::Bf16),
-        (true, true, long, Keep::Bf16Host),
+    for (dropout, checkpoint, tokens, keep, dora) in [
+        (false, false, 192, Keep::F32, false),
+        (true, false, 192, Keep::F32, false),
+        (true, true, 192, Keep::F32, false),
+        (false, true, long, Keep::F32, false),
+        (true, true, long, Keep::Bf16, false),
+        (true, true, long, Keep::Bf16Host, false),
+        // DoRA: each adapted linear's rescaled term kept for the backward (recomputed with the
+        // layer under checkpointing).
+        (true, false, 192, Keep::F32, true),
+        (false, true, long, Keep::F32, true),
     ] {
         let seq = Sequence::all_tokens((0..tokens).map(|_| rng.below(4000) as u32).collect());
         let config = LoraConfig {
             dropout: if dropout { 0.1 } else { 0.0 },
+            use_dora: dora,
             ..LoraConfig::default()
         };
-        let adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
+        let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
+        adapter
+            .init_magnitudes(|path| model.linear_f32(path))
+            .unwrap();
         let mut grads = adapter.zeros_like();
         let planned = plan(
             &model.config,
@@ -108,6 +116,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
                 lora_rank: 8,
                 lora_targets: vec!["all-linear".into()],
                 lora_dropout: dropout,
+                dora,
                 checkpoint,
                 checkpoints: keep,
             },
@@ -131,7 +140,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         });
         let step = step_bytes(&planned) as f64;
         eprintln!(
-            "{tokens} tokens, dropout {dropout}, checkpoint {checkpoint} {keep:?}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
+            "{tokens} tokens, dropout {dropout}, checkpoint {checkpoint} {keep:?}, DoRA {dora}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
         );
         // Measured 1.02-1.05 (the rest: the gemm crate's packing buffers, the step's inputs).
         assert!(
@@ -244,6 +253,7 @@ fn qwen3_8b_trains_2048_tokens_within_7_gib() {
         lora_rank: 16,
         lora_targets: vec!["all-linear".into()],
         lora_dropout: false,
+        dora: false,
         checkpoint: true,
         checkpoints,
     };
@@ -298,6 +308,7 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
             lora_rank: 16,
             lora_targets: vec!["all-linear".into()],
             lora_dropout: false,
+            dora: false,
             checkpoint: true,
             checkpoints: Keep::Bf16,
         },

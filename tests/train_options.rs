@@ -1308,6 +1308,95 @@ fn per_module_ranks_and_alphas_from_the_command_line() {
     }
 }
 
+/// `--use-dora` (PEFT's use_dora) from the command line: the folder holds each linear's magnitude as
+/// PEFT names it and says use_dora; checkpoints keep the magnitudes' AdamW moments, so that a run
+/// resumed from one ends where the uninterrupted run ends, bit for bit; run.json records DoRA, so that a
+/// resume without it is refused; eval and generate load the folder.
+#[test]
+fn dora_trains_resumes_and_loads_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    let out = dir.path().join("out");
+    let flags = ["--max-steps", "3", "--save-steps", "1", "--use-dora"];
+    let o = train_cli(&model, &data, &out, &flags);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let weights =
+        nibble::source::SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
+    let magnitude = "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector";
+    let down = weights.info(magnitude).unwrap().shape.clone();
+    let b = nibble::lora::peft_key("model.layers.0.mlp.down_proj", "lora_B");
+    assert_eq!(down, vec![weights.info(&b).unwrap().shape[0]]);
+    let magnitudes = weights
+        .tensor_names()
+        .filter(|n| n.ends_with(".lora_magnitude_vector"))
+        .count();
+    let layers = nibble::config::ModelConfig::from_file(&model.join("config.json"))
+        .unwrap()
+        .num_layers;
+    assert_eq!(magnitudes, 7 * layers);
+    let optimizer = nibble::source::SafetensorsFile::open(
+        &out.join("checkpoint-1").join("optimizer.safetensors"),
+    )
+    .unwrap();
+    assert!(optimizer.info(&format!("v.{magnitude}")).is_some());
+
+    let resumed = dir.path().join("resumed");
+    let checkpoint = out.join("checkpoint-1");
+    let mut again = flags.to_vec();
+    again.extend(["--resume", checkpoint.to_str().unwrap()]);
+    let o = train_cli(&model, &data, &resumed, &again);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let same = std::fs::read(out.join("adapter_model.safetensors")).unwrap()
+        == std::fs::read(resumed.join("adapter_model.safetensors")).unwrap();
+    assert!(
+        same,
+        "a resumed DoRA run ends where the uninterrupted one does"
+    );
+    let o = train_cli(
+        &model,
+        &data,
+        &dir.path().join("plain"),
+        &[
+            "--max-steps",
+            "3",
+            "--save-steps",
+            "1",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("use_dora"), "{err}");
+
+    for command in [
+        vec!["eval", "--data", data.to_str().unwrap()],
+        vec!["generate", "--prompt", "hello", "--max-new-tokens", "4"],
+    ] {
+        let mut args = command.clone();
+        args.extend([
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ]);
+        let o = common::nibble(&args);
+        assert!(
+            o.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
 /// `--bf16-checkpoints`: a run trains with checkpointing whose layer inputs are kept in bf16; its
 /// first loss (before any update) is the exact one, its later ones near; `--offload-checkpoints`
 /// gives the same losses (CPU, and GPU against the GPU's bf16 ones); run.json records it, so a

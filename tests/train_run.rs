@@ -744,6 +744,7 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
             lora_rank: config.lora.r,
             lora_targets: config.lora.targets.clone(),
             lora_dropout: config.lora.dropout > 0.0,
+            dora: config.lora.use_dora,
             checkpoint,
             checkpoints,
         };

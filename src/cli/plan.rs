@@ -28,6 +28,10 @@ pub struct Args {
     /// Comma-separated module names (q_proj,...,down_proj) or all-linear.
     #[arg(long, default_value = "all-linear")]
     target_modules: String,
+    /// DoRA (PEFT's use_dora): a magnitude per output, and each adapted linear's rescaled term kept
+    /// for the backward.
+    #[arg(long)]
+    use_dora: bool,
     /// Recompute each layer (block) before its backward (default: on for FLUX.2, off for LLMs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
@@ -61,6 +65,7 @@ pub fn run(args: Args) -> Result<()> {
         lora_r: rank,
         lora_dropout: dropout,
         target_modules: targets,
+        use_dora: dora,
         gradient_checkpointing: checkpoint,
         bf16_checkpoints,
         offload_checkpoints,
@@ -134,6 +139,7 @@ pub fn run(args: Args) -> Result<()> {
         lora_rank: rank,
         lora_targets: parse_targets(&targets)?,
         lora_dropout: dropout > 0.0,
+        dora,
         checkpoint,
         checkpoints: keep,
     };

@@ -1316,7 +1316,7 @@ pub fn plan(
     crate::plan::Plan::new(
         planned_weight_bytes(c, quant),
         targets.iter().map(|(_, out, inp)| (*out, *inp)),
-        rank,
+        (rank, false),
         &build(c, Some(&spec), step),
     )
 }

@@ -196,7 +196,12 @@ impl TrainConfig {
             lora.r,
             lora.alpha,
             lora.dropout,
-            if lora.use_rslora { " (rsLoRA)" } else { "" },
+            match (lora.use_rslora, lora.use_dora) {
+                (false, false) => "",
+                (true, false) => " (rsLoRA)",
+                (false, true) => " (DoRA)",
+                (true, true) => " (rsLoRA, DoRA)",
+            },
             if lora.has_patterns() {
                 " (some modules' own, by pattern)"
             } else {

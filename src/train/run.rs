@@ -1061,6 +1061,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                     .fold(config.lora.r, usize::max),
                 lora_targets: config.lora.targets.clone(),
                 lora_dropout: config.lora.dropout > 0.0,
+                dora: config.lora.use_dora,
                 checkpoint,
                 checkpoints,
             },
