@@ -298,27 +298,6 @@ impl LoraPair {
             Factor::Magnitude => vec![self.out_features],
         }
     }
-
-    /// DoRA's magnitude for a frozen weight `w` [out, in] (dequantized): each row's norm with the
-    /// pair's update at `scale` added, ‖W + scale·B·A‖ per output (PEFT's `get_weight_norm`), in f64.
-    pub fn weight_norms(&self, w: &[f32], scale: f32) -> Vec<f32> {
-        let (r, inp) = (self.rank, self.in_features);
-        w.chunks_exact(inp)
-            .zip(self.b.chunks_exact(r))
-            .map(|(row, b_row)| {
-                let sum: f64 = (0..inp)
-                    .map(|j| {
-                        let update: f64 = (0..r)
-                            .map(|k| b_row[k] as f64 * self.a[k * inp + j] as f64)
-                            .sum();
-                        let v = row[j] as f64 + scale as f64 * update;
-                        v * v
-                    })
-                    .sum();
-                sum.sqrt() as f32
-            })
-            .collect()
-    }
 }
 
 /// The adapters of a whole model: one pair per adapted linear, by module path
@@ -409,19 +388,24 @@ impl LoraAdapter {
     }
 
     /// DoRA's initial magnitudes where `config.use_dora` asks for them and the pairs have none: each
-    /// output's norm ‖W + s·B·A‖ with `weight(path)` the frozen weight [out, in] as the model computes
-    /// with it (dequantized), as PEFT's `DoraLinearLayer.update_layer` sets them.
-    pub fn init_magnitudes(
+    /// output's norm ‖W + s·B·A‖ with `weight(path)` the frozen weight as the model computes with it,
+    /// as PEFT's `DoraLinearLayer.update_layer` sets them (from the dequantized weight).
+    pub fn init_magnitudes<'w>(
         &mut self,
-        mut weight: impl FnMut(&str) -> Result<Vec<f32>>,
+        mut weight: impl FnMut(&str) -> Result<&'w crate::model::LinearWeight>,
     ) -> Result<()> {
         if !self.config.use_dora {
             return Ok(());
         }
         for (path, pair) in &mut self.modules {
             if pair.magnitude.is_empty() {
-                let w = weight(path)?;
-                pair.magnitude = pair.weight_norms(&w, self.config.scale_of(path));
+                let scale = self.config.scale_of(path);
+                let norms = crate::ops::dora::row_norms(
+                    weight(path)?,
+                    (&pair.a, &pair.b),
+                    (pair.rank, scale),
+                );
+                pair.magnitude = norms.into_iter().map(|n| n as f32).collect();
             }
         }
         Ok(())

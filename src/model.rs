@@ -334,12 +334,11 @@ impl Model {
 
     /// Every frozen tensor by its checkpoint name (the names the graph builders use). The tied output
     /// projection has no entry of its own: it is the embedding.
-    /// The frozen weight of the linear at a module path (`model.layers.3.self_attn.q_proj`) as f32
-    /// [out, in], dequantized when packed: what the model computes with.
-    pub fn linear_f32(&self, path: &str) -> Result<Vec<f32>> {
+    /// The frozen weight of the linear at a module path (`model.layers.3.self_attn.q_proj`).
+    pub fn linear_weight(&self, path: &str) -> Result<&LinearWeight> {
         let name = format!("{path}.weight");
         match self.named_tensors().into_iter().find(|(n, _)| *n == name) {
-            Some((_, TensorRef::Linear(w))) => Ok(w.to_f32()),
+            Some((_, TensorRef::Linear(w))) => Ok(w),
             _ => Err(Error::Invalid(format!(
                 "{name} is no linear layer's weight of this model"
             ))),

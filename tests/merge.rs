@@ -134,7 +134,7 @@ fn dora_adapters_merge_to_the_adapted_models_logits() {
             .for_each(|b| *b = (rng.normal() * 0.1) as f32);
     }
     adapter
-        .init_magnitudes(|path| model.linear_f32(path))
+        .init_magnitudes(|path| model.linear_weight(path))
         .unwrap();
     for (_, p) in adapter.pairs_mut() {
         p.magnitude

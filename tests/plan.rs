@@ -105,7 +105,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         };
         let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
         adapter
-            .init_magnitudes(|path| model.linear_f32(path))
+            .init_magnitudes(|path| model.linear_weight(path))
             .unwrap();
         let mut grads = adapter.zeros_like();
         let planned = plan(

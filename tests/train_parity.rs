@@ -335,7 +335,7 @@ fn fresh_dora_magnitudes_are_peft_s() {
     let mut adapter =
         LoraAdapter::init(&model.config, config, &mut nibble::rng::Rng::new(1)).unwrap();
     adapter
-        .init_magnitudes(|path| model.linear_f32(path))
+        .init_magnitudes(|path| model.linear_weight(path))
         .unwrap();
     assert_eq!(adapter.pairs().count(), peft.len());
     let mut worst = 0f64;

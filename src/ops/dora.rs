@@ -18,22 +18,40 @@ fn weight_row(w: &LinearWeight, r: usize, out: &mut [f32]) {
 }
 
 /// `Op::DoraFactors`: for each output o of W [out, inp] with the pair A [rank, inp], B [out, rank],
-/// n = ‖W[o] + scale·(B·A)[o]‖ and factors = [m/n, m/n − 1, 1/n] (each `out` long). Each row's update
-/// is summed in f32 (B·A over the rank, as torch's product) and its squares in f64.
+/// n = ‖W[o] + scale·(B·A)[o]‖ (`row_norms`) and factors = [m/n, m/n − 1, 1/n] (each `out` long).
 pub fn factors(
     w: &LinearWeight,
     (a, b, magnitude): (&[f32], &[f32], &[f32]),
     (rank, scale): (usize, f32),
     factors: &mut [f32],
 ) {
+    let out = w.shape().0;
+    assert_eq!((magnitude.len(), factors.len()), (out, 3 * out));
+    let norms = row_norms(w, (a, b), (rank, scale));
+    let (ratio, rest) = factors.split_at_mut(out);
+    let (minus_one, inverse) = rest.split_at_mut(out);
+    for o in 0..out {
+        let c = magnitude[o] as f64 / norms[o];
+        ratio[o] = c as f32;
+        minus_one[o] = (c - 1.0) as f32;
+        inverse[o] = (1.0 / norms[o]) as f32;
+    }
+}
+
+/// ‖W[o] + scale·(B·A)[o]‖ for each output o (PEFT's `get_weight_norm`; a fresh DoRA magnitude), the
+/// row's update summed in f32 over the rank (as torch's product) and its squares in f64.
+pub fn row_norms(
+    w: &LinearWeight,
+    (a, b): (&[f32], &[f32]),
+    (rank, scale): (usize, f32),
+) -> Vec<f64> {
     let (out, inp) = w.shape();
     assert_eq!(
         (a.len(), b.len()),
         (rank * inp, out * rank),
-        "dora factors: A or B"
+        "dora norms: A or B"
     );
-    assert_eq!((magnitude.len(), factors.len()), (out, 3 * out));
-    let norms: Vec<f64> = (0..out)
+    (0..out)
         .into_par_iter()
         .map_init(
             || (vec![0f32; inp], vec![0f32; inp]),
@@ -56,15 +74,7 @@ pub fn factors(
                 sum.sqrt()
             },
         )
-        .collect();
-    let (ratio, rest) = factors.split_at_mut(out);
-    let (minus_one, inverse) = rest.split_at_mut(out);
-    for o in 0..out {
-        let c = magnitude[o] as f64 / norms[o];
-        ratio[o] = c as f32;
-        minus_one[o] = (c - 1.0) as f32;
-        inverse[o] = (1.0 / norms[o]) as f32;
-    }
+        .collect()
 }
 
 /// `Op::DoraMagnitudeGrad`: d_magnitude[o] (+)= factors[2·dim + o] · Σ_rows dy[·, o] · h[·, o].

@@ -814,7 +814,7 @@ impl<'a> Trainer<'a> {
             Some(a) => a,
             None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng)?,
         };
-        adapter.init_magnitudes(|path| model.linear_f32(path))?;
+        adapter.init_magnitudes(|path| model.linear_weight(path))?;
         Ok(Self::assemble(
             Work::Text { model, sequences },
             config,

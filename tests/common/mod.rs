@@ -307,7 +307,8 @@ pub fn as_dora(
     let mut dora = adapter.clone();
     dora.config.use_dora = true;
     dora.config.dropout = p;
-    dora.init_magnitudes(|path| model.linear_f32(path)).unwrap();
+    dora.init_magnitudes(|path| model.linear_weight(path))
+        .unwrap();
     let mut rng = nibble::rng::Rng::new(31);
     for (_, pair) in dora.pairs_mut() {
         pair.magnitude
