@@ -212,6 +212,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 out_stride: out_stride as u32,
                 weight_row: weight_row as u32,
                 y_row: y_row as u32,
+                scale: scale as f32,
             }),
         ),
         (
