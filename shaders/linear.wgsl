@@ -215,7 +215,8 @@ fn linear_backward_input(
 
 // DoRA's factors of this block's rows: with x = A [tokens = rank, cols] and n = ‖W[row] + scale·B·A[row]‖,
 // y[o] = m/n, y[out + o] = m/n − 1, y[2·out + o] = 1/n for o = row_offset + row, out = out_stride.
-// One workgroup of 256 per row (workgroups: rows), each thread a stride of the columns.
+// One workgroup of 256 per row (workgroups: rows, as (x, y) past 65535), each thread a stride of the
+// columns.
 var<workgroup> partial_sums: array<f32, 256>;
 
 @compute @workgroup_size(256)
@@ -223,7 +224,10 @@ fn dora_factors(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    let row = wg.x;
+    let row = wg.x + wg.y * 65535u;
+    if (row >= p.rows) {
+        return;
+    }
     let o = p.row_offset + row;
     var sum = 0.0;
     for (var c = li; c < p.cols; c += 256u) {

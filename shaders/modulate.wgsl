@@ -156,7 +156,7 @@ fn mse_grad(@builtin(global_invocation_id) id: vec3<u32>) {
 // magnitude's gradient, one thread per output o.
 @compute @workgroup_size(64)
 fn dora_magnitude_grad(@builtin(global_invocation_id) id: vec3<u32>) {
-    let o = id.x;
+    let o = id.x + id.y * 65535u * 64u;
     if (o < p.dim) {
         var sum = 0.0;
         for (var t = 0u; t < p.rows; t++) {

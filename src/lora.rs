@@ -7,6 +7,9 @@ use crate::rng::Rng;
 use crate::source::ModelFiles;
 use serde_json::Value;
 
+/// The largest LoRA rank (wider than any linear of any released model).
+pub const MAX_RANK: usize = 1 << 16;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {
     pub r: usize,
@@ -40,6 +43,31 @@ impl LoraConfig {
     pub fn scale_of(&self, path: &str) -> f32 {
         let alpha = self.alpha_pattern.find(path).unwrap_or(self.alpha);
         scale_of(alpha, self.rank_of(path), self.use_rslora)
+    }
+
+    /// The configuration of a run whose options are `self` and whose initial adapter's are `adapter`:
+    /// the adapter's rank, alpha, targets and patterns (its matrices have their shapes: other patterns
+    /// asked for are an error), the run's dropout (a training option), and DoRA where either asks for
+    /// it (on a plain adapter, the magnitudes then start from its update, `init_magnitudes`, so that
+    /// the run starts where the adapter is).
+    pub fn with_initial(&self, adapter: &LoraConfig) -> Result<LoraConfig> {
+        let differ = |what: &str| {
+            Error::Invalid(format!(
+                "--lora-{what}-pattern differs from the initial adapter's, whose matrices have its \
+                 ranks: leave it out to take the adapter's"
+            ))
+        };
+        if !self.rank_pattern.is_empty() && self.rank_pattern != adapter.rank_pattern {
+            return Err(differ("rank"));
+        }
+        if !self.alpha_pattern.is_empty() && self.alpha_pattern != adapter.alpha_pattern {
+            return Err(differ("alpha"));
+        }
+        Ok(LoraConfig {
+            dropout: self.dropout,
+            use_dora: adapter.use_dora || self.use_dora,
+            ..adapter.clone()
+        })
     }
 
     /// Whether some module's rank or alpha differs from `r` and `alpha`.
@@ -134,8 +162,8 @@ impl Patterns<usize> {
     /// `--lora-rank-pattern`: a JSON object of module expressions to ranks.
     pub fn parse_ranks(text: &str) -> std::result::Result<Self, String> {
         let ranks = parse_pattern(text, "a positive rank")?;
-        if let Some((key, _)) = ranks.entries().find(|&(_, r)| r == 0) {
-            return Err(format!("`{key}`: ranks must be positive"));
+        if let Some((key, _)) = ranks.entries().find(|&(_, r)| !(1..=MAX_RANK).contains(&r)) {
+            return Err(format!("`{key}`: ranks must be from 1 to {MAX_RANK}"));
         }
         Ok(ranks)
     }
@@ -372,7 +400,34 @@ impl LoraAdapter {
         config: LoraConfig,
         mut make: impl FnMut(usize, usize, usize) -> LoraPair,
     ) -> Result<Self> {
-        let modules = resolve_among(linears, &config.targets)?
+        let targeted = resolve_among(linears, &config.targets)?;
+        for (what, keys) in [
+            (
+                "rank",
+                config.rank_pattern.entries().map(|(k, _)| k).collect(),
+            ),
+            (
+                "alpha",
+                config
+                    .alpha_pattern
+                    .entries()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<_>>(),
+            ),
+        ] {
+            for key in keys {
+                let Ok(alone) = Patterns::new(vec![(key.to_string(), ())]) else {
+                    continue;
+                };
+                if !targeted
+                    .iter()
+                    .any(|(path, _, _)| alone.find(path).is_some())
+                {
+                    log::warn!("the {what} pattern `{key}` names no module the adapter targets");
+                }
+            }
+        }
+        let modules = targeted
             .into_iter()
             .map(|(path, out, inp)| {
                 let pair = make(config.rank_of(&path), inp, out);
@@ -417,29 +472,6 @@ impl LoraAdapter {
         config: LoraConfig,
         rng: &mut Rng,
     ) -> Result<Self> {
-        for (what, keys) in [
-            (
-                "rank",
-                config
-                    .rank_pattern
-                    .entries()
-                    .map(|(k, _)| k)
-                    .collect::<Vec<_>>(),
-            ),
-            (
-                "alpha",
-                config.alpha_pattern.entries().map(|(k, _)| k).collect(),
-            ),
-        ] {
-            for key in keys {
-                let names = |(path, _, _): &(String, usize, usize)| {
-                    Patterns::new(vec![(key.to_string(), ())]).is_ok_and(|p| p.find(path).is_some())
-                };
-                if !linears.iter().any(names) {
-                    log::warn!("the {what} pattern `{key}` names no linear layer of this model");
-                }
-            }
-        }
         Self::with_pairs(linears, config, |r, inp, out| {
             let mut pair = LoraPair::zeros(r, inp, out);
             let bound = 1.0 / (inp as f64).sqrt();
@@ -507,8 +539,13 @@ impl LoraAdapter {
                 .map_err(|e| bad(format!("`rank_pattern` {e}")))?,
             None => Patterns::default(),
         };
-        if rank_pattern.entries().any(|(_, r)| r == 0) {
-            return Err(bad("`rank_pattern` ranks must be positive".into()));
+        if rank_pattern
+            .entries()
+            .any(|(_, r)| !(1..=MAX_RANK).contains(&r))
+        {
+            return Err(bad(format!(
+                "`rank_pattern` ranks must be from 1 to {MAX_RANK}"
+            )));
         }
         let alpha_pattern = match pattern("alpha_pattern") {
             Some(p) => Patterns::from_json(p, "a number")
@@ -573,8 +610,8 @@ impl LoraAdapter {
                 )));
             }
         };
-        if r == 0 {
-            return Err(bad("`r` must be positive".into()));
+        if !(1..=MAX_RANK).contains(&r) {
+            return Err(bad(format!("`r` must be from 1 to {MAX_RANK}")));
         }
         let config = LoraConfig {
             r,

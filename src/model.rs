@@ -332,8 +332,6 @@ impl Model {
             .collect()
     }
 
-    /// Every frozen tensor by its checkpoint name (the names the graph builders use). The tied output
-    /// projection has no entry of its own: it is the embedding.
     /// The frozen weight of the linear at a module path (`model.layers.3.self_attn.q_proj`).
     pub fn linear_weight(&self, path: &str) -> Result<&LinearWeight> {
         let name = format!("{path}.weight");
@@ -345,6 +343,8 @@ impl Model {
         }
     }
 
+    /// Every frozen tensor by its checkpoint name (the names the graph builders use). The tied output
+    /// projection has no entry of its own: it is the embedding.
     pub fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
         let mut out = vec![(
             self.config.tensor("embed_tokens.weight"),

@@ -1288,7 +1288,7 @@ fn per_module_ranks_and_alphas_from_the_command_line() {
         (
             "--lora-rank-pattern",
             r#"{"q_proj": 0}"#,
-            "ranks must be positive",
+            "ranks must be from 1 to 65536",
         ),
         ("--lora-rank-pattern", r#"["q_proj"]"#, "must be an object"),
         (
@@ -1395,6 +1395,146 @@ fn dora_trains_resumes_and_loads_from_the_command_line() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+}
+
+/// DoRA folders that do not fit are refused naming what is wrong (a magnitude where the config does
+/// not say use_dora, use_dora without magnitudes, a magnitude of the wrong length), and a plain LoRA
+/// adapter given as --init-adapter with --use-dora starts DoRA where it is: its magnitudes the rows'
+/// norms with its update, so that the first step's loss is the plain adapter's. Patterns other than
+/// an initial adapter's are refused.
+#[test]
+fn dora_folders_are_checked_and_a_lora_adapter_starts_dora() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    let train = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let mut flags = vec!["--max-steps", "2", "--lora-dropout", "0"];
+        flags.extend(extra);
+        let o = train_cli(&model, &data, &out, &flags);
+        (o, out)
+    };
+    let (o, plain) = train("plain", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, dora) = train("dora", &["--use-dora"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let eval = |adapter: &Path| {
+        common::nibble(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+    };
+    let with_config = |from: &Path, name: &str, use_dora: bool| {
+        let to = dir.path().join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::copy(
+            from.join("adapter_model.safetensors"),
+            to.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(from.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        config["use_dora"] = use_dora.into();
+        std::fs::write(to.join("adapter_config.json"), config.to_string()).unwrap();
+        to
+    };
+    for (folder, says) in [
+        (
+            with_config(&dora, "not_said", false),
+            "does not say use_dora",
+        ),
+        (
+            with_config(&plain, "no_magnitudes", true),
+            "lora_magnitude_vector",
+        ),
+    ] {
+        let o = eval(&folder);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{err}");
+    }
+    // One magnitude a value short, the rest as trained.
+    let short_dir = with_config(&dora, "short", true);
+    let file =
+        nibble::source::SafetensorsFile::open(&dora.join("adapter_model.safetensors")).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .tensor_names()
+        .map(|n| {
+            (
+                n.clone(),
+                file.info(n).unwrap().shape.clone(),
+                file.read_f32(n).unwrap(),
+            )
+        })
+        .collect();
+    let cut = tensors
+        .iter_mut()
+        .find(|(n, ..)| n.ends_with(".lora_magnitude_vector"))
+        .unwrap();
+    cut.2.pop();
+    cut.1 = vec![cut.2.len()];
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, v)| {
+            let bytes: &[u8] = bytemuck::cast_slice(v);
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &short_dir.join("adapter_model.safetensors"))
+        .unwrap();
+    let o = eval(&short_dir);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("lora_magnitude_vector") && err.contains("shape"),
+        "{err}"
+    );
+
+    let (o, as_lora) = train("as_lora", &["--init-adapter", plain.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (o, as_dora) = train(
+        "as_dora",
+        &["--init-adapter", plain.to_str().unwrap(), "--use-dora"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first_loss = |out: &Path| metrics(out)[0]["loss"].as_f64().unwrap();
+    let (a, b) = (first_loss(&as_lora), first_loss(&as_dora));
+    assert!(
+        (a - b).abs() < 1e-6 * a,
+        "DoRA from a LoRA adapter starts where it is: {a} vs {b}"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(as_dora.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let (o, _) = train(
+        "other_ranks",
+        &[
+            "--init-adapter",
+            plain.to_str().unwrap(),
+            "--lora-rank-pattern",
+            r#"{"q_proj": 2}"#,
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--lora-rank-pattern"),
+        "{err}"
+    );
 }
 
 /// `--bf16-checkpoints`: a run trains with checkpointing whose layer inputs are kept in bf16; its

@@ -1032,7 +1032,7 @@ impl Decoder<'_> {
             let at = (rows.1, chunk);
             let (gate, up, gate_up) = self.gate_up(l, x, at);
             let hidden = self.gated(gate, up, l);
-            // The down projection's own output is not needed: only its LoRA branch's x·Aᵀ is.
+            // The down projection's own output is not needed: only its LoRA branch's (and DoRA's).
             let down = self.linear_tape(l, LinearKind::Down, hidden, at);
             let tapes = MlpTapes {
                 gate_up: gate_up.iter().map(|(_, tape)| tape).collect(),

@@ -97,8 +97,8 @@ pub fn forward(
 }
 
 /// What `backward` reads of the linear at `path` on x, without computing its output: the LoRA
-/// branch's dropout(x)·Aᵀ where `lora` targets it (a backward that recomputes its inputs needs no
-/// more).
+/// branch's dropout(x)·Aᵀ where `lora` targets it, and under DoRA the factors and h = W·x′ + branch
+/// (a backward that recomputes its inputs needs no more).
 pub fn tape(
     b: &mut Builder,
     lora: Option<&LoraSpec>,
@@ -232,7 +232,7 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
         false,
     );
     if let (Some(dora), Some(_)) = (&lora.dora, &lora.dropout) {
-        // h's W·x′ term: d(x′) += W·((m/n − 1) ⊙ dy), dy the linear's own.
+        // h's W·x′ term: d(x′) += ((m/n − 1) ⊙ dy)·W, dy the linear's own.
         let dh = b.activation(t * out, format!("d {path} DoRA W·x′"));
         let gate = Op::Gate { dim: out, chunk: 1 };
         b.node(gate, &[dora.factors, base_dy], &[dh], false);

@@ -248,14 +248,18 @@ pub(crate) fn record_dora_factors(
 ) {
     let dummy = r.dummy;
     for block in &lin.blocks {
-        assert!(block.rows <= 65535, "one workgroup per row");
         let p = LinearParams {
             scale,
             ..block_params(lin, block, rank, false, false)
         };
         let mut bindings = weight_bindings(dummy, block).to_vec();
         bindings.extend([(5, a), (6, factors), (7, b), (8, magnitude)]);
-        r.dispatch("dora_factors", &p, &bindings, [block.rows as u32, 1, 1]);
+        let groups = [
+            block.rows.min(65535) as u32,
+            block.rows.div_ceil(65535) as u32,
+            1,
+        ];
+        r.dispatch("dora_factors", &p, &bindings, groups);
     }
 }
 

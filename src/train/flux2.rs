@@ -107,6 +107,12 @@ impl ImageWork<'_> {
                 "--lora-dropout is not supported for FLUX.2 yet: use 0".into(),
             ));
         }
+        // The LoRA file's formats carry one alpha and no magnitudes.
+        if lora.use_dora || lora.has_patterns() {
+            return Err(Error::Invalid(
+                "DoRA and per-module ranks or alphas are not supported for FLUX.2 yet".into(),
+            ));
+        }
         check_caption_dropout(self.caption_dropout)?;
         let text_tokens = self.empty_caption.len() / c.text_dim;
         for (i, e) in self.examples.iter().enumerate() {

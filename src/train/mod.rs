@@ -1582,6 +1582,26 @@ fn saved_targets(adapter: &LoraAdapter) -> Vec<String> {
 
 /// A PEFT adapter folder's two files, in memory: (adapter_model.safetensors, adapter_config.json).
 pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, String)> {
+    // A folder that says use_dora must hold every magnitude, and one that does not, none: PEFT (and
+    // nibble) would not load it otherwise.
+    if let Some((path, _)) = adapter
+        .pairs()
+        .find(|(_, p)| p.magnitude.is_empty() == adapter.config.use_dora)
+    {
+        return Err(Error::Invalid(format!(
+            "{path}: the adapter {} DoRA, and this linear {} a magnitude (LoraAdapter::init_magnitudes)",
+            if adapter.config.use_dora {
+                "is"
+            } else {
+                "is not"
+            },
+            if adapter.config.use_dora {
+                "has no"
+            } else {
+                "has"
+            },
+        )));
+    }
     let mut views = Vec::new();
     let keys: Vec<(String, Vec<usize>, &[f32])> = adapter
         .pairs()

@@ -271,8 +271,7 @@ impl<'m> Run<'m> {
                     (&model.source, Some(&model)),
                     "--init-adapter",
                 )?;
-                // The adapter's r, alpha and targets apply; dropout is a training option.
-                adapter.config.dropout = config.lora.dropout;
+                adapter.config = config.lora.with_initial(&adapter.config)?;
                 config.lora = adapter.config.clone();
                 Some(adapter)
             }
@@ -366,11 +365,7 @@ impl<'m> Run<'m> {
         });
         let mut config = config;
         if let Some(adapter) = &init {
-            // An initial adapter's rank, alpha and modules apply.
-            config.lora = crate::lora::LoraConfig {
-                dropout: config.lora.dropout,
-                ..adapter.config.clone()
-            };
+            config.lora = config.lora.with_initial(&adapter.config)?;
         }
         let manifest = manifest(
             [model_section, data_section, image_options],

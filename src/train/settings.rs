@@ -713,9 +713,13 @@ impl TrainSettings {
             rank_pattern: self.lora_rank_pattern.clone().unwrap_or_default(),
             alpha_pattern: self.lora_alpha_pattern.clone().unwrap_or_default(),
         };
-        if let Some((key, _)) = lora.rank_pattern.entries().find(|&(_, r)| r == 0) {
+        if let Some((key, _)) = lora
+            .rank_pattern
+            .entries()
+            .find(|&(_, r)| !(1..=MAX_RANK).contains(&r))
+        {
             return Err(Error::Invalid(format!(
-                "--lora-rank-pattern: `{key}`: ranks must be positive"
+                "--lora-rank-pattern: `{key}`: ranks must be from 1 to {MAX_RANK}"
             )));
         }
         if let Some((key, a)) = lora.alpha_pattern.entries().find(|&(_, a)| !a.is_finite()) {
@@ -928,8 +932,7 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// The largest LoRA rank (wider than any linear of any released model).
-pub const MAX_RANK: usize = 1 << 16;
+pub use crate::lora::MAX_RANK;
 
 /// The longest sequence, in tokens.
 pub const MAX_TOKENS: usize = 1 << 24;
