@@ -10,26 +10,34 @@ use nibble::generate::{self, Executor, Sampling};
 use nibble::gpu::weights::{GpuLora, GpuModel};
 use nibble::rng::Rng;
 
+/// Also with a DoRA adapter, whose factors the first step keeps in the cache for the others.
 #[test]
 fn cached_decoding_matches_the_full_forward() {
     // gemma4_e2b: layers that read another layer's cache (and write the same keys into it again).
     for name in common::families().into_iter().chain(["gemma4_e2b"]) {
         let f = fixture(name, "nf4");
-        let ids = &f.seq.ids;
-        let vocab = f.model.config.vocab_size;
-        let full = cpu::logits(&f.model, Some(&f.adapter), ids).unwrap();
-        let mut cache = KvCache::new(&f.model);
-        // A prefill of five tokens, then one token at a time.
-        let first = cpu::decode(&f.model, Some(&f.adapter), &mut cache, &ids[..5]).unwrap();
-        let e = rel(&first, &full[4 * vocab..5 * vocab]);
-        assert!(e < 1e-5, "{name}: prefill logits differ by {e:e}");
-        for t in 5..ids.len() {
-            let step = cpu::decode(&f.model, Some(&f.adapter), &mut cache, &ids[t..t + 1]).unwrap();
-            let e = rel(&step, &full[t * vocab..(t + 1) * vocab]);
-            assert!(e < 1e-5, "{name}: position {t} differs by {e:e}");
+        let dora = common::as_dora(&f.model, &f.adapter, 0.0);
+        for adapter in [&f.adapter, &dora] {
+            cached_decoding_matches(&f, adapter, name);
         }
-        assert_eq!(cache.len(), ids.len());
     }
+}
+
+fn cached_decoding_matches(f: &common::Fixture, adapter: &nibble::lora::LoraAdapter, name: &str) {
+    let ids = &f.seq.ids;
+    let vocab = f.model.config.vocab_size;
+    let full = cpu::logits(&f.model, Some(adapter), ids).unwrap();
+    let mut cache = KvCache::new(&f.model);
+    // A prefill of five tokens, then one token at a time.
+    let first = cpu::decode(&f.model, Some(adapter), &mut cache, &ids[..5]).unwrap();
+    let e = rel(&first, &full[4 * vocab..5 * vocab]);
+    assert!(e < 1e-5, "{name}: prefill logits differ by {e:e}");
+    for t in 5..ids.len() {
+        let step = cpu::decode(&f.model, Some(adapter), &mut cache, &ids[t..t + 1]).unwrap();
+        let e = rel(&step, &full[t * vocab..(t + 1) * vocab]);
+        assert!(e < 1e-5, "{name}: position {t} differs by {e:e}");
+    }
+    assert_eq!(cache.len(), ids.len());
 }
 
 /// A conversation decoded turn by turn, the cache reused, continues as a fresh decoding of the whole
@@ -128,6 +136,31 @@ fn gpu_decoding_matches_the_cpu() {
         check_cached_conversation(&f, on_gpu);
     }
     eprintln!("worst GPU decoding logits: {worst:.1e}");
+    // DoRA: the factors the first step keeps in the device's cache, through a conversation.
+    let f = fixture("qwen2", "nf4");
+    let dora = common::as_dora(&f.model, &f.adapter, 0.0);
+    let (gm, gl) = (
+        GpuModel::upload(&gpu, &f.model).unwrap(),
+        GpuLora::upload(&gpu, &dora),
+    );
+    let on_cpu = Executor::Cpu {
+        model: &f.model,
+        adapter: Some(&dora),
+    };
+    let on_gpu = Executor::Gpu {
+        gpu: &gpu,
+        model: &gm,
+        lora: Some(&gl),
+    };
+    let ids = &f.seq.ids;
+    let (mut cpu_cache, mut gpu_cache) = (on_cpu.cache(), on_gpu.cache());
+    for feed in [&ids[..5], &ids[5..6], &ids[6..7]] {
+        let expected = pollster::block_on(on_cpu.decode(&mut cpu_cache, feed)).unwrap();
+        let got = pollster::block_on(on_gpu.decode(&mut gpu_cache, feed)).unwrap();
+        let e = rel(&got, &expected);
+        assert!(e < 1.5e-5, "DoRA: GPU logits differ by {e:e}");
+    }
+    check_cached_conversation(&f, on_gpu);
 }
 
 #[test]

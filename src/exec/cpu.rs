@@ -168,11 +168,25 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
         moments = [grad_slots(Some(opt.m)), grad_slots(Some(opt.v))];
     }
     let mut caches: HashMap<(usize, bool), &mut Vec<f32>> = HashMap::new();
+    let mut dora_factors: HashMap<&str, &mut Vec<f32>> = HashMap::new();
     if let Some(cache) = bind.cache {
+        // The step that computes DoRA's factors keeps them (`FactorSource::ComputeAndKeep`).
+        for (id, desc) in graph.bufs.iter().enumerate() {
+            if let Role::DoraFactors(path) = &desc.role
+                && graph.nodes.iter().any(|n| n.outputs.contains(&id))
+            {
+                cache.dora.insert(path.clone(), vec![0.0; desc.len]);
+            }
+        }
         for (l, layer) in cache.layers.iter_mut().enumerate() {
             caches.insert((l, false), &mut layer.k);
             caches.insert((l, true), &mut layer.v);
         }
+        dora_factors = cache
+            .dora
+            .iter_mut()
+            .map(|(path, v)| (path.as_str(), v))
+            .collect();
     }
     let missing = |what: &str, name: &str| {
         Error::Invalid(format!("the step needs {what} {name}, which is not loaded"))
@@ -234,6 +248,11 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
                 InputValue::U32(v) => Slot::U32(v.into_owned()),
                 InputValue::F32(v) => Slot::F32(v.into_owned()),
             },
+            Role::DoraFactors(path) => Slot::Cache(
+                dora_factors
+                    .remove(path.as_str())
+                    .ok_or_else(|| missing("the kept DoRA factors of", path))?,
+            ),
             Role::KvCache { layer, values } => Slot::Cache(
                 caches
                     .remove(&(*layer, *values))
@@ -808,6 +827,8 @@ pub fn forward_backward_with(
 /// Keys and values of every decoded position, per layer (after RoPE), for incremental decoding.
 pub struct KvCache {
     layers: Vec<LayerCache>,
+    /// DoRA's factors by module path, from the first step on (`Role::DoraFactors`).
+    dora: HashMap<String, Vec<f32>>,
 }
 
 struct LayerCache {
@@ -827,6 +848,7 @@ impl KvCache {
                     kv_dim: model.config.kv_dim(l),
                 })
                 .collect(),
+            dora: HashMap::new(),
         }
     }
 

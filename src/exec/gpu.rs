@@ -225,6 +225,11 @@ pub fn record(graph: &Graph, bind: Bindings, enc: &mut wgpu::CommandEncoder) -> 
                     .and_then(|m| m[usize::from(*second)].get(&(path.as_str(), *factor)))
                     .ok_or_else(|| missing("the AdamW moments for", path))?,
             ),
+            Role::DoraFactors(path) => Slot::Ext(
+                bind.cache
+                    .and_then(|cache| cache.dora.get(path))
+                    .ok_or_else(|| missing("the kept DoRA factors of", path))?,
+            ),
             Role::KvCache { layer, values } => {
                 let cache = bind
                     .cache
@@ -616,6 +621,7 @@ fn record_node(
 fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {
     LoraSpec {
         dropout,
+        dora_factors: Default::default(),
         targets: lora.adapted.clone(),
     }
 }
@@ -757,6 +763,8 @@ pub struct GpuKvCache {
     len: usize,
     /// Positions the buffers have room for.
     capacity: usize,
+    /// DoRA's factors by module path, from the first step on (`Role::DoraFactors`).
+    dora: HashMap<String, GpuBuffer>,
 }
 
 impl GpuKvCache {
@@ -773,6 +781,18 @@ impl GpuKvCache {
                 .collect(),
             len: 0,
             capacity: 0,
+            dora: HashMap::new(),
+        }
+    }
+
+    /// Room for the DoRA factors that `graph` computes and keeps (`FactorSource::ComputeAndKeep`).
+    fn keep_dora_factors(&mut self, gpu: &Gpu, graph: &Graph) {
+        for (id, desc) in graph.bufs.iter().enumerate() {
+            if let Role::DoraFactors(path) = &desc.role
+                && graph.nodes.iter().any(|n| n.outputs.contains(&id))
+            {
+                self.dora.insert(path.clone(), gpu.zeros(desc.len));
+            }
         }
     }
 
@@ -844,6 +864,7 @@ pub async fn decode_async(
         spec.as_ref(),
         StepShape::decode(ids.len(), past),
     );
+    cache.keep_dora_factors(gpu, &graph);
     let inputs = decoder::decode_inputs(&model.config, ids, past);
     let mut enc = gpu.encoder();
     let bind = Bindings {

@@ -158,6 +158,9 @@ pub enum Role {
         layer: usize,
         values: bool,
     },
+    /// DoRA's factors of the linear at a module path, kept by the decoding cache between steps (they
+    /// change only with the adapter).
+    DoraFactors(String),
     /// Values the caller gives by name (`StepInputs::given`).
     Given(String),
     /// A result the caller reads back, by name: a step's per-position losses, logits.

@@ -25,8 +25,23 @@ use std::sync::{Arc, Mutex};
 pub struct LoraSpec {
     /// Probability of dropping an element of a LoRA branch's input while training.
     pub dropout: f32,
+    /// Where DoRA's factors come from (decoding keeps them in its cache: they change only with the
+    /// adapter).
+    pub dora_factors: FactorSource,
     /// The adapted linears by module path (`model.layers.3.self_attn.q_proj`).
     pub targets: BTreeMap<String, Adapted>,
+}
+
+/// Where a graph takes DoRA's factors (`Op::DoraFactors`) from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FactorSource {
+    /// Computed where the linear runs.
+    #[default]
+    Compute,
+    /// Computed into the decoding cache (`Role::DoraFactors`): the first step of a decode.
+    ComputeAndKeep,
+    /// Read from the decoding cache: the steps after it.
+    Kept,
 }
 
 /// An adapted linear's rank, the scale of its update, and whether DoRA rescales its output.
@@ -41,6 +56,7 @@ impl LoraSpec {
     pub fn of(adapter: &LoraAdapter) -> Self {
         LoraSpec {
             dropout: adapter.config.dropout,
+            dora_factors: FactorSource::Compute,
             targets: adapter
                 .pairs()
                 .map(|(path, pair)| {
@@ -64,6 +80,7 @@ impl LoraSpec {
         };
         LoraSpec {
             dropout,
+            dora_factors: FactorSource::Compute,
             targets: paths.into_iter().map(|path| (path, adapted)).collect(),
         }
     }
@@ -281,7 +298,7 @@ struct MlpTapes<'a> {
 struct Decoder<'a> {
     b: Builder,
     c: &'a ModelConfig,
-    lora: Option<&'a LoraSpec>,
+    lora: Option<LoraSpec>,
     shape: StepShape,
     /// Padding at the end of the sequence that no token attends to (`Input::KeyEnd`).
     padded: bool,
@@ -296,6 +313,15 @@ struct Decoder<'a> {
 
 impl<'a> Decoder<'a> {
     fn new(c: &'a ModelConfig, lora: Option<&'a LoraSpec>, shape: StepShape, padded: bool) -> Self {
+        // Decoding keeps DoRA's factors in its cache from its first step on.
+        let lora = lora.map(|spec| LoraSpec {
+            dora_factors: match shape.decode_after {
+                None => FactorSource::Compute,
+                Some(0) => FactorSource::ComputeAndKeep,
+                Some(_) => FactorSource::Kept,
+            },
+            ..spec.clone()
+        });
         Decoder {
             b: Builder::new(),
             c,
@@ -550,7 +576,7 @@ impl Decoder<'_> {
     }
 
     fn dropout_op(&self, layer: usize, kind: LinearKind) -> Option<Op> {
-        let p = self.lora?.dropout;
+        let p = self.lora.as_ref()?.dropout;
         (self.shape.dropout && p > 0.0).then(|| Op::Dropout {
             p,
             stream: dropout::stream(layer, kind as usize),
@@ -584,7 +610,7 @@ impl Decoder<'_> {
         let shape = (rows, out, inp);
         lora_linear::forward(
             &mut self.b,
-            self.lora,
+            self.lora.as_ref(),
             x,
             shape,
             (path, name),
@@ -963,7 +989,7 @@ impl Decoder<'_> {
         let dropout = self.chunk_dropout(layer, kind, chunk);
         let shape = (rows, out, inp);
         let path = self.c.linear_path(kind, layer);
-        lora_linear::tape(&mut self.b, self.lora, x, shape, path, dropout)
+        lora_linear::tape(&mut self.b, self.lora.as_ref(), x, shape, path, dropout)
     }
 
     /// The dropout of a linear's LoRA branch in chunk `chunk` (masks of its own in each chunk).

@@ -8,7 +8,7 @@
 
 use crate::graph::{BufId, Builder, Input, Op, Role};
 use crate::lora::Factor;
-use crate::models::decoder::{Adapted, LoraSpec};
+use crate::models::decoder::{Adapted, FactorSource, LoraSpec};
 
 /// A linear layer as the forward ran it: what its backward reads.
 pub struct LinearTape {
@@ -78,7 +78,9 @@ pub fn forward(
     inputs.extend(bias);
     let y = b.activation(t * out, name);
     b.node(Op::Linear { out, inp }, &inputs, &[y], false);
-    let tape = tape(b, lora, x, (t, out, inp), path, dropout);
+    // Without dropout or bias, h = W·x + branch is y itself before DoRA's term: copied, not computed.
+    let h_is_y = dropout.is_none() && bias.is_none();
+    let tape = tape_of(b, lora, x, (t, out, inp), path, (dropout, !h_is_y));
     if let Some(branch) = &tape.lora {
         let (r, scale) = (branch.rank, branch.scale);
         b.node(
@@ -88,6 +90,14 @@ pub fn forward(
             true,
         );
         if let Some(dora) = &branch.dora {
+            if h_is_y {
+                let copy = Op::Columns {
+                    width: out,
+                    offset: 0,
+                    len: out,
+                };
+                b.node(copy, &[y], &[dora.h], false);
+            }
             // y += (m/n − 1) ⊙ h
             let gate = Op::Gate { dim: out, chunk: 1 };
             b.node(gate, &[dora.factors, dora.h], &[y], true);
@@ -103,9 +113,21 @@ pub fn tape(
     b: &mut Builder,
     lora: Option<&LoraSpec>,
     x: BufId,
-    (t, out, inp): (usize, usize, usize),
+    dims: (usize, usize, usize),
     path: String,
     dropout: Option<Op>,
+) -> LinearTape {
+    tape_of(b, lora, x, dims, path, (dropout, true))
+}
+
+/// `tape`, DoRA's h computed (`compute_h`) or left for the caller to write.
+fn tape_of(
+    b: &mut Builder,
+    lora: Option<&LoraSpec>,
+    x: BufId,
+    (t, out, inp): (usize, usize, usize),
+    path: String,
+    (dropout, compute_h): (Option<Op>, bool),
 ) -> LinearTape {
     let weight = b.weight(&format!("{path}.weight"), out * inp);
     let lora = match lora.and_then(|spec| spec.targets.get(&path)) {
@@ -124,18 +146,26 @@ pub fn tape(
             let xa = b.activation(t * r, format!("{path} x·Aᵀ"));
             b.node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
             let dora = dora.then(|| {
-                let magnitude = factor(b, Factor::Magnitude, out);
-                let factors = b.activation(3 * out, format!("{path} DoRA factors"));
-                let op = Op::DoraFactors {
-                    out,
-                    inp,
-                    rank: r,
-                    scale,
+                let source = lora.map(|spec| spec.dora_factors).unwrap_or_default();
+                let factors = match source {
+                    FactorSource::Compute => b.activation(3 * out, format!("{path} DoRA factors")),
+                    _ => b.state(Role::DoraFactors(path.clone()), 3 * out),
                 };
-                b.node(op, &[weight, a, bm, magnitude], &[factors], false);
+                if source != FactorSource::Kept {
+                    let magnitude = factor(b, Factor::Magnitude, out);
+                    let op = Op::DoraFactors {
+                        out,
+                        inp,
+                        rank: r,
+                        scale,
+                    };
+                    b.node(op, &[weight, a, bm, magnitude], &[factors], false);
+                }
                 let h = b.activation(t * out, format!("{path} DoRA W·x′ + branch"));
-                b.node(Op::Linear { out, inp }, &[lora_in, weight], &[h], false);
-                b.node(mm(t, out, r, false, true, scale), &[xa, bm], &[h], true);
+                if compute_h {
+                    b.node(Op::Linear { out, inp }, &[lora_in, weight], &[h], false);
+                    b.node(mm(t, out, r, false, true, scale), &[xa, bm], &[h], true);
+                }
                 DoraTape { factors, h }
             });
             Some(LoraTape {
