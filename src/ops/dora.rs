@@ -77,7 +77,8 @@ pub fn row_norms(
         .collect()
 }
 
-/// `Op::DoraMagnitudeGrad`: d_magnitude[o] (+)= factors[2·dim + o] · Σ_rows dy[·, o] · h[·, o].
+/// `Op::DoraMagnitudeGrad`: d_magnitude[o] (+)= factors[2·dim + o] · Σ_rows dy[·, o] · h[·, o]. Rows
+/// are summed a block at a time on each thread (the rows read in order), the blocks' sums in f64.
 pub fn magnitude_grad(
     dy: &[f32],
     h: &[f32],
@@ -88,16 +89,31 @@ pub fn magnitude_grad(
 ) {
     assert_eq!(dy.len(), h.len());
     assert_eq!((grad.len(), factors.len()), (dim, 3 * dim));
+    const ROWS: usize = 16;
+    let sums = dy
+        .par_chunks(ROWS * dim)
+        .zip(h.par_chunks(ROWS * dim))
+        .map(|(dy, h)| {
+            let mut block = vec![0f32; dim];
+            for (dy, h) in dy.chunks_exact(dim).zip(h.chunks_exact(dim)) {
+                for ((s, &d), &h) in block.iter_mut().zip(dy).zip(h) {
+                    *s += d * h;
+                }
+            }
+            block.into_iter().map(f64::from).collect::<Vec<f64>>()
+        })
+        .reduce(
+            || vec![0f64; dim],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        );
     let inverse = &factors[2 * dim..];
-    grad.par_iter_mut().enumerate().for_each(|(o, g)| {
-        let sum: f64 = dy
-            .chunks_exact(dim)
-            .zip(h.chunks_exact(dim))
-            .map(|(dy, h)| dy[o] as f64 * h[o] as f64)
-            .sum();
-        let v = (sum * inverse[o] as f64) as f32;
+    for ((g, sum), &inv) in grad.iter_mut().zip(&sums).zip(inverse) {
+        let v = (sum * inv as f64) as f32;
         *g = if accumulate { *g + v } else { v };
-    });
+    }
 }
 
 /// The GPU lowering of `magnitude_grad` (shaders/modulate.wgsl): one thread per output.
