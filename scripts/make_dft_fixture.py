@@ -15,11 +15,10 @@ import sys
 
 import torch
 import trl
-from peft import PeftModel
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(__file__))
-from make_train_fixtures import FAMILIES, OUT, load_base, lora_state, save_adapter, train  # noqa: E402
+from make_train_fixtures import FAMILIES, OUT, load_base, steps_against_float64  # noqa: E402
 
 # Qwen2, and Gemma 4 for its capped logits (the weight is the capped distribution's probability).
 CHOSEN = ["qwen2", "gemma4_text"]
@@ -40,19 +39,7 @@ for family in sys.argv[1:] or CHOSEN:
         rows = [json.loads(line) for line in f]
     examples = [torch.tensor(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=False))
                 for r in rows]
-    pm = PeftModel.from_pretrained(load_base(model_dir, FAMILIES[family]), init, is_trainable=True)
-    start = lora_state(pm)
-    losses, norms = train(pm, examples, dft)
-    folder = os.path.join(out, "dft")
-    save_adapter(pm, folder)
-    pm64 = PeftModel.from_pretrained(load_base(model_dir, FAMILIES[family]).double(), init,
-                                     is_trainable=True).double()
-    losses64, norms64 = train(pm64, examples, dft)
-    ours32, ours64 = lora_state(pm), lora_state(pm64)
-    noise = {k: ((ours32[k].double() - ours64[k]).norm() / (ours64[k] - start[k].double()).norm()).item()
-             for k in ours32}
-    with open(os.path.join(folder, "expected.json"), "w") as f:
-        json.dump({"losses": losses, "grad_norms": norms, "update_float32_noise": noise,
-                   "float64_losses": losses64, "float64_grad_norms": norms64,
-                   "trl": trl.__version__, "torch": torch.__version__}, f, indent=1)
+    bases = (load_base(model_dir, FAMILIES[family]), load_base(model_dir, FAMILIES[family]))
+    losses, norms = steps_against_float64(os.path.join(out, "dft"), bases, init, examples, dft,
+                                          versions={"trl": trl.__version__})
     print(family, "dft losses", losses, "grad norms", norms)

@@ -74,6 +74,28 @@ def nll(logits, labels):
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
+def steps_against_float64(folder, bases, init, examples, token_loss=nll, state=lora_state, versions=None):
+    """From the adapter folder `init`, the STEPS optimizer steps on `bases` (a float32 base model and a
+    float64 one); writes the float32 run's adapter into `folder`, and its expected.json: each step's loss
+    and gradient norm, and how far float32 arithmetic alone moves each trained tensor (the float64 run).
+    `state(pm)` names the trained tensors as PEFT saves them. Returns the float32 losses and norms."""
+    base32, base64 = bases
+    pm = PeftModel.from_pretrained(base32, init, is_trainable=True)
+    start = state(pm)
+    losses, norms = train(pm, examples, token_loss)
+    save_adapter(pm, folder)
+    pm64 = PeftModel.from_pretrained(base64.double(), init, is_trainable=True).double()
+    losses64, norms64 = train(pm64, examples, token_loss)
+    ours32, ours64 = state(pm), state(pm64)
+    noise = {k: ((ours32[k].double() - ours64[k]).norm() / (ours64[k] - start[k].double()).norm()).item()
+             for k in ours32}
+    with open(os.path.join(folder, "expected.json"), "w") as f:
+        json.dump({"losses": losses, "grad_norms": norms, "update_float32_noise": noise,
+                   "float64_losses": losses64, "float64_grad_norms": norms64, **(versions or {}),
+                   "torch": torch.__version__}, f, indent=1)
+    return losses, norms
+
+
 def train(pm, examples, token_loss=nll):
     """STEPS optimizer steps of ACCUM examples each; `token_loss(logits, labels)` sums a sequence's
     loss."""

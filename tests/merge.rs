@@ -11,18 +11,27 @@ use nibble::rng::Rng;
 use nibble::source::FloatDtype;
 use nibble::synth::{self, SynthSpec};
 
-#[test]
-fn merged_weights_give_the_adapted_models_logits() {
+/// A tiny float32 model of `arch` in `shards` files (`base` in a temporary folder), loaded dense.
+fn f32_base(
+    arch: Arch,
+    shards: usize,
+) -> (tempfile::TempDir, std::path::PathBuf, nibble::model::Model) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
-    let mut spec = SynthSpec::tiny(Arch::Qwen3, 259);
+    let mut spec = SynthSpec::tiny(arch, 259);
     spec.dtype = FloatDtype::F32;
-    spec.shards = 2;
+    spec.shards = shards;
     synth::write_model_folder(&base, &spec, Some(&synth::byte_tokenizer())).unwrap();
     let model = ModelSource::open(&base)
         .unwrap()
         .load(Some(QuantRequest::Dense))
         .unwrap();
+    (dir, base, model)
+}
+
+#[test]
+fn merged_weights_give_the_adapted_models_logits() {
+    let (dir, base, model) = f32_base(Arch::Qwen3, 2);
     let mut rng = Rng::new(4);
     // Some modules with ranks and alphas of their own (PEFT's rank_pattern, alpha_pattern): each
     // merges at its own scale, and the saved folder carries the patterns.
@@ -114,15 +123,7 @@ fn merged_weights_give_the_adapted_models_logits() {
 /// magnitudes).
 #[test]
 fn dora_adapters_merge_to_the_adapted_models_logits() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    let mut spec = SynthSpec::tiny(Arch::Qwen2, 259);
-    spec.dtype = FloatDtype::F32;
-    synth::write_model_folder(&base, &spec, Some(&synth::byte_tokenizer())).unwrap();
-    let model = ModelSource::open(&base)
-        .unwrap()
-        .load(Some(QuantRequest::Dense))
-        .unwrap();
+    let (dir, base, model) = f32_base(Arch::Qwen2, 1);
     let mut rng = Rng::new(5);
     let config = LoraConfig {
         use_dora: true,

@@ -38,6 +38,31 @@ fn chats(n: usize) -> String {
         .collect()
 }
 
+/// A temporary folder with a byte-tokenizer model (`m`) and four chats (`d.jsonl`).
+fn model_and_chats() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, chats(4)).unwrap();
+    (dir, model, data)
+}
+
+/// `nibble eval` of `adapter` on the CPU.
+fn eval_cli(model: &Path, data: &Path, adapter: &Path) -> std::process::Output {
+    common::nibble(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ])
+}
+
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -1073,17 +1098,7 @@ fn lora_targets_are_module_paths_as_peft_matches_them() {
         serde_json::json!(["model.layers.1.mlp.down_proj", "q_proj"])
     );
     // The folder loads back with the same targets (eval reads it as PEFT would).
-    let o = common::nibble(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let o = eval_cli(&model, &data, &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
@@ -1150,14 +1165,10 @@ fn rank_and_alpha_patterns_name_the_modules_peft_names() {
 /// command line or an options file: the adapter's matrices take each module's rank, adapter_config.json
 /// carries the patterns in the order given (PEFT loads them so), run.json records them so that a resume
 /// with others is refused, eval loads the folder, and a pattern that is no regular expression, a
-/// rank of 0 or a pattern on a FLUX.2 run is an error naming the option.
+/// rank of 0, or a list in place of an object is an error naming the option.
 #[test]
 fn per_module_ranks_and_alphas_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m");
-    byte_model(&model);
-    let data = dir.path().join("d.jsonl");
-    std::fs::write(&data, chats(4)).unwrap();
+    let (dir, model, data) = model_and_chats();
     let out = dir.path().join("out");
     let ranks = r#"{"q_proj": 2, "layers\\.1\\.mlp\\.down_proj": 6}"#;
     let alphas = r#"{"o_proj": 3, "layers\\.0\\..*": 12.5}"#;
@@ -1208,17 +1219,7 @@ fn per_module_ranks_and_alphas_from_the_command_line() {
         ordered(&config["alpha_pattern"]),
         ordered(&serde_json::json!({"o_proj": 3.0, "layers\\.0\\..*": 12.5}))
     );
-    let o = common::nibble(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--adapter",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let o = eval_cli(&model, &data, &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The same run from an options file, its patterns as tables: the run it records is the one above.
@@ -1314,11 +1315,7 @@ fn per_module_ranks_and_alphas_from_the_command_line() {
 /// resume without it is refused; eval and generate load the folder.
 #[test]
 fn dora_trains_resumes_and_loads_from_the_command_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m");
-    byte_model(&model);
-    let data = dir.path().join("d.jsonl");
-    std::fs::write(&data, chats(4)).unwrap();
+    let (dir, model, data) = model_and_chats();
     let out = dir.path().join("out");
     let flags = ["--max-steps", "3", "--save-steps", "1", "--use-dora"];
     let o = train_cli(&model, &data, &out, &flags);
@@ -1404,11 +1401,7 @@ fn dora_trains_resumes_and_loads_from_the_command_line() {
 /// an initial adapter's are refused.
 #[test]
 fn dora_folders_are_checked_and_a_lora_adapter_starts_dora() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("m");
-    byte_model(&model);
-    let data = dir.path().join("d.jsonl");
-    std::fs::write(&data, chats(4)).unwrap();
+    let (dir, model, data) = model_and_chats();
     let train = |out: &str, extra: &[&str]| {
         let out = dir.path().join(out);
         let mut flags = vec!["--max-steps", "2", "--lora-dropout", "0"];
@@ -1421,19 +1414,7 @@ fn dora_folders_are_checked_and_a_lora_adapter_starts_dora() {
     let (o, dora) = train("dora", &["--use-dora"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let eval = |adapter: &Path| {
-        common::nibble(&[
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--device",
-            "cpu",
-        ])
-    };
+    let eval = |adapter: &Path| eval_cli(&model, &data, adapter);
     let with_config = |from: &Path, name: &str, use_dora: bool| {
         let to = dir.path().join(name);
         std::fs::create_dir_all(&to).unwrap();
