@@ -333,6 +333,11 @@ pub struct StepOptions {
     /// NEFTune: the half-width of the noise on the embeddings in training, drawn from the dropout seed
     /// (None: no noise).
     pub noise: Option<f32>,
+    /// Where DoRA's factors come from (`forward_backward_keeping` keeps them between the micro-batches
+    /// of an optimizer step, over which they do not change).
+    pub dora_factors: crate::models::decoder::FactorSource,
 }
 
-pub use crate::exec::cpu::{KvCache, decode, forward_backward, forward_backward_with, logits};
+pub use crate::exec::cpu::{
+    KvCache, decode, forward_backward, forward_backward_keeping, forward_backward_with, logits,
+};

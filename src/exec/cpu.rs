@@ -784,6 +784,31 @@ pub fn forward_backward_with(
     options: StepOptions,
     dropout_rng: Option<&mut Rng>,
 ) -> Result<StepLoss> {
+    forward_backward_in(model, adapter, grads, seq, options, dropout_rng, None)
+}
+
+/// `forward_backward_with`, DoRA's factors kept in `kept` (`options.dora_factors`): computed into it
+/// by a step's first micro-batch and read by the others.
+pub fn forward_backward_keeping(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    grads: Option<&mut LoraAdapter>,
+    seq: &Sequence,
+    options: StepOptions,
+    (dropout_rng, kept): (Option<&mut Rng>, &mut KvCache),
+) -> Result<StepLoss> {
+    forward_backward_in(model, adapter, grads, seq, options, dropout_rng, Some(kept))
+}
+
+fn forward_backward_in(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    grads: Option<&mut LoraAdapter>,
+    seq: &Sequence,
+    options: StepOptions,
+    dropout_rng: Option<&mut Rng>,
+    kept: Option<&mut KvCache>,
+) -> Result<StepLoss> {
     seq.check(model.config.vocab_size)?;
     let seed = dropout_rng.map(|r| r.next_u64());
     let targets = seq.target_count();
@@ -791,7 +816,10 @@ pub fn forward_backward_with(
         return Ok(StepLoss::default());
     }
     let backward = grads.is_some();
-    let lora = adapter.map(LoraSpec::of);
+    let lora = adapter.map(|a| LoraSpec {
+        dora_factors: options.dora_factors,
+        ..LoraSpec::of(a)
+    });
     let noise = options.noise.filter(|_| backward);
     let shape = StepShape {
         checkpoints: options.checkpoints,
@@ -815,7 +843,7 @@ pub fn forward_backward_with(
             model,
             adapter,
             grads,
-            cache: None,
+            cache: kept,
             optimizer: None,
             inputs: &inputs,
             precision: options.precision,
@@ -859,6 +887,11 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.layers.first().is_none_or(|l| l.k.is_empty())
+    }
+
+    /// Whether it holds DoRA's factors (a step has computed them into it).
+    pub fn keeps_dora_factors(&self) -> bool {
+        !self.dora.is_empty()
     }
 
     /// Forgets every position from `len` on (a conversation that diverges from what was decoded).

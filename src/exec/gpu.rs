@@ -96,6 +96,9 @@ pub struct SequenceOptions {
     /// NEFTune: the seed of the noise on the embeddings (dropout's, where both are on) and its
     /// half-width (None: no noise).
     pub noise: Option<(u64, f32)>,
+    /// Where DoRA's factors come from (`record_sequence_keeping` keeps them between the
+    /// micro-batches of an optimizer step).
+    pub dora_factors: crate::models::decoder::FactorSource,
 }
 
 /// The sums of a sequence's `TokenLoss` rows, as `record_sequence` leaves them.
@@ -638,13 +641,41 @@ pub fn record_sequence(
     options: SequenceOptions,
     enc: &mut wgpu::CommandEncoder,
 ) -> Result<Option<GpuBuffer>> {
+    record_sequence_in(gpu, model, (lora, grads), seq, options, enc, None)
+}
+
+/// `record_sequence`, DoRA's factors kept in `kept` (`options.dora_factors`): computed into it by a
+/// step's first micro-batch and read by the others, recorded after it.
+pub fn record_sequence_keeping(
+    gpu: &Gpu,
+    model: &GpuModel,
+    (lora, grads): (Option<&GpuLora>, Option<&GpuLora>),
+    seq: &Sequence,
+    options: SequenceOptions,
+    (enc, kept): (&mut wgpu::CommandEncoder, &mut GpuKvCache),
+) -> Result<Option<GpuBuffer>> {
+    record_sequence_in(gpu, model, (lora, grads), seq, options, enc, Some(kept))
+}
+
+fn record_sequence_in(
+    gpu: &Gpu,
+    model: &GpuModel,
+    (lora, grads): (Option<&GpuLora>, Option<&GpuLora>),
+    seq: &Sequence,
+    options: SequenceOptions,
+    enc: &mut wgpu::CommandEncoder,
+    kept: Option<&mut GpuKvCache>,
+) -> Result<Option<GpuBuffer>> {
     seq.check(model.config.vocab_size)?;
     check_activation_bindings(gpu, &model.config, seq.ids.len())?;
     if seq.target_count() == 0 {
         return Ok(None);
     }
     let (seed, p) = options.dropout.unwrap_or((0, 0.0));
-    let spec = lora.map(|l| lora_spec(l, p));
+    let spec = lora.map(|l| LoraSpec {
+        dora_factors: options.dora_factors,
+        ..lora_spec(l, p)
+    });
     let backward = grads.is_some();
     let noise = options.noise.filter(|_| backward);
     let shape = StepShape {
@@ -658,6 +689,10 @@ pub fn record_sequence(
         )
     };
     let graph = decoder::cached(&model.config, spec.as_ref(), shape);
+    let kept = kept.map(|kept| {
+        kept.keep_dora_factors(gpu, &graph);
+        &*kept
+    });
     let seed = options.dropout.or(noise).map_or(seed, |(s, _)| s);
     let inputs = StepInputs {
         loss_type: options.loss_type,
@@ -669,7 +704,7 @@ pub fn record_sequence(
         model,
         lora,
         grads,
-        cache: None,
+        cache: kept,
         moments: None,
         inputs: &inputs,
     };
@@ -802,6 +837,11 @@ impl GpuKvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether it holds DoRA's factors (a step has computed them into it).
+    pub fn keeps_dora_factors(&self) -> bool {
+        !self.dora.is_empty()
     }
 
     /// Forgets every position from `len` on (a conversation that diverges from what was decoded).

@@ -7,10 +7,13 @@ use super::weights::{GpuLora, GpuModel, GpuWeights};
 use super::{Gpu, GpuBuffer};
 use crate::cpu::{Sequence, StepLoss};
 use crate::error::{Error, Result};
-use crate::exec::gpu::{Bindings, SequenceOptions, record, record_sequence, sequence_loss};
+use crate::exec::gpu::{
+    Bindings, GpuKvCache, SequenceOptions, record, record_sequence_keeping, sequence_loss,
+};
 use crate::graph::{Graph, StepInputs};
 use crate::lora::LoraAdapter;
 use crate::model::{FrozenWeights, Model};
+use crate::models::decoder::FactorSource;
 use crate::models::optimizer;
 use crate::ops::adamw::AdamWParams;
 
@@ -122,16 +125,24 @@ impl GpuTrainState {
         let mut order: Vec<usize> = (0..sequences.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].0.ids.len()));
         let mut results: Vec<Option<GpuBuffer>> = (0..sequences.len()).map(|_| None).collect();
+        // DoRA's factors change only with the optimizer step: the first micro-batch computes them.
+        let mut kept = GpuKvCache::new(gpu, model);
         for i in order {
             let (seq, options) = &sequences[i];
-            results[i] = record_sequence(
+            let options = SequenceOptions {
+                dora_factors: match kept.keeps_dora_factors() {
+                    true => FactorSource::Kept,
+                    false => FactorSource::ComputeAndKeep,
+                },
+                ..*options
+            };
+            results[i] = record_sequence_keeping(
                 gpu,
                 model,
-                Some(&self.params),
-                Some(&self.grads),
+                (Some(&self.params), Some(&self.grads)),
                 seq,
-                *options,
-                &mut enc,
+                options,
+                (&mut enc, &mut kept),
             )?;
         }
         let reads: Vec<&GpuBuffer> = results.iter().flatten().collect();

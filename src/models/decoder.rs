@@ -316,7 +316,7 @@ impl<'a> Decoder<'a> {
         // Decoding keeps DoRA's factors in its cache from its first step on.
         let lora = lora.map(|spec| LoraSpec {
             dora_factors: match shape.decode_after {
-                None => FactorSource::Compute,
+                None => spec.dora_factors,
                 Some(0) => FactorSource::ComputeAndKeep,
                 Some(_) => FactorSource::Kept,
             },

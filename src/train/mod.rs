@@ -24,6 +24,7 @@ use crate::gpu::train::{BaseModel, GpuTrainState};
 use crate::graph::StepInputs;
 use crate::lora::{LoraAdapter, LoraConfig, factor_key};
 use crate::model::Model;
+use crate::models::decoder::FactorSource;
 use crate::models::optimizer;
 use crate::ops::Precision;
 use crate::ops::adamw::AdamWParams;
@@ -1094,6 +1095,7 @@ impl<'a> Trainer<'a> {
                         dropout: (p > 0.0).then_some((seed, p)),
                         loss_type: self.config.loss_type,
                         noise: noise.map(|m| (seed, m)),
+                        ..SequenceOptions::default()
                     };
                     (&sequences[i], options)
                 })
@@ -1224,16 +1226,26 @@ impl Trainer<'_> {
             checkpoints: self.config.checkpoints,
             precision: self.config.precision,
             loss_type: self.config.loss_type,
-            noise: None,
+            ..StepOptions::default()
         };
+        // DoRA's factors change only with the optimizer step: the first micro-batch computes them.
+        let mut kept = cpu::KvCache::new(model);
         for (&i, &noise) in picks.iter().zip(noise) {
-            let loss = cpu::forward_backward_with(
+            let dora_factors = match kept.keeps_dora_factors() {
+                true => FactorSource::Kept,
+                false => FactorSource::ComputeAndKeep,
+            };
+            let loss = cpu::forward_backward_keeping(
                 model,
                 Some(&self.adapter),
                 Some(&mut grads),
                 &sequences[i],
-                StepOptions { noise, ..options },
-                Some(&mut self.dropout_rng),
+                StepOptions {
+                    noise,
+                    dora_factors,
+                    ..options
+                },
+                (Some(&mut self.dropout_rng), &mut kept),
             )?;
             losses.push(loss);
         }
