@@ -402,7 +402,9 @@ fn dora_gradients_under_dropout() {
 /// against a finite-difference directional derivative of Σ dy ⊙ y with the same masks (the norm does
 /// not depend on the input, so the detached gradient is the whole one), which takes the rescaled base
 /// term's backward through the dropped input; for a linear with a bias (q_proj) and one without
-/// (down_proj). Measured within 7e-7 (float32 rounding: y is linear in x); held to 1e-5.
+/// (down_proj). Measured within 7e-7 on x86 and 2.2e-5 under qemu's NEON at a step of 1e-2 (float32's
+/// rounding of the sums, y being linear in x), and at the step of 0.1 taken here within 2.9e-6 on x86
+/// and 1.3e-6 under NEON; held to 5e-5.
 #[test]
 fn a_dora_linear_s_input_gradient_under_dropout_matches_finite_differences() {
     use nibble::exec::cpu::{Bindings, run};
@@ -483,7 +485,9 @@ fn a_dora_linear_s_input_gradient_under_dropout_matches_finite_differences() {
             .zip(&direction)
             .map(|(a, d)| *a as f64 * *d as f64)
             .sum();
-        let eps = 1e-2f32;
+        // y is linear in x (the norm does not depend on it), so a wide step adds no truncation error
+        // and keeps float32's rounding of the sums small beside the difference.
+        let eps = 0.1f32;
         let moved = |sign: f32| -> Vec<f32> {
             x0.iter()
                 .zip(&direction)
@@ -493,6 +497,6 @@ fn a_dora_linear_s_input_gradient_under_dropout_matches_finite_differences() {
         let numeric = (step(&moved(1.0)).0 - step(&moved(-1.0)).0) / (2.0 * eps as f64);
         let rel = (analytic - numeric).abs() / numeric.abs();
         eprintln!("{path}: dx·v {analytic} vs finite difference {numeric} ({rel:.1e})");
-        assert!(rel < 1e-5, "{path}: {analytic} vs {numeric} ({rel:e})");
+        assert!(rel < 5e-5, "{path}: {analytic} vs {numeric} ({rel:e})");
     }
 }
