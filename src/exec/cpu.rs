@@ -816,10 +816,7 @@ fn forward_backward_in(
         return Ok(StepLoss::default());
     }
     let backward = grads.is_some();
-    let lora = adapter.map(|a| LoraSpec {
-        dora_factors: options.dora_factors,
-        ..LoraSpec::of(a)
-    });
+    let lora = adapter.map(|a| LoraSpec::of(a).with_factors(options.dora_factors));
     let noise = options.noise.filter(|_| backward);
     let shape = StepShape {
         checkpoints: options.checkpoints,

@@ -672,10 +672,7 @@ fn record_sequence_in(
         return Ok(None);
     }
     let (seed, p) = options.dropout.unwrap_or((0, 0.0));
-    let spec = lora.map(|l| LoraSpec {
-        dora_factors: options.dora_factors,
-        ..lora_spec(l, p)
-    });
+    let spec = lora.map(|l| lora_spec(l, p).with_factors(options.dora_factors));
     let backward = grads.is_some();
     let noise = options.noise.filter(|_| backward);
     let shape = StepShape {

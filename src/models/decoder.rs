@@ -71,6 +71,16 @@ impl LoraSpec {
         }
     }
 
+    /// The spec with DoRA's factors from `source` where a target has DoRA (else the graph is the same
+    /// whatever the source, and one graph is built and cached for it, not one per source).
+    pub fn with_factors(self, source: FactorSource) -> Self {
+        let dora = self.targets.values().any(|a| a.dora);
+        LoraSpec {
+            dora_factors: if dora { source } else { FactorSource::Compute },
+            ..self
+        }
+    }
+
     /// Every one of `paths` at the same rank (plans, which size memory, take scale 1).
     pub fn uniform(paths: impl IntoIterator<Item = String>, rank: usize, dropout: f32) -> Self {
         let adapted = Adapted {
@@ -314,13 +324,12 @@ struct Decoder<'a> {
 impl<'a> Decoder<'a> {
     fn new(c: &'a ModelConfig, lora: Option<&'a LoraSpec>, shape: StepShape, padded: bool) -> Self {
         // Decoding keeps DoRA's factors in its cache from its first step on.
-        let lora = lora.map(|spec| LoraSpec {
-            dora_factors: match shape.decode_after {
+        let lora = lora.map(|spec| {
+            spec.clone().with_factors(match shape.decode_after {
                 None => spec.dora_factors,
                 Some(0) => FactorSource::ComputeAndKeep,
                 Some(_) => FactorSource::Kept,
-            },
-            ..spec.clone()
+            })
         });
         Decoder {
             b: Builder::new(),
