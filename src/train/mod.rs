@@ -13,6 +13,8 @@ pub mod run;
 pub mod schedule;
 pub mod settings;
 pub mod tensorboard;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod trl_config;
 
 use crate::cpu::{self, Sequence, StepLoss, StepOptions};
 use crate::data::{Example, Turns};

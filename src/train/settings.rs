@@ -73,8 +73,9 @@ caption_dropout = 0.05
 #[derive(clap::Args, Deserialize, Serialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
-    /// A TOML file of options (keys as the flags, with underscores); relative paths in it are read from
-    /// the file's folder.
+    /// A TOML file of options (keys as the flags, with underscores; relative paths in it are read from
+    /// the file's folder), or a TRL recipe (.yaml or .yml, as `trl sft --config` reads it: TRL's
+    /// defaults where it is silent, paths read from where nibble runs).
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -485,6 +486,14 @@ pub fn document_defaults(command: clap::Command) -> clap::Command {
         })
 }
 
+/// `--config` files ending in .yaml or .yml are TRL's recipes (`trl sft --config`); others are TOML.
+#[cfg(not(target_arch = "wasm32"))]
+fn is_trl_recipe(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+}
+
 impl TrainSettings {
     /// The flags over the `--config` file over the preset (named by either).
     #[cfg(not(target_arch = "wasm32"))]
@@ -493,7 +502,17 @@ impl TrainSettings {
             Some(path) => {
                 let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
                 let folder = path.parent().unwrap_or(Path::new(""));
-                flags.over(Self::parse_toml(&text, &path)?.paths_from(folder))?
+                let file = if is_trl_recipe(&path) {
+                    // Paths in TRL's recipes are read from where the command runs, as TRL reads them.
+                    let recipe = crate::train::trl_config::read(&text, &path, &flags)?;
+                    for note in &recipe.notes {
+                        log::warn!("{}: {note}", path.display());
+                    }
+                    recipe.settings
+                } else {
+                    Self::parse_toml(&text, &path)?.paths_from(folder)
+                };
+                flags.over(file)?
             }
             None => flags,
         };

@@ -1,0 +1,513 @@
+//! TRL's recipe files (`trl sft --config recipe.yaml`) as `nibble train --config recipe.yaml`: each
+//! recipe of tests/fixtures/trl_config resolves to what TRL's own parser made of it
+//! (`scripts/make_trl_config_fixture.py`, TRL 1.16 / transformers 5.25 / PEFT 0.21), options nibble
+//! cannot honour are refused by name, and a recipe trains end to end from the command line.
+
+mod common;
+
+use clap::Parser;
+use nibble::train::settings::{TrainSettings, defaults_for_help};
+use nibble::train::trl_config;
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    settings: TrainSettings,
+}
+
+fn flags(args: &[&str]) -> TrainSettings {
+    Flags::try_parse_from(std::iter::once("train").chain(args.iter().copied()))
+        .unwrap()
+        .settings
+}
+
+/// A folder holding a model folder whose config.json says qwen2 (all PEFT's defaults read of it).
+fn qwen2_folder() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("model")).unwrap();
+    std::fs::write(
+        dir.path().join("model/config.json"),
+        r#"{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}"#,
+    )
+    .unwrap();
+    dir
+}
+
+/// The recipe with its model and chat template in `dir` (TRL reads paths from where it runs; so
+/// does nibble).
+fn recipe_text(name: &str, dir: &Path) -> String {
+    let text = std::fs::read_to_string(format!("tests/fixtures/trl_config/{name}")).unwrap();
+    let line = "model_name_or_path: model\n";
+    assert!(
+        text.contains(line),
+        "{name} names its model as the test expects"
+    );
+    let template = dir.join("template.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    text.replace(
+        line,
+        &format!("model_name_or_path: {}\n", dir.join("model").display()),
+    )
+    .replace(
+        "chat_template_path: template.jinja\n",
+        &format!("chat_template_path: {}\n", template.display()),
+    )
+}
+
+fn read(text: &str, flags: &TrainSettings) -> nibble::Result<trl_config::Recipe> {
+    trl_config::read(text, Path::new("recipe.yaml"), flags)
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+#[test]
+fn recipes_resolve_as_trl_sft_resolves_them() {
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/trl_config/expected.json").unwrap(),
+    )
+    .unwrap();
+    let cases = expected["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 4);
+    let dir = qwen2_folder();
+    let model = dir.path().join("model");
+    for (name, e) in cases {
+        // Two recipes evaluate on the dataset's test split, which a JSONL file lacks: a fraction then.
+        let with_eval = e["eval_strategy"] != "no";
+        let flags = if with_eval {
+            flags(&["--eval-split", "0.25"])
+        } else {
+            TrainSettings::default()
+        };
+        let recipe =
+            read(&recipe_text(name, dir.path()), &flags).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let s = TrainSettings::layered(flags.clone())
+            .unwrap()
+            .over(recipe.settings.clone())
+            .unwrap();
+        let c = s.train_config().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let run = s.run_options().unwrap();
+        let check =
+            |what: &str, ok: bool| assert!(ok, "{name}: {what}: nibble {c:?} / {run:?}, TRL {e}");
+        check("model", s.model.as_deref() == Some(model.as_path()));
+        check(
+            "data",
+            s.data.as_deref().map(|p| p.display().to_string())
+                == e["dataset_name"].as_str().map(String::from),
+        );
+        check(
+            "output",
+            s.output
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .as_deref()
+                == Some(e["output_dir"].as_str().unwrap()).filter(|o| *o != "trainer_output"),
+        );
+        check("lr", c.lr == f(&e["learning_rate"]));
+        check("epochs", c.epochs as f64 == f(&e["num_train_epochs"]));
+        check(
+            "max_steps",
+            c.max_steps.map_or(-1.0, |n| n as f64) == f(&e["max_steps"]),
+        );
+        check(
+            "batch",
+            c.batch_size as f64 == f(&e["per_device_train_batch_size"]),
+        );
+        check(
+            "accumulation",
+            c.grad_accum as f64 == f(&e["gradient_accumulation_steps"]),
+        );
+        check(
+            "schedule",
+            nibble::value_name(c.schedule) == e["lr_scheduler_type"].as_str().unwrap(),
+        );
+        check(
+            "schedule kwargs",
+            serde_json::to_value(&c.schedule_kwargs).unwrap() == e["lr_scheduler_kwargs"],
+        );
+        // transformers 5: warmup_steps below 1 is a fraction of the run, rounded up.
+        let w = f(&e["warmup_steps"]);
+        let trl_warmup = if w < 1.0 {
+            (w * 100.0).ceil() as usize
+        } else {
+            w as usize
+        };
+        check("warmup", c.warmup_for(100) == trl_warmup);
+        check("weight decay", c.weight_decay == f(&e["weight_decay"]));
+        check(
+            "adam",
+            (c.adam_beta1, c.adam_beta2, c.adam_epsilon)
+                == (
+                    f(&e["adam_beta1"]),
+                    f(&e["adam_beta2"]),
+                    f(&e["adam_epsilon"]),
+                ),
+        );
+        check("clipping", c.max_grad_norm == f(&e["max_grad_norm"]));
+        check("seed", c.seed as f64 == f(&e["seed"]));
+        check("max length", c.max_length as f64 == f(&e["max_length"]));
+        check(
+            "truncation",
+            nibble::value_name(c.truncation) == e["truncation_mode"].as_str().unwrap(),
+        );
+        check("packing", run.packing == e["packing"].as_bool().unwrap());
+        check(
+            "packing strategy",
+            nibble::value_name(run.packing_strategy) == e["packing_strategy"].as_str().unwrap(),
+        );
+        check(
+            "text field",
+            c.text_field == e["dataset_text_field"].as_str().unwrap(),
+        );
+        check(
+            "neftune",
+            c.neftune_noise_alpha == e["neftune_noise_alpha"].as_f64(),
+        );
+        check(
+            "loss type",
+            nibble::value_name(c.loss_type) == e["loss_type"].as_str().unwrap(),
+        );
+        // TRL's masks: completion_only_loss (None: the completion of prompt/completion rows) and
+        // assistant_only_loss.
+        let loss_on = match (
+            e["assistant_only_loss"].as_bool().unwrap(),
+            e["completion_only_loss"].as_bool(),
+        ) {
+            (true, _) => "assistant",
+            (false, Some(false)) => "all",
+            _ => "default",
+        };
+        check("loss on", nibble::value_name(c.loss_on) == loss_on);
+        check(
+            "chat template",
+            s.chat_template
+                .as_deref()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned())
+                == e["chat_template_path"].as_str().map(String::from),
+        );
+        let saves_by_steps = e["save_strategy"] == "steps";
+        check(
+            "save steps",
+            run.save_steps as f64
+                == if saves_by_steps {
+                    f(&e["save_steps"])
+                } else {
+                    0.0
+                },
+        );
+        check(
+            "save each epoch",
+            run.save_each_epoch == (e["save_strategy"] == "epoch"),
+        );
+        check(
+            "save limit",
+            run.save_total_limit.map(|n| n as f64) == e["save_total_limit"].as_f64(),
+        );
+        check(
+            "eval steps",
+            match e["eval_strategy"].as_str().unwrap() {
+                "steps" => run.eval_steps as f64 == f(&e["eval_steps"]),
+                _ => run.eval_steps == 0,
+            },
+        );
+        let lora = &e["lora"];
+        check("rank", c.lora.r as f64 == f(&lora["r"]));
+        check("alpha", c.lora.alpha == f(&lora["lora_alpha"]));
+        check(
+            "dropout",
+            (c.lora.dropout as f64 - f(&lora["lora_dropout"])).abs() < 1e-7,
+        );
+        check(
+            "rslora",
+            c.lora.use_rslora == lora["use_rslora"].as_bool().unwrap(),
+        );
+        check(
+            "dora",
+            c.lora.use_dora == lora["use_dora"].as_bool().unwrap(),
+        );
+        let mut targets = c.lora.targets.clone();
+        targets.sort();
+        let trl_targets: Vec<String> = match &lora["target_modules"] {
+            Value::String(s) => vec![s.clone()],
+            list => list
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect(),
+        };
+        check("targets", targets == trl_targets);
+        // bitsandbytes NF4 where TRL quantizes; nibble's NF4 (with a note) where it does not.
+        check(
+            "quant",
+            s.quant.map(nibble::value_name).as_deref()
+                == e["load_in_4bit"].as_bool().unwrap().then_some("nf4"),
+        );
+        let noted_16_bit = recipe.notes.iter().any(|n| n.contains("16 bits"));
+        check(
+            "16-bit note",
+            noted_16_bit != e["load_in_4bit"].as_bool().unwrap(),
+        );
+    }
+}
+
+/// Every TRL option nibble takes as it is defaults to what nibble's does, so a recipe that leaves it
+/// out means the same in both (those whose defaults differ are filled in from TRL's table).
+#[test]
+fn trl_and_nibble_default_alike_where_nibble_takes_the_option_as_it_is() {
+    let nibble: std::collections::HashMap<&str, String> = defaults_for_help().into_iter().collect();
+    let taken = trl_config::options_taken_as_they_are();
+    assert!(taken.len() >= 20, "{taken:?}");
+    for (name, id, trl_default) in taken {
+        let ours = &nibble[id.as_str()];
+        let alike = match &trl_default {
+            Value::Null => true,
+            Value::Number(n) => ours.parse::<f64>().ok() == n.as_f64(),
+            Value::Bool(b) => *ours == b.to_string(),
+            Value::String(s) => ours == s,
+            other => panic!("{name}: {other}"),
+        };
+        assert!(
+            alike,
+            "{name}: TRL's default {trl_default}, nibble's {id} {ours}"
+        );
+    }
+}
+
+#[test]
+fn options_nibble_cannot_honour_are_refused_by_name() {
+    let dir = qwen2_folder();
+    let head = format!(
+        "model_name_or_path: {}\ndataset_name: chats.jsonl\n",
+        dir.path().join("model").display()
+    );
+    let cases = [
+        ("use_peft: false\n", "use_peft: false"),
+        ("load_in_8bit: true\n", "load_in_8bit"),
+        (
+            "load_in_4bit: true\nbnb_4bit_quant_type: fp4\n",
+            "bnb_4bit_quant_type: fp4",
+        ),
+        ("lora_modules_to_save: [lm_head]\n", "lora_modules_to_save"),
+        (
+            "lora_target_parameters: [experts.gate_up_proj]\n",
+            "lora_target_parameters",
+        ),
+        ("lora_target_modules: q_proj\n", "regular expression"),
+        ("lora_task_type: SEQ_CLS\n", "SEQ_CLS"),
+        ("optim: adafactor\n", "optim: adafactor"),
+        (
+            "label_smoothing_factor: 0.1\n",
+            "label_smoothing_factor: 0.1",
+        ),
+        ("dataloader_drop_last: true\n", "dataloader_drop_last"),
+        ("num_train_epochs: 1.5\n", "whole epochs"),
+        ("learnig_rate: 1e-4\n", "did you mean `learning_rate`"),
+        ("learning_rate: 1e-4\nlr: 2e-4\n", "give it once"),
+        ("learning_rate: fast\n", "learning_rate: fast"),
+        ("eval_strategy: steps\n", "needs validation data"),
+        ("datasets:\n  - path: a.jsonl\n", "mixtures"),
+        ("data_seed: 3\n", "data_seed"),
+        (
+            "assistant_only_loss: true\ncompletion_only_loss: false\n",
+            "assistant_only_loss",
+        ),
+        (
+            "train_sampling_strategy: group_by_length\n",
+            "group_by_length",
+        ),
+        ("config: other.yaml\n", "another options file"),
+        (
+            "lr_scheduler_type: reduce_lr_on_plateau\n",
+            "reduce_lr_on_plateau",
+        ),
+    ];
+    for (extra, says) in cases {
+        let peft = if extra.contains("use_peft") {
+            ""
+        } else {
+            "use_peft: true\n"
+        };
+        let err = match read(&format!("{head}{peft}{extra}"), &TrainSettings::default()) {
+            Ok(r) => r.settings.train_config().err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        let err = err.unwrap_or_else(|| panic!("`{extra}` was accepted"));
+        assert!(
+            err.contains(says) && err.contains("recipe.yaml"),
+            "`{extra}`: {err}"
+        );
+    }
+    // Not a mapping, not YAML (the line named), a duplicated key: the file is named.
+    for (text, says) in [
+        ("- a\n- b\n", "one YAML mapping"),
+        ("", "one YAML mapping"),
+        ("lr: [1, 2\n", "line"),
+        ("lr: 1\nlr: 2\n", "duplicate"),
+    ] {
+        let err = read(text, &TrainSettings::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(says) && err.starts_with("recipe.yaml"),
+            "{text:?}: {err}"
+        );
+    }
+    // Without lora_target_modules PEFT picks by the model's type, and has no pick for Phi-3.
+    std::fs::write(
+        dir.path().join("model/config.json"),
+        r#"{"model_type": "phi3"}"#,
+    )
+    .unwrap();
+    let err = read(&head, &TrainSettings::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("phi3") && err.contains("lora_target_modules"),
+        "{err}"
+    );
+}
+
+#[test]
+fn what_changes_nothing_is_noted_and_flags_win() {
+    let dir = qwen2_folder();
+    let model = dir.path().join("model");
+    let text = format!(
+        "model_name_or_path: {}\ndataset_name: d.jsonl\noutput_dir: out\nuse_peft: true\n\
+         load_in_4bit: true\nlora_target_modules: all-linear\nbf16: true\nreport_to: [wandb]\n\
+         push_to_hub: true\ntorch_dtype: bfloat16\noptim: paged_adamw_8bit\nevaluation_strategy: \"no\"\n\
+         resume_from_checkpoint: true\ntrain_sampling_strategy: sequential\n",
+        model.display()
+    );
+    let recipe = read(&text, &TrainSettings::default()).unwrap();
+    let notes = recipe.notes.join("\n");
+    for said in [
+        "bf16",
+        "report_to",
+        "torch_dtype",
+        "never uploads",
+        "8 bits",
+    ] {
+        assert!(notes.contains(said), "{said}: {notes}");
+    }
+    assert!(!notes.contains("16 bits"), "{notes}");
+    let s = &recipe.settings;
+    assert_eq!(
+        s.resume.as_deref(),
+        Some(Path::new("out")),
+        "true: the output folder"
+    );
+    assert_eq!(s.no_shuffle, Some(true));
+    // The command line wins over the recipe, TRL's defaults included.
+    let layered = flags(&["--lr", "1e-3", "--output", "elsewhere"])
+        .over(recipe.settings.clone())
+        .unwrap();
+    let c = layered.train_config().unwrap();
+    assert_eq!(
+        (c.lr, c.batch_size),
+        (1e-3, 8),
+        "the flag, then TRL's default batch"
+    );
+    // A `datasets` folder of splits: TRL trains on its train split and evaluates on its test split.
+    let splits = dir.path().join("ds");
+    for split in ["train", "test"] {
+        std::fs::create_dir_all(splits.join(split)).unwrap();
+    }
+    std::fs::write(
+        splits.join("dataset_dict.json"),
+        r#"{"splits": ["train", "test"]}"#,
+    )
+    .unwrap();
+    let text = format!(
+        "model_name_or_path: {}\ndataset_name: {}\nuse_peft: true\neval_strategy: epoch\n",
+        model.display(),
+        splits.display()
+    );
+    let s = read(&text, &TrainSettings::default()).unwrap().settings;
+    assert_eq!(s.data, Some(splits.join("train")));
+    assert_eq!(s.eval_data, Some(splits.join("test")));
+}
+
+#[test]
+fn a_trl_recipe_trains_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let synth = common::nibble(&[
+        "synth",
+        "--preset",
+        "tiny-qwen2",
+        "--output",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        synth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synth.stderr)
+    );
+    std::fs::write(
+        dir.path().join("chats.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"What is nibble?\"}, {\"role\": \"assistant\", \"content\": \"A QLoRA trainer.\"}]}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"Where?\"}, {\"role\": \"assistant\", \"content\": \"On laptops.\"}]}\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        "tests/fixtures/trl_config/qwen_recipe.yaml",
+        dir.path().join("recipe.yaml"),
+    )
+    .unwrap();
+    let out = common::nibble_command()
+        .current_dir(dir.path())
+        .args([
+            "train",
+            "--config",
+            "recipe.yaml",
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("ignored, as they change nothing") && log.contains("dtype"),
+        "{log}"
+    );
+    let run = dir.path().join("qwen-lora");
+    let adapter: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (adapter["r"].as_u64(), adapter["lora_alpha"].as_f64()),
+        (Some(8), Some(16.0))
+    );
+    let recorded = std::fs::read_to_string(run.join("nibble_config.toml")).unwrap();
+    for line in [
+        "lr = 0.0002",
+        "grad_accum = 4",
+        "epochs = 2",
+        "quant = \"nf4\"",
+        "target_modules = \"all-linear\"",
+    ] {
+        assert!(recorded.contains(line), "{line}: {recorded}");
+    }
+    // A TOML file stays TOML.
+    std::fs::write(dir.path().join("bad.toml"), "use_peft: true\n").unwrap();
+    let out = common::nibble_command()
+        .current_dir(dir.path())
+        .args(["train", "--config", "bad.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
