@@ -42,6 +42,11 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
 /// `read_examples`, with text rows' text in the column `text_field`.
 pub fn read_examples_with(path: &Path, text_field: &str) -> Result<Vec<Example>> {
     #[cfg(not(target_arch = "wasm32"))]
+    if !path.exists() {
+        let repo = crate::fsutil::HubRepo::Dataset;
+        return Err(Error::Invalid(crate::fsutil::not_found_message(path, repo)));
+    }
+    #[cfg(not(target_arch = "wasm32"))]
     if crate::tables::is_table(path) {
         let mut out = Vec::new();
         for (i, row) in crate::tables::rows(path)?.iter().enumerate() {

@@ -21,6 +21,45 @@ pub fn write_atomically(
     Ok(())
 }
 
+/// What a missing path could have been meant as on the Hugging Face hub.
+#[derive(Clone, Copy)]
+pub enum HubRepo {
+    Model,
+    Dataset,
+}
+
+/// What to say of a path that is neither a folder nor a file: that, and for what looks like a Hugging
+/// Face hub id (`Qwen/Qwen2.5-0.5B-Instruct`, `trl-lib/Capybara`), how to get it (nibble never
+/// downloads).
+pub fn not_found_message(path: &Path, repo: HubRepo) -> String {
+    let text = path.to_string_lossy();
+    let parts: Vec<&str> = text.split('/').collect();
+    let hub_id = parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && !p.starts_with('.')
+        });
+    if !hub_id {
+        return format!("{text}: no such folder or file");
+    }
+    let (what, repo_type, pass) = match repo {
+        HubRepo::Model => ("", "", "that folder"),
+        HubRepo::Dataset => (
+            " dataset",
+            " --repo-type dataset",
+            "its data file (JSONL or Parquet) or a folder `datasets` saved",
+        ),
+    };
+    format!(
+        "{text}: no such folder or file. It looks like a Hugging Face hub{what} id: nibble reads local \
+         files only and never downloads; fetch it first, e.g. `huggingface-cli download{repo_type} \
+         {text} --local-dir {}`, and pass {pass}",
+        parts[1]
+    )
+}
+
 fn temporary_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()

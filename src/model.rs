@@ -503,29 +503,6 @@ pub enum QuantRequest {
     Quantize(QuantSpec),
 }
 
-/// What to say of a model path that is neither a folder nor a file: that, and for what looks like a
-/// Hugging Face hub id (`Qwen/Qwen2.5-0.5B-Instruct`), how to get the folder (nibble never downloads).
-fn not_found_message(path: &Path) -> String {
-    let text = path.to_string_lossy();
-    let parts: Vec<&str> = text.split('/').collect();
-    let hub_id = parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                && !p.starts_with('.')
-        });
-    match hub_id {
-        true => format!(
-            "{text}: no such folder or file. It looks like a Hugging Face hub id: nibble reads local folders \
-             only and never downloads; fetch it first, e.g. `huggingface-cli download {text} --local-dir {}`, \
-             and pass that folder",
-            parts[1]
-        ),
-        false => format!("{text}: no such folder or file"),
-    }
-}
-
 /// How the command line and option files name a storage for the decoder's linears.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuantChoice {
@@ -615,7 +592,10 @@ impl ModelSource {
                 )))
             }
         } else {
-            Err(Error::Invalid(not_found_message(path)))
+            Err(Error::Invalid(crate::fsutil::not_found_message(
+                path,
+                crate::fsutil::HubRepo::Model,
+            )))
         }
     }
 

@@ -502,6 +502,27 @@ fn a_trl_recipe_trains_from_the_command_line() {
     ] {
         assert!(recorded.contains(line), "{line}: {recorded}");
     }
+    // Hub ids (what TRL's recipes usually name) are not fetched: the error says how to get them.
+    let out = common::nibble_command()
+        .current_dir(dir.path())
+        .args([
+            "train",
+            "--config",
+            "recipe.yaml",
+            "--dataset-name",
+            "trl-lib/Capybara",
+            "--output",
+            "hub",
+        ])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && log.contains("hub dataset id")
+            && log.contains("--repo-type dataset trl-lib/Capybara"),
+        "{log}"
+    );
     // A TOML file stays TOML.
     std::fs::write(dir.path().join("bad.toml"), "use_peft: true\n").unwrap();
     let out = common::nibble_command()

@@ -604,7 +604,10 @@ impl Reader<'_> {
             None if self.has("target_modules") || self.flags.target_modules.is_some() => {
                 return Ok(());
             }
-            None => self.peft_default_targets()?,
+            None => match self.peft_default_targets()? {
+                Some(targets) => targets,
+                None => return Ok(()),
+            },
         };
         self.set(
             "target_modules",
@@ -614,8 +617,12 @@ impl Reader<'_> {
     }
 
     /// PEFT's modules for a LoraConfig that names none, read off the model's type.
-    fn peft_default_targets(&mut self) -> Result<String> {
+    fn peft_default_targets(&mut self) -> Result<Option<String>> {
         let model = self.path("model", &self.flags.model);
+        if model.as_ref().is_some_and(|m| !m.exists()) {
+            // Loading it fails first, saying what the path looks like.
+            return Ok(None);
+        }
         let config = model.as_ref().map(|m| m.join("config.json"));
         let model_type = config
             .as_ref()
@@ -642,7 +649,7 @@ impl Reader<'_> {
             "no lora_target_modules: PEFT's default for {model_type}, {targets} (nibble's own is \
              all-linear)"
         ));
-        Ok(targets.to_string())
+        Ok(Some(targets.to_string()))
     }
 
     fn quantization(&mut self) -> Result<()> {
