@@ -2,7 +2,8 @@
 
 Writes two files:
 - src/train/trl_fields.json: every option `trl sft` takes (TRL's ScriptArguments, SFTConfig with
-  transformers' TrainingArguments, ModelConfig, DatasetMixtureConfig) with its default, so that nibble
+  transformers' TrainingArguments, ModelConfig, DatasetMixtureConfig) with its default (and whether its
+  command line takes a list), so that nibble
   can tell an option TRL has from a typo, and a value left at TRL's default from one that asks for
   something nibble does not do;
 - tests/fixtures/trl_config/expected.json: for each recipe in tests/fixtures/trl_config/*.yaml, what
@@ -51,12 +52,18 @@ def field_default(field):
 
 
 parser = make_parser()
+# Options the command line takes as lists (`--lora_target_modules q_proj v_proj`): one value is a
+# list of one there.
+lists = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
 fields = {}
 for dc in parser.dataclass_types:
     for field in dataclasses.fields(dc):
         if field.name.startswith("_") or not field.init:
             continue
-        fields.setdefault(field.name, {"in": dc.__name__, "default": plain(field_default(field))})
+        entry = {"in": dc.__name__, "default": plain(field_default(field))}
+        if field.name in lists:
+            entry["list"] = True
+        fields.setdefault(field.name, entry)
 with open("src/train/trl_fields.json", "w") as f:
     json.dump({"trl": trl.__version__, "transformers": transformers.__version__, "fields": fields}, f,
               indent=0, sort_keys=True)

@@ -26,6 +26,9 @@ enum Command {
     Eval(cli::eval::Args),
     /// Fine-tune LoRA adapters on a JSONL dataset and save them as a PEFT adapter folder.
     Train(Box<nibble::train::settings::TrainSettings>),
+    /// Fine-tune as `trl sft` does, from its command line and recipe files: TRL's option names and
+    /// defaults (a learning rate of 2e-5, batches of 8, 3 epochs, LoRA r 16 / alpha 32).
+    Sft(cli::sft::Args),
     /// Answer one prompt (as a user turn through the chat template, or raw text with --raw).
     Generate(cli::generate::GenerateArgs),
     /// Fold a LoRA adapter into the base weights: a model folder (safetensors, config and tokenizer
@@ -132,6 +135,7 @@ fn main() {
         Command::Quantize(args) => cli::quantize::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Train(flags) => cli::train::run(*flags),
+        Command::Sft(args) => cli::sft::run(args),
         Command::Generate(args) => cli::generate::generate(args),
         Command::Merge(args) => cli::merge::run(args),
         Command::Chat(args) => cli::generate::chat(args),

@@ -528,7 +528,7 @@ fn a_gpu_probe_without_a_runtime_dir_is_quiet_and_causes_are_said_once() {
 
     let missing = dir.path().join("missing.jsonl");
     let err = fails(&["eval", "--model", s(&model), "--data", s(&missing)]);
-    let cause = "No such file or directory";
+    let cause = "no such folder or file";
     assert_eq!(err.matches(cause).count(), 1, "{err}");
 }
 

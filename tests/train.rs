@@ -594,7 +594,11 @@ fn flags_override_the_config_file_which_overrides_the_preset() {
         adapter["lora_alpha"], 16.0,
         "the preset fills what neither sets"
     );
-    assert_eq!(adapter["lora_dropout"].as_f64().unwrap() as f32, 0.05);
+    assert_eq!(
+        adapter["lora_dropout"].as_f64(),
+        Some(0.05),
+        "as PEFT writes it"
+    );
     let first: serde_json::Value = serde_json::from_str(
         std::fs::read_to_string(out.join("metrics.jsonl"))
             .unwrap()

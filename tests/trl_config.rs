@@ -438,6 +438,90 @@ fn what_changes_nothing_is_noted_and_flags_win() {
     assert_eq!(s.eval_data, Some(splits.join("test")));
 }
 
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// `nibble sft` takes `trl sft`'s command line: flags over the recipe, lists as several values, bare
+/// switches, `--name=value`, values typed as argparse types them.
+#[test]
+fn trl_sft_command_lines_read_as_trl_reads_them() {
+    let dir = qwen2_folder();
+    let recipe = dir.path().join("recipe.yaml");
+    std::fs::write(&recipe, recipe_text("qwen_recipe.yaml", dir.path())).unwrap();
+    let args = strings(&[
+        "--config",
+        recipe.to_str().unwrap(),
+        "--learning_rate",
+        "1e-3",
+        "--lora_target_modules",
+        "q_proj",
+        "--packing",
+        "--eval_strategy",
+        "no",
+        "--use_dora",
+        "yes",
+        "--max_steps=-1",
+        "--save-strategy",
+        "epoch",
+        "--device",
+        "cpu",
+    ]);
+    let recipe = trl_config::read_command_line(&args).unwrap();
+    let s = &recipe.settings;
+    let c = s.train_config().unwrap();
+    assert_eq!(c.lr, 1e-3, "the flag over the recipe");
+    assert_eq!((c.lora.r, c.grad_accum, c.epochs), (8, 4, 2), "the recipe");
+    assert_eq!(
+        c.lora.targets,
+        ["q_proj"],
+        "one value of a list option is a list"
+    );
+    assert!(c.lora.use_dora, "argparse's yes");
+    assert_eq!(c.max_steps, None, "-1: the epochs decide");
+    let run = s.run_options().unwrap();
+    assert!(run.packing && run.save_each_epoch && run.save_steps == 0);
+    assert_eq!(
+        s.device,
+        Some(nibble::exec::Device::Cpu),
+        "nibble's own option"
+    );
+    // Without a recipe, TRL's defaults.
+    let model = dir.path().join("model");
+    let args = strings(&[
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--use_peft",
+    ]);
+    let c = trl_config::read_command_line(&args)
+        .unwrap()
+        .settings
+        .train_config()
+        .unwrap();
+    assert_eq!((c.lr, c.batch_size, c.epochs, c.lora.r), (2e-5, 8, 3, 16));
+    assert_eq!(
+        c.lora.targets,
+        ["q_proj", "v_proj"],
+        "PEFT's default for qwen2"
+    );
+    for (args, says) in [
+        (vec!["model"], "--name value"),
+        (vec!["--learning_rate", "1", "2"], "one value"),
+        (vec!["--config"], "one file"),
+        (vec!["--use_peft", "maybe"], "use_peft: maybe"),
+        (vec!["--lora_rr", "4"], "did you mean `lora_r`"),
+    ] {
+        let err = trl_config::read_command_line(&strings(&args))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(says) && err.starts_with("nibble sft"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn a_trl_recipe_trains_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
@@ -502,6 +586,45 @@ fn a_trl_recipe_trains_from_the_command_line() {
     ] {
         assert!(recorded.contains(line), "{line}: {recorded}");
     }
+    // `trl sft`'s command line as it is.
+    let out = common::nibble_command()
+        .current_dir(dir.path())
+        .args([
+            "sft",
+            "--model_name_or_path",
+            "model",
+            "--dataset_name",
+            "chats.jsonl",
+            "--use_peft",
+            "--load_in_4bit",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--learning_rate",
+            "2e-4",
+            "--output_dir",
+            "sft-out",
+            "--max_steps",
+            "1",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let adapter: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("sft-out/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter["r"], 16, "TRL's default rank");
+    assert_eq!(
+        adapter["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
     // Hub ids (what TRL's recipes usually name) are not fetched: the error says how to get them.
     let out = common::nibble_command()
         .current_dir(dir.path())

@@ -1648,7 +1648,9 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         "base_model_name_or_path": base_model,
         "r": c.r,
         "lora_alpha": c.alpha,
-        "lora_dropout": c.dropout,
+        // The f32 probability as its shortest decimal, as PEFT writes the one it was given (0.05,
+        // not 0.05000000074505806).
+        "lora_dropout": c.dropout.to_string().parse::<f64>().unwrap_or(f64::from(c.dropout)),
         "target_modules": saved_targets(adapter),
         "bias": "none",
         "use_rslora": c.use_rslora,

@@ -186,6 +186,8 @@ pub const DEFAULTS_LEFT_TO_NIBBLE: &[&str] = &["gradient_checkpointing", "output
 struct TrlField {
     dataclass: String,
     default: Value,
+    /// Whether TRL's command line takes a list (`--lora_target_modules q_proj v_proj`).
+    list: bool,
 }
 
 struct TrlFields {
@@ -224,6 +226,7 @@ fn trl_fields() -> &'static TrlFields {
                 let field = TrlField {
                     dataclass: f["in"].as_str().unwrap_or_default().to_string(),
                     default: f["default"].clone(),
+                    list: f["list"].as_bool().unwrap_or(false),
                 };
                 (name.clone(), field)
             })
@@ -360,6 +363,11 @@ fn peft_default_targets(model_type: &str) -> Option<&'static str> {
 /// win over the recipe's: the recipe's defaults that depend on another option (PEFT's modules on the
 /// model, resuming on the output folder, validation on the data) look there first.
 pub fn read(text: &str, origin: &Path, flags: &TrainSettings) -> Result<Recipe> {
+    read_given(parse_yaml(text, origin)?, origin, flags)
+}
+
+/// A recipe's options in file order, by their current names.
+fn parse_yaml(text: &str, origin: &Path) -> Result<Vec<(String, Value)>> {
     let fail = |msg: String| Error::Config {
         path: origin.to_path_buf(),
         msg,
@@ -377,12 +385,127 @@ pub fn read(text: &str, origin: &Path, flags: &TrainSettings) -> Result<Recipe> 
     for (k, v) in root {
         let key = yaml_key(k).map_err(fail)?;
         let value = yaml_to_json(v).map_err(|m| fail(format!("`{key}`: {m}")))?;
-        let key = match OLDER_NAMES.iter().find(|(old, _)| *old == key) {
-            Some((_, Some(new))) => new.to_string(),
-            _ => key,
-        };
-        given.push((key, value));
+        given.push((current_name(key), value));
     }
+    Ok(given)
+}
+
+fn current_name(key: String) -> String {
+    match OLDER_NAMES.iter().find(|(old, _)| *old == key) {
+        Some((_, Some(new))) => new.to_string(),
+        _ => key,
+    }
+}
+
+/// `trl sft`'s command line (what follows `nibble sft`): `--config recipe.yaml` and TRL's flags over
+/// it, each `--name value`, `--name=value`, a bare `--name` (true) or, for the options TRL's command
+/// line takes as lists, `--name a b c`. Values read as TRL's argparse reads them: numbers, true/false,
+/// or text. Errors name `nibble sft`, or the recipe file for what is in it.
+pub fn read_command_line(args: &[String]) -> Result<Recipe> {
+    let origin = Path::new("nibble sft");
+    let fail = |msg: String| Error::Config {
+        path: origin.to_path_buf(),
+        msg,
+    };
+    let mut flags: Vec<(String, Value)> = Vec::new();
+    let mut config: Option<PathBuf> = None;
+    let mut i = 0;
+    while i < args.len() {
+        let Some(name) = args[i].strip_prefix("--").filter(|n| !n.is_empty()) else {
+            return Err(fail(format!(
+                "`{}`: options are given as --name value (as trl sft takes them)",
+                args[i]
+            )));
+        };
+        let (name, inline) = match name.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (name, None),
+        };
+        let name = current_name(name.replace('-', "_"));
+        let mut values: Vec<String> = inline.into_iter().collect();
+        i += 1;
+        if values.is_empty() {
+            // Values run up to the next flag; "-1" is a value, "--x" a flag.
+            while i < args.len() && !args[i].starts_with("--") {
+                values.push(args[i].clone());
+                i += 1;
+            }
+        }
+        if name == "config" {
+            match values.as_slice() {
+                [path] => config = Some(PathBuf::from(path)),
+                _ => return Err(fail("--config takes one file".into())),
+            }
+            continue;
+        }
+        let field = trl_fields().fields.get(&name);
+        let is_list = field.is_some_and(|f| f.list);
+        let scalar = |text: &String| scalar(text, field.map(|f| &f.default));
+        let value = match (values.len(), is_list) {
+            (0, _) => Value::Bool(true),
+            (_, true) => Value::Array(values.iter().map(scalar).collect()),
+            (1, false) => scalar(&values[0]),
+            (_, false) => {
+                return Err(fail(format!(
+                    "--{name} takes one value, given {}: {}",
+                    values.len(),
+                    values.join(" ")
+                )));
+            }
+        };
+        flags.push((name, value));
+    }
+    let (mut given, origin) = match &config {
+        Some(path) => {
+            let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            (parse_yaml(&text, path)?, path.as_path())
+        }
+        None => (Vec::new(), origin),
+    };
+    // The command line wins over the recipe, as TRL's does.
+    for (name, value) in flags {
+        given.retain(|(n, _)| *n != name);
+        given.push((name, value));
+    }
+    read_given(given, origin, &TrainSettings::default())
+}
+
+/// A command-line value as argparse's types read it, by the type of the option's TRL default: a
+/// switch's yes/no words (transformers' `string_to_bool`), text kept as text, else a number, true or
+/// false, or the text.
+fn scalar(text: &str, default: Option<&Value>) -> Value {
+    let lower = text.to_ascii_lowercase();
+    match default {
+        Some(Value::Bool(_)) => match lower.as_str() {
+            "true" | "yes" | "t" | "y" | "1" => return Value::Bool(true),
+            "false" | "no" | "f" | "n" | "0" => return Value::Bool(false),
+            _ => return Value::from(text),
+        },
+        Some(Value::String(_)) => return Value::from(text),
+        _ => {}
+    }
+    if let Ok(i) = text.parse::<i64>() {
+        return Value::from(i);
+    }
+    if let Some(x) = text
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+    {
+        return Value::from(x);
+    }
+    match lower.as_str() {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => Value::from(text),
+    }
+}
+
+fn read_given(given: Vec<(String, Value)>, origin: &Path, flags: &TrainSettings) -> Result<Recipe> {
+    let fail = |msg: String| Error::Config {
+        path: origin.to_path_buf(),
+        msg,
+    };
     Reader {
         fail: &fail,
         flags,
