@@ -73,8 +73,7 @@ cases = {}
 for path in sorted(glob.glob(f"{FIXTURES}/*.yaml")):
     # A parser of its own: reading a config sets the parser's defaults, for every later parse too.
     # use_cpu: SFTConfig turns bf16 on by default, which it refuses on a machine without a GPU.
-    script, args, model, _ = make_parser().parse_args_and_config(["--config", path, "--use_cpu", "true"],
-                                                         fail_with_unknown_args=False)
+    script, args, model, _ = make_parser().parse_args_and_config(["--config", path, "--use_cpu", "true"])
     lora = get_peft_config(model)
     quant = get_quantization_config(model)
     targets = lora.target_modules if lora is not None else None
@@ -92,6 +91,7 @@ for path in sorted(glob.glob(f"{FIXTURES}/*.yaml")):
         "lr_scheduler_type": plain(args.lr_scheduler_type),
         "lr_scheduler_kwargs": args.lr_scheduler_kwargs or {},
         "warmup_steps": args.warmup_steps,
+        "warmup_steps_of_100": args.get_warmup_steps(100),
         "weight_decay": args.weight_decay,
         "adam_beta1": args.adam_beta1,
         "adam_beta2": args.adam_beta2,
@@ -125,8 +125,13 @@ for path in sorted(glob.glob(f"{FIXTURES}/*.yaml")):
         "load_in_4bit": bool(quant is not None and quant.load_in_4bit),
         "bnb_4bit_quant_type": quant.bnb_4bit_quant_type if quant is not None else None,
     }
+# PEFT's modules for a LoraConfig without target_modules, for each model_type nibble trains (None:
+# PEFT has none and refuses).
+MODEL_TYPES = ["qwen2", "qwen3", "llama", "mistral", "mistral3", "ministral", "ministral3", "smollm3", "phi3",
+               "gemma3", "gemma3_text", "gemma4", "gemma4_text"]
+peft_defaults = {t: PEFT_TARGETS.get(t) for t in MODEL_TYPES}
 with open(f"{FIXTURES}/expected.json", "w") as f:
     json.dump({"trl": trl.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-               "cases": cases}, f, indent=1, sort_keys=True)
+               "cases": cases, "peft_default_targets": peft_defaults}, f, indent=1, sort_keys=True)
     f.write("\n")
 print(json.dumps(cases, indent=1, sort_keys=True))

@@ -34,7 +34,20 @@ pub enum HubRepo {
 pub fn not_found_message(path: &Path, repo: HubRepo) -> String {
     let text = path.to_string_lossy();
     let parts: Vec<&str> = text.split('/').collect();
+    // Not `data/rows.jsonl` (a file's name) nor `runs/x` where runs/ is a folder here.
+    let file_name = [
+        ".jsonl",
+        ".json",
+        ".parquet",
+        ".arrow",
+        ".safetensors",
+        ".csv",
+    ]
+    .iter()
+    .any(|ext| text.ends_with(ext));
     let hub_id = parts.len() == 2
+        && !file_name
+        && !Path::new(parts[0]).is_dir()
         && parts.iter().all(|p| {
             !p.is_empty()
                 && p.chars()

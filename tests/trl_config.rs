@@ -132,14 +132,11 @@ fn recipes_resolve_as_trl_sft_resolves_them() {
             "schedule kwargs",
             serde_json::to_value(&c.schedule_kwargs).unwrap() == e["lr_scheduler_kwargs"],
         );
-        // transformers 5: warmup_steps below 1 is a fraction of the run, rounded up.
-        let w = f(&e["warmup_steps"]);
-        let trl_warmup = if w < 1.0 {
-            (w * 100.0).ceil() as usize
-        } else {
-            w as usize
-        };
-        check("warmup", c.warmup_for(100) == trl_warmup);
+        // transformers' own count for a run of 100 steps (warmup_steps below 1 is a fraction).
+        check(
+            "warmup",
+            c.warmup_for(100) as f64 == f(&e["warmup_steps_of_100"]),
+        );
         check("weight decay", c.weight_decay == f(&e["weight_decay"]));
         check(
             "adam",
@@ -269,7 +266,8 @@ fn trl_and_nibble_default_alike_where_nibble_takes_the_option_as_it_is() {
     for (name, id, trl_default) in taken {
         let ours = &nibble[id.as_str()];
         let alike = match &trl_default {
-            Value::Null => true,
+            // None in TRL: none in nibble too (or nothing to default, such as the model).
+            Value::Null => ours.starts_with("none") || ours == "required" || ours == "the model's",
             Value::Number(n) => ours.parse::<f64>().ok() == n.as_f64(),
             Value::Bool(b) => *ours == b.to_string(),
             Value::String(s) => ours == s,
@@ -314,7 +312,24 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
         ("learning_rate: 1e-4\nlr: 2e-4\n", "give it once"),
         ("learning_rate: fast\n", "learning_rate: fast"),
         ("eval_strategy: steps\n", "needs validation data"),
-        ("datasets:\n  - path: a.jsonl\n", "mixtures"),
+        ("datasets:\n  - path: a\n  - path: b\n", "a mixture of 2"),
+        (
+            "datasets:\n  - path: json\n    data_files: [a.jsonl, b.jsonl]\n",
+            "one file",
+        ),
+        (
+            "datasets:\n  - path: json\n    data_files: a.jsonl\ntest_split_size: 50\n",
+            "test_split_size: 50",
+        ),
+        ("max_length: null\n", "max_length: null"),
+        ("load_in_4bit: true\nload_in_8bit: true\n", "both true"),
+        ("num_processes: 2\n", "num_processes: 2"),
+        ("dataset_streaming: true\n", "dataset_streaming"),
+        (
+            "shuffle_dataset: true\ntrain_sampling_strategy: sequential\n",
+            "shuffle_dataset",
+        ),
+        ("dataset_train_split: validation\n", "no such split"),
         ("data_seed: 3\n", "data_seed"),
         (
             "assistant_only_loss: true\ncompletion_only_loss: false\n",
@@ -378,6 +393,135 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
     );
 }
 
+/// PEFT's default modules (for a LoraConfig without target_modules) for every model type nibble
+/// trains, as PEFT's table has them.
+#[test]
+fn peft_default_targets_are_peft_s() {
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/trl_config/expected.json").unwrap(),
+    )
+    .unwrap();
+    let table = expected["peft_default_targets"].as_object().unwrap();
+    let types = nibble::config::Arch::ALL
+        .iter()
+        .map(|a| a.model_type())
+        .chain(["gemma3", "mistral3", "gemma4"]);
+    for model_type in types {
+        let ours = trl_config::peft_default_targets(model_type);
+        let peft = table
+            .get(model_type)
+            .unwrap_or_else(|| panic!("{model_type} is not in the fixture: run the script again"));
+        let alike = match peft {
+            Value::Null => ours.is_none(),
+            // A list of names.
+            Value::Array(names) => {
+                let mut names: Vec<&str> = names.iter().map(|n| n.as_str().unwrap()).collect();
+                names.sort();
+                ours.map(|o| o.split(',').collect::<Vec<_>>()) == Some(names)
+            }
+            // A regular expression over the language model's modules (Gemma 4's).
+            Value::String(pattern) => ours.is_some_and(|o| {
+                o.split(',').all(|name| pattern.contains(name))
+                    && pattern.contains("language_model")
+            }),
+            other => panic!("{other}"),
+        };
+        assert!(alike, "{model_type}: PEFT {peft}, nibble {ours:?}");
+    }
+}
+
+/// What TRL takes otherwise than nibble's checks would: YAML 1.1 switches, fractional epochs under
+/// max_steps, eval_steps 0, a one-dataset mixture, a folder of split files, options that only apply
+/// with (or without) packing.
+#[test]
+fn recipes_trl_runs_run() {
+    let dir = qwen2_folder();
+    let head = format!(
+        "model_name_or_path: {}\nuse_peft: true\nlora_target_modules: all-linear\n",
+        dir.path().join("model").display()
+    );
+    let read_ok = |extra: &str, flags: &TrainSettings| {
+        let recipe =
+            read(&format!("{head}{extra}"), flags).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let s = flags.clone().over(recipe.settings.clone()).unwrap();
+        let c = s.train_config().unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let run = s.run_options().unwrap_or_else(|e| panic!("{extra}: {e}"));
+        (recipe, s, c, run)
+    };
+    let none = TrainSettings::default();
+    let (_, _, _, run) = read_ok(
+        "dataset_name: d.jsonl\npacking: yes\npacking_strategy: wrapped\n",
+        &none,
+    );
+    assert!(run.packing, "PyYAML's yes");
+    assert_eq!(nibble::value_name(run.packing_strategy), "wrapped");
+    let (r, _, _, run) = read_ok(
+        "dataset_name: d.jsonl\npacking_strategy: wrapped\ntruncation_mode: keep_end\n",
+        &none,
+    );
+    assert!(
+        !run.packing && r.notes.iter().any(|n| n.contains("packing_strategy")),
+        "{:?}",
+        r.notes
+    );
+    let (_, _, c, _) = read_ok(
+        "dataset_name: d.jsonl\nnum_train_epochs: 1.5\nmax_steps: 3\n",
+        &none,
+    );
+    assert_eq!((c.epochs, c.max_steps), (2, Some(3)));
+    let (_, _, c, run) = read_ok(
+        "dataset_name: d.jsonl\neval_strategy: steps\neval_steps: 0\nlogging_steps: 7\nloss_type: chunked_nll\n",
+        &flags(&["--eval-split", "0.1"]),
+    );
+    assert_eq!(run.eval_steps, 7, "every logging_steps");
+    assert_eq!(nibble::value_name(c.loss_type), "nll");
+    let (r, s, _, run) = read_ok(
+        "dataset_name: ignored.jsonl\ndatasets:\n  - path: json\n    data_files: {train: a.jsonl, test: b.jsonl}\ntest_split_size: 0.2\n",
+        &none,
+    );
+    assert_eq!(s.data.as_deref(), Some(Path::new("a.jsonl")));
+    assert_eq!(run.eval_split, Some(0.2));
+    assert!(
+        r.notes.iter().any(|n| n.contains("both name data")),
+        "{:?}",
+        r.notes
+    );
+    let splits = dir.path().join("splits");
+    std::fs::create_dir(&splits).unwrap();
+    for file in ["train.jsonl", "test.jsonl"] {
+        std::fs::write(splits.join(file), "{\"text\": \"x\"}\n").unwrap();
+    }
+    let (_, s, _, _) = read_ok(
+        &format!("dataset_name: {}\neval_strategy: epoch\n", splits.display()),
+        &none,
+    );
+    assert_eq!(s.data, Some(splits.join("train.jsonl")));
+    assert_eq!(s.eval_data, Some(splits.join("test.jsonl")));
+    // The command line's --quant leaves nothing to say of the 16-bit base.
+    let (r, _, _, _) = read_ok("dataset_name: d.jsonl\n", &flags(&["--quant", "none"]));
+    assert!(
+        !r.notes.iter().any(|n| n.contains("16 bits")),
+        "{:?}",
+        r.notes
+    );
+    // A typo on nibble sft's command line is the command line's, not the recipe's.
+    let recipe_file = dir.path().join("r.yaml");
+    std::fs::write(&recipe_file, &head).unwrap();
+    let err = trl_config::read_command_line(&strings(&[
+        "--config",
+        recipe_file.to_str().unwrap(),
+        "--lerning_rate",
+        "1",
+    ]))
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.starts_with("nibble sft") && err.contains("learning_rate"),
+        "{err}"
+    );
+}
+
 #[test]
 fn what_changes_nothing_is_noted_and_flags_win() {
     let dir = qwen2_folder();
@@ -396,7 +540,7 @@ fn what_changes_nothing_is_noted_and_flags_win() {
         "report_to",
         "torch_dtype",
         "never uploads",
-        "8 bits",
+        "fewer bits",
     ] {
         assert!(notes.contains(said), "{said}: {notes}");
     }

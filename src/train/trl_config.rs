@@ -7,8 +7,7 @@
 //! checkpoint every 500 steps), not nibble's. Each option is either taken (nibble has it: by TRL's
 //! name or nibble's own), ignored with a note (it changes nothing nibble computes or writes: logging,
 //! the Hub, dtypes of a GPU run), or refused by name (nibble would train something else than TRL).
-//! An option neither TRL nor nibble knows is refused too (TRL's script ignores it silently; a typo
-//! should not cost a run). `src/train/trl_fields.json` lists TRL's options and defaults, written by
+//! An option neither TRL nor nibble knows is refused too, as `trl sft` refuses it. `src/train/trl_fields.json` lists TRL's options and defaults, written by
 //! `scripts/make_trl_config_fixture.py` from the TRL it names.
 
 use crate::error::{Error, Result};
@@ -46,7 +45,6 @@ const WITHOUT_EFFECT: &[&str] = &[
     "dataloader_pin_memory",
     "dataloader_prefetch_factor",
     "dataset_num_proc",
-    "dataset_streaming",
     "ddp_backend",
     "ddp_broadcast_buffers",
     "ddp_bucket_cap_mb",
@@ -62,6 +60,7 @@ const WITHOUT_EFFECT: &[&str] = &[
     "dtype",
     "enable_jit_checkpoint",
     "eval_accumulation_steps",
+    "eval_delay",
     "eval_do_concat_batches",
     "eval_on_start",
     "eval_packing",
@@ -109,9 +108,7 @@ const WITHOUT_EFFECT: &[&str] = &[
     "run_name",
     "save_on_each_node",
     "save_only_model",
-    "shuffle_dataset",
     "skip_memory_metrics",
-    "streaming",
     "tf32",
     "torch_compile",
     "torch_compile_backend",
@@ -135,6 +132,19 @@ const OLDER_NAMES: &[(&str, Option<&str>)] = &[
     ("use_mps_device", None),
 ];
 
+/// `trl sft`'s own launcher options (accelerate's), which it takes beside the training's: those that
+/// change nothing for one process on one device.
+const LAUNCHER: &[&str] = &[
+    "accelerate_config",
+    "dynamo_backend",
+    "gpu_ids",
+    "machine_rank",
+    "main_process_ip",
+    "main_process_port",
+    "mixed_precision",
+    "num_machines",
+];
+
 /// Options of TRL that nibble reads in a way of their own (rather than as one of its options by the
 /// same name, or not at all).
 const READ_APART: &[&str] = &[
@@ -152,6 +162,7 @@ const READ_APART: &[&str] = &[
     "load_in_4bit",
     "load_in_8bit",
     "logging_steps",
+    "loss_type",
     "lora_modules_to_save",
     "lora_target_modules",
     "lora_target_parameters",
@@ -162,8 +173,13 @@ const READ_APART: &[&str] = &[
     "num_train_epochs",
     "optim",
     "overwrite_output_dir",
+    "max_length",
+    "packing_strategy",
     "resume_from_checkpoint",
+    "shuffle_dataset",
+    "test_split_size",
     "train_sampling_strategy",
+    "truncation_mode",
     "use_bnb_nested_quant",
     "use_peft",
 ];
@@ -183,6 +199,15 @@ const TRL_DEFAULTS_TAKEN: &[&str] = &[
 ];
 pub const DEFAULTS_LEFT_TO_NIBBLE: &[&str] = &["gradient_checkpointing", "output_dir"];
 
+/// Options read apart whose defaults the reading itself settles (TRL's epochs, its max_steps of -1,
+/// PEFT's modules by model type, eval_steps by eval_strategy).
+const DEFAULTS_READ_APART: &[&str] = &[
+    "num_train_epochs",
+    "max_steps",
+    "lora_target_modules",
+    "eval_steps",
+];
+
 struct TrlField {
     dataclass: String,
     default: Value,
@@ -195,13 +220,13 @@ struct TrlFields {
     fields: HashMap<String, TrlField>,
 }
 
-/// TRL's options that nibble has by the same name or an alias, which the recipe's reader takes as
-/// they are, with TRL's default for each: (TRL's name, nibble's option, TRL's default).
+/// TRL's options that nibble has by the same name or an alias and whose defaults the reader leaves
+/// to nibble, with TRL's default for each: (TRL's name, nibble's option, TRL's default).
 pub fn options_taken_as_they_are() -> Vec<(String, String, Value)> {
     let mut taken: Vec<(String, String, Value)> = trl_fields()
         .fields
         .iter()
-        .filter(|(name, _)| !READ_APART.contains(&name.as_str()))
+        .filter(|(name, _)| !DEFAULTS_READ_APART.contains(&name.as_str()))
         .filter(|(name, _)| !TRL_DEFAULTS_TAKEN.contains(&name.as_str()))
         .filter(|(name, _)| !DEFAULTS_LEFT_TO_NIBBLE.contains(&name.as_str()))
         .filter_map(|(name, f)| {
@@ -299,6 +324,25 @@ fn yaml_key(k: &Yaml) -> std::result::Result<String, String> {
     }
 }
 
+/// What to say of an option neither nibble nor TRL has (`trl sft` refuses it too).
+fn unknown_option(key: &str) -> String {
+    let hint = closest(key).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
+    format!(
+        "`{key}` is an option of neither nibble train nor TRL {}'s sft{hint}",
+        trl_fields().version
+    )
+}
+
+fn is_known(key: &str) -> bool {
+    READ_APART.contains(&key)
+        || LAUNCHER.contains(&key)
+        || key == "num_processes"
+        || key == "config"
+        || nibble_options().contains_key(key)
+        || OLDER_NAMES.iter().any(|(old, _)| *old == key)
+        || trl_fields().fields.contains_key(key)
+}
+
 /// The option names closest to `key` (for a typo's error).
 fn closest(key: &str) -> Option<String> {
     let candidates = nibble_options()
@@ -347,9 +391,33 @@ fn shown(v: &Value) -> String {
     }
 }
 
+/// A split of a dataset folder, as `load_dataset` finds it: a folder `datasets` saved (one folder per
+/// split, beside dataset_dict.json), or one data file per split (`train.jsonl`, `test.parquet`).
+fn split_path(root: &Path, split: &str) -> Option<PathBuf> {
+    if root.join("dataset_dict.json").is_file() {
+        return Some(root.join(split)).filter(|p| p.is_dir());
+    }
+    if !root.is_dir() {
+        return None;
+    }
+    ["jsonl", "json", "parquet"]
+        .iter()
+        .map(|ext| root.join(format!("{split}.{ext}")))
+        .find(|p| p.is_file())
+}
+
+/// PyYAML (YAML 1.1, what TRL reads recipes with) takes yes/no/on/off for true and false.
+fn yaml11_switch(text: &str) -> Option<bool> {
+    match text {
+        "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
+        "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
+        _ => None,
+    }
+}
+
 /// The modules PEFT adapts when a LoraConfig names none (its table of defaults per `model_type`),
 /// for the families nibble trains; None where PEFT has no default and refuses.
-fn peft_default_targets(model_type: &str) -> Option<&'static str> {
+pub fn peft_default_targets(model_type: &str) -> Option<&'static str> {
     match model_type {
         "qwen2" | "qwen3" | "llama" | "mistral" | "gemma3_text" => Some("q_proj,v_proj"),
         // A regular expression over the language model's q_proj and v_proj: nibble adapts only
@@ -383,9 +451,17 @@ fn parse_yaml(text: &str, origin: &Path) -> Result<Vec<(String, Value)>> {
     };
     let mut given: Vec<(String, Value)> = Vec::new();
     for (k, v) in root {
-        let key = yaml_key(k).map_err(fail)?;
-        let value = yaml_to_json(v).map_err(|m| fail(format!("`{key}`: {m}")))?;
-        given.push((current_name(key), value));
+        let key = current_name(yaml_key(k).map_err(fail)?);
+        let mut value = yaml_to_json(v).map_err(|m| fail(format!("`{key}`: {m}")))?;
+        // TRL's switches, as PyYAML reads them.
+        let switch = trl_fields()
+            .fields
+            .get(&key)
+            .is_some_and(|f| f.default.is_boolean());
+        if let Some(b) = value.as_str().and_then(yaml11_switch).filter(|_| switch) {
+            value = Value::Bool(b);
+        }
+        given.push((key, value));
     }
     Ok(given)
 }
@@ -430,6 +506,9 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
                 values.push(args[i].clone());
                 i += 1;
             }
+        }
+        if !is_known(&name) {
+            return Err(fail(unknown_option(&name)));
         }
         if name == "config" {
             match values.as_slice() {
@@ -548,8 +627,18 @@ impl Reader<'_> {
                 return Err(self.err("a recipe cannot name another options file (`config`)".into()));
             } else if let Some(id) = nibble_options().get(&key) {
                 self.set(id, value, &key)?;
-            } else if OLDER_NAMES.iter().any(|(old, _)| *old == key) {
+            } else if OLDER_NAMES.iter().any(|(old, _)| *old == key)
+                || LAUNCHER.contains(&key.as_str())
+            {
                 self.ignored.push(key);
+            } else if key == "num_processes" {
+                if value.as_f64() != Some(1.0) {
+                    return Err(self.err(format!(
+                        "`num_processes: {}`: nibble trains in one process (to see as many \
+                         examples per step, multiply gradient_accumulation_steps)",
+                        shown(&value)
+                    )));
+                }
             } else if let Some(field) = trl.fields.get(&key) {
                 if same(&value, &field.default) {
                     continue;
@@ -574,12 +663,7 @@ impl Reader<'_> {
                     shown(&field.default)
                 )));
             } else {
-                let hint =
-                    closest(&key).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"));
-                return Err(self.err(format!(
-                    "`{key}` is an option of neither nibble train nor TRL {}'s sft{hint}",
-                    trl.version
-                )));
+                return Err(self.err(unknown_option(&key)));
             }
         }
         if self.apart.contains_key("env") {
@@ -592,6 +676,7 @@ impl Reader<'_> {
         self.quantization()?;
         self.schedule()?;
         self.loss()?;
+        self.sequences()?;
         self.data()?;
         self.evaluation()?;
         self.checkpoints()?;
@@ -613,6 +698,17 @@ impl Reader<'_> {
     /// Sets nibble's option `id` from the recipe's `key`, checked alone so that a bad value's error
     /// names the key it came from.
     fn set(&mut self, id: &str, value: Value, key: &str) -> Result<()> {
+        if value.is_null() {
+            // TRL's own default where that is none; otherwise null asks for something of TRL's
+            // (no truncation for max_length) that nibble has no word for.
+            let default = trl_fields().fields.get(key).map(|f| &f.default);
+            if default.is_none_or(Value::is_null) {
+                return Ok(());
+            }
+            return Err(self.err(format!(
+                "`{key}: null`: give a value (nibble has no `none` for this option)"
+            )));
+        }
         if let Some(earlier) = self.source.get(id) {
             return Err(self.err(format!(
                 "`{earlier}` and `{key}` are one option: give it once"
@@ -638,6 +734,7 @@ impl Reader<'_> {
         match self.apart(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if yaml11_switch(s).is_some() => Ok(yaml11_switch(s)),
             Some(other) => Err(self.err(format!("`{key}: {}`: true or false", shown(other)))),
         }
     }
@@ -777,7 +874,13 @@ impl Reader<'_> {
 
     fn quantization(&mut self) -> Result<()> {
         let four = self.flag("load_in_4bit")?.unwrap_or(false);
-        if self.flag("load_in_8bit")? == Some(true) && !four {
+        let eight = self.flag("load_in_8bit")?.unwrap_or(false);
+        if four && eight {
+            return Err(self.err(
+                "`load_in_4bit` and `load_in_8bit` are both true; trl sft refuses that too".into(),
+            ));
+        }
+        if eight {
             return Err(self.err(
                 "`load_in_8bit: true`: nibble keeps the base in 4 bits (load_in_4bit: true, NF4 or \
                  INT4) or unquantized (quant: none)"
@@ -785,7 +888,7 @@ impl Reader<'_> {
             ));
         }
         let kind = self.text("bnb_4bit_quant_type")?.unwrap_or("nf4".into());
-        if self.has("quant") {
+        if self.has("quant") || self.flags.quant.is_some() {
             return Ok(());
         }
         if !four {
@@ -818,13 +921,20 @@ impl Reader<'_> {
             None if self.has("epochs") => None,
             None => trl_epochs(),
         };
+        let max_steps = self.number("max_steps")?.filter(|n| *n > 0.0);
         if let Some(epochs) = epochs {
-            if epochs.fract() != 0.0 || epochs < 0.0 {
+            if max_steps.is_some() || self.flags.max_steps.is_some() {
+                // transformers runs max_steps whatever num_train_epochs says; nibble's epochs only
+                // need to let it.
+                let whole = epochs.ceil().max(1.0) as u64;
+                self.set("epochs", Value::from(whole), "num_train_epochs")?;
+            } else if epochs.fract() != 0.0 || epochs < 1.0 {
                 return Err(self.err(format!(
                     "`num_train_epochs: {epochs}`: nibble runs whole epochs (max_steps stops within one)"
                 )));
+            } else {
+                self.set("epochs", Value::from(epochs as u64), "num_train_epochs")?;
             }
-            self.set("epochs", Value::from(epochs as u64), "num_train_epochs")?;
         }
         // transformers' -1 (its default) and 0: the epochs decide.
         if let Some(steps) = self.number("max_steps")? {
@@ -853,9 +963,10 @@ impl Reader<'_> {
                 // AdamW, as nibble steps it (paged: where the moments live, not what they are).
                 "adamw_torch" | "adamw_torch_fused" | "adamw_hf" | "paged_adamw_32bit"
                 | "adamw_apex_fused" => {}
-                "adamw_8bit" | "adamw_bnb_8bit" | "paged_adamw_8bit" | "adamw_torch_8bit" => {
+                "adamw_8bit" | "adamw_bnb_8bit" | "paged_adamw_8bit" | "adamw_torch_8bit"
+                | "adamw_torch_4bit" | "adamw_anyprecision" => {
                     self.notes.push(format!(
-                        "optim: {optim}: nibble's AdamW keeps its moments in f32 rather than 8 bits"
+                        "optim: {optim}: nibble's AdamW keeps its moments in f32, not in fewer bits"
                     ));
                 }
                 _ => {
@@ -878,7 +989,10 @@ impl Reader<'_> {
             }
         }
         if let Some(seed) = self.number("data_seed")? {
-            let model_seed = self.out.get("seed").and_then(Value::as_f64).unwrap_or(42.0);
+            let recipe_seed = self.out.get("seed").and_then(Value::as_f64);
+            let model_seed = (self.flags.seed.map(|s| s as f64))
+                .or(recipe_seed)
+                .unwrap_or(42.0);
             if seed != model_seed {
                 return Err(self.err(format!(
                     "`data_seed: {seed}`: nibble draws the data's order from `seed` too; give one seed"
@@ -948,16 +1062,14 @@ impl Reader<'_> {
         self.set("loss_on", Value::from(loss_on), key)
     }
 
-    /// `trl sft` trains on the `dataset_train_split` split of what `dataset_name` names: for a
-    /// `datasets` folder holding several splits (a DatasetDict), that split's folder.
+    /// `trl sft` trains on the `dataset_train_split` split of what `dataset_name` names (a folder
+    /// `datasets` saved with several splits, or a folder of one data file per split, as
+    /// `load_dataset` splits it), or on a mixture of one dataset (`datasets`).
     fn data(&mut self) -> Result<()> {
-        let mixture = self.apart("datasets");
-        if mixture.is_some_and(|m| m.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(self.err(
-                "`datasets`: TRL's dataset mixtures are not read by nibble; give one local file \
-                 or folder as dataset_name"
-                    .into(),
-            ));
+        self.mixture()?;
+        if self.flags.data.is_some() {
+            // The command line's data is nibble's --data: a file, or one split's folder.
+            return Ok(());
         }
         let split = self.text("dataset_train_split")?.unwrap_or("train".into());
         let Some(data) = self
@@ -968,17 +1080,150 @@ impl Reader<'_> {
         else {
             return Ok(());
         };
-        if data.join("dataset_dict.json").is_file() {
-            let folder = data.join(&split);
+        if let Some(path) = split_path(&data, &split) {
             self.splits = Some(data);
-            let folder = folder.to_string_lossy().into_owned();
-            self.out.insert("data".into(), Value::from(folder));
+            let path = path.to_string_lossy().into_owned();
+            self.out.insert("data".into(), Value::from(path));
         } else if split != "train" {
             return Err(self.err(format!(
-                "`dataset_train_split: {split}` names a split of a datasets folder, and {} is none \
-                 (no dataset_dict.json)",
+                "`dataset_train_split: {split}`: {} holds no such split (a folder `datasets` saved, \
+                 or {split}.jsonl / .json / .parquet in a folder)",
                 data.display()
             )));
+        }
+        Ok(())
+    }
+
+    /// TRL's `datasets` (DatasetMixtureConfig): nibble reads a mixture of one local dataset, such as
+    /// `[{path: json, data_files: chats.jsonl}]`, and its `test_split_size` as a held-out fraction.
+    fn mixture(&mut self) -> Result<()> {
+        let entries = match self.apart("datasets").cloned() {
+            None => Vec::new(),
+            Some(Value::Array(entries)) => entries,
+            Some(other) => {
+                return Err(self.err(format!("`datasets: {}`: a list of datasets", shown(&other))));
+            }
+        };
+        let held_out = self.number("test_split_size")?;
+        let [entry] = entries.as_slice() else {
+            if !entries.is_empty() {
+                return Err(self.err(format!(
+                    "`datasets`: a mixture of {} datasets; nibble reads one (one file or folder)",
+                    entries.len()
+                )));
+            }
+            if held_out.is_some() {
+                self.ignored.push("test_split_size".into());
+            }
+            return Ok(());
+        };
+        let entry = entry
+            .as_object()
+            .ok_or_else(|| self.err(format!("`datasets`: {} is not a dataset", shown(entry))))?;
+        let field = |k: &str| entry.get(k).filter(|v| !v.is_null());
+        for (k, v) in entry {
+            let known = matches!(k.as_str(), "path" | "data_files" | "split" | "fraction");
+            if !known && !v.is_null() {
+                return Err(self.err(format!(
+                    "`datasets`: `{k}: {}` is not read by nibble (path, data_files and split are)",
+                    shown(v)
+                )));
+            }
+        }
+        let path = field("path").and_then(Value::as_str).ok_or_else(|| {
+            self.err("`datasets`: each dataset has a `path` (such as json, with data_files)".into())
+        })?;
+        let split = field("split").and_then(Value::as_str).unwrap_or("train");
+        let file = match field("data_files") {
+            None => path.to_string(),
+            Some(files) if matches!(path, "json" | "parquet" | "arrow") => {
+                let one = match files {
+                    Value::Object(by_split) => by_split.get(split),
+                    Value::Array(list) if list.len() == 1 => list.first(),
+                    single => Some(single),
+                };
+                match one.map(|f| (f, f.as_str())) {
+                    Some((_, Some(file))) => file.to_string(),
+                    Some((Value::Array(list), _)) if list.len() == 1 => {
+                        list[0].as_str().unwrap_or_default().to_string()
+                    }
+                    _ => {
+                        return Err(self.err(format!(
+                            "`datasets`: data_files {} for split {split}: nibble reads one file",
+                            shown(files)
+                        )));
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(self.err(format!(
+                    "`datasets`: data_files with path `{path}`: nibble reads json, parquet and arrow \
+                     files (path: json)"
+                )));
+            }
+        };
+        if let Some(earlier) = self.source.get("data").cloned() {
+            self.notes.push(format!(
+                "`datasets` and `{earlier}` both name data: the mixture is read, as trl sft reads it"
+            ));
+            self.source.remove("data");
+            self.out.remove("data");
+        }
+        self.set("data", Value::from(file), "datasets")?;
+        if let Some(fraction) = held_out {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(self.err(format!(
+                    "`test_split_size: {fraction}`: nibble holds out a fraction of the data (0 to 1)"
+                )));
+            }
+            self.set("eval_split", Value::from(fraction), "test_split_size")?;
+        }
+        Ok(())
+    }
+
+    /// Options of how examples become sequences, where TRL reads them otherwise than nibble's
+    /// checks would: what only applies under packing (or only without it) is ignored where it does
+    /// not apply, as TRL ignores it.
+    fn sequences(&mut self) -> Result<()> {
+        if let Some(v) = self.apart.get("max_length").cloned() {
+            self.set("max_length", v, "max_length")?;
+        }
+        let packing = self
+            .flags
+            .packing
+            .or(self.out.get("packing").and_then(Value::as_bool));
+        let packing = packing.unwrap_or(false);
+        let (applies, ignored) = match packing {
+            true => ("packing_strategy", "truncation_mode"),
+            false => ("truncation_mode", "packing_strategy"),
+        };
+        if let Some(v) = self.apart(applies).cloned() {
+            self.set(applies, v, applies)?;
+        }
+        let default = &trl_fields().fields[ignored].default;
+        if self.apart(ignored).is_some_and(|v| !same(v, default)) {
+            self.ignored.push(ignored.into());
+        }
+        match self.text("loss_type")?.as_deref() {
+            None => {}
+            // A name TRL keeps for nll.
+            Some("chunked_nll") => self.set("loss_type", Value::from("nll"), "loss_type")?,
+            Some(other) => self.set("loss_type", Value::from(other), "loss_type")?,
+        }
+        if self.flag("shuffle_dataset")? == Some(true) {
+            let ordered = self
+                .flags
+                .no_shuffle
+                .or(self.out.get("no_shuffle").and_then(Value::as_bool));
+            if ordered == Some(true) {
+                return Err(self.err(
+                    "`shuffle_dataset: true` with the examples in file order: nibble either shuffles \
+                     every epoch or keeps the file's order"
+                        .into(),
+                ));
+            }
+            // nibble shuffles every epoch anyway.
+            self.ignored.push("shuffle_dataset".into());
         }
         Ok(())
     }
@@ -1008,11 +1253,19 @@ impl Reader<'_> {
         match strategy.as_str() {
             "no" => return Ok(()),
             "steps" => {
+                // transformers: eval_steps unset or 0 means every logging_steps.
+                let steps = steps.filter(|n| *n != 0.0);
                 let logging_default = trl_fields().fields["logging_steps"].default.as_f64();
                 let n = steps.or(logging_steps).or(logging_default).unwrap_or(10.0);
+                let key = if steps.is_some() {
+                    "eval_steps"
+                } else {
+                    "logging_steps"
+                };
                 if n < 1.0 || n.fract() != 0.0 {
                     return Err(self.err(format!(
-                        "`eval_steps: {n}`: a whole number of steps (nibble takes no fraction of the run)"
+                        "`{key}: {n}`: validation every {key} needs a whole number of steps (nibble \
+                         takes no fraction of the run)"
                     )));
                 }
                 self.set("eval_steps", Value::from(n as u64), "eval_steps")?;
@@ -1027,9 +1280,10 @@ impl Reader<'_> {
         }
         // trl sft evaluates on the `dataset_test_split` split of the dataset.
         let split = self.text("dataset_test_split")?.unwrap_or("test".into());
-        let folder = (self.splits.as_ref())
-            .map(|root| root.join(&split))
-            .filter(|f| f.is_dir());
+        let folder = self
+            .splits
+            .as_ref()
+            .and_then(|root| split_path(root, &split));
         match folder {
             Some(folder) => {
                 let folder = folder.to_string_lossy().into_owned();
