@@ -1,22 +1,13 @@
 //! Training options as people give them: flags over a TOML file over a preset, each option declared once,
 //! defaults from the trainer, and errors that name the file, line or option.
 
-use clap::Parser;
+mod common;
+
 use nibble::exec::Device;
 use nibble::train::settings::TrainSettings;
 use nibble::train::{LossOn, Schedule, TrainConfig};
 
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    settings: TrainSettings,
-}
-
-fn flags(args: &[&str]) -> TrainSettings {
-    Flags::try_parse_from(std::iter::once("train").chain(args.iter().copied()))
-        .unwrap()
-        .settings
-}
+use common::train_flags as flags;
 
 #[test]
 fn flags_win_over_the_file_and_the_file_over_the_preset() {

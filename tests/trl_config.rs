@@ -5,23 +5,12 @@
 
 mod common;
 
-use clap::Parser;
 use nibble::train::settings::{TrainSettings, defaults_for_help};
 use nibble::train::trl_config;
 use serde_json::Value;
 use std::path::Path;
 
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    settings: TrainSettings,
-}
-
-fn flags(args: &[&str]) -> TrainSettings {
-    Flags::try_parse_from(std::iter::once("train").chain(args.iter().copied()))
-        .unwrap()
-        .settings
-}
+use common::train_flags as flags;
 
 /// A folder holding a model folder whose config.json says qwen2 (all PEFT's defaults read of it).
 fn qwen2_folder() -> tempfile::TempDir {
@@ -60,6 +49,12 @@ fn recipe_text(name: &str, dir: &Path) -> String {
     )
 }
 
+/// What TRL's parser made of the fixtures (scripts/make_trl_config_fixture.py).
+fn trl_expected() -> Value {
+    let text = std::fs::read_to_string("tests/fixtures/trl_config/expected.json").unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 fn read(text: &str, flags: &TrainSettings) -> nibble::Result<trl_config::Recipe> {
     trl_config::read(text, Path::new("recipe.yaml"), flags)
 }
@@ -70,10 +65,7 @@ fn f(v: &Value) -> f64 {
 
 #[test]
 fn recipes_resolve_as_trl_sft_resolves_them() {
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string("tests/fixtures/trl_config/expected.json").unwrap(),
-    )
-    .unwrap();
+    let expected = trl_expected();
     let cases = expected["cases"].as_object().unwrap();
     assert_eq!(cases.len(), 4);
     let dir = qwen2_folder();
@@ -397,10 +389,7 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
 /// trains, as PEFT's table has them.
 #[test]
 fn peft_default_targets_are_peft_s() {
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string("tests/fixtures/trl_config/expected.json").unwrap(),
-    )
-    .unwrap();
+    let expected = trl_expected();
     let table = expected["peft_default_targets"].as_object().unwrap();
     let types = nibble::config::Arch::ALL
         .iter()

@@ -317,3 +317,15 @@ pub fn as_dora(
     }
     dora
 }
+
+/// `nibble train`'s options as its command line parses `args` (no program name).
+pub fn train_flags(args: &[&str]) -> nibble::train::settings::TrainSettings {
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: nibble::train::settings::TrainSettings,
+    }
+    <Flags as clap::Parser>::try_parse_from(std::iter::once("train").chain(args.iter().copied()))
+        .unwrap()
+        .settings
+}
