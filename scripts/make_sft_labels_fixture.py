@@ -10,7 +10,8 @@ on for each, read off its own data collator (labels of -100 carry no loss). Thre
     completion; a prompt ending in a space shares its last token with the completion);
   - rows cut by max_length, keeping the start or the end (truncation_mode), each row through a trainer
     of its own: those left with no label SFTTrainer drops (their ids are null here);
-  - text rows whose text is in another column (dataset_text_field).
+  - text rows whose text is in another column (dataset_text_field);
+  - text rows and text completions ending with another eos token (eos_token).
 The tokenizer is the real Qwen2.5 one in assets/, and for the text rows also that one made to add a BOS
 token (<|endoftext|>) before a text as Llama's, Gemma's and Mistral's do (tests/sft_labels.rs makes the
 same one); the model a tiny random Qwen2 (its weights play no part).
@@ -132,6 +133,10 @@ for tokenizer, bos in [(TOKENIZER, False), (BOS_TOKENIZER, True)]:
         groups.append({"chat_template": None, "bos": bos, "loss_on": "default",
                        "cases": labelled(rows, tokenizer)})
 shutil.rmtree(BOS_TOKENIZER)
+# TRL's eos_token: the token text rows and completions end with, in place of the tokenizer's.
+for rows in [text_rows, text_prompt_completion]:
+    groups.append({"chat_template": None, "loss_on": "default", "eos_token": "<|im_end|>",
+                   "cases": labelled(rows, eos_token="<|im_end|>")})
 
 
 def labelled_each(rows, **config):

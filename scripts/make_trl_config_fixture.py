@@ -114,6 +114,7 @@ for path in sorted(glob.glob(f"{FIXTURES}/*.yaml")):
         "eval_strategy": plain(args.eval_strategy),
         "eval_steps": args.eval_steps,
         "chat_template_path": args.chat_template_path,
+        "eos_token": args.eos_token,
         "lora": None if lora is None else {
             "r": lora.r,
             "lora_alpha": lora.lora_alpha,

@@ -232,6 +232,27 @@ impl ChatTokenizer {
         Ok(self)
     }
 
+    /// This tokenizer with `token` as its eos token, as TRL's `eos_token` sets it: what text rows and
+    /// completions end with, and what chat templates see as `eos_token`. TRL refuses a token the
+    /// vocabulary lacks, and so does nibble.
+    pub fn with_eos_token(mut self, token: &str) -> Result<Self> {
+        if self.token_id(token).is_none() {
+            return Err(Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("eos_token `{token}` is not a token of this tokenizer"),
+            });
+        }
+        for template in self
+            .template
+            .iter_mut()
+            .chain(self.tool_template.iter_mut())
+        {
+            template.eos_token = Some(token.to_string());
+        }
+        self.eos_token = Some(token.to_string());
+        Ok(self)
+    }
+
     /// Token ids of `text`, with no special tokens added (chat templates write their own).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.encode_adding_specials(text, false)

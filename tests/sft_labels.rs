@@ -3,7 +3,8 @@
 //! with `{% generation %}` blocks under --loss-on assistant (TRL's assistant_only_loss), conversational
 //! prompt/completion rows, and text rows, whose text and completions end with the eos token; rows cut
 //! to --max-length keeping their start or end (TRL's truncation_mode), those left with no token that
-//! carries loss left out as TRL leaves them out; text in another column (dataset_text_field).
+//! carries loss left out as TRL leaves them out; text in another column (dataset_text_field); another
+//! eos token (TRL's eos_token).
 
 use nibble::synth::qwen25_tokenizer;
 use nibble::tokenizer::{ChatTokenizer, TemplateChoice};
@@ -28,6 +29,8 @@ struct Group {
     max_length: Option<usize>,
     truncation_mode: Option<String>,
     text_field: Option<String>,
+    /// TRL's eos_token, in place of the tokenizer's.
+    eos_token: Option<String>,
     cases: Vec<Case>,
 }
 
@@ -79,6 +82,10 @@ fn tokens_carrying_loss_equal_trl_sft_trainers() {
     let mut checked = 0;
     for group in &fixture.groups {
         let tok = tokenizer(group.chat_template.as_deref(), group.bos);
+        let tok = match &group.eos_token {
+            Some(eos) => tok.with_eos_token(eos).unwrap(),
+            None => tok,
+        };
         let loss_on = match group.loss_on.as_str() {
             "assistant" => LossOn::Assistant,
             _ => LossOn::Default,
@@ -133,7 +140,13 @@ fn tokens_carrying_loss_equal_trl_sft_trainers() {
         let expected: Vec<&Vec<u32>> = group.cases.iter().filter_map(|c| c.ids.as_ref()).collect();
         assert_eq!(kept.iter().map(|s| &s.ids).collect::<Vec<_>>(), expected);
     }
-    assert_eq!(checked, 45);
+    assert_eq!(checked, 51);
+    // A token the vocabulary lacks is refused, as TRL refuses it.
+    let err = tokenizer(None, false)
+        .with_eos_token("<|not a token|>")
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("<|not a token|>"), "{err}");
 }
 
 /// --packing puts the same examples together as TRL's SFTTrainer packs them (best fit decreasing within

@@ -193,6 +193,10 @@ fn recipes_resolve_as_trl_sft_resolves_them() {
                 },
         );
         check(
+            "eos token",
+            run.eos_token.as_deref() == e["eos_token"].as_str(),
+        );
+        check(
             "save each epoch",
             run.save_each_epoch == (e["save_strategy"] == "epoch"),
         );
@@ -298,6 +302,7 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
             "label_smoothing_factor: 0.1\n",
             "label_smoothing_factor: 0.1",
         ),
+        ("eos_token: 7\n", "eos_token: 7"),
         ("dataloader_drop_last: true\n", "dataloader_drop_last"),
         ("num_train_epochs: 1.5\n", "whole epochs"),
         ("learnig_rate: 1e-4\n", "did you mean `learning_rate`"),

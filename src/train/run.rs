@@ -51,6 +51,9 @@ pub struct RunOptions {
     /// Conversations render through this template instead of the model's; the adapter folder keeps
     /// it (chat_template.jinja), so that what loads the adapter chats the way it was trained.
     pub chat_template: Option<crate::tokenizer::TemplateChoice>,
+    /// The tokenizer's eos token in place of its own (TRL's `eos_token`): what text rows and
+    /// completions end with, and what chat templates see as `eos_token`.
+    pub eos_token: Option<String>,
     /// Pack several examples into each sequence of at most `max_length` tokens.
     pub packing: bool,
     /// How (`PackingStrategy`).
@@ -1008,6 +1011,10 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                     }
                     tok
                 }
+                None => tok,
+            };
+            let tok = match &options.eos_token {
+                Some(eos) => tok.with_eos_token(eos)?,
                 None => tok,
             };
             let train_config = options.tokenizing(&config);

@@ -227,6 +227,11 @@ pub struct TrainSettings {
     #[arg(long, aliases = ["chat-template-path"])]
     #[serde(alias = "chat_template_path")]
     pub chat_template: Option<PathBuf>,
+    /// The token text rows and completions end with, and chat templates see as eos_token, in place of
+    /// the tokenizer's (TRL's eos_token, such as '<|im_end|>' for a base model trained on ChatML); one
+    /// of the tokenizer's tokens.
+    #[arg(long)]
+    pub eos_token: Option<String>,
     /// Start from this PEFT adapter folder (its r, alpha and target modules apply).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
@@ -398,6 +403,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("loss_type", value_name(d.loss_type)),
         ("neftune_noise_alpha", "none: no noise".into()),
         ("chat_template", "the model's".into()),
+        ("eos_token", "none: the tokenizer's".into()),
         ("init_adapter", "none: A random, B zero, as PEFT".into()),
         ("eval_data", none()),
         ("eval_split", none()),
@@ -918,6 +924,7 @@ impl TrainSettings {
                 .as_deref()
                 .map(crate::tokenizer::TemplateChoice::read)
                 .transpose()?,
+            eos_token: self.eos_token.clone(),
             packing: self.packing.unwrap_or(false),
             packing_strategy: self.packing_strategy.unwrap_or_default(),
             fit_checkpointing: match self.checkpointing()? {
