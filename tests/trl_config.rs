@@ -498,6 +498,20 @@ fn recipes_trl_runs_run() {
         "{:?}",
         r.notes
     );
+    // PEFT would adapt a multimodal model's vision tower by the same names: said.
+    let gemma3 = dir.path().join("gemma3");
+    std::fs::create_dir(&gemma3).unwrap();
+    std::fs::write(gemma3.join("config.json"), r#"{"model_type": "gemma3"}"#).unwrap();
+    let text = format!(
+        "model_name_or_path: {}\nuse_peft: true\nlora_target_modules: all-linear\n",
+        gemma3.display()
+    );
+    let r = read(&text, &none).unwrap();
+    assert!(
+        r.notes.iter().any(|n| n.contains("vision tower")),
+        "{:?}",
+        r.notes
+    );
     // A typo on nibble sft's command line is the command line's, not the recipe's.
     let recipe_file = dir.path().join("r.yaml");
     std::fs::write(&recipe_file, &head).unwrap();

@@ -829,11 +829,29 @@ impl Reader<'_> {
                 None => return Ok(()),
             },
         };
+        // PEFT's own default for Gemma 4 keeps to the language model.
+        let multimodal = ["gemma3", "mistral3", "gemma4"];
+        let named = self.apart("lora_target_modules").is_some();
+        let model_type = self.model_type().filter(|_| named);
+        if let Some(model_type) = model_type.filter(|t| multimodal.contains(&t.as_str())) {
+            self.notes.push(format!(
+                "{model_type} is multimodal: PEFT would match {targets} in its vision tower too; \
+                 nibble adapts the language model's"
+            ));
+        }
         self.set(
             "target_modules",
             Value::from(targets),
             "lora_target_modules",
         )
+    }
+
+    /// The model folder's `model_type` (the command line's model, else the recipe's).
+    fn model_type(&self) -> Option<String> {
+        let config = self.path("model", &self.flags.model)?.join("config.json");
+        let text = crate::fsutil::read_to_string(&config).ok()?;
+        let v = serde_json::from_str::<Value>(&text).ok()?;
+        v["model_type"].as_str().map(str::to_string)
     }
 
     /// PEFT's modules for a LoraConfig that names none, read off the model's type.
@@ -844,13 +862,7 @@ impl Reader<'_> {
             return Ok(None);
         }
         let config = model.as_ref().map(|m| m.join("config.json"));
-        let model_type = config
-            .as_ref()
-            .filter(|c| c.is_file())
-            .and_then(|c| crate::fsutil::read_to_string(c).ok())
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .and_then(|v| v["model_type"].as_str().map(str::to_string));
-        let Some(model_type) = model_type else {
+        let Some(model_type) = self.model_type() else {
             return Err(self.err(format!(
                 "no `lora_target_modules`: PEFT then picks modules by the model's type, which nibble \
                  reads from the model folder's config.json ({}); name them instead (all-linear, or \
