@@ -39,13 +39,29 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     read_examples_with(path, TEXT_FIELD)
 }
 
-/// `read_examples`, with text rows' text in the column `text_field`.
+/// `read_examples`, with text rows' text in the column `text_field`. A folder laid out as a Hub
+/// dataset repository reads its train split (`FOLDER/SPLIT` another), its files one after the other.
 pub fn read_examples_with(path: &Path, text_field: &str) -> Result<Vec<Example>> {
     #[cfg(not(target_arch = "wasm32"))]
-    if !path.exists() {
-        let repo = crate::fsutil::HubRepo::Dataset;
-        return Err(Error::Invalid(crate::fsutil::not_found_message(path, repo)));
+    {
+        if let Some(files) = crate::tables::repository_split_files(path)? {
+            let mut out = Vec::new();
+            for file in &files {
+                out.extend(read_file(file, text_field)?);
+            }
+            return non_empty(out, &path.display().to_string());
+        }
+        if !path.exists() {
+            let repo = crate::fsutil::HubRepo::Dataset;
+            return Err(Error::Invalid(crate::fsutil::not_found_message(path, repo)));
+        }
     }
+    let out = read_file(path, text_field)?;
+    non_empty(out, &path.display().to_string())
+}
+
+/// The rows of one data file or `datasets` folder (not yet checked for being none).
+fn read_file(path: &Path, text_field: &str) -> Result<Vec<Example>> {
     #[cfg(not(target_arch = "wasm32"))]
     if crate::tables::is_table(path) {
         let mut out = Vec::new();
@@ -54,10 +70,25 @@ pub fn read_examples_with(path: &Path, text_field: &str) -> Result<Vec<Example>>
                 |msg: String| Error::Invalid(format!("{}: row {}: {msg}", path.display(), i + 1));
             out.push(parse_row(row, text_field).map_err(at)?);
         }
-        return non_empty(out, &path.display().to_string());
+        return Ok(out);
     }
     let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    parse_jsonl_with(&text, &path.display().to_string(), text_field)
+    let origin = path.display().to_string();
+    // A .json file may hold one array of rows, as `datasets`' json builder reads it.
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    if is_json && text.trim_start().starts_with('[') {
+        let rows: Vec<Value> = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{origin}: not a JSON array of rows: {e}")))?;
+        return rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                parse_row(row, text_field)
+                    .map_err(|msg| Error::Invalid(format!("{origin}: row {}: {msg}", i + 1)))
+            })
+            .collect();
+    }
+    parse_lines(&text, &origin, text_field)
 }
 
 /// Parses JSONL text; `origin` names it in errors (a path, or a label in the browser).
@@ -67,6 +98,10 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Example>> {
 
 /// `parse_jsonl`, with text rows' text in the column `text_field`.
 pub fn parse_jsonl_with(text: &str, origin: &str, text_field: &str) -> Result<Vec<Example>> {
+    non_empty(parse_lines(text, origin, text_field)?, origin)
+}
+
+fn parse_lines(text: &str, origin: &str, text_field: &str) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -77,7 +112,7 @@ pub fn parse_jsonl_with(text: &str, origin: &str, text_field: &str) -> Result<Ve
             serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
         out.push(parse_row(&v, text_field).map_err(at)?);
     }
-    non_empty(out, origin)
+    Ok(out)
 }
 
 /// The examples read from `origin`, or the error that it holds none.

@@ -120,3 +120,93 @@ fn the_commands_read_tables() {
     ]);
     assert!(out.join("adapter_model.safetensors").is_file());
 }
+
+/// A folder laid out as a Hub dataset repository (what `huggingface-cli download --repo-type dataset`
+/// leaves) reads as `datasets.load_dataset(folder)` splits it (tests/fixtures/hub_folders, written
+/// with the rows datasets read by scripts/make_hub_folder_fixture.py): the Hub's sharded files, splits
+/// named by folders or file names, a README's `configs`, one file as train; the folder is its train
+/// split, FOLDER/SPLIT another.
+#[test]
+fn repository_folders_split_as_datasets_splits_them() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub_folders");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
+            .unwrap();
+    let layouts = expected["layouts"].as_object().unwrap();
+    assert_eq!(layouts.len(), 6);
+    let texts = |path: &Path| -> Vec<String> {
+        read_examples(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .iter()
+            .map(|e| match e {
+                nibble::data::Example::Text(t) => t.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    for (layout, splits) in layouts {
+        let dir = root.join(layout);
+        let found = nibble::tables::repository_splits(&dir).unwrap().unwrap();
+        let names: Vec<&str> = found.iter().map(|(s, _)| s.as_str()).collect();
+        let theirs: Vec<&str> = splits
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut sorted = (names.clone(), theirs.clone());
+        sorted.0.sort();
+        sorted.1.sort();
+        assert_eq!(sorted.0, sorted.1, "{layout}: splits");
+        for (split, rows) in splits.as_object().unwrap() {
+            let rows: Vec<&str> = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap())
+                .collect();
+            assert_eq!(texts(&dir.join(split)), rows, "{layout}/{split}");
+        }
+        assert_eq!(
+            texts(&dir),
+            texts(&dir.join("train")),
+            "{layout}: the folder is its train split"
+        );
+    }
+    // A split it lacks is named with those it has; a missing file stays a missing file.
+    let err = read_examples(&root.join("file_names/dev"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("train, validation, test"), "{err}");
+    let err = read_examples(&root.join("file_names/dev.jsonl"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no such folder or file"), "{err}");
+}
+
+/// A .json file may hold one array of rows, as `datasets`' json builder reads it.
+#[test]
+fn a_json_array_of_rows_reads_as_its_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let array = dir.path().join("rows.json");
+    std::fs::write(
+        &array,
+        r#"[{"text": "a"}, {"prompt": "b", "completion": "c"}]"#,
+    )
+    .unwrap();
+    let lines = dir.path().join("rows.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"text\": \"a\"}\n{\"prompt\": \"b\", \"completion\": \"c\"}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        format!("{:?}", read_examples(&array).unwrap()),
+        format!("{:?}", read_examples(&lines).unwrap())
+    );
+    std::fs::write(&array, r#"[{"text": "a"}, 7]"#).unwrap();
+    let err = read_examples(&array).err().unwrap().to_string();
+    assert!(err.contains("rows.json: row 2"), "{err}");
+}

@@ -489,8 +489,8 @@ fn recipes_trl_runs_run() {
         &format!("dataset_name: {}\neval_strategy: epoch\n", splits.display()),
         &none,
     );
-    assert_eq!(s.data, Some(splits.join("train.jsonl")));
-    assert_eq!(s.eval_data, Some(splits.join("test.jsonl")));
+    assert_eq!(s.data, Some(splits.join("train")));
+    assert_eq!(s.eval_data, Some(splits.join("test")));
     // The command line's --quant leaves nothing to say of the 16-bit base.
     let (r, _, _, _) = read_ok("dataset_name: d.jsonl\n", &flags(&["--quant", "none"]));
     assert!(

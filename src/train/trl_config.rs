@@ -392,18 +392,17 @@ fn shown(v: &Value) -> String {
 }
 
 /// A split of a dataset folder, as `load_dataset` finds it: a folder `datasets` saved (one folder per
-/// split, beside dataset_dict.json), or one data file per split (`train.jsonl`, `test.parquet`).
+/// split, beside dataset_dict.json), or a folder laid out as a Hub dataset repository (read as
+/// `FOLDER/SPLIT`, `tables::repository_splits`).
 fn split_path(root: &Path, split: &str) -> Option<PathBuf> {
     if root.join("dataset_dict.json").is_file() {
         return Some(root.join(split)).filter(|p| p.is_dir());
     }
-    if !root.is_dir() {
-        return None;
-    }
-    ["jsonl", "json", "parquet"]
+    let splits = crate::tables::repository_splits(root).ok().flatten()?;
+    splits
         .iter()
-        .map(|ext| root.join(format!("{split}.{ext}")))
-        .find(|p| p.is_file())
+        .any(|(s, _)| s == split)
+        .then(|| root.join(split))
 }
 
 /// PyYAML (YAML 1.1, what TRL reads recipes with) takes yes/no/on/off for true and false.
