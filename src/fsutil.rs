@@ -62,7 +62,7 @@ pub fn not_found_message(path: &Path, repo: HubRepo) -> String {
         HubRepo::Dataset => (
             " dataset",
             " --repo-type dataset",
-            "its data file (JSONL or Parquet) or a folder `datasets` saved",
+            "that folder (its train split; FOLDER/SPLIT for another)",
         ),
     };
     format!(
