@@ -71,6 +71,38 @@ LAYOUTS = {
         "held_out.jsonl": rows("held out", 1),
         "train.jsonl": rows("not named by the configs", 5),
     },
+    "split_folders": {
+        "train/train.jsonl": rows("train", 2),
+        "test/test.jsonl": rows("test", 1),
+    },
+    "mixed_formats": {
+        "train.jsonl": rows("jsonl", 1),
+        "train_extra.parquet": rows("parquet extra", 1),
+        "train_more.parquet": rows("parquet more", 2),
+    },
+    "data_dir": {
+        "README.md": "---\nconfigs:\n- config_name: english\n  data_dir: en\n---\n",
+        "en/train.jsonl": rows("en train", 2),
+        "en/test.jsonl": rows("en test", 1),
+        "fr/train.jsonl": rows("fr train", 2),
+    },
+    "listed_order": {
+        "README.md": "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path:\n"
+                     "    - b.jsonl\n    - ./a.jsonl\n---\n",
+        "a.jsonl": rows("a", 1),
+        "b.jsonl": rows("b", 1),
+    },
+    "crlf_readme": {
+        "README.md": "---\r\nconfigs:\r\n- config_name: default\r\n  data_files: picked.jsonl\r\n---\r\n# Card\r\n",
+        "picked.jsonl": rows("picked", 1),
+        "other.jsonl": rows("other", 1),
+    },
+    "validation_words": {
+        "train.jsonl": rows("train", 1),
+        "val.jsonl": rows("val", 1),
+        "validation.jsonl": rows("validation", 1),
+        "dev.jsonl": rows("dev", 1),
+    },
 }
 
 shutil.rmtree(ROOT, ignore_errors=True)
@@ -81,15 +113,16 @@ for layout, files in LAYOUTS.items():
         path = os.path.join(base, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if isinstance(content, str):
-            with open(path, "w") as f:
+            with open(path, "w", newline="") as f:
                 f.write(content)
         elif name.endswith(".parquet"):
             parquet(path, content)
         else:
             jsonl(path, content)
     loaded = datasets.load_dataset(base)
-    expected[layout] = {split: [row["text"] for row in loaded[split]] for split in loaded}
+    # The splits in datasets' order, each with its rows in order.
+    expected[layout] = [[split, [row["text"] for row in loaded[split]]] for split in loaded]
 with open(os.path.join(ROOT, "expected.json"), "w") as f:
-    json.dump({"datasets": datasets.__version__, "layouts": expected}, f, indent=1, sort_keys=True)
+    json.dump({"datasets": datasets.__version__, "layouts": expected}, f, indent=1)
     f.write("\n")
 print(json.dumps(expected, indent=1))

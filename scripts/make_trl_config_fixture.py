@@ -2,8 +2,8 @@
 
 Writes two files:
 - src/train/trl_fields.json: every option `trl sft` takes (TRL's ScriptArguments, SFTConfig with
-  transformers' TrainingArguments, ModelConfig, DatasetMixtureConfig) with its default (and whether its
-  command line takes a list), so that nibble
+  transformers' TrainingArguments, ModelConfig, DatasetMixtureConfig) with its default (whether its
+  command line takes a list, and the type argparse gives a value), so that nibble
   can tell an option TRL has from a typo, and a value left at TRL's default from one that asks for
   something nibble does not do;
 - tests/fixtures/trl_config/expected.json: for each recipe in tests/fixtures/trl_config/*.yaml, what
@@ -51,16 +51,33 @@ def field_default(field):
     return None
 
 
+def value_kind(convert):
+    """The type argparse gives a command-line value of an option: bool, int, float or str (None: its
+    own conversion, such as a choice or JSON)."""
+    if convert in (str, int, float):
+        return convert.__name__
+    if getattr(convert, "__name__", "") == "string_to_bool":
+        return "bool"
+    return None
+
+
 parser = make_parser()
 # Options the command line takes as lists (`--lora_target_modules q_proj v_proj`): one value is a
 # list of one there.
 lists = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+kinds = {}
+for action in parser._actions:
+    if action.type is not None:
+        kinds.setdefault(action.dest, value_kind(action.type))
 fields = {}
 for dc in parser.dataclass_types:
     for field in dataclasses.fields(dc):
         if field.name.startswith("_") or not field.init:
             continue
         entry = {"in": dc.__name__, "default": plain(field_default(field))}
+        kind = kinds.get(field.name)
+        if kind is not None:
+            entry["type"] = kind
         if field.name in lists:
             entry["list"] = True
         fields.setdefault(field.name, entry)

@@ -73,11 +73,13 @@ fn read_file(path: &Path, text_field: &str) -> Result<Vec<Example>> {
         return Ok(out);
     }
     let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    // A byte-order mark some editors write first is not part of the first row.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let origin = path.display().to_string();
     // A .json file may hold one array of rows, as `datasets`' json builder reads it.
     let is_json = path.extension().is_some_and(|e| e == "json");
     if is_json && text.trim_start().starts_with('[') {
-        let rows: Vec<Value> = serde_json::from_str(&text)
+        let rows: Vec<Value> = serde_json::from_str(text)
             .map_err(|e| Error::Invalid(format!("{origin}: not a JSON array of rows: {e}")))?;
         return rows
             .iter()
@@ -88,7 +90,7 @@ fn read_file(path: &Path, text_field: &str) -> Result<Vec<Example>> {
             })
             .collect();
     }
-    parse_lines(&text, &origin, text_field)
+    parse_lines(text, &origin, text_field)
 }
 
 /// Parses JSONL text; `origin` names it in errors (a path, or a label in the browser).

@@ -228,9 +228,6 @@ const NOT_DATA: &[&str] = &[
     "dataset_dict.json",
 ];
 
-/// The data files nibble reads from a repository folder.
-const DATA_EXTENSIONS: &[&str] = &["jsonl", "json", "parquet", "arrow"];
-
 /// The splits `datasets` knows by name, each with the words that name it in file and folder names.
 const SPLIT_KEYWORDS: &[(&str, &[&str])] = &[
     ("train", &["train", "training"]),
@@ -241,75 +238,211 @@ const SPLIT_KEYWORDS: &[(&str, &[&str])] = &[
 /// What may stand beside a split's keyword in a name (datasets' NON_WORDS_CHARS).
 const SEPARATORS: &str = "[-._ 0-9]";
 
+/// The extensions of the file formats nibble reads, each with the `datasets` builder that reads it.
+const FORMATS: &[(&str, &str)] = &[
+    ("parquet", "parquet"),
+    ("arrow", "arrow"),
+    ("jsonl", "json"),
+    ("json", "json"),
+];
+
+/// A repository's README.md `configs` entry: where its data lies.
+struct RepoConfig {
+    data_dir: Option<String>,
+    /// By split; None: the default patterns under `data_dir`.
+    data_files: Option<Splits<String>>,
+}
+
 /// The splits of a folder laid out as a Hugging Face Hub dataset repository (what `huggingface-cli
 /// download --repo-type dataset` leaves), each with its data files in order, as `load_dataset(folder)`
-/// finds them: the files its README.md's `configs` names, else the Hub's sharded
-/// `data/{split}-NNNNN-of-NNNNN.*` files, else folders named for splits, else files named for them
-/// (`train.jsonl`, `my_dev-set.parquet`), else every file as train. Hidden files (the download's
-/// .cache) and the README are not data. None: `dir` is not such a folder (a folder `datasets` saved).
+/// finds them: the files its README.md's `configs` names (under its `data_dir`), else the Hub's
+/// sharded `data/{split}-NNNNN-of-NNNNN.*` files, else folders named for splits, else files named for
+/// them (`train.jsonl`, `my_dev-set.parquet`), else every file as train; of each split, the files of
+/// its most common format (Parquet winning a draw), which must be one format for all splits. Hidden
+/// files and folders (the download's .cache), `__` ones and the README are not data. None: `dir` is
+/// not such a folder (a folder `datasets` saved).
 pub fn repository_splits(dir: &Path) -> Result<Option<Splits<PathBuf>>> {
     if !dir.is_dir() || dir.join("state.json").is_file() || dir.join("dataset_dict.json").is_file()
     {
         return Ok(None);
     }
+    let config = readme_config(dir)?;
+    let base = config
+        .as_ref()
+        .and_then(|c| c.data_dir.clone())
+        .map_or(String::new(), |d| format!("{}/", d.trim_matches('/')));
     let mut files = Vec::new();
-    list_files(dir, "", &mut files)?;
+    let root = dir.join(&base);
+    if root.is_dir() {
+        list_files(&root, "", &mut files)?;
+    }
     files.sort();
-    let splits = match readme_configs(dir)? {
+    let patterns = match config.and_then(|c| c.data_files) {
         Some(patterns) => patterns,
         None => default_split_patterns(&files),
     };
-    let mut out = Vec::new();
-    for (split, patterns) in splits {
-        let matchers: Vec<regex::Regex> = patterns.iter().map(|p| glob_regex(p)).collect();
-        let chosen: Vec<PathBuf> = files
-            .iter()
-            .filter(|f| matchers.iter().any(|m| m.is_match(f)))
-            .filter(|f| {
-                let extension = Path::new(f.as_str()).extension().and_then(|e| e.to_str());
-                extension.is_some_and(|e| DATA_EXTENSIONS.contains(&e))
-            })
-            .map(|f| dir.join(f))
-            .collect();
-        if !chosen.is_empty() {
-            out.push((split, chosen));
+    let mut splits = Vec::new();
+    for (split, patterns) in patterns {
+        let mut chosen: Vec<&String> = Vec::new();
+        for pattern in &patterns {
+            let pattern = pattern.strip_prefix("./").unwrap_or(pattern);
+            let matcher = glob_regex(pattern);
+            let matched: Vec<&String> = files.iter().filter(|f| matcher.is_match(f)).collect();
+            // datasets skips a wildcard that matches nothing, and refuses a file that is not there.
+            if matched.is_empty() && !pattern.contains(['*', '?', '[']) {
+                return Err(Error::Invalid(format!(
+                    "{}: the split `{split}` names {pattern}, which is not there",
+                    dir.display()
+                )));
+            }
+            for f in matched {
+                if !chosen.contains(&f) {
+                    chosen.push(f);
+                }
+            }
         }
+        if !chosen.is_empty() {
+            splits.push((split, chosen));
+        }
+    }
+    // Each split is read by the builder of its most common file format; all splits must agree.
+    let mut builder: Option<(String, &str)> = None;
+    let mut out = Vec::new();
+    for (split, chosen) in splits {
+        let extension = |f: &str| {
+            Path::new(f)
+                .extension()
+                .map(|e| e.to_string_lossy().to_lowercase())
+                .unwrap_or_default()
+        };
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for f in &chosen {
+            let e = extension(f);
+            match counts.iter_mut().find(|(x, _)| *x == e) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((e, 1)),
+            }
+        }
+        let preference = |e: &str| match e {
+            "parquet" => 4,
+            "arrow" => 3,
+            "jsonl" => 2,
+            "json" => 1,
+            _ => 0,
+        };
+        counts.sort_by(|a, b| (b.1, preference(&b.0), &b.0).cmp(&(a.1, preference(&a.0), &a.0)));
+        let top = counts[0].0.clone();
+        let Some(&(_, split_builder)) = FORMATS.iter().find(|(e, _)| *e == top) else {
+            return Err(Error::Invalid(format!(
+                "{}: the split `{split}` is {top} files, which nibble does not read (JSONL, JSON, \
+                 Parquet or Arrow)",
+                dir.display()
+            )));
+        };
+        match &builder {
+            Some((first_split, b)) if *b != split_builder => {
+                return Err(Error::Invalid(format!(
+                    "{}: the split `{first_split}` is {b} files and `{split}` {split_builder}; \
+                     `datasets` refuses splits of different formats too",
+                    dir.display()
+                )));
+            }
+            _ => {}
+        }
+        let files: Vec<PathBuf> = chosen
+            .iter()
+            .filter(|f| {
+                FORMATS
+                    .iter()
+                    .any(|(e, b)| *b == split_builder && extension(f) == *e)
+            })
+            .map(|f| root.join(f.as_str()))
+            .collect();
+        if builder.is_none() {
+            builder = Some((split.clone(), split_builder));
+        }
+        out.push((split, files));
     }
     Ok(Some(out))
 }
 
 /// The data files of `path` read as `datasets` reads a repository folder: the train split of a
-/// folder, or `FOLDER/SPLIT` (not itself a path) for another split. None: `path` is neither.
+/// folder, or `FOLDER/SPLIT` for another split (a name that is not itself a path, or a folder of the
+/// repository that is that split). None: `path` is neither.
 pub fn repository_split_files(path: &Path) -> Result<Option<Vec<PathBuf>>> {
-    let (dir, split) = if path.is_dir() {
-        (path.to_path_buf(), "train".to_string())
-    } else if path.exists() {
-        return Ok(None);
-    } else {
-        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let parent = path.parent().filter(|p| p.is_dir());
+    let split_of_parent = |name: &str| -> Result<Option<Vec<PathBuf>>> {
+        let Some(parent) = parent else {
             return Ok(None);
         };
-        // A split's name, not a missing file's.
-        let name = name.to_string_lossy().into_owned();
-        if name.contains('.') || !parent.is_dir() {
-            return Ok(None);
-        }
-        (parent.to_path_buf(), name)
+        let splits = repository_splits(parent)?.unwrap_or_default();
+        Ok(splits.into_iter().find(|(s, _)| s == name).map(|(_, f)| f))
     };
-    let Some(splits) = repository_splits(&dir)? else {
+    if path.is_dir() {
+        let Some(own) = repository_splits(path)? else {
+            return Ok(None);
+        };
+        if let Some((_, files)) = own.iter().find(|(s, _)| s == "train") {
+            return Ok(Some(files.clone()));
+        }
+        // A folder of the repository above that is one of its splits (`test/test.jsonl`).
+        if let Some(files) = name.as_deref().map(split_of_parent).transpose()?.flatten() {
+            return Ok(Some(files));
+        }
+        return Err(no_split(path, path, "train", &own));
+    }
+    if path.exists() {
+        return Ok(None);
+    }
+    // A missing path names a split only where a split could be so named: walking the folder above
+    // for any missing name would read a home folder's tree for a typo.
+    let (Some(name), Some(dir)) = (name, parent) else {
         return Ok(None);
     };
-    if let Some((_, files)) = splits.iter().find(|(s, _)| *s == split) {
-        return Ok(Some(files.clone()));
+    if name.contains('.') || !plausible_split(dir, &name)? {
+        return Ok(None);
     }
+    let splits = repository_splits(dir)?.unwrap_or_default();
+    match splits.iter().find(|(s, _)| *s == name) {
+        Some((_, files)) => Ok(Some(files.clone())),
+        None => Err(no_split(path, dir, &name, &splits)),
+    }
+}
+
+/// Whether `name` could be a split of the repository folder `dir`: a split's name or keyword, a
+/// split its README names, or the Hub's sharded `data/{name}-...` files.
+fn plausible_split(dir: &Path, name: &str) -> Result<bool> {
+    if SPLIT_KEYWORDS
+        .iter()
+        .any(|(split, words)| *split == name || words.contains(&name))
+    {
+        return Ok(true);
+    }
+    if let Some(RepoConfig {
+        data_files: Some(splits),
+        ..
+    }) = readme_config(dir)?
+    {
+        return Ok(splits.iter().any(|(s, _)| s == name));
+    }
+    let shard = format!("{name}-");
+    Ok(std::fs::read_dir(dir.join("data")).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&shard))
+    }))
+}
+
+fn no_split(path: &Path, dir: &Path, split: &str, splits: &Splits<PathBuf>) -> Error {
     let names: Vec<&str> = splits.iter().map(|(s, _)| s.as_str()).collect();
     let holds = match names.is_empty() {
-        true => "it holds no data files (json, jsonl, parquet, arrow)".to_string(),
+        true => "it holds no data files (JSONL, JSON, Parquet, Arrow)".to_string(),
         false => format!("its splits, as `datasets` finds them: {}", names.join(", ")),
     };
-    Err(Error::Invalid(match path.is_dir() {
+    Error::Invalid(match path == dir {
         true => format!(
-            "{}: no `train` split to read; {holds} (give FOLDER/SPLIT)",
+            "{}: no `{split}` split to read; {holds} (give FOLDER/SPLIT)",
             dir.display()
         ),
         false => format!(
@@ -317,7 +450,7 @@ pub fn repository_split_files(path: &Path) -> Result<Option<Vec<PathBuf>>> {
             path.display(),
             dir.display()
         ),
-    }))
+    })
 }
 
 fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
@@ -325,7 +458,7 @@ fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
+        if name.starts_with('.') || name.starts_with("__") {
             continue;
         }
         let relative = format!("{prefix}{name}");
@@ -340,7 +473,7 @@ fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
 }
 
 /// fsspec's glob as a regular expression over '/'-separated relative paths: `**/` any folders (or
-/// none), `**` anything, `*` and `?` within one name, `[...]` a class.
+/// none), `**` anything, `*` and `?` within one name, `[...]` a class (`[!...]` its complement).
 fn glob_regex(pattern: &str) -> regex::Regex {
     let mut re = String::from("^");
     let chars: Vec<char> = pattern.chars().collect();
@@ -361,7 +494,12 @@ fn glob_regex(pattern: &str) -> regex::Regex {
             '?' => re.push_str("[^/]"),
             '[' => match chars[i..].iter().position(|&c| c == ']') {
                 Some(end) => {
-                    re.extend(&chars[i..i + end + 1]);
+                    let class: String = chars[i + 1..i + end].iter().collect();
+                    let class = match class.strip_prefix('!') {
+                        Some(rest) => format!("^{rest}"),
+                        None => class,
+                    };
+                    re.push_str(&format!("[{}]", class.replace('\\', r"\\")));
                     i += end + 1;
                     continue;
                 }
@@ -372,8 +510,7 @@ fn glob_regex(pattern: &str) -> regex::Regex {
         i += 1;
     }
     re.push('$');
-    // Built from a pattern's pieces, each escaped or a class taken whole; a class regex rejects
-    // matches nothing.
+    // A class the regex crate rejects matches nothing, as no name could be meant by it.
     regex::Regex::new(&re).unwrap_or_else(|_| regex::Regex::new("^$").expect("a valid pattern"))
 }
 
@@ -400,12 +537,11 @@ fn default_split_patterns(files: &[String]) -> Splits<String> {
             .cloned()
             .collect();
         order.extend(others);
+        let shard = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*";
         return order
             .into_iter()
             .map(|split| {
-                let pattern = format!(
-                    "data/{split}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*"
-                );
+                let pattern = format!("data/{split}{shard}");
                 (split, vec![pattern])
             })
             .collect();
@@ -418,7 +554,7 @@ fn default_split_patterns(files: &[String]) -> Splits<String> {
     ];
     let file_names = ["**/{k}{s}*", "**/*{s}{k}{s}*"];
     for rule in [&folder_names[..], &file_names[..]] {
-        let splits: Vec<(String, Vec<String>)> = SPLIT_KEYWORDS
+        let splits: Splits<String> = SPLIT_KEYWORDS
             .iter()
             .map(|(split, keywords)| {
                 let patterns = keywords
@@ -444,14 +580,27 @@ fn default_split_patterns(files: &[String]) -> Splits<String> {
     vec![("train".into(), vec!["**".into()])]
 }
 
-/// The data files a repository's README.md names in the YAML block that opens it (`configs`: the
-/// one marked `default: true`, else the one named `default`, else the first), by split. None: the
-/// README names none.
-fn readme_configs(dir: &Path) -> Result<Option<Splits<String>>> {
+/// YAML as nibble reads it from files it did not write: aliases (`*name`) refused, since the YAML
+/// reader copies an alias's value wherever it appears, and a few lines of nested aliases would fill
+/// memory.
+pub fn yaml_without_aliases(text: &str) -> std::result::Result<Vec<yaml_rust2::Yaml>, String> {
+    // An alias starts a node: at a line's start, or after a space, `[`, `{` or `,` (not inside a
+    // name, as in "part-*.jsonl").
+    let alias = regex::Regex::new(r"(?m)(?:^|[\s\[{,])\*[A-Za-z0-9_]").expect("valid");
+    if alias.is_match(text) {
+        return Err("holds YAML aliases (*name), which nibble does not read".into());
+    }
+    yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| e.to_string())
+}
+
+/// Where a repository's README.md puts its data, in the YAML block that opens it (`configs`: the one
+/// marked `default: true`, else the one named `default`, else the only one). None: it says nothing.
+fn readme_config(dir: &Path) -> Result<Option<RepoConfig>> {
     let readme = dir.join("README.md");
     let Ok(text) = std::fs::read_to_string(&readme) else {
         return Ok(None);
     };
+    let text = text.replace("\r\n", "\n");
     let Some(block) = text
         .strip_prefix("---\n")
         .and_then(|rest| rest.split_once("\n---").map(|(yaml, _)| yaml))
@@ -462,8 +611,7 @@ fn readme_configs(dir: &Path) -> Result<Option<Splits<String>>> {
         path: readme.clone(),
         msg,
     };
-    let docs = yaml_rust2::YamlLoader::load_from_str(block)
-        .map_err(|e| bad(format!("its YAML header is not YAML: {e}")))?;
+    let docs = yaml_without_aliases(block).map_err(|e| bad(format!("its YAML header: {e}")))?;
     let Some(configs) = docs.first().and_then(|d| d["configs"].as_vec()) else {
         return Ok(None);
     };
@@ -474,10 +622,22 @@ fn readme_configs(dir: &Path) -> Result<Option<Splits<String>>> {
             configs
                 .iter()
                 .find(|c| c["config_name"].as_str() == Some("default"))
-        })
-        .or_else(|| configs.first());
-    let Some(config) = config else {
-        return Ok(None);
+        });
+    let config = match (config, configs.as_slice()) {
+        (Some(config), _) => config,
+        (None, [only]) => only,
+        (None, []) => return Ok(None),
+        (None, _) => {
+            let names: Vec<&str> = configs
+                .iter()
+                .filter_map(|c| c["config_name"].as_str())
+                .collect();
+            return Err(bad(format!(
+                "names several configs ({}) and none is the default; `datasets` asks for one too. \
+                 Give the files of one as --data",
+                names.join(", ")
+            )));
+        }
     };
     let strings = |y: &yaml_rust2::Yaml| -> Vec<String> {
         match y {
@@ -489,17 +649,28 @@ fn readme_configs(dir: &Path) -> Result<Option<Splits<String>>> {
             _ => Vec::new(),
         }
     };
-    let data_files = &config["data_files"];
-    let splits = match data_files {
-        yaml_rust2::Yaml::Array(items) if items.iter().all(|i| i.as_hash().is_some()) => items
-            .iter()
-            .map(|i| {
-                let split = i["split"].as_str().unwrap_or("train").to_string();
-                (split, strings(&i["path"]))
-            })
-            .collect(),
-        yaml_rust2::Yaml::BadValue => return Ok(None),
-        other => vec![("train".to_string(), strings(other))],
+    let data_files = match &config["data_files"] {
+        yaml_rust2::Yaml::BadValue | yaml_rust2::Yaml::Null => None,
+        yaml_rust2::Yaml::Array(items) if items.iter().all(|i| i.as_hash().is_some()) => Some(
+            items
+                .iter()
+                .map(|i| {
+                    let split = i["split"].as_str().unwrap_or("train").to_string();
+                    (split, strings(&i["path"]))
+                })
+                .collect(),
+        ),
+        yaml_rust2::Yaml::Hash(by_split) => Some(
+            by_split
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str()?.to_string(), strings(v))))
+                .collect(),
+        ),
+        other => Some(vec![("train".to_string(), strings(other))]),
     };
-    Ok(Some(splits))
+    let data_dir = config["data_dir"].as_str().map(String::from);
+    Ok(Some(RepoConfig {
+        data_dir,
+        data_files,
+    }))
 }

@@ -123,9 +123,10 @@ fn the_commands_read_tables() {
 
 /// A folder laid out as a Hub dataset repository (what `huggingface-cli download --repo-type dataset`
 /// leaves) reads as `datasets.load_dataset(folder)` splits it (tests/fixtures/hub_folders, written
-/// with the rows datasets read by scripts/make_hub_folder_fixture.py): the Hub's sharded files, splits
-/// named by folders or file names, a README's `configs`, one file as train; the folder is its train
-/// split, FOLDER/SPLIT another.
+/// with the splits and rows datasets read, in its order, by scripts/make_hub_folder_fixture.py): the
+/// Hub's sharded files, splits named by folders or file names, a README's `configs` (its files in the
+/// order listed, its `data_dir`, CRLF line ends), one format per split; the folder is its train split,
+/// FOLDER/SPLIT another (also where that is a folder of its own).
 #[test]
 fn repository_folders_split_as_datasets_splits_them() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hub_folders");
@@ -133,7 +134,7 @@ fn repository_folders_split_as_datasets_splits_them() {
         serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
             .unwrap();
     let layouts = expected["layouts"].as_object().unwrap();
-    assert_eq!(layouts.len(), 6);
+    assert_eq!(layouts.len(), 12);
     let texts = |path: &Path| -> Vec<String> {
         read_examples(path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -148,24 +149,18 @@ fn repository_folders_split_as_datasets_splits_them() {
         let dir = root.join(layout);
         let found = nibble::tables::repository_splits(&dir).unwrap().unwrap();
         let names: Vec<&str> = found.iter().map(|(s, _)| s.as_str()).collect();
-        let theirs: Vec<&str> = splits
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        let mut sorted = (names.clone(), theirs.clone());
-        sorted.0.sort();
-        sorted.1.sort();
-        assert_eq!(sorted.0, sorted.1, "{layout}: splits");
-        for (split, rows) in splits.as_object().unwrap() {
-            let rows: Vec<&str> = rows
+        let splits = splits.as_array().unwrap();
+        let theirs: Vec<&str> = splits.iter().map(|s| s[0].as_str().unwrap()).collect();
+        assert_eq!(names, theirs, "{layout}: splits in order");
+        for split in splits {
+            let name = split[0].as_str().unwrap();
+            let rows: Vec<&str> = split[1]
                 .as_array()
                 .unwrap()
                 .iter()
                 .map(|r| r.as_str().unwrap())
                 .collect();
-            assert_eq!(texts(&dir.join(split)), rows, "{layout}/{split}");
+            assert_eq!(texts(&dir.join(name)), rows, "{layout}/{name}");
         }
         assert_eq!(
             texts(&dir),
@@ -184,6 +179,80 @@ fn repository_folders_split_as_datasets_splits_them() {
         .unwrap()
         .to_string();
     assert!(err.contains("no such folder or file"), "{err}");
+    let err = read_examples(&root.join("file_names/mydata"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no such folder or file"),
+        "not a split's name: {err}"
+    );
+}
+
+/// What `datasets` refuses, nibble refuses by name: several configs and none the default, a listed
+/// file that is not there, splits of different formats, formats nibble does not read; and a README
+/// whose YAML uses aliases (a few lines of nested aliases would fill memory).
+#[test]
+fn repository_folders_datasets_refuses_are_refused() {
+    let cases: [(&str, &[(&str, &str)], &str); 5] = [
+        (
+            "configs",
+            &[
+                (
+                    "README.md",
+                    "---\nconfigs:\n- config_name: a\n  data_files: a.jsonl\n- config_name: b\n  data_files: b.jsonl\n---\n",
+                ),
+                ("a.jsonl", "{\"text\": \"a\"}\n"),
+                ("b.jsonl", "{\"text\": \"b\"}\n"),
+            ],
+            "several configs (a, b)",
+        ),
+        (
+            "missing",
+            &[
+                (
+                    "README.md",
+                    "---\nconfigs:\n- config_name: default\n  data_files: gone.jsonl\n---\n",
+                ),
+                ("a.jsonl", "{\"text\": \"a\"}\n"),
+            ],
+            "gone.jsonl, which is not there",
+        ),
+        (
+            "formats",
+            &[
+                ("train.jsonl", "{\"text\": \"a\"}\n"),
+                ("test.csv", "text\nb\n"),
+            ],
+            "csv files",
+        ),
+        (
+            "aliases",
+            &[
+                (
+                    "README.md",
+                    "---\na: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\nconfigs: [*c]\n---\n",
+                ),
+                ("a.jsonl", "{\"text\": \"a\"}\n"),
+            ],
+            "aliases",
+        ),
+        (
+            "csv",
+            &[("train.csv", "text\na\n")],
+            "csv files, which nibble does not read",
+        ),
+    ];
+    for (name, files, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        let err = read_examples(dir.path())
+            .err()
+            .unwrap_or_else(|| panic!("{name} was read"));
+        assert!(err.to_string().contains(says), "{name}: {err}");
+    }
 }
 
 /// A .json file may hold one array of rows, as `datasets`' json builder reads it.

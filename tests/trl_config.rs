@@ -364,6 +364,7 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
         ("", "one YAML mapping"),
         ("lr: [1, 2\n", "line"),
         ("lr: 1\nlr: 2\n", "duplicate"),
+        ("a: &x 1\nlr: *x\n", "aliases"),
     ] {
         let err = read(text, &TrainSettings::default())
             .err()
@@ -616,6 +617,10 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
         "--max_steps=-1",
         "--save-strategy",
         "epoch",
+        "--gradient_checkpointing",
+        "--no_gradient_checkpointing",
+        "--output_dir",
+        "2024",
         "--device",
         "cpu",
     ]);
@@ -637,6 +642,16 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
         s.device,
         Some(nibble::exec::Device::Cpu),
         "nibble's own option"
+    );
+    assert_eq!(
+        s.gradient_checkpointing,
+        Some(false),
+        "--no_NAME, as HfArgumentParser's"
+    );
+    assert_eq!(
+        s.output.as_deref(),
+        Some(Path::new("2024")),
+        "text, as argparse types it"
     );
     // Without a recipe, TRL's defaults.
     let model = dir.path().join("model");

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
 
 /// A recipe read: the options it sets (a file layer, below the command line's flags) and what the
 /// reader should be told about it.
@@ -213,6 +213,8 @@ struct TrlField {
     default: Value,
     /// Whether TRL's command line takes a list (`--lora_target_modules q_proj v_proj`).
     list: bool,
+    /// The type argparse gives its command-line values: bool, int, float or str (None: its own).
+    kind: Option<String>,
 }
 
 struct TrlFields {
@@ -252,6 +254,7 @@ fn trl_fields() -> &'static TrlFields {
                     dataclass: f["in"].as_str().unwrap_or_default().to_string(),
                     default: f["default"].clone(),
                     list: f["list"].as_bool().unwrap_or(false),
+                    kind: f["type"].as_str().map(String::from),
                 };
                 (name.clone(), field)
             })
@@ -439,7 +442,8 @@ fn parse_yaml(text: &str, origin: &Path) -> Result<Vec<(String, Value)>> {
         path: origin.to_path_buf(),
         msg,
     };
-    let docs = YamlLoader::load_from_str(text).map_err(|e| fail(format!("not YAML: {e}")))?;
+    let docs = crate::tables::yaml_without_aliases(text)
+        .map_err(|e| fail(format!("not YAML nibble reads: {e}")))?;
     let root = match docs.as_slice() {
         [Yaml::Hash(root)] => root,
         _ => {
@@ -506,6 +510,16 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
                 i += 1;
             }
         }
+        // HfArgumentParser's `--no_NAME` for a switch that is on by default.
+        let switch_off = name
+            .strip_prefix("no_")
+            .filter(|_| !is_known(&name) && values.is_empty())
+            .and_then(|rest| trl_fields().fields.get(rest).map(|f| (rest, f)))
+            .filter(|(_, f)| f.default == Value::Bool(true));
+        if let Some((rest, _)) = switch_off {
+            flags.push((rest.to_string(), Value::Bool(false)));
+            continue;
+        }
         if !is_known(&name) {
             return Err(fail(unknown_option(&name)));
         }
@@ -518,7 +532,7 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
         }
         let field = trl_fields().fields.get(&name);
         let is_list = field.is_some_and(|f| f.list);
-        let scalar = |text: &String| scalar(text, field.map(|f| &f.default));
+        let scalar = |text: &String| scalar(text, field.and_then(|f| f.kind.as_deref()));
         let value = match (values.len(), is_list) {
             (0, _) => Value::Bool(true),
             (_, true) => Value::Array(values.iter().map(scalar).collect()),
@@ -548,34 +562,34 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
     read_given(given, origin, &TrainSettings::default())
 }
 
-/// A command-line value as argparse's types read it, by the type of the option's TRL default: a
-/// switch's yes/no words (transformers' `string_to_bool`), text kept as text, else a number, true or
-/// false, or the text.
-fn scalar(text: &str, default: Option<&Value>) -> Value {
+/// A command-line value as argparse types it for the option (`kind`: TRL's bool, int, float or str):
+/// a switch's yes/no words (transformers' `string_to_bool`), a number, text kept as text; for an
+/// option of its own conversion (or nibble's), a number, true or false, else the text. A value that
+/// is not of its type stays text, for the option's reading to refuse by name.
+fn scalar(text: &str, kind: Option<&str>) -> Value {
     let lower = text.to_ascii_lowercase();
-    match default {
-        Some(Value::Bool(_)) => match lower.as_str() {
-            "true" | "yes" | "t" | "y" | "1" => return Value::Bool(true),
-            "false" | "no" | "f" | "n" | "0" => return Value::Bool(false),
-            _ => return Value::from(text),
+    let number = || -> Option<Value> {
+        if let Ok(i) = text.parse::<i64>() {
+            return Some(Value::from(i));
+        }
+        text.parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map(Value::from)
+    };
+    match kind {
+        Some("bool") => match lower.as_str() {
+            "true" | "yes" | "t" | "y" | "1" => Value::Bool(true),
+            "false" | "no" | "f" | "n" | "0" => Value::Bool(false),
+            _ => Value::from(text),
         },
-        Some(Value::String(_)) => return Value::from(text),
-        _ => {}
-    }
-    if let Ok(i) = text.parse::<i64>() {
-        return Value::from(i);
-    }
-    if let Some(x) = text
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
-    {
-        return Value::from(x);
-    }
-    match lower.as_str() {
-        "true" => Value::Bool(true),
-        "false" => Value::Bool(false),
-        _ => Value::from(text),
+        Some("str") => Value::from(text),
+        Some(_) => number().unwrap_or_else(|| Value::from(text)),
+        None => number().unwrap_or_else(|| match lower.as_str() {
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            _ => Value::from(text),
+        }),
     }
 }
 
@@ -1097,8 +1111,8 @@ impl Reader<'_> {
             self.out.insert("data".into(), Value::from(path));
         } else if split != "train" {
             return Err(self.err(format!(
-                "`dataset_train_split: {split}`: {} holds no such split (a folder `datasets` saved, \
-                 or {split}.jsonl / .json / .parquet in a folder)",
+                "`dataset_train_split: {split}`: {} holds no such split (as `datasets` splits a saved \
+                 folder or a Hub repository's)",
                 data.display()
             )));
         }
