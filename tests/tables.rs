@@ -194,7 +194,9 @@ fn repository_folders_split_as_datasets_splits_them() {
 /// whose YAML uses aliases (a few lines of nested aliases would fill memory).
 #[test]
 fn repository_folders_datasets_refuses_are_refused() {
-    let cases: [(&str, &[(&str, &str)], &str); 5] = [
+    // (case, its files and their text, what the error says)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
         (
             "configs",
             &[
