@@ -7,7 +7,8 @@
 //! checkpoint every 500 steps), not nibble's. Each option is either taken (nibble has it: by TRL's
 //! name or nibble's own), ignored with a note (it changes nothing nibble computes or writes: logging,
 //! the Hub, dtypes of a GPU run), or refused by name (nibble would train something else than TRL).
-//! An option neither TRL nor nibble knows is refused too, as `trl sft` refuses it. `src/train/trl_fields.json` lists TRL's options and defaults, written by
+//! An option neither TRL nor nibble knows is refused too, as `trl sft` refuses it.
+//! `src/train/trl_fields.json` lists TRL's options, their defaults and types, written by
 //! `scripts/make_trl_config_fixture.py` from the TRL it names.
 
 use crate::error::{Error, Result};
