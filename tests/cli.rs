@@ -618,6 +618,9 @@ fn data_shows_which_tokens_carry_loss() {
     assert!(!first[0].as_bool().unwrap() && first[1..].iter().all(|l| l.as_bool().unwrap()));
     // TRL's SFTTrainer ends a text completion with the eos token, and so does nibble.
     assert_eq!(labelled_text(&all[1]), " four.<|im_end|>");
+    // With another eos token (TRL's eos_token), as `nibble train --eos-token` would end it.
+    let other = lines(&["--eos-token", "<|endoftext|>"]);
+    assert_eq!(labelled_text(&other[1]), " four.<|endoftext|>");
     let total_labels = first.len() - 1 + 3;
     assert_eq!(all[2]["labelled_tokens"], total_labels);
     let assistant = std::fs::read_to_string(&data).unwrap();

@@ -61,6 +61,7 @@ fn labelled_tokens(seq: &nibble::cpu::Sequence) -> Vec<bool> {
 pub fn run(args: Args) -> Result<()> {
     let source = nibble::model::open(&args.model)?;
     let tok = super::tokenizer_of(&source, args.chat_template.as_deref(), None)?;
+    let tok = args.rows.tokenizer(tok)?;
     let cut = args.rows.cut(&source.config);
     let examples = args.rows.read(&args.data)?;
     let color = !args.json && std::io::stdout().is_terminal();

@@ -47,6 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         args.chat_template.as_deref(),
         args.exec.device,
     )?;
+    let tok = args.rows.tokenizer(tok)?;
     let cut = args.rows.cut(&placed.model.config);
     let executor = placed.executor();
     log::info!(

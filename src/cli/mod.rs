@@ -137,6 +137,10 @@ pub struct DataArgs {
     /// The column that holds the text of text rows (TRL's dataset_text_field).
     #[arg(long, default_value = nibble::data::TEXT_FIELD)]
     pub dataset_text_field: String,
+    /// The token text rows and completions end with, in place of the tokenizer's, as `nibble train
+    /// --eos-token` (TRL's eos_token) sets it [default: the tokenizer's].
+    #[arg(long)]
+    pub eos_token: Option<String>,
 }
 
 impl DataArgs {
@@ -146,6 +150,14 @@ impl DataArgs {
         path: &std::path::Path,
     ) -> nibble::error::Result<Vec<nibble::data::Example>> {
         nibble::data::read_examples_with(path, &self.dataset_text_field)
+    }
+
+    /// `tok` with --eos-token's token as its eos, where given.
+    pub fn tokenizer(&self, tok: ChatTokenizer) -> nibble::error::Result<ChatTokenizer> {
+        match &self.eos_token {
+            Some(eos) => tok.with_eos_token(eos),
+            None => Ok(tok),
+        }
     }
 
     /// The cut, with --max-length capped at the model's positions.
