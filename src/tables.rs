@@ -13,9 +13,12 @@ use std::path::{Path, PathBuf};
 /// `datasets`.
 pub fn is_table(path: &Path) -> bool {
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    matches!(extension, "parquet" | "arrow")
-        || path.join("state.json").is_file()
-        || path.join("dataset_dict.json").is_file()
+    matches!(extension, "parquet" | "arrow") || saved_by_datasets(path)
+}
+
+/// Whether `dir` is a folder `datasets` saved (`save_to_disk`: one split, or a DatasetDict).
+fn saved_by_datasets(dir: &Path) -> bool {
+    dir.join("state.json").is_file() || dir.join("dataset_dict.json").is_file()
 }
 
 /// The rows of the table at `path`, as JSON objects.
@@ -262,8 +265,7 @@ struct RepoConfig {
 /// files and folders (the download's .cache), `__` ones and the README are not data. None: `dir` is
 /// not such a folder (a folder `datasets` saved).
 pub fn repository_splits(dir: &Path) -> Result<Option<Splits<PathBuf>>> {
-    if !dir.is_dir() || dir.join("state.json").is_file() || dir.join("dataset_dict.json").is_file()
-    {
+    if !dir.is_dir() || saved_by_datasets(dir) {
         return Ok(None);
     }
     let config = readme_config(dir)?;
