@@ -460,6 +460,14 @@ fn the_integers_replace_bf16_on_intel_cores_only() {
         let cpu = nibble::ops::isa::X86Model::from_cpuid(vendor, eax);
         assert_eq!(cpu.vnni_integers_beat_bf16(), integers, "{name}");
     }
+    // Except where AMX's tiles run the bf16 products (1.6x the integers on an Emerald Rapids,
+    // BENCHMARKS.md session 32), on any CPU.
+    assert!(!nibble::ops::int16_gemm::preferred(CpuPath::Amx));
+    assert!(
+        !CpuPath::Amx.includes(CpuPath::Avx2Vnni)
+            && CpuPath::Amx.includes(CpuPath::Avx512Bf16)
+            && !CpuPath::Avx512Bf16.includes(CpuPath::Amx)
+    );
 }
 
 #[test]

@@ -1003,11 +1003,22 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
         return;
     }
     let mut rng = Rng::new(17);
+    let kernels = bf16_gemm::Bf16Kernel::available();
+    eprintln!("bf16 kernels: {kernels:?} run");
     // Remainders everywhere (m not a multiple of 8 or 32, k odd, n not a multiple of 32), and shapes
     // large enough to cross the kernels' inner-dimension chunks (256 pairs) and split into many tasks.
-    // W stored in f32 is decoded to bf16 per product; W stored in bf16 (with an even k) is read in
-    // place. Each product runs once overwriting C and once adding into it.
-    for (m, k, n) in [(13, 37, 45), (70, 1101, 203), (33, 600, 1030)] {
+    // A k of whole AMX tile steps (1536) takes the tiles for A·Wᵀ too (other k's fall back to the dot
+    // kernel there). W stored in f32 is decoded to bf16 per product; W stored in bf16 (with an even
+    // k) is read in place. Each product runs once overwriting C and once adding into it.
+    for (kernel, (m, k, n)) in kernels.iter().flat_map(|&kernel| {
+        [
+            (13, 37, 45),
+            (70, 1101, 203),
+            (33, 600, 1030),
+            (70, 1536, 203),
+        ]
+        .map(|s| (kernel, s))
+    }) {
         let a = random(m * k, 1.0, &mut rng);
         let wv = random((n + 7) * k, 1.0, &mut rng);
         let (a64, w64) = (bf16_round(&a), bf16_round(&wv));
@@ -1027,7 +1038,7 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
             let mut c = random(m * ldc, 1.0, &mut rng);
             let before = c.clone();
             bf16_gemm::matmul_xwt(
-                &bf16_gemm::PackedRows::for_xwt(&a, m, k),
+                &bf16_gemm::PackedRows::for_xwt_on(kernel, &a, m, k),
                 &w,
                 5,
                 n,
@@ -1043,7 +1054,7 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
                 ldc,
                 3..3 + n,
                 accumulate,
-                "A·Wᵀ",
+                &format!("{kernel:?} A·Wᵀ"),
                 |i, j| {
                     (0..k)
                         .map(|q| a64[i * k + q] * w64[(j - 3 + 5) * k + q])
@@ -1058,7 +1069,7 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
             let mut c = random(m * ldc, 1.0, &mut rng);
             let before = c.clone();
             bf16_gemm::matmul_aw(
-                &bf16_gemm::PackedRows::for_aw(&bmat, m, kb),
+                &bf16_gemm::PackedRows::for_aw_on(kernel, &bmat, m, kb),
                 &w,
                 2,
                 &mut c,
@@ -1066,7 +1077,8 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
                 2,
                 accumulate,
             );
-            assert_block_matches(&c, &before, m, ldc, 2..2 + k, accumulate, "B·W", |i, j| {
+            let name = format!("{kernel:?} B·W");
+            assert_block_matches(&c, &before, m, ldc, 2..2 + k, accumulate, &name, |i, j| {
                 (0..kb)
                     .map(|q| b64[i * kb + q] * w64[(2 + q) * k + j - 2])
                     .sum::<f64>()

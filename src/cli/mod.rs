@@ -99,7 +99,7 @@ pub struct ExecArgs {
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
     pub device: Device,
     /// default: the fastest arithmetic that keeps the loss within 1e-3 of float32 (16-bit integer
-    /// products on most x86 CPUs, bf16 ones on AMD's AVX512-BF16 CPUs and ARM BF16); f32: float32
+    /// products on most x86 CPUs, bf16 ones on Intel's AMX, AMD's AVX512-BF16 and ARM BF16); f32: float32
     /// everywhere.
     #[arg(long, value_enum, ignore_case = true, default_value = "default")]
     pub precision: PrecisionChoice,

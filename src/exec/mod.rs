@@ -71,9 +71,10 @@ pub fn software_gpu_warning(info: &wgpu::AdapterInfo) -> Option<String> {
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrecisionChoice {
     /// The executor's fastest mode that keeps the loss within 1e-3 (relative) of float32: 16-bit
-    /// integer products on Intel CPUs with VNNI and on x86 CPUs with AVX2 and without AVX512-BF16
-    /// whose cores multiply 16-bit pairs on two pipes (Skylake and later, Zen 3 and later), bf16
-    /// products on AMD's AVX512-BF16 CPUs and ARM BF16, float32 elsewhere and on the GPU.
+    /// integer products on Intel CPUs with VNNI and without AMX and on x86 CPUs with AVX2 and without
+    /// AVX512-BF16 whose cores multiply 16-bit pairs on two pipes (Skylake and later, Zen 3 and
+    /// later), bf16 products on Intel's AMX tiles (Xeon since Sapphire Rapids, Linux), AMD's
+    /// AVX512-BF16 CPUs and ARM BF16, float32 elsewhere and on the GPU.
     #[default]
     Default,
     /// Exact float32 everywhere, for parity checks.

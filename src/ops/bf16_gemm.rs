@@ -7,8 +7,12 @@
 //! The right-hand operand is packed into panels of 32 columns: for each pair of k indices, the 32
 //! columns' two values lie side by side (64 bf16 = two 512-bit registers), which is the layout
 //! `vdpbf16ps` consumes. The left operand is rounded to bf16 pairs along k and broadcast.
+//!
+//! Where the CPU has AMX (`CpuPath::Amx`), the same operands go through its tiles instead (amx.rs): the
+//! panels are already the tiles' right-hand layout, and the left operand is rows of pairs.
 
 use crate::model::{DenseData, DenseTensor, LinearWeight};
+use crate::ops::amx;
 use crate::quant::{NF4_CODES, QuantFormat};
 use rayon::prelude::*;
 
@@ -20,6 +24,36 @@ const MR: usize = 8;
 pub fn available() -> bool {
     use crate::ops::isa::{CpuPath, active};
     active().includes(CpuPath::Avx512Bf16) || active().includes(CpuPath::NeonBf16)
+}
+
+/// Which instructions multiply the bf16 operands. Both give the products of the same bf16 operands
+/// summed in f32 (in another order, so not always the same bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// `vdpbf16ps` (AVX512-BF16) or `bfdot` (ARM BF16).
+    Dot,
+    /// AMX's `tdpbf16ps` tiles.
+    Tiles,
+}
+
+impl Bf16Kernel {
+    /// The kernel the active CPU path takes.
+    pub fn active() -> Bf16Kernel {
+        if crate::ops::isa::active().includes(crate::ops::isa::CpuPath::Amx) {
+            Bf16Kernel::Tiles
+        } else {
+            Bf16Kernel::Dot
+        }
+    }
+
+    /// Every kernel the active path runs (for tests).
+    pub fn available() -> Vec<Bf16Kernel> {
+        match (available(), Bf16Kernel::active()) {
+            (false, _) => Vec::new(),
+            (true, Bf16Kernel::Tiles) => vec![Bf16Kernel::Dot, Bf16Kernel::Tiles],
+            (true, Bf16Kernel::Dot) => vec![Bf16Kernel::Dot],
+        }
+    }
 }
 
 /// Whether the AVX-512 packing, decoding and kernel run here.
@@ -270,23 +304,72 @@ impl Bf16Rows for DenseTensor {
 /// is the two 512-bit registers `vdpbf16ps` consumes; as the left-hand operand of a·W a group is the
 /// kernel's 8 rows, whose pairs it broadcasts one at a time from 32 consecutive bytes. Rows past m and
 /// the odd k's partner are zero.
+///
+/// For the AMX tiles' a·W, a is instead rows one after another (`row_stride` pairs each: k's pairs,
+/// then zeros to a multiple of 16), in blocks of 32 rows (zero rows past m).
 pub struct PackedRows {
     m: usize,
     k: usize,
     k_pairs: usize,
     group: usize,
     data: Vec<u32>,
+    kernel: Bf16Kernel,
+    row_stride: Option<usize>,
 }
 
 impl PackedRows {
-    /// x packed for `matmul_xwt`.
+    /// x packed for `matmul_xwt` on the active path's kernel.
     pub fn for_xwt(x: &[f32], m: usize, k: usize) -> Self {
-        Self::new(x, m, k, NR)
+        Self::for_xwt_on(Bf16Kernel::active(), x, m, k)
     }
 
-    /// a packed for `matmul_aw`.
+    /// a packed for `matmul_aw` on the active path's kernel.
     pub fn for_aw(a: &[f32], m: usize, k: usize) -> Self {
-        Self::new(a, m, k, MR)
+        Self::for_aw_on(Bf16Kernel::active(), a, m, k)
+    }
+
+    /// x packed for `matmul_xwt` on `kernel` (one of `Bf16Kernel::available()`): both kernels read
+    /// the same layout.
+    pub fn for_xwt_on(kernel: Bf16Kernel, x: &[f32], m: usize, k: usize) -> Self {
+        let mut packed = Self::new(x, m, k, NR);
+        packed.kernel = kernel;
+        packed
+    }
+
+    /// a packed for `matmul_aw` on `kernel` (one of `Bf16Kernel::available()`).
+    pub fn for_aw_on(kernel: Bf16Kernel, a: &[f32], m: usize, k: usize) -> Self {
+        match kernel {
+            Bf16Kernel::Dot => Self::new(a, m, k, MR),
+            Bf16Kernel::Tiles => Self::rows_for_tiles(a, m, k),
+        }
+    }
+
+    /// a's rows as the tiles' left operand (the layout described above).
+    fn rows_for_tiles(a: &[f32], m: usize, k: usize) -> Self {
+        assert_eq!(a.len(), m * k, "bf16 pack: A is m x k");
+        let k_pairs = k.div_ceil(2);
+        let stride = k_pairs.next_multiple_of(amx::STEP_PAIRS);
+        let mut data = spare_buffer(m.next_multiple_of(amx::BLOCK) * stride);
+        // Every word is written (a reused buffer holds stale words).
+        data.par_chunks_mut(stride.max(1))
+            .enumerate()
+            .for_each(|(r, dst)| {
+                if r < m {
+                    round_pairs(&a[r * k..(r + 1) * k], &mut dst[..k_pairs]);
+                    dst[k_pairs..].fill(0);
+                } else {
+                    dst.fill(0);
+                }
+            });
+        PackedRows {
+            m,
+            k,
+            k_pairs,
+            group: amx::BLOCK,
+            data,
+            kernel: Bf16Kernel::Tiles,
+            row_stride: Some(stride),
+        }
     }
 
     fn new(a: &[f32], m: usize, k: usize, group: usize) -> Self {
@@ -323,6 +406,8 @@ impl PackedRows {
             k_pairs,
             group,
             data,
+            kernel: Bf16Kernel::Dot,
+            row_stride: None,
         }
     }
 
@@ -719,15 +804,14 @@ pub fn matmul_xwt(
         "bf16 x·Wᵀ: x must be packed with PackedRows::for_xwt"
     );
     let (k, k_pairs, m, blocks) = (x.k, x.k_pairs, x.m, x.groups());
+    if x.kernel == Bf16Kernel::Tiles && k > 0 && k.is_multiple_of(2 * amx::STEP_PAIRS) {
+        return tiles_xwt(x, w, start, n, (c, ldc, c_col), accumulate);
+    }
     let kc_max = k_chunk(x);
     let task_rows = (n / (rayon::current_num_threads() * TASKS_PER_THREAD))
         .next_multiple_of(MR)
         .clamp(MR, 64);
-    // W's rows read in place as the kernel's left operand: bf16 pairs along k, rows k/2 pairs apart.
-    let in_place: Option<&[u32]> = w
-        .bf16_bits()
-        .filter(|_| k % 2 == 0)
-        .and_then(|bits| bytemuck::try_cast_slice(bits).ok());
+    let in_place = in_place_pairs(w, k);
     let out = SharedOut::new(c);
     (0..n.div_ceil(task_rows)).into_par_iter().for_each(|task| {
         with_scratch(|scratch| {
@@ -757,17 +841,13 @@ pub fn matmul_xwt(
                     }
                     continue;
                 }
-                // Every word is written below (the decoded span, the odd k's zero partner, the zero
-                // padding rows), so the buffer is not cleared first: that would double its traffic.
-                decoded.resize(row_blocks * MR * kc, 0);
-                let span = (2 * kc).min(k - 2 * kc0);
-                for r in 0..rows {
-                    prefetch(w, start + r0 + r + PREFETCH_ROWS, 2 * kc0, span);
-                    let row: &mut [u16] = bytemuck::cast_slice_mut(&mut decoded[r * kc..][..kc]);
-                    w.row_bf16(start + r0 + r, 2 * kc0, &mut row[..span]);
-                    row[span..].fill(0);
-                }
-                decoded[rows * kc..row_blocks * MR * kc].fill(0);
+                decode_rows(
+                    w,
+                    k,
+                    (start + r0, rows, row_blocks * MR),
+                    (kc0, kc),
+                    decoded,
+                );
                 for rb in 0..row_blocks {
                     for block in 0..blocks {
                         kernel(
@@ -798,6 +878,119 @@ pub fn matmul_xwt(
     });
 }
 
+/// W's rows read in place as a kernel's left operand, where W is stored as bf16 with an even k: bf16
+/// pairs along k, rows k/2 pairs apart.
+fn in_place_pairs(w: &impl Bf16Rows, k: usize) -> Option<&[u32]> {
+    w.bf16_bits()
+        .filter(|_| k.is_multiple_of(2))
+        .and_then(|bits| bytemuck::try_cast_slice(bits).ok())
+}
+
+/// W's rows `first..first + rows` of the k-pairs `kc0..kc0 + kc` decoded into `decoded` (`kc` pairs per
+/// row, zero past k and in the rows up to `padded_rows`), the decode running `PREFETCH_ROWS` ahead of
+/// the bytes it reads.
+fn decode_rows(
+    w: &impl Bf16Rows,
+    k: usize,
+    (first, rows, padded_rows): (usize, usize, usize),
+    (kc0, kc): (usize, usize),
+    decoded: &mut Vec<u32>,
+) {
+    // Every word is written below (the decoded span, the odd k's zero partner, the zero padding rows),
+    // so the buffer is not cleared first: that would double its traffic.
+    decoded.resize(padded_rows * kc, 0);
+    let span = (2 * kc).min(k - 2 * kc0);
+    for r in 0..rows {
+        prefetch(w, first + r + PREFETCH_ROWS, 2 * kc0, span);
+        let row: &mut [u16] = bytemuck::cast_slice_mut(&mut decoded[r * kc..][..kc]);
+        w.row_bf16(first + r, 2 * kc0, &mut row[..span]);
+        row[span..].fill(0);
+    }
+    decoded[rows * kc..padded_rows * kc].fill(0);
+}
+
+/// `matmul_xwt` on AMX tiles, for a k of whole tile steps (32): blocks of 32 of W's rows (decoded, or
+/// in place) by 32 tokens (x's groups), summed over k in the tiles and stored transposed.
+fn tiles_xwt(
+    x: &PackedRows,
+    w: &impl Bf16Rows,
+    start: usize,
+    n: usize,
+    (c, ldc, c_col): (&mut [f32], usize, usize),
+    accumulate: bool,
+) {
+    const BLOCK: usize = amx::BLOCK;
+    let (k, k_pairs, m, blocks) = (x.k, x.k_pairs, x.m, x.groups());
+    let kc_max = k_chunk(x);
+    let task_rows = (n / (rayon::current_num_threads() * TASKS_PER_THREAD))
+        .next_multiple_of(BLOCK)
+        .clamp(BLOCK, 2 * BLOCK);
+    let in_place = in_place_pairs(w, k);
+    let out = SharedOut::new(c);
+    (0..n.div_ceil(task_rows)).into_par_iter().for_each(|task| {
+        with_scratch(|scratch| {
+            let (decoded, tiles) = (&mut scratch.words, &mut scratch.tiles);
+            let r0 = task * task_rows;
+            let rows = task_rows.min(n - r0);
+            let row_blocks = rows.div_ceil(BLOCK);
+            // Per (row block, token group) four MR x NR tiles: 32 rows of 32 sums, one after another.
+            const SUB: usize = BLOCK / MR;
+            tiles.resize(row_blocks * blocks * SUB, [[0f32; NR]; MR]);
+            let in_place = in_place.filter(|_| rows.is_multiple_of(BLOCK));
+            let mut amx_tiles = amx::Tiles::start();
+            for kc0 in (0..k_pairs).step_by(kc_max) {
+                let kc = kc_max.min(k_pairs - kc0);
+                let (rows_pairs, stride): (&[u32], usize) = match in_place {
+                    Some(pairs) => (&pairs[(start + r0) * k_pairs + kc0..], k_pairs),
+                    None => {
+                        decode_rows(
+                            w,
+                            k,
+                            (start + r0, rows, row_blocks * BLOCK),
+                            (kc0, kc),
+                            decoded,
+                        );
+                        (decoded, kc)
+                    }
+                };
+                for rb in 0..row_blocks {
+                    for block in 0..blocks {
+                        let sums = &mut tiles[(rb * blocks + block) * SUB..][..SUB];
+                        amx_tiles.block(
+                            &rows_pairs[rb * BLOCK * stride..],
+                            stride,
+                            x.group_from(block, kc0),
+                            kc,
+                            bytemuck::cast_slice_mut(sums),
+                            kc0 > 0,
+                        );
+                    }
+                }
+            }
+            drop(amx_tiles);
+            for rb in 0..row_blocks {
+                for block in 0..blocks {
+                    for sub in 0..SUB {
+                        let row = rb * BLOCK + sub * MR;
+                        if row >= rows {
+                            break;
+                        }
+                        out.add_tile_transposed(
+                            &tiles[(rb * blocks + block) * SUB + sub],
+                            block * NR,
+                            c_col + r0 + row,
+                            ldc,
+                            MR.min(rows - row),
+                            NR.min(m - block * NR),
+                            accumulate,
+                        );
+                    }
+                }
+            }
+        })
+    });
+}
+
 /// C[t, c_col + j] (+)= Σ_q a[t, q]·W[start + q, j] for every column j of W: dy·W over the block of W's
 /// rows `start..start + a.k`, each weight decoded to bf16 exactly once. Pairs of W's rows are
 /// interleaved into 32-column panels (the kernel's right operand); a's rows are broadcast.
@@ -811,6 +1004,9 @@ pub fn matmul_aw(
     accumulate: bool,
 ) {
     assert!(available(), "bf16 kernels need AVX512-BF16 or ARM BF16");
+    if a.kernel == Bf16Kernel::Tiles {
+        return tiles_aw(a, w, start, (c, ldc, c_col), accumulate);
+    }
     assert_eq!(
         a.group, MR,
         "bf16 a·W: a must be packed with PackedRows::for_aw"
@@ -843,34 +1039,8 @@ pub fn matmul_aw(
                 prepare_tiles(tiles, a.groups() * blocks, k_pairs);
                 for kc0 in (0..k_pairs).step_by(kc_max) {
                     let kc = kc_max.min(k_pairs - kc0);
-                    panel.resize(blocks * kc * NR, 0);
-                    for kp in 0..kc {
-                        let q = 2 * (kc0 + kp);
-                        prefetch(w, start + q + PREFETCH_ROWS, j0, width);
-                        prefetch(w, start + q + PREFETCH_ROWS + 1, j0, width);
-                        let (pair_even, pair_odd): (&[u16], &[u16]) = match w.bf16_bits() {
-                            Some(bits) if width == blocks * NR && q + 1 < a.k => (
-                                &bits[(start + q) * n + j0..][..width],
-                                &bits[(start + q + 1) * n + j0..][..width],
-                            ),
-                            _ => {
-                                w.row_bf16(start + q, j0, &mut even[..width]);
-                                if q + 1 < a.k {
-                                    w.row_bf16(start + q + 1, j0, &mut odd[..width]);
-                                } else {
-                                    odd.fill(0);
-                                }
-                                (even, odd)
-                            }
-                        };
-                        for b in 0..blocks {
-                            interleave(
-                                &pair_even[b * NR..(b + 1) * NR],
-                                &pair_odd[b * NR..(b + 1) * NR],
-                                &mut panel[(b * kc + kp) * NR..][..NR],
-                            );
-                        }
-                    }
+                    let columns = (j0, width, blocks);
+                    fill_panel(w, (start, a.k), (kc0, kc), columns, (even, odd), panel);
                     for g in 0..a.groups() {
                         let a_group = a.group_from(g, kc0);
                         for b in 0..blocks {
@@ -896,6 +1066,138 @@ pub fn matmul_aw(
                             NR.min(n - j0 - b * NR),
                             accumulate,
                         );
+                    }
+                }
+            })
+        });
+}
+
+/// The panels of W's rows `start + 2·kc0..` (`kc` pairs of rows; rows at or past `start + k` read as
+/// zeros) for the `blocks` 32-column blocks from column j0 (`width` of them real, the rest zero):
+/// panel[(b·kc + kp)·NR + j] is column j0 + 32b + j of rows 2(kc0 + kp) and 2(kc0 + kp) + 1.
+fn fill_panel(
+    w: &impl Bf16Rows,
+    (start, k): (usize, usize),
+    (kc0, kc): (usize, usize),
+    (j0, width, blocks): (usize, usize, usize),
+    (even, odd): (&mut [u16], &mut [u16]),
+    panel: &mut Vec<u32>,
+) {
+    let n = w.cols();
+    panel.resize(blocks * kc * NR, 0);
+    for kp in 0..kc {
+        let q = 2 * (kc0 + kp);
+        prefetch(w, start + q + PREFETCH_ROWS, j0, width);
+        prefetch(w, start + q + PREFETCH_ROWS + 1, j0, width);
+        let (pair_even, pair_odd): (&[u16], &[u16]) = match w.bf16_bits() {
+            Some(bits) if width == blocks * NR && q + 1 < k => (
+                &bits[(start + q) * n + j0..][..width],
+                &bits[(start + q + 1) * n + j0..][..width],
+            ),
+            _ => {
+                if q < k {
+                    w.row_bf16(start + q, j0, &mut even[..width]);
+                } else {
+                    even.fill(0);
+                }
+                if q + 1 < k {
+                    w.row_bf16(start + q + 1, j0, &mut odd[..width]);
+                } else {
+                    odd.fill(0);
+                }
+                (even, odd)
+            }
+        };
+        for b in 0..blocks {
+            interleave(
+                &pair_even[b * NR..(b + 1) * NR],
+                &pair_odd[b * NR..(b + 1) * NR],
+                &mut panel[(b * kc + kp) * NR..][..NR],
+            );
+        }
+    }
+}
+
+/// `matmul_aw` on AMX tiles: blocks of 32 of a's rows by the panels' 32 columns, summed over the
+/// row-major operand's padded pairs in the tiles.
+fn tiles_aw(
+    a: &PackedRows,
+    w: &impl Bf16Rows,
+    start: usize,
+    (c, ldc, c_col): (&mut [f32], usize, usize),
+    accumulate: bool,
+) {
+    const BLOCK: usize = amx::BLOCK;
+    const SUB: usize = BLOCK / MR;
+    let stride = a
+        .row_stride
+        .expect("the tiles' a·W operand is rows of pairs");
+    let (n, m) = (w.cols(), a.m);
+    let row_blocks = m.div_ceil(BLOCK);
+    let kc_max = k_chunk(a);
+    let col_blocks = n.div_ceil(NR);
+    let task_blocks = (col_blocks / (rayon::current_num_threads() * TASKS_PER_THREAD)).clamp(1, 4);
+    let out = SharedOut::new(c);
+    (0..col_blocks.div_ceil(task_blocks))
+        .into_par_iter()
+        .for_each(|task| {
+            with_scratch(|scratch| {
+                let Scratch {
+                    words: panel,
+                    even,
+                    odd,
+                    tiles,
+                } = scratch;
+                even.resize(4 * NR, 0);
+                odd.resize(4 * NR, 0);
+                let b0 = task * task_blocks;
+                let blocks = task_blocks.min(col_blocks - b0);
+                let (j0, width) = (b0 * NR, (blocks * NR).min(n - b0 * NR));
+                even.fill(0);
+                odd.fill(0);
+                // Per (column block, row block) four MR x NR tiles: 32 rows of 32 sums. Zeros where
+                // there is nothing to sum; else the first chunk overwrites them.
+                tiles.resize(blocks * row_blocks * SUB, [[0f32; NR]; MR]);
+                if stride == 0 {
+                    tiles.fill([[0f32; NR]; MR]);
+                }
+                let mut amx_tiles = amx::Tiles::start();
+                for kc0 in (0..stride).step_by(kc_max) {
+                    let kc = kc_max.min(stride - kc0);
+                    let columns = (j0, width, blocks);
+                    fill_panel(w, (start, a.k), (kc0, kc), columns, (even, odd), panel);
+                    for b in 0..blocks {
+                        for rb in 0..row_blocks {
+                            let sums = &mut tiles[(b * row_blocks + rb) * SUB..][..SUB];
+                            amx_tiles.block(
+                                &a.data[rb * BLOCK * stride + kc0..],
+                                stride,
+                                &panel[b * kc * NR..(b + 1) * kc * NR],
+                                kc,
+                                bytemuck::cast_slice_mut(sums),
+                                kc0 > 0,
+                            );
+                        }
+                    }
+                }
+                drop(amx_tiles);
+                for b in 0..blocks {
+                    for rb in 0..row_blocks {
+                        for sub in 0..SUB {
+                            let row = rb * BLOCK + sub * MR;
+                            if row >= m {
+                                break;
+                            }
+                            out.add_tile(
+                                &tiles[(b * row_blocks + rb) * SUB + sub],
+                                row,
+                                c_col + j0 + b * NR,
+                                ldc,
+                                MR.min(m - row),
+                                NR.min(n - j0 - b * NR),
+                                accumulate,
+                            );
+                        }
                     }
                 }
             })

@@ -483,7 +483,8 @@ fn dense_backward_panel(
 
 /// Whether `--precision default` runs these products on `path`: an x86 CPU with AVX2 whose core
 /// multiplies 16-bit pairs on two pipes, and whose path has no bf16 products or a core where VNNI's
-/// integers beat them (`X86Model::vnni_integers_beat_bf16`: Intel's). Where `vpmaddwd` has one pipe and
+/// integers beat them (`X86Model::vnni_integers_beat_bf16`: Intel's, unless AMX's tiles run the bf16
+/// products). Where `vpmaddwd` has one pipe and
 /// FMA two (Haswell, Broadwell, Zen 2 and older), the integers multiply no more values per cycle than
 /// f32 FMAs and add the quantization's work and error, so f32 it is.
 pub fn preferred(path: CpuPath) -> bool {
@@ -494,6 +495,7 @@ pub fn preferred(path: CpuPath) -> bool {
     path.includes(CpuPath::Avx2)
         && cpu.pair_madds_on_two_pipes()
         && (!path.includes(CpuPath::Avx512Bf16) || (vnni && cpu.vnni_integers_beat_bf16()))
+        && !path.includes(CpuPath::Amx)
 }
 
 /// Rows of 16-bit pairs (`pairs` per row, each chunk of `chunk_pairs` with one f32 step), the operand

@@ -3,7 +3,7 @@
 //!
 //! Every kernel with vector code has a portable version, and each faster path must give the same
 //! results (bit for bit where the order of operations is the same, within stated tolerances where it
-//! is not). `NIBBLE_CPU_FEATURES=portable|avx2|avx2vnni|avx512|avx512bf16|neon|neonbf16` makes the whole process take a
+//! is not). `NIBBLE_CPU_FEATURES=portable|avx2|avx2vnni|avx512|avx512bf16|amx|neon|neonbf16` makes the whole process take a
 //! lower path than the best one its CPU has, so that every path runs on any machine that can execute it;
 //! the kernel tests run each available path explicitly.
 
@@ -28,6 +28,9 @@ pub enum CpuPath {
     Avx512,
     /// AVX-512 with BF16 dot products: the bf16 products of `--precision default`.
     Avx512Bf16,
+    /// AVX512-BF16 with AMX's bf16 tiles (Intel Xeon since Sapphire Rapids, on Linux, which lends a
+    /// process the tile registers on request): the bf16 products on `tdpbf16ps` (src/ops/amx.rs).
+    Amx,
     /// aarch64 Advanced SIMD (every ARMv8-A CPU: Apple M-series, Snapdragon, Graviton).
     Neon,
     /// NEON with BF16 dot products (Apple M2 and later, Snapdragon X, Graviton 3): the bf16 products of
@@ -36,12 +39,13 @@ pub enum CpuPath {
 }
 
 impl CpuPath {
-    pub const ALL: [CpuPath; 7] = [
+    pub const ALL: [CpuPath; 8] = [
         CpuPath::Portable,
         CpuPath::Avx2,
         CpuPath::Avx2Vnni,
         CpuPath::Avx512,
         CpuPath::Avx512Bf16,
+        CpuPath::Amx,
         CpuPath::Neon,
         CpuPath::NeonBf16,
     ];
@@ -53,6 +57,7 @@ impl CpuPath {
             CpuPath::Avx2Vnni => "avx2vnni",
             CpuPath::Avx512 => "avx512",
             CpuPath::Avx512Bf16 => "avx512bf16",
+            CpuPath::Amx => "amx",
             CpuPath::Neon => "neon",
             CpuPath::NeonBf16 => "neonbf16",
         }
@@ -68,9 +73,11 @@ impl CpuPath {
     pub fn supported(self) -> Result<(), String> {
         match self {
             CpuPath::Portable => Ok(()),
-            CpuPath::Avx2 | CpuPath::Avx2Vnni | CpuPath::Avx512 | CpuPath::Avx512Bf16 => {
-                x86_lacks(self)
-            }
+            CpuPath::Avx2
+            | CpuPath::Avx2Vnni
+            | CpuPath::Avx512
+            | CpuPath::Avx512Bf16
+            | CpuPath::Amx => x86_lacks(self),
             CpuPath::Neon | CpuPath::NeonBf16 => arm_lacks(self),
         }
     }
@@ -115,16 +122,29 @@ fn x86_lacks(path: CpuPath) -> Result<(), String> {
     if path >= CpuPath::Avx512Bf16 {
         needs.push(("avx512bf16", is_x86_feature_detected!("avx512bf16")));
     }
+    if path >= CpuPath::Amx {
+        // CPUID leaf 7's EDX: bit 24 AMX-TILE, bit 22 AMX-BF16. (`is_x86_feature_detected!` does not
+        // name them on stable Rust.)
+        // SAFETY: CPUID runs on every x86-64 CPU; a CPU without leaf 7 (none with AVX2, which `needs`
+        // asks for too) answers with another leaf's bits, never faults. (`__cpuid_count` is a safe
+        // function since Rust 1.94 and unsafe before it.)
+        #[allow(unused_unsafe)]
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        needs.push(("amx-tile", edx & (1 << 24) != 0));
+        needs.push(("amx-bf16", edx & (1 << 22) != 0));
+    }
     let missing: Vec<&str> = needs
         .into_iter()
         .filter(|(_, has)| !has)
         .map(|(name, _)| name)
         .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("this CPU lacks {}", missing.join(", ")))
+    if !missing.is_empty() {
+        return Err(format!("this CPU lacks {}", missing.join(", ")));
     }
+    if path >= CpuPath::Amx {
+        return crate::ops::amx::permission();
+    }
+    Ok(())
 }
 
 #[cfg(not(target_arch = "x86_64"))]

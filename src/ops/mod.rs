@@ -3,6 +3,7 @@
 //! and the CPU kernel. GPU kernels live in shaders/ and must agree with these CPU kernels.
 
 pub mod adamw;
+pub mod amx;
 pub mod attention;
 pub mod bf16;
 pub mod bf16_gemm;
