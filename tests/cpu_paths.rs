@@ -539,8 +539,9 @@ fn training_gives_the_same_losses_on_every_cpu_path() {
             );
         }
         if path.includes(CpuPath::Avx2) || path == CpuPath::NeonBf16 {
-            // The default precision there rounds the frozen products' operands to bf16 (avx512bf16,
-            // neonbf16) or runs them in 16-bit integers (the other x86 paths, on cores with two
+            // The default precision there rounds the frozen products' operands to bf16 (amx,
+            // avx512bf16 on AMD's cores, neonbf16) or runs them in 16-bit integers (the other x86
+            // paths and Intel's avx512bf16, on cores with two
             // `vpmaddwd` pipes; f32 on others); it promises losses
             // within 1e-3 (relative) of f32. Measured on neonbf16 under qemu: 9e-5.
             let fast = losses(path, "default", "run");

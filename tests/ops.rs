@@ -1006,9 +1006,10 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
     let kernels = bf16_gemm::Bf16Kernel::available();
     eprintln!("bf16 kernels: {kernels:?} run");
     // Remainders everywhere (m not a multiple of 8 or 32, k odd, n not a multiple of 32), and shapes
-    // large enough to cross the kernels' inner-dimension chunks (256 pairs) and split into many tasks.
-    // A k of whole AMX tile steps (1536) takes the tiles for A·Wᵀ too (other k's fall back to the dot
-    // kernel there). W stored in f32 is decoded to bf16 per product; W stored in bf16 (with an even
+    // large enough to cross the kernels' inner-dimension chunks (256 KiB of the packed rows: 672
+    // pairs at m = 70, 192 at m = 300, so that B·W's 531-row k runs in two) and split into many tasks
+    // (n = 1030: tasks of several 32-row blocks). A k of whole AMX tile steps (1536, 64, 512) takes
+    // the tiles for A·Wᵀ too (other k's fall back to the dot kernel there). W stored in f32 is decoded to bf16 per product; W stored in bf16 (with an even
     // k) is read in place. Each product runs once overwriting C and once adding into it.
     for (kernel, (m, k, n)) in kernels.iter().flat_map(|&kernel| {
         [
@@ -1016,6 +1017,8 @@ fn bf16_kernels_compute_exact_products_of_rounded_operands() {
             (70, 1101, 203),
             (33, 600, 1030),
             (70, 1536, 203),
+            (300, 64, 600),
+            (33, 512, 1030),
         ]
         .map(|s| (kernel, s))
     }) {

@@ -49,15 +49,16 @@ pub const STEP_PAIRS: usize = 16;
 /// Tile registers configured on this thread for `block`, released (back to their initial state, which
 /// the kernel's context switches need not save) when dropped. Not Send: the configuration is the
 /// thread's.
-pub struct Tiles(std::marker::PhantomData<*const ()>);
+pub(crate) struct Tiles(std::marker::PhantomData<*const ()>);
 
 /// LDTILECFG's 64-byte operand: palette 1, eight tiles of 16 rows x 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
 impl Tiles {
-    /// Configures the tile registers on this thread. The caller must have `permission()`.
-    pub fn start() -> Tiles {
+    /// Configures the tile registers on this thread. The caller must have `permission()`, and no other
+    /// `Tiles` may be alive on this thread (its drop would release these tiles under it).
+    pub(crate) fn start() -> Tiles {
         assert!(permission().is_ok(), "AMX tiles used without permission");
         let mut config = TileConfig([0; 64]);
         config.0[0] = 1;
@@ -80,7 +81,7 @@ impl Tiles {
     /// a[r·a_stride..][..pairs]; b's pair-row p holds the 32 columns' pairs at b[32·p..][..32]
     /// (bf16_gemm's panels); c is row-major with rows of 32. Each pair is (low half, high half) of a
     /// word, the element at the even index of the inner dimension in the low half.
-    pub fn block(
+    pub(crate) fn block(
         &mut self,
         a: &[u32],
         a_stride: usize,

@@ -799,8 +799,8 @@ pub fn matmul_xwt(
 ) {
     assert!(available(), "bf16 kernels need AVX512-BF16 or ARM BF16");
     assert_eq!(w.cols(), x.k, "bf16 x·Wᵀ: inner dimensions differ");
-    assert_eq!(
-        x.group, NR,
+    assert!(
+        x.group == NR && x.row_stride.is_none(),
         "bf16 x·Wᵀ: x must be packed with PackedRows::for_xwt"
     );
     let (k, k_pairs, m, blocks) = (x.k, x.k_pairs, x.m, x.groups());
@@ -991,6 +991,27 @@ fn tiles_xwt(
     });
 }
 
+/// Runs `task(scratch, (j0, width, blocks))` in parallel for each task's run of `blocks` 32-column
+/// blocks of W's n columns from column j0 (`width` of them real), with this thread's scratch buffers,
+/// their even and odd rows zeroed: the column split of both a·W kernels.
+fn for_each_column_task(n: usize, task: impl Fn(&mut Scratch, (usize, usize, usize)) + Sync) {
+    let col_blocks = n.div_ceil(NR);
+    let task_blocks = (col_blocks / (rayon::current_num_threads() * TASKS_PER_THREAD)).clamp(1, 4);
+    (0..col_blocks.div_ceil(task_blocks))
+        .into_par_iter()
+        .for_each(|t| {
+            with_scratch(|scratch| {
+                for row in [&mut scratch.even, &mut scratch.odd] {
+                    row.resize(4 * NR, 0);
+                    row.fill(0);
+                }
+                let b0 = t * task_blocks;
+                let blocks = task_blocks.min(col_blocks - b0);
+                task(scratch, (b0 * NR, (blocks * NR).min(n - b0 * NR), blocks))
+            })
+        });
+}
+
 /// C[t, c_col + j] (+)= Σ_q a[t, q]·W[start + q, j] for every column j of W: dy·W over the block of W's
 /// rows `start..start + a.k`, each weight decoded to bf16 exactly once. Pairs of W's rows are
 /// interleaved into 32-column panels (the kernel's right operand); a's rows are broadcast.
@@ -1013,63 +1034,50 @@ pub fn matmul_aw(
     );
     let (n, k_pairs, m) = (w.cols(), a.k_pairs, a.m);
     let kc_max = k_chunk(a);
-    let col_blocks = n.div_ceil(NR);
-    let task_blocks = (col_blocks / (rayon::current_num_threads() * TASKS_PER_THREAD)).clamp(1, 4);
     let out = SharedOut::new(c);
-    (0..col_blocks.div_ceil(task_blocks))
-        .into_par_iter()
-        .for_each(|task| {
-            with_scratch(|scratch| {
-                let Scratch {
-                    words: panel,
-                    even,
-                    odd,
-                    tiles,
-                } = scratch;
-                even.resize(4 * NR, 0);
-                odd.resize(4 * NR, 0);
-                let b0 = task * task_blocks;
-                let blocks = task_blocks.min(col_blocks - b0);
-                let (j0, width) = (b0 * NR, (blocks * NR).min(n - b0 * NR));
-                even.fill(0);
-                odd.fill(0);
-                // This task's tiles of C, summed over the k chunks and stored once at the end: a long
-                // k (the output projection's 151936) has hundreds of chunks, and adding each chunk's
-                // partial tiles into C cost as much again as storing them.
-                prepare_tiles(tiles, a.groups() * blocks, k_pairs);
-                for kc0 in (0..k_pairs).step_by(kc_max) {
-                    let kc = kc_max.min(k_pairs - kc0);
-                    let columns = (j0, width, blocks);
-                    fill_panel(w, (start, a.k), (kc0, kc), columns, (even, odd), panel);
-                    for g in 0..a.groups() {
-                        let a_group = a.group_from(g, kc0);
-                        for b in 0..blocks {
-                            kernel(
-                                a_group,
-                                (1, MR),
-                                &panel[b * kc * NR..(b + 1) * kc * NR],
-                                kc,
-                                &mut tiles[g * blocks + b],
-                                kc0 > 0,
-                            );
-                        }
-                    }
+    for_each_column_task(n, |scratch, (j0, width, blocks)| {
+        let Scratch {
+            words: panel,
+            even,
+            odd,
+            tiles,
+        } = scratch;
+        // This task's tiles of C, summed over the k chunks and stored once at the end: a long
+        // k (the output projection's 151936) has hundreds of chunks, and adding each chunk's
+        // partial tiles into C cost as much again as storing them.
+        prepare_tiles(tiles, a.groups() * blocks, k_pairs);
+        for kc0 in (0..k_pairs).step_by(kc_max) {
+            let kc = kc_max.min(k_pairs - kc0);
+            let columns = (j0, width, blocks);
+            fill_panel(w, (start, a.k), (kc0, kc), columns, (even, odd), panel);
+            for g in 0..a.groups() {
+                let a_group = a.group_from(g, kc0);
+                for b in 0..blocks {
+                    kernel(
+                        a_group,
+                        (1, MR),
+                        &panel[b * kc * NR..(b + 1) * kc * NR],
+                        kc,
+                        &mut tiles[g * blocks + b],
+                        kc0 > 0,
+                    );
                 }
-                for g in 0..a.groups() {
-                    for b in 0..blocks {
-                        out.add_tile(
-                            &tiles[g * blocks + b],
-                            g * MR,
-                            c_col + j0 + b * NR,
-                            ldc,
-                            MR.min(m - g * MR),
-                            NR.min(n - j0 - b * NR),
-                            accumulate,
-                        );
-                    }
-                }
-            })
-        });
+            }
+        }
+        for g in 0..a.groups() {
+            for b in 0..blocks {
+                out.add_tile(
+                    &tiles[g * blocks + b],
+                    g * MR,
+                    c_col + j0 + b * NR,
+                    ldc,
+                    MR.min(m - g * MR),
+                    NR.min(n - j0 - b * NR),
+                    accumulate,
+                );
+            }
+        }
+    });
 }
 
 /// The panels of W's rows `start + 2·kc0..` (`kc` pairs of rows; rows at or past `start + k` read as
@@ -1135,73 +1143,60 @@ fn tiles_aw(
     let (n, m) = (w.cols(), a.m);
     let row_blocks = m.div_ceil(BLOCK);
     let kc_max = k_chunk(a);
-    let col_blocks = n.div_ceil(NR);
-    let task_blocks = (col_blocks / (rayon::current_num_threads() * TASKS_PER_THREAD)).clamp(1, 4);
     let out = SharedOut::new(c);
-    (0..col_blocks.div_ceil(task_blocks))
-        .into_par_iter()
-        .for_each(|task| {
-            with_scratch(|scratch| {
-                let Scratch {
-                    words: panel,
-                    even,
-                    odd,
-                    tiles,
-                } = scratch;
-                even.resize(4 * NR, 0);
-                odd.resize(4 * NR, 0);
-                let b0 = task * task_blocks;
-                let blocks = task_blocks.min(col_blocks - b0);
-                let (j0, width) = (b0 * NR, (blocks * NR).min(n - b0 * NR));
-                even.fill(0);
-                odd.fill(0);
-                // Per (column block, row block) four MR x NR tiles: 32 rows of 32 sums. Zeros where
-                // there is nothing to sum; else the first chunk overwrites them.
-                tiles.resize(blocks * row_blocks * SUB, [[0f32; NR]; MR]);
-                if stride == 0 {
-                    tiles.fill([[0f32; NR]; MR]);
+    for_each_column_task(n, |scratch, (j0, width, blocks)| {
+        let Scratch {
+            words: panel,
+            even,
+            odd,
+            tiles,
+        } = scratch;
+        // Per (column block, row block) four MR x NR tiles: 32 rows of 32 sums. Zeros where
+        // there is nothing to sum; else the first chunk overwrites them.
+        tiles.resize(blocks * row_blocks * SUB, [[0f32; NR]; MR]);
+        if stride == 0 {
+            tiles.fill([[0f32; NR]; MR]);
+        }
+        let mut amx_tiles = amx::Tiles::start();
+        for kc0 in (0..stride).step_by(kc_max) {
+            let kc = kc_max.min(stride - kc0);
+            let columns = (j0, width, blocks);
+            fill_panel(w, (start, a.k), (kc0, kc), columns, (even, odd), panel);
+            for b in 0..blocks {
+                for rb in 0..row_blocks {
+                    let sums = &mut tiles[(b * row_blocks + rb) * SUB..][..SUB];
+                    amx_tiles.block(
+                        &a.data[rb * BLOCK * stride + kc0..],
+                        stride,
+                        &panel[b * kc * NR..(b + 1) * kc * NR],
+                        kc,
+                        bytemuck::cast_slice_mut(sums),
+                        kc0 > 0,
+                    );
                 }
-                let mut amx_tiles = amx::Tiles::start();
-                for kc0 in (0..stride).step_by(kc_max) {
-                    let kc = kc_max.min(stride - kc0);
-                    let columns = (j0, width, blocks);
-                    fill_panel(w, (start, a.k), (kc0, kc), columns, (even, odd), panel);
-                    for b in 0..blocks {
-                        for rb in 0..row_blocks {
-                            let sums = &mut tiles[(b * row_blocks + rb) * SUB..][..SUB];
-                            amx_tiles.block(
-                                &a.data[rb * BLOCK * stride + kc0..],
-                                stride,
-                                &panel[b * kc * NR..(b + 1) * kc * NR],
-                                kc,
-                                bytemuck::cast_slice_mut(sums),
-                                kc0 > 0,
-                            );
-                        }
+            }
+        }
+        drop(amx_tiles);
+        for b in 0..blocks {
+            for rb in 0..row_blocks {
+                for sub in 0..SUB {
+                    let row = rb * BLOCK + sub * MR;
+                    if row >= m {
+                        break;
                     }
+                    out.add_tile(
+                        &tiles[(b * row_blocks + rb) * SUB + sub],
+                        row,
+                        c_col + j0 + b * NR,
+                        ldc,
+                        MR.min(m - row),
+                        NR.min(n - j0 - b * NR),
+                        accumulate,
+                    );
                 }
-                drop(amx_tiles);
-                for b in 0..blocks {
-                    for rb in 0..row_blocks {
-                        for sub in 0..SUB {
-                            let row = rb * BLOCK + sub * MR;
-                            if row >= m {
-                                break;
-                            }
-                            out.add_tile(
-                                &tiles[(b * row_blocks + rb) * SUB + sub],
-                                row,
-                                c_col + j0 + b * NR,
-                                ldc,
-                                MR.min(m - row),
-                                NR.min(n - j0 - b * NR),
-                                accumulate,
-                            );
-                        }
-                    }
-                }
-            })
-        });
+            }
+        }
+    });
 }
 
 /// out[i] = even[i] | odd[i] << 16: two rows' values side by side, as the kernel's right operand.

@@ -26,7 +26,8 @@ pub enum CpuPath {
     Avx2Vnni,
     /// AVX2 and AVX-512 F and BW: the elementwise loops run 16 wide.
     Avx512,
-    /// AVX-512 with BF16 dot products: the bf16 products of `--precision default`.
+    /// AVX-512 with BF16 dot products: the bf16 products of `--precision default` on AMD's cores (on
+    /// Intel's without AMX the default takes VNNI's integers: `X86Model::vnni_integers_beat_bf16`).
     Avx512Bf16,
     /// AVX512-BF16 with AMX's bf16 tiles (Intel Xeon since Sapphire Rapids, on Linux, which lends a
     /// process the tile registers on request): the bf16 products on `tdpbf16ps` (src/ops/amx.rs).

@@ -75,11 +75,13 @@ pub enum Precision {
     /// float32 everywhere: what parity tests use.
     #[default]
     F32,
-    /// Operands rounded to bf16, products accumulated in f32 (AVX512-BF16 CPUs).
+    /// Operands rounded to bf16, products accumulated in f32 (AVX512-BF16 and ARM BF16 CPUs; on AMX's
+    /// tiles where the CPU has them).
     Bf16,
     /// The frozen 4-bit products and the output projection's in 16-bit integers (int16_gemm.rs; by
     /// default on x86 CPUs with AVX2 whose cores multiply 16-bit pairs on two pipes, unless they have
-    /// BF16 and are not Intel's with VNNI: `int16_gemm::preferred`); everything else in f32.
+    /// BF16 and are not Intel's with VNNI, or have AMX: `int16_gemm::preferred`); everything else in
+    /// f32.
     Int16,
 }
 

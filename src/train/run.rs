@@ -1163,7 +1163,11 @@ impl<'m> Run<'m> {
                 self.use_gpu(gpu)?;
                 format!("GPU executor on {}", gpu.info.name)
             }
-            None => format!("CPU executor, {:?}", self.trainer.config.precision),
+            None => format!(
+                "CPU executor, {:?} products, {} kernels",
+                self.trainer.config.precision,
+                crate::ops::isa::active()
+            ),
         };
         folder.clear_earlier_run()?;
         self.write_to(output)?;

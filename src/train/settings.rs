@@ -18,8 +18,13 @@ const PRESETS: &[(&str, &str)] = &[
     (
         "demo",
         // `nibble demo` and the browser page's example: a tiny random model learns the demo chats in
-        // 96 steps (8 chats, 12 epochs) with a learning rate a real model would not take.
+        // 96 steps (8 chats, 12 epochs) with a learning rate a real model would not take. In f32, so
+        // that every machine trains the same adapter: at that rate the greedy answers after 96 steps
+        // follow the rounding of the products (bf16 products on AMX tiles ended with another answer
+        // than the dot kernel's on the same CPU, BENCHMARKS.md session 32), and the tiny model costs
+        // little more in f32.
         r#"
+precision = "f32"
 lora_r = 16
 lora_alpha = 32.0
 lora_dropout = 0.0
