@@ -814,8 +814,9 @@ fn backward_panel(
     }
 }
 
-/// out[t][8s + j] = Σ_chunks (step[t, c] · scale[s, c, j]) · Σ_{pairs of c} x·w (+ sum[t, c] ·
-/// min[s, c, j]), for every token of `x` and strip of `panel`; out rows `out_stride` apart.
+/// out[t][8s + j] += Σ_chunks (step[t, c] · scale[s, c, j]) · Σ_{pairs of c} x·w (+ sum[t, c] ·
+/// min[s, c, j]), for every token of `x` and strip of `panel`; out rows `out_stride` apart. Adds, so
+/// that the input gradient's blocks of rows sum in its task's own rows with no pass of their own.
 fn run(kernel: Kernel, x: Tokens, panel: &Panel, out: &mut [f32], out_stride: usize) {
     match kernel {
         // SAFETY (each x86 arm): Kernel::for_path and Kernel::available choose a kernel only where the
@@ -912,7 +913,6 @@ unsafe fn run_tiles<P: Pairs, const TM: usize>(
     assert!(tokens == 0 || out.len() >= (tokens - 1) * out_stride + panel.strips * 8);
     let int4 = !panel.mins.is_empty();
     assert!(!int4 || (x.sums.len() == x.steps.len() && panel.mins.len() == panel.scales.len()));
-    out.fill(0.0);
     for s0 in (0..panel.strips).step_by(2) {
         let two = s0 + 1 < panel.strips;
         for t0 in (0..tokens).step_by(TM) {
@@ -1446,6 +1446,7 @@ pub fn xwt(kernel: Kernel, x: &[f32], w: Frozen, y: &mut [f32]) {
                 let count = per_block.min(rows - first);
                 w.forward_panel(kernel, first, count, panel, values);
                 let stride = panel.strips * 8;
+                out.clear();
                 out.resize(tc * stride, 0.0);
                 run(kernel, qx.view(0, qx.row_pairs), panel, out, stride);
                 for (t, results) in out.chunks_exact(stride).enumerate() {
@@ -1470,7 +1471,6 @@ fn block_rows(n: usize, cols: usize) -> usize {
 struct Scratch {
     panel: Panel,
     task_dx: Vec<f32>,
-    group_out: Vec<f32>,
     /// A dense table's rows as f32.
     values: Vec<f32>,
 }
@@ -1549,14 +1549,12 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
             || Scratch {
                 panel: Panel::default(),
                 task_dx: Vec::new(),
-                group_out: Vec::new(),
                 values: Vec::new(),
             },
             |scratch, task| {
                 let Scratch {
                     panel,
                     task_dx,
-                    group_out,
                     values,
                 } = scratch;
                 let first_group = task * per_task;
@@ -1618,23 +1616,24 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
                                 unreachable!("4-bit rows have their levels")
                             }
                         }
-                        group_out.resize(tc * g, 0.0);
-                        run(kernel, qa.view(first / 2, row_pairs), panel, group_out, g);
-                        for t in 0..tc {
-                            let dst = &mut task_dx[t * width + gi * g..t * width + (gi + 1) * g];
-                            let src = &group_out[t * g..(t + 1) * g];
-                            let min_term = match w.with_minimums() {
-                                Some(q) => {
-                                    let at = &a_chunk[t * rows + first..t * rows + first + count];
-                                    (0..count)
-                                        .map(|o| at[o] * q.mins[(first + o) * groups + group])
-                                        .sum::<f32>()
-                                }
-                                None => 0.0,
-                            };
-                            dst.iter_mut()
-                                .zip(src)
-                                .for_each(|(d, s)| *d += s + min_term);
+                        let group_dx = &mut task_dx[gi * g..];
+                        run(
+                            kernel,
+                            qa.view(first / 2, row_pairs),
+                            panel,
+                            group_dx,
+                            width,
+                        );
+                        if let Some(q) = w.with_minimums() {
+                            for t in 0..tc {
+                                let at = &a_chunk[t * rows + first..t * rows + first + count];
+                                let min_term = (0..count)
+                                    .map(|o| at[o] * q.mins[(first + o) * groups + group])
+                                    .sum::<f32>();
+                                group_dx[t * width..t * width + g]
+                                    .iter_mut()
+                                    .for_each(|d| *d += min_term);
+                            }
                         }
                     }
                 }
