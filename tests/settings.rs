@@ -29,7 +29,7 @@ fn flags_win_over_the_file_and_the_file_over_the_preset() {
     ]))
     .unwrap();
     let config = settings.train_config().unwrap();
-    assert_eq!(config.epochs, 5, "the flag");
+    assert_eq!(config.epochs, 5.0, "the flag");
     assert_eq!(config.lr, 5e-4, "the file");
     assert_eq!(config.schedule, Schedule::Cosine, "the file");
     assert_eq!(config.grad_accum, 4, "the preset");
@@ -50,7 +50,7 @@ fn every_preset_parses_and_names_the_recipe() {
     assert_eq!((config.lora.r, config.lora.alpha), (8, 16.0));
     assert_eq!(
         (config.batch_size, config.grad_accum, config.epochs),
-        (1, 4, 2)
+        (1, 4, 2.0)
     );
     let err = TrainSettings::preset("qwen9").unwrap_err().to_string();
     assert!(
@@ -118,7 +118,7 @@ fn the_page_json_uses_the_same_names_and_defaults() {
     let config = preset.train_config().unwrap();
     assert_eq!(
         (config.epochs, config.grad_accum),
-        (1, 4),
+        (1.0, 4),
         "the page's value over the preset's"
     );
     let err = TrainSettings::parse_json(r#"{"schedule": "linear"}"#)

@@ -348,7 +348,7 @@ fn training_lowers_the_loss_and_the_adapter_round_trips_through_peft_files() {
     let seqs = sequences(3, &mut rng);
     let config = TrainConfig {
         lr: 1e-2,
-        epochs: 15,
+        epochs: 15.0,
         schedule: Schedule::Constant,
         ..TrainConfig::default()
     };

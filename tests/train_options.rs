@@ -427,6 +427,63 @@ fn checkpoints_at_the_end_of_each_epoch() {
     assert!(err.contains("give N"), "{err}");
 }
 
+/// A fractional --epochs (transformers' `num_train_epochs: 1.5`) runs ceil(epochs · steps per epoch)
+/// steps, as transformers' Trainer counts them (in f64: 2.2 epochs of 25 steps are 56 steps there), with
+/// the schedule over those steps and a checkpoint where the last, partial epoch stops.
+#[test]
+fn fractional_epochs_stop_within_the_last_as_transformers_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    // 10 chats in micro-batches of 1, 4 to a step: 3 steps per epoch (the last of 2 chats).
+    std::fs::write(&data, chats(10)).unwrap();
+    for (epochs, steps) in [("0.5", 2), ("1.5", 5), ("1", 3)] {
+        let out = dir.path().join(format!("run {epochs}"));
+        let extra = [
+            "--grad-accum",
+            "4",
+            "--epochs",
+            epochs,
+            "--save-strategy",
+            "epoch",
+        ];
+        let o = train_cli(&model, &data, &out, &extra);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let logged: Vec<u64> = metrics(&out)
+            .iter()
+            .filter_map(|m| m["step"].as_u64())
+            .collect();
+        assert_eq!(logged, (1..=steps).collect::<Vec<_>>(), "--epochs {epochs}");
+        // The linear schedule decays over the run's own steps: step 2 of 5 at 4/5 of the rate.
+        let lr = |m: &serde_json::Value| m["lr"].as_f64().unwrap();
+        let all = metrics(&out);
+        let ratio = lr(&all[1]) / lr(&all[0]);
+        let want = (steps - 1) as f64 / steps as f64;
+        assert!(
+            (ratio - want).abs() < 1e-9,
+            "--epochs {epochs}: {ratio} vs {want}"
+        );
+        assert!(
+            out.join(format!("checkpoint-{steps}")).is_dir(),
+            "--epochs {epochs}: a checkpoint where the run stops"
+        );
+    }
+    for bad in ["0", "-1", "nan"] {
+        let flag = format!("--epochs={bad}");
+        let o = train_cli(&model, &data, &dir.path().join("bad"), &[flag.as_str()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "--epochs {bad}: {err}");
+        assert!(err.contains("--epochs"), "--epochs {bad}: {err}");
+    }
+    assert_eq!(
+        train::epoch_steps(2.2, 25),
+        56,
+        "Python: math.ceil(2.2 * 25) == 56"
+    );
+    assert_eq!(train::epoch_steps(2.0, 10), 20);
+}
+
 /// The names transformers and TRL give options answer too, as flags in their spelling (TRL's command
 /// line: underscores) and as keys of an options file; the run records nibble's names.
 #[test]

@@ -103,7 +103,7 @@ fn recipes_resolve_as_trl_sft_resolves_them() {
                 == Some(e["output_dir"].as_str().unwrap()).filter(|o| *o != "trainer_output"),
         );
         check("lr", c.lr == f(&e["learning_rate"]));
-        check("epochs", c.epochs as f64 == f(&e["num_train_epochs"]));
+        check("epochs", c.epochs == f(&e["num_train_epochs"]));
         check(
             "max_steps",
             c.max_steps.map_or(-1.0, |n| n as f64) == f(&e["max_steps"]),
@@ -304,7 +304,7 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
         ),
         ("eos_token: 7\n", "eos_token: 7"),
         ("dataloader_drop_last: true\n", "dataloader_drop_last"),
-        ("num_train_epochs: 1.5\n", "whole epochs"),
+        ("num_train_epochs: 0\n", "epochs > 0"),
         ("learnig_rate: 1e-4\n", "did you mean `learning_rate`"),
         ("learning_rate: 1e-4\nlr: 2e-4\n", "give it once"),
         ("learning_rate: fast\n", "learning_rate: fast"),
@@ -463,7 +463,9 @@ fn recipes_trl_runs_run() {
         "dataset_name: d.jsonl\nnum_train_epochs: 1.5\nmax_steps: 3\n",
         &none,
     );
-    assert_eq!((c.epochs, c.max_steps), (2, Some(3)));
+    assert_eq!((c.epochs, c.max_steps), (2.0, Some(3)));
+    let (_, _, c, _) = read_ok("dataset_name: d.jsonl\nnum_train_epochs: 1.5\n", &none);
+    assert_eq!((c.epochs, c.max_steps), (1.5, None));
     let (_, _, c, run) = read_ok(
         "dataset_name: d.jsonl\neval_strategy: steps\neval_steps: 0\nlogging_steps: 7\nloss_type: chunked_nll\n",
         &flags(&["--eval-split", "0.1"]),
@@ -628,7 +630,11 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
     let s = &recipe.settings;
     let c = s.train_config().unwrap();
     assert_eq!(c.lr, 1e-3, "the flag over the recipe");
-    assert_eq!((c.lora.r, c.grad_accum, c.epochs), (8, 4, 2), "the recipe");
+    assert_eq!(
+        (c.lora.r, c.grad_accum, c.epochs),
+        (8, 4, 2.0),
+        "the recipe"
+    );
     assert_eq!(
         c.lora.targets,
         ["q_proj"],
@@ -665,7 +671,7 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
         .settings
         .train_config()
         .unwrap();
-    assert_eq!((c.lr, c.batch_size, c.epochs, c.lora.r), (2e-5, 8, 3, 16));
+    assert_eq!((c.lr, c.batch_size, c.epochs, c.lora.r), (2e-5, 8, 3.0, 16));
     assert_eq!(
         c.lora.targets,
         ["q_proj", "v_proj"],

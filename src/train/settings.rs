@@ -148,10 +148,11 @@ pub struct TrainSettings {
     /// Gradients are clipped to this global norm (0: no clipping).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
-    /// Passes over the data.
+    /// Passes over the data; a fraction (0.5) stops within the last pass, as transformers'
+    /// num_train_epochs does.
     #[arg(long, aliases = ["num-train-epochs"])]
     #[serde(alias = "num_train_epochs")]
-    pub epochs: Option<usize>,
+    pub epochs: Option<f64>,
     /// Stop after this many optimizer steps, whatever --epochs says.
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -1038,9 +1039,9 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
         ),
         (
             "--epochs",
-            config.epochs as f64,
-            config.epochs > 0,
-            "a whole number >= 1",
+            config.epochs,
+            config.epochs > 0.0 && config.epochs.is_finite(),
+            "a number > 0 (0.5: half an epoch)",
         ),
         (
             "--max-steps",

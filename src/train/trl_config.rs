@@ -954,12 +954,14 @@ impl Reader<'_> {
                 // need to let it.
                 let whole = epochs.ceil().max(1.0) as u64;
                 self.set("epochs", Value::from(whole), "num_train_epochs")?;
-            } else if epochs.fract() != 0.0 || epochs < 1.0 {
+            } else if !(epochs > 0.0 && epochs.is_finite()) {
                 return Err(self.err(format!(
-                    "`num_train_epochs: {epochs}`: nibble runs whole epochs (max_steps stops within one)"
+                    "`num_train_epochs: {epochs}`: a number of epochs > 0"
                 )));
             } else {
-                self.set("epochs", Value::from(epochs as u64), "num_train_epochs")?;
+                // A fraction stops within the last epoch, after ceil(epochs · steps per epoch)
+                // steps, as transformers counts them.
+                self.set("epochs", Value::from(epochs), "num_train_epochs")?;
             }
         }
         // transformers' -1 (its default) and 0: the epochs decide.
