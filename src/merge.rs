@@ -12,14 +12,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Merges `adapter` into the model folder `folder` (opened as `source`) and writes the result to
-/// `output`, which must not exist yet. `dtype` defaults to the checkpoint's own. `chat_template`, where
-/// given (the adapter's), becomes the merged folder's chat_template.jinja, which transformers (and
-/// nibble) read before tokenizer_config.json's.
+/// `output`, which must not exist yet. `dtype` defaults to the checkpoint's own. `chat` says where the
+/// adapter chats and ends text otherwise than its base (`MergedChat::write_into`).
 pub fn merge(
     source: &ModelSource,
     folder: &Path,
     adapter: &LoraAdapter,
-    chat_template: Option<&MergedTemplate>,
+    chat: &MergedChat,
     output: &Path,
     dtype: Option<FloatDtype>,
 ) -> Result<()> {
@@ -74,10 +73,7 @@ pub fn merge(
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = write_merged(&entries, source, &targets, &tmp, dtype)
         .and_then(|()| copy_other_files(folder, &tmp, dtype))
-        .and_then(|()| match chat_template {
-            Some(template) => template.write_into(folder, &tmp),
-            None => Ok(()),
-        });
+        .and_then(|()| chat.write_into(folder, &tmp));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -134,27 +130,36 @@ fn write_merged(
     failure.map_or(Ok(()), Err)
 }
 
-/// A chat template the merged model is to chat through (an adapter's), and the special token it closes
-/// an assistant turn with (`generate::turn_end_token`).
-pub struct MergedTemplate {
-    pub text: String,
+/// How an adapter chats and ends text otherwise than its base: its chat template with the special
+/// token that closes an assistant turn (`generate::turn_end_token`), and the eos token it was trained
+/// with (TRL's `eos_token`), with its id.
+#[derive(Default)]
+pub struct MergedChat {
+    pub template: Option<String>,
     pub turn_end: Option<u32>,
+    pub eos: Option<(String, u32)>,
 }
 
-impl MergedTemplate {
-    /// Writes chat_template.jinja into the merged folder `dir`, and makes the turn's end token one
-    /// that ends generation (generation_config.json's `eos_token_id`, as TRL sets a cloned template's
-    /// eos), so that transformers or a server stops there too; the configuration is read from the
-    /// model folder `source` (errors name its files).
+impl MergedChat {
+    /// Writes the template as chat_template.jinja into the merged folder `dir` (transformers and nibble
+    /// read it before tokenizer_config.json's), makes the eos token tokenizer_config.json's
+    /// `eos_token` and the first of generation_config.json's `eos_token_id` (as TRL's SFTTrainer sets
+    /// them), and the turn's end one of those ids too (as TRL sets a cloned template's), so that
+    /// transformers or a server stops where the adapter learned to; the configuration is read from
+    /// the model folder `source` (errors name its files).
     fn write_into(&self, source: &Path, dir: &Path) -> Result<()> {
-        let path = dir.join(crate::train::ADAPTER_CHAT_TEMPLATE);
-        std::fs::write(&path, &self.text).map_err(|e| Error::io(&path, e))?;
-        let Some(id) = self.turn_end else {
+        if let Some(text) = &self.template {
+            let path = dir.join(crate::train::ADAPTER_CHAT_TEMPLATE);
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        }
+        if self.turn_end.is_none() && self.eos.is_none() {
             return Ok(());
-        };
-        // A JSON object file of the folder: None where it is absent.
-        let object = |name: &str| -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
-            let path = source.join(name);
+        }
+        // A JSON object file of a folder: None where it is absent.
+        let object = |folder: &Path,
+                      name: &str|
+         -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+            let path = folder.join(name);
             let Ok(text) = crate::fsutil::read_to_string(&path) else {
                 return Ok(None);
             };
@@ -170,8 +175,26 @@ impl MergedTemplate {
                 }),
             }
         };
-        // The model's special token ids, at the top of config.json or in its text model's part (a
-        // multimodal wrapper's).
+        let write = |name: &str, map: &serde_json::Map<String, serde_json::Value>| {
+            let path = dir.join(name);
+            let text = serde_json::to_string_pretty(map).expect("json");
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+        };
+        if let Some((token, _)) = &self.eos
+            && let Some(mut tokenizer) = object(dir, "tokenizer_config.json")?
+        {
+            match tokenizer.get_mut("eos_token") {
+                // An added token's description keeps its other fields.
+                Some(serde_json::Value::Object(added)) => {
+                    added.insert("content".into(), token.as_str().into());
+                }
+                _ => {
+                    tokenizer.insert("eos_token".into(), token.as_str().into());
+                }
+            }
+            write("tokenizer_config.json", &tokenizer)?;
+        }
+        let object = |name: &str| object(source, name);
         let config = object("config.json")?.unwrap_or_default();
         let token_id = |key: &str| {
             config
@@ -188,7 +211,7 @@ impl MergedTemplate {
                 .filter_map(|key| Some((key.to_string(), token_id(key)?)))
                 .collect(),
         };
-        let eos = match generation
+        let mut eos = match generation
             .get("eos_token_id")
             .cloned()
             .or_else(|| token_id("eos_token_id"))
@@ -197,14 +220,19 @@ impl MergedTemplate {
             Some(serde_json::Value::Null) | None => Vec::new(),
             Some(one) => vec![one],
         };
-        if eos.contains(&id.into()) {
+        let before = eos.len();
+        let eos_id = self.eos.as_ref().map(|(_, id)| *id);
+        if let Some(id) = eos_id.filter(|id| !eos.contains(&(*id).into())) {
+            eos.insert(0, id.into());
+        }
+        if let Some(id) = self.turn_end.filter(|id| !eos.contains(&(*id).into())) {
+            eos.push(id.into());
+        }
+        if eos.len() == before {
             return Ok(());
         }
-        let eos: Vec<serde_json::Value> = eos.into_iter().chain([id.into()]).collect();
         generation.insert("eos_token_id".into(), eos.into());
-        let path = dir.join("generation_config.json");
-        let text = serde_json::to_string_pretty(&generation).expect("json");
-        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+        write("generation_config.json", &generation)
     }
 }
 

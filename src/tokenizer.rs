@@ -366,6 +366,50 @@ fn universal_newlines(text: &str) -> String {
     text.replace("\r\n", "\n").replace('\r', "\n")
 }
 
+/// The eos token an adapter was trained with (nibble's `--eos-token`, TRL's `eos_token`), where its
+/// folder records one, with the file that does: nibble_config.toml's `eos_token`, else the
+/// tokenizer_config.json TRL saves beside an adapter (its `eos_token`, text or an added token's
+/// `content`). What loads the adapter then ends text where the training did.
+pub fn adapter_eos_token(dir: &Path) -> Result<Option<(String, PathBuf)>> {
+    let record = dir.join(crate::train::RECORD_FILE);
+    if record.is_file() {
+        let text = crate::fsutil::read_to_string(&record).map_err(|e| Error::io(&record, e))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| Error::Config {
+            path: record.clone(),
+            msg: format!("not a TOML file: {e}"),
+        })?;
+        return match table.get("eos_token") {
+            None => Ok(None),
+            Some(toml::Value::String(token)) => Ok(Some((token.clone(), record))),
+            Some(other) => Err(Error::Config {
+                path: record,
+                msg: format!("eos_token = {other}: the token's text"),
+            }),
+        };
+    }
+    let config = dir.join("tokenizer_config.json");
+    if !config.is_file() {
+        return Ok(None);
+    }
+    let text = crate::fsutil::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: config.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    let token = match value.get("eos_token") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(token)) => Some(token.as_str()),
+        Some(added) => added.get("content").and_then(serde_json::Value::as_str),
+    };
+    match token {
+        Some(token) => Ok(Some((token.to_string(), config))),
+        None => Err(Error::Config {
+            path: config,
+            msg: format!("eos_token {}: the token's text", value["eos_token"]),
+        }),
+    }
+}
+
 /// A chat template given in place of the model's (`--chat-template`, TRL's `chat_template_path`). As
 /// TRL takes it, only the default template: conversations with tools render through it too.
 #[derive(Clone, Debug)]

@@ -1062,6 +1062,100 @@ fn a_chat_template_of_ones_own_trains_a_base_model_and_travels_with_the_adapter(
     assert!(!dir.path().join("run2").exists());
 }
 
+/// An adapter trained with --eos-token (TRL's eos_token) ends text there when loaded again: `generate
+/// --adapter` stops at that token (its nibble_config.toml records it, as a TRL adapter's saved
+/// tokenizer_config.json does), and `merge` makes it the merged folder's eos (tokenizer_config.json's
+/// `eos_token`, the first of generation_config.json's `eos_token_id`), as TRL's SFTTrainer sets them.
+#[test]
+fn the_eos_token_an_adapter_was_trained_with_ends_its_text_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"The sea is wide and deep\"}\n").unwrap();
+    let out = dir.path().join("run");
+    // <|im_start|> (id 257): a token of the vocabulary that nothing stops at unless told.
+    let mut options = memorising("60");
+    options.retain(|o| !["--loss-on", "assistant"].contains(o));
+    options.extend(["--eos-token", "<|im_start|>"]);
+    let o = train_cli(&model, &data, &out, &options);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let continue_with = |adapter: &Path| {
+        let o = nibble(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--raw",
+            "--prompt",
+            "The sea",
+            "--max-new-tokens",
+            "40",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim_end().to_string()
+    };
+    assert_eq!(
+        continue_with(&out),
+        " is wide and deep",
+        "stopped at <|im_start|>"
+    );
+    // The same adapter without the record: nothing says where its text ends.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(out.join(file), bare.join(file)).unwrap();
+    }
+    let unstopped = continue_with(&bare);
+    assert!(
+        unstopped.starts_with(" is wide and deep") && unstopped != " is wide and deep",
+        "{unstopped:?}"
+    );
+    // As TRL saves it: a tokenizer_config.json beside the adapter.
+    let trl = dir.path().join("trl");
+    std::fs::create_dir(&trl).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(out.join(file), trl.join(file)).unwrap();
+    }
+    std::fs::write(
+        trl.join("tokenizer_config.json"),
+        r#"{"eos_token": {"content": "<|im_start|>", "special": true}}"#,
+    )
+    .unwrap();
+    assert_eq!(continue_with(&trl), " is wide and deep");
+
+    let merged = dir.path().join("merged");
+    merge(&model, &out, &merged);
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(merged.join(name)).unwrap()).unwrap()
+    };
+    assert_eq!(json("tokenizer_config.json")["eos_token"], "<|im_start|>");
+    let ids = json("generation_config.json")["eos_token_id"].clone();
+    assert_eq!(ids[0], 257, "{ids}");
+    // A token the tokenizer lacks is an error naming the file that names it.
+    std::fs::write(
+        trl.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|no such token|>"}"#,
+    )
+    .unwrap();
+    let o = nibble(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        trl.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json") && err.contains("no such token"),
+        "{err}"
+    );
+}
+
 #[test]
 fn generate_answers_with_what_the_adapter_learned_and_chat_keeps_the_conversation() {
     let dir = tempfile::tempdir().unwrap();

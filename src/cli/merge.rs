@@ -43,25 +43,25 @@ pub fn run(args: Args) -> Result<()> {
         (source.label(), None),
         "--adapter",
     )?;
-    // The merged model chats the way the adapter was trained to, as TRL's saved tokenizer would.
-    let template = match nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))? {
-        Some(choice) => {
-            let tok = super::tokenizer_of(&source, None, None)?.with_template(&choice)?;
-            Some(nibble::merge::MergedTemplate {
-                turn_end: nibble::generate::turn_end_token(&tok),
-                text: choice.default,
-            })
-        }
-        None => None,
-    };
-    nibble::merge::merge(
-        &source,
-        &args.model,
-        &lora,
-        template.as_ref(),
-        &args.output,
-        dtype,
-    )?;
+    // The merged model chats the way the adapter was trained to, and ends text where it was trained
+    // to, as TRL's saved tokenizer and generation config would.
+    let mut chat = nibble::merge::MergedChat::default();
+    if let Some(choice) = nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))? {
+        let tok = super::tokenizer_of(&source, None, None)?.with_template(&choice)?;
+        chat.turn_end = nibble::generate::turn_end_token(&tok);
+        chat.template = Some(choice.default);
+    }
+    let base = super::tokenizer_of(&source, None, None)?;
+    let trained = super::tokenizer_of(&source, None, Some(&args.adapter))?;
+    if let Some(eos) = trained
+        .eos_token
+        .as_ref()
+        .filter(|&eos| base.eos_token.as_ref() != Some(eos))
+    {
+        // A token of the vocabulary: `tokenizer_of` checked it.
+        chat.eos = trained.token_id(eos).map(|id| (eos.clone(), id));
+    }
+    nibble::merge::merge(&source, &args.model, &lora, &chat, &args.output, dtype)?;
     eprintln!(
         "merged {} LoRA pairs into {}",
         lora.pairs().count(),

@@ -14,7 +14,7 @@ pub mod sft;
 pub mod synth;
 pub mod train;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nibble::exec::{Device, PrecisionChoice};
 use nibble::generate::Placed;
 use nibble::model::{QuantChoice, QuantRequest};
@@ -79,16 +79,32 @@ pub fn open_placed(
     Ok((tok, Placed::new(model, adapter, device.open()?)?))
 }
 
-/// `source`'s tokenizer, rendering chats through the template `TemplateChoice::chosen` picks.
+/// `source`'s tokenizer, rendering chats through the template `TemplateChoice::chosen` picks, with the
+/// eos token the adapter was trained with (`adapter_eos_token`) where it records one.
 pub fn tokenizer_of(
     source: &nibble::model::ModelSource,
     template: Option<&Path>,
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
-    Ok(match TemplateChoice::chosen(template, adapter)? {
+    let tok = match TemplateChoice::chosen(template, adapter)? {
         Some(choice) => tok.with_template(&choice)?,
         None => tok,
+    };
+    let trained_eos = adapter
+        .map(nibble::tokenizer::adapter_eos_token)
+        .transpose()?
+        .flatten();
+    Ok(match trained_eos {
+        Some((eos, origin)) if tok.eos_token.as_deref() != Some(eos.as_str()) => {
+            log::info!(
+                "{}: text ends at `{eos}`, the eos token the adapter was trained with",
+                origin.display()
+            );
+            tok.with_eos_token(&eos)
+                .with_context(|| format!("the eos token {} names", origin.display()))?
+        }
+        _ => tok,
     })
 }
 
