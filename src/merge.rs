@@ -183,15 +183,7 @@ impl MergedChat {
         if let Some((token, _)) = &self.eos
             && let Some(mut tokenizer) = object(dir, "tokenizer_config.json")?
         {
-            match tokenizer.get_mut("eos_token") {
-                // An added token's description keeps its other fields.
-                Some(serde_json::Value::Object(added)) => {
-                    added.insert("content".into(), token.as_str().into());
-                }
-                _ => {
-                    tokenizer.insert("eos_token".into(), token.as_str().into());
-                }
-            }
+            crate::tokenizer::set_eos_token(&mut tokenizer, token);
             write("tokenizer_config.json", &tokenizer)?;
         }
         let object = |name: &str| object(source, name);

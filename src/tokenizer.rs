@@ -366,6 +366,19 @@ fn universal_newlines(text: &str) -> String {
     text.replace("\r\n", "\n").replace('\r', "\n")
 }
 
+/// Makes `token` a tokenizer_config.json's eos token: its `eos_token` text, or the `content` of the added
+/// token it describes (whose other fields stay).
+pub fn set_eos_token(config: &mut serde_json::Map<String, serde_json::Value>, token: &str) {
+    match config.get_mut("eos_token") {
+        Some(serde_json::Value::Object(added)) => {
+            added.insert("content".into(), token.into());
+        }
+        _ => {
+            config.insert("eos_token".into(), token.into());
+        }
+    }
+}
+
 /// The eos token an adapter was trained with (nibble's `--eos-token`, TRL's `eos_token`), where its
 /// folder records one, with the file that does: nibble_config.toml's `eos_token`, else the
 /// tokenizer_config.json TRL saves beside an adapter (its `eos_token`, text or an added token's
@@ -453,6 +466,17 @@ impl TemplateChoice {
             );
         }
         Ok(kept)
+    }
+
+    /// The default template of a model's tokenizer files (its chat_template.jinja, else its
+    /// tokenizer_config.json's), as `chosen` reads one kept beside an adapter.
+    pub fn of_model(files: &TokenizerFiles) -> Option<String> {
+        let config = files
+            .tokenizer_config_json
+            .as_deref()
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or(serde_json::Value::Null);
+        templates_of(files.chat_template_jinja.as_deref(), &config).0
     }
 
     /// A Jinja file, or the template of a tokenizer: its folder (chat_template.jinja or

@@ -1077,7 +1077,7 @@ fn the_eos_token_an_adapter_was_trained_with_ends_its_text_again() {
     // <|im_start|> (id 257): a token of the vocabulary that nothing stops at unless told.
     let mut options = memorising("60");
     options.retain(|o| !["--loss-on", "assistant"].contains(o));
-    options.extend(["--eos-token", "<|im_start|>"]);
+    options.extend(["--eos-token", "<|im_start|>", "--save-steps", "30"]);
     let o = train_cli(&model, &data, &out, &options);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let continue_with = |adapter: &Path| {
@@ -1101,6 +1101,21 @@ fn the_eos_token_an_adapter_was_trained_with_ends_its_text_again() {
         " is wide and deep",
         "stopped at <|im_start|>"
     );
+    // The tokenizer beside the adapter, as TRL's Trainer saves it: the model's, with the eos the
+    // data ended with (in each checkpoint too).
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap();
+    for folder in [out.clone(), out.join("checkpoint-30")] {
+        assert_eq!(
+            read(&folder.join("tokenizer.json")),
+            read(&model.join("tokenizer.json"))
+        );
+        let saved: serde_json::Value =
+            serde_json::from_str(&read(&folder.join("tokenizer_config.json"))).unwrap();
+        let own: serde_json::Value =
+            serde_json::from_str(&read(&model.join("tokenizer_config.json"))).unwrap();
+        assert_eq!(saved["eos_token"], "<|im_start|>");
+        assert_eq!(saved["chat_template"], own["chat_template"]);
+    }
     // The same adapter without the record: nothing says where its text ends.
     let bare = dir.path().join("bare");
     std::fs::create_dir(&bare).unwrap();

@@ -46,7 +46,11 @@ pub fn run(args: Args) -> Result<()> {
     // The merged model chats the way the adapter was trained to, and ends text where it was trained
     // to, as TRL's saved tokenizer and generation config would.
     let mut chat = nibble::merge::MergedChat::default();
-    if let Some(choice) = nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))? {
+    let own = nibble::tokenizer::TemplateChoice::of_model(&source.tokenizer);
+    // The model's own template, kept beside the adapter as TRL keeps its tokenizer's, changes nothing.
+    if let Some(choice) = nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))?
+        .filter(|choice| own.as_ref() != Some(&choice.default))
+    {
         let tok = super::tokenizer_of(&source, None, None)?.with_template(&choice)?;
         chat.turn_end = nibble::generate::turn_end_token(&tok);
         chat.template = Some(choice.default);

@@ -23,6 +23,8 @@ const RUN_FILES: &[&str] = &[
     MANIFEST,
     crate::train::RECORD_FILE,
     crate::train::ADAPTER_CHAT_TEMPLATE,
+    "tokenizer.json",
+    "tokenizer_config.json",
     LOCK,
 ];
 

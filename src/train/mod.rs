@@ -771,6 +771,29 @@ pub fn epoch_steps(epochs: f64, steps_per_epoch: usize) -> usize {
     (epochs * steps_per_epoch as f64).ceil().max(1.0) as usize
 }
 
+/// The tokenizer files saved beside each adapter, as TRL's Trainer saves its tokenizer with the model
+/// (so that `AutoTokenizer.from_pretrained(adapter)` loads what the run tokenized with): the model's
+/// tokenizer.json, chat_template.jinja and tokenizer_config.json, the latter's `eos_token` the one the
+/// data ended with where `--eos-token` chose another.
+pub fn adapter_tokenizer_files(
+    model: &crate::model::TokenizerFiles,
+    eos_token: Option<&str>,
+    origin: &Path,
+) -> Result<crate::model::TokenizerFiles> {
+    let mut files = model.clone();
+    if let (Some(token), Some(text)) = (eos_token, &model.tokenizer_config_json) {
+        let path = origin.join("tokenizer_config.json");
+        let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+            .map_err(|e| Error::Config {
+                path,
+                msg: format!("not a JSON object: {e}"),
+            })?;
+        crate::tokenizer::set_eos_token(&mut config, token);
+        files.tokenizer_config_json = Some(serde_json::to_string_pretty(&config).expect("json"));
+    }
+    Ok(files)
+}
+
 pub struct Trainer<'a> {
     pub work: Work<'a>,
     pub config: TrainConfig,
@@ -792,6 +815,9 @@ pub struct Trainer<'a> {
     /// The chat template the data was rendered with where it is not the model's: saved beside each
     /// adapter (chat_template.jinja, as transformers saves a tokenizer's).
     pub chat_template: Option<String>,
+    /// The tokenizer saved beside each adapter (`adapter_tokenizer_files`), as TRL's Trainer saves its
+    /// tokenizer.
+    pub tokenizer_files: Option<crate::model::TokenizerFiles>,
     /// Each micro-batch is one row of its sequences end to end, as TRL's best-fit packing makes it
     /// (padding-free): what NEFTune's noise scales with.
     pub padding_free: bool,
@@ -861,14 +887,30 @@ impl<'a> Trainer<'a> {
     ) -> Result<()> {
         let Work::Image(work) = &self.work else {
             save_peft(adapter, dir, base_model)?;
-            return match &self.chat_template {
-                Some(template) => {
-                    crate::fsutil::write_atomically(&dir.join(ADAPTER_CHAT_TEMPLATE), |tmp| {
-                        std::fs::write(tmp, template)
-                    })
+            let files = self.tokenizer_files.as_ref();
+            let template = self
+                .chat_template
+                .as_ref()
+                .or(files.and_then(|f| f.chat_template_jinja.as_ref()));
+            let saved = [
+                (
+                    "tokenizer.json",
+                    files.and_then(|f| f.tokenizer_json.as_ref()),
+                ),
+                (
+                    "tokenizer_config.json",
+                    files.and_then(|f| f.tokenizer_config_json.as_ref()),
+                ),
+                (ADAPTER_CHAT_TEMPLATE, template),
+            ];
+            for (name, text) in saved {
+                if let Some(text) = text {
+                    crate::fsutil::write_atomically(&dir.join(name), |tmp| {
+                        std::fs::write(tmp, text)
+                    })?;
                 }
-                None => Ok(()),
-            };
+            }
+            return Ok(());
         };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let path = dir.join(flux2::LORA_FILE);
@@ -895,6 +937,7 @@ impl<'a> Trainer<'a> {
             data_rng: Rng::new(config.seed ^ 0x5EED_DA7A),
             dropout_rng: Rng::new(config.seed ^ 0x0D50_F0A7),
             chat_template: None,
+            tokenizer_files: None,
             padding_free: false,
             config,
             gpu: None,

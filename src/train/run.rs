@@ -1139,8 +1139,11 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         log::info!("{step} needs more memory than there is without it: training with {how}");
         (config.checkpoint, config.checkpoints) = (checkpoint, checkpoints);
     }
+    let tokenizer_files =
+        train::adapter_tokenizer_files(&source.tokenizer, options.eos_token.as_deref(), path)?;
     // Every step that can fail comes before the earlier run's files are cleared.
     let mut run = Run::prepare((&model).into(), source.label(), config, data, options)?;
+    run.trainer.tokenizer_files = Some(tokenizer_files);
     if let Some(tokenizer) = tokenizer {
         run.sample_with(tokenizer);
     }
