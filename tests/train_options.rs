@@ -1116,23 +1116,24 @@ fn the_eos_token_an_adapter_was_trained_with_ends_its_text_again() {
         assert_eq!(saved["eos_token"], "<|im_start|>");
         assert_eq!(saved["chat_template"], own["chat_template"]);
     }
+    // The adapter's two PEFT files alone, in a folder of their own.
+    let adapter_only = |name: &str| {
+        let folder = dir.path().join(name);
+        std::fs::create_dir(&folder).unwrap();
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(out.join(file), folder.join(file)).unwrap();
+        }
+        folder
+    };
     // The same adapter without the record: nothing says where its text ends.
-    let bare = dir.path().join("bare");
-    std::fs::create_dir(&bare).unwrap();
-    for file in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(out.join(file), bare.join(file)).unwrap();
-    }
+    let bare = adapter_only("bare");
     let unstopped = continue_with(&bare);
     assert!(
         unstopped.starts_with(" is wide and deep") && unstopped != " is wide and deep",
         "{unstopped:?}"
     );
     // As TRL saves it: a tokenizer_config.json beside the adapter.
-    let trl = dir.path().join("trl");
-    std::fs::create_dir(&trl).unwrap();
-    for file in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(out.join(file), trl.join(file)).unwrap();
-    }
+    let trl = adapter_only("trl");
     std::fs::write(
         trl.join("tokenizer_config.json"),
         r#"{"eos_token": {"content": "<|im_start|>", "special": true}}"#,
