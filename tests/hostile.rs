@@ -30,7 +30,7 @@ impl Base {
         };
         let spec = nibble::train::run::RunSpec {
             model: &root.join("model"),
-            data: &root.join("chats.jsonl"),
+            data: &[root.join("chats.jsonl")],
             output: &root.join("run"),
             quant: None,
             config,

@@ -484,6 +484,65 @@ fn fractional_epochs_stop_within_the_last_as_transformers_counts() {
     assert_eq!(train::epoch_steps(2.0, 10), 20);
 }
 
+/// --data given twice (TRL's mixture of datasets): the files are one dataset, read one after the
+/// other; the run's record lists both, and runs again from it loss for loss; a bad row names its file.
+#[test]
+fn several_data_files_are_one_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    std::fs::write(&a, chats(3)).unwrap();
+    std::fs::write(&b, chats(5)).unwrap();
+    let out = dir.path().join("run");
+    let two = ["--data", b.to_str().unwrap(), "--grad-accum", "4"];
+    let o = train_cli(&model, &a, &out, &two);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // 8 examples, 4 to a step: 2 steps (one file alone would make 1 or 2 of fewer examples).
+    let steps: Vec<u64> = metrics(&out)
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [1, 2]);
+    let record = std::fs::read_to_string(out.join("nibble_config.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&record).unwrap();
+    let listed: Vec<&str> = table["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap().display().to_string();
+    assert_eq!(listed, [canonical(&a), canonical(&b)]);
+    let again = dir.path().join("again");
+    let o = nibble(&[
+        "train",
+        "--config",
+        out.join("nibble_config.toml").to_str().unwrap(),
+        "--output",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let losses = |dir: &Path| -> Vec<f64> {
+        metrics(dir)
+            .iter()
+            .filter_map(|m| m["loss"].as_f64())
+            .collect()
+    };
+    assert_eq!(losses(&out), losses(&again));
+    // Only the first file: fewer examples, other losses.
+    let one = dir.path().join("one");
+    let o = train_cli(&model, &a, &one, &["--grad-accum", "4"]);
+    assert!(o.status.success());
+    assert_ne!(losses(&one), losses(&out));
+    std::fs::write(&b, format!("{}{{\"messages\": 3}}\n", chats(1))).unwrap();
+    let o = train_cli(&model, &a, &dir.path().join("bad"), &two);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("b.jsonl") && err.contains('2'), "{err}");
+}
+
 /// The names transformers and TRL give options answer too, as flags in their spelling (TRL's command
 /// line: underscores) and as keys of an options file; the run records nibble's names.
 #[test]

@@ -101,9 +101,10 @@ fn train(
     options: RunOptions,
 ) -> (nibble::Result<run::RunSummary>, Recorded) {
     let mut seen = Recorded::default();
+    let data = [data.to_path_buf()];
     let spec = RunSpec {
         model,
-        data,
+        data: &data,
         output,
         quant: None,
         config,
@@ -692,7 +693,7 @@ fn a_run_too_large_for_the_gpu_is_refused_before_anything_is_written() {
     let output = dir.path().join("run");
     let spec = |gpu_memory| RunSpec {
         model: &model,
-        data: &data,
+        data: std::slice::from_ref(&data),
         output: &output,
         quant: None,
         config: config(1),
@@ -756,7 +757,7 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     let run = |output: &str, cap, fit_checkpointing, resume: Option<PathBuf>| {
         let spec = RunSpec {
             model: &model,
-            data: &data,
+            data: std::slice::from_ref(&data),
             output: &dir.path().join(output),
             quant: None,
             config: TrainConfig {

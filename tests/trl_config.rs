@@ -91,7 +91,9 @@ fn recipes_resolve_as_trl_sft_resolves_them() {
         check("model", s.model.as_deref() == Some(model.as_path()));
         check(
             "data",
-            s.data.as_deref().map(|p| p.display().to_string())
+            s.data
+                .as_deref()
+                .and_then(|p| Some(p.first()?.display().to_string()))
                 == e["dataset_name"].as_str().map(String::from),
         );
         check(
@@ -309,10 +311,13 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
         ("learning_rate: 1e-4\nlr: 2e-4\n", "give it once"),
         ("learning_rate: fast\n", "learning_rate: fast"),
         ("eval_strategy: steps\n", "needs validation data"),
-        ("datasets:\n  - path: a\n  - path: b\n", "a mixture of 2"),
         (
-            "datasets:\n  - path: json\n    data_files: [a.jsonl, b.jsonl]\n",
-            "one file",
+            "datasets:\n  - path: a\n    fraction: 0.3\n  - path: b\n    fraction: 0.7\n",
+            "`fraction: 0.3` in a mixture of 2",
+        ),
+        (
+            "datasets:\n  - path: json\n    data_files: 7\n",
+            "a file name or a list",
         ),
         (
             "datasets:\n  - path: json\n    data_files: a.jsonl\ntest_split_size: 50\n",
@@ -476,8 +481,16 @@ fn recipes_trl_runs_run() {
         "dataset_name: ignored.jsonl\ndatasets:\n  - path: json\n    data_files: {train: a.jsonl, test: b.jsonl}\ntest_split_size: 0.2\n",
         &none,
     );
-    assert_eq!(s.data.as_deref(), Some(Path::new("a.jsonl")));
+    assert_eq!(s.data, Some(vec![std::path::PathBuf::from("a.jsonl")]));
     assert_eq!(run.eval_split, Some(0.2));
+    // Several datasets (a list of files is one dataset too): read one after the other, as TRL
+    // concatenates them.
+    let (_, s, _, _) = read_ok(
+        "datasets:\n  - path: a.jsonl\n  - path: json\n    data_files: [b.jsonl, c.jsonl]\n  - path: json\n    data_files: {train: [d.jsonl]}\n",
+        &none,
+    );
+    let files = ["a.jsonl", "b.jsonl", "c.jsonl", "d.jsonl"].map(std::path::PathBuf::from);
+    assert_eq!(s.data, Some(files.to_vec()));
     assert!(
         r.notes.iter().any(|n| n.contains("both name data")),
         "{:?}",
@@ -492,7 +505,7 @@ fn recipes_trl_runs_run() {
         &format!("dataset_name: {}\neval_strategy: epoch\n", splits.display()),
         &none,
     );
-    assert_eq!(s.data, Some(splits.join("train")));
+    assert_eq!(s.data, Some(vec![splits.join("train")]));
     assert_eq!(s.eval_data, Some(splits.join("test")));
     // The command line's --quant leaves nothing to say of the 16-bit base.
     let (r, _, _, _) = read_ok("dataset_name: d.jsonl\n", &flags(&["--quant", "none"]));
@@ -589,7 +602,7 @@ fn what_changes_nothing_is_noted_and_flags_win() {
         splits.display()
     );
     let s = read(&text, &TrainSettings::default()).unwrap().settings;
-    assert_eq!(s.data, Some(splits.join("train")));
+    assert_eq!(s.data, Some(vec![splits.join("train")]));
     assert_eq!(s.eval_data, Some(splits.join("test")));
 }
 

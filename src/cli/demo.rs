@@ -81,7 +81,7 @@ fn run_demo(dir: &Path) -> Result<()> {
     let out = dir.join("adapter");
     let spec = nibble::train::run::RunSpec {
         model: dir,
-        data: &chats,
+        data: std::slice::from_ref(&chats),
         output: &out,
         quant: None,
         config,

@@ -15,13 +15,23 @@ pub fn run(flags: TrainSettings) -> Result<()> {
         v.clone()
             .with_context(|| format!("--{flag} is required (on the command line or in --config)"))
     };
-    let (model, data, output) = (
+    let data = settings
+        .data
+        .clone()
+        .filter(|files| !files.is_empty())
+        .context("--data is required (on the command line or in --config)")?;
+    let (model, output) = (
         need(&settings.model, "model")?,
-        need(&settings.data, "data")?,
         need(&settings.output, "output")?,
     );
     if nibble::models::flux2::config_at(&model)?.is_some() {
-        return train_klein(settings, &model, &data, &output);
+        let [folder] = data.as_slice() else {
+            anyhow::bail!(
+                "--data given {} times: a FLUX.2 image run trains on one folder of images",
+                data.len()
+            );
+        };
+        return train_klein(settings, &model, folder, &output);
     }
     if let Some((name, _)) = settings.image_options().into_iter().find(|(_, set)| *set) {
         anyhow::bail!(

@@ -92,7 +92,8 @@ impl RunOptions {
 /// A whole run: which model, data and output folder, with which configuration.
 pub struct RunSpec<'a> {
     pub model: &'a Path,
-    pub data: &'a Path,
+    /// The data files, one dataset read one after the other (TRL's mixture of datasets).
+    pub data: &'a [std::path::PathBuf],
     pub output: &'a Path,
     pub quant: Option<QuantRequest>,
     pub config: TrainConfig,
@@ -978,11 +979,15 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         train::folder::RunFolder::claim(output, options.overwrite, options.resume.as_deref())?;
     let inputs = [
         Some(path),
-        Some(data),
         options.init_adapter.as_deref(),
         options.eval_data.as_deref(),
     ];
-    folder.check_inputs(&inputs.into_iter().flatten().collect::<Vec<_>>())?;
+    let inputs: Vec<&Path> = inputs
+        .into_iter()
+        .flatten()
+        .chain(data.iter().map(|file| file.as_path()))
+        .collect();
+    folder.check_inputs(&inputs)?;
     let source = crate::model::open(path)?;
     let mut config = config;
     config.max_length = within_positions(config.max_length, &source.config);
@@ -1018,7 +1023,16 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 None => tok,
             };
             let train_config = options.tokenizing(&config);
-            let train = tokenize_file(&tok, data, &train_config, options.packing)?;
+            if data.len() > 1 {
+                log::info!(
+                    "reading {} data files one after the other, as one dataset",
+                    data.len()
+                );
+            }
+            let mut train = Vec::new();
+            for file in data {
+                train.extend(tokenize_file(&tok, file, &train_config, options.packing)?);
+            }
             let eval = match &options.eval_data {
                 Some(file) => tokenize_file(&tok, file, &config, false)?,
                 None => Vec::new(),

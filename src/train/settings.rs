@@ -71,6 +71,35 @@ caption_dropout = 0.05
     ),
 ];
 
+/// `data` as one path or a list of them in an options file (one is written as one path, as before
+/// lists were read).
+mod one_or_several {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::path::PathBuf;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(PathBuf),
+        Several(Vec<PathBuf>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PathBuf>>, D::Error> {
+        Ok(Option::<Form>::deserialize(d)?.map(|form| match form {
+            Form::One(path) => vec![path],
+            Form::Several(paths) => paths,
+        }))
+    }
+
+    pub fn serialize<S: Serializer>(paths: &Option<Vec<PathBuf>>, s: S) -> Result<S::Ok, S::Error> {
+        match paths.as_deref() {
+            None => s.serialize_none(),
+            Some([one]) => s.serialize_some(one),
+            Some(several) => s.serialize_some(several),
+        }
+    }
+}
+
 /// `nibble train`'s options. Each can also come from a TOML file (`--config`, keys as the flags with
 /// underscores) or a preset; a flag given on the command line wins over the file, and the file over
 /// the preset. Options transformers and TRL name otherwise also answer to their names there
@@ -93,10 +122,11 @@ pub struct TrainSettings {
     #[serde(alias = "model_name_or_path")]
     pub model: Option<PathBuf>,
     /// The training data: a JSONL file (messages, prompt/completion or text rows) or a folder of
-    /// images with captions (FLUX.2).
+    /// images with captions (FLUX.2). Given more than once (a list in an options file), the files
+    /// are one dataset, read one after the other (TRL's mixture of datasets).
     #[arg(long, aliases = ["dataset-name"])]
-    #[serde(alias = "dataset_name")]
-    pub data: Option<PathBuf>,
+    #[serde(alias = "dataset_name", default, with = "one_or_several")]
+    pub data: Option<Vec<PathBuf>>,
     /// The folder the adapter, metrics.jsonl and checkpoints are written to.
     #[arg(long, short, aliases = ["output-dir"])]
     #[serde(alias = "output_dir")]
@@ -531,14 +561,13 @@ impl TrainSettings {
         with_file.with_preset()
     }
 
-    /// Every option that names a file or folder.
+    /// Every file or folder the options name.
     #[cfg(not(target_arch = "wasm32"))]
-    fn paths_mut(&mut self) -> [&mut Option<PathBuf>; 11] {
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
         [
             &mut self.sample_prompts,
             &mut self.chat_template,
             &mut self.model,
-            &mut self.data,
             &mut self.output,
             &mut self.init_adapter,
             &mut self.eval_data,
@@ -547,13 +576,17 @@ impl TrainSettings {
             &mut self.text_encoder,
             &mut self.vae,
         ]
+        .into_iter()
+        .flatten()
+        .chain(self.data.iter_mut().flatten())
+        .collect()
     }
 
     /// The file and folder options given as relative paths read from `folder` (an options file's own
     /// folder, so that a file means the same wherever nibble is run from).
     #[cfg(not(target_arch = "wasm32"))]
     fn paths_from(mut self, folder: &Path) -> TrainSettings {
-        for path in self.paths_mut().into_iter().flatten() {
+        for path in self.paths_mut() {
             if path.is_relative() {
                 *path = folder.join(&*path);
             }
@@ -603,7 +636,7 @@ impl TrainSettings {
         s.neftune_noise_alpha = config.neftune_noise_alpha;
         s.precision = Some(self.precision.unwrap_or_default());
         let here = std::env::current_dir().map_err(|e| Error::io(".", e))?;
-        for path in s.paths_mut().into_iter().flatten() {
+        for path in s.paths_mut() {
             *path = std::fs::canonicalize(&*path).unwrap_or_else(|_| here.join(&*path));
         }
         let body = toml::to_string(&s)
@@ -1235,7 +1268,7 @@ mod tests {
         };
         let s = TrainSettings::layered(flags).unwrap();
         assert_eq!(s.model, Some(folder.join("../models/m")));
-        assert_eq!(s.data, Some(folder.join("chats.jsonl")));
+        assert_eq!(s.data, Some(vec![folder.join("chats.jsonl")]));
         assert_eq!(s.output, Some(PathBuf::from("/abs/out")));
         assert_eq!(s.eval_data, Some(PathBuf::from("held.jsonl")));
     }

@@ -1092,7 +1092,7 @@ impl Reader<'_> {
 
     /// `trl sft` trains on the `dataset_train_split` split of what `dataset_name` names (a folder
     /// `datasets` saved with several splits, or a folder of one data file per split, as
-    /// `load_dataset` splits it), or on a mixture of one dataset (`datasets`).
+    /// `load_dataset` splits it), or on a mixture of local datasets (`datasets`).
     fn data(&mut self) -> Result<()> {
         self.mixture()?;
         if self.flags.data.is_some() {
@@ -1122,8 +1122,9 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// TRL's `datasets` (DatasetMixtureConfig): nibble reads a mixture of one local dataset, such as
-    /// `[{path: json, data_files: chats.jsonl}]`, and its `test_split_size` as a held-out fraction.
+    /// TRL's `datasets` (DatasetMixtureConfig): local datasets, such as `[{path: json, data_files:
+    /// chats.jsonl}]`, read one after the other as one dataset (as TRL concatenates them), and its
+    /// `test_split_size` as a held-out fraction of them.
     fn mixture(&mut self) -> Result<()> {
         let entries = match self.apart("datasets").cloned() {
             None => Vec::new(),
@@ -1133,18 +1134,41 @@ impl Reader<'_> {
             }
         };
         let held_out = self.number("test_split_size")?;
-        let [entry] = entries.as_slice() else {
-            if !entries.is_empty() {
-                return Err(self.err(format!(
-                    "`datasets`: a mixture of {} datasets; nibble reads one (one file or folder)",
-                    entries.len()
-                )));
-            }
+        if entries.is_empty() {
             if held_out.is_some() {
                 self.ignored.push("test_split_size".into());
             }
             return Ok(());
+        }
+        let mut files = Vec::new();
+        for entry in &entries {
+            files.extend(self.mixture_files(entry, entries.len())?);
+        }
+        if let Some(earlier) = self.source.get("data").cloned() {
+            self.notes.push(format!(
+                "`datasets` and `{earlier}` both name data: the mixture is read, as trl sft reads it"
+            ));
+            self.source.remove("data");
+            self.out.remove("data");
+        }
+        let data = match <[String; 1]>::try_from(files) {
+            Ok([one]) => Value::from(one),
+            Err(several) => Value::from(several),
         };
+        self.set("data", data, "datasets")?;
+        if let Some(fraction) = held_out {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(self.err(format!(
+                    "`test_split_size: {fraction}`: nibble holds out a fraction of the data (0 to 1)"
+                )));
+            }
+            self.set("eval_split", Value::from(fraction), "test_split_size")?;
+        }
+        Ok(())
+    }
+
+    /// The data files of one dataset of a mixture of `count`.
+    fn mixture_files(&self, entry: &Value, count: usize) -> Result<Vec<String>> {
         let entry = entry
             .as_object()
             .ok_or_else(|| self.err(format!("`datasets`: {} is not a dataset", shown(entry))))?;
@@ -1158,30 +1182,41 @@ impl Reader<'_> {
                 )));
             }
         }
+        // One dataset's share is all of it; several take the first rows of each in their shares.
+        if let Some(fraction) = field("fraction").filter(|_| count > 1) {
+            return Err(self.err(format!(
+                "`datasets`: `fraction: {}` in a mixture of {count}: nibble reads every row of each \
+                 dataset (leave fraction out, or cut the files to the rows to train on)",
+                shown(fraction)
+            )));
+        }
         let path = field("path").and_then(Value::as_str).ok_or_else(|| {
             self.err("`datasets`: each dataset has a `path` (such as json, with data_files)".into())
         })?;
         let split = field("split").and_then(Value::as_str).unwrap_or("train");
-        let file = match field("data_files") {
-            None => path.to_string(),
-            Some(files) if matches!(path, "json" | "parquet" | "arrow") => {
-                let one = match files {
-                    Value::Object(by_split) => by_split.get(split),
-                    Value::Array(list) if list.len() == 1 => list.first(),
-                    single => Some(single),
-                };
-                match one.map(|f| (f, f.as_str())) {
-                    Some((_, Some(file))) => file.to_string(),
-                    Some((Value::Array(list), _)) if list.len() == 1 => {
-                        list[0].as_str().unwrap_or_default().to_string()
-                    }
-                    _ => {
-                        return Err(self.err(format!(
-                            "`datasets`: data_files {} for split {split}: nibble reads one file",
-                            shown(files)
-                        )));
-                    }
+        // A file, or a list of them (one dataset, as load_dataset reads them).
+        let listed = |v: &Value| -> Option<Vec<String>> {
+            match v {
+                Value::String(file) => Some(vec![file.clone()]),
+                Value::Array(list) if !list.is_empty() => {
+                    list.iter().map(|f| f.as_str().map(String::from)).collect()
                 }
+                _ => None,
+            }
+        };
+        Ok(match field("data_files") {
+            None => vec![path.to_string()],
+            Some(files) if matches!(path, "json" | "parquet" | "arrow") => {
+                let chosen = match files {
+                    Value::Object(by_split) => by_split.get(split),
+                    other => Some(other),
+                };
+                chosen.and_then(listed).ok_or_else(|| {
+                    self.err(format!(
+                        "`datasets`: data_files {} for split {split}: a file name or a list of them",
+                        shown(files)
+                    ))
+                })?
             }
             Some(_) => {
                 return Err(self.err(format!(
@@ -1189,24 +1224,7 @@ impl Reader<'_> {
                      files (path: json)"
                 )));
             }
-        };
-        if let Some(earlier) = self.source.get("data").cloned() {
-            self.notes.push(format!(
-                "`datasets` and `{earlier}` both name data: the mixture is read, as trl sft reads it"
-            ));
-            self.source.remove("data");
-            self.out.remove("data");
-        }
-        self.set("data", Value::from(file), "datasets")?;
-        if let Some(fraction) = held_out {
-            if !(fraction > 0.0 && fraction < 1.0) {
-                return Err(self.err(format!(
-                    "`test_split_size: {fraction}`: nibble holds out a fraction of the data (0 to 1)"
-                )));
-            }
-            self.set("eval_split", Value::from(fraction), "test_split_size")?;
-        }
-        Ok(())
+        })
     }
 
     /// Options of how examples become sequences, where TRL reads them otherwise than nibble's
