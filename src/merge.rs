@@ -143,8 +143,8 @@ pub struct MergedChat {
 impl MergedChat {
     /// Writes the template as chat_template.jinja into the merged folder `dir` (transformers and nibble
     /// read it before tokenizer_config.json's), makes the eos token tokenizer_config.json's
-    /// `eos_token` and the first of generation_config.json's `eos_token_id` (as TRL's SFTTrainer sets
-    /// them), and the turn's end one of those ids too (as TRL sets a cloned template's), so that
+    /// `eos_token`, config.json's `eos_token_id` and the first of generation_config.json's
+    /// `eos_token_id` (as TRL's SFTTrainer sets them), and the turn's end one of those ids too (as TRL sets a cloned template's), so that
     /// transformers or a server stops where the adapter learned to; the configuration is read from
     /// the model folder `source` (errors name its files).
     fn write_into(&self, source: &Path, dir: &Path) -> Result<()> {
@@ -185,6 +185,18 @@ impl MergedChat {
         {
             crate::tokenizer::set_eos_token(&mut tokenizer, token);
             write("tokenizer_config.json", &tokenizer)?;
+        }
+        // The model's own eos id too, in its text model's part where it has one (a multimodal
+        // wrapper's), as TRL sets `config.get_text_config().eos_token_id`.
+        if let Some((_, id)) = &self.eos
+            && let Some(mut config) = object(dir, "config.json")?
+        {
+            let text = match config.get_mut("text_config") {
+                Some(serde_json::Value::Object(text)) => text,
+                _ => &mut config,
+            };
+            text.insert("eos_token_id".into(), (*id).into());
+            write("config.json", &config)?;
         }
         let object = |name: &str| object(source, name);
         let config = object("config.json")?.unwrap_or_default();

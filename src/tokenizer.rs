@@ -435,8 +435,13 @@ pub struct TemplateChoice {
 impl TemplateChoice {
     /// The template to render with: the one asked for (`--chat-template`), else the one an adapter
     /// folder keeps (its chat_template.jinja, or the template of a tokenizer saved beside it, as TRL
-    /// saves one), else None: the model's own.
-    pub fn chosen(asked: Option<&Path>, adapter: Option<&Path>) -> Result<Option<Self>> {
+    /// and nibble save one) where it is not the model's `own` default, else None: the model's own
+    /// templates (its named ones, such as a tool template, included).
+    pub fn chosen(
+        asked: Option<&Path>,
+        adapter: Option<&Path>,
+        own: Option<&str>,
+    ) -> Result<Option<Self>> {
         if let Some(path) = asked {
             return Self::read(path).map(Some);
         }
@@ -459,6 +464,7 @@ impl TemplateChoice {
                     })
             }
         };
+        let kept = kept.filter(|choice| own != Some(choice.default.as_str()));
         if let Some(choice) = &kept {
             log::info!(
                 "{}: rendering chats through the chat template the adapter keeps (--chat-template chooses another)",

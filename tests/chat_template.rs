@@ -490,7 +490,7 @@ fn a_chat_template_is_read_from_a_file_a_folder_or_a_tokenizer_config() {
     let adapter = dir.path().join("adapter");
     std::fs::create_dir(&adapter).unwrap();
     let chosen = |dir: &Path| {
-        TemplateChoice::chosen(None, Some(dir))
+        TemplateChoice::chosen(None, Some(dir), None)
             .unwrap()
             .map(|c| c.default)
     };
@@ -511,8 +511,17 @@ fn a_chat_template_is_read_from_a_file_a_folder_or_a_tokenizer_config() {
     assert_eq!(chosen(&adapter).as_deref(), Some("T"));
     std::fs::write(adapter.join("chat_template.jinja"), "K").unwrap();
     assert_eq!(chosen(&adapter).as_deref(), Some("K"));
+    // The model's own default kept beside the adapter (as nibble and TRL save the tokenizer) leaves
+    // the model's templates, its named ones included.
+    let with_own = |own: &str| {
+        TemplateChoice::chosen(None, Some(&adapter), Some(own))
+            .unwrap()
+            .map(|c| c.default)
+    };
+    assert_eq!(with_own("K"), None);
+    assert_eq!(with_own("other").as_deref(), Some("K"));
     assert_eq!(
-        TemplateChoice::chosen(Some(&jinja), Some(&adapter))
+        TemplateChoice::chosen(Some(&jinja), Some(&adapter), Some("K"))
             .unwrap()
             .map(|c| c.default)
             .as_deref(),

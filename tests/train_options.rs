@@ -464,10 +464,17 @@ fn fractional_epochs_stop_within_the_last_as_transformers_counts() {
             (ratio - want).abs() < 1e-9,
             "--epochs {epochs}: {ratio} vs {want}"
         );
-        assert!(
-            out.join(format!("checkpoint-{steps}")).is_dir(),
-            "--epochs {epochs}: a checkpoint where the run stops"
-        );
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("checkpoint-{steps}")).join("run.json"))
+                .unwrap_or_else(|e| panic!("--epochs {epochs}: a checkpoint where it stops: {e}")),
+        )
+        .unwrap();
+        // Whole epochs recorded as the integers earlier runs recorded, which a resume compares.
+        let recorded = &manifest["options"]["epochs"];
+        match epochs {
+            "1" => assert!(recorded.is_u64() && recorded == 1, "{recorded}"),
+            _ => assert_eq!(recorded.as_f64(), epochs.parse().ok(), "{recorded}"),
+        }
     }
     for bad in ["0", "-1", "nan"] {
         let flag = format!("--epochs={bad}");
@@ -1208,6 +1215,7 @@ fn the_eos_token_an_adapter_was_trained_with_ends_its_text_again() {
     assert_eq!(json("tokenizer_config.json")["eos_token"], "<|im_start|>");
     let ids = json("generation_config.json")["eos_token_id"].clone();
     assert_eq!(ids[0], 257, "{ids}");
+    assert_eq!(json("config.json")["eos_token_id"], 257);
     // A token the tokenizer lacks is an error naming the file that names it.
     std::fs::write(
         trl.join("tokenizer_config.json"),

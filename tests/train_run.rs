@@ -371,21 +371,24 @@ fn an_output_folder_belongs_to_one_run() {
         ..Default::default()
     };
 
-    // Files nibble did not write: never a run's folder, with or without --overwrite.
-    let theirs = dir.path().join("theirs");
-    std::fs::create_dir_all(&theirs).unwrap();
-    std::fs::write(theirs.join("notes.txt"), "mine").unwrap();
-    for overwrite in [false, true] {
-        let options = RunOptions {
-            overwrite,
-            ..saving.clone()
-        };
-        let before = snapshot(&theirs);
-        refused(
-            train(&model, &data, &theirs, config(2), options).0,
-            &["notes.txt"],
-        );
-        assert_eq!(snapshot(&theirs), before, "nothing there changed");
+    // Files nibble did not write: never a run's folder, with or without --overwrite. A saved
+    // tokenizer alone is someone's too, though a run saves one beside its adapter.
+    for (name, file) in [
+        ("theirs", "notes.txt"),
+        ("a tokenizer", "tokenizer_config.json"),
+    ] {
+        let theirs = dir.path().join(name);
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::fs::write(theirs.join(file), "mine").unwrap();
+        for overwrite in [false, true] {
+            let options = RunOptions {
+                overwrite,
+                ..saving.clone()
+            };
+            let before = snapshot(&theirs);
+            refused(train(&model, &data, &theirs, config(2), options).0, &[file]);
+            assert_eq!(snapshot(&theirs), before, "nothing there changed");
+        }
     }
 
     // An unfinished run (a checkpoint, no adapter) is neither restarted nor mixed with a new one.

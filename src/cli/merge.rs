@@ -47,9 +47,8 @@ pub fn run(args: Args) -> Result<()> {
     // to, as TRL's saved tokenizer and generation config would.
     let mut chat = nibble::merge::MergedChat::default();
     let own = nibble::tokenizer::TemplateChoice::of_model(&source.tokenizer);
-    // The model's own template, kept beside the adapter as TRL keeps its tokenizer's, changes nothing.
-    if let Some(choice) = nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter))?
-        .filter(|choice| own.as_ref() != Some(&choice.default))
+    if let Some(choice) =
+        nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter), own.as_deref())?
     {
         let tok = super::tokenizer_of(&source, None, None)?.with_template(&choice)?;
         chat.turn_end = nibble::generate::turn_end_token(&tok);

@@ -87,7 +87,8 @@ pub fn tokenizer_of(
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
     let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
-    let tok = match TemplateChoice::chosen(template, adapter)? {
+    let own = TemplateChoice::of_model(&source.tokenizer);
+    let tok = match TemplateChoice::chosen(template, adapter, own.as_deref())? {
         Some(choice) => tok.with_template(&choice)?,
         None => tok,
     };

@@ -23,10 +23,19 @@ const RUN_FILES: &[&str] = &[
     MANIFEST,
     crate::train::RECORD_FILE,
     crate::train::ADAPTER_CHAT_TEMPLATE,
-    "tokenizer.json",
-    "tokenizer_config.json",
     LOCK,
 ];
+
+/// The tokenizer files a run saves beside its adapter: a run's only where the folder also holds a
+/// file no one but nibble writes (a saved tokenizer alone is someone's work, not an earlier run).
+const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json"];
+
+/// Whether `dir` holds a file only a nibble run writes.
+fn holds_a_run(dir: &Path) -> bool {
+    [MANIFEST, crate::train::RECORD_FILE, "metrics.jsonl"]
+        .iter()
+        .any(|f| dir.join(f).is_file())
+}
 
 /// Files an operating system's file browser drops into folders: neither a run's nor the user's work.
 const SYSTEM_LITTER: &[&str] = &[".DS_Store", "Thumbs.db", "desktop.ini"];
@@ -44,7 +53,9 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         .strip_prefix('.')
         .and_then(|n| n.rsplit_once(".tmp-"))
         .is_some_and(|(file, pid)| {
-            RUN_FILES.contains(&file) && pid.bytes().all(|b| b.is_ascii_digit())
+            let ours =
+                RUN_FILES.contains(&file) || (TOKENIZER_FILES.contains(&file) && holds_a_run(dir));
+            ours && pid.bytes().all(|b| b.is_ascii_digit())
         });
     let temporary_checkpoint = name
         .strip_prefix('.')
@@ -54,6 +65,7 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         .strip_prefix(ASIDE_PREFIX)
         .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
     RUN_FILES.contains(&name)
+        || (TOKENIZER_FILES.contains(&name) && holds_a_run(dir))
         || crate::train::tensorboard::is_event_file(name)
         || set_aside
         || temporary_file

@@ -781,16 +781,20 @@ pub fn adapter_tokenizer_files(
     origin: &Path,
 ) -> Result<crate::model::TokenizerFiles> {
     let mut files = model.clone();
-    if let (Some(token), Some(text)) = (eos_token, &model.tokenizer_config_json) {
-        let path = origin.join("tokenizer_config.json");
-        let mut config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-            .map_err(|e| Error::Config {
-                path,
-                msg: format!("not a JSON object: {e}"),
-            })?;
-        crate::tokenizer::set_eos_token(&mut config, token);
-        files.tokenizer_config_json = Some(serde_json::to_string_pretty(&config).expect("json"));
-    }
+    let Some(token) = eos_token else {
+        return Ok(files);
+    };
+    // A model without a tokenizer_config.json still gets one that names the eos.
+    let mut config: serde_json::Map<String, serde_json::Value> = match &model.tokenizer_config_json
+    {
+        Some(text) => serde_json::from_str(text).map_err(|e| Error::Config {
+            path: origin.join("tokenizer_config.json"),
+            msg: format!("not a JSON object: {e}"),
+        })?,
+        None => serde_json::Map::new(),
+    };
+    crate::tokenizer::set_eos_token(&mut config, token);
+    files.tokenizer_config_json = Some(serde_json::to_string_pretty(&config).expect("json"));
     Ok(files)
 }
 

@@ -787,13 +787,18 @@ fn manifest(
         format!("{:016x}", digest.finish())
     });
     let lora = &config.lora;
+    // Whole epochs as the integers runs recorded before fractions were read (a resume compares them).
+    let epochs = match config.epochs.fract() == 0.0 && config.epochs < u64::MAX as f64 {
+        true => json!(config.epochs as u64),
+        false => json!(config.epochs),
+    };
     let mut options = json!({
         "lora_r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "use_rslora": lora.use_rslora, "target_modules": lora.targets,
         "lr": config.lr, "weight_decay": config.weight_decay,
         "max_grad_norm": config.max_grad_norm, "lr_scheduler": config.schedule,
         "warmup_steps": config.warmup_steps, "warmup_ratio": config.warmup_ratio,
-        "epochs": config.epochs, "max_steps": config.max_steps,
+        "epochs": epochs, "max_steps": config.max_steps,
         "batch_size": config.batch_size, "grad_accum": config.grad_accum,
         "seed": config.seed, "shuffle": config.shuffle, "init_adapter": init_digest,
     });
