@@ -54,15 +54,20 @@ pub fn run(args: Args) -> Result<()> {
         chat.turn_end = nibble::generate::turn_end_token(&tok);
         chat.template = Some(choice.default);
     }
-    let base = super::tokenizer_of(&source, None, None)?;
-    let trained = super::tokenizer_of(&source, None, Some(&args.adapter))?;
-    if let Some(eos) = trained
-        .eos_token
-        .as_ref()
-        .filter(|&eos| base.eos_token.as_ref() != Some(eos))
-    {
-        // A token of the vocabulary: `tokenizer_of` checked it.
-        chat.eos = trained.token_id(eos).map(|id| (eos.clone(), id));
+    // The adapter's eos, where it records one and the model folder has a tokenizer to find it in (a
+    // folder without one merges into one without one).
+    let recorded = nibble::tokenizer::adapter_eos_token(&args.adapter)?;
+    if recorded.is_some() && source.tokenizer.tokenizer_json.is_some() {
+        let base = super::tokenizer_of(&source, None, None)?;
+        let trained = super::tokenizer_of(&source, None, Some(&args.adapter))?;
+        if let Some(eos) = trained
+            .eos_token
+            .clone()
+            .filter(|eos| base.eos_token.as_ref() != Some(eos))
+        {
+            // A token of the vocabulary: `tokenizer_of` checked it.
+            chat.eos = trained.token_id(&eos).map(|id| (eos, id));
+        }
     }
     nibble::merge::merge(&source, &args.model, &lora, &chat, &args.output, dtype)?;
     eprintln!(
