@@ -1,6 +1,6 @@
 //! `nibble merge`: an adapter folded into the base weights.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use nibble::model;
 use nibble::source::FloatDtype;
 use std::path::PathBuf;
@@ -47,26 +47,30 @@ pub fn run(args: Args) -> Result<()> {
     // to, as TRL's saved tokenizer and generation config would.
     let mut chat = nibble::merge::MergedChat::default();
     let own = nibble::tokenizer::TemplateChoice::of_model(&source.tokenizer);
-    if let Some(choice) =
-        nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter), own.as_deref())?
-    {
-        let tok = super::tokenizer_of(&source, None, None)?.with_template(&choice)?;
-        chat.turn_end = nibble::generate::turn_end_token(&tok);
-        chat.template = Some(choice.default);
-    }
+    let template =
+        nibble::tokenizer::TemplateChoice::chosen(None, Some(&args.adapter), own.as_deref())?;
     // The adapter's eos, where it records one and the model folder has a tokenizer to find it in (a
     // folder without one merges into one without one).
-    let recorded = nibble::tokenizer::adapter_eos_token(&args.adapter)?;
-    if recorded.is_some() && source.tokenizer.tokenizer_json.is_some() {
+    let recorded = nibble::tokenizer::adapter_eos_token(&args.adapter)?
+        .filter(|_| source.tokenizer.tokenizer_json.is_some());
+    if template.is_some() || recorded.is_some() {
         let base = super::tokenizer_of(&source, None, None)?;
-        let trained = super::tokenizer_of(&source, None, Some(&args.adapter))?;
-        if let Some(eos) = trained
-            .eos_token
-            .clone()
-            .filter(|eos| base.eos_token.as_ref() != Some(eos))
+        if let Some((eos, origin)) =
+            recorded.filter(|(eos, _)| base.eos_token.as_ref() != Some(eos))
         {
-            // A token of the vocabulary: `tokenizer_of` checked it.
-            chat.eos = trained.token_id(&eos).map(|id| (eos, id));
+            let id = base.token_id(&eos).with_context(|| {
+                format!(
+                    "{}: eos_token `{eos}` is not a token of {}",
+                    origin.display(),
+                    args.model.display()
+                )
+            })?;
+            chat.eos = Some((eos, id));
+        }
+        if let Some(choice) = template {
+            let tok = base.with_template(&choice)?;
+            chat.turn_end = nibble::generate::turn_end_token(&tok);
+            chat.template = Some(choice.default);
         }
     }
     nibble::merge::merge(&source, &args.model, &lora, &chat, &args.output, dtype)?;
