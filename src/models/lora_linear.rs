@@ -254,6 +254,16 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
         &[ga],
         true,
     );
+    let Some(Op::Dropout { p, stream }) = lora.dropout else {
+        // The branch's input is x itself: its gradient adds into dx with no buffer of its own.
+        b.node(
+            mm(t, inp, r, false, false, 1.0),
+            &[dxa, lora.a],
+            &[dx],
+            true,
+        );
+        return;
+    };
     let d_lora_in = b.activation(t * inp, format!("d {path} input"));
     b.node(
         mm(t, inp, r, false, false, 1.0),
@@ -261,7 +271,7 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
         &[d_lora_in],
         false,
     );
-    if let (Some(dora), Some(_)) = (&lora.dora, &lora.dropout) {
+    if let Some(dora) = &lora.dora {
         // h's W·x′ term: d(x′) += ((m/n − 1) ⊙ dy)·W, dy the linear's own.
         let dh = b.activation(t * out, format!("d {path} DoRA W·x′"));
         let gate = Op::Gate { dim: out, chunk: 1 };
@@ -269,15 +279,7 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
         let op = Op::LinearBackwardInput { out, inp };
         b.node(op, &[dh, tape.weight], &[d_lora_in], true);
     }
-    match &lora.dropout {
-        Some(Op::Dropout { p, stream }) => {
-            let seed = b.input(Input::DropoutSeed, 2);
-            let op = Op::DropoutBackward {
-                p: *p,
-                stream: *stream,
-            };
-            b.node(op, &[d_lora_in, seed], &[dx], true);
-        }
-        _ => b.node(Op::Add, &[d_lora_in], &[dx], true),
-    }
+    let seed = b.input(Input::DropoutSeed, 2);
+    let op = Op::DropoutBackward { p, stream };
+    b.node(op, &[d_lora_in, seed], &[dx], true);
 }
