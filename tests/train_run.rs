@@ -372,10 +372,14 @@ fn an_output_folder_belongs_to_one_run() {
     };
 
     // Files nibble did not write: never a run's folder, with or without --overwrite. A saved
-    // tokenizer alone is someone's too, though a run saves one beside its adapter.
+    // tokenizer alone is someone's too, though a run saves one beside its adapter, and so are an
+    // options file and a run.json under the names a run writes but not in its words (the user's own
+    // nibble_config.toml that --config reads, another tool's run.json).
     for (name, file) in [
         ("theirs", "notes.txt"),
         ("a tokenizer", "tokenizer_config.json"),
+        ("their options", "nibble_config.toml"),
+        ("their manifest", "run.json"),
     ] {
         let theirs = dir.path().join(name);
         std::fs::create_dir_all(&theirs).unwrap();

@@ -34,7 +34,30 @@ const TOKENIZER_FILES: &[&str] = &["tokenizer.json", "tokenizer_config.json"];
 fn holds_a_run(dir: &Path) -> bool {
     [MANIFEST, crate::train::RECORD_FILE, "metrics.jsonl"]
         .iter()
-        .any(|f| dir.join(f).is_file())
+        .any(|f| dir.join(f).is_file() && nibble_wrote(dir, f))
+}
+
+/// Whether the file `name` in `dir`, if it is a run's options or manifest, is one nibble wrote: a
+/// user's own nibble_config.toml (the one `--config` reads, say) or another tool's run.json under those
+/// names is the user's work, which a fresh run must not take for an earlier run's and replace. Other
+/// names are taken at their word.
+fn nibble_wrote(dir: &Path, name: &str) -> bool {
+    let path = dir.join(name);
+    if name == crate::train::RECORD_FILE {
+        let mut head = [0u8; 64];
+        let n = std::fs::File::open(&path)
+            .and_then(|mut f| f.read(&mut head))
+            .unwrap_or(0);
+        return head[..n].starts_with(crate::train::settings::RECORD_HEADER.as_bytes());
+    }
+    if name == MANIFEST {
+        let text = crate::fsutil::read_to_string(&path).unwrap_or_default();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        return ["model", "data", "options"]
+            .iter()
+            .all(|section| value.get(section).is_some_and(|v| v.is_object()));
+    }
+    true
 }
 
 /// Files an operating system's file browser drops into folders: neither a run's nor the user's work.
@@ -64,7 +87,7 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
     let set_aside = name
         .strip_prefix(ASIDE_PREFIX)
         .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
-    RUN_FILES.contains(&name)
+    (RUN_FILES.contains(&name) && nibble_wrote(dir, name))
         || (TOKENIZER_FILES.contains(&name) && holds_a_run(dir))
         || crate::train::tensorboard::is_event_file(name)
         || set_aside

@@ -14,6 +14,10 @@ use std::path::{Path, PathBuf};
 
 /// Named recipes, written as option files: `--preset NAME` reads as if its file were given, below the
 /// `--config` file and the flags.
+/// How the options file a run writes beside its adapter begins (then nibble's version): what tells it
+/// from a user's own file of that name.
+pub const RECORD_HEADER: &str = "# The options of the run in this folder, as nibble";
+
 const PRESETS: &[(&str, &str)] = &[
     (
         "demo",
@@ -642,7 +646,7 @@ impl TrainSettings {
         let body = toml::to_string(&s)
             .map_err(|e| Error::Invalid(format!("writing the options down: {e}")))?;
         Ok(format!(
-            "# The options of the run in this folder, as nibble {} took them (defaults filled in).\n\
+            "{RECORD_HEADER} {} took them (defaults filled in).\n\
              # `nibble train --config nibble_config.toml --output NEW_FOLDER` runs it again.\n{body}",
             env!("CARGO_PKG_VERSION")
         ))
