@@ -237,8 +237,18 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
     let err = fails(&["info", s(&out)]);
     assert!(err.contains("q.safetensors"), "{err}");
 
+    // An existing --output is replaced only when asked: here it is someone's file.
+    let err = fails(&["quantize", s(&model), "--output", s(&out)]);
+    assert!(
+        err.contains("exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"not a model at all");
+    let err = fails(&["quantize", s(&model), "--output", s(dir.path())]);
+    assert!(err.contains("is a folder"), "{err}");
+
     // Re-quantizing a quantized file is refused.
-    ok(&["quantize", s(&model), "--output", s(&out)]);
+    ok(&["quantize", s(&model), "--output", s(&out), "--overwrite"]);
     let err = fails(&[
         "quantize",
         s(&out),

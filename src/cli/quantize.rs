@@ -15,6 +15,9 @@ pub struct Args {
     /// The quantized safetensors file to write (config and tokenizer travel inside it).
     #[arg(long, short)]
     output: PathBuf,
+    /// Replace --output if it exists (written beside it first, so it is never half replaced).
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     quant: QuantArgs,
 }
@@ -22,6 +25,27 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let (path, output, quant) = (args.model.as_path(), args.output.as_path(), args.quant);
     nibble::fsutil::refuse_overwriting_inputs(output, &[path], "--output")?;
+    if output.is_dir() {
+        bail!(
+            "--output {} is a folder; name the safetensors file to write",
+            output.display()
+        );
+    }
+    if output.exists() && !args.overwrite {
+        bail!(
+            "--output {} exists; pass --overwrite to replace it",
+            output.display()
+        );
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty())
+        && !parent.is_dir()
+    {
+        bail!(
+            "--output {}: the folder {} does not exist",
+            output.display(),
+            parent.display()
+        );
+    }
     let source = model::open(path)?;
     if source.stored_quant().is_some() {
         bail!(
