@@ -427,6 +427,53 @@ fn checkpoints_at_the_end_of_each_epoch() {
     assert!(err.contains("give N"), "{err}");
 }
 
+/// A step never reaches into the next epoch: transformers' Trainer steps on an epoch's last batches
+/// however few (`_inner_training_loop`: the last update of an epoch takes the remaining batches, the
+/// last batch the remaining examples), so each epoch sees each example once. 5 examples in batches of
+/// 2, 2 to a step: steps of examples {0, 1, 2, 3} and {4} each epoch (not {4, 0, 1, 2} across it), and
+/// a batch larger than the data is the data.
+#[test]
+fn steps_end_with_their_epoch_as_transformers_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("base");
+    byte_model(&model);
+    let data = dir.path().join("d.jsonl");
+    // Each example a length of its own, so a step's tokens tell which examples it took.
+    let rows: String = (0..5)
+        .map(|i| serde_json::json!({"text": "ab".repeat(3 + 5 * i)}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let run = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = dir.path().join(name);
+        let all = [&["--no-shuffle", "--lora-dropout", "0"][..], extra].concat();
+        let o = train_cli(&model, &data, &out, &all);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        metrics(&out)
+            .into_iter()
+            .filter(|m| m["step"].is_u64())
+            .collect()
+    };
+    let steps = run(
+        "aligned",
+        &["--batch-size", "2", "--grad-accum", "2", "--epochs", "2"],
+    );
+    let field =
+        |key: &str| -> Vec<f64> { steps.iter().map(|m| m[key].as_f64().unwrap()).collect() };
+    assert_eq!(field("epoch"), [0.8, 1.0, 1.8, 2.0]);
+    let tokens = field("tokens");
+    assert_eq!((tokens[0], tokens[1]), (tokens[2], tokens[3]), "{tokens:?}");
+    // The last step holds the longest example alone: fewer tokens than the first's four.
+    assert!(tokens[1] < tokens[0], "{tokens:?}");
+    let whole = run("larger", &["--batch-size", "50", "--epochs", "2"]);
+    let epochs: Vec<f64> = whole.iter().map(|m| m["epoch"].as_f64().unwrap()).collect();
+    assert_eq!(epochs, [1.0, 2.0], "one step an epoch, each example once");
+    assert_eq!(
+        whole[0]["tokens"].as_f64().unwrap(),
+        tokens[0] + tokens[1],
+        "the batch is the data"
+    );
+}
+
 /// A fractional --epochs (transformers' `num_train_epochs: 1.5`) runs ceil(epochs · steps per epoch)
 /// steps, as transformers' Trainer counts them (in f64: 2.2 epochs of 25 steps are 56 steps there), with
 /// the schedule over those steps and a checkpoint where the last, partial epoch stops.

@@ -1,6 +1,6 @@
 //! Supervised fine-tuning of LoRA adapters: the optimisation semantics of transformers + peft, so that
-//! results are comparable. One optimizer step sees batch_size · grad_accum examples, and its loss is the
-//! sum of token cross-entropy over all their label tokens divided by the count of those tokens. Gradients
+//! results are comparable. One optimizer step sees batch_size · grad_accum examples (fewer at an epoch's
+//! end, as transformers' Trainer steps on the epoch's last batches), and its loss is the sum of token cross-entropy over all their label tokens divided by the count of those tokens. Gradients
 //! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
 //! schedules.
 
@@ -923,7 +923,7 @@ impl<'a> Trainer<'a> {
 
     fn assemble(work: Work<'a>, config: TrainConfig, adapter: LoraAdapter) -> Self {
         let examples = work.examples();
-        let per_step = config.batch_size * config.grad_accum;
+        let per_step = config.batch_size.saturating_mul(config.grad_accum);
         let steps_per_epoch = examples.div_ceil(per_step);
         let total_steps = config
             .max_steps
@@ -960,6 +960,22 @@ impl<'a> Trainer<'a> {
             let j = self.data_rng.below(i as u64 + 1) as usize;
             self.order.swap(i, j);
         }
+    }
+
+    /// The examples of the next optimizer step: batch_size · grad_accum of them, or fewer where the
+    /// epoch ends first. A step never reaches into the next epoch, as transformers' Trainer steps on an
+    /// epoch's last batches however few (a smaller last batch, fewer accumulated ones), so that each
+    /// epoch sees every example once and a batch larger than the data is the data.
+    fn step_examples(&mut self) -> Vec<usize> {
+        let per_step = self
+            .config
+            .batch_size
+            .saturating_mul(self.config.grad_accum);
+        let mut picks = vec![self.next_example()];
+        while picks.len() < per_step && self.position < self.order.len() {
+            picks.push(self.next_example());
+        }
+        picks
     }
 
     fn next_example(&mut self) -> usize {
@@ -1106,9 +1122,7 @@ impl<'a> Trainer<'a> {
     /// `step` for every target (on the GPU in a browser, the read-back must be awaited).
     pub async fn step_async(&mut self) -> Result<StepRecord> {
         let start = Instant::now();
-        let picks: Vec<usize> = (0..self.config.batch_size * self.config.grad_accum)
-            .map(|_| self.next_example())
-            .collect();
+        let picks = self.step_examples();
         let sequences = match &self.work {
             Work::Text { sequences, .. } => sequences,
             Work::Image(work) => {
