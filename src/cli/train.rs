@@ -150,17 +150,29 @@ fn train_klein(
 /// Set by the first Ctrl-C or SIGTERM: the run stops after the step under way, with a checkpoint.
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// A second signal this soon after the first is the same interruption delivered twice, not a second
+/// request: `timeout -s INT` signals the process and then its whole group, and a supervisor may signal
+/// the process and its group alike, all within microseconds; a person interrupting again takes longer.
+const SAME_INTERRUPTION: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The first signal asks the run to stop after the current step and save; a second one ends the process
 /// at once (the checkpoints already written stay complete: each is renamed into place whole).
 fn stop_on_signals() {
-    let installed = ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
+    let mut first: Option<std::time::Instant> = None;
+    let installed = ctrlc::set_handler(move || match first {
+        None => {
+            first = Some(std::time::Instant::now());
+            STOP.store(true, Ordering::SeqCst);
+            eprintln!(
+                "\nfinishing the current step, then saving a checkpoint (interrupt again to quit at \
+                 once)"
+            );
+        }
+        Some(at) if at.elapsed() < SAME_INTERRUPTION => {}
+        Some(_) => {
             eprintln!("\nstopping now; the newest complete checkpoint is kept");
             std::process::exit(130);
         }
-        eprintln!(
-            "\nfinishing the current step, then saving a checkpoint (interrupt again to quit at once)"
-        );
     });
     if let Err(e) = installed {
         log::warn!(
