@@ -726,6 +726,42 @@ impl ModelConfig {
             },
             arch,
         )?;
+        // Values that would leave every loss NaN at the first step rather than fail here.
+        let rms_norm_eps = fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        let bad = if !(rms_norm_eps >= 0.0 && rms_norm_eps.is_finite()) {
+            Some(("rms_norm_eps", rms_norm_eps, "0 or more"))
+        } else if !positive(rope_theta) {
+            Some(("rope_theta", rope_theta, "positive"))
+        } else if let Some(theta) = local_rope_theta.filter(|&t| !positive(t)) {
+            Some(("the sliding layers' rope_theta", theta, "positive"))
+        } else {
+            match &rope_scaling {
+                &RopeScaling::Linear { factor } if !positive(factor) => {
+                    Some(("the linear rope scaling's factor", factor, "positive"))
+                }
+                &RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    ..
+                } if !(positive(factor)
+                    && positive(low_freq_factor)
+                    && positive(high_freq_factor)
+                    && high_freq_factor != low_freq_factor) =>
+                {
+                    Some((
+                        "the llama3 rope scaling's factor, low_freq_factor or high_freq_factor",
+                        factor,
+                        "positive (and the two frequency factors different)",
+                    ))
+                }
+                _ => None,
+            }
+        };
+        if let Some((name, value, want)) = bad {
+            return Err(err(format!("`{name}` must be {want}, got {value}")));
+        }
         // transformers' `int(head_dim * partial_rotary_factor)`.
         let rotary_dim = (head_dim as f64 * rotary_factor) as usize;
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
@@ -768,7 +804,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size: fields.usize("vocab_size")?,
-            rms_norm_eps: fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
             rotary_dim,
@@ -2041,6 +2077,33 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         ModelConfig::from_json_str(&c.to_string(), Path::new("config.json"))
+    }
+
+    /// Values that leave every loss NaN at the first step are refused by name when the config is read.
+    #[test]
+    fn values_that_would_make_every_loss_nan_are_named() {
+        use serde_json::json;
+        let linear =
+            |factor: f64| json!({"rope_scaling": {"rope_type": "linear", "factor": factor}});
+        let llama3 = |low: f64, high: f64| {
+            json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": low,
+                                    "high_freq_factor": high, "original_max_position_embeddings": 64}})
+        };
+        for (extra, named) in [
+            (json!({"rms_norm_eps": -1.0}), "rms_norm_eps"),
+            (json!({"rope_theta": 0.0}), "rope_theta"),
+            (json!({"rope_theta": -10000.0}), "rope_theta"),
+            (linear(0.0), "linear rope scaling"),
+            (linear(-2.0), "linear rope scaling"),
+            (llama3(4.0, 4.0), "llama3 rope scaling"),
+            (llama3(0.0, 4.0), "llama3 rope scaling"),
+        ] {
+            let err = parse("llama", extra.clone()).unwrap_err().to_string();
+            assert!(err.contains(named), "{extra}: {err}");
+        }
+        parse("llama", linear(2.0)).unwrap();
+        parse("llama", llama3(1.0, 4.0)).unwrap();
+        parse("llama", json!({"rms_norm_eps": 0.0})).unwrap();
     }
 
     fn windows(c: &ModelConfig) -> Vec<Option<usize>> {
