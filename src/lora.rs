@@ -560,6 +560,13 @@ impl LoraAdapter {
             .get("lora_alpha")
             .and_then(Value::as_f64)
             .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
+        if alpha == 0.0 || alpha_pattern.entries().any(|(_, a)| a == 0.0) {
+            // PEFT loads it too, scaling the branch by 0.
+            log::warn!(
+                "{}: a `lora_alpha` of 0 scales the adapter's branch to nothing: its modules change no output",
+                cfg_path.display()
+            );
+        }
         let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
         let use_rslora = v
             .get("use_rslora")

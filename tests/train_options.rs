@@ -1578,6 +1578,16 @@ fn per_module_ranks_and_alphas_from_the_command_line() {
             r#"{"q_proj": "big"}"#,
             "expected a number",
         ),
+        (
+            "--lora-alpha-pattern",
+            r#"{"q_proj": -16}"#,
+            "alphas must be finite numbers > 0",
+        ),
+        (
+            "--lora-alpha-pattern",
+            r#"{"q_proj": 0}"#,
+            "alphas must be finite numbers > 0",
+        ),
     ] {
         let o = train_cli(&model, &data, &dir.path().join("bad"), &[flag, value]);
         assert!(!o.status.success(), "{flag} {value}");

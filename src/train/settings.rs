@@ -790,9 +790,14 @@ impl TrainSettings {
                 "--lora-rank-pattern: `{key}`: ranks must be from 1 to {MAX_RANK}"
             )));
         }
-        if let Some((key, a)) = lora.alpha_pattern.entries().find(|&(_, a)| !a.is_finite()) {
+        // As --lora-alpha: an alpha of 0 would train a branch that changes nothing.
+        if let Some((key, a)) = lora
+            .alpha_pattern
+            .entries()
+            .find(|&(_, a)| !(a.is_finite() && a > 0.0))
+        {
             return Err(Error::Invalid(format!(
-                "--lora-alpha-pattern: `{key}`: {a} is not a finite number"
+                "--lora-alpha-pattern: `{key}`: alphas must be finite numbers > 0 (got {a})"
             )));
         }
         use crate::graph::checkpoint::Asked;
