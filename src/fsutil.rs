@@ -133,8 +133,29 @@ pub fn require_regular_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// `std::fs::read_to_string` for regular files only.
+/// `std::fs::read_to_string` for regular files only, and where the file is not UTF-8, an error that
+/// says on which line and column (the standard one names no place).
 pub fn read_to_string(path: &Path) -> std::io::Result<String> {
     require_regular_file(path)?;
-    std::fs::read_to_string(path)
+    String::from_utf8(std::fs::read(path)?).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            not_utf8(e.as_bytes(), e.utf8_error().valid_up_to()),
+        )
+    })
+}
+
+/// Where the first byte that is not UTF-8 lies in `bytes` (at `at`), in a reader's terms.
+pub fn not_utf8(bytes: &[u8], at: usize) -> String {
+    let before = &bytes[..at];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    format!(
+        "line {line}, byte {} of the line: not UTF-8 text (0x{:02x}); save the file as UTF-8",
+        at - line_start + 1,
+        bytes[at]
+    )
 }

@@ -467,6 +467,24 @@ const CASES: &[Case] = &[
         expect: &["chats.jsonl"],
     },
     Case {
+        name: "data not UTF-8 on its third line",
+        prepare: |r| {
+            let mut rows = std::fs::read(r.join("chats.jsonl")).unwrap();
+            let third = rows
+                .iter()
+                .enumerate()
+                .filter(|&(_, &b)| b == b'\n')
+                .nth(1)
+                .map(|(i, _)| i + 1)
+                .unwrap();
+            // A Latin-1 "é" inside the third row's first string.
+            rows.splice(third + 2..third + 2, [0xE9]);
+            std::fs::write(r.join("chats.jsonl"), rows).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["chats.jsonl", "line 3", "not UTF-8"],
+    },
+    Case {
         name: "data not JSON on line 2",
         prepare: |r| data_case(r, "{\"text\": \"hello\"}\n{\"text\": \n"),
         expect: &["chats.jsonl", "2"],

@@ -294,10 +294,15 @@ pub fn chat(args: ChatArgs) -> Result<()> {
     loop {
         eprint!("> ");
         let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        let mut bytes = Vec::new();
+        if stdin.lock().read_until(b'\n', &mut bytes)? == 0 {
             return Ok(());
         }
+        // One line a terminal or a pipe mangled is that line's problem, not the conversation's.
+        let Ok(line) = String::from_utf8(bytes) else {
+            eprintln!("that line is not UTF-8 text; type it again");
+            continue;
+        };
         let line = line.trim();
         match chat_command(line) {
             ChatLine::Skip => continue,
