@@ -560,6 +560,24 @@ const MAX_DIMENSION: usize = 1 << 24;
 const MAX_PARAMETERS: u64 = 10_000_000_000_000;
 
 impl ModelConfig {
+    /// The positions the model was trained to place: what training cuts sequences to and what decoding
+    /// warns past. Linear position scaling stretches max_position_embeddings by its factor (configs
+    /// differ on whether max_position_embeddings already counts it, so the larger reading is taken);
+    /// YaRN's reach is its factor times the original length (Qwen3 keeps max_position_embeddings at
+    /// 40,960 beside a factor of 4 over 32,768).
+    pub fn trained_positions(&self) -> usize {
+        let mpe = self.max_position_embeddings as f64;
+        (match self.rope_scaling {
+            RopeScaling::Linear { factor } if factor > 1.0 => mpe * factor,
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                ..
+            } => mpe.max(factor * original_max_position_embeddings),
+            _ => mpe,
+        }) as usize
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json_str(&text, path)

@@ -145,8 +145,8 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     Ok(plan)
 }
 
-/// The longest sequence (up to `MAX_TOKENS`) whose step, with `p`'s other options, fits in `budget`
-/// bytes, with its plan; None when not even one token fits. A step's memory grows with its length:
+/// The longest sequence (up to `MAX_TOKENS` and the positions the model places, which training cuts
+/// sequences to) whose step, with `p`'s other options, fits in `budget` bytes, with its plan; None when not even one token fits. A step's memory grows with its length:
 /// doubling finds a length over the budget, then halving the interval finds the longest that fits
 /// (graphs at most twice that long are built, not one of `MAX_TOKENS` for a card's budget).
 pub fn longest_sequence(
@@ -163,7 +163,7 @@ pub fn longest_sequence(
             },
         )
     };
-    let most = crate::train::settings::MAX_TOKENS;
+    let most = crate::train::settings::MAX_TOKENS.min(c.trained_positions().max(1));
     let first = at(1)?;
     if first.total > budget {
         return Ok(None);

@@ -451,6 +451,15 @@ fn plan_finds_the_longest_sequence_for_a_budget() {
     );
     let err = fails(&["plan", s(&path), "--budget", "lots"]);
     assert!(err.contains("--budget"), "{err}");
+
+    // Past the positions the model places the search stops: training cuts sequences there.
+    let mut short = config.clone();
+    short["max_position_embeddings"] = 2048.into();
+    std::fs::write(&path, short.to_string()).unwrap();
+    let capped = plan(&["--budget", "11.5GiB"]);
+    assert_eq!(capped["max_seq_len"], 2048, "{capped}");
+    let text = ok(&["plan", s(&path), "--budget", "11.5GiB"]);
+    assert!(text.contains("2,048 tokens (every position"), "{text}");
 }
 
 /// `nibble train --help` (and -h) gives every option a description and its default (issue 19).

@@ -143,7 +143,14 @@ pub fn run(args: Args) -> Result<()> {
         checkpoint,
         checkpoints: keep,
     };
+    let positions = config.trained_positions();
     let Some(budget) = budget else {
+        if tokens > positions {
+            log::warn!(
+                "--seq-len {tokens} is beyond the {positions} positions the model places: `nibble \
+                 train` cuts sequences to {positions} tokens"
+            );
+        }
         let p = nibble::plan::plan(&config, &input)?;
         let what = format!("training step of {tokens} tokens, LoRA r={rank} on {targets}");
         return print_plan(&p, &what, spec, checkpointing(checkpoint, keep), as_json);
@@ -170,8 +177,13 @@ pub fn run(args: Args) -> Result<()> {
         println!("{value}");
         return Ok(());
     }
+    // The search stops at the model's positions, which training cuts sequences to.
+    let cap = match longest == positions {
+        true => " (every position the model places: longer ones would be cut)",
+        false => "",
+    };
     println!(
-        "longest sequence in {}: {} tokens",
+        "longest sequence in {}: {} tokens{cap}",
         human_bytes(budget),
         group_digits(longest as u64)
     );

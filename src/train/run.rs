@@ -1224,20 +1224,7 @@ impl<'m> Run<'m> {
 /// `max_length`, capped at the positions the model was trained for: longer sequences mean nothing to it
 /// (and attention over them grows quadratically).
 pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) -> usize {
-    // Linear position scaling stretches the trained positions by its factor (configs differ on
-    // whether max_position_embeddings already counts it, so the larger reading is taken). YaRN's
-    // reach is its factor times the original length (Qwen3 keeps max_position_embeddings at 40,960
-    // beside a factor of 4 over 32,768).
-    let mpe = config.max_position_embeddings as f64;
-    let positions = match config.rope_scaling {
-        crate::config::RopeScaling::Linear { factor } if factor > 1.0 => mpe * factor,
-        crate::config::RopeScaling::Yarn {
-            factor,
-            original_max_position_embeddings,
-            ..
-        } => mpe.max(factor * original_max_position_embeddings),
-        _ => mpe,
-    } as usize;
+    let positions = config.trained_positions();
     if max_length > positions {
         log::warn!(
             "--max-length {max_length} is beyond the model's max_position_embeddings {positions}: \
