@@ -689,3 +689,45 @@ fn the_profile_names_each_operation_and_its_calls() {
     let quiet = eval_command(&model, &data, "cpu").output().unwrap();
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("time per operation"));
 }
+
+/// `generate` warns where the prompt and the tokens asked for reach past the positions the model was
+/// trained to place (as transformers' generate does), and only there.
+#[test]
+fn generating_past_the_models_positions_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen2, 259),
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
+    let generate = |positions: usize| {
+        let path = model.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["max_position_embeddings"] = positions.into();
+        std::fs::write(&path, config.to_string()).unwrap();
+        let args = [
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "hello",
+            "--raw",
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+        ];
+        let out = nibble(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    // "hello" is 5 byte tokens: 11 positions at most.
+    let warned = generate(8);
+    assert!(warned.contains("reach past the 8 positions"), "{warned}");
+    let quiet = generate(11);
+    assert!(!quiet.contains("positions the model"), "{quiet}");
+}

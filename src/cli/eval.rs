@@ -84,7 +84,9 @@ pub fn run(args: Args) -> Result<()> {
     shown.finish();
     if cut_examples > 0 {
         log::warn!(
-            "{cut_examples} examples were longer than --max-length {} and were cut",
+            "{cut_examples} examples were longer than {} tokens (--max-length {}, within the \
+             model's positions) and were cut",
+            cut.max_length,
             args.rows.max_length
         );
     }

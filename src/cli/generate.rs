@@ -116,6 +116,8 @@ struct Speaker {
     cache: nibble::generate::Cache,
     cached: Vec<u32>,
     template_args: TemplateArgs,
+    /// Whether a conversation past the model's positions was warned about already.
+    warned_positions: bool,
 }
 
 impl Speaker {
@@ -149,6 +151,7 @@ impl Speaker {
             max_new: g.max_new_tokens,
             cached: Vec::new(),
             template_args,
+            warned_positions: false,
         })
     }
 
@@ -164,6 +167,17 @@ impl Speaker {
         let prompt = self.tok.encode(text)?;
         if prompt.is_empty() {
             bail!("the prompt is empty");
+        }
+        // transformers warns alike: past its trained positions a model's text degrades.
+        let positions = self.placed.model.config.trained_positions();
+        if prompt.len() + self.max_new > positions && !self.warned_positions {
+            self.warned_positions = true;
+            log::warn!(
+                "the prompt ({} tokens) and up to --max-new-tokens {} reach past the {positions} \
+                 positions the model was trained to place: what comes after them is unreliable",
+                prompt.len(),
+                self.max_new
+            );
         }
         let mut answer: Vec<u32> = Vec::new();
         let mut printed = 0;
