@@ -54,6 +54,10 @@ pub fn not_found_message(path: &Path, repo: HubRepo) -> String {
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 && !p.starts_with('.')
         });
+    if path.exists() {
+        // A device or a FIFO: there, but neither a folder nor a file to read.
+        return format!("{text}: not a folder or a regular file");
+    }
     if !hub_id {
         return format!("{text}: no such folder or file");
     }

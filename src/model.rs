@@ -577,7 +577,18 @@ pub struct ModelSource {
 impl ModelSource {
     /// Opens a model folder or a nibble quantized file.
     pub fn open(path: &Path) -> Result<Self> {
-        if path.is_dir() {
+        // A folder's config.json stands for its folder, as `nibble plan` reads it.
+        let folder = path
+            .parent()
+            .filter(|_| path.file_name().is_some_and(|n| n == "config.json") && path.is_file());
+        if let Some(folder) = folder {
+            let folder = if folder.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                folder
+            };
+            Self::open_folder(ModelFiles::Dir(folder.to_path_buf()))
+        } else if path.is_dir() {
             Self::open_folder(ModelFiles::Dir(path.to_path_buf()))
         } else if path.is_file() {
             #[cfg(not(target_arch = "wasm32"))]

@@ -189,6 +189,14 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
 
     let err = fails(&["info", s(&dir.path().join("nowhere"))]);
     assert!(err.contains("nowhere"), "{err}");
+    // A folder's config.json stands for its folder, as `plan` takes it.
+    let info = |path: &Path| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&ok(&["info", s(path), "--json"])).unwrap();
+        v["model"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(info(&model.join("config.json")), info(&model));
 
     let err = fails(&[
         "quantize",

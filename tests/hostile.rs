@@ -462,6 +462,19 @@ const CASES: &[Case] = &[
         expect: &["chats.jsonl", "not a regular file"],
     },
     Case {
+        name: "output a file",
+        prepare: |r| {
+            std::fs::write(r.join("a file"), "mine").unwrap();
+            train(r, "a file", &[])
+        },
+        expect: &["--output", "a file", "is a file"],
+    },
+    Case {
+        name: "a model that is a device",
+        prepare: |_| args(&["info", "/dev/zero"]),
+        expect: &["/dev/zero", "not a folder or a regular file"],
+    },
+    Case {
         name: "data empty",
         prepare: |r| data_case(r, ""),
         expect: &["chats.jsonl"],

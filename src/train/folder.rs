@@ -150,6 +150,12 @@ impl RunFolder {
                 "--overwrite starts the run over and --resume continues it: give one".into(),
             ));
         }
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::Invalid(format!(
+                "--output {} is a file; name a folder for the run",
+                dir.display()
+            )));
+        }
         let created: Vec<PathBuf> = dir
             .ancestors()
             .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
