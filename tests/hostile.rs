@@ -842,6 +842,16 @@ const CASES: &[Case] = &[
         expect: &["nibble_state.json", "step 99"],
     },
     Case {
+        name: "trainer state epoch not a number",
+        prepare: |r| state_edit(r, |s| s["epoch"] = "one".into()),
+        expect: &["nibble_state.json", "`epoch` must be a whole number"],
+    },
+    Case {
+        name: "trainer state generator not a state",
+        prepare: |r| state_edit(r, |s| s["data_rng"] = 7.into()),
+        expect: &["nibble_state.json", "`data_rng` is not a generator's state"],
+    },
+    Case {
         name: "trainer state position past the data",
         prepare: |r| state_edit(r, |s| s["position"] = 1000.into()),
         expect: &["nibble_state.json"],

@@ -1472,11 +1472,12 @@ impl Trainer<'_> {
         };
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|_| bad("not valid JSON"))?;
-        let num = |k: &str| {
-            v.get(k)
-                .and_then(|x| x.as_u64())
+        let num = |k: &str| match v.get(k) {
+            None => Err(bad(&format!("`{k}` missing"))),
+            Some(x) => x
+                .as_u64()
                 .map(|x| x as usize)
-                .ok_or_else(|| bad(&format!("`{k}` missing")))
+                .ok_or_else(|| bad(&format!("`{k}` must be a whole number >= 0, got {x}"))),
         };
         if num("examples")? != self.work.examples() {
             return Err(bad(
@@ -1567,14 +1568,13 @@ impl Trainer<'_> {
         self.epoch = num("epoch")?;
         self.position = position;
         self.order = order;
-        self.data_rng = v
-            .get("data_rng")
-            .and_then(rng_from_json)
-            .ok_or_else(|| bad("`data_rng` missing"))?;
-        self.dropout_rng = v
-            .get("dropout_rng")
-            .and_then(rng_from_json)
-            .ok_or_else(|| bad("`dropout_rng` missing"))?;
+        let rng = |k: &str| match v.get(k) {
+            None => Err(bad(&format!("`{k}` missing"))),
+            Some(x) => rng_from_json(x)
+                .ok_or_else(|| bad(&format!("`{k}` is not a generator's state, got {x}"))),
+        };
+        self.data_rng = rng("data_rng")?;
+        self.dropout_rng = rng("dropout_rng")?;
         self.stale = false;
         if let Some((gpu, state)) = self.gpu.take() {
             // The old copies go before the new ones are uploaded: a model held twice may not fit.
