@@ -131,6 +131,8 @@ pub struct ChatTokenizer {
     pub tokenizer: tokenizers::Tokenizer,
     /// tokenizer.json, for errors.
     path: std::path::PathBuf,
+    /// Whether a tokenizer_config.json came with it, for errors.
+    has_config: bool,
     pub template: Option<ChatTemplate>,
     /// The `tool_use` template of a tokenizer_config.json that names its templates.
     pub tool_template: Option<ChatTemplate>,
@@ -208,6 +210,7 @@ impl ChatTokenizer {
         Ok(ChatTokenizer {
             tokenizer,
             path: tok_path,
+            has_config: files.tokenizer_config_json.is_some(),
             template,
             tool_template,
             eos_token,
@@ -332,9 +335,13 @@ impl ChatTokenizer {
         self.template
             .as_ref()
             .ok_or_else(|| {
+                let config = self.path.with_file_name("tokenizer_config.json");
+                let missing = match self.has_config {
+                    true => format!("{} has no chat template", config.display()),
+                    false => format!("{} is missing, and with it the chat template", config.display()),
+                };
                 Error::Template(format!(
-                    "{} has no chat template (a base model's often has none): give one with --chat-template FILE.jinja, or use text or prompt/completion rows",
-                    self.path.with_file_name("tokenizer_config.json").display()
+                    "{missing} (a base model's often has none): give one with --chat-template FILE.jinja, or use text or prompt/completion rows"
                 ))
             })
     }

@@ -409,6 +409,14 @@ const CASES: &[Case] = &[
         expect: &["template"],
     },
     Case {
+        name: "tokenizer_config.json missing for chat rows",
+        prepare: |r| {
+            std::fs::remove_file(r.join("model/tokenizer_config.json")).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["tokenizer_config.json is missing", "--chat-template"],
+    },
+    Case {
         name: "quantizing over its own input",
         prepare: |r| {
             args(&[
