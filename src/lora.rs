@@ -63,6 +63,23 @@ impl LoraConfig {
         if !self.alpha_pattern.is_empty() && self.alpha_pattern != adapter.alpha_pattern {
             return Err(differ("alpha"));
         }
+        let shape = |c: &LoraConfig| {
+            format!(
+                "r {}, alpha {}{} on {}",
+                c.r,
+                c.alpha,
+                if c.use_rslora { " (rsLoRA)" } else { "" },
+                c.targets.join(", ")
+            )
+        };
+        if shape(self) != shape(adapter) {
+            log::warn!(
+                "--init-adapter: training the adapter's own {} (its matrices have that shape), not \
+                 the options' {}",
+                shape(adapter),
+                shape(self)
+            );
+        }
         Ok(LoraConfig {
             dropout: self.dropout,
             use_dora: adapter.use_dora || self.use_dora,

@@ -786,7 +786,14 @@ fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
             first.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // --lora-r 16 does not apply, and the run says so.
+    assert!(
+        err.contains("training the adapter's own r 4, alpha 8 on q_proj, v_proj")
+            && err.contains("not the options' r 16"),
+        "{err}"
+    );
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(second.join("adapter_config.json")).unwrap())
             .unwrap();
