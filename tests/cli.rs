@@ -189,6 +189,20 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
 
     let err = fails(&["info", s(&dir.path().join("nowhere"))]);
     assert!(err.contains("nowhere"), "{err}");
+    // Training takes sequences of 2 tokens or more; so does `data`, which shows what training sees.
+    let out = nibble(&[
+        "data",
+        "rows.jsonl",
+        "--model",
+        s(&model),
+        "--max-length",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--max-length"),
+        "{err}"
+    );
     // A folder's config.json stands for its folder, as `plan` takes it.
     let info = |path: &Path| {
         let mut v: serde_json::Value =

@@ -145,8 +145,10 @@ pub fn dashed_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<s
 /// How rows become examples and examples are cut, as `nibble train` takes them.
 #[derive(clap::Args, Clone)]
 pub struct DataArgs {
-    /// Longer examples are cut to this many tokens, as in training.
-    #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length)]
+    /// Longer examples are cut to this many tokens, as in training (from 2, as training takes it).
+    #[arg(long, default_value_t = nibble::train::TrainConfig::default().max_length,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(2..=nibble::train::settings::MAX_TOKENS as u64))]
     pub max_length: usize,
     /// Which end of a longer example is kept, as `nibble train --truncation-mode` keeps it.
     #[arg(long, value_enum, ignore_case = true, default_value = "keep_start")]
