@@ -190,7 +190,7 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
     let err = fails(&["info", s(&dir.path().join("nowhere"))]);
     assert!(err.contains("nowhere"), "{err}");
     // Training takes sequences of 2 tokens or more; so does `data`, which shows what training sees.
-    let out = nibble(&[
+    let short = nibble(&[
         "data",
         "rows.jsonl",
         "--model",
@@ -198,9 +198,9 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
         "--max-length",
         "1",
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&short.stderr);
     assert!(
-        !out.status.success() && err.contains("--max-length"),
+        !short.status.success() && err.contains("--max-length"),
         "{err}"
     );
     // A folder's config.json stands for its folder, as `plan` takes it.
