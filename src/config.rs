@@ -560,6 +560,44 @@ const MAX_DIMENSION: usize = 1 << 24;
 const MAX_PARAMETERS: u64 = 10_000_000_000_000;
 
 impl ModelConfig {
+    /// Whether 4-bit groups of `group` weights tile every decoder linear's rows: the message names the
+    /// first input width they do not divide and the group sizes that would work.
+    pub fn check_group_size(&self, group: usize) -> std::result::Result<(), String> {
+        let linears: Vec<(LinearKind, usize)> = (0..self.num_layers)
+            .flat_map(|l| self.layer_linears(l).into_iter().map(move |kind| (kind, l)))
+            .collect();
+        let divides_all = |group: usize| {
+            linears
+                .iter()
+                .all(|&(kind, l)| self.linear_shape(kind, l).1.is_multiple_of(group))
+        };
+        let Some(&(kind, l)) = linears
+            .iter()
+            .find(|&&(kind, l)| !self.linear_shape(kind, l).1.is_multiple_of(group))
+        else {
+            return Ok(());
+        };
+        // SmolLM2's widths (576, 960) are multiples of 64 but not of 128.
+        let working: Vec<String> = crate::quant::GROUP_SIZES
+            .into_iter()
+            .filter(|&g| divides_all(g))
+            .map(|g| g.to_string())
+            .collect();
+        let hint = match working.is_empty() {
+            true => "no group size nibble supports divides every input dimension of this model"
+                .to_string(),
+            false => format!(
+                "group sizes that work for this model: {}",
+                working.join(", ")
+            ),
+        };
+        Err(format!(
+            "group size {group} does not divide the input dimension {} of `{}.weight` ({hint})",
+            self.linear_shape(kind, l).1,
+            self.linear_path(kind, 0)
+        ))
+    }
+
     /// The positions the model was trained to place: what training cuts sequences to and what decoding
     /// warns past. Linear position scaling stretches max_position_embeddings by its factor (configs
     /// differ on whether max_position_embeddings already counts it, so the larger reading is taken);

@@ -1027,36 +1027,9 @@ impl ModelSource {
             (SourceKind::Folder { .. }, Some(QuantRequest::Quantize(s))) => Some(s),
         };
         if let Some(spec) = quant {
-            let c = &self.config;
-            let linears: Vec<(LinearKind, usize)> = (0..c.num_layers)
-                .flat_map(|l| c.layer_linears(l).into_iter().map(move |kind| (kind, l)))
-                .collect();
-            let divides_all = |group: usize| {
-                linears
-                    .iter()
-                    .all(|&(kind, l)| c.linear_shape(kind, l).1.is_multiple_of(group))
-            };
-            for &(kind, l) in &linears {
-                let (_, cols) = c.linear_shape(kind, l);
-                if cols % spec.group_size != 0 {
-                    // SmolLM2's widths (576, 960) are multiples of 64 but not of 128.
-                    let working: Vec<String> = crate::quant::GROUP_SIZES
-                        .into_iter()
-                        .filter(|&g| divides_all(g))
-                        .map(|g| g.to_string())
-                        .collect();
-                    let hint = match working.is_empty() {
-                        true => "no group size nibble supports divides every input dimension of this model".to_string(),
-                        false => format!("group sizes that work for this model: {}", working.join(", ")),
-                    };
-                    return Err(Error::Invalid(format!(
-                        "{}: group size {} does not divide the input dimension {cols} of `{}.weight` ({hint})",
-                        self.label,
-                        spec.group_size,
-                        self.config.linear_path(kind, 0)
-                    )));
-                }
-            }
+            self.config
+                .check_group_size(spec.group_size)
+                .map_err(|msg| Error::Invalid(format!("{}: {msg}", self.label)))?;
         }
 
         let mut embed = None;

@@ -417,6 +417,11 @@ const CASES: &[Case] = &[
         expect: &["tokenizer_config.json is missing", "--chat-template"],
     },
     Case {
+        name: "plan with a group size that does not divide",
+        prepare: |r| args(&["plan", &p(r, "model"), "--group-size", "128"]),
+        expect: &["group size 128", "group sizes that work"],
+    },
+    Case {
         name: "quantizing over its own input",
         prepare: |r| {
             args(&[

@@ -127,6 +127,12 @@ pub fn run(args: Args) -> Result<()> {
     };
     let (config, stored) = plan_source(&path)?;
     let spec = quant.planned_spec(stored)?;
+    if let Some(spec) = spec {
+        // As training would refuse it.
+        config
+            .check_group_size(spec.group_size)
+            .map_err(|msg| anyhow::anyhow!("{}: {msg}", path.display()))?;
+    }
     use nibble::train::settings::{MAX_RANK, MAX_TOKENS};
     if !(1..=MAX_TOKENS).contains(&tokens) || !(1..=MAX_RANK).contains(&rank) {
         bail!(
