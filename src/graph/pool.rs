@@ -84,19 +84,26 @@ pub fn place(graph: &Graph) -> Placement {
 fn largest_first(count: usize, mut lifetimes: Vec<Lifetime>) -> (Vec<Option<usize>>, Vec<usize>) {
     lifetimes.sort_by(|x, y| y.0.cmp(&x.0).then(x.3.cmp(&y.3)));
     let (mut home, mut capacities) = (vec![None; count], Vec::new());
-    // Per home, the lifetimes it holds.
+    // Per home, the lifetimes it holds, in order: they never overlap, so ordered by start they are
+    // ordered by end too, and whether one more fits is one binary search (a scan of them all made a
+    // plan of millions of tokens, whose graph has many small buffers, take minutes).
     let mut lives: Vec<Vec<(usize, usize)>> = Vec::new();
     for (len, start, end, id) in lifetimes {
-        let free = |held: &Vec<(usize, usize)>| held.iter().all(|&(s, e)| end < s || e < start);
+        let slot = |held: &Vec<(usize, usize)>| {
+            let after = held.partition_point(|&(s, _)| s <= end);
+            let free = after == 0 || held[after - 1].1 < start;
+            free.then_some(after)
+        };
         let fits = (0..lives.len())
-            .filter(|&h| capacities[h] >= len && free(&lives[h]))
-            .min_by_key(|&h| capacities[h]);
-        let h = fits.unwrap_or_else(|| {
+            .filter(|&h| capacities[h] >= len)
+            .filter_map(|h| slot(&lives[h]).map(|at| (h, at)))
+            .min_by_key(|&(h, _)| capacities[h]);
+        let (h, at) = fits.unwrap_or_else(|| {
             capacities.push(len);
             lives.push(Vec::new());
-            lives.len() - 1
+            (lives.len() - 1, 0)
         });
-        lives[h].push((start, end));
+        lives[h].insert(at, (start, end));
         home[id] = Some(h);
     }
     (home, capacities)
