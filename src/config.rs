@@ -792,11 +792,11 @@ impl ModelConfig {
         } else if let Some(theta) = local_rope_theta.filter(|&t| !positive(t)) {
             Some(("the sliding layers' rope_theta", theta, "positive"))
         } else {
-            match &rope_scaling {
-                &RopeScaling::Linear { factor } if !positive(factor) => {
+            match rope_scaling {
+                RopeScaling::Linear { factor } if !positive(factor) => {
                     Some(("the linear rope scaling's factor", factor, "positive"))
                 }
-                &RopeScaling::Llama3 {
+                RopeScaling::Llama3 {
                     factor,
                     low_freq_factor,
                     high_freq_factor,
