@@ -576,18 +576,21 @@ pub struct ModelSource {
 
 impl ModelSource {
     /// Opens a model folder or a nibble quantized file.
-    pub fn open(path: &Path) -> Result<Self> {
-        // A folder's config.json stands for its folder, as `nibble plan` reads it.
+    /// The folder a path to a model folder's config.json stands for (as `nibble plan` reads it), where
+    /// it is one.
+    pub fn folder_of_config(path: &Path) -> Option<std::path::PathBuf> {
         let folder = path
             .parent()
-            .filter(|_| path.file_name().is_some_and(|n| n == "config.json") && path.is_file());
-        if let Some(folder) = folder {
-            let folder = if folder.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                folder
-            };
-            Self::open_folder(ModelFiles::Dir(folder.to_path_buf()))
+            .filter(|_| path.file_name().is_some_and(|n| n == "config.json") && path.is_file())?;
+        Some(match folder.as_os_str().is_empty() {
+            true => ".".into(),
+            false => folder.to_path_buf(),
+        })
+    }
+
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(folder) = Self::folder_of_config(path) {
+            Self::open_folder(ModelFiles::Dir(folder))
         } else if path.is_dir() {
             Self::open_folder(ModelFiles::Dir(path.to_path_buf()))
         } else if path.is_file() {

@@ -283,6 +283,10 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
     let before = std::fs::read(&st).unwrap();
     let err = fails(&["quantize", s(&model), "--output", s(&st)]);
     assert!(err.contains("would replace the input"), "{err}");
+    // Named by its config.json, the folder is still the input, --overwrite or not.
+    let config = model.join("config.json");
+    let err = fails(&["quantize", s(&config), "--output", s(&st), "--overwrite"]);
+    assert!(err.contains("would replace the input"), "{err}");
     assert_eq!(
         std::fs::read(&st).unwrap(),
         before,

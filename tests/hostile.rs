@@ -865,6 +865,15 @@ const CASES: &[Case] = &[
         expect: &["nibble_state.json", "`data_rng` is not a generator's state"],
     },
     Case {
+        name: "trainer state from steps that reached into the next epoch",
+        prepare: |r| {
+            state_edit(r, |s| {
+                s["position"] = (s["position"].as_u64().unwrap() - 1).into();
+            })
+        },
+        expect: &["nibble_state.json", "earlier nibble"],
+    },
+    Case {
         name: "trainer state position past the data",
         prepare: |r| state_edit(r, |s| s["position"] = 1000.into()),
         expect: &["nibble_state.json"],

@@ -24,7 +24,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let (path, output, quant) = (args.model.as_path(), args.output.as_path(), args.quant);
-    nibble::fsutil::refuse_overwriting_inputs(output, &[path], "--output")?;
+    // A folder's config.json names the whole folder as the input.
+    let folder = nibble::model::ModelSource::folder_of_config(path);
+    let inputs: Vec<&std::path::Path> = std::iter::once(path).chain(folder.as_deref()).collect();
+    nibble::fsutil::refuse_overwriting_inputs(output, &inputs, "--output")?;
     if output.is_dir() {
         bail!(
             "--output {} is a folder; name the safetensors file to write",

@@ -1563,9 +1563,32 @@ impl Trainer<'_> {
                 "step {step} of {total_steps} at example {position} of {n} is not a possible state"
             )));
         }
+        let epoch = num("epoch")?;
+        // Where a run whose steps end with their epochs stands after `step` steps. A checkpoint of an
+        // earlier nibble, whose steps reached into the next epoch, stands elsewhere when the epoch's
+        // examples are not whole steps: its run cannot go on as it began.
+        let per_step = self
+            .config
+            .batch_size
+            .saturating_mul(self.config.grad_accum);
+        let steps_per_epoch = n.div_ceil(per_step).max(1);
+        let expected = match (step, step % steps_per_epoch) {
+            (0, _) => (0, 0),
+            (s, 0) => (s / steps_per_epoch - 1, n),
+            (s, k) => (s / steps_per_epoch, k * per_step),
+        };
+        if (epoch, position) != expected {
+            return Err(bad(&format!(
+                "after {step} steps the run stands at example {position} of epoch {epoch}, where \
+                 this nibble's steps, which end with their epoch, stand at example {} of epoch {}: \
+                 the checkpoint comes from an earlier nibble whose steps reached into the next \
+                 epoch; finish it with that version, or start over with --overwrite",
+                expected.1, expected.0
+            )));
+        }
         self.step = step;
         self.total_steps = total_steps;
-        self.epoch = num("epoch")?;
+        self.epoch = epoch;
         self.position = position;
         self.order = order;
         let rng = |k: &str| match v.get(k) {
