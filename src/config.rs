@@ -801,17 +801,14 @@ impl ModelConfig {
                     low_freq_factor,
                     high_freq_factor,
                     ..
-                } if !(positive(factor)
-                    && positive(low_freq_factor)
-                    && positive(high_freq_factor)
-                    && high_freq_factor != low_freq_factor) =>
-                {
-                    Some((
-                        "the llama3 rope scaling's factor, low_freq_factor or high_freq_factor",
-                        factor,
-                        "positive (and the two frequency factors different)",
-                    ))
-                }
+                } => [
+                    ("factor", factor),
+                    ("low_freq_factor", low_freq_factor),
+                    ("high_freq_factor", high_freq_factor),
+                ]
+                .into_iter()
+                .find(|&(_, v)| !positive(v))
+                .map(|(name, v)| (name, v, "positive (in the llama3 rope scaling)")),
                 _ => None,
             }
         };
@@ -2151,14 +2148,16 @@ mod tests {
             (json!({"rope_theta": -10000.0}), "rope_theta"),
             (linear(0.0), "linear rope scaling"),
             (linear(-2.0), "linear rope scaling"),
-            (llama3(4.0, 4.0), "llama3 rope scaling"),
-            (llama3(0.0, 4.0), "llama3 rope scaling"),
+            (llama3(0.0, 4.0), "`low_freq_factor` must be positive"),
+            (llama3(1.0, -4.0), "`high_freq_factor` must be positive"),
         ] {
             let err = parse("llama", extra.clone()).unwrap_err().to_string();
             assert!(err.contains(named), "{extra}: {err}");
         }
         parse("llama", linear(2.0)).unwrap();
         parse("llama", llama3(1.0, 4.0)).unwrap();
+        // Equal frequency factors leave no band between them; transformers runs them too.
+        parse("llama", llama3(4.0, 4.0)).unwrap();
         parse("llama", json!({"rms_norm_eps": 0.0})).unwrap();
     }
 

@@ -64,12 +64,15 @@ impl LoraConfig {
             return Err(differ("alpha"));
         }
         let shape = |c: &LoraConfig| {
+            // PEFT writes target_modules from a set: their order says nothing.
+            let mut targets = c.targets.clone();
+            targets.sort();
             format!(
                 "r {}, alpha {}{} on {}",
                 c.r,
                 c.alpha,
                 if c.use_rslora { " (rsLoRA)" } else { "" },
-                c.targets.join(", ")
+                targets.join(", ")
             )
         };
         if shape(self) != shape(adapter) {

@@ -610,22 +610,39 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         assert!(started.elapsed().as_secs() < 120, "the run never got going");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    // Twice in quick succession, as `timeout -s INT` delivers it (to the process, then to its group):
-    // one interruption, which still finishes the step and saves. 100 ms apart, so that the first has
-    // been handled (signals sent back to back merge into one while pending) and the second is well
-    // inside the 500 ms that count as the same interruption.
-    for second in [false, true] {
-        if second {
-            std::thread::sleep(std::time::Duration::from_millis(100));
+    // Twice, the second as soon as the first has been taken (the run says so), as `timeout -s INT`
+    // delivers it to the process and then to its group: one interruption, which still finishes the
+    // step and saves (a second request would quit at once and save nothing).
+    let mut child = child;
+    let (lines, taken) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = lines.send(line.clone());
+            all += &line;
+            all.push('\n');
         }
+        all
+    });
+    let interrupt = || {
         // SAFETY: kill(2) only sends a signal; the pid is our own child, which has not been waited
         // for, so it cannot have been reused by another process.
         let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
         assert_eq!(sent, 0);
-    }
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    };
+    interrupt();
+    while !taken
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the run answers the interruption")
+        .contains("finishing the current step")
+    {}
+    interrupt();
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("--resume"), "{stderr}");
     assert!(!part.join("adapter_model.safetensors").exists());
     let checkpoint = nibble::train::newest_checkpoint(&part)

@@ -55,7 +55,7 @@ impl GenArgs {
         let tools = match &self.tools {
             None => None,
             Some(path) => {
-                let text = std::fs::read_to_string(path)
+                let text = nibble::fsutil::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 let tools: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;

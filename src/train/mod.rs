@@ -1036,9 +1036,13 @@ impl<'a> Trainer<'a> {
         pollster::block_on(self.evaluate_async(sequences))
     }
 
-    /// The fractional epoch reached so far.
+    /// The fractional epoch reached so far, in batches as transformers' Trainer counts it (epoch +
+    /// batches done / batches in an epoch): 5 examples in batches of 2 are 3 batches, and after 4
+    /// examples the epoch is at 2/3.
     pub fn epoch(&self) -> f64 {
-        self.epoch as f64 + self.position as f64 / self.order.len() as f64
+        let batch = self.config.batch_size.max(1);
+        let batches = self.order.len().div_ceil(batch).max(1);
+        self.epoch as f64 + self.position.div_ceil(batch) as f64 / batches as f64
     }
 
     /// Moves training to the GPU executor: uploads the model, the adapters and the moments.
