@@ -422,6 +422,11 @@ const CASES: &[Case] = &[
         expect: &["group size 128", "group sizes that work"],
     },
     Case {
+        name: "plan of a language model at an image resolution",
+        prepare: |r| args(&["plan", &p(r, "model"), "--resolution", "512"]),
+        expect: &["--resolution", "--seq-len"],
+    },
+    Case {
         name: "quantizing over its own input",
         prepare: |r| {
             args(&[

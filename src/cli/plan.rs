@@ -42,12 +42,12 @@ pub struct Args {
     /// what --budget assumes unless told otherwise).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     offload_checkpoints: Option<bool>,
-    /// FLUX.2: image side in pixels (16 pixels per latent token).
-    #[arg(long, default_value_t = 1024)]
-    resolution: usize,
-    /// FLUX.2: caption tokens (the text encoder pads or cuts every caption to 512).
-    #[arg(long, default_value_t = 512)]
-    text_tokens: usize,
+    /// FLUX.2: image side in pixels (16 pixels per latent token) [default: 1024].
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// FLUX.2: caption tokens (the text encoder pads or cuts every caption to 512) [default: 512].
+    #[arg(long)]
+    text_tokens: Option<usize>,
     /// The memory of the device to train on (11.5GiB, 8GB, 12000MiB): print the longest sequence
     /// whose step fits in it (JSON: `max_seq_len`), with the plan of that step (instead of --seq-len).
     #[arg(long)]
@@ -78,6 +78,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|b| nibble::alloc::parse_size(&b, "--budget"))
         .transpose()?;
     if let Some(c) = nibble::models::flux2::config_at(&path)? {
+        let (resolution, text_tokens) = (resolution.unwrap_or(1024), text_tokens.unwrap_or(512));
         if !(16..=8192).contains(&resolution) || resolution % 16 != 0 {
             bail!("--resolution must be a multiple of 16 from 16 to 8192 (got {resolution})");
         }
@@ -125,6 +126,11 @@ pub fn run(args: Args) -> Result<()> {
         (Asked::Fit { most }, Some(_)) => (true, most),
         (Asked::Fit { .. }, None) => (false, Keep::F32),
     };
+    if resolution.is_some() || text_tokens.is_some() {
+        bail!(
+            "--resolution and --text-tokens plan FLUX.2 image steps; a language model's step takes --seq-len or --budget"
+        );
+    }
     let (config, stored) = plan_source(&path)?;
     let spec = quant.planned_spec(stored)?;
     if let Some(spec) = spec {
