@@ -575,7 +575,6 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    /// Opens a model folder or a nibble quantized file.
     /// The folder a path to a model folder's config.json stands for (as `nibble plan` reads it), where
     /// it is one.
     pub fn folder_of_config(path: &Path) -> Option<std::path::PathBuf> {
@@ -588,6 +587,7 @@ impl ModelSource {
         })
     }
 
+    /// Opens a model folder (or its config.json) or a nibble quantized file.
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(folder) = Self::folder_of_config(path) {
             Self::open_folder(ModelFiles::Dir(folder))

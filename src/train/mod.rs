@@ -1,7 +1,8 @@
 //! Supervised fine-tuning of LoRA adapters: the optimisation semantics of transformers + peft, so that
 //! results are comparable. One optimizer step sees batch_size · grad_accum examples (fewer at an epoch's
-//! end, as transformers' Trainer steps on the epoch's last batches), and its loss is the sum of token cross-entropy over all their label tokens divided by the count of those tokens. Gradients
-//! are clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
+//! end, as transformers' Trainer steps on the epoch's last batches), and its loss is the sum of token
+//! cross-entropy over all their label tokens divided by the count of those tokens. Gradients are
+//! clipped by global norm, AdamW updates the adapters, and the learning rate follows transformers'
 //! schedules.
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -125,6 +126,16 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The examples of a whole optimizer step.
+    pub fn examples_per_step(&self) -> usize {
+        self.batch_size.saturating_mul(self.grad_accum)
+    }
+
+    /// The optimizer steps of one epoch over `examples` (the last takes what the epoch has left).
+    pub fn steps_per_epoch(&self, examples: usize) -> usize {
+        examples.div_ceil(self.examples_per_step().max(1))
+    }
+
     /// How examples are cut to fit.
     pub fn cut(&self) -> Cut {
         Cut {
@@ -764,7 +775,6 @@ impl Work<'_> {
 /// adapter.
 pub const ADAPTER_CHAT_TEMPLATE: &str = "chat_template.jinja";
 
-/// Trainer state: the adapters, their AdamW moments, and where in the data and the RNG streams we are.
 /// The optimizer steps of `epochs` passes of `steps_per_epoch` steps, as transformers counts them:
 /// ceil(epochs · steps per epoch) in f64, so 2.2 epochs of 25 steps are 56 steps there and here.
 pub fn epoch_steps(epochs: f64, steps_per_epoch: usize) -> usize {
@@ -798,6 +808,7 @@ pub fn adapter_tokenizer_files(
     Ok(files)
 }
 
+/// Trainer state: the adapters, their AdamW moments, and where in the data and the RNG streams we are.
 pub struct Trainer<'a> {
     pub work: Work<'a>,
     pub config: TrainConfig,
@@ -923,8 +934,7 @@ impl<'a> Trainer<'a> {
 
     fn assemble(work: Work<'a>, config: TrainConfig, adapter: LoraAdapter) -> Self {
         let examples = work.examples();
-        let per_step = config.batch_size.saturating_mul(config.grad_accum);
-        let steps_per_epoch = examples.div_ceil(per_step);
+        let steps_per_epoch = config.steps_per_epoch(examples);
         let total_steps = config
             .max_steps
             .unwrap_or_else(|| epoch_steps(config.epochs, steps_per_epoch));
@@ -967,10 +977,7 @@ impl<'a> Trainer<'a> {
     /// epoch's last batches however few (a smaller last batch, fewer accumulated ones), so that each
     /// epoch sees every example once and a batch larger than the data is the data.
     fn step_examples(&mut self) -> Vec<usize> {
-        let per_step = self
-            .config
-            .batch_size
-            .saturating_mul(self.config.grad_accum);
+        let per_step = self.config.examples_per_step();
         let mut picks = vec![self.next_example()];
         while picks.len() < per_step && self.position < self.order.len() {
             picks.push(self.next_example());
@@ -1571,11 +1578,8 @@ impl Trainer<'_> {
         // Where a run whose steps end with their epochs stands after `step` steps. A checkpoint of an
         // earlier nibble, whose steps reached into the next epoch, stands elsewhere when the epoch's
         // examples are not whole steps: its run cannot go on as it began.
-        let per_step = self
-            .config
-            .batch_size
-            .saturating_mul(self.config.grad_accum);
-        let steps_per_epoch = n.div_ceil(per_step).max(1);
+        let per_step = self.config.examples_per_step();
+        let steps_per_epoch = self.config.steps_per_epoch(n).max(1);
         let expected = match (step, step % steps_per_epoch) {
             (0, _) => (0, 0),
             (s, 0) => (s / steps_per_epoch - 1, n),

@@ -394,11 +394,7 @@ impl<'m> Run<'m> {
         base_model: &str,
         manifest: serde_json::Value,
     ) -> Self {
-        let per_step = trainer
-            .config
-            .batch_size
-            .saturating_mul(trainer.config.grad_accum);
-        let steps_per_epoch = trainer.examples().div_ceil(per_step.max(1));
+        let steps_per_epoch = trainer.config.steps_per_epoch(trainer.examples());
         Run {
             trainer,
             eval,

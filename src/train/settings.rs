@@ -12,12 +12,12 @@ use crate::value_name;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Named recipes, written as option files: `--preset NAME` reads as if its file were given, below the
-/// `--config` file and the flags.
 /// How the options file a run writes beside its adapter begins (then nibble's version): what tells it
 /// from a user's own file of that name.
 pub const RECORD_HEADER: &str = "# The options of the run in this folder, as nibble";
 
+/// Named recipes, written as option files: `--preset NAME` reads as if its file were given, below the
+/// `--config` file and the flags.
 const PRESETS: &[(&str, &str)] = &[
     (
         "demo",
