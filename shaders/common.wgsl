@@ -76,3 +76,20 @@ fn row_sum(lid: u32, value: f32) -> f32 {
 fn flat_index(id: vec3<u32>) -> u32 {
     return id.x + id.y * 65535u * 256u;
 }
+
+// LoRA dropout's hash (Wellons' "lowbias32"; src/ops/dropout.rs `mix`, which this must match bit for bit).
+fn dropout_hash(v: u32) -> u32 {
+    var x = v;
+    x ^= x >> 16u;
+    x *= 0x7feb352du;
+    x ^= x >> 15u;
+    x *= 0x846ca68bu;
+    x ^= x >> 16u;
+    return x;
+}
+
+// Whether element `index` survives dropout with probability `prob` under the mask's key
+// (`DropoutParams::mask_key`): its 24-bit uniform draw, exact in f32, is at least `prob`.
+fn dropout_keeps(key: u32, prob: f32, index: u32) -> bool {
+    return f32(dropout_hash(index ^ key) >> 8u) * (1.0 / 16777216.0) >= prob;
+}

@@ -16,25 +16,18 @@ struct DropoutParams {
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
 
-fn mix(v: u32) -> u32 {
-    var x = v;
-    x ^= x >> 16u;
-    x *= 0x7feb352du;
-    x ^= x >> 15u;
-    x *= 0x846ca68bu;
-    x ^= x >> 16u;
-    return x;
+// The mask's key (`DropoutParams::mask_key`).
+fn mask_key() -> u32 {
+    return dropout_hash(dropout_hash(p.stream ^ dropout_hash(p.seed_lo ^ dropout_hash(p.seed_hi))));
 }
 
 // The element's 24-bit uniform draw's hash.
 fn draw(index: u32) -> u32 {
-    let key = mix(p.stream ^ mix(p.seed_lo ^ mix(p.seed_hi)));
-    return mix(index ^ mix(key));
+    return dropout_hash(index ^ mask_key());
 }
 
 fn keeps(index: u32) -> bool {
-    let u = f32(draw(index) >> 8u) * (1.0 / 16777216.0);
-    return u >= p.p;
+    return dropout_keeps(mask_key(), p.p, index);
 }
 
 // dst += noise uniform in [−p.p, p.p): NEFTune's on the embeddings (DropoutParams::noise).

@@ -12,6 +12,11 @@ struct MatmulParams {
     c_col: u32,
     accumulate: u32,
     alpha: f32,
+    // LoRA dropout on one side (`Op::DropoutMatmul`): 0 none, 1 A, 2 B, 3 the product (added into C).
+    mask_side: u32,
+    mask_key: u32,
+    mask_p: f32,
+    mask_scale: f32,
     _pad: u32,
 }
 
@@ -24,6 +29,17 @@ struct MatmulParams {
 // is read once per 16 columns and each of B once per 16 rows. The LoRA products have one side of rank r
 // (8 or 16): one thread per output in rows of 64 left most threads of a workgroup idle. The sum runs in
 // the same order as one thread per output would run it.
+// `value`, element `index` of the matrix on `side`, through dropout where the mask is on that side.
+fn masked(side: u32, index: u32, value: f32) -> f32 {
+    if (p.mask_side != side) {
+        return value;
+    }
+    if (dropout_keeps(p.mask_key, p.mask_p, index)) {
+        return value * p.mask_scale;
+    }
+    return 0.0;
+}
+
 var<workgroup> a_tile: array<f32, 256>; // [16 rows of C][16 inner]
 var<workgroup> b_tile: array<f32, 256>; // [16 inner][16 columns of C]
 
@@ -38,12 +54,14 @@ fn matmul(
     for (var q0 = 0u; q0 < p.k; q0 += 16u) {
         var av = 0.0;
         if (i < p.m && q0 + lid.x < p.k) {
-            av = a[i * p.a_row_stride + (q0 + lid.x) * p.a_col_stride];
+            let ia = i * p.a_row_stride + (q0 + lid.x) * p.a_col_stride;
+            av = masked(1u, ia, a[ia]);
         }
         a_tile[lid.y * 16u + lid.x] = av;
         var bv = 0.0;
         if (q0 + lid.y < p.k && j < p.n) {
-            bv = b[(q0 + lid.y) * p.b_row_stride + j * p.b_col_stride];
+            let ib = (q0 + lid.y) * p.b_row_stride + j * p.b_col_stride;
+            bv = masked(2u, ib, b[ib]);
         }
         b_tile[lid.y * 16u + lid.x] = bv;
         workgroupBarrier();
@@ -56,7 +74,9 @@ fn matmul(
         return;
     }
     let o = i * p.ldc + p.c_col + j;
-    if (p.accumulate == 1u) {
+    if (p.mask_side == 3u) {
+        c[o] += masked(3u, i * p.n + j, p.alpha * acc);
+    } else if (p.accumulate == 1u) {
         c[o] += p.alpha * acc;
     } else {
         c[o] = p.alpha * acc;

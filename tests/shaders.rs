@@ -230,6 +230,10 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 c_col: c_col as u32,
                 accumulate: accumulate as u32,
                 alpha: alpha as f32,
+                mask_side: mask_side as u32,
+                mask_key: mask_key as u32,
+                mask_p: mask_p as f32,
+                mask_scale: mask_scale as f32,
             }),
         ),
         (

@@ -404,99 +404,107 @@ fn dora_gradients_under_dropout() {
 /// term's backward through the dropped input; for a linear with a bias (q_proj) and one without
 /// (down_proj). Measured within 7e-7 on x86 and 2.2e-5 under qemu's NEON at a step of 1e-2 (float32's
 /// rounding of the sums, y being linear in x), and at the step of 0.1 taken here within 2.9e-6 on x86
-/// and 1.3e-6 under NEON; held to 5e-5.
+/// and 1.3e-6 under NEON; held to 5e-5. The same for a plain LoRA linear, whose dropout runs inside
+/// its branch's products (within 4.5e-6 on x86).
 #[test]
-fn a_dora_linear_s_input_gradient_under_dropout_matches_finite_differences() {
+fn a_lora_linear_s_input_gradient_under_dropout_matches_finite_differences() {
     use nibble::exec::cpu::{Bindings, run};
     use nibble::graph::{Builder, Op, StepInputs};
     use nibble::models::decoder::LoraSpec;
-    use nibble::models::lora_linear;
+    use nibble::models::lora_linear::{self, BranchDropout};
     let (_dir, model, adapter, _) = setup(Arch::Qwen2);
     let dora = common::as_dora(&model, &adapter, 0.2);
-    let spec = LoraSpec::of(&dora);
     let c = &model.config;
-    for (path, out, inp, biased) in [
-        (
-            "model.layers.0.self_attn.q_proj",
-            c.hidden_size,
-            c.hidden_size,
-            true,
-        ),
-        (
-            "model.layers.1.mlp.down_proj",
-            c.hidden_size,
-            c.intermediate_size,
-            false,
-        ),
-    ] {
-        let t = 7;
-        let mut b = Builder::new();
-        let x = b.given("x", t * inp);
-        let dy = b.given("dy", t * out);
-        let bias = biased.then(|| b.weight(&format!("{path}.bias"), out));
-        let dropout = Some(Op::Dropout { p: 0.2, stream: 5 });
-        let names = (path.to_string(), "y".to_string());
-        let (y, tape) =
-            lora_linear::forward(&mut b, Some(&spec), x, (t, out, inp), names, bias, dropout);
-        let y_out = b.output("y", t * out);
-        b.node(Op::Add, &[y], &[y_out], true);
-        let dx = b.output("dx", t * inp);
-        lora_linear::backward(&mut b, &tape, x, dy, dx);
-        let graph = b.finish();
-        let mut rng = Rng::new(40);
-        let random =
-            |n: usize, rng: &mut Rng| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32).collect() };
-        let (x0, g, direction) = (
-            random(t * inp, &mut rng),
-            random(t * out, &mut rng),
-            random(t * inp, &mut rng),
-        );
-        let step = |x: &[f32]| {
-            let inputs = StepInputs {
-                given: [("x".to_string(), x.to_vec()), ("dy".to_string(), g.clone())].into(),
-                dropout_seed: 77,
-                ..StepInputs::default()
+    // Plain LoRA too: its branch's dropout is fused into its products on both sides.
+    for (form, dora) in [("DoRA", &dora), ("LoRA", &adapter)] {
+        let spec = LoraSpec::of(dora);
+        for (path, out, inp, biased) in [
+            (
+                "model.layers.0.self_attn.q_proj",
+                c.hidden_size,
+                c.hidden_size,
+                true,
+            ),
+            (
+                "model.layers.1.mlp.down_proj",
+                c.hidden_size,
+                c.intermediate_size,
+                false,
+            ),
+        ] {
+            let t = 7;
+            let mut b = Builder::new();
+            let x = b.given("x", t * inp);
+            let dy = b.given("dy", t * out);
+            let bias = biased.then(|| b.weight(&format!("{path}.bias"), out));
+            let dropout = Some(BranchDropout { p: 0.2, stream: 5 });
+            let names = (path.to_string(), "y".to_string());
+            let (y, tape) =
+                lora_linear::forward(&mut b, Some(&spec), x, (t, out, inp), names, bias, dropout);
+            let y_out = b.output("y", t * out);
+            b.node(Op::Add, &[y], &[y_out], true);
+            let dx = b.output("dx", t * inp);
+            lora_linear::backward(&mut b, &tape, x, dy, dx);
+            let graph = b.finish();
+            let mut rng = Rng::new(40);
+            let random = |n: usize, rng: &mut Rng| -> Vec<f32> {
+                (0..n).map(|_| rng.normal() as f32).collect()
             };
-            let mut grads = dora.zeros_like();
-            let mut outputs = run(
-                &graph,
-                Bindings {
-                    model: &model,
-                    adapter: Some(&dora),
-                    grads: Some(&mut grads),
-                    cache: None,
-                    optimizer: None,
-                    inputs: &inputs,
-                    precision: Precision::F32,
-                },
-            )
-            .unwrap();
-            let value: f64 = outputs
-                .take("y")
+            let (x0, g, direction) = (
+                random(t * inp, &mut rng),
+                random(t * out, &mut rng),
+                random(t * inp, &mut rng),
+            );
+            let step = |x: &[f32]| {
+                let inputs = StepInputs {
+                    given: [("x".to_string(), x.to_vec()), ("dy".to_string(), g.clone())].into(),
+                    dropout_seed: 77,
+                    ..StepInputs::default()
+                };
+                let mut grads = dora.zeros_like();
+                let mut outputs = run(
+                    &graph,
+                    Bindings {
+                        model: &model,
+                        adapter: Some(dora),
+                        grads: Some(&mut grads),
+                        cache: None,
+                        optimizer: None,
+                        inputs: &inputs,
+                        precision: Precision::F32,
+                    },
+                )
+                .unwrap();
+                let value: f64 = outputs
+                    .take("y")
+                    .iter()
+                    .zip(&g)
+                    .map(|(y, g)| *y as f64 * *g as f64)
+                    .sum();
+                (value, outputs.take("dx"))
+            };
+            let (_, dx0) = step(&x0);
+            let analytic: f64 = dx0
                 .iter()
-                .zip(&g)
-                .map(|(y, g)| *y as f64 * *g as f64)
-                .sum();
-            (value, outputs.take("dx"))
-        };
-        let (_, dx0) = step(&x0);
-        let analytic: f64 = dx0
-            .iter()
-            .zip(&direction)
-            .map(|(a, d)| *a as f64 * *d as f64)
-            .sum();
-        // y is linear in x (the norm does not depend on it), so a wide step adds no truncation error
-        // and keeps float32's rounding of the sums small beside the difference.
-        let eps = 0.1f32;
-        let moved = |sign: f32| -> Vec<f32> {
-            x0.iter()
                 .zip(&direction)
-                .map(|(x, d)| x + sign * eps * d)
-                .collect()
-        };
-        let numeric = (step(&moved(1.0)).0 - step(&moved(-1.0)).0) / (2.0 * eps as f64);
-        let rel = (analytic - numeric).abs() / numeric.abs();
-        eprintln!("{path}: dx·v {analytic} vs finite difference {numeric} ({rel:.1e})");
-        assert!(rel < 5e-5, "{path}: {analytic} vs {numeric} ({rel:e})");
+                .map(|(a, d)| *a as f64 * *d as f64)
+                .sum();
+            // y is linear in x (the norm does not depend on it), so a wide step adds no truncation error
+            // and keeps float32's rounding of the sums small beside the difference.
+            let eps = 0.1f32;
+            let moved = |sign: f32| -> Vec<f32> {
+                x0.iter()
+                    .zip(&direction)
+                    .map(|(x, d)| x + sign * eps * d)
+                    .collect()
+            };
+            let numeric = (step(&moved(1.0)).0 - step(&moved(-1.0)).0) / (2.0 * eps as f64);
+            let rel = (analytic - numeric).abs() / numeric.abs();
+            eprintln!("{form} {path}: dx·v {analytic} vs finite difference {numeric} ({rel:.1e})");
+            assert!(
+                rel < 5e-5,
+                "{form} {path}: {analytic} vs {numeric} ({rel:e})"
+            );
+        }
     }
 }

@@ -446,17 +446,24 @@ impl Exec {
                 b_t,
                 alpha,
             } => {
-                let a = if *a_t {
-                    View::transposed(x(0), *k, *m)
-                } else {
-                    View::new(x(0), *m, *k)
-                };
-                let b = if *b_t {
-                    View::transposed(x(1), *n, *k)
-                } else {
-                    View::new(x(1), *k, *n)
-                };
+                let (a, b) = operands(x(0), x(1), (*m, *n, *k), (*a_t, *b_t));
                 matmul_into(a, b, *alpha, outs.get(0), *n, 0, acc);
+            }
+            Op::DropoutMatmul {
+                m,
+                n,
+                k,
+                a_t,
+                b_t,
+                alpha,
+                p,
+                stream,
+                side,
+            } => {
+                let (a, b) = operands(x(0), x(1), (*m, *n, *k), (*a_t, *b_t));
+                let masked_len = side.masked_len((*m, *n, *k));
+                let d = dropout_params(masked_len, ins[2].u32(), *stream, *p);
+                dropout::matmul_into(&d, *side, a, b, *alpha, outs.get(0), acc);
             }
             Op::Dropout { p, stream } => {
                 let d = dropout_params(x(0).len(), ins[1].u32(), *stream, *p);
@@ -732,6 +739,26 @@ fn rows(tokens: &[cross_entropy::TokenLoss]) -> Vec<f32> {
 
 fn noise_params(n: usize, seed: &[u32], magnitude: f32) -> DropoutParams {
     DropoutParams::noise(n, seed[0] as u64 | (seed[1] as u64) << 32, magnitude)
+}
+
+/// `Op::Matmul`'s operands A [m, k] and B [k, n] as views of their buffers, either stored transposed.
+fn operands<'a>(
+    a: &'a [f32],
+    b: &'a [f32],
+    (m, n, k): (usize, usize, usize),
+    (a_t, b_t): (bool, bool),
+) -> (View<'a>, View<'a>) {
+    let a = if a_t {
+        View::transposed(a, k, m)
+    } else {
+        View::new(a, m, k)
+    };
+    let b = if b_t {
+        View::transposed(b, n, k)
+    } else {
+        View::new(b, k, n)
+    };
+    (a, b)
 }
 
 fn dropout_params(n: usize, seed: &[u32], stream: u32, p: f32) -> DropoutParams {

@@ -470,7 +470,31 @@ fn record_node(
             o(0),
             *n,
             acc,
+            None,
         ),
+        Op::DropoutMatmul {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            alpha,
+            p,
+            stream,
+            side,
+        } => {
+            let masked_len = side.masked_len((*m, *n, *k));
+            matmul::record_matmul(
+                r,
+                GpuView::new(x(0), *m, *k, *a_t),
+                GpuView::new(x(1), *k, *n, *b_t),
+                *alpha,
+                o(0),
+                *n,
+                acc,
+                Some((&dropout(masked_len, *stream, *p), *side)),
+            )
+        }
         Op::Dropout { p, stream } => {
             let d = dropout(x(0).len, *stream, *p);
             ops::dropout::record_forward(r, &d, x(0), o(0));

@@ -234,6 +234,21 @@ pub enum Op {
         b_t: bool,
         alpha: f32,
     },
+    /// [a, b, seed] -> [c]: `Matmul` with LoRA dropout on one side (`ops::dropout::DropoutSide`):
+    /// alpha · dropout(A)·B, alpha · A·dropout(B), or (`Product`, accumulating) c += dropout(alpha ·
+    /// A·B), the gradient through dropout. The masked matrix is row-major and its masks are
+    /// `Dropout`'s over its buffer, so the dropped matrix is never stored.
+    DropoutMatmul {
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        alpha: f32,
+        p: f32,
+        stream: u32,
+        side: crate::ops::dropout::DropoutSide,
+    },
     /// [x, seed] -> [y]: LoRA dropout with the counter-based masks of `stream`.
     Dropout { p: f32, stream: u32 },
     /// [dy, seed] -> [dx]: the same mask applied to a gradient.
@@ -370,6 +385,7 @@ impl Op {
             Op::Linear { .. } => "linear",
             Op::LinearBackwardInput { .. } => "linear_backward_input",
             Op::Matmul { .. } => "matmul",
+            Op::DropoutMatmul { .. } => "dropout_matmul",
             Op::Dropout { .. } => "dropout",
             Op::DropoutBackward { .. } => "dropout_backward",
             Op::Add => "add",

@@ -13,7 +13,7 @@ use crate::config::{
 use crate::cpu::Sequence;
 use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoint};
 use crate::lora::LoraAdapter;
-use crate::models::lora_linear::{self, LinearTape};
+use crate::models::lora_linear::{self, BranchDropout, LinearTape};
 use crate::ops::attention::AttentionShape;
 use crate::ops::{dropout, rope};
 use std::collections::{BTreeMap, HashMap};
@@ -584,9 +584,9 @@ impl Decoder<'_> {
         self.b.weight(name, len)
     }
 
-    fn dropout_op(&self, layer: usize, kind: LinearKind) -> Option<Op> {
+    fn dropout_op(&self, layer: usize, kind: LinearKind) -> Option<BranchDropout> {
         let p = self.lora.as_ref()?.dropout;
-        (self.shape.dropout && p > 0.0).then(|| Op::Dropout {
+        (self.shape.dropout && p > 0.0).then(|| BranchDropout {
             p,
             stream: dropout::stream(layer, kind as usize),
         })
@@ -1002,13 +1002,10 @@ impl Decoder<'_> {
     }
 
     /// The dropout of a linear's LoRA branch in chunk `chunk` (masks of its own in each chunk).
-    fn chunk_dropout(&self, layer: usize, kind: LinearKind, chunk: usize) -> Option<Op> {
-        self.dropout_op(layer, kind).map(|op| match op {
-            Op::Dropout { p, stream } => Op::Dropout {
-                p,
-                stream: stream + (chunk << 16) as u32,
-            },
-            other => other,
+    fn chunk_dropout(&self, layer: usize, kind: LinearKind, chunk: usize) -> Option<BranchDropout> {
+        self.dropout_op(layer, kind).map(|dropout| BranchDropout {
+            stream: dropout.stream + (chunk << 16) as u32,
+            ..dropout
         })
     }
 

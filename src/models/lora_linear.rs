@@ -9,6 +9,7 @@
 use crate::graph::{BufId, Builder, Input, Op, Role};
 use crate::lora::Factor;
 use crate::models::decoder::{Adapted, FactorSource, LoraSpec};
+use crate::ops::dropout::DropoutSide;
 
 /// A linear layer as the forward ran it: what its backward reads.
 pub struct LinearTape {
@@ -28,7 +29,7 @@ struct LoraTape {
     b: BufId,
     /// dropout(x)·Aᵀ [tokens, r].
     xa: BufId,
-    dropout: Option<Op>,
+    dropout: Option<BranchDropout>,
     dora: Option<DoraTape>,
 }
 
@@ -51,14 +52,43 @@ pub fn mm(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, alpha: f32) -> Op 
     }
 }
 
+/// A LoRA branch's dropout: its probability and the stream its masks are drawn from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BranchDropout {
+    pub p: f32,
+    pub stream: u32,
+}
+
+impl BranchDropout {
+    /// `mm` with this dropout on the `side` matrix.
+    fn masked_mm(
+        self,
+        (m, n, k): (usize, usize, usize),
+        (a_t, b_t): (bool, bool),
+        side: DropoutSide,
+    ) -> Op {
+        Op::DropoutMatmul {
+            m,
+            n,
+            k,
+            a_t,
+            b_t,
+            alpha: 1.0,
+            p: self.p,
+            stream: self.stream,
+            side,
+        }
+    }
+}
+
 /// A LoRA branch's input: x, or x through the branch's dropout.
-fn lora_input(b: &mut Builder, x: BufId, dropout: Option<&Op>, path: &str) -> BufId {
-    let Some(op) = dropout else {
+fn lora_input(b: &mut Builder, x: BufId, dropout: Option<BranchDropout>, path: &str) -> BufId {
+    let Some(BranchDropout { p, stream }) = dropout else {
         return x;
     };
     let dropped = b.activation(b.len(x), format!("{path} dropout"));
     let seed = b.input(Input::DropoutSeed, 2);
-    b.node(op.clone(), &[x, seed], &[dropped], false);
+    b.node(Op::Dropout { p, stream }, &[x, seed], &[dropped], false);
     dropped
 }
 
@@ -71,7 +101,7 @@ pub fn forward(
     (t, out, inp): (usize, usize, usize),
     (path, name): (String, String),
     bias: Option<BufId>,
-    dropout: Option<Op>,
+    dropout: Option<BranchDropout>,
 ) -> (BufId, LinearTape) {
     let weight = b.weight(&format!("{path}.weight"), out * inp);
     let mut inputs = vec![x, weight];
@@ -115,7 +145,7 @@ pub fn tape(
     x: BufId,
     dims: (usize, usize, usize),
     path: String,
-    dropout: Option<Op>,
+    dropout: Option<BranchDropout>,
 ) -> LinearTape {
     tape_of(b, lora, x, dims, path, (dropout, true))
 }
@@ -127,7 +157,7 @@ fn tape_of(
     x: BufId,
     (t, out, inp): (usize, usize, usize),
     path: String,
-    (dropout, compute_h): (Option<Op>, bool),
+    (dropout, compute_h): (Option<BranchDropout>, bool),
 ) -> LinearTape {
     let weight = b.weight(&format!("{path}.weight"), out * inp);
     let lora = match lora.and_then(|spec| spec.targets.get(&path)) {
@@ -142,9 +172,21 @@ fn tape_of(
             };
             let a = factor(b, Factor::A, r * inp);
             let bm = factor(b, Factor::B, out * r);
-            let lora_in = lora_input(b, x, dropout.as_ref(), &path);
             let xa = b.activation(t * r, format!("{path} x·Aᵀ"));
-            b.node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
+            // DoRA's h reads the dropped input too: only then is it stored.
+            let lora_in = match dropout {
+                Some(dropout) if !dora => {
+                    let op = dropout.masked_mm((t, r, inp), (false, true), DropoutSide::A);
+                    let seed = b.input(Input::DropoutSeed, 2);
+                    b.node(op, &[x, a, seed], &[xa], false);
+                    x
+                }
+                _ => {
+                    let lora_in = lora_input(b, x, dropout, &path);
+                    b.node(mm(t, r, inp, false, true, 1.0), &[lora_in, a], &[xa], false);
+                    lora_in
+                }
+            };
             let dora = dora.then(|| {
                 let source = lora.map(|spec| spec.dora_factors).unwrap_or_default();
                 let factors = match source {
@@ -233,53 +275,64 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
         &[dxa],
         false,
     );
-    // The dropped input is drawn again rather than kept: the masks are counter-based.
-    let lora_in = lora_input(b, x, lora.dropout.as_ref(), path);
     let grad = |b: &mut Builder, factor, len| {
         let path = path.clone();
         b.lora(Role::LoraGrad { path, factor }, len)
     };
     let gb = grad(b, Factor::B, out * r);
     let ga = grad(b, Factor::A, r * inp);
-    // dB += scale · dyᵀ·xa, dA += d(xa)ᵀ·dropout(x)
+    // dB += scale · dyᵀ·xa
     b.node(
         mm(out, r, t, true, false, scale),
         &[dy, lora.xa],
         &[gb],
         true,
     );
-    b.node(
-        mm(r, inp, t, true, false, 1.0),
-        &[dxa, lora_in],
-        &[ga],
-        true,
-    );
-    let Some(Op::Dropout { p, stream }) = lora.dropout else {
-        // The branch's input is x itself: its gradient adds into dx with no buffer of its own.
-        b.node(
-            mm(t, inp, r, false, false, 1.0),
-            &[dxa, lora.a],
-            &[dx],
-            true,
-        );
-        return;
-    };
-    let d_lora_in = b.activation(t * inp, format!("d {path} input"));
-    b.node(
-        mm(t, inp, r, false, false, 1.0),
-        &[dxa, lora.a],
-        &[d_lora_in],
-        false,
-    );
-    if let Some(dora) = &lora.dora {
-        // h's W·x′ term: d(x′) += ((m/n − 1) ⊙ dy)·W, dy the linear's own.
-        let dh = b.activation(t * out, format!("d {path} DoRA W·x′"));
-        let gate = Op::Gate { dim: out, chunk: 1 };
-        b.node(gate, &[dora.factors, base_dy], &[dh], false);
-        let op = Op::LinearBackwardInput { out, inp };
-        b.node(op, &[dh, tape.weight], &[d_lora_in], true);
+    // dA += d(xa)ᵀ·dropout(x) and dx += dropout′(d(xa)·A); the dropped input is drawn again rather
+    // than kept (the masks are counter-based), within the products but under DoRA.
+    match (lora.dropout, &lora.dora) {
+        (None, _) => {
+            b.node(mm(r, inp, t, true, false, 1.0), &[dxa, x], &[ga], true);
+            // The branch's input is x itself: its gradient adds into dx with no buffer of its own.
+            b.node(
+                mm(t, inp, r, false, false, 1.0),
+                &[dxa, lora.a],
+                &[dx],
+                true,
+            );
+        }
+        (Some(dropout), None) => {
+            let seed = b.input(Input::DropoutSeed, 2);
+            let op = dropout.masked_mm((r, inp, t), (true, false), DropoutSide::B);
+            b.node(op, &[dxa, x, seed], &[ga], true);
+            let op = dropout.masked_mm((t, inp, r), (false, false), DropoutSide::Product);
+            b.node(op, &[dxa, lora.a, seed], &[dx], true);
+        }
+        (Some(dropout), Some(dora)) => {
+            let lora_in = lora_input(b, x, Some(dropout), path);
+            b.node(
+                mm(r, inp, t, true, false, 1.0),
+                &[dxa, lora_in],
+                &[ga],
+                true,
+            );
+            let d_lora_in = b.activation(t * inp, format!("d {path} input"));
+            b.node(
+                mm(t, inp, r, false, false, 1.0),
+                &[dxa, lora.a],
+                &[d_lora_in],
+                false,
+            );
+            // h's W·x′ term: d(x′) += ((m/n − 1) ⊙ dy)·W, dy the linear's own.
+            let dh = b.activation(t * out, format!("d {path} DoRA W·x′"));
+            let gate = Op::Gate { dim: out, chunk: 1 };
+            b.node(gate, &[dora.factors, base_dy], &[dh], false);
+            let op = Op::LinearBackwardInput { out, inp };
+            b.node(op, &[dh, tape.weight], &[d_lora_in], true);
+            let BranchDropout { p, stream } = dropout;
+            let seed = b.input(Input::DropoutSeed, 2);
+            let op = Op::DropoutBackward { p, stream };
+            b.node(op, &[d_lora_in, seed], &[dx], true);
+        }
     }
-    let seed = b.input(Input::DropoutSeed, 2);
-    let op = Op::DropoutBackward { p, stream };
-    b.node(op, &[d_lora_in, seed], &[dx], true);
 }

@@ -7,6 +7,7 @@
 use crate::exec::gpu::Recorder;
 use crate::gpu::{GpuBuffer, groups_1d};
 use crate::ops::fastmath;
+use crate::ops::matmul::{self, View, in_parallel_task};
 use bytemuck::{Pod, Zeroable};
 use rayon::prelude::*;
 
@@ -70,7 +71,7 @@ fn mix(mut x: u32) -> u32 {
 
 impl DropoutParams {
     /// The per-mask part of the hash, the same for every element.
-    fn mask_key(&self) -> u32 {
+    pub(crate) fn mask_key(&self) -> u32 {
         mix(mix(self.stream ^ mix(self.seed_lo ^ mix(self.seed_hi))))
     }
 }
@@ -189,4 +190,184 @@ pub(crate) fn record_backward_accumulate(
 ) {
     let groups = groups_1d(params.n as usize, 256);
     r.dispatch("dropout_backward", params, &[(1, dy), (2, dx)], groups);
+}
+
+/// Which matrix of a product LoRA dropout applies to (`Op::DropoutMatmul`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropoutSide {
+    /// C (+)= alpha · dropout(A)·B: the branch's x′·Aᵀ.
+    A,
+    /// C (+)= alpha · A·dropout(B): the gradient of LoRA's A, d(xa)ᵀ·x′.
+    B,
+    /// C += dropout(alpha · A·B): the gradient through dropout into the branch's input.
+    Product,
+}
+
+impl DropoutSide {
+    /// The length of the masked matrix in a product of A [m, k] and B [k, n].
+    pub fn masked_len(self, (m, n, k): (usize, usize, usize)) -> usize {
+        match self {
+            DropoutSide::A => m * k,
+            DropoutSide::B => k * n,
+            DropoutSide::Product => m * n,
+        }
+    }
+}
+
+/// Rows and columns of the tiles the masked matrix is drawn into: small enough to stay in a core's
+/// L2 between drawing and multiplying, which is all the fusion saves (the dropped matrix never goes
+/// to memory and back). Fixed, not derived from the thread count, so the sums' order is too.
+const TILE_ROWS: usize = 32;
+const TILE_COLS: usize = 512;
+
+/// `Op::DropoutMatmul` on the CPU: C (+)= alpha · A·B with `params`' mask on the `side` matrix,
+/// which is row-major (`col_stride` 1; the product's C is [m, n] with `ldc` n). The masks are those
+/// `forward` draws over that matrix's buffer, so this equals dropout into a buffer of its own
+/// followed by `matmul_into`, up to the order of the sums.
+pub fn matmul_into(
+    params: &DropoutParams,
+    side: DropoutSide,
+    a: View,
+    b: View,
+    alpha: f32,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(a.cols, b.rows, "dropout matmul: inner dimensions differ");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert_eq!(c.len(), m * n, "dropout matmul: C is not [m, n]");
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    let (masked, cols) = match side {
+        DropoutSide::A => (a, k),
+        DropoutSide::B => (b, n),
+        DropoutSide::Product => (View::new(c, m, n), n),
+    };
+    assert!(
+        masked.col_stride == 1
+            && masked.row_stride == cols
+            && masked.data.len() == params.n as usize,
+        "dropout matmul: the masked matrix must be row-major, all of its buffer"
+    );
+    let mask = Mask {
+        key: params.mask_key(),
+        p: params.p,
+        scale: params.keep_scale,
+    };
+    match side {
+        DropoutSide::A => {
+            c.par_chunks_mut(TILE_ROWS * n)
+                .enumerate()
+                .for_each(|(block, c)| {
+                    let rows = c.len() / n;
+                    let first = block * TILE_ROWS;
+                    let mut tile = vec![0f32; rows * TILE_COLS.min(k)];
+                    for q0 in (0..k).step_by(TILE_COLS) {
+                        let cols = TILE_COLS.min(k - q0);
+                        let tile = &mut tile[..rows * cols];
+                        for (i, out) in tile.chunks_mut(cols).enumerate() {
+                            let start = (first + i) * a.row_stride + q0;
+                            mask.draw(start, &a.data[start..start + cols], out, false);
+                        }
+                        let lhs = View::new(tile, rows, cols);
+                        let rhs = b.rows_from(q0, cols);
+                        in_parallel_task(|| {
+                            matmul::matmul_into(lhs, rhs, alpha, c, n, 0, accumulate || q0 > 0)
+                        });
+                    }
+                });
+        }
+        DropoutSide::B => {
+            // Column blocks of C are not contiguous: each is summed apart and placed afterwards
+            // (C is [m, n] with m the LoRA rank, small).
+            let blocks: Vec<Vec<f32>> = (0..n)
+                .step_by(TILE_COLS)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|j0| {
+                    let cols = TILE_COLS.min(n - j0);
+                    let mut sum = vec![0f32; m * cols];
+                    let mut tile = vec![0f32; TILE_ROWS.min(k) * cols];
+                    for q0 in (0..k).step_by(TILE_ROWS) {
+                        let rows = TILE_ROWS.min(k - q0);
+                        let tile = &mut tile[..rows * cols];
+                        for (q, out) in tile.chunks_mut(cols).enumerate() {
+                            let start = (q0 + q) * b.row_stride + j0;
+                            mask.draw(start, &b.data[start..start + cols], out, false);
+                        }
+                        let lhs = a.cols_from(q0, rows);
+                        let rhs = View::new(tile, rows, cols);
+                        in_parallel_task(|| {
+                            matmul::matmul_into(lhs, rhs, alpha, &mut sum, cols, 0, true)
+                        });
+                    }
+                    sum
+                })
+                .collect();
+            for (block, sum) in blocks.iter().enumerate() {
+                let j0 = block * TILE_COLS;
+                let cols = sum.len() / m;
+                for (row, part) in c.chunks_mut(n).zip(sum.chunks(cols)) {
+                    let dst = &mut row[j0..j0 + cols];
+                    if accumulate {
+                        dst.iter_mut().zip(part).for_each(|(d, s)| *d += s);
+                    } else {
+                        dst.copy_from_slice(part);
+                    }
+                }
+            }
+        }
+        DropoutSide::Product => {
+            assert!(
+                accumulate,
+                "dropout matmul: the product's mask accumulates into C"
+            );
+            c.par_chunks_mut(TILE_ROWS * n)
+                .enumerate()
+                .for_each(|(block, c)| {
+                    let rows = c.len() / n;
+                    let first = block * TILE_ROWS;
+                    let lhs = a.rows_from(first, rows);
+                    let mut tile = vec![0f32; rows * TILE_COLS.min(n)];
+                    for j0 in (0..n).step_by(TILE_COLS) {
+                        let cols = TILE_COLS.min(n - j0);
+                        let tile = &mut tile[..rows * cols];
+                        let rhs = b.cols_from(j0, cols);
+                        in_parallel_task(|| {
+                            matmul::matmul_into(lhs, rhs, alpha, tile, cols, 0, false)
+                        });
+                        for (i, part) in tile.chunks(cols).enumerate() {
+                            let row = &mut c[i * n + j0..i * n + j0 + cols];
+                            mask.draw((first + i) * n + j0, part, row, true);
+                        }
+                    }
+                });
+        }
+    }
+}
+
+/// A mask's parameters as the kernels read them.
+struct Mask {
+    key: u32,
+    p: f32,
+    scale: f32,
+}
+
+impl Mask {
+    /// `masked` over elements `first..first + x.len()` of the masked matrix, on the widest
+    /// instructions this CPU has.
+    fn draw(&self, first: usize, x: &[f32], out: &mut [f32], add: bool) {
+        let (key, p, scale) = (self.key, self.p, self.scale);
+        fastmath::wide(
+            #[inline(always)]
+            || masked(key, p, scale, first as u32, x, out, add),
+        );
+    }
 }

@@ -3,6 +3,7 @@
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::GpuBuffer;
+use crate::ops::dropout::{DropoutParams, DropoutSide};
 
 /// A row-major-or-transposed view: element (i, j) lives at `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]
@@ -45,6 +46,24 @@ impl<'a> View<'a> {
             cols: count,
             row_stride: ld,
             col_stride: 1,
+        }
+    }
+
+    /// Rows `start..start + count` of this view.
+    pub fn rows_from(&self, start: usize, count: usize) -> Self {
+        View {
+            data: &self.data[(start * self.row_stride).min(self.data.len())..],
+            rows: count,
+            ..*self
+        }
+    }
+
+    /// Columns `start..start + count` of this view.
+    pub fn cols_from(&self, start: usize, count: usize) -> Self {
+        View {
+            data: &self.data[(start * self.col_stride).min(self.data.len())..],
+            cols: count,
+            ..*self
         }
     }
 
@@ -157,6 +176,11 @@ pub struct MatmulParams {
     pub c_col: u32,
     pub accumulate: u32,
     pub alpha: f32,
+    /// LoRA dropout on one side (`Op::DropoutMatmul`): 0 none, 1 A, 2 B, 3 the product.
+    pub mask_side: u32,
+    pub mask_key: u32,
+    pub mask_p: f32,
+    pub mask_scale: f32,
     pub _pad: u32,
 }
 
@@ -184,7 +208,10 @@ impl<'a> GpuView<'a> {
     }
 }
 
-/// The GPU lowering of `matmul_into` with c_col 0 (shaders/matmul.wgsl: 16 x 16 outputs per workgroup).
+/// The GPU lowering of `matmul_into` with c_col 0 (shaders/matmul.wgsl: 16 x 16 outputs per
+/// workgroup), and with `mask` of `ops::dropout::matmul_into` (LoRA dropout on one side, the masked
+/// matrix row-major, C [m, n]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn record_matmul(
     r: &mut Recorder,
     a: GpuView,
@@ -193,6 +220,7 @@ pub(crate) fn record_matmul(
     c: &GpuBuffer,
     ldc: usize,
     accumulate: bool,
+    mask: Option<(&DropoutParams, DropoutSide)>,
 ) {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
     let p = MatmulParams {
@@ -207,7 +235,25 @@ pub(crate) fn record_matmul(
         c_col: 0,
         accumulate: accumulate as u32,
         alpha,
+        mask_side: 0,
+        mask_key: 0,
+        mask_p: 0.0,
+        mask_scale: 0.0,
         _pad: 0,
+    };
+    let p = match mask {
+        None => p,
+        Some((params, side)) => MatmulParams {
+            mask_side: match side {
+                DropoutSide::A => 1,
+                DropoutSide::B => 2,
+                DropoutSide::Product => 3,
+            },
+            mask_key: params.mask_key(),
+            mask_p: params.p,
+            mask_scale: params.keep_scale,
+            ..p
+        },
     };
     let groups = [b.cols.div_ceil(16) as u32, a.rows.div_ceil(16) as u32, 1];
     r.dispatch("matmul", &p, &[(1, a.buf), (2, b.buf), (3, c)], groups);
