@@ -3,7 +3,8 @@ are (what `huggingface-cli download --repo-type dataset NAME --local-dir DIR` le
 expected.json the rows of each split as `datasets.load_dataset(DIR)` finds them: the sharded
 data/{split}-NNNNN-of-NNNNN files the Hub writes, splits named by folders or by file names (with the
 keywords datasets knows: training, dev, eval, ...), a README.md whose `configs` names the files, one
-file with no split in its name (all train), and the hidden .cache folder the download leaves.
+file with no split in its name (all train), files that are not data beside it (LICENSE, notes.md),
+and the hidden .cache folder the download leaves.
 
 Run from the repository root with a virtualenv holding datasets and pyarrow:
     python scripts/make_hub_folder_fixture.py
@@ -96,6 +97,12 @@ LAYOUTS = {
         "README.md": "---\r\nconfigs:\r\n- config_name: default\r\n  data_files: picked.jsonl\r\n---\r\n# Card\r\n",
         "picked.jsonl": rows("picked", 1),
         "other.jsonl": rows("other", 1),
+    },
+    "license_beside": {
+        "conversations.jsonl": rows("all", 2),
+        "LICENSE": "MIT License\n",
+        "NOTICE": "Copyright the authors\n",
+        "notes.md": "# How the rows were collected\n",
     },
     "validation_words": {
         "train.jsonl": rows("train", 1),

@@ -249,6 +249,12 @@ const FORMATS: &[(&str, &str)] = &[
     ("json", "json"),
 ];
 
+/// The extensions of the tables and text `datasets` has a builder for (its ALL_ALLOWED_EXTENSIONS
+/// but for media): files of any other extension, or none, are not data to it.
+const DATASETS_EXTENSIONS: &[&str] = &[
+    "parquet", "arrow", "jsonl", "json", "csv", "tsv", "txt", "tar", "xml", "hdf5", "h5", "zip",
+];
+
 /// A repository's README.md `configs` entry: where its data lies.
 struct RepoConfig {
     data_dir: Option<String>,
@@ -310,13 +316,19 @@ pub fn repository_splits(dir: &Path) -> Result<Option<Splits<PathBuf>>> {
     // Each split is read by the builder of its most common file format; all splits must agree.
     let mut builder: Option<(String, &str)> = None;
     let mut out = Vec::new();
-    for (split, chosen) in splits {
-        let extension = |f: &str| {
-            Path::new(f)
-                .extension()
-                .map(|e| e.to_string_lossy().to_lowercase())
-                .unwrap_or_default()
-        };
+    let extension = |f: &str| {
+        Path::new(f)
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+    };
+    for (split, mut chosen) in splits {
+        // datasets resolves patterns to the extensions it has builders for: a LICENSE or a notes.md
+        // beside the data is not data.
+        chosen.retain(|f| DATASETS_EXTENSIONS.contains(&extension(f).as_str()));
+        if chosen.is_empty() {
+            continue;
+        }
         let mut counts: Vec<(String, usize)> = Vec::new();
         for f in &chosen {
             let e = extension(f);

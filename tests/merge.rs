@@ -53,6 +53,11 @@ fn merged_weights_give_the_adapted_models_logits() {
     nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
 
     let merged = dir.path().join("merged");
+    // A folder of the user's named as merge once named its temporary folder (and deleted it) stays
+    // as it was.
+    let users = dir.path().join(".merged.tmp");
+    std::fs::create_dir(&users).unwrap();
+    std::fs::write(users.join("notes.txt"), "mine").unwrap();
     let args = |out: &std::path::Path| {
         vec![
             "merge",
@@ -79,6 +84,17 @@ fn merged_weights_give_the_adapted_models_logits() {
         assert!(merged.join(file).is_file(), "{file} missing");
     }
     assert!(!merged.join("model.safetensors.index.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(users.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".merged.tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 
     let ids: Vec<u32> = (0..12).map(|_| rng.below(259) as u32).collect();
     let expected = cpu::logits(&model, Some(&adapter), &ids).unwrap();

@@ -134,7 +134,7 @@ fn repository_folders_split_as_datasets_splits_them() {
         serde_json::from_str(&std::fs::read_to_string(root.join("expected.json")).unwrap())
             .unwrap();
     let layouts = expected["layouts"].as_object().unwrap();
-    assert_eq!(layouts.len(), 12);
+    assert_eq!(layouts.len(), 13);
     let texts = |path: &Path| -> Vec<String> {
         read_examples(path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))

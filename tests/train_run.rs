@@ -657,6 +657,16 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         "{stderr}"
     );
 
+    // What runs killed while writing leave (a checkpoint half-written, a file's temporary form) goes
+    // when a run takes the folder again; a user's hidden file stays.
+    let stale_checkpoint = part.join(".checkpoint-40.tmp");
+    std::fs::create_dir_all(&stale_checkpoint).unwrap();
+    std::fs::write(stale_checkpoint.join("adapter_config.json"), "{").unwrap();
+    let stale_file = part.join(".metrics.jsonl.tmp-4242");
+    std::fs::write(&stale_file, "{").unwrap();
+    let users = part.join(".notes.tmp");
+    std::fs::write(&users, "mine").unwrap();
+
     let resume = ["--resume", part.to_str().unwrap()];
     let flags: Vec<&str> = flags.iter().chain(&resume).copied().collect();
     let out = common::train_cli(&model, &data, &part, &flags);
@@ -665,6 +675,8 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(!stale_checkpoint.exists() && !stale_file.exists());
+    assert_eq!(std::fs::read_to_string(&users).unwrap(), "mine");
     assert_eq!(
         std::fs::read(part.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),

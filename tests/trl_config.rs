@@ -320,6 +320,14 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
             "a file name or a list",
         ),
         (
+            "datasets:\n  - path: json\n    data_files: a.jsonl\n    split: train[:10]\n",
+            "`split: train[:10]` takes part of the rows",
+        ),
+        (
+            "datasets:\n  - path: json\n    data_files: a.jsonl\n    split: test\n",
+            "`split: test` with data_files that are not keyed by split",
+        ),
+        (
             "datasets:\n  - path: json\n    data_files: a.jsonl\ntest_split_size: 50\n",
             "test_split_size: 50",
         ),

@@ -290,6 +290,39 @@ impl RunFolder {
             let _ = lock.rewind();
             let _ = write!(lock, "{}", std::process::id());
         }
+        self.remove_stale_temporaries();
+    }
+
+    /// Deletes what runs killed in this folder left half-written: checkpoints (`.checkpoint-N.tmp/`),
+    /// files (`.NAME.tmp-PID`) and earlier runs set aside. This process holds the lock, so no other
+    /// run is writing them; `is_run_entry` tells them from anything of the user's.
+    fn remove_stale_temporaries(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let own = name.ends_with(&format!("-{}", std::process::id()));
+            if !name.starts_with('.') || name == LOCK || own || !is_run_entry(&self.dir, &name) {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => log::info!(
+                    "removed {}, left half-written by a run killed earlier",
+                    path.display()
+                ),
+                Err(e) => log::warn!(
+                    "could not remove {} (left by a run killed earlier): {e}",
+                    path.display()
+                ),
+            }
+        }
     }
 
     /// Deletes the earlier run's files (and only them). Call once this run's inputs are loaded.

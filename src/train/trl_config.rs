@@ -1194,6 +1194,20 @@ impl Reader<'_> {
             self.err("`datasets`: each dataset has a `path` (such as json, with data_files)".into())
         })?;
         let split = field("split").and_then(Value::as_str).unwrap_or("train");
+        if split.contains(['[', '+', '%']) {
+            return Err(self.err(format!(
+                "`datasets`: `split: {split}` takes part of the rows or several splits, which nibble \
+                 does not (name one split, and cut its file to the rows to train on)"
+            )));
+        }
+        let unkeyed = field("data_files").is_some_and(|files| !files.is_object());
+        if unkeyed && split != "train" {
+            // data_files given as a file or a list are the train split alone, to datasets too.
+            return Err(self.err(format!(
+                "`datasets`: `split: {split}` with data_files that are not keyed by split: those \
+                 files are the split train (as `datasets` reads them, which refuses {split})"
+            )));
+        }
         // A file, or a list of them (one dataset, as load_dataset reads them).
         let listed = |v: &Value| -> Option<Vec<String>> {
             match v {
@@ -1205,6 +1219,8 @@ impl Reader<'_> {
             }
         };
         Ok(match field("data_files") {
+            // A repository folder's other split, as FOLDER/SPLIT names it.
+            None if split != "train" => vec![format!("{}/{split}", path.trim_end_matches('/'))],
             None => vec![path.to_string()],
             Some(files) if matches!(path, "json" | "parquet" | "arrow") => {
                 let chosen = match files {
