@@ -552,7 +552,54 @@ impl LoraAdapter {
         {
             return Err(bad(format!("peft_type `{t}` is not LORA")));
         }
-        let use_dora = v.get("use_dora").and_then(Value::as_bool) == Some(true);
+        // A switch written otherwise than as true or false is a file no PEFT wrote: guessing its
+        // meaning would merge or train at another scale.
+        let switch = |key: &str| -> Result<bool> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(false),
+                Some(Value::Bool(b)) => Ok(*b),
+                Some(other) => Err(bad(format!("`{key}: {other}` must be true or false"))),
+            }
+        };
+        // PEFT options that change what the adapter computes, which nibble does not compute.
+        let unsupported = [
+            (
+                "layers_to_transform",
+                "adapts only some layers; nibble adapts every layer",
+            ),
+            (
+                "layers_pattern",
+                "adapts only some layers; nibble adapts every layer",
+            ),
+            (
+                "modules_to_save",
+                "holds whole trained modules beside the LoRA matrices",
+            ),
+            ("lora_bias", "trains a bias on lora_B"),
+            (
+                "fan_in_fan_out",
+                "stores weights transposed (GPT-2's Conv1D)",
+            ),
+        ];
+        for (key, why) in unsupported {
+            let set = match v.get(key) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+                Some(Value::Array(a)) => !a.is_empty(),
+                Some(_) => true,
+            };
+            if set {
+                return Err(bad(format!("`{key}: {}` {why}", v[key])));
+            }
+        }
+        if let Some(bias) = v
+            .get("bias")
+            .filter(|b| !b.is_null() && b.as_str() != Some("none"))
+        {
+            return Err(bad(format!(
+                "`bias: {bias}` trains the base's biases too; nibble's adapters hold LoRA matrices only"
+            )));
+        }
+        let use_dora = switch("use_dora")?;
         let pattern = |key: &str| v.get(key).filter(|p| !p.is_null());
         let rank_pattern = match pattern("rank_pattern") {
             Some(p) => Patterns::from_json(p, "a positive rank")
@@ -587,11 +634,18 @@ impl LoraAdapter {
                 cfg_path.display()
             );
         }
-        let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
-        let use_rslora = v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let dropout = match v.get("lora_dropout") {
+            None | Some(Value::Null) => 0.0,
+            Some(d) => match d.as_f64() {
+                Some(p) if (0.0..1.0).contains(&p) => p as f32,
+                _ => {
+                    return Err(bad(format!(
+                        "`lora_dropout: {d}` must be a number from 0 to 1"
+                    )));
+                }
+            },
+        };
+        let use_rslora = switch("use_rslora")?;
         let mut weights = files.open_safetensors("adapter_model.safetensors")?;
         if model.multimodal.is_some() {
             // PEFT with transformers before 4.52 named a multimodal model's text modules in the
@@ -614,7 +668,12 @@ impl LoraAdapter {
             // A regular expression (PEFT full-matches it against module paths; tools use one to keep
             // a multimodal model's vision tower out): the modules it matched are the ones the weights
             // hold.
-            Some(Value::String(_)) => {
+            Some(Value::String(pattern)) => {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    return Err(bad(format!(
+                        "`target_modules` \"{pattern}\" is not a regular expression: {e}"
+                    )));
+                }
                 let mut paths: Vec<String> = weights
                     .tensor_names()
                     .filter_map(|n| {

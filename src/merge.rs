@@ -129,6 +129,20 @@ fn write_merged(
                     let factor = (m as f64 / norm) as f32;
                     row.iter_mut().for_each(|v| *v *= factor);
                 }
+                // The base was checked finite when read: only the adapter (a huge lora_alpha, say)
+                // can have pushed a weight past what the output's type holds.
+                let limit = match dtype {
+                    FloatDtype::F16 => 65504.0,
+                    FloatDtype::BF16 => 3.3895e38,
+                    FloatDtype::F32 => f32::MAX,
+                };
+                if let Some(v) = out.iter().find(|v| !(v.abs() <= limit)) {
+                    failure.get_or_insert(Error::Invalid(format!(
+                        "merging the adapter into {name} gives {v}, which {dtype:?} cannot hold: \
+                         the adapter's scale there ({scale}, lora_alpha over r) is far outside what \
+                         training gives"
+                    )));
+                }
             }
         },
     )?;

@@ -798,6 +798,30 @@ const CASES: &[Case] = &[
         expect: &["already exists"],
     },
     Case {
+        name: "an adapter's switch that is not true or false",
+        prepare: |r| merge_edited_adapter(r, |c| c["use_rslora"] = "yes".into()),
+        expect: &["adapter_config.json", "use_rslora", "true or false"],
+    },
+    Case {
+        name: "an adapter of some layers only",
+        prepare: |r| merge_edited_adapter(r, |c| c["layers_to_transform"] = vec![1].into()),
+        expect: &["adapter_config.json", "layers_to_transform"],
+    },
+    Case {
+        name: "an adapter whose target_modules is not a regular expression",
+        prepare: |r| merge_edited_adapter(r, |c| c["target_modules"] = "((".into()),
+        expect: &[
+            "adapter_config.json",
+            "target_modules",
+            "not a regular expression",
+        ],
+    },
+    Case {
+        name: "an adapter whose scale overflows the merged weights",
+        prepare: |r| merge_edited_adapter(r, |c| c["lora_alpha"] = 1e308.into()),
+        expect: &["lora_alpha over r", "cannot hold"],
+    },
+    Case {
         name: "synth into a non-empty folder",
         prepare: |r| args(&["synth", "--output", &p(r, "model")]),
         expect: &["not empty"],
@@ -938,6 +962,27 @@ const CASES: &[Case] = &[
         expect: &["--adapter"],
     },
 ];
+
+/// `nibble merge` of a copy of the finished run's adapter whose adapter_config.json `edit` changed.
+fn merge_edited_adapter(root: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> Vec<String> {
+    let odd = root.join("odd");
+    std::fs::create_dir(&odd).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(root.join("run").join(f), odd.join(f)).unwrap();
+    }
+    edit_json(&odd.join("adapter_config.json"), edit);
+    let (model, adapter) = (p(root, "model"), p(root, "odd"));
+    let output = p(root, "merged");
+    args(&[
+        "merge",
+        "--model",
+        &model,
+        "--adapter",
+        &adapter,
+        "--output",
+        &output,
+    ])
+}
 
 fn data_case_with(root: &Path, text: &str, extra: &[&str]) -> Vec<String> {
     std::fs::write(root.join("chats.jsonl"), text).unwrap();
