@@ -136,7 +136,7 @@ fn write_merged(
                     FloatDtype::BF16 => 3.3895e38,
                     FloatDtype::F32 => f32::MAX,
                 };
-                if let Some(v) = out.iter().find(|v| !(v.abs() <= limit)) {
+                if let Some(v) = out.iter().find(|v| v.is_nan() || v.abs() > limit) {
                     failure.get_or_insert(Error::Invalid(format!(
                         "merging the adapter into {name} gives {v}, which {dtype:?} cannot hold: \
                          the adapter's scale there ({scale}, lora_alpha over r) is far outside what \
