@@ -923,6 +923,24 @@ const CASES: &[Case] = &[
         expect: &["adapter_model.safetensors", "NaN"],
     },
     Case {
+        name: "checkpoint with a negative second moment",
+        prepare: |r| {
+            let f = r.join("unfinished/checkpoint-1/optimizer.safetensors");
+            let bytes = std::fs::read(&f).unwrap();
+            let name = safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap()
+                .names()
+                .into_iter()
+                .find(|n| n.starts_with("v."))
+                .unwrap()
+                .to_string();
+            poke_tensor(&f, &name, (-1.5f32).to_bits());
+            let a = p(r, "unfinished");
+            train(r, "unfinished", &["--save-steps", "1", "--resume", &a])
+        },
+        expect: &["optimizer.safetensors", "-1.5", "never negative"],
+    },
+    Case {
         name: "adapter folder without its config",
         prepare: |r| {
             std::fs::remove_file(r.join("run/adapter_config.json")).unwrap();

@@ -1528,7 +1528,7 @@ impl Trainer<'_> {
         let mut m = adapter.zeros_like();
         let mut vv = adapter.zeros_like();
         let opt_path = checkpoint.join("optimizer.safetensors");
-        let read = |name: String, like: &[f32]| -> Result<Vec<f32>> {
+        let read = |name: String, like: &[f32], second_moment: bool| -> Result<Vec<f32>> {
             let values = opt.read_f32(&name)?;
             if values.len() != like.len() {
                 return Err(Error::tensor(
@@ -1548,12 +1548,21 @@ impl Trainer<'_> {
                     "holds NaN or infinite values",
                 ));
             }
+            // A mean of squares: a negative one would make AdamW's step NaN some steps later.
+            if second_moment && let Some(v) = values.iter().find(|v| **v < 0.0) {
+                return Err(Error::tensor(
+                    &opt_path,
+                    &name,
+                    format!("holds {v}, where AdamW's second moments are never negative"),
+                ));
+            }
             Ok(values)
         };
         for (moment, adapter) in [("m", &mut m), ("v", &mut vv)] {
             for (path, p) in adapter.pairs_mut() {
                 for f in p.factors().collect::<Vec<_>>() {
-                    let values = read(format!("{moment}.{}", factor_key(path, f)), p.factor(f))?;
+                    let name = format!("{moment}.{}", factor_key(path, f));
+                    let values = read(name, p.factor(f), moment == "v")?;
                     *p.factor_mut(f) = values;
                 }
             }

@@ -643,8 +643,15 @@ impl<'m> Run<'m> {
             // The page has no folders to prune (its runs have no output folder).
             #[cfg(not(target_arch = "wasm32"))]
             if let Some(keep) = self.options.save_total_limit {
-                for removed in crate::train::folder::prune_checkpoints(&out.dir, keep)? {
-                    log::info!("removed {} (--save-total-limit {keep})", removed.display());
+                // The checkpoint just written is safe: one that cannot be deleted costs disk
+                // space, not the run.
+                match crate::train::folder::prune_checkpoints(&out.dir, keep) {
+                    Ok(removed) => {
+                        for removed in removed {
+                            log::info!("removed {} (--save-total-limit {keep})", removed.display());
+                        }
+                    }
+                    Err(e) => log::warn!("--save-total-limit {keep}: {e}; the run goes on"),
                 }
             }
         }
