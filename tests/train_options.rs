@@ -1354,6 +1354,47 @@ fn generate_answers_with_what_the_adapter_learned_and_chat_keeps_the_conversatio
     assert_eq!(lines[0], "Answer 0.");
 }
 
+/// Each turn of a chat samples from a stream of its own: the same question asked again after /reset
+/// is answered anew, and the same --seed replays the whole conversation.
+#[test]
+fn chat_turns_sample_anew_and_a_seed_replays_the_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let talk = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
+            .args(["chat", "--model", model.to_str().unwrap()])
+            .args([
+                "--temperature",
+                "1",
+                "--seed",
+                "3",
+                "--max-new-tokens",
+                "24",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"Question 0?\n/reset\nQuestion 0?\n")
+            .unwrap();
+        drop(stdin);
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let first = talk();
+    // Two answers of 24 tokens drawn at temperature 1 from a random model's 259-token vocabulary.
+    let answers: Vec<&str> = first.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(answers.len() >= 2, "{first:?}");
+    assert_ne!(answers[0], answers[answers.len() - 1], "{first:?}");
+    assert_eq!(talk(), first);
+}
+
 #[test]
 fn lora_targets_are_module_paths_as_peft_matches_them() {
     let dir = tempfile::tempdir().unwrap();

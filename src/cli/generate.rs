@@ -189,6 +189,13 @@ impl Speaker {
         let mut generated = 0usize;
         // The prompt tokens the cache already holds (earlier turns of a chat) are not fed again.
         let reused = nibble::generate::reusable_prefix(&self.cached, &prompt);
+        let sampling = self.sampling.clone();
+        // Each turn of a chat draws from a stream of its own, so that asking again (after /reset, say)
+        // samples anew; the same --seed still replays the same conversation.
+        // (An LCG step: seeds a splitmix increment apart would give overlapping generator states.)
+        self.sampling.seed = (self.sampling.seed)
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
         nibble::generate::generate(
             self.placed.executor(),
             &mut self.cache,
@@ -196,7 +203,7 @@ impl Speaker {
             &prompt,
             self.max_new,
             stop,
-            &self.sampling,
+            &sampling,
             |t| {
                 use std::io::Write;
                 generated += 1;
