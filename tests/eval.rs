@@ -200,3 +200,46 @@ fn eval_with_bad_data_exits_non_zero() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// Examples with no token to predict (a conversation without an assistant turn, under --loss-on
+/// assistant) count for nothing in eval's loss, and eval and data both name them: train refuses such a
+/// conversation, so a user checking data with either learns which it is.
+#[test]
+fn examples_with_nothing_to_predict_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("m");
+    let spec = SynthSpec::tiny(Arch::Qwen2, 151936);
+    synth::write_model_folder(&model_dir, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
+    let data_path = dir.path().join("chat.jsonl");
+    std::fs::write(
+        &data_path,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#,
+            "\n",
+            r#"{"messages": [{"role": "user", "content": "Only a question"}]}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let (model, data) = (model_dir.to_str().unwrap(), data_path.to_str().unwrap());
+    for (command, says) in [
+        (
+            vec!["eval", "--model", model, "--data", data],
+            "no token to predict",
+        ),
+        (
+            vec!["data", data, "--model", model],
+            "no token that carries loss",
+        ),
+    ] {
+        let mut args = command.clone();
+        args.extend(["--loss-on", "assistant"]);
+        let out = nibble(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(says) && stderr.contains("example 2"),
+            "{command:?}: {stderr}"
+        );
+    }
+}

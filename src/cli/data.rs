@@ -82,6 +82,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let (mut tokens, mut labels, mut cut_examples) = (0usize, 0usize, 0usize);
+    let mut unlearnable = Vec::new();
     for (i, example) in examples.iter().enumerate() {
         let (seq, removed) = nibble::train::tokenize_cut(&tok, example, args.loss_on, cut)
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
@@ -90,6 +91,9 @@ pub fn run(args: Args) -> Result<()> {
         tokens += seq.ids.len();
         labels += count;
         cut_examples += usize::from(removed > 0);
+        if count == 0 {
+            unlearnable.push(i + 1);
+        }
         if i >= args.examples {
             continue;
         }
@@ -121,6 +125,18 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
         println!("{text}");
+    }
+    if !unlearnable.is_empty() {
+        log::warn!(
+            "{}: {} of {} examples have no token that carries loss (--loss-on {}): example {}; \
+             `nibble train` leaves them out, and refuses a conversation without an assistant turn \
+             under --loss-on assistant (as TRL does)",
+            args.data.display(),
+            unlearnable.len(),
+            examples.len(),
+            nibble::value_name(args.loss_on),
+            nibble::train::run::example_numbers(&unlearnable)
+        );
     }
     if args.json {
         println!(

@@ -57,12 +57,17 @@ pub fn run(args: Args) -> Result<()> {
     );
     let mut total = nibble::cpu::StepLoss::default();
     let mut cut_examples = 0usize;
+    // (example, whether the cut took its tokens) of those with no token to predict.
+    let mut empty: Vec<(usize, bool)> = Vec::new();
     let mut shown = super::progress::Progress::start("example", 0, examples.len(), false);
     let started = std::time::Instant::now();
     for (i, example) in examples.iter().enumerate() {
         let (seq, removed) = nibble::train::tokenize_cut(&tok, example, args.loss_on, cut)
             .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
         cut_examples += usize::from(removed > 0);
+        if seq.target_count() == 0 {
+            empty.push((i + 1, removed > 0));
+        }
         let loss = executor.loss(&seq, args.exec.precision.cpu())?;
         total += loss;
         let (loss_sum, tokens) = (total.loss_sum, total.targets);
@@ -88,6 +93,26 @@ pub fn run(args: Args) -> Result<()> {
              model's positions) and were cut",
             cut.max_length,
             args.rows.max_length
+        );
+    }
+    if !empty.is_empty() && total.targets > 0 {
+        let numbers: Vec<usize> = empty.iter().map(|(i, _)| *i).collect();
+        let cut_off = empty.iter().filter(|(_, cut)| *cut).count();
+        let why = match cut_off {
+            0 => String::new(),
+            n => format!(
+                "; --max-length {} cut off the tokens of {n} of them",
+                args.rows.max_length
+            ),
+        };
+        log::warn!(
+            "{}: {} of {} examples have no token to predict (--loss-on {}{why}): example {}; \
+             they are left out of the loss",
+            args.data.display(),
+            empty.len(),
+            examples.len(),
+            nibble::value_name(args.loss_on),
+            nibble::train::run::example_numbers(&numbers)
         );
     }
     if total.targets == 0 {

@@ -1380,11 +1380,6 @@ pub fn tokenize_examples(
         );
     }
     if !unlearnable.is_empty() {
-        let shown: Vec<String> = unlearnable.iter().take(10).map(usize::to_string).collect();
-        let more = match unlearnable.len() {
-            n if n > 10 => format!(" and {} more", n - 10),
-            _ => String::new(),
-        };
         let why = match cut_off {
             0 => String::new(),
             n => format!(
@@ -1393,11 +1388,11 @@ pub fn tokenize_examples(
             ),
         };
         let message = format!(
-            "{origin}: {} of {} examples have no token that carries loss (--loss-on {}{why}): example {}{more}",
+            "{origin}: {} of {} examples have no token that carries loss (--loss-on {}{why}): example {}",
             unlearnable.len(),
             examples.len(),
             crate::value_name(config.loss_on),
-            shown.join(", ")
+            example_numbers(&unlearnable)
         );
         if unlearnable.len() == examples.len() {
             return Err(Error::Invalid(format!(
@@ -1410,6 +1405,15 @@ pub fn tokenize_examples(
         }
     }
     Ok(sequences)
+}
+
+/// Examples by number, the first ten of them: "3, 7 and 12 more".
+pub fn example_numbers(numbers: &[usize]) -> String {
+    let shown: Vec<String> = numbers.iter().take(10).map(usize::to_string).collect();
+    match numbers.len() {
+        n if n > 10 => format!("{} and {} more", shown.join(", "), n - 10),
+        _ => shown.join(", "),
+    }
 }
 
 /// TRL's warning where the assistant's loss never covers the token that ends its turn: the loss looks
