@@ -819,6 +819,24 @@ fn a_trl_recipe_trains_from_the_command_line() {
         adapter["target_modules"],
         serde_json::json!(["q_proj", "v_proj"])
     );
+    // A value nibble's checks refuse is named as the recipe names it, beside nibble's flag.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "model_name_or_path: model\ndataset_name: chats.jsonl\nuse_peft: true\noutput_dir: bad-out\n\
+         per_device_train_batch_size: 0\n",
+    )
+    .unwrap();
+    let out = common::nibble_command()
+        .current_dir(dir.path())
+        .args(["sft", "--config", "bad.yaml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("bad.yaml: `per_device_train_batch_size` (nibble's --batch-size)"),
+        "{stderr}"
+    );
     // Hub ids (what TRL's recipes usually name) are not fetched: the error says how to get them.
     let out = common::nibble_command()
         .current_dir(dir.path())

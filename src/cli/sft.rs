@@ -21,5 +21,9 @@ pub fn run(args: Args) -> Result<()> {
     for note in &recipe.notes {
         log::warn!("{note}");
     }
-    super::train::run(recipe.settings)
+    let (settings, recipe) = (recipe.settings.clone(), recipe);
+    super::train::run(settings).map_err(|e| match recipe.where_named(&format!("{e:#}")) {
+        Some(place) => e.context(place),
+        None => e,
+    })
 }

@@ -24,6 +24,26 @@ use yaml_rust2::Yaml;
 pub struct Recipe {
     pub settings: TrainSettings,
     pub notes: Vec<String>,
+    /// Where the options came from (the recipe file, or `nibble sft`), and nibble's flag for each
+    /// option the recipe names otherwise (`--lr`, `learning_rate`): what an error about the flag
+    /// should name.
+    pub origin: String,
+    pub named: Vec<(String, String)>,
+}
+
+impl Recipe {
+    /// Where `message`, an error about one of nibble's flags, came from in the recipe: "recipe.yaml:
+    /// `learning_rate` (nibble's --lr)", for the flag it names; None where it names none of them.
+    pub fn where_named(&self, message: &str) -> Option<String> {
+        let names = |flag: &str| {
+            message.match_indices(flag).any(|(at, _)| {
+                let next = message[at + flag.len()..].chars().next();
+                !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+        };
+        let (flag, key) = self.named.iter().find(|(flag, _)| names(flag))?;
+        Some(format!("{}: `{key}` (nibble's {flag})", self.origin))
+    }
 }
 
 /// TRL's options that change nothing nibble computes or writes: their values are ignored (with a
@@ -599,7 +619,7 @@ fn read_given(given: Vec<(String, Value)>, origin: &Path, flags: &TrainSettings)
         path: origin.to_path_buf(),
         msg,
     };
-    Reader {
+    let recipe = Reader {
         fail: &fail,
         flags,
         apart: Map::new(),
@@ -609,7 +629,11 @@ fn read_given(given: Vec<(String, Value)>, origin: &Path, flags: &TrainSettings)
         ignored: Vec::new(),
         splits: None,
     }
-    .read(given)
+    .read(given)?;
+    Ok(Recipe {
+        origin: origin.display().to_string(),
+        ..recipe
+    })
 }
 
 struct Reader<'a> {
@@ -703,9 +727,18 @@ impl Reader<'_> {
         }
         let settings: TrainSettings = serde_json::from_value(Value::Object(self.out.clone()))
             .map_err(|e| self.err(format!("options: {e}")))?;
+        let mut named: Vec<(String, String)> = self
+            .source
+            .iter()
+            .map(|(id, key)| (format!("--{}", id.replace('_', "-")), key.clone()))
+            .filter(|(flag, key)| flag[2..] != *key)
+            .collect();
+        named.sort();
         Ok(Recipe {
             settings,
             notes: self.notes,
+            origin: String::new(),
+            named,
         })
     }
 
