@@ -822,6 +822,29 @@ const CASES: &[Case] = &[
         expect: &["lora_alpha over r", "cannot hold"],
     },
     Case {
+        name: "generate with a top-p of 0",
+        prepare: |r| {
+            let m = p(r, "model");
+            args(&["generate", "--model", &m, "--prompt", "Hi", "--top-p", "0"])
+        },
+        expect: &["--top-p", "(got 0)"],
+    },
+    Case {
+        name: "generate with a negative temperature",
+        prepare: |r| {
+            let m = p(r, "model");
+            args(&[
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "Hi",
+                "--temperature=-1",
+            ])
+        },
+        expect: &["--temperature", "(got -1)"],
+    },
+    Case {
         name: "synth into a non-empty folder",
         prepare: |r| args(&["synth", "--output", &p(r, "model")]),
         expect: &["not empty"],

@@ -122,10 +122,14 @@ struct Speaker {
 
 impl Speaker {
     fn open(g: &GenArgs) -> Result<Self> {
-        let top_p_valid = g.top_p > 0.0 && g.top_p <= 1.0;
-        let temperature_valid = g.temperature.is_finite() && g.temperature >= 0.0;
-        if !(top_p_valid && temperature_valid) {
-            bail!("--top-p must lie in (0, 1] and --temperature must be a finite number >= 0");
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            bail!("--top-p must lie in (0, 1] (got {})", g.top_p);
+        }
+        if !(g.temperature.is_finite() && g.temperature >= 0.0) {
+            bail!(
+                "--temperature must be a finite number >= 0 (got {})",
+                g.temperature
+            );
         }
         let template_args = g.template_args()?;
         let (tok, placed) = open_placed(
