@@ -657,6 +657,17 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         "{stderr}"
     );
 
+    // The metrics up to the checkpoint stay as written, byte for byte.
+    let written: String = std::fs::read_to_string(part.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["step"].as_u64().unwrap() as usize <= step
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(!written.is_empty());
     // What runs killed while writing leave (a checkpoint half-written, a file's temporary form) goes
     // when a run takes the folder again; a user's hidden file stays.
     let stale_checkpoint = part.join(".checkpoint-40.tmp");
@@ -676,6 +687,8 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!stale_checkpoint.exists() && !stale_file.exists());
+    let resumed = std::fs::read_to_string(part.join("metrics.jsonl")).unwrap();
+    assert!(resumed.starts_with(&written), "{written}\n---\n{resumed}");
     assert_eq!(std::fs::read_to_string(&users).unwrap(), "mine");
     assert_eq!(
         std::fs::read(part.join("adapter_model.safetensors")).unwrap(),

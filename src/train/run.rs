@@ -1295,11 +1295,15 @@ pub fn load_adapter(
 /// Keeps the metrics of steps up to `step` (complete lines only: a killed run may leave half a line).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
+    // The lines kept are kept as written: parsed and printed again, a float could come back a
+    // digit off (serde_json's parsing is not always correctly rounded) and the keys reordered.
     let kept: String = text
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
-        .map(|v| format!("{v}\n"))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
+        })
+        .map(|l| format!("{l}\n"))
         .collect();
     crate::fsutil::write_atomically(path, |tmp| std::fs::write(tmp, kept))
 }
