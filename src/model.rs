@@ -781,6 +781,16 @@ impl ModelSource {
         &self.label
     }
 
+    /// Where the tokenizer's files were read from, as errors about them name it: the model folder,
+    /// or a quantized file's metadata (its label names the folder it was made from, whose files may
+    /// be fine).
+    pub fn tokenizer_origin(&self) -> std::path::PathBuf {
+        match &self.kind {
+            SourceKind::Quantized { file, .. } => file.path().join("[metadata]"),
+            SourceKind::Folder { .. } => std::path::PathBuf::from(&self.label),
+        }
+    }
+
     /// The parts a tensor is stored as: (name in file, expected shape, allowed dtypes).
     fn stored_parts(&self, t: &ExpectedTensor) -> Vec<(String, Vec<usize>, &'static [Dtype])> {
         const FLOATS: &[Dtype] = &[Dtype::F32, Dtype::F16, Dtype::BF16];

@@ -100,7 +100,7 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
         ModelFiles::Memory { label, files: map }
     };
     let source = ModelSource::open_folder(files).map_err(js_error)?;
-    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))
+    let tok = ChatTokenizer::from_files(&source.tokenizer, &source.tokenizer_origin())
         .map_err(js_error)?;
     let model = Arc::new(source.load(None).map_err(js_error)?);
     let device = <Device as clap::ValueEnum>::from_str(&device, true)
@@ -183,7 +183,7 @@ pub async fn probe_executors() -> Result<String, JsError> {
     let source =
         ModelSource::open_folder(synth::model_files(&spec, &synth::byte_tokenizer(), "probe"))
             .map_err(js_error)?;
-    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))
+    let tok = ChatTokenizer::from_files(&source.tokenizer, &source.tokenizer_origin())
         .map_err(js_error)?;
     let model = Arc::new(source.load(None).map_err(js_error)?);
     // Without WebGPU (or with a device that will not open) only the CPU is timed.

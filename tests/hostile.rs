@@ -845,6 +845,28 @@ const CASES: &[Case] = &[
         expect: &["--temperature", "(got -1)"],
     },
     Case {
+        name: "a quantized file whose embedded tokenizer is broken",
+        prepare: |r| {
+            // Quantized from a folder whose tokenizer.json was broken then, and is mended since: the
+            // error names the copy inside the file, not the folder's.
+            let folder = r.join("model");
+            let tokenizer = std::fs::read(folder.join("tokenizer.json")).unwrap();
+            std::fs::write(folder.join("tokenizer.json"), "{\"broken\":").unwrap();
+            let q = p(r, "q.safetensors");
+            let out = common::nibble_command()
+                .args(["quantize", &p(r, "model"), "--output", &q])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            std::fs::write(folder.join("tokenizer.json"), tokenizer).unwrap();
+            args(&["generate", "--model", &q, "--prompt", "Hi"])
+        },
+        expect: &[
+            "q.safetensors/[metadata]/tokenizer.json",
+            "cannot be parsed",
+        ],
+    },
+    Case {
         name: "synth into a non-empty folder",
         prepare: |r| args(&["synth", "--output", &p(r, "model")]),
         expect: &["not empty"],

@@ -86,7 +86,7 @@ pub fn tokenizer_of(
     template: Option<&Path>,
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
-    let tok = ChatTokenizer::from_files(&source.tokenizer, Path::new(source.label()))?;
+    let tok = ChatTokenizer::from_files(&source.tokenizer, &source.tokenizer_origin())?;
     let own = TemplateChoice::of_model(&source.tokenizer);
     let tok = match TemplateChoice::chosen(template, adapter, own.as_deref())? {
         Some(choice) => tok.with_template(&choice)?,
