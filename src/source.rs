@@ -102,6 +102,65 @@ pub struct TensorInfo {
     pub end: usize,
 }
 
+/// Which tensor of a header the safetensors crate refused is at fault, where its error does not say:
+/// one whose offsets do not hold its shape of its dtype, or do not start where the one before ends.
+fn header_culprit(bytes: &[u8]) -> Option<String> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = 8usize.checked_add(usize::try_from(len).ok()?)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..end)?).ok()?;
+    let mut spans = Vec::new();
+    for (name, info) in header.iter().filter(|(n, _)| *n != "__metadata__") {
+        let bits: u64 = match info.get("dtype")?.as_str()? {
+            "F64" | "I64" | "U64" => 64,
+            "F32" | "I32" | "U32" => 32,
+            "F16" | "BF16" | "I16" | "U16" => 16,
+            "F8_E4M3" | "F8_E5M2" | "F8_E8M0" | "I8" | "U8" | "BOOL" => 8,
+            _ => continue,
+        };
+        let shape: Option<Vec<u64>> = info
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect();
+        let elements = shape?.iter().try_fold(1u64, |n, &d| n.checked_mul(d));
+        let offsets: Option<Vec<u64>> = info
+            .get("data_offsets")?
+            .as_array()?
+            .iter()
+            .map(|o| o.as_u64())
+            .collect();
+        let [start, stop] = offsets?[..] else {
+            return Some(format!("tensor `{name}`: data_offsets are not two numbers"));
+        };
+        let held = stop.checked_sub(start);
+        let needed = elements.and_then(|n| n.checked_mul(bits)).map(|b| b / 8);
+        if held != needed || held.is_none() {
+            return Some(format!(
+                "tensor `{name}`: its offsets {start}..{stop} do not hold its shape of {}",
+                info["dtype"]
+            ));
+        }
+        spans.push((start, stop, name));
+    }
+    spans.sort();
+    let mut previous: Option<(u64, &String)> = None;
+    for (start, stop, name) in spans {
+        let expected = previous.map_or(0, |(end, _)| end);
+        if start != expected {
+            return Some(match previous {
+                Some((end, before)) => format!(
+                    "tensor `{name}` starts at byte {start}, where `{before}` before it ends at {end}"
+                ),
+                None => format!("tensor `{name}` starts at byte {start}, not 0"),
+            });
+        }
+        previous = Some((stop, name));
+    }
+    None
+}
+
 /// One parsed safetensors file: the header is validated on open; tensor data is read on demand.
 pub struct SafetensorsFile {
     path: PathBuf,
@@ -149,8 +208,9 @@ impl SafetensorsFile {
             msg,
         };
         let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+            let culprit = header_culprit(bytes).map_or(String::new(), |c| format!(" ({c})"));
             bad(format!(
-                "invalid safetensors header, the file is truncated or corrupt: {e}"
+                "invalid safetensors header, the file is truncated or corrupt: {e}{culprit}"
             ))
         })?;
         let data_start = 8 + header_len;

@@ -19,7 +19,6 @@ use crate::train::run::{Observer, Run, RunData};
 use crate::train::settings::TrainSettings;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use wasm_bindgen::prelude::*;

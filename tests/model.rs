@@ -505,6 +505,37 @@ fn truncated_and_corrupt_safetensors_name_the_file() {
     std::fs::write(&p, b"abc").unwrap();
     let err = open_err(dir.path());
     assert!(err.contains("model.safetensors"), "{err}");
+
+    // A tensor whose dtype's width does not fit its offsets, and one that starts inside another:
+    // the error names the tensor.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let data = &bytes[8 + header_len..];
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let name = "model.layers.1.mlp.up_proj.weight";
+    let with_header = |header: &serde_json::Value| {
+        let text = header.to_string();
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend(text.as_bytes());
+        out.extend(data);
+        out
+    };
+    let mut wide = header.clone();
+    let dtype = wide[name]["dtype"].as_str().unwrap();
+    wide[name]["dtype"] = if dtype == "F64" { "F32" } else { "F64" }.into();
+    std::fs::write(&p, with_header(&wide)).unwrap();
+    let err = open_err(dir.path());
+    assert!(err.contains(name) && err.contains("do not hold"), "{err}");
+    let mut overlapping = header.clone();
+    let offsets = overlapping[name]["data_offsets"].clone();
+    let (start, end) = (offsets[0].as_u64().unwrap(), offsets[1].as_u64().unwrap());
+    // Two bytes earlier and two bytes shorter at its end: its size holds, its start does not.
+    overlapping[name]["data_offsets"] = serde_json::json!([start - 2, end - 2]);
+    std::fs::write(&p, with_header(&overlapping)).unwrap();
+    let err = open_err(dir.path());
+    assert!(
+        err.contains(name) && err.contains("starts at byte"),
+        "{err}"
+    );
 }
 
 #[test]
