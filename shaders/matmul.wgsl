@@ -25,10 +25,6 @@ struct MatmulParams {
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> c: array<f32>;
 
-// 16 x 16 tiles of C per workgroup, 16 inner steps of A and B staged in workgroup memory: each value of A
-// is read once per 16 columns and each of B once per 16 rows. The LoRA products have one side of rank r
-// (8 or 16): one thread per output in rows of 64 left most threads of a workgroup idle. The sum runs in
-// the same order as one thread per output would run it.
 // `value`, element `index` of the matrix on `side`, through dropout where the mask is on that side.
 fn masked(side: u32, index: u32, value: f32) -> f32 {
     if (p.mask_side != side) {
@@ -40,6 +36,10 @@ fn masked(side: u32, index: u32, value: f32) -> f32 {
     return 0.0;
 }
 
+// 16 x 16 tiles of C per workgroup, 16 inner steps of A and B staged in workgroup memory: each value of A
+// is read once per 16 columns and each of B once per 16 rows. The LoRA products have one side of rank r
+// (8 or 16): one thread per output in rows of 64 left most threads of a workgroup idle. The sum runs in
+// the same order as one thread per output would run it.
 var<workgroup> a_tile: array<f32, 256>; // [16 rows of C][16 inner]
 var<workgroup> b_tile: array<f32, 256>; // [16 inner][16 columns of C]
 

@@ -636,8 +636,9 @@ impl LoraAdapter {
         }
         let dropout = match v.get("lora_dropout") {
             None | Some(Value::Null) => 0.0,
-            Some(d) => match d.as_f64() {
-                Some(p) if (0.0..1.0).contains(&p) => p as f32,
+            // Checked as the f32 it is used as: 0.99999999 is 1 there, which drops everything.
+            Some(d) => match d.as_f64().map(|p| p as f32) {
+                Some(p) if (0.0..1.0).contains(&p) => p,
                 _ => {
                     return Err(bad(format!(
                         "`lora_dropout: {d}` must be a number from 0 to 1"

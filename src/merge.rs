@@ -83,7 +83,10 @@ pub fn merge(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, output).map_err(|e| Error::io(output, e))
+    std::fs::rename(&tmp, output).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        Error::io(output, e)
+    })
 }
 
 fn write_merged(
@@ -129,20 +132,26 @@ fn write_merged(
                     let factor = (m as f64 / norm) as f32;
                     row.iter_mut().for_each(|v| *v *= factor);
                 }
-                // The base was checked finite when read: only the adapter (a huge lora_alpha, say)
-                // can have pushed a weight past what the output's type holds.
-                let limit = match dtype {
-                    FloatDtype::F16 => 65504.0,
-                    FloatDtype::BF16 => 3.3895e38,
-                    FloatDtype::F32 => f32::MAX,
+            }
+            // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
+            // huge lora_alpha can pass any type's.
+            let limit = match dtype {
+                FloatDtype::F16 => 65504.0,
+                FloatDtype::BF16 => 3.3895e38,
+                FloatDtype::F32 => f32::MAX,
+            };
+            if let Some(v) = out.iter().find(|v| v.is_nan() || v.abs() > limit) {
+                let why = match targets.get(name) {
+                    Some(&(pair, scale)) => format!(
+                        "the adapter's scale there ({scale}, lora_alpha over r {}) is far outside \
+                         what training gives",
+                        pair.rank
+                    ),
+                    None => "the base's own weight: choose a wider --dtype".to_string(),
                 };
-                if let Some(v) = out.iter().find(|v| v.is_nan() || v.abs() > limit) {
-                    failure.get_or_insert(Error::Invalid(format!(
-                        "merging the adapter into {name} gives {v}, which {dtype:?} cannot hold: \
-                         the adapter's scale there ({scale}, lora_alpha over r) is far outside what \
-                         training gives"
-                    )));
-                }
+                failure.get_or_insert(Error::Invalid(format!(
+                    "merging into {name} gives {v}, which {dtype:?} cannot hold: {why}"
+                )));
             }
         },
     )?;

@@ -252,7 +252,21 @@ const FORMATS: &[(&str, &str)] = &[
 /// The extensions of the tables and text `datasets` has a builder for (its ALL_ALLOWED_EXTENSIONS
 /// but for media): files of any other extension, or none, are not data to it.
 const DATASETS_EXTENSIONS: &[&str] = &[
-    "parquet", "arrow", "jsonl", "json", "csv", "tsv", "txt", "tar", "xml", "hdf5", "h5", "zip",
+    "parquet",
+    "geoparquet",
+    "gpq",
+    "arrow",
+    "jsonl",
+    "json",
+    "ndjson",
+    "csv",
+    "tsv",
+    "txt",
+    "tar",
+    "xml",
+    "hdf5",
+    "h5",
+    "zip",
 ];
 
 /// A repository's README.md `configs` entry: where its data lies.

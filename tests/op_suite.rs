@@ -552,6 +552,44 @@ fn cases(model: &Model) -> Vec<Case> {
         });
         cases.out.last_mut().expect("just added").inputs.loss_type = loss_type;
     }
+    // Last: its draws from the cases' generator leave the others' inputs as they were.
+    cases.case(
+        "dropout inside the LoRA products: x′·Aᵀ, d(xa)ᵀ·x′ and dx += dropout′(d(xa)·A)",
+        |b, g| {
+            use nibble::ops::dropout::DropoutSide;
+            // Past one 512-column tile of the CPU kernel, and 37 rows: off every tile.
+            let (inp, r) = (600, 8);
+            let x = g.add(b, "x", t * inp, 1.0);
+            let a = g.add(b, "a", r * inp, 1.0);
+            let dxa = g.add(b, "dxa", t * r, 1.0);
+            let dx0 = g.add(b, "dx0", t * inp, 1.0);
+            let dx1 = g.add(b, "dx1", t * inp, 1.0);
+            let seed = b.input(Input::DropoutSeed, 2);
+            let (xa, ga, dx) = (
+                b.output("xa", t * r),
+                b.output("ga", r * inp),
+                b.output("dx", t * inp),
+            );
+            let op = |(m, n, k), (a_t, b_t), side| Op::DropoutMatmul {
+                m,
+                n,
+                k,
+                a_t,
+                b_t,
+                alpha: 0.9,
+                p: 0.3,
+                stream: 12,
+                side,
+            };
+            let forward = op((t, r, inp), (false, true), DropoutSide::A);
+            b.node(forward, &[x, a, seed], &[xa], false);
+            let grad_a = op((r, inp, t), (true, false), DropoutSide::B);
+            b.node(grad_a, &[dxa, x, seed], &[ga], false);
+            b.node(Op::Add, &[dx0, dx1], &[dx], false);
+            let grad_x = op((t, inp, r), (false, false), DropoutSide::Product);
+            b.node(grad_x, &[dxa, a, seed], &[dx], true);
+        },
+    );
     // Every other labelled position's hidden state points along its label's head row, so that its
     // label ranks first (the losses' top-1 column is then not all zeros).
     let mut row = vec![0f32; h];

@@ -669,7 +669,11 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         .collect();
     assert!(!written.is_empty());
     // What runs killed while writing leave (a checkpoint half-written, a file's temporary form) goes
-    // when a run takes the folder again; a user's hidden file stays.
+    // when a run takes the folder again; a user's hidden file stays; and a checkpoint left whole
+    // under its temporary name (killed between replacing an earlier save of its step and renaming)
+    // is named and resumed from.
+    let unnamed = part.join(format!(".checkpoint-{step}.tmp"));
+    std::fs::rename(&checkpoint, &unnamed).unwrap();
     let stale_checkpoint = part.join(".checkpoint-40.tmp");
     std::fs::create_dir_all(&stale_checkpoint).unwrap();
     std::fs::write(stale_checkpoint.join("adapter_config.json"), "{").unwrap();
@@ -686,7 +690,8 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!stale_checkpoint.exists() && !stale_file.exists());
+    assert!(!stale_checkpoint.exists() && !stale_file.exists() && !unnamed.exists());
+    assert!(checkpoint.join("optimizer.safetensors").is_file());
     let resumed = std::fs::read_to_string(part.join("metrics.jsonl")).unwrap();
     assert!(resumed.starts_with(&written), "{written}\n---\n{resumed}");
     assert_eq!(std::fs::read_to_string(&users).unwrap(), "mine");

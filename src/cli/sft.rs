@@ -21,7 +21,7 @@ pub fn run(args: Args) -> Result<()> {
     for note in &recipe.notes {
         log::warn!("{note}");
     }
-    let (settings, recipe) = (recipe.settings.clone(), recipe);
+    let settings = recipe.settings.clone();
     super::train::run(settings).map_err(|e| match recipe.where_named(&format!("{e:#}")) {
         Some(place) => e.context(place),
         None => e,

@@ -289,7 +289,7 @@ pub fn backward(b: &mut Builder, tape: &LinearTape, x: BufId, dy: BufId, dx: Buf
         true,
     );
     // dA += d(xa)ᵀ·dropout(x) and dx += dropout′(d(xa)·A); the dropped input is drawn again rather
-    // than kept (the masks are counter-based), within the products but under DoRA.
+    // than kept (the masks are counter-based), within the products except under DoRA.
     match (lora.dropout, &lora.dora) {
         (None, _) => {
             b.node(mm(r, inp, t, true, false, 1.0), &[dxa, x], &[ga], true);

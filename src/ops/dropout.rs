@@ -217,8 +217,14 @@ impl DropoutSide {
 /// Rows and columns of the tiles the masked matrix is drawn into: small enough to stay in a core's
 /// L2 between drawing and multiplying, which is all the fusion saves (the dropped matrix never goes
 /// to memory and back). Fixed, not derived from the thread count, so the sums' order is too.
-const TILE_ROWS: usize = 32;
+const TILE_ROWS: usize = 16;
 const TILE_COLS: usize = 512;
+/// A's gradient (d(xa)ᵀ·x′, [r, width]) splits the width into blocks this wide and the tokens into
+/// spans this long, each pair one task summed apart: tasks for every core at the rank's few rows.
+const GRAD_COLS: usize = 128;
+const GRAD_SPAN: usize = 256;
+/// Tokens of x′ drawn per tile within a span.
+const GRAD_ROWS: usize = 64;
 
 /// `Op::DropoutMatmul` on the CPU: C (+)= alpha · A·B with `params`' mask on the `side` matrix,
 /// which is row-major (`col_stride` 1; the product's C is [m, n] with `ldc` n). The masks are those
@@ -285,18 +291,21 @@ pub fn matmul_into(
                 });
         }
         DropoutSide::B => {
-            // Column blocks of C are not contiguous: each is summed apart and placed afterwards
-            // (C is [m, n] with m the LoRA rank, small).
-            let blocks: Vec<Vec<f32>> = (0..n)
-                .step_by(TILE_COLS)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|j0| {
-                    let cols = TILE_COLS.min(n - j0);
+            // Column blocks of C are not contiguous: each (block, token span) is summed apart, and
+            // the spans' sums are added in their order (C is [m, n] with m the LoRA rank, small).
+            let tasks: Vec<(usize, usize)> = (0..n)
+                .step_by(GRAD_COLS)
+                .flat_map(|j0| (0..k).step_by(GRAD_SPAN).map(move |s0| (j0, s0)))
+                .collect();
+            let sums: Vec<Vec<f32>> = tasks
+                .par_iter()
+                .map(|&(j0, s0)| {
+                    let cols = GRAD_COLS.min(n - j0);
+                    let span = GRAD_SPAN.min(k - s0);
                     let mut sum = vec![0f32; m * cols];
-                    let mut tile = vec![0f32; TILE_ROWS.min(k) * cols];
-                    for q0 in (0..k).step_by(TILE_ROWS) {
-                        let rows = TILE_ROWS.min(k - q0);
+                    let mut tile = vec![0f32; GRAD_ROWS.min(span) * cols];
+                    for q0 in (s0..s0 + span).step_by(GRAD_ROWS) {
+                        let rows = GRAD_ROWS.min(s0 + span - q0);
                         let tile = &mut tile[..rows * cols];
                         for (q, out) in tile.chunks_mut(cols).enumerate() {
                             let start = (q0 + q) * b.row_stride + j0;
@@ -311,12 +320,11 @@ pub fn matmul_into(
                     sum
                 })
                 .collect();
-            for (block, sum) in blocks.iter().enumerate() {
-                let j0 = block * TILE_COLS;
+            for (&(j0, s0), sum) in tasks.iter().zip(&sums) {
                 let cols = sum.len() / m;
                 for (row, part) in c.chunks_mut(n).zip(sum.chunks(cols)) {
                     let dst = &mut row[j0..j0 + cols];
-                    if accumulate {
+                    if accumulate || s0 > 0 {
                         dst.iter_mut().zip(part).for_each(|(d, s)| *d += s);
                     } else {
                         dst.copy_from_slice(part);

@@ -223,6 +223,23 @@ pub(crate) fn record_matmul(
     mask: Option<(&DropoutParams, DropoutSide)>,
 ) {
     assert_eq!(a.cols, b.rows, "matmul: inner dimensions differ");
+    // What `ops::dropout::matmul_into` asserts on the CPU: the shader indexes the mask by offsets
+    // in a row-major masked matrix, and adds the product's masked values into C.
+    if let Some((_, side)) = mask {
+        let (cols, col_stride, row_stride) = match side {
+            DropoutSide::A => (a.cols, a.col_stride, a.row_stride),
+            DropoutSide::B => (b.cols, b.col_stride, b.row_stride),
+            DropoutSide::Product => (b.cols, 1, ldc),
+        };
+        assert!(
+            col_stride == 1 && row_stride == cols,
+            "dropout matmul: the masked matrix must be row-major"
+        );
+        assert!(
+            side != DropoutSide::Product || accumulate,
+            "dropout matmul: the product's mask accumulates into C"
+        );
+    }
     let p = MatmulParams {
         m: a.rows as u32,
         n: b.cols as u32,

@@ -66,7 +66,7 @@ const SYSTEM_LITTER: &[&str] = &[".DS_Store", "Thumbs.db", "desktop.ini"];
 /// Whether `name` in `dir` is something a nibble run writes: its files, their temporary forms
 /// (`.NAME.tmp-PID` while written atomically), and its checkpoints (`checkpoint-N/` holding nibble's
 /// optimizer.safetensors, so that a Hugging Face Trainer's checkpoint-N/ is not taken for one, and
-/// `.checkpoint-N.tmp/` while one is written).
+/// `.checkpoint-N.tmp/` while one is written, `.checkpoint-N.pruned/` while one is deleted).
 fn is_run_entry(dir: &Path, name: &str) -> bool {
     let step_suffix = |n: &str| {
         n.strip_prefix(CHECKPOINT_PREFIX)
@@ -82,7 +82,7 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         });
     let temporary_checkpoint = name
         .strip_prefix('.')
-        .and_then(|n| n.strip_suffix(".tmp"))
+        .and_then(|n| n.strip_suffix(".tmp").or_else(|| n.strip_suffix(PRUNED)))
         .is_some_and(step_suffix);
     let set_aside = name
         .strip_prefix(ASIDE_PREFIX)
@@ -95,6 +95,10 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         || temporary_checkpoint
         || (step_suffix(name) && dir.join(name).join("optimizer.safetensors").is_file())
 }
+
+/// What a checkpoint being deleted is renamed to first (`.checkpoint-N.pruned`): apart from a
+/// checkpoint being written (`.checkpoint-N.tmp`), which a killed run may leave whole.
+const PRUNED: &str = ".pruned";
 
 /// Deletes all but the `keep` newest of nibble's checkpoints in `dir` (those `is_run_entry` owns:
 /// `checkpoint-N/` holding optimizer.safetensors), oldest first; each is renamed to its temporary form
@@ -114,7 +118,7 @@ pub fn prune_checkpoints(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
     let excess = checkpoints.len().saturating_sub(keep.max(1));
     let mut removed = Vec::new();
     for (_, name) in checkpoints.into_iter().take(excess) {
-        let (path, aside) = (dir.join(&name), dir.join(format!(".{name}.tmp")));
+        let (path, aside) = (dir.join(&name), dir.join(format!(".{name}{PRUNED}")));
         let _ = std::fs::remove_dir_all(&aside);
         std::fs::rename(&path, &aside).map_err(|e| Error::io(&path, e))?;
         std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
@@ -172,6 +176,8 @@ impl RunFolder {
             proceeded: false,
             earlier_run: Vec::new(),
         };
+        // Before the checks: a checkpoint a killed run left whole but unnamed is the one to resume.
+        folder.remove_stale_temporaries();
         folder.check(overwrite, resume)?;
         Ok(folder)
     }
@@ -290,13 +296,18 @@ impl RunFolder {
             let _ = lock.rewind();
             let _ = write!(lock, "{}", std::process::id());
         }
-        self.remove_stale_temporaries();
     }
 
     /// Deletes what runs killed in this folder left half-written: checkpoints (`.checkpoint-N.tmp/`),
     /// files (`.NAME.tmp-PID`) and earlier runs set aside. This process holds the lock, so no other
-    /// run is writing them; `is_run_entry` tells them from anything of the user's.
+    /// run is writing them; `is_run_entry` tells them from anything of the user's. Where the folder
+    /// could not be locked, another run may be writing them: they stay. A checkpoint whose state file
+    /// is there is whole (it is written last): one killed between replacing an earlier save of its
+    /// step and taking its name is given its name, not deleted.
     fn remove_stale_temporaries(&self) {
+        if self.lock.is_none() {
+            return;
+        }
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -307,16 +318,35 @@ impl RunFolder {
                 continue;
             }
             let path = entry.path();
+            let whole_checkpoint = name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".tmp"))
+                .filter(|n| n.starts_with(CHECKPOINT_PREFIX))
+                .filter(|n| !self.dir.join(n).exists())
+                .filter(|_| crate::train::state_file(&path).is_some());
+            if let Some(final_name) = whole_checkpoint {
+                let target = self.dir.join(final_name);
+                match std::fs::rename(&path, &target) {
+                    Ok(()) => log::warn!(
+                        "{} was whole but not yet named: it is {} now",
+                        path.display(),
+                        target.display()
+                    ),
+                    Err(e) => log::warn!(
+                        "could not name {} {}: {e}",
+                        path.display(),
+                        target.display()
+                    ),
+                }
+                continue;
+            }
             let removed = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
             } else {
                 std::fs::remove_file(&path)
             };
             match removed {
-                Ok(()) => log::info!(
-                    "removed {}, left half-written by a run killed earlier",
-                    path.display()
-                ),
+                Ok(()) => log::info!("removed {}, left by a run killed earlier", path.display()),
                 Err(e) => log::warn!(
                     "could not remove {} (left by a run killed earlier): {e}",
                     path.display()

@@ -35,13 +35,19 @@ impl Recipe {
     /// Where `message`, an error about one of nibble's flags, came from in the recipe: "recipe.yaml:
     /// `learning_rate` (nibble's --lr)", for the flag it names; None where it names none of them.
     pub fn where_named(&self, message: &str) -> Option<String> {
-        let names = |flag: &str| {
-            message.match_indices(flag).any(|(at, _)| {
+        // Where the message first names the flag (an error about one option may name another as
+        // advice after it).
+        let first_named = |flag: &str| {
+            message.match_indices(flag).map(|(at, _)| at).find(|&at| {
                 let next = message[at + flag.len()..].chars().next();
                 !next.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             })
         };
-        let (flag, key) = self.named.iter().find(|(flag, _)| names(flag))?;
+        let (_, flag, key) = self
+            .named
+            .iter()
+            .filter_map(|(flag, key)| Some((first_named(flag)?, flag, key)))
+            .min()?;
         Some(format!("{}: `{key}` (nibble's {flag})", self.origin))
     }
 }
