@@ -847,24 +847,48 @@ const CASES: &[Case] = &[
     Case {
         name: "a quantized file whose embedded tokenizer is broken",
         prepare: |r| {
-            // Quantized from a folder whose tokenizer.json was broken then, and is mended since: the
-            // error names the copy inside the file, not the folder's.
-            let folder = r.join("model");
-            let tokenizer = std::fs::read(folder.join("tokenizer.json")).unwrap();
-            std::fs::write(folder.join("tokenizer.json"), "{\"broken\":").unwrap();
-            let q = p(r, "q.safetensors");
+            // The copy inside the file damaged, the folder's intact: the error names the copy.
+            let q = r.join("q.safetensors");
             let out = common::nibble_command()
-                .args(["quantize", &p(r, "model"), "--output", &q])
+                .args([
+                    "quantize",
+                    &p(r, "model"),
+                    "--output",
+                    &p(r, "q.safetensors"),
+                ])
                 .output()
                 .unwrap();
             assert!(out.status.success());
-            std::fs::write(folder.join("tokenizer.json"), tokenizer).unwrap();
-            args(&["generate", "--model", &q, "--prompt", "Hi"])
+            let bytes = std::fs::read(&q).unwrap();
+            let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+            header["__metadata__"]["tokenizer.json"] = "{\"broken\":".into();
+            let text = header.to_string();
+            let mut damaged = (text.len() as u64).to_le_bytes().to_vec();
+            damaged.extend(text.as_bytes());
+            damaged.extend(&bytes[8 + len..]);
+            std::fs::write(&q, damaged).unwrap();
+            args(&[
+                "generate",
+                "--model",
+                &p(r, "q.safetensors"),
+                "--prompt",
+                "Hi",
+            ])
         },
         expect: &[
             "q.safetensors/[metadata]/tokenizer.json",
             "cannot be parsed",
         ],
+    },
+    Case {
+        name: "quantize a folder whose tokenizer.json is broken",
+        prepare: |r| {
+            std::fs::write(r.join("model/tokenizer.json"), "{\"broken\":").unwrap();
+            let q = p(r, "q.safetensors");
+            args(&["quantize", &p(r, "model"), "--output", &q])
+        },
+        expect: &["model/tokenizer.json", "cannot be parsed"],
     },
     Case {
         name: "synth into a non-empty folder",
