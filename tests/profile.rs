@@ -47,6 +47,24 @@ fn both_executors_file_their_time_under_the_graph_operations() {
     assert_eq!(cpu["Attention"].1, layers * runs, "{cpu:?}");
     let cpu_total: Duration = cpu.values().map(|(d, _)| *d).sum();
     assert!(cpu_total <= cpu_wall, "{cpu_total:?} timed in {cpu_wall:?}");
+    // Beside each CPU row, the cores it kept busy: more than none, no more than the threads it has
+    // (with room for the two clocks being read apart), on the rows long enough to tell.
+    #[cfg(unix)]
+    {
+        let report = profile::CPU.report().unwrap();
+        let threads = rayon::current_num_threads() as f64;
+        for line in report.lines().skip(1) {
+            let name = line[2..2 + 48].trim_end();
+            let cores: f64 = line
+                .strip_suffix(" cores")
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no cores on {line:?}"));
+            if cpu[name].0 >= Duration::from_micros(500) {
+                assert!(cores > 0.0 && cores <= threads * 1.5, "{line}");
+            }
+        }
+    }
 
     let Some(gpu) = gpu() else { return };
     if !gpu

@@ -277,10 +277,14 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
         packed: None,
     };
     for (i, node) in graph.nodes.iter().enumerate() {
-        let started = profile::enabled().then(std::time::Instant::now);
+        let started =
+            profile::enabled().then(|| (std::time::Instant::now(), profile::process_cpu_time()));
         exec.node(graph, node, &mut slots);
-        if let Some(started) = started {
-            profile::CPU.add(&profile::op_name(&node.op), started.elapsed());
+        if let Some((started, cpu)) = started {
+            let cpu = cpu
+                .zip(profile::process_cpu_time())
+                .map(|(a, b)| b.saturating_sub(a));
+            profile::CPU.add(&profile::op_name(&node.op), started.elapsed(), cpu);
         }
         if exec
             .packed

@@ -2,7 +2,9 @@
 //! operation's wall time (products by shape); the GPU executor adds each dispatch's time on the device,
 //! read from timestamps its compute pass writes (`gpu::timestamps`), under the operation that recorded
 //! it and the kernel's entry point: the CPU cannot time GPU work, whose submission returns at once.
-//! Both tables are summed over the process and printed when it ends.
+//! Both tables are summed over the process and printed when it ends. Beside the CPU executor's wall
+//! times, the cores an operation kept busy on average (the process's CPU time over its wall time):
+//! an operation well under the thread count leaves cores idle, which no kernel speed-up shows.
 
 use crate::graph::Op;
 use std::collections::BTreeMap;
@@ -24,10 +26,35 @@ pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
-/// Per name: the time spent and how many calls.
+/// Per name: the time spent, how many calls, and the process's CPU time over them where measured.
 pub struct Table {
     title: &'static str,
-    totals: Mutex<BTreeMap<String, (Duration, u64)>>,
+    totals: Mutex<BTreeMap<String, Totals>>,
+}
+
+#[derive(Default)]
+struct Totals {
+    wall: Duration,
+    calls: u64,
+    cpu: Option<Duration>,
+}
+
+/// The CPU time of every thread of this process so far, where the system tells it.
+pub(crate) fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through the pointer, which points at a local.
+        let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) } == 0;
+        ok.then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 pub static CPU: Table = Table::new("CPU executor, time per operation");
@@ -41,14 +68,19 @@ impl Table {
         }
     }
 
-    pub(crate) fn add(&self, name: &str, took: Duration) {
+    /// One call of `name` that took `took`, of which `cpu` the process's CPU time where measured.
+    pub(crate) fn add(&self, name: &str, took: Duration, cpu: Option<Duration>) {
         let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         let entry = match totals.get_mut(name) {
             Some(entry) => entry,
-            None => totals.entry(name.to_string()).or_default(),
+            None => totals.entry(name.to_string()).or_insert_with(|| Totals {
+                cpu: cpu.map(|_| Duration::ZERO),
+                ..Totals::default()
+            }),
         };
-        entry.0 += took;
-        entry.1 += 1;
+        entry.wall += took;
+        entry.calls += 1;
+        entry.cpu = entry.cpu.zip(cpu).map(|(sum, cpu)| sum + cpu);
     }
 
     /// Each name's time and calls, longest first.
@@ -56,7 +88,7 @@ impl Table {
         let totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
         let mut rows: Vec<_> = totals
             .iter()
-            .map(|(name, (d, calls))| (name.clone(), *d, *calls))
+            .map(|(name, t)| (name.clone(), t.wall, t.calls))
             .collect();
         rows.sort_by_key(|(_, d, _)| std::cmp::Reverse(*d));
         rows
@@ -69,12 +101,25 @@ impl Table {
             return None;
         }
         let all: f64 = rows.iter().map(|(_, d, _)| d.as_secs_f64()).sum();
+        let cores = |name: &str| {
+            let totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+            let t = &totals[name];
+            t.cpu
+                .map(|cpu| {
+                    format!(
+                        " {:>5.2} cores",
+                        cpu.as_secs_f64() / t.wall.as_secs_f64().max(1e-12)
+                    )
+                })
+                .unwrap_or_default()
+        };
         let mut text = format!("{} ({all:.3} s in all):\n", self.title);
         for (name, d, calls) in rows {
             text += &format!(
-                "  {name:<48} {:>9.3} s {:>5.1}% {calls:>8} calls\n",
+                "  {name:<48} {:>9.3} s {:>5.1}% {calls:>8} calls{}\n",
                 d.as_secs_f64(),
-                100.0 * d.as_secs_f64() / all.max(1e-12)
+                100.0 * d.as_secs_f64() / all.max(1e-12),
+                cores(&name)
             );
         }
         Some(text)

@@ -114,7 +114,7 @@ impl Readback {
                 continue;
             };
             let nanos = (ticks as f64 * self.period_ns).round() as u64;
-            crate::exec::profile::GPU.add(row, Duration::from_nanos(nanos));
+            crate::exec::profile::GPU.add(row, Duration::from_nanos(nanos), None);
         }
     }
 }
