@@ -29,26 +29,51 @@ const MAX_ASPECT: f64 = 4.0;
 /// `trigger`, or the trigger word is put first where the caption does not place it. An image without
 /// a caption file is an error naming it (an empty `.txt` means no caption).
 pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample>> {
+    if trigger.is_some_and(|t| t.trim().is_empty()) {
+        return Err(Error::Invalid(
+            "--trigger is empty: give the word, or leave the option out".into(),
+        ));
+    }
+    let trigger = trigger.map(str::trim);
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut images: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
+    let paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    // Hidden files are no one's images (macOS writes `._name.png` beside each image on some disks).
+    let hidden = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    };
+    let mut images: Vec<PathBuf> = paths
+        .iter()
         .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            !hidden(p)
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
         })
+        .cloned()
         .collect();
     images.sort();
     if images.is_empty() {
+        let subfolders = paths.iter().any(|p| p.is_dir() && !hidden(p));
         return Err(Error::Invalid(format!(
-            "{}: no images (PNG, JPEG or WebP files with a .txt caption beside each)",
-            dir.display()
+            "{}: no images (PNG, JPEG or WebP files with a .txt caption beside each){}",
+            dir.display(),
+            if subfolders {
+                "; folders inside it are not read: give the folder that holds the images"
+            } else {
+                ""
+            }
         )));
     }
     images
         .into_iter()
         .map(|image| {
-            let caption_path = image.with_extension("txt");
+            // `name.TXT` where `name.txt` is not there (cameras and Windows tools write capitals).
+            let caption_path = ["txt", "TXT"]
+                .map(|e| image.with_extension(e))
+                .into_iter()
+                .find(|p| p.exists())
+                .unwrap_or_else(|| image.with_extension("txt"));
             let size = std::fs::metadata(&caption_path).map_or(0, |m| m.len());
             if size > MAX_CAPTION_BYTES {
                 return Err(Error::Invalid(format!(
@@ -57,12 +82,21 @@ pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample
                 )));
             }
             let text = crate::fsutil::read_to_string(&caption_path).map_err(|e| {
+                if caption_path.exists() {
+                    return Error::Invalid(format!(
+                        "{}: the caption of {} cannot be read: {e}",
+                        caption_path.display(),
+                        image.display()
+                    ));
+                }
                 Error::Invalid(format!(
                     "{}: no caption ({}: {e}); write one, or an empty file for none",
                     image.display(),
                     caption_path.display()
                 ))
             })?;
+            // Notepad starts its UTF-8 files with a byte-order mark, which is no part of the caption.
+            let text = text.trim_start_matches('\u{feff}');
             let caption = with_trigger(text.trim(), trigger);
             Ok(ImageExample { image, caption })
         })
@@ -98,6 +132,53 @@ pub fn bucket(width: usize, height: usize, resolution: usize) -> (usize, usize) 
     (round(w), round(h))
 }
 
+/// Whether JPEG data reaches its end-of-image marker, walking its segments from the start: the decoder
+/// fills a file cut short with grey and says nothing, where Pillow (kohya's and ai-toolkit's reader)
+/// refuses it as truncated. What follows the marker (a phone's second picture, a trailer) is not read.
+fn jpeg_is_whole(data: &[u8]) -> bool {
+    let byte = |i: usize| data.get(i).copied();
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        // The next marker: 0xFF, any fill 0xFFs, then its code (bytes between segments are skipped,
+        // as libjpeg skips them with a warning).
+        while byte(i).is_some_and(|b| b != 0xFF) {
+            i += 1;
+        }
+        while byte(i) == Some(0xFF) {
+            i += 1;
+        }
+        let Some(code) = byte(i) else {
+            return false;
+        };
+        i += 1;
+        match code {
+            0xD9 => return true,
+            // Restart markers and TEM carry no length.
+            0xD0..=0xD7 | 0x01 => continue,
+            _ => {}
+        }
+        let (Some(hi), Some(lo)) = (byte(i), byte(i + 1)) else {
+            return false;
+        };
+        i += (hi as usize) << 8 | lo as usize;
+        if code == 0xDA {
+            // Entropy-coded data: a 0xFF in it is followed by 0x00 (a stuffed byte) or a restart
+            // marker; anything else is the next marker.
+            loop {
+                match (byte(i), byte(i + 1)) {
+                    (Some(0xFF), Some(0x00 | 0xD0..=0xD7)) => i += 2,
+                    (Some(0xFF), Some(_)) => break,
+                    (Some(_), _) => i += 1,
+                    (None, _) => return false,
+                }
+            }
+        }
+    }
+}
+
 /// An image decoded, resized to cover its bucket (Lanczos) and centre-cropped to it: RGB in [0, 1],
 /// channels first [3, height, width], with its (width, height).
 pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, usize)> {
@@ -106,12 +187,22 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
         Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
     };
     // The decoder's own limits bound what a file may ask for; the EXIF orientation (phones) is applied.
-    let mut decoder = image::ImageReader::open(path)
+    let reader = image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .into_decoder()
-        .map_err(unreadable)?;
+        .map_err(|e| Error::io(path, e))?;
+    let format = reader.format();
+    let mut decoder = reader.into_decoder().map_err(unreadable)?;
+    if format == Some(image::ImageFormat::Jpeg) {
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if !jpeg_is_whole(&data) {
+            return Err(Error::Invalid(format!(
+                "{}: not a readable image: the JPEG data ends before its end marker (a file cut \
+                 short)",
+                path.display()
+            )));
+        }
+    }
     let orientation = image::ImageDecoder::orientation(&mut decoder).map_err(unreadable)?;
     let mut image = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
     image.apply_orientation(orientation);
@@ -123,23 +214,32 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
         )));
     }
     let (w, h) = bucket(w0, h0, resolution);
+    // The centre of the image that covers the bucket's aspect, cropped before resizing: a sliver
+    // resized whole first would take memory for all of its length at the bucket's scale.
     let scale = (w as f64 / w0 as f64).max(h as f64 / h0 as f64);
-    let (rw, rh) = (
-        ((w0 as f64 * scale).round() as usize).max(w),
-        ((h0 as f64 * scale).round() as usize).max(h),
+    let (cw, ch) = (
+        ((w as f64 / scale).round() as usize).clamp(1, w0),
+        ((h as f64 / scale).round() as usize).clamp(1, h0),
     );
-    let resized = image.to_rgb8();
+    let rgb = image.to_rgb8();
+    drop(image);
+    let kept = image::imageops::crop_imm(
+        &rgb,
+        ((w0 - cw) / 2) as u32,
+        ((h0 - ch) / 2) as u32,
+        cw as u32,
+        ch as u32,
+    );
     let resized = image::imageops::resize(
-        &resized,
-        rw as u32,
-        rh as u32,
+        &*kept,
+        w as u32,
+        h as u32,
         image::imageops::FilterType::Lanczos3,
     );
-    let (x0, y0) = ((rw - w) / 2, (rh - h) / 2);
     let mut pixels = vec![0f32; 3 * w * h];
     for y in 0..h {
         for x in 0..w {
-            let p = resized.get_pixel((x0 + x) as u32, (y0 + y) as u32);
+            let p = resized.get_pixel(x as u32, y as u32);
             for c in 0..3 {
                 pixels[(c * h + y) * w + x] = p[c] as f32 / 255.0;
             }

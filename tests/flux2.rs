@@ -880,6 +880,33 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
         !out.status.success() && stderr.contains("bogus.safetensors"),
         "{stderr}"
     );
+    // LoRA options a klein run cannot take are refused before any caption or image is encoded.
+    for (extra, named) in [
+        (["--lora-dropout", "0.05"], "--lora-dropout"),
+        (["--target-modules", "q_proj"], "q_proj"),
+        (["--preset", "qwen2.5-cpu"], "--preset qwen2.5-cpu"),
+    ] {
+        let refused = s(&root.join("refused"));
+        let mut args = vec![
+            "train", "--model", &klein, "--data", &data, "--output", &refused, "--device", "cpu",
+        ];
+        args.extend(["--no-cache", "--resolution", "64"]);
+        args.extend(extra);
+        // At the info level, which logs the encoding as it starts.
+        let out = common::nibble_command()
+            .env("RUST_LOG", "info")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains(named)
+                && !stderr.contains("caption features")
+                && !Path::new(&refused).exists(),
+            "{extra:?}: {stderr}"
+        );
+    }
 
     // A run stopped after its first step (its checkpoint, run.json and first metrics line) and
     // resumed ends where the uninterrupted one did, bit for bit.
@@ -1083,4 +1110,75 @@ fn broken_klein_configs_and_tensors_are_refused_by_name() {
         e.contains("encoder.down_blocks.3") && e.contains("values"),
         "{e}"
     );
+}
+
+/// Ctrl-C while captions and images are still being encoded (minutes on a real dataset) ends the run
+/// there, leaving no folder behind, rather than once the first step is reached.
+#[cfg(unix)]
+#[test]
+fn an_interruption_while_encoding_stops_the_run_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let klein = root.join("klein");
+    let out = common::nibble(&["synth", "--preset", "flux2-klein-tiny", "-o", &s(&klein)]);
+    assert!(out.status.success());
+    let images = root.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let mut rng = nibble::rng::Rng::new(9);
+    for name in ["a", "b", "c"] {
+        let image = image::RgbImage::from_fn(48, 48, |_, _| {
+            image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))
+        });
+        image.save(images.join(format!("{name}.png"))).unwrap();
+        std::fs::write(images.join(format!("{name}.txt")), name).unwrap();
+    }
+    let output = root.join("run");
+    // At 1024 px each latent takes seconds of the VAE: the signal lands while they are encoded.
+    let mut child = common::nibble_command()
+        .env("RUST_LOG", "info")
+        .args(["train", "--model", &s(&klein), "--data", &s(&images)])
+        .args([
+            "--output",
+            &s(&output),
+            "--resolution",
+            "1024",
+            "--no-cache",
+        ])
+        .args(["--device", "cpu"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = lines.send(line.clone());
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    while !seen
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the run starts encoding")
+        .contains("caption features:")
+    {}
+    let started = std::time::Instant::now();
+    // SAFETY: kill(2) only sends a signal; the pid is our own child, which has not been waited for,
+    // so it cannot have been reused by another process.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("stopped while encoding"), "{stderr}");
+    assert!(!stderr.contains("latents: 3 images encoded"), "{stderr}");
+    assert!(!output.exists(), "{stderr}");
+    eprintln!("stopped {:?} after the signal", started.elapsed());
 }

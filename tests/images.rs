@@ -81,3 +81,102 @@ fn an_image_that_is_a_fifo_is_refused_not_waited_on() {
     let e = load_pixels(&fifo, 64).unwrap_err().to_string();
     assert!(e.contains("pipe.png"), "{e}");
 }
+
+#[test]
+fn a_jpeg_cut_short_is_refused_and_one_with_a_trailer_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(6);
+    write_image(dir.path(), "whole.jpg", (64, 48), &mut rng);
+    let data = std::fs::read(dir.path().join("whole.jpg")).unwrap();
+    // Cut inside the picture's data, at a few places.
+    for (i, cut) in [data.len() / 2, data.len() - 3, 700]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("cut{i}.jpg");
+        std::fs::write(dir.path().join(&name), &data[..cut]).unwrap();
+        let e = load_pixels(&dir.path().join(&name), 64)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&name) && e.contains("cut short"), "{e}");
+    }
+    // Bytes after the end marker (a phone's trailer, here with marker-like bytes) are not read.
+    let mut trailer = data.clone();
+    trailer.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x10, 1, 2, 3]);
+    std::fs::write(dir.path().join("trailer.jpg"), &trailer).unwrap();
+    let (whole, w, h) = load_pixels(&dir.path().join("whole.jpg"), 64).unwrap();
+    let (with_trailer, ..) = load_pixels(&dir.path().join("trailer.jpg"), 64).unwrap();
+    assert_eq!((w, h), bucket(64, 48, 64));
+    assert_eq!(whole, with_trailer);
+}
+
+#[test]
+fn a_sliver_is_cropped_to_its_bucket_around_its_centre() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 x 4000: dark above the middle, light below it, with noise.
+    let mut rng = Rng::new(7);
+    let image = image::RgbImage::from_fn(16, 4000, |_, y| {
+        let base = if y < 2000 { 20 } else { 220 };
+        image::Rgb([0, 0, 0].map(|_: u8| base + rng.below(16) as u8))
+    });
+    image.save(dir.path().join("sliver.png")).unwrap();
+    let (pixels, w, h) = load_pixels(&dir.path().join("sliver.png"), 256).unwrap();
+    assert_eq!((w, h), bucket(16, 4000, 256));
+    assert_eq!(h, 4 * w, "the bucket keeps at most 1:4");
+    // The centre 1:4 of the sliver: its top half dark, its bottom half light.
+    let row_mean = |y: usize| (0..w).map(|x| pixels[y * w + x]).sum::<f32>() / w as f32;
+    assert!(
+        row_mean(2) < 0.2 && row_mean(h - 3) > 0.8,
+        "{} {}",
+        row_mean(2),
+        row_mean(h - 3)
+    );
+    assert!(row_mean(h / 2 - 8) < 0.2 && row_mean(h / 2 + 8) > 0.8);
+}
+
+#[test]
+fn captions_as_windows_and_cameras_write_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(8);
+    write_image(dir.path(), "a.png", (32, 32), &mut rng);
+    write_image(dir.path(), "B.JPG", (32, 32), &mut rng);
+    // A byte-order mark and CRLF (Notepad), and a caption named in capitals.
+    std::fs::write(dir.path().join("a.txt"), "\u{feff}a red fox\r\n").unwrap();
+    std::fs::write(dir.path().join("B.TXT"), "snow").unwrap();
+    // macOS's resource files beside the images are no images.
+    std::fs::write(dir.path().join("._a.png"), b"\x00\x05\x16\x07").unwrap();
+    let examples = scan_folder(dir.path(), Some(" sks ")).unwrap();
+    let found: Vec<(String, &str)> = examples
+        .iter()
+        .map(|e| {
+            (
+                e.image.file_name().unwrap().to_string_lossy().into_owned(),
+                e.caption.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("B.JPG".to_string(), "sks, snow"),
+            ("a.png".to_string(), "sks, a red fox")
+        ]
+    );
+    let e = scan_folder(dir.path(), Some("  ")).unwrap_err().to_string();
+    assert!(e.contains("--trigger is empty"), "{e}");
+    // A caption that is not text is named as such, not as missing.
+    std::fs::write(dir.path().join("a.txt"), b"caf\xe9").unwrap();
+    let e = scan_folder(dir.path(), None).unwrap_err().to_string();
+    assert!(
+        e.contains("a.txt") && e.contains("cannot be read") && !e.contains("no caption"),
+        "{e}"
+    );
+    // A folder of folders (kohya's `10_name/`) says they are not read.
+    let outer = tempfile::tempdir().unwrap();
+    std::fs::create_dir(outer.path().join("10_fox")).unwrap();
+    let e = scan_folder(outer.path(), None).unwrap_err().to_string();
+    assert!(
+        e.contains("no images") && e.contains("folders inside it are not read"),
+        "{e}"
+    );
+}

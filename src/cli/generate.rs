@@ -231,6 +231,10 @@ impl Speaker {
         if let Some(e) = failure {
             return Err(e.into());
         }
+        // The answer's end and its newline before the statistics' line, which would run into it on
+        // a terminal showing both.
+        let text = self.tok.decode(&answer)?;
+        println!("{}", text.get(printed..).unwrap_or(""));
         if let Some(first) = first_token_after {
             let rest = started.elapsed().saturating_sub(first).as_secs_f64();
             let fed = prompt.len() - reused;
@@ -244,8 +248,6 @@ impl Speaker {
                 },
             );
         }
-        let text = self.tok.decode(&answer)?;
-        println!("{}", text.get(printed..).unwrap_or(""));
         Ok(text)
     }
 }

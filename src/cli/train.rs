@@ -101,8 +101,12 @@ fn train_klein(
     if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
         anyhow::bail!("--{name} is not supported for FLUX.2 image runs yet");
     }
-    let settings = match settings.preset {
-        Some(_) => settings,
+    let settings = match settings.preset.as_deref() {
+        Some("flux2-klein") => settings,
+        Some(other) => anyhow::bail!(
+            "--preset {other} is for language models; FLUX.2 image runs take --preset flux2-klein \
+             (the default for them)"
+        ),
         None => settings.over(TrainSettings::preset("flux2-klein")?)?,
     };
     let quant = match settings.quant_request()? {

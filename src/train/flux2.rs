@@ -87,6 +87,23 @@ fn check_caption_dropout(p: f64) -> Result<()> {
     Ok(())
 }
 
+/// LoRA options a klein transformer can be trained with: targets among its block linears, no
+/// dropout, one rank and alpha, no DoRA. Checked before any caption or image is encoded.
+fn check_lora_options(lora: &crate::lora::LoraConfig, c: &flux2::Flux2Config) -> Result<()> {
+    if lora.dropout > 0.0 {
+        return Err(Error::Invalid(
+            "--lora-dropout is not supported for FLUX.2 yet: use 0".into(),
+        ));
+    }
+    // The LoRA file's formats carry one alpha and no magnitudes.
+    if lora.use_dora || lora.has_patterns() {
+        return Err(Error::Invalid(
+            "DoRA and per-module ranks or alphas are not supported for FLUX.2 yet".into(),
+        ));
+    }
+    resolve_among(c.block_linears(), &lora.targets).map(|_| ())
+}
+
 /// One example of an optimizer step: which, whether its caption is dropped, its σ and noise.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImagePick {
@@ -102,17 +119,7 @@ impl ImageWork<'_> {
         if self.examples.is_empty() {
             return Err(Error::Invalid("the image dataset is empty".into()));
         }
-        if lora.dropout > 0.0 {
-            return Err(Error::Invalid(
-                "--lora-dropout is not supported for FLUX.2 yet: use 0".into(),
-            ));
-        }
-        // The LoRA file's formats carry one alpha and no magnitudes.
-        if lora.use_dora || lora.has_patterns() {
-            return Err(Error::Invalid(
-                "DoRA and per-module ranks or alphas are not supported for FLUX.2 yet".into(),
-            ));
-        }
+        check_lora_options(lora, c)?;
         check_caption_dropout(self.caption_dropout)?;
         let text_tokens = self.empty_caption.len() / c.text_dim;
         for (i, e) in self.examples.iter().enumerate() {
@@ -637,6 +644,7 @@ pub fn run(
     })?;
     let examples = crate::images::scan_folder(data, trigger.as_deref())?;
     // Everything that can be checked before hours of encoding is checked first.
+    check_lora_options(&config.lora, &flux)?;
     let init = match &options.init_adapter {
         Some(file) => Some(read_lora(file, &flux)?),
         None => None,
@@ -701,6 +709,7 @@ pub fn run(
         (text_tokens, config.precision),
         cache.as_ref(),
         (gpu, options.gpu_memory),
+        &mut || observer.stop_requested(),
     )?;
     // Latents (on the GPU when the run trains there, uploaded only when some image misses the
     // cache), then the VAE is released.
@@ -760,6 +769,9 @@ pub fn run(
             let (latents, rows, cols) = match hit {
                 Some(hit) => hit,
                 None => {
+                    if observer.stop_requested() {
+                        return Err(stopped_before_training("encoding images"));
+                    }
                     let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
                     let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
                     let (rows, cols) = (h / 16, w / 16);
@@ -790,6 +802,9 @@ pub fn run(
         "latents: {encoded} images encoded, {} from the cache",
         examples.len() - encoded
     );
+    if observer.stop_requested() {
+        return Err(stopped_before_training("loading the transformer"));
+    }
     let model = flux2::load(path, quant)?;
     let work = ImageWork {
         model: (&model).into(),
@@ -809,6 +824,14 @@ pub fn run(
 }
 
 /// The features of the empty caption, and of each caption (shared with the examples that use it).
+/// A stop asked for (Ctrl-C) while the run prepared `what`: it ends there, its folder left as found.
+#[cfg(not(target_arch = "wasm32"))]
+fn stopped_before_training(what: &str) -> Error {
+    Error::Interrupted(format!(
+        "stopped while {what}, before the first step; nothing to save"
+    ))
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 type CaptionFeatures = (Vec<f32>, Vec<std::sync::Arc<Vec<f32>>>);
 
@@ -823,6 +846,7 @@ fn caption_features<'c>(
     (text_tokens, precision): (usize, crate::ops::Precision),
     cache: Option<&crate::train::feature_cache::FeatureCache>,
     (gpu, gpu_memory): (Option<&crate::gpu::Gpu>, Option<u64>),
+    stop_requested: &mut dyn FnMut() -> bool,
 ) -> Result<CaptionFeatures> {
     use crate::model::{QuantRequest, TokenizerFiles};
     use crate::quant::{QuantFormat, QuantSpec};
@@ -921,6 +945,9 @@ fn caption_features<'c>(
         };
         for ((caption, slot), description) in all.iter().zip(&mut features).zip(&descriptions) {
             if slot.is_none() {
+                if stop_requested() {
+                    return Err(stopped_before_training("encoding captions"));
+                }
                 let values =
                     flux2::caption_features(&encoder, executor, &tokenizer, caption, text_tokens)?;
                 if let Some((c, description)) = cache.zip(description.as_ref()) {
