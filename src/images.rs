@@ -35,6 +35,12 @@ pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample
         ));
     }
     let trigger = trigger.map(str::trim);
+    if dir.is_file() {
+        return Err(Error::Invalid(format!(
+            "{}: a file; a FLUX.2 run reads a folder of images, each with its .txt caption beside it",
+            dir.display()
+        )));
+    }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     // Hidden files are no one's images (macOS writes `._name.png` beside each image on some disks).

@@ -521,6 +521,17 @@ impl QuantRequest {
         stored: Option<QuantSpec>,
     ) -> Result<Option<QuantSpec>> {
         Ok(match request {
+            // As `ModelSource::load` refuses it.
+            Some(asked) if stored.is_some_and(|s| asked != QuantRequest::Quantize(s)) => {
+                let wanted = match asked {
+                    QuantRequest::Dense => "no quantization".to_string(),
+                    QuantRequest::Quantize(s) => s.to_string(),
+                };
+                return Err(Error::Invalid(format!(
+                    "already quantized as {}; {wanted} needs the original model folder",
+                    stored.expect("checked above")
+                )));
+            }
             Some(QuantRequest::Quantize(s)) => Some(s),
             Some(QuantRequest::Dense) => None,
             None => Some(match stored {
@@ -615,12 +626,24 @@ impl ModelSource {
 
     /// Opens a Hugging Face model folder (on disk, or as in-memory files).
     pub fn open_folder(files: ModelFiles) -> Result<Self> {
-        let config_text = files
-            .read_string("config.json")?
-            .ok_or_else(|| Error::Config {
-                path: files.display_path("config.json"),
-                msg: "missing: a model folder needs config.json".into(),
-            })?;
+        let config_text = match files.read_string("config.json")? {
+            Some(text) => text,
+            // A diffusers pipeline keeps its config in each part's folder.
+            None if files.read_string("model_index.json")?.is_some() => {
+                return Err(Error::Invalid(format!(
+                    "{}: a diffusers pipeline (model_index.json), not a language model: `nibble \
+                     train` and `nibble plan` take FLUX.2 [klein] pipelines; this command takes \
+                     language models",
+                    files.display_path("").display()
+                )));
+            }
+            None => {
+                return Err(Error::Config {
+                    path: files.display_path("config.json"),
+                    msg: "missing: a model folder needs config.json".into(),
+                });
+            }
+        };
         let config = ModelConfig::from_json_str(&config_text, &files.display_path("config.json"))?;
 
         let mut tokenizer = TokenizerFiles::default();

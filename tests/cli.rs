@@ -756,4 +756,15 @@ fn generating_past_the_models_positions_is_warned_about() {
     assert!(warned.contains("reach past the 8 positions"), "{warned}");
     let quiet = generate(11);
     assert!(!quiet.contains("positions the model"), "{quiet}");
+    // What only the chat template reads is refused with --raw rather than dropped.
+    for extra in [["--system", "be brief"], ["--chat-template-kwargs", "{}"]] {
+        let mut args = vec!["generate", "--model", s(&model), "--prompt", "hi", "--raw"];
+        args.extend(extra);
+        let out = nibble(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(extra[0]) && stderr.contains("--raw"),
+            "{stderr}"
+        );
+    }
 }

@@ -410,7 +410,11 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
     let parts = ["weights", "lora_and_optimizer", "device_step"];
     let sum: u64 = parts.iter().map(|k| plan[k].as_u64().unwrap()).sum();
     assert_eq!(sum, want.total);
-    let out = common::nibble(&["plan", folder, "--resolution", "500"]);
+    // As training takes them: sides rounded down to multiples of 16, at most 4096 pixels.
+    let at = |px: &str| json(&["plan", folder, "--resolution", px, "--json"])["total"].clone();
+    assert_eq!(at("500"), at("496"));
+    assert_ne!(at("500"), at("512"));
+    let out = common::nibble(&["plan", folder, "--resolution", "8192"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resolution"));
 }
@@ -1041,6 +1045,31 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
         !out.status.success() && stderr.contains("--resolution"),
         "{stderr}"
     );
+    // A pipeline given to a language model's command, a file as the image folder, and a text-only
+    // option are each named for what they are.
+    let out = common::nibble(&["generate", "--model", &klein, "--prompt", "hi"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("a diffusers pipeline"),
+        "{stderr}"
+    );
+    let file = s(&images.join("fox.txt"));
+    let unused = s(&root.join("unused"));
+    for (extra, named) in [
+        (["--data", file.as_str()], "a folder of images"),
+        (["--eos-token", "</s>"], "--eos-token"),
+    ] {
+        let mut args = vec![
+            "train", "--model", &klein, "--output", &unused, "--device", "cpu",
+        ];
+        if extra[0] != "--data" {
+            args.extend(["--data", &data]);
+        }
+        args.extend(extra);
+        let out = common::nibble(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(named), "{stderr}");
+    }
 }
 
 /// Configs and checkpoints that do not make a model are refused naming the file and what is wrong,
@@ -1149,19 +1178,7 @@ fn an_interruption_while_encoding_stops_the_run_there() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines, seen) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let _ = lines.send(line.clone());
-            all += &line;
-            all.push('\n');
-        }
-        all
-    });
+    let (seen, reader) = common::stderr_lines(&mut child);
     while !seen
         .recv_timeout(std::time::Duration::from_secs(120))
         .expect("the run starts encoding")

@@ -404,6 +404,16 @@ fn quantized_file_round_trips_with_config_and_tokenizer() {
         // Asking for another format than the one stored is an error, not a silent re-quantization.
         let err = reopened.load(Some(nf4(128))).unwrap_err().to_string();
         assert!(err.contains("already quantized"), "{err}");
+        // And so are the plans of `info` and `plan` (which described the other format).
+        let err = QuantRequest::planned(Some(nf4(128)), Some(qspec)).unwrap_err();
+        assert!(err.to_string().contains("already quantized"), "{err}");
+        assert!(QuantRequest::planned(Some(QuantRequest::Dense), Some(qspec)).is_err());
+        let same = QuantRequest::planned(Some(QuantRequest::Quantize(qspec)), Some(qspec));
+        assert_eq!(same.unwrap(), Some(qspec));
+        assert_eq!(
+            QuantRequest::planned(None, Some(qspec)).unwrap(),
+            Some(qspec)
+        );
         // No temporary file is left beside the output.
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -614,19 +614,7 @@ fn an_interrupted_run_resumes_to_the_uninterrupted_result() {
     // delivers it to the process and then to its group: one interruption, which still finishes the
     // step and saves (a second request would quit at once and save nothing).
     let mut child = child;
-    let (lines, taken) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            let _ = lines.send(line.clone());
-            all += &line;
-            all.push('\n');
-        }
-        all
-    });
+    let (taken, reader) = common::stderr_lines(&mut child);
     let interrupt = || {
         // SAFETY: kill(2) only sends a signal; the pid is our own child, which has not been waited
         // for, so it cannot have been reused by another process.

@@ -261,6 +261,19 @@ fn with_system(system: Option<&str>) -> Vec<Message> {
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
     let (prompt, system) = (args.prompt.as_str(), args.system.as_deref());
+    if args.raw {
+        let g = &args.generation;
+        let templated = [
+            ("system", system.is_some()),
+            ("tools", g.tools.is_some()),
+            ("chat-template-kwargs", g.chat_template_kwargs.is_some()),
+        ];
+        if let Some((name, _)) = templated.iter().find(|(_, given)| *given) {
+            anyhow::bail!(
+                "--{name} goes into the chat template's prompt, which --raw does not use"
+            );
+        }
+    }
     let mut speaker = Speaker::open(&args.generation)?;
     let text = if args.raw {
         prompt.to_string()

@@ -29,7 +29,9 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     }
     let source = model::open(path)?;
     let c = &source.config;
-    let spec = quant.planned_spec(source.stored_quant())?;
+    let spec = quant
+        .planned_spec(source.stored_quant())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let params = c.parameter_count();
     let bytes16 = model::planned_weight_bytes(c, None);
     let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));

@@ -79,9 +79,7 @@ pub fn run(args: Args) -> Result<()> {
         .transpose()?;
     if let Some(c) = nibble::models::flux2::config_at(&path)? {
         let (resolution, text_tokens) = (resolution.unwrap_or(1024), text_tokens.unwrap_or(512));
-        if !(16..=8192).contains(&resolution) || resolution % 16 != 0 {
-            bail!("--resolution must be a multiple of 16 from 16 to 8192 (got {resolution})");
-        }
+        nibble::train::flux2::check_resolution(resolution)?;
         if !(1..=4096).contains(&text_tokens) || !(1..=4096).contains(&rank) {
             bail!(
                 "--text-tokens and --lora-r must be from 1 to 4096 (got {text_tokens} and {rank})"
@@ -132,7 +130,9 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let (config, stored) = plan_source(&path)?;
-    let spec = quant.planned_spec(stored)?;
+    let spec = quant
+        .planned_spec(stored)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     if let Some(spec) = spec {
         // As training would refuse it.
         config

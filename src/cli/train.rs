@@ -82,6 +82,7 @@ fn train_klein(
         ("sample-prompts", settings.sample_prompts.is_some()),
         ("sample-steps", settings.sample_steps.is_some()),
         ("chat-template", settings.chat_template.is_some()),
+        ("eos-token", settings.eos_token.is_some()),
         ("truncation-mode", settings.truncation_mode.is_some()),
         ("dataset-text-field", settings.dataset_text_field.is_some()),
         ("loss-type", settings.loss_type.is_some()),

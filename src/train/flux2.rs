@@ -77,6 +77,17 @@ pub struct ImageWork<'a> {
     pub caption_dropout: f64,
 }
 
+/// `--resolution`, as training and `nibble plan` take it: each bucket's sides round down to
+/// multiples of 16.
+pub fn check_resolution(resolution: usize) -> Result<()> {
+    if !(16..=4096).contains(&resolution) {
+        return Err(Error::Invalid(format!(
+            "--resolution must be from 16 to 4096 pixels (got {resolution})"
+        )));
+    }
+    Ok(())
+}
+
 /// `--caption-dropout` is a probability below 1 (1 would never show a caption).
 fn check_caption_dropout(p: f64) -> Result<()> {
     if !(0.0..1.0).contains(&p) {
@@ -604,11 +615,7 @@ pub fn run(
         vae: vae_path,
     } = spec;
     check_caption_dropout(caption_dropout)?;
-    if !(16..=4096).contains(&resolution) {
-        return Err(Error::Invalid(format!(
-            "--resolution must be from 16 to 4096 pixels (got {resolution})"
-        )));
-    }
+    check_resolution(resolution)?;
     let folder = crate::train::folder::RunFolder::claim(
         output,
         options.overwrite,

@@ -1002,7 +1002,8 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     let source = crate::model::open(path)?;
     let mut config = config;
     config.max_length = within_positions(config.max_length, &source.config);
-    let storage = QuantRequest::planned(quant, source.stored_quant())?;
+    let storage = QuantRequest::planned(quant, source.stored_quant())
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
     crate::alloc::check_fits(
         "loading the model",
         crate::model::planned_weight_bytes(&source.config, storage),

@@ -34,6 +34,30 @@ pub fn nibble_command() -> std::process::Command {
 }
 
 /// Runs the nibble binary with `args` (log level warn).
+/// A running child's standard error, line by line as it comes (for waiting on a message) and whole
+/// once the child has closed it (from the returned thread).
+pub fn stderr_lines(
+    child: &mut std::process::Child,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<String>,
+) {
+    let (lines, received) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            let _ = lines.send(line.clone());
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    (received, reader)
+}
+
 pub fn nibble(args: &[&str]) -> std::process::Output {
     nibble_command().args(args).output().expect("run nibble")
 }
