@@ -162,8 +162,9 @@ fn jpeg_is_whole(data: &[u8]) -> bool {
         i += 1;
         match code {
             0xD9 => return true,
-            // Restart markers and TEM carry no length.
-            0xD0..=0xD7 | 0x01 => continue,
+            // Restart markers and TEM carry no length, and 0xFF 0x00 is no marker (libjpeg reads
+            // on after either, as after fill bytes before a restart marker inside a scan).
+            0x00 | 0x01 | 0xD0..=0xD7 => continue,
             _ => {}
         }
         let (Some(hi), Some(lo)) = (byte(i), byte(i + 1)) else {
@@ -176,6 +177,8 @@ fn jpeg_is_whole(data: &[u8]) -> bool {
             loop {
                 match (byte(i), byte(i + 1)) {
                     (Some(0xFF), Some(0x00 | 0xD0..=0xD7)) => i += 2,
+                    // A fill byte before a marker.
+                    (Some(0xFF), Some(0xFF)) => i += 1,
                     (Some(0xFF), Some(_)) => break,
                     (Some(_), _) => i += 1,
                     (None, _) => return false,
@@ -193,21 +196,17 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
         Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
     };
     // The decoder's own limits bound what a file may ask for; the EXIF orientation (phones) is applied.
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let reader = image::ImageReader::new(std::io::Cursor::new(&data))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     let format = reader.format();
     let mut decoder = reader.into_decoder().map_err(unreadable)?;
-    if format == Some(image::ImageFormat::Jpeg) {
-        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        if !jpeg_is_whole(&data) {
-            return Err(Error::Invalid(format!(
-                "{}: not a readable image: the JPEG data ends before its end marker (a file cut \
-                 short)",
-                path.display()
-            )));
-        }
+    if format == Some(image::ImageFormat::Jpeg) && !jpeg_is_whole(&data) {
+        return Err(Error::Invalid(format!(
+            "{}: not a readable image: the JPEG data ends before its end marker (a file cut short)",
+            path.display()
+        )));
     }
     let orientation = image::ImageDecoder::orientation(&mut decoder).map_err(unreadable)?;
     let mut image = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
@@ -257,6 +256,43 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Marker segments as encoders write them, around scan data with stuffed bytes, restart markers
+    /// after fill bytes, and an EXIF thumbnail whose own end marker sits inside an APP1 segment.
+    #[test]
+    fn a_jpeg_is_whole_up_to_its_end_marker_and_not_before() {
+        let segment = |code: u8, body: &[u8]| {
+            let mut s = vec![0xFF, code];
+            s.extend_from_slice(&((body.len() + 2) as u16).to_be_bytes());
+            s.extend_from_slice(body);
+            s
+        };
+        let thumbnail = [0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02, 0x11, 0xFF, 0xD9];
+        let mut jpeg = vec![0xFF, 0xD8];
+        jpeg.extend(segment(0xE1, &thumbnail));
+        jpeg.extend(segment(0xDB, &[7; 65]));
+        jpeg.extend(segment(0xC2, &[8; 15]));
+        jpeg.extend(segment(0xDA, &[1, 2, 3, 4]));
+        // Scan data: a stuffed 0xFF, fill bytes then a restart marker, another stuffed 0xFF.
+        jpeg.extend([
+            0x12, 0xFF, 0x00, 0x34, 0xFF, 0xFF, 0xD0, 0x56, 0xFF, 0x00, 0x78,
+        ]);
+        // A second scan of a progressive file, tables between.
+        jpeg.extend(segment(0xC4, &[9; 20]));
+        jpeg.extend(segment(0xDA, &[1, 2, 3, 4]));
+        jpeg.extend([0x9A, 0xFF, 0x00, 0xBC]);
+        let scans_end = jpeg.len();
+        jpeg.extend([0xFF, 0xFF, 0xD9]);
+        assert!(jpeg_is_whole(&jpeg));
+        // What follows the end marker is not read.
+        let mut trailer = jpeg.clone();
+        trailer.extend([0xFF, 0xDA, 0x00]);
+        assert!(jpeg_is_whole(&trailer));
+        // Cut anywhere before the end marker, it is not whole.
+        for cut in 0..scans_end + 2 {
+            assert!(!jpeg_is_whole(&jpeg[..cut]), "cut at {cut}");
+        }
+    }
 
     #[test]
     fn buckets_keep_the_aspect_with_about_the_area_in_sides_of_16() {

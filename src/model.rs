@@ -631,9 +631,8 @@ impl ModelSource {
             // A diffusers pipeline keeps its config in each part's folder.
             None if files.read_string("model_index.json")?.is_some() => {
                 return Err(Error::Invalid(format!(
-                    "{}: a diffusers pipeline (model_index.json), not a language model: `nibble \
-                     train` and `nibble plan` take FLUX.2 [klein] pipelines; this command takes \
-                     language models",
+                    "{}: a diffusers pipeline (model_index.json) that is not a language model: \
+                     nibble takes FLUX.2 [klein] pipelines (train, plan, info) and language models",
                     files.display_path("").display()
                 )));
             }

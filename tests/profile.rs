@@ -49,7 +49,7 @@ fn both_executors_file_their_time_under_the_graph_operations() {
     assert!(cpu_total <= cpu_wall, "{cpu_total:?} timed in {cpu_wall:?}");
     // Beside each CPU row, the cores it kept busy: more than none, no more than the threads it has
     // (with room for the two clocks being read apart), on the rows long enough to tell.
-    #[cfg(unix)]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let report = profile::CPU.report().unwrap();
         let threads = rayon::current_num_threads() as f64;

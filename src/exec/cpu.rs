@@ -277,14 +277,17 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
         packed: None,
     };
     for (i, node) in graph.nodes.iter().enumerate() {
+        // The CPU clock is a system call: read outside the wall clock's window, which small
+        // operations (a decoded token's) would otherwise count as theirs.
         let started =
-            profile::enabled().then(|| (std::time::Instant::now(), profile::process_cpu_time()));
+            profile::enabled().then(|| (profile::process_cpu_time(), std::time::Instant::now()));
         exec.node(graph, node, &mut slots);
-        if let Some((started, cpu)) = started {
+        if let Some((cpu, started)) = started {
+            let took = started.elapsed();
             let cpu = cpu
                 .zip(profile::process_cpu_time())
                 .map(|(a, b)| b.saturating_sub(a));
-            profile::CPU.add(&profile::op_name(&node.op), started.elapsed(), cpu);
+            profile::CPU.add(&profile::op_name(&node.op), took, cpu);
         }
         if exec
             .packed

@@ -41,7 +41,9 @@ struct Totals {
 
 /// The CPU time of every thread of this process so far, where the system tells it.
 pub(crate) fn process_cpu_time() -> Option<Duration> {
-    #[cfg(unix)]
+    // libc is a dependency where nibble needs it elsewhere (Linux with glibc); other systems'
+    // tables leave the column out.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let mut now = libc::timespec {
             tv_sec: 0,
@@ -51,7 +53,7 @@ pub(crate) fn process_cpu_time() -> Option<Duration> {
         let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) } == 0;
         ok.then(|| Duration::new(now.tv_sec as u64, now.tv_nsec as u32))
     }
-    #[cfg(not(unix))]
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
         None
     }

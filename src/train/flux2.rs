@@ -735,8 +735,9 @@ pub fn run(
         .map(|e| {
             let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
             c.describe(|| {
+                // The last line names how pixels are made (sessions before 36 resized, then cropped).
                 Ok(format!(
-                    "vae {vae}\nimage {}\nresolution {resolution}",
+                    "vae {vae}\nimage {}\nresolution {resolution}\npixels centre cropped, then resized",
                     file_digest(&e.image)?
                 ))
             })
@@ -830,7 +831,6 @@ pub fn run(
     run.launch(gpu, folder, output, observer)
 }
 
-/// The features of the empty caption, and of each caption (shared with the examples that use it).
 /// A stop asked for (Ctrl-C) while the run prepared `what`: it ends there, its folder left as found.
 #[cfg(not(target_arch = "wasm32"))]
 fn stopped_before_training(what: &str) -> Error {
@@ -839,6 +839,7 @@ fn stopped_before_training(what: &str) -> Error {
     ))
 }
 
+/// The features of the empty caption, and of each caption (shared with the examples that use it).
 #[cfg(not(target_arch = "wasm32"))]
 type CaptionFeatures = (Vec<f32>, Vec<std::sync::Arc<Vec<f32>>>);
 

@@ -33,7 +33,6 @@ pub fn nibble_command() -> std::process::Command {
     command
 }
 
-/// Runs the nibble binary with `args` (log level warn).
 /// A running child's standard error, line by line as it comes (for waiting on a message) and whole
 /// once the child has closed it (from the returned thread).
 pub fn stderr_lines(
@@ -58,6 +57,7 @@ pub fn stderr_lines(
     (received, reader)
 }
 
+/// Runs the nibble binary with `args` (log level warn).
 pub fn nibble(args: &[&str]) -> std::process::Output {
     nibble_command().args(args).output().expect("run nibble")
 }
