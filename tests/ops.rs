@@ -373,7 +373,7 @@ fn rope_rotates_pairs(adjacent: bool, rotated: usize) {
         }
     };
     let mut rng = Rng::new(13);
-    let (tokens, heads, d) = (9, 3, 16);
+    let (tokens, heads, d) = (41, 3, 16); // more tokens than one of `apply`'s tasks takes
     let inv = rope::inv_freq(rotated, 10000.0, &RopeScaling::None);
     for (i, f) in inv.iter().enumerate() {
         let expected = 1.0 / 10000f64.powf(2.0 * i as f64 / rotated as f64);

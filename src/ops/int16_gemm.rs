@@ -510,54 +510,78 @@ struct Quantized {
 }
 
 impl Quantized {
-    fn new(row_pairs: usize, chunk_pairs: usize) -> Self {
-        Quantized {
-            pairs: Vec::new(),
-            steps: Vec::new(),
-            sums: Vec::new(),
-            row_pairs,
-            chunk_pairs,
-        }
-    }
-
     fn chunks(&self) -> usize {
         self.row_pairs / self.chunk_pairs
     }
 
-    /// Appends one row of 2·row_pairs values (`row`), each chunk scaled to the integers' range: pair i
-    /// holds values (i, i + 1) in `Order::Adjacent`, and in `Order::Words` (8w + c, 8w + c + 4) for
-    /// i = 4w + c.
-    fn push_row(&mut self, kernel: Kernel, row: RowValues, order: Order, sums: bool) {
-        let chunk_len = 2 * self.chunk_pairs;
-        assert!(row.values.len() <= 2 * self.row_pairs && chunk_len.is_multiple_of(8));
+    /// Every row of `values` (rows of `cols` values, zeros to whole chunks), each chunk scaled to the
+    /// integers' range: pair i holds values (i, i + 1) in `Order::Adjacent`, and in `Order::Words`
+    /// (8w + c, 8w + c + 4) for i = 4w + c. Rows are quantized on every thread when there are enough
+    /// of them: done on one, this was about a twentieth of the input gradient's time with the
+    /// other core idle.
+    fn from_rows(
+        kernel: Kernel,
+        values: &[f32],
+        cols: usize,
+        (row_pairs, chunk_pairs): (usize, usize),
+        order: Order,
+        sums: bool,
+    ) -> Self {
+        let chunk_len = 2 * chunk_pairs;
+        assert!(cols <= 2 * row_pairs && chunk_len.is_multiple_of(8));
+        assert!(!sums || cols == 2 * row_pairs);
+        let rows = values.len() / cols.max(1);
+        let chunks = row_pairs / chunk_pairs;
+        let mut quantized = Quantized {
+            pairs: vec![0; rows * row_pairs],
+            steps: vec![0.0; rows * chunks],
+            sums: vec![0.0; if sums { rows * chunks } else { 0 }],
+            row_pairs,
+            chunk_pairs,
+        };
         let top = activation_max(chunk_len);
-        let (pairs_at, steps_at) = (self.pairs.len(), self.steps.len());
-        self.pairs.resize(pairs_at + self.row_pairs, 0);
-        self.steps
-            .resize(steps_at + self.row_pairs / self.chunk_pairs, 0.0);
-        let (pairs, steps) = (&mut self.pairs[pairs_at..], &mut self.steps[steps_at..]);
-        #[cfg(target_arch = "x86_64")]
-        if kernel != Kernel::Portable {
-            // SAFETY: as in decode_forward_strip.
-            unsafe { x86::quantize_row(row, chunk_len, top, order, pairs, steps) };
-        } else {
-            quantize_row(row, chunk_len, top, order, pairs, steps);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
+        let quantize = |((values, pairs), steps): ((&[f32], &mut [i32]), &mut [f32])| {
+            let row = RowValues { values };
+            #[cfg(target_arch = "x86_64")]
+            if kernel != Kernel::Portable {
+                // SAFETY: as in decode_forward_strip.
+                return unsafe { x86::quantize_row(row, chunk_len, top, order, pairs, steps) };
+            }
+            #[cfg(not(target_arch = "x86_64"))]
             let _ = kernel;
-            quantize_row(row, chunk_len, top, order, pairs, steps);
+            quantize_row(row, chunk_len, top, order, pairs, steps)
+        };
+        let (pairs, steps) = (&mut quantized.pairs, &mut quantized.steps);
+        if values.len() >= PARALLEL_QUANTIZE_VALUES {
+            values
+                .par_chunks_exact(cols)
+                .zip(pairs.par_chunks_exact_mut(row_pairs))
+                .zip(steps.par_chunks_exact_mut(chunks))
+                .for_each(quantize);
+        } else {
+            values
+                .chunks_exact(cols)
+                .zip(pairs.chunks_exact_mut(row_pairs))
+                .zip(steps.chunks_exact_mut(chunks))
+                .for_each(quantize);
         }
         if sums {
-            assert!(row.values.len() == 2 * self.row_pairs);
-            self.sums.extend(
-                row.values
-                    .chunks_exact(chunk_len)
-                    .map(|c| c.iter().sum::<f32>()),
-            );
+            for (row, sums) in values
+                .chunks_exact(cols)
+                .zip(quantized.sums.chunks_exact_mut(chunks))
+            {
+                for (chunk, sum) in row.chunks_exact(chunk_len).zip(sums) {
+                    *sum = chunk.iter().sum::<f32>();
+                }
+            }
         }
+        quantized
     }
 }
+
+/// Values from which `Quantized::from_rows` quantizes on every thread (below, a task costs more
+/// than the work it takes on).
+const PARALLEL_QUANTIZE_VALUES: usize = 32 * 1024;
 
 /// A row to quantize: its values, then zeros to whole chunks.
 #[derive(Clone, Copy)]
@@ -1406,11 +1430,8 @@ fn check_tensor(q: &QuantTensor) {
 /// x [tokens, cols] quantized for the forward product: chunks are the weight's groups, pair 4w + c
 /// holds columns 8w + c and 8w + c + 4.
 fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: bool) -> Quantized {
-    let mut qx = Quantized::new(cols / 2, group / 2);
-    for row in x.chunks_exact(cols) {
-        qx.push_row(kernel, RowValues { values: row }, Order::Words, sums);
-    }
-    qx
+    let shape = (cols / 2, group / 2);
+    Quantized::from_rows(kernel, x, cols, shape, Order::Words, sums)
 }
 
 /// y[t] = x[t]·Wᵀ over all of W's rows, for any number of tokens (y is tokens x rows).
@@ -1483,24 +1504,29 @@ fn relative_scales(q: &QuantTensor, factor: f32) -> (Vec<i16>, Vec<f32>) {
     let chunks = q.rows.div_ceil(AW_CHUNK);
     let mut multipliers = vec![0i16; groups * q.rows];
     let mut largest = vec![0f32; groups * chunks];
-    for g in 0..groups {
-        for c in 0..chunks {
-            let rows = c * AW_CHUNK..((c + 1) * AW_CHUNK).min(q.rows);
-            let top = rows
-                .clone()
-                .map(|o| q.scales[o * groups + g].abs())
-                .fold(0f32, f32::max);
-            largest[g * chunks + c] = top / factor * (32768.0 / 32767.0);
-            for o in rows {
-                let relative = if top > 0.0 {
-                    q.scales[o * groups + g] / top
-                } else {
-                    0.0
-                };
-                multipliers[g * q.rows + o] = (relative * 32767.0).round() as i16;
+    // On every thread: on one, this was a fiftieth of the input gradient's time with a core idle.
+    multipliers
+        .par_chunks_mut(q.rows)
+        .zip(largest.par_chunks_mut(chunks))
+        .enumerate()
+        .for_each(|(g, (multipliers, largest))| {
+            for (c, largest) in largest.iter_mut().enumerate() {
+                let rows = c * AW_CHUNK..((c + 1) * AW_CHUNK).min(q.rows);
+                let top = rows
+                    .clone()
+                    .map(|o| q.scales[o * groups + g].abs())
+                    .fold(0f32, f32::max);
+                *largest = top / factor * (32768.0 / 32767.0);
+                for o in rows {
+                    let relative = if top > 0.0 {
+                        q.scales[o * groups + g] / top
+                    } else {
+                        0.0
+                    };
+                    multipliers[o] = (relative * 32767.0).round() as i16;
+                }
             }
-        }
-    }
+        });
     (multipliers, largest)
 }
 
@@ -1534,17 +1560,18 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
         }
         Frozen::Dense { .. } => None,
     };
-    let per_task = (groups / (4 * rayon::current_num_threads())).max(1);
+    // A group per task: a task runs its groups one at a time anyway, and with many small tasks the
+    // threads finish together (down_proj's 76 groups in 9 tasks left a core idle for a twentieth of
+    // its input gradient).
+    let per_task = 1;
     let tasks = groups.div_ceil(per_task);
     let block = (BLOCK_BYTES / (2 * g)).clamp(AW_CHUNK, 4 * AW_CHUNK) / AW_CHUNK * AW_CHUNK;
     let dx_columns = super::packed_gemm::ColumnRanges::new(dx, cols);
     for t0 in (0..tokens).step_by(TOKEN_CHUNK) {
         let tc = TOKEN_CHUNK.min(tokens - t0);
         let a_chunk = &a[t0 * rows..(t0 + tc) * rows];
-        let mut qa = Quantized::new(chunks * AW_CHUNK / 2, AW_CHUNK / 2);
-        for row in a_chunk.chunks_exact(rows) {
-            qa.push_row(kernel, RowValues { values: row }, Order::Adjacent, false);
-        }
+        let shape = (chunks * AW_CHUNK / 2, AW_CHUNK / 2);
+        let qa = Quantized::from_rows(kernel, a_chunk, rows, shape, Order::Adjacent, false);
         (0..tasks).into_par_iter().for_each_init(
             || Scratch {
                 panel: Panel::default(),

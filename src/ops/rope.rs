@@ -5,6 +5,7 @@
 use crate::config::RopeScaling;
 use crate::exec::gpu::Recorder;
 use crate::gpu::GpuBuffer;
+use rayon::prelude::*;
 
 /// transformers' `inv_freq` for `head_dim` rotated channels (LongRoPE's short factors).
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
@@ -197,21 +198,25 @@ pub fn apply(
     let half = rotated / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     let (first, second) = if adjacent { (2, 1) } else { (1, half) };
-    for (t, row) in x.chunks_mut(heads * head_dim).enumerate() {
-        let (c, s) = (
-            &cos[t * half..(t + 1) * half],
-            &sin[t * half..(t + 1) * half],
-        );
-        for head in row.chunks_mut(head_dim) {
-            for i in 0..half {
-                let (j1, j2) = (i * first, i * first + second);
-                let (x1, x2) = (head[j1], head[j2]);
-                let si = sign * s[i];
-                head[j1] = x1 * c[i] - x2 * si;
-                head[j2] = x2 * c[i] + x1 * si;
+    // Tokens on every thread, a few dozen per task: on one thread this left a core idle.
+    x.par_chunks_mut(heads * head_dim)
+        .with_min_len(32)
+        .enumerate()
+        .for_each(|(t, row)| {
+            let (c, s) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            for head in row.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (j1, j2) = (i * first, i * first + second);
+                    let (x1, x2) = (head[j1], head[j2]);
+                    let si = sign * s[i];
+                    head[j1] = x1 * c[i] - x2 * si;
+                    head[j2] = x2 * c[i] + x1 * si;
+                }
             }
-        }
-    }
+        });
 }
 
 /// The uniform of shaders/rope.wgsl; `sign` −1 applies the inverse rotation (the backward).
