@@ -717,6 +717,9 @@ impl ModelConfig {
             refuse_gemma4_parts(&fields)?;
         }
         let hidden_size = fields.usize("hidden_size")?;
+        if hidden_size == 0 {
+            return Err(err("`hidden_size` must be positive".into()));
+        }
         let num_heads = fields.usize("num_attention_heads")?;
         if num_heads == 0 {
             return Err(err("`num_attention_heads` must be positive".into()));

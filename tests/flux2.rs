@@ -312,6 +312,80 @@ fn a_bfl_transformer_file_is_the_same_model() {
     );
 }
 
+/// `--model` may name a pipeline, its `transformer/` folder or the weights file in it: the text
+/// encoder, tokenizer and VAE are the pipeline's, and the run is the same. A transformer outside a
+/// pipeline is told to name them, and a diffusers text encoder folder finds its tokenizer beside it.
+#[test]
+fn a_pipelines_transformer_folder_or_file_trains_with_the_rest_of_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let klein = root.join("klein");
+    let out = common::nibble(&["synth", "--preset", "flux2-klein-tiny", "-o", &s(&klein)]);
+    assert!(out.status.success());
+    let images = root.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let mut rng = nibble::rng::Rng::new(11);
+    for name in ["a", "b"] {
+        let image = image::RgbImage::from_fn(40, 32, |_, _| {
+            image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))
+        });
+        image.save(images.join(format!("{name}.png"))).unwrap();
+        std::fs::write(images.join(format!("{name}.txt")), name).unwrap();
+    }
+    let train = |model: &Path, output: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--model"];
+        let (model, data, output) = (s(model), s(&images), s(&root.join(output)));
+        args.extend([model.as_str(), "--data", &data, "--output", &output]);
+        args.extend(["--resolution", "32", "--max-steps", "1", "--no-cache"]);
+        args.extend(["--precision", "f32", "--device", "cpu"]);
+        args.extend(extra);
+        let out = common::nibble(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let metrics = std::fs::read_to_string(root.join(&output).join("metrics.jsonl"));
+        (out.status.success(), stderr, metrics.unwrap_or_default())
+    };
+    let (ok, stderr, whole) = train(&klein, "whole", &[]);
+    assert!(ok && !whole.is_empty(), "{stderr}");
+    let transformer = klein.join("transformer");
+    let weights = transformer.join("diffusion_pytorch_model.safetensors");
+    let loss = |metrics: &str| -> f64 {
+        let first: serde_json::Value =
+            serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        first["loss"].as_f64().unwrap()
+    };
+    for (model, output) in [(&transformer, "folder"), (&weights, "file")] {
+        let (ok, stderr, metrics) = train(model, output, &[]);
+        assert!(ok, "{output}: {stderr}");
+        assert_eq!(loss(&metrics), loss(&whole), "{output}");
+    }
+    let out = common::nibble(&["info", &s(&weights)]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FLUX.2"));
+
+    let solo = root.join("solo");
+    std::fs::create_dir(&solo).unwrap();
+    for entry in std::fs::read_dir(&transformer).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), solo.join(entry.file_name())).unwrap();
+    }
+    let (ok, stderr, _) = train(&solo, "alone", &[]);
+    assert!(
+        !ok && stderr.contains("outside a pipeline folder") && stderr.contains("--text-encoder"),
+        "{stderr}"
+    );
+    assert!(!root.join("alone").exists());
+    let (text_encoder, vae) = (s(&klein.join("text_encoder")), s(&klein.join("vae")));
+    let named = [
+        "--text-encoder",
+        text_encoder.as_str(),
+        "--vae",
+        vae.as_str(),
+    ];
+    let (ok, stderr, metrics) = train(&solo, "named", &named);
+    assert!(ok, "{stderr}");
+    assert_eq!(loss(&metrics), loss(&whole));
+}
+
 /// klein 9B's transformer config as diffusers ships it.
 const KLEIN_9B: &str = r#"{"_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128,
   "axes_dims_rope": [32, 32, 32, 32], "eps": 1e-06, "guidance_embeds": false, "in_channels": 128,
@@ -1195,6 +1269,11 @@ fn an_interruption_while_encoding_stops_the_run_there() {
     let stderr = reader.join().unwrap();
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("stopped while encoding"), "{stderr}");
+    assert!(
+        stderr.contains("stopping before training starts")
+            && !stderr.contains("finishing the current step"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("latents: 3 images encoded"), "{stderr}");
     assert!(!output.exists(), "{stderr}");
     eprintln!("stopped {:?} after the signal", started.elapsed());

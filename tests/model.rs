@@ -689,6 +689,11 @@ fn bad_config_values_are_named() {
             "`hidden_size` must be a non-negative integer",
         ),
         (
+            "\"hidden_size\": 64",
+            "\"hidden_size\": 0",
+            "`hidden_size` must be positive",
+        ),
+        (
             "\"hidden_act\": \"silu\"",
             "\"hidden_act\": \"gelu\"",
             "hidden_act `gelu`",

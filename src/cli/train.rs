@@ -155,6 +155,9 @@ fn train_klein(
 /// Set by the first Ctrl-C or SIGTERM: the run stops after the step under way, with a checkpoint.
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Set when the steps begin: before, a run stops where it is (loading, encoding images) instead.
+static TRAINING: AtomicBool = AtomicBool::new(false);
+
 /// A second signal this soon after the first is the same interruption delivered twice, not a second
 /// request: `timeout -s INT` signals the process and then its whole group, and a supervisor may signal
 /// the process and its group alike, all within microseconds; a person interrupting again takes longer.
@@ -168,10 +171,15 @@ fn stop_on_signals() {
         None => {
             first = Some(std::time::Instant::now());
             STOP.store(true, Ordering::SeqCst);
-            eprintln!(
-                "\nfinishing the current step, then saving a checkpoint (interrupt again to quit at \
-                 once)"
-            );
+            match TRAINING.load(Ordering::SeqCst) {
+                true => eprintln!(
+                    "\nfinishing the current step, then saving a checkpoint (interrupt again to \
+                     quit at once)"
+                ),
+                false => {
+                    eprintln!("\nstopping before training starts (interrupt again to quit at once)")
+                }
+            }
         }
         Some(at) if at.elapsed() < SAME_INTERRUPTION => {}
         Some(_) => {
@@ -196,6 +204,7 @@ struct Progress {
 
 impl Observer for Progress {
     fn started(&mut self, trainer: &Trainer) {
+        TRAINING.store(true, Ordering::SeqCst);
         self.total = trainer.total_steps;
         self.shown = Some(progress::Progress::start(
             "step",

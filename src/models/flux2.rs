@@ -323,14 +323,33 @@ impl FrozenWeights for Flux2Model {
     }
 }
 
-/// The transformer folder of a diffusers FLUX.2 pipeline (the folder holding `model_index.json`, or
-/// its `transformer/` folder itself).
+/// The transformer folder of a diffusers FLUX.2 pipeline given as the pipeline's folder (the one
+/// holding `model_index.json`), its `transformer/` folder, or a weights file in that folder.
 pub fn transformer_folder(path: &Path) -> Option<PathBuf> {
-    let candidates = [path.join("transformer"), path.to_path_buf()];
+    let weights_file = path.is_file() && path.extension().is_some_and(|e| e == "safetensors");
+    let candidates = match weights_file {
+        true => vec![path.parent()?.to_path_buf()],
+        false => vec![path.join("transformer"), path.to_path_buf()],
+    };
     candidates.into_iter().find(|d| {
         crate::fsutil::read_to_string(&d.join("config.json"))
             .is_ok_and(|t| t.contains("\"Flux2Transformer2DModel\""))
     })
+}
+
+/// The pipeline folder around a diffusers FLUX.2 transformer given as `path` (see
+/// `transformer_folder`): where its text encoder, tokenizer and VAE are unless named. None for a
+/// transformer outside a pipeline (a `transformer/` folder copied out, BFL's single files).
+pub fn pipeline_folder(path: &Path) -> Option<PathBuf> {
+    let transformer = transformer_folder(path)?;
+    if transformer == path.join("transformer") {
+        return Some(path.to_path_buf());
+    }
+    let pipeline = transformer.parent()?;
+    pipeline
+        .join("model_index.json")
+        .is_file()
+        .then(|| pipeline.to_path_buf())
 }
 
 /// The key every FLUX.2 transformer file in BFL's naming holds, after an optional prefix
@@ -1329,10 +1348,7 @@ pub fn config_at(path: &Path) -> Result<Option<Flux2Config>> {
     if let Some((file, prefix)) = bfl_file(path)? {
         return Flux2Config::from_bfl(&file, &prefix).map(Some);
     }
-    let file = if path.is_file() {
-        if path.extension().is_none_or(|e| e != "json") {
-            return Ok(None);
-        }
+    let file = if path.is_file() && path.extension().is_some_and(|e| e == "json") {
         path.to_path_buf()
     } else {
         match transformer_folder(path) {

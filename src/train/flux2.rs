@@ -588,6 +588,24 @@ pub struct FluxRunSpec<'a> {
     pub vae: Option<std::path::PathBuf>,
 }
 
+/// Where the tokenizer of the text encoder in `text_encoder` is: that folder, or the `tokenizer/`
+/// folder beside it when only that one holds a tokenizer.json (a diffusers pipeline's layout).
+#[cfg(not(target_arch = "wasm32"))]
+fn tokenizer_folder(text_encoder: &std::path::Path) -> std::path::PathBuf {
+    let beside = text_encoder
+        .parent()
+        .map(|pipeline| pipeline.join("tokenizer"));
+    match beside {
+        Some(beside)
+            if !text_encoder.join("tokenizer.json").exists()
+                && beside.join("tokenizer.json").is_file() =>
+        {
+            beside
+        }
+        _ => text_encoder.to_path_buf(),
+    }
+}
+
 /// Trains a klein LoRA: caption features (the text encoder, then released), image latents (the VAE,
 /// then released), then the transformer's steps on the GPU executor when `gpu` is given, else on the
 /// CPU executor; metrics.jsonl, checkpoints and `--resume` as for language models, and the LoRA file
@@ -621,23 +639,26 @@ pub fn run(
         options.overwrite,
         options.resume.as_deref(),
     )?;
-    // A pipeline folder holds the text encoder, tokenizer and VAE; a transformer file needs them named.
-    if !path.is_dir() && (text_encoder.is_none() || vae_path.is_none()) {
-        return Err(Error::Invalid(format!(
-            "{} is a transformer file: give --text-encoder DIR (Qwen3 with its tokenizer) and --vae FILE \
-             (flux2-vae.safetensors, or a diffusers AutoencoderKLFlux2 folder); a pipeline folder has \
-             its own",
+    // A pipeline folder holds the text encoder, tokenizer and VAE; a transformer outside one needs
+    // them named.
+    let pipeline = flux2::pipeline_folder(path);
+    let pipeline_part = |part: &str| match &pipeline {
+        Some(folder) => Ok(folder.join(part)),
+        None => Err(Error::Invalid(format!(
+            "{} is a FLUX.2 transformer outside a pipeline folder: give --text-encoder DIR (Qwen3 \
+             with its tokenizer) and --vae FILE (flux2-vae.safetensors, or a diffusers \
+             AutoencoderKLFlux2 folder); a pipeline folder has its own",
             path.display()
-        )));
-    }
-    let text_dir = text_encoder
-        .clone()
-        .unwrap_or_else(|| path.join("text_encoder"));
-    let tokenizer_dir = match &text_encoder {
-        Some(dir) => dir.clone(),
-        None => path.join("tokenizer"),
+        ))),
     };
-    let vae_path = vae_path.unwrap_or_else(|| path.join("vae"));
+    let (text_dir, tokenizer_dir) = match &text_encoder {
+        Some(dir) => (dir.clone(), tokenizer_folder(dir)),
+        None => (pipeline_part("text_encoder")?, pipeline_part("tokenizer")?),
+    };
+    let vae_path = match vae_path {
+        Some(vae) => vae,
+        None => pipeline_part("vae")?,
+    };
     let inputs = [
         Some(path),
         Some(data),

@@ -359,8 +359,8 @@ pub struct TrainSettings {
     /// $NIBBLE_CACHE_DIR, $XDG_CACHE_HOME/nibble or ~/.cache/nibble).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// FLUX.2: the Qwen3 text encoder folder, with its tokenizer (a pipeline folder has its own; a
-    /// transformer file needs one).
+    /// FLUX.2: the Qwen3 text encoder folder, its tokenizer.json in it or in a `tokenizer/` folder
+    /// beside it (a pipeline folder has its own; a transformer outside one needs one).
     #[arg(long)]
     pub text_encoder: Option<PathBuf>,
     /// FLUX.2: the VAE, as BFL's single file (flux2-vae.safetensors) or a diffusers
