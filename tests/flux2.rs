@@ -18,7 +18,7 @@ use nibble::models::flux2::{self, Flux2Inputs, Flux2Step};
 use nibble::ops::Precision;
 use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::SafetensorsFile;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const FIXTURE: &str = "tests/fixtures/flux2";
 
@@ -312,6 +312,35 @@ fn a_bfl_transformer_file_is_the_same_model() {
     );
 }
 
+/// A tiny klein pipeline in `root/klein` and a folder `root/images` of random PNGs, each
+/// (name, (width, height), caption) with its caption beside it.
+fn klein_and_images(root: &Path, seed: u64, images: &[(&str, (u32, u32), &str)]) -> [PathBuf; 2] {
+    let klein = root.join("klein");
+    let out = common::nibble(&[
+        "synth",
+        "--preset",
+        "flux2-klein-tiny",
+        "-o",
+        klein.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let folder = root.join("images");
+    std::fs::create_dir(&folder).unwrap();
+    let mut rng = nibble::rng::Rng::new(seed);
+    for &(name, (w, h), caption) in images {
+        let image = image::RgbImage::from_fn(w, h, |_, _| {
+            image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))
+        });
+        image.save(folder.join(format!("{name}.png"))).unwrap();
+        std::fs::write(folder.join(format!("{name}.txt")), caption).unwrap();
+    }
+    [klein, folder]
+}
+
 /// `--model` may name a pipeline, its `transformer/` folder or the weights file in it: the text
 /// encoder, tokenizer and VAE are the pipeline's, and the run is the same. A transformer outside a
 /// pipeline is told to name them, and a diffusers text encoder folder finds its tokenizer beside it.
@@ -320,19 +349,7 @@ fn a_pipelines_transformer_folder_or_file_trains_with_the_rest_of_the_pipeline()
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let klein = root.join("klein");
-    let out = common::nibble(&["synth", "--preset", "flux2-klein-tiny", "-o", &s(&klein)]);
-    assert!(out.status.success());
-    let images = root.join("images");
-    std::fs::create_dir(&images).unwrap();
-    let mut rng = nibble::rng::Rng::new(11);
-    for name in ["a", "b"] {
-        let image = image::RgbImage::from_fn(40, 32, |_, _| {
-            image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))
-        });
-        image.save(images.join(format!("{name}.png"))).unwrap();
-        std::fs::write(images.join(format!("{name}.txt")), name).unwrap();
-    }
+    let [klein, images] = klein_and_images(root, 11, &[("a", (40, 32), "a"), ("b", (40, 32), "b")]);
     let train = |model: &Path, output: &str, extra: &[&str]| {
         let mut args = vec!["train", "--model"];
         let (model, data, output) = (s(model), s(&images), s(&root.join(output)));
@@ -812,31 +829,14 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let out = common::nibble(&[
-        "synth",
-        "--preset",
-        "flux2-klein-tiny",
-        "-o",
-        &s(&root.join("klein")),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let [_, images] = klein_and_images(
+        root,
+        5,
+        &[
+            ("fox", (64, 48), "a [trigger] fox"),
+            ("snow", (40, 64), "snow"),
+        ],
     );
-    let images = root.join("images");
-    std::fs::create_dir(&images).unwrap();
-    let mut rng = nibble::rng::Rng::new(5);
-    for (name, (w, h), caption) in [
-        ("fox", (64, 48), "a [trigger] fox"),
-        ("snow", (40, 64), "snow"),
-    ] {
-        let image = image::RgbImage::from_fn(w, h, |_, _| {
-            image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))
-        });
-        image.save(images.join(format!("{name}.png"))).unwrap();
-        std::fs::write(images.join(format!("{name}.txt")), caption).unwrap();
-    }
     let (klein, data, cache) = (s(&root.join("klein")), s(&images), s(&root.join("cache")));
     let train = |output: &str, extra: &[&str]| {
         let mut args = vec![
@@ -1223,19 +1223,12 @@ fn an_interruption_while_encoding_stops_the_run_there() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let klein = root.join("klein");
-    let out = common::nibble(&["synth", "--preset", "flux2-klein-tiny", "-o", &s(&klein)]);
-    assert!(out.status.success());
-    let images = root.join("images");
-    std::fs::create_dir(&images).unwrap();
-    let mut rng = nibble::rng::Rng::new(9);
-    for name in ["a", "b", "c"] {
-        let image = image::RgbImage::from_fn(48, 48, |_, _| {
-            image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))
-        });
-        image.save(images.join(format!("{name}.png"))).unwrap();
-        std::fs::write(images.join(format!("{name}.txt")), name).unwrap();
-    }
+    let three = [
+        ("a", (48, 48), "a"),
+        ("b", (48, 48), "b"),
+        ("c", (48, 48), "c"),
+    ];
+    let [klein, images] = klein_and_images(root, 9, &three);
     let output = root.join("run");
     // At 1024 px each latent takes seconds of the VAE: the signal lands while they are encoded.
     let mut child = common::nibble_command()
