@@ -369,6 +369,11 @@ pub fn factor_key(path: &str, f: Factor) -> String {
     }
 }
 
+/// A PEFT pattern as Python's `re.fullmatch` applies it: matching a whole module path.
+fn whole_match(pattern: &str) -> std::result::Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
+}
+
 /// Whether a module path is named by a PEFT `target_modules` entry: the path itself or its last
 /// components (`q_proj`, `self_attn.q_proj`, `model.layers.3.self_attn.q_proj`), as PEFT matches a list.
 pub fn targets_module(target: &str, path: &str) -> bool {
@@ -648,6 +653,20 @@ impl LoraAdapter {
         };
         let use_rslora = switch("use_rslora")?;
         let mut weights = files.open_safetensors("adapter_model.safetensors")?;
+        // The adapted modules as PEFT named them when it saved the adapter (a pattern among the
+        // targets was matched against these names).
+        let saved_modules: Vec<String> = weights
+            .tensor_names()
+            .filter_map(|n| {
+                n.strip_prefix("base_model.model.")?
+                    .strip_suffix(".lora_A.weight")
+                    .map(str::to_string)
+            })
+            .collect();
+        let module_path = |saved: &str| match model.multimodal {
+            Some(_) => crate::model::multimodal_name(saved).unwrap_or_else(|| saved.to_string()),
+            None => saved.to_string(),
+        };
         if model.multimodal.is_some() {
             // PEFT with transformers before 4.52 named a multimodal model's text modules in the
             // checkpoints' older spelling (`base_model.model.language_model.model.layers...`).
@@ -670,24 +689,23 @@ impl LoraAdapter {
             // a multimodal model's vision tower out): the modules it matched are the ones the weights
             // hold.
             Some(Value::String(pattern)) => {
-                if let Err(e) = regex::Regex::new(pattern) {
-                    return Err(bad(format!(
+                let matches = whole_match(pattern).map_err(|e| {
+                    bad(format!(
                         "`target_modules` \"{pattern}\" is not a regular expression: {e}"
-                    )));
-                }
-                let mut paths: Vec<String> = weights
-                    .tensor_names()
-                    .filter_map(|n| {
-                        n.strip_prefix("base_model.model.")?
-                            .strip_suffix(".lora_A.weight")
-                            .map(str::to_string)
-                    })
+                    ))
+                })?;
+                let mut paths: Vec<String> = saved_modules
+                    .iter()
+                    .map(|saved| (saved, module_path(saved)))
+                    .filter(|(saved, path)| matches.is_match(saved) || matches.is_match(path))
+                    .map(|(_, path)| path)
                     .collect();
                 paths.sort();
                 if paths.is_empty() {
-                    return Err(bad(
-                        "`target_modules` is a pattern and the adapter's weights hold no lora_A matrices".into(),
-                    ));
+                    return Err(bad(format!(
+                        "`target_modules` \"{pattern}\" matches none of the modules whose lora_A \
+                         matrices the adapter's weights hold"
+                    )));
                 }
                 paths
             }
@@ -700,6 +718,49 @@ impl LoraAdapter {
         if !(1..=MAX_RANK).contains(&r) {
             return Err(bad(format!("`r` must be from 1 to {MAX_RANK}")));
         }
+        // PEFT's `exclude_modules` (a pattern full-matched against module paths, or names matched as
+        // `target_modules` names are): the targets' modules less those, named by their paths.
+        let targets = match v.get("exclude_modules") {
+            None | Some(Value::Null) => targets,
+            Some(excluded) => {
+                let excludes: Box<dyn Fn(&str) -> bool> = match excluded {
+                    Value::String(pattern) => {
+                        let matches = whole_match(pattern).map_err(|e| {
+                            bad(format!(
+                                "`exclude_modules` \"{pattern}\" is not a regular expression: {e}"
+                            ))
+                        })?;
+                        Box::new(move |path| matches.is_match(path))
+                    }
+                    Value::Array(names) => {
+                        let names = names
+                            .iter()
+                            .map(|m| m.as_str().map(str::to_string))
+                            .collect::<Option<Vec<String>>>()
+                            .ok_or_else(|| bad("`exclude_modules` entries must be names".into()))?;
+                        Box::new(move |path| names.iter().any(|n| targets_module(n, path)))
+                    }
+                    other => {
+                        return Err(bad(format!(
+                            "`exclude_modules` must be a list of module names or a pattern, got \
+                             {other}"
+                        )));
+                    }
+                };
+                let kept: Vec<String> = resolve_among(model.linear_modules(), &targets)
+                    .map_err(|e| bad(e.to_string()))?
+                    .into_iter()
+                    .map(|(path, _, _)| path)
+                    .filter(|path| !excludes(path))
+                    .collect();
+                if kept.is_empty() {
+                    return Err(bad(
+                        "`exclude_modules` leaves none of the `target_modules` modules".into(),
+                    ));
+                }
+                kept
+            }
+        };
         let config = LoraConfig {
             r,
             alpha,

@@ -186,3 +186,81 @@ fn dora_adapters_merge_to_the_adapted_models_logits() {
     let lora = cpu::logits(&model, Some(&plain), &ids).unwrap();
     assert!(rel(&lora, &expected) > 1e-3, "the magnitudes must matter");
 }
+
+/// PEFT's `target_modules` as a pattern is full-matched against module paths, and its
+/// `exclude_modules` (a pattern, or names) takes modules out of the targets: an adapter saved so
+/// loads the modules PEFT adapts, and no others.
+#[test]
+fn target_patterns_and_excluded_modules_choose_the_modules_peft_adapts() {
+    use nibble::source::ModelFiles;
+    let (dir, _, model) = f32_base(Arch::Qwen2, 1);
+    let mut rng = Rng::new(8);
+    let save = |name: &str, targets: &[&str], rng: &mut Rng| {
+        let config = LoraConfig {
+            r: 2,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            ..LoraConfig::default()
+        };
+        let mut adapter = LoraAdapter::init(&model.config, config, rng).unwrap();
+        for (_, p) in adapter.pairs_mut() {
+            p.b.iter_mut().for_each(|b| *b = rng.normal() as f32);
+        }
+        let folder = dir.path().join(name);
+        nibble::train::save_peft(&adapter, &folder, "base").unwrap();
+        (adapter, folder)
+    };
+    let load = |folder: &std::path::Path, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = folder.join("adapter_config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut config);
+        std::fs::write(&path, config.to_string()).unwrap();
+        LoraAdapter::load_peft(&ModelFiles::Dir(folder.to_path_buf()), &model.config)
+            .map_err(|e| e.to_string())
+    };
+    let same = |loaded: &LoraAdapter, saved: &LoraAdapter| {
+        let paths = |a: &LoraAdapter| a.pairs().map(|(p, _)| p.to_string()).collect::<Vec<_>>();
+        assert_eq!(paths(loaded), paths(saved));
+        for ((_, l), (_, s)) in loaded.pairs().zip(saved.pairs()) {
+            assert!(l.a == s.a && l.b == s.b);
+        }
+    };
+    let (q_only, q_folder) = save("q", &["q_proj"], &mut rng);
+    let loaded = load(&q_folder, &|c| c["target_modules"] = r".*\.q_proj".into()).unwrap();
+    same(&loaded, &q_only);
+    let err = load(&q_folder, &|c| c["target_modules"] = "nomatch_.*".into()).unwrap_err();
+    assert!(err.contains("matches none"), "{err}");
+    // A pattern that matches the end of a path only is no match: PEFT full-matches it.
+    let err = load(&q_folder, &|c| c["target_modules"] = "q_proj".into()).unwrap_err();
+    assert!(err.contains("matches none"), "{err}");
+
+    let (_, all_folder) = save("all", &["all-linear"], &mut rng);
+    let err = load(&all_folder, &|c| c["target_modules"] = r".*\.q_proj".into()).unwrap_err();
+    assert!(err.contains("not a LoRA matrix"), "{err}");
+
+    let (no_q, no_q_folder) = save(
+        "no_q",
+        &[
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        &mut rng,
+    );
+    for excluded in [
+        serde_json::json!(["q_proj"]),
+        serde_json::json!(r".*\.q_proj"),
+    ] {
+        let loaded = load(&no_q_folder, &|c| {
+            c["target_modules"] = "all-linear".into();
+            c["exclude_modules"] = excluded.clone();
+        })
+        .unwrap();
+        same(&loaded, &no_q);
+    }
+    let err = load(&no_q_folder, &|c| c["exclude_modules"] = ".*".into()).unwrap_err();
+    assert!(err.contains("leaves none"), "{err}");
+}

@@ -224,7 +224,7 @@ const TILE_COLS: usize = 512;
 const GRAD_COLS: usize = 128;
 const GRAD_SPAN: usize = 256;
 /// Tokens of x′ drawn per tile within a span.
-const GRAD_ROWS: usize = 64;
+const GRAD_ROWS: usize = 256;
 
 /// `Op::DropoutMatmul` on the CPU: C (+)= alpha · A·B with `params`' mask on the `side` matrix,
 /// which is row-major (`col_stride` 1; the product's C is [m, n] with `ldc` n). The masks are those
