@@ -4,12 +4,14 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 /// Runs `write` on a temporary path beside `path`, then renames it into place. On failure the
-/// temporary file is removed and `path` is left as it was.
+/// temporary file is removed and `path` is left as it was; on an interruption too, where the
+/// command removes partial outputs (`remove_partial_outputs`).
 pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temporary_sibling(path);
+    let _partial = Partial::new(&tmp);
     let result = write(&tmp)
         .and_then(|()| make_shareable(&tmp))
         .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
@@ -19,6 +21,76 @@ pub fn write_atomically(
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+/// Outputs being written (temporary files and folders, later renamed into place), which an
+/// interrupted command removes rather than leave behind: a model's worth of bytes, hidden by a dot.
+static PARTIAL: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A path in `PARTIAL` while this lives: created before the path is, dropped once it is renamed
+/// into place or removed.
+pub struct Partial(PathBuf);
+
+impl Partial {
+    pub fn new(path: &Path) -> Self {
+        PARTIAL
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.to_path_buf());
+        Partial(path.to_path_buf())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let mut partial = PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = partial.iter().rposition(|p| *p == self.0) {
+            partial.remove(i);
+        }
+    }
+}
+
+/// Removes every partial output (`Partial`): what a command that writes files does when it is
+/// interrupted, before it exits. Returns the paths removed.
+pub fn remove_partial_outputs() -> Vec<PathBuf> {
+    let partial = std::mem::take(&mut *PARTIAL.lock().unwrap_or_else(|e| e.into_inner()));
+    partial
+        .into_iter()
+        .filter(|path| match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path).is_ok(),
+            Ok(_) => std::fs::remove_file(path).is_ok(),
+            Err(_) => false,
+        })
+        .collect()
+}
+
+/// Runs `write` on a new temporary folder beside `folder`, then renames it into place (over an
+/// empty folder there). On failure or interruption (`remove_partial_outputs`) the temporary folder is
+/// removed and nothing appears at `folder`. The temporary name is this process's, created afresh: a
+/// folder already there under it is someone's (a user's, or a command killed earlier) and is
+/// neither reused nor deleted.
+pub fn write_folder_atomically(
+    folder: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let tmp = temporary_sibling(folder);
+    if let Some(parent) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let _partial = Partial::new(&tmp);
+    let result = write(&tmp).and_then(|()| {
+        // An empty folder made for the output gives way (only an empty one: remove_dir refuses
+        // others); renaming over it is not possible everywhere.
+        if folder.is_dir() {
+            std::fs::remove_dir(folder).map_err(|e| Error::io(folder, e))?;
+        }
+        std::fs::rename(&tmp, folder).map_err(|e| Error::io(folder, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
 }
 
 /// What a missing path could have been meant as on the Hugging Face hub.
@@ -77,7 +149,7 @@ pub fn not_found_message(path: &Path, repo: HubRepo) -> String {
     )
 }
 
-fn temporary_sibling(path: &Path) -> PathBuf {
+pub fn temporary_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

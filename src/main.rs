@@ -130,6 +130,14 @@ fn main() {
         nibble::ops::isa::active(),
         nibble::ops::isa::detected()
     );
+    // Commands that write files leave nothing half-written when interrupted; training runs stop
+    // at a step's end instead (their own handler).
+    if matches!(
+        cli.command,
+        Command::Quantize(_) | Command::Merge(_) | Command::Synth(_) | Command::Demo(_)
+    ) {
+        cli::remove_partial_outputs_on_signals();
+    }
     let result = match cli.command {
         Command::Info(args) => cli::info::run(args),
         Command::Quantize(args) => cli::quantize::run(args),

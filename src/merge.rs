@@ -62,30 +62,10 @@ pub fn merge(
             (format!("{path}.weight"), (pair, scale))
         })
         .collect();
-    // Written under a name of this process's, created afresh: a folder already there under that name
-    // is someone's (a user's, or a merge killed earlier) and is neither reused nor deleted.
-    let tmp = output.with_file_name(format!(
-        ".{}.tmp-{}",
-        output
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("merged"),
-        std::process::id()
-    ));
-    if let Some(parent) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_merged(&entries, source, &targets, &tmp, dtype)
-        .and_then(|()| copy_other_files(folder, &tmp, dtype))
-        .and_then(|()| chat.write_into(folder, &tmp));
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, output).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&tmp);
-        Error::io(output, e)
+    crate::fsutil::write_folder_atomically(output, |tmp| {
+        write_merged(&entries, source, &targets, tmp, dtype)
+            .and_then(|()| copy_other_files(folder, tmp, dtype))
+            .and_then(|()| chat.write_into(folder, tmp))
     })
 }
 

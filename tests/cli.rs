@@ -308,6 +308,13 @@ fn demo_fine_tunes_without_a_download() {
         text.contains("Qwen2ForCausalLM") && text.contains("PEFT folder"),
         "{text}"
     );
+    // Its temporary folder is gone, and the last lines say so rather than point into it.
+    let folder = text
+        .lines()
+        .find_map(|l| l.split("tokenizer, in ").nth(1))
+        .expect("the demo names its folder");
+    assert!(!Path::new(folder).exists(), "{folder}");
+    assert!(text.contains("removed now") && text.contains("--keep"), "{text}");
     let losses: Vec<f64> = text
         .lines()
         .filter_map(|l| l.split("loss ").nth(1))
@@ -767,4 +774,95 @@ fn generating_past_the_models_positions_is_warned_about() {
             "{stderr}"
         );
     }
+}
+
+/// Ctrl-C while `synth` or `merge` writes a model removes what was written (a temporary folder the
+/// size of the model, hidden by a dot) and leaves no output: the same command can run again.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn an_interrupted_synth_or_merge_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    // Interrupted once its temporary folder is there, so while it writes.
+    let interrupted = |args: &[&str], output: &Path| {
+        let child = common::nibble_command()
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let name = output.file_name().unwrap().to_str().unwrap();
+        let temporary = output.with_file_name(format!(".{name}.tmp-{}", child.id()));
+        let started = std::time::Instant::now();
+        while !temporary.exists() {
+            assert!(started.elapsed().as_secs() < 60, "{args:?} never wrote");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // SAFETY: kill(2) only sends a signal; the pid is our own child, which has not been waited
+        // for, so it cannot have been reused by another process.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+            0
+        );
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{args:?}: {stderr}");
+        assert!(stderr.contains("removed the partial"), "{stderr}");
+        assert!(
+            !temporary.exists() && !output.exists(),
+            "{args:?}: {stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(output.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    };
+    let model = dir.path().join("model");
+    interrupted(
+        &["synth", "--preset", "qwen2.5-0.5b", "-o", &s(&model)],
+        &model,
+    );
+    let out = nibble(&["synth", "--preset", "qwen2.5-0.5b", "-o", &s(&model)]);
+    assert!(out.status.success());
+    let data = dir.path().join("chats.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi there\"}, {\"role\": \"assistant\", \"content\": \"Hello, friend\"}]}\n",
+    )
+    .unwrap();
+    let adapter = dir.path().join("adapter");
+    let out = nibble(&[
+        "train",
+        "--model",
+        &s(&model),
+        "--data",
+        &s(&data),
+        "--output",
+        &s(&adapter),
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let merged = dir.path().join("merged");
+    interrupted(
+        &[
+            "merge",
+            "--model",
+            &s(&model),
+            "--adapter",
+            &s(&adapter),
+            "-o",
+            &s(&merged),
+            "--dtype",
+            "f32",
+        ],
+        &merged,
+    );
 }

@@ -32,16 +32,25 @@ pub fn run(args: Args) -> Result<()> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("nibble-demo-{}", std::process::id())),
     };
-    let result = run_demo(&dir);
+    // The temporary folder inside the system's, which is not made where it is missing.
     if keep.is_none() {
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // What the demo made is removed when it fails or is interrupted, and at its end unless kept (a
+    // folder that was there, empty, stays).
+    let made = !dir.exists() || keep.is_none();
+    let partial = made.then(|| nibble::fsutil::Partial::new(&dir));
+    let result = run_demo(&dir, keep.is_some());
+    if made && (keep.is_none() || result.is_err()) {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    drop(partial);
     result
 }
 
 /// The demo: a tiny random model with the real Qwen2.5 tokenizer learns the built-in chats (short answers
 /// in a fixed voice, so that it visibly learns them), asked a question before and after.
-fn run_demo(dir: &Path) -> Result<()> {
+fn run_demo(dir: &Path, kept: bool) -> Result<()> {
     let spec = SynthSpec::demo();
     println!(
         "== a random Qwen2.5-architecture model with the bundled Qwen2.5 tokenizer, in {}",
@@ -98,7 +107,14 @@ fn run_demo(dir: &Path) -> Result<()> {
         "\n== after fine-tuning, asked \"{question}\":\n{:?}",
         answer(Some(&adapter))?
     );
-    println!("\nThe adapter is a PEFT folder: {}", out.display());
+    match kept {
+        true => println!("\nThe adapter is a PEFT folder: {}", out.display()),
+        false => println!(
+            "\nThe adapter was a PEFT folder in {}, removed now: `nibble demo --keep DIR` keeps \
+             the model, data and adapter",
+            dir.display()
+        ),
+    }
     Ok(())
 }
 

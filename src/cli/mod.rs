@@ -188,6 +188,20 @@ impl DataArgs {
     }
 }
 
+/// For a command that writes files: Ctrl-C or SIGTERM ends it as they would, but first removes what
+/// it was writing (`fsutil::Partial`: temporary files and folders a model's size, hidden by a dot).
+pub fn remove_partial_outputs_on_signals() {
+    let installed = ctrlc::set_handler(|| {
+        for path in nibble::fsutil::remove_partial_outputs() {
+            eprintln!("\ninterrupted: removed the partial {}", path.display());
+        }
+        std::process::exit(130);
+    });
+    if let Err(e) = installed {
+        log::warn!("cannot catch Ctrl-C ({e}): an interruption may leave partial files behind");
+    }
+}
+
 /// A rate for people: whole numbers, and three decimals below 10 (a software GPU's step of
 /// the 0.5B model runs at 0.27 tokens/s, which whole numbers print as 0).
 pub fn rate(per_s: f64) -> String {

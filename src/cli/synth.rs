@@ -95,7 +95,10 @@ pub fn run(args: Args) -> Result<()> {
         if output.exists() && std::fs::read_dir(output)?.next().is_some() {
             bail!("{} exists and is not empty", output.display());
         }
-        synth::write_klein_pipeline(output, preset, args.seed)?;
+        // Whole or not at all: an interrupted write leaves no half-written folder to refuse later.
+        nibble::fsutil::write_folder_atomically(output, |tmp| {
+            synth::write_klein_pipeline(tmp, preset, args.seed)
+        })?;
         eprintln!(
             "wrote a random FLUX.2 [klein] pipeline ({preset:?}) to {}",
             output.display()
@@ -133,7 +136,9 @@ pub fn run(args: Args) -> Result<()> {
     if output.exists() && std::fs::read_dir(output)?.next().is_some() {
         bail!("{} exists and is not empty", output.display());
     }
-    synth::write_model_folder(output, &spec, Some(&tokenizer))?;
+    nibble::fsutil::write_folder_atomically(output, |tmp| {
+        synth::write_model_folder(tmp, &spec, Some(&tokenizer))
+    })?;
     let preset = clap::ValueEnum::to_possible_value(&args.preset)
         .map_or(String::new(), |v| v.get_name().to_string());
     eprintln!(

@@ -183,6 +183,7 @@ fn stop_on_signals() {
         }
         Some(at) if at.elapsed() < SAME_INTERRUPTION => {}
         Some(_) => {
+            nibble::fsutil::remove_partial_outputs();
             eprintln!("\nstopping now; the newest complete checkpoint is kept");
             std::process::exit(130);
         }
