@@ -94,6 +94,32 @@ fn write_merged(
                 return;
             }
             shards[*s].release(name);
+            // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
+            // huge lora_alpha can pass any type's: the base is checked before its update, so that
+            // the message blames the right one.
+            let limit = match dtype {
+                FloatDtype::F16 => 65504.0,
+                FloatDtype::BF16 => 3.3895e38,
+                FloatDtype::F32 => f32::MAX,
+            };
+            let beyond = |values: &[f32]| {
+                values
+                    .iter()
+                    .copied()
+                    .find(|v| v.is_nan() || v.abs() > limit)
+            };
+            let cannot_hold = |v: f32, why: String| {
+                Error::Invalid(format!(
+                    "merging into {name} gives {v}, which {dtype:?} cannot hold: {why}"
+                ))
+            };
+            if let Some(v) = beyond(out) {
+                failure.get_or_insert(cannot_hold(
+                    v,
+                    "the base's own weight: choose a wider --dtype".to_string(),
+                ));
+                return;
+            }
             if let Some(&(pair, scale)) = targets.get(name) {
                 // W [out, in] += scale · B [out, r] · A [r, in]
                 matmul_into(
@@ -112,26 +138,16 @@ fn write_merged(
                     let factor = (m as f64 / norm) as f32;
                     row.iter_mut().for_each(|v| *v *= factor);
                 }
-            }
-            // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
-            // huge lora_alpha can pass any type's.
-            let limit = match dtype {
-                FloatDtype::F16 => 65504.0,
-                FloatDtype::BF16 => 3.3895e38,
-                FloatDtype::F32 => f32::MAX,
-            };
-            if let Some(v) = out.iter().find(|v| v.is_nan() || v.abs() > limit) {
-                let why = match targets.get(name) {
-                    Some(&(pair, scale)) => format!(
-                        "the adapter's scale there ({scale}, lora_alpha over r {}) is far outside \
-                         what training gives",
-                        pair.rank
-                    ),
-                    None => "the base's own weight: choose a wider --dtype".to_string(),
-                };
-                failure.get_or_insert(Error::Invalid(format!(
-                    "merging into {name} gives {v}, which {dtype:?} cannot hold: {why}"
-                )));
+                if let Some(v) = beyond(out) {
+                    failure.get_or_insert(cannot_hold(
+                        v,
+                        format!(
+                            "the adapter's scale there ({scale}, lora_alpha over r {}) is far \
+                             outside what training gives",
+                            pair.rank
+                        ),
+                    ));
+                }
             }
         },
     )?;

@@ -314,7 +314,10 @@ fn demo_fine_tunes_without_a_download() {
         .find_map(|l| l.split("tokenizer, in ").nth(1))
         .expect("the demo names its folder");
     assert!(!Path::new(folder).exists(), "{folder}");
-    assert!(text.contains("removed now") && text.contains("--keep"), "{text}");
+    assert!(
+        text.contains("removed now") && text.contains("--keep"),
+        "{text}"
+    );
     let losses: Vec<f64> = text
         .lines()
         .filter_map(|l| l.split("loss ").nth(1))

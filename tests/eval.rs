@@ -243,3 +243,46 @@ fn examples_with_nothing_to_predict_are_named() {
         );
     }
 }
+
+/// A dataset folder is evaluated on its test split (else validation, else train), and says which:
+/// its train split would report a training loss as a held-out one.
+#[test]
+fn a_dataset_folder_is_evaluated_on_its_test_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let spec = SynthSpec::tiny(Arch::Qwen2, 151936);
+    synth::write_model_folder(&model, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
+    let folder = dir.path().join("dataset");
+    std::fs::create_dir(&folder).unwrap();
+    let lines: Vec<&str> = CHAT.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "the chats have lines for both splits");
+    std::fs::write(folder.join("train.jsonl"), lines[1..].join("\n")).unwrap();
+    std::fs::write(folder.join("test.jsonl"), lines[0]).unwrap();
+    let eval = |data: &Path| {
+        let out = common::nibble_command()
+            .env("RUST_LOG", "info")
+            .args([
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
+            .args(["--data", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (result["tokens"].as_u64().unwrap(), stderr)
+    };
+    let (tokens, stderr) = eval(&folder);
+    assert!(stderr.contains("the test split"), "{stderr}");
+    assert_eq!(tokens, eval(&folder.join("test.jsonl")).0);
+    assert_ne!(tokens, eval(&folder.join("train.jsonl")).0);
+    // Without a test split, the validation split.
+    std::fs::rename(folder.join("test.jsonl"), folder.join("validation.jsonl")).unwrap();
+    let (tokens_validation, stderr) = eval(&folder);
+    assert!(stderr.contains("the validation split"), "{stderr}");
+    assert_eq!(tokens_validation, tokens);
+}

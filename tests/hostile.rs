@@ -822,6 +822,46 @@ const CASES: &[Case] = &[
         expect: &["lora_alpha over r", "cannot hold"],
     },
     Case {
+        name: "a base whose adapted weight f16 cannot hold, merged as f16",
+        prepare: |r| {
+            let wide = r.join("wide");
+            std::fs::create_dir(&wide).unwrap();
+            for entry in std::fs::read_dir(r.join("model")).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), wide.join(entry.file_name())).unwrap();
+            }
+            // One weight of an adapted linear at 70144 (exact in bf16 and f32), past f16's 65504.
+            let file = wide.join("model.safetensors");
+            let name = "model.layers.0.mlp.down_proj.weight";
+            let info = nibble::source::SafetensorsFile::open(&file)
+                .unwrap()
+                .info(name)
+                .unwrap()
+                .clone();
+            let value: Vec<u8> = match info.dtype {
+                safetensors::Dtype::BF16 => 0x4789u16.to_le_bytes().to_vec(),
+                safetensors::Dtype::F32 => 70144f32.to_le_bytes().to_vec(),
+                other => panic!("the model's weights are {other:?}"),
+            };
+            let mut bytes = std::fs::read(&file).unwrap();
+            bytes[info.start..info.start + value.len()].copy_from_slice(&value);
+            std::fs::write(&file, bytes).unwrap();
+            let (wide, run, merged) = (p(r, "wide"), p(r, "run"), p(r, "merged"));
+            args(&[
+                "merge",
+                "--model",
+                &wide,
+                "--adapter",
+                &run,
+                "--output",
+                &merged,
+                "--dtype",
+                "f16",
+            ])
+        },
+        expect: &["down_proj", "the base's own weight", "cannot hold"],
+    },
+    Case {
         name: "generate with a top-p of 0",
         prepare: |r| {
             let m = p(r, "model");

@@ -39,7 +39,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let examples = args.rows.read(&args.data)?;
+    let data = evaluated_split(&args.data)?;
+    let examples = args.rows.read(&data)?;
     let (tok, placed) = open_placed(
         &args.model,
         args.quant,
@@ -63,7 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     let started = std::time::Instant::now();
     for (i, example) in examples.iter().enumerate() {
         let (seq, removed) = nibble::train::tokenize_cut(&tok, example, args.loss_on, cut)
-            .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
+            .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
         cut_examples += usize::from(removed > 0);
         if seq.target_count() == 0 {
             empty.push((i + 1, removed > 0));
@@ -108,7 +109,7 @@ pub fn run(args: Args) -> Result<()> {
         log::warn!(
             "{}: {} of {} examples have no token to predict (--loss-on {}{why}): example {}; \
              they are left out of the loss",
-            args.data.display(),
+            data.display(),
             empty.len(),
             examples.len(),
             nibble::value_name(args.loss_on),
@@ -116,7 +117,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if total.targets == 0 {
-        bail!("{}: no example has a token to predict", args.data.display());
+        bail!("{}: no example has a token to predict", data.display());
     }
     let mean = total.loss_sum / total.targets as f64;
     if !mean.is_finite() {
@@ -130,4 +131,30 @@ pub fn run(args: Args) -> Result<()> {
                "entropy": predictions.entropy})
     );
     Ok(())
+}
+
+/// The split a dataset folder is evaluated on: its test split, else its validation split, else its
+/// train split (as `datasets` names them), said on stderr; `FOLDER/SPLIT` or a file as given.
+/// (Reading the train split, as training does, would report a training loss as a held-out one.)
+fn evaluated_split(data: &std::path::Path) -> Result<PathBuf> {
+    if !data.is_dir() {
+        return Ok(data.to_path_buf());
+    }
+    let Some(splits) = nibble::tables::repository_splits(data)? else {
+        return Ok(data.to_path_buf());
+    };
+    let named: Vec<&str> = splits.iter().map(|(name, _)| name.as_str()).collect();
+    let Some(split) = ["test", "validation", "train"]
+        .into_iter()
+        .find(|s| named.contains(s))
+    else {
+        return Ok(data.to_path_buf());
+    };
+    log::info!(
+        "evaluating the {split} split of {} (of {}; {}/SPLIT picks another)",
+        data.display(),
+        named.join(", "),
+        data.display()
+    );
+    Ok(data.join(split))
 }
