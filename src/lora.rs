@@ -596,6 +596,37 @@ impl LoraAdapter {
                 return Err(bad(format!("`{key}: {}` {why}", v[key])));
             }
         }
+        // Initialisations that rewrite the base's weights too (PEFT saves such an adapter against
+        // the rewritten base unless converted when saved, which sets `init_lora_weights: true`).
+        if let Some(init) = v.get("init_lora_weights").and_then(Value::as_str) {
+            let lowered = init.to_ascii_lowercase();
+            if ["pissa", "olora", "corda", "loftq"]
+                .iter()
+                .any(|rewrites| lowered.starts_with(rewrites))
+            {
+                return Err(bad(format!(
+                    "`init_lora_weights: \"{init}\"` trained against a base it rewrote, which this \
+                     adapter needs: convert it to a plain LoRA when saving (PEFT's \
+                     `path_initial_model_for_weight_conversion`)"
+                )));
+            }
+        }
+        if switch("use_qalora")? {
+            return Err(bad(
+                "`use_qalora: true` pools the adapter's inputs (QA-LoRA); nibble's adapters read \
+                 them whole"
+                    .into(),
+            ));
+        }
+        if v.get("target_parameters")
+            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(bad(format!(
+                "`target_parameters: {}` adapts parameters (such as a mixture of experts' \
+                 weights), which nibble does not",
+                v["target_parameters"]
+            )));
+        }
         if let Some(bias) = v
             .get("bias")
             .filter(|b| !b.is_null() && b.as_str() != Some("none"))

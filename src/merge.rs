@@ -266,6 +266,13 @@ impl MergedChat {
 
 /// Copies the folder's files other than weights; config.json gets the merged weights' dtype.
 fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype) -> Result<()> {
+    if !folder.join("tokenizer.json").is_file() {
+        log::warn!(
+            "{} holds no tokenizer.json, so the merged model has none: copy the base's tokenizer \
+             files into it before loading it with a tokenizer",
+            folder.display()
+        );
+    }
     let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(folder, e))?;

@@ -332,18 +332,25 @@ impl ChatTokenizer {
     }
 
     pub fn template(&self) -> Result<&ChatTemplate> {
-        self.template
-            .as_ref()
-            .ok_or_else(|| {
-                let config = self.path.with_file_name("tokenizer_config.json");
-                let missing = match self.has_config {
-                    true => format!("{} has no chat template", config.display()),
-                    false => format!("{} is missing, and with it the chat template", config.display()),
-                };
-                Error::Template(format!(
-                    "{missing} (a base model's often has none): give one with --chat-template FILE.jinja, or use text or prompt/completion rows"
-                ))
-            })
+        self.template.as_ref().ok_or_else(|| {
+            Error::Template(format!(
+                "{}: give one with --chat-template FILE.jinja, or use text or prompt/completion rows",
+                self.missing_template()
+            ))
+        })
+    }
+
+    /// Why there is no chat template, naming the file that would hold it.
+    pub fn missing_template(&self) -> String {
+        let config = self.path.with_file_name("tokenizer_config.json");
+        let missing = match self.has_config {
+            true => format!("{} has no chat template", config.display()),
+            false => format!(
+                "{} is missing, and with it the chat template",
+                config.display()
+            ),
+        };
+        format!("{missing} (a base model's often has none)")
     }
 }
 

@@ -869,3 +869,25 @@ fn an_interrupted_synth_or_merge_leaves_nothing_behind() {
         &merged,
     );
 }
+
+/// synth names what is wrong with its output or shard count (a file there gave the OS's words
+/// alone; shard counts outside 1..=tensors were quietly changed).
+#[test]
+fn synth_names_a_bad_output_or_shard_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "mine").unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let err = fails(&["synth", "-o", &s(&file)]);
+    assert!(err.contains("notes.txt is not a folder"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
+    let model = s(&dir.path().join("m"));
+    for shards in ["0", "1000"] {
+        let err = fails(&["synth", "-o", &model, "--shards", shards]);
+        assert!(
+            err.contains(&format!("--shards {shards}: from 1 to")),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("m").exists());
+}

@@ -817,6 +817,25 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        name: "an adapter trained against a base PiSSA rewrote",
+        prepare: |r| merge_edited_adapter(r, |c| c["init_lora_weights"] = "pissa_niter_4".into()),
+        expect: &["init_lora_weights", "pissa_niter_4", "convert"],
+    },
+    Case {
+        name: "a QA-LoRA adapter",
+        prepare: |r| merge_edited_adapter(r, |c| c["use_qalora"] = true.into()),
+        expect: &["use_qalora"],
+    },
+    Case {
+        name: "an adapter of parameters (target_parameters)",
+        prepare: |r| {
+            merge_edited_adapter(r, |c| {
+                c["target_parameters"] = serde_json::json!(["experts.gate_up_proj"])
+            })
+        },
+        expect: &["target_parameters", "experts.gate_up_proj"],
+    },
+    Case {
         name: "an adapter whose scale overflows the merged weights",
         prepare: |r| merge_edited_adapter(r, |c| c["lora_alpha"] = 1e308.into()),
         expect: &["lora_alpha over r", "cannot hold"],

@@ -264,3 +264,26 @@ fn target_patterns_and_excluded_modules_choose_the_modules_peft_adapts() {
     let err = load(&no_q_folder, &|c| c["exclude_modules"] = ".*".into()).unwrap_err();
     assert!(err.contains("leaves none"), "{err}");
 }
+
+/// A base without tokenizer.json merges, with a warning that the merged folder has none either.
+#[test]
+fn a_base_without_a_tokenizer_is_merged_with_a_warning() {
+    let (dir, base, model) = f32_base(Arch::Qwen2, 1);
+    std::fs::remove_file(base.join("tokenizer.json")).unwrap();
+    let mut rng = Rng::new(3);
+    let adapter = LoraAdapter::init(&model.config, LoraConfig::default(), &mut rng).unwrap();
+    let adapter_dir = dir.path().join("adapter");
+    nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+    let merged = dir.path().join("merged");
+    let out = common::nibble_command()
+        .env("RUST_LOG", "warn")
+        .args(["merge", "--model", base.to_str().unwrap()])
+        .args(["--adapter", adapter_dir.to_str().unwrap()])
+        .args(["--output", merged.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("holds no tokenizer.json"), "{stderr}");
+    assert!(merged.join("config.json").is_file() && !merged.join("tokenizer.json").exists());
+}

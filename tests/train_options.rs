@@ -2446,3 +2446,35 @@ fn a_slow_step_reports_progress_while_it_runs() {
         "the first progress line came {waited:?} after the start"
     );
 }
+
+/// A model without a chat template is refused when chat starts, not after the first line typed.
+#[test]
+fn chat_without_a_template_is_refused_before_the_first_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    byte_model(&model);
+    let _ = std::fs::remove_file(model.join("chat_template.jinja"));
+    let config_path = model.join("tokenizer_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nibble"))
+        .args(["chat", "--model", model.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdin.take());
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("has no chat template")
+            && stderr.contains("--chat-template")
+            && !stderr.contains("rows")
+            && !stderr.contains("chatting with"),
+        "{stderr}"
+    );
+}

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 pub struct Args {
     /// The JSONL file (the formats `nibble train --data` reads).
     data: PathBuf,
-    /// The model folder or quantized file whose tokenizer and chat template apply (no weights are read).
+    /// The model folder or quantized file whose tokenizer and chat template apply (its weights are
+    /// not read, but must be there).
     #[arg(long)]
     model: PathBuf,
     /// The chat template to render conversations with, as `nibble train --chat-template` takes it.

@@ -328,6 +328,14 @@ pub fn chat(args: ChatArgs) -> Result<()> {
     use std::io::{BufRead, Write};
     let (g, system) = (&args.generation, args.system.as_deref());
     let mut speaker = Speaker::open(g)?;
+    // Refused before the first line is typed, not after.
+    if speaker.tok.template_for(&speaker.template_args).is_err() {
+        bail!(
+            "{}: chat renders each turn through one; give it with --chat-template FILE.jinja \
+             (`nibble generate --raw` continues plain text without one)",
+            speaker.tok.missing_template()
+        );
+    }
     let mut messages = with_system(system);
     eprintln!("chatting with {} ({CHAT_HELP})", g.model.display());
     let stdin = std::io::stdin();

@@ -92,9 +92,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     if let Some(preset) = klein {
         let output = &args.output;
-        if output.exists() && std::fs::read_dir(output)?.next().is_some() {
-            bail!("{} exists and is not empty", output.display());
-        }
+        refuse_filled(output)?;
         // Whole or not at all: an interrupted write leaves no half-written folder to refuse later.
         nibble::fsutil::write_folder_atomically(output, |tmp| {
             synth::write_klein_pipeline(tmp, preset, args.seed)
@@ -130,12 +128,17 @@ pub fn run(args: Args) -> Result<()> {
         Spelling::V4 => ConfigSpelling::V4,
         Spelling::V5 => ConfigSpelling::V5,
     };
+    let tensors = spec.config().expected_tensors().len();
+    if !(1..=tensors).contains(&args.shards) {
+        bail!(
+            "--shards {}: from 1 to the model's {tensors} tensors (each shard holds whole tensors)",
+            args.shards
+        );
+    }
     spec.shards = args.shards;
     spec.seed = args.seed;
     let output = &args.output;
-    if output.exists() && std::fs::read_dir(output)?.next().is_some() {
-        bail!("{} exists and is not empty", output.display());
-    }
+    refuse_filled(output)?;
     nibble::fsutil::write_folder_atomically(output, |tmp| {
         synth::write_model_folder(tmp, &spec, Some(&tokenizer))
     })?;
@@ -147,4 +150,21 @@ pub fn run(args: Args) -> Result<()> {
         output.display()
     );
     Ok(())
+}
+
+/// The output must be new or an empty folder; anything else there is named.
+fn refuse_filled(output: &std::path::Path) -> Result<()> {
+    match std::fs::symlink_metadata(output) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => bail!("{}: {e}", output.display()),
+        Ok(meta) if !meta.is_dir() => bail!(
+            "{} is not a folder; give a new folder (or an empty one)",
+            output.display()
+        ),
+        Ok(_) => match std::fs::read_dir(output).map(|mut entries| entries.next().is_none()) {
+            Ok(true) => Ok(()),
+            Ok(false) => bail!("{} exists and is not empty", output.display()),
+            Err(e) => bail!("{}: {e}", output.display()),
+        },
+    }
 }
