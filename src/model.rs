@@ -607,7 +607,18 @@ impl ModelSource {
         } else if path.is_file() {
             #[cfg(not(target_arch = "wasm32"))]
             {
-                Self::open_quantized(SafetensorsFile::open(path)?)
+                // Data or a script given as --model by mistake would read as a broken header.
+                let file = SafetensorsFile::open(path).map_err(|e| {
+                    match path.extension().is_some_and(|e| e == "safetensors") {
+                        true => e,
+                        false => Error::Invalid(format!(
+                            "{}: not a model folder or a quantized safetensors file (written by \
+                             `nibble quantize`): {e}",
+                            path.display()
+                        )),
+                    }
+                })?;
+                Self::open_quantized(file)
             }
             #[cfg(target_arch = "wasm32")]
             {

@@ -137,9 +137,12 @@ fn header_culprit(bytes: &[u8]) -> Option<String> {
         let held = stop.checked_sub(start);
         let needed = elements.and_then(|n| n.checked_mul(bits)).map(|b| b / 8);
         if held != needed || held.is_none() {
+            let needed = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
             return Some(format!(
-                "tensor `{name}`: its offsets {start}..{stop} do not hold its shape of {}",
-                info["dtype"]
+                "tensor `{name}`: its offsets {start}..{stop} do not hold its shape {} of {} \
+                 ({needed} bytes)",
+                info["shape"],
+                info["dtype"].as_str().unwrap_or_default()
             ));
         }
         spans.push((start, stop, name));

@@ -881,6 +881,14 @@ const CASES: &[Case] = &[
         expect: &["down_proj", "the base's own weight", "cannot hold"],
     },
     Case {
+        name: "a data file given as the model",
+        prepare: |r| {
+            let data = p(r, "chats.jsonl");
+            args(&["eval", "--model", &data, "--data", &data])
+        },
+        expect: &["chats.jsonl", "not a model folder"],
+    },
+    Case {
         name: "generate with a top-p of 0",
         prepare: |r| {
             let m = p(r, "model");

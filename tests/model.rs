@@ -534,7 +534,11 @@ fn truncated_and_corrupt_safetensors_name_the_file() {
     wide[name]["dtype"] = if dtype == "F64" { "F32" } else { "F64" }.into();
     std::fs::write(&p, with_header(&wide)).unwrap();
     let err = open_err(dir.path());
-    assert!(err.contains(name) && err.contains("do not hold"), "{err}");
+    let shape = header[name]["shape"].to_string();
+    assert!(
+        err.contains(name) && err.contains("do not hold") && err.contains(&shape),
+        "{err}"
+    );
     let mut overlapping = header.clone();
     let offsets = overlapping[name]["data_offsets"].clone();
     let (start, end) = (offsets[0].as_u64().unwrap(), offsets[1].as_u64().unwrap());

@@ -360,7 +360,7 @@ fn packing_strategies_keep_long_examples_whole() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{err}");
         assert_eq!(
-            err.contains("were cut"),
+            err.contains("longer than --max-length 64 and cut"),
             strategy == "bfd",
             "{strategy}: {err}"
         );

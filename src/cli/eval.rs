@@ -90,8 +90,11 @@ pub fn run(args: Args) -> Result<()> {
     shown.finish();
     if cut_examples > 0 {
         log::warn!(
-            "{cut_examples} examples were longer than {} tokens (--max-length {}, within the \
-             model's positions) and were cut",
+            "{} longer than {} tokens (--max-length {}, within the model's positions) and cut",
+            match cut_examples {
+                1 => "1 example was".to_string(),
+                n => format!("{n} examples were"),
+            },
             cut.max_length,
             args.rows.max_length
         );

@@ -1284,11 +1284,16 @@ pub fn load_adapter(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
     };
+    // Only names to go by: a copy of the base under another name is the same model.
     if let Some(theirs) = trained_on
         && let (Some(a), Some(b)) = (name(&theirs), name(base))
         && a != b
     {
-        warn(&theirs);
+        log::warn!(
+            "{flag} {} was trained on a model named {theirs} (its adapter_config.json), not {base}: \
+             unless {base} is a copy of it, the adapter's updates were learned against other weights",
+            dir.display()
+        );
     }
     Ok(adapter)
 }
@@ -1380,7 +1385,11 @@ pub fn tokenize_examples(
     };
     if cut > 0 {
         log::warn!(
-            "{origin}: {cut} examples were longer than --max-length {} and were cut ({kept})",
+            "{origin}: {} longer than --max-length {} and cut ({kept})",
+            match cut {
+                1 => "1 example was".to_string(),
+                n => format!("{n} examples were"),
+            },
             config.max_length
         );
     }
