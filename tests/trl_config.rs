@@ -698,6 +698,28 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
         ["q_proj", "v_proj"],
         "PEFT's default for qwen2"
     );
+    // A dict option as JSON text, as HfArgumentParser reads it: loading options are noted, others
+    // refused.
+    let model_init = |kwargs: &str| {
+        let args = strings(&[
+            "--model_name_or_path",
+            model.to_str().unwrap(),
+            "--model_init_kwargs",
+            kwargs,
+        ]);
+        trl_config::read_command_line(&args).map_err(|e| e.to_string())
+    };
+    let recipe = model_init(r#"{"torch_dtype": "bfloat16"}"#).unwrap();
+    assert!(recipe.notes.join("\n").contains("model_init_kwargs"));
+    let err = model_init(r#"{"rope_scaling": {"factor": 2}}"#)
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("rope_scaling") && err.contains("ignores"),
+        "{err}"
+    );
+    let err = model_init("{torch_dtype").err().unwrap();
+    assert!(err.contains("not a JSON object"), "{err}");
     for (args, says) in [
         (vec!["model"], "--name value"),
         (vec!["--learning_rate", "1", "2"], "one value"),
@@ -866,4 +888,32 @@ fn a_trl_recipe_trains_from_the_command_line() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+/// `nibble sft` asks for what trl sft needs by TRL's names, the model first.
+#[test]
+fn sft_names_a_missing_model_dataset_or_output_as_trl_does() {
+    let dir = qwen2_folder();
+    let model = dir.path().join("model");
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "").unwrap();
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    for (args, says) in [
+        (vec!["sft"], "--model_name_or_path is required"),
+        (
+            vec!["sft", "--model_name_or_path", model, "--use_peft"],
+            "--dataset_name is required",
+        ),
+        (
+            vec!["sft", "--model_name_or_path", model, "--dataset_name", data],
+            "--output_dir is required",
+        ),
+    ] {
+        let out = common::nibble(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
 }

@@ -22,6 +22,19 @@ pub fn run(args: Args) -> Result<()> {
         log::warn!("{note}");
     }
     let settings = recipe.settings.clone();
+    // Named as trl sft names them (TRL would write to ./trainer_output: nibble asks instead).
+    for (missing, option) in [
+        (settings.model.is_none(), "--model_name_or_path"),
+        (
+            settings.data.as_ref().is_none_or(Vec::is_empty),
+            "--dataset_name",
+        ),
+        (settings.output.is_none(), "--output_dir"),
+    ] {
+        if missing {
+            anyhow::bail!("nibble sft: {option} is required (on the command line or in --config)");
+        }
+    }
     super::train::run(settings).map_err(|e| match recipe.where_named(&format!("{e:#}")) {
         Some(place) => e.context(place),
         None => e,

@@ -910,8 +910,8 @@ impl Reader<'_> {
     /// PEFT's modules for a LoraConfig that names none, read off the model's type.
     fn peft_default_targets(&mut self) -> Result<Option<String>> {
         let model = self.path("model", &self.flags.model);
-        if model.as_ref().is_some_and(|m| !m.exists()) {
-            // Loading it fails first, saying what the path looks like.
+        if model.as_ref().is_none_or(|m| !m.exists()) {
+            // Loading it fails first, saying what the path looks like, or that none is given.
             return Ok(None);
         }
         let config = model.as_ref().map(|m| m.join("config.json"));
@@ -1074,7 +1074,17 @@ impl Reader<'_> {
                 "activation_checkpointing",
             )?;
         }
-        if let Some(v) = self.apart("model_init_kwargs") {
+        if let Some(v) = self.apart("model_init_kwargs").cloned() {
+            // TRL's command line takes the dict as JSON text, as for lr_scheduler_kwargs.
+            let v = match v {
+                Value::String(text) => serde_json::from_str(&text).map_err(|e| {
+                    self.err(format!(
+                        "`model_init_kwargs: {text}`: not a JSON object: {e}"
+                    ))
+                })?,
+                other => other,
+            };
+            let v = &v;
             const LOADING_ONLY: &[&str] = &[
                 "dtype",
                 "torch_dtype",
@@ -1093,8 +1103,8 @@ impl Reader<'_> {
                 None if v.is_object() => self.ignored.push("model_init_kwargs".into()),
                 _ => {
                     return Err(self.err(format!(
-                        "`model_init_kwargs: {}`: nibble reads the model folder as it is (only \
-                         {} are taken, and ignored)",
+                        "`model_init_kwargs: {}`: nibble reads the model folder as it is; it \
+                         takes only options of how a model is loaded ({}), and ignores them",
                         shown(v),
                         LOADING_ONLY.join(", ")
                     )));
