@@ -11,7 +11,7 @@ pub fn write_atomically(
     write: impl FnOnce(&Path) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temporary_sibling(path);
-    let _partial = Partial::new(&tmp);
+    let _partial = Partial::file(&tmp);
     let result = write(&tmp)
         .and_then(|()| make_shareable(&tmp))
         .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
@@ -25,18 +25,33 @@ pub fn write_atomically(
 
 /// Outputs being written (temporary files and folders, later renamed into place), which an
 /// interrupted command removes rather than leave behind: a model's worth of bytes, hidden by a dot.
-static PARTIAL: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+static PARTIAL: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
 
-/// A path in `PARTIAL` while this lives: created before the path is, dropped once it is renamed
-/// into place or removed.
+/// Set once `remove_partial_outputs` ran: the command is ending on a signal, and an error its
+/// writer meets from then on is that, not a failure to report.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A path in `PARTIAL` while this lives, dropped once it is renamed into place or removed. A file
+/// is registered before it is created (so that one under the name already, someone's, is at most
+/// truncated, never a folder deleted); a folder only once this command created it.
 pub struct Partial(PathBuf);
 
 impl Partial {
-    pub fn new(path: &Path) -> Self {
+    /// A file this command is about to write.
+    pub fn file(path: &Path) -> Self {
+        Self::register(path, false)
+    }
+
+    /// A folder this command has just created.
+    pub fn folder(path: &Path) -> Self {
+        Self::register(path, true)
+    }
+
+    fn register(path: &Path, folder: bool) -> Self {
         PARTIAL
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(path.to_path_buf());
+            .push((path.to_path_buf(), folder));
         Partial(path.to_path_buf())
     }
 }
@@ -44,24 +59,37 @@ impl Partial {
 impl Drop for Partial {
     fn drop(&mut self) {
         let mut partial = PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = partial.iter().rposition(|p| *p == self.0) {
+        if let Some(i) = partial.iter().rposition(|(p, _)| *p == self.0) {
             partial.remove(i);
         }
     }
 }
 
 /// Removes every partial output (`Partial`): what a command that writes files does when it is
-/// interrupted, before it exits. Returns the paths removed.
+/// interrupted, before it exits. Returns the paths removed. A folder is first renamed aside, so
+/// that files the command goes on creating in it meanwhile fail instead of keeping it.
 pub fn remove_partial_outputs() -> Vec<PathBuf> {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     let partial = std::mem::take(&mut *PARTIAL.lock().unwrap_or_else(|e| e.into_inner()));
     partial
         .into_iter()
-        .filter(|path| match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path).is_ok(),
-            Ok(_) => std::fs::remove_file(path).is_ok(),
-            Err(_) => false,
+        .filter(|(path, folder)| match folder {
+            true => {
+                let aside = path.with_file_name(format!(
+                    "{}.removing",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                ));
+                std::fs::rename(path, &aside).is_ok() && std::fs::remove_dir_all(&aside).is_ok()
+            }
+            false => std::fs::remove_file(path).is_ok(),
         })
+        .map(|(path, _)| path)
         .collect()
+}
+
+/// Whether the command is ending on a signal (`remove_partial_outputs` ran).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Runs `write` on a new temporary folder beside `folder`, then renames it into place (over an
@@ -78,7 +106,7 @@ pub fn write_folder_atomically(
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let _partial = Partial::new(&tmp);
+    let _partial = Partial::folder(&tmp);
     let result = write(&tmp).and_then(|()| {
         // An empty folder made for the output gives way (only an empty one: remove_dir refuses
         // others); renaming over it is not possible everywhere.

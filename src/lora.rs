@@ -782,7 +782,11 @@ impl LoraAdapter {
                     .map_err(|e| bad(e.to_string()))?
                     .into_iter()
                     .map(|(path, _, _)| path)
-                    .filter(|path| !excludes(path))
+                    // In either spelling of a multimodal model's modules, as for the targets.
+                    .filter(|path| {
+                        let saved = saved_modules.iter().find(|s| module_path(s) == *path);
+                        !(excludes(path) || saved.is_some_and(|s| excludes(s)))
+                    })
                     .collect();
                 if kept.is_empty() {
                     return Err(bad(

@@ -164,6 +164,12 @@ fn main() {
             eprintln!("nibble: {why}");
             std::process::exit(130);
         }
+        // The signal handler is removing the partial outputs and ends the process itself: what
+        // the writer met meanwhile (its folder gone) is no failure to report.
+        if nibble::fsutil::interrupted() {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            std::process::exit(130);
+        }
         eprintln!("nibble: error: {e:#}");
         std::process::exit(1);
     }

@@ -266,10 +266,13 @@ impl MergedChat {
 
 /// Copies the folder's files other than weights; config.json gets the merged weights' dtype.
 fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype) -> Result<()> {
-    if !folder.join("tokenizer.json").is_file() {
+    if !["tokenizer.json", "tokenizer.model"]
+        .iter()
+        .any(|name| folder.join(name).is_file())
+    {
         log::warn!(
-            "{} holds no tokenizer.json, so the merged model has none: copy the base's tokenizer \
-             files into it before loading it with a tokenizer",
+            "{} holds no tokenizer.json (nor tokenizer.model), so the merged model has none: add \
+             the base's tokenizer to it before loading it with one",
             folder.display()
         );
     }

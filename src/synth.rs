@@ -378,10 +378,13 @@ pub fn write_model_folder(
     let config = spec.config();
     let tensors = config.expected_tensors();
     let shards = spec.shards.max(1).min(tensors.len());
-    let per_shard = tensors.len().div_ceil(shards);
     let mut rng = Rng::new(spec.seed);
     let mut weight_map = serde_json::Map::new();
-    for (s, chunk) in tensors.chunks(per_shard).enumerate() {
+    // As many files as shards, each holding at least one tensor (chunks of ceil(n / shards) could
+    // make fewer files than their names count).
+    let n = tensors.len();
+    for s in 0..shards {
+        let chunk = &tensors[s * n / shards..(s + 1) * n / shards];
         let name = if shards == 1 {
             "model.safetensors".to_string()
         } else {

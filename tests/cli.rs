@@ -890,4 +890,15 @@ fn synth_names_a_bad_output_or_shard_count() {
         );
     }
     assert!(!dir.path().join("m").exists());
+    // As many files as asked for (26 tensors in chunks of ceil(26 / 10) made 9).
+    let out = nibble(&["synth", "-o", &model, "--shards", "10"]);
+    assert!(out.status.success());
+    let shards = std::fs::read_dir(dir.path().join("m"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with("-of-00010.safetensors")
+        })
+        .count();
+    assert_eq!(shards, 10);
 }

@@ -38,8 +38,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     // What the demo made is removed when it fails or is interrupted, and at its end unless kept (a
     // folder that was there, empty, stays).
-    let made = !dir.exists() || keep.is_none();
-    let partial = made.then(|| nibble::fsutil::Partial::new(&dir));
+    let made = std::fs::symlink_metadata(&dir).is_err() || keep.is_none();
+    let partial = made.then(|| nibble::fsutil::Partial::folder(&dir));
     let result = run_demo(&dir, keep.is_some());
     if made && (keep.is_none() || result.is_err()) {
         let _ = std::fs::remove_dir_all(&dir);

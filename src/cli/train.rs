@@ -176,9 +176,10 @@ fn stop_on_signals() {
                     "\nfinishing the current step, then saving a checkpoint (interrupt again to \
                      quit at once)"
                 ),
-                false => {
-                    eprintln!("\nstopping before training starts (interrupt again to quit at once)")
-                }
+                false => eprintln!(
+                    "\nstopping before training starts, as soon as the loading or encoding under \
+                     way allows (interrupt again to quit at once)"
+                ),
             }
         }
         Some(at) if at.elapsed() < SAME_INTERRUPTION => {}

@@ -341,6 +341,8 @@ pub fn transformer_folder(path: &Path) -> Option<PathBuf> {
 /// `transformer_folder`): where its text encoder, tokenizer and VAE are unless named. None for a
 /// transformer outside a pipeline (a `transformer/` folder copied out, BFL's single files).
 pub fn pipeline_folder(path: &Path) -> Option<PathBuf> {
+    // `.` or a bare file name has no parent as typed.
+    let path = &std::path::absolute(path).ok()?;
     let transformer = transformer_folder(path)?;
     if transformer == path.join("transformer") {
         return Some(path.to_path_buf());

@@ -252,6 +252,9 @@ fn forward_after(
     } else {
         (0..s.heads).into_par_iter().map(head).collect()
     };
+    if t_len == 0 {
+        return;
+    }
     // Tokens on every thread (on one, this copy was about a twentieth of the op with a core idle).
     out.par_chunks_mut(qw)
         .with_min_len(16)

@@ -1417,6 +1417,7 @@ impl Trainer<'_> {
         let final_dir = run_dir.join(&name);
         let tmp = run_dir.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
+        let _partial = crate::fsutil::Partial::folder(&tmp);
         self.save_adapter(&self.adapter, &tmp, base_model, flux2::LoraForm::Exact)?;
         if let Some(manifest) = manifest {
             let path = tmp.join(MANIFEST);
