@@ -916,4 +916,13 @@ fn sft_names_a_missing_model_dataset_or_output_as_trl_does() {
             "{args:?}: {stderr}"
         );
     }
+    // A split of a single file: datasets has only its train split (this was read as FILE/test).
+    let text = format!(
+        "model_name_or_path: {model}\nuse_peft: true\ndatasets:\n  - path: {data}\n    split: test\n"
+    );
+    let err = read(&text, &TrainSettings::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("single file is the split train"), "{err}");
 }

@@ -127,6 +127,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("the loss is {mean}: the model or adapter produces non-finite values");
     }
     let predictions = nibble::train::TokenMetrics::of_total(&total);
+    if !mean.exp().is_finite() {
+        // JSON has no infinity: the field is null, and this says why.
+        log::warn!("the perplexity, e^{mean}, is beyond an f64's range: printed as null");
+    }
     println!(
         "{}",
         json!({"loss": mean, "perplexity": mean.exp(), "tokens": total.targets,

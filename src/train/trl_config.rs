@@ -1268,6 +1268,14 @@ impl Reader<'_> {
             }
         };
         Ok(match field("data_files") {
+            // One file is one split, train, to datasets too.
+            None if split != "train" && std::path::Path::new(path).is_file() => {
+                return Err(self.err(format!(
+                    "`datasets`: `split: {split}` of the file {path}: a single file is the split \
+                     train (as `datasets` reads it, which refuses {split}); name a folder of \
+                     splits, or leave split out"
+                )));
+            }
             // A repository folder's other split, as FOLDER/SPLIT names it.
             None if split != "train" => vec![format!("{}/{split}", path.trim_end_matches('/'))],
             None => vec![path.to_string()],
