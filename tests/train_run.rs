@@ -218,6 +218,81 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
     assert!(legacy.join("checkpoint-4").join(STATE_FILE).is_file());
 }
 
+/// A finished run goes on when more steps are asked for, as transformers' `resume_from_checkpoint`
+/// under a larger `max_steps` does: under a constant rate, 2 steps and then 2 more end bit for bit
+/// where 4 straight do; under the linear schedule the steps after the resume take the 4-step
+/// schedule's rates (transformers builds the scheduler for the new count and restores only its step).
+/// Asking for no more steps, or fewer than the checkpoint's, is refused and changes nothing.
+#[test]
+fn a_finished_run_goes_on_when_more_steps_are_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let saving = RunOptions {
+        save_steps: 1,
+        ..Default::default()
+    };
+    let resume = |out: &Path| RunOptions {
+        resume: Some(out.to_path_buf()),
+        ..saving.clone()
+    };
+    let constant = |steps| TrainConfig {
+        schedule: nibble::train::schedule::Schedule::Constant,
+        ..config(steps)
+    };
+    let whole = dir.path().join("whole");
+    let (result, straight) = train(&model, &data, &whole, constant(4), saving.clone());
+    result.unwrap();
+
+    let out = dir.path().join("out");
+    train(&model, &data, &out, constant(2), saving.clone())
+        .0
+        .unwrap();
+    let before = snapshot(&out);
+    refused(
+        train(&model, &data, &out, constant(2), resume(&out)).0,
+        &["finished run", "checkpoint-2", "step 2 of 2", "--max-steps"],
+    );
+    refused(
+        train(&model, &data, &out, constant(1), resume(&out)).0,
+        &["step 2", "past this run's 1 steps"],
+    );
+    assert_eq!(snapshot(&out), before, "refused resumes change nothing");
+
+    let (result, extended) = train(&model, &data, &out, constant(4), resume(&out));
+    result.unwrap();
+    assert_eq!(extended.started_at, Some((2, 4)));
+    assert_eq!(
+        extended.steps,
+        straight.steps[2..].to_vec(),
+        "the steps after the resume are the straight run's, bit for bit"
+    );
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
+    );
+
+    // Linear: 1e-3 · (4 − s) / 4 at steps s = 2 and 3 (counted from 0), transformers' formula.
+    let linear = dir.path().join("linear");
+    train(&model, &data, &linear, config(2), saving.clone())
+        .0
+        .unwrap();
+    train(&model, &data, &linear, config(4), resume(&linear))
+        .0
+        .unwrap();
+    let rates: Vec<(u64, f64)> = std::fs::read_to_string(linear.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["lr"].as_f64()?)))
+        .collect();
+    let expected = [(1, 1e-3), (2, 5e-4), (3, 5e-4), (4, 2.5e-4)];
+    assert_eq!(rates.len(), expected.len(), "{rates:?}");
+    for ((step, lr), (want_step, want)) in rates.iter().zip(expected) {
+        assert_eq!(*step, want_step);
+        assert!((lr - want).abs() < 1e-12, "step {step}: lr {lr}, expected {want}");
+    }
+}
+
 /// `--save-total-limit 2` (issue 19): of checkpoints written at every step, the two newest stay, and a
 /// run resumes from them as from an unpruned folder; a folder nibble did not write is left alone.
 #[test]

@@ -146,7 +146,7 @@ pub struct RunFolder {
 impl RunFolder {
     /// Locks `dir` (creating it if needed) and checks that this run may write there. A fresh run needs
     /// an empty folder, or one holding only an earlier run's files with `overwrite`, which
-    /// `clear_earlier_run` then clears. Resuming (from `resume`) needs the run unfinished, and a folder
+    /// `clear_earlier_run` then clears. Resuming (from `resume`) needs a checkpoint there, and a folder
     /// that is the checkpoint's own or that a fresh run could take.
     pub fn claim(dir: &Path, overwrite: bool, resume: Option<&Path>) -> Result<Self> {
         if overwrite && resume.is_some() {
@@ -191,22 +191,24 @@ impl RunFolder {
             .filter(|n| n != LOCK && !SYSTEM_LITTER.contains(&n.as_str()))
             .collect();
         names.sort();
-        let finished = ["adapter_model.safetensors", crate::train::flux2::LORA_FILE]
-            .iter()
-            .any(|f| dir.join(f).exists());
+        let finished = crate::train::holds_finished_run(&dir);
         if let Some(from) = resume {
-            if finished {
-                return Err(Error::Invalid(format!(
-                    "{} holds a finished run (its adapter is there): nothing to resume; pass \
-                     --overwrite to train it again",
-                    dir.display()
-                )));
-            }
+            // A finished run with a checkpoint goes on where --max-steps or --epochs now ask for
+            // more steps (as transformers' resume_from_checkpoint does); `open_output` refuses it
+            // once the checkpoint shows that they do not.
             if newest_checkpoint(from)?.is_none() {
-                return Err(Error::Invalid(format!(
-                    "{} holds no complete checkpoint to resume from",
-                    from.display()
-                )));
+                return Err(Error::Invalid(if finished {
+                    format!(
+                        "{} holds a finished run without checkpoints: nothing to resume from; \
+                         pass --overwrite to train it again",
+                        dir.display()
+                    )
+                } else {
+                    format!(
+                        "{} holds no complete checkpoint to resume from",
+                        from.display()
+                    )
+                }));
             }
             let own = match (from.canonicalize(), dir.canonicalize()) {
                 (Ok(from), Ok(out)) => from.starts_with(out),

@@ -1572,13 +1572,6 @@ impl Trainer<'_> {
         self.m = m;
         self.v = vv;
         let (step, total_steps, position) = (num("step")?, num("total_steps")?, num("position")?);
-        if total_steps != self.total_steps {
-            return Err(bad(&format!(
-                "the checkpoint's run has {total_steps} steps and this one {}: resume with the same \
-                 --max-steps, --epochs, batch size and data",
-                self.total_steps
-            )));
-        }
         if step > total_steps || position > n {
             return Err(bad(&format!(
                 "step {step} of {total_steps} at example {position} of {n} is not a possible state"
@@ -1604,8 +1597,16 @@ impl Trainer<'_> {
                 expected.1, expected.0
             )));
         }
+        // A run may go on for more (or fewer) steps than it first meant to, as transformers'
+        // resume_from_checkpoint under another max_steps does: the schedule follows this run's count.
+        if step > self.total_steps {
+            return Err(bad(&format!(
+                "the checkpoint is at step {step}, past this run's {} steps (--max-steps, \
+                 --epochs): ask for more steps to go on from it",
+                self.total_steps
+            )));
+        }
         self.step = step;
-        self.total_steps = total_steps;
         self.epoch = epoch;
         self.position = position;
         self.order = order;
@@ -1653,6 +1654,13 @@ pub fn state_file(checkpoint: &Path) -> Option<std::path::PathBuf> {
     } else {
         None
     }
+}
+
+/// Whether `dir` holds a run's final adapter (a run that ended, or that a later resume goes on with).
+pub fn holds_finished_run(dir: &Path) -> bool {
+    ["adapter_model.safetensors", crate::train::flux2::LORA_FILE]
+        .iter()
+        .any(|f| dir.join(f).exists())
 }
 
 /// The newest complete checkpoint in a run folder (or the folder itself, if it is a checkpoint).

@@ -888,7 +888,16 @@ fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
         keys.dedup();
         for key in keys {
             let (a, b) = (&then.get(key), &current.get(key));
-            if a != b {
+            // How long the run goes on may change (`Trainer::restore` takes the new count).
+            let length = section == "options" && matches!(key.as_str(), "epochs" | "max_steps");
+            if a != b && length {
+                log::info!(
+                    "{key} was {} and is {} now: the run goes on to the new count of steps, its \
+                     learning-rate schedule drawn over them",
+                    a.map_or("absent".to_string(), |v| v.to_string()),
+                    b.map_or("absent".to_string(), |v| v.to_string())
+                );
+            } else if a != b {
                 let show = |v: &Option<&serde_json::Value>| {
                     v.map_or("absent".to_string(), |v| v.to_string())
                 };
@@ -931,6 +940,17 @@ fn open_output(
             })?;
             check_manifest(&checkpoint, manifest)?;
             trainer.restore(&checkpoint)?;
+            if trainer.done() && train::holds_finished_run(dir) {
+                return Err(Error::Invalid(format!(
+                    "{} holds a finished run ({} at step {} of {}): nothing to resume; ask for more \
+                     steps (--max-steps, --epochs) to train on from it, or pass --overwrite to train \
+                     it again",
+                    dir.display(),
+                    checkpoint.display(),
+                    trainer.step,
+                    trainer.total_steps
+                )));
+            }
             truncate_metrics(&metrics_path, trainer.step)?;
             let samples = dir.join(SAMPLES_FILE);
             if samples.is_file() {
