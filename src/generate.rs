@@ -11,6 +11,7 @@ use crate::model::Model;
 use crate::ops::Precision;
 use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
+use std::ops::ControlFlow;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
@@ -299,7 +300,8 @@ pub fn turn_end_token(tok: &ChatTokenizer) -> Option<u32> {
 }
 
 /// Continues `prompt` by up to `max_new` tokens, calling `on_token` with each; stops after a token in
-/// `stop` (which is returned too). `cache` may already hold a prefix of `prompt` (a conversation so far);
+/// `stop` (which is returned too), or after the token for which `on_token` breaks (a person
+/// interrupting the answer). `cache` may already hold a prefix of `prompt` (a conversation so far);
 /// positions it holds beyond the common prefix are dropped.
 #[allow(clippy::too_many_arguments)]
 pub async fn generate_async(
@@ -310,7 +312,7 @@ pub async fn generate_async(
     max_new: usize,
     stop: &[u32],
     sampling: &Sampling,
-    mut on_token: impl FnMut(u32),
+    mut on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Vec<u32>> {
     let common = executor.reuse(cache, cached, prompt);
     let mut rng = Rng::new(sampling.seed);
@@ -321,8 +323,8 @@ pub async fn generate_async(
     for _ in 0..max_new {
         let next = sample(&logits, sampling, &mut rng);
         out.push(next);
-        on_token(next);
-        if stop.contains(&next) || out.len() == max_new {
+        let asked_to_stop = on_token(next).is_break();
+        if asked_to_stop || stop.contains(&next) || out.len() == max_new {
             break;
         }
         logits = executor.decode_after(cache, cached, &[next]).await?;
@@ -341,7 +343,7 @@ pub fn generate(
     max_new: usize,
     stop: &[u32],
     sampling: &Sampling,
-    on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Vec<u32>> {
     pollster::block_on(generate_async(
         executor, cache, cached, prompt, max_new, stop, sampling, on_token,
@@ -364,7 +366,7 @@ pub async fn greedy_async(
         max_new,
         stop,
         &Sampling::default(),
-        |_| {},
+        |_| ControlFlow::Continue(()),
     )
     .await?;
     Ok(ids.iter().copied().chain(new).collect())

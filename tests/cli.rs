@@ -902,3 +902,118 @@ fn synth_names_a_bad_output_or_shard_count() {
         .count();
     assert_eq!(shards, 10);
 }
+
+/// Ctrl-C in `chat` at a terminal stops the answer being written and returns to the prompt, as chat
+/// programs do; at the prompt it ends the session (exit 130); with input from a pipe (a script, which
+/// `timeout` stops by signal) it ends the session during an answer too.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn ctrl_c_in_chat_stops_the_answer_at_a_terminal_and_the_session_at_the_prompt() {
+    use std::io::{Read, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    // Random weights under the real vocabulary: a greedy answer of thousands of tokens, which the
+    // interruption cuts short.
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen2, 151936),
+        Some(&synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+    let terminal = || {
+        let (mut leader, mut follower) = (-1, -1);
+        // SAFETY: openpty writes two fresh descriptors into the two integers it is given; the name,
+        // termios and window-size arguments may be null.
+        let made = unsafe {
+            libc::openpty(
+                &mut leader,
+                &mut follower,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(made, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+        unsafe { (OwnedFd::from_raw_fd(leader), OwnedFd::from_raw_fd(follower)) }
+    };
+    // Spawns `chat` with `stdin`, collecting stdout and stderr as they come.
+    let spawn = |stdin: std::process::Stdio| {
+        let mut child = common::nibble_command()
+            .args(["chat", "--model", s(&model), "--max-new-tokens", "4000"])
+            .stdin(stdin)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |mut from: Box<dyn Read + Send>| {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let into = seen.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = from.read(&mut chunk) {
+                    into.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            seen
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        (child, stdout, stderr)
+    };
+    let wait_for = |seen: &Arc<Mutex<Vec<u8>>>, what: &str| {
+        let started = std::time::Instant::now();
+        while !String::from_utf8_lossy(&seen.lock().unwrap()).contains(what) {
+            assert!(started.elapsed().as_secs() < 60, "never saw {what:?}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    let interrupt = |child: &std::process::Child| {
+        // SAFETY: kill(2) only sends a signal; the pid is our own child, not yet waited for, so it
+        // cannot have been reused.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+            0
+        );
+    };
+    let text =
+        |seen: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+
+    // At a terminal, during the answer: the answer stops, the session goes on to /quit.
+    let (leader, follower) = terminal();
+    let mut keys = std::fs::File::from(leader);
+    let (mut child, stdout, stderr) = spawn(follower.into());
+    wait_for(&stderr, "chatting with");
+    keys.write_all(b"Tell me a story.\n").unwrap();
+    wait_for(&stdout, " ");
+    interrupt(&child);
+    wait_for(&stderr, "(stopped");
+    keys.write_all(b"/quit\n").unwrap();
+    let status = child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(status.success(), "{status}: {}", text(&stderr));
+    let answer = text(&stdout);
+    assert!(
+        answer.len() < 4000 && answer.ends_with('\n'),
+        "a short answer, ended with its line: {answer:?}"
+    );
+
+    // At a terminal, at the prompt: the session ends.
+    let (leader, follower) = terminal();
+    let (mut child, _, stderr) = spawn(follower.into());
+    wait_for(&stderr, "> ");
+    interrupt(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{}", text(&stderr));
+    drop(leader);
+
+    // From a pipe, during the answer: the session ends.
+    let (mut child, stdout, stderr) = spawn(std::process::Stdio::piped());
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(b"Tell me a story.\n").unwrap();
+    wait_for(&stdout, " ");
+    interrupt(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{}", text(&stderr));
+    assert!(!text(&stderr).contains("(stopped"), "{}", text(&stderr));
+}

@@ -49,7 +49,10 @@ fn check_cached_conversation(f: &common::Fixture, executor: Executor) {
         seed: 5,
     };
     let run = |cache: &mut generate::Cache, cached: &mut Vec<u32>, prompt: &[u32]| {
-        generate::generate(executor, cache, cached, prompt, 6, &[], &sampling, |_| {}).unwrap()
+        generate::generate(executor, cache, cached, prompt, 6, &[], &sampling, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap()
     };
     let turn1: Vec<u32> = f.seq.ids[..8].to_vec();
     let (mut cache, mut cached) = (executor.cache(), Vec::new());

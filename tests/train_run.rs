@@ -289,7 +289,10 @@ fn a_finished_run_goes_on_when_more_steps_are_asked_for() {
     assert_eq!(rates.len(), expected.len(), "{rates:?}");
     for ((step, lr), (want_step, want)) in rates.iter().zip(expected) {
         assert_eq!(*step, want_step);
-        assert!((lr - want).abs() < 1e-12, "step {step}: lr {lr}, expected {want}");
+        assert!(
+            (lr - want).abs() < 1e-12,
+            "step {step}: lr {lr}, expected {want}"
+        );
     }
 }
 

@@ -4,9 +4,16 @@ use anyhow::{Result, bail};
 use nibble::exec::Device;
 use nibble::generate::Placed;
 use nibble::tokenizer::{ChatTokenizer, Message, TemplateArgs};
+use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{QuantArgs, open_placed};
+use super::{QuantArgs, SAME_INTERRUPTION, open_placed};
+
+/// Whether `chat` is writing an answer (Ctrl-C at a terminal then stops the answer, not the session).
+static ANSWERING: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl-C during an answer: the answer ends after the token being computed.
+static STOP_ANSWER: AtomicBool = AtomicBool::new(false);
 
 /// What `generate` and `chat` share: the model, an adapter, and how to pick tokens.
 #[derive(clap::Args)]
@@ -212,8 +219,11 @@ impl Speaker {
                 use std::io::Write;
                 generated += 1;
                 first_token_after.get_or_insert_with(|| started.elapsed());
+                if STOP_ANSWER.load(Ordering::SeqCst) {
+                    return ControlFlow::Break(());
+                }
                 if stop.contains(&t) {
-                    return;
+                    return ControlFlow::Continue(());
                 }
                 answer.push(t);
                 // Decode the whole answer so far: a character may span several tokens.
@@ -226,6 +236,7 @@ impl Speaker {
                     Ok(_) => {}
                     Err(e) => failure = Some(e),
                 }
+                ControlFlow::Continue(())
             },
         )?;
         if let Some(e) = failure {
@@ -286,7 +297,35 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-const CHAT_HELP: &str = "/reset starts over, /quit or end of input quits, /help repeats this";
+const CHAT_HELP: &str =
+    "/reset starts over, /quit or end of input quits, Ctrl-C stops an answer, /help repeats this";
+
+/// Ctrl-C at a terminal while an answer is written stops the answer and returns to the prompt, as
+/// chat programs do; at the prompt, a second time during an answer, or with input from a pipe or a
+/// file (a script, which `timeout` or a supervisor stops by signal), it ends the session with exit
+/// status 130.
+fn stop_answers_on_signals() {
+    use std::io::IsTerminal;
+    let interactive = std::io::stdin().is_terminal();
+    let mut last: Option<std::time::Instant> = None;
+    let installed = ctrlc::set_handler(move || {
+        if last.is_some_and(|at| at.elapsed() < SAME_INTERRUPTION) {
+            return;
+        }
+        last = Some(std::time::Instant::now());
+        if interactive
+            && ANSWERING.load(Ordering::SeqCst)
+            && !STOP_ANSWER.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        eprintln!();
+        std::process::exit(130);
+    });
+    if let Err(e) = installed {
+        log::warn!("cannot catch Ctrl-C ({e}): it will end the session, not the answer");
+    }
+}
 
 /// What a line typed into `chat` asks for.
 #[derive(Debug, PartialEq)]
@@ -337,6 +376,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         );
     }
     let mut messages = with_system(system);
+    stop_answers_on_signals();
     eprintln!("chatting with {} ({CHAT_HELP})", g.model.display());
     let stdin = std::io::stdin();
     loop {
@@ -367,7 +407,22 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", line));
         let text = speaker.prompt(&messages)?;
-        let answer = speaker.answer(&text)?;
+        STOP_ANSWER.store(false, Ordering::SeqCst);
+        ANSWERING.store(true, Ordering::SeqCst);
+        let answer = speaker.answer(&text);
+        ANSWERING.store(false, Ordering::SeqCst);
+        let answer = answer?;
+        if STOP_ANSWER.load(Ordering::SeqCst) {
+            if answer.is_empty() {
+                // Nothing of the answer was written: the question goes, as if never asked.
+                eprintln!("(stopped before the answer began; Ctrl-C at the prompt quits)");
+                messages.pop();
+                continue;
+            }
+            eprintln!(
+                "(stopped; the conversation keeps what was written; Ctrl-C at the prompt quits)"
+            );
+        }
         messages.push(Message::new("assistant", &answer));
     }
 }

@@ -188,6 +188,11 @@ impl DataArgs {
     }
 }
 
+/// A second signal this soon after the first is the same interruption delivered twice, not a second
+/// request: `timeout -s INT` signals the process and then its whole group, and a supervisor may signal
+/// the process and its group alike, all within microseconds; a person interrupting again takes longer.
+pub(crate) const SAME_INTERRUPTION: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// For a command that writes files: Ctrl-C or SIGTERM ends it as they would, but first removes what
 /// it was writing (`fsutil::Partial`: temporary files and folders a model's size, hidden by a dot).
 pub fn remove_partial_outputs_on_signals() {

@@ -1,7 +1,7 @@
 //! `nibble train`: the library's run with the options layered (preset < TOML file < flags) and a
 //! progress bar.
 
-use super::{progress, rate};
+use super::{SAME_INTERRUPTION, progress, rate};
 use anyhow::{Context, Result};
 use nibble::train::run::{Observer, RunSpec};
 use nibble::train::settings::TrainSettings;
@@ -157,11 +157,6 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Set when the steps begin: before, a run stops where it is (loading, encoding images) instead.
 static TRAINING: AtomicBool = AtomicBool::new(false);
-
-/// A second signal this soon after the first is the same interruption delivered twice, not a second
-/// request: `timeout -s INT` signals the process and then its whole group, and a supervisor may signal
-/// the process and its group alike, all within microseconds; a person interrupting again takes longer.
-const SAME_INTERRUPTION: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The first signal asks the run to stop after the current step and save; a second one ends the process
 /// at once (the checkpoints already written stay complete: each is renamed into place whole).
