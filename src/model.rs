@@ -578,6 +578,14 @@ enum SourceKind {
 }
 
 /// An opened model: config parsed and every safetensors header read and checked; no weights read yet.
+/// What of a model describes its text: config and tokenizer files, and where the tokenizer came
+/// from (`ModelSource::tokenizer_origin`).
+pub struct ModelText {
+    pub config: ModelConfig,
+    pub tokenizer: TokenizerFiles,
+    pub origin: std::path::PathBuf,
+}
+
 pub struct ModelSource {
     pub config: ModelConfig,
     pub tokenizer: TokenizerFiles,
@@ -635,8 +643,29 @@ impl ModelSource {
         }
     }
 
-    /// Opens a Hugging Face model folder (on disk, or as in-memory files).
-    pub fn open_folder(files: ModelFiles) -> Result<Self> {
+    /// A model's config and tokenizer without its weights, for what reads text only (`nibble data`):
+    /// a folder's weights need not be there.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open_text(path: &Path) -> Result<ModelText> {
+        let folder = Self::folder_of_config(path).or_else(|| path.is_dir().then(|| path.into()));
+        let Some(folder) = folder else {
+            let source = Self::open(path)?;
+            return Ok(ModelText {
+                origin: source.tokenizer_origin(),
+                config: source.config,
+                tokenizer: source.tokenizer,
+            });
+        };
+        let files = ModelFiles::Dir(folder.clone());
+        let (config, tokenizer) = Self::read_config_and_tokenizer(&files)?;
+        Ok(ModelText {
+            config,
+            tokenizer,
+            origin: folder,
+        })
+    }
+
+    fn read_config_and_tokenizer(files: &ModelFiles) -> Result<(ModelConfig, TokenizerFiles)> {
         let config_text = match files.read_string("config.json")? {
             Some(text) => text,
             // A diffusers pipeline keeps its config in each part's folder.
@@ -655,11 +684,16 @@ impl ModelSource {
             }
         };
         let config = ModelConfig::from_json_str(&config_text, &files.display_path("config.json"))?;
-
         let mut tokenizer = TokenizerFiles::default();
         for (name, field) in TokenizerFiles::NAMES.iter().zip(tokenizer.fields_mut()) {
             *field = files.read_string(name)?;
         }
+        Ok((config, tokenizer))
+    }
+
+    /// Opens a Hugging Face model folder (on disk, or as in-memory files).
+    pub fn open_folder(files: ModelFiles) -> Result<Self> {
+        let (config, tokenizer) = Self::read_config_and_tokenizer(&files)?;
 
         let index_name = "model.safetensors.index.json";
         let shard_names: Vec<String>;

@@ -696,6 +696,19 @@ fn data_shows_which_tokens_carry_loss() {
     let text = ok(&["data", s(&data), "--model", s(&model), "--max-length", "8"]);
     assert!(text.contains("cut by --max-length 8"), "{text}");
     assert!(text.contains("between ⟦ and ⟧"), "{text}");
+    // Text alone: config.json and the tokenizer files, as copied from a model whose weights are
+    // still downloading, show the same.
+    let text_only = dir.path().join("text-only");
+    std::fs::create_dir(&text_only).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            std::fs::copy(&path, text_only.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut args = vec!["data", s(&data), "--model", s(&text_only), "--json"];
+    args.extend(["--examples", "9"]);
+    assert_eq!(ok(&args), ok(&[&args[..3], &[s(&model)], &args[4..]].concat()));
 }
 
 /// NIBBLE_PROFILE=1 reports, at the end, the CPU executor's time per kind of operation: here an eval's

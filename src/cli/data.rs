@@ -14,8 +14,8 @@ use std::path::PathBuf;
 pub struct Args {
     /// The JSONL file (the formats `nibble train --data` reads).
     data: PathBuf,
-    /// The model folder or quantized file whose tokenizer and chat template apply (its weights are
-    /// not read, but must be there).
+    /// The model folder or quantized file whose tokenizer and chat template apply (a folder's
+    /// config.json and tokenizer files are read; its weights need not be there).
     #[arg(long)]
     model: PathBuf,
     /// The chat template to render conversations with, as `nibble train --chat-template` takes it.
@@ -60,8 +60,13 @@ fn labelled_tokens(seq: &nibble::cpu::Sequence) -> Vec<bool> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let source = nibble::model::open(&args.model)?;
-    let tok = super::tokenizer_of(&source, args.chat_template.as_deref(), None)?;
+    let source = nibble::model::ModelSource::open_text(&args.model)?;
+    let tok = super::tokenizer_from(
+        &source.tokenizer,
+        &source.origin,
+        args.chat_template.as_deref(),
+        None,
+    )?;
     let tok = args.rows.tokenizer(tok)?;
     let cut = args.rows.cut(&source.config);
     let examples = args.rows.read(&args.data)?;

@@ -86,8 +86,23 @@ pub fn tokenizer_of(
     template: Option<&Path>,
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
-    let tok = ChatTokenizer::from_files(&source.tokenizer, &source.tokenizer_origin())?;
-    let own = TemplateChoice::of_model(&source.tokenizer);
+    tokenizer_from(
+        &source.tokenizer,
+        &source.tokenizer_origin(),
+        template,
+        adapter,
+    )
+}
+
+/// `tokenizer_of` for tokenizer files read from `origin`.
+pub fn tokenizer_from(
+    files: &nibble::model::TokenizerFiles,
+    origin: &Path,
+    template: Option<&Path>,
+    adapter: Option<&Path>,
+) -> Result<ChatTokenizer> {
+    let tok = ChatTokenizer::from_files(files, origin)?;
+    let own = TemplateChoice::of_model(files);
     let tok = match TemplateChoice::chosen(template, adapter, own.as_deref())? {
         Some(choice) => tok.with_template(&choice)?,
         None => tok,
