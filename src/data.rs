@@ -33,6 +33,61 @@ pub enum Example {
 /// The column of text rows unless told otherwise (TRL's `dataset_text_field` default).
 pub const TEXT_FIELD: &str = "text";
 
+/// Where each example of a dataset was read, so that what goes wrong with one later (its chat
+/// template, its tokens) names its file and line, or row, as a parse error does.
+#[derive(Clone, Debug)]
+pub struct Places {
+    /// The dataset as the user named it.
+    origin: String,
+    /// Each file read, and whether its examples are lines (JSONL) or rows (a table, a JSON array).
+    files: Vec<(String, Unit)>,
+    /// Per example: its file's index in `files`, and its line or row, from 1.
+    at: Vec<(u32, u32)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Unit {
+    Line,
+    Row,
+}
+
+impl Places {
+    /// Examples known only by their order in `origin` (text from the browser, a test's rows).
+    pub fn numbered(origin: &str) -> Self {
+        Places {
+            origin: origin.to_string(),
+            files: Vec::new(),
+            at: Vec::new(),
+        }
+    }
+
+    /// The dataset as the user named it.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Example `i` (from 0): `FILE:LINE (example N)`, `FILE: row R (example N)`, or
+    /// `ORIGIN: example N` where its place is not known.
+    pub fn of(&self, i: usize) -> String {
+        let Some(&(file, n)) = self.at.get(i) else {
+            return format!("{}: example {}", self.origin, i + 1);
+        };
+        let (name, unit) = &self.files[file as usize];
+        match unit {
+            Unit::Line => format!("{name}:{n} (example {})", i + 1),
+            Unit::Row => format!("{name}: row {n} (example {})", i + 1),
+        }
+    }
+
+    fn add(&mut self, file: &str, unit: Unit, n: usize) {
+        if self.files.last().is_none_or(|(f, _)| f != file) {
+            self.files.push((file.to_string(), unit));
+        }
+        let index = (self.files.len() - 1) as u32;
+        self.at.push((index, u32::try_from(n).unwrap_or(u32::MAX)));
+    }
+}
+
 /// Reads a dataset: a JSONL file, or a table (a Parquet or Arrow file, or a folder `datasets` saved;
 /// `tables`), whose rows take the same shapes; errors name the file and line or row.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
@@ -42,26 +97,34 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
 /// `read_examples`, with text rows' text in the column `text_field`. A folder laid out as a Hub
 /// dataset repository reads its train split (`FOLDER/SPLIT` another), its files one after the other.
 pub fn read_examples_with(path: &Path, text_field: &str) -> Result<Vec<Example>> {
+    Ok(read_examples_placed(path, text_field)?.0)
+}
+
+/// `read_examples_with`, and where each example was read.
+pub fn read_examples_placed(path: &Path, text_field: &str) -> Result<(Vec<Example>, Places)> {
+    let mut places = Places::numbered(&path.display().to_string());
     #[cfg(not(target_arch = "wasm32"))]
     {
         if let Some(files) = crate::tables::repository_split_files(path)? {
             let mut out = Vec::new();
             for file in &files {
-                out.extend(read_file(file, text_field)?);
+                out.extend(read_file(file, text_field, &mut places)?);
             }
-            return non_empty(out, &path.display().to_string());
+            return Ok((non_empty(out, &path.display().to_string())?, places));
         }
         if !path.exists() {
             let repo = crate::fsutil::HubRepo::Dataset;
             return Err(Error::Invalid(crate::fsutil::not_found_message(path, repo)));
         }
     }
-    let out = read_file(path, text_field)?;
-    non_empty(out, &path.display().to_string())
+    let out = read_file(path, text_field, &mut places)?;
+    Ok((non_empty(out, &path.display().to_string())?, places))
 }
 
-/// The rows of one data file or `datasets` folder (not yet checked for being none).
-fn read_file(path: &Path, text_field: &str) -> Result<Vec<Example>> {
+/// The rows of one data file or `datasets` folder (not yet checked for being none), their places
+/// added to `places`.
+fn read_file(path: &Path, text_field: &str, places: &mut Places) -> Result<Vec<Example>> {
+    let name = path.display().to_string();
     #[cfg(not(target_arch = "wasm32"))]
     if crate::tables::is_table(path) {
         let mut out = Vec::new();
@@ -69,6 +132,7 @@ fn read_file(path: &Path, text_field: &str) -> Result<Vec<Example>> {
             let at =
                 |msg: String| Error::Invalid(format!("{}: row {}: {msg}", path.display(), i + 1));
             out.push(parse_row(row, text_field).map_err(at)?);
+            places.add(&name, Unit::Row, i + 1);
         }
         return Ok(out);
     }
@@ -85,12 +149,13 @@ fn read_file(path: &Path, text_field: &str) -> Result<Vec<Example>> {
             .iter()
             .enumerate()
             .map(|(i, row)| {
+                places.add(&name, Unit::Row, i + 1);
                 parse_row(row, text_field)
                     .map_err(|msg| Error::Invalid(format!("{origin}: row {}: {msg}", i + 1)))
             })
             .collect();
     }
-    parse_lines(text, &origin, text_field)
+    parse_lines(text, &origin, text_field, places)
 }
 
 /// Parses JSONL text; `origin` names it in errors (a path, or a label in the browser).
@@ -100,10 +165,26 @@ pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Example>> {
 
 /// `parse_jsonl`, with text rows' text in the column `text_field`.
 pub fn parse_jsonl_with(text: &str, origin: &str, text_field: &str) -> Result<Vec<Example>> {
-    non_empty(parse_lines(text, origin, text_field)?, origin)
+    Ok(parse_jsonl_placed(text, origin, text_field)?.0)
 }
 
-fn parse_lines(text: &str, origin: &str, text_field: &str) -> Result<Vec<Example>> {
+/// `parse_jsonl_with`, and the line of each example.
+pub fn parse_jsonl_placed(
+    text: &str,
+    origin: &str,
+    text_field: &str,
+) -> Result<(Vec<Example>, Places)> {
+    let mut places = Places::numbered(origin);
+    let examples = non_empty(parse_lines(text, origin, text_field, &mut places)?, origin)?;
+    Ok((examples, places))
+}
+
+fn parse_lines(
+    text: &str,
+    origin: &str,
+    text_field: &str,
+    places: &mut Places,
+) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -113,6 +194,7 @@ fn parse_lines(text: &str, origin: &str, text_field: &str) -> Result<Vec<Example
         let v: Value =
             serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
         out.push(parse_row(&v, text_field).map_err(at)?);
+        places.add(origin, Unit::Line, i + 1);
     }
     Ok(out)
 }

@@ -137,15 +137,15 @@ fn start_run(
     let settings = given.with_preset().map_err(js_error)?;
     let config = settings.train_config().map_err(js_error)?;
     let run_options = settings.run_options().map_err(js_error)?;
-    let examples =
-        crate::data::parse_jsonl_with(jsonl, "dataset", &config.text_field).map_err(js_error)?;
+    let (examples, places) =
+        crate::data::parse_jsonl_placed(jsonl, "dataset", &config.text_field).map_err(js_error)?;
     let train_config = run_options.tokenizing(&config);
     let packing = run_options.packing;
-    let train = crate::train::run::tokenize_examples(
+    let train = crate::train::run::tokenize_examples_placed(
         &inner.tok,
         &examples,
+        &places,
         &train_config,
-        "dataset",
         packing,
     )
     .map_err(js_error)?;

@@ -708,7 +708,10 @@ fn data_shows_which_tokens_carry_loss() {
     }
     let mut args = vec!["data", s(&data), "--model", s(&text_only), "--json"];
     args.extend(["--examples", "9"]);
-    assert_eq!(ok(&args), ok(&[&args[..3], &[s(&model)], &args[4..]].concat()));
+    assert_eq!(
+        ok(&args),
+        ok(&[&args[..3], &[s(&model)], &args[4..]].concat())
+    );
 }
 
 /// NIBBLE_PROFILE=1 reports, at the end, the CPU executor's time per kind of operation: here an eval's

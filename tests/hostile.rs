@@ -545,11 +545,37 @@ const CASES: &[Case] = &[
         prepare: |r| {
             data_case_with(
                 r,
-                "{\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}]}\n",
+                concat!(
+                    "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, ",
+                    "{\"role\": \"assistant\", \"content\": \"hello\"}]}\n\n",
+                    "{\"messages\": [{\"role\": \"user\", \"content\": \"hello\"}]}\n",
+                ),
                 &["--loss-on", "assistant"],
             )
         },
-        expect: &["example 1", "no assistant turn"],
+        expect: &["chats.jsonl:3 (example 2)", "no assistant turn"],
+    },
+    Case {
+        name: "a chat template that refuses a row",
+        prepare: |r| {
+            std::fs::write(
+                r.join("refusing.jinja"),
+                "{% for m in messages %}{% if m['content'] == 'bad' %}\
+                 {{ raise_exception('no bad rows') }}{% endif %}{{ m['content'] }}{% endfor %}",
+            )
+            .unwrap();
+            let good = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, \
+                        {\"role\": \"assistant\", \"content\": \"hello\"}]}\n";
+            let bad = "{\"messages\": [{\"role\": \"user\", \"content\": \"bad\"}, \
+                       {\"role\": \"assistant\", \"content\": \"hello\"}]}\n";
+            let template = p(r, "refusing.jinja");
+            data_case_with(
+                r,
+                &format!("{good}{good}\n{bad}"),
+                &["--chat-template", &template],
+            )
+        },
+        expect: &["chats.jsonl:4 (example 3)", "no bad rows"],
     },
     Case {
         name: "completion loss on chats",

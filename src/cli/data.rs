@@ -69,7 +69,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     let tok = args.rows.tokenizer(tok)?;
     let cut = args.rows.cut(&source.config);
-    let examples = args.rows.read(&args.data)?;
+    let (examples, places) = args.rows.read(&args.data)?;
     let color = !args.json && std::io::stdout().is_terminal();
     let (open, close) = if color {
         ("\x1b[1;32m", "\x1b[0m")
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut unlearnable = Vec::new();
     for (i, example) in examples.iter().enumerate() {
         let (seq, removed) = nibble::train::tokenize_cut(&tok, example, args.loss_on, cut)
-            .with_context(|| format!("{}: example {}", args.data.display(), i + 1))?;
+            .with_context(|| places.of(i))?;
         let labelled = labelled_tokens(&seq);
         let count = labelled.iter().filter(|&&l| l).count();
         tokens += seq.ids.len();

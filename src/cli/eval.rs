@@ -40,7 +40,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let data = evaluated_split(&args.data)?;
-    let examples = args.rows.read(&data)?;
+    let (examples, places) = args.rows.read(&data)?;
     let (tok, placed) = open_placed(
         &args.model,
         args.quant,
@@ -64,7 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     let started = std::time::Instant::now();
     for (i, example) in examples.iter().enumerate() {
         let (seq, removed) = nibble::train::tokenize_cut(&tok, example, args.loss_on, cut)
-            .with_context(|| format!("{}: example {}", data.display(), i + 1))?;
+            .with_context(|| places.of(i))?;
         cut_examples += usize::from(removed > 0);
         if seq.target_count() == 0 {
             empty.push((i + 1, removed > 0));

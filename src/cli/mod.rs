@@ -178,12 +178,12 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
-    /// The examples of `path`, read as these options say.
+    /// The examples of `path`, read as these options say, and where each was read.
     pub fn read(
         &self,
         path: &std::path::Path,
-    ) -> nibble::error::Result<Vec<nibble::data::Example>> {
-        nibble::data::read_examples_with(path, &self.dataset_text_field)
+    ) -> nibble::error::Result<(Vec<nibble::data::Example>, nibble::data::Places)> {
+        nibble::data::read_examples_placed(path, &self.dataset_text_field)
     }
 
     /// `tok` with --eos-token's token as its eos, where given.

@@ -1341,9 +1341,8 @@ pub fn tokenize_file(
     config: &TrainConfig,
     packing: bool,
 ) -> Result<Vec<Sequence>> {
-    let examples = crate::data::read_examples_with(file, &config.text_field)?;
-    let origin = file.display().to_string();
-    let sequences = tokenize_examples(tok, &examples, config, &origin, packing)?;
+    let (examples, places) = crate::data::read_examples_placed(file, &config.text_field)?;
+    let sequences = tokenize_examples_placed(tok, &examples, &places, config, packing)?;
     if config.loss_on == train::LossOn::Assistant {
         warn_if_never_taught_to_stop(tok, file, &sequences);
     }
@@ -1362,9 +1361,22 @@ pub fn tokenize_examples(
     origin: &str,
     packing: bool,
 ) -> Result<Vec<Sequence>> {
+    let places = crate::data::Places::numbered(origin);
+    tokenize_examples_placed(tok, examples, &places, config, packing)
+}
+
+/// `tokenize_examples`, its errors naming each example's file and line (`places`).
+pub fn tokenize_examples_placed(
+    tok: &ChatTokenizer,
+    examples: &[crate::data::Example],
+    places: &crate::data::Places,
+    config: &TrainConfig,
+    packing: bool,
+) -> Result<Vec<Sequence>> {
+    let origin = places.origin();
     let mut sequences = Vec::with_capacity(examples.len());
     let (mut cut, mut unlearnable, mut cut_off) = (0, Vec::new(), 0);
-    let at = |i: usize, e: Error| Error::Invalid(format!("{origin}: example {}: {e}", i + 1));
+    let at = |i: usize, e: Error| Error::Invalid(format!("{}: {e}", places.of(i)));
     for (i, ex) in examples.iter().enumerate() {
         let (seq, c) =
             train::tokenize_cut(tok, ex, config.loss_on, config.cut()).map_err(|e| at(i, e))?;
@@ -1386,8 +1398,8 @@ pub fn tokenize_examples(
                 };
                 if uncut.target_count() == 0 {
                     return Err(Error::Invalid(format!(
-                        "{origin}: example {} has no assistant turn to learn from (--loss-on assistant), which TRL refuses too",
-                        i + 1
+                        "{}: no assistant turn to learn from (--loss-on assistant), which TRL refuses too",
+                        places.of(i)
                     )));
                 }
             }
