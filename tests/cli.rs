@@ -624,12 +624,7 @@ fn a_software_gpu_is_named_as_such() {
 fn data_shows_which_tokens_carry_loss() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    synth::write_model_folder(
-        &model,
-        &SynthSpec::tiny(Arch::Qwen2, 151936),
-        Some(&synth::qwen25_tokenizer()),
-    )
-    .unwrap();
+    common::write_tiny_qwen2(&model);
     let data = dir.path().join("d.jsonl");
     std::fs::write(
         &data,
@@ -932,12 +927,7 @@ fn ctrl_c_in_chat_stops_the_answer_at_a_terminal_and_the_session_at_the_prompt()
     let model = dir.path().join("model");
     // Random weights under the real vocabulary: a greedy answer of thousands of tokens, which the
     // interruption cuts short.
-    synth::write_model_folder(
-        &model,
-        &SynthSpec::tiny(Arch::Qwen2, 151936),
-        Some(&synth::qwen25_tokenizer()),
-    )
-    .unwrap();
+    common::write_tiny_qwen2(&model);
     let terminal = || {
         let (mut leader, mut follower) = (-1, -1);
         // SAFETY: openpty writes two fresh descriptors into the two integers it is given; the name,

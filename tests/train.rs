@@ -550,12 +550,7 @@ fn a_run_killed_with_sigkill_and_resumed_ends_bit_identical() {
 fn flags_override_the_config_file_which_overrides_the_preset() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m");
-    synth::write_model_folder(
-        &model,
-        &SynthSpec::tiny(Arch::Qwen2, 151936),
-        Some(&synth::qwen25_tokenizer()),
-    )
-    .unwrap();
+    common::write_tiny_qwen2(&model);
     let data = dir.path().join("d.jsonl");
     std::fs::write(
         &data,

@@ -43,12 +43,7 @@ impl Observer for Recorded {
 /// A random tiny Qwen2 model with the real tokenizer, and six chats.
 fn model_and_data(dir: &Path) -> (PathBuf, PathBuf) {
     let model = dir.join("model");
-    nibble::synth::write_model_folder(
-        &model,
-        &nibble::synth::SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936),
-        Some(&nibble::synth::qwen25_tokenizer()),
-    )
-    .unwrap();
+    common::write_tiny_qwen2(&model);
     let data = dir.join("chats.jsonl");
     let chats = chat_rows(&[
         ("Name three colours.", "Red, green and blue."),

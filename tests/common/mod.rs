@@ -287,6 +287,16 @@ pub fn tiny_model(arch: nibble::config::Arch, vocab: usize, nf4: bool) -> Model 
         .unwrap()
 }
 
+/// Writes a random tiny Qwen2 folder under the real Qwen2.5 tokenizer and vocabulary to `dir`.
+pub fn write_tiny_qwen2(dir: &std::path::Path) {
+    nibble::synth::write_model_folder(
+        dir,
+        &nibble::synth::SynthSpec::tiny(nibble::config::Arch::Qwen2, 151936),
+        Some(&nibble::synth::qwen25_tokenizer()),
+    )
+    .unwrap();
+}
+
 /// The CPU kernel paths this machine runs, for tests that run a kernel once per path. Prints which
 /// paths run and which are skipped and why; `NIBBLE_REQUIRE_CPU_PATHS=avx2,neon` (a comma-separated
 /// list) fails the test when a listed path cannot run here, so CI can insist on them.
