@@ -858,6 +858,14 @@ impl ModelSource {
         }
     }
 
+    /// The model's tokenizer, checked against its vocabulary.
+    pub fn chat_tokenizer(&self) -> Result<crate::tokenizer::ChatTokenizer> {
+        let tok =
+            crate::tokenizer::ChatTokenizer::from_files(&self.tokenizer, &self.tokenizer_origin())?;
+        tok.check_vocabulary(self.config.vocab_size)?;
+        Ok(tok)
+    }
+
     /// The parts a tensor is stored as: (name in file, expected shape, allowed dtypes).
     fn stored_parts(&self, t: &ExpectedTensor) -> Vec<(String, Vec<usize>, &'static [Dtype])> {
         const FLOATS: &[Dtype] = &[Dtype::F32, Dtype::F16, Dtype::BF16];

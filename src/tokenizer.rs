@@ -219,6 +219,23 @@ impl ChatTokenizer {
         })
     }
 
+    /// Refuses a tokenizer with ids past the model's `vocab_size` rows of embeddings: another model's
+    /// tokenizer (or one with added tokens the embeddings were never resized for) would fail at its
+    /// first such token, deep in a step, where nothing could name the file.
+    pub fn check_vocabulary(&self, vocab_size: usize) -> Result<()> {
+        let vocab = self.tokenizer.get_vocab(true);
+        match vocab.iter().max_by_key(|(_, id)| **id) {
+            Some((token, &id)) if id as usize >= vocab_size => Err(Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!(
+                    "token `{token}` has id {id}, past the model's {vocab_size} embeddings \
+                     (vocab_size in its config.json): this tokenizer is not the model's"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// This tokenizer rendering chats through `choice`'s templates instead of its own, as transformers
     /// does with a `chat_template` set on it (its special tokens stay the model's).
     pub fn with_template(mut self, choice: &TemplateChoice) -> Result<Self> {

@@ -99,8 +99,7 @@ pub async fn open_session(files: JsValue, device: String) -> Result<Session, JsE
         ModelFiles::Memory { label, files: map }
     };
     let source = ModelSource::open_folder(files).map_err(js_error)?;
-    let tok = ChatTokenizer::from_files(&source.tokenizer, &source.tokenizer_origin())
-        .map_err(js_error)?;
+    let tok = source.chat_tokenizer().map_err(js_error)?;
     let model = Arc::new(source.load(None).map_err(js_error)?);
     let device = <Device as clap::ValueEnum>::from_str(&device, true)
         .map_err(|_| JsError::new(&format!("unknown device `{device}` (auto, gpu or cpu)")))?;
@@ -182,8 +181,7 @@ pub async fn probe_executors() -> Result<String, JsError> {
     let source =
         ModelSource::open_folder(synth::model_files(&spec, &synth::byte_tokenizer(), "probe"))
             .map_err(js_error)?;
-    let tok = ChatTokenizer::from_files(&source.tokenizer, &source.tokenizer_origin())
-        .map_err(js_error)?;
+    let tok = source.chat_tokenizer().map_err(js_error)?;
     let model = Arc::new(source.load(None).map_err(js_error)?);
     // Without WebGPU (or with a device that will not open) only the CPU is timed.
     let gpu = Gpu::new_async(true).await.ok().map(Arc::new);

@@ -156,6 +156,13 @@ fn args(list: &[&str]) -> Vec<String> {
 }
 
 /// `nibble train` on the case's model and chats into `out`, with `extra` flags.
+/// Puts the Qwen2.5 tokenizer (151,665 tokens) into the base's folder of a 259-token model.
+fn other_tokenizer(root: &Path) {
+    let files = synth::qwen25_tokenizer();
+    let json = files.tokenizer_json.unwrap();
+    std::fs::write(root.join("model/tokenizer.json"), json).unwrap();
+}
+
 fn train(root: &Path, out: &str, extra: &[&str]) -> Vec<String> {
     let mut a = common::train_args(
         &root.join("model"),
@@ -987,6 +994,35 @@ const CASES: &[Case] = &[
         name: "synth into a non-empty folder",
         prepare: |r| args(&["synth", "--output", &p(r, "model")]),
         expect: &["not empty"],
+    },
+    // Another model's tokenizer: ids past the embeddings, refused before anything runs or is
+    // written, naming the file.
+    Case {
+        name: "another model's tokenizer (train)",
+        prepare: |r| {
+            other_tokenizer(r);
+            train(r, "new", &[])
+        },
+        expect: &["tokenizer.json", "past the model's 259 embeddings"],
+    },
+    Case {
+        name: "another model's tokenizer (data)",
+        prepare: |r| {
+            other_tokenizer(r);
+            args(&["data", &p(r, "chats.jsonl"), "--model", &p(r, "model")])
+        },
+        expect: &["tokenizer.json", "vocab_size"],
+    },
+    Case {
+        name: "another model's tokenizer (eval)",
+        prepare: |r| {
+            other_tokenizer(r);
+            let (model, data) = (p(r, "model"), p(r, "chats.jsonl"));
+            args(&[
+                "eval", "--model", &model, "--data", &data, "--device", "cpu",
+            ])
+        },
+        expect: &["tokenizer.json", "not the model's"],
     },
     // Checkpoints and adapters.
     Case {

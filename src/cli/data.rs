@@ -67,6 +67,7 @@ pub fn run(args: Args) -> Result<()> {
         args.chat_template.as_deref(),
         None,
     )?;
+    tok.check_vocabulary(source.config.vocab_size)?;
     let tok = args.rows.tokenizer(tok)?;
     let cut = args.rows.cut(&source.config);
     let (examples, places) = args.rows.read(&args.data)?;

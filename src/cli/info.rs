@@ -36,6 +36,12 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     let bytes16 = model::planned_weight_bytes(c, None);
     let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));
     let tokenizer = &source.tokenizer;
+    // What every other command would say of it (a tokenizer that does not parse, or is another
+    // model's), shown rather than refused: info describes what is there.
+    let tokenizer_error = match tokenizer.tokenizer_json {
+        Some(_) => source.chat_tokenizer().err().map(|e| e.to_string()),
+        None => None,
+    };
     let mut rope = match c.rope_scaling {
         RopeScaling::None => "none".to_string(),
         RopeScaling::Linear { factor } => format!("linear x{factor}"),
@@ -188,6 +194,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "stored_quant": source.stored_quant().map(|s| s.to_string()),
             "float8": c.float8.as_ref().map(|f| json!({"method": f.method, "block": f.block})),
             "tokenizer": tokenizer.tokenizer_json.is_some(),
+            "tokenizer_error": tokenizer_error,
             "chat_template": tokenizer.chat_template_jinja.is_some()
                 || tokenizer.tokenizer_config_json.as_deref().is_some_and(|t| t.contains("\"chat_template\"")),
         });
@@ -251,10 +258,10 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     }
     println!(
         "tokenizer     {}",
-        if tokenizer.tokenizer_json.is_some() {
-            "tokenizer.json present"
-        } else {
-            "none found"
+        match (tokenizer.tokenizer_json.is_some(), tokenizer_error) {
+            (false, _) => "none found".to_string(),
+            (true, None) => "tokenizer.json present".to_string(),
+            (true, Some(e)) => format!("unusable: {e}"),
         }
     );
     Ok(())

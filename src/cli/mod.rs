@@ -86,12 +86,14 @@ pub fn tokenizer_of(
     template: Option<&Path>,
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
-    tokenizer_from(
+    let tok = tokenizer_from(
         &source.tokenizer,
         &source.tokenizer_origin(),
         template,
         adapter,
-    )
+    )?;
+    tok.check_vocabulary(source.config.vocab_size)?;
+    Ok(tok)
 }
 
 /// `tokenizer_of` for tokenizer files read from `origin`.

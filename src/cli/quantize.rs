@@ -59,10 +59,7 @@ pub fn run(args: Args) -> Result<()> {
     // The tokenizer travels inside the file: one that cannot be read would only fail later, where
     // the error could no longer name the folder's file.
     if source.tokenizer.tokenizer_json.is_some() {
-        nibble::tokenizer::ChatTokenizer::from_files(
-            &source.tokenizer,
-            &source.tokenizer_origin(),
-        )?;
+        source.chat_tokenizer()?;
     }
     let spec = match quant.request()? {
         None => QuantSpec::new(QuantFormat::Nf4, nibble::quant::DEFAULT_GROUP_SIZE)?,

@@ -1034,7 +1034,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     let (model, data) = std::thread::scope(|s| {
         let loading = s.spawn(|| source.load(quant));
         let data = (|| -> Result<_> {
-            let tok = ChatTokenizer::from_files(&source.tokenizer, &source.tokenizer_origin())?;
+            let tok = source.chat_tokenizer()?;
             let tok = match &options.chat_template {
                 Some(choice) => {
                     let tok = tok.with_template(choice)?;
