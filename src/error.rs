@@ -33,6 +33,9 @@ pub enum Error {
     Template(String),
     #[error("{0}")]
     Invalid(String),
+    /// The loss stopped being finite: resuming would repeat it bit for bit, so the advice differs.
+    #[error("{0}")]
+    Diverged(String),
     /// The user asked the run to stop (Ctrl-C, SIGTERM); the message says where its work was saved.
     #[error("{0}")]
     Interrupted(String),

@@ -349,6 +349,13 @@ fn a_diverging_run_stops_naming_the_last_checkpoint_and_saves_no_adapter() {
     let err = result.unwrap_err().to_string();
     assert!(err.contains("the loss became"), "{err}");
     assert!(err.contains("no adapter was saved"), "{err}");
+    // Resuming repeats the divergence bit for bit (and refuses another --lr): not the advice.
+    assert!(
+        !err.contains("resume with")
+            && err.contains("lower --lr")
+            && err.contains("--init-adapter"),
+        "{err}"
+    );
     let last = seen.steps.last().expect("at least one finite step").0;
     let checkpoint = out.join(format!("checkpoint-{last}"));
     assert!(

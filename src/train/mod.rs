@@ -1267,7 +1267,7 @@ impl<'a> Trainer<'a> {
         tokens: usize,
     ) -> Result<StepRecord> {
         if !loss.is_finite() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Diverged(format!(
                 "the loss became {loss} at step {}; stopping",
                 self.step + 1
             )));

@@ -762,13 +762,27 @@ impl<'m> Run<'m> {
         let Some(out) = &self.output else {
             return e;
         };
-        let hint = match train::newest_checkpoint(&out.dir).ok().flatten() {
-            Some(c) => format!(
+        let newest = train::newest_checkpoint(&out.dir).ok().flatten();
+        let hint = match (newest, matches!(e, Error::Diverged(_))) {
+            // Resuming repeats the same steps bit for bit, and refuses another --lr.
+            (Some(c), true) => format!(
+                "the last good checkpoint is {}, but a resumed run would diverge the same way: train \
+                 again with a lower --lr or a --max-grad-norm, in another --output (from the start, \
+                 or from that adapter with --init-adapter {})",
+                c.display(),
+                c.display()
+            ),
+            (None, true) => {
+                "train again with a lower --lr or a --max-grad-norm (--overwrite, or another \
+                 --output)"
+                    .to_string()
+            }
+            (Some(c), false) => format!(
                 "the last good checkpoint is {}; resume with --resume {}",
                 c.display(),
                 out.dir.display()
             ),
-            None => "no checkpoint was written (see --save-steps)".to_string(),
+            (None, false) => "no checkpoint was written (see --save-steps)".to_string(),
         };
         Error::Invalid(format!("{e}; no adapter was saved; {hint}"))
     }
@@ -860,6 +874,13 @@ fn tokens_digest(sequences: &[Sequence]) -> u64 {
     digest.finish()
 }
 
+/// The steps the run that wrote `checkpoint` meant to take.
+fn recorded_total_steps(checkpoint: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(train::state_file(checkpoint)?).ok()?;
+    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+    state["total_steps"].as_u64().map(|t| t as usize)
+}
+
 /// Refuses to resume from a checkpoint made by a different run, naming what differs. A checkpoint from
 /// before manifests existed is taken on trust, with a warning.
 fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
@@ -890,14 +911,7 @@ fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
             let (a, b) = (&then.get(key), &current.get(key));
             // How long the run goes on may change (`Trainer::restore` takes the new count).
             let length = section == "options" && matches!(key.as_str(), "epochs" | "max_steps");
-            if a != b && length {
-                log::info!(
-                    "{key} was {} and is {} now: the run goes on to the new count of steps, its \
-                     learning-rate schedule drawn over them",
-                    a.map_or("absent".to_string(), |v| v.to_string()),
-                    b.map_or("absent".to_string(), |v| v.to_string())
-                );
-            } else if a != b {
+            if a != b && !length {
                 let show = |v: &Option<&serde_json::Value>| {
                     v.map_or("absent".to_string(), |v| v.to_string())
                 };
@@ -961,6 +975,13 @@ fn open_output(
                 checkpoint.display(),
                 trainer.step
             );
+            let now = trainer.total_steps;
+            if let Some(then) = recorded_total_steps(&checkpoint).filter(|&t| t != now) {
+                log::info!(
+                    "the run had {then} steps and now has {now} (--max-steps, --epochs): it goes on \
+                     to the new count, its learning-rate schedule drawn over it"
+                );
+            }
         }
         None => {
             std::fs::write(&metrics_path, "").map_err(|e| Error::io(&metrics_path, e))?;
