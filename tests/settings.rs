@@ -169,3 +169,32 @@ fn out_of_range_options_are_refused_by_name() {
         .to_string();
     assert!(err.contains("not both"), "{err}");
 }
+
+/// `target_modules` in an options file as PEFT and TRL write it, a list, or as the flag takes it, one
+/// string; anything else is refused naming the line and what is expected.
+#[test]
+fn target_modules_are_a_list_or_a_string_in_an_options_file() {
+    let origin = std::path::Path::new("run.toml");
+    let targets = |text: &str| {
+        TrainSettings::parse_toml(text, origin)
+            .and_then(|s| s.train_config())
+            .map(|c| c.lora.targets)
+    };
+    let pair = vec!["q_proj".to_string(), "v_proj".to_string()];
+    assert_eq!(
+        targets("target_modules = [\"q_proj\", \"v_proj\"]").unwrap(),
+        pair
+    );
+    assert_eq!(
+        targets("lora_target_modules = [\"q_proj\", \"v_proj\"]").unwrap(),
+        pair
+    );
+    assert_eq!(targets("target_modules = \"q_proj,v_proj\"").unwrap(), pair);
+    for bad in ["target_modules = [1]", "target_modules = 5"] {
+        let err = targets(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("run.toml") && err.contains("line 1") && err.contains("module names"),
+            "{err}"
+        );
+    }
+}

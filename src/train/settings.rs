@@ -78,21 +78,12 @@ caption_dropout = 0.05
 /// `data` as one path or a list of them in an options file (one is written as one path, as before
 /// lists were read).
 mod one_or_several {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     use std::path::PathBuf;
 
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form {
-        One(PathBuf),
-        Several(Vec<PathBuf>),
-    }
-
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PathBuf>>, D::Error> {
-        Ok(Option::<Form>::deserialize(d)?.map(|form| match form {
-            Form::One(path) => vec![path],
-            Form::Several(paths) => paths,
-        }))
+        let paths = super::strings(d, "a file or folder path, or a list of them")?;
+        Ok(paths.map(|paths| paths.into_iter().map(PathBuf::from).collect()))
     }
 
     pub fn serialize<S: Serializer>(paths: &Option<Vec<PathBuf>>, s: S) -> Result<S::Ok, S::Error> {
@@ -102,6 +93,63 @@ mod one_or_several {
             Some(several) => s.serialize_some(several),
         }
     }
+}
+
+/// `target_modules` as PEFT writes it, a list of names, or as the flag takes it, one string of them
+/// separated by commas (or all-linear); kept as that string.
+mod names_or_list {
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let names = super::strings(d, "module names separated by commas, or a list of them")?;
+        Ok(names.map(|names| names.join(",")))
+    }
+}
+
+/// One string or a list of strings (TOML, YAML and JSON write both), refused as `expected` says
+/// otherwise; None for a null.
+fn strings<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    expected: &'static str,
+) -> Result<Option<Vec<String>>, D::Error> {
+    struct Strings(&'static str);
+    impl<'de> serde::de::Visitor<'de> for Strings {
+        type Value = Option<Vec<String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(vec![v.to_string()]))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element::<serde_json::Value>()? {
+                match item {
+                    serde_json::Value::String(s) => out.push(s),
+                    other => {
+                        return Err(serde::de::Error::custom(format!(
+                            "{other} in a list: expected {}",
+                            self.0
+                        )));
+                    }
+                }
+            }
+            Ok(Some(out))
+        }
+    }
+    d.deserialize_any(Strings(expected))
 }
 
 /// `nibble train`'s options. Each can also come from a TOML file (`--config`, keys as the flags with
@@ -214,9 +262,13 @@ pub struct TrainSettings {
     /// magnitude; the adapter folder holds the magnitudes as PEFT does.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_dora: Option<bool>,
-    /// Comma-separated module names or all-linear.
+    /// Comma-separated module names or all-linear (in an options file, a list of names too).
     #[arg(long, aliases = ["lora-target-modules"])]
-    #[serde(alias = "lora_target_modules")]
+    #[serde(
+        alias = "lora_target_modules",
+        default,
+        deserialize_with = "names_or_list::deserialize"
+    )]
     pub target_modules: Option<String>,
     /// Ranks of their own for some modules (PEFT's rank_pattern), as a JSON object of regular
     /// expressions to ranks, such as '{"mlp.down_proj": 16}'; the first expression that matches a
