@@ -79,6 +79,16 @@ impl Places {
         }
     }
 
+    /// Examples by number (from 1), each by its place, the first ten of them: "chats.jsonl:4
+    /// (example 3), chats.jsonl:9 (example 7) and 12 more".
+    pub fn list(&self, numbers: &[usize]) -> String {
+        let shown: Vec<String> = numbers.iter().take(10).map(|&n| self.of(n - 1)).collect();
+        match numbers.len() {
+            n if n > 10 => format!("{} and {} more", shown.join(", "), n - 10),
+            _ => shown.join(", "),
+        }
+    }
+
     fn add(&mut self, file: &str, unit: Unit, n: usize) {
         if self.files.last().is_none_or(|(f, _)| f != file) {
             self.files.push((file.to_string(), unit));

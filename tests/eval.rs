@@ -201,47 +201,67 @@ fn eval_with_bad_data_exits_non_zero() {
     assert!(out.stdout.is_empty());
 }
 
-/// Examples with no token to predict (a conversation without an assistant turn, under --loss-on
-/// assistant) count for nothing in eval's loss, and eval and data both name them: train refuses such a
-/// conversation, so a user checking data with either learns which it is.
+/// Under --loss-on assistant a conversation without an assistant turn is refused by eval, as TRL
+/// refuses it in an evaluation set (and as train does), naming its file and line; `data` shows the
+/// file and warns with the same place. An example whose assistant turn --max-length cut off counts for
+/// nothing in eval's loss, named by its place too.
 #[test]
-fn examples_with_nothing_to_predict_are_named() {
+fn examples_with_nothing_to_predict_are_named_by_line() {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("m");
     let spec = SynthSpec::tiny(Arch::Qwen2, 151936);
     synth::write_model_folder(&model_dir, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
+    let answered = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#;
+    let unanswered = r#"{"messages": [{"role": "user", "content": "Only a question"}]}"#;
+    let long = serde_json::json!({"messages": [
+        {"role": "user", "content": "word ".repeat(200)},
+        {"role": "assistant", "content": "Yes"},
+    ]})
+    .to_string();
     let data_path = dir.path().join("chat.jsonl");
-    std::fs::write(
-        &data_path,
-        concat!(
-            r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}"#,
-            "\n",
-            r#"{"messages": [{"role": "user", "content": "Only a question"}]}"#,
-            "\n",
-        ),
-    )
-    .unwrap();
+    std::fs::write(&data_path, format!("{answered}\n\n{unanswered}\n")).unwrap();
+    let cut_path = dir.path().join("cut.jsonl");
+    std::fs::write(&cut_path, format!("{answered}\n{long}\n")).unwrap();
     let (model, data) = (model_dir.to_str().unwrap(), data_path.to_str().unwrap());
-    for (command, says) in [
-        (
-            vec!["eval", "--model", model, "--data", data],
-            "no token to predict",
-        ),
-        (
-            vec!["data", data, "--model", model],
-            "no token that carries loss",
-        ),
-    ] {
-        let mut args = command.clone();
+    let run = |args: &[&str]| {
+        let mut args = args.to_vec();
         args.extend(["--loss-on", "assistant"]);
         let out = nibble(&args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
-        assert!(
-            stderr.contains(says) && stderr.contains("example 2"),
-            "{command:?}: {stderr}"
-        );
-    }
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (status, stderr) = run(&["eval", "--model", model, "--data", data]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("chat.jsonl:3 (example 2)") && stderr.contains("no assistant turn"),
+        "{stderr}"
+    );
+    let (status, stderr) = run(&["data", data, "--model", model]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no token that carries loss")
+            && stderr.contains("chat.jsonl:3 (example 2)"),
+        "{stderr}"
+    );
+    let cut = cut_path.to_str().unwrap();
+    let (status, stderr) = run(&[
+        "eval",
+        "--model",
+        model,
+        "--data",
+        cut,
+        "--max-length",
+        "64",
+    ]);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no token to predict")
+            && stderr.contains("cut off the tokens of 1")
+            && stderr.contains("cut.jsonl:2 (example 2)"),
+        "{stderr}"
+    );
 }
 
 /// A dataset folder is evaluated on its test split (else validation, else train), and says which:

@@ -135,14 +135,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     if !unlearnable.is_empty() {
         log::warn!(
-            "{}: {} of {} examples have no token that carries loss (--loss-on {}): example {}; \
+            "{}: {} of {} examples have no token that carries loss (--loss-on {}): {}; \
              `nibble train` leaves them out, and refuses a conversation without an assistant turn \
              under --loss-on assistant (as TRL does)",
             args.data.display(),
             unlearnable.len(),
             examples.len(),
             nibble::value_name(args.loss_on),
-            nibble::train::run::example_numbers(&unlearnable)
+            places.list(&unlearnable)
         );
     }
     if args.json {

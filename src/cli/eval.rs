@@ -67,6 +67,16 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| places.of(i))?;
         cut_examples += usize::from(removed > 0);
         if seq.target_count() == 0 {
+            // TRL refuses such an evaluation set as it refuses a training set.
+            if nibble::train::run::lacks_assistant_turn(
+                &tok,
+                example,
+                args.loss_on,
+                cut,
+                (&seq, removed),
+            )? {
+                return Err(nibble::train::run::no_assistant_turn(&places.of(i)).into());
+            }
             empty.push((i + 1, removed > 0));
         }
         let loss = executor.loss(&seq, args.exec.precision.cpu())?;
@@ -110,13 +120,13 @@ pub fn run(args: Args) -> Result<()> {
             ),
         };
         log::warn!(
-            "{}: {} of {} examples have no token to predict (--loss-on {}{why}): example {}; \
-             they are left out of the loss",
+            "{}: {} of {} examples have no token to predict (--loss-on {}{why}): {}; they are \
+             left out of the loss",
             data.display(),
             empty.len(),
             examples.len(),
             nibble::value_name(args.loss_on),
-            nibble::train::run::example_numbers(&numbers)
+            places.list(&numbers)
         );
     }
     if total.targets == 0 {

@@ -1370,6 +1370,40 @@ pub fn tokenize_file(
     Ok(sequences)
 }
 
+/// Whether `ex`, which `cut` left as `seq` without a token that carries loss (`removed` tokens cut
+/// off), is a conversation with no assistant turn at all under `--loss-on assistant`: TRL refuses
+/// those (where a long prompt that left no room is dropped with a warning).
+pub fn lacks_assistant_turn(
+    tok: &ChatTokenizer,
+    ex: &crate::data::Example,
+    loss_on: train::LossOn,
+    cut: train::Cut,
+    (seq, removed): (&Sequence, usize),
+) -> Result<bool> {
+    let conversation = matches!(ex, crate::data::Example::Messages(..));
+    if loss_on != train::LossOn::Assistant || !conversation || seq.target_count() > 0 {
+        return Ok(false);
+    }
+    if removed == 0 {
+        return Ok(true);
+    }
+    let whole = train::Cut {
+        max_length: usize::MAX,
+        ..cut
+    };
+    Ok(train::tokenize_cut(tok, ex, loss_on, whole)?
+        .0
+        .target_count()
+        == 0)
+}
+
+/// The error for an example (at `place`) that `lacks_assistant_turn`.
+pub fn no_assistant_turn(place: &str) -> Error {
+    Error::Invalid(format!(
+        "{place}: no assistant turn to learn from (--loss-on assistant), which TRL refuses too"
+    ))
+}
+
 /// Tokenizes examples read from `origin` as TRL's SFTTrainer prepares them: each cut to --max-length,
 /// and those left without a token that carries loss dropped (with a warning naming them), as TRL drops
 /// them, except for `packing`, where TRL packs them all (they take room, their rows carry what loss
@@ -1403,26 +1437,10 @@ pub fn tokenize_examples_placed(
             train::tokenize_cut(tok, ex, config.loss_on, config.cut()).map_err(|e| at(i, e))?;
         cut += usize::from(c > 0);
         if seq.target_count() == 0 {
-            let conversation = matches!(ex, crate::data::Example::Messages(..));
-            if config.loss_on == train::LossOn::Assistant && conversation {
-                let whole = train::Cut {
-                    max_length: usize::MAX,
-                    ..config.cut()
-                };
-                let uncut = match c {
-                    0 => seq.clone(),
-                    _ => {
-                        train::tokenize_cut(tok, ex, config.loss_on, whole)
-                            .map_err(|e| at(i, e))?
-                            .0
-                    }
-                };
-                if uncut.target_count() == 0 {
-                    return Err(Error::Invalid(format!(
-                        "{}: no assistant turn to learn from (--loss-on assistant), which TRL refuses too",
-                        places.of(i)
-                    )));
-                }
+            if lacks_assistant_turn(tok, ex, config.loss_on, config.cut(), (&seq, c))
+                .map_err(|e| at(i, e))?
+            {
+                return Err(no_assistant_turn(&places.of(i)));
             }
             unlearnable.push(i + 1);
             cut_off += usize::from(c > 0);
@@ -1455,11 +1473,11 @@ pub fn tokenize_examples_placed(
             ),
         };
         let message = format!(
-            "{origin}: {} of {} examples have no token that carries loss (--loss-on {}{why}): example {}",
+            "{origin}: {} of {} examples have no token that carries loss (--loss-on {}{why}): {}",
             unlearnable.len(),
             examples.len(),
             crate::value_name(config.loss_on),
-            example_numbers(&unlearnable)
+            places.list(&unlearnable)
         );
         if unlearnable.len() == examples.len() {
             return Err(Error::Invalid(format!(
@@ -1472,15 +1490,6 @@ pub fn tokenize_examples_placed(
         }
     }
     Ok(sequences)
-}
-
-/// Examples by number, the first ten of them: "3, 7 and 12 more".
-pub fn example_numbers(numbers: &[usize]) -> String {
-    let shown: Vec<String> = numbers.iter().take(10).map(usize::to_string).collect();
-    match numbers.len() {
-        n if n > 10 => format!("{} and {} more", shown.join(", "), n - 10),
-        _ => shown.join(", "),
-    }
 }
 
 /// TRL's warning where the assistant's loss never covers the token that ends its turn: the loss looks
