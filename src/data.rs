@@ -354,9 +354,10 @@ fn sharegpt(
             Some(_) => Message::new(role, &content),
         };
         message.role = role.into();
-        if speaker == "function_call"
-            && let Some(calls) = tool_calls_of(&content)
-        {
+        if speaker == "function_call" {
+            let calls = tool_calls_of(&content).map_err(|e| {
+                format!("conversations[{i}] is a function_call whose text {e} (LLaMA-Factory refuses it too)")
+            })?;
             message.content = None;
             message.extra.insert("tool_calls".into(), calls);
         }
@@ -366,24 +367,38 @@ fn sharegpt(
 }
 
 /// LLaMA-Factory's `function_call` turn as the tool calls chat templates render: its text is JSON, a
-/// `{"name", "arguments"}` object or a list of them. None where it is not (the text then stays the
-/// turn's content).
-fn tool_calls_of(text: &str) -> Option<Value> {
-    let parsed: Value = serde_json::from_str(text).ok()?;
+/// `{"name", "arguments"}` object or a list of them; anything else is an error saying what the text
+/// is (the rest of a sentence after "whose text").
+fn tool_calls_of(text: &str) -> std::result::Result<Value, String> {
+    let parsed: Value =
+        serde_json::from_str(text).map_err(|e| format!("is not JSON ({e}): {}", excerpt(text)))?;
     let calls = match parsed {
         Value::Array(calls) => calls,
         call @ Value::Object(_) => vec![call],
-        _ => return None,
+        other => return Err(format!("is {other}, not a call or a list of calls")),
     };
-    let converted = calls
+    if calls.is_empty() {
+        return Err("is an empty list of calls".into());
+    }
+    calls
         .into_iter()
         .map(|call| {
-            let name = call.get("name")?.as_str()?.to_string();
+            let Some(name) = call.get("name").and_then(Value::as_str) else {
+                return Err(format!("holds {call}, a call without a string `name`"));
+            };
             let arguments = call.get("arguments").cloned().unwrap_or(Value::Null);
-            Some(serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}}))
+            Ok(serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}}))
         })
-        .collect::<Option<Vec<Value>>>()?;
-    (!converted.is_empty()).then_some(Value::Array(converted))
+        .collect::<std::result::Result<Vec<Value>, String>>()
+        .map(Value::Array)
+}
+
+/// The start of `text`, for a message.
+fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(60) {
+        Some((end, _)) => format!("`{}...`", &text[..end]),
+        None => format!("`{text}`"),
+    }
 }
 
 /// An Alpaca row as LLaMA-Factory maps it: the user turn is `instruction`, then `input` on a new line

@@ -2222,6 +2222,20 @@ fn sharegpt_and_alpaca_rows_tokenize_as_their_mapped_forms() {
             r#"{"instruction": 3, "output": "y"}"#,
             "rows:1: `instruction` must be a string",
         ),
+        // A function_call turn is a call in JSON, or an error (as LLaMA-Factory has it), never
+        // trained as the assistant's plain text.
+        (
+            r#"{"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "not json"}]}"#,
+            "rows:1: conversations[1] is a function_call whose text is not JSON",
+        ),
+        (
+            r#"{"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "{\"name\": 5}"}]}"#,
+            "a call without a string `name`",
+        ),
+        (
+            r#"{"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[]"}]}"#,
+            "an empty list of calls",
+        ),
     ] {
         let e = nibble::data::parse_jsonl(row, "rows")
             .unwrap_err()
