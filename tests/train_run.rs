@@ -265,6 +265,29 @@ fn a_finished_run_goes_on_when_more_steps_are_asked_for() {
         std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
         std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
     );
+    // The options record no longer claims to repeat the run: each change of length is noted.
+    use nibble::train::settings::{RECORD_CONTINUED, RECORD_HEADER, RECORD_REPEATS};
+    let recording = RunOptions {
+        record: Some(format!(
+            "{RECORD_HEADER} a test took them.\n{RECORD_REPEATS}lr = 0.001\n"
+        )),
+        ..resume(&out)
+    };
+    train(&model, &data, &out, constant(5), recording.clone())
+        .0
+        .unwrap();
+    train(&model, &data, &out, constant(6), recording)
+        .0
+        .unwrap();
+    let record = std::fs::read_to_string(out.join(nibble::train::RECORD_FILE)).unwrap();
+    assert!(!record.contains(RECORD_REPEATS), "{record}");
+    let notes: Vec<&str> = record
+        .lines()
+        .filter(|l| l.starts_with(RECORD_CONTINUED))
+        .collect();
+    assert_eq!(notes.len(), 2, "{record}");
+    assert!(notes[0].contains("step 4 from 4 steps to 5"), "{record}");
+    assert!(notes[1].contains("step 5 from 5 steps to 6"), "{record}");
 
     // Linear: 1e-3 · (4 − s) / 4 at steps s = 2 and 3 (counted from 0), transformers' formula.
     let linear = dir.path().join("linear");

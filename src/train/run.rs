@@ -138,6 +138,8 @@ pub struct RunData {
 /// Where a run writes: metrics.jsonl, checkpoints, the PEFT folder and the loss curve.
 struct RunOutput {
     dir: PathBuf,
+    /// Where a resume changed the run's length: the note the options record then carries.
+    continued: Option<String>,
     metrics_path: PathBuf,
     metrics: std::fs::File,
     /// The same numbers for TensorBoard.
@@ -432,6 +434,13 @@ impl<'m> Run<'m> {
         )?);
         if let Some(record) = &self.options.record {
             let path = dir.join(train::RECORD_FILE);
+            let record = match resume.is_some() {
+                true => {
+                    let continued = self.output.as_ref().and_then(|o| o.continued.clone());
+                    with_continuations(record, &path, continued)
+                }
+                false => record.clone(),
+            };
             crate::fsutil::write_atomically(&path, |tmp| std::fs::write(tmp, record))?;
         }
         if resume.is_some() {
@@ -874,6 +883,23 @@ fn tokens_digest(sequences: &[Sequence]) -> u64 {
     digest.finish()
 }
 
+/// The options record of a resumed run whose length a resume changed (`continued` now, or earlier, as
+/// the record at `path` notes): the notes take the place of the claim that the record repeats the run.
+fn with_continuations(record: &str, path: &Path, continued: Option<String>) -> String {
+    use crate::train::settings::{RECORD_CONTINUED, RECORD_REPEATS};
+    let earlier = std::fs::read_to_string(path).unwrap_or_default();
+    let mut notes: Vec<String> = earlier
+        .lines()
+        .filter(|l| l.starts_with(RECORD_CONTINUED))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    notes.extend(continued);
+    match notes.is_empty() {
+        true => record.to_string(),
+        false => record.replacen(RECORD_REPEATS, &notes.concat(), 1),
+    }
+}
+
 /// The steps the run that wrote `checkpoint` meant to take.
 fn recorded_total_steps(checkpoint: &Path) -> Option<usize> {
     let text = std::fs::read_to_string(train::state_file(checkpoint)?).ok()?;
@@ -944,6 +970,7 @@ fn open_output(
 ) -> Result<RunOutput> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let metrics_path = dir.join("metrics.jsonl");
+    let mut continued = None;
     match resume {
         Some(from) => {
             let checkpoint = train::newest_checkpoint(from)?.ok_or_else(|| {
@@ -981,6 +1008,12 @@ fn open_output(
                     "the run had {then} steps and now has {now} (--max-steps, --epochs): it goes on \
                      to the new count, its learning-rate schedule drawn over it"
                 );
+                continued = Some(format!(
+                    "{} {} from {then} steps to {now}: the learning rates of the steps before it \
+                     were drawn over {then}, so these options alone train another run.\n",
+                    crate::train::settings::RECORD_CONTINUED,
+                    trainer.step
+                ));
             }
         }
         None => {
@@ -1010,6 +1043,7 @@ fn open_output(
     }
     Ok(RunOutput {
         dir: dir.to_path_buf(),
+        continued,
         metrics_path,
         metrics,
         events,

@@ -16,6 +16,14 @@ use std::path::{Path, PathBuf};
 /// from a user's own file of that name.
 pub const RECORD_HEADER: &str = "# The options of the run in this folder, as nibble";
 
+/// The record's claim that it repeats the run: true until a resume changes the run's length
+/// (`train::run`), whose notes then take its place.
+pub const RECORD_REPEATS: &str =
+    "# `nibble train --config nibble_config.toml --output NEW_FOLDER` runs it again.\n";
+
+/// How each such note begins.
+pub const RECORD_CONTINUED: &str = "# Continued at step";
+
 /// Named recipes, written as option files: `--preset NAME` reads as if its file were given, below the
 /// `--config` file and the flags.
 const PRESETS: &[(&str, &str)] = &[
@@ -698,8 +706,7 @@ impl TrainSettings {
         let body = toml::to_string(&s)
             .map_err(|e| Error::Invalid(format!("writing the options down: {e}")))?;
         Ok(format!(
-            "{RECORD_HEADER} {} took them (defaults filled in).\n\
-             # `nibble train --config nibble_config.toml --output NEW_FOLDER` runs it again.\n{body}",
+            "{RECORD_HEADER} {} took them (defaults filled in).\n{RECORD_REPEATS}{body}",
             env!("CARGO_PKG_VERSION")
         ))
     }
