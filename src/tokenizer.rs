@@ -199,7 +199,11 @@ impl ChatTokenizer {
             None => serde_json::Value::Null,
         };
         let token = |key: &str| special_token(&config, key);
-        let (source, tool_source) = templates_of(files.chat_template_jinja.as_deref(), &config);
+        let (source, tool_source) = templates_of(files.chat_template_jinja.as_deref(), &config)
+            .map_err(|msg| Error::Tokenizer {
+                path: cfg_path.clone(),
+                msg,
+            })?;
         let (bos_token, eos_token, pad_token) =
             (token("bos_token"), token("eos_token"), token("pad_token"));
         let compile = |s: String| {
@@ -377,18 +381,23 @@ impl ChatTokenizer {
 fn templates_of(
     jinja: Option<&str>,
     config: &serde_json::Value,
-) -> (Option<String>, Option<String>) {
+) -> std::result::Result<(Option<String>, Option<String>), String> {
     if let Some(t) = jinja {
-        return (Some(t.to_string()), None);
+        return Ok((Some(t.to_string()), None));
     }
-    match config.get("chat_template") {
+    Ok(match config.get("chat_template") {
         Some(serde_json::Value::String(t)) => (Some(t.clone()), None),
         Some(serde_json::Value::Array(named)) => (
             named_template(named, "default"),
             named_template(named, "tool_use"),
         ),
-        _ => (None, None),
-    }
+        None | Some(serde_json::Value::Null) => (None, None),
+        Some(other) => {
+            return Err(format!(
+                "`chat_template` is {other}: a template's text, or a list of {{\"name\", \"template\"}} objects"
+            ));
+        }
+    })
 }
 
 /// Template source as Jinja2 lexes it (and Python reads a Jinja file in text mode): each "\r\n" or
@@ -488,7 +497,7 @@ impl TemplateChoice {
                 crate::fsutil::read_to_string(&config)
                     .ok()
                     .and_then(|text| serde_json::from_str(&text).ok())
-                    .and_then(|v: serde_json::Value| templates_of(None, &v).0)
+                    .and_then(|v: serde_json::Value| templates_of(None, &v).ok()?.0)
                     .map(|default| TemplateChoice {
                         origin: config,
                         default,
@@ -513,7 +522,9 @@ impl TemplateChoice {
             .as_deref()
             .and_then(|text| serde_json::from_str(text).ok())
             .unwrap_or(serde_json::Value::Null);
-        templates_of(files.chat_template_jinja.as_deref(), &config).0
+        templates_of(files.chat_template_jinja.as_deref(), &config)
+            .ok()?
+            .0
     }
 
     /// A Jinja file, or the template of a tokenizer: its folder (chat_template.jinja or
@@ -543,7 +554,12 @@ impl TemplateChoice {
             })?,
             None => serde_json::Value::Null,
         };
-        let default = templates_of(jinja.as_deref(), &config).0.ok_or_else(|| Error::Template(format!(
+        let (default, _) =
+            templates_of(jinja.as_deref(), &config).map_err(|msg| Error::Config {
+                path: origin.clone(),
+                msg,
+            })?;
+        let default = default.ok_or_else(|| Error::Template(format!(
             "{}: no chat template here (give a Jinja file, or a tokenizer folder or tokenizer_config.json that has one)",
             path.display()
         )))?;

@@ -1024,6 +1024,18 @@ const CASES: &[Case] = &[
         },
         expect: &["tokenizer.json", "not the model's"],
     },
+    Case {
+        name: "a chat template that is not text",
+        prepare: |r| {
+            let path = r.join("model/tokenizer_config.json");
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config["chat_template"] = 5.into();
+            std::fs::write(&path, config.to_string()).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["tokenizer_config.json", "`chat_template` is 5"],
+    },
     // Checkpoints and adapters.
     Case {
         name: "resume from nowhere",
