@@ -930,6 +930,12 @@ impl ModelConfig {
             if value == 0 {
                 return Err(err(format!("`{name}` must be positive")));
             }
+            // One position holds no token to predict from the one before it.
+            if name == "max_position_embeddings" && value < 2 {
+                return Err(err(format!(
+                    "`{name}` is {value}: a model places at least 2 positions"
+                )));
+            }
             if value > MAX_DIMENSION {
                 return Err(err(format!(
                     "`{name}` is {value}, beyond any model nibble can hold (at most {MAX_DIMENSION})"

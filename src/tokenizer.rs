@@ -180,6 +180,13 @@ impl ChatTokenizer {
             path: tok_path.clone(),
             msg: format!("cannot be parsed: {e}"),
         })?;
+        // Text would vanish through it, token by token, without a word.
+        if tokenizer.get_vocab_size(false) == 0 {
+            return Err(Error::Tokenizer {
+                path: tok_path,
+                msg: "its model has no vocabulary: text cannot be tokenized".into(),
+            });
+        }
         // A tokenizer.json may keep the truncation and padding it was saved with; transformers turns
         // both off for each call unless asked, and training cuts and packs sequences itself.
         tokenizer

@@ -1036,6 +1036,31 @@ const CASES: &[Case] = &[
         },
         expect: &["tokenizer_config.json", "`chat_template` is 5"],
     },
+    Case {
+        name: "a model of one position",
+        prepare: |r| {
+            let path = r.join("model/config.json");
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            config["max_position_embeddings"] = 1.into();
+            std::fs::write(&path, config.to_string()).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &["config.json", "`max_position_embeddings` is 1"],
+    },
+    Case {
+        name: "a tokenizer without a vocabulary",
+        prepare: |r| {
+            let path = r.join("model/tokenizer.json");
+            let mut tokenizer: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            tokenizer["model"]["vocab"] = serde_json::json!({});
+            tokenizer["model"]["merges"] = serde_json::json!([]);
+            std::fs::write(&path, tokenizer.to_string()).unwrap();
+            args(&["data", &p(r, "chats.jsonl"), "--model", &p(r, "model")])
+        },
+        expect: &["tokenizer.json", "no vocabulary"],
+    },
     // Checkpoints and adapters.
     Case {
         name: "resume from nowhere",

@@ -1418,7 +1418,25 @@ impl Trainer<'_> {
         let tmp = run_dir.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         let _partial = crate::fsutil::Partial::folder(&tmp);
-        self.save_adapter(&self.adapter, &tmp, base_model, flux2::LoraForm::Exact)?;
+        let written = self.write_checkpoint(&tmp, base_model, manifest);
+        if written.is_err() {
+            // A full disk, say: what was written of it is no checkpoint, and only takes room.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        written?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        Ok(final_dir)
+    }
+
+    /// `save_checkpoint`'s files, into the folder `tmp`.
+    fn write_checkpoint(
+        &mut self,
+        tmp: &Path,
+        base_model: &str,
+        manifest: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        self.save_adapter(&self.adapter, tmp, base_model, flux2::LoraForm::Exact)?;
         if let Some(manifest) = manifest {
             let path = tmp.join(MANIFEST);
             std::fs::write(&path, manifest.to_string()).map_err(|e| Error::io(&path, e))?;
@@ -1466,10 +1484,7 @@ impl Trainer<'_> {
         });
         crate::fsutil::write_atomically(&tmp.join(STATE_FILE), |t| {
             std::fs::write(t, state.to_string())
-        })?;
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-        Ok(final_dir)
+        })
     }
 
     /// Restores adapters, moments, RNG states and data position from a checkpoint folder written by
