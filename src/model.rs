@@ -860,9 +860,9 @@ impl ModelSource {
 
     /// The model's tokenizer, checked against its vocabulary.
     pub fn chat_tokenizer(&self) -> Result<crate::tokenizer::ChatTokenizer> {
-        let tok =
+        let mut tok =
             crate::tokenizer::ChatTokenizer::from_files(&self.tokenizer, &self.tokenizer_origin())?;
-        tok.check_vocabulary(self.config.vocab_size)?;
+        tok.fit_to_model(self.config.vocab_size)?;
         Ok(tok)
     }
 

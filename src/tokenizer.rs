@@ -139,7 +139,15 @@ pub struct ChatTokenizer {
     pub eos_token: Option<String>,
     pub bos_token: Option<String>,
     pub pad_token: Option<String>,
+    /// The model's embeddings (`fit_to_model`): ids from here on are refused where text produces
+    /// them.
+    vocab_limit: Option<u32>,
 }
+
+/// More tokens past a model's embeddings than this mark another model's tokenizer; fewer are added
+/// tokens the model never uses (Gemma 3 1B's tokenizer has `<image_soft_token>` at 262144, past its
+/// 262,144 embeddings), refused only where some text produces one.
+const STRAY_TOKENS: usize = 64;
 
 thread_local! {
     static EXPECTING_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -227,24 +235,35 @@ impl ChatTokenizer {
             eos_token,
             bos_token,
             pad_token,
+            vocab_limit: None,
         })
     }
 
-    /// Refuses a tokenizer with ids past the model's `vocab_size` rows of embeddings: another model's
-    /// tokenizer (or one with added tokens the embeddings were never resized for) would fail at its
-    /// first such token, deep in a step, where nothing could name the file.
-    pub fn check_vocabulary(&self, vocab_size: usize) -> Result<()> {
+    /// Fits this tokenizer to a model of `vocab_size` embeddings. Another model's tokenizer (many
+    /// ids past them) is refused here, naming the file: it would fail at its first such token, deep
+    /// in a step. A few added tokens past them (`STRAY_TOKENS`) are refused only where text produces
+    /// one (`encode`), naming the token.
+    pub fn fit_to_model(&mut self, vocab_size: usize) -> Result<()> {
         let vocab = self.tokenizer.get_vocab(true);
-        match vocab.iter().max_by_key(|(_, id)| **id) {
-            Some((token, &id)) if id as usize >= vocab_size => Err(Error::Tokenizer {
+        let mut past: Vec<(&String, u32)> = vocab
+            .iter()
+            .filter(|(_, id)| **id as usize >= vocab_size)
+            .map(|(token, id)| (token, *id))
+            .collect();
+        if past.len() > STRAY_TOKENS {
+            past.sort_by_key(|(_, id)| *id);
+            let (token, id) = past[past.len() - 1];
+            return Err(Error::Tokenizer {
                 path: self.path.clone(),
                 msg: format!(
-                    "token `{token}` has id {id}, past the model's {vocab_size} embeddings \
-                     (vocab_size in its config.json): this tokenizer is not the model's"
+                    "{} of its tokens have ids past the model's {vocab_size} embeddings (vocab_size \
+                     in its config.json; `{token}` is {id}): this tokenizer is not the model's",
+                    past.len()
                 ),
-            }),
-            _ => Ok(()),
+            });
         }
+        self.vocab_limit = (!past.is_empty()).then(|| vocab_size.min(u32::MAX as usize) as u32);
+        Ok(())
     }
 
     /// This tokenizer rendering chats through `choice`'s templates instead of its own, as transformers
@@ -310,8 +329,18 @@ impl ChatTokenizer {
     }
 
     fn encoding(&self, text: &str, add_specials: bool) -> Result<tokenizers::Encoding> {
-        guarded(&self.path, || self.tokenizer.encode(text, add_specials))?
-            .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))
+        let encoding = guarded(&self.path, || self.tokenizer.encode(text, add_specials))?
+            .map_err(|e| Error::Invalid(format!("tokenizer: {e}")))?;
+        if let Some(limit) = self.vocab_limit
+            && let Some(&id) = encoding.get_ids().iter().find(|&&id| id >= limit)
+        {
+            let token = self.tokenizer.id_to_token(id).unwrap_or_default();
+            return Err(Error::Invalid(format!(
+                "the text holds the token `{token}` (id {id}), which the tokenizer has but the \
+                 model's {limit} embeddings do not"
+            )));
+        }
+        Ok(encoding)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -1119,6 +1148,31 @@ fn format_unix_time(secs: i64, format: &str) -> std::result::Result<String, mini
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another model's tokenizer (many ids past the embeddings) is refused at once; a few added
+    /// tokens past them only where text produces one, naming the token.
+    #[test]
+    fn a_tokenizer_is_fitted_to_the_models_embeddings() {
+        let files = crate::synth::byte_tokenizer();
+        let tok = || ChatTokenizer::from_files(&files, Path::new("byte")).unwrap();
+        // 256 bytes, then <|endoftext|>, <|im_start|>, <|im_end|> at 256-258.
+        let mut fits = tok();
+        fits.fit_to_model(259).unwrap();
+        assert!(fits.encode("<|im_end|>").is_ok());
+        let mut strays = tok();
+        strays.fit_to_model(257).unwrap();
+        assert_eq!(strays.encode("hi").unwrap(), tok().encode("hi").unwrap());
+        let err = strays.encode("hi<|im_end|>").unwrap_err().to_string();
+        assert!(
+            err.contains("`<|im_end|>` (id 258)") && err.contains("257 embeddings"),
+            "{err}"
+        );
+        let err = tok().fit_to_model(64).unwrap_err().to_string();
+        assert!(
+            err.contains("195 of its tokens") && err.contains("not the model's"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn unix_time_formats_like_strftime() {

@@ -61,13 +61,13 @@ fn labelled_tokens(seq: &nibble::cpu::Sequence) -> Vec<bool> {
 
 pub fn run(args: Args) -> Result<()> {
     let source = nibble::model::ModelSource::open_text(&args.model)?;
-    let tok = super::tokenizer_from(
+    let mut tok = super::tokenizer_from(
         &source.tokenizer,
         &source.origin,
         args.chat_template.as_deref(),
         None,
     )?;
-    tok.check_vocabulary(source.config.vocab_size)?;
+    tok.fit_to_model(source.config.vocab_size)?;
     let tok = args.rows.tokenizer(tok)?;
     let cut = args.rows.cut(&source.config);
     let (examples, places) = args.rows.read(&args.data)?;

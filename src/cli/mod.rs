@@ -86,13 +86,13 @@ pub fn tokenizer_of(
     template: Option<&Path>,
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
-    let tok = tokenizer_from(
+    let mut tok = tokenizer_from(
         &source.tokenizer,
         &source.tokenizer_origin(),
         template,
         adapter,
     )?;
-    tok.check_vocabulary(source.config.vocab_size)?;
+    tok.fit_to_model(source.config.vocab_size)?;
     Ok(tok)
 }
 
