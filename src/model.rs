@@ -577,7 +577,6 @@ enum SourceKind {
     },
 }
 
-/// An opened model: config parsed and every safetensors header read and checked; no weights read yet.
 /// What of a model describes its text: config and tokenizer files, and where the tokenizer came
 /// from (`ModelSource::tokenizer_origin`).
 pub struct ModelText {
@@ -586,6 +585,16 @@ pub struct ModelText {
     pub origin: std::path::PathBuf,
 }
 
+impl ModelText {
+    /// The model's tokenizer, fitted to its embeddings (`ChatTokenizer::fit_to_model`).
+    pub fn chat_tokenizer(&self) -> Result<crate::tokenizer::ChatTokenizer> {
+        let mut tok = crate::tokenizer::ChatTokenizer::from_files(&self.tokenizer, &self.origin)?;
+        tok.fit_to_model(self.config.vocab_size)?;
+        Ok(tok)
+    }
+}
+
+/// An opened model: config parsed and every safetensors header read and checked; no weights read yet.
 pub struct ModelSource {
     pub config: ModelConfig,
     pub tokenizer: TokenizerFiles,
@@ -860,10 +869,12 @@ impl ModelSource {
 
     /// The model's tokenizer, checked against its vocabulary.
     pub fn chat_tokenizer(&self) -> Result<crate::tokenizer::ChatTokenizer> {
-        let mut tok =
-            crate::tokenizer::ChatTokenizer::from_files(&self.tokenizer, &self.tokenizer_origin())?;
-        tok.fit_to_model(self.config.vocab_size)?;
-        Ok(tok)
+        ModelText {
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            origin: self.tokenizer_origin(),
+        }
+        .chat_tokenizer()
     }
 
     /// The parts a tensor is stored as: (name in file, expected shape, allowed dtypes).

@@ -155,7 +155,6 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-/// `nibble train` on the case's model and chats into `out`, with `extra` flags.
 /// Puts the Qwen2.5 tokenizer (151,665 tokens) into the base's folder of a 259-token model.
 fn other_tokenizer(root: &Path) {
     let files = synth::qwen25_tokenizer();
@@ -163,6 +162,7 @@ fn other_tokenizer(root: &Path) {
     std::fs::write(root.join("model/tokenizer.json"), json).unwrap();
 }
 
+/// `nibble train` on the case's model and chats into `out`, with `extra` flags.
 fn train(root: &Path, out: &str, extra: &[&str]) -> Vec<String> {
     let mut a = common::train_args(
         &root.join("model"),

@@ -289,6 +289,22 @@ fn a_finished_run_goes_on_when_more_steps_are_asked_for() {
     assert!(notes[0].contains("step 4 from 4 steps to 5"), "{record}");
     assert!(notes[1].contains("step 5 from 5 steps to 6"), "{record}");
 
+    // Resumed from an earlier checkpoint with another length, the later checkpoints of the earlier
+    // schedule would pass for this run's: refused, naming them.
+    let before = snapshot(&out);
+    refused(
+        train(
+            &model,
+            &data,
+            &out,
+            constant(8),
+            resume(&out.join("checkpoint-5")),
+        )
+        .0,
+        &["checkpoint-6", "past step 5"],
+    );
+    assert_eq!(snapshot(&out), before);
+
     // Linear: 1e-3 · (4 − s) / 4 at steps s = 2 and 3 (counted from 0), transformers' formula.
     let linear = dir.path().join("linear");
     train(&model, &data, &linear, config(2), saving.clone())
@@ -1031,8 +1047,25 @@ fn early_stopping_saves_the_best_validation_adapter() {
         resume: Some(part.clone()),
         ..options
     };
-    let (result, resumed) = train(&model, &data, &part, config, resume);
+    let (result, resumed) = train(&model, &data, &part, config.clone(), resume.clone());
     result.unwrap();
     assert_eq!(resumed.steps.last().unwrap().0 as u64, last);
     assert_eq!(adapter(&part), adapter(&out));
+
+    // A run that stopped early has nothing to resume, even asked for more steps: refused, with
+    // nothing written (its best adapter stays).
+    let before = snapshot(&out);
+    let longer = TrainConfig {
+        max_steps: Some(80),
+        ..config
+    };
+    let again = RunOptions {
+        resume: Some(out.clone()),
+        ..resume
+    };
+    refused(
+        train(&model, &data, &out, longer, again).0,
+        &["stopped early", "nothing to resume"],
+    );
+    assert_eq!(snapshot(&out), before);
 }

@@ -61,13 +61,7 @@ fn labelled_tokens(seq: &nibble::cpu::Sequence) -> Vec<bool> {
 
 pub fn run(args: Args) -> Result<()> {
     let source = nibble::model::ModelSource::open_text(&args.model)?;
-    let mut tok = super::tokenizer_from(
-        &source.tokenizer,
-        &source.origin,
-        args.chat_template.as_deref(),
-        None,
-    )?;
-    tok.fit_to_model(source.config.vocab_size)?;
+    let tok = super::tokenizer_from(&source, args.chat_template.as_deref(), None)?;
     let tok = args.rows.tokenizer(tok)?;
     let cut = args.rows.cut(&source.config);
     let (examples, places) = args.rows.read(&args.data)?;

@@ -86,24 +86,30 @@ pub fn tokenizer_of(
     template: Option<&Path>,
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
-    let mut tok = tokenizer_from(
+    with_choices(
+        source.chat_tokenizer()?,
         &source.tokenizer,
-        &source.tokenizer_origin(),
         template,
         adapter,
-    )?;
-    tok.fit_to_model(source.config.vocab_size)?;
-    Ok(tok)
+    )
 }
 
-/// `tokenizer_of` for tokenizer files read from `origin`.
+/// `tokenizer_of` for a model's text alone (`ModelSource::open_text`).
 pub fn tokenizer_from(
-    files: &nibble::model::TokenizerFiles,
-    origin: &Path,
+    text: &nibble::model::ModelText,
     template: Option<&Path>,
     adapter: Option<&Path>,
 ) -> Result<ChatTokenizer> {
-    let tok = ChatTokenizer::from_files(files, origin)?;
+    with_choices(text.chat_tokenizer()?, &text.tokenizer, template, adapter)
+}
+
+/// `tok` (read from `files`) with the template and eos token `tokenizer_of` chooses.
+fn with_choices(
+    tok: ChatTokenizer,
+    files: &nibble::model::TokenizerFiles,
+    template: Option<&Path>,
+    adapter: Option<&Path>,
+) -> Result<ChatTokenizer> {
     let own = TemplateChoice::of_model(files);
     let tok = match TemplateChoice::chosen(template, adapter, own.as_deref())? {
         Some(choice) => tok.with_template(&choice)?,

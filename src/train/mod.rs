@@ -1488,8 +1488,8 @@ impl Trainer<'_> {
     }
 
     /// Restores adapters, moments, RNG states and data position from a checkpoint folder written by
-    /// `save_checkpoint`.
-    pub fn restore(&mut self, checkpoint: &Path) -> Result<()> {
+    /// `save_checkpoint`; returns the steps the run that wrote it meant to take.
+    pub fn restore(&mut self, checkpoint: &Path) -> Result<usize> {
         let state_path = state_file(checkpoint).unwrap_or_else(|| checkpoint.join(STATE_FILE));
         let text =
             crate::fsutil::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
@@ -1638,7 +1638,7 @@ impl Trainer<'_> {
             drop(state);
             self.use_gpu(gpu)?;
         }
-        Ok(())
+        Ok(total_steps)
     }
 }
 
@@ -1683,17 +1683,24 @@ pub fn newest_checkpoint(dir: &Path) -> Result<Option<std::path::PathBuf>> {
     if state_file(dir).is_some() {
         return Ok(Some(dir.to_path_buf()));
     }
+    let newest = checkpoints(dir)?
+        .into_iter()
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p);
+    Ok(newest)
+}
+
+/// The complete checkpoints in a run folder, with their steps.
+pub fn checkpoints(dir: &Path) -> Result<Vec<(usize, std::path::PathBuf)>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let newest = entries
+    Ok(entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step: usize = name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()?;
             state_file(&e.path()).map(|_| (step, e.path()))
         })
-        .max_by_key(|(step, _)| *step)
-        .map(|(_, p)| p);
-    Ok(newest)
+        .collect())
 }
 
 /// Writes a PEFT adapter folder (adapter_model.safetensors + adapter_config.json) that

@@ -138,8 +138,6 @@ pub struct RunData {
 /// Where a run writes: metrics.jsonl, checkpoints, the PEFT folder and the loss curve.
 struct RunOutput {
     dir: PathBuf,
-    /// Where a resume changed the run's length: the note the options record then carries.
-    continued: Option<String>,
     metrics_path: PathBuf,
     metrics: std::fs::File,
     /// The same numbers for TensorBoard.
@@ -426,26 +424,41 @@ impl<'m> Run<'m> {
     /// set, and starts metrics.jsonl and run.json.
     pub fn write_to(&mut self, dir: &Path) -> Result<()> {
         let resume = self.options.resume.clone();
+        let restored = match &resume {
+            Some(from) => Some(restore_for_resume(
+                &mut self.trainer,
+                dir,
+                from,
+                &self.manifest,
+            )?),
+            None => None,
+        };
+        if restored.is_some() {
+            self.best_from_metrics(dir)?;
+            if self.stopped_early && train::holds_finished_run(dir) {
+                return Err(Error::Invalid(format!(
+                    "{} holds a run that stopped early (--early-stopping-patience): nothing to \
+                     resume; pass --overwrite to train it again",
+                    dir.display()
+                )));
+            }
+        }
         self.output = Some(open_output(
-            &mut self.trainer,
+            self.trainer.step,
             dir,
-            resume.as_deref(),
+            restored.as_ref(),
             &self.manifest,
         )?);
         if let Some(record) = &self.options.record {
             let path = dir.join(train::RECORD_FILE);
-            let record = match resume.is_some() {
-                true => {
-                    let continued = self.output.as_ref().and_then(|o| o.continued.clone());
-                    with_continuations(record, &path, continued)
-                }
-                false => record.clone(),
+            let record = match &restored {
+                Some(restored) => with_continuations(record, restored),
+                None => record.clone(),
             };
             crate::fsutil::write_atomically(&path, |tmp| std::fs::write(tmp, record))?;
         }
-        if resume.is_some() {
+        if restored.is_some() {
             self.saved_step = Some(self.trainer.step);
-            self.best_from_metrics(dir)?;
         }
         Ok(())
     }
@@ -457,13 +470,20 @@ impl<'m> Run<'m> {
         let Some(patience) = self.options.early_stopping_patience else {
             return Ok(());
         };
+        // Read before the metrics are cut back to the restored step (a folder a run resumes into
+        // from elsewhere may have none).
         let path = dir.join("metrics.jsonl");
-        let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = match path.exists() {
+            true => crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?,
+            false => String::new(),
+        };
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
-            if let (Some(loss), Some(step)) = (v["eval_loss"].as_f64(), v["step"].as_u64()) {
+            if let (Some(loss), Some(step)) = (v["eval_loss"].as_f64(), v["step"].as_u64())
+                && step as usize <= self.trainer.step
+            {
                 self.note_validation(step as usize, loss, None);
             }
         }
@@ -883,28 +903,26 @@ fn tokens_digest(sequences: &[Sequence]) -> u64 {
     digest.finish()
 }
 
-/// The options record of a resumed run whose length a resume changed (`continued` now, or earlier, as
-/// the record at `path` notes): the notes take the place of the claim that the record repeats the run.
-fn with_continuations(record: &str, path: &Path, continued: Option<String>) -> String {
+/// The options record of a resumed run whose length a resume changed (`restored` now, or earlier, as
+/// the record of the checkpoint's run folder notes): the notes take the place of the claim that the
+/// record repeats the run.
+fn with_continuations(record: &str, restored: &Restored) -> String {
     use crate::train::settings::{RECORD_CONTINUED, RECORD_REPEATS};
-    let earlier = std::fs::read_to_string(path).unwrap_or_default();
+    let earlier = restored
+        .checkpoint
+        .parent()
+        .and_then(|run| std::fs::read_to_string(run.join(train::RECORD_FILE)).ok())
+        .unwrap_or_default();
     let mut notes: Vec<String> = earlier
         .lines()
         .filter(|l| l.starts_with(RECORD_CONTINUED))
         .map(|l| format!("{l}\n"))
         .collect();
-    notes.extend(continued);
+    notes.extend(restored.continued.clone());
     match notes.is_empty() {
         true => record.to_string(),
         false => record.replacen(RECORD_REPEATS, &notes.concat(), 1),
     }
-}
-
-/// The steps the run that wrote `checkpoint` meant to take.
-fn recorded_total_steps(checkpoint: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(train::state_file(checkpoint)?).ok()?;
-    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
-    state["total_steps"].as_u64().map(|t| t as usize)
 }
 
 /// Refuses to resume from a checkpoint made by a different run, naming what differs. A checkpoint from
@@ -960,65 +978,102 @@ fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
     )))
 }
 
-/// Creates the output folder and its metrics file, or (resuming) restores the newest checkpoint and
-/// keeps the metrics (and sample answers) up to it.
-fn open_output(
+/// Where a resume picks the run up: the checkpoint restored, and where it changed the run's length,
+/// the note the options record then carries.
+struct Restored {
+    checkpoint: PathBuf,
+    continued: Option<String>,
+}
+
+/// Restores the newest checkpoint of `from` into `trainer` for the run folder `dir`, writing nothing:
+/// refuses a checkpoint of another run, a finished run asked for no more steps, and, where the run's
+/// length changed, checkpoints in `dir` past the restored one (of the earlier schedule, which a later
+/// resume would take for this run's).
+fn restore_for_resume(
     trainer: &mut Trainer,
     dir: &Path,
-    resume: Option<&Path>,
+    from: &Path,
+    manifest: &serde_json::Value,
+) -> Result<Restored> {
+    let checkpoint = train::newest_checkpoint(from)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{} holds no complete checkpoint to resume from",
+            from.display()
+        ))
+    })?;
+    check_manifest(&checkpoint, manifest)?;
+    let then = trainer.restore(&checkpoint)?;
+    if trainer.done() && train::holds_finished_run(dir) {
+        return Err(Error::Invalid(format!(
+            "{} holds a finished run ({} at step {} of {}): nothing to resume; ask for more steps \
+             (--max-steps, --epochs) to train on from it, or pass --overwrite to train it again",
+            dir.display(),
+            checkpoint.display(),
+            trainer.step,
+            trainer.total_steps
+        )));
+    }
+    log::info!(
+        "resuming from {} at step {}",
+        checkpoint.display(),
+        trainer.step
+    );
+    let now = trainer.total_steps;
+    if then == now {
+        return Ok(Restored {
+            checkpoint,
+            continued: None,
+        });
+    }
+    let later: Vec<String> = train::checkpoints(dir)?
+        .into_iter()
+        .filter(|(step, _)| *step > trainer.step)
+        .map(|(_, path)| path.display().to_string())
+        .collect();
+    if !later.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{} lies past step {} in a run of {then} steps, now {now}: resume from the newest \
+             checkpoint, or move the later ones away",
+            later.join(", "),
+            trainer.step
+        )));
+    }
+    log::info!(
+        "the run had {then} steps and now has {now} (--max-steps, --epochs): it goes on to the new \
+         count, its learning-rate schedule drawn over it"
+    );
+    let continued = format!(
+        "{} {} from {then} steps to {now}: the learning rates of the steps before it were drawn \
+         over {then}, so these options alone train another run.\n",
+        crate::train::settings::RECORD_CONTINUED,
+        trainer.step
+    );
+    Ok(Restored {
+        checkpoint,
+        continued: Some(continued),
+    })
+}
+
+/// Creates the output folder and its metrics file, or (resuming from `restored`) keeps the metrics
+/// (and sample answers) up to its step.
+fn open_output(
+    step: usize,
+    dir: &Path,
+    restored: Option<&Restored>,
     manifest: &serde_json::Value,
 ) -> Result<RunOutput> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let metrics_path = dir.join("metrics.jsonl");
-    let mut continued = None;
-    match resume {
-        Some(from) => {
-            let checkpoint = train::newest_checkpoint(from)?.ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{} holds no complete checkpoint to resume from",
-                    from.display()
-                ))
-            })?;
-            check_manifest(&checkpoint, manifest)?;
-            trainer.restore(&checkpoint)?;
-            if trainer.done() && train::holds_finished_run(dir) {
-                return Err(Error::Invalid(format!(
-                    "{} holds a finished run ({} at step {} of {}): nothing to resume; ask for more \
-                     steps (--max-steps, --epochs) to train on from it, or pass --overwrite to train \
-                     it again",
-                    dir.display(),
-                    checkpoint.display(),
-                    trainer.step,
-                    trainer.total_steps
-                )));
-            }
-            truncate_metrics(&metrics_path, trainer.step)?;
-            let samples = dir.join(SAMPLES_FILE);
+    let samples = dir.join(SAMPLES_FILE);
+    match restored {
+        Some(_) => {
+            truncate_metrics(&metrics_path, step)?;
             if samples.is_file() {
-                truncate_metrics(&samples, trainer.step)?;
-            }
-            log::info!(
-                "resuming from {} at step {}",
-                checkpoint.display(),
-                trainer.step
-            );
-            let now = trainer.total_steps;
-            if let Some(then) = recorded_total_steps(&checkpoint).filter(|&t| t != now) {
-                log::info!(
-                    "the run had {then} steps and now has {now} (--max-steps, --epochs): it goes on \
-                     to the new count, its learning-rate schedule drawn over it"
-                );
-                continued = Some(format!(
-                    "{} {} from {then} steps to {now}: the learning rates of the steps before it \
-                     were drawn over {then}, so these options alone train another run.\n",
-                    crate::train::settings::RECORD_CONTINUED,
-                    trainer.step
-                ));
+                truncate_metrics(&samples, step)?;
             }
         }
         None => {
             std::fs::write(&metrics_path, "").map_err(|e| Error::io(&metrics_path, e))?;
-            let samples = dir.join(SAMPLES_FILE);
             if samples.is_file() {
                 std::fs::remove_file(&samples).map_err(|e| Error::io(&samples, e))?;
             }
@@ -1043,7 +1098,6 @@ fn open_output(
     }
     Ok(RunOutput {
         dir: dir.to_path_buf(),
-        continued,
         metrics_path,
         metrics,
         events,
