@@ -1014,6 +1014,22 @@ fn ctrl_c_in_chat_stops_the_answer_at_a_terminal_and_the_session_at_the_prompt()
     assert_eq!(child.wait().unwrap().code(), Some(130), "{}", text(&stderr));
     drop(leader);
 
+    // At a terminal, SIGTERM during the answer ends the process, as it would without the handler.
+    let (leader, follower) = terminal();
+    let mut keys = std::fs::File::from(leader);
+    let (mut child, stdout, stderr) = spawn(follower.into());
+    wait_for(&stderr, "chatting with");
+    keys.write_all(b"Tell me a story.\n").unwrap();
+    wait_for(&stdout, " ");
+    // SAFETY: as in `interrupt`.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    use std::os::unix::process::ExitStatusExt;
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{}", text(&stderr));
+
     // From a pipe, during the answer: the session ends.
     let (mut child, stdout, stderr) = spawn(std::process::Stdio::piped());
     let mut input = child.stdin.take().unwrap();

@@ -317,6 +317,8 @@ fn stop_answers_on_signals() {
             && ANSWERING.load(Ordering::SeqCst)
             && !STOP_ANSWER.swap(true, Ordering::SeqCst)
         {
+            // Seen at once, even while a long prompt is still being read.
+            eprint!(" (stopping)");
             return;
         }
         eprintln!();
@@ -324,6 +326,15 @@ fn stop_answers_on_signals() {
     });
     if let Err(e) = installed {
         log::warn!("cannot catch Ctrl-C ({e}): it will end the session, not the answer");
+        return;
+    }
+    // The handler catches SIGTERM and SIGHUP too (ctrlc's `termination`, which training needs);
+    // here they end the process, as before, rather than an answer.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: signal(2) with SIG_DFL only restores the default disposition of a signal this
+        // process handles through ctrlc's handler; no Rust code runs in signal context.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
 }
 
