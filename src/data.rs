@@ -82,7 +82,12 @@ impl Places {
     /// Examples by number (from 1), each by its place, the first ten of them: "chats.jsonl:4
     /// (example 3), chats.jsonl:9 (example 7) and 12 more".
     pub fn list(&self, numbers: &[usize]) -> String {
-        let shown: Vec<String> = numbers.iter().take(10).map(|&n| self.of(n - 1)).collect();
+        // Known only by number, an example's origin is already in the message.
+        let place = |n: usize| match self.at.is_empty() {
+            true => format!("example {n}"),
+            false => self.of(n - 1),
+        };
+        let shown: Vec<String> = numbers.iter().take(10).map(|&n| place(n)).collect();
         match numbers.len() {
             n if n > 10 => format!("{} and {} more", shown.join(", "), n - 10),
             _ => shown.join(", "),
@@ -386,7 +391,9 @@ fn tool_calls_of(text: &str) -> std::result::Result<Value, String> {
             let Some(name) = call.get("name").and_then(Value::as_str) else {
                 return Err(format!("holds {call}, a call without a string `name`"));
             };
-            let arguments = call.get("arguments").cloned().unwrap_or(Value::Null);
+            let Some(arguments) = call.get("arguments").cloned() else {
+                return Err(format!("holds {call}, a call without `arguments`"));
+            };
             Ok(serde_json::json!({"type": "function", "function": {"name": name, "arguments": arguments}}))
         })
         .collect::<std::result::Result<Vec<Value>, String>>()

@@ -427,10 +427,15 @@ fn templates_of(
             named_template(named, "default"),
             named_template(named, "tool_use"),
         ),
+        // {name: template}, as transformers also takes them.
+        Some(serde_json::Value::Object(by_name)) => {
+            let named = |name: &str| by_name.get(name).and_then(|t| t.as_str()).map(String::from);
+            (named("default"), named("tool_use"))
+        }
         None | Some(serde_json::Value::Null) => (None, None),
         Some(other) => {
             return Err(format!(
-                "`chat_template` is {other}: a template's text, or a list of {{\"name\", \"template\"}} objects"
+                "`chat_template` is {other}: a template's text, or templates by name"
             ));
         }
     })
@@ -1148,6 +1153,35 @@ fn format_unix_time(secs: i64, format: &str) -> std::result::Result<String, mini
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tokenizer_config.json's templates by name, as a list or as an object (transformers takes
+    /// both); another type is refused naming the file.
+    #[test]
+    fn templates_are_read_by_name_from_a_list_or_an_object() {
+        let with = |template: serde_json::Value| {
+            let mut files = crate::synth::byte_tokenizer();
+            let mut config: serde_json::Value =
+                serde_json::from_str(files.tokenizer_config_json.as_deref().unwrap()).unwrap();
+            config["chat_template"] = template;
+            files.tokenizer_config_json = Some(config.to_string());
+            files.chat_template_jinja = None;
+            ChatTokenizer::from_files(&files, Path::new("m"))
+        };
+        let hello = [Message::new("user", "hello")];
+        let plain = "{{ messages[0]['content'] }}!";
+        for form in [
+            serde_json::json!([{"name": "default", "template": plain}]),
+            serde_json::json!({"default": plain}),
+        ] {
+            let tok = with(form).unwrap();
+            assert_eq!(tok.apply_chat_template(&hello, false).unwrap(), "hello!");
+        }
+        let err = with(serde_json::json!(5)).err().unwrap().to_string();
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("is 5"),
+            "{err}"
+        );
+    }
 
     /// Another model's tokenizer (many ids past the embeddings) is refused at once; a few added
     /// tokens past them only where text produces one, naming the token.

@@ -2236,6 +2236,10 @@ fn sharegpt_and_alpaca_rows_tokenize_as_their_mapped_forms() {
             r#"{"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[]"}]}"#,
             "an empty list of calls",
         ),
+        (
+            r#"{"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "{\"name\": \"f\"}"}]}"#,
+            "a call without `arguments`",
+        ),
     ] {
         let e = nibble::data::parse_jsonl(row, "rows")
             .unwrap_err()

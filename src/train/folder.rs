@@ -196,8 +196,12 @@ impl RunFolder {
             // A finished run with a checkpoint goes on where --max-steps or --epochs now ask for
             // more steps (as transformers' resume_from_checkpoint does); `open_output` refuses it
             // once the checkpoint shows that they do not.
+            let from_here = match (from.canonicalize(), dir.canonicalize()) {
+                (Ok(from), Ok(out)) => from == out,
+                _ => false,
+            };
             if newest_checkpoint(from)?.is_none() {
-                return Err(Error::Invalid(if finished {
+                return Err(Error::Invalid(if finished && from_here {
                     format!(
                         "{} holds a finished run without checkpoints: nothing to resume from; \
                          pass --overwrite to train it again",

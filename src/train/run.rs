@@ -795,14 +795,14 @@ impl<'m> Run<'m> {
         let hint = match (newest, matches!(e, Error::Diverged(_))) {
             // Resuming repeats the same steps bit for bit, and refuses another --lr.
             (Some(c), true) => format!(
-                "the last good checkpoint is {}, but a resumed run would diverge the same way: train \
-                 again with a lower --lr or a --max-grad-norm, in another --output (from the start, \
-                 or from that adapter with --init-adapter {})",
+                "the last good checkpoint is {}, but resuming repeats its steps bit for bit (and \
+                 refuses another --lr): train again with a lower --lr or a lower --max-grad-norm, \
+                 in another --output (from the start, or from that adapter with --init-adapter {})",
                 c.display(),
                 c.display()
             ),
             (None, true) => {
-                "train again with a lower --lr or a --max-grad-norm (--overwrite, or another \
+                "train again with a lower --lr or a lower --max-grad-norm (--overwrite, or another \
                  --output)"
                     .to_string()
             }
@@ -813,7 +813,7 @@ impl<'m> Run<'m> {
             ),
             (None, false) => "no checkpoint was written (see --save-steps)".to_string(),
         };
-        Error::Invalid(format!("{e}; no adapter was saved; {hint}"))
+        Error::Invalid(format!("{e}; this run saved no adapter; {hint}"))
     }
 }
 
