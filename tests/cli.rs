@@ -987,13 +987,19 @@ fn ctrl_c_in_chat_stops_the_answer_at_a_terminal_and_the_session_at_the_prompt()
     let text =
         |seen: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
 
+    // A session at a terminal, its first answer under way.
+    let answering = || {
+        let (leader, follower) = terminal();
+        let mut keys = std::fs::File::from(leader);
+        let (child, stdout, stderr) = spawn(follower.into());
+        wait_for(&stderr, "chatting with");
+        keys.write_all(b"Tell me a story.\n").unwrap();
+        wait_for(&stdout, " ");
+        (keys, child, stdout, stderr)
+    };
+
     // At a terminal, during the answer: the answer stops, the session goes on to /quit.
-    let (leader, follower) = terminal();
-    let mut keys = std::fs::File::from(leader);
-    let (mut child, stdout, stderr) = spawn(follower.into());
-    wait_for(&stderr, "chatting with");
-    keys.write_all(b"Tell me a story.\n").unwrap();
-    wait_for(&stdout, " ");
+    let (mut keys, mut child, stdout, stderr) = answering();
     interrupt(&child);
     wait_for(&stderr, "(stopped");
     keys.write_all(b"/quit\n").unwrap();
@@ -1015,12 +1021,7 @@ fn ctrl_c_in_chat_stops_the_answer_at_a_terminal_and_the_session_at_the_prompt()
     drop(leader);
 
     // At a terminal, SIGTERM during the answer ends the process, as it would without the handler.
-    let (leader, follower) = terminal();
-    let mut keys = std::fs::File::from(leader);
-    let (mut child, stdout, stderr) = spawn(follower.into());
-    wait_for(&stderr, "chatting with");
-    keys.write_all(b"Tell me a story.\n").unwrap();
-    wait_for(&stdout, " ");
+    let (_keys, mut child, _, stderr) = answering();
     // SAFETY: as in `interrupt`.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
