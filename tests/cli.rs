@@ -63,7 +63,7 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
             let model = dir.path().join("model");
             let mut spec = SynthSpec::tiny(arch, 1024);
             spec.spelling = spelling;
-            synth::write_model_folder(&model, &spec, Some(&synth::qwen25_tokenizer())).unwrap();
+            synth::write_model_folder(&model, &spec, Some(&synth::byte_tokenizer())).unwrap();
 
             let info: serde_json::Value =
                 serde_json::from_str(&ok(&["info", s(&model), "--json"])).unwrap();
@@ -78,6 +78,7 @@ fn info_and_quantize_work_for_every_family_and_spelling() {
                     < info["weight_bytes_16bit"].as_u64().unwrap()
             );
             assert_eq!(info["tokenizer"], true);
+            assert_eq!(info["tokenizer_error"], serde_json::Value::Null);
 
             let text = ok(&["info", s(&model)]);
             assert!(
