@@ -726,6 +726,12 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
         (vec!["--config"], "one file"),
         (vec!["--use_peft", "maybe"], "use_peft: maybe"),
         (vec!["--lora_rr", "4"], "did you mean `lora_r`"),
+        // A bare flag is true only for a switch, as argparse has it.
+        (vec!["--dataset_name"], "--dataset_name takes a value"),
+        (
+            vec!["--lora_target_modules", "--use_peft"],
+            "--lora_target_modules takes one value or more",
+        ),
     ] {
         let err = trl_config::read_command_line(&strings(&args))
             .err()

@@ -560,7 +560,19 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
         let field = trl_fields().fields.get(&name);
         let is_list = field.is_some_and(|f| f.list);
         let scalar = |text: &String| scalar(text, field.and_then(|f| f.kind.as_deref()));
+        let kind = field.and_then(|f| f.kind.as_deref());
         let value = match (values.len(), is_list) {
+            // argparse refuses a bare flag for an option that takes a value.
+            (0, _) if is_list || kind.is_some_and(|k| k != "bool") => {
+                return Err(fail(format!(
+                    "--{name} takes {}, and was given none",
+                    if is_list {
+                        "one value or more"
+                    } else {
+                        "a value"
+                    }
+                )));
+            }
             (0, _) => Value::Bool(true),
             (_, true) => Value::Array(values.iter().map(scalar).collect()),
             (1, false) => scalar(&values[0]),
