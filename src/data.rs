@@ -125,7 +125,7 @@ pub fn read_examples_placed(path: &Path, text_field: &str) -> Result<(Vec<Exampl
             for file in &files {
                 out.extend(read_file(file, text_field, &mut places)?);
             }
-            return Ok((non_empty(out, &path.display().to_string())?, places));
+            return Ok((non_empty(out, places.origin())?, places));
         }
         if !path.exists() {
             let repo = crate::fsutil::HubRepo::Dataset;
@@ -133,7 +133,7 @@ pub fn read_examples_placed(path: &Path, text_field: &str) -> Result<(Vec<Exampl
         }
     }
     let out = read_file(path, text_field, &mut places)?;
-    Ok((non_empty(out, &path.display().to_string())?, places))
+    Ok((non_empty(out, places.origin())?, places))
 }
 
 /// The rows of one data file or `datasets` folder (not yet checked for being none), their places

@@ -588,10 +588,19 @@ pub struct ModelText {
 impl ModelText {
     /// The model's tokenizer, fitted to its embeddings (`ChatTokenizer::fit_to_model`).
     pub fn chat_tokenizer(&self) -> Result<crate::tokenizer::ChatTokenizer> {
-        let mut tok = crate::tokenizer::ChatTokenizer::from_files(&self.tokenizer, &self.origin)?;
-        tok.fit_to_model(self.config.vocab_size)?;
-        Ok(tok)
+        fitted_tokenizer(&self.tokenizer, &self.origin, &self.config)
     }
+}
+
+/// Tokenizer files read from `origin`, fitted to `config`'s embeddings.
+fn fitted_tokenizer(
+    files: &TokenizerFiles,
+    origin: &Path,
+    config: &ModelConfig,
+) -> Result<crate::tokenizer::ChatTokenizer> {
+    let mut tok = crate::tokenizer::ChatTokenizer::from_files(files, origin)?;
+    tok.fit_to_model(config.vocab_size)?;
+    Ok(tok)
 }
 
 /// An opened model: config parsed and every safetensors header read and checked; no weights read yet.
@@ -869,12 +878,7 @@ impl ModelSource {
 
     /// The model's tokenizer, checked against its vocabulary.
     pub fn chat_tokenizer(&self) -> Result<crate::tokenizer::ChatTokenizer> {
-        ModelText {
-            config: self.config.clone(),
-            tokenizer: self.tokenizer.clone(),
-            origin: self.tokenizer_origin(),
-        }
-        .chat_tokenizer()
+        fitted_tokenizer(&self.tokenizer, &self.tokenizer_origin(), &self.config)
     }
 
     /// The parts a tensor is stored as: (name in file, expected shape, allowed dtypes).

@@ -194,11 +194,11 @@ impl RunFolder {
         let finished = crate::train::holds_finished_run(&dir);
         if let Some(from) = resume {
             // A finished run with a checkpoint goes on where --max-steps or --epochs now ask for
-            // more steps (as transformers' resume_from_checkpoint does); `open_output` refuses it
-            // once the checkpoint shows that they do not.
-            let from_here = match (from.canonicalize(), dir.canonicalize()) {
-                (Ok(from), Ok(out)) => from == out,
-                _ => false,
+            // more steps (as transformers' resume_from_checkpoint does); `run::restore_for_resume`
+            // refuses it once the checkpoint shows that they do not.
+            let (from_here, own) = match (from.canonicalize(), dir.canonicalize()) {
+                (Ok(from), Ok(out)) => (from == out, from.starts_with(out)),
+                _ => (false, false),
             };
             if newest_checkpoint(from)?.is_none() {
                 return Err(Error::Invalid(if finished && from_here {
@@ -214,10 +214,6 @@ impl RunFolder {
                     )
                 }));
             }
-            let own = match (from.canonicalize(), dir.canonicalize()) {
-                (Ok(from), Ok(out)) => from.starts_with(out),
-                _ => false,
-            };
             if own {
                 return Ok(());
             }
