@@ -958,6 +958,14 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     // Resumed where everything fits, the run keeps the checkpoints it recorded.
     let checkpoint = dir.path().join("fitted/checkpoint-1");
     run("resumed", 1 << 30, nibbles, Some(checkpoint)).unwrap();
+    if !gpu.can_offload() {
+        // OpenGL (where no Vulkan driver is installed) maps no device buffer into host memory.
+        eprintln!(
+            "skipping the offloaded runs: {} ({:?}) cannot offload",
+            gpu.info.name, gpu.info.backend
+        );
+        return;
+    }
     // Under a cap that only offloaded checkpoints meet, they are what the run trains with.
     let offloaded = planned(true, Keep::Bf16Host);
     assert!(offloaded < bf16, "{offloaded} vs {bf16}");
@@ -975,6 +983,88 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     assert_eq!(manifest["options"]["bf16_checkpoints"], true);
 }
 
+/// The training prompts with other answers: a validation set whose loss soon rises.
+fn contradicting_eval(dir: &Path) -> PathBuf {
+    let path = dir.join("eval.jsonl");
+    let rows = chat_rows(&[
+        ("Name three colours.", "Cyan, ochre and teal, obviously."),
+        ("What is 2+2?", "Seventeen, said the machine."),
+        ("Say hello.", "Goodbye forever, friend."),
+    ]);
+    std::fs::write(&path, rows).unwrap();
+    path
+}
+
+/// The evaluation losses metrics.jsonl holds, by step.
+fn eval_losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["eval_loss"].as_f64()?)))
+        .collect()
+}
+
+/// Early stopping in a finished run continued for more steps: the validation the first run made at
+/// its last step, off the --eval-steps schedule, is not one the longer run makes, so the continued
+/// run stops where the longer run trained straight stops, with the same adapter.
+#[test]
+fn a_continued_run_stops_early_where_the_straight_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let options = RunOptions {
+        eval_data: Some(contradicting_eval(dir.path())),
+        eval_steps: 2,
+        save_steps: 1,
+        early_stopping_patience: Some(2),
+        ..Default::default()
+    };
+    let constant = |steps| TrainConfig {
+        schedule: nibble::train::schedule::Schedule::Constant,
+        lr: 2e-2,
+        ..config(steps)
+    };
+    let straight = dir.path().join("straight");
+    let (result, seen) = train(&model, &data, &straight, constant(60), options.clone());
+    result.unwrap();
+    let evals = eval_losses(&straight);
+    let (best, _) = evals
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let stop = seen.steps.last().unwrap().0 as u64;
+    assert_eq!(
+        stop,
+        best + 4,
+        "two validations, two steps apart, after the best"
+    );
+
+    // A first run ends one step after the best, validating there off the schedule.
+    let out = dir.path().join("out");
+    let first = best as usize + 1;
+    train(&model, &data, &out, constant(first), options.clone())
+        .0
+        .unwrap();
+    let first_evals = eval_losses(&out);
+    let (last_step, last_loss) = *first_evals.last().unwrap();
+    assert_eq!(last_step, first as u64);
+    let best_loss = evals.iter().find(|e| e.0 == best).unwrap().1;
+    assert!(
+        last_loss > best_loss,
+        "the off-schedule validation did not improve"
+    );
+    let resume = RunOptions {
+        resume: Some(out.clone()),
+        ..options
+    };
+    let (result, continued) = train(&model, &data, &out, constant(60), resume);
+    result.unwrap();
+    assert_eq!(continued.steps.last().unwrap().0 as u64, stop);
+    let adapter = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&out), adapter(&straight));
+}
+
 /// `--early-stopping-patience 2` (issue 19): validated on the training prompts with other answers, the
 /// validation loss soon rises; the run stops two validations after its lowest, says so in
 /// metrics.jsonl, and saves that lowest validation's adapter (the checkpoint of that step, byte for
@@ -983,16 +1073,9 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
 fn early_stopping_saves_the_best_validation_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data) = model_and_data(dir.path());
-    let contradicting = dir.path().join("eval.jsonl");
-    let rows = chat_rows(&[
-        ("Name three colours.", "Cyan, ochre and teal, obviously."),
-        ("What is 2+2?", "Seventeen, said the machine."),
-        ("Say hello.", "Goodbye forever, friend."),
-    ]);
-    std::fs::write(&contradicting, rows).unwrap();
     let out = dir.path().join("out");
     let options = RunOptions {
-        eval_data: Some(contradicting),
+        eval_data: Some(contradicting_eval(dir.path())),
         eval_steps: 1,
         save_steps: 1,
         early_stopping_patience: Some(2),
@@ -1007,11 +1090,7 @@ fn early_stopping_saves_the_best_validation_adapter() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let evals: Vec<(u64, f64)> = metrics
-        .iter()
-        .filter_map(|v| Some((v["step"].as_u64()?, v["eval_loss"].as_f64()?)))
-        .collect();
-    let (best_step, _) = evals
+    let (best_step, _) = eval_losses(&out)
         .iter()
         .copied()
         .min_by(|a, b| a.1.total_cmp(&b.1))

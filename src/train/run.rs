@@ -481,8 +481,12 @@ impl<'m> Run<'m> {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
+            // The validation at an earlier run's last step, when not due, is one a run of the
+            // new length would not have made (transformers validates only when due): counting it
+            // would stop a continued run earlier than the same run trained straight.
             if let (Some(loss), Some(step)) = (v["eval_loss"].as_f64(), v["step"].as_u64())
                 && step as usize <= self.trainer.step
+                && self.validation_due(step as usize)
             {
                 self.note_validation(step as usize, loss, None);
             }
@@ -506,6 +510,15 @@ impl<'m> Run<'m> {
             self.stopped_early = true;
         }
         Ok(())
+    }
+
+    /// Whether `step` validates on the schedule: every --eval-steps, or at each epoch's end. The run
+    /// also validates at its last step, due or not.
+    fn validation_due(&self, step: usize) -> bool {
+        match self.options.eval_steps {
+            0 => step % self.steps_per_epoch == 0,
+            every => step % every == 0,
+        }
     }
 
     /// Records a validation for early stopping: a new best (with its adapter, when known), or one
@@ -627,11 +640,7 @@ impl<'m> Run<'m> {
         }
         self.first_loss.get_or_insert(record.loss);
         self.last_loss = record.loss;
-        let eval_due = if self.options.eval_steps > 0 {
-            record.step % self.options.eval_steps == 0
-        } else {
-            record.step % self.steps_per_epoch == 0
-        };
+        let eval_due = self.validation_due(record.step);
         if !self.eval.is_empty() && (eval_due || self.trainer.done()) {
             observer.validating(self.eval.len());
             let total = self.trainer.evaluate_async(&self.eval).await?;
