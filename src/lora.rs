@@ -539,8 +539,27 @@ impl LoraAdapter {
             .sum()
     }
 
-    /// Loads a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for `model`.
+    /// Loads a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for `model`, to
+    /// train on: an adapter with whole modules beside its matrices (`modules_to_save`) is refused, as
+    /// nibble trains LoRA matrices only.
     pub fn load_peft(files: &ModelFiles, model: &ModelConfig) -> Result<Self> {
+        Self::load_peft_inner(files, model, false).map(|(adapter, _)| adapter)
+    }
+
+    /// `load_peft` for running or merging the adapter: with the embedding and output projection it
+    /// saved whole (PEFT's `modules_to_save`), which replace the base's.
+    pub fn load_peft_with_modules(
+        files: &ModelFiles,
+        model: &ModelConfig,
+    ) -> Result<(Self, SavedModules)> {
+        Self::load_peft_inner(files, model, true)
+    }
+
+    fn load_peft_inner(
+        files: &ModelFiles,
+        model: &ModelConfig,
+        keep_modules: bool,
+    ) -> Result<(Self, SavedModules)> {
         let cfg_name = "adapter_config.json";
         let cfg_path = files.display_path(cfg_name);
         let bad = |msg: String| Error::Config {
@@ -575,10 +594,6 @@ impl LoraAdapter {
             (
                 "layers_pattern",
                 "adapts only some layers; nibble adapts every layer",
-            ),
-            (
-                "modules_to_save",
-                "holds whole trained modules beside the LoRA matrices",
             ),
             ("lora_bias", "trains a bias on lora_B"),
             (
@@ -635,6 +650,31 @@ impl LoraAdapter {
                 "`bias: {bias}` trains the base's biases too; nibble's adapters hold LoRA matrices only"
             )));
         }
+        let to_save: Vec<String> = match v.get("modules_to_save") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(names)) => names
+                .iter()
+                .map(|n| n.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("`modules_to_save` entries must be module names".into()))?,
+            Some(other) => {
+                return Err(bad(format!(
+                    "`modules_to_save: {other}` must be a list of module names"
+                )));
+            }
+        };
+        if !to_save.is_empty() && !keep_modules {
+            return Err(bad(format!(
+                "`modules_to_save: {}` holds whole trained modules beside the LoRA matrices: nibble \
+                 evaluates, generates with and merges such an adapter, but trains LoRA matrices only",
+                v["modules_to_save"]
+            )));
+        }
+        // PEFT ties a tied model's output projection to a saved embedding only when asked to.
+        let modules_tied = switch("ensure_weight_tying")?
+            || v.get("modules_to_tie")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty());
         let use_dora = switch("use_dora")?;
         let pattern = |key: &str| v.get(key).filter(|p| !p.is_null());
         let rank_pattern = match pattern("rank_pattern") {
@@ -832,10 +872,12 @@ impl LoraAdapter {
                 *pair.factor_mut(f) = weights.read_f32(&key)?;
             }
         }
-        let expected: std::collections::HashSet<String> = adapter
+        let saved = SavedModules::read(&weights, &to_save, modules_tied, model)?;
+        let mut expected: std::collections::HashSet<String> = adapter
             .pairs()
             .flat_map(|(path, pair)| pair.factors().map(move |f| factor_key(path, f)))
             .collect();
+        expected.extend(saved.keys());
         if let Some(extra) = weights.tensor_names().find(|n| !expected.contains(*n)) {
             return Err(Error::tensor(
                 weights.path(),
@@ -847,6 +889,106 @@ impl LoraAdapter {
                 },
             ));
         }
-        Ok(adapter)
+        Ok((adapter, saved))
+    }
+}
+
+/// Whole modules a PEFT adapter saved beside its LoRA matrices (`modules_to_save`), trained in full:
+/// the embedding and the output projection, each `[vocab_size, hidden_size]`, in place of the base's.
+#[derive(Debug, Clone, Default)]
+pub struct SavedModules {
+    /// The embedding's values, with their key in adapter_model.safetensors.
+    pub embed: Option<(String, Vec<f32>)>,
+    /// The output projection's.
+    pub head: Option<(String, Vec<f32>)>,
+    /// `ensure_weight_tying`: a tied model's output projection is the saved embedding too. Without
+    /// it PEFT replaces the embedding module alone, leaving the projection the base's embedding.
+    pub tied: bool,
+}
+
+impl SavedModules {
+    fn read(
+        weights: &crate::source::SafetensorsFile,
+        names: &[String],
+        tied: bool,
+        model: &ModelConfig,
+    ) -> Result<Self> {
+        let mut saved = SavedModules {
+            tied,
+            ..Default::default()
+        };
+        for name in names {
+            // PEFT saves a module under its path (the `modules_to_save.default` part dropped), and
+            // a name picks every module whose path ends with it.
+            let found: Vec<&String> = weights
+                .tensor_names()
+                .filter(|key| {
+                    key.strip_prefix("base_model.model.")
+                        .and_then(|k| k.strip_suffix(".weight"))
+                        .is_some_and(|path| {
+                            !path.contains(".lora_")
+                                && (path == name || path.ends_with(&format!(".{name}")))
+                        })
+                })
+                .collect();
+            let [key] = found[..] else {
+                return Err(Error::tensor(
+                    weights.path(),
+                    format!("base_model.model.*{name}.weight"),
+                    format!(
+                        "`modules_to_save` names {name}: the adapter holds {} such module \
+                         weights, not one",
+                        found.len()
+                    ),
+                ));
+            };
+            let module = key.trim_end_matches(".weight");
+            let slot = match module.rsplit('.').next() {
+                Some("embed_tokens") => &mut saved.embed,
+                Some("lm_head") => &mut saved.head,
+                _ => {
+                    return Err(Error::tensor(
+                        weights.path(),
+                        key,
+                        format!(
+                            "`modules_to_save` {name}: nibble applies a saved embedding \
+                             (embed_tokens) or output projection (lm_head), not other modules"
+                        ),
+                    ));
+                }
+            };
+            let shape = vec![model.vocab_size, model.hidden_size];
+            let info = weights.info(key).expect("listed");
+            if info.shape != shape {
+                return Err(Error::tensor(
+                    weights.path(),
+                    key,
+                    format!(
+                        "shape {:?}; the model's is {shape:?} (an adapter trained with added \
+                         tokens needs its base's vocabulary resized, which nibble does not do)",
+                        info.shape
+                    ),
+                ));
+            }
+            *slot = Some((key.clone(), weights.read_f32(key)?));
+        }
+        Ok(saved)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = String> + '_ {
+        [&self.embed, &self.head]
+            .into_iter()
+            .flatten()
+            .map(|(key, _)| key.clone())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.embed.is_none() && self.head.is_none()
+    }
+
+    /// Whether a model whose configuration ties its projection to its embedding reads two tables
+    /// with these modules in place: one of them replaced, the other not.
+    pub fn unties(&self, tie_word_embeddings: bool) -> bool {
+        tie_word_embeddings && !self.is_empty() && !(self.tied && self.head.is_none())
     }
 }

@@ -4,20 +4,30 @@
 //! merged and written one at a time, so memory stays at about one tensor.
 
 use crate::error::{Error, Result};
-use crate::lora::LoraAdapter;
+use crate::lora::{LoraAdapter, SavedModules};
 use crate::model::ModelSource;
 use crate::ops::matmul::{View, matmul_into};
 use crate::source::FloatDtype;
 use std::collections::HashMap;
 use std::path::Path;
 
+/// One tensor of the merged model: `read` from the source (the base's values), written as `written`.
+struct Entry {
+    shard: usize,
+    read: String,
+    written: String,
+    shape: Vec<usize>,
+}
+
 /// Merges `adapter` into the model folder `folder` (opened as `source`) and writes the result to
-/// `output`, which must not exist yet. `dtype` defaults to the checkpoint's own. `chat` says where the
+/// `output`, which must not exist yet; `saved` (PEFT's `modules_to_save`) replaces the embedding and
+/// output projection, a tied model's becoming two tensors where only one is replaced (config.json's
+/// `tie_word_embeddings` then false). `dtype` defaults to the checkpoint's own. `chat` says where the
 /// adapter chats and ends text otherwise than its base (`MergedChat::write_into`).
 pub fn merge(
     source: &ModelSource,
     folder: &Path,
-    adapter: &LoraAdapter,
+    (adapter, saved): (&LoraAdapter, &SavedModules),
     chat: &MergedChat,
     output: &Path,
     dtype: Option<FloatDtype>,
@@ -34,26 +44,53 @@ pub fn merge(
             output.display()
         )));
     }
-    let entries: Vec<(usize, String, Vec<usize>)> = shards
+    let mut entries: Vec<Entry> = shards
         .iter()
         .enumerate()
         .flat_map(|(s, shard)| {
             let mut names: Vec<&String> = shard.tensor_names().collect();
             names.sort();
-            names
-                .into_iter()
-                .map(move |n| (s, n.clone(), shard.info(n).expect("listed").shape.clone()))
+            names.into_iter().map(move |n| Entry {
+                shard: s,
+                read: n.clone(),
+                // Written in the source's own spelling of each name.
+                written: shard.stored_name(n).to_string(),
+                shape: shard.info(n).expect("listed").shape.clone(),
+            })
         })
         // An FP8 checkpoint's scales are folded into its weights.
-        .filter(|(_, n, _)| !source.is_float8_companion(n))
+        .filter(|e| !source.is_float8_companion(&e.read))
         .collect();
     let dtype = match dtype {
         Some(d) => d,
         None => entries
             .iter()
-            .find_map(|(s, n, _)| FloatDtype::of(shards[*s].info(n)?.dtype))
+            .find_map(|e| FloatDtype::of(shards[e.shard].info(&e.read)?.dtype))
             .unwrap_or(FloatDtype::BF16),
     };
+    let embed = source.config.tensor("embed_tokens.weight");
+    let untie = saved.unties(source.config.tie_word_embeddings);
+    if untie {
+        // The output projection the tied model read: the base's embedding, as a tensor of its own.
+        let table = entries
+            .iter()
+            .find(|e| e.read == embed)
+            .ok_or_else(|| Error::Invalid(format!("{}: no {embed} to untie", folder.display())))?;
+        entries.push(Entry {
+            shard: table.shard,
+            read: embed.clone(),
+            written: "lm_head.weight".into(),
+            shape: table.shape.clone(),
+        });
+    }
+    // Whole modules by the name they are written under.
+    let mut replaced: HashMap<&str, &[f32]> = HashMap::new();
+    if let Some((_, values)) = &saved.embed {
+        replaced.insert(embed.as_str(), values);
+    }
+    if let Some((_, values)) = &saved.head {
+        replaced.insert("lm_head.weight", values);
+    }
     // Which tensor each LoRA pair merges into, at its module's scale.
     let targets: HashMap<String, (&crate::lora::LoraPair, f32)> = adapter
         .pairs()
@@ -63,37 +100,44 @@ pub fn merge(
         })
         .collect();
     crate::fsutil::write_folder_atomically(output, |tmp| {
-        write_merged(&entries, source, &targets, tmp, dtype)
-            .and_then(|()| copy_other_files(folder, tmp, dtype))
+        write_merged(&entries, source, (&targets, &replaced), tmp, dtype)
+            .and_then(|()| copy_other_files(folder, tmp, dtype, untie))
             .and_then(|()| chat.write_into(folder, tmp))
     })
 }
 
+type Targets<'a> = HashMap<String, (&'a crate::lora::LoraPair, f32)>;
+
 fn write_merged(
-    entries: &[(usize, String, Vec<usize>)],
+    entries: &[Entry],
     source: &ModelSource,
-    targets: &HashMap<String, (&crate::lora::LoraPair, f32)>,
+    (targets, replaced): (&Targets, &HashMap<&str, &[f32]>),
     tmp: &Path,
     dtype: FloatDtype,
 ) -> Result<()> {
     let shards = source.shards().expect("a folder");
     let mut failure: Option<Error> = None;
-    // Written in the source's own spelling of each name.
     let names: Vec<(String, Vec<usize>)> = entries
         .iter()
-        .map(|(shard, n, s)| (shards[*shard].stored_name(n).to_string(), s.clone()))
+        .map(|e| (e.written.clone(), e.shape.clone()))
         .collect();
     crate::synth::write_safetensors_streaming(
         &tmp.join("model.safetensors"),
         dtype,
         &names,
         |i, out| {
-            let (s, name, _) = &entries[i];
-            if let Err(e) = source.read_f32_into(name, out) {
-                failure.get_or_insert(e);
-                return;
+            let entry = &entries[i];
+            let name = &entry.read;
+            match replaced.get(entry.written.as_str()) {
+                Some(values) => out.copy_from_slice(values),
+                None => {
+                    if let Err(e) = source.read_f32_into(name, out) {
+                        failure.get_or_insert(e);
+                        return;
+                    }
+                    shards[entry.shard].release(name);
+                }
             }
-            shards[*s].release(name);
             // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
             // huge lora_alpha can pass any type's: the base is checked before its update, so that
             // the message blames the right one.
@@ -264,8 +308,9 @@ impl MergedChat {
     }
 }
 
-/// Copies the folder's files other than weights; config.json gets the merged weights' dtype.
-fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype) -> Result<()> {
+/// Copies the folder's files other than weights; config.json gets the merged weights' dtype, and
+/// with `untie` says the embedding and output projection are tensors of their own.
+fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype, untie: bool) -> Result<()> {
     if !["tokenizer.json", "tokenizer.model"]
         .iter()
         .any(|name| folder.join(name).is_file())
@@ -301,6 +346,13 @@ fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype) -> Result<()> {
                 for key in ["torch_dtype", "dtype"] {
                     if obj.contains_key(key) {
                         obj.insert(key.into(), dtype.name().into());
+                    }
+                }
+                if untie {
+                    obj.insert("tie_word_embeddings".into(), false.into());
+                    // A multimodal model's text model reads its own.
+                    if let Some(text) = obj.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+                        text.insert("tie_word_embeddings".into(), false.into());
                     }
                 }
             }

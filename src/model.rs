@@ -69,6 +69,19 @@ pub struct DenseTensor {
 }
 
 impl DenseTensor {
+    /// `values` (rows x cols) stored as `dtype`, rounded to nearest as a checkpoint's are.
+    pub fn from_f32(dtype: FloatDtype, rows: usize, cols: usize, values: &[f32]) -> Self {
+        assert_eq!(values.len(), rows * cols, "from_f32: a rows x cols matrix");
+        let data = match dtype {
+            FloatDtype::F32 => DenseData::F32(values.to_vec()),
+            FloatDtype::F16 => DenseData::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+            FloatDtype::BF16 => {
+                DenseData::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect())
+            }
+        };
+        DenseTensor { rows, cols, data }
+    }
+
     fn from_raw(dtype: FloatDtype, rows: usize, cols: usize, raw: &[u8]) -> Self {
         // In parallel: an embedding table is hundreds of megabytes read from the mapped file. Written
         // into memory advised for huge pages first (the output projection is read once per token).
@@ -369,6 +382,28 @@ impl Model {
             }
         }
         out
+    }
+
+    /// Puts an adapter's whole modules (PEFT's `modules_to_save`) in place of the base's embedding
+    /// and output projection, each kept in the dtype of the table it replaces. A tied model whose
+    /// two tables then differ reads them apart, as PEFT's model does.
+    pub fn put_saved_modules(&mut self, saved: &crate::lora::SavedModules) {
+        let (rows, cols) = (self.embed.rows, self.embed.cols);
+        if saved.unties(self.config.tie_word_embeddings) {
+            self.lm_head = Some((*self.embed).clone());
+            self.config.tie_word_embeddings = false;
+        }
+        if let Some((_, values)) = &saved.embed {
+            let dtype = self.embed.dtype();
+            self.embed = std::sync::Arc::new(DenseTensor::from_f32(dtype, rows, cols, values));
+        }
+        if let Some((_, values)) = &saved.head {
+            let dtype = self
+                .lm_head
+                .as_ref()
+                .map_or(self.embed.dtype(), |h| h.dtype());
+            self.lm_head = Some(DenseTensor::from_f32(dtype, rows, cols, values));
+        }
     }
 
     /// Bytes the weights occupy in memory.

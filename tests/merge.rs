@@ -287,3 +287,227 @@ fn a_base_without_a_tokenizer_is_merged_with_a_warning() {
     assert!(stderr.contains("holds no tokenizer.json"), "{stderr}");
     assert!(merged.join("config.json").is_file() && !merged.join("tokenizer.json").exists());
 }
+
+/// Every tensor of a safetensors file as f32, in the file's order of names.
+fn read_all(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let file = nibble::source::SafetensorsFile::open(path).unwrap();
+    let mut names: Vec<String> = file.tensor_names().cloned().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let shape = file.info(&n).unwrap().shape.clone();
+            let values = file.read_f32(&n).unwrap();
+            (n, shape, values)
+        })
+        .collect()
+}
+
+fn write_all(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, v)| {
+            let bytes: &[u8] = bytemuck::cast_slice(v);
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// PEFT's `modules_to_save`: an adapter that saved the embedding and/or the output projection whole
+/// runs (eval, generate, chat) and merges as the base with those tensors in place, plus its LoRA
+/// pairs. The reference is a model folder written with the replaced tensors, loaded as any model is.
+/// A tied model (Qwen2) with only its embedding saved reads the base's embedding as its output
+/// projection (PEFT without `ensure_weight_tying`), or the new one with it; training from such an
+/// adapter is refused.
+#[test]
+fn saved_modules_replace_the_embedding_and_the_output_projection() {
+    let mut rng = Rng::new(17);
+    let vocab = 259;
+    for (arch, saved, ensure_tying) in [
+        (Arch::Qwen3, &["embed_tokens", "lm_head"][..], false),
+        (Arch::Qwen3, &["lm_head"][..], false),
+        (Arch::Qwen2, &["embed_tokens"][..], false),
+        (Arch::Qwen2, &["embed_tokens"][..], true),
+        (Arch::Qwen2, &["lm_head"][..], false),
+    ] {
+        let case = format!("{arch:?} saving {saved:?}, ensure_weight_tying {ensure_tying}");
+        let (dir, base, model) = f32_base(arch, 1);
+        let config = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            ..LoraConfig::default()
+        };
+        let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
+        for (_, p) in adapter.pairs_mut() {
+            p.b.iter_mut()
+                .for_each(|b| *b = (rng.normal() * 0.1) as f32);
+        }
+        let adapter_dir = dir.path().join("adapter");
+        nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+        // The whole modules, as PEFT saves them (the `modules_to_save.default` part dropped).
+        let hidden = model.config.hidden_size;
+        let mut weights = read_all(&adapter_dir.join("adapter_model.safetensors"));
+        let mut new_tensor = |module: &str| {
+            let values: Vec<f32> = (0..vocab * hidden)
+                .map(|_| (rng.normal() * 0.5) as f32)
+                .collect();
+            (module.to_string(), values)
+        };
+        let replaced: Vec<(String, Vec<f32>)> = saved
+            .iter()
+            .map(|m| match *m {
+                "embed_tokens" => new_tensor("model.embed_tokens"),
+                _ => new_tensor("lm_head"),
+            })
+            .collect();
+        for (module, values) in &replaced {
+            weights.push((
+                format!("base_model.model.{module}.weight"),
+                vec![vocab, hidden],
+                values.clone(),
+            ));
+        }
+        write_all(&adapter_dir.join("adapter_model.safetensors"), &weights);
+        let config_path = adapter_dir.join("adapter_config.json");
+        let mut adapter_config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        adapter_config["modules_to_save"] = serde_json::json!(saved);
+        adapter_config["ensure_weight_tying"] = serde_json::json!(ensure_tying);
+        std::fs::write(&config_path, adapter_config.to_string()).unwrap();
+
+        // The reference: the base folder with the tensors replaced (a tied model made untied where
+        // its two tables now differ).
+        let reference = dir.path().join("reference");
+        std::fs::create_dir(&reference).unwrap();
+        for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(base.join(file), reference.join(file)).unwrap();
+        }
+        let mut tensors = read_all(&base.join("model.safetensors"));
+        let embed = tensors
+            .iter()
+            .find(|t| t.0 == "model.embed_tokens.weight")
+            .unwrap()
+            .clone();
+        let tied = model.config.tie_word_embeddings;
+        let head_follows = tied && ensure_tying && !saved.contains(&"lm_head");
+        if tied && !head_follows {
+            tensors.push(("lm_head.weight".into(), embed.1.clone(), embed.2.clone()));
+            let path = reference.join("config.json");
+            let mut c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            c["tie_word_embeddings"] = false.into();
+            std::fs::write(&path, c.to_string()).unwrap();
+        }
+        for (module, values) in &replaced {
+            let name = format!("{module}.weight");
+            tensors.iter_mut().find(|t| t.0 == name).unwrap().2 = values.clone();
+        }
+        write_all(&reference.join("model.safetensors"), &tensors);
+        let reference_model = ModelSource::open(&reference)
+            .unwrap()
+            .load(Some(QuantRequest::Dense))
+            .unwrap();
+        let ids: Vec<u32> = (0..12).map(|_| rng.below(vocab as u64) as u32).collect();
+        let expected = cpu::logits(&reference_model, Some(&adapter), &ids).unwrap();
+        let unreplaced = cpu::logits(&model, Some(&adapter), &ids).unwrap();
+        assert!(
+            rel(&unreplaced, &expected) > 1e-2,
+            "{case}: the modules must matter"
+        );
+
+        // Run as eval, generate and chat run it.
+        let (loaded, modules) = nibble::train::run::load_adapter_with_modules(
+            &adapter_dir,
+            &model.config,
+            ("base", None),
+            "--adapter",
+        )
+        .unwrap();
+        let mut running = ModelSource::open(&base)
+            .unwrap()
+            .load(Some(QuantRequest::Dense))
+            .unwrap();
+        running.put_saved_modules(&modules);
+        let e = rel(
+            &cpu::logits(&running, Some(&loaded), &ids).unwrap(),
+            &expected,
+        );
+        assert!(e < 1e-6, "{case}: logits differ by {e:e}");
+
+        // Through the command line: eval's loss with the adapter is the reference's.
+        let plain_adapter = dir.path().join("plain");
+        nibble::train::save_peft(&adapter, &plain_adapter, "base").unwrap();
+        let data = dir.path().join("data.jsonl");
+        std::fs::write(
+            &data,
+            "{\"text\": \"A few words to score, with the adapter's modules.\"}\n",
+        )
+        .unwrap();
+        let eval = |model: &std::path::Path, adapter: &std::path::Path| -> f64 {
+            let o = nibble(&[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--quant",
+                "none",
+            ]);
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                o.status.success(),
+                "{case}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+            v["loss"].as_f64().unwrap()
+        };
+        let (ours, theirs) = (eval(&base, &adapter_dir), eval(&reference, &plain_adapter));
+        assert!(
+            (ours - theirs).abs() < 1e-6 * theirs.abs(),
+            "{case}: eval loss {ours} vs {theirs}"
+        );
+
+        // Merged: the same logits from the merged folder alone.
+        let merged = dir.path().join("merged");
+        let o = nibble(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter_dir.to_str().unwrap(),
+            "--output",
+            merged.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{case}: {stderr}");
+        let merged_model = ModelSource::open(&merged)
+            .unwrap()
+            .load(Some(QuantRequest::Dense))
+            .unwrap();
+        assert_eq!(
+            merged_model.config.tie_word_embeddings, head_follows,
+            "{case}"
+        );
+        let e = rel(&cpu::logits(&merged_model, None, &ids).unwrap(), &expected);
+        assert!(e < 1e-5, "{case}: merged logits differ by {e:e}");
+
+        // Training on from it would drop the modules: refused, naming them.
+        let err = LoraAdapter::load_peft(
+            &nibble::source::ModelFiles::Dir(adapter_dir.clone()),
+            &model.config,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("modules_to_save") && err.contains("trains LoRA matrices only"),
+            "{case}: {err}"
+        );
+    }
+}

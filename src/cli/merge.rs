@@ -37,7 +37,7 @@ pub fn run(args: Args) -> Result<()> {
         Dtype::F32 => FloatDtype::F32,
     });
     let source = model::open(&args.model)?;
-    let lora = nibble::train::run::load_adapter(
+    let (lora, saved) = nibble::train::run::load_adapter_with_modules(
         &args.adapter,
         &source.config,
         (source.label(), None),
@@ -73,9 +73,28 @@ pub fn run(args: Args) -> Result<()> {
             chat.template = Some(choice.default);
         }
     }
-    nibble::merge::merge(&source, &args.model, &lora, &chat, &args.output, dtype)?;
+    nibble::merge::merge(
+        &source,
+        &args.model,
+        (&lora, &saved),
+        &chat,
+        &args.output,
+        dtype,
+    )?;
+    let whole: Vec<&str> = [
+        (&saved.embed, "the embedding"),
+        (&saved.head, "the output projection"),
+    ]
+    .into_iter()
+    .filter(|(module, _)| module.is_some())
+    .map(|(_, what)| what)
+    .collect();
+    let whole = match whole.is_empty() {
+        true => String::new(),
+        false => format!(" (and the adapter's {})", whole.join(" and ")),
+    };
     eprintln!(
-        "merged {} LoRA pairs into {}",
+        "merged {} LoRA pairs{whole} into {}",
         lora.pairs().count(),
         args.output.display()
     );

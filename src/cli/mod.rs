@@ -59,23 +59,26 @@ pub fn open_placed(
     let source = nibble::model::open(model)?;
     let tok = tokenizer_of(&source, template, adapter)?;
     let request = quant.request()?;
-    let model = source.load(request)?;
+    let mut model = source.load(request)?;
     if let (None, None, Some(spec)) = (request, source.stored_quant(), model.quant) {
         log::info!(
             "{}: decoder linears quantized to {spec} as they load (--quant none keeps them 16-bit)",
             source.label()
         );
     }
-    let adapter = adapter
-        .map(|dir| {
-            nibble::train::run::load_adapter(
+    let adapter = match adapter {
+        Some(dir) => {
+            let (adapter, saved) = nibble::train::run::load_adapter_with_modules(
                 dir,
                 &model.config,
                 (&model.source, Some(&model)),
                 "--adapter",
-            )
-        })
-        .transpose()?;
+            )?;
+            model.put_saved_modules(&saved);
+            Some(adapter)
+        }
+        None => None,
+    };
     Ok((tok, Placed::new(model, adapter, device.open()?)?))
 }
 

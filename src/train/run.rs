@@ -516,8 +516,8 @@ impl<'m> Run<'m> {
     /// also validates at its last step, due or not.
     fn validation_due(&self, step: usize) -> bool {
         match self.options.eval_steps {
-            0 => step % self.steps_per_epoch == 0,
-            every => step % every == 0,
+            0 => step.is_multiple_of(self.steps_per_epoch),
+            every => step.is_multiple_of(every),
         }
     }
 
@@ -1384,12 +1384,37 @@ pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) 
 pub fn load_adapter(
     dir: &Path,
     config: &crate::config::ModelConfig,
-    (base, loaded): (&str, Option<&Model>),
+    base: (&str, Option<&Model>),
     flag: &str,
 ) -> Result<LoraAdapter> {
+    load_adapter_checked(dir, config, base, flag, false).map(|(adapter, _)| adapter)
+}
+
+/// `load_adapter` for running or merging the adapter: with the whole modules it saved
+/// (`LoraAdapter::load_peft_with_modules`).
+pub fn load_adapter_with_modules(
+    dir: &Path,
+    config: &crate::config::ModelConfig,
+    base: (&str, Option<&Model>),
+    flag: &str,
+) -> Result<(LoraAdapter, crate::lora::SavedModules)> {
+    load_adapter_checked(dir, config, base, flag, true)
+}
+
+fn load_adapter_checked(
+    dir: &Path,
+    config: &crate::config::ModelConfig,
+    (base, loaded): (&str, Option<&Model>),
+    flag: &str,
+    keep_modules: bool,
+) -> Result<(LoraAdapter, crate::lora::SavedModules)> {
+    let files = crate::source::ModelFiles::Dir(dir.to_path_buf());
+    let loaded_adapter = match keep_modules {
+        true => LoraAdapter::load_peft_with_modules(&files, config),
+        false => LoraAdapter::load_peft(&files, config).map(|a| (a, Default::default())),
+    };
     let adapter =
-        LoraAdapter::load_peft(&crate::source::ModelFiles::Dir(dir.to_path_buf()), config)
-            .map_err(|e| Error::Invalid(format!("{flag} {}: {e}", dir.display())))?;
+        loaded_adapter.map_err(|e| Error::Invalid(format!("{flag} {}: {e}", dir.display())))?;
     let json = |file: &str| {
         std::fs::read_to_string(dir.join(file))
             .ok()
