@@ -188,6 +188,9 @@ fn jpeg_is_whole(data: &[u8]) -> bool {
     }
 }
 
+/// The most an image may take decoded: an 8K photograph at 16 bits per RGBA channel is 0.5 GiB.
+const MAX_DECODED_BYTES: u64 = 1 << 30;
+
 /// An image decoded, resized to cover its bucket (Lanczos) and centre-cropped to it: RGB in [0, 1],
 /// channels first [3, height, width], with its (width, height).
 pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, usize)> {
@@ -195,7 +198,7 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
     let unreadable = |e: image::ImageError| {
         Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
     };
-    // The decoder's own limits bound what a file may ask for; the EXIF orientation (phones) is applied.
+    // The EXIF orientation (phones) is applied.
     let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let reader = image::ImageReader::new(std::io::Cursor::new(&data))
         .with_guessed_format()
@@ -206,6 +209,18 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
         return Err(Error::Invalid(format!(
             "{}: not a readable image: the JPEG data ends before its end marker (a file cut short)",
             path.display()
+        )));
+    }
+    // A header may claim any size, and decoders allocate the whole image before reading a pixel.
+    let (w, h) = image::ImageDecoder::dimensions(&decoder);
+    let decoded = image::ImageDecoder::total_bytes(&decoder);
+    if decoded > MAX_DECODED_BYTES {
+        return Err(Error::Invalid(format!(
+            "{}: {w}x{h} pixels take {:.1} GiB decoded, beyond the {} GiB nibble decodes an image \
+             into: scale it down",
+            path.display(),
+            decoded as f64 / (1u64 << 30) as f64,
+            MAX_DECODED_BYTES >> 30
         )));
     }
     let orientation = image::ImageDecoder::orientation(&mut decoder).map_err(unreadable)?;

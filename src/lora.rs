@@ -595,6 +595,14 @@ impl LoraAdapter {
                 "layers_pattern",
                 "adapts only some layers; nibble adapts every layer",
             ),
+            (
+                "layer_replication",
+                "builds the model from repeated layers; nibble adapts the layers as they are",
+            ),
+            (
+                "trainable_token_indices",
+                "trains some embedding rows beside the LoRA matrices",
+            ),
             ("lora_bias", "trains a bias on lora_B"),
             (
                 "fan_in_fan_out",

@@ -326,10 +326,12 @@ fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype, untie: bool) ->
         let entry = entry.map_err(|e| Error::io(folder, e))?;
         let name = entry.file_name().to_string_lossy().to_string();
         let path = entry.path();
-        if !path.is_file()
-            || name.ends_with(".safetensors")
-            || name == "model.safetensors.index.json"
-        {
+        // Weights in any format, and their indexes, are the unmerged base's: a loader that took
+        // them (PyTorch's .bin, where safetensors is not asked for) would run without the adapter.
+        let weights = [".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"]
+            .iter()
+            .any(|ext| name.ends_with(ext) || name.ends_with(&format!("{ext}.index.json")));
+        if !path.is_file() || weights {
             continue;
         }
         if name == "config.json" {

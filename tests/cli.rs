@@ -358,6 +358,10 @@ fn plan_reports_a_breakdown_that_adds_up() {
     assert!(checkpointed["activations"].as_u64() < full["activations"].as_u64());
     let fewer = run(&["--target-modules", "q_proj,v_proj"]);
     assert!(fewer["lora_parameters"].as_u64() < full["lora_parameters"].as_u64());
+    for dropout in ["1", "NaN", "1.5"] {
+        let err = fails(&["plan", s(&model), "--lora-dropout", dropout]);
+        assert!(err.contains("--lora-dropout must be"), "{dropout}: {err}");
+    }
     let err = fails(&["plan", s(&model), "--target-modules", "q_proj,attn"]);
     assert!(
         err.contains("target module `attn` names no linear layer") && err.contains("q_proj"),

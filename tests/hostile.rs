@@ -841,6 +841,20 @@ const CASES: &[Case] = &[
         expect: &["adapter_config.json", "layers_to_transform"],
     },
     Case {
+        name: "an adapter over repeated layers",
+        prepare: |r| {
+            merge_edited_adapter(r, |c| {
+                c["layer_replication"] = serde_json::json!([[1, 2], [0, 1]])
+            })
+        },
+        expect: &["adapter_config.json", "layer_replication"],
+    },
+    Case {
+        name: "an adapter training some embedding rows",
+        prepare: |r| merge_edited_adapter(r, |c| c["trainable_token_indices"] = vec![3, 5].into()),
+        expect: &["adapter_config.json", "trainable_token_indices"],
+    },
+    Case {
         name: "an adapter whose target_modules is not a regular expression",
         prepare: |r| merge_edited_adapter(r, |c| c["target_modules"] = "((".into()),
         expect: &[

@@ -63,6 +63,33 @@ fn missing_captions_corrupt_and_tiny_images_are_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("tiny.png") && e.contains("8x40"), "{e}");
+    // A header claiming 100,000 x 100,000 pixels (30 GB decoded) over a few bytes of data: refused
+    // before the decoder allocates.
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        let crc = crc32(&c[4..]);
+        c.extend_from_slice(&crc.to_be_bytes());
+        c
+    };
+    let mut header = 100_000u32.to_be_bytes().repeat(2);
+    header.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &header));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    std::fs::write(dir.path().join("huge.png"), png).unwrap();
+    let e = load_pixels(&dir.path().join("huge.png"), 64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("huge.png") && e.contains("100000x100000") && e.contains("scale it down"),
+        "{e}"
+    );
     let empty = tempfile::tempdir().unwrap();
     let e = scan_folder(empty.path(), None).unwrap_err().to_string();
     assert!(e.contains("no images"), "{e}");
@@ -179,4 +206,16 @@ fn captions_as_windows_and_cameras_write_them() {
         e.contains("no images") && e.contains("folders inside it are not read"),
         "{e}"
     );
+}
+
+/// PNG's chunk checksum (CRC-32, polynomial 0xEDB88320).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
 }

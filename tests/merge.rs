@@ -52,6 +52,13 @@ fn merged_weights_give_the_adapted_models_logits() {
     let adapter_dir = dir.path().join("adapter");
     nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
 
+    // The base's weights in PyTorch's format too (a folder from the Hub often holds both).
+    std::fs::write(base.join("pytorch_model.bin"), b"unmerged weights").unwrap();
+    std::fs::write(
+        base.join("pytorch_model.bin.index.json"),
+        b"{\"weight_map\": {}}",
+    )
+    .unwrap();
     let merged = dir.path().join("merged");
     // A folder of the user's named as merge once named its temporary folder (and deleted it) stays
     // as it was.
@@ -84,6 +91,9 @@ fn merged_weights_give_the_adapted_models_logits() {
         assert!(merged.join(file).is_file(), "{file} missing");
     }
     assert!(!merged.join("model.safetensors.index.json").exists());
+    for stale in ["pytorch_model.bin", "pytorch_model.bin.index.json"] {
+        assert!(!merged.join(stale).exists(), "{stale}: the unmerged base's");
+    }
     assert_eq!(
         std::fs::read_to_string(users.join("notes.txt")).unwrap(),
         "mine"

@@ -77,7 +77,16 @@ pub fn run(args: Args) -> Result<()> {
     let budget = budget
         .map(|b| nibble::alloc::parse_size(&b, "--budget"))
         .transpose()?;
+    // As training checks it (the f32 it is used as: 0.99999999 is 1 there).
+    if !(0.0..1.0).contains(&(dropout as f32)) {
+        bail!("--lora-dropout must be a number from 0 to 1 (below 1; got {dropout})");
+    }
     if let Some(c) = nibble::models::flux2::config_at(&path)? {
+        if dora {
+            bail!(
+                "--use-dora: nibble trains FLUX.2 with plain LoRA (as `nibble train` refuses DoRA there)"
+            );
+        }
         let (resolution, text_tokens) = (resolution.unwrap_or(1024), text_tokens.unwrap_or(512));
         nibble::train::flux2::check_resolution(resolution)?;
         if !(1..=4096).contains(&text_tokens) || !(1..=4096).contains(&rank) {
