@@ -92,6 +92,15 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// The file standing where `folder`, or a folder above it, would be: creating the folder would fail
+/// with the OS's bare "File exists".
+pub fn file_in_the_way(folder: &Path) -> Option<&Path> {
+    folder
+        .ancestors()
+        .find(|a| !a.as_os_str().is_empty() && a.exists())
+        .filter(|a| !a.is_dir())
+}
+
 /// Runs `write` on a new temporary folder beside `folder`, then renames it into place (over an
 /// empty folder there). On failure or interruption (`remove_partial_outputs`) the temporary folder is
 /// removed and nothing appears at `folder`. The temporary name is this process's, created afresh: a
@@ -101,6 +110,13 @@ pub fn write_folder_atomically(
     folder: &Path,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
+    if let Some(file) = file_in_the_way(folder) {
+        return Err(Error::Invalid(format!(
+            "{}: {} is a file, not a folder",
+            folder.display(),
+            file.display()
+        )));
+    }
     let tmp = temporary_sibling(folder);
     if let Some(parent) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;

@@ -14,6 +14,10 @@ pub struct ImageExample {
 }
 
 const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+/// Image formats people keep datasets in that nibble does not decode.
+const OTHER_IMAGE_EXTENSIONS: [&str; 9] = [
+    "bmp", "gif", "tif", "tiff", "heic", "heif", "avif", "jxl", "jfif",
+];
 
 /// Sides are multiples of this (8x VAE, 2x2 patches).
 pub const SIDE_MULTIPLE: usize = 16;
@@ -59,6 +63,7 @@ pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample
         .cloned()
         .collect();
     images.sort();
+    warn_of_unread(&paths, &images, &hidden);
     if images.is_empty() {
         let subfolders = paths.iter().any(|p| p.is_dir() && !hidden(p));
         return Err(Error::Invalid(format!(
@@ -107,6 +112,61 @@ pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample
             Ok(ImageExample { image, caption })
         })
         .collect()
+}
+
+/// Says which files of the folder a run leaves out that look meant for it: images in formats nibble
+/// does not read, and captions with no image beside them (a dataset part converted, part not).
+fn warn_of_unread(paths: &[PathBuf], images: &[PathBuf], hidden: &dyn Fn(&Path) -> bool) {
+    let extension = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+    };
+    let listed = |files: Vec<&PathBuf>| {
+        let mut names: Vec<String> = files
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        let more = names.len().saturating_sub(5);
+        names.truncate(5);
+        match more {
+            0 => names.join(", "),
+            more => format!("{} and {more} more", names.join(", ")),
+        }
+    };
+    let other_images: Vec<&PathBuf> = paths
+        .iter()
+        .filter(|p| !hidden(p) && p.is_file())
+        .filter(|p| extension(p).is_some_and(|e| OTHER_IMAGE_EXTENSIONS.contains(&e.as_str())))
+        .collect();
+    if !other_images.is_empty() {
+        log::warn!(
+            "left out {} images in formats nibble does not read ({}): convert them to PNG, JPEG \
+             or WebP to train on them",
+            other_images.len(),
+            listed(other_images)
+        );
+    }
+    let stems: std::collections::HashSet<PathBuf> =
+        images.iter().map(|p| p.with_extension("")).collect();
+    let lonely_captions: Vec<&PathBuf> = paths
+        .iter()
+        .filter(|p| !hidden(p) && p.is_file() && extension(p).as_deref() == Some("txt"))
+        .filter(|p| !stems.contains(&p.with_extension("")))
+        .collect();
+    if !lonely_captions.is_empty() {
+        log::warn!(
+            "left out {} captions with no PNG, JPEG or WebP image of their name beside them ({})",
+            lonely_captions.len(),
+            listed(lonely_captions)
+        );
+    }
 }
 
 fn with_trigger(caption: &str, trigger: Option<&str>) -> String {

@@ -50,7 +50,11 @@ impl LoraConfig {
     /// asked for are an error), the run's dropout (a training option), and DoRA where either asks for
     /// it (on a plain adapter, the magnitudes then start from its update, `init_magnitudes`, so that
     /// the run starts where the adapter is).
-    pub fn with_initial(&self, adapter: &LoraConfig) -> Result<LoraConfig> {
+    pub fn with_initial(
+        &self,
+        adapter: &LoraConfig,
+        linears: &[(String, usize, usize)],
+    ) -> Result<LoraConfig> {
         let differ = |what: &str| {
             Error::Invalid(format!(
                 "--lora-{what}-pattern differs from the initial adapter's, whose matrices have its \
@@ -75,7 +79,28 @@ impl LoraConfig {
                 targets.join(", ")
             )
         };
-        if shape(self) != shape(adapter) {
+        // Targets compared as the modules they name (`all-linear` and a list of every linear are
+        // the same run), else as written.
+        let modules = |c: &LoraConfig| {
+            resolve_among(linears.to_vec(), &c.targets)
+                .ok()
+                .map(|found| {
+                    let mut paths: Vec<String> = found.into_iter().map(|(p, _, _)| p).collect();
+                    paths.sort();
+                    paths
+                })
+        };
+        let same_modules = match (modules(self), modules(adapter)) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => {
+                let (mut ours, mut theirs) = (self.targets.clone(), adapter.targets.clone());
+                ours.sort();
+                theirs.sort();
+                ours == theirs
+            }
+        };
+        let scale = |c: &LoraConfig| (c.r, c.alpha.to_bits(), c.use_rslora);
+        if !same_modules || scale(self) != scale(adapter) {
             log::warn!(
                 "--init-adapter: training the adapter's own {} (its matrices have that shape), not \
                  the options' {}",
@@ -355,6 +380,9 @@ pub struct LoraAdapter {
     pub config: LoraConfig,
     pub modules: Vec<(String, LoraPair)>,
 }
+
+/// PEFT's LoraConfig `r` and `lora_alpha` where a config leaves them out.
+const PEFT_DEFAULT_R: usize = 8;
 
 /// PEFT's tensor name for one of a linear's LoRA matrices (`which` is "lora_A" or "lora_B").
 pub fn peft_key(path: &str, which: &str) -> String {
@@ -703,14 +731,20 @@ impl LoraAdapter {
                 .map_err(|e| bad(format!("`alpha_pattern` {e}")))?,
             None => Patterns::default(),
         };
-        let r = v
-            .get("r")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("`r` must be a positive integer".into()))? as usize;
-        let alpha = v
-            .get("lora_alpha")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| bad("`lora_alpha` must be a number".into()))?;
+        // Left out (or null), PEFT's LoraConfig defaults: r 8, lora_alpha 8.
+        let r = match v.get("r") {
+            None | Some(Value::Null) => PEFT_DEFAULT_R,
+            Some(r) => r
+                .as_u64()
+                .ok_or_else(|| bad(format!("`r: {r}` must be a positive integer")))?
+                as usize,
+        };
+        let alpha = match v.get("lora_alpha") {
+            None | Some(Value::Null) => PEFT_DEFAULT_R as f64,
+            Some(a) => a
+                .as_f64()
+                .ok_or_else(|| bad(format!("`lora_alpha: {a}` must be a number")))?,
+        };
         if alpha == 0.0 || alpha_pattern.entries().any(|(_, a)| a == 0.0) {
             // PEFT loads it too, scaling the branch by 0.
             log::warn!(
@@ -768,15 +802,30 @@ impl LoraAdapter {
             // a multimodal model's vision tower out): the modules it matched are the ones the weights
             // hold.
             Some(Value::String(pattern)) => {
-                let matches = whole_match(pattern).map_err(|e| {
-                    bad(format!(
-                        "`target_modules` \"{pattern}\" is not a regular expression: {e}"
-                    ))
-                })?;
+                let matches = match whole_match(pattern) {
+                    Ok(matches) => Some(matches),
+                    // Python's `re` has look-around, which PEFT patterns use to keep a vision tower
+                    // out (`^(?!.*vision).*q_proj`) and the regex crate lacks: the pattern chose
+                    // the modules whose matrices were saved, so those are the targets.
+                    Err(e) if e.to_string().contains("look-around") => {
+                        log::info!(
+                            "{}: `target_modules` \"{pattern}\" looks around, which nibble's \
+                             patterns do not: the adapter's targets are the modules its weights hold",
+                            cfg_path.display()
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        return Err(bad(format!(
+                            "`target_modules` \"{pattern}\" is not a regular expression: {e}"
+                        )));
+                    }
+                };
+                let chosen = |m: &str| matches.as_ref().is_none_or(|matches| matches.is_match(m));
                 let mut paths: Vec<String> = saved_modules
                     .iter()
                     .map(|saved| (saved, module_path(saved)))
-                    .filter(|(saved, path)| matches.is_match(saved) || matches.is_match(path))
+                    .filter(|(saved, path)| chosen(saved) || chosen(path))
                     .map(|(_, path)| path)
                     .collect();
                 paths.sort();
@@ -912,6 +961,9 @@ pub struct SavedModules {
     /// `ensure_weight_tying`: a tied model's output projection is the saved embedding too. Without
     /// it PEFT replaces the embedding module alone, leaving the projection the base's embedding.
     pub tied: bool,
+    /// Keys of the copies PEFT saves of a tied module (the output projection sharing the saved
+    /// embedding under `ensure_weight_tying`), which `modules_to_save` does not list.
+    tied_copies: Vec<String>,
 }
 
 impl SavedModules {
@@ -980,6 +1032,17 @@ impl SavedModules {
             }
             *slot = Some((key.clone(), weights.read_f32(key)?));
         }
+        if tied && saved.head.is_none() {
+            saved.tied_copies = weights
+                .tensor_names()
+                .filter(|key| {
+                    key.strip_prefix("base_model.model.")
+                        .and_then(|k| k.strip_suffix(".weight"))
+                        .is_some_and(|path| path == "lm_head" || path.ends_with(".lm_head"))
+                })
+                .cloned()
+                .collect();
+        }
         Ok(saved)
     }
 
@@ -988,6 +1051,7 @@ impl SavedModules {
             .into_iter()
             .flatten()
             .map(|(key, _)| key.clone())
+            .chain(self.tied_copies.iter().cloned())
     }
 
     pub fn is_empty(&self) -> bool {

@@ -11,10 +11,12 @@ use crate::source::FloatDtype;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// One tensor of the merged model: `read` from the source (the base's values), written as `written`.
+/// One tensor of the merged model: `read` from the source (the base's values), written as `written`
+/// (the source's spelling), known to the adapter as `key` (nibble's name of the tensor it holds).
 struct Entry {
     shard: usize,
     read: String,
+    key: String,
     written: String,
     shape: Vec<usize>,
 }
@@ -53,6 +55,7 @@ pub fn merge(
             names.into_iter().map(move |n| Entry {
                 shard: s,
                 read: n.clone(),
+                key: n.clone(),
                 // Written in the source's own spelling of each name.
                 written: shard.stored_name(n).to_string(),
                 shape: shard.info(n).expect("listed").shape.clone(),
@@ -71,19 +74,31 @@ pub fn merge(
     let embed = source.config.tensor("embed_tokens.weight");
     let untie = saved.unties(source.config.tie_word_embeddings);
     if untie {
-        // The output projection the tied model read: the base's embedding, as a tensor of its own.
+        // The output projection the tied model read: the base's embedding, as a tensor of its own
+        // (in place of any lm_head.weight the folder holds, which a tied model does not read).
         let table = entries
             .iter()
             .find(|e| e.read == embed)
             .ok_or_else(|| Error::Invalid(format!("{}: no {embed} to untie", folder.display())))?;
-        entries.push(Entry {
+        // A multimodal checkpoint in the older spelling keeps its text model's tensors under
+        // `language_model.`.
+        let written = match table.written.starts_with("language_model.") {
+            true => "language_model.lm_head.weight",
+            false => "lm_head.weight",
+        };
+        let head = Entry {
             shard: table.shard,
             read: embed.clone(),
-            written: "lm_head.weight".into(),
+            key: "lm_head.weight".into(),
+            written: written.into(),
             shape: table.shape.clone(),
-        });
+        };
+        match entries.iter_mut().find(|e| e.key == "lm_head.weight") {
+            Some(stored) => *stored = head,
+            None => entries.push(head),
+        }
     }
-    // Whole modules by the name they are written under.
+    // Whole modules by nibble's name of the tensor they replace.
     let mut replaced: HashMap<&str, &[f32]> = HashMap::new();
     if let Some((_, values)) = &saved.embed {
         replaced.insert(embed.as_str(), values);
@@ -127,15 +142,16 @@ fn write_merged(
         &names,
         |i, out| {
             let entry = &entries[i];
-            let name = &entry.read;
-            match replaced.get(entry.written.as_str()) {
+            let name = &entry.key;
+            let saved = replaced.get(name.as_str());
+            match saved {
                 Some(values) => out.copy_from_slice(values),
                 None => {
-                    if let Err(e) = source.read_f32_into(name, out) {
+                    if let Err(e) = source.read_f32_into(&entry.read, out) {
                         failure.get_or_insert(e);
                         return;
                     }
-                    shards[entry.shard].release(name);
+                    shards[entry.shard].release(&entry.read);
                 }
             }
             // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
@@ -158,10 +174,11 @@ fn write_merged(
                 ))
             };
             if let Some(v) = beyond(out) {
-                failure.get_or_insert(cannot_hold(
-                    v,
-                    "the base's own weight: choose a wider --dtype".to_string(),
-                ));
+                let whose = match saved {
+                    Some(_) => "the adapter's saved module",
+                    None => "the base's own weight",
+                };
+                failure.get_or_insert(cannot_hold(v, format!("{whose}: choose a wider --dtype")));
                 return;
             }
             if let Some(&(pair, scale)) = targets.get(name) {

@@ -783,9 +783,16 @@ impl ModelSource {
         } else if files.exists("model.safetensors") {
             shard_names = vec!["model.safetensors".into()];
         } else {
+            let path = files.display_path("model.safetensors");
+            let msg = match path.is_dir() {
+                true => "a folder, where the model's weights file should be",
+                false => {
+                    "missing: a model folder needs model.safetensors or model.safetensors.index.json"
+                }
+            };
             return Err(Error::Config {
-                path: files.display_path("model.safetensors"),
-                msg: "missing: a model folder needs model.safetensors or model.safetensors.index.json".into(),
+                path,
+                msg: msg.into(),
             });
         }
 

@@ -254,6 +254,32 @@ fn bad_input_exits_non_zero_with_a_message_naming_the_problem() {
     let missing = dir.path().join("no/such/dir/q.safetensors");
     let err = fails(&["quantize", s(&model), "--output", s(&missing)]);
     assert!(err.contains("no/such/dir"), "{err}");
+    // A file where the output's folder would be, and a folder's name (a trailing slash).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "mine").unwrap();
+    let err = fails(&[
+        "quantize",
+        s(&model),
+        "--output",
+        s(&file.join("q.safetensors")),
+    ]);
+    assert!(err.contains("a-file is a file, not a folder"), "{err}");
+    let slash = format!("{}/", dir.path().join("newq").display());
+    let err = fails(&["quantize", s(&model), "--output", &slash]);
+    assert!(err.contains("name the safetensors file"), "{err}");
+    assert!(!dir.path().join("newq").exists());
+    // What merge and synth write their folders with.
+    let err = nibble::fsutil::write_folder_atomically(&file.join("merged"), |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a-file is a file, not a folder"), "{err}");
+    let err = nibble::fsutil::write_folder_atomically(&file, |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a-file is a file, not a folder"), "{err}");
+    let err = fails(&["demo", "--keep", s(&file.join("kept"))]);
+    assert!(err.contains("a-file is a file, not a folder"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 
     // A random file that is not a quantized model.
     std::fs::write(&out, b"not a model at all").unwrap();

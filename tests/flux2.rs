@@ -229,7 +229,7 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
             backward: true,
             checkpoint: true,
         };
-        let planned = flux2::plan(c, spec, 4, step);
+        let planned = flux2::plan(c, spec, (4, &all_linear()), step).unwrap();
         let scratch = gpu.scratch_bytes() - before;
         eprintln!(
             "{quant}: GPU step scratch {scratch} B, planned {} B",
@@ -401,6 +401,21 @@ fn a_pipelines_transformer_folder_or_file_trains_with_the_rest_of_the_pipeline()
     let (ok, stderr, metrics) = train(&solo, "named", &named);
     assert!(ok, "{stderr}");
     assert_eq!(loss(&metrics), loss(&whole));
+
+    // Files that look meant for the run but that it leaves out are named: an image in a format
+    // nibble does not read (its caption with it), and a caption alone.
+    std::fs::write(images.join("c.bmp"), b"BM a bitmap's first bytes").unwrap();
+    std::fs::write(images.join("c.txt"), "c").unwrap();
+    std::fs::write(images.join("d.txt"), "d").unwrap();
+    let (ok, stderr, metrics) = train(&klein, "mixed", &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(loss(&metrics), loss(&whole), "the same two images");
+    assert!(
+        stderr.contains("left out 1 images in formats nibble does not read (c.bmp)")
+            && stderr.contains("left out 2 captions")
+            && stderr.contains("c.txt, d.txt"),
+        "{stderr}"
+    );
 }
 
 /// klein 9B's transformer config as diffusers ships it.
@@ -425,9 +440,10 @@ fn klein_9b_plans_within_a_12_gb_card() {
         let p = flux2::plan(
             &c,
             nf4,
-            32,
+            (32, &all_linear()),
             Flux2Step::training(resolution, 512, checkpoint),
-        );
+        )
+        .unwrap();
         eprintln!(
             "{resolution} px, checkpointing {checkpoint}: weights {:.2}, LoRA {:.2} ({} parameters), \
              buffers live at once {:.2}, the GPU's step {:.2}, total {:.2} GiB",
@@ -496,11 +512,37 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
     let plan = json(&[&args[..], &["--json"]].concat());
     let c = flux2::Flux2Config::from_diffusers(KLEIN_9B, Path::new("config.json")).unwrap();
     let nf4 = nf4_128();
-    let want = flux2::plan(&c, nf4, 32, Flux2Step::training(512, 512, true));
+    let want = flux2::plan(
+        &c,
+        nf4,
+        (32, &all_linear()),
+        Flux2Step::training(512, 512, true),
+    )
+    .unwrap();
     assert_eq!(plan["total"], want.total, "checkpointing by default");
     let parts = ["weights", "lora_and_optimizer", "device_step"];
     let sum: u64 = parts.iter().map(|k| plan[k].as_u64().unwrap()).sum();
     assert_eq!(sum, want.total);
+    // Left out, the rank and group size are the flux2-klein preset's, as `nibble train` takes them.
+    let preset = json(&["plan", folder, "--resolution", "512", "--json"]);
+    assert_eq!(preset["total"], want.total);
+    // Targets are honoured; what training refuses for FLUX.2, or what only a language model's step
+    // takes, is refused.
+    let fewer = json(&[&args[..], &["--target-modules", "linear1", "--json"]].concat());
+    assert!(fewer["lora_parameters"].as_u64() < plan["lora_parameters"].as_u64());
+    for (extra, says) in [
+        (&["--target-modules", "bogus"][..], "bogus"),
+        (&["--lora-dropout", "0.1"][..], "--lora-dropout"),
+        (&["--use-dora"][..], "--use-dora"),
+        (&["--seq-len", "64"][..], "--seq-len"),
+    ] {
+        let out = common::nibble(&[&args[..], extra].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
     // As training takes them: sides rounded down to multiples of 16, at most 4096 pixels.
     let at = |px: &str| json(&["plan", folder, "--resolution", px, "--json"])["total"].clone();
     assert_eq!(at("500"), at("496"));
@@ -658,6 +700,53 @@ fn the_lora_file_has_comfyui_keys_and_reads_back() {
         e.contains("exact.safetensors") && e.contains("scale"),
         "{e}"
     );
+    // Alphas on some modules only: a module without one has a scale of 1 (alpha = rank) to kohya's
+    // and ComfyUI's readers, which other scales contradict; alphas equal to the rank do not.
+    let partial = |alpha: Option<f32>| {
+        let file = SafetensorsFile::open(&exact).unwrap();
+        let mut names: Vec<String> = file.tensor_names().cloned().collect();
+        names.sort();
+        let mut dropped = 0;
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = names
+            .into_iter()
+            .filter(|n| {
+                let alpha_key = n.ends_with(".alpha");
+                dropped += alpha_key as usize;
+                !alpha_key || dropped % 2 == 0
+            })
+            .map(|n| {
+                let shape = file.info(&n).unwrap().shape.clone();
+                let values = match (n.ends_with(".alpha"), alpha) {
+                    (true, Some(a)) => vec![a],
+                    _ => file.read_f32(&n).unwrap(),
+                };
+                (n, shape, values)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, shape, v)| {
+                let bytes: &[u8] = bytemuck::cast_slice(v);
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytes,
+                )
+                .unwrap();
+                (n.clone(), view)
+            })
+            .collect();
+        let path = dir.path().join("partial.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        load_lora(&SafetensorsFile::open(&path).unwrap(), &model.config)
+    };
+    let e = partial(None).unwrap_err().to_string();
+    assert!(
+        e.contains("partial.safetensors") && e.contains(".alpha") && e.contains("one scale"),
+        "{e}"
+    );
+    let at_rank = partial(Some(rs.config.r as f32)).unwrap();
+    assert_eq!(at_rank.config.scale(), 1.0);
     // Anything else in the file is refused by name.
     let other = dir.path().join("other.safetensors");
     let data = vec![0u8; 2 * 4 * 256];
@@ -1270,4 +1359,9 @@ fn an_interruption_while_encoding_stops_the_run_there() {
     assert!(!stderr.contains("latents: 3 images encoded"), "{stderr}");
     assert!(!output.exists(), "{stderr}");
     eprintln!("stopped {:?} after the signal", started.elapsed());
+}
+
+/// Every block linear, as `--target-modules all-linear` names them.
+fn all_linear() -> Vec<String> {
+    vec!["all-linear".to_string()]
 }

@@ -354,6 +354,18 @@ const CASES: &[Case] = &[
         expect: &["model.safetensors"],
     },
     Case {
+        name: "weights a folder",
+        prepare: |r| {
+            std::fs::remove_file(r.join("model/model.safetensors")).unwrap();
+            std::fs::create_dir(r.join("model/model.safetensors")).unwrap();
+            train(r, "new", &[])
+        },
+        expect: &[
+            "model.safetensors",
+            "a folder, where the model's weights file should be",
+        ],
+    },
+    Case {
         name: "NaN in a norm",
         prepare: |r| {
             poke_tensor(

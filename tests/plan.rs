@@ -196,7 +196,7 @@ fn klein_planned_step_memory_matches_the_measured_heap_peak() {
             backward: true,
             checkpoint,
         };
-        let planned = flux2::plan(c, Some(qspec), 8, step);
+        let planned = flux2::plan(c, Some(qspec), (8, &["all-linear".to_string()]), step).unwrap();
         assert_eq!(planned.weights, weights, "planned weight bytes");
         let config = LoraConfig {
             r: 8,

@@ -20,6 +20,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let keep = args.keep;
+    if let Some(file) = keep.as_deref().and_then(nibble::fsutil::file_in_the_way) {
+        bail!(
+            "--keep {}: {} is a file, not a folder",
+            keep.as_ref().expect("found in it").display(),
+            file.display()
+        );
+    }
     if let Some(dir) = &keep
         && std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some())
     {

@@ -14,20 +14,20 @@ use std::path::{Path, PathBuf};
 pub struct Args {
     /// A model folder (config.json alone is enough) or a file written by `nibble quantize`.
     model: PathBuf,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 1024)]
-    seq_len: usize,
+    /// Tokens per sequence [default: 1024].
+    #[arg(long)]
+    seq_len: Option<usize>,
     #[command(flatten)]
     quant: QuantArgs,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    lora_r: usize,
-    /// LoRA dropout (above 0, each adapted linear keeps a dropout mask).
-    #[arg(long, default_value_t = 0.05)]
-    lora_dropout: f64,
-    /// Comma-separated module names (q_proj,...,down_proj) or all-linear.
-    #[arg(long, default_value = "all-linear")]
-    target_modules: String,
+    /// LoRA rank [default: 8; FLUX.2: the flux2-klein preset's 32].
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// LoRA dropout (above 0, each adapted linear keeps a dropout mask) [default: 0.05; FLUX.2: 0].
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Comma-separated module names (q_proj,...,down_proj) or all-linear [default: all-linear].
+    #[arg(long)]
+    target_modules: Option<String>,
     /// DoRA (PEFT's use_dora): a magnitude per output, and each adapted linear's rescaled term kept
     /// for the backward.
     #[arg(long)]
@@ -78,15 +78,31 @@ pub fn run(args: Args) -> Result<()> {
         .map(|b| nibble::alloc::parse_size(&b, "--budget"))
         .transpose()?;
     // As training checks it (the f32 it is used as: 0.99999999 is 1 there).
-    if !(0.0..1.0).contains(&(dropout as f32)) {
+    if let Some(dropout) = dropout.filter(|p| !(0.0..1.0).contains(&(*p as f32))) {
         bail!("--lora-dropout must be a number from 0 to 1 (below 1; got {dropout})");
     }
+    let targets = targets.unwrap_or_else(|| "all-linear".into());
     if let Some(c) = nibble::models::flux2::config_at(&path)? {
-        if dora {
+        // What `nibble train` refuses for FLUX.2 and what only a language model's step takes.
+        if dora || dropout.is_some_and(|p| p > 0.0) {
             bail!(
-                "--use-dora: nibble trains FLUX.2 with plain LoRA (as `nibble train` refuses DoRA there)"
+                "--use-dora and --lora-dropout: nibble trains FLUX.2 with plain LoRA, without \
+                 dropout (as `nibble train` refuses them there)"
             );
         }
+        if tokens.is_some() {
+            bail!(
+                "--seq-len plans a language model's step; a FLUX.2 step takes --resolution and \
+                 --text-tokens"
+            );
+        }
+        // The run `nibble train` makes of it: the flux2-klein preset under the options given.
+        let preset = nibble::train::settings::TrainSettings::preset("flux2-klein")?;
+        let rank = rank.or(preset.lora_r).expect("the preset's rank");
+        let quant = QuantArgs {
+            group_size: quant.group_size.or(preset.group_size),
+            ..quant
+        };
         let (resolution, text_tokens) = (resolution.unwrap_or(1024), text_tokens.unwrap_or(512));
         nibble::train::flux2::check_resolution(resolution)?;
         if !(1..=4096).contains(&text_tokens) || !(1..=4096).contains(&rank) {
@@ -97,10 +113,10 @@ pub fn run(args: Args) -> Result<()> {
         let checkpoint = checkpoint.unwrap_or(true);
         let spec = quant.planned_spec(None)?;
         let step = nibble::models::flux2::Flux2Step::training(resolution, text_tokens, checkpoint);
-        let p = nibble::models::flux2::plan(&c, spec, rank, step);
+        let p = nibble::models::flux2::plan(&c, spec, (rank, &parse_targets(&targets)?), step)?;
         let what = format!(
             "training step at {resolution}x{resolution} ({} image + {text_tokens} text tokens), LoRA \
-             r={rank} on the {} block linears",
+             r={rank} on {targets} of the {} block linears",
             step.image_tokens,
             c.block_linears().len()
         );
@@ -138,6 +154,8 @@ pub fn run(args: Args) -> Result<()> {
             "--resolution and --text-tokens plan FLUX.2 image steps; a language model's step takes --seq-len or --budget"
         );
     }
+    let (tokens, rank) = (tokens.unwrap_or(1024), rank.unwrap_or(8));
+    let dropout = dropout.unwrap_or(0.05);
     let (config, stored) = plan_source(&path)?;
     let spec = quant
         .planned_spec(stored)

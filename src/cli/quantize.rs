@@ -28,7 +28,7 @@ pub fn run(args: Args) -> Result<()> {
     let folder = nibble::model::ModelSource::folder_of_config(path);
     let inputs: Vec<&std::path::Path> = std::iter::once(path).chain(folder.as_deref()).collect();
     nibble::fsutil::refuse_overwriting_inputs(output, &inputs, "--output")?;
-    if output.is_dir() {
+    if output.is_dir() || output.as_os_str().to_string_lossy().ends_with(['/', '\\']) {
         bail!(
             "--output {} is a folder; name the safetensors file to write",
             output.display()
@@ -44,9 +44,13 @@ pub fn run(args: Args) -> Result<()> {
         && !parent.is_dir()
     {
         bail!(
-            "--output {}: the folder {} does not exist",
+            "--output {}: {} {}",
             output.display(),
-            parent.display()
+            parent.display(),
+            match parent.exists() {
+                true => "is a file, not a folder",
+                false => "does not exist (nibble creates the file, not its folder)",
+            }
         );
     }
     let source = model::open(path)?;

@@ -1324,22 +1324,23 @@ pub fn planned_weight_bytes(c: &Flux2Config, quant: Option<QuantSpec>) -> u64 {
     linears + 4 * (c.norms().len() * c.head_dim) as u64
 }
 
-/// The memory of a training step: weights, LoRA (r on every block linear) with its gradients and
-/// AdamW's moments, and the step's buffers at its worst node, from the graph that runs.
+/// The memory of a training step: weights, LoRA (rank r on the block linears `targets` name, as
+/// training resolves them) with its gradients and AdamW's moments, and the step's buffers at its
+/// worst node, from the graph that runs.
 pub fn plan(
     c: &Flux2Config,
     quant: Option<QuantSpec>,
-    rank: usize,
+    (rank, targets): (usize, &[String]),
     step: Flux2Step,
-) -> crate::plan::Plan {
-    let targets = c.block_linears();
+) -> Result<crate::plan::Plan> {
+    let targets = crate::lora::resolve_among(c.block_linears(), targets)?;
     let spec = LoraSpec::uniform(targets.iter().map(|(p, _, _)| p.clone()), rank, 0.0);
-    crate::plan::Plan::new(
+    Ok(crate::plan::Plan::new(
         planned_weight_bytes(c, quant),
         targets.iter().map(|(_, out, inp)| (*out, *inp)),
         (rank, false),
         &build(c, Some(&spec), step),
-    )
+    ))
 }
 
 /// The transformer config of a FLUX.2 model (a diffusers pipeline folder, its `transformer/` folder,

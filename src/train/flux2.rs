@@ -431,6 +431,9 @@ pub fn load_lora(
     }
     let mut rank = None;
     let mut alpha = None;
+    // The first module without an `.alpha` key: kohya's and ComfyUI's readers take its alpha as its
+    // rank (a scale of 1).
+    let mut without_alpha = None;
     let mut modules = Vec::new();
     for (path, out, inp) in &linears {
         let key = |which: &str| format!("{KEY_PREFIX}{path}.{which}");
@@ -475,6 +478,8 @@ pub fn load_lora(
                 return Err(bad(&key("alpha"), "alphas differ between modules".into()));
             }
             alpha = Some(value);
+        } else {
+            without_alpha.get_or_insert_with(|| key("alpha"));
         }
         let pair = crate::lora::LoraPair {
             rank: r,
@@ -492,6 +497,18 @@ pub fn load_lora(
             file.path().display()
         )));
     };
+    if let (Some(alpha), Some(missing)) = (alpha, &without_alpha)
+        && alpha != r as f64
+    {
+        return Err(bad(
+            missing,
+            format!(
+                "missing, so its scale is 1 (alpha = rank {r}) where other modules' alpha {alpha} \
+                 gives {}: nibble trains FLUX.2 at one scale throughout",
+                alpha / r as f64
+            ),
+        ));
+    }
     let targets = modules.iter().map(|(p, _)| p.clone()).collect();
     Ok(LoraAdapter {
         config: crate::lora::LoraConfig {
@@ -556,6 +573,19 @@ pub fn read_lora(path: &std::path::Path, c: &flux2::Flux2Config) -> Result<LoraA
     } else {
         path.to_path_buf()
     };
+    if path.is_dir() && !file.exists() {
+        let peft = path.join("adapter_config.json").exists();
+        return Err(Error::Invalid(format!(
+            "{}: {}no {LORA_FILE}; a FLUX.2 run starts from a LoRA file of the transformer (a klein \
+             run's {LORA_FILE}, or a ComfyUI/diffusers LoRA file named itself)",
+            path.display(),
+            match peft {
+                true =>
+                    "a PEFT adapter folder (of a language model, by its adapter_config.json) with ",
+                false => "",
+            }
+        )));
+    }
     load_lora(&crate::source::SafetensorsFile::open(&file)?, c)
 }
 
@@ -697,7 +727,7 @@ pub fn run(
         * (captions.len() * text_tokens * flux.text_dim
             + examples.len() * tokens(resolution) * flux.in_channels) as u64;
     let step = Flux2Step::training(resolution, text_tokens, config.checkpoint);
-    let planned = flux2::plan(&flux, quant, config.lora.r, step);
+    let planned = flux2::plan(&flux, quant, (config.lora.r, &config.lora.targets), step)?;
     let what = format!("training on {} images at {resolution} px", examples.len());
     match gpu {
         // The cache stays in host memory; the step is on the device, as is the VAE before it.

@@ -275,7 +275,9 @@ impl<'m> Run<'m> {
                     (&model.source, Some(&model)),
                     "--init-adapter",
                 )?;
-                adapter.config = config.lora.with_initial(&adapter.config)?;
+                adapter.config = config
+                    .lora
+                    .with_initial(&adapter.config, &model.config.linear_modules())?;
                 config.lora = adapter.config.clone();
                 Some(adapter)
             }
@@ -369,7 +371,9 @@ impl<'m> Run<'m> {
         });
         let mut config = config;
         if let Some(adapter) = &init {
-            config.lora = config.lora.with_initial(&adapter.config)?;
+            config.lora = config
+                .lora
+                .with_initial(&adapter.config, &work.model.config.block_linears())?;
         }
         let manifest = manifest(
             [model_section, data_section, image_options],
@@ -477,19 +481,33 @@ impl<'m> Run<'m> {
             true => crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?,
             false => String::new(),
         };
+        let mut off_schedule = Vec::new();
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
+            let (Some(loss), Some(step)) = (v["eval_loss"].as_f64(), v["step"].as_u64()) else {
+                continue;
+            };
+            let step = step as usize;
+            if step > self.trainer.step {
+                continue;
+            }
             // The validation at an earlier run's last step, when not due, is one a run of the
             // new length would not have made (transformers validates only when due): counting it
             // would stop a continued run earlier than the same run trained straight.
-            if let (Some(loss), Some(step)) = (v["eval_loss"].as_f64(), v["step"].as_u64())
-                && step as usize <= self.trainer.step
-                && self.validation_due(step as usize)
-            {
-                self.note_validation(step as usize, loss, None);
+            match self.validation_due(step) {
+                true => {
+                    self.note_validation(step, loss, None);
+                }
+                false => off_schedule.push(step),
             }
+        }
+        if !off_schedule.is_empty() {
+            log::info!(
+                "early stopping leaves out the validations at steps {off_schedule:?} (metrics.jsonl): \
+                 off this run's validation schedule, a run of its length straight through makes none there"
+            );
         }
         let step = self.trainer.step;
         if let Some(best) = &mut self.best {
