@@ -703,41 +703,21 @@ fn the_lora_file_has_comfyui_keys_and_reads_back() {
     // Alphas on some modules only: a module without one has a scale of 1 (alpha = rank) to kohya's
     // and ComfyUI's readers, which other scales contradict; alphas equal to the rank do not.
     let partial = |alpha: Option<f32>| {
-        let file = SafetensorsFile::open(&exact).unwrap();
-        let mut names: Vec<String> = file.tensor_names().cloned().collect();
-        names.sort();
         let mut dropped = 0;
-        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = names
+        let tensors: Vec<common::F32Tensor> = common::read_f32_tensors(&exact)
             .into_iter()
-            .filter(|n| {
+            .filter(|(n, ..)| {
                 let alpha_key = n.ends_with(".alpha");
                 dropped += alpha_key as usize;
                 !alpha_key || dropped % 2 == 0
             })
-            .map(|n| {
-                let shape = file.info(&n).unwrap().shape.clone();
-                let values = match (n.ends_with(".alpha"), alpha) {
-                    (true, Some(a)) => vec![a],
-                    _ => file.read_f32(&n).unwrap(),
-                };
-                (n, shape, values)
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-            .iter()
-            .map(|(n, shape, v)| {
-                let bytes: &[u8] = bytemuck::cast_slice(v);
-                let view = safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    shape.clone(),
-                    bytes,
-                )
-                .unwrap();
-                (n.clone(), view)
+            .map(|(n, shape, values)| match (n.ends_with(".alpha"), alpha) {
+                (true, Some(a)) => (n, shape, vec![a]),
+                _ => (n, shape, values),
             })
             .collect();
         let path = dir.path().join("partial.safetensors");
-        safetensors::serialize_to_file(views, None, &path).unwrap();
+        common::write_f32_tensors(&path, &tensors);
         load_lora(&SafetensorsFile::open(&path).unwrap(), &model.config)
     };
     let e = partial(None).unwrap_err().to_string();

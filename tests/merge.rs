@@ -314,35 +314,6 @@ fn a_base_without_a_tokenizer_is_merged_with_a_warning() {
     assert!(merged.join("config.json").is_file() && !merged.join("tokenizer.json").exists());
 }
 
-/// Every tensor of a safetensors file as f32, in the file's order of names.
-fn read_all(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let file = nibble::source::SafetensorsFile::open(path).unwrap();
-    let mut names: Vec<String> = file.tensor_names().cloned().collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|n| {
-            let shape = file.info(&n).unwrap().shape.clone();
-            let values = file.read_f32(&n).unwrap();
-            (n, shape, values)
-        })
-        .collect()
-}
-
-fn write_all(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, shape, v)| {
-            let bytes: &[u8] = bytemuck::cast_slice(v);
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .unwrap();
-            (n.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
 /// PEFT's `modules_to_save`: an adapter that saved the embedding and/or the output projection whole
 /// runs (eval, generate, chat) and merges as the base with those tensors in place, plus its LoRA
 /// pairs. The reference is a model folder written with the replaced tensors, loaded as any model is.
@@ -376,7 +347,7 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
         nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
         // The whole modules, as PEFT saves them (the `modules_to_save.default` part dropped).
         let hidden = model.config.hidden_size;
-        let mut weights = read_all(&adapter_dir.join("adapter_model.safetensors"));
+        let mut weights = common::read_f32_tensors(&adapter_dir.join("adapter_model.safetensors"));
         let mut new_tensor = |module: &str| {
             let values: Vec<f32> = (0..vocab * hidden)
                 .map(|_| (rng.normal() * 0.5) as f32)
@@ -406,7 +377,7 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
                 embedding,
             ));
         }
-        write_all(&adapter_dir.join("adapter_model.safetensors"), &weights);
+        common::write_f32_tensors(&adapter_dir.join("adapter_model.safetensors"), &weights);
         let config_path = adapter_dir.join("adapter_config.json");
         let mut adapter_config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
@@ -421,7 +392,7 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
         for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
             std::fs::copy(base.join(file), reference.join(file)).unwrap();
         }
-        let mut tensors = read_all(&base.join("model.safetensors"));
+        let mut tensors = common::read_f32_tensors(&base.join("model.safetensors"));
         let embed = tensors
             .iter()
             .find(|t| t.0 == "model.embed_tokens.weight")
@@ -441,7 +412,7 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
             let name = format!("{module}.weight");
             tensors.iter_mut().find(|t| t.0 == name).unwrap().2 = values.clone();
         }
-        write_all(&reference.join("model.safetensors"), &tensors);
+        common::write_f32_tensors(&reference.join("model.safetensors"), &tensors);
         let reference_model = ModelSource::open(&reference)
             .unwrap()
             .load(Some(QuantRequest::Dense))

@@ -1815,36 +1815,14 @@ fn dora_folders_are_checked_and_a_lora_adapter_starts_dora() {
     }
     // One magnitude a value short, the rest as trained.
     let short_dir = with_config(&dora, "short", true);
-    let file =
-        nibble::source::SafetensorsFile::open(&dora.join("adapter_model.safetensors")).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
-        .tensor_names()
-        .map(|n| {
-            (
-                n.clone(),
-                file.info(n).unwrap().shape.clone(),
-                file.read_f32(n).unwrap(),
-            )
-        })
-        .collect();
+    let mut tensors = common::read_f32_tensors(&dora.join("adapter_model.safetensors"));
     let cut = tensors
         .iter_mut()
         .find(|(n, ..)| n.ends_with(".lora_magnitude_vector"))
         .unwrap();
     cut.2.pop();
     cut.1 = vec![cut.2.len()];
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, shape, v)| {
-            let bytes: &[u8] = bytemuck::cast_slice(v);
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .unwrap();
-            (n.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &short_dir.join("adapter_model.safetensors"))
-        .unwrap();
+    common::write_f32_tensors(&short_dir.join("adapter_model.safetensors"), &tensors);
     let o = eval(&short_dir);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -363,3 +363,36 @@ pub fn train_flags(args: &[&str]) -> nibble::train::settings::TrainSettings {
         .unwrap()
         .settings
 }
+
+/// A tensor of a safetensors file as f32: (name, shape, values).
+pub type F32Tensor = (String, Vec<usize>, Vec<f32>);
+
+/// Every tensor of a safetensors file as f32, by name.
+pub fn read_f32_tensors(path: &std::path::Path) -> Vec<F32Tensor> {
+    let file = SafetensorsFile::open(path).unwrap();
+    let mut names: Vec<String> = file.tensor_names().cloned().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let shape = file.info(&n).unwrap().shape.clone();
+            let values = file.read_f32(&n).unwrap();
+            (n, shape, values)
+        })
+        .collect()
+}
+
+/// Writes `tensors` as an f32 safetensors file.
+pub fn write_f32_tensors(path: &std::path::Path, tensors: &[F32Tensor]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, v)| {
+            let bytes: &[u8] = bytemuck::cast_slice(v);
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
