@@ -52,6 +52,7 @@ pub mod gpu;
 pub mod graph;
 pub mod images;
 pub mod lora;
+pub mod lowrank;
 pub mod merge;
 pub mod model;
 pub mod models;

@@ -381,6 +381,20 @@ pub struct LoraAdapter {
     pub modules: Vec<(String, LoraPair)>,
 }
 
+/// How a new adapter's matrices start (PEFT's `init_lora_weights`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoraInit {
+    /// A random (Kaiming-uniform), B zero: the adapted model starts as the base (PEFT's `true`).
+    #[default]
+    #[value(alias = "true")]
+    Default,
+    /// LoftQ: B·A starts as the best rank-r approximation of each weight's 4-bit quantization error
+    /// (`lowrank::loftq`), so training starts from the original weights rather than their 4-bit form.
+    Loftq,
+}
+
+serde_as_value_enum!(LoraInit);
+
 /// PEFT's LoraConfig `r` and `lora_alpha` where a config leaves them out.
 const PEFT_DEFAULT_R: usize = 8;
 

@@ -33,6 +33,11 @@ pub struct RunOptions {
     pub resume: Option<PathBuf>,
     /// Start from this PEFT adapter (its r, alpha and targets apply).
     pub init_adapter: Option<PathBuf>,
+    /// How a new adapter starts (`LoraInit`); LoftQ's is computed by `run` from the model's source
+    /// and handed to the run as `initial`.
+    pub init_lora: crate::lora::LoraInit,
+    /// The adapter a new run starts from, made by the caller (LoftQ's).
+    pub initial: Option<LoraAdapter>,
     /// Validation examples from their own file...
     pub eval_data: Option<PathBuf>,
     /// ...or this fraction of the training examples, held out.
@@ -268,6 +273,7 @@ impl<'m> Run<'m> {
         }
         let mut config = config;
         let init = match &options.init_adapter {
+            None if options.initial.is_some() => options.initial.clone(),
             Some(dir) => {
                 let mut adapter = load_adapter(
                     dir,
@@ -326,6 +332,16 @@ impl<'m> Run<'m> {
             let mut digest = crate::rng::Fnv1a::new();
             digest.write(choice.default.as_bytes());
             extra["chat_template"] = format!("{:016x}", digest.finish()).into();
+        }
+        if options.init_lora != crate::lora::LoraInit::Default {
+            if options.initial.is_none() {
+                return Err(Error::Invalid(format!(
+                    "--init-lora-weights {}: computed from the model's original weights, which only \
+                     `nibble train` from a model folder reads",
+                    crate::value_name(options.init_lora)
+                )));
+            }
+            extra["init_lora_weights"] = json!(options.init_lora);
         }
         let manifest = manifest([model_section, data_section, extra], &config, init.as_ref());
         let mut trainer = Trainer::new(model, config, sequences, init)?;
@@ -1165,6 +1181,9 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         crate::model::planned_weight_bytes(&source.config, storage),
         "; a 4-bit --quant takes about a quarter of 16-bit weights",
     )?;
+    if options.init_lora == crate::lora::LoraInit::Loftq {
+        check_loftq(&options, &config, source.stored_quant(), storage, path)?;
+    }
     // The weights load (reading and quantizing, on the worker threads) while this thread reads the
     // tokenizer and the data.
     let (model, data) = std::thread::scope(|s| {
@@ -1323,6 +1342,10 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     }
     let tokenizer_files =
         train::adapter_tokenizer_files(&source.tokenizer, options.eos_token.as_deref(), path)?;
+    let mut options = options;
+    if options.init_lora == crate::lora::LoraInit::Loftq {
+        options.initial = Some(loftq_adapter(&model, &source, &config)?);
+    }
     // Every step that can fail comes before the earlier run's files are cleared.
     let mut run = Run::prepare((&model).into(), source.label(), config, data, options)?;
     run.trainer.tokenizer_files = Some(tokenizer_files);
@@ -1392,6 +1415,66 @@ pub fn within_positions(max_length: usize, config: &crate::config::ModelConfig) 
         );
     }
     max_length.min(positions)
+}
+
+/// What LoftQ's initialisation needs, checked before the model loads: new matrices (no
+/// --init-adapter), plain LoRA, and original weights that the run quantizes to 4 bits.
+#[cfg(not(target_arch = "wasm32"))]
+fn check_loftq(
+    options: &RunOptions,
+    config: &TrainConfig,
+    stored: Option<crate::quant::QuantSpec>,
+    storage: Option<crate::quant::QuantSpec>,
+    path: &Path,
+) -> Result<()> {
+    let refuse = |why: String| Err(Error::Invalid(format!("--init-lora-weights loftq: {why}")));
+    if options.init_adapter.is_some() {
+        return refuse(
+            "it starts new LoRA matrices, and --init-adapter gives them: choose one".into(),
+        );
+    }
+    if config.lora.use_dora {
+        return refuse(
+            "nibble starts DoRA's magnitudes from plain LoRA's initialisation only".into(),
+        );
+    }
+    if stored.is_some() {
+        return refuse(format!(
+            "{} is already quantized, without the original weights LoftQ approximates: give the \
+             model folder it was made from",
+            path.display()
+        ));
+    }
+    if storage.is_none() {
+        return refuse(
+            "--quant none keeps the weights 16-bit, with no quantization error to start from"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A new adapter of `config`'s shape whose pairs start at LoftQ's approximation of the 4-bit
+/// quantization error of `model`'s weights (`lowrank::loftq`), seeded by --seed.
+#[cfg(not(target_arch = "wasm32"))]
+fn loftq_adapter(
+    model: &Model,
+    source: &crate::model::ModelSource,
+    config: &TrainConfig,
+) -> Result<LoraAdapter> {
+    let started = std::time::Instant::now();
+    // A stream of its own: the run's other draws stay those of a run without LoftQ.
+    let mut rng = crate::rng::Rng::new(config.seed ^ 0x4c6f_6674_5100_0000);
+    let mut adapter = LoraAdapter::init(&model.config, config.lora.clone(), &mut rng)?;
+    let remaining = crate::lowrank::loftq(&mut adapter, model, source, &mut rng)?;
+    log::info!(
+        "LoftQ: {} LoRA pairs start at the best rank-r approximation of their weights' 4-bit error, \
+         {:.1}% of which remains ({:.1} s)",
+        adapter.pairs().count(),
+        100.0 * remaining,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(adapter)
 }
 
 /// Loads a PEFT adapter folder for `base` (the model's label, and the model itself where it is loaded),

@@ -335,6 +335,11 @@ pub struct TrainSettings {
     /// Start from this PEFT adapter folder (its r, alpha and target modules apply).
     #[arg(long)]
     pub init_adapter: Option<PathBuf>,
+    /// How new LoRA matrices start (PEFT's init_lora_weights): default (A random, B zero) or loftq
+    /// (B·A approximates each weight's 4-bit quantization error, so training starts from the
+    /// original weights; needs a 4-bit --quant of a 16-bit model folder).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub init_lora_weights: Option<crate::lora::LoraInit>,
     /// A held-out JSONL file for validation loss.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -505,6 +510,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("chat_template", "the model's".into()),
         ("eos_token", "none: the tokenizer's".into()),
         ("init_adapter", "none: A random, B zero, as PEFT".into()),
+        ("init_lora_weights", value_name(run.init_lora)),
         ("eval_data", none()),
         ("eval_split", none()),
         (
@@ -997,6 +1003,8 @@ impl TrainSettings {
             },
             resume: self.resume.clone(),
             init_adapter: self.init_adapter.clone(),
+            init_lora: self.init_lora_weights.unwrap_or_default(),
+            initial: None,
             eval_data: self.eval_data.clone(),
             eval_split: self.eval_split,
             eval_steps: self.eval_steps.unwrap_or(0),
