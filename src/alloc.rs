@@ -92,19 +92,18 @@ pub fn check_fits(what: &str, bytes: u64, advice: &str) -> crate::Result<()> {
     let Some((total, available)) = system_memory() else {
         return Ok(());
     };
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if bytes > total {
         return Err(crate::Error::Invalid(format!(
-            "{what} needs {:.2} GiB, more than this machine's {:.2} GiB of memory and swap{advice}",
-            gib(bytes),
-            gib(total)
+            "{what} needs {}, more than this machine's {} of memory and swap{advice}",
+            human_bytes(bytes),
+            human_bytes(total)
         )));
     }
     if bytes > available {
         log::warn!(
-            "{what} needs {:.2} GiB and {:.2} GiB is free now: expect swapping",
-            gib(bytes),
-            gib(available)
+            "{what} needs {} and {} is free now: expect swapping",
+            human_bytes(bytes),
+            human_bytes(available)
         );
     }
     Ok(())
@@ -140,8 +139,32 @@ pub fn parse_size(text: &str, option: &str) -> crate::Result<u64> {
     }
 }
 
+/// `bytes` in the binary unit that shows it best: 2.00 GiB, 512.0 MiB, 1.7 KiB.
+pub fn human_bytes(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if b >= KIB * KIB * KIB {
+        format!("{:.2} GiB", b / (KIB * KIB * KIB))
+    } else if b >= KIB * KIB {
+        format!("{:.1} MiB", b / (KIB * KIB))
+    } else if b >= KIB {
+        format!("{:.1} KiB", b / KIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_show_in_the_unit_that_reads_best() {
+        let shown = super::human_bytes;
+        assert_eq!(shown(3 << 30), "3.00 GiB");
+        assert_eq!(shown(1_750_000), "1.7 MiB");
+        assert_eq!(shown(1_700), "1.7 KiB");
+        assert_eq!(shown(900), "900 bytes");
+    }
+
     #[test]
     fn sizes_parse_in_both_unit_families_and_nonsense_is_named() {
         let parse = |t| super::parse_size(t, "--gpu-memory");

@@ -978,6 +978,19 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     assert_eq!(gpu.host_scratch_bytes(), 0, "nothing was offloaded before");
     run("offloaded", cap, nibbles, None).unwrap();
     assert!(gpu.host_scratch_bytes() > 0, "the run offloaded nothing");
+    // Under a cap nothing meets, the error is the least memory tried, and offers only what was not.
+    let err = run("nothing fits", offloaded / 2, nibbles, None)
+        .err()
+        .expect("nothing fits")
+        .to_string();
+    let least = nibble::alloc::human_bytes(offloaded);
+    assert!(
+        err.contains(&format!("needs {least}"))
+            && err.contains("a smaller --max-length")
+            && !err.contains("--offload-checkpoints")
+            && !err.contains("--quant"),
+        "{err}"
+    );
     let manifest = std::fs::read_to_string(dir.path().join("offloaded/run.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert_eq!(manifest["options"]["bf16_checkpoints"], true);

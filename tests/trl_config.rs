@@ -680,6 +680,28 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
         Some(Path::new("2024")),
         "text, as argparse types it"
     );
+    // nibble's names for the recipe's options win over the recipe too (`-o` as train takes it);
+    // two names of one option on the command line are refused.
+    let recipe_file = dir.path().join("recipe.yaml");
+    let over = |extra: &[&str]| {
+        let mut args = vec!["--config", recipe_file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        trl_config::read_command_line(&strings(&args)).map_err(|e| e.to_string())
+    };
+    let s = over(&["--lr", "3e-3", "--epochs", "5", "-o", "elsewhere"])
+        .unwrap()
+        .settings;
+    let c = s.train_config().unwrap();
+    assert_eq!((c.lr, c.epochs), (3e-3, 5.0));
+    assert_eq!(s.output.as_deref(), Some(Path::new("elsewhere")));
+    let err = over(&["--num_train_epochs", "1", "--epochs", "2"])
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("nibble sft")
+            && err.contains("--num_train_epochs and --epochs are one option"),
+        "{err}"
+    );
     // Without a recipe, TRL's defaults.
     let model = dir.path().join("model");
     let args = strings(&[

@@ -263,11 +263,4 @@ pub fn human_count(n: u64) -> String {
     }
 }
 
-pub fn human_bytes(b: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    if b as f64 >= 1024.0 * MIB {
-        format!("{:.2} GiB", b as f64 / (1024.0 * MIB))
-    } else {
-        format!("{:.1} MiB", b as f64 / MIB)
-    }
-}
+pub use nibble::alloc::human_bytes;

@@ -80,16 +80,15 @@ impl Gpu {
             return Ok(());
         };
         if bytes > memory.free() {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let human = crate::alloc::human_bytes;
             return Err(crate::Error::Invalid(format!(
-                "{what} needs {:.2} GiB on {}, which has {:.2} GiB free for it ({:.2} GiB by {}, \
-                 {:.2} GiB in use){advice}",
-                gib(bytes),
+                "{what} needs {} on {}, which has {} free for it ({} by {}, {} in use){advice}",
+                human(bytes),
                 self.info.name,
-                gib(memory.free()),
-                gib(memory.budget),
+                human(memory.free()),
+                human(memory.budget),
                 memory.source,
-                gib(memory.used),
+                human(memory.used),
             )));
         }
         Ok(())

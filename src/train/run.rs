@@ -1278,13 +1278,24 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                         gpu.info.name
                     )));
                 }
+                // What would need less that this step does not do already.
                 let least = match gpu.offload_helps() {
-                    true => "--offload-checkpoints",
-                    false => "--bf16-checkpoints",
+                    true => Keep::Bf16Host,
+                    false => Keep::Bf16,
                 };
+                let mut remedies = vec!["a smaller --max-length".to_string()];
+                if !(checkpoint && checkpoints >= least) {
+                    remedies.push(match least {
+                        Keep::Bf16Host => "--offload-checkpoints".into(),
+                        _ => "--bf16-checkpoints".into(),
+                    });
+                }
+                if model.quant.is_none() {
+                    remedies.push("a 4-bit --quant".into());
+                }
                 let advice = format!(
-                    "; a smaller --max-length, {least} or a 4-bit --quant needs less (`nibble \
-                     plan` shows how much)"
+                    "; {} needs less (`nibble plan` shows how much)",
+                    remedies.join(" or ")
                 );
                 gpu.check_fits(&step, needs.total, options.gpu_memory, &advice)?;
                 // The model, the embedding the GPU reads from included, is loaded by now.
@@ -1322,14 +1333,20 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         // From the most memory to the least, up to what the flags allow; offloading only from a
         // device with memory of its own.
         let offload = gpu.is_some_and(|g| g.offload_helps());
-        let fitting = options.fit_checkpointing.and_then(|most| {
+        let allowed = |most: Keep| {
             Keep::ALL
                 .into_iter()
-                .filter(|&k| k <= most && (k != Keep::Bf16Host || offload))
-                .find(|&k| fits(true, k).is_ok())
-        });
+                .filter(move |&k| k <= most && (k != Keep::Bf16Host || offload))
+        };
+        let fitting = options
+            .fit_checkpointing
+            .and_then(|most| allowed(most).find(|&k| fits(true, k).is_ok()));
         let Some(checkpoints) = fitting else {
-            return Err(e);
+            // The least memory tried is what to report.
+            let least = options
+                .fit_checkpointing
+                .and_then(|most| allowed(most).next_back());
+            return Err(least.and_then(|k| fits(true, k).err()).unwrap_or(e));
         };
         let checkpoint = true;
         let how = match checkpoints {

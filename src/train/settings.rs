@@ -986,6 +986,13 @@ impl TrainSettings {
             (Some(SaveStrategy::Epoch), _) => (0, true),
             (Some(SaveStrategy::No), _) => (0, false),
         };
+        if self.save_total_limit.is_some() && save_steps == 0 && !save_each_epoch {
+            // transformers ignores it alike, where a recipe keeps it beside save_strategy: no.
+            log::warn!(
+                "--save-total-limit keeps the newest checkpoints, and this run writes none (give \
+                 --save-steps or --save-strategy epoch): ignored"
+            );
+        }
         Ok(RunOptions {
             overwrite: self.overwrite.unwrap_or(false),
             save_steps,
@@ -1007,7 +1014,15 @@ impl TrainSettings {
             initial: None,
             eval_data: self.eval_data.clone(),
             eval_split: self.eval_split,
-            eval_steps: self.eval_steps.unwrap_or(0),
+            eval_steps: match self.eval_steps {
+                Some(_) if self.eval_data.is_none() && self.eval_split.is_none() => {
+                    return Err(Error::Invalid(
+                        "--eval-steps says when to validate: give --eval-data or --eval-split too"
+                            .into(),
+                    ));
+                }
+                steps => steps.unwrap_or(0),
+            },
             early_stopping_patience: match self.early_stopping_patience {
                 Some(0) => {
                     return Err(Error::Invalid(
@@ -1302,6 +1317,13 @@ mod tests {
                     ..Default::default()
                 },
                 "give --eval-data or --eval-split",
+            ),
+            (
+                TrainSettings {
+                    eval_steps: Some(5),
+                    ..Default::default()
+                },
+                "--eval-steps says when to validate: give --eval-data or --eval-split too",
             ),
             (
                 TrainSettings {

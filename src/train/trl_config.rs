@@ -517,7 +517,9 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
     let mut config: Option<PathBuf> = None;
     let mut i = 0;
     while i < args.len() {
-        let Some(name) = args[i].strip_prefix("--").filter(|n| !n.is_empty()) else {
+        // `-o DIR`, as `nibble train` takes it: TRL's output_dir.
+        let short = (args[i] == "-o").then_some("output_dir");
+        let Some(name) = short.or(args[i].strip_prefix("--").filter(|n| !n.is_empty())) else {
             return Err(fail(format!(
                 "`{}`: options are given as --name value (as trl sft takes them)",
                 args[i]
@@ -532,7 +534,7 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
         i += 1;
         if values.is_empty() {
             // Values run up to the next flag; "-1" is a value, "--x" a flag.
-            while i < args.len() && !args[i].starts_with("--") {
+            while i < args.len() && !args[i].starts_with("--") && args[i] != "-o" {
                 values.push(args[i].clone());
                 i += 1;
             }
@@ -593,9 +595,30 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
         }
         None => (Vec::new(), origin),
     };
-    // The command line wins over the recipe, as TRL's does.
+    // The command line wins over the recipe, as TRL's does, whichever of an option's names each
+    // gives it by (TRL's learning_rate, nibble's lr); two names of one option on the command line
+    // are refused, as a recipe's are.
+    let id_of = |name: &str| -> String {
+        match name {
+            "num_train_epochs" => "epochs".into(),
+            "lora_target_modules" => "target_modules".into(),
+            _ => nibble_options()
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| name.to_string()),
+        }
+    };
+    let mut named: HashMap<String, String> = HashMap::new();
     for (name, value) in flags {
-        given.retain(|(n, _)| *n != name);
+        let id = id_of(&name);
+        if let Some(earlier) = named.insert(id.clone(), name.clone())
+            && earlier != name
+        {
+            return Err(fail(format!(
+                "--{earlier} and --{name} are one option: give it once"
+            )));
+        }
+        given.retain(|(n, _)| id_of(n) != id);
         given.push((name, value));
     }
     read_given(given, origin, &TrainSettings::default())
