@@ -101,7 +101,16 @@ impl LoraConfig {
         };
         let scale = |c: &LoraConfig| (c.r, c.alpha.to_bits(), c.use_rslora);
         if !same_modules || scale(self) != scale(adapter) {
-            log::warn!(
+            // Worth a warning where the options asked for a shape; left at the defaults, they
+            // asked for none.
+            let defaults = LoraConfig::default();
+            let asked = scale(self) != scale(&defaults) || self.targets != defaults.targets;
+            let level = match asked {
+                true => log::Level::Warn,
+                false => log::Level::Info,
+            };
+            log::log!(
+                level,
                 "--init-adapter: training the adapter's own {} (its matrices have that shape), not \
                  the options' {}",
                 shape(adapter),

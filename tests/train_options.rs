@@ -837,6 +837,24 @@ fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
         o.status.success() && !err.contains("adapter's own"),
         "{err}"
     );
+    // Options that asked for no shape are no cause for a warning.
+    let o = train_cli(
+        &model,
+        &data,
+        &dir.path().join("unasked"),
+        &[
+            "--max-steps",
+            "1",
+            "--init-adapter",
+            first.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    // (train_cli shows warnings only.)
+    assert!(
+        o.status.success() && !err.contains("adapter's own"),
+        "{err}"
+    );
 
     // An adapter whose shapes do not fit the model is refused, naming it.
     let other = dir.path().join("other");

@@ -980,8 +980,7 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
     assert!(gpu.host_scratch_bytes() > 0, "the run offloaded nothing");
     // Under a cap nothing meets, the error is the least memory tried, and offers only what was not.
     let err = run("nothing fits", offloaded / 2, nibbles, None)
-        .err()
-        .expect("nothing fits")
+        .expect_err("nothing fits")
         .to_string();
     let least = nibble::alloc::human_bytes(offloaded);
     assert!(

@@ -294,6 +294,10 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
         ),
         ("lora_modules_to_save: [lm_head]\n", "lora_modules_to_save"),
         (
+            "save_strategy: steps\nsave_steps: 0.5\n",
+            "`save_steps: 0.5`: a whole number of steps",
+        ),
+        (
             "lora_target_parameters: [experts.gate_up_proj]\n",
             "lora_target_parameters",
         ),

@@ -196,10 +196,13 @@ impl TrainConfig {
             (0, r) => format!("warmup over {r} of the steps"),
             (n, _) => format!("warmup over {n} steps"),
         };
-        let checkpointing = match (self.checkpoint, self.checkpoints.bf16()) {
+        let checkpointing = match (self.checkpoint, self.checkpoints) {
             (false, _) => "no gradient checkpointing",
-            (true, false) => "gradient checkpointing",
-            (true, true) => "gradient checkpointing in bf16",
+            (true, crate::graph::checkpoint::Keep::F32) => "gradient checkpointing",
+            (true, crate::graph::checkpoint::Keep::Bf16) => "gradient checkpointing in bf16",
+            (true, crate::graph::checkpoint::Keep::Bf16Host) => {
+                "gradient checkpointing in bf16, kept in host memory"
+            }
         };
         let precision = match self.precision {
             Precision::F32 => "f32",
@@ -208,7 +211,8 @@ impl TrainConfig {
         };
         format!(
             "LoRA r {} alpha {} dropout {}{}{} on {}; lr {} ({} schedule, {warmup}), {} epoch(s){steps}; \
-             batch {} x accumulation {}, max length {}, seed {}{}; {checkpointing}, {precision} products",
+             batch {} x accumulation {}, max length {}, seed {}{}; {checkpointing}; the CPU's \
+             products in {precision} (the GPU's in f32)",
             lora.r,
             lora.alpha,
             lora.dropout,

@@ -1403,10 +1403,14 @@ impl<'m> Run<'m> {
     /// Steps the run to its end (or until the observer asks it to stop), then saves it.
     pub fn drive(&mut self, executor: &str, observer: &mut dyn Observer) -> Result<RunSummary> {
         log::info!(
-            "training {} LoRA parameters for {} steps on {} examples ({executor})",
+            "training {} LoRA parameters for {} steps on {} {} ({executor})",
             self.trainer.adapter.parameter_count(),
             self.trainer.total_steps,
             self.trainer.examples(),
+            match self.options.packing {
+                true => "packed sequences",
+                false => "examples",
+            },
         );
         observer.started(&self.trainer);
         while !self.done() {

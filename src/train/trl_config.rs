@@ -803,8 +803,19 @@ impl Reader<'_> {
             )));
         }
         let alone = Value::Object(Map::from_iter([(id.to_string(), value.clone())]));
-        serde_json::from_value::<TrainSettings>(alone)
-            .map_err(|e| self.err(format!("`{key}: {}`: {e}", shown(&value))))?;
+        serde_json::from_value::<TrainSettings>(alone).map_err(|e| {
+            let fraction = value.as_f64().is_some_and(|v| v.fract() != 0.0);
+            let whole = e.to_string().contains("expected usize");
+            match fraction && whole {
+                // transformers reads a float below 1 in its *_steps options as a share of the
+                // run's steps.
+                true => self.err(format!(
+                    "`{key}: {}`: a whole number of steps (nibble takes no fraction of the run)",
+                    shown(&value)
+                )),
+                false => self.err(format!("`{key}: {}`: {e}", shown(&value))),
+            }
+        })?;
         self.source.insert(id.to_string(), key.to_string());
         self.out.insert(id.to_string(), value);
         Ok(())
