@@ -1287,3 +1287,38 @@ fn loftq_starts_the_4_bit_model_nearer_its_original_weights() {
     assert!(e.contains("--init-adapter"), "{e}");
     assert!(!dir.path().join("refused").exists());
 }
+
+/// A run resumed into another folder than its checkpoint's starts that folder's metrics with the
+/// steps its own run recorded up to the checkpoint (as transformers' checkpoints carry their log
+/// history): the new folder's metrics.jsonl is the uninterrupted run's, step for step.
+#[test]
+fn a_run_resumed_elsewhere_carries_its_metrics_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let saving = RunOptions {
+        save_steps: 1,
+        ..Default::default()
+    };
+    let first = dir.path().join("first");
+    train(&model, &data, &first, config(3), saving.clone())
+        .0
+        .unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    let resume = RunOptions {
+        resume: Some(first.join("checkpoint-1")),
+        ..saving
+    };
+    train(&model, &data, &elsewhere, config(3), resume)
+        .0
+        .unwrap();
+    let losses = |run: &Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
+            .collect()
+    };
+    assert_eq!(losses(&elsewhere), losses(&first));
+    assert_eq!(losses(&first).len(), 3);
+}

@@ -453,7 +453,8 @@ impl<'m> Run<'m> {
             )?),
             None => None,
         };
-        if restored.is_some() {
+        if let Some(restored) = &restored {
+            carry_history(&restored.checkpoint, dir, self.trainer.step)?;
             self.best_from_metrics(dir)?;
             if self.stopped_early && train::holds_finished_run(dir) {
                 return Err(Error::Invalid(format!(
@@ -1026,6 +1027,39 @@ fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
 struct Restored {
     checkpoint: PathBuf,
     continued: Option<String>,
+}
+
+/// A run resumed into another folder than its checkpoint's: the metrics and sample answers its run
+/// folder recorded up to `step` start `dir`'s (as transformers' checkpoints carry their log
+/// history), so that the loss curve and TensorBoard log cover the whole run. A folder with metrics
+/// of its own keeps them.
+fn carry_history(checkpoint: &Path, dir: &Path, step: usize) -> Result<()> {
+    let Some(from) = checkpoint.parent() else {
+        return Ok(());
+    };
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let ours = dir.join("metrics.jsonl");
+    let has_own = std::fs::metadata(&ours).is_ok_and(|m| m.len() > 0);
+    if same(from, dir) || has_own || !from.join("metrics.jsonl").is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for file in ["metrics.jsonl", SAMPLES_FILE] {
+        let source = from.join(file);
+        if source.is_file() {
+            let target = dir.join(file);
+            std::fs::copy(&source, &target).map_err(|e| Error::io(&source, e))?;
+            truncate_metrics(&target, step)?;
+        }
+    }
+    log::info!(
+        "the metrics of {} up to step {step} begin this folder's",
+        from.display()
+    );
+    Ok(())
 }
 
 /// Restores the newest checkpoint of `from` into `trainer` for the run folder `dir`, writing nothing:
