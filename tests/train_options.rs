@@ -814,47 +814,31 @@ fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
         std::fs::read(second.join("adapter_model.safetensors")).unwrap(),
         "lr 0 must leave the initial adapter unchanged"
     );
-    // The same modules named otherwise are the same run: nothing to warn of.
-    let o = train_cli(
-        &model,
-        &data,
-        &dir.path().join("same"),
-        &[
-            "--max-steps",
-            "1",
-            "--lora-r",
-            "4",
-            "--lora-alpha",
-            "8",
-            "--target-modules",
-            "self_attn.v_proj,self_attn.q_proj",
-            "--init-adapter",
-            first.to_str().unwrap(),
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && !err.contains("adapter's own"),
-        "{err}"
-    );
-    // Options that asked for no shape are no cause for a warning.
-    let o = train_cli(
-        &model,
-        &data,
-        &dir.path().join("unasked"),
-        &[
+    // The same modules named otherwise are the same run, and options that asked for no shape are
+    // no cause for a warning (train_cli shows warnings only).
+    let shape = [
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--target-modules",
+        "self_attn.v_proj,self_attn.q_proj",
+    ];
+    for (name, asked) in [("same", &shape[..]), ("unasked", &[][..])] {
+        let mut flags = vec![
             "--max-steps",
             "1",
             "--init-adapter",
             first.to_str().unwrap(),
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    // (train_cli shows warnings only.)
-    assert!(
-        o.status.success() && !err.contains("adapter's own"),
-        "{err}"
-    );
+        ];
+        flags.extend_from_slice(asked);
+        let o = train_cli(&model, &data, &dir.path().join(name), &flags);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && !err.contains("adapter's own"),
+            "{name}: {err}"
+        );
+    }
 
     // An adapter whose shapes do not fit the model is refused, naming it.
     let other = dir.path().join("other");
