@@ -840,6 +840,15 @@ fn validation_loss_is_logged_and_an_initial_adapter_is_honoured() {
         );
     }
 
+    // A GPU's memory cap on a CPU run does nothing, and says so.
+    let flags = ["--max-steps", "1", "--device", "cpu", "--gpu-memory", "1GB"];
+    let o = train_cli(&model, &data, &dir.path().join("capped"), &flags);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("--gpu-memory caps a GPU's memory"),
+        "{err}"
+    );
+
     // An adapter whose shapes do not fit the model is refused, naming it.
     let other = dir.path().join("other");
     let mut wider = SynthSpec::tiny(Arch::Qwen2, 259);

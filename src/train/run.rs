@@ -1346,6 +1346,9 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             ),
         }
     };
+    if gpu.is_none() && options.gpu_memory.is_some() {
+        log::warn!("--gpu-memory caps a GPU's memory, and this run is on the CPU: ignored");
+    }
     // A resumed run keeps the bf16 checkpoints its checkpoint recorded, whatever the device now (they
     // change the numbers).
     let recorded_bf16 = options.fit_checkpointing.is_some_and(Keep::bf16)
