@@ -153,15 +153,26 @@ pub fn loftq(
         let quantized = packed.dequantize();
         error.iter_mut().zip(&quantized).for_each(|(w, q)| *w -= q);
         drop(quantized);
-        let (l, r) = truncated_svd(&error, m, n, pair.rank, rng);
+        // A rank past the matrix's own has nothing more to take: the rest of A and B stay zero.
+        let k = pair.rank.min(m).min(n);
+        let (l, r) = truncated_svd(&error, m, n, k, rng);
         let share = 1.0 / (scale as f64).sqrt();
-        pair.b = l.iter().map(|&v| (v as f64 * share) as f32).collect();
-        pair.a = r.iter().map(|&v| (v as f64 * share) as f32).collect();
+        let rank = pair.rank;
+        pair.b = vec![0.0; m * rank];
+        for (row, l_row) in pair.b.chunks_exact_mut(rank).zip(l.chunks_exact(k)) {
+            for (b, &v) in row.iter_mut().zip(l_row) {
+                *b = (v as f64 * share) as f32;
+            }
+        }
+        pair.a = vec![0.0; rank * n];
+        for (a, &v) in pair.a.iter_mut().zip(&r) {
+            *a = (v as f64 * share) as f32;
+        }
         before += error.iter().map(|&e| e as f64 * e as f64).sum::<f64>();
         // What is left of the error: E − L·R.
         matmul_into(
-            View::new(&l, m, pair.rank),
-            View::new(&r, pair.rank, n),
+            View::new(&l, m, k),
+            View::new(&r, k, n),
             -1.0,
             &mut error,
             n,

@@ -523,8 +523,9 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
     let parts = ["weights", "lora_and_optimizer", "device_step"];
     let sum: u64 = parts.iter().map(|k| plan[k].as_u64().unwrap()).sum();
     assert_eq!(sum, want.total);
-    // Left out, the rank and group size are the flux2-klein preset's, as `nibble train` takes them.
-    let preset = json(&["plan", folder, "--resolution", "512", "--json"]);
+    // Left out, the rank, group size and resolution are the flux2-klein preset's, as `nibble train`
+    // takes them.
+    let preset = json(&["plan", folder, "--json"]);
     assert_eq!(preset["total"], want.total);
     // Targets are honoured; what training refuses for FLUX.2, or what only a language model's step
     // takes, is refused.

@@ -1259,7 +1259,38 @@ fn loftq_starts_the_4_bit_model_nearer_its_original_weights() {
         resume: Some(out.clone()),
         ..options.clone()
     };
-    train(&model, &data, &out, two, resume).0.unwrap();
+    let (result, resumed) = train(&model, &data, &out, two, resume);
+    result.unwrap();
+    assert_eq!(resumed.started_at, Some((1, 2)), "went on from step 1");
+
+    // A rank past a module's own width takes all of its error (the rest of A and B zero).
+    let out = dir.path().join("full");
+    let mut wide = config(1);
+    wide.lr = 0.0;
+    wide.lora.r = 300;
+    train(&model, &data, &out, wide, options.clone()).0.unwrap();
+    let files = nibble::source::ModelFiles::Dir(out);
+    let adapter = LoraAdapter::load_peft(&files, &nf4.config).unwrap();
+    for (path, pair) in adapter.pairs() {
+        let name = format!("{path}.weight");
+        let (w, q) = (&originals[&name], &quantized[&name]);
+        let s = adapter.config.scale_of(path) as f64;
+        let (mut error, mut left) = (0.0, 0.0);
+        for (i, (&w, &q)) in w.iter().zip(q).enumerate() {
+            let (row, col) = (i / pair.in_features, i % pair.in_features);
+            let ba: f64 = (0..pair.rank)
+                .map(|k| {
+                    pair.b[row * pair.rank + k] as f64 * pair.a[k * pair.in_features + col] as f64
+                })
+                .sum();
+            error += (w as f64 - q as f64).powi(2);
+            left += (w as f64 - q as f64 - s * ba).powi(2);
+        }
+        assert!(
+            left < 1e-6 * error,
+            "{path}: {left} of {error} left at full rank"
+        );
+    }
 
     let refused_with = |spec_quant: Option<nibble::model::QuantRequest>, extra: RunOptions| {
         let data = [data.clone()];

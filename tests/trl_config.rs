@@ -698,6 +698,17 @@ fn trl_sft_command_lines_read_as_trl_reads_them() {
     let c = s.train_config().unwrap();
     assert_eq!((c.lr, c.epochs), (3e-3, 5.0));
     assert_eq!(s.output.as_deref(), Some(Path::new("elsewhere")));
+    std::fs::write(
+        &recipe_file,
+        recipe_text("qwen_recipe.yaml", dir.path()) + "overwrite_output_dir: false\n",
+    )
+    .unwrap();
+    let s = over(&["--overwrite"]).unwrap().settings;
+    assert_eq!(
+        s.overwrite,
+        Some(true),
+        "the flag over overwrite_output_dir"
+    );
     let err = over(&["--num_train_epochs", "1", "--epochs", "2"])
         .err()
         .unwrap();

@@ -42,7 +42,8 @@ pub struct Args {
     /// what --budget assumes unless told otherwise).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     offload_checkpoints: Option<bool>,
-    /// FLUX.2: image side in pixels (16 pixels per latent token) [default: 1024].
+    /// FLUX.2: image side in pixels (16 pixels per latent token) [default: the flux2-klein preset's
+    /// 512, as `nibble train` takes it].
     #[arg(long)]
     resolution: Option<usize>,
     /// FLUX.2: caption tokens (the text encoder pads or cuts every caption to 512) [default: 512].
@@ -103,7 +104,8 @@ pub fn run(args: Args) -> Result<()> {
             group_size: quant.group_size.or(preset.group_size),
             ..quant
         };
-        let (resolution, text_tokens) = (resolution.unwrap_or(1024), text_tokens.unwrap_or(512));
+        let resolution = resolution.or(preset.resolution).unwrap_or(512);
+        let text_tokens = text_tokens.unwrap_or(512);
         nibble::train::flux2::check_resolution(resolution)?;
         if !(1..=4096).contains(&text_tokens) || !(1..=4096).contains(&rank) {
             bail!(

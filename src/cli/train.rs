@@ -91,6 +91,7 @@ fn train_klein(
             settings.neftune_noise_alpha.is_some(),
         ),
         ("use-dora", settings.use_dora == Some(true)),
+        ("init-lora-weights", settings.init_lora_weights.is_some()),
         ("lora-rank-pattern", settings.lora_rank_pattern.is_some()),
         ("lora-alpha-pattern", settings.lora_alpha_pattern.is_some()),
         ("bf16-checkpoints", settings.bf16_checkpoints.is_some()),

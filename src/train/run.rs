@@ -272,8 +272,12 @@ impl<'m> Run<'m> {
             );
         }
         let mut config = config;
+        let mut options = options;
+        // LoftQ's start, made by `run` from the model's source (on a resume, the checkpoint's
+        // matrices replace it, and `run` makes none).
+        let initial = options.initial.take();
+        let computed = initial.is_some();
         let init = match &options.init_adapter {
-            None if options.initial.is_some() => options.initial.clone(),
             Some(dir) => {
                 let mut adapter = load_adapter(
                     dir,
@@ -287,7 +291,7 @@ impl<'m> Run<'m> {
                 config.lora = adapter.config.clone();
                 Some(adapter)
             }
-            None => None,
+            None => initial,
         };
         let base = match model.quant {
             Some(spec) => format!("its decoder linears in 4-bit {spec}"),
@@ -334,7 +338,7 @@ impl<'m> Run<'m> {
             extra["chat_template"] = format!("{:016x}", digest.finish()).into();
         }
         if options.init_lora != crate::lora::LoraInit::Default {
-            if options.initial.is_none() {
+            if !computed && options.resume.is_none() {
                 return Err(Error::Invalid(format!(
                     "--init-lora-weights {}: computed from the model's original weights, which only \
                      `nibble train` from a model folder reads",
@@ -343,7 +347,10 @@ impl<'m> Run<'m> {
             }
             extra["init_lora_weights"] = json!(options.init_lora);
         }
-        let manifest = manifest([model_section, data_section, extra], &config, init.as_ref());
+        // A computed start is told by init_lora_weights and the seed: its bits depend on the CPU's
+        // summation order, which a resume elsewhere need not share.
+        let from_file = init.as_ref().filter(|_| options.init_adapter.is_some());
+        let manifest = manifest([model_section, data_section, extra], &config, from_file);
         let mut trainer = Trainer::new(model, config, sequences, init)?;
         trainer.padding_free = options.padding_free();
         trainer.chat_template = options.chat_template.as_ref().map(|c| c.default.clone());
@@ -455,12 +462,19 @@ impl<'m> Run<'m> {
         };
         if let Some(restored) = &restored {
             carry_history(&restored.checkpoint, dir, self.trainer.step)?;
-            self.best_from_metrics(dir)?;
-            if self.stopped_early && train::holds_finished_run(dir) {
+            // The run folder the checkpoint belongs to (this one, or the one resumed from).
+            let run_folder = restored
+                .checkpoint
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(dir)
+                .to_path_buf();
+            self.best_from_metrics(dir, &run_folder)?;
+            if self.stopped_early && train::holds_finished_run(&run_folder) {
                 return Err(Error::Invalid(format!(
                     "{} holds a run that stopped early (--early-stopping-patience): nothing to \
                      resume; pass --overwrite to train it again",
-                    dir.display()
+                    run_folder.display()
                 )));
             }
         }
@@ -487,7 +501,7 @@ impl<'m> Run<'m> {
     /// A resumed run's early-stopping state, from the validations metrics.jsonl recorded up to the
     /// restored step: the best one's adapter is the restored one, or its step's checkpoint where one
     /// was kept; a run that had already stopped early stays stopped.
-    fn best_from_metrics(&mut self, dir: &Path) -> Result<()> {
+    fn best_from_metrics(&mut self, dir: &Path, run_folder: &Path) -> Result<()> {
         let Some(patience) = self.options.early_stopping_patience else {
             return Ok(());
         };
@@ -528,7 +542,7 @@ impl<'m> Run<'m> {
         }
         let step = self.trainer.step;
         if let Some(best) = &mut self.best {
-            let checkpoint = dir.join(format!("{}{}", train::CHECKPOINT_PREFIX, best.step));
+            let checkpoint = run_folder.join(format!("{}{}", train::CHECKPOINT_PREFIX, best.step));
             if best.step == step {
                 best.adapter = Some(self.trainer.adapter.clone());
             } else if let (Some(_), train::Work::Text { model, .. }) =
@@ -1034,12 +1048,14 @@ struct Restored {
 /// history), so that the loss curve and TensorBoard log cover the whole run. A folder with metrics
 /// of its own keeps them.
 fn carry_history(checkpoint: &Path, dir: &Path, step: usize) -> Result<()> {
-    let Some(from) = checkpoint.parent() else {
-        return Ok(());
+    let from = match checkpoint.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     };
+    // The same folder however named (relative, through links, not yet created).
     let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
+        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
     };
     let ours = dir.join("metrics.jsonl");
     let has_own = std::fs::metadata(&ours).is_ok_and(|m| m.len() > 0);
@@ -1397,7 +1413,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     let tokenizer_files =
         train::adapter_tokenizer_files(&source.tokenizer, options.eos_token.as_deref(), path)?;
     let mut options = options;
-    if options.init_lora == crate::lora::LoraInit::Loftq {
+    if options.init_lora == crate::lora::LoraInit::Loftq && options.resume.is_none() {
         options.initial = Some(loftq_adapter(&model, &source, &config)?);
     }
     // Every step that can fail comes before the earlier run's files are cleared.

@@ -599,9 +599,14 @@ pub fn read_command_line(args: &[String]) -> Result<Recipe> {
     // gives it by (TRL's learning_rate, nibble's lr); two names of one option on the command line
     // are refused, as a recipe's are.
     let id_of = |name: &str| -> String {
+        // The recipe's keys read apart into an option of nibble's other name.
         match name {
             "num_train_epochs" => "epochs".into(),
             "lora_target_modules" => "target_modules".into(),
+            "overwrite_output_dir" => "overwrite".into(),
+            "datasets" => "data".into(),
+            "test_split_size" => "eval_split".into(),
+            "train_sampling_strategy" => "no_shuffle".into(),
             _ => nibble_options()
                 .get(name)
                 .cloned()
