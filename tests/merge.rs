@@ -29,6 +29,16 @@ fn f32_base(
     (dir, base, model)
 }
 
+/// An adapter of `config` for `model` whose B matrices are random too (a fresh one changes nothing).
+fn random_adapter(model: &nibble::model::Model, config: LoraConfig, rng: &mut Rng) -> LoraAdapter {
+    let mut adapter = LoraAdapter::init(&model.config, config, rng).unwrap();
+    for (_, p) in adapter.pairs_mut() {
+        p.b.iter_mut()
+            .for_each(|b| *b = (rng.normal() * 0.1) as f32);
+    }
+    adapter
+}
+
 #[test]
 fn merged_weights_give_the_adapted_models_logits() {
     let (dir, base, model) = f32_base(Arch::Qwen3, 2);
@@ -44,11 +54,7 @@ fn merged_weights_give_the_adapted_models_logits() {
         alpha_pattern: Patterns::parse_alphas(r#"{"o_proj": 3}"#).unwrap(),
         ..LoraConfig::default()
     };
-    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
-    for (_, p) in adapter.pairs_mut() {
-        p.b.iter_mut()
-            .for_each(|b| *b = (rng.normal() * 0.1) as f32);
-    }
+    let adapter = random_adapter(&model, config, &mut rng);
     let adapter_dir = dir.path().join("adapter");
     nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
 
@@ -155,11 +161,7 @@ fn dora_adapters_merge_to_the_adapted_models_logits() {
         use_dora: true,
         ..LoraConfig::default()
     };
-    let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
-    for (_, p) in adapter.pairs_mut() {
-        p.b.iter_mut()
-            .for_each(|b| *b = (rng.normal() * 0.1) as f32);
-    }
+    let mut adapter = random_adapter(&model, config, &mut rng);
     adapter
         .init_magnitudes(|path| model.linear_weight(path))
         .unwrap();
@@ -338,11 +340,7 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
             alpha: 8.0,
             ..LoraConfig::default()
         };
-        let mut adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
-        for (_, p) in adapter.pairs_mut() {
-            p.b.iter_mut()
-                .for_each(|b| *b = (rng.normal() * 0.1) as f32);
-        }
+        let adapter = random_adapter(&model, config, &mut rng);
         let adapter_dir = dir.path().join("adapter");
         nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
         // The whole modules, as PEFT saves them (the `modules_to_save.default` part dropped).
