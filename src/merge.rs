@@ -2,11 +2,17 @@
 //! model folder that transformers loads: one model.safetensors in a 16-bit (or f32) dtype, with every
 //! other file of the source folder (config, tokenizer, generation config) copied. Tensors are read,
 //! merged and written one at a time, so memory stays at about one tensor.
+//!
+//! A QLoRA adapter learned its update against the 4-bit weights, not the original ones: merged into
+//! those (`MergeBase::Quantized`, each decoder linear quantized and dequantized as training loaded it)
+//! the merged model computes what the trained one did, where the original weights add the
+//! quantization error back (and a LoftQ adapter, which starts at that error, would count it twice).
 
 use crate::error::{Error, Result};
 use crate::lora::{LoraAdapter, SavedModules};
 use crate::model::ModelSource;
 use crate::ops::matmul::{View, matmul_into};
+use crate::quant::{QuantSpec, QuantTensor};
 use crate::source::FloatDtype;
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,18 +27,28 @@ struct Entry {
     shape: Vec<usize>,
 }
 
+/// The weights an adapter is merged into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeBase {
+    /// The checkpoint's own (PEFT's `merge_and_unload` on a 16-bit base).
+    Original,
+    /// The decoder linears as the 4-bit form `spec` holds them, the rest as stored.
+    Quantized(QuantSpec),
+}
+
 /// Merges `adapter` into the model folder `folder` (opened as `source`) and writes the result to
 /// `output`, which must not exist yet; `saved` (PEFT's `modules_to_save`) replaces the embedding and
 /// output projection, a tied model's becoming two tensors where only one is replaced (config.json's
 /// `tie_word_embeddings` then false). `dtype` defaults to the checkpoint's own. `chat` says where the
-/// adapter chats and ends text otherwise than its base (`MergedChat::write_into`).
+/// adapter chats and ends text otherwise than its base (`MergedChat::write_into`); `base` says which
+/// weights the adapter is added to.
 pub fn merge(
     source: &ModelSource,
     folder: &Path,
     (adapter, saved): (&LoraAdapter, &SavedModules),
     chat: &MergedChat,
     output: &Path,
-    dtype: Option<FloatDtype>,
+    (dtype, base): (Option<FloatDtype>, MergeBase),
 ) -> Result<()> {
     let shards = source.shards().ok_or_else(|| {
         Error::Invalid(format!(
@@ -46,6 +62,23 @@ pub fn merge(
             output.display()
         )));
     }
+    // The tensors training held in 4 bits, by nibble's name.
+    let quantized: HashMap<String, QuantSpec> = match base {
+        MergeBase::Original => HashMap::new(),
+        MergeBase::Quantized(spec) => {
+            source
+                .config
+                .check_group_size(spec.group_size)
+                .map_err(|msg| Error::Invalid(format!("{}: {msg}", folder.display())))?;
+            source
+                .config
+                .expected_tensors()
+                .into_iter()
+                .filter(|t| matches!(t.role, crate::config::TensorRole::LinearWeight(_)))
+                .map(|t| (t.name, spec))
+                .collect()
+        }
+    };
     let mut entries: Vec<Entry> = shards
         .iter()
         .enumerate()
@@ -115,18 +148,30 @@ pub fn merge(
         })
         .collect();
     crate::fsutil::write_folder_atomically(output, |tmp| {
-        write_merged(&entries, source, (&targets, &replaced), tmp, dtype)
-            .and_then(|()| copy_other_files(folder, tmp, dtype, untie))
-            .and_then(|()| chat.write_into(folder, tmp))
+        write_merged(
+            &entries,
+            source,
+            (&targets, &replaced, &quantized),
+            tmp,
+            dtype,
+        )
+        .and_then(|()| copy_other_files(folder, tmp, dtype, untie))
+        .and_then(|()| chat.write_into(folder, tmp))
     })
 }
 
 type Targets<'a> = HashMap<String, (&'a crate::lora::LoraPair, f32)>;
 
+/// Writes the merged tensors: `targets` get their LoRA update, `replaced` tensors the adapter's saved
+/// module in place of the base's, and `quantized` ones their 4-bit form's values before the update.
 fn write_merged(
     entries: &[Entry],
     source: &ModelSource,
-    (targets, replaced): (&Targets, &HashMap<&str, &[f32]>),
+    (targets, replaced, quantized): (
+        &Targets,
+        &HashMap<&str, &[f32]>,
+        &HashMap<String, QuantSpec>,
+    ),
     tmp: &Path,
     dtype: FloatDtype,
 ) -> Result<()> {
@@ -152,6 +197,21 @@ fn write_merged(
                         return;
                     }
                     shards[entry.shard].release(&entry.read);
+                    if let Some(&spec) = quantized.get(name)
+                        && let [rows, cols] = entry.shape[..]
+                    {
+                        match QuantTensor::quantize(spec, rows, cols, out) {
+                            Ok(q) => out.copy_from_slice(&q.dequantize()),
+                            Err(e) => {
+                                failure.get_or_insert(Error::tensor(
+                                    shards[entry.shard].path(),
+                                    &entry.read,
+                                    e.to_string(),
+                                ));
+                                return;
+                            }
+                        }
+                    }
                 }
             }
             // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a

@@ -108,6 +108,26 @@ impl QuantSpec {
     }
 }
 
+impl std::str::FromStr for QuantSpec {
+    type Err = Error;
+
+    /// The spec as `Display` writes it (`nf4 (group 64)`: how run.json records a run's weights).
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::Invalid(format!(
+                "`{text}` is not a 4-bit format such as `nf4 (group 64)`"
+            ))
+        };
+        let (format, rest) = text.trim().split_once(" (group ").ok_or_else(bad)?;
+        let format = QuantFormat::parse(format).ok_or_else(bad)?;
+        let group = rest
+            .strip_suffix(')')
+            .and_then(|g| g.parse().ok())
+            .ok_or_else(bad)?;
+        QuantSpec::new(format, group)
+    }
+}
+
 impl fmt::Display for QuantSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} (group {})", self.format, self.group_size)
@@ -306,6 +326,25 @@ mod tests {
                 NF4_THRESHOLDS[i],
                 cuda[i]
             );
+        }
+    }
+
+    #[test]
+    fn a_spec_reads_back_as_run_json_records_it() {
+        for format in [QuantFormat::Nf4, QuantFormat::Int4] {
+            for group in GROUP_SIZES {
+                let spec = QuantSpec::new(format, group).unwrap();
+                assert_eq!(spec.to_string().parse::<QuantSpec>().unwrap(), spec);
+            }
+        }
+        for bad in [
+            "nf4",
+            "nf4 (group 48)",
+            "fp4 (group 64)",
+            "nf4 (group 64",
+            "",
+        ] {
+            assert!(bad.parse::<QuantSpec>().is_err(), "{bad}");
         }
     }
 

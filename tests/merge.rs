@@ -150,6 +150,165 @@ fn merged_weights_give_the_adapted_models_logits() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
 }
 
+/// `--base-weights quantized`: a QLoRA adapter merged into the 4-bit weights it was trained against
+/// (each decoder linear quantized as training loaded it, then dequantized) gives the trained model's
+/// logits, where the original weights differ from it by the quantization error; the format comes
+/// from the run's run.json, or from --quant / --group-size for an adapter without one.
+#[test]
+fn merged_onto_the_4_bit_weights_gives_the_trained_models_logits() {
+    let (dir, base, _) = f32_base(Arch::Qwen2, 2);
+    let data = dir.path().join("d.jsonl");
+    let rows: String = (0..6)
+        .map(|i| {
+            serde_json::json!({"text": format!("{i}: the tide {}", "rises, ".repeat(i + 2))})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let run = dir.path().join("run");
+    let o = common::train_cli(
+        &base,
+        &data,
+        &run,
+        &[
+            "--quant",
+            "int4",
+            "--group-size",
+            "32",
+            "--max-steps",
+            "3",
+            "--lr",
+            "0.02",
+            "--use-dora",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let spec = nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Int4, 32).unwrap();
+    let source = ModelSource::open(&base).unwrap();
+    let trained_on = source.load(Some(QuantRequest::Quantize(spec))).unwrap();
+    let files = nibble::source::ModelFiles::Dir(run.clone());
+    let adapter = LoraAdapter::load_peft(&files, &trained_on.config).unwrap();
+    let mut rng = Rng::new(6);
+    let ids: Vec<u32> = (0..12).map(|_| rng.below(259) as u32).collect();
+    let trained = cpu::logits(&trained_on, Some(&adapter), &ids).unwrap();
+    let merge = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let mut args = vec![
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            run.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = nibble(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let logits = o.status.success().then(|| {
+            let merged = ModelSource::open(&out)
+                .unwrap()
+                .load(Some(QuantRequest::Dense))
+                .unwrap();
+            cpu::logits(&merged, None, &ids).unwrap()
+        });
+        (logits, err)
+    };
+    let (logits, err) = merge("onto-4-bit", &["--base-weights", "quantized"]);
+    let logits = logits.unwrap_or_else(|| panic!("{err}"));
+    assert!(err.contains("int4 (group 32)"), "{err}");
+    // Measured: 4e-7 (the update folded into the weights sums in another order).
+    let e = rel(&logits, &trained);
+    assert!(
+        e < 4e-6,
+        "merged onto the 4-bit weights: {e:e} from the trained model"
+    );
+    let (original, err) = merge("onto-original", &[]);
+    let original = original.unwrap_or_else(|| panic!("{err}"));
+    let off = rel(&original, &trained);
+    assert!(
+        off > 100.0 * e,
+        "the original weights: {off:e} from the trained model"
+    );
+    // The same adapter out of its run folder: the format is given, and a different one is applied
+    // as asked, with a warning.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(run.join(f), bare.join(f)).unwrap();
+    }
+    let merge_bare = |out: &str, extra: &[&str]| {
+        let out = dir.path().join(out);
+        let mut args = vec![
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            bare.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        nibble(&args)
+    };
+    let o = merge_bare("refused", &["--base-weights", "quantized"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--quant") && err.contains("bare"), "{err}");
+    assert!(!dir.path().join("refused").exists());
+    let o = merge_bare("given", &["--quant", "int4", "--group-size", "32"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let given = ModelSource::open(&dir.path().join("given"))
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    assert_eq!(cpu::logits(&given, None, &ids).unwrap(), logits);
+    let (other, err) = merge("nf4", &["--quant", "nf4"]);
+    assert!(
+        other.is_some() && err.contains("int4 (group 32)") && err.contains("nf4 (group 32)"),
+        "{err}"
+    );
+    for (extra, says) in [
+        (
+            &["--base-weights", "original", "--quant", "nf4"][..],
+            "--base-weights original",
+        ),
+        (
+            &["--base-weights", "quantized", "--quant", "none"][..],
+            "not none",
+        ),
+        (&["--group-size", "48"][..], "48"),
+    ] {
+        let (logits, err) = merge("never", extra);
+        assert!(logits.is_none() && err.contains(says), "{extra:?}: {err}");
+        assert!(!dir.path().join("never").exists());
+    }
+    // A run on 16-bit weights has no 4-bit ones to merge into.
+    let run16 = dir.path().join("run16");
+    let o = common::train_cli(
+        &base,
+        &data,
+        &run16,
+        &["--quant", "none", "--max-steps", "1"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = nibble(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        run16.to_str().unwrap(),
+        "-o",
+        dir.path().join("never").to_str().unwrap(),
+        "--base-weights",
+        "quantized",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("16-bit") && err.contains("run.json"), "{err}");
+}
+
 /// DoRA (PEFT's use_dora): each merged row is m / ‖W + s·B·A‖ · (W + s·B·A), as PEFT merges, so the
 /// merged model's logits equal the adapted model's (the adapter saved and loaded back with its
 /// magnitudes).

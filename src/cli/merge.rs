@@ -1,9 +1,11 @@
 //! `nibble merge`: an adapter folded into the base weights.
 
 use anyhow::{Context, Result};
-use nibble::model;
+use nibble::merge::MergeBase;
+use nibble::model::{self, QuantChoice};
+use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::FloatDtype;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Fold a LoRA adapter into the base weights: a model folder (safetensors, config and tokenizer
 /// copied) that transformers loads without peft.
@@ -21,6 +23,25 @@ pub struct Args {
     /// The merged weights' dtype (default: the checkpoint's own).
     #[arg(long, value_enum, ignore_case = true)]
     dtype: Option<Dtype>,
+    /// The weights the adapter is added to: the checkpoint's own (as PEFT's merge_and_unload on a
+    /// 16-bit base), or the 4-bit ones it was trained against, dequantized: the model exactly as
+    /// trained, without the quantization error the original weights add back (needed for a LoftQ
+    /// adapter, which starts at that error). Default: original, or quantized where --quant is given.
+    #[arg(long, value_enum, ignore_case = true)]
+    base_weights: Option<BaseWeights>,
+    /// With --base-weights quantized: the 4-bit format training used (default: the one the adapter
+    /// folder's run.json records).
+    #[arg(long, value_enum, ignore_case = true)]
+    quant: Option<QuantChoice>,
+    /// With --base-weights quantized: weights per scale, 32, 64 or 128 (default: run.json's, else 64).
+    #[arg(long)]
+    group_size: Option<usize>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum BaseWeights {
+    Original,
+    Quantized,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -36,6 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         Dtype::F16 => FloatDtype::F16,
         Dtype::F32 => FloatDtype::F32,
     });
+    let base = merge_base(&args)?;
     let source = model::open(&args.model)?;
     let (lora, saved) = nibble::train::run::load_adapter_with_modules(
         &args.adapter,
@@ -79,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
         (&lora, &saved),
         &chat,
         &args.output,
-        dtype,
+        (dtype, base),
     )?;
     let whole: Vec<&str> = [
         (&saved.embed, "the embedding"),
@@ -93,10 +115,100 @@ pub fn run(args: Args) -> Result<()> {
         true => String::new(),
         false => format!(" (and the adapter's {})", whole.join(" and ")),
     };
+    let onto = match base {
+        MergeBase::Original => String::new(),
+        MergeBase::Quantized(spec) => format!(" onto the {spec} weights"),
+    };
     eprintln!(
-        "merged {} LoRA pairs{whole} into {}",
+        "merged {} LoRA pairs{whole}{onto} into {}",
         lora.pairs().count(),
         args.output.display()
     );
     Ok(())
+}
+
+/// The weights to merge into, from the options and what the adapter folder's run.json records.
+fn merge_base(args: &Args) -> Result<MergeBase> {
+    let format = match args.quant {
+        Some(QuantChoice::Nf4) => Some(QuantFormat::Nf4),
+        Some(QuantChoice::Int4) => Some(QuantFormat::Int4),
+        Some(QuantChoice::None) => None,
+        None => None,
+    };
+    let asked = format.is_some() || args.group_size.is_some();
+    match args.base_weights {
+        Some(BaseWeights::Original) | None if !asked => return Ok(MergeBase::Original),
+        Some(BaseWeights::Original) => {
+            anyhow::bail!(
+                "--quant and --group-size say which 4-bit weights to merge into; \
+                 --base-weights original merges into the checkpoint's own"
+            )
+        }
+        _ if args.quant == Some(QuantChoice::None) => {
+            anyhow::bail!("--base-weights quantized needs a 4-bit --quant (nf4 or int4), not none")
+        }
+        _ => {}
+    }
+    let manifest = args.adapter.join(nibble::train::MANIFEST);
+    let recorded = recorded_quant(&manifest)?;
+    let trained = match recorded {
+        Some(Some(spec)) => Some(spec),
+        Some(None) if !asked => anyhow::bail!(
+            "{}: the adapter was trained on 16-bit weights (--quant none); merge it into the \
+             original weights (leave out --base-weights quantized)",
+            manifest.display()
+        ),
+        Some(None) => None,
+        None if !asked => anyhow::bail!(
+            "--base-weights quantized: {} does not record the 4-bit weights the adapter was \
+             trained on (no run.json from nibble); give them with --quant nf4|int4 and \
+             --group-size",
+            args.adapter.display()
+        ),
+        None => None,
+    };
+    let spec = QuantSpec::new(
+        format
+            .or(trained.map(|t| t.format))
+            .unwrap_or(QuantFormat::Nf4),
+        args.group_size
+            .or(trained.map(|t| t.group_size))
+            .unwrap_or(nibble::quant::DEFAULT_GROUP_SIZE),
+    )?;
+    if let Some(recorded) = recorded
+        && recorded != Some(spec)
+    {
+        let trained = recorded.map_or("16-bit".to_string(), |t| t.to_string());
+        log::warn!(
+            "{} records the adapter trained on {trained} weights; merging into {spec} ones, as \
+             asked",
+            manifest.display()
+        );
+    }
+    Ok(MergeBase::Quantized(spec))
+}
+
+/// What a nibble run.json records of the weights its adapter was trained on: None where there is no
+/// such record, Some(None) for 16-bit weights.
+fn recorded_quant(manifest: &Path) -> Result<Option<Option<QuantSpec>>> {
+    let Ok(text) = std::fs::read_to_string(manifest) else {
+        return Ok(None);
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    // Another tool's run.json says nothing about nibble's weights.
+    let Some(quant) = value.get("model").and_then(|m| m.get("quant")) else {
+        return Ok(None);
+    };
+    match quant {
+        serde_json::Value::Null => Ok(Some(None)),
+        serde_json::Value::String(text) => {
+            Ok(Some(Some(text.parse().with_context(|| {
+                format!("{}: model.quant", manifest.display())
+            })?)))
+        }
+        other => anyhow::bail!(
+            "{}: model.quant is {other}, not a 4-bit format such as \"nf4 (group 64)\"",
+            manifest.display()
+        ),
+    }
 }
