@@ -143,9 +143,11 @@ pub fn parse_size(text: &str, option: &str) -> crate::Result<u64> {
 pub fn human_bytes(bytes: u64) -> String {
     const KIB: f64 = 1024.0;
     let b = bytes as f64;
-    if b >= KIB * KIB * KIB {
+    // A unit is taken where the value it shows, rounded as shown, is at least one of it: just under a
+    // GiB reads "1.00 GiB", not "1024.0 MiB".
+    if b >= KIB * KIB * KIB - 0.05 * KIB * KIB {
         format!("{:.2} GiB", b / (KIB * KIB * KIB))
-    } else if b >= KIB * KIB {
+    } else if b >= KIB * KIB - 0.05 * KIB {
         format!("{:.1} MiB", b / (KIB * KIB))
     } else if b >= KIB {
         format!("{:.1} KiB", b / KIB)
@@ -163,6 +165,10 @@ mod tests {
         assert_eq!(shown(1_750_000), "1.7 MiB");
         assert_eq!(shown(1_700), "1.7 KiB");
         assert_eq!(shown(900), "900 bytes");
+        assert_eq!(shown((1 << 30) - 10_000), "1.00 GiB");
+        assert_eq!(shown((1 << 30) - (1 << 20)), "1023.0 MiB");
+        assert_eq!(shown((1 << 20) - 20), "1.0 MiB");
+        assert_eq!(shown(1023), "1023 bytes");
     }
 
     #[test]

@@ -162,6 +162,28 @@ fn validation_runs_at_the_cadence_asked_and_lands_in_the_metrics() {
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
     assert_eq!(eval_lines, vec![2, 4, 5]);
+
+    // --eval-on-start validates the untrained adapter first, at step 0, and changes nothing after.
+    let losses = |metrics: &str| -> Vec<(u64, f64)> {
+        metrics
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| Some((v["step"].as_u64()?, v.get("eval_loss")?.as_f64()?)))
+            .collect()
+    };
+    let started = dir.path().join("started");
+    let options = RunOptions {
+        eval_split: Some(0.34),
+        eval_steps: 2,
+        eval_on_start: true,
+        ..Default::default()
+    };
+    let (result, seen) = train(&model, &data, &started, config(5), options);
+    result.unwrap();
+    assert_eq!(seen.evaluations, vec![0, 2, 4, 5]);
+    let with_start = losses(&std::fs::read_to_string(started.join("metrics.jsonl")).unwrap());
+    assert_eq!(with_start[1..], losses(&metrics)[..]);
+    assert!(with_start[0].1 > with_start[1].1, "{with_start:?}");
 }
 
 #[test]

@@ -71,6 +71,7 @@ fn train_klein(
     let unsupported = [
         ("eval-data", settings.eval_data.is_some()),
         ("eval-split", settings.eval_split.is_some()),
+        ("eval-on-start", settings.eval_on_start.is_some()),
         ("packing", settings.packing.is_some()),
         ("max-length", settings.max_length.is_some()),
         ("loss-on", settings.loss_on.is_some()),

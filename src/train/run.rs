@@ -44,6 +44,10 @@ pub struct RunOptions {
     pub eval_split: Option<f64>,
     /// Validate every this many steps (0: at the end of each epoch and of the run).
     pub eval_steps: usize,
+    /// Validate before the first step too (transformers' `eval_on_start`): the untrained adapter's
+    /// loss, at step 0, which early stopping does not count (as transformers sets no best metric
+    /// from it).
+    pub eval_on_start: bool,
     /// Stop once this many validations in a row have not lowered the validation loss, and save the
     /// adapter of the best one (also when the run ends without stopping).
     pub early_stopping_patience: Option<usize>,
@@ -177,6 +181,8 @@ pub struct Run<'m> {
     stopped_early: bool,
     /// The tokenizer that renders `options.sample_prompts`.
     sample_tokenizer: Option<ChatTokenizer>,
+    /// Whether the step-0 validation `options.eval_on_start` asks for is behind.
+    validated_at_start: bool,
 }
 
 /// The lowest validation loss of a run with early stopping, at which step, and the adapter then
@@ -439,6 +445,7 @@ impl<'m> Run<'m> {
             validations_since_best: 0,
             stopped_early: false,
             sample_tokenizer: None,
+            validated_at_start: false,
         }
     }
 
@@ -521,7 +528,8 @@ impl<'m> Run<'m> {
                 continue;
             };
             let step = step as usize;
-            if step > self.trainer.step {
+            // Step 0's is --eval-on-start's, which early stopping does not count.
+            if step > self.trainer.step || step == 0 {
                 continue;
             }
             // The validation at an earlier run's last step, when not due, is one a run of the
@@ -615,6 +623,32 @@ impl<'m> Run<'m> {
         Ok(())
     }
 
+    /// A validation pass at `step` (in `epoch`), into metrics.jsonl: its loss as training counts it,
+    /// None without validation data.
+    async fn validate(
+        &mut self,
+        step: usize,
+        epoch: f64,
+        observer: &mut dyn Observer,
+    ) -> Result<Option<f64>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        observer.validating(self.eval.len());
+        let total = self.trainer.evaluate_async(&self.eval).await?;
+        // The loss as training counts it (TRL's eval_loss); the perplexity the model's.
+        let targets = total.targets.max(1) as f64;
+        let loss = total.sum_of(self.trainer.config.loss_type) / targets;
+        let perplexity = (total.loss_sum / targets).exp();
+        let predictions = train::TokenMetrics::of_total(&total);
+        self.append_metrics(&json!({"step": step, "epoch": epoch,
+            "eval_loss": loss, "eval_perplexity": perplexity, "eval_tokens": total.targets,
+            "eval_mean_token_accuracy": predictions.mean_token_accuracy,
+            "eval_entropy": predictions.entropy}))?;
+        observer.evaluated(step, loss);
+        Ok(Some(loss))
+    }
+
     /// Answers each sample prompt with the adapter as it is at `step`: into the log and samples.jsonl.
     async fn write_samples(&mut self, step: usize) -> Result<()> {
         let Some(tok) = &self.sample_tokenizer else {
@@ -660,6 +694,10 @@ impl<'m> Run<'m> {
     /// One optimizer step, then what falls due after it: the metrics line, a validation pass, a
     /// checkpoint. A step whose loss is not finite stops the run with the last good checkpoint named.
     pub async fn step_async(&mut self, observer: &mut dyn Observer) -> Result<StepRecord> {
+        if self.options.eval_on_start && !self.validated_at_start && self.trainer.step == 0 {
+            self.validate(0, 0.0, observer).await?;
+        }
+        self.validated_at_start = true;
         let record = match self.trainer.step_async().await {
             Ok(record) => record,
             Err(e) => return Err(self.failed(e)),
@@ -690,19 +728,9 @@ impl<'m> Run<'m> {
         self.first_loss.get_or_insert(record.loss);
         self.last_loss = record.loss;
         let eval_due = self.validation_due(record.step);
-        if !self.eval.is_empty() && (eval_due || self.trainer.done()) {
-            observer.validating(self.eval.len());
-            let total = self.trainer.evaluate_async(&self.eval).await?;
-            // The loss as training counts it (TRL's eval_loss); the perplexity the model's.
-            let targets = total.targets.max(1) as f64;
-            let loss = total.sum_of(self.trainer.config.loss_type) / targets;
-            let perplexity = (total.loss_sum / targets).exp();
-            let predictions = train::TokenMetrics::of_total(&total);
-            self.append_metrics(&json!({"step": record.step, "epoch": record.epoch,
-                "eval_loss": loss, "eval_perplexity": perplexity, "eval_tokens": total.targets,
-                "eval_mean_token_accuracy": predictions.mean_token_accuracy,
-                "eval_entropy": predictions.entropy}))?;
-            observer.evaluated(record.step, loss);
+        if (eval_due || self.trainer.done())
+            && let Some(loss) = self.validate(record.step, record.epoch, observer).await?
+        {
             self.early_stopping(record.step, loss).await?;
         }
         let samples_due = match self.options.sample_steps {
@@ -1319,6 +1347,25 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 checkpoints,
             },
         )?;
+        // What would need less that this step does not do already.
+        let least = match gpu.is_some_and(|g| g.offload_helps()) {
+            true => Keep::Bf16Host,
+            false => Keep::Bf16,
+        };
+        let mut remedies = vec!["a smaller --max-length".to_string()];
+        if !(checkpoint && checkpoints >= least) {
+            remedies.push(match least {
+                Keep::Bf16Host => "--offload-checkpoints".into(),
+                _ => "--bf16-checkpoints".into(),
+            });
+        }
+        if model.quant.is_none() {
+            remedies.push("a 4-bit --quant".into());
+        }
+        let advice = format!(
+            "; {} needs less (`nibble plan` shows how much)",
+            remedies.join(" or ")
+        );
         match gpu {
             Some(gpu) => {
                 if checkpoints == Keep::Bf16Host && !gpu.can_offload() {
@@ -1328,25 +1375,6 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                         gpu.info.name
                     )));
                 }
-                // What would need less that this step does not do already.
-                let least = match gpu.offload_helps() {
-                    true => Keep::Bf16Host,
-                    false => Keep::Bf16,
-                };
-                let mut remedies = vec!["a smaller --max-length".to_string()];
-                if !(checkpoint && checkpoints >= least) {
-                    remedies.push(match least {
-                        Keep::Bf16Host => "--offload-checkpoints".into(),
-                        _ => "--bf16-checkpoints".into(),
-                    });
-                }
-                if model.quant.is_none() {
-                    remedies.push("a 4-bit --quant".into());
-                }
-                let advice = format!(
-                    "; {} needs less (`nibble plan` shows how much)",
-                    remedies.join(" or ")
-                );
                 gpu.check_fits(&step, needs.total, options.gpu_memory, &advice)?;
                 // The model, the embedding the GPU reads from included, is loaded by now.
                 crate::alloc::check_fits(
@@ -1355,11 +1383,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                     "; lower --max-length",
                 )
             }
-            None => crate::alloc::check_fits(
-                &step,
-                needs.cpu_total(),
-                "; lower --max-length or pass --bf16-checkpoints",
-            ),
+            None => crate::alloc::check_fits(&step, needs.cpu_total(), &advice),
         }
     };
     if gpu.is_none() && options.gpu_memory.is_some() {

@@ -349,6 +349,10 @@ pub struct TrainSettings {
     /// Evaluate every N optimizer steps (default: at the end of each epoch and of the run).
     #[arg(long)]
     pub eval_steps: Option<usize>,
+    /// Validate before the first step too (the untrained adapter's loss, at step 0; early stopping
+    /// does not count it). Needs --eval-data or --eval-split.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub eval_on_start: Option<bool>,
     /// Stop once N validations in a row have not lowered the validation loss, and save the adapter
     /// of the best validation (also when the run ends without stopping). Needs --eval-data or
     /// --eval-split.
@@ -517,6 +521,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
             "eval_steps",
             count(run.eval_steps, "0: at the end of each epoch and of the run"),
         ),
+        ("eval_on_start", flag(run.eval_on_start)),
         ("early_stopping_patience", "none: every step runs".into()),
         ("sample_prompts", none()),
         (
@@ -1022,6 +1027,16 @@ impl TrainSettings {
                     ));
                 }
                 steps => steps.unwrap_or(0),
+            },
+            eval_on_start: match self.eval_on_start {
+                Some(true) if self.eval_data.is_none() && self.eval_split.is_none() => {
+                    return Err(Error::Invalid(
+                        "--eval-on-start validates before the first step: give --eval-data or \
+                         --eval-split too"
+                            .into(),
+                    ));
+                }
+                on => on.unwrap_or(false),
             },
             early_stopping_patience: match self.early_stopping_patience {
                 Some(0) => {

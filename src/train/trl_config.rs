@@ -89,7 +89,6 @@ const WITHOUT_EFFECT: &[&str] = &[
     "eval_accumulation_steps",
     "eval_delay",
     "eval_do_concat_batches",
-    "eval_on_start",
     "eval_packing",
     "eval_use_gather_object",
     "fp16",
