@@ -650,10 +650,6 @@ impl LoraAdapter {
                 "layer_replication",
                 "builds the model from repeated layers; nibble adapts the layers as they are",
             ),
-            (
-                "trainable_token_indices",
-                "trains some embedding rows beside the LoRA matrices",
-            ),
             ("lora_bias", "trains a bias on lora_B"),
             (
                 "fan_in_fan_out",
@@ -729,8 +725,25 @@ impl LoraAdapter {
                 v["modules_to_save"]
             )));
         }
+        let token_rows = TokenIndices::read(v.get("trainable_token_indices")).map_err(bad)?;
+        if !token_rows.is_empty() && !keep_modules {
+            return Err(bad(format!(
+                "`trainable_token_indices: {}` replaces embedding rows beside the LoRA matrices: \
+                 nibble evaluates, generates with and merges such an adapter, but trains LoRA \
+                 matrices only",
+                v["trainable_token_indices"]
+            )));
+        }
+        if !token_rows.is_empty() && !to_save.is_empty() {
+            return Err(bad(
+                "`modules_to_save` and `trainable_token_indices` together: nibble reads an \
+                 adapter with one or the other"
+                    .into(),
+            ));
+        }
         // PEFT ties a tied model's output projection to a saved embedding only when asked to.
-        let modules_tied = switch("ensure_weight_tying")?
+        let ensure_tying = switch("ensure_weight_tying")?;
+        let modules_tied = ensure_tying
             || v.get("modules_to_tie")
                 .and_then(Value::as_array)
                 .is_some_and(|a| !a.is_empty());
@@ -952,7 +965,8 @@ impl LoraAdapter {
                 *pair.factor_mut(f) = weights.read_f32(&key)?;
             }
         }
-        let saved = SavedModules::read(&weights, &to_save, modules_tied, model)?;
+        let mut saved = SavedModules::read(&weights, &to_save, modules_tied, model)?;
+        token_rows.read_into(&mut saved, &weights, model, ensure_tying)?;
         let mut expected: std::collections::HashSet<String> = adapter
             .pairs()
             .flat_map(|(path, pair)| pair.factors().map(move |f| factor_key(path, f)))
@@ -987,6 +1001,180 @@ pub struct SavedModules {
     /// Keys of the copies PEFT saves of a tied module (the output projection sharing the saved
     /// embedding under `ensure_weight_tying`), which `modules_to_save` does not list.
     tied_copies: Vec<String>,
+    /// Rows of the embedding replaced (PEFT's `trainable_token_indices`); a tied model's output
+    /// projection reads them too unless it has rows of its own.
+    pub embed_rows: Option<TokenRows>,
+    /// Rows of the output projection replaced: of a tied model, in a copy of the base's embedding.
+    pub head_rows: Option<TokenRows>,
+}
+
+/// Some rows of a `[vocab_size, hidden_size]` table, in place of the base's (PEFT's
+/// `trainable_tokens_delta`, which despite its name holds the rows' values, not differences).
+#[derive(Debug, Clone)]
+pub struct TokenRows {
+    /// Its key in adapter_model.safetensors.
+    pub key: String,
+    pub indices: Vec<usize>,
+    /// `indices.len()` rows of `hidden_size` values.
+    pub values: Vec<f32>,
+}
+
+impl TokenRows {
+    /// Each row in place in `table` (row-major, `width` wide).
+    pub fn put_into(&self, table: &mut [f32], width: usize) {
+        for (&row, values) in self.indices.iter().zip(self.values.chunks_exact(width)) {
+            table[row * width..(row + 1) * width].copy_from_slice(values);
+        }
+    }
+}
+
+/// PEFT's `trainable_token_indices` by the table it names: a list names the embedding's rows; a map
+/// names modules (`embed_tokens`, `lm_head`, or paths ending so).
+#[derive(Default)]
+struct TokenIndices {
+    embed: Option<Vec<usize>>,
+    head: Option<Vec<usize>>,
+}
+
+impl TokenIndices {
+    fn read(value: Option<&Value>) -> std::result::Result<Self, String> {
+        let list = |v: &Value| -> Option<Vec<usize>> {
+            v.as_array()?
+                .iter()
+                .map(|i| i.as_u64().map(|i| i as usize))
+                .collect()
+        };
+        let mut out = TokenIndices::default();
+        match value {
+            None | Some(Value::Null) => {}
+            Some(v @ Value::Array(_)) => {
+                let indices = list(v)
+                    .ok_or_else(|| format!("`trainable_token_indices: {v}` must list token ids"))?;
+                out.embed = Some(indices).filter(|i| !i.is_empty());
+            }
+            Some(Value::Object(modules)) => {
+                for (name, v) in modules {
+                    let indices = list(v).ok_or_else(|| {
+                        format!("`trainable_token_indices` {name}: {v} must list token ids")
+                    })?;
+                    let slot = match name.rsplit('.').next() {
+                        Some("embed_tokens") => &mut out.embed,
+                        Some("lm_head") => &mut out.head,
+                        _ => {
+                            return Err(format!(
+                                "`trainable_token_indices` names {name}: nibble replaces rows of \
+                                 the embedding (embed_tokens) or the output projection (lm_head)"
+                            ));
+                        }
+                    };
+                    *slot = Some(indices).filter(|i| !i.is_empty());
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "`trainable_token_indices: {other}` must be a list of token ids or a map of \
+                     modules to lists"
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.embed.is_none() && self.head.is_none()
+    }
+
+    /// Reads the rows into `saved`, with PEFT's tying: a tied model's output projection reads the
+    /// embedding's new rows where it names none or the same ones (PEFT then saves the embedding's
+    /// only), and rows of its own otherwise (which `ensure_weight_tying` refuses).
+    fn read_into(
+        self,
+        saved: &mut SavedModules,
+        weights: &crate::source::SafetensorsFile,
+        model: &ModelConfig,
+        ensure_tying: bool,
+    ) -> Result<()> {
+        let tied = model.tie_word_embeddings;
+        let head = match (&self.embed, self.head) {
+            (Some(embed), Some(head)) if tied && *embed == head => None,
+            (Some(_), Some(head)) if tied && ensure_tying => {
+                return Err(Error::Invalid(format!(
+                    "{}: `trainable_token_indices` gives the tied embedding and output projection \
+                     other rows, which `ensure_weight_tying` cannot tie (PEFT refuses it too); \
+                     head rows {head:?}",
+                    weights.path().display()
+                )));
+            }
+            (_, head) => head,
+        };
+        let read = |module: &str, indices: Vec<usize>| -> Result<TokenRows> {
+            let suffix = format!("{module}.token_adapter.trainable_tokens_delta");
+            let found: Vec<&String> = weights
+                .tensor_names()
+                .filter(|key| {
+                    key.strip_prefix("base_model.model.")
+                        .is_some_and(|k| k == suffix || k.ends_with(&format!(".{suffix}")))
+                })
+                .collect();
+            let [key] = found[..] else {
+                return Err(Error::tensor(
+                    weights.path(),
+                    format!("base_model.model.*{suffix}"),
+                    format!(
+                        "`trainable_token_indices` names {module}: the adapter holds {} such \
+                         tensors, not one",
+                        found.len()
+                    ),
+                ));
+            };
+            let width = model.hidden_size;
+            let shape = vec![indices.len(), width];
+            let info = weights.info(key).expect("listed");
+            if info.shape != shape {
+                return Err(Error::tensor(
+                    weights.path(),
+                    key,
+                    format!(
+                        "shape {:?}; {} token ids of a {width}-wide model need {shape:?}",
+                        info.shape,
+                        indices.len()
+                    ),
+                ));
+            }
+            if let Some(&past) = indices.iter().find(|&&i| i >= model.vocab_size) {
+                return Err(Error::tensor(
+                    weights.path(),
+                    key,
+                    format!(
+                        "token id {past} is past the model's vocabulary of {} (an adapter \
+                         trained with added tokens needs its base's vocabulary resized, which \
+                         nibble does not do)",
+                        model.vocab_size
+                    ),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            if let Some(twice) = indices.iter().find(|&&i| !seen.insert(i)) {
+                return Err(Error::tensor(
+                    weights.path(),
+                    key,
+                    format!("token id {twice} is listed twice in `trainable_token_indices`"),
+                ));
+            }
+            Ok(TokenRows {
+                key: key.clone(),
+                values: weights.read_f32(key)?,
+                indices,
+            })
+        };
+        if let Some(indices) = self.embed {
+            saved.embed_rows = Some(read("embed_tokens", indices)?);
+        }
+        if let Some(indices) = head {
+            saved.head_rows = Some(read("lm_head", indices)?);
+        }
+        Ok(())
+    }
 }
 
 impl SavedModules {
@@ -1075,15 +1263,26 @@ impl SavedModules {
             .flatten()
             .map(|(key, _)| key.clone())
             .chain(self.tied_copies.iter().cloned())
+            .chain(
+                [&self.embed_rows, &self.head_rows]
+                    .into_iter()
+                    .flatten()
+                    .map(|rows| rows.key.clone()),
+            )
     }
 
     pub fn is_empty(&self) -> bool {
-        self.embed.is_none() && self.head.is_none()
+        self.embed.is_none()
+            && self.head.is_none()
+            && self.embed_rows.is_none()
+            && self.head_rows.is_none()
     }
 
     /// Whether a model whose configuration ties its projection to its embedding reads two tables
-    /// with these modules in place: one of them replaced, the other not.
+    /// with these modules in place: one of them replaced, the other not (or other rows of each).
     pub fn unties(&self, tie_word_embeddings: bool) -> bool {
-        tie_word_embeddings && !self.is_empty() && !(self.tied && self.head.is_none())
+        let whole = self.embed.is_some() || self.head.is_some();
+        tie_word_embeddings
+            && ((whole && !(self.tied && self.head.is_none())) || self.head_rows.is_some())
     }
 }

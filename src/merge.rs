@@ -9,7 +9,7 @@
 //! quantization error back (and a LoftQ adapter, which starts at that error, would count it twice).
 
 use crate::error::{Error, Result};
-use crate::lora::{LoraAdapter, SavedModules};
+use crate::lora::{LoraAdapter, SavedModules, TokenRows};
 use crate::model::ModelSource;
 use crate::ops::matmul::{View, matmul_into};
 use crate::quant::{QuantSpec, QuantTensor};
@@ -139,6 +139,13 @@ pub fn merge(
     if let Some((_, values)) = &saved.head {
         replaced.insert("lm_head.weight", values);
     }
+    let mut rows: HashMap<&str, &TokenRows> = HashMap::new();
+    if let Some(token_rows) = &saved.embed_rows {
+        rows.insert(embed.as_str(), token_rows);
+    }
+    if let Some(token_rows) = &saved.head_rows {
+        rows.insert("lm_head.weight", token_rows);
+    }
     // Which tensor each LoRA pair merges into, at its module's scale.
     let targets: HashMap<String, (&crate::lora::LoraPair, f32)> = adapter
         .pairs()
@@ -148,30 +155,37 @@ pub fn merge(
         })
         .collect();
     crate::fsutil::write_folder_atomically(output, |tmp| {
-        write_merged(
-            &entries,
-            source,
-            (&targets, &replaced, &quantized),
-            tmp,
-            dtype,
-        )
-        .and_then(|()| copy_other_files(folder, tmp, dtype, untie))
-        .and_then(|()| chat.write_into(folder, tmp))
+        let changed = Changed {
+            targets: &targets,
+            replaced: &replaced,
+            rows: &rows,
+            quantized: &quantized,
+        };
+        write_merged(&entries, source, &changed, tmp, dtype)
+            .and_then(|()| copy_other_files(folder, tmp, dtype, untie))
+            .and_then(|()| chat.write_into(folder, tmp))
     })
 }
 
 type Targets<'a> = HashMap<String, (&'a crate::lora::LoraPair, f32)>;
 
-/// Writes the merged tensors: `targets` get their LoRA update, `replaced` tensors the adapter's saved
-/// module in place of the base's, and `quantized` ones their 4-bit form's values before the update.
+/// What the merge changes, by nibble's name of each tensor.
+struct Changed<'a> {
+    /// LoRA updates.
+    targets: &'a Targets<'a>,
+    /// The adapter's saved modules, in place of the base's tensors.
+    replaced: &'a HashMap<&'a str, &'a [f32]>,
+    /// The adapter's rows, in place of some of the base's.
+    rows: &'a HashMap<&'a str, &'a TokenRows>,
+    /// Tensors whose 4-bit form's values the update is added to.
+    quantized: &'a HashMap<String, QuantSpec>,
+}
+
+/// Writes the merged tensors.
 fn write_merged(
     entries: &[Entry],
     source: &ModelSource,
-    (targets, replaced, quantized): (
-        &Targets,
-        &HashMap<&str, &[f32]>,
-        &HashMap<String, QuantSpec>,
-    ),
+    changed: &Changed,
     tmp: &Path,
     dtype: FloatDtype,
 ) -> Result<()> {
@@ -188,7 +202,7 @@ fn write_merged(
         |i, out| {
             let entry = &entries[i];
             let name = &entry.key;
-            let saved = replaced.get(name.as_str());
+            let saved = changed.replaced.get(name.as_str());
             match saved {
                 Some(values) => out.copy_from_slice(values),
                 None => {
@@ -197,7 +211,7 @@ fn write_merged(
                         return;
                     }
                     shards[entry.shard].release(&entry.read);
-                    if let Some(&spec) = quantized.get(name)
+                    if let Some(&spec) = changed.quantized.get(name)
                         && let [rows, cols] = entry.shape[..]
                     {
                         match QuantTensor::quantize(spec, rows, cols, out) {
@@ -241,7 +255,20 @@ fn write_merged(
                 failure.get_or_insert(cannot_hold(v, format!("{whose}: choose a wider --dtype")));
                 return;
             }
-            if let Some(&(pair, scale)) = targets.get(name) {
+            if let Some(token_rows) = changed.rows.get(name.as_str()) {
+                if let Some(v) = beyond(&token_rows.values) {
+                    failure.get_or_insert(cannot_hold(
+                        v,
+                        format!(
+                            "the adapter's rows ({}): choose a wider --dtype",
+                            token_rows.key
+                        ),
+                    ));
+                    return;
+                }
+                token_rows.put_into(out, entry.shape[1]);
+            }
+            if let Some(&(pair, scale)) = changed.targets.get(name) {
                 // W [out, in] += scale · B [out, r] · A [r, in]
                 matmul_into(
                     View::new(&pair.b, pair.out_features, pair.rank),

@@ -134,6 +134,30 @@ impl DenseTensor {
         }
     }
 
+    /// Row `r` set to `values`, rounded to the table's dtype.
+    pub fn set_row_f32(&mut self, r: usize, values: &[f32]) {
+        assert_eq!(values.len(), self.cols, "set_row_f32: values are one row");
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &mut self.data {
+            DenseData::F32(v) => v[range].copy_from_slice(values),
+            DenseData::F16(v) => v[range]
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, &x)| *o = f16::from_f32(x)),
+            DenseData::BF16(v) => v[range]
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, &x)| *o = bf16::from_f32(x)),
+        }
+    }
+
+    /// The rows `rows` names, in place.
+    pub fn put_rows(&mut self, rows: &crate::lora::TokenRows) {
+        for (&r, values) in rows.indices.iter().zip(rows.values.chunks_exact(self.cols)) {
+            self.set_row_f32(r, values);
+        }
+    }
+
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols, "row_f32: out is one row");
         self.row_part_f32(r, 0, out);
@@ -384,9 +408,9 @@ impl Model {
         out
     }
 
-    /// Puts an adapter's whole modules (PEFT's `modules_to_save`) in place of the base's embedding
-    /// and output projection, each kept in the dtype of the table it replaces. A tied model whose
-    /// two tables then differ reads them apart, as PEFT's model does.
+    /// Puts an adapter's whole modules (PEFT's `modules_to_save`) or rows (`trainable_token_indices`)
+    /// in place of the base's embedding and output projection, each kept in the dtype of the table
+    /// it replaces. A tied model whose two tables then differ reads them apart, as PEFT's model does.
     pub fn put_saved_modules(&mut self, saved: &crate::lora::SavedModules) {
         let (rows, cols) = (self.embed.rows, self.embed.cols);
         if saved.unties(self.config.tie_word_embeddings) {
@@ -403,6 +427,16 @@ impl Model {
                 .as_ref()
                 .map_or(self.embed.dtype(), |h| h.dtype());
             self.lm_head = Some(DenseTensor::from_f32(dtype, rows, cols, values));
+        }
+        if let Some(token_rows) = &saved.embed_rows {
+            std::sync::Arc::make_mut(&mut self.embed).put_rows(token_rows);
+        }
+        if let Some(token_rows) = &saved.head_rows {
+            // A tied model's output projection with rows of its own was untied above.
+            self.lm_head
+                .as_mut()
+                .expect("an untied output projection")
+                .put_rows(token_rows);
         }
     }
 

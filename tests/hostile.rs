@@ -862,9 +862,13 @@ const CASES: &[Case] = &[
         expect: &["adapter_config.json", "layer_replication"],
     },
     Case {
-        name: "an adapter training some embedding rows",
+        name: "an adapter naming embedding rows it does not hold",
         prepare: |r| merge_edited_adapter(r, |c| c["trainable_token_indices"] = vec![3, 5].into()),
-        expect: &["adapter_config.json", "trainable_token_indices"],
+        expect: &[
+            "adapter_model.safetensors",
+            "trainable_token_indices",
+            "holds 0",
+        ],
     },
     Case {
         name: "an adapter whose target_modules is not a regular expression",

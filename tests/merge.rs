@@ -681,13 +681,150 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
 /// PEFT's model. Measured: at most 3e-7 relative; held to 3e-6.
 #[test]
 fn peft_adapters_with_saved_modules_give_the_logits_peft_gives() {
-    let fixtures = std::path::Path::new("tests/fixtures/modules_to_save");
-    for (base, case) in [
-        ("untied", "both"),
-        ("tied", "embed"),
-        ("tied", "embed_tying"),
-        ("tied", "head"),
+    gives_peft_logits(
+        "tests/fixtures/modules_to_save",
+        &[
+            ("untied", "both"),
+            ("tied", "embed"),
+            ("tied", "embed_tying"),
+            ("tied", "head"),
+        ],
+    );
+}
+
+/// PEFT's own adapters with trainable token rows (scripts/make_trainable_tokens_fixture.py: a list of
+/// ids or a map of modules; a tied model's projection reading the embedding's new rows, or its own
+/// rows of the base's embedding): run and merged, they give PEFT's logits (held to 3e-6).
+#[test]
+fn peft_adapters_with_trainable_tokens_give_the_logits_peft_gives() {
+    gives_peft_logits(
+        "tests/fixtures/trainable_tokens",
+        &[
+            ("untied", "list"),
+            ("untied", "both"),
+            ("tied", "list"),
+            ("tied", "same"),
+            ("tied", "mismatch"),
+            ("tied", "head"),
+        ],
+    );
+}
+
+/// Token rows nibble cannot apply as PEFT would are refused by name, before anything is written: ids
+/// past the vocabulary or listed twice, rows of another shape, modules other than the embedding and
+/// output projection, both kinds of saved weights at once, ties `ensure_weight_tying` cannot keep,
+/// and training on from such an adapter.
+#[test]
+fn trainable_token_rows_nibble_cannot_apply_are_refused_by_name() {
+    let fixture = std::path::Path::new("tests/fixtures/trainable_tokens/tied");
+    let dir = tempfile::tempdir().unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("mismatch/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let with = |name: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let adapter = dir.path().join(name);
+        std::fs::create_dir(&adapter).unwrap();
+        std::fs::copy(
+            fixture.join("mismatch/adapter_model.safetensors"),
+            adapter.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut config = config.clone();
+        change(&mut config);
+        std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
+        adapter
+    };
+    let merge = |adapter: &std::path::Path| {
+        let out = dir.path().join("merged");
+        let o = nibble(&[
+            "merge",
+            "--model",
+            fixture.join("model").to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!out.exists(), "{}", adapter.display());
+        assert_eq!(o.status.code(), Some(1));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let tokens = |v: serde_json::Value| {
+        move |c: &mut serde_json::Value| c["trainable_token_indices"] = v.clone()
+    };
+    for (name, change, says) in [
+        (
+            "past",
+            Box::new(tokens(
+                serde_json::json!({"embed_tokens": [3, 64], "lm_head": [17, 60]}),
+            )) as Box<dyn Fn(&mut serde_json::Value)>,
+            "token id 64 is past",
+        ),
+        (
+            "twice",
+            Box::new(tokens(
+                serde_json::json!({"embed_tokens": [3, 3], "lm_head": [17, 60]}),
+            )),
+            "listed twice",
+        ),
+        (
+            "shape",
+            Box::new(tokens(
+                serde_json::json!({"embed_tokens": [3, 5, 7], "lm_head": [17, 60]}),
+            )),
+            "shape [2, 32]",
+        ),
+        (
+            "module",
+            Box::new(tokens(
+                serde_json::json!({"embed_tokens": [3, 5], "wte": [1]}),
+            )),
+            "names wte",
+        ),
+        (
+            "words",
+            Box::new(tokens(serde_json::json!(["<|im_start|>"]))),
+            "must list token ids",
+        ),
+        (
+            "both",
+            Box::new(|c: &mut serde_json::Value| {
+                c["modules_to_save"] = serde_json::json!(["lm_head"])
+            }),
+            "one or the other",
+        ),
+        (
+            "tying",
+            Box::new(|c: &mut serde_json::Value| c["ensure_weight_tying"] = true.into()),
+            "ensure_weight_tying",
+        ),
+        (
+            "missing",
+            Box::new(tokens(serde_json::json!({"embed_tokens": [3, 5]}))),
+            "lm_head.token_adapter.trainable_tokens_delta",
+        ),
     ] {
+        let err = merge(&with(name, &*change));
+        assert!(err.contains(says), "{name}: {err}");
+    }
+    // Training goes on from LoRA matrices only.
+    let model = ModelSource::open(&fixture.join("model")).unwrap();
+    let files = nibble::source::ModelFiles::Dir(fixture.join("mismatch"));
+    let err = LoraAdapter::load_peft(&files, &model.config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("trainable_token_indices") && err.contains("trains LoRA"),
+        "{err}"
+    );
+}
+
+/// Each (base, case) of the fixture folder `fixtures`: the adapter run on the base's model, and
+/// merged into it, gives the logits PEFT recorded in expected.json.
+fn gives_peft_logits(fixtures: &str, cases: &[(&str, &str)]) {
+    let fixtures = std::path::Path::new(fixtures);
+    for &(base, case) in cases {
         let (model_dir, adapter_dir) = (
             fixtures.join(base).join("model"),
             fixtures.join(base).join(case),

@@ -104,11 +104,13 @@ pub fn run(args: Args) -> Result<()> {
         (dtype, base),
     )?;
     let whole: Vec<&str> = [
-        (&saved.embed, "the embedding"),
-        (&saved.head, "the output projection"),
+        (saved.embed.is_some(), "the embedding"),
+        (saved.head.is_some(), "the output projection"),
+        (saved.embed_rows.is_some(), "the embedding's rows"),
+        (saved.head_rows.is_some(), "the output projection's rows"),
     ]
     .into_iter()
-    .filter(|(module, _)| module.is_some())
+    .filter(|(present, _)| *present)
     .map(|(_, what)| what)
     .collect();
     let whole = match whole.is_empty() {
