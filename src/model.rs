@@ -440,6 +440,32 @@ impl Model {
         }
     }
 
+    /// Which of `ids` have rows of the embedding (or, with `head`, of the output projection) that
+    /// training never reached: all but zero, under a thousandth of the table's median row norm (as
+    /// a base model's reserved and chat-template tokens often are, Llama 3's among them). LoRA on
+    /// the linear layers cannot change what such a row gives: a zero embedding carries nothing but
+    /// its position, a zero output row keeps its token's logit at 0.
+    pub fn untrained_rows(&self, ids: &std::collections::BTreeSet<u32>, head: bool) -> Vec<u32> {
+        let table = match (head, &self.lm_head) {
+            (true, Some(head)) => head,
+            _ => &*self.embed,
+        };
+        let norm = |r: usize| {
+            let mut row = vec![0f32; table.cols];
+            table.row_f32(r, &mut row);
+            row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt()
+        };
+        // The median over up to 4096 rows spread across the table: the typical trained row.
+        let every = table.rows.div_ceil(4096).max(1);
+        let mut norms: Vec<f64> = (0..table.rows).step_by(every).map(norm).collect();
+        norms.sort_by(f64::total_cmp);
+        let typical = norms[norms.len() / 2];
+        ids.iter()
+            .copied()
+            .filter(|&id| (id as usize) < table.rows && norm(id as usize) < 1e-3 * typical)
+            .collect()
+    }
+
     /// Bytes the weights occupy in memory.
     pub fn weight_bytes(&self) -> u64 {
         let vec_bytes = |v: &Vec<f32>| 4 * v.len() as u64;

@@ -48,6 +48,73 @@ fn model_and_chats() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathB
     (dir, model, data)
 }
 
+/// Tokens of the data whose base rows were never trained (zero, as a base model's chat tokens can
+/// be) are named in a warning: the embedding's for tokens read, the output projection's for tokens
+/// the data trains the model to write; a model whose rows are all trained draws none.
+#[test]
+fn tokens_the_base_never_trained_are_named_in_a_warning() {
+    // Qwen2's tiny model ties its output projection to its embedding, Llama's does not.
+    for arch in [Arch::Qwen2, Arch::Llama] {
+        untrained_tokens_are_named(arch);
+    }
+}
+
+fn untrained_tokens_are_named(arch: Arch) {
+    let (dir, _, data) = model_and_chats();
+    let model = dir.path().join(format!("{arch:?}"));
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(arch, 259),
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
+    let warned = |out: &str| {
+        let o = train_cli(&model, &data, &dir.path().join(out), &["--max-steps", "1"]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let err = warned("trained");
+    assert!(!err.contains("never trained"), "{err}");
+    // <|im_start|> (257) read, <|im_end|> (258) read and written: their rows zeroed.
+    let weights = model.join("model.safetensors");
+    let mut tensors = common::read_f32_tensors(&weights);
+    let untied = tensors.iter().any(|(name, _, _)| name == "lm_head.weight");
+    for (name, shape, values) in &mut tensors {
+        let zeroed: &[usize] = match name.as_str() {
+            "model.embed_tokens.weight" => &[257, 258],
+            "lm_head.weight" => &[258],
+            _ => continue,
+        };
+        for &row in zeroed {
+            values[row * shape[1]..(row + 1) * shape[1]].fill(0.0);
+        }
+    }
+    common::write_f32_tensors(&weights, &tensors);
+    let err = warned("untrained");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("never trained"))
+        .collect();
+    let [read, written] = lines[..] else {
+        panic!("two warnings expected: {err}");
+    };
+    assert!(
+        read.contains("embedding rows")
+            && read.contains("\"<|im_start|>\" (257)")
+            && read.contains("\"<|im_end|>\" (258)")
+            && !read.contains("(256)"),
+        "{read}"
+    );
+    // A tied model's output rows are its embedding's.
+    assert!(
+        written.contains("output rows")
+            && written.contains("(258)")
+            && written.contains("(257)") != untied,
+        "untied {untied}: {written}"
+    );
+}
+
 /// `nibble eval` of `adapter` on the CPU.
 fn eval_cli(model: &Path, data: &Path, adapter: &Path) -> std::process::Output {
     common::nibble(&[

@@ -1011,6 +1011,53 @@ fn with_continuations(record: &str, restored: &Restored) -> String {
     }
 }
 
+/// Warns where the training data holds tokens the base model never learned to read (their embedding
+/// rows all but zero) or to write (their output rows), as a base model's chat-template tokens can be:
+/// LoRA on the linear layers cannot change what those rows give, so the run would teach the model a
+/// format it cannot follow.
+fn warn_of_untrained_tokens(model: &Model, train: &[Sequence], tok: &ChatTokenizer) {
+    let read: std::collections::BTreeSet<u32> =
+        train.iter().flat_map(|s| s.ids.iter().copied()).collect();
+    let written: std::collections::BTreeSet<u32> = train
+        .iter()
+        .flat_map(|s| s.targets.iter().flatten().copied())
+        .collect();
+    let name = |ids: &[u32]| -> String {
+        let shown: Vec<String> = ids
+            .iter()
+            .take(8)
+            .map(|&id| {
+                let text = tok.decode(&[id]).unwrap_or_default();
+                format!("{text:?} ({id})")
+            })
+            .collect();
+        let more = match ids.len() > 8 {
+            true => format!(" and {} more", ids.len() - 8),
+            false => String::new(),
+        };
+        format!("{}{more}", shown.join(", "))
+    };
+    let remedy = "start from the model's instruct release, or give a --chat-template whose special \
+                  tokens the base has trained";
+    let unread = model.untrained_rows(&read, false);
+    if !unread.is_empty() {
+        log::warn!(
+            "the data holds tokens whose embedding rows the base model never trained (all but \
+             zero): {}; LoRA on the linear layers cannot teach the model to read them: {remedy}",
+            name(&unread)
+        );
+    }
+    let unwritten = model.untrained_rows(&written, true);
+    if !unwritten.is_empty() {
+        log::warn!(
+            "the data trains the model to write tokens whose output rows the base model never \
+             trained (all but zero, so their logits stay near 0): {}; LoRA on the linear layers \
+             cannot teach it to write them: {remedy}",
+            name(&unwritten)
+        );
+    }
+}
+
 /// Refuses to resume from a checkpoint made by a different run, naming what differs. A checkpoint from
 /// before manifests existed is taken on trust, with a warning.
 fn check_manifest(checkpoint: &Path, now: &serde_json::Value) -> Result<()> {
@@ -1302,14 +1349,15 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 Some(file) => tokenize_file(&tok, file, &config, false)?,
                 None => Vec::new(),
             };
-            // Only --sample-prompts needs it later; its tables (~50 MB for a 150k vocabulary) go.
-            let keep = (!options.sample_prompts.is_empty()).then_some(tok);
-            Ok((RunData { train, eval }, keep))
+            Ok((RunData { train, eval }, tok))
         })();
         (loading.join(), data)
     });
     let (data, tokenizer) = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
+    warn_of_untrained_tokens(&model, &data.train, &tokenizer);
+    // Only --sample-prompts needs it later; its tables (~50 MB for a 150k vocabulary) go.
+    let tokenizer = (!options.sample_prompts.is_empty()).then_some(tokenizer);
     crate::alloc::release_free_memory();
     // Packing fills sequences up to --max-length.
     let longest = data
