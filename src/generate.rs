@@ -1,5 +1,5 @@
-//! Text generation with a KV cache on either executor: greedy or temperature / top-p (nucleus)
-//! sampling, stopping at the chat template's end-of-turn token.
+//! Text generation with a KV cache on either executor: greedy or sampled as transformers samples,
+//! stopping at the chat template's end-of-turn token.
 
 use crate::cpu::{self, KvCache, Sequence, StepLoss};
 use crate::error::Result;
@@ -13,12 +13,22 @@ use crate::rng::Rng;
 use crate::tokenizer::ChatTokenizer;
 use std::ops::ControlFlow;
 
+/// How the next token is picked from the logits, as transformers' `generate` picks it (its logits
+/// processors, in its order: the repetition penalty, then when sampling temperature, top-k, top-p
+/// and min-p).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
     /// 0 picks the most likely token (greedy).
     pub temperature: f32,
+    /// Sample among the k most likely tokens only (0: all).
+    pub top_k: usize,
     /// Sample from the smallest set of tokens whose probabilities reach top_p (1: all).
     pub top_p: f32,
+    /// Drop the tokens less likely than min_p times the most likely one (0: none).
+    pub min_p: f32,
+    /// Each token already in the context has its logit divided by this where positive, multiplied
+    /// where negative (1: none); greedy decoding too.
+    pub repetition_penalty: f32,
     pub seed: u64,
 }
 
@@ -26,10 +36,190 @@ impl Default for Sampling {
     fn default() -> Self {
         Sampling {
             temperature: 0.0,
+            top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             seed: 0,
         }
     }
+}
+
+impl Sampling {
+    /// What transformers' `generate` does by default with a model whose generation_config.json
+    /// holds `config`: greedy unless `do_sample`, then its temperature, top_k, top_p and min_p, each
+    /// at transformers' default where left out (1, 50, 1, none); its repetition_penalty either way.
+    pub fn of_generation_config(config: &serde_json::Value) -> std::result::Result<Self, String> {
+        let number = |key: &str, default: f64| -> std::result::Result<f64, String> {
+            match config.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| format!("`{key}: {v}` must be a number")),
+            }
+        };
+        let do_sample = match config.get("do_sample") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(v) => return Err(format!("`do_sample: {v}` must be true or false")),
+        };
+        let greedy = Sampling {
+            repetition_penalty: number("repetition_penalty", 1.0)? as f32,
+            ..Sampling::default()
+        };
+        let sampling = match do_sample {
+            false => greedy,
+            true => Sampling {
+                temperature: number("temperature", 1.0)? as f32,
+                top_k: number("top_k", 50.0)? as usize,
+                top_p: number("top_p", 1.0)? as f32,
+                min_p: number("min_p", 0.0)? as f32,
+                ..greedy
+            },
+        };
+        sampling.check().map(|()| sampling)
+    }
+
+    /// Refuses values no processor takes, naming the option (`--top-p` as the command line
+    /// spells it).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(format!(
+                "temperature must be a finite number >= 0 (got {t})"
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top-p must lie in (0, 1] (got {})", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min-p must lie in [0, 1] (got {})", self.min_p));
+        }
+        let penalty = self.repetition_penalty;
+        if !(penalty.is_finite() && penalty > 0.0) {
+            return Err(format!(
+                "repetition-penalty must be a finite number above 0 (got {penalty})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings as a person reads them.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        match self.temperature > 0.0 {
+            false => parts.push("greedy".to_string()),
+            true => {
+                parts.push(format!("temperature {}", self.temperature));
+                if self.top_k > 0 {
+                    parts.push(format!("top-k {}", self.top_k));
+                }
+                if self.top_p < 1.0 {
+                    parts.push(format!("top-p {}", self.top_p));
+                }
+                if self.min_p > 0.0 {
+                    parts.push(format!("min-p {}", self.min_p));
+                }
+            }
+        }
+        if self.repetition_penalty != 1.0 {
+            parts.push(format!("repetition penalty {}", self.repetition_penalty));
+        }
+        parts.join(", ")
+    }
+}
+
+/// The logits after the repetition penalty over the tokens of `context` (each once).
+fn penalized(logits: &[f32], penalty: f32, context: &[u32]) -> Vec<f32> {
+    let mut scores = logits.to_vec();
+    if penalty != 1.0 {
+        let mut seen = vec![false; scores.len()];
+        for &id in context {
+            let Some(score) = scores.get_mut(id as usize) else {
+                continue;
+            };
+            if !std::mem::replace(&mut seen[id as usize], true) {
+                *score = match *score < 0.0 {
+                    true => *score * penalty,
+                    false => *score / penalty,
+                };
+            }
+        }
+    }
+    scores
+}
+
+/// The next token's distribution when sampling (temperature above 0), after the context's
+/// repetition penalty, temperature, top-k, top-p and min-p as transformers applies them: the tokens
+/// kept with their probabilities, most likely first (ties by token id).
+pub fn distribution(logits: &[f32], sampling: &Sampling, context: &[u32]) -> Vec<(u32, f64)> {
+    let scores = penalized(logits, sampling.repetition_penalty, context);
+    let temperature = sampling.temperature as f64;
+    let mut kept: Vec<(u32, f64)> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| (i as u32, s as f64 / temperature))
+        .collect();
+    kept.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Top-k keeps every token scoring at least the k-th best (ties included).
+    if sampling.top_k > 0 && sampling.top_k < kept.len() {
+        let least = kept[sampling.top_k - 1].1;
+        kept.retain(|&(_, s)| s >= least);
+    }
+    let softmax = |kept: &[(u32, f64)]| -> Vec<f64> {
+        let max = kept[0].1;
+        let weights: Vec<f64> = kept.iter().map(|&(_, s)| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        weights.into_iter().map(|w| w / total).collect()
+    };
+    // Top-p drops the least likely tokens while their mass, summed from the least, stays within
+    // 1 − top_p; the most likely token always stays.
+    if sampling.top_p < 1.0 {
+        let probs = softmax(&kept);
+        let mut tail = 0.0;
+        let mut keep = kept.len();
+        for (i, p) in probs.iter().enumerate().rev().take(kept.len() - 1) {
+            tail += p;
+            if tail > 1.0 - sampling.top_p as f64 {
+                break;
+            }
+            keep = i;
+        }
+        kept.truncate(keep);
+    }
+    if sampling.min_p > 0.0 {
+        let probs = softmax(&kept);
+        let least = sampling.min_p as f64 * probs[0];
+        let keep = probs.iter().take_while(|&&p| p >= least).count().max(1);
+        kept.truncate(keep);
+    }
+    let probs = softmax(&kept);
+    kept.iter()
+        .zip(probs)
+        .map(|(&(id, _), p)| (id, p))
+        .collect()
+}
+
+/// Picks the next token from `logits` after the tokens of `context` (the prompt and the answer so
+/// far, which the repetition penalty reads).
+pub fn sample(logits: &[f32], sampling: &Sampling, context: &[u32], rng: &mut Rng) -> u32 {
+    if sampling.temperature <= 0.0 {
+        let scores = penalized(logits, sampling.repetition_penalty, context);
+        return scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+            .map_or(0, |(i, _)| i as u32);
+    }
+    let kept = distribution(logits, sampling, context);
+    let mut u = rng.uniform();
+    for &(id, p) in &kept {
+        u -= p;
+        if u <= 0.0 {
+            return id;
+        }
+    }
+    kept[kept.len() - 1].0
 }
 
 /// Tokens that end an assistant turn: the tokenizer's eos token, the end-of-turn tokens of the chat
@@ -53,48 +243,6 @@ pub fn stop_tokens(tok: &ChatTokenizer) -> Vec<u32> {
     stop.sort_unstable();
     stop.dedup();
     stop
-}
-
-/// Picks the next token from `logits`.
-pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32)
-    };
-    if sampling.temperature <= 0.0 {
-        return argmax();
-    }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, (((l - max) / sampling.temperature) as f64).exp()))
-        .collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    // Most likely first (ties by token id, so a seed always gives the same answer).
-    probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut kept = 0;
-    let mut mass = 0.0;
-    for p in &probs {
-        kept += 1;
-        mass += p.1 / total;
-        if mass >= sampling.top_p as f64 {
-            break;
-        }
-    }
-    let nucleus = &probs[..kept];
-    let nucleus_mass: f64 = nucleus.iter().map(|p| p.1).sum();
-    let mut u = rng.uniform() * nucleus_mass;
-    for p in nucleus {
-        u -= p.1;
-        if u <= 0.0 {
-            return p.0;
-        }
-    }
-    nucleus[kept - 1].0
 }
 
 /// Where decoding runs: the model (and adapter) on the CPU executor or uploaded to a GPU.
@@ -321,7 +469,7 @@ pub async fn generate_async(
         .await?;
     let mut out = Vec::new();
     for _ in 0..max_new {
-        let next = sample(&logits, sampling, &mut rng);
+        let next = sample(&logits, sampling, cached, &mut rng);
         out.push(next);
         let asked_to_stop = on_token(next).is_break();
         if asked_to_stop || stop.contains(&next) || out.len() == max_new {

@@ -42,13 +42,14 @@ pub struct Session {
     inner: Rc<RefCell<Inner>>,
 }
 
-/// The validation loss a step's evaluation produced, if one fell due.
+/// The validation losses a step produced, by step: its own where one fell due, and step 0's before
+/// the first step (`eval_on_start`).
 #[derive(Default)]
-struct Evaluated(Option<f64>);
+struct Evaluated(Vec<(usize, f64)>);
 
 impl Observer for Evaluated {
-    fn evaluated(&mut self, _step: usize, loss: f64) {
-        self.0 = Some(loss);
+    fn evaluated(&mut self, step: usize, loss: f64) {
+        self.0.push((step, loss));
     }
 }
 
@@ -316,7 +317,8 @@ impl Session {
     }
 
     /// One optimizer step; resolves to its record as JSON (step, epoch, loss, lr, grad_norm, tokens,
-    /// tokens_per_s, mean_token_accuracy, entropy, eval_loss when a validation pass fell due, and on WebGPU gpu_bytes: the device
+    /// tokens_per_s, mean_token_accuracy, entropy, eval_loss when a validation pass fell due,
+    /// eval_loss_at_start before the first step with eval_on_start, and on WebGPU gpu_bytes: the device
     /// memory in use, scratch at its high-water mark).
     pub fn step(&self) -> js_sys::Promise {
         let inner = self.inner.clone();
@@ -326,8 +328,12 @@ impl Session {
             let mut evaluated = Evaluated::default();
             let record: StepRecord = run.step_async(&mut evaluated).await.map_err(js_error)?;
             let mut json = record.to_json();
-            if let Some(loss) = evaluated.0 {
-                json["eval_loss"] = loss.into();
+            for (step, loss) in evaluated.0 {
+                let key = match step == record.step {
+                    true => "eval_loss",
+                    false => "eval_loss_at_start",
+                };
+                json[key] = loss.into();
             }
             if let Some(bytes) = run.trainer.gpu_bytes() {
                 json["gpu_bytes"] = bytes.into();

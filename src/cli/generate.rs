@@ -30,12 +30,26 @@ pub struct GenArgs {
     /// The most tokens an answer runs to (it ends earlier at the model's end of turn).
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample from the smallest set of tokens whose probabilities sum to this (1: every token).
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    /// 0 is greedy; above 0 samples [default: as transformers' `generate` does with the model's
+    /// generation_config.json (its do_sample and temperature), else greedy].
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// When sampling, sample among the K most likely tokens only (0: all) [default: the model's
+    /// generation_config.json, else transformers' 50].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// When sampling, sample from the smallest set of tokens whose probabilities sum to this (1:
+    /// every token) [default: the model's generation_config.json, else 1].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// When sampling, drop tokens less likely than this times the most likely one (0: none)
+    /// [default: the model's generation_config.json, else 0].
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Divide the logits of tokens already in the conversation by this (multiply negative ones; 1:
+    /// none), greedy or not [default: the model's generation_config.json, else 1].
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
     /// Seeds the sampling (with a temperature above 0).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -57,6 +71,64 @@ pub struct GenArgs {
 }
 
 impl GenArgs {
+    /// How tokens are picked: the model's generation_config.json as transformers reads it, under
+    /// the options given (a temperature above 0 samples even where the model's config does not).
+    fn sampling(&self) -> Result<nibble::generate::Sampling> {
+        use nibble::generate::Sampling;
+        let config_path = match self.model.is_dir() {
+            true => Some(self.model.join("generation_config.json")),
+            // A path to the folder's config.json (a `nibble quantize` file holds none).
+            false => self
+                .model
+                .file_name()
+                .filter(|name| *name == "config.json")
+                .and_then(|_| Some(self.model.parent()?.join("generation_config.json"))),
+        };
+        let mut sampling = match config_path.filter(|p| p.is_file()) {
+            Some(path) => {
+                let text = nibble::fsutil::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                let config: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
+                let sampling = Sampling::of_generation_config(&config)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                log::info!(
+                    "decoding as {} says: {}",
+                    path.display(),
+                    sampling.describe()
+                );
+                sampling
+            }
+            None => Sampling::default(),
+        };
+        // A model's config that does not sample leaves transformers' sampling defaults to the
+        // options that ask for sampling.
+        if self.temperature.is_some_and(|t| t > 0.0) && sampling.temperature == 0.0 {
+            sampling.top_k = 50;
+        }
+        let options = [
+            (self.temperature.is_some(), "--temperature"),
+            (self.top_k.is_some(), "--top-k"),
+            (self.top_p.is_some(), "--top-p"),
+            (self.min_p.is_some(), "--min-p"),
+        ];
+        sampling.temperature = self.temperature.unwrap_or(sampling.temperature);
+        sampling.top_k = self.top_k.unwrap_or(sampling.top_k);
+        sampling.top_p = self.top_p.unwrap_or(sampling.top_p);
+        sampling.min_p = self.min_p.unwrap_or(sampling.min_p);
+        sampling.repetition_penalty = self
+            .repetition_penalty
+            .unwrap_or(sampling.repetition_penalty);
+        sampling.seed = self.seed;
+        sampling.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        if sampling.temperature == 0.0
+            && let Some((_, flag)) = options[1..].iter().find(|(given, _)| *given)
+        {
+            log::warn!("{flag} applies when sampling (a --temperature above 0); decoding greedily");
+        }
+        Ok(sampling)
+    }
+
     /// The tools and keywords the prompt is rendered with; errors name the file or the option.
     fn template_args(&self) -> Result<TemplateArgs> {
         let tools = match &self.tools {
@@ -129,15 +201,7 @@ struct Speaker {
 
 impl Speaker {
     fn open(g: &GenArgs) -> Result<Self> {
-        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
-            bail!("--top-p must lie in (0, 1] (got {})", g.top_p);
-        }
-        if !(g.temperature.is_finite() && g.temperature >= 0.0) {
-            bail!(
-                "--temperature must be a finite number >= 0 (got {})",
-                g.temperature
-            );
-        }
+        let sampling = g.sampling()?;
         let template_args = g.template_args()?;
         let (tok, placed) = open_placed(
             &g.model,
@@ -154,11 +218,7 @@ impl Speaker {
             cache,
             placed,
             tok,
-            sampling: nibble::generate::Sampling {
-                temperature: g.temperature,
-                top_p: g.top_p,
-                seed: g.seed,
-            },
+            sampling,
             max_new: g.max_new_tokens,
             cached: Vec::new(),
             template_args,

@@ -5,7 +5,7 @@ use nibble::merge::MergeBase;
 use nibble::model::{self, QuantChoice};
 use nibble::quant::{QuantFormat, QuantSpec};
 use nibble::source::FloatDtype;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Fold a LoRA adapter into the base weights: a model folder (safetensors, config and tokenizer
 /// copied) that transformers loads without peft.
@@ -26,7 +26,9 @@ pub struct Args {
     /// The weights the adapter is added to: the checkpoint's own (as PEFT's merge_and_unload on a
     /// 16-bit base), or the 4-bit ones it was trained against, dequantized: the model exactly as
     /// trained, without the quantization error the original weights add back (needed for a LoftQ
-    /// adapter, which starts at that error). Default: original, or quantized where --quant is given.
+    /// adapter, which starts at that error). Exact for nibble's own runs; an adapter trained with
+    /// bitsandbytes' double quantization saw scales rounded to 8 bits, which nibble does not round.
+    /// Default: original, or quantized where a 4-bit --quant or a --group-size is given.
     #[arg(long, value_enum, ignore_case = true)]
     base_weights: Option<BaseWeights>,
     /// With --base-weights quantized: the 4-bit format training used (default: the one the adapter
@@ -138,21 +140,40 @@ fn merge_base(args: &Args) -> Result<MergeBase> {
         None => None,
     };
     let asked = format.is_some() || args.group_size.is_some();
-    match args.base_weights {
-        Some(BaseWeights::Original) | None if !asked => return Ok(MergeBase::Original),
-        Some(BaseWeights::Original) => {
-            anyhow::bail!(
-                "--quant and --group-size say which 4-bit weights to merge into; \
-                 --base-weights original merges into the checkpoint's own"
-            )
+    if args.quant == Some(QuantChoice::None) {
+        match (args.base_weights, args.group_size) {
+            (Some(BaseWeights::Quantized), _) => anyhow::bail!(
+                "--base-weights quantized needs a 4-bit --quant (nf4 or int4), not none"
+            ),
+            (_, Some(_)) => anyhow::bail!(
+                "--group-size says how the 4-bit weights are grouped; --quant none merges into the \
+                 checkpoint's own weights"
+            ),
+            _ => return Ok(MergeBase::Original),
         }
-        _ if args.quant == Some(QuantChoice::None) => {
-            anyhow::bail!("--base-weights quantized needs a 4-bit --quant (nf4 or int4), not none")
+    }
+    match args.base_weights {
+        Some(BaseWeights::Original) if asked => anyhow::bail!(
+            "--quant and --group-size say which 4-bit weights to merge into; --base-weights \
+             original merges into the checkpoint's own"
+        ),
+        Some(BaseWeights::Original) => return Ok(MergeBase::Original),
+        None if !asked => {
+            // PEFT's way, and the default: said where the adapter's run records 4-bit weights.
+            if let Ok(Some(Some(spec))) = nibble::train::run::recorded_quant(&args.adapter) {
+                log::info!(
+                    "{} was trained against {spec} weights: merged into the original ones, the \
+                     model differs from the one trained by their quantization error \
+                     (--base-weights quantized merges into the 4-bit ones)",
+                    args.adapter.display()
+                );
+            }
+            return Ok(MergeBase::Original);
         }
         _ => {}
     }
     let manifest = args.adapter.join(nibble::train::MANIFEST);
-    let recorded = recorded_quant(&manifest)?;
+    let recorded = nibble::train::run::recorded_quant(&args.adapter)?;
     let trained = match recorded {
         Some(Some(spec)) => Some(spec),
         Some(None) if !asked => anyhow::bail!(
@@ -176,7 +197,8 @@ fn merge_base(args: &Args) -> Result<MergeBase> {
         args.group_size
             .or(trained.map(|t| t.group_size))
             .unwrap_or(nibble::quant::DEFAULT_GROUP_SIZE),
-    )?;
+    )
+    .context("--group-size")?;
     if let Some(recorded) = recorded
         && recorded != Some(spec)
     {
@@ -188,29 +210,4 @@ fn merge_base(args: &Args) -> Result<MergeBase> {
         );
     }
     Ok(MergeBase::Quantized(spec))
-}
-
-/// What a nibble run.json records of the weights its adapter was trained on: None where there is no
-/// such record, Some(None) for 16-bit weights.
-fn recorded_quant(manifest: &Path) -> Result<Option<Option<QuantSpec>>> {
-    let Ok(text) = std::fs::read_to_string(manifest) else {
-        return Ok(None);
-    };
-    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    // Another tool's run.json says nothing about nibble's weights.
-    let Some(quant) = value.get("model").and_then(|m| m.get("quant")) else {
-        return Ok(None);
-    };
-    match quant {
-        serde_json::Value::Null => Ok(Some(None)),
-        serde_json::Value::String(text) => {
-            Ok(Some(Some(text.parse().with_context(|| {
-                format!("{}: model.quant", manifest.display())
-            })?)))
-        }
-        other => anyhow::bail!(
-            "{}: model.quant is {other}, not a 4-bit format such as \"nf4 (group 64)\"",
-            manifest.display()
-        ),
-    }
 }

@@ -1015,6 +1015,7 @@ fn with_continuations(record: &str, restored: &Restored) -> String {
 /// rows all but zero) or to write (their output rows), as a base model's chat-template tokens can be:
 /// LoRA on the linear layers cannot change what those rows give, so the run would teach the model a
 /// format it cannot follow.
+#[cfg(not(target_arch = "wasm32"))]
 fn warn_of_untrained_tokens(model: &Model, train: &[Sequence], tok: &ChatTokenizer) {
     let read: std::collections::BTreeSet<u32> =
         train.iter().flat_map(|s| s.ids.iter().copied()).collect();
@@ -1635,6 +1636,37 @@ pub fn load_adapter(
     flag: &str,
 ) -> Result<LoraAdapter> {
     load_adapter_checked(dir, config, base, flag, false).map(|(adapter, _)| adapter)
+}
+
+/// What the run.json in an adapter folder `dir` records of the weights its run trained on: None
+/// where the folder holds no record of nibble's (no run.json, or another tool's), Some(None) for
+/// 16-bit weights. A run.json that cannot be read or parsed is an error naming it.
+pub fn recorded_quant(dir: &Path) -> Result<Option<Option<crate::quant::QuantSpec>>> {
+    let path = dir.join(train::MANIFEST);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let bad = |msg: String| Error::Config {
+        path: path.clone(),
+        msg,
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let Some(quant) = value.get("model").and_then(|m| m.get("quant")) else {
+        return Ok(None);
+    };
+    match quant {
+        serde_json::Value::Null => Ok(Some(None)),
+        serde_json::Value::String(text) => text
+            .parse()
+            .map(|spec| Some(Some(spec)))
+            .map_err(|e| bad(format!("model.quant: {e}"))),
+        other => Err(bad(format!(
+            "model.quant is {other}, not a 4-bit format such as \"nf4 (group 64)\""
+        ))),
+    }
 }
 
 /// `load_adapter` for running or merging the adapter: with the whole modules it saved
