@@ -143,8 +143,8 @@ pub fn parse_size(text: &str, option: &str) -> crate::Result<u64> {
 pub fn human_bytes(bytes: u64) -> String {
     const KIB: f64 = 1024.0;
     let b = bytes as f64;
-    // A unit is taken where the value it shows, rounded as shown, is at least one of it: just under a
-    // GiB reads "1.00 GiB", not "1024.0 MiB".
+    // The larger unit is taken where the smaller one, rounded to its one decimal, would read 1024.0:
+    // just under a GiB reads "1.00 GiB", not "1024.0 MiB".
     if b >= KIB * KIB * KIB - 0.05 * KIB * KIB {
         format!("{:.2} GiB", b / (KIB * KIB * KIB))
     } else if b >= KIB * KIB - 0.05 * KIB {

@@ -966,7 +966,7 @@ impl LoraAdapter {
             }
         }
         let mut saved = SavedModules::read(&weights, &to_save, modules_tied, model)?;
-        token_rows.read_into(&mut saved, &weights, model, ensure_tying)?;
+        token_rows.read_into(&mut saved, (&weights, &cfg_path), model, ensure_tying)?;
         let mut expected: std::collections::HashSet<String> = adapter
             .pairs()
             .flat_map(|(path, pair)| pair.factors().map(move |f| factor_key(path, f)))
@@ -978,6 +978,9 @@ impl LoraAdapter {
                 extra,
                 if extra.ends_with(".lora_magnitude_vector") {
                     "a DoRA magnitude, where adapter_config.json does not say use_dora"
+                } else if extra.ends_with(".token_adapter.trainable_tokens_delta") {
+                    "rows of trainable tokens, where adapter_config.json's \
+                     `trainable_token_indices` lists none for this module"
                 } else {
                     "not a LoRA matrix of this model's targets"
                 },
@@ -1020,12 +1023,34 @@ pub struct TokenRows {
 }
 
 impl TokenRows {
+    /// Each row's index in the table with its `width` values.
+    pub fn rows(&self, width: usize) -> impl Iterator<Item = (usize, &[f32])> {
+        self.indices
+            .iter()
+            .copied()
+            .zip(self.values.chunks_exact(width))
+    }
+
     /// Each row in place in `table` (row-major, `width` wide).
     pub fn put_into(&self, table: &mut [f32], width: usize) {
-        for (&row, values) in self.indices.iter().zip(self.values.chunks_exact(width)) {
+        for (row, values) in self.rows(width) {
             table[row * width..(row + 1) * width].copy_from_slice(values);
         }
     }
+}
+
+/// The keys of a PEFT adapter's tensors whose module path (after `base_model.model.`) is `suffix`
+/// or ends with `.suffix`: a module named by its name alone, as PEFT matches names.
+fn keys_ending<'w>(weights: &'w crate::source::SafetensorsFile, suffix: &str) -> Vec<&'w String> {
+    weights
+        .tensor_names()
+        .filter(|key| {
+            key.strip_prefix("base_model.model.").is_some_and(|path| {
+                path.strip_suffix(suffix)
+                    .is_some_and(|before| before.is_empty() || before.ends_with('.'))
+            })
+        })
+        .collect()
 }
 
 /// PEFT's `trainable_token_indices` by the table it names: a list names the embedding's rows; a map
@@ -1090,13 +1115,22 @@ impl TokenIndices {
     fn read_into(
         self,
         saved: &mut SavedModules,
-        weights: &crate::source::SafetensorsFile,
+        (weights, config): (&crate::source::SafetensorsFile, &std::path::Path),
         model: &ModelConfig,
         ensure_tying: bool,
     ) -> Result<()> {
         let tied = model.tie_word_embeddings;
         let head = match (&self.embed, self.head) {
-            (Some(embed), Some(head)) if tied && *embed == head => None,
+            (Some(embed), Some(head)) if tied && *embed == head => {
+                // The projection reads the embedding's rows (PEFT ties it and ignores a copy of
+                // its own, should the weights hold one).
+                saved.tied_copies.extend(
+                    keys_ending(weights, "lm_head.token_adapter.trainable_tokens_delta")
+                        .into_iter()
+                        .cloned(),
+                );
+                None
+            }
             (Some(_), Some(head)) if tied && ensure_tying => {
                 return Err(Error::Invalid(format!(
                     "{}: `trainable_token_indices` gives the tied embedding and output projection \
@@ -1107,15 +1141,28 @@ impl TokenIndices {
             }
             (_, head) => head,
         };
+        let bad_ids = |module: &str, msg: String| Error::Config {
+            path: config.to_path_buf(),
+            msg: format!("`trainable_token_indices` of {module}: {msg}"),
+        };
         let read = |module: &str, indices: Vec<usize>| -> Result<TokenRows> {
+            if let Some(&past) = indices.iter().find(|&&i| i >= model.vocab_size) {
+                return Err(bad_ids(
+                    module,
+                    format!(
+                        "token id {past} is past the model's vocabulary of {} (an adapter trained \
+                         with added tokens needs its base's vocabulary resized, which nibble does \
+                         not do)",
+                        model.vocab_size
+                    ),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            if let Some(twice) = indices.iter().find(|&&i| !seen.insert(i)) {
+                return Err(bad_ids(module, format!("token id {twice} is listed twice")));
+            }
             let suffix = format!("{module}.token_adapter.trainable_tokens_delta");
-            let found: Vec<&String> = weights
-                .tensor_names()
-                .filter(|key| {
-                    key.strip_prefix("base_model.model.")
-                        .is_some_and(|k| k == suffix || k.ends_with(&format!(".{suffix}")))
-                })
-                .collect();
+            let found = keys_ending(weights, &suffix);
             let [key] = found[..] else {
                 return Err(Error::tensor(
                     weights.path(),
@@ -1139,26 +1186,6 @@ impl TokenIndices {
                         info.shape,
                         indices.len()
                     ),
-                ));
-            }
-            if let Some(&past) = indices.iter().find(|&&i| i >= model.vocab_size) {
-                return Err(Error::tensor(
-                    weights.path(),
-                    key,
-                    format!(
-                        "token id {past} is past the model's vocabulary of {} (an adapter \
-                         trained with added tokens needs its base's vocabulary resized, which \
-                         nibble does not do)",
-                        model.vocab_size
-                    ),
-                ));
-            }
-            let mut seen = std::collections::HashSet::new();
-            if let Some(twice) = indices.iter().find(|&&i| !seen.insert(i)) {
-                return Err(Error::tensor(
-                    weights.path(),
-                    key,
-                    format!("token id {twice} is listed twice in `trainable_token_indices`"),
                 ));
             }
             Ok(TokenRows {
@@ -1191,16 +1218,9 @@ impl SavedModules {
         for name in names {
             // PEFT saves a module under its path (the `modules_to_save.default` part dropped), and
             // a name picks every module whose path ends with it.
-            let found: Vec<&String> = weights
-                .tensor_names()
-                .filter(|key| {
-                    key.strip_prefix("base_model.model.")
-                        .and_then(|k| k.strip_suffix(".weight"))
-                        .is_some_and(|path| {
-                            !path.contains(".lora_")
-                                && (path == name || path.ends_with(&format!(".{name}")))
-                        })
-                })
+            let found: Vec<&String> = keys_ending(weights, &format!("{name}.weight"))
+                .into_iter()
+                .filter(|key| !key.contains(".lora_"))
                 .collect();
             let [key] = found[..] else {
                 return Err(Error::tensor(
@@ -1244,13 +1264,8 @@ impl SavedModules {
             *slot = Some((key.clone(), weights.read_f32(key)?));
         }
         if tied && saved.head.is_none() {
-            saved.tied_copies = weights
-                .tensor_names()
-                .filter(|key| {
-                    key.strip_prefix("base_model.model.")
-                        .and_then(|k| k.strip_suffix(".weight"))
-                        .is_some_and(|path| path == "lm_head" || path.ends_with(".lm_head"))
-                })
+            saved.tied_copies = keys_ending(weights, "lm_head.weight")
+                .into_iter()
                 .cloned()
                 .collect();
         }

@@ -14,6 +14,7 @@ use crate::model::ModelSource;
 use crate::ops::matmul::{View, matmul_into};
 use crate::quant::{QuantSpec, QuantTensor};
 use crate::source::FloatDtype;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -51,8 +52,17 @@ pub fn merge(
     (dtype, base): (Option<FloatDtype>, MergeBase),
 ) -> Result<()> {
     let shards = source.shards().ok_or_else(|| {
+        let how = match base {
+            MergeBase::Original => "",
+            // The file holds no tokenizer and config files to copy, and its 4-bit weights are
+            // what quantizing its folder gives again.
+            MergeBase::Quantized(_) => {
+                ": --base-weights quantized quantizes the folder's weights as this file holds them"
+            }
+        };
         Error::Invalid(format!(
-            "{}: merging needs the original model folder (16-bit weights), not a quantized file",
+            "{}: merging needs the original model folder (16-bit weights), not a quantized \
+             file{how}",
             folder.display()
         ))
     })?;
@@ -131,6 +141,14 @@ pub fn merge(
             None => entries.push(head),
         }
     }
+    // A tied model reads its embedding as its output projection: an lm_head.weight stored beside
+    // it (which transformers ignores) would keep the base's rows where the embedding changes.
+    if source.config.tie_word_embeddings
+        && !untie
+        && (saved.embed.is_some() || saved.embed_rows.is_some())
+    {
+        entries.retain(|e| e.key != "lm_head.weight");
+    }
     // Whole modules by nibble's name of the tensor they replace.
     let mut replaced: HashMap<&str, &[f32]> = HashMap::new();
     if let Some((_, values)) = &saved.embed {
@@ -171,7 +189,7 @@ type Targets<'a> = HashMap<String, (&'a crate::lora::LoraPair, f32)>;
 
 /// What the merge changes, by nibble's name of each tensor.
 struct Changed<'a> {
-    /// LoRA updates.
+    /// The LoRA pairs merged into each weight, at their scales.
     targets: &'a Targets<'a>,
     /// The adapter's saved modules, in place of the base's tensors.
     replaced: &'a HashMap<&'a str, &'a [f32]>,
@@ -181,7 +199,9 @@ struct Changed<'a> {
     quantized: &'a HashMap<String, QuantSpec>,
 }
 
-/// Writes the merged tensors.
+/// Streams the merged tensors into tmp/model.safetensors, one at a time. The writer goes on to the
+/// end whatever a tensor gives, so the first failure is kept and returned (the caller then drops
+/// the folder).
 fn write_merged(
     entries: &[Entry],
     source: &ModelSource,
@@ -203,8 +223,19 @@ fn write_merged(
             let entry = &entries[i];
             let name = &entry.key;
             let saved = changed.replaced.get(name.as_str());
+            // What the adapter puts in place of the base's values takes the dtype of the tensor it
+            // replaces, as PEFT casts it to the base module's (so eval, which keeps the table in
+            // its checkpoint dtype, and merge agree).
+            let stored_dtype = shards[entry.shard]
+                .info(&entry.read)
+                .and_then(|info| FloatDtype::of(info.dtype));
             match saved {
-                Some(values) => out.copy_from_slice(values),
+                Some(values) => {
+                    out.copy_from_slice(values);
+                    if let Some(dtype) = stored_dtype {
+                        dtype.round(out);
+                    }
+                }
                 None => {
                     if let Err(e) = source.read_f32_into(&entry.read, out) {
                         failure.get_or_insert(e);
@@ -215,7 +246,12 @@ fn write_merged(
                         && let [rows, cols] = entry.shape[..]
                     {
                         match QuantTensor::quantize(spec, rows, cols, out) {
-                            Ok(q) => out.copy_from_slice(&q.dequantize()),
+                            // Row by row: a second f32 copy of the tensor would double the
+                            // memory a merge holds.
+                            Ok(q) => out
+                                .par_chunks_mut(cols)
+                                .enumerate()
+                                .for_each(|(r, row)| q.dequantize_row(r, row)),
                             Err(e) => {
                                 failure.get_or_insert(Error::tensor(
                                     shards[entry.shard].path(),
@@ -266,7 +302,13 @@ fn write_merged(
                     ));
                     return;
                 }
-                token_rows.put_into(out, entry.shape[1]);
+                let width = entry.shape[1];
+                token_rows.put_into(out, width);
+                if let Some(dtype) = stored_dtype {
+                    for &row in &token_rows.indices {
+                        dtype.round(&mut out[row * width..(row + 1) * width]);
+                    }
+                }
             }
             if let Some(&(pair, scale)) = changed.targets.get(name) {
                 // W [out, in] += scale · B [out, r] · A [r, in]

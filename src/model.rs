@@ -153,7 +153,7 @@ impl DenseTensor {
 
     /// The rows `rows` names, in place.
     pub fn put_rows(&mut self, rows: &crate::lora::TokenRows) {
-        for (&r, values) in rows.indices.iter().zip(rows.values.chunks_exact(self.cols)) {
+        for (r, values) in rows.rows(self.cols) {
             self.set_row_f32(r, values);
         }
     }

@@ -424,6 +424,19 @@ impl FloatDtype {
         }
     }
 
+    /// Each value as the nearest this dtype holds, widened back to f32.
+    pub fn round(self, values: &mut [f32]) {
+        match self {
+            FloatDtype::F32 => {}
+            FloatDtype::F16 => values
+                .iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            FloatDtype::BF16 => values
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        }
+    }
+
     /// Converts little-endian bytes of this dtype into f32 values (`out.len() * size() == raw.len()`).
     pub fn convert(self, raw: &[u8], out: &mut [f32]) {
         debug_assert_eq!(raw.len(), out.len() * self.size());

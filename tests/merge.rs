@@ -284,6 +284,73 @@ fn merged_onto_the_4_bit_weights_gives_the_trained_models_logits() {
         assert!(logits.is_none() && err.contains(says), "{extra:?}: {err}");
         assert!(!dir.path().join("never").exists());
     }
+    // eval and generate load the base as the run recorded it (int4, groups of 32) unless --quant
+    // says otherwise.
+    let eval = |extra: &[&str]| -> f64 {
+        let mut args = vec![
+            "eval",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            run.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let o = nibble(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let line: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        line["loss"].as_f64().unwrap()
+    };
+    let recorded = eval(&[]);
+    assert_eq!(recorded, eval(&["--quant", "int4", "--group-size", "32"]));
+    assert_ne!(recorded, eval(&["--quant", "nf4"]));
+    // A run.json that is not JSON is named, unless the options say everything.
+    std::fs::write(bare.join("run.json"), "{\"model\": {").unwrap();
+    let o = merge_bare("corrupt", &["--base-weights", "quantized"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("run.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
+    let o = merge_bare("corrupt", &["--quant", "int4", "--group-size", "32"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("ignored"), "{err}");
+    // A LoftQ adapter merges into the 4-bit weights unless asked otherwise: it starts at their
+    // error, which the original weights would add a second time.
+    let loftq = dir.path().join("loftq");
+    let o = common::train_cli(
+        &base,
+        &data,
+        &loftq,
+        &[
+            "--init-lora-weights",
+            "loftq",
+            "--max-steps",
+            "1",
+            "--lr",
+            "0",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = nibble(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        loftq.to_str().unwrap(),
+        "-o",
+        dir.path().join("loftq-merged").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("onto the nf4 (group 64) weights"),
+        "{err}"
+    );
+
     // A run on 16-bit weights has no 4-bit ones to merge into.
     let run16 = dir.path().join("run16");
     let o = common::train_cli(
@@ -800,14 +867,35 @@ fn trainable_token_rows_nibble_cannot_apply_are_refused_by_name() {
             "ensure_weight_tying",
         ),
         (
-            "missing",
+            "unlisted",
             Box::new(tokens(serde_json::json!({"embed_tokens": [3, 5]}))),
-            "lm_head.token_adapter.trainable_tokens_delta",
+            "lists none for this module",
         ),
     ] {
         let err = merge(&with(name, &*change));
         assert!(err.contains(says), "{name}: {err}");
+        // What is wrong with the ids is said of the file that lists them.
+        if ["past", "twice"].contains(&name) {
+            assert!(err.contains("adapter_config.json"), "{name}: {err}");
+        }
     }
+    // A tied model's projection given the embedding's rows reads them, and a copy of its own in
+    // the weights is ignored, as PEFT ignores it.
+    let same = with(
+        "same",
+        &tokens(serde_json::json!({"embed_tokens": [3, 5], "lm_head": [3, 5]})),
+    );
+    let out = dir.path().join("merged-same");
+    let o = nibble(&[
+        "merge",
+        "--model",
+        fixture.join("model").to_str().unwrap(),
+        "--adapter",
+        same.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Training goes on from LoRA matrices only.
     let model = ModelSource::open(&fixture.join("model")).unwrap();
     let files = nibble::source::ModelFiles::Dir(fixture.join("mismatch"));

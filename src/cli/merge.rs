@@ -106,10 +106,10 @@ pub fn run(args: Args) -> Result<()> {
         (dtype, base),
     )?;
     let whole: Vec<&str> = [
-        (saved.embed.is_some(), "the embedding"),
-        (saved.head.is_some(), "the output projection"),
-        (saved.embed_rows.is_some(), "the embedding's rows"),
-        (saved.head_rows.is_some(), "the output projection's rows"),
+        (saved.embed.is_some(), "embedding"),
+        (saved.head.is_some(), "output projection"),
+        (saved.embed_rows.is_some(), "embedding rows"),
+        (saved.head_rows.is_some(), "output projection rows"),
     ]
     .into_iter()
     .filter(|(present, _)| *present)
@@ -152,29 +152,53 @@ fn merge_base(args: &Args) -> Result<MergeBase> {
             _ => return Ok(MergeBase::Original),
         }
     }
-    match args.base_weights {
-        Some(BaseWeights::Original) if asked => anyhow::bail!(
-            "--quant and --group-size say which 4-bit weights to merge into; --base-weights \
-             original merges into the checkpoint's own"
-        ),
-        Some(BaseWeights::Original) => return Ok(MergeBase::Original),
-        None if !asked => {
-            // PEFT's way, and the default: said where the adapter's run records 4-bit weights.
-            if let Ok(Some(Some(spec))) = nibble::train::run::recorded_quant(&args.adapter) {
-                log::info!(
-                    "{} was trained against {spec} weights: merged into the original ones, the \
-                     model differs from the one trained by their quantization error \
-                     (--base-weights quantized merges into the 4-bit ones)",
-                    args.adapter.display()
-                );
-            }
-            return Ok(MergeBase::Original);
+    if args.base_weights == Some(BaseWeights::Original) {
+        if asked {
+            anyhow::bail!(
+                "--quant and --group-size say which 4-bit weights to merge into; --base-weights \
+                 original merges into the checkpoint's own"
+            );
         }
-        _ => {}
+        return Ok(MergeBase::Original);
     }
     let manifest = args.adapter.join(nibble::train::MANIFEST);
-    let recorded = nibble::train::run::recorded_quant(&args.adapter)?;
-    let trained = match recorded {
+    // Options that say everything leave the record to a warning.
+    let recorded = match nibble::train::run::recorded_weights(&args.adapter) {
+        Err(e) if format.is_some() && args.group_size.is_some() => {
+            log::warn!("{e}: ignored, as --quant and --group-size give the weights");
+            None
+        }
+        recorded => recorded?,
+    };
+    if args.base_weights.is_none() && !asked {
+        match recorded {
+            // LoftQ's adapter starts at the quantization error: merged into the original weights
+            // it would count it twice.
+            Some(nibble::train::run::TrainedOn {
+                quant: Some(spec),
+                loftq: true,
+            }) => {
+                log::info!(
+                    "{}: a LoftQ adapter, merged into the {spec} weights it was trained against \
+                     (--base-weights original merges into the checkpoint's own)",
+                    args.adapter.display()
+                );
+                return Ok(MergeBase::Quantized(spec));
+            }
+            // PEFT's way, and the default: said where the adapter's run records 4-bit weights.
+            Some(nibble::train::run::TrainedOn {
+                quant: Some(spec), ..
+            }) => log::info!(
+                "{} was trained against {spec} weights: merged into the original ones, the model \
+                 differs from the one trained by their quantization error (--base-weights \
+                 quantized merges into the 4-bit ones)",
+                args.adapter.display()
+            ),
+            _ => {}
+        }
+        return Ok(MergeBase::Original);
+    }
+    let trained = match recorded.map(|r| r.quant) {
         Some(Some(spec)) => Some(spec),
         Some(None) if !asked => anyhow::bail!(
             "{}: the adapter was trained on 16-bit weights (--quant none); merge it into the \
@@ -183,9 +207,8 @@ fn merge_base(args: &Args) -> Result<MergeBase> {
         ),
         Some(None) => None,
         None if !asked => anyhow::bail!(
-            "--base-weights quantized: {} does not record the 4-bit weights the adapter was \
-             trained on (no run.json from nibble); give them with --quant nf4|int4 and \
-             --group-size",
+            "--base-weights quantized: {} records no 4-bit weights the adapter was trained on (a \
+             run.json of nibble's holds them); give them with --quant nf4|int4 and --group-size",
             args.adapter.display()
         ),
         None => None,
@@ -200,9 +223,11 @@ fn merge_base(args: &Args) -> Result<MergeBase> {
     )
     .context("--group-size")?;
     if let Some(recorded) = recorded
-        && recorded != Some(spec)
+        && recorded.quant != Some(spec)
     {
-        let trained = recorded.map_or("16-bit".to_string(), |t| t.to_string());
+        let trained = recorded
+            .quant
+            .map_or("16-bit".to_string(), |t| t.to_string());
         log::warn!(
             "{} records the adapter trained on {trained} weights; merging into {spec} ones, as \
              asked",

@@ -58,7 +58,26 @@ pub fn open_placed(
 ) -> Result<(ChatTokenizer, Placed)> {
     let source = nibble::model::open(model)?;
     let tok = tokenizer_of(&source, template, adapter)?;
-    let request = quant.request()?;
+    let mut request = quant.request()?;
+    // An adapter runs on the weights its run trained on, where its run.json says which and no
+    // option chooses otherwise.
+    if let (None, None, Some(dir)) = (request, source.stored_quant(), adapter)
+        && let Some(trained) = nibble::train::run::recorded_weights(dir)?
+    {
+        let default = nibble::model::QuantRequest::planned(None, None)?;
+        if trained.quant != default {
+            let form = trained.quant.map_or("16-bit".into(), |q| q.to_string());
+            log::info!(
+                "{}: its run trained on {form} weights, which the model loads as (--quant \
+                 chooses otherwise)",
+                dir.display()
+            );
+        }
+        request = Some(match trained.quant {
+            Some(spec) => nibble::model::QuantRequest::Quantize(spec),
+            None => nibble::model::QuantRequest::Dense,
+        });
+    }
     let mut model = source.load(request)?;
     if let (None, None, Some(spec)) = (request, source.stored_quant(), model.quant) {
         log::info!(

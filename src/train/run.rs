@@ -696,6 +696,10 @@ impl<'m> Run<'m> {
     pub async fn step_async(&mut self, observer: &mut dyn Observer) -> Result<StepRecord> {
         if self.options.eval_on_start && !self.validated_at_start && self.trainer.step == 0 {
             self.validate(0, 0.0, observer).await?;
+            // Samples go with each validation unless --sample-steps times them.
+            if self.options.sample_steps == 0 {
+                self.write_samples(0).await?;
+            }
         }
         self.validated_at_start = true;
         let record = match self.trainer.step_async().await {
@@ -1638,10 +1642,19 @@ pub fn load_adapter(
     load_adapter_checked(dir, config, base, flag, false).map(|(adapter, _)| adapter)
 }
 
+/// What a run's run.json records of the weights its adapter was trained on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainedOn {
+    /// The 4-bit form of the base's linears (None: 16-bit).
+    pub quant: Option<crate::quant::QuantSpec>,
+    /// Whether the adapter started as LoftQ's approximation of their quantization error.
+    pub loftq: bool,
+}
+
 /// What the run.json in an adapter folder `dir` records of the weights its run trained on: None
-/// where the folder holds no record of nibble's (no run.json, or another tool's), Some(None) for
-/// 16-bit weights. A run.json that cannot be read or parsed is an error naming it.
-pub fn recorded_quant(dir: &Path) -> Result<Option<Option<crate::quant::QuantSpec>>> {
+/// where the folder holds no record of nibble's (no run.json, or another tool's). A run.json that
+/// cannot be read or parsed, or records no 4-bit form nibble has, is an error naming it.
+pub fn recorded_weights(dir: &Path) -> Result<Option<TrainedOn>> {
     let path = dir.join(train::MANIFEST);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -1652,21 +1665,25 @@ pub fn recorded_quant(dir: &Path) -> Result<Option<Option<crate::quant::QuantSpe
         path: path.clone(),
         msg,
     };
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    // An editor's byte-order mark is no reason to refuse the file.
+    let value: serde_json::Value = serde_json::from_str(text.trim_start_matches('\u{feff}'))
+        .map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let Some(quant) = value.get("model").and_then(|m| m.get("quant")) else {
         return Ok(None);
     };
-    match quant {
-        serde_json::Value::Null => Ok(Some(None)),
-        serde_json::Value::String(text) => text
-            .parse()
-            .map(|spec| Some(Some(spec)))
-            .map_err(|e| bad(format!("model.quant: {e}"))),
-        other => Err(bad(format!(
-            "model.quant is {other}, not a 4-bit format such as \"nf4 (group 64)\""
-        ))),
-    }
+    let quant = match quant {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(text) => {
+            Some(text.parse().map_err(|e| bad(format!("model.quant: {e}")))?)
+        }
+        other => {
+            return Err(bad(format!(
+                "model.quant is {other}, not a 4-bit format such as \"nf4 (group 64)\""
+            )));
+        }
+    };
+    let loftq = value["options"]["init_lora_weights"] == json!(crate::lora::LoraInit::Loftq);
+    Ok(Some(TrainedOn { quant, loftq }))
 }
 
 /// `load_adapter` for running or merging the adapter: with the whole modules it saved
