@@ -908,6 +908,76 @@ fn trainable_token_rows_nibble_cannot_apply_are_refused_by_name() {
     );
 }
 
+/// Rows an adapter puts in a bf16 table are bf16 in the model that runs them (PEFT casts them to
+/// the base module's dtype) and in the merged model, even one written in f32: the two give the same
+/// logits.
+#[test]
+fn token_rows_take_their_tables_dtype_in_eval_and_merge_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    // Untied: the output projection gets rows of its own.
+    let spec = SynthSpec::tiny(Arch::Llama, 259);
+    assert_eq!(spec.dtype, FloatDtype::BF16);
+    synth::write_model_folder(&base, &spec, Some(&synth::byte_tokenizer())).unwrap();
+    let model = ModelSource::open(&base)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let mut rng = Rng::new(8);
+    let adapter = random_adapter(&model, LoraConfig::default(), &mut rng);
+    let adapter_dir = dir.path().join("adapter");
+    nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+    let weights = adapter_dir.join("adapter_model.safetensors");
+    let mut tensors = common::read_f32_tensors(&weights);
+    let hidden = model.config.hidden_size;
+    for module in ["model.embed_tokens", "lm_head"] {
+        let rows: Vec<f32> = (0..2 * hidden).map(|_| rng.normal() as f32).collect();
+        tensors.push((
+            format!("base_model.model.{module}.token_adapter.trainable_tokens_delta"),
+            vec![2, hidden],
+            rows,
+        ));
+    }
+    common::write_f32_tensors(&weights, &tensors);
+    let config = adapter_dir.join("adapter_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["trainable_token_indices"] =
+        serde_json::json!({"embed_tokens": [257, 40], "lm_head": [258, 40]});
+    std::fs::write(&config, c.to_string()).unwrap();
+
+    let (adapter, saved) = nibble::train::run::load_adapter_with_modules(
+        &adapter_dir,
+        &model.config,
+        ("base", None),
+        "--adapter",
+    )
+    .unwrap();
+    let mut running = model.clone();
+    running.put_saved_modules(&saved);
+    let ids: Vec<u32> = vec![257, 40, 7, 99, 40, 258, 12];
+    let expected = cpu::logits(&running, Some(&adapter), &ids).unwrap();
+    let merged = dir.path().join("merged");
+    let o = nibble(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = ModelSource::open(&merged)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let e = rel(&cpu::logits(&merged, None, &ids).unwrap(), &expected);
+    assert!(e < 1e-5, "merged logits differ by {e:e}");
+}
+
 /// Each (base, case) of the fixture folder `fixtures`: the adapter run on the base's model, and
 /// merged into it, gives the logits PEFT recorded in expected.json.
 fn gives_peft_logits(fixtures: &str, cases: &[(&str, &str)]) {
