@@ -55,6 +55,33 @@ fn info_names_the_logit_soft_cap_where_the_head_applies_it() {
     assert!(!multimodal.contains("soft-capped"), "{multimodal}");
 }
 
+/// A group size that does not fit the model's widths is said, not sized: `info` reports what `train`
+/// would refuse.
+#[test]
+fn info_says_where_a_group_size_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let spec = SynthSpec::tiny(Arch::Qwen2, 1024);
+    assert_eq!(
+        spec.config().hidden_size % 128,
+        64,
+        "128 does not divide the width"
+    );
+    synth::write_model_folder(&model, &spec, Some(&synth::byte_tokenizer())).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["info", s(&model), "--json", "--group-size", "128"])).unwrap();
+    assert_eq!(info["weight_bytes_quantized"], serde_json::Value::Null);
+    let error = info["quant_error"].as_str().unwrap();
+    assert!(error.contains("group size 128 does not divide"), "{error}");
+    let text = ok(&["info", s(&model), "--group-size", "128"]);
+    assert!(text.contains("not in nf4 (group 128)"), "{text}");
+    let text = ok(&["info", s(&model)]);
+    assert!(
+        !text.contains("not in") && text.contains("nf4 (group 64)"),
+        "{text}"
+    );
+}
+
 #[test]
 fn info_and_quantize_work_for_every_family_and_spelling() {
     for arch in Arch::ALL {

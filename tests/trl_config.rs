@@ -316,6 +316,10 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
         ("learning_rate: fast\n", "learning_rate: fast"),
         ("eval_strategy: steps\n", "needs validation data"),
         (
+            "eval_strategy: \"no\"\neval_split: 0.2\n",
+            "would not validate",
+        ),
+        (
             "datasets:\n  - path: a\n    fraction: 0.3\n  - path: b\n    fraction: 0.7\n",
             "`fraction: 0.3` in a mixture of 2",
         ),

@@ -34,7 +34,12 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let params = c.parameter_count();
     let bytes16 = model::planned_weight_bytes(c, None);
-    let bytes4 = spec.map(|s| model::planned_weight_bytes(c, Some(s)));
+    // A group size that divides none of some linear's rows is what `train` would refuse: said, not
+    // sized.
+    let quant_error = spec.and_then(|s| c.check_group_size(s.group_size).err());
+    let bytes4 = spec
+        .filter(|_| quant_error.is_none())
+        .map(|s| model::planned_weight_bytes(c, Some(s)));
     let tokenizer = &source.tokenizer;
     // What every other command would say of it (a tokenizer that does not parse, or is another
     // model's), shown rather than refused: info describes what is there.
@@ -191,6 +196,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             "weight_bytes_16bit": bytes16,
             "quant": spec.map(|s| json!({"format": s.format.name(), "group_size": s.group_size})),
             "weight_bytes_quantized": bytes4,
+            "quant_error": quant_error,
             "stored_quant": source.stored_quant().map(|s| s.to_string()),
             "float8": c.float8.as_ref().map(|f| json!({"method": f.method, "block": f.block})),
             "tokenizer": tokenizer.tokenizer_json.is_some(),
@@ -250,11 +256,19 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     );
     println!("weights       {} at 16-bit", human_bytes(bytes16));
     if let (Some(s), Some(b)) = (spec, bytes4) {
+        let ratio = bytes16 as f64 / b as f64;
+        // A small model's embeddings, which stay 16-bit, can be most of its weights.
+        let smaller = match ratio >= 1.05 {
+            true => format!("{ratio:.1}x smaller; embeddings stay 16-bit"),
+            false => "about as large: its 16-bit embeddings are most of it".to_string(),
+        };
         println!(
-            "              {} with decoder linears in {s} ({:.1}x smaller; embeddings stay 16-bit)",
-            human_bytes(b),
-            bytes16 as f64 / b as f64
+            "              {} with decoder linears in {s} ({smaller})",
+            human_bytes(b)
         );
+    }
+    if let (Some(s), Some(e)) = (spec, &quant_error) {
+        println!("              not in {s}: {e}");
     }
     println!(
         "tokenizer     {}",

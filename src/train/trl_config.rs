@@ -1407,6 +1407,7 @@ impl Reader<'_> {
                 || r.flags.eval_data.is_some()
                 || r.flags.eval_split.is_some()
         };
+        let explicit = strategy.is_some();
         let strategy = match strategy {
             Some(s) => s,
             // nibble's own recipe style: validation data and eval_steps, no strategy.
@@ -1420,6 +1421,14 @@ impl Reader<'_> {
             self.ignored.push("logging_steps".into());
         }
         match strategy.as_str() {
+            // trl sft never validates then, where nibble would at each epoch's end.
+            "no" if explicit && has_data(self) => {
+                return Err(self.err(
+                    "`eval_strategy: no` with validation data (eval_data, eval_split): trl sft \
+                     would not validate; leave out one or the other"
+                        .into(),
+                ));
+            }
             "no" => return Ok(()),
             "steps" => {
                 // transformers: eval_steps unset or 0 means every logging_steps.
