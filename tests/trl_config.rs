@@ -471,6 +471,12 @@ fn recipes_trl_runs_run() {
     );
     assert!(run.packing, "PyYAML's yes");
     assert_eq!(nibble::value_name(run.packing_strategy), "wrapped");
+    // Text where a switch goes, as argparse hands it to string_to_bool.
+    let (_, _, _, run) = read_ok(
+        "dataset_name: d.jsonl\npacking: \"true\"\neval_split: 0.3\neval_on_start: \"1\"\n",
+        &none,
+    );
+    assert!(run.packing && run.eval_on_start, "quoted true and 1");
     let (r, _, _, run) = read_ok(
         "dataset_name: d.jsonl\npacking_strategy: wrapped\ntruncation_mode: keep_end\n",
         &none,

@@ -487,8 +487,13 @@ fn parse_yaml(text: &str, origin: &Path) -> Result<Vec<(String, Value)>> {
             .fields
             .get(&key)
             .is_some_and(|f| f.default.is_boolean());
-        if let Some(b) = value.as_str().and_then(yaml11_switch).filter(|_| switch) {
-            value = Value::Bool(b);
+        // A switch written as text (`"true"`) is one too: argparse hands TRL's string defaults to
+        // transformers' `string_to_bool`.
+        if switch && let Some(text) = value.as_str() {
+            value = match yaml11_switch(text) {
+                Some(b) => Value::Bool(b),
+                None => scalar(text, Some("bool")),
+            };
         }
         given.push((key, value));
     }
