@@ -14,33 +14,19 @@ Cases (each a folder with the adapter and expected.json):
 Run from the repository root in a virtualenv with torch, transformers and peft:
     python scripts/make_trainable_tokens_fixture.py
 """
-import json
 import os
+import sys
 import warnings
 
-import peft
 import torch
-import transformers
 from peft import LoraConfig, get_peft_model
-from transformers import Qwen2Config, Qwen2ForCausalLM
+
+sys.path.insert(0, os.path.dirname(__file__))
+from peft_fixture_base import random_qwen2, save_case  # noqa: E402
 
 OUT = "tests/fixtures/trainable_tokens"
 IDS = [3, 17, 42, 5, 63, 8, 40, 34]
 torch.manual_seed(11)
-
-
-def base(tied):
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      tie_word_embeddings=tied, torch_dtype="float32")
-    model = Qwen2ForCausalLM(cfg)
-    # Weights of std 0.1 and more: with transformers' 0.02 every logit is near zero whatever the bug.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3 if p.ndim == 1 else 0.15)
-    folder = os.path.join(OUT, "tied" if tied else "untied")
-    model.save_pretrained(os.path.join(folder, "model"), safe_serialization=True)
-    return model, folder
 
 
 CASES = {
@@ -50,7 +36,7 @@ CASES = {
 }
 
 for tied, cases in CASES.items():
-    model, folder = base(tied)
+    model, folder = random_qwen2(tied, OUT)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for name, indices in cases:
         model.load_state_dict(state)
@@ -63,14 +49,5 @@ for tied, cases in CASES.items():
             for n, p in pm.named_parameters():
                 if "lora_B" in n or "trainable_tokens_delta" in n:
                     p.add_(torch.randn_like(p) * 0.3)
-        pm.eval()
-        with torch.no_grad():
-            logits = pm(torch.tensor([IDS])).logits[0]
-        adapter = os.path.join(folder, name)
-        pm.save_pretrained(adapter)
-        os.remove(os.path.join(adapter, "README.md"))
-        with open(os.path.join(adapter, "expected.json"), "w") as f:
-            json.dump({"ids": IDS, "logits": logits.flatten().tolist(),
-                       "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                    "peft": peft.__version__}}, f)
+        save_case(pm, os.path.join(folder, name), IDS)
         model = pm.unload()

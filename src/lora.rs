@@ -1039,6 +1039,20 @@ impl TokenRows {
     }
 }
 
+/// Refuses the tensor `key` of `weights` unless it has `shape`, with `why` of its stored shape.
+fn check_shape(
+    weights: &crate::source::SafetensorsFile,
+    key: &str,
+    shape: &[usize],
+    why: impl FnOnce(&[usize]) -> String,
+) -> Result<()> {
+    let stored = &weights.info(key).expect("a key the file lists").shape;
+    match stored[..] == *shape {
+        true => Ok(()),
+        false => Err(Error::tensor(weights.path(), key, why(stored))),
+    }
+}
+
 /// The keys of a PEFT adapter's tensors whose module path (after `base_model.model.`) is `suffix`
 /// or ends with `.suffix`: a module named by its name alone, as PEFT matches names.
 fn keys_ending<'w>(weights: &'w crate::source::SafetensorsFile, suffix: &str) -> Vec<&'w String> {
@@ -1175,19 +1189,13 @@ impl TokenIndices {
                 ));
             };
             let width = model.hidden_size;
-            let shape = vec![indices.len(), width];
-            let info = weights.info(key).expect("listed");
-            if info.shape != shape {
-                return Err(Error::tensor(
-                    weights.path(),
-                    key,
-                    format!(
-                        "shape {:?}; {} token ids of a {width}-wide model need {shape:?}",
-                        info.shape,
-                        indices.len()
-                    ),
-                ));
-            }
+            check_shape(weights, key, &[indices.len(), width], |shape| {
+                format!(
+                    "shape {shape:?}; {} token ids of a {width}-wide model need [{}, {width}]",
+                    indices.len(),
+                    indices.len()
+                )
+            })?;
             Ok(TokenRows {
                 key: key.clone(),
                 values: weights.read_f32(key)?,
@@ -1248,19 +1256,13 @@ impl SavedModules {
                     ));
                 }
             };
-            let shape = vec![model.vocab_size, model.hidden_size];
-            let info = weights.info(key).expect("listed");
-            if info.shape != shape {
-                return Err(Error::tensor(
-                    weights.path(),
-                    key,
-                    format!(
-                        "shape {:?}; the model's is {shape:?} (an adapter trained with added \
-                         tokens needs its base's vocabulary resized, which nibble does not do)",
-                        info.shape
-                    ),
-                ));
-            }
+            let shape = [model.vocab_size, model.hidden_size];
+            check_shape(weights, key, &shape, |stored| {
+                format!(
+                    "shape {stored:?}; the model's is {shape:?} (an adapter trained with added \
+                     tokens needs its base's vocabulary resized, which nibble does not do)"
+                )
+            })?;
             *slot = Some((key.clone(), weights.read_f32(key)?));
         }
         if tied && saved.head.is_none() {

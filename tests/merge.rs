@@ -957,24 +957,7 @@ fn token_rows_take_their_tables_dtype_in_eval_and_merge_alike() {
     running.put_saved_modules(&saved);
     let ids: Vec<u32> = vec![257, 40, 7, 99, 40, 258, 12];
     let expected = cpu::logits(&running, Some(&adapter), &ids).unwrap();
-    let merged = dir.path().join("merged");
-    let o = nibble(&[
-        "merge",
-        "--model",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter_dir.to_str().unwrap(),
-        "-o",
-        merged.to_str().unwrap(),
-        "--dtype",
-        "f32",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let merged = ModelSource::open(&merged)
-        .unwrap()
-        .load(Some(QuantRequest::Dense))
-        .unwrap();
-    let e = rel(&cpu::logits(&merged, None, &ids).unwrap(), &expected);
+    let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids), &expected);
     assert!(e < 1e-5, "merged logits differ by {e:e}");
 }
 
@@ -1020,28 +1003,34 @@ fn gives_peft_logits(fixtures: &str, cases: &[(&str, &str)]) {
             "{base}/{case}: logits differ from PEFT's by {e:e}"
         );
 
-        let dir = tempfile::tempdir().unwrap();
-        let merged = dir.path().join("merged");
-        let o = nibble(&[
-            "merge",
-            "--model",
-            model_dir.to_str().unwrap(),
-            "--adapter",
-            adapter_dir.to_str().unwrap(),
-            "--output",
-            merged.to_str().unwrap(),
-            "--dtype",
-            "f32",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let merged_model = ModelSource::open(&merged)
-            .unwrap()
-            .load(Some(QuantRequest::Dense))
-            .unwrap();
-        let e = rel(&cpu::logits(&merged_model, None, &ids).unwrap(), &logits);
+        let e = rel(&merged_f32_logits(&model_dir, &adapter_dir, &ids), &logits);
         assert!(
             e < 3e-6,
             "{base}/{case}: merged logits differ from PEFT's by {e:e}"
         );
     }
+}
+
+/// `nibble merge` of the adapter folder `adapter` into the model folder `model`, written in f32, and
+/// the merged model's logits for `ids`.
+fn merged_f32_logits(model: &std::path::Path, adapter: &std::path::Path, ids: &[u32]) -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let merged = dir.path().join("merged");
+    let o = nibble(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let merged = ModelSource::open(&merged)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    cpu::logits(&merged, None, ids).unwrap()
 }
