@@ -50,6 +50,11 @@ impl Sampling {
     /// holds `config`: greedy unless `do_sample`, then its temperature, top_k, top_p and min_p, each
     /// at transformers' default where left out (1, 50, 1, none); its repetition_penalty either way.
     pub fn of_generation_config(config: &serde_json::Value) -> std::result::Result<Self, String> {
+        if !config.is_object() {
+            return Err(format!(
+                "{config} is not a JSON object of generation settings"
+            ));
+        }
         let number = |key: &str, default: f64| -> std::result::Result<f64, String> {
             match config.get(key) {
                 None | Some(serde_json::Value::Null) => Ok(default),
@@ -71,7 +76,10 @@ impl Sampling {
             false => greedy,
             true => Sampling {
                 temperature: number("temperature", 1.0)? as f32,
-                top_k: number("top_k", 50.0)? as usize,
+                top_k: match number("top_k", 50.0)? {
+                    k if k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64 => k as usize,
+                    k => return Err(format!("`top_k: {k}` must be a whole number >= 0")),
+                },
                 top_p: number("top_p", 1.0)? as f32,
                 min_p: number("min_p", 0.0)? as f32,
                 ..greedy

@@ -236,6 +236,9 @@ fn sampling_gives_the_distribution_transformers_samples_from() {
         serde_json::json!({"do_sample": true, "top_p": 0}),
         serde_json::json!({"repetition_penalty": -1}),
         serde_json::json!({"do_sample": true, "temperature": "hot"}),
+        serde_json::json!({"do_sample": true, "top_k": -5}),
+        serde_json::json!({"do_sample": true, "top_k": 2.5}),
+        serde_json::json!([]),
     ] {
         assert!(Sampling::of_generation_config(&bad).is_err(), "{bad}");
     }

@@ -975,6 +975,39 @@ const CASES: &[Case] = &[
         expect: &["--temperature", "(got -1)"],
     },
     Case {
+        name: "generate with a negative top-k written apart",
+        prepare: |r| {
+            let m = p(r, "model");
+            args(&["generate", "--model", &m, "--prompt", "Hi", "--top-k", "-1"])
+        },
+        expect: &["--top-k", "-1"],
+    },
+    Case {
+        name: "generate with a negative repetition penalty written apart",
+        prepare: |r| {
+            let m = p(r, "model");
+            args(&[
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "Hi",
+                "--repetition-penalty",
+                "-0.5",
+            ])
+        },
+        expect: &["--repetition-penalty", "(got -0.5)"],
+    },
+    Case {
+        name: "a generation_config.json that is a folder",
+        prepare: |r| {
+            let m = p(r, "model");
+            std::fs::create_dir_all(Path::new(&m).join("generation_config.json")).unwrap();
+            args(&["generate", "--model", &m, "--prompt", "Hi"])
+        },
+        expect: &["generation_config.json"],
+    },
+    Case {
         name: "a quantized file whose embedded tokenizer is broken",
         prepare: |r| {
             // The copy inside the file damaged, the folder's intact: the error names the copy.

@@ -307,6 +307,10 @@ fn merged_onto_the_4_bit_weights_gives_the_trained_models_logits() {
     let recorded = eval(&[]);
     assert_eq!(recorded, eval(&["--quant", "int4", "--group-size", "32"]));
     assert_ne!(recorded, eval(&["--quant", "nf4"]));
+    // One half given, the other comes from the record.
+    assert_eq!(recorded, eval(&["--group-size", "32"]));
+    assert_eq!(recorded, eval(&["--quant", "int4"]));
+    assert_ne!(recorded, eval(&["--group-size", "64"]));
     // A run.json that is not JSON is named, unless the options say everything.
     std::fs::write(bare.join("run.json"), "{\"model\": {").unwrap();
     let o = merge_bare("corrupt", &["--base-weights", "quantized"]);

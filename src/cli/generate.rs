@@ -32,26 +32,26 @@ pub struct GenArgs {
     max_new_tokens: usize,
     /// 0 is greedy; above 0 samples [default: as transformers' `generate` does with the model's
     /// generation_config.json (its do_sample and temperature), else greedy].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     temperature: Option<f32>,
     /// When sampling, sample among the K most likely tokens only (0: all) [default: the model's
     /// generation_config.json, else transformers' 50].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     top_k: Option<usize>,
     /// When sampling, sample from the smallest set of tokens whose probabilities sum to this (1:
     /// every token) [default: the model's generation_config.json, else 1].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     top_p: Option<f32>,
     /// When sampling, drop tokens less likely than this times the most likely one (0: none)
     /// [default: the model's generation_config.json, else 0].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     min_p: Option<f32>,
     /// Divide the logits of tokens already in the conversation by this (multiply negative ones; 1:
     /// none), greedy or not [default: the model's generation_config.json, else 1].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     repetition_penalty: Option<f32>,
     /// Seeds the sampling (with a temperature above 0).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     seed: u64,
     /// Where decoding runs: `auto` takes a real GPU when one is present.
     #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
@@ -84,20 +84,16 @@ impl GenArgs {
                 .filter(|name| *name == "config.json")
                 .and_then(|_| Some(self.model.parent()?.join("generation_config.json"))),
         };
-        let mut sampling = match config_path.filter(|p| p.is_file()) {
+        // Present in any form (a folder, a broken link) is the user's file to be told about.
+        let config_path = config_path.filter(|p| p.symlink_metadata().is_ok());
+        let mut sampling = match &config_path {
             Some(path) => {
-                let text = nibble::fsutil::read_to_string(&path)
+                let text = nibble::fsutil::read_to_string(path)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 let config: serde_json::Value = serde_json::from_str(&text)
                     .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
-                let sampling = Sampling::of_generation_config(&config)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                log::info!(
-                    "decoding as {} says: {}",
-                    path.display(),
-                    sampling.describe()
-                );
-                sampling
+                Sampling::of_generation_config(&config)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
             None => Sampling::default(),
         };
@@ -121,6 +117,13 @@ impl GenArgs {
             .unwrap_or(sampling.repetition_penalty);
         sampling.seed = self.seed;
         sampling.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        let origin = match (&config_path, options.iter().any(|(given, _)| *given)) {
+            (Some(path), false) => format!("as {} says", path.display()),
+            (Some(path), true) => format!("{}, under the options given", path.display()),
+            (None, true) => "the options given".into(),
+            (None, false) => "the model folder has no generation_config.json".into(),
+        };
+        log::info!("decoding: {} ({origin})", sampling.describe());
         if sampling.temperature == 0.0
             && let Some((_, flag)) = options[1..].iter().find(|(given, _)| *given)
         {

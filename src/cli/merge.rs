@@ -28,7 +28,8 @@ pub struct Args {
     /// trained, without the quantization error the original weights add back (needed for a LoftQ
     /// adapter, which starts at that error). Exact for nibble's own runs; an adapter trained with
     /// bitsandbytes' double quantization saw scales rounded to 8 bits, which nibble does not round.
-    /// Default: original, or quantized where a 4-bit --quant or a --group-size is given.
+    /// Default: original, or quantized where a 4-bit --quant or a --group-size is given or the
+    /// adapter's run.json records a LoftQ start.
     #[arg(long, value_enum, ignore_case = true)]
     base_weights: Option<BaseWeights>,
     /// With --base-weights quantized: the 4-bit format training used (default: the one the adapter

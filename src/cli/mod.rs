@@ -24,12 +24,13 @@ use std::path::Path;
 
 #[derive(clap::Args, Clone, Copy, Default)]
 pub struct QuantArgs {
-    /// Storage of the decoder's linear weights: nf4, int4, or none (keep them 16-bit) [default: nf4
-    /// for a model folder; a quantized file as it is stored].
+    /// Storage of the decoder's linear weights: nf4, int4, or none (keep them 16-bit) [default: as
+    /// an --adapter's run.json records its run's; else nf4 for a model folder; a quantized file as
+    /// it is stored].
     #[arg(long, value_enum, ignore_case = true)]
     pub quant: Option<QuantChoice>,
-    /// Weights per scale, along the input dimension: 32, 64 or 128 [default: 64; a quantized file's
-    /// own].
+    /// Weights per scale, along the input dimension: 32, 64 or 128 [default: an --adapter's run's;
+    /// else 64; a quantized file's own].
     #[arg(long)]
     pub group_size: Option<usize>,
 }
@@ -38,6 +39,34 @@ impl QuantArgs {
     /// None leaves the choice to the source: a quantized file stays as stored, a folder becomes NF4 g64.
     pub fn request(self) -> Result<Option<QuantRequest>> {
         Ok(QuantRequest::from_options(self.quant, self.group_size)?)
+    }
+
+    /// The request with what an adapter's run recorded (`recorded`: Some(None) for 16-bit weights)
+    /// filling in what the options leave out: both left out, the recorded weights; one given, the
+    /// other half from the record.
+    pub fn with_recorded(
+        self,
+        recorded: Option<Option<QuantSpec>>,
+    ) -> Result<Option<QuantRequest>> {
+        let Some(recorded) = recorded else {
+            return self.request();
+        };
+        Ok(match (self.quant, self.group_size, recorded) {
+            (None, None, Some(spec)) => Some(QuantRequest::Quantize(spec)),
+            (None, None, None) => Some(QuantRequest::Dense),
+            (Some(QuantChoice::None), _, _) | (_, _, None) => self.request()?,
+            (format, group, Some(spec)) => {
+                let format = match format {
+                    Some(QuantChoice::Int4) => nibble::quant::QuantFormat::Int4,
+                    Some(_) => nibble::quant::QuantFormat::Nf4,
+                    None => spec.format,
+                };
+                let group = group.unwrap_or(spec.group_size);
+                Some(QuantRequest::Quantize(
+                    QuantSpec::new(format, group).context("--group-size")?,
+                ))
+            }
+        })
     }
 
     /// The storage to report memory for: the one asked for, else the source's own (`stored`; None for
@@ -58,25 +87,46 @@ pub fn open_placed(
 ) -> Result<(ChatTokenizer, Placed)> {
     let source = nibble::model::open(model)?;
     let tok = tokenizer_of(&source, template, adapter)?;
-    let mut request = quant.request()?;
-    // An adapter runs on the weights its run trained on, where its run.json says which and no
-    // option chooses otherwise.
-    if let (None, None, Some(dir)) = (request, source.stored_quant(), adapter)
-        && let Some(trained) = nibble::train::run::recorded_weights(dir)?
-    {
-        let default = nibble::model::QuantRequest::planned(None, None)?;
-        if trained.quant != default {
-            let form = trained.quant.map_or("16-bit".into(), |q| q.to_string());
+    let recorded = match adapter {
+        Some(dir) => nibble::train::run::recorded_weights(dir)?.map(|r| (dir, r.quant)),
+        None => None,
+    };
+    // A quantized file loads as it is stored unless the options say otherwise (which it refuses).
+    let request = match (source.stored_quant(), quant.quant, quant.group_size) {
+        (Some(_), None, None) => None,
+        _ => quant.with_recorded(recorded.map(|(_, q)| q))?,
+    };
+    // An adapter runs on the weights its run trained on, where its run.json says which: the
+    // options given change what they name, and a difference is said.
+    if let Some((dir, trained)) = recorded {
+        let manifest = dir.join(nibble::train::MANIFEST);
+        let form = |q: Option<QuantSpec>| q.map_or("16-bit".to_string(), |q| q.to_string());
+        let loading = nibble::model::QuantRequest::planned(request, source.stored_quant())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", source.label()))?;
+        if loading != trained {
+            log::warn!(
+                "{} records the adapter trained on {} weights; the model loads as {}",
+                manifest.display(),
+                form(trained),
+                form(loading)
+            );
+        } else if quant.quant.is_none() && quant.group_size.is_none() {
             log::info!(
-                "{}: its run trained on {form} weights, which the model loads as (--quant \
-                 chooses otherwise)",
-                dir.display()
+                "{}: the model loads as the adapter's run trained on it, {} (--quant chooses \
+                 otherwise)",
+                manifest.display(),
+                form(trained)
             );
         }
-        request = Some(match trained.quant {
-            Some(spec) => nibble::model::QuantRequest::Quantize(spec),
-            None => nibble::model::QuantRequest::Dense,
-        });
+        if let Some(spec) = loading
+            && let Err(e) = source.config.check_group_size(spec.group_size)
+        {
+            anyhow::bail!(
+                "{} (as {} records it): {e}",
+                source.label(),
+                manifest.display()
+            );
+        }
     }
     let mut model = source.load(request)?;
     if let (None, None, Some(spec)) = (request, source.stored_quant(), model.quant) {
