@@ -19,6 +19,8 @@ const META_QUANT: &str = "quant_format";
 const META_GROUP: &str = "group_size";
 const META_SOURCE: &str = "source";
 const META_CONFIG: &str = "config";
+/// transformers' generation defaults for the model, in a folder and in a quantized file's metadata.
+pub const GENERATION_CONFIG: &str = "generation_config.json";
 const META_VERSION: &str = "nibble_version";
 
 /// Tokenizer files travel with the model (in a folder, or inside a quantized file's metadata).
@@ -485,7 +487,11 @@ impl Model {
 
     /// Writes the model as a nibble quantized safetensors file (packed words, scales, minimums, the
     /// other tensors as loaded, config and tokenizer in the metadata). The file appears atomically.
-    pub fn save_quantized<'a>(&'a self, path: &Path, tokenizer: &TokenizerFiles) -> Result<()> {
+    pub fn save_quantized<'a>(
+        &'a self,
+        path: &Path,
+        (tokenizer, generation): (&TokenizerFiles, Option<&str>),
+    ) -> Result<()> {
         let spec = self.quant.ok_or_else(|| {
             Error::Invalid("only a 4-bit quantized model can be saved as a quantized file".into())
         })?;
@@ -570,6 +576,9 @@ impl Model {
             if let Some(text) = field {
                 metadata.insert(name.to_string(), text.clone());
             }
+        }
+        if let Some(text) = generation {
+            metadata.insert(GENERATION_CONFIG.to_string(), text.to_string());
         }
         crate::fsutil::write_atomically(path, |tmp| {
             safetensors::serialize_to_file(views, Some(metadata), tmp)
@@ -702,6 +711,9 @@ fn fitted_tokenizer(
 pub struct ModelSource {
     pub config: ModelConfig,
     pub tokenizer: TokenizerFiles,
+    /// The folder's generation_config.json (a quantized file keeps it in its metadata), with where
+    /// it was read from for errors to name.
+    pub generation_config: Option<(String, std::path::PathBuf)>,
     label: String,
     kind: SourceKind,
 }
@@ -893,9 +905,13 @@ impl ModelSource {
                 }
             }
         }
+        let generation_config = files
+            .read_string(GENERATION_CONFIG)?
+            .map(|text| (text, files.display_path(GENERATION_CONFIG)));
         let source = ModelSource {
             config,
             tokenizer,
+            generation_config,
             label: match &files {
                 ModelFiles::Dir(dir) => dir.display().to_string(),
                 ModelFiles::Memory { label, .. } => label.clone(),
@@ -943,9 +959,16 @@ impl ModelSource {
         for (name, f) in TokenizerFiles::NAMES.iter().zip(tokenizer.fields_mut()) {
             *f = meta.get(*name).cloned();
         }
+        let generation_config = meta.get(GENERATION_CONFIG).map(|text| {
+            (
+                text.clone(),
+                path.join(format!("[metadata {GENERATION_CONFIG}]")),
+            )
+        });
         let source = ModelSource {
             config,
             tokenizer,
+            generation_config,
             label: meta
                 .get(META_SOURCE)
                 .cloned()

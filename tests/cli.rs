@@ -55,6 +55,49 @@ fn info_names_the_logit_soft_cap_where_the_head_applies_it() {
     assert!(!multimodal.contains("soft-capped"), "{multimodal}");
 }
 
+/// A quantized file keeps its folder's generation_config.json, so that `generate` decodes from it as
+/// from the folder: the same sampled answer for the same seed.
+#[test]
+fn a_quantized_file_keeps_the_generation_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    synth::write_model_folder(
+        &model,
+        &SynthSpec::tiny(Arch::Qwen2, 259),
+        Some(&synth::byte_tokenizer()),
+    )
+    .unwrap();
+    let generation =
+        r#"{"do_sample": true, "temperature": 1.5, "top_k": 40, "repetition_penalty": 1.2}"#;
+    std::fs::write(model.join("generation_config.json"), generation).unwrap();
+    let out = dir.path().join("q.safetensors");
+    ok(&["quantize", s(&model), "--output", s(&out)]);
+    let source = nibble::model::ModelSource::open(&out).unwrap();
+    assert_eq!(
+        source.generation_config.map(|(text, _)| text).as_deref(),
+        Some(generation)
+    );
+    let answer = |m: &std::path::Path| {
+        ok(&[
+            "generate",
+            "--model",
+            s(m),
+            "--prompt",
+            "Hi",
+            "--seed",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+        ])
+    };
+    let sampled = answer(&model);
+    assert_eq!(answer(&out), sampled);
+    std::fs::remove_file(model.join("generation_config.json")).unwrap();
+    assert_ne!(answer(&model), sampled, "greedy without the file");
+}
+
 /// A group size that does not fit the model's widths is said, not sized: `info` reports what `train`
 /// would refuse.
 #[test]

@@ -390,7 +390,7 @@ fn quantized_file_round_trips_with_config_and_tokenizer() {
         let qspec = QuantSpec::new(format, 32).unwrap();
         let m = src.load(Some(QuantRequest::Quantize(qspec))).unwrap();
         let out = dir.path().join("q.safetensors");
-        m.save_quantized(&out, &src.tokenizer).unwrap();
+        m.save_quantized(&out, (&src.tokenizer, None)).unwrap();
 
         let reopened = model::open(&out).unwrap();
         assert_eq!(reopened.stored_quant(), Some(qspec));

@@ -75,22 +75,11 @@ impl GenArgs {
     /// the options given (a temperature above 0 samples even where the model's config does not).
     fn sampling(&self) -> Result<nibble::generate::Sampling> {
         use nibble::generate::Sampling;
-        let config_path = match self.model.is_dir() {
-            true => Some(self.model.join("generation_config.json")),
-            // A path to the folder's config.json (a `nibble quantize` file holds none).
-            false => self
-                .model
-                .file_name()
-                .filter(|name| *name == "config.json")
-                .and_then(|_| Some(self.model.parent()?.join("generation_config.json"))),
-        };
-        // Present in any form (a folder, a broken link) is the user's file to be told about.
-        let config_path = config_path.filter(|p| p.symlink_metadata().is_ok());
-        let mut sampling = match &config_path {
-            Some(path) => {
-                let text = nibble::fsutil::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                let config: serde_json::Value = serde_json::from_str(&text)
+        let source = nibble::model::open(&self.model)?;
+        let config_path = source.generation_config.as_ref().map(|(_, path)| path);
+        let mut sampling = match &source.generation_config {
+            Some((text, path)) => {
+                let config: serde_json::Value = serde_json::from_str(text)
                     .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
                 Sampling::of_generation_config(&config)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
@@ -117,11 +106,11 @@ impl GenArgs {
             .unwrap_or(sampling.repetition_penalty);
         sampling.seed = self.seed;
         sampling.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
-        let origin = match (&config_path, options.iter().any(|(given, _)| *given)) {
+        let origin = match (config_path, options.iter().any(|(given, _)| *given)) {
             (Some(path), false) => format!("as {} says", path.display()),
             (Some(path), true) => format!("{}, under the options given", path.display()),
             (None, true) => "the options given".into(),
-            (None, false) => "the model folder has no generation_config.json".into(),
+            (None, false) => "the model has no generation_config.json".into(),
         };
         log::info!("decoding: {} ({origin})", sampling.describe());
         if sampling.temperature == 0.0

@@ -76,7 +76,16 @@ pub fn run(args: Args) -> Result<()> {
     let model = source.load(Some(QuantRequest::Quantize(spec)))?;
     let loaded = start.elapsed();
     model
-        .save_quantized(output, &source.tokenizer)
+        .save_quantized(
+            output,
+            (
+                &source.tokenizer,
+                source
+                    .generation_config
+                    .as_ref()
+                    .map(|(text, _)| text.as_str()),
+            ),
+        )
         .with_context(|| format!("writing {}", output.display()))?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     eprintln!(
