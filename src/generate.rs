@@ -32,11 +32,12 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+/// Greedy, with transformers' defaults for what sampling would use (its top-k of 50 among them).
 impl Default for Sampling {
     fn default() -> Self {
         Sampling {
             temperature: 0.0,
-            top_k: 0,
+            top_k: 50,
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
@@ -68,22 +69,25 @@ impl Sampling {
             Some(serde_json::Value::Bool(b)) => *b,
             Some(v) => return Err(format!("`do_sample: {v}` must be true or false")),
         };
-        let greedy = Sampling {
-            repetition_penalty: number("repetition_penalty", 1.0)? as f32,
-            ..Sampling::default()
-        };
-        let sampling = match do_sample {
-            false => greedy,
-            true => Sampling {
-                temperature: number("temperature", 1.0)? as f32,
-                top_k: match number("top_k", 50.0)? {
-                    k if k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64 => k as usize,
-                    k => return Err(format!("`top_k: {k}` must be a whole number >= 0")),
-                },
-                top_p: number("top_p", 1.0)? as f32,
-                min_p: number("min_p", 0.0)? as f32,
-                ..greedy
+        // Kept when the config does not sample: a --temperature that asks for sampling takes them,
+        // as transformers' generate(do_sample=True) takes the config's values.
+        let temperature = number("temperature", 1.0)? as f32;
+        if do_sample && temperature <= 0.0 {
+            return Err(format!(
+                "`temperature: {temperature}` with `do_sample: true`: sampling needs a \
+                 temperature above 0 (transformers refuses it too)"
+            ));
+        }
+        let sampling = Sampling {
+            temperature: if do_sample { temperature } else { 0.0 },
+            top_k: match number("top_k", 50.0)? {
+                k if k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64 => k as usize,
+                k => return Err(format!("`top_k: {k}` must be a whole number >= 0")),
             },
+            top_p: number("top_p", 1.0)? as f32,
+            min_p: number("min_p", 0.0)? as f32,
+            repetition_penalty: number("repetition_penalty", 1.0)? as f32,
+            seed: 0,
         };
         sampling.check().map(|()| sampling)
     }
@@ -169,7 +173,8 @@ pub fn distribution(logits: &[f32], sampling: &Sampling, context: &[u32]) -> Vec
         .map(|(i, &s)| (i as u32, s as f64 / temperature))
         .collect();
     kept.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    // Top-k keeps every token scoring at least the k-th best (ties included).
+    // Top-k keeps every token scoring at least the k-th best: transformers removes those scoring
+    // below it, so ties stay.
     if sampling.top_k > 0 && sampling.top_k < kept.len() {
         let least = kept[sampling.top_k - 1].1;
         kept.retain(|&(_, s)| s >= least);

@@ -712,8 +712,9 @@ pub struct ModelSource {
     pub config: ModelConfig,
     pub tokenizer: TokenizerFiles,
     /// The folder's generation_config.json (a quantized file keeps it in its metadata), with where
-    /// it was read from for errors to name.
-    pub generation_config: Option<(String, std::path::PathBuf)>,
+    /// it was read from for errors to name; a file that cannot be read is an error only to the
+    /// commands that read it (generate and chat), not to training on the weights.
+    pub generation_config: Option<(std::result::Result<String, String>, std::path::PathBuf)>,
     label: String,
     kind: SourceKind,
 }
@@ -905,9 +906,11 @@ impl ModelSource {
                 }
             }
         }
-        let generation_config = files
-            .read_string(GENERATION_CONFIG)?
-            .map(|text| (text, files.display_path(GENERATION_CONFIG)));
+        let generation_config = match files.read_string(GENERATION_CONFIG) {
+            Ok(None) => None,
+            Ok(Some(text)) => Some((Ok(text), files.display_path(GENERATION_CONFIG))),
+            Err(e) => Some((Err(e.to_string()), files.display_path(GENERATION_CONFIG))),
+        };
         let source = ModelSource {
             config,
             tokenizer,
@@ -961,7 +964,7 @@ impl ModelSource {
         }
         let generation_config = meta.get(GENERATION_CONFIG).map(|text| {
             (
-                text.clone(),
+                Ok(text.clone()),
                 path.join(format!("[metadata {GENERATION_CONFIG}]")),
             )
         });

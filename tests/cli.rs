@@ -74,7 +74,10 @@ fn a_quantized_file_keeps_the_generation_config() {
     ok(&["quantize", s(&model), "--output", s(&out)]);
     let source = nibble::model::ModelSource::open(&out).unwrap();
     assert_eq!(
-        source.generation_config.map(|(text, _)| text).as_deref(),
+        source
+            .generation_config
+            .and_then(|(text, _)| text.ok())
+            .as_deref(),
         Some(generation)
     );
     let answer = |m: &std::path::Path| {
@@ -95,7 +98,17 @@ fn a_quantized_file_keeps_the_generation_config() {
     let sampled = answer(&model);
     assert_eq!(answer(&out), sampled);
     std::fs::remove_file(model.join("generation_config.json")).unwrap();
-    assert_ne!(answer(&model), sampled, "greedy without the file");
+    let greedy = answer(&model);
+    assert_ne!(greedy, sampled, "greedy without the file");
+    assert!(
+        !greedy.trim().is_empty(),
+        "the greedy answer says something"
+    );
+    // Its eos_token_id ends text as transformers ends it: every id listed, nothing is written.
+    let every: Vec<u32> = (0..259).collect();
+    let ends = serde_json::json!({"eos_token_id": every}).to_string();
+    std::fs::write(model.join("generation_config.json"), ends).unwrap();
+    assert_eq!(answer(&model).trim(), "");
 }
 
 /// A group size that does not fit the model's widths is said, not sized: `info` reports what `train`

@@ -231,6 +231,11 @@ fn sampling_gives_the_distribution_transformers_samples_from() {
     let greedy = serde_json::json!({"temperature": 0.7, "repetition_penalty": 1.2});
     let greedy = Sampling::of_generation_config(&greedy).unwrap();
     assert_eq!((greedy.temperature, greedy.repetition_penalty), (0.0, 1.2));
+    // Its sampling settings stay for a --temperature that asks for sampling, as transformers'
+    // generate(do_sample=True) keeps the config's.
+    let kept =
+        Sampling::of_generation_config(&serde_json::json!({"top_k": 20, "top_p": 0.8})).unwrap();
+    assert_eq!((kept.temperature, kept.top_k, kept.top_p), (0.0, 20, 0.8));
     for bad in [
         serde_json::json!({"do_sample": "yes"}),
         serde_json::json!({"do_sample": true, "top_p": 0}),
@@ -239,6 +244,7 @@ fn sampling_gives_the_distribution_transformers_samples_from() {
         serde_json::json!({"do_sample": true, "top_k": -5}),
         serde_json::json!({"do_sample": true, "top_k": 2.5}),
         serde_json::json!([]),
+        serde_json::json!({"do_sample": true, "temperature": 0}),
     ] {
         assert!(Sampling::of_generation_config(&bad).is_err(), "{bad}");
     }

@@ -73,30 +73,50 @@ pub struct GenArgs {
 impl GenArgs {
     /// How tokens are picked: the model's generation_config.json as transformers reads it, under
     /// the options given (a temperature above 0 samples even where the model's config does not).
-    fn sampling(&self) -> Result<nibble::generate::Sampling> {
+    fn sampling(&self) -> Result<(nibble::generate::Sampling, Vec<u32>)> {
         use nibble::generate::Sampling;
         let source = nibble::model::open(&self.model)?;
         let config_path = source.generation_config.as_ref().map(|(_, path)| path);
+        // The ids generation_config.json ends text at (Llama 3.1's <|eom_id|> among them), which
+        // transformers stops at too.
+        let mut eos: Vec<u32> = Vec::new();
         let mut sampling = match &source.generation_config {
-            Some((text, path)) => {
+            Some((Err(e), _)) => anyhow::bail!("{e}"),
+            Some((Ok(text), path)) => {
                 let config: serde_json::Value = serde_json::from_str(text)
                     .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", path.display()))?;
+                eos = match config.get("eos_token_id") {
+                    Some(serde_json::Value::Array(ids)) => ids.iter().collect(),
+                    Some(one) => vec![one],
+                    None => Vec::new(),
+                }
+                .into_iter()
+                .filter(|id| !id.is_null())
+                .map(|id| {
+                    id.as_u64()
+                        .and_then(|id| u32::try_from(id).ok())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "{}: `eos_token_id` {id} is not a token id",
+                                path.display()
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?;
                 Sampling::of_generation_config(&config)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
             None => Sampling::default(),
         };
-        // A model's config that does not sample leaves transformers' sampling defaults to the
-        // options that ask for sampling.
-        if self.temperature.is_some_and(|t| t > 0.0) && sampling.temperature == 0.0 {
-            sampling.top_k = 50;
-        }
+        // The options that only sampling reads come after the temperature.
         let options = [
             (self.temperature.is_some(), "--temperature"),
             (self.top_k.is_some(), "--top-k"),
             (self.top_p.is_some(), "--top-p"),
             (self.min_p.is_some(), "--min-p"),
         ];
+        let any_given =
+            self.repetition_penalty.is_some() || options.iter().any(|(given, _)| *given);
         sampling.temperature = self.temperature.unwrap_or(sampling.temperature);
         sampling.top_k = self.top_k.unwrap_or(sampling.top_k);
         sampling.top_p = self.top_p.unwrap_or(sampling.top_p);
@@ -106,7 +126,7 @@ impl GenArgs {
             .unwrap_or(sampling.repetition_penalty);
         sampling.seed = self.seed;
         sampling.check().map_err(|e| anyhow::anyhow!("--{e}"))?;
-        let origin = match (config_path, options.iter().any(|(given, _)| *given)) {
+        let origin = match (config_path, any_given) {
             (Some(path), false) => format!("as {} says", path.display()),
             (Some(path), true) => format!("{}, under the options given", path.display()),
             (None, true) => "the options given".into(),
@@ -118,7 +138,7 @@ impl GenArgs {
         {
             log::warn!("{flag} applies when sampling (a --temperature above 0); decoding greedily");
         }
-        Ok(sampling)
+        Ok((sampling, eos))
     }
 
     /// The tools and keywords the prompt is rendered with; errors name the file or the option.
@@ -193,7 +213,7 @@ struct Speaker {
 
 impl Speaker {
     fn open(g: &GenArgs) -> Result<Self> {
-        let sampling = g.sampling()?;
+        let (sampling, eos) = g.sampling()?;
         let template_args = g.template_args()?;
         let (tok, placed) = open_placed(
             &g.model,
@@ -206,7 +226,13 @@ impl Speaker {
         log::info!("generating on {}", executor.describe());
         let cache = executor.cache();
         Ok(Speaker {
-            stop: nibble::generate::stop_tokens(&tok),
+            stop: {
+                let mut stop = nibble::generate::stop_tokens(&tok);
+                stop.extend(eos);
+                stop.sort_unstable();
+                stop.dedup();
+                stop
+            },
             cache,
             placed,
             tok,

@@ -164,13 +164,10 @@ fn merge_base(args: &Args) -> Result<MergeBase> {
     }
     let manifest = args.adapter.join(nibble::train::MANIFEST);
     // Options that say everything leave the record to a warning.
-    let recorded = match nibble::train::run::recorded_weights(&args.adapter) {
-        Err(e) if format.is_some() && args.group_size.is_some() => {
-            log::warn!("{e}: ignored, as --quant and --group-size give the weights");
-            None
-        }
-        recorded => recorded?,
-    };
+    let recorded = nibble::train::run::recorded_weights_unless(
+        &args.adapter,
+        format.is_some() && args.group_size.is_some(),
+    )?;
     if args.base_weights.is_none() && !asked {
         match recorded {
             // LoftQ's adapter starts at the quantization error: merged into the original weights

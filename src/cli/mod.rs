@@ -87,14 +87,19 @@ pub fn open_placed(
 ) -> Result<(ChatTokenizer, Placed)> {
     let source = nibble::model::open(model)?;
     let tok = tokenizer_of(&source, template, adapter)?;
+    let complete = quant.quant == Some(QuantChoice::None)
+        || (quant.quant.is_some() && quant.group_size.is_some());
     let recorded = match adapter {
-        Some(dir) => nibble::train::run::recorded_weights(dir)?.map(|r| (dir, r.quant)),
+        Some(dir) => {
+            nibble::train::run::recorded_weights_unless(dir, complete)?.map(|r| (dir, r.quant))
+        }
         None => None,
     };
-    // A quantized file loads as it is stored unless the options say otherwise (which it refuses).
-    let request = match (source.stored_quant(), quant.quant, quant.group_size) {
-        (Some(_), None, None) => None,
-        _ => quant.with_recorded(recorded.map(|(_, q)| q))?,
+    // A quantized file cannot be quantized again: it loads as stored, the options only checked
+    // against it; a folder takes what the options leave out from the record.
+    let request = match source.stored_quant() {
+        Some(_) => quant.request()?,
+        None => quant.with_recorded(recorded.map(|(_, q)| q))?,
     };
     // An adapter runs on the weights its run trained on, where its run.json says which: the
     // options given change what they name, and a difference is said.
@@ -118,7 +123,10 @@ pub fn open_placed(
                 form(trained)
             );
         }
+        // Said of the record where the group size came from it (the options' own are `load`'s
+        // to refuse).
         if let Some(spec) = loading
+            && quant.group_size.is_none()
             && let Err(e) = source.config.check_group_size(spec.group_size)
         {
             anyhow::bail!(

@@ -72,20 +72,17 @@ pub fn run(args: Args) -> Result<()> {
             bail!("--quant none makes no quantized file; choose nf4 or int4")
         }
     };
+    // Carried into the file, so read (and refused where it cannot be) before the work.
+    let generation = match &source.generation_config {
+        Some((Err(e), _)) => bail!("{e}"),
+        Some((Ok(text), _)) => Some(text.clone()),
+        None => None,
+    };
     let start = Instant::now();
     let model = source.load(Some(QuantRequest::Quantize(spec)))?;
     let loaded = start.elapsed();
     model
-        .save_quantized(
-            output,
-            (
-                &source.tokenizer,
-                source
-                    .generation_config
-                    .as_ref()
-                    .map(|(text, _)| text.as_str()),
-            ),
-        )
+        .save_quantized(output, (&source.tokenizer, generation.as_deref()))
         .with_context(|| format!("writing {}", output.display()))?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     eprintln!(

@@ -1651,6 +1651,18 @@ pub struct TrainedOn {
     pub loftq: bool,
 }
 
+/// `recorded_weights`, where the options already `complete` what it would fill in: a run.json that
+/// cannot be read is then only warned about.
+pub fn recorded_weights_unless(dir: &Path, complete: bool) -> Result<Option<TrainedOn>> {
+    match recorded_weights(dir) {
+        Err(e) if complete => {
+            log::warn!("{e}: ignored, as the options give the weights");
+            Ok(None)
+        }
+        recorded => recorded,
+    }
+}
+
 /// What the run.json in an adapter folder `dir` records of the weights its run trained on: None
 /// where the folder holds no record of nibble's (no run.json, or another tool's). A run.json that
 /// cannot be read or parsed, or records no 4-bit form nibble has, is an error naming it.
