@@ -733,16 +733,7 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
         assert!(e < 1e-5, "{case}: merged logits differ by {e:e}");
 
         // Training on from it would drop the modules: refused, naming them.
-        let err = LoraAdapter::load_peft(
-            &nibble::source::ModelFiles::Dir(adapter_dir.clone()),
-            &model.config,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("modules_to_save") && err.contains("trains LoRA matrices only"),
-            "{case}: {err}"
-        );
+        refuses_training(&adapter_dir, &model.config, "modules_to_save");
     }
 }
 
@@ -902,13 +893,10 @@ fn trainable_token_rows_nibble_cannot_apply_are_refused_by_name() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Training goes on from LoRA matrices only.
     let model = ModelSource::open(&fixture.join("model")).unwrap();
-    let files = nibble::source::ModelFiles::Dir(fixture.join("mismatch"));
-    let err = LoraAdapter::load_peft(&files, &model.config)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("trainable_token_indices") && err.contains("trains LoRA"),
-        "{err}"
+    refuses_training(
+        &fixture.join("mismatch"),
+        &model.config,
+        "trainable_token_indices",
     );
 }
 
@@ -1037,4 +1025,18 @@ fn merged_f32_logits(model: &std::path::Path, adapter: &std::path::Path, ids: &[
         .load(Some(QuantRequest::Dense))
         .unwrap();
     cpu::logits(&merged, None, ids).unwrap()
+}
+
+/// Loading the adapter folder `adapter` to train on from is refused, naming `what` it holds beside
+/// its LoRA matrices.
+fn refuses_training(adapter: &std::path::Path, config: &nibble::config::ModelConfig, what: &str) {
+    let files = nibble::source::ModelFiles::Dir(adapter.to_path_buf());
+    let err = LoraAdapter::load_peft(&files, config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(what) && err.contains("trains LoRA matrices only"),
+        "{}: {err}",
+        adapter.display()
+    );
 }
