@@ -203,6 +203,9 @@ impl Multimodal {
 /// Gemma 3's RoPE base for its sliding layers when a config names none (`rope_local_base_freq`).
 const LOCAL_ROPE_THETA: f64 = 10_000.0;
 
+/// The output projection's module path, where the model has one of its own (untied).
+pub const OUTPUT_MODULE: &str = "lm_head";
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -1102,6 +1105,12 @@ impl ModelConfig {
     /// The full name of the decoder's tensor `name` (`embed_tokens.weight`, `norm.weight`).
     pub fn tensor(&self, name: &str) -> String {
         format!("{}{name}", self.prefix())
+    }
+
+    /// The embedding's module path (`model.embed_tokens`), under which an adapter keeps the rows of
+    /// it that it trains.
+    pub fn embedding_module(&self) -> String {
+        self.tensor("embed_tokens")
     }
 
     /// The module path of layer `l`'s module `name` (`input_layernorm`, `self_attn.q_norm`).

@@ -306,6 +306,13 @@ pub struct LoraPair {
     pub b: Vec<f32>,
     /// DoRA's magnitude [out_features] (PEFT's `lora_magnitude_vector`); empty without DoRA.
     pub magnitude: Vec<f32>,
+    /// The token ids whose rows of the table at this module path (the embedding, the output
+    /// projection) are trained, in place of LoRA matrices (PEFT's `trainable_token_indices`); empty
+    /// for a linear's pair.
+    pub token_ids: Vec<usize>,
+    /// Those rows, [token_ids, in_features] (PEFT's `trainable_tokens_delta`, which holds the rows'
+    /// values, not differences).
+    pub rows: Vec<f32>,
 }
 
 /// A trained tensor of an adapted linear.
@@ -315,6 +322,8 @@ pub enum Factor {
     B,
     /// DoRA's magnitude vector.
     Magnitude,
+    /// Trained rows of a table (`LoraPair::rows`).
+    Rows,
 }
 
 impl Factor {
@@ -324,6 +333,7 @@ impl Factor {
             Factor::A => "lora_A",
             Factor::B => "lora_B",
             Factor::Magnitude => "lora_magnitude_vector",
+            Factor::Rows => "token_adapter.trainable_tokens_delta",
         }
     }
 }
@@ -337,23 +347,46 @@ impl LoraPair {
             a: vec![0.0; rank * in_features],
             b: vec![0.0; out_features * rank],
             magnitude: Vec::new(),
+            token_ids: Vec::new(),
+            rows: Vec::new(),
         }
+    }
+
+    /// Trained rows `token_ids` of a table `width` wide, starting as `rows`.
+    pub fn token_rows(token_ids: Vec<usize>, width: usize, rows: Vec<f32>) -> Self {
+        assert_eq!(rows.len(), token_ids.len() * width, "token_rows: rows");
+        LoraPair {
+            token_ids,
+            rows,
+            ..Self::zeros(0, width, 0)
+        }
+    }
+
+    /// Whether it trains rows of a table rather than a linear's matrices.
+    pub fn is_token_rows(&self) -> bool {
+        !self.token_ids.is_empty()
     }
 
     /// Zeros of this pair's shapes, a magnitude included where it has one.
     pub fn zeros_like(&self) -> Self {
         LoraPair {
             magnitude: vec![0.0; self.magnitude.len()],
+            token_ids: self.token_ids.clone(),
+            rows: vec![0.0; self.rows.len()],
             ..Self::zeros(self.rank, self.in_features, self.out_features)
         }
     }
 
-    /// The tensors it trains: A and B, and the magnitude under DoRA.
+    /// The tensors it trains: A and B, and the magnitude under DoRA; or a table's rows.
     pub fn factors(&self) -> impl Iterator<Item = Factor> + use<> {
-        let dora = !self.magnitude.is_empty();
-        [Factor::A, Factor::B, Factor::Magnitude]
+        let (dora, rows) = (!self.magnitude.is_empty(), self.is_token_rows());
+        [Factor::A, Factor::B, Factor::Magnitude, Factor::Rows]
             .into_iter()
-            .filter(move |f| dora || *f != Factor::Magnitude)
+            .filter(move |f| match f {
+                Factor::Rows => rows,
+                Factor::Magnitude => dora && !rows,
+                Factor::A | Factor::B => !rows,
+            })
     }
 
     pub fn factor(&self, f: Factor) -> &[f32] {
@@ -361,6 +394,7 @@ impl LoraPair {
             Factor::A => &self.a,
             Factor::B => &self.b,
             Factor::Magnitude => &self.magnitude,
+            Factor::Rows => &self.rows,
         }
     }
 
@@ -369,6 +403,7 @@ impl LoraPair {
             Factor::A => &mut self.a,
             Factor::B => &mut self.b,
             Factor::Magnitude => &mut self.magnitude,
+            Factor::Rows => &mut self.rows,
         }
     }
 
@@ -378,12 +413,14 @@ impl LoraPair {
             Factor::A => vec![self.rank, self.in_features],
             Factor::B => vec![self.out_features, self.rank],
             Factor::Magnitude => vec![self.out_features],
+            Factor::Rows => vec![self.token_ids.len(), self.in_features],
         }
     }
 }
 
 /// The adapters of a whole model: one pair per adapted linear, by module path
-/// (`model.layers.3.self_attn.q_proj`), in the model's order.
+/// (`model.layers.3.self_attn.q_proj`), in the model's order, then the tables whose token rows it
+/// trains (`model.embed_tokens`, `lm_head`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraAdapter {
     pub config: LoraConfig,
@@ -415,7 +452,7 @@ pub fn peft_key(path: &str, which: &str) -> String {
 /// PEFT's tensor name for a factor of the linear at `path` (the magnitude's has no `.weight`).
 pub fn factor_key(path: &str, f: Factor) -> String {
     match f {
-        Factor::Magnitude => format!("base_model.model.{path}.{}", f.peft_name()),
+        Factor::Magnitude | Factor::Rows => format!("base_model.model.{path}.{}", f.peft_name()),
         _ => peft_key(path, f.peft_name()),
     }
 }
@@ -577,22 +614,86 @@ impl LoraAdapter {
 
     /// (module path, pair) of every adapted linear.
     pub fn pairs(&self) -> impl Iterator<Item = (&str, &LoraPair)> {
-        self.modules.iter().map(|(path, p)| (path.as_str(), p))
+        self.trained().filter(|(_, p)| !p.is_token_rows())
     }
 
     pub fn pairs_mut(&mut self) -> impl Iterator<Item = (&str, &mut LoraPair)> {
+        self.trained_mut().filter(|(_, p)| !p.is_token_rows())
+    }
+
+    /// (module path, pair) of everything trained: the linears' pairs and the tables' token rows.
+    pub fn trained(&self) -> impl Iterator<Item = (&str, &LoraPair)> {
+        self.modules.iter().map(|(path, p)| (path.as_str(), p))
+    }
+
+    pub fn trained_mut(&mut self) -> impl Iterator<Item = (&str, &mut LoraPair)> {
         self.modules.iter_mut().map(|(path, p)| (path.as_str(), p))
     }
 
+    /// (module path of the table, its trained rows).
+    pub fn token_rows(&self) -> impl Iterator<Item = (&str, &LoraPair)> {
+        self.trained().filter(|(_, p)| p.is_token_rows())
+    }
+
     pub fn parameter_count(&self) -> usize {
-        self.pairs()
-            .map(|(_, p)| p.a.len() + p.b.len() + p.magnitude.len())
+        self.trained()
+            .map(|(_, p)| p.a.len() + p.b.len() + p.magnitude.len() + p.rows.len())
             .sum()
     }
 
+    /// Adds trained rows `token_ids` of the table at `path` (`model.embed_tokens`, `lm_head`), each
+    /// starting as `rows(id)` gives it.
+    pub fn add_token_rows(
+        &mut self,
+        path: &str,
+        token_ids: Vec<usize>,
+        width: usize,
+        mut row: impl FnMut(usize, &mut [f32]),
+    ) {
+        let mut rows = vec![0f32; token_ids.len() * width];
+        for (&id, out) in token_ids.iter().zip(rows.chunks_exact_mut(width)) {
+            row(id, out);
+        }
+        let pair = LoraPair::token_rows(token_ids, width, rows);
+        self.modules.push((path.to_string(), pair));
+    }
+
+    /// Moves the token rows `saved` read into the adapter, to train on: the embedding's, and the
+    /// output projection's of an untied model (a tied model's output projection reads the
+    /// embedding's; rows of its own would untie it, which training does not do).
+    fn train_saved_rows(
+        &mut self,
+        saved: &mut SavedModules,
+        model: &ModelConfig,
+        weights: &std::path::Path,
+    ) -> Result<()> {
+        if saved.head_rows.is_some() && model.tie_word_embeddings {
+            return Err(Error::Invalid(format!(
+                "{}: `trainable_token_indices` gives the tied output projection rows of its own, \
+                 which untie it from the embedding: nibble evaluates, generates with and merges \
+                 such an adapter, but trains the rows a tied model's two tables share",
+                weights.display()
+            )));
+        }
+        for rows in [saved.embed_rows.take(), saved.head_rows.take()]
+            .into_iter()
+            .flatten()
+        {
+            let path = rows
+                .key
+                .strip_prefix("base_model.model.")
+                .and_then(|k| k.strip_suffix(".token_adapter.trainable_tokens_delta"))
+                .expect("keys_ending found it by this suffix");
+            let pair = LoraPair::token_rows(rows.indices, model.hidden_size, rows.values);
+            self.modules.push((path.to_string(), pair));
+        }
+        Ok(())
+    }
+
     /// Loads a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for `model`, to
-    /// train on: an adapter with whole modules beside its matrices (`modules_to_save`) is refused, as
-    /// nibble trains LoRA matrices only.
+    /// train on, its token rows (`trainable_token_indices`) among what it trains: an adapter with
+    /// whole modules beside its matrices (`modules_to_save`) is refused, as nibble trains LoRA
+    /// matrices and token rows only.
     pub fn load_peft(files: &ModelFiles, model: &ModelConfig) -> Result<Self> {
         Self::load_peft_inner(files, model, false).map(|(adapter, _)| adapter)
     }
@@ -721,19 +822,12 @@ impl LoraAdapter {
         if !to_save.is_empty() && !keep_modules {
             return Err(bad(format!(
                 "`modules_to_save: {}` holds whole trained modules beside the LoRA matrices: nibble \
-                 evaluates, generates with and merges such an adapter, but trains LoRA matrices only",
+                 evaluates, generates with and merges such an adapter, but trains LoRA matrices and \
+                 token rows only (trainable_token_indices)",
                 v["modules_to_save"]
             )));
         }
         let token_rows = TokenIndices::read(v.get("trainable_token_indices")).map_err(bad)?;
-        if !token_rows.is_empty() && !keep_modules {
-            return Err(bad(format!(
-                "`trainable_token_indices: {}` replaces embedding rows beside the LoRA matrices: \
-                 nibble evaluates, generates with and merges such an adapter, but trains LoRA \
-                 matrices only",
-                v["trainable_token_indices"]
-            )));
-        }
         if !token_rows.is_empty() && !to_save.is_empty() {
             return Err(bad(
                 "`modules_to_save` and `trainable_token_indices` together: nibble reads an \
@@ -967,8 +1061,11 @@ impl LoraAdapter {
         }
         let mut saved = SavedModules::read(&weights, &to_save, modules_tied, model)?;
         token_rows.read_into(&mut saved, (&weights, &cfg_path), model, ensure_tying)?;
+        if !keep_modules {
+            adapter.train_saved_rows(&mut saved, model, weights.path())?;
+        }
         let mut expected: std::collections::HashSet<String> = adapter
-            .pairs()
+            .trained()
             .flat_map(|(path, pair)| pair.factors().map(move |f| factor_key(path, f)))
             .collect();
         expected.extend(saved.keys());

@@ -251,7 +251,8 @@ pub struct Model {
     pub config: ModelConfig,
     /// Shared: the GPU executor keeps an untied embedding in host memory and binds this one.
     pub embed: std::sync::Arc<DenseTensor>,
-    pub layers: Vec<Layer>,
+    /// Shared: a run training token rows keeps a copy of the model whose tables it changes.
+    pub layers: std::sync::Arc<Vec<Layer>>,
     /// Every norm's scale by tensor name, in checkpoint order (layer norms, q/k norms, the final norm).
     pub norms: Vec<(String, Vec<f32>)>,
     /// None when the embeddings are tied.
@@ -442,6 +443,36 @@ impl Model {
         }
     }
 
+    /// Puts an adapter's trained token rows in place in the tables it trains them in (the
+    /// embedding's module, which a tied model's output projection shares, and the output
+    /// projection's), each row rounded to its table's dtype. A table still shared with another copy
+    /// of the model is copied first.
+    pub fn put_trained_rows(&mut self, adapter: &crate::lora::LoraAdapter) -> Result<()> {
+        let embed_path = self.config.embedding_module();
+        for (path, pair) in adapter.token_rows() {
+            let table = if path == embed_path {
+                std::sync::Arc::make_mut(&mut self.embed)
+            } else if path == crate::config::OUTPUT_MODULE
+                && let Some(head) = self.lm_head.as_mut()
+            {
+                head
+            } else {
+                return Err(Error::Invalid(format!(
+                    "the adapter trains token rows of {path}, which is neither the model's \
+                     embedding ({embed_path}) nor its own output projection"
+                )));
+            };
+            for (&id, row) in pair
+                .token_ids
+                .iter()
+                .zip(pair.rows.chunks_exact(table.cols))
+            {
+                table.set_row_f32(id, row);
+            }
+        }
+        Ok(())
+    }
+
     /// Which of `ids` have rows of the embedding (or, with `head`, of the output projection) that
     /// training never reached: all but zero, under a thousandth of the table's median row norm (as
     /// a base model's reserved and chat-template tokens often are, Llama 3's among them). LoRA on
@@ -477,7 +508,7 @@ impl Model {
             .lm_head
             .as_ref()
             .map_or(0, |h| h.as_bytes().len() as u64);
-        for layer in &self.layers {
+        for layer in self.layers.iter() {
             for lin in &layer.linears {
                 total += lin.weight.bytes() + lin.bias.as_ref().map_or(0, vec_bytes);
             }
@@ -1320,7 +1351,7 @@ impl ModelSource {
         Ok(Model {
             config: self.config.clone(),
             embed: std::sync::Arc::new(embed.expect("listed in expected_tensors")),
-            layers,
+            layers: std::sync::Arc::new(layers),
             norms,
             lm_head,
             tables,

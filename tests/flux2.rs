@@ -74,6 +74,8 @@ impl Fixture {
                     a,
                     b,
                     magnitude: Vec::new(),
+                    token_ids: Vec::new(),
+                    rows: Vec::new(),
                 };
                 (t.clone(), pair)
             })

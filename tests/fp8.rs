@@ -290,7 +290,7 @@ fn compressed_tensors_groups_along_the_row() {
         .unwrap()
         .load(Some(nf4))
         .unwrap();
-    for (a, b) in packed.layers.iter().zip(&reference.layers) {
+    for (a, b) in packed.layers.iter().zip(reference.layers.iter()) {
         for (x, y) in a.linears.iter().zip(&b.linears) {
             assert!(x.weight == y.weight, "{:?} packs differently", x.kind);
         }

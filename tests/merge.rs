@@ -733,7 +733,14 @@ fn saved_modules_replace_the_embedding_and_the_output_projection() {
         assert!(e < 1e-5, "{case}: merged logits differ by {e:e}");
 
         // Training on from it would drop the modules: refused, naming them.
-        refuses_training(&adapter_dir, &model.config, "modules_to_save");
+        refuses_training(
+            &adapter_dir,
+            &model.config,
+            &[
+                "modules_to_save",
+                "trains LoRA matrices and token rows only",
+            ],
+        );
     }
 }
 
@@ -891,12 +898,16 @@ fn trainable_token_rows_nibble_cannot_apply_are_refused_by_name() {
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Training goes on from LoRA matrices only.
+    // Training goes on from rows a tied model's tables share, not from rows that untie them.
     let model = ModelSource::open(&fixture.join("model")).unwrap();
     refuses_training(
         &fixture.join("mismatch"),
         &model.config,
-        "trainable_token_indices",
+        &[
+            "trainable_token_indices",
+            "untie",
+            "trains the rows a tied model's two tables share",
+        ],
     );
 }
 
@@ -1027,15 +1038,19 @@ fn merged_f32_logits(model: &std::path::Path, adapter: &std::path::Path, ids: &[
     cpu::logits(&merged, None, ids).unwrap()
 }
 
-/// Loading the adapter folder `adapter` to train on from is refused, naming `what` it holds beside
-/// its LoRA matrices.
-fn refuses_training(adapter: &std::path::Path, config: &nibble::config::ModelConfig, what: &str) {
+/// Loading the adapter folder `adapter` to train on from is refused with an error saying each of
+/// `expect` (what it holds, and why nibble does not train it).
+fn refuses_training(
+    adapter: &std::path::Path,
+    config: &nibble::config::ModelConfig,
+    expect: &[&str],
+) {
     let files = nibble::source::ModelFiles::Dir(adapter.to_path_buf());
     let err = LoraAdapter::load_peft(&files, config)
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains(what) && err.contains("trains LoRA matrices only"),
+        expect.iter().all(|e| err.contains(e)),
         "{}: {err}",
         adapter.display()
     );

@@ -53,7 +53,15 @@ pub fn run(flags: TrainSettings) -> Result<()> {
         config,
         options,
     };
-    let gpu = settings.device.unwrap_or_default().open()?;
+    let device = settings.device.unwrap_or_default();
+    let gpu = match device {
+        // Token rows train on the CPU executor only (the GPU's refusal names the option).
+        nibble::exec::Device::Auto if settings.trainable_tokens.is_some() => {
+            log::info!("--trainable-tokens: training on the CPU executor, where token rows train");
+            None
+        }
+        _ => device.open()?,
+    };
     stop_on_signals();
     nibble::train::run::run(spec, gpu.as_ref(), &mut Progress::default())?;
     eprintln!("saved the adapter to {}", output.display());
@@ -72,6 +80,7 @@ fn train_klein(
         ("eval-data", settings.eval_data.is_some()),
         ("eval-split", settings.eval_split.is_some()),
         ("eval-on-start", settings.eval_on_start.is_some()),
+        ("trainable-tokens", settings.trainable_tokens.is_some()),
         ("packing", settings.packing.is_some()),
         ("max-length", settings.max_length.is_some()),
         ("loss-on", settings.loss_on.is_some()),

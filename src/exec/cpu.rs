@@ -14,7 +14,8 @@ use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
 use crate::ops::{
-    self, Precision, attention, conv, cross_entropy, dora, glu, linear, modulate, rope, zeros,
+    self, Precision, attention, conv, cross_entropy, dora, glu, linear, modulate, rope, token_rows,
+    zeros,
 };
 use crate::rng::Rng;
 use std::collections::HashMap;
@@ -119,15 +120,20 @@ fn grad_slots(grads: Option<&mut LoraAdapter>) -> GradSlots<'_> {
         return HashMap::new();
     };
     grads
-        .pairs_mut()
+        .trained_mut()
         .flat_map(|(path, p)| {
             let LoraPair {
-                a, b, magnitude, ..
+                a,
+                b,
+                magnitude,
+                rows,
+                ..
             } = p;
             [
                 (Factor::A, a),
                 (Factor::B, b),
                 (Factor::Magnitude, magnitude),
+                (Factor::Rows, rows),
             ]
             .into_iter()
             .filter(|(_, v)| !v.is_empty())
@@ -158,7 +164,7 @@ fn run_here(graph: &Graph, bind: Bindings) -> Result<Outputs> {
     let tensors: HashMap<String, TensorRef> = bind.model.named_tensors().into_iter().collect();
     let mut params: HashMap<String, &LoraPair> = HashMap::new();
     if let Some(a) = bind.adapter {
-        params.extend(a.pairs().map(|(path, p)| (path.to_string(), p)));
+        params.extend(a.trained().map(|(path, p)| (path.to_string(), p)));
     }
     let optimizer_bound = bind.optimizer.is_some();
     let mut grads = grad_slots(bind.grads);
@@ -680,6 +686,29 @@ impl Exec {
                         .copy_from_slice(&rows[i * dim..(i + 1) * dim]);
                 }
             }
+            Op::EmbeddingRowsGrad {
+                dim,
+                scale,
+                token_ids,
+            } => {
+                assert!(acc, "embedding_rows_grad accumulates into its output");
+                let (dx, ids) = (x(0), ins[1].u32());
+                token_rows::embedding_rows_grad(dx, ids, token_ids, (*dim, *scale), outs.get(0));
+            }
+            Op::OutputRowsGrad {
+                softcap, token_ids, ..
+            } => {
+                assert!(acc, "output_rows_grad accumulates into its output");
+                let loss_type = cross_entropy::LossType::of_input(x(5)[0]);
+                token_rows::output_rows_grad(
+                    x(0),
+                    ins[1].table(),
+                    (ins[2].u32(), x(3)),
+                    token_ids,
+                    (x(4)[0], loss_type, *softcap),
+                    outs.get(0),
+                );
+            }
             Op::CrossEntropy { softcap, .. } => {
                 let tokens = cross_entropy::forward(
                     x(0),
@@ -692,10 +721,7 @@ impl Exec {
             }
             Op::CrossEntropyWithGrad { softcap, .. } => {
                 let scale = x(3)[0];
-                let loss_type = match x(4)[0] > 0.5 {
-                    true => cross_entropy::LossType::Dft,
-                    false => cross_entropy::LossType::Nll,
-                };
+                let loss_type = cross_entropy::LossType::of_input(x(4)[0]);
                 let (tokens, d_hidden) = cross_entropy::forward_backward(
                     x(0),
                     ins[1].table(),

@@ -621,6 +621,11 @@ fn record_node(
             attention::record_backward(r, shape, ins6, first_key, [o(0), o(1), o(2)]);
         }
         Op::GatherRows { dim } => ops::record_rows(r, "gather_rows", x(0), x(1), o(0), *dim),
+        Op::EmbeddingRowsGrad { .. } | Op::OutputRowsGrad { .. } => {
+            return Err(Error::Invalid(
+                "training token rows runs on the CPU executor only (--device cpu), for now".into(),
+            ));
+        }
         Op::ScatterRows { dim } => ops::record_rows(r, "scatter_rows", x(0), x(1), o(0), *dim),
         Op::CrossEntropy { softcap, .. } => {
             cross_entropy::record(r, ins[1].table(), x(0), x(2), o(0), None, *softcap)
@@ -647,6 +652,7 @@ fn record_node(
 
 fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {
     LoraSpec {
+        tokens: Vec::new(),
         dropout,
         dora_factors: Default::default(),
         targets: lora.adapted.clone(),

@@ -290,6 +290,23 @@ pub enum Op {
     GatherRows { dim: usize },
     /// [rows, index] -> [x]: row i into row `index[i]` of x; other rows zero.
     ScatterRows { dim: usize },
+    /// [dx, ids] -> [d_rows]: d_rows[j] = scale · Σ dx[t] over the tokens t whose id is
+    /// `token_ids[j]`, rows of `dim`: the gradient of trained embedding rows from the gradient at the
+    /// embeddings (`scale` the embedding's own factor, Gemma's √hidden).
+    EmbeddingRowsGrad {
+        dim: usize,
+        scale: f32,
+        token_ids: Vec<u32>,
+    },
+    /// [hidden, head, labels, losses, grad_scale, loss_type] -> [d_rows]: d_rows[j] = Σ_p
+    /// dlogit[p, v]·hidden[p] with v = `token_ids[j]`, the gradient `CrossEntropyWithGrad` takes
+    /// into hidden, taken into the output projection's rows v instead: each logit recomputed from
+    /// the head's row and each position's log-sum-exp from `losses`.
+    OutputRowsGrad {
+        dim: usize,
+        softcap: Option<f32>,
+        token_ids: Vec<u32>,
+    },
     /// [hidden, head, labels] -> [losses]: per position a `cross_entropy::TokenLoss` row (−log
     /// softmax(h·headᵀ)[label], the log-sum-exp of the logits, the entropy of the softmax, 1 where the
     /// label is the first argmax), the vocabulary walked in chunks; rows of `dim`. With `softcap`, each
@@ -403,6 +420,8 @@ impl Op {
             Op::AttentionBackward { .. } => "attention_backward",
             Op::GatherRows { .. } => "gather_rows",
             Op::ScatterRows { .. } => "scatter_rows",
+            Op::EmbeddingRowsGrad { .. } => "embedding_rows_grad",
+            Op::OutputRowsGrad { .. } => "output_rows_grad",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::CrossEntropyWithGrad { .. } => "cross_entropy_with_grad",
             Op::Logits { .. } => "logits",

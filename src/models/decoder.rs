@@ -30,6 +30,17 @@ pub struct LoraSpec {
     pub dora_factors: FactorSource,
     /// The adapted linears by module path (`model.layers.3.self_attn.q_proj`).
     pub targets: BTreeMap<String, Adapted>,
+    /// The tables whose token rows the adapter trains (`LoraPair::token_ids`): their rows sit in
+    /// the tables the forward reads; the backward takes their gradients.
+    pub tokens: Vec<TrainedRows>,
+}
+
+/// Trained rows of the table at a module path (the embedding's, `model.embed_tokens`, which a tied
+/// model's output projection shares; the output projection's, `lm_head`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainedRows {
+    pub path: String,
+    pub token_ids: Vec<u32>,
 }
 
 /// Where a graph takes DoRA's factors (`Op::DoraFactors`) from.
@@ -68,6 +79,13 @@ impl LoraSpec {
                     (path.to_string(), adapted)
                 })
                 .collect(),
+            tokens: adapter
+                .token_rows()
+                .map(|(path, pair)| TrainedRows {
+                    path: path.to_string(),
+                    token_ids: pair.token_ids.iter().map(|&id| id as u32).collect(),
+                })
+                .collect(),
         }
     }
 
@@ -92,6 +110,7 @@ impl LoraSpec {
             dropout,
             dora_factors: FactorSource::Compute,
             targets: paths.into_iter().map(|path| (path, adapted)).collect(),
+            tokens: Vec::new(),
         }
     }
 }
@@ -347,6 +366,28 @@ impl<'a> Decoder<'a> {
 impl Decoder<'_> {
     fn t(&self) -> usize {
         self.shape.tokens
+    }
+
+    /// The trained rows of the table the output projection reads (`output`: a tied model's
+    /// embedding's, or its own), or of the embedding.
+    fn trained_rows(&self, output: bool) -> Vec<TrainedRows> {
+        let embedding = self.c.embedding_module();
+        let table = match (output, self.c.tie_word_embeddings) {
+            (true, false) => crate::config::OUTPUT_MODULE.to_string(),
+            _ => embedding,
+        };
+        let tokens = self.lora.as_ref().map_or(&[][..], |l| &l.tokens[..]);
+        tokens.iter().filter(|r| r.path == table).cloned().collect()
+    }
+
+    /// The gradient buffer of trained rows.
+    fn rows_grad(&mut self, rows: &TrainedRows) -> BufId {
+        let role = Role::LoraGrad {
+            path: rows.path.clone(),
+            factor: crate::lora::Factor::Rows,
+        };
+        let len = rows.token_ids.len() * self.c.hidden_size;
+        self.b.lora(role, len)
     }
 
     /// The step's tokens' embeddings (times Gemma's √hidden).
@@ -1364,6 +1405,16 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
         &[losses, d_hidden],
         false,
     );
+    for rows in d.trained_rows(true) {
+        let grad = d.rows_grad(&rows);
+        let op = Op::OutputRowsGrad {
+            dim: h,
+            softcap,
+            token_ids: rows.token_ids,
+        };
+        let ins = [hidden, head, labels, losses, grad_scale, loss_type];
+        d.b.node(op, &ins, &[grad], true);
+    }
     let dxf = d.b.activation(t * h, "d final_norm");
     d.b.node(
         Op::ScatterRows { dim: h },
@@ -1374,6 +1425,16 @@ pub fn build(c: &ModelConfig, lora: Option<&LoraSpec>, shape: StepShape) -> Grap
     let mut dx = d.rmsnorm_backward(x, final_norm, inv_f, dxf, h);
     for (l, tape) in tapes.iter().enumerate().rev() {
         dx = d.layer_backward(l, tape, dx);
+    }
+    for rows in d.trained_rows(false) {
+        let grad = d.rows_grad(&rows);
+        let ids = d.b.input(Input::TokenIds, t);
+        let op = Op::EmbeddingRowsGrad {
+            dim: h,
+            scale: c.embed_scale,
+            token_ids: rows.token_ids,
+        };
+        d.b.node(op, &[dx, ids], &[grad], true);
     }
     let graph = d.b.finish();
     if shape.checkpoint {

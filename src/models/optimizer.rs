@@ -8,7 +8,7 @@ use crate::lora::{Factor, LoraAdapter};
 /// The (module path, factor, length) of each tensor `adapter` trains, what `build` takes.
 pub fn shapes(adapter: &LoraAdapter) -> Vec<(String, Factor, usize)> {
     adapter
-        .pairs()
+        .trained()
         .flat_map(|(path, p)| {
             p.factors()
                 .map(move |f| (path.to_string(), f, p.factor(f).len()))

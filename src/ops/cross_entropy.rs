@@ -123,7 +123,7 @@ pub fn soft_cap(logits: &mut [f32], cap: f32) {
 
 /// dz/dlogit of `soft_cap` from its output z: 1 − (z / cap)².
 #[inline(always)]
-fn soft_cap_slope(z: f32, cap: f32) -> f32 {
+pub(crate) fn soft_cap_slope(z: f32, cap: f32) -> f32 {
     let t = z / cap;
     1.0 - t * t
 }
@@ -165,6 +165,14 @@ pub enum LossType {
 serde_as_value_enum!(LossType);
 
 impl LossType {
+    /// The loss type `Input::LossType` holds (1: DFT).
+    pub fn of_input(value: f32) -> Self {
+        match value > 0.5 {
+            true => LossType::Dft,
+            false => LossType::Nll,
+        }
+    }
+
     /// The weight of a token whose cross-entropy is `loss` (its label's probability is exp(−loss)).
     pub fn weight(self, loss: f64) -> f64 {
         match self {

@@ -22,6 +22,7 @@ pub mod packed;
 pub mod packed_gemm;
 pub mod rmsnorm;
 pub mod rope;
+pub mod token_rows;
 
 use crate::exec::gpu::Recorder;
 use crate::gpu::weights::GpuDense;

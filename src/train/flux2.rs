@@ -488,6 +488,8 @@ pub fn load_lora(
             a,
             b,
             magnitude: Vec::new(),
+            token_ids: Vec::new(),
+            rows: Vec::new(),
         };
         modules.push((path.clone(), pair));
     }

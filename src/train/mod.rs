@@ -87,6 +87,9 @@ pub enum LossOn {
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
     pub lora: LoraConfig,
+    /// Token ids whose embedding rows train beside the LoRA matrices, and their output projection
+    /// rows (a tied model's are the same rows), as PEFT's `trainable_token_indices`.
+    pub trainable_tokens: Vec<u32>,
     pub lr: f64,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
@@ -270,6 +273,7 @@ impl Default for TrainConfig {
             loss_on: LossOn::Default,
             loss_type: LossType::Nll,
             neftune_noise_alpha: None,
+            trainable_tokens: Vec::new(),
             checkpoint: false,
             checkpoints: crate::graph::checkpoint::Keep::F32,
             precision: Precision::F32,
@@ -871,11 +875,31 @@ impl<'a> Trainer<'a> {
             None => LoraAdapter::init(&model.config, config.lora.clone(), &mut init_rng)?,
         };
         adapter.init_magnitudes(|path| model.linear_weight(path))?;
-        Ok(Self::assemble(
-            Work::Text { model, sequences },
-            config,
-            adapter,
-        ))
+        add_trainable_tokens(&mut adapter, &model, &config.trainable_tokens)?;
+        let mut trainer = Self::assemble(Work::Text { model, sequences }, config, adapter);
+        trainer.put_token_rows()?;
+        Ok(trainer)
+    }
+
+    /// Puts the trained token rows in place in the trainer's copy of the model's tables (made on
+    /// the first call: the model may be borrowed), which every graph of the run then reads.
+    fn put_token_rows(&mut self) -> Result<()> {
+        if self.adapter.token_rows().next().is_none() {
+            return Ok(());
+        }
+        let Work::Text { model, .. } = &mut self.work else {
+            return Err(Error::Invalid(
+                "token rows train in language models, not image runs".into(),
+            ));
+        };
+        if let Shared::Borrowed(borrowed) = model {
+            // Cheap but for the tables put_trained_rows changes: the layers are shared.
+            *model = Shared::Owned(std::sync::Arc::new((*borrowed).clone()));
+        }
+        let Shared::Owned(own) = model else {
+            unreachable!("made owned above")
+        };
+        std::sync::Arc::make_mut(own).put_trained_rows(&self.adapter)
     }
 
     /// Sets up training a FLUX.2 LoRA on cached image examples with a fresh adapter (or `init`).
@@ -1058,6 +1082,13 @@ impl<'a> Trainer<'a> {
 
     /// Moves training to the GPU executor: uploads the model, the adapters and the moments.
     pub fn use_gpu(&mut self, gpu: impl Into<Shared<'a, Gpu>>) -> Result<()> {
+        if self.adapter.token_rows().next().is_some() {
+            return Err(Error::Invalid(
+                "trainable token rows (--trainable-tokens, or an adapter with \
+                 trainable_token_indices) train on the CPU executor only for now: --device cpu"
+                    .into(),
+            ));
+        }
         let gpu = gpu.into();
         self.sync()?;
         let base = match &self.work {
@@ -1349,13 +1380,15 @@ impl Trainer<'_> {
             m: &mut self.m,
             v: &mut self.v,
         };
-        cpu_optimizer_step(
+        let norm = cpu_optimizer_step(
             model,
             grads,
             state,
             (self.config.max_grad_norm, adamw),
             self.config.precision,
-        )
+        )?;
+        self.put_token_rows()?;
+        Ok(norm)
     }
 }
 
@@ -1387,6 +1420,60 @@ pub fn cpu_optimizer_step(
         },
     )?;
     Ok(out.take("clip")[0] as f64)
+}
+
+/// Adds trained rows of `ids` to `adapter`, starting as the model's: the embedding's, and an untied
+/// model's output projection's (a tied model's are the same rows). An adapter that trains rows
+/// already must train these.
+fn add_trainable_tokens(adapter: &mut LoraAdapter, model: &Model, ids: &[u32]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
+    let embedding = model.config.embedding_module();
+    if let Some((path, pair)) = adapter.token_rows().next() {
+        let same = adapter.token_rows().all(|(_, p)| p.token_ids == ids);
+        return match same {
+            true => Ok(()),
+            false => Err(Error::Invalid(format!(
+                "--trainable-tokens {ids:?}: the adapter trained on already trains the rows \
+                 {:?} of {path}",
+                pair.token_ids
+            ))),
+        };
+    }
+    let c = &model.config;
+    if c.per_layer_inputs.is_some() {
+        return Err(Error::Invalid(
+            "--trainable-tokens: this model's per-layer inputs read the embeddings too, which \
+             nibble does not take gradients through; train its LoRA matrices alone"
+                .into(),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &id in &ids {
+        if id >= c.vocab_size {
+            return Err(Error::Invalid(format!(
+                "--trainable-tokens: token id {id} is past the model's vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        if !seen.insert(id) {
+            return Err(Error::Invalid(format!(
+                "--trainable-tokens: token id {id} is listed twice"
+            )));
+        }
+    }
+    let width = c.hidden_size;
+    adapter.add_token_rows(&embedding, ids.clone(), width, |id, row| {
+        model.embed.row_f32(id, row)
+    });
+    if let Some(head) = &model.lm_head {
+        adapter.add_token_rows(crate::config::OUTPUT_MODULE, ids, width, |id, row| {
+            head.row_f32(id, row)
+        });
+    }
+    Ok(())
 }
 
 pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
@@ -1448,7 +1535,7 @@ impl Trainer<'_> {
         let moments: Vec<(String, Vec<usize>, &[f32])> = [("m", &self.m), ("v", &self.v)]
             .into_iter()
             .flat_map(|(moment, adapter)| {
-                adapter.pairs().flat_map(move |(path, p)| {
+                adapter.trained().flat_map(move |(path, p)| {
                     p.factors().map(move |f| {
                         let values = p.factor(f);
                         (
@@ -1579,7 +1666,7 @@ impl Trainer<'_> {
             Ok(values)
         };
         for (moment, adapter) in [("m", &mut m), ("v", &mut vv)] {
-            for (path, p) in adapter.pairs_mut() {
+            for (path, p) in adapter.trained_mut() {
                 for f in p.factors().collect::<Vec<_>>() {
                     let name = format!("{moment}.{}", factor_key(path, f));
                     let values = read(name, p.factor(f), moment == "v")?;
@@ -1590,6 +1677,7 @@ impl Trainer<'_> {
         self.adapter = adapter;
         self.m = m;
         self.v = vv;
+        self.put_token_rows()?;
         let (step, total_steps, position) = (num("step")?, num("total_steps")?, num("position")?);
         if step > total_steps || position > n {
             return Err(bad(&format!(
@@ -1762,7 +1850,7 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
     }
     let mut views = Vec::new();
     let keys: Vec<(String, Vec<usize>, &[f32])> = adapter
-        .pairs()
+        .trained()
         .flat_map(|(path, p)| {
             p.factors()
                 .map(move |f| (factor_key(path, f), p.shape(f), p.factor(f)))
@@ -1803,6 +1891,7 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         "init_lora_weights": true,
         "inference_mode": true,
         "modules_to_save": null,
+        "trainable_token_indices": trainable_token_indices(adapter),
         "rank_pattern": c.rank_pattern.to_json(),
         "alpha_pattern": c.alpha_pattern.to_json(),
         "revision": null,
@@ -1811,6 +1900,25 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         weights,
         serde_json::to_string_pretty(&config).expect("json"),
     ))
+}
+
+/// PEFT's `trainable_token_indices` for the adapter's trained rows: a list where it trains the
+/// embedding's alone (a tied model's output projection reads them too, as PEFT ties it), else a map
+/// of each table's module name to its ids.
+fn trainable_token_indices(adapter: &LoraAdapter) -> serde_json::Value {
+    let tables: Vec<(&str, &[usize])> = adapter
+        .token_rows()
+        .map(|(path, p)| (path.rsplit('.').next().unwrap_or(path), &p.token_ids[..]))
+        .collect();
+    match tables[..] {
+        [] => serde_json::Value::Null,
+        [("embed_tokens", ids)] => json!(ids),
+        _ => tables
+            .into_iter()
+            .map(|(name, ids)| (name.to_string(), json!(ids)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
 }
 
 /// Writes the adapter as a PEFT folder (each file written atomically).

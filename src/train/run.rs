@@ -48,6 +48,9 @@ pub struct RunOptions {
     /// loss, at step 0, which early stopping does not count (as transformers sets no best metric
     /// from it).
     pub eval_on_start: bool,
+    /// `--trainable-tokens` as given: token ids or texts, which the model's tokenizer resolves into
+    /// `TrainConfig::trainable_tokens`.
+    pub trainable_tokens: Option<String>,
     /// Stop once this many validations in a row have not lowered the validation loss, and save the
     /// adapter of the best one (also when the run ends without stopping).
     pub early_stopping_patience: Option<usize>,
@@ -918,7 +921,7 @@ fn manifest(
 ) -> serde_json::Value {
     let init_digest = init.map(|adapter| {
         let mut digest = crate::rng::Fnv1a::new();
-        for (_, pair) in adapter.pairs() {
+        for (_, pair) in adapter.trained() {
             for f in pair.factors() {
                 digest.write(bytemuck::cast_slice(pair.factor(f)));
             }
@@ -954,6 +957,9 @@ fn manifest(
     // compare without it.
     if lora.use_dora {
         options["use_dora"] = true.into();
+    }
+    if !config.trainable_tokens.is_empty() {
+        options["trainable_tokens"] = json!(config.trainable_tokens);
     }
     if !lora.rank_pattern.is_empty() {
         options["rank_pattern"] = json!(lora.rank_pattern.entries().collect::<Vec<_>>());
@@ -1020,12 +1026,21 @@ fn with_continuations(record: &str, restored: &Restored) -> String {
 /// LoRA on the linear layers cannot change what those rows give, so the run would teach the model a
 /// format it cannot follow.
 #[cfg(not(target_arch = "wasm32"))]
-fn warn_of_untrained_tokens(model: &Model, train: &[Sequence], tok: &ChatTokenizer) {
-    let read: std::collections::BTreeSet<u32> =
-        train.iter().flat_map(|s| s.ids.iter().copied()).collect();
+fn warn_of_untrained_tokens(
+    model: &Model,
+    train: &[Sequence],
+    tok: &ChatTokenizer,
+    trained: &[u32],
+) {
+    let read: std::collections::BTreeSet<u32> = train
+        .iter()
+        .flat_map(|s| s.ids.iter().copied())
+        .filter(|id| !trained.contains(id))
+        .collect();
     let written: std::collections::BTreeSet<u32> = train
         .iter()
         .flat_map(|s| s.targets.iter().flatten().copied())
+        .filter(|id| !trained.contains(id))
         .collect();
     let name = |ids: &[u32]| -> String {
         let shown: Vec<String> = ids
@@ -1042,9 +1057,17 @@ fn warn_of_untrained_tokens(model: &Model, train: &[Sequence], tok: &ChatTokeniz
         };
         format!("{}{more}", shown.join(", "))
     };
-    let remedy = "start from the model's instruct release, or give a --chat-template whose special \
-                  tokens the base has trained";
     let unread = model.untrained_rows(&read, false);
+    let unwritten = model.untrained_rows(&written, true);
+    let mut untrained: Vec<u32> = unread.iter().chain(&unwritten).copied().collect();
+    untrained.sort_unstable();
+    untrained.dedup();
+    let ids: Vec<String> = untrained.iter().map(u32::to_string).collect();
+    let remedy = format!(
+        "train their rows too (--trainable-tokens {}), start from the model's instruct release, \
+         or give a --chat-template whose special tokens the base has trained",
+        ids.join(",")
+    );
     if !unread.is_empty() {
         log::warn!(
             "the data holds tokens whose embedding rows the base model never trained (all but \
@@ -1052,7 +1075,6 @@ fn warn_of_untrained_tokens(model: &Model, train: &[Sequence], tok: &ChatTokeniz
             name(&unread)
         );
     }
-    let unwritten = model.untrained_rows(&written, true);
     if !unwritten.is_empty() {
         log::warn!(
             "the data trains the model to write tokens whose output rows the base model never \
@@ -1061,6 +1083,38 @@ fn warn_of_untrained_tokens(model: &Model, train: &[Sequence], tok: &ChatTokeniz
             name(&unwritten)
         );
     }
+}
+
+/// The token ids `--trainable-tokens` names: comma-separated ids, or texts that are one token each to
+/// the model's tokenizer (`<|im_end|>`).
+fn trainable_token_ids(spec: &str, tok: &ChatTokenizer) -> Result<Vec<u32>> {
+    let bad = |msg: String| Error::Invalid(format!("--trainable-tokens {spec:?}: {msg}"));
+    let mut ids = Vec::new();
+    for item in spec.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err(bad(
+                "an empty entry; give token ids or texts between commas".into(),
+            ));
+        }
+        let id = match item.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => match tok.token_id(item) {
+                Some(id) => id,
+                None => match tok.encode(item)?[..] {
+                    [id] => id,
+                    ref several => {
+                        return Err(bad(format!(
+                            "`{item}` is {} tokens to the model's tokenizer ({several:?}), not \
+                             one: name a single token, or its id",
+                            several.len()
+                        )));
+                    }
+                },
+            },
+        };
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
 /// Refuses to resume from a checkpoint made by a different run, naming what differs. A checkpoint from
@@ -1360,7 +1414,10 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     });
     let (data, tokenizer) = data?;
     let model = model.map_err(|_| Error::Invalid("loading the model panicked".into()))??;
-    warn_of_untrained_tokens(&model, &data.train, &tokenizer);
+    if let Some(spec) = &options.trainable_tokens {
+        config.trainable_tokens = trainable_token_ids(spec, &tokenizer)?;
+    }
+    warn_of_untrained_tokens(&model, &data.train, &tokenizer, &config.trainable_tokens);
     // Only --sample-prompts needs it later; its tables (~50 MB for a 150k vocabulary) go.
     let tokenizer = (!options.sample_prompts.is_empty()).then_some(tokenizer);
     crate::alloc::release_free_memory();

@@ -270,6 +270,13 @@ pub struct TrainSettings {
     /// magnitude; the adapter folder holds the magnitudes as PEFT does.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub use_dora: Option<bool>,
+    /// Train these tokens' rows of the embedding and of the output projection (one table in a
+    /// tied model) beside the LoRA matrices, as PEFT's trainable_token_indices: comma-separated
+    /// token ids or single-token texts (`<|im_start|>,<|im_end|>`). What teaches a model special
+    /// tokens its base never trained, such as a base model's chat-template markers. CPU executor.
+    #[arg(long, aliases = ["trainable-token-indices"])]
+    #[serde(alias = "trainable_token_indices")]
+    pub trainable_tokens: Option<String>,
     /// Comma-separated module names or all-linear (in an options file, a list of names too).
     #[arg(long, aliases = ["lora-target-modules"])]
     #[serde(
@@ -494,6 +501,10 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ("lora_dropout", d.lora.dropout.to_string()),
         ("use_rslora", flag(d.lora.use_rslora)),
         ("use_dora", flag(d.lora.use_dora)),
+        (
+            "trainable_tokens",
+            "none: only the LoRA matrices train".into(),
+        ),
         ("target_modules", d.lora.targets.join(",")),
         (
             "lora_rank_pattern",
@@ -913,6 +924,8 @@ impl TrainSettings {
             loss_on: self.loss_on.unwrap_or(d.loss_on),
             loss_type: self.loss_type.unwrap_or(d.loss_type),
             neftune_noise_alpha: self.neftune_noise_alpha.or(d.neftune_noise_alpha),
+            // Resolved by the model's tokenizer once it is read (`RunOptions::trainable_tokens`).
+            trainable_tokens: Vec::new(),
             checkpoint,
             checkpoints,
             precision: self.precision.unwrap_or_default().cpu(),
@@ -1028,6 +1041,7 @@ impl TrainSettings {
                 }
                 steps => steps.unwrap_or(0),
             },
+            trainable_tokens: self.trainable_tokens.clone(),
             eval_on_start: match self.eval_on_start {
                 Some(true) if self.eval_data.is_none() && self.eval_split.is_none() => {
                     return Err(Error::Invalid(
