@@ -1154,3 +1154,75 @@ fn ctrl_c_in_chat_stops_the_answer_at_a_terminal_and_the_session_at_the_prompt()
     assert_eq!(child.wait().unwrap().code(), Some(130), "{}", text(&stderr));
     assert!(!text(&stderr).contains("(stopped"), "{}", text(&stderr));
 }
+
+/// `--trainable-tokens` names tokens by id or by their text, one token each; anything else is refused
+/// by name before a step runs: a text of several tokens, an id past the vocabulary, an id twice, an
+/// empty entry, and the GPU executor (where token rows do not train yet).
+#[test]
+fn trainable_tokens_are_checked_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    common::write_tiny_qwen2(&model);
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let train = |tokens: &str, extra: &[&str]| -> Vec<String> {
+        let extra = [
+            &["--max-steps", "1", "--trainable-tokens", tokens][..],
+            extra,
+        ]
+        .concat();
+        common::train_args(&model, &data, &out, &extra)
+    };
+    let refused = |tokens: &str, extra: &[&str], expect: &[&str]| {
+        let args = train(tokens, extra);
+        let err = fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            expect.iter().all(|e| err.contains(e)),
+            "--trainable-tokens {tokens}: {err}"
+        );
+        assert!(!out.exists(), "a refused run leaves no folder");
+    };
+    refused(
+        "<|im_end|>,hello world",
+        &[],
+        &["--trainable-tokens", "`hello world` is 2 tokens", "not one"],
+    );
+    refused(
+        "7,151936",
+        &[],
+        &["token id 151936", "past the model's vocabulary of 151936"],
+    );
+    refused("7,8,7", &[], &["token id 7 is listed twice"]);
+    refused("7,,8", &[], &["an empty entry"]);
+    if common::gpu().is_some() {
+        // Not `fails`: a software GPU is warned about first.
+        let args = train("<|im_end|>", &["--device", "gpu"]);
+        let o = nibble(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("nibble: error: trainable token rows")
+                && err.contains("CPU executor only")
+                && err.contains("--device cpu"),
+            "{err}"
+        );
+        assert!(!out.exists(), "a refused run leaves no folder");
+    }
+    // The text of a special token, a plain token and an id alike.
+    let args = train("<|im_end|>, Hello,42", &[]);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let hello = config["trainable_token_indices"][1].as_u64().unwrap();
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!([151645, hello, 42])
+    );
+    assert_ne!(hello, 151645);
+}

@@ -1375,3 +1375,91 @@ fn a_run_resumed_elsewhere_carries_its_metrics_along() {
     assert_eq!(losses(&elsewhere), losses(&first));
     assert_eq!(losses(&first).len(), 3);
 }
+
+/// `--trainable-tokens`: a run training the chat markers' rows (and one byte's) beside the LoRA
+/// matrices saves them as PEFT's trainable tokens (a list: the model is tied), resumes bit for bit
+/// where an uninterrupted run ends, and its adapter evaluates (`nibble eval`, which puts the rows in
+/// place) to the loss the run's last validation gave on the same data.
+#[test]
+fn a_run_training_token_rows_resumes_and_evaluates_as_it_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = model_and_data(dir.path());
+    let options = RunOptions {
+        save_steps: 2,
+        eval_data: Some(data.clone()),
+        trainable_tokens: Some("<|im_start|>, <|im_end|>,40".into()),
+        ..Default::default()
+    };
+    let whole = dir.path().join("whole");
+    let (result, uninterrupted) = train(&model, &data, &whole, config(4), options.clone());
+    result.unwrap();
+    let config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config_json["trainable_token_indices"],
+        serde_json::json!([151644, 151645, 40])
+    );
+    let key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+    let saved = nibble::source::SafetensorsFile::open(&whole.join("adapter_model.safetensors"))
+        .unwrap()
+        .read_f32(key)
+        .unwrap();
+    let base = nibble::model::ModelSource::open(&model)
+        .unwrap()
+        .load(Some(nibble::model::QuantRequest::Dense))
+        .unwrap();
+    let hidden = base.config.hidden_size;
+    let mut row = vec![0f32; hidden];
+    for (i, id) in [151644usize, 151645, 40].into_iter().enumerate() {
+        base.embed.row_f32(id, &mut row);
+        let trained = &saved[i * hidden..(i + 1) * hidden];
+        let moved = trained.iter().zip(&row).filter(|(a, b)| a != b).count();
+        assert!(
+            moved > hidden / 2,
+            "row of {id}: {moved} of {hidden} values trained"
+        );
+    }
+
+    let part = dir.path().join("part");
+    copy_folder(&whole.join("checkpoint-2"), &part.join("checkpoint-2"));
+    let resume = RunOptions {
+        resume: Some(part.clone()),
+        ..options
+    };
+    let (result, resumed) = train(&model, &data, &part, config(4), resume);
+    result.unwrap();
+    assert_eq!(resumed.steps, uninterrupted.steps[2..].to_vec());
+    assert_eq!(
+        std::fs::read(part.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
+    );
+
+    let last_eval = std::fs::read_to_string(whole.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_loss"].as_f64())
+        .last()
+        .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o = common::nibble(&[
+        "eval",
+        "--model",
+        &s(&model),
+        "--adapter",
+        &s(&whole),
+        "--data",
+        &s(&data),
+        "--device",
+        "cpu",
+        "--precision",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!(
+        (loss - last_eval).abs() / last_eval < 1e-6,
+        "nibble eval {loss} vs the run's last validation {last_eval}"
+    );
+}
