@@ -1583,6 +1583,16 @@ pub fn planned_weight_bytes(config: &ModelConfig, quant: Option<QuantSpec>) -> u
         .sum()
 }
 
+/// Bytes of the embedding and (untied) output projection tables, as `planned_weight_bytes` counts them.
+pub fn planned_table_bytes(config: &ModelConfig) -> u64 {
+    config
+        .expected_tensors()
+        .iter()
+        .filter(|t| matches!(t.role, TensorRole::Embedding | TensorRole::LmHead))
+        .map(|t| 2 * t.shape.iter().product::<usize>() as u64)
+        .sum()
+}
+
 /// Convenience for the command line: a path to a folder or a quantized file.
 pub fn open(path: impl AsRef<Path>) -> Result<ModelSource> {
     ModelSource::open(path.as_ref())

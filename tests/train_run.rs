@@ -1439,7 +1439,7 @@ fn a_run_training_token_rows_resumes_and_evaluates_as_it_trained() {
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_loss"].as_f64())
-        .last()
+        .next_back()
         .unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let o = common::nibble(&[

@@ -1087,6 +1087,7 @@ fn warn_of_untrained_tokens(
 
 /// The token ids `--trainable-tokens` names: comma-separated ids, or texts that are one token each to
 /// the model's tokenizer (`<|im_end|>`).
+#[cfg(not(target_arch = "wasm32"))]
 fn trainable_token_ids(spec: &str, tok: &ChatTokenizer) -> Result<Vec<u32>> {
     let bad = |msg: String| Error::Invalid(format!("--trainable-tokens {spec:?}: {msg}"));
     let mut ids = Vec::new();
@@ -1360,9 +1361,14 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     config.max_length = within_positions(config.max_length, &source.config);
     let storage = QuantRequest::planned(quant, source.stored_quant())
         .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    // Training token rows copies the tables they sit in (the run's own, which it changes).
+    let tables = match options.trainable_tokens {
+        Some(_) => crate::model::planned_table_bytes(&source.config),
+        None => 0,
+    };
     crate::alloc::check_fits(
         "loading the model",
-        crate::model::planned_weight_bytes(&source.config, storage),
+        crate::model::planned_weight_bytes(&source.config, storage) + tables,
         "; a 4-bit --quant takes about a quarter of 16-bit weights",
     )?;
     if options.init_lora == crate::lora::LoraInit::Loftq {
@@ -1589,9 +1595,17 @@ impl<'m> Run<'m> {
 
     /// Steps the run to its end (or until the observer asks it to stop), then saves it.
     pub fn drive(&mut self, executor: &str, observer: &mut dyn Observer) -> Result<RunSummary> {
+        let adapter = &self.trainer.adapter;
+        let (rows, row_values) = adapter.token_rows().fold((0, 0), |(n, v), (_, p)| {
+            (n + p.token_ids.len(), v + p.rows.len())
+        });
+        let rows = match rows {
+            0 => String::new(),
+            n => format!(" and {n} token rows of the embedding and output tables"),
+        };
         log::info!(
-            "training {} LoRA parameters for {} steps on {} {} ({executor})",
-            self.trainer.adapter.parameter_count(),
+            "training {} LoRA parameters{rows} for {} steps on {} {} ({executor})",
+            adapter.parameter_count() - row_values,
             self.trainer.total_steps,
             self.trainer.examples(),
             match self.options.packing {
