@@ -566,7 +566,7 @@ impl LoraAdapter {
             return Ok(());
         }
         for (path, pair) in &mut self.modules {
-            if pair.magnitude.is_empty() {
+            if pair.magnitude.is_empty() && !pair.is_token_rows() {
                 let scale = self.config.scale_of(path);
                 let norms = crate::ops::dora::row_norms(
                     weight(path)?,

@@ -1157,7 +1157,7 @@ fn ctrl_c_in_chat_stops_the_answer_at_a_terminal_and_the_session_at_the_prompt()
 
 /// `--trainable-tokens` names tokens by id or by their text, one token each; anything else is refused
 /// by name before a step runs: a text of several tokens, an id past the vocabulary, an id twice, an
-/// empty entry, and the GPU executor (where token rows do not train yet).
+/// empty entry.
 #[test]
 fn trainable_tokens_are_checked_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -1199,20 +1199,6 @@ fn trainable_tokens_are_checked_by_name() {
     );
     refused("7,8,7", &[], &["token id 7 is listed twice"]);
     refused("7,,8", &[], &["an empty entry"]);
-    if common::gpu().is_some() {
-        // Not `fails`: a software GPU is warned about first.
-        let args = train("<|im_end|>", &["--device", "gpu"]);
-        let o = nibble(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(
-            err.contains("nibble: error: trainable token rows")
-                && err.contains("CPU executor only")
-                && err.contains("--device cpu"),
-            "{err}"
-        );
-        assert!(!out.exists(), "a refused run leaves no folder");
-    }
     // The text of a special token, a plain token and an id alike.
     let args = train("<|im_end|>, Hello,42", &[]);
     ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -1225,4 +1211,74 @@ fn trainable_tokens_are_checked_by_name() {
         serde_json::json!([151645, hello, 42])
     );
     assert_ne!(hello, 151645);
+}
+
+/// Training on from a PEFT adapter with token rows (`--init-adapter`): with DoRA asked for too (the
+/// magnitudes start for the linears alone), and `--trainable-tokens` agreeing with the adapter's
+/// rows in another order; other rows are refused, naming the adapter's. An options file may list
+/// the tokens as PEFT's `trainable_token_indices` does.
+#[test]
+fn training_goes_on_from_an_adapter_with_token_rows() {
+    let fixture = std::path::Path::new("tests/fixtures/hf_train/qwen2");
+    let (model, init) = (
+        fixture.join("trainable_tokens/model"),
+        fixture.join("trainable_tokens/init_adapter"),
+    );
+    let data = fixture.join("data.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> (std::process::Output, std::path::PathBuf) {
+        let out = dir.path().join(name);
+        let mut args = common::train_args(&model, &data, &out, &["--max-steps", "1"]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let o = nibble(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        (o, out)
+    };
+    let init = init.to_str().unwrap();
+    let (o, out) = run(
+        "dora",
+        &[
+            "--init-adapter",
+            init,
+            "--use-dora",
+            "--trainable-tokens",
+            "200,32,111,258,257",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["use_dora"], true);
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!([257, 258, 111, 32, 200])
+    );
+    let (o, out) = run(
+        "other",
+        &["--init-adapter", init, "--trainable-tokens", "257"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--trainable-tokens [257]")
+            && err.contains("model.embed_tokens [257, 258, 111, 32, 200]"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let options = dir.path().join("options.toml");
+    std::fs::write(
+        &options,
+        "trainable_token_indices = [258, \"<|im_start|>\"]\n",
+    )
+    .unwrap();
+    let (o, out) = run("listed", &["--config", options.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["trainable_token_indices"],
+        serde_json::json!([258, 257])
+    );
 }

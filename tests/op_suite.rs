@@ -549,9 +549,37 @@ fn cases(model: &Model) -> Vec<Case> {
                 &[logits],
                 false,
             );
+            // Trained output rows' gradient from the fused losses: rows of labels (set below) and
+            // of a token no position predicts.
+            let d_rows = b.output("d_rows", 3 * h);
+            let op = Op::OutputRowsGrad {
+                dim: h,
+                softcap,
+                token_ids: vec![100, 5, VOCAB as u32 - 1],
+            };
+            let ins = [hidden, head, labels, fused, scale, weighting];
+            b.node(op, &ins, &[d_rows], true);
         });
-        cases.out.last_mut().expect("just added").inputs.loss_type = loss_type;
+        let inputs = &mut cases.out.last_mut().expect("just added").inputs;
+        inputs.loss_type = loss_type;
+        inputs.labels[0] = 100;
+        inputs.labels[3] = 5;
     }
+    cases.case("trained embedding rows' gradient", |b, g| {
+        let dx = g.add(b, "dx", t * h, 1.0);
+        let ids = b.input(Input::TokenIds, t);
+        let d_rows = b.output("d_rows", 3 * h);
+        let op = Op::EmbeddingRowsGrad {
+            dim: h,
+            scale: 1.5,
+            token_ids: vec![7, 11, 13],
+        };
+        b.node(op, &[dx, ids], &[d_rows], true);
+    });
+    let ids = &mut cases.out.last_mut().expect("just added").inputs.ids;
+    ids[0] = 7;
+    ids[5] = 7;
+    ids[9] = 11;
     // Last: its draws from the cases' generator leave the others' inputs as they were.
     cases.case(
         "dropout inside the LoRA products: x′·Aᵀ, d(xa)ᵀ·x′ and dx += dropout′(d(xa)·A)",

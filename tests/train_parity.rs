@@ -322,7 +322,7 @@ fn dora_steps_match_peft() {
 
 /// Trainable token rows (PEFT's trainable_token_indices, read from the initial adapter) beside the
 /// LoRA matrices: five tokens' rows moved off the base's, three steps against transformers + peft
-/// (scripts/make_trainable_tokens_train_fixture.py) on the CPU executor, to the tolerances above or
+/// (scripts/make_trainable_tokens_train_fixture.py) on both executors, to the tolerances above or
 /// four times the reference's own float32 noise: Qwen2 and Gemma 3 (its √hidden embedding scale)
 /// tied, one set of rows feeding the embedding and the output projection; Ministral 3 untied, each
 /// table its own rows. Rows of a token the data never holds train through the output projection's
@@ -330,20 +330,25 @@ fn dora_steps_match_peft() {
 /// within 1.2e-5.
 #[test]
 fn steps_with_trainable_token_rows_match_peft() {
-    for (family, linears, token_tables) in [
-        ("qwen2", 14, 1),
-        ("gemma3_text", 14, 1),
-        ("ministral3", 14, 2),
-    ] {
-        let variant = Variant {
-            flags: &[],
-            folder: "trainable_tokens",
-            update_tolerance: UPDATE_TOLERANCE,
-            own_init: true,
-            own_model: true,
-            token_tables,
-        };
-        check_family("cpu", family, linears, Some(variant));
+    let gpu =
+        nibble::gpu::Gpu::new(true).is_ok() || std::env::var_os("NIBBLE_REQUIRE_GPU").is_some();
+    for device in ["cpu", "gpu"].into_iter().filter(|&d| d == "cpu" || gpu) {
+        let families = [
+            ("qwen2", 14, 1),
+            ("gemma3_text", 14, 1),
+            ("ministral3", 14, 2),
+        ];
+        for (family, linears, token_tables) in families {
+            let variant = Variant {
+                flags: &[],
+                folder: "trainable_tokens",
+                update_tolerance: UPDATE_TOLERANCE,
+                own_init: true,
+                own_model: true,
+                token_tables,
+            };
+            check_family(device, family, linears, Some(variant));
+        }
     }
 }
 

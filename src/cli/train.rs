@@ -53,15 +53,7 @@ pub fn run(flags: TrainSettings) -> Result<()> {
         config,
         options,
     };
-    let device = settings.device.unwrap_or_default();
-    let gpu = match device {
-        // Token rows train on the CPU executor only (the GPU's refusal names the option).
-        nibble::exec::Device::Auto if settings.trainable_tokens.is_some() => {
-            log::info!("--trainable-tokens: training on the CPU executor, where token rows train");
-            None
-        }
-        _ => device.open()?,
-    };
+    let gpu = settings.device.unwrap_or_default().open()?;
     stop_on_signals();
     nibble::train::run::run(spec, gpu.as_ref(), &mut Progress::default())?;
     eprintln!("saved the adapter to {}", output.display());

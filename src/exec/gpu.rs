@@ -19,7 +19,9 @@ use crate::ops::cross_entropy::VOCAB_CHUNK;
 use crate::ops::dropout::DropoutParams;
 use crate::ops::matmul::{self, GpuView};
 use crate::ops::rmsnorm::{self, RmsNormParams};
-use crate::ops::{self, attention, conv, cross_entropy, dora, glu, linear, modulate, rope};
+use crate::ops::{
+    self, attention, conv, cross_entropy, dora, glu, linear, modulate, rope, token_rows,
+};
 use std::collections::HashMap;
 
 /// Activations are one buffer each, bound whole: the widest, [tokens, the widest of the hidden size,
@@ -621,10 +623,21 @@ fn record_node(
             attention::record_backward(r, shape, ins6, first_key, [o(0), o(1), o(2)]);
         }
         Op::GatherRows { dim } => ops::record_rows(r, "gather_rows", x(0), x(1), o(0), *dim),
-        Op::EmbeddingRowsGrad { .. } | Op::OutputRowsGrad { .. } => {
-            return Err(Error::Invalid(
-                "training token rows runs on the CPU executor only (--device cpu), for now".into(),
-            ));
+        Op::EmbeddingRowsGrad {
+            dim,
+            scale,
+            token_ids,
+        } => {
+            assert!(acc, "embedding_rows_grad accumulates into its output");
+            let ids = (x(0), x(1));
+            token_rows::record_embedding_rows_grad(r, ids, token_ids, (*dim, *scale), o(0));
+        }
+        Op::OutputRowsGrad {
+            softcap, token_ids, ..
+        } => {
+            assert!(acc, "output_rows_grad accumulates into its output");
+            let ins3 = (x(0), x(2), x(3));
+            token_rows::record_output_rows_grad(r, ins[1].table(), ins3, token_ids, *softcap, o(0));
         }
         Op::ScatterRows { dim } => ops::record_rows(r, "scatter_rows", x(0), x(1), o(0), *dim),
         Op::CrossEntropy { softcap, .. } => {
@@ -652,7 +665,7 @@ fn record_node(
 
 fn lora_spec(lora: &GpuLora, dropout: f32) -> LoraSpec {
     LoraSpec {
-        tokens: Vec::new(),
+        tokens: lora.tokens.clone(),
         dropout,
         dora_factors: Default::default(),
         targets: lora.adapted.clone(),

@@ -38,6 +38,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
     ("modulate", include_str!("../../shaders/modulate.wgsl")),
     ("conv", include_str!("../../shaders/conv.wgsl")),
+    ("token_rows", include_str!("../../shaders/token_rows.wgsl")),
 ];
 
 /// (from, to) replacements in a shader's text.
@@ -128,6 +129,9 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("group_norm_partial", "conv"),
     ("group_norm_finish", "conv"),
     ("group_norm_apply", "conv"),
+    ("embedding_rows_grad", "token_rows"),
+    ("output_rows_dlogit", "token_rows"),
+    ("output_rows_grad", "token_rows"),
 ];
 
 /// The full WGSL source of a shader module (the common prelude included), as the GPU compiles it: None
@@ -414,6 +418,12 @@ impl Gpu {
             len,
             pool: None,
         }
+    }
+
+    /// Writes `words` into `buffer` from word `at`, before anything submitted after this call runs.
+    pub fn write_words(&self, buffer: &GpuBuffer, at: usize, words: &[u32]) {
+        self.queue
+            .write_buffer(&buffer.buffer, (4 * at) as u64, bytemuck::cast_slice(words));
     }
 
     pub fn upload_f32(&self, data: &[f32]) -> GpuBuffer {

@@ -56,6 +56,9 @@ pub struct GpuStepResult {
     /// as `loss_sum`.
     pub losses: Vec<StepLoss>,
     pub grad_norm: f64,
+    /// The trained token rows after the step, in `LoraAdapter::token_rows` order, for
+    /// `put_token_rows`.
+    pub token_rows: Vec<Vec<f32>>,
 }
 
 impl GpuTrainState {
@@ -145,8 +148,11 @@ impl GpuTrainState {
                 (&mut enc, &mut kept),
             )?;
         }
-        let reads: Vec<&GpuBuffer> = results.iter().flatten().collect();
-        let (values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
+        let mut reads: Vec<&GpuBuffer> = results.iter().flatten().collect();
+        let losses_read = reads.len();
+        reads.extend(self.params.token_row_buffers());
+        let (mut values, grad_norm) = self.optimize(gpu, enc, &reads, adamw, max_norm).await?;
+        let token_rows = values.split_off(losses_read);
         let mut read = values.iter();
         let losses = results
             .iter()
@@ -155,7 +161,11 @@ impl GpuTrainState {
                 None => StepLoss::default(),
             })
             .collect();
-        Ok(GpuStepResult { losses, grad_norm })
+        Ok(GpuStepResult {
+            losses,
+            grad_norm,
+            token_rows,
+        })
     }
 
     /// One optimizer step over graphs the caller built (each a forward and backward into the LoRA
@@ -194,7 +204,25 @@ impl GpuTrainState {
                 })
                 .collect(),
             grad_norm,
+            token_rows: Vec::new(),
         })
+    }
+
+    /// Puts the trained token rows `rows` (a step's `GpuStepResult::token_rows`) in place in the
+    /// model's tables, for the next step's graphs to read.
+    pub fn put_token_rows(
+        &mut self,
+        gpu: &Gpu,
+        adapter: &LoraAdapter,
+        rows: &[Vec<f32>],
+    ) -> Result<()> {
+        match &mut self.base {
+            GpuBase::Decoder(model) => model.put_token_rows(gpu, adapter, rows),
+            GpuBase::Weights(_) if rows.is_empty() => Ok(()),
+            GpuBase::Weights(_) => {
+                Err(Error::Invalid("token rows train in language models".into()))
+            }
+        }
     }
 
     /// The frozen weights, the adapters and their gradients (and with `moments`, AdamW's moments).

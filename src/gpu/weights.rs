@@ -61,6 +61,30 @@ fn rows_per_block(
 }
 
 impl GpuDense {
+    /// Writes row `id` (f32 values, converted to the table's format) in place.
+    fn put_row(&self, gpu: &Gpu, id: usize, values: &[f32], name: &str) -> Result<()> {
+        let dtype = match self.fmt {
+            FMT_F32 => crate::source::FloatDtype::F32,
+            FMT_BF16 => crate::source::FloatDtype::BF16,
+            _ => crate::source::FloatDtype::F16,
+        };
+        let one = DenseTensor::from_f32(dtype, 1, self.cols, values);
+        let (_, words) = dense_words(&one, 0, 1);
+        if dtype != crate::source::FloatDtype::F32 && self.cols % 2 == 1 {
+            return Err(Error::Invalid(format!(
+                "{name}: rows of an odd width share their 16-bit pairs, so trained rows cannot be \
+                 written alone"
+            )));
+        }
+        let (start, _, block) = self
+            .blocks
+            .iter()
+            .find(|(start, rows, _)| (*start..start + rows).contains(&id))
+            .ok_or_else(|| Error::Invalid(format!("{name}: row {id} past the table")))?;
+        gpu.write_words(block, (id - start) * words.len(), &words);
+        Ok(())
+    }
+
     fn upload(gpu: &Gpu, t: &DenseTensor, name: &str) -> Result<Self> {
         let size = t.dtype().size();
         let rows_per_block = rows_per_block(
@@ -252,6 +276,49 @@ impl GpuWeights {
 }
 
 impl GpuModel {
+    /// Puts an adapter's trained token rows (`rows`: each token-rows module's values, in
+    /// `LoraAdapter::token_rows` order) in place in the tables they train: a device table row by row
+    /// in its format (rounded as the CPU rounds them), a host table (an untied embedding) in this
+    /// model's own copy of it.
+    pub fn put_token_rows(
+        &mut self,
+        gpu: &Gpu,
+        adapter: &LoraAdapter,
+        rows: &[Vec<f32>],
+    ) -> Result<()> {
+        let embedding = self.config.embedding_module();
+        for ((path, pair), values) in adapter.token_rows().zip(rows) {
+            let name = match path == embedding {
+                true => self.config.tensor("embed_tokens.weight"),
+                false => format!("{path}.weight"),
+            };
+            let table = self.weights.tensors.get_mut(&name).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "the adapter trains token rows of {path}, a table the model lacks"
+                ))
+            })?;
+            let cols = self.config.hidden_size;
+            let rows = pair.token_ids.iter().zip(values.chunks_exact(cols));
+            match table {
+                GpuTensor::HostTable(host) => {
+                    let host = std::sync::Arc::make_mut(host);
+                    rows.for_each(|(&id, row)| host.set_row_f32(id, row));
+                }
+                GpuTensor::Table(dense) => {
+                    for (&id, row) in rows {
+                        dense.put_row(gpu, id, row, &name)?;
+                    }
+                }
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "{name}: token rows train in tables"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes of device memory the frozen tensors occupy.
     pub fn device_bytes(&self) -> u64 {
         self.weights.device_bytes()
@@ -276,19 +343,24 @@ impl std::ops::Deref for GpuModel {
 }
 
 /// LoRA tensors in GPU memory: per adapted linear, its module path and its factors (A [r, in],
-/// B [out, r], DoRA's magnitude [out]), in `LoraAdapter::pairs` and `LoraPair::factors` order.
+/// B [out, r], DoRA's magnitude [out]), then the tables' trained token rows, in
+/// `LoraAdapter::trained` and `LoraPair::factors` order.
 pub struct GpuLora {
     /// Each adapted linear's rank and scale, by module path.
     pub adapted: std::collections::BTreeMap<String, crate::models::decoder::Adapted>,
+    /// The tables whose token rows the adapter trains.
+    pub tokens: Vec<crate::models::decoder::TrainedRows>,
     pub(crate) tensors: Vec<((String, Factor), GpuBuffer)>,
 }
 
 impl GpuLora {
     pub fn upload(gpu: &Gpu, adapter: &LoraAdapter) -> Self {
+        let spec = crate::models::decoder::LoraSpec::of(adapter);
         GpuLora {
-            adapted: crate::models::decoder::LoraSpec::of(adapter).targets,
+            adapted: spec.targets,
+            tokens: spec.tokens,
             tensors: adapter
-                .pairs()
+                .trained()
                 .flat_map(|(path, p)| {
                     p.factors()
                         .map(move |f| ((path.to_string(), f), gpu.upload_f32(p.factor(f))))
@@ -302,9 +374,17 @@ impl GpuLora {
         self.buffers().map(|b| 4 * b.len as u64).sum()
     }
 
-    /// Every buffer, in `LoraAdapter::pairs` and `LoraPair::factors` order.
+    /// Every buffer, in `LoraAdapter::trained` and `LoraPair::factors` order.
     pub fn buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
         self.tensors.iter().map(|(_, b)| b)
+    }
+
+    /// The buffers of the tables' trained token rows, in `LoraAdapter::token_rows` order.
+    pub fn token_row_buffers(&self) -> impl Iterator<Item = &GpuBuffer> {
+        self.tensors
+            .iter()
+            .filter(|((_, f), _)| *f == Factor::Rows)
+            .map(|(_, b)| b)
     }
 
     /// (module path, factor, length) of every buffer, as `models::optimizer::build` takes them.
@@ -327,7 +407,7 @@ impl GpuLora {
             .submit_and_read_async(gpu.encoder(), &buffers)
             .await?
             .into_iter();
-        for (_, pair) in into.pairs_mut() {
+        for (_, pair) in into.trained_mut() {
             for f in pair.factors().collect::<Vec<_>>() {
                 *pair.factor_mut(f) = values.next().expect("same pairs");
             }

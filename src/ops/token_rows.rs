@@ -2,6 +2,9 @@
 //! gradient at the embeddings, and rows of the output projection, from the cross-entropy's gradient
 //! at their logits. The rows themselves are read where they sit, in the tables the forward reads.
 
+use crate::exec::gpu::Recorder;
+use crate::gpu::GpuBuffer;
+use crate::gpu::weights::GpuDense;
 use crate::model::DenseTensor;
 use crate::ops::cross_entropy::{LossType, TokenLoss, soft_cap_slope};
 use rayon::prelude::*;
@@ -72,4 +75,92 @@ pub fn output_rows_grad(
                 out.iter_mut().zip(h).for_each(|(o, &x)| *o += g * x);
             }
         });
+}
+
+/// The uniform of shaders/token_rows.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct TokenRowsParams {
+    /// Tokens (the embedding's rows) or labelled positions (the output projection's).
+    pub count: u32,
+    pub dim: u32,
+    /// Trained rows.
+    pub rows: u32,
+    /// The embedding's factor, or grad_scale.
+    pub scale: f32,
+    /// The logits' soft cap; 0 for none.
+    pub softcap: f32,
+    /// 1 where each position's gradient is weighted by its label's probability (`LossType::Dft`).
+    pub dft: u32,
+    pub _pad: [u32; 2],
+}
+
+/// The GPU lowering of `embedding_rows_grad`.
+pub(crate) fn record_embedding_rows_grad(
+    r: &mut Recorder,
+    (dx, ids): (&GpuBuffer, &GpuBuffer),
+    token_ids: &[u32],
+    (dim, scale): (usize, f32),
+    d_rows: &GpuBuffer,
+) {
+    let wanted = r.gpu.upload_u32(token_ids);
+    let p = TokenRowsParams {
+        count: ids.len as u32,
+        dim: dim as u32,
+        rows: token_ids.len() as u32,
+        scale,
+        softcap: 0.0,
+        dft: 0,
+        _pad: [0; 2],
+    };
+    let groups = [dim.div_ceil(64) as u32, token_ids.len() as u32, 1];
+    let b = [(1, dx), (2, ids), (3, &wanted), (4, d_rows)];
+    r.dispatch("embedding_rows_grad", &p, &b, groups);
+}
+
+/// The GPU lowering of `output_rows_grad`: the rows gathered from the head (shaders/embed.wgsl), each
+/// position's gradient at their logits, then its product with the hidden states.
+pub(crate) fn record_output_rows_grad(
+    r: &mut Recorder,
+    head: &GpuDense,
+    (hidden, labels, losses): (&GpuBuffer, &GpuBuffer, &GpuBuffer),
+    token_ids: &[u32],
+    softcap: Option<f32>,
+    d_rows: &GpuBuffer,
+) {
+    let (k, positions, dim) = (token_ids.len(), labels.len, head.cols);
+    let wanted = r.gpu.upload_u32(token_ids);
+    let rows = r.scratch(k * dim);
+    crate::ops::record_embed(r, head, &wanted, &rows, dim);
+    let dlogits = r.scratch(positions * k);
+    let p = TokenRowsParams {
+        count: positions as u32,
+        dim: dim as u32,
+        rows: k as u32,
+        scale: r.inputs.grad_scale,
+        softcap: softcap.unwrap_or(0.0),
+        dft: u32::from(r.inputs.loss_type == LossType::Dft),
+        _pad: [0; 2],
+    };
+    let b = [
+        (1, hidden),
+        (2, labels),
+        (3, &wanted),
+        (5, &rows),
+        (6, losses),
+        (7, &dlogits),
+    ];
+    r.dispatch(
+        "output_rows_dlogit",
+        &p,
+        &b,
+        [positions.div_ceil(64) as u32, k as u32, 1],
+    );
+    let b = [(1, hidden), (4, d_rows), (7, &dlogits)];
+    r.dispatch(
+        "output_rows_grad",
+        &p,
+        &b,
+        [dim.div_ceil(64) as u32, k as u32, 1],
+    );
 }

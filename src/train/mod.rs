@@ -1082,13 +1082,6 @@ impl<'a> Trainer<'a> {
 
     /// Moves training to the GPU executor: uploads the model, the adapters and the moments.
     pub fn use_gpu(&mut self, gpu: impl Into<Shared<'a, Gpu>>) -> Result<()> {
-        if self.adapter.token_rows().next().is_some() {
-            return Err(Error::Invalid(
-                "trainable token rows (--trainable-tokens, or an adapter with \
-                 trainable_token_indices) train on the CPU executor only for now: --device cpu"
-                    .into(),
-            ));
-        }
         let gpu = gpu.into();
         self.sync()?;
         let base = match &self.work {
@@ -1139,6 +1132,8 @@ impl<'a> Trainer<'a> {
                 .download(gpu, &mut self.adapter, &mut self.m, &mut self.v)
                 .await?;
             self.stale = false;
+            // The run's tables on the host follow the rows too (what a CPU graph would read).
+            self.put_token_rows()?;
         }
         Ok(())
     }
@@ -1196,7 +1191,7 @@ impl<'a> Trainer<'a> {
             ),
             Work::Image(_) => vec![None; picks.len()],
         };
-        let (losses, grad_norm) = if let Some((gpu, state)) = &self.gpu {
+        let (losses, grad_norm) = if let Some((gpu, state)) = &mut self.gpu {
             // One seed per sequence, drawn as the CPU path draws them, so both executors use the same
             // dropout masks and noise.
             let p = self.adapter.config.dropout;
@@ -1221,6 +1216,7 @@ impl<'a> Trainer<'a> {
                 .step(gpu, &sequences, adamw, self.config.max_grad_norm as f32)
                 .await?;
             self.stale = true;
+            state.put_token_rows(gpu, &self.adapter, &result.token_rows)?;
             (result.losses, result.grad_norm)
         } else {
             self.cpu_step(&picks, &noise, scale, adamw)?
@@ -1426,29 +1422,44 @@ pub fn cpu_optimizer_step(
 /// model's output projection's (a tied model's are the same rows). An adapter that trains rows
 /// already must train these.
 fn add_trainable_tokens(adapter: &mut LoraAdapter, model: &Model, ids: &[u32]) -> Result<()> {
+    let c = &model.config;
+    let trains_rows = !ids.is_empty() || adapter.token_rows().next().is_some();
+    if trains_rows && c.per_layer_inputs.is_some() {
+        return Err(Error::Invalid(
+            "trainable token rows: this model's per-layer inputs read the embeddings too, which \
+             nibble does not take gradients through; train its LoRA matrices alone"
+                .into(),
+        ));
+    }
     if ids.is_empty() {
         return Ok(());
     }
     let ids: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
-    let embedding = model.config.embedding_module();
-    if let Some((path, pair)) = adapter.token_rows().next() {
-        let same = adapter.token_rows().all(|(_, p)| p.token_ids == ids);
+    let embedding = c.embedding_module();
+    if adapter.token_rows().next().is_some() {
+        // What a fresh run with these ids trains: the embedding's rows, and an untied model's
+        // output projection's, each the same set.
+        let mut wanted: Vec<&str> = vec![&embedding];
+        if model.lm_head.is_some() {
+            wanted.push(crate::config::OUTPUT_MODULE);
+        }
+        let set = |v: &[usize]| v.iter().copied().collect::<std::collections::BTreeSet<_>>();
+        let same = adapter.token_rows().count() == wanted.len()
+            && adapter
+                .token_rows()
+                .all(|(path, p)| wanted.contains(&path) && set(&p.token_ids) == set(&ids));
+        let trained: Vec<String> = adapter
+            .token_rows()
+            .map(|(path, p)| format!("{path} {:?}", p.token_ids))
+            .collect();
         return match same {
             true => Ok(()),
             false => Err(Error::Invalid(format!(
-                "--trainable-tokens {ids:?}: the adapter trained on already trains the rows \
-                 {:?} of {path}",
-                pair.token_ids
+                "--trainable-tokens {ids:?}: the adapter trained on trains other rows ({}); \
+                 leave the option out to train those",
+                trained.join(", ")
             ))),
         };
-    }
-    let c = &model.config;
-    if c.per_layer_inputs.is_some() {
-        return Err(Error::Invalid(
-            "--trainable-tokens: this model's per-layer inputs read the embeddings too, which \
-             nibble does not take gradients through; train its LoRA matrices alone"
-                .into(),
-        ));
     }
     let mut seen = std::collections::HashSet::new();
     for &id in &ids {

@@ -1362,9 +1362,16 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     let storage = QuantRequest::planned(quant, source.stored_quant())
         .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
     // Training token rows copies the tables they sit in (the run's own, which it changes).
-    let tables = match options.trainable_tokens {
-        Some(_) => crate::model::planned_table_bytes(&source.config),
-        None => 0,
+    let init_rows = options.init_adapter.as_deref().is_some_and(|dir| {
+        let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&config).is_ok_and(|v| {
+            let indices = &v["trainable_token_indices"];
+            !indices.is_null() && indices.as_array().is_none_or(|a| !a.is_empty())
+        })
+    });
+    let tables = match options.trainable_tokens.is_some() || init_rows {
+        true => crate::model::planned_table_bytes(&source.config),
+        false => 0,
     };
     crate::alloc::check_fits(
         "loading the model",

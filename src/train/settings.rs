@@ -114,6 +114,32 @@ mod names_or_list {
     }
 }
 
+/// Token ids or texts: one string (comma-separated), or a list of ids and texts as PEFT's
+/// `trainable_token_indices` lists them.
+mod tokens_or_list {
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let item = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => n.as_u64().map(|n| n.to_string()),
+            _ => None,
+        };
+        let v = Value::deserialize(d)?;
+        let items = match &v {
+            Value::Null => return Ok(None),
+            Value::Array(a) => a.iter().map(item).collect(),
+            one => item(one).map(|i| vec![i]),
+        };
+        items.map(|i| Some(i.join(","))).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{v}: expected token ids or texts, separated by commas or in a list"
+            ))
+        })
+    }
+}
+
 /// One string or a list of strings (TOML, YAML and JSON write both), refused as `expected` says
 /// otherwise; None for a null.
 fn strings<'de, D: serde::Deserializer<'de>>(
@@ -273,9 +299,15 @@ pub struct TrainSettings {
     /// Train these tokens' rows of the embedding and of the output projection (one table in a
     /// tied model) beside the LoRA matrices, as PEFT's trainable_token_indices: comma-separated
     /// token ids or single-token texts (`<|im_start|>,<|im_end|>`). What teaches a model special
-    /// tokens its base never trained, such as a base model's chat-template markers. CPU executor.
+    /// tokens its base never trained, such as a base model's chat-template markers. An untied model
+    /// trains both tables' rows (PEFT's map of embed_tokens and lm_head; PEFT's list would train the
+    /// embedding's alone).
     #[arg(long, aliases = ["trainable-token-indices"])]
-    #[serde(alias = "trainable_token_indices")]
+    #[serde(
+        alias = "trainable_token_indices",
+        default,
+        deserialize_with = "tokens_or_list::deserialize"
+    )]
     pub trainable_tokens: Option<String>,
     /// Comma-separated module names or all-linear (in an options file, a list of names too).
     #[arg(long, aliases = ["lora-target-modules"])]
@@ -805,6 +837,8 @@ impl TrainSettings {
             ("data", self.data.is_some()),
             ("output", self.output.is_some()),
             ("init_adapter", self.init_adapter.is_some()),
+            // Named by the model's tokenizer, which the page's runs read after their options.
+            ("trainable_tokens", self.trainable_tokens.is_some()),
             ("eval_data", self.eval_data.is_some()),
             ("sample_prompts", self.sample_prompts.is_some()),
             ("chat_template", self.chat_template.is_some()),
