@@ -556,6 +556,27 @@ fn cross_entropy_reference(
         .collect()
 }
 
+/// A random f32 output projection [vocab, dim] (its values, and as a table), hidden states of
+/// `positions`, and a random label for each.
+fn random_head(
+    vocab: usize,
+    dim: usize,
+    positions: usize,
+    rng: &mut Rng,
+) -> (Vec<f32>, DenseTensor, Vec<f32>, Vec<u32>) {
+    let w = random(vocab * dim, 0.5, rng);
+    let head = DenseTensor {
+        rows: vocab,
+        cols: dim,
+        data: DenseData::F32(w.clone()),
+    };
+    let hidden = random(positions * dim, 1.0, rng);
+    let labels = (0..positions)
+        .map(|_| rng.below(vocab as u64) as u32)
+        .collect();
+    (w, head, hidden, labels)
+}
+
 /// The one-pass loss and gradient in f32, at grad_scale 0.5.
 fn fused_f32(
     hidden: &[f32],
@@ -666,16 +687,7 @@ fn chunked_cross_entropy_matches_reference_across_chunks() {
     let mut rng = Rng::new(14);
     // More rows than one vocabulary chunk, so the online log-sum-exp crosses chunk boundaries.
     let (vocab, dim, positions) = (cross_entropy::VOCAB_CHUNK + 905, 24, 5);
-    let w = random(vocab * dim, 0.5, &mut rng);
-    let head = DenseTensor {
-        rows: vocab,
-        cols: dim,
-        data: DenseData::F32(w.clone()),
-    };
-    let hidden = random(positions * dim, 1.0, &mut rng);
-    let labels: Vec<u32> = (0..positions)
-        .map(|_| rng.below(vocab as u64) as u32)
-        .collect();
+    let (w, head, hidden, labels) = random_head(vocab, dim, positions, &mut rng);
     let h64: Vec<f64> = hidden.iter().map(|&v| v as f64).collect();
     // The logits here reach about ±8, so a cap of 3 bends most of them.
     let uncapped = split(&cross_entropy::forward(
@@ -1449,16 +1461,7 @@ fn token_row_gradients_match_references() {
     use nibble::ops::token_rows;
     let mut rng = Rng::new(21);
     let (vocab, dim, positions) = (300, 16, 6);
-    let w = random(vocab * dim, 0.5, &mut rng);
-    let head = DenseTensor {
-        rows: vocab,
-        cols: dim,
-        data: DenseData::F32(w.clone()),
-    };
-    let hidden = random(positions * dim, 1.0, &mut rng);
-    let labels: Vec<u32> = (0..positions)
-        .map(|_| rng.below(vocab as u64) as u32)
-        .collect();
+    let (w, head, hidden, labels) = random_head(vocab, dim, positions, &mut rng);
     let token_ids = [labels[2], 7, 150, 299];
     let mut worst = 0f64;
     for softcap in [None, Some(3.0f32)] {
