@@ -92,6 +92,48 @@ impl Sampling {
         sampling.check().map(|()| sampling)
     }
 
+    /// The settings of `config` that transformers' `generate` would apply and nibble does not
+    /// (`no_repeat_ngram_size: 3`), each where it differs from transformers' default.
+    pub fn unapplied(config: &serde_json::Value) -> Vec<String> {
+        use serde_json::Value;
+        // (key, its default: what changes nothing), as transformers' GenerationConfig has them.
+        const UNAPPLIED: &[(&str, Option<f64>)] = &[
+            ("no_repeat_ngram_size", Some(0.0)),
+            ("encoder_no_repeat_ngram_size", Some(0.0)),
+            ("typical_p", Some(1.0)),
+            ("epsilon_cutoff", Some(0.0)),
+            ("eta_cutoff", Some(0.0)),
+            ("num_beams", Some(1.0)),
+            ("num_beam_groups", Some(1.0)),
+            ("diversity_penalty", Some(0.0)),
+            ("encoder_repetition_penalty", Some(1.0)),
+            ("min_length", Some(0.0)),
+            ("min_new_tokens", None),
+            ("penalty_alpha", None),
+            ("bad_words_ids", None),
+            ("suppress_tokens", None),
+            ("begin_suppress_tokens", None),
+            ("forced_bos_token_id", None),
+            ("forced_eos_token_id", None),
+            ("sequence_bias", None),
+            ("exponential_decay_length_penalty", None),
+            ("guidance_scale", None),
+        ];
+        UNAPPLIED
+            .iter()
+            .filter_map(|&(key, default)| {
+                let v = config.get(key)?;
+                let unchanged = match (v, default) {
+                    (Value::Null, _) => true,
+                    (v, Some(d)) => v.as_f64() == Some(d),
+                    (Value::Array(a), None) => a.is_empty(),
+                    (_, None) => false,
+                };
+                (!unchanged).then(|| format!("{key}: {v}"))
+            })
+            .collect()
+    }
+
     /// Refuses values no processor takes, naming the option (`--top-p` as the command line
     /// spells it).
     pub fn check(&self) -> std::result::Result<(), String> {
@@ -101,8 +143,9 @@ impl Sampling {
                 "temperature must be a finite number >= 0 (got {t})"
             ));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top-p must lie in (0, 1] (got {})", self.top_p));
+        // 0 keeps the most likely token alone, as transformers' TopPLogitsWarper takes it.
+        if !(0.0..=1.0).contains(&self.top_p) {
+            return Err(format!("top-p must lie in [0, 1] (got {})", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(format!("min-p must lie in [0, 1] (got {})", self.min_p));

@@ -109,6 +109,27 @@ fn a_quantized_file_keeps_the_generation_config() {
     let ends = serde_json::json!({"eos_token_id": every}).to_string();
     std::fs::write(model.join("generation_config.json"), ends).unwrap();
     assert_eq!(answer(&model).trim(), "");
+    // Settings transformers applies and nibble does not are named; those at their defaults are not.
+    let unapplied =
+        r#"{"no_repeat_ngram_size": 3, "typical_p": 0.9, "num_beams": 1, "suppress_tokens": []}"#;
+    std::fs::write(model.join("generation_config.json"), unapplied).unwrap();
+    let o = nibble(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("nibble decodes without no_repeat_ngram_size: 3, typical_p: 0.9 ("),
+        "{err}"
+    );
 }
 
 /// A group size that does not fit the model's widths is said, not sized: `info` reports what `train`

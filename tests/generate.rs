@@ -238,7 +238,7 @@ fn sampling_gives_the_distribution_transformers_samples_from() {
     assert_eq!((kept.temperature, kept.top_k, kept.top_p), (0.0, 20, 0.8));
     for bad in [
         serde_json::json!({"do_sample": "yes"}),
-        serde_json::json!({"do_sample": true, "top_p": 0}),
+        serde_json::json!({"do_sample": true, "top_p": 1.5}),
         serde_json::json!({"repetition_penalty": -1}),
         serde_json::json!({"do_sample": true, "temperature": "hot"}),
         serde_json::json!({"do_sample": true, "top_k": -5}),
@@ -293,6 +293,13 @@ fn sampling_follows_temperature_and_top_p() {
         seen[generate::sample(&logits, &nucleus, &[], &mut rng) as usize] = true;
     }
     assert_eq!(seen, [false, true, false, true, false]);
+    // top_p 0 keeps the most likely token alone, as transformers does (its minimum of one token).
+    let top = Sampling {
+        top_p: 0.0,
+        ..nucleus
+    };
+    let distribution = generate::distribution(&logits, &top, &[]);
+    assert_eq!(distribution, vec![(3, 1.0)]);
 }
 
 /// LongRoPE (Phi-3): once a decoding step's positions pass the original length (16 in the fixture),

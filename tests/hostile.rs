@@ -743,7 +743,7 @@ const CASES: &[Case] = &[
         expect: &["--temperature"],
     },
     Case {
-        name: "top-p 0",
+        name: "top-p above 1",
         prepare: |r| {
             args(&[
                 "generate",
@@ -752,7 +752,7 @@ const CASES: &[Case] = &[
                 "--prompt",
                 "hi",
                 "--top-p",
-                "0",
+                "1.5",
                 "--device",
                 "cpu",
             ])
@@ -952,12 +952,14 @@ const CASES: &[Case] = &[
         expect: &["chats.jsonl", "not a model folder"],
     },
     Case {
-        name: "generate with a top-p of 0",
+        name: "generate with a negative top-p",
         prepare: |r| {
             let m = p(r, "model");
-            args(&["generate", "--model", &m, "--prompt", "Hi", "--top-p", "0"])
+            args(&[
+                "generate", "--model", &m, "--prompt", "Hi", "--top-p", "-0.5",
+            ])
         },
-        expect: &["--top-p", "(got 0)"],
+        expect: &["--top-p", "(got -0.5)"],
     },
     Case {
         name: "generate with a negative temperature",
@@ -1419,6 +1421,15 @@ fn an_adapter_trained_on_another_base_is_taken_with_a_warning() {
     assert!(!stderr.contains("was trained on"), "{stderr}");
     std::fs::create_dir(root.join("elsewhere")).unwrap();
     std::fs::rename(root.join("other-model"), root.join("elsewhere/model")).unwrap();
+    let stderr = eval_with("elsewhere/model");
+    assert!(
+        stderr.contains("was trained on other weights") && stderr.contains("run.json"),
+        "{stderr}"
+    );
+    // Saved by an editor that starts UTF-8 with a byte-order mark, run.json still tells.
+    let record = root.join("run/run.json");
+    let text = std::fs::read_to_string(&record).unwrap();
+    std::fs::write(&record, format!("\u{feff}{text}")).unwrap();
     let stderr = eval_with("elsewhere/model");
     assert!(
         stderr.contains("was trained on other weights") && stderr.contains("run.json"),

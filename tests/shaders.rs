@@ -274,6 +274,18 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
         ),
     ];
     cases.push((
+        "token_rows",
+        "TokenRowsParams",
+        layout!(nibble::ops::token_rows::TokenRowsParams {
+            count: count as u32,
+            dim: dim as u32,
+            rows: rows as u32,
+            scale: scale as f32,
+            softcap: softcap as f32,
+            dft: dft as u32,
+        }),
+    ));
+    cases.push((
         "conv",
         "ImageParams",
         layout!(nibble::ops::conv::ImageParams {

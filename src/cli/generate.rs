@@ -103,6 +103,14 @@ impl GenArgs {
                         })
                 })
                 .collect::<Result<_>>()?;
+                let unapplied = Sampling::unapplied(&config);
+                if !unapplied.is_empty() {
+                    log::warn!(
+                        "{}: nibble decodes without {} (transformers' generate would apply them)",
+                        path.display(),
+                        unapplied.join(", ")
+                    );
+                }
                 Sampling::of_generation_config(&config)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }

@@ -1802,9 +1802,10 @@ fn load_adapter_checked(
     let adapter =
         loaded_adapter.map_err(|e| Error::Invalid(format!("{flag} {}: {e}", dir.display())))?;
     let json = |file: &str| {
-        std::fs::read_to_string(dir.join(file))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        std::fs::read_to_string(dir.join(file)).ok().and_then(|t| {
+            // An editor's byte-order mark hides no record.
+            serde_json::from_str::<serde_json::Value>(t.trim_start_matches('\u{feff}')).ok()
+        })
     };
     let warn = |theirs: &str| {
         log::warn!(
