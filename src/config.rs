@@ -1113,6 +1113,17 @@ impl ModelConfig {
         self.tensor("embed_tokens")
     }
 
+    /// The tensor holding the table whose token rows an adapter trains under module `path`: the
+    /// embedding's (which a tied model's output projection shares), or an untied model's output
+    /// projection's; None for any other module.
+    pub fn token_rows_table(&self, path: &str) -> Option<String> {
+        if path == self.embedding_module() {
+            Some(self.tensor("embed_tokens.weight"))
+        } else {
+            (path == OUTPUT_MODULE && !self.tie_word_embeddings).then(|| format!("{path}.weight"))
+        }
+    }
+
     /// The module path of layer `l`'s module `name` (`input_layernorm`, `self_attn.q_norm`).
     pub fn layer_module(&self, l: usize, name: &str) -> String {
         format!("{}layers.{l}.{name}", self.prefix())

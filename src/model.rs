@@ -448,19 +448,18 @@ impl Model {
     /// projection's), each row rounded to its table's dtype. A table still shared with another copy
     /// of the model is copied first.
     pub fn put_trained_rows(&mut self, adapter: &crate::lora::LoraAdapter) -> Result<()> {
-        let embed_path = self.config.embedding_module();
+        let embed_name = self.config.tensor("embed_tokens.weight");
         for (path, pair) in adapter.token_rows() {
-            let table = if path == embed_path {
-                std::sync::Arc::make_mut(&mut self.embed)
-            } else if path == crate::config::OUTPUT_MODULE
-                && let Some(head) = self.lm_head.as_mut()
-            {
-                head
-            } else {
-                return Err(Error::Invalid(format!(
-                    "the adapter trains token rows of {path}, which is neither the model's \
-                     embedding ({embed_path}) nor its own output projection"
-                )));
+            let table = match (self.config.token_rows_table(path), self.lm_head.as_mut()) {
+                (Some(name), _) if name == embed_name => std::sync::Arc::make_mut(&mut self.embed),
+                (Some(_), Some(head)) => head,
+                _ => {
+                    return Err(Error::Invalid(format!(
+                        "the adapter trains token rows of {path}, which is neither the model's \
+                         embedding ({}) nor its own output projection",
+                        self.config.embedding_module()
+                    )));
+                }
             };
             for (&id, row) in pair
                 .token_ids

@@ -537,15 +537,24 @@ fn cross_entropy_reference(
     labels: &[u32],
     softcap: Option<f32>,
 ) -> Vec<f64> {
+    cross_entropy64(hidden, |i| w[i] as f64, (vocab, dim), labels, softcap)
+}
+
+/// `cross_entropy_reference` with the output projection's values given by `w(index)`.
+fn cross_entropy64(
+    hidden: &[f64],
+    w: impl Fn(usize) -> f64,
+    (vocab, dim): (usize, usize),
+    labels: &[u32],
+    softcap: Option<f32>,
+) -> Vec<f64> {
     labels
         .iter()
         .enumerate()
         .map(|(p, &label)| {
             let logits: Vec<f64> = (0..vocab)
                 .map(|v| {
-                    let z: f64 = (0..dim)
-                        .map(|x| hidden[p * dim + x] * w[v * dim + x] as f64)
-                        .sum();
+                    let z: f64 = (0..dim).map(|x| hidden[p * dim + x] * w(v * dim + x)).sum();
                     softcap.map_or(z, |c| c as f64 * (z / c as f64).tanh())
                 })
                 .collect();
@@ -1431,24 +1440,9 @@ fn weighted_cross_entropy64(
     c: &[f64],
     softcap: Option<f32>,
 ) -> f64 {
-    let vocab = w.len() / dim;
-    labels
-        .iter()
-        .enumerate()
-        .map(|(p, &label)| {
-            let logits: Vec<f64> = (0..vocab)
-                .map(|v| {
-                    let z: f64 = (0..dim)
-                        .map(|x| hidden[p * dim + x] as f64 * w[v * dim + x])
-                        .sum();
-                    softcap.map_or(z, |cap| cap as f64 * (z / cap as f64).tanh())
-                })
-                .collect();
-            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
-            c[p] * (lse - logits[label as usize])
-        })
-        .sum()
+    let hidden: Vec<f64> = hidden.iter().map(|&v| v as f64).collect();
+    let losses = cross_entropy64(&hidden, |i| w[i], (w.len() / dim, dim), labels, softcap);
+    losses.iter().zip(c).map(|(l, c)| c * l).sum()
 }
 
 /// Trained token rows' gradients (`ops::token_rows`): the output projection's rows against central

@@ -286,12 +286,8 @@ impl GpuModel {
         adapter: &LoraAdapter,
         rows: &[Vec<f32>],
     ) -> Result<()> {
-        let embedding = self.config.embedding_module();
         for ((path, pair), values) in adapter.token_rows().zip(rows) {
-            let name = match path == embedding {
-                true => self.config.tensor("embed_tokens.weight"),
-                false => format!("{path}.weight"),
-            };
+            let name = self.config.token_rows_table(path).unwrap_or_default();
             let table = self.weights.tensors.get_mut(&name).ok_or_else(|| {
                 Error::Invalid(format!(
                     "the adapter trains token rows of {path}, a table the model lacks"
