@@ -1113,6 +1113,16 @@ impl ModelConfig {
         self.tensor("embed_tokens")
     }
 
+    /// The modules whose token rows `--trainable-tokens` trains: the embedding, and an untied
+    /// model's output projection (a tied one's reads the embedding's rows).
+    pub fn token_row_modules(&self) -> Vec<String> {
+        let mut modules = vec![self.embedding_module()];
+        if !self.tie_word_embeddings {
+            modules.push(OUTPUT_MODULE.to_string());
+        }
+        modules
+    }
+
     /// The tensor holding the table whose token rows an adapter trains under module `path`: the
     /// embedding's (which a tied model's output projection shares), or an untied model's output
     /// projection's; None for any other module.

@@ -26,6 +26,8 @@ pub struct PlanInput {
     pub checkpoint: bool,
     /// How checkpointing keeps each layer's input.
     pub checkpoints: crate::graph::checkpoint::Keep,
+    /// How many tokens' rows of the tables train (`--trainable-tokens`).
+    pub trainable_tokens: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -35,7 +37,11 @@ pub struct Plan {
     /// Weights the GPU executor keeps in host memory, uploading only the rows a step reads: an untied
     /// embedding. The CPU executor holds them with the rest (`cpu_total`).
     pub host_weights: u64,
-    /// LoRA matrices, their gradients and AdamW's two moments (f32 each).
+    /// The CPU executor's own copy of the tables whose token rows train (`--trainable-tokens`), in
+    /// host memory (in `cpu_total`). The GPU executor writes the rows into its device tables, and
+    /// copies only a table it keeps on the host (`host_weights`).
+    pub token_tables: u64,
+    /// LoRA matrices (and trained token rows), their gradients and AdamW's two moments (f32 each).
     pub lora_and_optimizer: u64,
     pub lora_parameters: u64,
     /// The step's buffers alive at its worst node (activations kept for the backward and the
@@ -67,6 +73,17 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
         if p.lora_dropout { 0.1 } else { 0.0 },
     );
     lora.targets.values_mut().for_each(|a| a.dora = p.dora);
+    if p.trainable_tokens > 0 {
+        let ids: Vec<u32> = (0..p.trainable_tokens as u32).collect();
+        lora.tokens = c
+            .token_row_modules()
+            .into_iter()
+            .map(|path| decoder::TrainedRows {
+                path,
+                token_ids: ids.clone(),
+            })
+            .collect();
+    }
     let shape = StepShape {
         tokens: p.tokens,
         positions: p.tokens,
@@ -102,6 +119,7 @@ impl Plan {
         Plan {
             weights,
             host_weights: 0,
+            token_tables: 0,
             lora_and_optimizer,
             lora_parameters,
             activations: memory.buffers,
@@ -117,6 +135,7 @@ impl Plan {
     pub fn cpu_total(&self) -> u64 {
         self.weights
             + self.host_weights
+            + self.token_tables
             + self.lora_and_optimizer
             + self.activations
             + self.workspace
@@ -128,20 +147,35 @@ impl Plan {
 pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     let adapted = resolve_targets(c, &p.lora_targets)?;
     // Tables stay 16-bit, as `planned_weight_bytes` counts them.
+    let table_bytes = |names: &[String]| -> u64 {
+        c.expected_tensors()
+            .iter()
+            .filter(|t| names.contains(&t.name))
+            .map(|t| 2 * t.shape.iter().product::<usize>() as u64)
+            .sum()
+    };
     let on_host = decoder::host_tables(c);
-    let host_weights = c
-        .expected_tensors()
-        .iter()
-        .filter(|t| on_host.contains(&t.name))
-        .map(|t| 2 * t.shape.iter().product::<usize>() as u64)
-        .sum();
+    let host_weights = table_bytes(&on_host);
+    let row_tables: Vec<String> = match p.trainable_tokens {
+        0 => Vec::new(),
+        _ => c
+            .token_row_modules()
+            .iter()
+            .filter_map(|path| c.token_rows_table(path))
+            .collect(),
+    };
     let mut plan = Plan::new(
         planned_weight_bytes(c, p.quant) - host_weights,
         adapted.iter().map(|(_, out, inp)| (*out, *inp)),
         (p.lora_rank, p.dora),
         &step_graph(c, p)?,
     );
+    let rows = (p.trainable_tokens * row_tables.len() * c.hidden_size) as u64;
+    plan.lora_parameters += rows;
+    plan.lora_and_optimizer += 4 * F32 * rows;
+    plan.total += 4 * F32 * rows;
     plan.host_weights = host_weights;
+    plan.token_tables = table_bytes(&row_tables);
     Ok(plan)
 }
 

@@ -488,6 +488,21 @@ fn plan_reports_a_breakdown_that_adds_up() {
     assert!(checkpointed["activations"].as_u64() < full["activations"].as_u64());
     let fewer = run(&["--target-modules", "q_proj,v_proj"]);
     assert!(fewer["lora_parameters"].as_u64() < full["lora_parameters"].as_u64());
+    // Three tokens' rows of both untied tables train: their parameters, and the CPU's copy of the
+    // two tables (the output projection's is counted with the weights).
+    let rows = run(&["--trainable-tokens", "<s>, 7,9"]);
+    let hidden = SynthSpec::tiny(Arch::Llama, 1024).hidden_size as u64;
+    assert_eq!(
+        rows["lora_parameters"].as_u64().unwrap(),
+        part("lora_parameters") + 3 * 2 * hidden
+    );
+    assert_eq!(rows["token_tables"].as_u64().unwrap(), 2 * embedding);
+    assert_eq!(full["token_tables"].as_u64().unwrap(), 0);
+    let err = fails(&["plan", s(&model), "--trainable-tokens", "7,,9"]);
+    assert!(
+        err.contains("--trainable-tokens \"7,,9\": an empty entry"),
+        "{err}"
+    );
     for dropout in ["1", "NaN", "1.5"] {
         let err = fails(&["plan", s(&model), "--lora-dropout", dropout]);
         assert!(err.contains("--lora-dropout must be"), "{dropout}: {err}");

@@ -310,6 +310,7 @@ fn placement_stays_near_the_live_bytes_at_8b_scale() {
             dora: false,
             checkpoint: true,
             checkpoints,
+            trainable_tokens: 0,
         };
         let graph = step_graph(&config, &input).unwrap();
         let homes: usize = nibble::graph::pool::place(&graph).capacities.iter().sum();

@@ -64,6 +64,38 @@ fn measured_against_plan(
     (measured, measured / step_bytes(planned) as f64)
 }
 
+/// A random decoder of `spec` written to `dir` and loaded in NF4, groups of 64.
+fn nf4_model(dir: &std::path::Path, spec: &SynthSpec) -> (nibble::model::Model, QuantSpec) {
+    synth::write_model_folder(dir, spec, None).unwrap();
+    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
+    let model = ModelSource::open(dir)
+        .unwrap()
+        .load(Some(QuantRequest::Quantize(qspec)))
+        .unwrap();
+    (model, qspec)
+}
+
+/// `measured_against_plan` for a decoder's f32 training step on `seq` (the gradients allocated
+/// before), with dropout's masks drawn.
+fn decoder_step_against_plan(
+    planned: &nibble::plan::Plan,
+    (model, adapter): (&nibble::model::Model, &LoraAdapter),
+    seq: &Sequence,
+    options: StepOptions,
+) -> (f64, f64) {
+    let options = StepOptions {
+        grad_scale: 1.0 / seq.ids.len() as f32,
+        precision: Precision::F32,
+        ..options
+    };
+    let (mut grads, mut rng) = (adapter.zeros_like(), Rng::new(3));
+    measured_against_plan(2, planned, || {
+        let grads = Some(&mut grads);
+        cpu::forward_backward_with(model, Some(adapter), grads, seq, options, Some(&mut rng))
+            .unwrap();
+    })
+}
+
 #[test]
 fn planned_step_memory_matches_the_measured_heap_peak() {
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
@@ -75,12 +107,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         spec.num_layers,
         spec.head_dim,
     ) = (256, 768, 4, Some(64));
-    synth::write_model_folder(dir.path(), &spec, None).unwrap();
-    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
-    let model = ModelSource::open(dir.path())
-        .unwrap()
-        .load(Some(QuantRequest::Quantize(qspec)))
-        .unwrap();
+    let (model, qspec) = nf4_model(dir.path(), &spec);
     let mut rng = Rng::new(1);
     // The last sequence is long enough for its MLPs to run in chunks (`decoder::MLP_CHUNK`).
     let long = nibble::models::decoder::MLP_CHUNK + 500;
@@ -107,7 +134,6 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         adapter
             .init_magnitudes(|path| model.linear_weight(path))
             .unwrap();
-        let mut grads = adapter.zeros_like();
         let planned = plan(
             &model.config,
             &PlanInput {
@@ -119,6 +145,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
                 dora,
                 checkpoint,
                 checkpoints: keep,
+                trainable_tokens: 0,
             },
         )
         .unwrap();
@@ -127,17 +154,12 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         assert_eq!(planned.weights + planned.host_weights, model.weight_bytes());
 
         let options = StepOptions {
-            grad_scale: 1.0 / tokens as f32,
             checkpoint,
             checkpoints: keep,
-            precision: Precision::F32,
             ..Default::default()
         };
-        let (measured, ratio) = measured_against_plan(2, &planned, || {
-            let (adapter, grads) = (Some(&adapter), Some(&mut grads));
-            cpu::forward_backward_with(&model, adapter, grads, &seq, options, Some(&mut rng))
-                .unwrap();
-        });
+        let (measured, ratio) =
+            decoder_step_against_plan(&planned, (&model, &adapter), &seq, options);
         let step = step_bytes(&planned) as f64;
         eprintln!(
             "{tokens} tokens, dropout {dropout}, checkpoint {checkpoint} {keep:?}, DoRA {dora}: planned {step:.0} B, measured {measured:.0} B ({ratio:.2})"
@@ -146,6 +168,70 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
         assert!(
             (0.9..1.1).contains(&ratio),
             "planned {step} B vs measured heap peak {measured} B"
+        );
+    }
+}
+
+/// Trained token rows (`--trainable-tokens`) in the plan: their parameters with the LoRA
+/// matrices', the run's copy of the tables they go into (measured as the trainer makes it), and the
+/// step's row-gradient buffers, on a tied model (one table) and an untied one (two).
+#[test]
+fn planned_memory_counts_trainable_token_rows() {
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    for tied in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = SynthSpec::tiny(Arch::Qwen3, 4000);
+        (spec.hidden_size, spec.intermediate_size, spec.num_layers) = (256, 768, 2);
+        spec.tie_word_embeddings = tied;
+        let (model, qspec) = nf4_model(dir.path(), &spec);
+        let c = &model.config;
+        let mut rng = Rng::new(2);
+        let ids: Vec<usize> = (0..5).map(|i| 800 * i + rng.below(800) as usize).collect();
+        let mut adapter = LoraAdapter::init(c, LoraConfig::default(), &mut rng).unwrap();
+        for path in c.token_row_modules() {
+            adapter.add_token_rows(&path, ids.clone(), c.hidden_size, |_, row| {
+                row.iter_mut().for_each(|x| *x = rng.normal() as f32)
+            });
+        }
+        let tokens = 192;
+        let planned = plan(
+            c,
+            &PlanInput {
+                tokens,
+                quant: Some(qspec),
+                lora_rank: 8,
+                lora_targets: vec!["all-linear".into()],
+                lora_dropout: true,
+                dora: false,
+                checkpoint: false,
+                checkpoints: nibble::graph::checkpoint::Keep::F32,
+                trainable_tokens: ids.len(),
+            },
+        )
+        .unwrap();
+        assert_eq!(planned.lora_parameters as usize, adapter.parameter_count());
+
+        let before = CURRENT.load(Ordering::Relaxed);
+        let mut copy = model.clone();
+        copy.put_trained_rows(&adapter).unwrap();
+        let copied = CURRENT.load(Ordering::Relaxed) - before;
+        let ratio = copied as f64 / planned.token_tables as f64;
+        eprintln!(
+            "tied {tied}: tables planned {} B, copied {copied} B",
+            planned.token_tables
+        );
+        // The copy holds a few small things more (norms, names).
+        assert!((1.0..1.01).contains(&ratio), "{ratio}");
+        drop(copy);
+
+        let seq = Sequence::all_tokens((0..tokens).map(|_| rng.below(4000) as u32).collect());
+        let (measured, ratio) =
+            decoder_step_against_plan(&planned, (&model, &adapter), &seq, StepOptions::default());
+        let step = step_bytes(&planned);
+        eprintln!("tied {tied}: step planned {step} B, measured {measured:.0} B ({ratio:.2})");
+        assert!(
+            (0.9..1.1).contains(&ratio),
+            "planned {step} B vs measured {measured} B"
         );
     }
 }
@@ -256,6 +342,7 @@ fn qwen3_8b_trains_2048_tokens_within_7_gib() {
         dora: false,
         checkpoint: true,
         checkpoints,
+        trainable_tokens: 0,
     };
     let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
     let (rounded, exact) = (
@@ -311,6 +398,7 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
             dora: false,
             checkpoint: true,
             checkpoints: Keep::Bf16,
+            trainable_tokens: 0,
         },
     )
     .unwrap();

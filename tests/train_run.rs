@@ -941,6 +941,7 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
             dora: config.lora.use_dora,
             checkpoint,
             checkpoints,
+            trainable_tokens: 0,
         };
         nibble::plan::plan(&source.config, &input).unwrap().total
     };

@@ -32,6 +32,10 @@ pub struct Args {
     /// for the backward.
     #[arg(long)]
     use_dora: bool,
+    /// The tokens whose embedding (and untied output) rows train, as `nibble train` takes them
+    /// (ids or single-token texts, comma-separated): only how many counts here.
+    #[arg(long, alias = "trainable-token-indices")]
+    trainable_tokens: Option<String>,
     /// Recompute each layer (block) before its backward (default: on for FLUX.2, off for LLMs).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     gradient_checkpointing: Option<bool>,
@@ -67,6 +71,7 @@ pub fn run(args: Args) -> Result<()> {
         lora_dropout: dropout,
         target_modules: targets,
         use_dora: dora,
+        trainable_tokens,
         gradient_checkpointing: checkpoint,
         bf16_checkpoints,
         offload_checkpoints,
@@ -85,10 +90,10 @@ pub fn run(args: Args) -> Result<()> {
     let targets = targets.unwrap_or_else(|| "all-linear".into());
     if let Some(c) = nibble::models::flux2::config_at(&path)? {
         // What `nibble train` refuses for FLUX.2 and what only a language model's step takes.
-        if dora || dropout.is_some_and(|p| p > 0.0) {
+        if dora || dropout.is_some_and(|p| p > 0.0) || trainable_tokens.is_some() {
             bail!(
-                "--use-dora and --lora-dropout: nibble trains FLUX.2 with plain LoRA, without \
-                 dropout (as `nibble train` refuses them there)"
+                "--use-dora, --lora-dropout and --trainable-tokens: nibble trains FLUX.2 with \
+                 plain LoRA, without dropout (as `nibble train` refuses them there)"
             );
         }
         if tokens.is_some() {
@@ -183,6 +188,7 @@ pub fn run(args: Args) -> Result<()> {
         dora,
         checkpoint,
         checkpoints: keep,
+        trainable_tokens: count_trainable_tokens(trainable_tokens.as_deref())?,
     };
     let positions = config.trained_positions();
     let Some(budget) = budget else {
@@ -214,6 +220,7 @@ pub fn run(args: Args) -> Result<()> {
             "quant": spec.map(|s| s.to_string()), "lora_r": rank, "target_modules": targets,
             "lora_dropout": dropout, "gradient_checkpointing": checkpoint,
             "bf16_checkpoints": keep.bf16(), "offload_checkpoints": keep == Keep::Bf16Host,
+            "trainable_tokens": input.trainable_tokens,
         });
         println!("{value}");
         return Ok(());
@@ -230,6 +237,19 @@ pub fn run(args: Args) -> Result<()> {
     );
     let what = format!("training step of {longest} tokens, LoRA r={rank} on {targets}");
     print_plan(&p, &what, spec, checkpointing(checkpoint, keep), false)
+}
+
+/// How many tokens `--trainable-tokens` names (each entry, between commas, names one token to
+/// `nibble train`, which reads the tokenizer this plan does without).
+fn count_trainable_tokens(spec: Option<&str>) -> Result<usize> {
+    let Some(spec) = spec else { return Ok(0) };
+    let entries: Vec<&str> = spec.split(',').map(str::trim).collect();
+    if entries.iter().any(|e| e.is_empty()) {
+        bail!(
+            "--trainable-tokens {spec:?}: an empty entry; give token ids or texts between commas"
+        );
+    }
+    Ok(entries.len())
 }
 
 /// How the plan's header says the step keeps its checkpoints.
@@ -268,6 +288,10 @@ fn print_plan(
         group_digits(p.lora_parameters)
     );
     row("LoRA + AdamW state", p.lora_and_optimizer, note);
+    if p.token_tables > 0 {
+        let note = "   (the CPU's copy the trained token rows go into)".to_string();
+        row("tables (host memory)", p.token_tables, note);
+    }
     row("step buffers at peak", p.activations, String::new());
     if p.host_activations > 0 {
         row(

@@ -835,6 +835,9 @@ pub struct Trainer<'a> {
     gpu: Option<(Shared<'a, Gpu>, GpuTrainState)>,
     /// Whether `adapter`, `m` and `v` lag behind the GPU's copies.
     stale: bool,
+    /// The model as given, while `work` holds a copy with the trained token rows in its tables
+    /// (`put_token_rows`): the GPU executor takes it back, its device tables holding the rows.
+    model_as_given: Option<Shared<'a, Model>>,
     /// The chat template the data was rendered with where it is not the model's: saved beside each
     /// adapter (chat_template.jinja, as transformers saves a tokenizer's).
     pub chat_template: Option<String>,
@@ -882,9 +885,10 @@ impl<'a> Trainer<'a> {
     }
 
     /// Puts the trained token rows in place in the trainer's copy of the model's tables (made on
-    /// the first call: the model may be borrowed), which every graph of the run then reads.
+    /// the first call: the model may be borrowed or shared), which every CPU graph of the run then
+    /// reads. On the GPU the device tables hold them (`use_gpu`, each step's `optimize`).
     fn put_token_rows(&mut self) -> Result<()> {
-        if self.adapter.token_rows().next().is_none() {
+        if self.adapter.token_rows().next().is_none() || self.gpu.is_some() {
             return Ok(());
         }
         let Work::Text { model, .. } = &mut self.work else {
@@ -892,12 +896,13 @@ impl<'a> Trainer<'a> {
                 "token rows train in language models, not image runs".into(),
             ));
         };
-        if let Shared::Borrowed(borrowed) = model {
+        if self.model_as_given.is_none() {
+            self.model_as_given = Some(model.clone());
             // Cheap but for the tables put_trained_rows changes: the layers are shared.
-            *model = Shared::Owned(std::sync::Arc::new((*borrowed).clone()));
+            *model = Shared::Owned(std::sync::Arc::new((**model).clone()));
         }
         let Shared::Owned(own) = model else {
-            unreachable!("made owned above")
+            unreachable!("a copy is made above")
         };
         std::sync::Arc::make_mut(own).put_trained_rows(&self.adapter)
     }
@@ -984,6 +989,7 @@ impl<'a> Trainer<'a> {
             config,
             gpu: None,
             stale: false,
+            model_as_given: None,
         };
         trainer.shuffle();
         trainer
@@ -1084,11 +1090,24 @@ impl<'a> Trainer<'a> {
     pub fn use_gpu(&mut self, gpu: impl Into<Shared<'a, Gpu>>) -> Result<()> {
         let gpu = gpu.into();
         self.sync()?;
+        if let (Some(as_given), Work::Text { model, .. }) =
+            (self.model_as_given.take(), &mut self.work)
+        {
+            // The device tables take the rows below: a host copy holding them would be a table's
+            // memory (a gigabyte for an 8B model's embedding) that nothing reads.
+            *model = as_given;
+        }
         let base = match &self.work {
             Work::Text { model, .. } => BaseModel::Decoder(model),
             Work::Image(work) => BaseModel::Weights(&*work.model),
         };
-        let state = GpuTrainState::new(&gpu, base, &self.adapter, &self.m, &self.v)?;
+        let mut state = GpuTrainState::new(&gpu, base, &self.adapter, &self.m, &self.v)?;
+        let rows: Vec<Vec<f32>> = self
+            .adapter
+            .token_rows()
+            .map(|(_, p)| p.rows.clone())
+            .collect();
+        state.put_token_rows(&gpu, &self.adapter, &rows)?;
         // Uploading the weights is where a device too small fails first.
         gpu.check_errors()?;
         self.gpu = Some((gpu, state));
@@ -1439,15 +1458,12 @@ fn add_trainable_tokens(adapter: &mut LoraAdapter, model: &Model, ids: &[u32]) -
     if adapter.token_rows().next().is_some() {
         // What a fresh run with these ids trains: the embedding's rows, and an untied model's
         // output projection's, each the same set.
-        let mut wanted: Vec<&str> = vec![&embedding];
-        if model.lm_head.is_some() {
-            wanted.push(crate::config::OUTPUT_MODULE);
-        }
+        let wanted = c.token_row_modules();
         let set = |v: &[usize]| v.iter().copied().collect::<std::collections::BTreeSet<_>>();
         let same = adapter.token_rows().count() == wanted.len()
-            && adapter
-                .token_rows()
-                .all(|(path, p)| wanted.contains(&path) && set(&p.token_ids) == set(&ids));
+            && adapter.token_rows().all(|(path, p)| {
+                wanted.iter().any(|w| w == path) && set(&p.token_ids) == set(&ids)
+            });
         let trained: Vec<String> = adapter
             .token_rows()
             .map(|(path, p)| format!("{path} {:?}", p.token_ids))

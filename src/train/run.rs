@@ -1468,6 +1468,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 dora: config.lora.use_dora,
                 checkpoint,
                 checkpoints,
+                trainable_tokens: config.trainable_tokens.len(),
             },
         )?;
         // What would need less that this step does not do already.
