@@ -14,8 +14,8 @@ use crate::ops::dropout::{self, DropoutParams};
 use crate::ops::matmul::{View, matmul_into};
 use crate::ops::rmsnorm::{self, RmsNormParams};
 use crate::ops::{
-    self, Precision, attention, conv, cross_entropy, dora, glu, linear, modulate, rope, token_rows,
-    zeros,
+    self, Precision, attention, conv, cross_entropy, dora, glu, linear, modulate, moe, rope,
+    token_rows, zeros,
 };
 use crate::rng::Rng;
 use std::collections::HashMap;
@@ -594,6 +594,28 @@ impl Exec {
                 }
             }
             Op::Glu { act } => glu::forward(*act, x(0), x(1), outs.get(0)),
+            Op::MoeRoute { shape, normalize } => {
+                let tokens = x(0).len() / shape.experts;
+                let mut routes = vec![0u32; tokens * shape.top_k];
+                moe::route(x(0), shape, *normalize, &mut routes, outs.get(1));
+                outs.slots[0] = Slot::U32(routes);
+            }
+            Op::MoeRouteBackward { shape, normalize } => {
+                let (routes, dw) = (ins[1].u32(), x(2));
+                moe::route_backward(x(0), routes, dw, shape, *normalize, outs.get(0), acc);
+            }
+            Op::MoeExperts { shape, act } => {
+                let weights = (ins[3].linear(), ins[4].linear(), *act);
+                let (routes, y) = (ins[1].u32(), outs.get(0));
+                moe::forward(x(0), routes, x(2), weights, shape, y, acc, self.precision);
+            }
+            Op::MoeExpertsBackward { shape, act } => {
+                let weights = (ins[3].linear(), ins[4].linear(), *act);
+                let (dx, dw) = two(&mut outs);
+                let (routes, dy) = (ins[1].u32(), x(5));
+                let p = self.precision;
+                moe::backward(x(0), routes, x(2), weights, shape, dy, (dx, dw), acc, p);
+            }
             Op::GluBackward { act } => {
                 let (dgate, dup) = two(&mut outs);
                 glu::backward(*act, x(0), x(1), x(2), dgate, dup);

@@ -379,6 +379,16 @@ fn record_node(
     slots: &mut [Slot],
     homes: &Homes,
 ) -> Result<()> {
+    if let Op::MoeRoute { .. }
+    | Op::MoeRouteBackward { .. }
+    | Op::MoeExperts { .. }
+    | Op::MoeExpertsBackward { .. } = node.op
+    {
+        return Err(Error::Invalid(format!(
+            "{}: mixture-of-experts layers run on the CPU executor for now (--device cpu)",
+            node.op.name()
+        )));
+    }
     let (taken, lens) = node.take_outputs(graph, slots);
     let on_host = node
         .outputs
@@ -657,6 +667,10 @@ fn record_node(
             let params: AdamWParams = bytemuck::cast(r.inputs.adamw);
             ops::adamw::record_step(r, params, [o(0), o(1), o(2)], x(0), x(1));
         }
+        Op::MoeRoute { .. }
+        | Op::MoeRouteBackward { .. }
+        | Op::MoeExperts { .. }
+        | Op::MoeExpertsBackward { .. } => unreachable!("refused above"),
     }
     drop(ins);
     node.put_back(slots, outs.slots);

@@ -377,6 +377,29 @@ pub enum Op {
     /// [grad, clip, adamw] -> [param, m, v]: one AdamW step of a parameter in place (torch's AdamW),
     /// the gradient multiplied by the clipping coefficient.
     AdamW,
+    /// [logits] -> [routes (u32), weights]: each token's `top_k` experts from its router logits
+    /// [tokens, experts] and their weights (`ops::moe::route`), [tokens, top_k] each.
+    MoeRoute {
+        shape: crate::ops::moe::MoeShape,
+        normalize: bool,
+    },
+    /// [logits, routes, d_weights] -> [d_logits], the choices held fixed.
+    MoeRouteBackward {
+        shape: crate::ops::moe::MoeShape,
+        normalize: bool,
+    },
+    /// [x, routes, weights, gate_up, down] -> [y]: the routed experts' gated MLPs, mixed by the
+    /// weights (`ops::moe::forward`; the experts' weights stacked, frozen).
+    MoeExperts {
+        shape: crate::ops::moe::MoeShape,
+        act: crate::config::GateActivation,
+    },
+    /// [x, routes, weights, gate_up, down, dy] -> [dx, d_weights], each expert's activations
+    /// recomputed.
+    MoeExpertsBackward {
+        shape: crate::ops::moe::MoeShape,
+        act: crate::config::GateActivation,
+    },
 }
 
 impl Op {
@@ -438,6 +461,10 @@ impl Op {
             Op::GroupNorm { .. } => "group_norm",
             Op::GradNorm { .. } => "grad_norm",
             Op::AdamW => "adamw",
+            Op::MoeRoute { .. } => "moe_route",
+            Op::MoeRouteBackward { .. } => "moe_route_backward",
+            Op::MoeExperts { .. } => "moe_experts",
+            Op::MoeExpertsBackward { .. } => "moe_experts_backward",
         }
     }
 }
@@ -578,6 +605,11 @@ impl Graph {
             Op::AttentionBackward { shape } => {
                 3 * (shape.tokens * shape.heads * shape.head_dim) as u64
             }
+            Op::MoeExperts { shape, .. } | Op::MoeExpertsBackward { shape, .. } => {
+                let tokens = self.bufs[node.inputs[0]].len / shape.hidden;
+                let backward = matches!(node.op, Op::MoeExpertsBackward { .. });
+                shape.temporaries(tokens, backward) as u64
+            }
             Op::CrossEntropy { dim, .. }
             | Op::CrossEntropyWithGrad { dim, .. }
             | Op::Logits { dim, .. } => {
@@ -693,6 +725,11 @@ impl Builder {
     /// Nodes added from now on belong to `stage`.
     pub fn set_stage(&mut self, block: Option<usize>, backward: bool) {
         self.stage = Stage { block, backward };
+    }
+
+    /// A transient buffer of integers (a router's choices).
+    pub fn indices(&mut self, len: usize, name: impl Into<String>) -> BufId {
+        self.buffer(len, Dtype::U32, Role::Activation, name.into())
     }
 
     fn buffer(&mut self, len: usize, dtype: Dtype, role: Role, name: String) -> BufId {

@@ -83,28 +83,47 @@ pub fn forward_packed(
     y: &mut [f32],
     precision: Precision,
 ) {
-    let (out, inp) = w.shape();
-    let tokens = x.len() / inp;
-    assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
-    assert_eq!(y.len(), tokens * out, "linear: y is tokens x out");
-    let path = isa::active();
-    match route(tokens, precision) {
-        Route::Stream => packed::xwt_few(path, x, w.into(), 0, out, y, out, 0, false),
-        Route::Blocks => packed_gemm::xwt(path, x, w.into(), 0, out, y, out, 0, false),
-        Route::Int16 => match w {
-            LinearWeight::Quant(q) => {
-                int16_gemm::xwt(int16_gemm::Kernel::for_path(path), x, q.into(), y)
-            }
-            LinearWeight::Dense(_) => packed_gemm::xwt(path, x, w.into(), 0, out, y, out, 0, false),
-        },
-        Route::Bf16 => {
-            let px = packed.expect("bf16 products need the input packed by pack_input");
-            bf16_gemm::matmul_xwt(px, w, 0, out, y, out, 0, false);
-        }
-    }
+    let out = w.shape().0;
+    forward_rows_packed(x, packed, w, (0, out), y, precision);
     if let Some(b) = bias {
         y.par_chunks_mut(out)
             .for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+    }
+}
+
+/// y = x·W[start..start + n]ᵀ: the product with a run of W's rows (one expert's of a weight that
+/// stacks several), y [tokens, n]; x packed by `pack_input` for the bf16 products. The int16
+/// kernels take whole weights, so a run of rows goes the f32 way there.
+pub fn forward_rows_packed(
+    x: &[f32],
+    packed: Option<&bf16_gemm::PackedRows>,
+    w: &LinearWeight,
+    (start, n): (usize, usize),
+    y: &mut [f32],
+    precision: Precision,
+) {
+    let (rows, inp) = w.shape();
+    let tokens = x.len() / inp;
+    assert_eq!(x.len(), tokens * inp, "linear: x is tokens x in");
+    assert_eq!(y.len(), tokens * n, "linear: y is tokens x rows");
+    assert!(start + n <= rows, "linear: rows {start}+{n} of {rows}");
+    let path = isa::active();
+    let whole = start == 0 && n == rows;
+    match route(tokens, precision) {
+        Route::Stream => packed::xwt_few(path, x, w.into(), start, n, y, n, 0, false),
+        Route::Int16 if whole && matches!(w, LinearWeight::Quant(_)) => {
+            let LinearWeight::Quant(q) = w else {
+                unreachable!("matched above")
+            };
+            int16_gemm::xwt(int16_gemm::Kernel::for_path(path), x, q.into(), y)
+        }
+        Route::Blocks | Route::Int16 => {
+            packed_gemm::xwt(path, x, w.into(), start, n, y, n, 0, false)
+        }
+        Route::Bf16 => {
+            let px = packed.expect("bf16 products need the input packed by pack_input");
+            bf16_gemm::matmul_xwt(px, w, start, n, y, n, 0, false);
+        }
     }
 }
 
@@ -116,17 +135,32 @@ pub fn backward_input(
     accumulate: bool,
     precision: Precision,
 ) {
-    let (out, inp) = w.shape();
-    let tokens = dy.len() / out;
+    backward_input_rows(dy, w, (0, w.shape().0), dx, accumulate, precision)
+}
+
+/// dx (+)= dy·W[start..start + n], dy [tokens, n]: `forward_rows_packed`'s input gradient.
+pub fn backward_input_rows(
+    dy: &[f32],
+    w: &LinearWeight,
+    (start, n): (usize, usize),
+    dx: &mut [f32],
+    accumulate: bool,
+    precision: Precision,
+) {
+    let (rows, inp) = w.shape();
+    let tokens = dy.len() / n.max(1);
     assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
+    assert!(start + n <= rows, "linear: rows {start}+{n} of {rows}");
     let path = isa::active();
+    let whole = start == 0 && n == rows;
     match (precision, w) {
         (Precision::Bf16, _) => {
-            let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, out);
-            bf16_gemm::matmul_aw(&packed, w, 0, dx, inp, 0, accumulate);
+            let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, n);
+            bf16_gemm::matmul_aw(&packed, w, start, dx, inp, 0, accumulate);
         }
         (Precision::Int16, LinearWeight::Quant(q))
-            if tokens >= int16_gemm::Kernel::for_path(path).input_gradient_min_tokens() =>
+            if whole
+                && tokens >= int16_gemm::Kernel::for_path(path).input_gradient_min_tokens() =>
         {
             int16_gemm::aw(
                 int16_gemm::Kernel::for_path(path),
@@ -136,7 +170,7 @@ pub fn backward_input(
                 accumulate,
             )
         }
-        _ => packed_gemm::aw(path, dy, out, 0, w.into(), 0, out, dx, accumulate),
+        _ => packed_gemm::aw(path, dy, n, 0, w.into(), start, n, dx, accumulate),
     }
 }
 

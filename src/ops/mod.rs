@@ -18,6 +18,7 @@ pub mod isa;
 pub mod linear;
 pub mod matmul;
 pub mod modulate;
+pub mod moe;
 pub mod packed;
 pub mod packed_gemm;
 pub mod rmsnorm;

@@ -1,0 +1,302 @@
+//! Mixture-of-experts layers (Qwen3-MoE, Mixtral, gpt-oss): a router picks `top_k` of `experts` gated
+//! MLPs for each token and mixes their outputs by its weights. The experts' weights are stacked, as
+//! transformers keeps them in memory: `gate_up` [experts · 2·inter, hidden] (each expert's gate rows,
+//! then its up rows) and `down` [experts · hidden, inter], so one packed 4-bit tensor holds a layer's
+//! experts and a run of its rows is one expert's projection.
+
+use crate::config::GateActivation;
+use crate::model::LinearWeight;
+use crate::ops::{Precision, glu, linear};
+use rayon::prelude::*;
+
+/// The shape of a layer's experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MoeShape {
+    pub experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    /// Each expert's intermediate width.
+    pub inter: usize,
+}
+
+impl MoeShape {
+    /// Expert e's gate rows of the stacked gate/up weight; its up rows follow.
+    fn gate_rows(&self, e: usize) -> (usize, usize) {
+        (e * 2 * self.inter, self.inter)
+    }
+
+    fn up_rows(&self, e: usize) -> (usize, usize) {
+        (e * 2 * self.inter + self.inter, self.inter)
+    }
+
+    fn down_rows(&self, e: usize) -> (usize, usize) {
+        (e * self.hidden, self.hidden)
+    }
+
+    /// Floats the experts' kernels hold while they run for `tokens` tokens: every (token, choice)'s
+    /// output (or input gradient) before the per-token sums, and the largest expert's rows (at most
+    /// every token) with its gate, up and gated activations, and in the backward their gradients.
+    pub fn temporaries(&self, tokens: usize, backward: bool) -> usize {
+        let per_token = match backward {
+            false => 2 * self.hidden + 3 * self.inter,
+            true => 3 * self.hidden + 5 * self.inter,
+        };
+        tokens * self.top_k * self.hidden + tokens * per_token
+    }
+}
+
+/// The softmax of a row of router logits, in f32 as transformers computes it.
+fn softmax(logits: &[f32], p: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for (p, &l) in p.iter_mut().zip(logits) {
+        *p = (l - max).exp();
+        sum += *p;
+    }
+    p.iter_mut().for_each(|p| *p /= sum);
+}
+
+/// The `k` largest of `p`, largest first; of equal values the lower index first (torch's order
+/// among exact ties is its kernel's, which only degenerate routers meet).
+fn top_k(p: &[f32], k: usize, chosen: &mut [u32]) {
+    let mut order: Vec<u32> = (0..p.len() as u32).collect();
+    order.select_nth_unstable_by(k - 1, |&a, &b| {
+        p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b))
+    });
+    order.truncate(k);
+    order.sort_unstable_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]).then(a.cmp(&b)));
+    chosen.copy_from_slice(&order);
+}
+
+/// Each token's experts and their weights from its router logits [tokens, experts]: the softmax's
+/// `top_k` largest probabilities, divided by their sum when `normalize` (Qwen3-MoE's
+/// `norm_topk_prob`; a softmax over the chosen logits alone, as gpt-oss and Mixtral route).
+pub fn route(
+    logits: &[f32],
+    shape: &MoeShape,
+    normalize: bool,
+    routes: &mut [u32],
+    weights: &mut [f32],
+) {
+    let (e, k) = (shape.experts, shape.top_k);
+    assert_eq!(
+        logits.len() % e,
+        0,
+        "moe route: logits are tokens x experts"
+    );
+    let tokens = logits.len() / e;
+    assert!(routes.len() == tokens * k && weights.len() == tokens * k);
+    routes
+        .par_chunks_mut(k)
+        .zip(weights.par_chunks_mut(k))
+        .zip(logits.par_chunks(e))
+        .for_each(|((chosen, w), logits)| {
+            let mut p = vec![0f32; e];
+            softmax(logits, &mut p);
+            top_k(&p, k, chosen);
+            for (w, &c) in w.iter_mut().zip(chosen.iter()) {
+                *w = p[c as usize];
+            }
+            if normalize {
+                let sum: f32 = w.iter().sum();
+                w.iter_mut().for_each(|w| *w /= sum);
+            }
+        });
+}
+
+/// The router logits' gradient from the routing weights' (`route`'s choices held fixed, as top-k's
+/// are to autograd): normalized, the weights are a softmax over the chosen logits, d l_j = w_j (dw_j −
+/// Σ w·dw) for the chosen and 0 for the rest; otherwise each weight is the full softmax's p, d l_e =
+/// p_e ([e chosen] dw_e − Σ_j p_{chosen j} dw_j).
+pub fn route_backward(
+    logits: &[f32],
+    routes: &[u32],
+    d_weights: &[f32],
+    shape: &MoeShape,
+    normalize: bool,
+    d_logits: &mut [f32],
+    accumulate: bool,
+) {
+    let (e, k) = (shape.experts, shape.top_k);
+    assert_eq!(d_logits.len(), logits.len(), "moe route backward: d_logits");
+    d_logits
+        .par_chunks_mut(e)
+        .zip(logits.par_chunks(e))
+        .zip(routes.par_chunks(k).zip(d_weights.par_chunks(k)))
+        .for_each(|((dl, logits), (chosen, dw))| {
+            let mut p = vec![0f32; e];
+            softmax(logits, &mut p);
+            let mut grad = vec![0f32; e];
+            if normalize {
+                let sum: f32 = chosen.iter().map(|&c| p[c as usize]).sum();
+                let w = |j: usize| p[chosen[j] as usize] / sum;
+                let mean: f32 = (0..k).map(|j| w(j) * dw[j]).sum();
+                for j in 0..k {
+                    grad[chosen[j] as usize] = w(j) * (dw[j] - mean);
+                }
+            } else {
+                let mean: f32 = (0..k).map(|j| p[chosen[j] as usize] * dw[j]).sum();
+                for (g, &p) in grad.iter_mut().zip(&p) {
+                    *g = -p * mean;
+                }
+                for j in 0..k {
+                    let c = chosen[j] as usize;
+                    grad[c] += p[c] * dw[j];
+                }
+            }
+            match accumulate {
+                true => dl.iter_mut().zip(&grad).for_each(|(d, g)| *d += g),
+                false => dl.copy_from_slice(&grad),
+            }
+        });
+}
+
+/// For each expert, the (token, choice) slots routed to it, tokens ascending.
+fn slots_by_expert(routes: &[u32], shape: &MoeShape) -> Vec<Vec<usize>> {
+    let mut by_expert = vec![Vec::new(); shape.experts];
+    for (slot, &e) in routes.iter().enumerate() {
+        assert!((e as usize) < shape.experts, "moe: expert {e} routed to");
+        by_expert[e as usize].push(slot);
+    }
+    by_expert
+}
+
+/// The rows of x [tokens, dim] of these slots' tokens.
+fn gather(x: &[f32], slots: &[usize], k: usize, dim: usize) -> Vec<f32> {
+    let mut rows = vec![0f32; slots.len() * dim];
+    rows.par_chunks_mut(dim)
+        .zip(slots.par_iter())
+        .for_each(|(row, &s)| row.copy_from_slice(&x[s / k * dim..][..dim]));
+    rows
+}
+
+/// Expert e's gate and up projections of its rows `xe`, and act(gate)·up.
+struct Recomputed {
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+fn gated(
+    xe: &[f32],
+    e: usize,
+    (gate_up, act): (&LinearWeight, GateActivation),
+    shape: &MoeShape,
+    precision: Precision,
+) -> Recomputed {
+    let n = xe.len() / shape.hidden;
+    let packed = linear::pack_input(xe, shape.hidden, precision);
+    let mut gate = vec![0f32; n * shape.inter];
+    let mut up = vec![0f32; n * shape.inter];
+    let rows = shape.gate_rows(e);
+    linear::forward_rows_packed(xe, packed.as_ref(), gate_up, rows, &mut gate, precision);
+    let rows = shape.up_rows(e);
+    linear::forward_rows_packed(xe, packed.as_ref(), gate_up, rows, &mut up, precision);
+    let mut hidden = vec![0f32; n * shape.inter];
+    glu::forward(act, &gate, &up, &mut hidden);
+    Recomputed { gate, up, hidden }
+}
+
+/// y (+)= Σ_j weights[t, j] · expert_{routes[t, j]}(x[t]) for each token t, the k terms summed in
+/// the router's order; each expert runs once over all its tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    x: &[f32],
+    routes: &[u32],
+    weights: &[f32],
+    (gate_up, down, act): (&LinearWeight, &LinearWeight, GateActivation),
+    shape: &MoeShape,
+    y: &mut [f32],
+    accumulate: bool,
+    precision: Precision,
+) {
+    let (h, k) = (shape.hidden, shape.top_k);
+    let tokens = x.len() / h;
+    assert!(routes.len() == tokens * k && weights.len() == tokens * k && y.len() == x.len());
+    let mut outputs = vec![0f32; tokens * k * h];
+    for (e, slots) in slots_by_expert(routes, shape).into_iter().enumerate() {
+        if slots.is_empty() {
+            continue;
+        }
+        let xe = gather(x, &slots, k, h);
+        let r = gated(&xe, e, (gate_up, act), shape, precision);
+        let mut ye = vec![0f32; slots.len() * h];
+        let packed = linear::pack_input(&r.hidden, shape.inter, precision);
+        let rows = shape.down_rows(e);
+        linear::forward_rows_packed(&r.hidden, packed.as_ref(), down, rows, &mut ye, precision);
+        for (row, &s) in ye.chunks_exact(h).zip(&slots) {
+            outputs[s * h..][..h].copy_from_slice(row);
+        }
+    }
+    y.par_chunks_mut(h)
+        .zip(outputs.par_chunks(k * h).zip(weights.par_chunks(k)))
+        .for_each(|(y, (out, w))| {
+            if !accumulate {
+                y.fill(0.0);
+            }
+            for (o, &w) in out.chunks_exact(h).zip(w) {
+                y.iter_mut().zip(o).for_each(|(y, o)| *y += w * o);
+            }
+        });
+}
+
+/// `forward`'s gradients: dx (+)= into x, and d_weights [tokens, k] (each choice's output dotted
+/// with dy). Each expert's activations are recomputed from x, not kept.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &[f32],
+    routes: &[u32],
+    weights: &[f32],
+    (gate_up, down, act): (&LinearWeight, &LinearWeight, GateActivation),
+    shape: &MoeShape,
+    dy: &[f32],
+    (dx, d_weights): (&mut [f32], &mut [f32]),
+    accumulate: bool,
+    precision: Precision,
+) {
+    let (h, k) = (shape.hidden, shape.top_k);
+    let tokens = x.len() / h;
+    assert!(dy.len() == x.len() && dx.len() == x.len() && d_weights.len() == tokens * k);
+    let mut d_inputs = vec![0f32; tokens * k * h];
+    for (e, slots) in slots_by_expert(routes, shape).into_iter().enumerate() {
+        if slots.is_empty() {
+            continue;
+        }
+        let n = slots.len();
+        let xe = gather(x, &slots, k, h);
+        let r = gated(&xe, e, (gate_up, act), shape, precision);
+        let mut ye = vec![0f32; n * h];
+        let packed = linear::pack_input(&r.hidden, shape.inter, precision);
+        let rows = shape.down_rows(e);
+        linear::forward_rows_packed(&r.hidden, packed.as_ref(), down, rows, &mut ye, precision);
+        // dy of each slot's token, times its weight: the gradient at the expert's output.
+        let mut dye = gather(dy, &slots, k, h);
+        for ((d_out, out), &s) in dye.chunks_exact_mut(h).zip(ye.chunks_exact(h)).zip(&slots) {
+            d_weights[s] = d_out.iter().zip(out).map(|(d, o)| d * o).sum();
+            d_out.iter_mut().for_each(|d| *d *= weights[s]);
+        }
+        let mut d_hidden = vec![0f32; n * shape.inter];
+        linear::backward_input_rows(&dye, down, rows, &mut d_hidden, false, precision);
+        let mut d_gate = vec![0f32; n * shape.inter];
+        let mut d_up = vec![0f32; n * shape.inter];
+        glu::backward(act, &r.gate, &r.up, &d_hidden, &mut d_gate, &mut d_up);
+        let mut dxe = vec![0f32; n * h];
+        let rows = shape.gate_rows(e);
+        linear::backward_input_rows(&d_gate, gate_up, rows, &mut dxe, false, precision);
+        let rows = shape.up_rows(e);
+        linear::backward_input_rows(&d_up, gate_up, rows, &mut dxe, true, precision);
+        for (row, &s) in dxe.chunks_exact(h).zip(&slots) {
+            d_inputs[s * h..][..h].copy_from_slice(row);
+        }
+    }
+    dx.par_chunks_mut(h)
+        .zip(d_inputs.par_chunks(k * h))
+        .for_each(|(dx, d)| {
+            if !accumulate {
+                dx.fill(0.0);
+            }
+            for d in d.chunks_exact(h) {
+                dx.iter_mut().zip(d).for_each(|(dx, d)| *dx += d);
+            }
+        });
+}
