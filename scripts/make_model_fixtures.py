@@ -29,7 +29,8 @@ from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalG
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config,
+                          SmolLM3ForCausalLM)
 
 OUT = "tests/fixtures/hf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -116,7 +117,18 @@ models["gemma4_e2b"] = (Gemma4ForCausalLM, Gemma4TextConfig(
     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                      "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                         "rope_theta": 1000000.0}}))
+# Qwen3-MoE: three layers, the middle one a dense MLP (mlp_only_layers), the others 4 experts of
+# width 64, 2 per token, their weights renormalised (norm_topk_prob, as Qwen3-30B-A3B sets it).
+# PEFT adapts the attention (its all-linear would reach the experts through target_parameters).
+models["qwen3_moe"] = (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+    **{**common, "num_hidden_layers": 3}, head_dim=32, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1,
+    tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
 MULTIMODAL = ("gemma3", "mistral3", "gemma4")
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# What nibble packs in 4 bits beside the linears: a mixture-of-experts layer's stacked experts
+# ([experts, rows, cols]; groups of 64 run along each row as nibble's do).
+EXPERTS = ("gate_up_proj", "down_proj")
 PLE_TARGETS = ["per_layer_input_gate", "per_layer_projection"]
 # `python scripts/make_model_fixtures.py gemma4_e2b` rewrites that fixture alone.
 ONLY = sys.argv[1:]
@@ -132,6 +144,9 @@ def write_expected(name, cls, config, folder, **load):
     labels[0, :4] = -100  # a prompt that carries no loss
 
     targets = FUSED_TARGETS if name == "phi3" else TARGETS + PLE_TARGETS if name == "gemma4_e2b" else TARGETS
+    quantized = targets
+    if name == "qwen3_moe":
+        targets = ATTENTION_TARGETS
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -141,10 +156,14 @@ def write_expected(name, cls, config, folder, **load):
         if quant == "nf4":
             with torch.no_grad():
                 for mname, module in base.named_modules():
-                    if mname.split(".")[-1] in targets and "vision" not in mname:
+                    if mname.split(".")[-1] in quantized and "vision" not in mname:
                         w = module.weight.data
                         packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
                         module.weight.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape))
+                for pname, p in base.named_parameters():
+                    if pname.split(".")[-2:-1] == ["experts"] and pname.split(".")[-1] in EXPERTS:
+                        packed, state = quantize_4bit(p.data, blocksize=64, quant_type="nf4")
+                        p.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(p.shape))
         pm = get_peft_model(base, lora)
         torch.manual_seed(1)
         with torch.no_grad():

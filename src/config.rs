@@ -262,6 +262,8 @@ pub struct ModelConfig {
     /// Gemma 4 E2B: the layers that share keys and values have MLPs twice as wide
     /// (`use_double_wide_mlp`).
     pub double_wide_shared_mlp: bool,
+    /// Qwen3-MoE: the layers whose MLP is a router over experts.
+    pub moe: Option<MoeConfig>,
     /// The dtype the checkpoint says it was saved in (informational; tensors carry their own dtype).
     pub dtype: Option<String>,
     /// An FP8 checkpoint's `quantization_config`: how the scales stored beside its 8-bit weights apply.
@@ -269,6 +271,42 @@ pub struct ModelConfig {
     /// The parsed JSON as read, kept so that a merged model or a quantized file can carry it unchanged.
     pub raw: Value,
 }
+
+/// A mixture-of-experts MLP (Qwen3-MoE, `model_type` qwen3_moe): each token's hidden state goes
+/// through the `top_k` of `experts` gated MLPs its router picks, mixed by the router's weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate width (`moe_intermediate_size`).
+    pub inter: usize,
+    /// The chosen experts' weights divided by their sum (`norm_topk_prob`).
+    pub normalize: bool,
+    /// Per layer: whether its MLP is the experts (the rest have a dense MLP of
+    /// `intermediate_size`: `mlp_only_layers`, `decoder_sparse_step`).
+    pub sparse: Vec<bool>,
+    /// transformers adds `router_aux_loss_coef` times the routers' load-balancing loss to the
+    /// training loss when `output_router_logits` is set (it is not by default).
+    pub output_router_logits: bool,
+}
+
+impl MoeConfig {
+    pub fn shape(&self, hidden: usize) -> crate::ops::moe::MoeShape {
+        crate::ops::moe::MoeShape {
+            experts: self.experts,
+            top_k: self.top_k,
+            hidden,
+            inter: self.inter,
+        }
+    }
+}
+
+/// The module of a mixture-of-experts layer's router, and its experts' stacked weights (as
+/// transformers holds them in memory and may save them: `gate_up_proj` [experts, 2·inter, hidden],
+/// each expert's gate rows then its up rows; `down_proj` [experts, hidden, inter]).
+pub const ROUTER_MODULE: &str = "mlp.gate";
+pub const EXPERTS_GATE_UP: &str = "mlp.experts.gate_up_proj";
+pub const EXPERTS_DOWN: &str = "mlp.experts.down_proj";
 
 /// Gemma 4's per-layer inputs' model-level tensors (under the decoder's prefix).
 pub const PER_LAYER_EMBEDDING: &str = "embed_tokens_per_layer.weight";
@@ -391,6 +429,12 @@ pub enum TensorRole {
     /// A frozen matrix kept dense in its checkpoint dtype and read by rows or multiplied whole
     /// (Gemma 4's per-layer embedding and its projection).
     Table,
+    /// A mixture-of-experts layer's router [experts, hidden]: a linear kept dense (its choices are
+    /// what 4 bits would change most).
+    Router,
+    /// A mixture-of-experts layer's experts' projections, stacked ([experts · rows, cols], packed
+    /// as a linear's weight): `EXPERTS_GATE_UP` or `EXPERTS_DOWN`.
+    Experts,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -566,18 +610,15 @@ impl ModelConfig {
     /// Whether 4-bit groups of `group` weights tile every decoder linear's rows: the message names the
     /// first input width they do not divide and the group sizes that would work.
     pub fn check_group_size(&self, group: usize) -> std::result::Result<(), String> {
-        let linears: Vec<(LinearKind, usize)> = (0..self.num_layers)
-            .flat_map(|l| self.layer_linears(l).into_iter().map(move |kind| (kind, l)))
+        // Every packed weight: the linears, and a mixture-of-experts layer's stacked experts.
+        let packed: Vec<(String, usize)> = self
+            .expected_tensors()
+            .into_iter()
+            .filter(|t| matches!(t.role, TensorRole::LinearWeight(_) | TensorRole::Experts))
+            .map(|t| (t.name, t.shape[1]))
             .collect();
-        let divides_all = |group: usize| {
-            linears
-                .iter()
-                .all(|&(kind, l)| self.linear_shape(kind, l).1.is_multiple_of(group))
-        };
-        let Some(&(kind, l)) = linears
-            .iter()
-            .find(|&&(kind, l)| !self.linear_shape(kind, l).1.is_multiple_of(group))
-        else {
+        let divides_all = |group: usize| packed.iter().all(|(_, cols)| cols.is_multiple_of(group));
+        let Some((name, cols)) = packed.iter().find(|(_, cols)| !cols.is_multiple_of(group)) else {
             return Ok(());
         };
         // SmolLM2's widths (576, 960) are multiples of 64 but not of 128.
@@ -595,9 +636,7 @@ impl ModelConfig {
             ),
         };
         Err(format!(
-            "group size {group} does not divide the input dimension {} of `{}.weight` ({hint})",
-            self.linear_shape(kind, l).1,
-            self.linear_path(kind, 0)
+            "group size {group} does not divide the input dimension {cols} of `{name}` ({hint})"
         ))
     }
 
@@ -668,7 +707,11 @@ impl ModelConfig {
             .and_then(Value::as_array)
             .and_then(|a| a.first())
             .and_then(Value::as_str);
+        // Qwen3-MoE is Qwen3's attention with experts for MLPs.
+        let moe = model_type == Some(QWEN3_MOE)
+            || (model_type.is_none() && class == Some(QWEN3_MOE_CLASS));
         let arch = match (model_type, class) {
+            _ if moe => Arch::Qwen3,
             (Some(t), _) => Arch::from_model_type(t).ok_or_else(|| {
                 Error::UnsupportedArchitecture(format!("{t} (in {})", origin.display()))
             })?,
@@ -917,6 +960,7 @@ impl ModelConfig {
             layers: Vec::new(),
             per_layer_inputs: None,
             double_wide_shared_mlp: false,
+            moe: None,
             dtype,
             float8: None,
             raw: raw.clone(),
@@ -962,6 +1006,9 @@ impl ModelConfig {
         if arch == Arch::Gemma4 {
             gemma4_full_layer_heads(&fields, &mut config)?;
             gemma4_small_model_parts(&fields, &mut config)?;
+        }
+        if moe {
+            config.moe = Some(parse_moe(&fields, num_layers)?);
         }
         Ok(config)
     }
@@ -1203,7 +1250,13 @@ impl ModelConfig {
             .filter(|&kind| {
                 !(layer.kv_from.is_some() && matches!(kind, LinearKind::K | LinearKind::V))
             })
+            .filter(|&kind| !(self.is_sparse(l) && kind.block() == Some("mlp")))
             .collect()
+    }
+
+    /// Whether layer `l`'s MLP is a router over experts.
+    pub fn is_sparse(&self, l: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.sparse[l])
     }
 
     pub fn linear_has_bias(&self, kind: LinearKind) -> bool {
@@ -1262,6 +1315,31 @@ impl ModelConfig {
             }
             if self.layer_scalars {
                 out.push(norm(self.layer_module(l, "layer_scalar"), 1));
+            }
+            if let (Some(m), true) = (&self.moe, self.is_sparse(l)) {
+                let tensor = |module: &str, shape: Vec<usize>, role| ExpectedTensor {
+                    name: self.layer_module(l, module),
+                    shape,
+                    role,
+                    layer: Some(l),
+                };
+                out.extend([
+                    tensor(
+                        &format!("{ROUTER_MODULE}.weight"),
+                        vec![m.experts, h],
+                        TensorRole::Router,
+                    ),
+                    tensor(
+                        EXPERTS_GATE_UP,
+                        vec![m.experts * 2 * m.inter, h],
+                        TensorRole::Experts,
+                    ),
+                    tensor(
+                        EXPERTS_DOWN,
+                        vec![m.experts * h, m.inter],
+                        TensorRole::Experts,
+                    ),
+                ]);
             }
             for kind in self.layer_linears(l) {
                 let (o, i) = self.linear_shape(kind, l);
@@ -1462,6 +1540,62 @@ fn sqrt_in_dtype(n: usize, dtype: Option<&str>) -> f32 {
 /// Gemma 4 E2B and E4B: per-layer inputs (`hidden_size_per_layer_input`, on at 256 when the key is
 /// absent, as in transformers), the last `num_kv_shared_layers` layers attending over the keys and
 /// values of the last earlier layer of their type, and E2B's double-wide MLPs on those layers.
+/// Qwen3-MoE's `model_type` and class.
+const QWEN3_MOE: &str = "qwen3_moe";
+const QWEN3_MOE_CLASS: &str = "Qwen3MoeForCausalLM";
+
+/// Qwen3MoeConfig's experts: a layer's MLP is the experts unless it is listed in `mlp_only_layers`
+/// or `decoder_sparse_step` passes it over (layer l is sparse when (l + 1) % step == 0).
+fn parse_moe(fields: &Fields, num_layers: usize) -> Result<MoeConfig> {
+    let err = fields.err;
+    // Hub configs say num_experts; save_pretrained writes num_local_experts.
+    let experts = match fields.opt_usize("num_experts")? {
+        Some(n) => n,
+        None => fields.opt_usize("num_local_experts")?.unwrap_or(128),
+    };
+    let top_k = fields.opt_usize("num_experts_per_tok")?.unwrap_or(8);
+    let inter = fields.opt_usize("moe_intermediate_size")?.unwrap_or(768);
+    let step = fields.opt_usize("decoder_sparse_step")?.unwrap_or(1);
+    if experts == 0 || top_k == 0 || top_k > experts {
+        return Err(err(format!(
+            "`num_experts_per_tok` ({top_k}) must be from 1 to `num_experts` ({experts})"
+        )));
+    }
+    if inter == 0 || inter > MAX_DIMENSION || experts > MAX_DIMENSION {
+        return Err(err(format!(
+            "`moe_intermediate_size` ({inter}) and `num_experts` ({experts}) must be from 1 to \
+             {MAX_DIMENSION}"
+        )));
+    }
+    let dense: Vec<usize> = match fields.get("mlp_only_layers") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|l| l.as_u64().map(|l| l as usize)).collect())
+            .ok_or_else(|| {
+                err(format!(
+                    "`mlp_only_layers` must list layer indices, got {v}"
+                ))
+            })?,
+    };
+    if let Some(l) = dense.iter().find(|&&l| l >= num_layers) {
+        return Err(err(format!(
+            "`mlp_only_layers` names layer {l}; the model has {num_layers}"
+        )));
+    }
+    let sparse = (0..num_layers)
+        .map(|l| !dense.contains(&l) && step > 0 && (l + 1) % step == 0)
+        .collect();
+    Ok(MoeConfig {
+        experts,
+        top_k,
+        inter,
+        normalize: fields.opt_bool("norm_topk_prob")?.unwrap_or(false),
+        sparse,
+        output_router_logits: fields.opt_bool("output_router_logits")?.unwrap_or(false),
+    })
+}
+
 fn gemma4_small_model_parts(fields: &Fields, c: &mut ModelConfig) -> Result<()> {
     let err = fields.err;
     let width = fields

@@ -462,6 +462,16 @@ fn whole_match(pattern: &str) -> std::result::Result<regex::Regex, regex::Error>
     regex::Regex::new(&format!("^(?:{pattern})$"))
 }
 
+/// An adapter_config.json's `target_modules` when it names modules (a list, or `all-linear`);
+/// None for a pattern, which only the adapter's weights resolve (`LoraAdapter::load_peft`).
+pub fn targets_of_json(value: &Value) -> Option<Vec<String>> {
+    match value {
+        Value::Array(a) => a.iter().map(|m| m.as_str().map(str::to_string)).collect(),
+        Value::String(s) if s == "all-linear" => Some(vec![s.clone()]),
+        _ => None,
+    }
+}
+
 /// Whether a module path is named by a PEFT `target_modules` entry: the path itself or its last
 /// components (`q_proj`, `self_attn.q_proj`, `model.layers.3.self_attn.q_proj`), as PEFT matches a list.
 pub fn targets_module(target: &str, path: &str) -> bool {
@@ -475,7 +485,28 @@ pub fn resolve_targets(
     model: &ModelConfig,
     targets: &[String],
 ) -> Result<Vec<(String, usize, usize)>> {
+    if model.moe.is_some() {
+        refuse_expert_targets(targets)?;
+    }
     resolve_among(model.linear_modules(), targets)
+}
+
+/// On a mixture-of-experts model PEFT turns `all-linear` and the MLP's names into
+/// `target_parameters` that adapt every expert (and with all-linear the router, without dropout):
+/// what nibble does not train yet. Its own reading of these names would adapt something else.
+fn refuse_expert_targets(targets: &[String]) -> Result<()> {
+    const EXPERT_NAMES: [&str; 4] = ["gate_proj", "up_proj", "down_proj", "gate"];
+    let expert = targets
+        .iter()
+        .find(|t| *t == "all-linear" || EXPERT_NAMES.contains(&t.rsplit('.').next().unwrap_or(t)));
+    match expert {
+        None => Ok(()),
+        Some(t) => Err(Error::Invalid(format!(
+            "target module `{t}` on a mixture-of-experts model: PEFT adapts the experts there \
+             (and with all-linear the router), which nibble does not train yet; adapt the \
+             attention: --target-modules q_proj,k_proj,v_proj,o_proj"
+        ))),
+    }
 }
 
 /// `resolve_targets` over a model's adaptable linears (module path, out, in); `all-linear` takes every

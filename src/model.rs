@@ -234,6 +234,9 @@ pub struct Linear {
 pub struct Layer {
     /// In `ModelConfig::linear_kinds` order.
     pub linears: Vec<Linear>,
+    /// A mixture-of-experts layer's router (dense) and stacked experts (`TensorRole::Router`,
+    /// `TensorRole::Experts`), by tensor name; empty for a dense MLP.
+    pub moe: Vec<(String, LinearWeight)>,
 }
 
 impl Layer {
@@ -407,6 +410,9 @@ impl Model {
                     out.push((format!("{path}.bias"), TensorRef::Vector(b)));
                 }
             }
+            for (name, w) in &layer.moe {
+                out.push((name.clone(), TensorRef::Linear(w)));
+            }
         }
         out
     }
@@ -500,19 +506,7 @@ impl Model {
 
     /// Bytes the weights occupy in memory.
     pub fn weight_bytes(&self) -> u64 {
-        let vec_bytes = |v: &Vec<f32>| 4 * v.len() as u64;
-        let mut total = self.embed.as_bytes().len() as u64;
-        total += self.norms.iter().map(|(_, v)| vec_bytes(v)).sum::<u64>();
-        total += self
-            .lm_head
-            .as_ref()
-            .map_or(0, |h| h.as_bytes().len() as u64);
-        for layer in self.layers.iter() {
-            for lin in &layer.linears {
-                total += lin.weight.bytes() + lin.bias.as_ref().map_or(0, vec_bytes);
-            }
-        }
-        total
+        FrozenWeights::tensor_bytes(self)
     }
 
     /// Writes the model as a nibble quantized safetensors file (packed words, scales, minimums, the
@@ -557,38 +551,53 @@ impl Model {
             let (d, s, b) = vector(v);
             add(name.clone(), d, s, b)?;
         }
+        // A packed weight as its words, scales and (INT4) minimums under `name`.
+        let mut add_packed = |name: String, q: &'a QuantTensor| -> Result<()> {
+            let groups = q.cols / q.spec.group_size;
+            add(
+                format!("{name}.qweight"),
+                Dtype::U32,
+                vec![q.rows, q.cols / 8],
+                bytemuck::cast_slice(&q.packed),
+            )?;
+            add(
+                format!("{name}.scales"),
+                Dtype::F32,
+                vec![q.rows, groups],
+                bytemuck::cast_slice(&q.scales),
+            )?;
+            if q.spec.format == QuantFormat::Int4 {
+                add(
+                    format!("{name}.mins"),
+                    Dtype::F32,
+                    vec![q.rows, groups],
+                    bytemuck::cast_slice(&q.mins),
+                )?;
+            }
+            Ok(())
+        };
+        let mut rest = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             for lin in &layer.linears {
                 let base = self.config.linear_path(lin.kind, l);
                 let LinearWeight::Quant(q) = &lin.weight else {
                     return Err(Error::Invalid(format!("{base}.weight is not quantized")));
                 };
-                let groups = q.cols / q.spec.group_size;
-                add(
-                    format!("{base}.weight.qweight"),
-                    Dtype::U32,
-                    vec![q.rows, q.cols / 8],
-                    bytemuck::cast_slice(&q.packed),
-                )?;
-                add(
-                    format!("{base}.weight.scales"),
-                    Dtype::F32,
-                    vec![q.rows, groups],
-                    bytemuck::cast_slice(&q.scales),
-                )?;
-                if q.spec.format == QuantFormat::Int4 {
-                    add(
-                        format!("{base}.weight.mins"),
-                        Dtype::F32,
-                        vec![q.rows, groups],
-                        bytemuck::cast_slice(&q.mins),
-                    )?;
-                }
+                add_packed(format!("{base}.weight"), q)?;
                 if let Some(bias) = &lin.bias {
-                    let (d, s, b) = vector(bias);
-                    add(format!("{base}.bias"), d, s, b)?;
+                    rest.push((format!("{base}.bias"), vector(bias)));
                 }
             }
+            // A mixture-of-experts layer's packed experts, and its router as loaded (dense).
+            for (name, weight) in &layer.moe {
+                match weight {
+                    LinearWeight::Quant(q) => add_packed(name.clone(), q)?,
+                    LinearWeight::Dense(d) => rest.push((name.clone(), dense(d))),
+                }
+            }
+        }
+        for (name, (d, s, b)) in rest {
+            add(name, d, s, b)?;
         }
 
         let mut metadata = HashMap::from([
@@ -1051,7 +1060,24 @@ impl ModelSource {
             Dtype::F8_E5M2,
         ];
         match (&self.kind, t.role) {
-            (SourceKind::Quantized { spec, .. }, TensorRole::LinearWeight(_)) => {
+            (SourceKind::Folder { shard_of, .. }, TensorRole::Experts)
+                if !shard_of.contains_key(&t.name) =>
+            {
+                expert_parts(&self.config, t)
+                    .into_iter()
+                    .map(|(name, shape)| (name, shape, MATRICES))
+                    .collect()
+            }
+            (SourceKind::Folder { .. }, TensorRole::Experts) => {
+                // transformers' own layout, when saved unconverted: [experts, rows, cols].
+                let experts = self.config.moe.as_ref().map_or(1, |m| m.experts);
+                let shape = vec![experts, t.shape[0] / experts, t.shape[1]];
+                vec![(t.name.clone(), shape, MATRICES)]
+            }
+            (
+                SourceKind::Quantized { spec, .. },
+                TensorRole::LinearWeight(_) | TensorRole::Experts,
+            ) => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let groups = cols / spec.group_size;
                 let mut parts = vec![
@@ -1299,6 +1325,7 @@ impl ModelSource {
         let mut tables = Vec::new();
         let mut weights: HashMap<(usize, LinearKind), LinearWeight> = HashMap::new();
         let mut biases: HashMap<(usize, LinearKind), Vec<f32>> = HashMap::new();
+        let mut moe: Vec<Vec<(String, LinearWeight)>> = vec![Vec::new(); self.config.num_layers];
         for t in self.config.expected_tensors() {
             let file = self.file_of(&self.stored_parts(&t)[0].0)?;
             match t.role {
@@ -1325,14 +1352,24 @@ impl ModelSource {
                     let weight = self.read_linear(file, &t, quant)?;
                     weights.insert((t.layer.expect("linear in a layer"), kind), weight);
                 }
+                TensorRole::Router => {
+                    let router = LinearWeight::Dense(self.read_dense(&t)?);
+                    moe[t.layer.expect("router in a layer")].push((t.name.clone(), router));
+                }
+                TensorRole::Experts => {
+                    let experts = self.read_linear(file, &t, quant)?;
+                    moe[t.layer.expect("experts in a layer")].push((t.name.clone(), experts));
+                }
             }
             for (name, _, _) in self.stored_parts(&t) {
                 file.release(&name);
             }
         }
 
+        let mut moe = moe.into_iter();
         let layers = (0..self.config.num_layers)
             .map(|l| Layer {
+                moe: moe.next().unwrap_or_default(),
                 linears: self
                     .config
                     .layer_linears(l)
@@ -1394,12 +1431,51 @@ impl ModelSource {
             };
             return Ok(LinearWeight::Quant(q));
         }
+        let parts = self.stored_parts(t);
+        if parts.len() > 1 {
+            return self.read_stacked(t, &parts, quant);
+        }
         let Some(spec) = quant else {
             return Ok(LinearWeight::Dense(self.read_dense(t)?));
         };
         let stored = self.stored_matrix(&t.name, rows, cols)?;
         let q = QuantTensor::quantize_rows(spec, rows, cols, |r, row| stored.row(r, row))
             .map_err(|e| Error::tensor(file.path(), &t.name, e.to_string()))?;
+        Ok(LinearWeight::Quant(q))
+    }
+
+    /// A linear's weight stored as equal runs of its rows in tensors of their own (one expert's
+    /// projection each), stacked in `parts`' order.
+    fn read_stacked(
+        &self,
+        t: &ExpectedTensor,
+        parts: &[(String, Vec<usize>, &'static [Dtype])],
+        quant: Option<QuantSpec>,
+    ) -> Result<LinearWeight> {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let stored: Vec<StoredMatrix> = parts
+            .iter()
+            .map(|(name, shape, _)| self.stored_matrix(name, shape[0], shape[1]))
+            .collect::<Result<_>>()?;
+        let each = rows / stored.len();
+        let row = |r: usize, out: &mut [f32]| stored[r / each].row(r % each, out);
+        let Some(spec) = quant else {
+            let dtype = match &stored[0] {
+                StoredMatrix::Float { dtype, .. } => *dtype,
+                _ => FloatDtype::F32,
+            };
+            let mut values = vec![0f32; rows * cols];
+            for (r, out) in values.chunks_mut(cols).enumerate() {
+                row(r, out);
+            }
+            return Ok(LinearWeight::Dense(DenseTensor::from_f32(
+                dtype, rows, cols, &values,
+            )));
+        };
+        let q = QuantTensor::quantize_rows(spec, rows, cols, row).map_err(|e| {
+            let path = self.file_of(&parts[0].0).map(|f| f.path().to_path_buf());
+            Error::tensor(path.unwrap_or_default(), &t.name, e.to_string())
+        })?;
         Ok(LinearWeight::Quant(q))
     }
 }
@@ -1561,6 +1637,27 @@ pub(crate) fn float8_block(
     }
 }
 
+/// The tensors a checkpoint stores one expert at a time (transformers' saved layout,
+/// `mlp.experts.{e}.gate_proj.weight` ...) that make up the stacked experts tensor `t`, in its row
+/// order: each expert's gate then up rows, or each expert's down rows.
+fn expert_parts(config: &ModelConfig, t: &ExpectedTensor) -> Vec<(String, Vec<usize>)> {
+    let Some(m) = &config.moe else {
+        return Vec::new();
+    };
+    let (h, i) = (config.hidden_size, m.inter);
+    let base = t.name.rsplit_once('.').map_or("", |(base, _)| base);
+    let gate_up = t.name.ends_with(crate::config::EXPERTS_GATE_UP);
+    (0..m.experts)
+        .flat_map(|e| match gate_up {
+            true => vec![
+                (format!("{base}.{e}.gate_proj.weight"), vec![i, h]),
+                (format!("{base}.{e}.up_proj.weight"), vec![i, h]),
+            ],
+            false => vec![(format!("{base}.{e}.down_proj.weight"), vec![h, i])],
+        })
+        .collect()
+}
+
 /// Bytes the weights of `config` take: with `quant`, as nibble stores them (decoder linears packed,
 /// embeddings and lm_head 16-bit, norms and biases f32); without, every parameter at 16 bits, the figure
 /// a 16-bit checkpoint has.
@@ -1572,11 +1669,17 @@ pub fn planned_weight_bytes(config: &ModelConfig, quant: Option<QuantSpec>) -> u
             let n: u64 = t.shape.iter().product::<usize>() as u64;
             match (t.role, quant) {
                 (_, None) => 2 * n,
-                (TensorRole::LinearWeight(_), Some(spec)) => {
+                (TensorRole::LinearWeight(_) | TensorRole::Experts, Some(spec)) => {
                     spec.packed_bytes(t.shape[0], t.shape[1])
                 }
                 (TensorRole::Norm | TensorRole::LinearBias(_), Some(_)) => 4 * n,
-                (TensorRole::Embedding | TensorRole::LmHead | TensorRole::Table, Some(_)) => 2 * n,
+                (
+                    TensorRole::Embedding
+                    | TensorRole::LmHead
+                    | TensorRole::Table
+                    | TensorRole::Router,
+                    Some(_),
+                ) => 2 * n,
             }
         })
         .sum()

@@ -77,6 +77,32 @@ pub struct SynthSpec {
     /// Standard deviation of the random weights (0.1 keeps a tiny model's loss away from ln(vocab)).
     pub std: f32,
     pub seed: u64,
+    /// Qwen3 only: mixture-of-experts MLPs (Qwen3-MoE) in every layer but the second.
+    pub moe: Option<SynthMoe>,
+}
+
+/// A synthetic Qwen3-MoE's experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynthMoe {
+    pub experts: usize,
+    pub top_k: usize,
+    pub inter: usize,
+}
+
+impl SynthSpec {
+    /// A few-layer Qwen3-MoE: 8 experts of width 64, 2 per token, weights renormalised (as
+    /// Qwen3-30B-A3B), the second of three layers a dense MLP (`mlp_only_layers`).
+    pub fn tiny_qwen3_moe(vocab_size: usize) -> Self {
+        SynthSpec {
+            num_layers: 3,
+            moe: Some(SynthMoe {
+                experts: 8,
+                top_k: 2,
+                inter: 64,
+            }),
+            ..Self::tiny(Arch::Qwen3, vocab_size)
+        }
+    }
 }
 
 impl SynthSpec {
@@ -107,6 +133,7 @@ impl SynthSpec {
             llama3_rope: arch == Arch::Llama,
             std: 0.1,
             seed: 0,
+            moe: None,
         }
     }
 
@@ -139,6 +166,7 @@ impl SynthSpec {
             llama3_rope: false,
             std: 0.02,
             seed: 0,
+            moe: None,
         }
     }
 
@@ -244,6 +272,18 @@ impl SynthSpec {
                 obj.insert("final_logit_softcapping".into(), json!(30.0));
             }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Ministral3 => {}
+        }
+        if let Some(m) = self.moe {
+            obj.insert("architectures".into(), json!(["Qwen3MoeForCausalLM"]));
+            obj.insert("model_type".into(), json!("qwen3_moe"));
+            obj.insert("num_experts".into(), json!(m.experts));
+            obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+            obj.insert("moe_intermediate_size".into(), json!(m.inter));
+            obj.insert("norm_topk_prob".into(), json!(true));
+            obj.insert("decoder_sparse_step".into(), json!(1));
+            let dense: &[usize] = if self.num_layers > 1 { &[1] } else { &[] };
+            obj.insert("mlp_only_layers".into(), json!(dense));
+            obj.insert("output_router_logits".into(), json!(false));
         }
         let scaling = match self.arch {
             // Gemma 3 4B's: linear scaling on the full layers only.
@@ -392,7 +432,7 @@ pub fn write_model_folder(
         };
         let entries: Vec<(String, Vec<usize>)> = chunk
             .iter()
-            .map(|t| (t.name.clone(), t.shape.clone()))
+            .map(|t| (t.name.clone(), stored_shape(&config, t)))
             .collect();
         let path = dir.join(&name);
         write_safetensors_streaming(&path, spec.dtype, &entries, |i, out| {
@@ -410,6 +450,15 @@ pub fn write_model_folder(
         )?;
     }
     Ok(())
+}
+
+/// The shape a tensor is written with: stacked experts in transformers' own 3-D layout
+/// ([experts, rows, cols], which it loads and may save), everything else as expected.
+fn stored_shape(config: &ModelConfig, t: &crate::config::ExpectedTensor) -> Vec<usize> {
+    match (&config.moe, t.role) {
+        (Some(m), TensorRole::Experts) => vec![m.experts, t.shape[0] / m.experts, t.shape[1]],
+        _ => t.shape.clone(),
+    }
 }
 
 fn fill_random(rng: &mut Rng, spec: &SynthSpec, role: TensorRole, out: &mut [f32]) {
@@ -672,6 +721,7 @@ pub fn write_klein_pipeline(dir: &Path, preset: KleinPreset, seed: u64) -> Resul
         llama3_rope: false,
         std: 0.1,
         seed: seed.wrapping_add(1),
+        moe: None,
     };
     write_model_folder(&dir.join("text_encoder"), &encoder, None)?;
     let tokenizer = qwen3_tokenizer();

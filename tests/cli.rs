@@ -1318,3 +1318,81 @@ fn training_goes_on_from_an_adapter_with_token_rows() {
         serde_json::json!([258, 257])
     );
 }
+
+/// A Qwen3-MoE model end to end on the CLI: `nibble train` refuses PEFT's expert-adapting targets
+/// (all-linear, its default) and the GPU executor, naming what to do; trains the attention on the CPU;
+/// the adapter generates alike from the folder and from a `nibble quantize` file of it (experts
+/// packed, router dense); `nibble info` names the experts.
+#[test]
+fn a_mixture_of_experts_model_trains_its_attention_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = (dir.path().join("model"), dir.path().join("data.jsonl"));
+    ok(&[
+        "synth",
+        "--preset",
+        "tiny-qwen3-moe",
+        "--tokenizer",
+        "byte",
+        "--output",
+        s(&model),
+    ]);
+    std::fs::copy("tests/fixtures/hf_train/qwen3_moe/data.jsonl", &data).unwrap();
+    let out = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+        args.extend(["--output", s(&out), "--max-steps", "2"]);
+        args.extend_from_slice(extra);
+        nibble(&args)
+    };
+    let o = train(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("target module `all-linear` on a mixture-of-experts model")
+            && err.contains("--target-modules q_proj,k_proj,v_proj,o_proj"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let attention = ["--target-modules", "q_proj,k_proj,v_proj,o_proj"];
+    let o = train(&[&attention[..], &["--device", "gpu"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--device gpu: this model's mixture-of-experts layers run on the CPU"));
+    let o = train(&attention);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let mut targets: Vec<&str> = config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["k_proj", "o_proj", "q_proj", "v_proj"]);
+
+    let quantized = dir.path().join("model.safetensors");
+    ok(&["quantize", s(&model), "--output", s(&quantized)]);
+    let answer = |m: &Path| {
+        ok(&[
+            "generate",
+            "--model",
+            s(m),
+            "--adapter",
+            s(&out),
+            "--prompt",
+            "Hi",
+            "--seed",
+            "3",
+            "--max-new-tokens",
+            "12",
+        ])
+    };
+    assert_eq!(answer(&quantized), answer(&model));
+    let info = ok(&["info", s(&model)]);
+    assert!(
+        info.contains("mixture of experts in 2 of 3 layers: 8 experts of width 64, 2 per token"),
+        "{info}"
+    );
+}

@@ -13,8 +13,12 @@ use nibble::rng::Rng;
 /// Also with a DoRA adapter, whose factors the first step keeps in the cache for the others.
 #[test]
 fn cached_decoding_matches_the_full_forward() {
-    // gemma4_e2b: layers that read another layer's cache (and write the same keys into it again).
-    for name in common::families().into_iter().chain(["gemma4_e2b"]) {
+    // gemma4_e2b: layers that read another layer's cache (and write the same keys into it again);
+    // qwen3_moe: each token's experts chosen one token at a time.
+    for name in common::families()
+        .into_iter()
+        .chain(["gemma4_e2b", "qwen3_moe"])
+    {
         let f = fixture(name, "nf4");
         let dora = common::as_dora(&f.model, &f.adapter, 0.0);
         for adapter in [&f.adapter, &dora] {

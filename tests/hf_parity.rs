@@ -182,3 +182,13 @@ fn fp8_checkpoints_match_transformers_reading_them() {
         check(name, "nf4");
     }
 }
+
+/// Qwen3-MoE: a dense MLP layer between two mixture-of-experts layers (4 experts, 2 per token,
+/// renormalised weights), the experts read from transformers' per-expert tensors and stacked (in NF4,
+/// each expert's rows quantized as bitsandbytes quantizes the stacked parameter), LoRA on the
+/// attention.
+#[test]
+fn qwen3_moe_matches_transformers_peft() {
+    check("qwen3_moe", "none");
+    check("qwen3_moe", "nf4");
+}

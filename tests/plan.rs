@@ -423,3 +423,61 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
         "planned {step} B vs measured {measured} B"
     );
 }
+
+/// A mixture-of-experts step (Qwen3-MoE: 8 experts, 2 per token, a dense layer between two sparse
+/// ones; LoRA on the attention): the experts' kernels hold every token's two outputs before mixing
+/// them, and the largest expert's activations.
+#[test]
+fn planned_memory_of_a_mixture_of_experts_step() {
+    let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = SynthSpec::tiny_qwen3_moe(4000);
+    (spec.hidden_size, spec.intermediate_size) = (256, 768);
+    spec.moe = spec
+        .moe
+        .map(|m| nibble::synth::SynthMoe { inter: 256, ..m });
+    let (model, qspec) = nf4_model(dir.path(), &spec);
+    let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        .map(String::from)
+        .to_vec();
+    let config = LoraConfig {
+        targets: targets.clone(),
+        ..LoraConfig::default()
+    };
+    let mut rng = Rng::new(4);
+    let adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
+    for (checkpoint, tokens) in [(false, 192), (true, 300)] {
+        let planned = plan(
+            &model.config,
+            &PlanInput {
+                tokens,
+                quant: Some(qspec),
+                lora_rank: 8,
+                lora_targets: targets.clone(),
+                lora_dropout: true,
+                dora: false,
+                checkpoint,
+                checkpoints: nibble::graph::checkpoint::Keep::F32,
+                trainable_tokens: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(planned.lora_parameters as usize, adapter.parameter_count());
+        assert_eq!(planned.weights + planned.host_weights, model.weight_bytes());
+        let seq = Sequence::all_tokens((0..tokens).map(|_| rng.below(4000) as u32).collect());
+        let options = StepOptions {
+            checkpoint,
+            ..Default::default()
+        };
+        let (measured, ratio) =
+            decoder_step_against_plan(&planned, (&model, &adapter), &seq, options);
+        let step = step_bytes(&planned);
+        eprintln!(
+            "MoE, {tokens} tokens, checkpoint {checkpoint}: planned {step} B, measured {measured:.0} B ({ratio:.2})"
+        );
+        assert!(
+            (0.9..1.1).contains(&ratio),
+            "planned {step} B vs measured {measured} B"
+        );
+    }
+}

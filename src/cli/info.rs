@@ -102,6 +102,14 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         }
         .to_string(),
     ];
+    if let Some(m) = &c.moe {
+        let sparse = m.sparse.iter().filter(|&&s| s).count();
+        let weights = if m.normalize { ", renormalised" } else { "" };
+        block.push(format!(
+            "mixture of experts in {sparse} of {} layers: {} experts of width {}, {} per token{weights}",
+            c.num_layers, m.experts, m.inter, m.top_k
+        ));
+    }
     if c.norm_offset != 0.0 {
         block.push(format!("norms scale by ({} + w)", c.norm_offset));
     }

@@ -156,7 +156,8 @@ pub fn open_placed(
         }
         None => None,
     };
-    Ok((tok, Placed::new(model, adapter, device.open()?)?))
+    let gpu = device.open_for(&model.config)?;
+    Ok((tok, Placed::new(model, adapter, gpu)?))
 }
 
 /// `source`'s tokenizer, rendering chats through the template `TemplateChoice::chosen` picks, with the

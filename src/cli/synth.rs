@@ -34,6 +34,9 @@ pub struct Args {
 enum Preset {
     TinyQwen2,
     TinyQwen3,
+    /// Qwen3-MoE: 8 experts of width 64, 2 per token (weights renormalised), the second of three
+    /// layers a dense MLP.
+    TinyQwen3Moe,
     TinyLlama,
     /// Mistral with a sliding window of 8 tokens and a head_dim of its own.
     TinyMistral,
@@ -110,6 +113,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut spec = match args.preset {
         Preset::TinyQwen2 => SynthSpec::tiny(Arch::Qwen2, vocab),
         Preset::TinyQwen3 => SynthSpec::tiny(Arch::Qwen3, vocab),
+        Preset::TinyQwen3Moe => SynthSpec::tiny_qwen3_moe(vocab),
         Preset::TinyLlama => SynthSpec::tiny(Arch::Llama, vocab),
         Preset::TinyMistral => SynthSpec::tiny(Arch::Mistral, vocab),
         Preset::TinyMinistral => SynthSpec::tiny(Arch::Ministral, vocab),

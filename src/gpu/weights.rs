@@ -322,6 +322,13 @@ impl GpuModel {
 
     pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
         crate::ops::attention::check_gpu_heads(&model.config)?;
+        if model.config.moe.is_some() {
+            return Err(Error::Invalid(
+                "this model's mixture-of-experts layers run on the CPU executor for now: \
+                 --device cpu"
+                    .into(),
+            ));
+        }
         Ok(GpuModel {
             config: model.config.clone(),
             weights: GpuWeights::upload_keeping(gpu, model, &model.host_tables())?,

@@ -7,8 +7,8 @@
 //! the graphs this builds. The optimizer step is `models::optimizer`'s graph.
 
 use crate::config::{
-    LinearKind, ModelConfig, PER_LAYER_EMBEDDING, PER_LAYER_MODEL_PROJECTION,
-    PER_LAYER_PROJECTION_NORM,
+    EXPERTS_DOWN, EXPERTS_GATE_UP, LinearKind, ModelConfig, PER_LAYER_EMBEDDING,
+    PER_LAYER_MODEL_PROJECTION, PER_LAYER_PROJECTION_NORM, ROUTER_MODULE,
 };
 use crate::cpu::Sequence;
 use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoint};
@@ -286,11 +286,25 @@ struct LayerTape {
     inv2: BufId,
     /// The gate and up projections, kept unless the MLP ran in chunks.
     gate_up: Option<(BufId, BufId)>,
+    /// A mixture-of-experts layer's routing.
+    moe: Option<MoeTape>,
     /// Sandwich norms (Gemma): (the attention's or MLP's output, the norm's weight, inverse RMS).
     attn_out_norm: Option<(BufId, BufId, BufId)>,
     mlp_out_norm: Option<(BufId, BufId, BufId)>,
     per_layer: Option<PerLayerTape>,
     linears: Vec<(LinearKind, LinearTape)>,
+}
+
+/// What a mixture-of-experts MLP keeps for the backward: the router's logits and choices, and the
+/// weights' buffers.
+#[derive(Clone, Copy)]
+struct MoeTape {
+    router: BufId,
+    logits: BufId,
+    routes: BufId,
+    weights: BufId,
+    gate_up: BufId,
+    down: BufId,
 }
 
 /// What Gemma 4's per-layer input added to a layer's output keeps for the backward.
@@ -898,7 +912,12 @@ impl Decoder<'_> {
         };
         let post_norm = self.norm_weight(&c.layer_module(l, post_norm), h);
         let (xn2, inv2) = self.rmsnorm(x_mid, post_norm, h, &format!("layers.{l}.xn2"));
-        let (down, gate_up) = if self.mlp_chunks().len() > 1 {
+        let mut moe = None;
+        let (down, gate_up) = if c.is_sparse(l) {
+            let (y, tape) = self.experts(l, xn2);
+            moe = Some(tape);
+            (y, None)
+        } else if self.mlp_chunks().len() > 1 {
             (self.chunked_mlp(l, xn2), None)
         } else {
             let (gate, up, tapes) = self.gate_up(l, xn2, (t, 0));
@@ -930,12 +949,92 @@ impl Decoder<'_> {
             xn2,
             inv2,
             gate_up,
+            moe,
             attn_out_norm,
             mlp_out_norm,
             per_layer,
             linears,
         };
         (x_out, tape)
+    }
+
+    /// Layer `l`'s experts on its MLP input x: the router's logits, each token's choices and
+    /// weights, and the chosen experts' outputs mixed.
+    fn experts(&mut self, l: usize, x: BufId) -> (BufId, MoeTape) {
+        let c = self.c;
+        let m = c.moe.as_ref().expect("a sparse layer has experts");
+        let (t, h) = (self.t(), c.hidden_size);
+        let shape = m.shape(h);
+        let router_name = c.layer_module(l, &format!("{ROUTER_MODULE}.weight"));
+        let router = self.b.weight(&router_name, m.experts * h);
+        let logits = self
+            .b
+            .activation(t * m.experts, format!("layers.{l}.router logits"));
+        let op = Op::Linear {
+            out: m.experts,
+            inp: h,
+        };
+        self.b.node(op, &[x, router], &[logits], false);
+        let routes = self.b.indices(t * m.top_k, format!("layers.{l}.routes"));
+        let weights = self
+            .b
+            .activation(t * m.top_k, format!("layers.{l}.routing weights"));
+        let op = Op::MoeRoute {
+            shape,
+            normalize: m.normalize,
+        };
+        self.b.node(op, &[logits], &[routes, weights], false);
+        let gate_up = c.layer_module(l, EXPERTS_GATE_UP);
+        let gate_up = self.b.weight(&gate_up, m.experts * 2 * m.inter * h);
+        let down = self
+            .b
+            .weight(&c.layer_module(l, EXPERTS_DOWN), m.experts * h * m.inter);
+        let y = self.b.activation(t * h, format!("layers.{l}.experts"));
+        let act = c.gate_activation;
+        let inputs = [x, routes, weights, gate_up, down];
+        self.b
+            .node(Op::MoeExperts { shape, act }, &inputs, &[y], false);
+        let tape = MoeTape {
+            router,
+            logits,
+            routes,
+            weights,
+            gate_up,
+            down,
+        };
+        (y, tape)
+    }
+
+    /// The gradient of `experts`' input x from that of its output: through the chosen experts,
+    /// and through their weights into the router's logits and on into x.
+    fn experts_backward(&mut self, l: usize, s: &MoeTape, x: BufId, dy: BufId) -> BufId {
+        let c = self.c;
+        let m = c.moe.as_ref().expect("a sparse layer has experts");
+        let (t, h) = (self.t(), c.hidden_size);
+        let shape = m.shape(h);
+        let dx = self.b.activation(t * h, format!("d layers.{l}.xn2"));
+        let d_weights = self
+            .b
+            .activation(t * m.top_k, format!("d layers.{l}.routing weights"));
+        let act = c.gate_activation;
+        let inputs = [x, s.routes, s.weights, s.gate_up, s.down, dy];
+        let op = Op::MoeExpertsBackward { shape, act };
+        self.b.node(op, &inputs, &[dx, d_weights], false);
+        let d_logits = self
+            .b
+            .activation(t * m.experts, format!("d layers.{l}.router logits"));
+        let op = Op::MoeRouteBackward {
+            shape,
+            normalize: m.normalize,
+        };
+        self.b
+            .node(op, &[s.logits, s.routes, d_weights], &[d_logits], false);
+        let op = Op::LinearBackwardInput {
+            out: m.experts,
+            inp: h,
+        };
+        self.b.node(op, &[d_logits, s.router], &[dx], true);
+        dx
     }
 
     /// A block's output y through the sandwich norm `norm` of layer `l` where the model has them:
@@ -1143,6 +1242,10 @@ impl Decoder<'_> {
         };
         let d_mlp = through(self, s.mlp_out_norm, dx_out);
         let dxn2 = match s.gate_up {
+            _ if s.moe.is_some() => {
+                let moe = s.moe.expect("checked");
+                self.experts_backward(l, &moe, s.xn2, d_mlp)
+            }
             Some((gate, up)) => {
                 // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x
                 // intermediate floats per layer, the largest activation there is. The down

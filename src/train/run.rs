@@ -1361,14 +1361,21 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     config.max_length = within_positions(config.max_length, &source.config);
     let storage = QuantRequest::planned(quant, source.stored_quant())
         .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-    // Training token rows copies the tables they sit in (the run's own, which it changes).
-    let init_rows = options.init_adapter.as_deref().is_some_and(|dir| {
-        let config = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap_or_default();
-        serde_json::from_str::<serde_json::Value>(&config).is_ok_and(|v| {
-            let indices = &v["trainable_token_indices"];
-            !indices.is_null() && indices.as_array().is_none_or(|a| !a.is_empty())
-        })
+    // What an adapter trained on says of itself (read in full, and checked, when the run starts).
+    let init_config: Option<serde_json::Value> = options.init_adapter.as_deref().and_then(|dir| {
+        let text = std::fs::read_to_string(dir.join("adapter_config.json")).ok()?;
+        serde_json::from_str(&text).ok()
     });
+    // Training token rows copies the tables they sit in (the run's own, which it changes).
+    let init_rows = init_config.as_ref().is_some_and(|v| {
+        let indices = &v["trainable_token_indices"];
+        !indices.is_null() && indices.as_array().is_none_or(|a| !a.is_empty())
+    });
+    // The memory plan adapts what that adapter adapts.
+    let planned_targets = init_config
+        .as_ref()
+        .and_then(|v| crate::lora::targets_of_json(&v["target_modules"]))
+        .unwrap_or_else(|| config.lora.targets.clone());
     let tables = match options.trainable_tokens.is_some() || init_rows {
         true => crate::model::planned_table_bytes(&source.config),
         false => 0,
@@ -1463,7 +1470,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                     .entries()
                     .map(|(_, r)| r)
                     .fold(config.lora.r, usize::max),
-                lora_targets: config.lora.targets.clone(),
+                lora_targets: planned_targets.clone(),
                 lora_dropout: config.lora.dropout > 0.0,
                 dora: config.lora.use_dora,
                 checkpoint,
