@@ -745,6 +745,51 @@ fn integer_products_pass_nan_on_and_drop_negligible_chunks_on_every_kernel() {
     }
 }
 
+/// A run of a 4-bit tensor's rows (one expert's of a stacked mixture-of-experts weight) through the
+/// integer products gives, on every kernel, the bits of those rows made a tensor of their own: NF4
+/// and INT4 (whose minimums add a term), a run starting inside a 64-row chunk of the input gradient's
+/// relative scales.
+#[test]
+fn a_run_of_rows_in_integer_products_equals_those_rows_alone_on_every_kernel() {
+    use nibble::ops::int16_gemm::{self, Frozen, Kernel};
+    let mut rng = Rng::new(53);
+    let (rows, cols, tokens, first, n) = (300, 128, 40, 37, 150);
+    for format in [QuantFormat::Nf4, QuantFormat::Int4] {
+        let q = quantized(format, 64, rows, cols, &mut rng);
+        let groups = cols / 64;
+        let part = |v: &[f32]| {
+            v.get(first * groups..(first + n) * groups)
+                .map(<[f32]>::to_vec)
+        };
+        let alone = QuantTensor {
+            spec: q.spec,
+            rows: n,
+            cols,
+            packed: q.packed[first * cols / 8..(first + n) * cols / 8].to_vec(),
+            scales: part(&q.scales).unwrap(),
+            mins: part(&q.mins).unwrap_or_default(),
+        };
+        let run = Frozen::Packed {
+            q: &q,
+            first,
+            rows: n,
+        };
+        let x = random(tokens * cols, 1.0, &mut rng);
+        let a = random(tokens * n, 1.0, &mut rng);
+        for kernel in Kernel::available() {
+            let (mut y_run, mut y_alone) = (vec![0f32; tokens * n], vec![0f32; tokens * n]);
+            int16_gemm::xwt(kernel, &x, run, &mut y_run);
+            int16_gemm::xwt(kernel, &x, (&alone).into(), &mut y_alone);
+            assert!(y_run == y_alone, "{format} {kernel:?}: x·Wᵀ differs");
+            let (mut d_run, mut d_alone) = (vec![0f32; tokens * cols], vec![0f32; tokens * cols]);
+            int16_gemm::aw(kernel, &a, run, &mut d_run, false);
+            int16_gemm::aw(kernel, &a, (&alone).into(), &mut d_alone, false);
+            assert!(d_run == d_alone, "{format} {kernel:?}: a·W differs");
+            eprintln!("{format} {kernel:?}: a run of rows gives its rows' bits");
+        }
+    }
+}
+
 /// The output projection's dense rows through the integer products: every kernel gives the portable
 /// kernel's bits, for f32, bf16 and f16 tables, widths of 32- and 64-column groups, and a chunk of rows
 /// that starts inside the table; against f64 each output stays within the bound of its quantization

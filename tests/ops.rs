@@ -1694,4 +1694,42 @@ fn moe_routing_and_experts_match_references() {
         let err = rel_err(&d_weights, &fd);
         assert!(err < 3e-6, "the routing weights' gradient: {err:e}");
     }
+
+    // The 16-bit integer products (`--precision int16`), where an expert has enough tokens for
+    // them, against f64 (forward) and against the f32 backward (itself held to finite differences).
+    // Measured: within 6.7e-4 (forward) and 9.7e-4 (gradients); held to 1e-2.
+    let tokens = 120;
+    let logits = random(tokens * e, 1.5, &mut rng);
+    let (mut routes, mut weights) = (vec![0u32; tokens * k], vec![0f32; tokens * k]);
+    moe::route(&logits, &shape, true, &mut routes, &mut weights);
+    let x = random(tokens * h, 1.0, &mut rng);
+    let dy = random(tokens * h, 1.0, &mut rng);
+    let mut y = vec![0f32; tokens * h];
+    let p = Precision::Int16;
+    moe::forward(&x, &routes, &weights, weights_of, &shape, &mut y, false, p);
+    let reference = moe_experts64(
+        &to64(&x),
+        &routes,
+        &to64(&weights),
+        (&gu64, &down64),
+        &shape,
+    );
+    let err = rel_err(&y, &reference);
+    assert!(err < 1e-2, "the experts in 16-bit products: {err:e}");
+    let backward = |p: Precision| {
+        let (mut dx, mut dw) = (vec![0f32; tokens * h], vec![0f32; tokens * k]);
+        let outs = (&mut dx[..], &mut dw[..]);
+        moe::backward(
+            &x, &routes, &weights, weights_of, &shape, &dy, outs, false, p,
+        );
+        (dx, dw)
+    };
+    let ((dx16, dw16), (dx32, dw32)) = (backward(Precision::Int16), backward(Precision::F32));
+    for (what, a, b) in [("input", dx16, dx32), ("routing weights", dw16, dw32)] {
+        let err = rel_err(&a, &to64(&b));
+        assert!(
+            err < 1e-2,
+            "the {what}' gradient in 16-bit products: {err:e}"
+        );
+    }
 }

@@ -135,8 +135,13 @@ impl Kernel {
 /// The frozen rows of a product.
 #[derive(Clone, Copy)]
 pub enum Frozen<'a> {
-    /// 4-bit rows: their codes' levels and their groups' scales.
-    Packed(&'a QuantTensor),
+    /// Rows first..first + rows of a 4-bit tensor (one expert's of a stack): their codes' levels
+    /// and their groups' scales.
+    Packed {
+        q: &'a QuantTensor,
+        first: usize,
+        rows: usize,
+    },
     /// Rows first..first + rows of a dense table (a vocabulary chunk of the output projection).
     Dense {
         table: &'a DenseTensor,
@@ -147,14 +152,18 @@ pub enum Frozen<'a> {
 
 impl<'a> From<&'a QuantTensor> for Frozen<'a> {
     fn from(q: &'a QuantTensor) -> Self {
-        Frozen::Packed(q)
+        Frozen::Packed {
+            q,
+            first: 0,
+            rows: q.rows,
+        }
     }
 }
 
 impl Frozen<'_> {
     fn shape(&self) -> (usize, usize) {
         match *self {
-            Frozen::Packed(q) => (q.rows, q.cols),
+            Frozen::Packed { q, rows, .. } => (rows, q.cols),
             Frozen::Dense { table, rows, .. } => (rows, table.cols),
         }
     }
@@ -162,16 +171,19 @@ impl Frozen<'_> {
     /// Columns per chunk of the forward product's integer sums, and per input-gradient task group.
     fn group(&self) -> usize {
         match *self {
-            Frozen::Packed(q) => q.spec.group_size,
+            Frozen::Packed { q, .. } => q.spec.group_size,
             Frozen::Dense { table, .. } => dense_group(table.cols)
                 .unwrap_or_else(|| panic!("int16: {} columns are not whole groups", table.cols)),
         }
     }
 
-    /// The 4-bit tensor whose groups' minimums add to the products (INT4).
-    fn with_minimums(&self) -> Option<&QuantTensor> {
+    /// The 4-bit tensor whose groups' minimums add to the products (INT4), and the first of its
+    /// rows these are.
+    fn with_minimums(&self) -> Option<(&QuantTensor, usize)> {
         match *self {
-            Frozen::Packed(q) if q.spec.format == QuantFormat::Int4 => Some(q),
+            Frozen::Packed { q, first, .. } if q.spec.format == QuantFormat::Int4 => {
+                Some((q, first))
+            }
             _ => None,
         }
     }
@@ -180,7 +192,15 @@ impl Frozen<'_> {
     /// unchecked).
     fn check(&self) {
         match *self {
-            Frozen::Packed(q) => check_tensor(q),
+            Frozen::Packed { q, first, rows } => {
+                check_tensor(q);
+                assert!(
+                    first + rows <= q.rows,
+                    "int16: rows {first}..{} of a {}-row tensor",
+                    first + rows,
+                    q.rows
+                );
+            }
             Frozen::Dense { table, first, rows } => {
                 assert!(
                     first + rows <= table.rows,
@@ -203,7 +223,9 @@ impl Frozen<'_> {
         values: &mut Vec<f32>,
     ) {
         match *self {
-            Frozen::Packed(q) => forward_panel(kernel, q, first, count, panel),
+            Frozen::Packed {
+                q, first: offset, ..
+            } => forward_panel(kernel, q, offset + first, count, panel),
             Frozen::Dense {
                 table,
                 first: offset,
@@ -1498,31 +1520,30 @@ struct Scratch {
 
 /// Each group's row scales relative to the largest of their chunk of `AW_CHUNK` rows: per group, each
 /// row's round(scale / largest · 32767) and per chunk largest / factor · 32768/32767, which turns the
-/// product of a level with a multiplier (over 2^15) back into the weight.
-fn relative_scales(q: &QuantTensor, factor: f32) -> (Vec<i16>, Vec<f32>) {
+/// product of a level with a multiplier (over 2^15) back into the weight. Over q's rows
+/// offset..offset + rows, counted from offset.
+fn relative_scales(
+    q: &QuantTensor,
+    (offset, n): (usize, usize),
+    factor: f32,
+) -> (Vec<i16>, Vec<f32>) {
     let groups = q.cols / q.spec.group_size;
-    let chunks = q.rows.div_ceil(AW_CHUNK);
-    let mut multipliers = vec![0i16; groups * q.rows];
+    let chunks = n.div_ceil(AW_CHUNK);
+    let mut multipliers = vec![0i16; groups * n];
     let mut largest = vec![0f32; groups * chunks];
     // On every thread: on one, this was a fiftieth of the input gradient's time with a core idle.
     multipliers
-        .par_chunks_mut(q.rows)
+        .par_chunks_mut(n)
         .zip(largest.par_chunks_mut(chunks))
         .enumerate()
         .for_each(|(g, (multipliers, largest))| {
+            let scale = |o: usize| q.scales[(offset + o) * groups + g];
             for (c, largest) in largest.iter_mut().enumerate() {
-                let rows = c * AW_CHUNK..((c + 1) * AW_CHUNK).min(q.rows);
-                let top = rows
-                    .clone()
-                    .map(|o| q.scales[o * groups + g].abs())
-                    .fold(0f32, f32::max);
+                let rows = c * AW_CHUNK..((c + 1) * AW_CHUNK).min(n);
+                let top = rows.clone().map(|o| scale(o).abs()).fold(0f32, f32::max);
                 *largest = top / factor * (32768.0 / 32767.0);
                 for o in rows {
-                    let relative = if top > 0.0 {
-                        q.scales[o * groups + g] / top
-                    } else {
-                        0.0
-                    };
+                    let relative = if top > 0.0 { scale(o) / top } else { 0.0 };
                     multipliers[o] = (relative * 32767.0).round() as i16;
                 }
             }
@@ -1554,9 +1575,9 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
     let chunks = rows.div_ceil(AW_CHUNK);
     // 4-bit rows: their codes' levels, and each group's row scales relative to their chunk's.
     let packed = match w {
-        Frozen::Packed(q) => {
+        Frozen::Packed { q, first, rows } => {
             let (table, factor) = levels(q.spec.format);
-            Some((q, table, relative_scales(q, factor)))
+            Some((q, first, table, relative_scales(q, (first, rows), factor)))
         }
         Frozen::Dense { .. } => None,
     };
@@ -1598,13 +1619,13 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
                         let group = first_group + gi;
                         let col = first_col + gi * g;
                         match (w, &packed) {
-                            (_, Some((q, table, (multipliers, largest)))) => {
+                            (_, Some((q, offset, table, (multipliers, largest)))) => {
                                 let at = group * rows + first;
                                 backward_panel(
                                     kernel,
                                     q,
                                     table,
-                                    first,
+                                    offset + first,
                                     count,
                                     row_pairs,
                                     col,
@@ -1639,7 +1660,7 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
                                 panel,
                                 values,
                             ),
-                            (Frozen::Packed(_), None) => {
+                            (Frozen::Packed { .. }, None) => {
                                 unreachable!("4-bit rows have their levels")
                             }
                         }
@@ -1651,11 +1672,11 @@ pub fn aw(kernel: Kernel, a: &[f32], w: Frozen, dx: &mut [f32], accumulate: bool
                             group_dx,
                             width,
                         );
-                        if let Some(q) = w.with_minimums() {
+                        if let Some((q, offset)) = w.with_minimums() {
                             for t in 0..tc {
                                 let at = &a_chunk[t * rows + first..t * rows + first + count];
                                 let min_term = (0..count)
-                                    .map(|o| at[o] * q.mins[(first + o) * groups + group])
+                                    .map(|o| at[o] * q.mins[(offset + first + o) * groups + group])
                                     .sum::<f32>();
                                 group_dx[t * width..t * width + g]
                                     .iter_mut()

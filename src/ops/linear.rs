@@ -92,8 +92,7 @@ pub fn forward_packed(
 }
 
 /// y = x·W[start..start + n]ᵀ: the product with a run of W's rows (one expert's of a weight that
-/// stacks several), y [tokens, n]; x packed by `pack_input` for the bf16 products. The int16
-/// kernels take whole weights, so a run of rows goes the f32 way there.
+/// stacks several), y [tokens, n]; x packed by `pack_input` for the bf16 products.
 pub fn forward_rows_packed(
     x: &[f32],
     packed: Option<&bf16_gemm::PackedRows>,
@@ -108,19 +107,20 @@ pub fn forward_rows_packed(
     assert_eq!(y.len(), tokens * n, "linear: y is tokens x rows");
     assert!(start + n <= rows, "linear: rows {start}+{n} of {rows}");
     let path = isa::active();
-    let whole = start == 0 && n == rows;
-    match route(tokens, precision) {
-        Route::Stream => packed::xwt_few(path, x, w.into(), start, n, y, n, 0, false),
-        Route::Int16 if whole && matches!(w, LinearWeight::Quant(_)) => {
-            let LinearWeight::Quant(q) = w else {
-                unreachable!("matched above")
+    match (route(tokens, precision), w) {
+        (Route::Stream, _) => packed::xwt_few(path, x, w.into(), start, n, y, n, 0, false),
+        (Route::Int16, LinearWeight::Quant(q)) => {
+            let rows = int16_gemm::Frozen::Packed {
+                q,
+                first: start,
+                rows: n,
             };
-            int16_gemm::xwt(int16_gemm::Kernel::for_path(path), x, q.into(), y)
+            int16_gemm::xwt(int16_gemm::Kernel::for_path(path), x, rows, y)
         }
-        Route::Blocks | Route::Int16 => {
+        (Route::Blocks | Route::Int16, _) => {
             packed_gemm::xwt(path, x, w.into(), start, n, y, n, 0, false)
         }
-        Route::Bf16 => {
+        (Route::Bf16, _) => {
             let px = packed.expect("bf16 products need the input packed by pack_input");
             bf16_gemm::matmul_xwt(px, w, start, n, y, n, 0, false);
         }
@@ -152,23 +152,20 @@ pub fn backward_input_rows(
     assert_eq!(dx.len(), tokens * inp, "linear: dx is tokens x in");
     assert!(start + n <= rows, "linear: rows {start}+{n} of {rows}");
     let path = isa::active();
-    let whole = start == 0 && n == rows;
     match (precision, w) {
         (Precision::Bf16, _) => {
             let packed = bf16_gemm::PackedRows::for_aw(dy, tokens, n);
             bf16_gemm::matmul_aw(&packed, w, start, dx, inp, 0, accumulate);
         }
         (Precision::Int16, LinearWeight::Quant(q))
-            if whole
-                && tokens >= int16_gemm::Kernel::for_path(path).input_gradient_min_tokens() =>
+            if tokens >= int16_gemm::Kernel::for_path(path).input_gradient_min_tokens() =>
         {
-            int16_gemm::aw(
-                int16_gemm::Kernel::for_path(path),
-                dy,
-                q.into(),
-                dx,
-                accumulate,
-            )
+            let rows = int16_gemm::Frozen::Packed {
+                q,
+                first: start,
+                rows: n,
+            };
+            int16_gemm::aw(int16_gemm::Kernel::for_path(path), dy, rows, dx, accumulate)
         }
         _ => packed_gemm::aw(path, dy, n, 0, w.into(), start, n, dx, accumulate),
     }
