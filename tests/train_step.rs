@@ -13,16 +13,29 @@ use nibble::rng::Rng;
 use nibble::source::FloatDtype;
 use nibble::synth::{self, SynthSpec};
 
-fn setup(
-    arch: Arch,
-) -> (
+type Setup = (
     tempfile::TempDir,
     nibble::model::Model,
     LoraAdapter,
     Sequence,
-) {
+);
+
+fn setup(arch: Arch) -> Setup {
+    setup_with(SynthSpec::tiny(arch, 300), LoraConfig::default().targets)
+}
+
+/// A tiny Qwen3-MoE (8 experts, 2 per token; a dense layer between two sparse ones), LoRA on the
+/// attention (what nibble trains there).
+fn setup_moe() -> Setup {
+    let attention = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    setup_with(
+        SynthSpec::tiny_qwen3_moe(300),
+        attention.map(String::from).to_vec(),
+    )
+}
+
+fn setup_with(mut spec: SynthSpec, targets: Vec<String>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = SynthSpec::tiny(arch, 300);
     spec.dtype = FloatDtype::F32;
     synth::write_model_folder(dir.path(), &spec, None).unwrap();
     let model = ModelSource::open(dir.path())
@@ -36,6 +49,7 @@ fn setup(
         alpha: 8.0,
         dropout: 0.2,
         use_rslora: false,
+        targets,
         ..LoraConfig::default()
     };
     let mut rng = Rng::new(5);
@@ -68,8 +82,13 @@ fn set_flat(a: &mut LoraAdapter, values: &[f32]) {
 
 #[test]
 fn dropout_gradients_match_finite_differences() {
-    for arch in [Arch::Qwen2, Arch::Qwen3] {
-        let (_dir, model, adapter, seq) = setup(arch);
+    // Qwen3-MoE: through the routed experts and their weights into the router's logits.
+    for (arch, moe) in [
+        (Arch::Qwen2, false),
+        (Arch::Qwen3, false),
+        (Arch::Qwen3, true),
+    ] {
+        let (_dir, model, adapter, seq) = if moe { setup_moe() } else { setup(arch) };
         let n = seq.target_count() as f32;
         let mut grads = adapter.zeros_like();
         cpu::forward_backward(
@@ -105,7 +124,9 @@ fn dropout_gradients_match_finite_differences() {
                     .unwrap();
             l.loss_sum / l.targets as f64
         };
-        let eps = 1e-3;
+        // Small enough that no token's choice of experts flips (top-k is a step, which autograd
+        // and nibble hold fixed).
+        let eps = if moe { 1e-4 } else { 1e-3 };
         let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
         let rel = (analytic - numeric).abs() / numeric.abs();
         assert!(
@@ -117,14 +138,15 @@ fn dropout_gradients_match_finite_differences() {
 
 #[test]
 fn checkpointing_changes_nothing() {
-    // Every family: the recomputed forward repeats the in-place ops (RoPE, Gemma's scales) once.
+    // Every family: the recomputed forward repeats the in-place ops (RoPE, Gemma's scales) once;
+    // Qwen3-MoE's recomputes each token's choice of experts.
     for arch in Arch::ALL {
-        checkpointing_changes_nothing_in(arch);
+        checkpointing_changes_nothing_in(arch, setup(arch));
     }
+    checkpointing_changes_nothing_in(Arch::Qwen3, setup_moe());
 }
 
-fn checkpointing_changes_nothing_in(arch: Arch) {
-    let (_dir, model, adapter, seq) = setup(arch);
+fn checkpointing_changes_nothing_in(arch: Arch, (_dir, model, adapter, seq): Setup) {
     let run = |checkpoint: bool| {
         let mut grads = adapter.zeros_like();
         let mut rng = Rng::new(3);
