@@ -1537,9 +1537,6 @@ fn sqrt_in_dtype(n: usize, dtype: Option<&str>) -> f32 {
     }
 }
 
-/// Gemma 4 E2B and E4B: per-layer inputs (`hidden_size_per_layer_input`, on at 256 when the key is
-/// absent, as in transformers), the last `num_kv_shared_layers` layers attending over the keys and
-/// values of the last earlier layer of their type, and E2B's double-wide MLPs on those layers.
 /// Qwen3-MoE's `model_type` and class.
 const QWEN3_MOE: &str = "qwen3_moe";
 const QWEN3_MOE_CLASS: &str = "Qwen3MoeForCausalLM";
@@ -1596,6 +1593,9 @@ fn parse_moe(fields: &Fields, num_layers: usize) -> Result<MoeConfig> {
     })
 }
 
+/// Gemma 4 E2B and E4B: per-layer inputs (`hidden_size_per_layer_input`, on at 256 when the key is
+/// absent, as in transformers), the last `num_kv_shared_layers` layers attending over the keys and
+/// values of the last earlier layer of their type, and E2B's double-wide MLPs on those layers.
 fn gemma4_small_model_parts(fields: &Fields, c: &mut ModelConfig) -> Result<()> {
     let err = fields.err;
     let width = fields

@@ -462,6 +462,24 @@ fn whole_match(pattern: &str) -> std::result::Result<regex::Regex, regex::Error>
     regex::Regex::new(&format!("^(?:{pattern})$"))
 }
 
+/// The module paths whose lora_A matrices an adapter folder's weights hold, from the file's header
+/// (as PEFT saved them; a multimodal model's may be in an older spelling); None where the file does
+/// not open.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn saved_module_paths(dir: &std::path::Path) -> Option<Vec<String>> {
+    let file = crate::source::SafetensorsFile::open(&dir.join("adapter_model.safetensors")).ok()?;
+    let paths: Vec<String> = file
+        .tensor_names()
+        .filter_map(|n| {
+            let saved = n
+                .strip_prefix("base_model.model.")?
+                .strip_suffix(".lora_A.weight")?;
+            Some(crate::model::multimodal_name(saved).unwrap_or_else(|| saved.to_string()))
+        })
+        .collect();
+    (!paths.is_empty()).then_some(paths)
+}
+
 /// An adapter_config.json's `target_modules` when it names modules (a list, or `all-linear`);
 /// None for a pattern, which only the adapter's weights resolve (`LoraAdapter::load_peft`).
 pub fn targets_of_json(value: &Value) -> Option<Vec<String>> {
@@ -583,6 +601,9 @@ impl LoraAdapter {
 
     /// PEFT's default initialisation: A ~ kaiming_uniform(a=√5), i.e. U(−1/√in, 1/√in); B = 0.
     pub fn init(model: &ModelConfig, config: LoraConfig, rng: &mut Rng) -> Result<Self> {
+        if model.moe.is_some() {
+            refuse_expert_targets(&config.targets)?;
+        }
         Self::init_among(model.linear_modules(), config, rng)
     }
 

@@ -80,12 +80,24 @@ pub fn merge(
                 .config
                 .check_group_size(spec.group_size)
                 .map_err(|msg| Error::Invalid(format!("{}: {msg}", folder.display())))?;
-            source
-                .config
+            use crate::config::TensorRole;
+            let config = &source.config;
+            // A mixture-of-experts layer's experts, under the names the folder may store them
+            // by: one tensor per expert, or transformers' stacked one.
+            config
                 .expected_tensors()
                 .into_iter()
-                .filter(|t| matches!(t.role, crate::config::TensorRole::LinearWeight(_)))
-                .map(|t| (t.name, spec))
+                .flat_map(|t| match t.role {
+                    TensorRole::LinearWeight(_) => vec![t.name],
+                    TensorRole::Experts => {
+                        let parts = crate::model::expert_parts(config, &t);
+                        std::iter::once(t.name)
+                            .chain(parts.into_iter().map(|(name, _)| name))
+                            .collect()
+                    }
+                    _ => Vec::new(),
+                })
+                .map(|name| (name, spec))
                 .collect()
         }
     };
@@ -242,9 +254,12 @@ fn write_merged(
                         return;
                     }
                     shards[entry.shard].release(&entry.read);
+                    // Stacked experts [experts, rows, cols] quantize as their rows.
                     if let Some(&spec) = changed.quantized.get(name)
-                        && let [rows, cols] = entry.shape[..]
+                        && let Some((&cols, lead)) = entry.shape.split_last()
+                        && !lead.is_empty()
                     {
+                        let rows = lead.iter().product();
                         match QuantTensor::quantize(spec, rows, cols, out) {
                             // Row by row: a second f32 copy of the tensor would double the
                             // memory a merge holds.

@@ -1361,8 +1361,11 @@ impl ModelSource {
                     moe[t.layer.expect("experts in a layer")].push((t.name.clone(), experts));
                 }
             }
+            // Each part from its own shard (a layer's experts may span several).
             for (name, _, _) in self.stored_parts(&t) {
-                file.release(&name);
+                if let Ok(file) = self.file_of(&name) {
+                    file.release(&name);
+                }
             }
         }
 
@@ -1640,7 +1643,7 @@ pub(crate) fn float8_block(
 /// The tensors a checkpoint stores one expert at a time (transformers' saved layout,
 /// `mlp.experts.{e}.gate_proj.weight` ...) that make up the stacked experts tensor `t`, in its row
 /// order: each expert's gate then up rows, or each expert's down rows.
-fn expert_parts(config: &ModelConfig, t: &ExpectedTensor) -> Vec<(String, Vec<usize>)> {
+pub(crate) fn expert_parts(config: &ModelConfig, t: &ExpectedTensor) -> Vec<(String, Vec<usize>)> {
     let Some(m) = &config.moe else {
         return Vec::new();
     };

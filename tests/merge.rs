@@ -1055,3 +1055,64 @@ fn refuses_training(
         adapter.display()
     );
 }
+
+/// Qwen3-MoE's experts merged `--base-weights quantized`: each expert's rows quantized as training
+/// stacked and packed them, whether the folder stores one tensor per expert (the hub's layout: the
+/// transformers fixture) or transformers' stacked [experts, rows, cols] (`nibble synth`'s), so the
+/// merged folder gives the logits of the model the adapter trained on.
+#[test]
+fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let synthetic = dir.path().join("synth");
+    let mut spec = SynthSpec::tiny_qwen3_moe(259);
+    spec.dtype = FloatDtype::F32;
+    synth::write_model_folder(&synthetic, &spec, Some(&synth::byte_tokenizer())).unwrap();
+    let fixture = std::path::PathBuf::from("tests/fixtures/hf/qwen3_moe");
+    let qspec = nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap();
+    let attention = ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from);
+    for (name, base) in [("per expert", fixture), ("stacked", synthetic)] {
+        let trained_on = ModelSource::open(&base)
+            .unwrap()
+            .load(Some(QuantRequest::Quantize(qspec)))
+            .unwrap();
+        let config = LoraConfig {
+            targets: attention.to_vec(),
+            ..LoraConfig::default()
+        };
+        let mut rng = Rng::new(8);
+        let adapter = random_adapter(&trained_on, config, &mut rng);
+        let adapter_dir = dir.path().join(format!("{name} adapter"));
+        nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+        let ids: Vec<u32> = (0..12).map(|_| rng.below(256) as u32).collect();
+        let trained = cpu::logits(&trained_on, Some(&adapter), &ids).unwrap();
+        let out = dir.path().join(format!("{name} merged"));
+        let o = nibble(&[
+            "merge",
+            "--model",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter_dir.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--base-weights",
+            "quantized",
+            "--quant",
+            "nf4",
+            "--group-size",
+            "64",
+            "--dtype",
+            "f32",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let merged = ModelSource::open(&out)
+            .unwrap()
+            .load(Some(QuantRequest::Dense))
+            .unwrap();
+        let e = rel(&cpu::logits(&merged, None, &ids).unwrap(), &trained);
+        // As for the dense families: the update folded into the weights sums in another order.
+        assert!(
+            e < 4e-6,
+            "{name}: merged onto the 4-bit weights {e:e} from the trained model"
+        );
+    }
+}

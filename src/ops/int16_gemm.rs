@@ -1456,7 +1456,8 @@ fn quantize_forward(kernel: Kernel, x: &[f32], cols: usize, group: usize, sums: 
     Quantized::from_rows(kernel, x, cols, shape, Order::Words, sums)
 }
 
-/// y[t] = x[t]·Wᵀ over all of W's rows, for any number of tokens (y is tokens x rows).
+/// y[t] = x[t]·Wᵀ over all of `w`'s rows (a tensor's, or a run of them), for any number of tokens (y
+/// is tokens x rows).
 pub fn xwt(kernel: Kernel, x: &[f32], w: Frozen, y: &mut [f32]) {
     assert!(kernel.runs_here(), "int16 xwt: this CPU lacks {kernel:?}");
     w.check();

@@ -35,11 +35,12 @@ impl MoeShape {
 
     /// Floats the experts' kernels hold while they run for `tokens` tokens: every (token, choice)'s
     /// output (or input gradient) before the per-token sums, and the largest expert's rows (at most
-    /// every token) with its gate, up and gated activations, and in the backward their gradients.
+    /// every token): its input and output, gate, up and gated activations, and in the backward the
+    /// output's gradient, the input's, and the three activations'.
     pub fn temporaries(&self, tokens: usize, backward: bool) -> usize {
         let per_token = match backward {
             false => 2 * self.hidden + 3 * self.inter,
-            true => 3 * self.hidden + 5 * self.inter,
+            true => 4 * self.hidden + 6 * self.inter,
         };
         tokens * self.top_k * self.hidden + tokens * per_token
     }

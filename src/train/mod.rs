@@ -886,7 +886,8 @@ impl<'a> Trainer<'a> {
 
     /// Puts the trained token rows in place in the trainer's copy of the model's tables (made on
     /// the first call: the model may be borrowed or shared), which every CPU graph of the run then
-    /// reads. On the GPU the device tables hold them (`use_gpu`, each step's `optimize`).
+    /// reads. On the GPU the device tables hold them (`use_gpu`, and after each step
+    /// `GpuTrainState::put_token_rows`).
     fn put_token_rows(&mut self) -> Result<()> {
         if self.adapter.token_rows().next().is_none() || self.gpu.is_some() {
             return Ok(());
@@ -1090,16 +1091,12 @@ impl<'a> Trainer<'a> {
     pub fn use_gpu(&mut self, gpu: impl Into<Shared<'a, Gpu>>) -> Result<()> {
         let gpu = gpu.into();
         self.sync()?;
-        if let (Some(as_given), Work::Text { model, .. }) =
-            (self.model_as_given.take(), &mut self.work)
-        {
-            // The device tables take the rows below: a host copy holding them would be a table's
-            // memory (a gigabyte for an 8B model's embedding) that nothing reads.
-            *model = as_given;
-        }
-        let base = match &self.work {
-            Work::Text { model, .. } => BaseModel::Decoder(model),
-            Work::Image(work) => BaseModel::Weights(&*work.model),
+        // The device tables take the trained token rows: uploaded from the model as given, the
+        // rows written in after.
+        let base = match (&self.work, &self.model_as_given) {
+            (Work::Text { .. }, Some(as_given)) => BaseModel::Decoder(as_given),
+            (Work::Text { model, .. }, None) => BaseModel::Decoder(model),
+            (Work::Image(work), _) => BaseModel::Weights(&*work.model),
         };
         let mut state = GpuTrainState::new(&gpu, base, &self.adapter, &self.m, &self.v)?;
         let rows: Vec<Vec<f32>> = self
@@ -1110,6 +1107,13 @@ impl<'a> Trainer<'a> {
         state.put_token_rows(&gpu, &self.adapter, &rows)?;
         // Uploading the weights is where a device too small fails first.
         gpu.check_errors()?;
+        if let (Some(as_given), Work::Text { model, .. }) =
+            (self.model_as_given.take(), &mut self.work)
+        {
+            // Once training runs there: a host copy holding the rows would be a table's memory (a
+            // gigabyte for an 8B model's embedding) that nothing reads.
+            *model = as_given;
+        }
         self.gpu = Some((gpu, state));
         Ok(())
     }

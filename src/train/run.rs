@@ -1357,6 +1357,19 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         .collect();
     folder.check_inputs(&inputs)?;
     let source = crate::model::open(path)?;
+    if source
+        .config
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.output_router_logits)
+    {
+        log::warn!(
+            "{}: config.json sets output_router_logits, with which transformers adds the routers' \
+             load-balancing loss (router_aux_loss_coef times it) to the training loss; nibble's \
+             loss leaves it out",
+            path.display()
+        );
+    }
     let mut config = config;
     config.max_length = within_positions(config.max_length, &source.config);
     let storage = QuantRequest::planned(quant, source.stored_quant())
@@ -1371,11 +1384,17 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         let indices = &v["trainable_token_indices"];
         !indices.is_null() && indices.as_array().is_none_or(|a| !a.is_empty())
     });
-    // The memory plan adapts what that adapter adapts.
-    let planned_targets = init_config
-        .as_ref()
-        .and_then(|v| crate::lora::targets_of_json(&v["target_modules"]))
-        .unwrap_or_else(|| config.lora.targets.clone());
+    // The memory plan adapts what that adapter adapts: its target_modules, or where that is a
+    // pattern, the modules its weights hold.
+    let planned_targets = match (&init_config, options.init_adapter.as_deref()) {
+        (Some(v), Some(dir)) => crate::lora::targets_of_json(&v["target_modules"])
+            .or_else(|| crate::lora::saved_module_paths(dir))
+            .unwrap_or_else(|| config.lora.targets.clone()),
+        _ => config.lora.targets.clone(),
+    };
+    // Targets no linear of the model answers to (or, on a mixture-of-experts model, PEFT's
+    // expert targets) are refused before the weights load.
+    crate::lora::resolve_targets(&source.config, &planned_targets)?;
     let tables = match options.trainable_tokens.is_some() || init_rows {
         true => crate::model::planned_table_bytes(&source.config),
         false => 0,
