@@ -960,7 +960,10 @@ fn token_rows_take_their_tables_dtype_in_eval_and_merge_alike() {
     running.put_saved_modules(&saved);
     let ids: Vec<u32> = vec![257, 40, 7, 99, 40, 258, 12];
     let expected = cpu::logits(&running, Some(&adapter), &ids).unwrap();
-    let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids), &expected);
+    let e = rel(
+        &merged_f32_logits(&base, &adapter_dir, &ids, &[]),
+        &expected,
+    );
     assert!(e < 1e-5, "merged logits differ by {e:e}");
 }
 
@@ -1006,7 +1009,10 @@ fn gives_peft_logits(fixtures: &str, cases: &[(&str, &str)]) {
             "{base}/{case}: logits differ from PEFT's by {e:e}"
         );
 
-        let e = rel(&merged_f32_logits(&model_dir, &adapter_dir, &ids), &logits);
+        let e = rel(
+            &merged_f32_logits(&model_dir, &adapter_dir, &ids, &[]),
+            &logits,
+        );
         assert!(
             e < 3e-6,
             "{base}/{case}: merged logits differ from PEFT's by {e:e}"
@@ -1014,12 +1020,17 @@ fn gives_peft_logits(fixtures: &str, cases: &[(&str, &str)]) {
     }
 }
 
-/// `nibble merge` of the adapter folder `adapter` into the model folder `model`, written in f32, and
-/// the merged model's logits for `ids`.
-fn merged_f32_logits(model: &std::path::Path, adapter: &std::path::Path, ids: &[u32]) -> Vec<f32> {
+/// `nibble merge` of the adapter folder `adapter` into the model folder `model`, written in f32 (with
+/// `extra` flags), and the merged model's logits for `ids`.
+fn merged_f32_logits(
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    ids: &[u32],
+    extra: &[&str],
+) -> Vec<f32> {
     let dir = tempfile::tempdir().unwrap();
     let merged = dir.path().join("merged");
-    let o = nibble(&[
+    let mut args = vec![
         "merge",
         "--model",
         model.to_str().unwrap(),
@@ -1029,7 +1040,9 @@ fn merged_f32_logits(model: &std::path::Path, adapter: &std::path::Path, ids: &[
         merged.to_str().unwrap(),
         "--dtype",
         "f32",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = nibble(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let merged = ModelSource::open(&merged)
         .unwrap()
@@ -1085,30 +1098,16 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
         nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
         let ids: Vec<u32> = (0..12).map(|_| rng.below(256) as u32).collect();
         let trained = cpu::logits(&trained_on, Some(&adapter), &ids).unwrap();
-        let out = dir.path().join(format!("{name} merged"));
-        let o = nibble(&[
-            "merge",
-            "--model",
-            base.to_str().unwrap(),
-            "--adapter",
-            adapter_dir.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
+        let quantized = [
             "--base-weights",
             "quantized",
             "--quant",
             "nf4",
             "--group-size",
             "64",
-            "--dtype",
-            "f32",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let merged = ModelSource::open(&out)
-            .unwrap()
-            .load(Some(QuantRequest::Dense))
-            .unwrap();
-        let e = rel(&cpu::logits(&merged, None, &ids).unwrap(), &trained);
+        ];
+        let merged = merged_f32_logits(&base, &adapter_dir, &ids, &quantized);
+        let e = rel(&merged, &trained);
         // As for the dense families: the update folded into the weights sums in another order.
         assert!(
             e < 4e-6,
