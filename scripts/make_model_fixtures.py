@@ -119,7 +119,7 @@ models["gemma4_e2b"] = (Gemma4ForCausalLM, Gemma4TextConfig(
                                         "rope_theta": 1000000.0}}))
 # Qwen3-MoE: three layers, the middle one a dense MLP (mlp_only_layers), the others 4 experts of
 # width 64, 2 per token, their weights renormalised (norm_topk_prob, as Qwen3-30B-A3B sets it).
-# PEFT adapts the attention (its all-linear would reach the experts through target_parameters).
+# PEFT's all-linear adapts the attention, the routers and the experts.
 models["qwen3_moe"] = (Qwen3MoeForCausalLM, Qwen3MoeConfig(
     **{**common, "num_hidden_layers": 3}, head_dim=32, num_experts=4, num_experts_per_tok=2,
     moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1,
@@ -146,7 +146,10 @@ def write_expected(name, cls, config, folder, **load):
     targets = FUSED_TARGETS if name == "phi3" else TARGETS + PLE_TARGETS if name == "gemma4_e2b" else TARGETS
     quantized = targets
     if name == "qwen3_moe":
-        targets = ATTENTION_TARGETS
+        # PEFT turns all-linear into the attention's linears and, as target_parameters, the router
+        # and both stacks of experts (gate_up_proj at twice the rank and alpha); the dense layer's
+        # MLP is left out.
+        targets = "all-linear"
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",

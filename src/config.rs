@@ -305,6 +305,17 @@ impl MoeConfig {
 /// transformers holds them in memory and may save them: `gate_up_proj` [experts, 2·inter, hidden],
 /// each expert's gate rows then its up rows; `down_proj` [experts, hidden, inter]).
 pub const ROUTER_MODULE: &str = "mlp.gate";
+
+/// A parameter LoRA adapts by name (`ModelConfig::adaptable_parameters`): `experts` updates
+/// ΔW_e = s·B_e·A_e, each [out, inp], of the experts stacked in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdaptableParameter {
+    /// Its full name (`model.layers.3.mlp.experts.gate_up_proj`, `model.layers.3.mlp.gate.weight`).
+    pub name: String,
+    pub out: usize,
+    pub inp: usize,
+    pub experts: usize,
+}
 pub const EXPERTS_GATE_UP: &str = "mlp.experts.gate_up_proj";
 pub const EXPERTS_DOWN: &str = "mlp.experts.down_proj";
 
@@ -1202,6 +1213,32 @@ impl ModelConfig {
                 self.layer_linears(l).into_iter().map(move |kind| {
                     let (out, inp) = self.linear_shape(kind, l);
                     (self.linear_path(kind, l), out, inp)
+                })
+            })
+            .collect()
+    }
+
+    /// The parameters PEFT adapts by name (`target_parameters`) rather than as linear modules: each
+    /// sparse layer's router weight and its stacked experts' two projections, in module order, as
+    /// (the parameter's name, out, in per expert, experts; the router counts as one expert).
+    pub fn adaptable_parameters(&self) -> Vec<AdaptableParameter> {
+        let Some(m) = &self.moe else {
+            return Vec::new();
+        };
+        let h = self.hidden_size;
+        (0..self.num_layers)
+            .filter(|&l| self.is_sparse(l))
+            .flat_map(|l| {
+                [
+                    (format!("{ROUTER_MODULE}.weight"), m.experts, h, 1),
+                    (EXPERTS_GATE_UP.to_string(), 2 * m.inter, h, m.experts),
+                    (EXPERTS_DOWN.to_string(), h, m.inter, m.experts),
+                ]
+                .map(|(name, out, inp, experts)| AdaptableParameter {
+                    name: self.layer_module(l, &name),
+                    out,
+                    inp,
+                    experts,
                 })
             })
             .collect()

@@ -1,7 +1,7 @@
 //! LoRA adapters in PEFT's layout: for each adapted linear, A [r, in] and B [out, r], and the update
 //! y += scale · (dropout(x)·Aᵀ)·Bᵀ with scale = alpha/r (or alpha/√r with rsLoRA).
 
-use crate::config::ModelConfig;
+use crate::config::{AdaptableParameter, EXPERTS_DOWN, EXPERTS_GATE_UP, ModelConfig};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::source::ModelFiles;
@@ -21,6 +21,11 @@ pub struct LoraConfig {
     pub use_dora: bool,
     /// PEFT's `target_modules`: module names (or path suffixes), or `all-linear`.
     pub targets: Vec<String>,
+    /// PEFT's `target_parameters`: parameters adapted by name (or name suffix) rather than as linear
+    /// modules, a mixture of experts' stacked experts (`gate_up_proj`, `down_proj`) and its router
+    /// (`gate.weight`). On such a model PEFT turns the MLP's module names and `all-linear` into
+    /// these (`LoraConfig::converted_for`).
+    pub target_parameters: Vec<String>,
     /// PEFT's `rank_pattern` and `alpha_pattern`: a module's own rank or alpha where an expression
     /// names it (`Patterns::find`), else `r` and `alpha`.
     pub rank_pattern: Patterns<usize>,
@@ -35,14 +40,114 @@ impl LoraConfig {
 
     /// The rank of the linear at a module path.
     pub fn rank_of(&self, path: &str) -> usize {
-        self.rank_pattern.find(path).unwrap_or(self.r)
+        self.rank_pattern.find(&self.pattern_key(path)).unwrap_or(self.r)
     }
 
     /// The scale of the linear at a module path, from its own rank and alpha as PEFT's `update_layer`
     /// takes them.
     pub fn scale_of(&self, path: &str) -> f32 {
-        let alpha = self.alpha_pattern.find(path).unwrap_or(self.alpha);
+        let alpha = self.alpha_pattern.find(&self.pattern_key(path)).unwrap_or(self.alpha);
         scale_of(alpha, self.rank_of(path), self.use_rslora)
+    }
+
+    /// What PEFT matches the patterns against: a module's path, or an adapted parameter's full
+    /// name (the router's `…mlp.gate.weight`, adapted at the module path `…mlp.gate`).
+    fn pattern_key<'p>(&self, path: &'p str) -> std::borrow::Cow<'p, str> {
+        match !self.target_parameters.is_empty()
+            && path.ends_with(&format!(".{}", crate::config::ROUTER_MODULE))
+        {
+            true => format!("{path}.weight").into(),
+            false => path.into(),
+        }
+    }
+
+    /// The configuration as PEFT adapts `model` with it: on a mixture-of-experts model (whose
+    /// experts transformers 5 stacks into parameters) the experts' module names become
+    /// `target_parameters`, as PEFT's `_convert_peft_config_moe` converts them: `gate_proj` with
+    /// `up_proj` the stacked `gate_up_proj` (at twice the rank and alpha, the two projections' pairs
+    /// side by side), `down_proj` the stacked `down_proj`, `gate` the router's weight, and
+    /// `all-linear` the attention's linears and all three. The dense MLPs of a model's
+    /// `mlp_only_layers` lose their names with them and are not adapted, as in PEFT. Idempotent.
+    /// PEFT adapts parameters without dropout or DoRA and refuses both; so does this.
+    pub fn converted_for(&self, model: &ModelConfig) -> Result<LoraConfig> {
+        let mut c = self.clone();
+        if model.moe.is_some() {
+            c.convert_expert_targets(model)?;
+        }
+        if !c.target_parameters.is_empty() {
+            let refused = match () {
+                _ if c.dropout > 0.0 => Some(format!("LoRA dropout {}", c.dropout)),
+                _ if c.use_dora => Some("DoRA".to_string()),
+                _ => None,
+            };
+            if let Some(what) = refused {
+                return Err(Error::Invalid(format!(
+                    "the adapter targets parameters ({}: a mixture of experts' experts or router),                      which PEFT adapts without dropout or DoRA and refuses {what} for: pass                      --lora-dropout 0 (and no --use-dora), or adapt the attention alone:                      --target-modules q_proj,k_proj,v_proj,o_proj",
+                    c.target_parameters.join(", ")
+                )));
+            }
+        }
+        Ok(c)
+    }
+
+    fn convert_expert_targets(&mut self, model: &ModelConfig) -> Result<()> {
+        // PEFT's qwen2_moe mapping (Qwen2-MoE, Qwen3-MoE and the families transformers converts
+        // alike): the v4 module names and the parameters they became.
+        const MAPPING: [(&str, &str); 4] = [
+            ("gate", "gate.weight"),
+            ("gate_proj", "gate_up_proj"),
+            ("up_proj", "gate_up_proj"),
+            ("down_proj", "down_proj"),
+        ];
+        let mut targets = self.targets.clone();
+        if targets.iter().any(|t| t == "all-linear") {
+            let mut names: Vec<String> = model
+                .linear_modules()
+                .into_iter()
+                .map(|(path, _, _)| path.rsplit('.').next().unwrap_or(&path).to_string())
+                .chain(MAPPING.iter().map(|(old, _)| old.to_string()))
+                .collect();
+            names.sort();
+            names.dedup();
+            targets = names;
+        }
+        let mut remaining = Vec::new();
+        let mut fused = Vec::new();
+        for t in targets {
+            let mapped = MAPPING
+                .iter()
+                .find(|(old, _)| t == *old || t.ends_with(&format!(".{old}")));
+            match mapped {
+                None => remaining.push(t),
+                Some((old, new)) => {
+                    if !self.target_parameters.iter().any(|p| p == new) {
+                        self.target_parameters.push(new.to_string());
+                    }
+                    if *new == "gate_up_proj" && !fused.contains(old) {
+                        fused.push(*old);
+                    }
+                }
+            }
+        }
+        match fused.len() {
+            1 => {
+                let (present, missing) = match fused[0] {
+                    "gate_proj" => ("gate_proj", "up_proj"),
+                    _ => ("up_proj", "gate_proj"),
+                };
+                return Err(Error::Invalid(format!(
+                    "target module `{present}` without `{missing}` on a mixture-of-experts model:                      the experts hold both in one stacked gate_up_proj, which PEFT adapts whole:                      name both"
+                )));
+            }
+            2 => {
+                let key = r".*\.gate_up_proj";
+                self.rank_pattern = self.rank_pattern.with(key, self.r * 2)?;
+                self.alpha_pattern = self.alpha_pattern.with(key, self.alpha * 2.0)?;
+            }
+            _ => {}
+        }
+        self.targets = remaining;
+        Ok(())
     }
 
     /// The configuration of a run whose options are `self` and whose initial adapter's are `adapter`:
@@ -159,6 +264,17 @@ impl<T: Copy> Patterns<T> {
             })
             .collect::<std::result::Result<_, String>>()?;
         Ok(Patterns { entries })
+    }
+
+    /// The patterns with `key`'s value set to `value` (a key already there keeps its place, as in
+    /// the dict PEFT sets it in).
+    pub fn with(&self, key: &str, value: T) -> Result<Self> {
+        let mut entries: Vec<(String, T)> = self.entries().map(|(k, v)| (k.to_string(), v)).collect();
+        match entries.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => entries.push((key.to_string(), value)),
+        }
+        Self::new(entries).map_err(Error::Invalid)
     }
 
     /// The value of the first expression that names `path`.
@@ -288,21 +404,25 @@ impl Default for LoraConfig {
             use_rslora: false,
             use_dora: false,
             targets: vec!["all-linear".to_string()],
+            target_parameters: Vec::new(),
             rank_pattern: Patterns::default(),
             alpha_pattern: Patterns::default(),
         }
     }
 }
 
-/// One adapted linear's pair of matrices, row-major.
+/// One adapted linear's pair of matrices, row-major; or the pairs of a stack of experts, in PEFT's
+/// `ParamWrapper` layout: expert e's A is rows e·rank.. of A, its B the columns k·experts + e of B.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraPair {
     pub rank: usize,
     pub in_features: usize,
     pub out_features: usize,
-    /// [rank, in_features]
+    /// Experts stacked in the adapted parameter (1 for a linear).
+    pub experts: usize,
+    /// [experts · rank, in_features]
     pub a: Vec<f32>,
-    /// [out_features, rank]
+    /// [out_features, rank · experts]
     pub b: Vec<f32>,
     /// DoRA's magnitude [out_features] (PEFT's `lora_magnitude_vector`); empty without DoRA.
     pub magnitude: Vec<f32>,
@@ -340,12 +460,17 @@ impl Factor {
 
 impl LoraPair {
     fn zeros(rank: usize, in_features: usize, out_features: usize) -> Self {
+        Self::zeros_stacked(rank, in_features, out_features, 1)
+    }
+
+    fn zeros_stacked(rank: usize, in_features: usize, out_features: usize, experts: usize) -> Self {
         LoraPair {
             rank,
             in_features,
             out_features,
-            a: vec![0.0; rank * in_features],
-            b: vec![0.0; out_features * rank],
+            experts,
+            a: vec![0.0; experts * rank * in_features],
+            b: vec![0.0; out_features * rank * experts],
             magnitude: Vec::new(),
             token_ids: Vec::new(),
             rows: Vec::new(),
@@ -373,7 +498,7 @@ impl LoraPair {
             magnitude: vec![0.0; self.magnitude.len()],
             token_ids: self.token_ids.clone(),
             rows: vec![0.0; self.rows.len()],
-            ..Self::zeros(self.rank, self.in_features, self.out_features)
+            ..Self::zeros_stacked(self.rank, self.in_features, self.out_features, self.experts)
         }
     }
 
@@ -410,8 +535,8 @@ impl LoraPair {
     /// A factor's shape as PEFT stores it.
     pub fn shape(&self, f: Factor) -> Vec<usize> {
         match f {
-            Factor::A => vec![self.rank, self.in_features],
-            Factor::B => vec![self.out_features, self.rank],
+            Factor::A => vec![self.experts * self.rank, self.in_features],
+            Factor::B => vec![self.out_features, self.rank * self.experts],
             Factor::Magnitude => vec![self.out_features],
             Factor::Rows => vec![self.token_ids.len(), self.in_features],
         }
@@ -497,34 +622,60 @@ pub fn targets_module(target: &str, path: &str) -> bool {
 }
 
 /// The adapted linears of `model` for `targets` (PEFT's list semantics; `all-linear` is every linear
-/// layer but the output projection): their module paths and (out, in) shapes, in the model's order.
-/// A target that names no linear layer is an error that lists the names that work.
+/// layer but the output projection): their module paths and (out, in) shapes, in the model's order;
+/// and the parameters adapted by name, where PEFT turns the targets into some
+/// (`LoraConfig::converted_for`). A target that names nothing is an error that lists the names
+/// that work.
 pub fn resolve_targets(
     model: &ModelConfig,
     targets: &[String],
-) -> Result<Vec<(String, usize, usize)>> {
-    if model.moe.is_some() {
-        refuse_expert_targets(targets)?;
+) -> Result<(Vec<(String, usize, usize)>, Vec<AdaptableParameter>)> {
+    let config = LoraConfig {
+        targets: targets.to_vec(),
+        dropout: 0.0,
+        ..LoraConfig::default()
     }
-    resolve_among(model.linear_modules(), targets)
+    .converted_for(model)?;
+    Ok((
+        resolve_among(model.linear_modules(), &config.targets)?,
+        resolve_parameters(model, &config.target_parameters)?,
+    ))
 }
 
-/// On a mixture-of-experts model PEFT turns `all-linear` and the MLP's names into
-/// `target_parameters` that adapt every expert (and with all-linear the router, without dropout):
-/// what nibble does not train yet. Its own reading of these names would adapt something else.
-fn refuse_expert_targets(targets: &[String]) -> Result<()> {
-    const EXPERT_NAMES: [&str; 4] = ["gate_proj", "up_proj", "down_proj", "gate"];
-    let expert = targets
+/// The parameters of `model` that `target_parameters` names (each entry a parameter's full name or
+/// its last components, as PEFT matches them), in the model's order.
+pub fn resolve_parameters(
+    model: &ModelConfig,
+    target_parameters: &[String],
+) -> Result<Vec<AdaptableParameter>> {
+    let params = model.adaptable_parameters();
+    let named = |t: &str, p: &AdaptableParameter| targets_module(t, &p.name);
+    if let Some(t) = target_parameters
         .iter()
-        .find(|t| *t == "all-linear" || EXPERT_NAMES.contains(&t.rsplit('.').next().unwrap_or(t)));
-    match expert {
-        None => Ok(()),
-        Some(t) => Err(Error::Invalid(format!(
-            "target module `{t}` on a mixture-of-experts model: PEFT adapts the experts there \
-             (and with all-linear the router), which nibble does not train yet; adapt the \
-             attention: --target-modules q_proj,k_proj,v_proj,o_proj"
-        ))),
+        .find(|t| !params.iter().any(|p| named(t, p)))
+    {
+        let mut names: Vec<&str> = params
+            .iter()
+            .map(|p| p.name.rsplit_once(".mlp.").map_or(p.name.as_str(), |(_, n)| n))
+            .collect();
+        names.sort();
+        names.dedup();
+        return Err(Error::Invalid(format!(
+            "target parameter `{t}` names no parameter nibble adapts in this model (those it \
+             adapts: {})",
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        )));
     }
+    Ok(params
+        .into_iter()
+        .filter(|p| target_parameters.iter().any(|t| named(t, p)))
+        .collect())
+}
+
+/// The module path nibble adapts a parameter at: the router's weight at its module (PEFT keys its
+/// pair there, `…mlp.gate.lora_A.weight`), a stack of experts at the parameter itself.
+pub fn parameter_path(name: &str) -> &str {
+    name.strip_suffix(".weight").unwrap_or(name)
 }
 
 /// `resolve_targets` over a model's adaptable linears (module path, out, in); `all-linear` takes every
@@ -558,11 +709,18 @@ pub fn resolve_among(
 
 impl LoraAdapter {
     fn with_pairs(
-        linears: Vec<(String, usize, usize)>,
+        (linears, parameters): (Vec<(String, usize, usize)>, Vec<AdaptableParameter>),
         config: LoraConfig,
-        mut make: impl FnMut(usize, usize, usize) -> LoraPair,
+        mut make: impl FnMut(usize, usize, usize, usize) -> LoraPair,
     ) -> Result<Self> {
-        let targeted = resolve_among(linears, &config.targets)?;
+        let targeted: Vec<(String, usize, usize, usize)> = resolve_among(linears, &config.targets)?
+            .into_iter()
+            .map(|(path, out, inp)| (path, out, inp, 1))
+            .chain(parameters.into_iter().map(|p| {
+                let path = parameter_path(&p.name).to_string();
+                (path, p.out, p.inp, p.experts)
+            }))
+            .collect();
         for (what, keys) in [
             (
                 "rank",
@@ -583,7 +741,7 @@ impl LoraAdapter {
                 };
                 if !targeted
                     .iter()
-                    .any(|(path, _, _)| alone.find(path).is_some())
+                    .any(|(path, _, _, _)| alone.find(&config.pattern_key(path)).is_some())
                 {
                     log::warn!("the {what} pattern `{key}` names no module the adapter targets");
                 }
@@ -591,8 +749,8 @@ impl LoraAdapter {
         }
         let modules = targeted
             .into_iter()
-            .map(|(path, out, inp)| {
-                let pair = make(config.rank_of(&path), inp, out);
+            .map(|(path, out, inp, experts)| {
+                let pair = make(config.rank_of(&path), inp, out, experts);
                 (path, pair)
             })
             .collect();
@@ -600,11 +758,12 @@ impl LoraAdapter {
     }
 
     /// PEFT's default initialisation: A ~ kaiming_uniform(a=√5), i.e. U(−1/√in, 1/√in); B = 0.
+    /// Adapted parameters (`target_parameters`) start the same way, each expert's A over its own
+    /// inputs.
     pub fn init(model: &ModelConfig, config: LoraConfig, rng: &mut Rng) -> Result<Self> {
-        if model.moe.is_some() {
-            refuse_expert_targets(&config.targets)?;
-        }
-        Self::init_among(model.linear_modules(), config, rng)
+        let config = config.converted_for(model)?;
+        let parameters = resolve_parameters(model, &config.target_parameters)?;
+        Self::init_with((model.linear_modules(), parameters), config, rng)
     }
 
     /// DoRA's initial magnitudes where `config.use_dora` asks for them and the pairs have none: each
@@ -637,8 +796,16 @@ impl LoraAdapter {
         config: LoraConfig,
         rng: &mut Rng,
     ) -> Result<Self> {
-        Self::with_pairs(linears, config, |r, inp, out| {
-            let mut pair = LoraPair::zeros(r, inp, out);
+        Self::init_with((linears, Vec::new()), config, rng)
+    }
+
+    fn init_with(
+        targets: (Vec<(String, usize, usize)>, Vec<AdaptableParameter>),
+        config: LoraConfig,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        Self::with_pairs(targets, config, |r, inp, out, experts| {
+            let mut pair = LoraPair::zeros_stacked(r, inp, out, experts);
             let bound = 1.0 / (inp as f64).sqrt();
             for a in pair.a.iter_mut() {
                 *a = ((rng.uniform() * 2.0 - 1.0) * bound) as f32;
@@ -657,6 +824,23 @@ impl LoraAdapter {
                 .map(|(path, p)| (path.clone(), p.zeros_like()))
                 .collect(),
         }
+    }
+
+    /// PEFT's tensor name for a factor of the pair at `path`: `factor_key`'s, but a layer's stacked
+    /// experts key their pairs at the experts module, which PEFT wraps once per adapted parameter in
+    /// the module's order: gate_up_proj's pair under `base_layer` when down_proj's wraps it.
+    pub fn saved_key(&self, path: &str, f: Factor) -> String {
+        if let Some(layer) = path.strip_suffix(EXPERTS_GATE_UP) {
+            let module = format!("{layer}mlp.experts");
+            return match self.pair(&format!("{layer}{EXPERTS_DOWN}")) {
+                Some(_) => factor_key(&format!("{module}.base_layer"), f),
+                None => factor_key(&module, f),
+            };
+        }
+        if let Some(layer) = path.strip_suffix(EXPERTS_DOWN) {
+            return factor_key(&format!("{layer}mlp.experts"), f);
+        }
+        factor_key(path, f)
     }
 
     /// The pair of the linear at `path`, if it is adapted.
@@ -841,15 +1025,19 @@ impl LoraAdapter {
                     .into(),
             ));
         }
-        if v.get("target_parameters")
-            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-        {
-            return Err(bad(format!(
-                "`target_parameters: {}` adapts parameters (such as a mixture of experts' \
-                 weights), which nibble does not",
-                v["target_parameters"]
-            )));
-        }
+        let target_parameters: Vec<String> = match v.get("target_parameters") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(names)) => names
+                .iter()
+                .map(|n| n.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("`target_parameters` entries must be parameter names".into()))?,
+            Some(other) => {
+                return Err(bad(format!(
+                    "`target_parameters: {other}` must be a list of parameter names"
+                )));
+            }
+        };
         if let Some(bias) = v
             .get("bias")
             .filter(|b| !b.is_null() && b.as_str() != Some("none"))
@@ -1082,18 +1270,30 @@ impl LoraAdapter {
             use_rslora,
             use_dora,
             targets,
+            target_parameters,
             rank_pattern,
             alpha_pattern,
-        };
-
-        let mut adapter = Self::with_pairs(model.linear_modules(), config, LoraPair::zeros)
+        }
+        .converted_for(model)
+        .map_err(|e| bad(e.to_string()))?;
+        let parameters = resolve_parameters(model, &config.target_parameters)
             .map_err(|e| bad(e.to_string()))?;
-        for (path, pair) in adapter.pairs_mut() {
+        let linears = (model.linear_modules(), parameters);
+        let mut adapter = Self::with_pairs(linears, config, LoraPair::zeros_stacked)
+            .map_err(|e| bad(e.to_string()))?;
+        let keys: Vec<Vec<String>> = adapter
+            .pairs()
+            .map(|(path, _)| {
+                let factors = [Factor::A, Factor::B, Factor::Magnitude];
+                factors.map(|f| adapter.saved_key(path, f)).to_vec()
+            })
+            .collect();
+        for ((_, pair), keys) in adapter.pairs_mut().zip(keys) {
             if use_dora {
                 pair.magnitude = vec![0.0; pair.out_features];
             }
             for f in pair.factors().collect::<Vec<_>>() {
-                let key = factor_key(path, f);
+                let key = keys[f as usize].clone();
                 let shape = pair.shape(f);
                 let info = weights.info(&key).ok_or_else(|| {
                     Error::tensor(weights.path(), &key, "missing from the adapter")
@@ -1118,7 +1318,7 @@ impl LoraAdapter {
         }
         let mut expected: std::collections::HashSet<String> = adapter
             .trained()
-            .flat_map(|(path, pair)| pair.factors().map(move |f| factor_key(path, f)))
+            .flat_map(|(path, pair)| pair.factors().map(|f| adapter.saved_key(path, f)))
             .collect();
         expected.extend(saved.keys());
         if let Some(extra) = weights.tensor_names().find(|n| !expected.contains(*n)) {

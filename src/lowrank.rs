@@ -126,6 +126,15 @@ pub fn loftq(
     use crate::error::Error;
     let tensors: std::collections::HashMap<String, crate::model::TensorRef> =
         model.named_tensors().into_iter().collect();
+    if !adapter.config.target_parameters.is_empty() {
+        return Err(Error::Invalid(format!(
+            "--init-lora-weights loftq starts linears' pairs from their weights' quantization \
+             error; the adapter also adapts parameters ({}: a mixture of experts' experts or \
+             router), which LoftQ does not start (nor does PEFT's): leave LoftQ out, or adapt the \
+             attention alone: --target-modules q_proj,k_proj,v_proj,o_proj",
+            adapter.config.target_parameters.join(", ")
+        )));
+    }
     let (mut before, mut after) = (0.0, 0.0);
     let scales: Vec<f32> = adapter
         .pairs()

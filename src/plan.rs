@@ -65,14 +65,18 @@ const F32: u64 = 4;
 /// The graph a training step of `p` runs: every position labelled (the most a step of that length
 /// needs), LoRA on the chosen linears of every layer.
 pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
+    let pairs = planned_pairs(c, p)?;
     let mut lora = LoraSpec::uniform(
-        resolve_targets(c, &p.lora_targets)?
-            .into_iter()
-            .map(|(path, _, _)| path),
+        pairs.iter().map(|pair| pair.path.clone()),
         p.lora_rank,
         if p.lora_dropout { 0.1 } else { 0.0 },
     );
-    lora.targets.values_mut().for_each(|a| a.dora = p.dora);
+    for pair in &pairs {
+        let adapted = lora.targets.get_mut(&pair.path).expect("added");
+        adapted.rank = pair.rank;
+        // Parameters are adapted without DoRA (PEFT refuses it there).
+        adapted.dora = p.dora && pair.experts == 0;
+    }
     if p.trainable_tokens > 0 {
         let ids: Vec<u32> = (0..p.trainable_tokens as u32).collect();
         lora.tokens = c
@@ -104,14 +108,14 @@ pub fn step_graph(c: &ModelConfig, p: &PlanInput) -> Result<Graph> {
 impl Plan {
     /// A step's plan from its parts: the weights' bytes, the (out, in) shapes of the adapted linears
     /// at LoRA `rank` (each matrix with its gradient and two f32 moments), and the step's graph.
+    /// `adapted`: each pair's (out, in, rows of its A, whether DoRA gives it a magnitude).
     pub fn new(
         weights: u64,
-        adapted: impl Iterator<Item = (usize, usize)>,
-        (rank, dora): (usize, bool),
+        adapted: impl Iterator<Item = (usize, usize, usize, bool)>,
         step: &Graph,
     ) -> Plan {
         let lora_parameters: u64 = adapted
-            .map(|(out, inp)| (rank * (inp + out) + if dora { out } else { 0 }) as u64)
+            .map(|(out, inp, rank, dora)| (rank * (inp + out) + if dora { out } else { 0 }) as u64)
             .sum();
         let lora_and_optimizer = 4 * F32 * lora_parameters;
         let memory = step.memory();
@@ -143,9 +147,47 @@ impl Plan {
     }
 }
 
+/// A pair of LoRA matrices a plan counts: its module path, shape and rank, and the experts
+/// stacked in it (0 for a linear, whose pair is not a parameter's).
+struct PlannedPair {
+    path: String,
+    out: usize,
+    inp: usize,
+    rank: usize,
+    experts: usize,
+}
+
+/// The pairs training adapts for `p`'s targets at its rank, as `LoraAdapter::init` resolves them
+/// (a mixture of experts' gate_up_proj at twice the rank where PEFT fuses two names into it).
+fn planned_pairs(c: &ModelConfig, p: &PlanInput) -> Result<Vec<PlannedPair>> {
+    let (linears, parameters) = resolve_targets(c, &p.lora_targets)?;
+    let config = crate::lora::LoraConfig {
+        r: p.lora_rank,
+        dropout: 0.0,
+        targets: p.lora_targets.clone(),
+        ..Default::default()
+    }
+    .converted_for(c)?;
+    let linears = linears.into_iter().map(|(path, out, inp)| (path, out, inp, 0));
+    let parameters = parameters.into_iter().map(|param| {
+        let path = crate::lora::parameter_path(&param.name).to_string();
+        (path, param.out, param.inp, param.experts)
+    });
+    Ok(linears
+        .chain(parameters)
+        .map(|(path, out, inp, experts)| PlannedPair {
+            rank: config.rank_of(&path),
+            path,
+            out,
+            inp,
+            experts,
+        })
+        .collect())
+}
+
 /// The plan of a training step; an error when a LoRA target names no linear layer of the model.
 pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
-    let adapted = resolve_targets(c, &p.lora_targets)?;
+    let adapted = planned_pairs(c, p)?;
     // Tables stay 16-bit, as `planned_weight_bytes` counts them.
     let table_bytes = |names: &[String]| -> u64 {
         c.expected_tensors()
@@ -166,8 +208,9 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     };
     let mut plan = Plan::new(
         planned_weight_bytes(c, p.quant) - host_weights,
-        adapted.iter().map(|(_, out, inp)| (*out, *inp)),
-        (p.lora_rank, p.dora),
+        adapted
+            .iter()
+            .map(|a| (a.out, a.inp, a.rank * a.experts.max(1), p.dora && a.experts == 0)),
         &step_graph(c, p)?,
     );
     let rows = (p.trainable_tokens * row_tables.len() * c.hidden_size) as u64;

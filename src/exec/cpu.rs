@@ -1,6 +1,7 @@
 //! The CPU executor: walks a graph's nodes in order with the kernels of `ops`, allocating each
 //! transient buffer at its first write and releasing it after its last use.
 
+use crate::config::GateActivation;
 use crate::cpu::{Sequence, StepLoss, StepOptions};
 use crate::error::{Error, Result};
 use crate::exec::profile;
@@ -604,17 +605,24 @@ impl Exec {
                 let (routes, dw) = (ins[1].u32(), x(2));
                 moe::route_backward(x(0), routes, dw, shape, *normalize, outs.get(0), acc);
             }
-            Op::MoeExperts { shape, act } => {
-                let weights = (ins[3].linear(), ins[4].linear(), *act);
+            Op::MoeExperts { shape, act, lora } => {
+                let experts = moe_experts(&ins, 5, (*act, lora), shape);
                 let (routes, y) = (ins[1].u32(), outs.get(0));
-                moe::forward(x(0), routes, x(2), weights, shape, y, acc, self.precision);
+                moe::forward(x(0), routes, x(2), &experts, shape, y, acc, self.precision);
             }
-            Op::MoeExpertsBackward { shape, act } => {
-                let weights = (ins[3].linear(), ins[4].linear(), *act);
-                let (dx, dw) = two(&mut outs);
+            Op::MoeExpertsBackward { shape, act, lora } => {
+                let experts = moe_experts(&ins, 6, (*act, lora), shape);
+                let mut outs = every(&mut outs).into_iter();
+                let (dx, dw) = (outs.next().expect("dx"), outs.next().expect("d_weights"));
+                let grads = lora.stacks().map(|stack| {
+                    stack.map(|_| moe::ExpertGrads {
+                        a: outs.next().expect("A's gradient"),
+                        b: outs.next().expect("B's gradient"),
+                    })
+                });
                 let (routes, dy) = (ins[1].u32(), x(5));
                 let p = self.precision;
-                moe::backward(x(0), routes, x(2), weights, shape, dy, (dx, dw), acc, p);
+                moe::backward(x(0), routes, x(2), &experts, shape, dy, (dx, dw), grads, acc, p);
             }
             Op::GluBackward { act } => {
                 let (dgate, dup) = two(&mut outs);
@@ -819,6 +827,45 @@ fn operands<'a>(
 fn dropout_params(n: usize, seed: &[u32], stream: u32, p: f32) -> DropoutParams {
     let seed = seed[0] as u64 | (seed[1] as u64) << 32;
     DropoutParams::new(n, seed, stream, p)
+}
+
+/// A MoE op's experts: the stacked weights at inputs 3 and 4, and the LoRA pairs `lora` says it
+/// has from input `first_pair` on.
+fn moe_experts<'i>(
+    ins: &[&'i Slot<'_>],
+    first_pair: usize,
+    (act, lora): (GateActivation, &moe::MoeLora),
+    shape: &moe::MoeShape,
+) -> moe::Experts<'i> {
+    let mut next = first_pair;
+    let [gate_up_lora, down_lora] = lora.stacks().map(|stack| {
+        stack.map(|(rank, scale)| {
+            let pairs = moe::ExpertPairs {
+                a: ins[next].f32(),
+                b: ins[next + 1].f32(),
+                rank,
+                scale,
+                experts: shape.experts,
+            };
+            next += 2;
+            pairs
+        })
+    });
+    moe::Experts {
+        gate_up: ins[3].linear(),
+        down: ins[4].linear(),
+        act,
+        gate_up_lora,
+        down_lora,
+    }
+}
+
+/// Every output as a writable slice (zeros where nothing was written), in order.
+fn every<'o>(outs: &'o mut Outs<'_>) -> Vec<&'o mut [f32]> {
+    for i in 0..outs.slots.len() {
+        outs.get(i);
+    }
+    outs.slots.iter_mut().map(|s| s.f32_mut()).collect()
 }
 
 fn two<'o>(outs: &'o mut Outs<'_>) -> (&'o mut [f32], &'o mut [f32]) {

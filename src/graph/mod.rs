@@ -388,17 +388,21 @@ pub enum Op {
         shape: crate::ops::moe::MoeShape,
         normalize: bool,
     },
-    /// [x, routes, weights, gate_up, down] -> [y]: the routed experts' gated MLPs, mixed by the
-    /// weights (`ops::moe::forward`; the experts' weights stacked, frozen).
+    /// [x, routes, weights, gate_up, down (, gate_up's A, B)(, down's A, B)] -> [y]: the routed
+    /// experts' gated MLPs, mixed by the weights (`ops::moe::forward`; the experts' weights stacked,
+    /// frozen), with LoRA pairs on the stacks `lora` adapts.
     MoeExperts {
         shape: crate::ops::moe::MoeShape,
         act: crate::config::GateActivation,
+        lora: crate::ops::moe::MoeLora,
     },
-    /// [x, routes, weights, gate_up, down, dy] -> [dx, d_weights], each expert's activations
-    /// recomputed.
+    /// [x, routes, weights, gate_up, down, dy (, the pairs as `MoeExperts` takes them)] -> [dx,
+    /// d_weights (, the pairs' gradients: A, B of each)], each expert's activations recomputed; the
+    /// pairs' gradients are added to, whatever `accumulate` says of dx and d_weights.
     MoeExpertsBackward {
         shape: crate::ops::moe::MoeShape,
         act: crate::config::GateActivation,
+        lora: crate::ops::moe::MoeLora,
     },
 }
 
@@ -412,6 +416,7 @@ impl Op {
             | Op::ScaleRows { .. }
             | Op::UniformNoise => true,
             Op::CachedAttention { .. } => index > 0,
+            Op::MoeExpertsBackward { .. } => index >= 2,
             _ => false,
         }
     }
@@ -605,10 +610,11 @@ impl Graph {
             Op::AttentionBackward { shape } => {
                 3 * (shape.tokens * shape.heads * shape.head_dim) as u64
             }
-            Op::MoeExperts { shape, .. } | Op::MoeExpertsBackward { shape, .. } => {
+            Op::MoeExperts { shape, lora, .. } | Op::MoeExpertsBackward { shape, lora, .. } => {
                 let tokens = self.bufs[node.inputs[0]].len / shape.hidden;
                 let backward = matches!(node.op, Op::MoeExpertsBackward { .. });
-                shape.temporaries(tokens, backward) as u64
+                (shape.temporaries(tokens, backward) + lora.temporaries(shape, tokens, backward))
+                    as u64
             }
             Op::CrossEntropy { dim, .. }
             | Op::CrossEntropyWithGrad { dim, .. }
@@ -810,6 +816,10 @@ impl Builder {
 
     pub fn len(&self, b: BufId) -> usize {
         self.graph.bufs[b].len
+    }
+
+    pub fn role(&self, b: BufId) -> &Role {
+        &self.graph.bufs[b].role
     }
 
     /// Columns offset..offset + len of each row of x [_, width], as a buffer of their own.

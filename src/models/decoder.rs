@@ -12,7 +12,7 @@ use crate::config::{
 };
 use crate::cpu::Sequence;
 use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoint};
-use crate::lora::LoraAdapter;
+use crate::lora::{Factor, LoraAdapter};
 use crate::models::lora_linear::{self, BranchDropout, LinearTape};
 use crate::ops::attention::AttentionShape;
 use crate::ops::{dropout, rope};
@@ -295,16 +295,18 @@ struct LayerTape {
     linears: Vec<(LinearKind, LinearTape)>,
 }
 
-/// What a mixture-of-experts MLP keeps for the backward: the router's logits and choices, and the
-/// weights' buffers.
-#[derive(Clone, Copy)]
+/// What a mixture-of-experts MLP keeps for the backward: the router (a linear, adapted or not),
+/// its logits and choices, and the experts' buffers.
 struct MoeTape {
-    router: BufId,
+    router: LinearTape,
     logits: BufId,
     routes: BufId,
     weights: BufId,
     gate_up: BufId,
     down: BufId,
+    lora: crate::ops::moe::MoeLora,
+    /// The adapted stacks' A and B, in `MoeLora::stacks`' order.
+    pairs: Vec<BufId>,
 }
 
 /// What Gemma 4's per-layer input added to a layer's output keeps for the backward.
@@ -965,16 +967,19 @@ impl Decoder<'_> {
         let m = c.moe.as_ref().expect("a sparse layer has experts");
         let (t, h) = (self.t(), c.hidden_size);
         let shape = m.shape(h);
-        let router_name = c.layer_module(l, &format!("{ROUTER_MODULE}.weight"));
-        let router = self.b.weight(&router_name, m.experts * h);
-        let logits = self
-            .b
-            .activation(t * m.experts, format!("layers.{l}.router logits"));
-        let op = Op::Linear {
-            out: m.experts,
-            inp: h,
-        };
-        self.b.node(op, &[x, router], &[logits], false);
+        // PEFT adapts the router's weight (a parameter, `gate.weight`) without dropout.
+        let (logits, router) = lora_linear::forward(
+            &mut self.b,
+            self.lora.as_ref(),
+            x,
+            (t, m.experts, h),
+            (
+                c.layer_module(l, ROUTER_MODULE),
+                format!("layers.{l}.router logits"),
+            ),
+            None,
+            None,
+        );
         let routes = self.b.indices(t * m.top_k, format!("layers.{l}.routes"));
         let weights = self
             .b
@@ -991,9 +996,11 @@ impl Decoder<'_> {
             .weight(&c.layer_module(l, EXPERTS_DOWN), m.experts * h * m.inter);
         let y = self.b.activation(t * h, format!("layers.{l}.experts"));
         let act = c.gate_activation;
-        let inputs = [x, routes, weights, gate_up, down];
+        let (lora, pairs) = self.expert_pairs(l);
+        let mut inputs = vec![x, routes, weights, gate_up, down];
+        inputs.extend(&pairs);
         self.b
-            .node(Op::MoeExperts { shape, act }, &inputs, &[y], false);
+            .node(Op::MoeExperts { shape, act, lora }, &inputs, &[y], false);
         let tape = MoeTape {
             router,
             logits,
@@ -1001,8 +1008,33 @@ impl Decoder<'_> {
             weights,
             gate_up,
             down,
+            lora,
+            pairs,
         };
         (y, tape)
+    }
+
+    /// Which of layer `l`'s stacks of experts the adapter adapts, and their pairs' buffers.
+    fn expert_pairs(&mut self, l: usize) -> (crate::ops::moe::MoeLora, Vec<BufId>) {
+        let c = self.c;
+        let m = c.moe.as_ref().expect("a sparse layer has experts");
+        let mut pairs = Vec::new();
+        let mut stack = |name: &str, (out, inp): (usize, usize)| {
+            let path = c.layer_module(l, name);
+            let adapted = *self.lora.as_ref()?.targets.get(&path)?;
+            for (factor, len) in [
+                (Factor::A, m.experts * adapted.rank * inp),
+                (Factor::B, out * adapted.rank * m.experts),
+            ] {
+                let path = path.clone();
+                pairs.push(self.b.lora(Role::Lora { path, factor }, len));
+            }
+            Some((adapted.rank, adapted.scale))
+        };
+        let h = c.hidden_size;
+        let gate_up = stack(EXPERTS_GATE_UP, (2 * m.inter, h));
+        let down = stack(EXPERTS_DOWN, (h, m.inter));
+        (crate::ops::moe::MoeLora { gate_up, down }, pairs)
     }
 
     /// The gradient of `experts`' input x from that of its output: through the chosen experts,
@@ -1017,9 +1049,22 @@ impl Decoder<'_> {
             .b
             .activation(t * m.top_k, format!("d layers.{l}.routing weights"));
         let act = c.gate_activation;
-        let inputs = [x, s.routes, s.weights, s.gate_up, s.down, dy];
-        let op = Op::MoeExpertsBackward { shape, act };
-        self.b.node(op, &inputs, &[dx, d_weights], false);
+        let mut inputs = vec![x, s.routes, s.weights, s.gate_up, s.down, dy];
+        inputs.extend(&s.pairs);
+        let mut outputs = vec![dx, d_weights];
+        for &pair in &s.pairs {
+            let Role::Lora { path, factor } = self.b.role(pair).clone() else {
+                unreachable!("expert_pairs gives LoRA factors")
+            };
+            let len = self.b.len(pair);
+            outputs.push(self.b.lora(Role::LoraGrad { path, factor }, len));
+        }
+        let op = Op::MoeExpertsBackward {
+            shape,
+            act,
+            lora: s.lora,
+        };
+        self.b.node(op, &inputs, &outputs, false);
         let d_logits = self
             .b
             .activation(t * m.experts, format!("d layers.{l}.router logits"));
@@ -1029,11 +1074,7 @@ impl Decoder<'_> {
         };
         self.b
             .node(op, &[s.logits, s.routes, d_weights], &[d_logits], false);
-        let op = Op::LinearBackwardInput {
-            out: m.experts,
-            inp: h,
-        };
-        self.b.node(op, &[d_logits, s.router], &[dx], true);
+        lora_linear::backward(&mut self.b, &s.router, x, d_logits, dx);
         dx
     }
 
@@ -1243,8 +1284,8 @@ impl Decoder<'_> {
         let d_mlp = through(self, s.mlp_out_norm, dx_out);
         let dxn2 = match s.gate_up {
             _ if s.moe.is_some() => {
-                let moe = s.moe.expect("checked");
-                self.experts_backward(l, &moe, s.xn2, d_mlp)
+                let moe = s.moe.as_ref().expect("checked");
+                self.experts_backward(l, moe, s.xn2, d_mlp)
             }
             Some((gate, up)) => {
                 // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x

@@ -6,8 +6,153 @@
 
 use crate::config::GateActivation;
 use crate::model::LinearWeight;
+use crate::ops::matmul::{View, matmul, matmul_into};
 use crate::ops::{Precision, glu, linear};
 use rayon::prelude::*;
+
+/// Which of a layer's two stacks of experts a graph adapts with LoRA: each one's (rank, scale).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MoeLora {
+    pub gate_up: Option<(usize, f32)>,
+    pub down: Option<(usize, f32)>,
+}
+
+impl MoeLora {
+    /// The adapted stacks in the order their pairs follow an op's other inputs: gate_up, down.
+    pub fn stacks(&self) -> [Option<(usize, f32)>; 2] {
+        [self.gate_up, self.down]
+    }
+
+    /// Floats the branches hold beside `MoeShape::temporaries`: every token's x·Aᵀ of each stack
+    /// (and in the backward its gradient, and an expert's B gradient before it is added in).
+    pub fn temporaries(&self, shape: &MoeShape, tokens: usize, backward: bool) -> usize {
+        let outs = [2 * shape.inter, shape.hidden];
+        self.stacks()
+            .iter()
+            .zip(outs)
+            .filter_map(|(stack, out)| stack.map(|(rank, _)| (rank, out)))
+            .map(|(rank, out)| match backward {
+                false => tokens * rank,
+                true => 2 * tokens * rank + out * rank,
+            })
+            .sum()
+    }
+}
+
+/// A layer's experts: the stacked weights, their activation, and the LoRA pairs of each stack where
+/// an adapter adapts it.
+#[derive(Clone, Copy)]
+pub struct Experts<'a> {
+    pub gate_up: &'a LinearWeight,
+    pub down: &'a LinearWeight,
+    pub act: GateActivation,
+    pub gate_up_lora: Option<ExpertPairs<'a>>,
+    pub down_lora: Option<ExpertPairs<'a>>,
+}
+
+/// A stack of experts' LoRA pairs in PEFT's layout (`lora::LoraPair`): A [experts · rank, in], expert
+/// e's A the rows e·rank..; B [out, rank · experts], expert e's B the columns e, e + experts, …; expert
+/// e's weight updated by scale · B_e·A_e.
+#[derive(Clone, Copy)]
+pub struct ExpertPairs<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub scale: f32,
+    pub experts: usize,
+}
+
+/// The gradients of an `ExpertPairs`' A and B, added to.
+pub struct ExpertGrads<'a> {
+    pub a: &'a mut [f32],
+    pub b: &'a mut [f32],
+}
+
+impl<'a> ExpertPairs<'a> {
+    /// Expert e's A [rank, inp].
+    fn a(&self, e: usize, inp: usize) -> View<'a> {
+        View::new(&self.a[e * self.rank * inp..][..self.rank * inp], self.rank, inp)
+    }
+
+    /// Rows `first..first + count` of expert e's B: [count, rank].
+    fn b(&self, e: usize, (first, count): (usize, usize)) -> View<'a> {
+        let ld = self.rank * self.experts;
+        View {
+            data: &self.b[first * ld + e..],
+            rows: count,
+            cols: self.rank,
+            row_stride: ld,
+            col_stride: self.experts,
+        }
+    }
+
+    /// Their transpose: [rank, count].
+    fn b_t(&self, e: usize, rows: (usize, usize)) -> View<'a> {
+        let b = self.b(e, rows);
+        View {
+            rows: b.cols,
+            cols: b.rows,
+            row_stride: b.col_stride,
+            col_stride: b.row_stride,
+            ..b
+        }
+    }
+
+    /// x·A_eᵀ [n, rank] of expert e's rows x [n, inp].
+    fn project(&self, e: usize, x: &[f32], inp: usize) -> Vec<f32> {
+        let a = self.a(e, inp);
+        let a_t = View {
+            rows: a.cols,
+            cols: a.rows,
+            row_stride: a.col_stride,
+            col_stride: a.row_stride,
+            ..a
+        };
+        matmul(View::new(x, x.len() / inp, inp), a_t)
+    }
+
+    /// y [n, count] += scale · xa·B_e[rows]ᵀ, xa = `project`'s.
+    fn add_branch(&self, e: usize, xa: &[f32], rows: (usize, usize), y: &mut [f32]) {
+        let n = xa.len() / self.rank;
+        let b_t = self.b_t(e, rows);
+        matmul_into(View::new(xa, n, self.rank), b_t, self.scale, y, rows.1, 0, true);
+    }
+
+    /// The branch's backward for rows `rows` of its output, whose gradient is dy [n, count]:
+    /// d(xa) += scale · dy·B_e[rows], and B_e[rows]' gradient += scale · dyᵀ·xa.
+    fn branch_backward(
+        &self,
+        e: usize,
+        (xa, dy): (&[f32], &[f32]),
+        rows: (usize, usize),
+        (d_xa, grads): (&mut [f32], &mut ExpertGrads),
+    ) {
+        let (n, r) = (xa.len() / self.rank, self.rank);
+        matmul_into(View::new(dy, n, rows.1), self.b(e, rows), self.scale, d_xa, r, 0, true);
+        let gb = matmul(View::transposed(dy, n, rows.1), View::new(xa, n, r));
+        let ld = r * self.experts;
+        for (i, g) in gb.chunks_exact(r).enumerate() {
+            let row = &mut grads.b[(rows.0 + i) * ld..][..ld];
+            for (k, &g) in g.iter().enumerate() {
+                row[k * self.experts + e] += self.scale * g;
+            }
+        }
+    }
+
+    /// The rest of the backward once d(xa) is whole: A_e's gradient += d(xa)ᵀ·x and dx += d(xa)·A_e.
+    fn input_backward(
+        &self,
+        e: usize,
+        (x, d_xa): (&[f32], &[f32]),
+        inp: usize,
+        (dx, grads): (&mut [f32], &mut ExpertGrads),
+    ) {
+        let (n, r) = (x.len() / inp, self.rank);
+        let ga = &mut grads.a[e * r * inp..][..r * inp];
+        matmul_into(View::transposed(d_xa, n, r), View::new(x, n, inp), 1.0, ga, inp, 0, true);
+        matmul_into(View::new(d_xa, n, r), self.a(e, inp), 1.0, dx, inp, 0, true);
+    }
+}
 
 /// The shape of a layer's experts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -171,17 +316,23 @@ fn gather(x: &[f32], slots: &[usize], k: usize, dim: usize) -> Vec<f32> {
     rows
 }
 
-/// Expert e's gate and up projections of its rows `xe`, and act(gate)·up.
+/// Expert e's gate and up projections of its rows `xe`, act(gate)·up, and the LoRA branches' xe·A_eᵀ.
 struct Recomputed {
     gate: Vec<f32>,
     up: Vec<f32>,
     hidden: Vec<f32>,
+    gate_up_xa: Vec<f32>,
+}
+
+/// The rows of expert e's gate and of its up projection, within its own B (gate, then up).
+fn own_rows(shape: &MoeShape) -> [(usize, usize); 2] {
+    [(0, shape.inter), (shape.inter, shape.inter)]
 }
 
 fn gated(
     xe: &[f32],
     e: usize,
-    (gate_up, act): (&LinearWeight, GateActivation),
+    experts: &Experts,
     shape: &MoeShape,
     precision: Precision,
 ) -> Recomputed {
@@ -189,13 +340,47 @@ fn gated(
     let packed = linear::pack_input(xe, shape.hidden, precision);
     let mut gate = vec![0f32; n * shape.inter];
     let mut up = vec![0f32; n * shape.inter];
+    let (gate_up, act) = (experts.gate_up, experts.act);
     let rows = shape.gate_rows(e);
     linear::forward_rows_packed(xe, packed.as_ref(), gate_up, rows, &mut gate, precision);
     let rows = shape.up_rows(e);
     linear::forward_rows_packed(xe, packed.as_ref(), gate_up, rows, &mut up, precision);
+    let mut gate_up_xa = Vec::new();
+    if let Some(lora) = &experts.gate_up_lora {
+        gate_up_xa = lora.project(e, xe, shape.hidden);
+        let [gate_rows, up_rows] = own_rows(shape);
+        lora.add_branch(e, &gate_up_xa, gate_rows, &mut gate);
+        lora.add_branch(e, &gate_up_xa, up_rows, &mut up);
+    }
     let mut hidden = vec![0f32; n * shape.inter];
     glu::forward(act, &gate, &up, &mut hidden);
-    Recomputed { gate, up, hidden }
+    Recomputed {
+        gate,
+        up,
+        hidden,
+        gate_up_xa,
+    }
+}
+
+/// Expert e's output [n, hidden] from its act(gate)·up, and the down branch's hidden·A_eᵀ.
+fn expert_output(
+    r: &Recomputed,
+    e: usize,
+    experts: &Experts,
+    shape: &MoeShape,
+    precision: Precision,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = r.hidden.len() / shape.inter;
+    let mut ye = vec![0f32; n * shape.hidden];
+    let packed = linear::pack_input(&r.hidden, shape.inter, precision);
+    let rows = shape.down_rows(e);
+    linear::forward_rows_packed(&r.hidden, packed.as_ref(), experts.down, rows, &mut ye, precision);
+    let mut down_xa = Vec::new();
+    if let Some(lora) = &experts.down_lora {
+        down_xa = lora.project(e, &r.hidden, shape.inter);
+        lora.add_branch(e, &down_xa, (0, shape.hidden), &mut ye);
+    }
+    (ye, down_xa)
 }
 
 /// y (+)= Σ_j weights[t, j] · expert_{routes[t, j]}(x[t]) for each token t, the k terms summed in
@@ -205,7 +390,7 @@ pub fn forward(
     x: &[f32],
     routes: &[u32],
     weights: &[f32],
-    (gate_up, down, act): (&LinearWeight, &LinearWeight, GateActivation),
+    experts: &Experts,
     shape: &MoeShape,
     y: &mut [f32],
     accumulate: bool,
@@ -220,11 +405,8 @@ pub fn forward(
             continue;
         }
         let xe = gather(x, &slots, k, h);
-        let r = gated(&xe, e, (gate_up, act), shape, precision);
-        let mut ye = vec![0f32; slots.len() * h];
-        let packed = linear::pack_input(&r.hidden, shape.inter, precision);
-        let rows = shape.down_rows(e);
-        linear::forward_rows_packed(&r.hidden, packed.as_ref(), down, rows, &mut ye, precision);
+        let r = gated(&xe, e, experts, shape, precision);
+        let (ye, _) = expert_output(&r, e, experts, shape, precision);
         for (row, &s) in ye.chunks_exact(h).zip(&slots) {
             outputs[s * h..][..h].copy_from_slice(row);
         }
@@ -241,20 +423,26 @@ pub fn forward(
         });
 }
 
-/// `forward`'s gradients: dx (+)= into x, and d_weights [tokens, k] (each choice's output dotted
-/// with dy). Each expert's activations are recomputed from x, not kept.
+/// `forward`'s gradients: dx (+)= into x, d_weights [tokens, k] (each choice's output dotted with
+/// dy), and the LoRA pairs' gradients added to `grads` (gate_up's, down's) where `experts` has
+/// pairs. Each expert's activations are recomputed from x, not kept.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
     routes: &[u32],
     weights: &[f32],
-    (gate_up, down, act): (&LinearWeight, &LinearWeight, GateActivation),
+    experts: &Experts,
     shape: &MoeShape,
     dy: &[f32],
     (dx, d_weights): (&mut [f32], &mut [f32]),
+    mut grads: [Option<ExpertGrads>; 2],
     accumulate: bool,
     precision: Precision,
 ) {
+    let (gate_up, down, act) = (experts.gate_up, experts.down, experts.act);
+    // The branches' input gradients need their pairs' gradients' products: both or neither.
+    let adapted = [experts.gate_up_lora.is_some(), experts.down_lora.is_some()];
+    assert_eq!(adapted, [grads[0].is_some(), grads[1].is_some()]);
     let (h, k) = (shape.hidden, shape.top_k);
     let tokens = x.len() / h;
     assert!(dy.len() == x.len() && dx.len() == x.len() && d_weights.len() == tokens * k);
@@ -265,11 +453,9 @@ pub fn backward(
         }
         let n = slots.len();
         let xe = gather(x, &slots, k, h);
-        let r = gated(&xe, e, (gate_up, act), shape, precision);
-        let mut ye = vec![0f32; n * h];
-        let packed = linear::pack_input(&r.hidden, shape.inter, precision);
+        let r = gated(&xe, e, experts, shape, precision);
+        let (ye, down_xa) = expert_output(&r, e, experts, shape, precision);
         let rows = shape.down_rows(e);
-        linear::forward_rows_packed(&r.hidden, packed.as_ref(), down, rows, &mut ye, precision);
         // dy of each slot's token, times its weight: the gradient at the expert's output.
         let mut dye = gather(dy, &slots, k, h);
         for ((d_out, out), &s) in dye.chunks_exact_mut(h).zip(ye.chunks_exact(h)).zip(&slots) {
@@ -278,6 +464,11 @@ pub fn backward(
         }
         let mut d_hidden = vec![0f32; n * shape.inter];
         linear::backward_input_rows(&dye, down, rows, &mut d_hidden, false, precision);
+        if let (Some(lora), Some(g)) = (&experts.down_lora, &mut grads[1]) {
+            let mut d_xa = vec![0f32; n * lora.rank];
+            lora.branch_backward(e, (&down_xa, &dye), (0, h), (&mut d_xa, g));
+            lora.input_backward(e, (&r.hidden, &d_xa), shape.inter, (&mut d_hidden, g));
+        }
         let mut d_gate = vec![0f32; n * shape.inter];
         let mut d_up = vec![0f32; n * shape.inter];
         glu::backward(act, &r.gate, &r.up, &d_hidden, &mut d_gate, &mut d_up);
@@ -286,6 +477,14 @@ pub fn backward(
         linear::backward_input_rows(&d_gate, gate_up, rows, &mut dxe, false, precision);
         let rows = shape.up_rows(e);
         linear::backward_input_rows(&d_up, gate_up, rows, &mut dxe, true, precision);
+        if let (Some(lora), Some(g)) = (&experts.gate_up_lora, &mut grads[0]) {
+            let mut d_xa = vec![0f32; n * lora.rank];
+            let xa = &r.gate_up_xa;
+            let [gate_rows, up_rows] = own_rows(shape);
+            lora.branch_backward(e, (xa, &d_gate), gate_rows, (&mut d_xa, g));
+            lora.branch_backward(e, (xa, &d_up), up_rows, (&mut d_xa, g));
+            lora.input_backward(e, (&xe, &d_xa), h, (&mut dxe, g));
+        }
         for (row, &s) in dxe.chunks_exact(h).zip(&slots) {
             d_inputs[s * h..][..h].copy_from_slice(row);
         }

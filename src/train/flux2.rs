@@ -485,6 +485,7 @@ pub fn load_lora(
             rank: r,
             in_features: *inp,
             out_features: *out,
+            experts: 1,
             a,
             b,
             magnitude: Vec::new(),

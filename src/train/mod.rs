@@ -1884,7 +1884,7 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         .trained()
         .flat_map(|(path, p)| {
             p.factors()
-                .map(move |f| (factor_key(path, f), p.shape(f), p.factor(f)))
+                .map(move |f| (adapter.saved_key(path, f), p.shape(f), p.factor(f)))
         })
         .collect();
     for (name, shape, data) in &keys {
@@ -1915,6 +1915,10 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         // not 0.05000000074505806).
         "lora_dropout": c.dropout.to_string().parse::<f64>().unwrap_or(f64::from(c.dropout)),
         "target_modules": saved_targets(adapter),
+        "target_parameters": match c.target_parameters.is_empty() {
+            true => serde_json::Value::Null,
+            false => json!(c.target_parameters),
+        },
         "bias": "none",
         "use_rslora": c.use_rslora,
         "use_dora": c.use_dora,

@@ -294,9 +294,11 @@ impl<'m> Run<'m> {
                     (&model.source, Some(&model)),
                     "--init-adapter",
                 )?;
+                // Converted again for the run's dropout, which PEFT refuses on adapted parameters.
                 adapter.config = config
                     .lora
-                    .with_initial(&adapter.config, &model.config.linear_modules())?;
+                    .with_initial(&adapter.config, &model.config.linear_modules())?
+                    .converted_for(&model.config)?;
                 config.lora = adapter.config.clone();
                 Some(adapter)
             }
@@ -1392,9 +1394,12 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             .unwrap_or_else(|| config.lora.targets.clone()),
         _ => config.lora.targets.clone(),
     };
-    // Targets no linear of the model answers to (or, on a mixture-of-experts model, PEFT's
-    // expert targets) are refused before the weights load.
+    // Targets nothing in the model answers to, and a dropout PEFT refuses on a mixture of
+    // experts' adapted parameters, are refused before the weights load.
     crate::lora::resolve_targets(&source.config, &planned_targets)?;
+    if options.init_adapter.is_none() {
+        config.lora.converted_for(&source.config)?;
+    }
     let tables = match options.trainable_tokens.is_some() || init_rows {
         true => crate::model::planned_table_bytes(&source.config),
         false => 0,

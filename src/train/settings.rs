@@ -893,6 +893,7 @@ impl TrainSettings {
                 Some(list) => parse_targets(list)?,
                 None => d.lora.targets,
             },
+            target_parameters: Vec::new(),
             rank_pattern: self.lora_rank_pattern.clone().unwrap_or_default(),
             alpha_pattern: self.lora_alpha_pattern.clone().unwrap_or_default(),
         };
