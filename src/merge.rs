@@ -199,6 +199,29 @@ pub fn merge(
 
 type Targets<'a> = HashMap<String, (&'a crate::lora::LoraPair, f32)>;
 
+/// Where a tensor of a mixture of experts takes its stack's LoRA update: the stack's path (where
+/// the adapter keys its pair), the expert (None: every expert, transformers' stacked
+/// [experts, out, in]; else the hub's one tensor per expert and projection) and the first row of
+/// that expert's B the tensor's rows start at (an expert's up_proj: after its gate_proj's).
+fn expert_rows(name: &str, shape: &[usize]) -> Option<(String, Option<usize>, usize)> {
+    use crate::config::{EXPERTS_DOWN, EXPERTS_GATE_UP};
+    let (layer, rest) = name.split_once("mlp.experts.")?;
+    let stack = |which: &str| format!("{layer}{which}");
+    match rest {
+        "gate_up_proj" => return Some((stack(EXPERTS_GATE_UP), None, 0)),
+        "down_proj" => return Some((stack(EXPERTS_DOWN), None, 0)),
+        _ => {}
+    }
+    let (expert, projection) = rest.strip_suffix(".weight")?.split_once('.')?;
+    let expert = Some(expert.parse().ok()?);
+    match projection {
+        "gate_proj" => Some((stack(EXPERTS_GATE_UP), expert, 0)),
+        "up_proj" => Some((stack(EXPERTS_GATE_UP), expert, *shape.first()?)),
+        "down_proj" => Some((stack(EXPERTS_DOWN), expert, 0)),
+        _ => None,
+    }
+}
+
 /// What the merge changes, by nibble's name of each tensor.
 struct Changed<'a> {
     /// The LoRA pairs merged into each weight, at their scales.
@@ -323,6 +346,25 @@ fn write_merged(
                     for &row in &token_rows.indices {
                         dtype.round(&mut out[row * width..(row + 1) * width]);
                     }
+                }
+            }
+            if let Some((path, expert, first)) = expert_rows(name, &entry.shape)
+                && let Some(&(pair, scale)) = changed.targets.get(&format!("{path}.weight"))
+            {
+                let pairs = crate::ops::moe::ExpertPairs::of(pair, scale);
+                let (experts, per_expert) = match expert {
+                    Some(e) => (e..e + 1, out.len()),
+                    None => (0..pair.experts, out.len() / pair.experts),
+                };
+                let rows = (first, per_expert / pair.in_features);
+                for (e, w) in experts.zip(out.chunks_exact_mut(per_expert)) {
+                    pairs.add_update(e, rows, w);
+                }
+                if let Some(v) = beyond(out) {
+                    failure.get_or_insert(cannot_hold(
+                        v,
+                        format!("the adapter's scale there ({scale}) is far outside what training gives"),
+                    ));
                 }
             }
             if let Some(&(pair, scale)) = changed.targets.get(name) {

@@ -2,6 +2,8 @@
 
 mod common;
 
+use nibble::config::EXPERTS_GATE_UP;
+
 use common::{nibble, rel};
 use nibble::config::Arch;
 use nibble::cpu;
@@ -1069,10 +1071,11 @@ fn refuses_training(
     );
 }
 
-/// Qwen3-MoE's experts merged `--base-weights quantized`: each expert's rows quantized as training
-/// stacked and packed them, whether the folder stores one tensor per expert (the hub's layout: the
-/// transformers fixture) or transformers' stacked [experts, rows, cols] (`nibble synth`'s), so the
-/// merged folder gives the logits of the model the adapter trained on.
+/// Qwen3-MoE with PEFT's all-linear (the attention, the routers and every expert adapted) merged, in
+/// f32 and `--base-weights quantized` (each expert's rows quantized as training stacked and packed
+/// them), whether the folder stores one tensor per expert (the hub's layout: the transformers
+/// fixture) or transformers' stacked [experts, rows, cols] (`nibble synth`'s): each expert's update
+/// lands on its own rows, so the merged folder gives the logits of the adapted model.
 #[test]
 fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
     let dir = tempfile::tempdir().unwrap();
@@ -1082,18 +1085,19 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
     synth::write_model_folder(&synthetic, &spec, Some(&synth::byte_tokenizer())).unwrap();
     let fixture = std::path::PathBuf::from("tests/fixtures/hf/qwen3_moe");
     let qspec = nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap();
-    let attention = ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from);
     for (name, base) in [("per expert", fixture), ("stacked", synthetic)] {
         let trained_on = ModelSource::open(&base)
             .unwrap()
             .load(Some(QuantRequest::Quantize(qspec)))
             .unwrap();
         let config = LoraConfig {
-            targets: attention.to_vec(),
+            dropout: 0.0,
             ..LoraConfig::default()
         };
         let mut rng = Rng::new(8);
         let adapter = random_adapter(&trained_on, config, &mut rng);
+        assert!(adapter.pair(&format!("model.layers.0.{EXPERTS_GATE_UP}")).is_some());
+        assert!(adapter.pair("model.layers.2.mlp.gate").is_some());
         let adapter_dir = dir.path().join(format!("{name} adapter"));
         nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
         let ids: Vec<u32> = (0..12).map(|_| rng.below(256) as u32).collect();
@@ -1113,5 +1117,12 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
             e < 4e-6,
             "{name}: merged onto the 4-bit weights {e:e} from the trained model"
         );
+        let f32_model = ModelSource::open(&base)
+            .unwrap()
+            .load(Some(QuantRequest::Dense))
+            .unwrap();
+        let adapted = cpu::logits(&f32_model, Some(&adapter), &ids).unwrap();
+        let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids, &[]), &adapted);
+        assert!(e < 4e-6, "{name}: merged in f32 {e:e} from the adapted model");
     }
 }

@@ -69,6 +69,24 @@ pub struct ExpertGrads<'a> {
 }
 
 impl<'a> ExpertPairs<'a> {
+    /// A stack's pairs as an adapter holds them, at `scale`.
+    pub fn of(pair: &'a crate::lora::LoraPair, scale: f32) -> Self {
+        ExpertPairs {
+            a: &pair.a,
+            b: &pair.b,
+            rank: pair.rank,
+            scale,
+            experts: pair.experts,
+        }
+    }
+
+    /// w [count, inp] += scale · B_e[rows]·A_e: expert e's update of those rows of its weight (a
+    /// merge).
+    pub fn add_update(&self, e: usize, rows: (usize, usize), w: &mut [f32]) {
+        let inp = self.a.len() / (self.experts * self.rank);
+        matmul_into(self.b(e, rows), self.a(e, inp), self.scale, w, inp, 0, true);
+    }
+
     /// Expert e's A [rank, inp].
     fn a(&self, e: usize, inp: usize) -> View<'a> {
         View::new(&self.a[e * self.rank * inp..][..self.rank * inp], self.rank, inp)
