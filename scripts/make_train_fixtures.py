@@ -7,7 +7,8 @@ bias), Gemma 3 (sandwich norms, GeGLU, sliding and full layers), Phi-3 (fused pr
 rotary, LongRoPE), Gemma 4 (v norms, a full layer with wider heads whose values are its keys, a scalar
 per layer, capped logits, per-layer inputs whose two linears are adapted too, two layers reusing the
 first two's keys and values with double-wide MLPs), Ministral 3 (YaRN, the per-position query scale)
-and Qwen3-MoE (8 experts, 2 per token, a dense layer between two sparse ones; LoRA on the attention) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
+and Qwen3-MoE (8 experts, 2 per token, a dense layer between two sparse ones; all-linear: LoRA on the attention,
+the routers and the experts) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
 chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
 linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
 dropout 0, batch 1 with gradient accumulation 2, constant
@@ -37,9 +38,9 @@ OUT = "tests/fixtures/hf_train"
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
             "gemma4_text": SEPARATE + ["per_layer_input_gate", "per_layer_projection"], "ministral3": SEPARATE,
-            # PEFT's MLP names reach a mixture-of-experts model's experts (target_parameters), which
-            # nibble does not train yet: the attention alone.
-            "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+            # PEFT turns all-linear into the attention's linears and, as target_parameters, the
+            # routers and both stacks of experts (gate_up_proj at twice the rank and alpha).
+            "qwen3_moe": "all-linear"}
 STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
 CHATS = [
     ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),
@@ -66,7 +67,7 @@ def load_base(folder, targets):
     if moe:
         # transformers' default (grouped_mm) has no float64; the loop over experts equals it in f32.
         base.set_experts_implementation("eager")
-    names = set(targets) | (set(SEPARATE) if moe else set())
+    names = set(SEPARATE) if moe else set(targets)
     with torch.no_grad():
         for name, module in base.named_modules():
             if name.split(".")[-1] in names:

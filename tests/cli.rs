@@ -1319,12 +1319,14 @@ fn training_goes_on_from_an_adapter_with_token_rows() {
     );
 }
 
-/// A Qwen3-MoE model end to end on the CLI: `nibble train` refuses PEFT's expert-adapting targets
-/// (all-linear, its default) and the GPU executor, naming what to do; trains the attention on the CPU;
-/// the adapter generates alike from the folder and from a `nibble quantize` file of it (experts
-/// packed, router dense); `nibble info` names the experts.
+/// A Qwen3-MoE model end to end on the CLI: `nibble train` refuses LoRA dropout on the experts and
+/// routers that all-linear (its default) adapts, as PEFT does, half of the experts' fused gate_up_proj,
+/// and the GPU executor, naming what to do; trains all-linear on the CPU into a folder in PEFT's
+/// layout (target_parameters, gate_up_proj at twice the rank, its pair under base_layer), the
+/// experts' and routers' pairs trained; the adapter generates alike from the folder and from a `nibble quantize` file of it
+/// (experts packed, router dense); `nibble info` names the experts.
 #[test]
-fn a_mixture_of_experts_model_trains_its_attention_and_generates() {
+fn a_mixture_of_experts_model_trains_its_experts_and_generates() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data) = (dir.path().join("model"), dir.path().join("data.jsonl"));
     ok(&[
@@ -1344,33 +1346,50 @@ fn a_mixture_of_experts_model_trains_its_attention_and_generates() {
         args.extend_from_slice(extra);
         nibble(&args)
     };
-    let o = train(&[]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("target module `all-linear` on a mixture-of-experts model")
-            && err.contains("--target-modules q_proj,k_proj,v_proj,o_proj"),
-        "{err}"
-    );
-    assert!(!out.exists());
-    let attention = ["--target-modules", "q_proj,k_proj,v_proj,o_proj"];
-    let o = train(&[&attention[..], &["--device", "gpu"]].concat());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("--device gpu: this model's mixture-of-experts layers run on the CPU"));
-    let o = train(&attention);
+    let refused = |extra: &[&str], why: &[&str]| {
+        let o = train(extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(why.iter().all(|w| err.contains(w)), "{err}");
+        assert!(!out.exists());
+    };
+    refused(&[], &["refuses LoRA dropout 0.05", "--lora-dropout 0"]);
+    let no_dropout = ["--lora-dropout", "0"];
+    let half = [&no_dropout[..], &["--target-modules", "q_proj,gate_proj"]].concat();
+    refused(&half, &["target module `gate_proj` without `up_proj`"]);
+    let gpu = [&no_dropout[..], &["--device", "gpu"]].concat();
+    refused(&gpu, &["--device gpu: this model's mixture-of-experts layers run on the CPU"]);
+    let o = train(&no_dropout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();
-    let mut targets: Vec<&str> = config["target_modules"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    targets.sort();
-    assert_eq!(targets, ["k_proj", "o_proj", "q_proj", "v_proj"]);
+    let sorted = |key: &str| {
+        let mut names: Vec<&str> = config[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(sorted("target_modules"), ["k_proj", "o_proj", "q_proj", "v_proj"]);
+    assert_eq!(sorted("target_parameters"), ["down_proj", "gate.weight", "gate_up_proj"]);
+    assert_eq!(config["rank_pattern"][r".*\.gate_up_proj"], 16);
+    assert_eq!(config["lora_dropout"], 0.0);
+    let weights = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let weights = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let gate_up = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight";
+    assert_eq!(weights.tensor(gate_up).unwrap().shape(), [8 * 16, 64]);
+    let router = "base_model.model.model.layers.0.mlp.gate.lora_B.weight";
+    assert_eq!(weights.tensor(router).unwrap().shape(), [8, 8]);
+    // Every B starts at zero: the experts' and the router's moved in training.
+    for key in [router, "base_model.model.model.layers.2.mlp.experts.lora_B.weight"] {
+        let b = weights.tensor(key).unwrap();
+        let mut values = b.data().chunks_exact(4);
+        assert!(values.any(|v| v != [0; 4]), "{key} did not train");
+    }
 
     let quantized = dir.path().join("model.safetensors");
     ok(&["quantize", s(&model), "--output", s(&quantized)]);
