@@ -40,13 +40,18 @@ impl LoraConfig {
 
     /// The rank of the linear at a module path.
     pub fn rank_of(&self, path: &str) -> usize {
-        self.rank_pattern.find(&self.pattern_key(path)).unwrap_or(self.r)
+        self.rank_pattern
+            .find(&self.pattern_key(path))
+            .unwrap_or(self.r)
     }
 
     /// The scale of the linear at a module path, from its own rank and alpha as PEFT's `update_layer`
     /// takes them.
     pub fn scale_of(&self, path: &str) -> f32 {
-        let alpha = self.alpha_pattern.find(&self.pattern_key(path)).unwrap_or(self.alpha);
+        let alpha = self
+            .alpha_pattern
+            .find(&self.pattern_key(path))
+            .unwrap_or(self.alpha);
         scale_of(alpha, self.rank_of(path), self.use_rslora)
     }
 
@@ -269,7 +274,8 @@ impl<T: Copy> Patterns<T> {
     /// The patterns with `key`'s value set to `value` (a key already there keeps its place, as in
     /// the dict PEFT sets it in).
     pub fn with(&self, key: &str, value: T) -> Result<Self> {
-        let mut entries: Vec<(String, T)> = self.entries().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut entries: Vec<(String, T)> =
+            self.entries().map(|(k, v)| (k.to_string(), v)).collect();
         match entries.iter_mut().find(|(k, _)| k == key) {
             Some(entry) => entry.1 = value,
             None => entries.push((key.to_string(), value)),
@@ -656,14 +662,22 @@ pub fn resolve_parameters(
     {
         let mut names: Vec<&str> = params
             .iter()
-            .map(|p| p.name.rsplit_once(".mlp.").map_or(p.name.as_str(), |(_, n)| n))
+            .map(|p| {
+                p.name
+                    .rsplit_once(".mlp.")
+                    .map_or(p.name.as_str(), |(_, n)| n)
+            })
             .collect();
         names.sort();
         names.dedup();
         return Err(Error::Invalid(format!(
             "target parameter `{t}` names no parameter nibble adapts in this model (those it \
              adapts: {})",
-            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
         )));
     }
     Ok(params
@@ -1276,8 +1290,8 @@ impl LoraAdapter {
         }
         .converted_for(model)
         .map_err(|e| bad(e.to_string()))?;
-        let parameters = resolve_parameters(model, &config.target_parameters)
-            .map_err(|e| bad(e.to_string()))?;
+        let parameters =
+            resolve_parameters(model, &config.target_parameters).map_err(|e| bad(e.to_string()))?;
         let linears = (model.linear_modules(), parameters);
         let mut adapter = Self::with_pairs(linears, config, LoraPair::zeros_stacked)
             .map_err(|e| bad(e.to_string()))?;

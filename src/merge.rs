@@ -363,7 +363,9 @@ fn write_merged(
                 if let Some(v) = beyond(out) {
                     failure.get_or_insert(cannot_hold(
                         v,
-                        format!("the adapter's scale there ({scale}) is far outside what training gives"),
+                        format!(
+                            "the adapter's scale there ({scale}) is far outside what training gives"
+                        ),
                     ));
                 }
             }

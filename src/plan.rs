@@ -168,7 +168,9 @@ fn planned_pairs(c: &ModelConfig, p: &PlanInput) -> Result<Vec<PlannedPair>> {
         ..Default::default()
     }
     .converted_for(c)?;
-    let linears = linears.into_iter().map(|(path, out, inp)| (path, out, inp, 0));
+    let linears = linears
+        .into_iter()
+        .map(|(path, out, inp)| (path, out, inp, 0));
     let parameters = parameters.into_iter().map(|param| {
         let path = crate::lora::parameter_path(&param.name).to_string();
         (path, param.out, param.inp, param.experts)
@@ -208,9 +210,14 @@ pub fn plan(c: &ModelConfig, p: &PlanInput) -> Result<Plan> {
     };
     let mut plan = Plan::new(
         planned_weight_bytes(c, p.quant) - host_weights,
-        adapted
-            .iter()
-            .map(|a| (a.out, a.inp, a.rank * a.experts.max(1), p.dora && a.experts == 0)),
+        adapted.iter().map(|a| {
+            (
+                a.out,
+                a.inp,
+                a.rank * a.experts.max(1),
+                p.dora && a.experts == 0,
+            )
+        }),
         &step_graph(c, p)?,
     );
     let rows = (p.trainable_tokens * row_tables.len() * c.hidden_size) as u64;

@@ -1358,7 +1358,10 @@ fn a_mixture_of_experts_model_trains_its_experts_and_generates() {
     let half = [&no_dropout[..], &["--target-modules", "q_proj,gate_proj"]].concat();
     refused(&half, &["target module `gate_proj` without `up_proj`"]);
     let gpu = [&no_dropout[..], &["--device", "gpu"]].concat();
-    refused(&gpu, &["--device gpu: this model's mixture-of-experts layers run on the CPU"]);
+    refused(
+        &gpu,
+        &["--device gpu: this model's mixture-of-experts layers run on the CPU"],
+    );
     let o = train(&no_dropout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let config: serde_json::Value =
@@ -1374,8 +1377,14 @@ fn a_mixture_of_experts_model_trains_its_experts_and_generates() {
         names.sort();
         names
     };
-    assert_eq!(sorted("target_modules"), ["k_proj", "o_proj", "q_proj", "v_proj"]);
-    assert_eq!(sorted("target_parameters"), ["down_proj", "gate.weight", "gate_up_proj"]);
+    assert_eq!(
+        sorted("target_modules"),
+        ["k_proj", "o_proj", "q_proj", "v_proj"]
+    );
+    assert_eq!(
+        sorted("target_parameters"),
+        ["down_proj", "gate.weight", "gate_up_proj"]
+    );
     assert_eq!(config["rank_pattern"][r".*\.gate_up_proj"], 16);
     assert_eq!(config["lora_dropout"], 0.0);
     let weights = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
@@ -1385,7 +1394,10 @@ fn a_mixture_of_experts_model_trains_its_experts_and_generates() {
     let router = "base_model.model.model.layers.0.mlp.gate.lora_B.weight";
     assert_eq!(weights.tensor(router).unwrap().shape(), [8, 8]);
     // Every B starts at zero: the experts' and the router's moved in training.
-    for key in [router, "base_model.model.model.layers.2.mlp.experts.lora_B.weight"] {
+    for key in [
+        router,
+        "base_model.model.model.layers.2.mlp.experts.lora_B.weight",
+    ] {
         let b = weights.tensor(key).unwrap();
         let mut values = b.data().chunks_exact(4);
         assert!(values.any(|v| v != [0; 4]), "{key} did not train");

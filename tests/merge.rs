@@ -1096,7 +1096,11 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
         };
         let mut rng = Rng::new(8);
         let adapter = random_adapter(&trained_on, config, &mut rng);
-        assert!(adapter.pair(&format!("model.layers.0.{EXPERTS_GATE_UP}")).is_some());
+        assert!(
+            adapter
+                .pair(&format!("model.layers.0.{EXPERTS_GATE_UP}"))
+                .is_some()
+        );
         assert!(adapter.pair("model.layers.2.mlp.gate").is_some());
         let adapter_dir = dir.path().join(format!("{name} adapter"));
         nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
@@ -1123,6 +1127,9 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
             .unwrap();
         let adapted = cpu::logits(&f32_model, Some(&adapter), &ids).unwrap();
         let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids, &[]), &adapted);
-        assert!(e < 4e-6, "{name}: merged in f32 {e:e} from the adapted model");
+        assert!(
+            e < 4e-6,
+            "{name}: merged in f32 {e:e} from the adapted model"
+        );
     }
 }

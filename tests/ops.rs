@@ -1727,7 +1727,16 @@ fn moe_routing_and_experts_match_references() {
         let (mut dx, mut dw) = (vec![0f32; tokens * h], vec![0f32; tokens * k]);
         let outs = (&mut dx[..], &mut dw[..]);
         moe::backward(
-            &x, &routes, &weights, weights_of, &shape, &dy, outs, [None, None], false, p,
+            &x,
+            &routes,
+            &weights,
+            weights_of,
+            &shape,
+            &dy,
+            outs,
+            [None, None],
+            false,
+            p,
         );
         (dx, dw)
     };
@@ -1782,7 +1791,8 @@ fn expert_lora_matches_the_merged_experts_and_finite_differences() {
     let (e, k, h, i) = (shape.experts, shape.top_k, shape.hidden, shape.inter);
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     let spec = QuantSpec::new(QuantFormat::Nf4, 32).unwrap();
-    let gate_up = QuantTensor::quantize(spec, e * 2 * i, h, &random(e * 2 * i * h, 0.3, &mut rng)).unwrap();
+    let gate_up =
+        QuantTensor::quantize(spec, e * 2 * i, h, &random(e * 2 * i * h, 0.3, &mut rng)).unwrap();
     let down = QuantTensor::quantize(spec, e * h, i, &random(e * h * i, 0.3, &mut rng)).unwrap();
     let (gu64, down64) = (to64(&gate_up.dequantize()), to64(&down.dequantize()));
     let (gate_up, down) = (LinearWeight::Quant(gate_up), LinearWeight::Quant(down));
@@ -1801,8 +1811,20 @@ fn expert_lora_matches_the_merged_experts_and_finite_differences() {
         gate_up: &gate_up,
         down: &down,
         act: GateActivation::Silu,
-        gate_up_lora: Some(ExpertPairs { a: &a_gu, b: &b_gu, rank: r_gu, scale: s_gu, experts: e }),
-        down_lora: Some(ExpertPairs { a: &a_dn, b: &b_dn, rank: r_dn, scale: s_dn, experts: e }),
+        gate_up_lora: Some(ExpertPairs {
+            a: &a_gu,
+            b: &b_gu,
+            rank: r_gu,
+            scale: s_gu,
+            experts: e,
+        }),
+        down_lora: Some(ExpertPairs {
+            a: &a_dn,
+            b: &b_dn,
+            rank: r_dn,
+            scale: s_dn,
+            experts: e,
+        }),
     };
     // The reference from f64 copies of everything a gradient is taken of.
     let reference = |x: &[f64], w: &[f64], gu: (&[f64], &[f64]), dn: (&[f64], &[f64])| {
@@ -1813,7 +1835,16 @@ fn expert_lora_matches_the_merged_experts_and_finite_differences() {
     let (x64, w64) = (to64(&x), to64(&weights));
     let (agu64, bgu64, adn64, bdn64) = (to64(&a_gu), to64(&b_gu), to64(&a_dn), to64(&b_dn));
     let mut y = vec![0f32; tokens * h];
-    moe::forward(&x, &routes, &weights, &experts, &shape, &mut y, false, Precision::F32);
+    moe::forward(
+        &x,
+        &routes,
+        &weights,
+        &experts,
+        &shape,
+        &mut y,
+        false,
+        Precision::F32,
+    );
     let expected = reference(&x64, &w64, (&agu64, &bgu64), (&adn64, &bdn64));
     let err = rel_err(&y, &expected);
     assert!(err < 1e-6, "the adapted experts' output: {err:e}");
@@ -1826,21 +1857,70 @@ fn expert_lora_matches_the_merged_experts_and_finite_differences() {
     let mut grads = held.clone();
     let (mut dx, mut dw) = (vec![0f32; tokens * h], vec![0f32; tokens * k]);
     {
-        let [ga_gu, gb_gu, ga_dn, gb_dn] = &mut grads[..] else { unreachable!() };
+        let [ga_gu, gb_gu, ga_dn, gb_dn] = &mut grads[..] else {
+            unreachable!()
+        };
         let grads = [
             Some(ExpertGrads { a: ga_gu, b: gb_gu }),
             Some(ExpertGrads { a: ga_dn, b: gb_dn }),
         ];
         let outs = (&mut dx[..], &mut dw[..]);
-        moe::backward(&x, &routes, &weights, &experts, &shape, &dy, outs, grads, false, Precision::F32);
+        moe::backward(
+            &x,
+            &routes,
+            &weights,
+            &experts,
+            &shape,
+            &dy,
+            outs,
+            grads,
+            false,
+            Precision::F32,
+        );
     }
     let fds = [
-        ("input", dx.clone(), finite_diff(&x, &dy, |x| reference(x, &w64, (&agu64, &bgu64), (&adn64, &bdn64)))),
-        ("routing weights", dw.clone(), finite_diff(&weights, &dy, |w| reference(&x64, w, (&agu64, &bgu64), (&adn64, &bdn64)))),
-        ("gate_up's A", grads[0].clone(), finite_diff(&a_gu, &dy, |a| reference(&x64, &w64, (a, &bgu64), (&adn64, &bdn64)))),
-        ("gate_up's B", grads[1].clone(), finite_diff(&b_gu, &dy, |b| reference(&x64, &w64, (&agu64, b), (&adn64, &bdn64)))),
-        ("down's A", grads[2].clone(), finite_diff(&a_dn, &dy, |a| reference(&x64, &w64, (&agu64, &bgu64), (a, &bdn64)))),
-        ("down's B", grads[3].clone(), finite_diff(&b_dn, &dy, |b| reference(&x64, &w64, (&agu64, &bgu64), (&adn64, b)))),
+        (
+            "input",
+            dx.clone(),
+            finite_diff(&x, &dy, |x| {
+                reference(x, &w64, (&agu64, &bgu64), (&adn64, &bdn64))
+            }),
+        ),
+        (
+            "routing weights",
+            dw.clone(),
+            finite_diff(&weights, &dy, |w| {
+                reference(&x64, w, (&agu64, &bgu64), (&adn64, &bdn64))
+            }),
+        ),
+        (
+            "gate_up's A",
+            grads[0].clone(),
+            finite_diff(&a_gu, &dy, |a| {
+                reference(&x64, &w64, (a, &bgu64), (&adn64, &bdn64))
+            }),
+        ),
+        (
+            "gate_up's B",
+            grads[1].clone(),
+            finite_diff(&b_gu, &dy, |b| {
+                reference(&x64, &w64, (&agu64, b), (&adn64, &bdn64))
+            }),
+        ),
+        (
+            "down's A",
+            grads[2].clone(),
+            finite_diff(&a_dn, &dy, |a| {
+                reference(&x64, &w64, (&agu64, &bgu64), (a, &bdn64))
+            }),
+        ),
+        (
+            "down's B",
+            grads[3].clone(),
+            finite_diff(&b_dn, &dy, |b| {
+                reference(&x64, &w64, (&agu64, &bgu64), (&adn64, b))
+            }),
+        ),
     ];
     for (j, (what, got, fd)) in fds.into_iter().enumerate() {
         // The pairs' gradients, less what their buffers held before.

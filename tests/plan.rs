@@ -425,8 +425,10 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
 }
 
 /// A mixture-of-experts step (Qwen3-MoE: 8 experts, 2 per token, a dense layer between two sparse
-/// ones; LoRA on the attention): the experts' kernels hold every token's two outputs before mixing
-/// them, and the largest expert's activations.
+/// ones; LoRA on the attention with dropout, and PEFT's all-linear without, which adapts the routers
+/// and the experts too, gate_up_proj at twice the rank): the experts' kernels hold every token's two
+/// outputs before mixing them, and the largest expert's activations; the plan counts the adapter's
+/// parameters exactly.
 #[test]
 fn planned_memory_of_a_mixture_of_experts_step() {
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
@@ -437,16 +439,22 @@ fn planned_memory_of_a_mixture_of_experts_step() {
         .moe
         .map(|m| nibble::synth::SynthMoe { inter: 256, ..m });
     let (model, qspec) = nf4_model(dir.path(), &spec);
-    let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    let attention: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"]
         .map(String::from)
         .to_vec();
-    let config = LoraConfig {
-        targets: targets.clone(),
-        ..LoraConfig::default()
-    };
     let mut rng = Rng::new(4);
-    let adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
-    for (checkpoint, tokens) in [(false, 192), (true, 300)] {
+    for (targets, dropout, checkpoint, tokens) in [
+        (attention.clone(), true, false, 192),
+        (attention, true, true, 300),
+        (vec!["all-linear".to_string()], false, false, 192),
+        (vec!["all-linear".to_string()], false, true, 300),
+    ] {
+        let config = LoraConfig {
+            targets: targets.clone(),
+            dropout: if dropout { 0.05 } else { 0.0 },
+            ..LoraConfig::default()
+        };
+        let adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
         let planned = plan(
             &model.config,
             &PlanInput {
@@ -454,7 +462,7 @@ fn planned_memory_of_a_mixture_of_experts_step() {
                 quant: Some(qspec),
                 lora_rank: 8,
                 lora_targets: targets.clone(),
-                lora_dropout: true,
+                lora_dropout: dropout,
                 dora: false,
                 checkpoint,
                 checkpoints: nibble::graph::checkpoint::Keep::F32,
@@ -473,7 +481,7 @@ fn planned_memory_of_a_mixture_of_experts_step() {
             decoder_step_against_plan(&planned, (&model, &adapter), &seq, options);
         let step = step_bytes(&planned);
         eprintln!(
-            "MoE, {tokens} tokens, checkpoint {checkpoint}: planned {step} B, measured {measured:.0} B ({ratio:.2})"
+            "MoE, {targets:?}, {tokens} tokens, checkpoint {checkpoint}: planned {step} B, measured {measured:.0} B ({ratio:.2})"
         );
         assert!(
             (0.9..1.1).contains(&ratio),

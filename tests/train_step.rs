@@ -21,20 +21,29 @@ type Setup = (
 );
 
 fn setup(arch: Arch) -> Setup {
-    setup_with(SynthSpec::tiny(arch, 300), LoraConfig::default().targets)
-}
-
-/// A tiny Qwen3-MoE (8 experts, 2 per token; a dense layer between two sparse ones), LoRA on the
-/// attention (what nibble trains there).
-fn setup_moe() -> Setup {
-    let attention = ["q_proj", "k_proj", "v_proj", "o_proj"];
     setup_with(
-        SynthSpec::tiny_qwen3_moe(300),
-        attention.map(String::from).to_vec(),
+        SynthSpec::tiny(arch, 300),
+        LoraConfig::default().targets,
+        0.2,
     )
 }
 
-fn setup_with(mut spec: SynthSpec, targets: Vec<String>) -> Setup {
+/// A tiny Qwen3-MoE (8 experts, 2 per token; a dense layer between two sparse ones): LoRA on the
+/// attention with dropout, or PEFT's all-linear without (the routers and every expert adapted too).
+fn setup_moe(all_linear: bool) -> Setup {
+    let (targets, dropout) = match all_linear {
+        true => (vec!["all-linear".to_string()], 0.0),
+        false => (
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+            0.2,
+        ),
+    };
+    setup_with(SynthSpec::tiny_qwen3_moe(300), targets, dropout)
+}
+
+fn setup_with(mut spec: SynthSpec, targets: Vec<String>, dropout: f32) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     spec.dtype = FloatDtype::F32;
     synth::write_model_folder(dir.path(), &spec, None).unwrap();
@@ -47,7 +56,7 @@ fn setup_with(mut spec: SynthSpec, targets: Vec<String>) -> Setup {
     let config = LoraConfig {
         r: 4,
         alpha: 8.0,
-        dropout: 0.2,
+        dropout,
         use_rslora: false,
         targets,
         ..LoraConfig::default()
@@ -82,13 +91,18 @@ fn set_flat(a: &mut LoraAdapter, values: &[f32]) {
 
 #[test]
 fn dropout_gradients_match_finite_differences() {
-    // Qwen3-MoE: through the routed experts and their weights into the router's logits.
+    // Qwen3-MoE: through the routed experts and their weights into the router's logits, and into the
+    // experts' and routers' own pairs (all-linear).
     for (arch, moe) in [
-        (Arch::Qwen2, false),
-        (Arch::Qwen3, false),
-        (Arch::Qwen3, true),
+        (Arch::Qwen2, None),
+        (Arch::Qwen3, None),
+        (Arch::Qwen3, Some(false)),
+        (Arch::Qwen3, Some(true)),
     ] {
-        let (_dir, model, adapter, seq) = if moe { setup_moe() } else { setup(arch) };
+        let (_dir, model, adapter, seq) = match moe {
+            Some(all_linear) => setup_moe(all_linear),
+            None => setup(arch),
+        };
         let n = seq.target_count() as f32;
         let mut grads = adapter.zeros_like();
         cpu::forward_backward(
@@ -126,12 +140,12 @@ fn dropout_gradients_match_finite_differences() {
         };
         // Small enough that no token's choice of experts flips (top-k is a step, which autograd
         // and nibble hold fixed).
-        let eps = if moe { 1e-4 } else { 1e-3 };
+        let eps = if moe.is_some() { 1e-4 } else { 1e-3 };
         let numeric = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
         let rel = (analytic - numeric).abs() / numeric.abs();
         assert!(
             rel < 1e-2,
-            "{arch:?}: directional derivative {analytic} vs finite difference {numeric} ({rel:e})"
+            "{arch:?} (MoE {moe:?}): directional derivative {analytic} vs finite difference {numeric} ({rel:e})"
         );
     }
 }
@@ -143,7 +157,8 @@ fn checkpointing_changes_nothing() {
     for arch in Arch::ALL {
         checkpointing_changes_nothing_in(arch, setup(arch));
     }
-    checkpointing_changes_nothing_in(Arch::Qwen3, setup_moe());
+    checkpointing_changes_nothing_in(Arch::Qwen3, setup_moe(false));
+    checkpointing_changes_nothing_in(Arch::Qwen3, setup_moe(true));
 }
 
 fn checkpointing_changes_nothing_in(arch: Arch, (_dir, model, adapter, seq): Setup) {

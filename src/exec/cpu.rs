@@ -622,7 +622,18 @@ impl Exec {
                 });
                 let (routes, dy) = (ins[1].u32(), x(5));
                 let p = self.precision;
-                moe::backward(x(0), routes, x(2), &experts, shape, dy, (dx, dw), grads, acc, p);
+                moe::backward(
+                    x(0),
+                    routes,
+                    x(2),
+                    &experts,
+                    shape,
+                    dy,
+                    (dx, dw),
+                    grads,
+                    acc,
+                    p,
+                );
             }
             Op::GluBackward { act } => {
                 let (dgate, dup) = two(&mut outs);

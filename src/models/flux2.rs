@@ -1337,7 +1337,9 @@ pub fn plan(
     let spec = LoraSpec::uniform(targets.iter().map(|(p, _, _)| p.clone()), rank, 0.0);
     Ok(crate::plan::Plan::new(
         planned_weight_bytes(c, quant),
-        targets.iter().map(|(_, out, inp)| (*out, *inp, rank, false)),
+        targets
+            .iter()
+            .map(|(_, out, inp)| (*out, *inp, rank, false)),
         &build(c, Some(&spec), step),
     ))
 }

@@ -89,7 +89,11 @@ impl<'a> ExpertPairs<'a> {
 
     /// Expert e's A [rank, inp].
     fn a(&self, e: usize, inp: usize) -> View<'a> {
-        View::new(&self.a[e * self.rank * inp..][..self.rank * inp], self.rank, inp)
+        View::new(
+            &self.a[e * self.rank * inp..][..self.rank * inp],
+            self.rank,
+            inp,
+        )
     }
 
     /// Rows `first..first + count` of expert e's B: [count, rank].
@@ -133,7 +137,15 @@ impl<'a> ExpertPairs<'a> {
     fn add_branch(&self, e: usize, xa: &[f32], rows: (usize, usize), y: &mut [f32]) {
         let n = xa.len() / self.rank;
         let b_t = self.b_t(e, rows);
-        matmul_into(View::new(xa, n, self.rank), b_t, self.scale, y, rows.1, 0, true);
+        matmul_into(
+            View::new(xa, n, self.rank),
+            b_t,
+            self.scale,
+            y,
+            rows.1,
+            0,
+            true,
+        );
     }
 
     /// The branch's backward for rows `rows` of its output, whose gradient is dy [n, count]:
@@ -146,7 +158,15 @@ impl<'a> ExpertPairs<'a> {
         (d_xa, grads): (&mut [f32], &mut ExpertGrads),
     ) {
         let (n, r) = (xa.len() / self.rank, self.rank);
-        matmul_into(View::new(dy, n, rows.1), self.b(e, rows), self.scale, d_xa, r, 0, true);
+        matmul_into(
+            View::new(dy, n, rows.1),
+            self.b(e, rows),
+            self.scale,
+            d_xa,
+            r,
+            0,
+            true,
+        );
         let gb = matmul(View::transposed(dy, n, rows.1), View::new(xa, n, r));
         let ld = r * self.experts;
         for (i, g) in gb.chunks_exact(r).enumerate() {
@@ -167,7 +187,15 @@ impl<'a> ExpertPairs<'a> {
     ) {
         let (n, r) = (x.len() / inp, self.rank);
         let ga = &mut grads.a[e * r * inp..][..r * inp];
-        matmul_into(View::transposed(d_xa, n, r), View::new(x, n, inp), 1.0, ga, inp, 0, true);
+        matmul_into(
+            View::transposed(d_xa, n, r),
+            View::new(x, n, inp),
+            1.0,
+            ga,
+            inp,
+            0,
+            true,
+        );
         matmul_into(View::new(d_xa, n, r), self.a(e, inp), 1.0, dx, inp, 0, true);
     }
 }
@@ -392,7 +420,14 @@ fn expert_output(
     let mut ye = vec![0f32; n * shape.hidden];
     let packed = linear::pack_input(&r.hidden, shape.inter, precision);
     let rows = shape.down_rows(e);
-    linear::forward_rows_packed(&r.hidden, packed.as_ref(), experts.down, rows, &mut ye, precision);
+    linear::forward_rows_packed(
+        &r.hidden,
+        packed.as_ref(),
+        experts.down,
+        rows,
+        &mut ye,
+        precision,
+    );
     let mut down_xa = Vec::new();
     if let Some(lora) = &experts.down_lora {
         down_xa = lora.project(e, &r.hidden, shape.inter);
