@@ -627,15 +627,15 @@ pub fn targets_module(target: &str, path: &str) -> bool {
     path == target || path.ends_with(&format!(".{target}"))
 }
 
+/// What an adapter adapts: linears (module path, out, in) and parameters adapted by name.
+pub type Targets = (Vec<(String, usize, usize)>, Vec<AdaptableParameter>);
+
 /// The adapted linears of `model` for `targets` (PEFT's list semantics; `all-linear` is every linear
 /// layer but the output projection): their module paths and (out, in) shapes, in the model's order;
 /// and the parameters adapted by name, where PEFT turns the targets into some
 /// (`LoraConfig::converted_for`). A target that names nothing is an error that lists the names
 /// that work.
-pub fn resolve_targets(
-    model: &ModelConfig,
-    targets: &[String],
-) -> Result<(Vec<(String, usize, usize)>, Vec<AdaptableParameter>)> {
+pub fn resolve_targets(model: &ModelConfig, targets: &[String]) -> Result<Targets> {
     let config = LoraConfig {
         targets: targets.to_vec(),
         dropout: 0.0,
@@ -723,7 +723,7 @@ pub fn resolve_among(
 
 impl LoraAdapter {
     fn with_pairs(
-        (linears, parameters): (Vec<(String, usize, usize)>, Vec<AdaptableParameter>),
+        (linears, parameters): Targets,
         config: LoraConfig,
         mut make: impl FnMut(usize, usize, usize, usize) -> LoraPair,
     ) -> Result<Self> {
@@ -813,11 +813,7 @@ impl LoraAdapter {
         Self::init_with((linears, Vec::new()), config, rng)
     }
 
-    fn init_with(
-        targets: (Vec<(String, usize, usize)>, Vec<AdaptableParameter>),
-        config: LoraConfig,
-        rng: &mut Rng,
-    ) -> Result<Self> {
+    fn init_with(targets: Targets, config: LoraConfig, rng: &mut Rng) -> Result<Self> {
         Self::with_pairs(targets, config, |r, inp, out, experts| {
             let mut pair = LoraPair::zeros_stacked(r, inp, out, experts);
             let bound = 1.0 / (inp as f64).sqrt();
@@ -1039,19 +1035,20 @@ impl LoraAdapter {
                     .into(),
             ));
         }
-        let target_parameters: Vec<String> = match v.get("target_parameters") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(names)) => names
-                .iter()
-                .map(|n| n.as_str().map(str::to_string))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad("`target_parameters` entries must be parameter names".into()))?,
-            Some(other) => {
-                return Err(bad(format!(
-                    "`target_parameters: {other}` must be a list of parameter names"
-                )));
+        let names = |key: &str, what: &str| -> Result<Vec<String>> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::Array(names)) => names
+                    .iter()
+                    .map(|n| n.as_str().map(str::to_string))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad(format!("`{key}` entries must be {what} names"))),
+                Some(other) => Err(bad(format!(
+                    "`{key}: {other}` must be a list of {what} names"
+                ))),
             }
         };
+        let target_parameters = names("target_parameters", "parameter")?;
         if let Some(bias) = v
             .get("bias")
             .filter(|b| !b.is_null() && b.as_str() != Some("none"))
@@ -1060,19 +1057,7 @@ impl LoraAdapter {
                 "`bias: {bias}` trains the base's biases too; nibble's adapters hold LoRA matrices only"
             )));
         }
-        let to_save: Vec<String> = match v.get("modules_to_save") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(names)) => names
-                .iter()
-                .map(|n| n.as_str().map(str::to_string))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad("`modules_to_save` entries must be module names".into()))?,
-            Some(other) => {
-                return Err(bad(format!(
-                    "`modules_to_save: {other}` must be a list of module names"
-                )));
-            }
-        };
+        let to_save = names("modules_to_save", "module")?;
         if !to_save.is_empty() && !keep_modules {
             return Err(bad(format!(
                 "`modules_to_save: {}` holds whole trained modules beside the LoRA matrices: nibble \

@@ -71,6 +71,7 @@ impl Fixture {
                     rank: 4,
                     in_features: a.len() / 4,
                     out_features: b.len() / 4,
+                    experts: 1,
                     a,
                     b,
                     magnitude: Vec::new(),

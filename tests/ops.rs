@@ -1583,6 +1583,26 @@ fn moe_experts64(
     y
 }
 
+/// A layer's stacked experts, random (standard deviation `scale`) in NF4 groups of 32: gate_up and
+/// down, each with its dequantized values in f64.
+#[allow(clippy::type_complexity)]
+fn random_nf4_experts(
+    shape: &nibble::ops::moe::MoeShape,
+    scale: f64,
+    rng: &mut Rng,
+) -> ((LinearWeight, Vec<f64>), (LinearWeight, Vec<f64>)) {
+    let (e, h, i) = (shape.experts, shape.hidden, shape.inter);
+    let spec = QuantSpec::new(QuantFormat::Nf4, 32).unwrap();
+    [(e * 2 * i, h), (e * h, i)]
+        .map(|(rows, cols)| {
+            let q =
+                QuantTensor::quantize(spec, rows, cols, &random(rows * cols, scale, rng)).unwrap();
+            let values = q.dequantize().iter().map(|&v| v as f64).collect();
+            (LinearWeight::Quant(q), values)
+        })
+        .into()
+}
+
 /// A mixture-of-experts layer's ops (`ops::moe`) on NF4 experts against f64 references: the routing
 /// with and without renormalised weights, its backward against finite differences (the choices held
 /// fixed), the experts' mixed output at few tokens (streamed rows) and many (decoded blocks), and
@@ -1598,15 +1618,9 @@ fn moe_routing_and_experts_match_references() {
         hidden: 64,
         inter: 32,
     };
-    let (e, k, h, i) = (shape.experts, shape.top_k, shape.hidden, shape.inter);
-    let spec = QuantSpec::new(QuantFormat::Nf4, 32).unwrap();
-    let w_gu = random(e * 2 * i * h, 0.15, &mut rng);
-    let w_down = random(e * h * i, 0.15, &mut rng);
-    let gate_up = QuantTensor::quantize(spec, e * 2 * i, h, &w_gu).unwrap();
-    let down = QuantTensor::quantize(spec, e * h, i, &w_down).unwrap();
+    let (e, k, h) = (shape.experts, shape.top_k, shape.hidden);
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    let (gu64, down64) = (to64(&gate_up.dequantize()), to64(&down.dequantize()));
-    let (gate_up, down) = (LinearWeight::Quant(gate_up), LinearWeight::Quant(down));
+    let ((gate_up, gu64), (down, down64)) = random_nf4_experts(&shape, 0.15, &mut rng);
     let weights_of = &moe::Experts {
         gate_up: &gate_up,
         down: &down,
@@ -1790,12 +1804,7 @@ fn expert_lora_matches_the_merged_experts_and_finite_differences() {
     };
     let (e, k, h, i) = (shape.experts, shape.top_k, shape.hidden, shape.inter);
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    let spec = QuantSpec::new(QuantFormat::Nf4, 32).unwrap();
-    let gate_up =
-        QuantTensor::quantize(spec, e * 2 * i, h, &random(e * 2 * i * h, 0.3, &mut rng)).unwrap();
-    let down = QuantTensor::quantize(spec, e * h, i, &random(e * h * i, 0.3, &mut rng)).unwrap();
-    let (gu64, down64) = (to64(&gate_up.dequantize()), to64(&down.dequantize()));
-    let (gate_up, down) = (LinearWeight::Quant(gate_up), LinearWeight::Quant(down));
+    let ((gate_up, gu64), (down, down64)) = random_nf4_experts(&shape, 0.3, &mut rng);
     let (r_gu, r_dn, s_gu, s_dn) = (2, 3, 1.5f32, 0.7f32);
     let a_gu = random(e * r_gu * h, 0.3, &mut rng);
     let b_gu = random(2 * i * r_gu * e, 0.3, &mut rng);

@@ -1572,6 +1572,7 @@ fn rank_and_alpha_patterns_name_the_modules_peft_names() {
             ]
             .map(String::from)
             .to_vec(),
+            target_parameters: Vec::new(),
             rank_pattern: Patterns::from_json(&case["rank_pattern"], "a rank").unwrap(),
             alpha_pattern: Patterns::from_json(&case["alpha_pattern"], "a number").unwrap(),
         };
