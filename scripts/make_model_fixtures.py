@@ -28,7 +28,7 @@ from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalG
                           Ministral3Config, Ministral3ForCausalLM, Mistral3Config, Mistral3ForConditionalGeneration,
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
-                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
 
@@ -124,7 +124,13 @@ models["qwen3_moe"] = (Qwen3MoeForCausalLM, Qwen3MoeConfig(
     **{**common, "num_hidden_layers": 3}, head_dim=32, num_experts=4, num_experts_per_tok=2,
     moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1,
     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+# Mixtral: Mistral's attention, every layer 4 experts of width 128, 2 per token (always renormalised);
+# saved as the hub stores it (block_sparse_moe.experts.{e}.w1/w2/w3, block_sparse_moe.gate).
+models["mixtral"] = (MixtralForCausalLM, MixtralConfig(
+    **common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
 MULTIMODAL = ("gemma3", "mistral3", "gemma4")
+MOE = ("qwen3_moe", "mixtral")
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # What nibble packs in 4 bits beside the linears: a mixture-of-experts layer's stacked experts
 # ([experts, rows, cols]; groups of 64 run along each row as nibble's do).
@@ -145,7 +151,7 @@ def write_expected(name, cls, config, folder, **load):
 
     targets = FUSED_TARGETS if name == "phi3" else TARGETS + PLE_TARGETS if name == "gemma4_e2b" else TARGETS
     quantized = targets
-    if name == "qwen3_moe":
+    if name in MOE:
         # PEFT turns all-linear into the attention's linears and, as target_parameters, the router
         # and both stacks of experts (gate_up_proj at twice the rank and alpha); the dense layer's
         # MLP is left out.

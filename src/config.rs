@@ -272,10 +272,12 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
-/// A mixture-of-experts MLP (Qwen3-MoE, `model_type` qwen3_moe): each token's hidden state goes
-/// through the `top_k` of `experts` gated MLPs its router picks, mixed by the router's weights.
+/// A mixture-of-experts MLP (Qwen3-MoE, `model_type` qwen3_moe; Mixtral, mixtral): each token's
+/// hidden state goes through the `top_k` of `experts` gated MLPs its router picks, mixed by the
+/// router's weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeConfig {
+    pub family: MoeFamily,
     pub experts: usize,
     pub top_k: usize,
     /// Each expert's intermediate width (`moe_intermediate_size`).
@@ -288,6 +290,60 @@ pub struct MoeConfig {
     /// transformers adds `router_aux_loss_coef` times the routers' load-balancing loss to the
     /// training loss when `output_router_logits` is set (it is not by default).
     pub output_router_logits: bool,
+}
+
+/// Whose mixture of experts: what its checkpoints name the router and experts, and the module
+/// names PEFT converts into its `target_parameters`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeFamily {
+    /// Qwen3-MoE (transformers' qwen2_moe conversion): `mlp.gate`, `mlp.experts.{e}.gate_proj`,
+    /// `up_proj`, `down_proj`.
+    Qwen3,
+    /// Mixtral: `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up), `w2`
+    /// (down).
+    Mixtral,
+}
+
+impl MoeFamily {
+    /// PEFT's map from the module names a family's v4 model had to the parameters transformers 5
+    /// stacks them into (`_MOE_TARGET_MODULE_MAPPING`): the router's, then the experts' gate, up
+    /// and down projections.
+    pub fn peft_targets(self) -> [(&'static str, &'static str); 4] {
+        let [gate, up, down] = self.projection_names();
+        [
+            ("gate", "gate.weight"),
+            (gate, "gate_up_proj"),
+            (up, "gate_up_proj"),
+            (down, "down_proj"),
+        ]
+    }
+
+    /// The checkpoints' names of an expert's gate, up and down projections.
+    pub fn projection_names(self) -> [&'static str; 3] {
+        match self {
+            MoeFamily::Qwen3 => ["gate_proj", "up_proj", "down_proj"],
+            MoeFamily::Mixtral => ["w1", "w3", "w2"],
+        }
+    }
+}
+
+/// A Mixtral checkpoint's tensor as nibble names it (transformers 5's module names, the experts by
+/// Qwen3-MoE's): `block_sparse_moe.gate` is `mlp.gate`, `block_sparse_moe.experts.{e}.w1` (w3, w2)
+/// is `mlp.experts.{e}.gate_proj` (up_proj, down_proj).
+pub fn mixtral_name(name: &str) -> Option<String> {
+    let (layer, rest) = name.split_once("block_sparse_moe.")?;
+    if rest == "gate.weight" {
+        return Some(format!("{layer}{ROUTER_MODULE}.weight"));
+    }
+    let (expert, projection) = rest.strip_prefix("experts.")?.split_once('.')?;
+    let [gate, up, down] = MoeFamily::Mixtral.projection_names();
+    let ours = match projection.strip_suffix(".weight")? {
+        p if p == gate => "gate_proj",
+        p if p == up => "up_proj",
+        p if p == down => "down_proj",
+        _ => return None,
+    };
+    Some(format!("{layer}mlp.experts.{expert}.{ours}.weight"))
 }
 
 impl MoeConfig {
@@ -718,11 +774,16 @@ impl ModelConfig {
             .and_then(Value::as_array)
             .and_then(|a| a.first())
             .and_then(Value::as_str);
-        // Qwen3-MoE is Qwen3's attention with experts for MLPs.
-        let moe = model_type == Some(QWEN3_MOE)
-            || (model_type.is_none() && class == Some(QWEN3_MOE_CLASS));
+        // Qwen3-MoE is Qwen3's attention with experts for MLPs; Mixtral, Mistral's.
+        let named = |t: &str, c: &str| model_type == Some(t) || (model_type.is_none() && class == Some(c));
+        let moe = match () {
+            _ if named(QWEN3_MOE, QWEN3_MOE_CLASS) => Some(MoeFamily::Qwen3),
+            _ if named(MIXTRAL, MIXTRAL_CLASS) => Some(MoeFamily::Mixtral),
+            _ => None,
+        };
         let arch = match (model_type, class) {
-            _ if moe => Arch::Qwen3,
+            _ if moe == Some(MoeFamily::Qwen3) => Arch::Qwen3,
+            _ if moe == Some(MoeFamily::Mixtral) => Arch::Mistral,
             (Some(t), _) => Arch::from_model_type(t).ok_or_else(|| {
                 Error::UnsupportedArchitecture(format!("{t} (in {})", origin.display()))
             })?,
@@ -1018,8 +1079,8 @@ impl ModelConfig {
             gemma4_full_layer_heads(&fields, &mut config)?;
             gemma4_small_model_parts(&fields, &mut config)?;
         }
-        if moe {
-            config.moe = Some(parse_moe(&fields, num_layers)?);
+        if let Some(family) = moe {
+            config.moe = Some(parse_moe(&fields, num_layers, family)?);
         }
         Ok(config)
     }
@@ -1577,18 +1638,35 @@ fn sqrt_in_dtype(n: usize, dtype: Option<&str>) -> f32 {
 /// Qwen3-MoE's `model_type` and class.
 const QWEN3_MOE: &str = "qwen3_moe";
 const QWEN3_MOE_CLASS: &str = "Qwen3MoeForCausalLM";
+const MIXTRAL: &str = "mixtral";
+const MIXTRAL_CLASS: &str = "MixtralForCausalLM";
 
 /// Qwen3MoeConfig's experts: a layer's MLP is the experts unless it is listed in `mlp_only_layers`
 /// or `decoder_sparse_step` passes it over (layer l is sparse when (l + 1) % step == 0).
-fn parse_moe(fields: &Fields, num_layers: usize) -> Result<MoeConfig> {
+fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<MoeConfig> {
     let err = fields.err;
-    // Hub configs say num_experts; save_pretrained writes num_local_experts.
+    // Qwen3-MoE's hub configs say num_experts, its save_pretrained writes num_local_experts;
+    // Mixtral's experts are as wide as `intermediate_size` says, every layer's.
+    let mixtral = family == MoeFamily::Mixtral;
     let experts = match fields.opt_usize("num_experts")? {
-        Some(n) => n,
-        None => fields.opt_usize("num_local_experts")?.unwrap_or(128),
+        Some(n) if !mixtral => n,
+        _ => fields
+            .opt_usize("num_local_experts")?
+            .unwrap_or(if mixtral { 8 } else { 128 }),
     };
-    let top_k = fields.opt_usize("num_experts_per_tok")?.unwrap_or(8);
-    let inter = fields.opt_usize("moe_intermediate_size")?.unwrap_or(768);
+    let top_k = fields
+        .opt_usize("num_experts_per_tok")?
+        .unwrap_or(if mixtral { 2 } else { 8 });
+    let inter = match mixtral {
+        true => fields.opt_usize("intermediate_size")?.unwrap_or(14336),
+        false => fields.opt_usize("moe_intermediate_size")?.unwrap_or(768),
+    };
+    if mixtral && fields.opt_f64("router_jitter_noise")?.is_some_and(|j| j > 0.0) {
+        log::warn!(
+            "router_jitter_noise: transformers scales each MoE layer's input by noise in training; \
+             nibble does not"
+        );
+    }
     let step = fields.opt_usize("decoder_sparse_step")?.unwrap_or(1);
     if experts == 0 || top_k == 0 || top_k > experts {
         return Err(err(format!(
@@ -1621,10 +1699,12 @@ fn parse_moe(fields: &Fields, num_layers: usize) -> Result<MoeConfig> {
         .map(|l| !dense.contains(&l) && step > 0 && (l + 1) % step == 0)
         .collect();
     Ok(MoeConfig {
+        family,
         experts,
         top_k,
         inter,
-        normalize: fields.opt_bool("norm_topk_prob")?.unwrap_or(false),
+        // Mixtral's router always renormalises the chosen experts' weights.
+        normalize: mixtral || fields.opt_bool("norm_topk_prob")?.unwrap_or(false),
         sparse,
         output_router_logits: fields.opt_bool("output_router_logits")?.unwrap_or(false),
     })

@@ -96,21 +96,18 @@ impl LoraConfig {
     }
 
     fn convert_expert_targets(&mut self, model: &ModelConfig) -> Result<()> {
-        // PEFT's qwen2_moe mapping (Qwen2-MoE, Qwen3-MoE and the families transformers converts
-        // alike): the v4 module names and the parameters they became.
-        const MAPPING: [(&str, &str); 4] = [
-            ("gate", "gate.weight"),
-            ("gate_proj", "gate_up_proj"),
-            ("up_proj", "gate_up_proj"),
-            ("down_proj", "down_proj"),
-        ];
+        let Some(moe) = &model.moe else {
+            return Ok(());
+        };
+        let mapping = moe.family.peft_targets();
+        let [gate, up, _] = moe.family.projection_names();
         let mut targets = self.targets.clone();
         if targets.iter().any(|t| t == "all-linear") {
             let mut names: Vec<String> = model
                 .linear_modules()
                 .into_iter()
                 .map(|(path, _, _)| path.rsplit('.').next().unwrap_or(&path).to_string())
-                .chain(MAPPING.iter().map(|(old, _)| old.to_string()))
+                .chain(mapping.iter().map(|(old, _)| old.to_string()))
                 .collect();
             names.sort();
             names.dedup();
@@ -119,7 +116,7 @@ impl LoraConfig {
         let mut remaining = Vec::new();
         let mut fused = Vec::new();
         for t in targets {
-            let mapped = MAPPING
+            let mapped = mapping
                 .iter()
                 .find(|(old, _)| t == *old || t.ends_with(&format!(".{old}")));
             match mapped {
@@ -137,8 +134,8 @@ impl LoraConfig {
         match fused.len() {
             1 => {
                 let (present, missing) = match fused[0] {
-                    "gate_proj" => ("gate_proj", "up_proj"),
-                    _ => ("up_proj", "gate_proj"),
+                    name if name == gate => (gate, up),
+                    _ => (up, gate),
                 };
                 return Err(Error::Invalid(format!(
                     "target module `{present}` without `{missing}` on a mixture-of-experts model:                      the experts hold both in one stacked gate_up_proj, which PEFT adapts whole:                      name both"

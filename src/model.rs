@@ -912,14 +912,24 @@ impl ModelSource {
             .iter()
             .map(|n| files.open_safetensors(n))
             .collect::<Result<Vec<_>>>()?;
-        if config.multimodal.is_some() {
+        // Checkpoints that spell some names otherwise than nibble (transformers 5) does.
+        let mixtral = config
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.family == crate::config::MoeFamily::Mixtral);
+        let rename: Option<fn(&str) -> Option<String>> = match () {
+            _ if config.multimodal.is_some() => Some(multimodal_name),
+            _ if mixtral => Some(crate::config::mixtral_name),
+            _ => None,
+        };
+        if let Some(rename) = rename {
             for shard in &mut shards {
-                shard.rename(multimodal_name);
+                shard.rename(rename);
             }
             if let Some(wm) = weight_map.as_mut() {
                 *wm = std::mem::take(wm)
                     .into_iter()
-                    .map(|(name, file)| (multimodal_name(&name).unwrap_or(name), file))
+                    .map(|(name, file)| (rename(&name).unwrap_or(name), file))
                     .collect();
             }
         }
