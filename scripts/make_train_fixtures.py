@@ -8,7 +8,8 @@ rotary, LongRoPE), Gemma 4 (v norms, a full layer with wider heads whose values 
 per layer, capped logits, per-layer inputs whose two linears are adapted too, two layers reusing the
 first two's keys and values with double-wide MLPs), Ministral 3 (YaRN, the per-position query scale)
 and Qwen3-MoE (8 experts, 2 per token, a dense layer between two sparse ones; all-linear: LoRA on the attention,
-the routers and the experts) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
+the routers and the experts), and Mixtral (Mistral's attention with a window of 8, 4 experts in each of two
+layers; all-linear) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
 chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
 linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
 dropout 0, batch 1 with gradient accumulation 2, constant
@@ -40,7 +41,7 @@ FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_
             "gemma4_text": SEPARATE + ["per_layer_input_gate", "per_layer_projection"], "ministral3": SEPARATE,
             # PEFT turns all-linear into the attention's linears and, as target_parameters, the
             # routers and both stacks of experts (gate_up_proj at twice the rank and alpha).
-            "qwen3_moe": "all-linear"}
+            "qwen3_moe": "all-linear", "mixtral": "all-linear"}
 STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
 CHATS = [
     ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),
@@ -63,7 +64,7 @@ def load_base(folder, targets):
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     # nibble packs every decoder linear in 4 bits, and a mixture-of-experts layer's stacked experts
     # ([experts, rows, cols]: groups of 64 along each row, as nibble's); its router stays dense.
-    moe = base.config.model_type == "qwen3_moe"
+    moe = base.config.model_type in ("qwen3_moe", "mixtral")
     if moe:
         # transformers' default (grouped_mm) has no float64; the loop over experts equals it in f32.
         base.set_experts_implementation("eager")

@@ -775,7 +775,8 @@ impl ModelConfig {
             .and_then(|a| a.first())
             .and_then(Value::as_str);
         // Qwen3-MoE is Qwen3's attention with experts for MLPs; Mixtral, Mistral's.
-        let named = |t: &str, c: &str| model_type == Some(t) || (model_type.is_none() && class == Some(c));
+        let named =
+            |t: &str, c: &str| model_type == Some(t) || (model_type.is_none() && class == Some(c));
         let moe = match () {
             _ if named(QWEN3_MOE, QWEN3_MOE_CLASS) => Some(MoeFamily::Qwen3),
             _ if named(MIXTRAL, MIXTRAL_CLASS) => Some(MoeFamily::Mixtral),
@@ -1661,7 +1662,11 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
         true => fields.opt_usize("intermediate_size")?.unwrap_or(14336),
         false => fields.opt_usize("moe_intermediate_size")?.unwrap_or(768),
     };
-    if mixtral && fields.opt_f64("router_jitter_noise")?.is_some_and(|j| j > 0.0) {
+    if mixtral
+        && fields
+            .opt_f64("router_jitter_noise")?
+            .is_some_and(|j| j > 0.0)
+    {
         log::warn!(
             "router_jitter_noise: transformers scales each MoE layer's input by noise in training; \
              nibble does not"

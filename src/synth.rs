@@ -77,13 +77,15 @@ pub struct SynthSpec {
     /// Standard deviation of the random weights (0.1 keeps a tiny model's loss away from ln(vocab)).
     pub std: f32,
     pub seed: u64,
-    /// Qwen3 only: mixture-of-experts MLPs (Qwen3-MoE) in every layer but the second.
+    /// Mixture-of-experts MLPs: Qwen3-MoE's (on Qwen3) in every layer but the second, Mixtral's (on
+    /// Mistral) in every layer.
     pub moe: Option<SynthMoe>,
 }
 
-/// A synthetic Qwen3-MoE's experts.
+/// A synthetic mixture of experts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SynthMoe {
+    pub family: crate::config::MoeFamily,
     pub experts: usize,
     pub top_k: usize,
     pub inter: usize,
@@ -96,11 +98,26 @@ impl SynthSpec {
         SynthSpec {
             num_layers: 3,
             moe: Some(SynthMoe {
+                family: crate::config::MoeFamily::Qwen3,
                 experts: 8,
                 top_k: 2,
                 inter: 64,
             }),
             ..Self::tiny(Arch::Qwen3, vocab_size)
+        }
+    }
+
+    /// A two-layer Mixtral: Mistral's attention, 4 experts of width 64 in each layer, 2 per token.
+    pub fn tiny_mixtral(vocab_size: usize) -> Self {
+        SynthSpec {
+            intermediate_size: 64,
+            moe: Some(SynthMoe {
+                family: crate::config::MoeFamily::Mixtral,
+                experts: 4,
+                top_k: 2,
+                inter: 64,
+            }),
+            ..Self::tiny(Arch::Mistral, vocab_size)
         }
     }
 }
@@ -273,7 +290,18 @@ impl SynthSpec {
             }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Ministral3 => {}
         }
-        if let Some(m) = self.moe {
+        if let Some(m) = self
+            .moe
+            .filter(|m| m.family == crate::config::MoeFamily::Mixtral)
+        {
+            obj.insert("architectures".into(), json!(["MixtralForCausalLM"]));
+            obj.insert("model_type".into(), json!("mixtral"));
+            obj.insert("num_local_experts".into(), json!(m.experts));
+            obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+            obj.insert("intermediate_size".into(), json!(m.inter));
+            obj.insert("output_router_logits".into(), json!(false));
+            obj.insert("router_jitter_noise".into(), json!(0.0));
+        } else if let Some(m) = self.moe {
             obj.insert("architectures".into(), json!(["Qwen3MoeForCausalLM"]));
             obj.insert("model_type".into(), json!("qwen3_moe"));
             obj.insert("num_experts".into(), json!(m.experts));

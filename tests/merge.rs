@@ -1074,8 +1074,9 @@ fn refuses_training(
 /// Qwen3-MoE with PEFT's all-linear (the attention, the routers and every expert adapted) merged, in
 /// f32 and `--base-weights quantized` (each expert's rows quantized as training stacked and packed
 /// them), whether the folder stores one tensor per expert (the hub's layout: the transformers
-/// fixture) or transformers' stacked [experts, rows, cols] (`nibble synth`'s): each expert's update
-/// lands on its own rows, so the merged folder gives the logits of the adapted model.
+/// fixture; Mixtral's, in its own names, which the merged folder keeps) or transformers' stacked
+/// [experts, rows, cols] (`nibble synth`'s): each expert's update lands on its own rows, so the merged
+/// folder gives the logits of the adapted model.
 #[test]
 fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
     let dir = tempfile::tempdir().unwrap();
@@ -1085,7 +1086,12 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
     synth::write_model_folder(&synthetic, &spec, Some(&synth::byte_tokenizer())).unwrap();
     let fixture = std::path::PathBuf::from("tests/fixtures/hf/qwen3_moe");
     let qspec = nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap();
-    for (name, base) in [("per expert", fixture), ("stacked", synthetic)] {
+    let mixtral = std::path::PathBuf::from("tests/fixtures/hf/mixtral");
+    for (name, base) in [
+        ("per expert", fixture),
+        ("stacked", synthetic),
+        ("Mixtral's names", mixtral),
+    ] {
         let trained_on = ModelSource::open(&base)
             .unwrap()
             .load(Some(QuantRequest::Quantize(qspec)))
@@ -1101,7 +1107,7 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
                 .pair(&format!("model.layers.0.{EXPERTS_GATE_UP}"))
                 .is_some()
         );
-        assert!(adapter.pair("model.layers.2.mlp.gate").is_some());
+        assert!(adapter.pair("model.layers.0.mlp.gate").is_some());
         let adapter_dir = dir.path().join(format!("{name} adapter"));
         nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
         let ids: Vec<u32> = (0..12).map(|_| rng.below(256) as u32).collect();
@@ -1131,5 +1137,21 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
             e < 4e-6,
             "{name}: merged in f32 {e:e} from the adapted model"
         );
+        if name == "Mixtral's names" {
+            let merged = dir.path().join("mixtral merged");
+            let (base, adapter) = (base.to_str().unwrap(), adapter_dir.to_str().unwrap());
+            let out = merged.to_str().unwrap();
+            let o = nibble(&["merge", "--model", base, "--adapter", adapter, "-o", out]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let file =
+                nibble::source::SafetensorsFile::open(&merged.join("model.safetensors")).unwrap();
+            let names: Vec<&String> = file.tensor_names().collect();
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n.ends_with("block_sparse_moe.experts.3.w2.weight"))
+            );
+            assert!(names.iter().all(|n| !n.contains(".mlp.")), "{names:?}");
+        }
     }
 }
