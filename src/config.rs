@@ -156,6 +156,7 @@ pub fn supported_model_types() -> String {
     let names: Vec<String> = Arch::ALL
         .iter()
         .map(|a| a.model_type().to_string())
+        .chain([QWEN3_MOE, MIXTRAL].map(String::from))
         .chain(
             Multimodal::ALL
                 .iter()

@@ -1621,6 +1621,32 @@ fn moe_routing_and_experts_match_references() {
     let (e, k, h) = (shape.experts, shape.top_k, shape.hidden);
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     let ((gate_up, gu64), (down, down64)) = random_nf4_experts(&shape, 0.15, &mut rng);
+    // dx and d_weights of the unadapted experts.
+    let backward = |(x, routes, weights, dy): (&[f32], &[u32], &[f32], &[f32]), p: Precision| {
+        let tokens = x.len() / h;
+        let (mut dx, mut dw) = (vec![0f32; tokens * h], vec![0f32; tokens * k]);
+        let outs = (&mut dx[..], &mut dw[..]);
+        let experts = &moe::Experts {
+            gate_up: &gate_up,
+            down: &down,
+            act: GateActivation::Silu,
+            gate_up_lora: None,
+            down_lora: None,
+        };
+        moe::backward(
+            x,
+            routes,
+            weights,
+            experts,
+            &shape,
+            dy,
+            outs,
+            [None, None],
+            false,
+            p,
+        );
+        (dx, dw)
+    };
     let weights_of = &moe::Experts {
         gate_up: &gate_up,
         down: &down,
@@ -1693,20 +1719,7 @@ fn moe_routing_and_experts_match_references() {
         assert!(err < 3e-6, "router logits' gradient ({normalize}): {err:e}");
 
         let dy = random(tokens * h, 1.0, &mut rng);
-        let (mut dx, mut d_weights) = (vec![0f32; tokens * h], vec![0f32; tokens * k]);
-        let outs = (&mut dx[..], &mut d_weights[..]);
-        moe::backward(
-            &x,
-            &routes,
-            &weights,
-            weights_of,
-            &shape,
-            &dy,
-            outs,
-            [None, None],
-            false,
-            Precision::F32,
-        );
+        let (dx, d_weights) = backward((&x, &routes, &weights, &dy), Precision::F32);
         let experts = |x: &[f64], w: &[f64]| moe_experts64(x, &routes, w, (&gu64, &down64), &shape);
         let fd = finite_diff(&x, &dy, |x| experts(x, &to64(&weights)));
         let err = rel_err(&dx, &fd);
@@ -1737,24 +1750,11 @@ fn moe_routing_and_experts_match_references() {
     );
     let err = rel_err(&y, &reference);
     assert!(err < 1e-2, "the experts in 16-bit products: {err:e}");
-    let backward = |p: Precision| {
-        let (mut dx, mut dw) = (vec![0f32; tokens * h], vec![0f32; tokens * k]);
-        let outs = (&mut dx[..], &mut dw[..]);
-        moe::backward(
-            &x,
-            &routes,
-            &weights,
-            weights_of,
-            &shape,
-            &dy,
-            outs,
-            [None, None],
-            false,
-            p,
-        );
-        (dx, dw)
-    };
-    let ((dx16, dw16), (dx32, dw32)) = (backward(Precision::Int16), backward(Precision::F32));
+    let inputs = (&x[..], &routes[..], &weights[..], &dy[..]);
+    let ((dx16, dw16), (dx32, dw32)) = (
+        backward(inputs, Precision::Int16),
+        backward(inputs, Precision::F32),
+    );
     for (what, a, b) in [("input", dx16, dx32), ("routing weights", dw16, dw32)] {
         let err = rel_err(&a, &to64(&b));
         assert!(
