@@ -87,7 +87,10 @@ impl LoraConfig {
             };
             if let Some(what) = refused {
                 return Err(Error::Invalid(format!(
-                    "the adapter targets parameters ({}: a mixture of experts' experts or router),                      which PEFT adapts without dropout or DoRA and refuses {what} for: pass                      --lora-dropout 0 (and no --use-dora), or adapt the attention alone:                      --target-modules q_proj,k_proj,v_proj,o_proj",
+                    "the adapter's target_parameters ({}: a mixture of experts' experts or router) \
+                     are adapted without dropout or DoRA, and PEFT refuses {what} there: pass \
+                     --lora-dropout 0 (and no --use-dora), or adapt the attention alone: \
+                     --target-modules q_proj,k_proj,v_proj,o_proj",
                     c.target_parameters.join(", ")
                 )));
             }
@@ -138,7 +141,9 @@ impl LoraConfig {
                     _ => (up, gate),
                 };
                 return Err(Error::Invalid(format!(
-                    "target module `{present}` without `{missing}` on a mixture-of-experts model:                      the experts hold both in one stacked gate_up_proj, which PEFT adapts whole:                      name both"
+                    "target module `{present}` without `{missing}` on a mixture-of-experts model: \
+                     the experts hold both in one stacked gate_up_proj, which PEFT adapts whole: \
+                     name both"
                 )));
             }
             2 => {
@@ -668,7 +673,7 @@ pub fn resolve_parameters(
         names.sort();
         names.dedup();
         return Err(Error::Invalid(format!(
-            "target parameter `{t}` names no parameter nibble adapts in this model (those it \
+            "target_parameters: `{t}` names no parameter nibble adapts in this model (those it \
              adapts: {})",
             if names.is_empty() {
                 "none".to_string()
