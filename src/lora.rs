@@ -1,5 +1,7 @@
 //! LoRA adapters in PEFT's layout: for each adapted linear, A [r, in] and B [out, r], and the update
-//! y += scale · (dropout(x)·Aᵀ)·Bᵀ with scale = alpha/r (or alpha/√r with rsLoRA).
+//! y += scale · (dropout(x)·Aᵀ)·Bᵀ with scale = alpha/r (or alpha/√r with rsLoRA); for a parameter
+//! PEFT adapts by name (`target_parameters`: a mixture of experts' stacks), one pair of every
+//! expert's matrices in its ParamWrapper's layout (`LoraPair`).
 
 use crate::config::{AdaptableParameter, EXPERTS_DOWN, EXPERTS_GATE_UP, ModelConfig};
 use crate::error::{Error, Result};
@@ -80,6 +82,7 @@ impl LoraConfig {
             c.convert_expert_targets(model)?;
         }
         if !c.target_parameters.is_empty() {
+            resolve_parameters(model, &c.target_parameters)?;
             let refused = match () {
                 _ if c.dropout > 0.0 => Some(format!("LoRA dropout {}", c.dropout)),
                 _ if c.use_dora => Some("DoRA".to_string()),
@@ -688,6 +691,27 @@ pub fn resolve_parameters(
         .collect())
 }
 
+/// The module names PEFT converts into `target_parameters` on `model` (`LoraConfig::converted_for`
+/// backwards): a stacked gate_up_proj's two projections, down_proj's, the router's `gate`.
+pub fn module_names_of_parameters(
+    model: &ModelConfig,
+    target_parameters: &[String],
+) -> Vec<String> {
+    let Some(moe) = &model.moe else {
+        return Vec::new();
+    };
+    moe.family
+        .peft_targets()
+        .iter()
+        .filter(|(_, parameter)| {
+            target_parameters
+                .iter()
+                .any(|t| t == parameter || t.ends_with(&format!(".{parameter}")))
+        })
+        .map(|(module, _)| module.to_string())
+        .collect()
+}
+
 /// The module path nibble adapts a parameter at: the router's weight at its module (PEFT keys its
 /// pair there, `…mlp.gate.lora_A.weight`), a stack of experts at the parameter itself.
 pub fn parameter_path(name: &str) -> &str {
@@ -855,7 +879,7 @@ impl LoraAdapter {
         factor_key(path, f)
     }
 
-    /// The pair of the linear at `path`, if it is adapted.
+    /// The pair at `path` (a linear's module, a stack of experts' parameter), if it is adapted.
     pub fn pair(&self, path: &str) -> Option<&LoraPair> {
         self.modules.iter().find(|(p, _)| p == path).map(|(_, p)| p)
     }
@@ -1169,6 +1193,8 @@ impl LoraAdapter {
                 })
                 .collect::<Result<Vec<_>>>()?,
             Some(Value::String(s)) if s == "all-linear" => vec![s.clone()],
+            // PEFT adapts parameters alone where target_modules is left out.
+            None | Some(Value::Null) if !target_parameters.is_empty() => Vec::new(),
             // A regular expression (PEFT full-matches it against module paths; tools use one to keep
             // a multimodal model's vision tower out): the modules it matched are the ones the weights
             // hold.
@@ -1297,7 +1323,18 @@ impl LoraAdapter {
                 let key = keys[f as usize].clone();
                 let shape = pair.shape(f);
                 let info = weights.info(&key).ok_or_else(|| {
-                    Error::tensor(weights.path(), &key, "missing from the adapter")
+                    // PEFT with transformers 4 saved a pair per expert's module.
+                    let per_expert = weights.tensor_names().any(|n| n.contains(".experts.0."));
+                    let why = match per_expert && key.contains(".mlp.experts.") {
+                        true => {
+                            "missing from the adapter, which holds a pair per expert as PEFT \
+                             saved them with transformers 4; nibble reads transformers 5's stacked \
+                             experts' pairs: load and save it with PEFT under transformers 5, \
+                             which converts them"
+                        }
+                        false => "missing from the adapter",
+                    };
+                    Error::tensor(weights.path(), &key, why)
                 })?;
                 if info.shape != shape {
                     return Err(Error::tensor(

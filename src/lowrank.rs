@@ -117,6 +117,20 @@ pub fn truncated_svd(
 /// Q(W). PEFT's `replace_lora_weights_loftq` sets B·A to that approximation whatever the scale s
 /// (PEFT issue 1982); here A and B share 1/√s, so that the adapted weight is the approximation at
 /// any lora_alpha. Returns the share of the quantization error (‖W − Q‖²) that remains.
+/// LoftQ starts linears' pairs; an adapter of parameters (`target_parameters`) it refuses.
+pub fn refuse_parameters(target_parameters: &[String]) -> crate::error::Result<()> {
+    match target_parameters.is_empty() {
+        true => Ok(()),
+        false => Err(crate::error::Error::Invalid(format!(
+            "--init-lora-weights loftq starts linears' pairs from their weights' quantization \
+             error; the adapter also adapts target_parameters ({}: a mixture of experts' experts \
+             or router), which LoftQ does not start (nor does PEFT's): leave LoftQ out, or adapt \
+             the attention alone: --target-modules q_proj,k_proj,v_proj,o_proj",
+            target_parameters.join(", ")
+        ))),
+    }
+}
+
 pub fn loftq(
     adapter: &mut crate::lora::LoraAdapter,
     model: &crate::model::Model,
@@ -126,15 +140,7 @@ pub fn loftq(
     use crate::error::Error;
     let tensors: std::collections::HashMap<String, crate::model::TensorRef> =
         model.named_tensors().into_iter().collect();
-    if !adapter.config.target_parameters.is_empty() {
-        return Err(Error::Invalid(format!(
-            "--init-lora-weights loftq starts linears' pairs from their weights' quantization \
-             error; the adapter also adapts parameters ({}: a mixture of experts' experts or \
-             router), which LoftQ does not start (nor does PEFT's): leave LoftQ out, or adapt the \
-             attention alone: --target-modules q_proj,k_proj,v_proj,o_proj",
-            adapter.config.target_parameters.join(", ")
-        )));
-    }
+    refuse_parameters(&adapter.config.target_parameters)?;
     let (mut before, mut after) = (0.0, 0.0);
     let scales: Vec<f32> = adapter
         .pairs()

@@ -1321,7 +1321,8 @@ fn training_goes_on_from_an_adapter_with_token_rows() {
 
 /// A Qwen3-MoE model end to end on the CLI: `nibble train` refuses LoRA dropout on the experts and
 /// routers that all-linear (its default) adapts, as PEFT does, half of the experts' fused gate_up_proj,
-/// and the GPU executor, naming what to do; trains all-linear on the CPU into a folder in PEFT's
+/// and the GPU executor, naming what to do (and dropout again when the adapter is continued); trains
+/// all-linear on the CPU into a folder in PEFT's
 /// layout (target_parameters, gate_up_proj at twice the rank, its pair under base_layer), the
 /// experts' and routers' pairs trained; the adapter generates alike from the folder and from a `nibble quantize` file of it
 /// (experts packed, router dense); `nibble info` names the experts.
@@ -1402,6 +1403,32 @@ fn a_mixture_of_experts_model_trains_its_experts_and_generates() {
         let mut values = b.data().chunks_exact(4);
         assert!(values.any(|v| v != [0; 4]), "{key} did not train");
     }
+
+    // Continuing the adapter: the run's dropout is refused on its experts as on a new one's.
+    let again = dir.path().join("again");
+    let continued = |extra: &[&str]| {
+        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+        args.extend([
+            "--output",
+            s(&again),
+            "--max-steps",
+            "1",
+            "--init-adapter",
+            s(&out),
+        ]);
+        args.extend_from_slice(extra);
+        nibble(&args)
+    };
+    let o = continued(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("target_parameters") && err.contains("--lora-dropout 0"),
+        "{err}"
+    );
+    assert!(!again.exists());
+    let o = continued(&no_dropout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let quantized = dir.path().join("model.safetensors");
     ok(&["quantize", s(&model), "--output", s(&quantized)]);

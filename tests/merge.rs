@@ -1155,3 +1155,63 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
         }
     }
 }
+
+/// PEFT's `gate_proj` with `up_proj` on Qwen3-MoE adapt the stacked experts' gate_up_proj alone, at
+/// twice the rank and alpha (its pair keyed at `mlp.experts`, with no down_proj's wrapping it); the
+/// folder, whose target_modules is then empty (or null, as a config of parameters alone may say),
+/// loads back to the same adapter, which merges to its logits.
+#[test]
+fn an_adapter_of_the_experts_alone_loads_back_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::path::PathBuf::from("tests/fixtures/hf/qwen3_moe");
+    let model = ModelSource::open(&base)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: ["gate_proj", "up_proj"].map(String::from).to_vec(),
+        ..LoraConfig::default()
+    };
+    let mut rng = Rng::new(12);
+    let adapter = random_adapter(&model, config, &mut rng);
+    assert!(adapter.config.targets.is_empty());
+    assert_eq!(adapter.config.target_parameters, ["gate_up_proj"]);
+    let path = format!("model.layers.0.{EXPERTS_GATE_UP}");
+    let pair = adapter.pair(&path).unwrap();
+    assert_eq!((pair.rank, pair.experts), (8, 4));
+    assert_eq!(adapter.config.scale_of(&path), 2.0);
+    assert_eq!(
+        adapter.pairs().count(),
+        2,
+        "the two sparse layers' gate_up_proj"
+    );
+    let adapter_dir = dir.path().join("adapter");
+    nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+    let config_path = adapter_dir.join("adapter_config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    assert_eq!(json["target_modules"], serde_json::json!([]));
+    let files = nibble::source::ModelFiles::Dir(adapter_dir.clone());
+    let weights =
+        nibble::source::SafetensorsFile::open(&adapter_dir.join("adapter_model.safetensors"));
+    let key = "base_model.model.model.layers.0.mlp.experts.lora_A.weight";
+    assert_eq!(weights.unwrap().info(key).unwrap().shape, [4 * 8, 64]);
+    for target_modules in [serde_json::json!([]), serde_json::Value::Null] {
+        json["target_modules"] = target_modules;
+        std::fs::write(&config_path, json.to_string()).unwrap();
+        let loaded = LoraAdapter::load_peft(&files, &model.config).unwrap();
+        assert_eq!(loaded.modules, adapter.modules);
+    }
+    let ids: Vec<u32> = (0..10).map(|_| rng.below(256) as u32).collect();
+    let adapted = cpu::logits(&model, Some(&adapter), &ids).unwrap();
+    let plain = cpu::logits(&model, None, &ids).unwrap();
+    assert!(
+        rel(&plain, &adapted) > 1e-3,
+        "the experts' pairs change nothing"
+    );
+    let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids, &[]), &adapted);
+    assert!(e < 4e-6, "merged {e:e} from the adapted model");
+}

@@ -407,7 +407,9 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether the op reads output `index`'s previous contents (other than by accumulating).
+    /// Whether the op reads output `index`'s previous contents other than by the node's
+    /// `accumulate` (rotating in place; an op that always adds into some outputs, as the experts'
+    /// backward into its pairs' gradients).
     pub fn reads_output(&self, index: usize) -> bool {
         match self {
             Op::Rope { .. }

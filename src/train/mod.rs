@@ -230,7 +230,12 @@ impl TrainConfig {
             } else {
                 ""
             },
-            lora.targets.join(","),
+            lora.targets
+                .iter()
+                .chain(&lora.target_parameters)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(","),
             self.lr,
             self.schedule.name(),
             self.epochs,

@@ -1387,18 +1387,44 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         !indices.is_null() && indices.as_array().is_none_or(|a| !a.is_empty())
     });
     // The memory plan adapts what that adapter adapts: its target_modules, or where that is a
-    // pattern, the modules its weights hold.
+    // pattern, the modules its weights hold (a mixture of experts' stacks aside); and its
+    // target_parameters, by the module names PEFT converts into them.
     let planned_targets = match (&init_config, options.init_adapter.as_deref()) {
-        (Some(v), Some(dir)) => crate::lora::targets_of_json(&v["target_modules"])
-            .or_else(|| crate::lora::saved_module_paths(dir))
-            .unwrap_or_else(|| config.lora.targets.clone()),
+        (Some(v), Some(dir)) => {
+            let modules = match &v["target_modules"] {
+                serde_json::Value::Null => Some(Vec::new()),
+                targets => crate::lora::targets_of_json(targets),
+            };
+            let parameters = crate::lora::targets_of_json(&v["target_parameters"]);
+            let mut targets = modules
+                .or_else(|| {
+                    let saved = crate::lora::saved_module_paths(dir)?;
+                    Some(
+                        saved
+                            .into_iter()
+                            .filter(|p| !p.contains(".mlp.experts"))
+                            .collect(),
+                    )
+                })
+                .unwrap_or_else(|| config.lora.targets.clone());
+            targets.extend(crate::lora::module_names_of_parameters(
+                &source.config,
+                &parameters.unwrap_or_default(),
+            ));
+            targets
+        }
         _ => config.lora.targets.clone(),
     };
-    // Targets nothing in the model answers to, and a dropout PEFT refuses on a mixture of
-    // experts' adapted parameters, are refused before the weights load.
+    // Targets nothing in the model answers to, and a dropout, DoRA or LoftQ that PEFT refuses on a
+    // mixture of experts' adapted parameters, are refused before the weights load.
     crate::lora::resolve_targets(&source.config, &planned_targets)?;
-    if options.init_adapter.is_none() {
-        config.lora.converted_for(&source.config)?;
+    let planned = crate::lora::LoraConfig {
+        targets: planned_targets.clone(),
+        ..config.lora.clone()
+    }
+    .converted_for(&source.config)?;
+    if options.init_lora == crate::lora::LoraInit::Loftq {
+        crate::lowrank::refuse_parameters(&planned.target_parameters)?;
     }
     let tables = match options.trainable_tokens.is_some() || init_rows {
         true => crate::model::planned_table_bytes(&source.config),
