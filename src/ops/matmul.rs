@@ -38,6 +38,17 @@ impl<'a> View<'a> {
         }
     }
 
+    /// This view transposed.
+    pub fn t(self) -> Self {
+        View {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
     /// Columns `start..start + count` of a row-major matrix whose rows are `ld` long.
     pub fn columns(data: &'a [f32], rows: usize, ld: usize, start: usize, count: usize) -> Self {
         View {

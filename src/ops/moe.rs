@@ -110,27 +110,12 @@ impl<'a> ExpertPairs<'a> {
 
     /// Their transpose: [rank, count].
     fn b_t(&self, e: usize, rows: (usize, usize)) -> View<'a> {
-        let b = self.b(e, rows);
-        View {
-            rows: b.cols,
-            cols: b.rows,
-            row_stride: b.col_stride,
-            col_stride: b.row_stride,
-            ..b
-        }
+        self.b(e, rows).t()
     }
 
     /// x·A_eᵀ [n, rank] of expert e's rows x [n, inp].
     fn project(&self, e: usize, x: &[f32], inp: usize) -> Vec<f32> {
-        let a = self.a(e, inp);
-        let a_t = View {
-            rows: a.cols,
-            cols: a.rows,
-            row_stride: a.col_stride,
-            col_stride: a.row_stride,
-            ..a
-        };
-        matmul(View::new(x, x.len() / inp, inp), a_t)
+        matmul(View::new(x, x.len() / inp, inp), self.a(e, inp).t())
     }
 
     /// y [n, count] += scale · xa·B_e[rows]ᵀ, xa = `project`'s.
