@@ -17,6 +17,14 @@ struct LinearParams {
     y_row: u32,
     // dora_factors: the LoRA update's scale.
     scale: f32,
+    // The grouped products of a mixture's stacked experts (moe_linear_*): each workgroup one expert's
+    // sorted rows (shaders/moe.wgsl's `sorted`, of `experts` experts), its weight rows
+    // expert_stride apart, from weight_row within each; the block's first expert; and, where the
+    // input's rows are its tokens' (the experts' input), the routes per token (0: rows in sorted order).
+    experts: u32,
+    expert_stride: u32,
+    first_expert: u32,
+    gather_k: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: LinearParams;
@@ -29,9 +37,15 @@ struct LinearParams {
 // dora_factors: B [out_stride, tokens] and the magnitude [out_stride].
 @group(0) @binding(7) var<storage, read> lora_b: array<f32>;
 @group(0) @binding(8) var<storage, read> magnitude: array<f32>;
+// The grouped products: shaders/moe.wgsl's `sorted`.
+@group(0) @binding(9) var<storage, read> sorted: array<u32>;
 
 fn weight_at(w_row: u32, col: u32) -> f32 {
-    let row = p.weight_row + w_row;
+    return weight_value(p.weight_row + w_row, col);
+}
+
+// The weight at a row of the bound buffer.
+fn weight_value(row: u32, col: u32) -> f32 {
     if (p.fmt == FMT_NF4 || p.fmt == FMT_INT4) {
         let word = w[(row * p.cols + col) >> 3u];
         let g = row * (p.cols / p.group_size) + col / p.group_size;
@@ -58,15 +72,16 @@ var<workgroup> input_tile: array<f32, 1024>;  // [TILE_T][TILE_K]
 var<workgroup> weight_tile: array<f32, 1024>; // [TILE_K][TILE_N]
 
 // W[row, col..col + 8] (col a multiple of 8), zero past W's edges: one packed word for the 4-bit formats.
-fn weights8(row: u32, col: u32) -> array<f32, 8> {
+// W's row 0 is row `first_row` of the bound buffer.
+fn weights8(first_row: u32, row: u32, col: u32) -> array<f32, 8> {
     var out = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     if (row >= p.rows || col >= p.cols) {
         return out;
     }
+    let bound_row = first_row + row;
     if (p.fmt == FMT_NF4 || p.fmt == FMT_INT4) {
         // The input dimension is a multiple of the group size (>= 32), so the word lies in W and in
         // one group.
-        let bound_row = p.weight_row + row;
         let word = w[(bound_row * p.cols + col) >> 3u];
         let g = bound_row * (p.cols / p.group_size) + col / p.group_size;
         var minimum = 0.0;
@@ -81,22 +96,64 @@ fn weights8(row: u32, col: u32) -> array<f32, 8> {
     }
     for (var j = 0u; j < 8u; j++) {
         if (col + j < p.cols) {
-            out[j] = weight_at(row, col + j);
+            out[j] = weight_value(bound_row, col + j);
         }
     }
     return out;
 }
 
-// input_tile[tt][kk] = x[t0 + tt, offset + k0 + kk] for rows `row_len` long, zero past the tokens or
+// The rows a workgroup multiplies: (the first, how many) of x's rows in order, or of a mixture's sorted
+// rows (one expert's).
+var<workgroup> expert_span: vec2<u32>;
+
+fn all_rows() -> vec2<u32> {
+    return vec2<u32>(0u, p.tokens);
+}
+
+// Expert e's sorted rows, the same value in every thread of the workgroup.
+fn rows_of_expert(e: u32, li: u32) -> vec2<u32> {
+    if (li == 0u) {
+        expert_span = vec2<u32>(sorted[e], sorted[e + 1u] - sorted[e]);
+    }
+    return workgroupUniformLoad(&expert_span);
+}
+
+const NO_ROW: u32 = 0xffffffffu;
+
+// The rows of x that thread li stages for the workgroup's rows t0.. of `rows` (rows t0 + li / 16 +
+// 16·j): NO_ROW past them.
+fn staged_rows(li: u32, rows: vec2<u32>, t0: u32) -> array<u32, 4> {
+    var out = array<u32, 4>(NO_ROW, NO_ROW, NO_ROW, NO_ROW);
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + li / TILE_K + 16u * j;
+        if (t < rows.y) {
+            out[j] = rows.x + t;
+        }
+    }
+    return out;
+}
+
+// `staged_rows` of an expert's sorted rows: each read from its token's row of x where the product
+// gathers (the experts' input).
+fn staged_expert_rows(li: u32, rows: vec2<u32>, t0: u32) -> array<u32, 4> {
+    var out = staged_rows(li, rows, t0);
+    for (var j = 0u; j < 4u; j++) {
+        if (out[j] != NO_ROW && p.gather_k > 0u) {
+            out[j] = sorted[p.experts + 1u + out[j]] / p.gather_k;
+        }
+    }
+    return out;
+}
+
+// input_tile[tt][kk] = x[staged row, offset + k0 + kk] for rows `row_len` long, zero past the rows or
 // past `k_len`: four values per thread.
-fn stage_input(li: u32, t0: u32, k0: u32, k_len: u32, row_len: u32, offset: u32) {
+fn stage_input(li: u32, staged: array<u32, 4>, k0: u32, k_len: u32, row_len: u32, offset: u32) {
     for (var j = 0u; j < 4u; j++) {
         let e = li + 256u * j;
-        let t = t0 + e / TILE_K;
         let k = k0 + e % TILE_K;
         var v = 0.0;
-        if (t < p.tokens && k < k_len) {
-            v = x[t * row_len + offset + k];
+        if (staged[j] != NO_ROW && k < k_len) {
+            v = x[staged[j] * row_len + offset + k];
         }
         input_tile[e] = v;
     }
@@ -133,19 +190,41 @@ fn linear_forward(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    let row0 = wg.x * TILE_N;
-    let t0 = wg.y * TILE_T;
+    let staged = staged_rows(li, all_rows(), wg.y * TILE_T);
+    forward_tile(li, staged, all_rows(), wg.xy, p.weight_row);
+}
+
+// A mixture's experts: y [sorted rows, rows] = each expert's rows of x times its rows of W. Workgroups:
+// (rows / 64, tokens / 64, the block's experts); those past their expert's rows return at once.
+@compute @workgroup_size(256)
+fn moe_linear_forward(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let rows = rows_of_expert(p.first_expert + wg.z, li);
+    if (wg.y * TILE_T >= rows.y) {
+        return;
+    }
+    let staged = staged_expert_rows(li, rows, wg.y * TILE_T);
+    forward_tile(li, staged, rows, wg.xy, wg.z * p.expert_stride + p.weight_row);
+}
+
+// Workgroup `tile`'s outputs (64 of W's rows) for 64 of `rows` (x's `staged` rows), W's row 0 at
+// `first_row` of the block.
+fn forward_tile(li: u32, staged: array<u32, 4>, rows: vec2<u32>, tile: vec2<u32>, first_row: u32) {
+    let row0 = tile.x * TILE_N;
+    let t0 = tile.y * TILE_T;
     let tx = li % 16u;
     let ty = li / 16u;
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < p.cols; k0 += TILE_K) {
-        stage_input(li, t0, k0, p.cols, p.cols, 0u);
+        stage_input(li, staged, k0, p.cols, p.cols, 0u);
         // Weight rows row0 + li / 2, columns k0 + 8·(li % 2).., stored k-major: one word per thread of
         // the first 128.
         if (li < 128u) {
             let wr = li / 2u;
             let wc = 8u * (li % 2u);
-            let values = weights8(row0 + wr, k0 + wc);
+            let values = weights8(first_row, row0 + wr, k0 + wc);
             for (var j = 0u; j < 8u; j++) {
                 weight_tile[(wc + j) * TILE_N + wr] = values[j];
             }
@@ -156,7 +235,7 @@ fn linear_forward(
     }
     for (var i = 0u; i < 4u; i++) {
         let t = t0 + ty + 16u * i;
-        if (t >= p.tokens) {
+        if (t >= rows.y) {
             break;
         }
         for (var j = 0u; j < 4u; j++) {
@@ -166,7 +245,7 @@ fn linear_forward(
                 if (p.has_bias == 1u) {
                     value += bias[p.row_offset + row];
                 }
-                store((p.y_row + t) * p.out_stride + p.row_offset + row, value);
+                store((p.y_row + rows.x + t) * p.out_stride + p.row_offset + row, value);
             }
         }
     }
@@ -179,18 +258,40 @@ fn linear_backward_input(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    let col0 = wg.x * TILE_N;
-    let t0 = wg.y * TILE_T;
+    let staged = staged_rows(li, all_rows(), wg.y * TILE_T);
+    backward_input_tile(li, staged, all_rows(), wg.xy, p.weight_row);
+}
+
+// A mixture's experts: dx [sorted rows, cols] = each expert's rows of dy [sorted rows, rows] times its
+// rows of W. Workgroups: (cols / 64, tokens / 64, the block's experts).
+@compute @workgroup_size(256)
+fn moe_linear_backward_input(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let rows = rows_of_expert(p.first_expert + wg.z, li);
+    if (wg.y * TILE_T >= rows.y) {
+        return;
+    }
+    let staged = staged_expert_rows(li, rows, wg.y * TILE_T);
+    backward_input_tile(li, staged, rows, wg.xy, wg.z * p.expert_stride + p.weight_row);
+}
+
+// Workgroup `tile`'s 64 columns of dx for 64 of `rows` (dy's `staged` rows), W's row 0 at `first_row`
+// of the block.
+fn backward_input_tile(li: u32, staged: array<u32, 4>, rows: vec2<u32>, tile: vec2<u32>, first_row: u32) {
+    let col0 = tile.x * TILE_N;
+    let t0 = tile.y * TILE_T;
     let tx = li % 16u;
     let ty = li / 16u;
     var acc: array<vec4<f32>, 4>;
     for (var r0 = 0u; r0 < p.rows; r0 += TILE_K) {
-        stage_input(li, t0, r0, p.rows, p.out_stride, p.row_offset);
+        stage_input(li, staged, r0, p.rows, p.out_stride, p.row_offset);
         // Weight rows r0 + li / 8, columns col0 + 8·(li % 8)..: one word per thread of the first 128.
         if (li < 128u) {
             let wr = li / 8u;
             let wc = 8u * (li % 8u);
-            let values = weights8(r0 + wr, col0 + wc);
+            let values = weights8(first_row, r0 + wr, col0 + wc);
             for (var j = 0u; j < 8u; j++) {
                 weight_tile[wr * TILE_N + wc + j] = values[j];
             }
@@ -201,13 +302,13 @@ fn linear_backward_input(
     }
     for (var i = 0u; i < 4u; i++) {
         let t = t0 + ty + 16u * i;
-        if (t >= p.tokens) {
+        if (t >= rows.y) {
             break;
         }
         for (var j = 0u; j < 4u; j++) {
             let col = col0 + tx + 16u * j;
             if (col < p.cols) {
-                store(t * p.cols + col, acc[i][j]);
+                store((rows.x + t) * p.cols + col, acc[i][j]);
             }
         }
     }

@@ -283,6 +283,12 @@ pub enum TensorRef<'a> {
 pub trait FrozenWeights: Sync {
     fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)>;
 
+    /// Rows of tensor `name` that a device must keep in one of the blocks it splits a large weight
+    /// into: a mixture's stacked experts are multiplied one expert's rows at a time.
+    fn rows_kept_together(&self, _name: &str) -> usize {
+        1
+    }
+
     /// Bytes the tensors occupy in memory (as stored: packed 4-bit, 16-bit or f32).
     fn tensor_bytes(&self) -> u64 {
         self.named_tensors()
@@ -349,6 +355,19 @@ impl FrozenWeights for NamedWeights {
 impl FrozenWeights for Model {
     fn named_tensors(&self) -> Vec<(String, TensorRef<'_>)> {
         Model::named_tensors(self)
+    }
+
+    fn rows_kept_together(&self, name: &str) -> usize {
+        let Some(m) = &self.config.moe else {
+            return 1;
+        };
+        if name.ends_with(crate::config::EXPERTS_GATE_UP) {
+            2 * m.inter
+        } else if name.ends_with(crate::config::EXPERTS_DOWN) {
+            self.config.hidden_size
+        } else {
+            1
+        }
     }
 }
 

@@ -213,6 +213,10 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 weight_row: weight_row as u32,
                 y_row: y_row as u32,
                 scale: scale as f32,
+                experts: experts as u32,
+                expert_stride: expert_stride as u32,
+                first_expert: first_expert as u32,
+                gather_k: gather_k as u32,
             }),
         ),
         (
@@ -304,6 +308,24 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
             chunk: chunk as u32,
             eps: eps as f32,
             silu: silu as u32,
+        }),
+    ));
+    cases.push((
+        "moe",
+        "MoeParams",
+        layout!(nibble::ops::moe::MoeParams {
+            tokens: tokens as u32,
+            experts: experts as u32,
+            top_k: top_k as u32,
+            width: width as u32,
+            out: out as u32,
+            rank: rank as u32,
+            row_offset: row_offset as u32,
+            gather: gather as u32,
+            scale: scale as f32,
+            accumulate: accumulate as u32,
+            normalize: normalize as u32,
+            pad: pad as u32,
         }),
     ));
     let shaders: std::collections::BTreeSet<&str> =

@@ -156,7 +156,7 @@ pub fn open_placed(
         }
         None => None,
     };
-    let gpu = device.open_for(&model.config)?;
+    let gpu = device.open()?;
     Ok((tok, Placed::new(model, adapter, gpu)?))
 }
 

@@ -191,12 +191,6 @@ pub fn run(args: Args) -> Result<()> {
         trainable_tokens: count_trainable_tokens(trainable_tokens.as_deref())?,
     };
     let positions = config.trained_positions();
-    if config.moe.is_some() {
-        log::warn!(
-            "this model's mixture-of-experts layers run on the CPU executor for now: its CPU total \
-             is the one that applies"
-        );
-    }
     let Some(budget) = budget else {
         if tokens > positions {
             log::warn!(

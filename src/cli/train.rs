@@ -54,11 +54,7 @@ pub fn run(flags: TrainSettings) -> Result<()> {
         options,
     };
     let device = settings.device.unwrap_or_default();
-    // The run itself reports a model that does not open, after its other checks.
-    let gpu = match nibble::model::open(&model) {
-        Ok(source) => device.open_for(&source.config)?,
-        Err(_) => device.open()?,
-    };
+    let gpu = device.open()?;
     stop_on_signals();
     nibble::train::run::run(spec, gpu.as_ref(), &mut Progress::default())?;
     eprintln!("saved the adapter to {}", output.display());

@@ -20,7 +20,7 @@ use crate::ops::dropout::DropoutParams;
 use crate::ops::matmul::{self, GpuView};
 use crate::ops::rmsnorm::{self, RmsNormParams};
 use crate::ops::{
-    self, attention, conv, cross_entropy, dora, glu, linear, modulate, rope, token_rows,
+    self, attention, conv, cross_entropy, dora, glu, linear, modulate, moe, rope, token_rows,
 };
 use std::collections::HashMap;
 
@@ -39,10 +39,17 @@ fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Resul
     let qkv = qkv.unwrap_or(0);
     // Gemma 4's per-layer inputs: every layer's slice in one buffer.
     let per_layer = c.per_layer_inputs.map_or(0, |p| c.num_layers * p.width);
+    // A mixture's experts keep every (token, choice) slot's rows, as wide as the hidden size or an
+    // expert's intermediate size.
+    let experts = c
+        .moe
+        .as_ref()
+        .map_or(0, |m| m.top_k * c.hidden_size.max(m.inter));
     let widest = c
         .hidden_size
         .max(qkv)
         .max(per_layer)
+        .max(experts)
         .max(VOCAB_CHUNK.min(c.vocab_size));
     // The MLP's buffers are as long as a chunk of the sequence (`decoder::MLP_CHUNK`).
     let mlp_rows = tokens.min(decoder::MLP_CHUNK);
@@ -371,6 +378,35 @@ impl<'a> Outs<'a, '_> {
     }
 }
 
+/// A MoE op's experts: the stacked weights at inputs 3 and 4, and the LoRA pairs `lora` says it
+/// has from input `first_pair` on.
+fn gpu_experts<'i>(
+    ins: &[&'i Slot],
+    first_pair: usize,
+    (act, lora): (crate::config::GateActivation, &moe::MoeLora),
+) -> moe::GpuExperts<'i> {
+    let mut next = first_pair;
+    let [gate_up_lora, down_lora] = lora.stacks().map(|stack| {
+        stack.map(|(rank, scale)| {
+            let pairs = moe::GpuExpertPairs {
+                a: ins[next].buf(),
+                b: ins[next + 1].buf(),
+                rank,
+                scale,
+            };
+            next += 2;
+            pairs
+        })
+    });
+    moe::GpuExperts {
+        gate_up: ins[3].linear(),
+        down: ins[4].linear(),
+        act,
+        gate_up_lora,
+        down_lora,
+    }
+}
+
 /// Records one node with the lowering of its op.
 fn record_node(
     r: &mut Recorder,
@@ -379,16 +415,6 @@ fn record_node(
     slots: &mut [Slot],
     homes: &Homes,
 ) -> Result<()> {
-    if let Op::MoeRoute { .. }
-    | Op::MoeRouteBackward { .. }
-    | Op::MoeExperts { .. }
-    | Op::MoeExpertsBackward { .. } = node.op
-    {
-        return Err(Error::Invalid(format!(
-            "{}: mixture-of-experts layers run on the CPU executor for now (--device cpu)",
-            node.op.name()
-        )));
-    }
     let (taken, lens) = node.take_outputs(graph, slots);
     let on_host = node
         .outputs
@@ -667,10 +693,24 @@ fn record_node(
             let params: AdamWParams = bytemuck::cast(r.inputs.adamw);
             ops::adamw::record_step(r, params, [o(0), o(1), o(2)], x(0), x(1));
         }
-        Op::MoeRoute { .. }
-        | Op::MoeRouteBackward { .. }
-        | Op::MoeExperts { .. }
-        | Op::MoeExpertsBackward { .. } => unreachable!("refused above"),
+        Op::MoeRoute { shape, normalize } => {
+            moe::record_route(r, (shape, *normalize), x(0), o(0), o(1))
+        }
+        Op::MoeRouteBackward { shape, normalize } => {
+            let ins = [x(0), x(1), x(2)];
+            moe::record_route_backward(r, (shape, *normalize), ins, o(0), acc)
+        }
+        Op::MoeExperts { shape, act, lora } => {
+            let experts = gpu_experts(&ins, 5, (*act, lora));
+            moe::record_forward(r, [x(0), x(1), x(2)], &experts, shape, (o(0), acc))
+        }
+        Op::MoeExpertsBackward { shape, act, lora } => {
+            let experts = gpu_experts(&ins, 6, (*act, lora));
+            let mut grads = (2..node.outputs.len()).step_by(2).map(|i| (o(i), o(i + 1)));
+            let grads = lora.stacks().map(|stack| stack.and_then(|_| grads.next()));
+            let ins = [x(0), x(1), x(2), x(5)];
+            moe::record_backward(r, ins, &experts, shape, (o(0), o(1), acc), grads)
+        }
     }
     drop(ins);
     node.put_back(slots, outs.slots);

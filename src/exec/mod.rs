@@ -53,25 +53,6 @@ impl Device {
         pollster::block_on(self.open_async())
     }
 
-    /// `open` for a model of `config`: a mixture-of-experts model runs on the CPU executor alone for
-    /// now (`auto` takes it there; `--device gpu` is refused).
-    #[cfg(not(target_arch = "wasm32"))]
-    pub fn open_for(self, config: &crate::config::ModelConfig) -> Result<Option<Gpu>> {
-        if config.moe.is_none() {
-            return self.open();
-        }
-        match self {
-            Device::Gpu => Err(Error::Invalid(
-                "--device gpu: this model's mixture-of-experts layers run on the CPU executor for \
-                 now (--device cpu)"
-                    .into(),
-            )),
-            Device::Auto | Device::Cpu => {
-                log::info!("using the CPU executor: mixture-of-experts layers run there for now");
-                Ok(None)
-            }
-        }
-    }
 }
 
 /// What to say when `--device gpu` opens a software renderer natively: it runs nibble's kernels on

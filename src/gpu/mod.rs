@@ -39,6 +39,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("modulate", include_str!("../../shaders/modulate.wgsl")),
     ("conv", include_str!("../../shaders/conv.wgsl")),
     ("token_rows", include_str!("../../shaders/token_rows.wgsl")),
+    ("moe", include_str!("../../shaders/moe.wgsl")),
 ];
 
 /// (from, to) replacements in a shader's text.
@@ -132,6 +133,20 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("embedding_rows_grad", "token_rows"),
     ("output_rows_dlogit", "token_rows"),
     ("output_rows_grad", "token_rows"),
+    ("moe_linear_forward", "linear"),
+    ("moe_linear_backward_input", "linear"),
+    ("moe_route", "moe"),
+    ("moe_route_backward", "moe"),
+    ("moe_sort", "moe"),
+    ("moe_lora_project", "moe"),
+    ("moe_lora_expand", "moe"),
+    ("moe_lora_back_xa", "moe"),
+    ("moe_lora_grad_b", "moe"),
+    ("moe_lora_grad_a", "moe"),
+    ("moe_lora_input", "moe"),
+    ("moe_combine", "moe"),
+    ("moe_output_grad", "moe"),
+    ("moe_input_grad", "moe"),
 ];
 
 /// The full WGSL source of a shader module (the common prelude included), as the GPU compiles it: None

@@ -39,17 +39,24 @@ fn dense_words(t: &DenseTensor, start: usize, rows: usize) -> (u32, Vec<u32>) {
     }
 }
 
-/// Rows per block of a matrix split into blocks that each fit one storage binding. Blocks of 16-bit
-/// values start on a whole word: with an odd row length, an even number of rows.
+/// Rows per block of a matrix split into blocks that each fit one storage binding, a multiple of
+/// `together` (`FrozenWeights::rows_kept_together`). Blocks of 16-bit values start on a whole word:
+/// with an odd row length, an even number of rows.
 fn rows_per_block(
     gpu: &Gpu,
-    rows: usize,
-    row_bytes: usize,
+    (rows, row_bytes): (usize, usize),
     odd_halves: bool,
+    together: usize,
     name: &str,
 ) -> Result<usize> {
     let fit = (gpu.max_binding / row_bytes.max(1) as u64) as usize;
-    let step = if odd_halves { 2 } else { 1 };
+    let halves = if odd_halves { 2 } else { 1 };
+    let together = together.max(1);
+    let step = if together % halves == 0 {
+        together
+    } else {
+        together * halves
+    };
     let per_block = fit / step * step;
     if per_block == 0 {
         return Err(Error::Invalid(format!(
@@ -85,13 +92,13 @@ impl GpuDense {
         Ok(())
     }
 
-    fn upload(gpu: &Gpu, t: &DenseTensor, name: &str) -> Result<Self> {
+    fn upload(gpu: &Gpu, t: &DenseTensor, name: &str, together: usize) -> Result<Self> {
         let size = t.dtype().size();
         let rows_per_block = rows_per_block(
             gpu,
-            t.rows,
-            t.cols * size,
+            (t.rows, t.cols * size),
             size == 2 && t.cols % 2 == 1,
+            together,
             name,
         )?;
         let mut blocks = Vec::new();
@@ -130,12 +137,12 @@ pub(crate) struct LinearBlock {
 }
 
 impl GpuLinear {
-    fn upload(gpu: &Gpu, weight: &LinearWeight, name: &str) -> Result<Self> {
+    fn upload(gpu: &Gpu, weight: &LinearWeight, name: &str, together: usize) -> Result<Self> {
         let (rows, cols) = weight.shape();
         let (fmt, group, blocks) = match weight {
             // Split as any dense matrix is.
             LinearWeight::Dense(d) => {
-                let dense = GpuDense::upload(gpu, d, name)?;
+                let dense = GpuDense::upload(gpu, d, name, together)?;
                 let blocks = dense
                     .blocks
                     .into_iter()
@@ -151,7 +158,7 @@ impl GpuLinear {
             LinearWeight::Quant(q) => {
                 let group = q.spec.group_size;
                 let (words, groups) = (cols / 8, cols / group);
-                let per_block = rows_per_block(gpu, rows, cols / 2, false, name)?;
+                let per_block = rows_per_block(gpu, (rows, cols / 2), false, together, name)?;
                 let blocks = (0..rows).step_by(per_block).map(|start| {
                     let n = per_block.min(rows - start);
                     let meta = start * groups..(start + n) * groups;
@@ -227,9 +234,10 @@ impl GpuWeights {
                         GpuTensor::HostTable(shared.clone())
                     }
                     (TensorRef::Linear(w), _) => {
-                        GpuTensor::Linear(GpuLinear::upload(gpu, w, &name)?)
+                        let together = model.rows_kept_together(&name);
+                        GpuTensor::Linear(GpuLinear::upload(gpu, w, &name, together)?)
                     }
-                    (TensorRef::Table(t), _) => GpuTensor::Table(GpuDense::upload(gpu, t, &name)?),
+                    (TensorRef::Table(t), _) => GpuTensor::Table(GpuDense::upload(gpu, t, &name, 1)?),
                     (TensorRef::Vector(v), _) => GpuTensor::Vector(gpu.upload_f32(v)),
                 };
                 Ok((name, uploaded))
@@ -322,13 +330,6 @@ impl GpuModel {
 
     pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self> {
         crate::ops::attention::check_gpu_heads(&model.config)?;
-        if model.config.moe.is_some() {
-            return Err(Error::Invalid(
-                "this model's mixture-of-experts layers run on the CPU executor for now: \
-                 --device cpu"
-                    .into(),
-            ));
-        }
         Ok(GpuModel {
             config: model.config.clone(),
             weights: GpuWeights::upload_keeping(gpu, model, &model.host_tables())?,

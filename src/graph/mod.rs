@@ -612,11 +612,13 @@ impl Graph {
             Op::AttentionBackward { shape } => {
                 3 * (shape.tokens * shape.heads * shape.head_dim) as u64
             }
+            // The GPU keeps every slot's activations at once; the CPU one expert's.
             Op::MoeExperts { shape, lora, .. } | Op::MoeExpertsBackward { shape, lora, .. } => {
                 let tokens = self.bufs[node.inputs[0]].len / shape.hidden;
                 let backward = matches!(node.op, Op::MoeExpertsBackward { .. });
-                (shape.temporaries(tokens, backward) + lora.temporaries(shape, tokens, backward))
-                    as u64
+                let cpu = shape.temporaries(tokens, backward) + lora.temporaries(shape, tokens, backward);
+                let gpu = crate::ops::moe::gpu_temporaries(shape, lora, tokens, backward);
+                cpu.max(gpu.iter().sum()) as u64
             }
             Op::CrossEntropy { dim, .. }
             | Op::CrossEntropyWithGrad { dim, .. }

@@ -152,6 +152,10 @@ fn device_temporaries(graph: &Graph, node: &Node) -> Vec<usize> {
             *channels,
             *groups,
         )],
+        Op::MoeExperts { shape, lora, .. } | Op::MoeExpertsBackward { shape, lora, .. } => {
+            let backward = matches!(node.op, Op::MoeExpertsBackward { .. });
+            crate::ops::moe::gpu_temporaries(shape, lora, len(0) / shape.hidden, backward)
+        }
         Op::GradNorm { .. } => {
             vec![crate::ops::adamw::sum_squares_len(
                 (0..node.inputs.len()).map(len),

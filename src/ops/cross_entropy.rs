@@ -3,6 +3,7 @@
 //! that carry a label.
 
 use crate::exec::gpu::Recorder;
+use bytemuck::Zeroable;
 use crate::gpu::weights::GpuDense;
 use crate::gpu::{GpuBuffer, groups_1d};
 use crate::model::{DenseData, DenseTensor};
@@ -465,6 +466,7 @@ fn chunk_linear_params(head: &GpuDense, p: &CeParams, accumulate: bool) -> Linea
         weight_row: p.chunk_start,
         y_row: 0,
         scale: 0.0,
+        ..LinearParams::zeroed()
     }
 }
 

@@ -3,6 +3,7 @@
 //! that every token reuses (packed_gemm.rs), or the bf16 kernels (bf16_gemm.rs).
 
 use crate::exec::gpu::Recorder;
+use bytemuck::Zeroable;
 use crate::gpu::GpuBuffer;
 use crate::gpu::weights::{GpuLinear, LinearBlock};
 use crate::model::LinearWeight;
@@ -194,6 +195,13 @@ pub struct LinearParams {
     pub y_row: u32,
     /// dora_factors: the LoRA update's scale.
     pub scale: f32,
+    /// The grouped products of a mixture's stacked experts (`record_expert_forward`): their count,
+    /// the rows between two experts' weights, the block's first expert, and the routes per token
+    /// where the input rows are the tokens' (0: the input is in sorted rows).
+    pub experts: u32,
+    pub expert_stride: u32,
+    pub first_expert: u32,
+    pub gather_k: u32,
 }
 
 /// Workgroups of shaders/linear.wgsl for `outputs` columns of y (dx) and `tokens` rows: 64 x 64 each.
@@ -230,6 +238,7 @@ fn block_params(
         weight_row: 0,
         y_row: 0,
         scale: 0.0,
+        ..LinearParams::zeroed()
     }
 }
 
@@ -291,6 +300,95 @@ pub(crate) fn record_dora_factors(
             1,
         ];
         r.dispatch("dora_factors", &p, &bindings, groups);
+    }
+}
+
+/// Which rows of a mixture's stacked expert weight a grouped product reads: each expert's `rows`
+/// rows from `offset` within its `stride` (its gate or its up projection in the stacked gate/up).
+#[derive(Clone, Copy)]
+pub(crate) struct ExpertRows {
+    pub stride: usize,
+    pub offset: usize,
+    pub rows: usize,
+}
+
+/// The sorted rows of a mixture's slots (`ops::moe`'s `sorted` buffer) and its shape.
+#[derive(Clone, Copy)]
+pub(crate) struct SortedRows<'a> {
+    pub sorted: &'a GpuBuffer,
+    pub experts: usize,
+    pub tokens: usize,
+}
+
+/// Each block's experts of a stacked weight split on whole experts (`GpuLinear::upload`): (the
+/// block, its first expert, how many).
+fn expert_blocks(lin: &GpuLinear, stride: usize) -> impl Iterator<Item = (&LinearBlock, usize, usize)> {
+    lin.blocks.iter().map(move |block| {
+        assert!(
+            block.start % stride == 0 && block.rows % stride == 0,
+            "a stacked expert weight is split on whole experts"
+        );
+        (block, block.start / stride, block.rows / stride)
+    })
+}
+
+fn expert_params(
+    lin: &GpuLinear,
+    (block, first, rows): (&LinearBlock, usize, ExpertRows),
+    (sorted, gather_k): (&SortedRows, usize),
+    accumulate: bool,
+) -> LinearParams {
+    LinearParams {
+        rows: rows.rows as u32,
+        out_stride: rows.rows as u32,
+        weight_row: rows.offset as u32,
+        experts: sorted.experts as u32,
+        expert_stride: rows.stride as u32,
+        first_expert: first as u32,
+        gather_k: gather_k as u32,
+        ..block_params(lin, block, sorted.tokens, accumulate, false)
+    }
+}
+
+/// y [sorted rows, rows.rows] = each sorted row of the experts' input times its expert's rows of
+/// the stacked weight: x's rows are the tokens' (read through the sorted rows' slots, `gather_k`
+/// routes per token) where `gather_k` > 0, else sorted rows themselves.
+pub(crate) fn record_expert_forward(
+    r: &mut Recorder,
+    lin: &GpuLinear,
+    (x, gather_k): (&GpuBuffer, usize),
+    sorted: &SortedRows,
+    rows: ExpertRows,
+    y: &GpuBuffer,
+) {
+    let dummy = r.dummy;
+    for (block, first, count) in expert_blocks(lin, rows.stride) {
+        let p = expert_params(lin, (block, first, rows), (sorted, gather_k), false);
+        let mut bindings = weight_bindings(dummy, block).to_vec();
+        bindings.extend([(4, dummy), (5, x), (6, y), (9, sorted.sorted)]);
+        let [gx, gy, _] = linear_groups(rows.rows, sorted.tokens);
+        r.dispatch("moe_linear_forward", &p, &bindings, [gx, gy, count as u32]);
+    }
+}
+
+/// dx [sorted rows, cols] (+)= each sorted row of dy [sorted rows, rows.rows] times its expert's
+/// rows of the stacked weight.
+pub(crate) fn record_expert_backward_input(
+    r: &mut Recorder,
+    lin: &GpuLinear,
+    dy: &GpuBuffer,
+    sorted: &SortedRows,
+    rows: ExpertRows,
+    (dx, accumulate): (&GpuBuffer, bool),
+) {
+    let dummy = r.dummy;
+    for (block, first, count) in expert_blocks(lin, rows.stride) {
+        let p = expert_params(lin, (block, first, rows), (sorted, 0), accumulate);
+        let mut bindings = weight_bindings(dummy, block).to_vec();
+        bindings.extend([(5, dy), (6, dx), (9, sorted.sorted)]);
+        let [gx, gy, _] = linear_groups(lin.cols, sorted.tokens);
+        let entry = "moe_linear_backward_input";
+        r.dispatch(entry, &p, &bindings, [gx, gy, count as u32]);
     }
 }
 

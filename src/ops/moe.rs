@@ -7,6 +7,10 @@
 use crate::config::GateActivation;
 use crate::model::LinearWeight;
 use crate::ops::matmul::{View, matmul, matmul_into};
+use crate::exec::gpu::Recorder;
+use crate::gpu::weights::GpuLinear;
+use crate::gpu::{GpuBuffer, groups_1d};
+use crate::ops::linear::{ExpertRows, SortedRows};
 use crate::ops::{Precision, glu, linear};
 use rayon::prelude::*;
 
@@ -537,4 +541,378 @@ pub fn backward(
                 dx.iter_mut().zip(d).for_each(|(dx, d)| *dx += d);
             }
         });
+}
+
+/// shaders/moe.wgsl's parameters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct MoeParams {
+    pub tokens: u32,
+    pub experts: u32,
+    pub top_k: u32,
+    pub width: u32,
+    pub out: u32,
+    pub rank: u32,
+    pub row_offset: u32,
+    pub gather: u32,
+    pub scale: f32,
+    pub accumulate: u32,
+    pub normalize: u32,
+    pub pad: u32,
+}
+
+impl MoeParams {
+    fn new(shape: &MoeShape, tokens: usize) -> Self {
+        MoeParams {
+            tokens: tokens as u32,
+            experts: shape.experts as u32,
+            top_k: shape.top_k as u32,
+            ..bytemuck::Zeroable::zeroed()
+        }
+    }
+}
+
+/// Words of the GPU's `sorted` buffer (shaders/moe.wgsl): each expert's first sorted row, and per
+/// slot its sorted row, per sorted row its slot and its expert.
+fn sorted_len(shape: &MoeShape, tokens: usize) -> usize {
+    shape.experts + 1 + 3 * tokens * shape.top_k
+}
+
+/// The scratch buffers (words) the GPU lowering of the experts takes, in the order it takes them:
+/// the sorted rows; the gate, up and gated activations and the output of every slot (each sorted
+/// row) with the branches' x·Aᵀ; in the backward the output's gradient, the activations', the
+/// input's and the branches'.
+pub fn gpu_temporaries(
+    shape: &MoeShape,
+    lora: &MoeLora,
+    tokens: usize,
+    backward: bool,
+) -> Vec<usize> {
+    let slots = tokens * shape.top_k;
+    let (h, i) = (shape.hidden, shape.inter);
+    let rank = |stack: Option<(usize, f32)>| stack.map(|(rank, _)| slots * rank);
+    let mut lens = vec![sorted_len(shape, tokens), slots * i, slots * i];
+    lens.extend(rank(lora.gate_up));
+    lens.extend([slots * i, slots * h]);
+    lens.extend(rank(lora.down));
+    if backward {
+        lens.extend([slots * h, slots * i]);
+        lens.extend(rank(lora.down));
+        lens.extend([slots * i, slots * i, slots * h]);
+        lens.extend(rank(lora.gate_up));
+    }
+    lens
+}
+
+/// The GPU lowering of `route`: one thread per token.
+pub(crate) fn record_route(
+    r: &mut Recorder,
+    (shape, normalize): (&MoeShape, bool),
+    logits: &GpuBuffer,
+    routes: &GpuBuffer,
+    weights: &GpuBuffer,
+) {
+    let tokens = logits.len / shape.experts;
+    let p = MoeParams {
+        normalize: normalize as u32,
+        ..MoeParams::new(shape, tokens)
+    };
+    let b = [(1, logits), (3, routes), (4, weights)];
+    r.dispatch("moe_route", &p, &b, groups_1d(tokens, 256));
+}
+
+/// The GPU lowering of `route_backward`.
+pub(crate) fn record_route_backward(
+    r: &mut Recorder,
+    (shape, normalize): (&MoeShape, bool),
+    [logits, routes, d_weights]: [&GpuBuffer; 3],
+    d_logits: &GpuBuffer,
+    accumulate: bool,
+) {
+    let tokens = logits.len / shape.experts;
+    let p = MoeParams {
+        normalize: normalize as u32,
+        accumulate: accumulate as u32,
+        ..MoeParams::new(shape, tokens)
+    };
+    let b = [(1, logits), (3, routes), (4, d_weights), (7, d_logits)];
+    r.dispatch("moe_route_backward", &p, &b, groups_1d(tokens, 256));
+}
+
+/// A layer's experts on the GPU: the stacked weights, their activation, and the pairs (A, B, rank,
+/// scale) of each stack an adapter adapts.
+pub(crate) struct GpuExperts<'a> {
+    pub gate_up: &'a GpuLinear,
+    pub down: &'a GpuLinear,
+    pub act: GateActivation,
+    pub gate_up_lora: Option<GpuExpertPairs<'a>>,
+    pub down_lora: Option<GpuExpertPairs<'a>>,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct GpuExpertPairs<'a> {
+    pub a: &'a GpuBuffer,
+    pub b: &'a GpuBuffer,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// What the experts' forward leaves for their backward, by sorted row (`gated` and `expert_output`'s
+/// buffers).
+struct GpuRecomputed {
+    sorted: GpuBuffer,
+    gate: GpuBuffer,
+    up: GpuBuffer,
+    gate_up_xa: Option<GpuBuffer>,
+    hidden: GpuBuffer,
+    output: GpuBuffer,
+    down_xa: Option<GpuBuffer>,
+}
+
+/// The experts' LoRA kernels of one stack over the sorted rows.
+struct Branch<'a> {
+    pairs: GpuExpertPairs<'a>,
+    base: MoeParams,
+    slots: usize,
+}
+
+impl Branch<'_> {
+    fn params(&self, width: usize, out: usize, row_offset: usize) -> MoeParams {
+        MoeParams {
+            width: width as u32,
+            out: out as u32,
+            rank: self.pairs.rank as u32,
+            row_offset: row_offset as u32,
+            scale: self.pairs.scale,
+            ..self.base
+        }
+    }
+
+    /// xa [slots, rank] = each sorted row of `input` (x's rows gathered, or sorted rows) · A_eᵀ.
+    fn project(&self, r: &mut Recorder, (input, gather): (&GpuBuffer, bool), sorted: &GpuBuffer, width: usize) -> GpuBuffer {
+        let xa = r.scratch(self.slots * self.pairs.rank);
+        let p = MoeParams {
+            gather: gather as u32,
+            ..self.params(width, 0, 0)
+        };
+        let b = [(1, input), (2, sorted), (5, self.pairs.a), (7, &xa)];
+        let n = self.slots * self.pairs.rank;
+        r.dispatch("moe_lora_project", &p, &b, groups_1d(n, 256));
+        xa
+    }
+
+    /// y [slots, out] += scale · xa·B_eᵀ over B's rows `row_offset..`.
+    fn expand(&self, r: &mut Recorder, xa: &GpuBuffer, sorted: &GpuBuffer, (row_offset, out): (usize, usize), y: &GpuBuffer) {
+        let p = self.params(0, out, row_offset);
+        let b = [(1, xa), (2, sorted), (5, self.pairs.b), (7, y)];
+        r.dispatch("moe_lora_expand", &p, &b, groups_1d(self.slots * out, 256));
+    }
+
+    /// The backward of `expand` for the output's gradient dy [slots, out]: d(xa) (+)= scale ·
+    /// dy·B_e, and B's gradient += scale · dyᵀ·xa.
+    #[allow(clippy::too_many_arguments)]
+    fn expand_backward(
+        &self,
+        r: &mut Recorder,
+        (xa, dy): (&GpuBuffer, &GpuBuffer),
+        sorted: &GpuBuffer,
+        (row_offset, out): (usize, usize),
+        (d_xa, accumulate): (&GpuBuffer, bool),
+        grad_b: &GpuBuffer,
+    ) {
+        let p = MoeParams {
+            accumulate: accumulate as u32,
+            ..self.params(0, out, row_offset)
+        };
+        let n = self.slots * self.pairs.rank;
+        let b = [(1, dy), (2, sorted), (5, self.pairs.b), (7, d_xa)];
+        r.dispatch("moe_lora_back_xa", &p, &b, groups_1d(n, 256));
+        let n = self.base.experts as usize * out * self.pairs.rank;
+        let b = [(1, dy), (2, sorted), (5, xa), (7, grad_b)];
+        r.dispatch("moe_lora_grad_b", &p, &b, groups_1d(n, 256));
+    }
+
+    /// The rest once d(xa) is whole: A's gradient += d(xa)ᵀ·input and d_input += d(xa)·A_e.
+    fn project_backward(
+        &self,
+        r: &mut Recorder,
+        ((input, gather), d_xa): ((&GpuBuffer, bool), &GpuBuffer),
+        sorted: &GpuBuffer,
+        width: usize,
+        (d_input, grad_a): (&GpuBuffer, &GpuBuffer),
+    ) {
+        let p = MoeParams {
+            gather: gather as u32,
+            ..self.params(width, 0, 0)
+        };
+        let n = self.base.experts as usize * self.pairs.rank * width;
+        let b = [(1, input), (2, sorted), (5, d_xa), (7, grad_a)];
+        r.dispatch("moe_lora_grad_a", &p, &b, groups_1d(n, 256));
+        let b = [(1, d_xa), (2, sorted), (5, self.pairs.a), (7, d_input)];
+        r.dispatch("moe_lora_input", &p, &b, groups_1d(self.slots * width, 256));
+    }
+}
+
+fn branch<'a>(pairs: Option<GpuExpertPairs<'a>>, shape: &MoeShape, tokens: usize) -> Option<Branch<'a>> {
+    pairs.map(|pairs| Branch {
+        pairs,
+        base: MoeParams::new(shape, tokens),
+        slots: tokens * shape.top_k,
+    })
+}
+
+/// Sorts the slots by expert and runs the chosen experts over their rows (`gated` and
+/// `expert_output` of every expert at once), keeping what the backward reads.
+fn recompute(
+    r: &mut Recorder,
+    (x, routes): (&GpuBuffer, &GpuBuffer),
+    experts: &GpuExperts,
+    shape: &MoeShape,
+) -> GpuRecomputed {
+    let (h, i) = (shape.hidden, shape.inter);
+    let tokens = x.len / h;
+    let slots = tokens * shape.top_k;
+    let sorted = r.scratch(sorted_len(shape, tokens));
+    let p = MoeParams::new(shape, tokens);
+    r.dispatch("moe_sort", &p, &[(2, &sorted), (3, routes)], [1, 1, 1]);
+    let rows = SortedRows {
+        sorted: &sorted,
+        experts: shape.experts,
+        tokens,
+    };
+    let (gate, up) = (r.scratch(slots * i), r.scratch(slots * i));
+    for (offset, y) in [(0, &gate), (i, &up)] {
+        let projection = ExpertRows {
+            stride: 2 * i,
+            offset,
+            rows: i,
+        };
+        linear::record_expert_forward(r, experts.gate_up, (x, shape.top_k), &rows, projection, y);
+    }
+    let gate_up_xa = branch(experts.gate_up_lora, shape, tokens).map(|b| {
+        let xa = b.project(r, (x, true), &sorted, h);
+        b.expand(r, &xa, &sorted, (0, i), &gate);
+        b.expand(r, &xa, &sorted, (i, i), &up);
+        xa
+    });
+    let hidden = r.scratch(slots * i);
+    glu::record_forward(r, experts.act, &gate, &up, &hidden);
+    let output = r.scratch(slots * h);
+    let projection = ExpertRows {
+        stride: h,
+        offset: 0,
+        rows: h,
+    };
+    linear::record_expert_forward(r, experts.down, (&hidden, 0), &rows, projection, &output);
+    let down_xa = branch(experts.down_lora, shape, tokens).map(|b| {
+        let xa = b.project(r, (&hidden, false), &sorted, i);
+        b.expand(r, &xa, &sorted, (0, h), &output);
+        xa
+    });
+    GpuRecomputed {
+        sorted,
+        gate,
+        up,
+        gate_up_xa,
+        hidden,
+        output,
+        down_xa,
+    }
+}
+
+/// The GPU lowering of `forward`: the slots sorted by expert, each expert's rows through its gated
+/// MLP (grouped products over the stacked weights), mixed back per token.
+pub(crate) fn record_forward(
+    r: &mut Recorder,
+    [x, routes, weights]: [&GpuBuffer; 3],
+    experts: &GpuExperts,
+    shape: &MoeShape,
+    (y, accumulate): (&GpuBuffer, bool),
+) {
+    let tokens = x.len / shape.hidden;
+    let rec = recompute(r, (x, routes), experts, shape);
+    let p = MoeParams {
+        width: shape.hidden as u32,
+        accumulate: accumulate as u32,
+        ..MoeParams::new(shape, tokens)
+    };
+    let b = [(1, &rec.output), (2, &rec.sorted), (4, weights), (7, y)];
+    r.dispatch("moe_combine", &p, &b, groups_1d(tokens * shape.hidden, 256));
+}
+
+/// The GPU lowering of `backward`: dx (+)= into x, d_weights, and each adapted stack's (A, B)
+/// gradients in `grads` (gate_up's, down's) added to.
+pub(crate) fn record_backward(
+    r: &mut Recorder,
+    [x, routes, weights, dy]: [&GpuBuffer; 4],
+    experts: &GpuExperts,
+    shape: &MoeShape,
+    (dx, d_weights, accumulate): (&GpuBuffer, &GpuBuffer, bool),
+    grads: [Option<(&GpuBuffer, &GpuBuffer)>; 2],
+) {
+    let (h, i) = (shape.hidden, shape.inter);
+    let tokens = x.len / h;
+    let slots = tokens * shape.top_k;
+    let rec = recompute(r, (x, routes), experts, shape);
+    let sorted = &rec.sorted;
+    let rows = SortedRows {
+        sorted,
+        experts: shape.experts,
+        tokens,
+    };
+    let base = MoeParams::new(shape, tokens);
+    let p = MoeParams {
+        width: h as u32,
+        ..base
+    };
+    let d_output = r.scratch(slots * h);
+    let b = [
+        (1, dy),
+        (2, sorted),
+        (4, weights),
+        (5, &rec.output),
+        (7, &d_output),
+        (8, d_weights),
+    ];
+    r.dispatch("moe_output_grad", &p, &b, groups_1d(slots, 256));
+    let d_hidden = r.scratch(slots * i);
+    let projection = ExpertRows {
+        stride: h,
+        offset: 0,
+        rows: h,
+    };
+    linear::record_expert_backward_input(r, experts.down, &d_output, &rows, projection, (&d_hidden, false));
+    let down = branch(experts.down_lora, shape, tokens).zip(grads[1]);
+    if let (Some((b, (grad_a, grad_b))), Some(xa)) = (down, &rec.down_xa) {
+        let d_xa = r.scratch(slots * b.pairs.rank);
+        b.expand_backward(r, (xa, &d_output), sorted, (0, h), (&d_xa, false), grad_b);
+        let input = ((&rec.hidden, false), &d_xa);
+        b.project_backward(r, input, sorted, i, (&d_hidden, grad_a));
+    }
+    let (d_gate, d_up) = (r.scratch(slots * i), r.scratch(slots * i));
+    glu::record_backward(r, experts.act, [&rec.gate, &rec.up, &d_hidden], &d_gate, &d_up);
+    let d_input = r.scratch(slots * h);
+    for (offset, dy, accumulate) in [(0, &d_gate, false), (i, &d_up, true)] {
+        let projection = ExpertRows {
+            stride: 2 * i,
+            offset,
+            rows: i,
+        };
+        linear::record_expert_backward_input(r, experts.gate_up, dy, &rows, projection, (&d_input, accumulate));
+    }
+    let gate_up = branch(experts.gate_up_lora, shape, tokens).zip(grads[0]);
+    if let (Some((b, (grad_a, grad_b))), Some(xa)) = (gate_up, &rec.gate_up_xa) {
+        let d_xa = r.scratch(slots * b.pairs.rank);
+        for (offset, dy, accumulate) in [(0, &d_gate, false), (i, &d_up, true)] {
+            b.expand_backward(r, (xa, dy), sorted, (offset, i), (&d_xa, accumulate), grad_b);
+        }
+        b.project_backward(r, ((x, true), &d_xa), sorted, h, (&d_input, grad_a));
+    }
+    let p = MoeParams {
+        width: h as u32,
+        accumulate: accumulate as u32,
+        ..base
+    };
+    let b = [(1, &d_input), (2, sorted), (7, dx)];
+    r.dispatch("moe_input_grad", &p, &b, groups_1d(tokens * h, 256));
 }
