@@ -520,10 +520,11 @@ pub fn model_files(spec: &SynthSpec, tokenizer: &TokenizerFiles, label: &str) ->
             files.insert(name.to_string(), text(content));
         }
     }
-    let tensors = spec.config().expected_tensors();
+    let config = spec.config();
+    let tensors = config.expected_tensors();
     let entries: Vec<(String, Vec<usize>)> = tensors
         .iter()
-        .map(|t| (t.name.clone(), t.shape.clone()))
+        .map(|t| (t.name.clone(), stored_shape(&config, t)))
         .collect();
     let mut rng = Rng::new(spec.seed);
     let mut bytes = Vec::new();

@@ -340,6 +340,8 @@ fn expert_params(
 ) -> LinearParams {
     LinearParams {
         rows: rows.rows as u32,
+        // Sorted rows of the projection alone, whichever block holds their expert.
+        row_offset: 0,
         out_stride: rows.rows as u32,
         weight_row: rows.offset as u32,
         experts: sorted.experts as u32,
