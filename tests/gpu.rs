@@ -264,66 +264,11 @@ fn gpu_step_memory_follows_the_plan() {
         plan(&model.config, &input).unwrap()
     };
     for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
-        let options = exec::gpu::SequenceOptions {
-            grad_scale: 1.0,
-            checkpoint,
-            checkpoints,
-            dropout: None,
-            ..Default::default()
-        };
-        let step = || {
-            let mut enc = gpu.encoder();
-            let losses = exec::gpu::record_sequence(
-                &gpu,
-                &gm,
-                Some(&gl),
-                Some(&grads),
-                &seq,
-                options,
-                &mut enc,
-            )
-            .unwrap()
-            .unwrap();
-            gpu.submit_and_read(enc, &[&losses]).unwrap();
-        };
-        // Each configuration's step from an empty pool.
-        gpu.release_scratch();
-        let before = (gpu.scratch_bytes(), gpu.host_scratch_bytes());
-        step();
-        let first = (
-            gpu.scratch_bytes() - before.0,
-            gpu.host_scratch_bytes() - before.1,
-        );
-        // A second step finds everything it needs in the pools.
-        step();
-        assert_eq!(
-            (
-                gpu.scratch_bytes() - before.0,
-                gpu.host_scratch_bytes() - before.1
-            ),
-            first,
-            "the second step allocated again"
-        );
         let planned = planned(tokens, checkpoint, checkpoints);
-        // The untied embedding stays in host memory; every other weight is on the device as planned
-        // (group scales in f32, norms in f32).
+        // The untied embedding stays in host memory.
         assert!(planned.host_weights > 0);
-        assert_eq!(gm.device_bytes(), planned.weights);
-        let step_plan = planned.device_step as f64;
-        let ratio = first.0 as f64 / step_plan;
-        eprintln!(
-            "{checkpoints:?}: GPU step scratch {} B, planned {step_plan:.0} B ({ratio:.2}); host {} B, planned {} B",
-            first.0, first.1, planned.host_activations
-        );
-        // Measured 1.00 and 0.99: the plan replays the executor's placement and pool (the plan's
-        // step labels every position, this one all but the last). Offloaded buffers are exactly the
-        // planned ones: bf16 pairs of each layer's input.
-        assert!(
-            (0.97..=1.0).contains(&ratio),
-            "the GPU step holds {} B, the plan says {step_plan:.0} B",
-            first.0
-        );
-        assert_eq!(first.1, planned.host_activations, "{checkpoints:?}");
+        let keep = (checkpoint, checkpoints);
+        first_step_follows_the_plan(&gpu, (&gm, &gl, &grads), &seq, &planned, keep);
     }
     // Sequences of other lengths, as a run's data has them, with and without checkpointing: the
     // device holds one step's homes (the largest step's so far), not one set per length: where the
@@ -382,6 +327,116 @@ fn gpu_step_memory_follows_the_plan() {
     let held = gpu.scratch_peak_bytes() as f64 / planned(96, false, Keep::F32).device_step as f64;
     eprintln!("a step of 24 and 96 tokens: at most {held:.3} of the 96-token plan held at once");
     assert!(held <= 1.01, "{held:.3}");
+}
+
+/// One step of `seq` from an empty pool holds on the device what `planned` says, and in host memory
+/// the checkpoints it plans offloaded; a second step allocates nothing more.
+fn first_step_follows_the_plan(
+    gpu: &Gpu,
+    (gm, gl, grads): (&GpuModel, &GpuLora, &GpuLora),
+    seq: &cpu::Sequence,
+    planned: &nibble::plan::Plan,
+    (checkpoint, checkpoints): (bool, nibble::graph::checkpoint::Keep),
+) {
+    let options = exec::gpu::SequenceOptions {
+        grad_scale: 1.0,
+        checkpoint,
+        checkpoints,
+        dropout: None,
+        ..Default::default()
+    };
+    let step = || {
+        let mut enc = gpu.encoder();
+        let losses =
+            exec::gpu::record_sequence(gpu, gm, Some(gl), Some(grads), seq, options, &mut enc)
+                .unwrap()
+                .unwrap();
+        gpu.submit_and_read(enc, &[&losses]).unwrap();
+    };
+    gpu.release_scratch();
+    let before = (gpu.scratch_bytes(), gpu.host_scratch_bytes());
+    step();
+    let first = (
+        gpu.scratch_bytes() - before.0,
+        gpu.host_scratch_bytes() - before.1,
+    );
+    // A second step finds everything it needs in the pools.
+    step();
+    assert_eq!(
+        (
+            gpu.scratch_bytes() - before.0,
+            gpu.host_scratch_bytes() - before.1
+        ),
+        first,
+        "the second step allocated again"
+    );
+    // Every weight on the device is as planned (group scales in f32, norms in f32).
+    assert_eq!(gm.device_bytes(), planned.weights);
+    let step_plan = planned.device_step as f64;
+    let ratio = first.0 as f64 / step_plan;
+    eprintln!(
+        "{checkpoints:?}: GPU step scratch {} B, planned {step_plan:.0} B ({ratio:.2}); host {} B, planned {} B",
+        first.0, first.1, planned.host_activations
+    );
+    // Measured 1.00 and 0.99: the plan replays the executor's placement and pool (the plan's
+    // step labels every position, this one all but the last). Offloaded buffers are exactly the
+    // planned ones: bf16 pairs of each layer's input.
+    assert!(
+        (0.97..=1.0).contains(&ratio),
+        "the GPU step holds {} B, the plan says {step_plan:.0} B",
+        first.0
+    );
+    assert_eq!(first.1, planned.host_activations, "{checkpoints:?}");
+}
+
+/// `gpu_step_memory_follows_the_plan` for a mixture of experts (Qwen3-MoE's layout, 8 experts, 2 per
+/// token) adapted on PEFT's all-linear: its experts' temporaries (every slot's activations at once)
+/// are what the plan counts.
+#[test]
+fn gpu_step_memory_of_a_mixture_follows_the_plan() {
+    let Some(gpu) = gpu() else { return };
+    use nibble::graph::checkpoint::Keep;
+    use nibble::plan::{PlanInput, plan};
+    use nibble::quant::{QuantFormat, QuantSpec};
+    use nibble::synth::{self, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = SynthSpec::tiny_qwen3_moe(4000);
+    (spec.hidden_size, spec.intermediate_size) = (256, 512);
+    synth::write_model_folder(dir.path(), &spec, None).unwrap();
+    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
+    let model = nibble::model::ModelSource::open(dir.path())
+        .unwrap()
+        .load(Some(nibble::model::QuantRequest::Quantize(qspec)))
+        .unwrap();
+    let config = nibble::lora::LoraConfig {
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let adapter =
+        nibble::lora::LoraAdapter::init(&model.config, config, &mut nibble::rng::Rng::new(1))
+            .unwrap();
+    assert!(adapter.pairs().any(|(_, p)| p.experts > 1));
+    let tokens = 96;
+    let seq = cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 13 % 4000).collect());
+    let gm = GpuModel::upload(&gpu, &model).unwrap();
+    let gl = GpuLora::upload(&gpu, &adapter);
+    let grads = weights::zero_grads(&gpu, &adapter);
+    for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
+        let input = PlanInput {
+            tokens,
+            quant: Some(qspec),
+            lora_rank: 8,
+            lora_targets: vec!["all-linear".into()],
+            lora_dropout: false,
+            dora: false,
+            checkpoint,
+            checkpoints,
+            trainable_tokens: 0,
+        };
+        let planned = plan(&model.config, &input).unwrap();
+        let keep = (checkpoint, checkpoints);
+        first_step_follows_the_plan(&gpu, (&gm, &gl, &grads), &seq, &planned, keep);
+    }
 }
 
 /// Optimizer steps on the GPU (dropout, gradient accumulation, clipping, AdamW and checkpointing all on
@@ -736,12 +791,17 @@ fn mixture_of_experts_layers_match_the_cpu_executor() {
             _ => SynthSpec::tiny_mixtral(vocab),
         };
         let case = format!("{family} {request:?}, bindings of {binding} bytes");
-        let (model, adapter) =
-            synth_model_with(&spec, family, (request, config.clone()), &mut rng);
+        let (model, adapter) = synth_model_with(&spec, family, (request, config.clone()), &mut rng);
         assert_eq!(spec.dtype, nibble::source::FloatDtype::BF16);
         let stacks = adapter.pairs().filter(|(_, p)| p.experts > 1).count();
-        let routers = adapter.pairs().filter(|(path, _)| path.ends_with("mlp.gate")).count();
-        assert!(stacks >= 4 && routers >= 2, "{case}: {stacks} stacks, {routers} routers");
+        let routers = adapter
+            .pairs()
+            .filter(|(path, _)| path.ends_with("mlp.gate"))
+            .count();
+        assert!(
+            stacks >= 4 && routers >= 2,
+            "{case}: {stacks} stacks, {routers} routers"
+        );
         gpu.max_binding = binding.min(gpu.device_binding_limit());
         // Only the stacks are larger than a binding: each in two blocks or more.
         let gm = GpuModel::upload(&gpu, &model).unwrap();

@@ -52,7 +52,6 @@ impl Device {
     pub fn open(self) -> Result<Option<Gpu>> {
         pollster::block_on(self.open_async())
     }
-
 }
 
 /// What to say when `--device gpu` opens a software renderer natively: it runs nibble's kernels on

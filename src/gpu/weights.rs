@@ -237,7 +237,9 @@ impl GpuWeights {
                         let together = model.rows_kept_together(&name);
                         GpuTensor::Linear(GpuLinear::upload(gpu, w, &name, together)?)
                     }
-                    (TensorRef::Table(t), _) => GpuTensor::Table(GpuDense::upload(gpu, t, &name, 1)?),
+                    (TensorRef::Table(t), _) => {
+                        GpuTensor::Table(GpuDense::upload(gpu, t, &name, 1)?)
+                    }
                     (TensorRef::Vector(v), _) => GpuTensor::Vector(gpu.upload_f32(v)),
                 };
                 Ok((name, uploaded))

@@ -616,7 +616,8 @@ impl Graph {
             Op::MoeExperts { shape, lora, .. } | Op::MoeExpertsBackward { shape, lora, .. } => {
                 let tokens = self.bufs[node.inputs[0]].len / shape.hidden;
                 let backward = matches!(node.op, Op::MoeExpertsBackward { .. });
-                let cpu = shape.temporaries(tokens, backward) + lora.temporaries(shape, tokens, backward);
+                let cpu =
+                    shape.temporaries(tokens, backward) + lora.temporaries(shape, tokens, backward);
                 let gpu = crate::ops::moe::gpu_temporaries(shape, lora, tokens, backward);
                 cpu.max(gpu.iter().sum()) as u64
             }

@@ -3,7 +3,6 @@
 //! that carry a label.
 
 use crate::exec::gpu::Recorder;
-use bytemuck::Zeroable;
 use crate::gpu::weights::GpuDense;
 use crate::gpu::{GpuBuffer, groups_1d};
 use crate::model::{DenseData, DenseTensor};
@@ -13,6 +12,7 @@ use crate::ops::int16_gemm::{self, Frozen};
 use crate::ops::linear::{self, LinearParams, linear_groups};
 use crate::ops::{Dims4, Precision};
 use crate::ops::{isa, packed, packed_gemm};
+use bytemuck::Zeroable;
 use rayon::prelude::*;
 
 /// Vocabulary rows per chunk: the logits of one chunk exist at a time.

@@ -3,13 +3,13 @@
 //! that every token reuses (packed_gemm.rs), or the bf16 kernels (bf16_gemm.rs).
 
 use crate::exec::gpu::Recorder;
-use bytemuck::Zeroable;
 use crate::gpu::GpuBuffer;
 use crate::gpu::weights::{GpuLinear, LinearBlock};
 use crate::model::LinearWeight;
 use crate::ops::Precision;
 use crate::ops::bf16_gemm;
 use crate::ops::{int16_gemm, isa, packed, packed_gemm};
+use bytemuck::Zeroable;
 use rayon::prelude::*;
 
 impl LinearWeight {
@@ -322,7 +322,10 @@ pub(crate) struct SortedRows<'a> {
 
 /// Each block's experts of a stacked weight split on whole experts (`GpuLinear::upload`): (the
 /// block, its first expert, how many).
-fn expert_blocks(lin: &GpuLinear, stride: usize) -> impl Iterator<Item = (&LinearBlock, usize, usize)> {
+fn expert_blocks(
+    lin: &GpuLinear,
+    stride: usize,
+) -> impl Iterator<Item = (&LinearBlock, usize, usize)> {
     lin.blocks.iter().map(move |block| {
         assert!(
             block.start % stride == 0 && block.rows % stride == 0,

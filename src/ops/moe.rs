@@ -5,12 +5,12 @@
 //! experts and a run of its rows is one expert's projection.
 
 use crate::config::GateActivation;
-use crate::model::LinearWeight;
-use crate::ops::matmul::{View, matmul, matmul_into};
 use crate::exec::gpu::Recorder;
 use crate::gpu::weights::GpuLinear;
 use crate::gpu::{GpuBuffer, groups_1d};
+use crate::model::LinearWeight;
 use crate::ops::linear::{ExpertRows, SortedRows};
+use crate::ops::matmul::{View, matmul, matmul_into};
 use crate::ops::{Precision, glu, linear};
 use rayon::prelude::*;
 
@@ -689,7 +689,13 @@ impl Branch<'_> {
     }
 
     /// xa [slots, rank] = each sorted row of `input` (x's rows gathered, or sorted rows) · A_eᵀ.
-    fn project(&self, r: &mut Recorder, (input, gather): (&GpuBuffer, bool), sorted: &GpuBuffer, width: usize) -> GpuBuffer {
+    fn project(
+        &self,
+        r: &mut Recorder,
+        (input, gather): (&GpuBuffer, bool),
+        sorted: &GpuBuffer,
+        width: usize,
+    ) -> GpuBuffer {
         let xa = r.scratch(self.slots * self.pairs.rank);
         let p = MoeParams {
             gather: gather as u32,
@@ -702,7 +708,14 @@ impl Branch<'_> {
     }
 
     /// y [slots, out] += scale · xa·B_eᵀ over B's rows `row_offset..`.
-    fn expand(&self, r: &mut Recorder, xa: &GpuBuffer, sorted: &GpuBuffer, (row_offset, out): (usize, usize), y: &GpuBuffer) {
+    fn expand(
+        &self,
+        r: &mut Recorder,
+        xa: &GpuBuffer,
+        sorted: &GpuBuffer,
+        (row_offset, out): (usize, usize),
+        y: &GpuBuffer,
+    ) {
         let p = self.params(0, out, row_offset);
         let b = [(1, xa), (2, sorted), (5, self.pairs.b), (7, y)];
         r.dispatch("moe_lora_expand", &p, &b, groups_1d(self.slots * out, 256));
@@ -753,7 +766,11 @@ impl Branch<'_> {
     }
 }
 
-fn branch<'a>(pairs: Option<GpuExpertPairs<'a>>, shape: &MoeShape, tokens: usize) -> Option<Branch<'a>> {
+fn branch<'a>(
+    pairs: Option<GpuExpertPairs<'a>>,
+    shape: &MoeShape,
+    tokens: usize,
+) -> Option<Branch<'a>> {
     pairs.map(|pairs| Branch {
         pairs,
         base: MoeParams::new(shape, tokens),
@@ -881,7 +898,14 @@ pub(crate) fn record_backward(
         offset: 0,
         rows: h,
     };
-    linear::record_expert_backward_input(r, experts.down, &d_output, &rows, projection, (&d_hidden, false));
+    linear::record_expert_backward_input(
+        r,
+        experts.down,
+        &d_output,
+        &rows,
+        projection,
+        (&d_hidden, false),
+    );
     let down = branch(experts.down_lora, shape, tokens).zip(grads[1]);
     if let (Some((b, (grad_a, grad_b))), Some(xa)) = (down, &rec.down_xa) {
         let d_xa = r.scratch(slots * b.pairs.rank);
@@ -890,7 +914,13 @@ pub(crate) fn record_backward(
         b.project_backward(r, input, sorted, i, (&d_hidden, grad_a));
     }
     let (d_gate, d_up) = (r.scratch(slots * i), r.scratch(slots * i));
-    glu::record_backward(r, experts.act, [&rec.gate, &rec.up, &d_hidden], &d_gate, &d_up);
+    glu::record_backward(
+        r,
+        experts.act,
+        [&rec.gate, &rec.up, &d_hidden],
+        &d_gate,
+        &d_up,
+    );
     let d_input = r.scratch(slots * h);
     for (offset, dy, accumulate) in [(0, &d_gate, false), (i, &d_up, true)] {
         let projection = ExpertRows {
@@ -898,13 +928,27 @@ pub(crate) fn record_backward(
             offset,
             rows: i,
         };
-        linear::record_expert_backward_input(r, experts.gate_up, dy, &rows, projection, (&d_input, accumulate));
+        linear::record_expert_backward_input(
+            r,
+            experts.gate_up,
+            dy,
+            &rows,
+            projection,
+            (&d_input, accumulate),
+        );
     }
     let gate_up = branch(experts.gate_up_lora, shape, tokens).zip(grads[0]);
     if let (Some((b, (grad_a, grad_b))), Some(xa)) = (gate_up, &rec.gate_up_xa) {
         let d_xa = r.scratch(slots * b.pairs.rank);
         for (offset, dy, accumulate) in [(0, &d_gate, false), (i, &d_up, true)] {
-            b.expand_backward(r, (xa, dy), sorted, (offset, i), (&d_xa, accumulate), grad_b);
+            b.expand_backward(
+                r,
+                (xa, dy),
+                sorted,
+                (offset, i),
+                (&d_xa, accumulate),
+                grad_b,
+            );
         }
         b.project_backward(r, ((x, true), &d_xa), sorted, h, (&d_input, grad_a));
     }
