@@ -790,7 +790,10 @@ fn mixture_of_experts_layers_match_the_cpu_executor() {
             "qwen3_moe" => SynthSpec::tiny_qwen3_moe(vocab),
             _ => SynthSpec::tiny_mixtral(vocab),
         };
-        let case = format!("{family} {request:?}, bindings of {binding} bytes");
+        let case = match binding {
+            u64::MAX => format!("{family} {request:?}, one binding each"),
+            _ => format!("{family} {request:?}, bindings of {binding} bytes"),
+        };
         let (model, adapter) = synth_model_with(&spec, family, (request, config.clone()), &mut rng);
         assert_eq!(spec.dtype, nibble::source::FloatDtype::BF16);
         let stacks = adapter.pairs().filter(|(_, p)| p.experts > 1).count();

@@ -52,7 +52,7 @@ fn rows_per_block(
     let fit = (gpu.max_binding / row_bytes.max(1) as u64) as usize;
     let halves = if odd_halves { 2 } else { 1 };
     let together = together.max(1);
-    let step = if together % halves == 0 {
+    let step = if together.is_multiple_of(halves) {
         together
     } else {
         together * halves
