@@ -1161,6 +1161,22 @@ impl LoraAdapter {
         };
         let use_rslora = switch("use_rslora")?;
         let mut weights = files.open_safetensors("adapter_model.safetensors")?;
+        let mixtral = model
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.family == crate::config::MoeFamily::Mixtral);
+        if mixtral {
+            // PEFT with transformers 4 named Mixtral's router and experts as its checkpoints do
+            // (`block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1`).
+            weights.rename(|key| {
+                let (module, factor) = key
+                    .strip_prefix("base_model.model.")?
+                    .rsplit_once(".lora_")?;
+                let ours = crate::config::mixtral_name(&format!("{module}.weight"))?;
+                let ours = ours.strip_suffix(".weight")?;
+                Some(format!("base_model.model.{ours}.lora_{factor}"))
+            });
+        }
         // The adapted modules as PEFT named them when it saved the adapter (a pattern among the
         // targets was matched against these names).
         let saved_modules: Vec<String> = weights
@@ -1290,6 +1306,24 @@ impl LoraAdapter {
                 kept
             }
         };
+        // An adapter PEFT saved per expert with transformers 4 was trained with dropout on its experts'
+        // linears, which transformers 5's stacked experts take none of (PEFT refuses to load it):
+        // dropout only acts in training, where a run takes its own.
+        let per_expert = model.moe.is_some()
+            && weights
+                .tensor_names()
+                .any(|n| n.contains(".experts.0.") && n.ends_with(".lora_A.weight"));
+        let dropout = match per_expert && dropout > 0.0 {
+            true => {
+                log::info!(
+                    "{}: the adapter's experts were trained per expert with `lora_dropout` \
+                     {dropout}; read as transformers 5's stacked experts, which take no dropout",
+                    cfg_path.display()
+                );
+                0.0
+            }
+            false => dropout,
+        };
         let config = LoraConfig {
             r,
             alpha,
@@ -1315,26 +1349,24 @@ impl LoraAdapter {
                 factors.map(|f| adapter.saved_key(path, f)).to_vec()
             })
             .collect();
-        for ((_, pair), keys) in adapter.pairs_mut().zip(keys) {
+        let mut per_expert_keys = Vec::new();
+        for ((path, pair), keys) in adapter.pairs_mut().zip(keys) {
             if use_dora {
                 pair.magnitude = vec![0.0; pair.out_features];
             }
             for f in pair.factors().collect::<Vec<_>>() {
                 let key = keys[f as usize].clone();
                 let shape = pair.shape(f);
-                let info = weights.info(&key).ok_or_else(|| {
+                if weights.info(&key).is_none() && pair.experts > 1 {
                     // PEFT with transformers 4 saved a pair per expert's module.
-                    let per_expert = weights.tensor_names().any(|n| n.contains(".experts.0."));
-                    let why = match per_expert && key.contains(".mlp.experts.") {
-                        true => {
-                            "missing from the adapter, which holds a pair per expert as PEFT \
-                             saved them with transformers 4; nibble reads transformers 5's stacked \
-                             experts' pairs: load and save it with PEFT under transformers 5, \
-                             which converts them"
-                        }
-                        false => "missing from the adapter",
-                    };
-                    Error::tensor(weights.path(), &key, why)
+                    if let Some(read) = per_expert_factor(&weights, (path, pair), f)? {
+                        *pair.factor_mut(f) = read.values;
+                        per_expert_keys.extend(read.keys);
+                        continue;
+                    }
+                }
+                let info = weights.info(&key).ok_or_else(|| {
+                    Error::tensor(weights.path(), &key, "missing from the adapter")
                 })?;
                 if info.shape != shape {
                     return Err(Error::tensor(
@@ -1359,6 +1391,7 @@ impl LoraAdapter {
             .flat_map(|(path, pair)| pair.factors().map(|f| adapter.saved_key(path, f)))
             .collect();
         expected.extend(saved.keys());
+        expected.extend(per_expert_keys);
         if let Some(extra) = weights.tensor_names().find(|n| !expected.contains(*n)) {
             return Err(Error::tensor(
                 weights.path(),
@@ -1375,6 +1408,90 @@ impl LoraAdapter {
         }
         Ok((adapter, saved))
     }
+}
+
+/// A stack of experts' factor read from the pairs PEFT saved per expert with transformers 4
+/// (`mlp.experts.{e}.gate_proj.lora_A.weight`, ..., Mixtral's renamed so), fused as PEFT converts
+/// them for transformers 5: gate_proj's and up_proj's pairs side by side in the stacked gate_up_proj's
+/// (A's rows concatenated, B block-diagonal: rank 2r), each expert's in ParamWrapper's layout.
+struct PerExpertFactor {
+    values: Vec<f32>,
+    keys: Vec<String>,
+}
+
+/// `PerExpertFactor` of factor `f` of the stack at `path` (`model.layers.{l}.mlp.experts.gate_up_proj`
+/// or `.down_proj`); None where the adapter holds no pair of its first expert.
+fn per_expert_factor(
+    weights: &crate::source::SafetensorsFile,
+    (path, pair): (&str, &LoraPair),
+    f: Factor,
+) -> Result<Option<PerExpertFactor>> {
+    let (layer, stack) = path
+        .rsplit_once(".experts.")
+        .expect("a stack of experts' pairs is named by its parameter");
+    let projections: &[&str] = match stack {
+        "gate_up_proj" => &["gate_proj", "up_proj"],
+        _ => &["down_proj"],
+    };
+    let (experts, rank, inp) = (pair.experts, pair.rank, pair.in_features);
+    let (r, out) = (
+        rank / projections.len(),
+        pair.out_features / projections.len(),
+    );
+    let factor = match f {
+        Factor::A => "A",
+        _ => "B",
+    };
+    let key = |e: usize, projection: &str| {
+        format!("base_model.model.{layer}.experts.{e}.{projection}.lora_{factor}.weight")
+    };
+    if weights.info(&key(0, projections[0])).is_none() {
+        return Ok(None);
+    }
+    let mut values = vec![0f32; pair.shape(f).iter().product()];
+    let mut keys = Vec::new();
+    for e in 0..experts {
+        for (p, projection) in projections.iter().enumerate() {
+            let key = key(e, projection);
+            let shape = match f {
+                Factor::A => vec![r, inp],
+                _ => vec![out, r],
+            };
+            let info = weights.info(&key).ok_or_else(|| {
+                Error::tensor(
+                    weights.path(),
+                    &key,
+                    "missing from the adapter, which holds the other experts' pairs",
+                )
+            })?;
+            if info.shape != shape {
+                return Err(Error::tensor(
+                    weights.path(),
+                    &key,
+                    format!(
+                        "shape {:?} does not fit the model, which needs {shape:?} (rank {r})",
+                        info.shape
+                    ),
+                ));
+            }
+            let one = weights.read_f32(&key)?;
+            match f {
+                // Expert e's rows e·rank + p·r + k.
+                Factor::A => values[(e * rank + p * r) * inp..][..r * inp].copy_from_slice(&one),
+                // Row p·out + o, column (p·r + k)·experts + e.
+                _ => {
+                    for (o, row) in one.chunks_exact(r).enumerate() {
+                        let first = (p * out + o) * rank * experts;
+                        for (k, &v) in row.iter().enumerate() {
+                            values[first + (p * r + k) * experts + e] = v;
+                        }
+                    }
+                }
+            }
+            keys.push(key);
+        }
+    }
+    Ok(Some(PerExpertFactor { values, keys }))
 }
 
 /// Whole modules a PEFT adapter saved beside its LoRA matrices (`modules_to_save`), trained in full:
