@@ -25,7 +25,8 @@ struct MoeParams {
     scale: f32,
     accumulate: u32,
     normalize: u32,
-    pad: u32,
+    // moe_combine: 1 where each choice counts by its routing weight.
+    weighted: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MoeParams;
@@ -316,8 +317,9 @@ fn moe_lora_input(@builtin(global_invocation_id) id: vec3<u32>) {
     dst[i] += acc;
 }
 
-// dst [tokens, width] (+)= Σ_j weights[t, j] · src[the sorted row of slot (t, j)]: the experts'
-// outputs mixed, the choices summed in the router's order.
+// dst [tokens, width] (+)= Σ_j weights[t, j] · src[the sorted row of slot (t, j)], the choices
+// summed in the router's order: the experts' outputs mixed, or (unweighted) the input's gradient from
+// each choice's.
 @compute @workgroup_size(256)
 fn moe_combine(@builtin(global_invocation_id) id: vec3<u32>) {
     let i = flat_index(id);
@@ -332,7 +334,11 @@ fn moe_combine(@builtin(global_invocation_id) id: vec3<u32>) {
     }
     for (var j = 0u; j < p.top_k; j++) {
         let s = t * p.top_k + j;
-        acc += weights[s] * src[row_of(s) * p.width + h];
+        var w = 1.0;
+        if (p.weighted == 1u) {
+            w = weights[s];
+        }
+        acc += w * src[row_of(s) * p.width + h];
     }
     dst[i] = acc;
 }
@@ -356,24 +362,4 @@ fn moe_output_grad(@builtin(global_invocation_id) id: vec3<u32>) {
     for (var h = 0u; h < p.width; h++) {
         dst[row + h] = w * src[dy + h];
     }
-}
-
-// dst [tokens, width] (+)= Σ_j src[the sorted row of slot (t, j)]: the input's gradient from each
-// choice's.
-@compute @workgroup_size(256)
-fn moe_input_grad(@builtin(global_invocation_id) id: vec3<u32>) {
-    let i = flat_index(id);
-    if (i >= p.tokens * p.width) {
-        return;
-    }
-    let t = i / p.width;
-    let h = i % p.width;
-    var acc = 0.0;
-    if (p.accumulate == 1u) {
-        acc = dst[i];
-    }
-    for (var j = 0u; j < p.top_k; j++) {
-        acc += src[row_of(t * p.top_k + j) * p.width + h];
-    }
-    dst[i] = acc;
 }

@@ -1365,19 +1365,7 @@ impl LoraAdapter {
                         continue;
                     }
                 }
-                let info = weights.info(&key).ok_or_else(|| {
-                    Error::tensor(weights.path(), &key, "missing from the adapter")
-                })?;
-                if info.shape != shape {
-                    return Err(Error::tensor(
-                        weights.path(),
-                        &key,
-                        format!(
-                            "shape {:?} does not fit the model, which needs {:?}",
-                            info.shape, shape
-                        ),
-                    ));
-                }
+                check_factor(&weights, &key, &shape, "missing from the adapter")?;
                 *pair.factor_mut(f) = weights.read_f32(&key)?;
             }
         }
@@ -1408,6 +1396,29 @@ impl LoraAdapter {
         }
         Ok((adapter, saved))
     }
+}
+
+/// Refuses an adapter's tensor `key` that is missing (saying `missing`) or not of `shape`.
+fn check_factor(
+    weights: &crate::source::SafetensorsFile,
+    key: &str,
+    shape: &[usize],
+    missing: &str,
+) -> Result<()> {
+    let info = weights
+        .info(key)
+        .ok_or_else(|| Error::tensor(weights.path(), key, missing))?;
+    if info.shape != shape {
+        return Err(Error::tensor(
+            weights.path(),
+            key,
+            format!(
+                "shape {:?} does not fit the model, which needs {shape:?}",
+                info.shape
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A stack of experts' factor read from the pairs PEFT saved per expert with transformers 4
@@ -1457,23 +1468,8 @@ fn per_expert_factor(
                 Factor::A => vec![r, inp],
                 _ => vec![out, r],
             };
-            let info = weights.info(&key).ok_or_else(|| {
-                Error::tensor(
-                    weights.path(),
-                    &key,
-                    "missing from the adapter, which holds the other experts' pairs",
-                )
-            })?;
-            if info.shape != shape {
-                return Err(Error::tensor(
-                    weights.path(),
-                    &key,
-                    format!(
-                        "shape {:?} does not fit the model, which needs {shape:?} (rank {r})",
-                        info.shape
-                    ),
-                ));
-            }
+            let why = "missing from the adapter, which holds the other experts' pairs";
+            check_factor(weights, &key, &shape, why)?;
             let one = weights.read_f32(&key)?;
             match f {
                 // Expert e's rows e·rank + p·r + k.

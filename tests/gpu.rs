@@ -224,24 +224,10 @@ fn gpu_step_memory_follows_the_plan() {
     let Some(gpu) = gpu() else { return };
     use nibble::config::Arch;
     use nibble::plan::{PlanInput, plan};
-    use nibble::quant::{QuantFormat, QuantSpec};
-    use nibble::synth::{self, SynthSpec};
-    let dir = tempfile::tempdir().unwrap();
+    use nibble::synth::SynthSpec;
     let mut spec = SynthSpec::tiny(Arch::Llama, 4000);
     (spec.hidden_size, spec.intermediate_size, spec.num_layers) = (256, 768, 3);
-    synth::write_model_folder(dir.path(), &spec, None).unwrap();
-    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
-    let model = nibble::model::ModelSource::open(dir.path())
-        .unwrap()
-        .load(Some(nibble::model::QuantRequest::Quantize(qspec)))
-        .unwrap();
-    let config = nibble::lora::LoraConfig {
-        dropout: 0.0,
-        ..Default::default()
-    };
-    let adapter =
-        nibble::lora::LoraAdapter::init(&model.config, config, &mut nibble::rng::Rng::new(1))
-            .unwrap();
+    let (model, adapter, qspec) = planned_model(&spec);
     let tokens = 64;
     let seq = nibble::cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 7 % 4000).collect());
     let gm = GpuModel::upload(&gpu, &model).unwrap();
@@ -329,6 +315,33 @@ fn gpu_step_memory_follows_the_plan() {
     assert!(held <= 1.01, "{held:.3}");
 }
 
+/// A random model of `spec` in NF4 (group 64) and a fresh all-linear adapter without dropout, as the
+/// memory tests plan them.
+fn planned_model(
+    spec: &nibble::synth::SynthSpec,
+) -> (
+    nibble::model::Model,
+    nibble::lora::LoraAdapter,
+    nibble::quant::QuantSpec,
+) {
+    use nibble::quant::{QuantFormat, QuantSpec};
+    let dir = tempfile::tempdir().unwrap();
+    nibble::synth::write_model_folder(dir.path(), spec, None).unwrap();
+    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
+    let model = nibble::model::ModelSource::open(dir.path())
+        .unwrap()
+        .load(Some(nibble::model::QuantRequest::Quantize(qspec)))
+        .unwrap();
+    let config = nibble::lora::LoraConfig {
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let adapter =
+        nibble::lora::LoraAdapter::init(&model.config, config, &mut nibble::rng::Rng::new(1))
+            .unwrap();
+    (model, adapter, qspec)
+}
+
 /// One step of `seq` from an empty pool holds on the device what `planned` says, and in host memory
 /// the checkpoints it plans offloaded; a second step allocates nothing more.
 fn first_step_follows_the_plan(
@@ -397,24 +410,10 @@ fn gpu_step_memory_of_a_mixture_follows_the_plan() {
     let Some(gpu) = gpu() else { return };
     use nibble::graph::checkpoint::Keep;
     use nibble::plan::{PlanInput, plan};
-    use nibble::quant::{QuantFormat, QuantSpec};
-    use nibble::synth::{self, SynthSpec};
-    let dir = tempfile::tempdir().unwrap();
+    use nibble::synth::SynthSpec;
     let mut spec = SynthSpec::tiny_qwen3_moe(4000);
     (spec.hidden_size, spec.intermediate_size) = (256, 512);
-    synth::write_model_folder(dir.path(), &spec, None).unwrap();
-    let qspec = QuantSpec::new(QuantFormat::Nf4, 64).unwrap();
-    let model = nibble::model::ModelSource::open(dir.path())
-        .unwrap()
-        .load(Some(nibble::model::QuantRequest::Quantize(qspec)))
-        .unwrap();
-    let config = nibble::lora::LoraConfig {
-        dropout: 0.0,
-        ..Default::default()
-    };
-    let adapter =
-        nibble::lora::LoraAdapter::init(&model.config, config, &mut nibble::rng::Rng::new(1))
-            .unwrap();
+    let (model, adapter, qspec) = planned_model(&spec);
     assert!(adapter.pairs().any(|(_, p)| p.experts > 1));
     let tokens = 96;
     let seq = cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 13 % 4000).collect());

@@ -325,7 +325,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
             scale: scale as f32,
             accumulate: accumulate as u32,
             normalize: normalize as u32,
-            pad: pad as u32,
+            weighted: weighted as u32,
         }),
     ));
     let shaders: std::collections::BTreeSet<&str> =

@@ -38,6 +38,7 @@ const FAMILIES: [(&str, usize); 7] = [
     ("mixtral", 14),
 ];
 
+/// Every family on `device`; `NIBBLE_PARITY_ONLY=<family>` runs that one alone (for debugging).
 fn check(device: &str) {
     let only = std::env::var("NIBBLE_PARITY_ONLY").ok();
     for (family, linears) in FAMILIES {

@@ -146,7 +146,6 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("moe_lora_input", "moe"),
     ("moe_combine", "moe"),
     ("moe_output_grad", "moe"),
-    ("moe_input_grad", "moe"),
 ];
 
 /// The full WGSL source of a shader module (the common prelude included), as the GPU compiles it: None

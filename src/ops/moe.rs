@@ -558,7 +558,7 @@ pub struct MoeParams {
     pub scale: f32,
     pub accumulate: u32,
     pub normalize: u32,
-    pub pad: u32,
+    pub weighted: u32,
 }
 
 impl MoeParams {
@@ -851,6 +851,7 @@ pub(crate) fn record_forward(
     let p = MoeParams {
         width: shape.hidden as u32,
         accumulate: accumulate as u32,
+        weighted: 1,
         ..MoeParams::new(shape, tokens)
     };
     let b = [(1, &rec.output), (2, &rec.sorted), (4, weights), (7, y)];
@@ -957,6 +958,6 @@ pub(crate) fn record_backward(
         accumulate: accumulate as u32,
         ..base
     };
-    let b = [(1, &d_input), (2, sorted), (7, dx)];
-    r.dispatch("moe_input_grad", &p, &b, groups_1d(tokens * h, 256));
+    let b = [(1, &d_input), (2, sorted), (4, weights), (7, dx)];
+    r.dispatch("moe_combine", &p, &b, groups_1d(tokens * h, 256));
 }
