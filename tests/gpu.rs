@@ -223,7 +223,6 @@ fn eval_on_gpu_agrees_with_cpu() {
 fn gpu_step_memory_follows_the_plan() {
     let Some(gpu) = gpu() else { return };
     use nibble::config::Arch;
-    use nibble::plan::{PlanInput, plan};
     use nibble::synth::SynthSpec;
     let mut spec = SynthSpec::tiny(Arch::Llama, 4000);
     (spec.hidden_size, spec.intermediate_size, spec.num_layers) = (256, 768, 3);
@@ -234,20 +233,8 @@ fn gpu_step_memory_follows_the_plan() {
     let gl = GpuLora::upload(&gpu, &adapter);
     let grads = weights::zero_grads(&gpu, &adapter);
     use nibble::graph::checkpoint::Keep;
-    // The plan of a step of `tokens` on this model and adapter.
     let planned = |tokens, checkpoint, checkpoints| {
-        let input = PlanInput {
-            tokens,
-            quant: Some(qspec),
-            lora_rank: 8,
-            lora_targets: vec!["all-linear".into()],
-            lora_dropout: false,
-            dora: false,
-            checkpoint,
-            checkpoints,
-            trainable_tokens: 0,
-        };
-        plan(&model.config, &input).unwrap()
+        plan_of(&model.config, qspec, tokens, (checkpoint, checkpoints))
     };
     for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
         let planned = planned(tokens, checkpoint, checkpoints);
@@ -342,6 +329,27 @@ fn planned_model(
     (model, adapter, qspec)
 }
 
+/// `nibble plan`'s plan of a step of `tokens` on a `planned_model`.
+fn plan_of(
+    config: &nibble::config::ModelConfig,
+    qspec: nibble::quant::QuantSpec,
+    tokens: usize,
+    (checkpoint, checkpoints): (bool, nibble::graph::checkpoint::Keep),
+) -> nibble::plan::Plan {
+    let input = nibble::plan::PlanInput {
+        tokens,
+        quant: Some(qspec),
+        lora_rank: 8,
+        lora_targets: vec!["all-linear".into()],
+        lora_dropout: false,
+        dora: false,
+        checkpoint,
+        checkpoints,
+        trainable_tokens: 0,
+    };
+    nibble::plan::plan(config, &input).unwrap()
+}
+
 /// One step of `seq` from an empty pool holds on the device what `planned` says, and in host memory
 /// the checkpoints it plans offloaded; a second step allocates nothing more.
 fn first_step_follows_the_plan(
@@ -409,7 +417,6 @@ fn first_step_follows_the_plan(
 fn gpu_step_memory_of_a_mixture_follows_the_plan() {
     let Some(gpu) = gpu() else { return };
     use nibble::graph::checkpoint::Keep;
-    use nibble::plan::{PlanInput, plan};
     use nibble::synth::SynthSpec;
     let mut spec = SynthSpec::tiny_qwen3_moe(4000);
     (spec.hidden_size, spec.intermediate_size) = (256, 512);
@@ -421,19 +428,8 @@ fn gpu_step_memory_of_a_mixture_follows_the_plan() {
     let gl = GpuLora::upload(&gpu, &adapter);
     let grads = weights::zero_grads(&gpu, &adapter);
     for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
-        let input = PlanInput {
-            tokens,
-            quant: Some(qspec),
-            lora_rank: 8,
-            lora_targets: vec!["all-linear".into()],
-            lora_dropout: false,
-            dora: false,
-            checkpoint,
-            checkpoints,
-            trainable_tokens: 0,
-        };
-        let planned = plan(&model.config, &input).unwrap();
         let keep = (checkpoint, checkpoints);
+        let planned = plan_of(&model.config, qspec, tokens, keep);
         first_step_follows_the_plan(&gpu, (&gm, &gl, &grads), &seq, &planned, keep);
     }
 }
