@@ -1342,15 +1342,16 @@ impl LoraAdapter {
         let linears = (model.linear_modules(), parameters);
         let mut adapter = Self::with_pairs(linears, config, LoraPair::zeros_stacked)
             .map_err(|e| bad(e.to_string()))?;
-        let keys: Vec<Vec<String>> = adapter
+        let keys: Vec<(Vec<String>, f32)> = adapter
             .pairs()
             .map(|(path, _)| {
                 let factors = [Factor::A, Factor::B, Factor::Magnitude];
-                factors.map(|f| adapter.saved_key(path, f)).to_vec()
+                let keys = factors.map(|f| adapter.saved_key(path, f)).to_vec();
+                (keys, adapter.config.scale_of(path))
             })
             .collect();
         let mut per_expert_keys = Vec::new();
-        for ((path, pair), keys) in adapter.pairs_mut().zip(keys) {
+        for ((path, pair), (keys, scale)) in adapter.pairs_mut().zip(keys) {
             if use_dora {
                 pair.magnitude = vec![0.0; pair.out_features];
             }
@@ -1359,7 +1360,15 @@ impl LoraAdapter {
                 let shape = pair.shape(f);
                 if weights.info(&key).is_none() && pair.experts > 1 {
                     // PEFT with transformers 4 saved a pair per expert's module.
-                    if let Some(read) = per_expert_factor(&weights, (path, pair), f)? {
+                    if let Some(mut read) = per_expert_factor(&weights, (path, pair), f)? {
+                        // Fused at twice the rank and alpha, rsLoRA's alpha/√r would scale the
+                        // experts' updates by √2 more than the adapter trained them (PEFT's
+                        // conversion does): B carries the difference.
+                        let projections = pair.out_features / read.out;
+                        let trained = scale_of(alpha, pair.rank / projections, use_rslora);
+                        if f == Factor::B && trained != scale {
+                            read.values.iter_mut().for_each(|b| *b *= trained / scale);
+                        }
                         *pair.factor_mut(f) = read.values;
                         per_expert_keys.extend(read.keys);
                         continue;
@@ -1428,6 +1437,8 @@ fn check_factor(
 struct PerExpertFactor {
     values: Vec<f32>,
     keys: Vec<String>,
+    /// Each projection's outputs (an expert's gate_proj's, of the two fused).
+    out: usize,
 }
 
 /// `PerExpertFactor` of factor `f` of the stack at `path` (`model.layers.{l}.mlp.experts.gate_up_proj`
@@ -1487,7 +1498,7 @@ fn per_expert_factor(
             keys.push(key);
         }
     }
-    Ok(Some(PerExpertFactor { values, keys }))
+    Ok(Some(PerExpertFactor { values, keys, out }))
 }
 
 /// Whole modules a PEFT adapter saved beside its LoRA matrices (`modules_to_save`), trained in full:

@@ -398,7 +398,8 @@ pub enum Op {
     },
     /// [x, routes, weights, gate_up, down, dy (, the pairs as `MoeExperts` takes them)] -> [dx,
     /// d_weights (, the pairs' gradients: A, B of each)], each expert's activations recomputed; the
-    /// pairs' gradients are added to, whatever `accumulate` says of dx and d_weights.
+    /// pairs' gradients are added to whatever `accumulate` says, which applies to dx alone (d_weights
+    /// is written).
     MoeExpertsBackward {
         shape: crate::ops::moe::MoeShape,
         act: crate::config::GateActivation,
