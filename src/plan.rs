@@ -4,7 +4,7 @@
 //! node, plus that node's kernel temporaries.
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::lora::resolve_targets;
 use crate::model::planned_weight_bytes;
@@ -18,6 +18,9 @@ pub struct PlanInput {
     /// None: dense 16-bit weights.
     pub quant: Option<QuantSpec>,
     pub lora_rank: usize,
+    /// PEFT's `rank_pattern`: (module expression, rank) pairs, the first that names a module giving
+    /// its rank (`lora::Patterns`).
+    pub lora_rank_pattern: Vec<(String, usize)>,
     /// PEFT's `target_modules` (`all-linear`, or module names).
     pub lora_targets: Vec<String>,
     pub lora_dropout: bool,
@@ -161,8 +164,11 @@ struct PlannedPair {
 /// (a mixture of experts' gate_up_proj at twice the rank where PEFT fuses two names into it).
 fn planned_pairs(c: &ModelConfig, p: &PlanInput) -> Result<Vec<PlannedPair>> {
     let (linears, parameters) = resolve_targets(c, &p.lora_targets)?;
+    let rank_pattern = crate::lora::Patterns::new(p.lora_rank_pattern.clone())
+        .map_err(|e| Error::Invalid(format!("rank pattern: {e}")))?;
     let config = crate::lora::LoraConfig {
         r: p.lora_rank,
+        rank_pattern,
         dropout: 0.0,
         targets: p.lora_targets.clone(),
         ..Default::default()

@@ -340,6 +340,7 @@ fn plan_of(
         tokens,
         quant: Some(qspec),
         lora_rank: 8,
+        lora_rank_pattern: Vec::new(),
         lora_targets: vec!["all-linear".into()],
         lora_dropout: false,
         dora: false,

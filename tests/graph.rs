@@ -305,6 +305,7 @@ fn placement_stays_near_the_live_bytes_at_8b_scale() {
             tokens,
             quant: None,
             lora_rank: 32,
+            lora_rank_pattern: Vec::new(),
             lora_targets: vec!["all-linear".into()],
             lora_dropout: false,
             dora: false,

@@ -5,7 +5,7 @@
 
 use nibble::config::Arch;
 use nibble::cpu::{self, Sequence, StepOptions};
-use nibble::lora::{LoraAdapter, LoraConfig};
+use nibble::lora::{LoraAdapter, LoraConfig, Patterns};
 use nibble::model::{ModelSource, QuantRequest};
 use nibble::ops::Precision;
 use nibble::plan::{PlanInput, plan};
@@ -140,6 +140,7 @@ fn planned_step_memory_matches_the_measured_heap_peak() {
                 tokens,
                 quant: Some(qspec),
                 lora_rank: 8,
+                lora_rank_pattern: Vec::new(),
                 lora_targets: vec!["all-linear".into()],
                 lora_dropout: dropout,
                 dora,
@@ -200,6 +201,7 @@ fn planned_memory_counts_trainable_token_rows() {
                 tokens,
                 quant: Some(qspec),
                 lora_rank: 8,
+                lora_rank_pattern: Vec::new(),
                 lora_targets: vec!["all-linear".into()],
                 lora_dropout: true,
                 dora: false,
@@ -337,6 +339,7 @@ fn qwen3_8b_trains_2048_tokens_within_7_gib() {
         tokens: 2048,
         quant: Some(QuantSpec::new(QuantFormat::Nf4, 64).unwrap()),
         lora_rank: 16,
+        lora_rank_pattern: Vec::new(),
         lora_targets: vec!["all-linear".into()],
         lora_dropout: false,
         dora: false,
@@ -393,6 +396,7 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
             tokens,
             quant: Some(qspec),
             lora_rank: 16,
+            lora_rank_pattern: Vec::new(),
             lora_targets: vec!["all-linear".into()],
             lora_dropout: false,
             dora: false,
@@ -426,9 +430,9 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
 
 /// A mixture-of-experts step (Qwen3-MoE: 8 experts, 2 per token, a dense layer between two sparse
 /// ones; LoRA on the attention with dropout, and PEFT's all-linear without, which adapts the routers
-/// and the experts too, gate_up_proj at twice the rank): the experts' kernels hold every token's two
-/// outputs before mixing them, and the largest expert's activations; the plan counts the adapter's
-/// parameters exactly.
+/// and the experts too, gate_up_proj at twice the rank; and with ranks by module): the experts' kernels
+/// hold every token's two outputs before mixing them, and the largest expert's activations; the plan
+/// counts the adapter's parameters exactly.
 #[test]
 fn planned_memory_of_a_mixture_of_experts_step() {
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
@@ -443,15 +447,20 @@ fn planned_memory_of_a_mixture_of_experts_step() {
         .map(String::from)
         .to_vec();
     let mut rng = Rng::new(4);
-    for (targets, dropout, checkpoint, tokens) in [
-        (attention.clone(), true, false, 192),
-        (attention, true, true, 300),
-        (vec!["all-linear".to_string()], false, false, 192),
-        (vec!["all-linear".to_string()], false, true, 300),
+    let all = vec!["all-linear".to_string()];
+    // Ranks by module as PEFT's rank_pattern gives them (the stacked down_proj's too).
+    let ranks = vec![("q_proj".to_string(), 16), ("down_proj".to_string(), 4)];
+    for (targets, dropout, checkpoint, tokens, rank_pattern) in [
+        (attention.clone(), true, false, 192, Vec::new()),
+        (attention, true, true, 300, Vec::new()),
+        (all.clone(), false, false, 192, Vec::new()),
+        (all.clone(), false, true, 300, Vec::new()),
+        (all, false, false, 192, ranks),
     ] {
         let config = LoraConfig {
             targets: targets.clone(),
             dropout: if dropout { 0.05 } else { 0.0 },
+            rank_pattern: Patterns::new(rank_pattern.clone()).unwrap(),
             ..LoraConfig::default()
         };
         let adapter = LoraAdapter::init(&model.config, config, &mut rng).unwrap();
@@ -461,6 +470,7 @@ fn planned_memory_of_a_mixture_of_experts_step() {
                 tokens,
                 quant: Some(qspec),
                 lora_rank: 8,
+                lora_rank_pattern: rank_pattern,
                 lora_targets: targets.clone(),
                 lora_dropout: dropout,
                 dora: false,

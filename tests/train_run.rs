@@ -936,6 +936,7 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
                 nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap(),
             ),
             lora_rank: config.lora.r,
+            lora_rank_pattern: Vec::new(),
             lora_targets: config.lora.targets.clone(),
             lora_dropout: config.lora.dropout > 0.0,
             dora: config.lora.use_dora,

@@ -183,6 +183,7 @@ pub fn run(args: Args) -> Result<()> {
         tokens,
         quant: spec,
         lora_rank: rank,
+        lora_rank_pattern: Vec::new(),
         lora_targets: parse_targets(&targets)?,
         lora_dropout: dropout > 0.0,
         dora,

@@ -1513,13 +1513,10 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             &crate::plan::PlanInput {
                 tokens: longest,
                 quant: model.quant,
-                // The largest any module takes: a plan errs on the side of memory.
-                lora_rank: config
-                    .lora
-                    .rank_pattern
-                    .entries()
-                    .map(|(_, r)| r)
-                    .fold(config.lora.r, usize::max),
+                lora_rank: config.lora.r,
+                lora_rank_pattern: (config.lora.rank_pattern.entries())
+                    .map(|(key, rank)| (key.to_string(), rank))
+                    .collect(),
                 lora_targets: planned_targets.clone(),
                 lora_dropout: config.lora.dropout > 0.0,
                 dora: config.lora.use_dora,
