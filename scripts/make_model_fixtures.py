@@ -29,7 +29,7 @@ from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalG
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config,
                           SmolLM3ForCausalLM)
 
 OUT = "tests/fixtures/hf"
@@ -129,8 +129,18 @@ models["qwen3_moe"] = (Qwen3MoeForCausalLM, Qwen3MoeConfig(
 models["mixtral"] = (MixtralForCausalLM, MixtralConfig(
     **common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=False,
     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+# Qwen2-MoE: Qwen2's attention (q/k/v bias), three layers, the middle one a dense MLP, the others 4
+# experts of width 64, 2 per token, their weights as routed (norm_topk_prob off, the default), and a shared
+# expert of width 192 scaled per token by sigmoid(shared_expert_gate). PEFT converts no target names for
+# qwen2_moe itself (transformers maps other model types to its conversion, not its own), so all-linear
+# adapts the attention, the dense MLP and the shared expert's linears and gate; the routers and experts
+# are adapted as target_parameters, named (at rank r).
+models["qwen2_moe"] = (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+    **{**common, "num_hidden_layers": 3}, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+    shared_expert_intermediate_size=192, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1,
+    tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
 MULTIMODAL = ("gemma3", "mistral3", "gemma4")
-MOE = ("qwen3_moe", "mixtral")
+MOE = ("qwen3_moe", "mixtral", "qwen2_moe")
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # What nibble packs in 4 bits beside the linears: a mixture-of-experts layer's stacked experts
 # ([experts, rows, cols]; groups of 64 run along each row as nibble's do).
@@ -150,7 +160,8 @@ def write_expected(name, cls, config, folder, **load):
     labels[0, :4] = -100  # a prompt that carries no loss
 
     targets = FUSED_TARGETS if name == "phi3" else TARGETS + PLE_TARGETS if name == "gemma4_e2b" else TARGETS
-    quantized = targets
+    # nibble packs every decoder linear, the shared expert's gate too.
+    quantized = targets + ["shared_expert_gate"] if name == "qwen2_moe" else targets
     if name in MOE:
         # PEFT turns all-linear into the attention's linears and, as target_parameters, the router
         # and both stacks of experts (gate_up_proj at twice the rank and alpha); the dense layer's
@@ -158,8 +169,9 @@ def write_expected(name, cls, config, folder, **load):
         targets = "all-linear"
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
+    parameters = ["gate.weight", "gate_up_proj", "down_proj"] if name == "qwen2_moe" else None
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=text_only if name in MULTIMODAL else targets)
+                      target_modules=text_only if name in MULTIMODAL else targets, target_parameters=parameters)
     for quant in ("none", "nf4"):
         base = cls.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager", **load).eval()
         if quant == "nf4":

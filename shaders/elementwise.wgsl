@@ -1,10 +1,12 @@
-// Elementwise ops: residual add, the SwiGLU and GeGLU gates with their backwards, scaling in place.
+// Elementwise ops: residual add, the SwiGLU and GeGLU gates with their backwards, scaling in place,
+// rows scaled by the sigmoid of a gate (Qwen2-MoE's shared expert) with its backward.
 
 struct ElementwiseParams {
     n: u32,
-    // `scale`'s factor or `soft_cap`'s cap, as bits; `scale_rows`' row width.
+    // `scale`'s factor or `soft_cap`'s cap, as bits; `scale_rows`' and `sigmoid_gated_rows`' row width.
     factor_bits: u32,
-    _pad1: u32,
+    // `sigmoid_gated_rows`: 1 adds into out0.
+    accumulate: u32,
     _pad2: u32,
 }
 
@@ -94,6 +96,54 @@ fn scale_rows(@builtin(global_invocation_id) id: vec3<u32>) {
     let i = flat_index(id);
     if (i < p.n) {
         out0[i] = out0[i] * a[i / p.factor_bits];
+    }
+}
+
+// out0 (+)= σ(a[i / dim]) · b[i], dim = factor_bits (a gate per row)
+@compute @workgroup_size(256)
+fn sigmoid_gated_rows(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        let v = sigmoid(a[i / p.factor_bits]) * b[i];
+        if (p.accumulate != 0u) {
+            out0[i] = out0[i] + v;
+        } else {
+            out0[i] = v;
+        }
+    }
+}
+
+var<workgroup> row_dot: array<f32, 256>;
+
+// `sigmoid_gated_rows`' backward, a workgroup per row of `p.n`: a = the gates, b = s, c = dy
+// [rows, dim]; out0 = ds = σ(g)·dy, out1 = dg = σ(g)(1 − σ(g))·Σ dy·s.
+@compute @workgroup_size(256)
+fn sigmoid_gated_rows_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let row = wid.x + wid.y * 65535u;
+    if (row >= p.n) {
+        return;
+    }
+    let dim = p.factor_bits;
+    let gate = sigmoid(a[row]);
+    var dot = 0.0;
+    for (var j = lane; j < dim; j += 256u) {
+        let i = row * dim + j;
+        out0[i] = gate * c[i];
+        dot += c[i] * b[i];
+    }
+    row_dot[lane] = dot;
+    workgroupBarrier();
+    for (var half = 128u; half > 0u; half >>= 1u) {
+        if (lane < half) {
+            row_dot[lane] += row_dot[lane + half];
+        }
+        workgroupBarrier();
+    }
+    if (lane == 0u) {
+        out1[row] = gate * (1.0 - gate) * row_dot[0];
     }
 }
 

@@ -156,7 +156,7 @@ pub fn supported_model_types() -> String {
     let names: Vec<String> = Arch::ALL
         .iter()
         .map(|a| a.model_type().to_string())
-        .chain([QWEN3_MOE, MIXTRAL].map(String::from))
+        .chain([QWEN2_MOE, QWEN3_MOE, MIXTRAL].map(String::from))
         .chain(
             Multimodal::ALL
                 .iter()
@@ -285,6 +285,9 @@ pub struct MoeConfig {
     pub inter: usize,
     /// The chosen experts' weights divided by their sum (`norm_topk_prob`).
     pub normalize: bool,
+    /// Qwen2-MoE: the width of the shared expert every token also goes through
+    /// (`shared_expert_intermediate_size`); 0 for none.
+    pub shared_expert: usize,
     /// Per layer: whether its MLP is the experts (the rest have a dense MLP of
     /// `intermediate_size`: `mlp_only_layers`, `decoder_sparse_step`).
     pub sparse: Vec<bool>,
@@ -300,6 +303,9 @@ pub enum MoeFamily {
     /// Qwen3-MoE (transformers' qwen2_moe conversion): `mlp.gate`, `mlp.experts.{e}.gate_proj`,
     /// `up_proj`, `down_proj`.
     Qwen3,
+    /// Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen3-MoE's names, Qwen2's attention, and a shared
+    /// expert in each sparse layer.
+    Qwen2,
     /// Mixtral: `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up), `w2`
     /// (down).
     Mixtral,
@@ -319,10 +325,18 @@ impl MoeFamily {
         ]
     }
 
+    /// Whether PEFT converts the module names a v4 model had into this family's stacked parameters:
+    /// transformers' `_MODEL_TO_CONVERSION_PATTERN` lists qwen3_moe and mixtral, not qwen2_moe
+    /// itself, whose `all-linear` adapts the shared expert's linears by those names and leaves the
+    /// routers and experts to a `target_parameters` that names them.
+    pub fn peft_converts_targets(self) -> bool {
+        self != MoeFamily::Qwen2
+    }
+
     /// The checkpoints' names of an expert's gate, up and down projections.
     pub fn projection_names(self) -> [&'static str; 3] {
         match self {
-            MoeFamily::Qwen3 => ["gate_proj", "up_proj", "down_proj"],
+            MoeFamily::Qwen3 | MoeFamily::Qwen2 => ["gate_proj", "up_proj", "down_proj"],
             MoeFamily::Mixtral => ["w1", "w3", "w2"],
         }
     }
@@ -432,6 +446,14 @@ pub enum LinearKind {
     /// projection of the gated input back to the hidden size ([hidden, width]).
     PerLayerGate,
     PerLayerProjection,
+    /// Qwen2-MoE's shared expert, a gated MLP every token goes through beside its routed experts
+    /// (`mlp.shared_expert.{gate,up,down}_proj`), and the gate scaling its output per token by
+    /// sigmoid(`mlp.shared_expert_gate`·x) ([1, hidden]). Listed after the others: each kind's
+    /// place is its LoRA dropout stream.
+    SharedGate,
+    SharedUp,
+    SharedDown,
+    SharedExpertGate,
 }
 
 impl LinearKind {
@@ -454,6 +476,14 @@ impl LinearKind {
         LinearKind::Down,
     ];
 
+    /// A shared expert's linears in Qwen2-MoE's module order.
+    pub const SHARED_EXPERT: [LinearKind; 4] = [
+        LinearKind::SharedGate,
+        LinearKind::SharedUp,
+        LinearKind::SharedDown,
+        LinearKind::SharedExpertGate,
+    ];
+
     /// The module name PEFT uses in `target_modules`.
     pub fn module_name(self) -> &'static str {
         match self {
@@ -461,9 +491,10 @@ impl LinearKind {
             LinearKind::K => "k_proj",
             LinearKind::V => "v_proj",
             LinearKind::O => "o_proj",
-            LinearKind::Gate => "gate_proj",
-            LinearKind::Up => "up_proj",
-            LinearKind::Down => "down_proj",
+            LinearKind::Gate | LinearKind::SharedGate => "gate_proj",
+            LinearKind::Up | LinearKind::SharedUp => "up_proj",
+            LinearKind::Down | LinearKind::SharedDown => "down_proj",
+            LinearKind::SharedExpertGate => "shared_expert_gate",
             LinearKind::Qkv => "qkv_proj",
             LinearKind::GateUp => "gate_up_proj",
             LinearKind::PerLayerGate => "per_layer_input_gate",
@@ -477,8 +508,13 @@ impl LinearKind {
             LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::O | LinearKind::Qkv => {
                 Some("self_attn")
             }
-            LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => {
-                Some("mlp")
+            LinearKind::Gate
+            | LinearKind::Up
+            | LinearKind::Down
+            | LinearKind::GateUp
+            | LinearKind::SharedExpertGate => Some("mlp"),
+            LinearKind::SharedGate | LinearKind::SharedUp | LinearKind::SharedDown => {
+                Some("mlp.shared_expert")
             }
             LinearKind::PerLayerGate | LinearKind::PerLayerProjection => None,
         }
@@ -775,16 +811,19 @@ impl ModelConfig {
             .and_then(Value::as_array)
             .and_then(|a| a.first())
             .and_then(Value::as_str);
-        // Qwen3-MoE is Qwen3's attention with experts for MLPs; Mixtral, Mistral's.
+        // Qwen3-MoE is Qwen3's attention with experts for MLPs; Qwen2-MoE, Qwen2's; Mixtral,
+        // Mistral's.
         let named =
             |t: &str, c: &str| model_type == Some(t) || (model_type.is_none() && class == Some(c));
         let moe = match () {
             _ if named(QWEN3_MOE, QWEN3_MOE_CLASS) => Some(MoeFamily::Qwen3),
+            _ if named(QWEN2_MOE, QWEN2_MOE_CLASS) => Some(MoeFamily::Qwen2),
             _ if named(MIXTRAL, MIXTRAL_CLASS) => Some(MoeFamily::Mixtral),
             _ => None,
         };
         let arch = match (model_type, class) {
             _ if moe == Some(MoeFamily::Qwen3) => Arch::Qwen3,
+            _ if moe == Some(MoeFamily::Qwen2) => Arch::Qwen2,
             _ if moe == Some(MoeFamily::Mixtral) => Arch::Mistral,
             (Some(t), _) => Arch::from_model_type(t).ok_or_else(|| {
                 Error::UnsupportedArchitecture(format!("{t} (in {})", origin.display()))
@@ -873,8 +912,12 @@ impl ModelConfig {
 
         let attention_bias = fields.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
-            // transformers' Qwen2Attention hard-codes bias=True for q/k/v and False for o.
-            Arch::Qwen2 => (true, false),
+            // transformers' Qwen2Attention hard-codes bias=True for q/k/v and False for o;
+            // Qwen2-MoE's reads `qkv_bias` (on by default).
+            Arch::Qwen2 => match moe {
+                Some(_) => (fields.opt_bool("qkv_bias")?.unwrap_or(true), false),
+                None => (true, false),
+            },
             // Mistral's, Ministral's and Phi-3's attention never has biases; `attention_bias` is not
             // read there.
             Arch::Mistral | Arch::Ministral | Arch::Ministral3 | Arch::Phi3 => (false, false),
@@ -1322,7 +1365,15 @@ impl ModelConfig {
             LinearKind::GateUp => (2 * i, h),
             LinearKind::PerLayerGate => (per_layer, h),
             LinearKind::PerLayerProjection => (h, per_layer),
+            LinearKind::SharedGate | LinearKind::SharedUp => (self.shared_expert_width(), h),
+            LinearKind::SharedDown => (h, self.shared_expert_width()),
+            LinearKind::SharedExpertGate => (1, h),
         }
+    }
+
+    /// The width of the shared expert beside each sparse layer's routed ones (0: none).
+    pub fn shared_expert_width(&self) -> usize {
+        self.moe.as_ref().map_or(0, |m| m.shared_expert)
     }
 
     /// The width of layer `l`'s MLP.
@@ -1351,6 +1402,14 @@ impl ModelConfig {
                 !(layer.kv_from.is_some() && matches!(kind, LinearKind::K | LinearKind::V))
             })
             .filter(|&kind| !(self.is_sparse(l) && kind.block() == Some("mlp")))
+            .chain(
+                match self.is_sparse(l) && self.shared_expert_width() > 0 {
+                    true => &LinearKind::SHARED_EXPERT[..],
+                    false => &[],
+                }
+                .iter()
+                .copied(),
+            )
             .collect()
     }
 
@@ -1364,6 +1423,10 @@ impl ModelConfig {
             LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::Qkv => self.qkv_bias,
             LinearKind::O => self.o_bias,
             LinearKind::PerLayerGate | LinearKind::PerLayerProjection => false,
+            LinearKind::SharedGate
+            | LinearKind::SharedUp
+            | LinearKind::SharedDown
+            | LinearKind::SharedExpertGate => false,
             LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => {
                 self.mlp_bias
             }
@@ -1640,6 +1703,8 @@ fn sqrt_in_dtype(n: usize, dtype: Option<&str>) -> f32 {
 /// Qwen3-MoE's `model_type` and class.
 const QWEN3_MOE: &str = "qwen3_moe";
 const QWEN3_MOE_CLASS: &str = "Qwen3MoeForCausalLM";
+const QWEN2_MOE: &str = "qwen2_moe";
+const QWEN2_MOE_CLASS: &str = "Qwen2MoeForCausalLM";
 const MIXTRAL: &str = "mixtral";
 const MIXTRAL_CLASS: &str = "MixtralForCausalLM";
 
@@ -1650,18 +1715,29 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
     // Qwen3-MoE's hub configs say num_experts, its save_pretrained writes num_local_experts;
     // Mixtral's experts are as wide as `intermediate_size` says, every layer's.
     let mixtral = family == MoeFamily::Mixtral;
+    // The config classes' defaults: (experts, top_k, expert width).
+    let defaults = match family {
+        MoeFamily::Qwen3 => (128, 8, 768),
+        MoeFamily::Qwen2 => (60, 4, 1408),
+        MoeFamily::Mixtral => (8, 2, 14336),
+    };
     let experts = match fields.opt_usize("num_experts")? {
         Some(n) if !mixtral => n,
-        _ => fields
-            .opt_usize("num_local_experts")?
-            .unwrap_or(if mixtral { 8 } else { 128 }),
+        _ => fields.opt_usize("num_local_experts")?.unwrap_or(defaults.0),
     };
     let top_k = fields
         .opt_usize("num_experts_per_tok")?
-        .unwrap_or(if mixtral { 2 } else { 8 });
+        .unwrap_or(defaults.1);
     let inter = match mixtral {
-        true => fields.opt_usize("intermediate_size")?.unwrap_or(14336),
-        false => fields.opt_usize("moe_intermediate_size")?.unwrap_or(768),
+        true => fields.opt_usize("intermediate_size")?,
+        false => fields.opt_usize("moe_intermediate_size")?,
+    }
+    .unwrap_or(defaults.2);
+    let shared_expert = match family {
+        MoeFamily::Qwen2 => fields
+            .opt_usize("shared_expert_intermediate_size")?
+            .unwrap_or(5632),
+        MoeFamily::Qwen3 | MoeFamily::Mixtral => 0,
     };
     if mixtral
         && fields
@@ -1677,6 +1753,11 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
     if experts == 0 || top_k == 0 || top_k > experts {
         return Err(err(format!(
             "`num_experts_per_tok` ({top_k}) must be from 1 to `num_experts` ({experts})"
+        )));
+    }
+    if shared_expert > MAX_DIMENSION {
+        return Err(err(format!(
+            "`shared_expert_intermediate_size` ({shared_expert}) must be at most {MAX_DIMENSION}"
         )));
     }
     if inter == 0 || inter > MAX_DIMENSION || experts > MAX_DIMENSION {
@@ -1711,6 +1792,7 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
         inter,
         // Mixtral's router always renormalises the chosen experts' weights.
         normalize: mixtral || fields.opt_bool("norm_topk_prob")?.unwrap_or(false),
+        shared_expert,
         sparse,
         output_router_logits: fields.opt_bool("output_router_logits")?.unwrap_or(false),
     })

@@ -74,7 +74,8 @@ impl LoraConfig {
     /// `up_proj` the stacked `gate_up_proj` (at twice the rank and alpha, the two projections' pairs
     /// side by side), `down_proj` the stacked `down_proj`, `gate` the router's weight, and
     /// `all-linear` the attention's linears and all three. The dense MLPs of a model's
-    /// `mlp_only_layers` lose their names with them and are not adapted, as in PEFT. Idempotent.
+    /// `mlp_only_layers` lose their names with them and are not adapted, as in PEFT. Not on
+    /// Qwen2-MoE (`MoeFamily::peft_converts_targets`). Idempotent.
     /// PEFT adapts parameters without dropout or DoRA and refuses both; so does this.
     pub fn converted_for(&self, model: &ModelConfig) -> Result<LoraConfig> {
         let mut c = self.clone();
@@ -102,7 +103,11 @@ impl LoraConfig {
     }
 
     fn convert_expert_targets(&mut self, model: &ModelConfig) -> Result<()> {
-        let Some(moe) = &model.moe else {
+        let Some(moe) = model
+            .moe
+            .as_ref()
+            .filter(|m| m.family.peft_converts_targets())
+        else {
             return Ok(());
         };
         let mapping = moe.family.peft_targets();

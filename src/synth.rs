@@ -77,8 +77,8 @@ pub struct SynthSpec {
     /// Standard deviation of the random weights (0.1 keeps a tiny model's loss away from ln(vocab)).
     pub std: f32,
     pub seed: u64,
-    /// Mixture-of-experts MLPs: Qwen3-MoE's (on Qwen3) in every layer but the second, Mixtral's (on
-    /// Mistral) in every layer.
+    /// Mixture-of-experts MLPs: Qwen3-MoE's (on Qwen3) and Qwen2-MoE's (on Qwen2) in every layer
+    /// but the second, Mixtral's (on Mistral) in every layer.
     pub moe: Option<SynthMoe>,
 }
 
@@ -89,6 +89,8 @@ pub struct SynthMoe {
     pub experts: usize,
     pub top_k: usize,
     pub inter: usize,
+    /// Qwen2-MoE's shared expert's width (0: none).
+    pub shared_expert: usize,
 }
 
 impl SynthSpec {
@@ -102,8 +104,26 @@ impl SynthSpec {
                 experts: 8,
                 top_k: 2,
                 inter: 64,
+                shared_expert: 0,
             }),
             ..Self::tiny(Arch::Qwen3, vocab_size)
+        }
+    }
+
+    /// A few-layer Qwen2-MoE: Qwen2's attention, 8 experts of width 64, 2 per token, their weights
+    /// not renormalised (Qwen2-MoE's default), a shared expert of width 192 beside them, the second of
+    /// three layers a dense MLP.
+    pub fn tiny_qwen2_moe(vocab_size: usize) -> Self {
+        SynthSpec {
+            num_layers: 3,
+            moe: Some(SynthMoe {
+                family: crate::config::MoeFamily::Qwen2,
+                experts: 8,
+                top_k: 2,
+                inter: 64,
+                shared_expert: 192,
+            }),
+            ..Self::tiny(Arch::Qwen2, vocab_size)
         }
     }
 
@@ -116,6 +136,7 @@ impl SynthSpec {
                 experts: 4,
                 top_k: 2,
                 inter: 64,
+                shared_expert: 0,
             }),
             ..Self::tiny(Arch::Mistral, vocab_size)
         }
@@ -302,12 +323,24 @@ impl SynthSpec {
             obj.insert("output_router_logits".into(), json!(false));
             obj.insert("router_jitter_noise".into(), json!(0.0));
         } else if let Some(m) = self.moe {
-            obj.insert("architectures".into(), json!(["Qwen3MoeForCausalLM"]));
-            obj.insert("model_type".into(), json!("qwen3_moe"));
+            let qwen2 = m.family == crate::config::MoeFamily::Qwen2;
+            let (class, model_type) = match qwen2 {
+                true => ("Qwen2MoeForCausalLM", "qwen2_moe"),
+                false => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+            };
+            obj.insert("architectures".into(), json!([class]));
+            obj.insert("model_type".into(), json!(model_type));
             obj.insert("num_experts".into(), json!(m.experts));
             obj.insert("num_experts_per_tok".into(), json!(m.top_k));
             obj.insert("moe_intermediate_size".into(), json!(m.inter));
-            obj.insert("norm_topk_prob".into(), json!(true));
+            obj.insert("norm_topk_prob".into(), json!(!qwen2));
+            if qwen2 {
+                obj.insert(
+                    "shared_expert_intermediate_size".into(),
+                    json!(m.shared_expert),
+                );
+                obj.insert("qkv_bias".into(), json!(true));
+            }
             obj.insert("decoder_sparse_step".into(), json!(1));
             let dense: &[usize] = if self.num_layers > 1 { &[1] } else { &[] };
             obj.insert("mlp_only_layers".into(), json!(dense));

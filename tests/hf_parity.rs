@@ -61,7 +61,7 @@ fn check(name: &str, quant: &str) {
     let tolerance = match name {
         "gemma4_e2b" => 1e-4,
         _ if name.starts_with("gemma4") => 2e-5,
-        "qwen3_moe" | "mixtral" => 4e-5,
+        "qwen3_moe" | "mixtral" | "qwen2_moe" => 4e-5,
         _ => 1e-5,
     };
     assert!(
@@ -197,6 +197,16 @@ fn fp8_checkpoints_match_transformers_reading_them() {
 fn qwen3_moe_matches_transformers_peft() {
     check("qwen3_moe", "none");
     check("qwen3_moe", "nf4");
+}
+
+/// Qwen2-MoE: Qwen2's attention, a dense MLP layer between two mixture-of-experts layers (4 experts,
+/// 2 per token, weights as routed) each with a shared expert scaled per token by the sigmoid of its
+/// gate; PEFT's all-linear (which it does not convert for qwen2_moe: the attention, the dense MLP,
+/// the shared experts and their gates) with the routers and experts as `target_parameters`.
+#[test]
+fn qwen2_moe_matches_transformers_peft() {
+    check("qwen2_moe", "none");
+    check("qwen2_moe", "nf4");
 }
 
 /// Mixtral: Mistral's attention, every layer 4 experts (2 per token, always renormalised), read from

@@ -37,6 +37,9 @@ enum Preset {
     /// Qwen3-MoE: 8 experts of width 64, 2 per token (weights renormalised), the second of three
     /// layers a dense MLP.
     TinyQwen3Moe,
+    /// Qwen2-MoE: Qwen2's attention, 8 experts of width 64, 2 per token (weights as routed), a
+    /// shared expert of width 192, the second of three layers a dense MLP.
+    TinyQwen2Moe,
     /// Mixtral: Mistral's attention, 4 experts of width 64 in each of two layers, 2 per token.
     TinyMixtral,
     TinyLlama,
@@ -116,6 +119,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::TinyQwen2 => SynthSpec::tiny(Arch::Qwen2, vocab),
         Preset::TinyQwen3 => SynthSpec::tiny(Arch::Qwen3, vocab),
         Preset::TinyQwen3Moe => SynthSpec::tiny_qwen3_moe(vocab),
+        Preset::TinyQwen2Moe => SynthSpec::tiny_qwen2_moe(vocab),
         Preset::TinyMixtral => SynthSpec::tiny_mixtral(vocab),
         Preset::TinyLlama => SynthSpec::tiny(Arch::Llama, vocab),
         Preset::TinyMistral => SynthSpec::tiny(Arch::Mistral, vocab),

@@ -554,6 +554,13 @@ impl Exec {
             }
             Op::Gate { dim, chunk } => modulate::gate(x(0), (*dim, *chunk), x(1), outs.get(0), acc),
             Op::Silu => modulate::silu(x(0), outs.get(0)),
+            Op::SigmoidGatedRows { dim } => {
+                glu::sigmoid_gated_rows(x(0), x(1), *dim, outs.get(0), acc)
+            }
+            Op::SigmoidGatedRowsBackward { dim } => {
+                let (ds, dg) = two(&mut outs);
+                glu::sigmoid_gated_rows_backward(x(0), x(1), x(2), *dim, ds, dg);
+            }
             Op::DoraFactors { rank, scale, .. } => dora::factors(
                 ins[0].linear(),
                 (x(1), x(2), x(3)),

@@ -588,6 +588,12 @@ fn record_node(
         }
         Op::Gate { dim, chunk } => modulate::record_gate(r, x(0), (*dim, *chunk), x(1), o(0), acc),
         Op::Silu => modulate::record_silu(r, x(0), o(0)),
+        Op::SigmoidGatedRows { dim } => {
+            glu::record_sigmoid_gated_rows(r, [x(0), x(1)], o(0), *dim, acc)
+        }
+        Op::SigmoidGatedRowsBackward { dim } => {
+            glu::record_sigmoid_gated_rows_backward(r, [x(0), x(1), x(2)], [o(0), o(1)], *dim)
+        }
         Op::DoraFactors { rank, scale, .. } => linear::record_dora_factors(
             r,
             ins[0].linear(),

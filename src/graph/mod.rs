@@ -344,6 +344,11 @@ pub enum Op {
     DoraMagnitudeGrad { dim: usize },
     /// [x] -> [y] = x · sigmoid(x).
     Silu,
+    /// [g, s] -> [y] = σ(g[r]) · s[r, ·] for each row r of s [rows, dim] (Qwen2-MoE's shared expert
+    /// scaled by its gate).
+    SigmoidGatedRows { dim: usize },
+    /// [g, s, dy] -> [ds, dg], both written.
+    SigmoidGatedRowsBackward { dim: usize },
     /// [x] -> [y]: columns offset..offset + len of each row of x [rows, width].
     Columns {
         width: usize,
@@ -460,6 +465,8 @@ impl Op {
             Op::LayerNormModulateBackward { .. } => "layernorm_modulate_backward",
             Op::Gate { .. } => "gate",
             Op::Silu => "silu",
+            Op::SigmoidGatedRows { .. } => "sigmoid_gated_rows",
+            Op::SigmoidGatedRowsBackward { .. } => "sigmoid_gated_rows_backward",
             Op::DoraFactors { .. } => "dora_factors",
             Op::DoraMagnitudeGrad { .. } => "dora_magnitude_grad",
             Op::Columns { .. } => "columns",

@@ -307,6 +307,16 @@ struct MoeTape {
     lora: crate::ops::moe::MoeLora,
     /// The adapted stacks' A and B, in `MoeLora::stacks`' order.
     pairs: Vec<BufId>,
+    shared: Option<SharedExpertTape>,
+}
+
+/// What Qwen2-MoE's shared expert keeps for the backward: its gate and up projections, its output
+/// before the gate, and the gate's logit per token.
+struct SharedExpertTape {
+    gate: BufId,
+    up: BufId,
+    output: BufId,
+    gate_logits: BufId,
 }
 
 /// What Gemma 4's per-layer input added to a layer's output keeps for the backward.
@@ -916,7 +926,10 @@ impl Decoder<'_> {
         let (xn2, inv2) = self.rmsnorm(x_mid, post_norm, h, &format!("layers.{l}.xn2"));
         let mut moe = None;
         let (down, gate_up) = if c.is_sparse(l) {
-            let (y, tape) = self.experts(l, xn2);
+            let (y, mut tape) = self.experts(l, xn2);
+            if c.shared_expert_width() > 0 {
+                tape.shared = Some(self.shared_expert(l, xn2, y, &mut linears));
+            }
             moe = Some(tape);
             (y, None)
         } else if self.mlp_chunks().len() > 1 {
@@ -1010,8 +1023,77 @@ impl Decoder<'_> {
             down,
             lora,
             pairs,
+            shared: None,
         };
         (y, tape)
+    }
+
+    /// Adds layer `l`'s shared expert on x into the experts' output y: a gated MLP scaled per
+    /// token by the sigmoid of its gate's linear. Its linears' tapes join `linears`.
+    fn shared_expert(
+        &mut self,
+        l: usize,
+        x: BufId,
+        y: BufId,
+        linears: &mut Vec<(LinearKind, LinearTape)>,
+    ) -> SharedExpertTape {
+        let [gate_kind, up_kind, down_kind, gate_logits_kind] = LinearKind::SHARED_EXPERT;
+        let (gate, gate_tape) = self.linear(l, gate_kind, x);
+        let (up, up_tape) = self.linear(l, up_kind, x);
+        let hidden = self.gated(gate, up, l);
+        let (output, down_tape) = self.linear(l, down_kind, hidden);
+        let (gate_logits, gate_logits_tape) = self.linear(l, gate_logits_kind, x);
+        let dim = self.c.hidden_size;
+        let op = Op::SigmoidGatedRows { dim };
+        self.b.node(op, &[gate_logits, output], &[y], true);
+        linears.extend([
+            (gate_kind, gate_tape),
+            (up_kind, up_tape),
+            (down_kind, down_tape),
+            (gate_logits_kind, gate_logits_tape),
+        ]);
+        SharedExpertTape {
+            gate,
+            up,
+            output,
+            gate_logits,
+        }
+    }
+
+    /// The shared expert's part of the gradient of its input x (the layer's xn2), added into dx.
+    fn shared_expert_backward(
+        &mut self,
+        l: usize,
+        s: &LayerTape,
+        shared: &SharedExpertTape,
+        dy: BufId,
+        dx: BufId,
+    ) {
+        let c = self.c;
+        let [gate_kind, up_kind, down_kind, gate_logits_kind] = LinearKind::SHARED_EXPERT;
+        let d_output = self.b.activation(
+            self.b.len(shared.output),
+            format!("d layers.{l}.shared expert"),
+        );
+        let d_gate_logits = self.b.activation(
+            self.b.len(shared.gate_logits),
+            format!("d layers.{l}.shared expert gate"),
+        );
+        self.b.node(
+            Op::SigmoidGatedRowsBackward { dim: c.hidden_size },
+            &[shared.gate_logits, shared.output, dy],
+            &[d_output, d_gate_logits],
+            false,
+        );
+        self.linear_backward(s.linear(gate_logits_kind), s.xn2, d_gate_logits, dx);
+        let hidden = self.gated(shared.gate, shared.up, l);
+        let tapes = MlpTapes {
+            gate_up: vec![s.linear(gate_kind), s.linear(up_kind)],
+            down: s.linear(down_kind),
+            width: c.shared_expert_width(),
+        };
+        let inputs = [s.xn2, shared.gate, shared.up, hidden];
+        self.mlp_backward(&tapes, inputs, d_output, dx);
     }
 
     /// Which of layer `l`'s stacks of experts the adapter adapts, and their pairs' buffers.
@@ -1191,13 +1273,14 @@ impl Decoder<'_> {
     }
 
     /// The gradient of an MLP's input x from that of its output, given its gate and up projections
-    /// and silu(gate)·up, and its linears' tapes; their LoRA gradients accumulate.
+    /// and silu(gate)·up, and its linears' tapes, added into dx; their LoRA gradients accumulate.
     fn mlp_backward(
         &mut self,
         tapes: &MlpTapes<'_>,
         [x, gate, up, hidden]: [BufId; 4],
         dy: BufId,
-    ) -> BufId {
+        dx: BufId,
+    ) {
         let dh = self
             .b
             .activation(self.b.len(hidden), format!("d {}", self.b.name(hidden)));
@@ -1215,9 +1298,6 @@ impl Decoder<'_> {
             &[dgate, dup],
             false,
         );
-        let dx = self
-            .b
-            .activation(self.b.len(x), format!("d {}", self.b.name(x)));
         match &tapes.gate_up[..] {
             [gate_tape, up_tape] => {
                 self.linear_backward(gate_tape, x, dgate, dx);
@@ -1231,7 +1311,12 @@ impl Decoder<'_> {
             }
             _ => unreachable!("gate and up run as one linear or two"),
         }
-        dx
+    }
+
+    /// A fresh buffer for the gradient of x.
+    fn gradient_of(&mut self, x: BufId) -> BufId {
+        self.b
+            .activation(self.b.len(x), format!("d {}", self.b.name(x)))
     }
 
     /// The gradient of the chunked MLP's input xn2, from that of its output, chunk by chunk: each
@@ -1252,7 +1337,8 @@ impl Decoder<'_> {
                 down: &down,
                 width: self.c.mlp_width(l),
             };
-            let dx = self.mlp_backward(&tapes, [x, gate, up, hidden], dy_rows);
+            let dx = self.gradient_of(x);
+            self.mlp_backward(&tapes, [x, gate, up, hidden], dy_rows, dx);
             self.put_rows(dx, dxn2, rows, h);
         }
         dxn2
@@ -1285,7 +1371,11 @@ impl Decoder<'_> {
         let dxn2 = match s.gate_up {
             _ if s.moe.is_some() => {
                 let moe = s.moe.as_ref().expect("checked");
-                self.experts_backward(l, moe, s.xn2, d_mlp)
+                let dx = self.experts_backward(l, moe, s.xn2, d_mlp);
+                if let Some(shared) = &moe.shared {
+                    self.shared_expert_backward(l, s, shared, d_mlp, dx);
+                }
+                dx
             }
             Some((gate, up)) => {
                 // silu(gate)·up is recomputed rather than kept: cheap, and it saves tokens x
@@ -1302,7 +1392,9 @@ impl Decoder<'_> {
                     down: tape(LinearKind::Down),
                     width: c.mlp_width(l),
                 };
-                self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], d_mlp)
+                let dx = self.gradient_of(s.xn2);
+                self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], d_mlp, dx);
+                dx
             }
             None => self.chunked_mlp_backward(l, s.xn2, d_mlp),
         };

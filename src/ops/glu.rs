@@ -1,7 +1,8 @@
 //! The gated MLP activations, elementwise: h = act(gate) ⊙ up, with act silu (SwiGLU: Llama, Qwen,
 //! FLUX.2) or PyTorch's tanh-approximated GELU (GeGLU: Gemma). Also `scale`, the in-place
-//! multiplication by a constant (Gemma's embedding scale and query scale), and `scale_rows`, by a factor
-//! per row (Ministral 3's query scale at each position).
+//! multiplication by a constant (Gemma's embedding scale and query scale), `scale_rows`, by a factor
+//! per row (Ministral 3's query scale at each position), and `sigmoid_gated_rows`, by the sigmoid of
+//! one per row (Qwen2-MoE's shared expert).
 
 use crate::config::GateActivation;
 use crate::exec::gpu::Recorder;
@@ -146,6 +147,93 @@ pub(crate) fn record_backward(
     let n = dh.len;
     let b = [(1, gate), (2, up), (3, dgate), (4, dup), (5, dh)];
     r.dispatch(entry(act, true), &Dims4::n(n), &b, groups_1d(n, 256));
+}
+
+/// y = σ(g[r]) · s[r, ·] for each row r of s [rows, dim] (added into y with `accumulate`):
+/// Qwen2-MoE's shared expert scaled by its gate.
+pub fn sigmoid_gated_rows(g: &[f32], s: &[f32], dim: usize, y: &mut [f32], accumulate: bool) {
+    assert!(
+        s.len() == g.len() * dim && y.len() == s.len(),
+        "sigmoid_gated_rows: s and y are rows x dim, g one per row"
+    );
+    y.par_chunks_mut(dim)
+        .zip(s.par_chunks(dim).zip(g.par_iter()))
+        .for_each(|(y, (s, &g))| {
+            let gate = sigmoid(g);
+            for (y, &s) in y.iter_mut().zip(s) {
+                *y = if accumulate { *y + gate * s } else { gate * s };
+            }
+        });
+}
+
+/// `sigmoid_gated_rows`' backward: ds = σ(g)·dy, dg[r] = σ(g)(1 − σ(g))·Σ_j dy[r, j]·s[r, j]
+/// (both written).
+pub fn sigmoid_gated_rows_backward(
+    g: &[f32],
+    s: &[f32],
+    dy: &[f32],
+    dim: usize,
+    ds: &mut [f32],
+    dg: &mut [f32],
+) {
+    assert!(
+        s.len() == g.len() * dim
+            && dy.len() == s.len()
+            && ds.len() == s.len()
+            && dg.len() == g.len(),
+        "sigmoid_gated_rows_backward: s, dy and ds are rows x dim, g and dg one per row"
+    );
+    ds.par_chunks_mut(dim)
+        .zip(dg.par_iter_mut())
+        .zip(s.par_chunks(dim).zip(dy.par_chunks(dim)).zip(g.par_iter()))
+        .for_each(|((ds, dg), ((s, dy), &g))| {
+            let gate = sigmoid(g);
+            let mut dot = 0f32;
+            for ((ds, &s), &dy) in ds.iter_mut().zip(s).zip(dy) {
+                *ds = gate * dy;
+                dot += dy * s;
+            }
+            *dg = gate * (1.0 - gate) * dot;
+        });
+}
+
+/// The GPU lowering of `sigmoid_gated_rows`.
+pub(crate) fn record_sigmoid_gated_rows(
+    r: &mut Recorder,
+    [g, s]: [&GpuBuffer; 2],
+    y: &GpuBuffer,
+    dim: usize,
+    accumulate: bool,
+) {
+    let n = y.len;
+    let p = Dims4 {
+        b: dim as u32,
+        c: accumulate.into(),
+        ..Dims4::n(n)
+    };
+    let b = [(1, g), (2, s), (3, y)];
+    r.dispatch("sigmoid_gated_rows", &p, &b, groups_1d(n, 256));
+}
+
+/// The GPU lowering of `sigmoid_gated_rows_backward`: a workgroup per row.
+pub(crate) fn record_sigmoid_gated_rows_backward(
+    r: &mut Recorder,
+    [g, s, dy]: [&GpuBuffer; 3],
+    [ds, dg]: [&GpuBuffer; 2],
+    dim: usize,
+) {
+    let rows = g.len;
+    let p = Dims4 {
+        b: dim as u32,
+        ..Dims4::n(rows)
+    };
+    let b = [(1, g), (2, s), (3, ds), (4, dg), (5, dy)];
+    r.dispatch(
+        "sigmoid_gated_rows_backward",
+        &p,
+        &b,
+        groups_1d(rows * 256, 256),
+    );
 }
 
 /// x *= factor, in place.
