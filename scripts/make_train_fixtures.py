@@ -8,7 +8,8 @@ rotary, LongRoPE), Gemma 4 (v norms, a full layer with wider heads whose values 
 per layer, capped logits, per-layer inputs whose two linears are adapted too, two layers reusing the
 first two's keys and values with double-wide MLPs), Ministral 3 (YaRN, the per-position query scale)
 and Qwen3-MoE (8 experts, 2 per token, a dense layer between two sparse ones; all-linear: LoRA on the attention,
-the routers and the experts), and Mixtral (Mistral's attention with a window of 8, 4 experts in each of two
+the routers and the experts), Qwen2-MoE (as Qwen3-MoE's, weights as routed, a shared expert of width 192 gated
+per token; all-linear and the routers and experts as target_parameters), and Mixtral (Mistral's attention with a window of 8, 4 experts in each of two
 layers; all-linear) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
 chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
 linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
@@ -41,7 +42,12 @@ FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_
             "gemma4_text": SEPARATE + ["per_layer_input_gate", "per_layer_projection"], "ministral3": SEPARATE,
             # PEFT turns all-linear into the attention's linears and, as target_parameters, the
             # routers and both stacks of experts (gate_up_proj at twice the rank and alpha).
-            "qwen3_moe": "all-linear", "mixtral": "all-linear"}
+            "qwen3_moe": "all-linear", "mixtral": "all-linear",
+            # PEFT converts no names for qwen2_moe's own model type: all-linear adapts the attention,
+            # the dense MLP and the shared experts with their gates; the routers and experts are named
+            # as target_parameters (at rank r).
+            "qwen2_moe": "all-linear"}
+TARGET_PARAMETERS = {"qwen2_moe": ["gate.weight", "gate_up_proj", "down_proj"]}
 STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
 CHATS = [
     ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),
@@ -64,11 +70,11 @@ def load_base(folder, targets):
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     # nibble packs every decoder linear in 4 bits, and a mixture-of-experts layer's stacked experts
     # ([experts, rows, cols]: groups of 64 along each row, as nibble's); its router stays dense.
-    moe = base.config.model_type in ("qwen3_moe", "mixtral")
+    moe = base.config.model_type in ("qwen3_moe", "mixtral", "qwen2_moe")
     if moe:
         # transformers' default (grouped_mm) has no float64; the loop over experts equals it in f32.
         base.set_experts_implementation("eager")
-    names = set(SEPARATE) if moe else set(targets)
+    names = set(SEPARATE) | {"shared_expert_gate"} if moe else set(targets)
     with torch.no_grad():
         for name, module in base.named_modules():
             if name.split(".")[-1] in names:
@@ -152,7 +158,7 @@ def make(family, targets):
     out = os.path.join(OUT, family)
     os.makedirs(out)
     model_dir = os.path.join(out, "model")
-    preset = "tiny-" + {"qwen3_moe": "qwen3-moe"}.get(family, family.split("_")[0])
+    preset = "tiny-" + {"qwen3_moe": "qwen3-moe", "qwen2_moe": "qwen2-moe"}.get(family, family.split("_")[0])
     nibble("synth", "--preset", preset, "--tokenizer", "byte", "--seed", "3", "--output", model_dir)
     rows = []
     for system, user, assistant in CHATS:
@@ -170,7 +176,8 @@ def make(family, targets):
 
     torch.manual_seed(0)
     pm = get_peft_model(load_base(model_dir, targets), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+        target_parameters=TARGET_PARAMETERS.get(family)))
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_" in name:

@@ -642,12 +642,17 @@ pub type Targets = (Vec<(String, usize, usize)>, Vec<AdaptableParameter>);
 
 /// The adapted linears of `model` for `targets` (PEFT's list semantics; `all-linear` is every linear
 /// layer but the output projection): their module paths and (out, in) shapes, in the model's order;
-/// and the parameters adapted by name, where PEFT turns the targets into some
+/// and the parameters adapted by name: `target_parameters`, and those PEFT turns the targets into
 /// (`LoraConfig::converted_for`). A target that names nothing is an error that lists the names
 /// that work.
-pub fn resolve_targets(model: &ModelConfig, targets: &[String]) -> Result<Targets> {
+pub fn resolve_targets(
+    model: &ModelConfig,
+    targets: &[String],
+    target_parameters: &[String],
+) -> Result<Targets> {
     let config = LoraConfig {
         targets: targets.to_vec(),
+        target_parameters: target_parameters.to_vec(),
         dropout: 0.0,
         ..LoraConfig::default()
     }
@@ -694,27 +699,6 @@ pub fn resolve_parameters(
         .into_iter()
         .filter(|p| target_parameters.iter().any(|t| named(t, p)))
         .collect())
-}
-
-/// The module names PEFT converts into `target_parameters` on `model` (`LoraConfig::converted_for`
-/// backwards): a stacked gate_up_proj's two projections, down_proj's, the router's `gate`.
-pub fn module_names_of_parameters(
-    model: &ModelConfig,
-    target_parameters: &[String],
-) -> Vec<String> {
-    let Some(moe) = &model.moe else {
-        return Vec::new();
-    };
-    moe.family
-        .peft_targets()
-        .iter()
-        .filter(|(_, parameter)| {
-            target_parameters
-                .iter()
-                .any(|t| t == parameter || t.ends_with(&format!(".{parameter}")))
-        })
-        .map(|(module, _)| module.to_string())
-        .collect()
 }
 
 /// The module path nibble adapts a parameter at: the router's weight at its module (PEFT keys its

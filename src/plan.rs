@@ -23,6 +23,9 @@ pub struct PlanInput {
     pub lora_rank_pattern: Vec<(String, usize)>,
     /// PEFT's `target_modules` (`all-linear`, or module names).
     pub lora_targets: Vec<String>,
+    /// PEFT's `target_parameters` (a mixture of experts' routers and stacked experts, by name),
+    /// beside those PEFT converts `lora_targets` into.
+    pub lora_target_parameters: Vec<String>,
     pub lora_dropout: bool,
     /// DoRA: a magnitude per output, and each adapted linear's rescaled term kept for the backward.
     pub dora: bool,
@@ -163,7 +166,7 @@ struct PlannedPair {
 /// The pairs training adapts for `p`'s targets at its rank, as `LoraAdapter::init` resolves them
 /// (a mixture of experts' gate_up_proj at twice the rank where PEFT fuses two names into it).
 fn planned_pairs(c: &ModelConfig, p: &PlanInput) -> Result<Vec<PlannedPair>> {
-    let (linears, parameters) = resolve_targets(c, &p.lora_targets)?;
+    let (linears, parameters) = resolve_targets(c, &p.lora_targets, &p.lora_target_parameters)?;
     let rank_pattern = crate::lora::Patterns::new(p.lora_rank_pattern.clone())
         .map_err(|e| Error::Invalid(format!("rank pattern: {e}")))?;
     let config = crate::lora::LoraConfig {
@@ -171,6 +174,7 @@ fn planned_pairs(c: &ModelConfig, p: &PlanInput) -> Result<Vec<PlannedPair>> {
         rank_pattern,
         dropout: 0.0,
         targets: p.lora_targets.clone(),
+        target_parameters: p.lora_target_parameters.clone(),
         ..Default::default()
     }
     .converted_for(c)?;

@@ -342,6 +342,7 @@ fn plan_of(
         lora_rank: 8,
         lora_rank_pattern: Vec::new(),
         lora_targets: vec!["all-linear".into()],
+        lora_target_parameters: Vec::new(),
         lora_dropout: false,
         dora: false,
         checkpoint,

@@ -307,6 +307,7 @@ fn placement_stays_near_the_live_bytes_at_8b_scale() {
             lora_rank: 32,
             lora_rank_pattern: Vec::new(),
             lora_targets: vec!["all-linear".into()],
+            lora_target_parameters: Vec::new(),
             lora_dropout: false,
             dora: false,
             checkpoint: true,

@@ -1,8 +1,8 @@
 //! `nibble train` against transformers + peft over three optimizer steps from the same initial PEFT
 //! adapter (NF4 group 64 emulated exactly, dropout 0, constant lr, gradient accumulation 2, clipping),
 //! for Qwen2, Gemma 3, Phi-3 (fused projections), Gemma 4 (E2B's per-layer inputs and shared keys and
-//! values beside 31B's values from k_proj), Ministral 3, Qwen3-MoE and Mixtral (CPU only;
-//! all-linear, PEFT's LoRA on the attention, the routers and every expert): fixtures from scripts/make_train_fixtures.py, which
+//! values beside 31B's values from k_proj), Ministral 3, Qwen3-MoE and Mixtral (all-linear, PEFT's
+//! LoRA on the attention, the routers and every expert) and Qwen2-MoE (a shared expert beside them): fixtures from scripts/make_train_fixtures.py, which
 //! also checks that PEFT loads the adapters nibble writes with no missing or unexpected keys and that
 //! transformers loads the folders `nibble merge` writes (recorded in each expected.json, read here). Per-step losses and gradient norms must agree to 1e-4
 //! relative and the LoRA updates (final minus initial) to 1e-3 relative norm, on the CPU executor and on
@@ -27,8 +27,11 @@ fn adapter(dir: &Path) -> SafetensorsFile {
 /// layer, 8 in its full one without v_proj, 7 in each of the two reusing their keys and values).
 /// Qwen3-MoE (all-linear): the attention's 4 in each of 3 layers, and in each of the 2 sparse ones
 /// the router and the two stacks of experts (one pair each, of every expert's matrices). Mixtral
-/// (all-linear): 7 in each of 2 layers.
-const FAMILIES: [(&str, usize); 7] = [
+/// (all-linear): 7 in each of 2 layers. Qwen2-MoE (all-linear, which PEFT does not convert there,
+/// and the routers and experts as target_parameters): the attention's 4 in each of 3 layers, the
+/// dense layer's MLP's 3, and in each of the 2 sparse ones the shared expert's 3 linears and its gate,
+/// the router and the two stacks.
+const FAMILIES: [(&str, usize); 8] = [
     ("qwen2", 14),
     ("gemma3_text", 14),
     ("phi3", 8),
@@ -36,6 +39,7 @@ const FAMILIES: [(&str, usize); 7] = [
     ("ministral3", 14),
     ("qwen3_moe", 18),
     ("mixtral", 14),
+    ("qwen2_moe", 29),
 ];
 
 /// Every family on `device`; `NIBBLE_PARITY_ONLY=<family>` runs that one alone (for debugging).

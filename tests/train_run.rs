@@ -938,6 +938,7 @@ fn a_step_over_the_cap_trains_with_the_checkpointing_that_fits() {
             lora_rank: config.lora.r,
             lora_rank_pattern: Vec::new(),
             lora_targets: config.lora.targets.clone(),
+            lora_target_parameters: Vec::new(),
             lora_dropout: config.lora.dropout > 0.0,
             dora: config.lora.use_dora,
             checkpoint,

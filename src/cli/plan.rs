@@ -185,6 +185,7 @@ pub fn run(args: Args) -> Result<()> {
         lora_rank: rank,
         lora_rank_pattern: Vec::new(),
         lora_targets: parse_targets(&targets)?,
+        lora_target_parameters: Vec::new(),
         lora_dropout: dropout > 0.0,
         dora,
         checkpoint,

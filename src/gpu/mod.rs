@@ -95,6 +95,8 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("scale", "elementwise"),
     ("soft_cap", "elementwise"),
     ("scale_rows", "elementwise"),
+    ("sigmoid_gated_rows", "elementwise"),
+    ("sigmoid_gated_rows_backward", "elementwise"),
     ("rope_apply", "rope"),
     ("attention_forward", "attention"),
     ("attention_delta", "attention"),

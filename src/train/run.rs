@@ -1388,15 +1388,18 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     });
     // The memory plan adapts what that adapter adapts: its target_modules, or where that is a
     // pattern, the modules its weights hold (a mixture of experts' stacks aside); and its
-    // target_parameters, by the module names PEFT converts into them.
+    // target_parameters.
+    let planned_parameters = init_config
+        .as_ref()
+        .and_then(|v| crate::lora::targets_of_json(&v["target_parameters"]))
+        .unwrap_or_else(|| config.lora.target_parameters.clone());
     let planned_targets = match (&init_config, options.init_adapter.as_deref()) {
         (Some(v), Some(dir)) => {
             let modules = match &v["target_modules"] {
                 serde_json::Value::Null => Some(Vec::new()),
                 targets => crate::lora::targets_of_json(targets),
             };
-            let parameters = crate::lora::targets_of_json(&v["target_parameters"]);
-            let mut targets = modules
+            modules
                 .or_else(|| {
                     let saved = crate::lora::saved_module_paths(dir)?;
                     Some(
@@ -1406,20 +1409,16 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                             .collect(),
                     )
                 })
-                .unwrap_or_else(|| config.lora.targets.clone());
-            targets.extend(crate::lora::module_names_of_parameters(
-                &source.config,
-                &parameters.unwrap_or_default(),
-            ));
-            targets
+                .unwrap_or_else(|| config.lora.targets.clone())
         }
         _ => config.lora.targets.clone(),
     };
     // Targets nothing in the model answers to, and a dropout, DoRA or LoftQ that PEFT refuses on a
     // mixture of experts' adapted parameters, are refused before the weights load.
-    crate::lora::resolve_targets(&source.config, &planned_targets)?;
+    crate::lora::resolve_targets(&source.config, &planned_targets, &planned_parameters)?;
     let planned = crate::lora::LoraConfig {
         targets: planned_targets.clone(),
+        target_parameters: planned_parameters.clone(),
         ..config.lora.clone()
     }
     .converted_for(&source.config)?;
@@ -1518,6 +1517,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                     .map(|(key, rank)| (key.to_string(), rank))
                     .collect(),
                 lora_targets: planned_targets.clone(),
+                lora_target_parameters: planned_parameters.clone(),
                 lora_dropout: config.lora.dropout > 0.0,
                 dora: config.lora.use_dora,
                 checkpoint,
