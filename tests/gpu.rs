@@ -751,8 +751,9 @@ fn assert_step_matches_cpu(
 }
 
 /// Mixture-of-experts layers on the GPU against the CPU executor: Qwen3-MoE (8 experts, 2 per token,
-/// renormalised weights, a dense layer between two sparse ones) and Mixtral (4 experts, 2 per
-/// token) with PEFT's all-linear adapter (each stack of experts' pairs and each router's, random
+/// renormalised weights, a dense layer between two sparse ones), Mixtral (4 experts, 2 per
+/// token) and Qwen2-MoE (as Qwen3-MoE's, weights as routed, a shared expert gated per token beside
+/// them) with PEFT's all-linear adapter (each stack of experts' pairs and each router's, random
 /// B's), their experts in bf16, NF4 and INT4, in one block or in row blocks of a few experts each
 /// (bindings that small), over 150 tokens (300 slots: the busiest experts' rows span two 64-row
 /// tiles or three). The logits, the loss and every gradient, as in `assert_step_matches_cpu`.
@@ -781,11 +782,23 @@ fn mixture_of_experts_layers_match_the_cpu_executor() {
         ("qwen3_moe", quant(QuantFormat::Nf4), 8_192),
         ("mixtral", quant(QuantFormat::Int4), 4_096),
         ("mixtral", QuantRequest::Dense, 16_384),
+        ("qwen2_moe", quant(QuantFormat::Nf4), 8_192),
     ];
     for (family, request, binding) in cases {
         let spec = match family {
             "qwen3_moe" => SynthSpec::tiny_qwen3_moe(vocab),
+            "qwen2_moe" => SynthSpec::tiny_qwen2_moe(vocab),
             _ => SynthSpec::tiny_mixtral(vocab),
+        };
+        // PEFT converts no names on qwen2_moe: its routers and experts are named.
+        let config = LoraConfig {
+            target_parameters: match family {
+                "qwen2_moe" => ["gate.weight", "gate_up_proj", "down_proj"]
+                    .map(String::from)
+                    .to_vec(),
+                _ => Vec::new(),
+            },
+            ..config.clone()
         };
         let case = match binding {
             u64::MAX => format!("{family} {request:?}, one binding each"),

@@ -580,7 +580,8 @@ fn cases(model: &Model) -> Vec<Case> {
     ids[0] = 7;
     ids[5] = 7;
     ids[9] = 11;
-    // Last: its draws from the cases' generator leave the others' inputs as they were.
+    // Last (but for those added since): its draws from the cases' generator leave the others' inputs
+    // as they were.
     cases.case(
         "dropout inside the LoRA products: x′·Aᵀ, d(xa)ᵀ·x′ and dx += dropout′(d(xa)·A)",
         |b, g| {
@@ -618,6 +619,29 @@ fn cases(model: &Model) -> Vec<Case> {
             b.node(grad_x, &[dxa, a, seed], &[dx], true);
         },
     );
+    // Appended: earlier cases' draws stay as they were. Rows wider than the GPU backward's 256 lanes too, not a multiple of them.
+    for dim in [h, 600] {
+        cases.case(
+            &format!("sigmoid-gated rows of {dim}, accumulated, and the backward"),
+            |b, g| {
+                let (gates, s, y0, dy) = (
+                    g.add(b, "gates", t, 2.0),
+                    g.add(b, "s", t * dim, 1.0),
+                    g.add(b, "y0", t * dim, 1.0),
+                    g.add(b, "dy", t * dim, 1.0),
+                );
+                let (y, ds, dg) = (
+                    b.output("y", t * dim),
+                    b.output("ds", t * dim),
+                    b.output("dg", t),
+                );
+                b.node(Op::Add, &[y0], &[y], true);
+                b.node(Op::SigmoidGatedRows { dim }, &[gates, s], &[y], true);
+                let op = Op::SigmoidGatedRowsBackward { dim };
+                b.node(op, &[gates, s, dy], &[ds, dg], false);
+            },
+        );
+    }
     // Every other labelled position's hidden state points along its label's head row, so that its
     // label ranks first (the losses' top-1 column is then not all zeros).
     let mut row = vec![0f32; h];
