@@ -1319,6 +1319,95 @@ fn training_goes_on_from_an_adapter_with_token_rows() {
     );
 }
 
+/// A Qwen2-MoE model on the CLI: PEFT converts no target names for qwen2_moe, so all-linear (the
+/// default) adapts the attention, the dense MLP and each shared expert with its gate, under LoRA
+/// dropout; `--target-parameters` adds the routers and experts (at rank r), where dropout is refused
+/// as PEFT refuses it; the adapter's folder is in PEFT's layout and every kind of pair trains.
+#[test]
+fn a_qwen2_moe_model_trains_its_shared_experts_and_named_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = (dir.path().join("model"), dir.path().join("data.jsonl"));
+    ok(&[
+        "synth",
+        "--preset",
+        "tiny-qwen2-moe",
+        "--tokenizer",
+        "byte",
+        "--output",
+        s(&model),
+    ]);
+    std::fs::copy("tests/fixtures/hf_train/qwen3_moe/data.jsonl", &data).unwrap();
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+        args.extend(["--output", s(out), "--max-steps", "2", "--device", "cpu"]);
+        args.extend_from_slice(extra);
+        nibble(&args)
+    };
+    let saved = |out: &Path| -> (serde_json::Value, Vec<u8>) {
+        let config = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
+        let weights = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        (serde_json::from_str(&config).unwrap(), weights)
+    };
+    let trained = |weights: &[u8], key: &str| {
+        let weights = safetensors::SafeTensors::deserialize(weights).unwrap();
+        let b = weights.tensor(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+        b.data().chunks_exact(4).any(|v| v != [0; 4])
+    };
+    let layer0 = "base_model.model.model.layers.0.mlp";
+
+    let plain = dir.path().join("plain");
+    let o = train(&plain, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (config, weights) = saved(&plain);
+    assert_eq!(config["target_parameters"], serde_json::Value::Null);
+    assert_eq!(config["lora_dropout"], 0.05);
+    for key in ["shared_expert.down_proj", "shared_expert_gate"] {
+        assert!(
+            trained(&weights, &format!("{layer0}.{key}.lora_B.weight")),
+            "{key}"
+        );
+    }
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    assert!(
+        st.names()
+            .iter()
+            .all(|k| !k.contains("experts.lora") && !k.contains("mlp.gate."))
+    );
+
+    let named = ["--target-parameters", "gate.weight,gate_up_proj,down_proj"];
+    let experts = dir.path().join("experts");
+    let o = train(&experts, &named);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--lora-dropout 0"), "{err}");
+    assert!(!experts.exists());
+    let o = train(&experts, &[&named[..], &["--lora-dropout", "0"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (config, weights) = saved(&experts);
+    let mut parameters: Vec<&str> = config["target_parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    parameters.sort();
+    assert_eq!(parameters, ["down_proj", "gate.weight", "gate_up_proj"]);
+    assert_eq!(config["rank_pattern"], serde_json::json!({}));
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let gate_up = format!("{layer0}.experts.base_layer.lora_A.weight");
+    assert_eq!(st.tensor(&gate_up).unwrap().shape(), [8 * 8, 64]);
+    for key in [
+        "experts.lora_B",
+        "gate.lora_B",
+        "shared_expert.up_proj.lora_B",
+    ] {
+        assert!(
+            trained(&weights, &format!("{layer0}.{key}.weight")),
+            "{key}"
+        );
+    }
+}
+
 /// A Qwen3-MoE model end to end on the CLI: `nibble train` refuses LoRA dropout on the experts and
 /// routers that all-linear (its default) adapts, as PEFT does, half of the experts' fused gate_up_proj,
 /// and the GPU executor, naming what to do (and dropout again when the adapter is continued); trains

@@ -297,10 +297,6 @@ fn options_nibble_cannot_honour_are_refused_by_name() {
             "save_strategy: steps\nsave_steps: 0.5\n",
             "`save_steps: 0.5`: a whole number of steps",
         ),
-        (
-            "lora_target_parameters: [experts.gate_up_proj]\n",
-            "lora_target_parameters",
-        ),
         ("lora_target_modules: q_proj\n", "regular expression"),
         ("lora_task_type: SEQ_CLS\n", "SEQ_CLS"),
         ("optim: adafactor\n", "optim: adafactor"),
@@ -470,6 +466,12 @@ fn recipes_trl_runs_run() {
         &none,
     );
     assert!(run.packing, "PyYAML's yes");
+    // PEFT's parameters adapted by name (a Qwen2-MoE's experts), as TRL passes them to LoraConfig.
+    let (_, _, c, _) = read_ok(
+        "dataset_name: d.jsonl\nlora_target_parameters: [gate_up_proj, down_proj]\n",
+        &none,
+    );
+    assert_eq!(c.lora.target_parameters, ["gate_up_proj", "down_proj"]);
     assert_eq!(nibble::value_name(run.packing_strategy), "wrapped");
     // Text where a switch goes, as argparse hands it to string_to_bool.
     let (_, _, _, run) = read_ok(

@@ -317,6 +317,16 @@ pub struct TrainSettings {
         deserialize_with = "names_or_list::deserialize"
     )]
     pub target_modules: Option<String>,
+    /// Comma-separated parameters adapted by name (PEFT's target_parameters): a mixture of experts'
+    /// routers (gate.weight) and stacked experts (gate_up_proj, down_proj), where target_modules
+    /// does not reach them (Qwen2-MoE; Qwen3-MoE's and Mixtral's all-linear does).
+    #[arg(long, aliases = ["lora-target-parameters"])]
+    #[serde(
+        alias = "lora_target_parameters",
+        default,
+        deserialize_with = "names_or_list::deserialize"
+    )]
+    pub target_parameters: Option<String>,
     /// Ranks of their own for some modules (PEFT's rank_pattern), as a JSON object of regular
     /// expressions to ranks, such as '{"mlp.down_proj": 16}'; the first expression that matches a
     /// module path's end after a dot wins. In an options file, a table.
@@ -539,6 +549,10 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
         ),
         ("target_modules", d.lora.targets.join(",")),
         (
+            "target_parameters",
+            "none: those target_modules convert into".into(),
+        ),
+        (
             "lora_rank_pattern",
             "none: --lora-r for every module".into(),
         ),
@@ -742,6 +756,8 @@ impl TrainSettings {
         s.use_rslora = Some(config.lora.use_rslora);
         s.use_dora = Some(config.lora.use_dora);
         s.target_modules = Some(config.lora.targets.join(","));
+        s.target_parameters =
+            Some(config.lora.target_parameters.join(",")).filter(|p| !p.is_empty());
         s.lora_rank_pattern = Some(config.lora.rank_pattern.clone()).filter(|p| !p.is_empty());
         s.lora_alpha_pattern = Some(config.lora.alpha_pattern.clone()).filter(|p| !p.is_empty());
         s.max_length = Some(config.max_length);
@@ -893,7 +909,10 @@ impl TrainSettings {
                 Some(list) => parse_targets(list)?,
                 None => d.lora.targets,
             },
-            target_parameters: Vec::new(),
+            target_parameters: match &self.target_parameters {
+                Some(list) => parse_names(list, "--target-parameters", "gate_up_proj,down_proj")?,
+                None => Vec::new(),
+            },
             rank_pattern: self.lora_rank_pattern.clone().unwrap_or_default(),
             alpha_pattern: self.lora_alpha_pattern.clone().unwrap_or_default(),
         };
@@ -1267,15 +1286,20 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
 /// `--target-modules`: PEFT's `target_modules`, comma-separated (module names such as q_proj, longer path
 /// suffixes, or all-linear); checked against the model when the adapter is made.
 pub fn parse_targets(list: &str) -> Result<Vec<String>> {
+    parse_names(list, "--target-modules", "q_proj,v_proj or all-linear")
+}
+
+/// Comma-separated names; none is an error naming `option` and an `example`.
+fn parse_names(list: &str, option: &str, example: &str) -> Result<Vec<String>> {
     let names: Vec<String> = list
         .split(',')
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .collect();
     if names.is_empty() {
-        return Err(Error::Invalid(
-            "--target-modules names no module (e.g. q_proj,v_proj or all-linear)".into(),
-        ));
+        return Err(Error::Invalid(format!(
+            "{option} names nothing (e.g. {example})"
+        )));
     }
     Ok(names)
 }

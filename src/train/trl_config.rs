@@ -191,7 +191,6 @@ const READ_APART: &[&str] = &[
     "loss_type",
     "lora_modules_to_save",
     "lora_target_modules",
-    "lora_target_parameters",
     "lora_task_type",
     "lr_scheduler_kwargs",
     "max_steps",
@@ -891,24 +890,15 @@ impl Reader<'_> {
                 "`lora_task_type: {task}`: nibble trains causal language models (CAUSAL_LM)"
             )));
         }
-        for (key, why) in [
-            (
-                "lora_modules_to_save",
-                "nibble trains LoRA pairs, not fully trained modules",
-            ),
-            (
-                "lora_target_parameters",
-                "nibble adapts a mixture of experts' parameters by the module names PEFT converts \
-                 into them: lora_target_modules all-linear, or gate_proj and up_proj, down_proj, \
-                 gate (Mixtral: w1 and w3, w2, gate)",
-            ),
-        ] {
-            let asked = self
-                .apart(key)
-                .filter(|v| v.as_array().is_none_or(|a| !a.is_empty()));
-            if let Some(v) = asked {
-                return Err(self.err(format!("`{key}: {}`: {why}", shown(v))));
-            }
+        let key = "lora_modules_to_save";
+        let asked = self
+            .apart(key)
+            .filter(|v| v.as_array().is_none_or(|a| !a.is_empty()));
+        if let Some(v) = asked {
+            return Err(self.err(format!(
+                "`{key}: {}`: nibble trains LoRA pairs, not fully trained modules",
+                shown(v)
+            )));
         }
         let targets = match self.apart("lora_target_modules").cloned() {
             Some(Value::Array(names)) => {
