@@ -89,12 +89,16 @@ impl LoraConfig {
                 _ if c.use_dora => Some("DoRA".to_string()),
                 _ => None,
             };
+            // Named as such, or converted from the target modules.
+            let otherwise = match self.target_parameters.is_empty() {
+                true => "adapt the attention alone: --target-modules q_proj,k_proj,v_proj,o_proj",
+                false => "leave them out (no --target-parameters)",
+            };
             if let Some(what) = refused {
                 return Err(Error::Invalid(format!(
                     "the adapter's target_parameters ({}: a mixture of experts' experts or router) \
                      are adapted without dropout or DoRA, and PEFT refuses {what} there: pass \
-                     --lora-dropout 0 (and no --use-dora), or adapt the attention alone: \
-                     --target-modules q_proj,k_proj,v_proj,o_proj",
+                     --lora-dropout 0 (and no --use-dora), or {otherwise}",
                     c.target_parameters.join(", ")
                 )));
             }
@@ -186,6 +190,24 @@ impl LoraConfig {
         }
         if !self.alpha_pattern.is_empty() && self.alpha_pattern != adapter.alpha_pattern {
             return Err(differ("alpha"));
+        }
+        let sorted = |names: &[String]| {
+            let mut names = names.to_vec();
+            names.sort();
+            names
+        };
+        if !self.target_parameters.is_empty()
+            && sorted(&self.target_parameters) != sorted(&adapter.target_parameters)
+        {
+            return Err(Error::Invalid(format!(
+                "--target-parameters ({}) differs from the initial adapter's ({}), whose matrices \
+                 are what trains: leave it out to take the adapter's",
+                self.target_parameters.join(","),
+                match adapter.target_parameters.is_empty() {
+                    true => "none".to_string(),
+                    false => adapter.target_parameters.join(","),
+                }
+            )));
         }
         let shape = |c: &LoraConfig| {
             // PEFT writes target_modules from a set: their order says nothing.
@@ -583,7 +605,7 @@ pub enum LoraInit {
 serde_as_value_enum!(LoraInit);
 
 /// PEFT's LoraConfig `r` and `lora_alpha` where a config leaves them out.
-const PEFT_DEFAULT_R: usize = 8;
+pub const PEFT_DEFAULT_R: usize = 8;
 
 /// PEFT's tensor name for one of a linear's LoRA matrices (`which` is "lora_A" or "lora_B").
 pub fn peft_key(path: &str, which: &str) -> String {

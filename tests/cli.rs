@@ -1406,6 +1406,29 @@ fn a_qwen2_moe_model_trains_its_shared_experts_and_named_experts() {
             "{key}"
         );
     }
+    // Continued, the adapter's own parameters train: others named are refused.
+    let again = dir.path().join("again");
+    let init = ["--init-adapter", s(&experts), "--lora-dropout", "0"];
+    let o = train(
+        &again,
+        &[&init[..], &["--target-parameters", "down_proj"]].concat(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("differs from the initial adapter's"), "{err}");
+    assert!(!again.exists());
+
+    // The plan counts the named parameters' pairs; `nibble info` names the shared experts.
+    let lora_parameters = |extra: &[&str]| {
+        let plan = ok(&[&["plan", s(&model), "--json"][..], extra].concat());
+        let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+        plan["lora_parameters"].as_u64().unwrap()
+    };
+    let (with, without) = (lora_parameters(&named), lora_parameters(&[]));
+    // Per sparse layer: the router's pair (8 x 64 and 8 x 8) and the two stacks' (8 experts at r 8).
+    let per_layer = 8 * (64 + 8) + 8 * 8 * (64 + 128) + 8 * 8 * (64 + 64);
+    assert_eq!(with - without, 2 * per_layer as u64);
+    assert!(ok(&["info", s(&model)]).contains("shared expert of width 192"));
 }
 
 /// A Qwen3-MoE model end to end on the CLI: `nibble train` refuses LoRA dropout on the experts and

@@ -913,6 +913,68 @@ fn a_run_too_large_for_the_gpu_is_refused_before_anything_is_written() {
     assert!(output.join("adapter_model.safetensors").exists());
 }
 
+/// A continued adapter is planned as it trains, at its own ranks and on its own parameters: a
+/// Qwen3-MoE adapter's stacked gate_up_proj at twice its r (its rank_pattern), beside its routers'
+/// and experts' pairs (its target_parameters), whatever the run's options say; a device cap between
+/// that plan and one at r refuses the run.
+#[test]
+fn a_continued_mixture_of_experts_adapter_is_planned_at_its_own_ranks() {
+    use nibble::graph::checkpoint::Keep;
+    let Some(gpu) = common::gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new("tests/fixtures/hf_train/qwen3_moe");
+    let (model, data) = (fixture.join("model"), fixture.join("data.jsonl"));
+    // Shorter than every example.
+    let tokens = 16;
+    let source = nibble::model::ModelSource::open(&model).unwrap();
+    let planned = |rank_pattern: Vec<(String, usize)>| {
+        let names = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let input = nibble::plan::PlanInput {
+            tokens,
+            quant: Some(
+                nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap(),
+            ),
+            lora_rank: 4,
+            lora_rank_pattern: rank_pattern,
+            lora_targets: names(&["q_proj", "k_proj", "v_proj", "o_proj"]),
+            lora_target_parameters: names(&["gate_up_proj", "gate.weight", "down_proj"]),
+            lora_dropout: false,
+            dora: false,
+            checkpoint: false,
+            checkpoints: Keep::F32,
+            trainable_tokens: 0,
+        };
+        nibble::plan::plan(&source.config, &input).unwrap().total
+    };
+    let adapters = planned(vec![(r".*\.gate_up_proj".into(), 8)]);
+    let at_r = planned(Vec::new());
+    assert!(adapters > at_r, "{adapters} vs {at_r}");
+    let base = config(1);
+    let spec = RunSpec {
+        model: &model,
+        data: std::slice::from_ref(&data),
+        output: &dir.path().join("run"),
+        quant: None,
+        config: TrainConfig {
+            max_length: tokens,
+            lora: nibble::lora::LoraConfig {
+                dropout: 0.0,
+                ..base.lora.clone()
+            },
+            ..base
+        },
+        options: RunOptions {
+            gpu_memory: Some((adapters + at_r) / 2),
+            init_adapter: Some(fixture.join("init_adapter")),
+            ..Default::default()
+        },
+    };
+    refused(
+        run::run(spec, Some(&gpu), &mut Recorded::default()),
+        &["a training step of 16 tokens", "--gpu-memory"],
+    );
+}
+
 /// Gradient checkpointing left to nibble (`RunOptions::fit_checkpointing`, as `nibble train` sets it
 /// when no checkpointing flag is given): a step that does not fit the device turns it on, with bf16
 /// checkpoints where f32 ones do not fit either and offloaded ones where neither does, and run.json

@@ -105,8 +105,13 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     if let Some(m) = &c.moe {
         let sparse = m.sparse.iter().filter(|&&s| s).count();
         let weights = if m.normalize { ", renormalised" } else { "" };
+        let shared = match m.shared_expert {
+            0 => String::new(),
+            width => format!(", beside a shared expert of width {width} gated per token"),
+        };
         block.push(format!(
-            "mixture of experts in {sparse} of {} layers: {} experts of width {}, {} per token{weights}",
+            "mixture of experts in {sparse} of {} layers: {} experts of width {}, {} per \
+             token{weights}{shared}",
             c.num_layers, m.experts, m.inter, m.top_k
         ));
     }

@@ -5,7 +5,7 @@ use anyhow::{Result, bail};
 use nibble::graph::checkpoint::{Asked, Keep};
 use nibble::model;
 use nibble::quant::QuantSpec;
-use nibble::train::settings::parse_targets;
+use nibble::train::settings::{parse_target_parameters, parse_targets};
 use std::path::{Path, PathBuf};
 
 /// Peak memory of a training step for a model, sequence length and LoRA options, computed from the
@@ -28,6 +28,10 @@ pub struct Args {
     /// Comma-separated module names (q_proj,...,down_proj) or all-linear [default: all-linear].
     #[arg(long)]
     target_modules: Option<String>,
+    /// Comma-separated parameters adapted by name, as `nibble train` takes them (a mixture of
+    /// experts' gate.weight, gate_up_proj, down_proj) [default: those target_modules convert into].
+    #[arg(long)]
+    target_parameters: Option<String>,
     /// DoRA (PEFT's use_dora): a magnitude per output, and each adapted linear's rescaled term kept
     /// for the backward.
     #[arg(long)]
@@ -70,6 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         lora_r: rank,
         lora_dropout: dropout,
         target_modules: targets,
+        target_parameters,
         use_dora: dora,
         trainable_tokens,
         gradient_checkpointing: checkpoint,
@@ -90,10 +95,15 @@ pub fn run(args: Args) -> Result<()> {
     let targets = targets.unwrap_or_else(|| "all-linear".into());
     if let Some(c) = nibble::models::flux2::config_at(&path)? {
         // What `nibble train` refuses for FLUX.2 and what only a language model's step takes.
-        if dora || dropout.is_some_and(|p| p > 0.0) || trainable_tokens.is_some() {
+        if dora
+            || dropout.is_some_and(|p| p > 0.0)
+            || trainable_tokens.is_some()
+            || target_parameters.is_some()
+        {
             bail!(
-                "--use-dora, --lora-dropout and --trainable-tokens: nibble trains FLUX.2 with \
-                 plain LoRA, without dropout (as `nibble train` refuses them there)"
+                "--use-dora, --lora-dropout, --trainable-tokens and --target-parameters: nibble \
+                 trains FLUX.2 with plain LoRA on its block linears, without dropout (as `nibble \
+                 train` refuses them there)"
             );
         }
         if tokens.is_some() {
@@ -185,7 +195,7 @@ pub fn run(args: Args) -> Result<()> {
         lora_rank: rank,
         lora_rank_pattern: Vec::new(),
         lora_targets: parse_targets(&targets)?,
-        lora_target_parameters: Vec::new(),
+        lora_target_parameters: parse_target_parameters(target_parameters.as_deref())?,
         lora_dropout: dropout > 0.0,
         dora,
         checkpoint,

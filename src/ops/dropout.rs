@@ -54,9 +54,19 @@ impl DropoutParams {
     }
 }
 
-/// The stream of one LoRA linear: every (layer, linear) pair draws independent masks.
+/// The stream of one LoRA linear (`LinearKind as usize`): every (layer, linear) pair of a model draws
+/// independent masks. A layer's first nine kinds (separate or fused projections: a model has one set
+/// or the other, seven at most) keep the numbering runs have trained with; the later kinds (Gemma 4's
+/// per-layer inputs, Qwen2-MoE's shared expert), which at seven a layer would take the next layer's
+/// streams, count from 0x8000, below the bits a chunk adds (`<< 16`).
 pub fn stream(layer: usize, linear: usize) -> u32 {
-    (layer * 7 + linear) as u32
+    const PER_LAYER: usize = 7;
+    const FIRST_LATER: usize = 9;
+    const LATER_PER_LAYER: usize = 8;
+    match linear < FIRST_LATER {
+        true => (layer * PER_LAYER + linear) as u32,
+        false => (0x8000 + layer * LATER_PER_LAYER + (linear - FIRST_LATER)) as u32,
+    }
 }
 
 /// A 32-bit integer hash with good avalanche (Wellons' "lowbias32").
@@ -378,5 +388,35 @@ impl Mask {
             #[inline(always)]
             || masked(key, p, scale, first as u32, x, out, add),
         );
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::stream;
+    use crate::config::LinearKind;
+
+    /// No two linears of a model share a stream, in any layer of models up to 4,000 layers deep, with
+    /// separate or fused projections and every later kind; all stay below the chunk bits.
+    #[test]
+    fn every_linear_of_a_model_has_a_stream_of_its_own() {
+        let later = [
+            LinearKind::PerLayerGate,
+            LinearKind::PerLayerProjection,
+            LinearKind::SharedGate,
+            LinearKind::SharedUp,
+            LinearKind::SharedDown,
+            LinearKind::SharedExpertGate,
+        ];
+        for projections in [&LinearKind::SEPARATE[..], &LinearKind::FUSED[..]] {
+            let mut seen = std::collections::HashSet::new();
+            for layer in 0..4000 {
+                for &kind in projections.iter().chain(&later) {
+                    let s = stream(layer, kind as usize);
+                    assert!(s < 1 << 16, "layer {layer} {kind:?}: stream {s}");
+                    assert!(seen.insert(s), "layer {layer} {kind:?}: stream {s} taken");
+                }
+            }
+        }
     }
 }

@@ -112,6 +112,13 @@ fn check_lora_options(lora: &crate::lora::LoraConfig, c: &flux2::Flux2Config) ->
             "DoRA and per-module ranks or alphas are not supported for FLUX.2 yet".into(),
         ));
     }
+    if !lora.target_parameters.is_empty() {
+        return Err(Error::Invalid(
+            "--target-parameters: a FLUX.2 transformer's LoRA adapts its block linears \
+             (--target-modules); it has no parameters adapted by name"
+                .into(),
+        ));
+    }
     resolve_among(c.block_linears(), &lora.targets).map(|_| ())
 }
 

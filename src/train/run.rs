@@ -963,6 +963,13 @@ fn manifest(
     if !config.trainable_tokens.is_empty() {
         options["trainable_tokens"] = json!(config.trainable_tokens);
     }
+    // Named by the options (an initial adapter's are in its digest), in order of name: PEFT
+    // matches them as a set.
+    if init.is_none() && !lora.target_parameters.is_empty() {
+        let mut named = lora.target_parameters.clone();
+        named.sort();
+        options["target_parameters"] = json!(named);
+    }
     if !lora.rank_pattern.is_empty() {
         options["rank_pattern"] = json!(lora.rank_pattern.entries().collect::<Vec<_>>());
     }
@@ -1389,10 +1396,23 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     // The memory plan adapts what that adapter adapts: its target_modules, or where that is a
     // pattern, the modules its weights hold (a mixture of experts' stacks aside); and its
     // target_parameters.
-    let planned_parameters = init_config
-        .as_ref()
-        .and_then(|v| crate::lora::targets_of_json(&v["target_parameters"]))
-        .unwrap_or_else(|| config.lora.target_parameters.clone());
+    let planned_parameters = match &init_config {
+        Some(v) => crate::lora::targets_of_json(&v["target_parameters"]).unwrap_or_default(),
+        None => config.lora.target_parameters.clone(),
+    };
+    // And at its ranks (its matrices have them).
+    let (planned_rank, planned_rank_pattern) = match &init_config {
+        Some(v) => (
+            v["r"]
+                .as_u64()
+                .map_or(crate::lora::PEFT_DEFAULT_R, |r| r as usize),
+            v.get("rank_pattern")
+                .filter(|p| !p.is_null())
+                .and_then(|p| crate::lora::Patterns::from_json(p, "a positive rank").ok())
+                .unwrap_or_default(),
+        ),
+        None => (config.lora.r, config.lora.rank_pattern.clone()),
+    };
     let planned_targets = match (&init_config, options.init_adapter.as_deref()) {
         (Some(v), Some(dir)) => {
             let modules = match &v["target_modules"] {
@@ -1402,10 +1422,12 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             modules
                 .or_else(|| {
                     let saved = crate::lora::saved_module_paths(dir)?;
+                    // The routers' and experts' pairs are its target_parameters'.
+                    let router = format!(".{}", crate::config::ROUTER_MODULE);
                     Some(
                         saved
                             .into_iter()
-                            .filter(|p| !p.contains(".mlp.experts"))
+                            .filter(|p| !p.contains(".mlp.experts") && !p.ends_with(&router))
                             .collect(),
                     )
                 })
@@ -1512,8 +1534,8 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
             &crate::plan::PlanInput {
                 tokens: longest,
                 quant: model.quant,
-                lora_rank: config.lora.r,
-                lora_rank_pattern: (config.lora.rank_pattern.entries())
+                lora_rank: planned_rank,
+                lora_rank_pattern: (planned_rank_pattern.entries())
                     .map(|(key, rank)| (key.to_string(), rank))
                     .collect(),
                 lora_targets: planned_targets.clone(),

@@ -909,10 +909,7 @@ impl TrainSettings {
                 Some(list) => parse_targets(list)?,
                 None => d.lora.targets,
             },
-            target_parameters: match &self.target_parameters {
-                Some(list) => parse_names(list, "--target-parameters", "gate_up_proj,down_proj")?,
-                None => Vec::new(),
-            },
+            target_parameters: parse_target_parameters(self.target_parameters.as_deref())?,
             rank_pattern: self.lora_rank_pattern.clone().unwrap_or_default(),
             alpha_pattern: self.lora_alpha_pattern.clone().unwrap_or_default(),
         };
@@ -1287,6 +1284,17 @@ fn check_ranges(config: &TrainConfig) -> Result<()> {
 /// suffixes, or all-linear); checked against the model when the adapter is made.
 pub fn parse_targets(list: &str) -> Result<Vec<String>> {
     parse_names(list, "--target-modules", "q_proj,v_proj or all-linear")
+}
+
+/// `--target-parameters`: PEFT's `target_parameters`, comma-separated; an empty list (TRL's
+/// `lora_target_parameters: []`) names none, as one left out.
+pub fn parse_target_parameters(list: Option<&str>) -> Result<Vec<String>> {
+    match list {
+        Some(list) if !list.trim().is_empty() => {
+            parse_names(list, "--target-parameters", "gate_up_proj,down_proj")
+        }
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// Comma-separated names; none is an error naming `option` and an `example`.
