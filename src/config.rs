@@ -377,6 +377,13 @@ impl MoeConfig {
 /// each expert's gate rows then its up rows; `down_proj` [experts, hidden, inter]).
 pub const ROUTER_MODULE: &str = "mlp.gate";
 
+/// Whether a module path is a mixture-of-experts layer's router (`…layers.3.mlp.gate`), not a
+/// shared expert's or a dense MLP's `gate_proj`.
+pub fn is_router_path(path: &str) -> bool {
+    path.strip_suffix(ROUTER_MODULE)
+        .is_some_and(|layer| layer.ends_with('.'))
+}
+
 /// A parameter LoRA adapts by name (`ModelConfig::adaptable_parameters`): `experts` updates
 /// ΔW_e = s·B_e·A_e, each [out, inp], of the experts stacked in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -2508,6 +2515,17 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         ModelConfig::from_json_str(&c.to_string(), Path::new("config.json"))
+    }
+
+    #[test]
+    fn only_a_layers_router_is_a_router_path() {
+        assert!(is_router_path("model.layers.3.mlp.gate"));
+        assert!(!is_router_path("model.layers.3.mlp.gate_proj"));
+        assert!(!is_router_path(
+            "model.layers.3.mlp.shared_expert.gate_proj"
+        ));
+        assert!(!is_router_path("model.layers.3.mlp.shared_expert_gate"));
+        assert!(!is_router_path("model.layers.3.xmlp.gate"));
     }
 
     /// Values that leave every loss NaN at the first step are refused by name when the config is read.

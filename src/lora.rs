@@ -60,9 +60,7 @@ impl LoraConfig {
     /// What PEFT matches the patterns against: a module's path, or an adapted parameter's full
     /// name (the router's `…mlp.gate.weight`, adapted at the module path `…mlp.gate`).
     fn pattern_key<'p>(&self, path: &'p str) -> std::borrow::Cow<'p, str> {
-        match !self.target_parameters.is_empty()
-            && path.ends_with(&format!(".{}", crate::config::ROUTER_MODULE))
-        {
+        match !self.target_parameters.is_empty() && crate::config::is_router_path(path) {
             true => format!("{path}.weight").into(),
             false => path.into(),
         }

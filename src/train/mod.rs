@@ -1844,10 +1844,9 @@ fn saved_targets(adapter: &LoraAdapter) -> Vec<String> {
         return adapter.pairs().map(|(path, _)| path.to_string()).collect();
     }
     // The routers' and experts' pairs are target_parameters' (on Qwen2-MoE, all-linear beside them).
-    let router = format!(".{}", crate::config::ROUTER_MODULE);
     let parameter = |path: &str, pair: &crate::lora::LoraPair| {
         pair.experts > 1
-            || (path.ends_with(&router) && !adapter.config.target_parameters.is_empty())
+            || (crate::config::is_router_path(path) && !adapter.config.target_parameters.is_empty())
     };
     let mut out: Vec<String> = Vec::new();
     for t in &adapter.config.targets {

@@ -1423,11 +1423,12 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                 .or_else(|| {
                     let saved = crate::lora::saved_module_paths(dir)?;
                     // The routers' and experts' pairs are its target_parameters'.
-                    let router = format!(".{}", crate::config::ROUTER_MODULE);
                     Some(
                         saved
                             .into_iter()
-                            .filter(|p| !p.contains(".mlp.experts") && !p.ends_with(&router))
+                            .filter(|p| {
+                                !p.contains(".mlp.experts") && !crate::config::is_router_path(p)
+                            })
                             .collect(),
                     )
                 })
