@@ -31,7 +31,10 @@ use std::collections::HashMap;
 fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Result<()> {
     // Phi-3's fused projections are wider: q, k and v in one buffer, gate and up in another.
     let widest_layer = |width: &dyn Fn(usize) -> usize| (0..c.num_layers).map(width).max();
-    let mlp = widest_layer(&|l| c.mlp_width(l)).unwrap_or(0);
+    // A shared expert (Qwen2-MoE) runs in the MLP's chunks too.
+    let mlp = widest_layer(&|l| c.mlp_width(l))
+        .unwrap_or(0)
+        .max(c.shared_expert_width());
     let (qkv, gate_up) = match c.fused_projections {
         true => (widest_layer(&|l| c.q_dim(l) + 2 * c.kv_dim(l)), 2 * mlp),
         false => (widest_layer(&|l| c.q_dim(l)), mlp),

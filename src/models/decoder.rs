@@ -310,13 +310,39 @@ struct MoeTape {
     shared: Option<SharedExpertTape>,
 }
 
-/// What Qwen2-MoE's shared expert keeps for the backward: its gate and up projections, its output
-/// before the gate, and the gate's logit per token.
+/// What Qwen2-MoE's shared expert keeps for the backward: the gate's logit per token and, unless it
+/// ran in chunks (`Decoder::mlp_chunks`; the backward then recomputes them chunk by chunk), its gate
+/// and up projections and its output before the gate.
 struct SharedExpertTape {
+    /// The gate and up projections and the output.
+    kept: Option<[BufId; 3]>,
+    gate_logits: BufId,
+}
+
+/// The shared expert on some rows: its gate and up projections, act(gate)·up, the output before the
+/// gate, and the tapes of its gate, up and down linears.
+struct SharedExpertRows {
     gate: BufId,
     up: BufId,
+    hidden: BufId,
     output: BufId,
-    gate_logits: BufId,
+    tapes: Vec<(LinearKind, LinearTape)>,
+}
+
+impl<'a> MlpTapes<'a> {
+    /// The shared expert's linears among `tapes`.
+    fn shared_expert(tapes: &'a [(LinearKind, LinearTape)], width: usize) -> Self {
+        let [gate_kind, up_kind, down_kind, _] = LinearKind::SHARED_EXPERT;
+        let tape = |kind: LinearKind| {
+            let found = tapes.iter().find(|(k, _)| *k == kind);
+            &found.expect("the shared expert's linears ran").1
+        };
+        MlpTapes {
+            gate_up: vec![tape(gate_kind), tape(up_kind)],
+            down: tape(down_kind),
+            width,
+        }
+    }
 }
 
 /// What Gemma 4's per-layer input added to a layer's output keeps for the backward.
@@ -1029,7 +1055,9 @@ impl Decoder<'_> {
     }
 
     /// Adds layer `l`'s shared expert on x into the experts' output y: a gated MLP scaled per
-    /// token by the sigmoid of its gate's linear. Its linears' tapes join `linears`.
+    /// token by the sigmoid of its gate's linear. A long sequence runs it in the dense MLP's chunks,
+    /// each chunk's projections released after its output is added. The linears' tapes that the
+    /// backward reads join `linears`.
     fn shared_expert(
         &mut self,
         l: usize,
@@ -1037,30 +1065,58 @@ impl Decoder<'_> {
         y: BufId,
         linears: &mut Vec<(LinearKind, LinearTape)>,
     ) -> SharedExpertTape {
-        let [gate_kind, up_kind, down_kind, gate_logits_kind] = LinearKind::SHARED_EXPERT;
-        let (gate, gate_tape) = self.linear(l, gate_kind, x);
-        let (up, up_tape) = self.linear(l, up_kind, x);
-        let hidden = self.gated(gate, up, l);
-        let (output, down_tape) = self.linear(l, down_kind, hidden);
+        let gate_logits_kind = LinearKind::SHARED_EXPERT[3];
         let (gate_logits, gate_logits_tape) = self.linear(l, gate_logits_kind, x);
+        linears.push((gate_logits_kind, gate_logits_tape));
         let dim = self.c.hidden_size;
-        let op = Op::SigmoidGatedRows { dim };
-        self.b.node(op, &[gate_logits, output], &[y], true);
-        linears.extend([
-            (gate_kind, gate_tape),
-            (up_kind, up_tape),
-            (down_kind, down_tape),
-            (gate_logits_kind, gate_logits_tape),
-        ]);
+        let chunks = self.mlp_chunks();
+        if let [whole] = chunks[..] {
+            let rows = self.shared_expert_rows(l, x, (whole.1, 0));
+            let op = Op::SigmoidGatedRows { dim };
+            self.b.node(op, &[gate_logits, rows.output], &[y], true);
+            linears.extend(rows.tapes);
+            let kept = Some([rows.gate, rows.up, rows.output]);
+            return SharedExpertTape { kept, gate_logits };
+        }
+        for (chunk, rows) in chunks.into_iter().enumerate() {
+            let x_rows = self.rows_of(x, rows, dim);
+            let expert = self.shared_expert_rows(l, x_rows, (rows.1, chunk));
+            let gate_rows = self.rows_of(gate_logits, rows, 1);
+            let y_rows = self.rows_of(y, rows, dim);
+            let op = Op::SigmoidGatedRows { dim };
+            self.b
+                .node(op, &[gate_rows, expert.output], &[y_rows], true);
+            self.put_rows(y_rows, y, rows, dim);
+        }
         SharedExpertTape {
-            gate,
-            up,
-            output,
+            kept: None,
             gate_logits,
         }
     }
 
-    /// The shared expert's part of the gradient of its input x (the layer's xn2), added into dx.
+    /// Layer `l`'s shared expert on x (`at`: rows and chunk, as `linear_rows` takes them), before
+    /// its gate.
+    fn shared_expert_rows(&mut self, l: usize, x: BufId, at: (usize, usize)) -> SharedExpertRows {
+        let [gate_kind, up_kind, down_kind, _] = LinearKind::SHARED_EXPERT;
+        let (gate, gate_tape) = self.linear_rows(l, gate_kind, x, at);
+        let (up, up_tape) = self.linear_rows(l, up_kind, x, at);
+        let hidden = self.gated(gate, up, l);
+        let (output, down_tape) = self.linear_rows(l, down_kind, hidden, at);
+        SharedExpertRows {
+            gate,
+            up,
+            hidden,
+            output,
+            tapes: vec![
+                (gate_kind, gate_tape),
+                (up_kind, up_tape),
+                (down_kind, down_tape),
+            ],
+        }
+    }
+
+    /// The shared expert's part of the gradient of its input x (the layer's xn2), added into dx;
+    /// chunk by chunk, recomputing each chunk's projections, where the forward ran in chunks.
     fn shared_expert_backward(
         &mut self,
         l: usize,
@@ -1069,31 +1125,55 @@ impl Decoder<'_> {
         dy: BufId,
         dx: BufId,
     ) {
-        let c = self.c;
-        let [gate_kind, up_kind, down_kind, gate_logits_kind] = LinearKind::SHARED_EXPERT;
-        let d_output = self.b.activation(
-            self.b.len(shared.output),
-            format!("d layers.{l}.shared expert"),
-        );
+        let (dim, width) = (self.c.hidden_size, self.c.shared_expert_width());
         let d_gate_logits = self.b.activation(
             self.b.len(shared.gate_logits),
             format!("d layers.{l}.shared expert gate"),
         );
+        if let Some([gate, up, output]) = shared.kept {
+            let hidden = self.gated(gate, up, l);
+            let tapes = MlpTapes::shared_expert(&s.linears, width);
+            let expert = [s.xn2, gate, up, hidden, output];
+            let gradients = [shared.gate_logits, dy, d_gate_logits, dx];
+            self.shared_expert_rows_backward(&tapes, expert, gradients);
+        } else {
+            for (chunk, rows) in self.mlp_chunks().into_iter().enumerate() {
+                let x = self.rows_of(s.xn2, rows, dim);
+                let e = self.shared_expert_rows(l, x, (rows.1, chunk));
+                let gate_rows = self.rows_of(shared.gate_logits, rows, 1);
+                let dy_rows = self.rows_of(dy, rows, dim);
+                let dg_rows = self.gradient_of(gate_rows);
+                let dx_rows = self.rows_of(dx, rows, dim);
+                let tapes = MlpTapes::shared_expert(&e.tapes, width);
+                let expert = [x, e.gate, e.up, e.hidden, e.output];
+                let gradients = [gate_rows, dy_rows, dg_rows, dx_rows];
+                self.shared_expert_rows_backward(&tapes, expert, gradients);
+                self.put_rows(dg_rows, d_gate_logits, rows, 1);
+                self.put_rows(dx_rows, dx, rows, dim);
+            }
+        }
+        let gate_logits_tape = s.linear(LinearKind::SHARED_EXPERT[3]);
+        self.linear_backward(gate_logits_tape, s.xn2, d_gate_logits, dx);
+    }
+
+    /// Through the shared expert on some rows (its input x, projections and output, as
+    /// `shared_expert_rows` gives them): the gradient of the gate's logits into dg, and of x added
+    /// into dx, from the gated output's dy and the gate's logits g.
+    fn shared_expert_rows_backward(
+        &mut self,
+        tapes: &MlpTapes<'_>,
+        [x, gate, up, hidden, output]: [BufId; 5],
+        [g, dy, dg, dx]: [BufId; 4],
+    ) {
+        let d_output = self.gradient_of(output);
+        let dim = self.c.hidden_size;
         self.b.node(
-            Op::SigmoidGatedRowsBackward { dim: c.hidden_size },
-            &[shared.gate_logits, shared.output, dy],
-            &[d_output, d_gate_logits],
+            Op::SigmoidGatedRowsBackward { dim },
+            &[g, output, dy],
+            &[d_output, dg],
             false,
         );
-        self.linear_backward(s.linear(gate_logits_kind), s.xn2, d_gate_logits, dx);
-        let hidden = self.gated(shared.gate, shared.up, l);
-        let tapes = MlpTapes {
-            gate_up: vec![s.linear(gate_kind), s.linear(up_kind)],
-            down: s.linear(down_kind),
-            width: c.shared_expert_width(),
-        };
-        let inputs = [s.xn2, shared.gate, shared.up, hidden];
-        self.mlp_backward(&tapes, inputs, d_output, dx);
+        self.mlp_backward(tapes, [x, gate, up, hidden], d_output, dx);
     }
 
     /// Which of layer `l`'s stacks of experts the adapter adapts, and their pairs' buffers.

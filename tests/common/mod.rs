@@ -272,8 +272,12 @@ pub fn gpu() -> Option<TestGpu> {
 /// A tiny random model of `arch` (f32 weights, the real architecture), its decoder linears dense or NF4
 /// with groups of 32.
 pub fn tiny_model(arch: nibble::config::Arch, vocab: usize, nf4: bool) -> Model {
+    tiny_model_of(nibble::synth::SynthSpec::tiny(arch, vocab), nf4)
+}
+
+/// `tiny_model` of another shape (a preset with experts, say).
+pub fn tiny_model_of(mut spec: nibble::synth::SynthSpec, nf4: bool) -> Model {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = nibble::synth::SynthSpec::tiny(arch, vocab);
     spec.dtype = nibble::source::FloatDtype::F32;
     nibble::synth::write_model_folder(dir.path(), &spec, None).unwrap();
     let request = if nf4 {
