@@ -30,7 +30,8 @@ struct AttentionParams {
     causal: u32,
     // 1 (forward only): query t sees no key at or past key_end[t] (padding at the end).
     padded: u32,
-    _pad: u32,
+    // 1 (forward only): head h's rows have sinks[h] in their softmax's denominator.
+    sinks: u32,
 }
 
 // Whether key j lies past what query t (at position t + query_offset) may see.
@@ -70,6 +71,9 @@ const TILE_FLOATS: u32 = 1024u;
 // every kernel within 8 storage bindings.
 @group(0) @binding(5) var<storage, read_write> row_stats: array<f32>;
 @group(0) @binding(6) var<storage, read> d_out: array<f32>;
+// Per query head, a logit that joins each of its rows' softmax without a value (gpt-oss), where
+// `sinks`.
+@group(0) @binding(7) var<storage, read> sinks: array<f32>;
 @group(0) @binding(8) var<storage, read_write> grad: array<f32>;
 @group(0) @binding(9) var<storage, read_write> grad2: array<f32>;
 // Per query token, the first key it may attend to: 0, or the start of its example in a packed sequence
@@ -218,8 +222,17 @@ fn attention_forward(
         return;
     }
     if (last_pass()) {
+        // The sink as one more key whose value is zero (a row that saw no key keeps only it).
+        var rescale = 1.0;
+        if (p.sinks != 0u) {
+            let sink = sinks[h];
+            let new_m = max(m, sink);
+            rescale = exp(m - new_m);
+            l = l * rescale + exp(sink - new_m);
+            m = new_m;
+        }
         for (var x = 0u; x < d; x++) {
-            o[q_index(t, h, x)] = acc[x] / l;
+            o[q_index(t, h, x)] = acc[x] * rescale / l;
         }
         row_stats[lse_index(h, t)] = m + log(l);
     } else {

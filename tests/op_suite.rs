@@ -300,6 +300,7 @@ fn cases(model: &Model) -> Vec<Case> {
                     kv_heads,
                     head_dim: hd,
                     causal,
+                    sinks: false,
                 };
                 let q = g.add(b, "q", t * heads * hd, 1.0);
                 let k = g.add(b, "k", t * kv_heads * hd, 1.0);
@@ -388,6 +389,7 @@ fn cases(model: &Model) -> Vec<Case> {
             kv_heads,
             head_dim: hd,
             causal: true,
+            sinks: false,
         };
         let q = g.add(b, "q", t * heads * hd, 1.0);
         let k = g.add(b, "k", t * kv_heads * hd, 1.0);
@@ -642,6 +644,54 @@ fn cases(model: &Model) -> Vec<Case> {
             },
         );
     }
+    // gpt-oss's sinks: in packed examples with the backward (which reads the forward's lse), and
+    // over a padded sequence whose last rows see no key at all (the sink alone).
+    let sinks_shape = AttentionShape {
+        tokens: t,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        causal: true,
+        sinks: true,
+    };
+    for padded in [false, true] {
+        let name = match padded {
+            false => "attention with sinks and its backward, packed",
+            true => "attention with sinks over a padded sequence (forward)",
+        };
+        cases.case(name, |b, g| {
+            let shape = sinks_shape;
+            let q = g.add(b, "q", t * heads * hd, 1.0);
+            let k = g.add(b, "k", t * kv_heads * hd, 1.0);
+            let v = g.add(b, "v", t * kv_heads * hd, 1.0);
+            let sinks = g.add(b, "sinks", heads, 3.0);
+            let out = b.output("out", t * heads * hd);
+            let lse = b.activation(2 * heads * t, "lse");
+            let mut inputs = vec![q, k, v, sinks, b.input(Input::FirstKey, t)];
+            if padded {
+                inputs.push(b.input(Input::KeyEnd, t));
+                b.node(Op::Attention { shape }, &inputs, &[out, lse], false);
+                return;
+            }
+            b.node(Op::Attention { shape }, &inputs, &[out, lse], false);
+            let d_out = g.add(b, "d_out", t * heads * hd, 1.0);
+            let (dq, dk, dv) = (
+                b.output("dq", t * heads * hd),
+                b.output("dk", t * kv_heads * hd),
+                b.output("dv", t * kv_heads * hd),
+            );
+            let inputs = [q, k, v, out, lse, d_out, inputs[4]];
+            b.node(
+                Op::AttentionBackward { shape },
+                &inputs,
+                &[dq, dk, dv],
+                false,
+            );
+        });
+    }
+    let padded = cases.out.last_mut().expect("just added");
+    padded.inputs.first_key = vec![0; t];
+    padded.inputs.key_end = (0..t).map(|p| if p + 3 < t { 21 } else { 0 }).collect();
     // Every other labelled position's hidden state points along its label's head row, so that its
     // label ranks first (the losses' top-1 column is then not all zeros).
     let mut row = vec![0f32; h];

@@ -196,14 +196,30 @@ fn attention_reference_in_segments(
     v: &[f64],
     segments: Option<&[u32]>,
 ) -> Vec<f64> {
+    attention_reference_masked(s, [q, k, v], (segments, None), None).0
+}
+
+/// `attention_reference_in_segments` where query t also sees no key at or past key_end[t], and
+/// head h's rows have sinks[h] as one more logit in their softmax, with no value: the output and
+/// each row's log-sum-exp ([heads, T]).
+fn attention_reference_masked(
+    s: AttentionShape,
+    [q, k, v]: [&[f64]; 3],
+    (segments, key_end): (Option<&[u32]>, Option<&[u32]>),
+    sinks: Option<&[f64]>,
+) -> (Vec<f64>, Vec<f64>) {
     let (d, qw, kw) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let mut out = vec![0.0; s.tokens * qw];
+    let mut lse = vec![0.0; s.heads * s.tokens];
     for h in 0..s.heads {
         let kvh = h / (s.heads / s.kv_heads);
         for t in 0..s.tokens {
             let first = segments.map_or(0, |seg| seg[t] as usize);
-            let last = if s.causal { t } else { s.tokens - 1 };
-            let scores: Vec<f64> = (first..=last)
+            let mut end = if s.causal { t + 1 } else { s.tokens };
+            if let Some(key_end) = key_end {
+                end = end.min(key_end[t] as usize);
+            }
+            let scores: Vec<f64> = (first..end.max(first))
                 .map(|j| {
                     (0..d)
                         .map(|x| q[t * qw + h * d + x] * k[j * kw + kvh * d + x])
@@ -211,16 +227,22 @@ fn attention_reference_in_segments(
                         / (d as f64).sqrt()
                 })
                 .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            let sink = sinks.map(|sinks| sinks[h]);
+            let max = scores
+                .iter()
+                .chain(&sink)
+                .cloned()
+                .fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().chain(&sink).map(|s| (s - max).exp()).sum();
             for (j, sc) in (first..).zip(&scores) {
                 for x in 0..d {
                     out[t * qw + h * d + x] += (sc - max).exp() / z * v[j * kw + kvh * d + x];
                 }
             }
+            lse[h * s.tokens + t] = max + z.ln();
         }
     }
-    out
+    (out, lse)
 }
 
 /// Decoding: one query (then two) after a cache of `past` positions, against the f64 attention of the
@@ -235,6 +257,7 @@ fn cached_attention_of_the_newest_tokens_matches_the_reference() {
             kv_heads: 2,
             head_dim: 64,
             causal: true,
+            sinks: false,
         };
         let (qw, kw) = (full.heads * full.head_dim, full.kv_heads * full.head_dim);
         let q = random(full.tokens * qw, 1.0, &mut rng);
@@ -249,7 +272,7 @@ fn cached_attention_of_the_newest_tokens_matches_the_reference() {
             ..full
         };
         let mut out = vec![0f32; new * qw];
-        attention::forward_cached(step, past, &q[past * qw..], &k, &v, None, &mut out);
+        attention::forward_cached(step, past, &q[past * qw..], &k, &v, None, None, &mut out);
         let e = rel_err(&out, &want[past * qw..]);
         assert!(e < 1e-6, "cached attention, {new} after {past}: {e:e}");
     }
@@ -270,6 +293,7 @@ fn attention_matches_references(causal: bool) {
         kv_heads: 2,
         head_dim: 8,
         causal,
+        sinks: false,
     };
     let (qn, kn) = (
         s.tokens * s.heads * s.head_dim,
@@ -325,6 +349,7 @@ fn attention_over_many_blocks_and_packed_examples_matches_references() {
         kv_heads: 2,
         head_dim: 8,
         causal: true,
+        sinks: false,
     };
     let segments: Vec<u32> = (0..150u32)
         .map(|t| match t {
@@ -395,6 +420,127 @@ fn attention_over_many_blocks_and_packed_examples_matches_references() {
             );
         }
     }
+}
+
+/// gpt-oss's attention sinks: a logit per head in each of its rows' softmax, with no value (one
+/// head's far above its scores, one far below, so that both the sink's and the scores' maxima lead
+/// the sum), over several query blocks and packed examples: the forward and its log-sum-exps against
+/// the f64 reference, with padded queries that see no key at all (their output 0, their lse the
+/// sink's); the backward, unchanged but for the forward's lse, against central differences along
+/// random directions; decoding with a KV cache against the reference's last rows.
+#[test]
+fn attention_with_sinks_matches_references() {
+    let mut rng = Rng::new(22);
+    let s = AttentionShape {
+        tokens: 150,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        causal: true,
+        sinks: true,
+    };
+    let segments: Vec<u32> = (0..150u32).map(|t| if t < 70 { 0 } else { 70 }).collect();
+    // The last 6 queries see no key (their keys end where their example starts).
+    let key_end: Vec<u32> = (0..150u32)
+        .map(|t| if t < 144 { 150 } else { 70 })
+        .collect();
+    let sinks = [8.0f32, -9.0, 0.7, -0.4];
+    let (qn, kn) = (
+        s.tokens * s.heads * s.head_dim,
+        s.tokens * s.kv_heads * s.head_dim,
+    );
+    let (q, k, v) = (
+        random(qn, 1.0, &mut rng),
+        random(kn, 1.0, &mut rng),
+        random(kn, 1.0, &mut rng),
+    );
+    let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let (q64, k64, v64, sinks64) = (f64s(&q), f64s(&k), f64s(&v), f64s(&sinks));
+    let mut out = vec![0f32; qn];
+    let mut lse = vec![0f32; s.heads * s.tokens];
+    let masks = (Some(&segments[..]), Some(&key_end[..]));
+    attention::forward_with(
+        s,
+        [&q, &k, &v],
+        masks.0,
+        masks.1,
+        Some(&sinks),
+        &mut out,
+        &mut lse,
+    );
+    let (want, want_lse) = attention_reference_masked(s, [&q64, &k64, &v64], masks, Some(&sinks64));
+    let (e, e_lse) = (rel_err(&out, &want), rel_err(&lse, &want_lse));
+    assert!(
+        e < 1e-6 && e_lse < 1e-6,
+        "forward with sinks: {e:e}, lse {e_lse:e}"
+    );
+    let (dead_rows, dead_lse) = (&out[144 * 32..], &lse[144..150]);
+    assert!(
+        dead_rows.iter().all(|&x| x == 0.0) && dead_lse == [8.0; 6],
+        "{dead_lse:?}"
+    );
+    let without = attention_reference_masked(s, [&q64, &k64, &v64], masks, None).0;
+    assert!(
+        rel_err(&out, &without) > 1e-2,
+        "the sinks change the output"
+    );
+
+    // The backward over the sequence's unpadded rows.
+    let mut lse = vec![0f32; s.heads * s.tokens];
+    let segments = Some(&segments[..]);
+    attention::forward_with(
+        s,
+        [&q, &k, &v],
+        segments,
+        None,
+        Some(&sinks),
+        &mut out,
+        &mut lse,
+    );
+    let d_out = random(qn, 1.0, &mut rng);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; qn], vec![0f32; kn], vec![0f32; kn]);
+    attention::backward(
+        s, &q, &k, &v, &out, &lse, &d_out, segments, &mut dq, &mut dk, &mut dv,
+    );
+    let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+        let (y, _) = attention_reference_masked(s, [q, k, v], (segments, None), Some(&sinks64));
+        y.iter()
+            .zip(&d_out)
+            .map(|(y, g)| y * *g as f64)
+            .sum::<f64>()
+    };
+    let h = 1e-5;
+    for _ in 0..3 {
+        for (name, grad, which) in [("q", &dq, 0), ("k", &dk, 1), ("v", &dv, 2)] {
+            let dir = f64s(&random(grad.len(), 1.0, &mut rng));
+            let step = |sign: f64| {
+                let mut xs = [q64.clone(), k64.clone(), v64.clone()];
+                xs[which]
+                    .iter_mut()
+                    .zip(&dir)
+                    .for_each(|(x, u)| *x += sign * h * u);
+                loss(&xs[0], &xs[1], &xs[2])
+            };
+            let numeric = (step(1.0) - step(-1.0)) / (2.0 * h);
+            let analytic: f64 = grad.iter().zip(&dir).map(|(g, u)| *g as f64 * u).sum();
+            assert!(
+                (analytic - numeric).abs() < 1e-4 * numeric.abs().max(1.0),
+                "attention with sinks, d{name} along a random direction: {analytic} vs {numeric}"
+            );
+        }
+    }
+
+    // Decoding the last two tokens after the others, with the sinks.
+    let (past, qw) = (148, s.heads * s.head_dim);
+    let step = AttentionShape { tokens: 2, ..s };
+    let mut decoded = vec![0f32; 2 * qw];
+    let first_keys = segments.map(|s| &s[past..]);
+    let (q_, sinks_) = (&q[past * qw..], Some(&sinks[..]));
+    attention::forward_cached(step, past, q_, &k, &v, first_keys, sinks_, &mut decoded);
+    let masks = (segments, None);
+    let (want, _) = attention_reference_masked(s, [&q64, &k64, &v64], masks, Some(&sinks64));
+    let e = rel_err(&decoded, &want[past * qw..]);
+    assert!(e < 1e-6, "decoding with sinks: {e:e}");
 }
 
 #[test]

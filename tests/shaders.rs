@@ -140,6 +140,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
                 query_offset: query_offset as u32,
                 causal: causal as u32,
                 padded: padded as u32,
+                sinks: sinks as u32,
             }),
         ),
         (

@@ -655,21 +655,13 @@ impl Exec {
             }
             Op::ScaleRows { dim } => glu::scale_rows(outs.get(0), x(0), *dim),
             Op::Attention { shape } => {
-                let segments = ins.get(3).map(|s| s.u32());
+                let masks = shape.masks_at();
+                let segments = ins.get(masks).map(|s| s.u32());
+                let key_end = ins.get(masks + 1).map(|s| s.u32());
+                let sinks = shape.sinks.then(|| x(3));
                 let (out, lse) = two(&mut outs);
-                match ins.get(4) {
-                    Some(end) => attention::forward_padded(
-                        *shape,
-                        x(0),
-                        x(1),
-                        x(2),
-                        segments,
-                        end.u32(),
-                        out,
-                        lse,
-                    ),
-                    None => attention::forward(*shape, x(0), x(1), x(2), segments, out, lse),
-                }
+                let qkv = [x(0), x(1), x(2)];
+                attention::forward_with(*shape, qkv, segments, key_end, sinks, out, lse);
             }
             Op::CachedAttention { shape, past } => {
                 let (out, rest) = outs.slots.split_at_mut(1);
@@ -686,7 +678,8 @@ impl Exec {
                 if let Slot::Empty = out[0] {
                     out[0] = Slot::F32(zeros(outs.lens[0]));
                 }
-                let first_key = ins.get(3).map(|s| s.u32());
+                let first_key = ins.get(shape.masks_at()).map(|s| s.u32());
+                let sinks = shape.sinks.then(|| x(3));
                 attention::forward_cached(
                     *shape,
                     *past,
@@ -694,6 +687,7 @@ impl Exec {
                     keys,
                     values,
                     first_key,
+                    sinks,
                     out[0].f32_mut(),
                 );
             }

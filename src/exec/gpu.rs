@@ -644,7 +644,12 @@ fn record_node(
             o(0),
         ),
         Op::Attention { shape } => {
-            let masks = (ins.get(3).map(|s| s.buf()), ins.get(4).map(|s| s.buf()));
+            let at = shape.masks_at();
+            let masks = (
+                ins.get(at).map(|s| s.buf()),
+                ins.get(at + 1).map(|s| s.buf()),
+                shape.sinks.then(|| x(3)),
+            );
             attention::record_forward(r, shape, [x(0), x(1), x(2)], masks, o(0), o(1));
         }
         Op::CachedAttention { shape, past } => attention::record_forward_cached(
@@ -652,7 +657,10 @@ fn record_node(
             shape,
             *past,
             [x(0), x(1), x(2)],
-            ins.get(3).map(|s| s.buf()),
+            (
+                ins.get(shape.masks_at()).map(|s| s.buf()),
+                shape.sinks.then(|| x(3)),
+            ),
             o(0),
             [o(1), o(2)],
         ),

@@ -276,11 +276,11 @@ pub enum Op {
     UniformNoise,
     /// [factors] -> [x]: row r of x [*, dim] *= factors[r], in place.
     ScaleRows { dim: usize },
-    /// [q, k, v (, first_key (, key_end))] -> [out, lse]: grouped-query attention; with `first_key`,
-    /// each token attends only inside its own example; with `key_end`, to none at or past its entry
-    /// (padding).
+    /// [q, k, v (, sinks) (, first_key (, key_end))] -> [out, lse]: grouped-query attention; with
+    /// `first_key`, each token attends only inside its own example; with `key_end`, to none at or
+    /// past its entry (padding); the sinks ([heads]) where `shape.sinks`.
     Attention { shape: AttentionShape },
-    /// [q, k, v (, first_key)] -> [out, cache_k, cache_v]: decoding. The T queries sit at positions
+    /// [q, k, v (, sinks) (, first_key)] -> [out, cache_k, cache_v]: decoding. The T queries sit at positions
     /// past..past+T; their keys and values are appended to the caches, which they attend over (from
     /// `first_key[t]` on, a sliding window's start, when given).
     CachedAttention { shape: AttentionShape, past: usize },

@@ -119,7 +119,7 @@ fn device_temporaries(graph: &Graph, node: &Node) -> Vec<usize> {
         false => vec![tokens],
     };
     match &node.op {
-        Op::Attention { shape } => first_key(shape.tokens, 3),
+        Op::Attention { shape } => first_key(shape.tokens, shape.masks_at()),
         // And each query head's share of dk and dv.
         Op::AttentionBackward { shape } => {
             let q = shape.tokens * shape.heads * shape.head_dim;
@@ -131,7 +131,7 @@ fn device_temporaries(graph: &Graph, node: &Node) -> Vec<usize> {
         Op::CachedAttention { shape, past } => {
             let positions = (past + shape.tokens).next_multiple_of(DECODE_STATS_STEP);
             [
-                first_key(shape.tokens, 3),
+                first_key(shape.tokens, shape.masks_at()),
                 vec![2 * shape.heads * positions],
             ]
             .concat()

@@ -739,6 +739,7 @@ impl Decoder<'_> {
             kv_heads: self.c.layers[l].kv_heads,
             head_dim: self.c.layers[l].head_dim,
             causal: true,
+            sinks: false,
         }
     }
 

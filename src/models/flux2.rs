@@ -925,6 +925,7 @@ impl Flux<'_> {
             kv_heads: self.c.heads,
             head_dim: self.c.head_dim,
             causal: false,
+            sinks: false,
         }
     }
 

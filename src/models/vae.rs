@@ -381,6 +381,7 @@ impl Encoder<'_> {
             kv_heads: 1,
             head_dim: channels,
             causal: false,
+            sinks: false,
         };
         self.b
             .node(Op::Attention { shape }, &[q, k, v], &[out, lse], false);

@@ -16,9 +16,17 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Each token sees the keys up to its own (decoders); otherwise every key (FLUX's joint attention).
     pub causal: bool,
+    /// A learned logit per query head that joins each row's softmax without a value (gpt-oss's
+    /// `sinks`): the forward's inputs hold them after v.
+    pub sinks: bool,
 }
 
 impl AttentionShape {
+    /// Where the forward's optional masks (first key, key end) start among its inputs.
+    pub fn masks_at(&self) -> usize {
+        3 + usize::from(self.sinks)
+    }
+
     fn group(&self) -> usize {
         self.heads / self.kv_heads
     }
@@ -132,27 +140,28 @@ pub fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    forward_after(s, 0, q, k, v, (segments, None), out, lse);
+    forward_after(s, 0, [q, k, v], (segments, None), None, out, lse);
 }
 
-/// `forward` where query t sees no key at or past `key_end[t]` (padding at the end of a sequence).
+/// `forward` where query t sees no key at or past `key_end[t]` (padding at the end of a sequence),
+/// and with `sinks` ([heads], where `s.sinks`) in each of a head's rows' softmax.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_padded(
+pub fn forward_with(
     s: AttentionShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    [q, k, v]: [&[f32]; 3],
     segments: Option<&[u32]>,
-    key_end: &[u32],
+    key_end: Option<&[u32]>,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    forward_after(s, 0, q, k, v, (segments, Some(key_end)), out, lse);
+    forward_after(s, 0, [q, k, v], (segments, key_end), sinks, out, lse);
 }
 
 /// Decoding with a KV cache: the T queries sit at positions past..past+T and k, v hold all past + T
 /// positions' keys and values ([past + T, kv_heads·d]). With `first_key`, query t sees no key before
 /// position first_key[t] (a sliding window).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_cached(
     s: AttentionShape,
     past: usize,
@@ -160,20 +169,19 @@ pub fn forward_cached(
     k: &[f32],
     v: &[f32],
     first_key: Option<&[u32]>,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let mut lse = vec![0f32; s.heads * s.tokens];
-    forward_after(s, past, q, k, v, (first_key, None), out, &mut lse);
+    forward_after(s, past, [q, k, v], (first_key, None), sinks, out, &mut lse);
 }
 
-#[allow(clippy::too_many_arguments)]
 fn forward_after(
     s: AttentionShape,
     past: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    [q, k, v]: [&[f32]; 3],
     (segments, key_end): (Option<&[u32]>, Option<&[u32]>),
+    sinks: Option<&[f32]>,
     out: &mut [f32],
     lse: &mut [f32],
 ) {
@@ -216,6 +224,17 @@ fn forward_after(
                     let seen = b.visible(i, (past, s.causal), (segments, key_end));
                     let max = fastmath::max(&row[seen.clone()]);
                     let sum = fastmath::exp_shifted_sum(&mut row[seen.clone()], max);
+                    let (max, sum) = match sinks {
+                        // The sink joins the denominator: exp(sink) beside the scores' exps, in
+                        // terms of the larger of the two maxima (a row that sees no key has only it).
+                        Some(sinks) => {
+                            let top = max.max(sinks[h]);
+                            let rescale = fastmath::exp(max - top);
+                            row[seen.clone()].iter_mut().for_each(|x| *x *= rescale);
+                            (top, sum * rescale + fastmath::exp(sinks[h] - top))
+                        }
+                        None => (max, sum),
+                    };
                     row[seen.clone()].iter_mut().for_each(|x| *x /= sum);
                     row[..seen.start].fill(0.0);
                     row[seen.end..].fill(0.0);
@@ -270,6 +289,8 @@ fn forward_after(
 }
 
 /// Gradients of q, k, v given d_out; `out` and `lse` are the forward's. dq, dk, dv are overwritten.
+/// Sinks need nothing here: the forward's lse counts them, and they carry no value, so each row's
+/// Σ_j p_j·dp_j is still d_out·out. (They are frozen: no gradient of their own.)
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     s: AttentionShape,
@@ -464,7 +485,8 @@ pub struct AttentionParams {
     pub causal: u32,
     /// 1 (forward only): query t sees no key at or past key_end[t].
     pub padded: u32,
-    pub _pad: u32,
+    /// 1 (forward only): each row's softmax has its head's sink.
+    pub sinks: u32,
 }
 
 fn gpu_params(shape: &AttentionShape) -> AttentionParams {
@@ -480,7 +502,7 @@ fn gpu_params(shape: &AttentionShape) -> AttentionParams {
         query_offset: 0,
         causal: shape.causal.into(),
         padded: 0,
-        _pad: 0,
+        sinks: 0,
     }
 }
 
@@ -515,12 +537,13 @@ fn first_key_table(r: &mut Recorder, given: Option<&GpuBuffer>, queries: usize) 
 
 /// The GPU lowering of `forward` (shaders/attention.wgsl): `stats` is [2, heads, tokens], each row's
 /// log-sum-exp and the forward's running denominator (which the backward replaces by delta).
-/// With `key_end`, query t sees no key at or past key_end[t].
+/// With `key_end`, query t sees no key at or past key_end[t]; with `sinks`, each row's softmax has
+/// its head's.
 pub(crate) fn record_forward(
     r: &mut Recorder,
     shape: &AttentionShape,
     [q, k, v]: [&GpuBuffer; 3],
-    (first_key, key_end): (Option<&GpuBuffer>, Option<&GpuBuffer>),
+    (first_key, key_end, sinks): (Option<&GpuBuffer>, Option<&GpuBuffer>, Option<&GpuBuffer>),
     out: &GpuBuffer,
     stats: &GpuBuffer,
 ) {
@@ -531,6 +554,7 @@ pub(crate) fn record_forward(
     for p in passes(r, shape, 2) {
         let p = AttentionParams {
             padded: key_end.is_some().into(),
+            sinks: sinks.is_some().into(),
             ..p
         };
         let b = [
@@ -539,6 +563,7 @@ pub(crate) fn record_forward(
             (3, v),
             (4, out),
             (5, stats),
+            (7, sinks.unwrap_or(dummy)),
             (10, &first_key),
             (11, key_end.unwrap_or(dummy)),
         ];
@@ -549,12 +574,13 @@ pub(crate) fn record_forward(
 
 /// The GPU lowering of `forward_cached`: the new tokens' keys and values are copied into the caches at
 /// position `past`, and their queries attend over all `past + tokens` cached positions.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn record_forward_cached(
     r: &mut Recorder,
     shape: &AttentionShape,
     past: usize,
     [q, k, v]: [&GpuBuffer; 3],
-    first_key: Option<&GpuBuffer>,
+    (first_key, sinks): (Option<&GpuBuffer>, Option<&GpuBuffer>),
     out: &GpuBuffer,
     [keys, values]: [&GpuBuffer; 2],
 ) {
@@ -574,6 +600,7 @@ pub(crate) fn record_forward_cached(
     for p in passes(r, &all, 2) {
         let p = AttentionParams {
             query_offset: past as u32,
+            sinks: sinks.is_some().into(),
             ..p
         };
         let b = [
@@ -582,6 +609,7 @@ pub(crate) fn record_forward_cached(
             (3, values),
             (4, out),
             (5, &stats),
+            (7, sinks.unwrap_or(r.dummy)),
             (10, &first_key),
             (11, r.dummy),
         ];
