@@ -7,7 +7,8 @@ struct ElementwiseParams {
     factor_bits: u32,
     // `sigmoid_gated_rows`: 1 adds into out0.
     accumulate: u32,
-    _pad2: u32,
+    // The clamped SwiGLU's limit, as bits (its alpha is `factor_bits`).
+    limit_bits: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: ElementwiseParams;
@@ -154,6 +155,42 @@ fn soft_cap(@builtin(global_invocation_id) id: vec3<u32>) {
     if (i < p.n) {
         let cap = bitcast<f32>(p.factor_bits);
         out0[i] = cap * tanh(clamp(out0[i] / cap, -10.0, 10.0));
+    }
+}
+
+// gpt-oss: out0 = (u + 1)·g·σ(alpha·g), g = min(a, limit), u = b within ±limit.
+@compute @workgroup_size(256)
+fn clamped_swiglu_forward(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        let alpha = bitcast<f32>(p.factor_bits);
+        let limit = bitcast<f32>(p.limit_bits);
+        let g = min(a[i], limit);
+        let u = clamp(b[i], -limit, limit);
+        out0[i] = (u + 1.0) * (g * sigmoid(alpha * g));
+    }
+}
+
+// c = dh: out0 = d gate, out1 = d up; the clamps pass the gradient within their bounds, inclusive.
+@compute @workgroup_size(256)
+fn clamped_swiglu_backward(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i < p.n) {
+        let alpha = bitcast<f32>(p.factor_bits);
+        let limit = bitcast<f32>(p.limit_bits);
+        let g = min(a[i], limit);
+        let u = clamp(b[i], -limit, limit);
+        let s = sigmoid(alpha * g);
+        var dg = 0.0;
+        if (a[i] <= limit) {
+            dg = c[i] * (u + 1.0) * s * (1.0 + alpha * g * (1.0 - s));
+        }
+        var du = 0.0;
+        if (abs(b[i]) <= limit) {
+            du = c[i] * g * s;
+        }
+        out0[i] = dg;
+        out1[i] = du;
     }
 }
 

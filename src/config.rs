@@ -144,11 +144,29 @@ pub enum RopeScaling {
 }
 
 /// The activation of the MLP's gate: h = act(gate) ⊙ up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum GateActivation {
     Silu,
     /// PyTorch's `gelu(x, approximate="tanh")` (Gemma's `gelu_pytorch_tanh`).
     GeluTanh,
+    /// gpt-oss's experts: h = (u + 1)·g·σ(alpha·g) with g = min(gate, limit) and u = up clamped to
+    /// ±limit (`swiglu_alpha`, `swiglu_limit`).
+    ClampedSwiglu {
+        alpha: f32,
+        limit: f32,
+    },
+}
+
+// The constants are finite numbers from a config (checked where it is read): equal as bits.
+impl Eq for GateActivation {}
+
+impl std::hash::Hash for GateActivation {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        if let GateActivation::ClampedSwiglu { alpha, limit } = self {
+            (alpha.to_bits(), limit.to_bits()).hash(state);
+        }
+    }
 }
 
 /// Every `model_type` nibble reads, in words, for the error that refuses another.

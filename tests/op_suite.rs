@@ -692,6 +692,26 @@ fn cases(model: &Model) -> Vec<Case> {
     let padded = cases.out.last_mut().expect("just added");
     padded.inputs.first_key = vec![0; t];
     padded.inputs.key_end = (0..t).map(|p| if p + 3 < t { 21 } else { 0 }).collect();
+    // gpt-oss's, its inputs spread past the clamps.
+    let act = GateActivation::ClampedSwiglu {
+        alpha: 1.702,
+        limit: 7.0,
+    };
+    cases.case("clamped SwiGLU gate and its backward", |b, g| {
+        let (gate, up, dh) = (
+            g.add(b, "gate", t * i, 7.0),
+            g.add(b, "up", t * i, 7.0),
+            g.add(b, "dh", t * i, 1.0),
+        );
+        let (hh, dgate, dup) = (
+            b.output("h", t * i),
+            b.output("dgate", t * i),
+            b.output("dup", t * i),
+        );
+        b.node(Op::Glu { act }, &[gate, up], &[hh], false);
+        let op = Op::GluBackward { act };
+        b.node(op, &[gate, up, dh], &[dgate, dup], false);
+    });
     // Every other labelled position's hidden state points along its label's head row, so that its
     // label ranks first (the losses' top-1 column is then not all zeros).
     let mut row = vec![0f32; h];

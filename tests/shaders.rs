@@ -176,7 +176,8 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
             layout!(Dims4 {
                 n: a as u32,
                 factor_bits: b as u32,
-                accumulate: c as u32
+                accumulate: c as u32,
+                limit_bits: d as u32
             }),
         ),
         ("bf16", "Bf16Params", layout!(Dims4 { n: a as u32 })),

@@ -99,6 +99,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         match c.gate_activation {
             GateActivation::Silu => "SwiGLU MLP",
             GateActivation::GeluTanh => "GeGLU MLP (gelu tanh)",
+            GateActivation::ClampedSwiglu { .. } => "clamped SwiGLU MLP (gpt-oss)",
         }
         .to_string(),
     ];

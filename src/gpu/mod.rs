@@ -89,6 +89,8 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("unpack_bf16", "bf16"),
     ("add_assign", "elementwise"),
     ("swiglu_forward", "elementwise"),
+    ("clamped_swiglu_forward", "elementwise"),
+    ("clamped_swiglu_backward", "elementwise"),
     ("swiglu_backward", "elementwise"),
     ("geglu_forward", "elementwise"),
     ("geglu_backward", "elementwise"),

@@ -1,5 +1,5 @@
 //! The gated MLP activations, elementwise: h = act(gate) ⊙ up, with act silu (SwiGLU: Llama, Qwen,
-//! FLUX.2) or PyTorch's tanh-approximated GELU (GeGLU: Gemma). Also `scale`, the in-place
+//! FLUX.2), PyTorch's tanh-approximated GELU (GeGLU: Gemma) or gpt-oss's clamped SwiGLU. Also `scale`, the in-place
 //! multiplication by a constant (Gemma's embedding scale and query scale), `scale_rows`, by a factor
 //! per row (Ministral 3's query scale at each position), and `sigmoid_gated_rows`, by the sigmoid of
 //! one per row (Qwen2-MoE's shared expert).
@@ -41,6 +41,12 @@ fn gelu_tanh_with_slope(x: f32) -> (f32, f32) {
     (left * right, slope)
 }
 
+/// gpt-oss's gate and up, clamped: (min(g, limit), up within ±limit).
+#[inline(always)]
+fn clamped(g: f32, u: f32, limit: f32) -> (f32, f32) {
+    (g.min(limit), u.clamp(-limit, limit))
+}
+
 /// h = act(gate) ⊙ up.
 pub fn forward(act: GateActivation, gate: &[f32], up: &[f32], h: &mut [f32]) {
     assert!(
@@ -63,10 +69,17 @@ pub fn forward(act: GateActivation, gate: &[f32], up: &[f32], h: &mut [f32]) {
                     *h = gelu_tanh(g) * u;
                 }
             }
+            GateActivation::ClampedSwiglu { alpha, limit } => {
+                for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+                    let (g, u) = clamped(g, u, limit);
+                    *h = (u + 1.0) * (g * sigmoid(alpha * g));
+                }
+            }
         });
 }
 
-/// d gate = dh·u·act'(g), d up = dh·act(g); silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+/// d gate = dh·u·act'(g), d up = dh·act(g); silu'(g) = σ(g)·(1 + g·(1 − σ(g))). The clamps pass
+/// the gradient where the input lies within them, bounds included, as PyTorch's `clamp` does.
 pub fn backward(
     act: GateActivation,
     gate: &[f32],
@@ -110,6 +123,19 @@ pub fn backward(
                         *du = dh * value;
                     }
                 }
+                GateActivation::ClampedSwiglu { alpha, limit } => {
+                    for ((((dg, du), &g), &u), &dh) in each {
+                        let (gc, uc) = clamped(g, u, limit);
+                        let s = sigmoid(alpha * gc);
+                        let slope = s * (1.0 + alpha * gc * (1.0 - s));
+                        *dg = if g <= limit {
+                            dh * (uc + 1.0) * slope
+                        } else {
+                            0.0
+                        };
+                        *du = if u.abs() <= limit { dh * gc * s } else { 0.0 };
+                    }
+                }
             }
         });
 }
@@ -120,6 +146,21 @@ fn entry(act: GateActivation, backward: bool) -> &'static str {
         (GateActivation::Silu, true) => "swiglu_backward",
         (GateActivation::GeluTanh, false) => "geglu_forward",
         (GateActivation::GeluTanh, true) => "geglu_backward",
+        (GateActivation::ClampedSwiglu { .. }, false) => "clamped_swiglu_forward",
+        (GateActivation::ClampedSwiglu { .. }, true) => "clamped_swiglu_backward",
+    }
+}
+
+/// The elementwise kernels' uniform for `act` over n elements: gpt-oss's alpha and limit as bits.
+fn params(act: GateActivation, n: usize) -> Dims4 {
+    match act {
+        GateActivation::ClampedSwiglu { alpha, limit } => Dims4 {
+            a: n as u32,
+            b: alpha.to_bits(),
+            c: 0,
+            d: limit.to_bits(),
+        },
+        _ => Dims4::n(n),
     }
 }
 
@@ -133,7 +174,7 @@ pub(crate) fn record_forward(
 ) {
     let n = h.len;
     let b = [(1, gate), (2, up), (3, h)];
-    r.dispatch(entry(act, false), &Dims4::n(n), &b, groups_1d(n, 256));
+    r.dispatch(entry(act, false), &params(act, n), &b, groups_1d(n, 256));
 }
 
 /// The GPU lowering of `backward`.
@@ -146,7 +187,7 @@ pub(crate) fn record_backward(
 ) {
     let n = dh.len;
     let b = [(1, gate), (2, up), (3, dgate), (4, dup), (5, dh)];
-    r.dispatch(entry(act, true), &Dims4::n(n), &b, groups_1d(n, 256));
+    r.dispatch(entry(act, true), &params(act, n), &b, groups_1d(n, 256));
 }
 
 /// y = σ(g[r]) · s[r, ·] for each row r of s [rows, dim] (added into y with `accumulate`):
