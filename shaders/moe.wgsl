@@ -55,6 +55,18 @@ fn expert_of(row: u32) -> u32 {
     return sorted[p.experts + 1u + 2u * slots() + row];
 }
 
+// dst [slots, out] += each sorted row's expert's bias, entries row_offset.. of its row of src
+// [experts, width] (gpt-oss's experts).
+@compute @workgroup_size(256)
+fn moe_add_bias(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = flat_index(id);
+    if (i >= slots() * p.out) {
+        return;
+    }
+    let row = i / p.out;
+    dst[i] += src[expert_of(row) * p.width + p.row_offset + i % p.out];
+}
+
 // Where sorted row `row` of the operand lies in src: its token's row when gathering from x.
 fn input_row(row: u32) -> u32 {
     if (p.gather == 1u) {

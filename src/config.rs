@@ -386,6 +386,7 @@ impl MoeConfig {
             top_k: self.top_k,
             hidden,
             inter: self.inter,
+            biased: false,
         }
     }
 }

@@ -887,7 +887,7 @@ fn moe_model(quant: bool) -> Model {
 /// without and with LoRA pairs on both stacks, forward and backward; every output written once and
 /// then accumulated into, as a graph may (the pairs' gradients always are).
 fn moe_cases(model: &Model) -> Vec<Case> {
-    use nibble::ops::moe::MoeLora;
+    use nibble::ops::moe::{MoeLora, MoeShape};
     let c = &model.config;
     let m = c.moe.as_ref().unwrap();
     let shape = m.shape(c.hidden_size);
@@ -931,11 +931,17 @@ fn moe_cases(model: &Model) -> Vec<Case> {
         gate_up: Some((4, 0.7)),
         down: Some((2, 1.3)),
     };
-    for (what, lora) in [
-        ("without LoRA", MoeLora::default()),
-        ("with pairs", adapted),
+    // The last: gpt-oss's experts, biased, their SwiGLU clamped.
+    for (what, lora, gpt_oss) in [
+        ("without LoRA", MoeLora::default(), false),
+        ("with pairs", adapted, false),
+        ("with biases, clamped SwiGLU and pairs", adapted, true),
     ] {
         let name = format!("moe experts {what}, forward and backward accumulated");
+        let shape = MoeShape {
+            biased: gpt_oss,
+            ..shape
+        };
         cases.case(&name, |b, g| {
             let x = g.add(b, "x", t * h, 1.0);
             let logits = g.add(b, "logits", t * e, 1.0);
@@ -957,9 +963,23 @@ fn moe_cases(model: &Model) -> Vec<Case> {
                     pairs.push(g.add(b, &format!("B {s}"), out * rank * e, 0.3));
                 }
             }
-            let act = GateActivation::Silu;
+            let act = match gpt_oss {
+                true => GateActivation::ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 7.0,
+                },
+                false => GateActivation::Silu,
+            };
+            let biases = match gpt_oss {
+                true => vec![
+                    g.add(b, "gate_up bias", e * 2 * i, 4.0),
+                    g.add(b, "down bias", e * h, 1.0),
+                ],
+                false => Vec::new(),
+            };
             let y = written(b, g, "y", t * h);
             let mut inputs = vec![x, routes, weights, gate_up, down];
+            inputs.extend(&biases);
             inputs.extend(&pairs);
             b.node(Op::MoeExperts { shape, act, lora }, &inputs, &[y], true);
             let dx = written(b, g, "dx", t * h);
@@ -969,6 +989,7 @@ fn moe_cases(model: &Model) -> Vec<Case> {
                 outputs.push(written(b, g, &format!("grad {n}"), b.len(pair)));
             }
             let mut inputs = vec![x, routes, weights, gate_up, down, dy];
+            inputs.extend(&biases);
             inputs.extend(&pairs);
             let op = Op::MoeExpertsBackward { shape, act, lora };
             b.node(op, &inputs, &outputs, true);
@@ -987,7 +1008,7 @@ fn moe_ops_agree_on_both_executors() {
         let model = moe_model(quant);
         let gm = GpuModel::upload(&gpu, &model).unwrap();
         let cases = moe_cases(&model);
-        assert_eq!(cases.len(), 4);
+        assert_eq!(cases.len(), 5);
         for case in &cases {
             worst = worst.max(compare(&gpu, (&model, &gm), case, quant).1);
         }

@@ -1799,7 +1799,24 @@ fn moe_experts64(
     (gate_up, down): (&[f64], &[f64]),
     s: &nibble::ops::moe::MoeShape,
 ) -> Vec<f64> {
+    let swiglu = |g: f64, u: f64| silu(g) * u;
+    moe_experts64_with(x, routes, weights, (gate_up, down), (None, &swiglu), s)
+}
+
+/// `moe_experts64` with biases on each expert's projections (gate_up's [experts, 2·inter], down's
+/// [experts, hidden]) and the gated activation `act(gate, up)`.
+#[allow(clippy::type_complexity)]
+fn moe_experts64_with(
+    x: &[f64],
+    routes: &[u32],
+    weights: &[f64],
+    (gate_up, down): (&[f64], &[f64]),
+    (biases, act): (Option<(&[f64], &[f64])>, &dyn Fn(f64, f64) -> f64),
+    s: &nibble::ops::moe::MoeShape,
+) -> Vec<f64> {
     let (h, i, k) = (s.hidden, s.inter, s.top_k);
+    let bias = |b: Option<&[f64]>, at: usize| b.map_or(0.0, |b| b[at]);
+    let (gate_up_bias, down_bias) = (biases.map(|b| b.0), biases.map(|b| b.1));
     let dot = |row: &[f64], x: &[f64]| row.iter().zip(x).map(|(w, x)| w * x).sum::<f64>();
     let mut y = vec![0f64; x.len()];
     for (t, xt) in x.chunks(h).enumerate() {
@@ -1807,13 +1824,16 @@ fn moe_experts64(
             let e = routes[t * k + j] as usize;
             let gated: Vec<f64> = (0..i)
                 .map(|c| {
-                    let g = dot(&gate_up[(e * 2 * i + c) * h..][..h], xt);
-                    let u = dot(&gate_up[(e * 2 * i + i + c) * h..][..h], xt);
-                    silu(g) * u
+                    let g = dot(&gate_up[(e * 2 * i + c) * h..][..h], xt)
+                        + bias(gate_up_bias, e * 2 * i + c);
+                    let u = dot(&gate_up[(e * 2 * i + i + c) * h..][..h], xt)
+                        + bias(gate_up_bias, e * 2 * i + i + c);
+                    act(g, u)
                 })
                 .collect();
             for o in 0..h {
-                y[t * h + o] += weights[t * k + j] * dot(&down[(e * h + o) * i..][..i], &gated);
+                let out = dot(&down[(e * h + o) * i..][..i], &gated) + bias(down_bias, e * h + o);
+                y[t * h + o] += weights[t * k + j] * out;
             }
         }
     }
@@ -1854,6 +1874,7 @@ fn moe_routing_and_experts_match_references() {
         top_k: 2,
         hidden: 64,
         inter: 32,
+        biased: false,
     };
     let (e, k, h) = (shape.experts, shape.top_k, shape.hidden);
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
@@ -1866,6 +1887,7 @@ fn moe_routing_and_experts_match_references() {
         let experts = &moe::Experts {
             gate_up: &gate_up,
             down: &down,
+            biases: None,
             act: GateActivation::Silu,
             gate_up_lora: None,
             down_lora: None,
@@ -1887,6 +1909,7 @@ fn moe_routing_and_experts_match_references() {
     let weights_of = &moe::Experts {
         gate_up: &gate_up,
         down: &down,
+        biases: None,
         act: GateActivation::Silu,
         gate_up_lora: None,
         down_lora: None,
@@ -2024,6 +2047,104 @@ fn merged_experts64(
     w
 }
 
+/// gpt-oss's experts: biases on each expert's projections and the clamped SwiGLU, on NF4 experts
+/// against the f64 reference (biases large enough that some gates and ups pass the clamps), and the
+/// gradients into the input and the routing weights against finite differences of it.
+#[test]
+fn experts_with_biases_and_the_clamped_swiglu_match_references() {
+    use nibble::ops::moe::{self, MoeShape};
+    let mut rng = Rng::new(42);
+    let shape = MoeShape {
+        experts: 4,
+        top_k: 2,
+        hidden: 32,
+        inter: 32,
+        biased: true,
+    };
+    let (e, k, h, i) = (shape.experts, shape.top_k, shape.hidden, shape.inter);
+    let (alpha, limit) = (1.702f32, 7.0f32);
+    let act = GateActivation::ClampedSwiglu { alpha, limit };
+    let act64 = |g: f64, u: f64| {
+        let (a, l) = (alpha as f64, limit as f64);
+        let g = g.min(l);
+        (u.clamp(-l, l) + 1.0) * g / (1.0 + (-a * g).exp())
+    };
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let ((gate_up, gu64), (down, down64)) = random_nf4_experts(&shape, 0.5, &mut rng);
+    let (gate_up_bias, down_bias) = (
+        random(e * 2 * i, 4.0, &mut rng),
+        random(e * h, 1.0, &mut rng),
+    );
+    let experts = moe::Experts {
+        gate_up: &gate_up,
+        down: &down,
+        biases: Some([&gate_up_bias, &down_bias]),
+        act,
+        gate_up_lora: None,
+        down_lora: None,
+    };
+    let tokens = 9;
+    let logits = random(tokens * e, 1.5, &mut rng);
+    let (mut routes, mut weights) = (vec![0u32; tokens * k], vec![0f32; tokens * k]);
+    moe::route(&logits, &shape, true, &mut routes, &mut weights);
+    let x = random(tokens * h, 1.0, &mut rng);
+    let biases64 = (to64(&gate_up_bias), to64(&down_bias));
+    let reference = |x: &[f64], w: &[f64]| {
+        let biases = Some((&biases64.0[..], &biases64.1[..]));
+        moe_experts64_with(x, &routes, w, (&gu64, &down64), (biases, &act64), &shape)
+    };
+    let mut y = vec![0f32; tokens * h];
+    moe::forward(
+        &x,
+        &routes,
+        &weights,
+        &experts,
+        &shape,
+        &mut y,
+        false,
+        Precision::F32,
+    );
+    let want = reference(&to64(&x), &to64(&weights));
+    let err = rel_err(&y, &want);
+    assert!(err < 1e-6, "gpt-oss experts' output: {err:e}");
+    let unbiased = moe_experts64(
+        &to64(&x),
+        &routes,
+        &to64(&weights),
+        (&gu64, &down64),
+        &shape,
+    );
+    assert!(
+        rel_err(&y, &unbiased) > 0.1,
+        "the biases and the clamps count"
+    );
+
+    let dy = random(tokens * h, 1.0, &mut rng);
+    let (mut dx, mut dw) = (vec![0f32; tokens * h], vec![0f32; tokens * k]);
+    let outs = (&mut dx[..], &mut dw[..]);
+    moe::backward(
+        &x,
+        &routes,
+        &weights,
+        &experts,
+        &shape,
+        &dy,
+        outs,
+        [None, None],
+        false,
+        Precision::F32,
+    );
+    let fd = finite_diff(&x, &dy, |x| reference(x, &to64(&weights)));
+    let err = rel_err(&dx, &fd);
+    assert!(err < 3e-6, "gpt-oss experts' input gradient: {err:e}");
+    let fd = finite_diff(&weights, &dy, |w| reference(&to64(&x), w));
+    let err = rel_err(&dw, &fd);
+    assert!(
+        err < 3e-6,
+        "gpt-oss experts' routing weights' gradient: {err:e}"
+    );
+}
+
 /// LoRA on a mixture of experts' stacked weights (PEFT's `target_parameters`), each stack its own
 /// rank and scale: the output against the f64 experts with every expert's weight merged, and the
 /// gradients of both pairs, the input and the routing weights against finite differences of that
@@ -2038,6 +2159,7 @@ fn expert_lora_matches_the_merged_experts_and_finite_differences() {
         top_k: 2,
         hidden: 32,
         inter: 32,
+        biased: false,
     };
     let (e, k, h, i) = (shape.experts, shape.top_k, shape.hidden, shape.inter);
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
@@ -2056,6 +2178,7 @@ fn expert_lora_matches_the_merged_experts_and_finite_differences() {
     let experts = moe::Experts {
         gate_up: &gate_up,
         down: &down,
+        biases: None,
         act: GateActivation::Silu,
         gate_up_lora: Some(ExpertPairs {
             a: &a_gu,

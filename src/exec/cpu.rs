@@ -613,12 +613,12 @@ impl Exec {
                 moe::route_backward(x(0), routes, dw, shape, *normalize, outs.get(0), acc);
             }
             Op::MoeExperts { shape, act, lora } => {
-                let experts = moe_experts(&ins, 5, (*act, lora), shape);
+                let experts = moe_experts(&ins, 4, (*act, lora), shape);
                 let (routes, y) = (ins[1].u32(), outs.get(0));
                 moe::forward(x(0), routes, x(2), &experts, shape, y, acc, self.precision);
             }
             Op::MoeExpertsBackward { shape, act, lora } => {
-                let experts = moe_experts(&ins, 6, (*act, lora), shape);
+                let experts = moe_experts(&ins, 5, (*act, lora), shape);
                 let mut outs = every(&mut outs).into_iter();
                 let (dx, dw) = (outs.next().expect("dx"), outs.next().expect("d_weights"));
                 let grads = lora.stacks().map(|stack| {
@@ -845,11 +845,11 @@ fn dropout_params(n: usize, seed: &[u32], stream: u32, p: f32) -> DropoutParams 
 /// has from input `first_pair` on.
 fn moe_experts<'i>(
     ins: &[&'i Slot<'_>],
-    first_pair: usize,
+    after: usize,
     (act, lora): (GateActivation, &moe::MoeLora),
     shape: &moe::MoeShape,
 ) -> moe::Experts<'i> {
-    let mut next = first_pair;
+    let mut next = shape.pairs_at(after);
     let [gate_up_lora, down_lora] = lora.stacks().map(|stack| {
         stack.map(|(rank, scale)| {
             let pairs = moe::ExpertPairs {
@@ -866,6 +866,9 @@ fn moe_experts<'i>(
     moe::Experts {
         gate_up: ins[3].linear(),
         down: ins[4].linear(),
+        biases: shape
+            .biased
+            .then(|| [ins[after + 1].f32(), ins[after + 2].f32()]),
         act,
         gate_up_lora,
         down_lora,

@@ -385,10 +385,11 @@ impl<'a> Outs<'a, '_> {
 /// has from input `first_pair` on.
 fn gpu_experts<'i>(
     ins: &[&'i Slot],
-    first_pair: usize,
+    after: usize,
     (act, lora): (crate::config::GateActivation, &moe::MoeLora),
+    shape: &moe::MoeShape,
 ) -> moe::GpuExperts<'i> {
-    let mut next = first_pair;
+    let mut next = shape.pairs_at(after);
     let [gate_up_lora, down_lora] = lora.stacks().map(|stack| {
         stack.map(|(rank, scale)| {
             let pairs = moe::GpuExpertPairs {
@@ -404,6 +405,9 @@ fn gpu_experts<'i>(
     moe::GpuExperts {
         gate_up: ins[3].linear(),
         down: ins[4].linear(),
+        biases: shape
+            .biased
+            .then(|| [ins[after + 1].buf(), ins[after + 2].buf()]),
         act,
         gate_up_lora,
         down_lora,
@@ -718,11 +722,11 @@ fn record_node(
             moe::record_route_backward(r, (shape, *normalize), ins, o(0), acc)
         }
         Op::MoeExperts { shape, act, lora } => {
-            let experts = gpu_experts(&ins, 5, (*act, lora));
+            let experts = gpu_experts(&ins, 4, (*act, lora), shape);
             moe::record_forward(r, [x(0), x(1), x(2)], &experts, shape, (o(0), acc))
         }
         Op::MoeExpertsBackward { shape, act, lora } => {
-            let experts = gpu_experts(&ins, 6, (*act, lora));
+            let experts = gpu_experts(&ins, 5, (*act, lora), shape);
             let mut grads = (2..node.outputs.len()).step_by(2).map(|i| (o(i), o(i + 1)));
             let grads = lora.stacks().map(|stack| stack.and_then(|_| grads.next()));
             let ins = [x(0), x(1), x(2), x(5)];

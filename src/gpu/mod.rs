@@ -144,6 +144,7 @@ const ENTRY_POINTS: &[(&str, &str)] = &[
     ("moe_sort", "moe"),
     ("moe_lora_project", "moe"),
     ("moe_lora_expand", "moe"),
+    ("moe_add_bias", "moe"),
     ("moe_lora_back_xa", "moe"),
     ("moe_lora_grad_b", "moe"),
     ("moe_lora_grad_a", "moe"),

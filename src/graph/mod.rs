@@ -393,15 +393,17 @@ pub enum Op {
         shape: crate::ops::moe::MoeShape,
         normalize: bool,
     },
-    /// [x, routes, weights, gate_up, down (, gate_up's A, B)(, down's A, B)] -> [y]: the routed
-    /// experts' gated MLPs, mixed by the weights (`ops::moe::forward`; the experts' weights stacked,
-    /// frozen), with LoRA pairs on the stacks `lora` adapts.
+    /// [x, routes, weights, gate_up, down (, gate_up's bias, down's bias) (, gate_up's A, B)(, down's
+    /// A, B)] -> [y]: the routed experts' gated MLPs, mixed by the weights (`ops::moe::forward`; the
+    /// experts' weights stacked, frozen; their biases where `shape.biased`), with LoRA pairs on the
+    /// stacks `lora` adapts.
     MoeExperts {
         shape: crate::ops::moe::MoeShape,
         act: crate::config::GateActivation,
         lora: crate::ops::moe::MoeLora,
     },
-    /// [x, routes, weights, gate_up, down, dy (, the pairs as `MoeExperts` takes them)] -> [dx,
+    /// [x, routes, weights, gate_up, down, dy (, the biases and the pairs as `MoeExperts` takes
+    /// them)] -> [dx,
     /// d_weights (, the pairs' gradients: A, B of each)], each expert's activations recomputed; the
     /// pairs' gradients are added to whatever `accumulate` says, which applies to dx alone (d_weights
     /// is written).

@@ -49,6 +49,9 @@ impl MoeLora {
 pub struct Experts<'a> {
     pub gate_up: &'a LinearWeight,
     pub down: &'a LinearWeight,
+    /// Where `MoeShape::biased`: gate_up's biases [experts, 2·inter] (each expert's gate's, then its
+    /// up's) and down's [experts, hidden].
+    pub biases: Option<[&'a [f32]; 2]>,
     pub act: GateActivation,
     pub gate_up_lora: Option<ExpertPairs<'a>>,
     pub down_lora: Option<ExpertPairs<'a>>,
@@ -197,9 +200,18 @@ pub struct MoeShape {
     pub hidden: usize,
     /// Each expert's intermediate width.
     pub inter: usize,
+    /// Each expert's projections add biases (gpt-oss): the experts' inputs hold them after the
+    /// stacked weights (after dy in the backward's).
+    pub biased: bool,
 }
 
 impl MoeShape {
+    /// Where the LoRA pairs start among the experts' inputs, the stacked weights' or dy's index
+    /// `after` before them.
+    pub fn pairs_at(&self, after: usize) -> usize {
+        after + 1 + 2 * usize::from(self.biased)
+    }
+
     /// Expert e's gate rows of the stacked gate/up weight; its up rows follow.
     fn gate_rows(&self, e: usize) -> (usize, usize) {
         (e * 2 * self.inter, self.inter)
@@ -380,6 +392,12 @@ fn gated(
     linear::forward_rows_packed(xe, packed.as_ref(), gate_up, rows, &mut gate, precision);
     let rows = shape.up_rows(e);
     linear::forward_rows_packed(xe, packed.as_ref(), gate_up, rows, &mut up, precision);
+    if let Some([bias, _]) = experts.biases {
+        let own = &bias[e * 2 * shape.inter..][..2 * shape.inter];
+        let (gate_bias, up_bias) = own.split_at(shape.inter);
+        add_bias(&mut gate, gate_bias);
+        add_bias(&mut up, up_bias);
+    }
     let mut gate_up_xa = Vec::new();
     if let Some(lora) = &experts.gate_up_lora {
         gate_up_xa = lora.project(e, xe, shape.hidden);
@@ -394,6 +412,13 @@ fn gated(
         up,
         hidden,
         gate_up_xa,
+    }
+}
+
+/// Each row of y += bias.
+fn add_bias(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
     }
 }
 
@@ -417,6 +442,9 @@ fn expert_output(
         &mut ye,
         precision,
     );
+    if let Some([_, bias]) = experts.biases {
+        add_bias(&mut ye, &bias[e * shape.hidden..][..shape.hidden]);
+    }
     let mut down_xa = Vec::new();
     if let Some(lora) = &experts.down_lora {
         down_xa = lora.project(e, &r.hidden, shape.inter);
@@ -644,6 +672,8 @@ pub(crate) fn record_route_backward(
 pub(crate) struct GpuExperts<'a> {
     pub gate_up: &'a GpuLinear,
     pub down: &'a GpuLinear,
+    /// As `Experts::biases`.
+    pub biases: Option<[&'a GpuBuffer; 2]>,
     pub act: GateActivation,
     pub gate_up_lora: Option<GpuExpertPairs<'a>>,
     pub down_lora: Option<GpuExpertPairs<'a>>,
@@ -805,6 +835,9 @@ fn recompute(
             rows: i,
         };
         linear::record_expert_forward(r, experts.gate_up, (x, shape.top_k), &rows, projection, y);
+        if let Some([bias, _]) = experts.biases {
+            add_expert_bias(r, (bias, 2 * i, offset), (&sorted, tokens), shape, (y, i));
+        }
     }
     let gate_up_xa = branch(experts.gate_up_lora, shape, tokens).map(|b| {
         let xa = b.project(r, (x, true), &sorted, h);
@@ -821,6 +854,9 @@ fn recompute(
         rows: h,
     };
     linear::record_expert_forward(r, experts.down, (&hidden, 0), &rows, projection, &output);
+    if let Some([_, bias]) = experts.biases {
+        add_expert_bias(r, (bias, h, 0), (&sorted, tokens), shape, (&output, h));
+    }
     let down_xa = branch(experts.down_lora, shape, tokens).map(|b| {
         let xa = b.project(r, (&hidden, false), &sorted, i);
         b.expand(r, &xa, &sorted, (0, h), &output);
@@ -835,6 +871,26 @@ fn recompute(
         output,
         down_xa,
     }
+}
+
+/// y [slots, width] += each sorted row's expert's bias: the `width` entries from `offset` of its row
+/// of `bias` [experts, stride].
+fn add_expert_bias(
+    r: &mut Recorder,
+    (bias, stride, offset): (&GpuBuffer, usize, usize),
+    (sorted, tokens): (&GpuBuffer, usize),
+    shape: &MoeShape,
+    (y, width): (&GpuBuffer, usize),
+) {
+    let p = MoeParams {
+        width: stride as u32,
+        out: width as u32,
+        row_offset: offset as u32,
+        ..MoeParams::new(shape, tokens)
+    };
+    let b = [(1, bias), (2, sorted), (7, y)];
+    let n = tokens * shape.top_k * width;
+    r.dispatch("moe_add_bias", &p, &b, groups_1d(n, 256));
 }
 
 /// The GPU lowering of `forward`: the slots sorted by expert, each expert's rows through its gated
