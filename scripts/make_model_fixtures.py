@@ -6,16 +6,25 @@ LongRoPE, a sliding window) and Gemma 3 (sliding and full layers with their own 
 beside it, whose head never caps), Ministral 3 (YaRN, queries scaled up every 4 positions) and the
 multimodal Mistral 3 holding it (untied head)), Gemma 4 (31B's layout: plain-w and v norms, wider heads
 on the full layers with values from k_proj and proportional RoPE, a scalar per layer; and multimodal;
-and E2B's layout: per-layer inputs, layers sharing keys and values, double-wide MLPs)
+and E2B's layout: per-layer inputs, layers sharing keys and values, double-wide MLPs), the mixtures of
+experts Qwen3-MoE, Mixtral and Qwen2-MoE, and gpt-oss (biased attention with sinks, a sliding and a full
+layer, YaRN, biased experts stored [experts, in, out] with gate and up interleaved, the clamped SwiGLU)
 models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
 logits, loss and LoRA gradients transformers + peft compute for one labelled sequence, with the base
 weights unquantized and with NF4 (group 64) emulated exactly (bitsandbytes quantize -> dequantize).
 
 Run from the repository root with a virtualenv holding torch, transformers, peft and bitsandbytes:
     python scripts/make_model_fixtures.py [name ...]
+
+gpt_oss_mxfp4 (not in `models`: written from the gpt_oss fixture, after it when both run, and by
+`python scripts/make_model_fixtures.py gpt_oss_mxfp4` alone) is the same gpt-oss checkpoint with its
+experts stored as the hub stores them, in MXFP4 (each weight's blocks and scales, quantization_config in
+config.json): the expert weights transformers dequantizes from it on the CPU and the logits it computes
+with them, no adapter.
 """
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -23,8 +32,9 @@ import transformers
 import peft
 from bitsandbytes.functional import quantize_4bit, dequantize_4bit
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import (Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig,
+                          GptOssConfig, GptOssForCausalLM,
                           Ministral3Config, Ministral3ForCausalLM, Mistral3Config, Mistral3ForConditionalGeneration,
                           Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           LlamaConfig, LlamaForCausalLM, MinistralConfig, MinistralForCausalLM, MistralConfig,
@@ -139,8 +149,25 @@ models["qwen2_moe"] = (Qwen2MoeForCausalLM, Qwen2MoeConfig(
     **{**common, "num_hidden_layers": 3}, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
     shared_expert_intermediate_size=192, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1,
     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+# gpt-oss (20b's layout): biased q/k/v/o, a learned sink logit per query head (std 1, set below, so that
+# they move the logits: at 0.1 a sink is one more key of score about 0), a sliding layer (window 4) and a
+# full one, YaRN x4 past 64 positions (factor = max positions / original ones, as the hub's 32 = 131072 /
+# 4096; frequency 0 kept, 1 on the fractional ramp that truncate off leaves (x0.52; x0.625 if truncated),
+# 2..7 divided by 4, q and k scaled by 1 + 0.1·ln 4), 4 experts of width 64, 2 per token (softmax over the
+# two chosen router logits, the router biased), stored [experts, in, out] with gate and up interleaved, each
+# with a bias, and the clamped SwiGLU (up + 1)·g·σ(1.702·g), g = min(gate, limit), up in ±limit: with
+# std-0.1 weights gate and up reach about ±3, so a limit of 0.8 clamps about 1 gate in 6 and 1 up in 3.
+# PEFT's all-linear adapts q/k/v/o only (the router is no nn.Linear); the experts are target_parameters.
+models["gpt_oss"] = (GptOssForCausalLM, GptOssConfig(
+    **{**common, "intermediate_size": 64}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+    sliding_window=4, layer_types=["sliding_attention", "full_attention"], attention_bias=True,
+    swiglu_limit=0.8, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}))
 MULTIMODAL = ("gemma3", "mistral3", "gemma4")
 MOE = ("qwen3_moe", "mixtral", "qwen2_moe")
+# Experts transformers holds [experts, in, out] (x @ W): nibble holds them [experts, out, in] as the others.
+TRANSPOSED_EXPERTS = ("gpt_oss",)
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # What nibble packs in 4 bits beside the linears: a mixture-of-experts layer's stacked experts
 # ([experts, rows, cols]; groups of 64 run along each row as nibble's do).
@@ -162,6 +189,10 @@ def write_expected(name, cls, config, folder, **load):
     targets = FUSED_TARGETS if name == "phi3" else TARGETS + PLE_TARGETS if name == "gemma4_e2b" else TARGETS
     # nibble packs every decoder linear, the shared expert's gate too.
     quantized = targets + ["shared_expert_gate"] if name == "qwen2_moe" else targets
+    if name == "gpt_oss":
+        # The router (no nn.Linear), sinks, biases and norms stay unquantized.
+        quantized = ATTENTION_TARGETS
+        targets = "all-linear"
     if name in MOE:
         # PEFT turns all-linear into the attention's linears and, as target_parameters, the router
         # and both stacks of experts (gate_up_proj at twice the rank and alpha); the dense layer's
@@ -170,6 +201,9 @@ def write_expected(name, cls, config, folder, **load):
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
     parameters = ["gate.weight", "gate_up_proj", "down_proj"] if name == "qwen2_moe" else None
+    if name == "gpt_oss":
+        # PEFT wraps each stack of experts (is_transposed: in = the middle axis) in a ParamWrapper.
+        parameters = ["gate_up_proj", "down_proj"]
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=text_only if name in MULTIMODAL else targets, target_parameters=parameters)
     for quant in ("none", "nf4"):
@@ -183,6 +217,14 @@ def write_expected(name, cls, config, folder, **load):
                         module.weight.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape))
                 for pname, p in base.named_parameters():
                     if pname.split(".")[-2:-1] == ["experts"] and pname.split(".")[-1] in EXPERTS:
+                        if name in TRANSPOSED_EXPERTS:
+                            # Quantized in nibble's layout [experts, out, in] (each row whole groups).
+                            w = p.data.transpose(1, 2).contiguous()
+                            assert w.shape[-1] % 64 == 0, (pname, w.shape)
+                            packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4")
+                            w = dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(w.shape)
+                            p.copy_(w.transpose(1, 2))
+                            continue
                         packed, state = quantize_4bit(p.data, blocksize=64, quant_type="nf4")
                         p.copy_(dequantize_4bit(packed, state, blocksize=64, quant_type="nf4").reshape(p.shape))
         pm = get_peft_model(base, lora)
@@ -207,6 +249,83 @@ def write_expected(name, cls, config, folder, **load):
     print(name, "loss", out.loss.item())
 
 
+# FP4 E2M1 by its code (bit 3 the sign), as transformers decodes MXFP4.
+FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def mxfp4_encode(w):
+    """[..., K] (K a multiple of 32) -> blocks U8 [..., K/32, 16], scales U8 [..., K/32]: in each group of
+    32 along the last axis the smallest power of two 2^(scale - 127) that brings max|w| within 6, each
+    value rounded to the nearest E2M1 code (ties to the smaller magnitude), element 2j in byte j's low
+    nibble and 2j + 1 in its high one."""
+    g = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    exponent = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(2.0 ** -120) / 6.0)).to(torch.int32)
+    scaled = g / torch.exp2(exponent.float()).unsqueeze(-1)
+    magnitudes = torch.tensor(FP4_VALUES[:8])
+    code = (scaled.abs().unsqueeze(-1) - magnitudes).abs().argmin(-1) + 8 * (scaled < 0)
+    code = code.to(torch.uint8)
+    blocks = code[..., 0::2] | (code[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8)
+
+
+def mxfp4_decode(blocks, scales):
+    """The inverse of mxfp4_encode, [..., K/32, 16] and [..., K/32] -> [..., K] in f32."""
+    values = torch.tensor(FP4_VALUES)
+    codes = torch.stack([blocks & 0xF, blocks >> 4], -1).reshape(*blocks.shape[:-1], 32).long()
+    w = torch.ldexp(values[codes], (scales.to(torch.int32) - 127).unsqueeze(-1))
+    return w.reshape(*w.shape[:-2], -1)
+
+
+def write_mxfp4(source, folder):
+    """The gpt_oss fixture's checkpoint with its experts stored as the hub's gpt-oss: per layer
+    mlp.experts.{gate_up,down}_proj_blocks U8 [experts, out, in/32, 16] and _scales U8 [experts, out, in/32]
+    ([out, in] on disk: transformers transposes them to its [experts, in, out] as it dequantizes), the
+    biases and every other tensor as the gpt_oss fixture saved them (f32), and quantization_config as the
+    hub's. Expected: the experts transformers dequantizes on the CPU (its in-memory layout, f32, in
+    expected_dequantized.safetensors) and the logits for the gpt_oss fixture's input ids with them, no
+    adapter (expected_mxfp4.safetensors and .json)."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    encoded = {}
+    for key in list(tensors):
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            w = tensors.pop(key).transpose(1, 2).contiguous()  # [experts, out, in]
+            blocks, scales = mxfp4_encode(w)
+            assert (mxfp4_decode(blocks, scales) - w).abs().max() <= w.abs().max() / 4  # near w, not exact
+            tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+            encoded[key] = mxfp4_decode(blocks, scales).transpose(1, 2).contiguous()
+    save_file(dict(sorted(tensors.items())), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(source, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    shutil.copy(os.path.join(source, "generation_config.json"), folder)
+
+    # Without a GPU (or the kernels package) transformers dequantizes the experts as it loads them.
+    model = GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    dequantized = {}
+    for pname, p in model.named_parameters():
+        if pname.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            assert p.dtype == torch.float32 and torch.equal(p.data, encoded[pname]), pname
+            dequantized[pname] = p.detach().contiguous()
+    assert len(dequantized) == len(encoded)
+    save_file(dequantized, os.path.join(folder, "expected_dequantized.safetensors"))
+    with open(os.path.join(source, "expected_none.json")) as f:
+        source_expected = json.load(f)
+    ids = torch.tensor([source_expected["input_ids"]])
+    labels = torch.tensor([source_expected["labels"]])
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    save_file({"logits": out.logits[0].contiguous()}, os.path.join(folder, "expected_mxfp4.safetensors"))
+    with open(os.path.join(folder, "expected_mxfp4.json"), "w") as f:
+        json.dump({"input_ids": ids[0].tolist(), "labels": labels[0].tolist(), "loss": out.loss.item(),
+                   "transformers": transformers.__version__, "peft": peft.__version__}, f, indent=1)
+    print("gpt_oss_mxfp4 loss", out.loss.item())
+
+
 if __name__ == "__main__":
     for index, (name, (cls, config)) in enumerate(models.items()):
         if ONLY and name not in ONLY:
@@ -225,6 +344,14 @@ if __name__ == "__main__":
             for bname, b in model.named_buffers():
                 if bname.endswith("layer_scalar"):
                     b.copy_(torch.randn_like(b) * 0.1 + 1.0)
+            # gpt-oss's sinks at std 1: a sink is one more logit in each row's softmax (with no value), beside
+            # scores near 0 here (std-0.1 q and k), so at std 0.1 it would weigh like one more key, about the
+            # same in every head; at ±1 to ±2 it takes from a few percent to most of a row's weight.
+            for pname, p in model.named_parameters():
+                if pname.endswith("self_attn.sinks"):
+                    p.copy_(torch.randn_like(p))
         folder = os.path.join(OUT, name)
         model.save_pretrained(folder)
         write_expected(name, cls, config, folder)
+    if not ONLY or "gpt_oss" in ONLY or "gpt_oss_mxfp4" in ONLY:
+        write_mxfp4(os.path.join(OUT, "gpt_oss"), os.path.join(OUT, "gpt_oss_mxfp4"))

@@ -174,7 +174,7 @@ pub fn supported_model_types() -> String {
     let names: Vec<String> = Arch::ALL
         .iter()
         .map(|a| a.model_type().to_string())
-        .chain([QWEN2_MOE, QWEN3_MOE, MIXTRAL].map(String::from))
+        .chain([QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT_OSS].map(String::from))
         .chain(
             Multimodal::ALL
                 .iter()
@@ -246,6 +246,8 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// gpt-oss: a learned logit per query head (`self_attn.sinks`) joins each row's softmax.
+    pub attention_sinks: bool,
     /// Qwen3 normalises each head of q and k before RoPE.
     pub qk_norm: bool,
     /// Gemma 4 normalises each head of v too, with no scale of its own (`v_norm`).
@@ -327,6 +329,10 @@ pub enum MoeFamily {
     /// Mixtral: `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up), `w2`
     /// (down).
     Mixtral,
+    /// gpt-oss: `mlp.router` (with a bias), the experts stacked with biases, stored [experts, in,
+    /// out] with each expert's gate and up columns interleaved (or in MXFP4 blocks), a clamped
+    /// SwiGLU; attention with biases and sinks.
+    GptOss,
 }
 
 impl MoeFamily {
@@ -348,16 +354,30 @@ impl MoeFamily {
     /// itself, whose `all-linear` adapts the shared expert's linears by those names and leaves the
     /// routers and experts to a `target_parameters` that names them.
     pub fn peft_converts_targets(self) -> bool {
-        self != MoeFamily::Qwen2
+        !matches!(self, MoeFamily::Qwen2 | MoeFamily::GptOss)
+    }
+
+    /// Whether each expert's projections and the router add biases (gpt-oss).
+    pub fn biased(self) -> bool {
+        self == MoeFamily::GptOss
     }
 
     /// The checkpoints' names of an expert's gate, up and down projections.
     pub fn projection_names(self) -> [&'static str; 3] {
         match self {
-            MoeFamily::Qwen3 | MoeFamily::Qwen2 => ["gate_proj", "up_proj", "down_proj"],
+            // gpt-oss stores no expert by itself.
+            MoeFamily::Qwen3 | MoeFamily::Qwen2 | MoeFamily::GptOss => {
+                ["gate_proj", "up_proj", "down_proj"]
+            }
             MoeFamily::Mixtral => ["w1", "w3", "w2"],
         }
     }
+}
+
+/// A gpt-oss checkpoint's tensor as nibble names it: its router `mlp.router` is `mlp.gate`.
+pub fn gpt_oss_name(name: &str) -> Option<String> {
+    let (layer, rest) = name.split_once(".mlp.router.")?;
+    Some(format!("{layer}.{ROUTER_MODULE}.{rest}"))
 }
 
 /// A Mixtral checkpoint's tensor as nibble names it (transformers 5's module names, the experts by
@@ -386,7 +406,7 @@ impl MoeConfig {
             top_k: self.top_k,
             hidden,
             inter: self.inter,
-            biased: false,
+            biased: self.family.biased(),
         }
     }
 }
@@ -395,6 +415,12 @@ impl MoeConfig {
 /// transformers holds them in memory and may save them: `gate_up_proj` [experts, 2·inter, hidden],
 /// each expert's gate rows then its up rows; `down_proj` [experts, hidden, inter]).
 pub const ROUTER_MODULE: &str = "mlp.gate";
+
+/// gpt-oss's experts' biases ([experts, 2·inter] and [experts, hidden]; nibble holds each expert's
+/// gate biases before its up biases, as its weights' rows) and its attention sinks ([heads]).
+pub const EXPERTS_GATE_UP_BIAS: &str = "mlp.experts.gate_up_proj_bias";
+pub const EXPERTS_DOWN_BIAS: &str = "mlp.experts.down_proj_bias";
+pub const ATTENTION_SINKS: &str = "self_attn.sinks";
 
 /// Whether a module path is a mixture-of-experts layer's router (`…layers.3.mlp.gate`), not a
 /// shared expert's or a dense MLP's `gate_proj`.
@@ -806,7 +832,17 @@ impl ModelConfig {
             .as_object_mut()
             .and_then(|obj| obj.remove("quantization_config"))
             .filter(|q| !q.is_null());
+        // gpt-oss's experts in MXFP4 blocks, which the loader decodes (the rest is 16-bit).
+        let mxfp4 = quantization
+            .as_ref()
+            .is_some_and(|q| q.get("quant_method").and_then(Value::as_str) == Some("mxfp4"));
+        if mxfp4 && raw.get("model_type").and_then(Value::as_str) != Some(GPT_OSS) {
+            return Err(err(
+                "quantization_config: nibble reads MXFP4 weights in gpt-oss's experts only".into(),
+            ));
+        }
         let float8 = quantization
+            .filter(|_| !mxfp4)
             .map(|q| Float8Scheme::from_quantization_config(&q))
             .transpose()
             .map_err(err)?;
@@ -845,12 +881,16 @@ impl ModelConfig {
             _ if named(QWEN3_MOE, QWEN3_MOE_CLASS) => Some(MoeFamily::Qwen3),
             _ if named(QWEN2_MOE, QWEN2_MOE_CLASS) => Some(MoeFamily::Qwen2),
             _ if named(MIXTRAL, MIXTRAL_CLASS) => Some(MoeFamily::Mixtral),
+            _ if named(GPT_OSS, GPT_OSS_CLASS) => Some(MoeFamily::GptOss),
             _ => None,
         };
         let arch = match (model_type, class) {
             _ if moe == Some(MoeFamily::Qwen3) => Arch::Qwen3,
             _ if moe == Some(MoeFamily::Qwen2) => Arch::Qwen2,
             _ if moe == Some(MoeFamily::Mixtral) => Arch::Mistral,
+            // gpt-oss's attention is Ministral's (sliding and full layers by `layer_types`) with
+            // biases and sinks.
+            _ if moe == Some(MoeFamily::GptOss) => Arch::Ministral,
             (Some(t), _) => Arch::from_model_type(t).ok_or_else(|| {
                 Error::UnsupportedArchitecture(format!("{t} (in {})", origin.display()))
             })?,
@@ -863,6 +903,19 @@ impl ModelConfig {
         };
 
         let gate_activation = match arch {
+            // Its experts' own, whatever `hidden_act` says (transformers does not read it there).
+            _ if moe == Some(MoeFamily::GptOss) => {
+                let constant = |name: &str, default: f64| -> Result<f32> {
+                    match fields.opt_f64(name)?.unwrap_or(default) {
+                        v if v > 0.0 && v.is_finite() => Ok(v as f32),
+                        v => Err(err(format!("`{name}` must be positive, got {v}"))),
+                    }
+                };
+                GateActivation::ClampedSwiglu {
+                    alpha: constant("swiglu_alpha", 1.702)?,
+                    limit: constant("swiglu_limit", 7.0)?,
+                }
+            }
             Arch::Gemma3 | Arch::Gemma4 => match fields.opt_str("hidden_activation")? {
                 None | Some("gelu_pytorch_tanh") => GateActivation::GeluTanh,
                 Some(other) => {
@@ -938,6 +991,11 @@ impl ModelConfig {
 
         let attention_bias = fields.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match arch {
+            // gpt-oss reads `attention_bias` (on by default) for all four.
+            _ if moe == Some(MoeFamily::GptOss) => {
+                let bias = fields.opt_bool("attention_bias")?.unwrap_or(true);
+                (bias, bias)
+            }
             // transformers' Qwen2Attention hard-codes bias=True for q/k/v and False for o;
             // Qwen2-MoE's reads `qkv_bias` (on by default).
             Arch::Qwen2 => match moe {
@@ -1067,6 +1125,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
+            attention_sinks: moe == Some(MoeFamily::GptOss),
             qk_norm: arch == Arch::Qwen3 || arch.is_gemma(),
             value_norm: arch == Arch::Gemma4,
             layer_scalars: arch == Arch::Gemma4,
@@ -1505,6 +1564,9 @@ impl ModelConfig {
             if self.layer_scalars {
                 out.push(norm(self.layer_module(l, "layer_scalar"), 1));
             }
+            if self.attention_sinks {
+                out.push(norm(self.layer_module(l, ATTENTION_SINKS), self.num_heads));
+            }
             if let (Some(m), true) = (&self.moe, self.is_sparse(l)) {
                 let tensor = |module: &str, shape: Vec<usize>, role| ExpectedTensor {
                     name: self.layer_module(l, module),
@@ -1529,6 +1591,22 @@ impl ModelConfig {
                         TensorRole::Experts,
                     ),
                 ]);
+                // gpt-oss's biases, vectors as the norms' are.
+                if m.family.biased() {
+                    out.extend([
+                        tensor(
+                            &format!("{ROUTER_MODULE}.bias"),
+                            vec![m.experts],
+                            TensorRole::Norm,
+                        ),
+                        tensor(
+                            EXPERTS_GATE_UP_BIAS,
+                            vec![m.experts, 2 * m.inter],
+                            TensorRole::Norm,
+                        ),
+                        tensor(EXPERTS_DOWN_BIAS, vec![m.experts, h], TensorRole::Norm),
+                    ]);
+                }
             }
             for kind in self.layer_linears(l) {
                 let (o, i) = self.linear_shape(kind, l);
@@ -1726,6 +1804,9 @@ fn sqrt_in_dtype(n: usize, dtype: Option<&str>) -> f32 {
     }
 }
 
+const GPT_OSS: &str = "gpt_oss";
+const GPT_OSS_CLASS: &str = "GptOssForCausalLM";
+
 /// Qwen3-MoE's `model_type` and class.
 const QWEN3_MOE: &str = "qwen3_moe";
 const QWEN3_MOE_CLASS: &str = "Qwen3MoeForCausalLM";
@@ -1740,12 +1821,14 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
     let err = fields.err;
     // Qwen3-MoE's hub configs say num_experts, its save_pretrained writes num_local_experts;
     // Mixtral's experts are as wide as `intermediate_size` says, every layer's.
-    let mixtral = family == MoeFamily::Mixtral;
+    // gpt-oss's too.
+    let mixtral = matches!(family, MoeFamily::Mixtral | MoeFamily::GptOss);
     // The config classes' defaults: (experts, top_k, expert width).
     let defaults = match family {
         MoeFamily::Qwen3 => (128, 8, 768),
         MoeFamily::Qwen2 => (60, 4, 1408),
         MoeFamily::Mixtral => (8, 2, 14336),
+        MoeFamily::GptOss => (128, 4, 2880),
     };
     let experts = match fields.opt_usize("num_experts")? {
         Some(n) if !mixtral => n,
@@ -1763,7 +1846,7 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
         MoeFamily::Qwen2 => fields
             .opt_usize("shared_expert_intermediate_size")?
             .unwrap_or(5632),
-        MoeFamily::Qwen3 | MoeFamily::Mixtral => 0,
+        MoeFamily::Qwen3 | MoeFamily::Mixtral | MoeFamily::GptOss => 0,
     };
     if mixtral
         && fields
@@ -1816,7 +1899,8 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
         experts,
         top_k,
         inter,
-        // Mixtral's router always renormalises the chosen experts' weights.
+        // Mixtral's router always renormalises the chosen experts' weights; gpt-oss's takes the
+        // softmax of the chosen logits, the same weights.
         normalize: mixtral || fields.opt_bool("norm_topk_prob")?.unwrap_or(false),
         shared_expert,
         sparse,

@@ -72,6 +72,18 @@ pub fn merge(
             output.display()
         )));
     }
+    if source
+        .config
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.family == crate::config::MoeFamily::GptOss)
+    {
+        return Err(Error::Invalid(format!(
+            "{}: merging a gpt-oss model is not supported yet (its experts are stored transposed \
+             and interleaved, or in MXFP4); load the adapter with the base instead",
+            folder.display()
+        )));
+    }
     // The tensors training held in 4 bits, by nibble's name.
     let quantized: HashMap<String, QuantSpec> = match base {
         MergeBase::Original => HashMap::new(),

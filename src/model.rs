@@ -932,13 +932,11 @@ impl ModelSource {
             .map(|n| files.open_safetensors(n))
             .collect::<Result<Vec<_>>>()?;
         // Checkpoints that spell some names otherwise than nibble (transformers 5) does.
-        let mixtral = config
-            .moe
-            .as_ref()
-            .is_some_and(|m| m.family == crate::config::MoeFamily::Mixtral);
-        let rename: Option<fn(&str) -> Option<String>> = match () {
+        let family = config.moe.as_ref().map(|m| m.family);
+        let rename: Option<fn(&str) -> Option<String>> = match family {
             _ if config.multimodal.is_some() => Some(multimodal_name),
-            _ if mixtral => Some(crate::config::mixtral_name),
+            Some(crate::config::MoeFamily::Mixtral) => Some(crate::config::mixtral_name),
+            Some(crate::config::MoeFamily::GptOss) => Some(crate::config::gpt_oss_name),
             _ => None,
         };
         if let Some(rename) = rename {
@@ -1089,6 +1087,29 @@ impl ModelSource {
             Dtype::F8_E5M2,
         ];
         match (&self.kind, t.role) {
+            // gpt-oss's: [experts, in, out] as transformers holds them, or MXFP4 blocks [experts,
+            // out, in / 32, 16] with a scale byte per block.
+            (SourceKind::Folder { shard_of, .. }, TensorRole::Experts) if self.gpt_oss() => {
+                let experts = self.config.moe.as_ref().map_or(1, |m| m.experts);
+                let (out, inp) = (t.shape[0] / experts, t.shape[1]);
+                if shard_of.contains_key(&t.name) {
+                    return vec![(t.name.clone(), vec![experts, inp, out], MATRICES)];
+                }
+                let groups = inp / crate::quant::mxfp4::GROUP;
+                let bytes = crate::quant::mxfp4::GROUP_BYTES;
+                vec![
+                    (
+                        format!("{}_blocks", t.name),
+                        vec![experts, out, groups, bytes],
+                        &[Dtype::U8][..],
+                    ),
+                    (
+                        format!("{}_scales", t.name),
+                        vec![experts, out, groups],
+                        &[Dtype::U8][..],
+                    ),
+                ]
+            }
             (SourceKind::Folder { shard_of, .. }, TensorRole::Experts)
                 if !shard_of.contains_key(&t.name) =>
             {
@@ -1366,7 +1387,15 @@ impl ModelSource {
                         lm_head = Some(dense);
                     }
                 }
-                TensorRole::Norm => norms.push((t.name.clone(), file.read_f32(&t.name)?)),
+                TensorRole::Norm => {
+                    let mut values = file.read_f32(&t.name)?;
+                    // gpt-oss's gate and up biases interleave as its weights' rows do.
+                    if t.name.ends_with(crate::config::EXPERTS_GATE_UP_BIAS) {
+                        let inter = self.config.moe.as_ref().map_or(1, |m| m.inter);
+                        values = deinterleave_rows(&values, 2 * inter, 1);
+                    }
+                    norms.push((t.name.clone(), values))
+                }
                 TensorRole::Table => {
                     let table = std::sync::Arc::new(self.read_dense(&t)?);
                     tables.push((t.name.clone(), table));
@@ -1463,6 +1492,9 @@ impl ModelSource {
             };
             return Ok(LinearWeight::Quant(q));
         }
+        if self.gpt_oss() && t.role == TensorRole::Experts {
+            return self.read_gpt_oss_experts(t, quant);
+        }
         let parts = self.stored_parts(t);
         if parts.len() > 1 {
             return self.read_stacked(t, &parts, quant);
@@ -1472,6 +1504,75 @@ impl ModelSource {
         };
         let stored = self.stored_matrix(&t.name, rows, cols)?;
         let q = QuantTensor::quantize_rows(spec, rows, cols, |r, row| stored.row(r, row))
+            .map_err(|e| Error::tensor(file.path(), &t.name, e.to_string()))?;
+        Ok(LinearWeight::Quant(q))
+    }
+
+    fn gpt_oss(&self) -> bool {
+        self.config
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.family == crate::config::MoeFamily::GptOss)
+    }
+
+    /// gpt-oss's stacked experts in nibble's layout ([experts · out, in], each expert's gate rows
+    /// before its up rows) from its checkpoint's: [experts, in, out] (transformers' own, each
+    /// expert's gate and up columns interleaved) or MXFP4 blocks [experts, out, in / 32, 16] (rows
+    /// interleaved alike).
+    fn read_gpt_oss_experts(
+        &self,
+        t: &ExpectedTensor,
+        quant: Option<QuantSpec>,
+    ) -> Result<LinearWeight> {
+        let experts = self.config.moe.as_ref().map_or(1, |m| m.experts);
+        let (rows, inp) = (t.shape[0], t.shape[1]);
+        let out = rows / experts;
+        let parts = self.stored_parts(t);
+        let file = self.file_of(&parts[0].0)?;
+        // Row r of the checkpoint's own order (interleaved), as f32.
+        let mut values = vec![0f32; rows * inp];
+        let dtype = match &parts[..] {
+            [(blocks, _, _), (scales, _, _)] => {
+                let (blocks, scales) = (file.raw(blocks)?, self.file_of(scales)?.raw(scales)?);
+                let groups = inp / crate::quant::mxfp4::GROUP;
+                for (r, row) in values.chunks_mut(inp).enumerate() {
+                    let bytes = &blocks[r * groups * crate::quant::mxfp4::GROUP_BYTES..];
+                    let bytes = &bytes[..groups * crate::quant::mxfp4::GROUP_BYTES];
+                    crate::quant::mxfp4::decode_row(bytes, &scales[r * groups..][..groups], row)
+                        .map_err(|g| {
+                            let msg = format!("row {r}, block {g}: a scale of 2^128 (byte 255)");
+                            Error::tensor(file.path(), &parts[1].0, msg)
+                        })?;
+                }
+                // E2M1 codes times powers of two are bf16 values.
+                FloatDtype::BF16
+            }
+            _ => {
+                let stored = self.stored_matrix(&t.name, experts * inp, out)?;
+                let mut column = vec![0f32; out];
+                for e in 0..experts {
+                    for i in 0..inp {
+                        stored.row(e * inp + i, &mut column);
+                        for (o, &v) in column.iter().enumerate() {
+                            values[(e * out + o) * inp + i] = v;
+                        }
+                    }
+                }
+                match &stored {
+                    StoredMatrix::Float { dtype, .. } => *dtype,
+                    _ => FloatDtype::F32,
+                }
+            }
+        };
+        if t.name.ends_with(crate::config::EXPERTS_GATE_UP) {
+            values = deinterleave_rows(&values, out, inp);
+        }
+        let Some(spec) = quant else {
+            return Ok(LinearWeight::Dense(DenseTensor::from_f32(
+                dtype, rows, inp, &values,
+            )));
+        };
+        let q = QuantTensor::quantize(spec, rows, inp, &values)
             .map_err(|e| Error::tensor(file.path(), &t.name, e.to_string()))?;
         Ok(LinearWeight::Quant(q))
     }
@@ -1510,6 +1611,20 @@ impl ModelSource {
         })?;
         Ok(LinearWeight::Quant(q))
     }
+}
+
+/// Each run of `run` rows of `width` values, its even rows (gpt-oss's gate channels) first and its
+/// odd rows (up) after: how nibble holds an expert's gate and up projections.
+fn deinterleave_rows(values: &[f32], run: usize, width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(values.len());
+    for block in values.chunks(run * width) {
+        for parity in [0, 1] {
+            for row in block.chunks(width).skip(parity).step_by(2) {
+                out.extend_from_slice(row);
+            }
+        }
+    }
+    out
 }
 
 /// A 2-D tensor as its checkpoint stores it, read a row at a time as f32.

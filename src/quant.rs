@@ -292,6 +292,47 @@ fn pack_codes(codes: &[u32], words: &mut [u32]) {
     }
 }
 
+/// MXFP4 (OCP microscaling, gpt-oss's experts): each group of 32 values is 16 bytes of E2M1 codes
+/// (the low nibble the even value) and one E8M0 scale byte, value = code · 2^(scale − 127).
+pub mod mxfp4 {
+    /// Values per scale, and bytes per group.
+    pub const GROUP: usize = 32;
+    pub const GROUP_BYTES: usize = GROUP / 2;
+
+    /// E2M1 by code: bit 3 the sign, bits 0-2 the magnitude.
+    const E2M1: [f32; 16] = [
+        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+    ];
+
+    /// Decodes one row: `blocks` holds its groups' 16 bytes each, `scales` a byte per group, into
+    /// `out` (32 values per group). A scale of 255 (2^128, past f32) is refused: the index of its
+    /// group.
+    pub fn decode_row(blocks: &[u8], scales: &[u8], out: &mut [f32]) -> Result<(), usize> {
+        assert!(
+            blocks.len() == scales.len() * GROUP_BYTES && out.len() == scales.len() * GROUP,
+            "mxfp4: a row's blocks, scales and values disagree"
+        );
+        for (g, ((bytes, &scale), out)) in blocks
+            .chunks_exact(GROUP_BYTES)
+            .zip(scales)
+            .zip(out.chunks_exact_mut(GROUP))
+            .enumerate()
+        {
+            // 2^(scale - 127) exactly: 2^-127 is f32's largest subnormal power.
+            let factor = match scale {
+                255 => return Err(g),
+                0 => f32::from_bits(1 << 22),
+                e => f32::from_bits(u32::from(e) << 23),
+            };
+            for (pair, &byte) in out.chunks_exact_mut(2).zip(bytes) {
+                pair[0] = E2M1[usize::from(byte & 0xF)] * factor;
+                pair[1] = E2M1[usize::from(byte >> 4)] * factor;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +368,43 @@ mod tests {
                 cuda[i]
             );
         }
+    }
+
+    /// Every code at three scales (the subnormal 2^-127, 2^0, 2^5), against E2M1's definition:
+    /// (−1)^s · 2^(e−1) · (1 + m/2), e = 0 subnormal (m/2); a scale of 255 refused by its group.
+    #[test]
+    fn mxfp4_decodes_every_code_at_every_kind_of_scale() {
+        let e2m1 = |code: u8| {
+            let sign = if code & 8 != 0 { -1.0 } else { 1.0 };
+            let (e, m) = (i32::from((code >> 1) & 3), f64::from(code & 1));
+            sign * match e {
+                0 => m / 2.0,
+                _ => 2f64.powi(e - 1) * (1.0 + m / 2.0),
+            }
+        };
+        // Each group: the 16 codes low then high nibble, so each byte's two values differ.
+        let bytes: Vec<u8> = (0..16u8).map(|i| i | ((15 - i) << 4)).collect();
+        let blocks = [bytes.clone(), bytes.clone(), bytes].concat();
+        let scales = [0u8, 127, 132];
+        let mut out = vec![0f32; 96];
+        mxfp4::decode_row(&blocks, &scales, &mut out).unwrap();
+        for (g, &scale) in scales.iter().enumerate() {
+            for (i, &byte) in blocks[g * 16..][..16].iter().enumerate() {
+                let factor = 2f64.powi(i32::from(scale) - 127);
+                for (k, code) in [byte & 0xF, byte >> 4].into_iter().enumerate() {
+                    let want = e2m1(code) * factor;
+                    assert_eq!(
+                        out[g * 32 + 2 * i + k] as f64,
+                        want,
+                        "group {g} byte {i} nibble {k}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            mxfp4::decode_row(&blocks[..16], &[255], &mut out[..32]),
+            Err(0)
+        );
     }
 
     #[test]

@@ -217,3 +217,34 @@ fn mixtral_matches_transformers_peft() {
     check("mixtral", "none");
     check("mixtral", "nf4");
 }
+
+/// gpt-oss as the hub stores it: its experts in MXFP4 blocks ([experts, out, in / 32, 16] bytes and
+/// a scale byte per block of 32), decoded as transformers decodes them, transposed into nibble's
+/// layout and each expert's interleaved gate and up rows split; the attention's biases and sinks,
+/// alternating sliding and full layers, YaRN without truncation, the router's bias, top-k then
+/// softmax, biased experts and the clamped SwiGLU (a limit of 0.8, which a third of the up values
+/// pass). The logits of transformers (which dequantizes the blocks on a CPU), without an adapter.
+#[test]
+fn gpt_oss_mxfp4_checkpoint_matches_transformers() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf/gpt_oss_mxfp4");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected_mxfp4.json")).unwrap())
+            .unwrap();
+    let ids: Vec<u32> = expected["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let tensors =
+        nibble::source::SafetensorsFile::open(&dir.join("expected_mxfp4.safetensors")).unwrap();
+    let model = nibble::model::ModelSource::open(&dir)
+        .unwrap()
+        .load(Some(nibble::model::QuantRequest::Dense))
+        .unwrap();
+    let logits = cpu::logits(&model, None, &ids).unwrap();
+    let e = rel(&logits, &tensors.read_f32("logits").unwrap());
+    println!("gpt_oss mxfp4: logits {e:.1e}");
+    assert!(e < 1e-5, "gpt-oss (MXFP4): logits differ by {e:e}");
+}

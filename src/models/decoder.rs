@@ -7,8 +7,9 @@
 //! the graphs this builds. The optimizer step is `models::optimizer`'s graph.
 
 use crate::config::{
-    EXPERTS_DOWN, EXPERTS_GATE_UP, LinearKind, ModelConfig, PER_LAYER_EMBEDDING,
-    PER_LAYER_MODEL_PROJECTION, PER_LAYER_PROJECTION_NORM, ROUTER_MODULE,
+    ATTENTION_SINKS, EXPERTS_DOWN, EXPERTS_DOWN_BIAS, EXPERTS_GATE_UP, EXPERTS_GATE_UP_BIAS,
+    LinearKind, ModelConfig, PER_LAYER_EMBEDDING, PER_LAYER_MODEL_PROJECTION,
+    PER_LAYER_PROJECTION_NORM, ROUTER_MODULE,
 };
 use crate::cpu::Sequence;
 use crate::graph::{BufId, Builder, Graph, Input, Op, Role, StepInputs, checkpoint};
@@ -739,7 +740,7 @@ impl Decoder<'_> {
             kv_heads: self.c.layers[l].kv_heads,
             head_dim: self.c.layers[l].head_dim,
             causal: true,
-            sinks: false,
+            sinks: self.c.attention_sinks,
         }
     }
 
@@ -783,6 +784,15 @@ impl Decoder<'_> {
             inputs.push(self.b.input(Input::KeyEnd, t));
         }
         inputs
+    }
+
+    /// Layer `l`'s attention sinks (gpt-oss), the attention's input after v.
+    fn sinks(&mut self, l: usize) -> Option<BufId> {
+        let c = self.c;
+        c.attention_sinks.then(|| {
+            self.b
+                .weight(&c.layer_module(l, ATTENTION_SINKS), c.num_heads)
+        })
     }
 
     /// The first key each token of layer `l` may see, where that is not position 0.
@@ -919,6 +929,7 @@ impl Decoder<'_> {
                 cached,
             );
             let mut inputs = vec![q, k, v];
+            inputs.extend(self.sinks(l));
             if c.layers[l].window.is_some() {
                 inputs.push(self.b.input(Input::WindowFirstKey, t));
             }
@@ -936,6 +947,7 @@ impl Decoder<'_> {
             .activation(2 * c.num_heads * t, format!("layers.{l}.lse"));
         if self.shape.decode_after.is_none() {
             let mut inputs = vec![q, k, v];
+            inputs.extend(self.sinks(l));
             inputs.extend(self.key_ranges(l));
             self.b
                 .node(Op::Attention { shape }, &inputs, &[attn, lse], false);
@@ -1008,16 +1020,18 @@ impl Decoder<'_> {
         let (t, h) = (self.t(), c.hidden_size);
         let shape = m.shape(h);
         // PEFT adapts the router's weight (a parameter, `gate.weight`) without dropout.
+        let router_path = c.layer_module(l, ROUTER_MODULE);
+        let bias = m
+            .family
+            .biased()
+            .then(|| self.b.weight(&format!("{router_path}.bias"), m.experts));
         let (logits, router) = lora_linear::forward(
             &mut self.b,
             self.lora.as_ref(),
             x,
             (t, m.experts, h),
-            (
-                c.layer_module(l, ROUTER_MODULE),
-                format!("layers.{l}.router logits"),
-            ),
-            None,
+            (router_path, format!("layers.{l}.router logits")),
+            bias,
             None,
         );
         let routes = self.b.indices(t * m.top_k, format!("layers.{l}.routes"));
@@ -1038,6 +1052,8 @@ impl Decoder<'_> {
         let act = c.gate_activation;
         let (lora, pairs) = self.expert_pairs(l);
         let mut inputs = vec![x, routes, weights, gate_up, down];
+        let biases = self.expert_biases(l);
+        inputs.extend(&biases);
         inputs.extend(&pairs);
         self.b
             .node(Op::MoeExperts { shape, act, lora }, &inputs, &[y], false);
@@ -1177,6 +1193,21 @@ impl Decoder<'_> {
         self.mlp_backward(tapes, [x, gate, up, hidden], d_output, dx);
     }
 
+    /// Layer `l`'s experts' biases (gpt-oss): gate_up's, then down's.
+    fn expert_biases(&mut self, l: usize) -> Vec<BufId> {
+        let c = self.c;
+        let m = c.moe.as_ref().expect("a sparse layer has experts");
+        if !m.family.biased() {
+            return Vec::new();
+        }
+        let gate_up = c.layer_module(l, EXPERTS_GATE_UP_BIAS);
+        let down = c.layer_module(l, EXPERTS_DOWN_BIAS);
+        vec![
+            self.b.weight(&gate_up, m.experts * 2 * m.inter),
+            self.b.weight(&down, m.experts * c.hidden_size),
+        ]
+    }
+
     /// Which of layer `l`'s stacks of experts the adapter adapts, and their pairs' buffers.
     fn expert_pairs(&mut self, l: usize) -> (crate::ops::moe::MoeLora, Vec<BufId>) {
         let c = self.c;
@@ -1213,6 +1244,7 @@ impl Decoder<'_> {
             .activation(t * m.top_k, format!("d layers.{l}.routing weights"));
         let act = c.gate_activation;
         let mut inputs = vec![x, s.routes, s.weights, s.gate_up, s.down, dy];
+        inputs.extend(self.expert_biases(l));
         inputs.extend(&s.pairs);
         let mut outputs = vec![dx, d_weights];
         for &pair in &s.pairs {
