@@ -438,6 +438,8 @@ pub struct AdaptableParameter {
     pub out: usize,
     pub inp: usize,
     pub experts: usize,
+    /// gpt-oss's gate_up: PEFT's B rows interleave gate and up (`LoraPair::peft_interleaved`).
+    pub peft_interleaved: bool,
 }
 pub const EXPERTS_GATE_UP: &str = "mlp.experts.gate_up_proj";
 pub const EXPERTS_DOWN: &str = "mlp.experts.down_proj";
@@ -1417,6 +1419,7 @@ impl ModelConfig {
             return Vec::new();
         };
         let h = self.hidden_size;
+        let gpt_oss = m.family == MoeFamily::GptOss;
         (0..self.num_layers)
             .filter(|&l| self.is_sparse(l))
             .flat_map(|l| {
@@ -1430,8 +1433,12 @@ impl ModelConfig {
                     out,
                     inp,
                     experts,
+                    peft_interleaved: gpt_oss && name == EXPERTS_GATE_UP,
                 })
             })
+            // gpt-oss's router (`mlp.router`, which nibble names `mlp.gate`) is left out: PEFT
+            // would look for it by its own name.
+            .filter(|p| !(gpt_oss && p.experts == 1))
             .collect()
     }
 

@@ -469,6 +469,9 @@ pub struct LoraPair {
     /// Those rows, [token_ids, in_features] (PEFT's `trainable_tokens_delta`, which holds the rows'
     /// values, not differences).
     pub rows: Vec<f32>,
+    /// gpt-oss's gate_up stack: PEFT's B interleaves each gate row with its up row, as the
+    /// checkpoint's columns; nibble's B holds the gate rows first, as its weights (`peft_factor`).
+    pub peft_interleaved: bool,
 }
 
 /// A trained tensor of an adapted linear.
@@ -510,6 +513,7 @@ impl LoraPair {
             magnitude: Vec::new(),
             token_ids: Vec::new(),
             rows: Vec::new(),
+            peft_interleaved: false,
         }
     }
 
@@ -534,8 +538,31 @@ impl LoraPair {
             magnitude: vec![0.0; self.magnitude.len()],
             token_ids: self.token_ids.clone(),
             rows: vec![0.0; self.rows.len()],
+            peft_interleaved: self.peft_interleaved,
             ..Self::zeros_stacked(self.rank, self.in_features, self.out_features, self.experts)
         }
+    }
+
+    /// A factor as PEFT's file holds it.
+    pub fn peft_factor(&self, f: Factor) -> std::borrow::Cow<'_, [f32]> {
+        let width = self.rank * self.experts;
+        match f {
+            Factor::B if self.peft_interleaved => {
+                crate::model::interleave_rows(&self.b, self.out_features, width).into()
+            }
+            _ => self.factor(f).into(),
+        }
+    }
+
+    /// Sets a factor from PEFT's file's values (`peft_factor`'s inverse).
+    fn set_from_peft(&mut self, f: Factor, values: Vec<f32>) {
+        let width = self.rank * self.experts;
+        *self.factor_mut(f) = match f {
+            Factor::B if self.peft_interleaved => {
+                crate::model::deinterleave_rows(&values, self.out_features, width)
+            }
+            _ => values,
+        };
     }
 
     /// The tensors it trains: A and B, and the magnitude under DoRA; or a table's rows.
@@ -762,6 +789,11 @@ impl LoraAdapter {
         config: LoraConfig,
         mut make: impl FnMut(usize, usize, usize, usize) -> LoraPair,
     ) -> Result<Self> {
+        let interleaved: Vec<String> = parameters
+            .iter()
+            .filter(|p| p.peft_interleaved)
+            .map(|p| parameter_path(&p.name).to_string())
+            .collect();
         let targeted: Vec<(String, usize, usize, usize)> = resolve_among(linears, &config.targets)?
             .into_iter()
             .map(|(path, out, inp)| (path, out, inp, 1))
@@ -799,7 +831,8 @@ impl LoraAdapter {
         let modules = targeted
             .into_iter()
             .map(|(path, out, inp, experts)| {
-                let pair = make(config.rank_of(&path), inp, out, experts);
+                let mut pair = make(config.rank_of(&path), inp, out, experts);
+                pair.peft_interleaved = interleaved.contains(&path);
                 (path, pair)
             })
             .collect();
@@ -1384,7 +1417,7 @@ impl LoraAdapter {
                     }
                 }
                 check_factor(&weights, &key, &shape, "missing from the adapter")?;
-                *pair.factor_mut(f) = weights.read_f32(&key)?;
+                pair.set_from_peft(f, weights.read_f32(&key)?);
             }
         }
         let mut saved = SavedModules::read(&weights, &to_save, modules_tied, model)?;

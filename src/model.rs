@@ -1615,13 +1615,26 @@ impl ModelSource {
 
 /// Each run of `run` rows of `width` values, its even rows (gpt-oss's gate channels) first and its
 /// odd rows (up) after: how nibble holds an expert's gate and up projections.
-fn deinterleave_rows(values: &[f32], run: usize, width: usize) -> Vec<f32> {
+pub(crate) fn deinterleave_rows(values: &[f32], run: usize, width: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(values.len());
     for block in values.chunks(run * width) {
         for parity in [0, 1] {
             for row in block.chunks(width).skip(parity).step_by(2) {
                 out.extend_from_slice(row);
             }
+        }
+    }
+    out
+}
+
+/// `deinterleave_rows`' inverse.
+pub(crate) fn interleave_rows(values: &[f32], run: usize, width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(values.len());
+    for block in values.chunks(run * width) {
+        let (first, second) = block.split_at(run / 2 * width);
+        for (a, b) in first.chunks(width).zip(second.chunks(width)) {
+            out.extend_from_slice(a);
+            out.extend_from_slice(b);
         }
     }
     out

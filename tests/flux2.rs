@@ -77,6 +77,7 @@ impl Fixture {
                     magnitude: Vec::new(),
                     token_ids: Vec::new(),
                     rows: Vec::new(),
+                    peft_interleaved: false,
                 };
                 (t.clone(), pair)
             })

@@ -46,9 +46,11 @@ fn check(name: &str, quant: &str) {
 
     let mut worst = (0.0f64, String::new());
     for (path, g) in grads.pairs() {
-        for (which, ours) in [(Factor::A, &g.a), (Factor::B, &g.b)] {
+        for which in [Factor::A, Factor::B] {
+            // As PEFT's file holds it (gpt-oss's gate_up B rows interleaved).
+            let ours = g.peft_factor(which);
             let key = grads.saved_key(path, which);
-            let e = rel(ours, &f.tensors.read_f32(&key).unwrap());
+            let e = rel(&ours, &f.tensors.read_f32(&key).unwrap());
             if e > worst.0 {
                 worst = (e, key);
             }
@@ -247,4 +249,38 @@ fn gpt_oss_mxfp4_checkpoint_matches_transformers() {
     let e = rel(&logits, &tensors.read_f32("logits").unwrap());
     println!("gpt_oss mxfp4: logits {e:.1e}");
     assert!(e < 1e-5, "gpt-oss (MXFP4): logits differ by {e:e}");
+}
+
+/// gpt-oss (transformers' own layout, experts [experts, in, out] with interleaved gate and up
+/// columns): PEFT's all-linear (the attention's four linears) and the experts as
+/// `target_parameters` (PEFT's B rows interleaved as the experts' columns are).
+#[test]
+fn gpt_oss_matches_transformers_peft() {
+    check("gpt_oss", "none");
+    check("gpt_oss", "nf4");
+}
+
+/// nibble writes a gpt-oss adapter back as PEFT wrote it: every tensor under PEFT's key, the
+/// experts' B rows interleaved again, bit for bit.
+#[test]
+fn a_gpt_oss_adapter_saves_as_peft_wrote_it() {
+    let f = fixture("gpt_oss", "none");
+    let out = tempfile::tempdir().unwrap();
+    nibble::train::save_peft(&f.adapter, out.path(), "base").unwrap();
+    let open = |path: std::path::PathBuf| nibble::source::SafetensorsFile::open(&path).unwrap();
+    let ours = open(out.path().join("adapter_model.safetensors"));
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf/gpt_oss/adapter");
+    let theirs = open(dir.join("adapter_model.safetensors"));
+    let mut names: Vec<&String> = theirs.tensor_names().collect();
+    names.sort();
+    let mut saved: Vec<&String> = ours.tensor_names().collect();
+    saved.sort();
+    assert_eq!(names, saved);
+    for name in names {
+        assert!(
+            ours.read_f32(name).unwrap() == theirs.read_f32(name).unwrap(),
+            "{name}"
+        );
+    }
 }

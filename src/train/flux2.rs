@@ -498,6 +498,7 @@ pub fn load_lora(
             magnitude: Vec::new(),
             token_ids: Vec::new(),
             rows: Vec::new(),
+            peft_interleaved: false,
         };
         modules.push((path.clone(), pair));
     }

@@ -1891,18 +1891,18 @@ pub fn peft_files(adapter: &LoraAdapter, base_model: &str) -> Result<(Vec<u8>, S
         )));
     }
     let mut views = Vec::new();
-    let keys: Vec<(String, Vec<usize>, &[f32])> = adapter
+    let keys: Vec<(String, Vec<usize>, std::borrow::Cow<[f32]>)> = adapter
         .trained()
         .flat_map(|(path, p)| {
             p.factors()
-                .map(move |f| (adapter.saved_key(path, f), p.shape(f), p.factor(f)))
+                .map(move |f| (adapter.saved_key(path, f), p.shape(f), p.peft_factor(f)))
         })
         .collect();
     for (name, shape, data) in &keys {
         let view = safetensors::tensor::TensorView::new(
             safetensors::Dtype::F32,
             shape.clone(),
-            bytemuck::cast_slice(data),
+            bytemuck::cast_slice(&data[..]),
         )
         .map_err(|e| Error::tensor("adapter_model.safetensors", name, e.to_string()))?;
         views.push((name.clone(), view));
