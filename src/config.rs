@@ -1339,9 +1339,24 @@ impl ModelConfig {
 
     /// The model class transformers builds for this folder.
     pub fn class_name(&self) -> &'static str {
-        match self.multimodal {
-            Some(wrapper) => wrapper.class_name(),
-            None => self.arch.class_name(),
+        match (self.multimodal, self.moe.as_ref().map(|m| m.family)) {
+            (Some(wrapper), _) => wrapper.class_name(),
+            (None, Some(MoeFamily::Qwen3)) => QWEN3_MOE_CLASS,
+            (None, Some(MoeFamily::Qwen2)) => QWEN2_MOE_CLASS,
+            (None, Some(MoeFamily::Mixtral)) => MIXTRAL_CLASS,
+            (None, Some(MoeFamily::GptOss)) => GPT_OSS_CLASS,
+            (None, None) => self.arch.class_name(),
+        }
+    }
+
+    /// The decoder's `model_type` (its own where it has experts: `qwen3_moe`, `gpt_oss`).
+    pub fn model_type(&self) -> &'static str {
+        match self.moe.as_ref().map(|m| m.family) {
+            Some(MoeFamily::Qwen3) => QWEN3_MOE,
+            Some(MoeFamily::Qwen2) => QWEN2_MOE,
+            Some(MoeFamily::Mixtral) => MIXTRAL,
+            Some(MoeFamily::GptOss) => GPT_OSS,
+            None => self.arch.model_type(),
         }
     }
 

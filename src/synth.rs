@@ -127,6 +127,24 @@ impl SynthSpec {
         }
     }
 
+    /// A two-layer gpt-oss: a sliding layer (a window of 8) and a full one with attention biases and
+    /// sinks, 4 biased experts of width 64 in each, 2 per token behind a biased router, the clamped
+    /// SwiGLU at a limit of 1.5 (where the random activations meet it), the experts stored as
+    /// transformers holds them ([experts, in, out], gate and up columns interleaved).
+    pub fn tiny_gpt_oss(vocab_size: usize) -> Self {
+        SynthSpec {
+            num_layers: 2,
+            moe: Some(SynthMoe {
+                family: crate::config::MoeFamily::GptOss,
+                experts: 4,
+                top_k: 2,
+                inter: 64,
+                shared_expert: 0,
+            }),
+            ..Self::tiny(Arch::Ministral, vocab_size)
+        }
+    }
+
     /// A two-layer Mixtral: Mistral's attention, 4 experts of width 64 in each layer, 2 per token.
     pub fn tiny_mixtral(vocab_size: usize) -> Self {
         SynthSpec {
@@ -313,6 +331,18 @@ impl SynthSpec {
         }
         if let Some(m) = self
             .moe
+            .filter(|m| m.family == crate::config::MoeFamily::GptOss)
+        {
+            obj.insert("architectures".into(), json!(["GptOssForCausalLM"]));
+            obj.insert("model_type".into(), json!("gpt_oss"));
+            obj.insert("num_local_experts".into(), json!(m.experts));
+            obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+            obj.insert("intermediate_size".into(), json!(m.inter));
+            obj.insert("attention_bias".into(), json!(true));
+            obj.insert("swiglu_limit".into(), json!(1.5));
+            obj.insert("output_router_logits".into(), json!(false));
+        } else if let Some(m) = self
+            .moe
             .filter(|m| m.family == crate::config::MoeFamily::Mixtral)
         {
             obj.insert("architectures".into(), json!(["MixtralForCausalLM"]));
@@ -493,14 +523,14 @@ pub fn write_model_folder(
         };
         let entries: Vec<(String, Vec<usize>)> = chunk
             .iter()
-            .map(|t| (t.name.clone(), stored_shape(&config, t)))
+            .map(|t| (stored_name(&config, t), stored_shape(&config, t)))
             .collect();
         let path = dir.join(&name);
         write_safetensors_streaming(&path, spec.dtype, &entries, |i, out| {
             fill_random(&mut rng, spec, chunk[i].role, out)
         })?;
         for t in chunk {
-            weight_map.insert(t.name.clone(), json!(name));
+            weight_map.insert(stored_name(&config, t), json!(name));
         }
     }
     if shards > 1 {
@@ -514,11 +544,28 @@ pub fn write_model_folder(
 }
 
 /// The shape a tensor is written with: stacked experts in transformers' own 3-D layout
-/// ([experts, rows, cols], which it loads and may save), everything else as expected.
+/// ([experts, rows, cols], which it loads and may save; gpt-oss's [experts, cols, rows]),
+/// everything else as expected.
 fn stored_shape(config: &ModelConfig, t: &crate::config::ExpectedTensor) -> Vec<usize> {
     match (&config.moe, t.role) {
+        (Some(m), TensorRole::Experts) if m.family == crate::config::MoeFamily::GptOss => {
+            vec![m.experts, t.shape[1], t.shape[0] / m.experts]
+        }
         (Some(m), TensorRole::Experts) => vec![m.experts, t.shape[0] / m.experts, t.shape[1]],
         _ => t.shape.clone(),
+    }
+}
+
+/// The name a tensor is written under: gpt-oss's router is its checkpoints' `mlp.router`.
+fn stored_name(config: &ModelConfig, t: &crate::config::ExpectedTensor) -> String {
+    let gpt_oss = config
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.family == crate::config::MoeFamily::GptOss);
+    let router = format!(".{}.", crate::config::ROUTER_MODULE);
+    match gpt_oss {
+        true => t.name.replace(&router, ".mlp.router."),
+        false => t.name.clone(),
     }
 }
 
@@ -557,7 +604,7 @@ pub fn model_files(spec: &SynthSpec, tokenizer: &TokenizerFiles, label: &str) ->
     let tensors = config.expected_tensors();
     let entries: Vec<(String, Vec<usize>)> = tensors
         .iter()
-        .map(|t| (t.name.clone(), stored_shape(&config, t)))
+        .map(|t| (stored_name(&config, t), stored_shape(&config, t)))
         .collect();
     let mut rng = Rng::new(spec.seed);
     let mut bytes = Vec::new();

@@ -1323,6 +1323,104 @@ fn training_goes_on_from_an_adapter_with_token_rows() {
 /// default) adapts the attention, the dense MLP and each shared expert with its gate, under LoRA
 /// dropout; `--target-parameters` adds the routers and experts (at rank r), where dropout is refused
 /// as PEFT refuses it; the adapter's folder is in PEFT's layout and every kind of pair trains.
+/// gpt-oss end to end on the CPU: `nibble synth` writes it as transformers does (the router as
+/// `mlp.router`, the experts [experts, in, out] with interleaved gate and up columns), all-linear trains
+/// the attention alone, the experts train when named (their B rows written back interleaved: PEFT's
+/// shapes), a continued run reads that adapter, `nibble info` names the parts, and merging is refused
+/// (not yet written in gpt-oss's layout) without writing anything.
+#[test]
+fn a_gpt_oss_model_trains_its_attention_and_named_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = (dir.path().join("model"), dir.path().join("data.jsonl"));
+    ok(&[
+        "synth",
+        "--preset",
+        "tiny-gpt-oss",
+        "--tokenizer",
+        "byte",
+        "--output",
+        s(&model),
+    ]);
+    std::fs::copy("tests/fixtures/hf_train/qwen3_moe/data.jsonl", &data).unwrap();
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
+        args.extend(["--output", s(out), "--max-steps", "2", "--device", "cpu"]);
+        args.extend_from_slice(extra);
+        nibble(&args)
+    };
+    let names = |out: &Path| -> Vec<(String, Vec<usize>)> {
+        let weights = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+        let mut names: Vec<(String, Vec<usize>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.shape().to_vec()))
+            .collect();
+        names.sort();
+        names
+    };
+    let plain = dir.path().join("plain");
+    let o = train(&plain, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved = names(&plain);
+    assert_eq!(saved.len(), 2 * 4 * 2, "{saved:?}");
+    assert!(
+        saved.iter().all(|(n, _)| n.contains(".self_attn.")),
+        "{saved:?}"
+    );
+
+    let experts = dir.path().join("experts");
+    let named = [
+        "--target-parameters",
+        "gate_up_proj,down_proj",
+        "--lora-dropout",
+        "0",
+    ];
+    let o = train(&experts, &named);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let layer0 = "base_model.model.model.layers.0.mlp.experts";
+    let saved = names(&experts);
+    for (key, shape) in [
+        ("base_layer.lora_A.weight", [8 * 4, 64]),
+        ("base_layer.lora_B.weight", [2 * 64, 8 * 4]),
+        ("lora_A.weight", [8 * 4, 64]),
+        ("lora_B.weight", [64, 8 * 4]),
+    ] {
+        let key = format!("{layer0}.{key}");
+        assert!(
+            saved.contains(&(key.clone(), shape.to_vec())),
+            "{key} in {saved:?}"
+        );
+    }
+    let o = train(
+        &dir.path().join("continued"),
+        &["--init-adapter", s(&experts), "--lora-dropout", "0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let info = ok(&["info", s(&model)]);
+    assert!(
+        info.contains("gpt_oss (GptOssForCausalLM)")
+            && info.contains("clamped SwiGLU")
+            && info.contains("sinks"),
+        "{info}"
+    );
+    let merged = dir.path().join("merged");
+    let o = nibble(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&experts),
+        "--output",
+        s(&merged),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("gpt-oss"), "{err}");
+    assert!(!merged.exists());
+}
+
 #[test]
 fn a_qwen2_moe_model_trains_its_shared_experts_and_named_experts() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,14 +14,16 @@ use nibble::rng::Rng;
 #[test]
 fn cached_decoding_matches_the_full_forward() {
     // gemma4_e2b: layers that read another layer's cache (and write the same keys into it again);
-    // qwen3_moe, mixtral and qwen2_moe (a shared expert too): each token's experts chosen one token
-    // at a time, their pairs and the routers' adapted (PEFT adapts parameters without DoRA: the
+    // qwen3_moe, mixtral and qwen2_moe (a shared expert too), gpt_oss (attention sinks): each
+    // token's experts chosen one token at a time, their pairs and the routers' adapted (PEFT adapts parameters without DoRA: the
     // plain adapter alone).
-    for name in
-        common::families()
-            .into_iter()
-            .chain(["gemma4_e2b", "qwen3_moe", "mixtral", "qwen2_moe"])
-    {
+    for name in common::families().into_iter().chain([
+        "gemma4_e2b",
+        "qwen3_moe",
+        "mixtral",
+        "qwen2_moe",
+        "gpt_oss",
+    ]) {
         let f = fixture(name, "nf4");
         cached_decoding_matches(&f, &f.adapter, name);
         if f.adapter.config.target_parameters.is_empty() {
@@ -100,11 +102,13 @@ fn a_cached_conversation_continues_as_a_fresh_one() {
 fn gpu_decoding_matches_the_cpu() {
     let Some(gpu) = common::gpu() else { return };
     let mut worst = 0f64;
-    for name in
-        common::families()
-            .into_iter()
-            .chain(["gemma4_e2b", "qwen3_moe", "mixtral", "qwen2_moe"])
-    {
+    for name in common::families().into_iter().chain([
+        "gemma4_e2b",
+        "qwen3_moe",
+        "mixtral",
+        "qwen2_moe",
+        "gpt_oss",
+    ]) {
         let f = fixture(name, "nf4");
         let (gm, gl) = (
             GpuModel::upload(&gpu, &f.model).unwrap(),

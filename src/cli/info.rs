@@ -185,7 +185,7 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
     if as_json {
         let v = json!({
             "model": path,
-            "architecture": c.arch.model_type(),
+            "architecture": c.model_type(),
             "class": c.class_name(),
             "layers": c.num_layers,
             "hidden_size": c.hidden_size,
@@ -235,19 +235,21 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
             f.method
         );
     }
-    println!("architecture  {} ({})", c.arch.model_type(), c.class_name());
+    println!("architecture  {} ({})", c.model_type(), c.class_name());
     println!(
         "shape         {} layers, hidden {}, intermediate {}, vocab {}",
         c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
     );
     println!(
-        "attention     {} heads, {} kv heads (GQA x{}), head_dim {}{}{}",
+        "attention     {} heads, {} kv heads (GQA x{}), head_dim {}{}{}{}{}",
         c.num_heads,
         c.num_kv_heads,
         c.num_heads / c.num_kv_heads,
         c.head_dim,
         if c.qkv_bias { ", q/k/v bias" } else { "" },
-        if c.qk_norm { ", q/k norm" } else { "" }
+        if c.o_bias { ", o bias" } else { "" },
+        if c.qk_norm { ", q/k norm" } else { "" },
+        if c.attention_sinks { ", sinks" } else { "" }
     );
     let layers = c.layer_attention_summary();
     if !layers.is_empty() {

@@ -40,6 +40,8 @@ enum Preset {
     /// Qwen2-MoE: Qwen2's attention, 8 experts of width 64, 2 per token (weights as routed), a
     /// shared expert of width 192, the second of three layers a dense MLP.
     TinyQwen2Moe,
+    /// gpt-oss: attention sinks, sliding and full layers, biased experts with the clamped SwiGLU.
+    TinyGptOss,
     /// Mixtral: Mistral's attention, 4 experts of width 64 in each of two layers, 2 per token.
     TinyMixtral,
     TinyLlama,
@@ -120,6 +122,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::TinyQwen3 => SynthSpec::tiny(Arch::Qwen3, vocab),
         Preset::TinyQwen3Moe => SynthSpec::tiny_qwen3_moe(vocab),
         Preset::TinyQwen2Moe => SynthSpec::tiny_qwen2_moe(vocab),
+        Preset::TinyGptOss => SynthSpec::tiny_gpt_oss(vocab),
         Preset::TinyMixtral => SynthSpec::tiny_mixtral(vocab),
         Preset::TinyLlama => SynthSpec::tiny(Arch::Llama, vocab),
         Preset::TinyMistral => SynthSpec::tiny(Arch::Mistral, vocab),
