@@ -1529,52 +1529,78 @@ impl ModelSource {
         let out = rows / experts;
         let parts = self.stored_parts(t);
         let file = self.file_of(&parts[0].0)?;
-        // Row r of the checkpoint's own order (interleaved), as f32.
-        let mut values = vec![0f32; rows * inp];
-        let dtype = match &parts[..] {
+        let mxfp4 = match &parts[..] {
             [(blocks, _, _), (scales, _, _)] => {
-                let (blocks, scales) = (file.raw(blocks)?, self.file_of(scales)?.raw(scales)?);
+                Some((file.raw(blocks)?, self.file_of(scales)?.raw(scales)?))
+            }
+            _ => None,
+        };
+        let stored = match mxfp4 {
+            Some(_) => None,
+            None => Some(self.stored_matrix(&t.name, experts * inp, out)?),
+        };
+        // E2M1 codes times powers of two are bf16 values.
+        let dtype = match &stored {
+            Some(StoredMatrix::Float { dtype, .. }) => *dtype,
+            Some(_) => FloatDtype::F32,
+            None => FloatDtype::BF16,
+        };
+        // Expert e's [out, in] in nibble's order, one expert at a time (a 20B model's gate_up
+        // stack is 2 GB in f32).
+        let expert = |e: usize| -> Result<Vec<f32>> {
+            let mut values = vec![0f32; out * inp];
+            if let Some((blocks, scales)) = mxfp4 {
                 let groups = inp / crate::quant::mxfp4::GROUP;
-                for (r, row) in values.chunks_mut(inp).enumerate() {
-                    let bytes = &blocks[r * groups * crate::quant::mxfp4::GROUP_BYTES..];
-                    let bytes = &bytes[..groups * crate::quant::mxfp4::GROUP_BYTES];
-                    crate::quant::mxfp4::decode_row(bytes, &scales[r * groups..][..groups], row)
+                let bytes = groups * crate::quant::mxfp4::GROUP_BYTES;
+                for (o, row) in values.chunks_mut(inp).enumerate() {
+                    let r = e * out + o;
+                    let scales = &scales[r * groups..][..groups];
+                    crate::quant::mxfp4::decode_row(&blocks[r * bytes..][..bytes], scales, row)
                         .map_err(|g| {
                             let msg = format!("row {r}, block {g}: a scale of 2^128 (byte 255)");
                             Error::tensor(file.path(), &parts[1].0, msg)
                         })?;
                 }
-                // E2M1 codes times powers of two are bf16 values.
-                FloatDtype::BF16
-            }
-            _ => {
-                let stored = self.stored_matrix(&t.name, experts * inp, out)?;
+            } else if let Some(stored) = &stored {
                 let mut column = vec![0f32; out];
-                for e in 0..experts {
-                    for i in 0..inp {
-                        stored.row(e * inp + i, &mut column);
-                        for (o, &v) in column.iter().enumerate() {
-                            values[(e * out + o) * inp + i] = v;
-                        }
+                for i in 0..inp {
+                    stored.row(e * inp + i, &mut column);
+                    for (o, &v) in column.iter().enumerate() {
+                        values[o * inp + i] = v;
                     }
                 }
-                match &stored {
-                    StoredMatrix::Float { dtype, .. } => *dtype,
-                    _ => FloatDtype::F32,
-                }
             }
+            Ok(match t.name.ends_with(crate::config::EXPERTS_GATE_UP) {
+                true => deinterleave_rows(&values, out, inp),
+                false => values,
+            })
         };
-        if t.name.ends_with(crate::config::EXPERTS_GATE_UP) {
-            values = deinterleave_rows(&values, out, inp);
-        }
         let Some(spec) = quant else {
+            let mut values = Vec::with_capacity(rows * inp);
+            for e in 0..experts {
+                values.extend(expert(e)?);
+            }
             return Ok(LinearWeight::Dense(DenseTensor::from_f32(
                 dtype, rows, inp, &values,
             )));
         };
-        let q = QuantTensor::quantize(spec, rows, inp, &values)
-            .map_err(|e| Error::tensor(file.path(), &t.name, e.to_string()))?;
-        Ok(LinearWeight::Quant(q))
+        let mut whole = QuantTensor {
+            spec,
+            rows,
+            cols: inp,
+            packed: Vec::new(),
+            scales: Vec::new(),
+            mins: Vec::new(),
+        };
+        for e in 0..experts {
+            // Rows are packed each on its own: the experts' tensors stack.
+            let q = QuantTensor::quantize(spec, out, inp, &expert(e)?)
+                .map_err(|err| Error::tensor(file.path(), &t.name, err.to_string()))?;
+            whole.packed.extend(q.packed);
+            whole.scales.extend(q.scales);
+            whole.mins.extend(q.mins);
+        }
+        Ok(LinearWeight::Quant(whole))
     }
 
     /// A linear's weight stored as equal runs of its rows in tensors of their own (one expert's
