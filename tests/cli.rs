@@ -1323,6 +1323,30 @@ fn training_goes_on_from_an_adapter_with_token_rows() {
 /// default) adapts the attention, the dense MLP and each shared expert with its gate, under LoRA
 /// dropout; `--target-parameters` adds the routers and experts (at rank r), where dropout is refused
 /// as PEFT refuses it; the adapter's folder is in PEFT's layout and every kind of pair trains.
+/// A `nibble synth --preset` model with the byte tokenizer, and chats to train it on, under `dir`.
+fn synth_with_chats(dir: &Path, preset: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (model, data) = (dir.join("model"), dir.join("data.jsonl"));
+    ok(&[
+        "synth",
+        "--preset",
+        preset,
+        "--tokenizer",
+        "byte",
+        "--output",
+        s(&model),
+    ]);
+    std::fs::copy("tests/fixtures/hf_train/qwen3_moe/data.jsonl", &data).unwrap();
+    (model, data)
+}
+
+/// Two training steps of `model` on `data` on the CPU, into `out`, with `extra` options.
+fn two_cpu_steps(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", "--model", s(model), "--data", s(data)];
+    args.extend(["--output", s(out), "--max-steps", "2", "--device", "cpu"]);
+    args.extend_from_slice(extra);
+    nibble(&args)
+}
+
 /// gpt-oss end to end on the CPU: `nibble synth` writes it as transformers does (the router as
 /// `mlp.router`, the experts [experts, in, out] with interleaved gate and up columns), all-linear trains
 /// the attention alone, the experts train when named (their B rows written back interleaved: PEFT's
@@ -1331,23 +1355,8 @@ fn training_goes_on_from_an_adapter_with_token_rows() {
 #[test]
 fn a_gpt_oss_model_trains_its_attention_and_named_experts() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, data) = (dir.path().join("model"), dir.path().join("data.jsonl"));
-    ok(&[
-        "synth",
-        "--preset",
-        "tiny-gpt-oss",
-        "--tokenizer",
-        "byte",
-        "--output",
-        s(&model),
-    ]);
-    std::fs::copy("tests/fixtures/hf_train/qwen3_moe/data.jsonl", &data).unwrap();
-    let train = |out: &Path, extra: &[&str]| {
-        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
-        args.extend(["--output", s(out), "--max-steps", "2", "--device", "cpu"]);
-        args.extend_from_slice(extra);
-        nibble(&args)
-    };
+    let (model, data) = synth_with_chats(dir.path(), "tiny-gpt-oss");
+    let train = |out: &Path, extra: &[&str]| two_cpu_steps(&model, &data, out, extra);
     let names = |out: &Path| -> Vec<(String, Vec<usize>)> {
         let weights = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
@@ -1424,23 +1433,8 @@ fn a_gpt_oss_model_trains_its_attention_and_named_experts() {
 #[test]
 fn a_qwen2_moe_model_trains_its_shared_experts_and_named_experts() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, data) = (dir.path().join("model"), dir.path().join("data.jsonl"));
-    ok(&[
-        "synth",
-        "--preset",
-        "tiny-qwen2-moe",
-        "--tokenizer",
-        "byte",
-        "--output",
-        s(&model),
-    ]);
-    std::fs::copy("tests/fixtures/hf_train/qwen3_moe/data.jsonl", &data).unwrap();
-    let train = |out: &Path, extra: &[&str]| {
-        let mut args = vec!["train", "--model", s(&model), "--data", s(&data)];
-        args.extend(["--output", s(out), "--max-steps", "2", "--device", "cpu"]);
-        args.extend_from_slice(extra);
-        nibble(&args)
-    };
+    let (model, data) = synth_with_chats(dir.path(), "tiny-qwen2-moe");
+    let train = |out: &Path, extra: &[&str]| two_cpu_steps(&model, &data, out, extra);
     let saved = |out: &Path| -> (serde_json::Value, Vec<u8>) {
         let config = std::fs::read_to_string(out.join("adapter_config.json")).unwrap();
         let weights = std::fs::read(out.join("adapter_model.safetensors")).unwrap();

@@ -10,6 +10,12 @@ use nibble::generate::{self, Executor, Sampling};
 use nibble::gpu::weights::{GpuLora, GpuModel};
 use nibble::rng::Rng;
 
+/// The fixtures decoded: every family's, and E2B's and the mixtures'.
+fn decoded_families() -> Vec<&'static str> {
+    let more = ["gemma4_e2b", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"];
+    common::families().into_iter().chain(more).collect()
+}
+
 /// Also with a DoRA adapter, whose factors the first step keeps in the cache for the others.
 #[test]
 fn cached_decoding_matches_the_full_forward() {
@@ -17,13 +23,7 @@ fn cached_decoding_matches_the_full_forward() {
     // qwen3_moe, mixtral and qwen2_moe (a shared expert too), gpt_oss (attention sinks): each
     // token's experts chosen one token at a time, their pairs and the routers' adapted (PEFT adapts parameters without DoRA: the
     // plain adapter alone).
-    for name in common::families().into_iter().chain([
-        "gemma4_e2b",
-        "qwen3_moe",
-        "mixtral",
-        "qwen2_moe",
-        "gpt_oss",
-    ]) {
+    for name in decoded_families() {
         let f = fixture(name, "nf4");
         cached_decoding_matches(&f, &f.adapter, name);
         if f.adapter.config.target_parameters.is_empty() {
@@ -102,13 +102,7 @@ fn a_cached_conversation_continues_as_a_fresh_one() {
 fn gpu_decoding_matches_the_cpu() {
     let Some(gpu) = common::gpu() else { return };
     let mut worst = 0f64;
-    for name in common::families().into_iter().chain([
-        "gemma4_e2b",
-        "qwen3_moe",
-        "mixtral",
-        "qwen2_moe",
-        "gpt_oss",
-    ]) {
+    for name in decoded_families() {
         let f = fixture(name, "nf4");
         let (gm, gl) = (
             GpuModel::upload(&gpu, &f.model).unwrap(),

@@ -440,30 +440,55 @@ fn attention_over_many_blocks_and_packed_examples_matches_references() {
         &mut dk,
         &mut dv,
     );
-    let loss = |q: &[f64], k: &[f64], v: &[f64]| {
-        reference(q, k, v)
+    let outputs = |[q, k, v]: [&[f64]; 3]| reference(q, k, v);
+    let grads = [&dq[..], &dk[..], &dv[..]];
+    check_along_random_directions(
+        "packed attention",
+        outputs,
+        [&q64, &k64, &v64],
+        (grads, &d_out),
+        &mut rng,
+    );
+}
+
+/// The gradients of q, k and v (`grads`) of Σ outputs(q, k, v)·d_out against central differences
+/// along three random directions each (a full finite-difference gradient of a long sequence would
+/// take minutes).
+#[allow(clippy::type_complexity)]
+fn check_along_random_directions(
+    what: &str,
+    outputs: impl Fn([&[f64]; 3]) -> Vec<f64>,
+    inputs: [&[f64]; 3],
+    (grads, d_out): ([&[f32]; 3], &[f32]),
+    rng: &mut Rng,
+) {
+    let loss = |xs: [&[f64]; 3]| {
+        outputs(xs)
             .iter()
-            .zip(&d_out)
+            .zip(d_out)
             .map(|(y, g)| y * *g as f64)
             .sum::<f64>()
     };
     let h = 1e-5;
     for _ in 0..3 {
-        for (name, grad, which) in [("q", &dq, 0), ("k", &dk, 1), ("v", &dv, 2)] {
-            let dir = f64s(&random(grad.len(), 1.0, &mut rng));
+        for (which, (name, grad)) in ["q", "k", "v"].into_iter().zip(grads).enumerate() {
+            let dir: Vec<f64> = random(grad.len(), 1.0, rng)
+                .iter()
+                .map(|&u| u as f64)
+                .collect();
             let step = |sign: f64| {
-                let mut xs = [q64.clone(), k64.clone(), v64.clone()];
+                let mut xs = inputs.map(|x| x.to_vec());
                 xs[which]
                     .iter_mut()
                     .zip(&dir)
                     .for_each(|(x, u)| *x += sign * h * u);
-                loss(&xs[0], &xs[1], &xs[2])
+                loss([&xs[0], &xs[1], &xs[2]])
             };
             let numeric = (step(1.0) - step(-1.0)) / (2.0 * h);
             let analytic: f64 = grad.iter().zip(&dir).map(|(g, u)| *g as f64 * u).sum();
             assert!(
                 (analytic - numeric).abs() < 1e-4 * numeric.abs().max(1.0),
-                "packed attention d{name} along a random direction: {analytic} vs {numeric}"
+                "{what}: d{name} along a random direction: {analytic} vs {numeric}"
             );
         }
     }
@@ -549,33 +574,16 @@ fn attention_with_sinks_matches_references() {
     attention::backward(
         s, &q, &k, &v, &out, &lse, &d_out, segments, &mut dq, &mut dk, &mut dv,
     );
-    let loss = |q: &[f64], k: &[f64], v: &[f64]| {
-        let (y, _) = attention_reference_masked(s, [q, k, v], (segments, None), Some(&sinks64));
-        y.iter()
-            .zip(&d_out)
-            .map(|(y, g)| y * *g as f64)
-            .sum::<f64>()
-    };
-    let h = 1e-5;
-    for _ in 0..3 {
-        for (name, grad, which) in [("q", &dq, 0), ("k", &dk, 1), ("v", &dv, 2)] {
-            let dir = f64s(&random(grad.len(), 1.0, &mut rng));
-            let step = |sign: f64| {
-                let mut xs = [q64.clone(), k64.clone(), v64.clone()];
-                xs[which]
-                    .iter_mut()
-                    .zip(&dir)
-                    .for_each(|(x, u)| *x += sign * h * u);
-                loss(&xs[0], &xs[1], &xs[2])
-            };
-            let numeric = (step(1.0) - step(-1.0)) / (2.0 * h);
-            let analytic: f64 = grad.iter().zip(&dir).map(|(g, u)| *g as f64 * u).sum();
-            assert!(
-                (analytic - numeric).abs() < 1e-4 * numeric.abs().max(1.0),
-                "attention with sinks, d{name} along a random direction: {analytic} vs {numeric}"
-            );
-        }
-    }
+    let outputs =
+        |qkv: [&[f64]; 3]| attention_reference_masked(s, qkv, (segments, None), Some(&sinks64)).0;
+    let grads = [&dq[..], &dk[..], &dv[..]];
+    check_along_random_directions(
+        "attention with sinks",
+        outputs,
+        [&q64, &k64, &v64],
+        (grads, &d_out),
+        &mut rng,
+    );
 
     // Decoding the last two tokens after the others, with the sinks.
     let (past, qw) = (148, s.heads * s.head_dim);
