@@ -1151,6 +1151,10 @@ impl ModelSource {
                 }
                 parts
             }
+            // A quantized file holds every vector flat (gpt-oss's experts' biases too).
+            (SourceKind::Quantized { .. }, TensorRole::Norm | TensorRole::LinearBias(_)) => {
+                vec![(t.name.clone(), vec![t.shape.iter().product()], FLOATS)]
+            }
             (_, TensorRole::Norm | TensorRole::LinearBias(_)) => {
                 vec![(t.name.clone(), t.shape.clone(), FLOATS)]
             }
@@ -1389,8 +1393,10 @@ impl ModelSource {
                 }
                 TensorRole::Norm => {
                     let mut values = file.read_f32(&t.name)?;
-                    // gpt-oss's gate and up biases interleave as its weights' rows do.
-                    if t.name.ends_with(crate::config::EXPERTS_GATE_UP_BIAS) {
+                    // gpt-oss's gate and up biases interleave in its checkpoints as its weights'
+                    // rows do (a quantized file holds them as nibble does).
+                    let folder = matches!(self.kind, SourceKind::Folder { .. });
+                    if folder && t.name.ends_with(crate::config::EXPERTS_GATE_UP_BIAS) {
                         let inter = self.config.moe.as_ref().map_or(1, |m| m.inter);
                         values = deinterleave_rows(&values, 2 * inter, 1);
                     }
@@ -1530,6 +1536,16 @@ impl ModelSource {
         let parts = self.stored_parts(t);
         let file = self.file_of(&parts[0].0)?;
         let mxfp4 = match &parts[..] {
+            [(blocks, _, _), (scales, _, _)] if inp % crate::quant::mxfp4::GROUP != 0 => {
+                return Err(Error::tensor(
+                    file.path(),
+                    blocks,
+                    format!(
+                        "MXFP4 blocks of 32 values cannot cover the experts' inputs ({inp}) with \
+                         {scales} beside them"
+                    ),
+                ));
+            }
             [(blocks, _, _), (scales, _, _)] => {
                 Some((file.raw(blocks)?, self.file_of(scales)?.raw(scales)?))
             }
@@ -1557,7 +1573,7 @@ impl ModelSource {
                     let scales = &scales[r * groups..][..groups];
                     crate::quant::mxfp4::decode_row(&blocks[r * bytes..][..bytes], scales, row)
                         .map_err(|g| {
-                            let msg = format!("row {r}, block {g}: a scale of 2^128 (byte 255)");
+                            let msg = format!("row {r}, block {g}: values past f32's range");
                             Error::tensor(file.path(), &parts[1].0, msg)
                         })?;
                 }

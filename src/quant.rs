@@ -305,8 +305,8 @@ pub mod mxfp4 {
     ];
 
     /// Decodes one row: `blocks` holds its groups' 16 bytes each, `scales` a byte per group, into
-    /// `out` (32 values per group). A scale of 255 (2^128, past f32) is refused: the index of its
-    /// group.
+    /// `out` (32 values per group). A group whose values pass f32's range (a scale of 255 is 2^128;
+    /// 253 and 254 overflow the larger codes) is refused: the index of the group.
     pub fn decode_row(blocks: &[u8], scales: &[u8], out: &mut [f32]) -> Result<(), usize> {
         assert!(
             blocks.len() == scales.len() * GROUP_BYTES && out.len() == scales.len() * GROUP,
@@ -327,6 +327,9 @@ pub mod mxfp4 {
             for (pair, &byte) in out.chunks_exact_mut(2).zip(bytes) {
                 pair[0] = E2M1[usize::from(byte & 0xF)] * factor;
                 pair[1] = E2M1[usize::from(byte >> 4)] * factor;
+            }
+            if out.iter().any(|v| v.is_infinite()) {
+                return Err(g);
             }
         }
         Ok(())
@@ -404,6 +407,15 @@ mod tests {
         assert_eq!(
             mxfp4::decode_row(&blocks[..16], &[255], &mut out[..32]),
             Err(0)
+        );
+        // 6 · 2^126 passes f32's largest value; 3 · 2^126 does not.
+        assert_eq!(
+            mxfp4::decode_row(&[0x07; 16], &[253], &mut out[..32]),
+            Err(0)
+        );
+        assert_eq!(
+            mxfp4::decode_row(&[0x05; 16], &[253], &mut out[..32]),
+            Ok(())
         );
     }
 

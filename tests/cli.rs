@@ -1407,6 +1407,15 @@ fn a_gpt_oss_model_trains_its_attention_and_named_experts() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    // From `nibble quantize`'s file (its biases as nibble holds them), the same steps bit for bit.
+    let quantized = dir.path().join("q.safetensors");
+    ok(&["quantize", s(&model), "--output", s(&quantized)]);
+    let from_file = dir.path().join("from_file");
+    let o = two_cpu_steps(&quantized, &data, &from_file, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let weights = |out: &Path| std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    assert!(weights(&from_file) == weights(&plain));
+
     let info = ok(&["info", s(&model)]);
     assert!(
         info.contains("gpt_oss (GptOssForCausalLM)")

@@ -310,12 +310,12 @@ impl<'m> Run<'m> {
         };
         log::info!(
             "base {} ({} layers), {base}; {}",
-            model.config.arch.model_type(),
+            model.config.model_type(),
             model.config.num_layers,
             config.describe()
         );
         let model_section = json!({
-            "architecture": model.config.arch.model_type(),
+            "architecture": model.config.model_type(),
             "layers": model.config.num_layers,
             "hidden_size": model.config.hidden_size,
             "weights": format!("{:016x}", model.fingerprint()),
