@@ -765,6 +765,11 @@ const MAX_DIMENSION: usize = 1 << 24;
 const MAX_PARAMETERS: u64 = 10_000_000_000_000;
 
 impl ModelConfig {
+    /// The mixture-of-experts family, for a model whose MLPs route over experts.
+    pub fn moe_family(&self) -> Option<MoeFamily> {
+        self.moe.as_ref().map(|m| m.family)
+    }
+
     /// Whether 4-bit groups of `group` weights tile every decoder linear's rows: the message names the
     /// first input width they do not divide and the group sizes that would work.
     pub fn check_group_size(&self, group: usize) -> std::result::Result<(), String> {

@@ -1203,11 +1203,7 @@ impl LoraAdapter {
         };
         let use_rslora = switch("use_rslora")?;
         let mut weights = files.open_safetensors("adapter_model.safetensors")?;
-        let mixtral = model
-            .moe
-            .as_ref()
-            .is_some_and(|m| m.family == crate::config::MoeFamily::Mixtral);
-        if mixtral {
+        if model.moe_family() == Some(crate::config::MoeFamily::Mixtral) {
             // PEFT with transformers 4 named Mixtral's router and experts as its checkpoints do
             // (`block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1`).
             weights.rename(|key| {

@@ -26,6 +26,9 @@ struct Entry {
     key: String,
     written: String,
     shape: Vec<usize>,
+    /// A gpt-oss expert stack, read expert by expert from the checkpoint's tensors named beside it
+    /// and written back in its layout ([experts, in, out], gate and up interleaved).
+    gpt_oss_stack: Option<(crate::config::ExpectedTensor, Vec<String>)>,
 }
 
 /// The weights an adapter is merged into.
@@ -72,18 +75,6 @@ pub fn merge(
             output.display()
         )));
     }
-    if source
-        .config
-        .moe
-        .as_ref()
-        .is_some_and(|m| m.family == crate::config::MoeFamily::GptOss)
-    {
-        return Err(Error::Invalid(format!(
-            "{}: merging a gpt-oss model is not supported yet (its experts are stored transposed \
-             and interleaved, or in MXFP4); load the adapter with the base instead",
-            folder.display()
-        )));
-    }
     // The tensors training held in 4 bits, by nibble's name.
     let quantized: HashMap<String, QuantSpec> = match base {
         MergeBase::Original => HashMap::new(),
@@ -126,11 +117,15 @@ pub fn merge(
                 // Written in the source's own spelling of each name.
                 written: shard.stored_name(n).to_string(),
                 shape: shard.info(n).expect("listed").shape.clone(),
+                gpt_oss_stack: None,
             })
         })
         // An FP8 checkpoint's scales are folded into its weights.
         .filter(|e| !source.is_float8_companion(&e.read))
         .collect();
+    if source.config.moe_family() == Some(crate::config::MoeFamily::GptOss) {
+        gpt_oss_stacks(source, &mut entries);
+    }
     let dtype = match dtype {
         Some(d) => d,
         None => entries
@@ -159,6 +154,7 @@ pub fn merge(
             key: "lm_head.weight".into(),
             written: written.into(),
             shape: table.shape.clone(),
+            gpt_oss_stack: None,
         };
         match entries.iter_mut().find(|e| e.key == "lm_head.weight") {
             Some(stored) => *stored = head,
@@ -210,6 +206,69 @@ pub fn merge(
 }
 
 type Targets<'a> = HashMap<String, (&'a crate::lora::LoraPair, f32)>;
+
+/// gpt-oss's expert stacks in place of the tensors the checkpoint stores them in (transformers'
+/// [experts, in, out], or the hub's MXFP4 blocks and scales, which the merged folder writes as
+/// transformers' layout in 16 bits).
+fn gpt_oss_stacks(source: &ModelSource, entries: &mut Vec<Entry>) {
+    use crate::config::TensorRole;
+    for t in source.config.expected_tensors() {
+        if t.role != TensorRole::Experts {
+            continue;
+        }
+        let parts = source.stored_part_names(&t);
+        let Some(first) = entries.iter().position(|e| e.read == parts[0]) else {
+            // Missing from the folder: reading it names it.
+            continue;
+        };
+        let stored = &entries[first];
+        let written = match stored.written.strip_suffix("_blocks") {
+            Some(name) if parts.len() > 1 => name.to_string(),
+            _ => stored.written.clone(),
+        };
+        let [rows, inp] = t.shape[..] else {
+            unreachable!("a linear's weight is 2-D")
+        };
+        let experts = source.config.moe.as_ref().map_or(1, |m| m.experts);
+        entries[first] = Entry {
+            shard: stored.shard,
+            read: t.name.clone(),
+            key: t.name.clone(),
+            written,
+            shape: vec![experts, inp, rows / experts],
+            gpt_oss_stack: Some((t, parts.clone())),
+        };
+        entries.retain(|e| !parts[1..].contains(&e.read));
+    }
+}
+
+/// gpt-oss's expert stack `t` merged into `out` (the checkpoint's layout), one expert at a time:
+/// quantized as training packed it where `changed` says, its LoRA update added in nibble's layout.
+fn merge_gpt_oss_stack(
+    source: &ModelSource,
+    t: &crate::config::ExpectedTensor,
+    changed: &Changed,
+    out: &mut [f32],
+) -> Result<()> {
+    let stack = source.gpt_oss_experts(t)?;
+    let pair = changed.targets.get(&format!("{}.weight", t.name));
+    let pairs = pair.map(|&(pair, scale)| crate::ops::moe::ExpertPairs::of(pair, scale));
+    for (e, stored) in out.chunks_exact_mut(stack.out * stack.inp).enumerate() {
+        let mut w = stack.expert(e)?;
+        if let Some(&spec) = changed.quantized.get(&t.name) {
+            let q = QuantTensor::quantize(spec, stack.out, stack.inp, &w)
+                .map_err(|err| Error::Invalid(format!("{}: {err}", t.name)))?;
+            for (r, row) in w.chunks_exact_mut(stack.inp).enumerate() {
+                q.dequantize_row(r, row);
+            }
+        }
+        if let Some(pairs) = &pairs {
+            pairs.add_update(e, (0, stack.out), &mut w);
+        }
+        stack.store(&w, stored);
+    }
+    Ok(())
+}
 
 /// Where a tensor of a mixture of experts takes its stack's LoRA update: the stack's path (where
 /// the adapter keys its pair), the expert (None: every expert, transformers' stacked
@@ -276,6 +335,41 @@ fn write_merged(
             let stored_dtype = shards[entry.shard]
                 .info(&entry.read)
                 .and_then(|info| FloatDtype::of(info.dtype));
+            // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
+            // huge lora_alpha can pass any type's: the base is checked before its update, so that
+            // the message blames the right one.
+            let limit = match dtype {
+                FloatDtype::F16 => 65504.0,
+                FloatDtype::BF16 => 3.3895e38,
+                FloatDtype::F32 => f32::MAX,
+            };
+            let beyond = |values: &[f32]| {
+                values
+                    .iter()
+                    .copied()
+                    .find(|v| v.is_nan() || v.abs() > limit)
+            };
+            let cannot_hold = |v: f32, why: String| {
+                Error::Invalid(format!(
+                    "merging into {name} gives {v}, which {dtype:?} cannot hold: {why}"
+                ))
+            };
+            if let Some((t, parts)) = &entry.gpt_oss_stack {
+                if let Err(e) = merge_gpt_oss_stack(source, t, changed, out) {
+                    failure.get_or_insert(e);
+                    return;
+                }
+                for part in parts {
+                    source.release(part);
+                }
+                if let Some(v) = beyond(out) {
+                    let why = "the experts' weights with the adapter's update: choose a wider \
+                               --dtype, or a smaller lora_alpha"
+                        .to_string();
+                    failure.get_or_insert(cannot_hold(v, why));
+                }
+                return;
+            }
             match saved {
                 Some(values) => {
                     out.copy_from_slice(values);
@@ -314,25 +408,6 @@ fn write_merged(
                     }
                 }
             }
-            // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
-            // huge lora_alpha can pass any type's: the base is checked before its update, so that
-            // the message blames the right one.
-            let limit = match dtype {
-                FloatDtype::F16 => 65504.0,
-                FloatDtype::BF16 => 3.3895e38,
-                FloatDtype::F32 => f32::MAX,
-            };
-            let beyond = |values: &[f32]| {
-                values
-                    .iter()
-                    .copied()
-                    .find(|v| v.is_nan() || v.abs() > limit)
-            };
-            let cannot_hold = |v: f32, why: String| {
-                Error::Invalid(format!(
-                    "merging into {name} gives {v}, which {dtype:?} cannot hold: {why}"
-                ))
-            };
             if let Some(v) = beyond(out) {
                 let whose = match saved {
                     Some(_) => "the adapter's saved module",

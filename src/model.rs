@@ -932,8 +932,7 @@ impl ModelSource {
             .map(|n| files.open_safetensors(n))
             .collect::<Result<Vec<_>>>()?;
         // Checkpoints that spell some names otherwise than nibble (transformers 5) does.
-        let family = config.moe.as_ref().map(|m| m.family);
-        let rename: Option<fn(&str) -> Option<String>> = match family {
+        let rename: Option<fn(&str) -> Option<String>> = match config.moe_family() {
             _ if config.multimodal.is_some() => Some(multimodal_name),
             Some(crate::config::MoeFamily::Mixtral) => Some(crate::config::mixtral_name),
             Some(crate::config::MoeFamily::GptOss) => Some(crate::config::gpt_oss_name),
@@ -997,6 +996,18 @@ impl ModelSource {
             SourceKind::Folder { shards, .. } => Some(shards),
             SourceKind::Quantized { .. } => None,
         }
+    }
+
+    /// Drops tensor `name`'s pages from memory once read (`SafetensorsFile::release`).
+    pub(crate) fn release(&self, name: &str) {
+        if let Ok(file) = self.file_of(name) {
+            file.release(name);
+        }
+    }
+
+    /// The names of the tensors the checkpoint stores expected tensor `t` in.
+    pub(crate) fn stored_part_names(&self, t: &ExpectedTensor) -> Vec<String> {
+        self.stored_parts(t).into_iter().map(|p| p.0).collect()
     }
 
     /// Opens a file written by `nibble quantize`.
@@ -1515,82 +1526,22 @@ impl ModelSource {
     }
 
     fn gpt_oss(&self) -> bool {
-        self.config
-            .moe
-            .as_ref()
-            .is_some_and(|m| m.family == crate::config::MoeFamily::GptOss)
+        self.config.moe_family() == Some(crate::config::MoeFamily::GptOss)
     }
 
     /// gpt-oss's stacked experts in nibble's layout ([experts · out, in], each expert's gate rows
-    /// before its up rows) from its checkpoint's: [experts, in, out] (transformers' own, each
-    /// expert's gate and up columns interleaved) or MXFP4 blocks [experts, out, in / 32, 16] (rows
-    /// interleaved alike).
+    /// before its up rows) from its checkpoint's (`GptOssExperts`), quantized expert by expert where
+    /// `quant` says.
     fn read_gpt_oss_experts(
         &self,
         t: &ExpectedTensor,
         quant: Option<QuantSpec>,
     ) -> Result<LinearWeight> {
-        let experts = self.config.moe.as_ref().map_or(1, |m| m.experts);
+        let stack = self.gpt_oss_experts(t)?;
         let (rows, inp) = (t.shape[0], t.shape[1]);
-        let out = rows / experts;
-        let parts = self.stored_parts(t);
-        let file = self.file_of(&parts[0].0)?;
-        let mxfp4 = match &parts[..] {
-            [(blocks, _, _), (scales, _, _)] if inp % crate::quant::mxfp4::GROUP != 0 => {
-                return Err(Error::tensor(
-                    file.path(),
-                    blocks,
-                    format!(
-                        "MXFP4 blocks of 32 values cannot cover the experts' inputs ({inp}) with \
-                         {scales} beside them"
-                    ),
-                ));
-            }
-            [(blocks, _, _), (scales, _, _)] => {
-                Some((file.raw(blocks)?, self.file_of(scales)?.raw(scales)?))
-            }
-            _ => None,
-        };
-        let stored = match mxfp4 {
-            Some(_) => None,
-            None => Some(self.stored_matrix(&t.name, experts * inp, out)?),
-        };
-        // E2M1 codes times powers of two are bf16 values.
-        let dtype = match &stored {
-            Some(StoredMatrix::Float { dtype, .. }) => *dtype,
-            Some(_) => FloatDtype::F32,
-            None => FloatDtype::BF16,
-        };
-        // Expert e's [out, in] in nibble's order, one expert at a time (a 20B model's gate_up
-        // stack is 2 GB in f32).
-        let expert = |e: usize| -> Result<Vec<f32>> {
-            let mut values = vec![0f32; out * inp];
-            if let Some((blocks, scales)) = mxfp4 {
-                let groups = inp / crate::quant::mxfp4::GROUP;
-                let bytes = groups * crate::quant::mxfp4::GROUP_BYTES;
-                for (o, row) in values.chunks_mut(inp).enumerate() {
-                    let r = e * out + o;
-                    let scales = &scales[r * groups..][..groups];
-                    crate::quant::mxfp4::decode_row(&blocks[r * bytes..][..bytes], scales, row)
-                        .map_err(|g| {
-                            let msg = format!("row {r}, block {g}: values past f32's range");
-                            Error::tensor(file.path(), &parts[1].0, msg)
-                        })?;
-                }
-            } else if let Some(stored) = &stored {
-                let mut column = vec![0f32; out];
-                for i in 0..inp {
-                    stored.row(e * inp + i, &mut column);
-                    for (o, &v) in column.iter().enumerate() {
-                        values[o * inp + i] = v;
-                    }
-                }
-            }
-            Ok(match t.name.ends_with(crate::config::EXPERTS_GATE_UP) {
-                true => deinterleave_rows(&values, out, inp),
-                false => values,
-            })
-        };
+        let (experts, out) = (stack.experts, stack.out);
+        let expert = |e| stack.expert(e);
+        let (file, dtype) = (stack.file, stack.dtype);
         let Some(spec) = quant else {
             let mut values = Vec::with_capacity(rows * inp);
             for e in 0..experts {
@@ -1617,6 +1568,55 @@ impl ModelSource {
             whole.mins.extend(q.mins);
         }
         Ok(LinearWeight::Quant(whole))
+    }
+
+    /// A gpt-oss expert stack `t` as its checkpoint stores it: [experts, in, out] (transformers'
+    /// own, each expert's gate and up columns interleaved) or MXFP4 blocks
+    /// [experts, out, in / 32, 16] (rows interleaved alike).
+    pub(crate) fn gpt_oss_experts(&self, t: &ExpectedTensor) -> Result<GptOssExperts<'_>> {
+        let experts = self.config.moe.as_ref().map_or(1, |m| m.experts);
+        let (rows, inp) = (t.shape[0], t.shape[1]);
+        let out = rows / experts;
+        let parts = self.stored_parts(t);
+        let file = self.file_of(&parts[0].0)?;
+        let mxfp4 = match &parts[..] {
+            [(blocks, _, _), (scales, _, _)] if inp % crate::quant::mxfp4::GROUP != 0 => {
+                return Err(Error::tensor(
+                    file.path(),
+                    blocks,
+                    format!(
+                        "MXFP4 blocks of 32 values cannot cover the experts' inputs ({inp}) with \
+                         {scales} beside them"
+                    ),
+                ));
+            }
+            [(blocks, _, _), (scales, _, _)] => Some((
+                file.raw(blocks)?,
+                self.file_of(scales)?.raw(scales)?,
+                scales.clone(),
+            )),
+            _ => None,
+        };
+        let stored = match mxfp4 {
+            Some(_) => None,
+            None => Some(self.stored_matrix(&t.name, experts * inp, out)?),
+        };
+        // E2M1 codes times powers of two are bf16 values.
+        let dtype = match &stored {
+            Some(StoredMatrix::Float { dtype, .. }) => *dtype,
+            Some(_) => FloatDtype::F32,
+            None => FloatDtype::BF16,
+        };
+        Ok(GptOssExperts {
+            file,
+            gate_up: t.name.ends_with(crate::config::EXPERTS_GATE_UP),
+            experts,
+            out,
+            inp,
+            mxfp4,
+            stored,
+            dtype,
+        })
     }
 
     /// A linear's weight stored as equal runs of its rows in tensors of their own (one expert's
@@ -1680,6 +1680,71 @@ pub(crate) fn interleave_rows(values: &[f32], run: usize, width: usize) -> Vec<f
         }
     }
     out
+}
+
+/// A gpt-oss expert stack as its checkpoint stores it (`ModelSource::gpt_oss_experts`), read one
+/// expert at a time: a 20B model's gate_up stack is 2 GB in f32.
+pub(crate) struct GptOssExperts<'a> {
+    file: &'a SafetensorsFile,
+    /// Whether the stack is gate_up_proj, whose gate and up rows interleave.
+    gate_up: bool,
+    pub experts: usize,
+    /// Each expert's outputs and inputs.
+    pub out: usize,
+    pub inp: usize,
+    /// MXFP4's blocks and scales, with the scales' name.
+    mxfp4: Option<(&'a [u8], &'a [u8], String)>,
+    stored: Option<StoredMatrix<'a>>,
+    /// The dtype that holds the stored values exactly.
+    pub dtype: FloatDtype,
+}
+
+impl GptOssExperts<'_> {
+    /// Expert e's [out, in] in nibble's order (gate rows before up rows).
+    pub fn expert(&self, e: usize) -> Result<Vec<f32>> {
+        let (out, inp) = (self.out, self.inp);
+        let mut values = vec![0f32; out * inp];
+        if let Some((blocks, scales, scales_name)) = &self.mxfp4 {
+            let groups = inp / crate::quant::mxfp4::GROUP;
+            let bytes = groups * crate::quant::mxfp4::GROUP_BYTES;
+            for (o, row) in values.chunks_mut(inp).enumerate() {
+                let r = e * out + o;
+                let scales = &scales[r * groups..][..groups];
+                crate::quant::mxfp4::decode_row(&blocks[r * bytes..][..bytes], scales, row)
+                    .map_err(|g| {
+                        let msg = format!("row {r}, block {g}: values past f32's range");
+                        Error::tensor(self.file.path(), scales_name, msg)
+                    })?;
+            }
+        } else if let Some(stored) = &self.stored {
+            let mut column = vec![0f32; out];
+            for i in 0..inp {
+                stored.row(e * inp + i, &mut column);
+                for (o, &v) in column.iter().enumerate() {
+                    values[o * inp + i] = v;
+                }
+            }
+        }
+        Ok(match self.gate_up {
+            true => deinterleave_rows(&values, out, inp),
+            false => values,
+        })
+    }
+
+    /// Expert e's [out, in] in nibble's order written into `stored` ([in, out], its slice of the
+    /// checkpoint's [experts, in, out]), gate and up interleaved again.
+    pub fn store(&self, values: &[f32], stored: &mut [f32]) {
+        let (out, inp) = (self.out, self.inp);
+        let values = match self.gate_up {
+            true => interleave_rows(values, out, inp),
+            false => values.to_vec(),
+        };
+        for (o, row) in values.chunks_exact(inp).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                stored[i * out + o] = v;
+            }
+        }
+    }
 }
 
 /// A 2-D tensor as its checkpoint stores it, read a row at a time as f32.

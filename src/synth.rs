@@ -558,10 +558,7 @@ fn stored_shape(config: &ModelConfig, t: &crate::config::ExpectedTensor) -> Vec<
 
 /// The name a tensor is written under: gpt-oss's router is its checkpoints' `mlp.router`.
 fn stored_name(config: &ModelConfig, t: &crate::config::ExpectedTensor) -> String {
-    let gpt_oss = config
-        .moe
-        .as_ref()
-        .is_some_and(|m| m.family == crate::config::MoeFamily::GptOss);
+    let gpt_oss = config.moe_family() == Some(crate::config::MoeFamily::GptOss);
     let router = format!(".{}.", crate::config::ROUTER_MODULE);
     match gpt_oss {
         true => t.name.replace(&router, ".mlp.router."),

@@ -1340,3 +1340,104 @@ fn a_transformers_4_adapter_of_the_experts_loads_as_peft_converts_it() {
         );
     }
 }
+
+/// gpt-oss with its attention (all-linear) and expert stacks (`target_parameters`) adapted, merged
+/// from transformers' layout ([experts, in, out], each expert's gate and up columns interleaved) and
+/// from the hub's MXFP4 blocks, in f32 and onto the 4-bit weights: the merged folder holds the
+/// experts in transformers' layout (no blocks, no quantization_config left) and gives the adapted
+/// model's logits, so each expert's update lands on its own columns, gate and up interleaved again.
+#[test]
+fn gpt_oss_merges_into_its_own_layout_from_either_checkpoint() {
+    let qspec = nibble::quant::QuantSpec::new(nibble::quant::QuantFormat::Nf4, 64).unwrap();
+    for fixture in ["gpt_oss", "gpt_oss_mxfp4"] {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::path::PathBuf::from(format!("tests/fixtures/hf/{fixture}"));
+        let load = |request| {
+            ModelSource::open(&base)
+                .unwrap()
+                .load(Some(request))
+                .unwrap()
+        };
+        let (f32_model, trained_on) = (
+            load(QuantRequest::Dense),
+            load(QuantRequest::Quantize(qspec)),
+        );
+        let config = LoraConfig {
+            dropout: 0.0,
+            target_parameters: ["gate_up_proj", "down_proj"].map(String::from).to_vec(),
+            ..LoraConfig::default()
+        };
+        let mut rng = Rng::new(31);
+        let adapter = random_adapter(&f32_model, config, &mut rng);
+        for path in ["self_attn.q_proj", EXPERTS_GATE_UP, "mlp.experts.down_proj"] {
+            assert!(adapter.pair(&format!("model.layers.1.{path}")).is_some());
+        }
+        let adapter_dir = dir.path().join("adapter");
+        nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
+        let ids: Vec<u32> = (0..12).map(|_| rng.below(256) as u32).collect();
+        let adapted = cpu::logits(&f32_model, Some(&adapter), &ids).unwrap();
+        let plain = cpu::logits(&f32_model, None, &ids).unwrap();
+        assert!(
+            rel(&plain, &adapted) > 1e-3,
+            "{fixture}: the adapter changes nothing"
+        );
+        let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids, &[]), &adapted);
+        assert!(
+            e < 4e-6,
+            "{fixture}: merged in f32 {e:e} from the adapted model"
+        );
+        let trained = cpu::logits(&trained_on, Some(&adapter), &ids).unwrap();
+        let quantized = [
+            "--base-weights",
+            "quantized",
+            "--quant",
+            "nf4",
+            "--group-size",
+            "64",
+        ];
+        let merged = merged_f32_logits(&base, &adapter_dir, &ids, &quantized);
+        let e = rel(&merged, &trained);
+        assert!(
+            e < 4e-6,
+            "{fixture}: merged onto the 4-bit weights {e:e} from the trained model"
+        );
+
+        let merged = dir.path().join("merged");
+        let (model, adapter) = (base.to_str().unwrap(), adapter_dir.to_str().unwrap());
+        let o = nibble(&[
+            "merge",
+            "--model",
+            model,
+            "--adapter",
+            adapter,
+            "-o",
+            merged.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let file =
+            nibble::source::SafetensorsFile::open(&merged.join("model.safetensors")).unwrap();
+        let moe = f32_model.config.moe.as_ref().unwrap();
+        let (h, i, experts) = (f32_model.config.hidden_size, moe.inter, moe.experts);
+        let stack = file
+            .info("model.layers.0.mlp.experts.gate_up_proj")
+            .unwrap();
+        assert_eq!(stack.shape, [experts, h, 2 * i], "{fixture}");
+        let down = file.info("model.layers.0.mlp.experts.down_proj").unwrap();
+        assert_eq!(down.shape, [experts, i, h], "{fixture}");
+        let names: Vec<&String> = file.tensor_names().collect();
+        assert!(
+            names.iter().any(|n| n.ends_with("mlp.router.weight")),
+            "{names:?}"
+        );
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.ends_with("_blocks") && !n.ends_with("_scales"))
+        );
+        let config = std::fs::read_to_string(merged.join("config.json")).unwrap();
+        assert!(
+            !config.contains("quantization_config"),
+            "{fixture}: {config}"
+        );
+    }
+}
