@@ -9,8 +9,10 @@ per layer, capped logits, per-layer inputs whose two linears are adapted too, tw
 first two's keys and values with double-wide MLPs), Ministral 3 (YaRN, the per-position query scale)
 and Qwen3-MoE (8 experts, 2 per token, a dense layer between two sparse ones; all-linear: LoRA on the attention,
 the routers and the experts), Qwen2-MoE (as Qwen3-MoE's, weights as routed, a shared expert of width 192 gated
-per token; all-linear and the routers and experts as target_parameters), and Mixtral (Mistral's attention with a window of 8, 4 experts in each of two
-layers; all-linear) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
+per token; all-linear and the routers and experts as target_parameters), Mixtral (Mistral's attention with a window of 8, 4 experts in each of two
+layers; all-linear) and gpt-oss (biased attention with sinks, a sliding and a full layer, 4 biased experts
+stored [experts, in, out] with gate and up interleaved, the clamped SwiGLU; all-linear and the experts as
+target_parameters) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
 chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
 linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
 dropout 0, batch 1 with gradient accumulation 2, constant
@@ -46,8 +48,15 @@ FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_
             # PEFT converts no names for qwen2_moe's own model type: all-linear adapts the attention,
             # the dense MLP and the shared experts with their gates; the routers and experts are named
             # as target_parameters (at rank r).
-            "qwen2_moe": "all-linear"}
-TARGET_PARAMETERS = {"qwen2_moe": ["gate.weight", "gate_up_proj", "down_proj"]}
+            "qwen2_moe": "all-linear",
+            # PEFT's all-linear adapts gpt-oss's attention alone; its experts (stored [experts, in,
+            # out], gate and up columns interleaved) are named as target_parameters, its router not.
+            "gpt_oss": "all-linear"}
+TARGET_PARAMETERS = {"qwen2_moe": ["gate.weight", "gate_up_proj", "down_proj"],
+                     "gpt_oss": ["gate_up_proj", "down_proj"]}
+# Stacks of experts stored [experts, in, out]: nibble packs them as [experts, out, in], groups of 64
+# along each row of that.
+TRANSPOSED_EXPERTS = ("gpt_oss",)
 STEPS, ACCUM, LR, MAX_NORM = 3, 2, 1e-3, 1.0
 CHATS = [
     ("Be brief.", "What is LoRA?", "Low-rank adapters on frozen weights."),
@@ -70,7 +79,7 @@ def load_base(folder, targets):
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     # nibble packs every decoder linear in 4 bits, and a mixture-of-experts layer's stacked experts
     # ([experts, rows, cols]: groups of 64 along each row, as nibble's); its router stays dense.
-    moe = base.config.model_type in ("qwen3_moe", "mixtral", "qwen2_moe")
+    moe = base.config.model_type in ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
     if moe:
         # transformers' default (grouped_mm) has no float64; the loop over experts equals it in f32.
         base.set_experts_implementation("eager")
@@ -80,8 +89,12 @@ def load_base(folder, targets):
             if name.split(".")[-1] in names:
                 module.weight.copy_(nf4(module.weight.data))
         for name, p in base.named_parameters():
-            if moe and name.split(".")[-2] == "experts":
-                p.copy_(nf4(p.data))
+            # The experts' weights, not gpt-oss's biases beside them.
+            if moe and name.split(".")[-2] == "experts" and not name.endswith("_bias"):
+                if base.config.model_type in TRANSPOSED_EXPERTS:
+                    p.copy_(nf4(p.data.transpose(1, 2).contiguous()).transpose(1, 2))
+                else:
+                    p.copy_(nf4(p.data))
     return base
 
 
@@ -158,7 +171,8 @@ def make(family, targets):
     out = os.path.join(OUT, family)
     os.makedirs(out)
     model_dir = os.path.join(out, "model")
-    preset = "tiny-" + {"qwen3_moe": "qwen3-moe", "qwen2_moe": "qwen2-moe"}.get(family, family.split("_")[0])
+    preset = "tiny-" + {"qwen3_moe": "qwen3-moe", "qwen2_moe": "qwen2-moe", "gpt_oss": "gpt-oss"}.get(
+        family, family.split("_")[0])
     nibble("synth", "--preset", preset, "--tokenizer", "byte", "--seed", "3", "--output", model_dir)
     rows = []
     for system, user, assistant in CHATS:

@@ -974,8 +974,10 @@ impl ModelConfig {
             .unwrap_or(num_heads);
         let head_dim = match fields.opt_usize("head_dim")? {
             Some(d) => d,
-            // Gemma3TextConfig's default.
+            // The config classes' own defaults (Gemma3TextConfig's, Qwen3Config's, ...).
             None if arch.is_gemma() => 256,
+            None if moe == Some(MoeFamily::GptOss) => 64,
+            None if (arch == Arch::Qwen3 && moe.is_none()) || arch == Arch::Ministral3 => 128,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(err(format!(
@@ -1031,16 +1033,33 @@ impl ModelConfig {
 
         // Gemma 3 nests RoPE per layer type (transformers 5) or names the sliding layers' base
         // `rope_local_base_freq` (4.x); its global layers' settings parse as any family's.
-        let (rope_fields, local_rope_theta) = gemma_rope_fields(&fields, arch)?;
-        let (rope_theta, rope_scaling, rotary_factor) = parse_rope(
-            &Fields {
-                obj: &rope_fields,
-                err: &err,
-            },
-            arch,
-        )?;
+        let (mut rope_fields, local_rope_theta) = gemma_rope_fields(&fields, arch)?;
+        let given = |key: &str| rope_fields.get(key).is_some_and(|v| !v.is_null());
+        if !given("rope_parameters")
+            && !given("rope_scaling")
+            && let Some(default) = default_rope_parameters(arch, moe)
+        {
+            rope_fields.insert("rope_parameters".into(), default);
+        }
+        let default_theta = match moe {
+            Some(MoeFamily::Mixtral) => 1_000_000.0,
+            Some(MoeFamily::GptOss) => 150_000.0,
+            _ => arch.default_rope_theta(),
+        };
+        let rope_fields = Fields {
+            obj: &rope_fields,
+            err: &err,
+        };
+        let (rope_theta, rope_scaling, rotary_factor) =
+            parse_rope(&rope_fields, arch, default_theta)?;
         // Values that would leave every loss NaN at the first step rather than fail here.
-        let rms_norm_eps = fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        // The config classes' defaults.
+        let default_eps = match (arch, moe) {
+            (_, Some(MoeFamily::Mixtral | MoeFamily::GptOss))
+            | (Arch::Phi3 | Arch::Ministral3, _) => 1e-5,
+            _ => 1e-6,
+        };
+        let rms_norm_eps = fields.opt_f64("rms_norm_eps")?.unwrap_or(default_eps);
         let positive = |v: f64| v > 0.0 && v.is_finite();
         let bad = if !(rms_norm_eps >= 0.0 && rms_norm_eps.is_finite()) {
             Some(("rms_norm_eps", rms_norm_eps, "0 or more"))
@@ -1096,7 +1115,7 @@ impl ModelConfig {
             }
         }
         let query_position_scale = match arch {
-            Arch::Ministral3 => Some(parse_query_position_scale(&fields, &rope_scaling)?),
+            Arch::Ministral3 => Some(parse_query_position_scale(&rope_fields, &rope_scaling)?),
             _ => None,
         };
         let num_layers = fields.usize("num_hidden_layers")?;
@@ -1208,7 +1227,7 @@ impl ModelConfig {
                 "these sizes describe more than {MAX_PARAMETERS} parameters, beyond any model nibble can hold"
             )));
         }
-        config.layers = parse_layer_attention(&fields, arch, num_layers)?;
+        config.layers = parse_layer_attention(&fields, (arch, moe), num_layers)?;
         for layer in &mut config.layers {
             (layer.head_dim, layer.kv_heads) = (head_dim, num_kv_heads);
         }
@@ -1705,7 +1724,7 @@ impl ModelConfig {
 /// config's `layer_types`, or the family's default), the window, and SmolLM3's layers without RoPE.
 fn parse_layer_attention(
     fields: &Fields,
-    arch: Arch,
+    (arch, moe): (Arch, Option<MoeFamily>),
     num_layers: usize,
 ) -> Result<Vec<LayerAttention>> {
     let err = fields.err;
@@ -1713,6 +1732,8 @@ fn parse_layer_attention(
     // A present `null` turns the window off; an absent key is 4096 in Mistral's, Ministral's,
     // Qwen2's and Qwen3's config classes (which still need use_sliding_window), none in SmolLM3's.
     let given_window = match fields.obj.get("sliding_window") {
+        None if moe == Some(MoeFamily::Mixtral) => None,
+        None if moe == Some(MoeFamily::GptOss) => Some(128),
         None => match arch {
             Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
                 Some(4096)
@@ -1773,6 +1794,8 @@ fn parse_layer_attention(
                 }
             })?
         }
+        // GptOssConfig's: sliding and full layers in turn.
+        _ if moe == Some(MoeFamily::GptOss) => (0..num_layers).map(|l| l % 2 == 0).collect(),
         _ => match arch {
             Arch::Qwen2 | Arch::Qwen3 => {
                 let first = fields.opt_usize("max_window_layers")?.unwrap_or(28);
@@ -2201,10 +2224,28 @@ fn gemma_rope_fields(fields: &Fields, arch: Arch) -> Result<(Map<String, Value>,
     Ok((obj, Some(local)))
 }
 
+/// The RoPE settings transformers' config class gives a family whose config.json names neither
+/// `rope_parameters` nor `rope_scaling` (nor their values as null): YaRN for gpt-oss (GptOssConfig,
+/// whose base stays the config's `rope_theta` or 150,000) and Ministral 3 (Ministral3Config, with its
+/// own base and queries' scale).
+fn default_rope_parameters(arch: Arch, moe: Option<MoeFamily>) -> Option<Value> {
+    match (arch, moe) {
+        (_, Some(MoeFamily::GptOss)) => Some(serde_json::json!({
+            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": false, "original_max_position_embeddings": 4096,
+        })),
+        (Arch::Ministral3, _) => Some(serde_json::json!({
+            "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0,
+            "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1,
+        })),
+        _ => None,
+    }
+}
+
 /// RoPE's base, its scaling, and the part of each head it rotates (`partial_rotary_factor`, at the top
-/// level or in `rope_parameters`).
-fn parse_rope(fields: &Fields, arch: Arch) -> Result<(f64, RopeScaling, f64)> {
-    let default_theta = arch.default_rope_theta();
+/// level or in `rope_parameters`); `default_theta` where the config gives no base.
+fn parse_rope(fields: &Fields, arch: Arch, default_theta: f64) -> Result<(f64, RopeScaling, f64)> {
     let nested = match fields.obj.get("rope_parameters") {
         Some(Value::Object(p)) => p.get("partial_rotary_factor").and_then(Value::as_f64),
         _ => None,

@@ -16,6 +16,7 @@
 mod common;
 
 use common::{fixture, rel};
+use nibble::config::RopeScaling;
 use nibble::cpu;
 use nibble::lora::Factor;
 
@@ -282,5 +283,49 @@ fn a_gpt_oss_adapter_saves_as_peft_wrote_it() {
             ours.read_f32(name).unwrap() == theirs.read_f32(name).unwrap(),
             "{name}"
         );
+    }
+}
+
+/// A config.json that gives a family's dimensions alone reads as transformers' config class fills it
+/// in (tests/fixtures/config_defaults.json, scripts/make_config_defaults_fixture.py): the RMSNorm
+/// epsilon, the head size, each layer's attention window, RoPE's base, type and factor (gpt-oss's and
+/// Ministral 3's YaRN when none is given), and whether the embedding is tied.
+#[test]
+fn configs_that_name_only_dimensions_take_transformers_defaults() {
+    let text = std::fs::read_to_string("tests/fixtures/config_defaults.json").unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (family, case) in fixture["cases"].as_object().unwrap() {
+        let c = nibble::config::ModelConfig::from_json_str(
+            &case["config"].to_string(),
+            std::path::Path::new("config.json"),
+        )
+        .unwrap_or_else(|e| panic!("{family}: {e}"));
+        let eps = case["rms_norm_eps"].as_f64().unwrap();
+        assert_eq!(c.rms_norm_eps, eps, "{family}: rms_norm_eps");
+        let head_dim = case["head_dim"].as_u64().unwrap() as usize;
+        assert_eq!(c.head_dim, head_dim, "{family}: head_dim");
+        let windows: Vec<Option<usize>> = case["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_u64().map(|w| w as usize))
+            .collect();
+        let ours: Vec<Option<usize>> = c.layers.iter().map(|l| l.window).collect();
+        assert_eq!(ours, windows, "{family}: each layer's window");
+        assert_eq!(
+            c.rope_theta,
+            case["rope_theta"].as_f64().unwrap(),
+            "{family}: rope_theta"
+        );
+        let factor = case["rope_factor"].as_f64();
+        match (case["rope_type"].as_str().unwrap(), &c.rope_scaling) {
+            ("default", RopeScaling::None) => {}
+            ("yarn", RopeScaling::Yarn { factor: f, .. }) => {
+                assert_eq!(Some(*f), factor, "{family}: YaRN's factor")
+            }
+            (theirs, ours) => panic!("{family}: rope {theirs} read as {ours:?}"),
+        }
+        let tied = case["tie_word_embeddings"].as_bool().unwrap();
+        assert_eq!(c.tie_word_embeddings, tied, "{family}: tie_word_embeddings");
     }
 }
