@@ -2,7 +2,8 @@
 //! adapter (NF4 group 64 emulated exactly, dropout 0, constant lr, gradient accumulation 2, clipping),
 //! for Qwen2, Gemma 3, Phi-3 (fused projections), Gemma 4 (E2B's per-layer inputs and shared keys and
 //! values beside 31B's values from k_proj), Ministral 3, Qwen3-MoE and Mixtral (all-linear, PEFT's
-//! LoRA on the attention, the routers and every expert) and Qwen2-MoE (a shared expert beside them): fixtures from scripts/make_train_fixtures.py, which
+//! LoRA on the attention, the routers and every expert), Qwen2-MoE (a shared expert beside them) and
+//! gpt-oss (sinks, biased experts stored [experts, in, out] and interleaved, the clamped SwiGLU): fixtures from scripts/make_train_fixtures.py, which
 //! also checks that PEFT loads the adapters nibble writes with no missing or unexpected keys and that
 //! transformers loads the folders `nibble merge` writes (recorded in each expected.json, read here). Per-step losses and gradient norms must agree to 1e-4
 //! relative and the LoRA updates (final minus initial) to 1e-3 relative norm, on the CPU executor and on
@@ -30,8 +31,9 @@ fn adapter(dir: &Path) -> SafetensorsFile {
 /// (all-linear): 7 in each of 2 layers. Qwen2-MoE (all-linear, which PEFT does not convert there,
 /// and the routers and experts as target_parameters): the attention's 4 in each of 3 layers, the
 /// dense layer's MLP's 3, and in each of the 2 sparse ones the shared expert's 3 linears and its gate,
-/// the router and the two stacks.
-const FAMILIES: [(&str, usize); 8] = [
+/// the router and the two stacks. gpt-oss (all-linear: the attention's 4, and its two stacks of
+/// experts as target_parameters) in each of 2 layers.
+const FAMILIES: [(&str, usize); 9] = [
     ("qwen2", 14),
     ("gemma3_text", 14),
     ("phi3", 8),
@@ -40,6 +42,7 @@ const FAMILIES: [(&str, usize); 8] = [
     ("qwen3_moe", 18),
     ("mixtral", 14),
     ("qwen2_moe", 29),
+    ("gpt_oss", 12),
 ];
 
 /// Every family on `device`; `NIBBLE_PARITY_ONLY=<family>` runs that one alone (for debugging).
@@ -240,7 +243,7 @@ fn check_family(device: &str, family: &str, linears: usize, variant: Option<Vari
 }
 
 /// Measured (CPU and lavapipe): losses and grad norms within 9.3e-7, LoRA updates within 9.7e-6
-/// (1.5e-5 for Gemma 4's) (relative); held to about ten times that. Gemma's k_proj A behind its k norm is the exception: there
+/// (1.5e-5 for Gemma 4's, 1.1e-5 for gpt-oss's gate_up B) (relative); held to about ten times that. Gemma's k_proj A behind its k norm is the exception: there
 /// transformers' own float32 run is 5.1e-4 from its float64 one (AdamW divides each element by its own
 /// magnitude), and nibble 1.8e-4 (CPU) and 5.2e-4 (lavapipe) from transformers' float32; each update
 /// is held to four times that noise where it exceeds the tolerance.
