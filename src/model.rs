@@ -84,6 +84,18 @@ impl DenseTensor {
         DenseTensor { rows, cols, data }
     }
 
+    /// `more`'s rows after these (both of one dtype and width).
+    fn append_rows(&mut self, more: DenseTensor) {
+        assert_eq!(self.cols, more.cols, "append_rows: one width");
+        match (&mut self.data, more.data) {
+            (DenseData::F32(a), DenseData::F32(b)) => a.extend(b),
+            (DenseData::F16(a), DenseData::F16(b)) => a.extend(b),
+            (DenseData::BF16(a), DenseData::BF16(b)) => a.extend(b),
+            _ => panic!("append_rows: one dtype"),
+        }
+        self.rows += more.rows;
+    }
+
     fn from_raw(dtype: FloatDtype, rows: usize, cols: usize, raw: &[u8]) -> Self {
         // In parallel: an embedding table is hundreds of megabytes read from the mapped file. Written
         // into memory advised for huge pages first (the output projection is read once per token).
@@ -1543,13 +1555,12 @@ impl ModelSource {
         let expert = |e| stack.expert(e);
         let (file, dtype) = (stack.file, stack.dtype);
         let Some(spec) = quant else {
-            let mut values = Vec::with_capacity(rows * inp);
+            // Stacked in the stored dtype expert by expert: never the whole stack in f32.
+            let mut whole = DenseTensor::from_f32(dtype, 0, inp, &[]);
             for e in 0..experts {
-                values.extend(expert(e)?);
+                whole.append_rows(DenseTensor::from_f32(dtype, out, inp, &expert(e)?));
             }
-            return Ok(LinearWeight::Dense(DenseTensor::from_f32(
-                dtype, rows, inp, &values,
-            )));
+            return Ok(LinearWeight::Dense(whole));
         };
         let mut whole = QuantTensor {
             spec,
