@@ -769,9 +769,19 @@ pub fn resolve_among(
                 .collect();
             names.sort();
             names.dedup();
+            // transformers 4 held a mixture's routers as linears (`mlp.gate`), and PEFT's adapters
+            // of that time name them so; transformers 5 holds a weight without a linear around it.
+            let router = match t.rsplit('.').next() == Some("gate") {
+                true => {
+                    "; a mixture of experts' router is a parameter, not a linear layer, since \
+                     transformers 5: adapt it with --target-parameters gate.weight (an adapter \
+                     saved with transformers 4 that names it needs PEFT's conversion for its family)"
+                }
+                false => "",
+            };
             return Err(Error::Invalid(format!(
                 "target module `{t}` names no linear layer of this model (its linear layers: {}, \
-                 or all-linear; a longer path such as {} picks one)",
+                 or all-linear; a longer path such as {} picks one){router}",
                 names.join(", "),
                 linears.first().map_or("", |(p, _, _)| p.as_str())
             )));

@@ -1474,6 +1474,19 @@ fn a_qwen2_moe_model_trains_its_shared_experts_and_named_experts() {
             .all(|k| !k.contains("experts.lora") && !k.contains("mlp.gate."))
     );
 
+    // transformers 4's router was a linear `mlp.gate`: named as a module now, the error says how
+    // to adapt it.
+    let o = train(
+        &dir.path().join("router"),
+        &["--target-modules", "q_proj,gate"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("target module `gate`") && err.contains("--target-parameters gate.weight"),
+        "{err}"
+    );
+
     let named = ["--target-parameters", "gate.weight,gate_up_proj,down_proj"];
     let experts = dir.path().join("experts");
     let o = train(&experts, &named);
