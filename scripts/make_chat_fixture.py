@@ -82,11 +82,13 @@ FAMILY_TEMPLATES = {
     "mistral-nemo-instruct-2407": {"bos_token": "<s>", "eos_token": "</s>"},
     "gemma4-it": {"bos_token": "<bos>", "eos_token": "<eos>"},
     "smollm3-3b": {"eos_token": "<|im_end|>"},
+    "openai-gpt-oss": {"bos_token": "<|startoftext|>", "eos_token": "<|return|>"},
 }
-# SmolLM3's template writes today's date into every system turn: its renders record the date they
-# carry, which the test replaces by the day it runs.
+# SmolLM3's and gpt-oss's templates write today's date into every system turn: their renders record the
+# date they carry (and its format), which the test replaces by the day it runs.
 import datetime
-TODAY = datetime.datetime.now().strftime("%d %B %Y")
+DATE_FORMATS = {"smollm3-3b": "%d %B %Y", "openai-gpt-oss": "%Y-%m-%d"}
+NOW = datetime.datetime.now()
 family_conversations = conversations + [
     # Two user turns in a row: Gemma's and Mistral's templates refuse it.
     [{"role": "user", "content": "One"}, {"role": "user", "content": "Two"}],
@@ -95,6 +97,12 @@ family_conversations = conversations + [
     # A system turn after the first message.
     [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Late system"},
      {"role": "assistant", "content": "Hello"}],
+    # Reasoning beside the answers (gpt-oss's `thinking`, which transformers also hands over as
+    # `reasoning_content`): gpt-oss's template renders the last turn's alone, in training.
+    [{"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4", "thinking": "Two and two make four."},
+     {"role": "user", "content": "And 3+3?"},
+     {"role": "assistant", "content": "6", "thinking": "Three and three."}],
 ]
 family_cases = {}
 for name, special in FAMILY_TEMPLATES.items():
@@ -116,8 +124,9 @@ for name, special in FAMILY_TEMPLATES.items():
                 case["error"] = str(e)
             rendered.append(case)
     family_cases[name] = {"special_tokens": special, "cases": rendered}
-    if "Today Date" in template:
-        family_cases[name]["date"] = TODAY
+    if name in DATE_FORMATS:
+        family_cases[name]["date"] = NOW.strftime(DATE_FORMATS[name])
+        family_cases[name]["date_format"] = DATE_FORMATS[name]
 with open("tests/fixtures/templates/rendered.json", "w") as f:
     json.dump({"transformers": transformers.__version__, "templates": family_cases}, f, ensure_ascii=False,
               indent=1)

@@ -156,8 +156,9 @@ struct FamilyCase {
 struct FamilyTemplate {
     special_tokens: std::collections::BTreeMap<String, String>,
     cases: Vec<FamilyCase>,
-    /// The date (as `strftime_now("%d %B %Y")`) in renders of a template that writes today's.
+    /// The date in renders of a template that writes today's, and its `strftime_now` format.
     date: Option<String>,
+    date_format: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -184,8 +185,9 @@ fn family_tokenizer(
 }
 
 /// The released chat templates of Gemma 3, Phi-3.5, Phi-4-mini, Mistral Small 3.2 and Mistral Nemo,
-/// and the Gemma 4 and SmolLM3 ones inference engines ship (tests/fixtures/templates/, sources in
-/// SOURCES.md there: macros, recursion, `dictsort`, `map`, today's date) render as transformers renders them, with
+/// and the Gemma 4, SmolLM3 and gpt-oss (harmony: the last turn's `thinking` in training) ones inference
+/// engines ship (tests/fixtures/templates/, sources in SOURCES.md there: macros, recursion, `dictsort`,
+/// `map`, namespaces, today's date in two formats) render as transformers renders them, with
 /// each family's special tokens from tokenizer_config.json; where transformers raises (Gemma's and
 /// Mistral's templates refuse two user turns in a row), nibble errors with the template's message.
 #[test]
@@ -194,7 +196,7 @@ fn family_templates_render_as_transformers_does() {
     let fixture: FamilyFixture =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/rendered.json")).unwrap())
             .unwrap();
-    assert_eq!(fixture.templates.len(), 7);
+    assert_eq!(fixture.templates.len(), 8);
     for (name, family) in &fixture.templates {
         let tok = family_tokenizer(&dir, name, &family.special_tokens);
         let mut errors = 0;
@@ -202,9 +204,9 @@ fn family_templates_render_as_transformers_does() {
             let ours = tok.apply_chat_template(&case.messages, case.add_generation_prompt);
             match (&case.text, &case.error, ours) {
                 (Some(text), None, Ok(ours)) => {
-                    let text = match &family.date {
-                        Some(then) => text.replace(then.as_str(), &today()),
-                        None => text.clone(),
+                    let text = match (&family.date, &family.date_format) {
+                        (Some(then), Some(format)) => text.replace(then.as_str(), &today(format)),
+                        _ => text.clone(),
                     };
                     assert_eq!(ours, text, "{name} case {i}")
                 }
@@ -228,13 +230,24 @@ fn family_templates_render_as_transformers_does() {
     }
 }
 
-/// Today as transformers' `strftime_now("%d %B %Y")` writes it, through a template of one call: a
-/// two-digit day, an English month name and the year, as the fixture's own date is written.
-fn today() -> String {
+/// Today in `format`, through a template of one `strftime_now` call, checked to be written as
+/// transformers writes it (for "%d %B %Y": a two-digit day, an English month name and the year; for
+/// "%Y-%m-%d", ISO 8601's).
+fn today(format: &str) -> String {
     let mut files = qwen25_tokenizer();
-    files.chat_template_jinja = Some(r#"{{ strftime_now("%d %B %Y") }}"#.into());
+    files.chat_template_jinja = Some(format!(r#"{{{{ strftime_now("{format}") }}}}"#));
     let tok = ChatTokenizer::from_files(&files, Path::new("today")).unwrap();
     let today = tok.apply_chat_template(&[], false).unwrap();
+    if format == "%Y-%m-%d" {
+        let parts: Vec<&str> = today.split('-').collect();
+        let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+        assert!(
+            parts.len() == 3 && digits(parts[0], 4) && digits(parts[1], 2) && digits(parts[2], 2),
+            "{today}"
+        );
+        return today;
+    }
+    assert_eq!(format, "%d %B %Y", "a format this test knows");
     const MONTHS: [&str; 12] = [
         "January",
         "February",
