@@ -1,8 +1,9 @@
 """Writes tests/fixtures/config_defaults.json: what transformers' config classes make of a config.json that
 gives a family's dimensions and nothing else (every other field left to the class's defaults), for each
-text family nibble reads: the RMSNorm epsilon, the head size, each layer's attention window, RoPE's base,
-type and factor, and whether the embedding is tied. tests/config_defaults.rs parses the same JSON with
-nibble and compares.
+text family nibble reads: the RMSNorm epsilon, the head size, each layer's attention window, RoPE's
+resolved parameters (the full layers' where they differ by layer type) and the rotary embedding's
+attention scaling, the query scale's beta (Ministral 3), and whether the embedding is tied.
+tests/hf_parity.rs parses the same JSON with nibble and compares.
 
 Each layer's window is its attention module's `sliding_window` where the module keeps one; Mistral's,
 Mixtral's, Ministral 3's and Phi-3's modules pass `config.sliding_window` to every layer's attention
@@ -45,6 +46,10 @@ for model_type in TYPES:
     rope = config.rope_parameters
     if "full_attention" in rope:
         rope = rope["full_attention"]
+    rotary = model.model.rotary_emb
+    scaling = getattr(rotary, "attention_scaling", None)
+    if scaling is None:
+        scaling = rotary.full_attention_attention_scaling
     cases[model_type] = {
         "config": {"model_type": model_type, **DIMS},
         "rms_norm_eps": config.rms_norm_eps,
@@ -53,6 +58,8 @@ for model_type in TYPES:
         "rope_theta": rope["rope_theta"],
         "rope_type": rope.get("rope_type", rope.get("type")),
         "rope_factor": rope.get("factor"),
+        "rope": rope,
+        "attention_scaling": scaling,
         "tie_word_embeddings": config.tie_word_embeddings,
     }
     print(model_type, cases[model_type])

@@ -974,10 +974,8 @@ impl ModelConfig {
             .unwrap_or(num_heads);
         let head_dim = match fields.opt_usize("head_dim")? {
             Some(d) => d,
-            // The config classes' own defaults (Gemma3TextConfig's, Qwen3Config's, ...).
+            // Gemma3TextConfig's default.
             None if arch.is_gemma() => 256,
-            None if moe == Some(MoeFamily::GptOss) => 64,
-            None if (arch == Arch::Qwen3 && moe.is_none()) || arch == Arch::Ministral3 => 128,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(err(format!(
@@ -1033,33 +1031,16 @@ impl ModelConfig {
 
         // Gemma 3 nests RoPE per layer type (transformers 5) or names the sliding layers' base
         // `rope_local_base_freq` (4.x); its global layers' settings parse as any family's.
-        let (mut rope_fields, local_rope_theta) = gemma_rope_fields(&fields, arch)?;
-        let given = |key: &str| rope_fields.get(key).is_some_and(|v| !v.is_null());
-        if !given("rope_parameters")
-            && !given("rope_scaling")
-            && let Some(default) = default_rope_parameters(arch, moe)
-        {
-            rope_fields.insert("rope_parameters".into(), default);
-        }
-        let default_theta = match moe {
-            Some(MoeFamily::Mixtral) => 1_000_000.0,
-            Some(MoeFamily::GptOss) => 150_000.0,
-            _ => arch.default_rope_theta(),
-        };
-        let rope_fields = Fields {
-            obj: &rope_fields,
-            err: &err,
-        };
-        let (rope_theta, rope_scaling, rotary_factor) =
-            parse_rope(&rope_fields, arch, default_theta)?;
+        let (rope_fields, local_rope_theta) = gemma_rope_fields(&fields, arch)?;
+        let (rope_theta, rope_scaling, rotary_factor) = parse_rope(
+            &Fields {
+                obj: &rope_fields,
+                err: &err,
+            },
+            arch,
+        )?;
         // Values that would leave every loss NaN at the first step rather than fail here.
-        // The config classes' defaults.
-        let default_eps = match (arch, moe) {
-            (_, Some(MoeFamily::Mixtral | MoeFamily::GptOss))
-            | (Arch::Phi3 | Arch::Ministral3, _) => 1e-5,
-            _ => 1e-6,
-        };
-        let rms_norm_eps = fields.opt_f64("rms_norm_eps")?.unwrap_or(default_eps);
+        let rms_norm_eps = fields.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
         let positive = |v: f64| v > 0.0 && v.is_finite();
         let bad = if !(rms_norm_eps >= 0.0 && rms_norm_eps.is_finite()) {
             Some(("rms_norm_eps", rms_norm_eps, "0 or more"))
@@ -1115,7 +1096,7 @@ impl ModelConfig {
             }
         }
         let query_position_scale = match arch {
-            Arch::Ministral3 => Some(parse_query_position_scale(&rope_fields, &rope_scaling)?),
+            Arch::Ministral3 => Some(parse_query_position_scale(&fields, &rope_scaling)?),
             _ => None,
         };
         let num_layers = fields.usize("num_hidden_layers")?;
@@ -1227,7 +1208,7 @@ impl ModelConfig {
                 "these sizes describe more than {MAX_PARAMETERS} parameters, beyond any model nibble can hold"
             )));
         }
-        config.layers = parse_layer_attention(&fields, (arch, moe), num_layers)?;
+        config.layers = parse_layer_attention(&fields, arch, num_layers)?;
         for layer in &mut config.layers {
             (layer.head_dim, layer.kv_heads) = (head_dim, num_kv_heads);
         }
@@ -1724,7 +1705,7 @@ impl ModelConfig {
 /// config's `layer_types`, or the family's default), the window, and SmolLM3's layers without RoPE.
 fn parse_layer_attention(
     fields: &Fields,
-    (arch, moe): (Arch, Option<MoeFamily>),
+    arch: Arch,
     num_layers: usize,
 ) -> Result<Vec<LayerAttention>> {
     let err = fields.err;
@@ -1732,8 +1713,6 @@ fn parse_layer_attention(
     // A present `null` turns the window off; an absent key is 4096 in Mistral's, Ministral's,
     // Qwen2's and Qwen3's config classes (which still need use_sliding_window), none in SmolLM3's.
     let given_window = match fields.obj.get("sliding_window") {
-        None if moe == Some(MoeFamily::Mixtral) => None,
-        None if moe == Some(MoeFamily::GptOss) => Some(128),
         None => match arch {
             Arch::Mistral | Arch::Ministral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => {
                 Some(4096)
@@ -1794,8 +1773,6 @@ fn parse_layer_attention(
                 }
             })?
         }
-        // GptOssConfig's: sliding and full layers in turn.
-        _ if moe == Some(MoeFamily::GptOss) => (0..num_layers).map(|l| l % 2 == 0).collect(),
         _ => match arch {
             Arch::Qwen2 | Arch::Qwen3 => {
                 let first = fields.opt_usize("max_window_layers")?.unwrap_or(28);
@@ -2224,28 +2201,10 @@ fn gemma_rope_fields(fields: &Fields, arch: Arch) -> Result<(Map<String, Value>,
     Ok((obj, Some(local)))
 }
 
-/// The RoPE settings transformers' config class gives a family whose config.json names neither
-/// `rope_parameters` nor `rope_scaling` (nor their values as null): YaRN for gpt-oss (GptOssConfig,
-/// whose base stays the config's `rope_theta` or 150,000) and Ministral 3 (Ministral3Config, with its
-/// own base and queries' scale).
-fn default_rope_parameters(arch: Arch, moe: Option<MoeFamily>) -> Option<Value> {
-    match (arch, moe) {
-        (_, Some(MoeFamily::GptOss)) => Some(serde_json::json!({
-            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-            "truncate": false, "original_max_position_embeddings": 4096,
-        })),
-        (Arch::Ministral3, _) => Some(serde_json::json!({
-            "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0,
-            "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
-            "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1,
-        })),
-        _ => None,
-    }
-}
-
 /// RoPE's base, its scaling, and the part of each head it rotates (`partial_rotary_factor`, at the top
-/// level or in `rope_parameters`); `default_theta` where the config gives no base.
-fn parse_rope(fields: &Fields, arch: Arch, default_theta: f64) -> Result<(f64, RopeScaling, f64)> {
+/// level or in `rope_parameters`).
+fn parse_rope(fields: &Fields, arch: Arch) -> Result<(f64, RopeScaling, f64)> {
+    let default_theta = arch.default_rope_theta();
     let nested = match fields.obj.get("rope_parameters") {
         Some(Value::Object(p)) => p.get("partial_rotary_factor").and_then(Value::as_f64),
         _ => None,
@@ -2489,9 +2448,12 @@ fn original_positions(fields: &Fields, sub: &Fields) -> Result<f64> {
     Ok(original)
 }
 
-/// `obj` with the fields it leaves out filled in as the config class of `model_type` fills them, for the
-/// classes whose defaults released configs lean on (Gemma3TextConfig, Ministral3Config); None for the
-/// others.
+/// `obj` with the fields it leaves out filled in as the config class of `model_type` fills them
+/// (tests/fixtures/config_defaults.json checks them against transformers'), where they differ from
+/// what nibble takes for a missing field (RMSNorm epsilon 1e-6, hidden_size / heads per head, the
+/// arch's RoPE base, plain RoPE, ...): the sizes released multimodal configs lean on (Gemma3TextConfig,
+/// Gemma4TextConfig, Ministral3Config), and the epsilon, head size, window and RoPE of Ministral 3,
+/// gpt-oss, Mixtral, Qwen3 and Phi-3. None for the others.
 fn class_defaults(model_type: &str, obj: &Map<String, Value>) -> Option<Map<String, Value>> {
     let sizes: &[(&str, u64)] = match model_type {
         "gemma3_text" => &[
@@ -2525,28 +2487,72 @@ fn class_defaults(model_type: &str, obj: &Map<String, Value>) -> Option<Map<Stri
             ("head_dim", 128),
             ("max_position_embeddings", 262144),
         ],
+        "gpt_oss" => &[("head_dim", 64), ("sliding_window", 128)],
+        "qwen3" => &[("head_dim", 128)],
+        "mixtral" | "phi3" => &[],
         _ => return None,
     };
     let mut with = obj.clone();
     for &(key, value) in sizes {
         with.entry(key).or_insert(value.into());
     }
-    if model_type == "ministral3" {
+    if matches!(model_type, "ministral3" | "gpt_oss" | "mixtral" | "phi3") {
         with.entry("rms_norm_eps").or_insert(1e-5.into());
-        // Ministral3Config's RoPE when a config gives none (8B's).
-        let absent = |key| with.get(key).is_none_or(Value::is_null);
-        if absent("rope_parameters") && absent("rope_scaling") {
-            let max = with["max_position_embeddings"].clone();
-            with.insert(
-                "rope_parameters".into(),
-                serde_json::json!({
-                    "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
-                    "original_max_position_embeddings": 16384,
-                    "max_position_embeddings": max, "beta_fast": 32.0, "beta_slow": 1.0,
-                    "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1,
-                }),
-            );
-        }
+    }
+    // The classes' `default_theta` where it is not the arch's.
+    let theta = match model_type {
+        "gpt_oss" => Some(150_000.0),
+        "mixtral" => Some(1e6),
+        _ => None,
+    };
+    if let Some(theta) = theta {
+        with.entry("rope_theta").or_insert(theta.into());
+    }
+    // MixtralConfig slides nowhere unless told (Mistral's attention, whose class slides at 4096).
+    if model_type == "mixtral" {
+        with.entry("sliding_window").or_insert(Value::Null);
+    }
+    // GptOssConfig's layers slide and attend fully in turn, the first sliding.
+    if model_type == "gpt_oss"
+        && !with.contains_key("layer_types")
+        && let Some(layers) = with.get("num_hidden_layers").and_then(Value::as_u64)
+    {
+        let types: Vec<&str> = (0..layers)
+            .map(|l| match l % 2 {
+                0 => "sliding_attention",
+                _ => "full_attention",
+            })
+            .collect();
+        with.insert("layer_types".into(), serde_json::json!(types));
+    }
+    // The class's RoPE when a config gives none. As transformers 5 reads them, a null is absent,
+    // and so is an empty `rope_scaling` (it takes `rope_scaling or rope_parameters`).
+    let absent = |key| match with.get(key) {
+        None | Some(Value::Null) => true,
+        Some(Value::Object(o)) => key == "rope_scaling" && o.is_empty(),
+        Some(_) => false,
+    };
+    let rope = match model_type {
+        // Ministral 3 8B's.
+        "ministral3" => Some(serde_json::json!({
+            "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+            "original_max_position_embeddings": 16384,
+            "max_position_embeddings": with["max_position_embeddings"].clone(),
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        })),
+        // Its base stays the config's `rope_theta` (or the class's).
+        "gpt_oss" => Some(serde_json::json!({
+            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": false, "original_max_position_embeddings": 4096,
+        })),
+        _ => None,
+    };
+    if let Some(rope) = rope
+        && absent("rope_parameters")
+        && absent("rope_scaling")
+    {
+        with.insert("rope_parameters".into(), rope);
     }
     Some(with)
 }

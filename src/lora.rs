@@ -704,8 +704,25 @@ pub fn resolve_targets(
         ..LoraConfig::default()
     }
     .converted_for(model)?;
+    let linears = model.linear_modules();
+    // transformers 4 held a mixture's routers as linears (`mlp.gate`), and PEFT's adapters of that
+    // time name them so; transformers 5 holds a weight without a linear around it.
+    let router = config.targets.iter().find(|t| {
+        t.rsplit('.').next() == Some("gate")
+            && !linears.iter().any(|(p, _, _)| targets_module(t, p))
+    });
+    if let Some(t) = router
+        && model.moe.is_some()
+        && resolve_parameters(model, &["gate.weight".to_string()]).is_ok()
+    {
+        return Err(Error::Invalid(format!(
+            "target module `{t}`: a mixture of experts' router is a parameter, not a linear layer, \
+             since transformers 5: adapt it with --target-parameters gate.weight (an adapter saved \
+             with transformers 4 that names it needs PEFT's conversion for this family)"
+        )));
+    }
     Ok((
-        resolve_among(model.linear_modules(), &config.targets)?,
+        resolve_among(linears, &config.targets)?,
         resolve_parameters(model, &config.target_parameters)?,
     ))
 }
@@ -769,19 +786,9 @@ pub fn resolve_among(
                 .collect();
             names.sort();
             names.dedup();
-            // transformers 4 held a mixture's routers as linears (`mlp.gate`), and PEFT's adapters
-            // of that time name them so; transformers 5 holds a weight without a linear around it.
-            let router = match t.rsplit('.').next() == Some("gate") {
-                true => {
-                    "; a mixture of experts' router is a parameter, not a linear layer, since \
-                     transformers 5: adapt it with --target-parameters gate.weight (an adapter \
-                     saved with transformers 4 that names it needs PEFT's conversion for its family)"
-                }
-                false => "",
-            };
             return Err(Error::Invalid(format!(
                 "target module `{t}` names no linear layer of this model (its linear layers: {}, \
-                 or all-linear; a longer path such as {} picks one){router}",
+                 or all-linear; a longer path such as {} picks one)",
                 names.join(", "),
                 linears.first().map_or("", |(p, _, _)| p.as_str())
             )));

@@ -242,31 +242,53 @@ fn gpt_oss_stacks(source: &ModelSource, entries: &mut Vec<Entry>) {
     }
 }
 
-/// gpt-oss's expert stack `t` merged into `out` (the checkpoint's layout), one expert at a time:
-/// quantized as training packed it where `changed` says, its LoRA update added in nibble's layout.
+/// What a value the merged dtype cannot hold is blamed on.
+#[derive(Clone, Copy)]
+enum Blame {
+    Base,
+    Update,
+}
+
+/// gpt-oss's expert stack `t` merged into `out` (the checkpoint's layout), experts in parallel
+/// (each a transpose and interleave away from the layout its update adds in): quantized as
+/// training packed it where `changed` says, `check`ed before and after its LoRA update.
 fn merge_gpt_oss_stack(
     source: &ModelSource,
     t: &crate::config::ExpectedTensor,
     changed: &Changed,
     out: &mut [f32],
+    check: &(dyn Fn(&[f32], Blame) -> Result<()> + Sync),
 ) -> Result<()> {
     let stack = source.gpt_oss_experts(t)?;
     let pair = changed.targets.get(&format!("{}.weight", t.name));
     let pairs = pair.map(|&(pair, scale)| crate::ops::moe::ExpertPairs::of(pair, scale));
-    for (e, stored) in out.chunks_exact_mut(stack.out * stack.inp).enumerate() {
-        let mut w = stack.expert(e)?;
-        if let Some(&spec) = changed.quantized.get(&t.name) {
-            let q = QuantTensor::quantize(spec, stack.out, stack.inp, &w)
-                .map_err(|err| Error::Invalid(format!("{}: {err}", t.name)))?;
-            for (r, row) in w.chunks_exact_mut(stack.inp).enumerate() {
-                q.dequantize_row(r, row);
+    out.par_chunks_exact_mut(stack.out * stack.inp)
+        .enumerate()
+        .try_for_each(|(e, stored)| {
+            let mut w = stack.expert(e)?;
+            if let Some(&spec) = changed.quantized.get(&t.name) {
+                as_quantized(spec, stack.inp, &mut w)
+                    .map_err(|err| Error::Invalid(format!("{}: {err}", t.name)))?;
             }
-        }
-        if let Some(pairs) = &pairs {
-            pairs.add_update(e, (0, stack.out), &mut w);
-        }
-        stack.store(&w, stored);
-    }
+            check(&w, Blame::Base)?;
+            if let Some(pairs) = &pairs {
+                pairs.add_update(e, (0, stack.out), &mut w);
+                check(&w, Blame::Update)?;
+            }
+            stack.store(&w, stored);
+            Ok(())
+        })
+}
+
+/// Rows of `cols` values replaced by what their 4-bit form `spec` holds, as training loaded them
+/// (rows are packed each on its own, so a stack's rows give its experts').
+fn as_quantized(spec: QuantSpec, cols: usize, values: &mut [f32]) -> Result<()> {
+    let q = QuantTensor::quantize(spec, values.len() / cols, cols, values)?;
+    // Row by row: a second f32 copy of the tensor would double the memory a merge holds.
+    values
+        .par_chunks_mut(cols)
+        .enumerate()
+        .for_each(|(r, row)| q.dequantize_row(r, row));
     Ok(())
 }
 
@@ -355,18 +377,22 @@ fn write_merged(
                 ))
             };
             if let Some((t, parts)) = &entry.gpt_oss_stack {
-                if let Err(e) = merge_gpt_oss_stack(source, t, changed, out) {
+                let check = |w: &[f32], blame| match (beyond(w), blame) {
+                    (None, _) => Ok(()),
+                    (Some(v), Blame::Base) => Err(cannot_hold(
+                        v,
+                        "the base's own weight: choose a wider --dtype".into(),
+                    )),
+                    (Some(v), Blame::Update) => Err(cannot_hold(
+                        v,
+                        "the adapter's update there is far outside what training gives".into(),
+                    )),
+                };
+                if let Err(e) = merge_gpt_oss_stack(source, t, changed, out, &check) {
                     failure.get_or_insert(e);
-                    return;
                 }
                 for part in parts {
                     source.release(part);
-                }
-                if let Some(v) = beyond(out) {
-                    let why = "the experts' weights with the adapter's update: choose a wider \
-                               --dtype, or a smaller lora_alpha"
-                        .to_string();
-                    failure.get_or_insert(cannot_hold(v, why));
                 }
                 return;
             }
@@ -387,24 +413,14 @@ fn write_merged(
                     if let Some(&spec) = changed.quantized.get(name)
                         && let Some((&cols, lead)) = entry.shape.split_last()
                         && !lead.is_empty()
+                        && let Err(e) = as_quantized(spec, cols, out)
                     {
-                        let rows = lead.iter().product();
-                        match QuantTensor::quantize(spec, rows, cols, out) {
-                            // Row by row: a second f32 copy of the tensor would double the
-                            // memory a merge holds.
-                            Ok(q) => out
-                                .par_chunks_mut(cols)
-                                .enumerate()
-                                .for_each(|(r, row)| q.dequantize_row(r, row)),
-                            Err(e) => {
-                                failure.get_or_insert(Error::tensor(
-                                    shards[entry.shard].path(),
-                                    &entry.read,
-                                    e.to_string(),
-                                ));
-                                return;
-                            }
-                        }
+                        failure.get_or_insert(Error::tensor(
+                            shards[entry.shard].path(),
+                            &entry.read,
+                            e.to_string(),
+                        ));
+                        return;
                     }
                 }
             }
@@ -634,7 +650,8 @@ fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype, untie: bool) ->
                     msg: format!("not valid JSON: {e}"),
                 })?;
             if let Some(obj) = config.as_object_mut() {
-                // An FP8 checkpoint's weights are written dequantized.
+                // An FP8 checkpoint's weights, and gpt-oss's MXFP4 experts, are written
+                // dequantized.
                 obj.remove("quantization_config");
                 // transformers 4.x reads torch_dtype, 5.x dtype.
                 for key in ["torch_dtype", "dtype"] {

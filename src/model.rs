@@ -84,6 +84,20 @@ impl DenseTensor {
         DenseTensor { rows, cols, data }
     }
 
+    /// No rows yet, room for `rows` (`append_rows`).
+    fn empty(dtype: FloatDtype, rows: usize, cols: usize) -> Self {
+        let data = match dtype {
+            FloatDtype::F32 => DenseData::F32(Vec::with_capacity(rows * cols)),
+            FloatDtype::F16 => DenseData::F16(Vec::with_capacity(rows * cols)),
+            FloatDtype::BF16 => DenseData::BF16(Vec::with_capacity(rows * cols)),
+        };
+        DenseTensor {
+            rows: 0,
+            cols,
+            data,
+        }
+    }
+
     /// `more`'s rows after these (both of one dtype and width).
     fn append_rows(&mut self, more: DenseTensor) {
         assert_eq!(self.cols, more.cols, "append_rows: one width");
@@ -1556,7 +1570,7 @@ impl ModelSource {
         let (file, dtype) = (stack.file, stack.dtype);
         let Some(spec) = quant else {
             // Stacked in the stored dtype expert by expert: never the whole stack in f32.
-            let mut whole = DenseTensor::from_f32(dtype, 0, inp, &[]);
+            let mut whole = DenseTensor::empty(dtype, rows, inp);
             for e in 0..experts {
                 whole.append_rows(DenseTensor::from_f32(dtype, out, inp, &expert(e)?));
             }

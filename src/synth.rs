@@ -134,6 +134,8 @@ impl SynthSpec {
     pub fn tiny_gpt_oss(vocab_size: usize) -> Self {
         SynthSpec {
             num_layers: 2,
+            // Written out: GptOssConfig's default is 64.
+            head_dim: Some(16),
             moe: Some(SynthMoe {
                 family: crate::config::MoeFamily::GptOss,
                 experts: 4,
@@ -376,7 +378,20 @@ impl SynthSpec {
             obj.insert("mlp_only_layers".into(), json!(dense));
             obj.insert("output_router_logits".into(), json!(false));
         }
+        let gpt_oss = self
+            .moe
+            .is_some_and(|m| m.family == crate::config::MoeFamily::GptOss);
         let scaling = match self.arch {
+            // The released gpt-oss's YaRN, over 64 original positions so that the tests' sequences
+            // see both ends of its ramp (a config without one would get transformers' default).
+            _ if gpt_oss => Some(json!({
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": false,
+                "original_max_position_embeddings": 64,
+            })),
             // Gemma 3 4B's: linear scaling on the full layers only.
             Arch::Gemma3 => Some(json!({"rope_type": "linear", "factor": 8.0})),
             Arch::Llama if self.llama3_rope => Some(json!({

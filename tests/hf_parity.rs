@@ -287,14 +287,17 @@ fn a_gpt_oss_adapter_saves_as_peft_wrote_it() {
 }
 
 /// A config.json that gives a family's dimensions alone reads as transformers' config class fills it
-/// in (tests/fixtures/config_defaults.json, scripts/make_config_defaults_fixture.py): the RMSNorm
-/// epsilon, the head size, each layer's attention window, RoPE's base, type and factor (gpt-oss's and
-/// Ministral 3's YaRN when none is given), and whether the embedding is tied.
+/// in (tests/fixtures/config_defaults.json, scripts/make_config_defaults_fixture.py) for each of the
+/// twelve text families: the RMSNorm epsilon, the head size, each layer's attention window, RoPE's
+/// base, type and parameters (gpt-oss's and Ministral 3's YaRN when none is given, with their
+/// attention scaling and Ministral 3's query scale), and whether the embedding is tied.
 #[test]
 fn configs_that_name_only_dimensions_take_transformers_defaults() {
     let text = std::fs::read_to_string("tests/fixtures/config_defaults.json").unwrap();
     let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for (family, case) in fixture["cases"].as_object().unwrap() {
+    let cases = fixture["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 12);
+    for (family, case) in cases {
         let c = nibble::config::ModelConfig::from_json_str(
             &case["config"].to_string(),
             std::path::Path::new("config.json"),
@@ -317,13 +320,54 @@ fn configs_that_name_only_dimensions_take_transformers_defaults() {
             case["rope_theta"].as_f64().unwrap(),
             "{family}: rope_theta"
         );
-        let factor = case["rope_factor"].as_f64();
+        let rope = &case["rope"];
+        let given = |key: &str, default: f64| rope[key].as_f64().unwrap_or(default);
         match (case["rope_type"].as_str().unwrap(), &c.rope_scaling) {
             ("default", RopeScaling::None) => {}
-            ("yarn", RopeScaling::Yarn { factor: f, .. }) => {
-                assert_eq!(Some(*f), factor, "{family}: YaRN's factor")
+            (
+                "yarn",
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings,
+                    beta_fast,
+                    beta_slow,
+                    truncate,
+                    ..
+                },
+            ) => {
+                // transformers' YaRN defaults where the parameters leave them out.
+                let theirs = (
+                    given("factor", f64::NAN),
+                    given("original_max_position_embeddings", f64::NAN),
+                    given("beta_fast", 32.0),
+                    given("beta_slow", 1.0),
+                    rope["truncate"].as_bool().unwrap_or(true),
+                );
+                let ours = (
+                    *factor,
+                    *original_max_position_embeddings,
+                    *beta_fast,
+                    *beta_slow,
+                    *truncate,
+                );
+                assert_eq!(ours, theirs, "{family}: YaRN's parameters");
             }
             (theirs, ours) => panic!("{family}: rope {theirs} read as {ours:?}"),
+        }
+        let scaling = nibble::ops::rope::attention_factor(&c.rope_scaling) as f64;
+        let theirs = case["attention_scaling"].as_f64().unwrap();
+        assert!(
+            (scaling - theirs).abs() < 1e-6,
+            "{family}: attention scaling {scaling} against {theirs}"
+        );
+        if let Some(beta) = rope["llama_4_scaling_beta"].as_f64() {
+            let scale = c.query_position_scale.as_ref().expect("a query scale");
+            let original = given("original_max_position_embeddings", f64::NAN);
+            assert_eq!(
+                (scale.beta, scale.original_max_position_embeddings),
+                (beta, original),
+                "{family}: the query scale"
+            );
         }
         let tied = case["tie_word_embeddings"].as_bool().unwrap();
         assert_eq!(c.tie_word_embeddings, tied, "{family}: tie_word_embeddings");

@@ -1439,5 +1439,30 @@ fn gpt_oss_merges_into_its_own_layout_from_either_checkpoint() {
             !config.contains("quantization_config"),
             "{fixture}: {config}"
         );
+
+        // An update no dtype holds is blamed on the adapter, and nothing is written.
+        let config_path = adapter_dir.join("adapter_config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        json["lora_alpha"] = serde_json::json!(1e9);
+        std::fs::write(&config_path, json.to_string()).unwrap();
+        let refused = dir.path().join("refused");
+        let out = refused.to_str().unwrap();
+        let f16 = ["--dtype", "f16"];
+        let o = nibble(
+            &[
+                &["merge", "--model", model, "--adapter", adapter, "-o", out][..],
+                &f16,
+            ]
+            .concat(),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{fixture}: {err}");
+        assert!(
+            err.contains("merging into model.layers.0.mlp.experts")
+                && err.contains("the adapter's update"),
+            "{fixture}: {err}"
+        );
+        assert!(!refused.exists());
     }
 }
