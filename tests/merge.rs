@@ -1053,6 +1053,38 @@ fn merged_f32_logits(
     cpu::logits(&merged, None, ids).unwrap()
 }
 
+/// `nibble merge` of the adapter folder `adapter` into the model folder `model` gives, for `ids`, the
+/// logits of the adapted f32 model (`adapted`) and, merged onto the NF4 g64 weights
+/// (`--base-weights quantized`), those of the model trained on them (`trained`). As for the dense
+/// families: the update folded into the weights sums in another order (within 4e-6).
+fn merges_to(
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    ids: &[u32],
+    (adapted, trained): (&[f32], &[f32]),
+    name: &str,
+) {
+    let e = rel(&merged_f32_logits(model, adapter, ids, &[]), adapted);
+    assert!(
+        e < 4e-6,
+        "{name}: merged in f32 {e:e} from the adapted model"
+    );
+    let quantized = [
+        "--base-weights",
+        "quantized",
+        "--quant",
+        "nf4",
+        "--group-size",
+        "64",
+    ];
+    let merged = merged_f32_logits(model, adapter, ids, &quantized);
+    let e = rel(&merged, trained);
+    assert!(
+        e < 4e-6,
+        "{name}: merged onto the 4-bit weights {e:e} from the trained model"
+    );
+}
+
 /// Loading the adapter folder `adapter` to train on from is refused with an error saying each of
 /// `expect` (what it holds, and why nibble does not train it).
 fn refuses_training(
@@ -1112,31 +1144,12 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
         nibble::train::save_peft(&adapter, &adapter_dir, "base").unwrap();
         let ids: Vec<u32> = (0..12).map(|_| rng.below(256) as u32).collect();
         let trained = cpu::logits(&trained_on, Some(&adapter), &ids).unwrap();
-        let quantized = [
-            "--base-weights",
-            "quantized",
-            "--quant",
-            "nf4",
-            "--group-size",
-            "64",
-        ];
-        let merged = merged_f32_logits(&base, &adapter_dir, &ids, &quantized);
-        let e = rel(&merged, &trained);
-        // As for the dense families: the update folded into the weights sums in another order.
-        assert!(
-            e < 4e-6,
-            "{name}: merged onto the 4-bit weights {e:e} from the trained model"
-        );
         let f32_model = ModelSource::open(&base)
             .unwrap()
             .load(Some(QuantRequest::Dense))
             .unwrap();
         let adapted = cpu::logits(&f32_model, Some(&adapter), &ids).unwrap();
-        let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids, &[]), &adapted);
-        assert!(
-            e < 4e-6,
-            "{name}: merged in f32 {e:e} from the adapted model"
-        );
+        merges_to(&base, &adapter_dir, &ids, (&adapted, &trained), name);
         if name == "Mixtral's names" {
             let merged = dir.path().join("mixtral merged");
             let (base, adapter) = (base.to_str().unwrap(), adapter_dir.to_str().unwrap());
@@ -1381,26 +1394,8 @@ fn gpt_oss_merges_into_its_own_layout_from_either_checkpoint() {
             rel(&plain, &adapted) > 1e-3,
             "{fixture}: the adapter changes nothing"
         );
-        let e = rel(&merged_f32_logits(&base, &adapter_dir, &ids, &[]), &adapted);
-        assert!(
-            e < 4e-6,
-            "{fixture}: merged in f32 {e:e} from the adapted model"
-        );
         let trained = cpu::logits(&trained_on, Some(&adapter), &ids).unwrap();
-        let quantized = [
-            "--base-weights",
-            "quantized",
-            "--quant",
-            "nf4",
-            "--group-size",
-            "64",
-        ];
-        let merged = merged_f32_logits(&base, &adapter_dir, &ids, &quantized);
-        let e = rel(&merged, &trained);
-        assert!(
-            e < 4e-6,
-            "{fixture}: merged onto the 4-bit weights {e:e} from the trained model"
-        );
+        merges_to(&base, &adapter_dir, &ids, (&adapted, &trained), fixture);
 
         let merged = dir.path().join("merged");
         let (model, adapter) = (base.to_str().unwrap(), adapter_dir.to_str().unwrap());
