@@ -9,13 +9,16 @@ Writes two files:
 - tests/fixtures/trl_config/expected.json: for each recipe in tests/fixtures/trl_config/*.yaml, what
   TRL's own parser (the one `trl sft` runs) makes of it: the training arguments, the PEFT LoraConfig
   (`get_peft_config`), the quantization (`get_quantization_config`), with PEFT's default target modules
-  for a Qwen2 model where the recipe names none.
+  for a Qwen2 model where the recipe names none; and for each recipe in refused/, the error TRL's
+  parser raises on it.
 
 Run from the repository root with a virtualenv holding trl, transformers and peft:
     python scripts/make_trl_config_fixture.py
 """
+import contextlib
 import dataclasses
 import enum
+import io
 import glob
 import json
 import os
@@ -148,8 +151,20 @@ for path in sorted(glob.glob(f"{FIXTURES}/*.yaml")):
 MODEL_TYPES = ["qwen2", "qwen3", "llama", "mistral", "mistral3", "ministral", "ministral3", "smollm3", "phi3",
                "gemma3", "gemma3_text", "gemma4", "gemma4_text"]
 peft_defaults = {t: PEFT_TARGETS.get(t) for t in MODEL_TYPES}
+refused = {}
+for path in sorted(glob.glob(f"{FIXTURES}/refused/*.yaml")):
+    # argparse reports a bad value on stderr and exits.
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            make_parser().parse_args_and_config(["--config", path, "--use_cpu", "true"])
+    except SystemExit:
+        refused[os.path.basename(path)] = err.getvalue().strip().splitlines()[-1]
+    else:
+        raise AssertionError(f"TRL's parser took {path}")
 with open(f"{FIXTURES}/expected.json", "w") as f:
     json.dump({"trl": trl.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-               "cases": cases, "peft_default_targets": peft_defaults}, f, indent=1, sort_keys=True)
+               "cases": cases, "peft_default_targets": peft_defaults, "refused": refused}, f, indent=1,
+              sort_keys=True)
     f.write("\n")
 print(json.dumps(cases, indent=1, sort_keys=True))

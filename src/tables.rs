@@ -618,7 +618,65 @@ pub fn yaml_without_aliases(text: &str) -> std::result::Result<Vec<yaml_rust2::Y
     if alias.is_match(text) {
         return Err("holds YAML aliases (*name), which nibble does not read".into());
     }
-    yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| e.to_string())
+    let mut docs = yaml_rust2::YamlLoader::load_from_str(text).map_err(|e| e.to_string())?;
+    yaml11_booleans(text, &mut docs)?;
+    Ok(docs)
+}
+
+/// PyYAML, which TRL, `datasets` and the Hub read these files with, follows YAML 1.1: a plain
+/// (unquoted, untagged) yes, no, on or off, in any of three casings, is a boolean there, where YAML
+/// 1.2's reader keeps it as text; quoted, it stays text in both. `docs` (read from `text`) get
+/// PyYAML's booleans in their values (keys stay as read). The parser's scalar events come in the
+/// order the documents hold their leaves (aliases are refused, duplicate keys are an error), so the
+/// n-th scalar event is the n-th leaf.
+fn yaml11_booleans(text: &str, docs: &mut [yaml_rust2::Yaml]) -> std::result::Result<(), String> {
+    use yaml_rust2::Yaml;
+    use yaml_rust2::parser::{MarkedEventReceiver, Parser};
+    use yaml_rust2::scanner::{Marker, TScalarStyle};
+    struct Leaves(Vec<Option<bool>>);
+    impl MarkedEventReceiver for Leaves {
+        fn on_event(&mut self, event: yaml_rust2::Event, _: Marker) {
+            if let yaml_rust2::Event::Scalar(value, style, _, tag) = event {
+                let plain = style == TScalarStyle::Plain && tag.is_none();
+                self.0.push(plain.then(|| yaml11_bool(&value)).flatten());
+            }
+        }
+    }
+    fn walk(node: &mut Yaml, leaves: &mut std::vec::IntoIter<Option<bool>>, keep: bool) {
+        match node {
+            Yaml::Array(items) => items.iter_mut().for_each(|i| walk(i, leaves, keep)),
+            Yaml::Hash(map) => {
+                for (key, value) in map.iter_mut() {
+                    let mut key = key.clone();
+                    walk(&mut key, leaves, true);
+                    walk(value, leaves, keep);
+                }
+            }
+            leaf => {
+                if let (Some(Some(b)), false, Yaml::String(_)) = (leaves.next(), keep, &*leaf) {
+                    *leaf = Yaml::Boolean(b);
+                }
+            }
+        }
+    }
+    let mut leaves = Leaves(Vec::new());
+    Parser::new_from_str(text)
+        .load(&mut leaves, true)
+        .map_err(|e| e.to_string())?;
+    let mut leaves = leaves.0.into_iter();
+    for doc in docs {
+        walk(doc, &mut leaves, false);
+    }
+    Ok(())
+}
+
+/// A YAML 1.1 boolean PyYAML resolves from a plain scalar (its `bool` implicit resolver).
+fn yaml11_bool(text: &str) -> Option<bool> {
+    match text {
+        "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "true" | "True" | "TRUE" => Some(true),
+        "no" | "No" | "NO" | "off" | "Off" | "OFF" | "false" | "False" | "FALSE" => Some(false),
+        _ => None,
+    }
 }
 
 /// Where a repository's README.md puts its data, in the YAML block that opens it (`configs`: the one

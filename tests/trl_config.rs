@@ -67,7 +67,7 @@ fn f(v: &Value) -> f64 {
 fn recipes_resolve_as_trl_sft_resolves_them() {
     let expected = trl_expected();
     let cases = expected["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 5);
     let dir = qwen2_folder();
     let model = dir.path().join("model");
     for (name, e) in cases {
@@ -980,4 +980,28 @@ fn sft_names_a_missing_model_dataset_or_output_as_trl_does() {
         .unwrap()
         .to_string();
     assert!(err.contains("single file is the split train"), "{err}");
+}
+
+/// A recipe TRL's parser refuses (tests/fixtures/trl_config/refused/, with the error
+/// scripts/make_trl_config_fixture.py recorded: a quoted "on", which PyYAML keeps as text and
+/// transformers' string_to_bool does not take) is refused by nibble, naming the option.
+#[test]
+fn recipes_trl_refuses_are_refused() {
+    let expected = trl_expected();
+    let refused = expected["refused"].as_object().unwrap();
+    assert_eq!(refused.len(), 1);
+    let dir = qwen2_folder();
+    for (name, theirs) in refused {
+        let text = recipe_text(&format!("refused/{name}"), dir.path());
+        let none = TrainSettings::default();
+        let ours = read(&text, &none)
+            .and_then(|recipe| none.clone().over(recipe.settings))
+            .and_then(|s| s.run_options().map(|_| ()))
+            .expect_err(name)
+            .to_string();
+        assert!(
+            ours.contains("packing"),
+            "{name}: nibble {ours}; TRL {theirs}"
+        );
+    }
 }

@@ -433,15 +433,6 @@ fn split_path(root: &Path, split: &str) -> Option<PathBuf> {
         .then(|| root.join(split))
 }
 
-/// PyYAML (YAML 1.1, what TRL reads recipes with) takes yes/no/on/off for true and false.
-fn yaml11_switch(text: &str) -> Option<bool> {
-    match text {
-        "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
-        "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
-        _ => None,
-    }
-}
-
 /// The modules PEFT adapts when a LoraConfig names none (its table of defaults per `model_type`),
 /// for the families nibble trains; None where PEFT has no default and refuses.
 pub fn peft_default_targets(model_type: &str) -> Option<&'static str> {
@@ -481,18 +472,15 @@ fn parse_yaml(text: &str, origin: &Path) -> Result<Vec<(String, Value)>> {
     for (k, v) in root {
         let key = current_name(yaml_key(k).map_err(fail)?);
         let mut value = yaml_to_json(v).map_err(|m| fail(format!("`{key}`: {m}")))?;
-        // TRL's switches, as PyYAML reads them.
+        // TRL's switches. A switch written as text (`"true"`, or a quoted `"on"`, which PyYAML
+        // keeps as text) is one too where transformers' `string_to_bool` takes it: argparse hands
+        // TRL's string defaults to it.
         let switch = trl_fields()
             .fields
             .get(&key)
             .is_some_and(|f| f.default.is_boolean());
-        // A switch written as text (`"true"`) is one too: argparse hands TRL's string defaults to
-        // transformers' `string_to_bool`.
         if switch && let Some(text) = value.as_str() {
-            value = match yaml11_switch(text) {
-                Some(b) => Value::Bool(b),
-                None => scalar(text, Some("bool")),
-            };
+            value = scalar(text, Some("bool"));
         }
         given.push((key, value));
     }
@@ -841,7 +829,11 @@ impl Reader<'_> {
         match self.apart(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(Value::String(s)) if yaml11_switch(s).is_some() => Ok(yaml11_switch(s)),
+            // Text as argparse hands it to `string_to_bool`.
+            Some(other @ Value::String(s)) => match scalar(s, Some("bool")) {
+                Value::Bool(b) => Ok(Some(b)),
+                _ => Err(self.err(format!("`{key}: {}`: true or false", shown(other)))),
+            },
             Some(other) => Err(self.err(format!("`{key}: {}`: true or false", shown(other)))),
         }
     }
