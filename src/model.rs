@@ -1262,8 +1262,7 @@ impl ModelSource {
         let file = self.file_of(name)?;
         let info = file.info(name).expect("file_of found it");
         if FloatDtype::of(info.dtype).is_some() {
-            out.copy_from_slice(&file.read_f32(name)?);
-            return Ok(());
+            return file.read_f32_into(name, out);
         }
         let [rows, cols] = info.shape[..] else {
             return Err(Error::tensor(

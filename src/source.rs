@@ -299,13 +299,27 @@ impl SafetensorsFile {
 
     /// Reads a floating-point tensor (f32, f16 or bf16) converted to f32.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.require(name)?.shape.iter().product()];
+        self.read_f32_into(name, &mut out)?;
+        Ok(out)
+    }
+
+    /// A float tensor as f32 into `out`, which holds all of it: no second copy of a large tensor.
+    pub fn read_f32_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
         let info = self.require(name)?;
         let float = FloatDtype::of(info.dtype)
             .ok_or_else(|| Error::tensor(&self.path, name, unsupported_dtype(info.dtype)))?;
         let raw = self.finite_raw(name, float)?;
-        let mut out = vec![0f32; raw.len() / float.size()];
-        float.convert(raw, &mut out);
-        Ok(out)
+        if raw.len() != out.len() * float.size() {
+            let msg = format!(
+                "holds {} values, not {}",
+                raw.len() / float.size(),
+                out.len()
+            );
+            return Err(Error::tensor(&self.path, name, msg));
+        }
+        float.convert(raw, out);
+        Ok(())
     }
 
     /// A float tensor's bytes, refused when any value is NaN or infinite: such a weight would turn every

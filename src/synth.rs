@@ -734,20 +734,29 @@ fn write_safetensors(
     out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
     out.write_all(&header_bytes)?;
     let mut values = Vec::new();
-    let mut bytes = Vec::new();
+    // Encoded a block at a time: the whole tensor's bytes beside its f32 values would add half or
+    // all of its size again to what a merge of a large embedding or expert stack holds.
+    const BLOCK: usize = 1 << 16;
+    let mut bytes = Vec::with_capacity(BLOCK * dtype.size());
     for (i, (_, shape)) in entries.iter().enumerate() {
         values.clear();
         values.resize(shape.iter().product(), 0f32);
         fill(i, &mut values);
-        bytes.clear();
-        for &v in &values {
-            match dtype {
-                FloatDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-                FloatDtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                FloatDtype::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        for block in values.chunks(BLOCK) {
+            bytes.clear();
+            for &v in block {
+                match dtype {
+                    FloatDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                    FloatDtype::F16 => {
+                        bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())
+                    }
+                    FloatDtype::BF16 => {
+                        bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes())
+                    }
+                }
             }
+            out.write_all(&bytes)?;
         }
-        out.write_all(&bytes)?;
     }
     Ok(())
 }
