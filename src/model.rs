@@ -1565,13 +1565,12 @@ impl ModelSource {
         let stack = self.gpt_oss_experts(t)?;
         let (rows, inp) = (t.shape[0], t.shape[1]);
         let (experts, out) = (stack.experts, stack.out);
-        let expert = |e| stack.expert(e);
         let (file, dtype) = (stack.file, stack.dtype);
         let Some(spec) = quant else {
             // Stacked in the stored dtype expert by expert: never the whole stack in f32.
             let mut whole = DenseTensor::empty(dtype, rows, inp);
             for e in 0..experts {
-                whole.append_rows(DenseTensor::from_f32(dtype, out, inp, &expert(e)?));
+                whole.append_rows(DenseTensor::from_f32(dtype, out, inp, &stack.expert(e)?));
             }
             return Ok(LinearWeight::Dense(whole));
         };
@@ -1585,7 +1584,7 @@ impl ModelSource {
         };
         for e in 0..experts {
             // Rows are packed each on its own: the experts' tensors stack.
-            let q = QuantTensor::quantize(spec, out, inp, &expert(e)?)
+            let q = QuantTensor::quantize(spec, out, inp, &stack.expert(e)?)
                 .map_err(|err| Error::tensor(file.path(), &t.name, err.to_string()))?;
             whole.packed.extend(q.packed);
             whole.scales.extend(q.scales);
@@ -1755,13 +1754,13 @@ impl GptOssExperts<'_> {
         })
     }
 
-    /// Expert e's [out, in] in nibble's order written into `stored` ([in, out], its slice of the
-    /// checkpoint's [experts, in, out]), gate and up interleaved again.
+    /// An expert's [out, in] in nibble's order written into `stored` ([in, out], that expert's slice
+    /// of the checkpoint's [experts, in, out]), gate and up interleaved again.
     pub fn store(&self, values: &[f32], stored: &mut [f32]) {
         let (out, inp) = (self.out, self.inp);
         let values = match self.gate_up {
-            true => interleave_rows(values, out, inp),
-            false => values.to_vec(),
+            true => std::borrow::Cow::Owned(interleave_rows(values, out, inp)),
+            false => std::borrow::Cow::Borrowed(values),
         };
         for (o, row) in values.chunks_exact(inp).enumerate() {
             for (i, &v) in row.iter().enumerate() {
