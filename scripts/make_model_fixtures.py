@@ -164,6 +164,18 @@ models["gpt_oss"] = (GptOssForCausalLM, GptOssConfig(
     swiglu_limit=0.8, tie_word_embeddings=False,
     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}))
+# Gemma 4 as 26B-A4B is built: 31B's attention (as gemma4_text's) and, beside each layer's dense MLP, 4
+# experts of width 64, 2 per token, routed by a linear on the attention block's output normalised and
+# scaled, each chosen weight scaled by its expert's factor. PEFT's all-linear adapts the attention, the
+# dense MLPs and the routers (router.proj); the experts are target_parameters.
+models["gemma4_moe"] = (Gemma4ForCausalLM, Gemma4TextConfig(
+    **{**common, "rms_norm_eps": 1e-6}, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+    attention_k_eq_v=True, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+    final_logit_softcapping=30.0, hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True,
+    num_experts=4, top_k_experts=2, moe_intermediate_size=64, tie_word_embeddings=True, pad_token_id=0,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                        "rope_theta": 1000000.0}}))
 MULTIMODAL = ("gemma3", "mistral3", "gemma4")
 MOE = ("qwen3_moe", "mixtral", "qwen2_moe")
 # Experts transformers holds [experts, in, out] (x @ W): nibble holds them [experts, out, in] as the others.
@@ -193,6 +205,9 @@ def write_expected(name, cls, config, folder, **load):
         # The router (no nn.Linear), sinks, biases and norms stay unquantized.
         quantized = ATTENTION_TARGETS
         targets = "all-linear"
+    if name == "gemma4_moe":
+        # The routers are linears, kept dense as every router is; PEFT converts nothing for gemma4.
+        targets = "all-linear"
     if name in MOE:
         # PEFT turns all-linear into the attention's linears and, as target_parameters, the router
         # and both stacks of experts (gate_up_proj at twice the rank and alpha); the dense layer's
@@ -201,8 +216,9 @@ def write_expected(name, cls, config, folder, **load):
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
     parameters = ["gate.weight", "gate_up_proj", "down_proj"] if name == "qwen2_moe" else None
-    if name == "gpt_oss":
-        # PEFT wraps each stack of experts (is_transposed: in = the middle axis) in a ParamWrapper.
+    if name in ("gpt_oss", "gemma4_moe"):
+        # PEFT wraps each stack of experts (gpt-oss's is_transposed: in = the middle axis) in a
+        # ParamWrapper.
         parameters = ["gate_up_proj", "down_proj"]
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=text_only if name in MULTIMODAL else targets, target_parameters=parameters)
@@ -350,6 +366,12 @@ if __name__ == "__main__":
             for pname, p in model.named_parameters():
                 if pname.endswith("self_attn.sinks"):
                     p.copy_(torch.randn_like(p))
+                # Gemma 4's router: its scales around 1, and its weights as much larger as its input
+                # is scaled down (hidden^-1/2), so that its logits spread and no two experts tie.
+                if pname.endswith(("router.scale", "router.per_expert_scale")):
+                    p.copy_(torch.randn_like(p) * 0.1 + 1.0)
+                if pname.endswith("router.proj.weight"):
+                    p.copy_(torch.randn_like(p) * 0.1 * config.hidden_size ** 0.5)
         folder = os.path.join(OUT, name)
         model.save_pretrained(folder)
         write_expected(name, cls, config, folder)

@@ -51,9 +51,13 @@ FAMILIES = {"qwen2": SEPARATE, "gemma3_text": SEPARATE, "phi3": ["qkv_proj", "o_
             "qwen2_moe": "all-linear",
             # PEFT's all-linear adapts gpt-oss's attention alone; its experts (stored [experts, in,
             # out], gate and up columns interleaved) are named as target_parameters, its router not.
-            "gpt_oss": "all-linear"}
+            "gpt_oss": "all-linear",
+            # Gemma 4 26B-A4B's block: all-linear adapts the attention, the dense MLPs and the
+            # routers (router.proj, linears); the experts beside the MLPs are target_parameters.
+            "gemma4_moe": "all-linear"}
 TARGET_PARAMETERS = {"qwen2_moe": ["gate.weight", "gate_up_proj", "down_proj"],
-                     "gpt_oss": ["gate_up_proj", "down_proj"]}
+                     "gpt_oss": ["gate_up_proj", "down_proj"],
+                     "gemma4_moe": ["gate_up_proj", "down_proj"]}
 # Stacks of experts stored [experts, in, out]: nibble packs them as [experts, out, in], groups of 64
 # along each row of that.
 TRANSPOSED_EXPERTS = ("gpt_oss",)
@@ -79,7 +83,8 @@ def load_base(folder, targets):
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     # nibble packs every decoder linear in 4 bits, and a mixture-of-experts layer's stacked experts
     # ([experts, rows, cols]: groups of 64 along each row, as nibble's); its router stays dense.
-    moe = base.config.model_type in ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
+    moe = base.config.model_type in ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss") or getattr(
+        base.config, "enable_moe_block", False)
     if moe:
         # transformers' default (grouped_mm) has no float64; the loop over experts equals it in f32.
         base.set_experts_implementation("eager")
@@ -171,7 +176,8 @@ def make(family, targets):
     out = os.path.join(OUT, family)
     os.makedirs(out)
     model_dir = os.path.join(out, "model")
-    preset = "tiny-" + {"qwen3_moe": "qwen3-moe", "qwen2_moe": "qwen2-moe", "gpt_oss": "gpt-oss"}.get(
+    preset = "tiny-" + {"qwen3_moe": "qwen3-moe", "qwen2_moe": "qwen2-moe", "gpt_oss": "gpt-oss",
+                        "gemma4_moe": "gemma4-moe"}.get(
         family, family.split("_")[0])
     nibble("synth", "--preset", preset, "--tokenizer", "byte", "--seed", "3", "--output", model_dir)
     rows = []

@@ -1,4 +1,5 @@
-// Row gather and scatter: the loss runs only on positions that carry a label.
+// Row gather and scatter: the loss runs only on positions that carry a label; a mixture's routes
+// pick their experts' factors. Rows run over y, and on over z past 65,535 (a dispatch's limit).
 
 struct RowsParams {
     rows: u32,
@@ -16,7 +17,7 @@ struct RowsParams {
 @compute @workgroup_size(64)
 fn gather_rows(@builtin(global_invocation_id) id: vec3<u32>) {
     let c = id.x;
-    let i = id.y;
+    let i = id.y + id.z * 65535u;
     if (c >= p.dim || i >= p.rows) {
         return;
     }
@@ -27,7 +28,7 @@ fn gather_rows(@builtin(global_invocation_id) id: vec3<u32>) {
 @compute @workgroup_size(64)
 fn scatter_rows(@builtin(global_invocation_id) id: vec3<u32>) {
     let c = id.x;
-    let i = id.y;
+    let i = id.y + id.z * 65535u;
     if (c >= p.dim || i >= p.rows) {
         return;
     }

@@ -333,6 +333,11 @@ pub enum MoeFamily {
     /// out] with each expert's gate and up columns interleaved (or in MXFP4 blocks), a clamped
     /// SwiGLU; attention with biases and sinks.
     GptOss,
+    /// Gemma 4 26B-A4B (`enable_moe_block`): every layer keeps its dense MLP and adds experts beside
+    /// it (`experts.gate_up_proj`, `experts.down_proj`, stacked as Qwen3-MoE's), routed by a linear
+    /// (`router.proj`) on the attention block's output normalised and scaled, each chosen weight
+    /// then scaled by its expert's `router.per_expert_scale`.
+    Gemma4,
 }
 
 impl MoeFamily {
@@ -354,7 +359,30 @@ impl MoeFamily {
     /// itself, whose `all-linear` adapts the shared expert's linears by those names and leaves the
     /// routers and experts to a `target_parameters` that names them.
     pub fn peft_converts_targets(self) -> bool {
-        !matches!(self, MoeFamily::Qwen2 | MoeFamily::GptOss)
+        !matches!(
+            self,
+            MoeFamily::Qwen2 | MoeFamily::GptOss | MoeFamily::Gemma4
+        )
+    }
+
+    /// Gemma 4's experts add to the dense MLP's output, routed by a linear module of their own
+    /// (`LinearKind::Router`), rather than take the MLP's place under a router parameter.
+    pub fn beside_dense_mlp(self) -> bool {
+        self == MoeFamily::Gemma4
+    }
+
+    /// The module holding a layer's stacked experts.
+    pub fn experts_module(self) -> &'static str {
+        match self {
+            MoeFamily::Gemma4 => "experts",
+            _ => "mlp.experts",
+        }
+    }
+
+    /// A layer's stacked experts' parameter (`EXPERTS_GATE_UP` or `EXPERTS_DOWN`), inside the layer.
+    pub fn stack(self, which: &str) -> String {
+        let name = which.strip_prefix("experts.").expect("a stack's name");
+        format!("{}.{name}", self.experts_module())
     }
 
     /// Whether each expert's projections and the router add biases (gpt-oss).
@@ -365,8 +393,8 @@ impl MoeFamily {
     /// The checkpoints' names of an expert's gate, up and down projections.
     pub fn projection_names(self) -> [&'static str; 3] {
         match self {
-            // gpt-oss stores no expert by itself.
-            MoeFamily::Qwen3 | MoeFamily::Qwen2 | MoeFamily::GptOss => {
+            // gpt-oss and Gemma 4 store no expert by itself.
+            MoeFamily::Qwen3 | MoeFamily::Qwen2 | MoeFamily::GptOss | MoeFamily::Gemma4 => {
                 ["gate_proj", "up_proj", "down_proj"]
             }
             MoeFamily::Mixtral => ["w1", "w3", "w2"],
@@ -441,8 +469,17 @@ pub struct AdaptableParameter {
     /// gpt-oss's gate_up: PEFT's B rows interleave gate and up (`LoraPair::peft_interleaved`).
     pub peft_interleaved: bool,
 }
-pub const EXPERTS_GATE_UP: &str = "mlp.experts.gate_up_proj";
-pub const EXPERTS_DOWN: &str = "mlp.experts.down_proj";
+/// The stacks' names as every family's end (`MoeFamily::stack` puts them in their module).
+pub const EXPERTS_GATE_UP: &str = "experts.gate_up_proj";
+pub const EXPERTS_DOWN: &str = "experts.down_proj";
+
+/// Gemma 4's norms around its experts: of the dense MLP's output, the experts' output, and their
+/// input.
+pub const GEMMA4_EXPERT_NORMS: [&str; 3] = [
+    "post_feedforward_layernorm_1",
+    "post_feedforward_layernorm_2",
+    "pre_feedforward_layernorm_2",
+];
 
 /// Gemma 4's per-layer inputs' model-level tensors (under the decoder's prefix).
 pub const PER_LAYER_EMBEDDING: &str = "embed_tokens_per_layer.weight";
@@ -508,6 +545,9 @@ pub enum LinearKind {
     SharedUp,
     SharedDown,
     SharedExpertGate,
+    /// Gemma 4's router (`router.proj`, [experts, hidden]), a linear module beside the experts
+    /// (`MoeFamily::beside_dense_mlp`); kept dense as every router is (`TensorRole::Router`).
+    Router,
 }
 
 impl LinearKind {
@@ -549,6 +589,7 @@ impl LinearKind {
             LinearKind::Up | LinearKind::SharedUp => "up_proj",
             LinearKind::Down | LinearKind::SharedDown => "down_proj",
             LinearKind::SharedExpertGate => "shared_expert_gate",
+            LinearKind::Router => "proj",
             LinearKind::Qkv => "qkv_proj",
             LinearKind::GateUp => "gate_up_proj",
             LinearKind::PerLayerGate => "per_layer_input_gate",
@@ -571,6 +612,7 @@ impl LinearKind {
                 Some("mlp.shared_expert")
             }
             LinearKind::PerLayerGate | LinearKind::PerLayerProjection => None,
+            LinearKind::Router => Some("router"),
         }
     }
 }
@@ -889,6 +931,11 @@ impl ModelConfig {
             _ if named(QWEN2_MOE, QWEN2_MOE_CLASS) => Some(MoeFamily::Qwen2),
             _ if named(MIXTRAL, MIXTRAL_CLASS) => Some(MoeFamily::Mixtral),
             _ if named(GPT_OSS, GPT_OSS_CLASS) => Some(MoeFamily::GptOss),
+            _ if named(Arch::Gemma4.model_type(), Arch::Gemma4.class_name())
+                && fields.opt_bool("enable_moe_block")? == Some(true) =>
+            {
+                Some(MoeFamily::Gemma4)
+            }
             _ => None,
         };
         let arch = match (model_type, class) {
@@ -1350,7 +1397,7 @@ impl ModelConfig {
             (None, Some(MoeFamily::Qwen2)) => QWEN2_MOE_CLASS,
             (None, Some(MoeFamily::Mixtral)) => MIXTRAL_CLASS,
             (None, Some(MoeFamily::GptOss)) => GPT_OSS_CLASS,
-            (None, None) => self.arch.class_name(),
+            (None, None | Some(MoeFamily::Gemma4)) => self.arch.class_name(),
         }
     }
 
@@ -1361,7 +1408,7 @@ impl ModelConfig {
             Some(MoeFamily::Qwen2) => QWEN2_MOE,
             Some(MoeFamily::Mixtral) => MIXTRAL,
             Some(MoeFamily::GptOss) => GPT_OSS,
-            None => self.arch.model_type(),
+            None | Some(MoeFamily::Gemma4) => self.arch.model_type(),
         }
     }
 
@@ -1445,20 +1492,20 @@ impl ModelConfig {
             .flat_map(|l| {
                 [
                     (format!("{ROUTER_MODULE}.weight"), m.experts, h, 1),
-                    (EXPERTS_GATE_UP.to_string(), 2 * m.inter, h, m.experts),
-                    (EXPERTS_DOWN.to_string(), h, m.inter, m.experts),
+                    (m.family.stack(EXPERTS_GATE_UP), 2 * m.inter, h, m.experts),
+                    (m.family.stack(EXPERTS_DOWN), h, m.inter, m.experts),
                 ]
                 .map(|(name, out, inp, experts)| AdaptableParameter {
                     name: self.layer_module(l, &name),
                     out,
                     inp,
                     experts,
-                    peft_interleaved: gpt_oss && name == EXPERTS_GATE_UP,
+                    peft_interleaved: gpt_oss && name.ends_with(EXPERTS_GATE_UP),
                 })
             })
             // gpt-oss's router (`mlp.router`, which nibble names `mlp.gate`) is left out: PEFT
-            // would look for it by its own name.
-            .filter(|p| !(gpt_oss && p.experts == 1))
+            // would look for it by its own name; Gemma 4's is a linear module.
+            .filter(|p| !((gpt_oss || m.family.beside_dense_mlp()) && p.experts == 1))
             .collect()
     }
 
@@ -1480,6 +1527,7 @@ impl ModelConfig {
             LinearKind::SharedGate | LinearKind::SharedUp => (self.shared_expert_width(), h),
             LinearKind::SharedDown => (h, self.shared_expert_width()),
             LinearKind::SharedExpertGate => (1, h),
+            LinearKind::Router => (self.moe.as_ref().map_or(0, |m| m.experts), h),
         }
     }
 
@@ -1513,7 +1561,7 @@ impl ModelConfig {
             .filter(|&kind| {
                 !(layer.kv_from.is_some() && matches!(kind, LinearKind::K | LinearKind::V))
             })
-            .filter(|&kind| !(self.is_sparse(l) && kind.block() == Some("mlp")))
+            .filter(|&kind| !(self.experts_replace_mlp(l) && kind.block() == Some("mlp")))
             .chain(
                 match self.is_sparse(l) && self.shared_expert_width() > 0 {
                     true => &LinearKind::SHARED_EXPERT[..],
@@ -1522,12 +1570,33 @@ impl ModelConfig {
                 .iter()
                 .copied(),
             )
+            .chain(self.experts_beside_mlp(l).then_some(LinearKind::Router))
             .collect()
     }
 
     /// Whether layer `l`'s MLP is a router over experts.
     pub fn is_sparse(&self, l: usize) -> bool {
         self.moe.as_ref().is_some_and(|m| m.sparse[l])
+    }
+
+    /// Whether layer `l`'s experts take its dense MLP's place.
+    pub fn experts_replace_mlp(&self, l: usize) -> bool {
+        self.is_sparse(l) && !self.experts_beside_mlp(l)
+    }
+
+    /// Whether layer `l`'s experts add to its dense MLP's output (Gemma 4).
+    pub fn experts_beside_mlp(&self, l: usize) -> bool {
+        self.is_sparse(l)
+            && self
+                .moe
+                .as_ref()
+                .is_some_and(|m| m.family.beside_dense_mlp())
+    }
+
+    /// Layer `l`'s stack of experts `which` (`EXPERTS_GATE_UP`, `EXPERTS_DOWN`): its full name.
+    pub fn experts_stack(&self, l: usize, which: &str) -> String {
+        let m = self.moe.as_ref().expect("a model with experts");
+        self.layer_module(l, &m.family.stack(which))
     }
 
     pub fn linear_has_bias(&self, kind: LinearKind) -> bool {
@@ -1538,7 +1607,8 @@ impl ModelConfig {
             LinearKind::SharedGate
             | LinearKind::SharedUp
             | LinearKind::SharedDown
-            | LinearKind::SharedExpertGate => false,
+            | LinearKind::SharedExpertGate
+            | LinearKind::Router => false,
             LinearKind::Gate | LinearKind::Up | LinearKind::Down | LinearKind::GateUp => {
                 self.mlp_bias
             }
@@ -1601,23 +1671,35 @@ impl ModelConfig {
                     role,
                     layer: Some(l),
                 };
-                out.extend([
-                    tensor(
+                // Gemma 4's router is a linear among the layer's (`LinearKind::Router`).
+                if !m.family.beside_dense_mlp() {
+                    out.push(tensor(
                         &format!("{ROUTER_MODULE}.weight"),
                         vec![m.experts, h],
                         TensorRole::Router,
-                    ),
+                    ));
+                }
+                out.extend([
                     tensor(
-                        EXPERTS_GATE_UP,
+                        &m.family.stack(EXPERTS_GATE_UP),
                         vec![m.experts * 2 * m.inter, h],
                         TensorRole::Experts,
                     ),
                     tensor(
-                        EXPERTS_DOWN,
+                        &m.family.stack(EXPERTS_DOWN),
                         vec![m.experts * h, m.inter],
                         TensorRole::Experts,
                     ),
                 ]);
+                if m.family.beside_dense_mlp() {
+                    out.extend([
+                        tensor("router.scale", vec![h], TensorRole::Norm),
+                        tensor("router.per_expert_scale", vec![m.experts], TensorRole::Norm),
+                    ]);
+                    for name in GEMMA4_EXPERT_NORMS {
+                        out.push(norm(weight(name), h));
+                    }
+                }
                 // gpt-oss's biases, vectors as the norms' are.
                 if m.family.biased() {
                     out.extend([
@@ -1637,10 +1719,14 @@ impl ModelConfig {
             }
             for kind in self.layer_linears(l) {
                 let (o, i) = self.linear_shape(kind, l);
+                let role = match kind {
+                    LinearKind::Router => TensorRole::Router,
+                    _ => TensorRole::LinearWeight(kind),
+                };
                 out.push(ExpectedTensor {
                     name: format!("{}.weight", self.linear_path(kind, l)),
                     shape: vec![o, i],
-                    role: TensorRole::LinearWeight(kind),
+                    role,
                     layer: Some(l),
                 });
                 if self.linear_has_bias(kind) {
@@ -1850,12 +1936,16 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
     // Mixtral's experts are as wide as `intermediate_size` says, every layer's.
     // gpt-oss's too.
     let mixtral = matches!(family, MoeFamily::Mixtral | MoeFamily::GptOss);
+    if family == MoeFamily::Gemma4 {
+        return parse_gemma4_moe(fields, num_layers);
+    }
     // The config classes' defaults: (experts, top_k, expert width).
     let defaults = match family {
         MoeFamily::Qwen3 => (128, 8, 768),
         MoeFamily::Qwen2 => (60, 4, 1408),
         MoeFamily::Mixtral => (8, 2, 14336),
         MoeFamily::GptOss => (128, 4, 2880),
+        MoeFamily::Gemma4 => unreachable!("read by parse_gemma4_moe"),
     };
     let experts = match fields.opt_usize("num_experts")? {
         Some(n) if !mixtral => n,
@@ -1873,7 +1963,7 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
         MoeFamily::Qwen2 => fields
             .opt_usize("shared_expert_intermediate_size")?
             .unwrap_or(5632),
-        MoeFamily::Qwen3 | MoeFamily::Mixtral | MoeFamily::GptOss => 0,
+        MoeFamily::Qwen3 | MoeFamily::Mixtral | MoeFamily::GptOss | MoeFamily::Gemma4 => 0,
     };
     if mixtral
         && fields
@@ -1935,6 +2025,47 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
     })
 }
 
+/// Gemma 4's experts (`enable_moe_block`), in every layer: Gemma4TextConfig has no defaults for
+/// their sizes (transformers fails building the model without them), so each must be given.
+fn parse_gemma4_moe(fields: &Fields, num_layers: usize) -> Result<MoeConfig> {
+    let err = fields.err;
+    let required = |key: &str| {
+        fields.opt_usize(key)?.ok_or_else(|| {
+            err(format!(
+                "`{key}` must be set when `enable_moe_block` is true (Gemma4TextConfig has no default for it)"
+            ))
+        })
+    };
+    let (experts, top_k, inter) = (
+        required("num_experts")?,
+        required("top_k_experts")?,
+        required("moe_intermediate_size")?,
+    );
+    if top_k == 0 || top_k > experts {
+        return Err(err(format!(
+            "`top_k_experts` ({top_k}) must be from 1 to `num_experts` ({experts})"
+        )));
+    }
+    if inter == 0 || inter > MAX_DIMENSION || experts > MAX_DIMENSION {
+        return Err(err(format!(
+            "`moe_intermediate_size` ({inter}) and `num_experts` ({experts}) must be from 1 to \
+             {MAX_DIMENSION}"
+        )));
+    }
+    Ok(MoeConfig {
+        family: MoeFamily::Gemma4,
+        experts,
+        top_k,
+        inter,
+        // Gemma4TextRouter divides the chosen probabilities by their sum.
+        normalize: true,
+        shared_expert: 0,
+        sparse: vec![true; num_layers],
+        // Gemma4ForCausalLM adds no load-balancing loss.
+        output_router_logits: false,
+    })
+}
+
 /// Gemma 4 E2B and E4B: per-layer inputs (`hidden_size_per_layer_input`, on at 256 when the key is
 /// absent, as in transformers), the last `num_kv_shared_layers` layers attending over the keys and
 /// values of the last earlier layer of their type, and E2B's double-wide MLPs on those layers.
@@ -1991,15 +2122,8 @@ fn gemma4_small_model_parts(fields: &Fields, c: &mut ModelConfig) -> Result<()> 
     Ok(())
 }
 
-/// Refuses, by name, what Gemma 4's mixture-of-experts models add that nibble does not implement
-/// yet.
+/// Refuses, by name, what Gemma 4 configs may ask for that nibble does not implement.
 fn refuse_gemma4_parts(fields: &Fields) -> Result<()> {
-    if fields.opt_bool("enable_moe_block")? == Some(true) {
-        return Err((fields.err)(
-            "the mixture-of-experts block (enable_moe_block: Gemma 4 26B-A4B) is not supported yet"
-                .into(),
-        ));
-    }
     // null, false and "vision" (image tokens only) leave text causal.
     match fields.get("use_bidirectional_attention") {
         None | Some(Value::Bool(false)) => {}
@@ -3012,6 +3136,100 @@ mod tests {
     /// Gemma 4 as the hub's configs spell it (global_head_dim, num_global_key_value_heads,
     /// attention_k_eq_v; Gemma4TextConfig's defaults elsewhere), and the parts nibble refuses by name.
     #[test]
+    fn gemma4_moe_reads_as_transformers_builds_it() {
+        use serde_json::json;
+        // 26B-A4B's text config, its sizes cut down.
+        let config = json!({
+            "model_type": "gemma4_text", "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "hidden_size_per_layer_input": 0, "vocab_size": 256, "enable_moe_block": true,
+            "num_experts": 8, "top_k_experts": 3, "moe_intermediate_size": 32,
+        });
+        let c = ModelConfig::from_json_str(&config.to_string(), Path::new("config.json")).unwrap();
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(m.family, MoeFamily::Gemma4);
+        assert_eq!((m.experts, m.top_k, m.inter, m.normalize), (8, 3, 32, true));
+        assert_eq!(
+            (c.model_type(), c.class_name()),
+            ("gemma4_text", "Gemma4ForCausalLM")
+        );
+        assert!(c.experts_beside_mlp(1) && !c.experts_replace_mlp(1));
+        use LinearKind::*;
+        // PEFT's module order: the attention, the dense MLP, then the router.
+        assert_eq!(c.layer_linears(0), [Q, K, V, O, Gate, Up, Down, Router]);
+        assert_eq!(c.linear_path(Router, 1), "model.layers.1.router.proj");
+        assert_eq!(c.linear_shape(Router, 1), (8, 64));
+        let tensors = c.expected_tensors();
+        let find = |name: &str| {
+            tensors
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| (t.shape.clone(), t.role))
+        };
+        for (name, shape, role) in [
+            (
+                "model.layers.1.router.proj.weight",
+                vec![8, 64],
+                TensorRole::Router,
+            ),
+            ("model.layers.1.router.scale", vec![64], TensorRole::Norm),
+            (
+                "model.layers.1.router.per_expert_scale",
+                vec![8],
+                TensorRole::Norm,
+            ),
+            (
+                "model.layers.1.experts.gate_up_proj",
+                vec![8 * 64, 64],
+                TensorRole::Experts,
+            ),
+            (
+                "model.layers.1.experts.down_proj",
+                vec![8 * 64, 32],
+                TensorRole::Experts,
+            ),
+            (
+                "model.layers.1.pre_feedforward_layernorm_2.weight",
+                vec![64],
+                TensorRole::Norm,
+            ),
+            (
+                "model.layers.1.post_feedforward_layernorm_1.weight",
+                vec![64],
+                TensorRole::Norm,
+            ),
+            (
+                "model.layers.1.post_feedforward_layernorm_2.weight",
+                vec![64],
+                TensorRole::Norm,
+            ),
+            (
+                "model.layers.1.mlp.gate_proj.weight",
+                vec![96, 64],
+                TensorRole::LinearWeight(Gate),
+            ),
+        ] {
+            assert_eq!(find(name), Some((shape, role)), "{name}");
+        }
+        assert!(find("model.layers.1.mlp.gate.weight").is_none());
+        // The router is a linear module: PEFT adapts the experts alone by name.
+        let names: Vec<String> = c
+            .adaptable_parameters()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "model.layers.0.experts.gate_up_proj",
+                "model.layers.0.experts.down_proj",
+                "model.layers.1.experts.gate_up_proj",
+                "model.layers.1.experts.down_proj",
+            ]
+        );
+    }
+
+    #[test]
     fn gemma4_resolves_as_transformers_does() {
         use serde_json::json;
         let path = Path::new("config.json");
@@ -3173,7 +3391,15 @@ mod tests {
         }
 
         for (change, expect) in [
-            (json!({"enable_moe_block": true}), "enable_moe_block"),
+            (
+                json!({"enable_moe_block": true}),
+                "`num_experts` must be set when `enable_moe_block` is true",
+            ),
+            (
+                json!({"enable_moe_block": true, "num_experts": 4, "top_k_experts": 5,
+                       "moe_intermediate_size": 8}),
+                "`top_k_experts` (5) must be from 1 to `num_experts` (4)",
+            ),
             (
                 json!({"use_bidirectional_attention": "all"}),
                 "use_bidirectional_attention",

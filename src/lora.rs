@@ -925,15 +925,16 @@ impl LoraAdapter {
     /// experts key their pairs at the experts module, which PEFT wraps once per adapted parameter in
     /// the module's order: gate_up_proj's pair under `base_layer` when down_proj's wraps it.
     pub fn saved_key(&self, path: &str, f: Factor) -> String {
-        if let Some(layer) = path.strip_suffix(EXPERTS_GATE_UP) {
-            let module = format!("{layer}mlp.experts");
-            return match self.pair(&format!("{layer}{EXPERTS_DOWN}")) {
+        // `parent` is the experts module's: a layer's `mlp.`, or the layer (Gemma 4).
+        if let Some(parent) = path.strip_suffix(EXPERTS_GATE_UP) {
+            let module = format!("{parent}experts");
+            return match self.pair(&format!("{parent}{EXPERTS_DOWN}")) {
                 Some(_) => factor_key(&format!("{module}.base_layer"), f),
                 None => factor_key(&module, f),
             };
         }
-        if let Some(layer) = path.strip_suffix(EXPERTS_DOWN) {
-            return factor_key(&format!("{layer}mlp.experts"), f);
+        if let Some(parent) = path.strip_suffix(EXPERTS_DOWN) {
+            return factor_key(&format!("{parent}experts"), f);
         }
         factor_key(path, f)
     }

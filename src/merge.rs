@@ -298,8 +298,9 @@ fn as_quantized(spec: QuantSpec, cols: usize, values: &mut [f32]) -> Result<()> 
 /// that expert's B the tensor's rows start at (an expert's up_proj: after its gate_proj's).
 fn expert_rows(name: &str, shape: &[usize]) -> Option<(String, Option<usize>, usize)> {
     use crate::config::{EXPERTS_DOWN, EXPERTS_GATE_UP};
-    let (layer, rest) = name.split_once("mlp.experts.")?;
-    let stack = |which: &str| format!("{layer}{which}");
+    // The experts' module's parent: a layer's `mlp.`, or the layer itself (Gemma 4).
+    let (parent, rest) = name.split_once("experts.")?;
+    let stack = |which: &str| format!("{parent}{which}");
     match rest {
         "gate_up_proj" => return Some((stack(EXPERTS_GATE_UP), None, 0)),
         "down_proj" => return Some((stack(EXPERTS_DOWN), None, 0)),

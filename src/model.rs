@@ -258,7 +258,7 @@ pub struct Linear {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layer {
-    /// In `ModelConfig::linear_kinds` order.
+    /// In `ModelConfig::layer_linears` order, less a router (`LinearKind::Router`, in `moe`).
     pub linears: Vec<Linear>,
     /// A mixture-of-experts layer's router (dense) and stacked experts (`TensorRole::Router`,
     /// `TensorRole::Experts`), by tensor name; empty for a dense MLP.
@@ -1477,6 +1477,8 @@ impl ModelSource {
                     .config
                     .layer_linears(l)
                     .into_iter()
+                    // Gemma 4's router linear is among `moe`, dense as every router.
+                    .filter(|&kind| kind != LinearKind::Router)
                     .map(|kind| Linear {
                         kind,
                         weight: weights

@@ -147,6 +147,23 @@ impl SynthSpec {
         }
     }
 
+    /// A two-layer Gemma 4 with experts beside each dense MLP (26B-A4B's block): a sliding and a
+    /// full layer, 4 experts of width 32, 2 per token, and neither per-layer inputs nor shared keys
+    /// and values (26B-A4B has none).
+    pub fn tiny_gemma4_moe(vocab_size: usize) -> Self {
+        SynthSpec {
+            num_layers: 2,
+            moe: Some(SynthMoe {
+                family: crate::config::MoeFamily::Gemma4,
+                experts: 4,
+                top_k: 2,
+                inter: 32,
+                shared_expert: 0,
+            }),
+            ..Self::tiny(Arch::Gemma4, vocab_size)
+        }
+    }
+
     /// A two-layer Mixtral: Mistral's attention, 4 experts of width 64 in each layer, 2 per token.
     pub fn tiny_mixtral(vocab_size: usize) -> Self {
         SynthSpec {
@@ -328,6 +345,14 @@ impl SynthSpec {
                 obj.insert("num_kv_shared_layers".into(), json!(shared));
                 obj.insert("use_double_wide_mlp".into(), json!(true));
                 obj.insert("final_logit_softcapping".into(), json!(30.0));
+                if let Some(m) = self.moe {
+                    obj.insert("hidden_size_per_layer_input".into(), json!(0));
+                    obj.insert("use_double_wide_mlp".into(), json!(false));
+                    obj.insert("enable_moe_block".into(), json!(true));
+                    obj.insert("num_experts".into(), json!(m.experts));
+                    obj.insert("top_k_experts".into(), json!(m.top_k));
+                    obj.insert("moe_intermediate_size".into(), json!(m.inter));
+                }
             }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Ministral3 => {}
         }
@@ -354,7 +379,10 @@ impl SynthSpec {
             obj.insert("intermediate_size".into(), json!(m.inter));
             obj.insert("output_router_logits".into(), json!(false));
             obj.insert("router_jitter_noise".into(), json!(0.0));
-        } else if let Some(m) = self.moe {
+        } else if let Some(m) = self
+            .moe
+            .filter(|m| m.family != crate::config::MoeFamily::Gemma4)
+        {
             let qwen2 = m.family == crate::config::MoeFamily::Qwen2;
             let (class, model_type) = match qwen2 {
                 true => ("Qwen2MoeForCausalLM", "qwen2_moe"),
@@ -582,8 +610,18 @@ fn stored_name(config: &ModelConfig, t: &crate::config::ExpectedTensor) -> Strin
 }
 
 fn fill_random(rng: &mut Rng, spec: &SynthSpec, role: TensorRole, out: &mut [f32]) {
+    // Gemma 4's router sees its input scaled by hidden^-1/2: its weights are as much larger, so
+    // that its logits spread as other families' do and no two experts sit near a tie.
+    let gemma4_router = role == TensorRole::Router
+        && spec
+            .moe
+            .is_some_and(|m| m.family == crate::config::MoeFamily::Gemma4);
+    let std = match gemma4_router {
+        true => spec.std * (spec.hidden_size as f32).sqrt(),
+        false => spec.std,
+    };
     for x in out.iter_mut() {
-        let noise = rng.normal() as f32 * spec.std;
+        let noise = rng.normal() as f32 * std;
         // Norm scales sit around 1 as in trained models (Gemma's stored w around 0: it scales by
         // 1 + w); everything else is centred on 0.
         *x = if role == TensorRole::Norm && spec.arch != Arch::Gemma3 {

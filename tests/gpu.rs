@@ -95,6 +95,16 @@ fn gpt_oss_on_the_gpu_matches_transformers_and_the_cpu_executor() {
     }
 }
 
+/// Gemma 4's experts beside the dense MLP (26B-A4B's block: the router a linear on its own norm,
+/// the per-expert scales) on the GPU executor.
+#[test]
+fn gemma4_moe_on_the_gpu_matches_transformers_and_the_cpu_executor() {
+    let Some(gpu) = gpu() else { return };
+    for quant in ["none", "nf4"] {
+        check(&gpu, "gemma4_moe", quant);
+    }
+}
+
 #[test]
 fn weights_larger_than_a_binding_run_in_row_blocks() {
     let Some(mut gpu) = gpu() else { return };

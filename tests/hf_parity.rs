@@ -221,6 +221,16 @@ fn mixtral_matches_transformers_peft() {
     check("mixtral", "nf4");
 }
 
+/// Gemma 4 as 26B-A4B is built: beside each layer's dense MLP, experts (4, 2 per token) routed by a
+/// linear on the attention block's output normalised and scaled, each chosen weight scaled by its
+/// expert's factor, both outputs normalised and summed; PEFT's all-linear (the attention, the dense
+/// MLPs and the routers, `router.proj`) and the experts as `target_parameters`.
+#[test]
+fn gemma4_moe_matches_transformers_peft() {
+    check("gemma4_moe", "none");
+    check("gemma4_moe", "nf4");
+}
+
 /// gpt-oss as the hub stores it: its experts in MXFP4 blocks ([experts, out, in / 32, 16] bytes and
 /// a scale byte per block of 32), decoded as transformers decodes them, transposed into nibble's
 /// layout and each expert's interleaved gate and up rows split; the attention's biases and sinks,

@@ -995,6 +995,28 @@ fn moe_cases(model: &Model) -> Vec<Case> {
             b.node(op, &inputs, &outputs, true);
         });
     }
+    // Gemma 4's per-expert factors on the chosen weights: gathered by route, over more routes than
+    // a dispatch's 65,535 rows.
+    let long = 65_536usize.div_ceil(k) + 7;
+    cases.case("moe routes' expert factors past 65,535 routes", |b, g| {
+        let logits = g.add(b, "logits", long * e, 1.0);
+        let table = g.add(b, "per_expert_scale", e, 1.0);
+        let routes = b.indices(long * k, "routes");
+        let weights = b.output("weights", long * k);
+        let op = Op::MoeRoute {
+            shape,
+            normalize: true,
+        };
+        b.node(op, &[logits], &[routes, weights], false);
+        let scales = b.output("scales", long * k);
+        b.node(
+            Op::GatherRows { dim: 1 },
+            &[table, routes],
+            &[scales],
+            false,
+        );
+        b.node(Op::ScaleRows { dim: 1 }, &[scales], &[weights], false);
+    });
     cases.out
 }
 
@@ -1008,7 +1030,7 @@ fn moe_ops_agree_on_both_executors() {
         let model = moe_model(quant);
         let gm = GpuModel::upload(&gpu, &model).unwrap();
         let cases = moe_cases(&model);
-        assert_eq!(cases.len(), 5);
+        assert_eq!(cases.len(), 6);
         for case in &cases {
             worst = worst.max(compare(&gpu, (&model, &gm), case, quant).1);
         }

@@ -107,6 +107,10 @@ pub fn show(path: &Path, quant: QuantArgs, as_json: bool) -> Result<()> {
         let sparse = m.sparse.iter().filter(|&&s| s).count();
         let weights = if m.normalize { ", renormalised" } else { "" };
         let shared = match m.shared_expert {
+            _ if m.family.beside_dense_mlp() => {
+                ", each chosen weight scaled by its expert's factor, added to the dense MLP's output"
+                    .to_string()
+            }
             0 => String::new(),
             width => format!(", beside a shared expert of width {width} gated per token"),
         };

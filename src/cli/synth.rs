@@ -60,6 +60,9 @@ enum Preset {
     /// RoPE) alternating as in 31B, v norms, a scalar per layer, logits capped at 30; and E2B's
     /// per-layer inputs and last two layers sharing the first two's keys and values (double-wide MLPs).
     TinyGemma4,
+    /// Gemma 4 with 26B-A4B's experts beside each dense MLP: 4 experts of width 32, 2 per token, in
+    /// each of a sliding and a full layer.
+    TinyGemma4Moe,
     /// Gemma 3 (text): sliding (window 8, RoPE base 10^4) and full layers (10^6, linear x8) alternating.
     TinyGemma3,
     /// The exact Qwen2.5-0.5B shapes.
@@ -132,6 +135,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::TinyGemma3 => SynthSpec::tiny(Arch::Gemma3, vocab),
         Preset::TinyMinistral3 => SynthSpec::tiny(Arch::Ministral3, vocab),
         Preset::TinyGemma4 => SynthSpec::tiny(Arch::Gemma4, vocab),
+        Preset::TinyGemma4Moe => SynthSpec::tiny_gemma4_moe(vocab),
         Preset::Qwen25Half if vocab == 151936 => SynthSpec::qwen25_05b(),
         Preset::Qwen25Half => {
             bail!("the qwen2.5-0.5b preset keeps Qwen2.5's vocabulary (--tokenizer qwen2.5)")

@@ -8,7 +8,7 @@
 
 use crate::config::{
     ATTENTION_SINKS, EXPERTS_DOWN, EXPERTS_DOWN_BIAS, EXPERTS_GATE_UP, EXPERTS_GATE_UP_BIAS,
-    LinearKind, ModelConfig, PER_LAYER_EMBEDDING, PER_LAYER_MODEL_PROJECTION,
+    GEMMA4_EXPERT_NORMS, LinearKind, ModelConfig, PER_LAYER_EMBEDDING, PER_LAYER_MODEL_PROJECTION,
     PER_LAYER_PROJECTION_NORM, ROUTER_MODULE,
 };
 use crate::cpu::Sequence;
@@ -287,8 +287,10 @@ struct LayerTape {
     inv2: BufId,
     /// The gate and up projections, kept unless the MLP ran in chunks.
     gate_up: Option<(BufId, BufId)>,
-    /// A mixture-of-experts layer's routing.
+    /// A mixture-of-experts layer's routing, where its experts take the MLP's place.
     moe: Option<MoeTape>,
+    /// Gemma 4's experts beside the dense MLP.
+    beside: Option<BesideTape>,
     /// Sandwich norms (Gemma): (the attention's or MLP's output, the norm's weight, inverse RMS).
     attn_out_norm: Option<(BufId, BufId, BufId)>,
     mlp_out_norm: Option<(BufId, BufId, BufId)>,
@@ -309,6 +311,22 @@ struct MoeTape {
     /// The adapted stacks' A and B, in `MoeLora::stacks`' order.
     pairs: Vec<BufId>,
     shared: Option<SharedExpertTape>,
+    /// Gemma 4: each chosen expert's `per_expert_scale`, which its weight was multiplied by.
+    route_scales: Option<BufId>,
+}
+
+/// What Gemma 4's experts beside the dense MLP keep for the backward: each of their norms as
+/// (input, weight, inverse RMS), and the inputs of the router's linear and of the experts.
+struct BesideTape {
+    /// The attention block's output normalised (no weight of its own) and scaled by `router.scale`,
+    /// then by hidden^-1/2 (in place): the router linear's input.
+    router_input: BufId,
+    router_norm: (BufId, BufId, BufId),
+    experts_input: BufId,
+    experts_input_norm: (BufId, BufId, BufId),
+    dense_output_norm: (BufId, BufId, BufId),
+    experts_output_norm: (BufId, BufId, BufId),
+    experts: MoeTape,
 }
 
 /// What Qwen2-MoE's shared expert keeps for the backward: the gate's logit per token and, unless it
@@ -964,8 +982,9 @@ impl Decoder<'_> {
         let post_norm = self.norm_weight(&c.layer_module(l, post_norm), h);
         let (xn2, inv2) = self.rmsnorm(x_mid, post_norm, h, &format!("layers.{l}.xn2"));
         let mut moe = None;
-        let (down, gate_up) = if c.is_sparse(l) {
-            let (y, mut tape) = self.experts(l, xn2);
+        let (down, gate_up) = if c.experts_replace_mlp(l) {
+            let logits = self.router_parameter(l, xn2);
+            let (y, mut tape) = self.experts(l, xn2, logits);
             if c.shared_expert_width() > 0 {
                 tape.shared = Some(self.shared_expert(l, xn2, y, &mut linears));
             }
@@ -980,6 +999,13 @@ impl Decoder<'_> {
             let (down, tape) = self.linear(l, LinearKind::Down, hidden);
             linears.push((LinearKind::Down, tape));
             (down, Some((gate, up)))
+        };
+        let (down, beside) = match c.experts_beside_mlp(l) {
+            true => {
+                let (sum, tape) = self.experts_beside_mlp(l, x_mid, down);
+                (sum, Some(tape))
+            }
+            false => (down, None),
         };
         let (mlp_out_norm, down) = self.output_norm(l, down, "post_feedforward_layernorm");
         let x_out = self.add(x_mid, down, format!("layers.{l}.out"));
@@ -1004,6 +1030,7 @@ impl Decoder<'_> {
             inv2,
             gate_up,
             moe,
+            beside,
             attn_out_norm,
             mlp_out_norm,
             per_layer,
@@ -1012,20 +1039,19 @@ impl Decoder<'_> {
         (x_out, tape)
     }
 
-    /// Layer `l`'s experts on its MLP input x: the router's logits, each token's choices and
-    /// weights, and the chosen experts' outputs mixed.
-    fn experts(&mut self, l: usize, x: BufId) -> (BufId, MoeTape) {
+    /// Layer `l`'s router, a parameter (`mlp.gate.weight`, with gpt-oss's bias), on x: its logits
+    /// and its tape.
+    fn router_parameter(&mut self, l: usize, x: BufId) -> (BufId, LinearTape) {
         let c = self.c;
         let m = c.moe.as_ref().expect("a sparse layer has experts");
         let (t, h) = (self.t(), c.hidden_size);
-        let shape = m.shape(h);
         // PEFT adapts the router's weight (a parameter, `gate.weight`) without dropout.
         let router_path = c.layer_module(l, ROUTER_MODULE);
         let bias = m
             .family
             .biased()
             .then(|| self.b.weight(&format!("{router_path}.bias"), m.experts));
-        let (logits, router) = lora_linear::forward(
+        lora_linear::forward(
             &mut self.b,
             self.lora.as_ref(),
             x,
@@ -1033,7 +1059,21 @@ impl Decoder<'_> {
             (router_path, format!("layers.{l}.router logits")),
             bias,
             None,
-        );
+        )
+    }
+
+    /// Layer `l`'s experts on x, routed by the router's `logits` (and tape): each token's choices
+    /// and weights, and the chosen experts' outputs mixed.
+    fn experts(
+        &mut self,
+        l: usize,
+        x: BufId,
+        (logits, router): (BufId, LinearTape),
+    ) -> (BufId, MoeTape) {
+        let c = self.c;
+        let m = c.moe.as_ref().expect("a sparse layer has experts");
+        let (t, h) = (self.t(), c.hidden_size);
+        let shape = m.shape(h);
         let routes = self.b.indices(t * m.top_k, format!("layers.{l}.routes"));
         let weights = self
             .b
@@ -1043,11 +1083,24 @@ impl Decoder<'_> {
             normalize: m.normalize,
         };
         self.b.node(op, &[logits], &[routes, weights], false);
-        let gate_up = c.layer_module(l, EXPERTS_GATE_UP);
+        // Gemma 4 scales each chosen weight by its expert's own factor.
+        let route_scales = m.family.beside_dense_mlp().then(|| {
+            let table = c.layer_module(l, "router.per_expert_scale");
+            let table = self.b.weight(&table, m.experts);
+            let scales = self
+                .b
+                .activation(t * m.top_k, format!("layers.{l}.route scales"));
+            let op = Op::GatherRows { dim: 1 };
+            self.b.node(op, &[table, routes], &[scales], false);
+            let op = Op::ScaleRows { dim: 1 };
+            self.b.node(op, &[scales], &[weights], false);
+            scales
+        });
+        let gate_up = c.experts_stack(l, EXPERTS_GATE_UP);
         let gate_up = self.b.weight(&gate_up, m.experts * 2 * m.inter * h);
         let down = self
             .b
-            .weight(&c.layer_module(l, EXPERTS_DOWN), m.experts * h * m.inter);
+            .weight(&c.experts_stack(l, EXPERTS_DOWN), m.experts * h * m.inter);
         let y = self.b.activation(t * h, format!("layers.{l}.experts"));
         let act = c.gate_activation;
         let (lora, pairs) = self.expert_pairs(l);
@@ -1067,8 +1120,66 @@ impl Decoder<'_> {
             lora,
             pairs,
             shared: None,
+            route_scales,
         };
         (y, tape)
+    }
+
+    /// Gemma 4's experts beside layer `l`'s dense MLP, on the attention block's output x: routed
+    /// by a linear on x normalised and scaled, run on x normalised by a norm of their own, their
+    /// output normalised and added to the dense MLP's `dense` (normalised too).
+    fn experts_beside_mlp(&mut self, l: usize, x: BufId, dense: BufId) -> (BufId, BesideTape) {
+        let c = self.c;
+        let h = c.hidden_size;
+        let [dense_norm, experts_norm, input_norm] = GEMMA4_EXPERT_NORMS
+            .map(|name| self.norm_weight(&c.layer_module(l, &format!("{name}.weight")), h));
+        let router_scale = self.norm_weight(&c.layer_module(l, "router.scale"), h);
+        let (router_input, router_inv) =
+            self.rmsnorm(x, router_scale, h, &format!("layers.{l}.router input"));
+        let factor = (h as f32).powf(-0.5);
+        self.b
+            .node(Op::Scale { factor }, &[], &[router_input], false);
+        let (logits, router) = self.linear(l, LinearKind::Router, router_input);
+        let (experts_input, input_inv) =
+            self.rmsnorm(x, input_norm, h, &format!("layers.{l}.experts input"));
+        let (y, experts) = self.experts(l, experts_input, (logits, router));
+        let name = |part: &str| format!("layers.{l}.{part}");
+        let (dense_normed, dense_inv) = self.rmsnorm(dense, dense_norm, h, &name("dense output"));
+        let (y_normed, y_inv) = self.rmsnorm(y, experts_norm, h, &name("experts output"));
+        self.b.node(Op::Add, &[y_normed], &[dense_normed], true);
+        let tape = BesideTape {
+            router_input,
+            router_norm: (x, router_scale, router_inv),
+            experts_input,
+            experts_input_norm: (x, input_norm, input_inv),
+            dense_output_norm: (dense, dense_norm, dense_inv),
+            experts_output_norm: (y, experts_norm, y_inv),
+            experts,
+        };
+        (dense_normed, tape)
+    }
+
+    /// The experts' part of the gradient of the attention block's output x (Gemma 4's experts
+    /// beside the MLP), from that of the sum they add into, added into dx.
+    fn experts_beside_mlp_backward(&mut self, l: usize, s: &BesideTape, d_sum: BufId, dx: BufId) {
+        let h = self.c.hidden_size;
+        let through = |d: &mut Self, (x, w, inv): (BufId, BufId, BufId), dy: BufId| {
+            d.rmsnorm_backward(x, w, inv, dy, h)
+        };
+        let dy = through(self, s.experts_output_norm, d_sum);
+        let (d_experts_input, d_logits) = self.experts_backward(l, &s.experts, s.experts_input, dy);
+        let d_router_input = self.gradient_of(s.router_input);
+        self.linear_backward(&s.experts.router, s.router_input, d_logits, d_router_input);
+        let factor = (h as f32).powf(-0.5);
+        self.b
+            .node(Op::Scale { factor }, &[], &[d_router_input], false);
+        for (norm, dy) in [
+            (s.router_norm, d_router_input),
+            (s.experts_input_norm, d_experts_input),
+        ] {
+            let part = through(self, norm, dy);
+            self.b.node(Op::Add, &[part], &[dx], true);
+        }
     }
 
     /// Adds layer `l`'s shared expert on x into the experts' output y: a gated MLP scaled per
@@ -1231,9 +1342,9 @@ impl Decoder<'_> {
         (crate::ops::moe::MoeLora { gate_up, down }, pairs)
     }
 
-    /// The gradient of `experts`' input x from that of its output: through the chosen experts,
-    /// and through their weights into the router's logits and on into x.
-    fn experts_backward(&mut self, l: usize, s: &MoeTape, x: BufId, dy: BufId) -> BufId {
+    /// The gradients of `experts`' input x and of the router's logits from that of its output:
+    /// through the chosen experts, and through their weights into the logits.
+    fn experts_backward(&mut self, l: usize, s: &MoeTape, x: BufId, dy: BufId) -> (BufId, BufId) {
         let c = self.c;
         let m = c.moe.as_ref().expect("a sparse layer has experts");
         let (t, h) = (self.t(), c.hidden_size);
@@ -1260,6 +1371,10 @@ impl Decoder<'_> {
             lora: s.lora,
         };
         self.b.node(op, &inputs, &outputs, false);
+        if let Some(scales) = s.route_scales {
+            let op = Op::ScaleRows { dim: 1 };
+            self.b.node(op, &[scales], &[d_weights], false);
+        }
         let d_logits = self
             .b
             .activation(t * m.experts, format!("d layers.{l}.router logits"));
@@ -1269,8 +1384,7 @@ impl Decoder<'_> {
         };
         self.b
             .node(op, &[s.logits, s.routes, d_weights], &[d_logits], false);
-        lora_linear::backward(&mut self.b, &s.router, x, d_logits, dx);
-        dx
+        (dx, d_logits)
     }
 
     /// A block's output y through the sandwich norm `norm` of layer `l` where the model has them:
@@ -1481,10 +1595,16 @@ impl Decoder<'_> {
             None => dy,
         };
         let d_mlp = through(self, s.mlp_out_norm, dx_out);
+        // Beside Gemma 4's experts, the dense MLP's output has a norm of its own.
+        let d_dense = match &s.beside {
+            Some(beside) => through(self, Some(beside.dense_output_norm), d_mlp),
+            None => d_mlp,
+        };
         let dxn2 = match s.gate_up {
             _ if s.moe.is_some() => {
                 let moe = s.moe.as_ref().expect("checked");
-                let dx = self.experts_backward(l, moe, s.xn2, d_mlp);
+                let (dx, d_logits) = self.experts_backward(l, moe, s.xn2, d_mlp);
+                lora_linear::backward(&mut self.b, &moe.router, s.xn2, d_logits, dx);
                 if let Some(shared) = &moe.shared {
                     self.shared_expert_backward(l, s, shared, d_mlp, dx);
                 }
@@ -1506,12 +1626,15 @@ impl Decoder<'_> {
                     width: c.mlp_width(l),
                 };
                 let dx = self.gradient_of(s.xn2);
-                self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], d_mlp, dx);
+                self.mlp_backward(&tapes, [s.xn2, gate, up, hidden], d_dense, dx);
                 dx
             }
-            None => self.chunked_mlp_backward(l, s.xn2, d_mlp),
+            None => self.chunked_mlp_backward(l, s.xn2, d_dense),
         };
         let dx_mid = self.rmsnorm_backward(s.x_mid, s.post_norm, s.inv2, dxn2, h);
+        if let Some(beside) = &s.beside {
+            self.experts_beside_mlp_backward(l, beside, d_mlp, dx_mid);
+        }
         self.b.node(Op::Add, &[dx_out], &[dx_mid], true);
         let d_o = through(self, s.attn_out_norm, dx_mid);
         let d_attn = self.b.activation(t * q_dim, format!("d layers.{l}.attn"));

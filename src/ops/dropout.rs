@@ -407,6 +407,7 @@ mod stream_tests {
             LinearKind::SharedUp,
             LinearKind::SharedDown,
             LinearKind::SharedExpertGate,
+            LinearKind::Router,
         ];
         for projections in [&LinearKind::SEPARATE[..], &LinearKind::FUSED[..]] {
             let mut seen = std::collections::HashSet::new();

@@ -176,7 +176,12 @@ pub(crate) fn record_rows(
         c: 0,
         d: 0,
     };
-    let groups = [dim.div_ceil(64) as u32, rows as u32, 1];
+    // Rows past 65,535 (a dispatch's limit on y) go on over z, as the shader reads them.
+    let groups = [
+        dim.div_ceil(64) as u32,
+        rows.clamp(1, 65535) as u32,
+        rows.div_ceil(65535).max(1) as u32,
+    ];
     r.dispatch(entry, &p, &[(1, src), (2, index), (3, dst)], groups);
 }
 

@@ -1427,7 +1427,7 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
                         saved
                             .into_iter()
                             .filter(|p| {
-                                !p.contains(".mlp.experts") && !crate::config::is_router_path(p)
+                                !p.contains(".experts") && !crate::config::is_router_path(p)
                             })
                             .collect(),
                     )
