@@ -12,7 +12,9 @@ the routers and the experts), Qwen2-MoE (as Qwen3-MoE's, weights as routed, a sh
 per token; all-linear and the routers and experts as target_parameters), Mixtral (Mistral's attention with a window of 8, 4 experts in each of two
 layers; all-linear) and gpt-oss (biased attention with sinks, a sliding and a full layer, 4 biased experts
 stored [experts, in, out] with gate and up interleaved, the clamped SwiGLU; all-linear and the experts as
-target_parameters) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
+target_parameters) and Gemma 4 with 26B-A4B's experts (4 beside each of two layers' dense MLPs, 2 per token,
+routed by a linear on its own norm and scale, per-expert factors; all-linear, which takes the routers'
+linears, and the experts as target_parameters) models made by `nibble synth --tokenizer byte` (a byte-level tokenizer with Qwen2.5's
 chat template), NF4 with group 64 emulated exactly (bitsandbytes quantize -> dequantize of the decoder
 linears), a PEFT LoRA adapter (r=4, alpha=8, every decoder linear by PEFT's names, random A and B),
 dropout 0, batch 1 with gradient accumulation 2, constant

@@ -148,7 +148,7 @@ impl SynthSpec {
     }
 
     /// A two-layer Gemma 4 with experts beside each dense MLP (26B-A4B's block): a sliding and a
-    /// full layer, 4 experts of width 32, 2 per token, and neither per-layer inputs nor shared keys
+    /// full layer, 4 experts of width 64, 2 per token, and neither per-layer inputs nor shared keys
     /// and values (26B-A4B has none).
     pub fn tiny_gemma4_moe(vocab_size: usize) -> Self {
         SynthSpec {
@@ -157,7 +157,7 @@ impl SynthSpec {
                 family: crate::config::MoeFamily::Gemma4,
                 experts: 4,
                 top_k: 2,
-                inter: 32,
+                inter: 64,
                 shared_expert: 0,
             }),
             ..Self::tiny(Arch::Gemma4, vocab_size)

@@ -60,7 +60,7 @@ enum Preset {
     /// RoPE) alternating as in 31B, v norms, a scalar per layer, logits capped at 30; and E2B's
     /// per-layer inputs and last two layers sharing the first two's keys and values (double-wide MLPs).
     TinyGemma4,
-    /// Gemma 4 with 26B-A4B's experts beside each dense MLP: 4 experts of width 32, 2 per token, in
+    /// Gemma 4 with 26B-A4B's experts beside each dense MLP: 4 experts of width 64, 2 per token, in
     /// each of a sliding and a full layer.
     TinyGemma4Moe,
     /// Gemma 3 (text): sliding (window 8, RoPE base 10^4) and full layers (10^6, linear x8) alternating.
