@@ -1339,6 +1339,111 @@ fn synth_with_chats(dir: &Path, preset: &str) -> (std::path::PathBuf, std::path:
     (model, data)
 }
 
+/// The (name, shape) of every tensor in a safetensors file, sorted.
+fn saved_tensors(file: &Path) -> Vec<(String, Vec<usize>)> {
+    let weights = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let mut names: Vec<(String, Vec<usize>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Gemma 4 with 26B-A4B's experts end to end on the CPU: all-linear trains the attention, the dense
+/// MLPs and the routers' linears (`router.proj`) with dropout, the experts train when named (without
+/// it, as PEFT requires), a continued run reads that adapter, `nibble info` names the block, and the
+/// merged folder holds the experts stacked as transformers does.
+#[test]
+fn a_gemma4_moe_model_trains_its_routers_and_named_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = synth_with_chats(dir.path(), "tiny-gemma4-moe");
+    let train = |out: &Path, extra: &[&str]| two_cpu_steps(&model, &data, out, extra);
+    let names = |out: &Path| saved_tensors(&out.join("adapter_model.safetensors"));
+    let plain = dir.path().join("plain");
+    let o = train(
+        &plain,
+        &["--target-modules", "all-linear", "--lora-dropout", "0.1"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved = names(&plain);
+    // 8 linears in the sliding layer (its v_proj too), 7 in the full one, A and B each.
+    assert_eq!(saved.len(), 2 * (8 + 7), "{saved:?}");
+    let router = "base_model.model.model.layers.1.router.proj";
+    for (key, shape) in [("lora_A.weight", [8, 64]), ("lora_B.weight", [4, 8])] {
+        let key = format!("{router}.{key}");
+        assert!(
+            saved.contains(&(key.clone(), shape.to_vec())),
+            "{key} in {saved:?}"
+        );
+    }
+    assert!(
+        !saved.iter().any(|(n, _)| n.contains("experts")),
+        "{saved:?}"
+    );
+
+    let experts = dir.path().join("experts");
+    let named = [
+        "--target-parameters",
+        "gate_up_proj,down_proj",
+        "--lora-dropout",
+        "0",
+    ];
+    let o = train(&experts, &named);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let layer0 = "base_model.model.model.layers.0.experts";
+    let saved = names(&experts);
+    for (key, shape) in [
+        ("base_layer.lora_A.weight", [4 * 8, 64]),
+        ("base_layer.lora_B.weight", [2 * 64, 4 * 8]),
+        ("lora_A.weight", [4 * 8, 64]),
+        ("lora_B.weight", [64, 4 * 8]),
+    ] {
+        let key = format!("{layer0}.{key}");
+        assert!(
+            saved.contains(&(key.clone(), shape.to_vec())),
+            "{key} in {saved:?}"
+        );
+    }
+    let o = train(
+        &dir.path().join("continued"),
+        &["--init-adapter", s(&experts), "--lora-dropout", "0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let info = ok(&["info", s(&model)]);
+    assert!(
+        info.contains("gemma4_text (Gemma4ForCausalLM)")
+            && info.contains("4 experts of width 64, 2 per token")
+            && info.contains("added to the dense MLP's output"),
+        "{info}"
+    );
+    let merged = dir.path().join("merged");
+    let o = nibble(&[
+        "merge",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&experts),
+        "--output",
+        s(&merged),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stored = saved_tensors(&merged.join("model.safetensors"));
+    for (name, shape) in [
+        ("model.layers.1.experts.gate_up_proj", vec![4, 128, 64]),
+        ("model.layers.1.experts.down_proj", vec![4, 64, 64]),
+        ("model.layers.1.router.proj.weight", vec![4, 64]),
+    ] {
+        assert!(
+            stored.contains(&(name.to_string(), shape)),
+            "{name} in {stored:?}"
+        );
+    }
+}
+
 /// Two training steps of `model` on `data` on the CPU, into `out`, with `extra` options.
 fn two_cpu_steps(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["train", "--model", s(model), "--data", s(data)];
@@ -1350,24 +1455,14 @@ fn two_cpu_steps(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::
 /// gpt-oss end to end on the CPU: `nibble synth` writes it as transformers does (the router as
 /// `mlp.router`, the experts [experts, in, out] with interleaved gate and up columns), all-linear trains
 /// the attention alone, the experts train when named (their B rows written back interleaved: PEFT's
-/// shapes), a continued run reads that adapter, `nibble info` names the parts, and merging is refused
-/// (not yet written in gpt-oss's layout) without writing anything.
+/// shapes), a continued run reads that adapter, `nibble info` names the parts, and the merged folder
+/// reads as gpt-oss again.
 #[test]
 fn a_gpt_oss_model_trains_its_attention_and_named_experts() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data) = synth_with_chats(dir.path(), "tiny-gpt-oss");
     let train = |out: &Path, extra: &[&str]| two_cpu_steps(&model, &data, out, extra);
-    let names = |out: &Path| -> Vec<(String, Vec<usize>)> {
-        let weights = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&weights).unwrap();
-        let mut names: Vec<(String, Vec<usize>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.shape().to_vec()))
-            .collect();
-        names.sort();
-        names
-    };
+    let names = |out: &Path| saved_tensors(&out.join("adapter_model.safetensors"));
     let plain = dir.path().join("plain");
     let o = train(&plain, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -12,7 +12,14 @@ use nibble::rng::Rng;
 
 /// The fixtures decoded: every family's, and E2B's and the mixtures'.
 fn decoded_families() -> Vec<&'static str> {
-    let more = ["gemma4_e2b", "qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"];
+    let more = [
+        "gemma4_e2b",
+        "qwen3_moe",
+        "mixtral",
+        "qwen2_moe",
+        "gpt_oss",
+        "gemma4_moe",
+    ];
     common::families().into_iter().chain(more).collect()
 }
 
