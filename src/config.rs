@@ -3227,6 +3227,19 @@ mod tests {
                 "model.layers.1.experts.down_proj",
             ]
         );
+        // As the hub holds it: the text decoder of Gemma4ForConditionalGeneration.
+        let wrapped = json!({"model_type": "gemma4", "text_config": config});
+        let c = ModelConfig::from_json_str(&wrapped.to_string(), Path::new("config.json")).unwrap();
+        assert_eq!(c.moe_family(), Some(MoeFamily::Gemma4));
+        assert_eq!(c.class_name(), "Gemma4ForConditionalGeneration");
+        assert_eq!(
+            c.experts_stack(1, EXPERTS_DOWN),
+            "model.language_model.layers.1.experts.down_proj"
+        );
+        assert_eq!(
+            c.linear_path(Router, 0),
+            "model.language_model.layers.0.router.proj"
+        );
     }
 
     #[test]
