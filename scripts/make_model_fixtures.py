@@ -6,7 +6,8 @@ LongRoPE, a sliding window) and Gemma 3 (sliding and full layers with their own 
 beside it, whose head never caps), Ministral 3 (YaRN, queries scaled up every 4 positions) and the
 multimodal Mistral 3 holding it (untied head)), Gemma 4 (31B's layout: plain-w and v norms, wider heads
 on the full layers with values from k_proj and proportional RoPE, a scalar per layer; and multimodal;
-and E2B's layout: per-layer inputs, layers sharing keys and values, double-wide MLPs), the mixtures of
+and E2B's layout: per-layer inputs, layers sharing keys and values, double-wide MLPs; and 26B-A4B's:
+experts beside each dense MLP, by itself and multimodal), the mixtures of
 experts Qwen3-MoE, Mixtral and Qwen2-MoE, and gpt-oss (biased attention with sinks, a sliding and a full
 layer, YaRN, biased experts stored [experts, in, out] with gate and up interleaved, the clamped SwiGLU)
 models saved by transformers, a PEFT LoRA adapter for each with random A and B, and the
@@ -176,7 +177,10 @@ models["gemma4_moe"] = (Gemma4ForCausalLM, Gemma4TextConfig(
     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                      "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                         "rope_theta": 1000000.0}}))
-MULTIMODAL = ("gemma3", "mistral3", "gemma4")
+# As released: inside Gemma4ForConditionalGeneration (no vision tower here).
+models["gemma4_moe_multimodal"] = (Gemma4ForConditionalGeneration, Gemma4Config(
+    text_config=models["gemma4_moe"][1].to_dict(), vision_config=None, audio_config=None))
+MULTIMODAL = ("gemma3", "mistral3", "gemma4", "gemma4_moe_multimodal")
 MOE = ("qwen3_moe", "mixtral", "qwen2_moe")
 # Experts transformers holds [experts, in, out] (x @ W): nibble holds them [experts, out, in] as the others.
 TRANSPOSED_EXPERTS = ("gpt_oss",)
@@ -208,6 +212,9 @@ def write_expected(name, cls, config, folder, **load):
     if name == "gemma4_moe":
         # The routers are linears, kept dense as every router is; PEFT converts nothing for gemma4.
         targets = "all-linear"
+    if name == "gemma4_moe_multimodal":
+        # all-linear's modules by name, under the language model: the routers' linears are `proj`.
+        targets = TARGETS + ["proj"]
     if name in MOE:
         # PEFT turns all-linear into the attention's linears and, as target_parameters, the router
         # and both stacks of experts (gate_up_proj at twice the rank and alpha); the dense layer's
@@ -216,7 +223,7 @@ def write_expected(name, cls, config, folder, **load):
     # In the multimodal model, only the text decoder's linears (the vision tower has q_proj too).
     text_only = r".*language_model.*\.(" + "|".join(targets) + ")"
     parameters = ["gate.weight", "gate_up_proj", "down_proj"] if name == "qwen2_moe" else None
-    if name in ("gpt_oss", "gemma4_moe"):
+    if name in ("gpt_oss", "gemma4_moe", "gemma4_moe_multimodal"):
         # PEFT wraps each stack of experts (gpt-oss's is_transposed: in = the middle axis) in a
         # ParamWrapper.
         parameters = ["gate_up_proj", "down_proj"]
@@ -371,7 +378,7 @@ if __name__ == "__main__":
                 if pname.endswith(("router.scale", "router.per_expert_scale")):
                     p.copy_(torch.randn_like(p) * 0.1 + 1.0)
                 if pname.endswith("router.proj.weight"):
-                    p.copy_(torch.randn_like(p) * 0.1 * config.hidden_size ** 0.5)
+                    p.copy_(torch.randn_like(p) * 0.1 * getattr(config, "text_config", config).hidden_size ** 0.5)
         folder = os.path.join(OUT, name)
         model.save_pretrained(folder)
         write_expected(name, cls, config, folder)

@@ -390,7 +390,8 @@ fn gpu_step(
 /// the CPU's chunks: 1.5e-8 and 1.3e-6), with and without
 /// checkpointing, dense and NF4, biases (Qwen2) or not; with LoRA dropout, checkpointing recomputes
 /// each chunk's masks, so its gradients are bit for bit those without; the peak of live buffers
-/// falls. Qwen2-MoE's shared expert (and its gate) runs in the same chunks.
+/// falls. Qwen2-MoE's shared expert (and its gate) runs in the same chunks, and Gemma 4's dense MLP
+/// beside its experts.
 #[test]
 fn mlp_chunks_give_the_same_step_in_less_memory() {
     let gpu = common::gpu();
@@ -406,7 +407,9 @@ fn mlp_chunks_give_the_same_step_in_less_memory() {
                 num_layers: 1,
                 ..SynthSpec::tiny_qwen2_moe(VOCAB)
             },
-        )]);
+        )])
+        // Gemma 4's dense MLP in chunks beside its experts (which take the whole sequence).
+        .chain([("Gemma4-MoE".into(), SynthSpec::tiny_gemma4_moe(VOCAB))]);
     for (arch, spec) in specs {
         for quant in [false, true] {
             let model = common::tiny_model_of(spec.clone(), quant);
@@ -456,7 +459,11 @@ fn mlp_chunks_give_the_same_step_in_less_memory() {
                 .memory()
                 .buffers
             };
-            assert!(peak(16) < peak(64), "{} vs {}", peak(16), peak(64));
+            // Gemma 4's tiny experts' step peaks away from its dense MLP, which chunks cannot lower.
+            match arch.as_str() {
+                "Gemma4-MoE" => assert!(peak(16) <= peak(64)),
+                _ => assert!(peak(16) < peak(64), "{} vs {}", peak(16), peak(64)),
+            }
         }
     }
     eprintln!("worst: loss {:.1e}, gradients {:.1e}", worst.0, worst.1);

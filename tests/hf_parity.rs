@@ -4,7 +4,9 @@
 //! layers), SmolLM3 (tied, a layer without RoPE), Phi-3 (fused qkv_proj and gate_up_proj, 12 of 16
 //! channels rotated, LongRoPE, a window of 6), Gemma 3 (text, soft-capped logits; and multimodal),
 //! Ministral 3 (YaRN, the per-position query scale; and inside Mistral 3) and Gemma 4 (31B's layout;
-//! and multimodal; and E2B's per-layer inputs and shared keys and values), Qwen3-MoE and Mixtral
+//! and multimodal; and E2B's per-layer inputs and shared keys and values; and 26B-A4B's experts
+//! beside the dense MLPs, alone and multimodal: logits within 9.8e-7, gradients within 5.7e-6),
+//! Qwen3-MoE and Mixtral
 //! (routed experts, LoRA on the attention, routers and experts; CPU) models, float32, with the base unquantized and in NF4 group
 //! 64 (Qwen3-MoE and Mixtral, every expert and router adapted: logits within 6.5e-7, gradients
 //! within 8.1e-6, held to 4e-5). Measured: logits within 9.1e-7 (2.5e-6 for E2B's, which
@@ -224,11 +226,14 @@ fn mixtral_matches_transformers_peft() {
 /// Gemma 4 as 26B-A4B is built: beside each layer's dense MLP, experts (4, 2 per token) routed by a
 /// linear on the attention block's output normalised and scaled, each chosen weight scaled by its
 /// expert's factor, both outputs normalised and summed; PEFT's all-linear (the attention, the dense
-/// MLPs and the routers, `router.proj`) and the experts as `target_parameters`.
+/// MLPs and the routers, `router.proj`) and the experts as `target_parameters`; and as released,
+/// the text decoder of Gemma4ForConditionalGeneration (the same modules by a pattern).
 #[test]
 fn gemma4_moe_matches_transformers_peft() {
-    check("gemma4_moe", "none");
-    check("gemma4_moe", "nf4");
+    for name in ["gemma4_moe", "gemma4_moe_multimodal"] {
+        check(name, "none");
+        check(name, "nf4");
+    }
 }
 
 /// gpt-oss as the hub stores it: its experts in MXFP4 blocks ([experts, out, in / 32, 16] bytes and
