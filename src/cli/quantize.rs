@@ -85,9 +85,16 @@ pub fn run(args: Args) -> Result<()> {
         .save_quantized(output, (&source.tokenizer, generation.as_deref()))
         .with_context(|| format!("writing {}", output.display()))?;
     let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    // What was packed: the linears (routers stay dense) and the stacks of experts.
+    let packed = model.layers.iter().map(|l| l.linears.len()).sum::<usize>()
+        + model
+            .config
+            .adaptable_parameters()
+            .iter()
+            .filter(|p| p.experts > 1)
+            .count();
     eprintln!(
-        "quantized {} decoder linears of {} to {spec} in {:.1}s, wrote {} ({}) in {:.1}s",
-        model.config.linear_modules().len(),
+        "quantized {packed} decoder weights of {} to {spec} in {:.1}s, wrote {} ({}) in {:.1}s",
         path.display(),
         loaded.as_secs_f64(),
         output.display(),
