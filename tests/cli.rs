@@ -1339,6 +1339,46 @@ fn synth_with_chats(dir: &Path, preset: &str) -> (std::path::PathBuf, std::path:
     (model, data)
 }
 
+/// Trains a tiny model's stacks of experts by name (4 experts of width 64, hidden size 64, r 8)
+/// into dir/experts, checks PEFT's keys and shapes for them at `module` (layer 0's experts,
+/// gate_up_proj's pair inside down_proj's wrapper), and continues a run from that adapter; returns
+/// its folder.
+fn trains_named_experts(
+    dir: &Path,
+    module: &str,
+    train: &dyn Fn(&Path, &[&str]) -> std::process::Output,
+) -> std::path::PathBuf {
+    let experts = dir.join("experts");
+    let named = [
+        "--target-parameters",
+        "gate_up_proj,down_proj",
+        "--lora-dropout",
+        "0",
+    ];
+    let o = train(&experts, &named);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved = saved_tensors(&experts.join("adapter_model.safetensors"));
+    let (slots, hidden, width) = (4 * 8, 64, 64);
+    for (key, shape) in [
+        ("base_layer.lora_A.weight", [slots, hidden]),
+        ("base_layer.lora_B.weight", [2 * width, slots]),
+        ("lora_A.weight", [slots, width]),
+        ("lora_B.weight", [hidden, slots]),
+    ] {
+        let key = format!("base_model.model.model.{module}.{key}");
+        assert!(
+            saved.contains(&(key.clone(), shape.to_vec())),
+            "{key} in {saved:?}"
+        );
+    }
+    let o = train(
+        &dir.join("continued"),
+        &["--init-adapter", s(&experts), "--lora-dropout", "0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    experts
+}
+
 /// The (name, shape) of every tensor in a safetensors file, sorted.
 fn saved_tensors(file: &Path) -> Vec<(String, Vec<usize>)> {
     let weights = std::fs::read(file).unwrap();
@@ -1384,34 +1424,7 @@ fn a_gemma4_moe_model_trains_its_routers_and_named_experts() {
         "{saved:?}"
     );
 
-    let experts = dir.path().join("experts");
-    let named = [
-        "--target-parameters",
-        "gate_up_proj,down_proj",
-        "--lora-dropout",
-        "0",
-    ];
-    let o = train(&experts, &named);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let layer0 = "base_model.model.model.layers.0.experts";
-    let saved = names(&experts);
-    for (key, shape) in [
-        ("base_layer.lora_A.weight", [4 * 8, 64]),
-        ("base_layer.lora_B.weight", [2 * 64, 4 * 8]),
-        ("lora_A.weight", [4 * 8, 64]),
-        ("lora_B.weight", [64, 4 * 8]),
-    ] {
-        let key = format!("{layer0}.{key}");
-        assert!(
-            saved.contains(&(key.clone(), shape.to_vec())),
-            "{key} in {saved:?}"
-        );
-    }
-    let o = train(
-        &dir.path().join("continued"),
-        &["--init-adapter", s(&experts), "--lora-dropout", "0"],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let experts = trains_named_experts(dir.path(), "layers.0.experts", &train);
 
     let info = ok(&["info", s(&model)]);
     assert!(
@@ -1473,34 +1486,7 @@ fn a_gpt_oss_model_trains_its_attention_and_named_experts() {
         "{saved:?}"
     );
 
-    let experts = dir.path().join("experts");
-    let named = [
-        "--target-parameters",
-        "gate_up_proj,down_proj",
-        "--lora-dropout",
-        "0",
-    ];
-    let o = train(&experts, &named);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let layer0 = "base_model.model.model.layers.0.mlp.experts";
-    let saved = names(&experts);
-    for (key, shape) in [
-        ("base_layer.lora_A.weight", [8 * 4, 64]),
-        ("base_layer.lora_B.weight", [2 * 64, 8 * 4]),
-        ("lora_A.weight", [8 * 4, 64]),
-        ("lora_B.weight", [64, 8 * 4]),
-    ] {
-        let key = format!("{layer0}.{key}");
-        assert!(
-            saved.contains(&(key.clone(), shape.to_vec())),
-            "{key} in {saved:?}"
-        );
-    }
-    let o = train(
-        &dir.path().join("continued"),
-        &["--init-adapter", s(&experts), "--lora-dropout", "0"],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let experts = trains_named_experts(dir.path(), "layers.0.mlp.experts", &train);
 
     // From `nibble quantize`'s file (its biases as nibble holds them), the same steps bit for bit.
     let quantized = dir.path().join("q.safetensors");
