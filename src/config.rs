@@ -1976,20 +1976,10 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
         );
     }
     let step = fields.opt_usize("decoder_sparse_step")?.unwrap_or(1);
-    if experts == 0 || top_k == 0 || top_k > experts {
-        return Err(err(format!(
-            "`num_experts_per_tok` ({top_k}) must be from 1 to `num_experts` ({experts})"
-        )));
-    }
+    check_expert_sizes(fields, (experts, top_k, inter), "num_experts_per_tok")?;
     if shared_expert > MAX_DIMENSION {
         return Err(err(format!(
             "`shared_expert_intermediate_size` ({shared_expert}) must be at most {MAX_DIMENSION}"
-        )));
-    }
-    if inter == 0 || inter > MAX_DIMENSION || experts > MAX_DIMENSION {
-        return Err(err(format!(
-            "`moe_intermediate_size` ({inter}) and `num_experts` ({experts}) must be from 1 to \
-             {MAX_DIMENSION}"
         )));
     }
     let dense: Vec<usize> = match fields.get("mlp_only_layers") {
@@ -2025,6 +2015,28 @@ fn parse_moe(fields: &Fields, num_layers: usize, family: MoeFamily) -> Result<Mo
     })
 }
 
+/// Refuses experts a model cannot have: none, more chosen per token (`top_k_key`) than there are, or
+/// sizes past what nibble holds.
+fn check_expert_sizes(
+    fields: &Fields,
+    (experts, top_k, inter): (usize, usize, usize),
+    top_k_key: &str,
+) -> Result<()> {
+    let err = fields.err;
+    if experts == 0 || top_k == 0 || top_k > experts {
+        return Err(err(format!(
+            "`{top_k_key}` ({top_k}) must be from 1 to `num_experts` ({experts})"
+        )));
+    }
+    if inter == 0 || inter > MAX_DIMENSION || experts > MAX_DIMENSION {
+        return Err(err(format!(
+            "`moe_intermediate_size` ({inter}) and `num_experts` ({experts}) must be from 1 to \
+             {MAX_DIMENSION}"
+        )));
+    }
+    Ok(())
+}
+
 /// Gemma 4's experts (`enable_moe_block`), in every layer: Gemma4TextConfig has no defaults for
 /// their sizes (transformers fails building the model without them), so each must be given.
 fn parse_gemma4_moe(fields: &Fields, num_layers: usize) -> Result<MoeConfig> {
@@ -2041,17 +2053,7 @@ fn parse_gemma4_moe(fields: &Fields, num_layers: usize) -> Result<MoeConfig> {
         required("top_k_experts")?,
         required("moe_intermediate_size")?,
     );
-    if top_k == 0 || top_k > experts {
-        return Err(err(format!(
-            "`top_k_experts` ({top_k}) must be from 1 to `num_experts` ({experts})"
-        )));
-    }
-    if inter == 0 || inter > MAX_DIMENSION || experts > MAX_DIMENSION {
-        return Err(err(format!(
-            "`moe_intermediate_size` ({inter}) and `num_experts` ({experts}) must be from 1 to \
-             {MAX_DIMENSION}"
-        )));
-    }
+    check_expert_sizes(fields, (experts, top_k, inter), "top_k_experts")?;
     Ok(MoeConfig {
         family: MoeFamily::Gemma4,
         experts,
