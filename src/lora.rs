@@ -684,6 +684,28 @@ pub fn targets_module(target: &str, path: &str) -> bool {
     path == target || path.ends_with(&format!(".{target}"))
 }
 
+/// Refuses a target module naming a mixture's router, with what to do instead: transformers 4 held
+/// the routers as linears (`mlp.gate`), and PEFT's adapters of that time name them so; transformers
+/// 5 holds a weight without a linear around it.
+fn refuse_router_modules(model: &ModelConfig, targets: &[String]) -> Result<()> {
+    let linears = model.linear_modules();
+    let router = targets.iter().find(|t| {
+        t.rsplit('.').next() == Some("gate")
+            && !linears.iter().any(|(p, _, _)| targets_module(t, p))
+    });
+    if let Some(t) = router
+        && model.moe.is_some()
+        && resolve_parameters(model, &["gate.weight".to_string()]).is_ok()
+    {
+        return Err(Error::Invalid(format!(
+            "target module `{t}`: a mixture of experts' router is a parameter, not a linear layer, \
+             since transformers 5: adapt it with --target-parameters gate.weight (an adapter saved \
+             with transformers 4 that names it needs PEFT's conversion for this family)"
+        )));
+    }
+    Ok(())
+}
+
 /// What an adapter adapts: linears (module path, out, in) and parameters adapted by name.
 pub type Targets = (Vec<(String, usize, usize)>, Vec<AdaptableParameter>);
 
@@ -704,23 +726,8 @@ pub fn resolve_targets(
         ..LoraConfig::default()
     }
     .converted_for(model)?;
+    refuse_router_modules(model, &config.targets)?;
     let linears = model.linear_modules();
-    // transformers 4 held a mixture's routers as linears (`mlp.gate`), and PEFT's adapters of that
-    // time name them so; transformers 5 holds a weight without a linear around it.
-    let router = config.targets.iter().find(|t| {
-        t.rsplit('.').next() == Some("gate")
-            && !linears.iter().any(|(p, _, _)| targets_module(t, p))
-    });
-    if let Some(t) = router
-        && model.moe.is_some()
-        && resolve_parameters(model, &["gate.weight".to_string()]).is_ok()
-    {
-        return Err(Error::Invalid(format!(
-            "target module `{t}`: a mixture of experts' router is a parameter, not a linear layer, \
-             since transformers 5: adapt it with --target-parameters gate.weight (an adapter saved \
-             with transformers 4 that names it needs PEFT's conversion for this family)"
-        )));
-    }
     Ok((
         resolve_among(linears, &config.targets)?,
         resolve_parameters(model, &config.target_parameters)?,
@@ -1393,6 +1400,7 @@ impl LoraAdapter {
         }
         .converted_for(model)
         .map_err(|e| bad(e.to_string()))?;
+        refuse_router_modules(model, &config.targets).map_err(|e| bad(e.to_string()))?;
         let parameters =
             resolve_parameters(model, &config.target_parameters).map_err(|e| bad(e.to_string()))?;
         let linears = (model.linear_modules(), parameters);

@@ -1156,10 +1156,11 @@ impl ModelSource {
                     .collect()
             }
             (SourceKind::Folder { .. }, TensorRole::Experts) => {
-                // transformers' own layout, when saved unconverted: [experts, rows, cols].
+                // transformers' own layout, when saved unconverted: [experts, rows, cols]; in
+                // 16 or 32 bits (`check` names FP8 there).
                 let experts = self.config.moe.as_ref().map_or(1, |m| m.experts);
                 let shape = vec![experts, t.shape[0] / experts, t.shape[1]];
-                vec![(t.name.clone(), shape, MATRICES)]
+                vec![(t.name.clone(), shape, FLOATS)]
             }
             (
                 SourceKind::Quantized { spec, .. },
@@ -1363,11 +1364,16 @@ impl ModelSource {
                     ));
                 }
                 if !dtypes.contains(&info.dtype) {
-                    return Err(Error::tensor(
-                        file.path(),
-                        &name,
-                        unsupported_dtype(info.dtype),
-                    ));
+                    let why = match Float8::of(info.dtype) {
+                        Some(_) if t.role == TensorRole::Experts && shape.len() == 3 => format!(
+                            "{:?}: a stack of experts in 8-bit floats, one tensor for all of them, is \
+                             not supported (nibble reads FP8 experts stored one tensor per expert, \
+                             `experts.{{e}}.gate_proj.weight` and their scales)",
+                            info.dtype
+                        ),
+                        _ => unsupported_dtype(info.dtype),
+                    };
+                    return Err(Error::tensor(file.path(), &name, why));
                 }
                 if Float8::of(info.dtype).is_some() {
                     self.float8_scale(&name, shape[0], shape[1])?;

@@ -463,6 +463,41 @@ fn a_broken_fp8_folder_names_the_tensor() {
     );
 }
 
+/// A stack of experts stored whole ([experts, rows, cols], as transformers 5 holds them) in 8-bit
+/// floats, with a scale per expert beside it: refused by the tensor's name, saying what nibble reads
+/// instead, before anything loads.
+#[test]
+fn a_stack_of_experts_in_fp8_is_refused_by_name() {
+    let source = fixtures().join("hf/gemma4_moe");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    config["quantization_config"] = serde_json::json!({"quant_method": "fp8"});
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let mut tensors = read_tensors(&source.join("model.safetensors"));
+    let stack = "model.layers.1.experts.gate_up_proj";
+    let (_, shape, _) = tensors[stack].clone();
+    let count: usize = shape.iter().product();
+    let mut rng = Rng::new(5);
+    let codes: Vec<u8> = (0..count).map(|_| rng.below(0x70) as u8).collect();
+    tensors.insert(stack.to_string(), (Dtype::F8_E4M3, shape.clone(), codes));
+    let scales = vec![0.01f32; shape[0]];
+    tensors.insert(
+        format!("{stack}_scale_inv"),
+        (Dtype::F32, vec![shape[0], 1, 1], bytes_of(&scales)),
+    );
+    write_tensors(&dir.path().join("model.safetensors"), &tensors);
+    let e = open_err(dir.path());
+    assert!(
+        e.contains(stack)
+            && e.contains("F8_E4M3")
+            && e.contains("a stack of experts in 8-bit floats")
+            && e.contains("one tensor per expert"),
+        "{e}"
+    );
+}
+
 #[test]
 fn merging_into_an_fp8_checkpoint_writes_plain_weights() {
     let (dir, _) = per_tensor_folder();

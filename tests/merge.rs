@@ -1136,7 +1136,7 @@ fn experts_merge_onto_the_4_bit_weights_in_either_layout() {
         let adapter = random_adapter(&trained_on, config, &mut rng);
         assert!(
             adapter
-                .pair(&format!("model.layers.0.{EXPERTS_GATE_UP}"))
+                .pair(&format!("model.layers.0.mlp.{EXPERTS_GATE_UP}"))
                 .is_some()
         );
         assert!(adapter.pair("model.layers.0.mlp.gate").is_some());
@@ -1192,7 +1192,7 @@ fn an_adapter_of_the_experts_alone_loads_back_and_merges() {
     let adapter = random_adapter(&model, config, &mut rng);
     assert!(adapter.config.targets.is_empty());
     assert_eq!(adapter.config.target_parameters, ["gate_up_proj"]);
-    let path = format!("model.layers.0.{EXPERTS_GATE_UP}");
+    let path = format!("model.layers.0.mlp.{EXPERTS_GATE_UP}");
     let pair = adapter.pair(&path).unwrap();
     assert_eq!((pair.rank, pair.experts), (8, 4));
     assert_eq!(adapter.config.scale_of(&path), 2.0);
@@ -1327,7 +1327,7 @@ fn a_transformers_4_adapter_of_the_experts_loads_as_peft_converts_it() {
             "{family}"
         );
         let gate_up = loaded
-            .pair(&format!("model.layers.0.{EXPERTS_GATE_UP}"))
+            .pair(&format!("model.layers.0.mlp.{EXPERTS_GATE_UP}"))
             .unwrap();
         assert_eq!(
             (gate_up.rank, gate_up.experts),
@@ -1352,6 +1352,58 @@ fn a_transformers_4_adapter_of_the_experts_loads_as_peft_converts_it() {
             "{family} (rsLoRA {rslora}): {e:e} from the merged model"
         );
     }
+}
+
+/// A Qwen2-MoE adapter PEFT saved with transformers 4 (its router a linear `mlp.gate`, its experts'
+/// pairs per expert): PEFT converts no names for qwen2_moe, so transformers 5 cannot load it, and
+/// nibble refuses it by the router's name, saying what the router is now.
+#[test]
+fn a_transformers_4_qwen2_moe_adapter_is_refused_by_its_router() {
+    use common::write_f32_tensors;
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::path::PathBuf::from("tests/fixtures/hf/qwen2_moe");
+    let model = ModelSource::open(&base)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    let mut rng = Rng::new(3);
+    let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+    let key =
+        |module: &str, f: &str| format!("base_model.model.model.layers.0.{module}.lora_{f}.weight");
+    let pairs = vec![
+        (key("self_attn.q_proj", "A"), vec![4, 64], random(4 * 64)),
+        (key("self_attn.q_proj", "B"), vec![64, 4], random(64 * 4)),
+        (key("mlp.gate", "A"), vec![4, 64], random(4 * 64)),
+        (key("mlp.gate", "B"), vec![4, 4], random(4 * 4)),
+        (
+            key("mlp.experts.0.gate_proj", "A"),
+            vec![4, 64],
+            random(4 * 64),
+        ),
+        (
+            key("mlp.experts.0.gate_proj", "B"),
+            vec![64, 4],
+            random(64 * 4),
+        ),
+    ];
+    write_f32_tensors(&dir.path().join("adapter_model.safetensors"), &pairs);
+    let config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+        "target_modules": ["q_proj", "gate", "gate_proj", "up_proj", "down_proj"],
+    });
+    std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+    let files = nibble::source::ModelFiles::Dir(dir.path().to_path_buf());
+    let e = LoraAdapter::load_peft(&files, &model.config)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("adapter_config.json")
+            && e.contains("target module `gate`")
+            && e.contains("--target-parameters gate.weight")
+            && e.contains("transformers 4"),
+        "{e}"
+    );
 }
 
 /// gpt-oss with its attention (all-linear) and expert stacks (`target_parameters`) adapted, merged
@@ -1382,7 +1434,11 @@ fn gpt_oss_merges_into_its_own_layout_from_either_checkpoint() {
         };
         let mut rng = Rng::new(31);
         let adapter = random_adapter(&f32_model, config, &mut rng);
-        for path in ["self_attn.q_proj", EXPERTS_GATE_UP, "mlp.experts.down_proj"] {
+        for path in [
+            "self_attn.q_proj",
+            "mlp.experts.gate_up_proj",
+            "mlp.experts.down_proj",
+        ] {
             assert!(adapter.pair(&format!("model.layers.1.{path}")).is_some());
         }
         let adapter_dir = dir.path().join("adapter");

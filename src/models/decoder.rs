@@ -1325,7 +1325,7 @@ impl Decoder<'_> {
         let m = c.moe.as_ref().expect("a sparse layer has experts");
         let mut pairs = Vec::new();
         let mut stack = |name: &str, (out, inp): (usize, usize)| {
-            let path = c.layer_module(l, name);
+            let path = c.experts_stack(l, name);
             let adapted = *self.lora.as_ref()?.targets.get(&path)?;
             for (factor, len) in [
                 (Factor::A, m.experts * adapted.rank * inp),
