@@ -148,8 +148,31 @@ pub fn loftq(
         .collect();
     for ((path, pair), scale) in adapter.pairs_mut().zip(scales) {
         let name = format!("{path}.weight");
+        let weight = tensors.get(&name);
+        // Gemma 4's router linears stay dense whatever --quant says: no error to start from, so
+        // their pairs keep PEFT's initialisation.
+        let router = format!(
+            ".{}.{}",
+            crate::config::LinearKind::Router
+                .block()
+                .unwrap_or_default(),
+            crate::config::LinearKind::Router.module_name()
+        );
+        if path.ends_with(&router)
+            && matches!(
+                weight,
+                Some(crate::model::TensorRef::Linear(
+                    crate::model::LinearWeight::Dense(_)
+                ))
+            )
+        {
+            log::info!(
+                "--init-lora-weights loftq: {path} is a router, kept dense: initialised as PEFT's default"
+            );
+            continue;
+        }
         let Some(crate::model::TensorRef::Linear(crate::model::LinearWeight::Quant(packed))) =
-            tensors.get(&name)
+            weight
         else {
             return Err(Error::Invalid(format!(
                 "--init-lora-weights loftq: {name} is not 4-bit, so there is no quantization error \

@@ -1357,7 +1357,19 @@ fn trains_named_experts(
     ];
     let o = train(&experts, &named);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let saved = saved_tensors(&experts.join("adapter_model.safetensors"));
+    let file = experts.join("adapter_model.safetensors");
+    let saved = saved_tensors(&file);
+    // Trained: B starts at zero, and the experts' gradients moved it.
+    let weights = std::fs::read(&file).unwrap();
+    let weights = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    for stack in ["base_layer.lora_B.weight", "lora_B.weight"] {
+        let key = format!("base_model.model.model.{module}.{stack}");
+        let b = weights.tensor(&key).unwrap();
+        assert!(
+            b.data().chunks_exact(4).any(|v| v != [0; 4]),
+            "{key} untrained"
+        );
+    }
     let (slots, hidden, width) = (4 * 8, 64, 64);
     for (key, shape) in [
         ("base_layer.lora_A.weight", [slots, hidden]),
@@ -1423,6 +1435,11 @@ fn a_gemma4_moe_model_trains_its_routers_and_named_experts() {
         !saved.iter().any(|(n, _)| n.contains("experts")),
         "{saved:?}"
     );
+    // LoftQ starts each pair at its weight's quantization error; the routers, kept dense, have
+    // none and start as PEFT's.
+    let loftq = dir.path().join("loftq");
+    let o = train(&loftq, &["--init-lora-weights", "loftq"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let experts = trains_named_experts(dir.path(), "layers.0.experts", &train);
 
