@@ -432,37 +432,72 @@ fn a_real_width_layer_at_2048_tokens_allocates_what_the_plan_says() {
     );
 }
 
+/// One case of a mixture-of-experts step: LoRA's target modules and parameters, its dropout, whether
+/// the step checkpoints, its tokens, and ranks by module.
+type MoeCase = (
+    Vec<String>,
+    Vec<String>,
+    bool,
+    bool,
+    usize,
+    Vec<(String, usize)>,
+);
+
 /// A mixture-of-experts step (Qwen3-MoE: 8 experts, 2 per token, a dense layer between two sparse
 /// ones; LoRA on the attention with dropout, and PEFT's all-linear without, which adapts the routers
-/// and the experts too, gate_up_proj at twice the rank; and with ranks by module): the experts' kernels
-/// hold every token's two outputs before mixing them, and the largest expert's activations; the plan
-/// counts the adapter's parameters exactly.
+/// and the experts too, gate_up_proj at twice the rank; and with ranks by module. Gemma 4 with
+/// 26B-A4B's experts beside each dense MLP: all-linear with dropout, which adapts the router linears,
+/// and the experts named): the experts' kernels hold every token's two outputs before mixing them,
+/// and the largest expert's activations; the plan counts the adapter's parameters exactly.
 #[test]
 fn planned_memory_of_a_mixture_of_experts_step() {
     let _turn = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let mut spec = SynthSpec::tiny_qwen3_moe(4000);
-    (spec.hidden_size, spec.intermediate_size) = (256, 768);
-    spec.moe = spec
-        .moe
-        .map(|m| nibble::synth::SynthMoe { inter: 256, ..m });
-    let (model, qspec) = nf4_model(dir.path(), &spec);
-    let attention: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"]
-        .map(String::from)
-        .to_vec();
-    let mut rng = Rng::new(4);
-    let all = vec!["all-linear".to_string()];
+    let names = |names: &[&str]| -> Vec<String> { names.iter().map(|n| n.to_string()).collect() };
+    let attention = names(&["q_proj", "k_proj", "v_proj", "o_proj"]);
+    let all = names(&["all-linear"]);
+    let (none, experts) = (Vec::new(), names(&["gate_up_proj", "down_proj"]));
     // Ranks by module as PEFT's rank_pattern gives them (the stacked down_proj's too).
     let ranks = vec![("q_proj".to_string(), 16), ("down_proj".to_string(), 4)];
-    for (targets, dropout, checkpoint, tokens, rank_pattern) in [
-        (attention.clone(), true, false, 192, Vec::new()),
-        (attention, true, true, 300, Vec::new()),
-        (all.clone(), false, false, 192, Vec::new()),
-        (all.clone(), false, true, 300, Vec::new()),
-        (all, false, false, 192, ranks),
-    ] {
+    let qwen3: Vec<MoeCase> = vec![
+        (
+            attention.clone(),
+            none.clone(),
+            true,
+            false,
+            192,
+            Vec::new(),
+        ),
+        (attention, none.clone(), true, true, 300, Vec::new()),
+        (all.clone(), none.clone(), false, false, 192, Vec::new()),
+        (all.clone(), none.clone(), false, true, 300, Vec::new()),
+        (all.clone(), none.clone(), false, false, 192, ranks.clone()),
+    ];
+    let gemma4: Vec<MoeCase> = vec![
+        (all.clone(), none.clone(), true, false, 192, Vec::new()),
+        (all.clone(), none, true, true, 300, Vec::new()),
+        (all, experts, false, false, 192, ranks),
+    ];
+    let specs = [
+        (SynthSpec::tiny_qwen3_moe(4000), qwen3),
+        (SynthSpec::tiny_gemma4_moe(4000), gemma4),
+    ];
+    for (mut spec, cases) in specs {
+        (spec.hidden_size, spec.intermediate_size) = (256, 768);
+        spec.moe = spec
+            .moe
+            .map(|m| nibble::synth::SynthMoe { inter: 256, ..m });
+        moe_step_against_plan(&spec, cases);
+    }
+}
+
+fn moe_step_against_plan(spec: &SynthSpec, cases: Vec<MoeCase>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, qspec) = nf4_model(dir.path(), spec);
+    let mut rng = Rng::new(4);
+    for (targets, parameters, dropout, checkpoint, tokens, rank_pattern) in cases {
         let config = LoraConfig {
             targets: targets.clone(),
+            target_parameters: parameters.clone(),
             dropout: if dropout { 0.05 } else { 0.0 },
             rank_pattern: Patterns::new(rank_pattern.clone()).unwrap(),
             ..LoraConfig::default()
@@ -476,7 +511,7 @@ fn planned_memory_of_a_mixture_of_experts_step() {
                 lora_rank: 8,
                 lora_rank_pattern: rank_pattern,
                 lora_targets: targets.clone(),
-                lora_target_parameters: Vec::new(),
+                lora_target_parameters: parameters.clone(),
                 lora_dropout: dropout,
                 dora: false,
                 checkpoint,
@@ -495,12 +530,13 @@ fn planned_memory_of_a_mixture_of_experts_step() {
         let (measured, ratio) =
             decoder_step_against_plan(&planned, (&model, &adapter), &seq, options);
         let step = step_bytes(&planned);
+        let family = model.config.model_type();
         eprintln!(
-            "MoE, {targets:?}, {tokens} tokens, checkpoint {checkpoint}: planned {step} B, measured {measured:.0} B ({ratio:.2})"
+            "{family}, {targets:?} {parameters:?}, {tokens} tokens, checkpoint {checkpoint}: planned {step} B, measured {measured:.0} B ({ratio:.2})"
         );
         assert!(
             (0.9..1.1).contains(&ratio),
-            "planned {step} B vs measured {measured} B"
+            "{family}: planned {step} B vs measured {measured} B"
         );
     }
 }

@@ -326,30 +326,31 @@ pub fn forward_backward(
     let mut state = vec![Running::START; positions];
     let mut acc = vec![0f32; positions * dim];
     let mut probs = Vec::new();
-    let mut slopes = Vec::new();
     for start in (0..head.rows).step_by(VOCAB_CHUNK) {
         let n = VOCAB_CHUNK.min(head.rows - start);
         probs.resize(positions * n, 0.0);
         h.chunk_logits(head, start, n, &mut probs);
         if let Some(cap) = softcap {
             soft_cap(&mut probs, cap);
-            slopes.clear();
-            slopes.extend(probs.iter().map(|&z| soft_cap_slope(z, cap)));
         }
+        // The cap's slopes of a row are taken before `absorb` turns its logits into exponentials,
+        // into a row of scratch per worker rather than a second copy of the chunk.
         probs
             .par_chunks_mut(n)
             .zip(acc.par_chunks_mut(dim))
             .zip(state.par_iter_mut())
             .zip(labels.par_iter())
-            .enumerate()
-            .for_each(|(p, (((row, acc_row), running), &label))| {
+            .for_each_init(Vec::new, |slope, (((row, acc_row), running), &label)| {
+                if let Some(cap) = softcap {
+                    slope.clear();
+                    slope.extend(row.iter().map(|&z| soft_cap_slope(z, cap)));
+                }
                 let rescale = running.absorb(row, start, label as usize);
                 if rescale != 1.0 {
                     acc_row.iter_mut().for_each(|a| *a *= rescale);
                 }
                 if softcap.is_some() {
-                    let slope = &slopes[p * n..(p + 1) * n];
-                    row.iter_mut().zip(slope).for_each(|(e, s)| *e *= s);
+                    row.iter_mut().zip(slope.iter()).for_each(|(e, s)| *e *= s);
                 }
             });
         match &h {
