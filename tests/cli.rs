@@ -1415,6 +1415,29 @@ fn a_gemma4_moe_model_trains_its_routers_and_named_experts() {
     let train = |out: &Path, extra: &[&str]| two_cpu_steps(&model, &data, out, extra);
     let names = |out: &Path| saved_tensors(&out.join("adapter_model.safetensors"));
     let plain = dir.path().join("plain");
+    // Unnamed, the experts stay frozen: the run says so, and how to train them.
+    let told = dir.path().join("told");
+    let o = common::nibble_command()
+        .env("RUST_LOG", "info")
+        .args([
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--output",
+            s(&told),
+        ])
+        .args(["--max-steps", "1", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success()
+            && err.contains("the experts stay frozen")
+            && err.contains("--target-parameters gate_up_proj,down_proj"),
+        "{err}"
+    );
     let o = train(
         &plain,
         &["--target-modules", "all-linear", "--lora-dropout", "0.1"],

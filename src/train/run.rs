@@ -1445,6 +1445,19 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
         ..config.lora.clone()
     }
     .converted_for(&source.config)?;
+    // Where PEFT adapts a mixture's experts only when they are named, a run that names none leaves
+    // them (most of the model) as they are: said once, with how to train them.
+    if let Some(m) = &source.config.moe
+        && !m.family.peft_converts_targets()
+        && planned.target_parameters.is_empty()
+    {
+        log::info!(
+            "{}: the experts stay frozen (PEFT adapts {}'s experts only by name): \
+             --target-parameters gate_up_proj,down_proj --lora-dropout 0 trains them too",
+            path.display(),
+            source.config.model_type()
+        );
+    }
     if options.init_lora == crate::lora::LoraInit::Loftq {
         crate::lowrank::refuse_parameters(&planned.target_parameters)?;
     }
