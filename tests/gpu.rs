@@ -435,25 +435,31 @@ fn first_step_follows_the_plan(
 
 /// `gpu_step_memory_follows_the_plan` for a mixture of experts (Qwen3-MoE's layout, 8 experts, 2 per
 /// token) adapted on PEFT's all-linear: its experts' temporaries (every slot's activations at once)
-/// are what the plan counts.
+/// are what the plan counts; and Gemma 4's experts beside its dense MLPs (soft-capped logits, the
+/// router linears adapted).
 #[test]
 fn gpu_step_memory_of_a_mixture_follows_the_plan() {
     let Some(gpu) = gpu() else { return };
     use nibble::graph::checkpoint::Keep;
     use nibble::synth::SynthSpec;
-    let mut spec = SynthSpec::tiny_qwen3_moe(4000);
-    (spec.hidden_size, spec.intermediate_size) = (256, 512);
-    let (model, adapter, qspec) = planned_model(&spec);
-    assert!(adapter.pairs().any(|(_, p)| p.experts > 1));
-    let tokens = 96;
-    let seq = cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 13 % 4000).collect());
-    let gm = GpuModel::upload(&gpu, &model).unwrap();
-    let gl = GpuLora::upload(&gpu, &adapter);
-    let grads = weights::zero_grads(&gpu, &adapter);
-    for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
-        let keep = (checkpoint, checkpoints);
-        let planned = plan_of(&model.config, qspec, tokens, keep);
-        first_step_follows_the_plan(&gpu, (&gm, &gl, &grads), &seq, &planned, keep);
+    for mut spec in [
+        SynthSpec::tiny_qwen3_moe(4000),
+        SynthSpec::tiny_gemma4_moe(4000),
+    ] {
+        (spec.hidden_size, spec.intermediate_size) = (256, 512);
+        let (model, adapter, qspec) = planned_model(&spec);
+        let qwen3 = model.config.moe_family() == Some(nibble::config::MoeFamily::Qwen3);
+        assert!(!qwen3 || adapter.pairs().any(|(_, p)| p.experts > 1));
+        let tokens = 96;
+        let seq = cpu::Sequence::all_tokens((0..tokens as u32).map(|i| i * 13 % 4000).collect());
+        let gm = GpuModel::upload(&gpu, &model).unwrap();
+        let gl = GpuLora::upload(&gpu, &adapter);
+        let grads = weights::zero_grads(&gpu, &adapter);
+        for (checkpoint, checkpoints) in [(false, Keep::F32), (true, Keep::Bf16Host)] {
+            let keep = (checkpoint, checkpoints);
+            let planned = plan_of(&model.config, qspec, tokens, keep);
+            first_step_follows_the_plan(&gpu, (&gm, &gl, &grads), &seq, &planned, keep);
+        }
     }
 }
 
