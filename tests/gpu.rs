@@ -61,7 +61,12 @@ fn check(gpu: &Gpu, name: &str, quant: &str) {
         }
     }
     // As tests/hf_parity.rs: transformers' own f32 gradients of the E2B model are 1.8e-5 off its f64.
-    let tolerance = if name == "gemma4_e2b" { 1e-4 } else { 1e-5 };
+    // Gemma 4's experts beside the MLP: measured 6.3e-6 on lavapipe, held to ten times that.
+    let tolerance = match name {
+        "gemma4_e2b" => 1e-4,
+        "gemma4_moe" => 6e-5,
+        _ => 1e-5,
+    };
     assert!(
         worst.0 < tolerance,
         "{name} {quant}: GPU gradient {} differs by {:e}",
