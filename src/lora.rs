@@ -700,7 +700,8 @@ fn refuse_router_modules(model: &ModelConfig, targets: &[String]) -> Result<()> 
         return Err(Error::Invalid(format!(
             "target module `{t}`: a mixture of experts' router is a parameter, not a linear layer, \
              since transformers 5: adapt it with --target-parameters gate.weight (an adapter saved \
-             with transformers 4 that names it needs PEFT's conversion for this family)"
+             with transformers 4 that names it needs PEFT's conversion for this family, which PEFT \
+             has not: train it again)"
         )));
     }
     Ok(())

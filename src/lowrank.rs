@@ -116,7 +116,8 @@ pub fn truncated_svd(
 /// the quantization error W − Q(W), so that training starts from Q(W) + s·B·A ≈ W rather than from
 /// Q(W). PEFT's `replace_lora_weights_loftq` sets B·A to that approximation whatever the scale s
 /// (PEFT issue 1982); here A and B share 1/√s, so that the adapted weight is the approximation at
-/// any lora_alpha. Returns the share of the quantization error (‖W − Q‖²) that remains.
+/// any lora_alpha. Returns the share of the quantization error (‖W − Q‖²) that remains, and how many
+/// pairs it started (a dense router's keeps PEFT's start).
 /// LoftQ starts linears' pairs; an adapter of parameters (`target_parameters`) it refuses.
 pub fn refuse_parameters(target_parameters: &[String]) -> crate::error::Result<()> {
     match target_parameters.is_empty() {
@@ -136,12 +137,12 @@ pub fn loftq(
     model: &crate::model::Model,
     source: &crate::model::ModelSource,
     rng: &mut Rng,
-) -> crate::error::Result<f64> {
+) -> crate::error::Result<(f64, usize)> {
     use crate::error::Error;
     let tensors: std::collections::HashMap<String, crate::model::TensorRef> =
         model.named_tensors().into_iter().collect();
     refuse_parameters(&adapter.config.target_parameters)?;
-    let (mut before, mut after) = (0.0, 0.0);
+    let (mut before, mut after, mut started) = (0.0, 0.0, 0);
     let scales: Vec<f32> = adapter
         .pairs()
         .map(|(path, _)| adapter.config.scale_of(path))
@@ -218,8 +219,10 @@ pub fn loftq(
             true,
         );
         after += error.iter().map(|&e| e as f64 * e as f64).sum::<f64>();
+        started += 1;
     }
-    Ok(if before > 0.0 { after / before } else { 0.0 })
+    let remaining = if before > 0.0 { after / before } else { 0.0 };
+    Ok((remaining, started))
 }
 
 /// Makes the k columns of the row-major rows x k matrix `a` orthonormal (modified Gram-Schmidt in

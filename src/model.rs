@@ -1129,8 +1129,9 @@ impl ModelSource {
             (SourceKind::Folder { shard_of, .. }, TensorRole::Experts) if self.gpt_oss() => {
                 let experts = self.config.moe.as_ref().map_or(1, |m| m.experts);
                 let (out, inp) = (t.shape[0] / experts, t.shape[1]);
+                // In 16 or 32 bits, as the other families' stacks (`check` names FP8 there).
                 if shard_of.contains_key(&t.name) {
-                    return vec![(t.name.clone(), vec![experts, inp, out], MATRICES)];
+                    return vec![(t.name.clone(), vec![experts, inp, out], FLOATS)];
                 }
                 let groups = inp / crate::quant::mxfp4::GROUP;
                 let bytes = crate::quant::mxfp4::GROUP_BYTES;
@@ -1367,8 +1368,8 @@ impl ModelSource {
                     let why = match Float8::of(info.dtype) {
                         Some(_) if t.role == TensorRole::Experts && shape.len() == 3 => format!(
                             "{:?}: a stack of experts in 8-bit floats, one tensor for all of them, is \
-                             not supported (nibble reads FP8 experts stored one tensor per expert, \
-                             `experts.{{e}}.gate_proj.weight` and their scales)",
+                             not supported (nibble reads FP8 experts stored one tensor per expert \
+                             and projection, each with its scales)",
                             info.dtype
                         ),
                         _ => unsupported_dtype(info.dtype),

@@ -1447,9 +1447,17 @@ pub fn run(spec: RunSpec, gpu: Option<&Gpu>, observer: &mut dyn Observer) -> Res
     .converted_for(&source.config)?;
     // Where PEFT adapts a mixture's experts only when they are named, a run that names none leaves
     // them (most of the model) as they are: said once, with how to train them.
+    let names_experts = planned
+        .target_parameters
+        .iter()
+        .any(|p| p.ends_with("gate_up_proj") || p.ends_with("down_proj"));
+    // Not where an adapter to continue says what it adapts, nor under LoftQ, which starts linears
+    // alone.
     if let Some(m) = &source.config.moe
         && !m.family.peft_converts_targets()
-        && planned.target_parameters.is_empty()
+        && !names_experts
+        && options.init_adapter.is_none()
+        && options.init_lora != crate::lora::LoraInit::Loftq
     {
         log::info!(
             "{}: the experts stay frozen (PEFT adapts {}'s experts only by name): \
@@ -1786,11 +1794,11 @@ fn loftq_adapter(
     // A stream of its own: the run's other draws stay those of a run without LoftQ.
     let mut rng = crate::rng::Rng::new(config.seed ^ 0x4c6f_6674_5100_0000);
     let mut adapter = LoraAdapter::init(&model.config, config.lora.clone(), &mut rng)?;
-    let remaining = crate::lowrank::loftq(&mut adapter, model, source, &mut rng)?;
+    let (remaining, pairs) = crate::lowrank::loftq(&mut adapter, model, source, &mut rng)?;
     log::info!(
         "LoftQ: {} LoRA pairs start at the best rank-r approximation of their weights' 4-bit error, \
          {:.1}% of which remains ({:.1} s)",
-        adapter.pairs().count(),
+        pairs,
         100.0 * remaining,
         started.elapsed().as_secs_f64()
     );
