@@ -8,7 +8,8 @@
 // second kernel adds the chunks of each group in order.
 
 struct ImageParams {
-    // Convolution: input size and channels, kernel, stride, top and left zero padding, output width.
+    // Convolution: input size and channels, kernel, stride, top and left zero padding (of the enlarged
+    // input), output width.
     height: u32,
     width: u32,
     channels: u32,
@@ -26,7 +27,8 @@ struct ImageParams {
     chunk: u32,
     eps: f32,
     silu: u32,
-    _pad: u32,
+    // Convolution: the input enlarged this many times, each pixel repeated (nearest neighbour).
+    upsample: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: ImageParams;
@@ -55,8 +57,9 @@ fn conv_gather(@builtin(global_invocation_id) id: vec3<u32>) {
     let iy = i32((o / p.out_width) * p.stride + ky) - i32(p.pad_top);
     let ix = i32((o % p.out_width) * p.stride + kx) - i32(p.pad_left);
     var value = 0.0;
-    if (iy >= 0 && ix >= 0 && u32(iy) < p.height && u32(ix) < p.width) {
-        value = x[(u32(iy) * p.width + u32(ix)) * p.channels + ch];
+    let up = p.upsample;
+    if (iy >= 0 && ix >= 0 && u32(iy) < p.height * up && u32(ix) < p.width * up) {
+        value = x[(u32(iy) / up * p.width + u32(ix) / up) * p.channels + ch];
     }
     out[e] = value;
 }

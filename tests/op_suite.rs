@@ -342,6 +342,7 @@ fn cases(model: &Model) -> Vec<Case> {
                 kernel: 1,
                 stride: 2,
                 pad: [0, 1, 0, 1],
+                upsample: 1,
             };
             let (oh, ow) = shape.output();
             let x = g.add(b, "image", 9 * 7 * i, 1.0);
@@ -358,6 +359,7 @@ fn cases(model: &Model) -> Vec<Case> {
                 kernel: 1,
                 stride: 1,
                 pad: [0; 4],
+                upsample: 1,
             };
             assert!(large.tile_pixels() < 100 * 90);
             let x = g.add(b, "large_image", 100 * 90 * i, 1.0);
@@ -712,6 +714,29 @@ fn cases(model: &Model) -> Vec<Case> {
         let op = Op::GluBackward { act };
         b.node(op, &[gate, up, dh], &[dgate, dup], false);
     });
+    cases.case(
+        "conv2d over an image enlarged twice (the VAE decoder's upsampling)",
+        |b, g| {
+            // A 1x1 kernel (the model's down projection, as above) padded unevenly: every output pixel
+            // reads its enlarged source (y / 2, x / 2), and the padding's edges are those of the
+            // enlarged image (3x3 kernels run in tests/flux2.rs's VAE decoder test).
+            let shape = nibble::ops::conv::ConvShape {
+                height: 5,
+                width: 7,
+                channels: i,
+                kernel: 1,
+                stride: 1,
+                pad: [1, 0, 1, 2],
+                upsample: 2,
+            };
+            assert_eq!(shape.output(), (11, 17));
+            let x = g.add(b, "small_image", 5 * 7 * i, 1.0);
+            let kernel = b.weight("model.layers.0.mlp.down_proj.weight", h * i);
+            let bias = b.weight("model.layers.0.input_layernorm.weight", h);
+            let y = b.output("upsampled_conv", 11 * 17 * h);
+            b.node(Op::Conv2d { shape }, &[x, kernel, bias], &[y], false);
+        },
+    );
     // Every other labelled position's hidden state points along its label's head row, so that its
     // label ranks first (the losses' top-1 column is then not all zeros).
     let mut row = vec![0f32; h];

@@ -1,6 +1,7 @@
-//! The FLUX.2 VAE's encoder (diffusers' AutoencoderKLFlux2) as a graph builder, and what turns an
-//! image into the transformer's latent tokens: the posterior mean, 2x2 patches of it (128 channels),
-//! normalised by the VAE's BatchNorm statistics. Activations are pixels by channels throughout.
+//! The FLUX.2 VAE (diffusers' AutoencoderKLFlux2) as graph builders: the encoder and what turns an
+//! image into the transformer's latent tokens (the posterior mean, 2x2 patches of it (128 channels),
+//! normalised by the VAE's BatchNorm statistics), and the decoder and what turns denoised tokens
+//! back into pixels. Activations are pixels by channels throughout.
 
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::{Error, Result};
@@ -10,18 +11,26 @@ use crate::ops::attention::AttentionShape;
 use crate::ops::conv::ConvShape;
 use serde::Deserialize;
 
-/// The encoder's shape, from the VAE's config.json.
+/// The VAE's shape, from its config.json.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct VaeConfig {
     pub block_out_channels: Vec<usize>,
+    /// The decoder's widths where they differ from the encoder's (some FLUX.2 VAEs ship a smaller
+    /// decoder), in the same order: highest resolution first.
+    #[serde(default)]
+    pub decoder_block_out_channels: Option<Vec<usize>>,
     pub layers_per_block: usize,
     pub norm_num_groups: usize,
     pub latent_channels: usize,
     pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
     #[serde(default = "yes")]
     pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
     pub batch_norm_eps: f64,
 }
 
@@ -29,33 +38,58 @@ fn yes() -> bool {
     true
 }
 
+fn three() -> usize {
+    3
+}
+
+/// Which half of the VAE to load: encoding images for training, or decoding samples.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Encoder,
+    Decoder,
+}
+
 impl VaeConfig {
-    /// The encoder nibble runs: RGB in, four levels (8x down), widths that GroupNorm's groups divide.
+    /// The decoder's widths, highest resolution first.
+    pub fn decoder_widths(&self) -> &[usize] {
+        self.decoder_block_out_channels
+            .as_deref()
+            .unwrap_or(&self.block_out_channels)
+    }
+
+    /// The VAE nibble runs: RGB in and out, four levels (8x down and up), widths of the half it
+    /// loads that GroupNorm's groups divide.
     #[cfg(not(target_arch = "wasm32"))]
-    fn check(&self) -> std::result::Result<(), String> {
-        let levels = &self.block_out_channels;
-        if self.in_channels != 3 {
-            return Err(format!(
-                "in_channels is {}: images are RGB (3)",
-                self.in_channels
-            ));
-        }
-        if levels.len() != 4 {
-            return Err(format!(
-                "block_out_channels has {} levels; the FLUX.2 VAE has 4 (8x down)",
-                levels.len()
-            ));
+    fn check(&self, half: Half) -> std::result::Result<(), String> {
+        for (name, channels) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+        ] {
+            if channels != 3 {
+                return Err(format!("{name} is {channels}: images are RGB (3)"));
+            }
         }
         let groups = self.norm_num_groups;
-        if groups == 0
-            || levels
-                .iter()
-                .any(|c| *c == 0 || *c > 65536 || c % groups != 0)
+        let (name, levels) = match half {
+            Half::Encoder => ("block_out_channels", &self.block_out_channels[..]),
+            Half::Decoder => ("decoder_block_out_channels", self.decoder_widths()),
+        };
         {
-            return Err(
-                "block_out_channels must be positive multiples of norm_num_groups, at most 65536"
-                    .into(),
-            );
+            if levels.len() != 4 {
+                return Err(format!(
+                    "{name} has {} levels; the FLUX.2 VAE has 4 (8x down)",
+                    levels.len()
+                ));
+            }
+            if groups == 0
+                || levels
+                    .iter()
+                    .any(|c| *c == 0 || *c > 65536 || c % groups != 0)
+            {
+                return Err(format!(
+                    "{name} must be positive multiples of norm_num_groups, at most 65536"
+                ));
+            }
         }
         if !(1..=16).contains(&self.layers_per_block) || !(1..=1024).contains(&self.latent_channels)
         {
@@ -68,10 +102,10 @@ impl VaeConfig {
     }
 }
 
-/// GroupNorm's eps throughout the encoder.
+/// GroupNorm's eps throughout the VAE.
 const NORM_EPS: f64 = 1e-6;
 
-/// A loaded VAE encoder with its BatchNorm statistics.
+/// One loaded half of a VAE with its BatchNorm statistics.
 pub struct Vae {
     pub config: VaeConfig,
     pub weights: NamedWeights,
@@ -85,13 +119,13 @@ impl FrozenWeights for Vae {
     }
 }
 
-/// Loads the encoder half of a FLUX.2 VAE: a diffusers folder (config.json and
+/// Loads one half of a FLUX.2 VAE: a diffusers folder (config.json and
 /// diffusion_pytorch_model.safetensors), or one safetensors file in Black Forest Labs' naming
 /// (`flux2-vae.safetensors`, as ComfyUI users download it; any prefix before `encoder.`).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn load(path: &std::path::Path) -> Result<Vae> {
+pub fn load(path: &std::path::Path, half: Half) -> Result<Vae> {
     if path.is_dir() {
-        return load_folder(path);
+        return load_folder(path, half);
     }
     let file = crate::source::SafetensorsFile::open(path)?;
     let prefix = file
@@ -104,17 +138,32 @@ pub fn load(path: &std::path::Path) -> Result<Vae> {
                   or a diffusers VAE folder)"
                 .into(),
         })?;
-    let config = bfl_config(&file, &prefix).map_err(|msg| Error::Config {
+    let config = bfl_config(&file, &prefix, half).map_err(|msg| Error::Config {
         path: path.to_path_buf(),
         msg,
     })?;
-    read_encoder(&file, config, &format!("{prefix}bn."), |name| {
-        name.strip_prefix(prefix.as_str()).and_then(diffusers_name)
+    let levels = config.decoder_widths().len();
+    read_half(&file, config, &format!("{prefix}bn."), |name| {
+        name.strip_prefix(prefix.as_str())
+            .and_then(|bfl| diffusers_name(bfl, levels))
+            .filter(|ours| half.holds(ours))
     })
 }
 
+impl Half {
+    /// Whether a tensor of this diffusers name belongs to the half.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn holds(self, name: &str) -> bool {
+        let prefixes = match self {
+            Half::Encoder => ["encoder.", "quant_conv."],
+            Half::Decoder => ["decoder.", "post_quant_conv."],
+        };
+        prefixes.iter().any(|p| name.starts_with(p))
+    }
+}
+
 #[cfg(not(target_arch = "wasm32"))]
-fn load_folder(dir: &std::path::Path) -> Result<Vae> {
+fn load_folder(dir: &std::path::Path, half: Half) -> Result<Vae> {
     let config_path = dir.join("config.json");
     let text =
         crate::fsutil::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -122,23 +171,24 @@ fn load_folder(dir: &std::path::Path) -> Result<Vae> {
         path: config_path.clone(),
         msg: format!("not a FLUX.2 VAE config: {e}"),
     })?;
-    config.check().map_err(|msg| Error::Config {
+    config.check(half).map_err(|msg| Error::Config {
         path: config_path,
         msg,
     })?;
     let file =
         crate::source::SafetensorsFile::open(&dir.join("diffusion_pytorch_model.safetensors"))?;
-    read_encoder(&file, config, "bn.", |name| {
-        (name.starts_with("encoder.") || name.starts_with("quant_conv.")).then(|| name.to_string())
+    read_half(&file, config, "bn.", |name| {
+        half.holds(name).then(|| name.to_string())
     })
 }
 
-/// The encoder's shape read off a BFL-named file's tensors. GroupNorm's group count and the
+/// The VAE's shape read off a BFL-named file's tensors. GroupNorm's group count and the
 /// BatchNorm eps are not stored there: they are the FLUX.2 VAE's (32 and 1e-4).
 #[cfg(not(target_arch = "wasm32"))]
 fn bfl_config(
     file: &crate::source::SafetensorsFile,
     prefix: &str,
+    half: Half,
 ) -> std::result::Result<VaeConfig, String> {
     let shape = |name: &str| {
         file.info(&format!("{prefix}{name}"))
@@ -155,6 +205,14 @@ fn bfl_config(
     let layers_per_block = (0..)
         .take_while(|j| shape(&format!("encoder.down.0.block.{j}.conv1.weight")).is_some())
         .count();
+    // LDM numbers the decoder's levels from the highest resolution, as diffusers' widths are listed.
+    let decoder_block_out_channels: Vec<usize> = (0..)
+        .map_while(|i| shape(&format!("decoder.up.{i}.block.0.conv1.weight")))
+        .map(|s| s.first().copied().unwrap_or(0))
+        .collect();
+    let out_channels = shape("decoder.conv_out.weight")
+        .and_then(|s| s.first().copied())
+        .unwrap_or(3);
     let conv_out = shape("encoder.conv_out.weight").ok_or("no encoder.conv_out.weight")?;
     if shape("bn.running_mean").is_none() {
         return Err(
@@ -164,7 +222,11 @@ fn bfl_config(
         );
     }
     let config = VaeConfig {
+        decoder_block_out_channels: (decoder_block_out_channels != block_out_channels)
+            .then_some(decoder_block_out_channels),
         block_out_channels,
+        out_channels,
+        use_post_quant_conv: shape("decoder.post_quant_conv.weight").is_some(),
         layers_per_block,
         norm_num_groups: 32,
         latent_channels: conv_out.first().copied().unwrap_or(0) / 2,
@@ -173,20 +235,27 @@ fn bfl_config(
         use_quant_conv: shape("encoder.quant_conv.weight").is_some(),
         batch_norm_eps: 1e-4,
     };
-    config.check()?;
+    if half == Half::Decoder && config.decoder_widths().is_empty() {
+        return Err("no decoder.up.0.block.0.conv1.weight: the file holds no decoder".into());
+    }
+    config.check(half)?;
     Ok(config)
 }
 
-/// The diffusers name of an encoder tensor in BFL's (original LDM) naming; None for the decoder's
-/// and the BatchNorm's.
+/// The diffusers name of a VAE tensor in BFL's (original LDM) naming, `levels` the decoder's; None
+/// for the BatchNorm's.
 #[cfg(not(target_arch = "wasm32"))]
-fn diffusers_name(bfl: &str) -> Option<String> {
-    let rest = bfl.strip_prefix("encoder.")?;
+fn diffusers_name(bfl: &str, levels: usize) -> Option<String> {
+    let (half, rest) = bfl.split_once('.')?;
+    if half != "encoder" && half != "decoder" {
+        return None;
+    }
     let resnet = |s: &str| s.replace("nin_shortcut", "conv_shortcut");
     let name = if let Some(r) = rest.strip_prefix("norm_out.") {
-        format!("encoder.conv_norm_out.{r}")
-    } else if let Some(r) = rest.strip_prefix("quant_conv.") {
-        format!("quant_conv.{r}")
+        format!("{half}.conv_norm_out.{r}")
+    } else if rest.starts_with("quant_conv.") || rest.starts_with("post_quant_conv.") {
+        // BFL keeps them inside the encoder and decoder; diffusers at the top level.
+        rest.to_string()
     } else if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
         bfl.to_string()
     } else if let Some(r) = rest.strip_prefix("down.") {
@@ -196,6 +265,16 @@ fn diffusers_name(bfl: &str) -> Option<String> {
         } else {
             let r = r.strip_prefix("downsample.")?;
             format!("encoder.down_blocks.{level}.downsamplers.0.{r}")
+        }
+    } else if let Some(r) = rest.strip_prefix("up.") {
+        // LDM's level 0 is the highest resolution, diffusers' up block 0 the first to run.
+        let (level, r) = r.split_once('.')?;
+        let block = levels.checked_sub(1)?.checked_sub(level.parse().ok()?)?;
+        if let Some(r) = r.strip_prefix("block.") {
+            format!("decoder.up_blocks.{block}.resnets.{}", resnet(r))
+        } else {
+            let r = r.strip_prefix("upsample.")?;
+            format!("decoder.up_blocks.{block}.upsamplers.0.{r}")
         }
     } else if let Some(r) = rest.strip_prefix("mid.attn_1.") {
         let (part, param) = r.split_once('.')?;
@@ -207,12 +286,12 @@ fn diffusers_name(bfl: &str) -> Option<String> {
             "proj_out" => "to_out.0",
             _ => return None,
         };
-        format!("encoder.mid_block.attentions.0.{part}.{param}")
+        format!("{half}.mid_block.attentions.0.{part}.{param}")
     } else if let Some(r) = rest.strip_prefix("mid.block_") {
         let (index, r) = r.split_once('.')?;
         let index: usize = index.parse().ok()?;
         format!(
-            "encoder.mid_block.resnets.{}.{}",
+            "{half}.mid_block.resnets.{}.{}",
             index.checked_sub(1)?,
             resnet(r)
         )
@@ -222,10 +301,10 @@ fn diffusers_name(bfl: &str) -> Option<String> {
     Some(name)
 }
 
-/// The encoder tensors of `file` under their diffusers names (`rename` gives None for the rest),
-/// with the BatchNorm statistics `{bn}running_mean` and `{bn}running_var`.
+/// The tensors of `file` that `rename` gives diffusers names (None for the other half's), with the
+/// BatchNorm statistics `{bn}running_mean` and `{bn}running_var`.
 #[cfg(not(target_arch = "wasm32"))]
-fn read_encoder(
+fn read_half(
     file: &crate::source::SafetensorsFile,
     config: VaeConfig,
     bn: &str,
@@ -275,7 +354,8 @@ fn read_encoder(
     })
 }
 
-struct Encoder<'a> {
+/// A graph of either half under construction.
+struct Net<'a> {
     b: Builder,
     c: &'a VaeConfig,
     /// The current resolution.
@@ -283,7 +363,7 @@ struct Encoder<'a> {
     width: usize,
 }
 
-impl Encoder<'_> {
+impl Net<'_> {
     fn pixels(&self) -> usize {
         self.height * self.width
     }
@@ -293,7 +373,7 @@ impl Encoder<'_> {
         x: BufId,
         name: &str,
         (cin, cout): (usize, usize),
-        (kernel, stride, pad): (usize, usize, [usize; 4]),
+        (kernel, stride, pad, upsample): (usize, usize, [usize; 4], usize),
     ) -> BufId {
         let shape = ConvShape {
             height: self.height,
@@ -302,6 +382,7 @@ impl Encoder<'_> {
             kernel,
             stride,
             pad,
+            upsample,
         };
         let (oh, ow) = shape.output();
         let weight = self
@@ -336,7 +417,6 @@ impl Encoder<'_> {
     }
 
     fn resnet(&mut self, x: BufId, name: &str, (cin, cout): (usize, usize)) -> BufId {
-        const SAME: (usize, usize, [usize; 4]) = (3, 1, [1; 4]);
         let a = self.norm(x, &format!("{name}.norm1"), cin, true);
         let h = self.conv(a, &format!("{name}.conv1"), (cin, cout), SAME);
         let a = self.norm(h, &format!("{name}.norm2"), cout, true);
@@ -344,12 +424,7 @@ impl Encoder<'_> {
         let shortcut = if cin == cout {
             x
         } else {
-            self.conv(
-                x,
-                &format!("{name}.conv_shortcut"),
-                (cin, cout),
-                (1, 1, [0; 4]),
-            )
+            self.conv(x, &format!("{name}.conv_shortcut"), (cin, cout), POINTWISE)
         };
         self.add(shortcut, h, name)
     }
@@ -388,12 +463,28 @@ impl Encoder<'_> {
         let o = self.linear(out, &format!("{name}.to_out.0"), channels);
         self.add(o, x, name)
     }
+
+    /// A resnet, attention over every pixel, and a resnet, at the lowest resolution.
+    fn mid_block(&mut self, x: BufId, half: &str, channels: usize) -> BufId {
+        let widths = (channels, channels);
+        let h = self.resnet(x, &format!("{half}.mid_block.resnets.0"), widths);
+        let h = if self.c.mid_block_add_attention {
+            self.attention(h, &format!("{half}.mid_block.attentions.0"), channels)
+        } else {
+            h
+        };
+        self.resnet(h, &format!("{half}.mid_block.resnets.1"), widths)
+    }
 }
+
+/// A 3x3 convolution keeping the size, and a 1x1 one.
+const SAME: (usize, usize, [usize; 4], usize) = (3, 1, [1; 4], 1);
+const POINTWISE: (usize, usize, [usize; 4], usize) = (1, 1, [0; 4], 1);
 
 /// The encoder over an image of `height` x `width` pixels (multiples of 16): given `image` [H·W,
 /// channels] in [−1, 1], output `moments` [H/8 · W/8, 2 · latent channels] (mean, then log-variance).
 pub fn encoder_graph(c: &VaeConfig, height: usize, width: usize) -> Graph {
-    let mut e = Encoder {
+    let mut e = Net {
         b: Builder::new(),
         c,
         height,
@@ -401,8 +492,7 @@ pub fn encoder_graph(c: &VaeConfig, height: usize, width: usize) -> Graph {
     };
     let levels = &c.block_out_channels;
     let x = e.b.given("image", height * width * c.in_channels);
-    let same = (3, 1, [1; 4]);
-    let mut h = e.conv(x, "encoder.conv_in", (c.in_channels, levels[0]), same);
+    let mut h = e.conv(x, "encoder.conv_in", (c.in_channels, levels[0]), SAME);
     let mut channels = levels[0];
     for (i, &out) in levels.iter().enumerate() {
         for j in 0..c.layers_per_block {
@@ -416,23 +506,124 @@ pub fn encoder_graph(c: &VaeConfig, height: usize, width: usize) -> Graph {
         if i + 1 < levels.len() {
             // One zero row at the bottom and one zero column on the right, then stride 2.
             let name = format!("encoder.down_blocks.{i}.downsamplers.0.conv");
-            h = e.conv(h, &name, (out, out), (3, 2, [0, 1, 0, 1]));
+            h = e.conv(h, &name, (out, out), (3, 2, [0, 1, 0, 1], 1));
         }
     }
-    h = e.resnet(h, "encoder.mid_block.resnets.0", (channels, channels));
-    if c.mid_block_add_attention {
-        h = e.attention(h, "encoder.mid_block.attentions.0", channels);
-    }
-    h = e.resnet(h, "encoder.mid_block.resnets.1", (channels, channels));
+    h = e.mid_block(h, "encoder", channels);
     let a = e.norm(h, "encoder.conv_norm_out", channels, true);
     let moments = 2 * c.latent_channels;
-    let mut y = e.conv(a, "encoder.conv_out", (channels, moments), same);
+    let mut y = e.conv(a, "encoder.conv_out", (channels, moments), SAME);
     if c.use_quant_conv {
-        y = e.conv(y, "quant_conv", (moments, moments), (1, 1, [0; 4]));
+        y = e.conv(y, "quant_conv", (moments, moments), POINTWISE);
     }
     let out = e.b.output("moments", e.pixels() * moments);
     e.b.node(Op::Add, &[y], &[out], true);
     e.b.finish()
+}
+
+/// The decoder over latents of `height` x `width` (an eighth of the image's sides): given `latents`
+/// [height · width, latent channels] (de-normalised, out of their 2x2 patches), output `image` [8·height
+/// · 8·width, out channels], in about [−1, 1].
+pub fn decoder_graph(c: &VaeConfig, height: usize, width: usize) -> Graph {
+    let mut d = Net {
+        b: Builder::new(),
+        c,
+        height,
+        width,
+    };
+    let levels = c.decoder_widths();
+    let latent = c.latent_channels;
+    let mut h = d.b.given("latents", height * width * latent);
+    if c.use_post_quant_conv {
+        h = d.conv(h, "post_quant_conv", (latent, latent), POINTWISE);
+    }
+    let mut channels = *levels.last().expect("four levels");
+    h = d.conv(h, "decoder.conv_in", (latent, channels), SAME);
+    h = d.mid_block(h, "decoder", channels);
+    for (i, &out) in levels.iter().rev().enumerate() {
+        for j in 0..=c.layers_per_block {
+            let name = format!("decoder.up_blocks.{i}.resnets.{j}");
+            h = d.resnet(h, &name, (channels, out));
+            channels = out;
+        }
+        if i + 1 < levels.len() {
+            // Nearest-neighbour enlargement, read by the convolution itself.
+            let name = format!("decoder.up_blocks.{i}.upsamplers.0.conv");
+            h = d.conv(h, &name, (out, out), (3, 1, [1; 4], 2));
+        }
+    }
+    let a = d.norm(h, "decoder.conv_norm_out", channels, true);
+    let y = d.conv(a, "decoder.conv_out", (channels, c.out_channels), SAME);
+    let out = d.b.output("image", d.pixels() * c.out_channels);
+    d.b.node(Op::Add, &[y], &[out], true);
+    d.b.finish()
+}
+
+/// A decoded image: `height` x `width` pixels of RGB in [0, 1], pixels by channels, as the klein
+/// pipeline's image processor leaves it before its 8-bit image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Image {
+    pub height: usize,
+    pub width: usize,
+    pub rgb: Vec<f32>,
+}
+
+impl Image {
+    /// The 8-bit pixels PIL is given: round(255 · value), halves to even as NumPy rounds.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.rgb
+            .iter()
+            .map(|v| (v * 255.0).round_ties_even() as u8)
+            .collect()
+    }
+}
+
+/// The image of latent `tokens` [rows · cols, 4 · latent channels] (as the transformer denoises them:
+/// normalised, in 2x2 patches, row-major): the BatchNorm statistics undone, the patches unfolded,
+/// decoded, and (x / 2 + 1/2) clamped to [0, 1], as Flux2KleinPipeline does after its last step.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn decode(
+    vae: &Vae,
+    executor: crate::exec::Forward,
+    tokens: &[f32],
+    (rows, cols): (usize, usize),
+) -> Result<Image> {
+    let c = &vae.config;
+    let latent = c.latent_channels;
+    if tokens.len() != rows * cols * 4 * latent || rows == 0 || cols == 0 {
+        return Err(Error::Invalid(format!(
+            "{} latent values do not make a {rows} x {cols} grid of {} channels",
+            tokens.len(),
+            4 * latent
+        )));
+    }
+    let (lh, lw) = (2 * rows, 2 * cols);
+    let mut latents = vec![0f32; lh * lw * latent];
+    for (t, token) in tokens.chunks(4 * latent).enumerate() {
+        let (i, j) = (t / cols, t % cols);
+        for (k, &v) in token.iter().enumerate() {
+            let (ch, pi, pj) = (k / 4, k / 2 % 2, k % 2);
+            let std = (vae.running_var[k] + c.batch_norm_eps as f32).sqrt();
+            latents[((2 * i + pi) * lw + 2 * j + pj) * latent + ch] = v * std + vae.running_mean[k];
+        }
+    }
+    let graph = decoder_graph(c, lh, lw);
+    let inputs = crate::graph::StepInputs {
+        given: [("latents".to_string(), latents)].into_iter().collect(),
+        ..Default::default()
+    };
+    let decoded = executor
+        .run(&graph, vae, &inputs, &["image"])?
+        .pop()
+        .expect("one output");
+    Ok(Image {
+        height: 8 * lh,
+        width: 8 * lw,
+        rgb: decoded
+            .iter()
+            .map(|v| (v * 0.5 + 0.5).clamp(0.0, 1.0))
+            .collect(),
+    })
 }
 
 /// The transformer's latent tokens of an image (`pixels` [3, height, width] in [0, 1], sides
@@ -484,4 +675,45 @@ pub fn encode(
         }
     }
     Ok(tokens)
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    use super::*;
+
+    /// Every decoder tensor of the tiny BFL-named fixture (scripts/make_flux2_vae_bfl_fixture.py,
+    /// checked there against diffusers' converter) lands on the folder's tensor of the same values,
+    /// LDM's reversed level numbers included, and each of the folder's decoder tensors is reached.
+    #[test]
+    fn bfl_decoder_names_are_the_folders() {
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flux2");
+        let bfl = crate::source::SafetensorsFile::open(&fixtures.join("tiny_vae_bfl.safetensors"))
+            .unwrap();
+        let folder = crate::source::SafetensorsFile::open(
+            &fixtures.join("tiny_vae/diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
+        let mut reached = Vec::new();
+        for name in bfl.tensor_names() {
+            let Some(ours) = diffusers_name(name, 4).filter(|n| Half::Decoder.holds(n)) else {
+                continue;
+            };
+            assert_eq!(
+                bfl.read_f32(name).unwrap(),
+                folder.read_f32(&ours).unwrap(),
+                "{name}"
+            );
+            reached.push(ours);
+        }
+        reached.sort();
+        let mut want: Vec<String> = folder
+            .tensor_names()
+            .filter(|n| Half::Decoder.holds(n))
+            .cloned()
+            .collect();
+        want.sort();
+        assert!(want.iter().any(|n| n.contains("up_blocks.3.resnets.2")));
+        assert_eq!(reached, want);
+    }
 }

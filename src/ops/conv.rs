@@ -1,7 +1,8 @@
 //! The image ops of the FLUX.2 VAE encoder, on activations laid out pixels by channels ([H·W, C],
 //! row-major over the image), so that a convolution is a linear over gathered patches and attention
-//! over pixels reads rows: 2-D convolution and GroupNorm (with an optional SiLU after it). Forward
-//! only: the VAE encodes images once, before training. The GPU lowerings (shaders/conv.wgsl) follow
+//! over pixels reads rows: 2-D convolution (after an optional nearest-neighbour enlargement, the
+//! decoder's upsampling) and GroupNorm (with an optional SiLU after it). Forward only: the VAE encodes
+//! images once, before training, and decodes samples. The GPU lowerings (shaders/conv.wgsl) follow
 //! the CPU kernels.
 
 use crate::exec::gpu::Recorder;
@@ -11,7 +12,10 @@ use crate::model::LinearWeight;
 use crate::ops::{Precision, linear};
 use rayon::prelude::*;
 
-/// A convolution's geometry: input size, kernel, stride and zero padding (top, bottom, left, right).
+/// A convolution's geometry: input size, kernel, stride and zero padding (top, bottom, left, right)
+/// of the input enlarged `upsample` times, each pixel repeated `upsample` x `upsample` (PyTorch's
+/// `interpolate(mode="nearest")` by an integer factor; 1 for none). Reading the input at (y / up,
+/// x / up) spares the decoder the enlarged copy, its largest activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvShape {
     pub height: usize,
@@ -20,6 +24,7 @@ pub struct ConvShape {
     pub kernel: usize,
     pub stride: usize,
     pub pad: [usize; 4],
+    pub upsample: usize,
 }
 
 impl ConvShape {
@@ -27,8 +32,8 @@ impl ConvShape {
     pub fn output(&self) -> (usize, usize) {
         let [top, bottom, left, right] = self.pad;
         (
-            (self.height + top + bottom - self.kernel) / self.stride + 1,
-            (self.width + left + right - self.kernel) / self.stride + 1,
+            (self.height * self.upsample + top + bottom - self.kernel) / self.stride + 1,
+            (self.width * self.upsample + left + right - self.kernel) / self.stride + 1,
         )
     }
 
@@ -55,6 +60,8 @@ pub fn conv2d(
     let patch = c * k * k;
     let out = weight.shape().0;
     let tile = s.tile_pixels();
+    let up = s.upsample;
+    let (height, width) = (s.height * up, s.width * up);
     let mut patches = vec![0f32; tile * patch];
     for first in (0..oh * ow).step_by(tile) {
         let n = tile.min(oh * ow - first);
@@ -70,10 +77,10 @@ pub fn conv2d(
                             let ix = (ox * s.stride + kx) as isize - s.pad[2] as isize;
                             let inside = iy >= 0
                                 && ix >= 0
-                                && (iy as usize) < s.height
-                                && (ix as usize) < s.width;
+                                && (iy as usize) < height
+                                && (ix as usize) < width;
                             row[(ch * k + ky) * k + kx] = if inside {
-                                x[(iy as usize * s.width + ix as usize) * c + ch]
+                                x[(iy as usize / up * s.width + ix as usize / up) * c + ch]
                             } else {
                                 0.0
                             };
@@ -108,7 +115,8 @@ pub struct ImageParams {
     pub chunk: u32,
     pub eps: f32,
     pub silu: u32,
-    pub _pad: u32,
+    /// Convolution: the input's enlargement.
+    pub upsample: u32,
 }
 
 /// The GPU lowering of `conv2d`: per tile of output pixels, the patches gathered into a scratch buffer
@@ -135,6 +143,7 @@ pub(crate) fn record_conv2d(
             pad_top: s.pad[0] as u32,
             pad_left: s.pad[2] as u32,
             out_width: ow as u32,
+            upsample: s.upsample as u32,
             first: first as u32,
             pixels: n as u32,
             ..ImageParams::default()
@@ -265,15 +274,21 @@ mod tests {
                             for kx in 0..k {
                                 let iy = (oy * s.stride + ky) as isize - s.pad[0] as isize;
                                 let ix = (ox * s.stride + kx) as isize - s.pad[2] as isize;
+                                let (up, height, width) = (s.upsample, s.height, s.width);
                                 if iy < 0
                                     || ix < 0
-                                    || iy as usize >= s.height
-                                    || ix as usize >= s.width
+                                    || iy as usize >= height * up
+                                    || ix as usize >= width * up
                                 {
                                     continue;
                                 }
-                                let xv =
-                                    x_chw[(ch * s.height + iy as usize) * s.width + ix as usize];
+                                // The enlarged image, written out as PyTorch's nearest mode
+                                // indexes it: source floor(y · in / out).
+                                let (sy, sx) = (
+                                    iy as usize * height / (height * up),
+                                    ix as usize * width / (width * up),
+                                );
+                                let xv = x_chw[(ch * height + sy) * width + sx];
                                 sum += xv as f64 * w[((o * c + ch) * k + ky) * k + kx] as f64;
                             }
                         }
@@ -288,7 +303,13 @@ mod tests {
     #[test]
     fn convolutions_match_f64_with_padding_and_stride() {
         let mut rng = Rng::new(9);
-        for (kernel, stride, pad) in [(3, 1, [1, 1, 1, 1]), (3, 2, [0, 1, 0, 1]), (1, 1, [0; 4])] {
+        for (kernel, stride, pad, upsample) in [
+            (3, 1, [1, 1, 1, 1], 1),
+            (3, 2, [0, 1, 0, 1], 1),
+            (1, 1, [0; 4], 1),
+            (3, 1, [1, 1, 1, 1], 2),
+            (3, 2, [1, 0, 1, 0], 3),
+        ] {
             let s = ConvShape {
                 height: 9,
                 width: 6,
@@ -296,6 +317,7 @@ mod tests {
                 kernel,
                 stride,
                 pad,
+                upsample,
             };
             let out = 7;
             let x_chw = random(5 * 9 * 6, &mut rng);
@@ -319,7 +341,7 @@ mod tests {
                     let (got, want) = (y[p * out + o] as f64, want[o * oh * ow + p]);
                     assert!(
                         (got - want).abs() < 1e-5 * (1.0 + want.abs()),
-                        "k{kernel} s{stride}"
+                        "k{kernel} s{stride} up{upsample}"
                     );
                 }
             }

@@ -718,7 +718,7 @@ pub fn run(
         Some(file) => Some(read_lora(file, &flux)?),
         None => None,
     };
-    let vae = crate::models::vae::load(&vae_path)?;
+    let vae = crate::models::vae::load(&vae_path, crate::models::vae::Half::Encoder)?;
     if 4 * vae.config.latent_channels != flux.in_channels {
         return Err(Error::Invalid(format!(
             "{}: the VAE's {} latent channels make tokens of {}, and the transformer reads {}",
