@@ -96,13 +96,20 @@ impl PrecisionChoice {
     }
 }
 
-/// Where a forward-only graph of a frozen model runs (the caching phase's encoders): the CPU executor
-/// at a precision, or a GPU already holding the model's weights.
+/// Where a forward-only graph of a frozen model runs (the caching phase's encoders, sampling): the CPU
+/// executor at a precision, or a GPU already holding the model's weights.
 #[derive(Clone, Copy)]
 pub enum Forward<'a> {
     Cpu(crate::ops::Precision),
     Gpu(&'a Gpu, &'a crate::gpu::weights::GpuWeights),
 }
+
+/// LoRA matrices on the host, and their copy on the GPU where the graph runs there.
+#[cfg(not(target_arch = "wasm32"))]
+pub type AdapterCopies<'a> = (
+    &'a crate::lora::LoraAdapter,
+    Option<&'a crate::gpu::weights::GpuLora>,
+);
 
 impl Forward<'_> {
     /// Runs `graph` over `model` (bound on the CPU; on the GPU its uploaded weights) with `inputs`, and
@@ -115,11 +122,23 @@ impl Forward<'_> {
         inputs: &crate::graph::StepInputs,
         names: &[&str],
     ) -> Result<Vec<Vec<f32>>> {
+        self.run_adapted(graph, (model, None), inputs, names)
+    }
+
+    /// `run` with LoRA adapters: the host's matrices, and on the GPU their uploaded copy.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn run_adapted(
+        self,
+        graph: &crate::graph::Graph,
+        (model, adapter): (&dyn crate::model::FrozenWeights, Option<AdapterCopies>),
+        inputs: &crate::graph::StepInputs,
+        names: &[&str],
+    ) -> Result<Vec<Vec<f32>>> {
         match self {
             Forward::Cpu(precision) => {
                 let bind = cpu::Bindings {
                     model,
-                    adapter: None,
+                    adapter: adapter.map(|a| a.0),
                     grads: None,
                     cache: None,
                     optimizer: None,
@@ -133,7 +152,7 @@ impl Forward<'_> {
                 let bind = gpu::Bindings {
                     gpu: device,
                     model: weights,
-                    lora: None,
+                    lora: adapter.and_then(|a| a.1),
                     grads: None,
                     cache: None,
                     moments: None,

@@ -2,6 +2,7 @@
 
 pub mod decoder;
 pub mod flux2;
+pub mod flux2_sampler;
 pub mod lora_linear;
 pub mod optimizer;
 pub mod vae;
