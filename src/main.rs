@@ -37,6 +37,9 @@ enum Command {
     /// Talk with a model in the terminal: each line is a user turn (/reset starts over, /quit or end of
     /// input quits, /help lists these). The KV cache carries the conversation from turn to turn.
     Chat(cli::generate::ChatArgs),
+    /// Sample images from a FLUX.2 [klein] pipeline, with a LoRA or without, as diffusers'
+    /// Flux2KleinPipeline does (its scheduler, guidance against the empty prompt).
+    Sample(cli::sample::Args),
     /// Show how a JSONL data file reaches the model: each example through the chat template, with the
     /// tokens that carry loss marked (as training labels them).
     Data(cli::data::Args),
@@ -134,7 +137,11 @@ fn main() {
     // at a step's end instead (their own handler).
     if matches!(
         cli.command,
-        Command::Quantize(_) | Command::Merge(_) | Command::Synth(_) | Command::Demo(_)
+        Command::Quantize(_)
+            | Command::Merge(_)
+            | Command::Synth(_)
+            | Command::Demo(_)
+            | Command::Sample(_)
     ) {
         cli::remove_partial_outputs_on_signals();
     }
@@ -147,6 +154,7 @@ fn main() {
         Command::Generate(args) => cli::generate::generate(args),
         Command::Merge(args) => cli::merge::run(args),
         Command::Chat(args) => cli::generate::chat(args),
+        Command::Sample(args) => cli::sample::run(args),
         Command::Plan(args) => cli::plan::run(args),
         Command::Data(args) => cli::data::run(args),
         Command::Synth(args) => cli::synth::run(args),

@@ -823,7 +823,7 @@ pub fn qwen3_tokenizer() -> TokenizerFiles {
 }
 
 /// Writes a diffusers FLUX.2 [klein] pipeline folder with random weights: model_index.json,
-/// transformer/, text_encoder/ (Qwen3), tokenizer/ and vae/.
+/// transformer/, text_encoder/ (Qwen3), tokenizer/, scheduler/ and vae/.
 pub fn write_klein_pipeline(dir: &Path, preset: KleinPreset, seed: u64) -> Result<()> {
     let (double, single, heads, te_hidden, te_layers, te_heads, te_inter, vae_widths, groups) =
         match preset {
@@ -902,7 +902,20 @@ pub fn write_klein_pipeline(dir: &Path, preset: KleinPreset, seed: u64) -> Resul
             .and_then(|_| std::fs::write(&path, text.as_deref().unwrap_or_default()))
             .map_err(|e| Error::io(&path, e))?;
     }
-    // The VAE's encoder half, its BatchNorm statistics, and a config diffusers accepts.
+    // Klein's scheduler, as the released pipelines ship it.
+    write(
+        dir.join("scheduler/scheduler_config.json"),
+        &json!({"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+                "base_shift": 0.5, "invert_sigmas": false, "max_image_seq_len": 4096,
+                "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+                "shift_terminal": null, "stochastic_sampling": false,
+                "time_shift_type": "exponential", "use_beta_sigmas": false,
+                "use_dynamic_shifting": true, "use_exponential_sigmas": false,
+                "use_karras_sigmas": false}),
+    )?;
+    // The VAE: the encoder, its BatchNorm statistics, then the decoder (after them, so that the
+    // encoder's random values are those of pipelines written before it), and a config diffusers
+    // accepts.
     let vae = json!({"_class_name": "AutoencoderKLFlux2", "act_fn": "silu", "batch_norm_eps": 1e-4,
         "batch_norm_momentum": 0.1, "block_out_channels": vae_widths, "in_channels": 3,
         "latent_channels": 32, "layers_per_block": 2, "mid_block_add_attention": true,
@@ -921,18 +934,36 @@ pub fn write_klein_pipeline(dir: &Path, preset: KleinPreset, seed: u64) -> Resul
         entries.push((format!("{name}.weight"), vec![ch]));
         entries.push((format!("{name}.bias"), vec![ch]));
     };
+    let resnet = |entries: &mut Vec<(String, Vec<usize>)>, p: &str, cin: usize, cout: usize| {
+        norm(entries, &format!("{p}.norm1"), cin);
+        conv(entries, &format!("{p}.conv1"), cin, cout, 3);
+        norm(entries, &format!("{p}.norm2"), cout);
+        conv(entries, &format!("{p}.conv2"), cout, cout, 3);
+        if cin != cout {
+            conv(entries, &format!("{p}.conv_shortcut"), cin, cout, 1);
+        }
+    };
+    let mid_block = |entries: &mut Vec<(String, Vec<usize>)>, half: &str, ch: usize| {
+        for r in 0..2 {
+            resnet(entries, &format!("{half}.mid_block.resnets.{r}"), ch, ch);
+        }
+        let attn = format!("{half}.mid_block.attentions.0");
+        norm(entries, &format!("{attn}.group_norm"), ch);
+        for l in ["to_q", "to_k", "to_v", "to_out.0"] {
+            entries.push((format!("{attn}.{l}.weight"), vec![ch, ch]));
+            entries.push((format!("{attn}.{l}.bias"), vec![ch]));
+        }
+    };
     conv(&mut entries, "encoder.conv_in", 3, vae_widths[0], 3);
     let mut ch = vae_widths[0];
     for (i, &out) in vae_widths.iter().enumerate() {
         for j in 0..2 {
-            let p = format!("encoder.down_blocks.{i}.resnets.{j}");
-            norm(&mut entries, &format!("{p}.norm1"), ch);
-            conv(&mut entries, &format!("{p}.conv1"), ch, out, 3);
-            norm(&mut entries, &format!("{p}.norm2"), out);
-            conv(&mut entries, &format!("{p}.conv2"), out, out, 3);
-            if ch != out {
-                conv(&mut entries, &format!("{p}.conv_shortcut"), ch, out, 1);
-            }
+            resnet(
+                &mut entries,
+                &format!("encoder.down_blocks.{i}.resnets.{j}"),
+                ch,
+                out,
+            );
             ch = out;
         }
         if i + 1 < vae_widths.len() {
@@ -945,24 +976,32 @@ pub fn write_klein_pipeline(dir: &Path, preset: KleinPreset, seed: u64) -> Resul
             );
         }
     }
-    for r in 0..2 {
-        let p = format!("encoder.mid_block.resnets.{r}");
-        norm(&mut entries, &format!("{p}.norm1"), ch);
-        conv(&mut entries, &format!("{p}.conv1"), ch, ch, 3);
-        norm(&mut entries, &format!("{p}.norm2"), ch);
-        conv(&mut entries, &format!("{p}.conv2"), ch, ch, 3);
-    }
-    let attn = "encoder.mid_block.attentions.0";
-    norm(&mut entries, &format!("{attn}.group_norm"), ch);
-    for l in ["to_q", "to_k", "to_v", "to_out.0"] {
-        entries.push((format!("{attn}.{l}.weight"), vec![ch, ch]));
-        entries.push((format!("{attn}.{l}.bias"), vec![ch]));
-    }
+    mid_block(&mut entries, "encoder", ch);
     norm(&mut entries, "encoder.conv_norm_out", ch);
     conv(&mut entries, "encoder.conv_out", ch, 64, 3);
     conv(&mut entries, "quant_conv", 64, 64, 1);
     entries.push(("bn.running_mean".into(), vec![128]));
     entries.push(("bn.running_var".into(), vec![128]));
+    conv(&mut entries, "post_quant_conv", 32, 32, 1);
+    conv(&mut entries, "decoder.conv_in", 32, ch, 3);
+    mid_block(&mut entries, "decoder", ch);
+    for (i, &out) in vae_widths.iter().rev().enumerate() {
+        for j in 0..3 {
+            resnet(
+                &mut entries,
+                &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                ch,
+                out,
+            );
+            ch = out;
+        }
+        if i + 1 < vae_widths.len() {
+            let name = format!("decoder.up_blocks.{i}.upsamplers.0.conv");
+            conv(&mut entries, &name, out, out, 3);
+        }
+    }
+    norm(&mut entries, "decoder.conv_norm_out", ch);
+    conv(&mut entries, "decoder.conv_out", ch, 3, 3);
     write_random(
         &dir.join("vae/diffusion_pytorch_model.safetensors"),
         &entries,

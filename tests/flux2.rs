@@ -1038,6 +1038,119 @@ fn a_bfl_vae_file_is_the_same_encoder() {
     assert!(err.contains("not a VAE file"), "{err}");
 }
 
+/// `nibble sample` on a random tiny pipeline: PNGs of the size asked for, the same for the same
+/// seed, changed by a trained LoRA, another seed and guidance; several prompts, the GPU executor
+/// (lavapipe in CI) within one level of the CPU's pixels, and bad options refused by name.
+#[test]
+fn nibble_samples_images_with_and_without_a_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let [klein, images] = klein_and_images(root, 9, &[("fox", (64, 48), "a fox")]);
+    let run = root.join("run");
+    let out = common::nibble(&[
+        "train",
+        "--model",
+        &s(&klein),
+        "--data",
+        &s(&images),
+        "--output",
+        &s(&run),
+        "--resolution",
+        "64",
+        "--max-steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--no-cache",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let model = s(&klein);
+    let sample = |output: &str, extra: &[&str]| {
+        let output = s(&root.join(output));
+        let mut args = vec![
+            "sample", "--model", &model, "--prompt", "a fox", "--height", "48", "--steps", "3",
+            "--output", &output,
+        ];
+        if !extra.contains(&"--width") {
+            args.extend(["--width", "64"]);
+        }
+        if !extra.contains(&"--device") {
+            args.extend(["--device", "cpu"]);
+        }
+        args.extend(extra);
+        common::nibble(&args)
+    };
+    let pixels = |name: &str| {
+        let image = image::open(root.join(name)).unwrap().to_rgb8();
+        assert_eq!(image.dimensions(), (64, 48), "{name}");
+        image.into_raw()
+    };
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(sample("plain.png", &[]));
+    ok(sample("again.png", &[]));
+    let plain = pixels("plain.png");
+    assert_eq!(pixels("again.png"), plain);
+    let distinct = plain.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(distinct > 50, "{distinct} distinct values");
+    let moved = |other: &[u8]| other.iter().zip(&plain).filter(|(a, b)| a != b).count();
+    ok(sample("lora.png", &["--lora", &s(&run)]));
+    ok(sample("seed.png", &["--seed", "1"]));
+    ok(sample("unguided.png", &["--guidance", "1"]));
+    for name in ["lora.png", "seed.png", "unguided.png"] {
+        let changed = moved(&pixels(name));
+        assert!(
+            changed > plain.len() / 4,
+            "{name}: {changed} values changed"
+        );
+    }
+    // Several prompts: one image each, numbered; the first starts from the same noise as above.
+    ok(sample("two.png", &["--prompt", "snow"]));
+    assert_eq!(pixels("two-1.png"), plain);
+    assert!(moved(&pixels("two-2.png")) > plain.len() / 4);
+    if common::gpu().is_some() {
+        ok(sample("gpu.png", &["--device", "gpu"]));
+        let gpu = pixels("gpu.png");
+        let worst = gpu
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "GPU pixels {worst} levels from the CPU's");
+    }
+    // Refused by name: an image already there, sides off the 16-pixel grid, a missing LoRA.
+    let refused = |out: std::process::Output, want: &[&str]| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{w}: {stderr}");
+        }
+    };
+    refused(sample("plain.png", &[]), &["plain.png", "--overwrite"]);
+    ok(sample("plain.png", &["--overwrite"]));
+    assert_eq!(pixels("plain.png"), plain);
+    refused(sample("odd.png", &["--width", "50"]), &["--width 50", "16"]);
+    refused(
+        sample("odd.png", &["--lora", &s(&root.join("nowhere"))]),
+        &["nowhere"],
+    );
+    refused(sample("odd.jpg", &[]), &["odd.jpg", ".png"]);
+    assert!(!root.join("odd.png").exists());
+}
+
 /// The whole klein loop through the binary, on a random tiny pipeline (`nibble synth --preset
 /// flux2-klein-tiny`): captions through the text encoder, images through the VAE, three steps, the
 /// LoRA file; the folder is then a finished run, and image options are refused for language models.

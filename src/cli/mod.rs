@@ -10,6 +10,7 @@ pub mod merge;
 pub mod plan;
 pub mod progress;
 pub mod quantize;
+pub mod sample;
 pub mod sft;
 pub mod synth;
 pub mod train;

@@ -3,6 +3,7 @@
 //! the image's size and the step count), one Euler step per sigma on the predicted velocity, with
 //! classifier-free guidance against the empty prompt where the guidance scale exceeds 1.
 
+#[cfg(not(target_arch = "wasm32"))]
 use crate::error::{Error, Result};
 use serde::Deserialize;
 
@@ -77,6 +78,7 @@ impl FlowScheduler {
         Ok(scheduler)
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn check(&self) -> std::result::Result<(), String> {
         let unsupported = [
             ("use_karras_sigmas", self.use_karras_sigmas),

@@ -559,6 +559,25 @@ pub fn decoder_graph(c: &VaeConfig, height: usize, width: usize) -> Graph {
     d.b.finish()
 }
 
+/// `graph`'s one output, given its one input.
+#[cfg(not(target_arch = "wasm32"))]
+fn run_graph(
+    vae: &Vae,
+    executor: crate::exec::Forward,
+    graph: &Graph,
+    (given, values): (&str, Vec<f32>),
+    output: &str,
+) -> Result<Vec<f32>> {
+    let inputs = crate::graph::StepInputs {
+        given: [(given.to_string(), values)].into_iter().collect(),
+        ..Default::default()
+    };
+    Ok(executor
+        .run(graph, vae, &inputs, &[output])?
+        .pop()
+        .expect("one output"))
+}
+
 /// A decoded image: `height` x `width` pixels of RGB in [0, 1], pixels by channels, as the klein
 /// pipeline's image processor leaves it before its 8-bit image.
 #[derive(Clone, Debug, PartialEq)]
@@ -608,14 +627,7 @@ pub fn decode(
         }
     }
     let graph = decoder_graph(c, lh, lw);
-    let inputs = crate::graph::StepInputs {
-        given: [("latents".to_string(), latents)].into_iter().collect(),
-        ..Default::default()
-    };
-    let decoded = executor
-        .run(&graph, vae, &inputs, &["image"])?
-        .pop()
-        .expect("one output");
+    let decoded = run_graph(vae, executor, &graph, ("latents", latents), "image")?;
     Ok(Image {
         height: 8 * lh,
         width: 8 * lw,
@@ -649,14 +661,7 @@ pub fn encode(
         .map(|(p, ch)| 2.0 * pixels[ch * height * width + p] - 1.0)
         .collect();
     let graph = encoder_graph(c, height, width);
-    let inputs = crate::graph::StepInputs {
-        given: [("image".to_string(), image)].into_iter().collect(),
-        ..Default::default()
-    };
-    let moments = executor
-        .run(&graph, vae, &inputs, &["moments"])?
-        .pop()
-        .expect("one output");
+    let moments = run_graph(vae, executor, &graph, ("image", image), "moments")?;
     let (lh, lw, latent) = (height / 8, width / 8, c.latent_channels);
     let stride = 2 * latent;
     let (th, tw) = (lh / 2, lw / 2);

@@ -647,6 +647,235 @@ fn tokenizer_folder(text_encoder: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
+/// The VAE's latents in 2x2 patches must be the transformer's tokens.
+#[cfg(not(target_arch = "wasm32"))]
+fn check_latent_channels(
+    vae: &crate::models::vae::Vae,
+    path: &std::path::Path,
+    flux: &flux2::Flux2Config,
+) -> Result<()> {
+    let latent = vae.config.latent_channels;
+    if 4 * latent != flux.in_channels {
+        return Err(Error::Invalid(format!(
+            "{}: the VAE's {latent} latent channels make tokens of {}, and the transformer reads {}",
+            path.display(),
+            4 * latent,
+            flux.in_channels
+        )));
+    }
+    Ok(())
+}
+
+/// Where a pipeline's text encoder, tokenizer and VAE are.
+#[cfg(not(target_arch = "wasm32"))]
+struct Parts {
+    text_dir: std::path::PathBuf,
+    tokenizer_dir: std::path::PathBuf,
+    vae: std::path::PathBuf,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Parts {
+    /// A pipeline folder holds the text encoder, tokenizer and VAE; a transformer outside one needs
+    /// them named (`text_encoder`, `vae`), which also stand in for a pipeline's own.
+    fn of(
+        path: &std::path::Path,
+        text_encoder: Option<std::path::PathBuf>,
+        vae: Option<std::path::PathBuf>,
+    ) -> Result<Self> {
+        let pipeline = flux2::pipeline_folder(path);
+        let pipeline_part = |part: &str| match &pipeline {
+            Some(folder) => Ok(folder.join(part)),
+            None => Err(Error::Invalid(format!(
+                "{} is a FLUX.2 transformer outside a pipeline folder: give --text-encoder DIR \
+                 (Qwen3 with its tokenizer) and --vae FILE (flux2-vae.safetensors, or a diffusers \
+                 AutoencoderKLFlux2 folder); a pipeline folder has its own",
+                path.display()
+            ))),
+        };
+        let (text_dir, tokenizer_dir) = match &text_encoder {
+            Some(dir) => (dir.clone(), tokenizer_folder(dir)),
+            None => (pipeline_part("text_encoder")?, pipeline_part("tokenizer")?),
+        };
+        let vae = match vae {
+            Some(vae) => vae,
+            None => pipeline_part("vae")?,
+        };
+        Ok(Parts {
+            text_dir,
+            tokenizer_dir,
+            vae,
+        })
+    }
+}
+
+/// Images to sample from a klein pipeline (`nibble sample`).
+#[cfg(not(target_arch = "wasm32"))]
+pub struct SampleRunSpec<'a> {
+    pub model: &'a std::path::Path,
+    /// A LoRA file (or a run folder holding one) applied to the transformer.
+    pub lora: Option<&'a std::path::Path>,
+    pub prompts: &'a [String],
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    /// Prompt k starts from the noise of seed + k.
+    pub seed: u64,
+    pub quant: Option<crate::quant::QuantSpec>,
+    pub precision: crate::ops::Precision,
+    pub text_encoder: Option<std::path::PathBuf>,
+    pub vae: Option<std::path::PathBuf>,
+}
+
+/// Samples one image per prompt as Flux2KleinPipeline does (its scheduler, classifier-free guidance
+/// against the empty prompt above a guidance of 1): the prompts' features (the text encoder, then
+/// released), the denoised latents (the transformer with the LoRA, then released), then the VAE's
+/// decoder. On `gpu` when given, else the CPU executor; `progress` hears (prompt, step) and may
+/// stop the run with an error.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn sample(
+    spec: SampleRunSpec,
+    gpu: Option<&crate::gpu::Gpu>,
+    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
+) -> Result<Vec<crate::models::vae::Image>> {
+    use crate::exec::Forward;
+    use crate::models::flux2_sampler::{FlowScheduler, SampleSpec, denoise};
+    let SampleRunSpec {
+        model: path,
+        lora,
+        prompts,
+        width,
+        height,
+        steps,
+        guidance,
+        seed,
+        quant,
+        precision,
+        text_encoder,
+        vae,
+    } = spec;
+    let flux = flux2::config_at(path)?.ok_or_else(|| {
+        Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
+    })?;
+    for (name, side) in [("--width", width), ("--height", height)] {
+        if side == 0 || side % 16 != 0 || side > 4096 {
+            return Err(Error::Invalid(format!(
+                "{name} {side}: a positive multiple of 16 pixels, at most 4096"
+            )));
+        }
+    }
+    if !(1..=1000).contains(&steps) {
+        return Err(Error::Invalid(format!("--steps {steps}: 1 to 1000")));
+    }
+    if !guidance.is_finite() || guidance < 0.0 {
+        return Err(Error::Invalid(format!(
+            "--guidance {guidance}: 0 or more (1 or less samples without guidance)"
+        )));
+    }
+    if prompts.is_empty() {
+        return Err(Error::Invalid("no --prompt given".into()));
+    }
+    let parts = Parts::of(path, text_encoder, vae)?;
+    let scheduler = FlowScheduler::of_pipeline(flux2::pipeline_folder(path).as_deref())?;
+    let adapter = lora.map(|file| read_lora(file, &flux)).transpose()?;
+    // The decoder (a tenth of the transformer's size) is read first: a wrong file is refused
+    // before the text encoder and the transformer run.
+    let vae = crate::models::vae::load(&parts.vae, crate::models::vae::Half::Decoder)?;
+    check_latent_channels(&vae, &parts.vae, &flux)?;
+    let (rows, cols) = (height / 16, width / 16);
+    let text_tokens = flux2::TEXT_TOKENS;
+    let step = Flux2Step {
+        image_tokens: rows * cols,
+        text_tokens,
+        backward: false,
+        checkpoint: false,
+    };
+    let (rank, targets) = match &adapter {
+        Some(a) => (a.config.r, a.config.targets.clone()),
+        None => (0, Vec::new()),
+    };
+    let planned = flux2::plan(&flux, quant, (rank, &targets), step)?;
+    let what = format!("sampling {width}x{height} images");
+    match gpu {
+        Some(gpu) => {
+            let advice = "; a smaller image or a 4-bit --quant needs less";
+            gpu.check_fits(&what, planned.total, None, advice)?;
+        }
+        None => crate::alloc::check_fits(
+            &what,
+            planned.cpu_total(),
+            "; a smaller image or a 4-bit --quant needs less",
+        )?,
+    }
+    let (empty, features) = caption_features(
+        (&parts.text_dir, &parts.tokenizer_dir),
+        &flux,
+        prompts.iter().map(String::as_str),
+        (text_tokens, precision),
+        None,
+        (gpu, None),
+        &mut || false,
+    )?;
+    let model = flux2::load(path, quant)?;
+    let sigmas = scheduler.sigmas(steps, rows * cols);
+    let on_gpu = match gpu {
+        Some(gpu) => {
+            let weights = crate::gpu::weights::GpuWeights::upload(gpu, &model)?;
+            let lora = adapter
+                .as_ref()
+                .map(|a| crate::gpu::weights::GpuLora::upload(gpu, a));
+            gpu.check_errors()?;
+            Some((gpu, weights, lora))
+        }
+        None => None,
+    };
+    let executor = match &on_gpu {
+        Some((gpu, weights, _)) => Forward::Gpu(gpu, weights),
+        None => Forward::Cpu(precision),
+    };
+    let copies = adapter
+        .as_ref()
+        .map(|a| (a, on_gpu.as_ref().and_then(|(_, _, lora)| lora.as_ref())));
+    let mut latents = Vec::with_capacity(prompts.len());
+    for (k, text) in features.iter().enumerate() {
+        let mut rng = crate::rng::Rng::new(seed.wrapping_add(k as u64));
+        let noise = (0..rows * cols * flux.in_channels)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let spec = SampleSpec {
+            text,
+            negative: &empty,
+            rows,
+            cols,
+            noise,
+            sigmas: &sigmas,
+            train_timesteps: scheduler.num_train_timesteps,
+            guidance,
+        };
+        latents.push(denoise(&model, (executor, copies), spec, &mut |i| {
+            progress(k, i)
+        })?);
+    }
+    drop(on_gpu);
+    drop(model);
+    if let Some(gpu) = gpu {
+        gpu.release_scratch();
+    }
+    let vae_on_gpu = match gpu {
+        Some(gpu) => Some((gpu, crate::gpu::weights::GpuWeights::upload(gpu, &vae)?)),
+        None => None,
+    };
+    let decoder = match &vae_on_gpu {
+        Some((gpu, weights)) => Forward::Gpu(gpu, weights),
+        None => Forward::Cpu(crate::ops::Precision::F32),
+    };
+    latents
+        .iter()
+        .map(|l| crate::models::vae::decode(&vae, decoder, l, (rows, cols)))
+        .collect()
+}
+
 /// Trains a klein LoRA: caption features (the text encoder, then released), image latents (the VAE,
 /// then released), then the transformer's steps on the GPU executor when `gpu` is given, else on the
 /// CPU executor; metrics.jsonl, checkpoints and `--resume` as for language models, and the LoRA file
@@ -680,26 +909,11 @@ pub fn run(
         options.overwrite,
         options.resume.as_deref(),
     )?;
-    // A pipeline folder holds the text encoder, tokenizer and VAE; a transformer outside one needs
-    // them named.
-    let pipeline = flux2::pipeline_folder(path);
-    let pipeline_part = |part: &str| match &pipeline {
-        Some(folder) => Ok(folder.join(part)),
-        None => Err(Error::Invalid(format!(
-            "{} is a FLUX.2 transformer outside a pipeline folder: give --text-encoder DIR (Qwen3 \
-             with its tokenizer) and --vae FILE (flux2-vae.safetensors, or a diffusers \
-             AutoencoderKLFlux2 folder); a pipeline folder has its own",
-            path.display()
-        ))),
-    };
-    let (text_dir, tokenizer_dir) = match &text_encoder {
-        Some(dir) => (dir.clone(), tokenizer_folder(dir)),
-        None => (pipeline_part("text_encoder")?, pipeline_part("tokenizer")?),
-    };
-    let vae_path = match vae_path {
-        Some(vae) => vae,
-        None => pipeline_part("vae")?,
-    };
+    let Parts {
+        text_dir,
+        tokenizer_dir,
+        vae: vae_path,
+    } = Parts::of(path, text_encoder, vae_path)?;
     let inputs = [
         Some(path),
         Some(data),
@@ -719,15 +933,7 @@ pub fn run(
         None => None,
     };
     let vae = crate::models::vae::load(&vae_path, crate::models::vae::Half::Encoder)?;
-    if 4 * vae.config.latent_channels != flux.in_channels {
-        return Err(Error::Invalid(format!(
-            "{}: the VAE's {} latent channels make tokens of {}, and the transformer reads {}",
-            vae_path.display(),
-            vae.config.latent_channels,
-            4 * vae.config.latent_channels,
-            flux.in_channels
-        )));
-    }
+    check_latent_channels(&vae, &vae_path, &flux)?;
     let tokens = |side: usize| (side / 16) * (side / 16);
     let captions: std::collections::HashSet<&str> = examples
         .iter()
