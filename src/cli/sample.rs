@@ -126,26 +126,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let images = nibble::train::flux2::sample(spec, gpu.as_ref(), &mut progress)?;
     for (image, path) in images.iter().zip(&paths) {
-        write_png(image, path)?;
+        image.write_png(path)?;
         eprintln!("wrote {}", path.display());
     }
-    Ok(())
-}
-
-/// The image's 8-bit RGB pixels as a PNG, written whole or not at all.
-fn write_png(image: &nibble::models::vae::Image, path: &Path) -> Result<()> {
-    use image::ImageEncoder;
-    let bytes = image.bytes();
-    nibble::fsutil::write_atomically(path, |tmp| {
-        let file = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        image::codecs::png::PngEncoder::new(file)
-            .write_image(
-                &bytes,
-                image.width as u32,
-                image.height as u32,
-                image::ExtendedColorType::Rgb8,
-            )
-            .map_err(std::io::Error::other)
-    })?;
     Ok(())
 }

@@ -82,8 +82,6 @@ fn train_klein(
             "early-stopping-patience",
             settings.early_stopping_patience.is_some(),
         ),
-        ("sample-prompts", settings.sample_prompts.is_some()),
-        ("sample-steps", settings.sample_steps.is_some()),
         ("chat-template", settings.chat_template.is_some()),
         ("eos-token", settings.eos_token.is_some()),
         ("truncation-mode", settings.truncation_mode.is_some()),

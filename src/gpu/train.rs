@@ -33,7 +33,7 @@ pub enum BaseModel<'a> {
 }
 
 impl GpuBase {
-    fn weights(&self) -> &GpuWeights {
+    pub(crate) fn weights(&self) -> &GpuWeights {
         match self {
             GpuBase::Decoder(m) => m,
             GpuBase::Weights(w) => w,
@@ -273,6 +273,11 @@ impl GpuTrainState {
     }
 
     /// The adapters' device copies.
+    /// The frozen weights as uploaded.
+    pub fn frozen(&self) -> &GpuWeights {
+        self.base.weights()
+    }
+
     pub fn params(&self) -> &GpuLora {
         &self.params
     }

@@ -595,6 +595,24 @@ impl Image {
             .map(|v| (v * 255.0).round_ties_even() as u8)
             .collect()
     }
+
+    /// The 8-bit RGB pixels as a PNG, written whole or not at all.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn write_png(&self, path: &std::path::Path) -> Result<()> {
+        use image::ImageEncoder;
+        let bytes = self.bytes();
+        crate::fsutil::write_atomically(path, |tmp| {
+            let file = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+            image::codecs::png::PngEncoder::new(file)
+                .write_image(
+                    &bytes,
+                    self.width as u32,
+                    self.height as u32,
+                    image::ExtendedColorType::Rgb8,
+                )
+                .map_err(std::io::Error::other)
+        })
+    }
 }
 
 /// The image of latent `tokens` [rows · cols, 4 · latent channels] (as the transformer denoises them:

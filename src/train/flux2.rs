@@ -292,6 +292,84 @@ impl ImageWork<'_> {
     }
 }
 
+/// Denoising steps and guidance of the images a run samples as it goes (`--sample-prompts`), as
+/// ai-toolkit's sample settings commonly have them; `nibble sample` takes any.
+pub const SAMPLE_DENOISE_STEPS: usize = 20;
+pub const SAMPLE_GUIDANCE: f32 = 4.0;
+
+/// Where an image run's sample `k` (from 0) of `step` goes in its folder: `sample-STEP-K.png`.
+pub fn sample_image_name(step: usize, k: usize) -> String {
+    format!("sample-{step}-{}.png", k + 1)
+}
+
+/// Whether `name` is one of `sample_image_name`'s.
+pub fn is_sample_image(name: &str) -> bool {
+    let numbers = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("sample-")
+        .and_then(|n| n.strip_suffix(".png"))
+        .and_then(|n| n.split_once('-'))
+        .is_some_and(|(step, k)| numbers(step) && numbers(k))
+}
+
+/// The images an image run samples as it goes: its prompts' features and the empty prompt's, the
+/// VAE's decoder, the scheduler, at the run's resolution, each prompt from the same noise every time
+/// (the run's seed + k) so that the images show what training changed.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct ImageSamples {
+    pub prompts: Vec<String>,
+    pub features: Vec<std::sync::Arc<Vec<f32>>>,
+    pub vae: crate::models::vae::Vae,
+    pub scheduler: crate::models::flux2_sampler::FlowScheduler,
+    pub resolution: usize,
+    pub seed: u64,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ImageSamples {
+    /// Each prompt's image with the adapter as it is at `step` (the transformer on the run's
+    /// executor, the decoder on the CPU: the GPU holds the run), as PNGs in `dir`; the paths.
+    pub fn draw(
+        &self,
+        (work, executor, adapter): (&ImageWork, crate::exec::Forward, crate::exec::AdapterCopies),
+        step: usize,
+        dir: &std::path::Path,
+    ) -> Result<Vec<std::path::PathBuf>> {
+        use crate::models::flux2_sampler::{SampleSpec, denoise};
+        let side = self.resolution / 16;
+        let channels = work.model.config.in_channels;
+        let sigmas = self.scheduler.sigmas(SAMPLE_DENOISE_STEPS, side * side);
+        let mut written = Vec::new();
+        for (k, text) in self.features.iter().enumerate() {
+            let mut rng = Rng::new(self.seed.wrapping_add(k as u64));
+            let noise = (0..side * side * channels)
+                .map(|_| rng.normal() as f32)
+                .collect();
+            let spec = SampleSpec {
+                text,
+                negative: &work.empty_caption,
+                rows: side,
+                cols: side,
+                noise,
+                sigmas: &sigmas,
+                train_timesteps: self.scheduler.num_train_timesteps,
+                guidance: SAMPLE_GUIDANCE,
+            };
+            let latents = denoise(
+                &work.model,
+                (executor, Some(adapter)),
+                spec,
+                &mut |_| Ok(()),
+            )?;
+            let cpu = crate::exec::Forward::Cpu(crate::ops::Precision::F32);
+            let image = crate::models::vae::decode(&self.vae, cpu, &latents, (side, side))?;
+            let path = dir.join(sample_image_name(step, k));
+            image.write_png(&path)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
 /// The key prefix of LoRA files for the FLUX.2 transformer that ComfyUI, ai-toolkit and diffusers'
 /// Flux2 loader read.
 const KEY_PREFIX: &str = "diffusion_model.";
@@ -934,6 +1012,17 @@ pub fn run(
     };
     let vae = crate::models::vae::load(&vae_path, crate::models::vae::Half::Encoder)?;
     check_latent_channels(&vae, &vae_path, &flux)?;
+    let sample_prompts = options.sample_prompts.clone();
+    let sample_decoder = match sample_prompts.is_empty() {
+        true => None,
+        false => Some(crate::models::vae::load(
+            &vae_path,
+            crate::models::vae::Half::Decoder,
+        )?),
+    };
+    let scheduler = crate::models::flux2_sampler::FlowScheduler::of_pipeline(
+        flux2::pipeline_folder(path).as_deref(),
+    )?;
     let tokens = |side: usize| (side / 16) * (side / 16);
     let captions: std::collections::HashSet<&str> = examples
         .iter()
@@ -977,15 +1066,19 @@ pub fn run(
         },
         None => None,
     };
-    let (empty_caption, features) = caption_features(
+    let (empty_caption, mut features) = caption_features(
         (&text_dir, &tokenizer_dir),
         &flux,
-        examples.iter().map(|e| e.caption.as_str()),
+        examples
+            .iter()
+            .map(|e| e.caption.as_str())
+            .chain(sample_prompts.iter().map(String::as_str)),
         (text_tokens, config.precision),
         cache.as_ref(),
         (gpu, options.gpu_memory),
         &mut || observer.stop_requested(),
     )?;
+    let sample_features = features.split_off(examples.len());
     // Latents (on the GPU when the run trains there, uploaded only when some image misses the
     // cache), then the VAE is released.
     use crate::train::feature_cache::{file_digest, model_digest};
@@ -1094,8 +1187,19 @@ pub fn run(
         "text_tokens": text_tokens,
     });
     let label = path.display().to_string();
-    let run =
+    let seed = config.seed;
+    let mut run =
         crate::train::run::Run::prepare_images(work, &label, config, options, image_options, init)?;
+    if let Some(vae) = sample_decoder {
+        run.sample_images_with(ImageSamples {
+            prompts: sample_prompts,
+            features: sample_features,
+            vae,
+            scheduler,
+            resolution,
+            seed,
+        });
+    }
     run.launch(gpu, folder, output, observer)
 }
 

@@ -76,8 +76,10 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
         .strip_prefix('.')
         .and_then(|n| n.rsplit_once(".tmp-"))
         .is_some_and(|(file, pid)| {
-            let ours =
-                RUN_FILES.contains(&file) || (TOKENIZER_FILES.contains(&file) && holds_a_run(dir));
+            let ours = RUN_FILES.contains(&file)
+                || ((TOKENIZER_FILES.contains(&file)
+                    || crate::train::flux2::is_sample_image(file))
+                    && holds_a_run(dir));
             ours && pid.bytes().all(|b| b.is_ascii_digit())
         });
     let temporary_checkpoint = name
@@ -87,7 +89,9 @@ fn is_run_entry(dir: &Path, name: &str) -> bool {
     let set_aside = name
         .strip_prefix(ASIDE_PREFIX)
         .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+    let sample_image = crate::train::flux2::is_sample_image(name) && holds_a_run(dir);
     (RUN_FILES.contains(&name) && nibble_wrote(dir, name))
+        || sample_image
         || (TOKENIZER_FILES.contains(&name) && holds_a_run(dir))
         || crate::train::tensorboard::is_event_file(name)
         || set_aside

@@ -1149,6 +1149,33 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// An image run's transformer where its steps run, with the adapter as it is (on the GPU, its
+    /// device copy): what sampling an image during the run takes. None for language models.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn image_forward(
+        &self,
+    ) -> Option<(
+        &flux2::ImageWork<'_>,
+        exec::Forward<'_>,
+        exec::AdapterCopies<'_>,
+    )> {
+        let Work::Image(work) = &self.work else {
+            return None;
+        };
+        Some(match &self.gpu {
+            Some((gpu, state)) => (
+                work,
+                exec::Forward::Gpu(gpu, state.frozen()),
+                (&self.adapter, Some(state.params())),
+            ),
+            None => (
+                work,
+                exec::Forward::Cpu(self.config.precision),
+                (&self.adapter, None),
+            ),
+        })
+    }
+
     pub fn on_gpu(&self) -> bool {
         self.gpu.is_some()
     }

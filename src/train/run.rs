@@ -184,6 +184,9 @@ pub struct Run<'m> {
     stopped_early: bool,
     /// The tokenizer that renders `options.sample_prompts`.
     sample_tokenizer: Option<ChatTokenizer>,
+    /// What an image run's `options.sample_prompts` are drawn with.
+    #[cfg(not(target_arch = "wasm32"))]
+    image_samples: Option<crate::train::flux2::ImageSamples>,
     /// Whether the step-0 validation `options.eval_on_start` asks for is behind.
     validated_at_start: bool,
 }
@@ -450,6 +453,8 @@ impl<'m> Run<'m> {
             validations_since_best: 0,
             stopped_early: false,
             sample_tokenizer: None,
+            #[cfg(not(target_arch = "wasm32"))]
+            image_samples: None,
             validated_at_start: false,
         }
     }
@@ -457,6 +462,38 @@ impl<'m> Run<'m> {
     /// The tokenizer for `--sample-prompts`, without which none are answered.
     pub fn sample_with(&mut self, tokenizer: ChatTokenizer) {
         self.sample_tokenizer = Some(tokenizer);
+    }
+
+    /// What an image run draws its `--sample-prompts` with, without which it draws none.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn sample_images_with(&mut self, samples: crate::train::flux2::ImageSamples) {
+        self.image_samples = Some(samples);
+    }
+
+    /// An image run's samples at `step`: PNGs in the run's folder, a line each in samples.jsonl.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn write_image_samples(&mut self, step: usize) -> Result<Option<String>> {
+        let (Some(samples), Some(out)) = (&self.image_samples, &self.output) else {
+            return Ok(None);
+        };
+        let Some(forward) = self.trainer.image_forward() else {
+            return Ok(None);
+        };
+        let started = std::time::Instant::now();
+        let paths = samples.draw(forward, step, &out.dir)?;
+        let mut lines = String::new();
+        for (prompt, path) in samples.prompts.iter().zip(&paths) {
+            let image = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            lines.push_str(&json!({"step": step, "prompt": prompt, "image": image}).to_string());
+            lines.push('\n');
+        }
+        log::info!(
+            "samples at step {step}: {} images in {:.1} s ({})",
+            paths.len(),
+            started.elapsed().as_secs_f64(),
+            crate::train::flux2::sample_image_name(step, 0)
+        );
+        Ok(Some(lines))
     }
 
     /// Gives a run set up without an output folder its folder: resumes from `options.resume` when
@@ -656,12 +693,17 @@ impl<'m> Run<'m> {
 
     /// Answers each sample prompt with the adapter as it is at `step`: into the log and samples.jsonl.
     async fn write_samples(&mut self, step: usize) -> Result<()> {
-        let Some(tok) = &self.sample_tokenizer else {
-            return Ok(());
-        };
         if self.options.sample_prompts.is_empty() {
             return Ok(());
         }
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.image_samples.is_some() {
+            let lines = self.write_image_samples(step)?;
+            return self.append_samples(lines.unwrap_or_default());
+        }
+        let Some(tok) = &self.sample_tokenizer else {
+            return Ok(());
+        };
         let Some(executor) = self.trainer.executor() else {
             return Ok(());
         };
@@ -674,6 +716,11 @@ impl<'m> Run<'m> {
             lines.push_str(&json!({"step": step, "prompt": prompt, "answer": answer}).to_string());
             lines.push('\n');
         }
+        self.append_samples(lines)
+    }
+
+    /// Adds `lines` to the run folder's samples.jsonl.
+    fn append_samples(&self, lines: String) -> Result<()> {
         if let Some(out) = &self.output {
             let path = out.dir.join(SAMPLES_FILE);
             let mut file = std::fs::OpenOptions::new()
