@@ -137,6 +137,13 @@ impl FlowScheduler {
     }
 }
 
+/// The starting noise of a sample: `len` standard normal values drawn from `seed` (nibble's own
+/// generator; torch's differs, so a seed gives other images than diffusers').
+pub fn seeded_noise(seed: u64, len: usize) -> Vec<f32> {
+    let mut rng = crate::rng::Rng::new(seed);
+    (0..len).map(|_| rng.normal() as f32).collect()
+}
+
 /// What a sample is made of besides the model: the prompt's features and, for guidance, the empty
 /// prompt's (both [text tokens, text width]), the token grid, the starting noise, the scheduler's
 /// sigmas with its training timesteps, and the guidance scale.

@@ -334,16 +334,13 @@ impl ImageSamples {
         step: usize,
         dir: &std::path::Path,
     ) -> Result<Vec<std::path::PathBuf>> {
-        use crate::models::flux2_sampler::{SampleSpec, denoise};
+        use crate::models::flux2_sampler::{SampleSpec, denoise, seeded_noise};
         let side = self.resolution / 16;
         let channels = work.model.config.in_channels;
         let sigmas = self.scheduler.sigmas(SAMPLE_DENOISE_STEPS, side * side);
         let mut written = Vec::new();
         for (k, text) in self.features.iter().enumerate() {
-            let mut rng = Rng::new(self.seed.wrapping_add(k as u64));
-            let noise = (0..side * side * channels)
-                .map(|_| rng.normal() as f32)
-                .collect();
+            let noise = seeded_noise(self.seed.wrapping_add(k as u64), side * side * channels);
             let spec = SampleSpec {
                 text,
                 negative: &work.empty_caption,
@@ -818,7 +815,7 @@ pub fn sample(
     progress: &mut dyn FnMut(usize, usize) -> Result<()>,
 ) -> Result<Vec<crate::models::vae::Image>> {
     use crate::exec::Forward;
-    use crate::models::flux2_sampler::{FlowScheduler, SampleSpec, denoise};
+    use crate::models::flux2_sampler::{FlowScheduler, SampleSpec, denoise, seeded_noise};
     let SampleRunSpec {
         model: path,
         lora,
@@ -917,10 +914,7 @@ pub fn sample(
         .map(|a| (a, on_gpu.as_ref().and_then(|(_, _, lora)| lora.as_ref())));
     let mut latents = Vec::with_capacity(prompts.len());
     for (k, text) in features.iter().enumerate() {
-        let mut rng = crate::rng::Rng::new(seed.wrapping_add(k as u64));
-        let noise = (0..rows * cols * flux.in_channels)
-            .map(|_| rng.normal() as f32)
-            .collect();
+        let noise = seeded_noise(seed.wrapping_add(k as u64), rows * cols * flux.in_channels);
         let spec = SampleSpec {
             text,
             negative: &empty,
