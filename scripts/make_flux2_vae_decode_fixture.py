@@ -1,16 +1,17 @@
 """Writes tests/fixtures/flux2/tiny_vae_decode_expected.safetensors: the FLUX.2 VAE *decoder* path, as diffusers
 (0.42.x) Flux2KleinPipeline turns the denoised latent tokens into an image, on the tiny VAE of
-tests/fixtures/flux2/tiny_vae/ (written by scripts/make_flux2_vae_fixture.py; decoder widths (16, 16, 16, 16),
-GroupNorm of 8 groups, 2 resnets per encoder level, so 3 per decoder level).
+tests/fixtures/flux2/tiny_vae/ (written by scripts/make_flux2_vae_fixture.py; decoder widths (8, 16, 16, 32),
+narrower than the encoder's and unequal, so that the levels' order and the resnets' 1x1 shortcuts count; GroupNorm
+of 8 groups, 2 resnets per encoder level, so 3 per decoder level).
 
 Tensors (float32, batch dimension dropped):
   tokens        (6, 128)     random packed latent tokens (what the sampler ends with), a 3 x 2 token grid
   latents       (32, 6, 4)   after Flux2KleinPipeline's own steps: _unpack_latents_with_ids, x * sqrt(running_var +
                              batch_norm_eps) + running_mean, _unpatchify_latents
   post_quant    (32, 6, 4)   post_quant_conv (1x1)
-  conv_in       (16, 6, 4)   decoder.conv_in
-  mid           (16, 6, 4)   decoder.mid_block (resnet, attention, resnet)
-  up0 .. up3    (16, 12, 8), (16, 24, 16), (16, 48, 32), (16, 48, 32)
+  conv_in       (32, 6, 4)   decoder.conv_in
+  mid           (32, 6, 4)   decoder.mid_block (resnet, attention, resnet)
+  up0 .. up3    (32, 12, 8), (16, 24, 16), (16, 48, 32), (8, 48, 32)
                              the outputs of decoder.up_blocks.i: 3 resnets, then (i < 3) nearest 2x enlargement and a
                              3x3 convolution (upsamplers.0.conv)
   decoded       (3, 48, 32)  vae.decode(...): conv_norm_out (GroupNorm), SiLU, conv_out

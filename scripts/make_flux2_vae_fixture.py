@@ -34,9 +34,11 @@ Tiny config (the real FLUX.2 / klein VAE in brackets; its config has norm_num_gr
                                                   8 gives 4 / 8 channels per group (the real model: 4 .. 16).
   layers_per_block 2, latent_channels 32, in_channels 3, mid_block_add_attention True, use_quant_conv True,
   batch_norm_eps 1e-4, patch_size (2, 2)      [all as real]
-  decoder_block_out_channels (16, 16, 16, 16)   [None = encoder widths; some FLUX.2 VAE variants ship a smaller
-                                                  decoder (96, 192, 384, 384)]. The decoder is not used here; it is
-                                                  only shrunk to keep the file small.
+  decoder_block_out_channels (8, 16, 16, 32)    [None = encoder widths; some FLUX.2 VAE variants ship a smaller
+                                                  decoder (96, 192, 384, 384)]. Narrow to keep the file small, and
+                                                  unequal so that scripts/make_flux2_vae_decode_fixture.py checks the
+                                                  decoder's level order and its resnets' 1x1 shortcuts (32 -> 16 ->
+                                                  8, as the real decoder's 512 -> 256 -> 128).
 Weights: conv/linear weight randn / sqrt(fan_in), biases 0.1 * randn, GroupNorm weight 1 + 0.1 * randn and bias
 0.1 * randn, bn.running_mean 0.3 * randn, bn.running_var exp(0.5 * randn) (positive); all rounded to bf16.
 
@@ -111,7 +113,7 @@ CONFIG = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(32, 32, 64, 64),
-    decoder_block_out_channels=(16, 16, 16, 16),
+    decoder_block_out_channels=(8, 16, 16, 32),
     layers_per_block=2,
     act_fn="silu",
     latent_channels=32,

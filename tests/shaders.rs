@@ -311,6 +311,7 @@ fn every_uniform_struct_matches_its_wgsl_twin() {
             chunk: chunk as u32,
             eps: eps as f32,
             silu: silu as u32,
+            upsample: upsample as u32,
         }),
     ));
     cases.push((

@@ -2,7 +2,6 @@
 //! Flux2KleinPipeline samples them.
 
 use anyhow::{Context, Result, bail};
-use nibble::exec::Device;
 use nibble::model::{QuantChoice, QuantRequest};
 use std::path::{Path, PathBuf};
 
@@ -30,7 +29,8 @@ pub struct Args {
     /// Image height in pixels, a multiple of 16.
     #[arg(long, default_value_t = 1024)]
     height: usize,
-    /// Denoising steps (the pipeline's default; the distilled klein models take 4).
+    /// Denoising steps (the pipeline's default; the step-distilled klein models take 4, and sample
+    /// without guidance whatever --guidance says, as diffusers does).
     #[arg(long, default_value_t = 50)]
     steps: usize,
     /// Classifier-free guidance scale against the empty prompt (1 or less: none, one transformer
@@ -46,9 +46,8 @@ pub struct Args {
     /// Weights per 4-bit scale: 32, 64 or 128.
     #[arg(long, default_value_t = 128)]
     group_size: usize,
-    /// Where it runs: `auto` takes a real GPU when one is present.
-    #[arg(long, value_enum, ignore_case = true, default_value = "auto")]
-    device: Device,
+    #[command(flatten)]
+    exec: super::ExecArgs,
     /// The Qwen3 text encoder folder (with its tokenizer), where not the pipeline's.
     #[arg(long)]
     text_encoder: Option<PathBuf>,
@@ -97,7 +96,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(QuantRequest::Quantize(spec)) => Some(spec),
         _ => None,
     };
-    let gpu = args.device.open()?;
+    let gpu = args.exec.device.open()?;
     let spec = nibble::train::flux2::SampleRunSpec {
         model: &args.model,
         lora: args.lora.as_deref(),
@@ -108,7 +107,7 @@ pub fn run(args: Args) -> Result<()> {
         guidance: args.guidance,
         seed: args.seed,
         quant,
-        precision: nibble::ops::Precision::F32,
+        precision: args.exec.precision.cpu(),
         text_encoder: args.text_encoder.clone(),
         vae: args.vae.clone(),
     };
@@ -124,10 +123,11 @@ pub fn run(args: Args) -> Result<()> {
         }
         Ok(())
     };
-    let images = nibble::train::flux2::sample(spec, gpu.as_ref(), &mut progress)?;
-    for (image, path) in images.iter().zip(&paths) {
-        image.write_png(path)?;
-        eprintln!("wrote {}", path.display());
-    }
+    let mut write = |k: usize, image: nibble::models::vae::Image| {
+        image.write_png(&paths[k])?;
+        eprintln!("wrote {}", paths[k].display());
+        Ok(())
+    };
+    nibble::train::flux2::sample(spec, gpu.as_ref(), &mut progress, &mut write)?;
     Ok(())
 }

@@ -73,23 +73,24 @@ fn check_activation_bindings(gpu: &Gpu, c: &ModelConfig, tokens: usize) -> Resul
 /// length that fits).
 fn check_buffer_bindings(gpu: &Gpu, graph: &Graph, tokens: usize) -> Result<()> {
     let limit = gpu.device_binding_limit();
-    let Some(widest) = graph
+    let Some((name, bytes)) = widest_binding(graph).filter(|(_, bytes)| *bytes > limit) else {
+        return Ok(());
+    };
+    Err(Error::Invalid(format!(
+        "a step of {tokens} tokens needs a buffer of {bytes} bytes ({name}), over this GPU's \
+         storage binding limit of {limit} bytes: use a shorter input or the CPU executor (--device \
+         cpu)"
+    )))
+}
+
+/// The largest buffer the GPU binds to run `graph`: its name and bytes.
+pub fn widest_binding(graph: &Graph) -> Option<(&str, u64)> {
+    graph
         .bufs
         .iter()
         .filter(|b| b.role.is_transient() && !b.role.in_host_memory())
         .max_by_key(|b| b.len)
-    else {
-        return Ok(());
-    };
-    let bytes = widest.len as u64 * 4;
-    if bytes <= limit {
-        return Ok(());
-    }
-    Err(Error::Invalid(format!(
-        "a step of {tokens} tokens needs a buffer of {bytes} bytes ({}), over this GPU's storage \
-         binding limit of {limit} bytes: use a shorter input or the CPU executor (--device cpu)",
-        widest.name
-    )))
+        .map(|b| (b.name.as_str(), b.len as u64 * 4))
 }
 
 /// How one sequence's step is recorded.

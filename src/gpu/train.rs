@@ -272,12 +272,12 @@ impl GpuTrainState {
         Ok((values, norm))
     }
 
-    /// The adapters' device copies.
     /// The frozen weights as uploaded.
     pub fn frozen(&self) -> &GpuWeights {
         self.base.weights()
     }
 
+    /// The adapters' device copies.
     pub fn params(&self) -> &GpuLora {
         &self.params
     }

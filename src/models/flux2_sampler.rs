@@ -7,8 +7,9 @@
 use crate::error::{Error, Result};
 use serde::Deserialize;
 
-/// The scheduler's settings (scheduler/scheduler_config.json); what klein pipelines ship is the
-/// default. Settings nibble does not implement are refused by name.
+/// The scheduler's settings (scheduler/scheduler_config.json, its fields defaulting as diffusers'
+/// class defaults them; `klein()` where a pipeline has none). Settings nibble does not implement are
+/// refused by name.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct FlowScheduler {
@@ -22,14 +23,17 @@ pub struct FlowScheduler {
     pub use_beta_sigmas: bool,
     pub invert_sigmas: bool,
     pub stochastic_sampling: bool,
+    /// Other schedulers' switch, which makes the pipeline drop its sigmas.
+    pub use_flow_sigmas: bool,
 }
 
 impl Default for FlowScheduler {
+    /// FlowMatchEulerDiscreteScheduler's own defaults.
     fn default() -> Self {
         FlowScheduler {
             num_train_timesteps: 1000,
-            shift: 3.0,
-            use_dynamic_shifting: true,
+            shift: 1.0,
+            use_dynamic_shifting: false,
             time_shift_type: "exponential".into(),
             shift_terminal: None,
             use_karras_sigmas: false,
@@ -37,6 +41,7 @@ impl Default for FlowScheduler {
             use_beta_sigmas: false,
             invert_sigmas: false,
             stochastic_sampling: false,
+            use_flow_sigmas: false,
         }
     }
 }
@@ -57,6 +62,15 @@ pub fn empirical_mu(image_tokens: usize, steps: usize) -> f64 {
 }
 
 impl FlowScheduler {
+    /// What FLUX.2 [klein] pipelines ship: dynamic shifting, shift 3.
+    pub fn klein() -> Self {
+        FlowScheduler {
+            shift: 3.0,
+            use_dynamic_shifting: true,
+            ..Self::default()
+        }
+    }
+
     /// The pipeline's scheduler: `scheduler/scheduler_config.json` in `pipeline` where it exists,
     /// else klein's.
     #[cfg(not(target_arch = "wasm32"))]
@@ -65,7 +79,7 @@ impl FlowScheduler {
             .map(|p| p.join("scheduler/scheduler_config.json"))
             .filter(|p| p.is_file())
         else {
-            return Ok(Self::default());
+            return Ok(Self::klein());
         };
         let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let scheduler: FlowScheduler = serde_json::from_str(&text).map_err(|e| Error::Config {
@@ -87,6 +101,7 @@ impl FlowScheduler {
             ("invert_sigmas", self.invert_sigmas),
             ("stochastic_sampling", self.stochastic_sampling),
             ("shift_terminal", self.shift_terminal.is_some()),
+            ("use_flow_sigmas", self.use_flow_sigmas),
         ];
         if let Some((name, _)) = unsupported.iter().find(|(_, on)| *on) {
             return Err(format!(
@@ -251,5 +266,32 @@ mod tests {
         assert!((empirical_mu(9216, 28) - 2.016_658_98).abs() < 1e-12);
         // Past 4300 tokens only the token count matters.
         assert_eq!(empirical_mu(9216, 28), empirical_mu(9216, 4));
+    }
+
+    /// A scheduler config's missing fields take diffusers' class defaults (shift 1, no dynamic
+    /// shifting: the plain linspace), klein's own is what `klein()` says, and settings nibble does
+    /// not implement are refused by name.
+    #[test]
+    fn scheduler_configs_read_as_diffusers_reads_them() {
+        let bare: FlowScheduler = serde_json::from_str("{}").unwrap();
+        assert_eq!(bare.sigmas(4, 4096), [1.0, 0.75, 0.5, 0.25, 0.0]);
+        let shipped = r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+            "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+            "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": true}"#;
+        let shipped: FlowScheduler = serde_json::from_str(shipped).unwrap();
+        assert_eq!(shipped, FlowScheduler::klein());
+        assert!(shipped.check().is_ok());
+        for (field, value) in [
+            ("use_karras_sigmas", "true"),
+            ("stochastic_sampling", "true"),
+            ("shift_terminal", "0.02"),
+            ("use_flow_sigmas", "true"),
+            ("time_shift_type", "\"cosine\""),
+        ] {
+            let config: FlowScheduler =
+                serde_json::from_str(&format!("{{\"{field}\": {value}}}")).unwrap();
+            let e = config.check().unwrap_err();
+            assert!(e.contains(field), "{e}");
+        }
     }
 }

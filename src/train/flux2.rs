@@ -322,17 +322,21 @@ pub struct ImageSamples {
     pub scheduler: crate::models::flux2_sampler::FlowScheduler,
     pub resolution: usize,
     pub seed: u64,
+    /// `SAMPLE_GUIDANCE`, or none for a distilled transformer.
+    pub guidance: f32,
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 impl ImageSamples {
     /// Each prompt's image with the adapter as it is at `step` (the transformer on the run's
     /// executor, the decoder on the CPU: the GPU holds the run), as PNGs in `dir`; the paths.
+    /// `stop_requested` ends the drawing between denoising steps (Ctrl-C).
     pub fn draw(
         &self,
         (work, executor, adapter): (&ImageWork, crate::exec::Forward, crate::exec::AdapterCopies),
         step: usize,
         dir: &std::path::Path,
+        stop_requested: &mut dyn FnMut() -> bool,
     ) -> Result<Vec<std::path::PathBuf>> {
         use crate::models::flux2_sampler::{SampleSpec, denoise, seeded_noise};
         let side = self.resolution / 16;
@@ -349,14 +353,13 @@ impl ImageSamples {
                 noise,
                 sigmas: &sigmas,
                 train_timesteps: self.scheduler.num_train_timesteps,
-                guidance: SAMPLE_GUIDANCE,
+                guidance: self.guidance,
             };
-            let latents = denoise(
-                &work.model,
-                (executor, Some(adapter)),
-                spec,
-                &mut |_| Ok(()),
-            )?;
+            let mut progress = |_| match stop_requested() {
+                true => Err(Error::Interrupted("stopped while drawing samples".into())),
+                false => Ok(()),
+            };
+            let latents = denoise(&work.model, (executor, Some(adapter)), spec, &mut progress)?;
             let cpu = crate::exec::Forward::Cpu(crate::ops::Precision::F32);
             let image = crate::models::vae::decode(&self.vae, cpu, &latents, (side, side))?;
             let path = dir.join(sample_image_name(step, k));
@@ -784,6 +787,45 @@ impl Parts {
     }
 }
 
+/// Whether the pipeline around `path` says its transformer is step-distilled (`is_distilled` in
+/// model_index.json): Flux2KleinPipeline then samples without guidance whatever scale it is given.
+#[cfg(not(target_arch = "wasm32"))]
+fn is_distilled(path: &std::path::Path) -> Result<bool> {
+    let Some(index) = flux2::pipeline_folder(path).map(|p| p.join("model_index.json")) else {
+        return Ok(false);
+    };
+    let text = crate::fsutil::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: index.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    Ok(value
+        .get("is_distilled")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false))
+}
+
+/// The guidance a pipeline samples with: none for a distilled transformer, as diffusers ignores it.
+#[cfg(not(target_arch = "wasm32"))]
+fn effective_guidance(path: &std::path::Path, guidance: f32) -> Result<f32> {
+    if guidance > 1.0 && is_distilled(path)? {
+        log::warn!(
+            "{}: the pipeline is step-distilled (is_distilled): sampling without guidance, as \
+             diffusers does, instead of {guidance}",
+            path.display()
+        );
+        return Ok(1.0);
+    }
+    Ok(guidance)
+}
+
+/// What decoding a `rows` x `cols` token grid holds at once: the decoder's weights and its buffers.
+#[cfg(not(target_arch = "wasm32"))]
+fn decoder_bytes(vae: &crate::models::vae::Vae, (rows, cols): (usize, usize)) -> u64 {
+    let graph = crate::models::vae::decoder_graph(&vae.config, 2 * rows, 2 * cols);
+    crate::model::FrozenWeights::tensor_bytes(vae) + crate::graph::pool::device_step_bytes(&graph)
+}
+
 /// Images to sample from a klein pipeline (`nibble sample`).
 #[cfg(not(target_arch = "wasm32"))]
 pub struct SampleRunSpec<'a> {
@@ -804,16 +846,18 @@ pub struct SampleRunSpec<'a> {
 }
 
 /// Samples one image per prompt as Flux2KleinPipeline does (its scheduler, classifier-free guidance
-/// against the empty prompt above a guidance of 1): the prompts' features (the text encoder, then
-/// released), the denoised latents (the transformer with the LoRA, then released), then the VAE's
-/// decoder. On `gpu` when given, else the CPU executor; `progress` hears (prompt, step) and may
-/// stop the run with an error.
+/// against the empty prompt above a guidance of 1, none for a distilled transformer): the prompts'
+/// features (the text encoder, then released), the denoised latents (the transformer with the LoRA,
+/// then released), then the VAE's decoder (read first, to refuse a wrong file early), each image
+/// handed to `deliver` as it is decoded. On `gpu` when given, else the CPU executor; `progress`
+/// hears (prompt, step) and may stop the run with an error.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn sample(
     spec: SampleRunSpec,
     gpu: Option<&crate::gpu::Gpu>,
     progress: &mut dyn FnMut(usize, usize) -> Result<()>,
-) -> Result<Vec<crate::models::vae::Image>> {
+    deliver: &mut dyn FnMut(usize, crate::models::vae::Image) -> Result<()>,
+) -> Result<()> {
     use crate::exec::Forward;
     use crate::models::flux2_sampler::{FlowScheduler, SampleSpec, denoise, seeded_noise};
     let SampleRunSpec {
@@ -853,6 +897,7 @@ pub fn sample(
     }
     let parts = Parts::of(path, text_encoder, vae)?;
     let scheduler = FlowScheduler::of_pipeline(flux2::pipeline_folder(path).as_deref())?;
+    let guidance = effective_guidance(path, guidance)?;
     let adapter = lora.map(|file| read_lora(file, &flux)).transpose()?;
     // The decoder (a tenth of the transformer's size) is read first: a wrong file is refused
     // before the text encoder and the transformer run.
@@ -872,16 +917,34 @@ pub fn sample(
     };
     let planned = flux2::plan(&flux, quant, (rank, &targets), step)?;
     let what = format!("sampling {width}x{height} images");
+    // The decoder runs after the transformer is released, at the image's full size.
+    let decoding = format!("decoding a {width}x{height} image");
+    let decoder_needs = decoder_bytes(&vae, (rows, cols));
+    let advice = "; a smaller image or a 4-bit --quant needs less";
     match gpu {
         Some(gpu) => {
-            let advice = "; a smaller image or a 4-bit --quant needs less";
             gpu.check_fits(&what, planned.total, None, advice)?;
+            let graph = crate::models::vae::decoder_graph(&vae.config, 2 * rows, 2 * cols);
+            let limit = gpu.device_binding_limit();
+            if let Some((name, bytes)) =
+                crate::exec::gpu::widest_binding(&graph).filter(|(_, bytes)| *bytes > limit)
+            {
+                return Err(Error::Invalid(format!(
+                    "{decoding} needs a buffer of {bytes} bytes ({name}), over this GPU's storage \
+                     binding limit of {limit} bytes: a smaller image, or --device cpu"
+                )));
+            }
+            gpu.check_fits(
+                &decoding,
+                decoder_needs,
+                None,
+                "; a smaller image needs less",
+            )?;
         }
-        None => crate::alloc::check_fits(
-            &what,
-            planned.cpu_total(),
-            "; a smaller image or a 4-bit --quant needs less",
-        )?,
+        None => {
+            crate::alloc::check_fits(&what, planned.cpu_total(), advice)?;
+            crate::alloc::check_fits(&decoding, decoder_needs, "; a smaller image needs less")?;
+        }
     }
     let (empty, features) = caption_features(
         (&parts.text_dir, &parts.tokenizer_dir),
@@ -942,10 +1005,13 @@ pub fn sample(
         Some((gpu, weights)) => Forward::Gpu(gpu, weights),
         None => Forward::Cpu(crate::ops::Precision::F32),
     };
-    latents
-        .iter()
-        .map(|l| crate::models::vae::decode(&vae, decoder, l, (rows, cols)))
-        .collect()
+    for (k, l) in latents.iter().enumerate() {
+        deliver(
+            k,
+            crate::models::vae::decode(&vae, decoder, l, (rows, cols))?,
+        )?;
+    }
+    Ok(())
 }
 
 /// Trains a klein LoRA: caption features (the text encoder, then released), image latents (the VAE,
@@ -1017,6 +1083,15 @@ pub fn run(
     let scheduler = crate::models::flux2_sampler::FlowScheduler::of_pipeline(
         flux2::pipeline_folder(path).as_deref(),
     )?;
+    let sample_guidance = match sample_decoder {
+        Some(_) => effective_guidance(path, SAMPLE_GUIDANCE)?,
+        None => SAMPLE_GUIDANCE,
+    };
+    // Samples are decoded on the host beside the run.
+    let sample_bytes = sample_decoder.as_ref().map_or(0, |vae| {
+        let side = resolution / 16;
+        decoder_bytes(vae, (side, side))
+    });
     let tokens = |side: usize| (side / 16) * (side / 16);
     let captions: std::collections::HashSet<&str> = examples
         .iter()
@@ -1032,7 +1107,11 @@ pub fn run(
     match gpu {
         // The cache stays in host memory; the step is on the device, as is the VAE before it.
         Some(gpu) => {
-            crate::alloc::check_fits(&what, cache, "; fewer images or a lower --resolution")?;
+            crate::alloc::check_fits(
+                &what,
+                cache + sample_bytes,
+                "; fewer images or a lower --resolution",
+            )?;
             let advice = "; a lower --resolution or a 4-bit --quant needs less (`nibble plan` \
                           shows how much)";
             gpu.check_fits(&what, planned.total, options.gpu_memory, advice)?;
@@ -1045,7 +1124,7 @@ pub fn run(
         }
         None => crate::alloc::check_fits(
             &what,
-            planned.cpu_total() + cache,
+            planned.cpu_total() + cache + sample_bytes,
             "; a lower --resolution, fewer images or a 4-bit --quant needs less",
         )?,
     }
@@ -1192,6 +1271,7 @@ pub fn run(
             scheduler,
             resolution,
             seed,
+            guidance: sample_guidance,
         });
     }
     run.launch(gpu, folder, output, observer)

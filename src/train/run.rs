@@ -472,7 +472,11 @@ impl<'m> Run<'m> {
 
     /// An image run's samples at `step`: PNGs in the run's folder, a line each in samples.jsonl.
     #[cfg(not(target_arch = "wasm32"))]
-    fn write_image_samples(&mut self, step: usize) -> Result<Option<String>> {
+    fn write_image_samples(
+        &mut self,
+        step: usize,
+        observer: &mut dyn Observer,
+    ) -> Result<Option<String>> {
         let (Some(samples), Some(out)) = (&self.image_samples, &self.output) else {
             return Ok(None);
         };
@@ -480,7 +484,7 @@ impl<'m> Run<'m> {
             return Ok(None);
         };
         let started = std::time::Instant::now();
-        let paths = samples.draw(forward, step, &out.dir)?;
+        let paths = samples.draw(forward, step, &out.dir, &mut || observer.stop_requested())?;
         let mut lines = String::new();
         for (prompt, path) in samples.prompts.iter().zip(&paths) {
             let image = path.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -691,15 +695,26 @@ impl<'m> Run<'m> {
         Ok(Some(loss))
     }
 
-    /// Answers each sample prompt with the adapter as it is at `step`: into the log and samples.jsonl.
-    async fn write_samples(&mut self, step: usize) -> Result<()> {
+    /// Answers each sample prompt with the adapter as it is at `step` (an image run draws each):
+    /// into the log and samples.jsonl.
+    // The page's runs draw no images, so its build leaves `observer` unused.
+    #[cfg_attr(target_arch = "wasm32", allow(unused_variables))]
+    async fn write_samples(&mut self, step: usize, observer: &mut dyn Observer) -> Result<()> {
         if self.options.sample_prompts.is_empty() {
             return Ok(());
         }
         #[cfg(not(target_arch = "wasm32"))]
         if self.image_samples.is_some() {
-            let lines = self.write_image_samples(step)?;
-            return self.append_samples(lines.unwrap_or_default());
+            // Samples show the run; one that fails (a full disk, Ctrl-C while drawing) must not
+            // cost the checkpoint or the LoRA saved after it.
+            let lines = match self.write_image_samples(step, observer) {
+                Ok(lines) => lines.unwrap_or_default(),
+                Err(e) => {
+                    log::warn!("samples at step {step} not drawn: {e}");
+                    String::new()
+                }
+            };
+            return self.append_samples(lines);
         }
         let Some(tok) = &self.sample_tokenizer else {
             return Ok(());
@@ -750,7 +765,7 @@ impl<'m> Run<'m> {
             self.validate(0, 0.0, observer).await?;
             // Samples go with each validation unless --sample-steps times them.
             if self.options.sample_steps == 0 {
-                self.write_samples(0).await?;
+                self.write_samples(0, observer).await?;
             }
         }
         self.validated_at_start = true;
@@ -794,7 +809,7 @@ impl<'m> Run<'m> {
             every => record.step % every == 0,
         };
         if samples_due || self.done() {
-            self.write_samples(record.step).await?;
+            self.write_samples(record.step, observer).await?;
         }
         // An epoch's end, or where --max-steps ends the last one early (as transformers saves then).
         let epoch_end = record.step % self.steps_per_epoch == 0 || self.done();
