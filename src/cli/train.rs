@@ -131,7 +131,7 @@ fn train_klein(
             .unwrap_or(nibble::train::flux2::DEFAULT_CAPTION_DROPOUT),
         sampling: settings
             .sigma_sampling
-            .unwrap_or(nibble::train::flux2::SigmaSampling::Sigmoid),
+            .unwrap_or(nibble::train::flux2::SigmaSampling::Weighted),
         text_tokens: nibble::models::flux2::TEXT_TOKENS,
         options: settings.run_options()?,
         cache_dir: match settings.no_cache {

@@ -25,6 +25,11 @@ pub enum SigmaSampling {
     Uniform,
     /// sigmoid, then shifted towards noise as for high resolutions: σ' = 3σ / (1 + 2σ).
     Shifted,
+    /// ai-toolkit's `timestep_type: weighted` (its klein preset): σ = t/1000 for t drawn uniformly
+    /// from 1000, 999, ..., 2 (its index i below 999, as `torch.randint(0, 999)` draws it), the
+    /// example's loss weighted by ai-toolkit's measured weight of index i (0.44 to 1.52, mean 1:
+    /// most weight mid-way, least near pure noise and near the image).
+    Weighted,
 }
 
 serde_as_value_enum!(SigmaSampling);
@@ -40,27 +45,42 @@ pub struct Cached {
     pub text: std::sync::Arc<Vec<f32>>,
 }
 
-/// The σ and noise of one example in one step.
+/// The σ, loss weight and noise of one example in one step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Draw {
     pub sigma: f32,
+    /// What the example's loss (and so its gradients) is multiplied by: 1 but for `Weighted`.
+    pub loss_weight: f32,
     pub noise: Vec<f32>,
 }
+
+/// ai-toolkit's timestep grid: 1000 timesteps, of which `torch.randint(0, 999)` reaches the first 999.
+const WEIGHTED_TIMESTEPS: u64 = 999;
 
 /// σ by `sampling`, then `elements` standard normal noise values, from `rng`.
 pub fn draw(rng: &mut Rng, sampling: SigmaSampling, elements: usize) -> Draw {
     let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
-    let sigma = match sampling {
-        SigmaSampling::Sigmoid => sigmoid(rng.normal()),
-        SigmaSampling::Uniform => rng.uniform(),
+    let (sigma, loss_weight) = match sampling {
+        SigmaSampling::Sigmoid => (sigmoid(rng.normal()) as f32, 1.0),
+        SigmaSampling::Uniform => (rng.uniform() as f32, 1.0),
         SigmaSampling::Shifted => {
             let s = sigmoid(rng.normal());
-            3.0 * s / (1.0 + 2.0 * s)
+            ((3.0 * s / (1.0 + 2.0 * s)) as f32, 1.0)
+        }
+        SigmaSampling::Weighted => {
+            let index = rng.below(WEIGHTED_TIMESTEPS) as usize;
+            // In f32 as ai-toolkit divides its f32 timesteps.
+            let sigma = (1000 - index) as f32 / 1000.0;
+            (
+                sigma,
+                super::timestep_weights::AI_TOOLKIT_TIMESTEP_WEIGHTS[index],
+            )
         }
     };
     let noise = (0..elements).map(|_| rng.normal() as f32).collect();
     Draw {
-        sigma: sigma as f32,
+        sigma,
+        loss_weight,
         noise,
     }
 }
@@ -128,6 +148,13 @@ pub struct ImagePick {
     pub example: usize,
     pub caption_dropped: bool,
     pub draw: Draw,
+}
+
+impl ImagePick {
+    /// The loss the step minimises for this pick, of its graph's mean squared error.
+    pub fn weighted(&self, mse: f64) -> f64 {
+        self.draw.loss_weight as f64 * mse
+    }
 }
 
 impl ImageWork<'_> {
@@ -198,7 +225,7 @@ impl ImageWork<'_> {
     }
 
     /// The forward and backward graph of one pick (its output `loss` is the example's mean squared
-    /// error; the gradients are those of grad_scale times it) and its inputs.
+    /// error; the gradients are those of grad_scale times its weighted loss) and its inputs.
     pub fn graph(
         &self,
         pick: &ImagePick,
@@ -242,7 +269,7 @@ impl ImageWork<'_> {
                 image_ids: &image_ids,
                 text_ids: &text_ids,
                 target: &target,
-                grad_scale,
+                grad_scale: grad_scale * pick.draw.loss_weight,
             },
         );
         (flux2::build(c, Some(spec), step), inputs)
@@ -273,7 +300,7 @@ impl ImageWork<'_> {
                     precision,
                 },
             )?;
-            loss_sum += out.take("loss")[0] as f64;
+            loss_sum += pick.weighted(out.take("loss")[0] as f64);
         }
         Ok(loss_sum)
     }
@@ -1425,4 +1452,59 @@ fn caption_features<'c>(
         .collect();
     let each = index.iter().map(|&i| features[i].clone()).collect();
     Ok((features[0].to_vec(), each))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weighted draws land on ai-toolkit's grid t = 1000, ..., 2 (σ = t/1000), each index about
+    /// equally often, with the weight ai-toolkit gives that index (values from its
+    /// default_weighing_scheme.py: the first, the largest at index 124, the last two).
+    #[test]
+    fn weighted_draws_take_ai_toolkits_grid_and_weights() {
+        let weights = &crate::train::timestep_weights::AI_TOOLKIT_TIMESTEP_WEIGHTS;
+        for (index, weight) in [
+            (0, 0.905706524848938),
+            (124, 1.5226575136184692),
+            (998, 0.4453802704811096),
+            (999, 0.4472601115703583),
+        ] {
+            assert_eq!(weights[index], weight as f32, "index {index}");
+        }
+        let mean = weights.iter().map(|&w| w as f64).sum::<f64>() / 1000.0;
+        assert!((mean - 1.0).abs() < 1e-6, "mean weight {mean}");
+        let mut rng = Rng::new(7);
+        let mut counts = [0usize; 999];
+        let draws = 99_900;
+        for _ in 0..draws {
+            let d = draw(&mut rng, SigmaSampling::Weighted, 3);
+            let t = (d.sigma * 1000.0).round();
+            assert!(
+                t / 1000.0 == d.sigma && (2.0..=1000.0).contains(&t),
+                "σ {}",
+                d.sigma
+            );
+            let index = 1000 - t as usize;
+            assert_eq!(d.loss_weight, weights[index]);
+            assert_eq!(d.noise.len(), 3);
+            counts[index] += 1;
+        }
+        // 100 draws expected per index; in tenths of the grid, 9,990 each (σ about 100).
+        for (tenth, chunk) in counts.chunks(100).take(9).enumerate() {
+            let n: usize = chunk.iter().sum();
+            assert!((9_500..10_500).contains(&n), "tenth {tenth}: {n} draws");
+        }
+        assert!(counts[0] > 0 && counts[998] > 0);
+        // The other samplings leave the loss unweighted.
+        for sampling in [
+            SigmaSampling::Sigmoid,
+            SigmaSampling::Uniform,
+            SigmaSampling::Shifted,
+        ] {
+            let d = draw(&mut rng, sampling, 1);
+            assert_eq!(d.loss_weight, 1.0);
+            assert!(d.sigma > 0.0 && d.sigma < 1.0);
+        }
+    }
 }

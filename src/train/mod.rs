@@ -14,6 +14,7 @@ pub mod run;
 pub mod schedule;
 pub mod settings;
 pub mod tensorboard;
+mod timestep_weights;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod trl_config;
 
@@ -1318,8 +1319,9 @@ impl<'a> Trainer<'a> {
                 .step_graphs(gpu, &graphs, adamw, self.config.max_grad_norm as f32)
                 .await?;
             self.stale = true;
+            let losses = result.losses.iter().zip(&picks);
             (
-                result.losses.iter().map(|l| l.loss_sum).sum::<f64>(),
+                losses.map(|(l, p)| p.weighted(l.loss_sum)).sum::<f64>(),
                 result.grad_norm,
             )
         } else {

@@ -63,9 +63,8 @@ epochs = 2
     ),
     (
         "flux2-klein",
-        // ai-toolkit's FLUX.2 [klein] LoRA defaults (3000 steps, rank 32, lr 1e-4), with nibble's
-        // 4-bit groups of 128; σ is drawn logit-normal ("sigmoid"), where ai-toolkit's klein preset
-        // draws "weighted" timesteps with a loss-weight table.
+        // ai-toolkit's FLUX.2 [klein] LoRA defaults (3000 steps, rank 32, lr 1e-4, "weighted"
+        // timesteps), with nibble's 4-bit groups of 128.
         r#"
 max_steps = 3000
 quant = "nf4"
@@ -79,6 +78,7 @@ lr_scheduler = "constant"
 gradient_checkpointing = true
 resolution = 512
 caption_dropout = 0.05
+sigma_sampling = "weighted"
 "#,
     ),
 ];
@@ -617,7 +617,10 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
             "caption_dropout",
             crate::train::flux2::DEFAULT_CAPTION_DROPOUT.to_string(),
         ),
-        ("sigma_sampling", "sigmoid".into()),
+        (
+            "sigma_sampling",
+            "weighted (the flux2-klein preset's)".into(),
+        ),
         (
             "cache_dir",
             "$NIBBLE_CACHE_DIR, $XDG_CACHE_HOME/nibble or ~/.cache/nibble".into(),
