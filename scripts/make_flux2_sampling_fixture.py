@@ -13,8 +13,11 @@ encoder's (tests/flux2.rs checks those separately), and so are the starting late
 nibble's. Two runs, 48 x 32 pixels (a 3 x 2 token grid):
   cfg.*      4 steps, guidance_scale 4.0 (the base model's default: classifier-free guidance against "")
   plain.*    3 steps, guidance_scale 1.0 (no guidance: one transformer pass per step)
+  ref.*      3 steps, guidance_scale 4.0, with two reference images (the pipeline's image=: tests/fixtures/flux2/
+             reference-0.png, 76 x 66 pixels, its centre cropped to 64 x 64; reference-1.png, 80 x 64, kept whole)
 Each: {run}.sigmas (steps + 1, the scheduler's, ending in 0), {run}.step{i} (the packed latents after step i,
-from callback_on_step_end), {run}.image (48, 32, 3: output_type "np", in [0, 1]).
+from callback_on_step_end), {run}.image (48, 32, 3: output_type "np", in [0, 1]). Also ref.tokens (36, 128: the
+references' packed latent tokens, 16 then 20, as prepare_image_latents makes them) and ref.ids (36, 4).
 Inputs: prompt_embeds (7, 256), negative_prompt_embeds (7, 256), latents (6, 128: the packed starting noise).
 Schedules alone (scheduler.set_timesteps with the pipeline's sigmas and mu): schedule.4096x50 (1024 px, 50 steps)
 and schedule.9216x28 (1536 px, past compute_empirical_mu's 4300-token bend), each steps + 1 long.
@@ -28,6 +31,7 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+import PIL.Image
 import torch
 import diffusers
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, \
@@ -71,7 +75,29 @@ def main():
     out = {"prompt_embeds": prompt[0], "negative_prompt_embeds": negative[0],
            "latents": start.reshape(1, 128, -1).permute(0, 2, 1)[0]}
     pipe = pipeline()
-    for run, steps, guidance in [("cfg", 4, 4.0), ("plain", 3, 1.0)]:
+    rng = np.random.default_rng(11)
+    references = []
+    for k, (w, h) in enumerate([(76, 66), (80, 64)]):
+        # Smooth pictures with some grain, as photographs are, rather than pure noise.
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([128 + 100 * np.sin(x / (5 + 3 * c + k) + y / (7 + c)) for c in range(3)], -1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        path = os.path.join(FIXTURES, f"reference-{k}.png")
+        PIL.Image.fromarray(pixels, "RGB").save(path)
+        references.append(PIL.Image.open(path).convert("RGB"))
+    # The references as the pipeline's step 4 prepares them, then its prepare_image_latents.
+    prepared = []
+    for img in references:
+        w, h = img.size
+        assert w * h <= 1024 * 1024
+        w, h = w // 16 * 16, h // 16 * 16
+        prepared.append(pipe.image_processor.preprocess(img, height=h, width=w, resize_mode="crop"))
+    with torch.no_grad():
+        tokens, ids = pipe.prepare_image_latents(prepared, 1, None, torch.device("cpu"), torch.float32)
+    out["ref.tokens"], out["ref.ids"] = tokens[0], ids[0].to(torch.float32)
+    assert tokens.shape == (1, 16 + 20, 128), tokens.shape
+    for run, steps, guidance, image in [("cfg", 4, 4.0, None), ("plain", 3, 1.0, None),
+                                        ("ref", 3, 4.0, references)]:
         seen = []
 
         def keep(_pipe, i, _t, kwargs):
@@ -79,7 +105,7 @@ def main():
             return {}
 
         with torch.no_grad():
-            image = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, latents=start.clone(),
+            image = pipe(image=image, prompt_embeds=prompt, negative_prompt_embeds=negative, latents=start.clone(),
                          height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
                          output_type="np", callback_on_step_end=keep).images[0]
         out[f"{run}.sigmas"] = pipe.scheduler.sigmas.clone()
@@ -92,6 +118,7 @@ def main():
         assert len(seen) == steps and moved > 0.1
     a, b = out["cfg.step0"], out["plain.step0"]
     assert (a - b).abs().max() > 1e-3  # guidance changed the first step
+    assert (out["ref.step0"] - a).abs().max() > 1e-3  # so did the references
     for seq, steps in [(4096, 50), (9216, 28)]:
         out[f"schedule.{seq}x{steps}"] = schedule(seq, steps)
     save_file({k: v.to(torch.float32).contiguous() for k, v in out.items()}, OUT,

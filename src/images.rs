@@ -254,6 +254,126 @@ const MAX_DECODED_BYTES: u64 = 1 << 30;
 /// An image decoded, resized to cover its bucket (Lanczos) and centre-cropped to it: RGB in [0, 1],
 /// channels first [3, height, width], with its (width, height).
 pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, usize)> {
+    let image = decode(path)?;
+    let (w0, h0) = (image.width() as usize, image.height() as usize);
+    if w0 < SIDE_MULTIPLE || h0 < SIDE_MULTIPLE {
+        return Err(Error::Invalid(format!(
+            "{}: {w0}x{h0} pixels, smaller than {SIDE_MULTIPLE} on a side",
+            path.display()
+        )));
+    }
+    let (w, h) = bucket(w0, h0, resolution);
+    // The centre of the image that covers the bucket's aspect, cropped before resizing: a sliver
+    // resized whole first would take memory for all of its length at the bucket's scale.
+    let scale = (w as f64 / w0 as f64).max(h as f64 / h0 as f64);
+    let (cw, ch) = (
+        ((w as f64 / scale).round() as usize).clamp(1, w0),
+        ((h as f64 / scale).round() as usize).clamp(1, h0),
+    );
+    let rgb = image.to_rgb8();
+    drop(image);
+    let kept = image::imageops::crop_imm(
+        &rgb,
+        ((w0 - cw) / 2) as u32,
+        ((h0 - ch) / 2) as u32,
+        cw as u32,
+        ch as u32,
+    );
+    let resized = image::imageops::resize(
+        &*kept,
+        w as u32,
+        h as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    Ok((channels_first(&resized), w, h))
+}
+
+/// The most pixels a reference image keeps (Flux2KleinPipeline's 1024²): a larger one is scaled down
+/// to about this area.
+pub const REFERENCE_MAX_AREA: usize = 1024 * 1024;
+
+/// The size a `width` x `height` reference image is scaled to (the same where it is within
+/// `REFERENCE_MAX_AREA`; sides truncated as the pipeline's int(side · scale)), and the multiples of 16
+/// its centre is then cropped to.
+pub fn reference_sizes(width: usize, height: usize) -> ((usize, usize), (usize, usize)) {
+    let scaled = match width * height > REFERENCE_MAX_AREA {
+        true => {
+            let scale = (REFERENCE_MAX_AREA as f64 / (width * height) as f64).sqrt();
+            (
+                (width as f64 * scale) as usize,
+                (height as f64 * scale) as usize,
+            )
+        }
+        false => (width, height),
+    };
+    let cropped = (
+        scaled.0 / SIDE_MULTIPLE * SIDE_MULTIPLE,
+        scaled.1 / SIDE_MULTIPLE * SIDE_MULTIPLE,
+    );
+    (scaled, cropped)
+}
+
+/// A reference image for sampling as Flux2KleinPipeline prepares its `image=`: at least 64 pixels a
+/// side and an aspect within 8:1 (else refused, as the pipeline refuses it), scaled down (Lanczos) to
+/// about 1024² pixels where larger, then its centre cropped to sides that are multiples of 16 (no
+/// other resizing): RGB in [0, 1], channels first, with its (width, height).
+pub fn load_reference(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
+    const MIN_SIDE: usize = 64;
+    const MAX_ASPECT: f64 = 8.0;
+    let image = decode(path)?;
+    let (w0, h0) = (image.width() as usize, image.height() as usize);
+    if w0 < MIN_SIDE || h0 < MIN_SIDE {
+        return Err(Error::Invalid(format!(
+            "{}: {w0}x{h0} pixels; a reference image needs at least {MIN_SIDE} on each side",
+            path.display()
+        )));
+    }
+    let aspect = (w0 as f64 / h0 as f64).max(h0 as f64 / w0 as f64);
+    if aspect > MAX_ASPECT {
+        return Err(Error::Invalid(format!(
+            "{}: {w0}x{h0} pixels, an aspect of {aspect:.1}:1; a reference image may be at most \
+             {MAX_ASPECT}:1",
+            path.display()
+        )));
+    }
+    let ((sw, sh), (w, h)) = reference_sizes(w0, h0);
+    let mut rgb = image.to_rgb8();
+    drop(image);
+    if (sw, sh) != (w0, h0) {
+        rgb = image::imageops::resize(
+            &rgb,
+            sw as u32,
+            sh as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+    }
+    let kept = image::imageops::crop_imm(
+        &rgb,
+        ((sw - w) / 2) as u32,
+        ((sh - h) / 2) as u32,
+        w as u32,
+        h as u32,
+    )
+    .to_image();
+    Ok((channels_first(&kept), w, h))
+}
+
+/// RGB bytes as [3, height, width] in [0, 1].
+fn channels_first(image: &image::RgbImage) -> Vec<f32> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let mut pixels = vec![0f32; 3 * w * h];
+    for (x, y, p) in image.enumerate_pixels() {
+        let (x, y) = (x as usize, y as usize);
+        for c in 0..3 {
+            pixels[(c * h + y) * w + x] = p[c] as f32 / 255.0;
+        }
+    }
+    pixels
+}
+
+/// An image file decoded (PNG, JPEG, WebP, ...), its EXIF orientation applied; refused by name where
+/// it is not a regular file, unreadable, a JPEG cut short, or too large to decode.
+fn decode(path: &Path) -> Result<image::DynamicImage> {
     crate::fsutil::require_regular_file(path).map_err(|e| Error::io(path, e))?;
     let unreadable = |e: image::ImageError| {
         Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
@@ -286,51 +406,28 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
     let orientation = image::ImageDecoder::orientation(&mut decoder).map_err(unreadable)?;
     let mut image = image::DynamicImage::from_decoder(decoder).map_err(unreadable)?;
     image.apply_orientation(orientation);
-    let (w0, h0) = (image.width() as usize, image.height() as usize);
-    if w0 < SIDE_MULTIPLE || h0 < SIDE_MULTIPLE {
-        return Err(Error::Invalid(format!(
-            "{}: {w0}x{h0} pixels, smaller than {SIDE_MULTIPLE} on a side",
-            path.display()
-        )));
-    }
-    let (w, h) = bucket(w0, h0, resolution);
-    // The centre of the image that covers the bucket's aspect, cropped before resizing: a sliver
-    // resized whole first would take memory for all of its length at the bucket's scale.
-    let scale = (w as f64 / w0 as f64).max(h as f64 / h0 as f64);
-    let (cw, ch) = (
-        ((w as f64 / scale).round() as usize).clamp(1, w0),
-        ((h as f64 / scale).round() as usize).clamp(1, h0),
-    );
-    let rgb = image.to_rgb8();
-    drop(image);
-    let kept = image::imageops::crop_imm(
-        &rgb,
-        ((w0 - cw) / 2) as u32,
-        ((h0 - ch) / 2) as u32,
-        cw as u32,
-        ch as u32,
-    );
-    let resized = image::imageops::resize(
-        &*kept,
-        w as u32,
-        h as u32,
-        image::imageops::FilterType::Lanczos3,
-    );
-    let mut pixels = vec![0f32; 3 * w * h];
-    for y in 0..h {
-        for x in 0..w {
-            let p = resized.get_pixel(x as u32, y as u32);
-            for c in 0..3 {
-                pixels[(c * h + y) * w + x] = p[c] as f32 / 255.0;
-            }
-        }
-    }
-    Ok((pixels, w, h))
+    Ok(image)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reference sizes as Flux2KleinPipeline computes them (values from its formula in Python:
+    /// scale = sqrt(1024² / (w·h)) above 1024² pixels, int(side · scale), then // 16 · 16).
+    #[test]
+    fn references_scale_to_about_a_megapixel_and_crop_to_sixteens() {
+        for ((w, h), scaled, cropped) in [
+            ((2000, 1500), (1182, 886), (1168, 880)),
+            ((1500, 2000), (886, 1182), (880, 1168)),
+            ((1025, 1024), (1024, 1023), (1024, 1008)),
+            ((1024, 1024), (1024, 1024), (1024, 1024)),
+            ((4000, 500), (2896, 362), (2896, 352)),
+            ((76, 66), (76, 66), (64, 64)),
+        ] {
+            assert_eq!(reference_sizes(w, h), (scaled, cropped), "{w}x{h}");
+        }
+    }
 
     /// Marker segments as encoders write them, around scan data with stuffed bytes, restart markers
     /// after fill bytes, and an EXIF thumbnail whose own end marker sits inside an APP1 segment.

@@ -687,6 +687,7 @@ fn three_steps(gpu: Option<&nibble::gpu::Gpu>) -> ([f64; 3], [Vec<f32>; 2]) {
             sigmas: &sigmas,
             train_timesteps: 1000,
             guidance: 4.0,
+            references: &[],
         };
         denoise(
             &work.model,
@@ -1023,6 +1024,7 @@ fn sampling_matches_the_klein_pipeline() {
                     sigmas: &sigmas[..=last],
                     train_timesteps: 1000,
                     guidance,
+                    references: &[],
                 };
                 let mut count = |i| {
                     done.push(i);
@@ -1051,6 +1053,92 @@ fn sampling_matches_the_klein_pipeline() {
         let vae_weights = GpuWeights::upload(&gpu, &vae).unwrap();
         let on_gpu = |w| Forward::Gpu(&gpu, w);
         check((on_gpu(&weights), on_gpu(&vae_weights)), "GPU");
+    }
+}
+
+/// Sampling with reference images (the pipeline's `image=`) as Flux2KleinPipeline does
+/// (scripts/make_flux2_sampling_fixture.py, diffusers 0.42.1): two PNGs read, the first's centre
+/// cropped from 76 x 66 to 64 x 64 pixels, the second kept whole; their latent tokens from the VAE's
+/// encoder; their ids on t = 10 and 20; then three guided steps with the references beside the noised
+/// tokens in both passes, and the decoded image. Measured (CPU / lavapipe): tokens 1.5e-6 / 1.9e-6,
+/// latents 4.2e-6 / 5.6e-6, image 3.0e-6 / 4.8e-6; held to 2e-5 (tokens) and 1e-4 (latents, image:
+/// as the plain sampling test, guidance multiplying the transformer's f32 differences). The
+/// references on t = 0 instead move the latents by 1.2e-1.
+#[test]
+fn sampling_with_reference_images_matches_the_klein_pipeline() {
+    use nibble::models::flux2_sampler::{FlowScheduler, Reference, SampleSpec, denoise};
+    let expected =
+        SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_sampling.safetensors")).unwrap();
+    let read = |name: &str| expected.read_f32(name).unwrap();
+    let sigmas = FlowScheduler::klein().sigmas(3, 6);
+    assert_eq!(sigmas, read("ref.sigmas"));
+    let model = flux2::load(&Path::new(FIXTURE).join("tiny/transformer"), None).unwrap();
+    let vae_dir = Path::new(FIXTURE).join("tiny_vae");
+    let encoder = nibble::models::vae::load(&vae_dir, Half::Encoder).unwrap();
+    let decoder = nibble::models::vae::load(&vae_dir, Half::Decoder).unwrap();
+    let ids: Vec<f32> = [(0, 4, 4), (1, 4, 5)]
+        .into_iter()
+        .flat_map(|(k, rows, cols)| flux2::reference_ids(k, rows, cols))
+        .flatten()
+        .collect();
+    assert_eq!(ids, read("ref.ids"));
+    let pixels: Vec<_> = (0..2)
+        .map(|k| {
+            let path = Path::new(FIXTURE).join(format!("reference-{k}.png"));
+            nibble::images::load_reference(&path).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        pixels.iter().map(|&(_, w, h)| (w, h)).collect::<Vec<_>>(),
+        [(64, 64), (80, 64)]
+    );
+    let (text, negative) = (read("prompt_embeds"), read("negative_prompt_embeds"));
+    let check = |(executor, vae): (Forward, [Forward; 2]), what: &str| {
+        let references: Vec<Reference> = pixels
+            .iter()
+            .map(|(p, w, h)| Reference {
+                tokens: nibble::models::vae::encode(&encoder, vae[0], p, (*h, *w)).unwrap(),
+                rows: h / 16,
+                cols: w / 16,
+            })
+            .collect();
+        let tokens: Vec<f32> = references.iter().flat_map(|r| r.tokens.clone()).collect();
+        let e_tokens = rel(&tokens, &read("ref.tokens"));
+        let mut e_latents = 0f64;
+        let mut last = Vec::new();
+        for steps in 1..=3 {
+            let spec = SampleSpec {
+                text: &text,
+                negative: &negative,
+                rows: 3,
+                cols: 2,
+                noise: read("latents"),
+                sigmas: &sigmas[..=steps],
+                train_timesteps: 1000,
+                guidance: 4.0,
+                references: &references,
+            };
+            last = denoise(&model, (executor, None), spec, &mut |_| Ok(())).unwrap();
+            e_latents = e_latents.max(rel(&last, &read(&format!("ref.step{}", steps - 1))));
+        }
+        let image = nibble::models::vae::decode(&decoder, vae[1], &last, (3, 2)).unwrap();
+        let e_image = rel(&image.rgb, &read("ref.image"));
+        eprintln!("{what}: tokens {e_tokens:e}, latents {e_latents:e}, image {e_image:e}");
+        assert!(
+            e_tokens < 2e-5,
+            "{what}: reference tokens off by {e_tokens:e}"
+        );
+        assert!(e_latents < 1e-4, "{what}: latents off by {e_latents:e}");
+        assert!(e_image < 1e-4, "{what}: image off by {e_image:e}");
+    };
+    let cpu = Forward::Cpu(Precision::F32);
+    check((cpu, [cpu, cpu]), "CPU");
+    if let Some(gpu) = common::gpu() {
+        let weights = GpuWeights::upload(&gpu, &model).unwrap();
+        let enc = GpuWeights::upload(&gpu, &encoder).unwrap();
+        let dec = GpuWeights::upload(&gpu, &decoder).unwrap();
+        let on_gpu = |w| Forward::Gpu(&gpu, w);
+        check((on_gpu(&weights), [on_gpu(&enc), on_gpu(&dec)]), "GPU");
     }
 }
 
@@ -1305,6 +1393,72 @@ fn nibble_samples_images_with_and_without_a_lora() {
     // A fresh run over the folder (--overwrite) clears the earlier run's samples with its files.
     train(&["--overwrite"]);
     assert!(!run.join("sample-2-1.png").exists() && !run.join("samples.jsonl").exists());
+
+    // Without the 64 x 48 and 3 steps given above.
+    let sample_as_given = |output: &str, extra: &[&str]| {
+        let output = s(&root.join(output));
+        let mut args = vec![
+            "sample",
+            "--model",
+            &model,
+            "--prompt",
+            "a fox",
+            "--output",
+            &output,
+            "--device",
+            "cpu",
+            "--precision",
+            "f32",
+        ];
+        args.extend(extra);
+        common::nibble(&args)
+    };
+    // A reference image: the image takes its size where none is given (64 x 64: the fixture's
+    // 76 x 66 picture, its centre cropped to multiples of 16), and it changes what is drawn.
+    let reference = s(&std::fs::canonicalize(Path::new(FIXTURE).join("reference-0.png")).unwrap());
+    ok(sample_as_given(
+        "edit.png",
+        &["--image", &reference, "--steps", "3"],
+    ));
+    ok(sample("square.png", &["--height", "64"]));
+    let changed = pixels_sized("edit.png", (64, 64))
+        .iter()
+        .zip(&pixels_sized("square.png", (64, 64)))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed > 64 * 64 * 3 / 4,
+        "the reference changed {changed} values"
+    );
+    // References pipelines refuse: a side under 64 pixels, an aspect beyond 8:1; and a missing file.
+    for (name, size, want) in [
+        ("small.png", (63, 80), "at least 64"),
+        ("long.png", (600, 64), "8:1"),
+    ] {
+        let path = root.join(name);
+        image::RgbImage::from_pixel(size.0, size.1, image::Rgb([90, 140, 30]))
+            .save(&path)
+            .unwrap();
+        refused(sample("odd.png", &["--image", &s(&path)]), &[name, want]);
+    }
+    refused(
+        sample("odd.png", &["--image", &s(&root.join("nowhere.png"))]),
+        &["nowhere.png"],
+    );
+    assert!(!root.join("odd.png").exists());
+    // A step-distilled pipeline samples 4 steps without guidance unless told otherwise.
+    let index = root.join("klein").join("model_index.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    config["is_distilled"] = true.into();
+    std::fs::write(&index, config.to_string()).unwrap();
+    ok(sample_as_given(
+        "distilled.png",
+        &["--width", "64", "--height", "48"],
+    ));
+    ok(sample("four.png", &["--steps", "4", "--guidance", "1"]));
+    assert_eq!(pixels("distilled.png"), pixels("four.png"));
+    assert!(moved(&pixels("four.png")) > plain.len() / 4);
 }
 
 /// The whole klein loop through the binary, on a random tiny pipeline (`nibble synth --preset

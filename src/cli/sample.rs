@@ -23,16 +23,22 @@ pub struct Args {
     /// Replace images already there.
     #[arg(long)]
     overwrite: bool,
-    /// Image width in pixels, a multiple of 16.
-    #[arg(long, default_value_t = 1024)]
-    width: usize,
-    /// Image height in pixels, a multiple of 16.
-    #[arg(long, default_value_t = 1024)]
-    height: usize,
-    /// Denoising steps (the pipeline's default; the step-distilled klein models take 4, and sample
-    /// without guidance whatever --guidance says, as diffusers does).
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
+    /// A reference image (PNG, JPEG, WebP) the transformer sees beside the image it draws: a picture
+    /// to edit, or a subject or style to take; give it several times for several (all apply to
+    /// every prompt). Scaled down to about 1024x1024 pixels where larger, its centre cropped to
+    /// multiples of 16.
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    /// Image width in pixels, a multiple of 16 [default: the first --image's, else 1024].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels, a multiple of 16 [default: the first --image's, else 1024].
+    #[arg(long)]
+    height: Option<usize>,
+    /// Denoising steps [default: 50, the pipeline's; 4 for a step-distilled pipeline, which also
+    /// samples without guidance whatever --guidance says, as diffusers does].
+    #[arg(long)]
+    steps: Option<usize>,
     /// Classifier-free guidance scale against the empty prompt (1 or less: none, one transformer
     /// pass per step; the base models' default is 4).
     #[arg(long, default_value_t = 4.0)]
@@ -105,6 +111,7 @@ pub fn run(args: Args) -> Result<()> {
         height: args.height,
         steps: args.steps,
         guidance: args.guidance,
+        references: &args.images,
         seed: args.seed,
         quant,
         precision: args.exec.precision.cpu(),
@@ -112,12 +119,13 @@ pub fn run(args: Args) -> Result<()> {
         vae: args.vae.clone(),
     };
     let started = std::time::Instant::now();
-    let steps = args.steps;
-    let mut progress = |k: usize, step: usize| {
-        if step == steps || step.is_multiple_of(10) {
+    let mut progress = |p: nibble::train::flux2::SampleProgress| {
+        if p.step == p.steps || p.step.is_multiple_of(10) {
             log::info!(
-                "image {}/{count}: step {step}/{steps} ({:.1} s)",
-                k + 1,
+                "image {}/{count}: step {}/{} ({:.1} s)",
+                p.image + 1,
+                p.step,
+                p.steps,
                 started.elapsed().as_secs_f64()
             );
         }

@@ -731,6 +731,16 @@ pub fn position_ids(rows: usize, cols: usize, text: usize) -> (Vec<[f32; 4]>, Ve
     (image, text)
 }
 
+/// The ids (t, row, col, 0) of reference image `index`'s rows × cols latent grid: each reference on
+/// its own time coordinate t = 10 · (index + 1), as Flux2KleinPipeline's `_prepare_image_ids` places
+/// them, so that attention tells them from the image being drawn (t = 0) and from each other.
+pub fn reference_ids(index: usize, rows: usize, cols: usize) -> Vec<[f32; 4]> {
+    let t = 10.0 * (index + 1) as f32;
+    (0..rows * cols)
+        .map(|i| [t, (i / cols) as f32, (i % cols) as f32, 0.0])
+        .collect()
+}
+
 /// One stream of a double block, as its forward ran.
 struct StreamTape {
     x: BufId,

@@ -171,11 +171,24 @@ pub struct SampleSpec<'a> {
     pub sigmas: &'a [f32],
     pub train_timesteps: usize,
     pub guidance: f32,
+    /// Reference images (the pipeline's `image=`): clean latent tokens the transformer attends to
+    /// beside the image it draws, in both guidance passes, at every step.
+    pub references: &'a [Reference],
+}
+
+/// A reference image as the transformer reads it: its latent tokens [rows · cols, in_channels]
+/// (`vae::encode`'s, BatchNorm-normalised as the images a run trains on).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub tokens: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 /// The denoised latent tokens [rows · cols, in_channels]: from the noise, each step's velocity (the
 /// guided mix v_empty + g · (v − v_empty) where g > 1) times the sigma's fall, added in f32 as the
-/// scheduler's Euler step does. `progress` hears of each finished step.
+/// scheduler's Euler step does. References join the image tokens after the noised ones (their
+/// velocities are dropped), as Flux2KleinPipeline joins them. `progress` hears of each finished step.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn denoise(
     model: &crate::models::flux2::Flux2Model,
@@ -192,41 +205,56 @@ pub fn denoise(
         || spec.text.len() != text_tokens * c.text_dim
         || spec.negative.len() != spec.text.len()
         || text_tokens == 0
+        || spec
+            .references
+            .iter()
+            .any(|r| r.tokens.len() != r.rows * r.cols * c.in_channels)
     {
         return Err(Error::Invalid(format!(
-            "sampling a {} x {} grid takes {} noise values and equal prompt and empty-prompt features \
-             of width {}",
+            "sampling a {} x {} grid takes {} noise values, equal prompt and empty-prompt features \
+             of width {}, and reference tokens {} wide",
             spec.rows,
             spec.cols,
             n * c.in_channels,
-            c.text_dim
+            c.text_dim,
+            c.in_channels
         )));
     }
     let lora = adapter.map(|(a, _)| LoraSpec {
         dropout: 0.0,
         ..LoraSpec::of(a)
     });
+    let (mut image_ids, text_ids) = flux2::position_ids(spec.rows, spec.cols, text_tokens);
+    for (k, r) in spec.references.iter().enumerate() {
+        image_ids.extend(flux2::reference_ids(k, r.rows, r.cols));
+    }
+    let image_tokens = image_ids.len();
     let step = Flux2Step {
-        image_tokens: n,
+        image_tokens,
         text_tokens,
         backward: false,
         checkpoint: false,
     };
     let graph = flux2::build(c, lora.as_ref(), step);
-    let (image_ids, text_ids) = flux2::position_ids(spec.rows, spec.cols, text_tokens);
     // The step's loss is computed against this and not read.
-    let unused_target = vec![0f32; n * c.out_channels];
+    let unused_target = vec![0f32; image_tokens * c.out_channels];
+    let mut noised = Vec::with_capacity(image_tokens * c.in_channels);
     let timesteps = spec.train_timesteps as f32;
     let mut latents = spec.noise;
     for (i, pair) in spec.sigmas.windows(2).enumerate() {
         // The pipeline hands the transformer timestep / 1000 of the scheduler's timestep, sigma
         // times its training timesteps, in f32.
         let sigma = pair[0] * timesteps / 1000.0;
+        noised.clear();
+        noised.extend_from_slice(&latents);
+        for r in spec.references {
+            noised.extend_from_slice(&r.tokens);
+        }
         let velocity = |text: &[f32]| -> Result<Vec<f32>> {
             let inputs = flux2::inputs(
                 c,
                 &Flux2Inputs {
-                    noised: &latents,
+                    noised: &noised,
                     text,
                     sigma,
                     image_ids: &image_ids,
@@ -236,7 +264,9 @@ pub fn denoise(
                 },
             );
             let mut out = executor.run_adapted(&graph, (model, adapter), &inputs, &["velocity"])?;
-            Ok(out.pop().expect("one output"))
+            let mut velocity = out.pop().expect("one output");
+            velocity.truncate(n * c.out_channels);
+            Ok(velocity)
         };
         let mut v = velocity(spec.text)?;
         if spec.guidance > 1.0 {

@@ -381,6 +381,7 @@ impl ImageSamples {
                 sigmas: &sigmas,
                 train_timesteps: self.scheduler.num_train_timesteps,
                 guidance: self.guidance,
+                references: &[],
             };
             let mut progress = |_| match stop_requested() {
                 true => Err(Error::Interrupted("stopped while drawing samples".into())),
@@ -853,6 +854,75 @@ fn decoder_bytes(vae: &crate::models::vae::Vae, (rows, cols): (usize, usize)) ->
     crate::model::FrozenWeights::tensor_bytes(vae) + crate::graph::pool::device_step_bytes(&graph)
 }
 
+/// The image side `nibble sample` draws at where neither a size nor a reference image is given
+/// (the pipeline's default).
+pub const DEFAULT_SAMPLE_SIDE: usize = 1024;
+/// Denoising steps where none are asked for: the pipeline's default, and what the step-distilled
+/// klein models are made for.
+pub const DEFAULT_SAMPLE_STEPS: usize = 50;
+pub const DISTILLED_SAMPLE_STEPS: usize = 4;
+
+/// Where `sample` is: denoising step `step` (from 1) of `steps` of image `image` (from 0) is done.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleProgress {
+    pub image: usize,
+    pub step: usize,
+    pub steps: usize,
+}
+
+/// The reference images' latent tokens, encoded (posterior mean, 2x2 patches, BatchNorm statistics)
+/// by the VAE's encoder on `gpu` when given, else the CPU; the encoder is released after. Its memory
+/// at the largest reference is checked first.
+#[cfg(not(target_arch = "wasm32"))]
+fn encode_references(
+    vae_path: &std::path::Path,
+    flux: &flux2::Flux2Config,
+    pixels: &[(Vec<f32>, usize, usize)],
+    gpu: Option<&crate::gpu::Gpu>,
+) -> Result<Vec<crate::models::flux2_sampler::Reference>> {
+    use crate::models::vae;
+    if pixels.is_empty() {
+        return Ok(Vec::new());
+    }
+    let encoder = vae::load(vae_path, vae::Half::Encoder)?;
+    check_latent_channels(&encoder, vae_path, flux)?;
+    let largest = pixels
+        .iter()
+        .map(|&(_, w, h)| (h, w))
+        .max_by_key(|(h, w)| h * w);
+    let (h, w) = largest.expect("some");
+    let graph = vae::encoder_graph(&encoder.config, h, w);
+    let needs = crate::model::FrozenWeights::tensor_bytes(&encoder)
+        + crate::graph::pool::device_step_bytes(&graph);
+    let what = format!("encoding a {w}x{h} reference image");
+    let on_gpu = match gpu {
+        Some(gpu) => {
+            gpu.check_fits(&what, needs, None, "; a smaller reference image needs less")?;
+            let weights = crate::gpu::weights::GpuWeights::upload(gpu, &encoder)?;
+            gpu.check_errors()?;
+            Some((gpu, weights))
+        }
+        None => {
+            crate::alloc::check_fits(&what, needs, "; a smaller reference image needs less")?;
+            None
+        }
+    };
+    let executor = match &on_gpu {
+        Some((gpu, weights)) => crate::exec::Forward::Gpu(gpu, weights),
+        None => crate::exec::Forward::Cpu(crate::ops::Precision::F32),
+    };
+    pixels
+        .iter()
+        .map(|(pixels, w, h)| {
+            Ok(crate::models::flux2_sampler::Reference {
+                tokens: vae::encode(&encoder, executor, pixels, (*h, *w))?,
+                rows: h / 16,
+                cols: w / 16,
+            })
+        })
+        .collect()
+}
+
 /// Images to sample from a klein pipeline (`nibble sample`).
 #[cfg(not(target_arch = "wasm32"))]
 pub struct SampleRunSpec<'a> {
@@ -860,10 +930,15 @@ pub struct SampleRunSpec<'a> {
     /// A LoRA file (or a run folder holding one) applied to the transformer.
     pub lora: Option<&'a std::path::Path>,
     pub prompts: &'a [String],
-    pub width: usize,
-    pub height: usize,
-    pub steps: usize,
+    /// Image sides; where not given, the first reference's (as the pipeline takes them), else 1024.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// Denoising steps; where not given, 4 for a step-distilled pipeline, else the pipeline's 50.
+    pub steps: Option<usize>,
     pub guidance: f32,
+    /// Reference images (the pipeline's `image=`: what to edit, or what to take a subject or
+    /// style from), every prompt sampled with all of them.
+    pub references: &'a [std::path::PathBuf],
     /// Prompt k starts from the noise of seed + k.
     pub seed: u64,
     pub quant: Option<crate::quant::QuantSpec>,
@@ -876,13 +951,13 @@ pub struct SampleRunSpec<'a> {
 /// against the empty prompt above a guidance of 1, none for a distilled transformer): the prompts'
 /// features (the text encoder, then released), the denoised latents (the transformer with the LoRA,
 /// then released), then the VAE's decoder (read first, to refuse a wrong file early), each image
-/// handed to `deliver` as it is decoded. On `gpu` when given, else the CPU executor; `progress`
-/// hears (prompt, step) and may stop the run with an error.
+/// handed to `deliver` as it is decoded. Reference images join every prompt's steps. On `gpu` when
+/// given, else the CPU executor; `progress` hears of each step and may stop the run with an error.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn sample(
     spec: SampleRunSpec,
     gpu: Option<&crate::gpu::Gpu>,
-    progress: &mut dyn FnMut(usize, usize) -> Result<()>,
+    progress: &mut dyn FnMut(SampleProgress) -> Result<()>,
     deliver: &mut dyn FnMut(usize, crate::models::vae::Image) -> Result<()>,
 ) -> Result<()> {
     use crate::exec::Forward;
@@ -895,6 +970,7 @@ pub fn sample(
         height,
         steps,
         guidance,
+        references,
         seed,
         quant,
         precision,
@@ -904,6 +980,19 @@ pub fn sample(
     let flux = flux2::config_at(path)?.ok_or_else(|| {
         Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
     })?;
+    // Read (and refused where unfit) before any model is.
+    let reference_pixels = references
+        .iter()
+        .map(|p| crate::images::load_reference(p))
+        .collect::<Result<Vec<_>>>()?;
+    let first = reference_pixels.first().map(|&(_, w, h)| (w, h));
+    let width = width.or(first.map(|f| f.0)).unwrap_or(DEFAULT_SAMPLE_SIDE);
+    let height = height.or(first.map(|f| f.1)).unwrap_or(DEFAULT_SAMPLE_SIDE);
+    let steps = match steps {
+        Some(steps) => steps,
+        None if is_distilled(path)? => DISTILLED_SAMPLE_STEPS,
+        None => DEFAULT_SAMPLE_STEPS,
+    };
     for (name, side) in [("--width", width), ("--height", height)] {
         if side == 0 || side % 16 != 0 || side > 4096 {
             return Err(Error::Invalid(format!(
@@ -932,8 +1021,9 @@ pub fn sample(
     check_latent_channels(&vae, &parts.vae, &flux)?;
     let (rows, cols) = (height / 16, width / 16);
     let text_tokens = flux2::TEXT_TOKENS;
+    let reference_tokens: usize = reference_pixels.iter().map(|(_, w, h)| w * h / 256).sum();
     let step = Flux2Step {
-        image_tokens: rows * cols,
+        image_tokens: rows * cols + reference_tokens,
         text_tokens,
         backward: false,
         checkpoint: false,
@@ -982,6 +1072,8 @@ pub fn sample(
         (gpu, None),
         &mut || false,
     )?;
+    let references = encode_references(&parts.vae, &flux, &reference_pixels, gpu)?;
+    drop(reference_pixels);
     let model = flux2::load(path, quant)?;
     let sigmas = scheduler.sigmas(steps, rows * cols);
     let on_gpu = match gpu {
@@ -1014,9 +1106,14 @@ pub fn sample(
             sigmas: &sigmas,
             train_timesteps: scheduler.num_train_timesteps,
             guidance,
+            references: &references,
         };
-        latents.push(denoise(&model, (executor, copies), spec, &mut |i| {
-            progress(k, i)
+        latents.push(denoise(&model, (executor, copies), spec, &mut |step| {
+            progress(SampleProgress {
+                image: k,
+                step,
+                steps,
+            })
         })?);
     }
     drop(on_gpu);
