@@ -127,6 +127,7 @@ impl Fixture {
     fn graph(&self, c: &flux2::Flux2Config, checkpoint: bool) -> nibble::graph::Graph {
         let step = Flux2Step {
             image_tokens: 15,
+            reference_tokens: 0,
             text_tokens: 8,
             backward: true,
             checkpoint,
@@ -230,6 +231,7 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
         // finds every buffer in the pool the dense run left).
         let step = Flux2Step {
             image_tokens: 15,
+            reference_tokens: 0,
             text_tokens: 8,
             backward: true,
             checkpoint: true,

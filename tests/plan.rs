@@ -282,6 +282,7 @@ fn klein_planned_step_memory_matches_the_measured_heap_peak() {
     for checkpoint in [false, true] {
         let step = Flux2Step {
             image_tokens: rows * cols,
+            reference_tokens: 0,
             text_tokens,
             backward: true,
             checkpoint,

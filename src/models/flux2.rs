@@ -645,7 +645,11 @@ fn open_shards(dir: &Path) -> Result<Vec<crate::source::SafetensorsFile>> {
 /// What a step computes: its token counts and whether it runs the backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Flux2Step {
+    /// Tokens of the image being denoised (whose velocity is the output).
     pub image_tokens: usize,
+    /// Tokens of clean reference images after them in the image stream (edit or control images:
+    /// attended to, given no velocity and no loss).
+    pub reference_tokens: usize,
     pub text_tokens: usize,
     pub backward: bool,
     /// Gradient checkpointing: each block recomputed before its backward.
@@ -659,6 +663,7 @@ impl Flux2Step {
         let side = resolution / 16;
         Flux2Step {
             image_tokens: side * side,
+            reference_tokens: 0,
             text_tokens,
             backward: true,
             checkpoint,
@@ -798,7 +803,7 @@ struct Flux<'a> {
 
 impl Flux<'_> {
     fn tokens(&self) -> usize {
-        self.step.image_tokens + self.step.text_tokens
+        self.step.image_tokens + self.step.reference_tokens + self.step.text_tokens
     }
 
     fn linear(&mut self, x: BufId, rows: usize, path: &str) -> (BufId, LinearTape) {
@@ -1036,7 +1041,10 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         lora,
         step,
     };
-    let (n, l) = (step.image_tokens, step.text_tokens);
+    // The image stream holds the noised tokens, then the references; only the former reach the
+    // final layer.
+    let (out_rows, l) = (step.image_tokens, step.text_tokens);
+    let n = out_rows + step.reference_tokens;
     let t = n + l;
     let (d, m) = (c.hidden(), c.mlp_hidden);
     // The timestep embedding and every modulation: one row each.
@@ -1177,12 +1185,13 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
     }
 
     f.b.set_stage(None, false);
-    let img_out = f.b.columns(h, t * d, (l * d, n * d), "image out".into());
+    let img_out =
+        f.b.columns(h, t * d, (l * d, out_rows * d), "image out".into());
     let (fin, fin_stats) = f.modulate(img_out, mod_final, (0, 1));
-    let (velocity, final_tape) = f.linear(fin, n, "final_layer.linear");
-    let v_out = f.b.output("velocity", n * c.out_channels);
+    let (velocity, final_tape) = f.linear(fin, out_rows, "final_layer.linear");
+    let v_out = f.b.output("velocity", out_rows * c.out_channels);
     f.b.node(Op::Add, &[velocity], &[v_out], true);
-    let target = f.b.given("target", n * c.out_channels);
+    let target = f.b.given("target", out_rows * c.out_channels);
     let loss = f.b.output("loss", 1);
     if !step.backward {
         f.b.node(Op::Mse, &[velocity, target], &[loss], false);
@@ -1190,7 +1199,7 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
     }
     f.b.set_stage(None, true);
     let grad_scale = f.b.input(Input::GradScale, 1);
-    let d_velocity = f.b.activation(n * c.out_channels, "d velocity");
+    let d_velocity = f.b.activation(out_rows * c.out_channels, "d velocity");
     f.b.node(
         Op::Mse,
         &[velocity, target, grad_scale],
@@ -1198,7 +1207,7 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         false,
     );
     let d_fin = f.linear_backward(&final_tape, fin, d_velocity);
-    let d_img_out = f.b.activation(n * d, "d image out");
+    let d_img_out = f.b.activation(out_rows * d, "d image out");
     f.modulate_backward(img_out, mod_final, fin_stats, 1, d_fin, d_img_out);
     // The residual stream's gradient, one buffer that every block adds into.
     let dh = f.b.activation(t * d, "d joined");
@@ -1206,7 +1215,7 @@ pub fn build(c: &Flux2Config, lora: Option<&LoraSpec>, step: Flux2Step) -> Graph
         Op::PlaceColumns {
             width: t * d,
             offset: l * d,
-            len: n * d,
+            len: out_rows * d,
         },
         &[d_img_out],
         &[dh],

@@ -187,8 +187,8 @@ pub struct Reference {
 
 /// The denoised latent tokens [rows · cols, in_channels]: from the noise, each step's velocity (the
 /// guided mix v_empty + g · (v − v_empty) where g > 1) times the sigma's fall, added in f32 as the
-/// scheduler's Euler step does. References join the image tokens after the noised ones (their
-/// velocities are dropped), as Flux2KleinPipeline joins them. `progress` hears of each finished step.
+/// scheduler's Euler step does. References join the image tokens after the noised ones (the
+/// pipeline drops their velocities; the graph does not compute them), as Flux2KleinPipeline joins them. `progress` hears of each finished step.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn denoise(
     model: &crate::models::flux2::Flux2Model,
@@ -228,17 +228,17 @@ pub fn denoise(
     for (k, r) in spec.references.iter().enumerate() {
         image_ids.extend(flux2::reference_ids(k, r.rows, r.cols));
     }
-    let image_tokens = image_ids.len();
     let step = Flux2Step {
-        image_tokens,
+        image_tokens: n,
+        reference_tokens: image_ids.len() - n,
         text_tokens,
         backward: false,
         checkpoint: false,
     };
     let graph = flux2::build(c, lora.as_ref(), step);
     // The step's loss is computed against this and not read.
-    let unused_target = vec![0f32; image_tokens * c.out_channels];
-    let mut noised = Vec::with_capacity(image_tokens * c.in_channels);
+    let unused_target = vec![0f32; n * c.out_channels];
+    let mut noised = Vec::with_capacity(image_ids.len() * c.in_channels);
     let timesteps = spec.train_timesteps as f32;
     let mut latents = spec.noise;
     for (i, pair) in spec.sigmas.windows(2).enumerate() {
@@ -264,9 +264,7 @@ pub fn denoise(
                 },
             );
             let mut out = executor.run_adapted(&graph, (model, adapter), &inputs, &["velocity"])?;
-            let mut velocity = out.pop().expect("one output");
-            velocity.truncate(n * c.out_channels);
-            Ok(velocity)
+            Ok(out.pop().expect("one output"))
         };
         let mut v = velocity(spec.text)?;
         if spec.guidance > 1.0 {

@@ -243,6 +243,7 @@ impl ImageWork<'_> {
         let text_tokens = text.len() / c.text_dim;
         let step = Flux2Step {
             image_tokens: example.rows * example.cols,
+            reference_tokens: 0,
             text_tokens,
             backward: true,
             checkpoint,
@@ -1023,7 +1024,8 @@ pub fn sample(
     let text_tokens = flux2::TEXT_TOKENS;
     let reference_tokens: usize = reference_pixels.iter().map(|(_, w, h)| w * h / 256).sum();
     let step = Flux2Step {
-        image_tokens: rows * cols + reference_tokens,
+        image_tokens: rows * cols,
+        reference_tokens,
         text_tokens,
         backward: false,
         checkpoint: false,
