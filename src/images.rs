@@ -318,24 +318,9 @@ pub fn reference_sizes(width: usize, height: usize) -> ((usize, usize), (usize, 
 /// about 1024² pixels where larger, then its centre cropped to sides that are multiples of 16 (no
 /// other resizing): RGB in [0, 1], channels first, with its (width, height).
 pub fn load_reference(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
-    const MIN_SIDE: usize = 64;
-    const MAX_ASPECT: f64 = 8.0;
     let image = decode(path)?;
     let (w0, h0) = (image.width() as usize, image.height() as usize);
-    if w0 < MIN_SIDE || h0 < MIN_SIDE {
-        return Err(Error::Invalid(format!(
-            "{}: {w0}x{h0} pixels; a reference image needs at least {MIN_SIDE} on each side",
-            path.display()
-        )));
-    }
-    let aspect = (w0 as f64 / h0 as f64).max(h0 as f64 / w0 as f64);
-    if aspect > MAX_ASPECT {
-        return Err(Error::Invalid(format!(
-            "{}: {w0}x{h0} pixels, an aspect of {aspect:.1}:1; a reference image may be at most \
-             {MAX_ASPECT}:1",
-            path.display()
-        )));
-    }
+    check_reference_shape(path, (w0, h0))?;
     let ((sw, sh), (w, h)) = reference_sizes(w0, h0);
     let mut rgb = image.to_rgb8();
     drop(image);
@@ -356,6 +341,82 @@ pub fn load_reference(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
     )
     .to_image();
     Ok((channels_first(&kept), w, h))
+}
+
+/// The control image of training image `image` in each of `folders`: the file with its name's stem
+/// and an image extension (any case), with its (width, height) read off the header (the EXIF
+/// orientation, which may swap them, changes neither the area nor the token count), checked as
+/// `load_reference` checks it. A folder without one, or with two (`a.png` and `a.jpg`), is an error
+/// naming both.
+pub fn control_images(image: &Path, folders: &[PathBuf]) -> Result<Vec<(PathBuf, (usize, usize))>> {
+    let stem = image.file_stem().unwrap_or_default();
+    folders
+        .iter()
+        .map(|folder| {
+            let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
+            let mut found = Vec::new();
+            for entry in entries {
+                let path = entry.map_err(|e| Error::io(folder, e))?.path();
+                let is_image = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)));
+                if is_image && path.file_stem() == Some(stem) && path.is_file() {
+                    found.push(path);
+                }
+            }
+            found.sort();
+            let path = match &found[..] {
+                [one] => one.clone(),
+                [] => {
+                    return Err(Error::Invalid(format!(
+                        "{}: no control image of the same name in {}",
+                        image.display(),
+                        folder.display()
+                    )));
+                }
+                several => {
+                    return Err(Error::Invalid(format!(
+                        "{}: several control images of that name in {}: {}",
+                        image.display(),
+                        folder.display(),
+                        several
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            };
+            let (w, h) = image::image_dimensions(&path).map_err(|e| {
+                Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
+            })?;
+            let (w, h) = (w as usize, h as usize);
+            check_reference_shape(&path, (w, h))?;
+            Ok((path, reference_sizes(w, h).1))
+        })
+        .collect()
+}
+
+/// A reference image's least side and widest aspect, as Flux2KleinPipeline checks them.
+fn check_reference_shape(path: &Path, (w, h): (usize, usize)) -> Result<()> {
+    const MIN_SIDE: usize = 64;
+    const MAX_ASPECT: f64 = 8.0;
+    if w < MIN_SIDE || h < MIN_SIDE {
+        return Err(Error::Invalid(format!(
+            "{}: {w}x{h} pixels; a reference image needs at least {MIN_SIDE} on each side",
+            path.display()
+        )));
+    }
+    let aspect = (w as f64 / h as f64).max(h as f64 / w as f64);
+    if aspect > MAX_ASPECT {
+        return Err(Error::Invalid(format!(
+            "{}: {w}x{h} pixels, an aspect of {aspect:.1}:1; a reference image may be at most \
+             {MAX_ASPECT}:1",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// RGB bytes as [3, height, width] in [0, 1].

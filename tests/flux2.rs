@@ -262,6 +262,114 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
     }
 }
 
+/// A training step with control images (an edit LoRA; ai-toolkit's control paths), as the trainer
+/// builds it (`ImageWork::graph`): two reference grids after the noised tokens on t = 10 and 20, the
+/// loss on the noised tokens' velocities only. Against diffusers with the same LoRA hooks
+/// (scripts/make_flux2_reference_grad_fixture.py, itself within 2.1e-6 of a float64 reference):
+/// measured CPU / lavapipe velocity 2.4e-6 / 2.7e-6, loss 2.1e-7 / 1.0e-7, worst gradient 1.2e-5 /
+/// 1.0e-5; held to 3e-5, 3e-6 and 1e-4 as the step without references (references scaled by 0.9
+/// move the velocity by 2.4e-4).
+#[test]
+fn a_step_with_control_images_matches_diffusers() {
+    use nibble::train::flux2::{Cached, Draw, ImagePick, ImageWork, SigmaSampling};
+    let f = Fixture::load();
+    let expected =
+        SafetensorsFile::open(&Path::new(FIXTURE).join("tiny_reference_grads.safetensors"))
+            .unwrap();
+    let read = |name: &str| expected.read_f32(name).unwrap();
+    let model = flux2::load(&Path::new(FIXTURE).join("tiny"), None).unwrap();
+    let references: Vec<flux2::Reference> = [(2, 3), (1, 4)]
+        .into_iter()
+        .enumerate()
+        .map(|(k, (rows, cols))| {
+            assert_eq!(
+                ids(read(&format!("reference{k}.ids"))),
+                flux2::reference_ids(k, rows, cols)
+            );
+            flux2::Reference {
+                tokens: read(&format!("reference{k}.tokens")),
+                rows,
+                cols,
+            }
+        })
+        .collect();
+    let work = ImageWork {
+        model: (&model).into(),
+        examples: vec![Cached {
+            latents: f.read("x0"),
+            rows: 3,
+            cols: 5,
+            text: f.text.clone().into(),
+            references,
+        }],
+        empty_caption: vec![0.5; f.text.len()],
+        sampling: SigmaSampling::Sigmoid,
+        caption_dropout: 0.0,
+    };
+    let pick = ImagePick {
+        example: 0,
+        caption_dropped: false,
+        draw: Draw {
+            sigma: f.sigma,
+            loss_weight: 1.0,
+            noise: f.read("noise"),
+        },
+    };
+    let (graph, inputs) = work.graph(&pick, &LoraSpec::of(&f.adapter), 1.0, true);
+    graph.validate().unwrap();
+    let errors = |velocity: &[f32], loss: &[f32], grads: &LoraAdapter, what: &str| {
+        let v = rel(velocity, &read("velocity"));
+        let l = rel(loss, &read("loss"));
+        let g = grads
+            .pairs()
+            .flat_map(|(path, pair)| {
+                [("lora_A", &pair.a), ("lora_B", &pair.b)]
+                    .map(|(which, got)| rel(got, &read(&format!("grad.{path}.{which}"))))
+            })
+            .fold(0f64, f64::max);
+        eprintln!("{what}: velocity {v:e}, loss {l:e}, worst gradient {g:e}");
+        assert!(v < 3e-5, "{what}: velocity off by {v:e}");
+        assert!(l < 3e-6, "{what}: loss off by {l:e}");
+        assert!(g < 1e-4, "{what}: a gradient off by {g:e}");
+    };
+    let mut grads = f.adapter.zeros_like();
+    let bind = Bindings {
+        model: &model,
+        adapter: Some(&f.adapter),
+        grads: Some(&mut grads),
+        cache: None,
+        optimizer: None,
+        inputs: &inputs,
+        precision: Precision::F32,
+    };
+    let mut out = cpu::run(&graph, bind).unwrap();
+    errors(&out.take("velocity"), &out.take("loss"), &grads, "CPU");
+    let Some(gpu) = common::gpu() else { return };
+    let weights = GpuWeights::upload(&gpu, &model).unwrap();
+    let lora = GpuLora::upload(&gpu, &f.adapter);
+    let gpu_grads = nibble::gpu::weights::zero_grads(&gpu, &f.adapter);
+    let bind = nibble::exec::gpu::Bindings {
+        gpu: &gpu,
+        model: &weights,
+        lora: Some(&lora),
+        grads: Some(&gpu_grads),
+        cache: None,
+        moments: None,
+        inputs: &inputs,
+    };
+    let mut enc = gpu.encoder();
+    let recorded = nibble::exec::gpu::record(&graph, bind, &mut enc).unwrap();
+    let reads = [&recorded.0["velocity"], &recorded.0["loss"]];
+    let [velocity, loss]: [Vec<f32>; 2] = gpu
+        .submit_and_read(enc, &reads)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let mut downloaded = f.adapter.zeros_like();
+    gpu_grads.download(&gpu, &mut downloaded).unwrap();
+    errors(&velocity, &loss, &downloaded, "GPU");
+}
+
 /// The same tiny transformer as one file in BFL's naming (scripts/make_flux2_bfl_fixture.py, checked
 /// there with diffusers' own single-file converter): the configuration read from the tensors' shapes
 /// and the weights equal the diffusers folder's, so the velocity equals diffusers' as well; `info` and
@@ -608,6 +716,7 @@ fn fixture_trainer<'m>(
         rows: 3,
         cols: 5,
         text: f.text.clone().into(),
+        references: Vec::new(),
     };
     let work = ImageWork {
         model: model.into(),

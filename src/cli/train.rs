@@ -126,6 +126,7 @@ fn train_klein(
             .resolution
             .unwrap_or(nibble::train::flux2::DEFAULT_RESOLUTION),
         trigger: settings.trigger.clone(),
+        controls: settings.control.clone().unwrap_or_default(),
         caption_dropout: settings
             .caption_dropout
             .unwrap_or(nibble::train::flux2::DEFAULT_CAPTION_DROPOUT),

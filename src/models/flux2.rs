@@ -736,6 +736,31 @@ pub fn position_ids(rows: usize, cols: usize, text: usize) -> (Vec<[f32; 4]>, Ve
     (image, text)
 }
 
+/// A reference image as the transformer reads it: its latent tokens [rows · cols, in_channels]
+/// (`vae::encode`'s, BatchNorm-normalised as the images a run trains on).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub tokens: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The noised tokens followed by each reference's, and their ids: the image stream as the
+/// transformer takes it (`Flux2Step::reference_tokens` of them references).
+pub fn with_references(
+    noised: &[f32],
+    image_ids: &[[f32; 4]],
+    references: &[Reference],
+) -> (Vec<f32>, Vec<[f32; 4]>) {
+    let mut tokens = noised.to_vec();
+    let mut ids = image_ids.to_vec();
+    for (k, r) in references.iter().enumerate() {
+        tokens.extend_from_slice(&r.tokens);
+        ids.extend(reference_ids(k, r.rows, r.cols));
+    }
+    (tokens, ids)
+}
+
 /// The ids (t, row, col, 0) of reference image `index`'s rows × cols latent grid: each reference on
 /// its own time coordinate t = 10 · (index + 1), as Flux2KleinPipeline's `_prepare_image_ids` places
 /// them, so that attention tells them from the image being drawn (t = 0) and from each other.

@@ -176,14 +176,7 @@ pub struct SampleSpec<'a> {
     pub references: &'a [Reference],
 }
 
-/// A reference image as the transformer reads it: its latent tokens [rows · cols, in_channels]
-/// (`vae::encode`'s, BatchNorm-normalised as the images a run trains on).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Reference {
-    pub tokens: Vec<f32>,
-    pub rows: usize,
-    pub cols: usize,
-}
+pub use crate::models::flux2::Reference;
 
 /// The denoised latent tokens [rows · cols, in_channels]: from the noise, each step's velocity (the
 /// guided mix v_empty + g · (v − v_empty) where g > 1) times the sigma's fall, added in f32 as the
@@ -224,10 +217,8 @@ pub fn denoise(
         dropout: 0.0,
         ..LoraSpec::of(a)
     });
-    let (mut image_ids, text_ids) = flux2::position_ids(spec.rows, spec.cols, text_tokens);
-    for (k, r) in spec.references.iter().enumerate() {
-        image_ids.extend(flux2::reference_ids(k, r.rows, r.cols));
-    }
+    let (image_ids, text_ids) = flux2::position_ids(spec.rows, spec.cols, text_tokens);
+    let (_, image_ids) = flux2::with_references(&[], &image_ids, spec.references);
     let step = Flux2Step {
         image_tokens: n,
         reference_tokens: image_ids.len() - n,
@@ -238,18 +229,13 @@ pub fn denoise(
     let graph = flux2::build(c, lora.as_ref(), step);
     // The step's loss is computed against this and not read.
     let unused_target = vec![0f32; n * c.out_channels];
-    let mut noised = Vec::with_capacity(image_ids.len() * c.in_channels);
     let timesteps = spec.train_timesteps as f32;
     let mut latents = spec.noise;
     for (i, pair) in spec.sigmas.windows(2).enumerate() {
         // The pipeline hands the transformer timestep / 1000 of the scheduler's timestep, sigma
         // times its training timesteps, in f32.
         let sigma = pair[0] * timesteps / 1000.0;
-        noised.clear();
-        noised.extend_from_slice(&latents);
-        for r in spec.references {
-            noised.extend_from_slice(&r.tokens);
-        }
+        let (noised, _) = flux2::with_references(&latents, &[], spec.references);
         let velocity = |text: &[f32]| -> Result<Vec<f32>> {
             let inputs = flux2::inputs(
                 c,

@@ -43,6 +43,9 @@ pub struct Cached {
     pub cols: usize,
     /// [text tokens, text_dim], shared by the examples with one caption (25 MB each for 9B).
     pub text: std::sync::Arc<Vec<f32>>,
+    /// Control images (`--control`: what an edit LoRA learns to change), clean beside the noised
+    /// latents at every step.
+    pub references: Vec<flux2::Reference>,
 }
 
 /// The σ, loss weight and noise of one example in one step.
@@ -241,9 +244,10 @@ impl ImageWork<'_> {
             &example.text
         };
         let text_tokens = text.len() / c.text_dim;
+        let reference_tokens = example.references.iter().map(|r| r.rows * r.cols).sum();
         let step = Flux2Step {
             image_tokens: example.rows * example.cols,
-            reference_tokens: 0,
+            reference_tokens,
             text_tokens,
             backward: true,
             checkpoint,
@@ -261,6 +265,7 @@ impl ImageWork<'_> {
             .map(|(n, x)| n - x)
             .collect();
         let (image_ids, text_ids) = flux2::position_ids(example.rows, example.cols, text_tokens);
+        let (noised, image_ids) = flux2::with_references(&noised, &image_ids, &example.references);
         let inputs = flux2::inputs(
             c,
             &Flux2Inputs {
@@ -314,6 +319,12 @@ impl ImageWork<'_> {
             digest.write(&(e.cols as u64).to_le_bytes());
             digest.write(bytemuck::cast_slice(&e.latents));
             digest.write(bytemuck::cast_slice(&e.text));
+            // Nothing for runs without control images, whose digests stay as they were.
+            for r in &e.references {
+                digest.write(&(r.rows as u64).to_le_bytes());
+                digest.write(&(r.cols as u64).to_le_bytes());
+                digest.write(bytemuck::cast_slice(&r.tokens));
+            }
         }
         digest.write(bytemuck::cast_slice(&self.empty_caption));
         digest.finish()
@@ -720,6 +731,8 @@ pub struct FluxRunSpec<'a> {
     /// Image side in pixels (buckets keep each image's aspect at about this squared).
     pub resolution: usize,
     pub trigger: Option<String>,
+    /// Folders of control images: each training image's same-name image in each, as references.
+    pub controls: Vec<std::path::PathBuf>,
     /// Probability of training an example with the empty caption.
     pub caption_dropout: f64,
     pub sampling: SigmaSampling,
@@ -1158,6 +1171,7 @@ pub fn run(
         config,
         resolution,
         trigger,
+        controls,
         caption_dropout,
         sampling,
         text_tokens,
@@ -1185,11 +1199,25 @@ pub fn run(
         Some(&text_dir),
         Some(&vae_path),
     ];
-    folder.check_inputs(&inputs.into_iter().flatten().collect::<Vec<_>>())?;
+    let inputs = inputs
+        .into_iter()
+        .flatten()
+        .chain(controls.iter().map(|c| c.as_path()));
+    folder.check_inputs(&inputs.collect::<Vec<_>>())?;
     let flux = flux2::config_at(path)?.ok_or_else(|| {
         Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
     })?;
     let examples = crate::images::scan_folder(data, trigger.as_deref())?;
+    // Each example's control images with their token grids, read off their headers.
+    let control_images = examples
+        .iter()
+        .map(|e| crate::images::control_images(&e.image, &controls))
+        .collect::<Result<Vec<_>>>()?;
+    let reference_tokens = control_images
+        .iter()
+        .map(|c| c.iter().map(|(_, (w, h))| w * h / 256).sum::<usize>())
+        .max()
+        .unwrap_or(0);
     // Everything that can be checked before hours of encoding is checked first.
     check_lora_options(&config.lora, &flux)?;
     let init = match &options.init_adapter {
@@ -1226,8 +1254,12 @@ pub fn run(
         .collect();
     let cache = 4
         * (captions.len() * text_tokens * flux.text_dim
-            + examples.len() * tokens(resolution) * flux.in_channels) as u64;
-    let step = Flux2Step::training(resolution, text_tokens, config.checkpoint);
+            + examples.len() * (tokens(resolution) + reference_tokens) * flux.in_channels)
+            as u64;
+    let step = Flux2Step {
+        reference_tokens,
+        ..Flux2Step::training(resolution, text_tokens, config.checkpoint)
+    };
     let planned = flux2::plan(&flux, quant, (config.lora.r, &config.lora.targets), step)?;
     let what = format!("training on {} images at {resolution} px", examples.len());
     match gpu {
@@ -1242,6 +1274,14 @@ pub fn run(
                           shows how much)";
             gpu.check_fits(&what, planned.total, options.gpu_memory, advice)?;
             let (h, w) = crate::images::bucket(resolution, resolution, resolution);
+            // Control images are encoded at their own sizes (up to about 1024²).
+            let (h, w) = control_images
+                .iter()
+                .flatten()
+                .map(|&(_, (cw, ch))| (ch, cw))
+                .chain([(h, w)])
+                .max_by_key(|(h, w)| h * w)
+                .expect("some");
             let step = crate::models::vae::encoder_graph(&vae.config, h, w);
             let needs = crate::model::FrozenWeights::tensor_bytes(&vae)
                 + crate::graph::pool::device_step_bytes(&step);
@@ -1290,19 +1330,37 @@ pub fn run(
             Ok(format!("{}\n{executor}", model_digest(&vae_path)?))
         })
     });
-    let keyed: Vec<Option<String>> = examples
+    // The training images at their buckets, then each one's control images as references.
+    let jobs: Vec<(&std::path::Path, bool)> = examples
         .iter()
-        .map(|e| {
-            let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
-            c.describe(|| {
-                // The last line names how pixels are made (sessions before 36 resized, then cropped).
-                Ok(format!(
-                    "vae {vae}\nimage {}\nresolution {resolution}\npixels centre cropped, then resized",
-                    file_digest(&e.image)?
-                ))
-            })
-        })
+        .map(|e| (e.image.as_path(), false))
+        .chain(
+            control_images
+                .iter()
+                .flatten()
+                .map(|(p, _)| (p.as_path(), true)),
+        )
         .collect();
+    let keyed: Vec<Option<String>> =
+        jobs.iter()
+            .map(|&(image, reference)| {
+                let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
+                c.describe(|| {
+                    // The last line names how pixels are made (sessions before 36 resized, then cropped).
+                    let pixels = match reference {
+                        true => "reference: scaled to at most 1024² pixels, centre cropped to 16s"
+                            .into(),
+                        false => {
+                            format!("resolution {resolution}\npixels centre cropped, then resized")
+                        }
+                    };
+                    Ok(format!(
+                        "vae {vae}\nimage {}\n{pixels}",
+                        file_digest(image)?
+                    ))
+                })
+            })
+            .collect();
     let hits: Vec<Option<(Vec<f32>, usize, usize)>> = keyed
         .iter()
         .map(|description| {
@@ -1329,38 +1387,50 @@ pub fn run(
         Some((gpu, weights)) => crate::exec::Forward::Gpu(gpu, weights),
         None => crate::exec::Forward::Cpu(crate::ops::Precision::F32),
     };
-    let cached: Vec<Cached> = examples
+    let mut encoded_latents = jobs
         .iter()
-        .zip(features)
         .zip(hits.into_iter().zip(&keyed))
-        .map(|((e, text), (hit, description))| {
-            let (latents, rows, cols) = match hit {
-                Some(hit) => hit,
-                None => {
-                    if observer.stop_requested() {
-                        return Err(stopped_before_training("encoding images"));
-                    }
-                    let (pixels, w, h) = crate::images::load_pixels(&e.image, resolution)?;
-                    let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
-                    let (rows, cols) = (h / 16, w / 16);
-                    if let Some((c, description)) = cache.as_ref().zip(description.as_ref()) {
-                        let entry = crate::train::feature_cache::Entry {
-                            values: latents.clone(),
-                            shape: vec![rows, cols, flux.in_channels],
-                        };
-                        c.put("latents", description, &entry);
-                    }
-                    (latents, rows, cols)
-                }
+        .map(|(&(image, reference), (hit, description))| {
+            if let Some(hit) = hit {
+                return Ok(hit);
+            }
+            if observer.stop_requested() {
+                return Err(stopped_before_training("encoding images"));
+            }
+            let (pixels, w, h) = match reference {
+                true => crate::images::load_reference(image)?,
+                false => crate::images::load_pixels(image, resolution)?,
             };
-            Ok(Cached {
-                latents,
-                rows,
-                cols,
-                text,
-            })
+            let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
+            let (rows, cols) = (h / 16, w / 16);
+            if let Some((c, description)) = cache.as_ref().zip(description.as_ref()) {
+                let entry = crate::train::feature_cache::Entry {
+                    values: latents.clone(),
+                    shape: vec![rows, cols, flux.in_channels],
+                };
+                c.put("latents", description, &entry);
+            }
+            Ok((latents, rows, cols))
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<Result<Vec<_>>>()?
+        .into_iter();
+    let targets: Vec<_> = encoded_latents.by_ref().take(examples.len()).collect();
+    let cached: Vec<Cached> = targets
+        .into_iter()
+        .zip(features)
+        .zip(&control_images)
+        .map(|(((latents, rows, cols), text), controls)| Cached {
+            latents,
+            rows,
+            cols,
+            text,
+            references: encoded_latents
+                .by_ref()
+                .take(controls.len())
+                .map(|(tokens, rows, cols)| flux2::Reference { tokens, rows, cols })
+                .collect(),
+        })
+        .collect();
     if let Some((gpu, weights)) = vae_on_gpu {
         drop(weights);
         gpu.release_scratch();
@@ -1368,7 +1438,7 @@ pub fn run(
     drop(vae);
     log::info!(
         "latents: {encoded} images encoded, {} from the cache",
-        examples.len() - encoded
+        jobs.len() - encoded
     );
     if observer.stop_requested() {
         return Err(stopped_before_training("loading the transformer"));
@@ -1381,10 +1451,13 @@ pub fn run(
         sampling,
         caption_dropout,
     };
-    let image_options = serde_json::json!({
+    let mut image_options = serde_json::json!({
         "resolution": resolution, "caption_dropout": caption_dropout, "sigma_sampling": sampling,
         "text_tokens": text_tokens,
     });
+    if !controls.is_empty() {
+        image_options["control_folders"] = controls.len().into();
+    }
     let label = path.display().to_string();
     let seed = config.seed;
     let mut run =

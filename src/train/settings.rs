@@ -464,6 +464,12 @@ pub struct TrainSettings {
     /// multiples of 16).
     #[arg(long)]
     pub resolution: Option<usize>,
+    /// FLUX.2: a folder of control images (an edit LoRA's "before"): each training image's
+    /// same-name image there is given to the transformer beside it. Given more than once, each
+    /// image takes one from every folder, in order.
+    #[arg(long, value_name = "DIR")]
+    #[serde(default, with = "one_or_several")]
+    pub control: Option<Vec<PathBuf>>,
     /// FLUX.2: a word put into every caption (where it says [trigger], else first).
     #[arg(long)]
     pub trigger: Option<String>,
@@ -612,6 +618,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
             "resolution",
             crate::train::flux2::DEFAULT_RESOLUTION.to_string(),
         ),
+        ("control", "none: text-to-image".into()),
         ("trigger", none()),
         (
             "caption_dropout",
@@ -885,6 +892,7 @@ impl TrainSettings {
     pub fn image_options(&self) -> Vec<(&'static str, bool)> {
         vec![
             ("resolution", self.resolution.is_some()),
+            ("control", self.control.is_some()),
             ("trigger", self.trigger.is_some()),
             ("caption_dropout", self.caption_dropout.is_some()),
             ("sigma_sampling", self.sigma_sampling.is_some()),
