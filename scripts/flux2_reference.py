@@ -57,6 +57,40 @@ def bfl_from_diffusers(sd):
     return W
 
 
+def lora_targets(n_double, n_single):
+    """The fused BFL LoRA targets as diffusers modules: {BFL target: [(diffusers module, which third of B's rows
+    or None)]} (the fixture scripts' LoRA hooks)."""
+    targets = {}
+    for i in range(n_double):
+        for s, (q, k, v, proj, ff) in {"img": ("to_q", "to_k", "to_v", "to_out.0", "ff"),
+                                       "txt": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                                               "ff_context")}.items():
+            d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}.{s}_"
+            targets[b + "attn.qkv"] = [(d + f"attn.{q}", 0), (d + f"attn.{k}", 1), (d + f"attn.{v}", 2)]
+            targets[b + "attn.proj"] = [(d + f"attn.{proj}", None)]
+            targets[b + "mlp.0"] = [(d + f"{ff}.linear_in", None)]
+            targets[b + "mlp.2"] = [(d + f"{ff}.linear_out", None)]
+    for j in range(n_single):
+        targets[f"single_blocks.{j}.linear1"] = [(f"single_transformer_blocks.{j}.attn.to_qkv_mlp_proj", None)]
+        targets[f"single_blocks.{j}.linear2"] = [(f"single_transformer_blocks.{j}.attn.to_out", None)]
+    return targets
+
+
+def attach_lora(model, lora, targets, scale):
+    """Fused-LoRA forward hooks on a diffusers Flux2Transformer2DModel: out + scale (x A^T) B^T, B's thirds on
+    q, k and v. lora: {BFL target: (A, B)}. Returns the hook handles."""
+    mods = dict(model.named_modules())
+    handles = []
+    for name, parts in targets.items():
+        A, B = lora[name]
+        for mname, third in parts:
+            def hook(mod, inp, out, A=A, B=B, third=third):
+                b = B if third is None else B.chunk(3, dim=0)[third]
+                return out + scale * (inp[0] @ A.T) @ b.T
+            handles.append(mods[mname].register_forward_hook(hook))
+    return handles
+
+
 def timestep_embedding(sigma, f32_phase=False):
     """[cos(t f_k), sin(t f_k)], t = 1000 sigma, f_k = exp(-ln(10000) k / 128), k = 0..127.
     diffusers computes t (= float32(sigma) * 1000), f_k and t * f_k in float32 whatever the model dtype; with t up

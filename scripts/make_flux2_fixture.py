@@ -84,18 +84,7 @@ target = noise - x0
 
 # --- 3. LoRA on the fused BFL targets, as hooks on the diffusers modules ----------------------------------
 # BFL target -> [(diffusers module, which third of B's rows or None)]
-TARGETS = {}
-for i in range(N_DOUBLE):
-    for s, (q, k, v, proj, ff) in {"img": ("to_q", "to_k", "to_v", "to_out.0", "ff"),
-                                   "txt": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context")}.items():
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}.{s}_"
-        TARGETS[b + "attn.qkv"] = [(d + f"attn.{q}", 0), (d + f"attn.{k}", 1), (d + f"attn.{v}", 2)]
-        TARGETS[b + "attn.proj"] = [(d + f"attn.{proj}", None)]
-        TARGETS[b + "mlp.0"] = [(d + f"{ff}.linear_in", None)]
-        TARGETS[b + "mlp.2"] = [(d + f"{ff}.linear_out", None)]
-for j in range(N_SINGLE):
-    TARGETS[f"single_blocks.{j}.linear1"] = [(f"single_transformer_blocks.{j}.attn.to_qkv_mlp_proj", None)]
-    TARGETS[f"single_blocks.{j}.linear2"] = [(f"single_transformer_blocks.{j}.attn.to_out", None)]
+TARGETS = ref.lora_targets(N_DOUBLE, N_SINGLE)
 
 modules = dict(model.named_modules())
 torch.manual_seed(2)
@@ -110,17 +99,7 @@ for name, parts in TARGETS.items():
 
 def attach(model, lora_=None):
     """Fused-LoRA forward hooks (scale SCALE) on the diffusers modules; lora_ defaults to the fixture's `lora`."""
-    lora_ = lora if lora_ is None else lora_
-    mods = dict(model.named_modules())
-    handles = []
-    for name, parts in TARGETS.items():
-        A, B = lora_[name]
-        for mname, third in parts:
-            def hook(mod, inp, out, A=A, B=B, third=third):
-                b = B if third is None else B.chunk(3, dim=0)[third]
-                return out + SCALE * (inp[0] @ A.T) @ b.T
-            handles.append(mods[mname].register_forward_hook(hook))
-    return handles
+    return ref.attach_lora(model, lora if lora_ is None else lora_, TARGETS, SCALE)
 
 
 def run(model):

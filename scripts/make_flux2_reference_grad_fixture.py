@@ -7,7 +7,7 @@ tokens' velocities are kept (ai-toolkit: packed_noise_pred[:, :packed_latents.sh
 On the tiny transformer and LoRA of scripts/make_flux2_fixture.py (tests/fixtures/flux2/tiny and the lora.* and
 inputs of tiny_expected.safetensors), with two random reference grids of 2 x 3 and 1 x 4 tokens, in float32 as
 diffusers computes it on the stored bf16 weights: velocity (the 15 noised tokens'), loss, and the gradient of every
-LoRA A and B (the same fused-LoRA forward hooks as make_flux2_fixture.py). Checked against scripts/flux2_reference.py
+LoRA A and B (the fused-LoRA forward hooks of flux2_reference.attach_lora, as make_flux2_fixture.py's). Checked against scripts/flux2_reference.py
 (float64) and against the step without references (they must change the velocity).
 
 Run from the repository root with a virtualenv holding torch and diffusers (0.42.x):
@@ -29,19 +29,7 @@ FIXTURES = "tests/fixtures/flux2"
 HEADS, N_DOUBLE, N_SINGLE, SCALE = 2, 1, 1, 8 / 4
 GRIDS = [(2, 3), (1, 4)]
 
-# The fused BFL targets as diffusers modules (which third of B's rows, or None), as make_flux2_fixture.py maps them.
-TARGETS = {}
-for i in range(N_DOUBLE):
-    for s, (q, k, v, proj, ff) in {"img": ("to_q", "to_k", "to_v", "to_out.0", "ff"),
-                                   "txt": ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context")}.items():
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}.{s}_"
-        TARGETS[b + "attn.qkv"] = [(d + f"attn.{q}", 0), (d + f"attn.{k}", 1), (d + f"attn.{v}", 2)]
-        TARGETS[b + "attn.proj"] = [(d + f"attn.{proj}", None)]
-        TARGETS[b + "mlp.0"] = [(d + f"{ff}.linear_in", None)]
-        TARGETS[b + "mlp.2"] = [(d + f"{ff}.linear_out", None)]
-for j in range(N_SINGLE):
-    TARGETS[f"single_blocks.{j}.linear1"] = [(f"single_transformer_blocks.{j}.attn.to_qkv_mlp_proj", None)]
-    TARGETS[f"single_blocks.{j}.linear2"] = [(f"single_transformer_blocks.{j}.attn.to_out", None)]
+TARGETS = ref.lora_targets(N_DOUBLE, N_SINGLE)
 
 
 def rel(a, b):
@@ -66,14 +54,7 @@ def main():
 
     model = Flux2Transformer2DModel.from_pretrained(os.path.join(FIXTURES, "tiny", "transformer"),
                                                     torch_dtype=torch.float32).eval().requires_grad_(False)
-    mods = dict(model.named_modules())
-    for name, parts in TARGETS.items():
-        A, B = lora[name]
-        for mname, third in parts:
-            def hook(mod, inp, out, A=A, B=B, third=third):
-                b = B if third is None else B.chunk(3, dim=0)[third]
-                return out + SCALE * (inp[0] @ A.T) @ b.T
-            mods[mname].register_forward_hook(hook)
+    ref.attach_lora(model, lora, TARGETS, SCALE)
     v = model(hidden_states=hidden[None], encoder_hidden_states=ctx[None], timestep=sigma, img_ids=ids,
               txt_ids=txt_ids, guidance=None, return_dict=False)[0][0][:n]
     loss = ((v - target) ** 2).mean()

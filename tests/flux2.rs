@@ -211,22 +211,9 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
     for (quant, spec) in [("dense", None), ("nf4", nf4_128())] {
         let model = flux2::load(&Path::new(FIXTURE).join("tiny"), spec).unwrap();
         let c = &model.config;
-        let weights = GpuWeights::upload(&gpu, &model).unwrap();
-        let lora = GpuLora::upload(&gpu, &f.adapter);
-        let grads = nibble::gpu::weights::zero_grads(&gpu, &f.adapter);
-        let inputs = f.inputs(c);
-        let bind = nibble::exec::gpu::Bindings {
-            gpu: &gpu,
-            model: &weights,
-            lora: Some(&lora),
-            grads: Some(&grads),
-            cache: None,
-            moments: None,
-            inputs: &inputs,
-        };
-        let mut enc = gpu.encoder();
         let before = gpu.scratch_bytes();
-        let recorded = nibble::exec::gpu::record(&f.graph(c, true), bind, &mut enc).unwrap();
+        let (velocity, loss, downloaded) =
+            gpu_step(&gpu, &model, &f.adapter, &f.graph(c, true), &f.inputs(c));
         // The step's scratch is what the plan replays (measured equal to the byte; the nf4 run
         // finds every buffer in the pool the dense run left).
         let step = Flux2Step {
@@ -247,14 +234,6 @@ fn the_gpu_executor_matches_diffusers_dense_and_nf4() {
             "{quant}: the GPU step holds {scratch} B, the plan says {}",
             planned.device_step
         );
-        let reads = [&recorded.0["velocity"], &recorded.0["loss"]];
-        let [velocity, loss]: [Vec<f32>; 2] = gpu
-            .submit_and_read(enc, &reads)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut downloaded = f.adapter.zeros_like();
-        grads.download(&gpu, &mut downloaded).unwrap();
         let [velocity, loss, grad] = f.errors(quant, &velocity, &loss, &downloaded);
         assert!(velocity < 3e-5, "{quant}: velocity off by {velocity:e}");
         assert!(loss < 3e-6, "{quant}: loss off by {loss:e}");
@@ -345,29 +324,42 @@ fn a_step_with_control_images_matches_diffusers() {
     let mut out = cpu::run(&graph, bind).unwrap();
     errors(&out.take("velocity"), &out.take("loss"), &grads, "CPU");
     let Some(gpu) = common::gpu() else { return };
-    let weights = GpuWeights::upload(&gpu, &model).unwrap();
-    let lora = GpuLora::upload(&gpu, &f.adapter);
-    let gpu_grads = nibble::gpu::weights::zero_grads(&gpu, &f.adapter);
+    let (velocity, loss, grads) = gpu_step(&gpu, &model, &f.adapter, &graph, &inputs);
+    errors(&velocity, &loss, &grads, "GPU");
+}
+
+/// One forward and backward of `graph` on the GPU executor with `adapter`: velocity, loss and the
+/// LoRA gradients, downloaded.
+fn gpu_step(
+    gpu: &nibble::gpu::Gpu,
+    model: &flux2::Flux2Model,
+    adapter: &LoraAdapter,
+    graph: &nibble::graph::Graph,
+    inputs: &nibble::graph::StepInputs,
+) -> (Vec<f32>, Vec<f32>, LoraAdapter) {
+    let weights = GpuWeights::upload(gpu, model).unwrap();
+    let lora = GpuLora::upload(gpu, adapter);
+    let grads = nibble::gpu::weights::zero_grads(gpu, adapter);
     let bind = nibble::exec::gpu::Bindings {
-        gpu: &gpu,
+        gpu,
         model: &weights,
         lora: Some(&lora),
-        grads: Some(&gpu_grads),
+        grads: Some(&grads),
         cache: None,
         moments: None,
-        inputs: &inputs,
+        inputs,
     };
     let mut enc = gpu.encoder();
-    let recorded = nibble::exec::gpu::record(&graph, bind, &mut enc).unwrap();
+    let recorded = nibble::exec::gpu::record(graph, bind, &mut enc).unwrap();
     let reads = [&recorded.0["velocity"], &recorded.0["loss"]];
     let [velocity, loss]: [Vec<f32>; 2] = gpu
         .submit_and_read(enc, &reads)
         .unwrap()
         .try_into()
         .unwrap();
-    let mut downloaded = f.adapter.zeros_like();
-    gpu_grads.download(&gpu, &mut downloaded).unwrap();
-    errors(&velocity, &loss, &downloaded, "GPU");
+    let mut downloaded = adapter.zeros_like();
+    grads.download(gpu, &mut downloaded).unwrap();
+    (velocity, loss, downloaded)
 }
 
 /// The same tiny transformer as one file in BFL's naming (scripts/make_flux2_bfl_fixture.py, checked
@@ -1570,6 +1562,110 @@ fn nibble_samples_images_with_and_without_a_lora() {
     ok(sample("four.png", &["--steps", "4", "--guidance", "1"]));
     assert_eq!(pixels("distilled.png"), pixels("four.png"));
     assert!(moved(&pixels("four.png")) > plain.len() / 4);
+}
+
+/// An edit LoRA through the binary (`--control DIR`): each image's same-name control image (any
+/// image extension, its own size) is encoded, cached and trained beside it; a second run finds the
+/// four latents in the cache and trains the same losses; without the controls the losses differ;
+/// a missing or too small control image is refused by name before anything is encoded.
+#[test]
+fn nibble_trains_an_edit_lora_with_control_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let [klein, images] = klein_and_images(
+        root,
+        7,
+        &[
+            ("fox", (64, 48), "make it night"),
+            ("snow", (48, 64), "make it night"),
+        ],
+    );
+    let control = root.join("before");
+    std::fs::create_dir(&control).unwrap();
+    let picture = |w: u32, h: u32, seed: u32| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            let v = |c: u32| ((x * (3 + c) + y * (5 + seed) + c * 40) % 256) as u8;
+            image::Rgb([v(0), v(1), v(2)])
+        })
+    };
+    picture(80, 70, 1).save(control.join("fox.jpg")).unwrap();
+    picture(64, 96, 2).save(control.join("snow.PNG")).unwrap();
+    let (model, data, cache) = (s(&klein), s(&images), s(&root.join("cache")));
+    let train = |output: &str, extra: &[&str]| {
+        let output = s(&root.join(output));
+        let mut args = vec![
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--output",
+            &output,
+            "--cache-dir",
+            &cache,
+            "--resolution",
+            "64",
+            "--max-steps",
+            "2",
+            "--precision",
+            "f32",
+            "--device",
+            "cpu",
+        ];
+        args.extend(extra);
+        common::nibble(&args)
+    };
+    let losses = |out: std::process::Output, name: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        let metrics = std::fs::read_to_string(root.join(name).join("metrics.jsonl")).unwrap();
+        let losses: Vec<f64> = metrics
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        (losses, stderr)
+    };
+    let with_control = ["--control", control.to_str().unwrap()];
+    let latents_cached = || {
+        std::fs::read_dir(&cache)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("latents-")
+            })
+            .count()
+    };
+    let (first, _) = losses(train("edit", &with_control), "edit");
+    // Two images and their two controls.
+    assert_eq!(latents_cached(), 4);
+    let record = std::fs::read_to_string(root.join("edit").join("run.json")).unwrap();
+    assert!(record.contains("\"control_folders\":1"), "{record}");
+    assert!(root.join("edit").join("lora.safetensors").is_file());
+    let (again, _) = losses(train("again", &with_control), "again");
+    assert_eq!((latents_cached(), &again), (4, &first));
+    let (plain, _) = losses(train("plain", &[]), "plain");
+    assert_ne!(plain, first);
+    // Refused by name: a control image missing, one under 64 pixels a side.
+    let refused = |out: std::process::Output, want: &[&str]| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{w}: {stderr}");
+        }
+    };
+    std::fs::rename(control.join("snow.PNG"), root.join("snow.PNG")).unwrap();
+    refused(
+        train("odd", &with_control),
+        &["snow.png", "no control image", "before"],
+    );
+    picture(64, 40, 3).save(control.join("snow.webp")).unwrap();
+    refused(train("odd", &with_control), &["snow.webp", "at least 64"]);
+    assert!(!root.join("odd").join("lora.safetensors").exists());
 }
 
 /// The whole klein loop through the binary, on a random tiny pipeline (`nibble synth --preset

@@ -393,7 +393,8 @@ impl ImageSamples {
                 sigmas: &sigmas,
                 train_timesteps: self.scheduler.num_train_timesteps,
                 guidance: self.guidance,
-                references: &[],
+                // An edit LoRA is shown on the first training image's control images.
+                references: &work.examples[0].references,
             };
             let mut progress = |_| match stop_requested() {
                 true => Err(Error::Interrupted("stopped while drawing samples".into())),
