@@ -4,6 +4,8 @@
 //! to it.
 
 use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// One training image and its caption.
@@ -343,28 +345,55 @@ pub fn load_reference(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
     Ok((channels_first(&kept), w, h))
 }
 
-/// The control image of training image `image` in each of `folders`: the file with its name's stem
-/// and an image extension (any case), with its (width, height) read off the header (the EXIF
-/// orientation, which may swap them, changes neither the area nor the token count), checked as
-/// `load_reference` checks it. A folder without one, or with two (`a.png` and `a.jpg`), is an error
-/// naming both.
-pub fn control_images(image: &Path, folders: &[PathBuf]) -> Result<Vec<(PathBuf, (usize, usize))>> {
-    let stem = image.file_stem().unwrap_or_default();
-    folders
+/// A control image and the (width, height) it is prepared to.
+pub type ControlImage = (PathBuf, (usize, usize));
+
+/// For each training image of `images`, its control image in each of `folders`: the file with its
+/// name's stem and an image extension (any case), with the size it is prepared to, read off the
+/// header (the EXIF orientation, which may swap the sides, changes neither the area nor the token
+/// count), checked as `load_reference` checks it. A folder without one, or with two (`a.png` and
+/// `a.jpg`), is an error naming both.
+pub fn control_images(
+    images: &[&Path],
+    folders: &[PathBuf],
+) -> Result<Vec<Vec<ControlImage>>> {
+    // Each folder listed once: its image files by stem.
+    let listed = folders
         .iter()
         .map(|folder| {
             let entries = std::fs::read_dir(folder).map_err(|e| Error::io(folder, e))?;
-            let mut found = Vec::new();
+            let mut by_stem: HashMap<OsString, Vec<PathBuf>> = HashMap::new();
             for entry in entries {
                 let path = entry.map_err(|e| Error::io(folder, e))?.path();
                 let is_image = path
                     .extension()
                     .and_then(|e| e.to_str())
                     .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)));
-                if is_image && path.file_stem() == Some(stem) && path.is_file() {
-                    found.push(path);
+                if let Some(stem) = path.file_stem().filter(|_| is_image && path.is_file()) {
+                    by_stem.entry(stem.to_os_string()).or_default().push(path);
                 }
             }
+            Ok(by_stem)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    images
+        .iter()
+        .map(|image| control_images_of(image, folders, &listed))
+        .collect()
+}
+
+/// `control_images` of one training image, from the folders' listings.
+fn control_images_of(
+    image: &Path,
+    folders: &[PathBuf],
+    listed: &[HashMap<OsString, Vec<PathBuf>>],
+) -> Result<Vec<ControlImage>> {
+    let stem = image.file_stem().unwrap_or_default();
+    folders
+        .iter()
+        .zip(listed)
+        .map(|(folder, by_stem)| {
+            let mut found = by_stem.get(stem).cloned().unwrap_or_default();
             found.sort();
             let path = match &found[..] {
                 [one] => one.clone(),
@@ -388,9 +417,14 @@ pub fn control_images(image: &Path, folders: &[PathBuf]) -> Result<Vec<(PathBuf,
                     )));
                 }
             };
-            let (w, h) = image::image_dimensions(&path).map_err(|e| {
-                Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
-            })?;
+            // The format from the content, as `decode` reads it: a PNG named .jpg is common.
+            let (w, h) = image::ImageReader::open(&path)
+                .and_then(|r| r.with_guessed_format())
+                .map_err(|e| Error::io(&path, e))?
+                .into_dimensions()
+                .map_err(|e| {
+                    Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
+                })?;
             let (w, h) = (w as usize, h as usize);
             check_reference_shape(&path, (w, h))?;
             Ok((path, reference_sizes(w, h).1))

@@ -1631,23 +1631,26 @@ fn nibble_trains_an_edit_lora_with_control_images() {
         (losses, stderr)
     };
     let with_control = ["--control", control.to_str().unwrap()];
+    // Each latents entry with when it was written (only a miss writes one).
     let latents_cached = || {
-        std::fs::read_dir(&cache)
+        let mut entries: Vec<_> = std::fs::read_dir(&cache)
             .unwrap()
-            .filter(|e| {
-                let name = e.as_ref().unwrap().file_name();
-                name.to_string_lossy().starts_with("latents-")
-            })
-            .count()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("latents-"))
+            .map(|e| (e.file_name(), e.metadata().unwrap().modified().unwrap()))
+            .collect();
+        entries.sort();
+        entries
     };
     let (first, _) = losses(train("edit", &with_control), "edit");
     // Two images and their two controls.
-    assert_eq!(latents_cached(), 4);
+    let written = latents_cached();
+    assert_eq!(written.len(), 4);
     let record = std::fs::read_to_string(root.join("edit").join("run.json")).unwrap();
     assert!(record.contains("\"control_folders\":1"), "{record}");
     assert!(root.join("edit").join("lora.safetensors").is_file());
     let (again, _) = losses(train("again", &with_control), "again");
-    assert_eq!((latents_cached(), &again), (4, &first));
+    assert_eq!((latents_cached(), &again), (written, &first));
     let (plain, _) = losses(train("plain", &[]), "plain");
     assert_ne!(plain, first);
     // Refused by name: a control image missing, one under 64 pixels a side.

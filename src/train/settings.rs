@@ -721,6 +721,7 @@ impl TrainSettings {
         .into_iter()
         .flatten()
         .chain(self.data.iter_mut().flatten())
+        .chain(self.control.iter_mut().flatten())
         .collect()
     }
 
@@ -1463,7 +1464,8 @@ mod tests {
         let file = folder.join("run.toml");
         std::fs::write(
             &file,
-            "model = \"../models/m\"\ndata = \"chats.jsonl\"\noutput = \"/abs/out\"\n",
+            "model = \"../models/m\"\ndata = \"chats.jsonl\"\noutput = \"/abs/out\"\n\
+             control = [\"before\", \"/abs/masks\"]\n",
         )
         .unwrap();
         let flags = TrainSettings {
@@ -1476,5 +1478,9 @@ mod tests {
         assert_eq!(s.data, Some(vec![folder.join("chats.jsonl")]));
         assert_eq!(s.output, Some(PathBuf::from("/abs/out")));
         assert_eq!(s.eval_data, Some(PathBuf::from("held.jsonl")));
+        assert_eq!(
+            s.control,
+            Some(vec![folder.join("before"), PathBuf::from("/abs/masks")])
+        );
     }
 }
