@@ -353,10 +353,7 @@ pub type ControlImage = (PathBuf, (usize, usize));
 /// header (the EXIF orientation, which may swap the sides, changes neither the area nor the token
 /// count), checked as `load_reference` checks it. A folder without one, or with two (`a.png` and
 /// `a.jpg`), is an error naming both.
-pub fn control_images(
-    images: &[&Path],
-    folders: &[PathBuf],
-) -> Result<Vec<Vec<ControlImage>>> {
+pub fn control_images(images: &[&Path], folders: &[PathBuf]) -> Result<Vec<Vec<ControlImage>>> {
     // Each folder listed once: its image files by stem.
     let listed = folders
         .iter()

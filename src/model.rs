@@ -1037,6 +1037,102 @@ impl ModelSource {
     }
 
     /// Opens a file written by `nibble quantize`.
+    /// A Qwen3 text encoder as one safetensors file without its folder, as ComfyUI users keep FLUX.2
+    /// [klein]'s (`qwen_3_4b.safetensors`, `qwen_3_8b.safetensors`): transformers' tensor names
+    /// (any prefix before `model.`, or none before `layers.`), the configuration read from the
+    /// shapes (head size from the q/k norms) with Qwen3's fixed values (RoPE θ 10⁶, RMSNorm ε 10⁻⁶,
+    /// 40,960 positions, the embedding tied where there is no `lm_head`), and the bundled Qwen3
+    /// tokenizer. 8-bit float files (ComfyUI's "fp8mixed") are refused by name.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn open_qwen3_file(path: &Path) -> Result<Self> {
+        let mut file = SafetensorsFile::open(path)?;
+        let anchor = "layers.0.self_attn.q_norm.weight";
+        let prefix = file
+            .tensor_names()
+            .find_map(|n| n.strip_suffix(anchor))
+            .map(|p| p.strip_suffix("model.").unwrap_or(p).to_string())
+            .ok_or_else(|| Error::Safetensors {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "not a Qwen3 text encoder: no tensor ends in `{anchor}` (give a Qwen3 folder \
+                     with its config.json, or ComfyUI's qwen_3_*.safetensors)"
+                ),
+            })?;
+        // transformers' names: `model.` before the decoder's, `lm_head.weight` as it is.
+        file.rename(|name| {
+            let rest = name.strip_prefix(prefix.as_str())?;
+            let rest = rest.strip_prefix("model.").unwrap_or(rest);
+            Some(match rest {
+                "lm_head.weight" => rest.to_string(),
+                _ => format!("model.{rest}"),
+            })
+        });
+        if let Some(name) = file.tensor_names().find(|n| {
+            let info = file.info(n).expect("listed");
+            matches!(
+                info.dtype,
+                safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2
+            ) || n.ends_with(".comfy_quant")
+        }) {
+            return Err(Error::tensor(
+                path.to_path_buf(),
+                name,
+                "stored in 8 bits (ComfyUI's fp8 text encoders are not read yet): give the \
+                 16-bit file (qwen_3_*b.safetensors) or the Qwen3 folder",
+            ));
+        }
+        let shape = |name: &str| {
+            file.info(name)
+                .map(|i| i.shape.clone())
+                .ok_or_else(|| Error::tensor(path.to_path_buf(), name, "missing"))
+        };
+        let embed = shape("model.embed_tokens.weight")?;
+        let head_dim = shape("model.layers.0.self_attn.q_norm.weight")?[0];
+        let q = shape("model.layers.0.self_attn.q_proj.weight")?;
+        let k = shape("model.layers.0.self_attn.k_proj.weight")?;
+        let gate = shape("model.layers.0.mlp.gate_proj.weight")?;
+        let layers = (0..)
+            .take_while(|i| {
+                file.info(&format!("model.layers.{i}.input_layernorm.weight"))
+                    .is_some()
+            })
+            .count();
+        let config = serde_json::json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": embed[0], "hidden_size": embed[1], "intermediate_size": gate[0],
+            "num_hidden_layers": layers, "head_dim": head_dim,
+            "num_attention_heads": q[0] / head_dim.max(1),
+            "num_key_value_heads": k[0] / head_dim.max(1),
+            "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+            "tie_word_embeddings": file.info("lm_head.weight").is_none(),
+            "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
+        });
+        let mut config = config;
+        let stored = file.info("model.embed_tokens.weight").map(|i| i.dtype);
+        if let Some(dtype) = stored.and_then(|d| match d {
+            safetensors::Dtype::BF16 => Some("bfloat16"),
+            safetensors::Dtype::F16 => Some("float16"),
+            safetensors::Dtype::F32 => Some("float32"),
+            _ => None,
+        }) {
+            config["dtype"] = dtype.into();
+        }
+        let config = ModelConfig::from_json_str(&config.to_string(), &path.join("[shapes]"))?;
+        let shard_of = file.tensor_names().map(|n| (n.clone(), 0)).collect();
+        let source = ModelSource {
+            config,
+            tokenizer: crate::synth::qwen3_tokenizer(),
+            generation_config: None,
+            label: path.display().to_string(),
+            kind: SourceKind::Folder {
+                shards: vec![file],
+                shard_of,
+            },
+        };
+        source.check()?;
+        Ok(source)
+    }
+
     pub fn open_quantized(file: SafetensorsFile) -> Result<Self> {
         let path = file.path().to_path_buf();
         let meta = file.metadata();

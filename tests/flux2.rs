@@ -23,6 +23,15 @@ use std::path::{Path, PathBuf};
 
 const FIXTURE: &str = "tests/fixtures/flux2";
 
+/// `nibble` failed, its error saying each of `want`.
+fn assert_refused(out: std::process::Output, want: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{stderr}");
+    for w in want {
+        assert!(stderr.contains(w), "{w}: {stderr}");
+    }
+}
+
 fn ids(values: Vec<f32>) -> Vec<[f32; 4]> {
     values
         .chunks(4)
@@ -506,6 +515,15 @@ fn a_pipelines_transformer_folder_or_file_trains_with_the_rest_of_the_pipeline()
         vae.as_str(),
     ];
     let (ok, stderr, metrics) = train(&solo, "named", &named);
+    assert!(ok, "{stderr}");
+    assert_eq!(loss(&metrics), loss(&whole));
+    // The text encoder as one file (ComfyUI's way): its config from the shapes, the bundled Qwen3
+    // tokenizer (the one synth's pipeline holds), the same features and loss.
+    let lone = root.join("qwen_3_tiny.safetensors");
+    std::fs::copy(klein.join("text_encoder/model.safetensors"), &lone).unwrap();
+    let lone = s(&lone);
+    let one_file = ["--text-encoder", lone.as_str(), "--vae", vae.as_str()];
+    let (ok, stderr, metrics) = train(&solo, "one-file", &one_file);
     assert!(ok, "{stderr}");
     assert_eq!(loss(&metrics), loss(&whole));
 
@@ -1245,6 +1263,116 @@ fn sampling_with_reference_images_matches_the_klein_pipeline() {
     }
 }
 
+/// The text encoder as one file, as ComfyUI users keep klein's (qwen_3_8b.safetensors: no config,
+/// no tokenizer): the configuration read off the shapes equals the folder's config.json, with any
+/// prefix before `model.` (or none before `layers.`), and the features equal the
+/// pipeline's as the folder's do (measured 5.5e-7; held to 6e-6); an 8-bit file and a file of
+/// something else are refused by name.
+#[test]
+fn a_lone_qwen3_file_is_the_text_encoder() {
+    use nibble::model::ModelSource;
+    let dir = Path::new("tests/fixtures/klein_text");
+    let folder = nibble::model::open(dir.join("text_encoder")).unwrap();
+    let weights = dir.join("text_encoder/model.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let original = SafetensorsFile::open(&weights).unwrap();
+    let names: Vec<String> = original.tensor_names().cloned().collect();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = names
+        .iter()
+        .map(|n| {
+            let info = original.info(n).unwrap();
+            (n.clone(), info.shape.clone(), original.read_f32(n).unwrap())
+        })
+        .collect();
+    let write = |name: &str, rename: &dyn Fn(&str) -> String| {
+        let path = tmp.path().join(name);
+        let entries: Vec<(String, Vec<usize>)> = tensors
+            .iter()
+            .map(|(n, s, _)| (rename(n), s.clone()))
+            .collect();
+        nibble::synth::write_safetensors_streaming(
+            &path,
+            nibble::source::FloatDtype::BF16,
+            &entries,
+            |i, out| out.copy_from_slice(&tensors[i].2),
+        )
+        .unwrap();
+        path
+    };
+    let plain = std::fs::copy(&weights, tmp.path().join("qwen_3_tiny.safetensors")).map(|_| ());
+    plain.unwrap();
+    let files = [
+        tmp.path().join("qwen_3_tiny.safetensors"),
+        write("prefixed.safetensors", &|n| {
+            format!("text_encoders.qwen3.transformer.{n}")
+        }),
+        write("bare.safetensors", &|n| {
+            n.strip_prefix("model.").unwrap_or(n).to_string()
+        }),
+    ];
+    let expected = SafetensorsFile::open(&dir.join("expected.safetensors")).unwrap();
+    let want = expected.read_f32("caption0.features").unwrap();
+    for file in &files {
+        let lone = ModelSource::open_qwen3_file(file).unwrap();
+        // What config.json says beyond what nibble reads (`raw`) differs.
+        let read = |c: &nibble::config::ModelConfig| nibble::config::ModelConfig {
+            raw: serde_json::Value::Null,
+            ..c.clone()
+        };
+        assert_eq!(
+            read(&lone.config),
+            read(&folder.config),
+            "{}",
+            file.display()
+        );
+        let tokenizer =
+            nibble::tokenizer::ChatTokenizer::from_files(&lone.tokenizer, file).unwrap();
+        let encoder = lone.load(Some(nibble::model::QuantRequest::Dense)).unwrap();
+        let features = flux2::caption_features(
+            &encoder,
+            Forward::Cpu(Precision::F32),
+            &tokenizer,
+            "a red fox sitting in snow",
+            24,
+        )
+        .unwrap();
+        let e = rel(&features, &want);
+        eprintln!("{}: features {e:e}", file.display());
+        assert!(e < 6e-6, "{}: features off by {e:e}", file.display());
+    }
+    // Not Qwen3: the transformer's fixture file.
+    let other = Path::new(FIXTURE).join("tiny_bfl.safetensors");
+    let e = ModelSource::open_qwen3_file(&other)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tiny_bfl.safetensors") && e.contains("q_norm"),
+        "{e}"
+    );
+    // ComfyUI's fp8 files: refused naming the 8-bit tensor.
+    let norm = vec![0u8; 16 * 4];
+    let codes = vec![0x38u8; 32 * 32];
+    let fp8 = tmp.path().join("qwen_3_fp8mixed.safetensors");
+    let views = [
+        (
+            "model.layers.0.self_attn.q_norm.weight",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16], &norm).unwrap(),
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E4M3, vec![32, 32], &codes)
+                .unwrap(),
+        ),
+    ];
+    safetensors::tensor::serialize_to_file(views, None, &fp8).unwrap();
+    let e = ModelSource::open_qwen3_file(&fp8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("q_proj") && e.contains("8 bits"), "{e}");
+}
+
 /// The same tiny VAE as one file in BFL's naming (`flux2-vae.safetensors` as ComfyUI users have it;
 /// scripts/make_flux2_vae_bfl_fixture.py, checked there against diffusers' LDM converter): the
 /// encoder's shape is read off the tensors, and its latents are the folder's. A file does not store
@@ -1476,22 +1604,15 @@ fn nibble_samples_images_with_and_without_a_lora() {
         assert!(worst <= 1, "GPU pixels {worst} levels from the CPU's");
     }
     // Refused by name: an image already there, sides off the 16-pixel grid, a missing LoRA.
-    let refused = |out: std::process::Output, want: &[&str]| {
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "{stderr}");
-        for w in want {
-            assert!(stderr.contains(w), "{w}: {stderr}");
-        }
-    };
-    refused(sample("plain.png", &[]), &["plain.png", "--overwrite"]);
+    assert_refused(sample("plain.png", &[]), &["plain.png", "--overwrite"]);
     ok(sample("plain.png", &["--overwrite"]));
     assert_eq!(pixels("plain.png"), plain);
-    refused(sample("odd.png", &["--width", "50"]), &["--width 50", "16"]);
-    refused(
+    assert_refused(sample("odd.png", &["--width", "50"]), &["--width 50", "16"]);
+    assert_refused(
         sample("odd.png", &["--lora", &s(&root.join("nowhere"))]),
         &["nowhere"],
     );
-    refused(sample("odd.jpg", &[]), &["odd.jpg", ".png"]);
+    assert_refused(sample("odd.jpg", &[]), &["odd.jpg", ".png"]);
     assert!(!root.join("odd.png").exists());
     // A fresh run over the folder (--overwrite) clears the earlier run's samples with its files.
     train(&["--overwrite"]);
@@ -1542,9 +1663,9 @@ fn nibble_samples_images_with_and_without_a_lora() {
         image::RgbImage::from_pixel(size.0, size.1, image::Rgb([90, 140, 30]))
             .save(&path)
             .unwrap();
-        refused(sample("odd.png", &["--image", &s(&path)]), &[name, want]);
+        assert_refused(sample("odd.png", &["--image", &s(&path)]), &[name, want]);
     }
-    refused(
+    assert_refused(
         sample("odd.png", &["--image", &s(&root.join("nowhere.png"))]),
         &["nowhere.png"],
     );
@@ -1654,20 +1775,13 @@ fn nibble_trains_an_edit_lora_with_control_images() {
     let (plain, _) = losses(train("plain", &[]), "plain");
     assert_ne!(plain, first);
     // Refused by name: a control image missing, one under 64 pixels a side.
-    let refused = |out: std::process::Output, want: &[&str]| {
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "{stderr}");
-        for w in want {
-            assert!(stderr.contains(w), "{w}: {stderr}");
-        }
-    };
     std::fs::rename(control.join("snow.PNG"), root.join("snow.PNG")).unwrap();
-    refused(
+    assert_refused(
         train("odd", &with_control),
         &["snow.png", "no control image", "before"],
     );
     picture(64, 40, 3).save(control.join("snow.webp")).unwrap();
-    refused(train("odd", &with_control), &["snow.webp", "at least 64"]);
+    assert_refused(train("odd", &with_control), &["snow.webp", "at least 64"]);
     assert!(!root.join("odd").join("lora.safetensors").exists());
 }
 

@@ -54,7 +54,8 @@ pub struct Args {
     group_size: usize,
     #[command(flatten)]
     exec: super::ExecArgs,
-    /// The Qwen3 text encoder folder (with its tokenizer), where not the pipeline's.
+    /// The Qwen3 text encoder folder (with its tokenizer), or ComfyUI's one-file
+    /// qwen_3_4b/qwen_3_8b.safetensors, where not the pipeline's.
     #[arg(long)]
     text_encoder: Option<PathBuf>,
     /// The VAE (flux2-vae.safetensors, or a diffusers AutoencoderKLFlux2 folder), where not the

@@ -769,6 +769,10 @@ pub struct FluxRunSpec<'a> {
 /// folder beside it when only that one holds a tokenizer.json (a diffusers pipeline's layout).
 #[cfg(not(target_arch = "wasm32"))]
 fn tokenizer_folder(text_encoder: &std::path::Path) -> std::path::PathBuf {
+    if text_encoder.is_file() {
+        // A lone file's tokenizer is the bundled Qwen3 one.
+        return text_encoder.to_path_buf();
+    }
     let beside = text_encoder
         .parent()
         .map(|pipeline| pipeline.join("tokenizer"));
@@ -1524,7 +1528,13 @@ fn caption_features<'c>(
     use crate::model::{QuantRequest, TokenizerFiles};
     use crate::quant::{QuantFormat, QuantSpec};
     use crate::train::feature_cache::{Entry, model_digest};
-    let source = crate::model::open(text_dir)?;
+    // A lone file (ComfyUI's qwen_3_*b.safetensors) carries no config or tokenizer: both are
+    // Qwen3's, the config read off its shapes.
+    let lone_file = text_dir.is_file();
+    let source = match lone_file {
+        true => crate::model::ModelSource::open_qwen3_file(text_dir)?,
+        false => crate::model::open(text_dir)?,
+    };
     if 3 * source.config.hidden_size != flux.text_dim {
         return Err(Error::Invalid(format!(
             "{}: the text encoder's width {} gives features of {}, and the transformer reads {}",
@@ -1535,10 +1545,13 @@ fn caption_features<'c>(
         )));
     }
     let read = |name: &str| crate::fsutil::read_to_string(&tokenizer_dir.join(name)).ok();
-    let files = TokenizerFiles {
-        tokenizer_json: read("tokenizer.json"),
-        tokenizer_config_json: read("tokenizer_config.json"),
-        chat_template_jinja: read("chat_template.jinja"),
+    let files = match lone_file {
+        true => source.tokenizer.clone(),
+        false => TokenizerFiles {
+            tokenizer_json: read("tokenizer.json"),
+            tokenizer_config_json: read("tokenizer_config.json"),
+            chat_template_jinja: read("chat_template.jinja"),
+        },
     };
     let tokenizer = crate::tokenizer::ChatTokenizer::from_files(&files, tokenizer_dir)?;
     let storage = if source.config.hidden_size % 64 == 0 {

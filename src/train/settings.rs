@@ -484,7 +484,8 @@ pub struct TrainSettings {
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
     /// FLUX.2: the Qwen3 text encoder folder, its tokenizer.json in it or in a `tokenizer/` folder
-    /// beside it (a pipeline folder has its own; a transformer outside one needs one).
+    /// beside it, or ComfyUI's one-file qwen_3_4b/qwen_3_8b.safetensors (a pipeline folder has its
+    /// own; a transformer outside one needs one).
     #[arg(long)]
     pub text_encoder: Option<PathBuf>,
     /// FLUX.2: the VAE, as BFL's single file (flux2-vae.safetensors) or a diffusers
