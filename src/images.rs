@@ -295,12 +295,16 @@ pub fn load_pixels(path: &Path, resolution: usize) -> Result<(Vec<f32>, usize, u
 pub const REFERENCE_MAX_AREA: usize = 1024 * 1024;
 
 /// The size a `width` x `height` reference image is scaled to (the same where it is within
-/// `REFERENCE_MAX_AREA`; sides truncated as the pipeline's int(side · scale)), and the multiples of 16
-/// its centre is then cropped to.
-pub fn reference_sizes(width: usize, height: usize) -> ((usize, usize), (usize, usize)) {
-    let scaled = match width * height > REFERENCE_MAX_AREA {
+/// `max_area` pixels; sides truncated as the pipeline's int(side · scale)), and the multiples of 16
+/// its centre is then cropped to. The pipeline's `max_area` is `REFERENCE_MAX_AREA`.
+pub fn reference_sizes(
+    width: usize,
+    height: usize,
+    max_area: usize,
+) -> ((usize, usize), (usize, usize)) {
+    let scaled = match width * height > max_area {
         true => {
-            let scale = (REFERENCE_MAX_AREA as f64 / (width * height) as f64).sqrt();
+            let scale = (max_area as f64 / (width * height) as f64).sqrt();
             (
                 (width as f64 * scale) as usize,
                 (height as f64 * scale) as usize,
@@ -317,13 +321,14 @@ pub fn reference_sizes(width: usize, height: usize) -> ((usize, usize), (usize, 
 
 /// A reference image for sampling as Flux2KleinPipeline prepares its `image=`: at least 64 pixels a
 /// side and an aspect within 8:1 (else refused, as the pipeline refuses it), scaled down (Lanczos) to
-/// about 1024² pixels where larger, then its centre cropped to sides that are multiples of 16 (no
-/// other resizing): RGB in [0, 1], channels first, with its (width, height).
-pub fn load_reference(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
+/// about `max_area` pixels where larger (the pipeline's 1024², `REFERENCE_MAX_AREA`), then its centre
+/// cropped to sides that are multiples of 16 (no other resizing): RGB in [0, 1], channels first, with
+/// its (width, height).
+pub fn load_reference(path: &Path, max_area: usize) -> Result<(Vec<f32>, usize, usize)> {
     let image = decode(path)?;
     let (w0, h0) = (image.width() as usize, image.height() as usize);
     check_reference_shape(path, (w0, h0))?;
-    let ((sw, sh), (w, h)) = reference_sizes(w0, h0);
+    let ((sw, sh), (w, h)) = reference_sizes(w0, h0, max_area);
     let mut rgb = image.to_rgb8();
     drop(image);
     if (sw, sh) != (w0, h0) {
@@ -353,7 +358,11 @@ pub type ControlImage = (PathBuf, (usize, usize));
 /// header (the EXIF orientation, which may swap the sides, changes neither the area nor the token
 /// count), checked as `load_reference` checks it. A folder without one, or with two (`a.png` and
 /// `a.jpg`), is an error naming both.
-pub fn control_images(images: &[&Path], folders: &[PathBuf]) -> Result<Vec<Vec<ControlImage>>> {
+pub fn control_images(
+    images: &[&Path],
+    folders: &[PathBuf],
+    max_area: usize,
+) -> Result<Vec<Vec<ControlImage>>> {
     // Each folder listed once: its image files by stem.
     let listed = folders
         .iter()
@@ -375,7 +384,7 @@ pub fn control_images(images: &[&Path], folders: &[PathBuf]) -> Result<Vec<Vec<C
         .collect::<Result<Vec<_>>>()?;
     images
         .iter()
-        .map(|image| control_images_of(image, folders, &listed))
+        .map(|image| control_images_of(image, folders, &listed, max_area))
         .collect()
 }
 
@@ -384,6 +393,7 @@ fn control_images_of(
     image: &Path,
     folders: &[PathBuf],
     listed: &[HashMap<OsString, Vec<PathBuf>>],
+    max_area: usize,
 ) -> Result<Vec<ControlImage>> {
     let stem = image.file_stem().unwrap_or_default();
     folders
@@ -424,7 +434,7 @@ fn control_images_of(
                 })?;
             let (w, h) = (w as usize, h as usize);
             check_reference_shape(&path, (w, h))?;
-            Ok((path, reference_sizes(w, h).1))
+            Ok((path, reference_sizes(w, h, max_area).1))
         })
         .collect()
 }
@@ -506,7 +516,8 @@ mod tests {
     use super::*;
 
     /// Reference sizes as Flux2KleinPipeline computes them (values from its formula in Python:
-    /// scale = sqrt(1024² / (w·h)) above 1024² pixels, int(side · scale), then // 16 · 16).
+    /// scale = sqrt(1024² / (w·h)) above 1024² pixels, int(side · scale), then // 16 · 16), and
+    /// under a smaller cap (`--control-resolution 512`, 64).
     #[test]
     fn references_scale_to_about_a_megapixel_and_crop_to_sixteens() {
         for ((w, h), scaled, cropped) in [
@@ -517,8 +528,17 @@ mod tests {
             ((4000, 500), (2896, 362), (2896, 352)),
             ((76, 66), (76, 66), (64, 64)),
         ] {
-            assert_eq!(reference_sizes(w, h), (scaled, cropped), "{w}x{h}");
+            assert_eq!(
+                reference_sizes(w, h, REFERENCE_MAX_AREA),
+                (scaled, cropped),
+                "{w}x{h}"
+            );
         }
+        assert_eq!(
+            reference_sizes(2000, 1500, 512 * 512),
+            ((591, 443), (576, 432))
+        );
+        assert_eq!(reference_sizes(80, 70, 64 * 64), ((68, 59), (64, 48)));
     }
 
     /// Marker segments as encoders write them, around scan data with stuffed bytes, restart markers

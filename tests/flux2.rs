@@ -602,6 +602,32 @@ fn klein_9b_plans_within_a_12_gb_card() {
         plan(512, false).total > small.total + (4u64 << 30),
         "checkpointing saves"
     );
+    // An edit LoRA at 512 px: with a 1024² control image (1,024 + 4,096 image tokens) 11.49 GiB,
+    // more than a 12 GB card with a desktop on it leaves; with the control capped at 512²
+    // (--control-resolution 512: 1,024 + 1,024 tokens) 8.35 GiB.
+    let edit = |reference_tokens| {
+        let step = Flux2Step {
+            reference_tokens,
+            ..Flux2Step::training(512, 512, true)
+        };
+        let p = flux2::plan(&c, nf4, (32, &all_linear()), step).unwrap();
+        eprintln!(
+            "512 px with {reference_tokens} control tokens: total {:.2} GiB",
+            gib(p.total)
+        );
+        p.total
+    };
+    let (full, capped) = (edit(4096), edit(1024));
+    assert!(
+        full > large.total && gib(full) > 11.0,
+        "{:.2} GiB",
+        gib(full)
+    );
+    assert!(
+        gib(capped) <= 9.0,
+        "512 px + a 512² control: {:.2} GiB",
+        gib(capped)
+    );
 }
 
 #[test]
@@ -652,6 +678,22 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
     // takes them.
     let preset = json(&["plan", folder, "--json"]);
     assert_eq!(preset["total"], want.total);
+    // An edit LoRA's control image of 512² adds 1,024 tokens to the step (and one of 527²: the crop to
+    // 16s).
+    let edit = flux2::plan(
+        &c,
+        nf4,
+        (32, &all_linear()),
+        Flux2Step {
+            reference_tokens: 1024,
+            ..Flux2Step::training(512, 512, true)
+        },
+    )
+    .unwrap();
+    for side in ["512", "527"] {
+        let control = json(&[&args[..], &["--control-resolution", side, "--json"]].concat());
+        assert_eq!(control["total"], edit.total, "{side}");
+    }
     // Targets are honoured; what training refuses for FLUX.2, or what only a language model's step
     // takes, is refused.
     let fewer = json(&[&args[..], &["--target-modules", "linear1", "--json"]].concat());
@@ -661,6 +703,10 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
         (&["--lora-dropout", "0.1"][..], "--lora-dropout"),
         (&["--use-dora"][..], "--use-dora"),
         (&["--seq-len", "64"][..], "--seq-len"),
+        (
+            &["--control-resolution", "20"][..],
+            "--control-resolution 20",
+        ),
     ] {
         let out = common::nibble(&[&args[..], extra].concat());
         let err = String::from_utf8_lossy(&out.stderr);
@@ -1206,7 +1252,7 @@ fn sampling_with_reference_images_matches_the_klein_pipeline() {
     let pixels: Vec<_> = (0..2)
         .map(|k| {
             let path = Path::new(FIXTURE).join(format!("reference-{k}.png"));
-            nibble::images::load_reference(&path).unwrap()
+            nibble::images::load_reference(&path, nibble::images::REFERENCE_MAX_AREA).unwrap()
         })
         .collect();
     assert_eq!(
@@ -1774,6 +1820,19 @@ fn nibble_trains_an_edit_lora_with_control_images() {
     assert_eq!((latents_cached(), &again), (written, &first));
     let (plain, _) = losses(train("plain", &[]), "plain");
     assert_ne!(plain, first);
+    // Control images capped at 64² pixels (80 x 70 becomes 64 x 48 tokens' worth): two more
+    // latents entries, other losses; the run records the cap.
+    let capped = [
+        "--control",
+        control.to_str().unwrap(),
+        "--control-resolution",
+        "64",
+    ];
+    let (small, _) = losses(train("capped", &capped), "capped");
+    assert_ne!(small, first);
+    assert_eq!(latents_cached().len(), 6);
+    let record = std::fs::read_to_string(root.join("capped").join("run.json")).unwrap();
+    assert!(record.contains("\"control_resolution\":64"), "{record}");
     // Refused by name: a control image missing, one under 64 pixels a side.
     std::fs::rename(control.join("snow.PNG"), root.join("snow.PNG")).unwrap();
     assert_refused(
@@ -1782,6 +1841,18 @@ fn nibble_trains_an_edit_lora_with_control_images() {
     );
     picture(64, 40, 3).save(control.join("snow.webp")).unwrap();
     assert_refused(train("odd", &with_control), &["snow.webp", "at least 64"]);
+    assert_refused(
+        train(
+            "odd",
+            &[
+                "--control",
+                control.to_str().unwrap(),
+                "--control-resolution",
+                "10",
+            ],
+        ),
+        &["--control-resolution", "10"],
+    );
     assert!(!root.join("odd").join("lora.safetensors").exists());
 }
 

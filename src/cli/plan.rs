@@ -54,6 +54,11 @@ pub struct Args {
     /// 512, as `nibble train` takes it].
     #[arg(long)]
     resolution: Option<usize>,
+    /// FLUX.2: the side in pixels of the control images (`nibble train --control`) beside each
+    /// training image (at most `nibble train --control-resolution`, 1024 unless told); give it once
+    /// per control folder.
+    #[arg(long, value_name = "PIXELS")]
+    control_resolution: Vec<usize>,
     /// FLUX.2: caption tokens (the text encoder pads or cuts every caption to 512) [default: 512].
     #[arg(long)]
     text_tokens: Option<usize>,
@@ -81,6 +86,7 @@ pub fn run(args: Args) -> Result<()> {
         bf16_checkpoints,
         offload_checkpoints,
         resolution,
+        control_resolution,
         text_tokens,
         budget,
         json: as_json,
@@ -129,11 +135,26 @@ pub fn run(args: Args) -> Result<()> {
         }
         let checkpoint = checkpoint.unwrap_or(true);
         let spec = quant.planned_spec(None)?;
-        let step = nibble::models::flux2::Flux2Step::training(resolution, text_tokens, checkpoint);
+        let mut reference_tokens = 0;
+        for &side in &control_resolution {
+            if !(64..=4096).contains(&side) {
+                bail!("--control-resolution {side}: from 64 to 4096 pixels");
+            }
+            let (_, (w, h)) = nibble::images::reference_sizes(side, side, side * side);
+            reference_tokens += w * h / 256;
+        }
+        let step = nibble::models::flux2::Flux2Step {
+            reference_tokens,
+            ..nibble::models::flux2::Flux2Step::training(resolution, text_tokens, checkpoint)
+        };
         let p = nibble::models::flux2::plan(&c, spec, (rank, &parse_targets(&targets)?), step)?;
+        let controls = match reference_tokens {
+            0 => String::new(),
+            n => format!(" + {n} control"),
+        };
         let what = format!(
-            "training step at {resolution}x{resolution} ({} image + {text_tokens} text tokens), LoRA \
-             r={rank} on {targets} of the {} block linears",
+            "training step at {resolution}x{resolution} ({} image{controls} + {text_tokens} text \
+             tokens), LoRA r={rank} on {targets} of the {} block linears",
             step.image_tokens,
             c.block_linears().len()
         );
@@ -166,9 +187,9 @@ pub fn run(args: Args) -> Result<()> {
         (Asked::Fit { most }, Some(_)) => (true, most),
         (Asked::Fit { .. }, None) => (false, Keep::F32),
     };
-    if resolution.is_some() || text_tokens.is_some() {
+    if resolution.is_some() || text_tokens.is_some() || !control_resolution.is_empty() {
         bail!(
-            "--resolution and --text-tokens plan FLUX.2 image steps; a language model's step takes --seq-len or --budget"
+            "--resolution, --control-resolution and --text-tokens plan FLUX.2 image steps; a language model's step takes --seq-len or --budget"
         );
     }
     let (tokens, rank) = (tokens.unwrap_or(1024), rank.unwrap_or(8));

@@ -127,6 +127,9 @@ fn train_klein(
             .unwrap_or(nibble::train::flux2::DEFAULT_RESOLUTION),
         trigger: settings.trigger.clone(),
         controls: settings.control.clone().unwrap_or_default(),
+        control_resolution: settings
+            .control_resolution
+            .unwrap_or(nibble::train::flux2::DEFAULT_CONTROL_RESOLUTION),
         caption_dropout: settings
             .caption_dropout
             .unwrap_or(nibble::train::flux2::DEFAULT_CAPTION_DROPOUT),

@@ -13,6 +13,10 @@ use crate::shared::Shared;
 /// The image side when none is asked for (`--resolution`).
 pub const DEFAULT_RESOLUTION: usize = 512;
 
+/// Control images' side when none is asked for (`--control-resolution`): their area is capped at
+/// this squared, as Flux2KleinPipeline caps reference images.
+pub const DEFAULT_CONTROL_RESOLUTION: usize = 1024;
+
 /// The probability of the empty caption when none is asked for (`--caption-dropout`).
 pub const DEFAULT_CAPTION_DROPOUT: f64 = 0.05;
 
@@ -749,6 +753,8 @@ pub struct FluxRunSpec<'a> {
     pub trigger: Option<String>,
     /// Folders of control images: each training image's same-name image in each, as references.
     pub controls: Vec<std::path::PathBuf>,
+    /// Control images are scaled down to about this side squared where larger.
+    pub control_resolution: usize,
     /// Probability of training an example with the empty caption.
     pub caption_dropout: f64,
     pub sampling: SigmaSampling,
@@ -1023,7 +1029,7 @@ pub fn sample(
     // Read (and refused where unfit) before any model is.
     let reference_pixels = references
         .iter()
-        .map(|p| crate::images::load_reference(p))
+        .map(|p| crate::images::load_reference(p, crate::images::REFERENCE_MAX_AREA))
         .collect::<Result<Vec<_>>>()?;
     let first = reference_pixels.first().map(|&(_, w, h)| (w, h));
     let width = width.or(first.map(|f| f.0)).unwrap_or(DEFAULT_SAMPLE_SIDE);
@@ -1198,6 +1204,7 @@ pub fn run(
         resolution,
         trigger,
         controls,
+        control_resolution,
         caption_dropout,
         sampling,
         text_tokens,
@@ -1208,6 +1215,12 @@ pub fn run(
     } = spec;
     check_caption_dropout(caption_dropout)?;
     check_resolution(resolution)?;
+    if !(64..=4096).contains(&control_resolution) {
+        return Err(Error::Invalid(format!(
+            "--control-resolution must be from 64 to 4096 pixels (got {control_resolution})"
+        )));
+    }
+    let control_area = control_resolution * control_resolution;
     let folder = crate::train::folder::RunFolder::claim(
         output,
         options.overwrite,
@@ -1236,7 +1249,7 @@ pub fn run(
     let examples = crate::images::scan_folder(data, trigger.as_deref())?;
     // Each example's control images with their token grids, read off their headers.
     let image_paths: Vec<&std::path::Path> = examples.iter().map(|e| e.image.as_path()).collect();
-    let control_images = crate::images::control_images(&image_paths, &controls)?;
+    let control_images = crate::images::control_images(&image_paths, &controls, control_area)?;
     let reference_tokens = control_images
         .iter()
         .map(|c| c.iter().map(|(_, (w, h))| w * h / 256).sum::<usize>())
@@ -1365,26 +1378,28 @@ pub fn run(
                 .map(|(p, _)| (p.as_path(), true)),
         )
         .collect();
-    let keyed: Vec<Option<String>> =
-        jobs.iter()
-            .map(|&(image, reference)| {
-                let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
-                c.describe(|| {
-                    // The last line names how pixels are made (sessions before 36 resized, then cropped).
-                    let pixels = match reference {
-                        true => "reference: scaled to at most 1024² pixels, centre cropped to 16s"
-                            .into(),
-                        false => {
-                            format!("resolution {resolution}\npixels centre cropped, then resized")
-                        }
-                    };
-                    Ok(format!(
-                        "vae {vae}\nimage {}\n{pixels}",
-                        file_digest(image)?
-                    ))
-                })
+    let keyed: Vec<Option<String>> = jobs
+        .iter()
+        .map(|&(image, reference)| {
+            let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
+            c.describe(|| {
+                // The last line names how pixels are made (sessions before 36 resized, then cropped).
+                let pixels = match reference {
+                    true => format!(
+                        "reference: scaled to at most {control_resolution}² pixels, centre \
+                             cropped to 16s"
+                    ),
+                    false => {
+                        format!("resolution {resolution}\npixels centre cropped, then resized")
+                    }
+                };
+                Ok(format!(
+                    "vae {vae}\nimage {}\n{pixels}",
+                    file_digest(image)?
+                ))
             })
-            .collect();
+        })
+        .collect();
     let hits: Vec<Option<(Vec<f32>, usize, usize)>> = keyed
         .iter()
         .map(|description| {
@@ -1422,7 +1437,7 @@ pub fn run(
                 return Err(stopped_before_training("encoding images"));
             }
             let (pixels, w, h) = match reference {
-                true => crate::images::load_reference(image)?,
+                true => crate::images::load_reference(image, control_area)?,
                 false => crate::images::load_pixels(image, resolution)?,
             };
             let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
@@ -1481,6 +1496,7 @@ pub fn run(
     });
     if !controls.is_empty() {
         image_options["control_folders"] = controls.len().into();
+        image_options["control_resolution"] = control_resolution.into();
     }
     let label = path.display().to_string();
     let seed = config.seed;
