@@ -1097,7 +1097,7 @@ impl ModelSource {
                     .is_some()
             })
             .count();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
             "vocab_size": embed[0], "hidden_size": embed[1], "intermediate_size": gate[0],
             "num_hidden_layers": layers, "head_dim": head_dim,
@@ -1107,14 +1107,14 @@ impl ModelSource {
             "tie_word_embeddings": file.info("lm_head.weight").is_none(),
             "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
         });
-        let mut config = config;
-        let stored = file.info("model.embed_tokens.weight").map(|i| i.dtype);
-        if let Some(dtype) = stored.and_then(|d| match d {
-            safetensors::Dtype::BF16 => Some("bfloat16"),
-            safetensors::Dtype::F16 => Some("float16"),
-            safetensors::Dtype::F32 => Some("float32"),
+        // The stored precision, as config.json's `dtype` gives it.
+        let stored = match file.info("model.embed_tokens.weight").map(|i| i.dtype) {
+            Some(safetensors::Dtype::BF16) => Some("bfloat16"),
+            Some(safetensors::Dtype::F16) => Some("float16"),
+            Some(safetensors::Dtype::F32) => Some("float32"),
             _ => None,
-        }) {
+        };
+        if let Some(dtype) = stored {
             config["dtype"] = dtype.into();
         }
         let config = ModelConfig::from_json_str(&config.to_string(), &path.join("[shapes]"))?;

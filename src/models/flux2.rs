@@ -745,20 +745,23 @@ pub struct Reference {
     pub cols: usize,
 }
 
-/// The noised tokens followed by each reference's, and their ids: the image stream as the
-/// transformer takes it (`Flux2Step::reference_tokens` of them references).
-pub fn with_references(
-    noised: &[f32],
-    image_ids: &[[f32; 4]],
-    references: &[Reference],
-) -> (Vec<f32>, Vec<[f32; 4]>) {
+/// The noised tokens followed by each reference's: the image stream as the transformer takes it
+/// (`Flux2Step::reference_tokens` of them references).
+pub fn with_reference_tokens(noised: &[f32], references: &[Reference]) -> Vec<f32> {
     let mut tokens = noised.to_vec();
+    for r in references {
+        tokens.extend_from_slice(&r.tokens);
+    }
+    tokens
+}
+
+/// The noised tokens' ids followed by each reference's (`reference_ids`).
+pub fn with_reference_ids(image_ids: &[[f32; 4]], references: &[Reference]) -> Vec<[f32; 4]> {
     let mut ids = image_ids.to_vec();
     for (k, r) in references.iter().enumerate() {
-        tokens.extend_from_slice(&r.tokens);
         ids.extend(reference_ids(k, r.rows, r.cols));
     }
-    (tokens, ids)
+    ids
 }
 
 /// The ids (t, row, col, 0) of reference image `index`'s rows × cols latent grid: each reference on

@@ -218,7 +218,7 @@ pub fn denoise(
         ..LoraSpec::of(a)
     });
     let (image_ids, text_ids) = flux2::position_ids(spec.rows, spec.cols, text_tokens);
-    let (_, image_ids) = flux2::with_references(&[], &image_ids, spec.references);
+    let image_ids = flux2::with_reference_ids(&image_ids, spec.references);
     let step = Flux2Step {
         image_tokens: n,
         reference_tokens: image_ids.len() - n,
@@ -235,7 +235,7 @@ pub fn denoise(
         // The pipeline hands the transformer timestep / 1000 of the scheduler's timestep, sigma
         // times its training timesteps, in f32.
         let sigma = pair[0] * timesteps / 1000.0;
-        let (noised, _) = flux2::with_references(&latents, &[], spec.references);
+        let noised = flux2::with_reference_tokens(&latents, spec.references);
         let velocity = |text: &[f32]| -> Result<Vec<f32>> {
             let inputs = flux2::inputs(
                 c,

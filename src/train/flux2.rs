@@ -284,7 +284,8 @@ impl ImageWork<'_> {
             .map(|(n, x)| n - x)
             .collect();
         let (image_ids, text_ids) = flux2::position_ids(example.rows, example.cols, text_tokens);
-        let (noised, image_ids) = flux2::with_references(&noised, &image_ids, &example.references);
+        let noised = flux2::with_reference_tokens(&noised, &example.references);
+        let image_ids = flux2::with_reference_ids(&image_ids, &example.references);
         let inputs = flux2::inputs(
             c,
             &Flux2Inputs {
