@@ -41,6 +41,7 @@ pub fn value_name<T: clap::ValueEnum>(value: T) -> String {
 }
 
 pub mod alloc;
+pub mod comfy_quant;
 pub mod config;
 pub mod cpu;
 pub mod data;

@@ -1042,7 +1042,8 @@ impl ModelSource {
     /// (any prefix before `model.`, or none before `layers.`), the configuration read from the
     /// shapes (head size from the q/k norms) with Qwen3's fixed values (RoPE θ 10⁶, RMSNorm ε 10⁻⁶,
     /// 40,960 positions, the embedding tied where there is no `lm_head`), and the bundled Qwen3
-    /// tokenizer. 8-bit float files (ComfyUI's "fp8mixed") are refused by name.
+    /// tokenizer. ComfyUI's 8-bit files ("fp8mixed", and the older "fp8_scaled") are read as its
+    /// loader reads them (`crate::comfy_quant`); its other quantized formats are refused by name.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn open_qwen3_file(path: &Path) -> Result<Self> {
         let mut file = SafetensorsFile::open(path)?;
@@ -1058,29 +1059,26 @@ impl ModelSource {
                      with its config.json, or ComfyUI's qwen_3_*.safetensors)"
                 ),
             })?;
-        // transformers' names: `model.` before the decoder's, `lm_head.weight` as it is.
+        // ComfyUI's fp8mixed files: its markers checked under the file's own names.
+        crate::comfy_quant::check_markers(&file)?;
+        let float8 = file.tensor_names().any(|n| {
+            let dtype = file.info(n).expect("listed").dtype;
+            crate::source::Float8::of(dtype).is_some()
+        });
+        // transformers' names: `model.` before the decoder's, `lm_head.weight` as it is, and the
+        // older fp8 files' `scale_weight` as the scale's name now is.
         file.rename(|name| {
             let rest = name.strip_prefix(prefix.as_str())?;
             let rest = rest.strip_prefix("model.").unwrap_or(rest);
-            Some(match rest {
-                "lm_head.weight" => rest.to_string(),
+            let rest = match rest.strip_suffix(crate::comfy_quant::LEGACY_SCALE) {
+                Some(layer) => format!("{layer}.weight_scale"),
+                None => rest.to_string(),
+            };
+            Some(match rest.as_str() {
+                "lm_head.weight" => rest,
                 _ => format!("model.{rest}"),
             })
         });
-        if let Some(name) = file.tensor_names().find(|n| {
-            let info = file.info(n).expect("listed");
-            matches!(
-                info.dtype,
-                safetensors::Dtype::F8_E4M3 | safetensors::Dtype::F8_E5M2
-            ) || n.ends_with(".comfy_quant")
-        }) {
-            return Err(Error::tensor(
-                path.to_path_buf(),
-                name,
-                "stored in 8 bits (ComfyUI's fp8 text encoders are not read yet): give the \
-                 16-bit file (qwen_3_*b.safetensors) or the Qwen3 folder",
-            ));
-        }
         let shape = |name: &str| {
             file.info(name)
                 .map(|i| i.shape.clone())
@@ -1107,8 +1105,9 @@ impl ModelSource {
             "tie_word_embeddings": file.info("lm_head.weight").is_none(),
             "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
         });
-        // The stored precision, as config.json's `dtype` gives it.
-        let stored = match file.info("model.embed_tokens.weight").map(|i| i.dtype) {
+        // The stored precision, as config.json's `dtype` gives it: the final norm's, as ComfyUI
+        // takes it (the embedding may be 8-bit).
+        let stored = match file.info("model.norm.weight").map(|i| i.dtype) {
             Some(safetensors::Dtype::BF16) => Some("bfloat16"),
             Some(safetensors::Dtype::F16) => Some("float16"),
             Some(safetensors::Dtype::F32) => Some("float32"),
@@ -1117,7 +1116,14 @@ impl ModelSource {
         if let Some(dtype) = stored {
             config["dtype"] = dtype.into();
         }
-        let config = ModelConfig::from_json_str(&config.to_string(), &path.join("[shapes]"))?;
+        let mut config = ModelConfig::from_json_str(&config.to_string(), &path.join("[shapes]"))?;
+        // Codes times the scale beside them (`weight_scale`: one per tensor in ComfyUI's files), in
+        // f32 as comfy-kitchen dequantizes them.
+        config.float8 = float8.then(|| crate::config::Float8Scheme {
+            method: "ComfyUI's fp8".into(),
+            block: None,
+            product_in_scale_dtype: false,
+        });
         let shard_of = file.tensor_names().map(|n| (n.clone(), 0)).collect();
         let source = ModelSource {
             config,

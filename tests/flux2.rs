@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::rel;
+use common::{RawTensors, raw_tensors, rel, write_raw};
 use nibble::exec::Forward;
 use nibble::exec::cpu::{self, Bindings};
 use nibble::gpu::weights::{GpuLora, GpuWeights};
@@ -1321,15 +1321,7 @@ fn a_lone_qwen3_file_is_the_text_encoder() {
     let folder = nibble::model::open(dir.join("text_encoder")).unwrap();
     let weights = dir.join("text_encoder/model.safetensors");
     let tmp = tempfile::tempdir().unwrap();
-    let original = SafetensorsFile::open(&weights).unwrap();
-    let names: Vec<String> = original.tensor_names().cloned().collect();
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = names
-        .iter()
-        .map(|n| {
-            let info = original.info(n).unwrap();
-            (n.clone(), info.shape.clone(), original.read_f32(n).unwrap())
-        })
-        .collect();
+    let tensors = common::read_f32_tensors(&weights);
     let write = |name: &str, rename: &dyn Fn(&str) -> String| {
         let path = tmp.path().join(name);
         let entries: Vec<(String, Vec<usize>)> = tensors
@@ -1360,17 +1352,7 @@ fn a_lone_qwen3_file_is_the_text_encoder() {
     let want = expected.read_f32("caption0.features").unwrap();
     for file in &files {
         let lone = ModelSource::open_qwen3_file(file).unwrap();
-        // What config.json says beyond what nibble reads (`raw`) differs.
-        let read = |c: &nibble::config::ModelConfig| nibble::config::ModelConfig {
-            raw: serde_json::Value::Null,
-            ..c.clone()
-        };
-        assert_eq!(
-            read(&lone.config),
-            read(&folder.config),
-            "{}",
-            file.display()
-        );
+        assert_same_config(&lone.config, &folder.config, file);
         let tokenizer =
             nibble::tokenizer::ChatTokenizer::from_files(&lone.tokenizer, file).unwrap();
         let encoder = lone.load(Some(nibble::model::QuantRequest::Dense)).unwrap();
@@ -1396,27 +1378,165 @@ fn a_lone_qwen3_file_is_the_text_encoder() {
         e.contains("tiny_bfl.safetensors") && e.contains("q_norm"),
         "{e}"
     );
-    // ComfyUI's fp8 files: refused naming the 8-bit tensor.
-    let norm = vec![0u8; 16 * 4];
-    let codes = vec![0x38u8; 32 * 32];
-    let fp8 = tmp.path().join("qwen_3_fp8mixed.safetensors");
-    let views = [
-        (
-            "model.layers.0.self_attn.q_norm.weight",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16], &norm).unwrap(),
-        ),
-        (
-            "model.layers.0.self_attn.q_proj.weight",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E4M3, vec![32, 32], &codes)
-                .unwrap(),
-        ),
-    ];
-    safetensors::tensor::serialize_to_file(views, None, &fp8).unwrap();
-    let e = ModelSource::open_qwen3_file(&fp8)
-        .err()
+}
+
+/// A one-file text encoder's configuration is its folder's, but for what config.json says beyond
+/// what nibble reads (`raw`) and how 8-bit weights are scaled.
+fn assert_same_config(
+    lone: &nibble::config::ModelConfig,
+    folder: &nibble::config::ModelConfig,
+    file: &Path,
+) {
+    let read = |c: &nibble::config::ModelConfig| nibble::config::ModelConfig {
+        raw: serde_json::Value::Null,
+        float8: None,
+        ..c.clone()
+    };
+    assert_eq!(read(lone), read(folder), "{}", file.display());
+}
+
+/// ComfyUI's fp8mixed text encoder (as Comfy-Org ships klein 9B's `qwen_3_8b_fp8mixed`): the tiny
+/// encoder with its embedding and layers 1-26 in 8 bits (layer 5 in e5m2), each with a float32
+/// scale and a `comfy_quant` marker, written by comfy-kitchen
+/// (scripts/make_comfy_fp8_text_fixture.py), whose features there come from diffusers' pipeline on
+/// what comfy-kitchen dequantizes. The same file with the markers in the header, or in the older
+/// `scaled_fp8` spelling under a prefix, reads the same; other formats, markers that disagree with
+/// the stored type and missing scales are refused by name, in the transformer's file too.
+#[test]
+fn comfyuis_fp8mixed_text_encoder_gives_the_pipelines_features() {
+    use nibble::model::ModelSource;
+    use safetensors::Dtype;
+    let dir = Path::new("tests/fixtures/klein_text");
+    let fp8 = dir.join("qwen_3_tiny_fp8mixed.safetensors");
+    let folder = nibble::model::open(dir.join("text_encoder")).unwrap();
+    let expected = SafetensorsFile::open(&dir.join("expected_fp8mixed.safetensors")).unwrap();
+    let tensors = raw_tensors(&fp8);
+    let tmp = tempfile::tempdir().unwrap();
+    // The markers in the header instead (ComfyUI's `_quantization_metadata`).
+    let in_header = tmp.path().join("in_header.safetensors");
+    let mut layers = serde_json::Map::new();
+    for (name, _, _, raw) in &tensors {
+        if let Some(layer) = name.strip_suffix(".comfy_quant") {
+            let conf: serde_json::Value = serde_json::from_slice(raw).unwrap();
+            layers.insert(layer.to_string(), conf);
+        }
+    }
+    assert_eq!(
+        layers.len(),
+        1 + 26 * 7,
+        "the embedding and layers 1-26's linears"
+    );
+    let unmarked: RawTensors = tensors
+        .iter()
+        .filter(|t| !t.0.ends_with(".comfy_quant"))
+        .cloned()
+        .collect();
+    let header = serde_json::json!({"format_version": "1.0", "layers": layers}).to_string();
+    write_raw(
+        &in_header,
+        &unmarked,
+        Some(("_quantization_metadata", header)),
+    );
+    // The older spelling (`scaled_fp8`, `scale_weight`, `scale_input`) under a checkpoint's prefix.
+    let legacy = tmp.path().join("legacy.safetensors");
+    let prefix = "text_encoders.qwen3_8b.transformer.";
+    let mut old: RawTensors = unmarked
+        .iter()
+        .map(|(n, d, s, r)| {
+            let n = n
+                .replace(".weight_scale", ".scale_weight")
+                .replace(".input_scale", ".scale_input");
+            (format!("{prefix}{n}"), *d, s.clone(), r.clone())
+        })
+        .collect();
+    old.push((
+        format!("{prefix}scaled_fp8"),
+        Dtype::F8_E4M3,
+        vec![2],
+        vec![0, 0],
+    ));
+    write_raw(&legacy, &old, None);
+    for file in [&fp8, &in_header, &legacy] {
+        let lone = ModelSource::open_qwen3_file(file).unwrap();
+        assert_same_config(&lone.config, &folder.config, file);
+        assert!(lone.config.float8.is_some());
+        let tokenizer =
+            nibble::tokenizer::ChatTokenizer::from_files(&lone.tokenizer, file).unwrap();
+        let encoder = lone.load(Some(nibble::model::QuantRequest::Dense)).unwrap();
+        for (i, caption) in ["a red fox sitting in snow", ""].into_iter().enumerate() {
+            let features = flux2::caption_features(
+                &encoder,
+                Forward::Cpu(Precision::F32),
+                &tokenizer,
+                caption,
+                24,
+            )
+            .unwrap();
+            let want = expected.read_f32(&format!("caption{i}.features")).unwrap();
+            let e = rel(&features, &want);
+            eprintln!("{} caption {i}: features {e:e}", file.display());
+            assert!(e < 6e-6, "{}: features off by {e:e}", file.display());
+        }
+    }
+    // Refusals, each naming the layer's weight.
+    let refused = |edit: &dyn Fn(&mut RawTensors), words: &[&str]| {
+        let mut edited = tensors.clone();
+        edit(&mut edited);
+        let path = tmp.path().join("edited.safetensors");
+        write_raw(&path, &edited, None);
+        let e = ModelSource::open_qwen3_file(&path)
+            .err()
+            .unwrap()
+            .to_string();
+        for word in words {
+            assert!(e.contains(word), "{e}");
+        }
+    };
+    let layer = "model.layers.3.mlp.down_proj";
+    let find = |t: &mut RawTensors, name: &str| t.iter().position(|x| x.0 == name).unwrap();
+    refused(
+        &|t| {
+            let i = find(t, &format!("{layer}.comfy_quant"));
+            t[i].3 = br#"{"format": "nvfp4"}"#.to_vec();
+            t[i].2 = vec![t[i].3.len()];
+        },
+        &[&format!("{layer}.weight"), "nvfp4", "edited.safetensors"],
+    );
+    refused(
+        &|t| {
+            let i = find(t, &format!("{layer}.weight"));
+            t[i].1 = Dtype::F8_E5M2;
+        },
+        &[&format!("{layer}.weight"), "F8_E5M2", "float8_e4m3fn"],
+    );
+    refused(
+        &|t| {
+            let i = find(t, &format!("{layer}.weight_scale"));
+            t.remove(i);
+        },
+        &[&format!("{layer}.weight"), "weight_scale"],
+    );
+    refused(
+        &|t| {
+            t.retain(|x| !x.0.starts_with(&format!("{layer}.")) || x.0.ends_with(".weight"));
+        },
+        &[&format!("{layer}.weight"), "weight_scale"],
+    );
+    // The transformer's file in another of ComfyUI's formats.
+    let mut transformer = raw_tensors(&Path::new(FIXTURE).join("tiny_bfl.safetensors"));
+    let qkv = transformer
+        .iter()
+        .find(|t| t.0.ends_with("double_blocks.0.img_attn.qkv.weight"))
         .unwrap()
-        .to_string();
-    assert!(e.contains("q_proj") && e.contains("8 bits"), "{e}");
+        .0
+        .clone();
+    let marker = br#"{"format": "mxfp8"}"#.to_vec();
+    let marker_name = qkv.replace(".weight", ".comfy_quant");
+    transformer.push((marker_name, Dtype::U8, vec![marker.len()], marker));
+    let path = tmp.path().join("flux-2-klein-mxfp8.safetensors");
+    write_raw(&path, &transformer, None);
+    let e = flux2::load(&path, None).err().unwrap().to_string();
+    assert!(e.contains(&qkv) && e.contains("mxfp8"), "{e}");
 }
 
 /// The same tiny VAE as one file in BFL's naming (`flux2-vae.safetensors` as ComfyUI users have it;

@@ -518,11 +518,15 @@ pub fn load(path: &Path, quant: Option<QuantSpec>) -> Result<Flux2Model> {
     use crate::source::SafetensorsFile;
     // Where each BFL tensor's rows are: (file, name) parts in order, and whether the halves swap.
     let (config, shards, prefix) = match bfl_file(path)? {
-        Some((file, prefix)) => (
-            Flux2Config::from_bfl(&file, &prefix)?,
-            vec![file],
-            Some(prefix),
-        ),
+        Some((file, prefix)) => {
+            // ComfyUI's quantized files in formats other than fp8 refused by name.
+            crate::comfy_quant::check_markers(&file)?;
+            (
+                Flux2Config::from_bfl(&file, &prefix)?,
+                vec![file],
+                Some(prefix),
+            )
+        }
         None => {
             let dir = transformer_folder(path).ok_or_else(|| Error::Config {
                 path: path.to_path_buf(),

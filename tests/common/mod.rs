@@ -368,16 +368,42 @@ pub fn train_flags(args: &[&str]) -> nibble::train::settings::TrainSettings {
         .settings
 }
 
+fn sorted_names(file: &SafetensorsFile) -> impl Iterator<Item = String> {
+    let mut names: Vec<String> = file.tensor_names().cloned().collect();
+    names.sort();
+    names.into_iter()
+}
+
+/// A file's tensors as stored: name, dtype, shape, bytes.
+pub type RawTensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+pub fn raw_tensors(path: &std::path::Path) -> RawTensors {
+    let file = SafetensorsFile::open(path).unwrap();
+    sorted_names(&file)
+        .map(|n| {
+            let info = file.info(&n).unwrap();
+            let raw = file.raw(&n).unwrap().to_vec();
+            (n, info.dtype, info.shape.clone(), raw)
+        })
+        .collect()
+}
+
+pub fn write_raw(path: &std::path::Path, tensors: &RawTensors, metadata: Option<(&str, String)>) {
+    let views = tensors.iter().map(|(n, dtype, shape, raw)| {
+        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), raw).unwrap();
+        (n.as_str(), view)
+    });
+    let metadata = metadata.map(|(k, v)| std::collections::HashMap::from([(k.to_string(), v)]));
+    safetensors::tensor::serialize_to_file(views, metadata, path).unwrap();
+}
+
 /// A tensor of a safetensors file as f32: (name, shape, values).
 pub type F32Tensor = (String, Vec<usize>, Vec<f32>);
 
 /// Every tensor of a safetensors file as f32, by name.
 pub fn read_f32_tensors(path: &std::path::Path) -> Vec<F32Tensor> {
     let file = SafetensorsFile::open(path).unwrap();
-    let mut names: Vec<String> = file.tensor_names().cloned().collect();
-    names.sort();
-    names
-        .into_iter()
+    sorted_names(&file)
         .map(|n| {
             let shape = file.info(&n).unwrap().shape.clone();
             let values = file.read_f32(&n).unwrap();
