@@ -424,19 +424,23 @@ fn control_images_of(
                     )));
                 }
             };
-            // The format from the content, as `decode` reads it: a PNG named .jpg is common.
-            let (w, h) = image::ImageReader::open(&path)
-                .and_then(|r| r.with_guessed_format())
-                .map_err(|e| Error::io(&path, e))?
-                .into_dimensions()
-                .map_err(|e| {
-                    Error::Invalid(format!("{}: not a readable image: {e}", path.display()))
-                })?;
-            let (w, h) = (w as usize, h as usize);
-            check_reference_shape(&path, (w, h))?;
-            Ok((path, reference_sizes(w, h, max_area).1))
+            reference_image(path, max_area)
         })
         .collect()
+}
+
+/// A reference image's path with the size it is prepared at (at most about `max_area` pixels),
+/// read off its header and checked as Flux2KleinPipeline checks references.
+pub fn reference_image(path: PathBuf, max_area: usize) -> Result<ControlImage> {
+    // The format from the content, as `decode` reads it: a PNG named .jpg is common.
+    let (w, h) = image::ImageReader::open(&path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::io(&path, e))?
+        .into_dimensions()
+        .map_err(|e| Error::Invalid(format!("{}: not a readable image: {e}", path.display())))?;
+    let (w, h) = (w as usize, h as usize);
+    check_reference_shape(&path, (w, h))?;
+    Ok((path, reference_sizes(w, h, max_area).1))
 }
 
 /// A reference image's least side and widest aspect, as Flux2KleinPipeline checks them.

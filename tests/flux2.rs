@@ -1854,7 +1854,8 @@ fn nibble_samples_images_with_and_without_a_lora() {
 /// An edit LoRA through the binary (`--control DIR`): each image's same-name control image (any
 /// image extension, its own size) is encoded, cached and trained beside it; a second run finds the
 /// four latents in the cache and trains the same losses; without the controls the losses differ;
-/// a missing or too small control image is refused by name before anything is encoded.
+/// a missing or too small control image is refused by name before anything is encoded. Samples
+/// as the run goes are drawn on the first image's control images or on their own.
 #[test]
 fn nibble_trains_an_edit_lora_with_control_images() {
     let dir = tempfile::tempdir().unwrap();
@@ -1953,6 +1954,127 @@ fn nibble_trains_an_edit_lora_with_control_images() {
     assert_eq!(latents_cached().len(), 6);
     let record = std::fs::read_to_string(root.join("capped").join("run.json")).unwrap();
     assert!(record.contains("\"control_resolution\":64"), "{record}");
+    // Samples of an edit LoRA: a prompt alone is drawn on the first training image's control
+    // image, one naming its own (relative to the prompts file) on that, one with `"control": []`
+    // on none; each as `nibble sample` draws it with the run's LoRA (seed 42 + k, 20 steps).
+    let held = root.join("held");
+    std::fs::create_dir(&held).unwrap();
+    // Unlike the training controls: bright and dark squares.
+    image::RgbImage::from_fn(72, 64, |x, y| match (x / 8 + y / 8) % 2 {
+        0 => image::Rgb([250, 240, 10]),
+        _ => image::Rgb([5, 20, 230]),
+    })
+    .save(held.join("tree.png"))
+    .unwrap();
+    let prompts = held.join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "make it night\n\
+         {\"prompt\": \"make it night\", \"control\": \"tree.png\"}\n\
+         {\"prompt\": \"a tree\", \"control\": []}\n",
+    )
+    .unwrap();
+    let sampled = [
+        "--control",
+        control.to_str().unwrap(),
+        "--sample-prompts",
+        prompts.to_str().unwrap(),
+    ];
+    losses(train("sampled", &sampled), "sampled");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(root.join("sampled/samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines[0].get("control").is_none());
+    assert_eq!(lines[1]["control"][0], s(&held.join("tree.png")));
+    assert_eq!(lines[2]["control"], serde_json::json!([]));
+    let pixels = |path: &Path| image::open(path).unwrap().to_rgb8().into_raw();
+    let drawn = |k: usize, prompt: &str, image: Option<&Path>| {
+        let output = root.join(format!("check-{k}.png"));
+        let seed = (42 + k).to_string();
+        let (lora, out) = (s(&root.join("sampled")), s(&output));
+        let mut args = vec![
+            "sample",
+            "--model",
+            &model,
+            "--lora",
+            &lora,
+            "--prompt",
+            prompt,
+            "--output",
+            &out,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "20",
+            "--seed",
+            &seed,
+            "--device",
+            "cpu",
+            "--precision",
+            "f32",
+            "--overwrite",
+        ];
+        let image = image.map(s);
+        if let Some(image) = &image {
+            args.extend(["--image", image.as_str()]);
+        }
+        let o = common::nibble(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        pixels(&output)
+    };
+    let worst = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    let cases = [
+        ("make it night", Some(control.join("fox.jpg"))),
+        ("make it night", Some(held.join("tree.png"))),
+        ("a tree", None),
+    ];
+    for (k, (prompt, image)) in cases.iter().enumerate() {
+        let run = pixels(&root.join(format!("sampled/sample-2-{}.png", k + 1)));
+        let alone = drawn(k, prompt, image.as_deref());
+        let off = worst(&run, &alone);
+        let far = run
+            .iter()
+            .zip(&alone)
+            .filter(|(a, b)| a.abs_diff(**b) > 1)
+            .count();
+        eprintln!("sample {k}: {off} levels from nibble sample's, {far} values by more than 1");
+        // Measured: 1 level, no value more than 1 (the LoRA file holds the adapter in bf16);
+        // drawn on the other control image instead, sample 1 moves 886 values by more than 1.
+        assert!(
+            off <= 3 && far <= 30,
+            "sample {k}: {off} levels from nibble sample's, {far} values by more than 1"
+        );
+    }
+    // The control image is used: the same sample without it moves.
+    let run = pixels(&root.join("sampled/sample-2-2.png"));
+    let other = drawn(1, "make it night", None);
+    let moved = run
+        .iter()
+        .zip(&other)
+        .filter(|(a, b)| a.abs_diff(**b) > 1)
+        .count();
+    eprintln!("without the control image: {moved} values moved by more than 1");
+    // Measured: 1664 of 12288.
+    assert!(moved > 300, "{moved} values moved");
+    // Refused by name before anything is encoded: a missing control image, an unknown key.
+    for (line, words) in [
+        (
+            "{\"prompt\": \"x\", \"control\": [\"gone.png\"]}",
+            &["prompts.txt line 1", "gone.png"][..],
+        ),
+        (
+            "{\"prompt\": \"x\", \"ctrl_img\": \"tree.png\"}",
+            &["prompts.txt line 1", "ctrl_img"][..],
+        ),
+    ] {
+        std::fs::write(&prompts, line).unwrap();
+        assert_refused(train("odd", &sampled), words);
+    }
     // Refused by name: a control image missing, one under 64 pixels a side.
     std::fs::rename(control.join("snow.PNG"), root.join("snow.PNG")).unwrap();
     assert_refused(

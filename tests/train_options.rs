@@ -2431,7 +2431,8 @@ fn sample_prompts_are_answered_as_the_run_goes() {
                                               {"role": "assistant", "content": "Answer 0."}]});
     std::fs::write(&data, format!("{row}\n")).unwrap();
     let prompts = dir.path().join("prompts.txt");
-    std::fs::write(&prompts, "Question 0?\n\nWhat else?\n").unwrap();
+    // A sample as a JSON object reads as its prompt.
+    std::fs::write(&prompts, "Question 0?\n\n{\"prompt\": \"What else?\"}\n").unwrap();
     let out = dir.path().join("run");
     let o = common::nibble_command()
         .env("RUST_LOG", "info")
@@ -2490,6 +2491,27 @@ fn sample_prompts_are_answered_as_the_run_goes() {
         assert_eq!(sample["answer"].as_str().unwrap(), generated, "{prompt}");
     }
     assert_eq!(samples[4]["answer"], "Answer 0.");
+    // Control images are for image runs: refused by name before anything loads.
+    std::fs::write(dir.path().join("cat.png"), b"not read").unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"What is this?\", \"control\": \"cat.png\"}\n",
+    )
+    .unwrap();
+    let o = common::nibble_command()
+        .args(common::train_args(
+            &model,
+            &data,
+            &dir.path().join("refused"),
+            &["--sample-prompts", prompts.to_str().unwrap()],
+        ))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && log.contains("What is this?") && log.contains("language model"),
+        "{log}"
+    );
 }
 
 /// Progress never freezes (issue 19): without a terminal, a step that runs longer than the heartbeat

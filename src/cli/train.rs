@@ -45,6 +45,14 @@ pub fn run(flags: TrainSettings) -> Result<()> {
         record: Some(settings.record(&config)?),
         ..settings.run_options()?
     };
+    if let Some(sample) = options.sample_prompts.iter().find(|p| p.control.is_some()) {
+        anyhow::bail!(
+            "--sample-prompts: the sample {:?} names control images, which are for FLUX.2 image \
+             runs; {} is a language model",
+            sample.text,
+            model.display()
+        );
+    }
     let spec = RunSpec {
         model: &model,
         data: &data,

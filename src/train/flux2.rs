@@ -375,8 +375,10 @@ pub fn is_sample_image(name: &str) -> bool {
 /// (the run's seed + k) so that the images show what training changed.
 #[cfg(not(target_arch = "wasm32"))]
 pub struct ImageSamples {
-    pub prompts: Vec<String>,
+    pub prompts: Vec<crate::train::run::SamplePrompt>,
     pub features: Vec<std::sync::Arc<Vec<f32>>>,
+    /// Each prompt's encoded control images, where it names its own.
+    pub references: Vec<Option<Vec<flux2::Reference>>>,
     pub vae: crate::models::vae::Vae,
     pub scheduler: crate::models::flux2_sampler::FlowScheduler,
     pub resolution: usize,
@@ -413,8 +415,12 @@ impl ImageSamples {
                 sigmas: &sigmas,
                 train_timesteps: self.scheduler.num_train_timesteps,
                 guidance: self.guidance,
-                // An edit LoRA is shown on the first training image's control images.
-                references: &work.examples[0].references,
+                // An edit LoRA is shown on the prompt's control images, or else on the first
+                // training image's.
+                references: match &self.references[k] {
+                    Some(own) => own,
+                    None => &work.examples[0].references,
+                },
             };
             let mut progress = |_| match stop_requested() {
                 true => Err(Error::Interrupted("stopped while drawing samples".into())),
@@ -1251,8 +1257,29 @@ pub fn run(
     // Each example's control images with their token grids, read off their headers.
     let image_paths: Vec<&std::path::Path> = examples.iter().map(|e| e.image.as_path()).collect();
     let control_images = crate::images::control_images(&image_paths, &controls, control_area)?;
-    let reference_tokens = control_images
+    let sample_prompts = options.sample_prompts.clone();
+    // The control images samples name, checked and sized as the training images' are.
+    let sample_controls: Vec<Option<Vec<crate::images::ControlImage>>> = sample_prompts
         .iter()
+        .map(|p| {
+            p.control
+                .iter()
+                .map(|paths| {
+                    paths
+                        .iter()
+                        .map(|path| crate::images::reference_image(path.clone(), control_area))
+                        .collect::<Result<Vec<_>>>()
+                })
+                .next()
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let all_controls = || {
+        control_images
+            .iter()
+            .chain(sample_controls.iter().flatten())
+    };
+    let reference_tokens = all_controls()
         .map(|c| c.iter().map(|(_, (w, h))| w * h / 256).sum::<usize>())
         .max()
         .unwrap_or(0);
@@ -1264,7 +1291,6 @@ pub fn run(
     };
     let vae = crate::models::vae::load(&vae_path, crate::models::vae::Half::Encoder)?;
     check_latent_channels(&vae, &vae_path, &flux)?;
-    let sample_prompts = options.sample_prompts.clone();
     let sample_decoder = match sample_prompts.is_empty() {
         true => None,
         false => Some(crate::models::vae::load(
@@ -1313,8 +1339,7 @@ pub fn run(
             gpu.check_fits(&what, planned.total, options.gpu_memory, advice)?;
             let (h, w) = crate::images::bucket(resolution, resolution, resolution);
             // Control images are encoded at their own sizes (up to about 1024²).
-            let (h, w) = control_images
-                .iter()
+            let (h, w) = all_controls()
                 .flatten()
                 .map(|&(_, (cw, ch))| (ch, cw))
                 .chain([(h, w)])
@@ -1349,7 +1374,7 @@ pub fn run(
         examples
             .iter()
             .map(|e| e.caption.as_str())
-            .chain(sample_prompts.iter().map(String::as_str)),
+            .chain(sample_prompts.iter().map(|p| p.text.as_str())),
         (text_tokens, config.precision),
         cache.as_ref(),
         (gpu, options.gpu_memory),
@@ -1368,16 +1393,12 @@ pub fn run(
             Ok(format!("{}\n{executor}", model_digest(&vae_path)?))
         })
     });
-    // The training images at their buckets, then each one's control images as references.
+    // The training images at their buckets, then each one's control images as references, then
+    // the samples'.
     let jobs: Vec<(&std::path::Path, bool)> = examples
         .iter()
         .map(|e| (e.image.as_path(), false))
-        .chain(
-            control_images
-                .iter()
-                .flatten()
-                .map(|(p, _)| (p.as_path(), true)),
-        )
+        .chain(all_controls().flatten().map(|(p, _)| (p.as_path(), true)))
         .collect();
     let keyed: Vec<Option<String>> = jobs
         .iter()
@@ -1455,6 +1476,13 @@ pub fn run(
         .collect::<Result<Vec<_>>>()?
         .into_iter();
     let targets: Vec<_> = encoded_latents.by_ref().take(examples.len()).collect();
+    let mut references = |count: usize| -> Vec<flux2::Reference> {
+        encoded_latents
+            .by_ref()
+            .take(count)
+            .map(|(tokens, rows, cols)| flux2::Reference { tokens, rows, cols })
+            .collect()
+    };
     let cached: Vec<Cached> = targets
         .into_iter()
         .zip(features)
@@ -1464,12 +1492,12 @@ pub fn run(
             rows,
             cols,
             text,
-            references: encoded_latents
-                .by_ref()
-                .take(controls.len())
-                .map(|(tokens, rows, cols)| flux2::Reference { tokens, rows, cols })
-                .collect(),
+            references: references(controls.len()),
         })
+        .collect();
+    let sample_references: Vec<Option<Vec<flux2::Reference>>> = sample_controls
+        .iter()
+        .map(|c| c.as_ref().map(|c| references(c.len())))
         .collect();
     if let Some((gpu, weights)) = vae_on_gpu {
         drop(weights);
@@ -1507,6 +1535,7 @@ pub fn run(
         run.sample_images_with(ImageSamples {
             prompts: sample_prompts,
             features: sample_features,
+            references: sample_references,
             vae,
             scheduler,
             resolution,

@@ -15,6 +15,14 @@ use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// One of `--sample-prompts`: its text, and for an image run the control images an edit LoRA
+/// is shown on (None: the first training image's; empty: none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplePrompt {
+    pub text: String,
+    pub control: Option<Vec<PathBuf>>,
+}
+
 /// What a run does beyond the training configuration.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
@@ -55,8 +63,8 @@ pub struct RunOptions {
     /// adapter of the best one (also when the run ends without stopping).
     pub early_stopping_patience: Option<usize>,
     /// Prompts answered greedily (up to `SAMPLE_TOKENS` tokens) as the run goes, into the log and
-    /// samples.jsonl: each a user turn through the chat template.
-    pub sample_prompts: Vec<String>,
+    /// samples.jsonl: each a user turn through the chat template (an image run draws them).
+    pub sample_prompts: Vec<SamplePrompt>,
     /// Answer them every this many steps (0: when validating, or at the end of each epoch without
     /// validation data), and at the end of the run.
     pub sample_steps: usize,
@@ -488,7 +496,11 @@ impl<'m> Run<'m> {
         let mut lines = String::new();
         for (prompt, path) in samples.prompts.iter().zip(&paths) {
             let image = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            lines.push_str(&json!({"step": step, "prompt": prompt, "image": image}).to_string());
+            let mut line = json!({"step": step, "prompt": prompt.text, "image": image});
+            if let Some(control) = &prompt.control {
+                line["control"] = control.iter().map(|p| p.display().to_string()).collect();
+            }
+            lines.push_str(&line.to_string());
             lines.push('\n');
         }
         log::info!(
@@ -723,7 +735,7 @@ impl<'m> Run<'m> {
             return Ok(());
         };
         let mut lines = String::new();
-        for prompt in &self.options.sample_prompts {
+        for SamplePrompt { text: prompt, .. } in &self.options.sample_prompts {
             let answer = crate::generate::answer_async(executor, tok, prompt, SAMPLE_TOKENS)
                 .await?
                 .text;

@@ -408,7 +408,9 @@ pub struct TrainSettings {
     #[arg(long)]
     pub early_stopping_patience: Option<usize>,
     /// A text file of prompts, one per line, each answered greedily (up to 64 tokens, as a user turn
-    /// through the chat template) as the run goes: into the log and samples.jsonl.
+    /// through the chat template) as the run goes: into the log and samples.jsonl. An image run
+    /// draws each; a line `{"prompt": ..., "control": IMAGE or [IMAGES]}` names the control images
+    /// an edit LoRA's sample is drawn on.
     #[arg(long)]
     pub sample_prompts: Option<PathBuf>,
     /// Answer --sample-prompts every N optimizer steps (and at the end of the run).
@@ -1173,14 +1175,71 @@ impl TrainSettings {
 }
 
 /// The prompts of a `--sample-prompts` file: its non-empty lines.
-fn read_prompts(path: &Path) -> Result<Vec<String>> {
+/// `--sample-prompts`: a prompt per line, or a JSON object per line, `{"prompt": TEXT, "control":
+/// IMAGE or [IMAGES]}`, naming the control images (relative to the file) an image run draws that
+/// prompt's sample from.
+fn read_prompts(path: &Path) -> Result<Vec<crate::train::run::SamplePrompt>> {
+    use crate::train::run::SamplePrompt;
+    use serde_json::Value;
     let text = crate::fsutil::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let prompts: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        let bad = |why: String| Error::Invalid(format!("{} line {}: {why}", path.display(), i + 1));
+        let object = match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(object)) => object,
+            _ if line.is_empty() => continue,
+            _ => {
+                prompts.push(SamplePrompt {
+                    text: line.to_string(),
+                    control: None,
+                });
+                continue;
+            }
+        };
+        if let Some(key) = object
+            .keys()
+            .find(|k| !["prompt", "control"].contains(&k.as_str()))
+        {
+            return Err(bad(format!(
+                "unknown key `{key}` (a sample is {{\"prompt\": TEXT, \"control\": IMAGE or                  [IMAGES]}})"
+            )));
+        }
+        let text = object
+            .get("prompt")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("a sample's `prompt` is missing or not text".into()))?;
+        let names = match object.get("control") {
+            None => None,
+            Some(Value::String(one)) => Some(vec![one.as_str()]),
+            Some(Value::Array(many)) => Some(
+                many.iter()
+                    .map(|v| v.as_str())
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("`control` holds something other than file names".into()))?,
+            ),
+            Some(_) => return Err(bad("`control` is a file name or a list of them".into())),
+        };
+        let control = names
+            .map(|names| {
+                names
+                    .into_iter()
+                    .map(|name| {
+                        let image = base.join(name);
+                        match image.is_file() {
+                            true => Ok(image),
+                            false => Err(bad(format!("no control image {}", image.display()))),
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        prompts.push(SamplePrompt {
+            text: text.to_string(),
+            control,
+        });
+    }
     if prompts.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: no prompts (one per line)",
