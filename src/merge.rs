@@ -52,7 +52,7 @@ pub fn merge(
     (adapter, saved): (&LoraAdapter, &SavedModules),
     chat: &MergedChat,
     output: &Path,
-    (dtype, base): (Option<FloatDtype>, MergeBase),
+    (dtype, base, max_shard_bytes): (Option<FloatDtype>, MergeBase, u64),
 ) -> Result<()> {
     let shards = source.shards().ok_or_else(|| {
         let how = match base {
@@ -199,7 +199,7 @@ pub fn merge(
             rows: &rows,
             quantized: &quantized,
         };
-        write_merged(&entries, source, &changed, tmp, dtype)
+        write_merged(&entries, source, &changed, tmp, (dtype, max_shard_bytes))
             .and_then(|()| copy_other_files(folder, tmp, dtype, untie))
             .and_then(|()| chat.write_into(folder, tmp))
     })
@@ -328,15 +328,46 @@ struct Changed<'a> {
     quantized: &'a HashMap<String, QuantSpec>,
 }
 
-/// Streams the merged tensors into tmp/model.safetensors, one at a time. The writer goes on to the
-/// end whatever a tensor gives, so the first failure is kept and returned (the caller then drops
-/// the folder).
+/// transformers' default largest shard (`save_pretrained`'s `max_shard_size`, 5.x), the Hub's
+/// largest file.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 50_000_000_000;
+
+/// The merged tensors' files, as huggingface_hub's `split_state_dict_into_shards_factory` splits a
+/// state dict for transformers' `save_pretrained`: in order, a new shard where the next tensor
+/// would pass `max_bytes`, and a tensor larger than that alone in its own (which here also closes
+/// the shard before it, so that each file holds consecutive tensors). The ranges of `sizes` each
+/// file holds.
+fn shard_ranges(sizes: &[u64], max_bytes: u64) -> Vec<std::ops::Range<usize>> {
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && bytes + size > max_bytes {
+            ranges.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+        if size > max_bytes {
+            ranges.push(start..i + 1);
+            (start, bytes) = (i + 1, 0);
+        }
+    }
+    if start < sizes.len() || ranges.is_empty() {
+        ranges.push(start..sizes.len());
+    }
+    ranges
+}
+
+/// Streams the merged tensors into tmp/model.safetensors, one at a time, or into shards of at most
+/// `max_shard_bytes` with transformers' index (model.safetensors.index.json) where they need more
+/// than one. The writer goes on to the end whatever a tensor gives, so the first failure is kept
+/// and returned (the caller then drops the folder).
 fn write_merged(
     entries: &[Entry],
     source: &ModelSource,
     changed: &Changed,
     tmp: &Path,
-    dtype: FloatDtype,
+    (dtype, max_shard_bytes): (FloatDtype, u64),
 ) -> Result<()> {
     let shards = source.shards().expect("a folder");
     let mut failure: Option<Error> = None;
@@ -344,167 +375,203 @@ fn write_merged(
         .iter()
         .map(|e| (e.written.clone(), e.shape.clone()))
         .collect();
-    crate::synth::write_safetensors_streaming(
-        &tmp.join("model.safetensors"),
-        dtype,
-        &names,
-        |i, out| {
-            let entry = &entries[i];
-            let name = &entry.key;
-            let saved = changed.replaced.get(name.as_str());
-            // What the adapter puts in place of the base's values takes the dtype of the tensor it
-            // replaces, as PEFT casts it to the base module's (so eval, which keeps the table in
-            // its checkpoint dtype, and merge agree).
-            let stored_dtype = shards[entry.shard]
-                .info(&entry.read)
-                .and_then(|info| FloatDtype::of(info.dtype));
-            // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
-            // huge lora_alpha can pass any type's: the base is checked before its update, so that
-            // the message blames the right one.
-            let limit = match dtype {
-                FloatDtype::F16 => 65504.0,
-                FloatDtype::BF16 => 3.3895e38,
-                FloatDtype::F32 => f32::MAX,
+    let mut fill = |i: usize, out: &mut [f32]| {
+        let entry = &entries[i];
+        let name = &entry.key;
+        let saved = changed.replaced.get(name.as_str());
+        // What the adapter puts in place of the base's values takes the dtype of the tensor it
+        // replaces, as PEFT casts it to the base module's (so eval, which keeps the table in
+        // its checkpoint dtype, and merge agree).
+        let stored_dtype = shards[entry.shard]
+            .info(&entry.read)
+            .and_then(|info| FloatDtype::of(info.dtype));
+        // A base of f32 or bf16 written as f16 can pass f16's range without any adapter, and a
+        // huge lora_alpha can pass any type's: the base is checked before its update, so that
+        // the message blames the right one.
+        let limit = match dtype {
+            FloatDtype::F16 => 65504.0,
+            FloatDtype::BF16 => 3.3895e38,
+            FloatDtype::F32 => f32::MAX,
+        };
+        let beyond = |values: &[f32]| {
+            values
+                .iter()
+                .copied()
+                .find(|v| v.is_nan() || v.abs() > limit)
+        };
+        let cannot_hold = |v: f32, why: String| {
+            Error::Invalid(format!(
+                "merging into {name} gives {v}, which {dtype:?} cannot hold: {why}"
+            ))
+        };
+        if let Some((t, parts)) = &entry.gpt_oss_stack {
+            let check = |w: &[f32], blame| match (beyond(w), blame) {
+                (None, _) => Ok(()),
+                (Some(v), Blame::Base) => Err(cannot_hold(
+                    v,
+                    "the base's own weight: choose a wider --dtype".into(),
+                )),
+                (Some(v), Blame::Update) => Err(cannot_hold(
+                    v,
+                    "the adapter's update there is far outside what training gives".into(),
+                )),
             };
-            let beyond = |values: &[f32]| {
-                values
-                    .iter()
-                    .copied()
-                    .find(|v| v.is_nan() || v.abs() > limit)
-            };
-            let cannot_hold = |v: f32, why: String| {
-                Error::Invalid(format!(
-                    "merging into {name} gives {v}, which {dtype:?} cannot hold: {why}"
-                ))
-            };
-            if let Some((t, parts)) = &entry.gpt_oss_stack {
-                let check = |w: &[f32], blame| match (beyond(w), blame) {
-                    (None, _) => Ok(()),
-                    (Some(v), Blame::Base) => Err(cannot_hold(
-                        v,
-                        "the base's own weight: choose a wider --dtype".into(),
-                    )),
-                    (Some(v), Blame::Update) => Err(cannot_hold(
-                        v,
-                        "the adapter's update there is far outside what training gives".into(),
-                    )),
-                };
-                if let Err(e) = merge_gpt_oss_stack(source, t, changed, out, &check) {
+            if let Err(e) = merge_gpt_oss_stack(source, t, changed, out, &check) {
+                failure.get_or_insert(e);
+            }
+            for part in parts {
+                source.release(part);
+            }
+            return;
+        }
+        match saved {
+            Some(values) => {
+                out.copy_from_slice(values);
+                if let Some(dtype) = stored_dtype {
+                    dtype.round(out);
+                }
+            }
+            None => {
+                if let Err(e) = source.read_f32_into(&entry.read, out) {
                     failure.get_or_insert(e);
+                    return;
                 }
-                for part in parts {
-                    source.release(part);
-                }
-                return;
-            }
-            match saved {
-                Some(values) => {
-                    out.copy_from_slice(values);
-                    if let Some(dtype) = stored_dtype {
-                        dtype.round(out);
-                    }
-                }
-                None => {
-                    if let Err(e) = source.read_f32_into(&entry.read, out) {
-                        failure.get_or_insert(e);
-                        return;
-                    }
-                    shards[entry.shard].release(&entry.read);
-                    // Stacked experts [experts, rows, cols] quantize as their rows.
-                    if let Some(&spec) = changed.quantized.get(name)
-                        && let Some((&cols, lead)) = entry.shape.split_last()
-                        && !lead.is_empty()
-                        && let Err(e) = as_quantized(spec, cols, out)
-                    {
-                        failure.get_or_insert(Error::tensor(
-                            shards[entry.shard].path(),
-                            &entry.read,
-                            e.to_string(),
-                        ));
-                        return;
-                    }
-                }
-            }
-            if let Some(v) = beyond(out) {
-                let whose = match saved {
-                    Some(_) => "the adapter's saved module",
-                    None => "the base's own weight",
-                };
-                failure.get_or_insert(cannot_hold(v, format!("{whose}: choose a wider --dtype")));
-                return;
-            }
-            if let Some(token_rows) = changed.rows.get(name.as_str()) {
-                if let Some(v) = beyond(&token_rows.values) {
-                    failure.get_or_insert(cannot_hold(
-                        v,
-                        format!(
-                            "the adapter's rows ({}): choose a wider --dtype",
-                            token_rows.key
-                        ),
+                shards[entry.shard].release(&entry.read);
+                // Stacked experts [experts, rows, cols] quantize as their rows.
+                if let Some(&spec) = changed.quantized.get(name)
+                    && let Some((&cols, lead)) = entry.shape.split_last()
+                    && !lead.is_empty()
+                    && let Err(e) = as_quantized(spec, cols, out)
+                {
+                    failure.get_or_insert(Error::tensor(
+                        shards[entry.shard].path(),
+                        &entry.read,
+                        e.to_string(),
                     ));
                     return;
                 }
-                let width = entry.shape[1];
-                token_rows.put_into(out, width);
-                if let Some(dtype) = stored_dtype {
-                    for &row in &token_rows.indices {
-                        dtype.round(&mut out[row * width..(row + 1) * width]);
-                    }
+            }
+        }
+        if let Some(v) = beyond(out) {
+            let whose = match saved {
+                Some(_) => "the adapter's saved module",
+                None => "the base's own weight",
+            };
+            failure.get_or_insert(cannot_hold(v, format!("{whose}: choose a wider --dtype")));
+            return;
+        }
+        if let Some(token_rows) = changed.rows.get(name.as_str()) {
+            if let Some(v) = beyond(&token_rows.values) {
+                failure.get_or_insert(cannot_hold(
+                    v,
+                    format!(
+                        "the adapter's rows ({}): choose a wider --dtype",
+                        token_rows.key
+                    ),
+                ));
+                return;
+            }
+            let width = entry.shape[1];
+            token_rows.put_into(out, width);
+            if let Some(dtype) = stored_dtype {
+                for &row in &token_rows.indices {
+                    dtype.round(&mut out[row * width..(row + 1) * width]);
                 }
             }
-            if let Some((path, expert, first)) = expert_rows(name, &entry.shape)
-                && let Some(&(pair, scale)) = changed.targets.get(&format!("{path}.weight"))
-            {
-                let pairs = crate::ops::moe::ExpertPairs::of(pair, scale);
-                let (experts, per_expert) = match expert {
-                    Some(e) => (e..e + 1, out.len()),
-                    None => (0..pair.experts, out.len() / pair.experts),
-                };
-                let rows = (first, per_expert / pair.in_features);
-                for (e, w) in experts.zip(out.chunks_exact_mut(per_expert)) {
-                    pairs.add_update(e, rows, w);
-                }
-                if let Some(v) = beyond(out) {
-                    failure.get_or_insert(cannot_hold(
-                        v,
-                        format!(
-                            "the adapter's scale there ({scale}) is far outside what training gives"
-                        ),
-                    ));
-                }
+        }
+        if let Some((path, expert, first)) = expert_rows(name, &entry.shape)
+            && let Some(&(pair, scale)) = changed.targets.get(&format!("{path}.weight"))
+        {
+            let pairs = crate::ops::moe::ExpertPairs::of(pair, scale);
+            let (experts, per_expert) = match expert {
+                Some(e) => (e..e + 1, out.len()),
+                None => (0..pair.experts, out.len() / pair.experts),
+            };
+            let rows = (first, per_expert / pair.in_features);
+            for (e, w) in experts.zip(out.chunks_exact_mut(per_expert)) {
+                pairs.add_update(e, rows, w);
             }
-            if let Some(&(pair, scale)) = changed.targets.get(name) {
-                // W [out, in] += scale · B [out, r] · A [r, in]
-                matmul_into(
-                    View::new(&pair.b, pair.out_features, pair.rank),
-                    View::new(&pair.a, pair.rank, pair.in_features),
-                    scale,
-                    out,
-                    pair.in_features,
-                    0,
-                    true,
-                );
-                // DoRA: each row rescaled to its magnitude, m / ‖W + s·B·A‖ · (W + s·B·A), as PEFT
-                // merges it (the norm of the weight being merged into).
-                for (row, &m) in out.chunks_exact_mut(pair.in_features).zip(&pair.magnitude) {
-                    let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                    let factor = (m as f64 / norm) as f32;
-                    row.iter_mut().for_each(|v| *v *= factor);
-                }
-                if let Some(v) = beyond(out) {
-                    failure.get_or_insert(cannot_hold(
-                        v,
-                        format!(
-                            "the adapter's scale there ({scale}, lora_alpha over r {}) is far \
+            if let Some(v) = beyond(out) {
+                failure.get_or_insert(cannot_hold(
+                    v,
+                    format!(
+                        "the adapter's scale there ({scale}) is far outside what training gives"
+                    ),
+                ));
+            }
+        }
+        if let Some(&(pair, scale)) = changed.targets.get(name) {
+            // W [out, in] += scale · B [out, r] · A [r, in]
+            matmul_into(
+                View::new(&pair.b, pair.out_features, pair.rank),
+                View::new(&pair.a, pair.rank, pair.in_features),
+                scale,
+                out,
+                pair.in_features,
+                0,
+                true,
+            );
+            // DoRA: each row rescaled to its magnitude, m / ‖W + s·B·A‖ · (W + s·B·A), as PEFT
+            // merges it (the norm of the weight being merged into).
+            for (row, &m) in out.chunks_exact_mut(pair.in_features).zip(&pair.magnitude) {
+                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let factor = (m as f64 / norm) as f32;
+                row.iter_mut().for_each(|v| *v *= factor);
+            }
+            if let Some(v) = beyond(out) {
+                failure.get_or_insert(cannot_hold(
+                    v,
+                    format!(
+                        "the adapter's scale there ({scale}, lora_alpha over r {}) is far \
                              outside what training gives",
-                            pair.rank
-                        ),
-                    ));
-                }
+                        pair.rank
+                    ),
+                ));
             }
-        },
-    )?;
-    failure.map_or(Ok(()), Err)
+        }
+    };
+    let sizes: Vec<u64> = names
+        .iter()
+        .map(|(_, shape)| (shape.iter().product::<usize>() * dtype.size()) as u64)
+        .collect();
+    let ranges = shard_ranges(&sizes, max_shard_bytes);
+    let file_name = |k: usize| match ranges.len() {
+        1 => "model.safetensors".to_string(),
+        n => format!("model-{:05}-of-{n:05}.safetensors", k + 1),
+    };
+    for (k, range) in ranges.iter().enumerate() {
+        crate::synth::write_safetensors_streaming(
+            &tmp.join(file_name(k)),
+            dtype,
+            &names[range.clone()],
+            |j, out| fill(range.start + j, out),
+        )?;
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if ranges.len() > 1 {
+        let weight_map: serde_json::Map<String, serde_json::Value> = ranges
+            .iter()
+            .enumerate()
+            .flat_map(|(k, range)| names[range.clone()].iter().map(move |(n, _)| (n, k)))
+            .map(|(name, k)| (name.clone(), file_name(k).into()))
+            .collect();
+        let index = serde_json::json!({
+            "metadata": {
+                "total_parameters": names
+                    .iter()
+                    .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+                    .sum::<u64>(),
+                "total_size": sizes.iter().sum::<u64>(),
+            },
+            "weight_map": weight_map,
+        });
+        let path = tmp.join("model.safetensors.index.json");
+        let text = serde_json::to_string_pretty(&index).expect("json") + "\n";
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// How an adapter chats and ends text otherwise than its base: its chat template with the special
@@ -675,4 +742,21 @@ fn copy_other_files(folder: &Path, to: &Path, dtype: FloatDtype, untie: bool) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_ranges;
+
+    /// huggingface_hub's own example (limit 10, sizes 6 6 2 6 2 2 give [6] [6 2] [6 2 2]), a tensor
+    /// over the limit alone in its file, and everything in one file where it fits.
+    #[test]
+    fn shards_split_where_the_hub_splits() {
+        assert_eq!(shard_ranges(&[6, 6, 2, 6, 2, 2], 10), [0..1, 1..3, 3..6]);
+        assert_eq!(shard_ranges(&[3, 12, 3, 3], 10), [0..1, 1..2, 2..4]);
+        assert_eq!(shard_ranges(&[12, 3], 10), [0..1, 1..2]);
+        assert_eq!(shard_ranges(&[3, 4, 3], 10), vec![(0..3)]);
+        assert_eq!(shard_ranges(&[10, 10], 10), [0..1, 1..2]);
+        assert_eq!(shard_ranges(&[], 10), vec![(0..0)]);
+    }
 }

@@ -146,6 +146,56 @@ fn merged_weights_give_the_adapted_models_logits() {
     let e16 = rel(&cpu::logits(&m16, None, &ids).unwrap(), &expected);
     assert!(e16 < 2e-2, "bf16 merge differs by {e16:e}");
 
+    // Past --max-shard-size: numbered shards and transformers' index, the same tensors and values.
+    let whole = common::raw_tensors(&merged.join("model.safetensors"));
+    let bytes: usize = whole.iter().map(|t| t.3.len()).sum();
+    let sharded = dir.path().join("sharded");
+    let mut a = args(&sharded);
+    a.extend(["--max-shard-size".into(), format!("{}B", bytes / 3)]);
+    let o = run(a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!sharded.join("model.safetensors").exists());
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(index["metadata"]["total_size"], bytes as u64);
+    let params: usize = whole.iter().map(|t| t.2.iter().product::<usize>()).sum();
+    assert_eq!(index["metadata"]["total_parameters"], params as u64);
+    let map = index["weight_map"].as_object().unwrap();
+    let files: std::collections::BTreeSet<&str> =
+        map.values().map(|f| f.as_str().unwrap()).collect();
+    assert!(files.len() >= 3, "{files:?}");
+    let mut from_shards = Vec::new();
+    for (k, file) in files.iter().enumerate() {
+        assert_eq!(
+            *file,
+            format!("model-{:05}-of-{:05}.safetensors", k + 1, files.len())
+        );
+        let shard = common::raw_tensors(&sharded.join(file));
+        let size: usize = shard.iter().map(|t| t.3.len()).sum();
+        assert!(
+            size <= bytes / 3 || shard.len() == 1,
+            "{file}: {size} bytes"
+        );
+        for t in &shard {
+            assert_eq!(map[&t.0], *file, "{}", t.0);
+        }
+        from_shards.extend(shard);
+    }
+    from_shards.sort();
+    assert_eq!(from_shards, whole);
+    let from_index = ModelSource::open(&sharded)
+        .unwrap()
+        .load(Some(QuantRequest::Dense))
+        .unwrap();
+    assert_eq!(cpu::logits(&from_index, None, &ids).unwrap(), ours);
+    let mut a = args(&dir.path().join("unsized"));
+    a.extend(["--max-shard-size".into(), "lots".into()]);
+    let o = run(a);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--max-shard-size"));
+    assert!(!o.status.success() && !dir.path().join("unsized").exists());
+
     // An existing output folder is refused; so is an adapter that does not fit.
     let o = run(args(&merged));
     assert_eq!(o.status.code(), Some(1));

@@ -39,6 +39,10 @@ pub struct Args {
     /// With --base-weights quantized: weights per scale, 32, 64 or 128 (default: run.json's, else 64).
     #[arg(long)]
     group_size: Option<usize>,
+    /// The largest weights file (transformers' max_shard_size, and its default: 50GB, the Hub's
+    /// largest file); more weights go into numbered shards with model.safetensors.index.json.
+    #[arg(long, value_name = "SIZE")]
+    max_shard_size: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +65,10 @@ pub fn run(args: Args) -> Result<()> {
         Dtype::F32 => FloatDtype::F32,
     });
     let base = merge_base(&args)?;
+    let max_shard_bytes = match &args.max_shard_size {
+        Some(size) => nibble::alloc::parse_size(size, "--max-shard-size")?,
+        None => nibble::merge::DEFAULT_MAX_SHARD_BYTES,
+    };
     let source = model::open(&args.model)?;
     let (lora, saved) = nibble::train::run::load_adapter_with_modules(
         &args.adapter,
@@ -104,7 +112,7 @@ pub fn run(args: Args) -> Result<()> {
         (&lora, &saved),
         &chat,
         &args.output,
-        (dtype, base),
+        (dtype, base, max_shard_bytes),
     )?;
     let whole: Vec<&str> = [
         (saved.embed.is_some(), "embedding"),
