@@ -2172,6 +2172,59 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
             .count()
     };
     assert_eq!((entries("text-"), entries("latents-")), (3, 2));
+    // At several resolutions (ai-toolkit's list): each image at each, encoded and cached once per
+    // resolution; a run at the second alone finds all its latents there; a size twice is refused.
+    let multi = s(&root.join("multi"));
+    let out = train(&multi, &["--device", "cpu", "--resolution", "32"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!((entries("text-"), entries("latents-")), (3, 4));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("multi/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["options"]["resolution"],
+        serde_json::json!([64, 32])
+    );
+    assert_ne!(read_losses(&multi), losses);
+    let small = [
+        "train",
+        "--model",
+        &klein,
+        "--data",
+        &data,
+        "--output",
+        &s(&root.join("small")),
+        "--cache-dir",
+        &cache,
+        "--resolution",
+        "32",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+    ];
+    let out = common::nibble_command()
+        .env("RUST_LOG", "info")
+        .args(small)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("latents: 0 images encoded, 2 from the cache"),
+        "{stderr}"
+    );
+    assert_refused(
+        train(
+            &s(&root.join("twice")),
+            &["--device", "cpu", "--resolution", "64"],
+        ),
+        &["--resolution 64 given twice"],
+    );
 
     // A LoRA file starts another run (its rank, alpha and modules apply); anything else is refused
     // by name before any encoding.

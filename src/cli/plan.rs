@@ -125,7 +125,9 @@ pub fn run(args: Args) -> Result<()> {
             group_size: quant.group_size.or(preset.group_size),
             ..quant
         };
-        let resolution = resolution.or(preset.resolution).unwrap_or(512);
+        // A run at several resolutions needs the largest's step.
+        let preset_largest = preset.resolution.and_then(|r| r.into_iter().max());
+        let resolution = resolution.or(preset_largest).unwrap_or(512);
         let text_tokens = text_tokens.unwrap_or(512);
         nibble::train::flux2::check_resolution(resolution)?;
         if !(1..=4096).contains(&text_tokens) || !(1..=4096).contains(&rank) {

@@ -130,9 +130,10 @@ fn train_klein(
         output,
         quant,
         config: settings.train_config()?,
-        resolution: settings
+        resolutions: settings
             .resolution
-            .unwrap_or(nibble::train::flux2::DEFAULT_RESOLUTION),
+            .clone()
+            .unwrap_or(vec![nibble::train::flux2::DEFAULT_RESOLUTION]),
         trigger: settings.trigger.clone(),
         controls: settings.control.clone().unwrap_or_default(),
         control_resolution: settings

@@ -755,8 +755,9 @@ pub struct FluxRunSpec<'a> {
     /// allow, else dense).
     pub quant: Option<crate::quant::QuantSpec>,
     pub config: crate::train::TrainConfig,
-    /// Image side in pixels (buckets keep each image's aspect at about this squared).
-    pub resolution: usize,
+    /// Image sides in pixels (buckets keep each image's aspect at about each squared): every
+    /// image is trained at each, as ai-toolkit's list of resolutions trains it.
+    pub resolutions: Vec<usize>,
     pub trigger: Option<String>,
     /// Folders of control images: each training image's same-name image in each, as references.
     pub controls: Vec<std::path::PathBuf>,
@@ -1208,7 +1209,7 @@ pub fn run(
         output,
         quant,
         config,
-        resolution,
+        resolutions,
         trigger,
         controls,
         control_resolution,
@@ -1221,7 +1222,22 @@ pub fn run(
         vae: vae_path,
     } = spec;
     check_caption_dropout(caption_dropout)?;
-    check_resolution(resolution)?;
+    for (i, &r) in resolutions.iter().enumerate() {
+        check_resolution(r)?;
+        if resolutions[..i].contains(&r) {
+            return Err(Error::Invalid(format!("--resolution {r} given twice")));
+        }
+    }
+    // The largest is what the memory checks plan for and what samples are drawn at.
+    let resolution = *resolutions
+        .iter()
+        .max()
+        .ok_or_else(|| Error::Invalid("--resolution: no image size given".into()))?;
+    let sizes = resolutions
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     if !(64..=4096).contains(&control_resolution) {
         return Err(Error::Invalid(format!(
             "--control-resolution must be from 64 to 4096 pixels (got {control_resolution})"
@@ -1316,16 +1332,18 @@ pub fn run(
         .map(|e| e.caption.as_str())
         .chain([""])
         .collect();
+    let image_tokens: usize = resolutions.iter().map(|&r| tokens(r)).sum();
     let cache = 4
         * (captions.len() * text_tokens * flux.text_dim
-            + examples.len() * (tokens(resolution) + reference_tokens) * flux.in_channels)
-            as u64;
+            + examples.len()
+                * (image_tokens + resolutions.len() * reference_tokens)
+                * flux.in_channels) as u64;
     let step = Flux2Step {
         reference_tokens,
         ..Flux2Step::training(resolution, text_tokens, config.checkpoint)
     };
     let planned = flux2::plan(&flux, quant, (config.lora.r, &config.lora.targets), step)?;
-    let what = format!("training on {} images at {resolution} px", examples.len());
+    let what = format!("training on {} images at {sizes} px", examples.len());
     match gpu {
         // The cache stays in host memory; the step is on the device, as is the VAE before it.
         Some(gpu) => {
@@ -1393,25 +1411,25 @@ pub fn run(
             Ok(format!("{}\n{executor}", model_digest(&vae_path)?))
         })
     });
-    // The training images at their buckets, then each one's control images as references, then
-    // the samples'.
-    let jobs: Vec<(&std::path::Path, bool)> = examples
+    // The training images at their buckets, at each resolution in turn, then each one's control
+    // images as references (at the training image's, None), then the samples'.
+    let jobs: Vec<(&std::path::Path, Option<usize>)> = resolutions
         .iter()
-        .map(|e| (e.image.as_path(), false))
-        .chain(all_controls().flatten().map(|(p, _)| (p.as_path(), true)))
+        .flat_map(|&r| examples.iter().map(move |e| (e.image.as_path(), Some(r))))
+        .chain(all_controls().flatten().map(|(p, _)| (p.as_path(), None)))
         .collect();
     let keyed: Vec<Option<String>> = jobs
         .iter()
-        .map(|&(image, reference)| {
+        .map(|&(image, resolution)| {
             let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
             c.describe(|| {
                 // The last line names how pixels are made (sessions before 36 resized, then cropped).
-                let pixels = match reference {
-                    true => format!(
+                let pixels = match resolution {
+                    None => format!(
                         "reference: scaled to at most {control_resolution}² pixels, centre \
                              cropped to 16s"
                     ),
-                    false => {
+                    Some(resolution) => {
                         format!("resolution {resolution}\npixels centre cropped, then resized")
                     }
                 };
@@ -1451,16 +1469,16 @@ pub fn run(
     let mut encoded_latents = jobs
         .iter()
         .zip(hits.into_iter().zip(&keyed))
-        .map(|(&(image, reference), (hit, description))| {
+        .map(|(&(image, resolution), (hit, description))| {
             if let Some(hit) = hit {
                 return Ok(hit);
             }
             if observer.stop_requested() {
                 return Err(stopped_before_training("encoding images"));
             }
-            let (pixels, w, h) = match reference {
-                true => crate::images::load_reference(image, control_area)?,
-                false => crate::images::load_pixels(image, resolution)?,
+            let (pixels, w, h) = match resolution {
+                None => crate::images::load_reference(image, control_area)?,
+                Some(resolution) => crate::images::load_pixels(image, resolution)?,
             };
             let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
             let (rows, cols) = (h / 16, w / 16);
@@ -1475,7 +1493,10 @@ pub fn run(
         })
         .collect::<Result<Vec<_>>>()?
         .into_iter();
-    let targets: Vec<_> = encoded_latents.by_ref().take(examples.len()).collect();
+    let targets: Vec<_> = encoded_latents
+        .by_ref()
+        .take(examples.len() * resolutions.len())
+        .collect();
     let mut references = |count: usize| -> Vec<flux2::Reference> {
         encoded_latents
             .by_ref()
@@ -1483,18 +1504,24 @@ pub fn run(
             .map(|(tokens, rows, cols)| flux2::Reference { tokens, rows, cols })
             .collect()
     };
+    let example_references: Vec<Vec<flux2::Reference>> =
+        control_images.iter().map(|c| references(c.len())).collect();
+    // Each image at each resolution, with its caption's features and its control images.
     let cached: Vec<Cached> = targets
         .into_iter()
-        .zip(features)
-        .zip(&control_images)
-        .map(|(((latents, rows, cols), text), controls)| Cached {
-            latents,
-            rows,
-            cols,
-            text,
-            references: references(controls.len()),
+        .enumerate()
+        .map(|(i, (latents, rows, cols))| {
+            let e = i % examples.len();
+            Cached {
+                latents,
+                rows,
+                cols,
+                text: features[e].clone(),
+                references: example_references[e].clone(),
+            }
         })
         .collect();
+    drop(example_references);
     let sample_references: Vec<Option<Vec<flux2::Reference>>> = sample_controls
         .iter()
         .map(|c| c.as_ref().map(|c| references(c.len())))
@@ -1520,7 +1547,11 @@ pub fn run(
         caption_dropout,
     };
     let mut image_options = serde_json::json!({
-        "resolution": resolution, "caption_dropout": caption_dropout, "sigma_sampling": sampling,
+        "resolution": match resolutions[..] {
+            [one] => serde_json::json!(one),
+            _ => serde_json::json!(resolutions),
+        },
+        "caption_dropout": caption_dropout, "sigma_sampling": sampling,
         "text_tokens": text_tokens,
     });
     if !controls.is_empty() {

@@ -103,6 +103,35 @@ mod one_or_several {
     }
 }
 
+/// `resolution` as one number or a list of them in an options file (one is written as one number,
+/// as before lists were read).
+mod one_number_or_several {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Numbers {
+        One(usize),
+        Several(Vec<usize>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<usize>>, D::Error> {
+        Ok(match Option::<Numbers>::deserialize(d)? {
+            None => None,
+            Some(Numbers::One(n)) => Some(vec![n]),
+            Some(Numbers::Several(v)) => Some(v),
+        })
+    }
+
+    pub fn serialize<S: Serializer>(numbers: &Option<Vec<usize>>, s: S) -> Result<S::Ok, S::Error> {
+        match numbers.as_deref() {
+            None => s.serialize_none(),
+            Some([one]) => s.serialize_some(one),
+            Some(several) => s.serialize_some(several),
+        }
+    }
+}
+
 /// `target_modules` as PEFT writes it, a list of names, or as the flag takes it, one string of them
 /// separated by commas (or all-linear); kept as that string.
 mod names_or_list {
@@ -463,9 +492,10 @@ pub struct TrainSettings {
     #[arg(long)]
     pub gpu_memory: Option<String>,
     /// FLUX.2: image side in pixels; each image keeps its aspect at about this squared (sides
-    /// multiples of 16).
-    #[arg(long)]
-    pub resolution: Option<usize>,
+    /// multiples of 16). Several (512,768,1024) train each image at each, as ai-toolkit's list does.
+    #[arg(long, value_delimiter = ',', value_name = "PIXELS")]
+    #[serde(default, with = "one_number_or_several")]
+    pub resolution: Option<Vec<usize>>,
     /// FLUX.2: a folder of control images (an edit LoRA's "before"): each training image's
     /// same-name image there is given to the transformer beside it. Given more than once, each
     /// image takes one from every folder, in order.
@@ -1521,6 +1551,34 @@ mod tests {
             let e = settings.run_options().unwrap_err().to_string();
             assert!(e.contains(says), "{e}");
         }
+    }
+
+    /// `resolution` in an options file: one number (the preset's, as written before lists) or a
+    /// list, as ai-toolkit's configs give it; written back as it was given.
+    #[test]
+    fn resolution_is_one_number_or_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, want) in [
+            ("resolution = 768\n", vec![768]),
+            ("resolution = [512, 768, 1024]\n", vec![512, 768, 1024]),
+        ] {
+            let file = dir.path().join("run.toml");
+            std::fs::write(&file, text).unwrap();
+            let flags = TrainSettings {
+                config: Some(file),
+                ..Default::default()
+            };
+            let s = TrainSettings::layered(flags).unwrap();
+            assert_eq!(s.resolution.as_deref(), Some(&want[..]), "{text}");
+            let written = serde_json::to_value(&s).unwrap();
+            let expected = match want[..] {
+                [one] => serde_json::json!(one),
+                _ => serde_json::json!(want),
+            };
+            assert_eq!(written["resolution"], expected);
+        }
+        let preset = TrainSettings::preset("flux2-klein").unwrap();
+        assert_eq!(preset.resolution, Some(vec![512]));
     }
 
     /// Relative paths in an options file are read from the file's folder; flags' from where nibble
