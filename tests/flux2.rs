@@ -719,6 +719,8 @@ fn info_and_plan_describe_klein_from_its_config_alone() {
     let at = |px: &str| json(&["plan", folder, "--resolution", px, "--json"])["total"].clone();
     assert_eq!(at("500"), at("496"));
     assert_ne!(at("500"), at("512"));
+    // Several, as a run at several resolutions takes them: the largest's step.
+    assert_eq!(at("512,256"), at("512"));
     let out = common::nibble(&["plan", folder, "--resolution", "8192"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resolution"));

@@ -50,10 +50,11 @@ pub struct Args {
     /// what --budget assumes unless told otherwise).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     offload_checkpoints: Option<bool>,
-    /// FLUX.2: image side in pixels (16 pixels per latent token) [default: the flux2-klein preset's
-    /// 512, as `nibble train` takes it].
-    #[arg(long)]
-    resolution: Option<usize>,
+    /// FLUX.2: image side in pixels (16 pixels per latent token); several (512,768,1024), as
+    /// `nibble train` takes them, plan the largest [default: the flux2-klein preset's 512, as
+    /// `nibble train` takes it].
+    #[arg(long, value_delimiter = ',', value_name = "PIXELS")]
+    resolution: Vec<usize>,
     /// FLUX.2: the side in pixels of the control images (`nibble train --control`) beside each
     /// training image (at most `nibble train --control-resolution`, 1024 unless told); give it once
     /// per control folder.
@@ -126,8 +127,11 @@ pub fn run(args: Args) -> Result<()> {
             ..quant
         };
         // A run at several resolutions needs the largest's step.
-        let preset_largest = preset.resolution.and_then(|r| r.into_iter().max());
-        let resolution = resolution.or(preset_largest).unwrap_or(512);
+        let resolution = resolution
+            .into_iter()
+            .max()
+            .or(preset.resolution.and_then(|r| r.into_iter().max()))
+            .unwrap_or(512);
         let text_tokens = text_tokens.unwrap_or(512);
         nibble::train::flux2::check_resolution(resolution)?;
         if !(1..=4096).contains(&text_tokens) || !(1..=4096).contains(&rank) {
@@ -189,7 +193,7 @@ pub fn run(args: Args) -> Result<()> {
         (Asked::Fit { most }, Some(_)) => (true, most),
         (Asked::Fit { .. }, None) => (false, Keep::F32),
     };
-    if resolution.is_some() || text_tokens.is_some() || !control_resolution.is_empty() {
+    if !resolution.is_empty() || text_tokens.is_some() || !control_resolution.is_empty() {
         bail!(
             "--resolution, --control-resolution and --text-tokens plan FLUX.2 image steps; a language model's step takes --seq-len or --budget"
         );
