@@ -52,7 +52,7 @@ fn main() {
             rows: side,
             cols: side,
             text: normal(text_tokens * c.text_dim).into(),
-            references: Vec::new(),
+            references: Default::default(),
         };
         let work = ImageWork {
             model: (&model).into(),

@@ -288,7 +288,7 @@ fn a_step_with_control_images_matches_diffusers() {
             rows: 3,
             cols: 5,
             text: f.text.clone().into(),
-            references,
+            references: references.into(),
         }],
         empty_caption: vec![0.5; f.text.len()],
         sampling: SigmaSampling::Sigmoid,
@@ -774,7 +774,7 @@ fn fixture_trainer<'m>(
         rows: 3,
         cols: 5,
         text: f.text.clone().into(),
-        references: Vec::new(),
+        references: Default::default(),
     };
     let work = ImageWork {
         model: model.into(),
@@ -2225,7 +2225,7 @@ fn nibble_trains_a_klein_lora_from_an_image_folder() {
             &s(&root.join("twice")),
             &["--device", "cpu", "--resolution", "64"],
         ),
-        &["--resolution 64 given twice"],
+        &["--resolution 64", "sizes 64 gives"],
     );
 
     // A LoRA file starts another run (its rank, alpha and modules apply); anything else is refused

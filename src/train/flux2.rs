@@ -48,8 +48,8 @@ pub struct Cached {
     /// [text tokens, text_dim], shared by the examples with one caption (25 MB each for 9B).
     pub text: std::sync::Arc<Vec<f32>>,
     /// Control images (`--control`: what an edit LoRA learns to change), clean beside the noised
-    /// latents at every step.
-    pub references: Vec<flux2::Reference>,
+    /// latents at every step; shared by an image's examples at each resolution.
+    pub references: std::sync::Arc<Vec<flux2::Reference>>,
 }
 
 /// The σ, loss weight and noise of one example in one step.
@@ -340,7 +340,7 @@ impl ImageWork<'_> {
             digest.write(bytemuck::cast_slice(&e.latents));
             digest.write(bytemuck::cast_slice(&e.text));
             // Nothing for runs without control images, whose digests stay as they were.
-            for r in &e.references {
+            for r in e.references.iter() {
                 digest.write(&(r.rows as u64).to_le_bytes());
                 digest.write(&(r.cols as u64).to_le_bytes());
                 digest.write(bytemuck::cast_slice(&r.tokens));
@@ -371,7 +371,7 @@ pub fn is_sample_image(name: &str) -> bool {
 }
 
 /// The images an image run samples as it goes: its prompts' features and the empty prompt's, the
-/// VAE's decoder, the scheduler, at the run's resolution, each prompt from the same noise every time
+/// VAE's decoder, the scheduler, at the run's (largest) resolution, each prompt from the same noise every time
 /// (the run's seed + k) so that the images show what training changed.
 #[cfg(not(target_arch = "wasm32"))]
 pub struct ImageSamples {
@@ -1224,8 +1224,12 @@ pub fn run(
     check_caption_dropout(caption_dropout)?;
     for (i, &r) in resolutions.iter().enumerate() {
         check_resolution(r)?;
-        if resolutions[..i].contains(&r) {
-            return Err(Error::Invalid(format!("--resolution {r} given twice")));
+        // Buckets' sides round down to 16s: 512 and 520 would train every image twice alike.
+        if let Some(same) = resolutions[..i].iter().find(|&&o| o / 16 == r / 16) {
+            return Err(Error::Invalid(format!(
+                "--resolution {r} gives the images the sizes {same} gives them (sides are \
+                 multiples of 16)"
+            )));
         }
     }
     // The largest is what the memory checks plan for and what samples are drawn at.
@@ -1295,10 +1299,13 @@ pub fn run(
             .iter()
             .chain(sample_controls.iter().flatten())
     };
-    let reference_tokens = all_controls()
-        .map(|c| c.iter().map(|(_, (w, h))| w * h / 256).sum::<usize>())
-        .max()
-        .unwrap_or(0);
+    let tokens_of = |c: &Vec<crate::images::ControlImage>| {
+        c.iter().map(|(_, (w, h))| w * h / 256).sum::<usize>()
+    };
+    // A training step holds the largest example's control tokens; the samples' are held once, on
+    // the host.
+    let reference_tokens = control_images.iter().map(tokens_of).max().unwrap_or(0);
+    let sample_reference_tokens: usize = sample_controls.iter().flatten().map(tokens_of).sum();
     // Everything that can be checked before hours of encoding is checked first.
     check_lora_options(&config.lora, &flux)?;
     let init = match &options.init_adapter {
@@ -1335,8 +1342,7 @@ pub fn run(
     let image_tokens: usize = resolutions.iter().map(|&r| tokens(r)).sum();
     let cache = 4
         * (captions.len() * text_tokens * flux.text_dim
-            + examples.len()
-                * (image_tokens + resolutions.len() * reference_tokens)
+            + (examples.len() * (image_tokens + reference_tokens) + sample_reference_tokens)
                 * flux.in_channels) as u64;
     let step = Flux2Step {
         reference_tokens,
@@ -1411,11 +1417,16 @@ pub fn run(
             Ok(format!("{}\n{executor}", model_digest(&vae_path)?))
         })
     });
-    // The training images at their buckets, at each resolution in turn, then each one's control
-    // images as references (at the training image's, None), then the samples'.
-    let jobs: Vec<(&std::path::Path, Option<usize>)> = resolutions
+    // The examples: each image at each resolution in turn, as (resolution, image index).
+    let trained: Vec<(usize, usize)> = resolutions
         .iter()
-        .flat_map(|&r| examples.iter().map(move |e| (e.image.as_path(), Some(r))))
+        .flat_map(|&r| (0..examples.len()).map(move |e| (r, e)))
+        .collect();
+    // Their images at their buckets, then each image's control images (resolution None: at their
+    // own size, up to --control-resolution), then the samples'.
+    let jobs: Vec<(&std::path::Path, Option<usize>)> = trained
+        .iter()
+        .map(|&(r, e)| (examples[e].image.as_path(), Some(r)))
         .chain(all_controls().flatten().map(|(p, _)| (p.as_path(), None)))
         .collect();
     let keyed: Vec<Option<String>> = jobs
@@ -1493,10 +1504,7 @@ pub fn run(
         })
         .collect::<Result<Vec<_>>>()?
         .into_iter();
-    let targets: Vec<_> = encoded_latents
-        .by_ref()
-        .take(examples.len() * resolutions.len())
-        .collect();
+    let targets: Vec<_> = encoded_latents.by_ref().take(trained.len()).collect();
     let mut references = |count: usize| -> Vec<flux2::Reference> {
         encoded_latents
             .by_ref()
@@ -1504,21 +1512,20 @@ pub fn run(
             .map(|(tokens, rows, cols)| flux2::Reference { tokens, rows, cols })
             .collect()
     };
-    let example_references: Vec<Vec<flux2::Reference>> =
-        control_images.iter().map(|c| references(c.len())).collect();
-    // Each image at each resolution, with its caption's features and its control images.
+    let example_references: Vec<std::sync::Arc<Vec<flux2::Reference>>> = control_images
+        .iter()
+        .map(|c| references(c.len()).into())
+        .collect();
+    // Each example with its image's caption features and control images.
     let cached: Vec<Cached> = targets
         .into_iter()
-        .enumerate()
-        .map(|(i, (latents, rows, cols))| {
-            let e = i % examples.len();
-            Cached {
-                latents,
-                rows,
-                cols,
-                text: features[e].clone(),
-                references: example_references[e].clone(),
-            }
+        .zip(&trained)
+        .map(|((latents, rows, cols), &(_, e))| Cached {
+            latents,
+            rows,
+            cols,
+            text: features[e].clone(),
+            references: example_references[e].clone(),
         })
         .collect();
     drop(example_references);

@@ -108,18 +108,19 @@ mod one_or_several {
 mod one_number_or_several {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Numbers {
-        One(usize),
-        Several(Vec<usize>),
-    }
-
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<usize>>, D::Error> {
-        Ok(match Option::<Numbers>::deserialize(d)? {
-            None => None,
-            Some(Numbers::One(n)) => Some(vec![n]),
-            Some(Numbers::Several(v)) => Some(v),
+        use serde_json::Value;
+        let number = |v: &Value| v.as_u64().and_then(|n| usize::try_from(n).ok());
+        let v = Value::deserialize(d)?;
+        let numbers = match &v {
+            Value::Null => return Ok(None),
+            Value::Array(a) => a.iter().map(number).collect(),
+            one => number(one).map(|n| vec![n]),
+        };
+        numbers.map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{v}: expected a number of pixels, or a list of them"
+            ))
         })
     }
 
@@ -1204,10 +1205,10 @@ impl TrainSettings {
     }
 }
 
-/// The prompts of a `--sample-prompts` file: its non-empty lines.
-/// `--sample-prompts`: a prompt per line, or a JSON object per line, `{"prompt": TEXT, "control":
-/// IMAGE or [IMAGES]}`, naming the control images (relative to the file) an image run draws that
-/// prompt's sample from.
+/// `--sample-prompts`: a prompt per non-empty line, or a JSON object with a `prompt` per line,
+/// `{"prompt": TEXT, "control": IMAGE or [IMAGES]}`, naming the control images (relative to the
+/// file) an image run draws that prompt's sample from; any other line, JSON or not, is a prompt as
+/// it is.
 fn read_prompts(path: &Path) -> Result<Vec<crate::train::run::SamplePrompt>> {
     use crate::train::run::SamplePrompt;
     use serde_json::Value;
@@ -1218,7 +1219,7 @@ fn read_prompts(path: &Path) -> Result<Vec<crate::train::run::SamplePrompt>> {
         let line = line.trim();
         let bad = |why: String| Error::Invalid(format!("{} line {}: {why}", path.display(), i + 1));
         let object = match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(object)) => object,
+            Ok(Value::Object(object)) if object.contains_key("prompt") => object,
             _ if line.is_empty() => continue,
             _ => {
                 prompts.push(SamplePrompt {
@@ -1233,7 +1234,8 @@ fn read_prompts(path: &Path) -> Result<Vec<crate::train::run::SamplePrompt>> {
             .find(|k| !["prompt", "control"].contains(&k.as_str()))
         {
             return Err(bad(format!(
-                "unknown key `{key}` (a sample is {{\"prompt\": TEXT, \"control\": IMAGE or                  [IMAGES]}})"
+                "unknown key `{key}` (a sample is {{\"prompt\": TEXT, \"control\": IMAGE or \
+                 [IMAGES]}})"
             )));
         }
         let text = object
@@ -1553,6 +1555,41 @@ mod tests {
         }
     }
 
+    /// `--sample-prompts`: plain lines are prompts as they are, JSON among them; a JSON object
+    /// with a `prompt` is a sample, its control images read from the file's folder.
+    #[test]
+    fn sample_prompts_are_lines_or_samples() {
+        use crate::train::run::SamplePrompt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("street.png"), b"read later").unwrap();
+        let file = dir.path().join("prompts.txt");
+        std::fs::write(
+            &file,
+            "a fox\n\n{\"name\": \"Bob\"}\n{\"prompt\": \"make it night\", \"control\": \
+             \"street.png\"}\n{\"prompt\": \"a tree\", \"control\": []}\n",
+        )
+        .unwrap();
+        let plain = |text: &str| SamplePrompt {
+            text: text.into(),
+            control: None,
+        };
+        assert_eq!(
+            read_prompts(&file).unwrap(),
+            [
+                plain("a fox"),
+                plain("{\"name\": \"Bob\"}"),
+                SamplePrompt {
+                    text: "make it night".into(),
+                    control: Some(vec![dir.path().join("street.png")]),
+                },
+                SamplePrompt {
+                    text: "a tree".into(),
+                    control: Some(Vec::new()),
+                },
+            ]
+        );
+    }
+
     /// `resolution` in an options file: one number (the preset's, as written before lists) or a
     /// list, as ai-toolkit's configs give it; written back as it was given.
     #[test]
@@ -1571,12 +1608,17 @@ mod tests {
             let s = TrainSettings::layered(flags).unwrap();
             assert_eq!(s.resolution.as_deref(), Some(&want[..]), "{text}");
             let written = serde_json::to_value(&s).unwrap();
-            let expected = match want[..] {
-                [one] => serde_json::json!(one),
-                _ => serde_json::json!(want),
-            };
-            assert_eq!(written["resolution"], expected);
+            let given = text[13..].trim().replace(' ', "");
+            assert_eq!(written["resolution"].to_string(), given, "{text}");
         }
+        let file = dir.path().join("run.toml");
+        std::fs::write(&file, "resolution = \"512\"\n").unwrap();
+        let flags = TrainSettings {
+            config: Some(file),
+            ..Default::default()
+        };
+        let e = TrainSettings::layered(flags).unwrap_err().to_string();
+        assert!(e.contains("a number of pixels"), "{e}");
         let preset = TrainSettings::preset("flux2-klein").unwrap();
         assert_eq!(preset.resolution, Some(vec![512]));
     }
