@@ -34,7 +34,10 @@ const MAX_ASPECT: f64 = 4.0;
 /// The images of `dir` (sorted by name) with their captions. A caption's `[trigger]` becomes
 /// `trigger`, or the trigger word is put first where the caption does not place it. An image without
 /// a caption file is an error naming it (an empty `.txt` means no caption).
-pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample>> {
+pub fn scan_folder(
+    dir: &Path,
+    (trigger, default_caption): (Option<&str>, Option<&str>),
+) -> Result<Vec<ImageExample>> {
     if trigger.is_some_and(|t| t.trim().is_empty()) {
         return Err(Error::Invalid(
             "--trigger is empty: give the word, or leave the option out".into(),
@@ -87,6 +90,15 @@ pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample
                 .into_iter()
                 .find(|p| p.exists())
                 .unwrap_or_else(|| image.with_extension("txt"));
+            // ai-toolkit's `default_caption`: for a missing caption, and in place of an empty one.
+            if let Some(default) = default_caption
+                && !caption_path.exists()
+            {
+                return Ok(ImageExample {
+                    caption: with_trigger(default.trim(), trigger),
+                    image,
+                });
+            }
             let size = std::fs::metadata(&caption_path).map_or(0, |m| m.len());
             if size > MAX_CAPTION_BYTES {
                 return Err(Error::Invalid(format!(
@@ -103,14 +115,19 @@ pub fn scan_folder(dir: &Path, trigger: Option<&str>) -> Result<Vec<ImageExample
                     ));
                 }
                 Error::Invalid(format!(
-                    "{}: no caption ({}: {e}); write one, or an empty file for none",
+                    "{}: no caption ({}: {e}); write one, or an empty file for none, or give \
+                     --default-caption TEXT (\"\" for none) for every image without one",
                     image.display(),
                     caption_path.display()
                 ))
             })?;
             // Notepad starts its UTF-8 files with a byte-order mark, which is no part of the caption.
-            let text = text.trim_start_matches('\u{feff}');
-            let caption = with_trigger(text.trim(), trigger);
+            let text = text.trim_start_matches('\u{feff}').trim();
+            let text = match default_caption {
+                Some(default) if text.is_empty() => default.trim(),
+                _ => text,
+            };
+            let caption = with_trigger(text, trigger);
             Ok(ImageExample { image, caption })
         })
         .collect()

@@ -21,7 +21,7 @@ fn a_folder_of_captioned_images_loads_into_buckets() {
     std::fs::write(dir.path().join("a.txt"), "a [trigger] on a hill\n").unwrap();
     std::fs::write(dir.path().join("b.txt"), "").unwrap();
     std::fs::write(dir.path().join("notes.md"), "not an image").unwrap();
-    let examples = scan_folder(dir.path(), Some("sks")).unwrap();
+    let examples = scan_folder(dir.path(), (Some("sks"), None)).unwrap();
     let captions: Vec<&str> = examples.iter().map(|e| e.caption.as_str()).collect();
     assert_eq!(captions, ["a sks on a hill", "sks"]);
     let (pixels, w, h) = load_pixels(&examples[1].image, 128).unwrap();
@@ -38,8 +38,37 @@ fn missing_captions_corrupt_and_tiny_images_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(4);
     write_image(dir.path(), "lonely.png", (32, 32), &mut rng);
-    let e = scan_folder(dir.path(), None).unwrap_err().to_string();
-    assert!(e.contains("lonely.png") && e.contains("no caption"), "{e}");
+    let e = scan_folder(dir.path(), (None, None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lonely.png") && e.contains("no caption") && e.contains("--default-caption"),
+        "{e}"
+    );
+    // ai-toolkit's `default_caption`: for a missing caption and in place of an empty one, the
+    // trigger word put in as into any caption; a caption written keeps its text.
+    write_image(dir.path(), "empty.png", (32, 32), &mut rng);
+    std::fs::write(dir.path().join("empty.txt"), " \n").unwrap();
+    write_image(dir.path(), "own.png", (32, 32), &mut rng);
+    std::fs::write(dir.path().join("own.txt"), "a red fox").unwrap();
+    let captions = |trigger, default| -> Vec<String> {
+        scan_folder(dir.path(), (trigger, default))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.caption)
+            .collect()
+    };
+    assert_eq!(
+        captions(None, Some("a photo")),
+        ["a photo", "a photo", "a red fox"]
+    );
+    assert_eq!(
+        captions(Some("sks"), Some("")),
+        ["sks", "sks", "sks, a red fox"]
+    );
+    for name in ["empty.png", "empty.txt", "own.png", "own.txt"] {
+        std::fs::remove_file(dir.path().join(name)).unwrap();
+    }
 
     std::fs::write(dir.path().join("lonely.txt"), "x").unwrap();
     std::fs::write(
@@ -50,7 +79,7 @@ fn missing_captions_corrupt_and_tiny_images_are_named() {
     std::fs::write(dir.path().join("broken.txt"), "y").unwrap();
     write_image(dir.path(), "tiny.png", (8, 40), &mut rng);
     std::fs::write(dir.path().join("tiny.txt"), "z").unwrap();
-    let examples = scan_folder(dir.path(), None).unwrap();
+    let examples = scan_folder(dir.path(), (None, None)).unwrap();
     assert_eq!(examples.len(), 3);
     let e = load_pixels(&dir.path().join("broken.png"), 64)
         .unwrap_err()
@@ -91,7 +120,9 @@ fn missing_captions_corrupt_and_tiny_images_are_named() {
         "{e}"
     );
     let empty = tempfile::tempdir().unwrap();
-    let e = scan_folder(empty.path(), None).unwrap_err().to_string();
+    let e = scan_folder(empty.path(), (None, None))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no images"), "{e}");
 }
 
@@ -172,7 +203,7 @@ fn captions_as_windows_and_cameras_write_them() {
     std::fs::write(dir.path().join("B.TXT"), "snow").unwrap();
     // macOS's resource files beside the images are no images.
     std::fs::write(dir.path().join("._a.png"), b"\x00\x05\x16\x07").unwrap();
-    let examples = scan_folder(dir.path(), Some(" sks ")).unwrap();
+    let examples = scan_folder(dir.path(), (Some(" sks "), None)).unwrap();
     let found: Vec<(String, &str)> = examples
         .iter()
         .map(|e| {
@@ -189,11 +220,15 @@ fn captions_as_windows_and_cameras_write_them() {
             ("a.png".to_string(), "sks, a red fox")
         ]
     );
-    let e = scan_folder(dir.path(), Some("  ")).unwrap_err().to_string();
+    let e = scan_folder(dir.path(), (Some("  "), None))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--trigger is empty"), "{e}");
     // A caption that is not text is named as such, not as missing.
     std::fs::write(dir.path().join("a.txt"), b"caf\xe9").unwrap();
-    let e = scan_folder(dir.path(), None).unwrap_err().to_string();
+    let e = scan_folder(dir.path(), (None, None))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("a.txt") && e.contains("cannot be read") && !e.contains("no caption"),
         "{e}"
@@ -201,7 +236,9 @@ fn captions_as_windows_and_cameras_write_them() {
     // A folder of folders (kohya's `10_name/`) says they are not read.
     let outer = tempfile::tempdir().unwrap();
     std::fs::create_dir(outer.path().join("10_fox")).unwrap();
-    let e = scan_folder(outer.path(), None).unwrap_err().to_string();
+    let e = scan_folder(outer.path(), (None, None))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("no images") && e.contains("folders inside it are not read"),
         "{e}"

@@ -135,6 +135,7 @@ fn train_klein(
             .clone()
             .unwrap_or(vec![nibble::train::flux2::DEFAULT_RESOLUTION]),
         trigger: settings.trigger.clone(),
+        default_caption: settings.default_caption.clone(),
         controls: settings.control.clone().unwrap_or_default(),
         control_resolution: settings
             .control_resolution

@@ -759,6 +759,8 @@ pub struct FluxRunSpec<'a> {
     /// image is trained at each, as ai-toolkit's list of resolutions trains it.
     pub resolutions: Vec<usize>,
     pub trigger: Option<String>,
+    /// The caption of images without one (a missing or empty .txt); None: a missing one is an error.
+    pub default_caption: Option<String>,
     /// Folders of control images: each training image's same-name image in each, as references.
     pub controls: Vec<std::path::PathBuf>,
     /// Control images are scaled down to about this side squared where larger.
@@ -1211,6 +1213,7 @@ pub fn run(
         config,
         resolutions,
         trigger,
+        default_caption,
         controls,
         control_resolution,
         caption_dropout,
@@ -1273,7 +1276,8 @@ pub fn run(
     let flux = flux2::config_at(path)?.ok_or_else(|| {
         Error::Invalid(format!("{}: not a FLUX.2 pipeline folder", path.display()))
     })?;
-    let examples = crate::images::scan_folder(data, trigger.as_deref())?;
+    let examples =
+        crate::images::scan_folder(data, (trigger.as_deref(), default_caption.as_deref()))?;
     // Each example's control images with their token grids, read off their headers.
     let image_paths: Vec<&std::path::Path> = examples.iter().map(|e| e.image.as_path()).collect();
     let control_images = crate::images::control_images(&image_paths, &controls, control_area)?;

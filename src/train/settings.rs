@@ -510,6 +510,10 @@ pub struct TrainSettings {
     /// FLUX.2: a word put into every caption (where it says [trigger], else first).
     #[arg(long)]
     pub trigger: Option<String>,
+    /// FLUX.2: the caption of images without a .txt beside them or with an empty one (ai-toolkit's
+    /// `default_caption`; "" trains them uncaptioned, the trigger word alone where one is given).
+    #[arg(long, value_name = "TEXT")]
+    pub default_caption: Option<String>,
     /// FLUX.2: the probability of training an image with the empty caption.
     #[arg(long)]
     pub caption_dropout: Option<f64>,
@@ -662,6 +666,10 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
             "1024, as the pipeline caps reference images".into(),
         ),
         ("trigger", none()),
+        (
+            "default_caption",
+            "none: an image without its caption is an error".into(),
+        ),
         (
             "caption_dropout",
             crate::train::flux2::DEFAULT_CAPTION_DROPOUT.to_string(),
@@ -938,6 +946,7 @@ impl TrainSettings {
             ("control", self.control.is_some()),
             ("control_resolution", self.control_resolution.is_some()),
             ("trigger", self.trigger.is_some()),
+            ("default_caption", self.default_caption.is_some()),
             ("caption_dropout", self.caption_dropout.is_some()),
             ("sigma_sampling", self.sigma_sampling.is_some()),
             ("cache_dir", self.cache_dir.is_some()),
