@@ -494,6 +494,13 @@ fn channels_first(image: &image::RgbImage) -> Vec<f32> {
     pixels
 }
 
+/// Pixels channels first [channels, height, width] mirrored left to right (`--flip-x`).
+pub fn mirror(pixels: &mut [f32], width: usize) {
+    for row in pixels.chunks_exact_mut(width) {
+        row.reverse();
+    }
+}
+
 /// An image file decoded (PNG, JPEG, WebP, ...), its EXIF orientation applied; refused by name where
 /// it is not a regular file, unreadable, a JPEG cut short, or too large to decode.
 fn decode(path: &Path) -> Result<image::DynamicImage> {

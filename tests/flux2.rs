@@ -2063,6 +2063,17 @@ fn nibble_trains_an_edit_lora_with_control_images() {
     eprintln!("without the control image: {moved} values moved by more than 1");
     // Measured: 1664 of 12288.
     assert!(moved > 300, "{moved} values moved");
+    // --flip-x: each image and its control image mirrored as well, four more latents entries
+    // (the unmirrored ones found in the cache), other losses; the run records it.
+    let before = latents_cached().len();
+    let (flipped, _) = losses(
+        train("flipped", &[&with_control[..], &["--flip-x"]].concat()),
+        "flipped",
+    );
+    assert_eq!(latents_cached().len(), before + 4);
+    assert_ne!(flipped, first);
+    let record = std::fs::read_to_string(root.join("flipped").join("run.json")).unwrap();
+    assert!(record.contains("\"flip_x\":true"), "{record}");
     // Refused by name before anything is encoded: a missing control image, an unknown key.
     for (line, words) in [
         (

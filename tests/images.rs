@@ -256,3 +256,22 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// `--flip-x`'s mirror: pixel (c, y, x) of the mirrored image is (c, y, width - 1 - x) of the
+/// original, channels first.
+#[test]
+fn mirrored_pixels_swap_left_and_right() {
+    let (w, h) = (5, 3);
+    let at = |c: usize, y: usize, x: usize| (c * 100 + y * 10 + x) as f32;
+    let mut pixels: Vec<f32> = (0..3)
+        .flat_map(|c| (0..h).flat_map(move |y| (0..w).map(move |x| at(c, y, x))))
+        .collect();
+    nibble::images::mirror(&mut pixels, w);
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                assert_eq!(pixels[(c * h + y) * w + x], at(c, y, w - 1 - x));
+            }
+        }
+    }
+}

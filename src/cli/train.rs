@@ -136,6 +136,7 @@ fn train_klein(
             .unwrap_or(vec![nibble::train::flux2::DEFAULT_RESOLUTION]),
         trigger: settings.trigger.clone(),
         default_caption: settings.default_caption.clone(),
+        flip_x: settings.flip_x.unwrap_or(false),
         controls: settings.control.clone().unwrap_or_default(),
         control_resolution: settings
             .control_resolution

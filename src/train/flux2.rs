@@ -761,6 +761,8 @@ pub struct FluxRunSpec<'a> {
     pub trigger: Option<String>,
     /// The caption of images without one (a missing or empty .txt); None: a missing one is an error.
     pub default_caption: Option<String>,
+    /// Each image (and its control images) mirrored left to right as well.
+    pub flip_x: bool,
     /// Folders of control images: each training image's same-name image in each, as references.
     pub controls: Vec<std::path::PathBuf>,
     /// Control images are scaled down to about this side squared where larger.
@@ -1214,6 +1216,7 @@ pub fn run(
         resolutions,
         trigger,
         default_caption,
+        flip_x,
         controls,
         control_resolution,
         caption_dropout,
@@ -1344,9 +1347,14 @@ pub fn run(
         .chain([""])
         .collect();
     let image_tokens: usize = resolutions.iter().map(|&r| tokens(r)).sum();
+    let mirrors: &[bool] = match flip_x {
+        true => &[false, true],
+        false => &[false],
+    };
     let cache = 4
         * (captions.len() * text_tokens * flux.text_dim
-            + (examples.len() * (image_tokens + reference_tokens) + sample_reference_tokens)
+            + (mirrors.len() * examples.len() * (image_tokens + reference_tokens)
+                + sample_reference_tokens)
                 * flux.in_channels) as u64;
     let step = Flux2Step {
         reference_tokens,
@@ -1421,21 +1429,39 @@ pub fn run(
             Ok(format!("{}\n{executor}", model_digest(&vae_path)?))
         })
     });
-    // The examples: each image at each resolution in turn, as (resolution, image index).
-    let trained: Vec<(usize, usize)> = resolutions
+    // The examples: each image at each resolution in turn, then all of them mirrored (--flip-x),
+    // as (resolution, image index, mirrored).
+    let count = examples.len();
+    let trained: Vec<(usize, usize, bool)> = mirrors
         .iter()
-        .flat_map(|&r| (0..examples.len()).map(move |e| (r, e)))
+        .flat_map(|&m| {
+            resolutions
+                .iter()
+                .flat_map(move |&r| (0..count).map(move |e| (r, e, m)))
+        })
         .collect();
     // Their images at their buckets, then each image's control images (resolution None: at their
-    // own size, up to --control-resolution), then the samples'.
-    let jobs: Vec<(&std::path::Path, Option<usize>)> = trained
+    // own size, up to --control-resolution), mirrored too where the images are, then the samples'.
+    let jobs: Vec<(&std::path::Path, Option<usize>, bool)> = trained
         .iter()
-        .map(|&(r, e)| (examples[e].image.as_path(), Some(r)))
-        .chain(all_controls().flatten().map(|(p, _)| (p.as_path(), None)))
+        .map(|&(r, e, m)| (examples[e].image.as_path(), Some(r), m))
+        .chain(mirrors.iter().flat_map(|&m| {
+            control_images
+                .iter()
+                .flatten()
+                .map(move |(p, _)| (p.as_path(), None, m))
+        }))
+        .chain(
+            sample_controls
+                .iter()
+                .flatten()
+                .flatten()
+                .map(|(p, _)| (p.as_path(), None, false)),
+        )
         .collect();
     let keyed: Vec<Option<String>> = jobs
         .iter()
-        .map(|&(image, resolution)| {
+        .map(|&(image, resolution, mirrored)| {
             let (c, vae) = cache.as_ref().zip(vae_digest.as_ref())?;
             c.describe(|| {
                 // The last line names how pixels are made (sessions before 36 resized, then cropped).
@@ -1448,8 +1474,13 @@ pub fn run(
                         format!("resolution {resolution}\npixels centre cropped, then resized")
                     }
                 };
+                // Unmirrored entries keep the keys they had before --flip-x.
+                let mirrored = match mirrored {
+                    true => "\nmirrored left to right",
+                    false => "",
+                };
                 Ok(format!(
-                    "vae {vae}\nimage {}\n{pixels}",
+                    "vae {vae}\nimage {}\n{pixels}{mirrored}",
                     file_digest(image)?
                 ))
             })
@@ -1484,17 +1515,20 @@ pub fn run(
     let mut encoded_latents = jobs
         .iter()
         .zip(hits.into_iter().zip(&keyed))
-        .map(|(&(image, resolution), (hit, description))| {
+        .map(|(&(image, resolution, mirrored), (hit, description))| {
             if let Some(hit) = hit {
                 return Ok(hit);
             }
             if observer.stop_requested() {
                 return Err(stopped_before_training("encoding images"));
             }
-            let (pixels, w, h) = match resolution {
+            let (mut pixels, w, h) = match resolution {
                 None => crate::images::load_reference(image, control_area)?,
                 Some(resolution) => crate::images::load_pixels(image, resolution)?,
             };
+            if mirrored {
+                crate::images::mirror(&mut pixels, w);
+            }
             let latents = crate::models::vae::encode(&vae, vae_executor, &pixels, (h, w))?;
             let (rows, cols) = (h / 16, w / 16);
             if let Some((c, description)) = cache.as_ref().zip(description.as_ref()) {
@@ -1516,20 +1550,26 @@ pub fn run(
             .map(|(tokens, rows, cols)| flux2::Reference { tokens, rows, cols })
             .collect()
     };
-    let example_references: Vec<std::sync::Arc<Vec<flux2::Reference>>> = control_images
+    // Each image's control images, unmirrored then mirrored, by image.
+    let example_references: Vec<Vec<std::sync::Arc<Vec<flux2::Reference>>>> = mirrors
         .iter()
-        .map(|c| references(c.len()).into())
+        .map(|_| {
+            control_images
+                .iter()
+                .map(|c| references(c.len()).into())
+                .collect()
+        })
         .collect();
     // Each example with its image's caption features and control images.
     let cached: Vec<Cached> = targets
         .into_iter()
         .zip(&trained)
-        .map(|((latents, rows, cols), &(_, e))| Cached {
+        .map(|((latents, rows, cols), &(_, e, m))| Cached {
             latents,
             rows,
             cols,
             text: features[e].clone(),
-            references: example_references[e].clone(),
+            references: example_references[usize::from(m)][e].clone(),
         })
         .collect();
     drop(example_references);
@@ -1565,6 +1605,9 @@ pub fn run(
         "caption_dropout": caption_dropout, "sigma_sampling": sampling,
         "text_tokens": text_tokens,
     });
+    if flip_x {
+        image_options["flip_x"] = true.into();
+    }
     if !controls.is_empty() {
         image_options["control_folders"] = controls.len().into();
         image_options["control_resolution"] = control_resolution.into();

@@ -514,6 +514,10 @@ pub struct TrainSettings {
     /// `default_caption`; "" trains them uncaptioned, the trigger word alone where one is given).
     #[arg(long, value_name = "TEXT")]
     pub default_caption: Option<String>,
+    /// FLUX.2: train each image mirrored left to right as well (ai-toolkit's `flip_x`), its control
+    /// images mirrored with it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub flip_x: Option<bool>,
     /// FLUX.2: the probability of training an image with the empty caption.
     #[arg(long)]
     pub caption_dropout: Option<f64>,
@@ -670,6 +674,7 @@ pub fn defaults_for_help() -> Vec<(&'static str, String)> {
             "default_caption",
             "none: an image without its caption is an error".into(),
         ),
+        ("flip_x", "false".into()),
         (
             "caption_dropout",
             crate::train::flux2::DEFAULT_CAPTION_DROPOUT.to_string(),
@@ -947,6 +952,7 @@ impl TrainSettings {
             ("control_resolution", self.control_resolution.is_some()),
             ("trigger", self.trigger.is_some()),
             ("default_caption", self.default_caption.is_some()),
+            ("flip_x", self.flip_x.is_some()),
             ("caption_dropout", self.caption_dropout.is_some()),
             ("sigma_sampling", self.sigma_sampling.is_some()),
             ("cache_dir", self.cache_dir.is_some()),
