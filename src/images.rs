@@ -33,7 +33,8 @@ const MAX_ASPECT: f64 = 4.0;
 
 /// The images of `dir` (sorted by name) with their captions. A caption's `[trigger]` becomes
 /// `trigger`, or the trigger word is put first where the caption does not place it. An image without
-/// a caption file is an error naming it (an empty `.txt` means no caption).
+/// a caption file takes `default_caption`, or is an error naming it where none is given; an empty
+/// `.txt` means no caption, or `default_caption` where one is given.
 pub fn scan_folder(
     dir: &Path,
     (trigger, default_caption): (Option<&str>, Option<&str>),
