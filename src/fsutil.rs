@@ -42,7 +42,7 @@ impl Partial {
         Self::register(path, false)
     }
 
-    /// A folder this command has just created.
+    /// A folder this command is about to create.
     pub fn folder(path: &Path) -> Self {
         Self::register(path, true)
     }
@@ -121,8 +121,9 @@ pub fn write_folder_atomically(
     if let Some(parent) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // Registered before it is made: an interruption just after it appears must find it.
     let _partial = Partial::folder(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = write(&tmp).and_then(|()| {
         // An empty folder made for the output gives way (only an empty one: remove_dir refuses
         // others); renaming over it is not possible everywhere.
